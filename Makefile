@@ -1,0 +1,38 @@
+# The two commands a newcomer types: `make run` and `make test`. Both set up .venv first.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip -q --disable-pip-version-check
+STAMP   := .venv/.embshard-installed
+REQS    := requirements/torch.txt requirements/nodeps.txt requirements/base.txt requirements/test.txt pyproject.toml
+# Ray 2.60 enables token auth by default; the local in-process cluster, `ray start` in the tests
+# and `ray job submit` must agree, so one setting is exported for every target.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+OUT     ?= outputs/default
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install "setuptools>=68" wheel
+	$(PIP) install -r requirements/torch.txt
+	$(PIP) install --no-deps -r requirements/nodeps.txt
+	$(PIP) install -r requirements/base.txt -r requirements/test.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: setup
+	.venv/bin/embshard data synth --out $(OUT)/data --rows 200000 --seed 0
+	.venv/bin/embshard train configs/default.yaml --workers 2 \
+	    --set data.path=$(OUT)/data --set output_dir=$(OUT)/run
+
+test: setup
+	bash deploy/install-prometheus.sh || true
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf .venv outputs .pytest_cache

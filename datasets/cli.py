@@ -1,0 +1,76 @@
+"""`embshard data ...`: synthesize, convert and profile datasets.
+
+The top-level CLI calls `register(subparsers)`; every leaf parser sets `func(args) -> int`.
+Datasets written here are profiled right away because the planner needs the profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from embshard.datasets.convert import KINDS, convert
+from embshard.datasets.profile import Profile, write_profile
+from embshard.datasets.synth import DEFAULT_MAX_CARDINALITY, synthesize
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser(
+        "data", help="create, convert and profile datasets",
+        description="Create (synth), convert (criteo/avazu/movielens) and profile Parquet datasets.")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser(
+        "synth", help="write a synthetic Criteo-shaped dataset (and its profile)",
+        description="Write a Criteo-shaped dataset whose labels follow a hidden seeded model: "
+                    "13 dense + 26 Zipf-skewed sparse features, split 80/10/10.")
+    synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
+    synth.add_argument("--rows", type=int, default=100_000, help="total rows (default %(default)s)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    synth.add_argument("--max-cardinality", type=int, default=DEFAULT_MAX_CARDINALITY, metavar="C",
+                       help="cap on each feature's cardinality (default %(default)s)")
+    synth.set_defaults(func=_synth)
+
+    conv = commands.add_parser(
+        "convert", help="convert a Criteo / Avazu / MovieLens download (and profile it)",
+        description="Convert raw public data to the Parquet layout. Categorical values get ids by "
+                    "train-split frequency; id 0 is shared by rare, missing and unseen values.")
+    conv.add_argument("kind", choices=KINDS, help="input format")
+    conv.add_argument("src", type=Path,
+                      help="criteo: train.txt; avazu: train csv; movielens: the unpacked release folder")
+    conv.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
+    conv.add_argument("--min-count", type=int, default=1, metavar="N",
+                      help="values seen fewer than N times in train map to id 0 (default %(default)s)")
+    conv.add_argument("--strict", action="store_true",
+                      help="fail on the first malformed line instead of skipping it")
+    conv.set_defaults(func=_convert)
+
+    profile = commands.add_parser(
+        "profile", help="(re)compute the id-frequency profile of a dataset",
+        description="Count each sparse feature's ids over the train split into DIR/profile/.")
+    profile.add_argument("dir", type=Path, metavar="DIR", help="dataset directory")
+    profile.set_defaults(func=_profile)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    spec = synthesize(args.out, rows=args.rows, seed=args.seed, max_cardinality=args.max_cardinality)
+    print(f"synth -> {args.out}: " + ", ".join(f"{s} {n:,}" for s, n in spec.rows.items()) + " rows")
+    _report(write_profile(args.out))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    convert(args.kind, args.src, args.out, min_count=args.min_count, strict=args.strict)
+    _report(write_profile(args.out))
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    _report(write_profile(args.dir))
+    return 0
+
+
+def _report(profile: Profile) -> None:
+    distinct = sum(s.distinct_ids for s in profile.stats.values())
+    print(f"profile -> {profile.directory}: {len(profile.features)} features, "
+          f"{distinct:,} distinct train ids")

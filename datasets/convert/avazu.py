@@ -1,0 +1,56 @@
+"""Avazu CTR CSV (train file, with header): label = click, `hour` (YYMMDDHH) becomes the two
+categorical features hour_of_day and day_of_week (Monday = 0), every other column except `id` is
+categorical. No dense features."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embshard.datasets.convert.stream import Parsed, TextFormat, drop_invalid
+from embshard.datasets.convert.text import Malformed, TextChunk
+from embshard.errors import DataError
+
+LABEL = "click"
+HOUR = "hour"
+TIME_FEATURES = ["hour_of_day", "day_of_week"]
+_DROPPED = {"id", LABEL, HOUR}
+_LABELS = pa.array(["0", "1"])
+
+
+def text_format(src: Path) -> TextFormat:
+    if not src.is_file():
+        raise DataError(f"{src}: avazu input file not found")
+    with open(src, encoding="utf-8", errors="replace") as f:
+        columns = f.readline().rstrip("\r\n").split(",")
+    for required in (LABEL, HOUR):
+        if required not in columns:
+            raise DataError(f"{src}: line 1: header has no column {required!r} (is this Avazu's train file?)")
+    raw = [c for c in columns if c not in _DROPPED]
+    return TextFormat(
+        name="avazu",
+        columns=columns,
+        delimiter=",",
+        header_lines=1,
+        dense=[],
+        categorical=TIME_FEATURES + raw,
+        parse=partial(parse, raw=raw),
+    )
+
+
+def parse(chunk: TextChunk, malformed: Malformed, *, raw: list[str]) -> Parsed:
+    t = chunk.table
+    time = pc.strptime(t[HOUR], format="%y%m%d%H", unit="s", error_is_null=True)
+    ok = {
+        LABEL: pc.fill_null(pc.is_in(t[LABEL], value_set=_LABELS), False).to_numpy(zero_copy_only=False),
+        HOUR: pc.is_valid(time).to_numpy(zero_copy_only=False),
+    }
+    chunk = drop_invalid(chunk, ok, {LABEL: "0 or 1", HOUR: "a YYMMDDHH hour"}, malformed)
+    t = chunk.table
+    time = pc.strptime(t[HOUR], format="%y%m%d%H", unit="s")
+    categorical = {"hour_of_day": pc.hour(time), "day_of_week": pc.day_of_week(time)}
+    categorical.update({c: t[c] for c in raw})
+    return Parsed(chunk.lines, pc.cast(t[LABEL], pa.float32()).to_numpy(), {}, categorical)

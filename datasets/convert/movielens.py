@@ -1,0 +1,208 @@
+"""MovieLens ratings as click-style data, for ml-100k, ml-1m (and ml-10m) and ml-20m/25m layouts.
+
+Label: rating >= 4 -> 1, rating <= 2 -> 0; ratings in between (3, and 2.5/3.5 in half-star
+releases) are dropped as neutral. The raw rating stays in the `rating` extra column. Rows are
+sorted by timestamp (stable) and split 80/10/10. Features, where the release has them: userId,
+movieId, gender, age, occupation, zip, year (from the title or release date) and genres (multi-hot).
+Ids by train frequency, unknown id 0 (see vocab.py); a rating whose movie has no genres gets an
+empty genre list.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from embshard.datasets.convert.text import Malformed
+from embshard.datasets.convert.vocab import VocabularyBuilder
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.datasets.writer import DatasetWriter, SplitPlan
+from embshard.errors import DataError
+
+# ML-100k's u.item ends with one 0/1 flag per genre, in this order.
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+]
+USER_FEATURES = ["gender", "age", "occupation", "zip"]
+_YEAR_IN_TITLE = r"\((?P<year>\d{4})\)\s*$"
+_YEAR_AT_END = r"(?P<year>\d{4})$"
+
+
+@dataclass
+class Release:
+    name: str
+    ratings: pa.Table  # userId, movieId, rating, timestamp
+    movies: pa.Table  # movieId, year, genres (list<string>)
+    users: pa.Table | None  # userId, gender, age, occupation, zip
+
+
+def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int,
+                      strict: bool) -> tuple[DatasetSpec, str]:
+    malformed = Malformed(src, strict)
+    release = load_release(src, malformed)
+    table = _labelled(release)
+    n = table.num_rows
+    if n == 0:
+        raise DataError(f"{src}: no ratings left after dropping neutral ones")
+    features = _features(release, table)
+    plan = SplitPlan(n)
+    sparse, encoded = [], {}
+    for name, values in features.items():
+        multi_hot = pa.types.is_list(values.type)
+        builder = VocabularyBuilder()
+        train = values.slice(0, plan.train_end)
+        builder.add(pc.list_flatten(train) if multi_hot else train)
+        vocab = builder.build(min_count)
+        sparse.append(SparseFeature(name, vocab.cardinality, multi_hot))
+        if multi_hot:
+            offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(values).fill_null(0).to_numpy())])
+            ids = vocab.encode(pc.list_flatten(values))
+            encoded[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
+        else:
+            encoded[name] = pa.array(vocab.encode(values))
+    spec = DatasetSpec(
+        name=release.name,
+        dense=[],
+        sparse=sparse,
+        extra=["rating"],
+        source=f"movielens:{src} ({release.name}, min_count={min_count}, rating>=4 positive, "
+               f"<=2 negative, split by timestamp 80/10/10)",
+    )
+    schema = spec.arrow_schema().append(pa.field("rating", pa.float32()))
+    writer = DatasetWriter(out_dir, schema, total_rows=n, desc=f"{release.name}: writing")
+    out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"]})
+    writer.write_ordered(out, np.arange(n), plan)
+    spec = writer.finish(spec)
+    return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count)
+
+
+def load_release(src: Path, malformed: Malformed) -> Release:
+    if not src.is_dir():
+        raise DataError(f"{src}: not a directory (give the unpacked MovieLens folder)")
+    if (src / "u.data").is_file():
+        return _ml100k(src, malformed)
+    if (src / "ratings.dat").is_file():
+        return _ml1m(src, malformed)
+    if (src / "ratings.csv").is_file():
+        return _ml_csv(src, malformed)
+    raise DataError(f"{src}: no u.data, ratings.dat or ratings.csv: not a MovieLens release folder")
+
+
+def _ml100k(src: Path, malformed: Malformed) -> Release:
+    ratings = _read(src / "u.data", ["userId", "movieId", "rating", "timestamp"], "\t", malformed)
+    users = _read(src / "u.user", ["userId", "age", "gender", "occupation", "zip"], "|", malformed)
+    flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
+    item_columns = ["movieId", "title", "release", "video_release", "url", *flags]
+    items = _read(src / "u.item", item_columns, "|", malformed, latin1=True)
+    matrix = np.column_stack([pc.cast(items[f], pa.int8()).to_numpy() for f in flags]) > 0
+    offsets = np.concatenate([[0], np.cumsum(matrix.sum(axis=1))]).astype(np.int32)
+    names = pa.array(ML100K_GENRES).take(np.nonzero(matrix)[1])  # row-major: each movie's genres in order
+    year = _year(items["release"], _YEAR_AT_END)
+    movies = pa.table({
+        "movieId": items["movieId"],
+        "year": pc.coalesce(year, _year(items["title"], _YEAR_IN_TITLE)),
+        "genres": pa.ListArray.from_arrays(pa.array(offsets), names),
+    })
+    return Release("ml-100k", ratings, movies, users)
+
+
+def _ml1m(src: Path, malformed: Malformed) -> Release:
+    ratings = _read(src / "ratings.dat", ["userId", "movieId", "rating", "timestamp"], "::", malformed)
+    users_path = src / "users.dat"
+    # ml-10m ships the same layout without users.dat.
+    users = (_read(users_path, ["userId", "gender", "age", "occupation", "zip"], "::", malformed)
+             if users_path.is_file() else None)
+    movies = _movies(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed, latin1=True))
+    name = "ml-1m" if users is not None else "ml-10m"
+    return Release(name, ratings, movies, users)
+
+
+def _ml_csv(src: Path, malformed: Malformed) -> Release:
+    ratings = _read(src / "ratings.csv", None, ",", malformed)
+    movies = _movies(_read(src / "movies.csv", None, ",", malformed))
+    name = src.name if src.name.startswith("ml-") else "ml-csv"
+    return Release(name, ratings.select(["userId", "movieId", "rating", "timestamp"]), movies, None)
+
+
+def _movies(raw: pa.Table) -> pa.Table:
+    return pa.table({
+        "movieId": raw["movieId"],
+        "year": _year(raw["title"], _YEAR_IN_TITLE),
+        "genres": pc.split_pattern(raw["genres"], "|"),
+    })
+
+
+def _year(text: pa.ChunkedArray, pattern: str) -> pa.Array:
+    match = pc.extract_regex(pc.utf8_trim_whitespace(text), pattern).combine_chunks()
+    year = match.field("year")
+    return pc.if_else(match.is_valid(), year, pa.scalar(None, pa.string()))
+
+
+def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malformed, *,
+          latin1: bool = False) -> pa.Table:
+    """A whole MovieLens file; names=None means the file has a header (the csv releases)."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing from the MovieLens folder")
+    data = path.read_bytes()
+    if latin1:
+        data = data.decode("latin-1").encode("utf-8")
+    if len(delimiter) > 1:
+        # pyarrow only splits on one byte; a tab never occurs inside the `::` files' fields.
+        data = data.replace(delimiter.encode(), b"\t")
+        delimiter = "\t"
+    file_malformed = Malformed(path, malformed.strict)
+
+    def skip(row: pacsv.InvalidRow) -> str:
+        line = np.array([(row.number or 0) - 1])
+        file_malformed.report(line, lambda _: f"expected {row.expected_columns} fields, found {row.actual_columns}")
+        return "skip"
+
+    quoted = names is None  # only the csv releases quote titles
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
+                                             invalid_row_handler=skip),
+        )
+    except pa.ArrowInvalid as e:
+        raise DataError(f"{path}: {str(e).splitlines()[0]}") from None
+    malformed.count += file_malformed.count
+    return table
+
+
+def _labelled(release: Release) -> pa.Table:
+    r = release.ratings
+    rating = pc.cast(r["rating"], pa.float32()).to_numpy()
+    keep = (rating >= 4) | (rating <= 2)
+    timestamp = pc.cast(r["timestamp"], pa.int64()).to_numpy()[keep]
+    order = np.flatnonzero(keep)[np.argsort(timestamp, kind="stable")]
+    return pa.table({
+        "userId": r["userId"].take(order),
+        "movieId": r["movieId"].take(order),
+        "rating": pa.array(rating[order]),
+        "label": pa.array((rating[order] >= 4).astype(np.float32)),
+    })
+
+
+def _features(release: Release, table: pa.Table) -> dict[str, pa.Array]:
+    features: dict[str, pa.Array] = {"userId": table["userId"], "movieId": table["movieId"]}
+    if release.users is not None:
+        at = pc.index_in(table["userId"], value_set=release.users["userId"])
+        features.update({f: release.users[f].take(at) for f in USER_FEATURES})
+    at = pc.index_in(table["movieId"], value_set=release.movies["movieId"])
+    features["year"] = release.movies["year"].take(at)
+    features["genres"] = release.movies["genres"].take(at)
+    return {name: _array(values) for name, values in features.items()}
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values

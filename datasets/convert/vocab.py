@@ -1,0 +1,64 @@
+"""Raw categorical values -> contiguous ids ranked by train-split frequency.
+
+Id 0 is the shared "unknown" id: values seen fewer than `min_count` times in the train split,
+missing values and values that never occur in the train split all map to it. Known values get
+ids 1..n by descending train count; ties keep the order of first appearance, so ids are
+deterministic for a given input file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+UNKNOWN_ID = 0
+# Merging per-chunk counts every few chunks bounds memory by the number of distinct values.
+_MERGE_EVERY = 16
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    values: pa.Array  # known values, ids 1..len(values) in this order
+    counts: np.ndarray  # train count of each known value
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.values) + 1  # + the unknown id
+
+    def encode(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        index = pc.index_in(values, value_set=self.values)
+        return pc.fill_null(index, -1).to_numpy().astype(np.int64) + 1
+
+
+class VocabularyBuilder:
+    """Counts values of any Arrow type chunk by chunk; nulls (missing values) are not counted."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[pa.Array, np.ndarray]] = []
+        self._type: pa.DataType = pa.string()  # an empty vocabulary must still match the values' type
+
+    def add(self, values: pa.Array | pa.ChunkedArray) -> None:
+        self._type = values.type
+        counted = pc.value_counts(values.drop_null())
+        self._parts.append((counted.field("values"), counted.field("counts").to_numpy()))
+        if len(self._parts) >= _MERGE_EVERY:
+            self._parts = [self._merged()]
+
+    def build(self, min_count: int = 1) -> Vocabulary:
+        values, counts = self._merged()
+        order = np.argsort(-counts, kind="stable")
+        order = order[counts[order] >= min_count]
+        return Vocabulary(values.take(order), counts[order])
+
+    def _merged(self) -> tuple[pa.Array, np.ndarray]:
+        if not self._parts:
+            return pa.array([], self._type), np.zeros(0, dtype=np.int64)
+        # Dictionary encoding numbers values in order of first appearance, which makes that
+        # order the tie-break (Arrow's group_by does not promise any output order).
+        encoded = pc.dictionary_encode(pa.concat_arrays([v for v, _ in self._parts]))
+        counts = np.bincount(encoded.indices.to_numpy(), weights=np.concatenate([c for _, c in self._parts]),
+                             minlength=len(encoded.dictionary))
+        return encoded.dictionary, counts.astype(np.int64)

@@ -1,0 +1,315 @@
+"""Streaming, rank-partitioned batches from a dataset split.
+
+Work is split across ranks by Parquet row group: each epoch the row groups are (optionally)
+shuffled with a seeded RNG and rank r takes every world_size-th one. Ranks run collective ops every
+step, so all of them must yield the same number of batches: that number is computed from Parquet
+metadata alone (no data read) as the minimum over ranks. Batches are assembled on a background
+thread into a bounded queue so the training loop rarely waits for I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
+from embshard.datasets.writer import PART_PATTERN
+from embshard.errors import ConfigError, DataError
+
+
+@dataclass
+class Batch:
+    dense: torch.Tensor  # [B, num_dense] float32 (num_dense may be 0)
+    sparse: KeyedJaggedTensor  # keys = spec.sparse_names in order; values int64, lengths int32
+    labels: torch.Tensor  # [B] float32
+    extra: dict[str, torch.Tensor]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            sparse=self.sparse.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            extra={k: v.to(device, non_blocking=non_blocking) for k, v in self.extra.items()},
+        )
+
+
+@dataclass(frozen=True)
+class _RowGroup:
+    path: Path
+    index: int  # row group index within the file
+    first_row: int  # file row of the group's first row (error messages name file rows)
+    rows: int
+    ordinal: int  # position in the split's row-group list: seeds the in-group shuffle
+
+
+class _Failure:
+    """Carries an exception from the producer thread to the consumer."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class ParquetBatchReader:
+    """One epoch per iteration; `set_epoch(e)` picks the shuffle, `state_dict` allows exact resume.
+
+    With drop_last=False every rank still yields the same number of batches, ceil(rows / B) of the
+    rank with the fewest rows; the last batch is then partial on some ranks and the rows left over
+    on larger ranks are dropped.
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str, batch_size: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 id_maps: Mapping[str, np.ndarray] | None = None, prefetch: int = 4,
+                 validate: bool = True) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} outside [0, world_size={world_size})")
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+        self.spec = DatasetSpec.load(dataset_dir)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.prefetch = prefetch
+        self.validate = validate
+        self.columns = [self.spec.label, *self.spec.dense, *self.spec.sparse_names, *self.spec.extra]
+        self.groups = self._row_groups(split_dir(dataset_dir, split))
+        self.id_maps = self._check_id_maps(id_maps or {})
+        self.epoch = 0
+        self.wait_seconds = 0.0  # cumulative time the consumer blocked on the queue
+        self._consumed = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        resuming = self._resume is not None and self._resume[0] == epoch
+        self._consumed = self._resume[1] if resuming else 0
+
+    def __len__(self) -> int:
+        rows = [sum(g.rows for g in groups) for groups in self._assignment(self.epoch)]
+        per_rank = [(r // self.batch_size) if self.drop_last else math.ceil(r / self.batch_size) for r in rows]
+        return min(per_rank)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self._consumed}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """The next iteration of epoch state['epoch'] skips the batches already consumed."""
+        self.epoch = int(state["epoch"])
+        self._consumed = int(state["batches"])
+        self._resume = (self.epoch, self._consumed)
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        skip = self._resume[1] if self._resume and self._resume[0] == epoch else 0
+        self._resume = None
+        total = len(self)
+        skip = min(skip, total)
+        self._consumed = skip
+        groups = self._assignment(epoch)[self.rank]
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._produce, args=(groups, epoch, skip, total - skip, out, stop),
+            name=f"embshard-reader-r{self.rank}", daemon=True)
+        worker.start()
+        try:
+            for _ in range(total - skip):
+                start = time.perf_counter()
+                item = out.get()
+                self.wait_seconds += time.perf_counter() - start
+                if isinstance(item, _Failure):
+                    raise item.error
+                self._consumed += 1
+                yield item
+        finally:
+            stop.set()
+            # Unblock a producer stuck on a full queue so it sees `stop` and exits.
+            while worker.is_alive():
+                try:
+                    out.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            worker.join()
+
+    # -- planning (metadata only) --------------------------------------------------------------
+
+    def _row_groups(self, directory: Path) -> list[_RowGroup]:
+        if not directory.is_dir():
+            raise DataError(f"{directory}: split directory not found")
+        files = sorted(directory.glob(PART_PATTERN))
+        if not files:
+            raise DataError(f"{directory}: no {PART_PATTERN} files")
+        expected = self.spec.arrow_schema()
+        groups: list[_RowGroup] = []
+        for path in files:
+            try:
+                parquet = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+            if self.validate:
+                _check_schema(path, parquet.schema_arrow, expected, self.spec.extra)
+            first = 0
+            meta = parquet.metadata
+            for i in range(meta.num_row_groups):
+                n = meta.row_group(i).num_rows
+                groups.append(_RowGroup(path, i, first, n, len(groups)))
+                first += n
+        return groups
+
+    def _assignment(self, epoch: int) -> list[list[_RowGroup]]:
+        order = np.arange(len(self.groups))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+        return [[self.groups[i] for i in order[r::self.world_size]] for r in range(self.world_size)]
+
+    def _check_id_maps(self, id_maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = {}
+        for name, mapping in id_maps.items():
+            card = self.spec.feature(name).cardinality
+            mapping = np.asarray(mapping, dtype=np.int64)
+            if mapping.shape != (card,):
+                raise ConfigError(f"id_maps[{name!r}]: shape {mapping.shape}, expected ({card},)")
+            checked[name] = mapping
+        return checked
+
+    # -- producer thread -----------------------------------------------------------------------
+
+    def _produce(self, groups: list[_RowGroup], epoch: int, skip_batches: int, n_batches: int,
+                 out: queue.Queue, stop: threading.Event) -> None:
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            files: dict[Path, pq.ParquetFile] = {}
+            skip_rows = skip_batches * self.batch_size
+            pending: list[pa.Table] = []
+            pending_rows = 0
+            made = 0
+            for group in groups:
+                if made == n_batches or stop.is_set():
+                    break
+                # Resume: whole row groups already consumed are skipped without reading them;
+                # the in-group shuffle is seeded per group, so the rest is identical to before.
+                if skip_rows >= group.rows:
+                    skip_rows -= group.rows
+                    continue
+                if group.path not in files:
+                    files[group.path] = pq.ParquetFile(group.path)
+                table = self._load(files[group.path], group, epoch).slice(skip_rows)
+                skip_rows = 0
+                pending.append(table)
+                pending_rows += table.num_rows
+                while pending_rows >= self.batch_size and made < n_batches:
+                    merged = pa.concat_tables(pending)
+                    if not put(self._batch(merged.slice(0, self.batch_size))):
+                        return
+                    made += 1
+                    rest = merged.slice(self.batch_size)
+                    pending, pending_rows = [rest], rest.num_rows
+            if made < n_batches and pending_rows:
+                # Only reachable with drop_last=False: the final, partial batch.
+                put(self._batch(pa.concat_tables(pending)))
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the consumer
+            put(_Failure(e))
+
+    def _load(self, parquet: pq.ParquetFile, group: _RowGroup, epoch: int) -> pa.Table:
+        table = parquet.read_row_group(group.index, columns=self.columns)
+        if self.validate:
+            self._check_values(table, group)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch, group.ordinal])
+            table = table.take(rng.permutation(table.num_rows))
+        for name, mapping in self.id_maps.items():
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, _map_ids(table[name], mapping))
+        return table
+
+    def _check_values(self, table: pa.Table, group: _RowGroup) -> None:
+        for name in [self.spec.label, *self.spec.dense, *self.spec.sparse_names]:
+            column = table[name]
+            if column.null_count:
+                row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+                raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: null value")
+        for name in [self.spec.label, *self.spec.dense]:
+            values = table[name].to_numpy()
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: "
+                                f"non-finite value {values[row]}")
+        for f in self.spec.sparse:
+            ids, offsets = flat_ids(table[f.name])
+            check_ids(group.path, f.name, ids, f.cardinality, offsets=offsets, first_row=group.first_row)
+
+    def _batch(self, table: pa.Table) -> Batch:
+        n = table.num_rows
+        if self.spec.dense:
+            dense = np.column_stack([table[d].to_numpy() for d in self.spec.dense])
+        else:
+            dense = np.zeros((n, 0), dtype=np.float32)
+        values, lengths = [], []
+        for f in self.spec.sparse:
+            ids, offsets = flat_ids(table[f.name])
+            values.append(ids)
+            lengths.append(np.diff(offsets).astype(np.int32) if offsets is not None else np.ones(n, np.int32))
+        sparse = KeyedJaggedTensor(
+            keys=self.spec.sparse_names,
+            values=torch.from_numpy(np.concatenate(values)) if values else torch.empty(0, dtype=torch.int64),
+            lengths=torch.from_numpy(np.concatenate(lengths)) if lengths else torch.empty(0, dtype=torch.int32),
+            stride=n,
+        )
+        return Batch(
+            dense=_tensor(dense, np.float32),
+            sparse=sparse,
+            labels=_tensor(table[self.spec.label].to_numpy(), np.float32),
+            extra={e: _tensor(table[e].to_numpy(), None) for e in self.spec.extra},
+        )
+
+
+def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema, extra: list[str]) -> None:
+    for field in expected:
+        i = actual.get_field_index(field.name)
+        if i < 0:
+            raise DataError(f"{path}: column {field.name!r} missing (dataset.json declares it)")
+        if not actual.field(i).type.equals(field.type):
+            raise DataError(f"{path}: column {field.name!r} has type {actual.field(i).type}, "
+                            f"dataset.json implies {field.type}")
+    for name in extra:
+        if actual.get_field_index(name) < 0:
+            raise DataError(f"{path}: extra column {name!r} missing (dataset.json declares it)")
+
+
+def _tensor(array: np.ndarray, dtype: type | None) -> torch.Tensor:
+    # Arrow hands out read-only zero-copy views; torch tensors must own writable memory.
+    return torch.from_numpy(np.require(array, dtype=dtype, requirements=["C", "W"]))
+
+
+def _map_ids(column: pa.ChunkedArray, mapping: np.ndarray) -> pa.Array:
+    ids, offsets = flat_ids(column)
+    mapped = pa.array(mapping[ids])
+    if offsets is None:
+        return mapped
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), mapped)

@@ -1,0 +1,115 @@
+"""`dataset.json`: the contract between data producers (synth, converters) and consumers.
+
+Layout of a dataset directory::
+
+    DIR/dataset.json            # this spec
+    DIR/train/part-00000.parquet ...
+    DIR/valid/part-00000.parquet ...
+    DIR/test/part-00000.parquet ...
+    DIR/profile/                # written by `embshard data profile` (see profile.py)
+
+Parquet columns: `label` (float32), one float32 column per dense feature, one column per sparse
+feature: int64 for single-hot (exactly one id per row), list<int64> for multi-hot (0..n ids),
+plus any `extra` columns (e.g. MovieLens' raw `rating`). Ids are contiguous in [0, cardinality).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from embshard.errors import DataError
+
+SPEC_FILE = "dataset.json"
+SPEC_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    name: str
+    cardinality: int
+    multi_hot: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    dense: list[str]
+    sparse: list[SparseFeature]
+    label: str = "label"
+    extra: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # split -> row count
+    source: str = ""
+    version: int = SPEC_VERSION
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    def feature(self, name: str) -> SparseFeature:
+        for f in self.sparse:
+            if f.name == name:
+                return f
+        raise DataError(f"{self.name}: no sparse feature {name!r} (have {', '.join(self.sparse_names)})")
+
+    def arrow_schema(self) -> pa.Schema:
+        fields = [pa.field(self.label, pa.float32())]
+        fields += [pa.field(d, pa.float32()) for d in self.dense]
+        for f in self.sparse:
+            fields.append(pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64()))
+        return pa.schema(fields)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / SPEC_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @staticmethod
+    def load(directory: str | Path) -> "DatasetSpec":
+        directory = Path(directory)
+        path = directory / SPEC_FILE
+        if not directory.exists():
+            raise DataError(f"{directory}: dataset directory not found")
+        if not path.is_file():
+            raise DataError(f"{path}: missing (is {directory} a dataset written by `embshard data`?)")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("version") != SPEC_VERSION:
+                raise DataError(f"{path}: version {raw.get('version')!r}, expected {SPEC_VERSION}")
+            raw["sparse"] = [SparseFeature(**s) for s in raw["sparse"]]
+            return DatasetSpec(**raw)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: malformed dataset spec ({e})") from None
+
+
+def split_dir(directory: str | Path, split: str) -> Path:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    return Path(directory) / split
+
+
+def flat_ids(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A sparse column as (ids, offsets): offsets[i]:offsets[i+1] are row i's ids; None if single-hot."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_list(column.type):
+        return column.to_numpy(zero_copy_only=False), None
+    offsets = column.offsets.to_numpy()
+    # A sliced list array keeps its parent's offsets; rebase them onto the flattened values.
+    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+def check_ids(path: str | Path, column: str, ids: np.ndarray, cardinality: int, *,
+              offsets: np.ndarray | None = None, first_row: int = 0) -> None:
+    """Raises DataError naming file, column, row and value of the first id outside [0, cardinality)."""
+    if ids.size == 0 or (ids.min() >= 0 and ids.max() < cardinality):
+        return
+    i = int(np.flatnonzero((ids < 0) | (ids >= cardinality))[0])
+    row = i if offsets is None else int(np.searchsorted(offsets, i, side="right")) - 1
+    raise DataError(f"{path}: column {column!r}, row {first_row + row}: id {ids[i]} outside [0, {cardinality})")

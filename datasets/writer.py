@@ -1,0 +1,165 @@
+"""Writing a dataset directory: the 80/10/10 split by row order and Parquet part files with
+fixed-size row groups. Shared by `synth` and the converters so they all produce the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from embshard.datasets.profile import PROFILE_DIR
+from embshard.datasets.schema import SPEC_FILE, SPLITS, DatasetSpec, split_dir
+
+# Readers split work across ranks by row group, so groups must be small enough to balance ranks
+# yet large enough that Parquet overhead stays negligible.
+ROW_GROUP_ROWS = 8192
+# Several part files let a directory listing show progress and keep any one file a few hundred MB.
+PART_ROWS = 128 * ROW_GROUP_ROWS
+PART_PATTERN = "part-*.parquet"
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Cuts `total` ordered positions (rows or input lines) into train/valid/test at 80/10/10."""
+
+    total: int
+
+    @property
+    def train_end(self) -> int:
+        return self.total * 8 // 10
+
+    @property
+    def valid_end(self) -> int:
+        return self.train_end + self.total // 10
+
+    def ranges(self, positions: np.ndarray) -> list[tuple[str, int, int]]:
+        """(split, start, stop) slices of `positions`, which must be ascending."""
+        cuts = np.searchsorted(positions, [self.train_end, self.valid_end], side="left")
+        bounds = [0, int(cuts[0]), int(cuts[1]), len(positions)]
+        return [(s, bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS) if bounds[i + 1] > bounds[i]]
+
+
+@dataclass
+class SplitStats:
+    rows: int = 0
+    positives: float = 0.0
+
+
+class _SplitWriter:
+    """Buffers incoming tables so every row group but a part's last holds ROW_GROUP_ROWS rows."""
+
+    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+        self.directory = directory
+        self.schema = schema
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.part = 0
+        self.part_rows = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self._flush(whole_groups_only=True)
+
+    def close(self) -> None:
+        self._flush(whole_groups_only=False)
+        if self.writer is None and self.part == 0 and self.part_rows == 0:
+            # An empty split (tiny inputs) still gets a file, so every split has a readable schema.
+            self.writer = pq.ParquetWriter(self.directory / "part-00000.parquet", self.schema)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _flush(self, whole_groups_only: bool) -> None:
+        table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
+        n = table.num_rows
+        if whole_groups_only:
+            n -= n % ROW_GROUP_ROWS
+        start = 0
+        while start < n:
+            if self.writer is None:
+                path = self.directory / f"part-{self.part:05d}.parquet"
+                self.writer = pq.ParquetWriter(path, self.schema)
+            take = min(n - start, PART_ROWS - self.part_rows)
+            self.writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
+            start += take
+            self.part_rows += take
+            if self.part_rows == PART_ROWS:
+                self.writer.close()
+                self.writer = None
+                self.part += 1
+                self.part_rows = 0
+        rest = table.slice(n)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+
+
+class DatasetWriter:
+    """Writes the three splits of one dataset; `finish` closes them and saves dataset.json.
+
+    Part files, dataset.json and the profile of an earlier dataset in `out_dir` are removed first:
+    stale parts from a larger earlier run would otherwise silently join the new splits.
+    """
+
+    def __init__(self, out_dir: str | Path, schema: pa.Schema, *, label: str = "label",
+                 total_rows: int | None = None, desc: str = "writing") -> None:
+        self.out_dir = Path(out_dir)
+        self.schema = schema
+        self.label = label
+        _clear_dataset(self.out_dir)
+        self.splits: dict[str, _SplitWriter] = {}
+        for split in SPLITS:
+            d = split_dir(self.out_dir, split)
+            d.mkdir(parents=True, exist_ok=True)
+            self.splits[split] = _SplitWriter(d, schema)
+        self.stats = {split: SplitStats() for split in SPLITS}
+        self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
+
+    def write(self, split: str, table: pa.Table) -> None:
+        table = table.select(self.schema.names).cast(self.schema)
+        self.splits[split].write(table)
+        stats = self.stats[split]
+        stats.rows += table.num_rows
+        stats.positives += float(pc.sum(table[self.label]).as_py() or 0.0)
+        self.progress.update(table.num_rows)
+
+    def write_ordered(self, table: pa.Table, positions: np.ndarray, plan: SplitPlan) -> None:
+        """Writes rows whose ascending `positions` (row or line index) place them in a split."""
+        for split, start, stop in plan.ranges(positions):
+            self.write(split, table.slice(start, stop - start))
+
+    def finish(self, spec: DatasetSpec) -> DatasetSpec:
+        for w in self.splits.values():
+            w.close()
+        self.progress.close()
+        spec = dataclasses.replace(spec, rows={s: st.rows for s, st in self.stats.items()})
+        spec.save(self.out_dir)
+        return spec
+
+    def summary(self, name: str, skipped: int = 0) -> str:
+        rows = {s: st.rows for s, st in self.stats.items()}
+        total = sum(rows.values())
+        positives = sum(st.positives for st in self.stats.values())
+        share = positives / total if total else 0.0
+        parts = ", ".join(f"{s} {n:,}" for s, n in rows.items())
+        line = f"{name}: {total:,} rows ({parts}), positives {share:.1%}"
+        return line + (f", skipped {skipped:,} malformed lines" if skipped else "")
+
+
+def _clear_dataset(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        for part in (out_dir / split).glob(PART_PATTERN):
+            part.unlink()
+    (out_dir / SPEC_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / PROFILE_DIR, ignore_errors=True)

@@ -1,0 +1,19 @@
+"""Errors a user can act on. The CLI prints them as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class EmbshardError(Exception):
+    """Base class: the message says what was wrong and where."""
+
+
+class ConfigError(EmbshardError):
+    """A config value is missing, of the wrong type or out of range; the message names the field."""
+
+
+class DataError(EmbshardError):
+    """Input data is missing or malformed; the message names the file, column and row."""
+
+
+class PlanError(EmbshardError):
+    """A dimension or shard plan cannot be built (infeasible budget, topology too small, ...)."""

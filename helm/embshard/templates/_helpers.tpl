@@ -1,0 +1,110 @@
+{{/* Chart name and release-scoped full name (max 40 chars: KubeRay derives pod/service names from it). */}}
+{{- define "embshard.name" -}}
+{{- .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "embshard.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "embshard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "embshard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "embshard.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "embshard.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "embshard.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
+{{- end -}}
+
+{{- define "embshard.configMapName" -}}
+{{- printf "%s-config" (include "embshard.fullname" .) -}}
+{{- end -}}
+
+{{- define "embshard.pvcName" -}}
+{{- if .Values.checkpoints.persistence.existingClaim -}}
+{{- .Values.checkpoints.persistence.existingClaim -}}
+{{- else -}}
+{{- printf "%s-checkpoints" (include "embshard.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Local ranks per worker pod: one per GPU, at least one. */}}
+{{- define "embshard.ranksPerWorker" -}}
+{{- max 1 (int .Values.workers.gpusPerWorker) -}}
+{{- end -}}
+
+{{- define "embshard.worldSize" -}}
+{{- mul (int .Values.workers.replicas) (int (include "embshard.ranksPerWorker" .)) -}}
+{{- end -}}
+
+{{- define "embshard.useVolume" -}}
+{{- if not .Values.checkpoints.uri -}}true{{- end -}}
+{{- end -}}
+
+{{/* output_dir of the training run: a folder per release on the volume, or the object-store URI. */}}
+{{- define "embshard.outputDir" -}}
+{{- if .Values.checkpoints.uri -}}
+{{- .Values.checkpoints.uri -}}
+{{- else -}}
+{{- printf "%s/%s" (.Values.checkpoints.mountPath | trimSuffix "/") .Release.Name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The training config as mounted: values.config with output_dir and metrics set by the chart. */}}
+{{- define "embshard.jobConfig" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) -}}
+{{- $metrics := deepCopy (get $cfg "metrics" | default dict) -}}
+{{- $_ := set $metrics "enabled" .Values.metrics.enabled -}}
+{{- $_ := set $metrics "port_base" (int .Values.metrics.portBase) -}}
+{{- $_ := set $metrics "bind" "0.0.0.0" -}}
+{{- $_ := set $cfg "metrics" $metrics -}}
+{{- $_ := set $cfg "output_dir" (include "embshard.outputDir" .) -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Volumes and mounts shared by head and workers. */}}
+{{- define "embshard.volumes" -}}
+- name: job-config
+  configMap:
+    name: {{ include "embshard.configMapName" . }}
+{{- if include "embshard.useVolume" . }}
+- name: checkpoints
+  persistentVolumeClaim:
+    claimName: {{ include "embshard.pvcName" . }}
+{{- end }}
+- name: ray-logs
+  emptyDir: {}
+{{- end -}}
+
+{{- define "embshard.volumeMounts" -}}
+- name: job-config
+  mountPath: {{ dir .Values.job.configPath }}
+  readOnly: true
+{{- if include "embshard.useVolume" . }}
+- name: checkpoints
+  mountPath: {{ .Values.checkpoints.mountPath }}
+{{- end }}
+- name: ray-logs
+  mountPath: /tmp/ray
+{{- end -}}
+
+{{- define "embshard.env" -}}
+- name: EMBSHARD_CONFIG
+  value: {{ .Values.job.configPath | quote }}
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+{{- end -}}

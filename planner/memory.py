@@ -1,0 +1,173 @@
+"""Memory per rank and per table, from the shard plan itself: what each rank will hold.
+
+Training bytes are the block weights at their training width (MLET's k), the sparse optimizer's
+state and the projections every rank replicates; serving bytes are the collapsed blocks at their
+serving width plus projections to the base dim. Figures are exact counts of fp32 elements in the
+planned shards, so a test can compare them with what `DistributedModelParallel` really allocates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from embshard.errors import PlanError
+from embshard.planner.optimizers import SparseOptimizer, optimizer_state_elements
+from embshard.planner.shard_plan import ShardPlan
+from embshard.planner.types import DimensionPlan
+
+BYTES_PER_ELEMENT = 4  # fp32 weights and optimizer state
+
+
+@dataclass(frozen=True)
+class ShardMemory:
+    table: str  # block table name
+    rank: int
+    rows: int
+    cols: int  # training width of this shard
+    weight_bytes: int
+    optimizer_bytes: int
+    serve_bytes: int
+    sharding_type: str
+
+
+@dataclass
+class MemoryReport:
+    shards: list[ShardMemory]
+    projection_bytes: int  # dense, replicated on every rank (training)
+    serve_projection_bytes: int
+    world_size: int
+    capacity_bytes: int
+    optimizer: str
+    per_rank: dict[int, dict[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        totals: dict[int, dict[str, int]] = {
+            r: {"train_bytes": self.projection_bytes, "serve_bytes": self.serve_projection_bytes}
+            for r in range(self.world_size)
+        }
+        for s in self.shards:
+            totals[s.rank]["train_bytes"] += s.weight_bytes + s.optimizer_bytes
+            totals[s.rank]["serve_bytes"] += s.serve_bytes
+        self.per_rank = totals
+
+    def table_bytes(self, rank: int) -> dict[str, tuple[int, int]]:
+        """block table -> (training bytes, serving bytes) held on `rank`."""
+        out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for s in self.shards:
+            if s.rank == rank:
+                out[s.table][0] += s.weight_bytes + s.optimizer_bytes
+                out[s.table][1] += s.serve_bytes
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def check_fits(self) -> None:
+        worst = max(self.per_rank, key=lambda r: self.per_rank[r]["train_bytes"])
+        need = self.per_rank[worst]["train_bytes"]
+        if need > self.capacity_bytes:
+            tables = sorted(self.table_bytes(worst).items(), key=lambda kv: -kv[1][0])[:3]
+            names = ", ".join(f"{t} ({b[0] / 2**30:.2f} GiB)" for t, b in tables)
+            raise PlanError(
+                f"rank {worst} needs {need / 2**30:.2f} GiB for training but has "
+                f"{self.capacity_bytes / 2**30:.2f} GiB (short by {(need - self.capacity_bytes) / 2**30:.2f} GiB); "
+                f"largest tables there: {names}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer,
+            "capacity_bytes": self.capacity_bytes,
+            "projection_bytes": self.projection_bytes,
+            "serve_projection_bytes": self.serve_projection_bytes,
+            "per_rank": {str(r): v for r, v in self.per_rank.items()},
+            "shards": [s.__dict__ for s in self.shards],
+        }
+
+    def format(self, max_tables: int = 12) -> str:
+        lines = [
+            f"{'rank':>4}  {'train':>10}  {'serve':>10}  {'capacity':>10}  {'used':>6}  tables",
+        ]
+        for r, tot in self.per_rank.items():
+            tables = self.table_bytes(r)
+            lines.append(
+                f"{r:>4}  {_human(tot['train_bytes']):>10}  {_human(tot['serve_bytes']):>10}  "
+                f"{_human(self.capacity_bytes):>10}  {100 * tot['train_bytes'] / self.capacity_bytes:5.1f}%  "
+                f"{len(tables)}"
+            )
+        by_table: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        placement: dict[str, set[str]] = defaultdict(set)
+        for s in self.shards:
+            by_table[s.table][0] += s.weight_bytes + s.optimizer_bytes
+            by_table[s.table][1] += s.serve_bytes
+            placement[s.table].add(f"{s.sharding_type}@{s.rank}")
+        lines.append("")
+        lines.append(f"{'table':<24}  {'train':>10}  {'serve':>10}  placement")
+        ranked = sorted(by_table.items(), key=lambda kv: -kv[1][0])
+        for name, (train, serve, _) in ranked[:max_tables]:
+            where = ", ".join(sorted(placement[name]))
+            lines.append(f"{name:<24}  {_human(train):>10}  {_human(serve):>10}  {where[:60]}")
+        if len(ranked) > max_tables:
+            lines.append(f"... and {len(ranked) - max_tables} more tables (see the JSON report)")
+        return "\n".join(lines)
+
+
+def memory_report(
+    plan: DimensionPlan, shard_plan: ShardPlan, optimizer: SparseOptimizer
+) -> MemoryReport:
+    blocks = {}  # block table name -> Block
+    projection = serve_projection = 0
+    for table in plan.tables:
+        for i, b in enumerate(table.blocks):
+            blocks[table.block_name(i)] = b
+            if b.mlet_width is not None:
+                projection += b.mlet_width * b.dim
+            if b.dim != plan.base_dim:
+                projection += b.dim * plan.base_dim
+                serve_projection += b.dim * plan.base_dim
+    world = shard_plan.topology.world_size
+    shards = []
+    for name, ps in shard_plan.sharding.items():
+        block = blocks[name]
+        dim, train_dim = block.dim, block.train_dim
+        if ps.sharding_spec is None:  # data-parallel: every rank holds the whole table
+            pieces = [(r, block.num_rows, train_dim) for r in range(world)]
+        else:
+            pieces = [
+                (_rank_of(str(s.placement)), s.shard_sizes[0], s.shard_sizes[1])
+                for s in ps.sharding_spec.shards
+            ]
+        for rank, rows_, cols in pieces:
+            shards.append(
+                ShardMemory(
+                    table=name,
+                    rank=rank,
+                    rows=rows_,
+                    cols=cols,
+                    weight_bytes=rows_ * cols * BYTES_PER_ELEMENT,
+                    optimizer_bytes=optimizer_state_elements(optimizer, rows_, cols) * BYTES_PER_ELEMENT,
+                    # Collapse keeps each shard's rows and scales its width from k to d.
+                    serve_bytes=rows_ * cols * dim // train_dim * BYTES_PER_ELEMENT,
+                    sharding_type=ps.sharding_type,
+                )
+            )
+    return MemoryReport(
+        shards=shards,
+        projection_bytes=projection * BYTES_PER_ELEMENT,
+        serve_projection_bytes=serve_projection * BYTES_PER_ELEMENT,
+        world_size=world,
+        capacity_bytes=shard_plan.topology.capacity_bytes,
+        optimizer=optimizer,
+    )
+
+
+def _rank_of(placement: str) -> int:
+    # ShardMetadata placements print as "rank:3/cuda:3"
+    return int(placement.split("/")[0].split(":")[1])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

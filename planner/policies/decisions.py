@@ -1,0 +1,104 @@
+"""Decisions: dimensions chosen elsewhere (AutoDim's search, PEP's pruning) turned into a plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import PlanError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.decisions import Decisions, TableDecision, load_decisions
+from embshard.planner.remap import load_remap, save_remap
+from embshard.planner.rounding import round_width
+from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
+from embshard.typed_config import to_dict
+
+
+def from_decisions(
+    path: str | Path, cfg: EmbeddingsConfig, spec: DatasetSpec, out_dir: Path | None
+) -> DimensionPlan:
+    """Every sparse feature needs exactly one decision. Widths are rounded like MDE's (and noted)
+    but not capped at the base dim: a searched width above it is kept, with its projection."""
+    path = Path(path)
+    decisions = load_decisions(path)
+    if decisions.base_dim != cfg.dim:
+        raise PlanError(
+            f"{path}: base_dim {decisions.base_dim} differs from embeddings.dim {cfg.dim}; "
+            f"set embeddings.dim: {decisions.base_dim}"
+        )
+    by_feature = _by_feature(decisions, spec, path)
+    notes: list[str] = []
+    tables = []
+    for feature in spec.sparse:
+        key, decision = by_feature[feature.name]
+        name = table_name(feature.name)
+        blocks = _blocks(feature, f"{path}: tables.{key}", decision, decisions.method, cfg, path)
+        for i, (block, note) in enumerate(blocks):
+            if note:
+                notes.append(f"{name} block {i}: {note}")
+        remap = None
+        if decision.remap is not None:
+            ranks = load_remap(path.parent / decision.remap, feature.cardinality)
+            remap = save_remap(out_dir, name, ranks)
+        tables.append(
+            TablePlan(name, [feature.name], feature.cardinality, [b for b, _ in blocks],
+                      row_order=decision.row_order, remap=remap)
+        )
+    policy = {
+        **to_dict(cfg), "decisions_method": decisions.method, "decisions_meta": decisions.meta,
+    }
+    return DimensionPlan(cfg.dim, tables, policy=policy, notes=notes)
+
+
+def _by_feature(
+    decisions: Decisions, spec: DatasetSpec, path: Path
+) -> dict[str, tuple[str, TableDecision]]:
+    """feature -> (key in the file, decision); the file may key a table by feature or table name."""
+    owner = {f: f for f in spec.sparse_names} | {table_name(f): f for f in spec.sparse_names}
+    found: dict[str, tuple[str, TableDecision]] = {}
+    for key, decision in decisions.tables.items():
+        if key not in owner:
+            raise PlanError(
+                f"{path}: tables.{key}: dataset {spec.name} has no such feature or table"
+            )
+        if owner[key] in found:
+            raise PlanError(
+                f"{path}: tables.{key}: feature {owner[key]} is already decided by "
+                f"tables.{found[owner[key]][0]}"
+            )
+        found[owner[key]] = (key, decision)
+    missing = [f for f in spec.sparse_names if f not in found]
+    if missing:
+        raise PlanError(
+            f"{path}: tables: no decision for feature(s) {', '.join(missing)} (each needs one)"
+        )
+    return found
+
+
+def _blocks(
+    feature: SparseFeature,
+    where: str,
+    decision: TableDecision,
+    method: str,
+    cfg: EmbeddingsConfig,
+    path: Path,
+) -> list[tuple[Block, str | None]]:
+    """The decided blocks, rounded, each with its rounding note."""
+    sizes = (
+        [(feature.cardinality, decision.dim)]
+        if decision.blocks is None
+        else [(b.rows, b.dim) for b in decision.blocks]
+    )
+    covered = sum(rows for rows, _ in sizes)
+    if covered != feature.cardinality:
+        raise PlanError(
+            f"{where}.blocks: rows sum to {covered}, feature {feature.name} has cardinality "
+            f"{feature.cardinality}"
+        )
+    out, start = [], 0
+    for rows, dim in sizes:
+        rounded = round_width(dim, cfg.rounding, cfg.min_dim)
+        source = {"policy": "decisions", "method": method, "file": str(path), "dim": dim}
+        out.append((Block(start, start + rows, rounded.value, source=source), rounded.note))
+        start += rows
+    return out

@@ -1,0 +1,254 @@
+"""MDE: embedding widths that scale with popularity.
+
+Ginart, Naumov, Mudigere, Yang, Zou, "Mixed Dimension Embeddings with Application to
+Memory-Efficient Recommendation Systems" (arXiv:1909.11810). Two steps, kept apart:
+
+- blocking (Alg. 2, as DESIGN.md numbers it): which rows share a width. `within` ranks a
+  table's rows by training frequency and cuts the ranking into k blocks carrying equal shares of
+  the lookups; `across` (the paper's CTR setting) makes each table one block.
+- sizing (Alg. 3): d_i = lambda * p_i^alpha, where p_i is block i's popularity: the mean lookups
+  per row, p_i = lookups_i / rows_i (normalised by all lookups). Across tables this is the
+  paper's p_i proportional to 1/n_i (also the default of its reference code, DLRM's
+  `md_solver`) when every table is looked up once per example (single-hot), and it stays right
+  for multi-hot features. lambda comes from the base dim (the most popular block gets d-bar) or
+  is solved from a parameter / byte budget. alpha = 0 gives every block d-bar, the paper's
+  uniform limit. Widths are clipped to [min_dim, d-bar] (never wider than the base dim, the
+  paper's convention) and rounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import PlanError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.remap import frequency_ranking, save_remap
+from embshard.planner.rounding import Rounded, round_width, step_up
+from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
+from embshard.typed_config import to_dict
+
+BYTES_PER_PARAM = 4  # tables are trained and stored in fp32
+LANDING = 0.99  # a budgeted plan lands in [0.99 * budget, budget]
+
+
+@dataclass(frozen=True)
+class BlockedTable:
+    feature: SparseFeature
+    bounds: list[int]  # cut points in ranked rows: [0, c_1, ..., n]
+    lookups: np.ndarray  # per block: training lookups that hit it
+    remap: np.ndarray | None  # id -> ranked row; None when rows keep their ids
+
+
+def equipartition(ranked_counts: np.ndarray, k: int) -> list[int]:
+    """Cut points splitting rows (ranked by descending count) into k blocks of equal lookup mass.
+
+    Equipartition of the popularity mass, the paper's within-table blocking: cut j lands on the
+    smallest prefix holding at least j/k of all lookups. An id heavier than 1/k of the mass
+    makes two cuts coincide; the duplicate is dropped, so fewer than k blocks can come back.
+    """
+    n = len(ranked_counts)
+    total = int(ranked_counts.sum())
+    if total == 0 or k <= 1:
+        return [0, n]
+    prefix = np.cumsum(ranked_counts)
+    cuts = np.searchsorted(prefix, total * np.arange(1, k) / k, side="left") + 1
+    return [0, *sorted({int(c) for c in cuts if 0 < c < n}), n]
+
+
+def base_lambda(p: np.ndarray, alpha: float, base_dim: int) -> float:
+    """lambda such that the most popular block gets exactly the base dim."""
+    return base_dim * float(p.max()) ** -alpha
+
+
+def mde_dims(p: np.ndarray, alpha: float, lam: float) -> np.ndarray:
+    """Alg. 3: d_i = lambda * p_i^alpha (real-valued; rounding comes after)."""
+    return lam * np.power(p, alpha)
+
+
+def block_cost(rows: int, dim: int, base_dim: int) -> int:
+    """Serving parameters of a block: rows x d_i, plus projection P_i (d_i x d-bar) if narrower."""
+    return rows * dim + (dim * base_dim if dim < base_dim else 0)
+
+
+def serve_params(rows: np.ndarray, dims: np.ndarray, base_dim: int) -> int:
+    return sum(block_cost(int(r), int(d), base_dim) for r, d in zip(rows, dims))
+
+
+def mde_plan(
+    cfg: EmbeddingsConfig,
+    spec: DatasetSpec,
+    counts: Mapping[str, np.ndarray] | None,
+    out_dir: Path | None,
+) -> DimensionPlan:
+    tables = [_block_table(f, cfg, counts) for f in spec.sparse]
+    total = sum(float(t.lookups.sum()) for t in tables)
+    if total <= 0:
+        raise PlanError(f"{spec.name}: the id counts hold no lookups at all; no popularity to rank")
+    rows = np.concatenate([np.diff(t.bounds) for t in tables])
+    p = np.concatenate([t.lookups for t in tables]) / rows / total
+    budget = _budget(cfg)
+    if budget is None:
+        lam = base_lambda(p, cfg.alpha, cfg.dim)
+        rounded = _round(p, lam, cfg)
+        dims = np.array([r.value for r in rounded])
+        notes = [
+            f"mde {cfg.mode}: lambda = {lam:.4g} from dim {cfg.dim} (most popular block gets it)"
+        ]
+    else:
+        lam, rounded, dims, notes = _fit_budget(p, rows, budget, cfg)
+    if counts is None:
+        notes.append("mde across: no id counts, so p_i = 1/n_i (one lookup per table per example)")
+
+    plans, i = [], 0
+    for t in tables:
+        name = table_name(t.feature.name)
+        wanted = min(cfg.blocks, t.feature.cardinality)
+        if cfg.mode == "within" and len(t.bounds) - 1 < wanted:
+            notes.append(
+                f"{name}: {len(t.bounds) - 1} blocks instead of {wanted} (equal-lookup cuts "
+                f"coincide: ids heavier than 1/{wanted} of the lookups, or no lookups)"
+            )
+        blocks = []
+        for j, (start, end) in enumerate(zip(t.bounds, t.bounds[1:])):
+            if rounded[i].note:
+                notes.append(f"{name} block {j}: {rounded[i].note}")
+            if dims[i] != rounded[i].value:
+                notes.append(
+                    f"{name} block {j}: {rounded[i].value} -> {dims[i]} (grown to fill the budget)"
+                )
+            source = {
+                "policy": "mde", "mode": cfg.mode, "alpha": cfg.alpha, "lambda": lam,
+                "popularity": float(p[i]), "raw_dim": float(mde_dims(p[i], cfg.alpha, lam)),
+            }
+            blocks.append(Block(start, end, int(dims[i]), source=source))
+            i += 1
+        remap = None if t.remap is None else save_remap(out_dir, name, t.remap)
+        row_order = "identity" if remap is None else "frequency"
+        plans.append(
+            TablePlan(name, [t.feature.name], t.feature.cardinality, blocks, row_order, remap)
+        )
+    return DimensionPlan(cfg.dim, plans, policy=to_dict(cfg), notes=notes)
+
+
+def _block_table(
+    feature: SparseFeature, cfg: EmbeddingsConfig, counts: Mapping[str, np.ndarray] | None
+) -> BlockedTable:
+    n = feature.cardinality
+    if cfg.mode == "across":
+        # Without counts, assume one lookup per table per example: p_i proportional to 1/n_i.
+        lookups = 1.0 if counts is None else float(_counts(counts, feature).sum())
+        return BlockedTable(feature, [0, n], np.array([lookups]), None)
+    if counts is None:
+        raise PlanError(
+            f"embeddings.mode within ranks rows by training frequency: feature {feature.name!r} "
+            "needs id counts (run `embshard data profile`)"
+        )
+    c = _counts(counts, feature)
+    ranks = frequency_ranking(c)
+    ranked = np.empty_like(c)
+    ranked[ranks] = c
+    bounds = equipartition(ranked, min(cfg.blocks, n))
+    lookups = np.add.reduceat(ranked, bounds[:-1]).astype(np.float64)
+    # One block needs no reordering: rows keep their ids and no remap file is written.
+    return BlockedTable(feature, bounds, lookups, ranks if len(bounds) > 2 else None)
+
+
+def _counts(counts: Mapping[str, np.ndarray], feature: SparseFeature) -> np.ndarray:
+    if feature.name not in counts:
+        raise PlanError(f"id counts: no entry for feature {feature.name!r}")
+    c = np.asarray(counts[feature.name])
+    if c.shape != (feature.cardinality,) or not np.issubdtype(c.dtype, np.integer):
+        raise PlanError(
+            f"id counts for {feature.name!r}: expected {feature.cardinality} integers, "
+            f"got {c.dtype} {c.shape}"
+        )
+    if len(c) and c.min() < 0:
+        raise PlanError(f"id counts for {feature.name!r}: negative counts")
+    return c.astype(np.int64, copy=False)
+
+
+def _budget(cfg: EmbeddingsConfig) -> int | None:
+    if cfg.budget_bytes is not None:
+        return cfg.budget_bytes // BYTES_PER_PARAM
+    return cfg.budget_params
+
+
+def _round(p: np.ndarray, lam: float, cfg: EmbeddingsConfig) -> list[Rounded]:
+    return [round_width(x, cfg.rounding, cfg.min_dim, cfg.dim) for x in mde_dims(p, cfg.alpha, lam)]
+
+
+def _fit_budget(
+    p: np.ndarray, rows: np.ndarray, budget: int, cfg: EmbeddingsConfig
+) -> tuple[float, list[Rounded], np.ndarray, list[str]]:
+    """Solve lambda so the rounded plan lands in [LANDING * budget, budget] serving parameters.
+
+    1. Bisection on log(lambda) for the largest lambda whose rounded dims fit the budget (rounding
+       makes the parameter count a step function of lambda, so the step can overshoot the window).
+    2. If that plan is below the window, grow one block by one rounding step at a time, taking
+       the largest step that still fits (coarse steps first, so the fine ones are left to close
+       the gap) but never making a block wider than a more popular one: d stays monotone in p,
+       as Alg. 3 has it. Stop when the plan lands; PlanError if no step fits before it does.
+    """
+    what = f"budget of {budget:,} params" + (
+        f" ({cfg.budget_bytes:,} bytes of fp32)" if cfg.budget_bytes is not None else ""
+    )
+    floor = serve_params(rows, np.full(len(rows), cfg.min_dim), cfg.dim)
+    ceiling = serve_params(rows, np.full(len(rows), cfg.dim), cfg.dim)
+    if budget < floor:
+        raise PlanError(
+            f"embeddings: {what} is below the smallest MDE plan, {floor:,} params with every "
+            f"block at min_dim {cfg.min_dim}; raise the budget or lower min_dim"
+        )
+    if ceiling < LANDING * budget:
+        raise PlanError(
+            f"embeddings: {what} is above the largest MDE plan, {ceiling:,} params with every "
+            f"block at dim {cfg.dim} (the base dim caps every block); raise dim or lower the budget"
+        )
+
+    def fitted(lam: float) -> tuple[list[Rounded], int]:
+        rounded = _round(p, lam, cfg)
+        return rounded, serve_params(rows, np.array([r.value for r in rounded]), cfg.dim)
+
+    live = p[p > 0]
+    lo = cfg.min_dim / float(live.max()) ** cfg.alpha / 2  # every block at min_dim
+    hi = cfg.dim / float(live.min()) ** cfg.alpha * 2  # every popular block at dim
+    if fitted(hi)[1] <= budget:
+        lo = hi
+    else:
+        for _ in range(100):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if fitted(mid)[1] <= budget else (lo, mid)
+    rounded, params = fitted(lo)
+    dims = np.array([r.value for r in rounded])
+
+    # Fill: dims are non-increasing in popularity order; keep it so while growing.
+    order = np.argsort(-p, kind="stable")
+    ranked, ranked_rows = [int(d) for d in dims[order]], [int(r) for r in rows[order]]
+    while params < LANDING * budget:
+        best: tuple[int, int] | None = None  # (position in popularity order, parameter delta)
+        for k, (dim, n) in enumerate(zip(ranked, ranked_rows)):
+            grown = step_up(dim, cfg.rounding)
+            if grown > (ranked[k - 1] if k else cfg.dim):
+                continue
+            delta = block_cost(n, grown, cfg.dim) - block_cost(n, dim, cfg.dim)
+            if params + delta <= budget and (best is None or delta > best[1]):
+                best = (k, delta)
+        if best is None:
+            raise PlanError(
+                f"embeddings: cannot land within 1% of the {what} with rounding "
+                f"{cfg.rounding}: the closest plan has {params:,} params ({params / budget:.1%}) "
+                "and every further rounding step overshoots; change the budget or use a finer "
+                "rounding"
+            )
+        ranked[best[0]] = step_up(ranked[best[0]], cfg.rounding)
+        params += best[1]
+    dims[order] = ranked
+    notes = [f"mde {cfg.mode}: lambda = {lo:.4g} solved for the {what}: plan has "
+             f"{params:,} serving params ({params / budget:.2%} of the budget)"]
+    return lo, rounded, dims, notes

@@ -1,0 +1,42 @@
+"""MLET on top of any plan: blocks trained factorised, W1 (n x k) . W2 (k x d), served as n x d.
+
+Orthogonal to how `dim` was chosen, so it runs after every policy. A width k < d is refused by
+the plan's own validation (MLET paper, Theorem 2.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from embshard.errors import PlanError
+from embshard.planner.config import MletConfig
+from embshard.planner.rounding import RoundingRule, round_width
+from embshard.planner.types import DimensionPlan
+
+
+def apply_mlet(plan: DimensionPlan, mlet: MletConfig, rule: RoundingRule) -> DimensionPlan:
+    known = {f for t in plan.tables for f in t.features}
+    chosen = known if mlet.features is None else set(mlet.features)
+    unknown = sorted(chosen - known)
+    if unknown:
+        raise PlanError(
+            f"embeddings.mlet.features: no sparse feature {unknown[0]!r} "
+            f"(have {', '.join(sorted(known))})"
+        )
+    notes = list(plan.notes)
+    tables = []
+    for t in plan.tables:
+        if not chosen & set(t.features):
+            tables.append(t)
+            continue
+        blocks = []
+        for i, b in enumerate(t.blocks):
+            raw = b.dim * mlet.ratio if mlet.ratio is not None else mlet.width
+            width = round_width(raw, rule, lo=1)
+            if width.note:
+                notes.append(f"{t.name} block {i} mlet width: {width.note}")
+            setting = {"ratio": mlet.ratio} if mlet.ratio is not None else {"width": mlet.width}
+            source = {**b.source, "mlet": setting}
+            blocks.append(dataclasses.replace(b, mlet_width=width.value, source=source))
+        tables.append(dataclasses.replace(t, blocks=blocks))
+    return dataclasses.replace(plan, tables=tables, notes=notes)

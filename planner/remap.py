@@ -1,0 +1,63 @@
+"""Row remaps: the id -> ranked-row permutation a blocked table applies before its lookup.
+
+A remap is a 1-D int64 array `r` of length `num_embeddings` with `r[id]` = the row the id moves to;
+blocks are contiguous ranges of those ranked rows. It is stored as `.npy` next to the plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embshard.errors import PlanError
+
+
+def remap_file_name(table: str) -> str:
+    return f"{table}.remap.npy"
+
+
+def frequency_ranking(counts: np.ndarray) -> np.ndarray:
+    """id -> rank by descending count; equal counts keep id order (stable) so plans reproduce."""
+    counts = np.asarray(counts)
+    order = np.argsort(-counts.astype(np.int64), kind="stable")  # rank -> id
+    ranks = np.empty(len(counts), dtype=np.int64)
+    ranks[order] = np.arange(len(counts), dtype=np.int64)
+    return ranks
+
+
+def check_remap(remap: np.ndarray, num_embeddings: int, where: str) -> np.ndarray:
+    """Raise PlanError unless `remap` is a permutation of range(num_embeddings)."""
+    if remap.ndim != 1 or not np.issubdtype(remap.dtype, np.integer):
+        raise PlanError(
+            f"{where}: remap must be a 1-D integer array, got {remap.dtype} {remap.shape}"
+        )
+    if len(remap) != num_embeddings:
+        raise PlanError(f"{where}: remap has {len(remap)} entries, table has {num_embeddings} rows")
+    if len(remap) and (remap.min() < 0 or remap.max() >= num_embeddings):
+        raise PlanError(f"{where}: remap has rows outside [0, {num_embeddings})")
+    if len(remap) and np.bincount(remap, minlength=num_embeddings).max() > 1:
+        raise PlanError(f"{where}: remap sends two ids to the same row (not a permutation)")
+    return remap.astype(np.int64, copy=False)
+
+
+def save_remap(out_dir: Path | None, table: str, remap: np.ndarray) -> str:
+    """Write `table`'s remap into the plan's folder; returns the name TablePlan.remap stores."""
+    if out_dir is None:
+        raise PlanError(
+            f"table {table!r} reorders its rows: planning it needs an output folder for the remap"
+        )
+    name = remap_file_name(table)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    np.save(Path(out_dir) / name, np.asarray(remap, dtype=np.int64), allow_pickle=False)
+    return name
+
+
+def load_remap(path: Path, num_embeddings: int) -> np.ndarray:
+    if not path.is_file():
+        raise PlanError(f"{path}: remap file not found")
+    try:
+        remap = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise PlanError(f"{path}: not a .npy array ({e})") from None
+    return check_remap(remap, num_embeddings, str(path))

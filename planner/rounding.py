@@ -1,0 +1,79 @@
+"""Turn a real-valued embedding width into one the kernels accept, and say what was done.
+
+FBGEMM's fused table-batched embedding (TBE) kernels, which TorchRec uses for every sharded
+table, need widths divisible by 4 (4 is also the smallest width they take). `pow2` and
+`multiple4` stay on that grid; `none` keeps the nearest integer and flags widths that are not,
+so the sharding planner can place those tables on a non-fused kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+RoundingRule = Literal["pow2", "multiple4", "none"]
+
+FBGEMM_ALIGN = 4  # fused TBE kernels need widths divisible by this, and at least this wide
+
+_WHY = {
+    "pow2": "pow2, nearest power of two",
+    "multiple4": f"multiple4, FBGEMM needs widths divisible by {FBGEMM_ALIGN}",
+    "none": "none, nearest integer",
+}
+
+
+@dataclass(frozen=True)
+class Rounded:
+    value: int
+    note: str | None  # None when there is nothing a user needs to know
+
+
+def width_problem(width: int, rule: RoundingRule) -> str | None:
+    """Why `width` is not on `rule`'s grid (None if it is); config checks use this for dims."""
+    if width < 1:
+        return f"must be positive, got {width}"
+    if rule == "multiple4" and width % FBGEMM_ALIGN:
+        return f"{width} is not a multiple of {FBGEMM_ALIGN} (rounding: multiple4; FBGEMM needs it)"
+    if rule == "pow2" and (width < FBGEMM_ALIGN or width & (width - 1)):
+        return f"{width} is not a power of two >= {FBGEMM_ALIGN} (rounding: pow2)"
+    return None
+
+
+def nearest(raw: float, rule: RoundingRule) -> int:
+    """Nearest width on the rule's grid (ties go up: a wider block never costs accuracy)."""
+    if rule == "multiple4":
+        return max(FBGEMM_ALIGN, FBGEMM_ALIGN * math.floor(raw / FBGEMM_ALIGN + 0.5))
+    if rule == "pow2":
+        lo = 2 ** max(2, math.floor(math.log2(max(raw, 1.0))))
+        return lo if raw - lo < 2 * lo - raw else 2 * lo
+    return max(1, math.floor(raw + 0.5))
+
+
+def step_up(width: int, rule: RoundingRule) -> int:
+    """The next width above `width` on the rule's grid (budget filling grows one step at a time)."""
+    if rule == "multiple4":
+        return width + FBGEMM_ALIGN
+    if rule == "pow2":
+        return width * 2
+    return width + 1
+
+
+def round_width(raw: float, rule: RoundingRule, lo: int, hi: int | None = None) -> Rounded:
+    """Round `raw` by `rule`, then clamp to [lo, hi]; lo and hi must be on the rule's grid."""
+    value = nearest(raw, rule)
+    reasons = [_WHY[rule]]
+    if value < lo:
+        value = lo
+        reasons.append(f"raised to min_dim {lo}")
+    if hi is not None and value > hi:
+        value = hi
+        reasons.append(f"capped at base dim {hi}")
+    if value % FBGEMM_ALIGN:
+        reasons.append(
+            f"not divisible by {FBGEMM_ALIGN}: FBGEMM's fused kernels cannot take it, the sharding "
+            "planner must use a non-fused kernel"
+        )
+    elif math.isclose(raw, value, rel_tol=1e-9):  # lambda * p^alpha is exact only up to float error
+        return Rounded(value, None)
+    return Rounded(value, f"{raw:.4g} -> {value} ({'; '.join(reasons)})")

@@ -1,0 +1,230 @@
+"""DimensionPlan + topology -> TorchRec ShardingPlan, through TorchRec's own planner.
+
+Each block of the DimensionPlan becomes one TorchRec `EmbeddingBagConfig` (at its training width),
+so TorchRec's `EmbeddingShardingPlanner` shards blocks like any table. The resulting plan is
+serialised shard by shard to JSON, and training rebuilds the exact `ParameterSharding`s from that
+JSON: a plan made on a laptop is the layout the cluster trains with.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, PlannerErrorType
+from torchrec.distributed.types import (
+    EmbeddingModuleShardingPlan,
+    ParameterSharding,
+    ShardingPlan,
+)
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from embshard.errors import PlanError
+from embshard.planner.optimizers import SparseOptimizer, torch_optimizer_class
+from embshard.planner.topology import TopologySpec
+from embshard.planner.types import DimensionPlan
+
+# FBGEMM's fused table-batched kernels need widths divisible by 4; narrower or odd widths are
+# placed data-parallel with the dense kernel, where any width works.
+FUSED_WIDTH_MULTIPLE = 4
+
+# TorchRec logs every plan at INFO/WARNING through its own loggers; embshard prints its own report.
+logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+
+
+def block_feature_name(feature: str, block: int, num_blocks: int) -> str:
+    return feature if num_blocks == 1 else f"{feature}__b{block}"
+
+
+def block_table_configs(plan: DimensionPlan) -> list[EmbeddingBagConfig]:
+    """One TorchRec table per block, at the block's training width (MLET width when set)."""
+    configs = []
+    for table in plan.tables:
+        n = len(table.blocks)
+        for i, block in enumerate(table.blocks):
+            configs.append(
+                EmbeddingBagConfig(
+                    name=table.block_name(i),
+                    embedding_dim=block.train_dim,
+                    num_embeddings=block.num_rows,
+                    feature_names=[block_feature_name(f, i, n) for f in table.features],
+                    pooling=PoolingType.SUM,
+                )
+            )
+    return configs
+
+
+@dataclass
+class ShardPlan:
+    """A TorchRec sharding plan for the block tables, plus what the planner decided and why."""
+
+    sharding: dict[str, ParameterSharding]  # block table name -> its sharding
+    topology: TopologySpec
+    notes: list[str] = field(default_factory=list)
+
+    def to_torchrec(self, module_path: str) -> ShardingPlan:
+        return ShardingPlan(plan={module_path: EmbeddingModuleShardingPlan(self.sharding)})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "topology": {
+                "world_size": self.topology.world_size,
+                "device": self.topology.device,
+                "device_memory_gb": self.topology.device_memory_gb,
+                "local_world_size": self.topology.local_world_size,
+            },
+            "tables": {name: _sharding_to_json(ps) for name, ps in self.sharding.items()},
+            "notes": list(self.notes),
+        }
+
+    @staticmethod
+    def from_json(raw: Mapping[str, Any], where: str = "shard plan") -> "ShardPlan":
+        try:
+            return ShardPlan(
+                sharding={n: _sharding_from_json(ps) for n, ps in raw["tables"].items()},
+                topology=TopologySpec(**raw["topology"]),
+                notes=list(raw.get("notes", [])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{where}: malformed shard plan ({e})") from None
+
+    def check_matches(self, plan: DimensionPlan, world_size: int) -> None:
+        """A shard plan trains only the dimension plan and world size it was made for."""
+        expected = {c.name for c in block_table_configs(plan)}
+        if set(self.sharding) != expected:
+            missing = sorted(expected - set(self.sharding))[:3]
+            extra = sorted(set(self.sharding) - expected)[:3]
+            raise PlanError(
+                f"shard plan does not match the dimension plan (missing {missing}, extra {extra}); "
+                f"re-run `embshard plan`"
+            )
+        if self.topology.world_size != world_size:
+            raise PlanError(
+                f"shard plan was made for {self.topology.world_size} ranks, training has {world_size}; "
+                f"re-run `embshard plan --world-size {world_size}` or change the worker count"
+            )
+
+
+def make_constraints(
+    plan: DimensionPlan,
+    topology: TopologySpec,
+    pooling_factors: Mapping[str, float] | None = None,
+    sharding_types: list[str] | None = None,
+) -> tuple[dict[str, ParameterConstraints], list[str]]:
+    """Per block table: the sharding types this device supports and the measured pooling factor."""
+    allowed = list(sharding_types or topology.sharding_types)
+    unsupported = sorted(set(allowed) - set(topology.sharding_types))
+    if unsupported:
+        raise PlanError(
+            f"sharding types {unsupported} are not supported for EmbeddingBagCollection on "
+            f"{topology.device} (supported: {', '.join(topology.sharding_types)})"
+        )
+    constraints, notes = {}, []
+    for config in block_table_configs(plan):
+        types = allowed
+        kernels = None
+        if config.embedding_dim % FUSED_WIDTH_MULTIPLE:
+            types, kernels = ["data_parallel"], ["dense"]
+            notes.append(
+                f"{config.name}: width {config.embedding_dim} is not a multiple of "
+                f"{FUSED_WIDTH_MULTIPLE} (FBGEMM fused kernels) -> data_parallel, dense kernel"
+            )
+        pf = (pooling_factors or {}).get(config.name)
+        constraints[config.name] = ParameterConstraints(
+            sharding_types=types,
+            compute_kernels=kernels,
+            pooling_factors=[pf] if pf else [1.0],
+        )
+    return constraints, notes
+
+
+def plan_sharding(
+    plan: DimensionPlan,
+    topology: TopologySpec,
+    *,
+    batch_size: int,
+    optimizer: SparseOptimizer = "rowwise_adagrad",
+    pooling_factors: Mapping[str, float] | None = None,
+    sharding_types: list[str] | None = None,
+) -> ShardPlan:
+    """Run TorchRec's EmbeddingShardingPlanner over the block tables of `plan` for `topology`.
+
+    Needs no devices and no process group: the tables are built on the meta device.
+    """
+    constraints, notes = make_constraints(plan, topology, pooling_factors, sharding_types)
+    ebc = EmbeddingBagCollection(tables=block_table_configs(plan), device=torch.device("meta"))
+    # The planner sizes optimizer state from the optimizer attached to the parameters.
+    apply_optimizer_in_backward(torch_optimizer_class(optimizer), ebc.parameters(), {"lr": 0.01})
+    planner = EmbeddingShardingPlanner(
+        topology=topology.to_torchrec(),
+        batch_size=batch_size,
+        constraints=constraints,
+        debug=False,
+    )
+    try:
+        torchrec_plan = planner.plan(ebc, [EmbeddingBagCollectionSharder()])
+    except PlannerError as e:
+        raise _explain_planner_error(e, plan, topology) from None
+    module_plan = torchrec_plan.plan[""]
+    return ShardPlan(sharding=dict(module_plan.items()), topology=topology, notes=notes)
+
+
+def _explain_planner_error(e: PlannerError, plan: DimensionPlan, topology: TopologySpec) -> PlanError:
+    if e.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
+        return PlanError(f"TorchRec's planner failed for {topology.world_size} x {topology.device}: {e}")
+    sizes = sorted(
+        ((c.num_embeddings * c.embedding_dim * 4, c.name) for c in block_table_configs(plan)),
+        reverse=True,
+    )
+    total = sum(s for s, _ in sizes)
+    capacity = topology.capacity_bytes * topology.world_size
+    largest = ", ".join(f"{n} ({s / 2**30:.2f} GiB)" for s, n in sizes[:3])
+    return PlanError(
+        f"plan does not fit {topology.world_size} x {topology.device} at "
+        f"{topology.capacity_bytes / 2**30:.1f} GiB per rank: weights alone need "
+        f"{total / 2**30:.2f} GiB of {capacity / 2**30:.1f} GiB in all before optimizer state and "
+        f"buffers; largest tables: {largest}. Add ranks or memory, or shrink the dims "
+        f"(MDE budget, PEP)."
+    )
+
+
+def _sharding_to_json(ps: ParameterSharding) -> dict[str, Any]:
+    shards = None
+    if ps.sharding_spec is not None:
+        shards = [
+            {
+                "offsets": list(s.shard_offsets),
+                "sizes": list(s.shard_sizes),
+                "placement": str(s.placement),
+            }
+            for s in ps.sharding_spec.shards
+        ]
+    return {
+        "sharding_type": ps.sharding_type,
+        "compute_kernel": ps.compute_kernel,
+        "ranks": list(ps.ranks) if ps.ranks is not None else None,
+        "shards": shards,
+    }
+
+
+def _sharding_from_json(raw: Mapping[str, Any]) -> ParameterSharding:
+    spec = None
+    if raw["shards"] is not None:
+        spec = EnumerableShardingSpec(
+            [
+                ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=s["placement"])
+                for s in raw["shards"]
+            ]
+        )
+    return ParameterSharding(
+        sharding_type=raw["sharding_type"],
+        compute_kernel=raw["compute_kernel"],
+        ranks=raw["ranks"],
+        sharding_spec=spec,
+    )

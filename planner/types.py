@@ -1,0 +1,162 @@
+"""The DimensionPlan: the one artifact every dimension method (uniform, MDE, AutoDim, PEP) emits
+and every consumer (shard planner, embedding module, memory report, export) reads.
+
+A table's rows are first ranked (`row_order`; the id -> rank permutation is stored beside the plan
+as `remap`), then cut into contiguous blocks of ranked rows. Each block becomes one TorchRec table
+of width `dim` (or `mlet_width` while training with MLET); a block narrower than `base_dim`, or one
+trained factorised, is followed by a projection to `base_dim`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from embshard.errors import PlanError
+
+PLAN_VERSION = 1
+RowOrder = Literal["identity", "frequency", "pep_nnz"]
+ROW_ORDERS: tuple[str, ...] = get_args(RowOrder)
+
+
+def table_name(feature: str) -> str:
+    """Name of the table a policy builds for one sparse feature."""
+    return f"t_{feature}"
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int  # first ranked row, inclusive
+    end: int  # last ranked row, exclusive
+    dim: int  # serving width of this block
+    mlet_width: int | None = None  # training width k >= dim when trained as W1 (n x k) . W2 (k x d)
+    source: dict[str, Any] = field(default_factory=dict)  # policy and parameters that chose `dim`
+
+    @property
+    def num_rows(self) -> int:
+        return self.end - self.start
+
+    @property
+    def train_dim(self) -> int:
+        return self.mlet_width or self.dim
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    name: str
+    features: list[str]
+    num_embeddings: int
+    blocks: list[Block]
+    row_order: RowOrder = "identity"
+    remap: str | None = None  # .npy file (relative to the plan file) holding id -> ranked row
+
+    def block_name(self, i: int) -> str:
+        """TorchRec table name of block i; a single-block table keeps the table's own name."""
+        return self.name if len(self.blocks) == 1 else f"{self.name}__b{i}"
+
+    def needs_projection(self, block: Block, base_dim: int) -> bool:
+        return block.dim != base_dim or block.mlet_width is not None
+
+
+@dataclass(frozen=True)
+class DimensionPlan:
+    base_dim: int
+    tables: list[TablePlan]
+    policy: dict[str, Any] = field(default_factory=dict)  # the config that produced the plan
+    notes: list[str] = field(default_factory=list)  # decisions a user should see (rounding, ...)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        validate_plan(self)
+
+    def table(self, name: str) -> TablePlan:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise PlanError(f"plan has no table {name!r}")
+
+    @property
+    def is_uniform(self) -> bool:
+        """One block per table at base_dim, no MLET and no row reordering: plain TorchRec tables."""
+        return all(
+            len(t.blocks) == 1
+            and t.blocks[0].dim == self.base_dim
+            and t.blocks[0].mlet_width is None
+            and t.row_order == "identity"
+            for t in self.tables
+        )
+
+    def serve_params(self) -> int:
+        """Embedding parameters when serving: collapsed blocks plus their projections."""
+        total = 0
+        for t in self.tables:
+            for b in t.blocks:
+                total += b.num_rows * b.dim
+                if b.dim != self.base_dim:
+                    total += b.dim * self.base_dim
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(raw: dict[str, Any], where: str = "plan") -> "DimensionPlan":
+        try:
+            if raw.get("version") != PLAN_VERSION:
+                raise PlanError(f"{where}: version {raw.get('version')!r}, expected {PLAN_VERSION}")
+            tables = [
+                TablePlan(**{**t, "blocks": [Block(**b) for b in t["blocks"]]}) for t in raw["tables"]
+            ]
+            return DimensionPlan(**{**raw, "tables": tables})
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"{where}: malformed dimension plan ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> "DimensionPlan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: dimension plan not found")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not JSON ({e})") from None
+        return DimensionPlan.from_json(raw, where=str(path))
+
+
+def validate_plan(plan: DimensionPlan) -> None:
+    if plan.base_dim <= 0:
+        raise PlanError(f"base_dim must be positive, got {plan.base_dim}")
+    names = set()
+    for t in plan.tables:
+        if t.name in names:
+            raise PlanError(f"table {t.name!r} appears twice")
+        names.add(t.name)
+        if not t.blocks:
+            raise PlanError(f"table {t.name!r}: no blocks")
+        if t.row_order != "identity" and t.remap is None:
+            raise PlanError(f"table {t.name!r}: row_order {t.row_order} needs a remap file")
+        expect = 0
+        for i, b in enumerate(t.blocks):
+            where = f"table {t.name!r} block {i}"
+            if b.start != expect or b.end <= b.start:
+                raise PlanError(f"{where}: rows [{b.start}, {b.end}) do not continue from row {expect}")
+            if b.dim <= 0:
+                raise PlanError(f"{where}: dim must be positive, got {b.dim}")
+            if b.mlet_width is not None and b.mlet_width < b.dim:
+                raise PlanError(
+                    f"{where}: MLET width k={b.mlet_width} < d={b.dim}; a factorisation W1(n x k)."
+                    f"W2(k x d) with k < d caps the rank of W at k, which shrinks the space of "
+                    f"embeddings the table can represent (MLET paper, Theorem 2.2): use k >= d"
+                )
+            expect = b.end
+        if expect != t.num_embeddings:
+            raise PlanError(f"table {t.name!r}: blocks cover {expect} rows, table has {t.num_embeddings}")

@@ -1,0 +1,29 @@
+"""Shared fixtures. Real datasets come from ../shared/data (or $EMBSHARD_SHARED_DATA); tests
+that need them skip with the reason when they are absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EMBSHARD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is missing (set EMBSHARD_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def ml1m_dir() -> Path:
+    return shared_file("ml-1m")
+
+
+@pytest.fixture
+def criteo_sample() -> Path:
+    return shared_file("criteo-kaggle-sample", "train_sample.txt")

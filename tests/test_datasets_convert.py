@@ -1,0 +1,222 @@
+"""Converters on the real Criteo / ML-1M samples and on tiny hand-written fixtures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from embshard.datasets.cli import register
+from embshard.datasets.convert import convert, text
+from embshard.datasets.profile import load_profile
+from embshard.datasets.schema import SPLITS, DatasetSpec
+from embshard.errors import DataError
+
+
+def read_all(root: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(root / s) for s in SPLITS])
+
+
+# -- Criteo ------------------------------------------------------------------------------------
+
+
+def test_criteo_sample(criteo_sample: Path, tmp_path: Path) -> None:
+    spec = convert("criteo", criteo_sample, tmp_path / "c")
+    assert spec.rows == {"train": 8000, "valid": 1000, "test": 1000}
+    assert DatasetSpec.load(tmp_path / "c") == spec
+    assert len(spec.dense) == 13 and len(spec.sparse) == 26
+    table = read_all(tmp_path / "c")
+    assert pc.sum(table["label"]).as_py() == 2182
+    for f in spec.sparse:
+        ids = table[f.name].to_numpy()
+        assert 2 <= f.cardinality <= 8001 and ids.min() >= 0 and ids.max() < f.cardinality
+    # C22 is missing in 8,182 rows; missing -> unknown id 0 (plus unseen values in valid/test).
+    assert (table["C22"].to_numpy() == 0).sum() >= 8182
+    # First line: 0 1 1 5 0 1382 4 15 2 181 1 2 <empty> 2 -> DLRM's log(1 + x), empty -> 0.
+    first = [table[d][0].as_py() for d in spec.dense]
+    raw = [1, 1, 5, 0, 1382, 4, 15, 2, 181, 1, 2, 0, 2]
+    np.testing.assert_allclose(first, np.log1p(raw), rtol=1e-6)
+    # Id 1 is the most frequent train value of every feature.
+    train = pq.read_table(tmp_path / "c" / "train")
+    c1 = np.bincount(train["C1"].to_numpy())
+    assert int(np.argmax(c1[1:])) + 1 == 1
+
+
+def test_criteo_min_count_shrinks_vocabularies(criteo_sample: Path, tmp_path: Path) -> None:
+    full = convert("criteo", criteo_sample, tmp_path / "a")
+    pruned = convert("criteo", criteo_sample, tmp_path / "b", min_count=10)
+    assert all(p.cardinality <= f.cardinality for p, f in zip(pruned.sparse, full.sparse))
+    assert pruned.feature("C3").cardinality < full.feature("C3").cardinality / 5
+
+
+def test_criteo_small_blocks_give_identical_output(criteo_sample: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    convert("criteo", criteo_sample, tmp_path / "one_block")
+    monkeypatch.setattr(text, "BLOCK_BYTES", 10_000)  # ~40 lines per block, lines cut at block ends
+    convert("criteo", criteo_sample, tmp_path / "many_blocks")
+    assert read_all(tmp_path / "many_blocks").equals(read_all(tmp_path / "one_block"))
+
+
+def _broken_criteo(criteo_sample: Path, tmp_path: Path, bad_lines: dict[int, str]) -> Path:
+    lines = criteo_sample.read_text().splitlines()[:100]
+    for number, text in bad_lines.items():
+        lines[number - 1] = text
+    path = tmp_path / "broken.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_criteo_malformed_lines_are_skipped_or_fatal(criteo_sample: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    good = criteo_sample.read_text().splitlines()[0].split("\t")
+    short = "\t".join(good[:-1])
+    not_int = "\t".join(good[:3] + ["x7"] + good[4:])
+    path = _broken_criteo(criteo_sample, tmp_path, {51: short, 95: not_int})
+    spec = convert("criteo", path, tmp_path / "out")
+    assert sum(spec.rows.values()) == 98
+    assert spec.rows == {"train": 79, "valid": 10, "test": 9}  # split by line position
+    captured = capsys.readouterr()
+    assert "skipped 2 malformed lines" in captured.out
+    assert "broken.txt:51" in captured.err and "broken.txt:95" in captured.err
+    with pytest.raises(DataError, match=r"broken\.txt:51: expected 40 fields"):
+        convert("criteo", path, tmp_path / "strict", strict=True)
+    path = _broken_criteo(criteo_sample, tmp_path, {95: not_int})
+    with pytest.raises(DataError, match=r"broken\.txt:95: column 'I3': 'x7' is not an integer"):
+        convert("criteo", path, tmp_path / "strict", strict=True)
+
+
+def test_missing_input_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        convert("criteo", tmp_path / "nope.txt", tmp_path / "out")
+    with pytest.raises(DataError, match="MovieLens"):
+        convert("movielens", tmp_path, tmp_path / "out")
+
+
+# -- Avazu -------------------------------------------------------------------------------------
+
+AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,"
+                "app_category,device_id,device_ip,device_model,device_type,device_conn_type,"
+                "C14,C15,C16,C17,C18,C19,C20,C21")
+
+
+def _avazu_line(i: int, click: int, hour: str) -> str:
+    site = ["1fbe01fe", "fe8cc448", "d6137915"][i % 3]
+    return (f"{1000 + i},{click},{hour},1005,{i % 2},{site},f3845767,28905ebd,ecad2386,7801e8d9,"
+            f"07d7df22,a99f214a,ddd2926e,44956a24,1,2,15706,320,50,1722,0,35,-1,79")
+
+
+def test_avazu_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [_avazu_line(i, int(i % 4 == 0), f"141021{i % 24:02d}") for i in range(40)]
+    rows[13] = _avazu_line(13, 0, "14102")  # a broken hour
+    src = tmp_path / "train.csv"
+    src.write_text("\n".join([AVAZU_HEADER, *rows]) + "\n")
+    spec = convert("avazu", src, tmp_path / "out")
+    assert spec.dense == []
+    assert spec.sparse_names[:4] == ["hour_of_day", "day_of_week", "C1", "banner_pos"]
+    assert "id" not in spec.sparse_names and "hour" not in spec.sparse_names
+    assert spec.rows == {"train": 31, "valid": 4, "test": 4}
+    assert "skipped 1 malformed lines" in capsys.readouterr().out
+    # 2014-10-21 is a Tuesday: one weekday (+ unknown). Train lines 0..31 hold 23 distinct hours:
+    # hour 13 only occurs on the broken line and in the test split.
+    assert spec.feature("day_of_week").cardinality == 2
+    assert spec.feature("hour_of_day").cardinality == 24
+    assert spec.feature("site_id").cardinality == 4
+    table = read_all(tmp_path / "out")
+    assert pc.sum(table["label"]).as_py() == sum(1 for i in range(40) if i % 4 == 0 and i != 13)
+    with pytest.raises(DataError, match=r"train\.csv:15: column 'hour': '14102' is not a YYMMDDHH hour"):
+        convert("avazu", src, tmp_path / "strict", strict=True)
+
+
+# -- MovieLens ---------------------------------------------------------------------------------
+
+
+def test_ml1m(ml1m_dir: Path, tmp_path: Path) -> None:
+    spec = convert("movielens", ml1m_dir, tmp_path / "ml")
+    assert spec.name == "ml-1m"
+    assert sum(spec.rows.values()) == 487_650 - 127_216 == 360_434
+    assert spec.sparse_names == ["userId", "movieId", "gender", "age", "occupation", "zip", "year", "genres"]
+    assert spec.dense == [] and spec.extra == ["rating"]
+    genres = spec.feature("genres")
+    assert genres.multi_hot and genres.cardinality == 19
+    assert spec.feature("gender").cardinality == 3 and spec.feature("age").cardinality == 8
+    table = read_all(tmp_path / "ml")
+    assert pc.sum(table["label"]).as_py() == 170_579 + 108_545
+    assert set(np.unique(table["rating"].to_numpy())) == {1.0, 2.0, 4.0, 5.0}
+    lengths = pc.list_value_length(table["genres"]).to_numpy()
+    assert lengths.min() >= 1 and lengths.max() <= 6
+    assert (pc.list_flatten(table["genres"]).to_numpy() > 0).all()
+    assert table.schema.field("genres").type == pa.list_(pa.int64())
+
+
+ML100K_ITEMS = [
+    "1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0",
+    "2|GoldenEye (1995)|01-Jan-1995||http://x|0|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0|0",
+    "3|Café Society (1996)|||http://x|0|0|0|0|0|0|0|0|1|0|0|0|0|0|0|0|0|0|0",
+]
+ML100K_RATINGS = [  # user item rating timestamp; deliberately not in time order
+    (1, 1, 5, 50), (1, 2, 3, 10), (2, 1, 4, 20), (2, 3, 1, 30), (3, 2, 2, 40),
+    (3, 1, 4, 60), (1, 3, 5, 70), (2, 2, 4, 80), (3, 3, 2, 90), (1, 1, 5, 100),
+    (2, 3, 4, 110), (3, 2, 5, 120),
+]
+
+
+def test_ml100k_fixture(tmp_path: Path) -> None:
+    src = tmp_path / "ml-100k"
+    src.mkdir()
+    (src / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ML100K_RATINGS))
+    (src / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n3|23|M|writer|32067\n")
+    (src / "u.item").write_bytes(("\n".join(ML100K_ITEMS) + "\n").encode("latin-1"))
+    spec = convert("movielens", src, tmp_path / "out")
+    assert spec.name == "ml-100k"
+    assert sum(spec.rows.values()) == 11  # one 3-star rating dropped
+    assert spec.rows == {"train": 8, "valid": 1, "test": 2}
+    assert spec.feature("occupation").cardinality == 4 and spec.feature("year").cardinality == 3
+    table = read_all(tmp_path / "out")
+    # Sorted by timestamp: first (t=20) user 2 / Toy Story, last (t=120) user 3 / GoldenEye.
+    np.testing.assert_array_equal(table["rating"].to_numpy(), [4, 1, 2, 5, 4, 5, 4, 2, 5, 4, 5])
+    np.testing.assert_array_equal(table["label"].to_numpy(), [1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1])
+    lengths = pc.list_value_length(table["genres"]).to_numpy()
+    np.testing.assert_array_equal(lengths[:3], [3, 1, 3])  # Toy Story, Café Society, GoldenEye
+
+
+def test_ml20m_csv_fixture(tmp_path: Path) -> None:
+    src = tmp_path / "ml-20m"
+    src.mkdir()
+    (src / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n"
+        "1,10,4.5,1000\n1,20,3.5,1001\n2,10,2.5,999\n2,30,0.5,1002\n3,20,5.0,998\n"
+        "3,30,4.0,1003\n4,10,1.0,1004\n4,20,3.0,1005\n5,30,4.0,1006\n5,10,2.0,1007\n6,20,5.0,1008\n")
+    (src / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        '10,"American President, The (1995)",Comedy|Drama|Romance\n'
+        "20,Heat (1995),Action|Crime|Thriller\n"
+        "30,Untitled,(no genres listed)\n")
+    spec = convert("movielens", src, tmp_path / "out")
+    assert spec.name == "ml-20m"
+    assert spec.sparse_names == ["userId", "movieId", "year", "genres"]
+    assert spec.rows == {"train": 6, "valid": 0, "test": 2}  # 2.5, 3.5 and 3.0 are neutral
+    table = read_all(tmp_path / "out")
+    np.testing.assert_array_equal(table["rating"].to_numpy(), [5.0, 4.5, 0.5, 4.0, 1.0, 4.0, 2.0, 5.0])
+    np.testing.assert_array_equal(pc.list_value_length(table["genres"]).to_numpy(), [3, 3, 1, 1, 3, 1, 3, 3])
+    # "Untitled" has no year -> unknown id 0.
+    assert table["year"].to_numpy()[2] == 0
+
+
+def test_cli_convert_writes_profile(criteo_sample: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="embshard")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", "convert", "criteo", str(criteo_sample), "--out", str(tmp_path / "c"),
+                              "--min-count", "2"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "criteo" in out and "profile" in out
+    assert load_profile(tmp_path / "c").counts("C1").sum() == 8000
+    with pytest.raises(SystemExit):
+        parser.parse_args(["data", "convert", "--help"])
+    assert "--min-count" in capsys.readouterr().out

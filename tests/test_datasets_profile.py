@@ -1,0 +1,66 @@
+"""Id-frequency profiles: counts, pooling factors, persistence and the missing-profile error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from embshard.datasets.profile import load_profile, write_profile
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.datasets.synth import synthesize
+from embshard.datasets.writer import DatasetWriter, SplitPlan
+from embshard.errors import DataError
+
+
+def test_single_hot_counts_sum_to_train_rows(tmp_path: Path) -> None:
+    spec = synthesize(tmp_path, rows=5_000, seed=2, max_cardinality=1_000)
+    written = write_profile(tmp_path)
+    loaded = load_profile(tmp_path)
+    assert loaded.features == spec.sparse_names
+    for f in spec.sparse:
+        counts = loaded.counts(f.name)
+        assert counts.dtype == np.int64 and counts.shape == (f.cardinality,)
+        assert counts.sum() == spec.rows["train"] == 4_000
+        np.testing.assert_array_equal(counts, written.counts(f.name))
+        assert loaded.pooling_factor(f.name) == 1.0
+        assert loaded.stats[f.name].distinct_ids == np.count_nonzero(counts)
+    raw = json.loads((tmp_path / "profile" / "profile.json").read_text())
+    assert raw["C1"]["rows"] == 4_000 and raw["C1"]["total_ids"] == 4_000
+
+
+def test_multi_hot_pooling_factor(tmp_path: Path) -> None:
+    spec = DatasetSpec(name="mh", dense=[], sparse=[SparseFeature("tags", 6, multi_hot=True)])
+    lists = [[1, 2], [], [5], [1, 1, 3], [0], [2, 4], [3], [1, 5, 5, 2], [4], [2]]
+    writer = DatasetWriter(tmp_path, spec.arrow_schema())
+    table = pa.table({"label": pa.array(np.zeros(10, np.float32)),
+                      "tags": pa.array(lists, pa.list_(pa.int64()))})
+    writer.write_ordered(table, np.arange(10), SplitPlan(10))
+    writer.finish(spec)
+    profile = write_profile(tmp_path)
+    train = lists[:8]
+    assert profile.pooling_factor("tags") == pytest.approx(sum(map(len, train)) / 8)
+    expected = np.bincount([i for row in train for i in row], minlength=6)
+    np.testing.assert_array_equal(load_profile(tmp_path).counts("tags"), expected)
+
+
+def test_missing_profile_tells_the_user_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"embshard data profile"):
+        load_profile(tmp_path)
+    synthesize(tmp_path, rows=100, max_cardinality=10)
+    profile = write_profile(tmp_path)
+    with pytest.raises(DataError, match="no feature 'nope'"):
+        profile.counts("nope")
+
+
+def test_out_of_range_id_names_file_column_and_row(tmp_path: Path) -> None:
+    spec = DatasetSpec(name="bad", dense=[], sparse=[SparseFeature("a", 3)])
+    writer = DatasetWriter(tmp_path, spec.arrow_schema())
+    table = pa.table({"label": pa.array(np.zeros(20, np.float32)), "a": pa.array([0, 1] * 6 + [7] + [2] * 7)})
+    writer.write_ordered(table, np.arange(20), SplitPlan(20))
+    writer.finish(spec)
+    with pytest.raises(DataError, match=r"part-00000\.parquet: column 'a', row 12: id 7 outside \[0, 3\)"):
+        write_profile(tmp_path)

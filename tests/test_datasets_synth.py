@@ -1,0 +1,101 @@
+"""Synthetic Criteo-shaped data: layout, caps, skew, a learnable label, determinism."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embshard.datasets.cli import register
+from embshard.datasets.profile import load_profile
+from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.synth import CRITEO_CARDINALITIES, hidden_model, synthesize
+from embshard.datasets.writer import ROW_GROUP_ROWS
+from embshard.errors import DataError
+
+ROWS = 20_000
+CAP = 5_000
+
+
+def auc(score: np.ndarray, label: np.ndarray) -> float:
+    """Mann-Whitney AUC (ties are negligible for continuous scores)."""
+    ranks = np.empty(len(score))
+    ranks[np.argsort(score)] = np.arange(1, len(score) + 1)
+    pos = label > 0.5
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, rows=ROWS, seed=0, max_cardinality=CAP)
+    return out
+
+
+def test_layout_and_shapes(synth_dir: Path) -> None:
+    spec = DatasetSpec.load(synth_dir)
+    assert spec.rows == {"train": 16_000, "valid": 2_000, "test": 2_000}
+    assert spec.dense == [f"I{i}" for i in range(1, 14)]
+    assert spec.sparse_names == [f"C{i}" for i in range(1, 27)]
+    assert [f.cardinality for f in spec.sparse] == [min(c, CAP) for c in CRITEO_CARDINALITIES]
+    train = pq.ParquetFile(synth_dir / "train" / "part-00000.parquet")
+    assert train.schema_arrow.equals(spec.arrow_schema())
+    assert train.metadata.row_group(0).num_rows == ROW_GROUP_ROWS
+
+
+def test_ids_in_range_and_zipf_skewed_but_not_sorted(synth_dir: Path) -> None:
+    spec = DatasetSpec.load(synth_dir)
+    table = pq.read_table(synth_dir / "train")
+    for f in spec.sparse:
+        ids = table[f.name].to_numpy()
+        assert ids.min() >= 0 and ids.max() < f.cardinality
+    dense = np.column_stack([table[d].to_numpy() for d in spec.dense])
+    assert np.isfinite(dense).all() and dense.min() >= 0
+    counts = np.bincount(table["C3"].to_numpy(), minlength=CAP)
+    top = np.sort(counts)[::-1]
+    assert top[: CAP // 100].sum() / counts.sum() > 0.4  # top 1% of ids hold a large share
+    # The permutation hides the ranking: the most frequent ids are not the smallest ones.
+    assert not np.array_equal(np.argsort(-counts, kind="stable")[:10], np.arange(10))
+
+
+def test_labels_follow_the_hidden_model(synth_dir: Path) -> None:
+    spec = DatasetSpec.load(synth_dir)
+    table = pq.read_table(synth_dir / "train")
+    label = table["label"].to_numpy()
+    assert 0.2 < label.mean() < 0.3
+    logit = hidden_model(0, CAP).logit_of_table(table, spec)
+    assert auc(logit, label) > 0.7
+
+
+def test_deterministic_per_seed(synth_dir: Path, tmp_path: Path) -> None:
+    again = synthesize(tmp_path / "again", rows=ROWS, seed=0, max_cardinality=CAP)
+    other = synthesize(tmp_path / "other", rows=ROWS, seed=1, max_cardinality=CAP)
+    assert again == DatasetSpec.load(synth_dir)
+    first = pq.read_table(synth_dir / "valid")
+    assert pq.read_table(tmp_path / "again" / "valid").equals(first)
+    assert not pq.read_table(tmp_path / "other" / "valid").equals(first)
+    assert other.rows == again.rows
+
+
+def test_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="rows"):
+        synthesize(tmp_path, rows=3)
+    with pytest.raises(DataError, match="max_cardinality"):
+        synthesize(tmp_path, rows=100, max_cardinality=1)
+
+
+def test_cli_synth_writes_dataset_and_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="embshard")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", "synth", "--out", str(tmp_path), "--rows", "1000", "--seed", "4",
+                              "--max-cardinality", "50"])
+    assert args.func(args) == 0
+    assert "train 800" in capsys.readouterr().out
+    assert max(f.cardinality for f in DatasetSpec.load(tmp_path).sparse) == 50
+    assert load_profile(tmp_path).counts("C3").sum() == 800
+    args = parser.parse_args(["data", "profile", str(tmp_path)])
+    assert args.func(args) == 0

@@ -1,0 +1,111 @@
+"""The DimensionPlan artifact (JSON round trip, validation) and the `embeddings:` config."""
+
+import json
+
+import numpy as np
+import pytest
+
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import ConfigError, PlanError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.remap import load_remap
+from embshard.planner.types import Block, DimensionPlan, TablePlan
+from embshard.typed_config import from_dict, to_dict
+
+
+def blocked_plan() -> DimensionPlan:
+    blocks = [
+        Block(0, 2, 16, mlet_width=64, source={"policy": "mde", "popularity": 0.4}),
+        Block(2, 10, 4, source={"policy": "mde", "popularity": 0.01}),
+    ]
+    return DimensionPlan(
+        base_dim=16,
+        tables=[
+            TablePlan("t_a", ["a"], 10, blocks, row_order="frequency", remap="t_a.remap.npy"),
+            TablePlan("t_b", ["b"], 3, [Block(0, 3, 16)]),
+        ],
+        policy={"policy": "mde", "alpha": 0.3},
+        notes=["t_a block 1: 3.1 -> 4 (multiple4, FBGEMM needs widths divisible by 4)"],
+    )
+
+
+def test_json_round_trip(tmp_path):
+    plan = blocked_plan()
+    path = plan.save(tmp_path / "plan.json")
+    raw = json.loads(path.read_text())
+    assert raw["tables"][0]["blocks"][0] == {
+        "start": 0, "end": 2, "dim": 16, "mlet_width": 64, "source": {"policy": "mde", "popularity": 0.4},
+    }
+    loaded = DimensionPlan.load(path)
+    assert loaded == plan
+    assert not loaded.is_uniform
+    assert loaded.table("t_a").block_name(1) == "t_a__b1" and loaded.table("t_b").block_name(0) == "t_b"
+    assert loaded.serve_params() == 2 * 16 + 8 * 4 + 4 * 16 + 3 * 16  # projection for the 4-wide block
+
+
+def test_policy_plan_round_trip_keeps_its_remap(tmp_path):
+    spec = DatasetSpec("toy", [], [SparseFeature("a", 6), SparseFeature("b", 4)])
+    counts = {"a": np.array([1, 10, 3, 6, 0, 4]), "b": np.array([5, 5, 1, 1])}
+    cfg = from_dict(EmbeddingsConfig, {"policy": "mde", "mode": "within", "blocks": 2, "mlet": {"ratio": 2.0}})
+    plan = plan_dimensions(cfg, spec, counts, tmp_path)
+    loaded = DimensionPlan.load(plan.save(tmp_path / "dimension_plan.json"))
+    assert loaded == plan
+    assert loaded.policy == to_dict(cfg)
+    for t in loaded.tables:
+        assert load_remap(tmp_path / t.remap, t.num_embeddings).dtype == np.int64
+        assert all(b.mlet_width == 2 * b.dim for b in t.blocks)
+
+
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        ([TablePlan("t", ["a"], 10, [Block(0, 10, 8, mlet_width=4)])], r"MLET width k=4 < d=8.*Theorem 2\.2"),
+        ([TablePlan("t", ["a"], 10, [Block(0, 4, 8), Block(5, 10, 8)])], r"rows \[5, 10\) do not continue from row 4"),
+        ([TablePlan("t", ["a"], 10, [Block(0, 9, 8)])], "blocks cover 9 rows, table has 10"),
+        ([TablePlan("t", ["a"], 10, [Block(0, 10, 8)], row_order="frequency")], "needs a remap file"),
+    ],
+)
+def test_invalid_plans_are_refused(tables, message):
+    with pytest.raises(PlanError, match=message):
+        DimensionPlan(base_dim=8, tables=tables)
+
+
+def test_malformed_plan_file(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"version": 1, "base_dim": 8, "tables": [{"name": "t"}]}))
+    with pytest.raises(PlanError, match=f"{path}: malformed dimension plan"):
+        DimensionPlan.load(path)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_yaml_shape():
+    cfg = from_dict(EmbeddingsConfig, {"policy": "mde", "alpha": 0.25, "mlet": {"width": 64}}, "embeddings")
+    assert (cfg.dim, cfg.mode, cfg.rounding, cfg.min_dim, cfg.mlet.width) == (16, "across", "multiple4", 4, 64)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"alpha": 1.5}, "embeddings.alpha: must be in [0, 1], got 1.5"),
+        ({"dim": 6}, "embeddings.dim: 6 is not a multiple of 4"),
+        ({"dim": 24, "rounding": "pow2"}, "embeddings.dim: 24 is not a power of two"),
+        ({"min_dim": 32}, "embeddings.min_dim: 32 is above dim 16"),
+        ({"blocks": 0}, "embeddings.blocks: must be >= 1"),
+        ({"policy": "mde", "budget_params": 10, "budget_bytes": 40}, "embeddings.budget_bytes: set budget_params or budget_bytes"),
+        ({"policy": "mde", "budget_params": -1}, "embeddings.budget_params: must be positive"),
+        ({"budget_params": 1000}, "embeddings.budget_params: only policy mde takes a budget"),
+        ({"policy": "decisions"}, "embeddings.decisions: policy decisions needs the path"),
+        ({"mlet": {}}, "embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width"),
+        ({"mlet": {"ratio": 0.5}}, "embeddings.mlet.ratio: 0.5 < 1 gives k < d"),
+        ({"mlet": {"width": 0}}, "embeddings.mlet.width: must be positive"),
+        ({"mode": "inside"}, "embeddings.mode: 'inside' is not one of 'within', 'across'"),
+        ({"alhpa": 0.3}, "embeddings.alhpa: unknown field"),
+    ],
+)
+def test_config_errors_name_the_field(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(EmbeddingsConfig, data, "embeddings")
+    assert str(e.value).startswith(message)

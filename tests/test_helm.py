@@ -1,0 +1,315 @@
+"""The Helm chart, offline: lint + render (helm-python-sdk, Helm's Go SDK), the RayJob and its
+embedded RayCluster spec against the KubeRay CRD schemas (jsonschema Draft 7), core objects
+and pod templates against the Kubernetes API schemas (kubernetes-validate), the PodMonitor and
+dashboard wiring, and a broken values file that must be rejected."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "embshard"
+SCHEMAS = REPO.parent / "shared" / "schemas"
+GPU_VALUES = CHART / "ci" / "gpu-values.yaml"
+BROKEN_VALUES = REPO / "tests" / "data" / "broken-values.yaml"
+KUBE_VERSION = "1.30"
+
+helm = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk not installed (pip install -r requirements/test.txt)"
+)
+
+
+def load_values(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def render(values: dict[str, Any] | None = None, name: str = "demo", namespace: str = "ml") -> list[dict]:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values, name=name, namespace=namespace, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault("metadata", {}).setdefault("namespace", namespace)
+                docs.append(doc)
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def the(docs: list[dict], kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module", params=["default", "gpu"])
+def rendered(request) -> tuple[str, dict, list[dict]]:
+    values = {} if request.param == "default" else load_values(GPU_VALUES)
+    return request.param, values, render(values)
+
+
+# ----------------------------------------------------------------------------- lint
+
+
+@pytest.mark.parametrize("values_file", [None, GPU_VALUES], ids=["default", "gpu"])
+def test_lint_clean(values_file: Path | None) -> None:
+    values = load_values(values_file) if values_file else None
+    report = helm.lint(str(CHART), values, kube_version=f"v{KUBE_VERSION}.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
+    assert not problems and not report["errors"], report
+
+
+def test_broken_values_rejected() -> None:
+    broken = load_values(BROKEN_VALUES)
+    report = helm.lint(str(CHART), broken)
+    errors = "\n".join(report["errors"])
+    assert errors, "lint accepted tests/data/broken-values.yaml"
+    for needle in ("/workers/replicas", "/workers/gpusPerWorker", "/podSecurityContext/runAsNonRoot",
+                   "/metrics/portBase", "/image/tag", "typoedKey"):
+        assert needle in errors, needle
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match="runAsNonRoot"):
+            chart.validate_schema(broken)
+        with pytest.raises(helm.HelmError):
+            chart.render(broken, name="demo")
+
+
+@pytest.mark.parametrize("override", [
+    {"workers": {"gpusPerWorker": -1}},
+    {"metrics": {"portBase": 70000}},
+    {"job": {"submissionMode": "InteractiveMode"}},
+    {"checkpoints": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}},
+    {"containerSecurityContext": {"allowPrivilegeEscalation": True}},
+], ids=["gpus", "port", "mode", "access", "privesc"])
+def test_schema_rejects_single_mistakes(override: dict) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(chart.merge_values(override))
+
+
+# ----------------------------------------------------------------------------- CRD schemas
+
+
+def crd_schema(name: str, version: str = "v1") -> dict:
+    path = SCHEMAS / "kuberay" / name
+    if not path.is_file():
+        pytest.skip(f"KubeRay CRD schemas not available: {path} is missing")
+    return _crd_schema(path, version)
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_schema(path: Path, version: str) -> dict:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(path.read_text(), Loader=loader)
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            return v["schema"]["openAPIV3Schema"]
+    raise AssertionError(f"{name} has no version {version}")
+
+
+def unknown_fields(obj: Any, schema: dict, where: str = "") -> Iterator[str]:
+    """Fields the API server would silently prune (not in a structural schema's properties)."""
+    if not isinstance(schema, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(obj, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for k, v in obj.items():
+            if props is not None and k in props:
+                yield from unknown_fields(v, props[k], f"{where}.{k}")
+            elif isinstance(extra, dict):
+                yield from unknown_fields(v, extra, f"{where}.{k}")
+            elif props is not None and extra is not True:
+                yield f"{where}.{k}"
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(obj):
+            yield from unknown_fields(v, schema["items"], f"{where}[{i}]")
+
+
+def check_against(obj: dict, schema: dict, what: str) -> None:
+    from jsonschema import Draft7Validator
+
+    errors = sorted(Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.absolute_path))
+    assert not errors, f"{what}: " + "; ".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors[:10]
+    )
+    pruned = list(unknown_fields(obj, schema))
+    assert not pruned, f"{what}: fields unknown to the CRD (would be pruned): {pruned}"
+
+
+def test_rayjob_matches_kuberay_crd(rendered) -> None:
+    _, _, docs = rendered
+    job = the(docs, "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    check_against(job, crd_schema("ray.io_rayjobs.yaml"), "RayJob")
+    # The embedded cluster spec is also a valid RayCluster spec.
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"},
+               "spec": job["spec"]["rayClusterSpec"]}
+    check_against(cluster, crd_schema("ray.io_rayclusters.yaml"), "RayCluster")
+
+
+def test_crd_check_catches_mistakes() -> None:
+    """The CRD check is not vacuous: a wrong type and a misspelt field are both caught."""
+    job = the(render(), "RayJob")
+    schema = crd_schema("ray.io_rayjobs.yaml")
+    bad = json.loads(json.dumps(job))
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(AssertionError, match="replicas"):
+        check_against(bad, schema, "RayJob")
+    bad = json.loads(json.dumps(job))
+    bad["spec"]["rayClusterSpec"]["authOptions"]["mdoe"] = "token"
+    with pytest.raises(AssertionError, match="mdoe"):
+        check_against(bad, schema, "RayJob")
+
+
+# ----------------------------------------------------------------------------- core objects
+
+
+def kube_validate(obj: dict) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    try:
+        kv.validate(obj, KUBE_VERSION, strict=True)
+    except kv.ValidationError as e:
+        raise AssertionError(f"{obj['kind']} {obj['metadata'].get('name')}: {e.message[:300]} "
+                             f"at {'/'.join(map(str, e.absolute_path))}") from None
+
+
+def pod_templates(job: dict) -> dict[str, dict]:
+    spec = job["spec"]
+    out = {"head": spec["rayClusterSpec"]["headGroupSpec"]["template"]}
+    for g in spec["rayClusterSpec"]["workerGroupSpecs"]:
+        out[g["groupName"]] = g["template"]
+    if "submitterPodTemplate" in spec:
+        out["submitter"] = spec["submitterPodTemplate"]
+    return out
+
+
+def test_core_objects_valid(rendered) -> None:
+    _, _, docs = rendered
+    core = [d for d in docs if d["apiVersion"] in ("v1", "apps/v1", "batch/v1", "policy/v1")]
+    assert {d["kind"] for d in core} >= {"ConfigMap", "PersistentVolumeClaim"}
+    for obj in core:
+        kube_validate(obj)
+    # Every pod template inside the RayJob is a valid Pod spec.
+    for name, tpl in pod_templates(the(docs, "RayJob")).items():
+        kube_validate({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": f"demo-{name}", **tpl.get("metadata", {})},
+                       "spec": tpl["spec"]})
+
+
+def test_kube_validate_catches_mistakes() -> None:
+    cm = by_kind(render(), "ConfigMap")[0]
+    bad = json.loads(json.dumps(cm))
+    bad["data"]["x"] = 3
+    with pytest.raises(AssertionError, match="ConfigMap"):
+        kube_validate(bad)
+
+
+# ----------------------------------------------------------------------------- chart behaviour
+
+
+def test_rayjob_shape(rendered) -> None:
+    which, values, docs = rendered
+    job = the(docs, "RayJob")
+    spec = job["spec"]
+    gpus = (values.get("workers") or {}).get("gpusPerWorker", 1)
+    replicas = (values.get("workers") or {}).get("replicas", 2)
+    assert spec["entrypoint"].startswith("embshard train /etc/embshard/config.yaml --address auto")
+    assert f"--workers {replicas * max(1, gpus)}" in spec["entrypoint"]
+    rc = spec["rayClusterSpec"]
+    assert rc["authOptions"] == {"mode": "token"}
+    head = rc["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and head["enableIngress"] is False
+    (group,) = rc["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
+    for name, tpl in pod_templates(job).items():
+        psc = tpl["spec"]["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, name
+        for c in tpl["spec"]["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert c["resources"]["requests"] and c["resources"]["limits"], (name, c["name"])
+    worker = group["template"]["spec"]
+    (c,) = worker["containers"]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {f"metrics-{r}": 9400 + r for r in range(max(1, gpus))}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["job-config"] == "/etc/embshard" and mounts["checkpoints"] == "/checkpoints"
+    if which == "gpu":
+        assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert {"name": "registry-credentials"} in worker["imagePullSecrets"]
+
+
+def test_config_map_carries_job_config(rendered) -> None:
+    which, values, docs = rendered
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config")]
+    cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    assert cfg["metrics"] == {"enabled": True, "port_base": 9400, "bind": "0.0.0.0"}
+    assert cfg["output_dir"] == "/checkpoints/demo"
+    expected = values.get("config") or load_values(CHART / "values.yaml")["config"]
+    for k, v in expected.items():
+        assert cfg[k] == v
+    # the metrics section parses as the trainer's MetricsConfig
+    from embshard.trainer.metrics import MetricsConfig
+    from embshard.typed_config import from_dict
+
+    assert from_dict(MetricsConfig, cfg["metrics"], "metrics").bind == "0.0.0.0"
+    pvc = the(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_podmonitor_selects_worker_metrics_ports(rendered) -> None:
+    _, values, docs = rendered
+    pm = the(docs, "PodMonitor")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    tpl = the(docs, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
+    labels = tpl["metadata"]["labels"]
+    sel = pm["spec"]["selector"]["matchLabels"]
+    assert sel.items() <= labels.items(), (sel, labels)
+    head_labels = the(docs, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert not sel.items() <= head_labels.items(), "PodMonitor must not select the head"
+    port_names = {p["name"] for p in tpl["spec"]["containers"][0]["ports"]}
+    endpoints = pm["spec"]["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == port_names
+    assert all(e["honorLabels"] is True and e["path"] == "/metrics" for e in endpoints)
+    if values.get("metrics", {}).get("podMonitor", {}).get("labels"):
+        assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_dashboard_configmap_is_the_one_dashboard(rendered) -> None:
+    _, _, docs = rendered
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    chart_copy = (CHART / "dashboards" / "embshard.json").read_text()
+    assert json.loads(cm["data"]["embshard.json"]) == json.loads(chart_copy)
+    deploy_copy = REPO / "deploy" / "grafana" / "embshard.json"
+    assert deploy_copy.resolve() == (CHART / "dashboards" / "embshard.json").resolve(), \
+        "deploy/grafana/embshard.json must be a link to the chart's dashboard, not a second copy"
+
+
+def test_object_store_uri_replaces_pvc() -> None:
+    docs = render({"checkpoints": {"uri": "s3://bucket/embshard"}, "metrics": {"podMonitor": {"enabled": False}},
+                   "dashboard": {"enabled": False}, "workers": {"gpusPerWorker": 0}, "auth": {"secretName": "tok"}})
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    assert not by_kind(docs, "PodMonitor")
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["output_dir"] == "s3://bucket/embshard"
+    job = the(docs, "RayJob")
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "tok"}
+    c = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert all(m["name"] != "checkpoints" for m in c["volumeMounts"])
+    check_against(job, crd_schema("ray.io_rayjobs.yaml"), "RayJob")

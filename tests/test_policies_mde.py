@@ -1,0 +1,206 @@
+"""MDE (Ginart et al.): Alg. 2 blocking, Alg. 3 dims, budgets, across-table mode."""
+
+import numpy as np
+import pytest
+
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import PlanError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.policies.mde import base_lambda, equipartition, mde_dims
+from embshard.planner.remap import frequency_ranking, load_remap
+from embshard.planner.rounding import round_width
+
+
+def spec_of(**cards: int) -> DatasetSpec:
+    return DatasetSpec("toy", [], [SparseFeature(name, n) for name, n in cards.items()])
+
+
+def dims(plan):
+    return {t.name: [b.dim for b in t.blocks] for t in plan.tables}
+
+
+# --- Alg. 3: d_i = lambda * p_i^alpha ---------------------------------------------------------
+
+P = np.array([0.5, 0.3, 0.2])
+
+
+def test_alg3_lambda_from_base_dim():
+    lam = base_lambda(P, alpha=0.5, base_dim=32)
+    assert lam == pytest.approx(32 * 0.5**-0.5)  # 45.2548
+    raw = mde_dims(P, 0.5, lam)
+    # 32 * (p_i / 0.5)^0.5 = 32, 32*sqrt(0.6), 32*sqrt(0.4)
+    assert raw == pytest.approx([32.0, 24.7871, 20.2386], abs=1e-4)
+    assert [round_width(x, "multiple4", 4, 32).value for x in raw] == [32, 24, 20]
+    assert [round_width(x, "pow2", 4, 32).value for x in raw] == [32, 32, 16]
+
+
+@pytest.mark.parametrize("rounding, expected", [("multiple4", [32, 24, 20]), ("pow2", [32, 32, 16])])
+def test_alg3_through_the_policy(rounding, expected):
+    # One-row tables looked up 5, 3 and 2 times: block popularities are exactly (0.5, 0.3, 0.2).
+    spec = spec_of(a=1, b=1, c=1)
+    counts = {"a": np.array([5]), "b": np.array([3]), "c": np.array([2])}
+    cfg = EmbeddingsConfig(policy="mde", dim=32, alpha=0.5, rounding=rounding)
+    plan = plan_dimensions(cfg, spec, counts)
+    assert dims(plan) == {"t_a": [32], "t_b": [expected[1]], "t_c": [expected[2]]}
+    b = plan.table("t_b").blocks[0]
+    assert b.source["policy"] == "mde"
+    assert b.source["popularity"] == pytest.approx(0.3)
+    assert b.source["raw_dim"] == pytest.approx(24.7871, abs=1e-4)
+    assert any(n.startswith("t_c block 0: 20.24 -> ") for n in plan.notes)
+    assert plan.policy["alpha"] == 0.5 and plan.policy["policy"] == "mde"
+
+
+def test_alpha_zero_is_uniform(tmp_path):
+    assert mde_dims(P, 0.0, base_lambda(P, 0.0, 32)) == pytest.approx([32, 32, 32])
+    spec = spec_of(a=10, b=1000)
+    counts = {"a": np.arange(10), "b": np.arange(1000)}
+    for mode in ("across", "within"):
+        cfg = EmbeddingsConfig(policy="mde", dim=16, alpha=0.0, mode=mode, blocks=3)
+        plan = plan_dimensions(cfg, spec, counts, tmp_path)
+        assert all(d == 16 for ds in dims(plan).values() for d in ds)
+
+
+# --- across-table mode (the paper's CTR setting) ------------------------------------------------
+
+
+def test_across_without_counts_uses_one_over_n():
+    # p_i proportional to 1/n_i; alpha 0.5: d_i = 32 * sqrt(n_0 / n_i) = 32, 16, 8 exactly.
+    spec = spec_of(small=10, mid=40, big=160)
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, alpha=0.5), spec, None)
+    assert dims(plan) == {"t_small": [32], "t_mid": [16], "t_big": [8]}
+    assert all(t.row_order == "identity" and t.remap is None for t in plan.tables)
+    # p_small = (1/10) / 3 once normalised over the three tables: lambda = 32 * sqrt(30)
+    assert plan.notes == [
+        "mde across: lambda = 175.3 from dim 32 (most popular block gets it)",
+        "mde across: no id counts, so p_i = 1/n_i (one lookup per table per example)",
+    ]
+
+
+def test_across_counts_follow_lookups():
+    spec = spec_of(small=10, mid=40, big=160)
+    single_hot = {"small": np.full(10, 16), "mid": np.full(40, 4), "big": np.full(160, 1)}
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, alpha=0.5), spec, single_hot)
+    assert dims(plan) == {"t_small": [32], "t_mid": [16], "t_big": [8]}  # same 160 lookups each: 1/n_i
+    # A multi-hot `big` looked up 4x as often per example: p_big = 640/160 vs 160/10 -> 32*sqrt(1/4)
+    multi_hot = {**single_hot, "big": np.full(160, 4)}
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, alpha=0.5), spec, multi_hot)
+    assert dims(plan)["t_big"] == [16]
+
+
+def test_across_clips_to_min_dim_and_notes_it():
+    spec = spec_of(a=1, b=1_000_000)
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=16, alpha=1.0, min_dim=8), spec, None)
+    assert dims(plan) == {"t_a": [16], "t_b": [8]}
+    assert any(n.startswith("t_b block 0: 1.6e-05 -> 8") and "raised to min_dim 8" in n for n in plan.notes)
+
+
+# --- Alg. 2: frequency ranking and equal-mass blocks ------------------------------------------
+
+COUNTS = np.array([1, 10, 3, 6, 0, 4])  # ranked: id1(10) id3(6) id5(4) id2(3) id0(1) id4(0)
+
+
+def test_frequency_ranking_is_descending_and_stable():
+    assert frequency_ranking(COUNTS).tolist() == [4, 0, 3, 1, 5, 2]
+    assert frequency_ranking(np.array([2, 5, 2, 5])).tolist() == [2, 0, 3, 1]  # ties keep id order
+
+
+def test_equipartition_cut_points():
+    ranked = np.array([10, 6, 4, 3, 1, 0])  # prefix sums 10 16 20 23 24 24
+    assert equipartition(ranked, 2) == [0, 2, 6]  # first prefix >= 12 holds 2 rows
+    assert equipartition(ranked, 3) == [0, 1, 2, 6]  # >= 8 after 1 row, >= 16 after 2
+    assert equipartition(np.array([100, 1, 1, 1]), 3) == [0, 1, 4]  # a heavy id swallows a cut
+    assert equipartition(np.zeros(5, dtype=np.int64), 3) == [0, 5]
+
+
+def test_within_table_plan(tmp_path):
+    spec = spec_of(x=6)
+    cfg = EmbeddingsConfig(policy="mde", dim=32, alpha=0.5, mode="within", blocks=3)
+    plan = plan_dimensions(cfg, spec, {"x": COUNTS}, tmp_path)
+    t = plan.table("t_x")
+    assert [(b.start, b.end) for b in t.blocks] == [(0, 1), (1, 2), (2, 6)]
+    # block popularity = lookups / rows: 10/1, 6/1, 8/4 (over 24): d = 32*sqrt(p / p_0)
+    assert [b.source["raw_dim"] for b in t.blocks] == pytest.approx([32, 32 * 0.6**0.5, 32 * 0.2**0.5])
+    assert [b.dim for b in t.blocks] == [32, 24, 16]  # 32, 24.79, 14.31
+    assert t.row_order == "frequency" and t.remap == "t_x.remap.npy"
+    assert load_remap(tmp_path / t.remap, 6).tolist() == [4, 0, 3, 1, 5, 2]
+
+
+def test_within_notes_fewer_blocks(tmp_path):
+    spec = spec_of(x=4)
+    cfg = EmbeddingsConfig(policy="mde", dim=16, mode="within", blocks=3)
+    plan = plan_dimensions(cfg, spec, {"x": np.array([1, 100, 1, 1])}, tmp_path)
+    assert len(plan.table("t_x").blocks) == 2
+    assert any(n.startswith("t_x: 2 blocks instead of 3 (equal-lookup cuts coincide") for n in plan.notes)
+
+
+def test_within_needs_counts_and_out_dir():
+    spec = spec_of(x=6)
+    cfg = EmbeddingsConfig(policy="mde", mode="within", blocks=2)
+    with pytest.raises(PlanError, match="within ranks rows by training frequency.*'x'.*profile"):
+        plan_dimensions(cfg, spec, None)
+    with pytest.raises(PlanError, match="'t_x' reorders its rows"):
+        plan_dimensions(cfg, spec, {"x": COUNTS}, None)
+    with pytest.raises(PlanError, match="id counts for 'x': expected 6 integers"):
+        plan_dimensions(cfg, spec, {"x": np.ones(5, dtype=np.int64)})
+
+
+# --- budgets ------------------------------------------------------------------------------------
+
+CARDS = {f"C{i}": n for i, n in enumerate([50, 200, 1000, 5000, 20000, 100000])}
+
+
+def zipf_counts(seed=7):
+    rng = np.random.default_rng(seed)
+    return {f: np.bincount(rng.zipf(1.2, 20000) % n, minlength=n) for f, n in CARDS.items()}
+
+
+@pytest.mark.parametrize(
+    "mode, rounding, budget",
+    [
+        ("across", "multiple4", 600_000),
+        ("across", "multiple4", 1_000_000),
+        ("across", "multiple4", 2_000_000),
+        ("across", "none", 4_000_000),
+        ("within", "multiple4", 600_000),
+        ("within", "multiple4", 1_000_000),
+        ("within", "none", 4_000_000),
+        ("within", "pow2", 1_000_000),
+    ],
+)
+def test_budget_lands_within_one_percent(tmp_path, mode, rounding, budget):
+    cfg = EmbeddingsConfig(policy="mde", dim=64, mode=mode, blocks=4, rounding=rounding, budget_params=budget)
+    plan = plan_dimensions(cfg, spec_of(**CARDS), zipf_counts(), tmp_path)
+    # serve_params counts the d_i x 64 projection of every block narrower than 64
+    assert 0.99 * budget <= plan.serve_params() <= budget
+    blocks = sorted((b for t in plan.tables for b in t.blocks), key=lambda b: -b.source["popularity"])
+    assert [b.dim for b in blocks] == sorted((b.dim for b in blocks), reverse=True)  # monotone in p
+    assert plan.notes[0].startswith(f"mde {mode}: lambda = ")
+
+
+def test_budget_counts_projections():
+    # Two tables, one at 64 (no projection) and one at 4 (projection 4 x 64 = 256):
+    # 10*64 + 1000*4 + 256 = 4896; the plan must see 4896 as the whole budget, not 4640.
+    spec = spec_of(a=10, b=1000)
+    cfg = EmbeddingsConfig(policy="mde", dim=64, alpha=1.0, budget_params=4896)
+    plan = plan_dimensions(cfg, spec, None)
+    assert dims(plan) == {"t_a": [64], "t_b": [4]}
+    assert plan.serve_params() == 4896
+
+
+def test_budget_bytes_is_fp32_params(tmp_path):
+    spec, counts = spec_of(**CARDS), zipf_counts()
+    by_params = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_params=1_000_000), spec, counts)
+    by_bytes = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_bytes=4_000_000), spec, counts)
+    assert dims(by_params) == dims(by_bytes)
+    assert "4,000,000 bytes of fp32" in by_bytes.notes[0]
+
+
+def test_infeasible_budgets_say_why():
+    spec = spec_of(**CARDS)
+    with pytest.raises(PlanError, match="below the smallest MDE plan, 506,536 params .* min_dim 4"):
+        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_params=400_000), spec, None)
+    with pytest.raises(PlanError, match="above the largest MDE plan, 8,080,000 params .* dim 64"):
+        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_params=9_000_000), spec, None)
+    with pytest.raises(PlanError, match="cannot land within 1% .* rounding pow2"):
+        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, rounding="pow2", budget_params=2_000_000), spec, zipf_counts())

@@ -1,0 +1,160 @@
+"""Uniform policy, decisions files (format, loader, schema) and MLET on top of any policy."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import PlanError
+from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.planner.decisions import BlockDecision, Decisions, TableDecision, load_decisions
+from embshard.planner.policies import from_decisions, plan_dimensions
+from embshard.planner.remap import load_remap
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "planner" / "decisions.schema.json"
+EXAMPLE = REPO / "configs" / "decisions.example.json"
+SPEC = DatasetSpec("toy", ["d0"], [SparseFeature("C1", 50), SparseFeature("C2", 8, multi_hot=True)])
+
+
+def test_uniform():
+    plan = plan_dimensions(EmbeddingsConfig(dim=24), SPEC)
+    assert plan.is_uniform and plan.base_dim == 24 and plan.notes == []
+    assert [(t.name, t.features, t.num_embeddings) for t in plan.tables] == [("t_C1", ["C1"], 50), ("t_C2", ["C2"], 8)]
+    b = plan.table("t_C2").blocks[0]
+    assert (b.start, b.end, b.dim, b.mlet_width) == (0, 8, 24, None)
+    assert b.source == {"policy": "uniform", "dim": 24}
+    assert plan.policy["policy"] == "uniform" and plan.policy["dim"] == 24
+
+
+# --- decisions ----------------------------------------------------------------------------------
+
+
+def pep_decisions(tmp_path: Path) -> Path:
+    """A PEP-style file: C1 cut into ranked blocks (remap beside it), C2 one narrow table."""
+    remap = np.random.default_rng(0).permutation(50)
+    np.save(tmp_path / "C1.pep.npy", remap)
+    decisions = Decisions(
+        method="pep",
+        base_dim=16,
+        tables={
+            "t_C1": TableDecision(
+                blocks=[BlockDecision(10, 16), BlockDecision(40, 6)], row_order="pep_nnz", remap="C1.pep.npy"
+            ),
+            "C2": TableDecision(dim=8),
+        },
+        meta={"sparsity": 0.8},
+    )
+    return decisions.save(tmp_path / "decisions.json")
+
+
+def test_decisions_round_trip_into_a_plan(tmp_path):
+    path = pep_decisions(tmp_path)
+    assert load_decisions(path).to_json() == json.loads(path.read_text())
+    out = tmp_path / "plan"
+    cfg = EmbeddingsConfig(policy="decisions", dim=16, decisions=str(path))
+    plan = plan_dimensions(cfg, SPEC, None, out)
+    c1 = plan.table("t_C1")
+    assert [(b.start, b.end, b.dim) for b in c1.blocks] == [(0, 10, 16), (10, 50, 8)]  # 6 -> 8
+    assert c1.row_order == "pep_nnz" and c1.remap == "t_C1.remap.npy"
+    assert load_remap(out / c1.remap, 50).tolist() == np.load(tmp_path / "C1.pep.npy").tolist()
+    assert c1.blocks[1].source == {"policy": "decisions", "method": "pep", "file": str(path), "dim": 6}
+    assert [b.dim for b in plan.table("t_C2").blocks] == [8]
+    assert plan.notes == ["t_C1 block 1: 6 -> 8 (multiple4, FBGEMM needs widths divisible by 4)"]
+    assert plan.policy["decisions_method"] == "pep" and plan.policy["decisions_meta"] == {"sparsity": 0.8}
+    # the plan (with its remap) survives its own JSON round trip
+    plan.save(out / "dimension_plan.json")
+    assert plan.load(out / "dimension_plan.json") == plan
+
+
+def test_example_file_parses_and_matches_the_schema():
+    decisions = load_decisions(EXAMPLE)
+    assert decisions.method == "pep" and decisions.tables["t_C3"].row_order == "pep_nnz"
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft7Validator.check_schema(json.loads(SCHEMA.read_text()))
+    jsonschema.validate(json.loads(EXAMPLE.read_text()), json.loads(SCHEMA.read_text()))
+
+
+GOOD = {"version": 1, "method": "autodim", "base_dim": 16, "tables": {"C1": {"dim": 8}}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tables": {"C1": {"dim": -3}}}, "tables.C1.dim: expected a positive integer, got -3"),
+        ({"tables": {"C1": {"dimm": 8}}}, "tables.C1.dimm: unknown key"),
+        ({"tables": {"C1": {"dim": 8, "blocks": [{"rows": 50, "dim": 8}]}}}, "tables.C1: give exactly one of dim or blocks"),
+        ({"tables": {"C1": {"blocks": [{"rows": 50}]}}}, "tables.C1.blocks[0].dim: required key is missing"),
+        ({"tables": {"C1": {"blocks": [{"rows": 0, "dim": 8}]}}}, "tables.C1.blocks[0].rows: expected a positive integer"),
+        ({"tables": {"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "pep_nnz"}}}, "tables.C1.remap: needed exactly when"),
+        ({"tables": {"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "random", "remap": "x.npy"}}}, "tables.C1.row_order: 'random' is not one of"),
+        ({"tables": {}}, "tables: expected a non-empty object"),
+        ({"version": 2}, "version: 2, expected 1"),
+        ({"base_dim": "16"}, "base_dim: expected a positive integer, got '16'"),
+        ({"extra": 1}, "extra: unknown key"),
+    ],
+)
+def test_malformed_decisions_name_the_file_and_key(tmp_path, change, message):
+    doc = {**GOOD, **change}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PlanError) as e:
+        load_decisions(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+    # the schema rejects the same documents (they are one contract in two forms)
+    jsonschema = pytest.importorskip("jsonschema")
+    assert not jsonschema.Draft7Validator(json.loads(SCHEMA.read_text())).is_valid(doc)
+
+
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        ({"C1": {"dim": 8}}, "tables: no decision for feature(s) C2"),
+        ({"C1": {"dim": 8}, "C2": {"dim": 8}, "C9": {"dim": 8}}, "tables.C9: dataset toy has no such feature or table"),
+        ({"C1": {"dim": 8}, "t_C1": {"dim": 8}, "C2": {"dim": 8}}, "tables.t_C1: feature C1 is already decided by tables.C1"),
+        ({"C1": {"blocks": [{"rows": 10, "dim": 8}, {"rows": 39, "dim": 4}]}, "C2": {"dim": 8}}, "tables.C1.blocks: rows sum to 49, feature C1 has cardinality 50"),
+        ({"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "pep_nnz", "remap": "nope.npy"}, "C2": {"dim": 8}}, "nope.npy: remap file not found"),
+    ],
+)
+def test_decisions_that_do_not_fit_the_dataset(tmp_path, tables, message):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({**GOOD, "tables": tables}))
+    with pytest.raises(PlanError) as e:
+        from_decisions(path, EmbeddingsConfig(policy="decisions", decisions=str(path)), SPEC, tmp_path)
+    assert message in str(e.value)
+
+
+def test_decisions_base_dim_must_match_config(tmp_path):
+    path = pep_decisions(tmp_path)
+    with pytest.raises(PlanError, match="base_dim 16 differs from embeddings.dim 32; set embeddings.dim: 16"):
+        plan_dimensions(EmbeddingsConfig(policy="decisions", dim=32, decisions=str(path)), SPEC, None, tmp_path)
+
+
+# --- MLET ----------------------------------------------------------------------------------------
+
+
+def test_mlet_ratio_rounds_like_dims(tmp_path):
+    cfg = EmbeddingsConfig(policy="mde", dim=32, alpha=0.5, mlet=MletConfig(ratio=1.5))
+    spec = DatasetSpec("toy", [], [SparseFeature("a", 10), SparseFeature("b", 40), SparseFeature("c", 160)])
+    plan = plan_dimensions(cfg, spec)  # dims 32, 16, 8 (p proportional to 1/n)
+    assert [(b.dim, b.mlet_width) for t in plan.tables for b in t.blocks] == [(32, 48), (16, 24), (8, 12)]
+    assert plan.table("t_a").blocks[0].source["mlet"] == {"ratio": 1.5}
+    assert plan.serve_params() == 10 * 32 + 40 * 16 + 16 * 32 + 160 * 8 + 8 * 32  # serving is collapsed
+
+
+def test_mlet_width_and_feature_selection():
+    cfg = EmbeddingsConfig(dim=16, mlet=MletConfig(width=62, features=["C2"]))
+    plan = plan_dimensions(cfg, SPEC)
+    assert plan.table("t_C1").blocks[0].mlet_width is None
+    assert plan.table("t_C2").blocks[0].mlet_width == 64
+    assert plan.notes == ["t_C2 block 0 mlet width: 62 -> 64 (multiple4, FBGEMM needs widths divisible by 4)"]
+    with pytest.raises(PlanError, match="embeddings.mlet.features: no sparse feature 'C7'"):
+        plan_dimensions(EmbeddingsConfig(mlet=MletConfig(width=64, features=["C7"])), SPEC)
+
+
+def test_mlet_narrower_than_dim_is_refused_with_the_reason():
+    with pytest.raises(PlanError, match=r"table 't_C1' block 0: MLET width k=8 < d=16.*Theorem 2.2"):
+        plan_dimensions(EmbeddingsConfig(dim=16, mlet=MletConfig(width=8)), SPEC)

@@ -1,0 +1,206 @@
+"""ParquetBatchReader: round trip, rank partitioning, determinism, resume, id maps, bad input."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import DataError
+
+SPEC = DatasetSpec(
+    name="tiny",
+    dense=["d0", "d1"],
+    sparse=[SparseFeature("a", 10), SparseFeature("m", 5, multi_hot=True)],
+    extra=["rid"],
+)
+FILE_ROWS = (300, 207)  # two part files; 50-row groups, so the last group of each file is short
+GROUP_ROWS = 50
+
+
+def _table(first: int, n: int, rng: np.random.Generator) -> pa.Table:
+    lengths = rng.integers(0, 4, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.table({
+        "label": pa.array(rng.integers(0, 2, size=n).astype(np.float32)),
+        "d0": pa.array(rng.standard_normal(n).astype(np.float32)),
+        "d1": pa.array(rng.standard_normal(n).astype(np.float32)),
+        "a": pa.array(rng.integers(0, 10, size=n)),
+        "m": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rng.integers(0, 5, size=offsets[-1]))),
+        "rid": pa.array(np.arange(first, first + n)),
+    })
+
+
+def write_dataset(root: Path, tables: list[pa.Table] | None = None, spec: DatasetSpec = SPEC) -> Path:
+    rng = np.random.default_rng(1)
+    if tables is None:
+        starts = np.cumsum((0,) + FILE_ROWS[:-1])
+        tables = [_table(int(s), n, rng) for s, n in zip(starts, FILE_ROWS)]
+    train = root / "train"
+    train.mkdir(parents=True)
+    for i, t in enumerate(tables):
+        pq.write_table(t, train / f"part-{i:05d}.parquet", row_group_size=GROUP_ROWS)
+    spec.save(root)
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "ds")
+
+
+def _rids(reader: ParquetBatchReader) -> list[np.ndarray]:
+    return [b.extra["rid"].numpy() for b in reader]
+
+
+def test_round_trip_matches_parquet(dataset: Path) -> None:
+    expected = pq.read_table(dataset / "train")
+    reader = ParquetBatchReader(dataset, "train", 64, shuffle=False, drop_last=False)
+    batches = list(reader)
+    assert len(batches) == len(reader) == int(np.ceil(sum(FILE_ROWS) / 64))
+    assert [b.labels.shape[0] for b in batches[:-1]] == [64] * (len(batches) - 1)
+    labels = torch.cat([b.labels for b in batches]).numpy()
+    dense = torch.cat([b.dense for b in batches]).numpy()
+    np.testing.assert_array_equal(labels, expected["label"].to_numpy())
+    np.testing.assert_array_equal(dense[:, 1], expected["d1"].to_numpy())
+    assert batches[0].dense.dtype == torch.float32 and batches[0].labels.dtype == torch.float32
+    kjt = batches[0].sparse
+    assert kjt.keys() == ["a", "m"]
+    assert kjt.values().dtype == torch.int64 and kjt.lengths().dtype == torch.int32
+    a = torch.cat([b.sparse["a"].values() for b in batches]).numpy()
+    np.testing.assert_array_equal(a, expected["a"].to_numpy())
+    m_lengths = torch.cat([b.sparse["m"].lengths() for b in batches]).numpy()
+    m_values = torch.cat([b.sparse["m"].values() for b in batches]).numpy()
+    np.testing.assert_array_equal(m_lengths, pc.list_value_length(expected["m"]).to_numpy())
+    np.testing.assert_array_equal(m_values, pc.list_flatten(expected["m"]).to_numpy())
+    moved = batches[0].to("cpu")
+    assert torch.equal(moved.labels, batches[0].labels) and moved.extra["rid"].shape == (64,)
+
+
+def test_ranks_partition_rows_with_equal_batch_counts(dataset: Path) -> None:
+    readers = [ParquetBatchReader(dataset, "train", 32, rank=r, world_size=2, seed=3) for r in range(2)]
+    for epoch in range(3):
+        seen = []
+        for reader in readers:
+            reader.set_epoch(epoch)
+            rids = _rids(reader)
+            assert len(rids) == len(readers[0])
+            seen.append(np.concatenate(rids))
+        assert len(set(seen[0]) & set(seen[1])) == 0
+        assert set(np.concatenate(seen)) <= set(range(sum(FILE_ROWS)))
+    # Rank row counts differ (507 rows in 11 groups), yet both yield min(full batches).
+    assert len(readers[0]) == len(readers[1]) > 0
+
+
+def test_order_is_deterministic_per_seed_and_epoch(dataset: Path) -> None:
+    def order(seed: int, epoch: int) -> np.ndarray:
+        reader = ParquetBatchReader(dataset, "train", 50, seed=seed)
+        reader.set_epoch(epoch)
+        return np.concatenate(_rids(reader))
+
+    np.testing.assert_array_equal(order(7, 0), order(7, 0))
+    assert not np.array_equal(order(7, 0), order(7, 1))
+    assert not np.array_equal(order(7, 0), order(8, 0))
+    assert not np.array_equal(order(7, 0), np.sort(order(7, 0)))  # rows inside groups are shuffled
+
+
+def test_state_dict_resume_continues_exactly(dataset: Path) -> None:
+    full = ParquetBatchReader(dataset, "train", 48, seed=5)
+    full.set_epoch(2)
+    reference = _rids(full)
+
+    first = ParquetBatchReader(dataset, "train", 48, seed=5)
+    first.set_epoch(2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    it.close()
+    assert state == {"epoch": 2, "batches": 3}
+
+    resumed = ParquetBatchReader(dataset, "train", 48, seed=5)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # a trainer loop calls this again; it must keep the resume point
+    rest = _rids(resumed)
+    assert len(rest) == len(reference) - 3
+    for got, want in zip(rest, reference[3:]):
+        np.testing.assert_array_equal(got, want)
+    assert resumed.state_dict() == {"epoch": 2, "batches": len(reference)}
+
+
+def test_early_stop_ends_the_producer_thread(dataset: Path) -> None:
+    reader = ParquetBatchReader(dataset, "train", 8, prefetch=1)
+    for _ in reader:
+        break
+    assert not [t for t in threading.enumerate() if t.name.startswith("embshard-reader")]
+    assert reader.wait_seconds >= 0.0
+
+
+def test_id_maps_are_applied(dataset: Path) -> None:
+    maps = {"a": np.arange(10)[::-1].copy(), "m": np.array([4, 0, 1, 2, 3])}
+    plain = list(ParquetBatchReader(dataset, "train", 64, shuffle=False))
+    mapped = list(ParquetBatchReader(dataset, "train", 64, shuffle=False, id_maps=maps))
+    for p, m in zip(plain, mapped):
+        for key in ("a", "m"):
+            np.testing.assert_array_equal(m.sparse[key].values().numpy(), maps[key][p.sparse[key].values().numpy()])
+            assert torch.equal(m.sparse[key].lengths(), p.sparse[key].lengths())
+
+
+def _corrupt(tmp_path: Path, column: str, row: int, value: object) -> Path:
+    table = _table(0, 120, np.random.default_rng(2))
+    values = table[column].to_pylist()
+    values[row] = value
+    table = table.set_column(table.schema.get_field_index(column), table.schema.field(column),
+                             pa.array(values, table.schema.field(column).type))
+    return write_dataset(tmp_path / "bad", [table])
+
+
+@pytest.mark.parametrize("column,row,value,needle", [
+    ("a", 77, 10, "id 10"),
+    ("a", 3, -1, "id -1"),
+    ("m", 64, [1, 7], "id 7"),
+    ("d1", 101, float("nan"), "nan"),
+    ("label", 5, float("inf"), "inf"),
+    ("a", 9, None, "null"),
+])
+def test_bad_values_name_file_column_and_row(tmp_path: Path, column: str, row: int, value: object,
+                                             needle: str) -> None:
+    root = _corrupt(tmp_path, column, row, value)
+    with pytest.raises(DataError) as err:
+        list(ParquetBatchReader(root, "train", 16, shuffle=True))
+    message = str(err.value)
+    assert "part-00000.parquet" in message and repr(column) in message
+    assert f"row {row}" in message and needle in message
+
+
+def test_schema_mismatch_names_file_and_column(tmp_path: Path) -> None:
+    table = _table(0, 60, np.random.default_rng(3))
+    wrong = write_dataset(tmp_path / "wrong", [table.set_column(3, "a", pc.cast(table["a"], pa.int32()))])
+    with pytest.raises(DataError, match=r"part-00000\.parquet: column 'a' has type int32"):
+        ParquetBatchReader(wrong, "train", 16)
+    missing = write_dataset(tmp_path / "missing", [table.drop_columns(["d0"])])
+    with pytest.raises(DataError, match=r"part-00000\.parquet: column 'd0' missing"):
+        ParquetBatchReader(missing, "train", 16)
+
+
+def test_missing_dataset_or_split_is_a_data_error(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        ParquetBatchReader(tmp_path / "nope", "train", 16)
+    with pytest.raises(DataError, match="valid"):
+        ParquetBatchReader(dataset, "valid", 16)
+
+
+def test_dataset_without_dense_features(tmp_path: Path) -> None:
+    spec = DatasetSpec(name="nodense", dense=[], sparse=[SparseFeature("a", 10)])
+    table = _table(0, 100, np.random.default_rng(4)).select(["label", "a"])
+    root = write_dataset(tmp_path / "nd", [table], spec)
+    batch = next(iter(ParquetBatchReader(root, "train", 25)))
+    assert batch.dense.shape == (25, 0) and batch.extra == {}

@@ -1,0 +1,417 @@
+"""Prometheus metrics of one training worker.
+
+Every worker owns a private `CollectorRegistry` (never prometheus-client's global one, so
+several workers in one process - tests, a local Ray cluster - do not collide) and serves it
+over HTTP on `port_base + local_rank`. Names, units and labels follow DESIGN.md, section
+"Prometheus metric names"; `deploy/alerts.yml` and the Grafana dashboard use exactly these:
+
+    embshard_train_samples_total                    counter    job, rank
+    embshard_train_step_seconds                     histogram  job, rank
+    embshard_train_loss                             gauge      job, rank
+    embshard_eval_auc / embshard_eval_logloss       gauge      job, rank
+    embshard_embedding_bytes                        gauge      job, rank, table, phase=train|serve
+    embshard_device_memory_bytes                    gauge      job, rank, kind=allocated|reserved
+    embshard_device_memory_capacity_bytes           gauge      job, rank
+    process_resident_memory_bytes (+ process_*)     gauge      job, rank
+    embshard_checkpoint_seconds                     histogram  job, rank
+    embshard_mlet_collapse_seconds                  histogram  job, rank
+    embshard_pep_nonzero_params                     gauge      job, rank, table
+    embshard_worker_restarts_total                  counter    job, rank
+    embshard_data_wait_seconds_total                counter    job, rank
+
+Conventions the dashboard relies on:
+- `observe_step(seconds, ...)` gets the time of one step *excluding* the wait for its input
+  batch; that wait goes to `add_data_wait`. So `rate(data_wait) / (rate(data_wait) +
+  rate(step_seconds_sum))` is the share of wall time the loop was starved of input.
+- The metrics carry their own `job` label (the embshard job name). Prometheus' scrape job
+  would overwrite it, so the scrape config sets `honor_labels: true` (deploy/prometheus.yml,
+  the chart's PodMonitor). The process collector's `process_*` series carry job/rank too.
+
+Hot path: `observe_step` and `add_data_wait` touch pre-bound children only (no label lookups,
+no string formatting); labelled children keyed by table are bound once, on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import start_http_server as _start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from embshard.errors import ConfigError
+
+__all__ = [
+    "MetricsConfig",
+    "WorkerMetrics",
+    "STEP_BUCKETS",
+    "CHECKPOINT_BUCKETS",
+    "COLLAPSE_BUCKETS",
+    "write_file_sd",
+    "exported_names",
+]
+
+# 1 ms .. 10 s, roughly 1-2.5-5 per decade: step times of a DLRM step on CPU or GPU.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Checkpoints: 100 ms (small local) .. 30 min (large sharded model to object store).
+CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# MLET collapse W = W1 @ W2, shard-locally: 1 ms .. 2 min.
+COLLAPSE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 120.0)
+
+PHASES = ("train", "serve")
+_BASE_LABELS = ("job", "rank")
+
+
+@dataclass
+class MetricsConfig:
+    """The `metrics:` section of an embshard config.
+
+    enabled:   serve metrics at all.
+    port_base: worker with local rank r serves on port_base + r; 0 = an ephemeral port each.
+    bind:      address the HTTP server binds; 0.0.0.0 inside a pod so Prometheus can reach it.
+    file_sd:   if set, the driver writes a Prometheus file-SD JSON file listing every worker
+               here (e.g. outputs/file_sd/<job>.json, matched by deploy/prometheus.yml).
+    """
+
+    enabled: bool = True
+    port_base: int = 9400
+    bind: str = "127.0.0.1"
+    file_sd: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled: expected true or false, got {self.enabled!r}")
+        if isinstance(self.port_base, bool) or not isinstance(self.port_base, int):
+            raise ConfigError(f"port_base: expected an integer, got {self.port_base!r}")
+        if self.port_base != 0 and not 1024 <= self.port_base <= 65535 - 255:
+            raise ConfigError(
+                f"port_base: {self.port_base} out of range (0 for ephemeral ports, or "
+                f"1024..{65535 - 255} so that port_base + local_rank stays a valid port)"
+            )
+        if not isinstance(self.bind, str) or not self.bind.strip() or any(c.isspace() for c in self.bind):
+            raise ConfigError(f"bind: expected a host address such as 127.0.0.1, got {self.bind!r}")
+        if self.file_sd is not None:
+            if not isinstance(self.file_sd, str) or not self.file_sd.strip():
+                raise ConfigError(f"file_sd: expected a file path or null, got {self.file_sd!r}")
+            if not self.file_sd.endswith((".json", ".yml", ".yaml")):
+                raise ConfigError(
+                    f"file_sd: {self.file_sd!r} must end in .json, .yml or .yaml "
+                    "(Prometheus file_sd only reads those)"
+                )
+
+
+class _ConstLabelCollector(Collector):
+    """Wraps a collector and adds constant labels (job, rank) to every sample it yields."""
+
+    def __init__(self, inner: Collector, labels: Mapping[str, str]) -> None:
+        self._inner = inner
+        self._labels = dict(labels)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._inner.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(s.name, {**s.labels, **self._labels}, s.value, s.timestamp, s.exemplar)
+            yield out
+
+
+class WorkerMetrics:
+    """All metrics of one worker, on a private registry.
+
+    >>> m = WorkerMetrics("ctr-dlrm", rank=0)
+    >>> m.observe_step(0.012, 2048, loss=0.45)
+    >>> port = m.start_server(0, 0)          # ephemeral port on 127.0.0.1
+    """
+
+    def __init__(self, job: str, rank: int, registry: CollectorRegistry | None = None) -> None:
+        if not job or not isinstance(job, str):
+            raise ValueError(f"job: expected a non-empty string, got {job!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank: expected an integer >= 0, got {rank!r}")
+        self.job = job
+        self.rank = rank
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._server = None
+        self._server_thread: threading.Thread | None = None
+        self.port: int | None = None
+        r = self.registry
+        base = _BASE_LABELS
+        lv = (job, str(rank))
+
+        self.train_samples = Counter(
+            "embshard_train_samples", "Training samples processed.", base, registry=r
+        )
+        self.train_step_seconds = Histogram(
+            "embshard_train_step_seconds",
+            "Time of one training step (forward, backward, optimizer), excluding the input wait.",
+            base, buckets=STEP_BUCKETS, registry=r,
+        )
+        self.train_loss = Gauge("embshard_train_loss", "Training loss of the last step.", base, registry=r)
+        self.eval_auc = Gauge("embshard_eval_auc", "ROC AUC of the last evaluation.", base, registry=r)
+        self.eval_logloss = Gauge(
+            "embshard_eval_logloss", "Log loss of the last evaluation.", base, registry=r
+        )
+        self.embedding_bytes = Gauge(
+            "embshard_embedding_bytes",
+            "Bytes of embedding parameters held by this rank; phase=train (incl. MLET factors and "
+            "optimizer state) or serve (collapsed).",
+            base + ("table", "phase"), registry=r,
+        )
+        self.device_memory_bytes = Gauge(
+            "embshard_device_memory_bytes",
+            "Accelerator memory of this rank's device (kind=allocated|reserved by the allocator).",
+            base + ("kind",), registry=r,
+        )
+        self.device_memory_capacity_bytes = Gauge(
+            "embshard_device_memory_capacity_bytes",
+            "Total memory of this rank's accelerator.", base, registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "embshard_checkpoint_seconds", "Time to write one checkpoint (incl. MLET collapse).",
+            base, buckets=CHECKPOINT_BUCKETS, registry=r,
+        )
+        self.mlet_collapse_seconds = Histogram(
+            "embshard_mlet_collapse_seconds", "Time to collapse the MLET factors W1*W2 of this rank.",
+            base, buckets=COLLAPSE_BUCKETS, registry=r,
+        )
+        self.pep_nonzero_params = Gauge(
+            "embshard_pep_nonzero_params", "Non-zero (surviving) PEP embedding parameters.",
+            base + ("table",), registry=r,
+        )
+        self.worker_restarts = Counter(
+            "embshard_worker_restarts", "Times this worker was restarted (resumed after a failure).",
+            base, registry=r,
+        )
+        self.data_wait_seconds = Counter(
+            "embshard_data_wait_seconds", "Time the step loop waited for input batches.",
+            base, registry=r,
+        )
+        # Process metrics (process_resident_memory_bytes, ...), labelled with job and rank.
+        proc = ProcessCollector(registry=None)
+        r.register(_ConstLabelCollector(proc, {"job": job, "rank": str(rank)}))
+
+        # Pre-bound children: the hot path never resolves labels.
+        self._samples = self.train_samples.labels(*lv)
+        self._step = self.train_step_seconds.labels(*lv)
+        self._ckpt = self.checkpoint_seconds.labels(*lv)
+        self._collapse = self.mlet_collapse_seconds.labels(*lv)
+        self._restarts = self.worker_restarts.labels(*lv)
+        self._wait = self.data_wait_seconds.labels(*lv)
+        self._lv = lv
+        # Bound on first use (tables are known only once the model is built; no CUDA on CPU).
+        self._emb: dict[tuple[str, str], object] = {}
+        self._pep: dict[str, object] = {}
+        self._devmem: tuple[object, object, object] | None = None
+        # Loss and eval gauges appear only once set: a 0.0 AUC before the first eval would lie.
+        self._loss = None
+        self._eval: tuple[object, object] | None = None
+
+    # ----------------------------------------------------------------- training loop calls
+
+    def observe_step(self, seconds: float, samples: int, loss: float | None = None) -> None:
+        """One training step: its time (without the input wait), its samples, its loss."""
+        self._samples.inc(samples)
+        self._step.observe(seconds)
+        if loss is not None:
+            child = self._loss
+            if child is None:
+                child = self._loss = self.train_loss.labels(*self._lv)
+            child.set(loss)
+
+    def add_data_wait(self, seconds: float) -> None:
+        """Time the step loop spent waiting for its next input batch."""
+        self._wait.inc(seconds)
+
+    def set_eval(self, auc: float, logloss: float) -> None:
+        """Result of the last evaluation pass."""
+        if self._eval is None:
+            self._eval = (self.eval_auc.labels(*self._lv), self.eval_logloss.labels(*self._lv))
+        self._eval[0].set(auc)  # type: ignore[attr-defined]
+        self._eval[1].set(logloss)  # type: ignore[attr-defined]
+
+    def set_embedding_bytes(self, table: str, phase: str, nbytes: int | float) -> None:
+        """Bytes of table `table` on this rank, for phase "train" or "serve"."""
+        child = self._emb.get((table, phase))
+        if child is None:
+            if phase not in PHASES:
+                raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
+            child = self._emb[(table, phase)] = self.embedding_bytes.labels(*self._lv, table, phase)
+        child.set(nbytes)  # type: ignore[attr-defined]
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        self._ckpt.observe(seconds)
+
+    def observe_collapse(self, seconds: float) -> None:
+        self._collapse.observe(seconds)
+
+    def set_pep_nonzero(self, table: str, n: int) -> None:
+        child = self._pep.get(table)
+        if child is None:
+            child = self._pep[table] = self.pep_nonzero_params.labels(*self._lv, table)
+        child.set(n)  # type: ignore[attr-defined]
+
+    def inc_restarts(self, n: int = 1) -> None:
+        """Count a restart of this worker (call once after resuming from a failure)."""
+        self._restarts.inc(n)
+
+    def set_device_memory(self, allocated: int, reserved: int, capacity: int | None = None) -> None:
+        """Explicit device-memory figures (bytes); `update_device_memory` reads them from CUDA."""
+        if self._devmem is None:
+            self._devmem = (
+                self.device_memory_bytes.labels(*self._lv, "allocated"),
+                self.device_memory_bytes.labels(*self._lv, "reserved"),
+                self.device_memory_capacity_bytes.labels(*self._lv),
+            )
+        a, r, c = self._devmem
+        a.set(allocated)  # type: ignore[attr-defined]
+        r.set(reserved)  # type: ignore[attr-defined]
+        if capacity is not None:
+            c.set(capacity)  # type: ignore[attr-defined]
+
+    def update_device_memory(self, device: object | None = None) -> bool:
+        """Read allocated/reserved/total memory of the current (or given) CUDA device.
+
+        Returns False, and exports nothing, when CUDA is not in use (CPU training; the process
+        RSS is exported regardless). torch is not imported by this module: if the trainer has
+        not imported it, there is no device memory to report. Call it every N steps, not every
+        step: it is cheap, but not free.
+        """
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return False
+        if device is None:
+            device = torch.cuda.current_device()
+        capacity = None
+        if self._devmem is None:
+            capacity = int(torch.cuda.get_device_properties(device).total_memory)
+        self.set_device_memory(
+            int(torch.cuda.memory_allocated(device)), int(torch.cuda.memory_reserved(device)), capacity
+        )
+        return True
+
+    # ----------------------------------------------------------------- serving
+
+    def start_server(self, port_base: int, local_rank: int, addr: str = "127.0.0.1") -> int:
+        """Serve this registry on http://addr:(port_base + local_rank)/metrics; returns the port.
+
+        port_base 0 binds an ephemeral port. Raises OSError naming the port if it is taken.
+        """
+        if self._server is not None:
+            raise RuntimeError(f"metrics server of rank {self.rank} already runs on port {self.port}")
+        if port_base < 0 or local_rank < 0:
+            raise ValueError(f"port_base and local_rank must be >= 0, got {port_base}, {local_rank}")
+        port = 0 if port_base == 0 else port_base + local_rank
+        if port > 65535:
+            raise ValueError(f"metrics port {port_base} + {local_rank} is above 65535")
+        try:
+            server, thread = _start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise OSError(
+                e.errno, f"cannot serve metrics of rank {self.rank} on {addr}:{port}: {e.strerror or e}"
+            ) from None
+        self._server, self._server_thread = server, thread
+        self.port = int(server.server_address[1])
+        return self.port
+
+    def stop_server(self) -> None:
+        """Stop the HTTP server (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=5)
+            self._server_thread = None
+
+    def target(self, host: str | None = None) -> str:
+        """`host:port` of the running server, for `write_file_sd`."""
+        if self.port is None:
+            raise RuntimeError("metrics server not started")
+        return f"{host or '127.0.0.1'}:{self.port}"
+
+    def metric_names(self) -> set[str]:
+        """Every sample name this registry can export (see `exported_names`)."""
+        return exported_names(self.registry)
+
+    def __enter__(self) -> "WorkerMetrics":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_server()
+
+
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "gauge": ("",),
+}
+
+
+def exported_names(registry: CollectorRegistry) -> set[str]:
+    """Sample names a registry exports, whether or not a labelled child has a value yet."""
+    names: set[str] = set()
+    for family in registry.collect():
+        for suffix in _SUFFIXES.get(family.type, ("",)):
+            names.add(family.name + suffix)
+        names.update(s.name for s in family.samples)
+    return names
+
+
+_LABEL_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def write_file_sd(path: str | os.PathLike[str], targets: list[str], labels: Mapping[str, object]) -> Path:
+    """Write a Prometheus file-based service discovery file listing `targets` (host:port).
+
+    The file is written atomically (temp file in the same folder, then rename), so a
+    Prometheus watching it never reads half a file. A `.json` path gets JSON, `.yml`/`.yaml`
+    YAML, both in the `[{"targets": [...], "labels": {...}}]` shape.
+    """
+    path = Path(path)
+    for t in targets:
+        host, sep, port = str(t).rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"file_sd target {t!r}: expected host:port")
+    clean: dict[str, str] = {}
+    for k, v in labels.items():
+        if not k or k[0].isdigit() or not set(k) <= _LABEL_OK or k.startswith("__"):
+            raise ValueError(f"file_sd label {k!r}: not a valid Prometheus label name")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"file_sd label {k!r}: value {v!r} is not finite")
+        clean[k] = str(v)
+    groups = [{"targets": [str(t) for t in targets], "labels": clean}]
+    if path.suffix == ".json":
+        text = json.dumps(groups, indent=2) + "\n"
+    elif path.suffix in (".yml", ".yaml"):
+        import yaml
+
+        text = yaml.safe_dump(groups, sort_keys=False)
+    else:
+        raise ValueError(f"file_sd {path}: must end in .json, .yml or .yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
