@@ -1,0 +1,147 @@
+"""The `embshard` command line. Every verb has --help; bad input exits non-zero with one line
+that says what was wrong and where."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from embshard.datasets import cli as data_cli
+from embshard.errors import EmbshardError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EmbshardError as e:
+        print(f"embshard: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("embshard: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embshard",
+        description="Sharded mixed-dimension embedding training on TorchRec and Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data_cli.register(commands)
+    _register_plan(commands)
+    _register_train(commands)
+    return parser
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="job config (YAML), e.g. configs/default.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config field, e.g. --set train.epochs=2 (repeatable)")
+
+
+def _register_plan(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "plan", help="turn a config's dimension policy into a TorchRec shard plan and memory report",
+        description="Decide dimensions (uniform/MDE/decisions, MLET widths), shard the block tables "
+                    "with TorchRec's planner for a topology, and print per-rank memory for training "
+                    "and serving. Needs no GPU and no cluster.")
+    _config_args(p)
+    p.add_argument("--world-size", type=int, help="ranks to plan for (default: cluster.workers)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: sharding.device)")
+    p.add_argument("--device-memory-gb", type=float, metavar="G", help="memory per rank in GiB")
+    p.add_argument("--out", type=Path, help="folder or .json path for the plan (default: <output_dir>/plan)")
+    p.set_defaults(func=_plan)
+
+
+def _register_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "train", help="train a config on Ray (a local in-process cluster unless --address)",
+        description="Plan, then train with N Ray Train workers under TorchRec's "
+                    "DistributedModelParallel. Prints validation AUC/logloss and throughput.")
+    _config_args(p)
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
+    p.add_argument("--address", help="attach to an existing Ray cluster (e.g. auto, ray://host:10001)")
+    p.set_defaults(func=_train)
+
+
+def _load(args: argparse.Namespace):
+    from embshard.trainer.config import load_job_config
+
+    return load_job_config(args.config, args.overrides)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from embshard.planner.pipeline import make_plan
+
+    cfg = _load(args)
+    sharding = replace(
+        cfg.sharding,
+        device=args.device or cfg.sharding.device,
+        device_memory_gb=args.device_memory_gb if args.device_memory_gb is not None else cfg.sharding.device_memory_gb,
+    )
+    topology = sharding.topology(args.world_size or cfg.cluster.workers)
+    out = args.out or cfg.plan_dir
+    out_dir = out.parent if out.suffix == ".json" else out
+    bundle = make_plan(
+        cfg.embeddings,
+        cfg.data.path,
+        topology,
+        out_dir,
+        batch_size=cfg.data.batch_size,
+        optimizer=cfg.train.sparse_optimizer,
+        sharding_types=sharding.sharding_types,
+    )
+    path = bundle.save()
+    if out.suffix == ".json" and out != path:
+        path = path.replace(out)
+    plan = bundle.dimension_plan
+    blocks = sum(len(t.blocks) for t in plan.tables)
+    print(f"{len(plan.tables)} tables, {blocks} blocks, base dim {plan.base_dim}, "
+          f"{topology.world_size} x {topology.device} ranks, "
+          f"serving parameters {plan.serve_params():,}")
+    for note in [*plan.notes, *bundle.shard_plan.notes]:
+        print(f"note: {note}")
+    print(bundle.memory.format())
+    bundle.memory.check_fits()
+    print(f"plan -> {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from embshard.cluster.launch import plan_for_training, train_on_ray
+
+    cfg = _load(args)
+    cluster = replace(
+        cfg.cluster,
+        workers=args.workers or cfg.cluster.workers,
+        address=args.address or cfg.cluster.address,
+    )
+    cfg = replace(cfg, cluster=cluster)
+    bundle = plan_for_training(cfg)
+    print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
+          f"per-rank training bytes "
+          + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
+    metrics = train_on_ray(cfg)
+    summary = {k: metrics.get(k) for k in ("steps", "samples", "samples_per_s", "valid_auc", "valid_logloss")}
+    print(
+        f"validation AUC {_fmt(summary['valid_auc'])}, logloss {_fmt(summary['valid_logloss'])}; "
+        f"{summary['samples'] or 0:,} samples in {summary['steps']} steps, "
+        f"{_fmt(summary['samples_per_s'], '.0f')} samples/s"
+    )
+    out = Path(cfg.output_dir)
+    print(f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, Ray logs {out / 'ray'}")
+    return 0
+
+
+def _fmt(v: float | None, spec: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""`embshard train`: plan on the driver, then run one `run_worker` per Ray Train worker.
+
+The driver plans (it has the dataset profile), writes `plan.json` into the run folder, and every
+worker trains exactly that plan. Ray Train's TorchTrainer starts the workers and their
+torch.distributed process group (gloo on CPU, nccl on GPU); its FailureConfig restarts the group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from embshard.errors import EmbshardError
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.typed_config import from_dict, to_dict
+from embshard.trainer.config import JobConfig
+from embshard.trainer.loop import SUMMARY_FILE
+
+
+def plan_for_training(cfg: JobConfig) -> PlanBundle:
+    """The plan every worker will train: the given plan file, or a fresh one for this topology."""
+    topology = cfg.sharding.topology(cfg.cluster.workers)
+    if cfg.sharding.plan_file:
+        bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
+    else:
+        bundle = make_plan(
+            cfg.embeddings,
+            cfg.data.path,
+            topology,
+            cfg.plan_dir,
+            batch_size=cfg.data.batch_size,
+            optimizer=cfg.train.sparse_optimizer,
+            sharding_types=cfg.sharding.sharding_types,
+        )
+        bundle.save()
+    bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.cluster.workers)
+    bundle.memory.check_fits()
+    return bundle
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    # Imported here: this runs in the Ray worker process.
+    from embshard.trainer.loop import run_worker
+
+    cfg = from_dict(JobConfig, config)
+    ctx = ray.train.get_context()
+    run_worker(cfg, report=ray.train.report, local_rank=ctx.get_local_rank())
+
+
+def train_on_ray(cfg: JobConfig) -> dict[str, Any]:
+    """Run the job on Ray (local in-process cluster unless cfg.cluster.address); returns the
+    final metrics of rank 0."""
+    output = Path(cfg.output_dir).resolve()
+    # Workers may run in other directories (or hosts with the same shared storage): hand them
+    # absolute paths.
+    cfg = replace(
+        cfg,
+        output_dir=str(output),
+        data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
+        sharding=replace(cfg.sharding, plan_file=str((output / "plan" / "plan.json"))),
+    )
+    _init_ray(cfg)
+    use_gpu = cfg.sharding.device == "cuda"
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(output / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface the worker's own message
+        cause = _root_cause(e)
+        if isinstance(cause, EmbshardError):
+            raise cause from None
+        raise
+    # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
+    return json.loads((output / SUMMARY_FILE).read_text())
+
+
+def _init_ray(cfg: JobConfig) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, log_to_driver=True)
+        return
+    # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
+    # scheduling budget, and the workers mostly wait on each other's collectives.
+    need = cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+        if nxt is None:
+            break
+        e = nxt
+    return e

@@ -1,0 +1,140 @@
+"""The whole planning pipeline in one call, shared by `embshard plan` and `embshard train`.
+
+dataset spec + id profile + `embeddings:` config -> DimensionPlan -> TorchRec shard plan for a
+topology -> memory report, saved together as one `plan.json` (remap files beside it). Training on
+a saved plan rebuilds exactly the planned layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embshard.datasets.profile import Profile, load_profile
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import PlanError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.memory import MemoryReport, memory_report
+from embshard.planner.optimizers import SparseOptimizer
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.remap import load_remap
+from embshard.planner.shard_plan import ShardPlan, plan_sharding
+from embshard.planner.topology import TopologySpec
+from embshard.planner.types import DimensionPlan
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class PlanBundle:
+    dimension_plan: DimensionPlan
+    shard_plan: ShardPlan
+    memory: MemoryReport
+    directory: Path  # plan.json and the remap files live here
+
+    def save(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / PLAN_FILE
+        payload = self.to_json()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dimension_plan": self.dimension_plan.to_json(),
+            "shard_plan": self.shard_plan.to_json(),
+            "memory": self.memory.to_json(),
+        }
+
+    @staticmethod
+    def from_json(raw: dict[str, Any], directory: Path, optimizer: SparseOptimizer) -> "PlanBundle":
+        where = str(directory / PLAN_FILE)
+        try:
+            dim_plan = DimensionPlan.from_json(raw["dimension_plan"], where)
+            shard = ShardPlan.from_json(raw["shard_plan"], where)
+        except KeyError as e:
+            raise PlanError(f"{where}: missing section {e}") from None
+        return PlanBundle(dim_plan, shard, memory_report(dim_plan, shard, optimizer), directory)
+
+    @staticmethod
+    def load(path: str | Path, optimizer: SparseOptimizer) -> "PlanBundle":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        if not path.is_file():
+            raise PlanError(f"{path}: plan file not found (write one with `embshard plan`)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not JSON ({e})") from None
+        return PlanBundle.from_json(raw, path.parent, optimizer)
+
+    def id_maps(self) -> dict[str, np.ndarray]:
+        return load_id_maps(self.dimension_plan, self.directory)
+
+
+def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:
+    """feature -> id -> ranked-row permutation, for every table whose rows are reordered."""
+    maps = {}
+    for table in plan.tables:
+        if table.remap is not None:
+            remap = load_remap(directory / table.remap, table.num_embeddings)
+            maps.update({f: remap for f in table.features})
+    return maps
+
+
+def make_plan(
+    embeddings: EmbeddingsConfig,
+    dataset_dir: str | Path,
+    topology: TopologySpec,
+    out_dir: str | Path,
+    *,
+    batch_size: int,
+    optimizer: SparseOptimizer,
+    sharding_types: list[str] | None = None,
+) -> PlanBundle:
+    out_dir = Path(out_dir)
+    spec = DatasetSpec.load(dataset_dir)
+    profile = load_profile(dataset_dir)
+    counts = {f: profile.counts(f) for f in spec.sparse_names}
+    dim_plan = plan_dimensions(embeddings, spec, counts, out_dir)
+    shard = plan_sharding(
+        dim_plan,
+        topology,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        pooling_factors=block_pooling_factors(dim_plan, profile, counts, load_id_maps(dim_plan, out_dir)),
+        sharding_types=sharding_types,
+    )
+    return PlanBundle(dim_plan, shard, memory_report(dim_plan, shard, optimizer), out_dir)
+
+
+def block_pooling_factors(
+    plan: DimensionPlan,
+    profile: Profile,
+    counts: dict[str, np.ndarray],
+    id_maps: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """Measured ids per example for each block table: the feature's pooling factor times the
+    share of its lookups that land in the block (TorchRec's planner sizes comms and compute by it)."""
+    factors: dict[str, float] = {}
+    for table in plan.tables:
+        for feature in table.features:
+            pf = profile.pooling_factor(feature)
+            c = counts[feature]
+            ranked = np.empty_like(c)
+            ranked[id_maps[feature] if feature in id_maps else np.arange(len(c))] = c
+            total = max(int(c.sum()), 1)
+            for i, b in enumerate(table.blocks):
+                share = float(ranked[b.start : b.end].sum()) / total
+                name = table.block_name(i)
+                factors[name] = factors.get(name, 0.0) + pf * share
+    return factors
+
+

@@ -1,0 +1,124 @@
+"""The job config: one typed object is the single source of every knob.
+
+YAML files in `configs/` are validated into `JobConfig` by `embshard.typed_config`; an error names
+the field (`train.batch_size: expected an integer, got 'abc'`). Each section is read by exactly one
+component: `data` by the reader, `model` by the model builder, `embeddings` by the planner,
+`sharding` by the shard planner, `train` by the loop, `metrics`/`checkpoint` by their components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from embshard.errors import ConfigError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.optimizers import SparseOptimizer
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.metrics import MetricsConfig
+from embshard.typed_config import load_yaml
+
+
+@dataclass
+class DataConfig:
+    path: str = "outputs/default/data"  # a dataset written by `embshard data synth|convert`
+    batch_size: int = 2048  # per worker
+    eval_batch_size: int = 8192
+    shuffle: bool = True
+    prefetch: int = 4  # batches assembled ahead on a background thread
+    validate: bool = True  # check ids and dense values of every batch (cheap; vectorised)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ModelConfig:
+    # Hidden layers only: the dense arch always ends at the embedding base dim (DLRM's dot
+    # interaction needs it) and the over arch always ends in one logit.
+    dense_arch: list[int] = field(default_factory=lambda: [128, 64])
+    over_arch: list[int] = field(default_factory=lambda: [256, 128])
+
+    def __post_init__(self) -> None:
+        for name in ("dense_arch", "over_arch"):
+            if any(w < 1 for w in getattr(self, name)):
+                raise ConfigError(f"{name}: layer widths must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ShardingConfig:
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_memory_gb: float | None = None  # per rank; None = the device default
+    sharding_types: list[str] | None = None  # restrict TorchRec's choice; None = all the device supports
+    plan_file: str | None = None  # train on a plan written by `embshard plan` instead of planning
+
+    def topology(self, world_size: int) -> TopologySpec:
+        return TopologySpec(world_size=world_size, device=self.device, device_memory_gb=self.device_memory_gb)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many steps (all epochs together)
+    sparse_optimizer: SparseOptimizer = "rowwise_adagrad"  # fused into TorchRec's backward
+    sparse_lr: float = 0.05
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: float = 1e-3
+    eval_every: int | None = None  # steps; None = at the end of every epoch
+    eval_max_batches: int | None = None  # cap evaluation work (None = the whole split)
+    log_every: int = 50
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
+        for name in ("sparse_lr", "dense_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "eval_max_batches"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {v}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every: must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class ClusterConfig:
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # None = start a local Ray in-process
+    max_failures: int = 0  # worker-group restarts Ray Train may do
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker: must be positive, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
+
+
+@dataclass
+class JobConfig:
+    name: str = "embshard"
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(enabled=False))
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def plan_dir(self) -> Path:
+        return Path(self.output_dir) / "plan"
+
+
+def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    return load_yaml(JobConfig, path, overrides)

@@ -1,0 +1,52 @@
+"""DLRM from TorchRec's building blocks, over a `PlannedEmbeddingBags` instead of a bare
+EmbeddingBagCollection, so every dimension plan (uniform, MDE, AutoDim, PEP, MLET) trains with the
+same dense and interaction arches."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from embshard.planner.types import DimensionPlan
+from embshard.sharding.planned_embedding import PlannedEmbeddingBags
+from embshard.trainer.config import ModelConfig
+
+
+class DLRM(nn.Module):
+    def __init__(
+        self,
+        plan: DimensionPlan,
+        num_dense: int,
+        config: ModelConfig,
+        embedding_device: torch.device | None = None,
+        dense_device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.embeddings = PlannedEmbeddingBags(plan, device=embedding_device)
+        self.feature_names = self.embeddings.feature_names
+        d = plan.base_dim
+        f = len(self.feature_names)
+        self.num_dense = num_dense
+        # Datasets without dense features (MovieLens, Avazu) feed a constant 1: the dense arch
+        # then learns a bias vector in embedding space, and the interaction stays DLRM's.
+        self.dense_arch = DenseArch(max(num_dense, 1), [*config.dense_arch, d], device=dense_device)
+        self.interaction = InteractionArch(num_sparse_features=f)
+        self.over_arch = OverArch(d + choose(f, 2) + f, [*config.over_arch, 1], device=dense_device)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """-> logits [B]"""
+        if self.num_dense == 0:
+            dense = torch.ones(sparse.stride(), 1, device=dense.device)
+        embedded = self.embeddings(sparse)
+        if embedded.keys() != self.feature_names:
+            embedded = _reorder(embedded, self.feature_names)
+        sparse_t = embedded.values().reshape(-1, len(self.feature_names), self.embeddings.base_dim)
+        dense_t = self.dense_arch(dense)
+        return self.over_arch(self.interaction(dense_t, sparse_t)).squeeze(-1)
+
+
+def _reorder(kt: KeyedTensor, names: list[str]) -> KeyedTensor:
+    d = kt.to_dict()
+    return KeyedTensor.from_tensor_list(names, [d[n] for n in names])
