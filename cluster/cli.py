@@ -67,6 +67,9 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
     _config_args(p)
     p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
     p.add_argument("--address", help="attach to an existing Ray cluster (e.g. auto, ray://host:10001)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="resume from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
+                        "also works on another worker count (the tables are resharded)")
     p.set_defaults(func=_train)
 
 
@@ -122,7 +125,8 @@ def _train(args: argparse.Namespace) -> int:
         workers=args.workers or cfg.cluster.workers,
         address=args.address or cfg.cluster.address,
     )
-    cfg = replace(cfg, cluster=cluster)
+    checkpoint = replace(cfg.checkpoint, resume=args.resume or cfg.checkpoint.resume)
+    cfg = replace(cfg, cluster=cluster, checkpoint=checkpoint)
     bundle = plan_for_training(cfg)
     print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
           f"per-rank training bytes "
@@ -134,8 +138,14 @@ def _train(args: argparse.Namespace) -> int:
         f"{summary['samples'] or 0:,} samples in {summary['steps']} steps, "
         f"{_fmt(summary['samples_per_s'], '.0f')} samples/s"
     )
+    if metrics.get("restarts"):
+        print(f"recovered from {metrics['restarts']} worker-group restart(s)")
+    if metrics.get("preempted"):
+        print(f"preempted (SIGTERM) at step {metrics['steps']}; checkpoint {metrics.get('checkpoint')}; "
+              f"run the same command again to continue")
     out = Path(cfg.output_dir)
-    print(f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, Ray logs {out / 'ray'}")
+    print(f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, "
+          f"checkpoints {cfg.checkpoint_dir}, Ray logs {out / 'ray'}")
     return 0
 
 

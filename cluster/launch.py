@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,27 @@ import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from embshard.datasets.profile import load_profile
 from embshard.errors import EmbshardError
-from embshard.planner.pipeline import PlanBundle, make_plan
-from embshard.typed_config import from_dict, to_dict
+from embshard.planner.memory import memory_report
+from embshard.planner.pipeline import PlanBundle, block_pooling_factors, make_plan
+from embshard.planner.shard_plan import plan_sharding
+from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
+from embshard.trainer.checkpoint import complete_checkpoints, resolve_source, valid_checkpoints
 from embshard.trainer.config import JobConfig
 from embshard.trainer.loop import SUMMARY_FILE
+from embshard.trainer.restarts import reset_starts
+from embshard.typed_config import from_dict, to_dict
 
 
 def plan_for_training(cfg: JobConfig) -> PlanBundle:
-    """The plan every worker will train: the given plan file, or a fresh one for this topology."""
+    """The plan every worker will train: the plan of the checkpoint the run resumes from, else
+    the given plan file, else a fresh one for this topology."""
     topology = cfg.sharding.topology(cfg.cluster.workers)
-    if cfg.sharding.plan_file:
+    source = resume_source(cfg)
+    if source is not None:
+        bundle = plan_from_checkpoint(cfg, source)
+    elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
     else:
         bundle = make_plan(
@@ -43,6 +54,42 @@ def plan_for_training(cfg: JobConfig) -> PlanBundle:
         bundle.save()
     bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.cluster.workers)
     bundle.memory.check_fits()
+    return bundle
+
+
+def resume_source(cfg: JobConfig) -> Path | None:
+    """The checkpoint workers will resume from (the same choice they make; manifests only)."""
+    if not cfg.checkpoint.enabled:
+        return None
+    candidates = complete_checkpoints(cfg.checkpoint_dir)
+    if not candidates and cfg.checkpoint.resume:
+        candidates = resolve_source(cfg.checkpoint.resume)
+    return next(iter(valid_checkpoints(candidates)), None)
+
+
+def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:
+    """The checkpoint's DimensionPlan (dims, remaps), sharded for this run's topology.
+
+    The same world size keeps the checkpoint's shard plan; another one re-runs TorchRec's planner
+    over the unchanged DimensionPlan, and DCP reshards the saved tables into the new layout."""
+    shutil.copytree(checkpoint / CHECKPOINT_PLAN_DIR, cfg.plan_dir, dirs_exist_ok=True)
+    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    topology = cfg.sharding.topology(cfg.cluster.workers)
+    if bundle.shard_plan.topology != topology:
+        dim_plan = bundle.dimension_plan
+        profile = load_profile(cfg.data.path)
+        counts = {f: profile.counts(f) for t in dim_plan.tables for f in t.features}
+        shard = plan_sharding(
+            dim_plan,
+            topology,
+            batch_size=cfg.data.batch_size,
+            optimizer=cfg.train.sparse_optimizer,
+            pooling_factors=block_pooling_factors(dim_plan, profile, counts, bundle.id_maps()),
+            sharding_types=cfg.sharding.sharding_types,
+        )
+        bundle = PlanBundle(dim_plan, shard, memory_report(dim_plan, shard, cfg.train.sparse_optimizer),
+                            cfg.plan_dir)
+    bundle.save()
     return bundle
 
 
@@ -66,7 +113,13 @@ def train_on_ray(cfg: JobConfig) -> dict[str, Any]:
         output_dir=str(output),
         data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
         sharding=replace(cfg.sharding, plan_file=str((output / "plan" / "plan.json"))),
+        checkpoint=replace(
+            cfg.checkpoint,
+            dir=str(cfg.checkpoint_dir.resolve()),
+            resume=str(Path(cfg.checkpoint.resume).resolve()) if cfg.checkpoint.resume else None,
+        ),
     )
+    reset_starts(output)
     _init_ray(cfg)
     use_gpu = cfg.sharding.device == "cuda"
     trainer = TorchTrainer(
@@ -106,6 +159,8 @@ def _init_ray(cfg: JobConfig) -> None:
     need = cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook).
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBSHARD_")}},
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,

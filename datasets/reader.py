@@ -1,7 +1,10 @@
 """Streaming, rank-partitioned batches from a dataset split.
 
-Work is split across ranks by Parquet row group: each epoch the row groups are (optionally)
-shuffled with a seeded RNG and rank r takes every world_size-th one. Ranks run collective ops every
+Work is split across ranks by rows of Parquet row groups: each epoch the row groups are
+(optionally) shuffled with a seeded RNG, laid end to end, and rank r takes the r-th of world_size
+equal contiguous row ranges, so ranks stay balanced even when a split has fewer row groups than
+there are ranks (a small validation split, say). A rank reads only the row groups its range
+touches; the two ranks that share a group shuffle it identically and take disjoint slices. Ranks run collective ops every
 step, so all of them must yield the same number of batches: that number is computed from Parquet
 metadata alone (no data read) as the minimum over ranks. Batches are assembled on a background
 thread into a bounded queue so the training loop rarely waits for I/O.
@@ -54,6 +57,19 @@ class _RowGroup:
     ordinal: int  # position in the split's row-group list: seeds the in-group shuffle
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Rows [start, stop) of a (shuffled) row group that belong to one rank."""
+
+    group: _RowGroup
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
 class _Failure:
     """Carries an exception from the producer thread to the consumer."""
 
@@ -89,7 +105,8 @@ class ParquetBatchReader:
         self.prefetch = prefetch
         self.validate = validate
         self.columns = [self.spec.label, *self.spec.dense, *self.spec.sparse_names, *self.spec.extra]
-        self.groups = self._row_groups(split_dir(dataset_dir, split))
+        self.split_path = split_dir(dataset_dir, split)
+        self.groups = self._row_groups(self.split_path)
         self.id_maps = self._check_id_maps(id_maps or {})
         self.epoch = 0
         self.wait_seconds = 0.0  # cumulative time the consumer blocked on the queue
@@ -102,7 +119,7 @@ class ParquetBatchReader:
         self._consumed = self._resume[1] if resuming else 0
 
     def __len__(self) -> int:
-        rows = [sum(g.rows for g in groups) for groups in self._assignment(self.epoch)]
+        rows = [sum(p.rows for p in pieces) for pieces in self._assignment(self.epoch)]
         per_rank = [(r // self.batch_size) if self.drop_last else math.ceil(r / self.batch_size) for r in rows]
         return min(per_rank)
 
@@ -122,11 +139,11 @@ class ParquetBatchReader:
         total = len(self)
         skip = min(skip, total)
         self._consumed = skip
-        groups = self._assignment(epoch)[self.rank]
+        pieces = self._assignment(epoch)[self.rank]
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         worker = threading.Thread(
-            target=self._produce, args=(groups, epoch, skip, total - skip, out, stop),
+            target=self._produce, args=(pieces, epoch, skip, total - skip, out, stop),
             name=f"embshard-reader-r{self.rank}", daemon=True)
         worker.start()
         try:
@@ -173,11 +190,24 @@ class ParquetBatchReader:
                 first += n
         return groups
 
-    def _assignment(self, epoch: int) -> list[list[_RowGroup]]:
+    def _assignment(self, epoch: int) -> list[list[_Piece]]:
         order = np.arange(len(self.groups))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        return [[self.groups[i] for i in order[r::self.world_size]] for r in range(self.world_size)]
+        groups = [self.groups[i] for i in order]
+        ends = np.cumsum([g.rows for g in groups])
+        total = int(ends[-1]) if len(ends) else 0
+        bounds = [total * r // self.world_size for r in range(self.world_size + 1)]
+        pieces: list[list[_Piece]] = []
+        for r in range(self.world_size):
+            lo, hi = bounds[r], bounds[r + 1]
+            mine = []
+            for g, end in zip(groups, ends):
+                begin = int(end) - g.rows
+                if begin < hi and end > lo:
+                    mine.append(_Piece(g, max(lo, begin) - begin, min(hi, int(end)) - begin))
+            pieces.append(mine)
+        return pieces
 
     def _check_id_maps(self, id_maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = {}
@@ -191,7 +221,7 @@ class ParquetBatchReader:
 
     # -- producer thread -----------------------------------------------------------------------
 
-    def _produce(self, groups: list[_RowGroup], epoch: int, skip_batches: int, n_batches: int,
+    def _produce(self, pieces: list[_Piece], epoch: int, skip_batches: int, n_batches: int,
                  out: queue.Queue, stop: threading.Event) -> None:
         def put(item: object) -> bool:
             while not stop.is_set():
@@ -208,17 +238,19 @@ class ParquetBatchReader:
             pending: list[pa.Table] = []
             pending_rows = 0
             made = 0
-            for group in groups:
+            for piece in pieces:
                 if made == n_batches or stop.is_set():
                     break
-                # Resume: whole row groups already consumed are skipped without reading them;
-                # the in-group shuffle is seeded per group, so the rest is identical to before.
-                if skip_rows >= group.rows:
-                    skip_rows -= group.rows
+                # Resume: pieces already consumed are skipped without reading them; the in-group
+                # shuffle is seeded per group, so the rest is identical to before.
+                if skip_rows >= piece.rows:
+                    skip_rows -= piece.rows
                     continue
+                group = piece.group
                 if group.path not in files:
                     files[group.path] = pq.ParquetFile(group.path)
-                table = self._load(files[group.path], group, epoch).slice(skip_rows)
+                table = self._load(files[group.path], group, epoch)
+                table = table.slice(piece.start + skip_rows, piece.rows - skip_rows)
                 skip_rows = 0
                 pending.append(table)
                 pending_rows += table.num_rows

@@ -66,10 +66,11 @@ class MemoryReport:
         need = self.per_rank[worst]["train_bytes"]
         if need > self.capacity_bytes:
             tables = sorted(self.table_bytes(worst).items(), key=lambda kv: -kv[1][0])[:3]
-            names = ", ".join(f"{t} ({b[0] / 2**30:.2f} GiB)" for t, b in tables)
+            # _human, not fixed GiB: a shortfall of a few MiB must not print as "0.00 GiB".
+            names = ", ".join(f"{t} ({_human(b[0])})" for t, b in tables)
             raise PlanError(
-                f"rank {worst} needs {need / 2**30:.2f} GiB for training but has "
-                f"{self.capacity_bytes / 2**30:.2f} GiB (short by {(need - self.capacity_bytes) / 2**30:.2f} GiB); "
+                f"rank {worst} needs {_human(need)} for training but has "
+                f"{_human(self.capacity_bytes)} (short by {_human(need - self.capacity_bytes)}); "
                 f"largest tables there: {names}"
             )
 

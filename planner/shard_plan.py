@@ -9,24 +9,39 @@ JSON: a plan made on a laptop is the layout the cluster trains with.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, PlannerErrorType
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    PlannerError,
+    PlannerErrorType,
+    Topology,
+)
 from torchrec.distributed.types import (
     EmbeddingModuleShardingPlan,
     ParameterSharding,
     ShardingPlan,
 )
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from embshard.errors import PlanError
+from embshard.planner.capacity import (
+    RESERVED_FRACTION,
+    Demand,
+    check_can_fit,
+    shortfall_error,
+    usable_bytes,
+)
 from embshard.planner.optimizers import SparseOptimizer, torch_optimizer_class
+from embshard.planner.search import SearchPolicy
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import DimensionPlan
 
@@ -152,46 +167,68 @@ def plan_sharding(
     optimizer: SparseOptimizer = "rowwise_adagrad",
     pooling_factors: Mapping[str, float] | None = None,
     sharding_types: list[str] | None = None,
+    search: SearchPolicy | None = None,
 ) -> ShardPlan:
     """Run TorchRec's EmbeddingShardingPlanner over the block tables of `plan` for `topology`.
 
-    Needs no devices and no process group: the tables are built on the meta device.
+    Needs no devices and no process group: the tables are built on the meta device. `search`
+    decides how much of TorchRec's search space the plan gets (all of it for small plans).
     """
+    configs = block_table_configs(plan)
     constraints, notes = make_constraints(plan, topology, pooling_factors, sharding_types)
-    ebc = EmbeddingBagCollection(tables=block_table_configs(plan), device=torch.device("meta"))
+    torchrec_topology = topology.to_torchrec()
+    demand = Demand.of(configs, optimizer)
+    check_can_fit(demand, topology, torchrec_topology)
+    chosen = (search or SearchPolicy()).search(configs, constraints, topology, demand)
+
+    ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
     # The planner sizes optimizer state from the optimizer attached to the parameters.
-    apply_optimizer_in_backward(torch_optimizer_class(optimizer), ebc.parameters(), {"lr": 0.01})
+    _apply_optimizer_in_backward(torch_optimizer_class(optimizer), ebc.parameters(), {"lr": 0.01})
     planner = EmbeddingShardingPlanner(
-        topology=topology.to_torchrec(),
+        topology=torchrec_topology,
         batch_size=batch_size,
-        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(RESERVED_FRACTION),
+        proposer=chosen.proposers,
+        constraints=chosen.constraints,
+        # embshard prints its own per-rank report; TorchRec's stats table is only logged.
+        stats=[],
         debug=False,
+        timeout_seconds=chosen.timeout_seconds,
     )
     try:
-        torchrec_plan = planner.plan(ebc, [EmbeddingBagCollectionSharder()])
+        with _no_data_parallel_spec_warning():
+            torchrec_plan = planner.plan(ebc, [EmbeddingBagCollectionSharder()])
     except PlannerError as e:
-        raise _explain_planner_error(e, plan, topology) from None
+        raise _explain_planner_error(e, demand, topology, torchrec_topology) from None
     module_plan = torchrec_plan.plan[""]
-    return ShardPlan(sharding=dict(module_plan.items()), topology=topology, notes=notes)
+    return ShardPlan(sharding=dict(module_plan.items()), topology=topology, notes=notes + chosen.notes)
 
 
-def _explain_planner_error(e: PlannerError, plan: DimensionPlan, topology: TopologySpec) -> PlanError:
-    if e.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
-        return PlanError(f"TorchRec's planner failed for {topology.world_size} x {topology.device}: {e}")
-    sizes = sorted(
-        ((c.num_embeddings * c.embedding_dim * 4, c.name) for c in block_table_configs(plan)),
-        reverse=True,
-    )
-    total = sum(s for s, _ in sizes)
-    capacity = topology.capacity_bytes * topology.world_size
-    largest = ", ".join(f"{n} ({s / 2**30:.2f} GiB)" for s, n in sizes[:3])
-    return PlanError(
-        f"plan does not fit {topology.world_size} x {topology.device} at "
-        f"{topology.capacity_bytes / 2**30:.1f} GiB per rank: weights alone need "
-        f"{total / 2**30:.2f} GiB of {capacity / 2**30:.1f} GiB in all before optimizer state and "
-        f"buffers; largest tables: {largest}. Add ranks or memory, or shrink the dims "
-        f"(MDE budget, PEP)."
-    )
+class _DropMissingSpecWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Sharding spec not found for")
+
+
+@contextmanager
+def _no_data_parallel_spec_warning() -> Iterator[None]:
+    """TorchRec warns on the root logger for every data-parallel table, which has no sharding spec
+    by design: one line per table of noise for a plan that is as intended."""
+    root = logging.getLogger()
+    quiet = _DropMissingSpecWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def _explain_planner_error(
+    e: PlannerError, demand: Demand, topology: TopologySpec, torchrec_topology: Topology
+) -> PlanError:
+    if e.error_type in (PlannerErrorType.INSUFFICIENT_STORAGE, PlannerErrorType.PARTITION):
+        return shortfall_error(demand, topology, usable_bytes(torchrec_topology))
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.error_type.value
+    return PlanError(f"TorchRec's planner failed for {topology.world_size} x {topology.device}: {first_line}")
 
 
 def _sharding_to_json(ps: ParameterSharding) -> dict[str, Any]:

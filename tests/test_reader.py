@@ -96,8 +96,17 @@ def test_ranks_partition_rows_with_equal_batch_counts(dataset: Path) -> None:
             seen.append(np.concatenate(rids))
         assert len(set(seen[0]) & set(seen[1])) == 0
         assert set(np.concatenate(seen)) <= set(range(sum(FILE_ROWS)))
-    # Rank row counts differ (507 rows in 11 groups), yet both yield min(full batches).
-    assert len(readers[0]) == len(readers[1]) > 0
+    # 507 rows split into contiguous halves of 253 and 254 rows: 7 full batches each.
+    assert len(readers[0]) == len(readers[1]) == 253 // 32
+
+
+def test_fewer_row_groups_than_ranks_still_feeds_every_rank(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "one", tables=[_table(0, 40, np.random.default_rng(2))])
+    readers = [ParquetBatchReader(root, "train", 8, rank=r, world_size=3, seed=0, drop_last=False)
+               for r in range(3)]
+    rids = [np.concatenate(_rids(r)) for r in readers]
+    assert [len(x) for x in rids] == [13, 13, 14]  # one 40-row group cut into near-equal slices
+    assert sorted(np.concatenate(rids).tolist()) == list(range(40))
 
 
 def test_order_is_deterministic_per_seed_and_epoch(dataset: Path) -> None:

@@ -1,4 +1,4 @@
-"""Cross-cutting concerns of the train loop as callbacks: progress, metrics, reporting.
+"""Cross-cutting concerns of the train loop as callbacks: progress, metrics, reporting, checkpoints.
 
 The loop calls every callback at the same points; each concern lives in one class, so the loop
 itself reads as build -> iterate -> report.
@@ -7,13 +7,19 @@ itself reads as build -> iterate -> report.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+from torch import nn
+from torchrec.optim.keyed import KeyedOptimizer
 from tqdm import tqdm
 
+from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.metrics import WorkerMetrics
+from embshard.trainer.preemption import SigtermGuard
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,8 @@ class StepInfo:
 
 
 class Callback:
+    stop_requested: bool = False  # set by a callback that wants the loop to end after this step
+
     def on_train_start(self, total_steps: int) -> None: ...
     def on_step(self, info: StepInfo) -> None: ...
     def on_eval(self, step: int, result: EvalResult) -> None: ...
@@ -84,3 +92,43 @@ class ReportCallback(Callback):
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         self.report(summary)
+
+
+class CheckpointCallback(Callback):
+    """Checkpoints every N steps, at the end, and after the step in which SIGTERM arrived
+    (then it asks the loop to stop). `snapshot` returns the loop's progress at the call."""
+
+    def __init__(self, manager: CheckpointManager, model: nn.Module, optimizer: KeyedOptimizer,
+                 snapshot: Callable[[], Progress], config: dict[str, Any], plan_dir: Path,
+                 every_steps: int | None, guard: SigtermGuard | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.manager = manager
+        self.model = model
+        self.optimizer = optimizer
+        self.snapshot = snapshot
+        self.config = config
+        self.plan_dir = plan_dir
+        self.every_steps = every_steps
+        self.guard = guard
+        self.metrics = metrics
+        self.saved_step: int | None = None
+        self.last_path: Path | None = None
+
+    def on_step(self, info: StepInfo) -> None:
+        preempted = self.guard is not None and self.guard.any_rank_signalled()
+        if preempted or (self.every_steps and info.step % self.every_steps == 0):
+            self.save()
+        self.stop_requested = preempted
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        if self.saved_step != summary["steps"]:
+            self.save()
+        summary["checkpoint"] = str(self.last_path) if self.last_path else None
+
+    def save(self) -> None:
+        progress = self.snapshot()
+        start = time.perf_counter()
+        self.last_path = self.manager.save(progress, self.model, self.optimizer, self.config, self.plan_dir)
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint(time.perf_counter() - start)
+        self.saved_step = progress.step

@@ -87,6 +87,29 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Read by the checkpoint component (trainer/checkpoint.py documents the folder layout).
+
+    A run always resumes from the newest good checkpoint in `dir` when there is one: that is how
+    a restarted worker group (Ray Train's FailureConfig) continues, and why re-running a job
+    into the same output_dir continues it. `resume` is used only while `dir` holds none.
+    """
+
+    enabled: bool = True
+    dir: str | None = None  # None = <output_dir>/checkpoints
+    every_steps: int | None = None  # None = only at the end (and on SIGTERM)
+    keep: int = 2  # the newest K complete checkpoints are kept
+    on_sigterm: bool = True  # finish the step, checkpoint, stop cleanly
+    resume: str | None = None  # a checkpoint dir or one step-NNNNNN folder of another run
+
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise ConfigError(f"every_steps: must be >= 1, got {self.every_steps}")
+        if self.keep < 1:
+            raise ConfigError(f"keep: must be >= 1, got {self.keep}")
+
+
+@dataclass
 class ClusterConfig:
     workers: int = 2
     cpus_per_worker: float = 1.0
@@ -114,10 +137,15 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(enabled=False))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def plan_dir(self) -> Path:
         return Path(self.output_dir) / "plan"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
 
 
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

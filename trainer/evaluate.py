@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from embshard.datasets.reader import ParquetBatchReader
+from embshard.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ def evaluate(
     local_logits = torch.cat(logits) if logits else torch.empty(0, device=device)
     local_labels = torch.cat(labels) if labels else torch.empty(0, device=device)
     all_logits, all_labels = _gather(local_logits), _gather(local_labels)
+    if len(all_labels) == 0:
+        raise DataError(f"{reader.split_path}: no rows to evaluate on")
     auc = binary_auroc(torch.sigmoid(all_logits), all_labels.long()).item()
     logloss = F.binary_cross_entropy_with_logits(all_logits, all_labels).item()
     return EvalResult(auc=auc, logloss=logloss, examples=len(all_labels))

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,10 +21,28 @@ import torch.nn.functional as F
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import ShardedModel, build_sharded
-from embshard.trainer.callbacks import Callback, ProgressBar, PrometheusCallback, ReportCallback, StepInfo
+from embshard.trainer.callbacks import (
+    Callback,
+    CheckpointCallback,
+    ProgressBar,
+    PrometheusCallback,
+    ReportCallback,
+    StepInfo,
+)
+from embshard.trainer.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    Progress,
+    complete_checkpoints,
+    resolve_source,
+)
 from embshard.trainer.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
+from embshard.trainer.faults import crash_from_env
 from embshard.trainer.metrics import WorkerMetrics, write_file_sd
+from embshard.trainer.preemption import SigtermGuard
+from embshard.trainer.restarts import record_start
+from embshard.typed_config import to_dict
 
 
 def worker_device(cfg: JobConfig, local_rank: int) -> torch.device:
@@ -72,16 +91,21 @@ def run_worker(
     train_reader = make_reader(cfg, bundle, "train", rank, world)
     valid_reader = make_reader(cfg, bundle, "valid", rank, world)
     sharded = build_sharded(cfg, bundle, len(train_reader.spec.dense), device)
+    output_dir = Path(cfg.output_dir)
+    restarts = record_start(output_dir)
 
-    callbacks: list[Callback] = []
-    if rank == 0 and cfg.train.progress:
-        callbacks.append(ProgressBar(world))
+    progress = Progress(world_size=world, batch_size=cfg.data.batch_size)
+    resumed_from = None
+    if cfg.checkpoint.enabled:
+        resumed_from, progress = _resume(cfg, sharded, train_reader, progress)
     metrics = _start_metrics(cfg, bundle, rank, local_rank)
-    if metrics is not None:
-        callbacks.append(PrometheusCallback(metrics))
-    if report is not None:
-        callbacks.append(ReportCallback(report))
+    if metrics is not None and restarts:
+        metrics.inc_restarts(restarts)
 
+    def snapshot() -> Progress:
+        return replace(progress, reader=train_reader.state_dict())
+
+    callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world)
     steps_per_epoch = len(train_reader)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
@@ -89,54 +113,68 @@ def run_worker(
     for cb in callbacks:
         cb.on_train_start(total)
 
-    step, samples, first_loss, last_loss = 0, 0, None, None
+    last_loss: float | None = None
     result: EvalResult | None = None
+    stopped = False
     started = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(progress.epoch, cfg.train.epochs):
+        if progress.step >= total:
+            break
+        progress.epoch = epoch
         train_reader.set_epoch(epoch)
         waited = train_reader.wait_seconds
         tick = time.perf_counter()
         for batch in train_reader:
-            if step >= total:
-                break
             wait = train_reader.wait_seconds - waited
             batch = batch.to(device, non_blocking=True)
             loss = train_step(sharded, batch)
-            step += 1
-            samples += batch.labels.numel()
-            log = step % cfg.train.log_every == 0 or step == total
-            loss_value = loss.item() if log or first_loss is None else None
+            progress.step += 1
+            progress.samples += batch.labels.numel() * world
+            log = progress.step % cfg.train.log_every == 0 or progress.step == total
+            loss_value = loss.item() if log or progress.first_loss is None else None
             if loss_value is not None:
-                first_loss = loss_value if first_loss is None else first_loss
+                progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
                 last_loss = loss_value
             now = time.perf_counter()
-            info = StepInfo(step, epoch, batch.labels.numel(), now - tick - wait, wait, loss_value)
+            info = StepInfo(progress.step, epoch, batch.labels.numel(), now - tick - wait, wait, loss_value)
             for cb in callbacks:
                 cb.on_step(info)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                result = _evaluate(cfg, sharded, valid_reader, device, step, callbacks)
+            stopped = any(cb.stop_requested for cb in callbacks)
+            if stopped:
+                break
+            if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
+                result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
+            # Stop before fetching another batch: the reader position saved at the end must
+            # count only batches that were trained.
+            if progress.step >= total:
+                break
             waited, tick = train_reader.wait_seconds, time.perf_counter()
-        if cfg.train.eval_every is None or result is None:
-            result = _evaluate(cfg, sharded, valid_reader, device, step, callbacks)
-        if step >= total:
+        if stopped:
             break
+        if cfg.train.eval_every is None or result is None:
+            result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
+    if result is None and not stopped:  # resumed with nothing left to train
+        result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
     elapsed = time.perf_counter() - started
 
     summary = {
-        "steps": step,
-        "samples": samples * world,
+        "steps": progress.step,
+        "samples": progress.samples,
         "seconds": elapsed,
-        "samples_per_s": samples * world / elapsed if elapsed > 0 else 0.0,
-        "first_loss": first_loss,
+        "samples_per_s": progress.samples / elapsed if elapsed > 0 else 0.0,
+        "first_loss": progress.first_loss,
         "last_loss": last_loss,
         "valid_auc": result.auc if result else None,
         "valid_logloss": result.logloss if result else None,
         "data_wait_seconds": train_reader.wait_seconds,
+        "restarts": restarts,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "preempted": stopped,
     }
     for cb in callbacks:
         cb.on_train_end(summary)
     if rank == 0:
-        write_summary(Path(cfg.output_dir), summary)
+        write_summary(output_dir, summary)
     if metrics is not None:
         metrics.stop_server()
     return summary
@@ -163,6 +201,53 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.nn.parallel")
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+
+
+def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Progress],
+               metrics: WorkerMetrics | None, report: Callable[[dict[str, Any]], None] | None,
+               rank: int, world: int) -> list[Callback]:
+    callbacks: list[Callback] = []
+    if rank == 0 and cfg.train.progress:
+        callbacks.append(ProgressBar(world))
+    if metrics is not None:
+        callbacks.append(PrometheusCallback(metrics))
+    if report is not None:
+        callbacks.append(ReportCallback(report))
+    if cfg.checkpoint.enabled:
+        guard = SigtermGuard()
+        callbacks.append(CheckpointCallback(
+            CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep),
+            sharded.model, sharded.optimizer, snapshot, to_dict(cfg),
+            sharded.bundle.directory, cfg.checkpoint.every_steps,
+            guard if cfg.checkpoint.on_sigterm and guard.install() else None, metrics))
+    crash = crash_from_env(rank, Path(cfg.output_dir))  # last: dies after that step's checkpoint
+    if crash is not None:
+        callbacks.append(crash)
+    return callbacks
+
+
+def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
+            fresh: Progress) -> tuple[Path | None, Progress]:
+    """Load the newest good checkpoint of this run, else of `checkpoint.resume`, into the model,
+    optimizer and reader; returns where it came from (None: a fresh start) and the progress."""
+    candidates = complete_checkpoints(cfg.checkpoint_dir)
+    explicit = not candidates and cfg.checkpoint.resume is not None
+    if explicit:
+        candidates = resolve_source(cfg.checkpoint.resume)
+    if not candidates:
+        return None, fresh
+    manager = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep)
+    loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates)
+    if loaded is None:
+        if explicit:
+            raise CheckpointError(f"{cfg.checkpoint.resume}: no loadable checkpoint (see the warnings)")
+        return None, fresh
+    path, saved = loaded
+    reader.load_state_dict(saved.reader_state(fresh.world_size, fresh.batch_size))
+    progress = replace(saved, world_size=fresh.world_size, batch_size=fresh.batch_size)
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})", flush=True)
+    return path, progress
 
 
 def _evaluate(cfg, sharded, reader, device, step, callbacks) -> EvalResult:

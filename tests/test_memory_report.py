@@ -1,0 +1,114 @@
+"""Memory report figures checked by hand on a shard plan small enough to count on paper."""
+
+from __future__ import annotations
+
+import pytest
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import ParameterSharding
+
+from embshard.errors import PlanError
+from embshard.planner.memory import memory_report
+from embshard.planner.shard_plan import ShardPlan, plan_sharding
+from embshard.planner.topology import GIB, TopologySpec
+from embshard.planner.types import Block, DimensionPlan, TablePlan
+
+BASE = 8
+
+
+def _sharded(kind: str, ranks: list[int], shards: list[tuple[list[int], list[int], int]]) -> ParameterSharding:
+    spec = EnumerableShardingSpec(
+        [ShardMetadata(shard_offsets=o, shard_sizes=s, placement=f"rank:{r}/cpu") for o, s, r in shards]
+    )
+    return ParameterSharding(sharding_type=kind, compute_kernel="fused", ranks=ranks, sharding_spec=spec)
+
+
+@pytest.fixture
+def hand_plan() -> tuple[DimensionPlan, ShardPlan]:
+    plan = DimensionPlan(
+        base_dim=BASE,
+        tables=[
+            TablePlan("a", ["a"], 100, [Block(0, 100, 8)]),  # table-wise on rank 1
+            TablePlan("b", ["b"], 50, [Block(0, 50, 16)]),  # column-wise, 8 columns per rank
+            TablePlan("c", ["c"], 10, [Block(0, 10, 6)]),  # data-parallel on both ranks
+            TablePlan("d", ["d"], 20, [Block(0, 20, 4, mlet_width=8)]),  # MLET, table-wise on rank 0
+        ],
+    )
+    sharding = {
+        "a": _sharded("table_wise", [1], [([0, 0], [100, 8], 1)]),
+        "b": _sharded("column_wise", [0, 1], [([0, 0], [50, 8], 0), ([0, 8], [50, 8], 1)]),
+        "c": ParameterSharding(sharding_type="data_parallel", compute_kernel="dense", ranks=[0, 1]),
+        "d": _sharded("table_wise", [0], [([0, 0], [20, 8], 0)]),
+    }
+    return plan, ShardPlan(sharding, TopologySpec(world_size=2, device="cpu", device_memory_gb=1))
+
+
+def test_projections_counted(hand_plan) -> None:
+    plan, shard_plan = hand_plan
+    report = memory_report(plan, shard_plan, "rowwise_adagrad")
+    # Training: b 16->8 (128), c 6->8 (48), d's MLET W2 8x4 (32) and its 4->8 projection (32).
+    assert report.projection_bytes == (128 + 48 + 32 + 32) * 4
+    # Serving: MLET collapsed, so only the projections to the base dim remain.
+    assert report.serve_projection_bytes == (128 + 48 + 32) * 4
+
+
+def test_per_rank_bytes_by_hand(hand_plan) -> None:
+    plan, shard_plan = hand_plan
+    report = memory_report(plan, shard_plan, "rowwise_adagrad")
+    train_proj, serve_proj = 240, 208  # elements, from test_projections_counted
+    # rowwise_adagrad keeps one fp32 per row of each shard.
+    rank0_train = (50 * 8 + 50) + (10 * 6 + 10) + (20 * 8 + 20)  # b half, c replica, d at k=8
+    rank1_train = (100 * 8 + 100) + (50 * 8 + 50) + (10 * 6 + 10)  # a, b half, c replica
+    assert report.per_rank[0]["train_bytes"] == (rank0_train + train_proj) * 4
+    assert report.per_rank[1]["train_bytes"] == (rank1_train + train_proj) * 4
+    rank0_serve = 50 * 8 + 10 * 6 + 20 * 4  # d served at d=4
+    rank1_serve = 100 * 8 + 50 * 8 + 10 * 6
+    assert report.per_rank[0]["serve_bytes"] == (rank0_serve + serve_proj) * 4
+    assert report.per_rank[1]["serve_bytes"] == (rank1_serve + serve_proj) * 4
+
+
+def test_shard_kinds_by_hand(hand_plan) -> None:
+    plan, shard_plan = hand_plan
+    shards = {(s.table, s.rank): s for s in memory_report(plan, shard_plan, "rowwise_adagrad").shards}
+    assert set(shards) == {("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1), ("d", 0)}
+    assert (shards["b", 1].rows, shards["b", 1].cols) == (50, 8)
+    assert shards["a", 1].optimizer_bytes == 100 * 4  # rows x 4 bytes
+    assert shards["c", 0].weight_bytes == shards["c", 1].weight_bytes == 10 * 6 * 4
+    assert (shards["d", 0].weight_bytes, shards["d", 0].serve_bytes) == (20 * 8 * 4, 20 * 4 * 4)
+
+
+def test_optimizer_state_scales_with_optimizer(hand_plan) -> None:
+    plan, shard_plan = hand_plan
+    shards = {(s.table, s.rank): s for s in memory_report(plan, shard_plan, "adam").shards}
+    assert shards["a", 1].optimizer_bytes == 2 * 100 * 8 * 4
+    shards = {(s.table, s.rank): s for s in memory_report(plan, shard_plan, "sgd").shards}
+    assert shards["a", 1].optimizer_bytes == 0
+
+
+def test_check_fits_names_rank_and_shortfall(hand_plan) -> None:
+    plan, _ = hand_plan
+    _, shard_plan = hand_plan
+    report = memory_report(plan, shard_plan, "rowwise_adagrad")
+    report.check_fits()  # 1 GiB per rank holds a few KiB
+    tight = ShardPlan(shard_plan.sharding, TopologySpec(world_size=2, device="cpu", device_memory_gb=6000 / GIB))
+    need = memory_report(plan, tight, "rowwise_adagrad").per_rank[1]["train_bytes"]
+    assert need == (1420 + 240) * 4
+    with pytest.raises(PlanError, match=rf"rank 1 needs .*short by {need - 6000} B.*largest tables there: a"):
+        memory_report(plan, tight, "rowwise_adagrad").check_fits()
+
+
+def test_planned_shards_conserve_rows() -> None:
+    """Whatever TorchRec decides, the report counts every row once per model-parallel table and
+    once per rank for a data-parallel one."""
+    plan = DimensionPlan(
+        base_dim=16,
+        tables=[
+            TablePlan(f"t{i}", [f"f{i}"], rows, [Block(0, rows, dim)])
+            for i, (rows, dim) in enumerate([(5000, 16), (300, 8), (40, 6), (20000, 32)])
+        ],
+    )
+    shard_plan = plan_sharding(plan, TopologySpec(world_size=2), batch_size=64)
+    report = memory_report(plan, shard_plan, "rowwise_adagrad")
+    for t in plan.tables:
+        pieces = [s for s in report.shards if s.table == t.name]
+        copies = 2 if shard_plan.sharding[t.name].sharding_type == "data_parallel" else 1
+        assert sum(s.rows * s.cols for s in pieces) == copies * t.num_embeddings * t.blocks[0].dim

@@ -1,0 +1,66 @@
+"""The planner's per-rank bytes match what DistributedModelParallel really allocates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from embshard.datasets.profile import write_profile
+from embshard.datasets.synth import synthesize
+from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.build import build_sharded
+from embshard.trainer.config import DataConfig, JobConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _held_bytes(rank: int, world: int, cfg: JobConfig) -> dict[str, int]:
+    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    sharded = build_sharded(cfg, bundle, 13, torch.device("cpu"))
+    weights = sum(
+        shard.tensor.numel() * shard.tensor.element_size()
+        for v in sharded.model.state_dict().values()
+        if hasattr(v, "local_shards")
+        for shard in v.local_shards()
+    )
+    state = sum(
+        t.numel() * t.element_size()
+        for per_param in sharded.model.fused_optimizer.state_dict()["state"].values()
+        for v in per_param.values()
+        for t in ([s.tensor for s in v.local_shards()] if hasattr(v, "local_shards") else [v])
+        if isinstance(t, torch.Tensor)
+    )
+    dense = sum(
+        p.numel() * p.element_size()
+        for name, p in sharded.model.named_parameters()
+        if ".mlet." in name or ".projections." in name
+    )
+    return {"weights": weights, "optimizer": state, "projections": dense}
+
+
+@pytest.mark.parametrize(
+    "embeddings",
+    [
+        EmbeddingsConfig(policy="uniform", dim=16),
+        EmbeddingsConfig(policy="mde", dim=16, alpha=0.4, mode="within", blocks=3, mlet=MletConfig(ratio=2)),
+    ],
+    ids=["uniform", "mde-within-mlet"],
+)
+def test_planned_bytes_match_dmp(tmp_path, embeddings):
+    data = tmp_path / "data"
+    synthesize(data, rows=4000, seed=1, max_cardinality=3000)
+    write_profile(data)
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
+                    embeddings=embeddings)
+    bundle = make_plan(cfg.embeddings, data, TopologySpec(2, "cpu"), cfg.plan_dir,
+                       batch_size=256, optimizer=cfg.train.sparse_optimizer)
+    bundle.save()
+    held = run_ranks(_held_bytes, 2, cfg)
+    for rank, actual in enumerate(held):
+        planned = bundle.memory.per_rank[rank]["train_bytes"]
+        measured = actual["weights"] + actual["optimizer"] + actual["projections"]
+        assert measured > 0
+        assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)

@@ -1,0 +1,185 @@
+"""Foundation: two gloo ranks training a sharded DLRM take the same step as one process training the
+same model unsharded on the whole batch.
+
+What equivalence holds: each rank sees half of a global batch B and its loss is the mean over its
+half. DDP averages the dense gradients over ranks; TorchRec's pooled all-to-all divides the
+embedding gradients by the world size on their way back to the shard owners (comm_ops'
+GRADIENT_DIVISION, on by default), so the fused optimizer also sees the average of the ranks'
+gradients. The average of two half-batch means is the mean over B, hence every parameter gets
+exactly the gradient of the unsharded mean loss, and with SGD on both sides (no state, update
+linear in the gradient) the updated weights agree to float rounding. The reported loss is the mean
+of the two ranks' losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import ParameterSharding
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.datasets.profile import write_profile
+from embshard.datasets.reader import Batch, ParquetBatchReader
+from embshard.datasets.synth import NUM_DENSE, synthesize
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.shard_plan import ShardPlan, block_table_configs
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.build import build_sharded, build_unsharded
+from embshard.trainer.config import JobConfig, ModelConfig, TrainConfig
+
+from distributed import run_ranks
+
+WORLD = 2
+BATCH = 256  # global; each rank takes half
+STEPS = 3
+
+
+def job_config() -> JobConfig:
+    return JobConfig(
+        seed=7,
+        model=ModelConfig(dense_arch=[16], over_arch=[16]),
+        # SGD on both sides keeps the update linear in the gradient, so equal gradients mean
+        # equal weights (Adam's normalisation would magnify rounding in tiny gradients).
+        train=TrainConfig(sparse_optimizer="sgd", sparse_lr=0.5, dense_optimizer="sgd", dense_lr=0.1),
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("equiv") / "data"
+    synthesize(path, rows=4000, seed=3, max_cardinality=2000)
+    write_profile(path)
+    return path
+
+
+def mixed_shard_plan(bundle: PlanBundle) -> ShardPlan:
+    """The planner's table-wise plan with every other table (of a width that halves into fused-kernel
+    widths) split column-wise over both ranks, so one model holds both kinds of shard. TorchRec's
+    planner never splits tables this narrow by itself (its column-wise shards are >= 128 wide)."""
+    sharding = dict(bundle.shard_plan.sharding)
+    configs = [c for c in block_table_configs(bundle.dimension_plan) if c.embedding_dim % 8 == 0]
+    for config in configs[::2]:
+        half = config.embedding_dim // WORLD
+        sharding[config.name] = ParameterSharding(
+            sharding_type="column_wise",
+            compute_kernel=sharding[config.name].compute_kernel,
+            ranks=list(range(WORLD)),
+            sharding_spec=EnumerableShardingSpec([
+                ShardMetadata([0, r * half], [config.num_embeddings, half], f"rank:{r}/cpu")
+                for r in range(WORLD)
+            ]),
+        )
+    return ShardPlan(sharding=sharding, topology=bundle.shard_plan.topology)
+
+
+def make_bundle(dataset: Path, tmp: Path, embeddings: EmbeddingsConfig, cfg: JobConfig) -> PlanBundle:
+    topology = TopologySpec(world_size=WORLD, device="cpu")
+    bundle = make_plan(embeddings, dataset, topology, tmp / "plan", batch_size=BATCH // WORLD,
+                       optimizer=cfg.train.sparse_optimizer, sharding_types=["table_wise"])
+    bundle = replace(bundle, shard_plan=mixed_shard_plan(bundle))
+    types = {ps.sharding_type for ps in bundle.shard_plan.sharding.values()}
+    assert types == {"table_wise", "column_wise"}
+    bundle.save()
+    return bundle
+
+
+def global_batches(dataset: Path, bundle: PlanBundle) -> list[Batch]:
+    reader = ParquetBatchReader(dataset, "train", BATCH, shuffle=False, id_maps=bundle.id_maps())
+    return [b for b, _ in zip(reader, range(STEPS))]
+
+
+def rows_of(batch: Batch, lo: int, hi: int) -> Batch:
+    """Examples [lo, hi) of a batch: what one rank of the sharded run is fed."""
+    per_key = batch.sparse.to_dict()
+    keys = batch.sparse.keys()
+    values, lengths = [], []
+    for k in keys:
+        offsets = per_key[k].offsets()
+        values.append(per_key[k].values()[offsets[lo]:offsets[hi]])
+        lengths.append(per_key[k].lengths()[lo:hi])
+    sparse = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=hi - lo)
+    return Batch(batch.dense[lo:hi], sparse, batch.labels[lo:hi], {})
+
+
+def unsharded_run(cfg: JobConfig, bundle: PlanBundle, batches: list[Batch]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference: one process, the whole batch, plain torch SGD with the sparse lr on the
+    embedding tables and the dense lr elsewhere."""
+    model = build_unsharded(cfg, bundle, batches[0].dense.shape[1], torch.device("cpu"))
+    tables = list(model.embeddings.ebc.parameters())
+    others = [p for p in model.parameters() if all(p is not t for t in tables)]
+    opt = torch.optim.SGD([{"params": tables, "lr": cfg.train.sparse_lr}, {"params": others, "lr": cfg.train.dense_lr}])
+    losses = []
+    for batch in batches:
+        loss = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sharded_run(rank: int, world: int, cfg: JobConfig, plan_dir: Path, dataset: Path
+                 ) -> tuple[list[float], dict[str, torch.Tensor] | None]:
+    """One rank: its half of every global batch; returns its losses and (rank 0) the full state."""
+    from embshard.trainer.loop import train_step
+
+    bundle = PlanBundle.load(plan_dir, cfg.train.sparse_optimizer)
+    batches = global_batches(dataset, bundle)
+    num_dense = batches[0].dense.shape[1]
+    init = build_unsharded(cfg, bundle, num_dense, torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, num_dense, torch.device("cpu"), init_from=init)
+    half = BATCH // world
+    losses = [train_step(sharded, rows_of(b, rank * half, (rank + 1) * half)).item() for b in batches]
+    state = {}
+    for key, value in sharded.model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.zeros(value.size()) if rank == 0 else None
+            value.gather(dst=0, out=full)  # a collective: every rank takes part
+            value = full
+        state[key] = value.detach().clone() if value is not None else None
+    return losses, state if rank == 0 else None
+
+
+def assert_sharded_equals_unsharded(dataset: Path, tmp: Path, embeddings: EmbeddingsConfig) -> None:
+    cfg = job_config()
+    bundle = make_bundle(dataset, tmp, embeddings, cfg)
+    ref_losses, ref_state = unsharded_run(cfg, bundle, global_batches(dataset, bundle))
+    results = run_ranks(_sharded_run, WORLD, cfg, bundle.directory, dataset)
+
+    rank_losses = [losses for losses, _ in results]
+    mean_losses = [sum(ls) / WORLD for ls in zip(*rank_losses)]
+    assert mean_losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    # Training moved the weights: equal tables are not just equal initial tables.
+    assert ref_losses[-1] != ref_losses[0]
+
+    state = results[0][1]
+    init = build_unsharded(cfg, bundle, NUM_DENSE, torch.device("cpu")).state_dict()
+    table_keys = [k for k in ref_state if k.startswith("embeddings.ebc.")]
+    assert len(table_keys) == len(bundle.shard_plan.sharding)
+    for key, want in ref_state.items():
+        assert key in state, f"sharded state_dict lacks {key}"
+        torch.testing.assert_close(state[key], want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert any(not torch.equal(ref_state[k], init[k]) for k in table_keys)
+
+
+@pytest.mark.slow
+def test_uniform_sharded_step_equals_unsharded(dataset: Path, tmp_path: Path) -> None:
+    assert_sharded_equals_unsharded(dataset, tmp_path, EmbeddingsConfig(policy="uniform", dim=8))
+
+
+@pytest.mark.slow
+def test_mde_within_sharded_step_equals_unsharded(dataset: Path, tmp_path: Path) -> None:
+    embeddings = EmbeddingsConfig(policy="mde", mode="within", blocks=3, alpha=0.4, dim=8, min_dim=4)
+    plan = make_plan(embeddings, dataset, TopologySpec(world_size=WORLD), tmp_path / "probe",
+                     batch_size=BATCH, optimizer="sgd").dimension_plan
+    # The test needs what makes MDE different: several blocks per table and narrow projected ones.
+    assert max(len(t.blocks) for t in plan.tables) > 1
+    assert any(b.dim < plan.base_dim for t in plan.tables for b in t.blocks)
+    assert_sharded_equals_unsharded(dataset, tmp_path, embeddings)
