@@ -4,6 +4,7 @@ that says what was wrong and where."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(commands)
     _register_plan(commands)
     _register_train(commands)
+    _register_jobs(commands)
     return parser
 
 
@@ -71,6 +73,65 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
                    help="resume from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
                         "also works on another worker count (the tables are resharded)")
     p.set_defaults(func=_train)
+
+
+def _register_jobs(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "submit", help="run `embshard train CONFIG` as a Ray job on a cluster and stream its logs",
+        description="Submit `embshard train` as a Ray job (same Python and working directory: the "
+                    "cluster must share this machine's filesystem), stream its logs and exit with "
+                    "its status: 0 when it succeeded, 1 when it failed.")
+    _config_args(p)
+    _address_arg(p)
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.set_defaults(func=_submit)
+    for verb, text, func in (("status", "print a Ray job's status", _status),
+                             ("logs", "print a Ray job's logs so far", _logs),
+                             ("stop", "stop a Ray job", _stop)):
+        p = commands.add_parser(verb, help=text, description=text + ".")
+        p.add_argument("job_id", metavar="JOB_ID", help="the id `embshard submit` printed")
+        _address_arg(p)
+        p.set_defaults(func=func)
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), required="RAY_ADDRESS" not in os.environ,
+                   help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from embshard.cluster import jobs
+
+    job_id = jobs.submit(args.address, args.config, args.overrides, args.workers)
+    print(f"submitted {job_id} to {args.address}", flush=True)
+    if args.no_wait:
+        return 0
+    code = jobs.follow(args.address, job_id)
+    print(jobs.status(args.address, job_id))
+    return code
+
+
+def _status(args: argparse.Namespace) -> int:
+    from embshard.cluster import jobs
+
+    print(jobs.status(args.address, args.job_id))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from embshard.cluster import jobs
+
+    print(jobs.logs(args.address, args.job_id), end="")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from embshard.cluster import jobs
+
+    stopped = jobs.stop(args.address, args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
 
 
 def _load(args: argparse.Namespace):

@@ -13,10 +13,9 @@ from torchrec import EmbeddingBagConfig
 from torchrec.distributed.planner.types import Topology
 
 from embshard.errors import PlanError
-from embshard.planner.optimizers import SparseOptimizer, optimizer_state_elements
+from embshard.planner.optimizers import BYTES_PER_ELEMENT, SparseOptimizer, optimizer_state_elements
 from embshard.planner.topology import GIB, TopologySpec
 
-BYTES_PER_ELEMENT = 4  # fp32 weights and optimizer state (the memory report counts the same way)
 
 # Share of each rank's HBM held back from embedding tables for dense parameters, activations and
 # input batches. TorchRec's heuristic reservation uses the same share but adds an estimate of

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embshard.errors import PlanError
-from embshard.planner.optimizers import SparseOptimizer, optimizer_state_elements
+from embshard.planner.optimizers import BYTES_PER_ELEMENT, SparseOptimizer, optimizer_state_elements
 from embshard.planner.shard_plan import ShardPlan
 from embshard.planner.types import DimensionPlan
 
-BYTES_PER_ELEMENT = 4  # fp32 weights and optimizer state
 
 
 @dataclass(frozen=True)

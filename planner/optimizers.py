@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 from torchrec.optim import RowWiseAdagrad
 
+BYTES_PER_ELEMENT = 4  # fp32 weights and optimizer state
+
 SparseOptimizer = Literal["sgd", "rowwise_adagrad", "adagrad", "adam"]
 
 # Optimizer state per embedding row, in multiples of (row width, 1): Adagrad keeps a full

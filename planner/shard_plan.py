@@ -145,6 +145,12 @@ def make_constraints(
         types = allowed
         kernels = None
         if config.embedding_dim % FUSED_WIDTH_MULTIPLE:
+            if topology.device == "cpu":
+                raise PlanError(
+                    f"{config.name}: width {config.embedding_dim} cannot train on CPU: FBGEMM's fused "
+                    f"CPU kernels need widths divisible by {FUSED_WIDTH_MULTIPLE}, and its dense "
+                    f"(data-parallel) kernel has no CPU autograd; use embeddings.rounding: multiple4"
+                )
             types, kernels = ["data_parallel"], ["dense"]
             notes.append(
                 f"{config.name}: width {config.embedding_dim} is not a multiple of "
@@ -204,6 +210,13 @@ def plan_sharding(
     return ShardPlan(sharding=dict(module_plan.items()), topology=topology, notes=notes + chosen.notes)
 
 
+_NO_ROOM = (
+    PlannerErrorType.INSUFFICIENT_STORAGE,
+    PlannerErrorType.STRICT_CONSTRAINTS,
+    PlannerErrorType.PARTITION,
+)
+
+
 class _DropMissingSpecWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Sharding spec not found for")
@@ -225,7 +238,8 @@ def _no_data_parallel_spec_warning() -> Iterator[None]:
 def _explain_planner_error(
     e: PlannerError, demand: Demand, topology: TopologySpec, torchrec_topology: Topology
 ) -> PlanError:
-    if e.error_type in (PlannerErrorType.INSUFFICIENT_STORAGE, PlannerErrorType.PARTITION):
+    # TorchRec reports a plan that fits in total but finds no placement as STRICT_CONSTRAINTS.
+    if e.error_type in _NO_ROOM:
         return shortfall_error(demand, topology, usable_bytes(torchrec_topology))
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.error_type.value
     return PlanError(f"TorchRec's planner failed for {topology.world_size} x {topology.device}: {first_line}")

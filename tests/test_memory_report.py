@@ -85,8 +85,7 @@ def test_optimizer_state_scales_with_optimizer(hand_plan) -> None:
 
 
 def test_check_fits_names_rank_and_shortfall(hand_plan) -> None:
-    plan, _ = hand_plan
-    _, shard_plan = hand_plan
+    plan, shard_plan = hand_plan
     report = memory_report(plan, shard_plan, "rowwise_adagrad")
     report.check_fits()  # 1 GiB per rank holds a few KiB
     tight = ShardPlan(shard_plan.sharding, TopologySpec(world_size=2, device="cpu", device_memory_gb=6000 / GIB))
@@ -106,7 +105,7 @@ def test_planned_shards_conserve_rows() -> None:
             for i, (rows, dim) in enumerate([(5000, 16), (300, 8), (40, 6), (20000, 32)])
         ],
     )
-    shard_plan = plan_sharding(plan, TopologySpec(world_size=2), batch_size=64)
+    shard_plan = plan_sharding(plan, TopologySpec(world_size=2, device="cuda"), batch_size=64)
     report = memory_report(plan, shard_plan, "rowwise_adagrad")
     for t in plan.tables:
         pieces = [s for s in report.shards if s.table == t.name]

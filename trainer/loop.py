@@ -116,6 +116,7 @@ def run_worker(
     last_loss: float | None = None
     result: EvalResult | None = None
     stopped = False
+    resumed_samples = progress.samples  # throughput counts only what this start trained
     started = time.perf_counter()
     for epoch in range(progress.epoch, cfg.train.epochs):
         if progress.step >= total:
@@ -161,7 +162,7 @@ def run_worker(
         "steps": progress.step,
         "samples": progress.samples,
         "seconds": elapsed,
-        "samples_per_s": progress.samples / elapsed if elapsed > 0 else 0.0,
+        "samples_per_s": (progress.samples - resumed_samples) / elapsed if elapsed > 0 else 0.0,
         "first_loss": progress.first_loss,
         "last_loss": last_loss,
         "valid_auc": result.auc if result else None,

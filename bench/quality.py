@@ -1,0 +1,297 @@
+"""Test-split quality against embedding size: uniform widths versus MDE (Ginart et al.).
+
+Trains embshard's own DLRM (trainer.build + trainer.loop.train_step, one process, world size 1
+gloo group) on a real dataset converted once into bench/results/cache/, and evaluates on the TEST
+split: AUC, logloss, and the serving embedding parameters of the plan
+(`DimensionPlan.serve_params()`: tables plus MDE's projections).
+
+    .venv/bin/python bench/quality.py --dataset movielens-1m --policy mde --alpha 0.3 --budget-params 66496
+    .venv/bin/python bench/quality.py --dataset movielens-1m --sweep     # the whole comparison
+
+`--sweep`: uniform d in {4, 8, 16, 32, 64}; MDE alpha in {0.2, 0.3, 0.4, 0.6} at the budgets of
+uniform d = 4, 8, 16 (budget_params = that uniform model's serving params; MDE's base dim is
+`--base-mult` times that d, so popular rows can get wider than the uniform model's while rare ones
+get narrower). Every config runs once per seed. Writes bench/results/quality-<dataset>.json and
+.png; ends with one JSON line: per config mean/std test AUC and params, and the paper's claim
+check (the fewest parameters at which each policy comes within 0.002 AUC of the best uniform
+model, and their ratio).
+
+No rating MSE: the model is a click-style classifier on MovieLens (rating >= 4 vs <= 2, the 3s
+dropped by the converter), and no honest map from P(like) to a 1..5 rating exists without a
+separate regression head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, init_single_process_group  # noqa: E402
+
+from embshard.datasets.convert import convert  # noqa: E402
+from embshard.datasets.profile import load_profile, write_profile  # noqa: E402
+from embshard.datasets.reader import ParquetBatchReader  # noqa: E402
+from embshard.datasets.schema import SPEC_FILE, DatasetSpec  # noqa: E402
+from embshard.errors import PlanError  # noqa: E402
+from embshard.planner.config import EmbeddingsConfig  # noqa: E402
+from embshard.planner.pipeline import make_plan  # noqa: E402
+from embshard.planner.policies import plan_dimensions  # noqa: E402
+from embshard.planner.topology import TopologySpec  # noqa: E402
+from embshard.trainer.build import build_sharded  # noqa: E402
+from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, TrainConfig  # noqa: E402
+from embshard.trainer.evaluate import evaluate  # noqa: E402
+from embshard.trainer.loop import make_reader, train_step  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CPU = torch.device("cpu")
+SWEEP_DIMS = (4, 8, 16, 32, 64)
+SWEEP_ALPHAS = (0.2, 0.3, 0.4, 0.6)
+SWEEP_BUDGET_DIMS = (4, 8, 16)
+MATCH_AUC = 0.002  # "matches the best uniform model": within this much test AUC
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # converter name
+    parts: tuple[str, ...]  # path under --data-root
+    mode: str  # MDE mode the paper used for this kind of data
+
+
+DATASETS = {
+    # MovieLens: the paper blocks rows by popularity inside the user and item tables.
+    "movielens-1m": Source("movielens", ("ml-1m",), "within"),
+    # Criteo: the paper's CTR setting, one block per table sized by the table's popularity.
+    "criteo-sample": Source("criteo", ("criteo-kaggle-sample", "train_sample.txt"), "across"),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    policy: str  # uniform | mde
+    dim: int  # uniform width, or MDE's base dim
+    seed: int
+    alpha: float | None = None
+    budget_params: int | None = None
+    budget_dim: int | None = None  # the uniform width whose size the budget copies (sweep only)
+
+    @property
+    def config_key(self) -> str:
+        if self.policy == "uniform":
+            return f"uniform d={self.dim}"
+        budget = f"budget=u{self.budget_dim}" if self.budget_dim else f"budget={self.budget_params}"
+        return f"mde a={self.alpha} {budget} base={self.dim}"
+
+
+def prepare_dataset(name: str, data_root: Path) -> Path:
+    """Convert the real dataset once; later runs reuse the cached Parquet and profile."""
+    source = DATASETS[name]
+    out = CACHE / name
+    if not (out / SPEC_FILE).is_file():
+        convert(source.kind, data_root.joinpath(*source.parts), out)
+        write_profile(out)
+    return out
+
+
+def job_config(args: argparse.Namespace, data: Path, embeddings: EmbeddingsConfig, seed: int) -> JobConfig:
+    return JobConfig(
+        seed=seed,
+        data=DataConfig(path=str(data), batch_size=args.batch_size, eval_batch_size=8192),
+        model=ModelConfig(dense_arch=[64], over_arch=[128, 64]),
+        embeddings=embeddings,
+        train=TrainConfig(epochs=args.epochs, sparse_lr=args.sparse_lr, progress=False),
+    )
+
+
+def embeddings_config(args: argparse.Namespace, spec: RunSpec) -> EmbeddingsConfig:
+    if spec.policy == "uniform":
+        return EmbeddingsConfig(policy="uniform", dim=spec.dim)
+    return EmbeddingsConfig(policy="mde", dim=spec.dim, alpha=spec.alpha, mode=args.mode,
+                            blocks=args.blocks, budget_params=spec.budget_params)
+
+
+def run_one(args: argparse.Namespace, data: Path, spec: RunSpec) -> dict[str, Any]:
+    """Plan, train for args.epochs and test one config and seed; infeasible plans are rows too."""
+    row: dict[str, Any] = {"config": spec.config_key, **asdict(spec)}
+    cfg = job_config(args, data, embeddings_config(args, spec), spec.seed)
+    with tempfile.TemporaryDirectory(dir=CACHE) as plan_dir:
+        try:
+            bundle = make_plan(cfg.embeddings, data, TopologySpec(world_size=1), plan_dir,
+                               batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer)
+        except PlanError as e:
+            return {**row, "error": str(e)}
+        started = time.perf_counter()
+        train = make_reader(cfg, bundle, "train", 0, 1)
+        sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU)
+        for epoch in range(cfg.train.epochs):
+            train.set_epoch(epoch)
+            for batch in train:
+                loss = train_step(sharded, batch)
+        test = ParquetBatchReader(data, "test", cfg.data.eval_batch_size, shuffle=False, drop_last=False,
+                                  id_maps=bundle.id_maps())
+        result = evaluate(sharded.model, test, CPU)
+    plan = bundle.dimension_plan
+    return {
+        **row,
+        "params": plan.serve_params(),
+        "widths": sorted({b.dim for t in plan.tables for b in t.blocks}),
+        "auc": result.auc,
+        "logloss": result.logloss,
+        "test_examples": result.examples,
+        "last_train_loss": loss.item(),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def uniform_params(data: Path, dim: int) -> int:
+    """Serving parameters of the uniform model at `dim`: the budget an MDE plan is held to."""
+    spec = DatasetSpec.load(data)
+    profile = load_profile(data)
+    counts = {f: profile.counts(f) for f in spec.sparse_names}
+    with tempfile.TemporaryDirectory(dir=CACHE) as out:
+        return plan_dimensions(EmbeddingsConfig(policy="uniform", dim=dim), spec, counts, Path(out)).serve_params()
+
+
+def sweep_specs(args: argparse.Namespace, data: Path) -> list[RunSpec]:
+    specs = [RunSpec("uniform", d, s) for d in SWEEP_DIMS for s in args.seeds]
+    for d in SWEEP_BUDGET_DIMS:
+        budget = uniform_params(data, d)
+        specs += [RunSpec("mde", d * args.base_mult, s, a, budget, d) for a in SWEEP_ALPHAS for s in args.seeds]
+    return specs
+
+
+def single_spec(args: argparse.Namespace, seed: int) -> RunSpec:
+    if args.policy == "uniform":
+        return RunSpec("uniform", args.dim, seed)
+    return RunSpec("mde", args.dim, seed, args.alpha, args.budget_params)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per config mean/std over seeds, and the paper's claim check."""
+    configs: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        c = configs.setdefault(r["config"], {"policy": r["policy"], "aucs": [], "params": r.get("params"),
+                                             "error": r.get("error")})
+        if "auc" in r:
+            c["aucs"].append(r["auc"])
+    per_config = {}
+    for key, c in configs.items():
+        aucs = c["aucs"]
+        per_config[key] = {
+            "policy": c["policy"],
+            "params": c["params"],
+            "auc_mean": statistics.fmean(aucs) if aucs else None,
+            "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0 if aucs else None,
+            "seeds": len(aucs),
+            **({"error": c["error"]} if c["error"] else {}),
+        }
+    trained = {k: v for k, v in per_config.items() if v["auc_mean"] is not None}
+    uniform = [v for v in trained.values() if v["policy"] == "uniform"]
+    claim: dict[str, Any] = {}
+    if uniform:
+        best = max(v["auc_mean"] for v in uniform)
+
+        def smallest(policy: str) -> int | None:
+            ok = [v["params"] for v in trained.values() if v["policy"] == policy and v["auc_mean"] >= best - MATCH_AUC]
+            return min(ok) if ok else None
+
+        u, m = smallest("uniform"), smallest("mde")
+        claim = {
+            "best_uniform_auc": best,
+            "target_auc": best - MATCH_AUC,
+            "uniform_params_at_target": u,
+            "mde_params_at_target": m,
+            "param_ratio_uniform_over_mde": (u / m) if u and m else None,
+        }
+    return {"configs": per_config, "claim": claim}
+
+
+def plot(summary: dict[str, Any], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for key, c in summary["configs"].items():
+        if c["auc_mean"] is None:
+            continue
+        label = "uniform" if c["policy"] == "uniform" else f"MDE alpha={key.split()[1][2:]}"
+        groups.setdefault(label, []).append(c)
+    for label, cs in sorted(groups.items()):
+        cs = sorted(cs, key=lambda c: c["params"])
+        ax.errorbar([c["params"] for c in cs], [c["auc_mean"] for c in cs], yerr=[c["auc_std"] for c in cs],
+                    marker="o" if label == "uniform" else "s", capsize=3, label=label,
+                    linewidth=2 if label == "uniform" else 1)
+    if summary["claim"]:
+        ax.axhline(summary["claim"]["target_auc"], color="grey", linestyle=":", label="best uniform - 0.002")
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding parameters (serving, incl. projections)")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--policy", choices=["uniform", "mde"], default="uniform")
+    p.add_argument("--dim", type=int, default=16, help="uniform width, or MDE base dim (default 16)")
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--budget-params", type=int, default=None, help="MDE: serving params to aim for")
+    p.add_argument("--mode", choices=["within", "across"], default=None,
+                   help="MDE blocking (default: within for movielens, across for criteo, as the paper)")
+    p.add_argument("--blocks", type=int, default=8, help="MDE within: blocks per table")
+    p.add_argument("--base-mult", type=int, default=2, help="--sweep: MDE base dim = this x the budget's d")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--sparse-lr", type=float, default=0.05)
+    args = p.parse_args(argv)
+    args.mode = args.mode or DATASETS[args.dataset].mode
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    init_single_process_group()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    data = prepare_dataset(args.dataset, args.data_root)
+    specs = sweep_specs(args, data) if args.sweep else [single_spec(args, s) for s in args.seeds]
+    rows = []
+    for i, spec in enumerate(specs):
+        row = run_one(args, data, spec)
+        rows.append(row)
+        shown = f"auc {row['auc']:.4f} logloss {row['logloss']:.4f} params {row['params']:,} ({row['seconds']:.0f}s)" \
+            if "auc" in row else f"skipped: {row['error']}"
+        print(f"[{i + 1}/{len(specs)}] {spec.config_key} seed {spec.seed}: {shown}", file=sys.stderr, flush=True)
+    summary = summarise(rows)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.sweep:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / f"quality-{args.dataset}.json"
+        out.write_text(json.dumps({"settings": settings, "rows": rows, **summary}, indent=1) + "\n")
+        plot(summary, f"{args.dataset}: test AUC vs embedding size ({args.epochs} epochs)",
+             out.with_suffix(".png"))
+    print(json.dumps({"dataset": args.dataset, **summary}))
+
+
+if __name__ == "__main__":
+    main()

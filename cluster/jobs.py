@@ -1,0 +1,97 @@
+"""`embshard submit|status|logs|stop`: an `embshard train` run as a Ray job.
+
+The job's entrypoint is `embshard train` run by this very interpreter (`sys.executable -m
+embshard.cluster.cli`) in this working directory, attached to the cluster (`--address auto`).
+So it assumes the cluster's head node shares this machine's filesystem and venv: a local
+`ray start --head`, or a container image with the same paths (the Helm chart's RayJob). Relative
+paths in the config then mean what they mean here.
+
+Auth: Ray 2.60 turns token auth on by default; `ray start`, this client and the job's driver
+must agree. The job inherits RAY_AUTH_MODE from the submitting shell (the Makefile and the tests
+use `disabled`, for a cluster reachable only from 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from embshard.errors import EmbshardError
+
+FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
+
+
+class JobError(EmbshardError):
+    """The Ray job API is unreachable or refused a request."""
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - requests/Ray raise many kinds; all mean "unreachable"
+        raise JobError(f"{address}: cannot reach the Ray job API ({_first_line(e)})") from None
+
+
+def train_entrypoint(config: Path, overrides: list[str], workers: int | None) -> str:
+    args = [sys.executable, "-m", "embshard.cluster.cli", "train", str(config), "--address", "auto"]
+    if workers:
+        args += ["--workers", str(workers)]
+    for item in overrides:
+        args += ["--set", item]
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
+
+
+def submit(address: str, config: Path, overrides: list[str], workers: int | None) -> str:
+    if not config.is_file():
+        raise JobError(f"{config}: config file not found")
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("EMBSHARD_")}
+    try:
+        return client(address).submit_job(
+            entrypoint=train_entrypoint(config, overrides, workers),
+            runtime_env={"env_vars": env},
+            metadata={"embshard_config": str(config)},
+        )
+    except RuntimeError as e:
+        raise JobError(f"{address}: job submission refused ({_first_line(e)})") from None
+
+
+def follow(address: str, job_id: str) -> int:
+    """Stream the job's logs until it ends; 0 when it succeeded, 1 otherwise."""
+    jobs = client(address)
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    return 0 if str(jobs.get_job_status(job_id)) == "SUCCEEDED" else 1
+
+
+def status(address: str, job_id: str) -> str:
+    info = _call(address, job_id, "get_job_info")
+    return f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else "")
+
+
+def logs(address: str, job_id: str) -> str:
+    return _call(address, job_id, "get_job_logs")
+
+
+def stop(address: str, job_id: str) -> bool:
+    return _call(address, job_id, "stop_job")
+
+
+def _call(address: str, job_id: str, method: str):
+    try:
+        return getattr(client(address), method)(job_id)
+    except RuntimeError as e:
+        raise JobError(f"job {job_id} at {address}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,61 @@
+"""How much of TorchRec's search a plan gets: everything when small, a narrowed search when large."""
+
+from __future__ import annotations
+
+from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
+
+from embshard.planner.capacity import Demand
+from embshard.planner.search import HOST_LOCAL_TYPES, Search, SearchPolicy
+from embshard.planner.shard_plan import block_table_configs, make_constraints
+from embshard.planner.topology import TopologySpec
+from embshard.planner.types import Block, DimensionPlan, TablePlan
+
+CLUSTER = TopologySpec(world_size=64, device="cuda", device_memory_gb=80, local_world_size=8)
+
+
+def _search(tables: list[tuple[int, int]], topology: TopologySpec) -> Search:
+    plan = DimensionPlan(
+        base_dim=64,
+        tables=[TablePlan(f"t{i}", [f"f{i}"], r, [Block(0, r, d)]) for i, (r, d) in enumerate(tables)],
+    )
+    configs = block_table_configs(plan)
+    constraints, _ = make_constraints(plan, topology)
+    return SearchPolicy().search(configs, constraints, topology, Demand.of(configs, "rowwise_adagrad"))
+
+
+def test_small_plan_gets_torchrecs_full_search() -> None:
+    search = _search([(10_000, 64)] * 26, TopologySpec(world_size=8, device="cuda", local_world_size=8))
+    assert search.proposers is None and search.timeout_seconds is None and not search.notes
+    assert all(c.compute_kernels is None for c in search.constraints.values())
+    assert all("row_wise" in c.sharding_types for c in search.constraints.values())
+
+
+def test_many_tables_get_host_local_types_fused_kernel_and_cheap_proposers() -> None:
+    search = _search([(1_000_000, 64)] * 200, CLUSTER)
+    assert [type(p) for p in search.proposers] == [GreedyProposer, UniformProposer]
+    assert search.timeout_seconds is not None
+    for c in search.constraints.values():
+        assert set(c.sharding_types) == set(HOST_LOCAL_TYPES) and c.compute_kernels == ["fused"]
+    assert "full-search limit" in search.notes[0]
+
+
+def test_forced_data_parallel_and_host_sized_tables_keep_their_types() -> None:
+    # t1: width 6 is forced data-parallel; t2: 3e9 x 64 (~730 GiB) is larger than a host's 8 ranks.
+    search = _search([(1_000, 64), (1_000, 6), (3_000_000_000, 64)] + [(1_000, 64)] * 97, CLUSTER)
+    assert search.constraints["t1"].sharding_types == ["data_parallel"]
+    assert search.constraints["t1"].compute_kernels == ["dense"]
+    assert "row_wise" in search.constraints["t2"].sharding_types
+    assert "row_wise" not in search.constraints["t0"].sharding_types
+
+
+def test_few_tables_on_many_ranks_keep_every_type() -> None:
+    search = _search([(1_000_000, 64)] * 10, CLUSTER)
+    assert search.proposers is not None  # 640 table-ranks: past the full-search limit
+    assert all("row_wise" in c.sharding_types for c in search.constraints.values())
+
+
+def test_uvm_kernels_stay_when_tables_outgrow_hbm() -> None:
+    # 100 tables of 1e9 x 64 (~24 TiB with state) exceed 64 x 68 GiB of HBM.
+    search = _search([(1_000_000_000, 64)] * 100, CLUSTER)
+    assert all(c.compute_kernels is None for c in search.constraints.values())
+    assert "fused kernel only" not in search.notes[0]

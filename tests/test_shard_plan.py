@@ -1,0 +1,115 @@
+"""DimensionPlan -> TorchRec sharding plan, planned without any hardware."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from embshard.errors import PlanError
+from embshard.planner.shard_plan import ShardPlan, make_constraints, plan_sharding
+from embshard.planner.topology import TopologySpec
+from embshard.planner.types import Block, DimensionPlan, TablePlan
+
+CLUSTER = TopologySpec(world_size=64, device="cuda", device_memory_gb=80, local_world_size=8)
+
+
+def _table(name: str, rows: int, *dims: int) -> TablePlan:
+    """One table cut into equal row blocks, one per dim."""
+    step = rows // len(dims)
+    bounds = [i * step for i in range(len(dims))] + [rows]
+    return TablePlan(name, [name], rows, [Block(bounds[i], bounds[i + 1], d) for i, d in enumerate(dims)])
+
+
+def _generated(num_tables: int, seed: int = 0) -> DimensionPlan:
+    rng = random.Random(seed)
+    tables = [
+        _table(f"t{i}", 1_000_000, 64) if i % 2 == 0 else _table(f"t{i}", int(10 ** rng.uniform(3, 7)), 32)
+        for i in range(num_tables)
+    ]
+    return DimensionPlan(base_dim=64, tables=tables)
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[DimensionPlan, ShardPlan]:
+    return SMALL, plan_sharding(SMALL, TopologySpec(world_size=2), batch_size=128)
+
+
+SMALL = DimensionPlan(
+    base_dim=16,
+    tables=[_table("a", 20_000, 16), _table("b", 6_000, 16, 8, 12), _table("c", 500, 12)],
+)
+ODD = DimensionPlan(base_dim=16, tables=[_table("a", 20_000, 16), _table("b", 6_000, 16, 8, 6)])
+
+
+@pytest.mark.slow  # about 6 s on an idle 2-core machine, more under load
+def test_thousand_tables_on_64_cuda_ranks_without_hardware() -> None:
+    plan = _generated(1000)
+    shard_plan = plan_sharding(plan, CLUSTER, batch_size=512)
+    assert set(shard_plan.sharding) == {t.name for t in plan.tables}
+    ranks = Counter(r for ps in shard_plan.sharding.values() for r in ps.ranks)
+    assert set(ranks) <= set(range(64)) and len(ranks) == 64  # every rank holds something
+    assert any("full-search limit" in n for n in shard_plan.notes)
+
+
+def test_json_round_trip_reproduces_parameter_shardings(small) -> None:
+    _, shard_plan = small
+    raw = json.loads(json.dumps(shard_plan.to_json()))
+    again = ShardPlan.from_json(raw)
+    assert again.sharding == shard_plan.sharding
+    assert again.topology == shard_plan.topology and again.notes == shard_plan.notes
+
+
+def test_width_not_divisible_by_4_goes_data_parallel_with_a_note_on_cuda() -> None:
+    shard_plan = plan_sharding(ODD, TopologySpec(world_size=2, device="cuda"), batch_size=128)
+    odd = shard_plan.sharding["b__b2"]  # width 6
+    assert (odd.sharding_type, odd.compute_kernel) == ("data_parallel", "dense")
+    assert any(n.startswith("b__b2: width 6") for n in shard_plan.notes)
+    assert not any(n.startswith(("b__b0", "b__b1")) for n in shard_plan.notes)  # 16 and 8 are free
+
+
+def test_width_not_divisible_by_4_is_refused_on_cpu() -> None:
+    # Data-parallel tables use FBGEMM's dense kernel, whose rows never update on CPU.
+    with pytest.raises(PlanError, match="b__b2: width 6 cannot train on CPU"):
+        plan_sharding(ODD, TopologySpec(world_size=2), batch_size=128)
+
+
+def test_cpu_topology_never_gets_row_wise(small) -> None:
+    _, shard_plan = small
+    assert not {"row_wise", "table_row_wise"} & {ps.sharding_type for ps in shard_plan.sharding.values()}
+    plan, _ = small
+    with pytest.raises(PlanError, match=r"\['row_wise'\] are not supported .* on cpu"):
+        make_constraints(plan, TopologySpec(world_size=2), sharding_types=["row_wise"])
+
+
+def test_plan_far_beyond_the_cluster_names_largest_tables_and_shortfall() -> None:
+    # 3 x 1e9 rows x 128 fp32 is ~1.4 TiB of weights; 2 ranks hold 2 x (80 GiB HBM + 128 GiB DDR).
+    plan = DimensionPlan(
+        base_dim=128,
+        tables=[_table("huge", 1_000_000_000, 128), _table("big", 900_000_000, 128), _table("x", 10, 128)],
+    )
+    topology = TopologySpec(world_size=2, device="cuda", device_memory_gb=80, local_world_size=2)
+    with pytest.raises(PlanError, match=r"short by [\d.]+ GiB; largest tables: huge \(.*\), big \(") as e:
+        plan_sharding(plan, topology, batch_size=512)
+    assert "2 x cuda" in str(e.value)
+
+
+def test_table_no_rank_can_hold_is_explained() -> None:
+    # Enough bytes across both CPU ranks, but a width-4 table cannot be split below one rank.
+    rows = int(1.5 * 2**30 / (4 * 4 + 4))
+    plan = DimensionPlan(base_dim=4, tables=[_table("wide", rows, 4)])
+    expected = r"largest table is 1\.50 GiB against 1\.00 GiB per rank \(short by 0\.50 GiB on one rank\).*wide"
+    with pytest.raises(PlanError, match=expected):
+        plan_sharding(plan, TopologySpec(world_size=2, device="cpu", device_memory_gb=1), batch_size=64)
+
+
+def test_check_matches_rejects_other_world_size_and_tables(small) -> None:
+    plan, shard_plan = small
+    shard_plan.check_matches(plan, 2)
+    with pytest.raises(PlanError, match="made for 2 ranks, training has 4"):
+        shard_plan.check_matches(plan, 4)
+    other = DimensionPlan(base_dim=16, tables=[_table("a", 20_000, 16), _table("z", 100, 16)])
+    with pytest.raises(PlanError, match=r"missing \['z'\], extra \['b__b0'"):
+        shard_plan.check_matches(other, 2)
