@@ -19,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, first_line
 
 FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
 
@@ -34,7 +34,7 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/Ray raise many kinds; all mean "unreachable"
-        raise JobError(f"{address}: cannot reach the Ray job API ({_first_line(e)})") from None
+        raise JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})") from None
 
 
 def train_entrypoint(config: Path, overrides: list[str], workers: int | None) -> str:
@@ -57,7 +57,7 @@ def submit(address: str, config: Path, overrides: list[str], workers: int | None
             metadata={"embshard_config": str(config)},
         )
     except RuntimeError as e:
-        raise JobError(f"{address}: job submission refused ({_first_line(e)})") from None
+        raise JobError(f"{address}: job submission refused ({first_line(e)})") from None
 
 
 def follow(address: str, job_id: str) -> int:
@@ -89,9 +89,4 @@ def _call(address: str, job_id: str, method: str):
     try:
         return getattr(client(address), method)(job_id)
     except RuntimeError as e:
-        raise JobError(f"job {job_id} at {address}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise JobError(f"job {job_id} at {address}: {first_line(e)}") from None

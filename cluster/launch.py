@@ -118,6 +118,10 @@ def train_on_ray(cfg: JobConfig) -> dict[str, Any]:
             dir=str(cfg.checkpoint_dir.resolve()),
             resume=str(Path(cfg.checkpoint.resume).resolve()) if cfg.checkpoint.resume else None,
         ),
+        metrics=replace(
+            cfg.metrics,
+            file_sd=str(Path(cfg.metrics.file_sd).resolve()) if cfg.metrics.file_sd else None,
+        ),
     )
     reset_starts(output)
     _init_ray(cfg)

@@ -17,3 +17,9 @@ class DataError(EmbshardError):
 
 class PlanError(EmbshardError):
     """A dimension or shard plan cannot be built (infeasible budget, topology too small, ...)."""
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message`: enough to act on, short enough for a one-line error."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -4,6 +4,11 @@ A feature whose table is cut into k blocks becomes k block features (`f__b0` ...
 ids are bucketised by the block boundaries, shifted to block-local rows, and each bag keeps, per
 block, the ids that fall there in their original order. Sum pooling over a whole bag then equals
 the sum of the blocks' pooled partial bags, which is what MDE's Alg. 1 computes row by row.
+
+All features are split together, in a handful of tensor ops whatever their number: feature f's
+ranked rows are moved into one shared row space at offset `offsets[f]` (the rows of the features
+before it), so one bucketize against every block's shared start finds each id's block, and one
+stable sort by (block, bag) lays the output out key-major, bags in order.
 """
 
 from __future__ import annotations
@@ -22,52 +27,77 @@ class FeatureBlocks:
     feature: str
     block_features: list[str]
     starts: torch.Tensor  # [k] first ranked row of each block
-    boundaries: torch.Tensor  # [k-1] starts of blocks 1..k-1, for bucketize
 
 
-def feature_blocks(plan: DimensionPlan) -> list[FeatureBlocks]:
-    out = []
+@dataclass(frozen=True)
+class BlockLayout:
+    """Every feature's blocks, in the order split_by_block emits them (feature-major)."""
+
+    features: list[FeatureBlocks]
+    offsets: torch.Tensor  # [F] where each feature's rows begin in the shared row space
+    starts: torch.Tensor  # [total blocks] each block's first row in the shared row space
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [fb.feature for fb in self.features]
+
+    @property
+    def block_features(self) -> list[str]:
+        return [name for fb in self.features for name in fb.block_features]
+
+    @property
+    def is_identity(self) -> bool:
+        """One block per feature: the split returns its input unchanged."""
+        return all(len(fb.block_features) == 1 for fb in self.features)
+
+
+def feature_blocks(plan: DimensionPlan) -> BlockLayout:
+    features, offsets, starts = [], [], []
+    shared = 0
     for table in plan.tables:
         n = len(table.blocks)
-        starts = torch.tensor([b.start for b in table.blocks], dtype=torch.int64)
+        table_starts = [b.start for b in table.blocks]
         for f in table.features:
-            out.append(
+            features.append(
                 FeatureBlocks(
                     feature=f,
                     block_features=[block_feature_name(f, i, n) for i in range(n)],
-                    starts=starts,
-                    boundaries=starts[1:].clone(),
+                    starts=torch.tensor(table_starts, dtype=torch.int64),
                 )
             )
-    return out
+            offsets.append(shared)
+            starts.extend(shared + s for s in table_starts)
+            shared += table.num_embeddings
+    return BlockLayout(
+        features=features,
+        offsets=torch.tensor(offsets, dtype=torch.int64),
+        starts=torch.tensor(starts, dtype=torch.int64),
+    )
 
 
-def split_by_block(features: KeyedJaggedTensor, layout: list[FeatureBlocks]) -> KeyedJaggedTensor:
+def split_by_block(features: KeyedJaggedTensor, layout: BlockLayout) -> KeyedJaggedTensor:
     """Input KJT keyed by feature (ranked ids) -> KJT keyed by block feature (block-local rows)."""
-    by_key = features.to_dict()
+    names = layout.feature_names
+    if features.keys() != names:
+        keys = features.keys()
+        features = features.permute([keys.index(f) for f in names])
+    if layout.is_identity:
+        return features
+    v, l = features.values(), features.lengths()
     batch = features.stride()
-    keys: list[str] = []
-    values: list[torch.Tensor] = []
-    lengths: list[torch.Tensor] = []
-    for fb in layout:
-        jt = by_key[fb.feature]
-        v, l = jt.values(), jt.lengths()
-        keys.extend(fb.block_features)
-        k = len(fb.block_features)
-        if k == 1:
-            values.append(v)
-            lengths.append(l)
-            continue
-        block = torch.bucketize(v, fb.boundaries.to(v.device), right=True)
-        row = torch.repeat_interleave(torch.arange(batch, device=v.device), l.long())
-        # One stable sort groups ids by (block, bag) and keeps their order inside each bag.
-        key = block * batch + row
-        order = torch.sort(key, stable=True).indices
-        values.append(v[order] - fb.starts.to(v.device)[block[order]])
-        lengths.append(torch.bincount(key, minlength=k * batch).to(l.dtype))
+    device = v.device
+    # Which bag (feature-major, as the KJT stores them) each id belongs to.
+    segment = torch.repeat_interleave(torch.arange(len(names) * batch, device=device), l.long())
+    feature, row = segment // batch, segment % batch
+    starts = layout.starts.to(device)
+    shared = v.long() + layout.offsets.to(device)[feature]
+    block = torch.bucketize(shared, starts, right=True) - 1
+    # One stable sort groups ids by (block, bag) and keeps their order inside each bag.
+    key = block * batch + row
+    order = torch.sort(key, stable=True).indices
     return KeyedJaggedTensor(
-        keys=keys,
-        values=torch.cat(values),
-        lengths=torch.cat(lengths),
+        keys=layout.block_features,
+        values=(shared - starts[block])[order].to(v.dtype),
+        lengths=torch.bincount(key, minlength=len(starts) * batch).to(l.dtype),
         stride=batch,
     )

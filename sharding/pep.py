@@ -71,7 +71,7 @@ class LocalShard:
 def local_shards(collection: nn.Module) -> list[LocalShard]:
     """This rank's shards of every table of a sharded (or plain) TorchRec collection."""
     out = []
-    for key, value in collection.state_dict(keep_vars=True).items():
+    for key, value in collection.state_dict().items():
         table = key.split(".")[-2]  # embeddings.<table>.weight / embedding_bags.<table>.weight
         if hasattr(value, "local_shards"):
             for s in value.local_shards():

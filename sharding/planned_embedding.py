@@ -14,13 +14,21 @@ from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embshard.planner.shard_plan import block_table_configs
+from embshard.planner.shard_plan import block_feature_name, block_table_configs
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.block_split import feature_blocks, split_by_block
 
 
+# MLET W2 initialisation: the paper draws W2 from a Gaussian N(0, 0.0625). We read 0.0625 as the
+# variance (std 0.25): N(mu, sigma^2) notation puts the variance second, and 0.0625 = 0.25^2.
+MLET_INIT_STD = 0.25
+
+
 class PlannedEmbeddingBags(nn.Module):
-    def __init__(self, plan: DimensionPlan, device: torch.device | None = None) -> None:
+    """`mlet_init_std`: std of the zero-mean Gaussian MLET's W2 starts from (see MLET_INIT_STD)."""
+
+    def __init__(self, plan: DimensionPlan, device: torch.device | None = None,
+                 mlet_init_std: float = MLET_INIT_STD) -> None:
         super().__init__()
         self.plan = plan
         self.base_dim = plan.base_dim
@@ -40,35 +48,70 @@ class PlannedEmbeddingBags(nn.Module):
                 name = table.block_name(i)
                 if block.mlet_width is not None:
                     self.mlet[name] = nn.Linear(block.mlet_width, block.dim, bias=False, device=dense_device)
+                    nn.init.normal_(self.mlet[name].weight, std=mlet_init_std)
                 if block.dim != plan.base_dim:
                     self.projections[name] = nn.Linear(block.dim, plan.base_dim, bias=False, device=dense_device)
-        # feature -> [(block feature, block table)], resolved once instead of per step
+        # Per feature, its blocks as (block feature, block table, width out of the collection).
         self._blocks_of = {
-            fb.feature: list(zip(fb.block_features, self._block_tables(fb.feature)))
-            for fb in self._layout
+            f: [(block_feature_name(f, i, len(t.blocks)), t.block_name(i), b.train_dim) for i, b in enumerate(t.blocks)]
+            for t in plan.tables
+            for f in t.features
         }
+        # Column order of the pooled output -> feature-major gather index; the collection (sharded
+        # or not) fixes its output key order, so this is computed once on the first step.
+        self._gather: tuple[tuple[str, ...], torch.Tensor | None] | None = None
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self._passthrough:
             return self.ebc(features)
-        pooled = self.ebc(split_by_block(features, self._layout)).to_dict()
-        outputs = []
+        pooled = self.ebc(split_by_block(features, self._layout))
+        columns = self._feature_major_columns(pooled)
+        x = pooled.values() if columns is None else pooled.values().index_select(1, columns)
+        # Alg. 1 summed over a bag is sum_i P_i (W2_i) pooled_i = [P_1 W2_1 ... P_k W2_k] . [pooled_1;
+        # ...; pooled_k]: one matmul per feature instead of one small linear (and add) per block.
+        outputs, at = [], 0
         for feature in self.feature_names:
-            total = None
-            for block_feature, table in self._blocks_of[feature]:
-                x = pooled[block_feature]
-                if table in self.mlet:
-                    x = self.mlet[table](x)
-                if table in self.projections:
-                    x = self.projections[table](x)
-                total = x if total is None else total + x
-            outputs.append(total)
+            blocks = self._blocks_of[feature]
+            width = sum(w for _, _, w in blocks)
+            x_f = x[:, at : at + width]
+            at += width
+            maps = [self._block_map(table) for _, table, _ in blocks]
+            if maps == [None]:  # one block at the base dim: already the output
+                outputs.append(x_f)
+                continue
+            eye = torch.eye(self.base_dim, device=x.device, dtype=x.dtype)
+            stacked = torch.cat([eye if m is None else m for m in maps], dim=0)
+            outputs.append(x_f @ stacked)
         return KeyedTensor(
             keys=self.feature_names,
             length_per_key=[self.base_dim] * len(self.feature_names),
             values=torch.cat(outputs, dim=1),
         )
 
-    def _block_tables(self, feature: str) -> list[str]:
-        table = next(t for t in self.plan.tables if feature in t.features)
-        return [table.block_name(i) for i in range(len(table.blocks))]
+    def _block_map(self, table: str) -> torch.Tensor | None:
+        """[train width, base dim]: the block's W2 then P, transposed; None for the identity."""
+        m = None
+        if table in self.mlet:
+            m = self.mlet[table].weight.t()
+        if table in self.projections:
+            p = self.projections[table].weight.t()
+            m = p if m is None else m @ p
+        return m
+
+    def _feature_major_columns(self, pooled: KeyedTensor) -> torch.Tensor | None:
+        keys = tuple(pooled.keys())
+        if self._gather is None or self._gather[0] != keys:
+            start, width = {}, {}
+            at = 0
+            for key, n in zip(keys, pooled.length_per_key()):
+                start[key], width[key] = at, n
+                at += n
+            index = [
+                start[bf] + c
+                for f in self.feature_names
+                for bf, _, _ in self._blocks_of[f]
+                for c in range(width[bf])
+            ]
+            tensor = None if index == list(range(at)) else torch.tensor(index, device=pooled.values().device)
+            self._gather = (keys, tensor)
+        return self._gather[1]

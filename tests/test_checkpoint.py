@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,7 +69,7 @@ def outputs_and_state(cfg: JobConfig, steps_dir: Path | None = None):
     position = None
     if steps_dir is not None:
         manager = CheckpointManager(cfg.checkpoint_dir)
-        path, progress = manager.load_latest(sharded.model, sharded.optimizer, [steps_dir])
+        _, progress = manager.load_latest(sharded.model, sharded.optimizer, [steps_dir])
         position = progress.reader
     batch = next(iter(reader))
     with torch.no_grad():
@@ -91,7 +95,7 @@ def test_round_trip_restores_outputs_optimizer_and_reader(dataset, tmp_path):
     final = Path(summary["checkpoint"])
     logits, optim, position = outputs_and_state(cfg, final)
     assert position == {"epoch": 0, "batches": 6}
-    fresh_logits, fresh_optim, _ = outputs_and_state(cfg)
+    fresh_logits, _, _ = outputs_and_state(cfg)
     assert not torch.allclose(logits, fresh_logits)  # loading did change the model
     # Resume the same run for 4 more steps vs. an uninterrupted 10-step run: identical.
     resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=10)))
@@ -134,3 +138,23 @@ def test_keep_last_k_and_unfinished_folders_ignored(dataset, tmp_path):
     (ckpts[1] / MANIFEST).unlink()
     resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=13)))
     assert resumed["resumed_from"] is None and resumed["steps"] == 13
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_stops(dataset, tmp_path):
+    cfg = job(dataset, tmp_path, epochs=3)
+    first = cfg.checkpoint_dir / "step-000004"
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 60
+        while not first.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        summary = run_worker(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert summary["preempted"] and 4 <= summary["steps"] < 3 * 18
+    assert summary["checkpoint"].endswith(f"step-{summary['steps']:06d}")

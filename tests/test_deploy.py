@@ -197,7 +197,7 @@ def test_dockerfile_lint() -> None:
     assert "torch==${TORCH_VERSION}" in runs and "fbgemm-gpu==${FBGEMM_VERSION}" in runs
     assert "fbgemm-gpu-cpu" not in runs
     assert re.search(r"--no-deps torchrec==\$\{TORCHREC_VERSION\}", runs)
-    for pkg in ("tensordict", "torchmetrics==1.0.3", "pyre-extensions", "tqdm", "ray[train]==2.60.0",
+    for pkg in ("tensordict", "torchmetrics==1.0.3", "pyre-extensions", "tqdm", "ray[default,train]==2.60.0",
                 "pyarrow", "prometheus-client", "pyyaml"):
         assert pkg in runs, pkg
     assert re.search(r"pip install --no-deps (--no-build-isolation )?-e \.", runs)
@@ -210,7 +210,7 @@ def test_dockerfile_lint() -> None:
     assert users[-1].split(":")[0] == str(chart_values["podSecurityContext"]["runAsUser"])
     # versions agree with requirements/ (one place for pins)
     base = (REPO / "requirements" / "base.txt").read_text()
-    assert "ray[train]==2.60.0" in base and "torchmetrics==1.0.3" in base
+    assert "ray[default,train]==2.60.0" in base and "torchmetrics==1.0.3" in base
     assert "torch==2.13.0" in (REPO / "requirements" / "torch.txt").read_text()
 
 

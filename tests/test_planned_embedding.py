@@ -21,14 +21,16 @@ BASE = 8
 
 
 def mixed_plan() -> DimensionPlan:
-    """Three tables: blocks of widths 8/4/2 (one MLET-trained), a table shared by two features
-    (one of them multi-hot), and a single-block table narrower than the base dim."""
+    """Four tables: blocks of widths 8/4/2 (one MLET-trained), a table shared by two features
+    (one of them multi-hot), a single-block table narrower than the base dim, and a table of two
+    blocks at the base dim (no projection at all, yet their partial bags must still be summed)."""
     return DimensionPlan(
         base_dim=BASE,
         tables=[
             TablePlan("t_a", ["a"], 10, [Block(0, 3, 8), Block(3, 7, 4, mlet_width=6), Block(7, 10, 2)]),
             TablePlan("t_bc", ["b", "c"], 6, [Block(0, 1, 8), Block(1, 6, 4)]),
             TablePlan("t_d", ["d"], 5, [Block(0, 5, 4)]),
+            TablePlan("t_e", ["e"], 4, [Block(0, 2, 8), Block(2, 4, 8)]),
         ],
     )
 
@@ -73,6 +75,7 @@ BAGS = {
     "b": [[5, 0, 1], [], [0, 0], [4], [2, 5, 3, 1], []],
     "c": [[1], [0], [5], [], [3, 3], [0]],
     "d": [[0, 4], [1], [], [2, 3, 4], [4], [0]],
+    "e": [[0, 3], [1, 2], [3], [], [0, 1, 2, 3], [2]],
 }
 
 
@@ -80,8 +83,8 @@ def test_forward_equals_alg1_reference() -> None:
     torch.manual_seed(0)
     module = PlannedEmbeddingBags(mixed_plan())
     got = module(kjt(BAGS))
-    assert got.keys() == ["a", "b", "c", "d"]
-    assert got.values().shape == (6, 4 * BASE)
+    assert got.keys() == ["a", "b", "c", "d", "e"]
+    assert got.values().shape == (6, 5 * BASE)
     want = alg1_reference(module, BAGS)
     for feature, values in got.to_dict().items():
         torch.testing.assert_close(values, want[feature], rtol=1e-5, atol=1e-6)
@@ -92,7 +95,7 @@ def test_forward_equals_alg1_reference() -> None:
 def test_forward_with_input_keys_in_another_order() -> None:
     torch.manual_seed(0)
     module = PlannedEmbeddingBags(mixed_plan())
-    reordered = {k: BAGS[k] for k in ["d", "b", "a", "c"]}
+    reordered = {k: BAGS[k] for k in ["d", "e", "b", "a", "c"]}
     got = module(kjt(reordered)).to_dict()
     want = module(kjt(BAGS)).to_dict()
     for feature in BAGS:
@@ -105,7 +108,7 @@ def test_gradients_reach_every_block_and_projection() -> None:
     out = module(kjt(BAGS)).values()
     (out * torch.randn_like(out)).sum().backward()
     names = [c.name for c in block_table_configs(module.plan)]
-    assert len(names) == 6
+    assert len(names) == 8
     for name in names:
         grad = module.ebc.embedding_bags[name].weight.grad
         assert grad is not None and grad.abs().sum() > 0, name
@@ -139,7 +142,7 @@ def _split(bags: dict[str, list[list[int]]], plan: DimensionPlan) -> dict[str, t
 
 def test_split_ids_on_block_boundaries() -> None:
     got = _split({"a": [[2, 3], [6, 7], [0, 9]], "b": [[0, 1], [], [5]], "c": [[1], [0], []],
-                  "d": [[4], [0], [2]]}, mixed_plan())
+                  "d": [[4], [0], [2]], "e": [[1, 2], [], [3]]}, mixed_plan())
     assert got["a__b0"] == ([2, 0], [1, 0, 1])
     assert got["a__b1"] == ([0, 3], [1, 1, 0])  # rows 3 and 6 -> local 0 and 3
     assert got["a__b2"] == ([0, 2], [0, 1, 1])  # rows 7 and 9 -> local 0 and 2
@@ -148,13 +151,16 @@ def test_split_ids_on_block_boundaries() -> None:
     assert got["c__b0"] == ([0], [0, 1, 0])
     assert got["c__b1"] == ([0], [1, 0, 0])
     assert got["d"] == ([4, 0, 2], [1, 1, 1])  # single-block table: untouched
+    assert got["e__b0"] == ([1], [1, 0, 0])
+    assert got["e__b1"] == ([0, 1], [1, 0, 1])
 
 
 @pytest.mark.parametrize("ids, block", [([0, 1, 2, 0], "a__b0"), ([7, 9, 8, 7], "a__b2")])
 def test_split_all_ids_in_one_block(ids: list[int], block: str) -> None:
     plan = mixed_plan()
     start = {"a__b0": 0, "a__b2": 7}[block]
-    got = _split({"a": [ids[:3], [], ids[3:]], "b": [[], [], []], "c": [[], [], []], "d": [[], [], []]}, plan)
+    got = _split({"a": [ids[:3], [], ids[3:]], "b": [[], [], []], "c": [[], [], []], "d": [[], [], []],
+                  "e": [[], [], []]}, plan)
     assert got[block] == ([i - start for i in ids], [3, 0, 1])
     for other in {"a__b0", "a__b1", "a__b2"} - {block}:
         assert got[other] == ([], [0, 0, 0])
@@ -162,5 +168,6 @@ def test_split_all_ids_in_one_block(ids: list[int], block: str) -> None:
 
 
 def test_split_keeps_bag_order_within_a_block() -> None:
-    got = _split({"a": [[5, 4, 3, 6], [6, 3]], "b": [[], []], "c": [[], []], "d": [[], []]}, mixed_plan())
+    got = _split({"a": [[5, 4, 3, 6], [6, 3]], "b": [[], []], "c": [[], []], "d": [[], []], "e": [[], []]},
+                  mixed_plan())
     assert got["a__b1"] == ([2, 1, 0, 3, 3, 0], [4, 2])

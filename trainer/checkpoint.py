@@ -45,7 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class CheckpointManager:
             except Exception as e:  # noqa: BLE001 - any load failure means: try the previous one
                 if dist.get_rank() == 0:
                     log.warning("checkpoint %s: cannot be loaded (%s); trying the previous one",
-                                path, _first_line(e))
+                                path, first_line(e))
         return None
 
     def load(self, path: Path, model: nn.Module, optimizer: KeyedOptimizer) -> Progress:
@@ -266,8 +266,3 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -177,6 +177,7 @@ def run_worker(
     if rank == 0:
         write_summary(output_dir, summary)
     if metrics is not None:
+        time.sleep(cfg.metrics.linger_seconds)
         metrics.stop_server()
     return summary
 

@@ -79,14 +79,17 @@ class MetricsConfig:
     enabled:   serve metrics at all.
     port_base: worker with local rank r serves on port_base + r; 0 = an ephemeral port each.
     bind:      address the HTTP server binds; 0.0.0.0 inside a pod so Prometheus can reach it.
-    file_sd:   if set, the driver writes a Prometheus file-SD JSON file listing every worker
+    file_sd:   if set, rank 0 writes a Prometheus file-SD JSON file listing every worker
                here (e.g. outputs/file_sd/<job>.json, matched by deploy/prometheus.yml).
+    linger_seconds: keep serving this long after training ends, so the last values are
+               scraped (set it above the scrape interval when a job is short).
     """
 
     enabled: bool = True
     port_base: int = 9400
     bind: str = "127.0.0.1"
     file_sd: str | None = None
+    linger_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -100,6 +103,8 @@ class MetricsConfig:
             )
         if not isinstance(self.bind, str) or not self.bind.strip() or any(c.isspace() for c in self.bind):
             raise ConfigError(f"bind: expected a host address such as 127.0.0.1, got {self.bind!r}")
+        if self.linger_seconds < 0:
+            raise ConfigError(f"linger_seconds: must be >= 0, got {self.linger_seconds}")
         if self.file_sd is not None:
             if not isinstance(self.file_sd, str) or not self.file_sd.strip():
                 raise ConfigError(f"file_sd: expected a file path or null, got {self.file_sd!r}")

@@ -1,0 +1,72 @@
+"""`embshard search autodim CONFIG`: run an AutoDim search on Ray and write its decisions file.
+
+The driver shards the search tables (`trainer.autodim.plan_search`), Ray Train runs one
+`search_worker` per worker exactly as `embshard train` runs `run_worker`, and rank 0 writes the
+decisions file that `embeddings: {policy: decisions}` turns into the retrain's plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray.train
+
+from embshard.cluster.launch import train_on_ray
+from embshard.trainer.config import JobConfig, load_job_config
+from embshard.typed_config import from_dict
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    search = subparsers.add_parser(
+        "search", help="search embedding dimensions (writes a decisions file)",
+        description="Dimension searches that end in a decisions file for `embeddings.policy: decisions`.")
+    methods = search.add_subparsers(dest="search_method", required=True, metavar="METHOD")
+    p = methods.add_parser(
+        "autodim", help="AutoDim: learn each field's width among candidate widths",
+        description="Train a DLRM whose fields mix candidate widths by Gumbel-softmax weights "
+                    "(alpha, learnt on validation batches), then keep each field's argmax width. "
+                    "Needs an `autodim:` section in the config (see configs/autodim-movielens.yaml).")
+    p.add_argument("config", type=Path, help="job config (YAML) with an autodim: section")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config field, e.g. --set autodim.alpha_every=5 (repeatable)")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="decisions file to write (default: autodim.decisions, else <output_dir>/decisions.json)")
+    p.set_defaults(func=_autodim)
+
+
+def _autodim(args: argparse.Namespace) -> int:
+    from embshard.trainer.autodim import autodim_section, decisions_path, plan_search
+
+    cfg = load_job_config(args.config, args.overrides)
+    search = autodim_section(cfg)
+    workers = args.workers or cfg.cluster.workers
+    # Absolute: workers may run elsewhere (train_on_ray resolves the other paths the same way).
+    decisions = Path(args.out or decisions_path(cfg)).resolve()
+    cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
+                  autodim=replace(search, decisions=str(decisions)))
+    bundle = plan_search(cfg, workers)
+    plan = bundle.dimension_plan
+    print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"
+          f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
+    for note in [*plan.notes, *bundle.shard_plan.notes]:
+        print(f"note: {note}")
+    summary = train_on_ray(cfg, entry=_search_entry)
+    print(f"search validation AUC {summary['valid_auc']:.4f} after {summary['steps']} steps "
+          f"({summary['alpha_steps']} architecture steps)")
+    print("chosen widths: " + ", ".join(f"{f} {d}" for f, d in summary["dims"].items()))
+    print(f"decisions -> {decisions}")
+    print(f"retrain: embshard train {args.config} --set embeddings.policy=decisions "
+          f"--set embeddings.decisions={decisions}")
+    return 0
+
+
+def _search_entry(config: dict[str, Any]) -> None:
+    # Imported here: this runs in the Ray worker process.
+    from embshard.trainer.autodim import search_worker
+
+    cfg = from_dict(JobConfig, config)
+    search_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank())

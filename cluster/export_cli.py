@@ -1,0 +1,26 @@
+"""`embshard export CHECKPOINT --out DIR`: the compact serving model of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "export", help="write the serving model of a checkpoint (MLET tables collapsed)",
+        description="Load a checkpoint (a step-NNNNNN folder, or a checkpoint directory: its newest "
+                    "good step) in one process and write the serving model: collapsed tables, "
+                    "dense weights, id remaps and a manifest. Load it with "
+                    "embshard.trainer.export.load_serving(DIR).")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint folder or directory")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the serving model to")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from embshard.trainer.export import export_serving  # torch/TorchRec load only for this verb
+
+    out = export_serving(args.checkpoint, args.out)
+    print(f"serving model written to {out}")
+    return 0

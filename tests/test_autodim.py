@@ -1,0 +1,271 @@
+"""AutoDim: Gumbel-softmax mixing and temperature against hand-computed values, what each candidate
+reads from its table, the bi-level separation of gradients on a (one-rank) sharded model, and the
+decisions file back into a DimensionPlan."""
+
+from __future__ import annotations
+
+import math
+import socket
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.datasets.profile import write_profile
+from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.synth import synthesize
+from embshard.errors import ConfigError, PlanError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.decisions import load_decisions
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.types import Block, DimensionPlan, TablePlan
+from embshard.sharding.autodim import AutodimEmbeddingBags, _repeat_features, gumbel_softmax, search_plan
+from embshard.trainer.autodim import (
+    alpha_step,
+    build_search_model,
+    base_plan,
+    make_decisions,
+    model_step,
+    plan_search,
+)
+from embshard.trainer.autodim_config import AutodimConfig
+from embshard.trainer.config import CheckpointConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.trainer.evaluate import EvalResult
+
+CANDIDATES = [2, 8, 16]
+
+
+def uniform(base_dim: int = 16) -> DimensionPlan:
+    return DimensionPlan(base_dim, [
+        TablePlan("t_a", ["a"], 10, [Block(0, 10, base_dim)]),
+        TablePlan("t_b", ["b"], 6, [Block(0, 6, base_dim)]),
+    ])
+
+
+def kjt() -> KeyedJaggedTensor:
+    """3 examples; a: [1], [2, 3], [] ; b: [4], [], [5]"""
+    return KeyedJaggedTensor(
+        keys=["a", "b"],
+        values=torch.tensor([1, 2, 3, 4, 5]),
+        lengths=torch.tensor([1, 2, 0, 1, 0, 1], dtype=torch.int32),
+    )
+
+
+def test_gumbel_softmax_matches_hand_computation():
+    logits = torch.tensor([[0.0, math.log(2.0)]])
+    noise = torch.tensor([[0.5, -0.5]])
+    # (0 + 0.5) / 0.5 = 1 and (ln 2 - 0.5) / 0.5 = 2 ln 2 - 1: p0 = e / (e + 4 / e) = 1 / (1 + 4 e^-2)
+    p = gumbel_softmax(logits, tau=0.5, noise=noise)
+    p0 = 1 / (1 + 4 * math.exp(-2))
+    assert p.tolist()[0] == pytest.approx([p0, 1 - p0], abs=1e-6)
+    # logits are alpha's log up to a constant: softmax(logits) as alpha gives the same mixture
+    log_alpha = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(gumbel_softmax(log_alpha, 0.5, noise), p)
+
+
+def test_temperature_schedule():
+    cfg = AutodimConfig()
+    assert cfg.temperature(0) == 1.0
+    assert cfg.temperature(1000) == pytest.approx(0.95)
+    assert cfg.temperature(19_000) == pytest.approx(0.05)
+    assert cfg.temperature(19_800) == pytest.approx(0.01)
+    assert cfg.temperature(10**6) == 0.01  # floored at tau_min
+
+
+def test_mixing_uses_the_modules_noise_and_temperature():
+    m = AutodimEmbeddingBags(uniform(), CANDIDATES)
+    with torch.no_grad():
+        m.arch.logits.copy_(torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]]))
+    m.tau = 0.5
+    m.seed_noise(7)
+    sampled = m.mixing_weights()
+    g = torch.Generator().manual_seed(7)
+    u = torch.rand((2, 3), generator=g)
+    expected = torch.softmax((m.arch.logits - torch.log(-torch.log(u))) / 0.5, dim=-1)
+    assert torch.allclose(sampled, expected)
+    m.eval()  # no noise when evaluating
+    assert torch.allclose(m.mixing_weights(), torch.softmax(m.arch.logits / 0.5, dim=-1))
+
+
+@pytest.mark.parametrize("lookup", ["weight_sharing", "separate"])
+def test_candidate_reads_the_first_columns_of_its_table(lookup):
+    m = AutodimEmbeddingBags(uniform(), CANDIDATES, lookup=lookup, unify="zero_pad", batchnorm=False)
+    pooled = m.ebc(kjt() if lookup == "weight_sharing" else _repeat(kjt()))
+    x = m.candidate_embeddings(pooled)
+    by_key = pooled.to_dict()
+    for fi, feature in enumerate(m.feature_names):
+        for ni, d in enumerate(CANDIDATES):
+            table = by_key[feature if lookup == "weight_sharing" else f"{feature}__d{d}"]
+            assert torch.equal(x[:, fi, ni, :d], table[:, :d])
+            assert not x[:, fi, ni, d:].any()
+
+
+def _repeat(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    return _repeat_features(features, ["a", "b"], CANDIDATES)
+
+
+@pytest.mark.parametrize("n", range(len(CANDIDATES)))
+def test_weight_sharing_candidate_trains_only_its_columns(n):
+    """With the mixture on candidate n alone, the shared table's gradient stays in its first d_n
+    columns: the candidate is exactly a d_n-wide embedding."""
+    m = AutodimEmbeddingBags(uniform(), CANDIDATES, unify="linear", batchnorm=False)
+    with torch.no_grad():
+        m.arch.logits.fill_(-math.inf)  # exactly one-hot: e^-100 would still leak a denormal
+        m.arch.logits[:, n] = 0.0
+    m.tau = 1.0
+    m.eval()
+    m(kjt()).values().pow(2).sum().backward()
+    for table in ("t_a", "t_b"):
+        grad = m.ebc.embedding_bags[table].weight.grad
+        assert grad[:, : CANDIDATES[n]].abs().sum() > 0
+        assert not grad[:, CANDIDATES[n]:].any()
+
+
+def test_separate_tables_round_narrow_candidates_up_with_a_note():
+    plan = search_plan(uniform(), CANDIDATES, "separate")
+    widths = {t.name: t.blocks[0].dim for t in plan.tables}
+    assert widths == {"t_a__d2": 4, "t_a__d8": 8, "t_a__d16": 16, "t_b__d2": 4, "t_b__d8": 8, "t_b__d16": 16}
+    assert any("t_a__d2" in note and "first 2 columns" in note for note in plan.notes)
+    assert search_plan(uniform(), CANDIDATES, "weight_sharing") == uniform()
+    with pytest.raises(PlanError, match="largest candidate"):
+        search_plan(uniform(32), CANDIDATES, "weight_sharing")
+
+
+def test_config_checks_name_the_field():
+    with pytest.raises(ConfigError, match="candidates: must be strictly ascending"):
+        AutodimConfig(candidates=[8, 2])
+    with pytest.raises(ConfigError, match="alpha_every"):
+        AutodimConfig(alpha_every=0)
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16))
+    cfg.autodim = AutodimConfig(candidates=[2, 8, 32])
+    with pytest.raises(ConfigError, match="autodim.candidates: the largest candidate 32 must equal embeddings.dim 16"):
+        plan_search(cfg, 1)
+
+
+# --- on a sharded model (one gloo rank, in process) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("autodim") / "data"
+    synthesize(out, rows=3000, seed=0, max_cardinality=300)
+    write_profile(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def job(dataset: Path, out: Path, **search) -> JobConfig:
+    cfg = JobConfig(
+        output_dir=str(out),
+        data=DataConfig(path=str(dataset), batch_size=256, eval_batch_size=1024, prefetch=1),
+        model=ModelConfig(dense_arch=[16], over_arch=[16]),
+        embeddings=EmbeddingsConfig(dim=16),
+        train=TrainConfig(progress=False),
+        checkpoint=CheckpointConfig(enabled=False),
+    )
+    cfg.autodim = AutodimConfig(candidates=CANDIDATES, **search)
+    return cfg
+
+
+def _build(cfg: JobConfig):
+    spec = DatasetSpec.load(cfg.data.path)
+    return build_search_model(cfg, plan_search(cfg, 1), base_plan(cfg, spec), len(spec.dense), torch.device("cpu"))
+
+
+def _batches(cfg: JobConfig, split: str, n: int):
+    reader = ParquetBatchReader(cfg.data.path, split, cfg.data.batch_size, shuffle=False, prefetch=1)
+    it = iter(reader)
+    return [next(it) for _ in range(n)]
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    """Every trained tensor but alpha: dense parameters and the local shards of the tables."""
+    out = {}
+    for name, value in model.sharded.model.state_dict().items():
+        if any(s in name for s in ("running_", "num_batches_tracked", "arch.logits")):
+            continue  # BatchNorm statistics are not trained weights
+        if hasattr(value, "local_shards"):
+            value = torch.cat([s.tensor.flatten() for s in value.local_shards()])
+        out[name] = value.detach().clone()
+    return out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.sharded.model.named_parameters() if p.grad is not None}
+
+
+def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tmp_path, process_group):
+    cfg = job(dataset, tmp_path / "run", alpha_lr=0.1)
+    model = _build(cfg)
+    train, valid = _batches(cfg, "train", 2), _batches(cfg, "valid", 1)
+
+    alpha0, weights0 = model.alpha.detach().clone(), _weights(model)
+    model_step(model, train[0], train_alpha=False)
+    assert model.alpha.grad is None and torch.equal(model.alpha, alpha0)  # training loss: not alpha's
+    weights1 = _weights(model)
+    assert any(not torch.equal(weights0[k], weights1[k]) for k in weights0 if ".ebc." in k)  # tables train
+
+    grads1 = _grads(model)
+    alpha_step(model, valid[0])
+    assert not torch.equal(model.alpha, alpha0)  # validation loss moves alpha ...
+    after = _weights(model)
+    changed = [k for k in weights1 if not torch.equal(weights1[k], after[k])]
+    assert changed == []  # ... and nothing else: no table, transform or arch
+    assert _grads(model).keys() == grads1.keys()  # nor adds to their gradients
+    assert all(torch.equal(g, grads1[n]) for n, g in _grads(model).items())
+
+
+def test_single_level_steps_alpha_from_the_training_batch(dataset, tmp_path, process_group):
+    cfg = job(dataset, tmp_path / "run", single_level=True, lookup="separate")
+    model = _build(cfg)
+    alpha0 = model.alpha.detach().clone()
+    model_step(model, _batches(cfg, "train", 1)[0], train_alpha=True)
+    assert not torch.equal(model.alpha, alpha0)
+    assert model.alpha.grad is None and not model.alpha.requires_grad
+
+
+def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
+    cfg = job(dataset, tmp_path / "run")
+    spec = DatasetSpec.load(dataset)
+    embedding = AutodimEmbeddingBags(base_plan(cfg, spec), CANDIDATES)
+    with torch.no_grad():
+        embedding.arch.logits.zero_()
+        embedding.arch.logits[::2, 0] = 3.0  # every other field picks width 2
+        embedding.arch.logits[1::2, 2] = 3.0  # the rest 16
+    decisions = make_decisions(cfg, embedding, EvalResult(auc=0.71, logloss=0.5, examples=10), {"steps": 4})
+    path = decisions.save(tmp_path / "decisions.json")
+    loaded = load_decisions(path)
+    assert loaded.method == "autodim" and loaded.base_dim == 16
+    assert loaded.meta["valid_auc"] == 0.71
+    assert loaded.meta["alpha"]["C1"] == pytest.approx(torch.softmax(embedding.arch.logits[0], 0).tolist())
+
+    plan = plan_dimensions(EmbeddingsConfig(policy="decisions", dim=16, decisions=str(path)), spec)
+    dims = {t.features[0]: t.blocks[0].dim for t in plan.tables}
+    assert dims == {f: (4 if i % 2 == 0 else 16) for i, f in enumerate(spec.sparse_names)}
+    # width 2 is below what FBGEMM takes: the planner raises it and says so
+    assert any("C1" in note and "2 -> 4" in note for note in plan.notes)
+
+
+def test_search_config_loads_from_yaml_when_wired():
+    from embshard.trainer.config import load_job_config
+
+    if "autodim" not in {f.name for f in fields(JobConfig)}:
+        pytest.skip("JobConfig.autodim is not wired yet (trainer/config.py)")
+    cfg = load_job_config(Path(__file__).resolve().parents[1] / "configs" / "autodim-movielens.yaml")
+    assert cfg.autodim.candidates[-1] == cfg.embeddings.dim

@@ -1,0 +1,66 @@
+"""`embshard submit` against a real `ray start --head` on this machine: the job trains, its logs
+stream back, and the exit status is the job's."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embshard.datasets.profile import write_profile
+from embshard.datasets.synth import synthesize
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def head(env, tmp_path_factory) -> str:
+    port, dashboard = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
+             f"--temp-dir={temp}"]
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def embshard(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "embshard"), *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_submit_streams_logs_and_exit_status(head, env, tmp_path):
+    data = tmp_path / "data"
+    synthesize(data, rows=6000, max_cardinality=2000)
+    write_profile(data)
+    common = ["--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'run'}",
+              "--set", "data.batch_size=512", "--set", "train.progress=false"]
+    done = embshard(env, "submit", "configs/default.yaml", "--address", head, "--workers", "2", *common)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "validation AUC" in done.stdout and "SUCCEEDED" in done.stdout
+    job_id = done.stdout.split()[1]
+    assert "SUCCEEDED" in embshard(env, "status", job_id, "--address", head).stdout
+    assert "validation AUC" in embshard(env, "logs", job_id, "--address", head).stdout
+    failed = embshard(env, "submit", "configs/default.yaml", "--address", head,
+                      "--set", f"data.path={tmp_path / 'missing'}", "--set", f"output_dir={tmp_path / 'bad'}")
+    assert failed.returncode == 1 and "FAILED" in failed.stdout

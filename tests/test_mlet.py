@@ -1,0 +1,170 @@
+"""MLET in one process: the collapse W = W1 . W2 is the same model at width d, the rebuild
+W1' = W . pinv(W2) gives W back, the serving export predicts what the trained model predicts,
+and k < d is refused through the config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.errors import ConfigError, PlanError
+from embshard.planner.config import MletConfig
+from embshard.planner.policies.mlet import apply_mlet
+from embshard.planner.types import Block, DimensionPlan, TablePlan
+from embshard.sharding.mlet import (
+    collapse_mlet_tables,
+    mlet_after_load,
+    mlet_before_save,
+    mlet_load_template,
+    mlet_tables,
+    without_mlet,
+)
+from embshard.sharding.planned_embedding import MLET_INIT_STD, PlannedEmbeddingBags
+from embshard.trainer.config import JobConfig, ModelConfig
+from embshard.trainer.export import MANIFEST, ExportError, export_serving, load_serving
+from embshard.trainer.model import DLRM
+from embshard.typed_config import load_yaml
+
+NUM_DENSE = 3
+MODEL = ModelConfig(dense_arch=[8], over_arch=[8])
+
+
+def mlet_plan(remap: str | None = None) -> DimensionPlan:
+    """MLET blocks next to a plain block, an MDE block with a projection, and a shared table."""
+    return DimensionPlan(
+        base_dim=8,
+        tables=[
+            TablePlan("t_a", ["a"], 30, [Block(0, 10, 8, mlet_width=32), Block(10, 30, 4, mlet_width=16)],
+                      row_order="frequency" if remap else "identity", remap=remap),
+            TablePlan("t_bc", ["b", "c"], 12, [Block(0, 12, 8, mlet_width=24)]),
+            TablePlan("t_d", ["d"], 9, [Block(0, 9, 8)]),
+        ],
+    )
+
+
+def batch(seed: int = 0, size: int = 16) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    g = torch.Generator().manual_seed(seed)
+    rows = {"a": 30, "b": 12, "c": 12, "d": 9}
+    lengths = torch.randint(0, 4, (len(rows) * size,), generator=g)
+    values = torch.cat([
+        torch.randint(0, n, (int(lengths[i * size:(i + 1) * size].sum()),), generator=g)
+        for i, n in enumerate(rows.values())
+    ])
+    sparse = KeyedJaggedTensor(keys=list(rows), values=values, lengths=lengths.int(), stride=size)
+    return torch.randn(size, NUM_DENSE, generator=g), sparse
+
+
+def trained_like(plan: DimensionPlan) -> DLRM:
+    """A model whose tables are not at their initial values (any W1 is as good as a trained one)."""
+    torch.manual_seed(0)
+    model = DLRM(plan, NUM_DENSE, MODEL)
+    with torch.no_grad():
+        for p in model.embeddings.ebc.parameters():
+            p.normal_()
+    return model.eval()
+
+
+def test_collapsed_state_loads_into_the_plain_model_with_equal_outputs() -> None:
+    model = trained_like(mlet_plan())
+    state = mlet_before_save(model, model.state_dict())
+    plain = DLRM(without_mlet(mlet_plan()), NUM_DENSE, MODEL).eval()
+    # W sits under W1's key; W2 has no place in the plain model (no MLET, and the d-wide blocks
+    # at the base dim have no projection either).
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert missing == [] and all(".mlet." in k for k in unexpected) and len(unexpected) == 3
+    assert state["embeddings.ebc.embedding_bags.t_a__b0.weight"].shape == (10, 8)
+    dense, sparse = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(dense, sparse), model(dense, sparse), rtol=1e-5, atol=1e-6)
+
+
+def test_collapse_is_w1_times_w2_and_reports_its_time() -> None:
+    model = trained_like(mlet_plan())
+
+    class Observer:
+        seconds: list[float] = []
+
+        def observe_collapse(self, seconds: float) -> None:
+            self.seconds.append(seconds)
+
+    observer = Observer()
+    collapsed = collapse_mlet_tables(model, metrics=observer)
+    w1 = model.embeddings.ebc.embedding_bags["t_bc"].weight
+    w2 = model.embeddings.mlet["t_bc"].weight.t()
+    torch.testing.assert_close(collapsed["embeddings.ebc.embedding_bags.t_bc.weight"], w1 @ w2)
+    assert len(collapsed) == 3 and len(observer.seconds) == 1 and observer.seconds[0] >= 0
+
+
+def test_rebuild_gives_w1_whose_product_is_w_and_keeps_outputs() -> None:
+    model = trained_like(mlet_plan())
+    dense, sparse = batch(1)
+    with torch.no_grad():
+        before = model(dense, sparse)
+    saved = mlet_before_save(model, model.state_dict())
+    fresh = DLRM(mlet_plan(), NUM_DENSE, MODEL).eval()  # other W1, other W2 until loaded
+    template = mlet_load_template(fresh, fresh.state_dict())
+    for t in mlet_tables(fresh, template):
+        assert template[t.w1_key].shape == (t.rows, t.dim)
+    loaded = {k: saved[k].clone() for k in template}  # what dcp.load fills in
+    fresh.load_state_dict(mlet_after_load(fresh, loaded))
+    for t in mlet_tables(fresh, fresh.state_dict()):
+        w1 = fresh.state_dict()[t.w1_key]
+        assert w1.shape == (t.rows, t.width)
+        torch.testing.assert_close(w1 @ fresh.state_dict()[t.w2_key].t(), saved[t.w1_key], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(dense, sparse), before, rtol=1e-5, atol=1e-6)
+
+
+def test_w2_starts_gaussian_with_the_papers_scale() -> None:
+    plan = DimensionPlan(base_dim=64, tables=[TablePlan("t", ["f"], 8, [Block(0, 8, 64, mlet_width=256)])])
+    torch.manual_seed(0)
+    w2 = PlannedEmbeddingBags(plan).mlet["t"].weight
+    assert w2.mean().abs() < 0.01 and w2.std().item() == pytest.approx(MLET_INIT_STD, rel=0.03)
+    assert PlannedEmbeddingBags(plan, mlet_init_std=0.01).mlet["t"].weight.std() < 0.02
+
+
+def test_k_below_d_is_refused_by_the_config_and_by_the_plan(tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text("embeddings:\n  dim: 16\n  mlet:\n    ratio: 0.5\n")
+    with pytest.raises(ConfigError, match=r"ratio.*k < d.*Theorem 2\.2"):
+        load_yaml(JobConfig, config)
+    with pytest.raises(PlanError, match=r"k=4 < d=8.*caps the rank"):
+        apply_mlet(without_mlet(mlet_plan()), MletConfig(width=4), "multiple4")
+
+
+def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) -> None:
+    ranked = np.random.default_rng(0).permutation(30)  # id -> ranked row of table t_a
+    np.save(tmp_path / "t_a.remap.npy", ranked)
+    plan = mlet_plan(remap="t_a.remap.npy")
+    model = trained_like(plan)
+    out = export_serving(model, tmp_path / "serving", model_config=MODEL, plan_dir=tmp_path)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["remaps"] == {"a": "t_a.remap.npy"}
+    assert {(t["block"], t["dim"], t["trained_width"]) for t in manifest["tables"]} >= {("t_a__b1", 4, 16)}
+    serving = load_serving(out)
+    assert not any(".mlet." in k for k in serving.state_dict())
+    dense, raw = batch(2)
+    by_key = raw.to_dict()
+    ranked_ids = KeyedJaggedTensor(
+        keys=raw.keys(), lengths=raw.lengths(), stride=raw.stride(),
+        values=torch.cat([torch.from_numpy(ranked)[by_key[k].values()] if k == "a" else by_key[k].values()
+                          for k in raw.keys()]),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(serving(dense, raw), model(dense, ranked_ids), rtol=1e-5, atol=1e-6)
+
+
+def test_export_without_plan_folder_names_the_remap(tmp_path: Path) -> None:
+    model = trained_like(mlet_plan(remap="t_a.remap.npy"))
+    with pytest.raises(ExportError, match=r"t_a.*t_a\.remap\.npy"):
+        export_serving(model, tmp_path / "serving", model_config=MODEL)
+
+
+def test_load_serving_names_a_folder_that_is_not_an_export(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=str(tmp_path)):
+        load_serving(tmp_path)

@@ -1,0 +1,161 @@
+"""PEP on two gloo ranks: the sharded non-zero count and masks equal one process's; the prune run
+writes masks within their targets and decisions that plan smaller; both retrains run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+
+from embshard.datasets.profile import write_profile
+from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.synth import synthesize
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.decisions import load_decisions
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.topology import TopologySpec
+from embshard.sharding.pep import PepEmbeddings, local_shards
+from embshard.trainer.build import build_sharded
+from embshard.trainer.config import DataConfig, ModelConfig, ShardingConfig, TrainConfig
+from embshard.trainer.loop import make_reader, run_worker, train_step
+from embshard.trainer.pep import (
+    MaskKeeper, gather_masks, load_masks, lottery_worker, nonzero_counts, prune_worker, save_target,
+)
+from embshard.trainer.pep_config import PepConfig, PepJobConfig
+
+from distributed import run_ranks
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pep") / "data"
+    synthesize(path, rows=3000, seed=1, max_cardinality=300)
+    write_profile(path)
+    return path
+
+
+def _sharded_count(rank: int, world: int, data: str, granularity: str, s_init: float):
+    plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(data))
+    module = PepEmbeddings(plan, granularity, s_init, device=torch.device("meta"))
+    # Row-wise and table-wise shards side by side.
+    types = {t.name: ["row_wise" if i % 2 else "table_wise"] for i, t in enumerate(plan.tables)}
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"),
+        constraints={n: ParameterConstraints(sharding_types=v) for n, v in types.items()},
+    )
+    sharders = [EmbeddingCollectionSharder()]
+    dmp = DistributedModelParallel(module, device=torch.device("cpu"),
+                                   plan=planner.collective_plan(module, sharders), sharders=sharders)
+    pep = dmp.module
+    pep.initialise(seed=4)
+    row_shards = sum(s.tensor.shape[0] < plan.table(s.table).num_embeddings for s in local_shards(pep.ec))
+    return nonzero_counts(pep), gather_masks(pep), row_shards
+
+
+@pytest.mark.parametrize("granularity", ["feature_dimension", "dimension"])
+def test_sharded_count_and_masks_equal_single_process(dataset, granularity):
+    s_init = math.log(0.03 / 0.97)  # g = 0.03, about half of uniform(+-1/sqrt(300)) survives
+    results = run_ranks(_sharded_count, WORLD, str(dataset), granularity, s_init)
+    plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(dataset))
+    single = PepEmbeddings(plan, granularity, s_init)
+    single.initialise(seed=4)
+    counts = nonzero_counts(single)
+    assert results[0][0] == results[1][0] == counts
+    assert 0.2 < sum(counts.values()) / (sum(t.num_embeddings for t in plan.tables) * 8) < 0.8
+    assert results[0][2] > 0 and results[1][1] is None  # row-wise shards exist; masks only on rank 0
+    whole = gather_masks(single)
+    assert all(np.array_equal(results[0][1][t], whole[t]) for t in whole)
+
+
+def _job(dataset: Path, out: Path) -> PepJobConfig:
+    return PepJobConfig(
+        seed=2,
+        output_dir=str(out),
+        data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
+        model=ModelConfig(dense_arch=[8], over_arch=[8]),
+        embeddings=EmbeddingsConfig(dim=8),
+        sharding=ShardingConfig(plan_file=str(out / "plan")),  # shared by the retrains
+        train=TrainConfig(max_steps=8, progress=False, log_every=4, eval_max_batches=1),
+        pep=PepConfig(granularity="feature_dimension", s_init=math.log(0.02 / 0.98),
+                      targets=[0.9, 0.6, 0.001], count_every=2, retrain_target=0.6, out=str(out / "pep")),
+    )
+
+
+def _prune_and_retrain(rank: int, world: int, cfg: PepJobConfig):
+    pruned = prune_worker(cfg)
+    lottery = lottery_worker(replace(cfg, output_dir=str(Path(cfg.output_dir) / "lottery")))
+    # The retrain's mask holds on every rank's shards through training.
+    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    reader = make_reader(cfg, bundle, "train", rank, world)
+    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
+    masks = load_masks(cfg.pep_dir / "target-0.6", tables, 8)
+    shards = local_shards(sharded.model.module.embeddings.ebc)
+    keeper = MaskKeeper(shards, masks, cfg.seed, tables)
+    for step, batch in zip(range(3), reader):
+        train_step(sharded, batch)
+        keeper.on_step(None)
+    leaked = sum(int((s.tensor != 0)[~torch.from_numpy(
+        masks[s.table][s.row_offset:s.row_offset + s.tensor.shape[0], s.col_offset:s.col_offset + s.tensor.shape[1]]
+    )].sum()) for s in shards)
+    return pruned, lottery, leaked
+
+
+def test_prune_run_masks_decisions_and_retrains(dataset, tmp_path):
+    cfg = _job(dataset, tmp_path / "run")
+    make_plan(cfg.embeddings, dataset, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
+              batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer).save()
+    results = run_ranks(_prune_and_retrain, WORLD, cfg)
+    pruned, lottery, leaked = results[0]
+    reached = pruned["pep"]["reached"]
+    assert set(reached) == {"0.9", "0.6"} and pruned["pep"]["missed"] == [0.001]
+    plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(dataset))
+    dense = sum(t.num_embeddings for t in plan.tables) * 8
+    for target in (0.9, 0.6):
+        directory = cfg.pep_dir / f"target-{target:g}"
+        kept = sum(int(np.load(directory / f"{t.name}.mask.npy").sum()) for t in plan.tables)
+        assert kept <= target * dense and kept == reached[f"{target:g}"]["nonzero"]
+        decided = load_decisions(directory / "decisions.json")
+        assert decided.method == "pep" and decided.meta["target"] == target
+    assert leaked == 0 and results[1][2] == 0
+    assert lottery["steps"] > 0 and math.isfinite(lottery["valid_auc"])
+    mixed_plan = make_plan(
+        EmbeddingsConfig(dim=8, policy="decisions", decisions=str(cfg.pep_dir / "target-0.6" / "decisions.json")),
+        dataset, TopologySpec(WORLD, "cpu"), tmp_path / "check", batch_size=128, optimizer="rowwise_adagrad",
+    )
+    assert mixed_plan.dimension_plan.serve_params() < plan.serve_params()
+
+
+def _train_mixed(rank: int, world: int, cfg: PepJobConfig):
+    return run_worker(cfg)
+
+
+def test_pep_decisions_train_through_the_ordinary_loop(dataset, tmp_path):
+    """Retrain (b): `embeddings.policy: decisions` on a PEP decisions file needs nothing new."""
+    plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(dataset))
+    rng = np.random.default_rng(0)
+    masks = {t.name: rng.random((t.num_embeddings, 8)) < rng.random((t.num_embeddings, 1)) for t in plan.tables}
+    decisions = save_target(masks, 8, tmp_path / "target-0.5", {"target": 0.5})
+    base = _job(dataset, tmp_path / "mixed")
+    cfg = replace(base, embeddings=EmbeddingsConfig(dim=8, policy="decisions", decisions=str(decisions)),
+                  sharding=ShardingConfig(), checkpoint=replace(base.checkpoint, enabled=False))
+    bundle = make_plan(cfg.embeddings, dataset, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
+                       batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer)
+    bundle.save()
+    assert not bundle.dimension_plan.is_uniform
+    assert bundle.dimension_plan.serve_params() < plan.serve_params()
+    trained = run_ranks(_train_mixed, WORLD, cfg)[0]
+    assert trained["steps"] > 0 and math.isfinite(trained["valid_auc"])

@@ -1,0 +1,226 @@
+"""The serving export: a compact single-process model from a live sharded model or a checkpoint.
+
+Serving keeps only what inference reads: MLET blocks collapsed to W = W1 . W2 (n x d), MDE
+blocks and their projections, the dense arches, and the id remaps of reordered tables. One
+folder holds it:
+
+    serving.json        manifest: tables (block, rows, dim, trained width), model arches,
+                        number of dense features, and the files below
+    plan.json           the DimensionPlan with MLET removed (every block at its serving width)
+    weights.pt          the model's state dict, plain tensors (`torch.load(weights_only=True)`)
+    <table>.remap.npy   id -> ranked row, for tables whose rows are reordered (MDE, PEP)
+
+Loading it back (no process group, no TorchRec sharding, CPU):
+
+    from embshard.trainer.export import load_serving
+    model = load_serving("outputs/run/serving")       # a ServingModel, in eval mode
+    logits = model(dense, sparse)                     # sparse: KeyedJaggedTensor of *raw* ids
+
+`ServingModel` applies the remaps itself, so it takes the ids as they appear in the data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import EmbshardError
+from embshard.planner.remap import load_remap
+from embshard.planner.types import DimensionPlan
+from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
+from embshard.sharding.planned_embedding import PlannedEmbeddingBags
+from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, resolve_source, valid_checkpoints
+from embshard.trainer.config import ModelConfig
+from embshard.trainer.model import DLRM
+
+MANIFEST = "serving.json"
+WEIGHTS = "weights.pt"
+PLAN = "plan.json"
+EXPORT_VERSION = 1
+
+
+class ExportError(EmbshardError):
+    """A model or checkpoint cannot be exported, or an export folder cannot be loaded."""
+
+
+def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
+                   model_config: ModelConfig | None = None, plan_dir: str | Path | None = None) -> Path | None:
+    """Write the serving model of `source` to `out_dir`; returns `out_dir` (None on ranks > 0).
+
+    `source` is a checkpoint (a step-NNNNNN folder or a checkpoint directory: its newest good
+    step; runs in one process) or a live model, sharded or not. A live model is collective on
+    every rank of its process group and needs `model_config` (its arches) and, when its plan
+    reorders rows, `plan_dir` (the folder of plan.json and the remap files)."""
+    if isinstance(source, nn.Module):
+        if model_config is None:
+            raise ExportError("export_serving: a live model needs model_config (its dense/over arches)")
+        return _export_live(source, Path(out_dir), model_config, Path(plan_dir) if plan_dir else None)
+    return _export_checkpoint(Path(source), Path(out_dir))
+
+
+def load_serving(directory: str | Path) -> "ServingModel":
+    """The exported model as a plain single-process module in eval mode (see the module docstring)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != EXPORT_VERSION:
+        raise ExportError(f"{path}: export version {manifest.get('version')!r}, expected {EXPORT_VERSION}")
+    plan = DimensionPlan.load(directory / manifest["plan"])
+    dlrm = DLRM(plan, manifest["num_dense"], ModelConfig(**manifest["model"]))
+    dlrm.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
+    remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
+    return ServingModel(dlrm, remaps).eval()
+
+
+class ServingModel(nn.Module):
+    """DLRM over the collapsed plan, fed raw ids: reordered features go through their remap first."""
+
+    def __init__(self, dlrm: DLRM, remaps: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.dlrm = dlrm
+        self.remapped = sorted(remaps)
+        for feature, remap in remaps.items():
+            self.register_buffer(f"remap_{feature}", remap, persistent=False)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        if self.remapped:
+            sparse = self._remap(sparse)
+        return self.dlrm(dense, sparse)
+
+    def _remap(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        by_key = sparse.to_dict()
+        values = [
+            getattr(self, f"remap_{k}")[by_key[k].values()] if k in self.remapped else by_key[k].values()
+            for k in sparse.keys()
+        ]
+        return KeyedJaggedTensor(keys=sparse.keys(), values=torch.cat(values),
+                                 lengths=sparse.lengths(), stride=sparse.stride())
+
+
+# -- from a live model ---------------------------------------------------------------------------
+
+def _export_live(model: nn.Module, out_dir: Path, model_config: ModelConfig, plan_dir: Path | None) -> Path | None:
+    dlrm = _find(model, DLRM)
+    plan = _find(model, PlannedEmbeddingBags).plan
+    state = model.state_dict()
+    state.update(collapse_mlet_tables(model, state))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    full: dict[str, torch.Tensor] = {}
+    # Serving is single-process: every table comes to rank 0 (a collective, in key order).
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=out)
+            value = out
+        if rank == 0:
+            full[key] = value.detach().cpu()
+    if rank != 0:
+        return None
+    return _write(out_dir, plan, full, dlrm.num_dense, model_config, plan_dir, source="live model")
+
+
+# -- from a checkpoint ---------------------------------------------------------------------------
+
+def _export_checkpoint(source: Path, out_dir: Path) -> Path:
+    candidates = valid_checkpoints(resolve_source(source))
+    if not candidates:
+        raise ExportError(f"{source}: no complete checkpoint (see the warnings)")
+    path = candidates[0]
+    config = json.loads((path / CONFIG).read_text())
+    plan_dir = path / PLAN_DIR
+    raw = json.loads((plan_dir / PLAN).read_text())
+    plan = DimensionPlan.from_json(raw["dimension_plan"], where=str(plan_dir / PLAN))
+    model_config = ModelConfig(**config.get("model", {}))
+    num_dense = _num_dense(config, path)
+    # With the collapse hook W already sits under W1's key and loads into the plain model; a
+    # checkpoint written without it still holds W1 (n x k) and W2, and is collapsed here.
+    probe = DLRM(plan, num_dense, model_config, embedding_device=torch.device("meta"),
+                 dense_device=torch.device("meta"))
+    shapes = _saved_shapes(path)
+    collapsed_on_save = all(shapes.get(f"model.{t.w1_key}") == (t.rows, t.dim)
+                            for t in mlet_tables(probe, probe.state_dict()))
+    model = DLRM(without_mlet(plan) if collapsed_on_save else plan, num_dense, model_config)
+    state = model.state_dict()
+    dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+    if not collapsed_on_save:
+        state.update(collapse_mlet_tables(model, state))
+    return _write(out_dir, plan, state, num_dense, model_config, plan_dir, source=str(path))
+
+
+def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    return {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items() if hasattr(m, "size")}
+
+
+def _num_dense(config: dict[str, Any], path: Path) -> int:
+    data = config.get("data", {}).get("path")
+    try:
+        return len(DatasetSpec.load(data).dense)
+    except EmbshardError as e:
+        raise ExportError(f"{path}: cannot tell the number of dense features: the run's dataset "
+                          f"{data!r} is unreadable ({e})") from None
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+def _write(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], num_dense: int,
+           model_config: ModelConfig, plan_dir: Path | None, source: str) -> Path:
+    serving = without_mlet(plan)
+    weights = {k: v for k, v in state.items() if not _is_mlet_w2(k, plan)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, out_dir / WEIGHTS)
+    serving.save(out_dir / PLAN)
+    remaps = {}
+    for table in plan.tables:
+        if table.remap is None:
+            continue
+        if plan_dir is None:
+            raise ExportError(f"table {table.name!r} reorders its rows: export needs the plan folder "
+                              f"holding {table.remap}")
+        load_remap(plan_dir / table.remap, table.num_embeddings)  # validates before copying
+        shutil.copyfile(plan_dir / table.remap, out_dir / table.remap)
+        remaps.update({f: table.remap for f in table.features})
+    manifest = {
+        "version": EXPORT_VERSION,
+        "source": source,
+        "plan": PLAN,
+        "weights": WEIGHTS,
+        "remaps": remaps,
+        "num_dense": num_dense,
+        "model": asdict(model_config),
+        "base_dim": plan.base_dim,
+        "tables": [
+            {"table": t.name, "block": t.block_name(i), "rows": b.num_rows, "dim": b.dim,
+             "trained_width": b.train_dim, "features": t.features}
+            for t in plan.tables for i, b in enumerate(t.blocks)
+        ],
+        "serve_params": serving.serve_params(),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out_dir
+
+
+def _is_mlet_w2(key: str, plan: DimensionPlan) -> bool:
+    names = {t.block_name(i) for t in plan.tables for i, b in enumerate(t.blocks) if b.mlet_width}
+    return any(key.endswith(f"mlet.{n}.weight") for n in names)
+
+
+def _find(model: nn.Module, kind: type[nn.Module]) -> Any:
+    found = next((m for m in model.modules() if isinstance(m, kind)), None)
+    if found is None:
+        raise ExportError(f"export_serving: the model has no {kind.__name__}")
+    return found

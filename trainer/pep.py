@@ -1,0 +1,364 @@
+"""PEP's two training runs, each one worker's life like `trainer.loop.run_worker`.
+
+`prune_worker` trains DLRM over `PepEmbeddings`. Every `pep.count_every` steps it counts the
+surviving (non-zero) embedding entries on each rank's own shards and all-reduces the counts; the
+first time the total falls to a target fraction of the dense count it writes, under
+`<pep dir>/target-<t>/`, the mask of every table (`<table>.mask.npy`, bool [rows, base_dim]) and a
+standard decisions file (`decisions.json`, rows ranked by survivors, see planner/policies/pep.py)
+for the mixed-dimension retrain through `embshard train`. It stops once every target is written.
+
+`lottery_worker` is the paper's retrain: a plain base-dim DLRM whose tables restart from the prune
+run's initial values times a saved mask, and stay masked (pruned entries are zeroed again after
+every optimizer step, so they are exactly zero at every forward). Initial values are not stored:
+`sharding.pep.initial_values` regenerates them from the prune run's seed (kept in `pep.json`) and
+the table shapes, for any sharding. Dense layers restart from the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from embshard.datasets.reader import ParquetBatchReader
+from embshard.errors import ConfigError, PlanError
+from embshard.planner.optimizers import torch_optimizer_class
+from embshard.planner.pipeline import PlanBundle
+from embshard.planner.policies.pep import pep_decisions
+from embshard.sharding.pep import ROW_THRESHOLDS, LocalShard, PepEmbeddings, initial_values, local_shards
+from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, build_sharded
+from embshard.trainer.callbacks import Callback, ProgressBar, PrometheusCallback, ReportCallback, StepInfo
+from embshard.trainer.evaluate import evaluate
+from embshard.trainer.loop import _quiet_libraries, _start_metrics, make_reader, train_step, worker_device, write_summary
+from embshard.trainer.metrics import WorkerMetrics
+from embshard.trainer.model import DLRM
+from embshard.trainer.pep_config import PepJobConfig, target_dir_name
+
+RUN_FILE = "pep.json"  # the prune run's record: seed, granularity, tables, targets reached
+DECISIONS_FILE = "decisions.json"
+Report = Callable[[dict[str, Any]], None]
+
+
+def mask_file(table: str) -> str:
+    return f"{table}.mask.npy"
+
+
+# ----------------------------------------------------------------------------- model assembly
+
+
+def pep_sharding_types(cfg: PepJobConfig) -> list[str]:
+    """EmbeddingCollection shards table-, row- and column-wise on CPU and CUDA; a row threshold
+    must stay in its row's shard, so those granularities leave column-wise out."""
+    types = ["table_wise", "row_wise"] + ([] if cfg.pep.granularity in ROW_THRESHOLDS else ["column_wise"])
+    if cfg.sharding.sharding_types is not None:
+        types = [t for t in types if t in cfg.sharding.sharding_types]
+        if not types:
+            raise ConfigError(
+                f"sharding.sharding_types: none of {cfg.sharding.sharding_types} can shard a PEP "
+                f"{cfg.pep.granularity} table (table_wise, row_wise"
+                f"{'' if cfg.pep.granularity in ROW_THRESHOLDS else ', column_wise'})"
+            )
+    return types
+
+
+def build_pep(cfg: PepJobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
+    """DLRM over `PepEmbeddings`, sharded by TorchRec's planner (run collectively, rank 0 decides),
+    with tables at their reproducible initial values and s at s_init."""
+    torch.manual_seed(cfg.seed)
+    plan = bundle.dimension_plan
+    meta = torch.device("meta")
+    model = DLRM(plan, num_dense, cfg.model, embedding_device=meta, dense_device=device)
+    model.embeddings = PepEmbeddings(plan, cfg.pep.granularity, cfg.pep.s_init, device=meta)
+    apply_optimizer_in_backward(
+        torch_optimizer_class(cfg.train.sparse_optimizer), model.embeddings.ec.parameters(),
+        {"lr": cfg.train.sparse_lr},
+    )
+    types = pep_sharding_types(cfg)
+    planner = EmbeddingShardingPlanner(
+        topology=cfg.sharding.topology(dist.get_world_size()).to_torchrec(),
+        batch_size=cfg.data.batch_size,
+        constraints={t.name: ParameterConstraints(sharding_types=types) for t in plan.tables},
+    )
+    sharders = [EmbeddingCollectionSharder()]
+    dmp = DistributedModelParallel(
+        model, device=device, plan=planner.collective_plan(model, sharders), sharders=sharders
+    )
+    pep_module(dmp).initialise(cfg.seed)
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    thresholds = {k: dense.pop(k) for k in [k for k in dense if k.endswith("embeddings.threshold")]}
+    optimizers = [dmp.fused_optimizer, KeyedOptimizerWrapper(
+        dense, lambda ps: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](ps, lr=cfg.train.dense_lr))]
+    if thresholds:
+        optimizers.append(KeyedOptimizerWrapper(thresholds, lambda ps: torch.optim.Adam(ps, lr=cfg.pep.threshold_lr)))
+    return ShardedModel(dmp, CombinedOptimizer(optimizers), bundle)
+
+
+def pep_module(model: nn.Module) -> PepEmbeddings:
+    embeddings = model.module.embeddings if isinstance(model, DistributedModelParallel) else model.embeddings
+    assert isinstance(embeddings, PepEmbeddings)
+    return embeddings
+
+
+# ----------------------------------------------------------------------------- counting and masks
+
+
+def nonzero_counts(pep: PepEmbeddings) -> dict[str, int]:
+    """Surviving V entries per table over all ranks: counted on local shards, then all-reduced."""
+    names = [t.name for t in pep.plan.tables]
+    local = torch.zeros(len(names), dtype=torch.int64)
+    index = {n: i for i, n in enumerate(names)}
+    for shard, mask in pep.local_masks():
+        local[index[shard.table]] += int(mask.sum())
+    if dist.is_initialized():
+        dist.all_reduce(local)
+    return dict(zip(names, local.tolist()))
+
+
+def gather_masks(pep: PepEmbeddings) -> dict[str, np.ndarray] | None:
+    """Every table's full bool mask [rows, base_dim] on rank 0 (None elsewhere); each rank sends
+    its shards' masks bit-packed with their offsets."""
+    pieces = [
+        (shard.table, shard.row_offset, shard.col_offset, mask.shape, np.packbits(mask.numpy(), axis=None))
+        for shard, mask in pep.local_masks()
+    ]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    gathered: list[Any] = [None] * world
+    if world == 1:
+        gathered = [pieces]
+    else:
+        dist.gather_object(pieces, gathered if dist.get_rank() == 0 else None, dst=0)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    masks = {t.name: np.zeros((t.num_embeddings, pep.base_dim), dtype=bool) for t in pep.plan.tables}
+    for rank_pieces in gathered:
+        for table, row, col, shape, bits in rank_pieces:
+            block = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+            masks[table][row : row + shape[0], col : col + shape[1]] = block
+    return masks
+
+
+def save_target(masks: dict[str, np.ndarray], base_dim: int, directory: Path, meta: dict[str, Any]) -> Path:
+    """Masks and the decisions file of one target; returns the decisions path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for table, mask in masks.items():
+        np.save(directory / mask_file(table), mask, allow_pickle=False)
+    nnz = {table: mask.sum(axis=1) for table, mask in masks.items()}
+    return pep_decisions(nnz, base_dim, directory, meta).save(directory / DECISIONS_FILE)
+
+
+class PruneCallback(Callback):
+    """Counts survivors every `every` steps; writes each target's masks and decisions the first
+    time the count reaches it; asks the loop to stop once all are written."""
+
+    def __init__(self, pep: PepEmbeddings, cfg: PepJobConfig, metrics: WorkerMetrics | None) -> None:
+        self.pep = pep
+        self.every = cfg.pep.count_every
+        self.pending = sorted(cfg.pep.targets, reverse=True)
+        self.out = cfg.pep_dir
+        self.meta = {"granularity": cfg.pep.granularity, "s_init": cfg.pep.s_init, "seed": cfg.seed}
+        self.metrics = metrics
+        self.dense = sum(t.num_embeddings for t in pep.plan.tables) * pep.base_dim
+        self.reached: dict[str, dict[str, Any]] = {}
+        self.last_fraction = 1.0
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.step % self.every == 0:
+            self.check(info.step)
+
+    def check(self, step: int) -> None:
+        counts = nonzero_counts(self.pep)
+        if self.metrics is not None:
+            for table, n in counts.items():
+                self.metrics.set_pep_nonzero(table, n)
+        nonzero = sum(counts.values())
+        self.last_fraction = nonzero / self.dense
+        while self.pending and nonzero <= self.pending[0] * self.dense:
+            target = self.pending.pop(0)
+            directory = self.out / target_dir_name(target)
+            meta = {**self.meta, "target": target, "kept_fraction": self.last_fraction, "step": step}
+            masks = gather_masks(self.pep)
+            if masks is not None:
+                save_target(masks, self.pep.base_dim, directory, meta)
+            self.reached[f"{target:g}"] = {"step": step, "nonzero": nonzero, "dir": str(directory)}
+        self.stop_requested = not self.pending
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        summary["pep"] = {"reached": self.reached, "missed": self.pending, "kept_fraction": self.last_fraction}
+
+
+def write_run_record(cfg: PepJobConfig, pep: PepEmbeddings, reached: dict[str, Any]) -> Path:
+    """What the lottery retrain needs to regenerate the initial values, and what was written."""
+    record = {
+        "seed": cfg.seed,
+        "granularity": cfg.pep.granularity,
+        "s_init": cfg.pep.s_init,
+        "base_dim": pep.base_dim,
+        "tables": {t.name: t.num_embeddings for t in pep.plan.tables},
+        "init": "sharding.pep.initial_values(seed, table, rows, base_dim, ...)",
+        "targets": reached,
+    }
+    cfg.pep_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.pep_dir / RUN_FILE
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- lottery retrain
+
+
+class MaskKeeper(Callback):
+    """Holds pruned entries of a plain (sharded) table at exactly zero: values start at initial x
+    mask and are multiplied by the mask after every step (the fused optimizer updates rows in the
+    backward, so this runs before the next forward sees them). Costs one pass over local shards."""
+
+    def __init__(self, shards: list[LocalShard], masks: dict[str, np.ndarray], seed: int,
+                 num_rows: dict[str, int]) -> None:
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for s in shards:
+                rows = range(s.row_offset, s.row_offset + s.tensor.shape[0])
+                cols = range(s.col_offset, s.col_offset + s.tensor.shape[1])
+                mask = torch.from_numpy(masks[s.table][rows.start : rows.stop, cols.start : cols.stop])
+                mask = mask.to(s.tensor.dtype)
+                init = initial_values(seed, s.table, num_rows[s.table], masks[s.table].shape[1], rows, cols)
+                s.tensor.copy_(init * mask)
+                self.kept.append((s.tensor, mask.to(s.tensor.device)))
+
+    def on_step(self, info: StepInfo) -> None:
+        with torch.no_grad():
+            for tensor, mask in self.kept:
+                tensor.mul_(mask)
+
+
+def load_masks(directory: Path, tables: dict[str, int], base_dim: int) -> dict[str, np.ndarray]:
+    masks = {}
+    for table, rows in tables.items():
+        path = directory / mask_file(table)
+        if not path.is_file():
+            raise PlanError(f"{path}: PEP mask not found (was this target reached by the prune run?)")
+        mask = np.load(path, allow_pickle=False)
+        if mask.shape != (rows, base_dim) or mask.dtype != bool:
+            raise PlanError(f"{path}: expected a bool mask of shape {(rows, base_dim)}, got {mask.dtype} {mask.shape}")
+        masks[table] = mask
+    return masks
+
+
+def load_run_record(cfg: PepJobConfig) -> dict[str, Any]:
+    path = cfg.pep_dir / RUN_FILE
+    if not path.is_file():
+        raise PlanError(f"{path}: PEP run record not found (run `embshard prune pep` first)")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def prune_worker(cfg: PepJobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
+    """Train with PEP until every target is written (or the epochs run out); -> the summary."""
+    _quiet_libraries()
+    bundle, train_reader, valid_reader, device = _setup(cfg, local_rank)
+    sharded = build_pep(cfg, bundle, len(train_reader.spec.dense), device)
+    metrics = _start_metrics(cfg, bundle, dist.get_rank(), local_rank)
+    prune = PruneCallback(pep_module(sharded.model), cfg, metrics)
+    summary = _fit(cfg, sharded, train_reader, valid_reader, device, [prune], metrics, report)
+    if dist.get_rank() == 0:
+        write_run_record(cfg, pep_module(sharded.model), prune.reached)
+    dist.barrier()  # masks and record are on disk before any rank goes on to retrain from them
+    return summary
+
+
+def lottery_worker(cfg: PepJobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
+    """Retrain a plain base-dim DLRM on the mask of `pep.retrain_target`, pruned entries held at 0."""
+    if cfg.pep.retrain_target is None:
+        raise ConfigError("pep.retrain_target: the lottery retrain needs the target whose mask it keeps")
+    _quiet_libraries()
+    record = load_run_record(cfg)
+    bundle, train_reader, valid_reader, device = _setup(cfg, local_rank)
+    sharded = build_sharded(cfg, bundle, len(train_reader.spec.dense), device)
+    tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
+    if tables != record["tables"] or record["base_dim"] != bundle.dimension_plan.base_dim:
+        raise PlanError(f"{cfg.pep_dir / RUN_FILE}: the prune run's tables differ from this plan's")
+    masks = load_masks(cfg.pep_dir / target_dir_name(cfg.pep.retrain_target), tables, record["base_dim"])
+    keeper = MaskKeeper(local_shards(sharded.model.module.embeddings.ebc), masks, record["seed"], tables)
+    metrics = _start_metrics(cfg, bundle, dist.get_rank(), local_rank)
+    return _fit(cfg, sharded, train_reader, valid_reader, device, [keeper], metrics, report)
+
+
+def _setup(cfg: PepJobConfig, local_rank: int) -> tuple[PlanBundle, ParquetBatchReader, ParquetBatchReader, torch.device]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    bundle = PlanBundle.load(cfg.sharding.plan_file or cfg.plan_dir, cfg.train.sparse_optimizer)
+    if not bundle.dimension_plan.is_uniform:
+        raise PlanError("PEP prunes full base-dim tables: plan it with embeddings.policy uniform")
+    bundle.shard_plan.check_matches(bundle.dimension_plan, world)
+    return (bundle, make_reader(cfg, bundle, "train", rank, world), make_reader(cfg, bundle, "valid", rank, world),
+            worker_device(cfg, local_rank))
+
+
+def _fit(cfg: PepJobConfig, sharded: ShardedModel, train_reader: ParquetBatchReader,
+         valid_reader: ParquetBatchReader, device: torch.device, callbacks: list[Callback],
+         metrics: WorkerMetrics | None, report: Report | None) -> dict[str, Any]:
+    """The loop of `run_worker` without checkpoints or resume: train -> evaluate -> summary."""
+    world = dist.get_world_size()
+    if dist.get_rank() == 0 and cfg.train.progress:
+        callbacks = [ProgressBar(world), *callbacks]
+    if metrics is not None:
+        callbacks.append(PrometheusCallback(metrics))
+    if report is not None:
+        callbacks.append(ReportCallback(report))
+    total = len(train_reader) * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    for cb in callbacks:
+        cb.on_train_start(total)
+    step, samples, first, last, stopped = 0, 0, None, None, False
+    started = time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        train_reader.set_epoch(epoch)
+        tick = time.perf_counter()
+        for batch in train_reader:
+            batch = batch.to(device, non_blocking=True)
+            loss = train_step(sharded, batch)
+            step += 1
+            samples += batch.labels.numel() * world
+            value = loss.item() if step % cfg.train.log_every == 0 or step in (1, total) else None
+            first = value if first is None else first
+            last = value if value is not None else last
+            now = time.perf_counter()
+            info = StepInfo(step, epoch, batch.labels.numel(), now - tick, 0.0, value)
+            for cb in callbacks:
+                cb.on_step(info)
+            stopped = any(cb.stop_requested for cb in callbacks)
+            if stopped or step >= total:
+                break
+            tick = time.perf_counter()
+        if stopped or step >= total:
+            break
+    elapsed = time.perf_counter() - started
+    result = evaluate(sharded.model, valid_reader, device, cfg.train.eval_max_batches)
+    for cb in callbacks:
+        cb.on_eval(step, result)
+    summary = {
+        "steps": step, "samples": samples, "seconds": elapsed,
+        "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+        "first_loss": first, "last_loss": last, "valid_auc": result.auc, "valid_logloss": result.logloss,
+    }
+    for cb in callbacks:
+        cb.on_train_end(summary)
+    if dist.get_rank() == 0:
+        write_summary(Path(cfg.output_dir), summary)
+    if metrics is not None:
+        metrics.stop_server()
+    return summary
