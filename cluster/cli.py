@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from embshard.cluster import pep_cli
 from embshard.datasets import cli as data_cli
 from embshard.errors import EmbshardError
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(commands)
     _register_plan(commands)
     _register_train(commands)
+    pep_cli.register(commands)
     _register_jobs(commands)
     return parser
 
@@ -192,7 +194,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
           f"per-rank training bytes "
           + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
-    metrics = train_on_ray(cfg)
+    # A `pep.retrain_target` turns the run into PEP's lottery-ticket retrain of that mask.
+    lottery = cfg.pep is not None and cfg.pep.retrain_target is not None
+    metrics = train_on_ray(cfg, worker="lottery_pep" if lottery else "train")
     summary = {k: metrics.get(k) for k in ("steps", "samples", "samples_per_s", "valid_auc", "valid_logloss")}
     print(
         f"validation AUC {_fmt(summary['valid_auc'])}, logloss {_fmt(summary['valid_logloss'])}; "

@@ -19,7 +19,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from embshard.trainer.export import export_serving  # torch/TorchRec load only for this verb
+    from embshard.trainer.export import (
+        export_serving,  # torch/TorchRec load only for this verb
+    )
 
     out = export_serving(args.checkpoint, args.out)
     print(f"serving model written to {out}")

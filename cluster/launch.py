@@ -7,6 +7,7 @@ torch.distributed process group (gloo on CPU, nccl on GPU); its FailureConfig re
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -93,18 +94,25 @@ def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:
     return bundle
 
 
+# The worker functions a Ray job can run, by name: each is `fn(cfg, report, local_rank)`.
+WORKERS = {
+    "train": "embshard.trainer.loop:run_worker",
+    "prune_pep": "embshard.trainer.pep:prune_worker",
+    "lottery_pep": "embshard.trainer.pep:lottery_worker",
+}
+
+
 def _worker_entry(config: dict[str, Any]) -> None:
-    # Imported here: this runs in the Ray worker process.
-    from embshard.trainer.loop import run_worker
+    # Runs in the Ray worker process: the worker's module is imported there.
+    module, _, name = WORKERS[config["worker"]].partition(":")
+    worker = getattr(importlib.import_module(module), name)
+    cfg = from_dict(JobConfig, config["job"])
+    worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank())
 
-    cfg = from_dict(JobConfig, config)
-    ctx = ray.train.get_context()
-    run_worker(cfg, report=ray.train.report, local_rank=ctx.get_local_rank())
 
-
-def train_on_ray(cfg: JobConfig) -> dict[str, Any]:
-    """Run the job on Ray (local in-process cluster unless cfg.cluster.address); returns the
-    final metrics of rank 0."""
+def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
+    """Run `WORKERS[worker]` on every Ray Train worker (a local in-process cluster unless
+    cfg.cluster.address); returns rank 0's summary."""
     output = Path(cfg.output_dir).resolve()
     # Workers may run in other directories (or hosts with the same shared storage): hand them
     # absolute paths.
@@ -122,13 +130,14 @@ def train_on_ray(cfg: JobConfig) -> dict[str, Any]:
             cfg.metrics,
             file_sd=str(Path(cfg.metrics.file_sd).resolve()) if cfg.metrics.file_sd else None,
         ),
+        pep=replace(cfg.pep, out=str(cfg.pep_dir.resolve())) if cfg.pep else None,
     )
     reset_starts(output)
     _init_ray(cfg)
     use_gpu = cfg.sharding.device == "cuda"
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={"worker": worker, "job": to_dict(cfg)},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
             use_gpu=use_gpu,
@@ -136,7 +145,7 @@ def train_on_ray(cfg: JobConfig) -> dict[str, Any]:
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=cfg.name,
+            name=f"{cfg.name}-{worker}",
             storage_path=str(output / "ray"),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         ),

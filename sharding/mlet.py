@@ -8,7 +8,7 @@ n x d product W (MLET paper, section 2), so:
   row-wise) multiplies locally. Column shards (column-wise, table-column-wise: rank j holds
   W1[rows, cols_j]) each hold one partial product W1[:, cols_j] . W2[cols_j, :] of every row; the
   sum is reduced *and scattered by rows* inside the group of ranks holding that table with
-  `reduce_scatter_tensor` (gloo and NCCL both have it), in rounds of at most `chunk_bytes`, so a
+  `reduce_scatter_single` (gloo and NCCL both have it), in rounds of at most `chunk_bytes`, so a
   rank allocates its W rows plus one round's buffers and never any table it did not hold.
   The result is a ShardedTensor n x d whose rows are split over the same ranks: an ordinary
   sharded table that DCP reshards into any plan of the same rows at width d.
@@ -17,10 +17,13 @@ n x d product W (MLET paper, section 2), so:
   model's outputs are unchanged). Column shards get their columns of W1' by all-gathering the
   row slices of W in rounds, the transpose of the collapse's reduce-scatter.
 
-W1' is the minimum-norm factor, not the W1 trained before the checkpoint; that is harmless
-because nothing downstream depends on W1 except through W1 . W2: the gradient of W1 is
-dL/dW . W2^T, so with the same W, W2 and optimizer state (kept in the checkpoint, see
-`trainer/checkpoint.py`) every later update of W1 . W2 is the same as without the checkpoint.
+W1' = W1 . P (P = W2 . pinv(W2), the projector onto W2's column space) is the minimum-norm
+factor; the part of the trained W1 that W2 maps to zero is not in the checkpoint. Outputs right
+after resume are equal, and so is W1's gradient (dL/dW . W2^T). W2's gradient (pooled W1^T .
+dL/dout) sees W1' instead of W1, so the run drifts from an uninterrupted one: measured on a
+2-rank toy DLRM, 20 steps after resume, loss within 4.8% per step (see the issue note). W1's
+row-wise Adagrad accumulators are per row, independent of the factorisation, and stay in the
+checkpoint's optimizer state, which loads unchanged (resetting them drifted further: 7.6%).
 
 The checkpoint hooks (`mlet_before_save`, `mlet_load_template`, `mlet_after_load`) store W under
 W1's own state-dict key, so a checkpoint of an MLET model is also a checkpoint of the plain model
@@ -32,19 +35,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from embshard.planner.types import DimensionPlan
+from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
-
-from embshard.planner.types import DimensionPlan
-from embshard.sharding.planned_embedding import PlannedEmbeddingBags
+from torch.distributed._shard.sharded_tensor.metadata import (
+    ShardedTensorMetadata,
+    TensorProperties,
+)
 
 # Bytes of one round's communication buffers per rank; bounds the collapse's working memory
 # beyond the W rows it returns.
@@ -155,7 +161,7 @@ def _collapse_sharded(w1: ShardedTensor, w2t: torch.Tensor, groups: dict[tuple[i
     return _sharded(out_local, out_meta, (w1.size(0), d), w2t.dtype)
 
 
-def _reduce_scatter_rows(band: "_RowBand", pieces: list[tuple[torch.Tensor, torch.Tensor]],
+def _reduce_scatter_rows(band: _RowBand, pieces: list[tuple[torch.Tensor, torch.Tensor]],
                          result: torch.Tensor, group: Any, chunk_bytes: int) -> None:
     """result = sum over the band's ranks of their partial products, for this rank's rows."""
     m, d = len(band.ranks), result.shape[1]
@@ -173,7 +179,7 @@ def _reduce_scatter_rows(band: "_RowBand", pieces: list[tuple[torch.Tensor, torc
                     torch.matmul(w1_piece[lo:hi], w2_cols, out=buf)
                 else:
                     buf.addmm_(w1_piece[lo:hi], w2_cols)
-        dist.reduce_scatter_tensor(recv, send.view(m * chunk, d), group=group)
+        dist.reduce_scatter_single(recv, send.view(m * chunk, d), group=group)
         lo, hi = band.round_rows(me, r, chunk)
         offset = lo - band.slice_of(me)[0]
         result[offset: offset + hi - lo] = recv[: hi - lo]
@@ -246,7 +252,7 @@ def _rebuild_sharded(w: ShardedTensor, w1: ShardedTensor, pinv: torch.Tensor,
             lo, hi = band.round_rows(me, r, chunk)
             offset = lo - band.slice_of(me)[0]
             send[: hi - lo] = rows[offset: offset + hi - lo]
-            dist.all_gather_into_tensor(recv.view(m * chunk, d), send, group=groups[band.ranks])
+            dist.all_gather_single(recv.view(m * chunk, d), send, group=groups[band.ranks])
             for i in range(m):
                 lo, hi = band.round_rows(i, r, chunk)
                 for target, pinv_cols in targets:

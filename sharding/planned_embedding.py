@@ -57,6 +57,7 @@ class PlannedEmbeddingBags(nn.Module):
             for t in plan.tables
             for f in t.features
         }
+        self._widths = [sum(w for _, _, w in self._blocks_of[f]) for f in self.feature_names]
         # Column order of the pooled output -> feature-major gather index; the collection (sharded
         # or not) fixes its output key order, so this is computed once on the first step.
         self._gather: tuple[tuple[str, ...], torch.Tensor | None] | None = None
@@ -69,14 +70,13 @@ class PlannedEmbeddingBags(nn.Module):
         x = pooled.values() if columns is None else pooled.values().index_select(1, columns)
         # Alg. 1 summed over a bag is sum_i P_i (W2_i) pooled_i = [P_1 W2_1 ... P_k W2_k] . [pooled_1;
         # ...; pooled_k]: one matmul per feature instead of one small linear (and add) per block.
-        outputs, at = [], 0
-        for feature in self.feature_names:
+        # One split, not a slice per feature: each slice's backward would zero-fill and add a
+        # gradient the size of all of x.
+        outputs = []
+        for feature, x_f in zip(self.feature_names, x.split(self._widths, dim=1)):
             blocks = self._blocks_of[feature]
-            width = sum(w for _, _, w in blocks)
-            x_f = x[:, at : at + width]
-            at += width
             maps = [self._block_map(table) for _, table, _ in blocks]
-            if maps == [None]:  # one block at the base dim: already the output
+            if len(maps) == 1 and maps[0] is None:  # one block at the base dim: already the output
                 outputs.append(x_f)
                 continue
             eye = torch.eye(self.base_dim, device=x.device, dtype=x.dtype)

@@ -115,7 +115,7 @@ def _crd_schema(path: Path, version: str) -> dict:
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
             return v["schema"]["openAPIV3Schema"]
-    raise AssertionError(f"{name} has no version {version}")
+    raise AssertionError(f"{path.name} has no version {version}")
 
 
 def unknown_fields(obj: Any, schema: dict, where: str = "") -> Iterator[str]:

@@ -4,17 +4,25 @@ and k < d is refused through the config."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from embshard.errors import ConfigError, PlanError
+import torch.distributed as dist
+from embshard.cluster.export_cli import register
 from embshard.planner.config import MletConfig
+from embshard.planner.memory import memory_report
+from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.mlet import apply_mlet
+from embshard.planner.shard_plan import ShardPlan, block_table_configs
+from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.mlet import (
     collapse_mlet_tables,
@@ -25,10 +33,17 @@ from embshard.sharding.mlet import (
     without_mlet,
 )
 from embshard.sharding.planned_embedding import MLET_INIT_STD, PlannedEmbeddingBags
+from embshard.trainer.build import build_sharded
+from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.config import JobConfig, ModelConfig
 from embshard.trainer.export import MANIFEST, ExportError, export_serving, load_serving
 from embshard.trainer.model import DLRM
-from embshard.typed_config import load_yaml
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import ParameterSharding
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.errors import ConfigError, EmbshardError, PlanError
+from embshard.typed_config import load_yaml, to_dict
 
 NUM_DENSE = 3
 MODEL = ModelConfig(dense_arch=[8], over_arch=[8])
@@ -59,6 +74,22 @@ def batch(seed: int = 0, size: int = 16) -> tuple[torch.Tensor, KeyedJaggedTenso
     return torch.randn(size, NUM_DENSE, generator=g), sparse
 
 
+def shard_plan(plan: DimensionPlan, kind: str, world: int) -> ShardPlan:
+    """table_wise: block tables dealt round the ranks; column_wise: every table split into equal
+    column slices, one per rank (TorchRec's planner never splits tables this narrow itself)."""
+    sharding = {}
+    for i, c in enumerate(block_table_configs(plan)):
+        n, k = c.num_embeddings, c.embedding_dim
+        if kind == "table_wise":
+            shards, ranks = [ShardMetadata([0, 0], [n, k], f"rank:{i % world}/cpu")], [i % world]
+        else:
+            part = k // world
+            shards = [ShardMetadata([0, r * part], [n, part], f"rank:{r}/cpu") for r in range(world)]
+            ranks = list(range(world))
+        sharding[c.name] = ParameterSharding(kind, "fused", ranks, EnumerableShardingSpec(shards))
+    return ShardPlan(sharding, TopologySpec(world, "cpu"))
+
+
 def trained_like(plan: DimensionPlan) -> DLRM:
     """A model whose tables are not at their initial values (any W1 is as good as a trained one)."""
     torch.manual_seed(0)
@@ -87,7 +118,8 @@ def test_collapse_is_w1_times_w2_and_reports_its_time() -> None:
     model = trained_like(mlet_plan())
 
     class Observer:
-        seconds: list[float] = []
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
 
         def observe_collapse(self, seconds: float) -> None:
             self.seconds.append(seconds)
@@ -149,11 +181,11 @@ def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) ->
     serving = load_serving(out)
     assert not any(".mlet." in k for k in serving.state_dict())
     dense, raw = batch(2)
-    by_key = raw.to_dict()
+    by_key, keys = raw.to_dict(), raw.keys()
     ranked_ids = KeyedJaggedTensor(
-        keys=raw.keys(), lengths=raw.lengths(), stride=raw.stride(),
+        keys=keys, lengths=raw.lengths(), stride=raw.stride(),
         values=torch.cat([torch.from_numpy(ranked)[by_key[k].values()] if k == "a" else by_key[k].values()
-                          for k in raw.keys()]),
+                          for k in keys]),
     )
     with torch.no_grad():
         torch.testing.assert_close(serving(dense, raw), model(dense, ranked_ids), rtol=1e-5, atol=1e-6)
@@ -163,6 +195,44 @@ def test_export_without_plan_folder_names_the_remap(tmp_path: Path) -> None:
     model = trained_like(mlet_plan(remap="t_a.remap.npy"))
     with pytest.raises(ExportError, match=r"t_a.*t_a\.remap\.npy"):
         export_serving(model, tmp_path / "serving", model_config=MODEL)
+
+
+def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path) -> None:
+    plan = mlet_plan()
+    shard = shard_plan(plan, "table_wise", world=1)
+    bundle = PlanBundle(plan, shard, memory_report(plan, shard, "rowwise_adagrad"), tmp_path / "plan")
+    bundle.save()
+    cfg = JobConfig(model=MODEL)
+    with single_rank_group():
+        sharded = build_sharded(cfg, bundle, NUM_DENSE, torch.device("cpu"), init_from=trained_like(plan))
+        manager = CheckpointManager(tmp_path / "ckpt", before_save=[partial(mlet_before_save, sharded.model)])
+        manager.save(Progress(step=1), sharded.model, sharded.optimizer, to_dict(cfg), bundle.directory)
+        dense, sparse = batch(3)
+        with torch.no_grad():
+            want = sharded.model(dense, sparse)
+    out = export_serving(tmp_path / "ckpt", tmp_path / "serving")
+    with torch.no_grad():
+        torch.testing.assert_close(load_serving(out)(dense, sparse), want, rtol=1e-5, atol=1e-6)
+
+
+@contextmanager
+def single_rank_group() -> Iterator[None]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_export_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    with pytest.raises(EmbshardError, match="nope.*no checkpoint found"):
+        args.func(args)
 
 
 def test_load_serving_names_a_folder_that_is_not_an_export(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from embshard.planner.policies.pep import pep_table_decision
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.pep import LocalShard, PepEmbeddings, initial_values, local_shards, soft_threshold
 from embshard.trainer.callbacks import StepInfo
-from embshard.trainer.pep import MaskKeeper, nonzero_counts, save_target
+from embshard.trainer.pep import MaskKeeper, nonzero_counts, save_target, start_from_ticket
 from embshard.trainer.pep_config import PepConfig
 
 SPEC = DatasetSpec("toy", [], [SparseFeature("a", 6), SparseFeature("b", 5, multi_hot=True)])
@@ -117,12 +117,13 @@ def test_initial_values_regenerate_any_slice(monkeypatch):
     assert not torch.equal(initial_values(2, "t", 30, 4, range(30), range(4)), whole)
 
 
-def test_mask_keeper_holds_pruned_entries_at_zero():
+def test_lottery_ticket_starts_masked_and_stays_masked():
     ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t_a", embedding_dim=D, num_embeddings=6, feature_names=["a"])])
     mask = np.random.default_rng(0).random((6, D)) > 0.5
     shards = [LocalShard("t_a", 0, 2, ebc.embedding_bags["t_a"].weight.data[:, 2:]),
               LocalShard("t_a", 0, 0, ebc.embedding_bags["t_a"].weight.data[:, :2])]
-    keeper = MaskKeeper(shards, {"t_a": mask}, seed=5, num_rows={"t_a": 6})
+    start_from_ticket(shards, {"t_a": mask}, seed=5, num_rows={"t_a": 6})
+    keeper = MaskKeeper(shards, {"t_a": mask})
     w = ebc.embedding_bags["t_a"].weight
     assert w.detach().numpy() == pytest.approx(initial_values(5, "t_a", 6, D, range(6), range(D)).numpy() * mask)
     opt = torch.optim.SGD(ebc.parameters(), lr=1.0)

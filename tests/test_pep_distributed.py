@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -26,12 +25,12 @@ from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
 from embshard.sharding.pep import PepEmbeddings, local_shards
 from embshard.trainer.build import build_sharded
-from embshard.trainer.config import DataConfig, ModelConfig, ShardingConfig, TrainConfig
+from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
 from embshard.trainer.loop import make_reader, run_worker, train_step
 from embshard.trainer.pep import (
-    MaskKeeper, gather_masks, load_masks, lottery_worker, nonzero_counts, prune_worker, save_target,
+    MaskKeeper, start_from_ticket, gather_masks, load_masks, lottery_worker, nonzero_counts, prune_worker, save_target,
 )
-from embshard.trainer.pep_config import PepConfig, PepJobConfig
+from embshard.trainer.pep_config import PepConfig
 
 from distributed import run_ranks
 
@@ -80,8 +79,8 @@ def test_sharded_count_and_masks_equal_single_process(dataset, granularity):
     assert all(np.array_equal(results[0][1][t], whole[t]) for t in whole)
 
 
-def _job(dataset: Path, out: Path) -> PepJobConfig:
-    return PepJobConfig(
+def _job(dataset: Path, out: Path) -> JobConfig:
+    return JobConfig(
         seed=2,
         output_dir=str(out),
         data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
@@ -94,7 +93,7 @@ def _job(dataset: Path, out: Path) -> PepJobConfig:
     )
 
 
-def _prune_and_retrain(rank: int, world: int, cfg: PepJobConfig):
+def _prune_and_retrain(rank: int, world: int, cfg: JobConfig):
     pruned = prune_worker(cfg)
     lottery = lottery_worker(replace(cfg, output_dir=str(Path(cfg.output_dir) / "lottery")))
     # The retrain's mask holds on every rank's shards through training.
@@ -104,7 +103,8 @@ def _prune_and_retrain(rank: int, world: int, cfg: PepJobConfig):
     tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
     masks = load_masks(cfg.pep_dir / "target-0.6", tables, 8)
     shards = local_shards(sharded.model.module.embeddings.ebc)
-    keeper = MaskKeeper(shards, masks, cfg.seed, tables)
+    start_from_ticket(shards, masks, cfg.seed, tables)
+    keeper = MaskKeeper(shards, masks)
     for step, batch in zip(range(3), reader):
         train_step(sharded, batch)
         keeper.on_step(None)
@@ -139,7 +139,7 @@ def test_prune_run_masks_decisions_and_retrains(dataset, tmp_path):
     assert mixed_plan.dimension_plan.serve_params() < plan.serve_params()
 
 
-def _train_mixed(rank: int, world: int, cfg: PepJobConfig):
+def _train_mixed(rank: int, world: int, cfg: JobConfig):
     return run_worker(cfg)
 
 

@@ -17,6 +17,7 @@ from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.optimizers import SparseOptimizer
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.metrics import MetricsConfig
+from embshard.trainer.pep_config import PepConfig
 from embshard.typed_config import load_yaml
 
 
@@ -138,6 +139,7 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(enabled=False))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    pep: PepConfig | None = None  # read by trainer/pep.py (embshard prune pep, lottery retrain)
 
     @property
     def plan_dir(self) -> Path:
@@ -146,6 +148,11 @@ class JobConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
+
+    @property
+    def pep_dir(self) -> Path:
+        out = self.pep.out if self.pep is not None else None
+        return Path(out or Path(self.output_dir) / "pep")
 
 
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

@@ -31,24 +31,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import EmbshardError
 from embshard.planner.remap import load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, resolve_source, valid_checkpoints
+from embshard.trainer.checkpoint import (
+    CONFIG,
+    PLAN_DIR,
+    resolve_source,
+    valid_checkpoints,
+)
 from embshard.trainer.config import ModelConfig
 from embshard.trainer.model import DLRM
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.errors import EmbshardError
 
 MANIFEST = "serving.json"
 WEIGHTS = "weights.pt"
 PLAN = "plan.json"
 EXPORT_VERSION = 1
+# First layer of TorchRec's DenseArch: its input width is the number of dense features (or 1).
+DENSE_INPUT_KEY = "dense_arch.model._mlp.0._linear.weight"
 
 
 class ExportError(EmbshardError):
@@ -70,7 +77,7 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
     return _export_checkpoint(Path(source), Path(out_dir))
 
 
-def load_serving(directory: str | Path) -> "ServingModel":
+def load_serving(directory: str | Path) -> ServingModel:
     """The exported model as a plain single-process module in eval mode (see the module docstring)."""
     directory = Path(directory)
     path = directory / MANIFEST
@@ -102,12 +109,12 @@ class ServingModel(nn.Module):
         return self.dlrm(dense, sparse)
 
     def _remap(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        by_key = sparse.to_dict()
+        by_key, keys = sparse.to_dict(), sparse.keys()
         values = [
             getattr(self, f"remap_{k}")[by_key[k].values()] if k in self.remapped else by_key[k].values()
-            for k in sparse.keys()
+            for k in keys
         ]
-        return KeyedJaggedTensor(keys=sparse.keys(), values=torch.cat(values),
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(values),
                                  lengths=sparse.lengths(), stride=sparse.stride())
 
 
@@ -145,12 +152,12 @@ def _export_checkpoint(source: Path, out_dir: Path) -> Path:
     raw = json.loads((plan_dir / PLAN).read_text())
     plan = DimensionPlan.from_json(raw["dimension_plan"], where=str(plan_dir / PLAN))
     model_config = ModelConfig(**config.get("model", {}))
-    num_dense = _num_dense(config, path)
+    shapes = _saved_shapes(path)
+    num_dense = _num_dense(config, shapes, path)
     # With the collapse hook W already sits under W1's key and loads into the plain model; a
     # checkpoint written without it still holds W1 (n x k) and W2, and is collapsed here.
     probe = DLRM(plan, num_dense, model_config, embedding_device=torch.device("meta"),
                  dense_device=torch.device("meta"))
-    shapes = _saved_shapes(path)
     collapsed_on_save = all(shapes.get(f"model.{t.w1_key}") == (t.rows, t.dim)
                             for t in mlet_tables(probe, probe.state_dict()))
     model = DLRM(without_mlet(plan) if collapsed_on_save else plan, num_dense, model_config)
@@ -166,7 +173,11 @@ def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items() if hasattr(m, "size")}
 
 
-def _num_dense(config: dict[str, Any], path: Path) -> int:
+def _num_dense(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> int:
+    width = shapes.get(f"model.{DENSE_INPUT_KEY}", (0, 0))[1]
+    if width > 1:
+        return width
+    # DLRM feeds a constant 1 when a dataset has no dense features: only the dataset tells 0 from 1.
     data = config.get("data", {}).get("path")
     try:
         return len(DatasetSpec.load(data).dense)

@@ -78,10 +78,20 @@ def train_step(sharded: ShardedModel, batch: Any) -> torch.Tensor:
     return loss.detach()
 
 
+# Variants of the loop (PEP's prune run and lottery retrain, ...) differ in how the model is
+# built and in callbacks of their own; everything else (reading, evaluation, checkpoints,
+# metrics, reporting) is this loop's.
+Builder = Callable[[JobConfig, PlanBundle, int, torch.device], ShardedModel]
+ExtraCallbacks = Callable[[ShardedModel, "WorkerMetrics | None"], list[Callback]]
+
+
 def run_worker(
     cfg: JobConfig,
     report: Callable[[dict[str, Any]], None] | None = None,
     local_rank: int = 0,
+    *,
+    build: Builder = build_sharded,
+    extra_callbacks: ExtraCallbacks | None = None,
 ) -> dict[str, Any]:
     _quiet_libraries()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -90,7 +100,7 @@ def run_worker(
     bundle.shard_plan.check_matches(bundle.dimension_plan, world)
     train_reader = make_reader(cfg, bundle, "train", rank, world)
     valid_reader = make_reader(cfg, bundle, "valid", rank, world)
-    sharded = build_sharded(cfg, bundle, len(train_reader.spec.dense), device)
+    sharded = build(cfg, bundle, len(train_reader.spec.dense), device)
     output_dir = Path(cfg.output_dir)
     restarts = record_start(output_dir)
 
@@ -105,7 +115,8 @@ def run_worker(
     def snapshot() -> Progress:
         return replace(progress, reader=train_reader.state_dict())
 
-    callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world)
+    extras = extra_callbacks(sharded, metrics) if extra_callbacks is not None else []
+    callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras)
     steps_per_epoch = len(train_reader)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
@@ -207,10 +218,11 @@ def _quiet_libraries() -> None:
 
 def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Progress],
                metrics: WorkerMetrics | None, report: Callable[[dict[str, Any]], None] | None,
-               rank: int, world: int) -> list[Callback]:
+               rank: int, world: int, extras: list[Callback]) -> list[Callback]:
     callbacks: list[Callback] = []
     if rank == 0 and cfg.train.progress:
         callbacks.append(ProgressBar(world))
+    callbacks.extend(extras)  # before checkpoints: a checkpoint sees what they did to the step
     if metrics is not None:
         callbacks.append(PrometheusCallback(metrics))
     if report is not None:

@@ -17,7 +17,6 @@ the table shapes, for any sharding. Dense layers restart from the same seed.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,19 +32,18 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from embshard.datasets.reader import ParquetBatchReader
 from embshard.errors import ConfigError, PlanError
 from embshard.planner.optimizers import torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.pep import pep_decisions
 from embshard.sharding.pep import ROW_THRESHOLDS, LocalShard, PepEmbeddings, initial_values, local_shards
 from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, build_sharded
-from embshard.trainer.callbacks import Callback, ProgressBar, PrometheusCallback, ReportCallback, StepInfo
-from embshard.trainer.evaluate import evaluate
-from embshard.trainer.loop import _quiet_libraries, _start_metrics, make_reader, train_step, worker_device, write_summary
+from embshard.trainer.callbacks import Callback, StepInfo
+from embshard.trainer.loop import run_worker
 from embshard.trainer.metrics import WorkerMetrics
 from embshard.trainer.model import DLRM
-from embshard.trainer.pep_config import PepJobConfig, target_dir_name
+from embshard.trainer.config import JobConfig
+from embshard.trainer.pep_config import PepConfig, target_dir_name
 
 RUN_FILE = "pep.json"  # the prune run's record: seed, granularity, tables, targets reached
 DECISIONS_FILE = "decisions.json"
@@ -59,7 +57,7 @@ def mask_file(table: str) -> str:
 # ----------------------------------------------------------------------------- model assembly
 
 
-def pep_sharding_types(cfg: PepJobConfig) -> list[str]:
+def pep_sharding_types(cfg: JobConfig) -> list[str]:
     """EmbeddingCollection shards table-, row- and column-wise on CPU and CUDA; a row threshold
     must stay in its row's shard, so those granularities leave column-wise out."""
     types = ["table_wise", "row_wise"] + ([] if cfg.pep.granularity in ROW_THRESHOLDS else ["column_wise"])
@@ -74,9 +72,10 @@ def pep_sharding_types(cfg: PepJobConfig) -> list[str]:
     return types
 
 
-def build_pep(cfg: PepJobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
+def build_pep(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
     """DLRM over `PepEmbeddings`, sharded by TorchRec's planner (run collectively, rank 0 decides),
     with tables at their reproducible initial values and s at s_init."""
+    _require_uniform(bundle)
     torch.manual_seed(cfg.seed)
     plan = bundle.dimension_plan
     meta = torch.device("meta")
@@ -163,8 +162,9 @@ class PruneCallback(Callback):
     """Counts survivors every `every` steps; writes each target's masks and decisions the first
     time the count reaches it; asks the loop to stop once all are written."""
 
-    def __init__(self, pep: PepEmbeddings, cfg: PepJobConfig, metrics: WorkerMetrics | None) -> None:
+    def __init__(self, pep: PepEmbeddings, cfg: JobConfig, metrics: WorkerMetrics | None) -> None:
         self.pep = pep
+        self.cfg = cfg
         self.every = cfg.pep.count_every
         self.pending = sorted(cfg.pep.targets, reverse=True)
         self.out = cfg.pep_dir
@@ -197,9 +197,13 @@ class PruneCallback(Callback):
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         summary["pep"] = {"reached": self.reached, "missed": self.pending, "kept_fraction": self.last_fraction}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_run_record(self.cfg, self.pep, self.reached)
+        if dist.is_initialized():
+            dist.barrier()  # masks and record are on disk before any rank retrains from them
 
 
-def write_run_record(cfg: PepJobConfig, pep: PepEmbeddings, reached: dict[str, Any]) -> Path:
+def write_run_record(cfg: JobConfig, pep: PepEmbeddings, reached: dict[str, Any]) -> Path:
     """What the lottery retrain needs to regenerate the initial values, and what was written."""
     record = {
         "seed": cfg.seed,
@@ -219,28 +223,35 @@ def write_run_record(cfg: PepJobConfig, pep: PepEmbeddings, reached: dict[str, A
 # ----------------------------------------------------------------------------- lottery retrain
 
 
-class MaskKeeper(Callback):
-    """Holds pruned entries of a plain (sharded) table at exactly zero: values start at initial x
-    mask and are multiplied by the mask after every step (the fused optimizer updates rows in the
-    backward, so this runs before the next forward sees them). Costs one pass over local shards."""
+def start_from_ticket(shards: list[LocalShard], masks: dict[str, np.ndarray], seed: int,
+                      num_rows: dict[str, int]) -> None:
+    """The lottery ticket: every local shard restarts at the prune run's initial values x mask."""
+    with torch.no_grad():
+        for s in shards:
+            rows = range(s.row_offset, s.row_offset + s.tensor.shape[0])
+            cols = range(s.col_offset, s.col_offset + s.tensor.shape[1])
+            mask = _shard_mask(s, masks).to(s.tensor.dtype)
+            init = initial_values(seed, s.table, num_rows[s.table], masks[s.table].shape[1], rows, cols)
+            s.tensor.copy_(init * mask)
 
-    def __init__(self, shards: list[LocalShard], masks: dict[str, np.ndarray], seed: int,
-                 num_rows: dict[str, int]) -> None:
-        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            for s in shards:
-                rows = range(s.row_offset, s.row_offset + s.tensor.shape[0])
-                cols = range(s.col_offset, s.col_offset + s.tensor.shape[1])
-                mask = torch.from_numpy(masks[s.table][rows.start : rows.stop, cols.start : cols.stop])
-                mask = mask.to(s.tensor.dtype)
-                init = initial_values(seed, s.table, num_rows[s.table], masks[s.table].shape[1], rows, cols)
-                s.tensor.copy_(init * mask)
-                self.kept.append((s.tensor, mask.to(s.tensor.device)))
+
+class MaskKeeper(Callback):
+    """Holds pruned entries of a plain (sharded) table at exactly zero: they are multiplied by the
+    mask after every step (the fused optimizer updates rows in the backward, so this runs before
+    the next forward sees them). Costs one pass over local shards."""
+
+    def __init__(self, shards: list[LocalShard], masks: dict[str, np.ndarray]) -> None:
+        self.kept = [(s.tensor, _shard_mask(s, masks).to(s.tensor.dtype).to(s.tensor.device)) for s in shards]
 
     def on_step(self, info: StepInfo) -> None:
         with torch.no_grad():
             for tensor, mask in self.kept:
                 tensor.mul_(mask)
+
+
+def _shard_mask(s: LocalShard, masks: dict[str, np.ndarray]) -> torch.Tensor:
+    rows, cols = s.tensor.shape
+    return torch.from_numpy(masks[s.table][s.row_offset : s.row_offset + rows, s.col_offset : s.col_offset + cols])
 
 
 def load_masks(directory: Path, tables: dict[str, int], base_dim: int) -> dict[str, np.ndarray]:
@@ -256,7 +267,7 @@ def load_masks(directory: Path, tables: dict[str, int], base_dim: int) -> dict[s
     return masks
 
 
-def load_run_record(cfg: PepJobConfig) -> dict[str, Any]:
+def load_run_record(cfg: JobConfig) -> dict[str, Any]:
     path = cfg.pep_dir / RUN_FILE
     if not path.is_file():
         raise PlanError(f"{path}: PEP run record not found (run `embshard prune pep` first)")
@@ -266,99 +277,51 @@ def load_run_record(cfg: PepJobConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- workers
 
 
-def prune_worker(cfg: PepJobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
+def prune_worker(cfg: JobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
     """Train with PEP until every target is written (or the epochs run out); -> the summary."""
-    _quiet_libraries()
-    bundle, train_reader, valid_reader, device = _setup(cfg, local_rank)
-    sharded = build_pep(cfg, bundle, len(train_reader.spec.dense), device)
-    metrics = _start_metrics(cfg, bundle, dist.get_rank(), local_rank)
-    prune = PruneCallback(pep_module(sharded.model), cfg, metrics)
-    summary = _fit(cfg, sharded, train_reader, valid_reader, device, [prune], metrics, report)
-    if dist.get_rank() == 0:
-        write_run_record(cfg, pep_module(sharded.model), prune.reached)
-    dist.barrier()  # masks and record are on disk before any rank goes on to retrain from them
-    return summary
+    _require_pep(cfg)
+    return run_worker(
+        cfg, report, local_rank,
+        build=build_pep,
+        extra_callbacks=lambda sharded, metrics: [PruneCallback(pep_module(sharded.model), cfg, metrics)],
+    )
 
 
-def lottery_worker(cfg: PepJobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
+def lottery_worker(cfg: JobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
     """Retrain a plain base-dim DLRM on the mask of `pep.retrain_target`, pruned entries held at 0."""
-    if cfg.pep.retrain_target is None:
+    pep = _require_pep(cfg)
+    if pep.retrain_target is None:
         raise ConfigError("pep.retrain_target: the lottery retrain needs the target whose mask it keeps")
-    _quiet_libraries()
     record = load_run_record(cfg)
-    bundle, train_reader, valid_reader, device = _setup(cfg, local_rank)
-    sharded = build_sharded(cfg, bundle, len(train_reader.spec.dense), device)
-    tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
-    if tables != record["tables"] or record["base_dim"] != bundle.dimension_plan.base_dim:
-        raise PlanError(f"{cfg.pep_dir / RUN_FILE}: the prune run's tables differ from this plan's")
-    masks = load_masks(cfg.pep_dir / target_dir_name(cfg.pep.retrain_target), tables, record["base_dim"])
-    keeper = MaskKeeper(local_shards(sharded.model.module.embeddings.ebc), masks, record["seed"], tables)
-    metrics = _start_metrics(cfg, bundle, dist.get_rank(), local_rank)
-    return _fit(cfg, sharded, train_reader, valid_reader, device, [keeper], metrics, report)
+    tables = record["tables"]
+    masks = load_masks(cfg.pep_dir / target_dir_name(pep.retrain_target), tables, record["base_dim"])
+
+    def build(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
+        _require_uniform(bundle)
+        plan = bundle.dimension_plan
+        if {t.name: t.num_embeddings for t in plan.tables} != tables or plan.base_dim != record["base_dim"]:
+            raise PlanError(f"{cfg.pep_dir / RUN_FILE}: the prune run's tables differ from this plan's")
+        sharded = build_sharded(cfg, bundle, num_dense, device)
+        start_from_ticket(_table_shards(sharded), masks, record["seed"], tables)
+        return sharded
+
+    return run_worker(
+        cfg, report, local_rank,
+        build=build,
+        extra_callbacks=lambda sharded, metrics: [MaskKeeper(_table_shards(sharded), masks)],
+    )
 
 
-def _setup(cfg: PepJobConfig, local_rank: int) -> tuple[PlanBundle, ParquetBatchReader, ParquetBatchReader, torch.device]:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    bundle = PlanBundle.load(cfg.sharding.plan_file or cfg.plan_dir, cfg.train.sparse_optimizer)
+def _table_shards(sharded: ShardedModel) -> list[LocalShard]:
+    return local_shards(sharded.model.module.embeddings.ebc)
+
+
+def _require_uniform(bundle: PlanBundle) -> None:
     if not bundle.dimension_plan.is_uniform:
         raise PlanError("PEP prunes full base-dim tables: plan it with embeddings.policy uniform")
-    bundle.shard_plan.check_matches(bundle.dimension_plan, world)
-    return (bundle, make_reader(cfg, bundle, "train", rank, world), make_reader(cfg, bundle, "valid", rank, world),
-            worker_device(cfg, local_rank))
 
 
-def _fit(cfg: PepJobConfig, sharded: ShardedModel, train_reader: ParquetBatchReader,
-         valid_reader: ParquetBatchReader, device: torch.device, callbacks: list[Callback],
-         metrics: WorkerMetrics | None, report: Report | None) -> dict[str, Any]:
-    """The loop of `run_worker` without checkpoints or resume: train -> evaluate -> summary."""
-    world = dist.get_world_size()
-    if dist.get_rank() == 0 and cfg.train.progress:
-        callbacks = [ProgressBar(world), *callbacks]
-    if metrics is not None:
-        callbacks.append(PrometheusCallback(metrics))
-    if report is not None:
-        callbacks.append(ReportCallback(report))
-    total = len(train_reader) * cfg.train.epochs
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
-    for cb in callbacks:
-        cb.on_train_start(total)
-    step, samples, first, last, stopped = 0, 0, None, None, False
-    started = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        train_reader.set_epoch(epoch)
-        tick = time.perf_counter()
-        for batch in train_reader:
-            batch = batch.to(device, non_blocking=True)
-            loss = train_step(sharded, batch)
-            step += 1
-            samples += batch.labels.numel() * world
-            value = loss.item() if step % cfg.train.log_every == 0 or step in (1, total) else None
-            first = value if first is None else first
-            last = value if value is not None else last
-            now = time.perf_counter()
-            info = StepInfo(step, epoch, batch.labels.numel(), now - tick, 0.0, value)
-            for cb in callbacks:
-                cb.on_step(info)
-            stopped = any(cb.stop_requested for cb in callbacks)
-            if stopped or step >= total:
-                break
-            tick = time.perf_counter()
-        if stopped or step >= total:
-            break
-    elapsed = time.perf_counter() - started
-    result = evaluate(sharded.model, valid_reader, device, cfg.train.eval_max_batches)
-    for cb in callbacks:
-        cb.on_eval(step, result)
-    summary = {
-        "steps": step, "samples": samples, "seconds": elapsed,
-        "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
-        "first_loss": first, "last_loss": last, "valid_auc": result.auc, "valid_logloss": result.logloss,
-    }
-    for cb in callbacks:
-        cb.on_train_end(summary)
-    if dist.get_rank() == 0:
-        write_summary(Path(cfg.output_dir), summary)
-    if metrics is not None:
-        metrics.stop_server()
-    return summary
+def _require_pep(cfg: JobConfig) -> PepConfig:
+    if cfg.pep is None:
+        raise ConfigError("pep: this run needs a `pep:` section (granularity, s_init, targets, ...)")
+    return cfg.pep

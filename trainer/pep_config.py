@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from embshard.errors import ConfigError
 from embshard.sharding.pep import GRANULARITIES, Granularity
-from embshard.trainer.config import JobConfig
 
 
 @dataclass
@@ -39,17 +37,6 @@ class PepConfig:
             raise ConfigError(f"count_every: must be >= 1, got {self.count_every}")
         if self.retrain_target is not None and not 0 < self.retrain_target < 1:
             raise ConfigError(f"retrain_target: expected a fraction in (0, 1), got {self.retrain_target}")
-
-
-@dataclass
-class PepJobConfig(JobConfig):
-    """A JobConfig with its `pep:` section, until JobConfig carries one itself."""
-
-    pep: PepConfig = field(default_factory=PepConfig)
-
-    @property
-    def pep_dir(self) -> Path:
-        return Path(self.pep.out or Path(self.output_dir) / "pep")
 
 
 def target_dir_name(target: float) -> str:

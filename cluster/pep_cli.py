@@ -1,0 +1,70 @@
+"""`embshard prune pep CONFIG --targets 0.5,0.2,0.1,0.03`: the PEP prune run on Ray.
+
+The driver plans the dense (uniform) tables like `embshard train`, then every Ray Train worker runs
+`trainer.pep.prune_worker`. Output, under `pep.out` (default <output_dir>/pep): one folder per
+target with the masks and a decisions file for `embeddings.policy: decisions`, and `pep.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from embshard.errors import ConfigError
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    prune = commands.add_parser("prune", help="pruning runs that write dimension decisions (pep)")
+    methods = prune.add_subparsers(dest="method", required=True, metavar="METHOD")
+    p = methods.add_parser(
+        "pep", help="PEP: learn soft thresholds, save a mask and a decisions file per target",
+        description="Train with PEP's learnable soft thresholds (granularity from pep.granularity) "
+                    "until the non-zero embedding parameters fall to each target fraction; write "
+                    "masks (for the lottery-ticket retrain) and a decisions file per target.")
+    p.add_argument("config", type=Path, help="job config (YAML) with embeddings.policy uniform")
+    p.add_argument("--targets", type=parse_targets, metavar="F,F,...",
+                   help="fractions of the dense embedding parameters to keep, e.g. 0.5,0.2,0.1,0.03")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config field, e.g. --set pep.granularity=dimension (repeatable)")
+    p.set_defaults(func=prune_pep)
+
+
+def parse_targets(text: str) -> list[float]:
+    try:
+        targets = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not targets or any(not 0 < t < 1 for t in targets):
+        raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1), got {text!r}")
+    return targets
+
+
+def prune_pep(args: argparse.Namespace) -> int:
+    # Imported here so that `embshard --help` does not load torch and Ray.
+    from embshard.cluster.launch import plan_for_training, train_on_ray
+    from embshard.trainer.config import load_job_config
+    from embshard.trainer.pep_config import PepConfig
+
+    cfg = load_job_config(args.config, args.overrides)
+    if cfg.embeddings.policy != "uniform":
+        raise ConfigError(f"embeddings.policy: PEP prunes dense tables, use uniform (got {cfg.embeddings.policy})")
+    cfg = replace(
+        cfg,
+        cluster=replace(cfg.cluster, workers=args.workers or cfg.cluster.workers),
+        pep=replace(cfg.pep or PepConfig(), targets=args.targets or (cfg.pep or PepConfig()).targets),
+        checkpoint=replace(cfg.checkpoint, enabled=False),  # a prune run is not resumed
+    )
+    plan_for_training(cfg)
+    summary = train_on_ray(cfg, worker="prune_pep")
+    pep = summary.get("pep", {})
+    for target, hit in sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0])):
+        print(f"target {target}: reached at step {hit['step']} ({hit['nonzero']:,} non-zero) -> "
+              f"{Path(hit['dir']) / 'decisions.json'}")
+    for target in pep.get("missed", []):
+        print(f"target {target:g}: not reached (kept {pep.get('kept_fraction', 1):.3f} at the end); "
+              f"train longer or raise pep.s_init")
+    print(f"validation AUC {summary.get('valid_auc', float('nan')):.4f} after {summary.get('steps')} steps; "
+          f"run record {cfg.pep_dir / 'pep.json'}")
+    return 0
