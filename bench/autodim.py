@@ -26,18 +26,23 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, init_single_process_group  # noqa: E402
-
-from embshard.datasets.convert import convert  # noqa: E402
-from embshard.datasets.profile import write_profile  # noqa: E402
-from embshard.datasets.schema import SPEC_FILE  # noqa: E402
-from embshard.planner.config import EmbeddingsConfig  # noqa: E402
-from embshard.planner.pipeline import make_plan  # noqa: E402
-from embshard.planner.topology import TopologySpec  # noqa: E402
-from embshard.trainer.autodim import plan_search, search_worker  # noqa: E402
-from embshard.trainer.autodim_config import AutodimConfig  # noqa: E402
-from embshard.trainer.config import CheckpointConfig, DataConfig, JobConfig, ModelConfig, TrainConfig  # noqa: E402
-from embshard.trainer.loop import run_worker  # noqa: E402
+from common import CACHE, init_single_process_group
+from embshard.datasets.convert import convert
+from embshard.datasets.profile import write_profile
+from embshard.datasets.schema import SPEC_FILE
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.pipeline import make_plan
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.autodim import plan_search, search_worker
+from embshard.trainer.autodim_config import AutodimConfig
+from embshard.trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from embshard.trainer.loop import run_worker
 
 ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,7 +143,7 @@ def main() -> None:
               file=sys.stderr)
 
     fields = list(runs[0]["dims"])
-    mean = lambda key: statistics.mean(r[key] for r in runs)  # noqa: E731
+    mean = lambda key: statistics.mean(r[key] for r in runs)
     chosen = {f: Counter(r["dims"][f] for r in runs).most_common(1)[0][0] for f in fields}
     result = {
         "bench": "autodim",

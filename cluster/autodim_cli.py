@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-
 from embshard.cluster.launch import train_on_ray
 from embshard.trainer.config import JobConfig, load_job_config
+
 from embshard.typed_config import from_dict
 
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster import pep_cli
+from embshard.cluster import export_cli, pep_cli
 from embshard.datasets import cli as data_cli
 from embshard.errors import EmbshardError
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_plan(commands)
     _register_train(commands)
     pep_cli.register(commands)
+    export_cli.register(commands)
     _register_jobs(commands)
     return parser
 

@@ -13,6 +13,11 @@ from embshard.errors import ConfigError
 from embshard.planner.rounding import RoundingRule, width_problem
 
 
+# MLET W2 initialisation: the paper draws W2 from a Gaussian N(0, 0.0625). We read 0.0625 as the
+# variance (std 0.25): N(mu, sigma^2) notation puts the variance second, and 0.0625 = 0.25^2.
+MLET_INIT_STD = 0.25
+
+
 @dataclass
 class MletConfig:
     """Train blocks factorised, W = W1 (n x k) . W2 (k x d), collapsed to n x d for serving."""
@@ -20,6 +25,7 @@ class MletConfig:
     ratio: float | None = None  # k = round(ratio * d) per block
     width: int | None = None  # the same k for every block
     features: list[str] | None = None  # sparse features trained with MLET; None = all
+    init_std: float = MLET_INIT_STD  # W2 ~ N(0, init_std^2)
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.width is None):
@@ -33,6 +39,8 @@ class MletConfig:
             )
         if self.width is not None and self.width < 1:
             raise ConfigError(f"width: must be positive, got {self.width}")
+        if self.init_std <= 0:
+            raise ConfigError(f"init_std: must be positive, got {self.init_std}")
 
 
 @dataclass

@@ -21,18 +21,19 @@ The output is a KeyedTensor at d_N per field: a drop-in for `PlannedEmbeddingBag
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
+from embshard.planner.rounding import FBGEMM_ALIGN
+from embshard.planner.shard_plan import block_table_configs
+from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.errors import PlanError
-from embshard.planner.rounding import FBGEMM_ALIGN
-from embshard.planner.shard_plan import block_table_configs
-from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
 
 Lookup = Literal["weight_sharing", "separate"]
 Unify = Literal["linear", "zero_pad"]
@@ -104,7 +105,15 @@ class ArchitectureWeights(nn.Module):
 class AutodimEmbeddingBags(nn.Module):
     """Search embedding over the uniform plan `base` (d_N wide). `tau` is set by the search loop
     every step; in training mode the mixture is a Gumbel-softmax sample, in eval mode its
-    noise-free softmax(logits / tau)."""
+    noise-free softmax(logits / tau).
+
+    Computed in one matmul per field rather than one per candidate: each candidate's transform
+    and BatchNorm are linear in the field's pooled input X once the batch statistics are known,
+    and those follow from X's mean and covariance, so
+        sum_n p_n BN_n(X W_n) = (X - mean X) @ sum_n W_n diag(p_n gamma_n / sigma_n) + sum_n p_n beta_n
+    exactly (sigma_n^2 = diag(W_n^T cov(X) W_n), BatchNorm's biased batch variance). W_n reads only
+    candidate n's columns of X (`read`): the first d_n of the shared table, or its own table.
+    """
 
     def __init__(
         self,
@@ -114,6 +123,8 @@ class AutodimEmbeddingBags(nn.Module):
         unify: Unify = "linear",
         batchnorm: bool = True,
         device: torch.device | None = None,
+        momentum: float = 0.1,  # BatchNorm's running statistics, as nn.BatchNorm1d
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.plan = search_plan(base, candidates, lookup)
@@ -122,32 +133,50 @@ class AutodimEmbeddingBags(nn.Module):
         self.candidates = list(candidates)
         self.lookup = lookup
         self.unify = unify
+        self.batchnorm = batchnorm
+        self.momentum, self.eps = momentum, eps
         self.tau = 1.0
         self.ebc = EmbeddingBagCollection(tables=block_table_configs(self.plan), device=device)
+        # The pooled tables of one field side by side, in the collection's key order.
+        self._keys = [k for c in block_table_configs(self.plan) for k in c.feature_names]
         dense_device = device if device is not None and device.type != "meta" else None
         f, n, d = len(self.feature_names), len(candidates), self.base_dim
         self.arch = ArchitectureWeights(f, n, device=dense_device)
-        # Column j of candidate n exists iff j < d_n: zero padding keeps the rest at zero.
-        mask = torch.tensor([[1.0 if j < dn else 0.0 for j in range(d)] for dn in candidates])
-        self.register_buffer("mask", mask.to(dense_device), persistent=False)
+        stored = [stored_width(dn) for dn in candidates] if lookup == "separate" else None
+        read, starts = _read_layout(candidates, stored, d)
+        self.register_buffer("read", read.to(dense_device), persistent=False)  # [N, K, d_N]
+        # rows[n, k] = 1 where input column k belongs to candidate n
+        self.register_buffer("rows", read.sum(-1, keepdim=True).to(dense_device), persistent=False)
+        # Output column j of candidate n exists iff j < d_n when zero padding (BatchNorm's shift
+        # must not fill the padding); a linear transform fills all d_N.
+        out_mask = torch.tensor([[1.0 if j < dn or unify == "linear" else 0.0 for j in range(d)] for dn in candidates])
+        self.register_buffer("out_mask", out_mask.to(dense_device), persistent=False)  # [N, d_N]
+        self._starts = starts
+        self.register_parameter("bias", None)
         if unify == "linear":
-            # One (d_n -> d_N) transform per field and candidate, stored d_N x d_N: rows >= d_n
-            # only ever see zero inputs, so one batched einsum serves every candidate.
-            self.weight = nn.Parameter(torch.empty(f, n, d, d, device=dense_device))
-            self.bias = nn.Parameter(torch.empty(f, n, d, device=dense_device))
+            # W_n (d_n x d_N) lives in rows starts[n] : starts[n] + d_n of weight[:, n] (K x d_N).
+            self.weight = nn.Parameter(torch.empty(f, n, read.shape[1], d, device=dense_device))
+            # BatchNorm subtracts the batch mean, which cancels a bias: only kept without it.
+            self.bias = None if batchnorm else nn.Parameter(torch.empty(f, n, d, device=dense_device))
             self.reset_transforms()
-        self.norm = nn.BatchNorm1d(f * n * d, device=dense_device) if batchnorm else None
+        if batchnorm:
+            self.gamma = nn.Parameter(torch.ones(f, n, d, device=dense_device))
+            self.beta = nn.Parameter(torch.zeros(f, n, d, device=dense_device))
+            self.register_buffer("running_mean", torch.zeros(f, n, d, device=dense_device))
+            self.register_buffer("running_var", torch.ones(f, n, d, device=dense_device))
         self._generator: torch.Generator | None = None
         self._tables_frozen = False
-        self._gather: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def reset_transforms(self) -> None:
         """nn.Linear's default init for each d_n -> d_N transform (bound 1/sqrt(d_n))."""
+        self.weight.zero_()
         for i, dn in enumerate(self.candidates):
             bound = 1.0 / math.sqrt(dn)
-            self.weight[:, i].uniform_(-bound, bound).mul_(self.mask[i][None, :, None])
-            self.bias[:, i].uniform_(-bound, bound)
+            rows = slice(self._starts[i], self._starts[i] + dn)
+            self.weight[:, i, rows].uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias[:, i].uniform_(-bound, bound)
 
     def seed_noise(self, seed: int) -> None:
         """Make the Gumbel samples reproducible (tests; one stream per rank)."""
@@ -171,6 +200,12 @@ class AutodimEmbeddingBags(nn.Module):
         noise = gumbel_noise(tuple(logits.shape), self._generator).to(logits.device)
         return gumbel_softmax(logits, self.tau, noise)
 
+    def transforms(self) -> torch.Tensor:
+        """[F, N, K, d_N]: candidate n's map from the field's pooled columns to d_N."""
+        if self.unify == "zero_pad":
+            return self.read.expand(len(self.feature_names), -1, -1, -1)
+        return self.weight * self.rows
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self.lookup == "separate":
             features = _repeat_features(features, self.feature_names, self.candidates)
@@ -179,43 +214,46 @@ class AutodimEmbeddingBags(nn.Module):
                 pooled = self.ebc(features)
         else:
             pooled = self.ebc(features)
-        x = self.candidate_embeddings(pooled)  # [B, F, N, d_N], zero beyond each d_n
-        if self.unify == "linear":
-            x = torch.einsum("bfnd,fnde->bfne", x, self.weight) + self.bias
-        if self.norm is not None:
-            x = self.norm(x.flatten(1)).view_as(x)
-            if self.unify == "zero_pad":
-                x = x * self.mask  # BatchNorm's shift would otherwise fill the padding
-        mixed = torch.einsum("bfne,fn->bfe", x, self.mixing_weights())
+        x = self.field_inputs(pooled)  # [B, F, K]
+        p = self.mixing_weights()  # [F, N]
+        w = self.transforms()  # [F, N, K, d]
+        if not self.batchnorm:
+            out = torch.einsum("bfk,fkd->bfd", x, torch.einsum("fnkd,fn->fkd", w, p))
+            if self.bias is not None:
+                out = out + torch.einsum("fnd,fn->fd", self.bias, p)
+        elif self.training:
+            mean = x.mean(0)  # [F, K]
+            centred = x - mean
+            cov = torch.einsum("bfk,bfl->fkl", centred, centred) / x.shape[0]
+            var = (w * torch.einsum("fkl,fnld->fnkd", cov, w)).sum(2)  # [F, N, d] biased, as BN
+            self._track(torch.einsum("fk,fnkd->fnd", mean.detach(), w.detach()), var.detach(), x.shape[0])
+            scale = self.gamma * self.out_mask * p[..., None] * torch.rsqrt(var + self.eps)
+            out = torch.einsum("bfk,fkd->bfd", centred, torch.einsum("fnkd,fnd->fkd", w, scale))
+            out = out + torch.einsum("fnd,fn->fd", self.beta * self.out_mask, p)
+        else:
+            scale = self.gamma * self.out_mask * p[..., None] * torch.rsqrt(self.running_var + self.eps)
+            shift = (self.beta * self.out_mask * p[..., None] - scale * self.running_mean).sum(1)
+            out = torch.einsum("bfk,fkd->bfd", x, torch.einsum("fnkd,fnd->fkd", w, scale)) + shift
         return KeyedTensor(
             keys=self.feature_names,
             length_per_key=[self.base_dim] * len(self.feature_names),
-            values=mixed.flatten(1),
+            values=out.flatten(1),
         )
 
-    def candidate_embeddings(self, pooled: KeyedTensor) -> torch.Tensor:
-        """[B, fields, candidates, d_N]: candidate n of field f holds the first d_n columns of its
-        pooled table (the shared one, or its own) and zeros after."""
-        src, dst = self._gather_index(pooled)
-        values = pooled.values()
-        f, n, d = len(self.feature_names), len(self.candidates), self.base_dim
-        out = values.new_zeros(values.shape[0], f * n * d)
-        return out.index_copy(1, dst, values.index_select(1, src)).view(-1, f, n, d)
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, batch: int) -> None:
+        """BatchNorm's running statistics (unbiased variance), for evaluation."""
+        self.running_mean.lerp_(mean, self.momentum)
+        self.running_var.lerp_(var * batch / max(batch - 1, 1), self.momentum)
 
-    def _gather_index(self, pooled: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = tuple(pooled.keys())
-        if keys not in self._gather:
-            offset = dict(zip(keys, pooled.offset_per_key()))
-            src, dst = [], []
-            n, d = len(self.candidates), self.base_dim
-            for fi, feature in enumerate(self.feature_names):
-                for ni, dn in enumerate(self.candidates):
-                    key = feature if self.lookup == "weight_sharing" else candidate_feature_name(feature, dn)
-                    src.extend(range(offset[key], offset[key] + dn))
-                    dst.extend(range((fi * n + ni) * d, (fi * n + ni) * d + dn))
-            device = pooled.values().device
-            self._gather[keys] = (torch.tensor(src, device=device), torch.tensor(dst, device=device))
-        return self._gather[keys]
+    def field_inputs(self, pooled: KeyedTensor) -> torch.Tensor:
+        """[B, F, K]: each field's pooled table(s) side by side."""
+        if pooled.keys() == self._keys:
+            values = pooled.values()
+        else:
+            by_key = pooled.to_dict()
+            values = torch.cat([by_key[k] for k in self._keys], dim=1)
+        return values.view(values.shape[0], len(self.feature_names), -1)
 
     def choices(self) -> dict[str, tuple[int, list[float]]]:
         """feature -> (argmax width, softmax(alpha) over the candidates)."""
@@ -224,6 +262,18 @@ class AutodimEmbeddingBags(nn.Module):
             feature: (self.candidates[int(p.argmax())], [float(x) for x in p])
             for feature, p in zip(self.feature_names, probs)
         }
+
+
+def _read_layout(candidates: list[int], stored: list[int] | None, d: int) -> tuple[torch.Tensor, list[int]]:
+    """read[n, k, j] = 1 where output column j of candidate n is input column k (its j-th read
+    column); and the first input column of each candidate. stored=None: weight sharing (every
+    candidate starts at column 0 of the one d_N-wide table); else the per-candidate table widths."""
+    starts = [0] * len(candidates) if stored is None else [sum(stored[:i]) for i in range(len(stored))]
+    k = d if stored is None else sum(stored)
+    read = torch.zeros(len(candidates), k, d)
+    for i, (dn, start) in enumerate(zip(candidates, starts)):
+        read[i, torch.arange(start, start + dn), torch.arange(dn)] = 1.0
+    return read, starts
 
 
 def _repeat_features(features: KeyedJaggedTensor, names: list[str], candidates: list[int]) -> KeyedJaggedTensor:

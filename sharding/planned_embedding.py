@@ -14,14 +14,10 @@ from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embshard.planner.config import MLET_INIT_STD
 from embshard.planner.shard_plan import block_feature_name, block_table_configs
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.block_split import feature_blocks, split_by_block
-
-
-# MLET W2 initialisation: the paper draws W2 from a Gaussian N(0, 0.0625). We read 0.0625 as the
-# variance (std 0.25): N(mu, sigma^2) notation puts the variance second, and 0.0625 = 0.25^2.
-MLET_INIT_STD = 0.25
 
 
 class PlannedEmbeddingBags(nn.Module):

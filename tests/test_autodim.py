@@ -12,29 +12,40 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from embshard.datasets.profile import write_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import synthesize
-from embshard.errors import ConfigError, PlanError
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import Block, DimensionPlan, TablePlan
-from embshard.sharding.autodim import AutodimEmbeddingBags, _repeat_features, gumbel_softmax, search_plan
+from embshard.sharding.autodim import (
+    AutodimEmbeddingBags,
+    _repeat_features,
+    gumbel_softmax,
+    search_plan,
+)
 from embshard.trainer.autodim import (
     alpha_step,
-    build_search_model,
     base_plan,
+    build_search_model,
     make_decisions,
     model_step,
     plan_search,
 )
 from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.config import CheckpointConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from embshard.trainer.evaluate import EvalResult
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.errors import ConfigError, PlanError
 
 CANDIDATES = [2, 8, 16]
 
@@ -91,21 +102,76 @@ def test_mixing_uses_the_modules_noise_and_temperature():
     assert torch.allclose(m.mixing_weights(), torch.softmax(m.arch.logits / 0.5, dim=-1))
 
 
-@pytest.mark.parametrize("lookup", ["weight_sharing", "separate"])
-def test_candidate_reads_the_first_columns_of_its_table(lookup):
-    m = AutodimEmbeddingBags(uniform(), CANDIDATES, lookup=lookup, unify="zero_pad", batchnorm=False)
-    pooled = m.ebc(kjt() if lookup == "weight_sharing" else _repeat(kjt()))
-    x = m.candidate_embeddings(pooled)
-    by_key = pooled.to_dict()
-    for fi, feature in enumerate(m.feature_names):
-        for ni, d in enumerate(CANDIDATES):
-            table = by_key[feature if lookup == "weight_sharing" else f"{feature}__d{d}"]
-            assert torch.equal(x[:, fi, ni, :d], table[:, :d])
-            assert not x[:, fi, ni, d:].any()
-
-
 def _repeat(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     return _repeat_features(features, ["a", "b"], CANDIDATES)
+
+
+def reference(m: AutodimEmbeddingBags, features: KeyedJaggedTensor, p: torch.Tensor) -> torch.Tensor:
+    """The paper's search embedding written out per field and candidate: slice the candidate's
+    first d_n columns (of the shared table, or of its own), transform or zero-pad it to d_N,
+    BatchNorm it with batch statistics, mix with p. -> [B, F, d_N]"""
+    pooled = m.ebc(features if m.lookup == "weight_sharing" else _repeat(features)).to_dict()
+    fields = []
+    for fi, feature in enumerate(m.feature_names):
+        total = 0
+        for ni, d in enumerate(CANDIDATES):
+            x = pooled[feature if m.lookup == "weight_sharing" else f"{feature}__d{d}"][:, :d]
+            if m.unify == "linear":
+                start = 0 if m.lookup == "weight_sharing" else sum(-(-c // 4) * 4 for c in CANDIDATES[:ni])
+                y = x @ m.weight[fi, ni, start : start + d]
+                if m.bias is not None:
+                    y = y + m.bias[fi, ni]
+            else:
+                y = torch.nn.functional.pad(x, (0, m.base_dim - d))
+            if m.batchnorm:
+                mean, var = y.mean(0), y.var(0, unbiased=False)
+                y = (y - mean) / torch.sqrt(var + 1e-5) * m.gamma[fi, ni] + m.beta[fi, ni]
+                if m.unify == "zero_pad":
+                    y = y * (torch.arange(m.base_dim) < d)
+            total = total + p[fi, ni] * y
+        fields.append(total)
+    return torch.stack(fields, dim=1)
+
+
+@pytest.mark.parametrize("lookup", ["weight_sharing", "separate"])
+@pytest.mark.parametrize("unify", ["linear", "zero_pad"])
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_search_embedding_equals_the_per_candidate_reference(lookup, unify, batchnorm):
+    torch.manual_seed(0)
+    m = AutodimEmbeddingBags(uniform(), CANDIDATES, lookup=lookup, unify=unify, batchnorm=batchnorm)
+    if batchnorm:
+        with torch.no_grad():
+            m.gamma.uniform_(0.5, 1.5)
+            m.beta.uniform_(-0.5, 0.5)
+    with torch.no_grad():
+        m.arch.logits.normal_()
+    m.tau = 0.7
+    m.seed_noise(3)
+    out = m(kjt()).values().view(3, 2, 16)
+    m.seed_noise(3)
+    expected = reference(m, kjt(), m.mixing_weights())
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_running_statistics_serve_evaluation():
+    """Eval mode uses BatchNorm's running statistics; after one momentum-1 step they are the
+    batch's own (unbiased variance), so eval equals the reference up to that variance factor."""
+    m = AutodimEmbeddingBags(uniform(), CANDIDATES, momentum=1.0)
+    m(kjt())
+    m.eval()
+    p = m.mixing_weights()
+    m.train()
+    pooled = m.ebc(kjt()).to_dict()
+    y = pooled["a"][:, :8] @ m.weight[0, 1, :8]  # field a, candidate 8
+    assert torch.allclose(m.running_mean[0, 1], y.mean(0), atol=1e-6)
+    assert torch.allclose(m.running_var[0, 1], y.var(0, unbiased=True), atol=1e-6)
+    m.eval()
+    out = m(kjt()).values().view(3, 2, 16)
+    expected = 0
+    for ni, d in enumerate(CANDIDATES):
+        y = pooled["a"][:, :d] @ m.weight[0, ni, :d]
+        expected = expected + p[0, ni] * (y - m.running_mean[0, ni]) / torch.sqrt(m.running_var[0, ni] + 1e-5)
+    assert torch.allclose(out[:, 0], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", range(len(CANDIDATES)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-
+from distributed import run_ranks
 from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
 from embshard.planner.config import EmbeddingsConfig
@@ -16,9 +16,14 @@ from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.trainer.autodim import decisions_path, plan_search, search_worker
 from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.config import CheckpointConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from embshard.trainer.loop import run_worker
-from distributed import run_ranks
 
 pytestmark = pytest.mark.slow
 CANDIDATES = [2, 8, 16]

@@ -32,7 +32,8 @@ from embshard.sharding.mlet import (
     mlet_tables,
     without_mlet,
 )
-from embshard.sharding.planned_embedding import MLET_INIT_STD, PlannedEmbeddingBags
+from embshard.planner.config import MLET_INIT_STD
+from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.config import JobConfig, ModelConfig

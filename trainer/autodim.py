@@ -16,25 +16,18 @@ the same training backward.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-
 from embshard.datasets.profile import load_profile
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError
 from embshard.planner.decisions import Decisions, TableDecision
 from embshard.planner.memory import memory_report
 from embshard.planner.optimizers import torch_optimizer_class
@@ -43,13 +36,27 @@ from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.shard_plan import plan_sharding
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.autodim import AutodimEmbeddingBags, search_plan
+from embshard.trainer.autodim_config import AutodimConfig
 from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, ebc_path
 from embshard.trainer.callbacks import Callback, ProgressBar, ReportCallback, StepInfo
 from embshard.trainer.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
-from embshard.trainer.loop import _quiet_libraries, make_reader, train_step, worker_device, write_summary
+from embshard.trainer.loop import (
+    _quiet_libraries,
+    make_reader,
+    train_step,
+    worker_device,
+    write_summary,
+)
 from embshard.trainer.model import DLRM
-from embshard.trainer.autodim_config import AutodimConfig
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from embshard.errors import ConfigError
 
 DECISIONS_FILE = "decisions.json"
 # Fully qualified name of alpha inside the DLRM: DDP must leave it alone (see the module doc).

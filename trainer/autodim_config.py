@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from embshard.errors import ConfigError
 from embshard.sharding.autodim import Lookup, Unify
+
+from embshard.errors import ConfigError
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from embshard.planner.config import MLET_INIT_STD
 from embshard.planner.optimizers import torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.config import JobConfig
@@ -40,7 +41,8 @@ class ShardedModel:
 def build_unsharded(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> DLRM:
     """The same model on one device with real weights: the reference the sharded model must equal."""
     torch.manual_seed(cfg.seed)
-    return DLRM(bundle.dimension_plan, num_dense, cfg.model, embedding_device=device, dense_device=device)
+    return DLRM(bundle.dimension_plan, num_dense, cfg.model, embedding_device=device, dense_device=device,
+                mlet_init_std=_mlet_init_std(cfg))
 
 
 def build_sharded(
@@ -58,6 +60,7 @@ def build_sharded(
         cfg.model,
         embedding_device=torch.device("meta"),
         dense_device=device,
+        mlet_init_std=_mlet_init_std(cfg),
     )
     apply_optimizer_in_backward(
         torch_optimizer_class(cfg.train.sparse_optimizer),
@@ -77,6 +80,10 @@ def build_sharded(
         lambda params: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](params, lr=cfg.train.dense_lr),
     )
     return ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), bundle)
+
+
+def _mlet_init_std(cfg: JobConfig) -> float:
+    return cfg.embeddings.mlet.init_std if cfg.embeddings.mlet is not None else MLET_INIT_STD
 
 
 def ebc_path(model: DLRM) -> str:

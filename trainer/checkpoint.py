@@ -95,10 +95,17 @@ class CheckpointManager:
     """Save, find, validate, load and prune the checkpoints of one run in `directory`."""
 
     def __init__(self, directory: str | Path, keep: int = 2,
-                 before_save: list[StateTransform] | None = None) -> None:
+                 before_save: list[StateTransform] | None = None,
+                 before_load: list[StateTransform] | None = None,
+                 after_load: list[StateTransform] | None = None) -> None:
+        """The transforms map a model state dict to another (MLET registers its collapse as
+        `before_save`, the matching n x d template as `before_load` and the rebuild of W1 as
+        `after_load`), so a checkpoint holds what serving needs, not the training factorisation."""
         self.directory = Path(directory)
         self.keep = keep
         self.before_save: list[StateTransform] = list(before_save or [])
+        self.before_load: list[StateTransform] = list(before_load or [])
+        self.after_load: list[StateTransform] = list(after_load or [])
 
     # -- save (collective) ---------------------------------------------------------------------
 
@@ -157,7 +164,11 @@ class CheckpointManager:
     def load(self, path: Path, model: nn.Module, optimizer: KeyedOptimizer) -> Progress:
         _init_lazy_state(optimizer)
         state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        for transform in self.before_load:
+            state["model"] = transform(state["model"])
         dcp.load(state, checkpoint_id=path)
+        for transform in self.after_load:
+            state["model"] = transform(state["model"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])
         progress = Progress.from_json(json.loads((path / PROGRESS).read_text()))

@@ -11,6 +11,7 @@ import logging
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.planner.pipeline import PlanBundle
+from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
     Callback,
@@ -230,7 +232,7 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
     if cfg.checkpoint.enabled:
         guard = SigtermGuard()
         callbacks.append(CheckpointCallback(
-            CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep),
+            checkpoint_manager(cfg, sharded, metrics),
             sharded.model, sharded.optimizer, snapshot, to_dict(cfg),
             sharded.bundle.directory, cfg.checkpoint.every_steps,
             guard if cfg.checkpoint.on_sigterm and guard.install() else None, metrics))
@@ -238,6 +240,18 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
     if crash is not None:
         callbacks.append(crash)
     return callbacks
+
+
+def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMetrics | None) -> CheckpointManager:
+    """Checkpoints hold MLET tables collapsed to n x d (the hooks do nothing without MLET)."""
+    model = sharded.model
+    return CheckpointManager(
+        cfg.checkpoint_dir,
+        cfg.checkpoint.keep,
+        before_save=[partial(mlet_before_save, model, metrics=metrics)],
+        before_load=[partial(mlet_load_template, model)],
+        after_load=[partial(mlet_after_load, model)],
+    )
 
 
 def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
@@ -250,7 +264,7 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
         candidates = resolve_source(cfg.checkpoint.resume)
     if not candidates:
         return None, fresh
-    manager = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep)
+    manager = checkpoint_manager(cfg, sharded, None)
     loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates)
     if loaded is None:
         if explicit:

@@ -9,6 +9,7 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embshard.planner.config import MLET_INIT_STD
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.config import ModelConfig
@@ -22,9 +23,10 @@ class DLRM(nn.Module):
         config: ModelConfig,
         embedding_device: torch.device | None = None,
         dense_device: torch.device | None = None,
+        mlet_init_std: float = MLET_INIT_STD,
     ) -> None:
         super().__init__()
-        self.embeddings = PlannedEmbeddingBags(plan, device=embedding_device)
+        self.embeddings = PlannedEmbeddingBags(plan, device=embedding_device, mlet_init_std=mlet_init_std)
         self.feature_names = self.embeddings.feature_names
         d = plan.base_dim
         f = len(self.feature_names)
