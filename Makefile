@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip -q --disable-pip-version-check
 STAMP   := .venv/.embshard-installed
-REQS    := requirements/torch.txt requirements/nodeps.txt requirements/base.txt requirements/test.txt pyproject.toml
+REQS    := $(wildcard requirements/*.txt) pyproject.toml
 # Ray 2.60 enables token auth by default; the local in-process cluster, `ray start` in the tests
 # and `ray job submit` must agree, so one setting is exported for every target.
 export RAY_AUTH_MODE ?= disabled
@@ -18,7 +18,7 @@ $(STAMP): $(REQS)
 	$(PIP) install "setuptools>=68" wheel
 	$(PIP) install -r requirements/torch.txt
 	$(PIP) install --no-deps -r requirements/nodeps.txt
-	$(PIP) install -r requirements/base.txt -r requirements/test.txt
+	$(PIP) install -r requirements/base.txt -r requirements/test.txt -r requirements/bench.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

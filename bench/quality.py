@@ -36,21 +36,21 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, init_single_process_group  # noqa: E402
+from common import CACHE, init_single_process_group
+from embshard.datasets.convert import convert
+from embshard.datasets.profile import load_profile, write_profile
+from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.schema import SPEC_FILE, DatasetSpec
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.pipeline import make_plan
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.build import build_sharded
+from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.trainer.evaluate import evaluate
+from embshard.trainer.loop import make_reader, train_step
 
-from embshard.datasets.convert import convert  # noqa: E402
-from embshard.datasets.profile import load_profile, write_profile  # noqa: E402
-from embshard.datasets.reader import ParquetBatchReader  # noqa: E402
-from embshard.datasets.schema import SPEC_FILE, DatasetSpec  # noqa: E402
-from embshard.errors import PlanError  # noqa: E402
-from embshard.planner.config import EmbeddingsConfig  # noqa: E402
-from embshard.planner.pipeline import make_plan  # noqa: E402
-from embshard.planner.policies import plan_dimensions  # noqa: E402
-from embshard.planner.topology import TopologySpec  # noqa: E402
-from embshard.trainer.build import build_sharded  # noqa: E402
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, TrainConfig  # noqa: E402
-from embshard.trainer.evaluate import evaluate  # noqa: E402
-from embshard.trainer.loop import make_reader, train_step  # noqa: E402
+from embshard.errors import PlanError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU = torch.device("cpu")

@@ -16,15 +16,27 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from embshard.cluster.launch import plan_for_training
 from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
+from embshard.planner.config import EmbeddingsConfig, MletConfig
 from embshard.planner.pipeline import PlanBundle
+from embshard.planner.shard_plan import plan_sharding
+from embshard.sharding.mlet import without_mlet
 from embshard.trainer.build import build_sharded
-from embshard.trainer.checkpoint import MANIFEST, CheckpointManager, complete_checkpoints
-from embshard.trainer.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
-from embshard.trainer.loop import make_reader, run_worker
+from embshard.trainer.checkpoint import (
+    MANIFEST,
+    CheckpointManager,
+    complete_checkpoints,
+)
+from embshard.trainer.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    TrainConfig,
+)
+from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +60,10 @@ def process_group():
     dist.destroy_process_group()
 
 
-def job(dataset: Path, out: Path, **train) -> JobConfig:
+def job(dataset: Path, out: Path, embeddings: EmbeddingsConfig | None = None, **train) -> JobConfig:
     cfg = JobConfig(
         output_dir=str(out),
+        embeddings=embeddings or EmbeddingsConfig(),
         data=DataConfig(path=str(dataset), batch_size=256, eval_batch_size=1024, prefetch=2),
         train=TrainConfig(progress=False, **train),
         cluster=ClusterConfig(workers=1),
@@ -158,3 +171,35 @@ def test_sigterm_finishes_the_step_checkpoints_and_stops(dataset, tmp_path):
         signal.signal(signal.SIGTERM, previous)
     assert summary["preempted"] and 4 <= summary["steps"] < 3 * 18
     assert summary["checkpoint"].endswith(f"step-{summary['steps']:06d}")
+
+
+def test_mlet_checkpoints_hold_collapsed_tables_that_resume_exactly(dataset, tmp_path):
+    cfg = job(dataset, tmp_path, EmbeddingsConfig(dim=8, mlet=MletConfig(ratio=4)), max_steps=4)
+    final = Path(run_worker(cfg)["checkpoint"])
+    widths = {k: v.size[1] for k, v in dcp_metadata(final).items() if k.endswith(".weight") and "ebc" in k}
+    assert widths and set(widths.values()) == {8}  # n x d on disk, never n x k (32)
+
+    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    batch = next(iter(make_reader(cfg, bundle, "valid", 0, 1)))
+
+    def logits(model_cfg: JobConfig, plan_bundle: PlanBundle, manager_for) -> torch.Tensor:
+        sharded = build_sharded(model_cfg, plan_bundle, batch.dense.shape[1], torch.device("cpu"))
+        manager_for(sharded).load_latest(sharded.model, sharded.optimizer, [final])
+        with torch.no_grad():
+            return sharded.model(batch.dense, batch.sparse)
+
+    # The MLET model rebuilt from the checkpoint (W1 = W . W2+) equals a plain d-wide model
+    # that reads the same collapsed tables with no hook at all.
+    mlet = logits(cfg, bundle, lambda sh: checkpoint_manager(cfg, sh, None))
+    plain_plan = without_mlet(bundle.dimension_plan)
+    plain_shards = plan_sharding(plain_plan, bundle.shard_plan.topology, batch_size=256, optimizer="rowwise_adagrad")
+    plain_bundle = PlanBundle(plain_plan, plain_shards, bundle.memory, bundle.directory)
+    plain = logits(cfg, plain_bundle, lambda sh: CheckpointManager(cfg.checkpoint_dir))
+    torch.testing.assert_close(mlet, plain, rtol=1e-5, atol=1e-5)
+
+
+def dcp_metadata(path: Path) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return {k.removeprefix("model."): v for k, v in FileSystemReader(path).read_metadata().state_dict_metadata.items()
+            if k.startswith("model.")}

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from embshard.planner.shard_plan import block_table_configs
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.block_split import feature_blocks, split_by_block
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
+from torchrec import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 BASE = 8
 

@@ -19,11 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
-from torchrec.distributed.types import ParameterSharding
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
+from distributed import run_ranks
 from embshard.datasets.profile import write_profile
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.synth import NUM_DENSE, synthesize
@@ -33,8 +29,10 @@ from embshard.planner.shard_plan import ShardPlan, block_table_configs
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded, build_unsharded
 from embshard.trainer.config import JobConfig, ModelConfig, TrainConfig
-
-from distributed import run_ranks
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import ParameterSharding
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 WORLD = 2
 BATCH = 256  # global; each rank takes half
@@ -165,7 +163,7 @@ def assert_sharded_equals_unsharded(dataset: Path, tmp: Path, embeddings: Embedd
     assert len(table_keys) == len(bundle.shard_plan.sharding)
     for key, want in ref_state.items():
         assert key in state, f"sharded state_dict lacks {key}"
-        torch.testing.assert_close(state[key], want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(state[key], want, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     assert any(not torch.equal(ref_state[k], init[k]) for k in table_keys)
 
 

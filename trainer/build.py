@@ -74,7 +74,12 @@ def build_sharded(
         sharders=[EmbeddingBagCollectionSharder()],
     )
     if init_from is not None:
-        dmp.load_state_dict(init_from.state_dict(), strict=False)
+        result = dmp.load_state_dict(init_from.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"init_from does not match the sharded model: missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](params, lr=cfg.train.dense_lr),
