@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import ray.train
 from embshard.cluster.launch import train_on_ray
-from embshard.trainer.config import JobConfig, load_job_config
+from embshard.trainer.config import load_job_config
 
-from embshard.typed_config import from_dict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _autodim(args: argparse.Namespace) -> int:
+    # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.trainer.autodim import autodim_section, decisions_path, plan_search
 
     cfg = load_job_config(args.config, args.overrides)
@@ -54,19 +52,14 @@ def _autodim(args: argparse.Namespace) -> int:
           f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
     for note in [*plan.notes, *bundle.shard_plan.notes]:
         print(f"note: {note}")
-    summary = train_on_ray(cfg, entry=_search_entry)
+    summary = train_on_ray(cfg, worker="search_autodim")
     print(f"search validation AUC {summary['valid_auc']:.4f} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")
+    if summary["alpha_steps"] == 0:
+        print("warning: no architecture step ran (the run ended within autodim.pretrain_steps), so "
+              "every field's alpha is still uniform and the chosen widths are ties; train longer")
     print("chosen widths: " + ", ".join(f"{f} {d}" for f, d in summary["dims"].items()))
     print(f"decisions -> {decisions}")
     print(f"retrain: embshard train {args.config} --set embeddings.policy=decisions "
           f"--set embeddings.decisions={decisions}")
     return 0
-
-
-def _search_entry(config: dict[str, Any]) -> None:
-    # Imported here: this runs in the Ray worker process.
-    from embshard.trainer.autodim import search_worker
-
-    cfg = from_dict(JobConfig, config)
-    search_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank())

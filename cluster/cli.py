@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster import export_cli, pep_cli
+from embshard.cluster import autodim_cli, export_cli, pep_cli
 from embshard.datasets import cli as data_cli
 from embshard.errors import EmbshardError
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_train(commands)
     pep_cli.register(commands)
     export_cli.register(commands)
+    autodim_cli.register(commands)
     _register_jobs(commands)
     return parser
 

@@ -99,6 +99,7 @@ WORKERS = {
     "train": "embshard.trainer.loop:run_worker",
     "prune_pep": "embshard.trainer.pep:prune_worker",
     "lottery_pep": "embshard.trainer.pep:lottery_worker",
+    "search_autodim": "embshard.trainer.autodim:search_worker",
 }
 
 

@@ -42,7 +42,7 @@ from embshard.trainer.callbacks import Callback, ProgressBar, ReportCallback, St
 from embshard.trainer.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
 from embshard.trainer.loop import (
-    _quiet_libraries,
+    quiet_libraries,
     make_reader,
     train_step,
     worker_device,
@@ -65,7 +65,7 @@ ALPHA_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.
 
 
 def autodim_section(cfg: JobConfig) -> AutodimConfig:
-    search = getattr(cfg, "autodim", None)
+    search = cfg.autodim
     if search is None:
         raise ConfigError("autodim: an AutoDim search needs an `autodim:` section in the job config")
     if cfg.embeddings.dim != search.max_dim:
@@ -226,7 +226,7 @@ def search_worker(
     report: Callable[[dict[str, Any]], None] | None = None,
     local_rank: int = 0,
 ) -> dict[str, Any]:
-    _quiet_libraries()
+    quiet_libraries()
     search = autodim_section(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = worker_device(cfg, local_rank)

@@ -16,6 +16,7 @@ from embshard.errors import ConfigError
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.optimizers import SparseOptimizer
 from embshard.planner.topology import TopologySpec
+from embshard.trainer.autodim_config import AutodimConfig
 from embshard.trainer.metrics import MetricsConfig
 from embshard.trainer.pep_config import PepConfig
 from embshard.typed_config import load_yaml
@@ -140,6 +141,7 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     pep: PepConfig | None = None  # read by trainer/pep.py (embshard prune pep, lottery retrain)
+    autodim: AutodimConfig | None = None  # read by trainer/autodim.py (embshard search autodim)
 
     @property
     def plan_dir(self) -> Path:

@@ -95,7 +95,7 @@ def run_worker(
     build: Builder = build_sharded,
     extra_callbacks: ExtraCallbacks | None = None,
 ) -> dict[str, Any]:
-    _quiet_libraries()
+    quiet_libraries()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = worker_device(cfg, local_rank)
     bundle = PlanBundle.load(cfg.sharding.plan_file or cfg.plan_dir, cfg.train.sparse_optimizer)
@@ -207,7 +207,7 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # FBGEMM logs every table-batched kernel's arguments at INFO on the root logger, and TorchRec
     # warns about choices the planner made on purpose; keep workers' output to what users act on.
     logging.getLogger().setLevel(logging.WARNING)
