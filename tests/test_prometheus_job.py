@@ -29,10 +29,10 @@ def _embshard(*args: str) -> subprocess.CompletedProcess:
 def test_prometheus_scrapes_every_worker_of_a_training_job(tmp_path):
     require_prometheus()
     data, run, sd = tmp_path / "data", tmp_path / "run", tmp_path / "sd" / f"{JOB}.json"
-    assert _embshard("data", "synth", "--out", str(data), "--rows", "40000",
+    assert _embshard("data", "synth", "--out", str(data), "--rows", "80000",
                      "--max-cardinality", "5000").returncode == 0
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "200ms", "evaluation_interval": "1s"},
         "scrape_configs": [{
             "job_name": "embshard",
             "honor_labels": True,  # keep the workers' own `job` label
@@ -43,7 +43,7 @@ def test_prometheus_scrapes_every_worker_of_a_training_job(tmp_path):
         train = _embshard(
             "train", "configs/default.yaml", "--workers", "2",
             "--set", f"name={JOB}", "--set", f"data.path={data}", "--set", f"output_dir={run}",
-            "--set", "data.batch_size=128", "--set", "train.epochs=2",
+            "--set", "data.batch_size=128", "--set", "train.epochs=3",
             "--set", "metrics.enabled=true", "--set", "metrics.port_base=0",
             "--set", f"metrics.file_sd={sd}", "--set", "metrics.linger_seconds=4",
         )
@@ -55,7 +55,7 @@ def test_prometheus_scrapes_every_worker_of_a_training_job(tmp_path):
         # Samples: the last scraped counter of each rank adds up to the trainer's own count.
         total = prom.query(f'sum(max_over_time(embshard_train_samples_total{{job="{JOB}"}}[10m]))')
         assert float(total["result"][0]["value"][1]) == summary["samples"]
-        rate = prom.query(f'max(max_over_time(rate(embshard_train_samples_total{{job="{JOB}"}}[3s])[10m:1s]))')
+        rate = prom.query(f'max(max_over_time(rate(embshard_train_samples_total{{job="{JOB}"}}[2s])[10m:200ms]))')
         assert float(rate["result"][0]["value"][1]) > 0
 
         # Embedding bytes per rank equal the planner's figures for that rank.
