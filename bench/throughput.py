@@ -7,6 +7,8 @@ by `trainer.loop.train_step` with the loop's per-step callbacks (metrics off, an
 same in-memory batches, so data loading is out of the picture.
 
     .venv/bin/python bench/throughput.py [--steps 60] [--repeats 3] [--dim 16]
+    .venv/bin/python bench/throughput.py --mlet-ratio 4 [...]   # MLET vs uniform k and d (throughput_mlet.py)
+    .venv/bin/python bench/throughput.py --pep [...]            # PEP per granularity (throughput_pep.py)
 
 Ends with one JSON line: samples/s of each variant and `ratio` = embshard / TorchRec (goal >= 0.95),
 plus `metrics_ratio` = metrics on / metrics off (goal >= 0.98).
@@ -99,6 +101,15 @@ def run_embshard(sharded: ShardedModel, batches, callbacks, log_every: int) -> f
 
 
 def main() -> None:
+    # The MLET and PEP comparisons live in their own scripts; these flags reach them from here.
+    if "--mlet-ratio" in sys.argv:
+        from throughput_mlet import main as mlet_main
+
+        return mlet_main(["--ratio" if a == "--mlet-ratio" else a for a in sys.argv[1:]])
+    if "--pep" in sys.argv:
+        from throughput_pep import main as pep_main
+
+        return pep_main([a for a in sys.argv[1:] if a != "--pep"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--max-cardinality", type=int, default=100_000)

@@ -50,7 +50,7 @@ def build(name: str, embeddings: EmbeddingsConfig, data: Path, batch_size: int, 
     return build_sharded(cfg, bundle, num_dense, torch.device("cpu"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--max-cardinality", type=int, default=100_000)
@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per pass")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
 
     init_single_process_group()
