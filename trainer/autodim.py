@@ -30,14 +30,13 @@ from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
 from embshard.planner.decisions import Decisions, TableDecision
 from embshard.planner.memory import memory_report
-from embshard.planner.optimizers import torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.shard_plan import plan_sharding
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.autodim import AutodimEmbeddingBags, search_plan
 from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, ebc_path
+from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, shard_model
 from embshard.trainer.callbacks import Callback, ProgressBar, ReportCallback, StepInfo
 from embshard.trainer.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
@@ -49,10 +48,6 @@ from embshard.trainer.loop import (
     write_summary,
 )
 from embshard.trainer.model import DLRM
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -136,18 +131,7 @@ def build_search_model(
         base, search.candidates, search.lookup, search.unify, search.batchnorm, device=meta
     )
     bundle.shard_plan.check_matches(model.embeddings.plan, dist.get_world_size())
-    apply_optimizer_in_backward(
-        torch_optimizer_class(cfg.train.sparse_optimizer),
-        model.embeddings.ebc.parameters(),
-        {"lr": cfg.train.sparse_lr},
-    )
-    dmp = DistributedModelParallel(
-        model,
-        device=device,
-        plan=bundle.shard_plan.to_torchrec(ebc_path(model)),
-        sharders=[EmbeddingBagCollectionSharder()],
-        data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=[ALPHA_PARAM]),
-    )
+    dmp = shard_model(cfg, bundle, model, device, params_to_ignore=[ALPHA_PARAM])
     embedding = dmp.module.embeddings
     alpha = embedding.arch.logits
     weights = {n: p for n, p in in_backward_optimizer_filter(dmp.named_parameters()) if p is not alpha}

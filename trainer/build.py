@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -62,17 +63,7 @@ def build_sharded(
         dense_device=device,
         mlet_init_std=_mlet_init_std(cfg),
     )
-    apply_optimizer_in_backward(
-        torch_optimizer_class(cfg.train.sparse_optimizer),
-        model.embeddings.ebc.parameters(),
-        {"lr": cfg.train.sparse_lr},
-    )
-    dmp = DistributedModelParallel(
-        model,
-        device=device,
-        plan=bundle.shard_plan.to_torchrec(ebc_path(model)),
-        sharders=[EmbeddingBagCollectionSharder()],
-    )
+    dmp = shard_model(cfg, bundle, model, device)
     if init_from is not None:
         result = dmp.load_state_dict(init_from.state_dict(), strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -85,6 +76,29 @@ def build_sharded(
         lambda params: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](params, lr=cfg.train.dense_lr),
     )
     return ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), bundle)
+
+
+def shard_model(
+    cfg: JobConfig,
+    bundle: PlanBundle,
+    model: DLRM,
+    device: torch.device,
+    params_to_ignore: list[str] | None = None,
+) -> DistributedModelParallel:
+    """Fuse the sparse optimizer into the tables' backward and shard them under the bundle's plan.
+    `params_to_ignore`: dense parameters DDP must leave alone (e.g. AutoDim's alpha)."""
+    apply_optimizer_in_backward(
+        torch_optimizer_class(cfg.train.sparse_optimizer),
+        model.embeddings.ebc.parameters(),
+        {"lr": cfg.train.sparse_lr},
+    )
+    return DistributedModelParallel(
+        model,
+        device=device,
+        plan=bundle.shard_plan.to_torchrec(ebc_path(model)),
+        sharders=[EmbeddingBagCollectionSharder()],
+        data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=params_to_ignore or []),
+    )
 
 
 def _mlet_init_std(cfg: JobConfig) -> float:
