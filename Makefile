@@ -22,7 +22,9 @@ $(STAMP): $(REQS)
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The demo job starts fresh each time: a run folder with checkpoints would otherwise be resumed.
 run: setup
+	rm -rf $(OUT)/run
 	.venv/bin/embshard data synth --out $(OUT)/data --rows 200000 --seed 0
 	.venv/bin/embshard train configs/default.yaml --workers 2 \
 	    --set data.path=$(OUT)/data --set output_dir=$(OUT)/run
