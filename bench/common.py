@@ -4,10 +4,13 @@ absolute numbers drift between machines."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import statistics
 import time
+import warnings
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Callable
@@ -18,6 +21,10 @@ from embshard.datasets.profile import write_profile
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE
 from embshard.datasets.synth import synthesize
+from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.config import DataConfig, JobConfig, ModelConfig
 
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
@@ -69,3 +76,49 @@ def timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def bench_arguments(doc: str | None, repeats: int = 3) -> argparse.ArgumentParser:
+    """The options every throughput comparison shares."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--max-cardinality", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per pass")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=repeats)
+    return p
+
+
+@dataclass
+class BenchData:
+    path: Path
+    warm: list[Batch]
+    timed: list[Batch]
+
+    @property
+    def num_dense(self) -> int:
+        return self.timed[0].dense.shape[1]
+
+
+def prepare(args: argparse.Namespace) -> BenchData:
+    """One gloo rank, the cached synthetic dataset and its first batches held in memory."""
+    warnings.filterwarnings("ignore")
+    init_single_process_group()
+    path = synth_dataset(args.rows, args.max_cardinality)
+    batches = load_batches(path, args.batch_size, args.steps + args.warmup)
+    return BenchData(path, batches[: args.warmup], batches[args.warmup :])
+
+
+def bench_job(name: str, data: BenchData, batch_size: int, embeddings: EmbeddingsConfig) -> tuple[JobConfig, PlanBundle]:
+    """The benchmarks' DLRM on `data`, planned for one CPU rank."""
+    cfg = JobConfig(
+        output_dir=str(CACHE / name),
+        data=DataConfig(path=str(data.path), batch_size=batch_size),
+        model=ModelConfig(dense_arch=[64], over_arch=[128, 64]),
+        embeddings=embeddings,
+    )
+    bundle = make_plan(cfg.embeddings, data.path, TopologySpec(1, "cpu"), cfg.plan_dir,
+                       batch_size=batch_size, optimizer=cfg.train.sparse_optimizer)
+    return cfg, bundle

@@ -16,11 +16,9 @@ plus `metrics_ratio` = metrics on / metrics off (goal >= 0.98).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,16 +32,14 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import init_single_process_group, interleaved_rates, load_batches, median, synth_dataset  # noqa: E402
+from common import bench_arguments, bench_job, interleaved_rates, median, prepare  # noqa: E402
 
 from embshard.planner.config import EmbeddingsConfig  # noqa: E402
 from embshard.planner.optimizers import torch_optimizer_class  # noqa: E402
-from embshard.planner.pipeline import make_plan  # noqa: E402
 from embshard.planner.shard_plan import block_table_configs  # noqa: E402
-from embshard.planner.topology import TopologySpec  # noqa: E402
 from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, build_sharded  # noqa: E402
 from embshard.trainer.callbacks import PrometheusCallback, StepInfo  # noqa: E402
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig  # noqa: E402
+from embshard.trainer.config import JobConfig  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
 from embshard.trainer.metrics import WorkerMetrics  # noqa: E402
 
@@ -110,30 +106,10 @@ def main() -> None:
         from throughput_pep import main as pep_main
 
         return pep_main([a for a in sys.argv[1:] if a != "--pep"])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--max-cardinality", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--steps", type=int, default=40, help="timed steps per pass")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-    warnings.filterwarnings("ignore")
-
-    init_single_process_group()
-    data = synth_dataset(args.rows, args.max_cardinality)
-    cfg = JobConfig(
-        output_dir=str(Path(__file__).resolve().parent / "results" / "cache" / "throughput-run"),
-        data=DataConfig(path=str(data), batch_size=args.batch_size),
-        model=ModelConfig(dense_arch=[64], over_arch=[128, 64]),
-        embeddings=EmbeddingsConfig(policy="uniform", dim=args.dim),
-    )
-    bundle = make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir,
-                       batch_size=args.batch_size, optimizer=cfg.train.sparse_optimizer)
-    batches = load_batches(data, args.batch_size, args.steps + args.warmup)
-    warm, timed_batches = batches[: args.warmup], batches[args.warmup:]
-    num_dense = batches[0].dense.shape[1]
+    args = bench_arguments(__doc__).parse_args()
+    data = prepare(args)
+    cfg, bundle = bench_job("throughput-run", data, args.batch_size, EmbeddingsConfig(dim=args.dim))
+    warm, timed_batches, num_dense = data.warm, data.timed, data.num_dense
 
     base_model, base_opt = torchrec_baseline(cfg, bundle, num_dense)
     ours = build_sharded(cfg, bundle, num_dense, torch.device("cpu"))

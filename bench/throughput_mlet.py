@@ -13,67 +13,36 @@ and `ratio_vs_d` = MLET / uniform-d (the paper reports about 25% runtime cost fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    CACHE,
-    init_single_process_group,
-    interleaved_rates,
-    load_batches,
-    median,
-    synth_dataset,
-)
+from common import BenchData, bench_arguments, bench_job, interleaved_rates, median, prepare  # noqa: E402
 from embshard.planner.config import EmbeddingsConfig, MletConfig
-from embshard.planner.pipeline import make_plan
-from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import ShardedModel, build_sharded
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig
+from embshard.trainer.config import JobConfig
 from throughput import run_embshard
 
 
-def build(name: str, embeddings: EmbeddingsConfig, data: Path, batch_size: int, num_dense: int) -> ShardedModel:
-    cfg = JobConfig(
-        output_dir=str(CACHE / "throughput-mlet" / name),
-        data=DataConfig(path=str(data), batch_size=batch_size),
-        model=ModelConfig(dense_arch=[64], over_arch=[128, 64]),
-        embeddings=embeddings,
-    )
-    bundle = make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir,
-                       batch_size=batch_size, optimizer=cfg.train.sparse_optimizer)
-    return build_sharded(cfg, bundle, num_dense, torch.device("cpu"))
+def build(name: str, embeddings: EmbeddingsConfig, data: BenchData, batch_size: int) -> ShardedModel:
+    cfg, bundle = bench_job(f"throughput-mlet/{name}", data, batch_size, embeddings)
+    return build_sharded(cfg, bundle, data.num_dense, torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--max-cardinality", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--dim", type=int, default=16, help="serving width d")
+    p = bench_arguments(__doc__)
     p.add_argument("--ratio", type=int, default=4, help="MLET width k = ratio * d")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per pass")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-
-    init_single_process_group()
-    data = synth_dataset(args.rows, args.max_cardinality)
-    batches = load_batches(data, args.batch_size, args.steps + args.warmup)
-    warm, timed_batches = batches[: args.warmup], batches[args.warmup:]
-    num_dense = batches[0].dense.shape[1]
+    data = prepare(args)
+    warm, timed_batches = data.warm, data.timed
     k = args.dim * args.ratio
     models = {
-        "mlet": build("mlet", EmbeddingsConfig(dim=args.dim, mlet=MletConfig(ratio=args.ratio)), data,
-                      args.batch_size, num_dense),
-        "uniform_k": build("uniform_k", EmbeddingsConfig(dim=k), data, args.batch_size, num_dense),
-        "uniform_d": build("uniform_d", EmbeddingsConfig(dim=args.dim), data, args.batch_size, num_dense),
+        "mlet": build("mlet", EmbeddingsConfig(dim=args.dim, mlet=MletConfig(ratio=args.ratio)), data, args.batch_size),
+        "uniform_k": build("uniform_k", EmbeddingsConfig(dim=k), data, args.batch_size),
+        "uniform_d": build("uniform_d", EmbeddingsConfig(dim=args.dim), data, args.batch_size),
     }
     log_every = JobConfig().train.log_every
     for model in models.values():

@@ -15,24 +15,19 @@ Ends with one JSON line: samples/s of each variant, `ratios` = PEP / plain per g
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import init_single_process_group, interleaved_rates, load_batches, median, synth_dataset  # noqa: E402
+from common import bench_arguments, bench_job, interleaved_rates, median, prepare  # noqa: E402
 
 from embshard.planner.config import EmbeddingsConfig  # noqa: E402
-from embshard.planner.pipeline import make_plan  # noqa: E402
-from embshard.planner.topology import TopologySpec  # noqa: E402
 from embshard.sharding.pep import GRANULARITIES  # noqa: E402
 from embshard.trainer.build import ShardedModel, build_sharded  # noqa: E402
-from embshard.trainer.config import DataConfig, ModelConfig  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
 from embshard.trainer.pep import build_pep  # noqa: E402
 from embshard.trainer.config import JobConfig
@@ -49,30 +44,10 @@ def rate(sharded: ShardedModel, batches) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--max-cardinality", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per pass")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-
-    init_single_process_group()
-    data = synth_dataset(args.rows, args.max_cardinality)
-    cfg = JobConfig(
-        output_dir=str(Path(__file__).resolve().parent / "results" / "cache" / "throughput-pep-run"),
-        data=DataConfig(path=str(data), batch_size=args.batch_size),
-        model=ModelConfig(dense_arch=[64], over_arch=[128, 64]),
-        embeddings=EmbeddingsConfig(policy="uniform", dim=args.dim),
-    )
-    bundle = make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir,
-                       batch_size=args.batch_size, optimizer=cfg.train.sparse_optimizer)
-    batches = load_batches(data, args.batch_size, args.steps + args.warmup)
-    warm, timed = batches[: args.warmup], batches[args.warmup:]
-    num_dense = batches[0].dense.shape[1]
+    args = bench_arguments(__doc__).parse_args(argv)
+    data = prepare(args)
+    cfg, bundle = bench_job("throughput-pep-run", data, args.batch_size, EmbeddingsConfig(dim=args.dim))
+    warm, timed, num_dense = data.warm, data.timed, data.num_dense
     cpu = torch.device("cpu")
 
     models = {"plain": build_sharded(cfg, bundle, num_dense, cpu)}
