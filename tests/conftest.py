@@ -4,9 +4,11 @@ that need them skip with the reason when they are absent."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMBSHARD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -27,3 +29,17 @@ def ml1m_dir() -> Path:
 @pytest.fixture
 def criteo_sample() -> Path:
     return shared_file("criteo-kaggle-sample", "train_sample.txt")
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo group on loopback, for in-process tests of distributed code."""
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -5,12 +5,10 @@ decisions file back into a DimensionPlan."""
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from embshard.datasets.profile import write_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
@@ -221,18 +219,6 @@ def dataset(tmp_path_factory) -> Path:
     write_profile(out)
     return out
 
-
-@pytest.fixture(scope="module")
-def process_group():
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def job(dataset: Path, out: Path, **search) -> JobConfig:

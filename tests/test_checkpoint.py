@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import replace
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from embshard.cluster.launch import plan_for_training
 from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
@@ -39,6 +37,9 @@ from embshard.trainer.config import (
 from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
 
 
+pytestmark = pytest.mark.usefixtures("process_group")
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
@@ -46,18 +47,6 @@ def dataset(tmp_path_factory) -> Path:
     write_profile(out)
     return out
 
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def job(dataset: Path, out: Path, embeddings: EmbeddingsConfig | None = None, **train) -> JobConfig:

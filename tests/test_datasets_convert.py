@@ -64,8 +64,8 @@ def test_criteo_small_blocks_give_identical_output(criteo_sample: Path, tmp_path
 
 def _broken_criteo(criteo_sample: Path, tmp_path: Path, bad_lines: dict[int, str]) -> Path:
     lines = criteo_sample.read_text().splitlines()[:100]
-    for number, text in bad_lines.items():
-        lines[number - 1] = text
+    for number, line in bad_lines.items():
+        lines[number - 1] = line
     path = tmp_path / "broken.txt"
     path.write_text("\n".join(lines) + "\n")
     return path

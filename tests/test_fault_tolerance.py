@@ -4,14 +4,12 @@ checkpoint as if nothing happened; a 2-worker checkpoint resumes on 1 worker (re
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import ray
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from embshard.cluster.launch import plan_for_training, plan_from_checkpoint, train_on_ray
@@ -80,15 +78,6 @@ def test_worker_death_resumes_from_checkpoint(dataset, tmp_path, uninterrupted):
     assert crashed["valid_logloss"] == pytest.approx(straight["valid_logloss"], rel=1e-4)
     assert crashed["valid_auc"] == pytest.approx(straight["valid_auc"], abs=1e-4)
 
-
-@pytest.fixture
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_two_worker_checkpoint_resumes_on_one(dataset, tmp_path, uninterrupted, process_group):
