@@ -26,6 +26,9 @@ class MletConfig:
     width: int | None = None  # the same k for every block
     features: list[str] | None = None  # sparse features trained with MLET; None = all
     init_std: float = MLET_INIT_STD  # W2 ~ N(0, init_std^2)
+    # Checkpoints also keep W1 (as training state, never served) so a resume is bit-exact
+    # instead of restarting from the minimum-norm W1 = W . pinv(W2).
+    exact_resume: bool = False
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.width is None):

@@ -28,6 +28,12 @@ checkpoint's optimizer state, which loads unchanged (resetting them drifted furt
 The checkpoint hooks (`mlet_before_save`, `mlet_load_template`, `mlet_after_load`) store W under
 W1's own state-dict key, so a checkpoint of an MLET model is also a checkpoint of the plain model
 built from `without_mlet(plan)`.
+
+With `exact_resume` (opt-in, `MletConfig.exact_resume`) the checkpoint also keeps W1 itself under
+`TRAINING_STATE_PREFIX + <W1 key>`: training state, which a plain model and the serving export
+never read. Resuming then restores W1 bit-exactly instead of rebuilding it, so W2's gradient and
+the whole run match an uninterrupted one. A checkpoint written without it still loads with it on:
+W1 is then rebuilt as usual.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ from torch.distributed._shard.sharded_tensor.metadata import (
 CHUNK_BYTES = 4 << 20
 
 StateDict = dict[str, Any]
+
+# Checkpoint keys of the W1 kept by `exact_resume`, labelled as training state, not model weights.
+TRAINING_STATE_PREFIX = "mlet_training_state."
 
 
 class CollapseObserver(Protocol):
@@ -133,9 +142,12 @@ def collapse_mlet_tables(
 
 
 def mlet_before_save(model: nn.Module, state_dict: StateDict,
-                     metrics: CollapseObserver | None = None) -> StateDict:
-    """Checkpoint hook: each MLET block's W1 (n x k) replaced by W = W1 . W2 (n x d), same key."""
-    return {**state_dict, **collapse_mlet_tables(model, state_dict, metrics=metrics)}
+                     metrics: CollapseObserver | None = None, *, exact_resume: bool = False) -> StateDict:
+    """Checkpoint hook: each MLET block's W1 (n x k) replaced by W = W1 . W2 (n x d), same key;
+    with `exact_resume`, W1 kept as well under its training-state key."""
+    collapsed = collapse_mlet_tables(model, state_dict, metrics=metrics)
+    kept = {TRAINING_STATE_PREFIX + key: state_dict[key] for key in collapsed} if exact_resume else {}
+    return {**state_dict, **collapsed, **kept}
 
 
 def _collapse_sharded(w1: ShardedTensor, w2t: torch.Tensor, groups: dict[tuple[int, ...], Any],
@@ -187,12 +199,16 @@ def _reduce_scatter_rows(band: _RowBand, pieces: list[tuple[torch.Tensor, torch.
 
 # -- rebuild -------------------------------------------------------------------------------------
 
-def mlet_load_template(model: nn.Module, state_dict: StateDict) -> StateDict:
+def mlet_load_template(model: nn.Module, state_dict: StateDict, *, exact_resume: bool = False) -> StateDict:
     """Checkpoint hook before `dcp.load`: W1 entries replaced by empty n x d tables laid out as
-    the collapse writes them, for DCP to read the collapsed W into (resharding as needed)."""
+    the collapse writes them, for DCP to read the collapsed W into (resharding as needed). With
+    `exact_resume`, the model's W1 also goes under its training-state key, for DCP to read the
+    saved W1 into in place."""
     out = dict(state_dict)
     for t in mlet_tables(model, state_dict):
         w1 = state_dict[t.w1_key]
+        if exact_resume:
+            out[TRAINING_STATE_PREFIX + t.w1_key] = w1
         if isinstance(w1, ShardedTensor):
             out[t.w1_key] = _empty_collapsed(w1, t.dim)
         else:
@@ -200,11 +216,18 @@ def mlet_load_template(model: nn.Module, state_dict: StateDict) -> StateDict:
     return out
 
 
-def mlet_after_load(model: nn.Module, state_dict: StateDict, *,
+def mlet_after_load(model: nn.Module, state_dict: StateDict, *, exact_resume: bool = False,
                     chunk_bytes: int = CHUNK_BYTES) -> StateDict:
-    """Checkpoint hook after `dcp.load`: rebuild each W1 in place from the loaded W and W2, and
-    put the model's own W1 back in the state dict for `load_state_dict`."""
-    return {**state_dict, **rebuild_mlet_tables(model, state_dict, chunk_bytes=chunk_bytes)}
+    """Checkpoint hook after `dcp.load`: put W1 back under its own key for `load_state_dict`,
+    the saved one with `exact_resume` (the training-state keys dropped, the model has none),
+    else rebuilt in place from the loaded W and W2."""
+    saved = {k.removeprefix(TRAINING_STATE_PREFIX): v for k, v in state_dict.items()
+             if k.startswith(TRAINING_STATE_PREFIX)}
+    out = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_STATE_PREFIX)}
+    if exact_resume and saved:  # W1 itself was checkpointed: restore it bit for bit
+        return {**out, **saved}
+    # Not kept (or written without exact_resume): rebuild W1 from the collapsed W and W2.
+    return {**out, **rebuild_mlet_tables(model, out, chunk_bytes=chunk_bytes)}
 
 
 def rebuild_mlet_tables(model: nn.Module, state_dict: StateDict, *,

@@ -166,6 +166,10 @@ class CheckpointManager:
         state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
         for transform in self.before_load:
             state["model"] = transform(state["model"])
+        # A hook may ask for optional state an older checkpoint lacks (MLET's exact_resume W1);
+        # a key the model itself needs and the checkpoint lacks still fails in load_state_dict.
+        present = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        state["model"] = {k: v for k, v in state["model"].items() if f"model.{k}" in present}
         dcp.load(state, checkpoint_id=path)
         for transform in self.after_load:
             state["model"] = transform(state["model"])

@@ -243,14 +243,16 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
 
 
 def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMetrics | None) -> CheckpointManager:
-    """Checkpoints hold MLET tables collapsed to n x d (the hooks do nothing without MLET)."""
+    """Checkpoints hold MLET tables collapsed to n x d (the hooks do nothing without MLET), and
+    W1 too as training state when `mlet.exact_resume` is on."""
     model = sharded.model
+    exact = cfg.embeddings.mlet is not None and cfg.embeddings.mlet.exact_resume
     return CheckpointManager(
         cfg.checkpoint_dir,
         cfg.checkpoint.keep,
-        before_save=[partial(mlet_before_save, model, metrics=metrics)],
-        before_load=[partial(mlet_load_template, model)],
-        after_load=[partial(mlet_after_load, model)],
+        before_save=[partial(mlet_before_save, model, metrics=metrics, exact_resume=exact)],
+        before_load=[partial(mlet_load_template, model, exact_resume=exact)],
+        after_load=[partial(mlet_after_load, model, exact_resume=exact)],
     )
 
 
