@@ -12,12 +12,17 @@ from pathlib import Path
 
 import pytest
 import ray
-
 from embshard.cluster.launch import plan_for_training, train_on_ray
 from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
 from embshard.trainer.checkpoint import MANIFEST
-from embshard.trainer.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
+from embshard.trainer.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    TrainConfig,
+)
 
 pytestmark = pytest.mark.slow
 SIGNAL_AFTER = 20  # SIGTERM once this periodic checkpoint exists: the run is mid-epoch by then

@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-_Handler = Union[Callable[[int, Union[FrameType, None]], Any], int, None]
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 # Process-wide: the handler runs on the main thread, the guard polls from the training thread.
 _signalled = threading.Event()
@@ -37,8 +38,8 @@ def _handle(signum: int, frame: FrameType | None) -> None:
     # A second SIGTERM means "now": do what the process did before the guard (Ray: exit).
     if callable(_previous):
         _previous(signum, frame)
-    else:
-        signal.signal(signum, signal.SIG_DFL)
+    else:  # SIG_DFL or SIG_IGN (None: set outside Python, treated as the default)
+        signal.signal(signum, _previous if _previous is not None else signal.SIG_DFL)
         signal.raise_signal(signum)
 
 
