@@ -43,3 +43,13 @@ def process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def profiled_synth(directory: Path, rows: int, max_cardinality: int, seed: int = 0) -> Path:
+    """A small synthetic dataset with its id profile, as `embshard data synth` writes it."""
+    from embshard.datasets.profile import write_profile
+    from embshard.datasets.synth import synthesize
+
+    synthesize(directory, rows=rows, seed=seed, max_cardinality=max_cardinality)
+    write_profile(directory)
+    return directory

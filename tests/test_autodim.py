@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from embshard.datasets.profile import write_profile
+from conftest import profiled_synth
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.synth import synthesize
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.policies import plan_dimensions
@@ -214,10 +213,7 @@ def test_config_checks_name_the_field():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("autodim") / "data"
-    synthesize(out, rows=3000, seed=0, max_cardinality=300)
-    write_profile(out)
-    return out
+    return profiled_synth(tmp_path_factory.mktemp("autodim") / "data", rows=3000, max_cardinality=300, seed=0)
 
 
 

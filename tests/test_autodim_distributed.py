@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from conftest import profiled_synth
 from distributed import run_ranks
-from embshard.datasets.profile import write_profile
-from embshard.datasets.synth import synthesize
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
@@ -31,10 +30,7 @@ CANDIDATES = [2, 8, 16]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("autodim2") / "data"
-    synthesize(out, rows=8000, seed=1, max_cardinality=500)
-    write_profile(out)
-    return out
+    return profiled_synth(tmp_path_factory.mktemp("autodim2") / "data", rows=8000, max_cardinality=500, seed=1)
 
 
 def job(dataset: Path, out: Path, **search) -> JobConfig:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import profiled_synth
 from embshard.cluster.launch import plan_for_training
-from embshard.datasets.profile import write_profile
-from embshard.datasets.synth import synthesize
 from embshard.planner.config import EmbeddingsConfig, MletConfig
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.shard_plan import plan_sharding
@@ -36,16 +35,12 @@ from embshard.trainer.config import (
 )
 from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
 
-
 pytestmark = pytest.mark.usefixtures("process_group")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out, rows=6000, max_cardinality=2000)
-    write_profile(out)
-    return out
+    return profiled_synth(tmp_path_factory.mktemp("data"), rows=6000, max_cardinality=2000)
 
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from embshard.cluster.cli import build_parser, main
 
 

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
 from embshard.datasets.cli import register
 from embshard.datasets.convert import convert, text
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import SPLITS, DatasetSpec
+
 from embshard.errors import DataError
 
 

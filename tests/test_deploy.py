@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from embshard.trainer.metrics import WorkerMetrics
-from prometheus_server import PrometheusServer, PromQLError, promtool, require_prometheus
+from prometheus_server import (
+    PrometheusServer,
+    PromQLError,
+    promtool,
+    require_prometheus,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.errors import ConfigError, PlanError
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.remap import load_remap
 from embshard.planner.types import Block, DimensionPlan, TablePlan
+
+from embshard.errors import ConfigError, PlanError
 from embshard.typed_config import from_dict, to_dict
 
 

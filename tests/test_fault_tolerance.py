@@ -10,16 +10,24 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-from embshard.cluster.launch import plan_for_training, plan_from_checkpoint, train_on_ray
-from embshard.datasets.profile import write_profile
-from embshard.datasets.synth import synthesize
+from conftest import profiled_synth
+from embshard.cluster.launch import (
+    plan_for_training,
+    plan_from_checkpoint,
+    train_on_ray,
+)
 from embshard.trainer.build import build_sharded, build_unsharded
 from embshard.trainer.checkpoint import CheckpointManager
-from embshard.trainer.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
+from embshard.trainer.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    TrainConfig,
+)
 from embshard.trainer.faults import ENV, MARKER
 from embshard.trainer.loop import make_reader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 pytestmark = pytest.mark.slow
 CRASH_STEP = 10  # rank 1 dies after step 10; the last checkpoint before it is step 8
@@ -27,10 +35,7 @@ CRASH_STEP = 10  # rank 1 dies after step 10; the last checkpoint before it is s
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out, rows=20000, max_cardinality=5000)
-    write_profile(out)
-    return out
+    return profiled_synth(tmp_path_factory.mktemp("data"), rows=20000, max_cardinality=5000)
 
 
 @pytest.fixture(scope="module")

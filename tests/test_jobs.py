@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
 

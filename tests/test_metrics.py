@@ -7,18 +7,17 @@ import shutil
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from embshard.errors import ConfigError
 from embshard.trainer.metrics import (
     STEP_BUCKETS,
     MetricsConfig,
     WorkerMetrics,
     write_file_sd,
 )
-from embshard.typed_config import from_dict
-
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import promtool
+
+from embshard.errors import ConfigError
+from embshard.typed_config import from_dict
 
 
 def scrape(port: int) -> str:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from embshard.cluster.export_cli import register
-from embshard.planner.config import MletConfig
+from embshard.planner.config import MLET_INIT_STD, MletConfig
 from embshard.planner.memory import memory_report
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.mlet import apply_mlet
@@ -32,7 +32,6 @@ from embshard.sharding.mlet import (
     mlet_tables,
     without_mlet,
 )
-from embshard.planner.config import MLET_INIT_STD
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, Progress

@@ -16,9 +16,15 @@ from embshard.trainer.build import build_sharded
 from embshard.trainer.config import JobConfig
 from embshard.trainer.export import MANIFEST, export_serving, load_serving
 from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
-from test_checkpoint import dataset, dcp_metadata, job  # noqa: F401 - dataset is a fixture
+from conftest import profiled_synth
+from test_checkpoint import dcp_metadata, job
 
 pytestmark = pytest.mark.usefixtures("process_group")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return profiled_synth(tmp_path_factory.mktemp("data"), rows=6000, max_cardinality=2000)
 
 DIM, WIDTH = 8, 32
 

@@ -8,19 +8,30 @@ import math
 import numpy as np
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.errors import ConfigError, PlanError
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.policies.pep import pep_table_decision
 from embshard.planner.types import Block, DimensionPlan, TablePlan
-from embshard.sharding.pep import LocalShard, PepEmbeddings, initial_values, local_shards, soft_threshold
+from embshard.sharding.pep import (
+    LocalShard,
+    PepEmbeddings,
+    initial_values,
+    local_shards,
+    soft_threshold,
+)
 from embshard.trainer.callbacks import StepInfo
-from embshard.trainer.pep import MaskKeeper, nonzero_counts, save_target, start_from_ticket
+from embshard.trainer.pep import (
+    MaskKeeper,
+    nonzero_counts,
+    save_target,
+    start_from_ticket,
+)
 from embshard.trainer.pep_config import PepConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.errors import ConfigError, PlanError
 
 SPEC = DatasetSpec("toy", [], [SparseFeature("a", 6), SparseFeature("b", 5, multi_hot=True)])
 D = 4

@@ -10,11 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-
+from distributed import run_ranks
 from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import synthesize
@@ -25,14 +21,29 @@ from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
 from embshard.sharding.pep import PepEmbeddings, local_shards
 from embshard.trainer.build import build_sharded
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
+from embshard.trainer.config import (
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    ShardingConfig,
+    TrainConfig,
+)
 from embshard.trainer.loop import make_reader, run_worker, train_step
 from embshard.trainer.pep import (
-    MaskKeeper, start_from_ticket, gather_masks, load_masks, lottery_worker, nonzero_counts, prune_worker, save_target,
+    MaskKeeper,
+    gather_masks,
+    load_masks,
+    lottery_worker,
+    nonzero_counts,
+    prune_worker,
+    save_target,
+    start_from_ticket,
 )
 from embshard.trainer.pep_config import PepConfig
-
-from distributed import run_ranks
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
 
 pytestmark = pytest.mark.slow
 WORLD = 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed import run_ranks
 from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize

@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
-
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.errors import PlanError
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.policies.mde import base_lambda, equipartition, mde_dims
 from embshard.planner.remap import frequency_ranking, load_remap
 from embshard.planner.rounding import round_width
+
+from embshard.errors import PlanError
 
 
 def spec_of(**cards: int) -> DatasetSpec:

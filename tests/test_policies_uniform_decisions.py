@@ -5,13 +5,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.errors import PlanError
 from embshard.planner.config import EmbeddingsConfig, MletConfig
-from embshard.planner.decisions import BlockDecision, Decisions, TableDecision, load_decisions
+from embshard.planner.decisions import (
+    BlockDecision,
+    Decisions,
+    TableDecision,
+    load_decisions,
+)
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.remap import load_remap
+
+from embshard.errors import PlanError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "planner" / "decisions.schema.json"

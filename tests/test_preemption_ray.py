@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import profiled_synth
 from embshard.cluster.launch import plan_for_training, train_on_ray
-from embshard.datasets.profile import write_profile
-from embshard.datasets.synth import synthesize
 from embshard.trainer.checkpoint import MANIFEST
 from embshard.trainer.config import (
     CheckpointConfig,
@@ -30,10 +29,7 @@ SIGNAL_AFTER = 20  # SIGTERM once this periodic checkpoint exists: the run is mi
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out, rows=20000, max_cardinality=5000)
-    write_profile(out)
-    return out
+    return profiled_synth(tmp_path_factory.mktemp("data"), rows=20000, max_cardinality=5000)
 
 
 @pytest.fixture(scope="module")

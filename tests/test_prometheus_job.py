@@ -10,7 +10,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from prometheus_server import PrometheusServer, require_prometheus
 
 pytestmark = pytest.mark.slow

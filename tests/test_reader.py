@@ -11,9 +11,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec, SparseFeature
+
 from embshard.errors import DataError
 
 SPEC = DatasetSpec(

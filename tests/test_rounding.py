@@ -1,5 +1,4 @@
 import pytest
-
 from embshard.planner.rounding import nearest, round_width, step_up, width_problem
 
 

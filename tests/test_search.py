@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
-
 from embshard.planner.capacity import Demand
 from embshard.planner.search import HOST_LOCAL_TYPES, Search, SearchPolicy
 from embshard.planner.shard_plan import block_table_configs, make_constraints
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
+from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 
 CLUSTER = TopologySpec(world_size=64, device="cuda", device_memory_gb=80, local_world_size=8)
 

@@ -46,12 +46,11 @@ def _handle(signum: int, frame: FrameType | None) -> None:
 def install_process_handler() -> None:
     """Main thread only. A fresh install forgets an earlier run's SIGTERM (same process)."""
     global _previous
-    current = signal.getsignal(signal.SIGTERM)
-    if current is _handle:
-        return
-    _previous = current
     _signalled.clear()
-    signal.signal(signal.SIGTERM, _handle)
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not _handle:
+        _previous = current
+        signal.signal(signal.SIGTERM, _handle)
 
 
 def _install_from_actor(_actor: object) -> bool:
