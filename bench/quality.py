@@ -26,6 +26,14 @@ bench/results/quality-<dataset>-mse.json and .png, with the test MSE of predicti
 split's mean rating as a floor to beat.
 
     .venv/bin/python bench/quality.py --dataset movielens-1m --target rating --sweep
+
+`--policy mlet` (Multi-Layer Embedding Training): every table trained as W1 (n x k) . W2 (k x d)
+and served collapsed to n x d, so its serving params equal uniform d's. `--policy mlet --sweep`
+runs d in {4, 8, 16} x k in {d, 4d, 8d}, reuses the uniform rows of the plain sweep's JSON (so
+run that first; they are re-run only when it is missing or was trained with other settings) and
+writes bench/results/quality-<dataset>[-mse]-mlet.json and .png.
+
+    .venv/bin/python bench/quality.py --dataset movielens-1m --policy mlet --sweep
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from embshard.datasets.convert import convert
 from embshard.datasets.profile import load_profile, write_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec, split_dir
-from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.config import EmbeddingsConfig, MletConfig
 from embshard.planner.pipeline import make_plan
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
@@ -66,6 +74,10 @@ CPU = torch.device("cpu")
 SWEEP_DIMS = (4, 8, 16, 32, 64)
 MATCH_AUC = 0.002  # "matches the best uniform model": within this much test AUC
 RATING = "rating"  # the converter's extra column with MovieLens' raw stars
+MLET_DIMS = (4, 8, 16)  # --policy mlet --sweep: serving widths d ...
+MLET_K_MULTS = (1, 4, 8)  # ... each trained at k = this x d
+# Settings that change what a uniform row measured: reused rows must agree on all of them.
+TRAINING_SETTINGS = ("epochs", "batch_size", "sparse_lr", "mode", "threads")
 
 
 @dataclass(frozen=True)
@@ -101,17 +113,20 @@ DATASETS = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    policy: str  # uniform | mde
-    dim: int  # uniform width, or MDE's base dim
+    policy: str  # uniform | mde | mlet
+    dim: int  # uniform width, MDE's base dim, or MLET's serving width d
     seed: int
     alpha: float | None = None
     budget_params: int | None = None
     budget_dim: int | None = None  # the uniform width whose size the budget copies (sweep only)
+    mlet_width: int | None = None  # MLET training width k
 
     @property
     def config_key(self) -> str:
         if self.policy == "uniform":
             return f"uniform d={self.dim}"
+        if self.policy == "mlet":
+            return f"mlet d={self.dim} k={self.mlet_width}"
         budget = f"budget=u{self.budget_dim}" if self.budget_dim else f"budget={self.budget_params}"
         return f"mde a={self.alpha} {budget} base={self.dim}"
 
@@ -139,6 +154,8 @@ def job_config(args: argparse.Namespace, data: Path, embeddings: EmbeddingsConfi
 def embeddings_config(args: argparse.Namespace, spec: RunSpec) -> EmbeddingsConfig:
     if spec.policy == "uniform":
         return EmbeddingsConfig(policy="uniform", dim=spec.dim)
+    if spec.policy == "mlet":
+        return EmbeddingsConfig(policy="uniform", dim=spec.dim, mlet=MletConfig(width=spec.mlet_width))
     return EmbeddingsConfig(policy="mde", dim=spec.dim, alpha=spec.alpha, mode=args.mode,
                             blocks=args.blocks, budget_params=spec.budget_params)
 
@@ -224,18 +241,39 @@ def uniform_params(data: Path, dim: int) -> int:
         return plan_dimensions(EmbeddingsConfig(policy="uniform", dim=dim), spec, counts, Path(out)).serve_params()
 
 
+def uniform_specs(args: argparse.Namespace) -> list[RunSpec]:
+    return [RunSpec("uniform", d, s) for d in SWEEP_DIMS for s in args.seeds]
+
+
 def sweep_specs(args: argparse.Namespace, data: Path) -> list[RunSpec]:
+    if args.policy == "mlet":
+        # Uniform comes from the saved plain sweep (see main), so only the MLET configs run here.
+        return [RunSpec("mlet", d, s, mlet_width=m * d) for d in MLET_DIMS for m in MLET_K_MULTS for s in args.seeds]
     target = TARGETS[args.target]
-    specs = [RunSpec("uniform", d, s) for d in SWEEP_DIMS for s in args.seeds]
+    specs = uniform_specs(args)
     for d in target.budget_dims:
         budget = uniform_params(data, d)
         specs += [RunSpec("mde", d * args.base_mult, s, a, budget, d) for a in target.alphas for s in args.seeds]
     return specs
 
 
+def saved_uniform_rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The plain sweep's uniform rows, if saved with these training settings and seeds: MLET's baseline."""
+    path = RESULTS / f"quality-{args.dataset}{TARGETS[args.target].suffix}.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if any(saved["settings"].get(k) != getattr(args, k) for k in TRAINING_SETTINGS):
+        return None
+    rows = [r for r in saved["rows"] if r["policy"] == "uniform" and r["seed"] in args.seeds]
+    return rows if len(rows) == len(SWEEP_DIMS) * len(args.seeds) else None
+
+
 def single_spec(args: argparse.Namespace, seed: int) -> RunSpec:
     if args.policy == "uniform":
         return RunSpec("uniform", args.dim, seed)
+    if args.policy == "mlet":
+        return RunSpec("mlet", args.dim, seed, mlet_width=args.mlet_width)
     return RunSpec("mde", args.dim, seed, args.alpha, args.budget_params)
 
 
@@ -269,15 +307,40 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
             ok = [v["params"] for v in trained.values() if v["policy"] == policy and v["auc_mean"] >= best - MATCH_AUC]
             return min(ok) if ok else None
 
-        u, m = smallest("uniform"), smallest("mde")
+        other = next((v["policy"] for v in trained.values() if v["policy"] != "uniform"), "mde")
+        u, m = smallest("uniform"), smallest(other)
         claim = {
             "best_uniform_auc": best,
             "target_auc": best - MATCH_AUC,
             "uniform_params_at_target": u,
-            "mde_params_at_target": m,
-            "param_ratio_uniform_over_mde": (u / m) if u and m else None,
+            f"{other}_params_at_target": m,
+            f"param_ratio_uniform_over_{other}": (u / m) if u and m else None,
+            # Per config: the largest uniform model whose mean AUC it reaches within MATCH_AUC,
+            # and how many times its serving params that model has (the "d x smaller" question).
+            "matches_uniform": {key: matched_uniform(v, trained) for key, v in trained.items()
+                                if v["policy"] != "uniform"},
         }
     return {"configs": per_config, "claim": claim}
+
+
+def series_label(key: str, config: dict[str, Any]) -> str:
+    """One plotted curve per uniform, per MDE alpha, per MLET k/d (keys as RunSpec.config_key)."""
+    if config["policy"] == "uniform":
+        return "uniform"
+    if config["policy"] == "mlet":
+        d, k = (int(part.split("=")[1]) for part in key.split()[1:3])
+        return f"MLET k={k // d}d"
+    return f"MDE alpha={key.split()[1][2:]}"
+
+
+def matched_uniform(config: dict[str, Any], trained: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The largest uniform model whose mean AUC `config` reaches within MATCH_AUC, and its size ratio."""
+    reached = [(k, u) for k, u in trained.items()
+               if u["policy"] == "uniform" and config["auc_mean"] >= u["auc_mean"] - MATCH_AUC]
+    if not reached:
+        return None
+    key, u = max(reached, key=lambda ku: ku[1]["params"])
+    return {"uniform": key, "param_ratio": u["params"] / config["params"]}
 
 
 def plot(summary: dict[str, Any], metric: str, title: str, path: Path) -> None:
@@ -291,7 +354,7 @@ def plot(summary: dict[str, Any], metric: str, title: str, path: Path) -> None:
     for key, c in summary["configs"].items():
         if c[f"{metric}_mean"] is None:
             continue
-        label = "uniform" if c["policy"] == "uniform" else f"MDE alpha={key.split()[1][2:]}"
+        label = series_label(key, c)
         groups.setdefault(label, []).append(c)
     for label, cs in sorted(groups.items()):
         cs = sorted(cs, key=lambda c: c["params"])
@@ -320,8 +383,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    p.add_argument("--policy", choices=["uniform", "mde"], default="uniform")
-    p.add_argument("--dim", type=int, default=16, help="uniform width, or MDE base dim (default 16)")
+    p.add_argument("--policy", choices=["uniform", "mde", "mlet"], default="uniform")
+    p.add_argument("--dim", type=int, default=16, help="uniform width, MDE base dim or MLET d (default 16)")
+    p.add_argument("--mlet-width", type=int, default=64, help="MLET: training width k (default 64)")
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--budget-params", type=int, default=None, help="MDE: serving params to aim for")
     p.add_argument("--mode", choices=["within", "across"], default=None,
@@ -354,7 +418,14 @@ def main(argv: list[str] | None = None) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     data = prepare_dataset(args.dataset, args.data_root)
     specs = sweep_specs(args, data) if args.sweep else [single_spec(args, s) for s in args.seeds]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if args.sweep and args.policy == "mlet":
+        saved = saved_uniform_rows(args)
+        if saved is None:
+            specs = uniform_specs(args) + specs
+        else:
+            rows += saved
+            print(f"reusing {len(saved)} uniform rows from the saved sweep", file=sys.stderr, flush=True)
     for i, spec in enumerate(specs):
         row = run_one(args, data, spec)
         rows.append(row)
@@ -372,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.sweep:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"quality-{args.dataset}{target.suffix}.json"
+        out = RESULTS / f"quality-{args.dataset}{target.suffix}{'-mlet' if args.policy == 'mlet' else ''}.json"
         out.write_text(json.dumps({"settings": settings, "rows": rows, **summary}, indent=1) + "\n")
         plot(summary, target.metric,
              f"{args.dataset}: test {target.metric.upper()} vs embedding size ({args.epochs} epochs)",
