@@ -11,9 +11,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster.launch import train_on_ray
-from embshard.trainer.config import load_job_config
-
+from embshard.cluster.cli_args import config_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,10 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a DLRM whose fields mix candidate widths by Gumbel-softmax weights "
                     "(alpha, learnt on validation batches), then keep each field's argmax width. "
                     "Needs an `autodim:` section in the config (see configs/autodim-movielens.yaml).")
-    p.add_argument("config", type=Path, help="job config (YAML) with an autodim: section")
-    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config field, e.g. --set autodim.alpha_every=5 (repeatable)")
+    config_arguments(p, "job config (YAML) with an autodim: section", "autodim.alpha_every=5", workers=True)
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="decisions file to write (default: autodim.decisions, else <output_dir>/decisions.json)")
     p.set_defaults(func=_autodim)
@@ -37,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
+    from embshard.cluster.launch import train_on_ray
     from embshard.trainer.autodim import autodim_section, decisions_path, plan_search
+    from embshard.trainer.config import load_job_config
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)

@@ -10,7 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from embshard.cluster import autodim_cli, export_cli, pep_cli
+from embshard.cluster.cli_args import config_arguments
 from embshard.datasets import cli as data_cli
+
 from embshard.errors import EmbshardError
 
 EXIT_USER_ERROR = 2
@@ -45,19 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="job config (YAML), e.g. configs/default.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config field, e.g. --set train.epochs=2 (repeatable)")
-
-
 def _register_plan(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "plan", help="turn a config's dimension policy into a TorchRec shard plan and memory report",
         description="Decide dimensions (uniform/MDE/decisions, MLET widths), shard the block tables "
                     "with TorchRec's planner for a topology, and print per-rank memory for training "
                     "and serving. Needs no GPU and no cluster.")
-    _config_args(p)
+    config_arguments(p)
     p.add_argument("--world-size", type=int, help="ranks to plan for (default: cluster.workers)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: sharding.device)")
     p.add_argument("--device-memory-gb", type=float, metavar="G", help="memory per rank in GiB")
@@ -70,8 +66,7 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
         "train", help="train a config on Ray (a local in-process cluster unless --address)",
         description="Plan, then train with N Ray Train workers under TorchRec's "
                     "DistributedModelParallel. Prints validation AUC/logloss and throughput.")
-    _config_args(p)
-    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
+    config_arguments(p, workers=True)
     p.add_argument("--address", help="attach to an existing Ray cluster (e.g. auto, ray://host:10001)")
     p.add_argument("--resume", metavar="DIR",
                    help="resume from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
@@ -85,9 +80,8 @@ def _register_jobs(commands: argparse._SubParsersAction) -> None:
         description="Submit `embshard train` as a Ray job (same Python and working directory: the "
                     "cluster must share this machine's filesystem), stream its logs and exit with "
                     "its status: 0 when it succeeded, 1 when it failed.")
-    _config_args(p)
+    config_arguments(p, workers=True)
     _address_arg(p)
-    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     p.set_defaults(func=_submit)
     for verb, text, func in (("status", "print a Ray job's status", _status),

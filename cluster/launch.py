@@ -17,19 +17,21 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-
 from embshard.datasets.profile import load_profile
-from embshard.errors import EmbshardError
-from embshard.planner.memory import memory_report
-from embshard.planner.pipeline import PlanBundle, block_pooling_factors, make_plan
-from embshard.planner.shard_plan import plan_sharding
+from embshard.planner.pipeline import PlanBundle, make_plan, shard_dimension_plan
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
-from embshard.trainer.checkpoint import complete_checkpoints, resolve_source, valid_checkpoints
+from embshard.trainer.checkpoint import (
+    complete_checkpoints,
+    resolve_source,
+    valid_checkpoints,
+)
 from embshard.trainer.config import JobConfig
 from embshard.trainer.loop import SUMMARY_FILE
 from embshard.trainer.restarts import reset_starts
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from embshard.errors import EmbshardError
 from embshard.typed_config import from_dict, to_dict
 
 
@@ -77,19 +79,15 @@ def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     topology = cfg.sharding.topology(cfg.cluster.workers)
     if bundle.shard_plan.topology != topology:
-        dim_plan = bundle.dimension_plan
-        profile = load_profile(cfg.data.path)
-        counts = {f: profile.counts(f) for t in dim_plan.tables for f in t.features}
-        shard = plan_sharding(
-            dim_plan,
+        bundle = shard_dimension_plan(
+            bundle.dimension_plan,
+            load_profile(cfg.data.path),
             topology,
+            cfg.plan_dir,
             batch_size=cfg.data.batch_size,
             optimizer=cfg.train.sparse_optimizer,
-            pooling_factors=block_pooling_factors(dim_plan, profile, counts, bundle.id_maps()),
             sharding_types=cfg.sharding.sharding_types,
         )
-        bundle = PlanBundle(dim_plan, shard, memory_report(dim_plan, shard, cfg.train.sparse_optimizer),
-                            cfg.plan_dir)
     bundle.save()
     return bundle
 

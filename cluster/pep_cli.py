@@ -11,6 +11,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from embshard.cluster.cli_args import config_arguments
+
 from embshard.errors import ConfigError
 
 
@@ -22,12 +24,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Train with PEP's learnable soft thresholds (granularity from pep.granularity) "
                     "until the non-zero embedding parameters fall to each target fraction; write "
                     "masks (for the lottery-ticket retrain) and a decisions file per target.")
-    p.add_argument("config", type=Path, help="job config (YAML) with embeddings.policy uniform")
+    config_arguments(p, "job config (YAML) with embeddings.policy uniform", "pep.granularity=dimension",
+                     workers=True)
     p.add_argument("--targets", type=parse_targets, metavar="F,F,...",
                    help="fractions of the dense embedding parameters to keep, e.g. 0.5,0.2,0.1,0.03")
-    p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config field, e.g. --set pep.granularity=dimension (repeatable)")
     p.set_defaults(func=prune_pep)
 
 

@@ -104,6 +104,23 @@ def make_plan(
     profile = load_profile(dataset_dir)
     counts = {f: profile.counts(f) for f in spec.sparse_names}
     dim_plan = plan_dimensions(embeddings, spec, counts, out_dir)
+    return shard_dimension_plan(dim_plan, profile, topology, out_dir, batch_size=batch_size,
+                                optimizer=optimizer, sharding_types=sharding_types)
+
+
+def shard_dimension_plan(
+    dim_plan: DimensionPlan,
+    profile: Profile,
+    topology: TopologySpec,
+    out_dir: Path,
+    *,
+    batch_size: int,
+    optimizer: SparseOptimizer,
+    sharding_types: list[str] | None = None,
+) -> PlanBundle:
+    """The shard half of planning: a decided DimensionPlan (its remaps in `out_dir`) placed on a
+    topology. Also how a checkpoint's plan is re-sharded for another world size."""
+    counts = {f: profile.counts(f) for t in dim_plan.tables for f in t.features}
     shard = plan_sharding(
         dim_plan,
         topology,

@@ -1,0 +1,15 @@
+"""Arguments shared by every verb that runs a job config, so they read and behave alike."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config (YAML), e.g. configs/default.yaml",
+                     set_example: str = "train.epochs=2", workers: bool = False) -> None:
+    p.add_argument("config", type=Path, help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help=f"override a config field, e.g. --set {set_example} (repeatable)")
+    if workers:
+        p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
