@@ -34,6 +34,22 @@ run that first; they are re-run only when it is missing or was trained with othe
 writes bench/results/quality-<dataset>[-mse]-mlet.json and .png.
 
     .venv/bin/python bench/quality.py --dataset movielens-1m --policy mlet --sweep
+
+`--policy pep` (Liu et al.): per seed, one PEP prune run at base dim `--pep-dim` (default 64)
+writes a mask each time the non-zero embedding parameters first fall to a target fraction
+(`--pep-targets`); every reached target is then retrained for `--epochs` two ways: `pep-lottery`
+(the paper's: base-dim tables restart at the prune run's initial values x mask and stay masked;
+its parameters are the mask's non-zeros) and `pep-mixed` (the mask's decisions file planned as
+mixed-width blocks; its parameters are the plan's serving parameters). `--sweep` adds the uniform
+and MDE rows of the plain sweep's JSON (re-run when missing or trained with other settings) and
+writes bench/results/quality-<dataset>-pep.json and .png.
+
+    .venv/bin/python bench/quality.py --dataset movielens-1m --policy pep --sweep
+
+The prune defaults are the reference implementation's mechanism at this benchmark's scale:
+s_init -15 (the paper's MovieLens value), dimension-wise thresholds under their own Adam with L2
+(the decay is what raises s; see trainer/pep_config.py), at a learning rate and decay that reach
+the targets within a few epochs instead of the paper's hundreds.
 """
 
 from __future__ import annotations
@@ -44,7 +60,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +81,10 @@ from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from embshard.trainer.evaluate import evaluate
+from embshard.trainer.callbacks import StepInfo
 from embshard.trainer.loop import make_reader, train_step
+from embshard.trainer.pep import LotteryTicket, PruneCallback, build_pep, pep_module
+from embshard.trainer.pep_config import PepConfig, target_dir_name
 
 from embshard.errors import PlanError
 
@@ -76,6 +95,7 @@ MATCH_AUC = 0.002  # "matches the best uniform model": within this much test AUC
 RATING = "rating"  # the converter's extra column with MovieLens' raw stars
 MLET_DIMS = (4, 8, 16)  # --policy mlet --sweep: serving widths d ...
 MLET_K_MULTS = (1, 4, 8)  # ... each trained at k = this x d
+PEP_POLICIES = ("pep-lottery", "pep-mixed")
 # Settings that change what a uniform row measured: reused rows must agree on all of them.
 TRAINING_SETTINGS = ("epochs", "batch_size", "sparse_lr", "mode", "threads")
 
@@ -113,13 +133,14 @@ DATASETS = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    policy: str  # uniform | mde | mlet
-    dim: int  # uniform width, MDE's base dim, or MLET's serving width d
+    policy: str  # uniform | mde | mlet | pep-lottery | pep-mixed
+    dim: int  # uniform width, MDE's base dim, MLET's serving width d, or PEP's base dim
     seed: int
     alpha: float | None = None
     budget_params: int | None = None
     budget_dim: int | None = None  # the uniform width whose size the budget copies (sweep only)
     mlet_width: int | None = None  # MLET training width k
+    pep_target: float | None = None  # the prune run's target whose mask this retrains
 
     @property
     def config_key(self) -> str:
@@ -127,6 +148,8 @@ class RunSpec:
             return f"uniform d={self.dim}"
         if self.policy == "mlet":
             return f"mlet d={self.dim} k={self.mlet_width}"
+        if self.policy in PEP_POLICIES:
+            return f"{self.policy} t={self.pep_target:g} d={self.dim}"
         budget = f"budget=u{self.budget_dim}" if self.budget_dim else f"budget={self.budget_params}"
         return f"mde a={self.alpha} {budget} base={self.dim}"
 
@@ -151,19 +174,24 @@ def job_config(args: argparse.Namespace, data: Path, embeddings: EmbeddingsConfi
     )
 
 
-def embeddings_config(args: argparse.Namespace, spec: RunSpec) -> EmbeddingsConfig:
-    if spec.policy == "uniform":
+def embeddings_config(args: argparse.Namespace, spec: RunSpec, pep_dir: Path | None = None) -> EmbeddingsConfig:
+    if spec.policy in ("uniform", "pep-lottery"):
         return EmbeddingsConfig(policy="uniform", dim=spec.dim)
+    if spec.policy == "pep-mixed":
+        assert pep_dir is not None and spec.pep_target is not None
+        decisions = pep_dir / target_dir_name(spec.pep_target) / "decisions.json"
+        return EmbeddingsConfig(policy="decisions", dim=spec.dim, decisions=str(decisions))
     if spec.policy == "mlet":
         return EmbeddingsConfig(policy="uniform", dim=spec.dim, mlet=MletConfig(width=spec.mlet_width))
     return EmbeddingsConfig(policy="mde", dim=spec.dim, alpha=spec.alpha, mode=args.mode,
                             blocks=args.blocks, budget_params=spec.budget_params)
 
 
-def run_one(args: argparse.Namespace, data: Path, spec: RunSpec) -> dict[str, Any]:
-    """Plan, train for args.epochs and test one config and seed; infeasible plans are rows too."""
+def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path | None = None) -> dict[str, Any]:
+    """Plan, train for args.epochs and test one config and seed; infeasible plans are rows too.
+    PEP retrains read the prune run in `pep_dir`."""
     row: dict[str, Any] = {"config": spec.config_key, **asdict(spec)}
-    cfg = job_config(args, data, embeddings_config(args, spec), spec.seed)
+    cfg = job_config(args, data, embeddings_config(args, spec, pep_dir), spec.seed)
     with tempfile.TemporaryDirectory(dir=CACHE) as plan_dir:
         try:
             bundle = make_plan(cfg.embeddings, data, TopologySpec(world_size=1), plan_dir,
@@ -172,12 +200,21 @@ def run_one(args: argparse.Namespace, data: Path, spec: RunSpec) -> dict[str, An
             return {**row, "error": str(e)}
         started = time.perf_counter()
         train = make_reader(cfg, bundle, "train", 0, 1)
-        sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU)
+        ticket = None
+        if spec.policy == "pep-lottery":
+            assert pep_dir is not None and spec.pep_target is not None
+            ticket = LotteryTicket.load(pep_dir, spec.pep_target)
+            sharded = ticket.build(cfg, bundle, len(train.spec.dense), CPU)
+            keeper = ticket.keeper(sharded)
+        else:
+            sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU)
         step = rating_step if args.target == "rating" else train_step
         for epoch in range(cfg.train.epochs):
             train.set_epoch(epoch)
             for batch in train:
                 loss = step(sharded, batch)
+                if ticket is not None:
+                    keeper.on_step(None)
         test = ParquetBatchReader(data, "test", cfg.data.eval_batch_size, shuffle=False, drop_last=False,
                                   id_maps=bundle.id_maps())
         if args.target == "rating":
@@ -188,12 +225,61 @@ def run_one(args: argparse.Namespace, data: Path, spec: RunSpec) -> dict[str, An
     plan = bundle.dimension_plan
     return {
         **row,
-        "params": plan.serve_params(),
+        # The lottery ticket's tables are dense in memory; what it keeps is its non-zeros.
+        "params": ticket.nonzero if ticket is not None else plan.serve_params(),
         "widths": sorted({b.dim for t in plan.tables for b in t.blocks}),
         **metrics,
         "last_train_loss": loss.item(),
         "seconds": time.perf_counter() - started,
     }
+
+
+def prune_run(args: argparse.Namespace, data: Path, seed: int, out: Path) -> dict[str, Any]:
+    """PEP's prune stage: train until every target's mask is written or --prune-steps run out."""
+    pep = PepConfig(granularity=args.granularity, s_init=args.s_init, threshold_lr=args.threshold_lr,
+                    weight_decay=args.pep_weight_decay, targets=args.pep_targets, out=str(out))
+    cfg = replace(job_config(args, data, EmbeddingsConfig(dim=args.pep_dim), seed), pep=pep)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=CACHE) as plan_dir:
+        bundle = make_plan(cfg.embeddings, data, TopologySpec(world_size=1), plan_dir,
+                           batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer)
+        train = make_reader(cfg, bundle, "train", 0, 1)
+        sharded = build_pep(cfg, bundle, len(train.spec.dense), CPU)
+        callback = PruneCallback(pep_module(sharded.model), cfg, None)
+        step, epoch = 0, 0
+        while step < args.prune_steps and not callback.stop_requested:
+            train.set_epoch(epoch)
+            for batch in train:
+                train_step(sharded, batch)
+                step += 1
+                callback.on_step(StepInfo(step, epoch, batch.labels.numel(), 0.0, 0.0, None))
+                if callback.stop_requested or step >= args.prune_steps:
+                    break
+            epoch += 1
+        summary: dict[str, Any] = {}
+        callback.on_train_end(summary)
+    return {**summary["pep"], "steps": step, "seconds": time.perf_counter() - started}
+
+
+def pep_rows(args: argparse.Namespace, data: Path, seed: int, log: Any) -> list[dict[str, Any]]:
+    """One prune run, then both retrains of every target it reached; missed targets are rows too."""
+    with tempfile.TemporaryDirectory(dir=CACHE) as out:
+        pruned = prune_run(args, data, seed, Path(out))
+        log(f"prune seed {seed}: reached {sorted(pruned['reached'], key=float, reverse=True)} in "
+            f"{pruned['steps']} steps ({pruned['seconds']:.0f}s), missed {pruned['missed']}, "
+            f"kept {pruned['kept_fraction']:.4f} at the end")
+        rows = []
+        for target in args.pep_targets:
+            for policy in PEP_POLICIES:
+                spec = RunSpec(policy, args.pep_dim, seed, pep_target=target)
+                reached = pruned["reached"].get(f"{target:g}")
+                if reached is None:
+                    rows.append({"config": spec.config_key, **asdict(spec),
+                                 "error": f"target {target:g} not reached in {pruned['steps']} prune steps"})
+                    continue
+                rows.append({**run_one(args, data, spec, Path(out)), "prune_step": reached["step"]})
+                log_row(log, rows[-1], args)
+    return rows
 
 
 def predicted_rating(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -247,7 +333,7 @@ def uniform_specs(args: argparse.Namespace) -> list[RunSpec]:
 
 def sweep_specs(args: argparse.Namespace, data: Path) -> list[RunSpec]:
     if args.policy == "mlet":
-        # Uniform comes from the saved plain sweep (see main), so only the MLET configs run here.
+        # Uniform comes from the saved plain sweep (see baseline_rows), so only MLET runs here.
         return [RunSpec("mlet", d, s, mlet_width=m * d) for d in MLET_DIMS for m in MLET_K_MULTS for s in args.seeds]
     target = TARGETS[args.target]
     specs = uniform_specs(args)
@@ -257,16 +343,18 @@ def sweep_specs(args: argparse.Namespace, data: Path) -> list[RunSpec]:
     return specs
 
 
-def saved_uniform_rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
-    """The plain sweep's uniform rows, if saved with these training settings and seeds: MLET's baseline."""
+def saved_rows(args: argparse.Namespace, policies: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """The plain sweep's rows of `policies` (uniform among them), if saved with these training
+    settings and every uniform row of these seeds is there: the baseline MLET and PEP reuse."""
     path = RESULTS / f"quality-{args.dataset}{TARGETS[args.target].suffix}.json"
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
     if any(saved["settings"].get(k) != getattr(args, k) for k in TRAINING_SETTINGS):
         return None
-    rows = [r for r in saved["rows"] if r["policy"] == "uniform" and r["seed"] in args.seeds]
-    return rows if len(rows) == len(SWEEP_DIMS) * len(args.seeds) else None
+    rows = [r for r in saved["rows"] if r["policy"] in policies and r["seed"] in args.seeds]
+    uniform = sum(r["policy"] == "uniform" for r in rows)
+    return rows if uniform == len(SWEEP_DIMS) * len(args.seeds) else None
 
 
 def single_spec(args: argparse.Namespace, seed: int) -> RunSpec:
@@ -307,14 +395,13 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
             ok = [v["params"] for v in trained.values() if v["policy"] == policy and v["auc_mean"] >= best - MATCH_AUC]
             return min(ok) if ok else None
 
-        other = next((v["policy"] for v in trained.values() if v["policy"] != "uniform"), "mde")
-        u, m = smallest("uniform"), smallest(other)
-        claim = {
-            "best_uniform_auc": best,
-            "target_auc": best - MATCH_AUC,
-            "uniform_params_at_target": u,
-            f"{other}_params_at_target": m,
-            f"param_ratio_uniform_over_{other}": (u / m) if u and m else None,
+        u = smallest("uniform")
+        claim = {"best_uniform_auc": best, "target_auc": best - MATCH_AUC, "uniform_params_at_target": u}
+        for other in sorted({v["policy"] for v in trained.values()} - {"uniform"}):
+            m = smallest(other)
+            claim[f"{other}_params_at_target"] = m
+            claim[f"param_ratio_uniform_over_{other}"] = (u / m) if u and m else None
+        claim |= {
             # Per config: the largest uniform model whose mean AUC it reaches within MATCH_AUC,
             # and how many times its serving params that model has (the "d x smaller" question).
             "matches_uniform": {key: matched_uniform(v, trained) for key, v in trained.items()
@@ -330,6 +417,10 @@ def series_label(key: str, config: dict[str, Any]) -> str:
     if config["policy"] == "mlet":
         d, k = (int(part.split("=")[1]) for part in key.split()[1:3])
         return f"MLET k={k // d}d"
+    if config["policy"] == "pep-lottery":
+        return "PEP lottery ticket (non-zeros)"
+    if config["policy"] == "pep-mixed":
+        return "PEP mixed-dim retrain"
     return f"MDE alpha={key.split()[1][2:]}"
 
 
@@ -369,7 +460,7 @@ def plot(summary: dict[str, Any], metric: str, title: str, path: Path) -> None:
         ax.text(0.02, 0.97, f"predicting the train mean rating: MSE {summary['mean_rating_baseline']['mse']:.3f}",
                 transform=ax.transAxes, va="top", fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("embedding parameters (serving, incl. projections)")
+    ax.set_xlabel("embedding parameters (serving, incl. projections; PEP lottery: non-zeros)")
     ax.set_ylabel(f"test {metric.upper()} (mean ± std over seeds)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -383,7 +474,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    p.add_argument("--policy", choices=["uniform", "mde", "mlet"], default="uniform")
+    p.add_argument("--policy", choices=["uniform", "mde", "mlet", "pep"], default="uniform")
     p.add_argument("--dim", type=int, default=16, help="uniform width, MDE base dim or MLET d (default 16)")
     p.add_argument("--mlet-width", type=int, default=64, help="MLET: training width k (default 64)")
     p.add_argument("--alpha", type=float, default=0.3)
@@ -392,6 +483,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MDE blocking (default: within for movielens, across for criteo, as the paper)")
     p.add_argument("--blocks", type=int, default=8, help="MDE within: blocks per table")
     p.add_argument("--base-mult", type=int, default=2, help="--sweep: MDE base dim = this x the budget's d")
+    pep = p.add_argument_group("PEP (--policy pep)")
+    pep.add_argument("--pep-dim", type=int, default=64, help="base dim the prune run starts from (default 64)")
+    pep.add_argument("--pep-targets", type=lambda s: [float(x) for x in s.split(",")],
+                     default=[0.5, 0.25, 0.125, 0.0625], help="kept fractions to save masks at")
+    pep.add_argument("--granularity", default="dimension", help="threshold granularity (default dimension)")
+    pep.add_argument("--s-init", type=float, default=-15.0)
+    pep.add_argument("--threshold-lr", type=float, default=0.05)
+    pep.add_argument("--pep-weight-decay", type=float, default=1e-3, help="L2 on s (default 1e-3)")
+    pep.add_argument("--prune-steps", type=int, default=3000, help="most steps of a prune run")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--target", choices=sorted(TARGETS), default="like",
                    help="like: classify rating >= 4 (AUC); rating: regress the raw rating (MSE; MovieLens only)")
@@ -402,11 +502,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sparse-lr", type=float, default=0.05)
     args = p.parse_args(argv)
+    if args.target == "rating" and args.policy == "pep":
+        p.error("--policy pep prunes under the like label's loss; --target rating is not supported")
     if args.target == "rating" and DATASETS[args.dataset].kind != "movielens":
         p.error(f"--target rating needs a dataset with ratings (MovieLens), not {args.dataset}")
     args.mode = args.mode or DATASETS[args.dataset].mode
     args.batch_size = args.batch_size or DATASETS[args.dataset].batch_size
     return args
+
+
+def log_row(log: Any, row: dict[str, Any], args: argparse.Namespace, prefix: str = "") -> None:
+    if "error" in row:
+        shown = f"skipped: {row['error']}"
+    else:
+        scores = f"mse {row['mse']:.4f} rmse {row['rmse']:.4f}" if args.target == "rating" \
+            else f"auc {row['auc']:.4f} logloss {row['logloss']:.4f}"
+        shown = f"{scores} params {row['params']:,} ({row['seconds']:.0f}s)"
+    log(f"{prefix}{row['config']} seed {row['seed']}: {shown}")
+
+
+def baseline_rows(args: argparse.Namespace, data: Path, policies: tuple[str, ...], log: Any) -> list[dict[str, Any]]:
+    """The plain sweep's rows of `policies`, reused when saved with these settings, else run."""
+    saved = saved_rows(args, policies)
+    if saved is not None:
+        log(f"reusing {len(saved)} {' and '.join(policies)} rows from the saved sweep")
+        return saved
+    specs = [s for s in sweep_specs(argparse.Namespace(**{**vars(args), "policy": "uniform"}), data)
+             if s.policy in policies]
+    rows = []
+    for i, spec in enumerate(specs):
+        rows.append(run_one(args, data, spec))
+        log_row(log, rows[-1], args, f"[{i + 1}/{len(specs)}] ")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -417,25 +544,21 @@ def main(argv: list[str] | None = None) -> None:
     init_single_process_group()
     CACHE.mkdir(parents=True, exist_ok=True)
     data = prepare_dataset(args.dataset, args.data_root)
-    specs = sweep_specs(args, data) if args.sweep else [single_spec(args, s) for s in args.seeds]
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     rows: list[dict[str, Any]] = []
-    if args.sweep and args.policy == "mlet":
-        saved = saved_uniform_rows(args)
-        if saved is None:
-            specs = uniform_specs(args) + specs
-        else:
-            rows += saved
-            print(f"reusing {len(saved)} uniform rows from the saved sweep", file=sys.stderr, flush=True)
-    for i, spec in enumerate(specs):
-        row = run_one(args, data, spec)
-        rows.append(row)
-        if "error" in row:
-            shown = f"skipped: {row['error']}"
-        else:
-            scores = f"mse {row['mse']:.4f} rmse {row['rmse']:.4f}" if args.target == "rating" \
-                else f"auc {row['auc']:.4f} logloss {row['logloss']:.4f}"
-            shown = f"{scores} params {row['params']:,} ({row['seconds']:.0f}s)"
-        print(f"[{i + 1}/{len(specs)}] {spec.config_key} seed {spec.seed}: {shown}", file=sys.stderr, flush=True)
+    if args.sweep and args.policy in ("mlet", "pep"):
+        rows += baseline_rows(args, data, ("uniform",) if args.policy == "mlet" else ("uniform", "mde"), log)
+    if args.policy == "pep":
+        for seed in args.seeds:
+            rows += pep_rows(args, data, seed, log)
+    else:
+        specs = sweep_specs(args, data) if args.sweep else [single_spec(args, s) for s in args.seeds]
+        for i, spec in enumerate(specs):
+            rows.append(run_one(args, data, spec))
+            log_row(log, rows[-1], args, f"[{i + 1}/{len(specs)}] ")
     target = TARGETS[args.target]
     summary = summarise(rows, target.metric)
     if args.target == "rating":
@@ -443,7 +566,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.sweep:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"quality-{args.dataset}{target.suffix}{'-mlet' if args.policy == 'mlet' else ''}.json"
+        suffix = f"-{args.policy}" if args.policy in ("mlet", "pep") else ""
+        out = RESULTS / f"quality-{args.dataset}{target.suffix}{suffix}.json"
         out.write_text(json.dumps({"settings": settings, "rows": rows, **summary}, indent=1) + "\n")
         plot(summary, target.metric,
              f"{args.dataset}: test {target.metric.upper()} vs embedding size ({args.epochs} epochs)",

@@ -64,7 +64,7 @@ def prune_pep(args: argparse.Namespace) -> int:
               f"{Path(hit['dir']) / 'decisions.json'}")
     for target in pep.get("missed", []):
         print(f"target {target:g}: not reached (kept {pep.get('kept_fraction', 1):.3f} at the end); "
-              f"train longer or raise pep.s_init")
+              f"train longer, or raise pep.weight_decay / pep.threshold_lr (what lifts the thresholds)")
     print(f"validation AUC {summary.get('valid_auc', float('nan')):.4f} after {summary.get('steps')} steps; "
           f"run record {cfg.pep_dir / 'pep.json'}")
     return 0

@@ -3,8 +3,13 @@
     V_hat = sign(V) * relu(|V| - sigmoid(s))
 
 The threshold acts on every looked-up row *before* pooling, so a multi-hot bag sums pruned rows.
-That is why the table is TorchRec's unpooled `EmbeddingCollection` (ids -> rows as JaggedTensors,
-sharded by DMP like any table) and the sum pooling is done here, per bag, after thresholding.
+Tables with a multi-hot feature are TorchRec's unpooled `EmbeddingCollection` (ids -> rows as
+JaggedTensors, sharded by DMP like any table) and their sum pooling is done here, per bag, after
+thresholding. Tables whose features are all single-hot (exactly one id per row, by the dataset
+schema) go through the pooled `EmbeddingBagCollection` instead: a one-row bag *is* its row, so
+thresholding the pooled output is exact, and the fused pooled kernels cost half of the unpooled
+path (bench/throughput_pep.py). `pooled_lookup=False` sends every table through the
+`EmbeddingCollection`, which also shards row-wise on CPU.
 
 Granularities (the shape of s):
 - `global`: one s for every entry of every table; `dimension`: one s per embedding dimension.
@@ -16,24 +21,26 @@ Granularities (the shape of s):
   A `feature` row is padded to d + 4 columns because FBGEMM's fused kernels need widths divisible
   by 4; only column d holds s, the padding gets zero gradient and is never read.
 
-The output is a `KeyedTensor` at the base dim in feature order, like `PlannedEmbeddingBags`, so
-DLRM takes either module.
+The output is a `KeyedTensor` at the base dim, like `PlannedEmbeddingBags`, so DLRM takes either
+module.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.errors import PlanError
 from embshard.planner.rounding import FBGEMM_ALIGN
-from embshard.planner.types import DimensionPlan
+from embshard.planner.types import DimensionPlan, TablePlan
 
 Granularity = Literal["global", "dimension", "feature", "feature_dimension"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
@@ -45,10 +52,37 @@ ROW_THRESHOLDS = ("feature", "feature_dimension")  # s lives in the table rows
 INIT_ROW_CHUNK = 65536
 
 
+class SoftThreshold(torch.autograd.Function):
+    """v - clamp(v, -t, t) = sign(v) * relu(|v| - t) for t >= 0, as one autograd node.
+
+    Written out with sign/abs/relu, autograd records five element-wise ops and their backward
+    passes over every looked-up entry; that was most of PEP's training overhead on CPU. Here the
+    forward is two passes and the backward three, reading only the output it saved. Sub-gradients
+    (at |v| = t both are 0, relu's convention):
+        dV_hat/dv = 1[|v| > t],   dV_hat/dt = -sign(v) * 1[|v| > t] = -sign(V_hat).
+    `t` broadcasts against `v`; its gradient is summed back to its own shape.
+    """
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = v - torch.maximum(torch.minimum(v, t), -t)
+        ctx.save_for_backward(out)
+        ctx.t_shape = t.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        sign = torch.sign(out)
+        signed = grad * sign
+        grad_t = -signed.sum_to_size(ctx.t_shape) if ctx.needs_input_grad[1] else None
+        return signed * sign, grad_t
+
+
 def soft_threshold(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """PEP's pruned value; autograd gives the sub-gradients dV_hat/dV = 1[|V| > g(s)] and
-    dV_hat/ds = -sign(V) * 1[|V| > g(s)] * g'(s)."""
-    return torch.sign(v) * torch.relu(v.abs() - torch.sigmoid(s))
+    """PEP's pruned value V_hat = sign(V) * relu(|V| - g(s)), g = sigmoid; autograd gives the
+    sub-gradients dV_hat/dV = 1[|V| > g(s)] and dV_hat/ds = -sign(V) * 1[|V| > g(s)] * g'(s)."""
+    return SoftThreshold.apply(v, torch.sigmoid(s))
 
 
 def threshold_columns(granularity: Granularity, dim: int) -> int:
@@ -102,8 +136,12 @@ class PepEmbeddings(nn.Module):
         plan: DimensionPlan,
         granularity: Granularity,
         s_init: float,
+        multi_hot: Collection[str] = (),
+        pooled_lookup: bool = True,
         device: torch.device | None = None,
     ) -> None:
+        """`multi_hot`: features whose rows may hold several ids (their tables are looked up
+        unpooled); `pooled_lookup=False` looks up every table unpooled."""
         super().__init__()
         if not plan.is_uniform:
             raise PlanError("PEP prunes full base-dim tables: plan it with embeddings.policy uniform")
@@ -114,50 +152,69 @@ class PepEmbeddings(nn.Module):
         self.s_init = s_init
         self.base_dim = plan.base_dim
         self.width = self.base_dim + threshold_columns(granularity, self.base_dim)
-        self.feature_names = [f for t in plan.tables for f in t.features]
-        self.ec = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(name=t.name, embedding_dim=self.width, num_embeddings=t.num_embeddings,
-                                feature_names=list(t.features))
-                for t in plan.tables
-            ],
-            device=device,
-        )
+        pooled = [t for t in plan.tables if pooled_lookup and not set(t.features) & set(multi_hot)]
+        unpooled = [t for t in plan.tables if t not in pooled]
+        self.pooled_tables = [t.name for t in pooled]
+        self.unpooled_features = [f for t in unpooled for f in t.features]
+
+        def configs(config_type: type[BaseEmbeddingConfig], tables: list[TablePlan]) -> list:
+            return [config_type(name=t.name, embedding_dim=self.width, num_embeddings=t.num_embeddings,
+                                feature_names=list(t.features)) for t in tables]
+
+        # Modules with no tables are left out: TorchRec cannot shard an empty collection.
+        self.ebc = EmbeddingBagCollection(tables=configs(EmbeddingBagConfig, pooled), device=device) if pooled else None
+        self.ec = EmbeddingCollection(tables=configs(EmbeddingConfig, unpooled), device=device) if unpooled else None
         dense_device = device if device is not None and device.type != "meta" else None
         shape = {"global": 1, "dimension": self.base_dim}.get(granularity)
         self.threshold = (
             nn.Parameter(torch.full((shape,), float(s_init), device=dense_device)) if shape else None
         )
 
+    @property
+    def collections(self) -> list[nn.Module]:
+        return [m for m in (self.ebc, self.ec) if m is not None]
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        rows = self.ec(features)
-        jagged = [rows[f] for f in self.feature_names]
-        # All features at once: one threshold op and one scatter-add instead of one per feature.
-        kept = self.prune(torch.cat([jt.values() for jt in jagged]))
-        lengths = torch.cat([jt.lengths() for jt in jagged])
-        bags, d = len(lengths), self.base_dim
-        bag_of_row = torch.repeat_interleave(torch.arange(bags, device=kept.device), lengths.long())
-        pooled = kept.new_zeros(bags, d).index_add_(0, bag_of_row, kept)
-        batch = features.stride()
-        values = pooled.view(len(jagged), batch, d).transpose(0, 1).reshape(batch, -1)
-        return KeyedTensor(keys=self.feature_names, length_per_key=[d] * len(jagged), values=values)
+        batch, d = features.stride(), self.base_dim
+        keys: list[str] = []
+        parts: list[torch.Tensor] = []  # [batch, features, d] each
+        if self.ebc is not None:
+            rows = self.ebc(features)  # a single-hot bag's pooled value is its one row
+            keys += rows.keys()
+            parts.append(self.prune(rows.values().view(batch, -1, self.width)))
+        if self.ec is not None:
+            jagged = self.ec(features)
+            jagged = [jagged[f] for f in self.unpooled_features]
+            # All features at once: one threshold op and one scatter-add instead of one per feature.
+            kept = self.prune(torch.cat([jt.values() for jt in jagged]))
+            lengths = torch.cat([jt.lengths() for jt in jagged])
+            bag_of_row = torch.repeat_interleave(torch.arange(len(lengths), device=kept.device), lengths.long())
+            pooled = kept.new_zeros(len(lengths), d).index_add_(0, bag_of_row, kept)
+            keys += self.unpooled_features
+            parts.append(pooled.view(len(jagged), batch, d).transpose(0, 1))
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).reshape(batch, -1)
+        return KeyedTensor(keys=keys, length_per_key=[d] * len(keys), values=values)
 
     def prune(self, rows: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
-        """V_hat of stored rows (their V columns only). `col_offset`: where a column shard of a
-        dense-threshold table starts, so each column meets its own s."""
+        """V_hat of stored rows [..., width] (their V columns only). `col_offset`: where a column
+        shard of a dense-threshold table starts, so each column meets its own s."""
         d = self.base_dim
         if self.threshold is None:
-            return soft_threshold(rows[:, :d], rows[:, d : d + (1 if self.granularity == "feature" else d)])
+            s = rows[..., d : d + (1 if self.granularity == "feature" else d)]
+            return soft_threshold(rows[..., :d], s)
         s = self.threshold
         if self.granularity == "dimension":
-            s = s[col_offset : col_offset + min(rows.shape[1], d - col_offset)]
-        return soft_threshold(rows[:, : d - col_offset], s)
+            s = s[col_offset : col_offset + min(rows.shape[-1], d - col_offset)]
+        return soft_threshold(rows[..., : d - col_offset], s)
+
+    def local_shards(self) -> list[LocalShard]:
+        return [s for m in self.collections for s in local_shards(m)]
 
     @torch.no_grad()
     def local_masks(self) -> list[tuple[LocalShard, torch.Tensor]]:
         """Per local shard: the bool mask of its surviving V entries."""
         out = []
-        for shard in local_shards(self.ec):
+        for shard in self.local_shards():
             if self.threshold is None and shard.tensor.shape[1] != self.width:
                 raise PlanError(
                     f"PEP table {shard.table}: a {self.granularity} threshold lives in the row, so "
@@ -170,7 +227,7 @@ class PepEmbeddings(nn.Module):
     @torch.no_grad()
     def initialise(self, seed: int) -> None:
         """Write the reproducible initial V (see `initial_values`) and s_init into local shards."""
-        for shard in local_shards(self.ec):
+        for shard in self.local_shards():
             t, d = shard.tensor, self.base_dim
             rows = range(shard.row_offset, shard.row_offset + t.shape[0])
             cols = range(shard.col_offset, shard.col_offset + t.shape[1])

@@ -8,10 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import profiled_synth
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.planner.config import EmbeddingsConfig
+from embshard.planner.pipeline import make_plan
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.policies.pep import pep_table_decision
+from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.pep import (
     LocalShard,
@@ -21,13 +24,20 @@ from embshard.sharding.pep import (
     soft_threshold,
 )
 from embshard.trainer.callbacks import StepInfo
+from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
+from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
+    build_pep,
     nonzero_counts,
+    pep_module,
+    pep_sharding_types,
+    row_threshold_decay,
     save_target,
     start_from_ticket,
 )
 from embshard.trainer.pep_config import PepConfig
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -37,9 +47,15 @@ SPEC = DatasetSpec("toy", [], [SparseFeature("a", 6), SparseFeature("b", 5, mult
 D = 4
 
 
-def pep(granularity: str, s_init: float = 0.0) -> PepEmbeddings:
+def pep(granularity: str, s_init: float = 0.0, pooled_lookup: bool = True) -> PepEmbeddings:
     plan = plan_dimensions(EmbeddingsConfig(dim=D), SPEC)
-    return PepEmbeddings(plan, granularity, s_init)
+    return PepEmbeddings(plan, granularity, s_init, multi_hot=["b"], pooled_lookup=pooled_lookup)
+
+
+def weight(m: PepEmbeddings, table: str) -> torch.Tensor:
+    if m.ebc is not None and table in m.ebc.embedding_bags:
+        return m.ebc.embedding_bags[table].weight
+    return m.ec.embeddings[table].weight
 
 
 def test_soft_threshold_and_subgradient_by_hand():
@@ -92,13 +108,14 @@ def test_prune_each_granularity_by_hand(granularity, s_columns):
 def test_multi_hot_bag_sums_pruned_rows():
     """Each looked-up row is thresholded, then the bag sums them."""
     m = pep("global", s_init=math.log(0.5 / 0.5))  # g = 0.5
+    assert m.pooled_tables == ["t_a"] and m.unpooled_features == ["b"]
     with torch.no_grad():
-        m.ec.embeddings["t_a"].weight.fill_(0.2)
-        m.ec.embeddings["t_b"].weight.copy_(torch.arange(5 * D, dtype=torch.float).reshape(5, D) / 20 + 0.3)
+        weight(m, "t_a").fill_(0.2)
+        weight(m, "t_b").copy_(torch.arange(5 * D, dtype=torch.float).reshape(5, D) / 20 + 0.3)
     kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([1, 0, 2, 4, 3]),
                             lengths=torch.tensor([1, 0, 3, 1]))  # a: [1], []; b: [0, 2, 4], [3]
     out = {k: v.detach() for k, v in m(kjt).to_dict().items()}
-    w = m.ec.embeddings["t_b"].weight.detach()
+    w = weight(m, "t_b").detach()
     pruned = torch.sign(w) * torch.relu(w.abs() - 0.5)
     assert out["a"].tolist() == [[0.0] * D, [0.0] * D]  # 0.2 < 0.5 and an empty bag
     assert out["b"][0].numpy() == pytest.approx((pruned[0] + pruned[2] + pruned[4]).numpy())
@@ -107,16 +124,43 @@ def test_multi_hot_bag_sums_pruned_rows():
     assert not torch.allclose(out["b"][0], soft_threshold(w[0] + w[2] + w[4], torch.tensor(0.0)))
 
 
+@pytest.mark.parametrize("granularity", ["global", "dimension", "feature", "feature_dimension"])
+def test_pooled_lookup_of_single_hot_rows_equals_unpooled(granularity):
+    """Thresholding a single-hot feature after pooling is exact: same output, same gradients."""
+    fast, slow = pep(granularity, s_init=-2.0), pep(granularity, s_init=-2.0, pooled_lookup=False)
+    assert fast.ebc is not None and slow.ebc is None
+    for m in (fast, slow):
+        m.initialise(seed=1)
+        with torch.no_grad():  # spread the row thresholds so some entries survive and some do not
+            for t in ("t_a", "t_b"):
+                w = weight(m, t)
+                w[:, D:] = torch.linspace(-4.0, -1.0, w[:, D:].numel()).reshape(w[:, D:].shape)
+    kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([1, 5, 0, 2, 4, 3, 1]),
+                            lengths=torch.tensor([1, 1, 1, 0, 3, 1]))  # a: 3 rows of one id
+    outs = [m(kjt).to_dict() for m in (fast, slow)]
+    for f in ("a", "b"):
+        assert torch.allclose(outs[0][f], outs[1][f])
+    assert outs[0]["a"].abs().sum() > 0 and (outs[0]["a"] == 0).any()  # some pruned, some kept
+    grad_out = torch.randn(3, 2 * D)
+    for m, out in zip((fast, slow), outs):
+        torch.cat([out["a"], out["b"]], dim=1).backward(grad_out)
+    for t in ("t_a", "t_b"):
+        assert torch.allclose(weight(fast, t).grad, weight(slow, t).grad)
+    if fast.threshold is not None:
+        assert torch.allclose(fast.threshold.grad, slow.threshold.grad)
+
+
 def test_nonzero_count_and_initial_values():
     m = pep("feature_dimension", s_init=math.log(0.2 / 0.8))  # g = 0.2
     m.initialise(seed=3)
-    for shard in local_shards(m.ec):
+    assert len(m.local_shards()) == 2  # one table pooled, one unpooled
+    for shard in m.local_shards():
         n = m.plan.table(shard.table).num_embeddings
         assert shard.tensor[:, :D].numpy() == pytest.approx(
             initial_values(3, shard.table, n, D, range(n), range(D)).numpy())
         assert torch.allclose(shard.tensor[:, D:], torch.tensor(math.log(0.25)))
     counts = nonzero_counts(m)
-    expected = {t: int((m.ec.embeddings[t].weight[:, :D].abs() > 0.2).sum()) for t in ("t_a", "t_b")}
+    expected = {t: int((weight(m, t)[:, :D].abs() > 0.2).sum()) for t in ("t_a", "t_b")}
     assert counts == expected
 
 
@@ -183,5 +227,104 @@ def test_pep_config_checks():
         PepConfig(targets=[0.5, 1.5])
     with pytest.raises(ConfigError, match="granularity"):
         PepConfig(granularity="rowwise")
+    with pytest.raises(ConfigError, match="weight_decay"):
+        PepConfig(weight_decay=-1.0)
     with pytest.raises(PlanError, match="uniform"):
         PepEmbeddings(DimensionPlan(D, [TablePlan("t_a", ["a"], 6, [Block(0, 6, 8)])]), "global", -15)
+
+
+@pytest.mark.parametrize(
+    "granularity, device, pooled, expected",
+    [("dimension", "cpu", True, ["table_wise", "column_wise", "table_column_wise"]),
+     ("feature_dimension", "cpu", True, ["table_wise"]),
+     ("dimension", "cpu", False, ["table_wise", "row_wise", "column_wise"]),
+     ("feature", "cpu", False, ["table_wise", "row_wise"]),
+     ("feature", "cuda", True, ["table_wise", "row_wise", "table_row_wise"])],
+)
+def test_pep_sharding_types_per_collection(granularity, device, pooled, expected):
+    cfg = JobConfig(sharding=ShardingConfig(device=device), pep=PepConfig(granularity=granularity))
+    assert pep_sharding_types(cfg, 2, pooled) == expected
+
+
+def test_pep_sharding_types_refuse_what_cannot_shard():
+    cfg = JobConfig(sharding=ShardingConfig(sharding_types=["row_wise"]), pep=PepConfig(granularity="dimension"))
+    assert pep_sharding_types(cfg, 2, pooled=False) == ["row_wise"]
+    with pytest.raises(ConfigError, match=r"sharding.sharding_types: .*single-hot \(pooled\).* on cpu"):
+        pep_sharding_types(cfg, 2, pooled=True)
+
+
+def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
+    """The decay pulls s from s_init toward 0: Adam moves each s by about threshold_lr per step."""
+    data = profiled_synth(tmp_path / "data", rows=600, max_cardinality=50)
+    cfg = JobConfig(
+        output_dir=str(tmp_path / "run"),
+        data=DataConfig(path=str(data), batch_size=64),
+        model=ModelConfig(dense_arch=[8], over_arch=[8]),
+        embeddings=EmbeddingsConfig(dim=8),
+        pep=PepConfig(granularity="dimension", s_init=-15.0, threshold_lr=0.1, weight_decay=1e-2),
+    )
+    bundle = make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir, batch_size=64,
+                       optimizer=cfg.train.sparse_optimizer)
+    reader = make_reader(cfg, bundle, "train", 0, 1)
+    sharded = build_pep(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    module = pep_module(sharded.model)
+    assert module.ec is None and module.ebc is not None  # synthetic features are all single-hot
+    for _, batch in zip(range(5), reader):
+        train_step(sharded, batch)
+    assert (module.threshold.detach() > -15.0 + 0.4).all()
+
+
+def test_example_config_loads_from_yaml():
+    from pathlib import Path
+
+    from embshard.trainer.config import load_job_config
+
+    cfg = load_job_config(Path(__file__).resolve().parents[1] / "configs" / "pep-movielens.yaml")
+    assert cfg.pep.granularity == "dimension" and cfg.pep.weight_decay == 1e-3
+    assert cfg.embeddings.policy == "uniform"
+
+
+def test_row_threshold_decay_needs_a_decaying_fused_optimizer():
+    def cfg(optimizer, granularity="feature_dimension", decay=1e-5):
+        return JobConfig(train=TrainConfig(sparse_optimizer=optimizer),
+                         pep=PepConfig(granularity=granularity, weight_decay=decay))
+
+    assert row_threshold_decay(cfg("adam")) == {"weight_decay": 1e-5}
+    assert row_threshold_decay(cfg("rowwise_adagrad"))["weight_decay_mode"] == WeightDecayMode.L2
+    assert row_threshold_decay(cfg("sgd", granularity="dimension")) == {}  # Adam decays dense s
+    assert row_threshold_decay(cfg("sgd", decay=0.0)) == {}
+    with pytest.raises(ConfigError, match="pep.weight_decay: FBGEMM's fused adagrad has no weight decay"):
+        row_threshold_decay(cfg("adagrad"))
+
+
+def test_cpu_fused_rowwise_adagrad_ignores_weight_decay(process_group):
+    """The platform fact pep.weight_decay documents: on CPU, FBGEMM's fused row-wise Adagrad
+    steps the same with and without a weight decay (so row thresholds are not decayed there).
+    If this starts failing, FBGEMM applies the decay and the CPU note can go."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    def stepped_row(decay: dict) -> list[float]:
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=D, num_embeddings=10,
+                                                                feature_names=["f"])], device=torch.device("meta"))
+        apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.1, **decay})
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"),
+                                           constraints={"t": ParameterConstraints(sharding_types=["table_wise"])})
+        sharders = [EmbeddingBagCollectionSharder()]
+        dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=planner.collective_plan(ebc, sharders),
+                                       sharders=sharders)
+        weight = local_shards(dmp.module)[0].tensor
+        with torch.no_grad():
+            weight.fill_(1.0)
+        kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1]), lengths=torch.tensor([1]))
+        for _ in range(3):
+            (dmp(kjt)["f"].sum() * 1e-3).backward()  # a tiny loss gradient; an L2 of 0.5 would dwarf it
+        return weight[1].tolist()
+
+    plain = stepped_row({})
+    assert plain[0] < 1.0  # the row did step
+    assert stepped_row({"weight_decay": 0.5, "weight_decay_mode": WeightDecayMode.L2}) == plain

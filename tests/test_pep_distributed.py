@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from distributed import run_ranks
+from embshard.datasets.convert import convert
 from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import synthesize
@@ -31,6 +32,8 @@ from embshard.trainer.config import (
 from embshard.trainer.loop import make_reader, run_worker, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
+    build_pep,
+    pep_module,
     gather_masks,
     load_masks,
     lottery_worker,
@@ -42,6 +45,7 @@ from embshard.trainer.pep import (
 from embshard.trainer.pep_config import PepConfig
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 
@@ -57,35 +61,40 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _sharded_count(rank: int, world: int, data: str, granularity: str, s_init: float):
+# Shards of two kinds side by side: the unpooled collection's row-wise (CPU can) next to
+# table-wise, and the pooled collection's column-wise (each column shard meets its own
+# dimension-wise s) next to table-wise.
+SPLIT_OF = {False: "row_wise", True: "column_wise"}
+
+
+def _sharded_count(rank: int, world: int, data: str, granularity: str, s_init: float, pooled: bool):
     plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(data))
-    module = PepEmbeddings(plan, granularity, s_init, device=torch.device("meta"))
-    # Row-wise and table-wise shards side by side.
-    types = {t.name: ["row_wise" if i % 2 else "table_wise"] for i, t in enumerate(plan.tables)}
+    module = PepEmbeddings(plan, granularity, s_init, pooled_lookup=pooled, device=torch.device("meta"))
+    types = {t.name: [SPLIT_OF[pooled] if i % 2 else "table_wise"] for i, t in enumerate(plan.tables)}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"),
-        constraints={n: ParameterConstraints(sharding_types=v) for n, v in types.items()},
+        constraints={n: ParameterConstraints(sharding_types=v, min_partition=4) for n, v in types.items()},
     )
-    sharders = [EmbeddingCollectionSharder()]
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     dmp = DistributedModelParallel(module, device=torch.device("cpu"),
                                    plan=planner.collective_plan(module, sharders), sharders=sharders)
     pep = dmp.module
     pep.initialise(seed=4)
-    row_shards = sum(s.tensor.shape[0] < plan.table(s.table).num_embeddings for s in local_shards(pep.ec))
-    return nonzero_counts(pep), gather_masks(pep), row_shards
+    split = sum(s.tensor.shape != (plan.table(s.table).num_embeddings, pep.width) for s in pep.local_shards())
+    return nonzero_counts(pep), gather_masks(pep), split
 
 
-@pytest.mark.parametrize("granularity", ["feature_dimension", "dimension"])
-def test_sharded_count_and_masks_equal_single_process(dataset, granularity):
+@pytest.mark.parametrize("granularity, pooled", [("feature_dimension", False), ("dimension", False), ("dimension", True)])
+def test_sharded_count_and_masks_equal_single_process(dataset, granularity, pooled):
     s_init = math.log(0.03 / 0.97)  # g = 0.03, about half of uniform(+-1/sqrt(300)) survives
-    results = run_ranks(_sharded_count, WORLD, str(dataset), granularity, s_init)
+    results = run_ranks(_sharded_count, WORLD, str(dataset), granularity, s_init, pooled)
     plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(dataset))
     single = PepEmbeddings(plan, granularity, s_init)
     single.initialise(seed=4)
     counts = nonzero_counts(single)
     assert results[0][0] == results[1][0] == counts
     assert 0.2 < sum(counts.values()) / (sum(t.num_embeddings for t in plan.tables) * 8) < 0.8
-    assert results[0][2] > 0 and results[1][1] is None  # row-wise shards exist; masks only on rank 0
+    assert results[0][2] > 0 and results[1][1] is None  # split shards exist; masks only on rank 0
     whole = gather_masks(single)
     assert all(np.array_equal(results[0][1][t], whole[t]) for t in whole)
 
@@ -170,3 +179,37 @@ def test_pep_decisions_train_through_the_ordinary_loop(dataset, tmp_path):
     assert bundle.dimension_plan.serve_params() < plan.serve_params()
     trained = run_ranks(_train_mixed, WORLD, cfg)[0]
     assert trained["steps"] > 0 and math.isfinite(trained["valid_auc"])
+
+
+def _multi_hot_steps(rank: int, world: int, cfg: JobConfig):
+    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    reader = make_reader(cfg, bundle, "train", rank, world)
+    sharded = build_pep(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    pep = pep_module(sharded.model)
+    losses = [float(train_step(sharded, batch)) for _, batch in zip(range(3), reader)]
+    return sorted(pep.pooled_tables), list(pep.unpooled_features), losses, nonzero_counts(pep)
+
+
+def test_multi_hot_table_is_pruned_unpooled_beside_pooled_ones(tmp_path):
+    """MovieLens' genres is multi-hot: its table goes through the EmbeddingCollection while the
+    single-hot tables use the pooled one, both sharded by DMP in one model."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "ml-20m"
+    src.mkdir()
+    ratings = [(u, m, rng.choice([1.0, 2.0, 4.0, 5.0]), 1000 + i)
+               for i, (u, m) in enumerate(zip(rng.integers(1, 60, 1500), rng.integers(1, 40, 1500)))]
+    (src / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in ratings))
+    genres = ["Action", "Comedy", "Drama", "Romance", "Thriller"]
+    (src / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+        f"{m},Movie {m} ({1990 + m % 7}),{'|'.join(rng.choice(genres, size=1 + m % 3, replace=False))}\n" for m in range(1, 40)))
+    data = tmp_path / "data"
+    convert("movielens", src, data)
+    write_profile(data)
+    cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0))
+    make_plan(cfg.embeddings, data, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
+              batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer).save()
+    results = run_ranks(_multi_hot_steps, WORLD, cfg)
+    pooled, unpooled, losses, counts = results[0]
+    assert unpooled == ["genres"] and "t_genres" not in pooled and "t_userId" in pooled
+    assert all(math.isfinite(x) for x in losses)
+    assert results[1][3] == counts and 0 < sum(counts.values())

@@ -17,21 +17,25 @@ the table shapes, for any sharding. Dense layers restart from the same seed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, PlanError
 from embshard.planner.optimizers import torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
@@ -57,19 +61,54 @@ def mask_file(table: str) -> str:
 # ----------------------------------------------------------------------------- model assembly
 
 
-def pep_sharding_types(cfg: JobConfig) -> list[str]:
-    """EmbeddingCollection shards table-, row- and column-wise on CPU and CUDA; a row threshold
-    must stay in its row's shard, so those granularities leave column-wise out."""
-    types = ["table_wise", "row_wise"] + ([] if cfg.pep.granularity in ROW_THRESHOLDS else ["column_wise"])
-    if cfg.sharding.sharding_types is not None:
-        types = [t for t in types if t in cfg.sharding.sharding_types]
-        if not types:
+# EmbeddingCollection shards these on CPU and CUDA alike.
+UNPOOLED_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
+COLUMN_SPLITS = ("column_wise", "table_column_wise")
+
+
+def pep_sharding_types(cfg: JobConfig, world_size: int, pooled: bool) -> list[str]:
+    """What TorchRec may choose for a PEP table of the pooled or unpooled collection.
+
+    Pooled tables take what the device trains correctly (topology.SHARDING_TYPES), less
+    data-parallel: PEP tables are the large ones. A row threshold must stay in its row's shard,
+    so those granularities also leave column splits out."""
+    device = cfg.sharding.topology(world_size).sharding_types
+    types = [t for t in device if t != "data_parallel"] if pooled else UNPOOLED_SHARDING_TYPES
+    if cfg.pep.granularity in ROW_THRESHOLDS:
+        types = [t for t in types if t not in COLUMN_SPLITS]
+    wanted = cfg.sharding.sharding_types
+    if wanted is not None:
+        kept = [t for t in types if t in wanted]
+        if not kept:
+            kind = "single-hot (pooled)" if pooled else "multi-hot (unpooled)"
             raise ConfigError(
-                f"sharding.sharding_types: none of {cfg.sharding.sharding_types} can shard a PEP "
-                f"{cfg.pep.granularity} table (table_wise, row_wise"
-                f"{'' if cfg.pep.granularity in ROW_THRESHOLDS else ', column_wise'})"
+                f"sharding.sharding_types: none of {wanted} can shard a {kind} PEP "
+                f"{cfg.pep.granularity} table on {cfg.sharding.device} (possible: {', '.join(types)})"
             )
+        types = kept
     return types
+
+
+# FBGEMM's fused optimizers that take a weight decay (its docs: LARS-SGD, LAMB, Adam, row-wise
+# Adagrad); sgd and adagrad accept none and would ignore it silently.
+DECAYING_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adam")
+
+
+def row_threshold_decay(cfg: JobConfig) -> dict[str, Any]:
+    """The fused optimizer's weight-decay arguments for tables whose rows hold thresholds."""
+    if cfg.pep.granularity not in ROW_THRESHOLDS or cfg.pep.weight_decay == 0:
+        return {}
+    optimizer = cfg.train.sparse_optimizer
+    if optimizer not in DECAYING_SPARSE_OPTIMIZERS:
+        raise ConfigError(
+            f"pep.weight_decay: FBGEMM's fused {optimizer} has no weight decay, so {cfg.pep.granularity} "
+            f"thresholds would not be decayed; use train.sparse_optimizer "
+            f"{' or '.join(DECAYING_SPARSE_OPTIMIZERS)}, or set pep.weight_decay: 0"
+        )
+    if optimizer == "adam":
+        return {"weight_decay": cfg.pep.weight_decay}
+    # torchrec's RowWiseAdagrad passes the mode through to FBGEMM (torch's Adam would reject it).
+    return {"weight_decay": cfg.pep.weight_decay, "weight_decay_mode": WeightDecayMode.L2}
 
 
 def build_pep(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
@@ -79,19 +118,29 @@ def build_pep(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.
     torch.manual_seed(cfg.seed)
     plan = bundle.dimension_plan
     meta = torch.device("meta")
+    spec = DatasetSpec.load(cfg.data.path)
     model = DLRM(plan, num_dense, cfg.model, embedding_device=meta, dense_device=device)
-    model.embeddings = PepEmbeddings(plan, cfg.pep.granularity, cfg.pep.s_init, device=meta)
-    apply_optimizer_in_backward(
-        torch_optimizer_class(cfg.train.sparse_optimizer), model.embeddings.ec.parameters(),
-        {"lr": cfg.train.sparse_lr},
+    model.embeddings = pep = PepEmbeddings(
+        plan, cfg.pep.granularity, cfg.pep.s_init,
+        multi_hot=[f.name for f in spec.sparse if f.multi_hot],
+        pooled_lookup=cfg.pep.pooled_lookup, device=meta,
     )
-    types = pep_sharding_types(cfg)
+    sparse_kwargs = {"lr": cfg.train.sparse_lr, **row_threshold_decay(cfg)}
+    for collection in pep.collections:
+        apply_optimizer_in_backward(
+            torch_optimizer_class(cfg.train.sparse_optimizer), collection.parameters(), sparse_kwargs
+        )
+    world = dist.get_world_size()
+    constraints = {
+        t.name: ParameterConstraints(sharding_types=pep_sharding_types(cfg, world, t.name in pep.pooled_tables))
+        for t in plan.tables
+    }
     planner = EmbeddingShardingPlanner(
-        topology=cfg.sharding.topology(dist.get_world_size()).to_torchrec(),
+        topology=cfg.sharding.topology(world).to_torchrec(),
         batch_size=cfg.data.batch_size,
-        constraints={t.name: ParameterConstraints(sharding_types=types) for t in plan.tables},
+        constraints=constraints,
     )
-    sharders = [EmbeddingCollectionSharder()]
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     dmp = DistributedModelParallel(
         model, device=device, plan=planner.collective_plan(model, sharders), sharders=sharders
     )
@@ -101,7 +150,8 @@ def build_pep(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.
     optimizers = [dmp.fused_optimizer, KeyedOptimizerWrapper(
         dense, lambda ps: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](ps, lr=cfg.train.dense_lr))]
     if thresholds:
-        optimizers.append(KeyedOptimizerWrapper(thresholds, lambda ps: torch.optim.Adam(ps, lr=cfg.pep.threshold_lr)))
+        optimizers.append(KeyedOptimizerWrapper(thresholds, lambda ps: torch.optim.Adam(
+            ps, lr=cfg.pep.threshold_lr, weight_decay=cfg.pep.weight_decay)))
     return ShardedModel(dmp, CombinedOptimizer(optimizers), bundle)
 
 
@@ -267,11 +317,47 @@ def load_masks(directory: Path, tables: dict[str, int], base_dim: int) -> dict[s
     return masks
 
 
-def load_run_record(cfg: JobConfig) -> dict[str, Any]:
-    path = cfg.pep_dir / RUN_FILE
+def load_run_record(pep_dir: Path) -> dict[str, Any]:
+    path = pep_dir / RUN_FILE
     if not path.is_file():
         raise PlanError(f"{path}: PEP run record not found (run `embshard prune pep` first)")
     return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class LotteryTicket:
+    """One saved target of a prune run: its masks, and the seed and table shapes that regenerate
+    the run's initial values."""
+
+    seed: int
+    base_dim: int
+    tables: dict[str, int]  # name -> rows
+    masks: dict[str, np.ndarray]
+    where: Path  # the prune run's directory, for errors
+
+    @staticmethod
+    def load(pep_dir: Path, target: float) -> "LotteryTicket":
+        record = load_run_record(pep_dir)
+        tables, base_dim = record["tables"], record["base_dim"]
+        masks = load_masks(pep_dir / target_dir_name(target), tables, base_dim)
+        return LotteryTicket(record["seed"], base_dim, tables, masks, pep_dir)
+
+    @property
+    def nonzero(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    def build(self, cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
+        """A plain base-dim DLRM whose tables start at initial values x mask (a `run_worker` build)."""
+        _require_uniform(bundle)
+        plan = bundle.dimension_plan
+        if {t.name: t.num_embeddings for t in plan.tables} != self.tables or plan.base_dim != self.base_dim:
+            raise PlanError(f"{self.where / RUN_FILE}: the prune run's tables differ from this plan's")
+        sharded = build_sharded(cfg, bundle, num_dense, device)
+        start_from_ticket(_table_shards(sharded), self.masks, self.seed, self.tables)
+        return sharded
+
+    def keeper(self, sharded: ShardedModel) -> MaskKeeper:
+        return MaskKeeper(_table_shards(sharded), self.masks)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -292,23 +378,11 @@ def lottery_worker(cfg: JobConfig, report: Report | None = None, local_rank: int
     pep = _require_pep(cfg)
     if pep.retrain_target is None:
         raise ConfigError("pep.retrain_target: the lottery retrain needs the target whose mask it keeps")
-    record = load_run_record(cfg)
-    tables = record["tables"]
-    masks = load_masks(cfg.pep_dir / target_dir_name(pep.retrain_target), tables, record["base_dim"])
-
-    def build(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
-        _require_uniform(bundle)
-        plan = bundle.dimension_plan
-        if {t.name: t.num_embeddings for t in plan.tables} != tables or plan.base_dim != record["base_dim"]:
-            raise PlanError(f"{cfg.pep_dir / RUN_FILE}: the prune run's tables differ from this plan's")
-        sharded = build_sharded(cfg, bundle, num_dense, device)
-        start_from_ticket(_table_shards(sharded), masks, record["seed"], tables)
-        return sharded
-
+    ticket = LotteryTicket.load(cfg.pep_dir, pep.retrain_target)
     return run_worker(
         cfg, report, local_rank,
-        build=build,
-        extra_callbacks=lambda sharded, metrics: [MaskKeeper(_table_shards(sharded), masks)],
+        build=ticket.build,
+        extra_callbacks=lambda sharded, metrics: [ticket.keeper(sharded)],
     )
 
 
