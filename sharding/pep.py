@@ -136,12 +136,15 @@ class PepEmbeddings(nn.Module):
         plan: DimensionPlan,
         granularity: Granularity,
         s_init: float,
-        multi_hot: Collection[str] = (),
+        *,
+        multi_hot: Collection[str],
         pooled_lookup: bool = True,
         device: torch.device | None = None,
     ) -> None:
-        """`multi_hot`: features whose rows may hold several ids (their tables are looked up
-        unpooled); `pooled_lookup=False` looks up every table unpooled."""
+        """`multi_hot`: the features whose rows may hold several ids (the dataset schema's
+        multi-hot ones; no default, since thresholding a pooled multi-id bag would be silently
+        wrong); their tables are looked up unpooled. `pooled_lookup=False` looks up every table
+        unpooled."""
         super().__init__()
         if not plan.is_uniform:
             raise PlanError("PEP prunes full base-dim tables: plan it with embeddings.policy uniform")
@@ -181,7 +184,7 @@ class PepEmbeddings(nn.Module):
         if self.ebc is not None:
             rows = self.ebc(features)  # a single-hot bag's pooled value is its one row
             keys += rows.keys()
-            parts.append(self.prune(rows.values().view(batch, -1, self.width)))
+            parts.append(self.prune(rows.values().reshape(batch, -1, self.width)))
         if self.ec is not None:
             jagged = self.ec(features)
             jagged = [jagged[f] for f in self.unpooled_features]

@@ -230,7 +230,7 @@ def test_pep_config_checks():
     with pytest.raises(ConfigError, match="weight_decay"):
         PepConfig(weight_decay=-1.0)
     with pytest.raises(PlanError, match="uniform"):
-        PepEmbeddings(DimensionPlan(D, [TablePlan("t_a", ["a"], 6, [Block(0, 6, 8)])]), "global", -15)
+        PepEmbeddings(DimensionPlan(D, [TablePlan("t_a", ["a"], 6, [Block(0, 6, 8)])]), "global", -15, multi_hot=())
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ SPLIT_OF = {False: "row_wise", True: "column_wise"}
 
 def _sharded_count(rank: int, world: int, data: str, granularity: str, s_init: float, pooled: bool):
     plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(data))
-    module = PepEmbeddings(plan, granularity, s_init, pooled_lookup=pooled, device=torch.device("meta"))
+    module = PepEmbeddings(plan, granularity, s_init, multi_hot=(), pooled_lookup=pooled, device=torch.device("meta"))
     types = {t.name: [SPLIT_OF[pooled] if i % 2 else "table_wise"] for i, t in enumerate(plan.tables)}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"),
@@ -89,7 +89,7 @@ def test_sharded_count_and_masks_equal_single_process(dataset, granularity, pool
     s_init = math.log(0.03 / 0.97)  # g = 0.03, about half of uniform(+-1/sqrt(300)) survives
     results = run_ranks(_sharded_count, WORLD, str(dataset), granularity, s_init, pooled)
     plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(dataset))
-    single = PepEmbeddings(plan, granularity, s_init)
+    single = PepEmbeddings(plan, granularity, s_init, multi_hot=())
     single.initialise(seed=4)
     counts = nonzero_counts(single)
     assert results[0][0] == results[1][0] == counts
