@@ -62,7 +62,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 import torch
@@ -78,10 +78,11 @@ from embshard.planner.config import EmbeddingsConfig, MletConfig
 from embshard.planner.pipeline import make_plan
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
+from embshard.sharding.pep import GRANULARITIES
 from embshard.trainer.build import ShardedModel, build_sharded
+from embshard.trainer.callbacks import StepInfo
 from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from embshard.trainer.evaluate import evaluate
-from embshard.trainer.callbacks import StepInfo
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import LotteryTicket, PruneCallback, build_pep, pep_module
 from embshard.trainer.pep_config import PepConfig, target_dir_name
@@ -96,6 +97,7 @@ RATING = "rating"  # the converter's extra column with MovieLens' raw stars
 MLET_DIMS = (4, 8, 16)  # --policy mlet --sweep: serving widths d ...
 MLET_K_MULTS = (1, 4, 8)  # ... each trained at k = this x d
 PEP_POLICIES = ("pep-lottery", "pep-mixed")
+Log = Callable[[str], None]
 # Settings that change what a uniform row measured: reused rows must agree on all of them.
 TRAINING_SETTINGS = ("epochs", "batch_size", "sparse_lr", "mode", "threads")
 
@@ -261,7 +263,7 @@ def prune_run(args: argparse.Namespace, data: Path, seed: int, out: Path) -> dic
     return {**summary["pep"], "steps": step, "seconds": time.perf_counter() - started}
 
 
-def pep_rows(args: argparse.Namespace, data: Path, seed: int, log: Any) -> list[dict[str, Any]]:
+def pep_rows(args: argparse.Namespace, data: Path, seed: int, log: Log) -> list[dict[str, Any]]:
     """One prune run, then both retrains of every target it reached; missed targets are rows too."""
     with tempfile.TemporaryDirectory(dir=CACHE) as out:
         pruned = prune_run(args, data, seed, Path(out))
@@ -335,6 +337,11 @@ def sweep_specs(args: argparse.Namespace, data: Path) -> list[RunSpec]:
     if args.policy == "mlet":
         # Uniform comes from the saved plain sweep (see baseline_rows), so only MLET runs here.
         return [RunSpec("mlet", d, s, mlet_width=m * d) for d in MLET_DIMS for m in MLET_K_MULTS for s in args.seeds]
+    return plain_sweep_specs(args, data)
+
+
+def plain_sweep_specs(args: argparse.Namespace, data: Path) -> list[RunSpec]:
+    """Uniform widths, and MDE at the budgets of some of them."""
     target = TARGETS[args.target]
     specs = uniform_specs(args)
     for d in target.budget_dims:
@@ -487,7 +494,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pep.add_argument("--pep-dim", type=int, default=64, help="base dim the prune run starts from (default 64)")
     pep.add_argument("--pep-targets", type=lambda s: [float(x) for x in s.split(",")],
                      default=[0.5, 0.25, 0.125, 0.0625], help="kept fractions to save masks at")
-    pep.add_argument("--granularity", default="dimension", help="threshold granularity (default dimension)")
+    pep.add_argument("--granularity", choices=GRANULARITIES, default="dimension",
+                     help="threshold granularity (default dimension)")
     pep.add_argument("--s-init", type=float, default=-15.0)
     pep.add_argument("--threshold-lr", type=float, default=0.05)
     pep.add_argument("--pep-weight-decay", type=float, default=1e-3, help="L2 on s (default 1e-3)")
@@ -511,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def log_row(log: Any, row: dict[str, Any], args: argparse.Namespace, prefix: str = "") -> None:
+def log_row(log: Log, row: dict[str, Any], args: argparse.Namespace, prefix: str = "") -> None:
     if "error" in row:
         shown = f"skipped: {row['error']}"
     else:
@@ -521,14 +529,13 @@ def log_row(log: Any, row: dict[str, Any], args: argparse.Namespace, prefix: str
     log(f"{prefix}{row['config']} seed {row['seed']}: {shown}")
 
 
-def baseline_rows(args: argparse.Namespace, data: Path, policies: tuple[str, ...], log: Any) -> list[dict[str, Any]]:
+def baseline_rows(args: argparse.Namespace, data: Path, policies: tuple[str, ...], log: Log) -> list[dict[str, Any]]:
     """The plain sweep's rows of `policies`, reused when saved with these settings, else run."""
     saved = saved_rows(args, policies)
     if saved is not None:
         log(f"reusing {len(saved)} {' and '.join(policies)} rows from the saved sweep")
         return saved
-    specs = [s for s in sweep_specs(argparse.Namespace(**{**vars(args), "policy": "uniform"}), data)
-             if s.policy in policies]
+    specs = [s for s in plain_sweep_specs(args, data) if s.policy in policies]
     rows = []
     for i, spec in enumerate(specs):
         rows.append(run_one(args, data, spec))

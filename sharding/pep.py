@@ -155,8 +155,13 @@ class PepEmbeddings(nn.Module):
         self.s_init = s_init
         self.base_dim = plan.base_dim
         self.width = self.base_dim + threshold_columns(granularity, self.base_dim)
-        pooled = [t for t in plan.tables if pooled_lookup and not set(t.features) & set(multi_hot)]
-        unpooled = [t for t in plan.tables if t not in pooled]
+        several_ids = set(multi_hot)
+
+        def pooled_ok(t: TablePlan) -> bool:
+            return pooled_lookup and several_ids.isdisjoint(t.features)
+
+        pooled = [t for t in plan.tables if pooled_ok(t)]
+        unpooled = [t for t in plan.tables if not pooled_ok(t)]
         self.pooled_tables = [t.name for t in pooled]
         self.unpooled_features = [f for t in unpooled for f in t.features]
 
