@@ -376,16 +376,18 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     """Per config mean/std of `metric` over seeds; for AUC also the paper's claim check."""
     configs: dict[str, dict[str, Any]] = {}
     for r in rows:
-        c = configs.setdefault(r["config"], {"policy": r["policy"], "values": [], "params": r.get("params"),
+        c = configs.setdefault(r["config"], {"policy": r["policy"], "values": [], "params": [],
                                              "error": r.get("error")})
         if metric in r:
             c["values"].append(r[metric])
+            c["params"].append(r["params"])
     per_config = {}
     for key, c in configs.items():
         values = c["values"]
         per_config[key] = {
             "policy": c["policy"],
-            "params": c["params"],
+            # A PEP mask, and so its size, differs by seed; every other config's size does not.
+            "params": round(statistics.fmean(c["params"])) if c["params"] else None,
             f"{metric}_mean": statistics.fmean(values) if values else None,
             f"{metric}_std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
             "seeds": len(values),

@@ -3,6 +3,7 @@ initial values, masks kept at zero, and PEP masks -> decisions -> DimensionPlan.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.pipeline import make_plan
 from embshard.planner.policies import from_decisions, plan_dimensions
-from embshard.planner.policies.pep import pep_table_decision
+from embshard.planner.policies.pep import merge_widths, pep_table_decision
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.pep import (
@@ -191,16 +192,40 @@ def test_lottery_ticket_starts_masked_and_stays_masked():
         assert (w.detach().numpy()[~mask] == 0).all() and (w.detach().numpy()[mask] != 0).all()
 
 
-def test_pep_blocks_keep_survivors_in_fused_widths(tmp_path):
-    nnz = np.array([0, 16, 3, 9, 16, 5, 1, 12])
+def test_pep_blocks_keep_survivors_at_the_fewest_parameters(tmp_path):
+    nnz = np.concatenate([np.full(900, 2), np.full(100, 16), np.full(3, 9)])
+    nnz[0] = 0
     d = pep_table_decision(nnz, 16, "t.npy", tmp_path)
     assert d.row_order == "pep_nnz" and d.remap == "t.npy"
-    # needs ceil4(nnz) >= 4: ranked 16, 16, 12, 12 (nnz 9), 8, 4, 4, 4
-    assert [(b.rows, b.dim) for b in d.blocks] == [(2, 16), (2, 12), (1, 8), (3, 4)]
+    # Needs (ceil4, at least 4): 100 x 16, 3 x 12, 900 x 4. The 12-run alone would cost
+    # 3*12 + 12*16 (projection) = 228 against 3*16 = 48 inside the 16-wide block; the 4-run alone
+    # 900*4 + 4*16 = 3664 against 900*16 = 14400.
+    assert [(b.rows, b.dim) for b in d.blocks] == [(103, 16), (900, 4)]
     ranks = np.load(tmp_path / "t.npy")
-    assert ranks[[1, 4]].tolist() == [0, 1] and ranks[0] == 7  # most survivors first, stable
-    assert pep_table_decision(np.full(4, 7), 16, "u.npy", tmp_path).dim == 8  # one width: no remap
-    assert not (tmp_path / "u.npy").exists()
+    assert ranks[900:1000].tolist() == list(range(100))  # most survivors first, stable
+    assert ranks[1000:].tolist() == [100, 101, 102] and ranks[0] == 1002  # fully pruned: last
+    # A few rows: every projection costs more than it saves, so one table at the widest need.
+    assert pep_table_decision(np.array([0, 16, 3, 9, 16, 5, 1, 12]), 16, "u.npy", tmp_path).dim == 16
+    assert pep_table_decision(np.full(4, 7), 16, "v.npy", tmp_path).dim == 8
+    assert not (tmp_path / "u.npy").exists() and not (tmp_path / "v.npy").exists()
+
+
+def test_merge_widths_is_the_cheapest_split():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        k = int(rng.integers(1, 8))
+        widths = sorted(rng.choice(np.arange(4, 68, 4), size=k, replace=False).tolist(), reverse=True)
+        rows = rng.integers(1, 400, size=k).tolist()
+
+        def cost(blocks):
+            return sum(n * w + (w * 64 if w != 64 else 0) for n, w in blocks)
+
+        brute = min(
+            cost([(sum(rows[a:b]), widths[a]) for a, b in zip([0, *cuts], [*cuts, k])])
+            for r in range(k) for cuts in map(list, itertools.combinations(range(1, k), r))
+        )
+        blocks = merge_widths(widths, rows, 64)
+        assert cost(blocks) == brute and sum(n for n, _ in blocks) == sum(rows)
 
 
 def test_saved_target_loads_as_a_smaller_plan(tmp_path):

@@ -2,10 +2,13 @@
 
 Rows are ranked by their surviving (non-zero) entry count, most first (`row_order: pep_nnz`, the
 id -> rank remap saved beside the file). A row needs ceil4(nnz) columns to keep its survivors
-(FBGEMM's fused kernels take widths divisible by 4); consecutive ranked rows needing the same
-width form one block. Widths only fall along the ranking, so a table gets at most base_dim / 4
-blocks, and a fully pruned row still costs the narrowest width (a row cannot be dropped: its id
-still arrives). The mixed-dimension retrain then stores what survived, not the dense table.
+(FBGEMM's fused kernels take widths divisible by 4), and a fully pruned row still costs the
+narrowest width (a row cannot be dropped: its id still arrives). Widths only fall along the
+ranking. Every block narrower than base_dim also serves through a width x base_dim projection,
+so a run of rows needing one width is its own block only when that saves more than its
+projection costs: `merge_widths` picks the cheapest split into blocks exactly (a table has at
+most base_dim / 4 widths). The mixed-dimension retrain then stores what survived, not the dense
+table.
 """
 
 from __future__ import annotations
@@ -20,21 +23,39 @@ from embshard.planner.remap import frequency_ranking
 from embshard.planner.rounding import FBGEMM_ALIGN
 
 
+def merge_widths(widths: list[int], rows: list[int], base_dim: int) -> list[tuple[int, int]]:
+    """The cheapest blocks for runs of rows needing `widths` (strictly falling) with `rows` rows
+    each: -> [(rows, width)], each block as wide as its first run. A block's cost is its rows x
+    width plus, below base_dim, its width x base_dim projection (`DimensionPlan.serve_params`)."""
+    def cost(i: int, j: int) -> int:  # runs i..j-1 in one block
+        return sum(rows[i:j]) * widths[i] + (widths[i] * base_dim if widths[i] != base_dim else 0)
+
+    best = [0] + [0] * len(widths)  # best[j]: cheapest blocks for runs 0..j-1
+    start = [0] * (len(widths) + 1)  # where the last block of best[j] begins
+    for j in range(1, len(widths) + 1):
+        best[j], start[j] = min((best[i] + cost(i, j), i) for i in range(j))
+    blocks, j = [], len(widths)
+    while j:
+        i = start[j]
+        blocks.append((sum(rows[i:j]), widths[i]))
+        j = i
+    return blocks[::-1]
+
+
 def pep_table_decision(nnz: np.ndarray, base_dim: int, remap_name: str, out_dir: Path) -> TableDecision:
     """Blocks for one table from its per-row surviving counts; writes the remap when rows move."""
     need = np.clip(-(-np.asarray(nnz) // FBGEMM_ALIGN) * FBGEMM_ALIGN, FBGEMM_ALIGN, base_dim)
     ranks = frequency_ranking(nnz)  # descending nnz, stable: the same masks give the same plan
     ranked_need = np.empty_like(need)
     ranked_need[ranks] = need
-    cuts = np.flatnonzero(np.diff(ranked_need)) + 1
-    starts = np.concatenate([[0], cuts])
-    ends = np.concatenate([cuts, [len(need)]])
-    if len(starts) == 1:
-        return TableDecision(dim=int(ranked_need[0]))
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ranked_need)) + 1])
+    runs = np.diff(np.concatenate([starts, [len(need)]]))
+    blocks = merge_widths([int(w) for w in ranked_need[starts]], [int(n) for n in runs], base_dim)
+    if len(blocks) == 1:
+        return TableDecision(dim=blocks[0][1])
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / remap_name, ranks, allow_pickle=False)
-    blocks = [BlockDecision(int(e - s), int(ranked_need[s])) for s, e in zip(starts, ends)]
-    return TableDecision(blocks=blocks, row_order="pep_nnz", remap=remap_name)
+    return TableDecision(blocks=[BlockDecision(n, w) for n, w in blocks], row_order="pep_nnz", remap=remap_name)
 
 
 def pep_decisions(
