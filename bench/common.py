@@ -8,6 +8,7 @@ import argparse
 import os
 import socket
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,8 +69,12 @@ def interleaved_rates(
     return rates
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+def median_rates(rates: dict[str, list[float]]) -> dict[str, float]:
+    """Print every pass of every variant (stderr); -> each variant's median samples/s."""
+    width = max(map(len, rates))
+    for name, xs in rates.items():
+        print(f"{name:>{width}}: " + ", ".join(f"{x:,.0f}" for x in xs) + " samples/s", file=sys.stderr)
+    return {name: statistics.median(xs) for name, xs in rates.items()}
 
 
 def timed(fn: Callable[[], None]) -> float:

@@ -32,7 +32,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_arguments, bench_job, interleaved_rates, median, prepare  # noqa: E402
+from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
 
 from embshard.planner.config import EmbeddingsConfig  # noqa: E402
 from embshard.planner.optimizers import torch_optimizer_class  # noqa: E402
@@ -128,9 +128,7 @@ def main() -> None:
         },
         args.repeats,
     )
-    for name, xs in rates.items():
-        print(f"{name:>18}: " + ", ".join(f"{x:,.0f}" for x in xs) + " samples/s", file=sys.stderr)
-    m = {k: median(v) for k, v in rates.items()}
+    m = median_rates(rates)
     print(json.dumps({
         "bench": "throughput",
         "dim": args.dim,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchData, bench_arguments, bench_job, interleaved_rates, median, prepare  # noqa: E402
+from common import BenchData, bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
 from embshard.planner.config import EmbeddingsConfig, MletConfig
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.config import JobConfig
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         {name: (lambda m=model: run_embshard(m, timed_batches, [], log_every)) for name, model in models.items()},
         args.repeats,
     )
-    for name, xs in rates.items():
-        print(f"{name:>10}: " + ", ".join(f"{x:,.0f}" for x in xs) + " samples/s", file=sys.stderr)
-    m = {name: median(xs) for name, xs in rates.items()}
+    m = median_rates(rates)
     print(json.dumps({
         "bench": "throughput_mlet",
         "dim": args.dim,

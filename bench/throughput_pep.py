@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_arguments, bench_job, interleaved_rates, median, prepare  # noqa: E402
+from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
 
 from embshard.planner.config import EmbeddingsConfig  # noqa: E402
 from embshard.sharding.pep import GRANULARITIES  # noqa: E402
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(timed)} steps x {args.batch_size} per pass, {args.repeats} passes each, dim {args.dim}, "
           f"{len(bundle.dimension_plan.tables)} tables", file=sys.stderr)
     rates = interleaved_rates({name: (lambda m=m: rate(m, timed)) for name, m in models.items()}, args.repeats)
-    for name, xs in rates.items():
-        print(f"{name:>28}: " + ", ".join(f"{x:,.0f}" for x in xs) + " samples/s", file=sys.stderr)
-    m = {k: median(v) for k, v in rates.items()}
+    m = median_rates(rates)
     ratios = {g: round(m[g] / m["plain"], 3) for g in granularities}
     unpooled = {g: round(m[f"{g}/unpooled"] / m["plain"], 3) for g in granularities}
     headline = [ratios[g] for g in ("global", "dimension") if g in ratios] or list(ratios.values())

@@ -45,19 +45,20 @@ def plan_for_training(cfg: JobConfig) -> PlanBundle:
     elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
     else:
-        bundle = make_plan(
-            cfg.embeddings,
-            cfg.data.path,
-            topology,
-            cfg.plan_dir,
-            batch_size=cfg.data.batch_size,
-            optimizer=cfg.train.sparse_optimizer,
-            sharding_types=cfg.sharding.sharding_types,
-        )
+        bundle = make_plan(cfg.embeddings, cfg.data.path, topology, cfg.plan_dir, **sharding_options(cfg))
         bundle.save()
     bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.cluster.workers)
     bundle.memory.check_fits()
     return bundle
+
+
+def sharding_options(cfg: JobConfig) -> dict[str, Any]:
+    """What shapes a run's shard plan besides its topology: one source for fresh and resumed plans."""
+    return {
+        "batch_size": cfg.data.batch_size,
+        "optimizer": cfg.train.sparse_optimizer,
+        "sharding_types": cfg.sharding.sharding_types,
+    }
 
 
 def resume_source(cfg: JobConfig) -> Path | None:
@@ -80,13 +81,7 @@ def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:
     topology = cfg.sharding.topology(cfg.cluster.workers)
     if bundle.shard_plan.topology != topology:
         bundle = shard_dimension_plan(
-            bundle.dimension_plan,
-            load_profile(cfg.data.path),
-            topology,
-            cfg.plan_dir,
-            batch_size=cfg.data.batch_size,
-            optimizer=cfg.train.sparse_optimizer,
-            sharding_types=cfg.sharding.sharding_types,
+            bundle.dimension_plan, load_profile(cfg.data.path), topology, cfg.plan_dir, **sharding_options(cfg)
         )
     bundle.save()
     return bundle

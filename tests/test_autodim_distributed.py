@@ -14,18 +14,11 @@ from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.trainer.autodim import decisions_path, plan_search, search_worker
-from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    JobConfig,
-    ModelConfig,
-    TrainConfig,
-)
+from embshard.trainer.config import JobConfig
 from embshard.trainer.loop import run_worker
+from test_autodim import job as search_job
 
 pytestmark = pytest.mark.slow
-CANDIDATES = [2, 8, 16]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +27,9 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def job(dataset: Path, out: Path, **search) -> JobConfig:
-    cfg = JobConfig(
-        output_dir=str(out),
-        data=DataConfig(path=str(dataset), batch_size=256, eval_batch_size=1024, prefetch=1),
-        model=ModelConfig(dense_arch=[16], over_arch=[16]),
-        embeddings=EmbeddingsConfig(dim=16),
-        train=TrainConfig(progress=False, log_every=2),
-        checkpoint=CheckpointConfig(enabled=False),
-    )
-    cfg.autodim = AutodimConfig(candidates=CANDIDATES, alpha_every=2, pretrain_steps=2, alpha_lr=0.05, **search)
+    """test_autodim's job, with alpha steps early and often enough for a short distributed run."""
+    cfg = search_job(dataset, out, alpha_every=2, pretrain_steps=2, alpha_lr=0.05, **search)
+    cfg.train = replace(cfg.train, log_every=2)
     return cfg
 
 

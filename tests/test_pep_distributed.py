@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import profiled_synth
 from distributed import run_ranks
 from embshard.datasets.convert import convert
 from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.synth import synthesize
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
@@ -55,10 +55,7 @@ WORLD = 2
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pep") / "data"
-    synthesize(path, rows=3000, seed=1, max_cardinality=300)
-    write_profile(path)
-    return path
+    return profiled_synth(tmp_path_factory.mktemp("pep") / "data", rows=3000, max_cardinality=300, seed=1)
 
 
 # Shards of two kinds side by side: the unpooled collection's row-wise (CPU can) next to

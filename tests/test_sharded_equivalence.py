@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import profiled_synth
 from distributed import run_ranks
-from embshard.datasets.profile import write_profile
 from embshard.datasets.reader import Batch, ParquetBatchReader
-from embshard.datasets.synth import NUM_DENSE, synthesize
+from embshard.datasets.synth import NUM_DENSE
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.shard_plan import ShardPlan, block_table_configs
@@ -51,10 +51,7 @@ def job_config() -> JobConfig:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("equiv") / "data"
-    synthesize(path, rows=4000, seed=3, max_cardinality=2000)
-    write_profile(path)
-    return path
+    return profiled_synth(tmp_path_factory.mktemp("equiv") / "data", rows=4000, max_cardinality=2000, seed=3)
 
 
 def mixed_shard_plan(bundle: PlanBundle) -> ShardPlan:
