@@ -99,3 +99,29 @@ def test_cli_synth_writes_dataset_and_profile(tmp_path: Path, capsys: pytest.Cap
     assert load_profile(tmp_path).counts("C3").sum() == 800
     args = parser.parse_args(["data", "profile", str(tmp_path)])
     assert args.func(args) == 0
+
+
+def test_synth_refuses_to_replace_without_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    first = synthesize(out, rows=100, seed=0, max_cardinality=20)
+    assert load_profile(out).counts("C1").sum() == 80  # the profile comes with the dataset
+    with pytest.raises(DataError, match=r"d: not empty; pass --overwrite"):
+        synthesize(out, rows=200, seed=1, max_cardinality=20)
+    assert DatasetSpec.load(out) == first
+    second = synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert DatasetSpec.load(out) == second and second.rows["train"] == 160
+    assert load_profile(out).counts("C1").sum() == 160
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_cli_synth_overwrite(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="embshard")
+    register(parser.add_subparsers(dest="command", required=True))
+    argv = ["data", "synth", "--out", str(tmp_path / "d"), "--rows", "100", "--max-cardinality", "20"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    with pytest.raises(DataError, match="--overwrite"):
+        args.func(args)
+    args = parser.parse_args([*argv, "--seed", "3", "--overwrite"])
+    assert args.func(args) == 0
+    assert "seed=3" in DatasetSpec.load(tmp_path / "d").source

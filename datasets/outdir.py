@@ -1,0 +1,56 @@
+"""Replacing a dataset folder all at once.
+
+A dataset is written into a staging folder beside its destination (same parent, so the final
+rename stays on one file system and is atomic) and renamed into place only once it is complete,
+profile included. A failed run removes its staging folder and leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from embshard.datasets.schema import SPEC_FILE
+from embshard.errors import DataError
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Raises unless `out` is absent, empty, or (with overwrite) an earlier dataset."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"{out}: not empty; pass --overwrite to replace the dataset there")
+    # --overwrite pointed at the wrong folder (a home directory, a checkout) must not wipe it.
+    if not (out / SPEC_FILE).is_file():
+        raise DataError(f"{out}: not empty and holds no {SPEC_FILE}, so it is no dataset; "
+                        f"refusing to replace it, even with --overwrite")
+
+
+def make_staging(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Renames the complete `staging` folder to `out`; an earlier dataset there goes only after that."""
+    check_output(out, overwrite)  # again: `out` may have changed during a long conversion
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
