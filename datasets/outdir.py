@@ -20,8 +20,14 @@ def check_output(out: Path, overwrite: bool) -> None:
     """Raises unless `out` is absent, empty, or (with overwrite) an earlier dataset."""
     if not out.exists():
         return
+    if out.is_symlink():
+        # Renaming would move the link, not the dataset it points to.
+        raise DataError(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
     if not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory")
+    if Path.cwd().is_relative_to(out.resolve()):
+        # The folder is renamed away at the end, which would leave this shell in a deleted folder.
+        raise DataError(f"{out}: holds the current directory; run from outside it or name a new folder")
     if not any(out.iterdir()):
         return
     if not overwrite:
@@ -33,6 +39,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def make_staging(out: Path) -> Path:
+    out = out.absolute()  # `--out .` has no name and its parent is itself
     out.parent.mkdir(parents=True, exist_ok=True)
     # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
     staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -43,6 +50,7 @@ def make_staging(out: Path) -> Path:
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Renames the complete `staging` folder to `out`; an earlier dataset there goes only after that."""
     check_output(out, overwrite)  # again: `out` may have changed during a long conversion
+    out = out.absolute()
     if not out.exists():
         staging.rename(out)
         return

@@ -125,3 +125,23 @@ def test_cli_synth_overwrite(tmp_path: Path) -> None:
     args = parser.parse_args([*argv, "--seed", "3", "--overwrite"])
     assert args.func(args) == 0
     assert "seed=3" in DatasetSpec.load(tmp_path / "d").source
+
+
+def test_synth_into_a_symlink_or_file_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    synthesize(real, rows=100, max_cardinality=20)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(DataError, match=r"link: a symbolic link; give the folder it points to"):
+        synthesize(link, rows=100, max_cardinality=20, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"file: exists and is not a directory"):
+        synthesize(tmp_path / "file", rows=100, max_cardinality=20, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "real"]
+
+
+def test_synth_into_the_current_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"holds the current directory"):
+        synthesize(Path("."), rows=100, max_cardinality=20)
+    assert list(tmp_path.iterdir()) == []

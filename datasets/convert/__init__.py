@@ -1,8 +1,9 @@
 """Converters from public click/rating logs to the dataset layout of schema.py.
 
 `convert(kind, src, out_dir)` writes DIR/dataset.json, the three splits and the profile, prints a
-one-line summary and returns the spec. DIR is replaced whole or not at all (see outdir.py). Every converter maps categorical values to ids by descending
-train-split frequency, with id 0 for unknown / rare (< min_count) / missing values.
+one-line summary and returns the spec; DIR is replaced whole or not at all (see outdir.py). Every
+converter maps categorical values to ids by descending train-split frequency, with id 0 for
+unknown / rare (< min_count) / missing values.
 """
 
 from __future__ import annotations

@@ -73,14 +73,14 @@ def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
     try:
         with open(path, "rb") as raw:
             compressed = raw.read(2) == _GZIP_MAGIC
-            raw.seek(0)
-            data: BinaryIO = gzip.GzipFile(fileobj=raw) if compressed else raw  # type: ignore[assignment]
-            head = data.read(_TAR_MAGIC_AT + 5)
-            if head[_TAR_MAGIC_AT:] == b"ustar":
+
+            def rewound() -> BinaryIO:
+                raw.seek(0)
+                return gzip.GzipFile(fileobj=raw) if compressed else raw  # type: ignore[return-value]
+
+            if rewound().read(_TAR_MAGIC_AT + 5)[_TAR_MAGIC_AT:] == b"ustar":
                 raise DataError(f"{path}: a tar archive; unpack it first (tar xf) and give the data file inside")
-            raw.seek(0)
-            data = gzip.GzipFile(fileobj=raw) if compressed else raw  # type: ignore[assignment]
-            yield data, raw
+            yield rewound(), raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
 
