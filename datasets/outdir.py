@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 from embshard.datasets.schema import SPEC_FILE
@@ -55,10 +56,13 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
         staging.rename(out)
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    out.rename(old)
     try:
+        out.rename(old)
         staging.rename(out)
-    except BaseException:
-        old.rename(out)
+    except BaseException:  # an interrupt between the renames must not leave `out` missing
+        if old.exists() and not out.exists():
+            old.rename(out)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        print(f"warning: {old}: could not remove the replaced dataset; delete it by hand", file=sys.stderr)

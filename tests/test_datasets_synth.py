@@ -145,3 +145,20 @@ def test_synth_into_the_current_directory_is_refused(tmp_path: Path, monkeypatch
     with pytest.raises(DataError, match=r"holds the current directory"):
         synthesize(Path("."), rows=100, max_cardinality=20)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_swap_puts_the_old_dataset_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "d"
+    first = synthesize(out, rows=100, seed=0, max_cardinality=20)
+    rename = Path.rename
+
+    def fail_on_staging(self: Path, target: Path) -> Path:
+        if ".partial-" in self.name:  # the new dataset's rename into place
+            raise OSError("disk gone")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", fail_on_staging)
+    with pytest.raises(OSError, match="disk gone"):
+        synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert DatasetSpec.load(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
