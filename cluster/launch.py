@@ -18,6 +18,7 @@ from typing import Any
 import ray
 import ray.train
 from embshard.datasets.profile import load_profile
+from embshard.datasets.verify import verify_dataset
 from embshard.planner.pipeline import PlanBundle, make_plan, shard_dimension_plan
 from embshard.cluster.resume_config import reconcile
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
@@ -41,6 +42,7 @@ def plan_for_training(cfg: JobConfig) -> PlanBundle:
     """The plan every worker will train: the plan of the checkpoint the run resumes from (whose
     model config must agree with cfg's, see `with_checkpoint_config`), else the given plan file,
     else a fresh one for this topology."""
+    verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
     if source is not None:

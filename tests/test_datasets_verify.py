@@ -79,3 +79,14 @@ def test_missing_split_directory(multi_part: Path) -> None:
     shutil.rmtree(multi_part / "test")
     with pytest.raises(DataError, match=r"test: split directory not found"):
         verify_dataset(multi_part)
+
+
+def test_the_driver_refuses_to_plan_over_a_missing_part(multi_part: Path, tmp_path: Path) -> None:
+    from embshard.cluster.launch import plan_for_training
+    from embshard.trainer.config import DataConfig, JobConfig
+
+    (multi_part / "train" / "part-00004.parquet").unlink()
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(multi_part)))
+    with pytest.raises(DataError, match=r"part-00004\.parquet: missing"):
+        plan_for_training(cfg)
+    assert not (tmp_path / "run" / "plan").exists()  # nothing planned, nothing written
