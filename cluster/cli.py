@@ -13,9 +13,10 @@ from embshard.cluster import autodim_cli, export_cli, pep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments
 from embshard.datasets import cli as data_cli
 
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, Interrupted
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     except EmbshardError as e:
         print(f"embshard: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as e:
+        print(f"embshard: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:

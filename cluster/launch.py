@@ -20,6 +20,7 @@ import ray.train
 from embshard.datasets.profile import load_profile
 from embshard.datasets.verify import verify_dataset
 from embshard.planner.pipeline import PlanBundle, make_plan, shard_dimension_plan
+from embshard.cluster.interrupt import run_with_graceful_ctrl_c
 from embshard.cluster.resume_config import reconcile
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
@@ -30,11 +31,12 @@ from embshard.trainer.checkpoint import (
 )
 from embshard.trainer.config import JobConfig
 from embshard.trainer.loop import SUMMARY_FILE
+from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, Interrupted
 from embshard.typed_config import from_dict, to_dict
 
 
@@ -159,15 +161,20 @@ def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         ),
     )
+    graceful = cfg.checkpoint.enabled and cfg.checkpoint.on_sigterm
     try:
-        trainer.fit()
+        _, stop_requested = run_with_graceful_ctrl_c(trainer.fit, output / STOP_REQUEST_FILE, graceful)
     except Exception as e:  # Ray wraps worker errors; surface the worker's own message
         cause = _root_cause(e)
         if isinstance(cause, EmbshardError):
             raise cause from None
         raise
     # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
-    return json.loads((output / SUMMARY_FILE).read_text())
+    summary = json.loads((output / SUMMARY_FILE).read_text())
+    if stop_requested and summary.get("preempted"):
+        raise Interrupted(f"stopped by Ctrl-C after step {summary['steps']}, checkpoint "
+                          f"{summary.get('checkpoint')}; run the same command again to continue")
+    return summary
 
 
 def _init_ray(cfg: JobConfig) -> None:

@@ -19,6 +19,11 @@ class PlanError(EmbshardError):
     """A dimension or shard plan cannot be built (infeasible budget, topology too small, ...)."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C stopped a job cleanly (a checkpoint was written): the CLI prints it and exits 130.
+    Not an EmbshardError: nothing was wrong with the input."""
+
+
 def first_line(e: BaseException) -> str:
     """`Type: first line of the message`: enough to act on, short enough for a one-line error."""
     text = str(e).strip()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.metrics import WorkerMetrics
-from embshard.trainer.preemption import SigtermGuard
+from embshard.trainer.preemption import StopGuard
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,12 @@ class ReportCallback(Callback):
 
 
 class CheckpointCallback(Callback):
-    """Checkpoints every N steps, at the end, and after the step in which SIGTERM arrived
-    (then it asks the loop to stop). `snapshot` returns the loop's progress at the call."""
+    """Checkpoints every N steps, at the end, and after the step in which a stop signal or request
+    arrived (then it asks the loop to stop). `snapshot` returns the loop's progress at the call."""
 
     def __init__(self, manager: CheckpointManager, model: nn.Module, optimizer: KeyedOptimizer,
                  snapshot: Callable[[], Progress], config: dict[str, Any], plan_dir: Path,
-                 every_steps: int | None, guard: SigtermGuard | None = None,
+                 every_steps: int | None, guard: StopGuard | None = None,
                  metrics: WorkerMetrics | None = None) -> None:
         self.manager = manager
         self.model = model

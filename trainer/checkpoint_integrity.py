@@ -71,12 +71,13 @@ def write_manifest(folder: Path, step: int) -> dict[str, Any]:
     """Collective: every rank hashes its share of the folder's files; returns the manifest (rank 0
     writes it). Called once every file is in place, so the manifest is the last thing written."""
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    mine = {name: sha256_file(folder / name) for name in _my_share(names)}
-    hashes: dict[str, str] = {}
+    # Sizes come with the hashes: after the gather, rank 0 may already be renaming the folder.
+    mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+            for name in _my_share(names)}
+    files: dict[str, dict[str, Any]] = {}
     for part in _gather(mine):
-        hashes.update(part)
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": hashes[name]} for name in names}
-    return {"version": MANIFEST_VERSION, "step": step, "written_at": time.time(), "files": files}
+        files.update(part)
+    return {"version": MANIFEST_VERSION, "step": step, "written_at": time.time(), "files": dict(sorted(files.items()))}
 
 
 def read_manifest(folder: Path) -> dict[str, FileEntry]:

@@ -101,7 +101,7 @@ class CheckpointConfig:
     dir: str | None = None  # None = <output_dir>/checkpoints
     every_steps: int | None = None  # None = only at the end (and on SIGTERM)
     keep: int = 2  # the newest K complete checkpoints are kept
-    on_sigterm: bool = True  # finish the step, checkpoint, stop cleanly
+    on_sigterm: bool = True  # on SIGTERM or Ctrl-C: finish the step, checkpoint, stop cleanly
     resume: str | None = None  # a checkpoint dir or one step-NNNNNN folder of another run
 
     def __post_init__(self) -> None:

@@ -43,7 +43,7 @@ from embshard.trainer.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.metrics import WorkerMetrics, write_file_sd
-from embshard.trainer.preemption import SigtermGuard
+from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
 from embshard.typed_config import to_dict
 
@@ -231,7 +231,7 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
     if report is not None:
         callbacks.append(ReportCallback(report))
     if cfg.checkpoint.enabled:
-        guard = SigtermGuard()
+        guard = StopGuard(Path(cfg.output_dir) / STOP_REQUEST_FILE)
         callbacks.append(CheckpointCallback(
             checkpoint_manager(cfg, sharded, metrics),
             sharded.model, sharded.optimizer, snapshot, to_dict(cfg),

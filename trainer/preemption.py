@@ -1,7 +1,17 @@
-"""Graceful preemption: SIGTERM asks the loop to finish its step, checkpoint and stop.
+"""Graceful stops: SIGTERM (preemption), Ctrl-C, or a stop request ask the loop to finish its
+step, checkpoint and stop.
 
 Ranks run collectives every step, so they must stop after the same step: the flag is all-reduced
 once per step (one scalar; negligible beside a training step).
+
+Three ways in, one flag:
+- SIGTERM or SIGINT to a process that runs the loop (a preempted pod's workers; Ctrl-C on a
+  process that trains in its main thread). A second signal of the same kind does what the
+  process did before the guard (Ray: exit; Python: KeyboardInterrupt).
+- A stop-request file in the run folder, which `embshard` writes on Ctrl-C. A terminal's Ctrl-C
+  reaches only the driver: Ray starts its processes with SIGINT blocked, in process groups of
+  their own, and ends them when the driver exits. So the driver stays alive on the first Ctrl-C,
+  writes the request, and the workers see it at their next step.
 
 Python lets only the main thread install signal handlers, and Ray Train v2 runs the train function
 in a thread of the worker actor. The actor's own tasks run on the process's main thread, so a
@@ -16,6 +26,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -26,31 +37,35 @@ log = logging.getLogger(__name__)
 
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_REQUEST_FILE = "stop-requested"  # in the run's output_dir; see the module docstring
+
 # Process-wide: the handler runs on the main thread, the guard polls from the training thread.
 _signalled = threading.Event()
-_previous: _Handler = None
+_previous: dict[int, _Handler] = {}
 
 
 def _handle(signum: int, frame: FrameType | None) -> None:
     if not _signalled.is_set():
         _signalled.set()
         return
-    # A second SIGTERM means "now": do what the process did before the guard (Ray: exit).
-    if callable(_previous):
-        _previous(signum, frame)
+    # A second signal means "now": do what the process did before the guard.
+    previous = _previous.get(signum)
+    if callable(previous):
+        previous(signum, frame)
     else:  # SIG_DFL or SIG_IGN (None: set outside Python, treated as the default)
-        signal.signal(signum, _previous if _previous is not None else signal.SIG_DFL)
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         signal.raise_signal(signum)
 
 
 def install_process_handler() -> None:
-    """Main thread only. A fresh install forgets an earlier run's SIGTERM (same process)."""
-    global _previous
+    """Main thread only. A fresh install forgets an earlier run's signal (same process)."""
     _signalled.clear()
-    current = signal.getsignal(signal.SIGTERM)
-    if current is not _handle:
-        _previous = current
-        signal.signal(signal.SIGTERM, _handle)
+    for signum in STOP_SIGNALS:
+        current = signal.getsignal(signum)
+        if current is not _handle:
+            _previous[signum] = current
+            signal.signal(signum, _handle)
 
 
 def _install_from_actor(_actor: object) -> bool:
@@ -76,13 +91,15 @@ def _install_on_actor_main_thread() -> bool:
     return bool(ray.get(actor.__ray_call__.remote(_install_from_actor)))
 
 
-class SigtermGuard:
-    def __init__(self) -> None:
+class StopGuard:
+    def __init__(self, stop_request: Path | None = None) -> None:
+        """`stop_request`: a file whose appearance asks for the same stop as a signal."""
         self.installed = False
+        self.stop_request = stop_request
 
     @property
     def signalled(self) -> bool:
-        return _signalled.is_set()
+        return _signalled.is_set() or (self.stop_request is not None and self.stop_request.exists())
 
     def install(self) -> bool:
         if threading.current_thread() is threading.main_thread():
@@ -94,7 +111,7 @@ class SigtermGuard:
         return True
 
     def any_rank_signalled(self) -> bool:
-        """Collective: True on every rank once any rank got SIGTERM."""
+        """Collective: True on every rank once any rank got a stop signal or request."""
         flag = torch.tensor([int(self.signalled)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

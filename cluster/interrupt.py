@@ -1,0 +1,62 @@
+"""Ctrl-C during a Ray job: the first one asks the workers to stop after their step with a
+checkpoint (trainer/preemption.py explains why it travels as a file), the second aborts.
+
+Ray Train v2's `fit()` installs a SIGINT handler of its own when it runs on the main thread, one
+that aborts the worker group at once (mid-step, no checkpoint). So `fit()` runs on a helper
+thread, where Ray Train leaves signals alone, and the main thread keeps this module's handler.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+T = TypeVar("T")
+_POLL_SECONDS = 0.2  # how soon the main thread notices the helper thread ended
+
+
+def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: bool = True) -> tuple[T, bool]:
+    """Run `fn` (the blocking fit); while it runs, the first SIGINT creates `stop_request` instead
+    of raising KeyboardInterrupt, a second one raises it. Returns fn's result and whether a stop
+    was requested. `graceful=False` (no checkpoint to stop with) runs `fn` as it is. The request
+    file is gone on return either way."""
+    stop_request.unlink(missing_ok=True)  # an earlier invocation's request must not stop this one
+    if not graceful or threading.current_thread() is not threading.main_thread():
+        return fn(), False
+    requested = threading.Event()
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        stop_request.parent.mkdir(parents=True, exist_ok=True)
+        stop_request.touch()
+        print("\nembshard: interrupted: finishing the step and writing a checkpoint "
+              "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = e
+
+    # A daemon thread: after a second Ctrl-C the process exits, and Ray ends the workers with it.
+    worker = threading.Thread(target=target, name="embshard-fit", daemon=True)
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(_POLL_SECONDS)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stop_request.unlink(missing_ok=True)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"], requested.is_set()  # type: ignore[return-value]
