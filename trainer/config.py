@@ -56,9 +56,22 @@ class ShardingConfig:
     device_memory_gb: float | None = None  # per rank; None = the device default
     sharding_types: list[str] | None = None  # restrict TorchRec's choice; None = all the device supports
     plan_file: str | None = None  # train on a plan written by `embshard plan` instead of planning
+    # Ranks per host (GPUs per node); None = every rank on one host. TorchRec's cost model prices
+    # traffic between hosts at inter-host bandwidth, and host-local types (table_row_wise) exist only then.
+    local_world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.local_world_size is not None and self.local_world_size < 1:
+            raise ConfigError(f"local_world_size: must be >= 1, got {self.local_world_size}")
 
     def topology(self, world_size: int) -> TopologySpec:
-        return TopologySpec(world_size=world_size, device=self.device, device_memory_gb=self.device_memory_gb)
+        lws = self.local_world_size
+        if lws is not None and (lws > world_size or world_size % lws):
+            raise ConfigError(
+                f"sharding.local_world_size: {lws} ranks per host must divide the world size {world_size}"
+            )
+        return TopologySpec(world_size=world_size, device=self.device, device_memory_gb=self.device_memory_gb,
+                            local_world_size=lws)
 
 
 @dataclass
