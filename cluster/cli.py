@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster import autodim_cli, export_cli, pep_cli
+from embshard.cluster import autodim_cli, config_cli, export_cli, pep_cli
 from embshard.cluster.cli_args import config_arguments
 from embshard.datasets import cli as data_cli
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     pep_cli.register(commands)
     export_cli.register(commands)
     autodim_cli.register(commands)
+    config_cli.register(commands)
     _register_jobs(commands)
     return parser
 
