@@ -25,7 +25,7 @@ $(STAMP): $(REQS)
 # The demo job starts fresh each time: a run folder with checkpoints would otherwise be resumed.
 run: setup
 	rm -rf $(OUT)/run
-	.venv/bin/embshard data synth --out $(OUT)/data --rows 200000 --seed 0
+	.venv/bin/embshard data synth --out $(OUT)/data --rows 200000 --seed 0 --overwrite
 	.venv/bin/embshard train configs/default.yaml --workers 2 \
 	    --set data.path=$(OUT)/data --set output_dir=$(OUT)/run
 

@@ -28,7 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, init_single_process_group
 from embshard.datasets.convert import convert
-from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import SPEC_FILE
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.pipeline import make_plan
@@ -58,7 +57,6 @@ def dataset() -> Path:
         if not ML1M.is_dir():
             raise SystemExit(f"{ML1M}: MovieLens-1M not found")
         convert("movielens", ML1M, path)
-        write_profile(path)
     return path
 
 

@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from embshard.datasets.profile import write_profile
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE
 from embshard.datasets.synth import synthesize
@@ -45,7 +44,6 @@ def synth_dataset(rows: int, max_cardinality: int, seed: int = 0) -> Path:
     path = CACHE / f"synth-{rows}-{max_cardinality}-{seed}"
     if not (path / SPEC_FILE).is_file():
         synthesize(path, rows=rows, seed=seed, max_cardinality=max_cardinality)
-        write_profile(path)
     return path
 
 

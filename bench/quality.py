@@ -71,7 +71,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, init_single_process_group
 from embshard.datasets.convert import convert
-from embshard.datasets.profile import load_profile, write_profile
+from embshard.datasets.profile import load_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec, split_dir
 from embshard.planner.config import EmbeddingsConfig, MletConfig
@@ -162,7 +162,6 @@ def prepare_dataset(name: str, data_root: Path) -> Path:
     out = CACHE / name
     if not (out / SPEC_FILE).is_file():
         convert(source.kind, data_root.joinpath(*source.parts), out)
-        write_profile(out)
     return out
 
 

@@ -38,7 +38,7 @@ def _autodim(args: argparse.Namespace) -> int:
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)
-    workers = args.workers or cfg.cluster.workers
+    workers = cfg.cluster.workers if args.workers is None else args.workers
     # Absolute: workers may run elsewhere (train_on_ray resolves the other paths the same way).
     decisions = Path(args.out or decisions_path(cfg)).resolve()
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from embshard.cluster import autodim_cli, config_cli, export_cli, pep_cli
-from embshard.cluster.cli_args import config_arguments
+from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments
 from embshard.datasets import cli as data_cli
 
 from embshard.errors import EmbshardError
@@ -75,6 +75,9 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR",
                    help="resume from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
                         "also works on another worker count (the tables are resharded)")
+    p.add_argument(ADOPT_FLAG, action="store_true", dest="adopt_checkpoint_config",
+                   help="when resuming, take the model config (embeddings, model, PEP/AutoDim structure) "
+                        "from the checkpoint instead of refusing a config that differs from it")
     p.set_defaults(func=_train)
 
 
@@ -182,16 +185,18 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from embshard.cluster.launch import plan_for_training, train_on_ray
+    from embshard.cluster.launch import plan_for_training, train_on_ray, with_checkpoint_config
 
     cfg = _load(args)
     cluster = replace(
         cfg.cluster,
-        workers=args.workers or cfg.cluster.workers,
+        workers=cfg.cluster.workers if args.workers is None else args.workers,
         address=args.address or cfg.cluster.address,
     )
     checkpoint = replace(cfg.checkpoint, resume=args.resume or cfg.checkpoint.resume)
     cfg = replace(cfg, cluster=cluster, checkpoint=checkpoint)
+    if args.adopt_checkpoint_config:
+        cfg = with_checkpoint_config(cfg, adopt=True)
     bundle = plan_for_training(cfg)
     print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
           f"per-rank training bytes "

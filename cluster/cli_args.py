@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# `embshard train` flag that resumes a checkpoint with its own model config (cluster/resume_config.py).
+ADOPT_FLAG = "--resume-with-checkpoint-config"
+
 
 def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config (YAML), e.g. configs/default.yaml",
                      set_example: str = "train.epochs=2", workers: bool = False) -> None:
@@ -12,4 +15,15 @@ def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config 
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help=f"override a config field, e.g. --set {set_example} (repeatable)")
     if workers:
-        p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
+        p.add_argument("--workers", type=_positive, help="Ray Train workers (default: cluster.workers)")
+
+
+def _positive(text: str) -> int:
+    """argparse type: 0 must not fall back to the config's count the way a missing flag does."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

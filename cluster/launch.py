@@ -18,7 +18,10 @@ from typing import Any
 import ray
 import ray.train
 from embshard.datasets.profile import load_profile
+from embshard.datasets.verify import verify_dataset
 from embshard.planner.pipeline import PlanBundle, make_plan, shard_dimension_plan
+from embshard.cluster.resume_config import reconcile
+from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
 from embshard.trainer.checkpoint import (
     complete_checkpoints,
@@ -36,11 +39,14 @@ from embshard.typed_config import from_dict, to_dict
 
 
 def plan_for_training(cfg: JobConfig) -> PlanBundle:
-    """The plan every worker will train: the plan of the checkpoint the run resumes from, else
-    the given plan file, else a fresh one for this topology."""
+    """The plan every worker will train: the plan of the checkpoint the run resumes from (whose
+    model config must agree with cfg's, see `with_checkpoint_config`), else the given plan file,
+    else a fresh one for this topology."""
+    verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
     if source is not None:
+        with_checkpoint_config(cfg, source, adopt=False)
         bundle = plan_from_checkpoint(cfg, source)
     elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
@@ -59,6 +65,15 @@ def sharding_options(cfg: JobConfig) -> dict[str, Any]:
         "optimizer": cfg.train.sparse_optimizer,
         "sharding_types": cfg.sharding.sharding_types,
     }
+
+
+def with_checkpoint_config(cfg: JobConfig, source: Path | None = None, adopt: bool = False) -> JobConfig:
+    """cfg, checked against the config of the checkpoint it resumes from (ConfigError naming the
+    keys that differ); with `adopt`, cfg with the checkpoint's model-defining values instead."""
+    source = source or resume_source(cfg)
+    if source is None:
+        return cfg
+    return reconcile(cfg, json.loads((source / CHECKPOINT_CONFIG).read_text()), source, adopt)
 
 
 def resume_source(cfg: JobConfig) -> Path | None:

@@ -52,7 +52,7 @@ def prune_pep(args: argparse.Namespace) -> int:
         raise ConfigError(f"embeddings.policy: PEP prunes dense tables, use uniform (got {cfg.embeddings.policy})")
     cfg = replace(
         cfg,
-        cluster=replace(cfg.cluster, workers=args.workers or cfg.cluster.workers),
+        cluster=replace(cfg.cluster, workers=cfg.cluster.workers if args.workers is None else args.workers),
         pep=replace(cfg.pep or PepConfig(), targets=args.targets or (cfg.pep or PepConfig()).targets),
         checkpoint=replace(cfg.checkpoint, enabled=False),  # a prune run is not resumed
     )

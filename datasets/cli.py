@@ -1,7 +1,8 @@
 """`embshard data ...`: synthesize, convert and profile datasets.
 
 The top-level CLI calls `register(subparsers)`; every leaf parser sets `func(args) -> int`.
-Datasets written here are profiled right away because the planner needs the profile.
+Datasets are written with their profile (the planner needs it) into a staging folder that replaces
+--out only once complete; a non-empty --out needs --overwrite.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from embshard.datasets.convert import KINDS, convert
-from embshard.datasets.profile import Profile, write_profile
+from embshard.datasets.profile import Profile, load_profile, write_profile
 from embshard.datasets.synth import DEFAULT_MAX_CARDINALITY, synthesize
 
 
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     synth.add_argument("--max-cardinality", type=int, default=DEFAULT_MAX_CARDINALITY, metavar="C",
                        help="cap on each feature's cardinality (default %(default)s)")
+    _overwrite_flag(synth)
     synth.set_defaults(func=_synth)
 
     conv = commands.add_parser(
@@ -37,12 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "train-split frequency; id 0 is shared by rare, missing and unseen values.")
     conv.add_argument("kind", choices=KINDS, help="input format")
     conv.add_argument("src", type=Path,
-                      help="criteo: train.txt; avazu: train csv; movielens: the unpacked release folder")
+                      help="criteo: train.txt; avazu: train csv (either may be gzipped, not a tar "
+                           "archive); movielens: the unpacked release folder")
     conv.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
     conv.add_argument("--min-count", type=int, default=1, metavar="N",
                       help="values seen fewer than N times in train map to id 0 (default %(default)s)")
     conv.add_argument("--strict", action="store_true",
                       help="fail on the first malformed line instead of skipping it")
+    _overwrite_flag(conv)
     conv.set_defaults(func=_convert)
 
     profile = commands.add_parser(
@@ -52,16 +56,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     profile.set_defaults(func=_profile)
 
 
+def _overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the dataset in a non-empty --out (only once the new one is complete)")
+
+
 def _synth(args: argparse.Namespace) -> int:
-    spec = synthesize(args.out, rows=args.rows, seed=args.seed, max_cardinality=args.max_cardinality)
+    spec = synthesize(args.out, rows=args.rows, seed=args.seed, max_cardinality=args.max_cardinality,
+                      overwrite=args.overwrite)
     print(f"synth -> {args.out}: " + ", ".join(f"{s} {n:,}" for s, n in spec.rows.items()) + " rows")
-    _report(write_profile(args.out))
+    _report(load_profile(args.out))
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    convert(args.kind, args.src, args.out, min_count=args.min_count, strict=args.strict)
-    _report(write_profile(args.out))
+    convert(args.kind, args.src, args.out, min_count=args.min_count, strict=args.strict,
+            overwrite=args.overwrite)
+    _report(load_profile(args.out))
     return 0
 
 

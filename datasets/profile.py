@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
+from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids
+from embshard.datasets.verify import verify_split
 from embshard.errors import DataError
 
 PROFILE_DIR = "profile"
@@ -58,12 +59,11 @@ class Profile:
 
 def write_profile(dataset_dir: str | Path) -> Profile:
     spec = DatasetSpec.load(dataset_dir)
-    files = sorted(split_dir(dataset_dir, "train").glob("part-*.parquet"))
-    if not files:
-        raise DataError(f"{split_dir(dataset_dir, 'train')}: no part-*.parquet files to profile")
+    parts = verify_split(dataset_dir, spec, "train")
+    files = [path for path, _ in parts]
     counts = {f.name: np.zeros(f.cardinality, dtype=np.int64) for f in spec.sparse}
     rows = 0
-    total_groups = sum(pq.ParquetFile(p).num_row_groups for p in files)
+    total_groups = sum(meta.num_row_groups for _, meta in parts)
     with tqdm(total=total_groups, desc="profile", unit="row groups", leave=False) as bar:
         for path in files:
             parquet = pq.ParquetFile(path)

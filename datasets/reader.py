@@ -28,7 +28,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
-from embshard.datasets.writer import PART_PATTERN
+from embshard.datasets.verify import verify_split
 from embshard.errors import ConfigError, DataError
 
 
@@ -106,7 +106,7 @@ class ParquetBatchReader:
         self.validate = validate
         self.columns = [self.spec.label, *self.spec.dense, *self.spec.sparse_names, *self.spec.extra]
         self.split_path = split_dir(dataset_dir, split)
-        self.groups = self._row_groups(self.split_path)
+        self.groups = self._row_groups(dataset_dir, split)
         self.id_maps = self._check_id_maps(id_maps or {})
         self.epoch = 0
         self.wait_seconds = 0.0  # cumulative time the consumer blocked on the queue
@@ -167,23 +167,14 @@ class ParquetBatchReader:
 
     # -- planning (metadata only) --------------------------------------------------------------
 
-    def _row_groups(self, directory: Path) -> list[_RowGroup]:
-        if not directory.is_dir():
-            raise DataError(f"{directory}: split directory not found")
-        files = sorted(directory.glob(PART_PATTERN))
-        if not files:
-            raise DataError(f"{directory}: no {PART_PATTERN} files")
+    def _row_groups(self, dataset_dir: str | Path, split: str) -> list[_RowGroup]:
         expected = self.spec.arrow_schema()
         groups: list[_RowGroup] = []
-        for path in files:
-            try:
-                parquet = pq.ParquetFile(path)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        # verify_split reads each footer once: a missing or truncated part fails here, not mid-epoch.
+        for path, meta in verify_split(dataset_dir, self.spec, split):
             if self.validate:
-                _check_schema(path, parquet.schema_arrow, expected, self.spec.extra)
+                _check_schema(path, meta.schema.to_arrow_schema(), expected, self.spec.extra)
             first = 0
-            meta = parquet.metadata
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
                 groups.append(_RowGroup(path, i, first, n, len(groups)))

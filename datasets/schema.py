@@ -2,7 +2,7 @@
 
 Layout of a dataset directory::
 
-    DIR/dataset.json            # this spec
+    DIR/dataset.json            # this spec, with the row count of every part file
     DIR/train/part-00000.parquet ...
     DIR/valid/part-00000.parquet ...
     DIR/test/part-00000.parquet ...
@@ -28,6 +28,11 @@ from embshard.errors import DataError
 SPEC_FILE = "dataset.json"
 SPEC_VERSION = 1
 SPLITS = ("train", "valid", "test")
+PART_PATTERN = "part-*.parquet"
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class DatasetSpec:
     label: str = "label"
     extra: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # split -> row count
+    # split -> rows of each part file, in part order: lets a reader name a missing or swapped part.
+    # Empty in datasets written before it was recorded; those are checked by `rows` alone.
+    parts: dict[str, list[int]] = field(default_factory=dict)
     source: str = ""
     version: int = SPEC_VERSION
 

@@ -101,8 +101,9 @@ def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
 
 def synthesize(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
                max_cardinality: int = DEFAULT_MAX_CARDINALITY,
-               positive_rate: float = 0.25) -> DatasetSpec:
-    """Writes `rows` rows (80/10/10 train/valid/test) to `out_dir`; deterministic per arguments."""
+               positive_rate: float = 0.25, overwrite: bool = False) -> DatasetSpec:
+    """Writes `rows` rows (80/10/10 train/valid/test) and the profile to `out_dir`; deterministic
+    per arguments. A non-empty `out_dir` needs overwrite=True and is replaced whole."""
     if rows < 10:
         raise DataError(f"synth: rows must be >= 10 so every split gets a row, got {rows}")
     model = hidden_model(seed, max_cardinality, positive_rate)
@@ -114,13 +115,14 @@ def synthesize(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
                f"positive_rate={positive_rate})",
     )
     plan = SplitPlan(rows)
-    writer = DatasetWriter(out_dir, spec.arrow_schema(), total_rows=rows, desc="synth")
-    for chunk, start in enumerate(range(0, rows, CHUNK_ROWS)):
-        n = min(CHUNK_ROWS, rows - start)
-        rng = np.random.default_rng([seed, 2, chunk])
-        table = _chunk_table(model, spec, n, rng)
-        writer.write_ordered(table, np.arange(start, start + n), plan)
-    return writer.finish(spec)
+    with DatasetWriter(out_dir, spec.arrow_schema(), overwrite=overwrite, total_rows=rows,
+                       desc="synth") as writer:
+        for chunk, start in enumerate(range(0, rows, CHUNK_ROWS)):
+            n = min(CHUNK_ROWS, rows - start)
+            rng = np.random.default_rng([seed, 2, chunk])
+            table = _chunk_table(model, spec, n, rng)
+            writer.write_ordered(table, np.arange(start, start + n), plan)
+        return writer.finish(spec, source=spec.source)
 
 
 def _chunk_table(model: HiddenModel, spec: DatasetSpec, n: int, rng: np.random.Generator) -> pa.Table:

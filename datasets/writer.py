@@ -1,5 +1,6 @@
 """Writing a dataset directory: the 80/10/10 split by row order and Parquet part files with
-fixed-size row groups. Shared by `synth` and the converters so they all produce the same layout.
+fixed-size row groups, staged and renamed into place whole (see outdir.py). Shared by `synth` and
+the converters so they all produce the same layout.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embshard.datasets.profile import PROFILE_DIR
-from embshard.datasets.schema import SPEC_FILE, SPLITS, DatasetSpec, split_dir
+from embshard.datasets.outdir import check_output, make_staging, publish
+from embshard.datasets.profile import write_profile
+from embshard.datasets.schema import SPLITS, DatasetSpec, part_name, split_dir
+from embshard.errors import DataError
 
 # Readers split work across ranks by row group, so groups must be small enough to balance ranks
 # yet large enough that Parquet overhead stays negligible.
 ROW_GROUP_ROWS = 8192
 # Several part files let a directory listing show progress and keep any one file a few hundred MB.
 PART_ROWS = 128 * ROW_GROUP_ROWS
-PART_PATTERN = "part-*.parquet"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class _SplitWriter:
         self.pending_rows = 0
         self.part = 0
         self.part_rows = 0
+        self.rows_per_part: list[int] = []
         self.writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -75,10 +78,11 @@ class _SplitWriter:
         self._flush(whole_groups_only=False)
         if self.writer is None and self.part == 0 and self.part_rows == 0:
             # An empty split (tiny inputs) still gets a file, so every split has a readable schema.
-            self.writer = pq.ParquetWriter(self.directory / "part-00000.parquet", self.schema)
+            self.writer = pq.ParquetWriter(self.directory / part_name(0), self.schema)
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            self.rows_per_part.append(self.part_rows)
 
     def _flush(self, whole_groups_only: bool) -> None:
         table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
@@ -88,8 +92,7 @@ class _SplitWriter:
         start = 0
         while start < n:
             if self.writer is None:
-                path = self.directory / f"part-{self.part:05d}.parquet"
-                self.writer = pq.ParquetWriter(path, self.schema)
+                self.writer = pq.ParquetWriter(self.directory / part_name(self.part), self.schema)
             take = min(n - start, PART_ROWS - self.part_rows)
             self.writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
             start += take
@@ -97,6 +100,7 @@ class _SplitWriter:
             if self.part_rows == PART_ROWS:
                 self.writer.close()
                 self.writer = None
+                self.rows_per_part.append(self.part_rows)
                 self.part += 1
                 self.part_rows = 0
         rest = table.slice(n)
@@ -105,25 +109,36 @@ class _SplitWriter:
 
 
 class DatasetWriter:
-    """Writes the three splits of one dataset; `finish` closes them and saves dataset.json.
+    """Writes the three splits of one dataset into a staging folder beside `out_dir`; `finish`
+    adds dataset.json and the profile and renames the folder to `out_dir`.
 
-    Part files, dataset.json and the profile of an earlier dataset in `out_dir` are removed first:
-    stale parts from a larger earlier run would otherwise silently join the new splits.
+    A non-empty `out_dir` is refused unless overwrite=True (and then it must hold a dataset);
+    it is replaced only by a complete dataset. Use as a context manager: on any error the staging
+    folder is removed and `out_dir` is left as it was.
     """
 
-    def __init__(self, out_dir: str | Path, schema: pa.Schema, *, label: str = "label",
-                 total_rows: int | None = None, desc: str = "writing") -> None:
+    def __init__(self, out_dir: str | Path, schema: pa.Schema, *, overwrite: bool = False,
+                 label: str = "label", total_rows: int | None = None, desc: str = "writing") -> None:
         self.out_dir = Path(out_dir)
         self.schema = schema
         self.label = label
-        _clear_dataset(self.out_dir)
+        self.overwrite = overwrite
+        check_output(self.out_dir, overwrite)
+        self.staging = make_staging(self.out_dir)
         self.splits: dict[str, _SplitWriter] = {}
         for split in SPLITS:
-            d = split_dir(self.out_dir, split)
-            d.mkdir(parents=True, exist_ok=True)
+            d = split_dir(self.staging, split)
+            d.mkdir()
             self.splits[split] = _SplitWriter(d, schema)
         self.stats = {split: SplitStats() for split in SPLITS}
         self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
 
     def write(self, split: str, table: pa.Table) -> None:
         table = table.select(self.schema.names).cast(self.schema)
@@ -138,13 +153,37 @@ class DatasetWriter:
         for split, start, stop in plan.ranges(positions):
             self.write(split, table.slice(start, stop - start))
 
-    def finish(self, spec: DatasetSpec) -> DatasetSpec:
-        for w in self.splits.values():
-            w.close()
-        self.progress.close()
-        spec = dataclasses.replace(spec, rows={s: st.rows for s, st in self.stats.items()})
-        spec.save(self.out_dir)
+    def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0) -> DatasetSpec:
+        """Publishes the dataset; `source` (and the `skipped` line count) name the input in errors.
+
+        A dataset without training rows is refused: nothing could be trained or profiled on it.
+        """
+        try:
+            if self.stats["train"].rows == 0:
+                note = f" ({skipped:,} malformed lines skipped)" if skipped else ""
+                raise DataError(f"{source}: 0 training rows{note}; nothing written to {self.out_dir}")
+            for w in self.splits.values():
+                w.close()
+            self.progress.close()
+            spec = dataclasses.replace(
+                spec, rows={s: st.rows for s, st in self.stats.items()},
+                parts={s: w.rows_per_part for s, w in self.splits.items()})
+            spec.save(self.staging)
+            write_profile(self.staging)
+            publish(self.staging, self.out_dir, self.overwrite)
+        except BaseException:
+            self.abort()
+            raise
         return spec
+
+    def abort(self) -> None:
+        """Drops everything written so far; `out_dir` is untouched."""
+        self.progress.close()
+        for w in self.splits.values():
+            if w.writer is not None:
+                w.writer.close()
+                w.writer = None
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def summary(self, name: str, skipped: int = 0) -> str:
         rows = {s: st.rows for s, st in self.stats.items()}
@@ -154,12 +193,3 @@ class DatasetWriter:
         parts = ", ".join(f"{s} {n:,}" for s, n in rows.items())
         line = f"{name}: {total:,} rows ({parts}), positives {share:.1%}"
         return line + (f", skipped {skipped:,} malformed lines" if skipped else "")
-
-
-def _clear_dataset(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        for part in (out_dir / split).glob(PART_PATTERN):
-            part.unlink()
-    (out_dir / SPEC_FILE).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / PROFILE_DIR, ignore_errors=True)

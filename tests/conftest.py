@@ -47,9 +47,7 @@ def process_group():
 
 def profiled_synth(directory: Path, rows: int, max_cardinality: int, seed: int = 0) -> Path:
     """A small synthetic dataset with its id profile, as `embshard data synth` writes it."""
-    from embshard.datasets.profile import write_profile
     from embshard.datasets.synth import synthesize
 
     synthesize(directory, rows=rows, seed=seed, max_cardinality=max_cardinality)
-    write_profile(directory)
     return directory

@@ -59,12 +59,10 @@ def test_missing_dataset_is_named(tmp_path, capsys):
 
 
 def test_plan_for_a_cluster_from_a_laptop(tmp_path, capsys):
-    from embshard.datasets.profile import write_profile
     from embshard.datasets.synth import synthesize
 
     data = tmp_path / "data"
     synthesize(data, rows=3000, max_cardinality=5000)
-    write_profile(data)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  path: {data}\n")
     out = tmp_path / "p.json"

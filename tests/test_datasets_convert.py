@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import gzip
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +222,138 @@ def test_cli_convert_writes_profile(criteo_sample: Path, tmp_path: Path,
     with pytest.raises(SystemExit):
         parser.parse_args(["data", "convert", "--help"])
     assert "--min-count" in capsys.readouterr().out
+
+
+# -- never lose a dataset, never silently short (issue #17) ------------------------------------
+
+
+def _criteo_lines(criteo_sample: Path, n: int = 100) -> list[str]:
+    return criteo_sample.read_text().splitlines()[:n]
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_failed_convert_leaves_the_existing_dataset_untouched(criteo_sample: Path, tmp_path: Path) -> None:
+    good = _write_lines(tmp_path / "good.txt", _criteo_lines(criteo_sample))
+    out = tmp_path / "data" / "criteo"
+    convert("criteo", good, out)
+    before = _snapshot(out)
+    assert "dataset.json" in before and "profile/profile.json" in before
+    ratings = _write_lines(tmp_path / "ratings.dat", ["1::1193::5::978300760", "1::661::3::978302109"] * 20)
+    with pytest.raises(DataError, match=r"ratings\.dat: does not look like Criteo TSV: line 1 has 1 fields"):
+        convert("criteo", ratings, out, overwrite=True)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["criteo"]  # no staging folder left behind
+
+
+def test_non_empty_out_needs_overwrite(criteo_sample: Path, tmp_path: Path) -> None:
+    src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
+    out = tmp_path / "c"
+    out.mkdir()  # an empty folder is fine
+    first = convert("criteo", src, out)
+    with pytest.raises(DataError, match=r"c: not empty; pass --overwrite"):
+        convert("criteo", src, out, min_count=2)
+    assert DatasetSpec.load(out) == first
+    second = convert("criteo", src, out, min_count=2, overwrite=True)
+    assert DatasetSpec.load(out) == second != first
+    assert load_profile(out).counts("C1").size == second.feature("C1").cardinality
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "train.txt"]
+    # A folder that holds something other than a dataset is never replaced.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"notes: not empty and holds no dataset\.json"):
+        convert("criteo", src, other, overwrite=True)
+    assert (other / "todo.txt").read_text() == "keep me"
+
+
+def test_gzip_input_detected_by_magic_bytes(criteo_sample: Path, tmp_path: Path) -> None:
+    lines = _criteo_lines(criteo_sample)
+    plain = _write_lines(tmp_path / "plain.txt", lines)
+    convert("criteo", plain, tmp_path / "plain")
+    named = tmp_path / "train.txt.gz"
+    named.write_bytes(gzip.compress(plain.read_bytes()))
+    unnamed = tmp_path / "train.txt"  # gzip data under a plain name
+    unnamed.write_bytes(named.read_bytes())
+    for src, out in ((named, "named"), (unnamed, "unnamed")):
+        spec = convert("criteo", src, tmp_path / out)
+        assert spec.rows == {"train": 80, "valid": 10, "test": 10}
+        assert read_all(tmp_path / out).equals(read_all(tmp_path / "plain"))
+
+
+def test_avazu_gzip(tmp_path: Path) -> None:
+    rows = [_avazu_line(i, int(i % 4 == 0), f"141021{i % 24:02d}") for i in range(40)]
+    src = tmp_path / "train.gz"
+    src.write_bytes(gzip.compress(("\n".join([AVAZU_HEADER, *rows]) + "\n").encode()))
+    assert convert("avazu", src, tmp_path / "out").rows == {"train": 32, "valid": 4, "test": 4}
+
+
+def test_tar_archive_must_be_unpacked_first(criteo_sample: Path, tmp_path: Path) -> None:
+    plain = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
+    archive = tmp_path / "dac.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(plain, arcname="train.txt")
+    with pytest.raises(DataError, match=r"dac\.tar\.gz: a tar archive; unpack it first"):
+        convert("criteo", archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_training_rows_is_an_error(criteo_sample: Path, tmp_path: Path) -> None:
+    lines = _criteo_lines(criteo_sample, 20)
+    bad_labels = _write_lines(tmp_path / "labels.txt", ["7" + line[1:] for line in lines])
+    with pytest.raises(DataError, match=r"labels\.txt: 0 training rows \(20 malformed lines skipped\); "
+                                         r"nothing written"):
+        convert("criteo", bad_labels, tmp_path / "out")
+    one_line = _write_lines(tmp_path / "one.txt", lines[:1])
+    with pytest.raises(DataError, match=r"one\.txt: 0 training rows"):
+        convert("criteo", one_line, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt", "one.txt"]
+
+
+def test_wrong_format_fails_at_once(criteo_sample: Path, tmp_path: Path) -> None:
+    criteo = _write_lines(tmp_path / "criteo.txt", _criteo_lines(criteo_sample))
+    with pytest.raises(DataError, match=r"criteo\.txt: does not look like Avazu CSV: line 1 \(the header\) "
+                                         r"has no column 'click'"):
+        convert("avazu", criteo, tmp_path / "out")
+    tsv = _write_lines(tmp_path / "u.data", ["196\t242\t3\t881250949", "186\t302\t3\t891717742"] * 10)
+    with pytest.raises(DataError, match=r"u\.data: does not look like Criteo TSV: line 1 has 4 fields, "
+                                         r"expected 40"):
+        convert("criteo", tsv, tmp_path / "out")
+    # One good line among the first few is enough: the rest are skipped as malformed, as before.
+    mostly_bad = _write_lines(tmp_path / "mostly.txt", ["a\tb"] * 4 + _criteo_lines(criteo_sample))
+    assert sum(convert("criteo", mostly_bad, tmp_path / "ok").rows.values()) == 100
+
+
+def test_skipped_lines_are_counted_and_warned_once(criteo_sample: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    good = criteo_sample.read_text().splitlines()[0].split("\t")
+    short = "\t".join(good[:-1])
+    # Lines 82, 90 and 95 lie beyond the train split (lines 1-80), in the block the first pass reads.
+    path = _broken_criteo(criteo_sample, tmp_path, {10: short, 82: short, 90: short, 95: short})
+    spec = convert("criteo", path, tmp_path / "out")
+    assert sum(spec.rows.values()) == 96
+    captured = capsys.readouterr()
+    assert "skipped 4 malformed lines" in captured.out
+    for number in (10, 82, 90, 95):
+        assert captured.err.count(f"broken.txt:{number}:") == 1
+
+
+def test_cli_overwrite_flag(criteo_sample: Path, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="embshard")
+    register(parser.add_subparsers(dest="command", required=True))
+    src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
+    argv = ["data", "convert", "criteo", str(src), "--out", str(tmp_path / "c")]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    args = parser.parse_args(argv)
+    with pytest.raises(DataError, match="--overwrite"):
+        args.func(args)
+    args = parser.parse_args([*argv, "--overwrite"])
+    assert args.func(args) == 0

@@ -39,7 +39,7 @@ def test_multi_hot_pooling_factor(tmp_path: Path) -> None:
     table = pa.table({"label": pa.array(np.zeros(10, np.float32)),
                       "tags": pa.array(lists, pa.list_(pa.int64()))})
     writer.write_ordered(table, np.arange(10), SplitPlan(10))
-    writer.finish(spec)
+    writer.finish(spec, source="fixture")
     profile = write_profile(tmp_path)
     train = lists[:8]
     assert profile.pooling_factor("tags") == pytest.approx(sum(map(len, train)) / 8)
@@ -58,9 +58,10 @@ def test_missing_profile_tells_the_user_what_to_run(tmp_path: Path) -> None:
 
 def test_out_of_range_id_names_file_column_and_row(tmp_path: Path) -> None:
     spec = DatasetSpec(name="bad", dense=[], sparse=[SparseFeature("a", 3)])
-    writer = DatasetWriter(tmp_path, spec.arrow_schema())
+    writer = DatasetWriter(tmp_path / "bad", spec.arrow_schema())
     table = pa.table({"label": pa.array(np.zeros(20, np.float32)), "a": pa.array([0, 1] * 6 + [7] + [2] * 7)})
     writer.write_ordered(table, np.arange(20), SplitPlan(20))
-    writer.finish(spec)
+    # The profile is part of the dataset: a dataset it rejects is never published.
     with pytest.raises(DataError, match=r"part-00000\.parquet: column 'a', row 12: id 7 outside \[0, 3\)"):
-        write_profile(tmp_path)
+        writer.finish(spec, source="fixture")
+    assert list(tmp_path.iterdir()) == []

@@ -99,3 +99,66 @@ def test_cli_synth_writes_dataset_and_profile(tmp_path: Path, capsys: pytest.Cap
     assert load_profile(tmp_path).counts("C3").sum() == 800
     args = parser.parse_args(["data", "profile", str(tmp_path)])
     assert args.func(args) == 0
+
+
+def test_synth_refuses_to_replace_without_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    first = synthesize(out, rows=100, seed=0, max_cardinality=20)
+    assert load_profile(out).counts("C1").sum() == 80  # the profile comes with the dataset
+    with pytest.raises(DataError, match=r"d: not empty; pass --overwrite"):
+        synthesize(out, rows=200, seed=1, max_cardinality=20)
+    assert DatasetSpec.load(out) == first
+    second = synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert DatasetSpec.load(out) == second and second.rows["train"] == 160
+    assert load_profile(out).counts("C1").sum() == 160
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_cli_synth_overwrite(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="embshard")
+    register(parser.add_subparsers(dest="command", required=True))
+    argv = ["data", "synth", "--out", str(tmp_path / "d"), "--rows", "100", "--max-cardinality", "20"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    with pytest.raises(DataError, match="--overwrite"):
+        args.func(args)
+    args = parser.parse_args([*argv, "--seed", "3", "--overwrite"])
+    assert args.func(args) == 0
+    assert "seed=3" in DatasetSpec.load(tmp_path / "d").source
+
+
+def test_synth_into_a_symlink_or_file_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    synthesize(real, rows=100, max_cardinality=20)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(DataError, match=r"link: a symbolic link; give the folder it points to"):
+        synthesize(link, rows=100, max_cardinality=20, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"file: exists and is not a directory"):
+        synthesize(tmp_path / "file", rows=100, max_cardinality=20, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "real"]
+
+
+def test_synth_into_the_current_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"holds the current directory"):
+        synthesize(Path("."), rows=100, max_cardinality=20)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_swap_puts_the_old_dataset_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "d"
+    first = synthesize(out, rows=100, seed=0, max_cardinality=20)
+    rename = Path.rename
+
+    def fail_on_staging(self: Path, target: Path) -> Path:
+        if ".partial-" in self.name:  # the new dataset's rename into place
+            raise OSError("disk gone")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", fail_on_staging)
+    with pytest.raises(OSError, match="disk gone"):
+        synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert DatasetSpec.load(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,6 @@ def embshard(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def test_submit_streams_logs_and_exit_status(head, env, tmp_path):
     data = tmp_path / "data"
     synthesize(data, rows=6000, max_cardinality=2000)
-    write_profile(data)
     common = ["--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'run'}",
               "--set", "data.batch_size=512", "--set", "train.progress=false"]
     done = embshard(env, "submit", "configs/default.yaml", "--address", head, "--workers", "2", *common)

@@ -13,7 +13,6 @@ import torch
 from conftest import profiled_synth
 from distributed import run_ranks
 from embshard.datasets.convert import convert
-from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
@@ -201,7 +200,6 @@ def test_multi_hot_table_is_pruned_unpooled_beside_pooled_ones(tmp_path):
         f"{m},Movie {m} ({1990 + m % 7}),{'|'.join(rng.choice(genres, size=1 + m % 3, replace=False))}\n" for m in range(1, 40)))
     data = tmp_path / "data"
     convert("movielens", src, data)
-    write_profile(data)
     cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0))
     make_plan(cfg.embeddings, data, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
               batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer).save()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from distributed import run_ranks
-from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
 from embshard.planner.config import EmbeddingsConfig, MletConfig
 from embshard.planner.pipeline import PlanBundle, make_plan
@@ -51,7 +50,6 @@ def _held_bytes(rank: int, world: int, cfg: JobConfig) -> dict[str, int]:
 def test_planned_bytes_match_dmp(tmp_path, embeddings):
     data = tmp_path / "data"
     synthesize(data, rows=4000, seed=1, max_cardinality=3000)
-    write_profile(data)
     cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
                     embeddings=embeddings)
     bundle = make_plan(cfg.embeddings, data, TopologySpec(2, "cpu"), cfg.plan_dir,

@@ -8,11 +8,19 @@ Layout of one checkpoint (all ranks write into one folder on storage they share)
       progress.json                step, epoch, samples, reader position, world size, batch size
       config.json                  the JobConfig the run trained with
       plan/                        plan.json (DimensionPlan + shard plan) and its remap files
-      manifest.json                every file above with its size; written LAST
+      manifest.json                every file above with its size and SHA-256; written LAST
 
 Atomicity: everything goes into `step-000123.tmp/`; the manifest is written last and only then
 is the folder renamed to `step-000123/`. A folder without `.tmp` and with a manifest whose sizes
-match is complete; anything else is skipped at resume with a warning naming it.
+and hashes match is complete.
+
+Resume: every rank agrees on one checkpoint before anything is read from it: the newest whose
+files all verify against the manifest on every rank (checkpoint_integrity.py; nothing is
+unpickled before that). A checkpoint of this run that fails verification is never deleted or
+overwritten: it is renamed aside to `step-000123.damaged` and named in a warning. When none
+verifies, nothing has been loaded and the run starts fresh, saying so. A verified checkpoint that
+still fails to load (this run's model differs from the saved one) is an error on every rank, not
+a partial resume.
 
 Resharding: DCP stores sharded tables as global tensors with shard metadata, so a checkpoint
 written by W ranks loads into any shard plan of the same DimensionPlan. The reader position is
@@ -33,7 +41,6 @@ import os
 import random
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -46,14 +53,24 @@ from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from embshard.errors import EmbshardError, first_line
+from embshard.trainer.checkpoint_integrity import (
+    MANIFEST,
+    DamagedCheckpoint,
+    SafeFileSystemReader,
+    verify,
+    verify_collective,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 CONFIG = "config.json"
 PLAN_DIR = "plan"
+DAMAGED_SUFFIX = ".damaged"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# What the driver reads from a checkpoint before any worker starts (all JSON).
+DRIVER_FILES = (PROGRESS, CONFIG)
 
 StateTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -106,6 +123,7 @@ class CheckpointManager:
         self.before_save: list[StateTransform] = list(before_save or [])
         self.before_load: list[StateTransform] = list(before_load or [])
         self.after_load: list[StateTransform] = list(after_load or [])
+        self.rejected: list[tuple[Path, str]] = []  # what the last `select` passed over, and why
 
     # -- save (collective) ---------------------------------------------------------------------
 
@@ -124,14 +142,17 @@ class CheckpointManager:
             model_state = transform(model_state)
         dcp.save({"model": model_state, "optim": optimizer.state_dict()}, checkpoint_id=tmp)
         torch.save(_rng_state(), tmp / f"rank-{rank:05d}.pt")
-        dist.barrier()  # every rank's files are in place before the manifest lists them
+        dist.barrier()  # every rank's files are in place before they are hashed
         if rank == 0:
             _write_json(tmp / PROGRESS, asdict(progress))
             _write_json(tmp / CONFIG, dict(config))
             shutil.copytree(plan_dir, tmp / PLAN_DIR)
-            _write_manifest(tmp, progress.step)
-            if final.exists():  # re-saving a step (a resumed run reaching it again)
-                shutil.rmtree(final)
+        dist.barrier()
+        manifest = write_manifest(tmp, progress.step)
+        if rank == 0:
+            _write_json(tmp / MANIFEST, manifest)
+            if final.exists():  # a step reached again (after resuming from an older one): keep it
+                log.warning("checkpoint %s: already exists, kept as %s", final, set_aside(final, ".superseded"))
             tmp.rename(final)
             _fsync_dir(self.directory)
             self._prune()
@@ -144,42 +165,102 @@ class CheckpointManager:
 
     # -- load (collective) ---------------------------------------------------------------------
 
-    def load_latest(self, model: nn.Module, optimizer: KeyedOptimizer,
-                    candidates: list[Path]) -> tuple[Path, Progress] | None:
-        """Load the newest candidate that validates and loads; warn about every one skipped.
+    def load_latest(self, model: nn.Module, optimizer: KeyedOptimizer, candidates: list[Path],
+                    set_damaged_aside: bool = True) -> tuple[Path, Progress] | None:
+        """Collective. Load the newest candidate that verifies on every rank; None when none does
+        (then nothing was loaded). `set_damaged_aside`: rename failed candidates to
+        `step-N.damaged` (this run's own folder) instead of only naming them (another run's)."""
+        path = self.select(candidates, set_damaged_aside)
+        if path is None:
+            return None
+        return path, self.load(path, model, optimizer)
 
-        Rank 0 validates manifests and broadcasts the survivors, so every rank tries the same
-        folders in the same order (DCP load is collective, and its errors reach all ranks)."""
-        listed: list[Any] = [valid_checkpoints(candidates) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(listed, src=0)
-        for path in listed[0]:
-            try:
-                return path, self.load(path, model, optimizer)
-            except Exception as e:  # noqa: BLE001 - any load failure means: try the previous one
-                if dist.get_rank() == 0:
-                    log.warning("checkpoint %s: cannot be loaded (%s); trying the previous one",
-                                path, first_line(e))
+    def select(self, candidates: list[Path], set_damaged_aside: bool = True) -> Path | None:
+        """Collective: the newest candidate whose files verify on every rank (see the module doc)."""
+        self.rejected = []
+        for path in candidates:
+            why = verify_collective(path)
+            if why is None:
+                return path
+            self.rejected.append((path, why))
+            if dist.get_rank() == 0:
+                kept = set_aside(path, DAMAGED_SUFFIX) if set_damaged_aside else path
+                log.warning("checkpoint %s: %s; not loaded, kept as %s", path, why, kept)
+            dist.barrier()  # the rename is done before any rank looks at the next candidate
         return None
 
     def load(self, path: Path, model: nn.Module, optimizer: KeyedOptimizer) -> Progress:
-        _init_lazy_state(optimizer)
-        state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-        for transform in self.before_load:
-            state["model"] = transform(state["model"])
-        # A hook may ask for optional state an older checkpoint lacks (MLET's exact_resume W1);
-        # a key the model itself needs and the checkpoint lacks still fails in load_state_dict.
-        present = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
-        state["model"] = {k: v for k, v in state["model"].items() if f"model.{k}" in present}
-        dcp.load(state, checkpoint_id=path)
-        for transform in self.after_load:
-            state["model"] = transform(state["model"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
-        progress = Progress.from_json(json.loads((path / PROGRESS).read_text()))
-        rng = path / f"rank-{dist.get_rank():05d}.pt"
-        if progress.world_size == dist.get_world_size() and rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
-        return progress
+        """Collective: load a verified checkpoint. Ranks agree after each stage, so a failure on
+        one rank raises CheckpointError on all of them (no rank waits in a collective alone)."""
+        reader = SafeFileSystemReader(path)
+        state: dict[str, Any] = {}
+
+        def prepare() -> None:
+            _init_lazy_state(optimizer)
+            state["model"] = model.state_dict()
+            state["optim"] = optimizer.state_dict()
+            for transform in self.before_load:
+                state["model"] = transform(state["model"])
+            saved = reader.read_metadata().state_dict_metadata
+            # A hook may ask for optional state an older checkpoint lacks (MLET's exact_resume W1);
+            # a key the model itself needs and the checkpoint lacks still fails in load_state_dict.
+            state["model"] = {k: v for k, v in state["model"].items() if f"model.{k}" in saved}
+            _check_shapes(path, state["model"], saved)
+
+        def restore() -> None:
+            for transform in self.after_load:
+                state["model"] = transform(state["model"])
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optim"])
+            state["progress"] = Progress.from_json(json.loads((path / PROGRESS).read_text()))
+            rng = path / f"rank-{dist.get_rank():05d}.pt"
+            if state["progress"].world_size == dist.get_world_size() and rng.is_file():
+                _set_rng_state(torch.load(rng, weights_only=True))
+
+        _agreed(path, "cannot be read", prepare)
+        # DCP's load is collective and raises its errors on every rank itself.
+        _agreed(path, "cannot be loaded", lambda: dcp.load(state, storage_reader=reader))
+        _agreed(path, "cannot be restored", restore)
+        return state["progress"]
+
+
+def _agreed(path: Path, what: str, stage: Callable[[], None]) -> None:
+    """Run one stage of a load on every rank; raise CheckpointError on all of them if it failed on any."""
+    error: str | None = None
+    try:
+        stage()
+    except Exception as e:  # noqa: BLE001 - any failure ends the load on every rank alike
+        error = e.args[0] if isinstance(e, CheckpointError) else first_line(e)
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, first = failed[0]
+        if first.startswith(str(path)):  # already a full sentence about this checkpoint
+            raise CheckpointError(first)
+        raise CheckpointError(f"checkpoint {path} {what} (rank {rank}: {first}); it was left as it is")
+
+
+def _check_shapes(path: Path, model_state: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    """A model built differently from the saved one (another dense arch, dims, dataset) is named
+    here, before DCP would fail with its own size-mismatch traceback."""
+    wrong = [f"{key}: saved {list(saved[f'model.{key}'].size)}, this run {list(value.size())}"
+             for key, value in model_state.items()
+             if hasattr(value, "size") and hasattr(saved[f"model.{key}"], "size")
+             and tuple(saved[f"model.{key}"].size) != tuple(value.size())]
+    if wrong:
+        raise CheckpointError(f"{path}: this run's model differs from the checkpoint's ({len(wrong)} tensors, "
+                              f"e.g. {wrong[0]}); "
+                              f"train with the checkpoint's config or into a new output_dir")
+
+
+def set_aside(path: Path, suffix: str) -> Path:
+    """Rename a checkpoint folder out of the way of resume and pruning; never overwrites."""
+    target, n = path.with_name(path.name + suffix), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}{suffix}-{n}"), n + 1
+    path.rename(target)
+    return target
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -203,34 +284,44 @@ def resolve_source(path: str | Path) -> list[Path]:
     return found
 
 
-def problem(path: Path) -> str | None:
-    """Why a checkpoint folder is unusable, or None. Checks the manifest only (cheap)."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return "no manifest.json (the write did not finish)"
+def problem(path: Path, every_file: bool = False) -> str | None:
+    """Why a checkpoint folder cannot be used in this one process, or None. Checks the layout and
+    the hashes of the files the driver reads, or of `every_file` (export reads them all); a
+    training run's workers verify every file together (`CheckpointManager.select`)."""
+    plan_files = [str(p.relative_to(path)) for p in (path / PLAN_DIR).rglob("*") if p.is_file()]
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return f"unreadable manifest ({e})"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+        verify(path, None if every_file else [*DRIVER_FILES, *plan_files])
+    except (DamagedCheckpoint, OSError) as e:
+        return str(e)
     return None
 
 
-def valid_checkpoints(candidates: list[Path]) -> list[Path]:
-    """The candidates whose manifest checks out; a warning names every one skipped."""
+def valid_checkpoints(candidates: list[Path], every_file: bool = False) -> list[Path]:
+    """The candidates that pass `problem`; a warning names every one skipped."""
     good = []
     for path in candidates:
-        why = problem(path)
+        why = problem(path, every_file)
         if why is None:
             good.append(path)
         else:
             log.warning("checkpoint %s: skipped, %s", path, why)
     return good
+
+
+def newest_verified(source: str | Path) -> Path:
+    """One process: the newest checkpoint at `source` whose every file verifies (export reads them
+    all); CheckpointError saying why each one failed."""
+    rejected = []
+    for path in resolve_source(source):
+        why = problem(path, every_file=True)
+        if why is None:
+            return path
+        rejected.append((path, why))
+    raise CheckpointError(f"{source}: no checkpoint there verifies ({rejected_text(rejected)})")
+
+
+def rejected_text(rejected: list[tuple[Path, str]]) -> str:
+    return "; ".join(f"{path.name}: {why}" for path, why in rejected)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -243,12 +334,6 @@ def _init_lazy_state(optimizer: KeyedOptimizer) -> None:
     for part in parts:
         if not part.state and any(p.requires_grad for p in part.params.values()):
             part.init_state()
-
-
-def _write_manifest(folder: Path, step: int) -> None:
-    files = {str(p.relative_to(folder)): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    _write_json(folder / MANIFEST, {"step": step, "written_at": time.time(), "files": files})
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -268,8 +353,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                             "python": random.getstate()}
+    """Plain tensors and numbers only, so that loading needs no pickle of arbitrary classes."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -277,7 +367,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

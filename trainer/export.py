@@ -39,9 +39,9 @@ from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import (
     CONFIG,
     PLAN_DIR,
-    resolve_source,
-    valid_checkpoints,
+    newest_verified,
 )
+from embshard.trainer.checkpoint_integrity import SafeFileSystemReader
 from embshard.trainer.config import ModelConfig
 from embshard.trainer.model import DLRM
 from torch import nn
@@ -143,10 +143,7 @@ def _export_live(model: nn.Module, out_dir: Path, model_config: ModelConfig, pla
 # -- from a checkpoint ---------------------------------------------------------------------------
 
 def _export_checkpoint(source: Path, out_dir: Path) -> Path:
-    candidates = valid_checkpoints(resolve_source(source))
-    if not candidates:
-        raise ExportError(f"{source}: no complete checkpoint (see the warnings)")
-    path = candidates[0]
+    path = newest_verified(source)  # every file's hash, before DCP's metadata (a pickle) is read
     config = json.loads((path / CONFIG).read_text())
     plan_dir = path / PLAN_DIR
     raw = json.loads((plan_dir / PLAN).read_text())
@@ -162,14 +159,14 @@ def _export_checkpoint(source: Path, out_dir: Path) -> Path:
                             for t in mlet_tables(probe, probe.state_dict()))
     model = DLRM(without_mlet(plan) if collapsed_on_save else plan, num_dense, model_config)
     state = model.state_dict()
-    dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(path), no_dist=True)
     if not collapsed_on_save:
         state.update(collapse_mlet_tables(model, state))
     return _write(out_dir, plan, state, num_dense, model_config, plan_dir, source=str(path))
 
 
 def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = SafeFileSystemReader(path).read_metadata()
     return {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items() if hasattr(m, "size")}
 
 

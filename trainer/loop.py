@@ -36,6 +36,7 @@ from embshard.trainer.checkpoint import (
     CheckpointManager,
     Progress,
     complete_checkpoints,
+    rejected_text,
     resolve_source,
 )
 from embshard.trainer.config import JobConfig
@@ -267,10 +268,15 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     if not candidates:
         return None, fresh
     manager = checkpoint_manager(cfg, sharded, None)
-    loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates)
+    # Another run's folder is only read: its damaged checkpoints are named, never renamed.
+    loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates, set_damaged_aside=not explicit)
     if loaded is None:
         if explicit:
-            raise CheckpointError(f"{cfg.checkpoint.resume}: no loadable checkpoint (see the warnings)")
+            raise CheckpointError(f"{cfg.checkpoint.resume}: no checkpoint there verifies "
+                                  f"({rejected_text(manager.rejected)})")
+        if dist.get_rank() == 0:
+            print(f"no checkpoint in {cfg.checkpoint_dir} verifies (kept aside, see the warnings): "
+                  f"starting fresh", flush=True)
         return None, fresh
     path, saved = loaded
     reader.load_state_dict(saved.reader_state(fresh.world_size, fresh.batch_size))

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embshard.datasets.convert.stream import Parsed, TextFormat, drop_invalid
-from embshard.datasets.convert.text import Malformed, TextChunk
+from embshard.datasets.convert.text import Malformed, TextChunk, open_input
 from embshard.errors import DataError
 
+DESCRIPTION = "Avazu CSV"
 LABEL = "click"
 HOUR = "hour"
 TIME_FEATURES = ["hour_of_day", "day_of_week"]
@@ -24,14 +25,16 @@ _LABELS = pa.array(["0", "1"])
 def text_format(src: Path) -> TextFormat:
     if not src.is_file():
         raise DataError(f"{src}: avazu input file not found")
-    with open(src, encoding="utf-8", errors="replace") as f:
-        columns = f.readline().rstrip("\r\n").split(",")
+    with open_input(src) as (data, _):
+        columns = data.readline(1 << 20).decode("utf-8", errors="replace").rstrip("\r\n").split(",")
     for required in (LABEL, HOUR):
         if required not in columns:
-            raise DataError(f"{src}: line 1: header has no column {required!r} (is this Avazu's train file?)")
+            raise DataError(f"{src}: does not look like {DESCRIPTION}: line 1 (the header) has no column "
+                            f"{required!r}")
     raw = [c for c in columns if c not in _DROPPED]
     return TextFormat(
         name="avazu",
+        description=DESCRIPTION,
         columns=columns,
         delimiter=",",
         header_lines=1,

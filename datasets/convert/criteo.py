@@ -44,6 +44,7 @@ def parse(chunk: TextChunk, malformed: Malformed) -> Parsed:
 
 FORMAT = TextFormat(
     name="criteo",
+    description="Criteo TSV",
     columns=[LABEL, *DENSE, *CATEGORICAL],
     delimiter="\t",
     header_lines=0,

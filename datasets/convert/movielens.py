@@ -45,7 +45,7 @@ class Release:
 
 
 def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int,
-                      strict: bool) -> tuple[DatasetSpec, str]:
+                      strict: bool, overwrite: bool) -> tuple[DatasetSpec, str]:
     malformed = Malformed(src, strict)
     release = load_release(src, malformed)
     table = _labelled(release)
@@ -77,10 +77,11 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int,
                f"<=2 negative, split by timestamp 80/10/10)",
     )
     schema = spec.arrow_schema().append(pa.field("rating", pa.float32()))
-    writer = DatasetWriter(out_dir, schema, total_rows=n, desc=f"{release.name}: writing")
     out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"]})
-    writer.write_ordered(out, np.arange(n), plan)
-    spec = writer.finish(spec)
+    with DatasetWriter(out_dir, schema, overwrite=overwrite, total_rows=n,
+                       desc=f"{release.name}: writing") as writer:
+        writer.write_ordered(out, np.arange(n), plan)
+        spec = writer.finish(spec, source=str(src), skipped=malformed.count)
     return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count)
 
 

@@ -3,7 +3,8 @@
 Pass 1 reads only the train lines (the first 80% of data lines) and counts categorical values;
 pass 2 reads everything, encodes with the train vocabularies and writes the splits. The split is by
 line position, counted before reading, so the split of a line never depends on how many earlier
-lines were malformed; a malformed line is skipped from whichever split it falls in.
+lines were malformed; a malformed line is skipped from whichever split it falls in, and reported
+by exactly one pass (pass 1 for train lines, pass 2 for the rest).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embshard.datasets.convert.text import Malformed, TextChunk, count_lines, read_chunks
+from embshard.datasets.convert.text import Malformed, TextChunk, count_lines, read_chunks, sniff
 from embshard.datasets.convert.vocab import VocabularyBuilder
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.datasets.writer import DatasetWriter, SplitPlan
@@ -33,6 +34,7 @@ class Parsed:
 @dataclass(frozen=True)
 class TextFormat:
     name: str
+    description: str  # for "does not look like ..." errors, e.g. "Criteo TSV"
     columns: list[str]  # raw fields of a line, in order
     delimiter: str
     header_lines: int
@@ -63,9 +65,10 @@ def drop_invalid(chunk: TextChunk, ok: dict[str, np.ndarray], expected: dict[str
 
 
 def convert_text(fmt: TextFormat, src: Path, out_dir: str | Path, *, min_count: int,
-                 strict: bool) -> tuple[DatasetSpec, str]:
+                 strict: bool, overwrite: bool) -> tuple[DatasetSpec, str]:
     if not src.is_file():
         raise DataError(f"{src}: {fmt.name} input file not found")
+    sniff(src, fmt.columns, fmt.delimiter, skip_lines=fmt.header_lines, what=fmt.description)
     total = count_lines(src) - fmt.header_lines
     if total < 1:
         raise DataError(f"{src}: no data lines")
@@ -88,12 +91,13 @@ def convert_text(fmt: TextFormat, src: Path, out_dir: str | Path, *, min_count: 
         sparse=[SparseFeature(c, vocabs[c].cardinality) for c in fmt.categorical],
         source=f"{fmt.name}:{src} (min_count={min_count}, split by line order 80/10/10)",
     )
-    writer = DatasetWriter(out_dir, spec.arrow_schema(), total_rows=total, desc=f"{fmt.name}: writing")
-    for chunk in read_chunks(src, fmt.columns, fmt.delimiter, malformed, skip_lines=fmt.header_lines,
-                             desc=f"{fmt.name}: encoding"):
-        parsed = fmt.parse(chunk, malformed)
-        columns = {spec.label: parsed.label, **parsed.dense}
-        columns.update({c: vocabs[c].encode(parsed.categorical[c]) for c in fmt.categorical})
-        writer.write_ordered(pa.table(columns), parsed.lines - fmt.header_lines, plan)
-    spec = writer.finish(spec)
+    with DatasetWriter(out_dir, spec.arrow_schema(), overwrite=overwrite, total_rows=total,
+                       desc=f"{fmt.name}: writing") as writer:
+        for chunk in read_chunks(src, fmt.columns, fmt.delimiter, malformed, skip_lines=fmt.header_lines,
+                                 desc=f"{fmt.name}: encoding"):
+            parsed = fmt.parse(chunk, malformed)
+            columns = {spec.label: parsed.label, **parsed.dense}
+            columns.update({c: vocabs[c].encode(parsed.categorical[c]) for c in fmt.categorical})
+            writer.write_ordered(pa.table(columns), parsed.lines - fmt.header_lines, plan)
+        spec = writer.finish(spec, source=str(src), skipped=malformed.count)
     return spec, writer.summary(f"{fmt.name} -> {out_dir}", skipped=malformed.count)

@@ -2,16 +2,21 @@
 
 Lines with the wrong number of fields are found on the raw bytes with numpy (no per-line Python)
 and cut out before pyarrow parses the block, so one broken line never fails a whole block and
-every problem is reported with its physical line number.
+every problem is reported with its physical line number. Gzip input is read as it streams
+(recognised by its magic bytes, whatever the file is called); tar archives are refused.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import sys
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +27,12 @@ from embshard.errors import DataError
 
 BLOCK_BYTES = 16 << 20
 _SHOWN = 5  # malformed lines printed in full; the rest are only counted
+# A file whose first SNIFF_LINES non-empty data lines all have the wrong field count is another
+# format, not a file with a few broken lines.
+SNIFF_LINES = 5
+_SNIFF_LINE_BYTES = 1 << 20  # a binary file may have no newline for a long way
+_GZIP_MAGIC = b"\x1f\x8b"
+_TAR_MAGIC_AT = 257  # "ustar" in the first tar header block
 
 
 @dataclass
@@ -55,39 +66,80 @@ class TextChunk:
     lines: np.ndarray  # 0-based physical line index of each row
 
 
+@contextmanager
+def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """(data, raw): `data` yields the decompressed bytes of a gzip file, else the file itself;
+    progress is measured on `raw`, whose size is known."""
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == _GZIP_MAGIC
+
+            def rewound() -> BinaryIO:
+                raw.seek(0)
+                return gzip.GzipFile(fileobj=raw) if compressed else raw  # type: ignore[return-value]
+
+            if rewound().read(_TAR_MAGIC_AT + 5)[_TAR_MAGIC_AT:] == b"ustar":
+                raise DataError(f"{path}: a tar archive; unpack it first (tar xf) and give the data file inside")
+            yield rewound(), raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
+
+
+def sniff(path: Path, names: list[str], delimiter: str, *, skip_lines: int, what: str) -> None:
+    """Fails at once, in one line, on a file of another format instead of skipping every line."""
+    first = None
+    with open_input(path) as (data, _):
+        for _ in range(skip_lines):
+            data.readline()
+        number, checked = skip_lines, 0
+        while checked < SNIFF_LINES and (line := data.readline(_SNIFF_LINE_BYTES)):
+            number += 1
+            if not line.strip(b"\r\n"):
+                continue
+            fields = line.count(delimiter.encode()) + 1
+            if fields == len(names):
+                return
+            first = first or (number, fields)
+            checked += 1
+    if first is not None:
+        raise DataError(f"{path}: does not look like {what}: line {first[0]} has {first[1]} fields, "
+                        f"expected {len(names)} separated by {delimiter!r}")
+
+
 def count_lines(path: Path) -> int:
     total, last = 0, b"\n"
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"{path.name}: counting lines",
-                                      unit="B", unit_scale=True, leave=False) as bar:
-        while block := f.read(BLOCK_BYTES):
+    with open_input(path) as (data, raw), tqdm(total=path.stat().st_size, desc=f"{path.name}: counting lines",
+                                                unit="B", unit_scale=True, leave=False) as bar:
+        while block := data.read(BLOCK_BYTES):
             total += block.count(b"\n")
             last = block[-1:]
-            bar.update(len(block))
+            bar.update(raw.tell() - bar.n)
     return total + (last != b"\n")
 
 
 def read_chunks(path: Path, names: list[str], delimiter: str, malformed: Malformed, *,
                 skip_lines: int = 0, stop_line: int | None = None, desc: str = "") -> Iterator[TextChunk]:
-    """Rows of lines [skip_lines, stop_line) that have len(names) fields."""
+    """Rows of lines [skip_lines, stop_line) that have len(names) fields; lines from stop_line on
+    are not even parsed, so a later pass is the only one to report them."""
     line = 0
     carry = b""
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=desc or path.name, unit="B",
-                                      unit_scale=True, leave=False) as bar:
+    with open_input(path) as (f, raw), tqdm(total=path.stat().st_size, desc=desc or path.name, unit="B",
+                                             unit_scale=True, leave=False) as bar:
         for _ in range(skip_lines):
-            bar.update(len(f.readline()))
+            f.readline()
             line += 1
         while stop_line is None or line < stop_line:
             block = f.read(BLOCK_BYTES)
-            bar.update(len(block))
+            bar.update(raw.tell() - bar.n)
             data = carry + block
             if block:
                 cut = data.rfind(b"\n") + 1
                 data, carry = data[:cut], data[cut:]
+            if stop_line is not None:
+                data = _first_lines(data, stop_line - line)
             if data:
                 chunk = _parse_block(data, line, names, delimiter, malformed)
                 line = _next_line(data, line)
-                if stop_line is not None:
-                    chunk = _before(chunk, stop_line)
                 if chunk.table.num_rows:
                     yield chunk
             if not block:
@@ -98,9 +150,11 @@ def _next_line(data: bytes, first_line: int) -> int:
     return first_line + data.count(b"\n") + (not data.endswith(b"\n"))
 
 
-def _before(chunk: TextChunk, stop_line: int) -> TextChunk:
-    n = int(np.searchsorted(chunk.lines, stop_line))
-    return TextChunk(chunk.table.slice(0, n), chunk.lines[:n])
+def _first_lines(data: bytes, n: int) -> bytes:
+    """The first n lines of `data` (with their newlines)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    return data if len(ends) < n else data[: int(ends[n - 1]) + 1]
 
 
 def _parse_block(data: bytes, first_line: int, names: list[str], delimiter: str,

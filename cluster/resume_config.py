@@ -1,0 +1,88 @@
+"""A resumed run trains what its checkpoint holds: the config keys that decide the model must agree.
+
+Re-running into an output_dir that has checkpoints, or `--resume` from another run, loads the
+checkpoint's plan and tensors. A config that asks for another model (dims, policy, MLET, dense
+arches, PEP/AutoDim structure) would otherwise be ignored silently, and written beside a model it
+does not describe; so the difference is an error naming the keys, or, when asked, the checkpoint's
+values replace the config's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from embshard.cluster.cli_args import ADOPT_FLAG
+from embshard.errors import ConfigError
+from embshard.trainer.config import JobConfig
+from embshard.typed_config import from_dict, to_dict
+
+# Dotted prefixes of the keys that decide which tensors a checkpoint holds. Learning rates,
+# epochs, batch sizes, logging and paths may change between a run and its resumption.
+MODEL_DEFINING_KEYS = (
+    "embeddings",
+    "model",
+    "pep.granularity",
+    "pep.pooled_lookup",
+    "autodim.candidates",
+    "autodim.lookup",
+    "autodim.unify",
+    "autodim.batchnorm",
+)
+
+
+def model_defining(config: dict[str, Any]) -> dict[str, Any]:
+    """The model-defining keys of a config dict, flattened to dotted names."""
+    flat = _flatten(config)
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in MODEL_DEFINING_KEYS)}
+
+
+def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this config's value) for every model-defining key that differs.
+    The saved config is read through today's schema where it can be, so fields added since it was
+    written compare at their defaults."""
+    try:
+        saved = to_dict(from_dict(JobConfig, saved))
+    except ConfigError:
+        pass
+    old, new = model_defining(saved), model_defining(to_dict(cfg))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: Path, adopt: bool) -> JobConfig:
+    """`cfg` when it agrees with the checkpoint's config; with `adopt`, cfg with the checkpoint's
+    model-defining values; otherwise ConfigError naming the differing keys."""
+    differences = config_differences(saved, cfg)
+    if not differences:
+        return cfg
+    if adopt:
+        merged = _flatten(to_dict(cfg))
+        merged = {k: v for k, v in merged.items() if k not in model_defining(merged)}
+        merged.update(model_defining(saved))
+        return from_dict(JobConfig, _unflatten(merged))
+    shown = ", ".join(f"{k} (checkpoint {old!r}, config {new!r})" for k, old, new in differences[:4])
+    more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
+    raise ConfigError(
+        f"{checkpoint} was trained with another model config: {shown}{more}; continue it as it was "
+        f"with {ADOPT_FLAG}, or train this config into a new output_dir"
+    )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict) or not data:
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out

@@ -1,0 +1,68 @@
+"""Replacing a dataset folder all at once.
+
+A dataset is written into a staging folder beside its destination (same parent, so the final
+rename stays on one file system and is atomic) and renamed into place only once it is complete,
+profile included. A failed run removes its staging folder and leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+from embshard.datasets.schema import SPEC_FILE
+from embshard.errors import DataError
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Raises unless `out` is absent, empty, or (with overwrite) an earlier dataset."""
+    if not out.exists():
+        return
+    if out.is_symlink():
+        # Renaming would move the link, not the dataset it points to.
+        raise DataError(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    if Path.cwd().is_relative_to(out.resolve()):
+        # The folder is renamed away at the end, which would leave this shell in a deleted folder.
+        raise DataError(f"{out}: holds the current directory; run from outside it or name a new folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"{out}: not empty; pass --overwrite to replace the dataset there")
+    # --overwrite pointed at the wrong folder (a home directory, a checkout) must not wipe it.
+    if not (out / SPEC_FILE).is_file():
+        raise DataError(f"{out}: not empty and holds no {SPEC_FILE}, so it is no dataset; "
+                        f"refusing to replace it, even with --overwrite")
+
+
+def make_staging(out: Path) -> Path:
+    out = out.absolute()  # `--out .` has no name and its parent is itself
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Renames the complete `staging` folder to `out`; an earlier dataset there goes only after that."""
+    check_output(out, overwrite)  # again: `out` may have changed during a long conversion
+    out = out.absolute()
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        out.rename(old)
+        staging.rename(out)
+    except BaseException:  # an interrupt between the renames must not leave `out` missing
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        print(f"warning: {old}: could not remove the replaced dataset; delete it by hand", file=sys.stderr)

@@ -1,0 +1,55 @@
+"""Is a dataset folder whole? Every split's part files are checked against dataset.json from
+Parquet footers alone (no data read), so a missing, stray or truncated part file is an error
+instead of training quietly on fewer rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embshard.datasets.schema import PART_PATTERN, SPEC_FILE, SPLITS, DatasetSpec, part_name, split_dir
+from embshard.errors import DataError
+
+
+def verify_dataset(dataset_dir: str | Path) -> None:
+    """Raises DataError naming the first part file (or split) that disagrees with dataset.json."""
+    spec = DatasetSpec.load(dataset_dir)
+    for split in SPLITS:
+        verify_split(dataset_dir, spec, split)
+
+
+def verify_split(dataset_dir: str | Path, spec: DatasetSpec, split: str) -> list[tuple[Path, pq.FileMetaData]]:
+    """The split's part files with their footers, in part order, after checking them against `spec`."""
+    directory = split_dir(dataset_dir, split)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: split directory not found")
+    files = sorted(directory.glob(PART_PATTERN))
+    if not files:
+        raise DataError(f"{directory}: no {PART_PATTERN} files")
+    recorded = spec.parts.get(split)
+    if recorded is not None:
+        expected = [directory / part_name(i) for i in range(len(recorded))]
+        for path in expected:
+            if not path.is_file():
+                raise DataError(f"{path}: missing; {SPEC_FILE} records {len(recorded)} part files "
+                                f"for split {split!r}")
+        stray = sorted(set(files) - set(expected))
+        if stray:
+            raise DataError(f"{stray[0]}: not recorded in {SPEC_FILE} ({len(recorded)} part files for "
+                            f"split {split!r}); left over from another dataset?")
+    found = []
+    for i, path in enumerate(files):
+        try:
+            meta = pq.read_metadata(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        if recorded is not None and meta.num_rows != recorded[i]:
+            raise DataError(f"{path}: {meta.num_rows:,} rows, {SPEC_FILE} records {recorded[i]:,}")
+        found.append((path, meta))
+    rows = sum(meta.num_rows for _, meta in found)
+    if split in spec.rows and rows != spec.rows[split]:
+        raise DataError(f"{directory}: {rows:,} rows in {len(files)} part files, {SPEC_FILE} records "
+                        f"{spec.rows[split]:,} (a part file missing or left over?)")
+    return found

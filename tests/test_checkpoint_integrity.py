@@ -1,0 +1,154 @@
+"""Damaged and hostile checkpoints: verified before anything is read, kept aside rather than
+replaced, a fresh start that is really fresh, and no code run from a planted pickle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import profiled_synth
+from distributed import run_ranks
+from embshard.cluster.launch import plan_for_training
+from embshard.errors import EmbshardError
+from embshard.trainer.checkpoint import CheckpointError, complete_checkpoints
+from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
+from embshard.trainer.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
+from embshard.trainer.export import export_serving
+from embshard.trainer.loop import run_worker
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return profiled_synth(tmp_path_factory.mktemp("data"), rows=6000, max_cardinality=2000)
+
+
+def job(dataset: Path, out: Path, workers: int = 1, **train) -> JobConfig:
+    cfg = JobConfig(
+        output_dir=str(out),
+        data=DataConfig(path=str(dataset), batch_size=256, eval_batch_size=1024, prefetch=2),
+        train=TrainConfig(progress=False, **train),
+        cluster=ClusterConfig(workers=workers),
+        checkpoint=CheckpointConfig(every_steps=4, keep=2),
+    )
+    plan_for_training(cfg)
+    return cfg
+
+
+def flip_a_byte(path: Path) -> bytes:
+    """Same size, other content: only a content hash notices."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def rehash(folder: Path, name: str) -> None:
+    """Forge the manifest entry of `name`, as someone who rewrote the folder would."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+class Planted:
+    """Unpickling this runs code: it creates the file named by `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.usefixtures("process_group")
+def test_damaged_checkpoint_is_kept_aside_and_never_overwritten(dataset, tmp_path, caplog):
+    cfg = job(dataset, tmp_path, max_steps=8)
+    run_worker(cfg)
+    newest, previous = complete_checkpoints(cfg.checkpoint_dir)
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    damaged = flip_a_byte(shard)
+    with caplog.at_level(logging.WARNING):
+        resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=9)))
+    assert resumed["resumed_from"] == str(previous)
+    kept = newest.with_name(newest.name + ".damaged")
+    assert (kept / shard.name).read_bytes() == damaged  # the user's bytes, untouched
+    assert any(str(kept) in r.getMessage() and shard.name in r.getMessage() for r in caplog.records)
+    # The resumed run wrote a new step 8 beside it, and pruning never touched the damaged one.
+    assert [p.name for p in complete_checkpoints(cfg.checkpoint_dir)] == ["step-000009", "step-000008"]
+    assert kept.is_dir()
+
+
+@pytest.mark.usefixtures("process_group")
+def test_no_verifiable_checkpoint_starts_really_fresh(dataset, tmp_path, capsys):
+    cfg = job(dataset, tmp_path / "damaged", max_steps=8)
+    run_worker(cfg)
+    for ckpt in complete_checkpoints(cfg.checkpoint_dir):
+        # Tables would load before the progress file failed to parse: a half-resumed model.
+        progress = ckpt / "progress.json"
+        progress.write_bytes(b"{" * progress.stat().st_size)
+    restarted = run_worker(replace(cfg, train=replace(cfg.train, max_steps=5)))
+    assert restarted["resumed_from"] is None and restarted["steps"] == 5
+    assert "starting fresh" in capsys.readouterr().out
+    fresh = run_worker(job(dataset, tmp_path / "fresh", max_steps=5))
+    assert restarted["valid_logloss"] == fresh["valid_logloss"]  # bit for bit a fresh run
+    assert restarted["first_loss"] == fresh["first_loss"]
+
+
+@pytest.mark.usefixtures("process_group")
+def test_planted_metadata_pickle_runs_nothing(dataset, tmp_path, caplog):
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    step = Path(run_worker(cfg)["checkpoint"])
+    marker = tmp_path / "code-ran"
+    (step / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+
+    # The manifest's hash no longer matches: refused before the pickle is opened.
+    with pytest.raises(EmbshardError, match=r"\.metadata"):
+        export_serving(step, tmp_path / "serving")
+    assert not marker.exists()
+
+    # Someone who also rewrote the manifest still gets no code run: the metadata reader admits
+    # only DCP's classes, and the error names the file.
+    rehash(step, ".metadata")
+    with pytest.raises(EmbshardError, match=r"\.metadata.*refusing to load"):
+        export_serving(step, tmp_path / "serving")
+    other = replace(cfg, output_dir=str(tmp_path / "other"), checkpoint=replace(cfg.checkpoint, resume=str(step)))
+    plan_for_training(other)  # the driver reads only the plan and JSON files, all still vouched for
+    with pytest.raises(CheckpointError, match=r"\.metadata"):
+        run_worker(other)
+    assert not marker.exists()
+    assert not (tmp_path / "serving").exists()
+
+
+def _one_rank_cannot_restore(rank: int, world: int, dataset: Path, out: Path) -> str:
+    cfg = job(dataset, out, workers=2, max_steps=4) if rank == 0 else None
+    import torch.distributed as dist
+
+    holder = [cfg]
+    dist.broadcast_object_list(holder, src=0)
+    cfg = holder[0]
+    step = Path(run_worker(cfg)["checkpoint"])
+    dist.barrier()
+    if rank == 0:
+        # Rank 1's RNG file is well formed and vouched for by the manifest, yet not an RNG state:
+        # only rank 1 fails, after the tables were read. Before, rank 0 resumed and rank 1 went on
+        # to the next candidate's collective load alone: a hang.
+        import torch
+
+        torch.save({"not": "an rng state"}, step / "rank-00001.pt")
+        rehash(step, "rank-00001.pt")
+    dist.barrier()
+    try:
+        run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)))
+    except CheckpointError as e:
+        return str(e)
+    return "resumed"
+
+
+@pytest.mark.slow
+def test_a_load_failing_on_one_rank_fails_every_rank_without_hanging(dataset, tmp_path):
+    messages = run_ranks(_one_rank_cannot_restore, 2, dataset, tmp_path)
+    assert messages[0] == messages[1]
+    assert "rank 1" in messages[0] and "step-000004" in messages[0]

@@ -1,0 +1,92 @@
+"""verify_dataset: a missing, extra or truncated part file is found from Parquet metadata alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from embshard.datasets import writer
+from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.schema import SPEC_FILE, DatasetSpec
+from embshard.datasets.synth import synthesize
+from embshard.datasets.verify import verify_dataset
+
+from embshard.errors import DataError
+
+
+@pytest.fixture
+def multi_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """200 rows in parts of 30 rows: train has 6 part files (5 x 30 + 10)."""
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 10)
+    monkeypatch.setattr(writer, "PART_ROWS", 30)
+    out = tmp_path / "d"
+    synthesize(out, rows=200, max_cardinality=20)
+    return out
+
+
+def test_records_rows_per_part(multi_part: Path) -> None:
+    spec = DatasetSpec.load(multi_part)
+    assert spec.parts == {"train": [30, 30, 30, 30, 30, 10], "valid": [20], "test": [20]}
+    verify_dataset(multi_part)  # a complete dataset passes
+
+
+def test_missing_part_is_named(multi_part: Path) -> None:
+    (multi_part / "train" / "part-00002.parquet").unlink()
+    with pytest.raises(DataError, match=r"train/part-00002\.parquet: missing; dataset\.json records 6 part "
+                                        r"files for split 'train'"):
+        verify_dataset(multi_part)
+    with pytest.raises(DataError, match=r"part-00002\.parquet: missing"):
+        ParquetBatchReader(multi_part, "train", 8)
+    ParquetBatchReader(multi_part, "valid", 8)  # other splits are still readable on their own
+
+
+def test_truncated_part_is_named(multi_part: Path) -> None:
+    part = multi_part / "valid" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"valid/part-00000\.parquet: not a readable Parquet file"):
+        verify_dataset(multi_part)
+    with pytest.raises(DataError, match=r"valid/part-00000\.parquet: not a readable Parquet file"):
+        ParquetBatchReader(multi_part, "valid", 8)
+
+
+def test_stray_or_swapped_part_is_named(multi_part: Path) -> None:
+    train = multi_part / "train"
+    shutil.copy(train / "part-00000.parquet", train / "part-00006.parquet")
+    with pytest.raises(DataError, match=r"train/part-00006\.parquet: not recorded in dataset\.json"):
+        verify_dataset(multi_part)
+    (train / "part-00006.parquet").unlink()
+    shutil.copy(train / "part-00005.parquet", train / "part-00001.parquet")  # 10 rows where 30 belong
+    with pytest.raises(DataError, match=r"train/part-00001\.parquet: 10 rows, dataset\.json records 30"):
+        verify_dataset(multi_part)
+
+
+def test_older_spec_without_part_counts_checks_split_rows(multi_part: Path) -> None:
+    raw = json.loads((multi_part / SPEC_FILE).read_text())
+    del raw["parts"]
+    (multi_part / SPEC_FILE).write_text(json.dumps(raw))
+    assert DatasetSpec.load(multi_part).parts == {}
+    verify_dataset(multi_part)
+    (multi_part / "train" / "part-00001.parquet").unlink()
+    with pytest.raises(DataError, match=r"train: 130 rows in 5 part files, dataset\.json records 160"):
+        verify_dataset(multi_part)
+    with pytest.raises(DataError, match=r"train: 130 rows in 5 part files"):
+        ParquetBatchReader(multi_part, "train", 8)
+
+
+def test_missing_split_directory(multi_part: Path) -> None:
+    shutil.rmtree(multi_part / "test")
+    with pytest.raises(DataError, match=r"test: split directory not found"):
+        verify_dataset(multi_part)
+
+
+def test_the_driver_refuses_to_plan_over_a_missing_part(multi_part: Path, tmp_path: Path) -> None:
+    from embshard.cluster.launch import plan_for_training
+    from embshard.trainer.config import DataConfig, JobConfig
+
+    (multi_part / "train" / "part-00004.parquet").unlink()
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(multi_part)))
+    with pytest.raises(DataError, match=r"part-00004\.parquet: missing"):
+        plan_for_training(cfg)
+    assert not (tmp_path / "run" / "plan").exists()  # nothing planned, nothing written

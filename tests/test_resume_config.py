@@ -1,0 +1,103 @@
+"""A resumed run must train what its config says: a config that differs from the checkpoint's in
+what decides the model is refused with the keys named, or, when asked, the checkpoint's is used."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import profiled_synth
+from embshard.cluster.cli import main
+from embshard.cluster.launch import plan_for_training, with_checkpoint_config
+from embshard.cluster.resume_config import config_differences
+from embshard.errors import ConfigError
+from embshard.planner.config import EmbeddingsConfig
+from embshard.trainer.checkpoint import CheckpointError
+from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
+from embshard.trainer.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from embshard.trainer.loop import run_worker
+from embshard.typed_config import to_dict
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return profiled_synth(tmp_path_factory.mktemp("data"), rows=4000, max_cardinality=1000)
+
+
+def job(dataset: Path, out: Path, dim: int = 8, **train) -> JobConfig:
+    return JobConfig(
+        output_dir=str(out),
+        embeddings=EmbeddingsConfig(dim=dim),
+        data=DataConfig(path=str(dataset), batch_size=256, eval_batch_size=1024, prefetch=2),
+        train=TrainConfig(progress=False, **train),
+        cluster=ClusterConfig(workers=1),
+        checkpoint=CheckpointConfig(every_steps=4, keep=2),
+    )
+
+
+def test_differences_are_the_model_defining_keys_only():
+    saved = to_dict(JobConfig(embeddings=EmbeddingsConfig(dim=8)))
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16, policy="mde"), train=TrainConfig(sparse_lr=0.5, epochs=3))
+    assert config_differences(saved, cfg) == [("embeddings.dim", 8, 16), ("embeddings.policy", "uniform", "mde")]
+    assert config_differences(saved, replace(cfg, embeddings=EmbeddingsConfig(dim=8))) == []
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_changed_config_is_refused_or_the_checkpoints_is_taken(dataset, tmp_path):
+    first = job(dataset, tmp_path, dim=8, max_steps=4)
+    plan_for_training(first)
+    run_worker(first)
+
+    wider = job(dataset, tmp_path, dim=16, max_steps=6)
+    with pytest.raises(ConfigError, match=r"embeddings\.dim \(checkpoint 8, config 16\).*"
+                                          r"--resume-with-checkpoint-config"):
+        plan_for_training(wider)
+    # Another dense architecture is named the same way, not by DCP's size-mismatch traceback.
+    other_arch = replace(first, model=ModelConfig(dense_arch=[64, 32]))
+    with pytest.raises(ConfigError, match=r"model\.dense_arch"):
+        plan_for_training(other_arch)
+
+    adopted = with_checkpoint_config(wider, adopt=True)
+    assert adopted.embeddings.dim == 8 and adopted.train.max_steps == 6  # the rest is this config's
+    plan_for_training(adopted)
+    summary = run_worker(adopted)
+    assert summary["resumed_from"].endswith("step-000004") and summary["steps"] == 6
+    saved = json.loads((Path(summary["checkpoint"]) / "config.json").read_text())
+    assert saved["embeddings"]["dim"] == 8  # the config written beside the model describes it
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_model_that_differs_from_the_tensors_is_one_line(dataset, tmp_path):
+    cfg = job(dataset, tmp_path, max_steps=4)
+    plan_for_training(cfg)
+    step = Path(run_worker(cfg)["checkpoint"])
+    # A config.json that claims another dense arch than the tensors hold (edited by hand, then
+    # its manifest entry too): the worker names the tensor instead of raising DCP's traceback.
+    changed = replace(cfg, model=ModelConfig(dense_arch=[64, 32]))
+    (step / "config.json").write_text(json.dumps(to_dict(changed)))
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"]["config.json"] = {"bytes": (step / "config.json").stat().st_size,
+                                        "sha256": sha256_file(step / "config.json")}
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    plan_for_training(changed)
+    with pytest.raises(CheckpointError, match=r"step-000004: this run's model differs from the checkpoint's .*dense_arch.*saved \[128"):
+        run_worker(replace(changed, train=replace(changed.train, max_steps=5)))
+
+
+def test_zero_workers_is_refused_like_a_negative_count(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    for count in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", str(config), "--workers", count])
+        assert exit_info.value.code == 2
+        assert f"--workers: must be >= 1, got {count}" in capsys.readouterr().err

@@ -1,0 +1,179 @@
+"""What makes a checkpoint folder trustworthy enough to read: its manifest, content hashes, and a
+metadata reader that cannot run code.
+
+A checkpoint holds two kinds of files that are unpickled on load: DCP's `.metadata` (a plain
+pickle in torch's `FileSystemReader`) and the per-rank RNG files. Unpickling can run arbitrary
+code, so the order on load is fixed: the manifest (JSON) is read, every file's SHA-256 is checked
+against it, and only then is anything unpickled — the RNG files with `torch.load(weights_only=True)`,
+DCP's metadata through `SafeFileSystemReader`, whose unpickler admits only the classes DCP's
+metadata is made of. The hashes catch damaged or substituted files; the restricted unpickler
+also holds when someone rewrote the manifest too.
+
+Hashing is split across ranks (file i is hashed by rank i mod world), so verifying a checkpoint
+of N bytes costs each rank N / world of reading, on save and on resume alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PosixPath, PurePosixPath
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from embshard.errors import EmbshardError
+
+MANIFEST = "manifest.json"
+# 1: sizes only (older checkpoints; accepted, verified by size); 2: sizes and SHA-256.
+MANIFEST_VERSION = 2
+_CHUNK = 1 << 20  # bytes read per hashing call: large enough to be I/O bound, small in memory
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str | None  # None in version-1 manifests
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's part of a sorted list of files (all of it outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return names
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(local: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+def write_manifest(folder: Path, step: int) -> dict[str, Any]:
+    """Collective: every rank hashes its share of the folder's files; returns the manifest (rank 0
+    writes it). Called once every file is in place, so the manifest is the last thing written."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    mine = {name: sha256_file(folder / name) for name in _my_share(names)}
+    hashes: dict[str, str] = {}
+    for part in _gather(mine):
+        hashes.update(part)
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": hashes[name]} for name in names}
+    return {"version": MANIFEST_VERSION, "step": step, "written_at": time.time(), "files": files}
+
+
+def read_manifest(folder: Path) -> dict[str, FileEntry]:
+    """The manifest's file list; raises DamagedCheckpoint when it is missing or unreadable."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DamagedCheckpoint(f"no {MANIFEST} (the write did not finish)")
+    try:
+        files = json.loads(path.read_text())["files"]
+        return {name: FileEntry(entry, None) if isinstance(entry, int) else
+                FileEntry(int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DamagedCheckpoint(f"unreadable {MANIFEST} ({type(e).__name__}: {e})") from None
+
+
+class DamagedCheckpoint(EmbshardError):
+    """Why a checkpoint folder fails verification (the message names the file)."""
+
+
+def check_layout(folder: Path) -> dict[str, FileEntry]:
+    """Every listed file exists with its size, and no unlisted file would be read (cheap: no hashing)."""
+    files = read_manifest(folder)
+    for name, entry in files.items():
+        f = folder / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        if f.stat().st_size != entry.size:
+            raise DamagedCheckpoint(f"{name} has {f.stat().st_size} bytes, the manifest says {entry.size}")
+    # An unlisted .metadata or .pt would be unpickled without a hash having vouched for it.
+    for f in folder.rglob("*"):
+        name = str(f.relative_to(folder))
+        if f.is_file() and name != MANIFEST and name not in files and f.suffix in (".metadata", ".pt", ".distcp"):
+            raise DamagedCheckpoint(f"{name} is not in the manifest")
+    return files
+
+
+def check_contents(folder: Path, files: dict[str, FileEntry], names: Iterable[str]) -> None:
+    for name in names:
+        if name not in files:
+            raise DamagedCheckpoint(f"{name} is not in the manifest")
+        expected = files[name].sha256
+        if expected is not None and sha256_file(folder / name) != expected:
+            raise DamagedCheckpoint(f"{name}: content differs from the manifest's SHA-256")
+
+
+def verify(folder: Path, names: Iterable[str] | None = None) -> None:
+    """One process: the layout, and the hashes of `names` (None: every file)."""
+    files = check_layout(folder)
+    check_contents(folder, files, files if names is None else names)
+
+
+def verify_collective(folder: Path) -> str | None:
+    """Collective: None when the layout holds on every rank and every file's hash matches (each rank
+    hashes its share), else the first reason found on any rank. Every rank gets the same answer."""
+    why: str | None = None
+    try:
+        files = check_layout(folder)
+        check_contents(folder, files, _my_share(sorted(files)))
+    except (DamagedCheckpoint, OSError) as e:
+        why = str(e)
+    return next((w for w in _gather(why) if w is not None), None)
+
+
+# -- reading DCP metadata without running code ---------------------------------------------------
+
+_DCP_CLASSES = {name for name, obj in vars(dcp_metadata).items() if isinstance(obj, type)}
+_ALLOWED: dict[str, set[str]] = {
+    "torch.distributed.checkpoint.metadata": _DCP_CLASSES,
+    "torch.distributed.checkpoint.filesystem": {_StorageInfo.__name__},
+    "torch": {"Size", *(n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))},
+    "torch.serialization": {"_get_layout"},  # maps "torch.strided" to the layout object
+    "pathlib": {PosixPath.__name__, PurePosixPath.__name__, Path.__name__},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of DCP metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader whose metadata unpickler admits only DCP's own metadata classes."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise DamagedCheckpoint(f"{path}: not a DCP metadata file ({e})") from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise DamagedCheckpoint(f"{path}: not a DCP metadata file (holds {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
