@@ -4,7 +4,7 @@ Builds N generated tables (half of them 1M rows x 64, the rest a log spread of s
 plans them onto W CUDA ranks without any hardware, and prints the time, the per-rank memory spread
 and one JSON line of figures.
 
-    .venv/bin/python bench/planner.py [--tables 1000] [--world-size 64]
+    .venv/bin/python bench/planner.py [--tables 1000] [--world-size 64] [--local-world-size 8]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", type=int, default=1000)
     parser.add_argument("--world-size", type=int, default=64)
     parser.add_argument("--device-memory-gb", type=float, default=80)
+    parser.add_argument("--local-world-size", type=int, default=8, help="ranks per host (capped at the world size)")
     args = parser.parse_args(argv)
 
     plan = generated_plan(args.tables)
@@ -51,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         world_size=args.world_size,
         device="cuda",
         device_memory_gb=args.device_memory_gb,
-        local_world_size=min(8, args.world_size),
+        local_world_size=min(args.local_world_size, args.world_size),
     )
     gib = sum(t.num_embeddings * t.blocks[0].dim for t in plan.tables) * 4 / GIB
     print(
         f"planning {args.tables} tables ({gib:.1f} GiB of fp32 weights) onto {args.world_size} x cuda "
-        f"at {args.device_memory_gb:g} GiB ...",
+        f"({topology.hosts} hosts) at {args.device_memory_gb:g} GiB ...",
         flush=True,
     )
     # CPU time beside wall time: on a shared machine the wall clock also measures the neighbours.
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": "planner",
                 "tables": args.tables,
                 "world_size": args.world_size,
+                "local_world_size": topology.local_world_size,
                 "seconds": round(seconds, 3),
                 "cpu_seconds": round(cpu_seconds, 3),
                 "goal_seconds": GOAL_SECONDS,

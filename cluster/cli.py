@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster import autodim_cli, export_cli, pep_cli
+from embshard.cluster import autodim_cli, config_cli, export_cli, pep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments
 from embshard.datasets import cli as data_cli
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     pep_cli.register(commands)
     export_cli.register(commands)
     autodim_cli.register(commands)
+    config_cli.register(commands)
     _register_jobs(commands)
     return parser
 
@@ -61,6 +62,9 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--world-size", type=int, help="ranks to plan for (default: cluster.workers)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: sharding.device)")
     p.add_argument("--device-memory-gb", type=float, metavar="G", help="memory per rank in GiB")
+    p.add_argument("--local-world-size", type=int, metavar="N",
+                   help="ranks per host, e.g. 8 GPUs per node (default: sharding.local_world_size; "
+                        "unset = all ranks on one host)")
     p.add_argument("--out", type=Path, help="folder or .json path for the plan (default: <output_dir>/plan)")
     p.set_defaults(func=_plan)
 
@@ -153,6 +157,7 @@ def _plan(args: argparse.Namespace) -> int:
         cfg.sharding,
         device=args.device or cfg.sharding.device,
         device_memory_gb=args.device_memory_gb if args.device_memory_gb is not None else cfg.sharding.device_memory_gb,
+        local_world_size=args.local_world_size if args.local_world_size is not None else cfg.sharding.local_world_size,
     )
     topology = sharding.topology(args.world_size or cfg.cluster.workers)
     out = args.out or cfg.plan_dir
@@ -172,7 +177,8 @@ def _plan(args: argparse.Namespace) -> int:
     plan = bundle.dimension_plan
     blocks = sum(len(t.blocks) for t in plan.tables)
     print(f"{len(plan.tables)} tables, {blocks} blocks, base dim {plan.base_dim}, "
-          f"{topology.world_size} x {topology.device} ranks, "
+          f"{topology.world_size} x {topology.device} ranks on {topology.hosts} host(s) of "
+          f"{topology.world_size // topology.hosts}, "
           f"serving parameters {plan.serve_params():,}")
     for note in [*plan.notes, *bundle.shard_plan.notes]:
         print(f"note: {note}")

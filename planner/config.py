@@ -48,7 +48,7 @@ class MletConfig:
 
 @dataclass
 class EmbeddingsConfig:
-    policy: Literal["uniform", "mde", "decisions"] = "uniform"
+    policy: Literal["uniform", "mde", "decisions"] = "uniform"  # uniform: dim everywhere; mde: by popularity
     dim: int = 16  # base dim d-bar: the width every feature reaches the model at
     alpha: float = 0.3  # MDE temperature: 0 = uniform dims, 1 = dims proportional to popularity
     mode: Literal["within", "across"] = "across"  # MDE: blocks inside each table, or one per table
@@ -56,9 +56,9 @@ class EmbeddingsConfig:
     budget_params: int | None = None  # MDE: serving parameters to aim for (instead of dim's lambda)
     budget_bytes: int | None = None  # MDE: the same budget in bytes of fp32 parameters
     decisions: str | None = None  # decisions file (policy: decisions), written by AutoDim / PEP
-    rounding: RoundingRule = "multiple4"
-    min_dim: int = 4
-    mlet: MletConfig | None = None
+    rounding: RoundingRule = "multiple4"  # how widths are rounded; FBGEMM's fused kernels need multiples of 4
+    min_dim: int = 4  # no block is narrower than this
+    mlet: MletConfig | None = None  # train blocks factorised (MLET); null = plain tables
 
     def __post_init__(self) -> None:
         for name in ("dim", "min_dim"):

@@ -70,6 +70,10 @@ class TopologySpec:
         return int(gb * GIB)
 
     @property
+    def hosts(self) -> int:
+        return self.world_size // (self.local_world_size or self.world_size)
+
+    @property
     def sharding_types(self) -> list[str]:
         return SHARDING_TYPES[self.device]
 

@@ -21,7 +21,8 @@ W1' = W1 . P (P = W2 . pinv(W2), the projector onto W2's column space) is the mi
 factor; the part of the trained W1 that W2 maps to zero is not in the checkpoint. Outputs right
 after resume are equal, and so is W1's gradient (dL/dW . W2^T). W2's gradient (pooled W1^T .
 dL/dout) sees W1' instead of W1, so the run drifts from an uninterrupted one: measured on a
-2-rank toy DLRM, 20 steps after resume, loss within 4.8% per step (see the issue note). W1's
+2-rank toy DLRM, 20 steps after resume, loss within 4.8% per step (tests/test_mlet_distributed.py's
+resume run, once, with 20 steps instead of its 5). W1's
 row-wise Adagrad accumulators are per row, independent of the factorisation, and stay in the
 checkpoint's optimizer state, which loads unchanged (resetting them drifted further: 7.6%).
 

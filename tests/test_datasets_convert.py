@@ -224,7 +224,7 @@ def test_cli_convert_writes_profile(criteo_sample: Path, tmp_path: Path,
     assert "--min-count" in capsys.readouterr().out
 
 
-# -- never lose a dataset, never silently short (issue #17) ------------------------------------
+# -- never lose a dataset, never silently short -------------------------------------------------
 
 
 def _criteo_lines(criteo_sample: Path, n: int = 100) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,21 @@ def test_early_stop_ends_the_producer_thread(dataset: Path) -> None:
     for _ in reader:
         break
     assert not [t for t in threading.enumerate() if t.name.startswith("embshard-reader")]
-    assert reader.wait_seconds >= 0.0
+
+
+def test_wait_seconds_measures_a_slow_producer(dataset: Path, monkeypatch) -> None:
+    delay = 0.2
+    load = ParquetBatchReader._load
+
+    def slow_load(self, *args, **kwargs):
+        time.sleep(delay)
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ParquetBatchReader, "_load", slow_load)
+    reader = ParquetBatchReader(dataset, "train", 8, prefetch=1)
+    for _ in reader:  # the first batch cannot exist before its row group is loaded
+        break
+    assert reader.wait_seconds >= delay
 
 
 def test_id_maps_are_applied(dataset: Path) -> None:

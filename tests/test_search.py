@@ -32,7 +32,7 @@ def test_small_plan_gets_torchrecs_full_search() -> None:
 def test_many_tables_get_host_local_types_fused_kernel_and_cheap_proposers() -> None:
     search = _search([(1_000_000, 64)] * 200, CLUSTER)
     assert [type(p) for p in search.proposers] == [GreedyProposer, UniformProposer]
-    assert search.timeout_seconds is not None
+    assert search.timeout_seconds == SearchPolicy().timeout_seconds
     for c in search.constraints.values():
         assert set(c.sharding_types) == set(HOST_LOCAL_TYPES) and c.compute_kernels == ["fused"]
     assert "full-search limit" in search.notes[0]

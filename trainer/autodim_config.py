@@ -31,10 +31,10 @@ class AutodimConfig:
     single_level: bool = False  # AutoDim-s: architecture and model weights on the same train batch
     tau_start: float = 1.0  # Gumbel-softmax temperature tau = max(tau_min, tau_start - tau_decay * t)
     tau_decay: float = 5e-5  # per model step t
-    tau_min: float = 0.01
-    alpha_optimizer: Literal["adam", "sgd"] = "adam"
-    alpha_lr: float = 0.01
-    alpha_weight_decay: float = 0.0
+    tau_min: float = 0.01  # the floor of tau
+    alpha_optimizer: Literal["adam", "sgd"] = "adam"  # optimizer of the architecture weights alpha
+    alpha_lr: float = 0.01  # its learning rate
+    alpha_weight_decay: float = 0.0  # its weight decay
     decisions: str | None = None  # where the decisions file goes; None = <output_dir>/decisions.json
 
     def __post_init__(self) -> None:

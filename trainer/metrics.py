@@ -2,8 +2,9 @@
 
 Every worker owns a private `CollectorRegistry` (never prometheus-client's global one, so
 several workers in one process - tests, a local Ray cluster - do not collide) and serves it
-over HTTP on `port_base + local_rank`. Names, units and labels follow DESIGN.md, section
-"Prometheus metric names"; `deploy/alerts.yml` and the Grafana dashboard use exactly these:
+over HTTP on `port_base + local_rank`. The names, units and labels below are an interface:
+`deploy/alerts.yml` and the Grafana dashboard query exactly these (tests/test_deploy.py checks
+every name they use against this module):
 
     embshard_train_samples_total                    counter    job, rank
     embshard_train_step_seconds                     histogram  job, rank

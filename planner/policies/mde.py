@@ -3,7 +3,7 @@
 Ginart, Naumov, Mudigere, Yang, Zou, "Mixed Dimension Embeddings with Application to
 Memory-Efficient Recommendation Systems" (arXiv:1909.11810). Two steps, kept apart:
 
-- blocking (Alg. 2, as DESIGN.md numbers it): which rows share a width. `within` ranks a
+- blocking (the paper's block partition by popularity): which rows share a width. `within` ranks a
   table's rows by training frequency and cuts the ranking into k blocks carrying equal shares of
   the lookups; `across` (the paper's CTR setting) makes each table one block.
 - sizing (Alg. 3): d_i = lambda * p_i^alpha, where p_i is block i's popularity: the mean lookups
