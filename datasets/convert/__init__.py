@@ -3,7 +3,9 @@
 `convert(kind, src, out_dir)` writes DIR/dataset.json, the three splits and the profile, prints a
 one-line summary and returns the spec; DIR is replaced whole or not at all (see outdir.py). Every
 converter maps categorical values to ids by descending train-split frequency, with id 0 for
-unknown / rare (< min_count) / missing values.
+unknown / rare (< min_count) / missing values (the OOV id). Splits: `time` (by time or line order,
+80/10/10), `random` (seeded, row-level 80/10/10), `leave-last` (per user; MovieLens) and
+ML-100K's official `u1`..`u5`, `ua`, `ub` files.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from embshard.datasets.convert import avazu, criteo
-from embshard.datasets.convert.movielens import convert_movielens
+from embshard.datasets.convert.movielens import OFFICIAL_SPLITS, convert_movielens
+from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
 from embshard.datasets.outdir import check_output
 from embshard.datasets.schema import DatasetSpec
@@ -20,18 +23,30 @@ from embshard.errors import DataError
 
 Kind = Literal["criteo", "avazu", "movielens"]
 KINDS: tuple[str, ...] = ("criteo", "avazu", "movielens")
+USER_SPLITS = ("leave-last",)
+SPLIT_KINDS: tuple[str, ...] = ("time", "random", *USER_SPLITS, *OFFICIAL_SPLITS)
+# 2, not 1: with 1 every train value gets its own row, no train row ever uses the OOV id, and every
+# value unseen in train meets an embedding row that never received a gradient. With 2, values seen
+# once in train share the OOV row, which then trains on real data.
+DEFAULT_MIN_COUNT = 2
 
 
-def convert(kind: Kind, src: str | Path, out_dir: str | Path, *, min_count: int = 1,
-            strict: bool = False, overwrite: bool = False) -> DatasetSpec:
+def convert(kind: Kind, src: str | Path, out_dir: str | Path, *, min_count: int = DEFAULT_MIN_COUNT,
+            split: str = "time", seed: int = 0, strict: bool = False, overwrite: bool = False) -> DatasetSpec:
     """strict=True turns the first malformed input line into a DataError instead of skipping it;
-    overwrite=True lets a complete new dataset replace the one in a non-empty `out_dir`."""
+    overwrite=True lets a complete new dataset replace the one in a non-empty `out_dir`. Prints
+    a summary and the share of OOV ids per split and feature (also in dataset.json)."""
     src = Path(src)
     if min_count < 1:
         raise DataError(f"min_count must be >= 1, got {min_count}")
+    if split not in SPLIT_KINDS:
+        raise DataError(f"unknown split {split!r} (one of {', '.join(SPLIT_KINDS)})")
+    if kind != "movielens" and split in (*USER_SPLITS, *OFFICIAL_SPLITS):
+        what = "needs a user column" if split in USER_SPLITS else "is MovieLens-100K's own split"
+        raise DataError(f"split {split!r} {what}: {kind} has none; use --split time or random")
     # Before reading the input: a full Criteo pass takes minutes, a refusal should not.
     check_output(Path(out_dir), overwrite)
-    options = {"min_count": min_count, "strict": strict, "overwrite": overwrite}
+    options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
     if kind == "criteo":
         spec, summary = convert_text(criteo.FORMAT, src, out_dir, **options)
     elif kind == "avazu":
@@ -41,4 +56,5 @@ def convert(kind: Kind, src: str | Path, out_dir: str | Path, *, min_count: int 
     else:
         raise DataError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
     print(summary)
+    print(oov_report(spec))
     return spec
