@@ -39,9 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "train-split frequency; id 0 (the OOV id) is shared by rare, missing and unseen "
                     "values. Prints the share of OOV ids per split and feature (cold start shows there).")
     conv.add_argument("kind", choices=KINDS, help="input format")
-    conv.add_argument("src", type=Path,
+    conv.add_argument("src", type=Path, nargs="+", metavar="SRC",
                       help="criteo: train.txt; avazu: train csv (either may be gzipped, not a tar "
-                           "archive); movielens: the unpacked release folder")
+                           "archive; several files or folders of them are read in order as one log); "
+                           "movielens: the unpacked release folder")
     conv.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
     conv.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT, metavar="N",
                       help="values seen fewer than N times in train map to the OOV id 0, which then "
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "leave-last (per user: last rating test, the one before valid; movielens), "
                            "u1..u5, ua, ub (ML-100K's own base/test files; valid = latest tenth of base)")
     conv.add_argument("--seed", type=int, default=0, help="seed of --split random (default %(default)s)")
+    conv.add_argument("--dedup-key", metavar="COLUMN",
+                      help="criteo/avazu: keep only the first row of each value of COLUMN (e.g. avazu's "
+                           "id, when input files overlap)")
     conv.add_argument("--strict", action="store_true",
                       help="fail on the first malformed line instead of skipping it")
     _overwrite_flag(conv)
@@ -78,7 +82,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     convert(args.kind, args.src, args.out, min_count=args.min_count, split=args.split, seed=args.seed,
-            strict=args.strict, overwrite=args.overwrite)
+            dedup_key=args.dedup_key, strict=args.strict, overwrite=args.overwrite)
     _report(load_profile(args.out))
     return 0
 

@@ -10,10 +10,12 @@ ML-100K's official `u1`..`u5`, `ua`, `ub` files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from embshard.datasets.convert import avazu, criteo
+from embshard.datasets.convert.inputs import resolve_inputs
 from embshard.datasets.convert.movielens import OFFICIAL_SPLITS, convert_movielens
 from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
@@ -31,12 +33,17 @@ SPLIT_KINDS: tuple[str, ...] = ("time", "random", *USER_SPLITS, *OFFICIAL_SPLITS
 DEFAULT_MIN_COUNT = 2
 
 
-def convert(kind: Kind, src: str | Path, out_dir: str | Path, *, min_count: int = DEFAULT_MIN_COUNT,
-            split: str = "time", seed: int = 0, strict: bool = False, overwrite: bool = False) -> DatasetSpec:
-    """strict=True turns the first malformed input line into a DataError instead of skipping it;
+def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | Path, *,
+            min_count: int = DEFAULT_MIN_COUNT, split: str = "time", seed: int = 0,
+            dedup_key: str | None = None, strict: bool = False, overwrite: bool = False) -> DatasetSpec:
+    """`src`: criteo/avazu take files and folders (read in order as one log, see inputs.py), and
+    `dedup_key` keeps only the first row of each value of that column; movielens takes one folder.
+    strict=True turns the first malformed input line into a DataError instead of skipping it;
     overwrite=True lets a complete new dataset replace the one in a non-empty `out_dir`. Prints
     a summary and the share of OOV ids per split and feature (also in dataset.json)."""
-    src = Path(src)
+    sources = [Path(src)] if isinstance(src, (str, Path)) else [Path(s) for s in src]
+    if not sources:
+        raise DataError(f"{kind}: no input given")
     if min_count < 1:
         raise DataError(f"min_count must be >= 1, got {min_count}")
     if split not in SPLIT_KINDS:
@@ -44,15 +51,20 @@ def convert(kind: Kind, src: str | Path, out_dir: str | Path, *, min_count: int 
     if kind != "movielens" and split in (*USER_SPLITS, *OFFICIAL_SPLITS):
         what = "needs a user column" if split in USER_SPLITS else "is MovieLens-100K's own split"
         raise DataError(f"split {split!r} {what}: {kind} has none; use --split time or random")
+    if kind == "movielens" and (len(sources) > 1 or dedup_key is not None):
+        raise DataError("movielens: give one release folder (several inputs and --dedup-key are for "
+                        "criteo and avazu)")
     # Before reading the input: a full Criteo pass takes minutes, a refusal should not.
     check_output(Path(out_dir), overwrite)
     options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
     if kind == "criteo":
-        spec, summary = convert_text(criteo.FORMAT, src, out_dir, **options)
+        files = resolve_inputs(sources, kind)
+        spec, summary = convert_text(criteo.FORMAT, files, out_dir, dedup_key=dedup_key, **options)
     elif kind == "avazu":
-        spec, summary = convert_text(avazu.text_format(src), src, out_dir, **options)
+        files = resolve_inputs(sources, kind)
+        spec, summary = convert_text(avazu.text_format(files), files, out_dir, dedup_key=dedup_key, **options)
     elif kind == "movielens":
-        spec, summary = convert_movielens(src, out_dir, **options)
+        spec, summary = convert_movielens(sources[0], out_dir, **options)
     else:
         raise DataError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
     print(summary)
