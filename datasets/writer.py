@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +140,8 @@ class _SplitWriter:
 
 class DatasetWriter:
     """Writes the three splits of one dataset into a staging folder beside `out_dir`; `finish`
-    adds dataset.json and the profile and renames the folder to `out_dir`.
+    adds dataset.json (with the share of OOV_ID among the ids of each of `oov_features`) and the
+    profile and renames the folder to `out_dir`.
 
     A non-empty `out_dir` is refused unless overwrite=True (and then it must hold a dataset);
     it is replaced only by a complete dataset. Use as a context manager: on any error the staging
@@ -147,7 +149,8 @@ class DatasetWriter:
     """
 
     def __init__(self, out_dir: str | Path, schema: pa.Schema, *, overwrite: bool = False,
-                 label: str = "label", total_rows: int | None = None, desc: str = "writing") -> None:
+                 label: str = "label", total_rows: int | None = None, desc: str = "writing",
+                 oov_features: Sequence[str] = ()) -> None:
         self.out_dir = Path(out_dir)
         self.schema = schema
         self.label = label
@@ -160,8 +163,8 @@ class DatasetWriter:
             d.mkdir()
             self.splits[split] = _SplitWriter(d, schema)
         self.stats = {split: SplitStats() for split in SPLITS}
-        # schema.py's contract: sparse features are exactly the int64 and list<int64> columns.
-        self.sparse = [f.name for f in schema if f.type in (pa.int64(), pa.list_(pa.int64()))]
+        # Only converters map values to OOV_ID; synth's id 0 is an ordinary value.
+        self.oov_features = list(oov_features)
         self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
 
     def __enter__(self) -> "DatasetWriter":
@@ -177,7 +180,7 @@ class DatasetWriter:
         stats = self.stats[split]
         stats.rows += table.num_rows
         stats.positives += float(pc.sum(table[self.label]).as_py() or 0.0)
-        for name in self.sparse:
+        for name in self.oov_features:
             ids, _ = flat_ids(table[name])
             stats.ids[name] = stats.ids.get(name, 0) + ids.size
             stats.oov[name] = stats.oov.get(name, 0) + int(np.count_nonzero(ids == OOV_ID))
@@ -209,7 +212,7 @@ class DatasetWriter:
                 spec, rows={s: st.rows for s, st in self.stats.items()},
                 parts={s: w.rows_per_part for s, w in self.splits.items()},
                 oov_share={s: {f: st.oov[f] / n for f, n in st.ids.items() if n}
-                           for s, st in self.stats.items()})
+                           for s, st in self.stats.items()} if self.oov_features else {})
             spec.save(self.staging)
             write_profile(self.staging)
             publish(self.staging, self.out_dir, self.overwrite)

@@ -81,19 +81,21 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
             encoded[name] = pa.array(vocab.encode(values))
     described = SPLITS_DESCRIBED.get(split, f"split by {split}.base/{split}.test, valid = the latest "
                                             f"1/{VALID_SHARE_OF_BASE} of {split}.base")
+    if split == "random":
+        described += f", seed {seed}"
     spec = DatasetSpec(
         name=release.name,
         dense=[],
         sparse=sparse,
         extra=["rating"],
         source=f"movielens:{src} ({release.name}, min_count={min_count}, rating>=4 positive, "
-               f"<=2 negative, {described}" + (f", seed {seed})" if split == "random" else ")"),
+               f"<=2 negative, {described})",
         split=split,
     )
     schema = spec.arrow_schema().append(pa.field("rating", pa.float32()))
     out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"]})
     with DatasetWriter(out_dir, schema, overwrite=overwrite, total_rows=n,
-                       desc=f"{release.name}: writing") as writer:
+                       desc=f"{release.name}: writing", oov_features=spec.sparse_names) as writer:
         writer.write_ordered(out, np.arange(n), plan)
         spec = writer.finish(spec, source=str(src), skipped=malformed.count)
     return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count)

@@ -116,7 +116,7 @@ def convert_text(fmt: TextFormat, files: list[Path], out_dir: str | Path, *, min
         split=split,
     )
     with DatasetWriter(out_dir, spec.arrow_schema(), overwrite=overwrite, total_rows=total,
-                       desc=f"{fmt.name}: writing") as writer:
+                       desc=f"{fmt.name}: writing", oov_features=spec.sparse_names) as writer:
         for inp, _, parsed in _parsed(fmt, inputs, f"{fmt.name}: encoding"):
             positions = parsed.lines - fmt.header_lines + inp.offset
             columns = {spec.label: parsed.label, **parsed.dense}
