@@ -2,7 +2,7 @@
 
 Label: rating >= 4 -> 1, rating <= 2 -> 0; ratings in between (3, and 2.5/3.5 in half-star
 releases) are dropped as neutral. The raw rating stays in the `rating` extra column. Rows are
-sorted by timestamp (stable) and split (see SPLITS below). Features, where the release has them: userId,
+sorted by timestamp (stable) and split by `split_plan`. Features, where the release has them: userId,
 movieId, gender, age, occupation, zip, year (from the title or release date) and genres (multi-hot).
 Ids by train frequency, unknown id 0 (see vocab.py); a rating whose movie has no genres gets an
 empty genre list.
