@@ -27,7 +27,7 @@ def _criteo_file(path: Path, rows: int, seed: int = 0) -> Path:
         dense = [str(int(x)) for x in rng.integers(0, 50, 13)]
         tail = int(rng.zipf(1.5)) % 10_000
         cats = [f"{tail:08x}"] + [f"{int(rng.integers(0, 4)):08x}" for _ in range(25)]
-        lines.append("\t".join([str(i % 3 == 0 and 1 or 0), *dense, *cats]))
+        lines.append("\t".join([str(int(i % 3 == 0)), *dense, *cats]))
     path.write_text("\n".join(lines) + "\n")
     return path
 
