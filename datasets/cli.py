@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from embshard.datasets.convert import KINDS, convert
+from embshard.datasets.convert import DEFAULT_MIN_COUNT, KINDS, SPLIT_KINDS, convert
 from embshard.datasets.profile import Profile, load_profile, write_profile
 from embshard.datasets.synth import DEFAULT_MAX_CARDINALITY, synthesize
 
@@ -36,14 +36,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv = commands.add_parser(
         "convert", help="convert a Criteo / Avazu / MovieLens download (and profile it)",
         description="Convert raw public data to the Parquet layout. Categorical values get ids by "
-                    "train-split frequency; id 0 is shared by rare, missing and unseen values.")
+                    "train-split frequency; id 0 (the OOV id) is shared by rare, missing and unseen "
+                    "values. Prints the share of OOV ids per split and feature (cold start shows there).")
     conv.add_argument("kind", choices=KINDS, help="input format")
-    conv.add_argument("src", type=Path,
+    conv.add_argument("src", type=Path, nargs="+", metavar="SRC",
                       help="criteo: train.txt; avazu: train csv (either may be gzipped, not a tar "
-                           "archive); movielens: the unpacked release folder")
+                           "archive; several files or folders of them are read in order as one log); "
+                           "movielens: the unpacked release folder")
     conv.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
-    conv.add_argument("--min-count", type=int, default=1, metavar="N",
-                      help="values seen fewer than N times in train map to id 0 (default %(default)s)")
+    conv.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT, metavar="N",
+                      help="values seen fewer than N times in train map to the OOV id 0, which then "
+                           "trains on them (default %(default)s; 1 leaves the OOV row untrained)")
+    conv.add_argument("--split", choices=SPLIT_KINDS, default="time", metavar="KIND",
+                      help="time (80/10/10 by time or line order, default), random (seeded 80/10/10), "
+                           "leave-last (per user: last rating test, the one before valid; movielens), "
+                           "u1..u5, ua, ub (ML-100K's own base/test files; valid = latest tenth of base)")
+    conv.add_argument("--seed", type=int, default=0, help="seed of --split random (default %(default)s)")
+    conv.add_argument("--dedup-key", metavar="COLUMN",
+                      help="criteo/avazu: keep only the first row of each value of COLUMN (e.g. avazu's "
+                           "id, when input files overlap)")
     conv.add_argument("--strict", action="store_true",
                       help="fail on the first malformed line instead of skipping it")
     _overwrite_flag(conv)
@@ -70,8 +81,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    convert(args.kind, args.src, args.out, min_count=args.min_count, strict=args.strict,
-            overwrite=args.overwrite)
+    convert(args.kind, args.src, args.out, min_count=args.min_count, split=args.split, seed=args.seed,
+            dedup_key=args.dedup_key, strict=args.strict, overwrite=args.overwrite)
     _report(load_profile(args.out))
     return 0
 

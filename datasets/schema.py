@@ -29,6 +29,9 @@ SPEC_FILE = "dataset.json"
 SPEC_VERSION = 1
 SPLITS = ("train", "valid", "test")
 PART_PATTERN = "part-*.parquet"
+# The id every converter gives values it has no row for: unseen in train, rarer than min_count, or
+# missing. It must get gradients in training, or every unseen test value lands on an untrained row.
+OOV_ID = 0
 
 
 def part_name(index: int) -> str:
@@ -54,6 +57,11 @@ class DatasetSpec:
     # Empty in datasets written before it was recorded; those are checked by `rows` alone.
     parts: dict[str, list[int]] = field(default_factory=dict)
     source: str = ""
+    # How rows were split (time, random, leave-last, or an official split such as ML-100K's u1).
+    split: str = ""
+    # split -> sparse feature -> share of its ids that are OOV_ID. A share near 1 in test means
+    # cold start: the model cannot use that feature there. Empty in datasets written before it was recorded.
+    oov_share: dict[str, dict[str, float]] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
     @property

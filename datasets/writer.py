@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from embshard.datasets.outdir import check_output, make_staging, publish
 from embshard.datasets.profile import write_profile
-from embshard.datasets.schema import SPLITS, DatasetSpec, part_name, split_dir
+from embshard.datasets.schema import OOV_ID, SPLITS, DatasetSpec, flat_ids, part_name, split_dir
 from embshard.errors import DataError
 
 # Readers split work across ranks by row group, so groups must be small enough to balance ranks
@@ -28,11 +29,30 @@ ROW_GROUP_ROWS = 8192
 PART_ROWS = 128 * ROW_GROUP_ROWS
 
 
-@dataclass(frozen=True)
+TRAIN, VALID, TEST = range(3)  # split codes of SplitPlan.assignment, in SPLITS order
+
+
+@dataclass(frozen=True, eq=False)
 class SplitPlan:
-    """Cuts `total` ordered positions (rows or input lines) into train/valid/test at 80/10/10."""
+    """Places `total` ordered positions (rows or input lines) in train/valid/test.
+
+    Without `assignment` the cut is by order at 80/10/10 (the time split of time-ordered logs);
+    with it, assignment[i] is the split code (TRAIN/VALID/TEST) of position i.
+    """
 
     total: int
+    assignment: np.ndarray | None = None
+    kind: str = "time"  # recorded in dataset.json
+
+    @staticmethod
+    def random(total: int, seed: int) -> "SplitPlan":
+        """Seeded row-level 80/10/10 with exact split sizes; one byte per position, so a
+        45M-line Criteo file costs 45 MB."""
+        order = SplitPlan(total)
+        codes = np.repeat(np.array([TRAIN, VALID, TEST], dtype=np.int8),
+                          [order.train_end, order.valid_end - order.train_end, total - order.valid_end])
+        np.random.default_rng(seed).shuffle(codes)
+        return SplitPlan(total, codes, "random")
 
     @property
     def train_end(self) -> int:
@@ -42,17 +62,27 @@ class SplitPlan:
     def valid_end(self) -> int:
         return self.train_end + self.total // 10
 
-    def ranges(self, positions: np.ndarray) -> list[tuple[str, int, int]]:
-        """(split, start, stop) slices of `positions`, which must be ascending."""
-        cuts = np.searchsorted(positions, [self.train_end, self.valid_end], side="left")
-        bounds = [0, int(cuts[0]), int(cuts[1]), len(positions)]
-        return [(s, bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS) if bounds[i + 1] > bounds[i]]
+    @property
+    def train_stop(self) -> int:
+        """One past the last train position: a pass that needs only train rows can stop there."""
+        if self.assignment is None:
+            return self.train_end
+        train = np.flatnonzero(self.assignment == TRAIN)
+        return int(train[-1]) + 1 if train.size else 0
+
+    def codes(self, positions: np.ndarray) -> np.ndarray:
+        """The split code of each position."""
+        if self.assignment is not None:
+            return self.assignment[positions]
+        return np.searchsorted([self.train_end, self.valid_end], positions, side="right").astype(np.int8)
 
 
 @dataclass
 class SplitStats:
     rows: int = 0
     positives: float = 0.0
+    ids: dict[str, int] = field(default_factory=dict)  # sparse feature -> ids written
+    oov: dict[str, int] = field(default_factory=dict)  # sparse feature -> of those, OOV_ID
 
 
 class _SplitWriter:
@@ -110,7 +140,8 @@ class _SplitWriter:
 
 class DatasetWriter:
     """Writes the three splits of one dataset into a staging folder beside `out_dir`; `finish`
-    adds dataset.json and the profile and renames the folder to `out_dir`.
+    adds dataset.json (with the share of OOV_ID among the ids of each of `oov_features`) and the
+    profile and renames the folder to `out_dir`.
 
     A non-empty `out_dir` is refused unless overwrite=True (and then it must hold a dataset);
     it is replaced only by a complete dataset. Use as a context manager: on any error the staging
@@ -118,7 +149,8 @@ class DatasetWriter:
     """
 
     def __init__(self, out_dir: str | Path, schema: pa.Schema, *, overwrite: bool = False,
-                 label: str = "label", total_rows: int | None = None, desc: str = "writing") -> None:
+                 label: str = "label", total_rows: int | None = None, desc: str = "writing",
+                 oov_features: Sequence[str] = ()) -> None:
         self.out_dir = Path(out_dir)
         self.schema = schema
         self.label = label
@@ -131,6 +163,8 @@ class DatasetWriter:
             d.mkdir()
             self.splits[split] = _SplitWriter(d, schema)
         self.stats = {split: SplitStats() for split in SPLITS}
+        # Only converters map values to OOV_ID; synth's id 0 is an ordinary value.
+        self.oov_features = list(oov_features)
         self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
 
     def __enter__(self) -> "DatasetWriter":
@@ -146,12 +180,21 @@ class DatasetWriter:
         stats = self.stats[split]
         stats.rows += table.num_rows
         stats.positives += float(pc.sum(table[self.label]).as_py() or 0.0)
+        for name in self.oov_features:
+            ids, _ = flat_ids(table[name])
+            stats.ids[name] = stats.ids.get(name, 0) + ids.size
+            stats.oov[name] = stats.oov.get(name, 0) + int(np.count_nonzero(ids == OOV_ID))
         self.progress.update(table.num_rows)
 
     def write_ordered(self, table: pa.Table, positions: np.ndarray, plan: SplitPlan) -> None:
-        """Writes rows whose ascending `positions` (row or line index) place them in a split."""
-        for split, start, stop in plan.ranges(positions):
-            self.write(split, table.slice(start, stop - start))
+        """Writes each row to the split `plan` gives its position (row or line index)."""
+        codes = plan.codes(positions)
+        for code, split in enumerate(SPLITS):
+            mask = codes == code
+            if mask.all():
+                self.write(split, table)
+            elif mask.any():
+                self.write(split, table.filter(pa.array(mask)))
 
     def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0) -> DatasetSpec:
         """Publishes the dataset; `source` (and the `skipped` line count) name the input in errors.
@@ -167,7 +210,9 @@ class DatasetWriter:
             self.progress.close()
             spec = dataclasses.replace(
                 spec, rows={s: st.rows for s, st in self.stats.items()},
-                parts={s: w.rows_per_part for s, w in self.splits.items()})
+                parts={s: w.rows_per_part for s, w in self.splits.items()},
+                oov_share={s: {f: st.oov[f] / n for f, n in st.ids.items() if n}
+                           for s, st in self.stats.items()} if self.oov_features else {})
             spec.save(self.staging)
             write_profile(self.staging)
             publish(self.staging, self.out_dir, self.overwrite)

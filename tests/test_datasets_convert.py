@@ -117,7 +117,7 @@ def test_avazu_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     rows[13] = _avazu_line(13, 0, "14102")  # a broken hour
     src = tmp_path / "train.csv"
     src.write_text("\n".join([AVAZU_HEADER, *rows]) + "\n")
-    spec = convert("avazu", src, tmp_path / "out")
+    spec = convert("avazu", src, tmp_path / "out", min_count=1)  # every train value its own id
     assert spec.dense == []
     assert spec.sparse_names[:4] == ["hour_of_day", "day_of_week", "C1", "banner_pos"]
     assert "id" not in spec.sparse_names and "hour" not in spec.sparse_names
@@ -257,7 +257,7 @@ def test_non_empty_out_needs_overwrite(criteo_sample: Path, tmp_path: Path) -> N
     src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
     out = tmp_path / "c"
     out.mkdir()  # an empty folder is fine
-    first = convert("criteo", src, out)
+    first = convert("criteo", src, out, min_count=1)
     with pytest.raises(DataError, match=r"c: not empty; pass --overwrite"):
         convert("criteo", src, out, min_count=2)
     assert DatasetSpec.load(out) == first
@@ -357,3 +357,75 @@ def test_cli_overwrite_flag(criteo_sample: Path, tmp_path: Path) -> None:
         args.func(args)
     args = parser.parse_args([*argv, "--overwrite"])
     assert args.func(args) == 0
+
+
+# -- several input files -----------------------------------------------------------------------
+
+
+def test_folder_of_criteo_files_equals_their_concatenation(criteo_sample: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    lines = _criteo_lines(criteo_sample, 300)
+    lines[104] = "broken"  # line 5 of the second file
+    whole = _write_lines(tmp_path / "whole.txt", lines)
+    days = tmp_path / "days"
+    days.mkdir()
+    for i, name in enumerate(["day0.txt", "day1.txt", "day2.txt"]):
+        _write_lines(days / name, lines[100 * i:100 * (i + 1)])
+    (days / ".DS_Store").write_text("not data")  # hidden files are not inputs
+    expected = convert("criteo", whole, tmp_path / "a", split="random", seed=4)
+    capsys.readouterr()
+    spec = convert("criteo", days, tmp_path / "b", split="random", seed=4)
+    assert "skipped 1 malformed lines" in capsys.readouterr().out
+    assert spec.rows == expected.rows and spec.sparse == expected.sparse and spec.oov_share == expected.oov_share
+    assert read_all(tmp_path / "b").equals(read_all(tmp_path / "a"))
+    # The same files named one by one; a malformed line is named by its own file and line.
+    with pytest.raises(DataError, match=r"day1\.txt:5: expected 40 fields"):
+        convert("criteo", sorted(days.glob("day*.txt")), tmp_path / "c", strict=True)
+
+
+def test_input_lists_are_checked(criteo_sample: Path, tmp_path: Path) -> None:
+    src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: a folder without criteo input files"):
+        convert("criteo", [src, tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(DataError, match=r"train\.txt: given more than once"):
+        convert("criteo", [src, tmp_path], tmp_path / "out")
+    with pytest.raises(DataError, match=r"--dedup-key 'id': criteo input has no such column"):
+        convert("criteo", src, tmp_path / "out", dedup_key="id")
+    with pytest.raises(DataError, match=r"movielens: give one release folder"):
+        convert("movielens", [tmp_path, tmp_path], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = [_avazu_line(i, int(i % 4 == 0), f"141021{i % 24:02d}") for i in range(30)]
+    # The second file overlaps the first by 10 rows (ids 1020..1029) and adds 20 new ones.
+    second = [_avazu_line(i, int(i % 4 == 0), f"141022{i % 24:02d}") for i in range(20, 50)]
+    a = _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, *first])
+    b = _write_lines(tmp_path / "b.csv", [AVAZU_HEADER, *second])
+    both = convert("avazu", [a, b], tmp_path / "both")
+    assert sum(both.rows.values()) == 60
+    capsys.readouterr()
+    spec = convert("avazu", [a, b], tmp_path / "dedup", dedup_key="id")
+    assert "dropped 10 rows repeating a 'id'" in capsys.readouterr().out
+    assert sum(spec.rows.values()) == 50 and "first row per 'id'" in spec.source
+    # The split is fixed by position before repeats are dropped: train holds positions 0..47, i.e.
+    # all 30 (Tuesday) rows of a.csv and b.csv's rows at 40..47 (Wednesday); 30..39 were repeats.
+    train = pq.read_table(tmp_path / "dedup" / "train")["day_of_week"].to_numpy()
+    assert np.bincount(train).tolist() == [0, 30, 8]
+    with pytest.raises(DataError, match=r"c\.csv: line 1 \(the header\) differs from that of .*a\.csv"):
+        c = _write_lines(tmp_path / "c.csv", [AVAZU_HEADER.replace("C1,", "C0,"), *second])
+        convert("avazu", [a, c], tmp_path / "bad")
+
+
+def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [_avazu_line(i, i % 2, f"141021{i % 24:02d}") for i in range(20)]
+    a = _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, *rows])
+    b = _write_lines(tmp_path / "b.csv", [AVAZU_HEADER, *rows[:5]])
+    parser = argparse.ArgumentParser(prog="embshard")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", "convert", "avazu", str(a), str(b), "--out", str(tmp_path / "o"),
+                              "--dedup-key", "id"])
+    assert args.func(args) == 0
+    assert "dropped 5 rows repeating a 'id'" in capsys.readouterr().out
+    assert sum(DatasetSpec.load(tmp_path / "o").rows.values()) == 20

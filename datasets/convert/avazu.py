@@ -22,15 +22,17 @@ _DROPPED = {"id", LABEL, HOUR}
 _LABELS = pa.array(["0", "1"])
 
 
-def text_format(src: Path) -> TextFormat:
-    if not src.is_file():
-        raise DataError(f"{src}: avazu input file not found")
-    with open_input(src) as (data, _):
-        columns = data.readline(1 << 20).decode("utf-8", errors="replace").rstrip("\r\n").split(",")
+def text_format(files: list[Path]) -> TextFormat:
+    """The format of `files`, which must all have the same header."""
+    columns = _header(files[0])
     for required in (LABEL, HOUR):
         if required not in columns:
-            raise DataError(f"{src}: does not look like {DESCRIPTION}: line 1 (the header) has no column "
+            raise DataError(f"{files[0]}: does not look like {DESCRIPTION}: line 1 (the header) has no column "
                             f"{required!r}")
+    for path in files[1:]:
+        if _header(path) != columns:
+            raise DataError(f"{path}: line 1 (the header) differs from that of {files[0]}; "
+                            f"files converted together need the same columns in the same order")
     raw = [c for c in columns if c not in _DROPPED]
     return TextFormat(
         name="avazu",
@@ -42,6 +44,11 @@ def text_format(src: Path) -> TextFormat:
         categorical=TIME_FEATURES + raw,
         parse=partial(parse, raw=raw),
     )
+
+
+def _header(path: Path) -> list[str]:
+    with open_input(path) as (data, _):
+        return data.readline(1 << 20).decode("utf-8", errors="replace").rstrip("\r\n").split(",")
 
 
 def parse(chunk: TextChunk, malformed: Malformed, *, raw: list[str]) -> Parsed:

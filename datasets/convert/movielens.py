@@ -2,7 +2,7 @@
 
 Label: rating >= 4 -> 1, rating <= 2 -> 0; ratings in between (3, and 2.5/3.5 in half-star
 releases) are dropped as neutral. The raw rating stays in the `rating` extra column. Rows are
-sorted by timestamp (stable) and split 80/10/10. Features, where the release has them: userId,
+sorted by timestamp (stable) and split by `split_plan`. Features, where the release has them: userId,
 movieId, gender, age, occupation, zip, year (from the title or release date) and genres (multi-hot).
 Ids by train frequency, unknown id 0 (see vocab.py); a rating whose movie has no genres gets an
 empty genre list.
@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 from embshard.datasets.convert.text import Malformed
 from embshard.datasets.convert.vocab import VocabularyBuilder
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.datasets.writer import DatasetWriter, SplitPlan
+from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
 from embshard.errors import DataError
 
 # ML-100k's u.item ends with one 0/1 flag per genre, in this order.
@@ -34,32 +34,43 @@ ML100K_GENRES = [
 USER_FEATURES = ["gender", "age", "occupation", "zip"]
 _YEAR_IN_TITLE = r"\((?P<year>\d{4})\)\s*$"
 _YEAR_AT_END = r"(?P<year>\d{4})$"
+# ML-100K ships five 80/20 cross-validation splits (u1..u5) and two with exactly 10 test ratings
+# per user (ua, ub), as <name>.base / <name>.test files beside u.data.
+OFFICIAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
+# Official splits have no valid file: the latest tenth of the base file's ratings becomes valid.
+VALID_SHARE_OF_BASE = 10
+SPLITS_DESCRIBED = {
+    "time": "split by timestamp 80/10/10",
+    "random": "split at random 80/10/10",
+    "leave-last": "split per user: last rating test, the one before valid",
+}
 
 
 @dataclass
 class Release:
     name: str
-    ratings: pa.Table  # userId, movieId, rating, timestamp
+    ratings: pa.Table  # userId, movieId, rating, timestamp (+ `official`: 1 for a test-file row)
     movies: pa.Table  # movieId, year, genres (list<string>)
     users: pa.Table | None  # userId, gender, age, occupation, zip
 
 
-def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int,
+def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: str, seed: int,
                       strict: bool, overwrite: bool) -> tuple[DatasetSpec, str]:
     malformed = Malformed(src, strict)
-    release = load_release(src, malformed)
+    release = load_release(src, malformed, official=split if split in OFFICIAL_SPLITS else None)
     table = _labelled(release)
     n = table.num_rows
     if n == 0:
         raise DataError(f"{src}: no ratings left after dropping neutral ones")
     features = _features(release, table)
-    plan = SplitPlan(n)
+    plan = split_plan(table, split, seed)
+    train = pa.array(plan.codes(np.arange(n)) == TRAIN)
     sparse, encoded = [], {}
     for name, values in features.items():
         multi_hot = pa.types.is_list(values.type)
         builder = VocabularyBuilder()
-        train = values.slice(0, plan.train_end)
-        builder.add(pc.list_flatten(train) if multi_hot else train)
+        train_values = values.filter(train)
+        builder.add(pc.list_flatten(train_values) if multi_hot else train_values)
         vocab = builder.build(min_count)
         sparse.append(SparseFeature(name, vocab.cardinality, multi_hot))
         if multi_hot:
@@ -68,28 +79,61 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int,
             encoded[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
         else:
             encoded[name] = pa.array(vocab.encode(values))
+    described = SPLITS_DESCRIBED.get(split, f"split by {split}.base/{split}.test, valid = the latest "
+                                            f"1/{VALID_SHARE_OF_BASE} of {split}.base")
+    if split == "random":
+        described += f", seed {seed}"
     spec = DatasetSpec(
         name=release.name,
         dense=[],
         sparse=sparse,
         extra=["rating"],
         source=f"movielens:{src} ({release.name}, min_count={min_count}, rating>=4 positive, "
-               f"<=2 negative, split by timestamp 80/10/10)",
+               f"<=2 negative, {described})",
+        split=split,
     )
     schema = spec.arrow_schema().append(pa.field("rating", pa.float32()))
     out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"]})
     with DatasetWriter(out_dir, schema, overwrite=overwrite, total_rows=n,
-                       desc=f"{release.name}: writing") as writer:
+                       desc=f"{release.name}: writing", oov_features=spec.sparse_names) as writer:
         writer.write_ordered(out, np.arange(n), plan)
         spec = writer.finish(spec, source=str(src), skipped=malformed.count)
     return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count)
 
 
-def load_release(src: Path, malformed: Malformed) -> Release:
+def split_plan(table: pa.Table, split: str, seed: int) -> SplitPlan:
+    """The plan for `table`'s rows, which are in time order."""
+    n = table.num_rows
+    if split == "time":
+        return SplitPlan(n)
+    if split == "random":
+        return SplitPlan.random(n, seed)
+    codes = np.full(n, TRAIN, dtype=np.int8)
+    if split == "leave-last":
+        users = table["userId"].to_numpy(zero_copy_only=False)
+        order = np.argsort(users, kind="stable")  # by user; time order kept within each user
+        grouped = users[order]
+        last = np.r_[grouped[1:] != grouped[:-1], True]
+        before_last = np.r_[last[1:], False] & ~last  # a user with one rating has none
+        codes[order[before_last]] = VALID
+        codes[order[last]] = TEST
+    else:
+        official = table["official"].to_numpy(zero_copy_only=False)
+        codes[official == 1] = TEST
+        base = np.flatnonzero(official == 0)
+        codes[base[len(base) - len(base) // VALID_SHARE_OF_BASE:]] = VALID
+    return SplitPlan(n, codes, split)
+
+
+def load_release(src: Path, malformed: Malformed, official: str | None = None) -> Release:
+    """official: an OFFICIAL_SPLITS name, whose base/test files then replace u.data."""
     if not src.is_dir():
         raise DataError(f"{src}: not a directory (give the unpacked MovieLens folder)")
+    if official is not None and not (src / "u.data").is_file():
+        raise DataError(f"{src}: split {official!r} needs MovieLens-100K's {official}.base and "
+                        f"{official}.test; this folder has no u.data, so it is no ML-100K release")
     if (src / "u.data").is_file():
-        return _ml100k(src, malformed)
+        return _ml100k(src, malformed, official)
     if (src / "ratings.dat").is_file():
         return _ml1m(src, malformed)
     if (src / "ratings.csv").is_file():
@@ -97,8 +141,15 @@ def load_release(src: Path, malformed: Malformed) -> Release:
     raise DataError(f"{src}: no u.data, ratings.dat or ratings.csv: not a MovieLens release folder")
 
 
-def _ml100k(src: Path, malformed: Malformed) -> Release:
-    ratings = _read(src / "u.data", ["userId", "movieId", "rating", "timestamp"], "\t", malformed)
+def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
+    columns = ["userId", "movieId", "rating", "timestamp"]
+    if official is None:
+        ratings = _read(src / "u.data", columns, "\t", malformed)
+    else:
+        parts = [_read(src / f"{official}.{part}", columns, "\t", malformed) for part in ("base", "test")]
+        ratings = pa.concat_tables([
+            p.append_column("official", pa.array(np.full(p.num_rows, i, dtype=np.int8)))
+            for i, p in enumerate(parts)])
     users = _read(src / "u.user", ["userId", "age", "gender", "occupation", "zip"], "|", malformed)
     flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
     item_columns = ["movieId", "title", "release", "video_release", "url", *flags]
@@ -186,12 +237,15 @@ def _labelled(release: Release) -> pa.Table:
     keep = (rating >= 4) | (rating <= 2)
     timestamp = pc.cast(r["timestamp"], pa.int64()).to_numpy()[keep]
     order = np.flatnonzero(keep)[np.argsort(timestamp, kind="stable")]
-    return pa.table({
+    columns = {
         "userId": r["userId"].take(order),
         "movieId": r["movieId"].take(order),
         "rating": pa.array(rating[order]),
         "label": pa.array((rating[order] >= 4).astype(np.float32)),
-    })
+    }
+    if "official" in r.column_names:
+        columns["official"] = r["official"].take(order)
+    return pa.table(columns)
 
 
 def _features(release: Release, table: pa.Table) -> dict[str, pa.Array]:

@@ -1,25 +1,30 @@
 """The two-pass conversion of large, time-ordered text logs (Criteo, Avazu).
 
-Pass 1 reads only the train lines (the first 80% of data lines) and counts categorical values;
-pass 2 reads everything, encodes with the train vocabularies and writes the splits. The split is by
-line position, counted before reading, so the split of a line never depends on how many earlier
-lines were malformed; a malformed line is skipped from whichever split it falls in, and reported
-by exactly one pass (pass 1 for train lines, pass 2 for the rest).
+Several input files are read one after another as one log; a line's position counts data lines
+across them. Pass 1 reads up to the last train line and counts categorical values of train lines;
+pass 2 reads everything, encodes with the train vocabularies and writes the splits. The split is
+by position (the first 80% for the time split, a seeded draw for the random one), fixed before
+reading, so the split of a line never depends on how many earlier lines were malformed; a
+malformed line is skipped from whichever split it falls in, and reported by exactly one pass (the
+first to read it). With a dedup key, a pass 0 finds the first row of each key value; later rows
+with that value are dropped from both passes, like malformed lines, after the split is fixed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from embshard.datasets.convert.inputs import describe
 from embshard.datasets.convert.text import Malformed, TextChunk, count_lines, read_chunks, sniff
 from embshard.datasets.convert.vocab import VocabularyBuilder
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.datasets.writer import DatasetWriter, SplitPlan
+from embshard.datasets.writer import TRAIN, DatasetWriter, SplitPlan
 from embshard.errors import DataError
 
 
@@ -64,40 +69,104 @@ def drop_invalid(chunk: TextChunk, ok: dict[str, np.ndarray], expected: dict[str
     return TextChunk(chunk.table.filter(pa.array(keep)), chunk.lines[keep])
 
 
-def convert_text(fmt: TextFormat, src: Path, out_dir: str | Path, *, min_count: int,
-                 strict: bool, overwrite: bool) -> tuple[DatasetSpec, str]:
-    if not src.is_file():
-        raise DataError(f"{src}: {fmt.name} input file not found")
-    sniff(src, fmt.columns, fmt.delimiter, skip_lines=fmt.header_lines, what=fmt.description)
-    total = count_lines(src) - fmt.header_lines
+@dataclass
+class _Input:
+    """One input file; its data lines hold positions offset .. offset + lines of the whole log."""
+
+    path: Path
+    offset: int
+    lines: int
+    malformed: Malformed
+
+
+def convert_text(fmt: TextFormat, files: list[Path], out_dir: str | Path, *, min_count: int, split: str,
+                 seed: int, dedup_key: str | None, strict: bool, overwrite: bool) -> tuple[DatasetSpec, str]:
+    """Converts `files`, read one after another as one log (see inputs.py)."""
+    if dedup_key is not None and dedup_key not in fmt.columns:
+        raise DataError(f"--dedup-key {dedup_key!r}: {fmt.name} input has no such column "
+                        f"(columns: {', '.join(fmt.columns)})")
+    inputs, total = [], 0
+    for path in files:
+        sniff(path, fmt.columns, fmt.delimiter, skip_lines=fmt.header_lines, what=fmt.description)
+        lines = max(0, count_lines(path) - fmt.header_lines)
+        inputs.append(_Input(path, total, lines, Malformed(path, strict)))
+        total += lines
     if total < 1:
-        raise DataError(f"{src}: no data lines")
-    plan = SplitPlan(total)
-    malformed = Malformed(src, strict)
-    train_stop = fmt.header_lines + plan.train_end
+        raise DataError(f"{describe(files)}: no data lines")
+    plan = SplitPlan(total) if split == "time" else SplitPlan.random(total, seed)
+    first, duplicates = _first_occurrences(fmt, inputs, total, dedup_key) if dedup_key else (None, 0)
 
     builders = {c: VocabularyBuilder() for c in fmt.categorical}
-    for chunk in read_chunks(src, fmt.columns, fmt.delimiter, malformed, skip_lines=fmt.header_lines,
-                             stop_line=train_stop, desc=f"{fmt.name}: counting train values"):
-        parsed = fmt.parse(chunk, malformed)
+    for inp, _, parsed in _parsed(fmt, inputs, f"{fmt.name}: counting train values", stop=plan.train_stop):
+        positions = parsed.lines - fmt.header_lines + inp.offset
+        train = plan.codes(positions) == TRAIN
+        if first is not None:
+            train &= first[positions]
         for c in fmt.categorical:
-            builders[c].add(parsed.categorical[c])
-    malformed.covered = train_stop
+            builders[c].add(parsed.categorical[c].filter(pa.array(train)))
     vocabs = {c: b.build(min_count) for c, b in builders.items()}
 
+    dedup = f", first row per {dedup_key!r}" if dedup_key else ""
     spec = DatasetSpec(
         name=fmt.name,
         dense=fmt.dense,
         sparse=[SparseFeature(c, vocabs[c].cardinality) for c in fmt.categorical],
-        source=f"{fmt.name}:{src} (min_count={min_count}, split by line order 80/10/10)",
+        source=f"{fmt.name}:{','.join(map(str, files))} (min_count={min_count}, split {_describe(split, seed)}"
+               f"{dedup})",
+        split=split,
     )
     with DatasetWriter(out_dir, spec.arrow_schema(), overwrite=overwrite, total_rows=total,
-                       desc=f"{fmt.name}: writing") as writer:
-        for chunk in read_chunks(src, fmt.columns, fmt.delimiter, malformed, skip_lines=fmt.header_lines,
-                                 desc=f"{fmt.name}: encoding"):
-            parsed = fmt.parse(chunk, malformed)
+                       desc=f"{fmt.name}: writing", oov_features=spec.sparse_names) as writer:
+        for inp, _, parsed in _parsed(fmt, inputs, f"{fmt.name}: encoding"):
+            positions = parsed.lines - fmt.header_lines + inp.offset
             columns = {spec.label: parsed.label, **parsed.dense}
             columns.update({c: vocabs[c].encode(parsed.categorical[c]) for c in fmt.categorical})
-            writer.write_ordered(pa.table(columns), parsed.lines - fmt.header_lines, plan)
-        spec = writer.finish(spec, source=str(src), skipped=malformed.count)
-    return spec, writer.summary(f"{fmt.name} -> {out_dir}", skipped=malformed.count)
+            table = pa.table(columns)
+            if first is not None:
+                keep = first[positions]
+                table, positions = table.filter(pa.array(keep)), positions[keep]
+            writer.write_ordered(table, positions, plan)
+        skipped = sum(inp.malformed.count for inp in inputs)
+        spec = writer.finish(spec, source=describe(files), skipped=skipped)
+    summary = writer.summary(f"{fmt.name} -> {out_dir}", skipped=skipped)
+    return spec, summary + (f", dropped {duplicates:,} rows repeating a {dedup_key!r}" if dedup_key else "")
+
+
+def _parsed(fmt: TextFormat, inputs: list[_Input], desc: str,
+            stop: int | None = None) -> Iterator[tuple[_Input, TextChunk, Parsed]]:
+    """Parsed rows of all inputs in order, up to global position `stop`; marks the lines read as
+    checked, so a later pass does not report a malformed line again."""
+    for inp in inputs:
+        if stop is not None and inp.offset >= stop:
+            return
+        end = fmt.header_lines + (inp.lines if stop is None else min(inp.lines, stop - inp.offset))
+        for chunk in read_chunks(inp.path, fmt.columns, fmt.delimiter, inp.malformed,
+                                 skip_lines=fmt.header_lines, stop_line=end, desc=desc):
+            yield inp, chunk, fmt.parse(chunk, inp.malformed)
+        inp.malformed.covered = max(inp.malformed.covered, end)
+
+
+def _first_occurrences(fmt: TextFormat, inputs: list[_Input], total: int, key: str) -> tuple[np.ndarray, int]:
+    """(first, duplicates): first[position] is False for a row whose `key` value occurred on an
+    earlier well-formed row; duplicates counts those rows. Rows without a key are all kept.
+
+    Holds every key in memory once (Arrow strings): exact, unlike a hash sketch, and a price only
+    paid when deduplication is asked for.
+    """
+    keys, positions = [], []
+    for inp, chunk, parsed in _parsed(fmt, inputs, f"{fmt.name}: finding repeated {key!r} values"):
+        valid = np.isin(chunk.lines, parsed.lines, assume_unique=True)
+        keys.append(chunk.table[key].filter(pa.array(valid)))
+        positions.append(parsed.lines - fmt.header_lines + inp.offset)
+    table = pa.table({"key": pa.chunked_array(keys, pa.string()),
+                      "position": np.concatenate(positions) if positions else np.zeros(0, np.int64)})
+    first = np.zeros(total, dtype=bool)
+    keyless = table.filter(pc.is_null(table["key"]))
+    first[keyless["position"].to_numpy()] = True
+    earliest = table.filter(pc.is_valid(table["key"])).group_by("key").aggregate([("position", "min")])
+    first[earliest["position_min"].to_numpy()] = True
+    return first, table.num_rows - keyless.num_rows - earliest.num_rows
+
+
+def _describe(split: str, seed: int) -> str:
+    return "by line order 80/10/10" if split == "time" else f"at random 80/10/10, seed {seed}"

@@ -1,6 +1,6 @@
 """Raw categorical values -> contiguous ids ranked by train-split frequency.
 
-Id 0 is the shared "unknown" id: values seen fewer than `min_count` times in the train split,
+Id 0 (schema.OOV_ID) is the shared "unknown" id: values seen fewer than `min_count` times in the train split,
 missing values and values that never occur in the train split all map to it. Known values get
 ids 1..n by descending train count; ties keep the order of first appearance, so ids are
 deterministic for a given input file.
@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-UNKNOWN_ID = 0
 # Merging per-chunk counts every few chunks bounds memory by the number of distinct values.
 _MERGE_EVERY = 16
 

@@ -1,0 +1,39 @@
+"""Which files a click-log conversion reads: files and folders given on the command line, in order.
+
+A folder stands for its regular, non-hidden files sorted by name (Criteo's and Avazu's day files
+sort in time order), so a time split over several files stays a split by time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from embshard.errors import DataError
+
+
+def resolve_inputs(sources: Sequence[Path], what: str) -> list[Path]:
+    """The files to read, in order; `what` names the format in errors (e.g. "criteo")."""
+    files: list[Path] = []
+    for src in sources:
+        if src.is_dir():
+            found = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"{src}: a folder without {what} input files")
+            files.extend(found)
+        elif src.is_file():
+            files.append(src)
+        else:
+            raise DataError(f"{src}: {what} input file not found")
+    seen: set[Path] = set()
+    for path in files:
+        if path.resolve() in seen:
+            # Reading a file twice would put every row of it in the data twice.
+            raise DataError(f"{path}: given more than once (directly or through its folder)")
+        seen.add(path.resolve())
+    return files
+
+
+def describe(files: Sequence[Path]) -> str:
+    """One input in an error or a dataset's source line."""
+    return str(files[0]) if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more files)"
