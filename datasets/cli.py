@@ -11,8 +11,10 @@ import argparse
 from pathlib import Path
 
 from embshard.datasets.convert import DEFAULT_MIN_COUNT, KINDS, SPLIT_KINDS, convert
+from embshard.datasets.planted import DEFAULT_RANK_RANGE, synthesize_planted
 from embshard.datasets.profile import Profile, load_profile, write_profile
 from embshard.datasets.synth import DEFAULT_MAX_CARDINALITY, synthesize
+from embshard.errors import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     synth.add_argument("--max-cardinality", type=int, default=DEFAULT_MAX_CARDINALITY, metavar="C",
                        help="cap on each feature's cardinality (default %(default)s)")
+    synth.add_argument("--planted", action="store_true",
+                       help="plant embedding ranks: per table a latent rank from --rank-range, falling "
+                            "with row popularity; labels from field-pair dot products of the latent "
+                            "vectors plus per-id biases. dataset.json records the ranks and each "
+                            "split's Bayes AUC under 'planted' (for benchmarks; no method reads it)")
+    synth.add_argument("--rank-range", type=_rank_range, metavar="LO:HI",
+                       help=f"with --planted: range of the per-table latent ranks; HI is also the "
+                            f"latent dimension (default {DEFAULT_RANK_RANGE[0]}:{DEFAULT_RANK_RANGE[1]})")
     _overwrite_flag(synth)
     synth.set_defaults(func=_synth)
 
@@ -72,10 +82,28 @@ def _overwrite_flag(parser: argparse.ArgumentParser) -> None:
                         help="replace the dataset in a non-empty --out (only once the new one is complete)")
 
 
+def _rank_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        if sep:
+            return int(lo), int(hi)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected LO:HI with integers, e.g. 2:32, got {text!r}")
+
+
 def _synth(args: argparse.Namespace) -> int:
-    spec = synthesize(args.out, rows=args.rows, seed=args.seed, max_cardinality=args.max_cardinality,
-                      overwrite=args.overwrite)
+    common = dict(rows=args.rows, seed=args.seed, max_cardinality=args.max_cardinality,
+                  overwrite=args.overwrite)
+    if args.rank_range is not None and not args.planted:
+        raise DataError("synth: --rank-range needs --planted")
+    if args.planted:
+        spec = synthesize_planted(args.out, rank_range=args.rank_range or DEFAULT_RANK_RANGE, **common)
+    else:
+        spec = synthesize(args.out, **common)
     print(f"synth -> {args.out}: " + ", ".join(f"{s} {n:,}" for s, n in spec.rows.items()) + " rows")
+    if spec.planted:
+        print("planted Bayes AUC: " + ", ".join(f"{s} {a:.4f}" for s, a in spec.planted["bayes_auc"].items()))
     _report(load_profile(args.out))
     return 0
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,9 @@ class DatasetSpec:
     # split -> sparse feature -> share of its ids that are OOV_ID. A share near 1 in test means
     # cold start: the model cannot use that feature there. Empty in datasets written before it was recorded.
     oov_share: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What `data synth --planted` planted (ranks, Bayes AUC): for benchmarks to compare against.
+    # No planner or training code reads it, so a method cannot cheat by looking. Empty otherwise.
+    planted: dict[str, Any] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
     @property

@@ -8,6 +8,7 @@ hidden logit itself gives the Bayes-optimal AUC.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,11 +47,16 @@ class HiddenModel:
     offset: float  # chosen so the positive rate is `positive_rate`
 
     def logit(self, ranks: list[np.ndarray], dense: np.ndarray) -> np.ndarray:
+        z = self.first_order(ranks, dense) + self.offset
+        z += self.pair_weights[ranks[0] % PAIR_BUCKETS, ranks[1] % PAIR_BUCKETS]
+        return z
+
+    def first_order(self, ranks: list[np.ndarray], dense: np.ndarray) -> np.ndarray:
+        """The dense and per-id terms of the logit, without interaction or offset."""
         # log(1 + e^mu) is the median of log(1 + lognormal(mu, .)): centres each dense feature.
-        z = (dense - np.log1p(np.exp(self.dense_mu))) @ self.dense_weights + self.offset
+        z = (dense - np.log1p(np.exp(self.dense_mu))) @ self.dense_weights
         for w, r in zip(self.rank_weights, ranks):
             z += w[r]
-        z += self.pair_weights[ranks[0] % PAIR_BUCKETS, ranks[1] % PAIR_BUCKETS]
         return z
 
     def logit_of_table(self, table: pa.Table, spec: DatasetSpec) -> np.ndarray:
@@ -94,9 +100,9 @@ def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
         pair_weights=rng.normal(0.0, 0.5, size=(PAIR_BUCKETS, PAIR_BUCKETS)),
         offset=0.0,
     )
-    ranks, dense = _draw_features(model, PILOT_ROWS, np.random.default_rng([seed, 1]))
+    ranks, dense = draw_features(model, PILOT_ROWS, np.random.default_rng([seed, 1]))
     z = model.logit(ranks, dense)
-    return replace(model, offset=_offset_for_rate(z, positive_rate))
+    return replace(model, offset=offset_for_rate(z, positive_rate))
 
 
 def synthesize(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
@@ -120,28 +126,30 @@ def synthesize(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
         for chunk, start in enumerate(range(0, rows, CHUNK_ROWS)):
             n = min(CHUNK_ROWS, rows - start)
             rng = np.random.default_rng([seed, 2, chunk])
-            table = _chunk_table(model, spec, n, rng)
+            table, _ = chunk_table(model, model.logit, spec, n, rng)
             writer.write_ordered(table, np.arange(start, start + n), plan)
         return writer.finish(spec, source=spec.source)
 
 
-def _chunk_table(model: HiddenModel, spec: DatasetSpec, n: int, rng: np.random.Generator) -> pa.Table:
-    ranks, dense = _draw_features(model, n, rng)
-    p = 1.0 / (1.0 + np.exp(-model.logit(ranks, dense)))
+def chunk_table(model: HiddenModel, logit: Callable[[list[np.ndarray], np.ndarray], np.ndarray],
+                spec: DatasetSpec, n: int, rng: np.random.Generator) -> tuple[pa.Table, np.ndarray]:
+    """`n` rows drawn from `model`, labelled by `logit` (of ranks and dense), and their click probabilities."""
+    ranks, dense = draw_features(model, n, rng)
+    p = 1.0 / (1.0 + np.exp(-logit(ranks, dense)))
     columns = {spec.label: (rng.random(n) < p).astype(np.float32)}
     columns.update({d: dense[:, i].astype(np.float32) for i, d in enumerate(spec.dense)})
     columns.update({f: perm[r] for f, perm, r in zip(spec.sparse_names, model.id_of_rank, ranks)})
-    return pa.table(columns)
+    return pa.table(columns), p
 
 
-def _draw_features(model: HiddenModel, n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
-    ranks = [_zipf_ranks(rng.random(n), c, s) for c, s in zip(model.cardinalities, model.exponents)]
+def draw_features(model: HiddenModel, n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    ranks = [zipf_ranks(rng.random(n), c, s) for c, s in zip(model.cardinalities, model.exponents)]
     # Criteo's integer features are heavy-tailed counts; DLRM feeds log(1 + x), which is what we emit.
     dense = np.log1p(rng.lognormal(model.dense_mu, model.dense_sigma, size=(n, NUM_DENSE)))
     return ranks, dense
 
 
-def _zipf_ranks(u: np.ndarray, n: int, s: float) -> np.ndarray:
+def zipf_ranks(u: np.ndarray, n: int, s: float) -> np.ndarray:
     """Inverse CDF of the continuous power law x^-s on [1, n + 1), floored to ranks 0..n-1:
     Zipf-shaped, vectorised and needing no per-rank table (cardinalities may be millions)."""
     a = 1.0 - s
@@ -149,7 +157,7 @@ def _zipf_ranks(u: np.ndarray, n: int, s: float) -> np.ndarray:
     return np.clip(x.astype(np.int64) - 1, 0, n - 1)
 
 
-def _offset_for_rate(z: np.ndarray, rate: float) -> float:
+def offset_for_rate(z: np.ndarray, rate: float) -> float:
     lo, hi = -20.0, 20.0
     for _ in range(60):
         mid = (lo + hi) / 2
