@@ -13,7 +13,7 @@ from pathlib import Path
 from embshard.datasets.convert import DEFAULT_MIN_COUNT, KINDS, SPLIT_KINDS, convert
 from embshard.datasets.planted import DEFAULT_RANK_RANGE, synthesize_planted
 from embshard.datasets.profile import Profile, load_profile, write_profile
-from embshard.datasets.synth import DEFAULT_MAX_CARDINALITY, synthesize
+from embshard.datasets.synth import DEFAULT_MAX_CARDINALITY, MLPERF_MULTI_HOT_SIZES, synthesize
 from embshard.errors import DataError
 
 
@@ -26,13 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth = commands.add_parser(
         "synth", help="write a synthetic Criteo-shaped dataset (and its profile)",
         description="Write a Criteo-shaped dataset whose labels follow a hidden seeded model: "
-                    "13 dense + 26 Zipf-skewed sparse features, split 80/10/10.")
+                    "13 dense + 26 Zipf-skewed sparse features, split 80/10/10; --multi-hot gives every "
+                    "row bags of ids, --planted plants known embedding ranks.")
     synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
     synth.add_argument("--rows", type=int, default=100_000, help="total rows (default %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     synth.add_argument("--max-cardinality", type=int, default=DEFAULT_MAX_CARDINALITY, metavar="C",
                        help="cap on each feature's cardinality (default %(default)s)")
-    synth.add_argument("--planted", action="store_true",
+    kind = synth.add_mutually_exclusive_group()
+    kind.add_argument("--multi-hot", type=_bag_sizes, nargs="?", const=MLPERF_MULTI_HOT_SIZES, metavar="SIZES",
+                      help="make every sparse feature multi-hot with a fixed number of ids per row: "
+                           "comma-separated, one per feature C1..C26 (default: MLPerf DLRMv2's "
+                           + ",".join(map(str, MLPERF_MULTI_HOT_SIZES)) + ")")
+    kind.add_argument("--planted", action="store_true",
                        help="plant embedding ranks: per table a latent rank from --rank-range, falling "
                             "with row popularity; labels from field-pair dot products of the latent "
                             "vectors plus per-id biases. dataset.json records the ranks and each "
@@ -82,6 +88,13 @@ def _overwrite_flag(parser: argparse.ArgumentParser) -> None:
                         help="replace the dataset in a non-empty --out (only once the new one is complete)")
 
 
+def _bag_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 3,2,1, got {text!r}") from None
+
+
 def _rank_range(text: str) -> tuple[int, int]:
     lo, sep, hi = text.partition(":")
     try:
@@ -100,7 +113,7 @@ def _synth(args: argparse.Namespace) -> int:
     if args.planted:
         spec = synthesize_planted(args.out, rank_range=args.rank_range or DEFAULT_RANK_RANGE, **common)
     else:
-        spec = synthesize(args.out, **common)
+        spec = synthesize(args.out, bag_sizes=args.multi_hot, **common)
     print(f"synth -> {args.out}: " + ", ".join(f"{s} {n:,}" for s, n in spec.rows.items()) + " rows")
     if spec.planted:
         print("planted Bayes AUC: " + ", ".join(f"{s} {a:.4f}" for s, a in spec.planted["bayes_auc"].items()))

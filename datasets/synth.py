@@ -1,5 +1,10 @@
 """A synthetic Criteo-shaped dataset whose labels come from a hidden, seeded ground-truth model.
 
+With `bag_sizes` every sparse feature is multi-hot with a fixed number of ids per row (`--multi-hot`
+defaults to MLPerf DLRMv2's pooling factors), each id drawn from the feature's Zipf law on its own; a bag
+enters the label as the sum of its ids' weights over sqrt(size), so each feature keeps the weight
+of its single-hot counterpart whatever its bag size.
+
 Sparse ids are Zipf-distributed over frequency *ranks*; a fixed random permutation per feature
 turns ranks into ids, so ids are not sorted by frequency and a planner has to rank them from the
 profile. Labels are Bernoulli(sigmoid(hidden logit)), so a model that learns beats AUC 0.5 and the
@@ -8,14 +13,14 @@ hidden logit itself gives the Bayes-optimal AUC.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.datasets.schema import DatasetSpec, SparseFeature, flat_ids
 from embshard.datasets.writer import DatasetWriter, SplitPlan
 from embshard.errors import DataError
 
@@ -24,6 +29,9 @@ CRITEO_CARDINALITIES = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
 )
+# Ids per row of C1..C26 in MLPerf Training's DLRMv2 (recommendation_v2/torchrec_dlrm,
+# `--multi_hot_sizes`); its synthetic multi-hot Criteo gives every row exactly these many ids.
+MLPERF_MULTI_HOT_SIZES = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 NUM_DENSE = 13
 DEFAULT_MAX_CARDINALITY = 100_000
 CHUNK_ROWS = 1 << 17
@@ -45,10 +53,12 @@ class HiddenModel:
     dense_weights: np.ndarray
     pair_weights: np.ndarray  # [PAIR_BUCKETS, PAIR_BUCKETS] for C1 x C2
     offset: float  # chosen so the positive rate is `positive_rate`
+    bag_sizes: tuple[int, ...] | None = None  # ids per row of each feature; None: single-hot
 
     def logit(self, ranks: list[np.ndarray], dense: np.ndarray) -> np.ndarray:
         z = self.first_order(ranks, dense) + self.offset
-        z += self.pair_weights[ranks[0] % PAIR_BUCKETS, ranks[1] % PAIR_BUCKETS]
+        first = [r if r.ndim == 1 else r[:, 0] for r in ranks[:2]]  # a bag's first id stands for it
+        z += self.pair_weights[first[0] % PAIR_BUCKETS, first[1] % PAIR_BUCKETS]
         return z
 
     def first_order(self, ranks: list[np.ndarray], dense: np.ndarray) -> np.ndarray:
@@ -56,7 +66,7 @@ class HiddenModel:
         # log(1 + e^mu) is the median of log(1 + lognormal(mu, .)): centres each dense feature.
         z = (dense - np.log1p(np.exp(self.dense_mu))) @ self.dense_weights
         for w, r in zip(self.rank_weights, ranks):
-            z += w[r]
+            z += w[r] if r.ndim == 1 else w[r].sum(axis=1) / np.sqrt(r.shape[1])
         return z
 
     def logit_of_table(self, table: pa.Table, spec: DatasetSpec) -> np.ndarray:
@@ -65,7 +75,9 @@ class HiddenModel:
         for f, perm in zip(spec.sparse_names, self.id_of_rank):
             rank_of_id = np.empty_like(perm)
             rank_of_id[perm] = np.arange(len(perm))
-            ranks.append(rank_of_id[table[f].to_numpy()])
+            ids, _ = flat_ids(table[f])
+            r = rank_of_id[ids]
+            ranks.append(r if self.bag_sizes is None else r.reshape(table.num_rows, -1))
         dense = np.column_stack([table[d].to_numpy() for d in spec.dense]).astype(np.float64)
         return self.logit(ranks, dense)
 
@@ -77,7 +89,7 @@ def cardinalities(max_cardinality: int = DEFAULT_MAX_CARDINALITY) -> list[int]:
 
 
 def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
-                 positive_rate: float = 0.25) -> HiddenModel:
+                 positive_rate: float = 0.25, bag_sizes: Sequence[int] | None = None) -> HiddenModel:
     rng = np.random.default_rng([seed, 0])
     cards = cardinalities(max_cardinality)
     exponents = rng.uniform(1.05, 1.2, size=len(cards))
@@ -99,6 +111,7 @@ def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
         dense_weights=rng.normal(0.0, 0.25, size=NUM_DENSE),
         pair_weights=rng.normal(0.0, 0.5, size=(PAIR_BUCKETS, PAIR_BUCKETS)),
         offset=0.0,
+        bag_sizes=None if bag_sizes is None else tuple(bag_sizes),
     )
     ranks, dense = draw_features(model, PILOT_ROWS, np.random.default_rng([seed, 1]))
     z = model.logit(ranks, dense)
@@ -107,18 +120,26 @@ def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
 
 def synthesize(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
                max_cardinality: int = DEFAULT_MAX_CARDINALITY,
-               positive_rate: float = 0.25, overwrite: bool = False) -> DatasetSpec:
+               positive_rate: float = 0.25, bag_sizes: Sequence[int] | None = None,
+               overwrite: bool = False) -> DatasetSpec:
     """Writes `rows` rows (80/10/10 train/valid/test) and the profile to `out_dir`; deterministic
-    per arguments. A non-empty `out_dir` needs overwrite=True and is replaced whole."""
+    per arguments. With `bag_sizes` (one per sparse feature) every sparse feature is multi-hot
+    with exactly that many ids per row. A non-empty `out_dir` needs overwrite=True and is
+    replaced whole."""
     if rows < 10:
         raise DataError(f"synth: rows must be >= 10 so every split gets a row, got {rows}")
-    model = hidden_model(seed, max_cardinality, positive_rate)
+    if bag_sizes is not None and (len(bag_sizes) != len(CRITEO_CARDINALITIES) or min(bag_sizes) < 1):
+        raise DataError(f"synth: --multi-hot needs {len(CRITEO_CARDINALITIES)} bag sizes >= 1 (one per "
+                        f"feature C1..C{len(CRITEO_CARDINALITIES)}), got {','.join(map(str, bag_sizes))}")
+    model = hidden_model(seed, max_cardinality, positive_rate, bag_sizes)
+    multi_hot = bag_sizes is not None
     spec = DatasetSpec(
-        name="synth-criteo",
+        name="synth-criteo-multihot" if multi_hot else "synth-criteo",
         dense=[f"I{i + 1}" for i in range(NUM_DENSE)],
-        sparse=[SparseFeature(f"C{i + 1}", c) for i, c in enumerate(model.cardinalities)],
+        sparse=[SparseFeature(f"C{i + 1}", c, multi_hot) for i, c in enumerate(model.cardinalities)],
         source=f"synth(rows={rows}, seed={seed}, max_cardinality={max_cardinality}, "
-               f"positive_rate={positive_rate})",
+               f"positive_rate={positive_rate}"
+               + (f", bag_sizes={','.join(map(str, bag_sizes))})" if multi_hot else ")"),
     )
     plan = SplitPlan(rows)
     with DatasetWriter(out_dir, spec.arrow_schema(), overwrite=overwrite, total_rows=rows,
@@ -138,12 +159,23 @@ def chunk_table(model: HiddenModel, logit: Callable[[list[np.ndarray], np.ndarra
     p = 1.0 / (1.0 + np.exp(-logit(ranks, dense)))
     columns = {spec.label: (rng.random(n) < p).astype(np.float32)}
     columns.update({d: dense[:, i].astype(np.float32) for i, d in enumerate(spec.dense)})
-    columns.update({f: perm[r] for f, perm, r in zip(spec.sparse_names, model.id_of_rank, ranks)})
+    columns.update({f: _id_column(perm, r)
+                    for f, perm, r in zip(spec.sparse_names, model.id_of_rank, ranks)})
     return pa.table(columns), p
 
 
+def _id_column(id_of_rank: np.ndarray, ranks: np.ndarray) -> np.ndarray | pa.ListArray:
+    if ranks.ndim == 1:
+        return id_of_rank[ranks]
+    n, k = ranks.shape
+    offsets = np.arange(0, n * k + 1, k, dtype=np.int32)
+    return pa.ListArray.from_arrays(offsets, id_of_rank[ranks].ravel())
+
+
 def draw_features(model: HiddenModel, n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
-    ranks = [zipf_ranks(rng.random(n), c, s) for c, s in zip(model.cardinalities, model.exponents)]
+    cards = model.cardinalities
+    shapes = [n] * len(cards) if model.bag_sizes is None else [(n, k) for k in model.bag_sizes]
+    ranks = [zipf_ranks(rng.random(shape), c, s) for shape, c, s in zip(shapes, cards, model.exponents)]
     # Criteo's integer features are heavy-tailed counts; DLRM feeds log(1 + x), which is what we emit.
     dense = np.log1p(rng.lognormal(model.dense_mu, model.dense_sigma, size=(n, NUM_DENSE)))
     return ranks, dense

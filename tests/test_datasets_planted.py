@@ -14,20 +14,12 @@ from embshard.datasets.planted import expected_auc, planted_model, synthesize_pl
 from embshard.datasets.schema import SPLITS, DatasetSpec
 
 from embshard.errors import DataError
+from test_datasets_synth import auc
 
 ROWS = 40_000
 CAP = 2_000
 RANKS = (2, 16)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def auc(score: np.ndarray, label: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties are negligible for continuous scores)."""
-    ranks = np.empty(len(score))
-    ranks[np.argsort(score)] = np.arange(1, len(score) + 1)
-    pos = label > 0.5
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def hanley_mcneil_se(a: float, n_pos: int, n_neg: int) -> float:
