@@ -116,7 +116,8 @@ def _synth(args: argparse.Namespace) -> int:
         spec = synthesize(args.out, bag_sizes=args.multi_hot, **common)
     print(f"synth -> {args.out}: " + ", ".join(f"{s} {n:,}" for s, n in spec.rows.items()) + " rows")
     if spec.planted:
-        print("planted Bayes AUC: " + ", ".join(f"{s} {a:.4f}" for s, a in spec.planted["bayes_auc"].items()))
+        aucs = spec.planted["bayes_auc"].items()
+        print("planted Bayes AUC: " + ", ".join(f"{s} {a:.4f}" for s, a in aucs if a is not None))
     _report(load_profile(args.out))
     return 0
 

@@ -123,14 +123,15 @@ def planted_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
     return replace(model, offset=offset_for_rate(model.logit(ranks, dense), positive_rate))
 
 
-def expected_auc(p: np.ndarray) -> float:
+def expected_auc(p: np.ndarray) -> float | None:
     """The AUC of scores `p` against labels ~ Bernoulli(p), in expectation over the labels: the
-    Bayes AUC of rows whose true click probabilities are `p` (ratio of expected pair counts)."""
+    Bayes AUC of rows whose true click probabilities are `p` (ratio of expected pair counts).
+    None for fewer than two rows, where no pair exists (JSON has no NaN)."""
     p = np.sort(p.astype(np.float64))
     q = 1.0 - p
     below = np.cumsum(q) - q  # expected negatives scored below each row (ties: measure zero)
     pairs = p.sum() * q.sum() - float(np.dot(p, q))
-    return float(np.dot(p, below) / pairs) if pairs > 0 else float("nan")
+    return float(np.dot(p, below) / pairs) if pairs > 0 else None
 
 
 def synthesize_planted(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,

@@ -106,6 +106,13 @@ def test_deterministic_per_seed(planted_dir: Path, tmp_path: Path) -> None:
     assert other.planted["ranks"] != again.planted["ranks"]
 
 
+def test_a_split_too_small_for_an_auc_records_none(tmp_path: Path) -> None:
+    spec = synthesize_planted(tmp_path / "d", rows=10, max_cardinality=20, rank_range=(2, 4))
+    assert spec.rows["test"] == 1 and spec.planted["bayes_auc"]["test"] is None
+    assert DatasetSpec.load(tmp_path / "d") == spec  # strict JSON: no NaN written
+    assert "NaN" not in (tmp_path / "d" / "dataset.json").read_text()
+
+
 def test_no_planner_or_training_code_reads_the_planted_answer() -> None:
     readers = [p for pkg in ("planner", "sharding", "trainer", "cluster")
                for p in (REPO / pkg).rglob("*.py") if "planted" in p.read_text()]
