@@ -34,15 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--max-cardinality", type=int, default=DEFAULT_MAX_CARDINALITY, metavar="C",
                        help="cap on each feature's cardinality (default %(default)s)")
     kind = synth.add_mutually_exclusive_group()
-    kind.add_argument("--multi-hot", type=_bag_sizes, nargs="?", const=MLPERF_MULTI_HOT_SIZES, metavar="SIZES",
+    kind.add_argument("--multi-hot", type=_bag_sizes, nargs="?", const=MLPERF_MULTI_HOT_SIZES,
+                      metavar="SIZES",
                       help="make every sparse feature multi-hot with a fixed number of ids per row: "
                            "comma-separated, one per feature C1..C26 (default: MLPerf DLRMv2's "
                            + ",".join(map(str, MLPERF_MULTI_HOT_SIZES)) + ")")
     kind.add_argument("--planted", action="store_true",
-                       help="plant embedding ranks: per table a latent rank from --rank-range, falling "
-                            "with row popularity; labels from field-pair dot products of the latent "
-                            "vectors plus per-id biases. dataset.json records the ranks and each "
-                            "split's Bayes AUC under 'planted' (for benchmarks; no method reads it)")
+                      help="plant embedding ranks: per table a latent rank from --rank-range, falling "
+                           "with row popularity; labels from field-pair dot products of the latent "
+                           "vectors plus per-id biases. dataset.json records the ranks and each "
+                           "split's Bayes AUC under 'planted' (for benchmarks; no method reads it)")
     synth.add_argument("--rank-range", type=_rank_range, metavar="LO:HI",
                        help=f"with --planted: range of the per-table latent ranks; HI is also the "
                             f"latent dimension (default {DEFAULT_RANK_RANGE[0]}:{DEFAULT_RANK_RANGE[1]})")
