@@ -30,12 +30,12 @@ from common import CACHE, init_single_process_group
 from embshard.datasets.convert import convert
 from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import SPEC_FILE
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.pipeline import make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.autodim import plan_search, search_worker
-from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.config import (
+from embshard.config import AutodimConfig
+from embshard.config import (
     CheckpointConfig,
     DataConfig,
     JobConfig,

@@ -74,18 +74,18 @@ from embshard.datasets.convert import convert
 from embshard.datasets.profile import load_profile, write_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec, split_dir
-from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
 from embshard.planner.pipeline import make_plan
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
-from embshard.sharding.pep import GRANULARITIES
+from embshard.config import GRANULARITIES
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import StepInfo
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from embshard.trainer.evaluate import evaluate
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import LotteryTicket, PruneCallback, build_pep, pep_module
-from embshard.trainer.pep_config import PepConfig, target_dir_name
+from embshard.config import PepConfig, target_dir_name
 
 from embshard.errors import PlanError
 
@@ -185,8 +185,7 @@ def embeddings_config(args: argparse.Namespace, spec: RunSpec, pep_dir: Path | N
         return EmbeddingsConfig(policy="decisions", dim=spec.dim, decisions=str(decisions))
     if spec.policy == "mlet":
         return EmbeddingsConfig(policy="uniform", dim=spec.dim, mlet=MletConfig(width=spec.mlet_width))
-    return EmbeddingsConfig(policy="mde", dim=spec.dim, alpha=spec.alpha, mode=args.mode,
-                            blocks=args.blocks, budget_params=spec.budget_params)
+    return EmbeddingsConfig(policy="mde", dim=spec.dim, mde=MdeConfig(alpha=spec.alpha, mode=args.mode, blocks=args.blocks, budget_params=spec.budget_params))
 
 
 def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path | None = None) -> dict[str, Any]:

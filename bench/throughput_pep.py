@@ -28,13 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
 
-from embshard.planner.config import EmbeddingsConfig  # noqa: E402
-from embshard.sharding.pep import GRANULARITIES  # noqa: E402
+from embshard.config import EmbeddingsConfig  # noqa: E402
+from embshard.config import GRANULARITIES  # noqa: E402
 from embshard.trainer.build import ShardedModel, build_sharded  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
 from embshard.trainer.pep import build_pep  # noqa: E402
-from embshard.trainer.config import JobConfig  # noqa: E402
-from embshard.trainer.pep_config import PepConfig  # noqa: E402
+from embshard.config import JobConfig  # noqa: E402
+from embshard.config import PepConfig  # noqa: E402
 
 RATIO_GOAL = 0.87
 

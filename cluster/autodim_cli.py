@@ -34,7 +34,7 @@ def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.launch import train_on_ray
     from embshard.trainer.autodim import autodim_section, decisions_path, plan_search
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)

@@ -133,7 +133,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     return load_job_config(args.config, args.overrides)
 

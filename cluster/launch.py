@@ -25,7 +25,7 @@ from embshard.trainer.checkpoint import (
     resolve_source,
     valid_checkpoints,
 )
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from embshard.trainer.loop import SUMMARY_FILE
 from embshard.trainer.restarts import reset_starts
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -124,7 +124,9 @@ def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
             cfg.metrics,
             file_sd=str(Path(cfg.metrics.file_sd).resolve()) if cfg.metrics.file_sd else None,
         ),
-        pep=replace(cfg.pep, out=str(cfg.pep_dir.resolve())) if cfg.pep else None,
+        pep=replace(cfg.pep, out=str(cfg.pep_dir.resolve()),
+                    retrain_from=str(Path(cfg.pep.retrain_from).resolve()) if cfg.pep.retrain_from else None)
+        if cfg.pep else None,
     )
     reset_starts(output)
     _init_ray(cfg)

@@ -44,8 +44,8 @@ def parse_targets(text: str) -> list[float]:
 def prune_pep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.launch import plan_for_training, train_on_ray
-    from embshard.trainer.config import load_job_config
-    from embshard.trainer.pep_config import PepConfig
+    from embshard.config import load_job_config
+    from embshard.config import PepConfig
 
     cfg = load_job_config(args.config, args.overrides)
     if cfg.embeddings.policy != "uniform":

@@ -17,7 +17,7 @@ import numpy as np
 from embshard.datasets.profile import Profile, load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import PlanError
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
 from embshard.planner.policies import plan_dimensions

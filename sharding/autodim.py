@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
+from embshard.config import Lookup, Unify
 from embshard.planner.rounding import FBGEMM_ALIGN
 from embshard.planner.shard_plan import block_table_configs
 from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
@@ -35,8 +35,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.errors import PlanError
 
-Lookup = Literal["weight_sharing", "separate"]
-Unify = Literal["linear", "zero_pad"]
 
 SEARCH_POLICY = "autodim_search"
 

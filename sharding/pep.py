@@ -30,7 +30,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -38,12 +37,11 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embshard.config import GRANULARITIES, Granularity
 from embshard.errors import PlanError
 from embshard.planner.rounding import FBGEMM_ALIGN
 from embshard.planner.types import DimensionPlan, TablePlan
 
-Granularity = Literal["global", "dimension", "feature", "feature_dimension"]
-GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 ROW_THRESHOLDS = ("feature", "feature_dimension")  # s lives in the table rows
 
 # Initial values are drawn per chunk of rows from a generator seeded by (seed, table, chunk): any

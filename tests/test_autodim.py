@@ -12,7 +12,7 @@ import torch
 from conftest import profiled_synth
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -30,8 +30,8 @@ from embshard.trainer.autodim import (
     model_step,
     plan_search,
 )
-from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.config import (
+from embshard.config import AutodimConfig
+from embshard.config import (
     CheckpointConfig,
     DataConfig,
     JobConfig,
@@ -310,7 +310,7 @@ def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
 
 
 def test_search_config_loads_from_yaml():
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     cfg = load_job_config(Path(__file__).resolve().parents[1] / "configs" / "autodim-movielens.yaml")
     assert cfg.autodim.candidates[-1] == cfg.embeddings.dim

@@ -10,11 +10,11 @@ import pytest
 import torch.distributed as dist
 from conftest import profiled_synth
 from distributed import run_ranks
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.trainer.autodim import decisions_path, plan_search, search_worker
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from embshard.trainer.loop import run_worker
 from test_autodim import job as search_job
 

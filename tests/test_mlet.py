@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from embshard.cluster.export_cli import register
-from embshard.planner.config import MLET_INIT_STD, MletConfig
+from embshard.config import MLET_INIT_STD, MletConfig
 from embshard.planner.memory import memory_report
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.mlet import apply_mlet
@@ -35,7 +35,7 @@ from embshard.sharding.mlet import (
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, Progress
-from embshard.trainer.config import JobConfig, ModelConfig
+from embshard.config import JobConfig, ModelConfig
 from embshard.trainer.export import MANIFEST, ExportError, export_serving, load_serving
 from embshard.trainer.model import DLRM
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata

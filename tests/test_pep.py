@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import profiled_synth
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.pipeline import make_plan
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.policies.pep import merge_widths, pep_table_decision
@@ -25,7 +25,7 @@ from embshard.sharding.pep import (
     soft_threshold,
 )
 from embshard.trainer.callbacks import StepInfo
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
+from embshard.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
@@ -37,7 +37,7 @@ from embshard.trainer.pep import (
     save_target,
     start_from_ticket,
 )
-from embshard.trainer.pep_config import PepConfig
+from embshard.config import PepConfig
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -302,7 +302,7 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
 def test_example_config_loads_from_yaml():
     from pathlib import Path
 
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     cfg = load_job_config(Path(__file__).resolve().parents[1] / "configs" / "pep-movielens.yaml")
     assert cfg.pep.granularity == "dimension" and cfg.pep.weight_decay == 1e-3

@@ -15,14 +15,14 @@ from distributed import run_ranks
 from embshard.datasets.convert import convert
 from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
 from embshard.sharding.pep import PepEmbeddings, local_shards
 from embshard.trainer.build import build_sharded
-from embshard.trainer.config import (
+from embshard.config import (
     DataConfig,
     JobConfig,
     ModelConfig,
@@ -42,7 +42,7 @@ from embshard.trainer.pep import (
     save_target,
     start_from_ticket,
 )
-from embshard.trainer.pep_config import PepConfig
+from embshard.config import PepConfig
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -106,7 +106,8 @@ def _job(dataset: Path, out: Path) -> JobConfig:
         sharding=ShardingConfig(plan_file=str(out / "plan")),  # shared by the retrains
         train=TrainConfig(max_steps=8, progress=False, log_every=4, eval_max_batches=1),
         pep=PepConfig(granularity="feature_dimension", s_init=math.log(0.02 / 0.98),
-                      targets=[0.9, 0.6, 0.001], count_every=2, retrain_target=0.6, out=str(out / "pep")),
+                      targets=[0.9, 0.6, 0.001], count_every=2, retrain_target=0.6, out=str(out / "pep"),
+                      retrain_from=str(out / "pep")),
     )
 
 

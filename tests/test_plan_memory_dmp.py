@@ -7,11 +7,11 @@ import torch
 from distributed import run_ranks
 from embshard.datasets.profile import write_profile
 from embshard.datasets.synth import synthesize
-from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded
-from embshard.trainer.config import DataConfig, JobConfig
+from embshard.config import DataConfig, JobConfig
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _held_bytes(rank: int, world: int, cfg: JobConfig) -> dict[str, int]:
     "embeddings",
     [
         EmbeddingsConfig(policy="uniform", dim=16),
-        EmbeddingsConfig(policy="mde", dim=16, alpha=0.4, mode="within", blocks=3, mlet=MletConfig(ratio=2)),
+        EmbeddingsConfig(policy="mde", dim=16, mlet=MletConfig(ratio=2), mde=MdeConfig(alpha=0.4, mode="within", blocks=3)),
     ],
     ids=["uniform", "mde-within-mlet"],
 )

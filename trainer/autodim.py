@@ -35,10 +35,10 @@ from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.shard_plan import plan_sharding
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.autodim import AutodimEmbeddingBags, search_plan
-from embshard.trainer.autodim_config import AutodimConfig
+from embshard.config import AutodimConfig
 from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, shard_model
 from embshard.trainer.callbacks import Callback, ProgressBar, ReportCallback, StepInfo
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
 from embshard.trainer.loop import (
     quiet_libraries,

@@ -19,10 +19,10 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from embshard.planner.config import MLET_INIT_STD
+from embshard.config import MLET_INIT_STD
 from embshard.planner.optimizers import torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from embshard.trainer.model import DLRM
 
 DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

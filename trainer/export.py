@@ -42,7 +42,7 @@ from embshard.trainer.checkpoint import (
     resolve_source,
     valid_checkpoints,
 )
-from embshard.trainer.config import ModelConfig
+from embshard.config import ModelConfig
 from embshard.trainer.model import DLRM
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor

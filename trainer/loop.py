@@ -38,7 +38,7 @@ from embshard.trainer.checkpoint import (
     complete_checkpoints,
     resolve_source,
 )
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.metrics import WorkerMetrics, write_file_sd

@@ -9,10 +9,10 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embshard.planner.config import MLET_INIT_STD
+from embshard.config import MLET_INIT_STD
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.trainer.config import ModelConfig
+from embshard.config import ModelConfig
 
 
 class DLRM(nn.Module):

@@ -46,8 +46,8 @@ from embshard.trainer.callbacks import Callback, StepInfo
 from embshard.trainer.loop import run_worker
 from embshard.trainer.metrics import WorkerMetrics
 from embshard.trainer.model import DLRM
-from embshard.trainer.config import JobConfig
-from embshard.trainer.pep_config import PepConfig, target_dir_name
+from embshard.config import JobConfig
+from embshard.config import PepConfig, target_dir_name
 
 RUN_FILE = "pep.json"  # the prune run's record: seed, granularity, tables, targets reached
 DECISIONS_FILE = "decisions.json"
@@ -376,9 +376,9 @@ def prune_worker(cfg: JobConfig, report: Report | None = None, local_rank: int =
 def lottery_worker(cfg: JobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
     """Retrain a plain base-dim DLRM on the mask of `pep.retrain_target`, pruned entries held at 0."""
     pep = _require_pep(cfg)
-    if pep.retrain_target is None:
+    if pep.retrain_target is None or pep.retrain_from is None:
         raise ConfigError("pep.retrain_target: the lottery retrain needs the target whose mask it keeps")
-    ticket = LotteryTicket.load(cfg.pep_dir, pep.retrain_target)
+    ticket = LotteryTicket.load(Path(pep.retrain_from), pep.retrain_target)
     return run_worker(
         cfg, report, local_rank,
         build=ticket.build,
