@@ -84,7 +84,15 @@ from embshard.trainer.callbacks import StepInfo
 from embshard.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from embshard.trainer.evaluate import evaluate
 from embshard.trainer.loop import make_reader, train_step
-from embshard.trainer.pep import LotteryTicket, PruneCallback, build_pep, pep_module
+from embshard.trainer.pep import (
+    LotteryTicket,
+    MaskKeeper,
+    PepLottery,
+    PepPrune,
+    PruneCallback,
+    pep_module,
+    table_shards,
+)
 from embshard.config import PepConfig, target_dir_name
 
 from embshard.errors import PlanError
@@ -205,8 +213,8 @@ def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path |
         if spec.policy == "pep-lottery":
             assert pep_dir is not None and spec.pep_target is not None
             ticket = LotteryTicket.load(pep_dir, spec.pep_target)
-            sharded = ticket.build(cfg, bundle, len(train.spec.dense), CPU)
-            keeper = ticket.keeper(sharded)
+            sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=PepLottery(ticket))
+            keeper = MaskKeeper(table_shards(sharded), ticket.masks)
         else:
             sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU)
         step = rating_step if args.target == "rating" else train_step
@@ -245,7 +253,7 @@ def prune_run(args: argparse.Namespace, data: Path, seed: int, out: Path) -> dic
         bundle = make_plan(cfg.embeddings, data, TopologySpec(world_size=1), plan_dir,
                            batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer)
         train = make_reader(cfg, bundle, "train", 0, 1)
-        sharded = build_pep(cfg, bundle, len(train.spec.dense), CPU)
+        sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=PepPrune())
         callback = PruneCallback(pep_module(sharded.model), cfg, None)
         step, epoch = 0, 0
         while step < args.prune_steps and not callback.stop_requested:

@@ -1,7 +1,7 @@
 """PEP's pruning-stage training throughput against plain training of the same table width, same run.
 
 Plain: embshard's uniform DLRM (`trainer.build.build_sharded`, pooled EmbeddingBagCollection).
-PEP: the same DLRM over `PepEmbeddings` (`trainer.pep.build_pep`), once per granularity, with the
+PEP: the same DLRM over `PepEmbeddings` (`trainer.build.build_sharded` with `trainer.pep.PepPrune`), once per granularity, with the
 default lookup (the synthetic features are single-hot, so every table is looked up pooled and
 thresholded after the lookup) and with `pep.pooled_lookup: false` (unpooled EmbeddingCollection,
 threshold per looked-up row, then sum pooling: the path of multi-hot features). All step through
@@ -32,7 +32,7 @@ from embshard.config import EmbeddingsConfig  # noqa: E402
 from embshard.config import GRANULARITIES  # noqa: E402
 from embshard.trainer.build import ShardedModel, build_sharded  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
-from embshard.trainer.pep import build_pep  # noqa: E402
+from embshard.trainer.pep import PepPrune  # noqa: E402
 from embshard.config import JobConfig  # noqa: E402
 from embshard.config import PepConfig  # noqa: E402
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         for g in granularities:
             pep = PepConfig(granularity=g, pooled_lookup=pooled)
             name = g if pooled else f"{g}/unpooled"
-            models[name] = build_pep(JobConfig(**{**vars(cfg), "pep": pep}), bundle, num_dense, cpu)
+            models[name] = build_sharded(JobConfig(**{**vars(cfg), "pep": pep}), bundle, num_dense, cpu, method=PepPrune())
     for m in models.values():
         rate(m, warm)
 

@@ -152,6 +152,7 @@ class PepEmbeddings(nn.Module):
         self.granularity = granularity
         self.s_init = s_init
         self.base_dim = plan.base_dim
+        self.feature_names = [f for t in plan.tables for f in t.features]
         self.width = self.base_dim + threshold_columns(granularity, self.base_dim)
         several_ids = set(multi_hot)
 

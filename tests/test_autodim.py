@@ -5,6 +5,7 @@ decisions file back into a DimensionPlan."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,16 @@ from embshard.sharding.autodim import (
     gumbel_softmax,
     search_plan,
 )
+from embshard.cluster.launch import plan_for_training
 from embshard.trainer.autodim import (
+    AutodimSearch,
     alpha_step,
     base_plan,
-    build_search_model,
     make_decisions,
     model_step,
-    plan_search,
+    search_embedding,
 )
+from embshard.trainer.build import build_sharded
 from embshard.config import AutodimConfig
 from embshard.config import (
     CheckpointConfig,
@@ -230,9 +233,18 @@ def job(dataset: Path, out: Path, **search) -> JobConfig:
     return cfg
 
 
+def plan_search(cfg: JobConfig, world: int):
+    """The driver's planning step of `embshard search autodim` for `world` ranks."""
+    return plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=world)), "autodim")
+
+
 def _build(cfg: JobConfig):
     spec = DatasetSpec.load(cfg.data.path)
-    return build_search_model(cfg, plan_search(cfg, 1), base_plan(cfg, spec), len(spec.dense), torch.device("cpu"))
+    return build_sharded(cfg, plan_search(cfg, 1), len(spec.dense), torch.device("cpu"), method=AutodimSearch())
+
+
+def _alpha(model) -> torch.nn.Parameter:
+    return search_embedding(model).arch.logits
 
 
 def _batches(cfg: JobConfig, split: str, n: int):
@@ -244,7 +256,7 @@ def _batches(cfg: JobConfig, split: str, n: int):
 def _weights(model) -> dict[str, torch.Tensor]:
     """Every trained tensor but alpha: dense parameters and the local shards of the tables."""
     out = {}
-    for name, value in model.sharded.model.state_dict().items():
+    for name, value in model.model.state_dict().items():
         if any(s in name for s in ("running_", "num_batches_tracked", "arch.logits")):
             continue  # BatchNorm statistics are not trained weights
         if hasattr(value, "local_shards"):
@@ -254,7 +266,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.sharded.model.named_parameters() if p.grad is not None}
+    return {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
 
 
 def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tmp_path, process_group):
@@ -262,15 +274,15 @@ def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tm
     model = _build(cfg)
     train, valid = _batches(cfg, "train", 2), _batches(cfg, "valid", 1)
 
-    alpha0, weights0 = model.alpha.detach().clone(), _weights(model)
+    alpha0, weights0 = _alpha(model).detach().clone(), _weights(model)
     model_step(model, train[0], train_alpha=False)
-    assert model.alpha.grad is None and torch.equal(model.alpha, alpha0)  # training loss: not alpha's
+    assert _alpha(model).grad is None and torch.equal(_alpha(model), alpha0)  # training loss: not alpha's
     weights1 = _weights(model)
     assert any(not torch.equal(weights0[k], weights1[k]) for k in weights0 if ".ebc." in k)  # tables train
 
     grads1 = _grads(model)
     alpha_step(model, valid[0])
-    assert not torch.equal(model.alpha, alpha0)  # validation loss moves alpha ...
+    assert not torch.equal(_alpha(model), alpha0)  # validation loss moves alpha ...
     after = _weights(model)
     changed = [k for k in weights1 if not torch.equal(weights1[k], after[k])]
     assert changed == []  # ... and nothing else: no table, transform or arch
@@ -281,10 +293,10 @@ def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tm
 def test_single_level_steps_alpha_from_the_training_batch(dataset, tmp_path, process_group):
     cfg = job(dataset, tmp_path / "run", single_level=True, lookup="separate")
     model = _build(cfg)
-    alpha0 = model.alpha.detach().clone()
+    alpha0 = _alpha(model).detach().clone()
     model_step(model, _batches(cfg, "train", 1)[0], train_alpha=True)
-    assert not torch.equal(model.alpha, alpha0)
-    assert model.alpha.grad is None and not model.alpha.requires_grad
+    assert not torch.equal(_alpha(model), alpha0)
+    assert _alpha(model).grad is None and not _alpha(model).requires_grad
 
 
 def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):

@@ -24,12 +24,13 @@ from embshard.sharding.pep import (
     local_shards,
     soft_threshold,
 )
+from embshard.trainer.build import build_sharded
 from embshard.trainer.callbacks import StepInfo
 from embshard.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
-    build_pep,
+    PepPrune,
     nonzero_counts,
     pep_module,
     pep_sharding_types,
@@ -291,7 +292,7 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
     bundle = make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir, batch_size=64,
                        optimizer=cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", 0, 1)
-    sharded = build_pep(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
     module = pep_module(sharded.model)
     assert module.ec is None and module.ebc is not None  # synthetic features are all single-hot
     for _, batch in zip(range(5), reader):

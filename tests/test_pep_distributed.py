@@ -22,6 +22,7 @@ from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
 from embshard.sharding.pep import PepEmbeddings, local_shards
 from embshard.trainer.build import build_sharded
+from embshard.trainer.method import get_method
 from embshard.config import (
     DataConfig,
     JobConfig,
@@ -32,13 +33,11 @@ from embshard.config import (
 from embshard.trainer.loop import make_reader, run_worker, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
-    build_pep,
+    PepPrune,
     pep_module,
     gather_masks,
     load_masks,
-    lottery_worker,
     nonzero_counts,
-    prune_worker,
     save_target,
     start_from_ticket,
 )
@@ -112,12 +111,12 @@ def _job(dataset: Path, out: Path) -> JobConfig:
 
 
 def _prune_and_retrain(rank: int, world: int, cfg: JobConfig):
-    pruned = prune_worker(cfg)
-    lottery = lottery_worker(replace(cfg, output_dir=str(Path(cfg.output_dir) / "lottery")))
+    pruned = run_worker(cfg, method="pep")
+    lottery = run_worker(replace(cfg, output_dir=str(Path(cfg.output_dir) / "lottery")), method="pep_lottery")
     # The retrain's mask holds on every rank's shards through training.
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", rank, world)
-    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=get_method("uniform"))
     tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
     masks = load_masks(cfg.pep_dir / "target-0.6", tables, 8)
     shards = local_shards(sharded.model.module.embeddings.ebc)
@@ -182,7 +181,7 @@ def test_pep_decisions_train_through_the_ordinary_loop(dataset, tmp_path):
 def _multi_hot_steps(rank: int, world: int, cfg: JobConfig):
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", rank, world)
-    sharded = build_pep(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
     pep = pep_module(sharded.model)
     losses = [float(train_step(sharded, batch)) for _, batch in zip(range(3), reader)]
     return sorted(pep.pooled_tables), list(pep.unpooled_features), losses, nonzero_counts(pep)
