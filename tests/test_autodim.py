@@ -326,3 +326,28 @@ def test_search_config_loads_from_yaml():
 
     cfg = load_job_config(Path(__file__).resolve().parents[1] / "configs" / "autodim-movielens.yaml")
     assert cfg.autodim.candidates[-1] == cfg.embeddings.dim
+
+
+def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, process_group):
+    """The search runs in the one loop: `checkpoint.every_steps`, `train.eval_every` and metrics
+    apply, and alpha (and its optimizer) come back from a checkpoint."""
+    from embshard.config import MetricsConfig
+    from embshard.trainer.loop import run_worker
+
+    cfg = job(dataset, tmp_path / "run", alpha_every=2, pretrain_steps=1)
+    cfg.train = replace(cfg.train, max_steps=4, eval_every=2, eval_max_batches=1)
+    cfg.checkpoint = CheckpointConfig(every_steps=2)
+    cfg.metrics = MetricsConfig(enabled=True, port_base=0)
+    plan_search(cfg, 1)
+    reports: list[dict] = []
+    first = run_worker(cfg, reports.append, method="autodim")
+    assert [r["step"] for r in reports if "step" in r] == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert first["alpha_steps"] == 2  # before steps 1 and 3
+
+    again = run_worker(cfg, method="autodim")  # nothing left to train: alpha as checkpointed
+    assert again["resumed_from"].endswith("step-000004") and again["steps"] == 4
+    assert again["alpha"] == first["alpha"]
+    longer = run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)), method="autodim")
+    assert longer["steps"] == 6 and longer["alpha_steps"] == 3
+    assert load_decisions(longer["decisions"]).meta["steps"] == 6
