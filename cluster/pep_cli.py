@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embshard.cluster.cli_args import config_arguments
+
+if TYPE_CHECKING:
+    from embshard.config import JobConfig
 
 
 
@@ -40,18 +44,22 @@ def parse_targets(text: str) -> list[float]:
     return targets
 
 
+def prune_job(cfg: JobConfig, workers: int | None, targets: list[float] | None) -> JobConfig:
+    """The config a prune run trains: the command line's workers and targets; everything else,
+    checkpoints included, as the config says."""
+    from embshard.config import PepConfig
+
+    pep = cfg.pep or PepConfig()
+    return replace(cfg, cluster=replace(cfg.cluster, workers=workers or cfg.cluster.workers),
+                   pep=replace(pep, targets=targets or pep.targets))
+
+
 def prune_pep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.launch import plan_for_training, train_on_ray
-    from embshard.config import PepConfig, load_job_config
+    from embshard.config import load_job_config
 
-    cfg = load_job_config(args.config, args.overrides)
-    pep = cfg.pep or PepConfig()
-    cfg = replace(
-        cfg,
-        cluster=replace(cfg.cluster, workers=args.workers or cfg.cluster.workers),
-        pep=replace(pep, targets=args.targets or pep.targets),
-    )
+    cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
     plan_for_training(cfg, "pep")
     summary = train_on_ray(cfg, "pep")
     pep = summary.get("pep", {})

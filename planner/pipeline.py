@@ -112,19 +112,11 @@ def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:
 Decide = Callable[[DatasetSpec, Mapping[str, np.ndarray], Path], DimensionPlan]
 
 
-def make_plan(
-    embeddings: EmbeddingsConfig,
-    dataset_dir: str | Path,
-    topology: TopologySpec,
-    out_dir: str | Path,
-    *,
-    batch_size: int,
-    optimizer: SparseOptimizer,
-    sharding_types: list[str] | None = None,
-) -> PlanBundle:
-    """The plan of an `embeddings:` policy (uniform, MDE, decisions; MLET on any of them)."""
-    return plan_with(partial(plan_dimensions, embeddings), dataset_dir, topology, out_dir,
-                     batch_size=batch_size, optimizer=optimizer, sharding_types=sharding_types)
+def make_plan(embeddings: EmbeddingsConfig, dataset_dir: str | Path, topology: TopologySpec,
+              out_dir: str | Path, **options: Any) -> PlanBundle:
+    """The plan of an `embeddings:` policy (uniform, MDE, decisions; MLET on any of them);
+    `options` as `plan_with`'s."""
+    return plan_with(partial(plan_dimensions, embeddings), dataset_dir, topology, out_dir, **options)
 
 
 def plan_with(

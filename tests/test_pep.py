@@ -354,3 +354,35 @@ def test_cpu_fused_rowwise_adagrad_ignores_weight_decay(process_group):
     plain = stepped_row({})
     assert plain[0] < 1.0  # the row did step
     assert stepped_row({"weight_decay": 0.5, "weight_decay_mode": WeightDecayMode.L2}) == plain
+
+
+def test_prune_run_keeps_the_configs_checkpoint_settings():
+    # `embshard prune pep` used to switch checkpoints off whatever `checkpoint:` said.
+    from embshard.cluster.pep_cli import prune_job
+    from embshard.config import CheckpointConfig
+
+    cfg = JobConfig(checkpoint=CheckpointConfig(every_steps=50, keep=3), pep=PepConfig(targets=[0.5]))
+    pruned = prune_job(cfg, workers=4, targets=[0.3, 0.1])
+    assert pruned.checkpoint == cfg.checkpoint
+    assert (pruned.cluster.workers, pruned.pep.targets) == (4, [0.3, 0.1])
+
+
+def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
+    from embshard.config import CheckpointConfig
+    from embshard.trainer.loop import run_worker
+
+    data = profiled_synth(tmp_path / "data", rows=600, max_cardinality=50)
+    cfg = JobConfig(
+        output_dir=str(tmp_path / "run"),
+        data=DataConfig(path=str(data), batch_size=64, prefetch=1),
+        model=ModelConfig(dense_arch=[8], over_arch=[8]),
+        embeddings=EmbeddingsConfig(dim=8),
+        train=TrainConfig(max_steps=4, progress=False, eval_max_batches=1),
+        checkpoint=CheckpointConfig(every_steps=2),
+        pep=PepConfig(targets=[0.01], count_every=2),
+    )
+    make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir, batch_size=64,
+              optimizer=cfg.train.sparse_optimizer).save()
+    summary = run_worker(cfg, method="pep")
+    assert summary["steps"] == 4 and summary["pep"]["missed"] == [0.01]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
