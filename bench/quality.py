@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,7 +76,7 @@ from embshard.datasets.profile import load_profile, write_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec, split_dir
 from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
-from embshard.planner.pipeline import make_plan
+from embshard.planner.pipeline import make_plan, plan_with
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
 from embshard.config import GRANULARITIES
@@ -250,10 +251,11 @@ def prune_run(args: argparse.Namespace, data: Path, seed: int, out: Path) -> dic
     cfg = replace(job_config(args, data, EmbeddingsConfig(dim=args.pep_dim), seed), pep=pep)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=CACHE) as plan_dir:
-        bundle = make_plan(cfg.embeddings, data, TopologySpec(world_size=1), plan_dir,
+        method = PepPrune()  # its tables carry thresholds: planned by the method, not uniform
+        bundle = plan_with(partial(method.dimension_plan, cfg), data, TopologySpec(world_size=1), plan_dir,
                            batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer)
         train = make_reader(cfg, bundle, "train", 0, 1)
-        sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=PepPrune())
+        sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=method)
         callback = PruneCallback(pep_module(sharded.model), cfg, None)
         step, epoch = 0, 0
         while step < args.prune_steps and not callback.stop_requested:

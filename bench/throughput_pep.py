@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,8 +35,9 @@ from embshard.config import GRANULARITIES  # noqa: E402
 from embshard.trainer.build import ShardedModel, build_sharded  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
 from embshard.trainer.pep import PepPrune  # noqa: E402
-from embshard.config import JobConfig  # noqa: E402
 from embshard.config import PepConfig  # noqa: E402
+from embshard.planner.pipeline import plan_with  # noqa: E402
+from embshard.planner.topology import TopologySpec  # noqa: E402
 
 RATIO_GOAL = 0.87
 
@@ -60,9 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     models = {"plain": build_sharded(cfg, bundle, num_dense, cpu)}
     for pooled in (True, False):
         for g in granularities:
-            pep = PepConfig(granularity=g, pooled_lookup=pooled)
             name = g if pooled else f"{g}/unpooled"
-            models[name] = build_sharded(JobConfig(**{**vars(cfg), "pep": pep}), bundle, num_dense, cpu, method=PepPrune())
+            pep_cfg = replace(cfg, output_dir=str(Path(cfg.output_dir) / name.replace("/", "-")),
+                              pep=PepConfig(granularity=g, pooled_lookup=pooled))
+            method = PepPrune()  # its tables carry thresholds: planned by the method, not uniform
+            pep_bundle = plan_with(partial(method.dimension_plan, pep_cfg), data.path, TopologySpec(1, "cpu"),
+                                   pep_cfg.plan_dir, batch_size=args.batch_size, optimizer=cfg.train.sparse_optimizer)
+            models[name] = build_sharded(pep_cfg, pep_bundle, num_dense, cpu, method=method)
     for m in models.values():
         rate(m, warm)
 

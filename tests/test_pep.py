@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,10 +13,9 @@ import torch
 from conftest import profiled_synth
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.config import EmbeddingsConfig
-from embshard.planner.pipeline import make_plan
+from embshard.cluster.launch import plan_for_training
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.policies.pep import merge_widths, pep_table_decision
-from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.pep import (
     LocalShard,
@@ -269,14 +269,14 @@ def test_pep_config_checks():
 )
 def test_pep_sharding_types_per_collection(granularity, device, pooled, expected):
     cfg = JobConfig(sharding=ShardingConfig(device=device), pep=PepConfig(granularity=granularity))
-    assert pep_sharding_types(cfg, 2, pooled) == expected
+    assert pep_sharding_types(cfg, pooled) == expected
 
 
 def test_pep_sharding_types_refuse_what_cannot_shard():
     cfg = JobConfig(sharding=ShardingConfig(sharding_types=["row_wise"]), pep=PepConfig(granularity="dimension"))
-    assert pep_sharding_types(cfg, 2, pooled=False) == ["row_wise"]
+    assert pep_sharding_types(cfg, pooled=False) == ["row_wise"]
     with pytest.raises(ConfigError, match=r"sharding.sharding_types: .*single-hot \(pooled\).* on cpu"):
-        pep_sharding_types(cfg, 2, pooled=True)
+        pep_sharding_types(cfg, pooled=True)
 
 
 def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
@@ -289,8 +289,7 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
         embeddings=EmbeddingsConfig(dim=8),
         pep=PepConfig(granularity="dimension", s_init=-15.0, threshold_lr=0.1, weight_decay=1e-2),
     )
-    bundle = make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir, batch_size=64,
-                       optimizer=cfg.train.sparse_optimizer)
+    bundle = plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
     reader = make_reader(cfg, bundle, "train", 0, 1)
     sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
     module = pep_module(sharded.model)
@@ -381,8 +380,7 @@ def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
         checkpoint=CheckpointConfig(every_steps=2),
         pep=PepConfig(targets=[0.01], count_every=2),
     )
-    make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir, batch_size=64,
-              optimizer=cfg.train.sparse_optimizer).save()
+    plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
     summary = run_worker(cfg, method="pep")
     assert summary["steps"] == 4 and summary["pep"]["missed"] == [0.01]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]

@@ -17,6 +17,7 @@ from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
+from embshard.cluster.launch import plan_for_training
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
@@ -102,7 +103,7 @@ def _job(dataset: Path, out: Path) -> JobConfig:
         data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
         model=ModelConfig(dense_arch=[8], over_arch=[8]),
         embeddings=EmbeddingsConfig(dim=8),
-        sharding=ShardingConfig(plan_file=str(out / "plan")),  # shared by the retrains
+        sharding=ShardingConfig(plan_file=str(out / "plan")),
         train=TrainConfig(max_steps=8, progress=False, log_every=4, eval_max_batches=1),
         pep=PepConfig(granularity="feature_dimension", s_init=math.log(0.02 / 0.98),
                       targets=[0.9, 0.6, 0.001], count_every=2, retrain_target=0.6, out=str(out / "pep"),
@@ -110,11 +111,17 @@ def _job(dataset: Path, out: Path) -> JobConfig:
     )
 
 
-def _prune_and_retrain(rank: int, world: int, cfg: JobConfig):
+def _plan(cfg: JobConfig, method: str) -> PlanBundle:
+    """The driver's planning step for `method` on WORLD ranks, into cfg.plan_dir."""
+    return plan_for_training(replace(cfg, sharding=replace(cfg.sharding, plan_file=None),
+                                     cluster=replace(cfg.cluster, workers=WORLD)), method)
+
+
+def _prune_and_retrain(rank: int, world: int, cfg: JobConfig, retrain: JobConfig):
     pruned = run_worker(cfg, method="pep")
-    lottery = run_worker(replace(cfg, output_dir=str(Path(cfg.output_dir) / "lottery")), method="pep_lottery")
+    lottery = run_worker(retrain, method="pep_lottery")
     # The retrain's mask holds on every rank's shards through training.
-    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    bundle = PlanBundle.load(retrain.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", rank, world)
     sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=get_method("uniform"))
     tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
@@ -133,9 +140,11 @@ def _prune_and_retrain(rank: int, world: int, cfg: JobConfig):
 
 def test_prune_run_masks_decisions_and_retrains(dataset, tmp_path):
     cfg = _job(dataset, tmp_path / "run")
-    make_plan(cfg.embeddings, dataset, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
+    _plan(cfg, "pep")  # the prune run's tables, thresholds in their rows
+    retrain = replace(cfg, output_dir=str(tmp_path / "run" / "lottery"), sharding=ShardingConfig())
+    make_plan(cfg.embeddings, dataset, TopologySpec(WORLD, "cpu"), retrain.plan_dir,
               batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer).save()
-    results = run_ranks(_prune_and_retrain, WORLD, cfg)
+    results = run_ranks(_prune_and_retrain, WORLD, cfg, retrain)
     pruned, lottery, leaked = results[0]
     reached = pruned["pep"]["reached"]
     assert set(reached) == {"0.9", "0.6"} and pruned["pep"]["missed"] == [0.001]
@@ -157,7 +166,7 @@ def test_prune_run_masks_decisions_and_retrains(dataset, tmp_path):
 
 
 def _train_mixed(rank: int, world: int, cfg: JobConfig):
-    return run_worker(cfg)
+    return run_worker(cfg, method="decisions")
 
 
 def test_pep_decisions_train_through_the_ordinary_loop(dataset, tmp_path):
@@ -203,8 +212,7 @@ def test_multi_hot_table_is_pruned_unpooled_beside_pooled_ones(tmp_path):
     convert("movielens", src, data)
     write_profile(data)
     cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0))
-    make_plan(cfg.embeddings, data, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
-              batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer).save()
+    _plan(cfg, "pep")
     results = run_ranks(_multi_hot_steps, WORLD, cfg)
     pooled, unpooled, losses, counts = results[0]
     assert unpooled == ["genres"] and "t_genres" not in pooled and "t_userId" in pooled

@@ -30,8 +30,6 @@ from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 
@@ -39,12 +37,13 @@ from embshard.config import JobConfig, PepConfig, target_dir_name
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, PlanError
 from embshard.planner.pipeline import PlanBundle
-from embshard.planner.policies.pep import pep_decisions
+from embshard.planner.policies.pep import pep_decisions, prune_plan, threshold_columns
+from embshard.planner.topology import SHARDING_TYPES
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.pep import ROW_THRESHOLDS, LocalShard, PepEmbeddings, initial_values, local_shards
 from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
-from embshard.trainer.method import EmbeddingMethod, Worker
+from embshard.trainer.method import EmbeddingMethod, Worker, module_path
 from embshard.trainer.metrics import WorkerMetrics
 
 RUN_FILE = "pep.json"  # the prune run's record: seed, granularity, tables, targets reached
@@ -63,13 +62,13 @@ UNPOOLED_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
 COLUMN_SPLITS = ("column_wise", "table_column_wise")
 
 
-def pep_sharding_types(cfg: JobConfig, world_size: int, pooled: bool) -> list[str]:
+def pep_sharding_types(cfg: JobConfig, pooled: bool) -> list[str]:
     """What TorchRec may choose for a PEP table of the pooled or unpooled collection.
 
     Pooled tables take what the device trains correctly (topology.SHARDING_TYPES), less
     data-parallel: PEP tables are the large ones. A row threshold must stay in its row's shard,
     so those granularities also leave column splits out."""
-    device = cfg.sharding.topology(world_size).sharding_types
+    device = SHARDING_TYPES[cfg.sharding.device]
     types = [t for t in device if t != "data_parallel"] if pooled else UNPOOLED_SHARDING_TYPES
     if cfg.pep.granularity in ROW_THRESHOLDS:
         types = [t for t in types if t not in COLUMN_SPLITS]
@@ -120,6 +119,10 @@ class PepPrune(EmbeddingMethod):
 
     def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> nn.Module:
         pep = _require_pep(cfg)
+        state = threshold_columns(pep.granularity, plan.base_dim)
+        if any(b.state_cols != state for t in plan.tables for b in t.blocks):
+            raise PlanError(f"the plan is not a {pep.granularity} PEP prune plan (its rows need {state} "
+                            "threshold columns): plan it with `embshard prune pep`")
         spec = DatasetSpec.load(cfg.data.path)
         return PepEmbeddings(plan, pep.granularity, pep.s_init, multi_hot=[f.name for f in spec.sparse if f.multi_hot],
                              pooled_lookup=pep.pooled_lookup, device=device)
@@ -130,22 +133,22 @@ class PepPrune(EmbeddingMethod):
     def sharders(self) -> list[ModuleSharder]:
         return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
+    def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
+                       out_dir: Path) -> DimensionPlan:
+        pep = _require_pep(cfg)
+        multi_hot = [f.name for f in spec.sparse if f.multi_hot]
+        return prune_plan(super().dimension_plan(cfg, spec, counts, out_dir), pep.granularity, multi_hot,
+                          pep.pooled_lookup, lambda pooled: pep_sharding_types(cfg, pooled))
+
     def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module,
                       sharders: list[ModuleSharder]) -> ShardingPlan:
-        # Planned here, collectively, because planner/'s shard planner places one pooled
-        # collection and a prune run has an unpooled one too: plan.json does not hold this layout.
-        world = dist.get_world_size()
         pep = model.embeddings
-        constraints = {
-            t.name: ParameterConstraints(sharding_types=pep_sharding_types(cfg, world, t.name in pep.pooled_tables))
-            for t in bundle.dimension_plan.tables
-        }
-        planner = EmbeddingShardingPlanner(
-            topology=cfg.sharding.topology(world).to_torchrec(),
-            batch_size=cfg.data.batch_size,
-            constraints=constraints,
-        )
-        return planner.collective_plan(model, sharders)
+        tables = []
+        if pep.ebc is not None:
+            tables.append((pep.ebc, pep.pooled_tables))
+        if pep.ec is not None:
+            tables.append((pep.ec, [c.name for c in pep.ec.embedding_configs()]))
+        return ShardingPlan(plan={module_path(model, c): bundle.shard_plan.module_plan(names) for c, names in tables})
 
     def sparse_optimizer_args(self, cfg: JobConfig) -> dict[str, Any]:
         return {**super().sparse_optimizer_args(cfg), **row_threshold_decay(cfg)}
