@@ -48,7 +48,7 @@ writes bench/results/quality-<dataset>-pep.json and .png.
 
 The prune defaults are the reference implementation's mechanism at this benchmark's scale:
 s_init -15 (the paper's MovieLens value), dimension-wise thresholds under their own Adam with L2
-(the decay is what raises s; see trainer/pep_config.py), at a learning rate and decay that reach
+(the decay is what raises s; see `pep:` in embshard/config.py), at a learning rate and decay that reach
 the targets within a few epochs instead of the paper's hundreds.
 """
 
