@@ -351,3 +351,32 @@ def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, 
     longer = run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)), method="autodim")
     assert longer["steps"] == 6 and longer["alpha_steps"] == 3
     assert load_decisions(longer["decisions"]).meta["steps"] == 6
+
+
+def test_search_checkpoints_and_stops_on_sigterm(dataset, tmp_path, process_group):
+    """SIGTERM during a search: the step finishes, a checkpoint is written, the run stops, exactly
+    as `embshard train` does (the signal comes from a callback a subclass adds: the seam's part)."""
+    import os
+    import signal
+
+    from embshard.trainer.callbacks import Callback
+    from embshard.trainer.loop import run_worker
+
+    class SigtermAt(Callback):
+        def on_step(self, info) -> None:
+            if info.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    class PreemptedSearch(AutodimSearch):
+        def callbacks(self, worker, sharded):
+            return [*super().callbacks(worker, sharded), SigtermAt()]
+
+    cfg = job(dataset, tmp_path / "run", alpha_every=2, pretrain_steps=1)
+    cfg.train = replace(cfg.train, max_steps=6, eval_max_batches=1)
+    cfg.checkpoint = CheckpointConfig()  # no periodic checkpoints: only the SIGTERM one
+    plan_search(cfg, 1)
+    summary = run_worker(cfg, method=PreemptedSearch())
+    assert summary["preempted"] and summary["steps"] == 2
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+    resumed = run_worker(cfg, method="autodim")
+    assert resumed["resumed_from"].endswith("step-000002") and resumed["steps"] == 6
