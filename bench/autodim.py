@@ -2,7 +2,7 @@
 
 Per seed, in one process (a one-rank gloo group), interleaved so machine drift hits all alike:
   1. uniform: one plain training epoch at the largest candidate width d_N (build, train, evaluate);
-  2. search: `trainer.autodim.search_worker` for one epoch (its first `--pretrain` share with
+  2. search: `trainer.loop.run_worker` with the `autodim` method for one epoch (its first `--pretrain` share with
      alpha held equal), which writes a decisions file;
   3. retrain: the decisions through `embeddings.policy: decisions`, trained like (1).
 Search cost = wall time of (2) / wall time of (1) (goal <= 1.5). AUC is on the validation split
@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, init_single_process_group
 from embshard.datasets.convert import convert
 from embshard.datasets.schema import SPEC_FILE
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.pipeline import make_plan
 from embshard.planner.topology import TopologySpec
-from embshard.trainer.autodim import plan_search, search_worker
-from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.config import (
+from embshard.cluster.launch import plan_for_training
+from embshard.config import AutodimConfig
+from embshard.config import (
     CheckpointConfig,
     DataConfig,
     JobConfig,
@@ -91,8 +91,8 @@ def search(cfg: JobConfig, steps_per_epoch: int, args: argparse.Namespace) -> tu
         alpha_lr=args.alpha_lr,
     )
     start = time.perf_counter()
-    plan_search(cfg, 1)
-    summary = search_worker(cfg)
+    plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "autodim")
+    summary = run_worker(cfg, method="autodim")
     return time.perf_counter() - start, summary
 
 

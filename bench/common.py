@@ -21,10 +21,10 @@ import torch.distributed as dist
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE
 from embshard.datasets.synth import synthesize
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig
+from embshard.config import DataConfig, JobConfig, ModelConfig
 
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
 

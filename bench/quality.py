@@ -48,7 +48,7 @@ writes bench/results/quality-<dataset>-pep.json and .png.
 
 The prune defaults are the reference implementation's mechanism at this benchmark's scale:
 s_init -15 (the paper's MovieLens value), dimension-wise thresholds under their own Adam with L2
-(the decay is what raises s; see trainer/pep_config.py), at a learning rate and decay that reach
+(the decay is what raises s; see `pep:` in embshard/config.py), at a learning rate and decay that reach
 the targets within a few epochs instead of the paper's hundreds.
 """
 
@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,18 +75,26 @@ from embshard.datasets.convert import convert
 from embshard.datasets.profile import load_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec, split_dir
-from embshard.planner.config import EmbeddingsConfig, MletConfig
-from embshard.planner.pipeline import make_plan
+from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
+from embshard.planner.pipeline import make_plan, plan_with
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
-from embshard.sharding.pep import GRANULARITIES
+from embshard.config import GRANULARITIES
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import StepInfo
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from embshard.trainer.evaluate import evaluate
 from embshard.trainer.loop import make_reader, train_step
-from embshard.trainer.pep import LotteryTicket, PruneCallback, build_pep, pep_module
-from embshard.trainer.pep_config import PepConfig, target_dir_name
+from embshard.trainer.pep import (
+    LotteryTicket,
+    MaskKeeper,
+    PepLottery,
+    PepPrune,
+    PruneCallback,
+    pep_module,
+    table_shards,
+)
+from embshard.config import PepConfig, target_dir_name
 
 from embshard.errors import PlanError
 
@@ -184,8 +193,7 @@ def embeddings_config(args: argparse.Namespace, spec: RunSpec, pep_dir: Path | N
         return EmbeddingsConfig(policy="decisions", dim=spec.dim, decisions=str(decisions))
     if spec.policy == "mlet":
         return EmbeddingsConfig(policy="uniform", dim=spec.dim, mlet=MletConfig(width=spec.mlet_width))
-    return EmbeddingsConfig(policy="mde", dim=spec.dim, alpha=spec.alpha, mode=args.mode,
-                            blocks=args.blocks, budget_params=spec.budget_params)
+    return EmbeddingsConfig(policy="mde", dim=spec.dim, mde=MdeConfig(alpha=spec.alpha, mode=args.mode, blocks=args.blocks, budget_params=spec.budget_params))
 
 
 def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path | None = None) -> dict[str, Any]:
@@ -205,8 +213,8 @@ def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path |
         if spec.policy == "pep-lottery":
             assert pep_dir is not None and spec.pep_target is not None
             ticket = LotteryTicket.load(pep_dir, spec.pep_target)
-            sharded = ticket.build(cfg, bundle, len(train.spec.dense), CPU)
-            keeper = ticket.keeper(sharded)
+            sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=PepLottery(ticket))
+            keeper = MaskKeeper(table_shards(sharded), ticket.masks)
         else:
             sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU)
         step = rating_step if args.target == "rating" else train_step
@@ -242,10 +250,11 @@ def prune_run(args: argparse.Namespace, data: Path, seed: int, out: Path) -> dic
     cfg = replace(job_config(args, data, EmbeddingsConfig(dim=args.pep_dim), seed), pep=pep)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=CACHE) as plan_dir:
-        bundle = make_plan(cfg.embeddings, data, TopologySpec(world_size=1), plan_dir,
+        method = PepPrune()  # its tables carry thresholds: planned by the method, not uniform
+        bundle = plan_with(partial(method.dimension_plan, cfg), data, TopologySpec(world_size=1), plan_dir,
                            batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer)
         train = make_reader(cfg, bundle, "train", 0, 1)
-        sharded = build_pep(cfg, bundle, len(train.spec.dense), CPU)
+        sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=method)
         callback = PruneCallback(pep_module(sharded.model), cfg, None)
         step, epoch = 0, 0
         while step < args.prune_steps and not callback.stop_requested:

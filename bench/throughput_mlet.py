@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchData, bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
-from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.config import EmbeddingsConfig, MletConfig
 from embshard.trainer.build import ShardedModel, build_sharded
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from throughput import run_embshard
 
 

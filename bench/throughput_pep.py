@@ -1,7 +1,7 @@
 """PEP's pruning-stage training throughput against plain training of the same table width, same run.
 
 Plain: embshard's uniform DLRM (`trainer.build.build_sharded`, pooled EmbeddingBagCollection).
-PEP: the same DLRM over `PepEmbeddings` (`trainer.pep.build_pep`), once per granularity, with the
+PEP: the same DLRM over `PepEmbeddings` (`trainer.build.build_sharded` with `trainer.pep.PepPrune`), once per granularity, with the
 default lookup (the synthetic features are single-hot, so every table is looked up pooled and
 thresholded after the lookup) and with `pep.pooled_lookup: false` (unpooled EmbeddingCollection,
 threshold per looked-up row, then sum pooling: the path of multi-hot features). All step through
@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,13 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
 
-from embshard.planner.config import EmbeddingsConfig  # noqa: E402
-from embshard.sharding.pep import GRANULARITIES  # noqa: E402
+from embshard.config import EmbeddingsConfig  # noqa: E402
+from embshard.config import GRANULARITIES  # noqa: E402
 from embshard.trainer.build import ShardedModel, build_sharded  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
-from embshard.trainer.pep import build_pep  # noqa: E402
-from embshard.trainer.config import JobConfig  # noqa: E402
-from embshard.trainer.pep_config import PepConfig  # noqa: E402
+from embshard.trainer.pep import PepPrune  # noqa: E402
+from embshard.config import PepConfig  # noqa: E402
+from embshard.planner.pipeline import plan_with  # noqa: E402
+from embshard.planner.topology import TopologySpec  # noqa: E402
 
 RATIO_GOAL = 0.87
 
@@ -60,9 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     models = {"plain": build_sharded(cfg, bundle, num_dense, cpu)}
     for pooled in (True, False):
         for g in granularities:
-            pep = PepConfig(granularity=g, pooled_lookup=pooled)
             name = g if pooled else f"{g}/unpooled"
-            models[name] = build_pep(JobConfig(**{**vars(cfg), "pep": pep}), bundle, num_dense, cpu)
+            pep_cfg = replace(cfg, output_dir=str(Path(cfg.output_dir) / name.replace("/", "-")),
+                              pep=PepConfig(granularity=g, pooled_lookup=pooled))
+            method = PepPrune()  # its tables carry thresholds: planned by the method, not uniform
+            pep_bundle = plan_with(partial(method.dimension_plan, pep_cfg), data.path, TopologySpec(1, "cpu"),
+                                   pep_cfg.plan_dir, batch_size=args.batch_size, optimizer=cfg.train.sparse_optimizer)
+            models[name] = build_sharded(pep_cfg, pep_bundle, num_dense, cpu, method=method)
     for m in models.values():
         rate(m, warm)
 

@@ -1,8 +1,8 @@
 """`embshard search autodim CONFIG`: run an AutoDim search on Ray and write its decisions file.
 
-The driver shards the search tables (`trainer.autodim.plan_search`), Ray Train runs one
-`search_worker` per worker exactly as `embshard train` runs `run_worker`, and rank 0 writes the
-decisions file that `embeddings: {policy: decisions}` turns into the retrain's plan.
+The driver plans the search tables through the `autodim` method, Ray Train runs `run_worker` with
+it exactly as `embshard train` does (checkpoints, metrics, SIGTERM, evaluation included), and
+rank 0 writes the decisions file that `embeddings: {policy: decisions}` turns into the retrain's plan.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
-    from embshard.cluster.launch import train_on_ray
-    from embshard.trainer.autodim import autodim_section, decisions_path, plan_search
-    from embshard.trainer.config import load_job_config
+    from embshard.cluster.launch import plan_for_training, train_on_ray
+    from embshard.trainer.autodim import autodim_section, decisions_path
+    from embshard.config import load_job_config
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)
@@ -43,13 +43,13 @@ def _autodim(args: argparse.Namespace) -> int:
     decisions = Path(args.out or decisions_path(cfg)).resolve()
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
-    bundle = plan_search(cfg, workers)
+    bundle = plan_for_training(cfg, "autodim")
     plan = bundle.dimension_plan
     print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"
           f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
     for note in [*plan.notes, *bundle.shard_plan.notes]:
         print(f"note: {note}")
-    summary = train_on_ray(cfg, worker="search_autodim")
+    summary = train_on_ray(cfg, "autodim")
     print(f"search validation AUC {summary['valid_auc']:.4f} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")
     if summary["alpha_steps"] == 0:

@@ -144,7 +144,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     return load_job_config(args.config, args.overrides)
 
@@ -205,9 +205,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
           f"per-rank training bytes "
           + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
-    # A `pep.retrain_target` turns the run into PEP's lottery-ticket retrain of that mask.
-    lottery = cfg.pep is not None and cfg.pep.retrain_target is not None
-    metrics = train_on_ray(cfg, worker="lottery_pep" if lottery else "train")
+    # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
+    metrics = train_on_ray(cfg)
     summary = {k: metrics.get(k) for k in ("steps", "samples", "samples_per_s", "valid_auc", "valid_logloss")}
     print(
         f"validation AUC {_fmt(summary['valid_auc'])}, logloss {_fmt(summary['valid_logloss'])}; "

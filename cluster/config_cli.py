@@ -17,7 +17,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _reference(args: argparse.Namespace) -> int:
     from embshard.config_reference import build_reference
-    from embshard.trainer.config import JobConfig  # imports TorchRec: only for this verb
+    from embshard.config import JobConfig
 
     print(build_reference(JobConfig).markdown(), end="")
     return 0

@@ -7,21 +7,21 @@ torch.distributed process group (gloo on CPU, nccl on GPU); its FailureConfig re
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 from embshard.datasets.profile import load_profile
-from embshard.datasets.verify import verify_dataset
-from embshard.planner.pipeline import PlanBundle, make_plan, shard_dimension_plan
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c
 from embshard.cluster.resume_config import reconcile
+from embshard.datasets.verify import verify_dataset
+from embshard.planner.pipeline import PLAN_FILE, PlanBundle, plan_with, shard_dimension_plan
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
 from embshard.trainer.checkpoint import (
@@ -29,8 +29,9 @@ from embshard.trainer.checkpoint import (
     resolve_source,
     valid_checkpoints,
 )
-from embshard.trainer.config import JobConfig
-from embshard.trainer.loop import SUMMARY_FILE
+from embshard.config import JobConfig
+from embshard.trainer.loop import SUMMARY_FILE, run_worker
+from embshard.trainer.method import get_method, method_name
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -40,10 +41,13 @@ from embshard.errors import EmbshardError, Interrupted
 from embshard.typed_config import from_dict, to_dict
 
 
-def plan_for_training(cfg: JobConfig) -> PlanBundle:
-    """The plan every worker will train: the plan of the checkpoint the run resumes from (whose
-    model config must agree with cfg's, see `with_checkpoint_config`), else the given plan file,
-    else a fresh one for this topology."""
+def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
+    """The plan every worker will train, saved as `<output_dir>/plan/plan.json`: the plan of the
+    checkpoint the run resumes from (whose model config must agree with cfg's, see
+    `with_checkpoint_config`), else a copy of the given plan file, else a fresh one made by the
+    run's method (default: the one `cfg` names) for this topology."""
+    chosen = get_method(method or method_name(cfg))
+    chosen.check_config(cfg)
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
@@ -51,9 +55,10 @@ def plan_for_training(cfg: JobConfig) -> PlanBundle:
         with_checkpoint_config(cfg, source, adopt=False)
         bundle = plan_from_checkpoint(cfg, source)
     elif cfg.sharding.plan_file:
-        bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
+        bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer).copy_to(cfg.plan_dir)
     else:
-        bundle = make_plan(cfg.embeddings, cfg.data.path, topology, cfg.plan_dir, **sharding_options(cfg))
+        decide = partial(chosen.dimension_plan, cfg)
+        bundle = plan_with(decide, cfg.data.path, topology, cfg.plan_dir, **sharding_options(cfg))
         bundle.save()
     bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.cluster.workers)
     bundle.memory.check_fits()
@@ -104,51 +109,26 @@ def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:
     return bundle
 
 
-# The worker functions a Ray job can run, by name: each is `fn(cfg, report, local_rank)`.
-WORKERS = {
-    "train": "embshard.trainer.loop:run_worker",
-    "prune_pep": "embshard.trainer.pep:prune_worker",
-    "lottery_pep": "embshard.trainer.pep:lottery_worker",
-    "search_autodim": "embshard.trainer.autodim:search_worker",
-}
-
-
 def _worker_entry(config: dict[str, Any]) -> None:
-    # Runs in the Ray worker process: the worker's module is imported there.
-    module, _, name = WORKERS[config["worker"]].partition(":")
-    worker = getattr(importlib.import_module(module), name)
+    # Runs in the Ray worker process: the method's modules are imported there.
     cfg = from_dict(JobConfig, config["job"])
-    worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank())
+    run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
+               method=config["method"])
 
 
-def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
-    """Run `WORKERS[worker]` on every Ray Train worker (a local in-process cluster unless
-    cfg.cluster.address); returns rank 0's summary."""
+def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
+    """Run `method` (default: the one `cfg` names) with `run_worker` on every Ray Train worker (a
+    local in-process cluster unless cfg.cluster.address) on the plan `plan_for_training` saved;
+    returns rank 0's summary."""
+    method = method or method_name(cfg)
     output = Path(cfg.output_dir).resolve()
-    # Workers may run in other directories (or hosts with the same shared storage): hand them
-    # absolute paths.
-    cfg = replace(
-        cfg,
-        output_dir=str(output),
-        data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
-        sharding=replace(cfg.sharding, plan_file=str((output / "plan" / "plan.json"))),
-        checkpoint=replace(
-            cfg.checkpoint,
-            dir=str(cfg.checkpoint_dir.resolve()),
-            resume=str(Path(cfg.checkpoint.resume).resolve()) if cfg.checkpoint.resume else None,
-        ),
-        metrics=replace(
-            cfg.metrics,
-            file_sd=str(Path(cfg.metrics.file_sd).resolve()) if cfg.metrics.file_sd else None,
-        ),
-        pep=replace(cfg.pep, out=str(cfg.pep_dir.resolve())) if cfg.pep else None,
-    )
+    cfg = worker_config(cfg)
     reset_starts(output)
     _init_ray(cfg)
     use_gpu = cfg.sharding.device == "cuda"
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"worker": worker, "job": to_dict(cfg)},
+        train_loop_config={"method": method, "job": to_dict(cfg)},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
             use_gpu=use_gpu,
@@ -156,7 +136,7 @@ def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{cfg.name}-{worker}",
+            name=f"{cfg.name}-{method}",
             storage_path=str(output / "ray"),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         ),
@@ -175,6 +155,30 @@ def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
         raise Interrupted(f"stopped by Ctrl-C after step {summary['steps']}, checkpoint "
                           f"{summary.get('checkpoint')}; run the same command again to continue")
     return summary
+
+
+def worker_config(cfg: JobConfig) -> JobConfig:
+    """`cfg` as the workers get it: every path absolute (workers may run in other directories,
+    or on hosts with the same shared storage), and the plan the driver saved."""
+    output = Path(cfg.output_dir).resolve()
+    return replace(
+        cfg,
+        output_dir=str(output),
+        data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
+        sharding=replace(cfg.sharding, plan_file=str(output / "plan" / PLAN_FILE)),
+        checkpoint=replace(
+            cfg.checkpoint,
+            dir=str(cfg.checkpoint_dir.resolve()),
+            resume=str(Path(cfg.checkpoint.resume).resolve()) if cfg.checkpoint.resume else None,
+        ),
+        metrics=replace(
+            cfg.metrics,
+            file_sd=str(Path(cfg.metrics.file_sd).resolve()) if cfg.metrics.file_sd else None,
+        ),
+        pep=replace(cfg.pep, out=str(cfg.pep_dir.resolve()),
+                    retrain_from=str(Path(cfg.pep.retrain_from).resolve()) if cfg.pep.retrain_from else None)
+        if cfg.pep else None,
+    )
 
 
 def _init_ray(cfg: JobConfig) -> None:

@@ -1,7 +1,7 @@
 """`embshard prune pep CONFIG --targets 0.5,0.2,0.1,0.03`: the PEP prune run on Ray.
 
 The driver plans the dense (uniform) tables like `embshard train`, then every Ray Train worker runs
-`trainer.pep.prune_worker`. Output, under `pep.out` (default <output_dir>/pep): one folder per
+the `pep` method (`trainer.pep.PepPrune`) in `run_worker`. Output, under `pep.out` (default <output_dir>/pep): one folder per
 target with the masks and a decisions file for `embeddings.policy: decisions`, and `pep.json`.
 """
 
@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embshard.cluster.cli_args import config_arguments
 
-from embshard.errors import ConfigError
+if TYPE_CHECKING:
+    from embshard.config import JobConfig
+
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -41,23 +44,24 @@ def parse_targets(text: str) -> list[float]:
     return targets
 
 
+def prune_job(cfg: JobConfig, workers: int | None, targets: list[float] | None) -> JobConfig:
+    """The config a prune run trains: the command line's workers and targets; everything else,
+    checkpoints included, as the config says."""
+    from embshard.config import PepConfig
+
+    pep = cfg.pep or PepConfig()
+    return replace(cfg, cluster=replace(cfg.cluster, workers=cfg.cluster.workers if workers is None else workers),
+                   pep=replace(pep, targets=targets or pep.targets))
+
+
 def prune_pep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.launch import plan_for_training, train_on_ray
-    from embshard.trainer.config import load_job_config
-    from embshard.trainer.pep_config import PepConfig
+    from embshard.config import load_job_config
 
-    cfg = load_job_config(args.config, args.overrides)
-    if cfg.embeddings.policy != "uniform":
-        raise ConfigError(f"embeddings.policy: PEP prunes dense tables, use uniform (got {cfg.embeddings.policy})")
-    cfg = replace(
-        cfg,
-        cluster=replace(cfg.cluster, workers=cfg.cluster.workers if args.workers is None else args.workers),
-        pep=replace(cfg.pep or PepConfig(), targets=args.targets or (cfg.pep or PepConfig()).targets),
-        checkpoint=replace(cfg.checkpoint, enabled=False),  # a prune run is not resumed
-    )
-    plan_for_training(cfg)
-    summary = train_on_ray(cfg, worker="prune_pep")
+    cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
+    plan_for_training(cfg, "pep")
+    summary = train_on_ray(cfg, "pep")
     pep = summary.get("pep", {})
     for target, hit in sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0])):
         print(f"target {target}: reached at step {hit['step']} ({hit['nonzero']:,} non-zero) -> "

@@ -29,6 +29,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    moved = getattr(cls, "__moved_fields__", {})
+    for name in unknown:
+        if name in moved:
+            section, _, key = moved[name].rpartition(".")
+            raise ConfigError(
+                f"{_join(where, name)}: moved to {_join(where, moved[name])}; rewrite "
+                f"`{name}: ...` as `{section}: {{{key}: ...}}` under {where or 'the top level'}"
+            )
     if unknown:
         raise ConfigError(
             f"{_join(where, unknown[0])}: unknown field (valid: {', '.join(sorted(fields))})"

@@ -6,14 +6,12 @@ prints it. One table here keeps both in step.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torchrec.optim import RowWiseAdagrad
 
-BYTES_PER_ELEMENT = 4  # fp32 weights and optimizer state
+from embshard.config import SparseOptimizer
 
-SparseOptimizer = Literal["sgd", "rowwise_adagrad", "adagrad", "adam"]
+BYTES_PER_ELEMENT = 4  # fp32 weights and optimizer state
 
 # Optimizer state per embedding row, in multiples of (row width, 1): Adagrad keeps a full
 # accumulator per element, row-wise Adagrad one scalar per row, Adam two moments per element.

@@ -8,19 +8,23 @@ a saved plan rebuilds exactly the planned layout.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embshard.config import EmbeddingsConfig
 from embshard.datasets.profile import Profile, load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import PlanError
-from embshard.planner.config import EmbeddingsConfig
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
 from embshard.planner.policies import plan_dimensions
+from embshard.planner.policies.autodim import searched_feature
 from embshard.planner.remap import load_remap
 from embshard.planner.shard_plan import ShardPlan, plan_sharding
 from embshard.planner.topology import TopologySpec
@@ -75,6 +79,21 @@ class PlanBundle:
             raise PlanError(f"{path}: not JSON ({e})") from None
         return PlanBundle.from_json(raw, path.parent, optimizer)
 
+    def copy_to(self, directory: Path) -> "PlanBundle":
+        """This plan (plan.json and its remap files) saved in `directory`, e.g. a run's plan folder."""
+        if directory.resolve() == self.directory.resolve():
+            return self
+        directory.mkdir(parents=True, exist_ok=True)
+        for table in self.dimension_plan.tables:
+            if table.remap is not None:
+                target = directory / table.remap
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copyfile(self.directory / table.remap, tmp)
+                tmp.replace(target)
+        copy = replace(self, directory=directory)
+        copy.save()
+        return copy
+
     def id_maps(self) -> dict[str, np.ndarray]:
         return load_id_maps(self.dimension_plan, self.directory)
 
@@ -89,8 +108,19 @@ def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:
     return maps
 
 
-def make_plan(
-    embeddings: EmbeddingsConfig,
+# A method's planning step: dataset spec + id counts (+ the plan folder for remaps) -> DimensionPlan.
+Decide = Callable[[DatasetSpec, Mapping[str, np.ndarray], Path], DimensionPlan]
+
+
+def make_plan(embeddings: EmbeddingsConfig, dataset_dir: str | Path, topology: TopologySpec,
+              out_dir: str | Path, **options: Any) -> PlanBundle:
+    """The plan of an `embeddings:` policy (uniform, MDE, decisions; MLET on any of them);
+    `options` as `plan_with`'s."""
+    return plan_with(partial(plan_dimensions, embeddings), dataset_dir, topology, out_dir, **options)
+
+
+def plan_with(
+    decide: Decide,
     dataset_dir: str | Path,
     topology: TopologySpec,
     out_dir: str | Path,
@@ -99,11 +129,12 @@ def make_plan(
     optimizer: SparseOptimizer,
     sharding_types: list[str] | None = None,
 ) -> PlanBundle:
+    """The whole pipeline for any method's planning step (`trainer/method.py`)."""
     out_dir = Path(out_dir)
     spec = DatasetSpec.load(dataset_dir)
     profile = load_profile(dataset_dir)
     counts = {f: profile.counts(f) for f in spec.sparse_names}
-    dim_plan = plan_dimensions(embeddings, spec, counts, out_dir)
+    dim_plan = decide(spec, counts, out_dir)
     return shard_dimension_plan(dim_plan, profile, topology, out_dir, batch_size=batch_size,
                                 optimizer=optimizer, sharding_types=sharding_types)
 
@@ -120,7 +151,7 @@ def shard_dimension_plan(
 ) -> PlanBundle:
     """The shard half of planning: a decided DimensionPlan (its remaps in `out_dir`) placed on a
     topology. Also how a checkpoint's plan is re-sharded for another world size."""
-    counts = {f: profile.counts(f) for t in dim_plan.tables for f in t.features}
+    counts = {f: profile.counts(searched_feature(t, f)) for t in dim_plan.tables for f in t.features}
     shard = plan_sharding(
         dim_plan,
         topology,
@@ -143,7 +174,7 @@ def block_pooling_factors(
     factors: dict[str, float] = {}
     for table in plan.tables:
         for feature in table.features:
-            pf = profile.pooling_factor(feature)
+            pf = profile.pooling_factor(searched_feature(table, feature))
             c = counts[feature]
             ranked = np.empty_like(c)
             ranked[id_maps[feature] if feature in id_maps else np.arange(len(c))] = c

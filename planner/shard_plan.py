@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
@@ -58,20 +60,29 @@ def block_feature_name(feature: str, block: int, num_blocks: int) -> str:
 
 
 def block_table_configs(plan: DimensionPlan) -> list[EmbeddingBagConfig]:
-    """One TorchRec table per block, at the block's training width (MLET width when set)."""
-    configs = []
+    """One TorchRec table per block of the pooled tables, at the block's training width."""
+    return _block_configs(plan, pooled=True)
+
+
+def unpooled_table_configs(plan: DimensionPlan) -> list[EmbeddingConfig]:
+    """The same for tables looked up unpooled (`TablePlan.pooled` false): EmbeddingCollection's."""
+    return _block_configs(plan, pooled=False)
+
+
+def _block_configs(plan: DimensionPlan, pooled: bool) -> list:
+    configs: list = []
     for table in plan.tables:
+        if table.pooled != pooled:
+            continue
         n = len(table.blocks)
         for i, block in enumerate(table.blocks):
-            configs.append(
-                EmbeddingBagConfig(
-                    name=table.block_name(i),
-                    embedding_dim=block.train_dim,
-                    num_embeddings=block.num_rows,
-                    feature_names=[block_feature_name(f, i, n) for f in table.features],
-                    pooling=PoolingType.SUM,
-                )
-            )
+            common = {
+                "name": table.block_name(i),
+                "embedding_dim": block.train_dim,
+                "num_embeddings": block.num_rows,
+                "feature_names": [block_feature_name(f, i, n) for f in table.features],
+            }
+            configs.append(EmbeddingBagConfig(**common, pooling=PoolingType.SUM) if pooled else EmbeddingConfig(**common))
     return configs
 
 
@@ -84,7 +95,11 @@ class ShardPlan:
     notes: list[str] = field(default_factory=list)
 
     def to_torchrec(self, module_path: str) -> ShardingPlan:
-        return ShardingPlan(plan={module_path: EmbeddingModuleShardingPlan(self.sharding)})
+        return ShardingPlan(plan={module_path: self.module_plan(self.sharding)})
+
+    def module_plan(self, tables: Iterable[str]) -> EmbeddingModuleShardingPlan:
+        """The shardings of `tables`: one collection's entry of a TorchRec ShardingPlan."""
+        return EmbeddingModuleShardingPlan({name: self.sharding[name] for name in tables})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,7 +126,7 @@ class ShardPlan:
 
     def check_matches(self, plan: DimensionPlan, world_size: int) -> None:
         """A shard plan trains only the dimension plan and world size it was made for."""
-        expected = {c.name for c in block_table_configs(plan)}
+        expected = {t.block_name(i) for t in plan.tables for i in range(len(t.blocks))}
         if set(self.sharding) != expected:
             missing = sorted(expected - set(self.sharding))[:3]
             extra = sorted(set(self.sharding) - expected)[:3]
@@ -135,14 +150,17 @@ def make_constraints(
     """Per block table: the sharding types this device supports and the measured pooling factor."""
     allowed = list(sharding_types or topology.sharding_types)
     unsupported = sorted(set(allowed) - set(topology.sharding_types))
-    if unsupported:
+    # Tables whose method chose their sharding types (TablePlan.sharding_types) are not held to
+    # the pooled collection's list.
+    if unsupported and any(t.sharding_types is None for t in plan.tables):
         raise PlanError(
             f"sharding types {unsupported} are not supported for EmbeddingBagCollection on "
             f"{topology.device} (supported: {', '.join(topology.sharding_types)})"
         )
+    owner = {t.block_name(i): t for t in plan.tables for i in range(len(t.blocks))}
     constraints, notes = {}, []
-    for config in block_table_configs(plan):
-        types = allowed
+    for config in [*block_table_configs(plan), *unpooled_table_configs(plan)]:
+        types = owner[config.name].sharding_types or allowed
         kernels = None
         if config.embedding_dim % FUSED_WIDTH_MULTIPLE:
             if topology.device == "cpu":
@@ -180,16 +198,17 @@ def plan_sharding(
     Needs no devices and no process group: the tables are built on the meta device. `search`
     decides how much of TorchRec's search space the plan gets (all of it for small plans).
     """
-    configs = block_table_configs(plan)
+    pooled, unpooled = block_table_configs(plan), unpooled_table_configs(plan)
+    configs = [*pooled, *unpooled]
     constraints, notes = make_constraints(plan, topology, pooling_factors, sharding_types)
     torchrec_topology = topology.to_torchrec()
     demand = Demand.of(configs, optimizer)
     check_can_fit(demand, topology, torchrec_topology)
     chosen = (search or SearchPolicy()).search(configs, constraints, topology, demand)
 
-    ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    module, sharders = _collections(pooled, unpooled)
     # The planner sizes optimizer state from the optimizer attached to the parameters.
-    _apply_optimizer_in_backward(torch_optimizer_class(optimizer), ebc.parameters(), {"lr": 0.01})
+    _apply_optimizer_in_backward(torch_optimizer_class(optimizer), module.parameters(), {"lr": 0.01})
     planner = EmbeddingShardingPlanner(
         topology=torchrec_topology,
         batch_size=batch_size,
@@ -203,11 +222,24 @@ def plan_sharding(
     )
     try:
         with _no_data_parallel_spec_warning():
-            torchrec_plan = planner.plan(ebc, [EmbeddingBagCollectionSharder()])
+            torchrec_plan = planner.plan(module, sharders)
     except PlannerError as e:
         raise _explain_planner_error(e, demand, topology, torchrec_topology) from None
-    module_plan = torchrec_plan.plan[""]
-    return ShardPlan(sharding=dict(module_plan.items()), topology=topology, notes=notes + chosen.notes)
+    sharding = {name: ps for module_plan in torchrec_plan.plan.values() for name, ps in module_plan.items()}
+    return ShardPlan(sharding=sharding, topology=topology, notes=notes + chosen.notes)
+
+
+def _collections(pooled: list[EmbeddingBagConfig], unpooled: list[EmbeddingConfig]) -> tuple[nn.Module, list]:
+    """The collections the tables train in, on meta, and their sharders: the pooled collection
+    alone (TorchRec's plain case), or both side by side."""
+    meta = torch.device("meta")
+    if not unpooled:
+        return EmbeddingBagCollection(tables=pooled, device=meta), [EmbeddingBagCollectionSharder()]
+    module = nn.Module()
+    if pooled:  # TorchRec cannot shard an empty collection
+        module.ebc = EmbeddingBagCollection(tables=pooled, device=meta)
+    module.ec = EmbeddingCollection(tables=unpooled, device=meta)
+    return module, [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
 _NO_ROOM = (

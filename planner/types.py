@@ -34,6 +34,9 @@ class Block:
     dim: int  # serving width of this block
     mlet_width: int | None = None  # training width k >= dim when trained as W1 (n x k) . W2 (k x d)
     source: dict[str, Any] = field(default_factory=dict)  # policy and parameters that chose `dim`
+    # Columns each row carries beside its weights while training, never served (PEP's per-row
+    # thresholds): the shard planner and the memory report count them.
+    state_cols: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -41,7 +44,7 @@ class Block:
 
     @property
     def train_dim(self) -> int:
-        return self.mlet_width or self.dim
+        return (self.mlet_width or self.dim) + self.state_cols
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class TablePlan:
     blocks: list[Block]
     row_order: RowOrder = "identity"
     remap: str | None = None  # .npy file (relative to the plan file) holding id -> ranked row
+    # False: looked up unpooled (TorchRec's EmbeddingCollection) and pooled by the module after
+    # a per-row step (PEP's thresholds); True: TorchRec's pooled EmbeddingBagCollection.
+    pooled: bool = True
+    sharding_types: list[str] | None = None  # what the method allows TorchRec; None = the device's
 
     def block_name(self, i: int) -> str:
         """TorchRec table name of block i; a single-block table keeps the table's own name."""
@@ -151,6 +158,8 @@ def validate_plan(plan: DimensionPlan) -> None:
                 raise PlanError(f"{where}: rows [{b.start}, {b.end}) do not continue from row {expect}")
             if b.dim <= 0:
                 raise PlanError(f"{where}: dim must be positive, got {b.dim}")
+            if b.state_cols < 0:
+                raise PlanError(f"{where}: state_cols must be >= 0, got {b.state_cols}")
             if b.mlet_width is not None and b.mlet_width < b.dim:
                 raise PlanError(
                     f"{where}: MLET width k={b.mlet_width} < d={b.dim}; a factorisation W1(n x k)."

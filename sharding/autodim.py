@@ -5,7 +5,7 @@ linear transform, or zero padding; then BatchNorm so magnitudes compare), and mi
 Gumbel-softmax over the field's architecture weights alpha. After the search each field keeps
 argmax alpha, and the model is retrained at those widths through an ordinary decisions plan.
 
-The tables are plain TorchRec tables described by a DimensionPlan (`search_plan`), so TorchRec's
+The tables are plain TorchRec tables described by a DimensionPlan (`planner.policies.autodim.search_plan`), so TorchRec's
 planner and `DistributedModelParallel` shard them like any plan:
 
 - weight_sharing: one d_N-wide table per field; candidate n reads the first d_n columns of the
@@ -23,60 +23,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
-from embshard.planner.rounding import FBGEMM_ALIGN
+from embshard.config import Lookup, Unify
+from embshard.planner.policies.autodim import candidate_feature_name, search_plan, stored_width
 from embshard.planner.shard_plan import block_table_configs
-from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
+from embshard.planner.types import DimensionPlan
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embshard.errors import PlanError
-
-Lookup = Literal["weight_sharing", "separate"]
-Unify = Literal["linear", "zero_pad"]
-
-SEARCH_POLICY = "autodim_search"
-
-
-def candidate_feature_name(feature: str, dim: int) -> str:
-    return f"{feature}__d{dim}"
-
-
-def stored_width(dim: int) -> int:
-    """Width of a separate candidate's table: the next multiple FBGEMM's fused kernels take."""
-    return FBGEMM_ALIGN * math.ceil(dim / FBGEMM_ALIGN)
-
-
-def search_plan(base: DimensionPlan, candidates: list[int], lookup: Lookup) -> DimensionPlan:
-    """The tables a search trains. `base`: the uniform plan at d_N = max(candidates), one feature
-    per table. weight_sharing trains exactly `base`; separate, one table per candidate."""
-    if not base.is_uniform or any(len(t.features) != 1 for t in base.tables):
-        raise PlanError("AutoDim searches a uniform plan with one feature per table")
-    if base.base_dim != candidates[-1]:
-        raise PlanError(
-            f"AutoDim: base dim {base.base_dim} differs from the largest candidate {candidates[-1]}"
-        )
-    if lookup == "weight_sharing":
-        return base
-    tables, notes = [], []
-    for t in base.tables:
-        feature = t.features[0]
-        for d in candidates:
-            width = stored_width(d)
-            name = table_name(candidate_feature_name(feature, d))
-            if width != d:
-                notes.append(
-                    f"{name}: candidate width {d} is stored {width} wide (FBGEMM fused kernels need "
-                    f"multiples of {FBGEMM_ALIGN}); the candidate reads only its first {d} columns"
-                )
-            source = {"policy": SEARCH_POLICY, "feature": feature, "candidate": d}
-            block = Block(0, t.num_embeddings, width, source=source)
-            tables.append(TablePlan(name, [candidate_feature_name(feature, d)], t.num_embeddings, [block]))
-    policy = {**base.policy, "autodim_lookup": lookup, "autodim_candidates": list(candidates)}
-    return DimensionPlan(base.base_dim, tables, policy=policy, notes=[*base.notes, *notes])
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:

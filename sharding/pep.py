@@ -30,7 +30,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -38,13 +37,11 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embshard.config import GRANULARITIES, Granularity
 from embshard.errors import PlanError
-from embshard.planner.rounding import FBGEMM_ALIGN
+from embshard.planner.policies.pep import ROW_THRESHOLDS, looked_up_pooled, threshold_columns
 from embshard.planner.types import DimensionPlan, TablePlan
 
-Granularity = Literal["global", "dimension", "feature", "feature_dimension"]
-GRANULARITIES: tuple[str, ...] = get_args(Granularity)
-ROW_THRESHOLDS = ("feature", "feature_dimension")  # s lives in the table rows
 
 # Initial values are drawn per chunk of rows from a generator seeded by (seed, table, chunk): any
 # row range regenerates without drawing the whole table, so the lottery-ticket retrain can rebuild
@@ -83,13 +80,6 @@ def soft_threshold(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """PEP's pruned value V_hat = sign(V) * relu(|V| - g(s)), g = sigmoid; autograd gives the
     sub-gradients dV_hat/dV = 1[|V| > g(s)] and dV_hat/ds = -sign(V) * 1[|V| > g(s)] * g'(s)."""
     return SoftThreshold.apply(v, torch.sigmoid(s))
-
-
-def threshold_columns(granularity: Granularity, dim: int) -> int:
-    """Extra columns a table row carries for its thresholds."""
-    if granularity == "feature":
-        return FBGEMM_ALIGN
-    return dim if granularity == "feature_dimension" else 0
 
 
 @dataclass(frozen=True)
@@ -154,14 +144,10 @@ class PepEmbeddings(nn.Module):
         self.granularity = granularity
         self.s_init = s_init
         self.base_dim = plan.base_dim
+        self.feature_names = [f for t in plan.tables for f in t.features]
         self.width = self.base_dim + threshold_columns(granularity, self.base_dim)
-        several_ids = set(multi_hot)
-
-        def pooled_ok(t: TablePlan) -> bool:
-            return pooled_lookup and several_ids.isdisjoint(t.features)
-
-        pooled = [t for t in plan.tables if pooled_ok(t)]
-        unpooled = [t for t in plan.tables if not pooled_ok(t)]
+        pooled = [t for t in plan.tables if looked_up_pooled(t, multi_hot, pooled_lookup)]
+        unpooled = [t for t in plan.tables if not looked_up_pooled(t, multi_hot, pooled_lookup)]
         self.pooled_tables = [t.name for t in pooled]
         self.unpooled_features = [f for t in unpooled for f in t.features]
 

@@ -10,7 +10,7 @@ unchanged. A uniform plan is the bare collection: bit-identical to plain TorchRe
 from __future__ import annotations
 
 import torch
-from embshard.planner.config import MLET_INIT_STD
+from embshard.config import MLET_INIT_STD
 from embshard.planner.shard_plan import block_feature_name, block_table_configs
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.block_split import feature_blocks, split_by_block

@@ -5,6 +5,7 @@ decisions file back into a DimensionPlan."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from conftest import profiled_synth
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -22,16 +23,18 @@ from embshard.sharding.autodim import (
     gumbel_softmax,
     search_plan,
 )
+from embshard.cluster.launch import plan_for_training
 from embshard.trainer.autodim import (
+    AutodimSearch,
     alpha_step,
     base_plan,
-    build_search_model,
     make_decisions,
     model_step,
-    plan_search,
+    search_embedding,
 )
-from embshard.trainer.autodim_config import AutodimConfig
-from embshard.trainer.config import (
+from embshard.trainer.build import build_sharded
+from embshard.config import AutodimConfig
+from embshard.config import (
     CheckpointConfig,
     DataConfig,
     JobConfig,
@@ -230,9 +233,18 @@ def job(dataset: Path, out: Path, **search) -> JobConfig:
     return cfg
 
 
+def plan_search(cfg: JobConfig, world: int):
+    """The driver's planning step of `embshard search autodim` for `world` ranks."""
+    return plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=world)), "autodim")
+
+
 def _build(cfg: JobConfig):
     spec = DatasetSpec.load(cfg.data.path)
-    return build_search_model(cfg, plan_search(cfg, 1), base_plan(cfg, spec), len(spec.dense), torch.device("cpu"))
+    return build_sharded(cfg, plan_search(cfg, 1), len(spec.dense), torch.device("cpu"), method=AutodimSearch())
+
+
+def _alpha(model) -> torch.nn.Parameter:
+    return search_embedding(model).arch.logits
 
 
 def _batches(cfg: JobConfig, split: str, n: int):
@@ -244,7 +256,7 @@ def _batches(cfg: JobConfig, split: str, n: int):
 def _weights(model) -> dict[str, torch.Tensor]:
     """Every trained tensor but alpha: dense parameters and the local shards of the tables."""
     out = {}
-    for name, value in model.sharded.model.state_dict().items():
+    for name, value in model.model.state_dict().items():
         if any(s in name for s in ("running_", "num_batches_tracked", "arch.logits")):
             continue  # BatchNorm statistics are not trained weights
         if hasattr(value, "local_shards"):
@@ -254,7 +266,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.sharded.model.named_parameters() if p.grad is not None}
+    return {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
 
 
 def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tmp_path, process_group):
@@ -262,15 +274,15 @@ def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tm
     model = _build(cfg)
     train, valid = _batches(cfg, "train", 2), _batches(cfg, "valid", 1)
 
-    alpha0, weights0 = model.alpha.detach().clone(), _weights(model)
+    alpha0, weights0 = _alpha(model).detach().clone(), _weights(model)
     model_step(model, train[0], train_alpha=False)
-    assert model.alpha.grad is None and torch.equal(model.alpha, alpha0)  # training loss: not alpha's
+    assert _alpha(model).grad is None and torch.equal(_alpha(model), alpha0)  # training loss: not alpha's
     weights1 = _weights(model)
     assert any(not torch.equal(weights0[k], weights1[k]) for k in weights0 if ".ebc." in k)  # tables train
 
     grads1 = _grads(model)
     alpha_step(model, valid[0])
-    assert not torch.equal(model.alpha, alpha0)  # validation loss moves alpha ...
+    assert not torch.equal(_alpha(model), alpha0)  # validation loss moves alpha ...
     after = _weights(model)
     changed = [k for k in weights1 if not torch.equal(weights1[k], after[k])]
     assert changed == []  # ... and nothing else: no table, transform or arch
@@ -281,10 +293,10 @@ def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tm
 def test_single_level_steps_alpha_from_the_training_batch(dataset, tmp_path, process_group):
     cfg = job(dataset, tmp_path / "run", single_level=True, lookup="separate")
     model = _build(cfg)
-    alpha0 = model.alpha.detach().clone()
+    alpha0 = _alpha(model).detach().clone()
     model_step(model, _batches(cfg, "train", 1)[0], train_alpha=True)
-    assert not torch.equal(model.alpha, alpha0)
-    assert model.alpha.grad is None and not model.alpha.requires_grad
+    assert not torch.equal(_alpha(model), alpha0)
+    assert _alpha(model).grad is None and not _alpha(model).requires_grad
 
 
 def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
@@ -310,7 +322,61 @@ def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
 
 
 def test_search_config_loads_from_yaml():
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     cfg = load_job_config(Path(__file__).resolve().parents[1] / "configs" / "autodim-movielens.yaml")
     assert cfg.autodim.candidates[-1] == cfg.embeddings.dim
+
+
+def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, process_group):
+    """The search runs in the one loop: `checkpoint.every_steps`, `train.eval_every` and metrics
+    apply, and alpha (and its optimizer) come back from a checkpoint."""
+    from embshard.config import MetricsConfig
+    from embshard.trainer.loop import run_worker
+
+    cfg = job(dataset, tmp_path / "run", alpha_every=2, pretrain_steps=1)
+    cfg.train = replace(cfg.train, max_steps=4, eval_every=2, eval_max_batches=1)
+    cfg.checkpoint = CheckpointConfig(every_steps=2)
+    cfg.metrics = MetricsConfig(enabled=True, port_base=0)
+    plan_search(cfg, 1)
+    reports: list[dict] = []
+    first = run_worker(cfg, reports.append, method="autodim")
+    assert [r["step"] for r in reports if "step" in r] == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert first["alpha_steps"] == 2  # before steps 1 and 3
+
+    again = run_worker(cfg, method="autodim")  # nothing left to train: alpha as checkpointed
+    assert again["resumed_from"].endswith("step-000004") and again["steps"] == 4
+    assert again["alpha"] == first["alpha"]
+    longer = run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)), method="autodim")
+    assert longer["steps"] == 6 and longer["alpha_steps"] == 3
+    assert load_decisions(longer["decisions"]).meta["steps"] == 6
+
+
+def test_search_checkpoints_and_stops_on_sigterm(dataset, tmp_path, process_group):
+    """SIGTERM during a search: the step finishes, a checkpoint is written, the run stops, exactly
+    as `embshard train` does (the signal comes from a callback a subclass adds: the seam's part)."""
+    import os
+    import signal
+
+    from embshard.trainer.callbacks import Callback
+    from embshard.trainer.loop import run_worker
+
+    class SigtermAt(Callback):
+        def on_step(self, info) -> None:
+            if info.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    class PreemptedSearch(AutodimSearch):
+        def callbacks(self, worker, sharded):
+            return [*super().callbacks(worker, sharded), SigtermAt()]
+
+    cfg = job(dataset, tmp_path / "run", alpha_every=2, pretrain_steps=1)
+    cfg.train = replace(cfg.train, max_steps=6, eval_max_batches=1)
+    cfg.checkpoint = CheckpointConfig()  # no periodic checkpoints: only the SIGTERM one
+    plan_search(cfg, 1)
+    summary = run_worker(cfg, method=PreemptedSearch())
+    assert summary["preempted"] and summary["steps"] == 2
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+    resumed = run_worker(cfg, method="autodim")
+    assert resumed["resumed_from"].endswith("step-000002") and resumed["steps"] == 6

@@ -10,13 +10,14 @@ import pytest
 import torch.distributed as dist
 from conftest import profiled_synth
 from distributed import run_ranks
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
-from embshard.trainer.autodim import decisions_path, plan_search, search_worker
-from embshard.trainer.config import JobConfig
+from embshard.trainer.autodim import decisions_path
+from embshard.config import JobConfig
 from embshard.trainer.loop import run_worker
 from test_autodim import job as search_job
+from test_autodim import plan_search
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +35,13 @@ def job(dataset: Path, out: Path, **search) -> JobConfig:
 
 
 def _search(rank: int, world: int, cfg: JobConfig) -> dict:
-    return search_worker(cfg)
+    return run_worker(cfg, method="autodim")
 
 
 def _search_then_retrain(rank: int, world: int, cfg: JobConfig, retrain: JobConfig) -> tuple[dict, dict, dict]:
     """One spawn for both runs (process start-up dominates): search, plan the retrain from its
     decisions on rank 0 (the driver's job in `embshard train`), train it."""
-    searched = search_worker(cfg)
+    searched = run_worker(cfg, method="autodim")
     if rank == 0:
         make_plan(retrain.embeddings, retrain.data.path, retrain.sharding.topology(world), retrain.plan_dir,
                   batch_size=retrain.data.batch_size, optimizer=retrain.train.sparse_optimizer).save()

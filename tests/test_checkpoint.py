@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import profiled_synth
 from embshard.cluster.launch import plan_for_training
-from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.config import EmbeddingsConfig, MletConfig
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.shard_plan import plan_sharding
 from embshard.sharding.mlet import without_mlet
@@ -26,7 +26,7 @@ from embshard.trainer.checkpoint import (
     CheckpointManager,
     complete_checkpoints,
 )
-from embshard.trainer.config import (
+from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
     DataConfig,

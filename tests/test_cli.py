@@ -47,8 +47,8 @@ def test_bad_value_is_named(tmp_path, capsys):
 def test_override_range_error_is_named(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    assert main(["plan", str(cfg), "--set", "embeddings.alpha=2"]) == 2
-    assert "embeddings.alpha: must be in [0, 1]" in capsys.readouterr().err
+    assert main(["plan", str(cfg), "--set", "embeddings.mde.alpha=2"]) == 2
+    assert "embeddings.mde.alpha: must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_missing_dataset_is_named(tmp_path, capsys):

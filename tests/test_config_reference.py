@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from embshard.cluster.cli import main
 from embshard.config_reference import COMMAND, build_reference, field_docs
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

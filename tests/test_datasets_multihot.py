@@ -86,7 +86,7 @@ def test_reader_batches_have_those_lengths(multihot_dir: Path) -> None:
 
 def test_plan_uses_the_pooling_factors(multihot_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from embshard.planner.pipeline import block_pooling_factors, load_id_maps, make_plan
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  path: {multihot_dir}\n")

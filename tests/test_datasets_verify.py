@@ -83,7 +83,7 @@ def test_missing_split_directory(multi_part: Path) -> None:
 
 def test_the_driver_refuses_to_plan_over_a_missing_part(multi_part: Path, tmp_path: Path) -> None:
     from embshard.cluster.launch import plan_for_training
-    from embshard.trainer.config import DataConfig, JobConfig
+    from embshard.config import DataConfig, JobConfig
 
     (multi_part / "train" / "part-00004.parquet").unlink()
     cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(multi_part)))

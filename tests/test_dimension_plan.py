@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.remap import load_remap
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -36,6 +36,7 @@ def test_json_round_trip(tmp_path):
     raw = json.loads(path.read_text())
     assert raw["tables"][0]["blocks"][0] == {
         "start": 0, "end": 2, "dim": 16, "mlet_width": 64, "source": {"policy": "mde", "popularity": 0.4},
+        "state_cols": 0,
     }
     loaded = DimensionPlan.load(path)
     assert loaded == plan
@@ -47,7 +48,7 @@ def test_json_round_trip(tmp_path):
 def test_policy_plan_round_trip_keeps_its_remap(tmp_path):
     spec = DatasetSpec("toy", [], [SparseFeature("a", 6), SparseFeature("b", 4)])
     counts = {"a": np.array([1, 10, 3, 6, 0, 4]), "b": np.array([5, 5, 1, 1])}
-    cfg = from_dict(EmbeddingsConfig, {"policy": "mde", "mode": "within", "blocks": 2, "mlet": {"ratio": 2.0}})
+    cfg = from_dict(EmbeddingsConfig, {"policy": "mde", "mde": {"mode": "within", "blocks": 2}, "mlet": {"ratio": 2.0}})
     plan = plan_dimensions(cfg, spec, counts, tmp_path)
     loaded = DimensionPlan.load(plan.save(tmp_path / "dimension_plan.json"))
     assert loaded == plan
@@ -82,26 +83,35 @@ def test_malformed_plan_file(tmp_path):
 
 
 def test_config_defaults_and_yaml_shape():
-    cfg = from_dict(EmbeddingsConfig, {"policy": "mde", "alpha": 0.25, "mlet": {"width": 64}}, "embeddings")
-    assert (cfg.dim, cfg.mode, cfg.rounding, cfg.min_dim, cfg.mlet.width) == (16, "across", "multiple4", 4, 64)
+    cfg = from_dict(EmbeddingsConfig, {"policy": "mde", "mde": {"alpha": 0.25}, "mlet": {"width": 64}}, "embeddings")
+    assert (cfg.dim, cfg.mde.mode, cfg.mde.alpha, cfg.rounding, cfg.min_dim, cfg.mlet.width) == (
+        16, "across", 0.25, "multiple4", 4, 64)
+
+
+@pytest.mark.parametrize("key", ["alpha", "mode", "blocks", "budget_params", "budget_bytes"])
+def test_flat_mde_keys_say_where_they_moved(key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(EmbeddingsConfig, {"policy": "mde", key: 1}, "embeddings")
+    assert str(e.value) == (f"embeddings.{key}: moved to embeddings.mde.{key}; rewrite `{key}: ...` as "
+                            f"`mde: {{{key}: ...}}` under embeddings")
 
 
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"alpha": 1.5}, "embeddings.alpha: must be in [0, 1], got 1.5"),
+        ({"mde": {"alpha": 1.5}}, "embeddings.mde.alpha: must be in [0, 1], got 1.5"),
         ({"dim": 6}, "embeddings.dim: 6 is not a multiple of 4"),
         ({"dim": 24, "rounding": "pow2"}, "embeddings.dim: 24 is not a power of two"),
         ({"min_dim": 32}, "embeddings.min_dim: 32 is above dim 16"),
-        ({"blocks": 0}, "embeddings.blocks: must be >= 1"),
-        ({"policy": "mde", "budget_params": 10, "budget_bytes": 40}, "embeddings.budget_bytes: set budget_params or budget_bytes"),
-        ({"policy": "mde", "budget_params": -1}, "embeddings.budget_params: must be positive"),
-        ({"budget_params": 1000}, "embeddings.budget_params: only policy mde takes a budget"),
+        ({"mde": {"blocks": 0}}, "embeddings.mde.blocks: must be >= 1"),
+        ({"policy": "mde", "mde": {"budget_params": 10, "budget_bytes": 40}}, "embeddings.mde.budget_bytes: set budget_params or budget_bytes"),
+        ({"policy": "mde", "mde": {"budget_params": -1}}, "embeddings.mde.budget_params: must be positive"),
+        ({"mde": {"budget_params": 1000}}, "embeddings.mde.budget_params: only policy mde takes a budget"),
         ({"policy": "decisions"}, "embeddings.decisions: policy decisions needs the path"),
         ({"mlet": {}}, "embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width"),
         ({"mlet": {"ratio": 0.5}}, "embeddings.mlet.ratio: 0.5 < 1 gives k < d"),
         ({"mlet": {"width": 0}}, "embeddings.mlet.width: must be positive"),
-        ({"mode": "inside"}, "embeddings.mode: 'inside' is not one of 'within', 'across'"),
+        ({"mde": {"mode": "inside"}}, "embeddings.mde.mode: 'inside' is not one of 'within', 'across'"),
         ({"alhpa": 0.3}, "embeddings.alhpa: unknown field"),
     ],
 )

@@ -18,7 +18,7 @@ from embshard.cluster.launch import (
 )
 from embshard.trainer.build import build_sharded, build_unsharded
 from embshard.trainer.checkpoint import CheckpointManager
-from embshard.trainer.config import (
+from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
     DataConfig,

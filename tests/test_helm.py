@@ -263,7 +263,7 @@ def test_config_map_carries_job_config(rendered) -> None:
     for k, v in expected.items():
         assert cfg[k] == v
     # the metrics section parses as the trainer's MetricsConfig
-    from embshard.trainer.metrics import MetricsConfig
+    from embshard.config import MetricsConfig
 
     from embshard.typed_config import from_dict
 

@@ -9,13 +9,13 @@ import urllib.request
 import pytest
 from embshard.trainer.metrics import (
     STEP_BUCKETS,
-    MetricsConfig,
     WorkerMetrics,
     write_file_sd,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import promtool
 
+from embshard.config import MetricsConfig
 from embshard.errors import ConfigError
 from embshard.typed_config import from_dict
 
@@ -230,7 +230,7 @@ def test_file_sd_read_by_promtool(tmp_path) -> None:
 
 def test_metrics_config() -> None:
     c = from_dict(MetricsConfig, {})
-    assert (c.enabled, c.port_base, c.bind, c.file_sd) == (True, 9400, "127.0.0.1", None)
+    assert (c.enabled, c.port_base, c.bind, c.file_sd) == (False, 9400, "127.0.0.1", None)
     c = from_dict(MetricsConfig, {"port_base": 0, "bind": "0.0.0.0", "file_sd": "outputs/file_sd/j.json"})
     assert c.port_base == 0 and c.file_sd == "outputs/file_sd/j.json"
     for bad, field in (

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from embshard.cluster.export_cli import register
-from embshard.planner.config import MLET_INIT_STD, MletConfig
+from embshard.config import MLET_INIT_STD, MletConfig
 from embshard.planner.memory import memory_report
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.mlet import apply_mlet
@@ -35,7 +35,7 @@ from embshard.sharding.mlet import (
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, Progress
-from embshard.trainer.config import JobConfig, ModelConfig
+from embshard.config import JobConfig, ModelConfig
 from embshard.trainer.export import MANIFEST, ExportError, export_serving, load_serving
 from embshard.trainer.model import DLRM
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
@@ -93,7 +93,7 @@ def shard_plan(plan: DimensionPlan, kind: str, world: int) -> ShardPlan:
 def trained_like(plan: DimensionPlan) -> DLRM:
     """A model whose tables are not at their initial values (any W1 is as good as a trained one)."""
     torch.manual_seed(0)
-    model = DLRM(plan, NUM_DENSE, MODEL)
+    model = DLRM.planned(plan, NUM_DENSE, MODEL)
     with torch.no_grad():
         for p in model.embeddings.ebc.parameters():
             p.normal_()
@@ -103,7 +103,7 @@ def trained_like(plan: DimensionPlan) -> DLRM:
 def test_collapsed_state_loads_into_the_plain_model_with_equal_outputs() -> None:
     model = trained_like(mlet_plan())
     state = mlet_before_save(model, model.state_dict())
-    plain = DLRM(without_mlet(mlet_plan()), NUM_DENSE, MODEL).eval()
+    plain = DLRM.planned(without_mlet(mlet_plan()), NUM_DENSE, MODEL).eval()
     # W sits under W1's key; W2 has no place in the plain model (no MLET, and the d-wide blocks
     # at the base dim have no projection either).
     missing, unexpected = plain.load_state_dict(state, strict=False)
@@ -138,7 +138,7 @@ def test_rebuild_gives_w1_whose_product_is_w_and_keeps_outputs() -> None:
     with torch.no_grad():
         before = model(dense, sparse)
     saved = mlet_before_save(model, model.state_dict())
-    fresh = DLRM(mlet_plan(), NUM_DENSE, MODEL).eval()  # other W1, other W2 until loaded
+    fresh = DLRM.planned(mlet_plan(), NUM_DENSE, MODEL).eval()  # other W1, other W2 until loaded
     template = mlet_load_template(fresh, fresh.state_dict())
     for t in mlet_tables(fresh, template):
         assert template[t.w1_key].shape == (t.rows, t.dim)

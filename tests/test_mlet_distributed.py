@@ -31,7 +31,7 @@ from embshard.sharding.mlet import (
     without_mlet,
 )
 from embshard.trainer.build import ShardedModel, build_sharded
-from embshard.trainer.config import JobConfig, TrainConfig
+from embshard.config import JobConfig, TrainConfig
 from embshard.trainer.export import export_serving, load_serving
 from test_mlet import MODEL, NUM_DENSE, batch, mlet_plan, shard_plan, trained_like
 from torch.distributed._shard.sharded_tensor import ShardedTensor

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.config import EmbeddingsConfig, MletConfig
 from embshard.planner.pipeline import PlanBundle
 from embshard.sharding.mlet import TRAINING_STATE_PREFIX
 from embshard.trainer.build import build_sharded
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from embshard.trainer.export import MANIFEST, export_serving, load_serving
 from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
 from conftest import profiled_synth

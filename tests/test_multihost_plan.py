@@ -9,7 +9,7 @@ from embshard.cluster.cli import main
 from embshard.errors import ConfigError
 from embshard.planner.shard_plan import plan_sharding
 from embshard.planner.types import Block, DimensionPlan, TablePlan
-from embshard.trainer.config import JobConfig, ShardingConfig
+from embshard.config import JobConfig, ShardingConfig
 from embshard.typed_config import from_dict
 
 from conftest import profiled_synth

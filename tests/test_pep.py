@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from conftest import profiled_synth
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.planner.config import EmbeddingsConfig
-from embshard.planner.pipeline import make_plan
+from embshard.config import EmbeddingsConfig
+from embshard.cluster.launch import plan_for_training
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.policies.pep import merge_widths, pep_table_decision
-from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.pep import (
     LocalShard,
@@ -24,12 +24,13 @@ from embshard.sharding.pep import (
     local_shards,
     soft_threshold,
 )
+from embshard.trainer.build import build_sharded
 from embshard.trainer.callbacks import StepInfo
-from embshard.trainer.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
+from embshard.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
-    build_pep,
+    PepPrune,
     nonzero_counts,
     pep_module,
     pep_sharding_types,
@@ -37,7 +38,7 @@ from embshard.trainer.pep import (
     save_target,
     start_from_ticket,
 )
-from embshard.trainer.pep_config import PepConfig
+from embshard.config import PepConfig
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -268,14 +269,14 @@ def test_pep_config_checks():
 )
 def test_pep_sharding_types_per_collection(granularity, device, pooled, expected):
     cfg = JobConfig(sharding=ShardingConfig(device=device), pep=PepConfig(granularity=granularity))
-    assert pep_sharding_types(cfg, 2, pooled) == expected
+    assert pep_sharding_types(cfg, pooled) == expected
 
 
 def test_pep_sharding_types_refuse_what_cannot_shard():
     cfg = JobConfig(sharding=ShardingConfig(sharding_types=["row_wise"]), pep=PepConfig(granularity="dimension"))
-    assert pep_sharding_types(cfg, 2, pooled=False) == ["row_wise"]
+    assert pep_sharding_types(cfg, pooled=False) == ["row_wise"]
     with pytest.raises(ConfigError, match=r"sharding.sharding_types: .*single-hot \(pooled\).* on cpu"):
-        pep_sharding_types(cfg, 2, pooled=True)
+        pep_sharding_types(cfg, pooled=True)
 
 
 def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
@@ -288,10 +289,9 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
         embeddings=EmbeddingsConfig(dim=8),
         pep=PepConfig(granularity="dimension", s_init=-15.0, threshold_lr=0.1, weight_decay=1e-2),
     )
-    bundle = make_plan(cfg.embeddings, data, TopologySpec(1, "cpu"), cfg.plan_dir, batch_size=64,
-                       optimizer=cfg.train.sparse_optimizer)
+    bundle = plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
     reader = make_reader(cfg, bundle, "train", 0, 1)
-    sharded = build_pep(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
     module = pep_module(sharded.model)
     assert module.ec is None and module.ebc is not None  # synthetic features are all single-hot
     for _, batch in zip(range(5), reader):
@@ -302,7 +302,7 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
 def test_example_config_loads_from_yaml():
     from pathlib import Path
 
-    from embshard.trainer.config import load_job_config
+    from embshard.config import load_job_config
 
     cfg = load_job_config(Path(__file__).resolve().parents[1] / "configs" / "pep-movielens.yaml")
     assert cfg.pep.granularity == "dimension" and cfg.pep.weight_decay == 1e-3
@@ -353,3 +353,34 @@ def test_cpu_fused_rowwise_adagrad_ignores_weight_decay(process_group):
     plain = stepped_row({})
     assert plain[0] < 1.0  # the row did step
     assert stepped_row({"weight_decay": 0.5, "weight_decay_mode": WeightDecayMode.L2}) == plain
+
+
+def test_prune_run_keeps_the_configs_checkpoint_settings():
+    # `embshard prune pep` used to switch checkpoints off whatever `checkpoint:` said.
+    from embshard.cluster.pep_cli import prune_job
+    from embshard.config import CheckpointConfig
+
+    cfg = JobConfig(checkpoint=CheckpointConfig(every_steps=50, keep=3), pep=PepConfig(targets=[0.5]))
+    pruned = prune_job(cfg, workers=4, targets=[0.3, 0.1])
+    assert pruned.checkpoint == cfg.checkpoint
+    assert (pruned.cluster.workers, pruned.pep.targets) == (4, [0.3, 0.1])
+
+
+def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
+    from embshard.config import CheckpointConfig
+    from embshard.trainer.loop import run_worker
+
+    data = profiled_synth(tmp_path / "data", rows=600, max_cardinality=50)
+    cfg = JobConfig(
+        output_dir=str(tmp_path / "run"),
+        data=DataConfig(path=str(data), batch_size=64, prefetch=1),
+        model=ModelConfig(dense_arch=[8], over_arch=[8]),
+        embeddings=EmbeddingsConfig(dim=8),
+        train=TrainConfig(max_steps=4, progress=False, eval_max_batches=1),
+        checkpoint=CheckpointConfig(every_steps=2),
+        pep=PepConfig(targets=[0.01], count_every=2),
+    )
+    plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
+    summary = run_worker(cfg, method="pep")
+    assert summary["steps"] == 4 and summary["pep"]["missed"] == [0.01]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]

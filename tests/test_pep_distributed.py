@@ -14,14 +14,16 @@ from conftest import profiled_synth
 from distributed import run_ranks
 from embshard.datasets.convert import convert
 from embshard.datasets.schema import DatasetSpec
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import load_decisions
+from embshard.cluster.launch import plan_for_training
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
 from embshard.sharding.pep import PepEmbeddings, local_shards
 from embshard.trainer.build import build_sharded
-from embshard.trainer.config import (
+from embshard.trainer.method import get_method
+from embshard.config import (
     DataConfig,
     JobConfig,
     ModelConfig,
@@ -31,17 +33,15 @@ from embshard.trainer.config import (
 from embshard.trainer.loop import make_reader, run_worker, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
-    build_pep,
+    PepPrune,
     pep_module,
     gather_masks,
     load_masks,
-    lottery_worker,
     nonzero_counts,
-    prune_worker,
     save_target,
     start_from_ticket,
 )
-from embshard.trainer.pep_config import PepConfig
+from embshard.config import PepConfig
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -102,20 +102,27 @@ def _job(dataset: Path, out: Path) -> JobConfig:
         data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
         model=ModelConfig(dense_arch=[8], over_arch=[8]),
         embeddings=EmbeddingsConfig(dim=8),
-        sharding=ShardingConfig(plan_file=str(out / "plan")),  # shared by the retrains
+        sharding=ShardingConfig(plan_file=str(out / "plan")),
         train=TrainConfig(max_steps=8, progress=False, log_every=4, eval_max_batches=1),
         pep=PepConfig(granularity="feature_dimension", s_init=math.log(0.02 / 0.98),
-                      targets=[0.9, 0.6, 0.001], count_every=2, retrain_target=0.6, out=str(out / "pep")),
+                      targets=[0.9, 0.6, 0.001], count_every=2, retrain_target=0.6, out=str(out / "pep"),
+                      retrain_from=str(out / "pep")),
     )
 
 
-def _prune_and_retrain(rank: int, world: int, cfg: JobConfig):
-    pruned = prune_worker(cfg)
-    lottery = lottery_worker(replace(cfg, output_dir=str(Path(cfg.output_dir) / "lottery")))
+def _plan(cfg: JobConfig, method: str) -> PlanBundle:
+    """The driver's planning step for `method` on WORLD ranks, into cfg.plan_dir."""
+    return plan_for_training(replace(cfg, sharding=replace(cfg.sharding, plan_file=None),
+                                     cluster=replace(cfg.cluster, workers=WORLD)), method)
+
+
+def _prune_and_retrain(rank: int, world: int, cfg: JobConfig, retrain: JobConfig):
+    pruned = run_worker(cfg, method="pep")
+    lottery = run_worker(retrain, method="pep_lottery")
     # The retrain's mask holds on every rank's shards through training.
-    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    bundle = PlanBundle.load(retrain.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", rank, world)
-    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=get_method("uniform"))
     tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
     masks = load_masks(cfg.pep_dir / "target-0.6", tables, 8)
     shards = local_shards(sharded.model.module.embeddings.ebc)
@@ -132,9 +139,11 @@ def _prune_and_retrain(rank: int, world: int, cfg: JobConfig):
 
 def test_prune_run_masks_decisions_and_retrains(dataset, tmp_path):
     cfg = _job(dataset, tmp_path / "run")
-    make_plan(cfg.embeddings, dataset, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
+    _plan(cfg, "pep")  # the prune run's tables, thresholds in their rows
+    retrain = replace(cfg, output_dir=str(tmp_path / "run" / "lottery"), sharding=ShardingConfig())
+    make_plan(cfg.embeddings, dataset, TopologySpec(WORLD, "cpu"), retrain.plan_dir,
               batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer).save()
-    results = run_ranks(_prune_and_retrain, WORLD, cfg)
+    results = run_ranks(_prune_and_retrain, WORLD, cfg, retrain)
     pruned, lottery, leaked = results[0]
     reached = pruned["pep"]["reached"]
     assert set(reached) == {"0.9", "0.6"} and pruned["pep"]["missed"] == [0.001]
@@ -156,7 +165,7 @@ def test_prune_run_masks_decisions_and_retrains(dataset, tmp_path):
 
 
 def _train_mixed(rank: int, world: int, cfg: JobConfig):
-    return run_worker(cfg)
+    return run_worker(cfg, method="decisions")
 
 
 def test_pep_decisions_train_through_the_ordinary_loop(dataset, tmp_path):
@@ -180,7 +189,7 @@ def test_pep_decisions_train_through_the_ordinary_loop(dataset, tmp_path):
 def _multi_hot_steps(rank: int, world: int, cfg: JobConfig):
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", rank, world)
-    sharded = build_pep(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
     pep = pep_module(sharded.model)
     losses = [float(train_step(sharded, batch)) for _, batch in zip(range(3), reader)]
     return sorted(pep.pooled_tables), list(pep.unpooled_features), losses, nonzero_counts(pep)
@@ -201,8 +210,7 @@ def test_multi_hot_table_is_pruned_unpooled_beside_pooled_ones(tmp_path):
     data = tmp_path / "data"
     convert("movielens", src, data)
     cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0))
-    make_plan(cfg.embeddings, data, TopologySpec(WORLD, "cpu"), cfg.plan_dir,
-              batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer).save()
+    _plan(cfg, "pep")
     results = run_ranks(_multi_hot_steps, WORLD, cfg)
     pooled, unpooled, losses, counts = results[0]
     assert unpooled == ["genres"] and "t_genres" not in pooled and "t_userId" in pooled

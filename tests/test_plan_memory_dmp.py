@@ -6,18 +6,20 @@ import pytest
 import torch
 from distributed import run_ranks
 from embshard.datasets.synth import synthesize
-from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
+from embshard.cluster.launch import plan_for_training
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded
-from embshard.trainer.config import DataConfig, JobConfig
+from embshard.trainer.method import get_method
+from embshard.config import ClusterConfig, DataConfig, JobConfig, PepConfig
 
 pytestmark = pytest.mark.slow
 
 
-def _held_bytes(rank: int, world: int, cfg: JobConfig) -> dict[str, int]:
+def _held_bytes(rank: int, world: int, cfg: JobConfig, method: str | None = None) -> dict[str, int]:
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
-    sharded = build_sharded(cfg, bundle, 13, torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, 13, torch.device("cpu"), method=get_method(method) if method else None)
     weights = sum(
         shard.tensor.numel() * shard.tensor.element_size()
         for v in sharded.model.state_dict().values()
@@ -43,7 +45,7 @@ def _held_bytes(rank: int, world: int, cfg: JobConfig) -> dict[str, int]:
     "embeddings",
     [
         EmbeddingsConfig(policy="uniform", dim=16),
-        EmbeddingsConfig(policy="mde", dim=16, alpha=0.4, mode="within", blocks=3, mlet=MletConfig(ratio=2)),
+        EmbeddingsConfig(policy="mde", dim=16, mlet=MletConfig(ratio=2), mde=MdeConfig(alpha=0.4, mode="within", blocks=3)),
     ],
     ids=["uniform", "mde-within-mlet"],
 )
@@ -56,6 +58,28 @@ def test_planned_bytes_match_dmp(tmp_path, embeddings):
                        batch_size=256, optimizer=cfg.train.sparse_optimizer)
     bundle.save()
     held = run_ranks(_held_bytes, 2, cfg)
+    for rank, actual in enumerate(held):
+        planned = bundle.memory.per_rank[rank]["train_bytes"]
+        measured = actual["weights"] + actual["optimizer"] + actual["projections"]
+        assert measured > 0
+        assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)
+
+
+@pytest.mark.parametrize("pooled_lookup", [True, False], ids=["pooled", "unpooled"])
+def test_pep_prune_plan_bytes_match_dmp(tmp_path, pooled_lookup):
+    """A feature-dimension prune run trains rows of [V | s], twice the base dim: plan.json says so,
+    and its memory report matches what DMP allocates (through the EmbeddingCollection too)."""
+    data = tmp_path / "data"
+    synthesize(data, rows=4000, seed=1, max_cardinality=3000)
+    write_profile(data)
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
+                    embeddings=EmbeddingsConfig(dim=16), cluster=ClusterConfig(workers=2),
+                    pep=PepConfig(granularity="feature_dimension", pooled_lookup=pooled_lookup))
+    bundle = plan_for_training(cfg, "pep")
+    saved = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    assert {b.train_dim for t in saved.dimension_plan.tables for b in t.blocks} == {32}
+    assert all(t.pooled == pooled_lookup for t in saved.dimension_plan.tables)
+    held = run_ranks(_held_bytes, 2, cfg, "pep")
     for rank, actual in enumerate(held):
         planned = bundle.memory.per_rank[rank]["train_bytes"]
         measured = actual["weights"] + actual["optimizer"] + actual["projections"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig, MdeConfig
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.policies.mde import base_lambda, equipartition, mde_dims
 from embshard.planner.remap import frequency_ranking, load_remap
@@ -40,7 +40,7 @@ def test_alg3_through_the_policy(rounding, expected):
     # One-row tables looked up 5, 3 and 2 times: block popularities are exactly (0.5, 0.3, 0.2).
     spec = spec_of(a=1, b=1, c=1)
     counts = {"a": np.array([5]), "b": np.array([3]), "c": np.array([2])}
-    cfg = EmbeddingsConfig(policy="mde", dim=32, alpha=0.5, rounding=rounding)
+    cfg = EmbeddingsConfig(policy="mde", dim=32, rounding=rounding, mde=MdeConfig(alpha=0.5))
     plan = plan_dimensions(cfg, spec, counts)
     assert dims(plan) == {"t_a": [32], "t_b": [expected[1]], "t_c": [expected[2]]}
     b = plan.table("t_b").blocks[0]
@@ -48,7 +48,7 @@ def test_alg3_through_the_policy(rounding, expected):
     assert b.source["popularity"] == pytest.approx(0.3)
     assert b.source["raw_dim"] == pytest.approx(24.7871, abs=1e-4)
     assert any(n.startswith("t_c block 0: 20.24 -> ") for n in plan.notes)
-    assert plan.policy["alpha"] == 0.5 and plan.policy["policy"] == "mde"
+    assert plan.policy["mde"]["alpha"] == 0.5 and plan.policy["policy"] == "mde"
 
 
 def test_alpha_zero_is_uniform(tmp_path):
@@ -56,7 +56,7 @@ def test_alpha_zero_is_uniform(tmp_path):
     spec = spec_of(a=10, b=1000)
     counts = {"a": np.arange(10), "b": np.arange(1000)}
     for mode in ("across", "within"):
-        cfg = EmbeddingsConfig(policy="mde", dim=16, alpha=0.0, mode=mode, blocks=3)
+        cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(alpha=0.0, mode=mode, blocks=3))
         plan = plan_dimensions(cfg, spec, counts, tmp_path)
         assert all(d == 16 for ds in dims(plan).values() for d in ds)
 
@@ -67,7 +67,7 @@ def test_alpha_zero_is_uniform(tmp_path):
 def test_across_without_counts_uses_one_over_n():
     # p_i proportional to 1/n_i; alpha 0.5: d_i = 32 * sqrt(n_0 / n_i) = 32, 16, 8 exactly.
     spec = spec_of(small=10, mid=40, big=160)
-    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, alpha=0.5), spec, None)
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, mde=MdeConfig(alpha=0.5)), spec, None)
     assert dims(plan) == {"t_small": [32], "t_mid": [16], "t_big": [8]}
     assert all(t.row_order == "identity" and t.remap is None for t in plan.tables)
     # p_small = (1/10) / 3 once normalised over the three tables: lambda = 32 * sqrt(30)
@@ -80,17 +80,17 @@ def test_across_without_counts_uses_one_over_n():
 def test_across_counts_follow_lookups():
     spec = spec_of(small=10, mid=40, big=160)
     single_hot = {"small": np.full(10, 16), "mid": np.full(40, 4), "big": np.full(160, 1)}
-    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, alpha=0.5), spec, single_hot)
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, mde=MdeConfig(alpha=0.5)), spec, single_hot)
     assert dims(plan) == {"t_small": [32], "t_mid": [16], "t_big": [8]}  # same 160 lookups each: 1/n_i
     # A multi-hot `big` looked up 4x as often per example: p_big = 640/160 vs 160/10 -> 32*sqrt(1/4)
     multi_hot = {**single_hot, "big": np.full(160, 4)}
-    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, alpha=0.5), spec, multi_hot)
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=32, mde=MdeConfig(alpha=0.5)), spec, multi_hot)
     assert dims(plan)["t_big"] == [16]
 
 
 def test_across_clips_to_min_dim_and_notes_it():
     spec = spec_of(a=1, b=1_000_000)
-    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=16, alpha=1.0, min_dim=8), spec, None)
+    plan = plan_dimensions(EmbeddingsConfig(policy="mde", dim=16, min_dim=8, mde=MdeConfig(alpha=1.0)), spec, None)
     assert dims(plan) == {"t_a": [16], "t_b": [8]}
     assert any(n.startswith("t_b block 0: 1.6e-05 -> 8") and "raised to min_dim 8" in n for n in plan.notes)
 
@@ -115,7 +115,7 @@ def test_equipartition_cut_points():
 
 def test_within_table_plan(tmp_path):
     spec = spec_of(x=6)
-    cfg = EmbeddingsConfig(policy="mde", dim=32, alpha=0.5, mode="within", blocks=3)
+    cfg = EmbeddingsConfig(policy="mde", dim=32, mde=MdeConfig(alpha=0.5, mode="within", blocks=3))
     plan = plan_dimensions(cfg, spec, {"x": COUNTS}, tmp_path)
     t = plan.table("t_x")
     assert [(b.start, b.end) for b in t.blocks] == [(0, 1), (1, 2), (2, 6)]
@@ -128,7 +128,7 @@ def test_within_table_plan(tmp_path):
 
 def test_within_notes_fewer_blocks(tmp_path):
     spec = spec_of(x=4)
-    cfg = EmbeddingsConfig(policy="mde", dim=16, mode="within", blocks=3)
+    cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(mode="within", blocks=3))
     plan = plan_dimensions(cfg, spec, {"x": np.array([1, 100, 1, 1])}, tmp_path)
     assert len(plan.table("t_x").blocks) == 2
     assert any(n.startswith("t_x: 2 blocks instead of 3 (equal-lookup cuts coincide") for n in plan.notes)
@@ -136,7 +136,7 @@ def test_within_notes_fewer_blocks(tmp_path):
 
 def test_within_needs_counts_and_out_dir():
     spec = spec_of(x=6)
-    cfg = EmbeddingsConfig(policy="mde", mode="within", blocks=2)
+    cfg = EmbeddingsConfig(policy="mde", mde=MdeConfig(mode="within", blocks=2))
     with pytest.raises(PlanError, match="within ranks rows by training frequency.*'x'.*profile"):
         plan_dimensions(cfg, spec, None)
     with pytest.raises(PlanError, match="'t_x' reorders its rows"):
@@ -169,7 +169,7 @@ def zipf_counts(seed=7):
     ],
 )
 def test_budget_lands_within_one_percent(tmp_path, mode, rounding, budget):
-    cfg = EmbeddingsConfig(policy="mde", dim=64, mode=mode, blocks=4, rounding=rounding, budget_params=budget)
+    cfg = EmbeddingsConfig(policy="mde", dim=64, rounding=rounding, mde=MdeConfig(mode=mode, blocks=4, budget_params=budget))
     plan = plan_dimensions(cfg, spec_of(**CARDS), zipf_counts(), tmp_path)
     # serve_params counts the d_i x 64 projection of every block narrower than 64
     assert 0.99 * budget <= plan.serve_params() <= budget
@@ -182,7 +182,7 @@ def test_budget_counts_projections():
     # Two tables, one at 64 (no projection) and one at 4 (projection 4 x 64 = 256):
     # 10*64 + 1000*4 + 256 = 4896; the plan must see 4896 as the whole budget, not 4640.
     spec = spec_of(a=10, b=1000)
-    cfg = EmbeddingsConfig(policy="mde", dim=64, alpha=1.0, budget_params=4896)
+    cfg = EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(alpha=1.0, budget_params=4896))
     plan = plan_dimensions(cfg, spec, None)
     assert dims(plan) == {"t_a": [64], "t_b": [4]}
     assert plan.serve_params() == 4896
@@ -190,8 +190,8 @@ def test_budget_counts_projections():
 
 def test_budget_bytes_is_fp32_params(tmp_path):
     spec, counts = spec_of(**CARDS), zipf_counts()
-    by_params = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_params=1_000_000), spec, counts)
-    by_bytes = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_bytes=4_000_000), spec, counts)
+    by_params = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=1_000_000)), spec, counts)
+    by_bytes = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_bytes=4_000_000)), spec, counts)
     assert dims(by_params) == dims(by_bytes)
     assert "4,000,000 bytes of fp32" in by_bytes.notes[0]
 
@@ -199,8 +199,8 @@ def test_budget_bytes_is_fp32_params(tmp_path):
 def test_infeasible_budgets_say_why():
     spec = spec_of(**CARDS)
     with pytest.raises(PlanError, match="below the smallest MDE plan, 506,536 params .* min_dim 4"):
-        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_params=400_000), spec, None)
+        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=400_000)), spec, None)
     with pytest.raises(PlanError, match="above the largest MDE plan, 8,080,000 params .* dim 64"):
-        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, budget_params=9_000_000), spec, None)
+        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=9_000_000)), spec, None)
     with pytest.raises(PlanError, match="cannot land within 1% .* rounding pow2"):
-        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, rounding="pow2", budget_params=2_000_000), spec, zipf_counts())
+        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, rounding="pow2", mde=MdeConfig(budget_params=2_000_000)), spec, zipf_counts())

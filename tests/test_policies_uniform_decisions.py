@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.planner.config import EmbeddingsConfig, MletConfig
+from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
 from embshard.planner.decisions import (
     BlockDecision,
     Decisions,
@@ -142,7 +142,7 @@ def test_decisions_base_dim_must_match_config(tmp_path):
 
 
 def test_mlet_ratio_rounds_like_dims(tmp_path):
-    cfg = EmbeddingsConfig(policy="mde", dim=32, alpha=0.5, mlet=MletConfig(ratio=1.5))
+    cfg = EmbeddingsConfig(policy="mde", dim=32, mlet=MletConfig(ratio=1.5), mde=MdeConfig(alpha=0.5))
     spec = DatasetSpec("toy", [], [SparseFeature("a", 10), SparseFeature("b", 40), SparseFeature("c", 160)])
     plan = plan_dimensions(cfg, spec)  # dims 32, 16, 8 (p proportional to 1/n)
     assert [(b.dim, b.mlet_width) for t in plan.tables for b in t.blocks] == [(32, 48), (16, 24), (8, 12)]

@@ -15,7 +15,7 @@ import ray
 from conftest import profiled_synth
 from embshard.cluster.launch import plan_for_training, train_on_ray
 from embshard.trainer.checkpoint import MANIFEST
-from embshard.trainer.config import (
+from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
     DataConfig,

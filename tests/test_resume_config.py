@@ -13,10 +13,10 @@ from embshard.cluster.cli import main
 from embshard.cluster.launch import plan_for_training, with_checkpoint_config
 from embshard.cluster.resume_config import config_differences
 from embshard.errors import ConfigError
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.trainer.checkpoint import CheckpointError
 from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
-from embshard.trainer.config import (
+from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
     DataConfig,

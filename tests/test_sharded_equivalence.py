@@ -23,12 +23,12 @@ from conftest import profiled_synth
 from distributed import run_ranks
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.synth import NUM_DENSE
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig, MdeConfig
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.shard_plan import ShardPlan, block_table_configs
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded, build_unsharded
-from embshard.trainer.config import JobConfig, ModelConfig, TrainConfig
+from embshard.config import JobConfig, ModelConfig, TrainConfig
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
@@ -171,7 +171,7 @@ def test_uniform_sharded_step_equals_unsharded(dataset: Path, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_mde_within_sharded_step_equals_unsharded(dataset: Path, tmp_path: Path) -> None:
-    embeddings = EmbeddingsConfig(policy="mde", mode="within", blocks=3, alpha=0.4, dim=8, min_dim=4)
+    embeddings = EmbeddingsConfig(policy="mde", dim=8, min_dim=4, mde=MdeConfig(mode="within", blocks=3, alpha=0.4))
     plan = make_plan(embeddings, dataset, TopologySpec(world_size=WORLD), tmp_path / "probe",
                      batch_size=BATCH, optimizer="sgd").dimension_plan
     # The test needs what makes MDE different: several blocks per table and narrow projected ones.

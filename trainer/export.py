@@ -41,8 +41,8 @@ from embshard.trainer.checkpoint import (
     PLAN_DIR,
     newest_verified,
 )
+from embshard.config import ModelConfig
 from embshard.trainer.checkpoint_integrity import SafeFileSystemReader
-from embshard.trainer.config import ModelConfig
 from embshard.trainer.model import DLRM
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -87,7 +87,7 @@ def load_serving(directory: str | Path) -> ServingModel:
     if manifest.get("version") != EXPORT_VERSION:
         raise ExportError(f"{path}: export version {manifest.get('version')!r}, expected {EXPORT_VERSION}")
     plan = DimensionPlan.load(directory / manifest["plan"])
-    dlrm = DLRM(plan, manifest["num_dense"], ModelConfig(**manifest["model"]))
+    dlrm = DLRM.planned(plan, manifest["num_dense"], ModelConfig(**manifest["model"]))
     dlrm.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
     remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
     return ServingModel(dlrm, remaps).eval()
@@ -153,11 +153,11 @@ def _export_checkpoint(source: Path, out_dir: Path) -> Path:
     num_dense = _num_dense(config, shapes, path)
     # With the collapse hook W already sits under W1's key and loads into the plain model; a
     # checkpoint written without it still holds W1 (n x k) and W2, and is collapsed here.
-    probe = DLRM(plan, num_dense, model_config, embedding_device=torch.device("meta"),
+    probe = DLRM.planned(plan, num_dense, model_config, embedding_device=torch.device("meta"),
                  dense_device=torch.device("meta"))
     collapsed_on_save = all(shapes.get(f"model.{t.w1_key}") == (t.rows, t.dim)
                             for t in mlet_tables(probe, probe.state_dict()))
-    model = DLRM(without_mlet(plan) if collapsed_on_save else plan, num_dense, model_config)
+    model = DLRM.planned(without_mlet(plan) if collapsed_on_save else plan, num_dense, model_config)
     state = model.state_dict()
     dcp.load({"model": state}, storage_reader=SafeFileSystemReader(path), no_dist=True)
     if not collapsed_on_save:

@@ -11,7 +11,6 @@ import logging
 import time
 import warnings
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.planner.pipeline import PlanBundle
-from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
     Callback,
@@ -39,10 +37,11 @@ from embshard.trainer.checkpoint import (
     rejected_text,
     resolve_source,
 )
-from embshard.trainer.config import JobConfig
+from embshard.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.metrics import WorkerMetrics, write_file_sd
+from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
 from embshard.typed_config import to_dict
@@ -81,21 +80,16 @@ def train_step(sharded: ShardedModel, batch: Any) -> torch.Tensor:
     return loss.detach()
 
 
-# Variants of the loop (PEP's prune run and lottery retrain, ...) differ in how the model is
-# built and in callbacks of their own; everything else (reading, evaluation, checkpoints,
-# metrics, reporting) is this loop's.
-Builder = Callable[[JobConfig, PlanBundle, int, torch.device], ShardedModel]
-ExtraCallbacks = Callable[[ShardedModel, "WorkerMetrics | None"], list[Callback]]
-
-
 def run_worker(
     cfg: JobConfig,
     report: Callable[[dict[str, Any]], None] | None = None,
     local_rank: int = 0,
     *,
-    build: Builder = build_sharded,
-    extra_callbacks: ExtraCallbacks | None = None,
+    method: str | EmbeddingMethod | None = None,
 ) -> dict[str, Any]:
+    """Train `method` (a registered name or a method; default: the one `cfg` names) on the plan
+    in `sharding.plan_file` (else `<output_dir>/plan`); -> the run's summary."""
+    method = get_method(method or method_name(cfg)) if not isinstance(method, EmbeddingMethod) else method
     quiet_libraries()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = worker_device(cfg, local_rank)
@@ -103,7 +97,7 @@ def run_worker(
     bundle.shard_plan.check_matches(bundle.dimension_plan, world)
     train_reader = make_reader(cfg, bundle, "train", rank, world)
     valid_reader = make_reader(cfg, bundle, "valid", rank, world)
-    sharded = build(cfg, bundle, len(train_reader.spec.dense), device)
+    sharded = build_sharded(cfg, bundle, len(train_reader.spec.dense), device, method=method)
     output_dir = Path(cfg.output_dir)
     restarts = record_start(output_dir)
 
@@ -118,7 +112,7 @@ def run_worker(
     def snapshot() -> Progress:
         return replace(progress, reader=train_reader.state_dict())
 
-    extras = extra_callbacks(sharded, metrics) if extra_callbacks is not None else []
+    extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics), sharded)
     callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras)
     steps_per_epoch = len(train_reader)
     total = steps_per_epoch * cfg.train.epochs
@@ -142,6 +136,8 @@ def run_worker(
         for batch in train_reader:
             wait = train_reader.wait_seconds - waited
             batch = batch.to(device, non_blocking=True)
+            for cb in callbacks:
+                cb.on_step_start(progress.step)
             loss = train_step(sharded, batch)
             progress.step += 1
             progress.samples += batch.labels.numel() * world
@@ -244,16 +240,14 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
 
 
 def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMetrics | None) -> CheckpointManager:
-    """Checkpoints hold MLET tables collapsed to n x d (the hooks do nothing without MLET), and
-    W1 too as training state when `mlet.exact_resume` is on."""
-    model = sharded.model
-    exact = cfg.embeddings.mlet is not None and cfg.embeddings.mlet.exact_resume
+    """What a checkpoint holds beyond the model's own state is the method's to say."""
+    transforms = sharded.method.checkpoint_transforms(cfg, sharded, metrics)
     return CheckpointManager(
         cfg.checkpoint_dir,
         cfg.checkpoint.keep,
-        before_save=[partial(mlet_before_save, model, metrics=metrics, exact_resume=exact)],
-        before_load=[partial(mlet_load_template, model, exact_resume=exact)],
-        after_load=[partial(mlet_after_load, model, exact_resume=exact)],
+        before_save=transforms.before_save,
+        before_load=transforms.before_load,
+        after_load=transforms.after_load,
     )
 
 

@@ -40,7 +40,6 @@ import os
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -50,10 +49,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from embshard.errors import ConfigError
 
 __all__ = [
-    "MetricsConfig",
     "WorkerMetrics",
     "STEP_BUCKETS",
     "CHECKPOINT_BUCKETS",
@@ -71,49 +68,6 @@ COLLAPSE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 12
 
 PHASES = ("train", "serve")
 _BASE_LABELS = ("job", "rank")
-
-
-@dataclass
-class MetricsConfig:
-    """The `metrics:` section of an embshard config.
-
-    enabled:   serve metrics at all.
-    port_base: worker with local rank r serves on port_base + r; 0 = an ephemeral port each.
-    bind:      address the HTTP server binds; 0.0.0.0 inside a pod so Prometheus can reach it.
-    file_sd:   if set, rank 0 writes a Prometheus file-SD JSON file listing every worker
-               here (e.g. outputs/file_sd/<job>.json, matched by deploy/prometheus.yml).
-    linger_seconds: keep serving this long after training ends, so the last values are
-               scraped (set it above the scrape interval when a job is short).
-    """
-
-    enabled: bool = True
-    port_base: int = 9400
-    bind: str = "127.0.0.1"
-    file_sd: str | None = None
-    linger_seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"enabled: expected true or false, got {self.enabled!r}")
-        if isinstance(self.port_base, bool) or not isinstance(self.port_base, int):
-            raise ConfigError(f"port_base: expected an integer, got {self.port_base!r}")
-        if self.port_base != 0 and not 1024 <= self.port_base <= 65535 - 255:
-            raise ConfigError(
-                f"port_base: {self.port_base} out of range (0 for ephemeral ports, or "
-                f"1024..{65535 - 255} so that port_base + local_rank stays a valid port)"
-            )
-        if not isinstance(self.bind, str) or not self.bind.strip() or any(c.isspace() for c in self.bind):
-            raise ConfigError(f"bind: expected a host address such as 127.0.0.1, got {self.bind!r}")
-        if self.linger_seconds < 0:
-            raise ConfigError(f"linger_seconds: must be >= 0, got {self.linger_seconds}")
-        if self.file_sd is not None:
-            if not isinstance(self.file_sd, str) or not self.file_sd.strip():
-                raise ConfigError(f"file_sd: expected a file path or null, got {self.file_sd!r}")
-            if not self.file_sd.endswith((".json", ".yml", ".yaml")):
-                raise ConfigError(
-                    f"file_sd: {self.file_sd!r} must end in .json, .yml or .yaml "
-                    "(Prometheus file_sd only reads those)"
-                )
 
 
 class _ConstLabelCollector(Collector):

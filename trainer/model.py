@@ -9,26 +9,27 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embshard.planner.config import MLET_INIT_STD
+from embshard.config import MLET_INIT_STD
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.trainer.config import ModelConfig
+from embshard.config import ModelConfig
 
 
 class DLRM(nn.Module):
+    """`embeddings`: the run's embedding module (a method builds it, `trainer/method.py`); it maps
+    a KeyedJaggedTensor to a KeyedTensor at `base_dim` per feature and names `feature_names`."""
+
     def __init__(
         self,
-        plan: DimensionPlan,
+        embeddings: nn.Module,
         num_dense: int,
         config: ModelConfig,
-        embedding_device: torch.device | None = None,
         dense_device: torch.device | None = None,
-        mlet_init_std: float = MLET_INIT_STD,
     ) -> None:
         super().__init__()
-        self.embeddings = PlannedEmbeddingBags(plan, device=embedding_device, mlet_init_std=mlet_init_std)
-        self.feature_names = self.embeddings.feature_names
-        d = plan.base_dim
+        self.embeddings = embeddings
+        self.feature_names = list(embeddings.feature_names)
+        d = embeddings.base_dim
         f = len(self.feature_names)
         self.num_dense = num_dense
         # Datasets without dense features (MovieLens, Avazu) feed a constant 1: the dense arch
@@ -36,6 +37,19 @@ class DLRM(nn.Module):
         self.dense_arch = DenseArch(max(num_dense, 1), [*config.dense_arch, d], device=dense_device)
         self.interaction = InteractionArch(num_sparse_features=f)
         self.over_arch = OverArch(d + choose(f, 2) + f, [*config.over_arch, 1], device=dense_device)
+
+    @staticmethod
+    def planned(
+        plan: DimensionPlan,
+        num_dense: int,
+        config: ModelConfig,
+        embedding_device: torch.device | None = None,
+        dense_device: torch.device | None = None,
+        mlet_init_std: float = MLET_INIT_STD,
+    ) -> "DLRM":
+        """DLRM over `PlannedEmbeddingBags(plan)`: how a plan's blocks train and serve."""
+        embeddings = PlannedEmbeddingBags(plan, device=embedding_device, mlet_init_std=mlet_init_std)
+        return DLRM(embeddings, num_dense, config, dense_device=dense_device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """-> logits [B]"""

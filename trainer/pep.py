@@ -1,13 +1,13 @@
-"""PEP's two training runs, each one worker's life like `trainer.loop.run_worker`.
+"""PEP's two methods, each run by the one loop (`trainer.loop.run_worker`) with its own parts.
 
-`prune_worker` trains DLRM over `PepEmbeddings`. Every `pep.count_every` steps it counts the
+`PepPrune` (`embshard prune pep`) trains DLRM over `PepEmbeddings`. Every `pep.count_every` steps it counts the
 surviving (non-zero) embedding entries on each rank's own shards and all-reduces the counts; the
 first time the total falls to a target fraction of the dense count it writes, under
 `<pep dir>/target-<t>/`, the mask of every table (`<table>.mask.npy`, bool [rows, base_dim]) and a
 standard decisions file (`decisions.json`, rows ranked by survivors, see planner/policies/pep.py)
 for the mixed-dimension retrain through `embshard train`. It stops once every target is written.
 
-`lottery_worker` is the paper's retrain: a plain base-dim DLRM whose tables restart from the prune
+`PepLottery` (`embshard train` with `pep.retrain_target`) is the paper's retrain: a plain base-dim DLRM whose tables restart from the prune
 run's initial values times a saved mask, and stay masked (pruned entries are zeroed again after
 every optimizer step, so they are exactly zero at every forward). Initial values are not stored:
 `sharding.pep.initial_values` regenerates them from the prune run's seed (kept in `pep.json`) and
@@ -17,9 +17,10 @@ the table shapes, for any sharding. Dense layers restart from the same seed.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,29 +30,24 @@ from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 
+from embshard.config import JobConfig, PepConfig, target_dir_name
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, PlanError
-from embshard.planner.optimizers import torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
-from embshard.planner.policies.pep import pep_decisions
+from embshard.planner.policies.pep import pep_decisions, prune_plan, threshold_columns
+from embshard.planner.topology import SHARDING_TYPES
+from embshard.planner.types import DimensionPlan
 from embshard.sharding.pep import ROW_THRESHOLDS, LocalShard, PepEmbeddings, initial_values, local_shards
-from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, build_sharded
+from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
-from embshard.trainer.loop import run_worker
+from embshard.trainer.method import EmbeddingMethod, Worker, module_path
 from embshard.trainer.metrics import WorkerMetrics
-from embshard.trainer.model import DLRM
-from embshard.trainer.config import JobConfig
-from embshard.trainer.pep_config import PepConfig, target_dir_name
 
 RUN_FILE = "pep.json"  # the prune run's record: seed, granularity, tables, targets reached
 DECISIONS_FILE = "decisions.json"
-Report = Callable[[dict[str, Any]], None]
 
 
 def mask_file(table: str) -> str:
@@ -66,13 +62,13 @@ UNPOOLED_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
 COLUMN_SPLITS = ("column_wise", "table_column_wise")
 
 
-def pep_sharding_types(cfg: JobConfig, world_size: int, pooled: bool) -> list[str]:
+def pep_sharding_types(cfg: JobConfig, pooled: bool) -> list[str]:
     """What TorchRec may choose for a PEP table of the pooled or unpooled collection.
 
     Pooled tables take what the device trains correctly (topology.SHARDING_TYPES), less
     data-parallel: PEP tables are the large ones. A row threshold must stay in its row's shard,
     so those granularities also leave column splits out."""
-    device = cfg.sharding.topology(world_size).sharding_types
+    device = SHARDING_TYPES[cfg.sharding.device]
     types = [t for t in device if t != "data_parallel"] if pooled else UNPOOLED_SHARDING_TYPES
     if cfg.pep.granularity in ROW_THRESHOLDS:
         types = [t for t in types if t not in COLUMN_SPLITS]
@@ -111,48 +107,65 @@ def row_threshold_decay(cfg: JobConfig) -> dict[str, Any]:
     return {"weight_decay": cfg.pep.weight_decay, "weight_decay_mode": WeightDecayMode.L2}
 
 
-def build_pep(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
-    """DLRM over `PepEmbeddings`, sharded by TorchRec's planner (run collectively, rank 0 decides),
-    with tables at their reproducible initial values and s at s_init."""
-    _require_uniform(bundle)
-    torch.manual_seed(cfg.seed)
-    plan = bundle.dimension_plan
-    meta = torch.device("meta")
-    spec = DatasetSpec.load(cfg.data.path)
-    model = DLRM(plan, num_dense, cfg.model, embedding_device=meta, dense_device=device)
-    model.embeddings = pep = PepEmbeddings(
-        plan, cfg.pep.granularity, cfg.pep.s_init,
-        multi_hot=[f.name for f in spec.sparse if f.multi_hot],
-        pooled_lookup=cfg.pep.pooled_lookup, device=meta,
-    )
-    sparse_kwargs = {"lr": cfg.train.sparse_lr, **row_threshold_decay(cfg)}
-    for collection in pep.collections:
-        apply_optimizer_in_backward(
-            torch_optimizer_class(cfg.train.sparse_optimizer), collection.parameters(), sparse_kwargs
-        )
-    world = dist.get_world_size()
-    constraints = {
-        t.name: ParameterConstraints(sharding_types=pep_sharding_types(cfg, world, t.name in pep.pooled_tables))
-        for t in plan.tables
-    }
-    planner = EmbeddingShardingPlanner(
-        topology=cfg.sharding.topology(world).to_torchrec(),
-        batch_size=cfg.data.batch_size,
-        constraints=constraints,
-    )
-    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
-    dmp = DistributedModelParallel(
-        model, device=device, plan=planner.collective_plan(model, sharders), sharders=sharders
-    )
-    pep_module(dmp).initialise(cfg.seed)
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    thresholds = {k: dense.pop(k) for k in [k for k in dense if k.endswith("embeddings.threshold")]}
-    optimizers = [dmp.fused_optimizer, KeyedOptimizerWrapper(
-        dense, lambda ps: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](ps, lr=cfg.train.dense_lr))]
-    if thresholds:
-        optimizers.append(KeyedOptimizerWrapper(thresholds, lambda ps: torch.optim.Adam(
-            ps, lr=cfg.pep.threshold_lr, weight_decay=cfg.pep.weight_decay)))
-    return ShardedModel(dmp, CombinedOptimizer(optimizers), bundle)
+class PepPrune(EmbeddingMethod):
+    """The prune run: DLRM over `PepEmbeddings` (pooled and unpooled TorchRec collections), rows
+    at their reproducible initial values and s at s_init, thresholds under their own Adam, and
+    the `PruneCallback` that writes masks and decisions."""
+
+    def check_config(self, cfg: JobConfig) -> None:
+        _require_pep(cfg)
+        if cfg.embeddings.policy != "uniform":
+            raise ConfigError(f"embeddings.policy: PEP prunes dense tables, use uniform (got {cfg.embeddings.policy})")
+
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> nn.Module:
+        pep = _require_pep(cfg)
+        state = threshold_columns(pep.granularity, plan.base_dim)
+        if any(b.state_cols != state for t in plan.tables for b in t.blocks):
+            raise PlanError(f"the plan is not a {pep.granularity} PEP prune plan (its rows need {state} "
+                            "threshold columns): plan it with `embshard prune pep`")
+        spec = DatasetSpec.load(cfg.data.path)
+        return PepEmbeddings(plan, pep.granularity, pep.s_init, multi_hot=[f.name for f in spec.sparse if f.multi_hot],
+                             pooled_lookup=pep.pooled_lookup, device=device)
+
+    def collections(self, embeddings: nn.Module) -> list[nn.Module]:
+        return embeddings.collections
+
+    def sharders(self) -> list[ModuleSharder]:
+        return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+    def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
+                       out_dir: Path) -> DimensionPlan:
+        pep = _require_pep(cfg)
+        multi_hot = [f.name for f in spec.sparse if f.multi_hot]
+        return prune_plan(super().dimension_plan(cfg, spec, counts, out_dir), pep.granularity, multi_hot,
+                          pep.pooled_lookup, lambda pooled: pep_sharding_types(cfg, pooled))
+
+    def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module,
+                      sharders: list[ModuleSharder]) -> ShardingPlan:
+        pep = model.embeddings
+        tables = []
+        if pep.ebc is not None:
+            tables.append((pep.ebc, pep.pooled_tables))
+        if pep.ec is not None:
+            tables.append((pep.ec, [c.name for c in pep.ec.embedding_configs()]))
+        return ShardingPlan(plan={module_path(model, c): bundle.shard_plan.module_plan(names) for c, names in tables})
+
+    def sparse_optimizer_args(self, cfg: JobConfig) -> dict[str, Any]:
+        return {**super().sparse_optimizer_args(cfg), **row_threshold_decay(cfg)}
+
+    def param_groups(self, cfg: JobConfig, dense: dict[str, nn.Parameter]) -> list[KeyedOptimizer]:
+        thresholds = {k: dense.pop(k) for k in [k for k in dense if k.endswith("embeddings.threshold")]}
+        if not thresholds:
+            return []
+        pep = _require_pep(cfg)
+        return [KeyedOptimizerWrapper(thresholds, lambda ps: torch.optim.Adam(
+            ps, lr=pep.threshold_lr, weight_decay=pep.weight_decay))]
+
+    def initialise(self, cfg: JobConfig, sharded: ShardedModel) -> None:
+        pep_module(sharded.model).initialise(cfg.seed)
+
+    def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
+        return [PruneCallback(pep_module(sharded.model), worker.cfg, worker.metrics)]
 
 
 def pep_module(model: nn.Module) -> PepEmbeddings:
@@ -346,52 +359,54 @@ class LotteryTicket:
     def nonzero(self) -> int:
         return int(sum(int(m.sum()) for m in self.masks.values()))
 
-    def build(self, cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device) -> ShardedModel:
-        """A plain base-dim DLRM whose tables start at initial values x mask (a `run_worker` build)."""
-        _require_uniform(bundle)
-        plan = bundle.dimension_plan
+    def check_matches(self, plan: DimensionPlan) -> None:
         if {t.name: t.num_embeddings for t in plan.tables} != self.tables or plan.base_dim != self.base_dim:
             raise PlanError(f"{self.where / RUN_FILE}: the prune run's tables differ from this plan's")
-        sharded = build_sharded(cfg, bundle, num_dense, device)
-        start_from_ticket(_table_shards(sharded), self.masks, self.seed, self.tables)
-        return sharded
-
-    def keeper(self, sharded: ShardedModel) -> MaskKeeper:
-        return MaskKeeper(_table_shards(sharded), self.masks)
 
 
-# ----------------------------------------------------------------------------- workers
+class PepLottery(EmbeddingMethod):
+    """The paper's retrain: a plain base-dim DLRM whose tables start at the prune run's initial
+    values x the mask of `pep.retrain_target` (read from `pep.retrain_from`), pruned entries held
+    at zero by `MaskKeeper`."""
+
+    def __init__(self, ticket: LotteryTicket | None = None) -> None:
+        self._ticket = ticket
+
+    def ticket(self, cfg: JobConfig) -> LotteryTicket:
+        """The saved target, read once per run (its masks are as large as the tables)."""
+        if self._ticket is None:
+            pep = _require_pep(cfg)
+            if pep.retrain_target is None or pep.retrain_from is None:
+                raise ConfigError("pep.retrain_target: the lottery retrain needs the target whose mask it keeps")
+            self._ticket = LotteryTicket.load(Path(pep.retrain_from), pep.retrain_target)
+        return self._ticket
+
+    def check_config(self, cfg: JobConfig) -> None:
+        self.ticket(cfg)
+
+    def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
+                       out_dir: Path) -> DimensionPlan:
+        plan = super().dimension_plan(cfg, spec, counts, out_dir)
+        _require_uniform(plan)
+        self.ticket(cfg).check_matches(plan)
+        return plan
+
+    def initialise(self, cfg: JobConfig, sharded: ShardedModel) -> None:
+        _require_uniform(sharded.bundle.dimension_plan)
+        saved = self.ticket(cfg)
+        saved.check_matches(sharded.bundle.dimension_plan)
+        start_from_ticket(table_shards(sharded), saved.masks, saved.seed, saved.tables)
+
+    def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
+        return [MaskKeeper(table_shards(sharded), self.ticket(worker.cfg).masks)]
 
 
-def prune_worker(cfg: JobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
-    """Train with PEP until every target is written (or the epochs run out); -> the summary."""
-    _require_pep(cfg)
-    return run_worker(
-        cfg, report, local_rank,
-        build=build_pep,
-        extra_callbacks=lambda sharded, metrics: [PruneCallback(pep_module(sharded.model), cfg, metrics)],
-    )
-
-
-def lottery_worker(cfg: JobConfig, report: Report | None = None, local_rank: int = 0) -> dict[str, Any]:
-    """Retrain a plain base-dim DLRM on the mask of `pep.retrain_target`, pruned entries held at 0."""
-    pep = _require_pep(cfg)
-    if pep.retrain_target is None:
-        raise ConfigError("pep.retrain_target: the lottery retrain needs the target whose mask it keeps")
-    ticket = LotteryTicket.load(cfg.pep_dir, pep.retrain_target)
-    return run_worker(
-        cfg, report, local_rank,
-        build=ticket.build,
-        extra_callbacks=lambda sharded, metrics: [ticket.keeper(sharded)],
-    )
-
-
-def _table_shards(sharded: ShardedModel) -> list[LocalShard]:
+def table_shards(sharded: ShardedModel) -> list[LocalShard]:
     return local_shards(sharded.model.module.embeddings.ebc)
 
 
-def _require_uniform(bundle: PlanBundle) -> None:
-    if not bundle.dimension_plan.is_uniform:
+def _require_uniform(plan: DimensionPlan) -> None:
+    if not plan.is_uniform:
         raise PlanError("PEP prunes full base-dim tables: plan it with embeddings.policy uniform")
 
 

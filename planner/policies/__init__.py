@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embshard.datasets.schema import DatasetSpec
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.policies.decisions import from_decisions
 from embshard.planner.policies.mde import mde_plan
 from embshard.planner.policies.mlet import apply_mlet

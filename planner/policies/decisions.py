@@ -6,7 +6,7 @@ from pathlib import Path
 
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import Decisions, TableDecision, load_decisions
 from embshard.planner.remap import load_remap, save_remap
 from embshard.planner.rounding import round_width

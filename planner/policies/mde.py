@@ -27,7 +27,7 @@ import numpy as np
 
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.remap import frequency_ranking, save_remap
 from embshard.planner.rounding import Rounded, round_width, step_up
 from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
@@ -94,11 +94,11 @@ def mde_plan(
     p = np.concatenate([t.lookups for t in tables]) / rows / total
     budget = _budget(cfg)
     if budget is None:
-        lam = base_lambda(p, cfg.alpha, cfg.dim)
+        lam = base_lambda(p, cfg.mde.alpha, cfg.dim)
         rounded = _round(p, lam, cfg)
         dims = np.array([r.value for r in rounded])
         notes = [
-            f"mde {cfg.mode}: lambda = {lam:.4g} from dim {cfg.dim} (most popular block gets it)"
+            f"mde {cfg.mde.mode}: lambda = {lam:.4g} from dim {cfg.dim} (most popular block gets it)"
         ]
     else:
         lam, rounded, dims, notes = _fit_budget(p, rows, budget, cfg)
@@ -108,8 +108,8 @@ def mde_plan(
     plans, i = [], 0
     for t in tables:
         name = table_name(t.feature.name)
-        wanted = min(cfg.blocks, t.feature.cardinality)
-        if cfg.mode == "within" and len(t.bounds) - 1 < wanted:
+        wanted = min(cfg.mde.blocks, t.feature.cardinality)
+        if cfg.mde.mode == "within" and len(t.bounds) - 1 < wanted:
             notes.append(
                 f"{name}: {len(t.bounds) - 1} blocks instead of {wanted} (equal-lookup cuts "
                 f"coincide: ids heavier than 1/{wanted} of the lookups, or no lookups)"
@@ -123,8 +123,8 @@ def mde_plan(
                     f"{name} block {j}: {rounded[i].value} -> {dims[i]} (grown to fill the budget)"
                 )
             source = {
-                "policy": "mde", "mode": cfg.mode, "alpha": cfg.alpha, "lambda": lam,
-                "popularity": float(p[i]), "raw_dim": float(mde_dims(p[i], cfg.alpha, lam)),
+                "policy": "mde", "mode": cfg.mde.mode, "alpha": cfg.mde.alpha, "lambda": lam,
+                "popularity": float(p[i]), "raw_dim": float(mde_dims(p[i], cfg.mde.alpha, lam)),
             }
             blocks.append(Block(start, end, int(dims[i]), source=source))
             i += 1
@@ -140,20 +140,20 @@ def _block_table(
     feature: SparseFeature, cfg: EmbeddingsConfig, counts: Mapping[str, np.ndarray] | None
 ) -> BlockedTable:
     n = feature.cardinality
-    if cfg.mode == "across":
+    if cfg.mde.mode == "across":
         # Without counts, assume one lookup per table per example: p_i proportional to 1/n_i.
         lookups = 1.0 if counts is None else float(_counts(counts, feature).sum())
         return BlockedTable(feature, [0, n], np.array([lookups]), None)
     if counts is None:
         raise PlanError(
-            f"embeddings.mode within ranks rows by training frequency: feature {feature.name!r} "
+            f"embeddings.mde.mode within ranks rows by training frequency: feature {feature.name!r} "
             "needs id counts (run `embshard data profile`)"
         )
     c = _counts(counts, feature)
     ranks = frequency_ranking(c)
     ranked = np.empty_like(c)
     ranked[ranks] = c
-    bounds = equipartition(ranked, min(cfg.blocks, n))
+    bounds = equipartition(ranked, min(cfg.mde.blocks, n))
     lookups = np.add.reduceat(ranked, bounds[:-1]).astype(np.float64)
     # One block needs no reordering: rows keep their ids and no remap file is written.
     return BlockedTable(feature, bounds, lookups, ranks if len(bounds) > 2 else None)
@@ -174,13 +174,13 @@ def _counts(counts: Mapping[str, np.ndarray], feature: SparseFeature) -> np.ndar
 
 
 def _budget(cfg: EmbeddingsConfig) -> int | None:
-    if cfg.budget_bytes is not None:
-        return cfg.budget_bytes // BYTES_PER_PARAM
-    return cfg.budget_params
+    if cfg.mde.budget_bytes is not None:
+        return cfg.mde.budget_bytes // BYTES_PER_PARAM
+    return cfg.mde.budget_params
 
 
 def _round(p: np.ndarray, lam: float, cfg: EmbeddingsConfig) -> list[Rounded]:
-    return [round_width(x, cfg.rounding, cfg.min_dim, cfg.dim) for x in mde_dims(p, cfg.alpha, lam)]
+    return [round_width(x, cfg.rounding, cfg.min_dim, cfg.dim) for x in mde_dims(p, cfg.mde.alpha, lam)]
 
 
 def _fit_budget(
@@ -196,7 +196,7 @@ def _fit_budget(
        as Alg. 3 has it. Stop when the plan lands; PlanError if no step fits before it does.
     """
     what = f"budget of {budget:,} params" + (
-        f" ({cfg.budget_bytes:,} bytes of fp32)" if cfg.budget_bytes is not None else ""
+        f" ({cfg.mde.budget_bytes:,} bytes of fp32)" if cfg.mde.budget_bytes is not None else ""
     )
     floor = serve_params(rows, np.full(len(rows), cfg.min_dim), cfg.dim)
     ceiling = serve_params(rows, np.full(len(rows), cfg.dim), cfg.dim)
@@ -216,8 +216,8 @@ def _fit_budget(
         return rounded, serve_params(rows, np.array([r.value for r in rounded]), cfg.dim)
 
     live = p[p > 0]
-    lo = cfg.min_dim / float(live.max()) ** cfg.alpha / 2  # every block at min_dim
-    hi = cfg.dim / float(live.min()) ** cfg.alpha * 2  # every popular block at dim
+    lo = cfg.min_dim / float(live.max()) ** cfg.mde.alpha / 2  # every block at min_dim
+    hi = cfg.dim / float(live.min()) ** cfg.mde.alpha * 2  # every popular block at dim
     if fitted(hi)[1] <= budget:
         lo = hi
     else:
@@ -249,6 +249,6 @@ def _fit_budget(
         ranked[best[0]] = step_up(ranked[best[0]], cfg.rounding)
         params += best[1]
     dims[order] = ranked
-    notes = [f"mde {cfg.mode}: lambda = {lo:.4g} solved for the {what}: plan has "
+    notes = [f"mde {cfg.mde.mode}: lambda = {lo:.4g} solved for the {what}: plan has "
              f"{params:,} serving params ({params / budget:.2%} of the budget)"]
     return lo, rounded, dims, notes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from embshard.errors import PlanError
-from embshard.planner.config import MletConfig
+from embshard.config import MletConfig
 from embshard.planner.rounding import RoundingRule, round_width
 from embshard.planner.types import DimensionPlan
 

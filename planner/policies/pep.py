@@ -1,5 +1,12 @@
-"""PEP's pruning masks -> a standard decisions file (read back by `embeddings.policy: decisions`).
+"""PEP's plans: the prune run's tables (`prune_plan`), and its masks -> a standard decisions
+file (read back by `embeddings.policy: decisions`).
 
+A prune run trains the uniform plan's tables with the thresholds of row granularities stored in
+the rows (`threshold_columns` more columns each, which the shard plan and the memory report count),
+multi-hot features' tables looked up unpooled (a threshold acts on rows before pooling), and no
+column splits where a row carries its threshold.
+
+For the decisions file:
 Rows are ranked by their surviving (non-zero) entry count, most first (`row_order: pep_nnz`, the
 id -> rank remap saved beside the file). A row needs ceil4(nnz) columns to keep its survivors
 (FBGEMM's fused kernels take widths divisible by 4), and a fully pruned row still costs the
@@ -13,14 +20,46 @@ table.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embshard.config import Granularity
 from embshard.planner.decisions import BlockDecision, Decisions, TableDecision
 from embshard.planner.remap import frequency_ranking
 from embshard.planner.rounding import FBGEMM_ALIGN
+from embshard.planner.types import DimensionPlan, TablePlan
+
+ROW_THRESHOLDS = ("feature", "feature_dimension")  # s lives in the table rows
+
+
+def threshold_columns(granularity: Granularity, dim: int) -> int:
+    """Extra columns a table row carries for its thresholds."""
+    if granularity == "feature":
+        return FBGEMM_ALIGN
+    return dim if granularity == "feature_dimension" else 0
+
+
+def looked_up_pooled(table: TablePlan, multi_hot: Collection[str], pooled_lookup: bool) -> bool:
+    """Whether PEP may threshold a table's pooled output: only when each bag holds one row."""
+    return pooled_lookup and set(multi_hot).isdisjoint(table.features)
+
+
+def prune_plan(base: DimensionPlan, granularity: Granularity, multi_hot: Collection[str],
+               pooled_lookup: bool, sharding_types: Callable[[bool], list[str]]) -> DimensionPlan:
+    """The tables a prune run trains, from the uniform plan `base`; `sharding_types(pooled)`: what
+    TorchRec may choose for a pooled or unpooled PEP table."""
+    state = threshold_columns(granularity, base.base_dim)
+    tables = []
+    for t in base.tables:
+        pooled = looked_up_pooled(t, multi_hot, pooled_lookup)
+        blocks = [dataclasses.replace(b, state_cols=state) for b in t.blocks]
+        tables.append(dataclasses.replace(t, blocks=blocks, pooled=pooled, sharding_types=sharding_types(pooled)))
+    policy = {**base.policy, "pep_granularity": granularity}
+    return dataclasses.replace(base, tables=tables, policy=policy)
 
 
 def merge_widths(widths: list[int], rows: list[int], base_dim: int) -> list[tuple[int, int]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from embshard.datasets.schema import DatasetSpec
-from embshard.planner.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig
 from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
 from embshard.typed_config import to_dict
 

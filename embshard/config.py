@@ -1,0 +1,427 @@
+"""Every section of a job config, and nothing else: torch-free, so reading a YAML file (the CLI,
+`embshard plan --help`, a config check) loads no torch, torchrec, Ray or prometheus_client.
+
+YAML files in `configs/` are validated into `JobConfig` by `embshard.typed_config`; an error names
+the field (`train.batch_size: expected an integer, got 'abc'`). Each section is read by exactly one
+component: `data` by the reader, `model` by the model builder, `embeddings` by the planner (through
+the run's method, `trainer/methods.py`), `sharding` by the shard planner, `train` by the loop,
+`metrics`/`checkpoint` by their components, `pep`/`autodim` by those methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+from embshard.errors import ConfigError
+from embshard.planner.rounding import RoundingRule, width_problem
+from embshard.typed_config import load_yaml
+
+if TYPE_CHECKING:
+    from embshard.planner.topology import TopologySpec
+
+SparseOptimizer = Literal["sgd", "rowwise_adagrad", "adagrad", "adam"]
+# PEP threshold granularity: one s for all, one per column, one per row, one per entry.
+Granularity = Literal["global", "dimension", "feature", "feature_dimension"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+# AutoDim: one table per field read at every candidate width, or one table per candidate.
+Lookup = Literal["weight_sharing", "separate"]
+# AutoDim: candidate -> d_N by a linear transform, or by zero padding.
+Unify = Literal["linear", "zero_pad"]
+
+# MLET W2 initialisation: the paper draws W2 from a Gaussian N(0, 0.0625). We read 0.0625 as the
+# variance (std 0.25): N(mu, sigma^2) notation puts the variance second, and 0.0625 = 0.25^2.
+MLET_INIT_STD = 0.25
+
+
+@dataclass
+class MletConfig:
+    """Train blocks factorised, W = W1 (n x k) . W2 (k x d), collapsed to n x d for serving."""
+
+    ratio: float | None = None  # k = round(ratio * d) per block
+    width: int | None = None  # the same k for every block
+    features: list[str] | None = None  # sparse features trained with MLET; None = all
+    init_std: float = MLET_INIT_STD  # W2 ~ N(0, init_std^2)
+    # Checkpoints also keep W1 (as training state, never served) so a resume is bit-exact
+    # instead of restarting from the minimum-norm W1 = W . pinv(W2).
+    exact_resume: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.width is None):
+            raise ConfigError("ratio: set exactly one of mlet.ratio or mlet.width")
+        # k < d caps the rank of W1.W2 at k, so it cannot represent every n x d table
+        # (MLET paper, Theorem 2.2): only widening factorisations are useful.
+        if self.ratio is not None and self.ratio < 1:
+            raise ConfigError(
+                f"ratio: {self.ratio} < 1 gives k < d, which shrinks the space of tables the "
+                "factorisation can represent (MLET paper, Theorem 2.2); use ratio >= 1"
+            )
+        if self.width is not None and self.width < 1:
+            raise ConfigError(f"width: must be positive, got {self.width}")
+        if self.init_std <= 0:
+            raise ConfigError(f"init_std: must be positive, got {self.init_std}")
+
+
+@dataclass
+class MdeConfig:
+    """`embeddings.mde`: the knobs of mixed-dimension embeddings (Ginart et al.)."""
+
+    alpha: float = 0.3  # temperature: 0 = uniform dims, 1 = dims proportional to popularity
+    mode: Literal["within", "across"] = "across"  # blocks inside each table, or one per table
+    blocks: int = 8  # within-table mode: blocks per table (k)
+    budget_params: int | None = None  # serving parameters to aim for (instead of dim's lambda)
+    budget_bytes: int | None = None  # the same budget in bytes of fp32 parameters
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if self.blocks < 1:
+            raise ConfigError(f"blocks: must be >= 1, got {self.blocks}")
+        if self.budget_params is not None and self.budget_bytes is not None:
+            raise ConfigError("budget_bytes: set budget_params or budget_bytes, not both")
+        for name in ("budget_params", "budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be positive, got {value}")
+
+
+@dataclass
+class EmbeddingsConfig:
+    # Keys that moved into a subsection: an old config gets told where each one lives now.
+    __moved_fields__ = {k: f"mde.{k}" for k in ("alpha", "mode", "blocks", "budget_params", "budget_bytes")}
+
+    policy: Literal["uniform", "mde", "decisions"] = "uniform"  # uniform: dim everywhere; mde: by popularity
+    dim: int = 16  # base dim d-bar: the width every feature reaches the model at
+    mde: MdeConfig = field(default_factory=MdeConfig)  # read only by policy mde
+    decisions: str | None = None  # decisions file (policy: decisions), written by AutoDim / PEP
+    rounding: RoundingRule = "multiple4"  # how widths are rounded; FBGEMM's fused kernels need multiples of 4
+    min_dim: int = 4  # no block is narrower than this
+    mlet: MletConfig | None = None  # train blocks factorised (MLET); null = plain tables
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "min_dim"):
+            problem = width_problem(getattr(self, name), self.rounding)
+            if problem:
+                raise ConfigError(f"{name}: {problem}")
+        if self.min_dim > self.dim:
+            raise ConfigError(f"min_dim: {self.min_dim} is above dim {self.dim}")
+        budget = self.mde.budget_params if self.mde.budget_params is not None else self.mde.budget_bytes
+        if budget is not None and self.policy != "mde":
+            which = "budget_params" if self.mde.budget_params is not None else "budget_bytes"
+            raise ConfigError(f"mde.{which}: only policy mde takes a budget (policy is {self.policy})")
+        if self.policy == "decisions" and not self.decisions:
+            raise ConfigError("decisions: policy decisions needs the path of a decisions file")
+        if self.policy != "decisions" and self.decisions:
+            raise ConfigError(f"decisions: only read by policy decisions (policy is {self.policy})")
+
+
+@dataclass
+class PepConfig:
+    # dimension: the granularity whose thresholds rise under their own Adam on any device (the
+    # paper's best, feature_dimension, needs a fused optimizer with weight decay: see weight_decay).
+    granularity: Granularity = "dimension"
+    # sigmoid(s_init) is the starting threshold: the paper uses -15 (MovieLens), -150 (Criteo,
+    # Avazu), i.e. nothing is pruned at first.
+    s_init: float = -15.0
+    # Learning rate of the dense thresholds (global / dimension granularity), trained with their
+    # own Adam: s rises about this much per step while the decay dominates, so from -15 the
+    # first entries fall after ~200 steps. (The reference: 1e-3 over hundreds of epochs.) Row
+    # thresholds (feature / feature_dimension) share their row's fused optimizer and
+    # train.sparse_lr.
+    threshold_lr: float = 0.05
+    # L2 on s. It is what raises the thresholds: at s = -15 the loss gradient on s is scaled by
+    # sigmoid'(s) ~ 3e-7, so a decay pulling s toward 0 dominates until the threshold starts
+    # cutting entries the loss needs. (The reference implementation decays every parameter with
+    # Adam at 1e-5 over hundreds of epochs; 1e-3 reaches the targets within ~2 epochs on
+    # MovieLens-1M, bench/QUALITY.md.) Dense thresholds (global, dimension) decay alone under
+    # their Adam. Row thresholds share their row's fused optimizer, so the decay applies to the
+    # whole [V | s] row, as in the reference, and needs rowwise_adagrad or adam (CUDA only); but
+    # FBGEMM's CPU row-wise Adagrad ignores it (tests/test_pep.py), so on CPU feature-wise
+    # thresholds barely rise.
+    weight_decay: float = 1e-3
+    # Fractions of the dense embedding parameters to keep; a mask and a decisions file are written
+    # the first time the non-zero count falls to each (one run, several targets).
+    targets: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.1, 0.03])
+    # Single-hot tables through the pooled EmbeddingBagCollection (exact: a one-row bag is its row;
+    # about twice as fast); false: every table through the unpooled EmbeddingCollection, which
+    # can also shard row-wise on CPU.
+    pooled_lookup: bool = True
+    count_every: int = 20  # steps between global non-zero counts (each reads every local shard)
+    out: str | None = None  # where a prune run writes masks, decisions, run record; None = <output_dir>/pep
+    retrain_target: float | None = None  # lottery retrain: the saved target whose mask it keeps
+    # Lottery retrain: the prune run's folder (its `pep.out`). Explicit, because a retrain runs
+    # with its own output_dir, from which the prune run's folder cannot be derived.
+    retrain_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if not self.targets or any(not 0 < t < 1 for t in self.targets):
+            raise ConfigError(f"targets: expected fractions in (0, 1), got {self.targets}")
+        if self.threshold_lr <= 0:
+            raise ConfigError(f"threshold_lr: must be positive, got {self.threshold_lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.count_every < 1:
+            raise ConfigError(f"count_every: must be >= 1, got {self.count_every}")
+        if self.retrain_target is not None and not 0 < self.retrain_target < 1:
+            raise ConfigError(f"retrain_target: expected a fraction in (0, 1), got {self.retrain_target}")
+        if (self.retrain_target is None) != (self.retrain_from is None):
+            raise ConfigError(
+                "retrain_from: a lottery retrain sets both pep.retrain_target and pep.retrain_from "
+                "(the prune run's pep folder, e.g. outputs/pep-movielens/pep)"
+            )
+
+
+def target_dir_name(target: float) -> str:
+    return f"target-{target:g}"
+
+
+@dataclass
+class AutodimConfig:
+    # Candidate widths per field, ascending; the largest (d_N) is the width every candidate is
+    # unified to, so it must equal embeddings.dim (the retrain's base dim).
+    candidates: list[int] = field(default_factory=lambda: [2, 8, 16, 24, 32])
+    # weight_sharing: one d_N-wide table per field, candidate n reads its first d_n columns;
+    # separate: one table per candidate per field.
+    lookup: Lookup = "weight_sharing"
+    # linear: candidate -> d_N by its own linear transform; zero_pad: pad with zeros to d_N.
+    unify: Unify = "linear"
+    batchnorm: bool = True  # BatchNorm after unifying, so candidates' magnitudes are comparable
+    alpha_every: int = 10  # f: one architecture step per f model steps (bi-level mode)
+    pretrain_steps: int = 0  # model steps with the architecture weights held equal
+    single_level: bool = False  # AutoDim-s: architecture and model weights on the same train batch
+    tau_start: float = 1.0  # Gumbel-softmax temperature tau = max(tau_min, tau_start - tau_decay * t)
+    tau_decay: float = 5e-5  # per model step t
+    tau_min: float = 0.01  # the floor of tau
+    alpha_optimizer: Literal["adam", "sgd"] = "adam"  # optimizer of the architecture weights alpha
+    alpha_lr: float = 0.01  # its learning rate
+    alpha_weight_decay: float = 0.0  # its weight decay
+    decisions: str | None = None  # where the decisions file goes; None = <output_dir>/decisions.json
+
+    def __post_init__(self) -> None:
+        if len(self.candidates) < 2:
+            raise ConfigError(f"candidates: need at least two widths to choose from, got {self.candidates}")
+        if any(d < 1 for d in self.candidates):
+            raise ConfigError(f"candidates: widths must be >= 1, got {self.candidates}")
+        if list(self.candidates) != sorted(set(self.candidates)):
+            raise ConfigError(f"candidates: must be strictly ascending, got {self.candidates}")
+        if self.alpha_every < 1:
+            raise ConfigError(f"alpha_every: must be >= 1, got {self.alpha_every}")
+        if self.pretrain_steps < 0:
+            raise ConfigError(f"pretrain_steps: must be >= 0, got {self.pretrain_steps}")
+        if not 0 < self.tau_min <= self.tau_start:
+            raise ConfigError(f"tau_min: must be in (0, tau_start={self.tau_start}], got {self.tau_min}")
+        if self.tau_decay < 0:
+            raise ConfigError(f"tau_decay: must be >= 0, got {self.tau_decay}")
+        if self.alpha_lr <= 0:
+            raise ConfigError(f"alpha_lr: must be positive, got {self.alpha_lr}")
+        if self.alpha_weight_decay < 0:
+            raise ConfigError(f"alpha_weight_decay: must be >= 0, got {self.alpha_weight_decay}")
+
+    @property
+    def max_dim(self) -> int:
+        return self.candidates[-1]
+
+    def temperature(self, step: int) -> float:
+        """Gumbel-softmax temperature at model step `step` (the paper's linear decay, floored)."""
+        return max(self.tau_min, self.tau_start - self.tau_decay * step)
+
+
+@dataclass
+class MetricsConfig:
+    """The `metrics:` section of an embshard config.
+
+    enabled:   serve metrics at all.
+    port_base: worker with local rank r serves on port_base + r; 0 = an ephemeral port each.
+    bind:      address the HTTP server binds; 0.0.0.0 inside a pod so Prometheus can reach it.
+    file_sd:   if set, rank 0 writes a Prometheus file-SD JSON file listing every worker
+               here (e.g. outputs/file_sd/<job>.json, matched by deploy/prometheus.yml).
+    linger_seconds: keep serving this long after training ends, so the last values are
+               scraped (set it above the scrape interval when a job is short).
+    """
+
+    # Off unless asked for: one default whether or not the section is present.
+    enabled: bool = False
+    port_base: int = 9400
+    bind: str = "127.0.0.1"
+    file_sd: str | None = None
+    linger_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled: expected true or false, got {self.enabled!r}")
+        if isinstance(self.port_base, bool) or not isinstance(self.port_base, int):
+            raise ConfigError(f"port_base: expected an integer, got {self.port_base!r}")
+        if self.port_base != 0 and not 1024 <= self.port_base <= 65535 - 255:
+            raise ConfigError(
+                f"port_base: {self.port_base} out of range (0 for ephemeral ports, or "
+                f"1024..{65535 - 255} so that port_base + local_rank stays a valid port)"
+            )
+        if not isinstance(self.bind, str) or not self.bind.strip() or any(c.isspace() for c in self.bind):
+            raise ConfigError(f"bind: expected a host address such as 127.0.0.1, got {self.bind!r}")
+        if self.linger_seconds < 0:
+            raise ConfigError(f"linger_seconds: must be >= 0, got {self.linger_seconds}")
+        if self.file_sd is not None:
+            if not isinstance(self.file_sd, str) or not self.file_sd.strip():
+                raise ConfigError(f"file_sd: expected a file path or null, got {self.file_sd!r}")
+            if not self.file_sd.endswith((".json", ".yml", ".yaml")):
+                raise ConfigError(
+                    f"file_sd: {self.file_sd!r} must end in .json, .yml or .yaml "
+                    "(Prometheus file_sd only reads those)"
+                )
+
+
+@dataclass
+class DataConfig:
+    path: str = "outputs/default/data"  # a dataset written by `embshard data synth|convert`
+    batch_size: int = 2048  # per worker
+    eval_batch_size: int = 8192  # per worker, for validation and test batches
+    shuffle: bool = True  # reshuffle row groups and rows within them every epoch (seeded by seed)
+    prefetch: int = 4  # batches assembled ahead on a background thread
+    validate: bool = True  # check ids and dense values of every batch (cheap; vectorised)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ModelConfig:
+    # Hidden layers only: the dense arch always ends at the embedding base dim (DLRM's dot
+    # interaction needs it) and the over arch always ends in one logit.
+    dense_arch: list[int] = field(default_factory=lambda: [128, 64])  # bottom MLP over the dense features
+    over_arch: list[int] = field(default_factory=lambda: [256, 128])  # top MLP over the feature interaction
+
+    def __post_init__(self) -> None:
+        for name in ("dense_arch", "over_arch"):
+            if any(w < 1 for w in getattr(self, name)):
+                raise ConfigError(f"{name}: layer widths must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ShardingConfig:
+    device: Literal["cpu", "cuda"] = "cpu"  # what the plan is for; decides the sharding types TorchRec may use
+    device_memory_gb: float | None = None  # per rank; None = the device default
+    sharding_types: list[str] | None = None  # restrict TorchRec's choice; None = all the device supports
+    plan_file: str | None = None  # train on a plan written by `embshard plan` instead of planning
+    # Ranks per host (GPUs per node); None = every rank on one host. TorchRec's cost model prices
+    # traffic between hosts at inter-host bandwidth, and host-local types (table_row_wise) exist only then.
+    local_world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.local_world_size is not None and self.local_world_size < 1:
+            raise ConfigError(f"local_world_size: must be >= 1, got {self.local_world_size}")
+
+    def topology(self, world_size: int) -> TopologySpec:
+        from embshard.planner.topology import TopologySpec  # torchrec: only when planning
+
+        lws = self.local_world_size
+        if lws is not None and (lws > world_size or world_size % lws):
+            raise ConfigError(
+                f"sharding.local_world_size: {lws} ranks per host must divide the world size {world_size}"
+            )
+        return TopologySpec(world_size=world_size, device=self.device, device_memory_gb=self.device_memory_gb,
+                            local_world_size=lws)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1  # passes over the train split
+    max_steps: int | None = None  # stop early after this many steps (all epochs together)
+    sparse_optimizer: SparseOptimizer = "rowwise_adagrad"  # fused into TorchRec's backward
+    sparse_lr: float = 0.05  # learning rate of the fused sparse optimizer (embedding tables)
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"  # for the MLPs and MDE/MLET projections
+    dense_lr: float = 1e-3  # learning rate of the dense optimizer
+    eval_every: int | None = None  # steps; None = at the end of every epoch
+    eval_max_batches: int | None = None  # cap evaluation work (None = the whole split)
+    log_every: int = 50  # steps between loss lines in the log
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
+        for name in ("sparse_lr", "dense_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "eval_max_batches"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {v}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every: must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Read by the checkpoint component (trainer/checkpoint.py documents the folder layout).
+
+    A run always resumes from the newest good checkpoint in `dir` when there is one: that is how
+    a restarted worker group (Ray Train's FailureConfig) continues, and why re-running a job
+    into the same output_dir continues it. `resume` is used only while `dir` holds none.
+    """
+
+    enabled: bool = True  # false: no checkpoints are written or resumed
+    dir: str | None = None  # None = <output_dir>/checkpoints
+    every_steps: int | None = None  # None = only at the end (and on SIGTERM)
+    keep: int = 2  # the newest K complete checkpoints are kept
+    on_sigterm: bool = True  # on SIGTERM or Ctrl-C: finish the step, checkpoint, stop cleanly
+    resume: str | None = None  # a checkpoint dir or one step-NNNNNN folder of another run
+
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise ConfigError(f"every_steps: must be >= 1, got {self.every_steps}")
+        if self.keep < 1:
+            raise ConfigError(f"keep: must be >= 1, got {self.keep}")
+
+
+@dataclass
+class ClusterConfig:
+    workers: int = 2  # Ray Train workers: the world size the job trains on
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker
+    address: str | None = None  # None = start a local Ray in-process
+    max_failures: int = 0  # worker-group restarts Ray Train may do
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker: must be positive, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
+
+
+@dataclass
+class JobConfig:
+    name: str = "embshard"  # the `job` label on every metric; names the Ray Train run
+    seed: int = 0  # model initialisation and data shuffling
+    output_dir: str = "outputs/run"  # plan/, checkpoints/, summary.json and Ray logs go here
+    data: DataConfig = field(default_factory=DataConfig)  # the dataset and its batches, read by the reader
+    model: ModelConfig = field(default_factory=ModelConfig)  # the DLRM around the embeddings
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)  # the dimension policy (the planner)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)  # the topology and TorchRec shard plan
+    train: TrainConfig = field(default_factory=TrainConfig)  # the training loop and its optimizers
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # the Ray workers
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # DCP checkpoints and resuming
+    pep: PepConfig | None = None  # read by the PEP methods (embshard prune pep, lottery retrain)
+    autodim: AutodimConfig | None = None  # read by the AutoDim method (embshard search autodim)
+
+    @property
+    def plan_dir(self) -> Path:
+        return Path(self.output_dir) / "plan"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
+
+    @property
+    def pep_dir(self) -> Path:
+        out = self.pep.out if self.pep is not None else None
+        return Path(out or Path(self.output_dir) / "pep")
+
+
+def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    return load_yaml(JobConfig, path, overrides)

@@ -1,0 +1,56 @@
+"""The job config: one torch-free module, one metrics default, explicit paths between runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embshard.config import JobConfig, load_job_config
+from embshard.errors import ConfigError
+from embshard.typed_config import from_dict
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+RUNTIME = ("torch", "torchrec", "ray", "prometheus_client", "fbgemm_gpu")
+
+
+def test_loading_every_config_imports_no_runtime():
+    # A fresh interpreter: the test session itself has torch loaded already.
+    code = (
+        "import sys\n"
+        "from embshard.config import load_job_config\n"
+        f"for path in {[str(p) for p in CONFIGS]!r}:\n"
+        "    load_job_config(path).sharding.device\n"
+        f"print(sorted(m for m in {RUNTIME!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert CONFIGS and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("metrics", [None, {}, {"port_base": 0}, {"bind": "0.0.0.0"}])
+def test_metrics_stay_off_unless_enabled(metrics):
+    # Setting any other key under `metrics:` used to turn metrics on (two defaults disagreed).
+    raw = {} if metrics is None else {"metrics": metrics}
+    assert from_dict(JobConfig, raw).metrics.enabled is False
+    assert from_dict(JobConfig, {"metrics": {**(metrics or {}), "enabled": True}}).metrics.enabled is True
+
+
+def test_lottery_retrain_names_the_prune_run_explicitly():
+    with pytest.raises(ConfigError, match=r"^pep\.retrain_from: a lottery retrain sets both"):
+        from_dict(JobConfig, {"pep": {"retrain_target": 0.5}})
+    cfg = from_dict(JobConfig, {"pep": {"retrain_target": 0.5, "retrain_from": "runs/prune/pep"}})
+    assert cfg.pep.retrain_from == "runs/prune/pep"
+
+
+def test_pep_recipe_retrain_reads_the_prune_runs_folder():
+    # configs/pep-movielens.yaml's comment gives the commands; the lottery step must point at the
+    # folder the prune step writes, whatever output_dir the retrain has.
+    path = Path(__file__).parent.parent / "configs" / "pep-movielens.yaml"
+    prune = load_job_config(path)
+    lottery_line = next(line for line in path.read_text().splitlines() if "retrain_target" in line)
+    overrides = [arg for arg in lottery_line.split("--set")[1:]]
+    lottery = load_job_config(path, [o.strip().rstrip("\\").strip() for o in overrides])
+    assert lottery.output_dir != prune.output_dir
+    assert Path(lottery.pep.retrain_from) == prune.pep_dir

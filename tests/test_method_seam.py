@@ -1,0 +1,98 @@
+"""The method seam: a method defined here, registered by name, plans, trains on 2 gloo ranks and
+checkpoints through the one planner driver, builder and loop, with nothing else to change."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import profiled_synth
+from distributed import run_ranks
+
+from embshard.cluster.launch import plan_for_training, worker_config
+from embshard.config import CheckpointConfig, DataConfig, EmbeddingsConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.topology import TopologySpec
+from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
+from embshard.trainer.loop import run_worker
+from embshard.trainer.method import EmbeddingMethod, get_method, register_method
+
+
+class FixedWidth(EmbeddingMethod):
+    """Every table at one width, projected to the base dim: only the planning part changes."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
+                       out_dir: Path) -> DimensionPlan:
+        source = {"policy": "fixed_width", "width": self.width}
+        tables = [TablePlan(table_name(f.name), [f.name], f.cardinality, [Block(0, f.cardinality, self.width, source=source)])
+                  for f in spec.sparse]
+        return DimensionPlan(cfg.embeddings.dim, tables, policy=source)
+
+
+# Module level: the spawned ranks import this module, and so register it too.
+register_method("fixed_width", FixedWidth(8))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return profiled_synth(tmp_path_factory.mktemp("seam") / "data", rows=2000, max_cardinality=200, seed=3)
+
+
+def job(dataset: Path, out: Path, **train) -> JobConfig:
+    return JobConfig(
+        output_dir=str(out),
+        data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
+        model=ModelConfig(dense_arch=[8], over_arch=[8]),
+        embeddings=EmbeddingsConfig(dim=16),
+        train=TrainConfig(progress=False, log_every=2, eval_max_batches=1, **train),
+        checkpoint=CheckpointConfig(every_steps=2),
+    )
+
+
+def _train(rank: int, world: int, cfg: JobConfig, method: str) -> dict:
+    return run_worker(worker_config(cfg), method=method)
+
+
+@pytest.mark.slow
+def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path):
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    cfg.cluster.workers = 2
+    bundle = plan_for_training(cfg, "fixed_width")
+    saved = json.loads((tmp_path / "run" / "plan" / "plan.json").read_text())
+    assert {b["dim"] for t in saved["dimension_plan"]["tables"] for b in t["blocks"]} == {8}
+    assert bundle.memory.per_rank[0]["train_bytes"] > 0
+    first, second = run_ranks(_train, 2, cfg, "fixed_width")
+    assert first["steps"] == second["steps"] == 4
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000002", "step-000004"]
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "plan" / "plan.json").read_text()) == saved
+
+
+def test_unknown_and_clashing_names_are_config_errors():
+    with pytest.raises(ConfigError, match=r"method 'nope': not registered \(known: .*fixed_width"):
+        get_method("nope")
+    with pytest.raises(ConfigError, match="a built-in method has that name"):
+        register_method("mde", FixedWidth(4))
+    assert isinstance(get_method("fixed_width"), FixedWidth)
+
+
+def test_plan_file_is_the_plan_workers_train(dataset, tmp_path):
+    # `sharding.plan_file` used to point workers at <output_dir>/plan/plan.json, which that path
+    # never wrote: the run found no plan (or a stale one of an earlier run).
+    made = make_plan(EmbeddingsConfig(dim=16), dataset, TopologySpec(2, "cpu"), tmp_path / "made",
+                     batch_size=64, optimizer="rowwise_adagrad")
+    made.save()
+    cfg = job(dataset, tmp_path / "run")
+    cfg.cluster.workers = 2
+    cfg.sharding.plan_file = str(tmp_path / "made" / "plan.json")
+    plan_for_training(cfg)
+    trained = PlanBundle.load(worker_config(cfg).sharding.plan_file, cfg.train.sparse_optimizer)
+    assert trained.to_json() == made.to_json()

@@ -1,0 +1,182 @@
+"""The method seam: every part a dimension method may change, and nothing else.
+
+uniform, MDE, decisions (with MLET on any of them), PEP's prune run and lottery retrain, AutoDim's
+search and any later method are `EmbeddingMethod`s registered by name. The planner driver
+(`cluster/launch.py`), the one model builder (`trainer/build.py`) and the one training loop
+(`trainer/loop.py`) call these parts and never ask which method they hold; in torchtitan's terms
+this is the TrainSpec, in TorchRec's the pieces `DistributedModelParallel` takes.
+
+    check_config            what the method needs of the config, checked before any data is read
+    dimension_plan          config + dataset -> the DimensionPlan it trains (planner/ policies);
+                            the driver shards it and saves both as the run's plan.json
+    embeddings              the embedding module over TorchRec collections, built on meta
+    collections / sharders  what DMP shards, with which sharders and under which plan
+    sparse_optimizer_args   the fused optimizer's arguments for those collections
+    param_groups            optimizers for dense parameters the method owns
+    ddp_ignored             dense parameters DDP must leave alone
+    initialise              the values the sharded model starts from
+    callbacks               what runs in the loop (AutoDim's alpha step, PEP's mask writer, ...)
+    checkpoint_transforms   what a checkpoint holds (MLET's collapse to n x d)
+
+The base class is the planned path every method starts from: `PlannedEmbeddingBags` over one
+EmbeddingBagCollection, sharded exactly as plan.json says, MLET hooks on checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.optim.keyed import KeyedOptimizer
+
+from embshard.config import JobConfig
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
+from embshard.planner.pipeline import PlanBundle
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.types import DimensionPlan
+from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
+from embshard.sharding.planned_embedding import PlannedEmbeddingBags
+from embshard.trainer.checkpoint import StateTransform
+
+if TYPE_CHECKING:
+    from embshard.trainer.build import ShardedModel
+    from embshard.trainer.callbacks import Callback
+    from embshard.trainer.metrics import WorkerMetrics
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What a method's callbacks may need about the worker they run in."""
+
+    cfg: JobConfig
+    bundle: PlanBundle
+    rank: int
+    world: int
+    device: torch.device
+    metrics: WorkerMetrics | None
+
+
+@dataclass
+class CheckpointTransforms:
+    """`CheckpointManager`'s state-dict transforms (see trainer/checkpoint.py)."""
+
+    before_save: list[StateTransform] = field(default_factory=list)
+    before_load: list[StateTransform] = field(default_factory=list)
+    after_load: list[StateTransform] = field(default_factory=list)
+
+
+class EmbeddingMethod:
+    """A method's parts; the defaults are the planned path (see the module docstring)."""
+
+    def check_config(self, cfg: JobConfig) -> None:
+        """Raise ConfigError for a config this method cannot run (the driver calls it first)."""
+
+    def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
+                       out_dir: Path) -> DimensionPlan:
+        """The DimensionPlan this run trains: `embeddings.policy`, then MLET when configured."""
+        return plan_dimensions(cfg.embeddings, spec, counts, out_dir)
+
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> nn.Module:
+        mlet = cfg.embeddings.mlet
+        kwargs = {"mlet_init_std": mlet.init_std} if mlet is not None else {}
+        return PlannedEmbeddingBags(plan, device=device, **kwargs)
+
+    def collections(self, embeddings: nn.Module) -> list[nn.Module]:
+        """The TorchRec collections inside `embeddings`: the fused sparse optimizer trains them."""
+        return [embeddings.ebc]
+
+    def sharders(self) -> list[ModuleSharder]:
+        return [EmbeddingBagCollectionSharder()]
+
+    def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module,
+                      sharders: list[ModuleSharder]) -> ShardingPlan:
+        """The layout DMP builds: exactly the saved shard plan, at the collection's path."""
+        return bundle.shard_plan.to_torchrec(module_path(model, model.embeddings.ebc))
+
+    def sparse_optimizer_args(self, cfg: JobConfig) -> dict[str, Any]:
+        return {"lr": cfg.train.sparse_lr}
+
+    def ddp_ignored(self) -> list[str]:
+        return []
+
+    def param_groups(self, cfg: JobConfig, dense: dict[str, nn.Parameter]) -> list[KeyedOptimizer]:
+        """Optimizers for dense parameters this method owns; it pops them from `dense`, whose rest
+        the dense optimizer (`train.dense_optimizer`) trains."""
+        return []
+
+    def initialise(self, cfg: JobConfig, sharded: ShardedModel) -> None:
+        """Set the sharded model's starting values (after DMP materialised the shards)."""
+
+    def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
+        return []
+
+    def checkpoint_transforms(self, cfg: JobConfig, sharded: ShardedModel,
+                              metrics: WorkerMetrics | None) -> CheckpointTransforms:
+        """Checkpoints hold MLET tables collapsed to n x d (the hooks do nothing without MLET), and
+        W1 too as training state when `mlet.exact_resume` is on."""
+        model = sharded.model
+        exact = cfg.embeddings.mlet is not None and cfg.embeddings.mlet.exact_resume
+        return CheckpointTransforms(
+            before_save=[partial(mlet_before_save, model, metrics=metrics, exact_resume=exact)],
+            before_load=[partial(mlet_load_template, model, exact_resume=exact)],
+            after_load=[partial(mlet_after_load, model, exact_resume=exact)],
+        )
+
+
+def module_path(model: nn.Module, target: nn.Module) -> str:
+    """Fully qualified name of `target` in `model`: the key of its entry in a ShardingPlan."""
+    return next(name for name, m in model.named_modules() if m is target)
+
+
+def uniform_embeddings(cfg: JobConfig) -> JobConfig:
+    """`cfg` planned as dense base-dim tables (what PEP prunes and AutoDim searches over)."""
+    return replace(cfg, embeddings=replace(cfg.embeddings, policy="uniform", decisions=None, mlet=None))
+
+
+# ----------------------------------------------------------------------------- registry
+
+# Built-in methods, imported on first use so that naming one loads only its own modules.
+_BUILTIN = {
+    "uniform": "embshard.trainer.method:EmbeddingMethod",
+    "mde": "embshard.trainer.method:EmbeddingMethod",
+    "decisions": "embshard.trainer.method:EmbeddingMethod",
+    "pep": "embshard.trainer.pep:PepPrune",
+    "pep_lottery": "embshard.trainer.pep:PepLottery",
+    "autodim": "embshard.trainer.autodim:AutodimSearch",
+}
+_REGISTERED: dict[str, EmbeddingMethod] = {}
+
+
+def register_method(name: str, method: EmbeddingMethod) -> None:
+    """Make `method` available as `name` to `embshard` runs in this process."""
+    if name in _BUILTIN:
+        raise ConfigError(f"method {name!r}: a built-in method has that name")
+    _REGISTERED[name] = method
+
+
+def get_method(name: str) -> EmbeddingMethod:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in _BUILTIN:
+        known = ", ".join(sorted([*_BUILTIN, *_REGISTERED]))
+        raise ConfigError(f"method {name!r}: not registered (known: {known})")
+    module, _, attr = _BUILTIN[name].partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def method_name(cfg: JobConfig) -> str:
+    """The method `embshard train` runs for `cfg`: a PEP lottery retrain when it names a prune
+    run's target, else its dimension policy."""
+    if cfg.pep is not None and cfg.pep.retrain_target is not None:
+        return "pep_lottery"
+    return cfg.embeddings.policy
