@@ -111,7 +111,9 @@ def fit_on_grid(
         if low <= total <= budget:
             return GridFit(dims, total, None, None)
 
-    def nearest(candidates: np.ndarray, keep: Callable[[int], bool], pick) -> int | None:
+    def nearest(
+        candidates: np.ndarray, keep: Callable[[int], bool], pick: Callable[[list[int]], int]
+    ) -> int | None:
         totals = [rebuild(int(state[b]), int(b))[1] for b in candidates[:_TRIES]]
         totals = [t for t in totals if keep(t)]
         return pick(totals) if totals else None

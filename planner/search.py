@@ -45,8 +45,9 @@ from embshard.planner.topology import TopologySpec
 # Measured here with its defaults: 26 tables x 8 ranks in 2 s, 64 x 8 in 12 s, 50 x 64 in 25 s.
 FULL_SEARCH_TABLE_RANKS = 512
 
-# Tables x ranks past which a plan is planned as at cluster scale: 1,000 tables on 64 ranks
-# already spend most of their time partitioning proposals after the first.
+# Tables x ranks past which a plan is planned as at cluster scale (1,000 tables on 64 ranks is
+# past it): there every further proposal re-partitions thousands of tables and every further
+# option per table is thousands of estimates, seconds each in all.
 CLUSTER_TABLE_RANKS = 50_000
 
 # Sharding types whose shards all live on one host (at most local_world_size of them).
@@ -72,6 +73,8 @@ class SearchPolicy:
     # Large plans only: TorchRec stops proposing after this long and keeps its best plan.
     timeout_seconds: int = 120
     cluster_table_ranks: int = CLUSTER_TABLE_RANKS
+    # Tables per rank from which fair-share tables are placed whole: with a handful per rank,
+    # packing whole tables can already even out the ranks' memory.
     whole_tables_per_rank: int = 4
 
     def is_large(self, num_tables: int, world_size: int) -> bool:

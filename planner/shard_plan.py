@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torch.overrides import TorchFunctionMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
@@ -218,7 +218,7 @@ class _MetaInitSkipped(TorchFunctionMode):
     """Skip the random initialisation of meta tables while the planner's module is built.
 
     A meta tensor holds no values, yet `nn.EmbeddingBag` still runs `normal_` on it, through
-    torch's Python reference kernels: most of the planning time at 10,000 tables.
+    torch's Python reference kernels: seconds of planning time at 10,000 tables.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
