@@ -10,6 +10,7 @@ from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.planner.torchrec_parts import BucketIndexedEnumerator, FirstPlacedProposer
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 
@@ -102,3 +103,29 @@ def test_bucket_index_answers_as_torchrecs_scan() -> None:
     for name in ("plain", "virtual", "missing"):
         assert ours._get_num_buckets(name, ebc) == theirs._get_num_buckets(name, ebc)
     assert ours._get_num_buckets("virtual", ebc) == 10
+
+
+def test_first_placed_proposer_walks_greedys_sequence_and_stops_once_placed() -> None:
+    configs = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=10_000, feature_names=[f"f{i}"])
+        for i in range(3)
+    ]
+    ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    topology = TopologySpec(world_size=4, device="cuda", local_world_size=2).to_torchrec()
+    space = BucketIndexedEnumerator(topology=topology, batch_size=8).enumerate(
+        ebc, [EmbeddingBagCollectionSharder()]
+    )
+    ours, greedy = FirstPlacedProposer(), GreedyProposer()
+    ours.load(space)
+    greedy.load(space)
+    first = ours.propose()
+    assert first == greedy.propose() and len(first) == 3  # every table at its best-rated option
+    # Not placeable: the next proposal is GreedyProposer's next one, a different plan.
+    ours.feedback(partitionable=False)
+    greedy.feedback(partitionable=False)
+    second = ours.propose()
+    assert second == greedy.propose() and second != first
+    ours.feedback(partitionable=True, plan=second, perf_rating=1.0)
+    assert ours.propose() is None  # placed: nothing more to try
+    ours.load(space)
+    assert ours.propose() == first  # a new load starts over
