@@ -25,19 +25,18 @@ from embshard.planner.rounding import RoundingRule, step_up
 # Totals above this multiple of the budget are never needed: they only serve to name the
 # nearest reachable total above the budget.
 _SPAN = 1.25
-# Bound on the back-pointer table (blocks x grid widths x buckets, int16): 16M cells = 32 MB.
-_CELLS = 16_000_000
+# Bound on the back-pointer tables (blocks x grid widths x buckets; 6 bytes a cell): 48 MB.
+_CELLS = 8_000_000
 _MAX_BUCKETS = 8192
 _MIN_BUCKETS = 512
-_TRIES = 64  # candidate buckets rebuilt and checked exactly before giving up on one side
 
 
 @dataclass(frozen=True)
 class GridFit:
     dims: np.ndarray | None  # widths per block (input order) that land; None when none found
     params: int | None  # their exact total
-    below: int | None  # largest exact total found under the window (when nothing lands)
-    above: int | None  # smallest exact total found over the budget (when nothing lands)
+    below: int | None  # largest total found under the window (when nothing lands)
+    above: int | None  # smallest total found over the budget (when nothing lands)
 
 
 def grid_widths(lo: int, hi: int, rule: RoundingRule) -> list[int]:
@@ -59,65 +58,74 @@ def fit_on_grid(
     """Widths for blocks with popularity `p` whose total cost lies in [low, budget].
 
     `raw` holds the unrounded widths (already clipped to the grid's range); `cost(rows, width)`
-    is one block's parameter count. The assignment minimises sum |width - raw| over all landing
-    ones the bucketed search sees.
+    is one block's parameter count. Of the landing assignments the search keeps, it returns the
+    one with the least sum |width - raw|.
     """
     order = np.argsort(-p, kind="stable")
     n, g = len(order), len(widths)
     buckets = int(np.clip(_CELLS // max(1, n * g), _MIN_BUCKETS, _MAX_BUCKETS))
-    unit = max(1.0, _SPAN * budget / buckets)
+    unit = _SPAN * budget / buckets
     exact = np.array([[cost(int(rows[i]), w) for w in widths] for i in order], dtype=np.int64)
-    steps = np.rint(exact / unit).astype(np.int64)
     dev = np.abs(np.array(widths, dtype=np.float64)[None, :] - raw[order][:, None])
 
-    # best[j, b]: least deviation of the blocks so far, the last one at widths[j], total bucket b.
+    # Cell (j, b) keeps one assignment of the blocks so far, the last at widths[j], with an exact
+    # total in bucket b: the one with the least deviation. Exact totals, so no rounding error
+    # builds up over many blocks; only assignments sharing a cell are merged.
     best = np.full((g, buckets), np.inf)
-    back = np.zeros((n, g, buckets), dtype=np.int16)  # the previous block's width index
-    for j in range(g):
-        if steps[0, j] < buckets:
-            best[j, steps[0, j]] = dev[0, j]
-    for k in range(1, n):
-        # The previous block may be any width >= this one's: suffix minimum over width indices.
-        suffix, arg = best[g - 1].copy(), np.full(buckets, g - 1, dtype=np.int16)
-        shifted = np.full((g, buckets), np.inf)
-        for j in range(g - 1, -1, -1):
-            better = best[j] < suffix
-            suffix = np.where(better, best[j], suffix)
-            arg = np.where(better, j, arg)
-            s = steps[k, j]
-            if s < buckets:
-                shifted[j, s:] = suffix[: buckets - s] + dev[k, j]
-                back[k, j, s:] = arg[: buckets - s]
-        best = shifted
+    total = np.zeros((g, buckets), dtype=np.int64)
+    back_width = np.zeros((n, g, buckets), dtype=np.int16)
+    back_bucket = np.zeros((n, g, buckets), dtype=np.int32)
 
-    def rebuild(j: int, b: int) -> tuple[np.ndarray, int]:
+    def place(k: int, j: int, devs: np.ndarray, totals: np.ndarray, width_from, bucket_from) -> None:
+        target = (totals // unit).astype(np.int64)
+        ok = target < buckets
+        target, devs, totals = target[ok], devs[ok], totals[ok]
+        width_from, bucket_from = width_from[ok], bucket_from[ok]
+        first = np.lexsort((devs, target))
+        keep = first[np.unique(target[first], return_index=True)[1]]  # least deviation per cell
+        best[j, target[keep]] = devs[keep]
+        total[j, target[keep]] = totals[keep]
+        back_width[k, j, target[keep]] = width_from[keep]
+        back_bucket[k, j, target[keep]] = bucket_from[keep]
+
+    zero = np.zeros(1, dtype=np.int64)
+    for j in range(g):
+        place(0, j, dev[0, j : j + 1], exact[0, j : j + 1], zero, zero)
+    for k in range(1, n):
+        prev_best, prev_total = best, total
+        best = np.full((g, buckets), np.inf)
+        total = np.zeros((g, buckets), dtype=np.int64)
+        # The previous block may be any width >= this one's: running minimum from the widest.
+        suffix = np.full(buckets, np.inf)
+        suffix_total = np.zeros(buckets, dtype=np.int64)
+        suffix_width = np.zeros(buckets, dtype=np.int64)
+        for j in range(g - 1, -1, -1):
+            better = prev_best[j] < suffix
+            suffix = np.where(better, prev_best[j], suffix)
+            suffix_total = np.where(better, prev_total[j], suffix_total)
+            suffix_width = np.where(better, j, suffix_width)
+            live = np.flatnonzero(np.isfinite(suffix))
+            place(k, j, suffix[live] + dev[k, j], suffix_total[live] + exact[k, j],
+                  suffix_width[live], live)
+
+    def rebuild(j: int, b: int) -> np.ndarray:
         chosen = np.empty(n, dtype=np.int64)
         for k in range(n - 1, -1, -1):
             chosen[k] = j
-            prev = int(back[k, j, b])
-            b -= int(steps[k, j])
-            j = prev
+            j, b = int(back_width[k, j, b]), int(back_bucket[k, j, b])
         dims = np.empty(n, dtype=np.int64)
         dims[order] = np.array(widths)[chosen]
-        return dims, int(exact[np.arange(n), chosen].sum())
+        return dims
 
-    final = best.min(axis=0)
-    state = best.argmin(axis=0)
-    live = np.flatnonzero(np.isfinite(final))
-    slack = n * unit / 2  # the most the bucket totals can be off by
-    window = live[(live * unit >= low - slack) & (live * unit <= budget + slack)]
-    for b in window[np.argsort(final[window], kind="stable")][:_TRIES]:
-        dims, total = rebuild(int(state[b]), int(b))
-        if low <= total <= budget:
-            return GridFit(dims, total, None, None)
-
-    def nearest(
-        candidates: np.ndarray, keep: Callable[[int], bool], pick: Callable[[list[int]], int]
-    ) -> int | None:
-        totals = [rebuild(int(state[b]), int(b))[1] for b in candidates[:_TRIES]]
-        totals = [t for t in totals if keep(t)]
-        return pick(totals) if totals else None
-
-    below = nearest(live[live * unit < low + slack][::-1], lambda t: t < low, max)
-    above = nearest(live[live * unit > budget - slack], lambda t: t > budget, min)
-    return GridFit(None, None, below, above)
+    live = np.isfinite(best)
+    landing = live & (total >= low) & (total <= budget)
+    if landing.any():
+        j, b = np.unravel_index(np.argmin(np.where(landing, best, np.inf)), best.shape)
+        return GridFit(rebuild(int(j), int(b)), int(total[j, b]), None, None)
+    under, over = total[live & (total < low)], total[live & (total > budget)]
+    return GridFit(
+        None,
+        None,
+        int(under.max()) if under.size else None,
+        int(over.min()) if over.size else None,
+    )

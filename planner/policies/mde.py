@@ -195,7 +195,9 @@ def _fit_budget(
     2. If that plan is below the window, grow one block by one rounding step at a time, taking
        the largest step that still fits (coarse steps first, so the fine ones are left to close
        the gap) but never making a block wider than a more popular one: d stays monotone in p,
-       as Alg. 3 has it. Stop when the plan lands; PlanError if no step fits before it does.
+       as Alg. 3 has it. Stop when the plan lands.
+    3. If no single step fits before it does, search the whole grid (`_search_grid`); PlanError
+       naming the nearest reachable plans if that finds none either.
     """
     what = f"budget of {budget:,} params" + (
         f" ({cfg.budget_bytes:,} bytes of fp32)" if cfg.budget_bytes is not None else ""
@@ -268,11 +270,11 @@ def _search_grid(
         near = [f"{t:,} params (budgets {t:,} to {math.floor(t / LANDING):,} land)"
                 for t in (fit.below, fit.above) if t is not None]
         raise PlanError(
-            f"embeddings: cannot land within 1% of the {what} with rounding {cfg.rounding}: no "
-            f"MDE plan on its grid (widths {widths[0]}..{widths[-1]}, non-increasing in "
-            f"popularity) has {math.ceil(LANDING * budget):,} to {budget:,} params; the nearest "
-            f"plans have {' and '.join(near) or 'none within 25%'}; set budget_params in one of "
-            "those ranges"
+            f"embeddings: cannot land within 1% of the {what} with rounding {cfg.rounding}: a "
+            f"search of its grid (widths {widths[0]}..{widths[-1]}, non-increasing in popularity) "
+            f"found no MDE plan with {math.ceil(LANDING * budget):,} to {budget:,} params; the "
+            f"nearest plans have {' and '.join(near) or 'none found'}; set the budget "
+            f"(budget_params, or {BYTES_PER_PARAM}x that in budget_bytes) in one of those ranges"
         )
     notes = [f"mde {cfg.mode}: lambda = {lam:.4g} solved for the {what}, then the rounded widths "
              f"nearest a rounding boundary moved one way or the other: plan has {fit.params:,} "
