@@ -204,3 +204,64 @@ def test_infeasible_budgets_say_why():
         plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=9_000_000)), spec, None)
     with pytest.raises(PlanError, match="cannot land within 1% .* rounding pow2"):
         plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, rounding="pow2", mde=MdeConfig(budget_params=2_000_000)), spec, zipf_counts())
+
+
+# --- budgets few large tables cannot reach by growing alone (MovieLens-100K) --------------------
+
+# The features the MovieLens converter makes from ml-100k, with its cardinalities (+1: unknown id).
+ML100K = {"userId": 944, "movieId": 1683, "gender": 3, "age": 62, "occupation": 22, "zip": 796,
+          "year": 72, "genres": 20}
+ML100K_ROWS = 58_000  # training ratings once the 3s are dropped; genres is multi-hot (~2 a row)
+
+
+def ml100k():
+    spec = DatasetSpec("ml100k", [], [SparseFeature(f, n, f == "genres") for f, n in ML100K.items()])
+    lookups = {f: ML100K_ROWS * (2 if f == "genres" else 1) for f in ML100K}
+    # Across tables only each feature's total lookups matter: p_i = lookups_i / rows_i.
+    counts = {f: np.bincount(np.arange(lookups[f]) % n, minlength=n) for f, n in ML100K.items()}
+    return spec, counts
+
+
+def monotone_grid_totals(dim):
+    """Every serving-parameter total of a multiple4 plan non-increasing in popularity (brute force)."""
+    spec, counts = ml100k()
+    rows = np.array(list(ML100K.values()))
+    p = np.array([counts[f].sum() for f in ML100K]) / rows
+    widths = np.arange(4, dim + 1, 4)
+    grid = widths[np.indices((len(widths),) * len(rows)).reshape(len(rows), -1).T]
+    ranked = grid[:, np.argsort(-p, kind="stable")]
+    grid = grid[np.all(np.diff(ranked, axis=1) <= 0, axis=1)]
+    return np.unique((grid * rows).sum(axis=1) + np.where(grid < dim, grid * dim, 0).sum(axis=1))
+
+
+@pytest.mark.parametrize("budget", [120_000, 145_000, 220_000])
+def test_budget_lands_on_movielens_100k(budget):
+    # Growing the bisection's plan one step at a time stopped at 92-98% of these budgets.
+    spec, counts = ml100k()
+    cfg = EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=budget))
+    plan = plan_dimensions(cfg, spec, counts)
+    assert 0.99 * budget <= plan.serve_params() <= budget
+    blocks = sorted((b for t in plan.tables for b in t.blocks), key=lambda b: -b.source["popularity"])
+    assert [b.dim for b in blocks] == sorted((b.dim for b in blocks), reverse=True)
+    assert all(b.dim % 4 == 0 and 4 <= b.dim <= 64 for b in blocks)
+    assert "nearest a rounding boundary moved" in plan.notes[0]
+    assert any("narrowed to fit the budget" in n for n in plan.notes)
+
+
+def test_unreachable_budget_names_the_reachable_neighbours():
+    spec, counts = ml100k()
+    totals = monotone_grid_totals(16)
+    budget = 40_000
+    assert not np.any((totals >= 0.99 * budget) & (totals <= budget))  # truly unreachable
+    below, above = totals[totals < 0.99 * budget].max(), totals[totals > budget].min()
+    cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(budget_params=budget))
+    with pytest.raises(PlanError) as err:
+        plan_dimensions(cfg, spec, counts)
+    assert (
+        f"nearest plans have {below:,} params (budgets {below:,} to {int(below / 0.99):,} land) "
+        f"and {above:,} params (budgets {above:,} to {int(above / 0.99):,} land)"
+    ) in str(err.value)
+    # ... and the budgets it names are met.
+    for reachable in (int(below), int(above / 0.99)):
+        cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(budget_params=reachable))
+        assert 0.99 * reachable <= plan_dimensions(cfg, spec, counts).serve_params() <= reachable

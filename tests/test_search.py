@@ -7,6 +7,11 @@ from embshard.planner.search import HOST_LOCAL_TYPES, Search, SearchPolicy
 from embshard.planner.shard_plan import block_table_configs, make_constraints
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
+from embshard.planner.torchrec_parts import BucketIndexedEnumerator, FirstPlacedProposer
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 
 CLUSTER = TopologySpec(world_size=64, device="cuda", device_memory_gb=80, local_world_size=8)
@@ -58,3 +63,69 @@ def test_uvm_kernels_stay_when_tables_outgrow_hbm() -> None:
     search = _search([(1_000_000_000, 64)] * 100, CLUSTER)
     assert all(c.compute_kernels is None for c in search.constraints.values())
     assert "fused kernel only" not in search.notes[0]
+
+
+# --- cluster scale: thousands of tables on hundreds of ranks ------------------------------------
+
+CLUSTER_1024 = TopologySpec(world_size=1024, device="cuda", device_memory_gb=80, local_world_size=8)
+
+
+def test_cluster_scale_places_fair_share_tables_whole_and_splits_rows_only_past_a_rank() -> None:
+    # 5,000 tables on 1,024 ranks (>= 4 per rank): 4,998 small tables, one larger than the fair
+    # share (but within a rank) and one larger than a rank (~200 GiB with state, within a host).
+    tables = [(100_000, 64)] * 4998 + [(20_000_000, 64), (400_000_000, 64)]
+    search = _search(tables, CLUSTER_1024)
+    assert [type(p) for p in search.proposers] == [FirstPlacedProposer]
+    assert search.constraints["t0"].sharding_types == ["table_wise"]
+    assert set(search.constraints["t4998"].sharding_types) == set(HOST_LOCAL_TYPES) - {"table_row_wise"}
+    assert set(search.constraints["t4999"].sharding_types) == set(HOST_LOCAL_TYPES)
+    assert "table_wise only for tables within a rank's fair share" in search.notes[0]
+
+
+def test_below_cluster_scale_keeps_greedy_and_uniform_proposers() -> None:
+    search = _search([(1_000_000, 64)] * 700, CLUSTER)  # 44,800 table-ranks
+    assert [type(p) for p in search.proposers] == [GreedyProposer, UniformProposer]
+    assert "table_row_wise" in search.constraints["t0"].sharding_types
+
+
+def test_bucket_index_answers_as_torchrecs_scan() -> None:
+    configs = [
+        EmbeddingBagConfig(name="plain", embedding_dim=8, num_embeddings=100, feature_names=["a"]),
+        EmbeddingBagConfig(
+            name="virtual", embedding_dim=8, num_embeddings=100, feature_names=["b"],
+            use_virtual_table=True, total_num_buckets=10,
+        ),
+    ]
+    ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    topology = TopologySpec(world_size=2).to_torchrec()
+    ours = BucketIndexedEnumerator(topology=topology, batch_size=8)
+    theirs = EmbeddingEnumerator(topology=topology, batch_size=8)
+    for name in ("plain", "virtual", "missing"):
+        assert ours._get_num_buckets(name, ebc) == theirs._get_num_buckets(name, ebc)
+    assert ours._get_num_buckets("virtual", ebc) == 10
+
+
+def test_first_placed_proposer_walks_greedys_sequence_and_stops_once_placed() -> None:
+    configs = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=10_000, feature_names=[f"f{i}"])
+        for i in range(3)
+    ]
+    ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    topology = TopologySpec(world_size=4, device="cuda", local_world_size=2).to_torchrec()
+    space = BucketIndexedEnumerator(topology=topology, batch_size=8).enumerate(
+        ebc, [EmbeddingBagCollectionSharder()]
+    )
+    ours, greedy = FirstPlacedProposer(), GreedyProposer()
+    ours.load(space)
+    greedy.load(space)
+    first = ours.propose()
+    assert first == greedy.propose() and len(first) == 3  # every table at its best-rated option
+    # Not placeable: the next proposal is GreedyProposer's next one, a different plan.
+    ours.feedback(partitionable=False)
+    greedy.feedback(partitionable=False)
+    second = ours.propose()
+    assert second == greedy.propose() and second != first
+    ours.feedback(partitionable=True, plan=second, perf_rating=1.0)
+    assert ours.propose() is None  # placed: nothing more to try
+    ours.load(space)
+    assert ours.propose() == first  # a new load starts over

@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 import pytest
+from embshard.planner.memory import memory_report
 from embshard.planner.shard_plan import ShardPlan, make_constraints, plan_sharding
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -113,3 +114,34 @@ def test_check_matches_rejects_other_world_size_and_tables(small) -> None:
     other = DimensionPlan(base_dim=16, tables=[_table("a", 20_000, 16), _table("z", 100, 16)])
     with pytest.raises(PlanError, match=r"missing \['z'\], extra \['b__b0'"):
         shard_plan.check_matches(other, 2)
+
+
+@pytest.mark.slow  # a few seconds: TorchRec's planner over 600 tables
+def test_cluster_scale_plan_places_every_table_and_its_memory_report_adds_up() -> None:
+    # 600 tables on 128 ranks of 16 hosts: past the cluster-scale limit, like 10,000 x 1,024.
+    topology = TopologySpec(world_size=128, device="cuda", device_memory_gb=80, local_world_size=8)
+    plan = _generated(600, seed=1)
+    shard_plan = plan_sharding(plan, topology, batch_size=512)
+    assert any("FirstPlacedProposer" in n for n in shard_plan.notes)
+
+    widths = {t.name: t.blocks[0].dim for t in plan.tables}
+    rows = {t.name: t.num_embeddings for t in plan.tables}
+    assert set(shard_plan.sharding) == set(widths)
+    for name, ps in shard_plan.sharding.items():
+        assert set(ps.ranks) <= set(range(128))
+        covered = sum(s.shard_sizes[0] * s.shard_sizes[1] for s in ps.sharding_spec.shards)
+        assert covered == rows[name] * widths[name]  # every row and column placed exactly once
+
+    report = memory_report(plan, shard_plan, "rowwise_adagrad")
+    report.check_fits()  # no rank over its capacity
+    assert all(r["train_bytes"] <= report.capacity_bytes for r in report.per_rank.values())
+    # Rank totals are the tables' weights plus row-wise Adagrad's one scalar per row and shard.
+    weights = sum(rows[n] * widths[n] * 4 for n in widths)
+    assert sum(s.weight_bytes for s in report.shards) == weights
+    assert sum(r["train_bytes"] for r in report.per_rank.values()) == sum(
+        s.weight_bytes + s.optimizer_bytes for s in report.shards
+    ) + 128 * report.projection_bytes
+    by_rank = Counter()
+    for s in report.shards:
+        by_rank[s.rank] += s.weight_bytes + s.optimizer_bytes
+    assert all(by_rank[r] + report.projection_bytes == v["train_bytes"] for r, v in report.per_rank.items())

@@ -28,6 +28,7 @@ import numpy as np
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
 from embshard.config import EmbeddingsConfig
+from embshard.planner.grid_fit import fit_on_grid, grid_widths
 from embshard.planner.remap import frequency_ranking, save_remap
 from embshard.planner.rounding import Rounded, round_width, step_up
 from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
@@ -119,8 +120,9 @@ def mde_plan(
             if rounded[i].note:
                 notes.append(f"{name} block {j}: {rounded[i].note}")
             if dims[i] != rounded[i].value:
+                moved = "grown" if dims[i] > rounded[i].value else "narrowed"
                 notes.append(
-                    f"{name} block {j}: {rounded[i].value} -> {dims[i]} (grown to fill the budget)"
+                    f"{name} block {j}: {rounded[i].value} -> {dims[i]} ({moved} to fit the budget)"
                 )
             source = {
                 "policy": "mde", "mode": cfg.mde.mode, "alpha": cfg.mde.alpha, "lambda": lam,
@@ -193,7 +195,9 @@ def _fit_budget(
     2. If that plan is below the window, grow one block by one rounding step at a time, taking
        the largest step that still fits (coarse steps first, so the fine ones are left to close
        the gap) but never making a block wider than a more popular one: d stays monotone in p,
-       as Alg. 3 has it. Stop when the plan lands; PlanError if no step fits before it does.
+       as Alg. 3 has it. Stop when the plan lands.
+    3. If no single step fits before it does, search the whole grid (`_search_grid`); PlanError
+       naming the nearest reachable plans if that finds none either.
     """
     what = f"budget of {budget:,} params" + (
         f" ({cfg.mde.budget_bytes:,} bytes of fp32)" if cfg.mde.budget_bytes is not None else ""
@@ -240,15 +244,39 @@ def _fit_budget(
             if params + delta <= budget and (best is None or delta > best[1]):
                 best = (k, delta)
         if best is None:
-            raise PlanError(
-                f"embeddings: cannot land within 1% of the {what} with rounding "
-                f"{cfg.rounding}: the closest plan has {params:,} params ({params / budget:.1%}) "
-                "and every further rounding step overshoots; change the budget or use a finer "
-                "rounding"
-            )
+            return lo, rounded, *_search_grid(p, rows, budget, lo, cfg, what)
         ranked[best[0]] = step_up(ranked[best[0]], cfg.rounding)
         params += best[1]
     dims[order] = ranked
     notes = [f"mde {cfg.mde.mode}: lambda = {lo:.4g} solved for the {what}: plan has "
              f"{params:,} serving params ({params / budget:.2%} of the budget)"]
     return lo, rounded, dims, notes
+
+
+def _search_grid(
+    p: np.ndarray, rows: np.ndarray, budget: int, lam: float, cfg: EmbeddingsConfig, what: str
+) -> tuple[np.ndarray, list[str]]:
+    """When growing alone cannot land, search steps up and down over the whole rounding grid.
+
+    Few, large tables make every single step move the total by percents (MovieLens-100K at
+    multiple4), yet a mix of steps up and down can land; if none can, say which budgets can.
+    """
+    raw = np.clip(mde_dims(p, cfg.mde.alpha, lam), cfg.min_dim, cfg.dim)
+    widths = grid_widths(cfg.min_dim, cfg.dim, cfg.rounding)
+    fit = fit_on_grid(
+        p, raw, lambda n, d: block_cost(n, d, cfg.dim), rows, widths, LANDING * budget, budget
+    )
+    if fit.dims is None:
+        near = [f"{t:,} params (budgets {t:,} to {math.floor(t / LANDING):,} land)"
+                for t in (fit.below, fit.above) if t is not None]
+        raise PlanError(
+            f"embeddings: cannot land within 1% of the {what} with rounding {cfg.rounding}: a "
+            f"search of its grid (widths {widths[0]}..{widths[-1]}, non-increasing in popularity) "
+            f"found no MDE plan with {math.ceil(LANDING * budget):,} to {budget:,} params; the "
+            f"nearest plans have {' and '.join(near) or 'none found'}; set the budget "
+            f"(mde.budget_params, or {BYTES_PER_PARAM}x that in mde.budget_bytes) in one of those ranges"
+        )
+    notes = [f"mde {cfg.mde.mode}: lambda = {lam:.4g} solved for the {what}, then the rounded widths "
+             f"nearest a rounding boundary moved one way or the other: plan has {fit.params:,} "
+             f"serving params ({fit.params / budget:.2%} of the budget)"]
+    return fit.dims, notes
