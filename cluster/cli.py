@@ -9,18 +9,21 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster import autodim_cli, export_cli, pep_cli
-from embshard.cluster.cli_args import config_arguments
+from embshard.cluster import autodim_cli, console, export_cli, pep_cli
+from embshard.cluster.cli_args import config_arguments, verbose_argument
 from embshard.datasets import cli as data_cli
 
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, first_line
 
+EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    console.set_verbose(getattr(args, "verbose", False))
     try:
         return int(args.func(args) or 0)
     except EmbshardError as e:
@@ -28,7 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        # A crash, not bad input: one line here, the whole traceback in the run's log. Before a
+        # run has a log (or with --verbose) the traceback goes to the console as Python prints it.
+        log = console.record_error(e)
+        if log is None or console.is_verbose():
+            raise
+        print(f"embshard: crashed: {first_line(e)} (full traceback: {log})", file=sys.stderr)
+        return EXIT_CRASH
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +82,7 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR",
                    help="resume from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
                         "also works on another worker count (the tables are resharded)")
+    verbose_argument(p)
     p.set_defaults(func=_train)
 
 

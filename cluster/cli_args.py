@@ -13,3 +13,10 @@ def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config 
                    help=f"override a config field, e.g. --set {set_example} (repeatable)")
     if workers:
         p.add_argument("--workers", type=int, help="Ray Train workers (default: cluster.workers)")
+
+
+def verbose_argument(p: argparse.ArgumentParser) -> None:
+    """For verbs that run on Ray: by default the console shows only what a person acts on."""
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and the libraries' output on the console "
+                        "(it always goes to <output_dir>/logs/embshard.log)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import secrets
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -28,10 +29,12 @@ from embshard.trainer.checkpoint import (
 from embshard.trainer.config import JobConfig
 from embshard.trainer.loop import SUMMARY_FILE
 from embshard.trainer.restarts import reset_starts
+from ray.exceptions import RayError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from embshard.errors import EmbshardError
+from embshard.cluster import console
+from embshard.errors import EmbshardError, first_line
 from embshard.typed_config import from_dict, to_dict
 
 
@@ -96,8 +99,14 @@ WORKERS = {
 }
 
 
+class TrainingCrashed(Exception):
+    """A worker or Ray itself failed for a reason other than bad input; the message is one line,
+    the chained exception holds every worker's traceback."""
+
+
 def _worker_entry(config: dict[str, Any]) -> None:
     # Runs in the Ray worker process: the worker's module is imported there.
+    console.mark_console()
     module, _, name = WORKERS[config["worker"]].partition(":")
     worker = getattr(importlib.import_module(module), name)
     cfg = from_dict(JobConfig, config["job"])
@@ -127,7 +136,15 @@ def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
         pep=replace(cfg.pep, out=str(cfg.pep_dir.resolve())) if cfg.pep else None,
     )
     reset_starts(output)
-    _init_ray(cfg)
+    with console.run_log(output):
+        _init_ray(cfg)
+        console.route_worker_output()
+        _fit(cfg, worker, output)
+    # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
+    return json.loads((output / SUMMARY_FILE).read_text())
+
+
+def _fit(cfg: JobConfig, worker: str, output: Path) -> None:
     use_gpu = cfg.sharding.device == "cuda"
     trainer = TorchTrainer(
         _worker_entry,
@@ -146,13 +163,12 @@ def train_on_ray(cfg: JobConfig, worker: str = "train") -> dict[str, Any]:
     )
     try:
         trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; surface the worker's own message
-        cause = _root_cause(e)
+    except Exception as e:  # Ray Train's wrapper of the workers' (or its controller's) errors
+        cause = worker_error(e)
         if isinstance(cause, EmbshardError):
+            console.record_error(e)  # the workers' tracebacks, for whoever debugs the reader
             raise cause from None
-        raise
-    # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
-    return json.loads((output / SUMMARY_FILE).read_text())
+        raise TrainingCrashed(first_line(cause)) from e
 
 
 def _init_ray(cfg: JobConfig) -> None:
@@ -161,6 +177,7 @@ def _init_ray(cfg: JobConfig) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return
+    _private_token_auth()
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
@@ -174,12 +191,54 @@ def _init_ray(cfg: JobConfig) -> None:
     )
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        nxt = e.__cause__ or e.__context__ or getattr(e, "cause", None)
-        if nxt is None:
-            break
-        e = nxt
-    return e
+def _private_token_auth() -> None:
+    """Token auth for the local in-process cluster, with a token only this process tree knows.
+
+    Ray 2.60's GCS, raylet and worker gRPC servers listen on every interface whatever the node IP
+    (`_node_ip_address="127.0.0.1"` is rewritten to the host's address, and the servers bind
+    0.0.0.0/:: regardless), so binding to loopback cannot close them; a token can: without it
+    every connection is refused. Nothing outside this process tree needs to join this cluster,
+    so the token is fresh per run and written nowhere (Ray's default would store one in
+    ~/.ray/auth_token). A token the user configured (RAY_AUTH_MODE=token) is kept."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray read the environment when it was imported; children (GCS, raylet, workers) inherit it.
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def worker_error(e: BaseException) -> BaseException:
+    """What a worker really raised, out of Ray Train's wrappers (a worker-group error holding
+    per-rank failures, task errors holding causes): the first EmbshardError found (its message
+    names the bad input; it may itself be caused by a library error), else the first root cause."""
+    stack, seen, roots = [e], set(), []
+    while stack:  # depth first, lowest rank first: a root cause is that rank's own
+        err = stack.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        # Ray re-raises a worker's error as a subclass of both RayTaskError and its own class,
+        # whose message is the whole traceback: look inside it for the original.
+        if isinstance(err, EmbshardError) and not isinstance(err, RayError):
+            return err
+        inner = _inner_errors(err)
+        if not inner:
+            roots.append(err)
+        stack.extend(reversed(inner))
+    return roots[0] if roots else e
+
+
+def _inner_errors(err: BaseException) -> list[BaseException]:
+    failures = getattr(err, "worker_failures", None) or {}
+    candidates = [
+        *(failures[rank] for rank in sorted(failures)),
+        getattr(err, "controller_failure", None),
+        getattr(err, "cause", None),
+        err.__cause__,
+        None if err.__suppress_context__ else err.__context__,
+    ]
+    return [c for c in candidates if isinstance(c, BaseException)]

@@ -11,7 +11,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster.cli_args import config_arguments
+from embshard.cluster.cli_args import config_arguments, verbose_argument
 
 from embshard.errors import ConfigError
 
@@ -28,6 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                      workers=True)
     p.add_argument("--targets", type=parse_targets, metavar="F,F,...",
                    help="fractions of the dense embedding parameters to keep, e.g. 0.5,0.2,0.1,0.03")
+    verbose_argument(p)
     p.set_defaults(func=prune_pep)
 
 
