@@ -7,9 +7,10 @@ tracebacks -- goes to `<output_dir>/logs/embshard.log` (appended to, never repla
 to the console as well with `--verbose`.
 
 Workers cannot choose what Ray forwards: Ray sends every line a worker process writes to the
-driver. So the training code's own console output is marked in the worker (`mark_console`, the
-streams `print` and the progress bar write to) and the driver shows only marked lines; log
-handlers made before the swap, and C++ code writing to fd 2, keep the unmarked streams.
+driver. So the training code's own console output is marked in the worker (`mark_console`: the
+sys.stdout/sys.stderr that `print` and the progress bar write to) and the driver shows only
+marked lines. Log handlers (Ray's look sys.stderr up when they emit) and C++ code writing to fd 2
+stay unmarked.
 """
 
 from __future__ import annotations
@@ -43,11 +44,6 @@ def set_verbose(verbose: bool) -> None:
 
 def is_verbose() -> bool:
     return _verbose
-
-
-def current_log() -> Path | None:
-    """The log file of the run in progress (or the last one) in this process, if any."""
-    return _current_log
 
 
 # Ray's log handlers in a worker write to whatever sys.stderr is when they emit: what a log

@@ -1,9 +1,12 @@
 """`embshard submit` against a real `ray start --head` on this machine: the job trains, its logs
-stream back, and the exit status is the job's."""
+stream back, and the exit status is the job's. The head needs a token, as a cluster on a network
+should: Ray 2.60 rewrites `--node-ip-address=127.0.0.1` to the host's address and its servers
+listen on every interface, so a token is what keeps other hosts' clients out."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -26,7 +29,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,10 @@ NOISE = ("Successfully loaded", "PlacementGroupCleaner", "PreemptionWatcher", "c
          "is_fx_tracing", "Setting up process group", "TrainController", "RayTrainWorker")
 
 
-def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([*EMBSHARD, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+def _run(*args: str, cwd: Path = REPO, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    done = subprocess.run([*EMBSHARD, *args], cwd=cwd, env=env, capture_output=True, timeout=600)
+    # Decoded by hand: text=True would turn a progress bar's "\r" redraws into line breaks.
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 def test_train_through_ray_learns(tmp_path):
@@ -87,11 +89,9 @@ def test_bad_input_in_a_worker_is_one_line(tmp_path):
 
 def test_a_worker_crash_is_one_line_and_a_log(tmp_path):
     data, run = profiled_synth(tmp_path / "data", rows=6000, max_cardinality=2000), tmp_path / "run"
-    env = {**ENV, "EMBSHARD_CRASH_AT": "1:2"}  # rank 1 dies (os._exit) after step 2; no restarts
-    train = subprocess.run([*EMBSHARD, "train", "configs/default.yaml", "--workers", "2",
-                            "--set", f"data.path={data}", "--set", f"output_dir={run}",
-                            "--set", "data.batch_size=512"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512",
+                 env={**ENV, "EMBSHARD_CRASH_AT": "1:2"})  # rank 1 dies (os._exit) after step 2
     lines = train.stderr.strip().split("\n")
     log = run / "logs" / "embshard.log"
     assert train.returncode == 1, train.stderr[-3000:]
