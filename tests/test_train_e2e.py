@@ -98,3 +98,15 @@ def test_a_worker_crash_is_one_line_and_a_log(tmp_path):
     assert lines[-1].startswith("embshard: crashed: ") and lines[-1].endswith(f"(full traceback: {log.resolve()})")
     assert len(lines) <= 3 and "Traceback" not in train.stderr, train.stderr
     assert "Traceback" in log.read_text()
+
+
+def test_verbose_shows_what_the_log_keeps(tmp_path):
+    data, run = profiled_synth(tmp_path / "data", rows=6000, max_cardinality=2000), tmp_path / "run"
+    train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512", "--set", "train.max_steps=2",
+                 "--verbose")
+    assert train.returncode == 0, train.stderr[-3000:]
+    console = train.stdout + train.stderr
+    assert "(RayTrainWorker pid=" in console and "Successfully loaded" in console
+    assert "validation AUC" in train.stdout
+    assert "Successfully loaded" in (run / "logs" / "embshard.log").read_text()
