@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         log = console.record_error(e)
         if log is None or console.is_verbose():
             raise
-        print(f"embshard: crashed: {first_line(e)} (full traceback: {log})", file=sys.stderr)
+        line = str(e) if isinstance(e, console.Crashed) else first_line(e)
+        print(f"embshard: crashed: {line} (full traceback: {log})", file=sys.stderr)
         return EXIT_CRASH
 
 

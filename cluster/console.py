@@ -27,13 +27,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 LOG_FILE = Path("logs") / "embshard.log"
-# Starts every line a worker means for the console; the driver strips it. A control character
-# and a name: nothing else a worker prints starts that way.
+# Starts every line (and progress-bar redraw) a worker means for the console; the driver strips
+# it. A control character around a name: nothing else a worker prints contains it.
 MARK = "\x1eembshard\x1e"
 _HANDLER_NAME = "embshard_console"
 
 _verbose = False
 _current_log: Path | None = None
+
+
+class Crashed(Exception):
+    """A failure that is not bad input (a worker died, a bug), already summed up in one line;
+    the details are in the chained exception and in the run's log."""
 
 
 def set_verbose(verbose: bool) -> None:

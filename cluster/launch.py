@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from embshard.trainer.checkpoint import (
 from embshard.trainer.config import JobConfig
 from embshard.trainer.loop import SUMMARY_FILE
 from embshard.trainer.restarts import reset_starts
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -99,11 +99,6 @@ WORKERS = {
 }
 
 
-class TrainingCrashed(Exception):
-    """A worker or Ray itself failed for a reason other than bad input; the message is one line,
-    the chained exception holds every worker's traceback."""
-
-
 def _worker_entry(config: dict[str, Any]) -> None:
     # Runs in the Ray worker process: the worker's module is imported there.
     console.mark_console()
@@ -164,11 +159,11 @@ def _fit(cfg: JobConfig, worker: str, output: Path) -> None:
     try:
         trainer.fit()
     except Exception as e:  # Ray Train's wrapper of the workers' (or its controller's) errors
-        cause = worker_error(e)
-        if isinstance(cause, EmbshardError):
+        failure = worker_error(e)
+        if isinstance(failure.error, EmbshardError):
             console.record_error(e)  # the workers' tracebacks, for whoever debugs the reader
-            raise cause from None
-        raise TrainingCrashed(first_line(cause)) from e
+            raise failure.error from None
+        raise console.Crashed(failure.summary()) from e  # the cause holds every worker's traceback
 
 
 def _init_ray(cfg: JobConfig) -> None:
@@ -211,34 +206,51 @@ def _private_token_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def worker_error(e: BaseException) -> BaseException:
+@dataclass(frozen=True)
+class WorkerFailure:
+    error: BaseException
+    rank: int | None  # None: not raised by a training worker (Ray Train's controller, the driver)
+
+    def summary(self) -> str:
+        return first_line(self.error) if self.rank is None else f"rank {self.rank}: {first_line(self.error)}"
+
+
+def worker_error(e: BaseException) -> WorkerFailure:
     """What a worker really raised, out of Ray Train's wrappers (a worker-group error holding
     per-rank failures, task errors holding causes): the first EmbshardError found (its message
-    names the bad input; it may itself be caused by a library error), else the first root cause."""
-    stack, seen, roots = [e], set(), []
-    while stack:  # depth first, lowest rank first: a root cause is that rank's own
-        err = stack.pop()
+    names the bad input; it may itself be caused by a library error), else a worker process that
+    died (the other ranks' errors are its echo: a collective lost its peer), else the lowest
+    rank's root cause."""
+    stack: list[tuple[int | None, BaseException]] = [(None, e)]
+    seen: set[int] = set()
+    roots: list[WorkerFailure] = []
+    died: WorkerFailure | None = None
+    while stack:  # depth first, lowest rank first
+        rank, err = stack.pop()
         if id(err) in seen:
             continue
         seen.add(id(err))
         # Ray re-raises a worker's error as a subclass of both RayTaskError and its own class,
         # whose message is the whole traceback: look inside it for the original.
         if isinstance(err, EmbshardError) and not isinstance(err, RayError):
-            return err
+            return WorkerFailure(err, rank)
+        if isinstance(err, RayActorError) and not isinstance(err, RayTaskError) and died is None:
+            died = WorkerFailure(err, rank)
         inner = _inner_errors(err)
         if not inner:
-            roots.append(err)
-        stack.extend(reversed(inner))
-    return roots[0] if roots else e
+            roots.append(WorkerFailure(err, rank))
+        stack.extend((rank if r is None else r, x) for r, x in reversed(inner))
+    return died or (roots[0] if roots else WorkerFailure(e, None))
 
 
-def _inner_errors(err: BaseException) -> list[BaseException]:
+def _inner_errors(err: BaseException) -> list[tuple[int | None, BaseException]]:
     failures = getattr(err, "worker_failures", None) or {}
-    candidates = [
-        *(failures[rank] for rank in sorted(failures)),
+    others = [
         getattr(err, "controller_failure", None),
+        getattr(err, "health_check_failure", None),  # a worker that died: its ActorDiedError
         getattr(err, "cause", None),
         err.__cause__,
         None if err.__suppress_context__ else err.__context__,
     ]
-    return [c for c in candidates if isinstance(c, BaseException)]
+    return [*((rank, failures[rank]) for rank in sorted(failures)),
+            *((None, x) for x in others if isinstance(x, BaseException))]

@@ -64,8 +64,8 @@ def test_worker_error_finds_the_input_error_inside_ray_wrappers():
         pass
     err = _worker_group_error({1: bad, 0: RuntimeError("collective aborted: peer 1 gone")})
     found = worker_error(err)
-    assert found is bad and not isinstance(found, RayError)
-    assert str(found) == "part-0.parquet: column 'C2', row 123: id -7 outside [0, 583)"
+    assert found.error is bad and not isinstance(found.error, RayError) and found.rank == 1
+    assert str(found.error) == "part-0.parquet: column 'C2', row 123: id -7 outside [0, 583)"
 
 
 def test_worker_error_without_input_error_is_the_first_ranks_root_cause():
@@ -79,7 +79,24 @@ def test_worker_error_without_input_error_is_the_first_ranks_root_cause():
     except RuntimeError as e:
         crash = e
     found = worker_error(_worker_group_error({1: ValueError("later rank"), 0: crash}))
-    assert isinstance(found, OSError) and str(found) == "disk full"
+    assert isinstance(found.error, OSError) and found.summary() == "rank 0: OSError: disk full"
+
+
+def test_worker_error_prefers_the_worker_that_died():
+    from embshard.cluster.launch import worker_error
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    # As Ray Train reports a killed worker: its health check failed with the actor's death, while
+    # its peer's collective lost the connection.
+    echo = _worker_group_error({0: RuntimeError("gloo: connection closed by peer")}).worker_failures[0]
+    died = ActorDiedError()
+    err = WorkerGroupError("Training failed due to worker errors",
+                           {0: echo, 1: WorkerHealthCheckFailedError("health check failed", failure=died)})
+    found = worker_error(err)
+    assert found.error is died and found.rank == 1
+    assert found.summary().startswith("rank 1: ActorDiedError: ")
 
 
 @pytest.mark.parametrize("argv", [["train", "c.yaml", "--verbose"], ["prune", "pep", "c.yaml", "--verbose"],
