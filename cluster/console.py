@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 LOG_FILE = Path("logs") / "embshard.log"
-# Starts every line (and progress-bar redraw) a worker means for the console; the driver strips
-# it. A control character around a name: nothing else a worker prints contains it.
-MARK = "\x1eembshard\x1e"
+# Around every piece of text a worker means for the console (a line, a progress-bar redraw); the
+# driver shows what is inside and drops the rest of the line: a log handler may write on the same
+# line as a redraw that has no newline yet. Control characters around a name: nothing else a
+# worker prints contains them.
+START, END = "\x1eembshard:", ":embshard\x1f"
+_MARKED = re.compile(re.escape(START) + "(.*?)" + re.escape(END), re.DOTALL)
 _HANDLER_NAME = "embshard_console"
 
 _verbose = False
@@ -57,25 +60,24 @@ _NOT_CONSOLE = {logging.__file__}
 
 
 class _MarkedStream(io.TextIOBase):
-    """Writes through to `inner`, starting every line with MARK unless a log handler writes."""
+    """Writes through to `inner`, each line or redraw between START and END, unless a log handler
+    writes."""
 
     def __init__(self, inner: TextIO) -> None:
         self.inner = inner
-        self._at_line_start = True
 
     def write(self, text: str) -> int:
         if sys._getframe(1).f_code.co_filename in _NOT_CONSOLE:
             self.inner.write(text)
             return len(text)
         out = []
-        # A progress bar redraws its line after "\r" without ending it, and Ray forwards such
-        # partial lines as they come: each redraw needs its own mark.
+        # Ray forwards lines, and partial lines (a progress bar's "\r" redraws) as they come: no
+        # marked piece may span a newline, and each redraw is a piece of its own.
         for piece in re.split(r"(?<=\n)|(?=\r)", text):
-            if piece:
-                if self._at_line_start or piece.startswith("\r"):
-                    out.append(MARK)
-                out.append(piece)
-                self._at_line_start = piece.endswith("\n")
+            body = piece.removesuffix("\n")
+            if body:
+                out.append(START + body + END)
+            out.append(piece[len(body):])
         self.inner.write("".join(out))
         return len(text)
 
@@ -99,7 +101,11 @@ def mark_console() -> None:
 
 
 def _console_lines(lines: list[str]) -> list[str]:
-    return [line.replace(MARK, "") for line in lines if MARK in line]
+    return ["".join(_MARKED.findall(line)) for line in lines if START in line]
+
+
+def _unmarked(line: str) -> str:
+    return line.replace(START, "").replace(END, "")
 
 
 class _RayOutput:
@@ -110,7 +116,7 @@ class _RayOutput:
         self.ray_print = ray_print  # Ray's own printer (prefixes, dedup), used with --verbose
 
     def __call__(self, data: dict[str, Any]) -> None:
-        lines = [line.replace(MARK, "") for line in data.get("lines", [])]
+        lines = [_unmarked(line) for line in data.get("lines", [])]
         if _current_log is not None:
             who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
             with open(_current_log, "a", encoding="utf-8") as log:

@@ -8,7 +8,7 @@ import logging
 
 import pyarrow as pa
 import pytest
-from embshard.cluster.console import MARK, _console_lines, _MarkedStream
+from embshard.cluster.console import END, START, _console_lines, _MarkedStream
 from embshard.errors import DataError
 
 
@@ -21,8 +21,9 @@ def test_marked_stream_marks_lines_and_progress_redraws():
     out.write("step 7: valid AUC 0.51\nresumed")
     out.write(" from step 3\n")
     text = inner.getvalue()
-    # Ray forwards partial lines as they come: every redraw after \r must carry its own mark.
-    assert text.count(MARK) == 4
+    # Ray forwards partial lines as they come: every write, and every redraw after \r, is marked
+    # on its own.
+    assert text.count(START) == text.count(END) == 5
     assert _console_lines(text.split("\n")) == ["\r  0%|\r 50%|", "step 7: valid AUC 0.51", "resumed from step 3"]
     # A log handler's writes (Ray's worker handler looks sys.stderr up when it emits) pass through
     # unmarked: they are log lines.
@@ -32,9 +33,13 @@ def test_marked_stream_marks_lines_and_progress_redraws():
         logging.getLogger("embshard.test").warning("Successfully loaded: 'fbgemm_gpu_py.so'")
     finally:
         logging.getLogger("embshard.test").removeHandler(handler)
-    assert inner.getvalue()[len(text):].count(MARK) == 0 and "fbgemm_gpu_py" in inner.getvalue()
+    assert START not in inner.getvalue()[len(text):] and "fbgemm_gpu_py" in inner.getvalue()
     # what Ray's log monitor hands over when it splits the bar's redraws into separate reads
-    assert _console_lines([MARK + "\r 50%|", "Successfully loaded: 'fbgemm_gpu_py.so'"]) == ["\r 50%|"]
+    assert _console_lines([START + "\r 50%|" + END, "Successfully loaded: 'fbgemm_gpu_py.so'"]) == ["\r 50%|"]
+    # A log line written right after a redraw that had no newline yet shares its line: only the
+    # redraw is shown.
+    torch_warning = "[rank0]:W1202 torch/fx/_symbolic_trace.py:56] is_fx_tracing will return true"
+    assert _console_lines([START + "\r  0%|" + END + torch_warning]) == ["\r  0%|"]
 
 
 def _worker_group_error(failures: dict[int, BaseException]) -> BaseException:
