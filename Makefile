@@ -3,8 +3,9 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip -q --disable-pip-version-check
 STAMP   := .venv/.embshard-installed
 REQS    := $(wildcard requirements/*.txt) pyproject.toml
-# Ray 2.60 enables token auth by default; the local in-process cluster, `ray start` in the tests
-# and `ray job submit` must agree, so one setting is exported for every target.
+# Ray 2.60 enables token auth by default (and stores a token in ~/.ray); `embshard submit` and the
+# cluster it submits to must agree. The local in-process cluster of `embshard train` ignores this:
+# it always runs with a private per-run token (cluster/launch.py:_private_token_auth).
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 OUT     ?= outputs/default

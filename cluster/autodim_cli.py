@@ -11,7 +11,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster.cli_args import config_arguments
+from embshard.cluster.cli_args import config_arguments, verbose_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config_arguments(p, "job config (YAML) with an autodim: section", "autodim.alpha_every=5", workers=True)
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="decisions file to write (default: autodim.decisions, else <output_dir>/decisions.json)")
+    verbose_argument(p)
     p.set_defaults(func=_autodim)
 
 

@@ -9,12 +9,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster import autodim_cli, config_cli, export_cli, pep_cli
-from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments
+from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli
+from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, verbose_argument
 from embshard.datasets import cli as data_cli
 
-from embshard.errors import EmbshardError, Interrupted
+from embshard.errors import EmbshardError, Interrupted, first_line
 
+EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
@@ -22,6 +23,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    console.set_verbose(getattr(args, "verbose", False))
     try:
         return int(args.func(args) or 0)
     except EmbshardError as e:
@@ -33,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:
+        # A crash, not bad input: one line here, the whole traceback in the run's log. Before a
+        # run has a log (or with --verbose) the traceback goes to the console as Python prints it.
+        log = console.record_error(e)
+        if log is None or console.is_verbose():
+            raise
+        line = str(e) if isinstance(e, console.Crashed) else first_line(e)
+        print(f"embshard: crashed: {line} (full traceback: {log})", file=sys.stderr)
+        return EXIT_CRASH
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +93,7 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument(ADOPT_FLAG, action="store_true", dest="adopt_checkpoint_config",
                    help="when resuming, take the model config (embeddings, model, PEP/AutoDim structure) "
                         "from the checkpoint instead of refusing a config that differs from it")
+    verbose_argument(p)
     p.set_defaults(func=_train)
 
 

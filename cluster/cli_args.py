@@ -27,3 +27,10 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def verbose_argument(p: argparse.ArgumentParser) -> None:
+    """For verbs that run on Ray: by default the console shows only what a person acts on."""
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and the libraries' output on the console "
+                        "(it always goes to <output_dir>/logs/embshard.log)")

@@ -7,8 +7,8 @@ So it assumes the cluster's head node shares this machine's filesystem and venv:
 paths in the config then mean what they mean here.
 
 Auth: Ray 2.60 turns token auth on by default; `ray start`, this client and the job's driver
-must agree. The job inherits RAY_AUTH_MODE from the submitting shell (the Makefile and the tests
-use `disabled`, for a cluster reachable only from 127.0.0.1).
+must agree. The job inherits RAY_AUTH_MODE from the submitting shell; its token comes from the
+cluster's own environment (tests/test_jobs.py starts its head with a fresh one).
 """
 
 from __future__ import annotations

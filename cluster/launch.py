@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,12 @@ from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import get_method, method_name
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from embshard.errors import EmbshardError, Interrupted
+from embshard.cluster import console
+from embshard.errors import EmbshardError, Interrupted, first_line
 from embshard.typed_config import from_dict, to_dict
 
 
@@ -111,6 +114,7 @@ def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:
 
 def _worker_entry(config: dict[str, Any]) -> None:
     # Runs in the Ray worker process: the method's modules are imported there.
+    console.mark_console()
     cfg = from_dict(JobConfig, config["job"])
     run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
                method=config["method"])
@@ -119,12 +123,25 @@ def _worker_entry(config: dict[str, Any]) -> None:
 def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     """Run `method` (default: the one `cfg` names) with `run_worker` on every Ray Train worker (a
     local in-process cluster unless cfg.cluster.address) on the plan `plan_for_training` saved;
-    returns rank 0's summary."""
+    returns rank 0's summary. Ctrl-C stops it with a checkpoint (`Interrupted`)."""
     method = method or method_name(cfg)
     output = Path(cfg.output_dir).resolve()
     cfg = worker_config(cfg)
     reset_starts(output)
-    _init_ray(cfg)
+    with console.run_log(output):
+        _init_ray(cfg)
+        console.route_worker_output()
+        stop_requested = _fit(cfg, method, output)
+    # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
+    summary = json.loads((output / SUMMARY_FILE).read_text())
+    if stop_requested and summary.get("preempted"):
+        raise Interrupted(f"stopped by Ctrl-C after step {summary['steps']}, checkpoint "
+                          f"{summary.get('checkpoint')}; run the same command again to continue")
+    return summary
+
+
+def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
+    """Train; returns whether Ctrl-C asked the workers to stop."""
     use_gpu = cfg.sharding.device == "cuda"
     trainer = TorchTrainer(
         _worker_entry,
@@ -144,17 +161,13 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     graceful = cfg.checkpoint.enabled and cfg.checkpoint.on_sigterm
     try:
         _, stop_requested = run_with_graceful_ctrl_c(trainer.fit, output / STOP_REQUEST_FILE, graceful)
-    except Exception as e:  # Ray wraps worker errors; surface the worker's own message
-        cause = _root_cause(e)
-        if isinstance(cause, EmbshardError):
-            raise cause from None
-        raise
-    # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
-    summary = json.loads((output / SUMMARY_FILE).read_text())
-    if stop_requested and summary.get("preempted"):
-        raise Interrupted(f"stopped by Ctrl-C after step {summary['steps']}, checkpoint "
-                          f"{summary.get('checkpoint')}; run the same command again to continue")
-    return summary
+    except Exception as e:  # Ray Train's wrapper of the workers' (or its controller's) errors
+        failure = worker_error(e)
+        if isinstance(failure.error, EmbshardError):
+            console.record_error(e)  # the workers' tracebacks, for whoever debugs the reader
+            raise failure.error from None
+        raise console.Crashed(failure.summary()) from e  # the cause holds every worker's traceback
+    return stop_requested
 
 
 def worker_config(cfg: JobConfig) -> JobConfig:
@@ -187,6 +200,7 @@ def _init_ray(cfg: JobConfig) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return
+    _private_token_auth()
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
@@ -200,12 +214,71 @@ def _init_ray(cfg: JobConfig) -> None:
     )
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        nxt = e.__cause__ or e.__context__ or getattr(e, "cause", None)
-        if nxt is None:
-            break
-        e = nxt
-    return e
+def _private_token_auth() -> None:
+    """Token auth for the local in-process cluster, with a token only this process tree knows.
+
+    Ray 2.60's GCS, raylet and worker gRPC servers listen on every interface whatever the node IP
+    (`_node_ip_address="127.0.0.1"` is rewritten to the host's address, and the servers bind
+    0.0.0.0/:: regardless), so binding to loopback cannot close them; a token can: without it
+    every connection is refused. Nothing outside this process tree needs to join this cluster,
+    so the token is fresh per run and written nowhere (Ray's default would store one in
+    ~/.ray/auth_token). A token the user configured (RAY_AUTH_MODE=token) is kept."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray read the environment when it was imported; children (GCS, raylet, workers) inherit it.
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    error: BaseException
+    rank: int | None  # None: not raised by a training worker (Ray Train's controller, the driver)
+
+    def summary(self) -> str:
+        return first_line(self.error) if self.rank is None else f"rank {self.rank}: {first_line(self.error)}"
+
+
+def worker_error(e: BaseException) -> WorkerFailure:
+    """What a worker really raised, out of Ray Train's wrappers (a worker-group error holding
+    per-rank failures, task errors holding causes): the first EmbshardError found (its message
+    names the bad input; it may itself be caused by a library error), else a worker process that
+    died (the other ranks' errors are its echo: a collective lost its peer), else the lowest
+    rank's root cause."""
+    stack: list[tuple[int | None, BaseException]] = [(None, e)]
+    seen: set[int] = set()
+    roots: list[WorkerFailure] = []
+    died: WorkerFailure | None = None
+    while stack:  # depth first, lowest rank first
+        rank, err = stack.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        # Ray re-raises a worker's error as a subclass of both RayTaskError and its own class,
+        # whose message is the whole traceback: look inside it for the original.
+        if isinstance(err, EmbshardError) and not isinstance(err, RayError):
+            return WorkerFailure(err, rank)
+        if isinstance(err, RayActorError) and not isinstance(err, RayTaskError) and died is None:
+            died = WorkerFailure(err, rank)
+        inner = _inner_errors(err)
+        if not inner:
+            roots.append(WorkerFailure(err, rank))
+        stack.extend((rank if r is None else r, x) for r, x in reversed(inner))
+    return died or (roots[0] if roots else WorkerFailure(e, None))
+
+
+def _inner_errors(err: BaseException) -> list[tuple[int | None, BaseException]]:
+    failures = getattr(err, "worker_failures", None) or {}
+    others = [
+        getattr(err, "controller_failure", None),
+        getattr(err, "health_check_failure", None),  # a worker that died: its ActorDiedError
+        getattr(err, "cause", None),
+        err.__cause__,
+        None if err.__suppress_context__ else err.__context__,
+    ]
+    return [*((rank, failures[rank]) for rank in sorted(failures)),
+            *((None, x) for x in others if isinstance(x, BaseException))]

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from embshard.cluster.cli_args import config_arguments
+from embshard.cluster.cli_args import config_arguments, verbose_argument
 
 if TYPE_CHECKING:
     from embshard.config import JobConfig
@@ -31,6 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                      workers=True)
     p.add_argument("--targets", type=parse_targets, metavar="F,F,...",
                    help="fractions of the dense embedding parameters to keep, e.g. 0.5,0.2,0.1,0.03")
+    verbose_argument(p)
     p.set_defaults(func=prune_pep)
 
 

@@ -91,7 +91,9 @@ def test_broken_values_rejected() -> None:
     {"job": {"submissionMode": "InteractiveMode"}},
     {"checkpoints": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}},
     {"containerSecurityContext": {"allowPrivilegeEscalation": True}},
-], ids=["gpus", "port", "mode", "access", "privesc"])
+    {"networkPolicy": {"prometheus": {"namespaceSelector": {"matchLabel": {"name": "monitoring"}}}}},
+    {"networkPolicy": {"operator": {"namespace": "Not A Namespace"}}},
+], ids=["gpus", "port", "mode", "access", "privesc", "netpol-selector", "netpol-namespace"])
 def test_schema_rejects_single_mistakes(override: dict) -> None:
     with helm.Chart.load(CHART) as chart:
         with pytest.raises(helm.HelmValuesError):
@@ -197,8 +199,8 @@ def pod_templates(job: dict) -> dict[str, dict]:
 
 def test_core_objects_valid(rendered) -> None:
     _, _, docs = rendered
-    core = [d for d in docs if d["apiVersion"] in ("v1", "apps/v1", "batch/v1", "policy/v1")]
-    assert {d["kind"] for d in core} >= {"ConfigMap", "PersistentVolumeClaim"}
+    core = [d for d in docs if d["apiVersion"] in ("v1", "apps/v1", "batch/v1", "policy/v1", "networking.k8s.io/v1")]
+    assert {d["kind"] for d in core} >= {"ConfigMap", "PersistentVolumeClaim", "NetworkPolicy"}
     for obj in core:
         kube_validate(obj)
     # Every pod template inside the RayJob is a valid Pod spec.
@@ -288,6 +290,60 @@ def test_podmonitor_selects_worker_metrics_ports(rendered) -> None:
     assert all(e["honorLabels"] is True and e["path"] == "/metrics" for e in endpoints)
     if values.get("metrics", {}).get("podMonitor", {}).get("labels"):
         assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def _admits(rule: dict, labels: dict[str, str]) -> bool:
+    return any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()
+               and "namespaceSelector" not in peer for peer in rule.get("from", []))
+
+
+def test_network_policy_admits_ray_and_prometheus_only(rendered) -> None:
+    _, _, docs = rendered
+    policy = the(docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    rc = the(docs, "RayJob")["spec"]["rayClusterSpec"]
+    worker = rc["workerGroupSpecs"][0]["template"]
+    head = rc["headGroupSpec"]["template"]
+    submitter = the(docs, "RayJob")["spec"]["submitterPodTemplate"]
+    selected = spec["podSelector"]["matchLabels"]
+    pods = {"worker": worker, "head": head, "submitter": submitter}
+    for name, tpl in pods.items():
+        assert selected.items() <= tpl["metadata"]["labels"].items(), f"the policy must cover the {name}"
+    # Ray's own traffic: every pod of the job reaches every port of every other (no port list).
+    (intra,) = [r for r in spec["ingress"] if _admits(r, worker["metadata"]["labels"])]
+    assert "ports" not in intra
+    assert all(_admits(intra, tpl["metadata"]["labels"]) for tpl in pods.values())
+    # Prometheus' namespace reaches the metrics ports and nothing else.
+    (scrape,) = [r for r in spec["ingress"]
+                 if r["from"][0].get("namespaceSelector", {}).get("matchLabels") ==
+                 {"kubernetes.io/metadata.name": "monitoring"}]
+    metrics_ports = {p["name"] for p in worker["spec"]["containers"][0]["ports"] if p["name"].startswith("metrics-")}
+    assert {p["port"] for p in scrape["ports"]} == metrics_ports
+    # The operator polls the head's dashboard: a port the head container really names.
+    (op,) = [r for r in spec["ingress"]
+             if r["from"][0].get("namespaceSelector", {}).get("matchLabels") ==
+             {"kubernetes.io/metadata.name": "kuberay"}]
+    head_ports = {p["name"] for p in head["spec"]["containers"][0]["ports"]}
+    assert [p["port"] for p in op["ports"]] == ["dashboard"] and "dashboard" in head_ports
+    assert len(spec["ingress"]) == 3
+
+
+def test_network_policy_options() -> None:
+    selector = {"matchLabels": {"team": "observability"}}
+    prom = {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    docs = render({"networkPolicy": {"prometheus": {"namespaceSelector": selector, "podSelector": prom}}})
+    spec = the(docs, "NetworkPolicy")["spec"]
+    (scrape,) = [r for r in spec["ingress"] if r.get("ports") and r["ports"][0]["port"] == "metrics-0"]
+    assert scrape["from"] == [{"namespaceSelector": selector, "podSelector": prom}]
+    kube_validate(the(docs, "NetworkPolicy"))
+    spec = the(render({"networkPolicy": {"operator": {"namespace": "ray-system"}}}), "NetworkPolicy")["spec"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}}} in \
+        [peer for r in spec["ingress"] for peer in r["from"]]
+    # Without metrics there is nothing to scrape: no Prometheus rule.
+    spec = the(render({"metrics": {"enabled": False}}), "NetworkPolicy")["spec"]
+    assert all(not r.get("ports") or r["ports"][0]["port"] == "dashboard" for r in spec["ingress"])
+    assert not by_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
 def test_dashboard_configmap_is_the_one_dashboard(rendered) -> None:

@@ -1,12 +1,19 @@
 """`embshard submit` against a real `ray start --head` on this machine: the job trains, its logs
-stream back, and the exit status is the job's."""
+stream back, and the exit status is the job's. The head needs a token, as a cluster on a network
+should: Ray 2.60 rewrites `--node-ip-address=127.0.0.1` to the host's address and its servers
+listen on every interface, so a token is what keeps other hosts' clients out."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,21 +32,55 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
 def head(env, tmp_path_factory) -> str:
     port, dashboard = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
-    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+    # `python -m` rather than the `ray` script: a venv that shares another's site-packages has none.
+    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
-             f"--temp-dir={temp}"]
+             f"--temp-dir={temp}", "--block"]
+    # --block in a session of its own: the teardown stops this head's processes and no others
+    # (`ray stop --force` would stop every Ray cluster of the user on this machine).
+    proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-        yield f"http://127.0.0.1:{dashboard}"
+        _wait_for_http(url, proc, timeout=120)
+        yield url
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_session(proc)
+
+
+def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=5)
+            return
+        except urllib.error.HTTPError:  # answering (e.g. 401 without the token): it is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """`ray start --block` stops its processes on SIGTERM; what is left of the session is killed."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole session is gone
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def embshard(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -8,17 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from conftest import profiled_synth
 
 pytestmark = pytest.mark.slow
 
 EMBSHARD = [sys.executable, "-m", "embshard.cluster.cli"]
 ENV = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}
 REPO = Path(__file__).resolve().parents[1]
+# What Ray and the libraries print during every run; the console must show none of it.
+NOISE = ("Successfully loaded", "PlacementGroupCleaner", "PreemptionWatcher", "core_worker.cc",
+         "is_fx_tracing", "Setting up process group", "TrainController", "RayTrainWorker")
 
 
-def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([*EMBSHARD, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+def _run(*args: str, cwd: Path = REPO, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    done = subprocess.run([*EMBSHARD, *args], cwd=cwd, env=env, capture_output=True, timeout=600)
+    # Decoded by hand: text=True would turn a progress bar's "\r" redraws into line breaks.
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 def test_train_through_ray_learns(tmp_path):
@@ -32,6 +40,14 @@ def test_train_through_ray_learns(tmp_path):
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert "validation AUC" in train.stdout
+    # The console: the plan, one progress bar (its redraws share a line), evaluation lines and the
+    # summary; what Ray and the libraries print goes to the run's log instead.
+    console = train.stdout + train.stderr
+    assert not [n for n in NOISE if n in console], console
+    assert len(console.strip().split("\n")) <= 8, console
+    assert "step 46: valid AUC" in train.stderr or "step 46: valid AUC" in train.stdout, console
+    log = (run / "logs" / "embshard.log").read_text()
+    assert "Successfully loaded" in log and "RayTrainWorker" in log
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 48000 // 2 // 512  # both ranks take the same number of full batches
     assert summary["samples"] == summary["steps"] * 512 * 2
@@ -40,3 +56,59 @@ def test_train_through_ray_learns(tmp_path):
     assert summary["valid_auc"] > 0.65
     plan = json.loads((run / "plan" / "plan.json").read_text())
     assert plan["shard_plan"]["topology"]["world_size"] == 2
+
+
+def _poison(data: Path, column: str, row: int, value: int) -> Path:
+    """Writes `value` into one id of the first training part, the way a bad converter would."""
+    part = sorted((data / "train").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    ids = table.column(column).to_pylist()
+    ids[row] = value
+    i = table.schema.get_field_index(column)
+    table = table.set_column(i, table.schema.field(i), pa.array(ids, table.schema.field(i).type))
+    pq.write_table(table, part)
+    return part
+
+
+def test_bad_input_in_a_worker_is_one_line(tmp_path):
+    data, run = profiled_synth(tmp_path / "data", rows=6000, max_cardinality=2000), tmp_path / "run"
+    part = _poison(data, "C2", 123, -7)
+    cardinality = next(f["cardinality"] for f in json.loads((data / "dataset.json").read_text())["sparse"]
+                       if f["name"] == "C2")
+    train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512")
+    lines = train.stderr.strip().split("\n")
+    assert train.returncode == 2, train.stderr[-3000:]
+    assert lines[-1] == f"embshard: error: {part}: column 'C2', row 123: id -7 outside [0, {cardinality})"
+    # At most a progress bar before it: no worker tracebacks, nothing from Ray.
+    assert len(lines) <= 3, train.stderr
+    assert not [n for n in (*NOISE, "Traceback") if n in train.stderr], train.stderr
+    log = (run / "logs" / "embshard.log").read_text()
+    assert "Traceback" in log and "id -7 outside" in log
+
+
+def test_a_worker_crash_is_one_line_and_a_log(tmp_path):
+    data, run = profiled_synth(tmp_path / "data", rows=6000, max_cardinality=2000), tmp_path / "run"
+    train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512",
+                 env={**ENV, "EMBSHARD_CRASH_AT": "1:2"})  # rank 1 dies (os._exit) after step 2
+    lines = train.stderr.strip().split("\n")
+    log = run / "logs" / "embshard.log"
+    assert train.returncode == 1, train.stderr[-3000:]
+    # Rank 1 died; rank 0 only lost its peer: the line names the cause, not the echo.
+    assert lines[-1].startswith("embshard: crashed: rank 1: "), train.stderr
+    assert lines[-1].endswith(f"(full traceback: {log.resolve()})")
+    assert len(lines) <= 3 and "Traceback" not in train.stderr, train.stderr
+    assert "Traceback" in log.read_text()
+
+
+def test_verbose_shows_what_the_log_keeps(tmp_path):
+    data, run = profiled_synth(tmp_path / "data", rows=6000, max_cardinality=2000), tmp_path / "run"
+    train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512", "--set", "train.max_steps=2",
+                 "--verbose")
+    assert train.returncode == 0, train.stderr[-3000:]
+    console = train.stdout + train.stderr
+    assert "(RayTrainWorker pid=" in console and "Successfully loaded" in console
+    assert "validation AUC" in train.stdout
+    assert "Successfully loaded" in (run / "logs" / "embshard.log").read_text()

@@ -108,3 +108,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 {{- end -}}
+
+{{/* A NetworkPolicy namespace selector from {namespace, namespaceSelector}: the selector when set
+  (Helm merges maps, so a default selector could not be replaced, only added to), else the one
+  namespace by its automatic name label. */}}
+{{- define "embshard.namespaceSelector" -}}
+{{- if .namespaceSelector -}}
+{{- toYaml .namespaceSelector -}}
+{{- else -}}
+matchLabels:
+  kubernetes.io/metadata.name: {{ required "networkPolicy: set namespace or namespaceSelector" .namespace }}
+{{- end -}}
+{{- end -}}

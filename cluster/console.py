@@ -1,0 +1,209 @@
+"""What a person reads on the console, and the run's log file that keeps everything else.
+
+The console gets the plan, rank 0's progress bar and evaluation lines, the summary and one line
+per error. Everything else a run prints -- Ray's own actors (train controller, placement-group
+cleaner), library chatter in the workers (FBGEMM's loaded kernels, torch's FX warnings), worker
+tracebacks -- goes to `<output_dir>/logs/embshard.log` (appended to, never replaced), and all of it
+to the console as well with `--verbose`.
+
+Workers cannot choose what Ray forwards: Ray sends every line a worker process writes to the
+driver. So the training code's own console output is marked in the worker (`mark_console`: the
+sys.stdout/sys.stderr that `print` and the progress bar write to) and the driver shows only
+marked lines. Log handlers (Ray's look sys.stderr up when they emit) and C++ code writing to fd 2
+stay unmarked.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+LOG_FILE = Path("logs") / "embshard.log"
+# Around every piece of text a worker means for the console (a line, a progress-bar redraw); the
+# driver shows what is inside and drops the rest of the line: a log handler may write on the same
+# line as a redraw that has no newline yet. Control characters around a name: nothing else a
+# worker prints contains them.
+START, END = "\x1eembshard:", ":embshard\x1f"
+_MARKED = re.compile(re.escape(START) + "(.*?)" + re.escape(END), re.DOTALL)
+_HANDLER_NAME = "embshard_console"
+
+_verbose = False
+_current_log: Path | None = None
+
+
+class Crashed(Exception):
+    """A failure that is not bad input (a worker died, a bug), already summed up in one line;
+    the details are in the chained exception and in the run's log."""
+
+
+def set_verbose(verbose: bool) -> None:
+    """The CLI's --verbose, for every verb that runs on Ray (read when a run starts)."""
+    global _verbose
+    _verbose = verbose
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+# Ray's log handlers in a worker write to whatever sys.stderr is when they emit: what a log
+# handler writes is log, not console output.
+_NOT_CONSOLE = {logging.__file__}
+
+
+class _MarkedStream(io.TextIOBase):
+    """Writes through to `inner`, each line or redraw between START and END, unless a log handler
+    writes."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+
+    def write(self, text: str) -> int:
+        if sys._getframe(1).f_code.co_filename in _NOT_CONSOLE:
+            self.inner.write(text)
+            return len(text)
+        out = []
+        # Ray forwards lines, and partial lines (a progress bar's "\r" redraws) as they come: no
+        # marked piece may span a newline, and each redraw is a piece of its own.
+        for piece in re.split(r"(?<=\n)|(?=\r)", text):
+            body = piece.removesuffix("\n")
+            if body:
+                out.append(START + body + END)
+            out.append(piece[len(body):])
+        self.inner.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def fileno(self) -> int:  # tqdm asks for the terminal's width through it
+        return self.inner.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def mark_console() -> None:
+    """In a Ray worker process: from now on, what this process prints through sys.stdout and
+    sys.stderr is console output. Idempotent (a restarted train function runs it again)."""
+    if not isinstance(sys.stdout, _MarkedStream):
+        sys.stdout = _MarkedStream(sys.stdout)
+    if not isinstance(sys.stderr, _MarkedStream):
+        sys.stderr = _MarkedStream(sys.stderr)
+
+
+def _console_lines(lines: list[str]) -> list[str]:
+    return ["".join(_MARKED.findall(line)) for line in lines if START in line]
+
+
+def _unmarked(line: str) -> str:
+    return line.replace(START, "").replace(END, "")
+
+
+class _RayOutput:
+    """The driver's handler for the lines Ray forwards from worker processes: all of them to the
+    current run's log, the marked ones to the console (all of them with --verbose)."""
+
+    def __init__(self, ray_print: Any) -> None:
+        self.ray_print = ray_print  # Ray's own printer (prefixes, dedup), used with --verbose
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        lines = [_unmarked(line) for line in data.get("lines", [])]
+        if _current_log is not None:
+            who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+            with open(_current_log, "a", encoding="utf-8") as log:
+                log.write("".join(f"{who} {line}\n" for line in lines))
+        if _verbose or _current_log is None:
+            self.ray_print({**data, "lines": lines})
+            return
+        for line in _console_lines(data.get("lines", [])):
+            _show(line, sys.stderr if data.get("is_err") else sys.stdout)
+
+
+_bar_open: TextIO | None = None  # the stream a progress bar is being redrawn on
+
+
+def _show(line: str, sink: TextIO) -> None:
+    """One forwarded console line. A progress bar's redraws ("\r...") stay on one line: Ray hands
+    each over as a line of its own, so the newline waits until something else is printed."""
+    global _bar_open
+    if _bar_open is not None and not line.startswith("\r"):
+        _bar_open.write("\n")
+        _bar_open.flush()
+        _bar_open = None
+    if line.startswith("\r"):
+        sink.write(line)
+        _bar_open = sink
+    else:
+        sink.write(line + "\n")
+    sink.flush()
+
+
+def _end_progress_line() -> None:
+    """Ends a progress bar's line before the driver prints its own lines."""
+    global _bar_open
+    if _bar_open is not None:
+        _bar_open.write("\n")
+        _bar_open.flush()
+        _bar_open = None
+
+
+@contextmanager
+def run_log(output_dir: Path) -> Iterator[Path]:
+    """Driver side, around a Ray run: Python logging (Ray's, Ray Train's, ours) goes to the run's
+    log file, and to the console only with --verbose. Yields the log file's path."""
+    global _current_log
+    path = output_dir / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    echo = None
+    if _verbose:
+        echo = logging.StreamHandler(sys.stderr)
+        root.addHandler(echo)
+    _current_log = path
+    try:
+        yield path
+    finally:
+        _end_progress_line()
+        for h in (handler, echo):
+            if h is not None:
+                root.removeHandler(h)
+        handler.close()
+        root.setLevel(old_level)
+
+
+def route_worker_output() -> None:
+    """Driver side, after ray.init(log_to_driver=True): Ray's forwarded worker lines go through
+    `_RayOutput` instead of straight to the console. Stays for the process' life, so lines that
+    arrive after a run ended still reach its log."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from ray._private.worker import print_to_stdstream
+
+    # Ray registers its printer under this name; ours wraps it.
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler(_HANDLER_NAME)
+    dispatcher.add_handler(_HANDLER_NAME, _RayOutput(functools.partial(print_to_stdstream, ignore_prefix=False)))
+
+
+def record_error(error: BaseException) -> Path | None:
+    """Appends the error's full traceback to the current run's log; returns the log (None when
+    no run has a log yet)."""
+    if _current_log is None:
+        return None
+    with open(_current_log, "a", encoding="utf-8") as log:
+        log.write(f"embshard: the run failed ({type(error).__name__}):\n")
+        log.write("".join(traceback.format_exception(error)))
+    return _current_log

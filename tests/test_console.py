@@ -1,0 +1,112 @@
+"""Console routing and worker-error unwrapping, in process: the marks a worker's console output
+carries, and the error a user sees out of Ray Train's real exception wrappers."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pyarrow as pa
+import pytest
+from embshard.cluster.console import END, START, _console_lines, _MarkedStream
+from embshard.errors import DataError
+
+
+def test_marked_stream_marks_lines_and_progress_redraws():
+    inner = io.StringIO()
+    out = _MarkedStream(inner)
+    out.write("\r  0%|")
+    out.write("\r 50%|")
+    out.write("\n")
+    out.write("step 7: valid AUC 0.51\nresumed")
+    out.write(" from step 3\n")
+    text = inner.getvalue()
+    # Ray forwards partial lines as they come: every write, and every redraw after \r, is marked
+    # on its own.
+    assert text.count(START) == text.count(END) == 5
+    assert _console_lines(text.split("\n")) == ["\r  0%|\r 50%|", "step 7: valid AUC 0.51", "resumed from step 3"]
+    # A log handler's writes (Ray's worker handler looks sys.stderr up when it emits) pass through
+    # unmarked: they are log lines.
+    handler = logging.StreamHandler(out)
+    logging.getLogger("embshard.test").addHandler(handler)
+    try:
+        logging.getLogger("embshard.test").warning("Successfully loaded: 'fbgemm_gpu_py.so'")
+    finally:
+        logging.getLogger("embshard.test").removeHandler(handler)
+    assert START not in inner.getvalue()[len(text):] and "fbgemm_gpu_py" in inner.getvalue()
+    # what Ray's log monitor hands over when it splits the bar's redraws into separate reads
+    assert _console_lines([START + "\r 50%|" + END, "Successfully loaded: 'fbgemm_gpu_py.so'"]) == ["\r 50%|"]
+    # A log line written right after a redraw that had no newline yet shares its line: only the
+    # redraw is shown.
+    torch_warning = "[rank0]:W1202 torch/fx/_symbolic_trace.py:56] is_fx_tracing will return true"
+    assert _console_lines([START + "\r  0%|" + END + torch_warning]) == ["\r  0%|"]
+
+
+def _worker_group_error(failures: dict[int, BaseException]) -> BaseException:
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    wrapped = {}
+    for rank, err in failures.items():
+        try:
+            raise err
+        except BaseException as e:  # Ray wraps what the train function raised like this
+            wrapped[rank] = RayTaskError("train_fn", "Traceback ...\n", e).as_instanceof_cause()
+    return WorkerGroupError("Training failed due to worker errors", wrapped)
+
+
+def test_worker_error_finds_the_input_error_inside_ray_wrappers():
+    from embshard.cluster.launch import worker_error
+    from ray.exceptions import RayError
+
+    bad = DataError("part-0.parquet: column 'C2', row 123: id -7 outside [0, 583)")
+    try:
+        try:
+            raise pa.ArrowInvalid("low-level")
+        except pa.ArrowInvalid:
+            raise bad  # an input error raised while handling a library's error
+    except DataError:
+        pass
+    err = _worker_group_error({1: bad, 0: RuntimeError("collective aborted: peer 1 gone")})
+    found = worker_error(err)
+    assert found.error is bad and not isinstance(found.error, RayError) and found.rank == 1
+    assert str(found.error) == "part-0.parquet: column 'C2', row 123: id -7 outside [0, 583)"
+
+
+def test_worker_error_without_input_error_is_the_first_ranks_root_cause():
+    from embshard.cluster.launch import worker_error
+
+    try:
+        try:
+            raise OSError("disk full")
+        except OSError as e:
+            raise RuntimeError("checkpoint failed") from e
+    except RuntimeError as e:
+        crash = e
+    found = worker_error(_worker_group_error({1: ValueError("later rank"), 0: crash}))
+    assert isinstance(found.error, OSError) and found.summary() == "rank 0: OSError: disk full"
+
+
+def test_worker_error_prefers_the_worker_that_died():
+    from embshard.cluster.launch import worker_error
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    # As Ray Train reports a killed worker: its health check failed with the actor's death, while
+    # its peer's collective lost the connection.
+    echo = _worker_group_error({0: RuntimeError("gloo: connection closed by peer")}).worker_failures[0]
+    died = ActorDiedError()
+    err = WorkerGroupError("Training failed due to worker errors",
+                           {0: echo, 1: WorkerHealthCheckFailedError("health check failed", failure=died)})
+    found = worker_error(err)
+    assert found.error is died and found.rank == 1
+    assert found.summary().startswith("rank 1: ActorDiedError: ")
+
+
+@pytest.mark.parametrize("argv", [["train", "c.yaml", "--verbose"], ["prune", "pep", "c.yaml", "--verbose"],
+                                  ["search", "autodim", "c.yaml", "--verbose"]], ids=lambda a: a[0])
+def test_verbs_on_ray_take_verbose(argv):
+    from embshard.cluster.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is True

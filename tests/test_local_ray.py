@@ -1,0 +1,48 @@
+"""The local in-process Ray cluster that `embshard train` starts. Ray 2.60's GCS, raylet and
+worker servers listen on every interface whatever node IP they are given, so what keeps others
+out is token auth with a token only the run's process tree holds: a client without it is refused,
+even when the environment says RAY_AUTH_MODE=disabled (as the Makefile exports)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Started the way `embshard train` starts it; then one client without the token, one with it.
+DRIVER = textwrap.dedent("""
+    import os, subprocess, sys
+    import ray
+    from embshard.cluster.launch import _init_ray
+    from embshard.trainer.config import JobConfig
+
+    _init_ray(JobConfig())
+    gcs = ray.get_runtime_context().gcs_address
+    probe = "import ray, sys; ray.init(address=sys.argv[1]); print('joined', flush=True)"
+    outsider = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    outsider["RAY_AUTH_MODE"] = "disabled"
+    for who, env in (("outsider", outsider), ("insider", dict(os.environ))):
+        r = subprocess.run([sys.executable, "-c", probe, gcs], env=env, capture_output=True, text=True,
+                           timeout=180)
+        print(who, r.returncode, "joined" in r.stdout, flush=True)
+    ray.shutdown()
+""")
+
+
+def test_local_cluster_refuses_clients_without_its_token(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)}
+    env.pop("RAY_AUTH_TOKEN", None)
+    done = subprocess.run([sys.executable, "-c", DRIVER], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("outsider", "insider")))
+    assert results["insider"] == "0 True", done.stdout  # the cluster is up and reachable with the token
+    code, joined = results["outsider"].split()
+    assert code != "0" and joined == "False", done.stdout
+    # The token lives in the process tree only, not in ~/.ray/auth_token (Ray's default).
+    assert not (tmp_path / ".ray").exists()
