@@ -384,3 +384,37 @@ def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
     summary = run_worker(cfg, method="pep")
     assert summary["steps"] == 4 and summary["pep"]["missed"] == [0.01]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_a_resumed_prune_run_never_rewrites_a_target(tmp_path, process_group):
+    # A resumed prune run used to write every target it had reached again, over the first masks.
+    from embshard.config import CheckpointConfig
+    from embshard.errors import ConfigError
+    from embshard.trainer.loop import run_worker
+
+    data = profiled_synth(tmp_path / "data", rows=600, max_cardinality=50)
+    cfg = JobConfig(
+        output_dir=str(tmp_path / "run"),
+        data=DataConfig(path=str(data), batch_size=64, prefetch=1),
+        model=ModelConfig(dense_arch=[8], over_arch=[8]),
+        embeddings=EmbeddingsConfig(dim=8),
+        train=TrainConfig(max_steps=4, progress=False, eval_max_batches=1),
+        checkpoint=CheckpointConfig(every_steps=2),
+        pep=PepConfig(targets=[0.99, 1e-6], count_every=2, s_init=-4.0),  # 0.99 only: reached at once
+    )
+    plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
+    first = run_worker(cfg, method="pep")
+    decisions = cfg.pep_dir / "target-0.99" / "decisions.json"
+    written = (decisions.read_bytes(), decisions.stat().st_mtime_ns)
+    assert first["pep"]["reached"]["0.99"]["step"] == 2, first["pep"]
+
+    resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)), method="pep")
+    assert resumed["resumed_from"].endswith("step-000004")
+    assert (decisions.read_bytes(), decisions.stat().st_mtime_ns) == written
+    assert resumed["pep"]["reached"]["0.99"]["step"] == 2 and resumed["pep"]["missed"] == [1e-6]
+
+    other_seed = replace(cfg, seed=7, output_dir=str(tmp_path / "other"), pep=replace(cfg.pep, out=str(cfg.pep_dir)))
+    plan_for_training(replace(other_seed, cluster=replace(cfg.cluster, workers=1)), "pep")
+    with pytest.raises(ConfigError, match=r"target-0.99: written by another prune run"):
+        run_worker(other_seed, method="pep")
+    assert (decisions.read_bytes(), decisions.stat().st_mtime_ns) == written

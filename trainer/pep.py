@@ -17,6 +17,7 @@ the table shapes, for any sharding. Dense layers restart from the same seed.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 
 from embshard.config import JobConfig, PepConfig, target_dir_name
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError, PlanError
+from embshard.errors import ConfigError, PlanError, first_line
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.pep import pep_decisions, prune_plan, threshold_columns
 from embshard.planner.topology import SHARDING_TYPES
@@ -213,29 +214,54 @@ def gather_masks(pep: PepEmbeddings) -> dict[str, np.ndarray] | None:
 
 
 def save_target(masks: dict[str, np.ndarray], base_dim: int, directory: Path, meta: dict[str, Any]) -> Path:
-    """Masks and the decisions file of one target; returns the decisions path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Masks and the decisions file of one target, written into a staging folder that is renamed
+    at the end, so a target folder is complete or absent; returns the decisions path."""
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # this run's own leftover from a write cut short
+    staging.mkdir(parents=True)
     for table, mask in masks.items():
-        np.save(directory / mask_file(table), mask, allow_pickle=False)
+        np.save(staging / mask_file(table), mask, allow_pickle=False)
     nnz = {table: mask.sum(axis=1) for table, mask in masks.items()}
-    return pep_decisions(nnz, base_dim, directory, meta).save(directory / DECISIONS_FILE)
+    pep_decisions(nnz, base_dim, staging, meta).save(staging / DECISIONS_FILE)
+    staging.rename(directory)  # `directory` is absent: PruneCallback never writes a target twice
+    return directory / DECISIONS_FILE
 
 
 class PruneCallback(Callback):
     """Counts survivors every `every` steps; writes each target's masks and decisions the first
-    time the count reaches it; asks the loop to stop once all are written."""
+    time the count reaches it; asks the loop to stop once all are written.
+
+    Targets already on disk (a resumed run, or the same run started again) count as reached and
+    are never written again; folders written by another prune run are refused, not replaced."""
 
     def __init__(self, pep: PepEmbeddings, cfg: JobConfig, metrics: WorkerMetrics | None) -> None:
         self.pep = pep
         self.cfg = cfg
         self.every = cfg.pep.count_every
-        self.pending = sorted(cfg.pep.targets, reverse=True)
         self.out = cfg.pep_dir
         self.meta = {"granularity": cfg.pep.granularity, "s_init": cfg.pep.s_init, "seed": cfg.seed}
         self.metrics = metrics
         self.dense = sum(t.num_embeddings for t in pep.plan.tables) * pep.base_dim
         self.reached: dict[str, dict[str, Any]] = {}
+        self.pending = [t for t in sorted(cfg.pep.targets, reverse=True) if not self._written_before(t)]
         self.last_fraction = 1.0
+
+    def _written_before(self, target: float) -> bool:
+        directory = self.out / target_dir_name(target)
+        if not directory.exists():
+            return False
+        try:
+            meta = json.loads((directory / DECISIONS_FILE).read_text())["meta"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{directory}: holds no readable {DECISIONS_FILE} ({first_line(e)}); "
+                              f"set pep.out to a new folder, or move this one away") from None
+        other = {k: meta.get(k) for k in self.meta if meta.get(k) != self.meta[k]}
+        if other:
+            raise ConfigError(f"{directory}: written by another prune run ({other} there, "
+                              f"{ {k: self.meta[k] for k in other} } here); set pep.out to a new folder")
+        self.reached[f"{target:g}"] = {"step": meta.get("step"), "nonzero": round(meta["kept_fraction"] * self.dense),
+                                       "dir": str(directory)}
+        return True
 
     def on_step(self, info: StepInfo) -> None:
         if info.step % self.every == 0:
@@ -279,7 +305,9 @@ def write_run_record(cfg: JobConfig, pep: PepEmbeddings, reached: dict[str, Any]
     }
     cfg.pep_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.pep_dir / RUN_FILE
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)  # a reader never sees half a record
     return path
 
 
