@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli
@@ -77,6 +78,9 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
                    help="ranks per host, e.g. 8 GPUs per node (default: sharding.local_world_size; "
                         "unset = all ranks on one host)")
     p.add_argument("--out", type=Path, help="folder or .json path for the plan (default: <output_dir>/plan)")
+    p.add_argument("--method", metavar="NAME",
+                   help="plan what this method trains: pep (a prune run), autodim (a search), pep_lottery, "
+                        "or a registered one (default: embeddings.policy, or pep_lottery for a retrain)")
     p.set_defaults(func=_plan)
 
 
@@ -162,7 +166,8 @@ def _load(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from embshard.planner.pipeline import make_plan
+    from embshard.planner.pipeline import plan_with
+    from embshard.trainer.method import get_method, method_name
 
     cfg = _load(args)
     sharding = replace(
@@ -171,11 +176,14 @@ def _plan(args: argparse.Namespace) -> int:
         device_memory_gb=args.device_memory_gb if args.device_memory_gb is not None else cfg.sharding.device_memory_gb,
         local_world_size=args.local_world_size if args.local_world_size is not None else cfg.sharding.local_world_size,
     )
+    cfg = replace(cfg, sharding=sharding)
     topology = sharding.topology(args.world_size or cfg.cluster.workers)
+    method = get_method(args.method or method_name(cfg))
+    method.check_config(cfg)
     out = args.out or cfg.plan_dir
     out_dir = out.parent if out.suffix == ".json" else out
-    bundle = make_plan(
-        cfg.embeddings,
+    bundle = plan_with(
+        partial(method.dimension_plan, cfg),
         cfg.data.path,
         topology,
         out_dir,

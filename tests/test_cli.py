@@ -70,3 +70,28 @@ def test_plan_for_a_cluster_from_a_laptop(tmp_path, capsys):
                  "--device-memory-gb", "80", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "64 x cuda ranks" in text and out.is_file()
+
+
+def test_plan_a_prune_and_a_search_run(tmp_path, capsys):
+    # `embshard plan` used to plan only embeddings.policy: what a PEP or AutoDim run trains (the
+    # prune plan's threshold columns, the search tables) could not be seen before running it.
+    from embshard.datasets.synth import synthesize
+    from embshard.planner.pipeline import PlanBundle
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=500)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\n"
+                   f"pep:\n  granularity: feature_dimension\nautodim:\n  candidates: [4, 8]\n  lookup: separate\n")
+    plain, pep, search = (tmp_path / f"{name}.json" for name in ("plain", "pep", "search"))
+    assert main(["plan", str(cfg), "--out", str(plain)]) == 0
+    assert main(["plan", str(cfg), "--method", "pep", "--out", str(pep)]) == 0
+    assert main(["plan", str(cfg), "--method", "autodim", "--out", str(search)]) == 0
+    capsys.readouterr()
+    bytes_of = {p.stem: sum(r["train_bytes"] for r in PlanBundle.load(p, "rowwise_adagrad").memory.per_rank.values())
+                for p in (plain, pep, search)}
+    assert bytes_of["pep"] > bytes_of["plain"]  # a row threshold per entry: twice as wide
+    assert bytes_of["search"] > bytes_of["plain"]  # a table per candidate width
+    assert len(PlanBundle.load(search, "rowwise_adagrad").dimension_plan.tables) == 2 * 26
+    assert main(["plan", str(cfg), "--method", "nosuch"]) == 2
+    assert "method 'nosuch': not registered" in capsys.readouterr().err
