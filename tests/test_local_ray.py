@@ -19,7 +19,7 @@ DRIVER = textwrap.dedent("""
     import os, subprocess, sys
     import ray
     from embshard.cluster.launch import _init_ray
-    from embshard.trainer.config import JobConfig
+    from embshard.config import JobConfig
 
     _init_ray(JobConfig())
     gcs = ray.get_runtime_context().gcs_address

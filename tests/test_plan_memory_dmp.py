@@ -71,7 +71,6 @@ def test_pep_prune_plan_bytes_match_dmp(tmp_path, pooled_lookup):
     and its memory report matches what DMP allocates (through the EmbeddingCollection too)."""
     data = tmp_path / "data"
     synthesize(data, rows=4000, seed=1, max_cardinality=3000)
-    write_profile(data)
     cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
                     embeddings=EmbeddingsConfig(dim=16), cluster=ClusterConfig(workers=2),
                     pep=PepConfig(granularity="feature_dimension", pooled_lookup=pooled_lookup))
