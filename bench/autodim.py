@@ -27,20 +27,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, init_single_process_group
-from embshard.datasets.convert import convert
-from embshard.datasets.schema import SPEC_FILE
-from embshard.config import EmbeddingsConfig
-from embshard.planner.pipeline import make_plan
-from embshard.planner.topology import TopologySpec
+
 from embshard.cluster.launch import plan_for_training
-from embshard.config import AutodimConfig
 from embshard.config import (
+    AutodimConfig,
     CheckpointConfig,
     DataConfig,
+    EmbeddingsConfig,
     JobConfig,
     ModelConfig,
     TrainConfig,
 )
+from embshard.datasets.convert import convert
+from embshard.datasets.schema import SPEC_FILE
+from embshard.planner.pipeline import make_plan
+from embshard.planner.topology import TopologySpec
 from embshard.trainer.loop import run_worker
 
 ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
@@ -141,7 +142,10 @@ def main() -> None:
               file=sys.stderr)
 
     fields = list(runs[0]["dims"])
-    mean = lambda key: statistics.mean(r[key] for r in runs)
+
+    def mean(key: str) -> float:
+        return statistics.mean(r[key] for r in runs)
+
     chosen = {f: Counter(r["dims"][f] for r in runs).most_common(1)[0][0] for f in fields}
     result = {
         "bench": "autodim",

@@ -18,13 +18,12 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, ModelConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE
 from embshard.datasets.synth import synthesize
-from embshard.config import EmbeddingsConfig
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
-from embshard.config import DataConfig, JobConfig, ModelConfig
 
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
@@ -114,7 +113,9 @@ def prepare(args: argparse.Namespace) -> BenchData:
     return BenchData(path, batches[: args.warmup], batches[args.warmup :])
 
 
-def bench_job(name: str, data: BenchData, batch_size: int, embeddings: EmbeddingsConfig) -> tuple[JobConfig, PlanBundle]:
+def bench_job(
+    name: str, data: BenchData, batch_size: int, embeddings: EmbeddingsConfig
+) -> tuple[JobConfig, PlanBundle]:
     """The benchmarks' DLRM on `data`, planned for one CPU rank."""
     cfg = JobConfig(
         output_dir=str(CACHE / name),

@@ -71,18 +71,29 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, init_single_process_group
+
+from embshard.config import (
+    GRANULARITIES,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    MdeConfig,
+    MletConfig,
+    ModelConfig,
+    PepConfig,
+    TrainConfig,
+    target_dir_name,
+)
 from embshard.datasets.convert import convert
 from embshard.datasets.profile import load_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec, split_dir
-from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
+from embshard.errors import PlanError
 from embshard.planner.pipeline import make_plan, plan_with
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
-from embshard.config import GRANULARITIES
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import StepInfo
-from embshard.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from embshard.trainer.evaluate import evaluate
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
@@ -94,9 +105,6 @@ from embshard.trainer.pep import (
     pep_module,
     table_shards,
 )
-from embshard.config import PepConfig, target_dir_name
-
-from embshard.errors import PlanError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU = torch.device("cpu")
@@ -193,7 +201,8 @@ def embeddings_config(args: argparse.Namespace, spec: RunSpec, pep_dir: Path | N
         return EmbeddingsConfig(policy="decisions", dim=spec.dim, decisions=str(decisions))
     if spec.policy == "mlet":
         return EmbeddingsConfig(policy="uniform", dim=spec.dim, mlet=MletConfig(width=spec.mlet_width))
-    return EmbeddingsConfig(policy="mde", dim=spec.dim, mde=MdeConfig(alpha=spec.alpha, mode=args.mode, blocks=args.blocks, budget_params=spec.budget_params))
+    mde = MdeConfig(alpha=spec.alpha, mode=args.mode, blocks=args.blocks, budget_params=spec.budget_params)
+    return EmbeddingsConfig(policy="mde", dim=spec.dim, mde=mde)
 
 
 def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path | None = None) -> dict[str, Any]:

@@ -34,12 +34,14 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
 
-from embshard.config import EmbeddingsConfig  # noqa: E402
+from embshard.config import (
+    EmbeddingsConfig,  # noqa: E402
+    JobConfig,  # noqa: E402
+)
 from embshard.planner.optimizers import torch_optimizer_class  # noqa: E402
 from embshard.planner.shard_plan import block_table_configs  # noqa: E402
 from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, build_sharded  # noqa: E402
 from embshard.trainer.callbacks import PrometheusCallback, StepInfo  # noqa: E402
-from embshard.config import JobConfig  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
 from embshard.trainer.metrics import WorkerMetrics  # noqa: E402
 

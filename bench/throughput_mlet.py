@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchData, bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
-from embshard.config import EmbeddingsConfig, MletConfig
-from embshard.trainer.build import ShardedModel, build_sharded
-from embshard.config import JobConfig
 from throughput import run_embshard
+
+from embshard.config import EmbeddingsConfig, JobConfig, MletConfig
+from embshard.trainer.build import ShardedModel, build_sharded
 
 
 def build(name: str, embeddings: EmbeddingsConfig, data: BenchData, batch_size: int) -> ShardedModel:

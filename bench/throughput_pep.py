@@ -1,12 +1,13 @@
 """PEP's pruning-stage training throughput against plain training of the same table width, same run.
 
 Plain: embshard's uniform DLRM (`trainer.build.build_sharded`, pooled EmbeddingBagCollection).
-PEP: the same DLRM over `PepEmbeddings` (`trainer.build.build_sharded` with `trainer.pep.PepPrune`), once per granularity, with the
-default lookup (the synthetic features are single-hot, so every table is looked up pooled and
-thresholded after the lookup) and with `pep.pooled_lookup: false` (unpooled EmbeddingCollection,
-threshold per looked-up row, then sum pooling: the path of multi-hot features). All step through
-`trainer.loop.train_step` on the same in-memory batches, interleaved; the prune callback's periodic
-count is left out (it runs every `pep.count_every` steps, not per step).
+PEP: the same DLRM over `PepEmbeddings` (`trainer.build.build_sharded` with
+`trainer.pep.PepPrune`), once per granularity, with the default lookup (the synthetic features are
+single-hot, so every table is looked up pooled and thresholded after the lookup) and with
+`pep.pooled_lookup: false` (unpooled EmbeddingCollection, threshold per looked-up row, then sum
+pooling: the path of multi-hot features). All step through `trainer.loop.train_step` on the same
+in-memory batches, interleaved; the prune callback's periodic count is left out (it runs every
+`pep.count_every` steps, not per step).
 
     .venv/bin/python bench/throughput_pep.py [--granularity G] [--steps 20] [--repeats 2] [--dim 16]
 
@@ -30,14 +31,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
 
-from embshard.config import EmbeddingsConfig  # noqa: E402
-from embshard.config import GRANULARITIES  # noqa: E402
+from embshard.config import (
+    GRANULARITIES,  # noqa: E402
+    EmbeddingsConfig,  # noqa: E402
+    PepConfig,  # noqa: E402
+)
+from embshard.planner.pipeline import plan_with  # noqa: E402
+from embshard.planner.topology import TopologySpec  # noqa: E402
 from embshard.trainer.build import ShardedModel, build_sharded  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
 from embshard.trainer.pep import PepPrune  # noqa: E402
-from embshard.config import PepConfig  # noqa: E402
-from embshard.planner.pipeline import plan_with  # noqa: E402
-from embshard.planner.topology import TopologySpec  # noqa: E402
 
 RATIO_GOAL = 0.87
 

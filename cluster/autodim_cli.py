@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.launch import plan_for_training, train_on_ray
-    from embshard.trainer.autodim import autodim_section, decisions_path
     from embshard.config import load_job_config
+    from embshard.trainer.autodim import autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)

@@ -13,7 +13,6 @@ from pathlib import Path
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, verbose_argument
 from embshard.datasets import cli as data_cli
-
 from embshard.errors import EmbshardError, Interrupted, first_line
 
 EXIT_CRASH = 1

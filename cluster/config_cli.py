@@ -16,8 +16,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _reference(args: argparse.Namespace) -> int:
-    from embshard.config_reference import build_reference
     from embshard.config import JobConfig
+    from embshard.config_reference import build_reference
 
     print(build_reference(JobConfig).markdown(), end="")
     return 0

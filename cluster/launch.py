@@ -18,10 +18,17 @@ from typing import Any
 
 import ray
 import ray.train
-from embshard.datasets.profile import load_profile
+from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from embshard.cluster import console
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c
 from embshard.cluster.resume_config import reconcile
+from embshard.config import JobConfig
+from embshard.datasets.profile import load_profile
 from embshard.datasets.verify import verify_dataset
+from embshard.errors import EmbshardError, Interrupted, first_line
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, plan_with, shard_dimension_plan
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
@@ -30,17 +37,10 @@ from embshard.trainer.checkpoint import (
     resolve_source,
     valid_checkpoints,
 )
-from embshard.config import JobConfig
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import get_method, method_name
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
-from ray.exceptions import RayActorError, RayError, RayTaskError
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-
-from embshard.cluster import console
-from embshard.errors import EmbshardError, Interrupted, first_line
 from embshard.typed_config import from_dict, to_dict
 
 
@@ -223,7 +223,8 @@ def _private_token_auth() -> None:
     every connection is refused. Nothing outside this process tree needs to join this cluster,
     so the token is fresh per run and written nowhere (Ray's default would store one in
     ~/.ray/auth_token). A token the user configured (RAY_AUTH_MODE=token) is kept."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    # ray/_raylet.pyi (the Cython module's stub) lists neither name; both exist at runtime.
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
         return

@@ -1,8 +1,9 @@
 """`embshard prune pep CONFIG --targets 0.5,0.2,0.1,0.03`: the PEP prune run on Ray.
 
 The driver plans the dense (uniform) tables like `embshard train`, then every Ray Train worker runs
-the `pep` method (`trainer.pep.PepPrune`) in `run_worker`. Output, under `pep.out` (default <output_dir>/pep): one folder per
-target with the masks and a decisions file for `embeddings.policy: decisions`, and `pep.json`.
+the `pep` method (`trainer.pep.PepPrune`) in `run_worker`. Output, under `pep.out` (default
+<output_dir>/pep): one folder per target with the masks and a decisions file for
+`embeddings.policy: decisions`, and `pep.json`.
 """
 
 from __future__ import annotations

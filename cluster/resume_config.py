@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from embshard.cluster.cli_args import ADOPT_FLAG
-from embshard.errors import ConfigError
 from embshard.config import JobConfig
+from embshard.errors import ConfigError
 from embshard.typed_config import from_dict, to_dict
 
 # Dotted prefixes of the keys that decide which tensors a checkpoint holds. Learning rates,

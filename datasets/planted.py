@@ -24,8 +24,15 @@ import numpy as np
 
 from embshard.datasets.schema import SPLITS, DatasetSpec, SparseFeature
 from embshard.datasets.synth import (
-    CHUNK_ROWS, DEFAULT_MAX_CARDINALITY, NUM_DENSE, PILOT_ROWS, HiddenModel, chunk_table, draw_features,
-    hidden_model, offset_for_rate,
+    CHUNK_ROWS,
+    DEFAULT_MAX_CARDINALITY,
+    NUM_DENSE,
+    PILOT_ROWS,
+    HiddenModel,
+    chunk_table,
+    draw_features,
+    hidden_model,
+    offset_for_rate,
 )
 from embshard.datasets.writer import DatasetWriter, SplitPlan
 from embshard.errors import DataError
@@ -71,7 +78,7 @@ class PlantedModel:
         """Sum over field pairs i < j of <v_i, v_j>, as (|sum v|^2 - sum |v|^2) / 2: linear in fields."""
         total = np.zeros((len(ranks[0]), self.latent_dim))
         squares = np.zeros(len(ranks[0]))
-        for c, q, r in zip(self.coords, self.bases, ranks):
+        for c, q, r in zip(self.coords, self.bases, ranks, strict=True):
             u = c[r].astype(np.float64)
             total += u @ q
             squares += np.einsum("ij,ij->i", u, u)  # |u q| = |u|: q has orthonormal rows
@@ -166,7 +173,7 @@ def synthesize_planted(out_dir: str | Path, rows: int = 100_000, seed: int = 0, 
         return writer.finish(replace(spec, planted=planted), source=spec.source)
 
 
-def _metadata(model: PlantedModel, spec: DatasetSpec, bayes_auc: dict[str, float]) -> dict[str, Any]:
+def _metadata(model: PlantedModel, spec: DatasetSpec, bayes_auc: dict[str, float | None]) -> dict[str, Any]:
     return {
         "bayes_auc": bayes_auc,
         "latent_dim": model.latent_dim,

@@ -4,10 +4,10 @@ Work is split across ranks by rows of Parquet row groups: each epoch the row gro
 (optionally) shuffled with a seeded RNG, laid end to end, and rank r takes the r-th of world_size
 equal contiguous row ranges, so ranks stay balanced even when a split has fewer row groups than
 there are ranks (a small validation split, say). A rank reads only the row groups its range
-touches; the two ranks that share a group shuffle it identically and take disjoint slices. Ranks run collective ops every
-step, so all of them must yield the same number of batches: that number is computed from Parquet
-metadata alone (no data read) as the minimum over ranks. Batches are assembled on a background
-thread into a bounded queue so the training loop rarely waits for I/O.
+touches; the two ranks that share a group shuffle it identically and take disjoint slices. Ranks
+run collective ops every step, so all of them must yield the same number of batches: that number
+is computed from Parquet metadata alone (no data read) as the minimum over ranks. Batches are
+assembled on a background thread into a bounded queue so the training loop rarely waits for I/O.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ class ParquetBatchReader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        resuming = self._resume is not None and self._resume[0] == epoch
-        self._consumed = self._resume[1] if resuming else 0
+        resume = self._resume
+        self._consumed = resume[1] if resume is not None and resume[0] == epoch else 0
 
     def __len__(self) -> int:
         rows = [sum(p.rows for p in pieces) for pieces in self._assignment(self.epoch)]
@@ -193,7 +193,7 @@ class ParquetBatchReader:
         for r in range(self.world_size):
             lo, hi = bounds[r], bounds[r + 1]
             mine = []
-            for g, end in zip(groups, ends):
+            for g, end in zip(groups, ends, strict=True):
                 begin = int(end) - g.rows
                 if begin < hi and end > lo:
                     mine.append(_Piece(g, max(lo, begin) - begin, min(hi, int(end)) - begin))

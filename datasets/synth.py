@@ -65,14 +65,14 @@ class HiddenModel:
         """The dense and per-id terms of the logit, without interaction or offset."""
         # log(1 + e^mu) is the median of log(1 + lognormal(mu, .)): centres each dense feature.
         z = (dense - np.log1p(np.exp(self.dense_mu))) @ self.dense_weights
-        for w, r in zip(self.rank_weights, ranks):
+        for w, r in zip(self.rank_weights, ranks, strict=True):
             z += w[r] if r.ndim == 1 else w[r].sum(axis=1) / np.sqrt(r.shape[1])
         return z
 
     def logit_of_table(self, table: pa.Table, spec: DatasetSpec) -> np.ndarray:
         """The hidden logit of rows read back from Parquet (ids are mapped back to ranks)."""
         ranks = []
-        for f, perm in zip(spec.sparse_names, self.id_of_rank):
+        for f, perm in zip(spec.sparse_names, self.id_of_rank, strict=True):
             rank_of_id = np.empty_like(perm)
             rank_of_id[perm] = np.arange(len(perm))
             ids, _ = flat_ids(table[f])
@@ -98,7 +98,7 @@ def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
     # the label signal should sit where a learner can find it.
     rank_weights = [
         (rng.standard_normal(c) * s / (1.0 + 0.25 * np.log1p(np.arange(c)))).astype(np.float32)
-        for c, s in zip(cards, importance)
+        for c, s in zip(cards, importance, strict=True)
     ]
     id_of_rank = [rng.permutation(c) for c in cards]
     model = HiddenModel(
@@ -139,7 +139,7 @@ def synthesize(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
         sparse=[SparseFeature(f"C{i + 1}", c, multi_hot) for i, c in enumerate(model.cardinalities)],
         source=f"synth(rows={rows}, seed={seed}, max_cardinality={max_cardinality}, "
                f"positive_rate={positive_rate}"
-               + (f", bag_sizes={','.join(map(str, bag_sizes))})" if multi_hot else ")"),
+               + (f", bag_sizes={','.join(map(str, bag_sizes))})" if bag_sizes is not None else ")"),
     )
     plan = SplitPlan(rows)
     with DatasetWriter(out_dir, spec.arrow_schema(), overwrite=overwrite, total_rows=rows,
@@ -160,7 +160,7 @@ def chunk_table(model: HiddenModel, logit: Callable[[list[np.ndarray], np.ndarra
     columns = {spec.label: (rng.random(n) < p).astype(np.float32)}
     columns.update({d: dense[:, i].astype(np.float32) for i, d in enumerate(spec.dense)})
     columns.update({f: _id_column(perm, r)
-                    for f, perm, r in zip(spec.sparse_names, model.id_of_rank, ranks)})
+                    for f, perm, r in zip(spec.sparse_names, model.id_of_rank, ranks, strict=True)})
     return pa.table(columns), p
 
 
@@ -174,8 +174,10 @@ def _id_column(id_of_rank: np.ndarray, ranks: np.ndarray) -> np.ndarray | pa.Lis
 
 def draw_features(model: HiddenModel, n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
     cards = model.cardinalities
-    shapes = [n] * len(cards) if model.bag_sizes is None else [(n, k) for k in model.bag_sizes]
-    ranks = [zipf_ranks(rng.random(shape), c, s) for shape, c, s in zip(shapes, cards, model.exponents)]
+    shapes: list[int | tuple[int, int]] = (
+        [n] * len(cards) if model.bag_sizes is None else [(n, k) for k in model.bag_sizes]
+    )
+    ranks = [zipf_ranks(rng.random(shape), c, s) for shape, c, s in zip(shapes, cards, model.exponents, strict=True)]
     # Criteo's integer features are heavy-tailed counts; DLRM feeds log(1 + x), which is what we emit.
     dense = np.log1p(rng.lognormal(model.dense_mu, model.dense_sigma, size=(n, NUM_DENSE)))
     return ranks, dense

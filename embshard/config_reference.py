@@ -67,11 +67,15 @@ class Reference:
         for s in self.sections:
             lines += ["", f"## `{s.key}`" if s.key else "## Top level", ""]
             if s.key:
-                lines += [f"Type `{_cell(s.type)}`, default `{s.default}`." if s.default else f"Type `{_cell(s.type)}`.", ""]
+                kind = f"Type `{_cell(s.type)}`"
+                lines += [f"{kind}, default `{s.default}`." if s.default else f"{kind}.", ""]
             if s.doc:
                 lines += [_prose(s.doc), ""]
             lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-            lines += [f"| `{e.key}` | `{_cell(e.type)}` | `{_cell(e.default)}` | {_cell(_prose(e.doc))} |" for e in s.entries]
+            lines += [
+                f"| `{e.key}` | `{_cell(e.type)}` | `{_cell(e.default)}` | {_cell(_prose(e.doc))} |"
+                for e in s.entries
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -132,7 +136,7 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     for stmt in node.body:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
-        above = []
+        above: list[str] = []
         line = stmt.lineno - 1
         while line in comments and comments[line][1]:
             above.insert(0, comments[line][0])

@@ -16,7 +16,6 @@ from embshard.errors import PlanError
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, SparseOptimizer, optimizer_state_elements
 from embshard.planner.topology import GIB, TopologySpec
 
-
 # Share of each rank's HBM held back from embedding tables for dense parameters, activations and
 # input batches. TorchRec's heuristic reservation uses the same share but adds an estimate of
 # dense tensors that over-counts on meta-device modules (its own FutureWarning says so). TorchRec

@@ -120,8 +120,9 @@ def fit_on_grid(
     live = np.isfinite(best)
     landing = live & (total >= low) & (total <= budget)
     if landing.any():
-        j, b = np.unravel_index(np.argmin(np.where(landing, best, np.inf)), best.shape)
-        return GridFit(rebuild(int(j), int(b)), int(total[j, b]), None, None)
+        at = np.unravel_index(np.argmin(np.where(landing, best, np.inf)), best.shape)
+        j, b = int(at[0]), int(at[1])
+        return GridFit(rebuild(j, b), int(total[j, b]), None, None)
     under, over = total[live & (total < low)], total[live & (total > budget)]
     return GridFit(
         None,

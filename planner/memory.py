@@ -18,7 +18,6 @@ from embshard.planner.shard_plan import ShardPlan
 from embshard.planner.types import DimensionPlan
 
 
-
 @dataclass(frozen=True)
 class ShardMemory:
     table: str  # block table name

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
-from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torch import nn
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torch.overrides import TorchFunctionMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -83,7 +83,9 @@ def _block_configs(plan: DimensionPlan, pooled: bool) -> list:
                 "num_embeddings": block.num_rows,
                 "feature_names": [block_feature_name(f, i, n) for f in table.features],
             }
-            configs.append(EmbeddingBagConfig(**common, pooling=PoolingType.SUM) if pooled else EmbeddingConfig(**common))
+            configs.append(
+                EmbeddingBagConfig(**common, pooling=PoolingType.SUM) if pooled else EmbeddingConfig(**common)
+            )
     return configs
 
 
@@ -253,7 +255,7 @@ class _MetaInitSkipped(TorchFunctionMode):
     torch's Python reference kernels: seconds of planning time at 10,000 tables.
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", None) == "normal_":  # nn.init.normal_ and Tensor.normal_
             tensor = args[0] if args else kwargs.get("tensor")

@@ -5,8 +5,9 @@ linear transform, or zero padding; then BatchNorm so magnitudes compare), and mi
 Gumbel-softmax over the field's architecture weights alpha. After the search each field keeps
 argmax alpha, and the model is retrained at those widths through an ordinary decisions plan.
 
-The tables are plain TorchRec tables described by a DimensionPlan (`planner.policies.autodim.search_plan`), so TorchRec's
-planner and `DistributedModelParallel` shard them like any plan:
+The tables are plain TorchRec tables described by a DimensionPlan
+(`planner.policies.autodim.search_plan`), so TorchRec's planner and `DistributedModelParallel`
+shard them like any plan:
 
 - weight_sharing: one d_N-wide table per field; candidate n reads the first d_n columns of the
   pooled output. Sum pooling commutes with column slicing, so one lookup serves every candidate.
@@ -25,14 +26,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from embshard.config import Lookup, Unify
-from embshard.planner.policies.autodim import candidate_feature_name, search_plan, stored_width
-from embshard.planner.shard_plan import block_table_configs
-from embshard.planner.types import DimensionPlan
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embshard.config import Lookup, Unify
+from embshard.planner.policies.autodim import candidate_feature_name, search_plan, stored_width
+from embshard.planner.shard_plan import block_table_configs
+from embshard.planner.types import DimensionPlan
+from embshard.sharding.embedding_module import EmbeddingModule
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -58,7 +60,7 @@ class ArchitectureWeights(nn.Module):
         return torch.softmax(self.logits.detach(), dim=-1)
 
 
-class AutodimEmbeddingBags(nn.Module):
+class AutodimEmbeddingBags(EmbeddingModule):
     """Search embedding over the uniform plan `base` (d_N wide). `tau` is set by the search loop
     every step; in training mode the mixture is a Gumbel-softmax sample, in eval mode its
     noise-free softmax(logits / tau).
@@ -70,6 +72,14 @@ class AutodimEmbeddingBags(nn.Module):
     exactly (sigma_n^2 = diag(W_n^T cov(X) W_n), BatchNorm's biased batch variance). W_n reads only
     candidate n's columns of X (`read`): the first d_n of the shared table, or its own table.
     """
+
+    # Registered buffers, declared so that they type as tensors (nn.Module's __getattr__ says
+    # `Tensor | Module`); running_* exist only with batchnorm.
+    read: torch.Tensor
+    rows: torch.Tensor
+    out_mask: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(
         self,
@@ -216,7 +226,7 @@ class AutodimEmbeddingBags(nn.Module):
         probs = self.arch.probabilities().cpu()
         return {
             feature: (self.candidates[int(p.argmax())], [float(x) for x in p])
-            for feature, p in zip(self.feature_names, probs)
+            for feature, p in zip(self.feature_names, probs, strict=True)
         }
 
 
@@ -227,7 +237,7 @@ def _read_layout(candidates: list[int], stored: list[int] | None, d: int) -> tup
     starts = [0] * len(candidates) if stored is None else [sum(stored[:i]) for i in range(len(stored))]
     k = d if stored is None else sum(stored)
     read = torch.zeros(len(candidates), k, d)
-    for i, (dn, start) in enumerate(zip(candidates, starts)):
+    for i, (dn, start) in enumerate(zip(candidates, starts, strict=True)):
         read[i, torch.arange(start, start + dn), torch.arange(dn)] = 1.0
     return read, starts
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from embshard.planner.shard_plan import block_feature_name
 from embshard.planner.types import DimensionPlan
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class BlockLayout:
 
 
 def feature_blocks(plan: DimensionPlan) -> BlockLayout:
-    features, offsets, starts = [], [], []
+    features: list[FeatureBlocks] = []
+    offsets: list[int] = []
+    starts: list[int] = []
     shared = 0
     for table in plan.tables:
         n = len(table.blocks)
@@ -82,11 +85,11 @@ def split_by_block(features: KeyedJaggedTensor, layout: BlockLayout) -> KeyedJag
         features = features.permute([keys.index(f) for f in names])
     if layout.is_identity:
         return features
-    v, l = features.values(), features.lengths()
+    v, lengths = features.values(), features.lengths()
     batch = features.stride()
     device = v.device
     # Which bag (feature-major, as the KJT stores them) each id belongs to.
-    segment = torch.repeat_interleave(torch.arange(len(names) * batch, device=device), l.long())
+    segment = torch.repeat_interleave(torch.arange(len(names) * batch, device=device), lengths.long())
     feature, row = segment // batch, segment % batch
     starts = layout.starts.to(device)
     shared = v.long() + layout.offsets.to(device)[feature]
@@ -97,6 +100,6 @@ def split_by_block(features: KeyedJaggedTensor, layout: BlockLayout) -> KeyedJag
     return KeyedJaggedTensor(
         keys=layout.block_features,
         values=(shared - starts[block])[order].to(v.dtype),
-        lengths=torch.bincount(key, minlength=len(starts) * batch).to(l.dtype),
+        lengths=torch.bincount(key, minlength=len(starts) * batch).to(lengths.dtype),
         stride=batch,
     )

@@ -49,8 +49,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from embshard.planner.types import DimensionPlan
-from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -58,6 +56,10 @@ from torch.distributed._shard.sharded_tensor.metadata import (
     ShardedTensorMetadata,
     TensorProperties,
 )
+from torch.distributed.remote_device import _remote_device
+
+from embshard.planner.types import DimensionPlan
+from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 
 # Bytes of one round's communication buffers per rank; bounds the collapse's working memory
 # beyond the W rows it returns.
@@ -128,7 +130,7 @@ def collapse_mlet_tables(
     calls it), a plain tensor for an unsharded one. `state_dict` defaults to the model's own."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     start = time.perf_counter()
-    collapsed = {}
+    collapsed: dict[str, torch.Tensor] = {}
     tables = mlet_tables(model, state_dict)
     with _column_groups(tables, state_dict) as groups:
         for t in tables:
@@ -165,7 +167,7 @@ def _collapse_sharded(w1: ShardedTensor, w2t: torch.Tensor, groups: dict[tuple[i
         lo, hi = mine
         result = torch.empty(hi - lo, d, dtype=w2t.dtype, device=w2t.device)
         pieces = [(local[tuple(m.shard_offsets)], w2t[:, _cols(m)].t()) for m in band.shards
-                  if m.placement.rank() == rank]
+                  if _rank_of(m) == rank]
         if len(band.shards) == 1:  # whole rows on one rank: a local product
             torch.matmul(pieces[0][0], pieces[0][1], out=result)
         else:
@@ -264,7 +266,7 @@ def _rebuild_sharded(w: ShardedTensor, w1: ShardedTensor, pinv: torch.Tensor,
             continue
         rows = w_local[band.start + mine[0]]
         targets = [(w1_local[tuple(m.shard_offsets)], pinv[:, _cols(m)]) for m in band.shards
-                   if m.placement.rank() == rank]
+                   if _rank_of(m) == rank]
         if len(band.shards) == 1:
             torch.matmul(rows, targets[0][1], out=targets[0][0])
             continue
@@ -285,12 +287,13 @@ def _rebuild_sharded(w: ShardedTensor, w1: ShardedTensor, pinv: torch.Tensor,
 
 def _empty_collapsed(w1: ShardedTensor, d: int) -> ShardedTensor:
     rank = dist.get_rank()
-    meta, local = [], []
+    meta: list[ShardMetadata] = []
+    local: list[Shard] = []
     for band in _row_bands(w1):
         band_meta = band.out_metadata(d)
         meta.extend(band_meta)
-        local.extend(Shard(torch.empty(m.shard_sizes, dtype=w1.dtype, device=m.placement.device()), m)
-                     for m in band_meta if m.placement.rank() == rank)
+        local.extend(Shard(torch.empty(m.shard_sizes, dtype=w1.dtype, device=_placement(m).device()), m)
+                     for m in band_meta if _rank_of(m) == rank)
     return _sharded(local, meta, (w1.size(0), d), w1.dtype)
 
 
@@ -331,7 +334,7 @@ class _RowBand:
 
     def placement(self, rank: int) -> str:
         """W's rows stay on the device that held the rank's W1 shard."""
-        return str(next(m.placement for m in self.shards if m.placement.rank() == rank))
+        return str(next(_placement(m) for m in self.shards if _rank_of(m) == rank))
 
     def chunk_rows(self, d: int, chunk_bytes: int) -> int:
         """Rows per round: the send and receive buffers ((m + 1) x rows x d floats) fit chunk_bytes."""
@@ -345,6 +348,20 @@ class _RowBand:
         return start, min(start + chunk, hi)
 
 
+def _placement(m: ShardMetadata) -> _remote_device:
+    """Where shard m lives: TorchRec places every shard (ShardMetadata allows none)."""
+    if m.placement is None:
+        raise ValueError(f"shard at offsets {m.shard_offsets} has no placement")
+    return m.placement
+
+
+def _rank_of(m: ShardMetadata) -> int:
+    rank = _placement(m).rank()
+    if rank is None:
+        raise ValueError(f"shard at offsets {m.shard_offsets} is placed on {_placement(m)}, not on a rank")
+    return rank
+
+
 def _row_bands(w1: ShardedTensor) -> list[_RowBand]:
     bands: dict[tuple[int, int], list[ShardMetadata]] = {}
     for m in w1.metadata().shards_metadata:
@@ -352,7 +369,7 @@ def _row_bands(w1: ShardedTensor) -> list[_RowBand]:
     out = []
     for (start, rows), shards in sorted(bands.items()):
         shards.sort(key=lambda m: m.shard_offsets[1])
-        ranks = tuple(sorted({m.placement.rank() for m in shards}))
+        ranks = tuple(sorted({_rank_of(m) for m in shards}))
         out.append(_RowBand(start, rows, tuple(shards), ranks))
     return out
 

@@ -39,9 +39,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.config import GRANULARITIES, Granularity
 from embshard.errors import PlanError
-from embshard.planner.policies.pep import ROW_THRESHOLDS, looked_up_pooled, threshold_columns
+from embshard.planner.policies.pep import looked_up_pooled, threshold_columns
 from embshard.planner.types import DimensionPlan, TablePlan
-
+from embshard.sharding.embedding_module import EmbeddingModule
 
 # Initial values are drawn per chunk of rows from a generator seeded by (seed, table, chunk): any
 # row range regenerates without drawing the whole table, so the lottery-ticket retrain can rebuild
@@ -61,14 +61,14 @@ class SoftThreshold(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = v - torch.maximum(torch.minimum(v, t), -t)
         ctx.save_for_backward(out)
         ctx.t_shape = t.shape
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         (out,) = ctx.saved_tensors
         sign = torch.sign(out)
         signed = grad * sign
@@ -120,7 +120,7 @@ def initial_values(seed: int, table: str, num_rows: int, dim: int, rows: range, 
     return torch.cat(parts)[:, cols.start : cols.stop] if parts else torch.empty(0, len(cols))
 
 
-class PepEmbeddings(nn.Module):
+class PepEmbeddings(EmbeddingModule):
     def __init__(
         self,
         plan: DimensionPlan,

@@ -10,16 +10,18 @@ unchanged. A uniform plan is the bare collection: bit-identical to plain TorchRe
 from __future__ import annotations
 
 import torch
-from embshard.config import MLET_INIT_STD
-from embshard.planner.shard_plan import block_feature_name, block_table_configs
-from embshard.planner.types import DimensionPlan
-from embshard.sharding.block_split import feature_blocks, split_by_block
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embshard.config import MLET_INIT_STD
+from embshard.planner.shard_plan import block_feature_name, block_table_configs
+from embshard.planner.types import DimensionPlan
+from embshard.sharding.block_split import feature_blocks, split_by_block
+from embshard.sharding.embedding_module import EmbeddingModule
 
-class PlannedEmbeddingBags(nn.Module):
+
+class PlannedEmbeddingBags(EmbeddingModule):
     """`mlet_init_std`: std of the zero-mean Gaussian MLET's W2 starts from (see MLET_INIT_STD)."""
 
     def __init__(self, plan: DimensionPlan, device: torch.device | None = None,
@@ -42,8 +44,9 @@ class PlannedEmbeddingBags(nn.Module):
             for i, block in enumerate(table.blocks):
                 name = table.block_name(i)
                 if block.mlet_width is not None:
-                    self.mlet[name] = nn.Linear(block.mlet_width, block.dim, bias=False, device=dense_device)
-                    nn.init.normal_(self.mlet[name].weight, std=mlet_init_std)
+                    w2 = nn.Linear(block.mlet_width, block.dim, bias=False, device=dense_device)
+                    nn.init.normal_(w2.weight, std=mlet_init_std)
+                    self.mlet[name] = w2
                 if block.dim != plan.base_dim:
                     self.projections[name] = nn.Linear(block.dim, plan.base_dim, bias=False, device=dense_device)
         # Per feature, its blocks as (block feature, block table, width out of the collection).
@@ -68,7 +71,7 @@ class PlannedEmbeddingBags(nn.Module):
         # One split, not a slice per feature: each slice's backward would zero-fill and add a
         # gradient the size of all of x.
         outputs = []
-        for feature, x_f in zip(self.feature_names, x.split(self._widths, dim=1)):
+        for feature, x_f in zip(self.feature_names, x.split(self._widths, dim=1), strict=True):
             blocks = self._blocks_of[feature]
             maps = [self._block_map(table) for _, table, _ in blocks]
             if len(maps) == 1 and maps[0] is None:  # one block at the base dim: already the output
@@ -87,9 +90,9 @@ class PlannedEmbeddingBags(nn.Module):
         """[train width, base dim]: the block's W2 then P, transposed; None for the identity."""
         m = None
         if table in self.mlet:
-            m = self.mlet[table].weight.t()
+            m = self.mlet[table].get_parameter("weight").t()
         if table in self.projections:
-            p = self.projections[table].weight.t()
+            p = self.projections[table].get_parameter("weight").t()
             m = p if m is None else m @ p
         return m
 
@@ -98,7 +101,7 @@ class PlannedEmbeddingBags(nn.Module):
         if self._gather is None or self._gather[0] != keys:
             start, width = {}, {}
             at = 0
-            for key, n in zip(keys, pooled.length_per_key()):
+            for key, n in zip(keys, pooled.length_per_key(), strict=True):
                 start[key], width[key] = at, n
                 at += n
             index = [

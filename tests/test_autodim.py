@@ -11,9 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import profiled_synth
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.cluster.launch import plan_for_training
+from embshard.config import (
+    AutodimConfig,
+    CheckpointConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.config import EmbeddingsConfig
+from embshard.errors import ConfigError, PlanError
 from embshard.planner.decisions import load_decisions
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -23,7 +35,6 @@ from embshard.sharding.autodim import (
     gumbel_softmax,
     search_plan,
 )
-from embshard.cluster.launch import plan_for_training
 from embshard.trainer.autodim import (
     AutodimSearch,
     alpha_step,
@@ -33,18 +44,7 @@ from embshard.trainer.autodim import (
     search_embedding,
 )
 from embshard.trainer.build import build_sharded
-from embshard.config import AutodimConfig
-from embshard.config import (
-    CheckpointConfig,
-    DataConfig,
-    JobConfig,
-    ModelConfig,
-    TrainConfig,
-)
 from embshard.trainer.evaluate import EvalResult
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from embshard.errors import ConfigError, PlanError
 
 CANDIDATES = [2, 8, 16]
 

@@ -10,14 +10,14 @@ import pytest
 import torch.distributed as dist
 from conftest import profiled_synth
 from distributed import run_ranks
-from embshard.config import EmbeddingsConfig
+from test_autodim import job as search_job
+from test_autodim import plan_search
+
+from embshard.config import EmbeddingsConfig, JobConfig
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.trainer.autodim import decisions_path
-from embshard.config import JobConfig
 from embshard.trainer.loop import run_worker
-from test_autodim import job as search_job
-from test_autodim import plan_search
 
 pytestmark = pytest.mark.slow
 

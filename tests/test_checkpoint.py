@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import profiled_synth
+
 from embshard.cluster.launch import plan_for_training
-from embshard.config import EmbeddingsConfig, MletConfig
+from embshard.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    MletConfig,
+    TrainConfig,
+)
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.shard_plan import plan_sharding
 from embshard.sharding.mlet import without_mlet
@@ -25,13 +34,6 @@ from embshard.trainer.checkpoint import (
     MANIFEST,
     CheckpointManager,
     complete_checkpoints,
-)
-from embshard.config import (
-    CheckpointConfig,
-    ClusterConfig,
-    DataConfig,
-    JobConfig,
-    TrainConfig,
 )
 from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import profiled_synth
 from distributed import run_ranks
+
 from embshard.cluster.launch import plan_for_training
+from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
 from embshard.errors import EmbshardError
 from embshard.trainer.checkpoint import CheckpointError, complete_checkpoints
 from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
-from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
 from embshard.trainer.export import export_serving
 from embshard.trainer.loop import run_worker
 

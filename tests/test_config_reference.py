@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from embshard.cluster.cli import main
-from embshard.config_reference import COMMAND, build_reference, field_docs
 from embshard.config import JobConfig
+from embshard.config_reference import COMMAND, build_reference, field_docs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

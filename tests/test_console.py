@@ -8,6 +8,7 @@ import logging
 
 import pyarrow as pa
 import pytest
+
 from embshard.cluster.console import END, START, _console_lines, _MarkedStream
 from embshard.errors import DataError
 
@@ -56,15 +57,17 @@ def _worker_group_error(failures: dict[int, BaseException]) -> BaseException:
 
 
 def test_worker_error_finds_the_input_error_inside_ray_wrappers():
-    from embshard.cluster.launch import worker_error
     from ray.exceptions import RayError
+
+    from embshard.cluster.launch import worker_error
 
     bad = DataError("part-0.parquet: column 'C2', row 123: id -7 outside [0, 583)")
     try:
         try:
             raise pa.ArrowInvalid("low-level")
         except pa.ArrowInvalid:
-            raise bad  # an input error raised while handling a library's error
+            # An input error raised while handling a library's error: the implicit chain is the case under test.
+            raise bad  # noqa: B904
     except DataError:
         pass
     err = _worker_group_error({1: bad, 0: RuntimeError("collective aborted: peer 1 gone")})
@@ -88,10 +91,11 @@ def test_worker_error_without_input_error_is_the_first_ranks_root_cause():
 
 
 def test_worker_error_prefers_the_worker_that_died():
-    from embshard.cluster.launch import worker_error
     from ray.exceptions import ActorDiedError
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from embshard.cluster.launch import worker_error
 
     # As Ray Train reports a killed worker: its health check failed with the actor's death, while
     # its peer's collective lost the connection.

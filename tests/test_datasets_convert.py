@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from embshard.datasets.cli import register
 from embshard.datasets.convert import convert, text
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import SPLITS, DatasetSpec
-
 from embshard.errors import DataError
 
 
@@ -52,7 +52,7 @@ def test_criteo_sample(criteo_sample: Path, tmp_path: Path) -> None:
 def test_criteo_min_count_shrinks_vocabularies(criteo_sample: Path, tmp_path: Path) -> None:
     full = convert("criteo", criteo_sample, tmp_path / "a")
     pruned = convert("criteo", criteo_sample, tmp_path / "b", min_count=10)
-    assert all(p.cardinality <= f.cardinality for p, f in zip(pruned.sparse, full.sparse))
+    assert all(p.cardinality <= f.cardinality for p, f in zip(pruned.sparse, full.sparse, strict=True))
     assert pruned.feature("C3").cardinality < full.feature("C3").cardinality / 5
 
 

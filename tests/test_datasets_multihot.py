@@ -9,15 +9,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_datasets_synth import auc
+
 from embshard.cluster.cli import main
 from embshard.datasets.cli import register
 from embshard.datasets.profile import load_profile
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPLITS, DatasetSpec
 from embshard.datasets.synth import MLPERF_MULTI_HOT_SIZES, hidden_model, synthesize
-
 from embshard.errors import DataError
-from test_datasets_synth import auc
 
 ROWS = 5_000
 CAP = 2_000
@@ -47,7 +47,7 @@ def test_every_row_has_its_feature_pooling_factor_of_ids(multihot_dir: Path) -> 
     for split in SPLITS:
         table = pq.read_table(multihot_dir / split)
         assert table.schema.equals(spec.arrow_schema())
-        for f, k in zip(spec.sparse, MLPERF_MULTI_HOT_SIZES):
+        for f, k in zip(spec.sparse, MLPERF_MULTI_HOT_SIZES, strict=True):
             lengths = pa.compute.list_value_length(table[f.name]).to_numpy()
             assert (lengths == k).all(), f.name
             ids = table[f.name].combine_chunks().flatten().to_numpy()
@@ -85,8 +85,8 @@ def test_reader_batches_have_those_lengths(multihot_dir: Path) -> None:
 
 
 def test_plan_uses_the_pooling_factors(multihot_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from embshard.planner.pipeline import block_pooling_factors, load_id_maps, make_plan
     from embshard.config import load_job_config
+    from embshard.planner.pipeline import block_pooling_factors, load_id_maps, make_plan
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  path: {multihot_dir}\n")

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_datasets_synth import auc
+
 from embshard.datasets.cli import register
 from embshard.datasets.planted import expected_auc, planted_model, synthesize_planted
 from embshard.datasets.schema import SPLITS, DatasetSpec
-
 from embshard.errors import DataError
-from test_datasets_synth import auc
 
 ROWS = 40_000
 CAP = 2_000
@@ -32,7 +33,7 @@ def true_probability(table: pa.Table, spec: DatasetSpec, seed: int) -> np.ndarra
     """The generator's click probability of rows read back (ids mapped back to frequency ranks)."""
     model = planted_model(seed, CAP, RANKS)
     ranks = []
-    for f, perm in zip(spec.sparse_names, model.base.id_of_rank):
+    for f, perm in zip(spec.sparse_names, model.base.id_of_rank, strict=True):
         rank_of_id = np.empty_like(perm)
         rank_of_id[perm] = np.arange(len(perm))
         ranks.append(rank_of_id[table[f].to_numpy()])
@@ -84,7 +85,7 @@ def test_ranks_are_recorded_per_table_and_block_and_really_planted(planted_dir: 
         assert RANKS[0] <= entry["rank"] <= min(RANKS[1], f.cardinality)
         blocks = entry["blocks"]
         assert blocks[0]["start"] == 0 and blocks[-1]["end"] == f.cardinality
-        assert all(a["end"] == b["start"] for a, b in zip(blocks, blocks[1:]))
+        assert all(a["end"] == b["start"] for a, b in pairwise(blocks))
         assert blocks[0]["rank"] == entry["rank"]
         latent = model.latent(t)
         assert latent.shape == (f.cardinality, RANKS[1])

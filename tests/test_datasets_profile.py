@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from embshard.datasets.profile import load_profile, write_profile
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.datasets.synth import synthesize
 from embshard.datasets.writer import DatasetWriter, SplitPlan
-
 from embshard.errors import DataError
 
 

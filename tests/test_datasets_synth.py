@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from embshard.datasets.cli import register
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import CRITEO_CARDINALITIES, hidden_model, synthesize
 from embshard.datasets.writer import ROW_GROUP_ROWS
-
 from embshard.errors import DataError
 
 ROWS = 20_000

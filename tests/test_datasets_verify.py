@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from embshard.datasets import writer
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec
 from embshard.datasets.synth import synthesize
 from embshard.datasets.verify import verify_dataset
-
 from embshard.errors import DataError
 
 

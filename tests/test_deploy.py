@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from embshard.trainer.metrics import WorkerMetrics
 from prometheus_server import (
     PrometheusServer,
     PromQLError,
     promtool,
     require_prometheus,
 )
+
+from embshard.trainer.metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from embshard.datasets.schema import DatasetSpec, SparseFeature
+
 from embshard.config import EmbeddingsConfig
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import ConfigError, PlanError
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.remap import load_remap
 from embshard.planner.types import Block, DimensionPlan, TablePlan
-
-from embshard.errors import ConfigError, PlanError
 from embshard.typed_config import from_dict, to_dict
 
 
@@ -104,7 +104,10 @@ def test_flat_mde_keys_say_where_they_moved(key):
         ({"dim": 24, "rounding": "pow2"}, "embeddings.dim: 24 is not a power of two"),
         ({"min_dim": 32}, "embeddings.min_dim: 32 is above dim 16"),
         ({"mde": {"blocks": 0}}, "embeddings.mde.blocks: must be >= 1"),
-        ({"policy": "mde", "mde": {"budget_params": 10, "budget_bytes": 40}}, "embeddings.mde.budget_bytes: set budget_params or budget_bytes"),
+        (
+            {"policy": "mde", "mde": {"budget_params": 10, "budget_bytes": 40}},
+            "embeddings.mde.budget_bytes: set budget_params or budget_bytes",
+        ),
         ({"policy": "mde", "mde": {"budget_params": -1}}, "embeddings.mde.budget_params: must be positive"),
         ({"mde": {"budget_params": 1000}}, "embeddings.mde.budget_params: only policy mde takes a budget"),
         ({"policy": "decisions"}, "embeddings.decisions: policy decisions needs the path"),

@@ -11,13 +11,13 @@ import pytest
 import ray
 import torch
 from conftest import profiled_synth
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
 from embshard.cluster.launch import (
     plan_for_training,
     plan_from_checkpoint,
     train_on_ray,
 )
-from embshard.trainer.build import build_sharded, build_unsharded
-from embshard.trainer.checkpoint import CheckpointManager
 from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
@@ -25,9 +25,10 @@ from embshard.config import (
     JobConfig,
     TrainConfig,
 )
+from embshard.trainer.build import build_sharded, build_unsharded
+from embshard.trainer.checkpoint import CheckpointManager
 from embshard.trainer.faults import ENV, MARKER
 from embshard.trainer.loop import make_reader
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 pytestmark = pytest.mark.slow
 CRASH_STEP = 10  # rank 1 dies after step 10; the last checkpoint before it is step 8

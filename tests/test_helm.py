@@ -266,7 +266,6 @@ def test_config_map_carries_job_config(rendered) -> None:
         assert cfg[k] == v
     # the metrics section parses as the trainer's MetricsConfig
     from embshard.config import MetricsConfig
-
     from embshard.typed_config import from_dict
 
     assert from_dict(MetricsConfig, cfg["metrics"], "metrics").bind == "0.0.0.0"

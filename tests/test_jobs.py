@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from embshard.datasets.synth import synthesize
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,8 @@ def head(env, tmp_path_factory) -> str:
     port, dashboard = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
     # `python -m` rather than the `ray` script: a venv that shares another's site-packages has none.
-    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+             "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
              f"--temp-dir={temp}", "--block"]
     # --block in a session of its own: the teardown stops this head's processes and no others

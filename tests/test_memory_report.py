@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from embshard.planner.memory import memory_report
-from embshard.planner.shard_plan import ShardPlan, plan_sharding
-from embshard.planner.topology import GIB, TopologySpec
-from embshard.planner.types import Block, DimensionPlan, TablePlan
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
 
 from embshard.errors import PlanError
+from embshard.planner.memory import memory_report
+from embshard.planner.shard_plan import ShardPlan, plan_sharding
+from embshard.planner.topology import GIB, TopologySpec
+from embshard.planner.types import Block, DimensionPlan, TablePlan
 
 BASE = 8
 

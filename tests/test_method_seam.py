@@ -32,7 +32,8 @@ class FixedWidth(EmbeddingMethod):
     def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
                        out_dir: Path) -> DimensionPlan:
         source = {"policy": "fixed_width", "width": self.width}
-        tables = [TablePlan(table_name(f.name), [f.name], f.cardinality, [Block(0, f.cardinality, self.width, source=source)])
+        tables = [TablePlan(table_name(f.name), [f.name], f.cardinality,
+                            [Block(0, f.cardinality, self.width, source=source)])
                   for f in spec.sparse]
         return DimensionPlan(cfg.embeddings.dim, tables, policy=source)
 

@@ -7,16 +7,16 @@ import shutil
 import urllib.request
 
 import pytest
-from embshard.trainer.metrics import (
-    STEP_BUCKETS,
-    WorkerMetrics,
-    write_file_sd,
-)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import promtool
 
 from embshard.config import MetricsConfig
 from embshard.errors import ConfigError
+from embshard.trainer.metrics import (
+    STEP_BUCKETS,
+    WorkerMetrics,
+    write_file_sd,
+)
 from embshard.typed_config import from_dict
 
 

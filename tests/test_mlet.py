@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import ParameterSharding
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from embshard.cluster.export_cli import register
-from embshard.config import MLET_INIT_STD, MletConfig
+from embshard.config import MLET_INIT_STD, JobConfig, MletConfig, ModelConfig
+from embshard.errors import ConfigError, EmbshardError, PlanError
 from embshard.planner.memory import memory_report
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.mlet import apply_mlet
@@ -35,14 +40,8 @@ from embshard.sharding.mlet import (
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, Progress
-from embshard.config import JobConfig, ModelConfig
 from embshard.trainer.export import MANIFEST, ExportError, export_serving, load_serving
 from embshard.trainer.model import DLRM
-from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
-from torchrec.distributed.types import ParameterSharding
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from embshard.errors import ConfigError, EmbshardError, PlanError
 from embshard.typed_config import load_yaml, to_dict
 
 NUM_DENSE = 3

@@ -19,6 +19,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from distributed import run_ranks
+from test_mlet import MODEL, NUM_DENSE, batch, mlet_plan, shard_plan, trained_like
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from embshard.config import JobConfig, TrainConfig
 from embshard.planner.memory import memory_report
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
@@ -31,12 +37,7 @@ from embshard.sharding.mlet import (
     without_mlet,
 )
 from embshard.trainer.build import ShardedModel, build_sharded
-from embshard.config import JobConfig, TrainConfig
 from embshard.trainer.export import export_serving, load_serving
-from test_mlet import MODEL, NUM_DENSE, batch, mlet_plan, shard_plan, trained_like
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 WORLD = 2
 pytestmark = pytest.mark.slow
@@ -120,7 +121,7 @@ def _collapse_and_rebuild(rank: int, world: int, kind: str, tmp: Path) -> dict[s
     again = collapse_mlet_tables(fresh.model)
     product_error = max(
         (a.tensor - b.tensor).abs().max().item()
-        for k in keys for a, b in zip(again[k].local_shards(), collapsed[k].local_shards())
+        for k in keys for a, b in zip(again[k].local_shards(), collapsed[k].local_shards(), strict=True)
     )
     return {"before": before, "plain": outputs(plain.model, rank), "rebuilt": outputs(fresh.model, rank),
             "peak": peak.peak, "w1_bytes": w1_bytes, "w_bytes": w_bytes, "product_error": product_error,
@@ -131,7 +132,7 @@ def _collapse_and_rebuild(rank: int, world: int, kind: str, tmp: Path) -> dict[s
 @pytest.mark.parametrize("kind", ["table_wise", "column_wise"])
 def test_collapse_is_an_ordinary_sharded_model_and_rebuild_restores_it(kind: str, tmp_path: Path) -> None:
     results = run_ranks(_collapse_and_rebuild, WORLD, kind, tmp_path)
-    for rank, r in enumerate(results):
+    for r in results:
         torch.testing.assert_close(r["plain"], r["before"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["rebuilt"], r["before"], rtol=1e-5, atol=1e-6)
         assert r["product_error"] < 1e-4

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from embshard.config import EmbeddingsConfig, MletConfig
+from conftest import profiled_synth
+from test_checkpoint import dcp_metadata, job
+
+from embshard.config import EmbeddingsConfig, JobConfig, MletConfig
 from embshard.planner.pipeline import PlanBundle
 from embshard.sharding.mlet import TRAINING_STATE_PREFIX
 from embshard.trainer.build import build_sharded
-from embshard.config import JobConfig
 from embshard.trainer.export import MANIFEST, export_serving, load_serving
 from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
-from conftest import profiled_synth
-from test_checkpoint import dcp_metadata, job
 
 pytestmark = pytest.mark.usefixtures("process_group")
 

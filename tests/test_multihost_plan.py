@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import profiled_synth
+
 from embshard.cluster.cli import main
+from embshard.config import JobConfig, ShardingConfig
 from embshard.errors import ConfigError
 from embshard.planner.shard_plan import plan_sharding
 from embshard.planner.types import Block, DimensionPlan, TablePlan
-from embshard.config import JobConfig, ShardingConfig
 from embshard.typed_config import from_dict
-
-from conftest import profiled_synth
 
 
 def _table(name: str, rows: int, dim: int) -> TablePlan:
@@ -46,7 +46,8 @@ def test_eight_hosts_keep_row_shards_inside_a_host() -> None:
 def test_local_world_size_must_divide_the_world_size() -> None:
     with pytest.raises(ConfigError, match=r"sharding\.local_world_size: 3 ranks per host must divide the world size 8"):
         ShardingConfig(local_world_size=3).topology(8)
-    with pytest.raises(ConfigError, match=r"sharding\.local_world_size: 16 ranks per host must divide the world size 8"):
+    wanted = r"sharding\.local_world_size: 16 ranks per host must divide the world size 8"
+    with pytest.raises(ConfigError, match=wanted):
         ShardingConfig(local_world_size=16).topology(8)
     with pytest.raises(ConfigError, match=r"^sharding\.local_world_size: must be >= 1, got 0$"):
         from_dict(JobConfig, {"sharding": {"local_world_size": 0}})

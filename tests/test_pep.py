@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import profiled_synth
-from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.config import EmbeddingsConfig
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from embshard.cluster.launch import plan_for_training
+from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, ModelConfig, PepConfig, ShardingConfig, TrainConfig
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import ConfigError, PlanError
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.policies.pep import merge_widths, pep_table_decision
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -26,7 +31,6 @@ from embshard.sharding.pep import (
 )
 from embshard.trainer.build import build_sharded
 from embshard.trainer.callbacks import StepInfo
-from embshard.config import DataConfig, JobConfig, ModelConfig, ShardingConfig, TrainConfig
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
     MaskKeeper,
@@ -38,12 +42,6 @@ from embshard.trainer.pep import (
     save_target,
     start_from_ticket,
 )
-from embshard.config import PepConfig
-from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from embshard.errors import ConfigError, PlanError
 
 SPEC = DatasetSpec("toy", [], [SparseFeature("a", 6), SparseFeature("b", 5, multi_hot=True)])
 D = 4
@@ -89,7 +87,8 @@ def test_prune_each_granularity_by_hand(granularity, s_columns):
         s = rows.detach()[:, D:D + 1].expand(2, D) if granularity == "feature" else rows.detach()[:, D:]
     out = m.prune(rows)
     g = torch.sigmoid(s)
-    expected = [[math.copysign(max(abs(x) - gi, 0.0), x) for x, gi in zip(vr, gr)] for vr, gr in zip(v.tolist(), g.tolist())]
+    expected = [[math.copysign(max(abs(x) - gi, 0.0), x) for x, gi in zip(vr, gr, strict=True)]
+                for vr, gr in zip(v.tolist(), g.tolist(), strict=True)]
     assert out.detach().numpy() == pytest.approx(np.array(expected), abs=1e-6)
     out.sum().backward()
     alive = (v.abs() > g).float()
@@ -144,7 +143,7 @@ def test_pooled_lookup_of_single_hot_rows_equals_unpooled(granularity):
         assert torch.allclose(outs[0][f], outs[1][f])
     assert outs[0]["a"].abs().sum() > 0 and (outs[0]["a"] == 0).any()  # some pruned, some kept
     grad_out = torch.randn(3, 2 * D)
-    for m, out in zip((fast, slow), outs):
+    for out in outs:
         torch.cat([out["a"], out["b"]], dim=1).backward(grad_out)
     for t in ("t_a", "t_b"):
         assert torch.allclose(weight(fast, t).grad, weight(slow, t).grad)
@@ -175,7 +174,9 @@ def test_initial_values_regenerate_any_slice(monkeypatch):
 
 
 def test_lottery_ticket_starts_masked_and_stays_masked():
-    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t_a", embedding_dim=D, num_embeddings=6, feature_names=["a"])])
+    ebc = EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name="t_a", embedding_dim=D, num_embeddings=6, feature_names=["a"])]
+    )
     mask = np.random.default_rng(0).random((6, D)) > 0.5
     shards = [LocalShard("t_a", 0, 2, ebc.embedding_bags["t_a"].weight.data[:, 2:]),
               LocalShard("t_a", 0, 0, ebc.embedding_bags["t_a"].weight.data[:, :2])]
@@ -222,7 +223,7 @@ def test_merge_widths_is_the_cheapest_split():
             return sum(n * w + (w * 64 if w != 64 else 0) for n, w in blocks)
 
         brute = min(
-            cost([(sum(rows[a:b]), widths[a]) for a, b in zip([0, *cuts], [*cuts, k])])
+            cost([(sum(rows[a:b]), widths[a]) for a, b in zip([0, *cuts], [*cuts, k], strict=True)])
             for r in range(k) for cuts in map(list, itertools.combinations(range(1, k), r))
         )
         blocks = merge_widths(widths, rows, 64)
@@ -235,7 +236,8 @@ def test_saved_target_loads_as_a_smaller_plan(tmp_path):
     masks["t_b"][0] = True
     path = save_target(masks, D, tmp_path / "target-0.3", {"target": 0.3})
     assert np.load(tmp_path / "target-0.3" / "t_a.mask.npy").tolist() == masks["t_a"].tolist()
-    plan = from_decisions(path, EmbeddingsConfig(dim=D, policy="decisions", decisions=str(path)), SPEC, tmp_path / "plan")
+    embeddings = EmbeddingsConfig(dim=D, policy="decisions", decisions=str(path))
+    plan = from_decisions(path, embeddings, SPEC, tmp_path / "plan")
     dense = plan_dimensions(EmbeddingsConfig(dim=D), SPEC)
     assert plan.policy["decisions_method"] == "pep"
     # every survivor fits its row's width
@@ -294,7 +296,7 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
     sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
     module = pep_module(sharded.model)
     assert module.ec is None and module.ebc is not None  # synthetic features are all single-hot
-    for _, batch in zip(range(5), reader):
+    for batch in itertools.islice(reader, 5):
         train_step(sharded, batch)
     assert (module.threshold.detach() > -15.0 + 0.4).all()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -12,41 +13,42 @@ import pytest
 import torch
 from conftest import profiled_synth
 from distributed import run_ranks
-from embshard.datasets.convert import convert
-from embshard.datasets.schema import DatasetSpec
-from embshard.config import EmbeddingsConfig
-from embshard.planner.decisions import load_decisions
-from embshard.cluster.launch import plan_for_training
-from embshard.planner.pipeline import PlanBundle, make_plan
-from embshard.planner.policies import plan_dimensions
-from embshard.planner.topology import TopologySpec
-from embshard.sharding.pep import PepEmbeddings, local_shards
-from embshard.trainer.build import build_sharded
-from embshard.trainer.method import get_method
-from embshard.config import (
-    DataConfig,
-    JobConfig,
-    ModelConfig,
-    ShardingConfig,
-    TrainConfig,
-)
-from embshard.trainer.loop import make_reader, run_worker, train_step
-from embshard.trainer.pep import (
-    MaskKeeper,
-    PepPrune,
-    pep_module,
-    gather_masks,
-    load_masks,
-    nonzero_counts,
-    save_target,
-    start_from_ticket,
-)
-from embshard.config import PepConfig
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
+
+from embshard.cluster.launch import plan_for_training
+from embshard.config import (
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    ModelConfig,
+    PepConfig,
+    ShardingConfig,
+    TrainConfig,
+)
+from embshard.datasets.convert import convert
+from embshard.datasets.schema import DatasetSpec
+from embshard.planner.decisions import load_decisions
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.topology import TopologySpec
+from embshard.sharding.pep import PepEmbeddings, local_shards
+from embshard.trainer.build import build_sharded
+from embshard.trainer.loop import make_reader, run_worker, train_step
+from embshard.trainer.method import get_method
+from embshard.trainer.pep import (
+    MaskKeeper,
+    PepPrune,
+    gather_masks,
+    load_masks,
+    nonzero_counts,
+    pep_module,
+    save_target,
+    start_from_ticket,
+)
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -80,7 +82,9 @@ def _sharded_count(rank: int, world: int, data: str, granularity: str, s_init: f
     return nonzero_counts(pep), gather_masks(pep), split
 
 
-@pytest.mark.parametrize("granularity, pooled", [("feature_dimension", False), ("dimension", False), ("dimension", True)])
+@pytest.mark.parametrize(
+    "granularity, pooled", [("feature_dimension", False), ("dimension", False), ("dimension", True)]
+)
 def test_sharded_count_and_masks_equal_single_process(dataset, granularity, pooled):
     s_init = math.log(0.03 / 0.97)  # g = 0.03, about half of uniform(+-1/sqrt(300)) survives
     results = run_ranks(_sharded_count, WORLD, str(dataset), granularity, s_init, pooled)
@@ -128,7 +132,7 @@ def _prune_and_retrain(rank: int, world: int, cfg: JobConfig, retrain: JobConfig
     shards = local_shards(sharded.model.module.embeddings.ebc)
     start_from_ticket(shards, masks, cfg.seed, tables)
     keeper = MaskKeeper(shards, masks)
-    for step, batch in zip(range(3), reader):
+    for batch in islice(reader, 3):
         train_step(sharded, batch)
         keeper.on_step(None)
     leaked = sum(int((s.tensor != 0)[~torch.from_numpy(
@@ -191,7 +195,7 @@ def _multi_hot_steps(rank: int, world: int, cfg: JobConfig):
     reader = make_reader(cfg, bundle, "train", rank, world)
     sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
     pep = pep_module(sharded.model)
-    losses = [float(train_step(sharded, batch)) for _, batch in zip(range(3), reader)]
+    losses = [float(train_step(sharded, batch)) for batch in islice(reader, 3)]
     return sorted(pep.pooled_tables), list(pep.unpooled_features), losses, nonzero_counts(pep)
 
 
@@ -201,12 +205,16 @@ def test_multi_hot_table_is_pruned_unpooled_beside_pooled_ones(tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "ml-20m"
     src.mkdir()
+    users, movies = rng.integers(1, 60, 1500), rng.integers(1, 40, 1500)
     ratings = [(u, m, rng.choice([1.0, 2.0, 4.0, 5.0]), 1000 + i)
-               for i, (u, m) in enumerate(zip(rng.integers(1, 60, 1500), rng.integers(1, 40, 1500)))]
-    (src / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in ratings))
+               for i, (u, m) in enumerate(zip(users, movies, strict=True))]
+    (src / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in ratings)
+    )
     genres = ["Action", "Comedy", "Drama", "Romance", "Thriller"]
     (src / "movies.csv").write_text("movieId,title,genres\n" + "".join(
-        f"{m},Movie {m} ({1990 + m % 7}),{'|'.join(rng.choice(genres, size=1 + m % 3, replace=False))}\n" for m in range(1, 40)))
+        f"{m},Movie {m} ({1990 + m % 7}),{'|'.join(rng.choice(genres, size=1 + m % 3, replace=False))}\n"
+        for m in range(1, 40)))
     data = tmp_path / "data"
     convert("movielens", src, data)
     cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from distributed import run_ranks
-from embshard.datasets.synth import synthesize
-from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
+
 from embshard.cluster.launch import plan_for_training
+from embshard.config import ClusterConfig, DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, MletConfig, PepConfig
+from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded
 from embshard.trainer.method import get_method
-from embshard.config import ClusterConfig, DataConfig, JobConfig, PepConfig
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,8 @@ def _held_bytes(rank: int, world: int, cfg: JobConfig, method: str | None = None
     "embeddings",
     [
         EmbeddingsConfig(policy="uniform", dim=16),
-        EmbeddingsConfig(policy="mde", dim=16, mlet=MletConfig(ratio=2), mde=MdeConfig(alpha=0.4, mode="within", blocks=3)),
+        EmbeddingsConfig(policy="mde", dim=16, mlet=MletConfig(ratio=2),
+                         mde=MdeConfig(alpha=0.4, mode="within", blocks=3)),
     ],
     ids=["uniform", "mde-within-mlet"],
 )

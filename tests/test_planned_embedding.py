@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchrec import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from embshard.planner.shard_plan import block_table_configs
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.block_split import feature_blocks, split_by_block
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from torchrec import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 BASE = 8
 
@@ -120,7 +121,8 @@ def test_gradients_reach_every_block_and_projection() -> None:
 def test_uniform_plan_is_bit_identical_to_bare_torchrec() -> None:
     plan = DimensionPlan(
         base_dim=BASE,
-        tables=[TablePlan("t_a", ["a"], 10, [Block(0, 10, BASE)]), TablePlan("t_bc", ["b", "c"], 6, [Block(0, 6, BASE)])],
+        tables=[TablePlan("t_a", ["a"], 10, [Block(0, 10, BASE)]),
+                TablePlan("t_bc", ["b", "c"], 6, [Block(0, 6, BASE)])],
     )
     assert plan.is_uniform
     torch.manual_seed(0)

@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
-from embshard.datasets.schema import DatasetSpec, SparseFeature
+
 from embshard.config import EmbeddingsConfig, MdeConfig
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import PlanError
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.policies.mde import base_lambda, equipartition, mde_dims
 from embshard.planner.remap import frequency_ranking, load_remap
 from embshard.planner.rounding import round_width
-
-from embshard.errors import PlanError
 
 
 def spec_of(**cards: int) -> DatasetSpec:
@@ -169,7 +169,8 @@ def zipf_counts(seed=7):
     ],
 )
 def test_budget_lands_within_one_percent(tmp_path, mode, rounding, budget):
-    cfg = EmbeddingsConfig(policy="mde", dim=64, rounding=rounding, mde=MdeConfig(mode=mode, blocks=4, budget_params=budget))
+    mde = MdeConfig(mode=mode, blocks=4, budget_params=budget)
+    cfg = EmbeddingsConfig(policy="mde", dim=64, rounding=rounding, mde=mde)
     plan = plan_dimensions(cfg, spec_of(**CARDS), zipf_counts(), tmp_path)
     # serve_params counts the d_i x 64 projection of every block narrower than 64
     assert 0.99 * budget <= plan.serve_params() <= budget
@@ -190,8 +191,12 @@ def test_budget_counts_projections():
 
 def test_budget_bytes_is_fp32_params(tmp_path):
     spec, counts = spec_of(**CARDS), zipf_counts()
-    by_params = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=1_000_000)), spec, counts)
-    by_bytes = plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_bytes=4_000_000)), spec, counts)
+    by_params = plan_dimensions(
+        EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=1_000_000)), spec, counts
+    )
+    by_bytes = plan_dimensions(
+        EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_bytes=4_000_000)), spec, counts
+    )
     assert dims(by_params) == dims(by_bytes)
     assert "4,000,000 bytes of fp32" in by_bytes.notes[0]
 
@@ -203,7 +208,11 @@ def test_infeasible_budgets_say_why():
     with pytest.raises(PlanError, match="above the largest MDE plan, 8,080,000 params .* dim 64"):
         plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, mde=MdeConfig(budget_params=9_000_000)), spec, None)
     with pytest.raises(PlanError, match="cannot land within 1% .* rounding pow2"):
-        plan_dimensions(EmbeddingsConfig(policy="mde", dim=64, rounding="pow2", mde=MdeConfig(budget_params=2_000_000)), spec, zipf_counts())
+        plan_dimensions(
+            EmbeddingsConfig(policy="mde", dim=64, rounding="pow2", mde=MdeConfig(budget_params=2_000_000)),
+            spec,
+            zipf_counts(),
+        )
 
 
 # --- budgets few large tables cannot reach by growing alone (MovieLens-100K) --------------------

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from embshard.datasets.schema import DatasetSpec, SparseFeature
+
 from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import PlanError
 from embshard.planner.decisions import (
     BlockDecision,
     Decisions,
@@ -15,8 +17,6 @@ from embshard.planner.decisions import (
 )
 from embshard.planner.policies import from_decisions, plan_dimensions
 from embshard.planner.remap import load_remap
-
-from embshard.errors import PlanError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "planner" / "decisions.schema.json"
@@ -90,11 +90,23 @@ GOOD = {"version": 1, "method": "autodim", "base_dim": 16, "tables": {"C1": {"di
     [
         ({"tables": {"C1": {"dim": -3}}}, "tables.C1.dim: expected a positive integer, got -3"),
         ({"tables": {"C1": {"dimm": 8}}}, "tables.C1.dimm: unknown key"),
-        ({"tables": {"C1": {"dim": 8, "blocks": [{"rows": 50, "dim": 8}]}}}, "tables.C1: give exactly one of dim or blocks"),
+        (
+            {"tables": {"C1": {"dim": 8, "blocks": [{"rows": 50, "dim": 8}]}}},
+            "tables.C1: give exactly one of dim or blocks",
+        ),
         ({"tables": {"C1": {"blocks": [{"rows": 50}]}}}, "tables.C1.blocks[0].dim: required key is missing"),
-        ({"tables": {"C1": {"blocks": [{"rows": 0, "dim": 8}]}}}, "tables.C1.blocks[0].rows: expected a positive integer"),
-        ({"tables": {"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "pep_nnz"}}}, "tables.C1.remap: needed exactly when"),
-        ({"tables": {"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "random", "remap": "x.npy"}}}, "tables.C1.row_order: 'random' is not one of"),
+        (
+            {"tables": {"C1": {"blocks": [{"rows": 0, "dim": 8}]}}},
+            "tables.C1.blocks[0].rows: expected a positive integer",
+        ),
+        (
+            {"tables": {"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "pep_nnz"}}},
+            "tables.C1.remap: needed exactly when",
+        ),
+        (
+            {"tables": {"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "random", "remap": "x.npy"}}},
+            "tables.C1.row_order: 'random' is not one of",
+        ),
         ({"tables": {}}, "tables: expected a non-empty object"),
         ({"version": 2}, "version: 2, expected 1"),
         ({"base_dim": "16"}, "base_dim: expected a positive integer, got '16'"),
@@ -119,9 +131,18 @@ def test_malformed_decisions_name_the_file_and_key(tmp_path, change, message):
     [
         ({"C1": {"dim": 8}}, "tables: no decision for feature(s) C2"),
         ({"C1": {"dim": 8}, "C2": {"dim": 8}, "C9": {"dim": 8}}, "tables.C9: dataset toy has no such feature or table"),
-        ({"C1": {"dim": 8}, "t_C1": {"dim": 8}, "C2": {"dim": 8}}, "tables.t_C1: feature C1 is already decided by tables.C1"),
-        ({"C1": {"blocks": [{"rows": 10, "dim": 8}, {"rows": 39, "dim": 4}]}, "C2": {"dim": 8}}, "tables.C1.blocks: rows sum to 49, feature C1 has cardinality 50"),
-        ({"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "pep_nnz", "remap": "nope.npy"}, "C2": {"dim": 8}}, "nope.npy: remap file not found"),
+        (
+            {"C1": {"dim": 8}, "t_C1": {"dim": 8}, "C2": {"dim": 8}},
+            "tables.t_C1: feature C1 is already decided by tables.C1",
+        ),
+        (
+            {"C1": {"blocks": [{"rows": 10, "dim": 8}, {"rows": 39, "dim": 4}]}, "C2": {"dim": 8}},
+            "tables.C1.blocks: rows sum to 49, feature C1 has cardinality 50",
+        ),
+        (
+            {"C1": {"blocks": [{"rows": 50, "dim": 8}], "row_order": "pep_nnz", "remap": "nope.npy"}, "C2": {"dim": 8}},
+            "nope.npy: remap file not found",
+        ),
     ],
 )
 def test_decisions_that_do_not_fit_the_dataset(tmp_path, tables, message):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import ray
 from conftest import profiled_synth
+
 from embshard.cluster.launch import plan_for_training, train_on_ray
-from embshard.trainer.checkpoint import MANIFEST
 from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
@@ -22,6 +22,7 @@ from embshard.config import (
     JobConfig,
     TrainConfig,
 )
+from embshard.trainer.checkpoint import MANIFEST
 
 pytestmark = pytest.mark.slow
 SIGNAL_AFTER = 20  # SIGTERM once this periodic checkpoint exists: the run is mid-epoch by then

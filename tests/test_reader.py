@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-
 from embshard.errors import DataError
 
 SPEC = DatasetSpec(
@@ -44,7 +44,7 @@ def write_dataset(root: Path, tables: list[pa.Table] | None = None, spec: Datase
     rng = np.random.default_rng(1)
     if tables is None:
         starts = np.cumsum((0,) + FILE_ROWS[:-1])
-        tables = [_table(int(s), n, rng) for s, n in zip(starts, FILE_ROWS)]
+        tables = [_table(int(s), n, rng) for s, n in zip(starts, FILE_ROWS, strict=True)]
     train = root / "train"
     train.mkdir(parents=True)
     for i, t in enumerate(tables):
@@ -141,7 +141,7 @@ def test_state_dict_resume_continues_exactly(dataset: Path) -> None:
     resumed.set_epoch(2)  # a trainer loop calls this again; it must keep the resume point
     rest = _rids(resumed)
     assert len(rest) == len(reference) - 3
-    for got, want in zip(rest, reference[3:]):
+    for got, want in zip(rest, reference[3:], strict=True):
         np.testing.assert_array_equal(got, want)
     assert resumed.state_dict() == {"epoch": 2, "batches": len(reference)}
 
@@ -172,7 +172,7 @@ def test_id_maps_are_applied(dataset: Path) -> None:
     maps = {"a": np.arange(10)[::-1].copy(), "m": np.array([4, 0, 1, 2, 3])}
     plain = list(ParquetBatchReader(dataset, "train", 64, shuffle=False))
     mapped = list(ParquetBatchReader(dataset, "train", 64, shuffle=False, id_maps=maps))
-    for p, m in zip(plain, mapped):
+    for p, m in zip(plain, mapped, strict=True):
         for key in ("a", "m"):
             np.testing.assert_array_equal(m.sparse[key].values().numpy(), maps[key][p.sparse[key].values().numpy()])
             assert torch.equal(m.sparse[key].lengths(), p.sparse[key].lengths())

@@ -9,21 +9,22 @@ from pathlib import Path
 
 import pytest
 from conftest import profiled_synth
+
 from embshard.cluster.cli import main
 from embshard.cluster.launch import plan_for_training, with_checkpoint_config
 from embshard.cluster.resume_config import config_differences
-from embshard.errors import ConfigError
-from embshard.config import EmbeddingsConfig
-from embshard.trainer.checkpoint import CheckpointError
-from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
 from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
+    EmbeddingsConfig,
     JobConfig,
     ModelConfig,
     TrainConfig,
 )
+from embshard.errors import ConfigError
+from embshard.trainer.checkpoint import CheckpointError
+from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
 from embshard.trainer.loop import run_worker
 from embshard.typed_config import to_dict
 
@@ -89,7 +90,8 @@ def test_a_model_that_differs_from_the_tensors_is_one_line(dataset, tmp_path):
                                         "sha256": sha256_file(step / "config.json")}
     (step / MANIFEST).write_text(json.dumps(manifest))
     plan_for_training(changed)
-    with pytest.raises(CheckpointError, match=r"step-000004: this run's model differs from the checkpoint's .*dense_arch.*saved \[128"):
+    wanted = r"step-000004: this run's model differs from the checkpoint's .*dense_arch.*saved \[128"
+    with pytest.raises(CheckpointError, match=wanted):
         run_worker(replace(changed, train=replace(changed.train, max_steps=5)))
 
 

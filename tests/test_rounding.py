@@ -1,4 +1,5 @@
 import pytest
+
 from embshard.planner.rounding import nearest, round_width, step_up, width_problem
 
 

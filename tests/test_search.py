@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from embshard.planner.capacity import Demand
-from embshard.planner.search import HOST_LOCAL_TYPES, Search, SearchPolicy
-from embshard.planner.shard_plan import block_table_configs, make_constraints
-from embshard.planner.topology import TopologySpec
-from embshard.planner.types import Block, DimensionPlan, TablePlan
-from embshard.planner.torchrec_parts import BucketIndexedEnumerator, FirstPlacedProposer
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
+
+from embshard.planner.capacity import Demand
+from embshard.planner.search import HOST_LOCAL_TYPES, Search, SearchPolicy
+from embshard.planner.shard_plan import block_table_configs, make_constraints
+from embshard.planner.topology import TopologySpec
+from embshard.planner.torchrec_parts import BucketIndexedEnumerator, FirstPlacedProposer
+from embshard.planner.types import Block, DimensionPlan, TablePlan
 
 CLUSTER = TopologySpec(world_size=64, device="cuda", device_memory_gb=80, local_world_size=8)
 

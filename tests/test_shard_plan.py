@@ -7,12 +7,12 @@ import random
 from collections import Counter
 
 import pytest
+
+from embshard.errors import PlanError
 from embshard.planner.memory import memory_report
 from embshard.planner.shard_plan import ShardPlan, make_constraints, plan_sharding
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
-
-from embshard.errors import PlanError
 
 CLUSTER = TopologySpec(world_size=64, device="cuda", device_memory_gb=80, local_world_size=8)
 

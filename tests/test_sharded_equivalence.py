@@ -14,6 +14,7 @@ of the two ranks' losses.
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -21,18 +22,18 @@ import torch
 import torch.nn.functional as F
 from conftest import profiled_synth
 from distributed import run_ranks
-from embshard.datasets.reader import Batch, ParquetBatchReader
-from embshard.datasets.synth import NUM_DENSE
-from embshard.config import EmbeddingsConfig, MdeConfig
-from embshard.planner.pipeline import PlanBundle, make_plan
-from embshard.planner.shard_plan import ShardPlan, block_table_configs
-from embshard.planner.topology import TopologySpec
-from embshard.trainer.build import build_sharded, build_unsharded
-from embshard.config import JobConfig, ModelConfig, TrainConfig
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.config import EmbeddingsConfig, JobConfig, MdeConfig, ModelConfig, TrainConfig
+from embshard.datasets.reader import Batch, ParquetBatchReader
+from embshard.datasets.synth import NUM_DENSE
+from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.shard_plan import ShardPlan, block_table_configs
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.build import build_sharded, build_unsharded
 
 WORLD = 2
 BATCH = 256  # global; each rank takes half
@@ -87,7 +88,7 @@ def make_bundle(dataset: Path, tmp: Path, embeddings: EmbeddingsConfig, cfg: Job
 
 def global_batches(dataset: Path, bundle: PlanBundle) -> list[Batch]:
     reader = ParquetBatchReader(dataset, "train", BATCH, shuffle=False, id_maps=bundle.id_maps())
-    return [b for b, _ in zip(reader, range(STEPS))]
+    return list(islice(reader, STEPS))
 
 
 def rows_of(batch: Batch, lo: int, hi: int) -> Batch:
@@ -103,7 +104,9 @@ def rows_of(batch: Batch, lo: int, hi: int) -> Batch:
     return Batch(batch.dense[lo:hi], sparse, batch.labels[lo:hi], {})
 
 
-def unsharded_run(cfg: JobConfig, bundle: PlanBundle, batches: list[Batch]) -> tuple[list[float], dict[str, torch.Tensor]]:
+def unsharded_run(
+    cfg: JobConfig, bundle: PlanBundle, batches: list[Batch]
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The reference: one process, the whole batch, plain torch SGD with the sparse lr on the
     embedding tables and the dense lr elsewhere."""
     model = build_unsharded(cfg, bundle, batches[0].dense.shape[1], torch.device("cpu"))
@@ -149,7 +152,7 @@ def assert_sharded_equals_unsharded(dataset: Path, tmp: Path, embeddings: Embedd
     results = run_ranks(_sharded_run, WORLD, cfg, bundle.directory, dataset)
 
     rank_losses = [losses for losses, _ in results]
-    mean_losses = [sum(ls) / WORLD for ls in zip(*rank_losses)]
+    mean_losses = [sum(ls) / WORLD for ls in zip(*rank_losses, strict=True)]
     assert mean_losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
     # Training moved the weights: equal tables are not just equal initial tables.
     assert ref_losses[-1] != ref_losses[0]

@@ -19,7 +19,7 @@ reach alpha, and the one optimizer step updates alpha and the model weights toge
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from itertools import chain, repeat
 from pathlib import Path
@@ -41,6 +41,7 @@ from embshard.planner.policies.autodim import search_plan
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.autodim import AutodimEmbeddingBags
+from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
 from embshard.trainer.evaluate import EvalResult
@@ -50,7 +51,8 @@ from embshard.trainer.method import EmbeddingMethod, Worker, uniform_embeddings
 DECISIONS_FILE = "decisions.json"
 # Fully qualified name of alpha inside the DLRM: DDP must leave it alone (see the module doc).
 ALPHA_PARAM = "embeddings.arch.logits"
-ALPHA_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+# Called as (params, lr=..., weight_decay=...): each takes its own further arguments, so not `type[Optimizer]`.
+ALPHA_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 def autodim_section(cfg: JobConfig) -> AutodimConfig:
@@ -86,7 +88,7 @@ class AutodimSearch(EmbeddingMethod):
         search = autodim_section(cfg)
         return search_plan(base_plan(cfg, spec), search.candidates, search.lookup)
 
-    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> nn.Module:
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:
         search = autodim_section(cfg)
         base = base_plan(cfg, DatasetSpec.load(cfg.data.path))
         return AutodimEmbeddingBags(base, search.candidates, search.lookup, search.unify, search.batchnorm,

@@ -9,6 +9,7 @@ own parameter groups theirs, and all step through one `CombinedOptimizer`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name
 from embshard.trainer.model import DLRM
 
-DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+# Called as (params, lr=...): each takes its own further arguments, so not `type[Optimizer]`.
+DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,

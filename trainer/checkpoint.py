@@ -43,7 +43,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import numpy as np
 import torch
@@ -354,7 +354,10 @@ def _fsync_dir(path: Path) -> None:
 
 def _rng_state() -> dict[str, Any]:
     """Plain tensors and numbers only, so that loading needs no pickle of arbitrary classes."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # cast: numpy's stubs type the no-argument call as the dict form, but the default
+    # (legacy=True) returns this tuple for the global MT19937 state.
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, pos, has_gauss, gauss = legacy
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),

@@ -174,7 +174,8 @@ class SafeFileSystemReader(FileSystemReader):
             raise DamagedCheckpoint(f"{path}: not a DCP metadata file ({e})") from None
         if not isinstance(metadata, dcp_metadata.Metadata):
             raise DamagedCheckpoint(f"{path}: not a DCP metadata file (holds {type(metadata).__name__})")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage = getattr(metadata, "storage_meta", None)
+        if storage is None:
+            storage = metadata.storage_meta = dcp_metadata.StorageMeta()
+        storage.load_id = self.load_id
         return metadata

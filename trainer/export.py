@@ -31,7 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.config import ModelConfig
 from embshard.datasets.schema import DatasetSpec
+from embshard.errors import EmbshardError
 from embshard.planner.remap import load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
@@ -41,14 +47,8 @@ from embshard.trainer.checkpoint import (
     PLAN_DIR,
     newest_verified,
 )
-from embshard.config import ModelConfig
 from embshard.trainer.checkpoint_integrity import SafeFileSystemReader
 from embshard.trainer.model import DLRM
-from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from embshard.errors import EmbshardError
 
 MANIFEST = "serving.json"
 WEIGHTS = "weights.pt"

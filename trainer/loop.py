@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import ShardedModel, build_sharded
@@ -37,11 +38,10 @@ from embshard.trainer.checkpoint import (
     rejected_text,
     resolve_source,
 )
-from embshard.config import JobConfig
 from embshard.trainer.evaluate import EvalResult, evaluate
 from embshard.trainer.faults import crash_from_env
-from embshard.trainer.metrics import WorkerMetrics, write_file_sd
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
+from embshard.trainer.metrics import WorkerMetrics, write_file_sd
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
 from embshard.typed_config import to_dict
@@ -256,9 +256,11 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     """Load the newest good checkpoint of this run, else of `checkpoint.resume`, into the model,
     optimizer and reader; returns where it came from (None: a fresh start) and the progress."""
     candidates = complete_checkpoints(cfg.checkpoint_dir)
-    explicit = not candidates and cfg.checkpoint.resume is not None
-    if explicit:
-        candidates = resolve_source(cfg.checkpoint.resume)
+    resume = cfg.checkpoint.resume
+    explicit = False
+    if not candidates and resume is not None:
+        explicit = True
+        candidates = resolve_source(resume)
     if not candidates:
         return None, fresh
     manager = checkpoint_manager(cfg, sharded, None)

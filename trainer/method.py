@@ -44,6 +44,7 @@ from embshard.errors import ConfigError
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
+from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import StateTransform
@@ -86,14 +87,14 @@ class EmbeddingMethod:
         """The DimensionPlan this run trains: `embeddings.policy`, then MLET when configured."""
         return plan_dimensions(cfg.embeddings, spec, counts, out_dir)
 
-    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> nn.Module:
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:
         mlet = cfg.embeddings.mlet
         kwargs = {"mlet_init_std": mlet.init_std} if mlet is not None else {}
         return PlannedEmbeddingBags(plan, device=device, **kwargs)
 
-    def collections(self, embeddings: nn.Module) -> list[nn.Module]:
+    def collections(self, embeddings: EmbeddingModule) -> list[nn.Module]:
         """The TorchRec collections inside `embeddings`: the fused sparse optimizer trains them."""
-        return [embeddings.ebc]
+        return [embeddings.get_submodule("ebc")]
 
     def sharders(self) -> list[ModuleSharder]:
         return [EmbeddingBagCollectionSharder()]
@@ -101,7 +102,7 @@ class EmbeddingMethod:
     def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module,
                       sharders: list[ModuleSharder]) -> ShardingPlan:
         """The layout DMP builds: exactly the saved shard plan, at the collection's path."""
-        return bundle.shard_plan.to_torchrec(module_path(model, model.embeddings.ebc))
+        return bundle.shard_plan.to_torchrec(module_path(model, model.get_submodule("embeddings.ebc")))
 
     def sparse_optimizer_args(self, cfg: JobConfig) -> dict[str, Any]:
         return {"lr": cfg.train.sparse_lr}

@@ -42,13 +42,13 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Mapping
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server as _start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-
 
 __all__ = [
     "WorkerMetrics",
@@ -101,7 +101,7 @@ class WorkerMetrics:
         self.job = job
         self.rank = rank
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._server = None
+        self._server: WSGIServer | None = None
         self._server_thread: threading.Thread | None = None
         self.port: int | None = None
         r = self.registry
@@ -173,7 +173,7 @@ class WorkerMetrics:
         self._pep: dict[str, object] = {}
         self._devmem: tuple[object, object, object] | None = None
         # Loss and eval gauges appear only once set: a 0.0 AUC before the first eval would lie.
-        self._loss = None
+        self._loss: Gauge | None = None
         self._eval: tuple[object, object] | None = None
 
     # ----------------------------------------------------------------- training loop calls

@@ -9,10 +9,10 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embshard.config import MLET_INIT_STD
+from embshard.config import MLET_INIT_STD, ModelConfig
 from embshard.planner.types import DimensionPlan
+from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.config import ModelConfig
 
 
 class DLRM(nn.Module):
@@ -21,7 +21,7 @@ class DLRM(nn.Module):
 
     def __init__(
         self,
-        embeddings: nn.Module,
+        embeddings: EmbeddingModule,
         num_dense: int,
         config: ModelConfig,
         dense_device: torch.device | None = None,

@@ -7,11 +7,12 @@ first time the total falls to a target fraction of the dense count it writes, un
 standard decisions file (`decisions.json`, rows ranked by survivors, see planner/policies/pep.py)
 for the mixed-dimension retrain through `embshard train`. It stops once every target is written.
 
-`PepLottery` (`embshard train` with `pep.retrain_target`) is the paper's retrain: a plain base-dim DLRM whose tables restart from the prune
-run's initial values times a saved mask, and stay masked (pruned entries are zeroed again after
-every optimizer step, so they are exactly zero at every forward). Initial values are not stored:
-`sharding.pep.initial_values` regenerates them from the prune run's seed (kept in `pep.json`) and
-the table shapes, for any sharding. Dense layers restart from the same seed.
+`PepLottery` (`embshard train` with `pep.retrain_target`) is the paper's retrain: a plain base-dim
+DLRM whose tables restart from the prune run's initial values times a saved mask, and stay masked
+(pruned entries are zeroed again after every optimizer step, so they are exactly zero at every
+forward). Initial values are not stored: `sharding.pep.initial_values` regenerates them from the
+prune run's seed (kept in `pep.json`) and the table shapes, for any sharding. Dense layers restart
+from the same seed.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from embshard.config import JobConfig, PepConfig, target_dir_name
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, PlanError, first_line
 from embshard.planner.pipeline import PlanBundle
-from embshard.planner.policies.pep import pep_decisions, prune_plan, threshold_columns
+from embshard.planner.policies.pep import ROW_THRESHOLDS, pep_decisions, prune_plan, threshold_columns
 from embshard.planner.topology import SHARDING_TYPES
 from embshard.planner.types import DimensionPlan
-from embshard.sharding.pep import ROW_THRESHOLDS, LocalShard, PepEmbeddings, initial_values, local_shards
+from embshard.sharding.embedding_module import EmbeddingModule
+from embshard.sharding.pep import LocalShard, PepEmbeddings, initial_values, local_shards
 from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
 from embshard.trainer.method import EmbeddingMethod, Worker, module_path
@@ -71,7 +73,8 @@ def pep_sharding_types(cfg: JobConfig, pooled: bool) -> list[str]:
     so those granularities also leave column splits out."""
     device = SHARDING_TYPES[cfg.sharding.device]
     types = [t for t in device if t != "data_parallel"] if pooled else UNPOOLED_SHARDING_TYPES
-    if cfg.pep.granularity in ROW_THRESHOLDS:
+    pep = _require_pep(cfg)
+    if pep.granularity in ROW_THRESHOLDS:
         types = [t for t in types if t not in COLUMN_SPLITS]
     wanted = cfg.sharding.sharding_types
     if wanted is not None:
@@ -80,7 +83,7 @@ def pep_sharding_types(cfg: JobConfig, pooled: bool) -> list[str]:
             kind = "single-hot (pooled)" if pooled else "multi-hot (unpooled)"
             raise ConfigError(
                 f"sharding.sharding_types: none of {wanted} can shard a {kind} PEP "
-                f"{cfg.pep.granularity} table on {cfg.sharding.device} (possible: {', '.join(types)})"
+                f"{pep.granularity} table on {cfg.sharding.device} (possible: {', '.join(types)})"
             )
         types = kept
     return types
@@ -93,19 +96,20 @@ DECAYING_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adam")
 
 def row_threshold_decay(cfg: JobConfig) -> dict[str, Any]:
     """The fused optimizer's weight-decay arguments for tables whose rows hold thresholds."""
-    if cfg.pep.granularity not in ROW_THRESHOLDS or cfg.pep.weight_decay == 0:
+    pep = _require_pep(cfg)
+    if pep.granularity not in ROW_THRESHOLDS or pep.weight_decay == 0:
         return {}
     optimizer = cfg.train.sparse_optimizer
     if optimizer not in DECAYING_SPARSE_OPTIMIZERS:
         raise ConfigError(
-            f"pep.weight_decay: FBGEMM's fused {optimizer} has no weight decay, so {cfg.pep.granularity} "
+            f"pep.weight_decay: FBGEMM's fused {optimizer} has no weight decay, so {pep.granularity} "
             f"thresholds would not be decayed; use train.sparse_optimizer "
             f"{' or '.join(DECAYING_SPARSE_OPTIMIZERS)}, or set pep.weight_decay: 0"
         )
     if optimizer == "adam":
-        return {"weight_decay": cfg.pep.weight_decay}
+        return {"weight_decay": pep.weight_decay}
     # torchrec's RowWiseAdagrad passes the mode through to FBGEMM (torch's Adam would reject it).
-    return {"weight_decay": cfg.pep.weight_decay, "weight_decay_mode": WeightDecayMode.L2}
+    return {"weight_decay": pep.weight_decay, "weight_decay_mode": WeightDecayMode.L2}
 
 
 class PepPrune(EmbeddingMethod):
@@ -118,7 +122,7 @@ class PepPrune(EmbeddingMethod):
         if cfg.embeddings.policy != "uniform":
             raise ConfigError(f"embeddings.policy: PEP prunes dense tables, use uniform (got {cfg.embeddings.policy})")
 
-    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> nn.Module:
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:
         pep = _require_pep(cfg)
         state = threshold_columns(pep.granularity, plan.base_dim)
         if any(b.state_cols != state for t in plan.tables for b in t.blocks):
@@ -128,7 +132,9 @@ class PepPrune(EmbeddingMethod):
         return PepEmbeddings(plan, pep.granularity, pep.s_init, multi_hot=[f.name for f in spec.sparse if f.multi_hot],
                              pooled_lookup=pep.pooled_lookup, device=device)
 
-    def collections(self, embeddings: nn.Module) -> list[nn.Module]:
+    def collections(self, embeddings: EmbeddingModule) -> list[nn.Module]:
+        if not isinstance(embeddings, PepEmbeddings):
+            raise TypeError(f"the PEP prune run trains PepEmbeddings, not {type(embeddings).__name__}")
         return embeddings.collections
 
     def sharders(self) -> list[ModuleSharder]:
@@ -143,7 +149,7 @@ class PepPrune(EmbeddingMethod):
 
     def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module,
                       sharders: list[ModuleSharder]) -> ShardingPlan:
-        pep = model.embeddings
+        pep = pep_module(model)
         tables = []
         if pep.ebc is not None:
             tables.append((pep.ebc, pep.pooled_tables))
@@ -187,7 +193,7 @@ def nonzero_counts(pep: PepEmbeddings) -> dict[str, int]:
         local[index[shard.table]] += int(mask.sum())
     if dist.is_initialized():
         dist.all_reduce(local)
-    return dict(zip(names, local.tolist()))
+    return dict(zip(names, local.tolist(), strict=True))
 
 
 def gather_masks(pep: PepEmbeddings) -> dict[str, np.ndarray] | None:
@@ -237,13 +243,14 @@ class PruneCallback(Callback):
     def __init__(self, pep: PepEmbeddings, cfg: JobConfig, metrics: WorkerMetrics | None) -> None:
         self.pep = pep
         self.cfg = cfg
-        self.every = cfg.pep.count_every
+        section = _require_pep(cfg)
+        self.every = section.count_every
         self.out = cfg.pep_dir
-        self.meta = {"granularity": cfg.pep.granularity, "s_init": cfg.pep.s_init, "seed": cfg.seed}
+        self.meta = {"granularity": section.granularity, "s_init": section.s_init, "seed": cfg.seed}
         self.metrics = metrics
         self.dense = sum(t.num_embeddings for t in pep.plan.tables) * pep.base_dim
         self.reached: dict[str, dict[str, Any]] = {}
-        self.pending = [t for t in sorted(cfg.pep.targets, reverse=True) if not self._written_before(t)]
+        self.pending = [t for t in sorted(section.targets, reverse=True) if not self._written_before(t)]
         self.last_fraction = 1.0
 
     def _written_before(self, target: float) -> bool:
@@ -294,10 +301,11 @@ class PruneCallback(Callback):
 
 def write_run_record(cfg: JobConfig, pep: PepEmbeddings, reached: dict[str, Any]) -> Path:
     """What the lottery retrain needs to regenerate the initial values, and what was written."""
+    section = _require_pep(cfg)
     record = {
         "seed": cfg.seed,
-        "granularity": cfg.pep.granularity,
-        "s_init": cfg.pep.s_init,
+        "granularity": section.granularity,
+        "s_init": section.s_init,
         "base_dim": pep.base_dim,
         "tables": {t.name: t.num_embeddings for t in pep.plan.tables},
         "init": "sharding.pep.initial_values(seed, table, rows, base_dim, ...)",

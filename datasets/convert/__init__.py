@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from embshard.datasets.convert import avazu, criteo
 from embshard.datasets.convert.inputs import resolve_inputs
@@ -27,6 +27,18 @@ Kind = Literal["criteo", "avazu", "movielens"]
 KINDS: tuple[str, ...] = ("criteo", "avazu", "movielens")
 USER_SPLITS = ("leave-last",)
 SPLIT_KINDS: tuple[str, ...] = ("time", "random", *USER_SPLITS, *OFFICIAL_SPLITS)
+
+
+class _Options(TypedDict):
+    """The keyword arguments every converter takes (typed, so each `**options` call is checked)."""
+
+    min_count: int
+    split: str
+    seed: int
+    strict: bool
+    overwrite: bool
+
+
 # 2, not 1: with 1 every train value gets its own row, no train row ever uses the OOV id, and every
 # value unseen in train meets an embedding row that never received a gradient. With 2, values seen
 # once in train share the OOV row, which then trains on real data.
@@ -56,7 +68,7 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
                         "criteo and avazu)")
     # Before reading the input: a full Criteo pass takes minutes, a refusal should not.
     check_output(Path(out_dir), overwrite)
-    options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
+    options: _Options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
     if kind == "criteo":
         files = resolve_inputs(sources, kind)
         spec, summary = convert_text(criteo.FORMAT, files, out_dir, dedup_key=dedup_key, **options)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from embshard.datasets.schema import DatasetSpec
 from embshard.config import EmbeddingsConfig
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
 from embshard.planner.policies.decisions import from_decisions
 from embshard.planner.policies.mde import mde_plan
 from embshard.planner.policies.mlet import apply_mlet
@@ -32,8 +33,10 @@ def plan_dimensions(
         plan = uniform_plan(cfg, spec)
     elif cfg.policy == "mde":
         plan = mde_plan(cfg, spec, counts, out_dir)
-    else:
+    elif cfg.decisions:
         plan = from_decisions(cfg.decisions, cfg, spec, out_dir)
+    else:  # EmbeddingsConfig.__post_init__ refuses this already; this narrows the type
+        raise ConfigError("embeddings.decisions: policy decisions needs the path of a decisions file")
     return plan if cfg.mlet is None else apply_mlet(plan, cfg.mlet, cfg.rounding)
 
 

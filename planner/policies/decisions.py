@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embshard.config import EmbeddingsConfig
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
-from embshard.config import EmbeddingsConfig
 from embshard.planner.decisions import Decisions, TableDecision, load_decisions
 from embshard.planner.remap import load_remap, save_remap
 from embshard.planner.rounding import round_width
@@ -33,7 +33,7 @@ def from_decisions(
         key, decision = by_feature[feature.name]
         name = table_name(feature.name)
         blocks = _blocks(feature, f"{path}: tables.{key}", decision, decisions.method, cfg, path)
-        for i, (block, note) in enumerate(blocks):
+        for i, (_, note) in enumerate(blocks):
             if note:
                 notes.append(f"{name} block {i}: {note}")
         remap = None
@@ -84,11 +84,12 @@ def _blocks(
     path: Path,
 ) -> list[tuple[Block, str | None]]:
     """The decided blocks, rounded, each with its rounding note."""
-    sizes = (
-        [(feature.cardinality, decision.dim)]
-        if decision.blocks is None
-        else [(b.rows, b.dim) for b in decision.blocks]
-    )
+    if decision.blocks is not None:
+        sizes = [(b.rows, b.dim) for b in decision.blocks]
+    elif decision.dim is not None:
+        sizes = [(feature.cardinality, decision.dim)]
+    else:
+        raise PlanError(f"{where}: give exactly one of dim or blocks")
     covered = sum(rows for rows, _ in sizes)
     if covered != feature.cardinality:
         raise PlanError(

@@ -21,17 +21,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
+from embshard.config import EmbeddingsConfig
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
-from embshard.config import EmbeddingsConfig
 from embshard.planner.grid_fit import fit_on_grid, grid_widths
 from embshard.planner.remap import frequency_ranking, save_remap
 from embshard.planner.rounding import Rounded, round_width, step_up
-from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
+from embshard.planner.types import Block, DimensionPlan, RowOrder, TablePlan, table_name
 from embshard.typed_config import to_dict
 
 BYTES_PER_PARAM = 4  # tables are trained and stored in fp32
@@ -78,7 +79,7 @@ def block_cost(rows: int, dim: int, base_dim: int) -> int:
 
 
 def serve_params(rows: np.ndarray, dims: np.ndarray, base_dim: int) -> int:
-    return sum(block_cost(int(r), int(d), base_dim) for r, d in zip(rows, dims))
+    return sum(block_cost(int(r), int(d), base_dim) for r, d in zip(rows, dims, strict=True))
 
 
 def mde_plan(
@@ -116,7 +117,7 @@ def mde_plan(
                 f"coincide: ids heavier than 1/{wanted} of the lookups, or no lookups)"
             )
         blocks = []
-        for j, (start, end) in enumerate(zip(t.bounds, t.bounds[1:])):
+        for j, (start, end) in enumerate(pairwise(t.bounds)):
             if rounded[i].note:
                 notes.append(f"{name} block {j}: {rounded[i].note}")
             if dims[i] != rounded[i].value:
@@ -131,7 +132,7 @@ def mde_plan(
             blocks.append(Block(start, end, int(dims[i]), source=source))
             i += 1
         remap = None if t.remap is None else save_remap(out_dir, name, t.remap)
-        row_order = "identity" if remap is None else "frequency"
+        row_order: RowOrder = "identity" if remap is None else "frequency"
         plans.append(
             TablePlan(name, [t.feature.name], t.feature.cardinality, blocks, row_order, remap)
         )
@@ -144,8 +145,8 @@ def _block_table(
     n = feature.cardinality
     if cfg.mde.mode == "across":
         # Without counts, assume one lookup per table per example: p_i proportional to 1/n_i.
-        lookups = 1.0 if counts is None else float(_counts(counts, feature).sum())
-        return BlockedTable(feature, [0, n], np.array([lookups]), None)
+        total = 1.0 if counts is None else float(_counts(counts, feature).sum())
+        return BlockedTable(feature, [0, n], np.array([total]), None)
     if counts is None:
         raise PlanError(
             f"embeddings.mde.mode within ranks rows by training frequency: feature {feature.name!r} "
@@ -236,7 +237,7 @@ def _fit_budget(
     ranked, ranked_rows = [int(d) for d in dims[order]], [int(r) for r in rows[order]]
     while params < LANDING * budget:
         best: tuple[int, int] | None = None  # (position in popularity order, parameter delta)
-        for k, (dim, n) in enumerate(zip(ranked, ranked_rows)):
+        for k, (dim, n) in enumerate(zip(ranked, ranked_rows, strict=True)):
             grown = step_up(dim, cfg.rounding)
             if grown > (ranked[k - 1] if k else cfg.dim):
                 continue
@@ -266,7 +267,7 @@ def _search_grid(
     fit = fit_on_grid(
         p, raw, lambda n, d: block_cost(n, d, cfg.dim), rows, widths, LANDING * budget, budget
     )
-    if fit.dims is None:
+    if fit.dims is None or fit.params is None:  # both None together: nothing landed
         near = [f"{t:,} params (budgets {t:,} to {math.floor(t / LANDING):,} land)"
                 for t in (fit.below, fit.above) if t is not None]
         raise PlanError(

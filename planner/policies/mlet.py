@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from embshard.errors import PlanError
 from embshard.config import MletConfig
+from embshard.errors import ConfigError, PlanError
 from embshard.planner.rounding import RoundingRule, round_width
 from embshard.planner.types import DimensionPlan
 
@@ -31,11 +31,17 @@ def apply_mlet(plan: DimensionPlan, mlet: MletConfig, rule: RoundingRule) -> Dim
             continue
         blocks = []
         for i, b in enumerate(t.blocks):
-            raw = b.dim * mlet.ratio if mlet.ratio is not None else mlet.width
+            raw: float
+            setting: dict[str, float]
+            if mlet.ratio is not None:
+                raw, setting = b.dim * mlet.ratio, {"ratio": mlet.ratio}
+            elif mlet.width is not None:
+                raw, setting = mlet.width, {"width": mlet.width}
+            else:  # MletConfig.__post_init__ refuses this already; this narrows the types
+                raise ConfigError("embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width")
             width = round_width(raw, rule, lo=1)
             if width.note:
                 notes.append(f"{t.name} block {i} mlet width: {width.note}")
-            setting = {"ratio": mlet.ratio} if mlet.ratio is not None else {"width": mlet.width}
             source = {**b.source, "mlet": setting}
             blocks.append(dataclasses.replace(b, mlet_width=width.value, source=source))
         tables.append(dataclasses.replace(t, blocks=blocks))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from embshard.datasets.schema import DatasetSpec
 from embshard.config import EmbeddingsConfig
+from embshard.datasets.schema import DatasetSpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
 from embshard.typed_config import to_dict
 
