@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,9 +369,9 @@ def test_prune_run_keeps_the_configs_checkpoint_settings():
     assert (pruned.cluster.workers, pruned.pep.targets) == (4, [0.3, 0.1])
 
 
-def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
+def small_prune_run(tmp_path: Path, pep: PepConfig) -> JobConfig:
+    """A 4-step prune run on one rank, checkpointing every 2 steps, planned."""
     from embshard.config import CheckpointConfig
-    from embshard.trainer.loop import run_worker
 
     data = profiled_synth(tmp_path / "data", rows=600, max_cardinality=50)
     cfg = JobConfig(
@@ -380,9 +381,16 @@ def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
         embeddings=EmbeddingsConfig(dim=8),
         train=TrainConfig(max_steps=4, progress=False, eval_max_batches=1),
         checkpoint=CheckpointConfig(every_steps=2),
-        pep=PepConfig(targets=[0.01], count_every=2),
+        pep=pep,
     )
     plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
+    return cfg
+
+
+def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
+    from embshard.trainer.loop import run_worker
+
+    cfg = small_prune_run(tmp_path, PepConfig(targets=[0.01], count_every=2))
     summary = run_worker(cfg, method="pep")
     assert summary["steps"] == 4 and summary["pep"]["missed"] == [0.01]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -390,21 +398,11 @@ def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
 
 def test_a_resumed_prune_run_never_rewrites_a_target(tmp_path, process_group):
     # A resumed prune run used to write every target it had reached again, over the first masks.
-    from embshard.config import CheckpointConfig
     from embshard.errors import ConfigError
     from embshard.trainer.loop import run_worker
 
-    data = profiled_synth(tmp_path / "data", rows=600, max_cardinality=50)
-    cfg = JobConfig(
-        output_dir=str(tmp_path / "run"),
-        data=DataConfig(path=str(data), batch_size=64, prefetch=1),
-        model=ModelConfig(dense_arch=[8], over_arch=[8]),
-        embeddings=EmbeddingsConfig(dim=8),
-        train=TrainConfig(max_steps=4, progress=False, eval_max_batches=1),
-        checkpoint=CheckpointConfig(every_steps=2),
-        pep=PepConfig(targets=[0.99, 1e-6], count_every=2, s_init=-4.0),  # 0.99 only: reached at once
-    )
-    plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
+    # 0.99 only is reached, at the first count
+    cfg = small_prune_run(tmp_path, PepConfig(targets=[0.99, 1e-6], count_every=2, s_init=-4.0))
     first = run_worker(cfg, method="pep")
     decisions = cfg.pep_dir / "target-0.99" / "decisions.json"
     written = (decisions.read_bytes(), decisions.stat().st_mtime_ns)
