@@ -92,6 +92,9 @@ class EmbeddingsConfig:
     __moved_fields__ = {k: f"mde.{k}" for k in ("alpha", "mode", "blocks", "budget_params", "budget_bytes")}
 
     policy: Literal["uniform", "mde", "decisions"] = "uniform"  # uniform: dim everywhere; mde: by popularity
+    # Train with another method than the policy's: a name given to register_method, or
+    # "package.module:attr" (an EmbeddingMethod class or instance) that every worker imports. null = policy.
+    method: str | None = None
     dim: int = 16  # base dim d-bar: the width every feature reaches the model at
     mde: MdeConfig = field(default_factory=MdeConfig)  # read only by policy mde
     decisions: str | None = None  # decisions file (policy: decisions), written by AutoDim / PEP

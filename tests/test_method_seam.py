@@ -97,3 +97,30 @@ def test_plan_file_is_the_plan_workers_train(dataset, tmp_path):
     plan_for_training(cfg)
     trained = PlanBundle.load(worker_config(cfg).sharding.plan_file, cfg.train.sparse_optimizer)
     assert trained.to_json() == made.to_json()
+
+
+class EightWide(FixedWidth):
+    """FixedWidth(8) as a class: what a config names as "package.module:attr"."""
+
+    def __init__(self) -> None:
+        super().__init__(8)
+
+
+def _train_by_reference(rank: int, world: int, cfg: JobConfig) -> dict:
+    return run_worker(cfg)  # the method comes from cfg.embeddings.method alone
+
+
+def test_a_method_by_reference_reaches_workers_that_never_registered_it(dataset, tmp_path):
+    # register_method lives in the driver's process; a worker process (Ray's, or a spawned gloo
+    # rank) finds a method named by "module:attr" in the config by importing it.
+    cfg = job(dataset, tmp_path / "run", max_steps=2)
+    cfg.cluster.workers = 2
+    cfg.embeddings.method = "test_method_seam:EightWide"
+    plan_for_training(cfg)
+    first, _ = run_ranks(_train_by_reference, 2, cfg)
+    assert first["steps"] == 2
+    saved = json.loads((tmp_path / "run" / "plan" / "plan.json").read_text())
+    assert {b["source"]["policy"] for t in saved["dimension_plan"]["tables"] for b in t["blocks"]} == {"fixed_width"}
+    for bad, why in (("test_method_seam:Nope", "cannot import"), ("json:dumps", "not an EmbeddingMethod")):
+        with pytest.raises(ConfigError, match=why):
+            get_method(bad)

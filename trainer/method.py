@@ -40,7 +40,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError
+from embshard.errors import ConfigError, first_line
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
@@ -166,18 +166,33 @@ def register_method(name: str, method: EmbeddingMethod) -> None:
 
 
 def get_method(name: str) -> EmbeddingMethod:
+    """A built-in or registered method by name, or a user's as "package.module:attr": a reference
+    every Ray worker can import, where a `register_method` in the driver does not reach."""
     if name in _REGISTERED:
         return _REGISTERED[name]
-    if name not in _BUILTIN:
-        known = ", ".join(sorted([*_BUILTIN, *_REGISTERED]))
-        raise ConfigError(f"method {name!r}: not registered (known: {known})")
-    module, _, attr = _BUILTIN[name].partition(":")
-    return getattr(importlib.import_module(module), attr)()
+    if name in _BUILTIN:
+        return _imported(_BUILTIN[name], name)
+    if ":" in name:
+        return _imported(name, name)
+    known = ", ".join(sorted([*_BUILTIN, *_REGISTERED]))
+    raise ConfigError(f"method {name!r}: not registered (known: {known}; or give package.module:attr)")
+
+
+def _imported(reference: str, name: str) -> EmbeddingMethod:
+    module, _, attr = reference.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"method {name!r}: cannot import {reference} ({first_line(e)})") from None
+    method = found() if isinstance(found, type) else found
+    if not isinstance(method, EmbeddingMethod):
+        raise ConfigError(f"method {name!r}: {reference} is a {type(method).__name__}, not an EmbeddingMethod")
+    return method
 
 
 def method_name(cfg: JobConfig) -> str:
     """The method `embshard train` runs for `cfg`: a PEP lottery retrain when it names a prune
-    run's target, else its dimension policy."""
+    run's target, else `embeddings.method` when set, else its dimension policy."""
     if cfg.pep is not None and cfg.pep.retrain_target is not None:
         return "pep_lottery"
-    return cfg.embeddings.policy
+    return cfg.embeddings.method or cfg.embeddings.policy
