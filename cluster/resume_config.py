@@ -39,13 +39,8 @@ def model_defining(config: dict[str, Any]) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this config's value) for every model-defining key that differs.
-    The saved config is read through today's schema where it can be, so fields added since it was
-    written compare at their defaults."""
-    try:
-        saved = to_dict(from_dict(JobConfig, saved))
-    except ConfigError:
-        pass
-    old, new = model_defining(saved), model_defining(to_dict(cfg))
+    The saved config is read through today's schema where it can be (`_normalised`)."""
+    old, new = model_defining(_normalised(saved)), model_defining(to_dict(cfg))
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
@@ -56,9 +51,12 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: Path, adopt: bo
     if not differences:
         return cfg
     if adopt:
-        merged = _flatten(to_dict(cfg))
-        merged = {k: v for k, v in merged.items() if k not in model_defining(merged)}
-        merged.update(model_defining(saved))
+        adopted = model_defining(_normalised(saved))
+        # Drop this config's model-defining keys, and any key that contains an adopted one or
+        # lies inside it (a section this config leaves null that the checkpoint has, or the reverse).
+        merged = {k: v for k, v in _flatten(to_dict(cfg)).items()
+                  if not model_defining({k: v}) and not any(_nested(k, a) for a in adopted)}
+        merged.update(adopted)
         return from_dict(JobConfig, _unflatten(merged))
     shown = ", ".join(f"{k} (checkpoint {old!r}, config {new!r})" for k, old, new in differences[:4])
     more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
@@ -66,6 +64,19 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: Path, adopt: bo
         f"{checkpoint} was trained with another model config: {shown}{more}; continue it as it was "
         f"with {ADOPT_FLAG}, or train this config into a new output_dir"
     )
+
+
+def _normalised(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved config read through today's schema where it can be (fields added since it was
+    written take their defaults), else as it is."""
+    try:
+        return to_dict(from_dict(JobConfig, saved))
+    except ConfigError:
+        return saved
+
+
+def _nested(a: str, b: str) -> bool:
+    return a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -16,7 +16,9 @@ from distributed import run_ranks
 from embshard.cluster.launch import plan_for_training
 from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
 from embshard.errors import EmbshardError
-from embshard.trainer.checkpoint import CheckpointError, complete_checkpoints
+from embshard.planner.pipeline import PlanBundle
+from embshard.trainer.build import build_sharded
+from embshard.trainer.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints
 from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
 from embshard.trainer.export import export_serving
 from embshard.trainer.loop import run_worker
@@ -124,25 +126,26 @@ def test_planted_metadata_pickle_runs_nothing(dataset, tmp_path, caplog):
 
 
 def _one_rank_cannot_restore(rank: int, world: int, dataset: Path, out: Path) -> str:
-    cfg = job(dataset, out, workers=2, max_steps=4) if rank == 0 else None
+    import torch
     import torch.distributed as dist
 
-    holder = [cfg]
+    holder = [job(dataset, out, workers=2, max_steps=4) if rank == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     cfg = holder[0]
     step = Path(run_worker(cfg)["checkpoint"])
-    dist.barrier()
-    if rank == 0:
-        # Rank 1's RNG file is well formed and vouched for by the manifest, yet not an RNG state:
-        # only rank 1 fails, after the tables were read. Before, rank 0 resumed and rank 1 went on
-        # to the next candidate's collective load alone: a hang.
-        import torch
+    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    sharded = build_sharded(cfg, bundle, 13, torch.device("cpu"))
 
-        torch.save({"not": "an rng state"}, step / "rank-00001.pt")
-        rehash(step, "rank-00001.pt")
-    dist.barrier()
+    def fails_on_rank_1(state: dict) -> dict:
+        # Only rank 1 fails, after the tables were read. Before, rank 0 resumed and rank 1 went on
+        # to the next candidate's collective load alone: a hang.
+        if rank == 1:
+            raise RuntimeError("this rank cannot restore")
+        return state
+
+    manager = CheckpointManager(cfg.checkpoint_dir, after_load=[fails_on_rank_1])
     try:
-        run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)))
+        manager.load_latest(sharded.model, sharded.optimizer, [step])
     except CheckpointError as e:
         return str(e)
     return "resumed"
@@ -153,3 +156,45 @@ def test_a_load_failing_on_one_rank_fails_every_rank_without_hanging(dataset, tm
     messages = run_ranks(_one_rank_cannot_restore, 2, dataset, tmp_path)
     assert messages[0] == messages[1]
     assert "rank 1" in messages[0] and "step-000004" in messages[0]
+
+
+def test_non_tensor_items_are_read_without_running_code(tmp_path):
+    # DCP's default planner unpickles non-tensor items (optimizer step counts) with
+    # weights_only=False: a rewritten .distcp could run code through them.
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from embshard.trainer.checkpoint_integrity import DamagedCheckpoint, SafeLoadPlanner
+
+    marker = tmp_path / "code-ran"
+    item = ReadItem(LoadItemType.BYTE_IO, MetadataIndex("optim.step"), torch.Size([0]),
+                    MetadataIndex("optim.step"), torch.Size([0]), torch.Size([0]))
+    planner = SafeLoadPlanner(flatten_state_dict=False)  # writes state_dict[fqn] as it is
+    planner.set_up_planner({"optim.step": 0}, None, False)
+    with pytest.raises(DamagedCheckpoint, match=r"optim\.step: refusing to load"):
+        planner.load_bytes(item, io.BytesIO(pickle.dumps(Planted(marker))))
+    assert not marker.exists()
+    buffer = io.BytesIO()
+    torch.save(7, buffer)
+    planner.load_bytes(item, io.BytesIO(buffer.getvalue()))  # plain data still loads
+    assert planner.state_dict["optim.step"] == 7
+
+
+@pytest.mark.usefixtures("process_group")
+def test_an_rng_file_of_the_old_format_does_not_block_a_resume(dataset, tmp_path, caplog):
+    import numpy as np
+    import torch
+
+    cfg = job(dataset, tmp_path, max_steps=4)
+    step = Path(run_worker(cfg)["checkpoint"])
+    # Written before RNG states were plain tensors: numpy's state holds an ndarray.
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": None},
+               step / "rank-00000.pt")
+    rehash(step, "rank-00000.pt")
+    with caplog.at_level(logging.WARNING):
+        resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=5)))
+    assert resumed["resumed_from"] == str(step)
+    assert any("RNG state of rank 0 not restored" in r.getMessage() for r in caplog.records)

@@ -103,3 +103,12 @@ def test_zero_workers_is_refused_like_a_negative_count(tmp_path, capsys):
             main(["train", str(config), "--workers", count])
         assert exit_info.value.code == 2
         assert f"--workers: must be >= 1, got {count}" in capsys.readouterr().err
+
+
+def test_adopting_a_section_this_config_leaves_out():
+    from embshard.cluster.resume_config import reconcile
+    from embshard.config import PepConfig
+
+    saved = to_dict(JobConfig(pep=PepConfig(granularity="feature")))
+    adopted = reconcile(JobConfig(), saved, Path("step-000004"), adopt=True)
+    assert adopted.pep is not None and adopted.pep.granularity == "feature"

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -57,6 +58,7 @@ from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
     DamagedCheckpoint,
     SafeFileSystemReader,
+    SafeLoadPlanner,
     verify,
     verify_collective,
     write_manifest,
@@ -215,11 +217,17 @@ class CheckpointManager:
             state["progress"] = Progress.from_json(json.loads((path / PROGRESS).read_text()))
             rng = path / f"rank-{dist.get_rank():05d}.pt"
             if state["progress"].world_size == dist.get_world_size() and rng.is_file():
-                _set_rng_state(torch.load(rng, weights_only=True))
+                try:
+                    _set_rng_state(torch.load(rng, weights_only=True))
+                except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
+                    # RNG states are optional (another world size has none); checkpoints written
+                    # before they were plain tensors hold a numpy array weights_only refuses.
+                    log.warning("checkpoint %s: RNG state of rank %d not restored (%s)",
+                                path, dist.get_rank(), first_line(e))
 
         _agreed(path, "cannot be read", prepare)
         # DCP's load is collective and raises its errors on every rank itself.
-        _agreed(path, "cannot be loaded", lambda: dcp.load(state, storage_reader=reader))
+        _agreed(path, "cannot be loaded", lambda: dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner()))
         _agreed(path, "cannot be restored", restore)
         return state["progress"]
 

@@ -16,6 +16,7 @@ of N bytes costs each rank N / world of reading, on save and on resume alike.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 import time
@@ -27,10 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import ReadItem
 
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, first_line
 
 MANIFEST = "manifest.json"
 # 1: sizes only (older checkpoints; accepted, verified by size); 2: sizes and SHA-256.
@@ -59,6 +61,10 @@ def _my_share(names: list[str]) -> list[str]:
     return names[dist.get_rank()::dist.get_world_size()]
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _gather(local: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [local]
@@ -70,7 +76,13 @@ def _gather(local: Any) -> list[Any]:
 def write_manifest(folder: Path, step: int) -> dict[str, Any]:
     """Collective: every rank hashes its share of the folder's files; returns the manifest (rank 0
     writes it). Called once every file is in place, so the manifest is the last thing written."""
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    # One listing, rank 0's: on shared storage another rank's listing may lag, and shares computed
+    # from different lists would leave some file unhashed.
+    listed: list[Any] = [sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                                if p.is_file() and p.name != MANIFEST) if _rank() == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(listed, src=0)
+    names: list[str] = listed[0]
     # Sizes come with the hashes: after the gather, rank 0 may already be renaming the folder.
     mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
             for name in _my_share(names)}
@@ -143,7 +155,9 @@ def verify_collective(folder: Path) -> str | None:
 
 # -- reading DCP metadata without running code ---------------------------------------------------
 
-_DCP_CLASSES = {name for name, obj in vars(dcp_metadata).items() if isinstance(obj, type)}
+# The classes DCP's metadata module defines itself (not what it imports, such as Enum).
+_DCP_CLASSES = {name for name, obj in vars(dcp_metadata).items()
+                if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__}
 _ALLOWED: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": _DCP_CLASSES,
     "torch.distributed.checkpoint.filesystem": {_StorageInfo.__name__},
@@ -179,3 +193,18 @@ class SafeFileSystemReader(FileSystemReader):
             storage = metadata.storage_meta = dcp_metadata.StorageMeta()
         storage.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except for non-tensor items (optimizer step counts, learning
+    rates): DCP unpickles those with `weights_only=False`, so they are first read with
+    `weights_only=True`, which refuses anything but plain data, before DCP reads them."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raw = value.read()
+        try:
+            torch.load(io.BytesIO(raw), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise DamagedCheckpoint(f"{read_item.dest_index.fqn}: refusing to load a non-tensor item "
+                                    f"({first_line(e)})") from None
+        super().load_bytes(read_item, io.BytesIO(raw))

@@ -47,7 +47,7 @@ from embshard.trainer.checkpoint import (
     PLAN_DIR,
     newest_verified,
 )
-from embshard.trainer.checkpoint_integrity import SafeFileSystemReader
+from embshard.trainer.checkpoint_integrity import SafeFileSystemReader, SafeLoadPlanner
 from embshard.trainer.model import DLRM
 
 MANIFEST = "serving.json"
@@ -159,7 +159,7 @@ def _export_checkpoint(source: Path, out_dir: Path) -> Path:
                             for t in mlet_tables(probe, probe.state_dict()))
     model = DLRM.planned(without_mlet(plan) if collapsed_on_save else plan, num_dense, model_config)
     state = model.state_dict()
-    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(path), no_dist=True)
+    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
     if not collapsed_on_save:
         state.update(collapse_mlet_tables(model, state))
     return _write(out_dir, plan, state, num_dense, model_config, plan_dir, source=str(path))

@@ -227,12 +227,17 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
     if report is not None:
         callbacks.append(ReportCallback(report))
     if cfg.checkpoint.enabled:
-        guard = StopGuard(Path(cfg.output_dir) / STOP_REQUEST_FILE)
+        guard = None
+        if cfg.checkpoint.on_sigterm:
+            # Every rank keeps the guard, whether or not its signal handler could be installed:
+            # the guard's all-reduce runs every step on all ranks, and the stop-request file
+            # (Ctrl-C on the driver) needs no handler.
+            guard = StopGuard(Path(cfg.output_dir) / STOP_REQUEST_FILE)
+            guard.install()
         callbacks.append(CheckpointCallback(
             checkpoint_manager(cfg, sharded, metrics),
             sharded.model, sharded.optimizer, snapshot, to_dict(cfg),
-            sharded.bundle.directory, cfg.checkpoint.every_steps,
-            guard if cfg.checkpoint.on_sigterm and guard.install() else None, metrics))
+            sharded.bundle.directory, cfg.checkpoint.every_steps, guard, metrics))
     crash = crash_from_env(rank, Path(cfg.output_dir))  # last: dies after that step's checkpoint
     if crash is not None:
         callbacks.append(crash)

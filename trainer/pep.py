@@ -250,8 +250,26 @@ class PruneCallback(Callback):
         self.metrics = metrics
         self.dense = sum(t.num_embeddings for t in pep.plan.tables) * pep.base_dim
         self.reached: dict[str, dict[str, Any]] = {}
-        self.pending = [t for t in sorted(section.targets, reverse=True) if not self._written_before(t)]
+        self.pending = self._agreed_pending(sorted(section.targets, reverse=True))
         self.last_fraction = 1.0
+
+    def _agreed_pending(self, targets: list[float]) -> list[float]:
+        """The targets still to write, as rank 0 sees the disk: ranks decide together whether to
+        gather masks (a collective), so a rank with a lagging view of shared storage must not
+        decide alone. Rank 0's error, if any, is raised on every rank."""
+        decided: list[Any] = [None]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                pending = [t for t in targets if not self._written_before(t)]
+                decided = [(pending, self.reached, None)]
+            except ConfigError as e:
+                decided = [([], {}, str(e))]
+        if dist.is_initialized():
+            dist.broadcast_object_list(decided, src=0)
+        pending, self.reached, error = decided[0]
+        if error is not None:
+            raise ConfigError(error)
+        return list(pending)
 
     def _written_before(self, target: float) -> bool:
         directory = self.out / target_dir_name(target)
