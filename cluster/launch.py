@@ -34,8 +34,8 @@ from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
 from embshard.trainer.checkpoint import (
     complete_checkpoints,
+    first_usable,
     resolve_source,
-    valid_checkpoints,
 )
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import get_method, method_name
@@ -93,7 +93,7 @@ def resume_source(cfg: JobConfig) -> Path | None:
     candidates = complete_checkpoints(cfg.checkpoint_dir)
     if not candidates and cfg.checkpoint.resume:
         candidates = resolve_source(cfg.checkpoint.resume)
-    return next(iter(valid_checkpoints(candidates)), None)
+    return first_usable(candidates)[0]
 
 
 def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:

@@ -304,28 +304,26 @@ def problem(path: Path, every_file: bool = False) -> str | None:
     return None
 
 
-def valid_checkpoints(candidates: list[Path], every_file: bool = False) -> list[Path]:
-    """The candidates that pass `problem`; a warning names every one skipped."""
-    good = []
+def first_usable(candidates: list[Path], every_file: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest candidate that passes `problem` (None: none does), and why each newer one did
+    not; a warning names every one skipped. Candidates older than the answer are not read."""
+    rejected: list[tuple[Path, str]] = []
     for path in candidates:
         why = problem(path, every_file)
         if why is None:
-            good.append(path)
-        else:
-            log.warning("checkpoint %s: skipped, %s", path, why)
-    return good
+            return path, rejected
+        log.warning("checkpoint %s: skipped, %s", path, why)
+        rejected.append((path, why))
+    return None, rejected
 
 
 def newest_verified(source: str | Path) -> Path:
     """One process: the newest checkpoint at `source` whose every file verifies (export reads them
     all); CheckpointError saying why each one failed."""
-    rejected = []
-    for path in resolve_source(source):
-        why = problem(path, every_file=True)
-        if why is None:
-            return path
-        rejected.append((path, why))
-    raise CheckpointError(f"{source}: no checkpoint there verifies ({rejected_text(rejected)})")
+    path, rejected = first_usable(resolve_source(source), every_file=True)
+    if path is None:
+        raise CheckpointError(f"{source}: no checkpoint there verifies ({rejected_text(rejected)})")
+    return path
 
 
 def rejected_text(rejected: list[tuple[Path, str]]) -> str:
