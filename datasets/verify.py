@@ -1,4 +1,4 @@
-"""Is a dataset folder whole? Every split's part files are checked against dataset.json from
+"""Is a dataset folder (or object-store prefix) whole? Every split's part files are checked against dataset.json from
 Parquet footers alone (no data read), so a missing, stray or truncated part file is an error
 instead of training quietly on fewer rows."""
 
@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embshard.datasets.schema import PART_PATTERN, SPEC_FILE, SPLITS, DatasetSpec, part_name, split_dir
+from embshard.datasets.storage import StoragePath, arrow_source
 from embshard.errors import DataError
 
 
@@ -20,7 +21,8 @@ def verify_dataset(dataset_dir: str | Path) -> None:
         verify_split(dataset_dir, spec, split)
 
 
-def verify_split(dataset_dir: str | Path, spec: DatasetSpec, split: str) -> list[tuple[Path, pq.FileMetaData]]:
+def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
+                 split: str) -> list[tuple[StoragePath, pq.FileMetaData]]:
     """The split's part files with their footers, in part order, after checking them against `spec`."""
     directory = split_dir(dataset_dir, split)
     if not directory.is_dir():
@@ -42,7 +44,8 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec, split: str) -> list
     found = []
     for i, path in enumerate(files):
         try:
-            meta = pq.read_metadata(path)
+            fs, source = arrow_source(path)
+            meta = pq.read_metadata(source, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         if recorded is not None and meta.num_rows != recorded[i]:
