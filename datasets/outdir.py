@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from embshard.datasets.schema import SPEC_FILE
-from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, copy_file, rmtree
+from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, rmtree, upload
 from embshard.errors import DataError
 
 
@@ -102,18 +102,4 @@ def _upload(staging: Path, out: RemotePath) -> None:
         # failure below leaves a prefix readers refuse rather than a mix of old and new parts.
         marker.unlink()
         rmtree(out)
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != SPEC_FILE)
-    written: list[RemotePath] = []
-    try:
-        for f in [*files, staging / SPEC_FILE]:
-            target = out / str(f.relative_to(staging))
-            copy_file(f, target)
-            written.append(target)
-    except BaseException:
-        # Only what this upload wrote goes; without dataset.json it was never a dataset.
-        for target in reversed(written):
-            try:
-                target.unlink()
-            except Exception:  # noqa: BLE001 - the store that failed may refuse this too
-                print(f"warning: {target}: could not remove a partial upload", file=sys.stderr)
-        raise
+    upload(staging, out, marker=SPEC_FILE)

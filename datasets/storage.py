@@ -23,6 +23,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +165,7 @@ class RemotePath:
     # -- queries ---------------------------------------------------------------------------------
 
     def _info(self) -> pafs.FileInfo:
-        return self._call(lambda: self.fs.get_file_info(self.path))
+        return self._call(self.fs.get_file_info, self.path)
 
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
@@ -183,7 +184,7 @@ class RemotePath:
 
     def _listing(self, recursive: bool) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
-        return cast(list[pafs.FileInfo], self._call(lambda: self.fs.get_file_info(selector)))
+        return cast(list[pafs.FileInfo], self._call(self.fs.get_file_info, selector))
 
     def _child(self, info: pafs.FileInfo) -> "RemotePath":
         rel = posixpath.relpath(info.path, self.path)
@@ -203,7 +204,7 @@ class RemotePath:
 
     def check_bucket(self) -> None:
         """StorageError unless the bucket exists and these credentials may list it."""
-        if self._call(lambda: self.fs.get_file_info(self.bucket)).type == pafs.FileType.NotFound:
+        if self._call(self.fs.get_file_info, self.bucket).type == pafs.FileType.NotFound:
             raise StorageError(f"{self.uri}: the bucket does not exist")
         self._listing(recursive=False)
 
@@ -211,9 +212,9 @@ class RemotePath:
 
     def open(self, mode: str = "r") -> IO[Any]:
         if mode == "rb":
-            return cast(IO[bytes], self._call(lambda: self.fs.open_input_file(self.path)))
+            return cast(IO[bytes], self._call(self.fs.open_input_file, self.path))
         if mode == "wb":
-            return cast(IO[bytes], self._call(lambda: self.fs.open_output_stream(self.path)))
+            return cast(IO[bytes], self._call(self.fs.open_output_stream, self.path))
         raise ValueError(f"RemotePath.open: mode {mode!r} (binary 'rb' or 'wb' only)")
 
     def read_bytes(self) -> bytes:
@@ -237,27 +238,33 @@ class RemotePath:
         """Nothing to create: a prefix exists once an object is written under it."""
 
     def unlink(self) -> None:
-        self._call(lambda: self.fs.delete_file(self.path))
+        self._call(self.fs.delete_file, self.path)
 
-    def rename(self, target: "StoragePath") -> "RemotePath":
-        """Copy every object under this prefix (or this object) to `target`, then delete the
-        originals: each object is read whole before anything is deleted."""
+    def rename(self, target: "StoragePath", marker: str | None = None) -> "RemotePath":
+        """Copy every object under this prefix (or this object) to `target` (in the same store),
+        then delete the originals, so every object was copied before anything is deleted. The
+        object named `marker` is copied last and deleted first: a copy cut short leaves a target
+        without it and a source without it, both of which readers refuse."""
         target = cast(RemotePath, target)
         if self.is_file():
-            self._call(lambda: self.fs.copy_file(self.path, target.path))
+            self._call(self.fs.copy_file, self.path, target.path)
             self.unlink()
             return target
-        files = [i for i in self._listing(recursive=True) if i.type == pafs.FileType.File]
-        for info in files:
-            rel = posixpath.relpath(info.path, self.path)
-            self._call(lambda: self.fs.copy_file(info.path, f"{target.path}/{rel}"))
-        for info in files:
-            self._call(lambda: self.fs.delete_file(info.path))
+        files = sorted((i.path for i in self._listing(recursive=True) if i.type == pafs.FileType.File),
+                       key=lambda p: (posixpath.relpath(p, self.path) == marker, p))
+        for path in files:
+            rel = posixpath.relpath(path, self.path)
+            self._call(self.fs.copy_file, path, f"{target.path}/{rel}")
+        for path in reversed(files):
+            self._call(self.fs.delete_file, path)
+        if not any(self.iterdir()):
+            # pyarrow leaves a marker object for a prefix it emptied: it would still list as a step.
+            self._call(self.fs.delete_dir, self.path)
         return target
 
-    def _call(self, fn: Any) -> Any:
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn()
+            return fn(*args, **kwargs)
         except (OSError, ValueError) as e:
             if isinstance(e, FileNotFoundError) and "NO_SUCH_BUCKET" not in str(e):
                 raise FileNotFoundError(f"{self.uri}: not found") from None
@@ -274,10 +281,19 @@ def arrow_source(path: StoragePath) -> tuple[pafs.FileSystem | None, str]:
     return None, str(path)
 
 
+def move(source: StoragePath, target: StoragePath, marker: str | None = None) -> None:
+    """Rename a folder (local: one atomic rename; object storage: see RemotePath.rename)."""
+    if isinstance(source, RemotePath):
+        source.rename(target, marker=marker)
+    else:
+        source.rename(target)
+
+
 def rmtree(path: StoragePath) -> None:
     """Remove a folder or prefix that this process wrote itself (a staging area, a pruned step)."""
     if isinstance(path, RemotePath):
-        path._call(lambda: path.fs.delete_dir_contents(path.path, missing_dir_ok=True))
+        if path.exists():
+            path._call(path.fs.delete_dir, path.path)  # its objects and the prefix's marker
     else:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -305,6 +321,26 @@ def copy_file(source: StoragePath, target: StoragePath) -> None:
             raise
         # An upload fails when its stream is closed (the multipart upload completes there).
         raise StorageError(f"{target}: {reason(e)}") from None
+
+
+def upload(staging: Path, out: RemotePath, marker: str) -> None:
+    """Upload the complete local folder `staging` to `out`, the file `marker` last, so `out` holds
+    a marker only once everything else is in place. On failure what this upload wrote is removed
+    again (never anything it did not write)."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != marker)
+    written: list[RemotePath] = []
+    try:
+        for f in [*files, staging / marker]:
+            target = out / str(f.relative_to(staging))
+            copy_file(f, target)
+            written.append(target)
+    except BaseException:
+        for target in reversed(written):
+            try:
+                target.unlink()
+            except Exception:  # noqa: BLE001 - the store that failed may refuse this too
+                print(f"warning: {target}: could not remove a partial upload", file=sys.stderr)
+        raise
 
 
 def check_reachable(path: StoragePath) -> None:

@@ -52,7 +52,8 @@ class S3Bucket:
         return f"s3://{self.name}/{prefix}"
 
     def keys(self, prefix: str = "") -> list[str]:
-        return self.server.keys(self.name, prefix)
+        """The objects under `prefix`, less the empty "folder/" markers pyarrow leaves for a parent."""
+        return [k for k in self.server.keys(self.name, prefix) if not k.endswith("/")]
 
 
 def free_port() -> int:

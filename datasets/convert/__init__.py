@@ -20,8 +20,8 @@ from embshard.datasets.convert.movielens import OFFICIAL_SPLITS, convert_moviele
 from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
 from embshard.datasets.outdir import check_output
-from embshard.datasets.storage import location
 from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.storage import location
 from embshard.errors import DataError
 
 Kind = Literal["criteo", "avazu", "movielens"]
