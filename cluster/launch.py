@@ -156,7 +156,7 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"{cfg.name}-{method}",
-            storage_path=str(output / "ray"),
+            storage_path=ray_storage(cfg),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         ),
     )
@@ -170,6 +170,14 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
             raise failure.error from None
         raise console.Crashed(failure.summary()) from e  # the cause holds every worker's traceback
     return stop_requested
+
+
+def ray_storage(cfg: JobConfig) -> str:
+    """Where Ray Train keeps its run state: `cluster.storage` (a folder or a URI Ray's pyarrow
+    file system serves), else <output_dir>/ray."""
+    if cfg.cluster.storage:
+        return str(location(cfg.cluster.storage).resolve())
+    return str(Path(cfg.output_dir).resolve() / "ray")
 
 
 def worker_config(cfg: JobConfig) -> JobConfig:

@@ -387,6 +387,7 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker
     address: str | None = None  # None = start a local Ray in-process
     max_failures: int = 0  # worker-group restarts Ray Train may do
+    storage: str | None = None  # Ray Train's run storage; None = <output_dir>/ray, or a URI (s3://bucket/ray)
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -39,12 +39,12 @@ def ray_session():
     del os.environ[ENV]
 
 
-def job(data: str, checkpoints: str, out: Path) -> JobConfig:
+def job(data: str, checkpoints: str, out: Path, ray_storage: str | None = None) -> JobConfig:
     return JobConfig(
         output_dir=str(out),
         data=DataConfig(path=data, batch_size=512, eval_batch_size=2048, prefetch=2),
         train=TrainConfig(progress=False),
-        cluster=ClusterConfig(workers=2, max_failures=1),
+        cluster=ClusterConfig(workers=2, max_failures=1, storage=ray_storage),
         checkpoint=CheckpointConfig(dir=checkpoints, every_steps=4, keep=2),
     )
 
@@ -52,7 +52,7 @@ def job(data: str, checkpoints: str, out: Path) -> JobConfig:
 def test_bucket_round_trip_survives_a_worker_death(s3, tmp_path, ray_session) -> None:
     data, checkpoints, serving = s3.uri("data"), s3.uri("run/checkpoints"), s3.uri("serving")
     synthesize(data, rows=ROWS, max_cardinality=2000)
-    cfg = job(data, checkpoints, tmp_path / "run")
+    cfg = job(data, checkpoints, tmp_path / "run", ray_storage=s3.uri("ray"))
     plan_for_training(cfg)
     summary = train_on_ray(cfg)
 
@@ -65,6 +65,7 @@ def test_bucket_round_trip_survives_a_worker_death(s3, tmp_path, ray_session) ->
     assert steps == [f"step-{summary['steps']:06d}", "step-000008"]  # keep=2 pruned in the bucket
     assert not [k for k in s3.keys("run/") if ".tmp/" in k]  # every staging prefix went away
     assert f"run/checkpoints/step-{summary['steps']:06d}/{MANIFEST}" in s3.keys("run/")
+    assert s3.keys("ray/")  # Ray Train's run state went to the bucket too
 
     export_serving(checkpoints, serving)
     assert f"serving/{SERVING_MANIFEST}" in s3.keys("serving/")
