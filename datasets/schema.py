@@ -93,13 +93,13 @@ class DatasetSpec:
 
     @staticmethod
     def load(directory: str | Path) -> "DatasetSpec":
-        directory = location(directory)
-        check_reachable(directory)
-        path = directory / SPEC_FILE
-        if not directory.exists():
-            raise DataError(f"{directory}: dataset directory not found")
+        where = location(directory)
+        check_reachable(where)
+        path = where / SPEC_FILE
+        if not where.exists():
+            raise DataError(f"{where}: dataset directory not found")
         if not path.is_file():
-            raise DataError(f"{path}: missing (is {directory} a dataset written by `embshard data`?)")
+            raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
         try:
             raw = json.loads(path.read_text())
             if raw.get("version") != SPEC_VERSION:

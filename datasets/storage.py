@@ -40,7 +40,7 @@ def is_uri(value: str | os.PathLike[str]) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def location(value: str | os.PathLike[str]) -> "StoragePath":
+def location(value: "str | os.PathLike[str] | RemotePath") -> "StoragePath":
     """A local `Path`, or a `RemotePath` for a URI."""
     if isinstance(value, RemotePath):
         return value
@@ -274,6 +274,13 @@ class RemotePath:
 StoragePath = Union[Path, RemotePath]
 
 
+def relative(path: StoragePath, root: StoragePath) -> str:
+    """`path` relative to the folder `root` it is in, as a POSIX string (a manifest's file name)."""
+    if isinstance(path, RemotePath):
+        return str(path.relative_to(cast(RemotePath, root)))
+    return str(path.relative_to(cast(Path, root)))
+
+
 def arrow_source(path: StoragePath) -> tuple[pafs.FileSystem | None, str]:
     """(file system, path) for pyarrow readers such as `pq.ParquetFile(path, filesystem=fs)`."""
     if isinstance(path, RemotePath):
@@ -286,7 +293,7 @@ def move(source: StoragePath, target: StoragePath, marker: str | None = None) ->
     if isinstance(source, RemotePath):
         source.rename(target, marker=marker)
     else:
-        source.rename(target)
+        source.rename(cast(Path, target))  # moves stay within one store: a local folder's target is local
 
 
 def rmtree(path: StoragePath) -> None:

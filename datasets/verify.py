@@ -27,7 +27,7 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
     directory = split_dir(dataset_dir, split)
     if not directory.is_dir():
         raise DataError(f"{directory}: split directory not found")
-    files = sorted(directory.glob(PART_PATTERN))
+    files: list[StoragePath] = sorted(directory.glob(PART_PATTERN), key=str)
     if not files:
         raise DataError(f"{directory}: no {PART_PATTERN} files")
     recorded = spec.parts.get(split)
@@ -37,7 +37,7 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
             if not path.is_file():
                 raise DataError(f"{path}: missing; {SPEC_FILE} records {len(recorded)} part files "
                                 f"for split {split!r}")
-        stray = sorted(set(files) - set(expected))
+        stray = sorted(set(files) - set(expected), key=str)
         if stray:
             raise DataError(f"{stray[0]}: not recorded in {SPEC_FILE} ({len(recorded)} part files for "
                             f"split {split!r}); left over from another dataset?")

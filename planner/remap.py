@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embshard.datasets.storage import StoragePath
 from embshard.errors import PlanError
 
 
@@ -54,7 +55,7 @@ def save_remap(out_dir: Path | None, table: str, remap: np.ndarray) -> str:
     return name
 
 
-def load_remap(path: Path, num_embeddings: int) -> np.ndarray:
+def load_remap(path: StoragePath, num_embeddings: int) -> np.ndarray:
     if not path.is_file():
         raise PlanError(f"{path}: remap file not found")
     try:

@@ -53,7 +53,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, rmtree
+from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, relative, rmtree
 from embshard.errors import EmbshardError, StorageError, first_line
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
@@ -115,7 +115,7 @@ def step_dir_name(step: int) -> str:
 class CheckpointManager:
     """Save, find, validate, load and prune the checkpoints of one run in `directory`."""
 
-    def __init__(self, directory: str | Path, keep: int = 2,
+    def __init__(self, directory: str | StoragePath, keep: int = 2,
                  before_save: list[StateTransform] | None = None,
                  before_load: list[StateTransform] | None = None,
                  after_load: list[StateTransform] | None = None) -> None:
@@ -302,7 +302,7 @@ def problem(path: StoragePath, every_file: bool = False) -> str | None:
     """Why a checkpoint folder cannot be used in this one process, or None. Checks the layout and
     the hashes of the files the driver reads, or of `every_file` (export reads them all); a
     training run's workers verify every file together (`CheckpointManager.select`)."""
-    plan_files = [str(p.relative_to(path)) for p in (path / PLAN_DIR).rglob("*") if p.is_file()]
+    plan_files = [relative(p, path) for p in (path / PLAN_DIR).rglob("*") if p.is_file()]
     try:
         verify(path, None if every_file else [*DRIVER_FILES, *plan_files])
     except (DamagedCheckpoint, OSError, StorageError) as e:

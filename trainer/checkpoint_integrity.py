@@ -33,7 +33,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
-from embshard.datasets.storage import StoragePath
+from embshard.datasets.storage import StoragePath, relative
 from embshard.errors import EmbshardError, StorageError, first_line
 
 MANIFEST = "manifest.json"
@@ -80,7 +80,7 @@ def write_manifest(folder: StoragePath, step: int) -> dict[str, Any]:
     writes it). Called once every file is in place, so the manifest is the last thing written."""
     # One listing, rank 0's: on shared storage another rank's listing may lag, and shares computed
     # from different lists would leave some file unhashed.
-    listed: list[Any] = [sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+    listed: list[Any] = [sorted(relative(p, folder) for p in folder.rglob("*")
                                 if p.is_file() and p.name != MANIFEST) if _rank() == 0 else None]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(listed, src=0)
@@ -122,7 +122,7 @@ def check_layout(folder: StoragePath) -> dict[str, FileEntry]:
             raise DamagedCheckpoint(f"{name} has {f.stat().st_size} bytes, the manifest says {entry.size}")
     # An unlisted .metadata or .pt would be unpickled without a hash having vouched for it.
     for f in folder.rglob("*"):
-        name = str(f.relative_to(folder))
+        name = relative(f, folder)
         if f.is_file() and name != MANIFEST and name not in files and f.suffix in (".metadata", ".pt", ".distcp"):
             raise DamagedCheckpoint(f"{name} is not in the manifest")
     return files
