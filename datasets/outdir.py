@@ -5,9 +5,11 @@ rename stays on one file system and is atomic) and renamed into place only once 
 profile included. A failed run removes its staging folder and leaves the destination as it was.
 
 An object-store destination (`s3://bucket/prefix`) has no rename: the dataset is staged in a
-local temporary folder and uploaded when complete, dataset.json last, so a prefix holds a
-dataset.json only once every part file is in place (readers refuse a prefix without one). An
-earlier dataset there (with --overwrite) loses its dataset.json first, then its objects.
+local temporary folder, uploaded when complete to a staging prefix beside the destination, and
+copied into place inside the store, dataset.json last each time, so a prefix holds a dataset.json
+only once every part file is in place (readers refuse a prefix without one). An earlier dataset
+there (with --overwrite) is removed only once the new one is complete in the store, dataset.json
+first; if the final copy fails, the staging prefix still holds the complete new dataset.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def check_output(out: StoragePath, overwrite: bool) -> None:
 
 
 def _check_remote_output(out: RemotePath, overwrite: bool) -> None:
+    if "/" not in out.path:
+        # A dataset is staged beside its destination, and a bucket has nothing beside it.
+        raise DataError(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/data")
     check_reachable(out)
     if any(out.iterdir()):
         _check_replaceable(out, overwrite)
@@ -95,11 +100,16 @@ def publish(staging: Path, out: StoragePath, overwrite: bool) -> None:
 
 
 def _upload(staging: Path, out: RemotePath) -> None:
-    """Upload the complete local dataset `staging` to `out`, dataset.json last."""
-    marker = out / SPEC_FILE
-    if marker.exists():
-        # check_output found a dataset here and --overwrite: first make it no dataset, so that a
-        # failure below leaves a prefix readers refuse rather than a mix of old and new parts.
-        marker.unlink()
-        rmtree(out)
-    upload(staging, out, marker=SPEC_FILE)
+    """Upload the complete local dataset `staging` and copy it into `out` (see the module doc)."""
+    uploaded = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    upload(staging, uploaded, marker=SPEC_FILE)
+    try:
+        if (out / SPEC_FILE).exists():
+            # check_output found a dataset here and --overwrite: first make it no dataset, so that a
+            # failure below leaves a prefix readers refuse rather than a mix of old and new parts.
+            (out / SPEC_FILE).unlink()
+            rmtree(out)
+        uploaded.rename(out, marker=SPEC_FILE)
+    except BaseException:
+        print(f"warning: the complete new dataset is at {uploaded}", file=sys.stderr)
+        raise
