@@ -6,19 +6,22 @@ first (missing bucket, wrong credentials, unreachable endpoint): one line, nothi
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from test_checkpoint_integrity import Planted
 
 from embshard.cluster.launch import plan_for_training, train_on_ray
 from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
 from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.storage import location
 from embshard.datasets.synth import synthesize
 from embshard.errors import StorageError
 from embshard.trainer.checkpoint import CheckpointManager, complete_checkpoints
-from embshard.trainer.checkpoint_integrity import MANIFEST
+from embshard.trainer.checkpoint_integrity import MANIFEST, DamagedCheckpoint, checkpoint_reader
 from embshard.trainer.export import MANIFEST as SERVING_MANIFEST
 from embshard.trainer.export import export_serving, load_serving
 from embshard.trainer.faults import ENV, MARKER
@@ -88,6 +91,15 @@ def test_damaged_checkpoint_in_bucket_is_set_aside_not_deleted(s3, tmp_path, pro
     assert s3.keys("ck/") == ["ck/step-000004.damaged/a.distcp", f"ck/step-000004.damaged/{MANIFEST}"]
     assert client.get_object(Bucket=bucket, Key="ck/step-000004.damaged/a.distcp")["Body"].read() == b"abc"
     assert complete_checkpoints(manager.directory) == []  # nothing left for a resume to trip over
+
+
+def test_planted_metadata_in_bucket_is_refused_unread(s3, tmp_path) -> None:
+    """DCP's metadata read over fsspec goes through the same restricted unpickler."""
+    marker = tmp_path / "planted-ran"
+    s3.server.client().put_object(Bucket=s3.name, Key="ck/step-000001/.metadata", Body=pickle.dumps(Planted(marker)))
+    with pytest.raises(DamagedCheckpoint, match=r"\.metadata.*refusing to load pathlib"):
+        checkpoint_reader(location(s3.uri("ck/step-000001"))).read_metadata()
+    assert not marker.exists()
 
 
 def test_checkpoint_dir_in_missing_bucket_is_refused_before_training(s3, tmp_path) -> None:
