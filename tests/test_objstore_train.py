@@ -23,7 +23,7 @@ from embshard.errors import StorageError
 from embshard.trainer.checkpoint import CheckpointManager, complete_checkpoints
 from embshard.trainer.checkpoint_integrity import MANIFEST, DamagedCheckpoint, checkpoint_reader
 from embshard.trainer.export import MANIFEST as SERVING_MANIFEST
-from embshard.trainer.export import export_serving, load_serving
+from embshard.trainer.export import ExportError, export_serving, load_serving
 from embshard.trainer.faults import ENV, MARKER
 
 pytestmark = pytest.mark.slow
@@ -123,3 +123,11 @@ def test_export_with_bad_access_is_one_line_and_writes_nothing(s3, monkeypatch, 
         export_serving(s3.uri("ck"), s3.uri("serving"))
     assert "\n" not in str(raised.value)
     assert s3.keys() == [f"ck/step-000002/{MANIFEST}"]
+
+
+def test_export_into_a_prefix_that_is_no_export_is_refused_first(s3) -> None:
+    s3.server.client().put_object(Bucket=s3.name, Key="models/notes.txt", Body=b"mine")
+    # Refused before the (here missing) checkpoint is even looked at.
+    with pytest.raises(ExportError, match=r"models: not empty and holds no serving\.json"):
+        export_serving(s3.uri("no-checkpoint-here"), s3.uri("models"))
+    assert s3.keys() == ["models/notes.txt"]

@@ -75,11 +75,14 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
 
     Either may be an object-store URI: the export is then written to a local temporary folder and
     uploaded, serving.json last, into a prefix that is empty or holds an earlier export."""
+    out = location(out_dir)
+    if isinstance(out, RemotePath):
+        _check_remote_out(out)  # before minutes of loading, not after
     if isinstance(source, nn.Module):
         if model_config is None:
             raise ExportError("export_serving: a live model needs model_config (its dense/over arches)")
-        return _export_live(source, location(out_dir), model_config, Path(plan_dir) if plan_dir else None)
-    return _export_checkpoint(location(source), location(out_dir))
+        return _export_live(source, out, model_config, Path(plan_dir) if plan_dir else None)
+    return _export_checkpoint(location(source), out)
 
 
 def load_serving(directory: str | Path) -> ServingModel:
@@ -199,7 +202,6 @@ def _num_dense(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], path:
 def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Tensor], num_dense: int,
            model_config: ModelConfig, plan_dir: StoragePath | None, source: str) -> StoragePath:
     if isinstance(out_dir, RemotePath):
-        _check_remote_out(out_dir)
         with tempfile.TemporaryDirectory(prefix="embshard-export-") as staging:
             _write(Path(staging), plan, state, num_dense, model_config, plan_dir, source)
             if (out_dir / MANIFEST).exists():  # an earlier export: no longer one while replaced
