@@ -208,7 +208,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from embshard.cluster.launch import plan_for_training, train_on_ray, with_checkpoint_config
+    from embshard.cluster.launch import plan_for_training, ray_storage, train_on_ray, with_checkpoint_config
 
     cfg = _load(args)
     cluster = replace(
@@ -238,7 +238,7 @@ def _train(args: argparse.Namespace) -> int:
               f"run the same command again to continue")
     out = Path(cfg.output_dir)
     print(f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, "
-          f"checkpoints {cfg.checkpoint_dir}, Ray logs {out / 'ray'}")
+          f"checkpoints {cfg.checkpoint_dir}, Ray run storage {ray_storage(cfg)}")
     return 0
 
 

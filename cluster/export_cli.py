@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -13,8 +12,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "good step) in one process and write the serving model: collapsed tables, "
                     "dense weights, id remaps and a manifest. Load it with "
                     "embshard.trainer.export.load_serving(DIR).")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint folder or directory")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the serving model to")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint folder or directory (or an object-store URI, s3://bucket/prefix)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write the serving model to (or an object-store URI)")
     p.set_defaults(func=_export)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from embshard.cluster.interrupt import run_with_graceful_ctrl_c
 from embshard.cluster.resume_config import reconcile
 from embshard.config import JobConfig
 from embshard.datasets.profile import load_profile
+from embshard.datasets.storage import StoragePath, check_reachable, copytree, location
 from embshard.datasets.verify import verify_dataset
 from embshard.errors import EmbshardError, Interrupted, first_line
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, plan_with, shard_dimension_plan
@@ -51,6 +51,8 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     run's method (default: the one `cfg` names) for this topology."""
     decide = planning_step(cfg, get_method(method or method_name(cfg)))
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
+    if cfg.checkpoint.enabled:
+        check_reachable(cfg.checkpoint_dir)  # a missing bucket now, not at the first checkpoint
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
     if source is not None:
@@ -75,7 +77,7 @@ def sharding_options(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
-def with_checkpoint_config(cfg: JobConfig, source: Path | None = None, adopt: bool = False) -> JobConfig:
+def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, adopt: bool = False) -> JobConfig:
     """cfg, checked against the config of the checkpoint it resumes from (ConfigError naming the
     keys that differ); with `adopt`, cfg with the checkpoint's model-defining values instead."""
     source = source or resume_source(cfg)
@@ -84,7 +86,7 @@ def with_checkpoint_config(cfg: JobConfig, source: Path | None = None, adopt: bo
     return reconcile(cfg, json.loads((source / CHECKPOINT_CONFIG).read_text()), source, adopt)
 
 
-def resume_source(cfg: JobConfig) -> Path | None:
+def resume_source(cfg: JobConfig) -> StoragePath | None:
     """The checkpoint workers will resume from (the same choice they make; manifests only)."""
     if not cfg.checkpoint.enabled:
         return None
@@ -94,12 +96,12 @@ def resume_source(cfg: JobConfig) -> Path | None:
     return first_usable(candidates)[0]
 
 
-def plan_from_checkpoint(cfg: JobConfig, checkpoint: Path) -> PlanBundle:
+def plan_from_checkpoint(cfg: JobConfig, checkpoint: StoragePath) -> PlanBundle:
     """The checkpoint's DimensionPlan (dims, remaps), sharded for this run's topology.
 
     The same world size keeps the checkpoint's shard plan; another one re-runs TorchRec's planner
     over the unchanged DimensionPlan, and DCP reshards the saved tables into the new layout."""
-    shutil.copytree(checkpoint / CHECKPOINT_PLAN_DIR, cfg.plan_dir, dirs_exist_ok=True)
+    copytree(checkpoint / CHECKPOINT_PLAN_DIR, cfg.plan_dir)
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     topology = cfg.sharding.topology(cfg.cluster.workers)
     if bundle.shard_plan.topology != topology:
@@ -152,7 +154,7 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"{cfg.name}-{method}",
-            storage_path=str(output / "ray"),
+            storage_path=ray_storage(cfg),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         ),
     )
@@ -168,6 +170,14 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
     return stop_requested
 
 
+def ray_storage(cfg: JobConfig) -> str:
+    """Where Ray Train keeps its run state: `cluster.storage` (a folder or a URI Ray's pyarrow
+    file system serves), else <output_dir>/ray."""
+    if cfg.cluster.storage:
+        return str(location(cfg.cluster.storage).resolve())
+    return str(Path(cfg.output_dir).resolve() / "ray")
+
+
 def worker_config(cfg: JobConfig) -> JobConfig:
     """`cfg` as the workers get it: every path absolute (workers may run in other directories,
     or on hosts with the same shared storage), and the plan the driver saved."""
@@ -175,12 +185,12 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     return replace(
         cfg,
         output_dir=str(output),
-        data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
+        data=replace(cfg.data, path=str(location(cfg.data.path).resolve())),
         sharding=replace(cfg.sharding, plan_file=str(output / "plan" / PLAN_FILE)),
         checkpoint=replace(
             cfg.checkpoint,
             dir=str(cfg.checkpoint_dir.resolve()),
-            resume=str(Path(cfg.checkpoint.resume).resolve()) if cfg.checkpoint.resume else None,
+            resume=str(location(cfg.checkpoint.resume).resolve()) if cfg.checkpoint.resume else None,
         ),
         metrics=replace(
             cfg.metrics,

@@ -9,11 +9,11 @@ values replace the config's.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from embshard.cluster.cli_args import ADOPT_FLAG
 from embshard.config import JobConfig
+from embshard.datasets.storage import StoragePath
 from embshard.errors import ConfigError
 from embshard.typed_config import from_dict, to_dict
 
@@ -44,7 +44,7 @@ def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str,
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: Path, adopt: bool) -> JobConfig:
+def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, adopt: bool) -> JobConfig:
     """`cfg` when it agrees with the checkpoint's config; with `adopt`, cfg with the checkpoint's
     model-defining values; otherwise ConfigError naming the differing keys."""
     differences = config_differences(saved, cfg)

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a Criteo-shaped dataset whose labels follow a hidden seeded model: "
                     "13 dense + 26 Zipf-skewed sparse features, split 80/10/10; --multi-hot gives every "
                     "row bags of ids, --planted plants known embedding ranks.")
-    synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
+    synth.add_argument("--out", required=True, metavar="DIR",
+                       help="output dataset directory, or an object-store URI such as s3://bucket/prefix")
     synth.add_argument("--rows", type=int, default=100_000, help="total rows (default %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     synth.add_argument("--max-cardinality", type=int, default=DEFAULT_MAX_CARDINALITY, metavar="C",
@@ -60,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="criteo: train.txt; avazu: train csv (either may be gzipped, not a tar "
                            "archive; several files or folders of them are read in order as one log); "
                            "movielens: the unpacked release folder")
-    conv.add_argument("--out", type=Path, required=True, metavar="DIR", help="output dataset directory")
+    conv.add_argument("--out", required=True, metavar="DIR",
+                      help="output dataset directory, or an object-store URI such as s3://bucket/prefix")
     conv.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT, metavar="N",
                       help="values seen fewer than N times in train map to the OOV id 0, which then "
                            "trains on them (default %(default)s; 1 leaves the OOV row untrained)")
@@ -80,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     profile = commands.add_parser(
         "profile", help="(re)compute the id-frequency profile of a dataset",
         description="Count each sparse feature's ids over the train split into DIR/profile/.")
-    profile.add_argument("dir", type=Path, metavar="DIR", help="dataset directory")
+    profile.add_argument("dir", metavar="DIR", help="dataset directory or object-store URI")
     profile.set_defaults(func=_profile)
 
 

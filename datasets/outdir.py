@@ -3,6 +3,13 @@
 A dataset is written into a staging folder beside its destination (same parent, so the final
 rename stays on one file system and is atomic) and renamed into place only once it is complete,
 profile included. A failed run removes its staging folder and leaves the destination as it was.
+
+An object-store destination (`s3://bucket/prefix`) has no rename: the dataset is staged in a
+local temporary folder, uploaded when complete to a staging prefix beside the destination, and
+copied into place inside the store, dataset.json last each time, so a prefix holds a dataset.json
+only once every part file is in place (readers refuse a prefix without one). An earlier dataset
+there (with --overwrite) is removed only once the new one is complete in the store, dataset.json
+first; if the final copy fails, the staging prefix still holds the complete new dataset.
 """
 
 from __future__ import annotations
@@ -11,14 +18,19 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from embshard.datasets.schema import SPEC_FILE
+from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, rmtree, upload
 from embshard.errors import DataError
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: StoragePath, overwrite: bool) -> None:
     """Raises unless `out` is absent, empty, or (with overwrite) an earlier dataset."""
+    if isinstance(out, RemotePath):
+        _check_remote_output(out, overwrite)
+        return
     if not out.exists():
         return
     if out.is_symlink():
@@ -31,6 +43,19 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise DataError(f"{out}: holds the current directory; run from outside it or name a new folder")
     if not any(out.iterdir()):
         return
+    _check_replaceable(out, overwrite)
+
+
+def _check_remote_output(out: RemotePath, overwrite: bool) -> None:
+    if "/" not in out.path:
+        # A dataset is staged beside its destination, and a bucket has nothing beside it.
+        raise DataError(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/data")
+    check_reachable(out)
+    if any(out.iterdir()):
+        _check_replaceable(out, overwrite)
+
+
+def _check_replaceable(out: StoragePath, overwrite: bool) -> None:
     if not overwrite:
         raise DataError(f"{out}: not empty; pass --overwrite to replace the dataset there")
     # --overwrite pointed at the wrong folder (a home directory, a checkout) must not wipe it.
@@ -39,7 +64,9 @@ def check_output(out: Path, overwrite: bool) -> None:
                         f"refusing to replace it, even with --overwrite")
 
 
-def make_staging(out: Path) -> Path:
+def make_staging(out: StoragePath) -> Path:
+    if isinstance(out, RemotePath):
+        return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
     out = out.absolute()  # `--out .` has no name and its parent is itself
     out.parent.mkdir(parents=True, exist_ok=True)
     # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
@@ -48,9 +75,13 @@ def make_staging(out: Path) -> Path:
     return staging
 
 
-def publish(staging: Path, out: Path, overwrite: bool) -> None:
+def publish(staging: Path, out: StoragePath, overwrite: bool) -> None:
     """Renames the complete `staging` folder to `out`; an earlier dataset there goes only after that."""
     check_output(out, overwrite)  # again: `out` may have changed during a long conversion
+    if isinstance(out, RemotePath):
+        _upload(staging, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     out = out.absolute()
     if not out.exists():
         staging.rename(out)
@@ -66,3 +97,19 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if old.exists():
         print(f"warning: {old}: could not remove the replaced dataset; delete it by hand", file=sys.stderr)
+
+
+def _upload(staging: Path, out: RemotePath) -> None:
+    """Upload the complete local dataset `staging` and copy it into `out` (see the module doc)."""
+    uploaded = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    upload(staging, uploaded, marker=SPEC_FILE)
+    try:
+        if (out / SPEC_FILE).exists():
+            # check_output found a dataset here and --overwrite: first make it no dataset, so that a
+            # failure below leaves a prefix readers refuse rather than a mix of old and new parts.
+            (out / SPEC_FILE).unlink()
+            rmtree(out)
+        uploaded.rename(out, marker=SPEC_FILE)
+    except BaseException:
+        print(f"warning: the complete new dataset is at {uploaded}", file=sys.stderr)
+        raise

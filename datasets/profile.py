@@ -9,6 +9,7 @@ Layout::
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids
+from embshard.datasets.storage import StoragePath, arrow_source, location
 from embshard.datasets.verify import verify_split
 from embshard.errors import DataError
 
@@ -35,7 +37,7 @@ class FeatureStats:
 
 @dataclass
 class Profile:
-    directory: Path  # DIR/profile
+    directory: StoragePath  # DIR/profile
     stats: dict[str, FeatureStats]
     _counts: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -48,7 +50,8 @@ class Profile:
         if name not in self.stats:
             raise DataError(f"{self.directory / PROFILE_FILE}: no feature {name!r}")
         if name not in self._counts:
-            self._counts[name] = np.load(self.directory / f"{name}.npy")
+            # Whole file first: np.load seeks, and an object-store stream reads best in one go.
+            self._counts[name] = np.load(io.BytesIO((self.directory / f"{name}.npy").read_bytes()))
         return self._counts[name]
 
     def pooling_factor(self, name: str) -> float:
@@ -66,7 +69,8 @@ def write_profile(dataset_dir: str | Path) -> Profile:
     total_groups = sum(meta.num_row_groups for _, meta in parts)
     with tqdm(total=total_groups, desc="profile", unit="row groups", leave=False) as bar:
         for path in files:
-            parquet = pq.ParquetFile(path)
+            fs, source = arrow_source(path)
+            parquet = pq.ParquetFile(source, filesystem=fs)
             rows_in_file = 0
             for g in range(parquet.num_row_groups):
                 table = parquet.read_row_group(g, columns=spec.sparse_names)
@@ -77,11 +81,12 @@ def write_profile(dataset_dir: str | Path) -> Profile:
                 rows += table.num_rows
                 rows_in_file += table.num_rows
                 bar.update()
-    directory = Path(dataset_dir) / PROFILE_DIR
+    directory = location(dataset_dir) / PROFILE_DIR
     directory.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name, c in counts.items():
-        np.save(directory / f"{name}.npy", c)
+        with (directory / f"{name}.npy").open("wb") as out:
+            np.save(out, c)
         total = int(c.sum())
         stats[name] = FeatureStats(rows, total, int(np.count_nonzero(c)), total / rows if rows else 0.0)
     (directory / PROFILE_FILE).write_text(
@@ -90,7 +95,7 @@ def write_profile(dataset_dir: str | Path) -> Profile:
 
 
 def load_profile(dataset_dir: str | Path) -> Profile:
-    directory = Path(dataset_dir) / PROFILE_DIR
+    directory = location(dataset_dir) / PROFILE_DIR
     path = directory / PROFILE_FILE
     if not path.is_file():
         raise DataError(f"{path}: no id-frequency profile; run `embshard data profile {dataset_dir}`")

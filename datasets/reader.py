@@ -28,6 +28,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
+from embshard.datasets.storage import StoragePath, arrow_source
 from embshard.datasets.verify import verify_split
 from embshard.errors import ConfigError, DataError
 
@@ -50,7 +51,7 @@ class Batch:
 
 @dataclass(frozen=True)
 class _RowGroup:
-    path: Path
+    path: StoragePath
     index: int  # row group index within the file
     first_row: int  # file row of the group's first row (error messages name file rows)
     rows: int
@@ -224,7 +225,7 @@ class ParquetBatchReader:
             return False
 
         try:
-            files: dict[Path, pq.ParquetFile] = {}
+            files: dict[StoragePath, pq.ParquetFile] = {}
             skip_rows = skip_batches * self.batch_size
             pending: list[pa.Table] = []
             pending_rows = 0
@@ -239,7 +240,8 @@ class ParquetBatchReader:
                     continue
                 group = piece.group
                 if group.path not in files:
-                    files[group.path] = pq.ParquetFile(group.path)
+                    fs, source = arrow_source(group.path)
+                    files[group.path] = pq.ParquetFile(source, filesystem=fs)
                 table = self._load(files[group.path], group, epoch)
                 table = table.slice(piece.start + skip_rows, piece.rows - skip_rows)
                 skip_rows = 0
@@ -312,7 +314,7 @@ class ParquetBatchReader:
         )
 
 
-def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema, extra: list[str]) -> None:
+def _check_schema(path: StoragePath, actual: pa.Schema, expected: pa.Schema, extra: list[str]) -> None:
     for field in expected:
         i = actual.get_field_index(field.name)
         if i < 0:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embshard.datasets.storage import StoragePath, check_reachable, location
 from embshard.errors import DataError
 
 SPEC_FILE = "dataset.json"
@@ -85,19 +86,20 @@ class DatasetSpec:
             fields.append(pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64()))
         return pa.schema(fields)
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / SPEC_FILE
+    def save(self, directory: str | Path) -> StoragePath:
+        path = location(directory) / SPEC_FILE
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
         return path
 
     @staticmethod
     def load(directory: str | Path) -> "DatasetSpec":
-        directory = Path(directory)
-        path = directory / SPEC_FILE
-        if not directory.exists():
-            raise DataError(f"{directory}: dataset directory not found")
+        where = location(directory)
+        check_reachable(where)
+        path = where / SPEC_FILE
+        if not where.exists():
+            raise DataError(f"{where}: dataset directory not found")
         if not path.is_file():
-            raise DataError(f"{path}: missing (is {directory} a dataset written by `embshard data`?)")
+            raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
         try:
             raw = json.loads(path.read_text())
             if raw.get("version") != SPEC_VERSION:
@@ -115,10 +117,10 @@ class DatasetSpec:
             raise DataError(f"{where}: malformed dataset spec ({e})") from None
 
 
-def split_dir(directory: str | Path, split: str) -> Path:
+def split_dir(directory: str | Path, split: str) -> StoragePath:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
-    return Path(directory) / split
+    return location(directory) / split
 
 
 def flat_ids(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -132,7 +134,7 @@ def flat_ids(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray
     return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 
 
-def check_ids(path: str | Path, column: str, ids: np.ndarray, cardinality: int, *,
+def check_ids(path: str | StoragePath, column: str, ids: np.ndarray, cardinality: int, *,
               offsets: np.ndarray | None = None, first_row: int = 0) -> None:
     """Raises DataError naming file, column, row and value of the first id outside [0, cardinality)."""
     if ids.size == 0 or (ids.min() >= 0 and ids.max() < cardinality):

@@ -1,4 +1,4 @@
-"""Is a dataset folder whole? Every split's part files are checked against dataset.json from
+"""Is a dataset folder (or object-store prefix) whole? Every split's part files are checked against dataset.json from
 Parquet footers alone (no data read), so a missing, stray or truncated part file is an error
 instead of training quietly on fewer rows."""
 
@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embshard.datasets.schema import PART_PATTERN, SPEC_FILE, SPLITS, DatasetSpec, part_name, split_dir
+from embshard.datasets.storage import StoragePath, arrow_source
 from embshard.errors import DataError
 
 
@@ -20,12 +21,13 @@ def verify_dataset(dataset_dir: str | Path) -> None:
         verify_split(dataset_dir, spec, split)
 
 
-def verify_split(dataset_dir: str | Path, spec: DatasetSpec, split: str) -> list[tuple[Path, pq.FileMetaData]]:
+def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
+                 split: str) -> list[tuple[StoragePath, pq.FileMetaData]]:
     """The split's part files with their footers, in part order, after checking them against `spec`."""
     directory = split_dir(dataset_dir, split)
     if not directory.is_dir():
         raise DataError(f"{directory}: split directory not found")
-    files = sorted(directory.glob(PART_PATTERN))
+    files: list[StoragePath] = sorted(directory.glob(PART_PATTERN), key=str)
     if not files:
         raise DataError(f"{directory}: no {PART_PATTERN} files")
     recorded = spec.parts.get(split)
@@ -35,14 +37,15 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec, split: str) -> list
             if not path.is_file():
                 raise DataError(f"{path}: missing; {SPEC_FILE} records {len(recorded)} part files "
                                 f"for split {split!r}")
-        stray = sorted(set(files) - set(expected))
+        stray = sorted(set(files) - set(expected), key=str)
         if stray:
             raise DataError(f"{stray[0]}: not recorded in {SPEC_FILE} ({len(recorded)} part files for "
                             f"split {split!r}); left over from another dataset?")
     found = []
     for i, path in enumerate(files):
         try:
-            meta = pq.read_metadata(path)
+            fs, source = arrow_source(path)
+            meta = pq.read_metadata(source, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         if recorded is not None and meta.num_rows != recorded[i]:

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from embshard.datasets.outdir import check_output, make_staging, publish
 from embshard.datasets.profile import write_profile
-from embshard.datasets.schema import OOV_ID, SPLITS, DatasetSpec, flat_ids, part_name, split_dir
+from embshard.datasets.schema import OOV_ID, SPLITS, DatasetSpec, flat_ids, part_name
+from embshard.datasets.storage import location
 from embshard.errors import DataError
 
 # Readers split work across ranks by row group, so groups must be small enough to balance ranks
@@ -151,7 +152,7 @@ class DatasetWriter:
     def __init__(self, out_dir: str | Path, schema: pa.Schema, *, overwrite: bool = False,
                  label: str = "label", total_rows: int | None = None, desc: str = "writing",
                  oov_features: Sequence[str] = ()) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = location(out_dir)
         self.schema = schema
         self.label = label
         self.overwrite = overwrite
@@ -159,7 +160,7 @@ class DatasetWriter:
         self.staging = make_staging(self.out_dir)
         self.splits: dict[str, _SplitWriter] = {}
         for split in SPLITS:
-            d = split_dir(self.staging, split)
+            d = self.staging / split
             d.mkdir()
             self.splits[split] = _SplitWriter(d, schema)
         self.stats = {split: SplitStats() for split in SPLITS}

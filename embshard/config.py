@@ -19,6 +19,7 @@ from embshard.planner.rounding import RoundingRule, width_problem
 from embshard.typed_config import load_yaml
 
 if TYPE_CHECKING:
+    from embshard.datasets.storage import StoragePath
     from embshard.planner.topology import TopologySpec
 
 SparseOptimizer = Literal["sgd", "rowwise_adagrad", "adagrad", "adam"]
@@ -371,7 +372,7 @@ class CheckpointConfig:
     """
 
     enabled: bool = True  # false: no checkpoints are written or resumed
-    dir: str | None = None  # None = <output_dir>/checkpoints
+    dir: str | None = None  # None = <output_dir>/checkpoints; or an object-store URI (s3://bucket/prefix)
     every_steps: int | None = None  # None = only at the end (and on SIGTERM)
     keep: int = 2  # the newest K complete checkpoints are kept
     on_sigterm: bool = True  # on SIGTERM or Ctrl-C: finish the step, checkpoint, stop cleanly
@@ -390,6 +391,7 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker
     address: str | None = None  # None = start a local Ray in-process
     max_failures: int = 0  # worker-group restarts Ray Train may do
+    storage: str | None = None  # Ray Train's run storage; None = <output_dir>/ray, or a URI (s3://bucket/ray)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -421,8 +423,11 @@ class JobConfig:
         return Path(self.output_dir) / "plan"
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
+    def checkpoint_dir(self) -> StoragePath:
+        """A local Path, or a RemotePath for an object-store URI (checkpoint.dir: s3://...)."""
+        from embshard.datasets.storage import location  # pyarrow.fs only once a checkpoint is near
+
+        return location(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
 
     @property
     def pep_dir(self) -> Path:

@@ -15,6 +15,11 @@ class DataError(EmbshardError):
     """Input data is missing or malformed; the message names the file, column and row."""
 
 
+class StorageError(EmbshardError):
+    """Object storage refused or could not be reached (missing bucket, credentials, endpoint);
+    the message names the URI."""
+
+
 class PlanError(EmbshardError):
     """A dimension or shard plan cannot be built (infeasible budget, topology too small, ...)."""
 

@@ -6,10 +6,12 @@ blocks are contiguous ranges of those ranked rows. It is stored as `.npy` next t
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
+from embshard.datasets.storage import StoragePath
 from embshard.errors import PlanError
 
 
@@ -53,11 +55,12 @@ def save_remap(out_dir: Path | None, table: str, remap: np.ndarray) -> str:
     return name
 
 
-def load_remap(path: Path, num_embeddings: int) -> np.ndarray:
+def load_remap(path: StoragePath, num_embeddings: int) -> np.ndarray:
     if not path.is_file():
         raise PlanError(f"{path}: remap file not found")
     try:
-        remap = np.load(path, allow_pickle=False)
+        # Bytes first: the plan folder of a checkpoint may be in object storage (a RemotePath).
+        remap = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except (ValueError, OSError) as e:
         raise PlanError(f"{path}: not a .npy array ({e})") from None
     return check_remap(remap, num_embeddings, str(path))

@@ -66,3 +66,24 @@ def predict(model, dense, sparse):
     from embshard.datasets.reader import Batch
 
     return model(Batch(dense, sparse, dense.new_zeros(dense.shape[0]), {}))[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server_session(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3 server in its own process (see s3_server.py), shared by a session's tests."""
+    from s3_server import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("moto") / "server.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server_session, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
+    """The S3 server's variables in this process's environment and a fresh bucket named after the test."""
+    from s3_server import S3Bucket
+
+    for name, value in s3_server_session.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    s3_server_session.client().create_bucket(Bucket=bucket)
+    return S3Bucket(s3_server_session, bucket)

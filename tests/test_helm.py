@@ -356,16 +356,38 @@ def test_dashboard_configmap_is_the_one_dashboard(rendered) -> None:
         "deploy/grafana/embshard.json must be a link to the chart's dashboard, not a second copy"
 
 
-def test_object_store_uri_replaces_pvc() -> None:
+def test_object_store_holds_data_and_checkpoints() -> None:
+    """URIs go to data.path and checkpoint.dir; the run folder, which the head and the workers
+    share (plan.json, summary.json), stays on the volume; the credentials Secret reaches every
+    Ray container as environment variables."""
     docs = render({"checkpoints": {"uri": "s3://bucket/embshard"}, "metrics": {"podMonitor": {"enabled": False}},
+                   "objectStorage": {"dataUri": "s3://bucket/criteo", "credentialsSecret": "s3-creds",
+                                     "endpoint": "http://minio.storage:9000", "region": "eu-west-1"},
                    "dashboard": {"enabled": False}, "workers": {"gpusPerWorker": 0}, "auth": {"secretName": "tok"}})
-    assert not by_kind(docs, "PersistentVolumeClaim")
+    assert by_kind(docs, "PersistentVolumeClaim")
     assert not by_kind(docs, "PodMonitor")
     (cm,) = by_kind(docs, "ConfigMap")
-    assert yaml.safe_load(cm["data"]["config.yaml"])["output_dir"] == "s3://bucket/embshard"
+    cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    assert cfg["checkpoint"]["dir"] == "s3://bucket/embshard" and cfg["data"]["path"] == "s3://bucket/criteo"
+    assert cfg["output_dir"] == "/checkpoints/demo" and cfg["train"]["batch_size"] == 8192
     job = the(docs, "RayJob")
     assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "tok"}
     c = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
-    assert all(m["name"] != "checkpoints" for m in c["volumeMounts"])
+    for name, tpl in pod_templates(job).items():
+        if name == "submitter":
+            continue
+        (container,) = [x for x in tpl["spec"]["containers"] if x["name"].startswith("ray-")]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}], name
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["AWS_ENDPOINT_URL"] == "http://minio.storage:9000" and env["AWS_REGION"] == "eu-west-1", name
+        kube_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": tpl["spec"]})
     check_against(job, crd_schema("ray.io_rayjobs.yaml"), "RayJob")
+
+
+def test_no_object_storage_means_no_credentials() -> None:
+    job = the(render(), "RayJob")
+    for tpl in pod_templates(job).values():
+        for container in tpl["spec"]["containers"]:
+            assert "envFrom" not in container
+            assert not [e for e in container.get("env", []) if e["name"].startswith("AWS_")]

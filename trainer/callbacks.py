@@ -16,6 +16,7 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 from tqdm import tqdm
 
+from embshard.datasets.storage import StoragePath
 from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.metrics import WorkerMetrics
@@ -113,7 +114,7 @@ class CheckpointCallback(Callback):
         self.guard = guard
         self.metrics = metrics
         self.saved_step: int | None = None
-        self.last_path: Path | None = None
+        self.last_path: StoragePath | None = None
 
     def on_step(self, info: StepInfo) -> None:
         preempted = self.guard is not None and self.guard.any_rank_signalled()

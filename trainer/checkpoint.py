@@ -35,13 +35,13 @@ the layout the model has, so a transform that changes the layout needs a matchin
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import pickle
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, cast
@@ -53,12 +53,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from embshard.errors import EmbshardError, first_line
+from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, relative, rmtree
+from embshard.errors import EmbshardError, StorageError, first_line
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
     DamagedCheckpoint,
-    SafeFileSystemReader,
     SafeLoadPlanner,
+    checkpoint_reader,
+    checkpoint_writer,
     verify,
     verify_collective,
     write_manifest,
@@ -113,62 +115,64 @@ def step_dir_name(step: int) -> str:
 class CheckpointManager:
     """Save, find, validate, load and prune the checkpoints of one run in `directory`."""
 
-    def __init__(self, directory: str | Path, keep: int = 2,
+    def __init__(self, directory: str | StoragePath, keep: int = 2,
                  before_save: list[StateTransform] | None = None,
                  before_load: list[StateTransform] | None = None,
                  after_load: list[StateTransform] | None = None) -> None:
         """The transforms map a model state dict to another (MLET registers its collapse as
         `before_save`, the matching n x d template as `before_load` and the rebuild of W1 as
         `after_load`), so a checkpoint holds what serving needs, not the training factorisation."""
-        self.directory = Path(directory)
+        self.directory = location(directory)
         self.keep = keep
         self.before_save: list[StateTransform] = list(before_save or [])
         self.before_load: list[StateTransform] = list(before_load or [])
         self.after_load: list[StateTransform] = list(after_load or [])
-        self.rejected: list[tuple[Path, str]] = []  # what the last `select` passed over, and why
+        self.rejected: list[tuple[StoragePath, str]] = []  # what the last `select` passed over, and why
 
     # -- save (collective) ---------------------------------------------------------------------
 
     def save(self, progress: Progress, model: nn.Module, optimizer: KeyedOptimizer,
-             config: Mapping[str, Any], plan_dir: Path) -> Path:
+             config: Mapping[str, Any], plan_dir: Path) -> StoragePath:
         """Write a checkpoint of step `progress.step` on every rank; returns the final folder."""
         rank = dist.get_rank()
         final = self.directory / step_dir_name(progress.step)
         tmp = final.with_name(final.name + ".tmp")
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            rmtree(tmp)  # this run's own unfinished write of the same step
             tmp.mkdir(parents=True)
         dist.barrier()
         model_state = model.state_dict()
         for transform in self.before_save:
             model_state = transform(model_state)
-        dcp.save({"model": model_state, "optim": optimizer.state_dict()}, checkpoint_id=tmp)
-        torch.save(_rng_state(), tmp / f"rank-{rank:05d}.pt")
+        dcp.save({"model": model_state, "optim": optimizer.state_dict()}, storage_writer=checkpoint_writer(tmp))
+        with (tmp / f"rank-{rank:05d}.pt").open("wb") as f:
+            torch.save(_rng_state(), f)
         dist.barrier()  # every rank's files are in place before they are hashed
         if rank == 0:
             _write_json(tmp / PROGRESS, asdict(progress))
             _write_json(tmp / CONFIG, dict(config))
-            shutil.copytree(plan_dir, tmp / PLAN_DIR)
+            copytree(plan_dir, tmp / PLAN_DIR)
         dist.barrier()
         manifest = write_manifest(tmp, progress.step)
         if rank == 0:
             _write_json(tmp / MANIFEST, manifest)
             if final.exists():  # a step reached again (after resuming from an older one): keep it
                 log.warning("checkpoint %s: already exists, kept as %s", final, set_aside(final, ".superseded"))
-            tmp.rename(final)
-            _fsync_dir(self.directory)
+            move(tmp, final, marker=MANIFEST)
+            if isinstance(self.directory, Path):
+                _fsync_dir(self.directory)
             self._prune()
         dist.barrier()
         return final
 
     def _prune(self) -> None:
         for old in complete_checkpoints(self.directory)[self.keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+            rmtree(old)
 
     # -- load (collective) ---------------------------------------------------------------------
 
-    def load_latest(self, model: nn.Module, optimizer: KeyedOptimizer, candidates: list[Path],
-                    set_damaged_aside: bool = True) -> tuple[Path, Progress] | None:
+    def load_latest(self, model: nn.Module, optimizer: KeyedOptimizer, candidates: list[StoragePath],
+                    set_damaged_aside: bool = True) -> tuple[StoragePath, Progress] | None:
         """Collective. Load the newest candidate that verifies on every rank; None when none does
         (then nothing was loaded). `set_damaged_aside`: rename failed candidates to
         `step-N.damaged` (this run's own folder) instead of only naming them (another run's)."""
@@ -177,7 +181,7 @@ class CheckpointManager:
             return None
         return path, self.load(path, model, optimizer)
 
-    def select(self, candidates: list[Path], set_damaged_aside: bool = True) -> Path | None:
+    def select(self, candidates: list[StoragePath], set_damaged_aside: bool = True) -> StoragePath | None:
         """Collective: the newest candidate whose files verify on every rank (see the module doc)."""
         self.rejected = []
         for path in candidates:
@@ -191,10 +195,10 @@ class CheckpointManager:
             dist.barrier()  # the rename is done before any rank looks at the next candidate
         return None
 
-    def load(self, path: Path, model: nn.Module, optimizer: KeyedOptimizer) -> Progress:
+    def load(self, path: StoragePath, model: nn.Module, optimizer: KeyedOptimizer) -> Progress:
         """Collective: load a verified checkpoint. Ranks agree after each stage, so a failure on
         one rank raises CheckpointError on all of them (no rank waits in a collective alone)."""
-        reader = SafeFileSystemReader(path)
+        reader = checkpoint_reader(path)
         state: dict[str, Any] = {}
 
         def prepare() -> None:
@@ -218,7 +222,7 @@ class CheckpointManager:
             rng = path / f"rank-{dist.get_rank():05d}.pt"
             if state["progress"].world_size == dist.get_world_size() and rng.is_file():
                 try:
-                    _set_rng_state(torch.load(rng, weights_only=True))
+                    _set_rng_state(torch.load(io.BytesIO(rng.read_bytes()), weights_only=True))
                 except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
                     # RNG states are optional (another world size has none); checkpoints written
                     # before they were plain tensors hold a numpy array weights_only refuses.
@@ -232,7 +236,7 @@ class CheckpointManager:
         return state["progress"]
 
 
-def _agreed(path: Path, what: str, stage: Callable[[], None]) -> None:
+def _agreed(path: StoragePath, what: str, stage: Callable[[], None]) -> None:
     """Run one stage of a load on every rank; raise CheckpointError on all of them if it failed on any."""
     error: str | None = None
     try:
@@ -249,7 +253,7 @@ def _agreed(path: Path, what: str, stage: Callable[[], None]) -> None:
         raise CheckpointError(f"checkpoint {path} {what} (rank {rank}: {first}); it was left as it is")
 
 
-def _check_shapes(path: Path, model_state: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+def _check_shapes(path: StoragePath, model_state: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
     """A model built differently from the saved one (another dense arch, dims, dataset) is named
     here, before DCP would fail with its own size-mismatch traceback."""
     wrong = [f"{key}: saved {list(saved[f'model.{key}'].size)}, this run {list(value.size())}"
@@ -262,16 +266,18 @@ def _check_shapes(path: Path, model_state: Mapping[str, Any], saved: Mapping[str
                               f"train with the checkpoint's config or into a new output_dir")
 
 
-def set_aside(path: Path, suffix: str) -> Path:
-    """Rename a checkpoint folder out of the way of resume and pruning; never overwrites."""
+def set_aside(path: StoragePath, suffix: str) -> StoragePath:
+    """Rename a checkpoint folder out of the way of resume and pruning; never overwrites. In
+    object storage the "rename" copies every object it can read, then deletes the originals; an
+    object it cannot read stops it before anything is deleted."""
     target, n = path.with_name(path.name + suffix), 1
     while target.exists():
         target, n = path.with_name(f"{path.name}{suffix}-{n}"), n + 1
-    path.rename(target)
+    move(path, target, marker=MANIFEST)
     return target
 
 
-def complete_checkpoints(directory: Path) -> list[Path]:
+def complete_checkpoints(directory: StoragePath) -> list[StoragePath]:
     """Finished checkpoint folders (renamed from .tmp), newest first; not yet validated."""
     if not directory.is_dir():
         return []
@@ -280,10 +286,10 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def resolve_source(path: str | Path) -> list[Path]:
+def resolve_source(path: str | StoragePath) -> list[StoragePath]:
     """A `--resume` argument -> candidate folders, newest first: a step folder itself, or the
     complete checkpoints inside a checkpoint directory."""
-    path = Path(path)
+    path = location(path)
     if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
         return [path]
     found = complete_checkpoints(path)
@@ -292,22 +298,23 @@ def resolve_source(path: str | Path) -> list[Path]:
     return found
 
 
-def problem(path: Path, every_file: bool = False) -> str | None:
+def problem(path: StoragePath, every_file: bool = False) -> str | None:
     """Why a checkpoint folder cannot be used in this one process, or None. Checks the layout and
     the hashes of the files the driver reads, or of `every_file` (export reads them all); a
     training run's workers verify every file together (`CheckpointManager.select`)."""
-    plan_files = [str(p.relative_to(path)) for p in (path / PLAN_DIR).rglob("*") if p.is_file()]
+    plan_files = [relative(p, path) for p in (path / PLAN_DIR).rglob("*") if p.is_file()]
     try:
         verify(path, None if every_file else [*DRIVER_FILES, *plan_files])
-    except (DamagedCheckpoint, OSError) as e:
+    except (DamagedCheckpoint, OSError, StorageError) as e:
         return str(e)
     return None
 
 
-def first_usable(candidates: list[Path], every_file: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+def first_usable(candidates: list[StoragePath],
+                 every_file: bool = False) -> tuple[StoragePath | None, list[tuple[StoragePath, str]]]:
     """The newest candidate that passes `problem` (None: none does), and why each newer one did
     not; a warning names every one skipped. Candidates older than the answer are not read."""
-    rejected: list[tuple[Path, str]] = []
+    rejected: list[tuple[StoragePath, str]] = []
     for path in candidates:
         why = problem(path, every_file)
         if why is None:
@@ -317,7 +324,7 @@ def first_usable(candidates: list[Path], every_file: bool = False) -> tuple[Path
     return None, rejected
 
 
-def newest_verified(source: str | Path) -> Path:
+def newest_verified(source: str | StoragePath) -> StoragePath:
     """One process: the newest checkpoint at `source` whose every file verifies (export reads them
     all); CheckpointError saying why each one failed."""
     path, rejected = first_usable(resolve_source(source), every_file=True)
@@ -326,7 +333,7 @@ def newest_verified(source: str | Path) -> Path:
     return path
 
 
-def rejected_text(rejected: list[tuple[Path, str]]) -> str:
+def rejected_text(rejected: list[tuple[StoragePath, str]]) -> str:
     return "; ".join(f"{path.name}: {why}" for path, why in rejected)
 
 
@@ -342,7 +349,10 @@ def _init_lazy_state(optimizer: KeyedOptimizer) -> None:
             part.init_state()
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def _write_json(path: StoragePath, payload: Any) -> None:
+    if isinstance(path, RemotePath):  # an object appears whole when its upload completes
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+        return
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")

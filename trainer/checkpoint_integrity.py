@@ -28,11 +28,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
-from embshard.errors import EmbshardError, first_line
+from embshard.datasets.storage import StoragePath, relative
+from embshard.errors import EmbshardError, StorageError, first_line
 
 MANIFEST = "manifest.json"
 # 1: sizes only (older checkpoints; accepted, verified by size); 2: sizes and SHA-256.
@@ -46,9 +48,9 @@ class FileEntry:
     sha256: str | None  # None in version-1 manifests
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: StoragePath) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -73,12 +75,12 @@ def _gather(local: Any) -> list[Any]:
     return out
 
 
-def write_manifest(folder: Path, step: int) -> dict[str, Any]:
+def write_manifest(folder: StoragePath, step: int) -> dict[str, Any]:
     """Collective: every rank hashes its share of the folder's files; returns the manifest (rank 0
     writes it). Called once every file is in place, so the manifest is the last thing written."""
     # One listing, rank 0's: on shared storage another rank's listing may lag, and shares computed
     # from different lists would leave some file unhashed.
-    listed: list[Any] = [sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+    listed: list[Any] = [sorted(relative(p, folder) for p in folder.rglob("*")
                                 if p.is_file() and p.name != MANIFEST) if _rank() == 0 else None]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(listed, src=0)
@@ -92,7 +94,7 @@ def write_manifest(folder: Path, step: int) -> dict[str, Any]:
     return {"version": MANIFEST_VERSION, "step": step, "written_at": time.time(), "files": dict(sorted(files.items()))}
 
 
-def read_manifest(folder: Path) -> dict[str, FileEntry]:
+def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
     """The manifest's file list; raises DamagedCheckpoint when it is missing or unreadable."""
     path = folder / MANIFEST
     if not path.is_file():
@@ -109,7 +111,7 @@ class DamagedCheckpoint(EmbshardError):
     """Why a checkpoint folder fails verification (the message names the file)."""
 
 
-def check_layout(folder: Path) -> dict[str, FileEntry]:
+def check_layout(folder: StoragePath) -> dict[str, FileEntry]:
     """Every listed file exists with its size, and no unlisted file would be read (cheap: no hashing)."""
     files = read_manifest(folder)
     for name, entry in files.items():
@@ -120,13 +122,13 @@ def check_layout(folder: Path) -> dict[str, FileEntry]:
             raise DamagedCheckpoint(f"{name} has {f.stat().st_size} bytes, the manifest says {entry.size}")
     # An unlisted .metadata or .pt would be unpickled without a hash having vouched for it.
     for f in folder.rglob("*"):
-        name = str(f.relative_to(folder))
+        name = relative(f, folder)
         if f.is_file() and name != MANIFEST and name not in files and f.suffix in (".metadata", ".pt", ".distcp"):
             raise DamagedCheckpoint(f"{name} is not in the manifest")
     return files
 
 
-def check_contents(folder: Path, files: dict[str, FileEntry], names: Iterable[str]) -> None:
+def check_contents(folder: StoragePath, files: dict[str, FileEntry], names: Iterable[str]) -> None:
     for name in names:
         if name not in files:
             raise DamagedCheckpoint(f"{name} is not in the manifest")
@@ -135,20 +137,20 @@ def check_contents(folder: Path, files: dict[str, FileEntry], names: Iterable[st
             raise DamagedCheckpoint(f"{name}: content differs from the manifest's SHA-256")
 
 
-def verify(folder: Path, names: Iterable[str] | None = None) -> None:
+def verify(folder: StoragePath, names: Iterable[str] | None = None) -> None:
     """One process: the layout, and the hashes of `names` (None: every file)."""
     files = check_layout(folder)
     check_contents(folder, files, files if names is None else names)
 
 
-def verify_collective(folder: Path) -> str | None:
+def verify_collective(folder: StoragePath) -> str | None:
     """Collective: None when the layout holds on every rank and every file's hash matches (each rank
     hashes its share), else the first reason found on any rank. Every rank gets the same answer."""
     why: str | None = None
     try:
         files = check_layout(folder)
         check_contents(folder, files, _my_share(sorted(files)))
-    except (DamagedCheckpoint, OSError) as e:
+    except (DamagedCheckpoint, OSError, StorageError) as e:
         why = str(e)
     return next((w for w in _gather(why) if w is not None), None)
 
@@ -176,13 +178,17 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of DCP metadata")
 
 
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader whose metadata unpickler admits only DCP's own metadata classes."""
+class _SafeMetadata:
+    """read_metadata for DCP's readers: the metadata unpickler admits only DCP's own classes."""
+
+    fs: Any
+    path: Any
+    load_id: str
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
-        path = Path(self.path) / ".metadata"
+        path = self.fs.concat_path(self.path, ".metadata")
         try:
-            with open(path, "rb") as f:
+            with self.fs.create_stream(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
             raise DamagedCheckpoint(f"{path}: not a DCP metadata file ({e})") from None
@@ -193,6 +199,24 @@ class SafeFileSystemReader(FileSystemReader):
             storage = metadata.storage_meta = dcp_metadata.StorageMeta()
         storage.load_id = self.load_id
         return metadata
+
+
+class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    """DCP's FileSystemReader whose metadata unpickler admits only DCP's own metadata classes."""
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """The same over fsspec (a checkpoint in object storage: s3://, gs://, ...)."""
+
+
+def checkpoint_reader(path: StoragePath) -> FileSystemReader:
+    """DCP's reader for a local folder or an object-store prefix, with the safe metadata unpickler."""
+    return SafeFileSystemReader(path) if isinstance(path, Path) else SafeFsspecReader(str(path))
+
+
+def checkpoint_writer(path: StoragePath) -> FileSystemWriter:
+    """DCP's writer for a local folder, or (fsspec) for an object-store prefix."""
+    return FileSystemWriter(path) if isinstance(path, Path) else FsspecWriter(str(path))
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

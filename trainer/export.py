@@ -26,7 +26,7 @@ export is loaded: the model is rebuilt by it over the collapsed plan.
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.config import ModelConfig
 from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, copy_file, copytree, location, upload
 from embshard.errors import EmbshardError
 from embshard.planner.remap import load_remap
 from embshard.planner.types import DimensionPlan
@@ -51,7 +52,7 @@ from embshard.trainer.checkpoint import (
     PLAN_DIR,
     newest_verified,
 )
-from embshard.trainer.checkpoint_integrity import SafeFileSystemReader, SafeLoadPlanner
+from embshard.trainer.checkpoint_integrity import SafeLoadPlanner, checkpoint_reader
 from embshard.trainer.models import TrainModel, get_arch
 
 MANIFEST = "serving.json"
@@ -66,23 +67,34 @@ class ExportError(EmbshardError):
 
 def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
                    model_config: ModelConfig | None = None, spec: DatasetSpec | None = None,
-                   plan_dir: str | Path | None = None) -> Path | None:
+                   plan_dir: str | Path | None = None) -> StoragePath | None:
     """Write the serving model of `source` to `out_dir`; returns `out_dir` (None on ranks > 0).
 
     `source` is a checkpoint (a step-NNNNNN folder or a checkpoint directory: its newest good
     step; runs in one process) or a live model (a TrainModel, sharded or not, or the arch's
     model itself). A live model is collective on every rank of its process group and needs
     `model_config` and `spec` (what its arch is rebuilt from) and, when its plan reorders rows,
-    `plan_dir` (the folder of plan.json and the remap files)."""
+    `plan_dir` (the folder of plan.json and the remap files).
+
+    Either may be an object-store URI: the export is then written to a local temporary folder and
+    uploaded, serving.json last, into a prefix that is empty or holds an earlier export."""
+    out = location(out_dir)
+    if isinstance(out, RemotePath):
+        _check_remote_out(out)  # before minutes of loading, not after
     if isinstance(source, nn.Module):
         if model_config is None or spec is None:
             raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
-        return _export_live(source, Path(out_dir), model_config, spec, Path(plan_dir) if plan_dir else None)
-    return _export_checkpoint(Path(source), Path(out_dir))
+        return _export_live(source, out, model_config, spec, Path(plan_dir) if plan_dir else None)
+    return _export_checkpoint(location(source), out)
 
 
 def load_serving(directory: str | Path) -> ServingModel:
     """The exported model as a plain single-process module in eval mode (see the module docstring)."""
+    where = location(directory)
+    if isinstance(where, RemotePath):  # a few small files: read them from a local copy
+        with tempfile.TemporaryDirectory(prefix="embshard-serving-") as local:
+            copytree(where, Path(local))
+            return load_serving(local)
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -132,8 +144,8 @@ class ServingModel(nn.Module):
 
 # -- from a live model ---------------------------------------------------------------------------
 
-def _export_live(model: nn.Module, out_dir: Path, model_config: ModelConfig, spec: DatasetSpec,
-                 plan_dir: Path | None) -> Path | None:
+def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConfig, spec: DatasetSpec,
+                 plan_dir: Path | None) -> StoragePath | None:
     plan = _find(model, PlannedEmbeddingBags).plan
     state = model.state_dict()
     state.update(collapse_mlet_tables(model, state))
@@ -156,7 +168,7 @@ def _export_live(model: nn.Module, out_dir: Path, model_config: ModelConfig, spe
 
 # -- from a checkpoint ---------------------------------------------------------------------------
 
-def _export_checkpoint(source: Path, out_dir: Path) -> Path:
+def _export_checkpoint(source: StoragePath, out_dir: StoragePath) -> StoragePath:
     path = newest_verified(source)  # every file's hash, before DCP's metadata (a pickle) is read
     config = json.loads((path / CONFIG).read_text())
     plan_dir = path / PLAN_DIR
@@ -174,7 +186,7 @@ def _export_checkpoint(source: Path, out_dir: Path) -> Path:
     model = TrainModel(get_arch(model_config),
                        arch_model(without_mlet(plan) if collapsed_on_save else plan, spec, model_config))
     state = model.state_dict()
-    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    dcp.load({"model": state}, storage_reader=checkpoint_reader(path), planner=SafeLoadPlanner(), no_dist=True)
     if not collapsed_on_save:
         state.update(collapse_mlet_tables(model, state))
     weights = {_arch_key(k): v for k, v in state.items()}
@@ -185,12 +197,12 @@ def _arch_key(key: str) -> str:
     return key.removeprefix("model.")
 
 
-def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    metadata = SafeFileSystemReader(path).read_metadata()
+def _saved_shapes(path: StoragePath) -> dict[str, tuple[int, ...]]:
+    metadata = checkpoint_reader(path).read_metadata()
     return {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items() if hasattr(m, "size")}
 
 
-def _run_spec(config: dict[str, Any], path: Path) -> DatasetSpec:
+def _run_spec(config: dict[str, Any], path: StoragePath) -> DatasetSpec:
     """The dataset spec the run's arch was built from (its features and dense inputs)."""
     data = config.get("data", {}).get("path")
     try:
@@ -202,8 +214,15 @@ def _run_spec(config: dict[str, Any], path: Path) -> DatasetSpec:
 
 # -- writing -------------------------------------------------------------------------------------
 
-def _write(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], spec: DatasetSpec,
-           model_config: ModelConfig, plan_dir: Path | None, source: str) -> Path:
+def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Tensor], spec: DatasetSpec,
+           model_config: ModelConfig, plan_dir: StoragePath | None, source: str) -> StoragePath:
+    if isinstance(out_dir, RemotePath):
+        with tempfile.TemporaryDirectory(prefix="embshard-export-") as staging:
+            _write(Path(staging), plan, state, spec, model_config, plan_dir, source)
+            if (out_dir / MANIFEST).exists():  # an earlier export: no longer one while replaced
+                (out_dir / MANIFEST).unlink()
+            upload(Path(staging), out_dir, marker=MANIFEST)
+        return out_dir
     serving = without_mlet(plan)
     weights = {k: v for k, v in state.items() if not _is_mlet_w2(k, plan)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +236,7 @@ def _write(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], s
             raise ExportError(f"table {table.name!r} reorders its rows: export needs the plan folder "
                               f"holding {table.remap}")
         load_remap(plan_dir / table.remap, table.num_embeddings)  # validates before copying
-        shutil.copyfile(plan_dir / table.remap, out_dir / table.remap)
+        copy_file(plan_dir / table.remap, out_dir / table.remap)
         remaps.update({f: table.remap for f in table.features})
     manifest = {
         "version": EXPORT_VERSION,
@@ -237,6 +256,14 @@ def _write(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], s
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out_dir
+
+
+def _check_remote_out(out_dir: RemotePath) -> None:
+    """An object-store destination must be empty or an earlier export (replaced file by file)."""
+    check_reachable(out_dir)
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise ExportError(f"{out_dir}: not empty and holds no {MANIFEST}, so it is no export; "
+                          f"refusing to write into it")
 
 
 def _is_mlet_w2(key: str, plan: DimensionPlan) -> bool:

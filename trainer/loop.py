@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.storage import StoragePath
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
@@ -254,7 +255,7 @@ def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMet
 
 
 def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
-            fresh: Progress) -> tuple[Path | None, Progress]:
+            fresh: Progress) -> tuple[StoragePath | None, Progress]:
     """Load the newest good checkpoint of this run, else of `checkpoint.resume`, into the model,
     optimizer and reader; returns where it came from (None: a fresh start) and the progress."""
     candidates = complete_checkpoints(cfg.checkpoint_dir)

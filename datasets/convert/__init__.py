@@ -21,6 +21,7 @@ from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
 from embshard.datasets.outdir import check_output
 from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.storage import location
 from embshard.errors import DataError
 
 Kind = Literal["criteo", "avazu", "movielens"]
@@ -67,7 +68,7 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
         raise DataError("movielens: give one release folder (several inputs and --dedup-key are for "
                         "criteo and avazu)")
     # Before reading the input: a full Criteo pass takes minutes, a refusal should not.
-    check_output(Path(out_dir), overwrite)
+    check_output(location(out_dir), overwrite)
     options: _Options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
     if kind == "criteo":
         files = resolve_inputs(sources, kind)

@@ -51,17 +51,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- mul (int .Values.workers.replicas) (int (include "embshard.ranksPerWorker" .)) -}}
 {{- end -}}
 
-{{- define "embshard.useVolume" -}}
-{{- if not .Values.checkpoints.uri -}}true{{- end -}}
-{{- end -}}
-
-{{/* output_dir of the training run: a folder per release on the volume, or the object-store URI. */}}
+{{/* output_dir of the training run: a folder per release on the shared volume. It holds what the
+  driver (head) and the workers exchange (plan.json, summary.json, logs), so it stays a volume even
+  when the checkpoints and the data are in object storage. */}}
 {{- define "embshard.outputDir" -}}
-{{- if .Values.checkpoints.uri -}}
-{{- .Values.checkpoints.uri -}}
-{{- else -}}
 {{- printf "%s/%s" (.Values.checkpoints.mountPath | trimSuffix "/") .Release.Name -}}
-{{- end -}}
 {{- end -}}
 
 {{/* The training config as mounted: values.config with output_dir and metrics set by the chart. */}}
@@ -73,6 +67,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $metrics "bind" "0.0.0.0" -}}
 {{- $_ := set $cfg "metrics" $metrics -}}
 {{- $_ := set $cfg "output_dir" (include "embshard.outputDir" .) -}}
+{{- with .Values.checkpoints.uri -}}
+{{- $checkpoint := deepCopy (get $cfg "checkpoint" | default dict) -}}
+{{- $_ := set $checkpoint "dir" . -}}
+{{- $_ := set $cfg "checkpoint" $checkpoint -}}
+{{- end -}}
+{{- with .Values.objectStorage.dataUri -}}
+{{- $data := deepCopy (get $cfg "data" | default dict) -}}
+{{- $_ := set $data "path" . -}}
+{{- $_ := set $cfg "data" $data -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
@@ -81,11 +85,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: job-config
   configMap:
     name: {{ include "embshard.configMapName" . }}
-{{- if include "embshard.useVolume" . }}
 - name: checkpoints
   persistentVolumeClaim:
     claimName: {{ include "embshard.pvcName" . }}
-{{- end }}
 - name: ray-logs
   emptyDir: {}
 {{- end -}}
@@ -94,10 +96,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: job-config
   mountPath: {{ dir .Values.job.configPath }}
   readOnly: true
-{{- if include "embshard.useVolume" . }}
 - name: checkpoints
   mountPath: {{ .Values.checkpoints.mountPath }}
-{{- end }}
 - name: ray-logs
   mountPath: /tmp/ray
 {{- end -}}
@@ -107,6 +107,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ .Values.job.configPath | quote }}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+{{- with .Values.objectStorage.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.objectStorage.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The object-store credentials Secret as environment variables of the head and the workers. */}}
+{{- define "embshard.envFrom" -}}
+{{- with .Values.objectStorage.credentialsSecret }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
 {{- end -}}
 
 {{/* A NetworkPolicy namespace selector from {namespace, namespaceSelector}: the selector when set

@@ -1,0 +1,357 @@
+"""Where datasets, checkpoints and exports live: a local folder, or a prefix in object storage.
+
+`location(x)` turns a config value or `--out` argument into something that behaves like a
+`pathlib.Path`: a local path stays a real `Path` (so local behaviour is exactly what it was), a
+URI (`s3://bucket/prefix`, `gs://...`, anything `pyarrow.fs.FileSystem.from_uri` serves) becomes
+a `RemotePath` with the subset of `Path`'s methods the readers, writers and checkpoints use.
+
+Credentials and endpoint come from the environment, as the AWS SDK reads them: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (an S3-compatible
+server such as MinIO). Every failure of the store (missing bucket, refused credentials, an
+unreachable endpoint) is a `StorageError` of one line naming the URI.
+
+Object stores have no directories and no rename: a "directory" is a prefix, `mkdir` does nothing,
+and `rename` copies every object it could read and only then deletes the originals. Writers that
+must not leave half a result therefore write a marker object last (dataset.json, a checkpoint's
+manifest.json, serving.json), and readers refuse a prefix without it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Union, cast
+
+import pyarrow.fs as pafs
+
+from embshard.errors import StorageError
+
+
+def is_uri(value: str | os.PathLike[str]) -> bool:
+    """A `scheme://` location other than a plain local path (`file://` counts as local)."""
+    text = os.fspath(value)
+    return "://" in text and not text.startswith("file://")
+
+
+def location(value: "str | os.PathLike[str] | RemotePath") -> "StoragePath":
+    """A local `Path`, or a `RemotePath` for a URI."""
+    if isinstance(value, RemotePath):
+        return value
+    text = os.fspath(value)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return RemotePath(text) if is_uri(text) else Path(text)
+
+
+@dataclass(frozen=True)
+class _Stat:
+    st_size: int
+
+
+# AWS SDK error codes -> what the user can do about them.
+_REASONS = (
+    (re.compile(r"NO_SUCH_BUCKET|NoSuchBucket"), "the bucket does not exist"),
+    (re.compile(r"ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH|INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|"
+                r"AccessDenied|SignatureDoesNotMatch|Forbidden|\b403\b"),
+     "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"),
+    (re.compile(r"NETWORK_CONNECTION|Could not connect|Could not resolve|Connect timeout|"
+                r"Cannot connect|ConnectionRefused|EndpointConnectionError"),
+     "cannot reach the storage endpoint (check AWS_ENDPOINT_URL / the network)"),
+)
+
+
+def reason(error: BaseException) -> str:
+    """One line saying why a storage call failed."""
+    text = str(error)
+    for pattern, why in _REASONS:
+        if pattern.search(text):
+            return why
+    lines = text.strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class RemotePath:
+    """A key prefix in object storage, with the `Path` methods embshard uses (see module doc)."""
+
+    def __init__(self, uri: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        # Resolved on first use: pyarrow may ask the network (the bucket's region) to build one.
+        self._resolved = (fs, path.rstrip("/")) if fs is not None and path is not None else None
+
+    def _resolve(self) -> tuple[pafs.FileSystem, str]:
+        if self._resolved is None:
+            try:
+                fs, path = pafs.FileSystem.from_uri(self.uri)
+            except (OSError, ValueError) as e:  # pyarrow.lib.ArrowInvalid is a ValueError
+                raise StorageError(f"{self.uri}: cannot open this storage location ({reason(e)})") from None
+            self._resolved = (fs, path.rstrip("/"))
+        return self._resolved
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._resolve()[0]
+
+    @property
+    def path(self) -> str:
+        """The location as the file system names it (`bucket/prefix` for S3)."""
+        return self._resolve()[1]
+
+    # -- naming ----------------------------------------------------------------------------------
+
+    def __truediv__(self, name: str | os.PathLike[str]) -> "RemotePath":
+        name = os.fspath(name).strip("/")
+        if self._resolved is None:
+            return RemotePath(f"{self.uri}/{name}")
+        return RemotePath(f"{self.uri}/{name}", self.fs, f"{self.path}/{name}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other.uri == self.uri
+
+    def __lt__(self, other: "RemotePath") -> bool:
+        return self.uri < other.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray ships paths to workers: they rebuild the file system from the URI and their own env.
+        return (RemotePath, (self.uri,))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.uri)
+
+    @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    @property
+    def parent(self) -> "RemotePath":
+        if self._resolved is None:
+            return RemotePath(self.uri.rsplit("/", 1)[0])
+        return RemotePath(self.uri.rsplit("/", 1)[0], self.fs, posixpath.dirname(self.path))
+
+    @property
+    def bucket(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    def with_name(self, name: str) -> "RemotePath":
+        return self.parent / name
+
+    def relative_to(self, other: "RemotePath") -> Path:
+        return Path(posixpath.relpath(self.uri, other.uri))
+
+    def resolve(self) -> "RemotePath":
+        return self
+
+    absolute = resolve
+
+    def is_symlink(self) -> bool:
+        return False
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def _info(self) -> pafs.FileInfo:
+        return self._call(self.fs.get_file_info, self.path)
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def stat(self) -> _Stat:
+        info = self._info()
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{self.uri}: not found")
+        return _Stat(int(info.size or 0))
+
+    def _listing(self, recursive: bool) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
+        return cast(list[pafs.FileInfo], self._call(self.fs.get_file_info, selector))
+
+    def _child(self, info: pafs.FileInfo) -> "RemotePath":
+        rel = posixpath.relpath(info.path, self.path)
+        return RemotePath(f"{self.uri}/{rel}", self.fs, info.path)
+
+    def iterdir(self) -> Iterator["RemotePath"]:
+        return iter([self._child(i) for i in self._listing(recursive=False)])
+
+    def glob(self, pattern: str) -> Iterator["RemotePath"]:
+        """Children whose name matches `pattern` (one level, like the patterns embshard uses)."""
+        return iter([self._child(i) for i in self._listing(recursive=False)
+                     if fnmatch.fnmatch(posixpath.basename(i.path), pattern)])
+
+    def rglob(self, pattern: str) -> Iterator["RemotePath"]:
+        return iter([self._child(i) for i in self._listing(recursive=True)
+                     if fnmatch.fnmatch(posixpath.basename(i.path), pattern)])
+
+    def check_bucket(self) -> None:
+        """StorageError unless the bucket exists and these credentials may list it."""
+        if self._call(self.fs.get_file_info, self.bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"{self.uri}: the bucket does not exist")
+        self._listing(recursive=False)
+
+    # -- reading and writing ---------------------------------------------------------------------
+
+    def open(self, mode: str = "r") -> IO[Any]:
+        if mode == "rb":
+            return cast(IO[bytes], self._call(self.fs.open_input_file, self.path))
+        if mode == "wb":
+            return cast(IO[bytes], self._call(self.fs.open_output_stream, self.path))
+        raise ValueError(f"RemotePath.open: mode {mode!r} (binary 'rb' or 'wb' only)")
+
+    def read_bytes(self) -> bytes:
+        with self.open("rb") as f:
+            return cast(bytes, self._call(f.read))
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> int:
+        def write() -> None:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+        self._call(write)
+        return len(data)
+
+    def write_text(self, text: str) -> int:
+        return self.write_bytes(text.encode())
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to create: a prefix exists once an object is written under it."""
+
+    def unlink(self) -> None:
+        self._call(self.fs.delete_file, self.path)
+
+    def rename(self, target: "StoragePath", marker: str | None = None) -> "RemotePath":
+        """Copy every object under this prefix (or this object) to `target` (in the same store),
+        then delete the originals, so every object was copied before anything is deleted. The
+        object named `marker` is copied last and deleted first: a copy cut short leaves a target
+        without it and a source without it, both of which readers refuse."""
+        target = cast(RemotePath, target)
+        if self.is_file():
+            self._call(self.fs.copy_file, self.path, target.path)
+            self.unlink()
+            return target
+        files = sorted((i.path for i in self._listing(recursive=True) if i.type == pafs.FileType.File),
+                       key=lambda p: (posixpath.relpath(p, self.path) == marker, p))
+        for path in files:
+            rel = posixpath.relpath(path, self.path)
+            self._call(self.fs.copy_file, path, f"{target.path}/{rel}")
+        for path in reversed(files):
+            self._call(self.fs.delete_file, path)
+        if not any(self.iterdir()):
+            # pyarrow leaves a marker object for a prefix it emptied: it would still list as a step.
+            self._call(self.fs.delete_dir, self.path)
+        return target
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ValueError) as e:
+            if isinstance(e, FileNotFoundError) and "NO_SUCH_BUCKET" not in str(e):
+                raise FileNotFoundError(f"{self.uri}: not found") from None
+            raise StorageError(f"{self.uri}: {reason(e)}") from None
+
+
+StoragePath = Union[Path, RemotePath]
+
+
+def relative(path: StoragePath, root: StoragePath) -> str:
+    """`path` relative to the folder `root` it is in, as a POSIX string (a manifest's file name)."""
+    if isinstance(path, RemotePath):
+        return str(path.relative_to(cast(RemotePath, root)))
+    return str(path.relative_to(cast(Path, root)))
+
+
+def arrow_source(path: StoragePath) -> tuple[pafs.FileSystem | None, str]:
+    """(file system, path) for pyarrow readers such as `pq.ParquetFile(path, filesystem=fs)`."""
+    if isinstance(path, RemotePath):
+        return path.fs, path.path
+    return None, str(path)
+
+
+def move(source: StoragePath, target: StoragePath, marker: str | None = None) -> None:
+    """Rename a folder (local: one atomic rename; object storage: see RemotePath.rename)."""
+    if isinstance(source, RemotePath):
+        source.rename(target, marker=marker)
+    else:
+        source.rename(cast(Path, target))  # moves stay within one store: a local folder's target is local
+
+
+def rmtree(path: StoragePath) -> None:
+    """Remove a folder or prefix that this process wrote itself (a staging area, a pruned step)."""
+    if isinstance(path, RemotePath):
+        if path.exists():
+            path._call(path.fs.delete_dir, path.path)  # its objects and the prefix's marker
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def copytree(source: StoragePath, target: StoragePath) -> None:
+    """Copy a folder between any two locations (local or remote, either way)."""
+    if isinstance(source, Path) and isinstance(target, Path):
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        return
+    for f in source.rglob("*"):
+        if f.is_file():
+            rel = f.relative_to(source)  # type: ignore[arg-type]
+            copy_file(f, target / str(rel))
+
+
+def copy_file(source: StoragePath, target: StoragePath) -> None:
+    """Stream one file between any two locations."""
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with source.open("rb") as src, target.open("wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except OSError as e:
+        if isinstance(source, Path) and isinstance(target, Path):
+            raise
+        # An upload fails when its stream is closed (the multipart upload completes there).
+        raise StorageError(f"{target}: {reason(e)}") from None
+
+
+def upload(staging: Path, out: RemotePath, marker: str) -> None:
+    """Upload the complete local folder `staging` to `out`, the file `marker` last, so `out` holds
+    a marker only once everything else is in place. On failure what this upload wrote is removed
+    again (never anything it did not write)."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != marker)
+    written: list[RemotePath] = []
+    try:
+        for f in [*files, staging / marker]:
+            target = out / str(f.relative_to(staging))
+            copy_file(f, target)
+            written.append(target)
+    except BaseException:
+        for target in reversed(written):
+            try:
+                target.unlink()
+            except Exception:  # noqa: BLE001 - the store that failed may refuse this too
+                print(f"warning: {target}: could not remove a partial upload", file=sys.stderr)
+        raise
+
+
+def check_reachable(path: StoragePath) -> None:
+    """StorageError when `path` is in a bucket that is missing or refuses these credentials:
+    said once, up front, instead of as a "not found" of the first file looked for."""
+    if isinstance(path, RemotePath):
+        path.check_bucket()

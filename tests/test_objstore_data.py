@@ -1,0 +1,99 @@
+"""Datasets on object storage, against a real S3-compatible server (moto's, in its own process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.schema import SPEC_FILE, DatasetSpec
+from embshard.datasets.storage import RemotePath, location
+from embshard.datasets.synth import synthesize
+from embshard.datasets.verify import verify_dataset
+from embshard.errors import DataError, StorageError
+
+pytestmark = pytest.mark.slow  # an external server process
+
+ROWS = 3000
+
+
+def test_location_keeps_local_paths(tmp_path) -> None:
+    assert location(tmp_path) == tmp_path
+    assert location(f"file://{tmp_path}") == tmp_path
+    remote = location("s3://bucket/a/b")
+    assert isinstance(remote, RemotePath)
+    assert str(remote / "c") == "s3://bucket/a/b/c" and remote.name == "b"
+
+
+def test_synth_to_bucket_reads_like_a_folder(s3, tmp_path) -> None:
+    uri = s3.uri("data/synth")
+    synthesize(uri, rows=ROWS, max_cardinality=500)
+    local = tmp_path / "local"
+    synthesize(local, rows=ROWS, max_cardinality=500)
+    keys = s3.keys("data/synth/")
+    assert f"data/synth/{SPEC_FILE}" in keys and "data/synth/train/part-00000.parquet" in keys
+    assert DatasetSpec.load(uri) == DatasetSpec.load(local)
+    verify_dataset(uri)
+    remote_batches = list(ParquetBatchReader(uri, "train", 256, seed=3))
+    local_batches = list(ParquetBatchReader(local, "train", 256, seed=3))
+    assert len(remote_batches) == len(local_batches) > 0
+    for a, b in zip(remote_batches, local_batches, strict=True):
+        assert a.labels.equal(b.labels) and a.sparse.values().equal(b.sparse.values())
+
+
+def test_non_empty_prefix_needs_overwrite_and_a_dataset(s3) -> None:
+    uri = s3.uri("data/x")
+    synthesize(uri, rows=ROWS, max_cardinality=100)
+    with pytest.raises(DataError, match="--overwrite"):
+        synthesize(uri, rows=ROWS, max_cardinality=100)
+    before = s3.keys("data/")
+    synthesize(uri, rows=ROWS, seed=5, max_cardinality=100, overwrite=True)
+    assert DatasetSpec.load(uri).rows["train"] == ROWS * 8 // 10
+    assert s3.keys("data/") == before  # the same objects, replaced; no staging prefix left behind
+    with pytest.raises(DataError, match="a bucket itself"):
+        synthesize(f"s3://{s3.name}", rows=ROWS, max_cardinality=100)
+    s3.server.client().put_object(Bucket=s3.name, Key="notes/readme.txt", Body=b"mine")
+    with pytest.raises(DataError, match="no dataset"):
+        synthesize(s3.uri("notes"), rows=ROWS, max_cardinality=100, overwrite=True)
+    assert s3.keys("notes/") == ["notes/readme.txt"]
+
+
+def test_prefix_without_dataset_json_is_refused(s3) -> None:
+    uri = s3.uri("data/half")
+    synthesize(uri, rows=ROWS, max_cardinality=100)
+    s3.server.client().delete_object(Bucket=s3.name, Key=f"data/half/{SPEC_FILE}")
+    with pytest.raises(DataError, match=f"{SPEC_FILE}: missing"):
+        verify_dataset(uri)
+
+
+def test_missing_bucket_is_one_line(s3) -> None:
+    with pytest.raises(StorageError, match="s3://no-such-bucket-x/d: the bucket does not exist"):
+        DatasetSpec.load("s3://no-such-bucket-x/d")
+    with pytest.raises(StorageError, match="the bucket does not exist"):
+        synthesize("s3://no-such-bucket-x/d", rows=ROWS, max_cardinality=100)
+
+
+def test_wrong_credentials_write_nothing(s3, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match="access denied"):
+        synthesize(s3.uri("data/denied"), rows=ROWS, max_cardinality=100)
+    with pytest.raises(StorageError, match="access denied"):
+        DatasetSpec.load(s3.uri("data/denied"))
+    monkeypatch.undo()
+    assert s3.keys() == []
+
+
+def test_unreachable_endpoint_is_one_line_from_the_cli(s3, tmp_path) -> None:
+    env = {**s3.server.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # discard port: refused
+    embshard = Path(sys.executable).parent / "embshard"
+    run = subprocess.run([str(embshard), "data", "synth", "--out", s3.uri("data/u"), "--rows", "1000"],
+                         capture_output=True, text=True, env={**os.environ, **env}, timeout=300, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"embshard: error: {s3.uri('data/u')}: cannot reach the storage endpoint "
+        "(check AWS_ENDPOINT_URL / the network)")
+    assert s3.keys() == []
