@@ -167,6 +167,10 @@ def run_worker(
     if result is None and not stopped:  # resumed with nothing left to train
         result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
     elapsed = time.perf_counter() - started
+    # The test split is read once, after training and outside the timed part: what a sweep ranks
+    # plans by must be data that no choice (epochs, evaluation) was made on.
+    tested = evaluate(sharded.model, make_reader(cfg, bundle, "test", rank, world), device) \
+        if cfg.train.test and not stopped else None
 
     summary = {
         "steps": progress.step,
@@ -181,6 +185,8 @@ def run_worker(
         "restarts": restarts,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "preempted": stopped,
+        **({"test_auc": tested.auc, "test_logloss": tested.logloss, "test_examples": tested.examples}
+           if tested else {}),
     }
     for cb in callbacks:
         cb.on_train_end(summary)
