@@ -60,14 +60,16 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: Path, resume: bool, parallel
                                           callbacks=[_TrialLine()]),
             )
         results = tuner.fit()
-    failed = [r for r in results if r.error is not None]
+    finished = [results[i] for i in range(len(results))]  # ResultGrid is indexed, not iterable (typed)
+    failed = [(r.path, r.error) for r in finished if r.error is not None]
     if failed:
-        found = worker_error(failed[0].error)
+        path, error = failed[0]
+        found = worker_error(error)
         if isinstance(found.error, EmbshardError):
             raise found.error
-        raise console.Crashed(f"{len(failed)} trial(s) failed, first in {failed[0].path}: {found.summary()}; "
+        raise console.Crashed(f"{len(failed)} trial(s) failed, first in {path}: {found.summary()}; "
                               f"run again with --resume to retry them")
-    return [p for r in results for p in json.loads(r.metrics["points"])]
+    return [p for r in finished for p in json.loads((r.metrics or {})["points"])]
 
 
 def _claim_folder(out: Path, spec: SweepSpec, resume: bool) -> None:

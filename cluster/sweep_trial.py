@@ -24,9 +24,9 @@ from embshard.cluster.sweep_plan import (
     Trial,
     autodim_retrain,
     autodim_search,
+    pep_retrain,
     planned_run,
     prune_run,
-    pep_retrain,
 )
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec

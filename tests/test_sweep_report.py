@@ -77,7 +77,8 @@ def test_one_uniform_width_gives_no_claim():
 
 def test_planted_comparison_widths_and_distance_to_bayes():
     pts = [point("uniform", 0.5, s, 0.80 + 0.01 * s, 2000, {"C1": 8, "C2": 8}) for s in (0, 1)]
-    pts += [point("mde", 0.5, 0, 0.84, 2000, {"C1": 16, "C2": 4}), point("mde", 0.5, 1, 0.84, 2000, {"C1": 12, "C2": 4})]
+    pts += [point("mde", 0.5, 0, 0.84, 2000, {"C1": 16, "C2": 4}),
+            point("mde", 0.5, 1, 0.84, 2000, {"C1": 12, "C2": 4})]
     planted = {"bayes_auc": {"train": 0.9, "valid": 0.88, "test": 0.87},
                "ranks": {"C1": {"rank": 16, "blocks": []}, "C2": {"rank": 3, "blocks": []}}}
     comparison = planted_comparison(aggregate(pts)[0], planted)
