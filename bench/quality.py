@@ -55,6 +55,7 @@ the targets within a few epochs instead of the paper's hundreds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -174,12 +175,29 @@ class RunSpec:
 
 
 def prepare_dataset(name: str, data_root: Path) -> Path:
-    """Convert the real dataset once; later runs reuse the cached Parquet and profile."""
+    """Convert the real dataset once per source: the cache folder is named by a hash of the
+    source's files (names and contents), so other data, or the same file rewritten, is converted
+    again instead of reusing whatever dataset.json is there."""
     source = DATASETS[name]
-    out = CACHE / name
-    if not (out / SPEC_FILE).is_file():
-        convert(source.kind, data_root.joinpath(*source.parts), out)
+    src = data_root.joinpath(*source.parts)
+    if not src.exists():
+        raise SystemExit(f"{src}: not found (--data-root)")
+    out = CACHE / f"{name}-{source_digest(source.kind, src)}"
+    if not (out / SPEC_FILE).is_file():  # convert() renames a complete dataset into place, or nothing
+        convert(source.kind, src, out)
     return out
+
+
+def source_digest(kind: str, src: Path) -> str:
+    """A short hash of the converter and every file of `src` (a file, or a folder's files)."""
+    digest = hashlib.sha256(kind.encode())
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+    for path in files:
+        digest.update(str(path.relative_to(src) if src.is_dir() else path.name).encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def job_config(args: argparse.Namespace, data: Path, embeddings: EmbeddingsConfig, seed: int) -> JobConfig:
