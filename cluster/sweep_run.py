@@ -77,7 +77,8 @@ def _claim_folder(out: Path, spec: SweepSpec, resume: bool) -> None:
     saved = out / SPEC_FILE
     if resume:
         if not saved.is_file() or not tune.Tuner.can_restore(str(out / EXPERIMENT)):
-            raise ConfigError(f"--resume: {out} holds no sweep to resume (no {SPEC_FILE} and Ray Tune experiment)")
+            raise ConfigError(f"--resume: {out} holds no sweep to resume (no {SPEC_FILE} or no Ray Tune experiment "
+                              f"state in {out / EXPERIMENT}); start the sweep afresh with another --out")
         if json.loads(saved.read_text()) != spec.to_json():
             raise ConfigError(f"--resume: {out} is the sweep {saved.read_text().strip()}; resume it with those "
                               f"--methods, --budgets and --seeds")

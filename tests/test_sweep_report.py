@@ -140,3 +140,18 @@ def test_bad_input_is_one_line(args, expected, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().count("\n") == 0 and err.startswith(f"embshard: error: {expected}")
+
+
+def test_sweep_folder_is_never_taken_over(tmp_path, capsys):
+    from embshard.datasets.synth import synthesize
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    synthesize(data, rows=200, seed=0, max_cardinality=50)
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    base = ["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}", "--budgets", "1"]
+    assert main([*base, "--out", str(out)]) == 2
+    assert "not empty; resume the sweep there with --resume" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "holds no sweep to resume" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
