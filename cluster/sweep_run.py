@@ -7,6 +7,7 @@ their checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: Path, resume: bool, parallel
     per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
-    with console.run_log(out):
+    with console.run_log(out) as log:
         init_ray(cfg, cpus=parallel * (per_trial + TRIAL_CPU) + 1)
         console.route_worker_output()
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
@@ -59,7 +60,10 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: Path, resume: bool, parallel
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
                                           callbacks=[_TrialLine()]),
             )
-        results = tuner.fit()
+        # Tune prints its experiment banner and paths on stdout whatever its verbosity: into the
+        # log with the rest of Ray's output; the console keeps one line per finished trial.
+        with log.open("a", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
+            results = tuner.fit()
     finished = [results[i] for i in range(len(results))]  # ResultGrid is indexed, not iterable (typed)
     failed = [(r.path, r.error) for r in finished if r.error is not None]
     if failed:
