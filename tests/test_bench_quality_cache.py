@@ -48,3 +48,19 @@ def test_cache_follows_the_source_data(quality, tmp_path):
     second = quality.prepare_dataset("criteo-sample", root)
     assert DatasetSpec.load(second).rows["train"] == 400
     assert DatasetSpec.load(first).rows["train"] == 240  # the other source's conversion is kept
+
+
+def test_the_benchmark_config_is_a_valid_job_config(quality, tmp_path):
+    import argparse
+
+    import yaml
+
+    from embshard.config import load_job_config
+    from embshard.typed_config import to_dict
+
+    args = argparse.Namespace(dim=64, alpha=0.3, epochs=2)
+    path = tmp_path / "quality.yaml"
+    path.write_text(yaml.safe_dump(to_dict(quality.job_config("movielens-1m", tmp_path / "data", args))))
+    cfg = load_job_config(path, [])
+    assert cfg.embeddings.dim == 64 and cfg.embeddings.mde.mode == "within" and cfg.data.batch_size == 1024
+    assert cfg.train.epochs == 2 and cfg.model.over_arch == [128, 64]
