@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli
+from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, verbose_argument
 from embshard.datasets import cli as data_cli
 from embshard.errors import EmbshardError, Interrupted, first_line
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     pep_cli.register(commands)
     export_cli.register(commands)
     autodim_cli.register(commands)
+    sweep_cli.register(commands)
     config_cli.register(commands)
     _register_jobs(commands)
     return parser

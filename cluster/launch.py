@@ -129,7 +129,7 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     cfg = worker_config(cfg)
     reset_starts(output)
     with console.run_log(output):
-        _init_ray(cfg)
+        init_ray(cfg)
         console.route_worker_output()
         stop_requested = _fit(cfg, method, output)
     # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
@@ -202,7 +202,9 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     )
 
 
-def _init_ray(cfg: JobConfig) -> None:
+def init_ray(cfg: JobConfig, cpus: float | None = None) -> None:
+    """Attach to cfg.cluster.address, else start a local in-process cluster with at least `cpus`
+    CPUs (default: one job's workers and its driver); nothing when Ray is already up."""
     if ray.is_initialized():
         return
     if cfg.cluster.address:
@@ -211,7 +213,7 @@ def _init_ray(cfg: JobConfig) -> None:
     _private_token_auth()
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
-    need = cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
+    need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
         # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook).

@@ -347,6 +347,7 @@ class TrainConfig:
     eval_max_batches: int | None = None  # cap evaluation work (None = the whole split)
     log_every: int = 50  # steps between loss lines in the log
     progress: bool = True  # tqdm bar on rank 0
+    test: bool = False  # also evaluate the test split at the end (summary: test_auc, test_logloss)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.slow
 DRIVER = textwrap.dedent("""
     import os, subprocess, sys
     import ray
-    from embshard.cluster.launch import _init_ray
+    from embshard.cluster.launch import init_ray
     from embshard.config import JobConfig
 
-    _init_ray(JobConfig())
+    init_ray(JobConfig())
     gcs = ray.get_runtime_context().gcs_address
     probe = "import ray, sys; ray.init(address=sys.argv[1]); print('joined', flush=True)"
     outsider = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}

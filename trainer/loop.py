@@ -166,6 +166,10 @@ def run_worker(
     if result is None and not stopped:  # resumed with nothing left to train
         result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
     elapsed = time.perf_counter() - started
+    # The test split is read once, after training and outside the timed part: what a sweep ranks
+    # plans by must be data that no choice (epochs, evaluation) was made on.
+    tested = sharded.arch.evaluate(sharded.model, make_reader(cfg, bundle, "test", rank, world), device, None) \
+        if cfg.train.test and not stopped else None
 
     summary = {
         "steps": progress.step,
@@ -179,6 +183,7 @@ def run_worker(
         "restarts": restarts,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "preempted": stopped,
+        **(eval_summary(tested, "test") if tested else {}),
     }
     for cb in callbacks:
         cb.on_train_end(summary)
@@ -285,12 +290,14 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     return path, progress
 
 
-def eval_summary(result: EvalResult | None) -> dict[str, Any]:
-    """The summary's view of the last evaluation: `valid_<metric>` for each metric (a CTR arch's
-    valid_auc and valid_logloss; None without an evaluation) and which one is primary."""
+def eval_summary(result: EvalResult | None, split: str = "valid") -> dict[str, Any]:
+    """The summary's view of an evaluation of `split`: `<split>_<metric>` for each metric (a CTR
+    arch's valid_auc and valid_logloss; None without an evaluation), which one is primary and
+    how many examples it saw."""
     if result is None:
-        return {"valid_primary": None, "valid_auc": None, "valid_logloss": None}
-    return {"valid_primary": result.primary, **{f"valid_{k}": v for k, v in result.metrics.items()}}
+        return {f"{split}_primary": None, f"{split}_auc": None, f"{split}_logloss": None}
+    return {f"{split}_primary": result.primary, f"{split}_examples": result.examples,
+            **{f"{split}_{k}": v for k, v in result.metrics.items()}}
 
 
 def _evaluate(cfg, sharded, reader, device, step, callbacks) -> EvalResult:

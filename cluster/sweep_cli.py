@@ -1,0 +1,106 @@
+"""`embshard sweep CONFIG --methods ... --budgets ... --seeds N`: which method at which budget on
+this dataset, as a Ray Tune sweep (cluster/sweep_run.py), reported as one JSON, one frontier PNG
+and one Markdown table (cluster/sweep_report.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embshard.cluster.cli_args import config_arguments, verbose_argument
+
+if TYPE_CHECKING:
+    from embshard.cluster.sweep_plan import SweepSpec
+    from embshard.config import JobConfig
+    from embshard.datasets.schema import DatasetSpec
+
+DEFAULT_BUDGETS = "0.125,0.25,0.5,1"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "sweep", help="compare methods x budgets x seeds on a dataset (Ray Tune); frontier, table, claim",
+        description="Train every method at every budget (a fraction of the serving parameters of the "
+                    "uniform model at embeddings.dim) for every seed, as Ray Tune trials running side by "
+                    "side, each its own Ray Train worker group; report test AUC against serving bytes.")
+    config_arguments(p, set_example="train.epochs=1", workers=True)
+    p.add_argument("--methods", default="uniform,mde",
+                   help="comma-separated: uniform, mde, mlet, pep, autodim, mde+mlet, pep+mlet, autodim+mlet "
+                        "(default uniform,mde)")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS,
+                   help=f"fractions of the base model's serving parameters, in (0, 1] (default {DEFAULT_BUDGETS})")
+    p.add_argument("--seeds", default="3", help="seeds per config: 0..N-1 (default 3)")
+    p.add_argument("--out", type=Path, help="the sweep's folder (default: <output_dir>/sweep)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out after an interruption (finished trials are kept)")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help="trials at once (default: as many as the local CPUs hold worker groups)")
+    verbose_argument(p)
+    p.set_defaults(func=sweep)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    # Imported here so that `embshard --help` does not load torch and Ray.
+    from dataclasses import replace
+
+    from embshard.cluster.sweep_plan import SweepSpec, parse_budgets, parse_methods
+    from embshard.config import load_job_config
+    from embshard.datasets.schema import DatasetSpec
+    from embshard.errors import ConfigError
+
+    cfg = load_job_config(args.config, args.overrides)
+    if args.workers is not None:
+        cfg = replace(cfg, cluster=replace(cfg.cluster, workers=args.workers))
+    if not args.seeds.isdigit() or int(args.seeds) < 1:
+        raise ConfigError(f"--seeds: expected a whole number >= 1, got {args.seeds!r}")
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
+    spec = SweepSpec(parse_methods(args.methods), parse_budgets(args.budgets), int(args.seeds))
+    data = DatasetSpec.load(cfg.data.path)
+    check_trials(cfg, spec, data)
+
+    from embshard.cluster.sweep_report import report
+    from embshard.cluster.sweep_run import run_sweep
+
+    out = args.out or Path(cfg.output_dir) / "sweep"
+    points = run_sweep(cfg, spec, out, args.resume, args.parallel)
+    name = Path(cfg.data.path).resolve().name
+    rep = report(points, data.planted or None)
+    title = f"{name}: test AUC vs serving bytes ({cfg.train.epochs} epoch(s), {spec.seeds} seed(s))"
+    paths = write_report({"dataset": name, "sweep": spec.to_json(), "points": points, **rep}, title, out, name)
+    print(f"claim: {rep['claim']['statement']}")
+    print("report: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
+    """Every trial's configs built before Ray starts: a bad combination is one line, not a failed trial."""
+    from embshard.cluster.sweep_plan import autodim_search, planned_run, prune_run
+
+    scratch = Path(cfg.output_dir) / "sweep-check"
+    for trial in spec.trials():
+        if trial.base_method == "pep":
+            prune_run(cfg, spec.budgets, trial, scratch)
+        elif trial.base_method == "autodim":
+            autodim_search(cfg, trial, scratch)
+        else:
+            planned_run(cfg, data, trial, scratch)
+
+
+def write_report(rep: dict[str, Any], title: str, out: Path, name: str) -> list[Path]:
+    """sweep-<dataset>.json, .md and .png in `out`, each written whole then renamed into place."""
+    from embshard.cluster.sweep_report import markdown, plot
+
+    base = out / f"sweep-{name}"
+    written = []
+    for suffix, write in ((".json", lambda p: p.write_text(json.dumps(rep, indent=1) + "\n")),
+                          (".md", lambda p: p.write_text(markdown(rep, title))),
+                          (".png", lambda p: plot(rep, title, p))):
+        final = base.with_suffix(suffix)
+        tmp = final.with_name(f".{final.stem}.partial{suffix}")
+        write(tmp)
+        tmp.replace(final)
+        written.append(final)
+    return written

@@ -1,0 +1,189 @@
+"""What `embshard sweep` runs: methods x budgets x seeds as trials, and each trial's job configs.
+
+A **budget** b is a fraction of the serving parameters of the uniform model at the config's
+`embeddings.dim` (the base model), in (0, 1]. Each method meets it with its own knob:
+
+    uniform   tables of width w(b) = b x embeddings.dim, rounded by embeddings.rounding
+    mde       embeddings.mde (mode, alpha, blocks) with budget_params = b x the base model's
+    mlet      uniform tables of width w(b), trained factorised at k = embeddings.mlet's ratio or
+              width (default 4 w(b)) and served collapsed at w(b)
+    pep       one prune run per seed at the base dim with targets = the budgets, then the paper's
+              lottery-ticket retrain of every target reached; its size is the mask's non-zeros
+    autodim   a search over autodim.candidates scaled so the largest is w(b), then a retrain on
+              its decisions
+    X+mlet    the plan of X (mde, PEP's decisions file, AutoDim's decisions file) trained with
+              MLET at the ratio above
+
+A trial is one method at one budget and seed; a PEP trial holds every budget of its seed (one
+prune run gives every target). Torch-free: the driver checks every trial's configs before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from embshard.config import AutodimConfig, EmbeddingsConfig, JobConfig, MletConfig, PepConfig
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
+from embshard.planner.policies.uniform import uniform_plan
+from embshard.planner.rounding import round_width
+
+METHODS = ("uniform", "mde", "mlet", "pep", "autodim", "mde+mlet", "pep+mlet", "autodim+mlet")
+DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Trial:
+    method: str
+    seed: int
+    budget: float | None = None  # None: a PEP trial, which covers every budget of the sweep
+
+    @property
+    def key(self) -> str:
+        at = "" if self.budget is None else f"-b{self.budget:g}"
+        return f"{self.method}{at}-s{self.seed}"
+
+    @property
+    def base_method(self) -> str:
+        return self.method.removesuffix("+mlet")
+
+    @property
+    def with_mlet(self) -> bool:
+        return self.method.endswith("+mlet") or self.method == "mlet"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    methods: list[str]
+    budgets: list[float]
+    seeds: int
+
+    def trials(self) -> list[Trial]:
+        out = []
+        for method in self.methods:
+            for seed in range(self.seeds):
+                if Trial(method, seed).base_method == "pep":
+                    out.append(Trial(method, seed))
+                else:
+                    out.extend(Trial(method, seed, b) for b in self.budgets)
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {"methods": self.methods, "budgets": self.budgets, "seeds": self.seeds}
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods: empty; give some of " + ",".join(METHODS))
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r} (known: {', '.join(METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods: a method is named twice in {text!r}")
+    return methods
+
+
+def parse_budgets(text: str) -> list[float]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("--budgets: empty; give fractions of the base model's serving parameters, e.g. 0.25,0.5,1")
+    try:
+        budgets = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--budgets: expected comma-separated fractions, got {text!r}") from None
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ConfigError(f"--budgets: {b:g} is outside (0, 1] (a fraction of the base model's serving parameters)")
+    if len(set(budgets)) != len(budgets):
+        raise ConfigError(f"--budgets: a budget is named twice in {text!r}")
+    return sorted(budgets)
+
+
+def uniform_width(emb: EmbeddingsConfig, budget: float) -> int:
+    """The uniform width at `budget`: on the rounding grid, within [min_dim, dim]."""
+    return round_width(budget * emb.dim, emb.rounding, emb.min_dim, emb.dim).value
+
+
+def base_params(cfg: JobConfig, spec: DatasetSpec) -> int:
+    """Serving parameters of the uniform base model: what budgets are fractions of."""
+    return uniform_plan(replace(cfg.embeddings, policy="uniform", mlet=None), spec).serve_params()
+
+
+def mlet_config(cfg: JobConfig) -> MletConfig:
+    return cfg.embeddings.mlet or MletConfig(ratio=DEFAULT_MLET_RATIO)
+
+
+def run_config(base: JobConfig, trial: Trial, run_dir: Path, name: str) -> JobConfig:
+    """`base` as one run of a trial: its own output folder and seed, the test split evaluated,
+    no progress bar (trials run side by side)."""
+    out = run_dir / name
+    return replace(base, seed=trial.seed, name=f"sweep-{trial.key}-{name}", output_dir=str(out),
+                   train=replace(base.train, test=True, progress=False),
+                   checkpoint=replace(base.checkpoint, dir=None, resume=None),
+                   # Runs side by side must not share one file-SD file.
+                   metrics=replace(base.metrics, file_sd=str(out / "file_sd.json") if base.metrics.file_sd else None))
+
+
+def planned_run(base: JobConfig, spec: DatasetSpec, trial: Trial, run_dir: Path) -> JobConfig:
+    """uniform, mde, mlet and mde+mlet: one run on a plan the policy makes at the budget."""
+    assert trial.budget is not None
+    emb = replace(base.embeddings, method=None, decisions=None, mlet=None)
+    if trial.base_method == "mde":
+        budget = round(trial.budget * base_params(base, spec))
+        emb = replace(emb, policy="mde", mde=replace(emb.mde, budget_params=budget, budget_bytes=None))
+    else:
+        emb = replace(emb, policy="uniform", dim=uniform_width(emb, trial.budget))
+    if trial.with_mlet:
+        emb = replace(emb, mlet=mlet_config(base))
+    return replace(run_config(base, trial, run_dir, "train"), embeddings=emb)
+
+
+def prune_run(base: JobConfig, budgets: list[float], trial: Trial, run_dir: Path) -> JobConfig:
+    """PEP's prune run: base-dim tables, a target at every budget below 1 (the base model itself
+    needs no pruning)."""
+    targets = sorted((b for b in budgets if b < 1), reverse=True)
+    if not targets:
+        raise ConfigError("--budgets: PEP prunes to budgets below 1; this sweep has none")
+    pep = replace(base.pep or PepConfig(), targets=targets, out=None, retrain_target=None, retrain_from=None)
+    cfg = run_config(base, trial, run_dir, "prune")
+    return replace(cfg, embeddings=replace(base.embeddings, policy="uniform", method=None, decisions=None, mlet=None),
+                   pep=pep)
+
+
+def pep_retrain(prune: JobConfig, base: JobConfig, trial: Trial, target: float, run_dir: Path) -> JobConfig:
+    """pep: the lottery ticket of `target`; pep+mlet: its decisions file as a mixed-width MLET plan."""
+    cfg = run_config(base, trial, run_dir, f"retrain-{target:g}")
+    decisions = prune.pep_dir.resolve() / f"target-{target:g}" / "decisions.json"
+    if trial.with_mlet:
+        emb = replace(base.embeddings, policy="decisions", method=None, decisions=str(decisions),
+                      mlet=mlet_config(base))
+        return replace(cfg, embeddings=emb, pep=None)
+    assert prune.pep is not None
+    pep = replace(prune.pep, out=None, retrain_target=target, retrain_from=str(prune.pep_dir.resolve()))
+    return replace(cfg, embeddings=prune.embeddings, pep=pep)
+
+
+def autodim_search(base: JobConfig, trial: Trial, run_dir: Path) -> JobConfig:
+    """AutoDim's search at the budget: the candidates scaled so the largest is the uniform width."""
+    assert trial.budget is not None
+    search = base.autodim or AutodimConfig()
+    width = uniform_width(base.embeddings, trial.budget)
+    scaled = sorted({max(1, round(c * width / search.max_dim)) for c in search.candidates} | {width})
+    if len(scaled) < 2:
+        raise ConfigError(f"--budgets: at {trial.budget:g} AutoDim's candidates {search.candidates} scale to "
+                          f"{scaled}, one width: nothing to search")
+    cfg = run_config(base, trial, run_dir, "search")
+    decisions = (Path(cfg.output_dir) / "decisions.json").resolve()
+    return replace(cfg, embeddings=replace(base.embeddings, policy="uniform", method=None, decisions=None,
+                                           mlet=None, dim=width),
+                   autodim=replace(search, candidates=scaled, decisions=str(decisions)))
+
+
+def autodim_retrain(search: JobConfig, base: JobConfig, trial: Trial, run_dir: Path) -> JobConfig:
+    assert search.autodim is not None and search.autodim.decisions is not None
+    emb = replace(search.embeddings, policy="decisions", decisions=search.autodim.decisions,
+                  mlet=mlet_config(base) if trial.with_mlet else None)
+    return replace(run_config(base, trial, run_dir, "retrain"), embeddings=emb, autodim=None)

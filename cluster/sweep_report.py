@@ -1,0 +1,177 @@
+"""A sweep's report from its points: the frontier per method, the claim, the planted comparison.
+
+Pure functions of the points (`cluster/sweep_trial.py`), so they are tested on hand-made ones.
+
+The claim is stated only when the uniform curve rises with width: its best mean beats the
+narrowest uniform's by more than the tolerance (the larger of `min_tolerance` and the best
+uniform's seed std). Then the smallest plan of each method whose mean comes within the tolerance
+of the best uniform mean is named, with how many times fewer serving bytes it has than the
+smallest uniform that does. Otherwise the report says width does not matter on this data, and
+names no ratio (it would mean nothing).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embshard.errors import DataError
+
+MIN_TOLERANCE = 0.001  # AUC: below this no difference between plans is claimed
+
+
+@dataclass(frozen=True)
+class Config:
+    """One method at one budget, over its seeds."""
+
+    method: str
+    budget: float
+    mean: float
+    std: float
+    seeds: int
+    serving_bytes: float  # mean over seeds (a PEP mask's size differs by seed)
+    widths: dict[str, float]  # per feature, mean over seeds
+
+
+@dataclass(frozen=True)
+class Claim:
+    rises: bool | None  # None: fewer than two uniform widths, nothing to compare
+    statement: str
+    tolerance: float | None = None
+    best_uniform: float | None = None
+    smallest: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: budget, bytes, mean, ratio
+
+
+def aggregate(points: list[dict[str, Any]]) -> tuple[list[Config], list[dict[str, Any]]]:
+    """Configs with at least one trained seed (by method, then bytes), and the error points."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    errors = []
+    for p in points:
+        if "error" in p:
+            errors.append(p)
+        else:
+            groups.setdefault((p["method"], p["budget"]), []).append(p)
+    configs = []
+    for (method, budget), ps in groups.items():
+        values = [p["value"] for p in ps]
+        features = sorted({f for p in ps for f in p["widths"]})
+        configs.append(Config(
+            method, budget, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+            len(values), statistics.fmean(p["serving_bytes"] for p in ps),
+            {f: statistics.fmean(p["widths"][f] for p in ps if f in p["widths"]) for f in features}))
+    return sorted(configs, key=lambda c: (c.method, c.serving_bytes)), errors
+
+
+def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE) -> Claim:
+    uniform = sorted((c for c in configs if c.method == "uniform"), key=lambda c: c.serving_bytes)
+    if len(uniform) < 2:
+        return Claim(None, "no claim: the sweep needs uniform at two or more budgets to tell whether width matters")
+    best = max(uniform, key=lambda c: c.mean)
+    tol = max(min_tolerance, best.std)
+    rise = best.mean - uniform[0].mean
+    if rise <= tol:
+        return Claim(False, f"width does not matter on this data: uniform from {_mb(uniform[0].serving_bytes)} to "
+                            f"{_mb(uniform[-1].serving_bytes)} moves test AUC by {rise:+.4f} at most, within the "
+                            f"tolerance {tol:.4f}; no plan is claimed smaller", tol, best.mean)
+    target = best.mean - tol
+    smallest_uniform = min(c.serving_bytes for c in uniform if c.mean >= target)
+    smallest: dict[str, dict[str, Any]] = {}
+    for method in sorted({c.method for c in configs}):
+        ok = [c for c in configs if c.method == method and c.mean >= target]
+        if ok:
+            c = min(ok, key=lambda c: c.serving_bytes)
+            smallest[method] = {"budget": c.budget, "serving_bytes": c.serving_bytes, "mean": c.mean,
+                                "ratio_vs_uniform": smallest_uniform / c.serving_bytes}
+    winner_method, winner = min(smallest.items(), key=lambda kv: kv[1]["serving_bytes"])
+    statement = (f"uniform rises with width (best {best.mean:.4f} at budget {best.budget:g}, {rise:+.4f} over the "
+                 f"narrowest); the smallest plan within {tol:.4f} of it is {winner_method} at budget "
+                 f"{winner['budget']:g}: {_mb(winner['serving_bytes'])}, {winner['ratio_vs_uniform']:.2f}x fewer "
+                 f"serving bytes than the smallest uniform within the tolerance")
+    return Claim(True, statement, tol, best.mean, smallest)
+
+
+def planted_comparison(configs: list[Config], planted: dict[str, Any], split: str = "test") -> dict[str, Any]:
+    """Per table the planted rank against each config's chosen width, and each config's distance
+    to the Bayes AUC of `split`."""
+    bayes = planted.get("bayes_auc", {}).get(split)
+    if bayes is None:
+        raise DataError(f"dataset.json: planted.bayes_auc.{split} is missing; cannot compare with the Bayes AUC")
+    ranks = {f: r["rank"] for f, r in planted["ranks"].items()}
+    return {
+        "bayes_auc": bayes,
+        "ranks": ranks,
+        "configs": [{"method": c.method, "budget": c.budget, "distance_to_bayes": bayes - c.mean,
+                     "widths": {f: c.widths.get(f) for f in ranks}} for c in configs],
+    }
+
+
+def report(points: list[dict[str, Any]], planted: dict[str, Any] | None,
+           min_tolerance: float = MIN_TOLERANCE) -> dict[str, Any]:
+    configs, errors = aggregate(points)
+    out: dict[str, Any] = {"metric": "test_auc", "configs": [asdict(c) for c in configs], "errors": errors,
+                           "claim": asdict(claim(configs, min_tolerance))}
+    if planted:
+        out["planted"] = planted_comparison(configs, planted)
+    return out
+
+
+def markdown(rep: dict[str, Any], title: str) -> str:
+    lines = [f"# {title}", "", "| method | budget | serving bytes | test AUC (mean ± std) | seeds |",
+             "| --- | ---: | ---: | --- | ---: |"]
+    for c in rep["configs"]:
+        lines.append(f"| {c['method']} | {c['budget']:g} | {c['serving_bytes']:,.0f} | "
+                     f"{c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} |")
+    for e in rep["errors"]:
+        lines.append(f"| {e['method']} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |")
+    lines += ["", f"**Claim**: {rep['claim']['statement']}."]
+    planted = rep.get("planted")
+    if planted:
+        features = list(planted["ranks"])
+        lines += ["", f"Planted data: Bayes test AUC {planted['bayes_auc']:.4f}. Chosen width (widest block, "
+                      "mean over seeds) per table against the planted rank:", "",
+                  "| method | budget | distance to Bayes AUC | " + " | ".join(features) + " |",
+                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in features) + " |",
+                  "| planted rank | | | " + " | ".join(str(planted["ranks"][f]) for f in features) + " |"]
+        for c in planted["configs"]:
+            lines.append(f"| {c['method']} | {c['budget']:g} | {c['distance_to_bayes']:.4f} | "
+                         + " | ".join(_width(c["widths"][f]) for f in features) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict[str, Any], title: str, path: Path) -> None:
+    """Test AUC against serving bytes (log x), error bars over seeds, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({c["method"] for c in rep["configs"]}):
+        cs = sorted((c for c in rep["configs"] if c["method"] == method), key=lambda c: c["serving_bytes"])
+        ax.errorbar([c["serving_bytes"] for c in cs], [c["mean"] for c in cs], yerr=[c["std"] for c in cs],
+                    marker="o", capsize=3, label=method, linewidth=2 if method == "uniform" else 1)
+    claimed = rep["claim"]
+    if claimed["rises"]:
+        ax.axhline(claimed["best_uniform"] - claimed["tolerance"], color="grey", linestyle=":",
+                   label="best uniform - tolerance")
+    if "planted" in rep:
+        ax.axhline(rep["planted"]["bayes_auc"], color="black", linestyle="--", label="Bayes AUC")
+    ax.set_xscale("log")
+    ax.set_xlabel("serving embedding bytes (fp32; PEP lottery: non-zeros)")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _width(w: float | None) -> str:
+    return "—" if w is None else f"{w:g}" if w == int(w) else f"{w:.1f}"

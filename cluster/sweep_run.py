@@ -1,0 +1,108 @@
+"""`embshard sweep` on Ray Tune: one function trial per method, budget and seed (`sweep_trial`), each
+launching its own TorchTrainer worker group (Ray Train v2's documented Tune pattern), run side
+by side; Ray's experiment folder is `<out>/tune`, and `Tuner.restore` resumes it after a kill
+(finished trials keep their results, unfinished ones start again and resume their runs from
+their checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from embshard.cluster import console
+from embshard.cluster.launch import init_ray, worker_error
+from embshard.cluster.sweep_plan import SweepSpec
+from embshard.cluster.sweep_trial import run_trial
+from embshard.config import JobConfig
+from embshard.errors import ConfigError, EmbshardError
+from embshard.typed_config import to_dict
+
+EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep's folder
+SPEC_FILE = "sweep-spec.json"
+TRIAL_CPU = 0.01
+# Tune saves its experiment state at most this often (seconds): a kill loses at most this much
+# of "which trials finished". Its default (10 s and up) would rerun trials that had finished.
+STATE_EVERY_S = "1"
+
+
+def run_sweep(cfg: JobConfig, spec: SweepSpec, out: Path, resume: bool, parallel: int | None) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep in `out`; -> every trial's points."""
+    out = out.resolve()
+    _claim_folder(out, spec, resume)
+    per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
+    parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
+    with console.run_log(out) as log:
+        init_ray(cfg, cpus=parallel * (per_trial + TRIAL_CPU) + 1)
+        console.route_worker_output()
+        # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
+        trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
+        experiment = out / EXPERIMENT
+        if resume:
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            job = to_dict(_absolute(cfg))
+            trials = [{"method": t.method, "seed": t.seed, "budget": t.budget} for t in spec.trials()]
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(trials), "job": job, "out": str(out),
+                             "budgets": spec.budgets},
+                tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
+                                          callbacks=[_TrialLine()]),
+            )
+        # Tune prints its experiment banner and paths on stdout whatever its verbosity: into the
+        # log with the rest of Ray's output; the console keeps one line per finished trial.
+        with log.open("a", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
+            results = tuner.fit()
+    finished = [results[i] for i in range(len(results))]  # ResultGrid is indexed, not iterable (typed)
+    failed = [(r.path, r.error) for r in finished if r.error is not None]
+    if failed:
+        path, error = failed[0]
+        found = worker_error(error)
+        if isinstance(found.error, EmbshardError):
+            raise found.error
+        raise console.Crashed(f"{len(failed)} trial(s) failed, first in {path}: {found.summary()}; "
+                              f"run again with --resume to retry them")
+    return [p for r in finished for p in json.loads((r.metrics or {})["points"])]
+
+
+def _claim_folder(out: Path, spec: SweepSpec, resume: bool) -> None:
+    """A fresh sweep takes an empty (or new) folder; --resume needs this same sweep's folder."""
+    saved = out / SPEC_FILE
+    if resume:
+        if not saved.is_file() or not tune.Tuner.can_restore(str(out / EXPERIMENT)):
+            raise ConfigError(f"--resume: {out} holds no sweep to resume (no {SPEC_FILE} or no Ray Tune experiment "
+                              f"state in {out / EXPERIMENT}); start the sweep afresh with another --out")
+        if json.loads(saved.read_text()) != spec.to_json():
+            raise ConfigError(f"--resume: {out} is the sweep {saved.read_text().strip()}; resume it with those "
+                              f"--methods, --budgets and --seeds")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: not empty; resume the sweep there with --resume, or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(spec.to_json()) + "\n")
+
+
+def _absolute(cfg: JobConfig) -> JobConfig:
+    return replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+
+
+class _TrialLine(tune.Callback):
+    """One console line per finished trial (Tune's own tables are off: verbose=0)."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        points = json.loads((trial.last_result or {}).get("points", "[]"))
+        shown = ", ".join(f"budget {p['budget']:g}: " + (f"AUC {p['value']:.4f}" if "value" in p else p["error"])
+                          for p in points)
+        print(f"trial {trial.config['trial']['method']} seed {trial.config['trial']['seed']}: {shown}",
+              file=sys.stderr, flush=True)

@@ -1,0 +1,131 @@
+"""One sweep trial, run inside a Ray Tune trial: its Ray Train runs, then one point per budget.
+
+Every run goes through the same driver steps as `embshard train` (`plan_for_training`, then
+`train_on_ray`: a TorchTrainer with its own worker group), so a trial trains exactly what the
+method seam plans. A trial's runs live in `<sweep>/runs/<trial key>/<run>`; a trial that Tune
+restarts after a kill re-enters those folders and resumes each run from its newest checkpoint.
+
+A point: method, budget, seed, test AUC (`value`), serving parameters and bytes (fp32), and per
+sparse feature the width the plan gave its most popular rows (`widths`); or an `error` saying
+why there is no point (an MDE budget below its floor, a PEP target the prune run never reached).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from embshard.cluster.launch import plan_for_training, train_on_ray
+from embshard.cluster.sweep_plan import (
+    FP32_BYTES,
+    Trial,
+    autodim_retrain,
+    autodim_search,
+    pep_retrain,
+    planned_run,
+    prune_run,
+)
+from embshard.config import JobConfig
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import PlanError
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.types import DimensionPlan
+from embshard.trainer.pep import LotteryTicket
+from embshard.typed_config import from_dict
+
+Point = dict[str, Any]
+POINTS_FILE = "points.json"
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Ray Tune's function trainable: `config` holds the job, the trial and the sweep folder."""
+    from ray import tune
+
+    base = from_dict(JobConfig, config["job"])
+    trial = Trial(**config["trial"])
+    run_dir = Path(config["out"]) / "runs" / trial.key
+    points = trial_points(base, trial, config["budgets"], run_dir)
+    _write_json(run_dir / POINTS_FILE, points)
+    tune.report({"points": json.dumps(points), "trial": trial.key})
+
+
+def trial_points(base: JobConfig, trial: Trial, budgets: list[float], run_dir: Path) -> list[Point]:
+    spec = DatasetSpec.load(base.data.path)
+    if trial.base_method == "pep":
+        return _pep_points(base, spec, trial, budgets, run_dir)
+    assert trial.budget is not None
+    if trial.base_method == "autodim":
+        search = autodim_search(base, trial, run_dir)
+        _train(search, "autodim")
+        cfg = autodim_retrain(search, base, trial, run_dir)
+    else:
+        cfg = planned_run(base, spec, trial, run_dir)
+    try:
+        plan, summary = _train(cfg)
+    except PlanError as e:  # a budget the method cannot meet is a finding, not a failure
+        return [_point(trial, trial.budget, error=str(e))]
+    return [_point(trial, trial.budget, summary, plan.serve_params(), plan)]
+
+
+def _pep_points(base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
+                run_dir: Path) -> list[Point]:
+    prune = prune_run(base, budgets, trial, run_dir)
+    _, pruned = _train(prune, "pep")
+    reached = pruned["pep"]["reached"]
+    points = []
+    for budget in budgets:
+        if budget >= 1:
+            points.append(_point(trial, budget, error="PEP prunes below the base model; budget 1 is uniform's"))
+            continue
+        if f"{budget:g}" not in reached:
+            points.append(_point(trial, budget, error=f"target {budget:g} not reached in {pruned['steps']} "
+                                                      f"prune steps (kept {pruned['pep']['kept_fraction']:.3f})"))
+            continue
+        cfg = pep_retrain(prune, base, trial, budget, run_dir)
+        plan, summary = _train(cfg)
+        if trial.with_mlet:
+            points.append(_point(trial, budget, summary, plan.serve_params(), plan))
+            continue
+        # The lottery ticket trains dense base-dim tables; what it keeps is the mask's non-zeros,
+        # and the widths are those of the target's decisions file (survivors per row).
+        ticket = LotteryTicket.load(prune.pep_dir, budget)
+        decided = _decisions_plan(prune, spec, prune.pep_dir / f"target-{budget:g}" / "decisions.json")
+        points.append(_point(trial, budget, summary, ticket.nonzero, decided))
+    return points
+
+
+def _train(cfg: JobConfig, method: str | None = None) -> tuple[DimensionPlan, dict[str, Any]]:
+    bundle = plan_for_training(cfg, method)
+    return bundle.dimension_plan, train_on_ray(cfg, method)
+
+
+def _decisions_plan(prune: JobConfig, spec: DatasetSpec, decisions: Path) -> DimensionPlan:
+    emb = replace(prune.embeddings, policy="decisions", decisions=str(decisions))
+    with tempfile.TemporaryDirectory() as remaps:
+        return plan_dimensions(emb, spec, None, Path(remaps))
+
+
+def _point(trial: Trial, budget: float, summary: dict[str, Any] | None = None, params: int | None = None,
+           plan: DimensionPlan | None = None, error: str | None = None) -> Point:
+    point: Point = {"method": trial.method, "budget": budget, "seed": trial.seed, "metric": "auc"}
+    if error is not None:
+        return {**point, "error": error}
+    assert summary is not None and params is not None and plan is not None
+    return {**point, "value": summary["test_auc"], "valid_auc": summary["valid_auc"],
+            "serving_params": params, "serving_bytes": params * FP32_BYTES, "widths": widths(plan),
+            "steps": summary["steps"]}
+
+
+def widths(plan: DimensionPlan) -> dict[str, int]:
+    """Per sparse feature, the serving width of its table's most popular rows (its widest block)."""
+    return {f: max(b.dim for b in t.blocks) for t in plan.tables for f in t.features}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)

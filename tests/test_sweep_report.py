@@ -1,0 +1,157 @@
+"""The sweep's report logic on hand-made points: frontier per method, the honest claim, the
+planted comparison; and the sweep's bad-input lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embshard.cluster.cli import main
+from embshard.cluster.sweep_cli import write_report
+from embshard.cluster.sweep_plan import SweepSpec, parse_budgets, parse_methods, planned_run, uniform_width
+from embshard.cluster.sweep_report import aggregate, claim, markdown, planted_comparison, report
+from embshard.config import EmbeddingsConfig, JobConfig
+from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def point(method: str, budget: float, seed: int, value: float, nbytes: int, widths: dict[str, int] | None = None):
+    return {"method": method, "budget": budget, "seed": seed, "metric": "auc", "value": value,
+            "serving_bytes": nbytes, "serving_params": nbytes // 4, "widths": widths or {"C1": 4}}
+
+
+def rising() -> list[dict]:
+    # uniform rises 0.70 -> 0.75 -> 0.78; mde reaches 0.779 at the middle budget's bytes.
+    pts = []
+    for seed, jitter in ((0, -0.0002), (1, 0.0002)):
+        pts += [point("uniform", 0.25, seed, 0.70 + jitter, 1000), point("uniform", 0.5, seed, 0.75 + jitter, 2000),
+                point("uniform", 1.0, seed, 0.78 + jitter, 4000),
+                point("mde", 0.25, seed, 0.76 + jitter, 1000), point("mde", 0.5, seed, 0.7795 + jitter, 2000)]
+    return pts
+
+
+def test_aggregate_means_stds_and_errors():
+    pts = rising() + [{"method": "mde", "budget": 0.125, "seed": 0, "metric": "auc", "error": "below MDE's floor"}]
+    configs, errors = aggregate(pts)
+    u = next(c for c in configs if c.method == "uniform" and c.budget == 0.5)
+    assert u.mean == pytest.approx(0.75) and u.seeds == 2 and u.std == pytest.approx(0.000283, abs=1e-6)
+    assert [c.budget for c in configs if c.method == "uniform"] == [0.25, 0.5, 1.0]  # by bytes
+    assert errors == [pts[-1]]
+
+
+def test_claim_names_the_smallest_plan_when_uniform_rises():
+    configs, _ = aggregate(rising())
+    c = claim(configs)
+    assert c.rises is True
+    assert c.tolerance == pytest.approx(0.001)  # the seed stds (0.0003) are smaller
+    # Within 0.001 of 0.78: uniform only at 4000 bytes, mde at 2000 bytes -> 2x fewer.
+    assert c.smallest["uniform"]["serving_bytes"] == 4000
+    assert c.smallest["mde"]["serving_bytes"] == 2000 and c.smallest["mde"]["ratio_vs_uniform"] == pytest.approx(2)
+    assert "mde at budget 0.5" in c.statement and "2.00x" in c.statement
+
+
+def test_claim_refuses_a_ratio_when_width_does_not_matter():
+    pts = [point("uniform", b, s, 0.70 + 0.0003 * b + 0.001 * s, int(4000 * b)) for b in (0.25, 0.5, 1.0)
+           for s in (0, 1)]
+    pts += [point("mde", 0.25, s, 0.71, 1000) for s in (0, 1)]
+    c = claim(aggregate(pts)[0])
+    assert c.rises is False and not c.smallest
+    assert c.statement.startswith("width does not matter on this data")
+
+
+def test_a_noisy_rise_within_the_seed_std_is_no_rise():
+    # The widest uniform is 0.004 better, but its seeds spread by 0.007: no claim.
+    pts = [point("uniform", 0.25, s, 0.70, 1000) for s in (0, 1)]
+    pts += [point("uniform", 1.0, 0, 0.699, 4000), point("uniform", 1.0, 1, 0.709, 4000)]
+    assert claim(aggregate(pts)[0]).rises is False
+
+
+def test_one_uniform_width_gives_no_claim():
+    c = claim(aggregate([point("uniform", 0.5, 0, 0.7, 2000), point("mde", 0.5, 0, 0.8, 2000)])[0])
+    assert c.rises is None and "two or more budgets" in c.statement
+
+
+def test_planted_comparison_widths_and_distance_to_bayes():
+    pts = [point("uniform", 0.5, s, 0.80 + 0.01 * s, 2000, {"C1": 8, "C2": 8}) for s in (0, 1)]
+    pts += [point("mde", 0.5, 0, 0.84, 2000, {"C1": 16, "C2": 4}),
+            point("mde", 0.5, 1, 0.84, 2000, {"C1": 12, "C2": 4})]
+    planted = {"bayes_auc": {"train": 0.9, "valid": 0.88, "test": 0.87},
+               "ranks": {"C1": {"rank": 16, "blocks": []}, "C2": {"rank": 3, "blocks": []}}}
+    comparison = planted_comparison(aggregate(pts)[0], planted)
+    assert comparison["ranks"] == {"C1": 16, "C2": 3}
+    mde = next(c for c in comparison["configs"] if c["method"] == "mde")
+    assert mde["widths"] == {"C1": 14, "C2": 4}  # mean over seeds
+    assert mde["distance_to_bayes"] == pytest.approx(0.03)
+    uniform = next(c for c in comparison["configs"] if c["method"] == "uniform")
+    assert uniform["distance_to_bayes"] == pytest.approx(0.87 - 0.805)
+    with pytest.raises(DataError, match="bayes_auc.test"):
+        planted_comparison(aggregate(pts)[0], {"bayes_auc": {}, "ranks": {}})
+
+
+def test_report_files(tmp_path):
+    planted = {"bayes_auc": {"test": 0.8}, "ranks": {"C1": {"rank": 6, "blocks": []}}}
+    rep = report(rising(), planted)
+    paths = write_report(rep, "tiny", tmp_path, "tiny")
+    assert [p.name for p in paths] == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
+    assert json.loads(paths[0].read_text())["claim"]["rises"] is True
+    text = paths[1].read_text()
+    assert "| mde | 0.5 | 2,000 | 0.7795 ± 0.0003 | 2 |" in text and "planted rank | | | 6 |" in text
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*partial*"))
+    assert markdown(rep, "t").count("\n| uniform |") == 6  # the frontier and the planted table
+
+
+def test_parse_methods_and_budgets():
+    assert parse_methods("uniform, mde+mlet") == ["uniform", "mde+mlet"]
+    with pytest.raises(ConfigError, match="unknown method 'mdx'"):
+        parse_methods("uniform,mdx")
+    with pytest.raises(ConfigError, match="--budgets: empty"):
+        parse_budgets(" , ")
+    with pytest.raises(ConfigError, match="outside"):
+        parse_budgets("0.5,1.5")
+    assert parse_budgets("1,0.25") == [0.25, 1.0]
+
+
+def test_trials_and_budget_knobs(tmp_path):
+    spec = SweepSpec(["uniform", "pep"], [0.25, 1.0], 2)
+    assert [t.key for t in spec.trials()] == ["uniform-b0.25-s0", "uniform-b1-s0", "uniform-b0.25-s1",
+                                              "uniform-b1-s1", "pep-s0", "pep-s1"]
+    emb = EmbeddingsConfig(dim=16)
+    assert [uniform_width(emb, b) for b in (0.125, 0.25, 0.3, 1.0)] == [4, 4, 4, 16]
+    data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
+    trial = SweepSpec(["mde+mlet"], [0.5], 1).trials()[0]
+    cfg = planned_run(JobConfig(), data, trial, tmp_path)
+    assert cfg.embeddings.policy == "mde" and cfg.embeddings.mde.budget_params == 150 * 16 // 2
+    assert cfg.embeddings.mlet is not None and cfg.embeddings.mlet.ratio == 4
+    assert cfg.train.test and cfg.output_dir == str(tmp_path / "train")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--methods", "uniform,bogus"], "--methods: unknown method 'bogus'"),
+    (["--budgets", ""], "--budgets: empty"),
+    (["--seeds", "0"], "--seeds: expected a whole number >= 1"),
+])
+def test_bad_input_is_one_line(args, expected, capsys):
+    code = main(["sweep", str(REPO / "configs" / "default.yaml"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith(f"embshard: error: {expected}")
+
+
+def test_sweep_folder_is_never_taken_over(tmp_path, capsys):
+    from embshard.datasets.synth import synthesize
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    synthesize(data, rows=200, seed=0, max_cardinality=50)
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    base = ["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}", "--budgets", "1"]
+    assert main([*base, "--out", str(out)]) == 2
+    assert "not empty; resume the sweep there with --resume" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "holds no sweep to resume" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
