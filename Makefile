@@ -19,7 +19,7 @@ $(STAMP): $(REQS)
 	$(PIP) install "setuptools>=68" wheel
 	$(PIP) install -r requirements/torch.txt
 	$(PIP) install --no-deps -r requirements/nodeps.txt
-	$(PIP) install -r requirements/base.txt -r requirements/test.txt -r requirements/bench.txt
+	$(PIP) install -r requirements/base.txt -r requirements/test.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
