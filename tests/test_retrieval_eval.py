@@ -8,7 +8,7 @@ import pytest
 import torch
 from distributed import run_ranks
 
-from embshard.trainer.retrieval_eval import RetrievalMetrics, metrics_from_positions
+from embshard.trainer.models.retrieval_eval import RetrievalMetrics, metrics_from_positions
 
 ITEMS, DIM, WORLD = 37, 8, 2
 KS = [3, 10, 50]  # 50 > either rank's slice: local candidates are padded

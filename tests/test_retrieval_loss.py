@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from embshard.trainer.retrieval_loss import in_batch_softmax_loss
+from embshard.trainer.models.retrieval_loss import in_batch_softmax_loss
 
 T = 0.1
 

@@ -52,7 +52,7 @@ class TwoTowerModel(nn.Module):
         super().__init__()
         self.embeddings = embeddings
         self.layout = layout
-        width = dict(zip(embeddings.feature_names, embeddings.feature_dims, strict=True))
+        width = embeddings.feature_dims
         self.query_tower = mlp(sum(width[f] for f in layout.query), hidden, out_dim, device)
         self.item_tower = mlp(sum(width[f] for f in layout.item), hidden, out_dim, device)
 
