@@ -182,7 +182,7 @@ def encode_catalog(towers: TwoTowerModel, reader: ParquetBatchReader,
     table = read_catalog(dataset, spec, int(rows[0]), int(rows[-1]) + 1)
     table = table.take(rows - rows[0])
     vectors = []
-    for sparse in _catalog_batches(table, spec, towers.layout, reader.id_maps, reader.batch_size):
+    for sparse in catalog_batches(table, spec, towers.layout, reader.id_maps, reader.batch_size):
         sparse = sparse.to(device)
         out = towers(torch.zeros(sparse.stride(), len(spec.dense), device=device), sparse)
         vectors.append(out.item)
@@ -191,7 +191,7 @@ def encode_catalog(towers: TwoTowerModel, reader: ParquetBatchReader,
     return torch.cat(vectors)[keep.to(device)], ids[keep].to(device)
 
 
-def _catalog_batches(table: Any, spec: DatasetSpec, layout: TowerLayout, id_maps: Mapping[str, np.ndarray],
+def catalog_batches(table: Any, spec: DatasetSpec, layout: TowerLayout, id_maps: Mapping[str, np.ndarray],
                      batch_size: int) -> Iterator[KeyedJaggedTensor]:
     """The catalog rows as KeyedJaggedTensors over every feature of the dataset (the embedding
     collection takes them all): item features from the catalog, every other feature empty."""
