@@ -21,10 +21,12 @@ from embshard.errors import ConfigError
 from embshard.planner.pipeline import PlanBundle, plan_with
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded, build_unsharded
+from embshard.trainer.export import export_serving
 from embshard.trainer.method import get_method, method_name
 from embshard.trainer.models.retrieval_eval import metrics_from_positions
 from embshard.trainer.models.two_tower import TwoTowerArch, encode_catalog
 from embshard.trainer.models.two_tower_model import TwoTowerModel
+from embshard.trainer.models.two_tower_serving import load_retrieval
 from embshard.trainer.planning import planning_step
 
 WORLD = 2
@@ -196,3 +198,38 @@ def test_two_tower_sharded_training_and_evaluation_equal_one_process(dataset: Pa
     for _, _, metrics, examples in results:
         assert examples == queries
         assert metrics == want  # exact: both ranked the same scores
+
+
+# -- export: the query encoder and the item vectors reproduce the trained model ------------------
+
+
+def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Path) -> None:
+    cfg = mde_config(dataset)
+    bundle = plan(cfg, tmp_path / "plan", 1)
+    assert any(t.remap for t in bundle.dimension_plan.tables)  # raw ids differ from the model's
+    spec = DatasetSpec.load(dataset)
+    model = build_unsharded(cfg, bundle, spec, torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for batch in global_batches(dataset, bundle):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory)
+    retrieval = load_retrieval(tmp_path / "serving", dataset)
+
+    towers = model.model
+    assert isinstance(towers, TwoTowerModel)
+    remapped = valid_reader(dataset, bundle)
+    raw = ParquetBatchReader(dataset, "valid", 64, shuffle=False, drop_last=False)
+    with torch.no_grad():
+        items, _ = encode_catalog(towers, remapped, torch.device("cpu"))
+        torch.testing.assert_close(retrieval.item_vectors, items)
+        assert retrieval.item_ids.tolist() == list(range(spec.catalog.rows))
+        for trained_batch, raw_batch in zip(remapped, raw, strict=True):
+            out = towers(trained_batch.dense, trained_batch.sparse)
+            # A row's own item vector is its catalog item's: the catalog holds the rows' features.
+            movie = raw_batch.sparse["movieId"].values()
+            torch.testing.assert_close(out.item, retrieval.item_vectors[movie])
+            served = retrieval.query_encoder(raw_batch.dense, raw_batch.sparse) @ retrieval.item_vectors.t()
+            torch.testing.assert_close(served, out.query @ items.t())

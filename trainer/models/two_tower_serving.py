@@ -58,5 +58,5 @@ def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
     vectors = [serving(torch.zeros(kjt.stride(), len(spec.dense)), kjt).item
                for kjt in catalog_batches(catalog, spec, towers.layout, {}, ENCODE_BATCH)]
     assert spec.catalog is not None  # read_catalog raised otherwise
-    ids = torch.from_numpy(catalog[spec.catalog.item_id].to_numpy())
+    ids = torch.tensor(catalog[spec.catalog.item_id].to_numpy())
     return Retrieval(QueryEncoder(serving), ids, torch.cat(vectors))
