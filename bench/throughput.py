@@ -114,7 +114,7 @@ def main() -> None:
     warm, timed_batches, num_dense = data.warm, data.timed, data.num_dense
 
     base_model, base_opt = torchrec_baseline(cfg, bundle, num_dense)
-    ours = build_sharded(cfg, bundle, num_dense, torch.device("cpu"))
+    ours = build_sharded(cfg, bundle, data.spec, torch.device("cpu"))
     metrics = WorkerMetrics(job="bench", rank=0)
     with_metrics = [PrometheusCallback(metrics)]
     run_baseline(base_model, base_opt, warm)

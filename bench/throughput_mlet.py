@@ -29,7 +29,7 @@ from embshard.trainer.build import ShardedModel, build_sharded
 
 def build(name: str, embeddings: EmbeddingsConfig, data: BenchData, batch_size: int) -> ShardedModel:
     cfg, bundle = bench_job(f"throughput-mlet/{name}", data, batch_size, embeddings)
-    return build_sharded(cfg, bundle, data.num_dense, torch.device("cpu"))
+    return build_sharded(cfg, bundle, data.spec, torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> None:

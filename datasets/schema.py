@@ -128,19 +128,26 @@ class DatasetSpec:
             raw = json.loads(path.read_text())
             if raw.get("version") != SPEC_VERSION:
                 raise DataError(f"{path}: version {raw.get('version')!r}, expected {SPEC_VERSION}")
-            raw["sparse"] = [SparseFeature(**s) for s in raw["sparse"]]
-            if raw.get("catalog") is not None:
-                raw["catalog"] = ItemCatalog(**raw["catalog"])
-            spec = DatasetSpec(**raw)
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed dataset spec ({e})") from None
+        return DatasetSpec.from_json(raw, str(path))
+
+    @staticmethod
+    def from_json(raw: dict[str, Any], where: str) -> "DatasetSpec":
+        """A spec from its JSON form (`dataset.json`, or a copy kept beside an export)."""
+        try:
+            catalog = raw.get("catalog")
+            spec = DatasetSpec(**{**raw, "sparse": [SparseFeature(**s) for s in raw["sparse"]],
+                                  "catalog": ItemCatalog(**catalog) if catalog is not None else None})
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: malformed dataset spec ({e})") from None
         for f in spec.sparse:
             if f.role not in ROLES:
-                raise DataError(f"{path}: sparse feature {f.name!r}: role {f.role!r} (one of query, item, or \"\")")
+                raise DataError(f"{where}: sparse feature {f.name!r}: role {f.role!r} (one of query, item, or \"\")")
         if spec.catalog is not None:
             for name in [spec.catalog.item_id, *spec.catalog.features]:
                 if name not in spec.sparse_names:
-                    raise DataError(f"{path}: catalog column {name!r} is no sparse feature")
+                    raise DataError(f"{where}: catalog column {name!r} is no sparse feature")
         return spec
 
     def with_role(self, role: str) -> list[str]:
