@@ -27,7 +27,7 @@ def test_log_q_correction_and_accidental_hits_by_hand() -> None:
     loss = in_batch_softmax_loss(query, item, ids, freq, labels, T)
     pos = [0, 1, 2, 4]  # row 3 is a negative: neither query nor candidate
     want = []
-    for a, i in enumerate(pos):
+    for i in pos:
         terms = []
         for j in pos:
             if j != i and ids[j] == ids[i]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_ranks
-from test_sharded_equivalence import global_batches, rows_of
 from movielens_fixture import write_ml1m_like
+from test_sharded_equivalence import global_batches, rows_of
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagCollection
 

@@ -24,8 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from embshard.datasets.convert.text import Malformed
-from embshard.datasets.convert.vocab import VocabularyBuilder
-from embshard.datasets.convert.vocab import Vocabulary
+from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCatalog, SparseFeature
 from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
 from embshard.errors import DataError
@@ -100,8 +99,8 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
     schema = spec.arrow_schema().append(pa.field("rating", pa.float32())).append(
         pa.field(ITEM_FREQUENCY, pa.float32()))
     positives = (table["label"].to_numpy() == 1) & train.to_numpy(zero_copy_only=False)
-    out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"],
-                    ITEM_FREQUENCY: _item_frequency(encoded[ITEM_ID].to_numpy(), positives, spec.catalog.rows)})
+    frequency = _item_frequency(encoded[ITEM_ID].to_numpy(), positives, vocabs[ITEM_ID].cardinality)
+    out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"], ITEM_FREQUENCY: frequency})
     with DatasetWriter(out_dir, schema, overwrite=overwrite, total_rows=n,
                        desc=f"{release.name}: writing", oov_features=spec.sparse_names) as writer:
         writer.write_ordered(out, np.arange(n), plan)
