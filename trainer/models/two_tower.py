@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -191,8 +192,8 @@ def encode_catalog(towers: TwoTowerModel, reader: ParquetBatchReader,
     return torch.cat(vectors)[keep.to(device)], ids[keep].to(device)
 
 
-def catalog_batches(table: Any, spec: DatasetSpec, layout: TowerLayout, id_maps: Mapping[str, np.ndarray],
-                     batch_size: int) -> Iterator[KeyedJaggedTensor]:
+def catalog_batches(table: pa.Table, spec: DatasetSpec, layout: TowerLayout,
+                    id_maps: Mapping[str, np.ndarray], batch_size: int) -> Iterator[KeyedJaggedTensor]:
     """The catalog rows as KeyedJaggedTensors over every feature of the dataset (the embedding
     collection takes them all): item features from the catalog, every other feature empty."""
     for start in range(0, table.num_rows, batch_size):
