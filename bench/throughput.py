@@ -1,12 +1,13 @@
 """Steady-state training throughput of embshard's loop against plain TorchRec, same run.
 
-Baseline: TorchRec's own `torchrec.models.dlrm.DLRM` over an `EmbeddingBagCollection`, wrapped in
+Baseline: TorchRec's own `torchrec.models.dlrm.DLRM` (with `--arch dlrm_dcn`: `DLRM_DCN`, DLRMv2,
+at the same cross-net options as embshard's `dlrm_dcn`) over an `EmbeddingBagCollection`, wrapped in
 `DistributedModelParallel` with the same shard plan and optimizers, driven by the textbook loop
 (forward, BCE loss, zero_grad, backward, step). embshard: the model from `trainer.build`, stepped
 by `trainer.loop.train_step` with the loop's per-step callbacks (metrics off, and on). Both see the
 same in-memory batches, so data loading is out of the picture.
 
-    .venv/bin/python bench/throughput.py [--steps 60] [--repeats 3] [--dim 16]
+    .venv/bin/python bench/throughput.py [--steps 60] [--repeats 3] [--dim 16] [--arch dlrm_dcn]
     .venv/bin/python bench/throughput.py --mlet-ratio 4 [...]   # MLET vs uniform k and d (throughput_mlet.py)
     .venv/bin/python bench/throughput.py --pep [...]            # PEP per granularity (throughput_pep.py)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
+from torchrec.models.dlrm import DLRM_DCN as TorchRecDLRMDCN
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -44,17 +47,22 @@ from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, build_sharded
 from embshard.trainer.callbacks import PrometheusCallback, StepInfo  # noqa: E402
 from embshard.trainer.loop import train_step  # noqa: E402
 from embshard.trainer.metrics import WorkerMetrics  # noqa: E402
+from embshard.trainer.models.dcn import dcn_options  # noqa: E402
 
 
 def torchrec_baseline(cfg: JobConfig, bundle, num_dense: int) -> tuple[torch.nn.Module, CombinedOptimizer]:
     torch.manual_seed(cfg.seed)
     ebc = EmbeddingBagCollection(tables=block_table_configs(bundle.dimension_plan), device=torch.device("meta"))
-    model = TorchRecDLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=num_dense,
-        dense_arch_layer_sizes=[*cfg.model.dense_arch, cfg.embeddings.dim],
-        over_arch_layer_sizes=[*cfg.model.over_arch, 1],
-    )
+    arches = {
+        "embedding_bag_collection": ebc,
+        "dense_in_features": num_dense,
+        "dense_arch_layer_sizes": [*cfg.model.dense_arch, cfg.embeddings.dim],
+        "over_arch_layer_sizes": [*cfg.model.over_arch, 1],
+    }
+    if cfg.model.arch == "dlrm_dcn":
+        model: torch.nn.Module = TorchRecDLRMDCN(**arches, **dcn_options(cfg.model))
+    else:
+        model = TorchRecDLRM(**arches)
     apply_optimizer_in_backward(
         torch_optimizer_class(cfg.train.sparse_optimizer), ebc.parameters(), {"lr": cfg.train.sparse_lr}
     )
@@ -108,9 +116,12 @@ def main() -> None:
         from throughput_pep import main as pep_main
 
         return pep_main([a for a in sys.argv[1:] if a != "--pep"])
-    args = bench_arguments(__doc__).parse_args()
+    parser = bench_arguments(__doc__)
+    parser.add_argument("--arch", choices=["dlrm", "dlrm_dcn"], default="dlrm")
+    args = parser.parse_args()
     data = prepare(args)
     cfg, bundle = bench_job("throughput-run", data, args.batch_size, EmbeddingsConfig(dim=args.dim))
+    cfg = replace(cfg, model=replace(cfg.model, arch=args.arch))
     warm, timed_batches, num_dense = data.warm, data.timed, data.num_dense
 
     base_model, base_opt = torchrec_baseline(cfg, bundle, num_dense)
@@ -121,7 +132,7 @@ def main() -> None:
     run_embshard(ours, warm, [], cfg.train.log_every)
 
     print(f"{len(timed_batches)} steps x {args.batch_size} per pass, {args.repeats} passes each, "
-          f"dim {args.dim}, {len(bundle.dimension_plan.tables)} tables", file=sys.stderr)
+          f"dim {args.dim}, {len(bundle.dimension_plan.tables)} tables, arch {args.arch}", file=sys.stderr)
     rates = interleaved_rates(
         {
             "torchrec": lambda: run_baseline(base_model, base_opt, timed_batches),
@@ -133,6 +144,7 @@ def main() -> None:
     m = median_rates(rates)
     print(json.dumps({
         "bench": "throughput",
+        "arch": args.arch,
         "dim": args.dim,
         "batch_size": args.batch_size,
         "torchrec_samples_per_s": round(m["torchrec"]),

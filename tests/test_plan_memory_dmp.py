@@ -7,7 +7,16 @@ import torch
 from distributed import run_ranks
 
 from embshard.cluster.launch import plan_for_training
-from embshard.config import ClusterConfig, DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, MletConfig, PepConfig
+from embshard.config import (
+    ClusterConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    MdeConfig,
+    MletConfig,
+    ModelConfig,
+    PepConfig,
+)
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
@@ -66,6 +75,30 @@ def test_planned_bytes_match_dmp(tmp_path, embeddings):
         measured = actual["weights"] + actual["optimizer"] + actual["projections"]
         assert measured > 0
         assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)
+
+
+def test_per_feature_width_plan_bytes_match_dmp(tmp_path):
+    """An arch that takes each feature at its own width (dlrm_dcn): the plan records it, the
+    module drops the projections between tables, and the report counts only those that remain."""
+    data = tmp_path / "data"
+    synthesize(data, rows=4000, seed=1, max_cardinality=3000)
+    embeddings = EmbeddingsConfig(policy="mde", dim=16, mlet=MletConfig(ratio=2),
+                                  mde=MdeConfig(alpha=0.4, mode="within", blocks=3))
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
+                    embeddings=embeddings, cluster=ClusterConfig(workers=2),
+                    model=ModelConfig(arch="dlrm_dcn", options={"dcn_low_rank_dim": 8}))
+    bundle = plan_for_training(cfg)
+    assert PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer).dimension_plan.uniform_width is False
+    uniform = make_plan(embeddings, data, TopologySpec(2, "cpu"), tmp_path / "uniform",
+                        batch_size=256, optimizer=cfg.train.sparse_optimizer)
+    assert bundle.memory.projection_bytes < uniform.memory.projection_bytes
+    held = run_ranks(_held_bytes, 2, cfg)
+    for rank, actual in enumerate(held):
+        planned = bundle.memory.per_rank[rank]["train_bytes"]
+        measured = actual["weights"] + actual["optimizer"] + actual["projections"]
+        assert measured > 0
+        assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)
+        assert actual["projections"] == bundle.memory.projection_bytes  # dense: exact
 
 
 @pytest.mark.parametrize("pooled_lookup", [True, False], ids=["pooled", "unpooled"])

@@ -7,12 +7,16 @@ over the bag. The module under test must agree for any mix of block widths and b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embshard.planner.shard_plan import block_table_configs
+from embshard.planner.memory import memory_report
+from embshard.planner.shard_plan import block_table_configs, plan_sharding
+from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
 from embshard.sharding.block_split import feature_blocks, split_by_block
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
@@ -53,7 +57,7 @@ def alg1_reference(module: PlannedEmbeddingBags, bags: dict[str, list[list[int]]
         table = next(t for t in plan.tables if feature in t.features)
         rows = []
         for bag in feature_bags:
-            total = torch.zeros(plan.base_dim)
+            total = torch.zeros(plan.output_dim(table))
             for r in bag:
                 i = next(j for j, b in enumerate(table.blocks) if b.start <= r < b.end)
                 name = table.block_name(i)
@@ -90,6 +94,28 @@ def test_forward_equals_alg1_reference() -> None:
         torch.testing.assert_close(values, want[feature], rtol=1e-5, atol=1e-6)
     # An empty bag pools to zero, whatever the projections hold.
     assert torch.count_nonzero(got.to_dict()["b"][1]) == 0
+
+
+def test_per_feature_widths_project_only_within_a_table() -> None:
+    """uniform_width off (an arch that concatenates): each feature at its table's widest block;
+    a single-block table is never projected, and the memory report counts exactly the
+    projections and W2s the module holds."""
+    torch.manual_seed(0)
+    plan = replace(mixed_plan(), uniform_width=False)
+    module = PlannedEmbeddingBags(plan)
+    assert module.feature_dims == {"a": 8, "b": 8, "c": 8, "d": 4, "e": 8}
+    assert set(module.projections) == {"t_a__b1", "t_a__b2", "t_bc__b1"}  # t_d stays 4 wide
+    got = module(kjt(BAGS))
+    assert got.length_per_key() == [8, 8, 8, 4, 8]
+    want = alg1_reference(module, BAGS)
+    for feature, values in got.to_dict().items():
+        torch.testing.assert_close(values, want[feature], rtol=1e-5, atol=1e-6)
+    report = memory_report(plan, plan_sharding(plan, TopologySpec(1, "cuda"), batch_size=6), "rowwise_adagrad")
+    dense = sum(p.numel() for p in [*module.projections.parameters(), *module.mlet.parameters()])
+    assert report.projection_bytes == dense * 4
+    uniform = memory_report(mixed_plan(), plan_sharding(mixed_plan(), TopologySpec(1, "cuda"), batch_size=6),
+                            "rowwise_adagrad")
+    assert uniform.projection_bytes - report.projection_bytes == 4 * BASE * 4  # t_d's 4 -> 8 projection
 
 
 def test_forward_with_input_keys_in_another_order() -> None:

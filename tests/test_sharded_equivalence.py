@@ -30,21 +30,25 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, ModelConfig, TrainConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.planner.pipeline import PlanBundle, make_plan, plan_with
 from embshard.planner.shard_plan import ShardPlan, block_table_configs
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded, build_unsharded
+from embshard.trainer.method import get_method, method_name
+from embshard.trainer.planning import planning_step
 
 WORLD = 2
 BATCH = 256  # global; each rank takes half
 STEPS = 3
 
 
-def job_config(dataset: Path) -> JobConfig:
+def job_config(dataset: Path, embeddings: EmbeddingsConfig, arch: str) -> JobConfig:
+    options = {"dcn_num_layers": 2, "dcn_low_rank_dim": 8} if arch == "dlrm_dcn" else {}
     return JobConfig(
         seed=7,
         data=DataConfig(path=str(dataset)),
-        model=ModelConfig(dense_arch=[16], over_arch=[16]),
+        embeddings=embeddings,
+        model=ModelConfig(arch=arch, options=options, dense_arch=[16], over_arch=[16]),
         # SGD on both sides keeps the update linear in the gradient, so equal gradients mean
         # equal weights (Adam's normalisation would magnify rounding in tiny gradients).
         train=TrainConfig(sparse_optimizer="sgd", sparse_lr=0.5, dense_optimizer="sgd", dense_lr=0.1),
@@ -76,10 +80,11 @@ def mixed_shard_plan(bundle: PlanBundle) -> ShardPlan:
     return ShardPlan(sharding=sharding, topology=bundle.shard_plan.topology)
 
 
-def make_bundle(dataset: Path, tmp: Path, embeddings: EmbeddingsConfig, cfg: JobConfig) -> PlanBundle:
+def make_bundle(dataset: Path, tmp: Path, cfg: JobConfig) -> PlanBundle:
+    """The driver's plan for cfg's method and arch, with a mixed table-wise / column-wise layout."""
     topology = TopologySpec(world_size=WORLD, device="cpu")
-    bundle = make_plan(embeddings, dataset, topology, tmp / "plan", batch_size=BATCH // WORLD,
-                       optimizer=cfg.train.sparse_optimizer, sharding_types=["table_wise"])
+    bundle = plan_with(planning_step(cfg, get_method(method_name(cfg))), dataset, topology, tmp / "plan",
+                       batch_size=BATCH // WORLD, optimizer=cfg.train.sparse_optimizer, sharding_types=["table_wise"])
     bundle = replace(bundle, shard_plan=mixed_shard_plan(bundle))
     types = {ps.sharding_type for ps in bundle.shard_plan.sharding.values()}
     assert types == {"table_wise", "column_wise"}
@@ -146,9 +151,10 @@ def _sharded_run(rank: int, world: int, cfg: JobConfig, plan_dir: Path, dataset:
     return losses, state if rank == 0 else None
 
 
-def assert_sharded_equals_unsharded(dataset: Path, tmp: Path, embeddings: EmbeddingsConfig) -> None:
-    cfg = job_config(dataset)
-    bundle = make_bundle(dataset, tmp, embeddings, cfg)
+def assert_sharded_equals_unsharded(dataset: Path, tmp: Path, embeddings: EmbeddingsConfig,
+                                    arch: str = "dlrm") -> None:
+    cfg = job_config(dataset, embeddings, arch)
+    bundle = make_bundle(dataset, tmp, cfg)
     ref_losses, ref_state = unsharded_run(cfg, bundle, global_batches(dataset, bundle))
     results = run_ranks(_sharded_run, WORLD, cfg, bundle.directory, dataset)
 
@@ -182,3 +188,16 @@ def test_mde_within_sharded_step_equals_unsharded(dataset: Path, tmp_path: Path)
     assert max(len(t.blocks) for t in plan.tables) > 1
     assert any(b.dim < plan.base_dim for t in plan.tables for b in t.blocks)
     assert_sharded_equals_unsharded(dataset, tmp_path, embeddings)
+
+
+@pytest.mark.slow
+def test_dcn_with_per_feature_widths_sharded_step_equals_unsharded(dataset: Path, tmp_path: Path) -> None:
+    """dlrm_dcn over an MDE plan: every feature at its own width into the cross net, projections
+    only within tables."""
+    embeddings = EmbeddingsConfig(policy="mde", dim=8, min_dim=4, mde=MdeConfig(mode="within", blocks=3, alpha=0.4))
+    cfg = job_config(dataset, embeddings, "dlrm_dcn")
+    plan = make_bundle(dataset, tmp_path / "probe", cfg).dimension_plan
+    assert not plan.uniform_width
+    widths = {plan.output_dim(t) for t in plan.tables}
+    assert len(widths) > 1  # features really reach the cross net at different widths
+    assert_sharded_equals_unsharded(dataset, tmp_path, embeddings, arch="dlrm_dcn")

@@ -36,9 +36,9 @@ class EvalResult:
         return self.metrics.get("logloss")
 
     def text(self) -> str:
-        """"auc 0.7612, logloss 0.4701": the primary metric first."""
+        """"AUC 0.7612, logloss 0.4701": the primary metric first."""
         names = [self.primary, *(k for k in self.metrics if k != self.primary)]
-        return ", ".join(f"{k} {self.metrics[k]:.4f}" for k in names)
+        return ", ".join(f"{'AUC' if k == 'auc' else k} {self.metrics[k]:.4f}" for k in names)
 
 
 @torch.no_grad()

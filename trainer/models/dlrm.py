@@ -42,8 +42,8 @@ class DLRM(nn.Module):
         d = embeddings.base_dim
         f = len(self.feature_names)
         self.num_dense = num_dense
-        # Datasets without dense features (MovieLens, Avazu) feed a constant 1: the dense arch
-        # then learns a bias vector in embedding space, and the interaction stays DLRM's.
+        # Without dense features the dense arch learns a bias vector in embedding space from a
+        # constant 1 (`dense_input`), and the interaction stays DLRM's.
         self.dense_arch = DenseArch(max(num_dense, 1), [*config.dense_arch, d], device=dense_device)
         self.interaction = InteractionArch(num_sparse_features=f)
         self.over_arch = OverArch(d + choose(f, 2) + f, [*config.over_arch, 1], device=dense_device)
@@ -63,16 +63,23 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """-> logits [B]"""
-        if self.num_dense == 0:
-            dense = torch.ones(sparse.stride(), 1, device=dense.device)
-        embedded = self.embeddings(sparse)
-        if embedded.keys() != self.feature_names:
-            embedded = _reorder(embedded, self.feature_names)
-        sparse_t = embedded.values().reshape(-1, len(self.feature_names), self.embeddings.base_dim)
-        dense_t = self.dense_arch(dense)
+        embedded = embedded_in_order(self.embeddings, sparse, self.feature_names)
+        sparse_t = embedded.reshape(-1, len(self.feature_names), self.embeddings.base_dim)
+        dense_t = self.dense_arch(dense_input(dense, sparse, self.num_dense))
         return self.over_arch(self.interaction(dense_t, sparse_t)).squeeze(-1)
 
 
-def _reorder(kt: KeyedTensor, names: list[str]) -> KeyedTensor:
-    d = kt.to_dict()
-    return KeyedTensor.from_tensor_list(names, [d[n] for n in names])
+def dense_input(dense: torch.Tensor, sparse: KeyedJaggedTensor, num_dense: int) -> torch.Tensor:
+    """What the dense arch reads: a constant 1 for datasets without dense features (MovieLens,
+    Avazu), so it learns a bias vector instead."""
+    return torch.ones(sparse.stride(), 1, device=dense.device) if num_dense == 0 else dense
+
+
+def embedded_in_order(embeddings: EmbeddingModule, sparse: KeyedJaggedTensor, names: list[str]) -> torch.Tensor:
+    """[B, sum of widths]: the features' pooled embeddings side by side in the order of `names`
+    (a sharded collection may return its keys in another order)."""
+    embedded = embeddings(sparse)
+    if embedded.keys() != names:
+        d = embedded.to_dict()
+        embedded = KeyedTensor.from_tensor_list(names, [d[n] for n in names])
+    return embedded.values()
