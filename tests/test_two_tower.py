@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,11 +10,22 @@ import pytest
 import torch
 from distributed import run_ranks
 from movielens_fixture import write_ml1m_like
+from test_model_matrix import METHODS, sharded_state
 from test_sharded_equivalence import global_batches, rows_of
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagCollection
 
-from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, ModelConfig, TrainConfig
+from embshard.cluster.launch import plan_for_training
+from embshard.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    MdeConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from embshard.datasets.convert import convert
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
@@ -22,6 +34,7 @@ from embshard.planner.pipeline import PlanBundle, plan_with
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded, build_unsharded
 from embshard.trainer.export import export_serving
+from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.method import get_method, method_name
 from embshard.trainer.models.retrieval_eval import metrics_from_positions
 from embshard.trainer.models.two_tower import TwoTowerArch, encode_catalog
@@ -113,8 +126,6 @@ def valid_reader(dataset: Path, bundle: PlanBundle, rank: int = 0, world: int = 
 
 def _sharded(rank: int, world: int, cfg: JobConfig, plan_dir: Path
              ) -> tuple[list[float], dict[str, torch.Tensor] | None, dict[str, float], int]:
-    from embshard.trainer.loop import train_step
-
     dataset = Path(cfg.data.path)
     bundle = PlanBundle.load(plan_dir, cfg.train.sparse_optimizer)
     spec = DatasetSpec.load(dataset)
@@ -233,3 +244,31 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
             torch.testing.assert_close(out.item, retrieval.item_vectors[movie])
             served = retrieval.query_encoder(raw_batch.dense, raw_batch.sparse) @ retrieval.item_vectors.t()
             torch.testing.assert_close(served, out.query @ items.t())
+
+
+# -- every method on two_tower ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_two_tower(dataset: Path, tmp_path: Path, process_group: None, method: str) -> None:
+    cfg = JobConfig(
+        output_dir=str(tmp_path / "run"),
+        cluster=ClusterConfig(workers=1),
+        data=DataConfig(path=str(dataset), batch_size=256, prefetch=1),
+        model=ModelConfig(arch="two_tower", options=OPTIONS),
+        train=TrainConfig(progress=False, sparse_lr=0.1, dense_lr=0.01),
+        checkpoint=CheckpointConfig(enabled=False),
+        **METHODS[method],
+    )
+    name = method if method in ("pep", "autodim") else method_name(cfg)
+    bundle = plan_for_training(cfg, name)
+    reader = make_reader(cfg, bundle, "train", 0, 1)
+    sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"), method=get_method(name))
+    before = sharded_state(sharded)
+    losses = [float(train_step(sharded, batch)) for batch, _ in zip(reader, range(3), strict=False)]
+    after = sharded_state(sharded)
+    assert all(math.isfinite(x) for x in losses)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".ebc." in k or ".ec." in k for k in moved) and any("_tower." in k for k in moved)
+    result = sharded.arch.evaluate(sharded.model, make_reader(cfg, bundle, "valid", 0, 1), torch.device("cpu"), None)
+    assert result.primary == "recall@5" and 0 <= result.metrics["recall@5"] <= result.metrics["recall@20"] <= 1
