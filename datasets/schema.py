@@ -7,6 +7,7 @@ Layout of a dataset directory::
     DIR/valid/part-00000.parquet ...
     DIR/test/part-00000.parquet ...
     DIR/profile/                # written by `embshard data profile` (see profile.py)
+    DIR/items/part-00000.parquet # optional item catalog (see ItemCatalog), e.g. MovieLens' movies
 
 Parquet columns: `label` (float32), one float32 column per dense feature, one column per sparse
 feature: int64 for single-hot (exactly one id per row), list<int64> for multi-hot (0..n ids),
@@ -34,10 +35,18 @@ PART_PATTERN = "part-*.parquet"
 # The id every converter gives values it has no row for: unseen in train, rarer than min_count, or
 # missing. It must get gradients in training, or every unseen test value lands on an untrained row.
 OOV_ID = 0
+# An extra float32 column of datasets with an item catalog: the share of train positives whose
+# item is this row's item (0 for an item never positive in train). It is what in-batch sampling
+# draws the row's item with, carried per row so no id remap can misalign it (two-tower's log-q).
+ITEM_FREQUENCY = "item_frequency"
 
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+ROLES = ("query", "item", "")
+ITEMS_DIR = "items"
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,21 @@ class SparseFeature:
     name: str
     cardinality: int
     multi_hot: bool = False
+    # Which tower of a retrieval model reads it: "query" (the user side), "item", or "" (neither
+    # said; ranking models read every feature regardless).
+    role: str = ""
+
+
+@dataclass(frozen=True)
+class ItemCatalog:
+    """Every item a retrieval model ranks, one row each: the `item_id` column (ids as in the
+    splits, one row per id in [0, cardinality)) and the item features, in the same column types
+    as the splits."""
+
+    item_id: str
+    features: list[str]  # the item features besides item_id
+    rows: int
+    path: str = f"{ITEMS_DIR}/part-00000.parquet"  # relative to the dataset folder
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,8 @@ class DatasetSpec:
     # What `data synth --planted` planted (ranks, Bayes AUC): for benchmarks to compare against.
     # No planner or training code reads it, so a method cannot cheat by looking. Empty otherwise.
     planted: dict[str, Any] = field(default_factory=dict)
+    # The item catalog, when the dataset has one (MovieLens); None in datasets without items.
+    catalog: ItemCatalog | None = None
     version: int = SPEC_VERSION
 
     @property
@@ -112,9 +138,28 @@ class DatasetSpec:
     def from_json(raw: dict[str, Any], where: str) -> "DatasetSpec":
         """A spec from its JSON form (`dataset.json`, or a copy kept beside an export)."""
         try:
-            return DatasetSpec(**{**raw, "sparse": [SparseFeature(**s) for s in raw["sparse"]]})
+            catalog = raw.get("catalog")
+            spec = DatasetSpec(**{**raw, "sparse": [SparseFeature(**s) for s in raw["sparse"]],
+                                  "catalog": ItemCatalog(**catalog) if catalog is not None else None})
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: malformed dataset spec ({e})") from None
+        for f in spec.sparse:
+            if f.role not in ROLES:
+                raise DataError(f"{where}: sparse feature {f.name!r}: role {f.role!r} (one of query, item, or \"\")")
+        if spec.catalog is not None:
+            for name in [spec.catalog.item_id, *spec.catalog.features]:
+                if name not in spec.sparse_names:
+                    raise DataError(f"{where}: catalog column {name!r} is no sparse feature")
+        return spec
+
+    def with_role(self, role: str) -> list[str]:
+        return [f.name for f in self.sparse if f.role == role]
+
+    def catalog_arrow_schema(self) -> pa.Schema:
+        if self.catalog is None:
+            raise DataError(f"{self.name}: no item catalog")
+        schema = self.arrow_schema()
+        return pa.schema([schema.field(c) for c in [self.catalog.item_id, *self.catalog.features]])
 
 
 def split_dir(directory: str | Path, split: str) -> StoragePath:

@@ -19,7 +19,14 @@ from tqdm import tqdm
 
 from embshard.datasets.outdir import check_output, make_staging, publish
 from embshard.datasets.profile import write_profile
-from embshard.datasets.schema import OOV_ID, SPLITS, DatasetSpec, flat_ids, part_name
+from embshard.datasets.schema import (
+    ITEMS_DIR,
+    OOV_ID,
+    SPLITS,
+    DatasetSpec,
+    flat_ids,
+    part_name,
+)
 from embshard.datasets.storage import location
 from embshard.errors import DataError
 
@@ -196,6 +203,13 @@ class DatasetWriter:
                 self.write(split, table)
             elif mask.any():
                 self.write(split, table.filter(pa.array(mask)))
+
+    def write_catalog(self, table: pa.Table, schema: pa.Schema) -> None:
+        """The item catalog (see schema.ItemCatalog), published with the splits by `finish`."""
+        directory = self.staging / ITEMS_DIR
+        directory.mkdir()
+        pq.write_table(table.select(schema.names).cast(schema), directory / part_name(0),
+                       row_group_size=ROW_GROUP_ROWS)
 
     def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0) -> DatasetSpec:
         """Publishes the dataset; `source` (and the `skipped` line count) name the input in errors.

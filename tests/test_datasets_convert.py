@@ -142,7 +142,7 @@ def test_ml1m(ml1m_dir: Path, tmp_path: Path) -> None:
     assert spec.name == "ml-1m"
     assert sum(spec.rows.values()) == 487_650 - 127_216 == 360_434
     assert spec.sparse_names == ["userId", "movieId", "gender", "age", "occupation", "zip", "year", "genres"]
-    assert spec.dense == [] and spec.extra == ["rating"]
+    assert spec.dense == [] and spec.extra == ["rating", "item_frequency"]
     genres = spec.feature("genres")
     assert genres.multi_hot and genres.cardinality == 19
     assert spec.feature("gender").cardinality == 3 and spec.feature("age").cardinality == 8

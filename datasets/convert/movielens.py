@@ -6,6 +6,10 @@ sorted by timestamp (stable) and split by `split_plan`. Features, where the rele
 movieId, gender, age, occupation, zip, year (from the title or release date) and genres (multi-hot).
 Ids by train frequency, unknown id 0 (see vocab.py); a rating whose movie has no genres gets an
 empty genre list.
+
+For retrieval models the user features are marked `role: query` and the movie features (movieId,
+year, genres) `role: item`; the item catalog `items/` holds one row per movieId id with the
+movie's year and genres, and every row carries `item_frequency` (see schema.ITEM_FREQUENCY).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from embshard.datasets.convert.text import Malformed
-from embshard.datasets.convert.vocab import VocabularyBuilder
-from embshard.datasets.schema import DatasetSpec, SparseFeature
+from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
+from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCatalog, SparseFeature
 from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
 from embshard.errors import DataError
 
@@ -32,6 +36,10 @@ ML100K_GENRES = [
     "Thriller", "War", "Western",
 ]
 USER_FEATURES = ["gender", "age", "occupation", "zip"]
+ITEM_ID = "movieId"
+MOVIE_FEATURES = ["year", "genres"]
+ROLES = {"userId": "query", **{f: "query" for f in USER_FEATURES},
+         ITEM_ID: "item", **{f: "item" for f in MOVIE_FEATURES}}
 _YEAR_IN_TITLE = r"\((?P<year>\d{4})\)\s*$"
 _YEAR_AT_END = r"(?P<year>\d{4})$"
 # ML-100K ships five 80/20 cross-validation splits (u1..u5) and two with exactly 10 test ratings
@@ -65,20 +73,15 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
     features = _features(release, table)
     plan = split_plan(table, split, seed)
     train = pa.array(plan.codes(np.arange(n)) == TRAIN)
-    sparse, encoded = [], {}
+    sparse, encoded, vocabs = [], {}, {}
     for name, values in features.items():
         multi_hot = pa.types.is_list(values.type)
         builder = VocabularyBuilder()
         train_values = values.filter(train)
         builder.add(pc.list_flatten(train_values) if multi_hot else train_values)
-        vocab = builder.build(min_count)
-        sparse.append(SparseFeature(name, vocab.cardinality, multi_hot))
-        if multi_hot:
-            offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(values).fill_null(0).to_numpy())])
-            ids = vocab.encode(pc.list_flatten(values))
-            encoded[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
-        else:
-            encoded[name] = pa.array(vocab.encode(values))
+        vocab = vocabs[name] = builder.build(min_count)
+        sparse.append(SparseFeature(name, vocab.cardinality, multi_hot, ROLES.get(name, "")))
+        encoded[name] = _encode(vocab, values)
     described = SPLITS_DESCRIBED.get(split, f"split by {split}.base/{split}.test, valid = the latest "
                                             f"1/{VALID_SHARE_OF_BASE} of {split}.base")
     if split == "random":
@@ -87,18 +90,55 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
         name=release.name,
         dense=[],
         sparse=sparse,
-        extra=["rating"],
+        extra=["rating", ITEM_FREQUENCY],
         source=f"movielens:{src} ({release.name}, min_count={min_count}, rating>=4 positive, "
                f"<=2 negative, {described})",
         split=split,
+        catalog=ItemCatalog(ITEM_ID, MOVIE_FEATURES, vocabs[ITEM_ID].cardinality),
     )
-    schema = spec.arrow_schema().append(pa.field("rating", pa.float32()))
-    out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"]})
+    schema = spec.arrow_schema().append(pa.field("rating", pa.float32())).append(
+        pa.field(ITEM_FREQUENCY, pa.float32()))
+    positives = (table["label"].to_numpy() == 1) & train.to_numpy(zero_copy_only=False)
+    frequency = _item_frequency(encoded[ITEM_ID].to_numpy(), positives, vocabs[ITEM_ID].cardinality)
+    out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"], ITEM_FREQUENCY: frequency})
     with DatasetWriter(out_dir, schema, overwrite=overwrite, total_rows=n,
                        desc=f"{release.name}: writing", oov_features=spec.sparse_names) as writer:
         writer.write_ordered(out, np.arange(n), plan)
+        writer.write_catalog(_catalog(release.movies, vocabs), spec.catalog_arrow_schema())
         spec = writer.finish(spec, source=str(src), skipped=malformed.count)
     return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count)
+
+
+def _encode(vocab: Vocabulary, values: pa.Array) -> pa.Array:
+    if not pa.types.is_list(values.type):
+        return pa.array(vocab.encode(values))
+    offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(values).fill_null(0).to_numpy())])
+    ids = vocab.encode(pc.list_flatten(values))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
+
+
+def _item_frequency(items: np.ndarray, positives: np.ndarray, cardinality: int) -> pa.Array:
+    counts = np.bincount(items[positives], minlength=cardinality)
+    share = counts / max(int(positives.sum()), 1)
+    return pa.array(share[items].astype(np.float32))
+
+
+def _catalog(movies: pa.Table, vocabs: dict[str, Vocabulary]) -> pa.Table:
+    """One row per movieId id, in id order. Id 0 stands for every movie too rare or unseen in
+    train, so it gets no year or genres of any one of them: unknown year, no genres."""
+    cardinality = vocabs[ITEM_ID].cardinality
+    ids = vocabs[ITEM_ID].encode(movies[ITEM_ID])
+    unknown = pa.table({f.name: pa.array([[] if pa.types.is_list(f.type) else None], f.type)
+                        for f in movies.schema})
+    movies = pa.concat_tables([movies, unknown])
+    # Each id > 0 is exactly one movie; one rated but missing from movies.dat gets the unknown row.
+    row_of = np.full(cardinality, movies.num_rows - 1, dtype=np.int64)
+    known = np.flatnonzero(ids != OOV_ID)
+    row_of[ids[known]] = known
+    picked = movies.take(pa.array(row_of))
+    columns = {ITEM_ID: pa.array(np.arange(cardinality, dtype=np.int64))}
+    columns.update({name: _encode(vocabs[name], _array(picked[name])) for name in MOVIE_FEATURES})
+    return pa.table(columns)
 
 
 def split_plan(table: pa.Table, split: str, seed: int) -> SplitPlan:

@@ -14,6 +14,7 @@ __all__ = ["ModelArch", "TrainModel", "get_arch"]
 _BUILTIN = {
     "dlrm": "embshard.trainer.models.dlrm:DlrmArch",
     "dlrm_dcn": "embshard.trainer.models.dcn:DlrmDcnArch",
+    "two_tower": "embshard.trainer.models.two_tower:TwoTowerArch",
 }
 
 

@@ -1,0 +1,43 @@
+"""Reading a dataset's item catalog (schema.ItemCatalog) and checking it against dataset.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids
+from embshard.errors import DataError
+
+
+def read_catalog(dataset_dir: str | Path, spec: DatasetSpec, start: int = 0, stop: int | None = None) -> pa.Table:
+    """Catalog rows [start, stop) (item ids start..stop-1), every value checked like a split's."""
+    if spec.catalog is None:
+        raise DataError(f"{dataset_dir}: dataset {spec.name!r} has no item catalog")
+    path = Path(dataset_dir) / spec.catalog.path
+    if not path.is_file():
+        raise DataError(f"{path}: missing (dataset.json records an item catalog there)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    if table.num_rows != spec.catalog.rows:
+        raise DataError(f"{path}: {table.num_rows:,} rows, dataset.json records {spec.catalog.rows:,}")
+    expected = spec.catalog_arrow_schema()
+    for field in expected:
+        i = table.schema.get_field_index(field.name)
+        if i < 0 or not table.schema.field(i).type.equals(field.type):
+            raise DataError(f"{path}: column {field.name!r} missing or not of type {field.type}")
+    stop = table.num_rows if stop is None else stop
+    table = table.slice(start, stop - start).select(expected.names)
+    ids = table[spec.catalog.item_id].to_numpy()
+    wrong = np.flatnonzero(ids != np.arange(start, stop))
+    if wrong.size:
+        raise DataError(f"{path}: column {spec.catalog.item_id!r}, row {start + wrong[0]}: id {ids[wrong[0]]}, "
+                        f"expected {start + wrong[0]} (one row per id, in id order)")
+    for name in spec.catalog.features:
+        values, offsets = flat_ids(table[name])
+        check_ids(path, name, values, spec.feature(name).cardinality, offsets=offsets, first_row=start)
+    return table

@@ -1,0 +1,65 @@
+"""Sharded recall/NDCG over all items equals a one-process brute force, exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from distributed import run_ranks
+
+from embshard.trainer.models.retrieval_eval import RetrievalMetrics, metrics_from_positions
+
+ITEMS, DIM, WORLD = 37, 8, 2
+KS = [3, 10, 50]  # 50 > either rank's slice: local candidates are padded
+
+
+def fixture() -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Items [ITEMS, DIM]; per rank, three query batches of different sizes (one empty)."""
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(ITEMS, DIM, generator=g)
+    sizes = [[5, 0, 7], [3, 4, 0]]
+    batches = [[(torch.randn(n, DIM, generator=g), torch.randint(0, ITEMS, (n,), generator=g)) for n in per]
+               for per in sizes]
+    return items, batches
+
+
+def brute_force(items: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Each target's position in its full score row, by sorting every row."""
+    order = (queries @ items.t()).argsort(dim=1, descending=True)
+    position = (order == targets[:, None]).int().argmax(dim=1).clamp_max(max(KS))
+    return metrics_from_positions(torch.bincount(position, minlength=max(KS) + 1), KS)
+
+
+def _sharded(rank: int, world: int) -> tuple[dict[str, float], int]:
+    items, batches = fixture()
+    lo, hi = ITEMS * rank // world, ITEMS * (rank + 1) // world
+    metrics = RetrievalMetrics(KS, torch.device("cpu"))
+    for queries, targets in batches[rank]:
+        metrics.add(queries, targets, items[lo:hi], torch.arange(lo, hi))
+    return metrics.result()
+
+
+@pytest.mark.slow
+def test_sharded_metrics_equal_brute_force() -> None:
+    items, batches = fixture()
+    queries = torch.cat([q for per in batches for q, _ in per])
+    targets = torch.cat([t for per in batches for _, t in per])
+    want = brute_force(items, queries, targets)
+    assert 0 < want["recall@3"] < want["recall@10"] < 1 and want["recall@50"] == 1
+    for metrics, n in run_ranks(_sharded, WORLD):
+        assert n == len(targets) == 19
+        assert metrics == want  # exact: same scores, same ranks
+
+
+def test_one_process_metrics() -> None:
+    items, batches = fixture()
+    metrics = RetrievalMetrics(KS, torch.device("cpu"))
+    for queries, targets in batches[0]:
+        metrics.add(queries, targets, items, torch.arange(ITEMS))
+    got, n = metrics.result()
+    assert n == 12
+    queries = torch.cat([q for q, _ in batches[0]])
+    targets = torch.cat([t for _, t in batches[0]])
+    assert got == brute_force(items, queries, targets)
+    assert math.isnan(RetrievalMetrics(KS, torch.device("cpu")).result()[0]["ndcg@3"])

@@ -1,0 +1,274 @@
+"""two_tower: config checks, 2-rank sharded training and evaluation against one process, export."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_ranks
+from movielens_fixture import write_ml1m_like
+from test_model_matrix import METHODS, sharded_state
+from test_sharded_equivalence import global_batches, rows_of
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import EmbeddingBagCollection
+
+from embshard.cluster.launch import plan_for_training
+from embshard.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    MdeConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from embshard.datasets.convert import convert
+from embshard.datasets.reader import Batch, ParquetBatchReader
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
+from embshard.planner.pipeline import PlanBundle, plan_with
+from embshard.planner.topology import TopologySpec
+from embshard.trainer.build import build_sharded, build_unsharded
+from embshard.trainer.export import export_serving
+from embshard.trainer.loop import make_reader, train_step
+from embshard.trainer.method import get_method, method_name
+from embshard.trainer.models.retrieval_eval import metrics_from_positions
+from embshard.trainer.models.two_tower import TwoTowerArch, encode_catalog
+from embshard.trainer.models.two_tower_model import TwoTowerModel
+from embshard.trainer.models.two_tower_serving import load_retrieval
+from embshard.trainer.planning import planning_step
+
+WORLD = 2
+BATCH = 256  # global; each rank takes half
+STEPS = 3
+OPTIONS = {"hidden": [16], "out_dim": 8, "temperature": 0.1, "k": [5, 20]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("two_tower")
+    convert("movielens", write_ml1m_like(tmp / "ml"), tmp / "data", min_count=1)
+    return tmp / "data"
+
+
+def job_config(dataset: Path, **options: object) -> JobConfig:
+    return JobConfig(
+        seed=5,
+        data=DataConfig(path=str(dataset), eval_batch_size=64),
+        model=ModelConfig(arch="two_tower", options={**OPTIONS, **options}),
+        # SGD: equal gradients give equal weights (see test_sharded_equivalence.py).
+        train=TrainConfig(sparse_optimizer="sgd", sparse_lr=0.5, dense_optimizer="sgd", dense_lr=0.1),
+    )
+
+
+# -- bad configs: one line naming the option --------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"item_features": ["movieId", "nope"]}, r"model.options.item_features: unknown feature 'nope' \(dataset"),
+    ({"item_features": ["genres"]}, r"model.options.item_features: the item id 'movieId' is not among"),
+    ({"item_features": ["movieId", "zip"]}, r"model.options: feature 'zip' is in both the query and the item"),
+    ({"query_features": ["userId"], "item_features": ["movieId", "zip"]},
+     r"model.options.item_features: 'zip' is not in the item catalog"),
+    ({"query_features": []}, r"model.options.query_features: empty"),
+    ({"item_id": "userId"}, r"model.options.item_id: 'userId', but the item catalog is keyed by 'movieId'"),
+    ({"temperature": 0}, r"model.options.temperature: must be > 0"),
+    ({"towers": 2}, r"model.options.towers: not an option of model.arch"),
+])
+def test_bad_options_are_one_line(dataset: Path, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TwoTowerArch().check(job_config(dataset, **options), DatasetSpec.load(dataset))
+
+
+def test_no_item_features_or_catalog(dataset: Path) -> None:
+    spec = DatasetSpec.load(dataset)
+    no_roles = replace(spec, sparse=[replace(f, role="") for f in spec.sparse])
+    with pytest.raises(ConfigError, match=r"model.options.query_features: dataset 'ml-1m' marks no feature "
+                                          r"with role 'query'"):
+        TwoTowerArch().check(job_config(dataset), no_roles)
+    with pytest.raises(ConfigError, match=r"dataset 'ml-1m' has no item catalog"):
+        TwoTowerArch().check(job_config(dataset), replace(spec, catalog=None))
+    # Roles come from options where the dataset has none.
+    TwoTowerArch().check(job_config(dataset, query_features=["userId", "age"], item_features=["movieId", "genres"]),
+                         replace(no_roles, catalog=spec.catalog))
+
+
+# -- 2 ranks sharded == 1 process ---------------------------------------------------------------
+
+
+def plan(cfg: JobConfig, out: Path, world: int) -> PlanBundle:
+    bundle = plan_with(planning_step(cfg, get_method(method_name(cfg))), cfg.data.path,
+                     TopologySpec(world_size=world, device="cpu"), out, batch_size=BATCH // world,
+                     optimizer=cfg.train.sparse_optimizer, sharding_types=["table_wise"])
+    bundle.save()
+    return bundle
+
+
+def mde_config(dataset: Path) -> JobConfig:
+    # MDE blocks of several widths: the towers take each feature at its own width.
+    embeddings = EmbeddingsConfig(policy="mde", dim=16, min_dim=4, mde=MdeConfig(mode="within", blocks=2, alpha=0.5))
+    return replace(job_config(dataset), embeddings=embeddings)
+
+
+def part(batch: Batch, lo: int, hi: int) -> Batch:
+    """Rows [lo, hi) of a batch, its extra columns (item_frequency) included."""
+    return replace(rows_of(batch, lo, hi), extra={k: v[lo:hi] for k, v in batch.extra.items()})
+
+
+def valid_reader(dataset: Path, bundle: PlanBundle, rank: int = 0, world: int = 1) -> ParquetBatchReader:
+    return ParquetBatchReader(dataset, "valid", 64, rank=rank, world_size=world, shuffle=False,
+                              drop_last=False, id_maps=bundle.id_maps())
+
+
+def _sharded(rank: int, world: int, cfg: JobConfig, plan_dir: Path
+             ) -> tuple[list[float], dict[str, torch.Tensor] | None, dict[str, float], int]:
+    dataset = Path(cfg.data.path)
+    bundle = PlanBundle.load(plan_dir, cfg.train.sparse_optimizer)
+    spec = DatasetSpec.load(dataset)
+    init = build_unsharded(cfg, bundle, spec, torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, spec, torch.device("cpu"), init_from=init)
+    half = BATCH // world
+    losses = [train_step(sharded, part(b, rank * half, (rank + 1) * half)).item()
+              for b in global_batches(dataset, bundle)]
+    state = {}
+    for key, value in sharded.model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.zeros(value.size()) if rank == 0 else None
+            value.gather(dst=0, out=full)
+            value = full
+        state[key] = value
+    result = sharded.arch.evaluate(sharded.model, valid_reader(dataset, bundle, rank, world), torch.device("cpu"), None)
+    return losses, state if rank == 0 else None, dict(result.metrics), result.examples
+
+
+def reference_training(cfg: JobConfig, bundle: PlanBundle) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, plain SGD; each step's loss is the mean of the two half-batches' losses, as the
+    ranks' (in-batch negatives come from a rank's own half; DDP averages the ranks' gradients)."""
+    model = build_unsharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"))
+    tables = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+    others = [p for p in model.parameters() if all(p is not t for t in tables)]
+    opt = torch.optim.SGD([{"params": tables, "lr": cfg.train.sparse_lr}, {"params": others, "lr": cfg.train.dense_lr}])
+    losses = []
+    half = BATCH // WORLD
+    for batch in global_batches(Path(cfg.data.path), bundle):
+        loss = sum(model(part(batch, r * half, (r + 1) * half))[0] for r in range(WORLD)) / WORLD
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def brute_force(cfg: JobConfig, bundle: PlanBundle, state: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
+    """The trained weights in one process: every valid positive's target ranked among every
+    catalog item by sorting its full score row."""
+    model = build_unsharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"))
+    model.load_state_dict(state)
+    towers = model.model
+    assert isinstance(towers, TwoTowerModel)
+    reader = valid_reader(Path(cfg.data.path), bundle)
+    with torch.no_grad():
+        items, ids = encode_catalog(towers, reader, torch.device("cpu"))
+        assert len(ids) == DatasetSpec.load(cfg.data.path).catalog.rows
+        row_of = {int(i): r for r, i in enumerate(ids)}
+        positions = []
+        for batch in reader:
+            out = towers(batch.dense, batch.sparse)
+            positive = batch.labels > 0.5
+            order = (out.query[positive] @ items.t()).argsort(dim=1, descending=True)
+            for row, target in zip(order, out.item_ids[positive], strict=True):
+                positions.append(int((row == row_of[int(target)]).nonzero()))
+    ks = OPTIONS["k"]
+    counts = torch.bincount(torch.tensor(positions).clamp_max(max(ks)), minlength=max(ks) + 1)
+    return metrics_from_positions(counts, ks), len(positions)
+
+
+@pytest.mark.slow
+def test_two_tower_sharded_training_and_evaluation_equal_one_process(dataset: Path, tmp_path: Path) -> None:
+    cfg = mde_config(dataset)
+    bundle = plan(cfg, tmp_path / "plan", WORLD)
+    assert not bundle.dimension_plan.uniform_width
+    widths = {b.dim for t in bundle.dimension_plan.tables for b in t.blocks}
+    assert len(widths) > 1
+    ref_losses, ref_state = reference_training(cfg, bundle)
+    results = run_ranks(_sharded, WORLD, cfg, bundle.directory)
+
+    mean_losses = [sum(ls) / WORLD for ls in zip(*[r[0] for r in results], strict=True)]
+    assert mean_losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    assert ref_losses[-1] < ref_losses[0]
+    state = results[0][1]
+    for key, want in ref_state.items():
+        torch.testing.assert_close(state[key], want, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+    want, queries = brute_force(cfg, bundle, state)
+    assert queries > 50 and 0 < want["recall@5"] < want["recall@20"] < 1
+    for _, _, metrics, examples in results:
+        assert examples == queries
+        assert metrics == want  # exact: both ranked the same scores
+
+
+# -- export: the query encoder and the item vectors reproduce the trained model ------------------
+
+
+def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Path) -> None:
+    cfg = mde_config(dataset)
+    bundle = plan(cfg, tmp_path / "plan", 1)
+    assert any(t.remap for t in bundle.dimension_plan.tables)  # raw ids differ from the model's
+    spec = DatasetSpec.load(dataset)
+    model = build_unsharded(cfg, bundle, spec, torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for batch in global_batches(dataset, bundle):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory)
+    retrieval = load_retrieval(tmp_path / "serving", dataset)
+
+    towers = model.model
+    assert isinstance(towers, TwoTowerModel)
+    remapped = valid_reader(dataset, bundle)
+    raw = ParquetBatchReader(dataset, "valid", 64, shuffle=False, drop_last=False)
+    with torch.no_grad():
+        items, _ = encode_catalog(towers, remapped, torch.device("cpu"))
+        torch.testing.assert_close(retrieval.item_vectors, items)
+        assert retrieval.item_ids.tolist() == list(range(spec.catalog.rows))
+        for trained_batch, raw_batch in zip(remapped, raw, strict=True):
+            out = towers(trained_batch.dense, trained_batch.sparse)
+            # A row's own item vector is its catalog item's: the catalog holds the rows' features.
+            movie = raw_batch.sparse["movieId"].values()
+            torch.testing.assert_close(out.item, retrieval.item_vectors[movie])
+            served = retrieval.query_encoder(raw_batch.dense, raw_batch.sparse) @ retrieval.item_vectors.t()
+            torch.testing.assert_close(served, out.query @ items.t())
+
+
+# -- every method on two_tower ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_two_tower(dataset: Path, tmp_path: Path, process_group: None, method: str) -> None:
+    cfg = JobConfig(
+        output_dir=str(tmp_path / "run"),
+        cluster=ClusterConfig(workers=1),
+        data=DataConfig(path=str(dataset), batch_size=256, prefetch=1),
+        model=ModelConfig(arch="two_tower", options=OPTIONS),
+        train=TrainConfig(progress=False, sparse_lr=0.1, dense_lr=0.01),
+        checkpoint=CheckpointConfig(enabled=False),
+        **METHODS[method],
+    )
+    name = method if method in ("pep", "autodim") else method_name(cfg)
+    bundle = plan_for_training(cfg, name)
+    reader = make_reader(cfg, bundle, "train", 0, 1)
+    sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"), method=get_method(name))
+    before = sharded_state(sharded)
+    losses = [float(train_step(sharded, batch)) for batch, _ in zip(reader, range(3), strict=False)]
+    after = sharded_state(sharded)
+    assert all(math.isfinite(x) for x in losses)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".ebc." in k or ".ec." in k for k in moved) and any("_tower." in k for k in moved)
+    result = sharded.arch.evaluate(sharded.model, make_reader(cfg, bundle, "valid", 0, 1), torch.device("cpu"), None)
+    assert result.primary == "recall@5" and 0 <= result.metrics["recall@5"] <= result.metrics["recall@20"] <= 1

@@ -1,0 +1,62 @@
+"""Serving a two-tower export: a query encoder and the item vectors of the whole catalog.
+
+`embshard export` writes both towers (the arch's state dict, see trainer/export.py). Items are
+encoded once here, in one process, from the dataset's item catalog through the item tower:
+
+    from embshard.trainer.models.two_tower_serving import load_retrieval
+    retrieval = load_retrieval("outputs/run/serving", "outputs/ml-1m/data")
+    scores = retrieval.query_encoder(dense, sparse) @ retrieval.item_vectors.t()   # raw ids in
+    best = retrieval.item_ids[scores.topk(10).indices]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.datasets.catalog import read_catalog
+from embshard.datasets.schema import DatasetSpec
+from embshard.trainer.export import ExportError, ServingModel, load_serving
+from embshard.trainer.models.two_tower import catalog_batches
+from embshard.trainer.models.two_tower_model import TwoTowerModel
+
+ENCODE_BATCH = 4096
+
+
+class QueryEncoder(nn.Module):
+    """(dense, sparse of raw ids over the dataset's features; item features may be empty) ->
+    unit query vectors [B, out_dim]."""
+
+    def __init__(self, serving: ServingModel) -> None:
+        super().__init__()
+        self.serving = serving
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.serving(dense, sparse).query
+
+
+@dataclass
+class Retrieval:
+    query_encoder: QueryEncoder
+    item_ids: torch.Tensor  # [N]: catalog item ids, as in the data
+    item_vectors: torch.Tensor  # [N, out_dim]: unit vectors; score = query . item
+
+
+@torch.no_grad()
+def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
+    serving = load_serving(directory)
+    towers = next((m for m in serving.modules() if isinstance(m, TwoTowerModel)), None)
+    if towers is None:
+        raise ExportError(f"{directory}: not a two_tower export (its model has no towers)")
+    spec = DatasetSpec.load(dataset_dir)
+    catalog = read_catalog(dataset_dir, spec)
+    # Raw ids: the serving model applies the plan's remaps itself.
+    vectors = [serving(torch.zeros(kjt.stride(), len(spec.dense)), kjt).item
+               for kjt in catalog_batches(catalog, spec, towers.layout, {}, ENCODE_BATCH)]
+    assert spec.catalog is not None  # read_catalog raised otherwise
+    ids = torch.tensor(catalog[spec.catalog.item_id].to_numpy())
+    return Retrieval(QueryEncoder(serving), ids, torch.cat(vectors))
