@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
 from embshard.datasets.verify import verify_split
@@ -33,7 +34,10 @@ from embshard.errors import ConfigError, DataError
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
+    """Pipelineable so TorchRec's train pipelines can move it to the device and mark the streams
+    that use it ahead of the step that trains it."""
+
     dense: torch.Tensor  # [B, num_dense] float32 (num_dense may be 0)
     sparse: KeyedJaggedTensor  # keys = spec.sparse_names in order; values int64, lengths int32
     labels: torch.Tensor  # [B] float32
@@ -46,6 +50,13 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             extra={k: v.to(device, non_blocking=non_blocking) for k, v in self.extra.items()},
         )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
+        for v in self.extra.values():
+            v.record_stream(stream)
 
 
 @dataclass(frozen=True)
