@@ -29,6 +29,8 @@ GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 Lookup = Literal["weight_sharing", "separate"]
 # AutoDim: candidate -> d_N by a linear transform, or by zero padding.
 Unify = Literal["linear", "zero_pad"]
+# train.pipeline: TorchRec's TrainPipelineSparseDist, its semi-sync variant, or none (trainer/pipeline.py).
+PipelineKind = Literal["sparse_dist", "semi_sync", "none"]
 
 # MLET W2 initialisation: the paper draws W2 from a Gaussian N(0, 0.0625). We read 0.0625 as the
 # variance (std 0.25): N(mu, sigma^2) notation puts the variance second, and 0.0625 = 0.25^2.
@@ -342,6 +344,11 @@ class TrainConfig:
     eval_max_batches: int | None = None  # cap evaluation work (None = the whole split)
     log_every: int = 50  # steps between loss lines in the log
     progress: bool = True  # tqdm bar on rank 0
+    # How steps run. sparse_dist: TorchRec's TrainPipelineSparseDist (the next batch's ids travel
+    # to their shards while this one trains; same result as none). semi_sync: TrainPipelineSemiSync
+    # (from step 900 on, lookups run one step early: faster where all-to-alls are slow, not
+    # equal to none). none: one batch at a time. A method that cannot be pipelined trains as none.
+    pipeline: PipelineKind = "sparse_dist"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -1,0 +1,116 @@
+"""How the loop steps: through TorchRec's train pipelines (`train.pipeline`), or one batch at a
+time.
+
+`sparse_dist` is TorchRec's `TrainPipelineSparseDist`: while batch i trains, the ids of batch
+i+1 are already on their way to the ranks that hold their rows (the input dist) and batch i+2 is
+fetched. Lookups still happen in batch i+1's own forward, after step i: the result is the
+unpipelined loop's, step for step. `semi_sync` (`TrainPipelineSemiSync`) also runs batch i+1's
+lookups before step i's update, so from `SEMI_SYNC_START` steps on it trains on embeddings one
+step old: faster where all-to-alls are slow, not equal to the other two.
+
+Either pipeline owns fetching: it takes batches from the iterator up to two ahead of the one it
+trains, so the loop counts what was trained from the steps it gets back, never from the reader.
+The pipeline rewrites the sharded collections' forwards to serve the batches it prefetched, so
+anything else that runs the model (evaluation) does so inside `paused()`, with the original
+forwards back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from embshard.config import PipelineKind
+
+# TorchRec's own default: the first steps train synchronously, which keeps early training
+# stable (its docstring: "reduces early stage NEX").
+SEMI_SYNC_START = 900
+
+
+@dataclass
+class Step:
+    loss: torch.Tensor  # detached
+    rows: int  # examples in the batch this step trained
+
+
+class TrainSteps:
+    """Steps `model` (whose `forward(batch) -> (loss, output)`) with `optimizer` over batches.
+    `kind="none"`: forward, backward and step one batch at a time, no pipeline."""
+
+    def __init__(self, kind: PipelineKind, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> None:
+        self.kind = kind
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self._pipeline = _make_pipeline(kind, model, optimizer, device) if kind != "none" else None
+
+    def run(self, batches: Iterator[Any]) -> Iterator[Step]:
+        """One Step per batch trained, in order. Stopping early leaves the batches the pipeline
+        fetched ahead untrained (and uncounted)."""
+        if self._pipeline is None:
+            for batch in batches:
+                yield Step(train_step(self.model, self.optimizer, batch.to(self.device, non_blocking=True)),
+                           batch.labels.numel())
+            return
+        fetched: deque[int] = deque()
+
+        def counted() -> Iterator[Any]:
+            for batch in batches:
+                fetched.append(batch.labels.numel())
+                yield batch
+
+        source = counted()
+        while True:
+            try:
+                loss, _ = self._pipeline.progress(source)
+            except StopIteration:
+                return
+            # The pipeline trains batches in the order it fetched them.
+            yield Step(loss, fetched.popleft())
+
+    @contextmanager
+    def paused(self) -> Iterator[nn.Module]:
+        """The model with its own forwards (TorchRec's detach / attach); batches in flight stay
+        in the pipeline and train next, as they would have."""
+        if self._pipeline is None:
+            yield self.model
+            return
+        model = self._pipeline.detach()
+        try:
+            yield model
+        finally:
+            self._pipeline.attach(model)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> torch.Tensor:
+    """One unpipelined step; -> the detached loss."""
+    loss, _ = model(batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _make_pipeline(kind: PipelineKind, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   device: torch.device) -> Any:
+    from torchrec.distributed.train_pipeline import TrainPipelineSemiSync, TrainPipelineSparseDist
+
+    def forward(batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
+        # progress() hands back only the output: carry the loss out beside it.
+        loss, output = model(batch)
+        return loss, (loss.detach(), output)
+
+    # pipeline_postproc: a parameter-free module between the batch and a collection (MDE's block
+    # split, AutoDim's per-candidate repeat) runs ahead with the input dist instead of keeping
+    # that collection out of the pipeline.
+    if kind == "semi_sync":
+        return TrainPipelineSemiSync(model, optimizer, device, start_batch=SEMI_SYNC_START,
+                                     pipeline_postproc=True, custom_model_fwd=forward)
+    return TrainPipelineSparseDist(model, optimizer, device, pipeline_postproc=True, custom_model_fwd=forward)
