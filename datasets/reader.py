@@ -52,6 +52,8 @@ class Batch(Pipelineable):
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
+        if isinstance(stream, torch.cpu.Stream):  # only a device's caching allocator tracks streams
+            return
         self.dense.record_stream(stream)
         self.sparse.record_stream(stream)
         self.labels.record_stream(stream)

@@ -419,6 +419,12 @@ class JobConfig:
     pep: PepConfig | None = None  # read by the PEP methods (embshard prune pep, lottery retrain)
     autodim: AutodimConfig | None = None  # read by the AutoDim method (embshard search autodim)
 
+    def __post_init__(self) -> None:
+        if self.train.pipeline == "semi_sync" and self.sharding.device != "cuda":
+            # TorchRec's semi-sync pipeline records CUDA streams on the batch's tensors.
+            raise ConfigError(f"train.pipeline: semi_sync needs sharding.device cuda "
+                              f"(got {self.sharding.device}); use sparse_dist or none")
+
     @property
     def plan_dir(self) -> Path:
         return Path(self.output_dir) / "plan"

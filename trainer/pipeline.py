@@ -100,7 +100,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -
 
 def _make_pipeline(kind: PipelineKind, model: nn.Module, optimizer: torch.optim.Optimizer,
                    device: torch.device) -> Any:
-    from torchrec.distributed.train_pipeline import TrainPipelineSemiSync, TrainPipelineSparseDist
+    from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSemiSync, TrainPipelineSparseDist
 
     def forward(batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
         # progress() hands back only the output: carry the loss out beside it.
