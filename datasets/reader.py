@@ -137,7 +137,12 @@ class ParquetBatchReader:
         return min(per_rank)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._consumed}
+        return self.state_after(self._consumed)
+
+    def state_after(self, batches: int) -> dict:
+        """The state once `batches` of the current epoch are consumed: a consumer that fetches
+        ahead (a train pipeline) saves the batches it trained, not those it fetched."""
+        return {"epoch": self.epoch, "batches": batches}
 
     def load_state_dict(self, state: Mapping) -> None:
         """The next iteration of epoch state['epoch'] skips the batches already consumed."""

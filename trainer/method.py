@@ -121,6 +121,12 @@ class EmbeddingMethod:
     def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
         return []
 
+    def unpipelined_because(self, cfg: JobConfig) -> str | None:
+        """Why this run cannot train through TorchRec's train pipeline (`train.pipeline`), or None.
+        A pipeline serves only the batches it fetched: a method whose callbacks run the model on
+        other batches between steps must train unpipelined."""
+        return None
+
     def checkpoint_transforms(self, cfg: JobConfig, sharded: ShardedModel,
                               metrics: WorkerMetrics | None) -> CheckpointTransforms:
         """Checkpoints hold MLET tables collapsed to n x d (the hooks do nothing without MLET), and

@@ -18,13 +18,15 @@ forwards back.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.proxy import TraceError
 
 from embshard.config import PipelineKind
 
@@ -41,23 +43,24 @@ class Step:
 
 class TrainSteps:
     """Steps `model` (whose `forward(batch) -> (loss, output)`) with `optimizer` over batches.
-    `kind="none"`: forward, backward and step one batch at a time, no pipeline."""
+    `kind="none"`: forward, backward and step one batch at a time, no pipeline. `note` gets the
+    one line a user should read when a pipelined run trains (partly) unpipelined."""
 
     def __init__(self, kind: PipelineKind, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device) -> None:
+                 device: torch.device, note: Callable[[str], None] = print) -> None:
         self.kind = kind
         self.model = model
         self.optimizer = optimizer
         self.device = device
+        self.note = note
         self._pipeline = _make_pipeline(kind, model, optimizer, device) if kind != "none" else None
+        self._checked = False
 
     def run(self, batches: Iterator[Any]) -> Iterator[Step]:
         """One Step per batch trained, in order. Stopping early leaves the batches the pipeline
         fetched ahead untrained (and uncounted)."""
         if self._pipeline is None:
-            for batch in batches:
-                yield Step(train_step(self.model, self.optimizer, batch.to(self.device, non_blocking=True)),
-                           batch.labels.numel())
+            yield from self._plain(batches)
             return
         fetched: deque[int] = deque()
 
@@ -72,6 +75,18 @@ class TrainSteps:
                 loss, _ = self._pipeline.progress(source)
             except StopIteration:
                 return
+            except TraceError as e:
+                # Only the first step traces the model, before the pipeline changed anything:
+                # what it fetched trains unpipelined, then the rest.
+                self.note(f"train.pipeline {self.kind}: training unpipelined, TorchRec cannot trace "
+                          f"the model to find its collections' input ({e})")
+                pending = [b for b in self._pipeline.batches if b is not None]
+                self._pipeline = None
+                yield from self._plain(chain(pending, source))
+                return
+            if not self._checked:
+                self._checked = True
+                self._note_unpipelined()
             # The pipeline trains batches in the order it fetched them.
             yield Step(loss, fetched.popleft())
 
@@ -87,6 +102,24 @@ class TrainSteps:
             yield model
         finally:
             self._pipeline.attach(model)
+
+    def _plain(self, batches: Iterable[Any]) -> Iterator[Step]:
+        for batch in batches:
+            yield Step(train_step(self.model, self.optimizer, batch.to(self.device, non_blocking=True)),
+                       batch.labels.numel())
+
+    def _note_unpipelined(self) -> None:
+        """TorchRec runs a collection whose input is computed in the model (not read from the
+        batch, nor by a parameter-free module) unpipelined: correct, but say which."""
+        from torchrec.distributed.types import ShardedModule
+
+        assert self._pipeline is not None
+        pipelined = {id(m) for m in self._pipeline._pipelined_modules}
+        left = [name for name, m in self.model.named_modules()
+                if isinstance(m, ShardedModule) and id(m) not in pipelined]
+        if left:
+            self.note(f"train.pipeline {self.kind}: {', '.join(left)} trains unpipelined (its input "
+                      f"is computed in the model, not read from the batch)")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> torch.Tensor:
