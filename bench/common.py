@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, ModelConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
-from embshard.datasets.schema import SPEC_FILE
+from embshard.datasets.schema import SPEC_FILE, DatasetSpec
 from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
@@ -102,6 +102,10 @@ class BenchData:
     @property
     def num_dense(self) -> int:
         return self.timed[0].dense.shape[1]
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return DatasetSpec.load(self.path)
 
 
 def prepare(args: argparse.Namespace) -> BenchData:

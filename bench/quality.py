@@ -94,7 +94,7 @@ from embshard.planner.policies import plan_dimensions
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import StepInfo
-from embshard.trainer.evaluate import evaluate
+from embshard.trainer.evaluate import evaluate_pointwise
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
     LotteryTicket,
@@ -222,10 +222,10 @@ def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path |
         if spec.policy == "pep-lottery":
             assert pep_dir is not None and spec.pep_target is not None
             ticket = LotteryTicket.load(pep_dir, spec.pep_target)
-            sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=PepLottery(ticket))
+            sharded = build_sharded(cfg, bundle, train.spec, CPU, method=PepLottery(ticket))
             keeper = MaskKeeper(table_shards(sharded), ticket.masks)
         else:
-            sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU)
+            sharded = build_sharded(cfg, bundle, train.spec, CPU)
         step = rating_step if args.target == "rating" else train_step
         for epoch in range(cfg.train.epochs):
             train.set_epoch(epoch)
@@ -238,7 +238,7 @@ def run_one(args: argparse.Namespace, data: Path, spec: RunSpec, pep_dir: Path |
         if args.target == "rating":
             metrics = rating_errors(sharded.model, test)
         else:
-            result = evaluate(sharded.model, test, CPU)
+            result = evaluate_pointwise(sharded.model, test, CPU)
             metrics = {"auc": result.auc, "logloss": result.logloss, "test_examples": result.examples}
     plan = bundle.dimension_plan
     return {
@@ -263,7 +263,7 @@ def prune_run(args: argparse.Namespace, data: Path, seed: int, out: Path) -> dic
         bundle = plan_with(partial(method.dimension_plan, cfg), data, TopologySpec(world_size=1), plan_dir,
                            batch_size=cfg.data.batch_size, optimizer=cfg.train.sparse_optimizer)
         train = make_reader(cfg, bundle, "train", 0, 1)
-        sharded = build_sharded(cfg, bundle, len(train.spec.dense), CPU, method=method)
+        sharded = build_sharded(cfg, bundle, train.spec, CPU, method=method)
         callback = PruneCallback(pep_module(sharded.model), cfg, None)
         step, epoch = 0, 0
         while step < args.prune_steps and not callback.stop_requested:
@@ -303,7 +303,7 @@ def pep_rows(args: argparse.Namespace, data: Path, seed: int, log: Log) -> list[
 
 def predicted_rating(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     """The DLRM's logit squashed onto the 1..5 star scale: bounded, and a zero logit means 3 stars."""
-    return 1.0 + 4.0 * torch.sigmoid(model(batch.dense, batch.sparse))
+    return 1.0 + 4.0 * torch.sigmoid(model(batch)[1])
 
 
 def rating_step(sharded: ShardedModel, batch: Any) -> torch.Tensor:

@@ -155,8 +155,8 @@ def main() -> None:
     base_model, base_opt = torchrec_baseline(cfg, bundle, num_dense)
     base_pipeline = TrainPipelineSparseDist(base_model, base_opt, torch.device("cpu"))
     plain_model, plain_opt = torchrec_baseline(cfg, bundle, num_dense)
-    ours = embshard_steps(build_sharded(cfg, bundle, num_dense, torch.device("cpu")), pipeline)
-    ours_plain = embshard_steps(build_sharded(cfg, bundle, num_dense, torch.device("cpu")), "none")
+    ours = embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), pipeline)
+    ours_plain = embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), "none")
     metrics = WorkerMetrics(job="bench", rank=0)
     with_metrics = [PrometheusCallback(metrics)]
     # Warm-up; the pipelines also trace and rewrite their models on their first batches.

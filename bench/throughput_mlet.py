@@ -31,7 +31,7 @@ from embshard.trainer.pipeline import TrainSteps
 
 def build(name: str, embeddings: EmbeddingsConfig, data: BenchData, batch_size: int) -> TrainSteps:
     cfg, bundle = bench_job(f"throughput-mlet/{name}", data, batch_size, embeddings)
-    return embshard_steps(build_sharded(cfg, bundle, data.num_dense, torch.device("cpu")), cfg.train.pipeline)
+    return embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), cfg.train.pipeline)
 
 
 def main(argv: list[str] | None = None) -> None:

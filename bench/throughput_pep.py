@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     granularities = args.granularity or list(GRANULARITIES)
     data = prepare(args)
     cfg, bundle = bench_job("throughput-pep-run", data, args.batch_size, EmbeddingsConfig(dim=args.dim))
-    warm, timed, num_dense = data.warm, data.timed, data.num_dense
+    warm, timed = data.warm, data.timed
     cpu = torch.device("cpu")
 
-    models = {"plain": build_sharded(cfg, bundle, num_dense, cpu)}
+    models = {"plain": build_sharded(cfg, bundle, data.spec, cpu)}
     for pooled in (True, False):
         for g in granularities:
             name = g if pooled else f"{g}/unpooled"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             method = PepPrune()  # its tables carry thresholds: planned by the method, not uniform
             pep_bundle = plan_with(partial(method.dimension_plan, pep_cfg), data.path, TopologySpec(1, "cpu"),
                                    pep_cfg.plan_dir, batch_size=args.batch_size, optimizer=cfg.train.sparse_optimizer)
-            models[name] = build_sharded(pep_cfg, pep_bundle, num_dense, cpu, method=method)
+            models[name] = build_sharded(pep_cfg, pep_bundle, data.spec, cpu, method=method)
     for m in models.values():
         rate(m, warm)
 

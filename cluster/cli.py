@@ -7,8 +7,8 @@ import argparse
 import os
 import sys
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, verbose_argument
@@ -167,6 +167,7 @@ def _load(args: argparse.Namespace):
 def _plan(args: argparse.Namespace) -> int:
     from embshard.planner.pipeline import plan_with
     from embshard.trainer.method import get_method, method_name
+    from embshard.trainer.planning import planning_step
 
     cfg = _load(args)
     sharding = replace(
@@ -177,12 +178,11 @@ def _plan(args: argparse.Namespace) -> int:
     )
     cfg = replace(cfg, sharding=sharding)
     topology = sharding.topology(args.world_size or cfg.cluster.workers)
-    method = get_method(args.method or method_name(cfg))
-    method.check_config(cfg)
+    decide = planning_step(cfg, get_method(args.method or method_name(cfg)))
     out = args.out or cfg.plan_dir
     out_dir = out.parent if out.suffix == ".json" else out
     bundle = plan_with(
-        partial(method.dimension_plan, cfg),
+        decide,
         cfg.data.path,
         topology,
         out_dir,
@@ -226,11 +226,10 @@ def _train(args: argparse.Namespace) -> int:
           + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
     # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
     metrics = train_on_ray(cfg)
-    summary = {k: metrics.get(k) for k in ("steps", "samples", "samples_per_s", "valid_auc", "valid_logloss")}
     print(
-        f"validation AUC {_fmt(summary['valid_auc'])}, logloss {_fmt(summary['valid_logloss'])}; "
-        f"{summary['samples'] or 0:,} samples in {summary['steps']} steps, "
-        f"{_fmt(summary['samples_per_s'], '.0f')} samples/s"
+        f"validation {_validation(metrics)}; "
+        f"{metrics.get('samples') or 0:,} samples in {metrics.get('steps')} steps, "
+        f"{_fmt(metrics.get('samples_per_s'), '.0f')} samples/s"
     )
     if metrics.get("restarts"):
         print(f"recovered from {metrics['restarts']} worker-group restart(s)")
@@ -241,6 +240,14 @@ def _train(args: argparse.Namespace) -> int:
     print(f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, "
           f"checkpoints {cfg.checkpoint_dir}, Ray logs {out / 'ray'}")
     return 0
+
+
+def _validation(summary: dict[str, Any]) -> str:
+    """"AUC 0.7612, logloss 0.4701": the arch's primary metric first (trainer.loop.eval_summary)."""
+    primary = summary.get("valid_primary") or "auc"
+    names = [primary, *(k.removeprefix("valid_") for k in summary
+                        if k.startswith("valid_") and k not in ("valid_primary", f"valid_{primary}"))]
+    return ", ".join(f"{'AUC' if n == 'auc' else n} {_fmt(summary.get(f'valid_{n}'))}" for n in names)
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:

@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from embshard.trainer.checkpoint import (
 )
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import get_method, method_name
+from embshard.trainer.planning import planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
 from embshard.typed_config import from_dict, to_dict
@@ -49,8 +49,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     checkpoint the run resumes from (whose model config must agree with cfg's, see
     `with_checkpoint_config`), else a copy of the given plan file, else a fresh one made by the
     run's method (default: the one `cfg` names) for this topology."""
-    chosen = get_method(method or method_name(cfg))
-    chosen.check_config(cfg)
+    decide = planning_step(cfg, get_method(method or method_name(cfg)))
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
@@ -60,7 +59,6 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer).copy_to(cfg.plan_dir)
     else:
-        decide = partial(chosen.dimension_plan, cfg)
         bundle = plan_with(decide, cfg.data.path, topology, cfg.plan_dir, **sharding_options(cfg))
         bundle.save()
     bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.cluster.workers)

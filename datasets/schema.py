@@ -102,10 +102,17 @@ class DatasetSpec:
             raw = json.loads(path.read_text())
             if raw.get("version") != SPEC_VERSION:
                 raise DataError(f"{path}: version {raw.get('version')!r}, expected {SPEC_VERSION}")
-            raw["sparse"] = [SparseFeature(**s) for s in raw["sparse"]]
-            return DatasetSpec(**raw)
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed dataset spec ({e})") from None
+        return DatasetSpec.from_json(raw, str(path))
+
+    @staticmethod
+    def from_json(raw: dict[str, Any], where: str) -> "DatasetSpec":
+        """A spec from its JSON form (`dataset.json`, or a copy kept beside an export)."""
+        try:
+            return DatasetSpec(**{**raw, "sparse": [SparseFeature(**s) for s in raw["sparse"]]})
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: malformed dataset spec ({e})") from None
 
 
 def split_dir(directory: str | Path, split: str) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from embshard.errors import ConfigError
 from embshard.planner.rounding import RoundingRule, width_problem
@@ -295,6 +295,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # A built-in (dlrm, dlrm_dcn, two_tower) or a user's "package.module:attr" that every Ray
+    # worker can import (trainer/models/ says what it may name).
+    arch: str = "dlrm"
+    options: dict[str, Any] = field(default_factory=dict)  # the arch's own keys; each arch checks its own
     # Hidden layers only: the dense arch always ends at the embedding base dim (DLRM's dot
     # interaction needs it) and the over arch always ends in one logit.
     dense_arch: list[int] = field(default_factory=lambda: [128, 64])  # bottom MLP over the dense features
@@ -409,7 +413,7 @@ class JobConfig:
     seed: int = 0  # model initialisation and data shuffling
     output_dir: str = "outputs/run"  # plan/, checkpoints/, summary.json and Ray logs go here
     data: DataConfig = field(default_factory=DataConfig)  # the dataset and its batches, read by the reader
-    model: ModelConfig = field(default_factory=ModelConfig)  # the DLRM around the embeddings
+    model: ModelConfig = field(default_factory=ModelConfig)  # the architecture around the embeddings
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)  # the dimension policy (the planner)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)  # the topology and TorchRec shard plan
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop and its optimizers

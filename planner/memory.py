@@ -2,7 +2,8 @@
 
 Training bytes are the block weights at their training width (MLET's k), the sparse optimizer's
 state and the projections every rank replicates; serving bytes are the collapsed blocks at their
-serving width plus projections to the base dim. Figures are exact counts of fp32 elements in the
+serving width plus the projections the plan has (to the base dim, or with `uniform_width` off only
+within a table, to its widest block). Figures are exact counts of fp32 elements in the
 planned shards, so a test can compare them with what `DistributedModelParallel` really allocates.
 """
 
@@ -120,9 +121,10 @@ def memory_report(
             blocks[table.block_name(i)] = b
             if b.mlet_width is not None:
                 projection += b.mlet_width * b.dim
-            if b.dim != plan.base_dim:
-                projection += b.dim * plan.base_dim
-                serve_projection += b.dim * plan.base_dim
+            shape = plan.projection_shape(table, b)
+            if shape is not None:
+                projection += shape[0] * shape[1]
+                serve_projection += shape[0] * shape[1]
     world = shard_plan.topology.world_size
     shards = []
     for name, ps in shard_plan.sharding.items():

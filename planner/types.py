@@ -3,8 +3,9 @@ and every consumer (shard planner, embedding module, memory report, export) read
 
 A table's rows are first ranked (`row_order`; the id -> rank permutation is stored beside the plan
 as `remap`), then cut into contiguous blocks of ranked rows. Each block becomes one TorchRec table
-of width `dim` (or `mlet_width` while training with MLET); a block narrower than `base_dim`, or one
-trained factorised, is followed by a projection to `base_dim`.
+of width `dim` (or `mlet_width` while training with MLET); a block narrower than its table's output
+width (`base_dim`, or with `uniform_width` off the widest block of the table), or one trained
+factorised, is followed by a projection to that width.
 """
 
 from __future__ import annotations
@@ -64,9 +65,6 @@ class TablePlan:
         """TorchRec table name of block i; a single-block table keeps the table's own name."""
         return self.name if len(self.blocks) == 1 else f"{self.name}__b{i}"
 
-    def needs_projection(self, block: Block, base_dim: int) -> bool:
-        return block.dim != base_dim or block.mlet_width is not None
-
 
 @dataclass(frozen=True)
 class DimensionPlan:
@@ -75,6 +73,9 @@ class DimensionPlan:
     policy: dict[str, Any] = field(default_factory=dict)  # the config that produced the plan
     notes: list[str] = field(default_factory=list)  # decisions a user should see (rounding, ...)
     version: int = PLAN_VERSION
+    # What the model's arch takes (trainer/models/): True, every feature at base_dim; False, each
+    # table's features at its widest block, so only narrower blocks of a table are projected.
+    uniform_width: bool = True
 
     def __post_init__(self) -> None:
         validate_plan(self)
@@ -96,14 +97,24 @@ class DimensionPlan:
             for t in self.tables
         )
 
+    def output_dim(self, table: TablePlan) -> int:
+        """Width at which the table's features reach the model."""
+        return self.base_dim if self.uniform_width else max(b.dim for b in table.blocks)
+
+    def projection_shape(self, table: TablePlan, block: Block) -> tuple[int, int] | None:
+        """(in, out) of the block's projection to its table's output width; None: it has none."""
+        out = self.output_dim(table)
+        return None if block.dim == out else (block.dim, out)
+
     def serve_params(self) -> int:
         """Embedding parameters when serving: collapsed blocks plus their projections."""
         total = 0
         for t in self.tables:
             for b in t.blocks:
                 total += b.num_rows * b.dim
-                if b.dim != self.base_dim:
-                    total += b.dim * self.base_dim
+                shape = self.projection_shape(t, b)
+                if shape is not None:
+                    total += shape[0] * shape[1]
         return total
 
     def to_json(self) -> dict[str, Any]:

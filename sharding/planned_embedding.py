@@ -2,9 +2,11 @@
 
 All blocks live in a single TorchRec `EmbeddingBagCollection`, so `DistributedModelParallel`
 shards them under the planner's plan like any tables. Around it sit plain dense modules, which
-DMP replicates data-parallel: MLET's W2 (k -> d) and MDE's projection P (d -> base dim) per block.
-The output is a `KeyedTensor` at the base dim in feature order, so DLRM-style arches take it
-unchanged. A uniform plan is the bare collection: bit-identical to plain TorchRec.
+DMP replicates data-parallel: MLET's W2 (k -> d) and MDE's projection P (d -> the table's output
+width) per block. The output is a `KeyedTensor` in feature order, every feature at the base dim
+(DLRM-style arches take it unchanged) or, for a plan without `uniform_width`, each at its table's
+widest block (`feature_dims`). A plan with nothing to project is the bare collection:
+bit-identical to plain TorchRec.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class PlannedEmbeddingBags(EmbeddingModule):
         self.ebc = EmbeddingBagCollection(tables=block_table_configs(plan), device=device)
         self.feature_names = [f for t in plan.tables for f in t.features]
         self.split = BlockSplit(feature_blocks(plan))
+        self._dims = {f: plan.output_dim(t) for t in plan.tables for f in t.features}
         self._passthrough = all(
-            len(t.blocks) == 1 and not t.needs_projection(t.blocks[0], plan.base_dim)
+            len(t.blocks) == 1 and t.blocks[0].mlet_width is None and plan.projection_shape(t, t.blocks[0]) is None
             for t in plan.tables
         )
-        # Keyed by block table name: W2 of MLET blocks, P of blocks narrower than the base dim.
+        # Keyed by block table name: W2 of MLET blocks, P of blocks narrower than their table's output.
         self.mlet = nn.ModuleDict()
         self.projections = nn.ModuleDict()
         dense_device = device if device is not None and device.type != "meta" else None
@@ -47,8 +50,9 @@ class PlannedEmbeddingBags(EmbeddingModule):
                     w2 = nn.Linear(block.mlet_width, block.dim, bias=False, device=dense_device)
                     nn.init.normal_(w2.weight, std=mlet_init_std)
                     self.mlet[name] = w2
-                if block.dim != plan.base_dim:
-                    self.projections[name] = nn.Linear(block.dim, plan.base_dim, bias=False, device=dense_device)
+                shape = plan.projection_shape(table, block)
+                if shape is not None:
+                    self.projections[name] = nn.Linear(*shape, bias=False, device=dense_device)
         # Per feature, its blocks as (block feature, block table, width out of the collection).
         self._blocks_of = {
             f: [(block_feature_name(f, i, len(t.blocks)), t.block_name(i), b.train_dim) for i, b in enumerate(t.blocks)]
@@ -60,13 +64,17 @@ class PlannedEmbeddingBags(EmbeddingModule):
         # or not) fixes its output key order, so this is computed once on the first step.
         self._gather: tuple[tuple[str, ...], torch.Tensor | None] | None = None
 
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        return dict(self._dims)
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self._passthrough:
             return self.ebc(features)
         return _combine_blocks(self, self.ebc(self.split(features)))
 
     def combine_blocks(self, pooled: KeyedTensor) -> KeyedTensor:
-        """The collection's pooled blocks -> one base-dim column group per feature."""
+        """The collection's pooled blocks -> one column group per feature, at its output width."""
         columns = self._feature_major_columns(pooled)
         x = pooled.values() if columns is None else pooled.values().index_select(1, columns)
         # Alg. 1 summed over a bag is sum_i P_i (W2_i) pooled_i = [P_1 W2_1 ... P_k W2_k] . [pooled_1;
@@ -77,20 +85,20 @@ class PlannedEmbeddingBags(EmbeddingModule):
         for feature, x_f in zip(self.feature_names, x.split(self._widths, dim=1), strict=True):
             blocks = self._blocks_of[feature]
             maps = [self._block_map(table) for _, table, _ in blocks]
-            if len(maps) == 1 and maps[0] is None:  # one block at the base dim: already the output
+            if len(maps) == 1 and maps[0] is None:  # one block at the output width: already the output
                 outputs.append(x_f)
                 continue
-            eye = torch.eye(self.base_dim, device=x.device, dtype=x.dtype)
+            eye = torch.eye(self._dims[feature], device=x.device, dtype=x.dtype)
             stacked = torch.cat([eye if m is None else m for m in maps], dim=0)
             outputs.append(x_f @ stacked)
         return KeyedTensor(
             keys=self.feature_names,
-            length_per_key=[self.base_dim] * len(self.feature_names),
+            length_per_key=[self._dims[f] for f in self.feature_names],
             values=torch.cat(outputs, dim=1),
         )
 
     def _block_map(self, table: str) -> torch.Tensor | None:
-        """[train width, base dim]: the block's W2 then P, transposed; None for the identity."""
+        """[train width, output width]: the block's W2 then P, transposed; None for the identity."""
         m = None
         if table in self.mlet:
             m = self.mlet[table].get_parameter("weight").t()

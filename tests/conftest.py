@@ -51,3 +51,18 @@ def profiled_synth(directory: Path, rows: int, max_cardinality: int, seed: int =
 
     synthesize(directory, rows=rows, seed=seed, max_cardinality=max_cardinality)
     return directory
+
+
+def plan_spec(plan, num_dense: int):
+    """The dataset spec an arch builds from, for tests whose plans have no dataset on disk."""
+    from embshard.datasets.schema import DatasetSpec, SparseFeature
+
+    return DatasetSpec("test", [f"I{i + 1}" for i in range(num_dense)],
+                       [SparseFeature(f, t.num_embeddings) for t in plan.tables for f in t.features])
+
+
+def predict(model, dense, sparse):
+    """A TrainModel's output (sharded or not) for raw inputs: the loop's call, labels unused."""
+    from embshard.datasets.reader import Batch
+
+    return model(Batch(dense, sparse, dense.new_zeros(dense.shape[0]), {}))[1]

@@ -240,7 +240,7 @@ def plan_search(cfg: JobConfig, world: int):
 
 def _build(cfg: JobConfig):
     spec = DatasetSpec.load(cfg.data.path)
-    return build_sharded(cfg, plan_search(cfg, 1), len(spec.dense), torch.device("cpu"), method=AutodimSearch())
+    return build_sharded(cfg, plan_search(cfg, 1), spec, torch.device("cpu"), method=AutodimSearch())
 
 
 def _alpha(model) -> torch.nn.Parameter:
@@ -307,7 +307,7 @@ def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
         embedding.arch.logits.zero_()
         embedding.arch.logits[::2, 0] = 3.0  # every other field picks width 2
         embedding.arch.logits[1::2, 2] = 3.0  # the rest 16
-    decisions = make_decisions(cfg, embedding, EvalResult(auc=0.71, logloss=0.5, examples=10), {"steps": 4})
+    decisions = make_decisions(cfg, embedding, EvalResult({"auc": 0.71, "logloss": 0.5}, "auc", 10), {"steps": 4})
     path = decisions.save(tmp_path / "decisions.json")
     loaded = load_decisions(path)
     assert loaded.method == "autodim" and loaded.base_dim == 16

@@ -26,6 +26,7 @@ from embshard.config import (
     MletConfig,
     TrainConfig,
 )
+from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.shard_plan import plan_sharding
 from embshard.sharding.mlet import without_mlet
@@ -64,7 +65,7 @@ def outputs_and_state(cfg: JobConfig, steps_dir: Path | None = None):
     state and the reader position."""
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "valid", 0, 1)
-    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"))
     position = None
     if steps_dir is not None:
         manager = CheckpointManager(cfg.checkpoint_dir)
@@ -72,7 +73,7 @@ def outputs_and_state(cfg: JobConfig, steps_dir: Path | None = None):
         position = progress.reader
     batch = next(iter(reader))
     with torch.no_grad():
-        logits = sharded.model(batch.dense, batch.sparse)
+        logits = sharded.model(batch)[1]
     return logits, _flat_state(sharded.optimizer.state_dict()), position
 
 
@@ -169,10 +170,11 @@ def test_mlet_checkpoints_hold_collapsed_tables_that_resume_exactly(dataset, tmp
     batch = next(iter(make_reader(cfg, bundle, "valid", 0, 1)))
 
     def logits(model_cfg: JobConfig, plan_bundle: PlanBundle, manager_for) -> torch.Tensor:
-        sharded = build_sharded(model_cfg, plan_bundle, batch.dense.shape[1], torch.device("cpu"))
+        spec = DatasetSpec.load(model_cfg.data.path)
+        sharded = build_sharded(model_cfg, plan_bundle, spec, torch.device("cpu"))
         manager_for(sharded).load_latest(sharded.model, sharded.optimizer, [final])
         with torch.no_grad():
-            return sharded.model(batch.dense, batch.sparse)
+            return sharded.model(batch)[1]
 
     # The MLET model rebuilt from the checkpoint (W1 = W . W2+) equals a plain d-wide model
     # that reads the same collapsed tables with no hook at all.

@@ -15,6 +15,7 @@ from distributed import run_ranks
 
 from embshard.cluster.launch import plan_for_training
 from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
+from embshard.datasets.schema import DatasetSpec
 from embshard.errors import EmbshardError
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import build_sharded
@@ -134,7 +135,7 @@ def _one_rank_cannot_restore(rank: int, world: int, dataset: Path, out: Path) ->
     cfg = holder[0]
     step = Path(run_worker(cfg)["checkpoint"])
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
-    sharded = build_sharded(cfg, bundle, 13, torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"))
 
     def fails_on_rank_1(state: dict) -> dict:
         # Only rank 1 fails, after the tables were read. Before, rank 0 resumed and rank 1 went on

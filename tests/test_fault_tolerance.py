@@ -93,14 +93,14 @@ def test_two_worker_checkpoint_resumes_on_one(dataset, tmp_path, uninterrupted, 
     bundle = plan_from_checkpoint(one, source)
     assert bundle.shard_plan.topology.world_size == 1
     reader = make_reader(one, bundle, "valid", 0, 1)
-    sharded = build_sharded(one, bundle, len(reader.spec.dense), torch.device("cpu"))
+    sharded = build_sharded(one, bundle, reader.spec, torch.device("cpu"))
     progress = CheckpointManager(one.checkpoint_dir).load(source, sharded.model, sharded.optimizer)
     assert progress.step == 15 and progress.world_size == 2
     # Reference: the same checkpoint read whole, without any process group, into a plain model.
     full = tmp_path / "full.pt"
     dcp_to_torch_save(source, full)
-    reference = build_unsharded(one, bundle, len(reader.spec.dense), torch.device("cpu"))
+    reference = build_unsharded(one, bundle, reader.spec, torch.device("cpu"))
     reference.load_state_dict(torch.load(full, weights_only=False)["model"])
     batch = next(iter(reader))
     with torch.no_grad():
-        torch.testing.assert_close(sharded.model(batch.dense, batch.sparse), reference(batch.dense, batch.sparse))
+        torch.testing.assert_close(sharded.model(batch)[1], reference(batch)[1])

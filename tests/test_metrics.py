@@ -53,7 +53,7 @@ def record(m: WorkerMetrics) -> None:
     m.observe_step(0.004, 256, loss=0.4375)
     m.add_data_wait(0.25)
     m.add_data_wait(0.5)
-    m.set_eval(auc=0.8125, logloss=0.4375)
+    m.set_eval({"auc": 0.8125, "logloss": 0.4375, "recall@10": 0.25})
     m.set_embedding_bytes("t_user", "train", 4_000_000)
     m.set_embedding_bytes("t_user", "serve", 1_000_000)
     m.set_embedding_bytes("t_item", "train", 2_000_000)
@@ -89,6 +89,8 @@ def test_scrape_exact_values(worker: WorkerMetrics) -> None:
     assert one(s, "embshard_data_wait_seconds_total", **job) == 0.75
     assert one(s, "embshard_eval_auc", **job) == 0.8125
     assert one(s, "embshard_eval_logloss", **job) == 0.4375
+    assert one(s, "embshard_eval_metric", metric="recall@10", **job) == 0.25
+    assert one(s, "embshard_eval_metric", metric="auc", **job) == 0.8125
     assert one(s, "embshard_embedding_bytes", table="t_user", phase="train", **job) == 8_000_000
     assert one(s, "embshard_embedding_bytes", table="t_user", phase="serve", **job) == 1_000_000
     assert one(s, "embshard_embedding_bytes", table="t_item", phase="train", **job) == 2_000_000
@@ -114,7 +116,7 @@ def test_fresh_worker_exports_no_fake_values(worker: WorkerMetrics) -> None:
     """Before any eval/step/device reading, the gauges are absent rather than 0."""
     port = worker.start_server(0, 0)
     s = samples_by_name(scrape(port))
-    for name in ("embshard_eval_auc", "embshard_eval_logloss", "embshard_train_loss",
+    for name in ("embshard_eval_auc", "embshard_eval_logloss", "embshard_eval_metric", "embshard_train_loss",
                  "embshard_device_memory_bytes", "embshard_embedding_bytes"):
         assert name not in s
     assert one(s, "embshard_train_samples_total", job="ctr-test", rank="3") == 0

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import plan_spec, predict
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.cluster.export_cli import register
-from embshard.config import MLET_INIT_STD, JobConfig, MletConfig, ModelConfig
+from embshard.config import MLET_INIT_STD, DataConfig, JobConfig, MletConfig, ModelConfig
 from embshard.errors import ConfigError, EmbshardError, PlanError
 from embshard.planner.memory import memory_report
 from embshard.planner.pipeline import PlanBundle
@@ -41,7 +42,8 @@ from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.export import MANIFEST, ExportError, export_serving, load_serving
-from embshard.trainer.model import DLRM
+from embshard.trainer.models import TrainModel, get_arch
+from embshard.trainer.models.dlrm import DLRM
 from embshard.typed_config import load_yaml, to_dict
 
 NUM_DENSE = 3
@@ -97,6 +99,11 @@ def trained_like(plan: DimensionPlan) -> DLRM:
         for p in model.embeddings.ebc.parameters():
             p.normal_()
     return model.eval()
+
+
+def trained_train_model(plan: DimensionPlan) -> TrainModel:
+    """`trained_like` as the builder wraps it: what `build_sharded(init_from=...)` copies."""
+    return TrainModel(get_arch(MODEL), trained_like(plan))
 
 
 def test_collapsed_state_loads_into_the_plain_model_with_equal_outputs() -> None:
@@ -173,7 +180,8 @@ def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) ->
     np.save(tmp_path / "t_a.remap.npy", ranked)
     plan = mlet_plan(remap="t_a.remap.npy")
     model = trained_like(plan)
-    out = export_serving(model, tmp_path / "serving", model_config=MODEL, plan_dir=tmp_path)
+    out = export_serving(model, tmp_path / "serving", model_config=MODEL, spec=plan_spec(plan, NUM_DENSE),
+                         plan_dir=tmp_path)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["remaps"] == {"a": "t_a.remap.npy"}
     assert {(t["block"], t["dim"], t["trained_width"]) for t in manifest["tables"]} >= {("t_a__b1", 4, 16)}
@@ -191,9 +199,9 @@ def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) ->
 
 
 def test_export_without_plan_folder_names_the_remap(tmp_path: Path) -> None:
-    model = trained_like(mlet_plan(remap="t_a.remap.npy"))
+    plan = mlet_plan(remap="t_a.remap.npy")
     with pytest.raises(ExportError, match=r"t_a.*t_a\.remap\.npy"):
-        export_serving(model, tmp_path / "serving", model_config=MODEL)
+        export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL, spec=plan_spec(plan, NUM_DENSE))
 
 
 def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path) -> None:
@@ -201,14 +209,16 @@ def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path)
     shard = shard_plan(plan, "table_wise", world=1)
     bundle = PlanBundle(plan, shard, memory_report(plan, shard, "rowwise_adagrad"), tmp_path / "plan")
     bundle.save()
-    cfg = JobConfig(model=MODEL)
+    spec = plan_spec(plan, NUM_DENSE)
+    spec.save(tmp_path)  # export rebuilds the arch from the run's dataset spec
+    cfg = JobConfig(model=MODEL, data=DataConfig(path=str(tmp_path)))
     with single_rank_group():
-        sharded = build_sharded(cfg, bundle, NUM_DENSE, torch.device("cpu"), init_from=trained_like(plan))
+        sharded = build_sharded(cfg, bundle, spec, torch.device("cpu"), init_from=trained_train_model(plan))
         manager = CheckpointManager(tmp_path / "ckpt", before_save=[partial(mlet_before_save, sharded.model)])
         manager.save(Progress(step=1), sharded.model, sharded.optimizer, to_dict(cfg), bundle.directory)
         dense, sparse = batch(3)
         with torch.no_grad():
-            want = sharded.model(dense, sparse)
+            want = predict(sharded.model, dense, sparse)
     out = export_serving(tmp_path / "ckpt", tmp_path / "serving")
     with torch.no_grad():
         torch.testing.assert_close(load_serving(out)(dense, sparse), want, rtol=1e-5, atol=1e-6)

@@ -17,14 +17,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
+from conftest import plan_spec, predict
 from distributed import run_ranks
-from test_mlet import MODEL, NUM_DENSE, batch, mlet_plan, shard_plan, trained_like
+from test_mlet import MODEL, NUM_DENSE, batch, mlet_plan, shard_plan, trained_train_model
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from embshard.config import JobConfig, TrainConfig
+from embshard.datasets.reader import Batch
 from embshard.planner.memory import memory_report
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
@@ -81,8 +82,9 @@ def config() -> JobConfig:
 
 
 def sharded(plan: DimensionPlan, kind: str, tmp: Path, init: bool = True) -> ShardedModel:
-    source = trained_like(plan) if init else None
-    return build_sharded(config(), bundle(plan, kind, tmp), NUM_DENSE, torch.device("cpu"), init_from=source)
+    source = trained_train_model(plan) if init else None
+    return build_sharded(config(), bundle(plan, kind, tmp), plan_spec(plan, NUM_DENSE), torch.device("cpu"),
+                         init_from=source)
 
 
 def local_bytes(state: dict[str, Any], keys: list[str]) -> int:
@@ -91,7 +93,7 @@ def local_bytes(state: dict[str, Any], keys: list[str]) -> int:
 
 def outputs(model: torch.nn.Module, seed: int) -> torch.Tensor:
     with torch.no_grad():
-        return model(*batch(seed))
+        return predict(model, *batch(seed))
 
 
 # -- collapse and rebuild ------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def _steps(model: ShardedModel, seeds: range) -> list[float]:
     for seed in seeds:
         dense, sparse = batch(seed, size=64)
         labels = (torch.arange(64) % 3 == 0).float()
-        loss = F.binary_cross_entropy_with_logits(model.model(dense, sparse), labels)
+        loss, _ = model.model(Batch(dense, sparse, labels, {}))
         model.optimizer.zero_grad()
         loss.backward()
         model.optimizer.step()
@@ -191,7 +193,7 @@ def test_resume_from_collapsed_checkpoint_follows_the_uninterrupted_run(tmp_path
 
 def _export(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     run = sharded(mlet_plan(), "column_wise", tmp)
-    out = export_serving(run.model, tmp / "serving", model_config=MODEL)
+    out = export_serving(run.model, tmp / "serving", model_config=MODEL, spec=plan_spec(mlet_plan(), NUM_DENSE))
     dist.barrier()
     return {"logits": outputs(run.model, rank), "out": out}
 
@@ -201,4 +203,5 @@ def test_export_from_two_ranks_predicts_what_the_sharded_model_predicts(tmp_path
     assert results[0]["out"] == tmp_path / "serving" and results[1]["out"] is None
     serving = load_serving(tmp_path / "serving")
     for rank, r in enumerate(results):
-        torch.testing.assert_close(outputs(serving, rank), r["logits"], rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(serving(*batch(rank)), r["logits"], rtol=1e-5, atol=1e-6)

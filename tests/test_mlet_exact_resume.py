@@ -13,6 +13,7 @@ from conftest import profiled_synth
 from test_checkpoint import dcp_metadata, job
 
 from embshard.config import EmbeddingsConfig, JobConfig, MletConfig
+from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import PlanBundle
 from embshard.sharding.mlet import TRAINING_STATE_PREFIX
 from embshard.trainer.build import build_sharded
@@ -38,10 +39,10 @@ def logits_from(cfg: JobConfig, checkpoint: Path) -> torch.Tensor:
     """A fresh MLET model loaded from `checkpoint` through the run's own hooks, on a fixed batch."""
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     batch = next(iter(make_reader(cfg, bundle, "valid", 0, 1)))
-    sharded = build_sharded(cfg, bundle, batch.dense.shape[1], torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"))
     checkpoint_manager(cfg, sharded, None).load_latest(sharded.model, sharded.optimizer, [checkpoint])
     with torch.no_grad():
-        return sharded.model(batch.dense, batch.sparse)
+        return sharded.model(batch)[1]
 
 
 def test_exact_resume_equals_an_uninterrupted_run(dataset, tmp_path):

@@ -294,7 +294,7 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
     )
     bundle = plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
     reader = make_reader(cfg, bundle, "train", 0, 1)
-    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
+    sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"), method=PepPrune())
     module = pep_module(sharded.model)
     assert module.ec is None and module.ebc is not None  # synthetic features are all single-hot
     for batch in itertools.islice(reader, 5):

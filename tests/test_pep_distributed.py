@@ -126,7 +126,7 @@ def _prune_and_retrain(rank: int, world: int, cfg: JobConfig, retrain: JobConfig
     # The retrain's mask holds on every rank's shards through training.
     bundle = PlanBundle.load(retrain.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", rank, world)
-    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=get_method("uniform"))
+    sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"), method=get_method("uniform"))
     tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
     masks = load_masks(cfg.pep_dir / "target-0.6", tables, 8)
     shards = local_shards(sharded.model.module.embeddings.ebc)
@@ -193,7 +193,7 @@ def test_pep_decisions_train_through_the_ordinary_loop(dataset, tmp_path):
 def _multi_hot_steps(rank: int, world: int, cfg: JobConfig):
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     reader = make_reader(cfg, bundle, "train", rank, world)
-    sharded = build_sharded(cfg, bundle, len(reader.spec.dense), torch.device("cpu"), method=PepPrune())
+    sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"), method=PepPrune())
     pep = pep_module(sharded.model)
     losses = [float(train_step(sharded, batch)) for batch in islice(reader, 3)]
     return sorted(pep.pooled_tables), list(pep.unpooled_features), losses, nonzero_counts(pep)

@@ -8,6 +8,7 @@ from distributed import run_ranks
 
 from embshard.cluster.launch import plan_for_training
 from embshard.config import ClusterConfig, DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, MletConfig, PepConfig
+from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def _held_bytes(rank: int, world: int, cfg: JobConfig, method: str | None = None) -> dict[str, int]:
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
-    sharded = build_sharded(cfg, bundle, 13, torch.device("cpu"), method=get_method(method) if method else None)
+    sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"),
+                            method=get_method(method) if method else None)
     weights = sum(
         shard.tensor.numel() * shard.tensor.element_size()
         for v in sharded.model.state_dict().values()

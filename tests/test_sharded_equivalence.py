@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import profiled_synth
 from distributed import run_ranks
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed.types import ParameterSharding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embshard.config import EmbeddingsConfig, JobConfig, MdeConfig, ModelConfig, TrainConfig
+from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, ModelConfig, TrainConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
-from embshard.datasets.synth import NUM_DENSE
+from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.shard_plan import ShardPlan, block_table_configs
 from embshard.planner.topology import TopologySpec
@@ -40,9 +40,10 @@ BATCH = 256  # global; each rank takes half
 STEPS = 3
 
 
-def job_config() -> JobConfig:
+def job_config(dataset: Path) -> JobConfig:
     return JobConfig(
         seed=7,
+        data=DataConfig(path=str(dataset)),
         model=ModelConfig(dense_arch=[16], over_arch=[16]),
         # SGD on both sides keeps the update linear in the gradient, so equal gradients mean
         # equal weights (Adam's normalisation would magnify rounding in tiny gradients).
@@ -109,13 +110,13 @@ def unsharded_run(
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The reference: one process, the whole batch, plain torch SGD with the sparse lr on the
     embedding tables and the dense lr elsewhere."""
-    model = build_unsharded(cfg, bundle, batches[0].dense.shape[1], torch.device("cpu"))
-    tables = list(model.embeddings.ebc.parameters())
+    model = build_unsharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"))
+    tables = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
     others = [p for p in model.parameters() if all(p is not t for t in tables)]
     opt = torch.optim.SGD([{"params": tables, "lr": cfg.train.sparse_lr}, {"params": others, "lr": cfg.train.dense_lr}])
     losses = []
     for batch in batches:
-        loss = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+        loss, _ = model(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -130,9 +131,9 @@ def _sharded_run(rank: int, world: int, cfg: JobConfig, plan_dir: Path, dataset:
 
     bundle = PlanBundle.load(plan_dir, cfg.train.sparse_optimizer)
     batches = global_batches(dataset, bundle)
-    num_dense = batches[0].dense.shape[1]
-    init = build_unsharded(cfg, bundle, num_dense, torch.device("cpu"))
-    sharded = build_sharded(cfg, bundle, num_dense, torch.device("cpu"), init_from=init)
+    spec = DatasetSpec.load(dataset)
+    init = build_unsharded(cfg, bundle, spec, torch.device("cpu"))
+    sharded = build_sharded(cfg, bundle, spec, torch.device("cpu"), init_from=init)
     half = BATCH // world
     losses = [train_step(sharded, rows_of(b, rank * half, (rank + 1) * half)).item() for b in batches]
     state = {}
@@ -146,7 +147,7 @@ def _sharded_run(rank: int, world: int, cfg: JobConfig, plan_dir: Path, dataset:
 
 
 def assert_sharded_equals_unsharded(dataset: Path, tmp: Path, embeddings: EmbeddingsConfig) -> None:
-    cfg = job_config()
+    cfg = job_config(dataset)
     bundle = make_bundle(dataset, tmp, embeddings, cfg)
     ref_losses, ref_state = unsharded_run(cfg, bundle, global_batches(dataset, bundle))
     results = run_ranks(_sharded_run, WORLD, cfg, bundle.directory, dataset)
@@ -158,8 +159,8 @@ def assert_sharded_equals_unsharded(dataset: Path, tmp: Path, embeddings: Embedd
     assert ref_losses[-1] != ref_losses[0]
 
     state = results[0][1]
-    init = build_unsharded(cfg, bundle, NUM_DENSE, torch.device("cpu")).state_dict()
-    table_keys = [k for k in ref_state if k.startswith("embeddings.ebc.")]
+    init = build_unsharded(cfg, bundle, DatasetSpec.load(dataset), torch.device("cpu")).state_dict()
+    table_keys = [k for k in ref_state if ".ebc.embedding_bags." in k]
     assert len(table_keys) == len(bundle.shard_plan.sharding)
     for key, want in ref_state.items():
         assert key in state, f"sharded state_dict lacks {key}"

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 
@@ -49,8 +48,9 @@ from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.method import EmbeddingMethod, Worker, uniform_embeddings
 
 DECISIONS_FILE = "decisions.json"
-# Fully qualified name of alpha inside the DLRM: DDP must leave it alone (see the module doc).
-ALPHA_PARAM = "embeddings.arch.logits"
+# Name of alpha inside the search embeddings (the builder prefixes their path in the model): DDP
+# must leave it alone (see the module doc).
+ALPHA_PARAM = "arch.logits"
 # Called as (params, lr=..., weight_decay=...): each takes its own further arguments, so not `type[Optimizer]`.
 ALPHA_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -79,6 +79,8 @@ def base_plan(cfg: JobConfig, spec: DatasetSpec) -> DimensionPlan:
 
 class AutodimSearch(EmbeddingMethod):
     """The search's parts: its plan, the search embedding, alpha's optimizer and step."""
+
+    mixed_widths = False
 
     def check_config(self, cfg: JobConfig) -> None:
         autodim_section(cfg)
@@ -120,7 +122,7 @@ class AutodimSearch(EmbeddingMethod):
 
 
 def search_embedding(sharded: ShardedModel) -> AutodimEmbeddingBags:
-    embedding = sharded.model.module.embeddings
+    embedding = sharded.embeddings
     assert isinstance(embedding, AutodimEmbeddingBags)
     return embedding
 
@@ -160,8 +162,7 @@ def alpha_step(sharded: ShardedModel, batch: Batch) -> torch.Tensor:
     alpha.requires_grad_(True)
     try:
         with embedding.tables_frozen():
-            logits = net(batch.dense, batch.sparse)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+            loss, _ = net(batch)
         (grad,) = torch.autograd.grad(loss, [alpha])
     finally:
         alpha.requires_grad_(False)
@@ -210,7 +211,7 @@ class AlphaStep(Callback):
         stats = {"steps": summary["steps"], "alpha_steps": self.alpha_steps(summary["steps"]),
                  "pretrain_steps": min(summary["steps"], self.search.pretrain_steps),
                  "tau_final": self.embedding.tau, "world_size": self.world}
-        result = self.result or EvalResult(auc=float("nan"), logloss=float("nan"), examples=0)
+        result = self.result or EvalResult({"auc": float("nan"), "logloss": float("nan")}, "auc", 0)
         decisions = make_decisions(self.cfg, self.embedding, result, stats)
         path = decisions_path(self.cfg)
         if dist.get_rank() == 0:

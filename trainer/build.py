@@ -1,5 +1,6 @@
-"""The one model builder: method + DimensionPlan + shard plan -> `DistributedModelParallel` DLRM
-+ optimizers, for every method (`trainer/method.py` says what each may change).
+"""The one model builder: method + arch + DimensionPlan + shard plan -> `DistributedModelParallel`
+over a `TrainModel` + optimizers, for every method (`trainer/method.py` says what each may change)
+and every architecture (`trainer/models/`).
 
 Embedding tables are built on the meta device and materialised by TorchRec directly as shards, so
 no rank ever allocates a table it does not hold. The sparse optimizer is fused into TorchRec's
@@ -21,10 +22,13 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embshard.config import JobConfig
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
 from embshard.planner.optimizers import torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
-from embshard.trainer.method import EmbeddingMethod, get_method, method_name
-from embshard.trainer.model import DLRM
+from embshard.sharding.embedding_module import EmbeddingModule
+from embshard.trainer.method import EmbeddingMethod, get_method, method_name, module_path
+from embshard.trainer.models import ModelArch, TrainModel, get_arch
 
 # Called as (params, lr=...): each takes its own further arguments, so not `type[Optimizer]`.
 DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -36,24 +40,27 @@ DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 @dataclass
 class ShardedModel:
-    model: DistributedModelParallel
+    model: DistributedModelParallel  # over a TrainModel: batch -> (loss, output)
     optimizer: CombinedOptimizer
     bundle: PlanBundle
     method: EmbeddingMethod
+    arch: ModelArch
+    embeddings: EmbeddingModule  # the method's module inside `model` (DMP shards it in place)
 
 
-def build_unsharded(cfg: JobConfig, bundle: PlanBundle, num_dense: int, device: torch.device,
-                    method: EmbeddingMethod | None = None) -> DLRM:
+def build_unsharded(cfg: JobConfig, bundle: PlanBundle, spec: DatasetSpec, device: torch.device,
+                    method: EmbeddingMethod | None = None) -> TrainModel:
     """The same model on one device with real weights: the reference the sharded model must equal."""
     method = method or get_method(method_name(cfg))
+    arch = get_arch(cfg.model)
     torch.manual_seed(cfg.seed)
-    return DLRM(method.embeddings(cfg, bundle.dimension_plan, device), num_dense, cfg.model, dense_device=device)
+    return TrainModel(arch, arch.build(method.embeddings(cfg, bundle.dimension_plan, device), spec, cfg.model, device))
 
 
 def build_sharded(
     cfg: JobConfig,
     bundle: PlanBundle,
-    num_dense: int,
+    spec: DatasetSpec,
     device: torch.device,
     init_from: nn.Module | None = None,
     method: EmbeddingMethod | None = None,
@@ -61,19 +68,29 @@ def build_sharded(
     """`method`: the run's method (default: the one `cfg` names); `init_from`: an unsharded model
     whose weights the shards copy (tests compare against it)."""
     method = method or get_method(method_name(cfg))
+    arch = get_arch(cfg.model)
     torch.manual_seed(cfg.seed)  # dense init is identical on every rank; DDP also syncs it
     embeddings = method.embeddings(cfg, bundle.dimension_plan, torch.device("meta"))
-    model = DLRM(embeddings, num_dense, cfg.model, dense_device=device)
+    if arch.uniform_width and any(d != embeddings.base_dim for d in embeddings.feature_dims.values()):
+        raise ConfigError(f"model.arch {arch.name!r} takes every feature at embeddings.dim, but the plan gives "
+                          "features their own widths (made for another arch): plan again for this one")
+    model = TrainModel(arch, arch.build(embeddings, spec, cfg.model, device))
+    if not any(m is embeddings for m in model.modules()):
+        raise ConfigError(f"model.arch {arch.name!r}: the model does not hold the embedding module it was "
+                          "given (DMP shards the tables only where they sit in the model)")
     sparse = torch_optimizer_class(cfg.train.sparse_optimizer)
     for collection in method.collections(embeddings):
         apply_optimizer_in_backward(sparse, collection.parameters(), method.sparse_optimizer_args(cfg))
     sharders = method.sharders()
+    # The method names its parameters within its embedding module, wherever the arch put it.
+    prefix = module_path(model, embeddings)
+    ddp_ignored = [f"{prefix}.{name}" for name in method.ddp_ignored()]
     dmp = DistributedModelParallel(
         model,
         device=device,
-        plan=method.sharding_plan(cfg, bundle, model, sharders),
+        plan=method.sharding_plan(cfg, bundle, model, embeddings, sharders),
         sharders=sharders,
-        data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=method.ddp_ignored()),
+        data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=ddp_ignored),
     )
     if init_from is not None:
         result = dmp.load_state_dict(init_from.state_dict(), strict=False)
@@ -87,6 +104,7 @@ def build_sharded(
     dense = KeyedOptimizerWrapper(
         params, lambda ps: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](ps, lr=cfg.train.dense_lr)
     )
-    sharded = ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense, *groups]), bundle, method)
+    sharded = ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense, *groups]), bundle, method, arch,
+                           embeddings)
     method.initialise(cfg, sharded)
     return sharded

@@ -63,7 +63,7 @@ class ProgressBar(Callback):
 
     def on_eval(self, step: int, result: EvalResult) -> None:
         if self.bar is not None:
-            self.bar.write(f"step {step}: valid AUC {result.auc:.4f}, logloss {result.logloss:.4f}")
+            self.bar.write(f"step {step}: valid {result.text()}")
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -79,7 +79,7 @@ class PrometheusCallback(Callback):
         self.metrics.add_data_wait(info.data_wait)
 
     def on_eval(self, step: int, result: EvalResult) -> None:
-        self.metrics.set_eval(result.auc, result.logloss)
+        self.metrics.set_eval(result.metrics)
 
 
 class ReportCallback(Callback):
@@ -89,7 +89,7 @@ class ReportCallback(Callback):
         self.report = report
 
     def on_eval(self, step: int, result: EvalResult) -> None:
-        self.report({"step": step, "valid_auc": result.auc, "valid_logloss": result.logloss})
+        self.report({"step": step, **{f"valid_{k}": v for k, v in result.metrics.items()}})
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         self.report(summary)

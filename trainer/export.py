@@ -4,10 +4,11 @@ Serving keeps only what inference reads: MLET blocks collapsed to W = W1 . W2 (n
 blocks and their projections, the dense arches, and the id remaps of reordered tables. One
 folder holds it:
 
-    serving.json        manifest: tables (block, rows, dim, trained width), model arches,
-                        number of dense features, and the files below
+    serving.json        manifest: tables (block, rows, dim, trained width), the model config
+                        (arch, options, arches), the dataset spec the arch builds from, and the
+                        files below
     plan.json           the DimensionPlan with MLET removed (every block at its serving width)
-    weights.pt          the model's state dict, plain tensors (`torch.load(weights_only=True)`)
+    weights.pt          the arch model's state dict, plain tensors (`torch.load(weights_only=True)`)
     <table>.remap.npy   id -> ranked row, for tables whose rows are reordered (MDE, PEP)
 
 Loading it back (no process group, no TorchRec sharding, CPU):
@@ -15,6 +16,9 @@ Loading it back (no process group, no TorchRec sharding, CPU):
     from embshard.trainer.export import load_serving
     model = load_serving("outputs/run/serving")       # a ServingModel, in eval mode
     logits = model(dense, sparse)                     # sparse: KeyedJaggedTensor of *raw* ids
+
+The arch (`model.arch`, a built-in or a user's package.module:attr) must be importable where the
+export is loaded: the model is rebuilt by it over the collapsed plan.
 
 `ServingModel` applies the remaps itself, so it takes the ids as they appear in the data.
 """
@@ -48,14 +52,12 @@ from embshard.trainer.checkpoint import (
     newest_verified,
 )
 from embshard.trainer.checkpoint_integrity import SafeFileSystemReader, SafeLoadPlanner
-from embshard.trainer.model import DLRM
+from embshard.trainer.models import TrainModel, get_arch
 
 MANIFEST = "serving.json"
 WEIGHTS = "weights.pt"
 PLAN = "plan.json"
-EXPORT_VERSION = 1
-# First layer of TorchRec's DenseArch: its input width is the number of dense features (or 1).
-DENSE_INPUT_KEY = "dense_arch.model._mlp.0._linear.weight"
+EXPORT_VERSION = 2  # 2: any arch; the manifest keeps the model config and the dataset spec
 
 
 class ExportError(EmbshardError):
@@ -63,17 +65,19 @@ class ExportError(EmbshardError):
 
 
 def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
-                   model_config: ModelConfig | None = None, plan_dir: str | Path | None = None) -> Path | None:
+                   model_config: ModelConfig | None = None, spec: DatasetSpec | None = None,
+                   plan_dir: str | Path | None = None) -> Path | None:
     """Write the serving model of `source` to `out_dir`; returns `out_dir` (None on ranks > 0).
 
     `source` is a checkpoint (a step-NNNNNN folder or a checkpoint directory: its newest good
-    step; runs in one process) or a live model, sharded or not. A live model is collective on
-    every rank of its process group and needs `model_config` (its arches) and, when its plan
-    reorders rows, `plan_dir` (the folder of plan.json and the remap files)."""
+    step; runs in one process) or a live model (a TrainModel, sharded or not, or the arch's
+    model itself). A live model is collective on every rank of its process group and needs
+    `model_config` and `spec` (what its arch is rebuilt from) and, when its plan reorders rows,
+    `plan_dir` (the folder of plan.json and the remap files)."""
     if isinstance(source, nn.Module):
-        if model_config is None:
-            raise ExportError("export_serving: a live model needs model_config (its dense/over arches)")
-        return _export_live(source, Path(out_dir), model_config, Path(plan_dir) if plan_dir else None)
+        if model_config is None or spec is None:
+            raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
+        return _export_live(source, Path(out_dir), model_config, spec, Path(plan_dir) if plan_dir else None)
     return _export_checkpoint(Path(source), Path(out_dir))
 
 
@@ -87,18 +91,26 @@ def load_serving(directory: str | Path) -> ServingModel:
     if manifest.get("version") != EXPORT_VERSION:
         raise ExportError(f"{path}: export version {manifest.get('version')!r}, expected {EXPORT_VERSION}")
     plan = DimensionPlan.load(directory / manifest["plan"])
-    dlrm = DLRM.planned(plan, manifest["num_dense"], ModelConfig(**manifest["model"]))
-    dlrm.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
+    spec = DatasetSpec.from_json(manifest["spec"], str(path))
+    model = arch_model(plan, spec, ModelConfig(**manifest["model"]))
+    model.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
     remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
-    return ServingModel(dlrm, remaps).eval()
+    return ServingModel(model, remaps).eval()
+
+
+def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig,
+               device: torch.device | None = None) -> nn.Module:
+    """The config's arch over `PlannedEmbeddingBags(plan)`: how a plan's blocks serve."""
+    return get_arch(model_config).build(PlannedEmbeddingBags(plan, device=device), spec, model_config, device)
 
 
 class ServingModel(nn.Module):
-    """DLRM over the collapsed plan, fed raw ids: reordered features go through their remap first."""
+    """The arch's model over the collapsed plan, fed raw ids: reordered features go through their
+    remap first."""
 
-    def __init__(self, dlrm: DLRM, remaps: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, remaps: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.dlrm = dlrm
+        self.model = model
         self.remapped = sorted(remaps)
         for feature, remap in remaps.items():
             self.register_buffer(f"remap_{feature}", remap, persistent=False)
@@ -106,7 +118,7 @@ class ServingModel(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if self.remapped:
             sparse = self._remap(sparse)
-        return self.dlrm(dense, sparse)
+        return self.model(dense, sparse)
 
     def _remap(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
         by_key, keys = sparse.to_dict(), sparse.keys()
@@ -120,11 +132,13 @@ class ServingModel(nn.Module):
 
 # -- from a live model ---------------------------------------------------------------------------
 
-def _export_live(model: nn.Module, out_dir: Path, model_config: ModelConfig, plan_dir: Path | None) -> Path | None:
-    dlrm = _find(model, DLRM)
+def _export_live(model: nn.Module, out_dir: Path, model_config: ModelConfig, spec: DatasetSpec,
+                 plan_dir: Path | None) -> Path | None:
     plan = _find(model, PlannedEmbeddingBags).plan
     state = model.state_dict()
     state.update(collapse_mlet_tables(model, state))
+    # A TrainModel's keys are its arch model's under "model."; serving holds the arch model alone.
+    wrapped = any(isinstance(m, TrainModel) for m in model.modules())
     rank = dist.get_rank() if dist.is_initialized() else 0
     full: dict[str, torch.Tensor] = {}
     # Serving is single-process: every table comes to rank 0 (a collective, in key order).
@@ -134,10 +148,10 @@ def _export_live(model: nn.Module, out_dir: Path, model_config: ModelConfig, pla
             value.gather(dst=0, out=out)
             value = out
         if rank == 0:
-            full[key] = value.detach().cpu()
+            full[_arch_key(key) if wrapped else key] = value.detach().cpu()
     if rank != 0:
         return None
-    return _write(out_dir, plan, full, dlrm.num_dense, model_config, plan_dir, source="live model")
+    return _write(out_dir, plan, full, spec, model_config, plan_dir, source="live model")
 
 
 # -- from a checkpoint ---------------------------------------------------------------------------
@@ -149,20 +163,26 @@ def _export_checkpoint(source: Path, out_dir: Path) -> Path:
     raw = json.loads((plan_dir / PLAN).read_text())
     plan = DimensionPlan.from_json(raw["dimension_plan"], where=str(plan_dir / PLAN))
     model_config = ModelConfig(**config.get("model", {}))
+    spec = _run_spec(config, path)
     shapes = _saved_shapes(path)
-    num_dense = _num_dense(config, shapes, path)
     # With the collapse hook W already sits under W1's key and loads into the plain model; a
     # checkpoint written without it still holds W1 (n x k) and W2, and is collapsed here.
-    probe = DLRM.planned(plan, num_dense, model_config, embedding_device=torch.device("meta"),
-                 dense_device=torch.device("meta"))
+    meta = torch.device("meta")
+    probe = TrainModel(get_arch(model_config), arch_model(plan, spec, model_config, meta))
     collapsed_on_save = all(shapes.get(f"model.{t.w1_key}") == (t.rows, t.dim)
                             for t in mlet_tables(probe, probe.state_dict()))
-    model = DLRM.planned(without_mlet(plan) if collapsed_on_save else plan, num_dense, model_config)
+    model = TrainModel(get_arch(model_config),
+                       arch_model(without_mlet(plan) if collapsed_on_save else plan, spec, model_config))
     state = model.state_dict()
     dcp.load({"model": state}, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
     if not collapsed_on_save:
         state.update(collapse_mlet_tables(model, state))
-    return _write(out_dir, plan, state, num_dense, model_config, plan_dir, source=str(path))
+    weights = {_arch_key(k): v for k, v in state.items()}
+    return _write(out_dir, plan, weights, spec, model_config, plan_dir, source=str(path))
+
+
+def _arch_key(key: str) -> str:
+    return key.removeprefix("model.")
 
 
 def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -170,22 +190,19 @@ def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items() if hasattr(m, "size")}
 
 
-def _num_dense(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> int:
-    width = shapes.get(f"model.{DENSE_INPUT_KEY}", (0, 0))[1]
-    if width > 1:
-        return width
-    # DLRM feeds a constant 1 when a dataset has no dense features: only the dataset tells 0 from 1.
+def _run_spec(config: dict[str, Any], path: Path) -> DatasetSpec:
+    """The dataset spec the run's arch was built from (its features and dense inputs)."""
     data = config.get("data", {}).get("path")
     try:
-        return len(DatasetSpec.load(data).dense)
+        return DatasetSpec.load(data)
     except EmbshardError as e:
-        raise ExportError(f"{path}: cannot tell the number of dense features: the run's dataset "
+        raise ExportError(f"{path}: the arch is rebuilt from the run's dataset spec, and "
                           f"{data!r} is unreadable ({e})") from None
 
 
 # -- writing -------------------------------------------------------------------------------------
 
-def _write(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], num_dense: int,
+def _write(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], spec: DatasetSpec,
            model_config: ModelConfig, plan_dir: Path | None, source: str) -> Path:
     serving = without_mlet(plan)
     weights = {k: v for k, v in state.items() if not _is_mlet_w2(k, plan)}
@@ -208,8 +225,8 @@ def _write(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], n
         "plan": PLAN,
         "weights": WEIGHTS,
         "remaps": remaps,
-        "num_dense": num_dense,
         "model": asdict(model_config),
+        "spec": asdict(spec),
         "base_dim": plan.base_dim,
         "tables": [
             {"table": t.name, "block": t.block_name(i), "rows": b.num_rows, "dim": b.dim,

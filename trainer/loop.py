@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
@@ -39,11 +38,11 @@ from embshard.trainer.checkpoint import (
     rejected_text,
     resolve_source,
 )
-from embshard.trainer.evaluate import EvalResult, evaluate
+from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
 from embshard.trainer.metrics import WorkerMetrics, write_file_sd
-from embshard.trainer.pipeline import TrainSteps
+from embshard.trainer.pipeline import TrainSteps, train_step as model_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
 from embshard.typed_config import to_dict
@@ -74,12 +73,8 @@ def make_reader(cfg: JobConfig, bundle: PlanBundle, split: str, rank: int, world
 
 
 def train_step(sharded: ShardedModel, batch: Any) -> torch.Tensor:
-    logits = sharded.model(batch.dense, batch.sparse)
-    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-    sharded.optimizer.zero_grad()
-    loss.backward()
-    sharded.optimizer.step()
-    return loss.detach()
+    """One unpipelined step of `sharded`; -> the detached loss."""
+    return model_step(sharded.model, sharded.optimizer, batch)
 
 
 def run_worker(
@@ -99,7 +94,7 @@ def run_worker(
     bundle.shard_plan.check_matches(bundle.dimension_plan, world)
     train_reader = make_reader(cfg, bundle, "train", rank, world)
     valid_reader = make_reader(cfg, bundle, "valid", rank, world)
-    sharded = build_sharded(cfg, bundle, len(train_reader.spec.dense), device, method=method)
+    sharded = build_sharded(cfg, bundle, train_reader.spec, device, method=method)
     output_dir = Path(cfg.output_dir)
     restarts = record_start(output_dir)
 
@@ -183,8 +178,7 @@ def run_worker(
         "samples_per_s": (progress.samples - resumed_samples) / elapsed if elapsed > 0 else 0.0,
         "first_loss": progress.first_loss,
         "last_loss": last_loss,
-        "valid_auc": result.auc if result else None,
-        "valid_logloss": result.logloss if result else None,
+        **eval_summary(result),
         "data_wait_seconds": train_reader.wait_seconds,
         "restarts": restarts,
         "resumed_from": str(resumed_from) if resumed_from else None,
@@ -308,10 +302,18 @@ def _train_steps(cfg: JobConfig, sharded: ShardedModel, device: torch.device, ra
     return TrainSteps(kind, sharded.model, sharded.optimizer, device, note)
 
 
+def eval_summary(result: EvalResult | None) -> dict[str, Any]:
+    """The summary's view of the last evaluation: `valid_<metric>` for each metric (a CTR arch's
+    valid_auc and valid_logloss; None without an evaluation) and which one is primary."""
+    if result is None:
+        return {"valid_primary": None, "valid_auc": None, "valid_logloss": None}
+    return {"valid_primary": result.primary, **{f"valid_{k}": v for k, v in result.metrics.items()}}
+
+
 def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:
     # Not through the pipeline's rewritten collections: they serve the batches it fetched.
     with steps.paused():
-        result = evaluate(sharded.model, reader, device, cfg.train.eval_max_batches)
+        result = sharded.arch.evaluate(sharded.model, reader, device, cfg.train.eval_max_batches)
     for cb in callbacks:
         cb.on_eval(step, result)
     return result

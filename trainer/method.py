@@ -24,7 +24,6 @@ EmbeddingBagCollection, sharded exactly as plan.json says, MLET hooks on checkpo
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -40,7 +39,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError, first_line
+from embshard.errors import ConfigError
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
@@ -48,6 +47,7 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import StateTransform
+from embshard.trainer.reference import import_reference
 
 if TYPE_CHECKING:
     from embshard.trainer.build import ShardedModel
@@ -79,6 +79,10 @@ class CheckpointTransforms:
 class EmbeddingMethod:
     """A method's parts; the defaults are the planned path (see the module docstring)."""
 
+    # Whether `embeddings` can give each feature its own width when the arch takes that
+    # (`ModelArch.uniform_width` false); a module that gives every feature the base dim says no.
+    mixed_widths: bool = True
+
     def check_config(self, cfg: JobConfig) -> None:
         """Raise ConfigError for a config this method cannot run (the driver calls it first)."""
 
@@ -99,15 +103,17 @@ class EmbeddingMethod:
     def sharders(self) -> list[ModuleSharder]:
         return [EmbeddingBagCollectionSharder()]
 
-    def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module,
+    def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module, embeddings: EmbeddingModule,
                       sharders: list[ModuleSharder]) -> ShardingPlan:
-        """The layout DMP builds: exactly the saved shard plan, at the collection's path."""
-        return bundle.shard_plan.to_torchrec(module_path(model, model.get_submodule("embeddings.ebc")))
+        """The layout DMP builds: exactly the saved shard plan, at the collection's path in
+        `model` (wherever the arch put `embeddings`)."""
+        return bundle.shard_plan.to_torchrec(module_path(model, self.collections(embeddings)[0]))
 
     def sparse_optimizer_args(self, cfg: JobConfig) -> dict[str, Any]:
         return {"lr": cfg.train.sparse_lr}
 
     def ddp_ignored(self) -> list[str]:
+        """Names within the embedding module (the builder prefixes its path in the model)."""
         return []
 
     def param_groups(self, cfg: JobConfig, dense: dict[str, nn.Parameter]) -> list[KeyedOptimizer]:
@@ -185,11 +191,7 @@ def get_method(name: str) -> EmbeddingMethod:
 
 
 def _imported(reference: str, name: str) -> EmbeddingMethod:
-    module, _, attr = reference.partition(":")
-    try:
-        found = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"method {name!r}: cannot import {reference} ({first_line(e)})") from None
+    found = import_reference(reference, f"method {name!r}")
     method = found() if isinstance(found, type) else found
     if not isinstance(method, EmbeddingMethod):
         raise ConfigError(f"method {name!r}: {reference} is a {type(method).__name__}, not an EmbeddingMethod")

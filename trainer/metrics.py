@@ -9,7 +9,8 @@ every name they use against this module):
     embshard_train_samples_total                    counter    job, rank
     embshard_train_step_seconds                     histogram  job, rank
     embshard_train_loss                             gauge      job, rank
-    embshard_eval_auc / embshard_eval_logloss       gauge      job, rank
+    embshard_eval_auc / embshard_eval_logloss       gauge      job, rank (a CTR arch's evaluation)
+    embshard_eval_metric                            gauge      job, rank, metric (every metric of the arch's evaluation)
     embshard_embedding_bytes                        gauge      job, rank, table, phase=train|serve
     embshard_device_memory_bytes                    gauge      job, rank, kind=allocated|reserved
     embshard_device_memory_capacity_bytes           gauge      job, rank
@@ -121,6 +122,10 @@ class WorkerMetrics:
         self.eval_logloss = Gauge(
             "embshard_eval_logloss", "Log loss of the last evaluation.", base, registry=r
         )
+        self.eval_metric = Gauge(
+            "embshard_eval_metric", "Each metric of the last evaluation (auc, recall@10, ...).",
+            base + ("metric",), registry=r,
+        )
         self.embedding_bytes = Gauge(
             "embshard_embedding_bytes",
             "Bytes of embedding parameters held by this rank; phase=train (incl. MLET factors and "
@@ -174,7 +179,6 @@ class WorkerMetrics:
         self._devmem: tuple[object, object, object] | None = None
         # Loss and eval gauges appear only once set: a 0.0 AUC before the first eval would lie.
         self._loss: Gauge | None = None
-        self._eval: tuple[object, object] | None = None
 
     # ----------------------------------------------------------------- training loop calls
 
@@ -192,12 +196,15 @@ class WorkerMetrics:
         """Time the step loop spent waiting for its next input batch."""
         self._wait.inc(seconds)
 
-    def set_eval(self, auc: float, logloss: float) -> None:
-        """Result of the last evaluation pass."""
-        if self._eval is None:
-            self._eval = (self.eval_auc.labels(*self._lv), self.eval_logloss.labels(*self._lv))
-        self._eval[0].set(auc)  # type: ignore[attr-defined]
-        self._eval[1].set(logloss)  # type: ignore[attr-defined]
+    def set_eval(self, metrics: Mapping[str, float]) -> None:
+        """Result of the last evaluation pass: every metric by name; AUC and logloss (what the
+        dashboard and alerts read) also under their own names."""
+        for name, value in metrics.items():
+            self.eval_metric.labels(*self._lv, name).set(value)
+        if "auc" in metrics:
+            self.eval_auc.labels(*self._lv).set(metrics["auc"])
+        if "logloss" in metrics:
+            self.eval_logloss.labels(*self._lv).set(metrics["logloss"])
 
     def set_embedding_bytes(self, table: str, phase: str, nbytes: int | float) -> None:
         """Bytes of table `table` on this rank, for phase "train" or "serve"."""

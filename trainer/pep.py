@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
-from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
@@ -113,9 +112,11 @@ def row_threshold_decay(cfg: JobConfig) -> dict[str, Any]:
 
 
 class PepPrune(EmbeddingMethod):
-    """The prune run: DLRM over `PepEmbeddings` (pooled and unpooled TorchRec collections), rows
+    """The prune run: the arch over `PepEmbeddings` (pooled and unpooled TorchRec collections), rows
     at their reproducible initial values and s at s_init, thresholds under their own Adam, and
     the `PruneCallback` that writes masks and decisions."""
+
+    mixed_widths = False
 
     def check_config(self, cfg: JobConfig) -> None:
         _require_pep(cfg)
@@ -147,9 +148,10 @@ class PepPrune(EmbeddingMethod):
         return prune_plan(super().dimension_plan(cfg, spec, counts, out_dir), pep.granularity, multi_hot,
                           pep.pooled_lookup, lambda pooled: pep_sharding_types(cfg, pooled))
 
-    def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module,
+    def sharding_plan(self, cfg: JobConfig, bundle: PlanBundle, model: nn.Module, embeddings: EmbeddingModule,
                       sharders: list[ModuleSharder]) -> ShardingPlan:
-        pep = pep_module(model)
+        pep = embeddings
+        assert isinstance(pep, PepEmbeddings)
         tables = []
         if pep.ebc is not None:
             tables.append((pep.ebc, pep.pooled_tables))
@@ -176,9 +178,8 @@ class PepPrune(EmbeddingMethod):
 
 
 def pep_module(model: nn.Module) -> PepEmbeddings:
-    embeddings = model.module.embeddings if isinstance(model, DistributedModelParallel) else model.embeddings
-    assert isinstance(embeddings, PepEmbeddings)
-    return embeddings
+    """The PepEmbeddings inside `model`, wherever its arch put it."""
+    return next(m for m in model.modules() if isinstance(m, PepEmbeddings))
 
 
 # ----------------------------------------------------------------------------- counting and masks
@@ -456,7 +457,7 @@ class PepLottery(EmbeddingMethod):
 
 
 def table_shards(sharded: ShardedModel) -> list[LocalShard]:
-    return local_shards(sharded.model.module.embeddings.ebc)
+    return local_shards(sharded.embeddings.get_submodule("ebc"))
 
 
 def _require_uniform(plan: DimensionPlan) -> None:

@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
+from traceback import extract_tb
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx.proxy import TraceError
 
 from embshard.config import PipelineKind
 
@@ -75,11 +75,13 @@ class TrainSteps:
                 loss, _ = self._pipeline.progress(source)
             except StopIteration:
                 return
-            except TraceError as e:
+            except Exception as e:
+                if not _raised_in_trace(e):
+                    raise
                 # Only the first step traces the model, before the pipeline changed anything:
                 # what it fetched trains unpipelined, then the rest.
                 self.note(f"train.pipeline {self.kind}: training unpipelined, TorchRec cannot trace "
-                          f"the model to find its collections' input ({e})")
+                          f"the model to find its collections' input ({type(e).__name__}: {e})")
                 pending = [b for b in self._pipeline.batches if b is not None]
                 self._pipeline = None
                 yield from self._plain(chain(pending, source))
@@ -129,6 +131,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def _raised_in_trace(error: BaseException) -> bool:
+    """Whether `error` came out of torch.fx's symbolic trace (TorchRec tracing the model), not out
+    of a batch or a step."""
+    return any(frame.filename.endswith(("fx/_symbolic_trace.py", "fx/proxy.py"))
+               for frame in extract_tb(error.__traceback__))
 
 
 def _make_pipeline(kind: PipelineKind, model: nn.Module, optimizer: torch.optim.Optimizer,

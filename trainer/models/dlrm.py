@@ -1,6 +1,6 @@
-"""DLRM from TorchRec's building blocks, over a `PlannedEmbeddingBags` instead of a bare
-EmbeddingBagCollection, so every dimension plan (uniform, MDE, AutoDim, PEP, MLET) trains with the
-same dense and interaction arches."""
+"""`dlrm`: DLRM from TorchRec's building blocks, over the method's embedding module instead of a
+bare EmbeddingBagCollection, so every dimension plan (uniform, MDE, AutoDim, PEP, MLET) trains with
+the same dense and interaction arches. Its dot interaction needs every feature at one width."""
 
 from __future__ import annotations
 
@@ -10,9 +10,19 @@ from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.config import MLET_INIT_STD, ModelConfig
+from embshard.datasets.schema import DatasetSpec
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
+from embshard.trainer.models.arch import ModelArch
+
+
+class DlrmArch(ModelArch):
+    """`model.dense_arch` and `model.over_arch` are its hidden layers; it takes no options."""
+
+    def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
+              device: torch.device | None) -> nn.Module:
+        return DLRM(embeddings, len(spec.dense), cfg, dense_device=device)
 
 
 class DLRM(nn.Module):

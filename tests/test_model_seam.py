@@ -1,0 +1,157 @@
+"""The model seam: `model.arch` names a built-in or a user's builder / ModelArch, the one builder
+and loop train it without asking which it is, and a bad model config is one clear line."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import profiled_synth
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embshard.cluster.cli import main
+from embshard.cluster.launch import plan_for_training
+from embshard.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
+from embshard.sharding.embedding_module import EmbeddingModule
+from embshard.trainer.evaluate import EvalResult
+from embshard.trainer.loop import run_worker
+from embshard.trainer.models import ModelArch, get_arch
+from embshard.trainer.models.dlrm import DlrmArch
+
+
+class NestedLinear(nn.Module):
+    """A user's model that keeps the embeddings two levels down (not at `.embeddings`)."""
+
+    def __init__(self, embeddings: EmbeddingModule, num_dense: int, squeeze: bool) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({"lookup": nn.ModuleDict({"tables": embeddings})})
+        width = sum(embeddings.feature_dims.values()) + num_dense
+        self.head = nn.Linear(width, 1)
+        self.squeeze = squeeze
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        embedded = self.parts["lookup"]["tables"](sparse)
+        out = self.head(torch.cat([dense, embedded.values()], dim=1))
+        return out.squeeze(-1) if self.squeeze else out
+
+
+def nested_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return NestedLinear(embeddings, len(spec.dense), squeeze=True)
+
+
+def unsqueezed_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return NestedLinear(embeddings, len(spec.dense), squeeze=False)  # [B, 1]: the wrong shape
+
+
+def detached_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return nn.Linear(len(spec.dense), 1)  # never looks the ids up
+
+
+class WithOptions(ModelArch):
+    options = ("hidden",)
+
+
+NOT_A_BUILDER = 42
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return profiled_synth(tmp_path_factory.mktemp("models") / "data", rows=2000, max_cardinality=200, seed=5)
+
+
+def job(dataset: Path, out: Path, arch: str = "dlrm", **options: Any) -> JobConfig:
+    return JobConfig(
+        output_dir=str(out),
+        cluster=ClusterConfig(workers=1),
+        data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
+        model=ModelConfig(arch=arch, options=options, dense_arch=[8], over_arch=[8]),
+        embeddings=EmbeddingsConfig(dim=8),
+        train=TrainConfig(progress=False, log_every=1, eval_max_batches=1, max_steps=4),
+        checkpoint=CheckpointConfig(enabled=False),
+    )
+
+
+def test_builtins_are_found_by_name_and_unknown_names_are_one_line() -> None:
+    assert isinstance(get_arch("dlrm"), DlrmArch)
+    assert get_arch(ModelConfig()).name == "dlrm"
+    cases = [
+        ("nope", "model.arch: unknown architecture 'nope'"),
+        ("no_such_package.models:build", "model.arch: cannot import module 'no_such_package.models'"),
+        ("test_model_seam:missing_builder",
+         "model.arch: cannot import 'missing_builder' from module 'test_model_seam'"),
+        ("test_model_seam:NOT_A_BUILDER", "neither a ModelArch nor a builder function"),
+        ("test_model_seam", "unknown architecture"),
+    ]
+    for name, message in cases:
+        with pytest.raises(ConfigError, match=message) as e:
+            get_arch(name)
+        assert "\n" not in str(e.value)
+
+
+def test_a_model_arch_class_is_instantiated_and_checks_its_own_options(dataset, tmp_path) -> None:
+    arch = get_arch("test_model_seam:WithOptions")
+    assert isinstance(arch, WithOptions) and arch.name == "test_model_seam:WithOptions"
+    spec = DatasetSpec.load(dataset)
+    arch.check(job(dataset, tmp_path, hidden=4), spec)
+    with pytest.raises(ConfigError, match=r"model.options.depth: not an option of model.arch 'test_model_seam:Wi"):
+        arch.check(job(dataset, tmp_path, depth=2), spec)
+    with pytest.raises(ConfigError, match=r"model.options.depth: .* \(valid: none\)"):
+        get_arch("dlrm").check(job(dataset, tmp_path, depth=2), spec)
+
+
+def test_the_driver_refuses_a_bad_model_config_before_planning(dataset, tmp_path, capsys) -> None:
+    with pytest.raises(ConfigError, match="model.options.layers"):
+        plan_for_training(job(dataset, tmp_path / "run", layers=2))
+    assert not (tmp_path / "run" / "plan").exists()
+    config = tmp_path / "job.yaml"
+    config.write_text(f"data:\n  path: {dataset}\nmodel:\n  arch: no_such_package.models:build\n")
+    assert main(["plan", str(config), "--world-size", "1", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("embshard: error: model.arch: cannot import module 'no_such_package.models'")
+    assert len(err.splitlines()) == 1
+
+
+def test_a_builder_keeping_the_embeddings_anywhere_trains_sharded(dataset, tmp_path, process_group) -> None:
+    # The sharding plan is found by the collection's identity, not at model.embeddings.
+    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:nested_builder")
+    plan_for_training(cfg)
+    summary = run_worker(cfg)
+    assert summary["steps"] == 4
+    assert math.isfinite(summary["last_loss"]) and summary["valid_primary"] == "auc"
+    assert 0.0 <= summary["valid_auc"] <= 1.0 and summary["valid_logloss"] > 0
+
+
+@pytest.mark.parametrize(("builder", "message"), [
+    ("unsqueezed_builder", r"model.arch 'test_model_seam:unsqueezed_builder': the model returned \(128, 1\) "
+                           r"for a batch of 128; a pointwise model returns one logit per example \(\(128,\)\)"),
+    ("detached_builder", "the model does not hold the embedding module it was given"),
+])
+def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_group, builder, message) -> None:
+    cfg = job(dataset, tmp_path / builder, arch=f"test_model_seam:{builder}")
+    plan_for_training(cfg)
+    with pytest.raises(ConfigError, match=message) as e:
+        run_worker(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_result_names_its_primary_metric() -> None:
+    result = EvalResult({"logloss": 0.5, "recall@10": 0.25}, "recall@10", 100)
+    assert result.text() == "recall@10 0.2500, logloss 0.5000"
+    assert result.auc is None and result.logloss == 0.5
+    with pytest.raises(ValueError, match="ndcg"):
+        EvalResult({"auc": 0.7}, "ndcg", 1)

@@ -1,0 +1,41 @@
+"""Model architectures by name: `model.arch` is a built-in or a user's "package.module:attr".
+
+Built-ins are imported on first use, so naming one loads only its own modules."""
+
+from __future__ import annotations
+
+from embshard.config import ModelConfig
+from embshard.errors import ConfigError
+from embshard.trainer.models.arch import BuilderArch, ModelArch, TrainModel
+from embshard.trainer.reference import import_reference
+
+__all__ = ["ModelArch", "TrainModel", "get_arch"]
+
+_BUILTIN = {
+    "dlrm": "embshard.trainer.models.dlrm:DlrmArch",
+}
+
+
+def get_arch(name: str | ModelConfig) -> ModelArch:
+    """The arch `name` (or a model config's `arch`) names: a built-in, or a user's reference to a
+    ModelArch (class or instance) or a plain builder function (`BuilderArch`)."""
+    if isinstance(name, ModelConfig):
+        name = name.arch
+    if name in _BUILTIN:
+        return _as_arch(import_reference(_BUILTIN[name], f"model.arch {name!r}"), name)
+    if ":" not in name:
+        raise ConfigError(f"model.arch: unknown architecture {name!r} (built-in: {', '.join(_BUILTIN)}; "
+                          "or a builder or ModelArch as package.module:attr)")
+    return _as_arch(import_reference(name, "model.arch"), name)
+
+
+def _as_arch(found: object, name: str) -> ModelArch:
+    if isinstance(found, type) and issubclass(found, ModelArch):
+        found = found()
+    if isinstance(found, ModelArch):
+        found.name = name
+        return found
+    if callable(found) and not isinstance(found, type):
+        return BuilderArch(found, name)
+    raise ConfigError(f"model.arch {name!r}: a {type(found).__name__}, neither a ModelArch nor a builder "
+                      "function build(embeddings, spec, options) -> nn.Module")

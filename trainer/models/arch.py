@@ -1,0 +1,109 @@
+"""`ModelArch`: what `model.arch` names, and `TrainModel`, the one module the loop and DMP see.
+
+The builder (trainer/build.py) asks the arch for its model over the method's embedding module and
+wraps the pair in a `TrainModel` (batch -> (loss, output), the contract TorchRec's
+TrainPipelineSparseDist expects); the loop trains that and evaluates through `arch.evaluate`, so
+neither asks which architecture it holds. The defaults are pointwise CTR: one logit per example,
+BCE with the label, AUC and logloss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embshard.config import JobConfig, ModelConfig
+from embshard.datasets.reader import Batch, ParquetBatchReader
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
+from embshard.sharding.embedding_module import EmbeddingModule
+from embshard.trainer.evaluate import EvalResult, evaluate_pointwise
+
+# build(embeddings, spec, options) -> model: a user's plain builder (pointwise, uniform width).
+Builder = Callable[[EmbeddingModule, DatasetSpec, Mapping[str, Any]], nn.Module]
+
+
+class ModelArch:
+    """A model architecture. `name` is what `model.arch` called it (error messages use it)."""
+
+    name: str = "?"
+    # True: every feature reaches the model at embeddings.base_dim (MDE/MLET blocks projected).
+    # False: each feature at its own width (`EmbeddingModule.feature_dims`: the widest of its
+    # blocks; narrower blocks of the same table project to it), no other projections; the plan
+    # records it so the memory report counts only the projections that exist.
+    uniform_width: bool = True
+    options: tuple[str, ...] = ()  # the `model.options` keys this arch takes
+
+    def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
+        """ConfigError for a config this arch cannot train (the driver calls it before planning)."""
+        unknown = sorted(set(cfg.model.options) - set(self.options))
+        if unknown:
+            valid = ", ".join(self.options) or "none"
+            raise ConfigError(f"model.options.{unknown[0]}: not an option of model.arch {self.name!r} (valid: {valid})")
+
+    def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
+              device: torch.device | None) -> nn.Module:
+        """The model around `embeddings` (built on meta: DMP materialises its tables); its dense
+        layers go on `device`."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
+        """How the arch's model is called on a batch (its own contract)."""
+        return model(batch.dense, batch.sparse)
+
+    def loss(self, output: Any, batch: Batch) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.shape != batch.labels.shape:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ConfigError(f"model.arch {self.name!r}: the model returned {shape} for a batch of "
+                              f"{batch.labels.numel()}; a pointwise model returns one logit per example "
+                              f"({tuple(batch.labels.shape)})")
+        return F.binary_cross_entropy_with_logits(output, batch.labels)
+
+    def evaluate(self, model: nn.Module, reader: ParquetBatchReader, device: torch.device,
+                 max_batches: int | None) -> EvalResult:
+        """`model`: the TrainModel (DMP-wrapped on workers); collective over its process group."""
+        return evaluate_pointwise(model, reader, device, max_batches)
+
+
+class BuilderArch(ModelArch):
+    """A user's plain builder function as a pointwise, uniform-width arch; `model.options` go to
+    the builder as they are (it checks its own)."""
+
+    def __init__(self, builder: Builder, name: str) -> None:
+        self.builder = builder
+        self.name = name
+
+    def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
+        pass
+
+    def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
+              device: torch.device | None) -> nn.Module:
+        model = self.builder(embeddings, spec, dict(cfg.options))
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.arch {self.name!r}: the builder returned a {type(model).__name__}, "
+                              "not a torch.nn.Module")
+        return model  # DMP moves its dense layers to the device (the tables may still be on meta here)
+
+
+class TrainModel(nn.Module):
+    """(arch, model) as one module: forward(batch) -> (loss, output). DMP wraps this."""
+
+    def __init__(self, arch: ModelArch, model: nn.Module) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, Any]:
+        output = self.arch.forward(self.model, batch)
+        return _arch_loss(self, output, batch), output
+
+
+@torch.fx.wrap
+def _arch_loss(train: TrainModel, output: Any, batch: Batch) -> torch.Tensor:
+    # One opaque node when TorchRec's train pipeline traces the model to find its collections'
+    # input: an arch's loss may check its output's type and shape, which a trace cannot follow.
+    return train.arch.loss(output, batch)
