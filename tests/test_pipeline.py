@@ -19,6 +19,7 @@ from embshard.cluster.launch import plan_for_training
 from embshard.config import (
     AutodimConfig,
     CheckpointConfig,
+    ClusterConfig,
     DataConfig,
     EmbeddingsConfig,
     JobConfig,
@@ -29,13 +30,14 @@ from embshard.config import (
     TrainConfig,
 )
 from embshard.datasets.reader import Batch
+from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, complete_checkpoints
-from embshard.trainer.evaluate import evaluate
+from embshard.trainer.evaluate import evaluate_pointwise
 from embshard.trainer.loop import make_reader, run_worker
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name
 from embshard.trainer.pipeline import TrainSteps
@@ -74,14 +76,15 @@ def job(dataset: Path, out: Path, embeddings: EmbeddingsConfig, **sections) -> J
         embeddings=embeddings,
         train=TrainConfig(progress=False),
         checkpoint=CheckpointConfig(enabled=False),
+        cluster=ClusterConfig(workers=1),
         **sections,
     )
 
 
 def build(cfg: JobConfig, method: str | None) -> ShardedModel:
     bundle = plan_for_training(cfg, method)
-    num_dense = len(make_reader(cfg, bundle, "valid", 0, 1).spec.dense)
-    return build_sharded(cfg, bundle, num_dense, CPU, method=get_method(method or method_name(cfg)))
+    return build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), CPU,
+                         method=get_method(method or method_name(cfg)))
 
 
 def batches(cfg: JobConfig, split: str = "train", n: int = STEPS) -> list[Batch]:
@@ -123,8 +126,8 @@ def test_evaluation_mid_flight_sees_the_trained_model_and_training_continues_exa
         losses = [next(run).loss.item() for _ in range(3)]
         # The pipeline now holds batches 4 and 5, batch 4's ids already distributed.
         with steps.paused() as model:
-            result = evaluate(model, valid, CPU, max_batches=2)
-        return losses + [s.loss.item() for s in run], result.logloss
+            result = evaluate_pointwise(model, valid, CPU, max_batches=2)
+        return losses + [s.loss.item() for s in run], result.metrics
 
     assert losses_and_eval(piped) == losses_and_eval(plain)
 
@@ -149,7 +152,7 @@ def test_a_model_torchrec_cannot_trace_trains_unpipelined_with_one_note(dataset,
     data = batches(cfg)
     expected = [s.loss.item() for s in plain.run(iter(data))]
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
-    sharded = build_sharded(cfg, bundle, 13, CPU, method=Branching())
+    sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), CPU, method=Branching())
     notes: list[str] = []
     steps = TrainSteps("sparse_dist", sharded.model, sharded.optimizer, CPU, notes.append)
     assert [s.loss.item() for s in steps.run(iter(data))] == expected
@@ -175,7 +178,7 @@ def test_checkpoints_save_the_position_of_batches_trained_not_fetched(dataset, t
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     positions = {}
     for folder in complete_checkpoints(cfg.checkpoint_dir):
-        sharded = build_sharded(cfg, bundle, 13, CPU)
+        sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), CPU)
         _, progress = CheckpointManager(cfg.checkpoint_dir).load_latest(sharded.model, sharded.optimizer, [folder])
         positions[progress.step] = progress.reader
     # When step 2 and 4 were saved the pipeline had fetched two batches more.
