@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import profiled_synth
+from distributed import run_ranks
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.cluster.launch import plan_for_training
@@ -183,3 +184,24 @@ def test_checkpoints_save_the_position_of_batches_trained_not_fetched(dataset, t
         positions[progress.step] = progress.reader
     # When step 2 and 4 were saved the pipeline had fetched two batches more.
     assert positions == {s: {"epoch": 0, "batches": s} for s in (2, 4, 5)}
+
+
+def _train(rank: int, world: int, cfg: JobConfig) -> dict:
+    summary = run_worker(cfg)
+    return {k: summary[k] for k in ("steps", "samples", "first_loss", "last_loss", "valid_auc", "valid_logloss")}
+
+
+@pytest.mark.slow
+def test_two_ranks_pipelined_with_evaluations_mid_flight_equal_unpipelined(dataset, tmp_path):
+    # Two ranks: the input dist really moves ids between ranks, and every evaluation pauses the
+    # pipeline with the next batch's ids already distributed.
+    method, embeddings, sections = CASES["mde_within"]
+    summaries = {}
+    for kind in ("sparse_dist", "none"):
+        cfg = job(dataset, tmp_path / kind, embeddings, **sections)
+        cfg = replace(cfg, cluster=ClusterConfig(workers=2),
+                      train=replace(cfg.train, pipeline=kind, max_steps=6, eval_every=2, eval_max_batches=2))
+        plan_for_training(cfg, method)
+        summaries[kind] = run_ranks(_train, 2, cfg)
+    assert summaries["sparse_dist"] == summaries["none"]
+    assert summaries["none"][0]["steps"] == 6 and summaries["none"][0]["last_loss"] is not None
