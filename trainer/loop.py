@@ -42,7 +42,8 @@ from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
 from embshard.trainer.metrics import WorkerMetrics, write_file_sd
-from embshard.trainer.pipeline import TrainSteps, train_step as model_step
+from embshard.trainer.pipeline import TrainSteps
+from embshard.trainer.pipeline import train_step as model_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
 from embshard.typed_config import to_dict

@@ -16,6 +16,7 @@ this is the TrainSpec, in TorchRec's the pieces `DistributedModelParallel` takes
     ddp_ignored             dense parameters DDP must leave alone
     initialise              the values the sharded model starts from
     callbacks               what runs in the loop (AutoDim's alpha step, PEP's mask writer, ...)
+    unpipelined_because     why the run cannot train through TorchRec's train pipeline (None: it can)
     checkpoint_transforms   what a checkpoint holds (MLET's collapse to n x d)
 
 The base class is the planned path every method starts from: `PlannedEmbeddingBags` over one
