@@ -5,8 +5,9 @@ loss, wrapped in `DistributedModelParallel` with the same shard plan and optimiz
 TorchRec's `TrainPipelineSparseDist` (the loop TorchRec's examples run) and, beside it, by the
 textbook unpipelined loop (forward, zero_grad, backward, step). embshard: the model from
 `trainer.build`, stepped by `trainer.pipeline.TrainSteps` with the loop's per-step work
-(callbacks; metrics off, and on), pipelined as `train.pipeline` defaults and unpipelined. All see
-the same in-memory batches, so data loading is out of the picture.
+(callbacks; metrics off, and on), through the same TrainPipelineSparseDist (`train.pipeline:
+sparse_dist`) and unpipelined (`none`). All see the same in-memory batches, so data loading is
+out of the picture.
 
     .venv/bin/python bench/throughput.py [--steps 60] [--repeats 3] [--dim 16]
     .venv/bin/python bench/throughput.py --mlet-ratio 4 [...]   # MLET vs uniform k and d (throughput_mlet.py)
@@ -14,7 +15,8 @@ the same in-memory batches, so data loading is out of the picture.
 
 Ends with one JSON line: samples/s of each variant, `ratio` = embshard pipelined / TorchRec
 pipelined (goal >= 0.97), `unpipelined_ratio` = the same two loops unpipelined, `pipeline_gain`
-= TorchRec pipelined / unpipelined, and `metrics_ratio` = metrics on / metrics off (goal >= 0.98).
+= TorchRec pipelined / unpipelined (what decides `train.pipeline`'s default, named in
+`default_pipeline`), and `metrics_ratio` = metrics on / metrics off (goal >= 0.98).
 """
 
 from __future__ import annotations
@@ -148,14 +150,13 @@ def main() -> None:
     data = prepare(args)
     cfg, bundle = bench_job("throughput-run", data, args.batch_size, EmbeddingsConfig(dim=args.dim))
     warm, timed_batches, num_dense = data.warm, data.timed, data.num_dense
-    pipeline = TrainConfig().pipeline  # what a run trains through by default
 
     # Separate models for the pipelined and unpipelined loops: a pipeline keeps its model's
     # collections rewritten to serve the batches it fetched.
     base_model, base_opt = torchrec_baseline(cfg, bundle, num_dense)
     base_pipeline = TrainPipelineSparseDist(base_model, base_opt, torch.device("cpu"))
     plain_model, plain_opt = torchrec_baseline(cfg, bundle, num_dense)
-    ours = embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), pipeline)
+    ours = embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), "sparse_dist")
     ours_plain = embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), "none")
     metrics = WorkerMetrics(job="bench", rank=0)
     with_metrics = [PrometheusCallback(metrics)]
@@ -166,8 +167,7 @@ def main() -> None:
     run_embshard(ours_plain, warm, [], cfg.train.log_every)
 
     print(f"{len(timed_batches)} steps x {args.batch_size} per pass, {args.repeats} passes each, "
-          f"dim {args.dim}, {len(bundle.dimension_plan.tables)} tables, embshard pipeline {pipeline}",
-          file=sys.stderr)
+          f"dim {args.dim}, {len(bundle.dimension_plan.tables)} tables", file=sys.stderr)
     rates = interleaved_rates(
         {
             "torchrec": lambda: run_baseline_pipelined(base_pipeline, timed_batches),
@@ -183,7 +183,7 @@ def main() -> None:
         "bench": "throughput",
         "dim": args.dim,
         "batch_size": args.batch_size,
-        "pipeline": pipeline,
+        "default_pipeline": TrainConfig().pipeline,
         "torchrec_samples_per_s": round(m["torchrec"]),
         "embshard_samples_per_s": round(m["embshard"]),
         "embshard_metrics_samples_per_s": round(m["embshard_metrics"]),

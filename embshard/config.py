@@ -349,10 +349,11 @@ class TrainConfig:
     log_every: int = 50  # steps between loss lines in the log
     progress: bool = True  # tqdm bar on rank 0
     # How steps run. sparse_dist: TorchRec's TrainPipelineSparseDist (the next batch's ids travel
-    # to their shards while this one trains; same result as none). semi_sync: TrainPipelineSemiSync
-    # (from step 900 on, lookups run one step early: faster where all-to-alls are slow, not
-    # equal to none). none: one batch at a time. A method that cannot be pipelined trains as none.
-    pipeline: PipelineKind = "sparse_dist"
+    # to their shards while this one trains; same result as none; use it on GPUs). semi_sync:
+    # TrainPipelineSemiSync (cuda only; from step 900 on, lookups run one step early: not equal
+    # to none). none: one batch at a time, the default because it measured fastest on CPU, where
+    # nothing overlaps (bench/throughput.py). A method that cannot be pipelined trains as none.
+    pipeline: PipelineKind = "none"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

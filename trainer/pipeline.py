@@ -76,10 +76,10 @@ class TrainSteps:
             except StopIteration:
                 return
             except Exception as e:
-                if not _raised_in_trace(e):
+                # The first step traces the model, before the pipeline changed anything: what it
+                # fetched trains unpipelined, then the rest.
+                if self._checked or not _raised_in_trace(e):
                     raise
-                # Only the first step traces the model, before the pipeline changed anything:
-                # what it fetched trains unpipelined, then the rest.
                 self.note(f"train.pipeline {self.kind}: training unpipelined, TorchRec cannot trace "
                           f"the model to find its collections' input ({type(e).__name__}: {e})")
                 pending = [b for b in self._pipeline.batches if b is not None]
