@@ -75,7 +75,7 @@ def job(dataset: Path, out: Path, embeddings: EmbeddingsConfig, **sections) -> J
         data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
         model=ModelConfig(dense_arch=[16], over_arch=[16]),
         embeddings=embeddings,
-        train=TrainConfig(progress=False),
+        train=TrainConfig(progress=False, pipeline="sparse_dist"),
         checkpoint=CheckpointConfig(enabled=False),
         cluster=ClusterConfig(workers=1),
         **sections,
