@@ -16,7 +16,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +150,7 @@ class ParquetBatchReader:
         self._consumed = int(state["batches"])
         self._resume = (self.epoch, self._consumed)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         epoch = self.epoch
         skip = self._resume[1] if self._resume and self._resume[0] == epoch else 0
         self._resume = None

@@ -18,7 +18,7 @@ forwards back.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -56,7 +56,7 @@ class TrainSteps:
         self._pipeline = _make_pipeline(kind, model, optimizer, device) if kind != "none" else None
         self._checked = False
 
-    def run(self, batches: Iterator[Any]) -> Iterator[Step]:
+    def run(self, batches: Iterator[Any]) -> Generator[Step, None, None]:
         """One Step per batch trained, in order. Stopping early leaves the batches the pipeline
         fetched ahead untrained (and uncounted)."""
         if self._pipeline is None:
