@@ -1,8 +1,9 @@
 """Training throughput of MLET (tables n x k, k = ratio * d, collapsed by W2 to d) against uniform
 tables of width k and of width d, in the same run on the same in-memory batches.
 
-All three are embshard models from `trainer.build`, stepped by `trainer.loop.train_step` (the
-per-step work of `bench/throughput.py`'s `run_embshard`, callbacks off), on one gloo rank.
+All three are embshard models from `trainer.build`, stepped as a run steps them (`train.pipeline`'s
+default; the per-step work of `bench/throughput.py`'s `run_embshard`, callbacks off), on one gloo
+rank.
 Uniform-k is the model MLET trains like (same table widths) and uniform-d the one it serves as.
 
     .venv/bin/python bench/throughput_mlet.py [--dim 16] [--ratio 4] [--steps 20] [--repeats 3]
@@ -21,15 +22,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchData, bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
-from throughput import run_embshard
+from throughput import embshard_steps, run_embshard
 
 from embshard.config import EmbeddingsConfig, JobConfig, MletConfig
-from embshard.trainer.build import ShardedModel, build_sharded
+from embshard.trainer.build import build_sharded
+from embshard.trainer.pipeline import TrainSteps
 
 
-def build(name: str, embeddings: EmbeddingsConfig, data: BenchData, batch_size: int) -> ShardedModel:
+def build(name: str, embeddings: EmbeddingsConfig, data: BenchData, batch_size: int) -> TrainSteps:
     cfg, bundle = bench_job(f"throughput-mlet/{name}", data, batch_size, embeddings)
-    return build_sharded(cfg, bundle, data.spec, torch.device("cpu"))
+    return embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), cfg.train.pipeline)
 
 
 def main(argv: list[str] | None = None) -> None:

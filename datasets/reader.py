@@ -16,7 +16,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
 from embshard.datasets.storage import StoragePath, arrow_source
@@ -34,7 +35,10 @@ from embshard.errors import ConfigError, DataError
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
+    """Pipelineable so TorchRec's train pipelines can move it to the device and mark the streams
+    that use it ahead of the step that trains it."""
+
     dense: torch.Tensor  # [B, num_dense] float32 (num_dense may be 0)
     sparse: KeyedJaggedTensor  # keys = spec.sparse_names in order; values int64, lengths int32
     labels: torch.Tensor  # [B] float32
@@ -47,6 +51,15 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             extra={k: v.to(device, non_blocking=non_blocking) for k, v in self.extra.items()},
         )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        if isinstance(stream, torch.cpu.Stream):  # only a device's caching allocator tracks streams
+            return
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
+        for v in self.extra.values():
+            v.record_stream(stream)
 
 
 @dataclass(frozen=True)
@@ -125,7 +138,12 @@ class ParquetBatchReader:
         return min(per_rank)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._consumed}
+        return self.state_after(self._consumed)
+
+    def state_after(self, batches: int) -> dict:
+        """The state once `batches` of the current epoch are consumed: a consumer that fetches
+        ahead (a train pipeline) saves the batches it trained, not those it fetched."""
+        return {"epoch": self.epoch, "batches": batches}
 
     def load_state_dict(self, state: Mapping) -> None:
         """The next iteration of epoch state['epoch'] skips the batches already consumed."""
@@ -133,7 +151,7 @@ class ParquetBatchReader:
         self._consumed = int(state["batches"])
         self._resume = (self.epoch, self._consumed)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         epoch = self.epoch
         skip = self._resume[1] if self._resume and self._resume[0] == epoch else 0
         self._resume = None

@@ -30,6 +30,8 @@ GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 Lookup = Literal["weight_sharing", "separate"]
 # AutoDim: candidate -> d_N by a linear transform, or by zero padding.
 Unify = Literal["linear", "zero_pad"]
+# train.pipeline: TorchRec's TrainPipelineSparseDist, its semi-sync variant, or none (trainer/pipeline.py).
+PipelineKind = Literal["sparse_dist", "semi_sync", "none"]
 
 # MLET W2 initialisation: the paper draws W2 from a Gaussian N(0, 0.0625). We read 0.0625 as the
 # variance (std 0.25): N(mu, sigma^2) notation puts the variance second, and 0.0625 = 0.25^2.
@@ -348,6 +350,12 @@ class TrainConfig:
     log_every: int = 50  # steps between loss lines in the log
     progress: bool = True  # tqdm bar on rank 0
     test: bool = False  # also evaluate the test split at the end (summary: test_auc, test_logloss)
+    # How steps run. sparse_dist: TorchRec's TrainPipelineSparseDist (the next batch's ids travel
+    # to their shards while this one trains; same result as none; use it on GPUs). semi_sync:
+    # TrainPipelineSemiSync (cuda only; from step 900 on, lookups run one step early: not equal
+    # to none). none: one batch at a time, the default because it measured fastest on CPU, where
+    # nothing overlaps (bench/throughput.py). A method that cannot be pipelined trains as none.
+    pipeline: PipelineKind = "none"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -418,6 +426,12 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # DCP checkpoints and resuming
     pep: PepConfig | None = None  # read by the PEP methods (embshard prune pep, lottery retrain)
     autodim: AutodimConfig | None = None  # read by the AutoDim method (embshard search autodim)
+
+    def __post_init__(self) -> None:
+        if self.train.pipeline == "semi_sync" and self.sharding.device != "cuda":
+            # TorchRec's semi-sync pipeline records CUDA streams on the batch's tensors.
+            raise ConfigError(f"train.pipeline: semi_sync needs sharding.device cuda "
+                              f"(got {self.sharding.device}); use sparse_dist or none")
 
     @property
     def plan_dir(self) -> Path:

@@ -132,6 +132,9 @@ class AutodimEmbeddingBags(EmbeddingModule):
             self.register_buffer("running_var", torch.ones(f, n, d, device=dense_device))
         self._generator: torch.Generator | None = None
         self._tables_frozen = False
+        # A module without parameters, so TorchRec's train pipeline can run it ahead on the next
+        # batch (see BlockSplit).
+        self.repeat = RepeatFeatures(self.feature_names, self.candidates) if lookup == "separate" else None
 
     @torch.no_grad()
     def reset_transforms(self) -> None:
@@ -173,13 +176,17 @@ class AutodimEmbeddingBags(EmbeddingModule):
         return self.weight * self.rows
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if self.lookup == "separate":
-            features = _repeat_features(features, self.feature_names, self.candidates)
+        if self.repeat is not None:
+            features = self.repeat(features)
         if self._tables_frozen:
             with torch.no_grad():
                 pooled = self.ebc(features)
         else:
             pooled = self.ebc(features)
+        return _mixed(self, pooled)
+
+    def mix(self, pooled: KeyedTensor) -> KeyedTensor:
+        """The candidates' pooled tables -> each field at the base dim, mixed by alpha."""
         x = self.field_inputs(pooled)  # [B, F, K]
         p = self.mixing_weights()  # [F, N]
         w = self.transforms()  # [F, N, K, d]
@@ -242,8 +249,26 @@ def _read_layout(candidates: list[int], stored: list[int] | None, d: int) -> tup
     return read, starts
 
 
-def _repeat_features(features: KeyedJaggedTensor, names: list[str], candidates: list[int]) -> KeyedJaggedTensor:
+@torch.fx.wrap
+def _mixed(module: AutodimEmbeddingBags, pooled: KeyedTensor) -> KeyedTensor:
+    # One opaque node when TorchRec's train pipeline traces the model to find the collection's
+    # input: the mixing branches on the pooled output's keys, which a trace cannot follow.
+    return module.mix(pooled)
+
+
+class RepeatFeatures(nn.Module):
     """Each field once per candidate (`f__d2`, `f__d8`, ...), in the search plan's table order."""
+
+    def __init__(self, names: list[str], candidates: list[int]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.candidates = list(candidates)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return _repeat_features(features, self.names, self.candidates)
+
+
+def _repeat_features(features: KeyedJaggedTensor, names: list[str], candidates: list[int]) -> KeyedJaggedTensor:
     by_key = features.to_dict()
     keys, values, lengths = [], [], []
     for feature in names:

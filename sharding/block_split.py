@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.planner.shard_plan import block_feature_name
@@ -103,3 +104,16 @@ def split_by_block(features: KeyedJaggedTensor, layout: BlockLayout) -> KeyedJag
         lengths=torch.bincount(key, minlength=len(starts) * batch).to(lengths.dtype),
         stride=batch,
     )
+
+
+class BlockSplit(nn.Module):
+    """`split_by_block` as a module without parameters: TorchRec's train pipeline
+    (`pipeline_postproc=True`) runs such a module on the next batch during its input dist, so the
+    collection it feeds is still pipelined although its input is not the batch's own KJT."""
+
+    def __init__(self, layout: BlockLayout) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return split_by_block(features, self.layout)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embshard.config import GRANULARITIES, Granularity
 from embshard.errors import PlanError
@@ -169,23 +169,27 @@ class PepEmbeddings(EmbeddingModule):
         return [m for m in (self.ebc, self.ec) if m is not None]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        batch, d = features.stride(), self.base_dim
+        rows = self.ebc(features) if self.ebc is not None else None  # single-hot bag: its one row
+        jagged = self.ec(features) if self.ec is not None else None
+        return _pruned(self, features.stride(), rows, jagged)
+
+    def pruned(self, batch: int, rows: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None) -> KeyedTensor:
+        """The collections' rows, soft-thresholded, each feature at the base dim."""
+        d = self.base_dim
         keys: list[str] = []
         parts: list[torch.Tensor] = []  # [batch, features, d] each
-        if self.ebc is not None:
-            rows = self.ebc(features)  # a single-hot bag's pooled value is its one row
+        if rows is not None:
             keys += rows.keys()
             parts.append(self.prune(rows.values().reshape(batch, -1, self.width)))
-        if self.ec is not None:
-            jagged = self.ec(features)
-            jagged = [jagged[f] for f in self.unpooled_features]
+        if jagged is not None:
+            by_feature = [jagged[f] for f in self.unpooled_features]
             # All features at once: one threshold op and one scatter-add instead of one per feature.
-            kept = self.prune(torch.cat([jt.values() for jt in jagged]))
-            lengths = torch.cat([jt.lengths() for jt in jagged])
+            kept = self.prune(torch.cat([jt.values() for jt in by_feature]))
+            lengths = torch.cat([jt.lengths() for jt in by_feature])
             bag_of_row = torch.repeat_interleave(torch.arange(len(lengths), device=kept.device), lengths.long())
             pooled = kept.new_zeros(len(lengths), d).index_add_(0, bag_of_row, kept)
             keys += self.unpooled_features
-            parts.append(pooled.view(len(jagged), batch, d).transpose(0, 1))
+            parts.append(pooled.view(len(by_feature), batch, d).transpose(0, 1))
         values = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).reshape(batch, -1)
         return KeyedTensor(keys=keys, length_per_key=[d] * len(keys), values=values)
 
@@ -229,3 +233,11 @@ class PepEmbeddings(EmbeddingModule):
             v_cols = range(cols.start, min(cols.stop, d))
             t[:, : len(v_cols)] = initial_values(seed, shard.table, n, d, rows, v_cols)
             t[:, len(v_cols) :] = self.s_init
+
+
+@torch.fx.wrap
+def _pruned(module: PepEmbeddings, batch: int, rows: KeyedTensor | None,
+            jagged: dict[str, JaggedTensor] | None) -> KeyedTensor:
+    # One opaque node when TorchRec's train pipeline traces the model to find the collections'
+    # input: the pooling walks the outputs' keys, which a trace cannot follow.
+    return module.pruned(batch, rows, jagged)

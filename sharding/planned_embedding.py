@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from embshard.config import MLET_INIT_STD
 from embshard.planner.shard_plan import block_feature_name, block_table_configs
 from embshard.planner.types import DimensionPlan
-from embshard.sharding.block_split import feature_blocks, split_by_block
+from embshard.sharding.block_split import BlockSplit, feature_blocks
 from embshard.sharding.embedding_module import EmbeddingModule
 
 
@@ -33,7 +33,7 @@ class PlannedEmbeddingBags(EmbeddingModule):
         self.base_dim = plan.base_dim
         self.ebc = EmbeddingBagCollection(tables=block_table_configs(plan), device=device)
         self.feature_names = [f for t in plan.tables for f in t.features]
-        self._layout = feature_blocks(plan)
+        self.split = BlockSplit(feature_blocks(plan))
         self._dims = {f: plan.output_dim(t) for t in plan.tables for f in t.features}
         self._passthrough = all(
             len(t.blocks) == 1 and t.blocks[0].mlet_width is None and plan.projection_shape(t, t.blocks[0]) is None
@@ -71,7 +71,10 @@ class PlannedEmbeddingBags(EmbeddingModule):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self._passthrough:
             return self.ebc(features)
-        pooled = self.ebc(split_by_block(features, self._layout))
+        return _combine_blocks(self, self.ebc(self.split(features)))
+
+    def combine_blocks(self, pooled: KeyedTensor) -> KeyedTensor:
+        """The collection's pooled blocks -> one column group per feature, at its output width."""
         columns = self._feature_major_columns(pooled)
         x = pooled.values() if columns is None else pooled.values().index_select(1, columns)
         # Alg. 1 summed over a bag is sum_i P_i (W2_i) pooled_i = [P_1 W2_1 ... P_k W2_k] . [pooled_1;
@@ -121,3 +124,10 @@ class PlannedEmbeddingBags(EmbeddingModule):
             tensor = None if index == list(range(at)) else torch.tensor(index, device=pooled.values().device)
             self._gather = (keys, tensor)
         return self._gather[1]
+
+
+@torch.fx.wrap
+def _combine_blocks(module: PlannedEmbeddingBags, pooled: KeyedTensor) -> KeyedTensor:
+    # One opaque node when TorchRec's train pipeline traces the model to find the collection's
+    # input: the combining loops over the pooled output's keys, which a trace cannot follow.
+    return module.combine_blocks(pooled)

@@ -54,3 +54,12 @@ def test_pep_recipe_retrain_reads_the_prune_runs_folder():
     lottery = load_job_config(path, [o.strip().rstrip("\\").strip() for o in overrides])
     assert lottery.output_dir != prune.output_dir
     assert Path(lottery.pep.retrain_from) == prune.pep_dir
+
+
+def test_semi_sync_pipeline_is_refused_off_cuda():
+    # TorchRec's TrainPipelineSemiSync records CUDA streams on the batch: on cpu it would fail at
+    # its first step, inside every worker.
+    with pytest.raises(ConfigError, match=r"^train\.pipeline: semi_sync needs sharding\.device cuda"):
+        from_dict(JobConfig, {"train": {"pipeline": "semi_sync"}})
+    cfg = from_dict(JobConfig, {"train": {"pipeline": "semi_sync"}, "sharding": {"device": "cuda"}})
+    assert cfg.train.pipeline == "semi_sync"

@@ -114,6 +114,12 @@ class AutodimSearch(EmbeddingMethod):
     def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
         return [AlphaStep(worker, sharded)]
 
+    def unpipelined_because(self, cfg: JobConfig) -> str | None:
+        if autodim_section(cfg).single_level:
+            return None
+        return ("AutoDim's architecture steps run the model on validation batches between "
+                "training steps, which the pipeline's prefetched input dist cannot serve")
+
 
 def search_embedding(sharded: ShardedModel) -> AutodimEmbeddingBags:
     embedding = sharded.embeddings

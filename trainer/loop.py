@@ -11,6 +11,7 @@ import logging
 import time
 import warnings
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +43,8 @@ from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
 from embshard.trainer.metrics import WorkerMetrics, write_file_sd
+from embshard.trainer.pipeline import TrainSteps
+from embshard.trainer.pipeline import train_step as model_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
 from embshard.typed_config import to_dict
@@ -72,11 +75,8 @@ def make_reader(cfg: JobConfig, bundle: PlanBundle, split: str, rank: int, world
 
 
 def train_step(sharded: ShardedModel, batch: Any) -> torch.Tensor:
-    loss, _ = sharded.model(batch)
-    sharded.optimizer.zero_grad()
-    loss.backward()
-    sharded.optimizer.step()
-    return loss.detach()
+    """One unpipelined step of `sharded`; -> the detached loss."""
+    return model_step(sharded.model, sharded.optimizer, batch)
 
 
 def run_worker(
@@ -108,11 +108,15 @@ def run_worker(
     if metrics is not None and restarts:
         metrics.inc_restarts(restarts)
 
+    epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
+
     def snapshot() -> Progress:
-        return replace(progress, reader=train_reader.state_dict())
+        # The pipeline fetches ahead: the reader position saved counts only batches trained.
+        return replace(progress, reader=train_reader.state_after(epoch_batches))
 
     extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics), sharded)
     callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras)
+    steps = _train_steps(cfg, sharded, device, rank)
     steps_per_epoch = len(train_reader)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
@@ -130,41 +134,43 @@ def run_worker(
             break
         progress.epoch = epoch
         train_reader.set_epoch(epoch)
-        waited = train_reader.wait_seconds
-        tick = time.perf_counter()
-        for batch in train_reader:
-            wait = train_reader.wait_seconds - waited
-            batch = batch.to(device, non_blocking=True)
+        epoch_batches = train_reader.state_dict()["batches"]  # a resume skips these
+        n_steps = min(len(train_reader) - epoch_batches, total - progress.step)
+        # The pipeline fetches only batches this run trains: none beyond max_steps.
+        batches = iter(train_reader)
+        run = steps.run(islice(batches, n_steps))
+        waited, tick = train_reader.wait_seconds, time.perf_counter()
+        for _ in range(n_steps):
             for cb in callbacks:
                 cb.on_step_start(progress.step)
-            loss = train_step(sharded, batch)
+            step = next(run)
+            wait = train_reader.wait_seconds - waited
             progress.step += 1
-            progress.samples += batch.labels.numel() * world
+            epoch_batches += 1
+            progress.samples += step.rows * world
             log = progress.step % cfg.train.log_every == 0 or progress.step == total
-            loss_value = loss.item() if log or progress.first_loss is None else None
+            loss_value = step.loss.item() if log or progress.first_loss is None else None
             if loss_value is not None:
                 progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
                 last_loss = loss_value
             now = time.perf_counter()
-            info = StepInfo(progress.step, epoch, batch.labels.numel(), now - tick - wait, wait, loss_value)
+            info = StepInfo(progress.step, epoch, step.rows, now - tick - wait, wait, loss_value)
             for cb in callbacks:
                 cb.on_step(info)
             stopped = any(cb.stop_requested for cb in callbacks)
             if stopped:
                 break
             if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
-                result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
-            # Stop before fetching another batch: the reader position saved at the end must
-            # count only batches that were trained.
-            if progress.step >= total:
-                break
+                result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
             waited, tick = train_reader.wait_seconds, time.perf_counter()
+        run.close()
+        batches.close()  # stops the reader's thread, whatever the pipeline fetched ahead
         if stopped:
             break
         if cfg.train.eval_every is None or result is None:
-            result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
+            result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
     if result is None and not stopped:  # resumed with nothing left to train
-        result = _evaluate(cfg, sharded, valid_reader, device, progress.step, callbacks)
+        result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
     elapsed = time.perf_counter() - started
     # The test split is read once, after training and outside the timed part: what a sweep ranks
     # plans by must be data that no choice (epochs, evaluation) was made on.
@@ -290,6 +296,19 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     return path, progress
 
 
+def _train_steps(cfg: JobConfig, sharded: ShardedModel, device: torch.device, rank: int) -> TrainSteps:
+    def note(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)
+
+    kind = cfg.train.pipeline
+    reason = sharded.method.unpipelined_because(cfg) if kind != "none" else None
+    if reason is not None:
+        note(f"train.pipeline {kind}: training unpipelined: {reason}")
+        kind = "none"
+    return TrainSteps(kind, sharded.model, sharded.optimizer, device, note)
+
+
 def eval_summary(result: EvalResult | None, split: str = "valid") -> dict[str, Any]:
     """The summary's view of an evaluation of `split`: `<split>_<metric>` for each metric (a CTR
     arch's valid_auc and valid_logloss; None without an evaluation), which one is primary and
@@ -300,8 +319,10 @@ def eval_summary(result: EvalResult | None, split: str = "valid") -> dict[str, A
             **{f"{split}_{k}": v for k, v in result.metrics.items()}}
 
 
-def _evaluate(cfg, sharded, reader, device, step, callbacks) -> EvalResult:
-    result = sharded.arch.evaluate(sharded.model, reader, device, cfg.train.eval_max_batches)
+def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:
+    # Not through the pipeline's rewritten collections: they serve the batches it fetched.
+    with steps.paused():
+        result = sharded.arch.evaluate(sharded.model, reader, device, cfg.train.eval_max_batches)
     for cb in callbacks:
         cb.on_eval(step, result)
     return result

@@ -16,6 +16,7 @@ this is the TrainSpec, in TorchRec's the pieces `DistributedModelParallel` takes
     ddp_ignored             dense parameters DDP must leave alone
     initialise              the values the sharded model starts from
     callbacks               what runs in the loop (AutoDim's alpha step, PEP's mask writer, ...)
+    unpipelined_because     why the run cannot train through TorchRec's train pipeline (None: it can)
     checkpoint_transforms   what a checkpoint holds (MLET's collapse to n x d)
 
 The base class is the planned path every method starts from: `PlannedEmbeddingBags` over one
@@ -126,6 +127,12 @@ class EmbeddingMethod:
 
     def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
         return []
+
+    def unpipelined_because(self, cfg: JobConfig) -> str | None:
+        """Why this run cannot train through TorchRec's train pipeline (`train.pipeline`), or None.
+        A pipeline serves only the batches it fetched: a method whose callbacks run the model on
+        other batches between steps must train unpipelined."""
+        return None
 
     def checkpoint_transforms(self, cfg: JobConfig, sharded: ShardedModel,
                               metrics: WorkerMetrics | None) -> CheckpointTransforms:

@@ -99,4 +99,11 @@ class TrainModel(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Any]:
         output = self.arch.forward(self.model, batch)
-        return self.arch.loss(output, batch), output
+        return _arch_loss(self, output, batch), output
+
+
+@torch.fx.wrap
+def _arch_loss(train: TrainModel, output: Any, batch: Batch) -> torch.Tensor:
+    # One opaque node when TorchRec's train pipeline traces the model to find its collections'
+    # input: an arch's loss may check its output's type and shape, which a trace cannot follow.
+    return train.arch.loss(output, batch)

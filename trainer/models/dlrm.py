@@ -78,8 +78,13 @@ def dense_input(dense: torch.Tensor, sparse: KeyedJaggedTensor, num_dense: int) 
 def embedded_in_order(embeddings: EmbeddingModule, sparse: KeyedJaggedTensor, names: list[str]) -> torch.Tensor:
     """[B, sum of widths]: the features' pooled embeddings side by side in the order of `names`
     (a sharded collection may return its keys in another order)."""
-    embedded = embeddings(sparse)
-    if embedded.keys() != names:
-        d = embedded.to_dict()
-        embedded = KeyedTensor.from_tensor_list(names, [d[n] for n in names])
-    return embedded.values()
+    return in_feature_order(embeddings(sparse), names).values()
+
+
+@torch.fx.wrap
+def in_feature_order(kt: KeyedTensor, names: list[str]) -> KeyedTensor:
+    # Wrapped: one node in the trace TorchRec's train pipeline makes (a key test is control flow).
+    if kt.keys() == names:
+        return kt
+    d = kt.to_dict()
+    return KeyedTensor.from_tensor_list(names, [d[n] for n in names])
