@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import profiled_synth
 from distributed import run_ranks
+from movielens_fixture import write_ml1m_like
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.cluster.launch import plan_for_training
@@ -30,6 +31,7 @@ from embshard.config import (
     PepConfig,
     TrainConfig,
 )
+from embshard.datasets.convert import convert
 from embshard.datasets.reader import Batch
 from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import PlanBundle
@@ -70,10 +72,11 @@ CASES: dict[str, tuple[str | None, EmbeddingsConfig, dict]] = {
 
 
 def job(dataset: Path, out: Path, embeddings: EmbeddingsConfig, **sections) -> JobConfig:
+    model = sections.pop("model", ModelConfig(dense_arch=[16], over_arch=[16]))
     return JobConfig(
         output_dir=str(out),
         data=DataConfig(path=str(dataset), batch_size=128, eval_batch_size=512, prefetch=1),
-        model=ModelConfig(dense_arch=[16], over_arch=[16]),
+        model=model,
         embeddings=embeddings,
         train=TrainConfig(progress=False, pipeline="sparse_dist"),
         checkpoint=CheckpointConfig(enabled=False),
@@ -111,6 +114,35 @@ def test_pipelined_steps_equal_unpipelined(dataset, tmp_path, case):
     assert [rows for _, rows in got] == [b.labels.numel() for b in data]
     assert [loss for loss, _ in got] == expected
     # No note: every collection was pipelined (the trace found its input in the batch).
+    assert notes == []
+
+
+@pytest.fixture(scope="module")
+def movielens(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ml")
+    convert("movielens", write_ml1m_like(tmp / "raw"), tmp / "data", min_count=1)
+    return tmp / "data"
+
+
+# Every built-in arch over mixed widths (MDE within tables, MLET): their towers, cross nets and key
+# reorders must leave the collection's input where TorchRec's trace finds it.
+ARCHS = {
+    "dlrm_dcn": ModelConfig(arch="dlrm_dcn", dense_arch=[16], over_arch=[16], options={"dcn_low_rank_dim": 8}),
+    "two_tower": ModelConfig(arch="two_tower", options={"hidden": [16], "out_dim": 8, "k": [5]}),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_arch_pipelined_equals_unpipelined(dataset, movielens, tmp_path, arch):
+    embeddings = EmbeddingsConfig(dim=8, policy="mde", mde=MdeConfig(mode="within", blocks=2),
+                                  mlet=MletConfig(width=16))
+    cfg = job(movielens if arch == "two_tower" else dataset, tmp_path, embeddings, model=ARCHS[arch])
+    notes: list[str] = []
+    plain = steps_of("none", cfg, None, notes)
+    piped = steps_of("sparse_dist", cfg, None, notes)
+    data = batches(cfg)
+    expected = [s.loss.item() for s in plain.run(iter(data))]
+    assert [s.loss.item() for s in piped.run(iter(data))] == expected
     assert notes == []
 
 
