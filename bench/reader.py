@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,10 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="embshard-reader-bench-") as tmp:
         summary = trainer_summary(path, args.batch_size, args.train_steps, Path(tmp) / "run")
     rates = median_rates(interleaved_rates(
-        {
-            f"reader_prefetch_{args.prefetch}": lambda: reader_rate(path, args.batch_size, args.prefetch, args.max_batches),
-            "reader_prefetch_1": lambda: reader_rate(path, args.batch_size, 1, args.max_batches),
-        },
+        {f"reader_prefetch_{q}": partial(reader_rate, path, args.batch_size, q, args.max_batches)
+         for q in (args.prefetch, 1)},
         args.repeats,
     ))
     on, off = rates[f"reader_prefetch_{args.prefetch}"], rates["reader_prefetch_1"]
