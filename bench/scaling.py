@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -155,8 +156,9 @@ def reset_peak_rss() -> None:
 
 
 def measure(rank: int, world: int, variant: str, plan_dir: str, shape: Shape, steps: int,
-            warmup: int, collapse: bool) -> dict[str, Any]:
-    """One rank of one point: build, `warmup` + `steps` steps, figures (and MLET's collapse)."""
+            warmup: int, passes: int, collapse: bool) -> dict[str, Any]:
+    """One rank of one point: build, `warmup` steps, `passes` timed passes of `steps` steps (the
+    median counts: neighbours on a shared machine slow single passes), figures (and MLET's collapse)."""
     from embshard.trainer.build import build_sharded
     from embshard.trainer.held_memory import held_bytes
     from embshard.trainer.loop import quiet_libraries
@@ -177,9 +179,11 @@ def measure(rank: int, world: int, variant: str, plan_dir: str, shape: Shape, st
     build_seconds = time.perf_counter() - started
     batches = random_batches(shape.spec(), shape.batch_size, seed=rank)
     run([batches[i % len(batches)] for i in range(warmup)])
-    dist.barrier()
-    rate = run([batches[i % len(batches)] for i in range(steps)])
-    dist.barrier()
+    rates = []
+    for _ in range(passes):
+        dist.barrier()
+        rates.append(run([batches[i % len(batches)] for i in range(steps)]))
+    rate = statistics.median(rates)
     out: dict[str, Any] = {
         "samples_per_s": rate,
         "build_seconds": build_seconds,
@@ -287,7 +291,8 @@ def _measure_variant(variant: str, shape: Shape, args: argparse.Namespace, work:
         raise SystemExit(f"{shape}: the plan needs {need / GIB:.1f} GiB of tables, only "
                          f"{mem_available() / GIB:.1f} GiB available; lower --max-rows")
     collapse = variant == "embshard" and shape.policy == "mlet"
-    ranks = run_ranks(measure, shape.world, variant, str(plan_dir), shape, args.steps, args.warmup, collapse)
+    ranks = run_ranks(measure, shape.world, variant, str(plan_dir), shape, args.steps, args.warmup,
+                      args.passes, collapse)
     shutil.rmtree(work / "run", ignore_errors=True)  # the checkpoint: GiBs at the largest point
     out = _summarise(ranks, shape.batch_size)
     out["sharding"] = sorted({f"{n}:{ps.sharding_type}" for n, ps in bundle.shard_plan.sharding.items()
@@ -414,6 +419,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3, help="timed passes per point; the median counts")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "scaling",
                    help="writes OUT.jsonl and OUT.png")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier OUT.jsonl / OUT.png")
@@ -423,7 +429,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.rows_points, args.max_rows = [20_000, 50_000], min(args.max_rows, 50_000)
         args.tables_points, args.batch_points = [3, 6], [64, 128]
         args.small_tables, args.small_rows, args.batch_size = 3, 1000, 64
-        args.steps, args.warmup = 3, 1
+        args.steps, args.warmup, args.passes = 3, 1, 1
         args.curve = args.curve or ["rows", "mlet"]
     if args.dim % 8:
         p.error(f"--dim {args.dim}: must be a multiple of 8 (MLET serves dim / 2, and FBGEMM's CPU "
