@@ -266,17 +266,13 @@ def mem_available() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def measure_point(point: Point, args: argparse.Namespace, work: Path,
-                  seen: dict[tuple[str, Shape], dict[str, Any]]) -> dict[str, Any]:
-    """Plain TorchRec (the uniform plan at the point's dim), then embshard, each in its own fresh
-    ranks; -> the point's JSON record. `seen` keeps every (variant, shape) measured, as curves
-    share points (the rows curve's first is the batch curve's 2048; MLET's baseline is rows' last)."""
+def measure_point(point: Point, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Plain TorchRec (the uniform plan at the point's dim), then at once embshard, each in its own
+    fresh ranks, so both see the same neighbours on a shared machine; -> the point's JSON record."""
     shape = point.shape
     record: dict[str, Any] = {"bench": "scaling", "curve": point.curve, "x": point.x, **asdict(shape)}
     for variant, s in (("torchrec", replace(shape, policy="uniform")), ("embshard", shape)):
-        if (variant, s) not in seen:
-            seen[variant, s] = _measure_variant(variant, s, args, work)
-        record[variant] = seen[variant, s]
+        record[variant] = _measure_variant(variant, s, args, work)
     record["ratio"] = round(record["embshard"]["samples_per_s"] / record["torchrec"]["samples_per_s"], 3)
     return record
 
@@ -455,11 +451,14 @@ def write_atomic(path: Path, write) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     records = []
-    seen: dict[tuple[str, Shape], dict[str, Any]] = {}
+    by_shape: dict[Shape, dict[str, Any]] = {}  # curves share points (rows' first is batch's 2048)
     with tempfile.TemporaryDirectory(prefix="embshard-scaling-") as tmp:
         for point in points(args):
             print(f"{point.curve} x={point.x}: {point.shape}", file=sys.stderr, flush=True)
-            record = measure_point(point, args, Path(tmp), seen)
+            if point.shape in by_shape:
+                record = {**by_shape[point.shape], "curve": point.curve, "x": point.x}
+            else:
+                record = by_shape[point.shape] = measure_point(point, args, Path(tmp))
             print(json.dumps(record), flush=True)
             records.append(record)
     exponents = growth_exponents(records)
