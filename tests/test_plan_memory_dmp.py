@@ -22,6 +22,7 @@ from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded
+from embshard.trainer.held_memory import held_bytes
 from embshard.trainer.method import get_method
 
 pytestmark = pytest.mark.slow
@@ -29,27 +30,8 @@ pytestmark = pytest.mark.slow
 
 def _held_bytes(rank: int, world: int, cfg: JobConfig, method: str | None = None) -> dict[str, int]:
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
-    sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"),
-                            method=get_method(method) if method else None)
-    weights = sum(
-        shard.tensor.numel() * shard.tensor.element_size()
-        for v in sharded.model.state_dict().values()
-        if hasattr(v, "local_shards")
-        for shard in v.local_shards()
-    )
-    state = sum(
-        t.numel() * t.element_size()
-        for per_param in sharded.model.fused_optimizer.state_dict()["state"].values()
-        for v in per_param.values()
-        for t in ([s.tensor for s in v.local_shards()] if hasattr(v, "local_shards") else [v])
-        if isinstance(t, torch.Tensor)
-    )
-    dense = sum(
-        p.numel() * p.element_size()
-        for name, p in sharded.model.named_parameters()
-        if ".mlet." in name or ".projections." in name
-    )
-    return {"weights": weights, "optimizer": state, "projections": dense}
+    return held_bytes(build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"),
+                                    method=get_method(method) if method else None))
 
 
 @pytest.mark.parametrize(
@@ -72,7 +54,7 @@ def test_planned_bytes_match_dmp(tmp_path, embeddings):
     held = run_ranks(_held_bytes, 2, cfg)
     for rank, actual in enumerate(held):
         planned = bundle.memory.per_rank[rank]["train_bytes"]
-        measured = actual["weights"] + actual["optimizer"] + actual["projections"]
+        measured = actual["train_bytes"]
         assert measured > 0
         assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)
 
@@ -117,6 +99,6 @@ def test_pep_prune_plan_bytes_match_dmp(tmp_path, pooled_lookup):
     held = run_ranks(_held_bytes, 2, cfg, "pep")
     for rank, actual in enumerate(held):
         planned = bundle.memory.per_rank[rank]["train_bytes"]
-        measured = actual["weights"] + actual["optimizer"] + actual["projections"]
+        measured = actual["train_bytes"]
         assert measured > 0
         assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)

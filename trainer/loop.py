@@ -186,6 +186,9 @@ def run_worker(
         "last_loss": last_loss,
         **eval_summary(result),
         "data_wait_seconds": train_reader.wait_seconds,
+        # The share of this start's wall time the loop sat waiting for batches: near 0 means the
+        # reader keeps up and faster input would not speed training up.
+        "data_wait_share": train_reader.wait_seconds / elapsed if elapsed > 0 else 0.0,
         "restarts": restarts,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "preempted": stopped,
