@@ -175,8 +175,8 @@ def measure(rank: int, world: int, variant: str, plan_dir: str, shape: Shape, st
         run = lambda bs: run_baseline(model, optimizer, bs)  # noqa: E731
     else:
         sharded = build_sharded(cfg, bundle, shape.spec(), torch.device("cpu"))
-        steps = embshard_steps(sharded, cfg.train.pipeline)
-        run = lambda bs: run_embshard(steps, bs, [], cfg.train.log_every)  # noqa: E731
+        stepper = embshard_steps(sharded, cfg.train.pipeline)
+        run = lambda bs: run_embshard(stepper, bs, [], cfg.train.log_every)  # noqa: E731
     build_seconds = time.perf_counter() - started
     batches = random_batches(shape.spec(), shape.batch_size, seed=rank)
     run([batches[i % len(batches)] for i in range(warmup)])
