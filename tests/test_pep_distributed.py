@@ -129,7 +129,7 @@ def _prune_and_retrain(rank: int, world: int, cfg: JobConfig, retrain: JobConfig
     sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"), method=get_method("uniform"))
     tables = {t.name: t.num_embeddings for t in bundle.dimension_plan.tables}
     masks = load_masks(cfg.pep_dir / "target-0.6", tables, 8)
-    shards = local_shards(sharded.model.module.embeddings.ebc)
+    shards = local_shards(sharded.embeddings.get_submodule("ebc"))
     start_from_ticket(shards, masks, cfg.seed, tables)
     keeper = MaskKeeper(shards, masks)
     for batch in islice(reader, 3):
