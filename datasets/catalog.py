@@ -9,18 +9,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids
+from embshard.datasets.storage import StoragePath, arrow_source, location
 from embshard.errors import DataError
 
 
-def read_catalog(dataset_dir: str | Path, spec: DatasetSpec, start: int = 0, stop: int | None = None) -> pa.Table:
+def read_catalog(dataset_dir: str | Path | StoragePath, spec: DatasetSpec, start: int = 0,
+                 stop: int | None = None) -> pa.Table:
     """Catalog rows [start, stop) (item ids start..stop-1), every value checked like a split's."""
     if spec.catalog is None:
         raise DataError(f"{dataset_dir}: dataset {spec.name!r} has no item catalog")
-    path = Path(dataset_dir) / spec.catalog.path
+    path = location(dataset_dir) / spec.catalog.path
     if not path.is_file():
         raise DataError(f"{path}: missing (dataset.json records an item catalog there)")
+    fs, source = arrow_source(path)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(source, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     if table.num_rows != spec.catalog.rows:
