@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
+    from embshard.cluster.cli import validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
     from embshard.trainer.autodim import autodim_section, decisions_path
@@ -51,7 +52,7 @@ def _autodim(args: argparse.Namespace) -> int:
     for note in [*plan.notes, *bundle.shard_plan.notes]:
         print(f"note: {note}")
     summary = train_on_ray(cfg, "autodim")
-    print(f"search validation AUC {summary['valid_auc']:.4f} after {summary['steps']} steps "
+    print(f"search validation {validation_text(summary)} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")
     if summary["alpha_steps"] == 0:
         print("warning: no architecture step ran (the run ended within autodim.pretrain_steps), so "

@@ -228,7 +228,7 @@ def _train(args: argparse.Namespace) -> int:
     # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
     metrics = train_on_ray(cfg)
     print(
-        f"validation {_validation(metrics)}; "
+        f"validation {validation_text(metrics)}; "
         f"{metrics.get('samples') or 0:,} samples in {metrics.get('steps')} steps, "
         f"{_fmt(metrics.get('samples_per_s'), '.0f')} samples/s"
     )
@@ -243,7 +243,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validation(summary: dict[str, Any]) -> str:
+def validation_text(summary: dict[str, Any]) -> str:
     """"AUC 0.7612, logloss 0.4701": the arch's primary metric first (trainer.loop.eval_summary)."""
     primary = summary.get("valid_primary") or "auc"
     names = [primary, *(k.removeprefix("valid_") for k in summary

@@ -58,6 +58,7 @@ def prune_job(cfg: JobConfig, workers: int | None, targets: list[float] | None) 
 
 def prune_pep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
+    from embshard.cluster.cli import validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
 
@@ -71,6 +72,6 @@ def prune_pep(args: argparse.Namespace) -> int:
     for target in pep.get("missed", []):
         print(f"target {target:g}: not reached (kept {pep.get('kept_fraction', 1):.3f} at the end); "
               f"train longer, or raise pep.weight_decay / pep.threshold_lr (what lifts the thresholds)")
-    print(f"validation AUC {summary.get('valid_auc', float('nan')):.4f} after {summary.get('steps')} steps; "
+    print(f"validation {validation_text(summary)} after {summary.get('steps')} steps; "
           f"run record {cfg.pep_dir / 'pep.json'}")
     return 0
