@@ -33,6 +33,7 @@ from embshard.sharding.mlet import without_mlet
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import (
     MANIFEST,
+    CheckpointError,
     CheckpointManager,
     complete_checkpoints,
 )
@@ -191,3 +192,19 @@ def dcp_metadata(path: Path) -> dict:
 
     return {k.removeprefix("model."): v for k, v in FileSystemReader(path).read_metadata().state_dict_metadata.items()
             if k.startswith("model.")}
+
+
+def test_a_checkpoint_without_this_models_keys_is_one_line_not_a_key_error(tmp_path):
+    """A checkpoint of an embshard from before `model.arch` saved DLRM's keys one level higher
+    (no TrainModel in between): resuming it must say so, not die on a KeyError in a worker."""
+    from types import SimpleNamespace
+
+    from embshard.trainer.checkpoint import _check_shapes
+
+    state = {"model.dense_arch.weight": torch.zeros(4, 2), "model.over_arch.bias": torch.zeros(1)}
+    old_layout = {f"model.{k.removeprefix('model.')}": SimpleNamespace(size=torch.Size(v.shape))
+                  for k, v in state.items()}
+    with pytest.raises(CheckpointError, match=r"lacks 2 of this run's tensors \(e.g. model.dense_arch.weight\)"):
+        _check_shapes(tmp_path, state, old_layout)
+    same_layout = {f"model.{k}": SimpleNamespace(size=torch.Size(v.shape)) for k, v in state.items()}
+    _check_shapes(tmp_path, state, same_layout)  # nothing missing, nothing resized

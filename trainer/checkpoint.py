@@ -256,6 +256,11 @@ def _agreed(path: StoragePath, what: str, stage: Callable[[], None]) -> None:
 def _check_shapes(path: StoragePath, model_state: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
     """A model built differently from the saved one (another dense arch, dims, dataset) is named
     here, before DCP would fail with its own size-mismatch traceback."""
+    missing = [key for key in model_state if f"model.{key}" not in saved]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} of this run's tensors (e.g. {missing[0]}): "
+                              f"another model, or an embshard from before `model.arch` (whose keys lack the "
+                              f"TrainModel's `model.` level); train into a new output_dir")
     wrong = [f"{key}: saved {list(saved[f'model.{key}'].size)}, this run {list(value.size())}"
              for key, value in model_state.items()
              if hasattr(value, "size") and hasattr(saved[f"model.{key}"], "size")
