@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,22 @@ def s3(s3_server_session, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtu
     bucket = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     s3_server_session.client().create_bucket(Bucket=bucket)
     return S3Bucket(s3_server_session, bucket)
+
+
+@contextmanager
+def ray_with_crash(rank: int, step: int) -> Iterator[None]:
+    """A fresh local Ray session whose training workers kill rank `rank` after step `step`
+    (trainer/faults.py): ray.init forwards the variable to the workers."""
+    import ray
+
+    from embshard.trainer.faults import ENV
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ[ENV] = f"{rank}:{step}"
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        del os.environ[ENV]

@@ -3,14 +3,12 @@ checkpoint as if nothing happened; a 2-worker checkpoint resumes on 1 worker (re
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from conftest import profiled_synth
+from conftest import profiled_synth, ray_with_crash
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from embshard.cluster.launch import (
@@ -27,7 +25,7 @@ from embshard.config import (
 )
 from embshard.trainer.build import build_sharded, build_unsharded
 from embshard.trainer.checkpoint import CheckpointManager
-from embshard.trainer.faults import ENV, MARKER
+from embshard.trainer.faults import MARKER
 from embshard.trainer.loop import make_reader
 
 pytestmark = pytest.mark.slow
@@ -41,13 +39,8 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ[ENV] = f"1:{CRASH_STEP}"  # forwarded to the workers by ray.init
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    ray.shutdown()
-    del os.environ[ENV]
+    with ray_with_crash(1, CRASH_STEP):
+        yield
 
 
 def job(dataset: Path, out: Path, workers: int = 2) -> JobConfig:

@@ -5,13 +5,12 @@ first (missing bucket, wrong credentials, unreachable endpoint): one line, nothi
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import pytest
-import ray
 import torch
+from conftest import ray_with_crash
 from test_checkpoint_integrity import Planted
 
 from embshard.cluster.launch import plan_for_training, train_on_ray
@@ -24,7 +23,7 @@ from embshard.trainer.checkpoint import CheckpointManager, complete_checkpoints
 from embshard.trainer.checkpoint_integrity import MANIFEST, DamagedCheckpoint, checkpoint_reader
 from embshard.trainer.export import MANIFEST as SERVING_MANIFEST
 from embshard.trainer.export import ExportError, export_serving, load_serving
-from embshard.trainer.faults import ENV, MARKER
+from embshard.trainer.faults import MARKER
 
 pytestmark = pytest.mark.slow
 ROWS = 12000  # 9,600 train rows: 9 steps of 2 x 512
@@ -33,13 +32,8 @@ CRASH_STEP = 6  # rank 1 dies after step 6; the last checkpoint before it is ste
 
 @pytest.fixture
 def ray_session():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ[ENV] = f"1:{CRASH_STEP}"  # forwarded to the workers by ray.init
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    ray.shutdown()
-    del os.environ[ENV]
+    with ray_with_crash(1, CRASH_STEP):
+        yield
 
 
 def job(data: str, checkpoints: str, out: Path, ray_storage: str | None = None) -> JobConfig:
