@@ -8,20 +8,26 @@ has). The trainer's rate is `samples_per_s` of a short single-rank `trainer.loop
 on the same data (evaluation capped at one batch so the figure is training), and its summary's
 `data_wait_share` says how much of that run waited for input. Goal: reader >= 5x the trainer.
 
-    .venv/bin/python bench/reader.py [DATASET] [--batch-size 2048] [--repeats 3] [--quick]
+    .venv/bin/python bench/reader.py [DATASET] [--batch-size 2048] [--repeats 3] [--quick] [--s3]
 
 DATASET is whatever `data.path` accepts (a folder written by `embshard data`, or a URI where the
-reader supports one); without it a cached synthetic Criteo-shaped dataset is used. Ends with one
-JSON line.
+reader supports one); without it a cached synthetic Criteo-shaped dataset is used. `--s3` also
+uploads the (local) dataset to a bucket on moto's S3 server, started on 127.0.0.1 as the tests
+start it (tests/s3_server.py; moto and boto3 come from requirements/test.txt), and measures the
+reader from the bucket beside the local passes: what reading over the S3 protocol costs, without
+a real network's latency. Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +37,7 @@ from common import init_single_process_group, interleaved_rates, median_rates, s
 from embshard.cluster.launch import plan_for_training  # noqa: E402
 from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig  # noqa: E402
 from embshard.datasets.reader import ParquetBatchReader  # noqa: E402
+from embshard.datasets.storage import copytree, is_uri, location  # noqa: E402
 from embshard.trainer.loop import quiet_libraries, run_worker  # noqa: E402
 
 GOAL = 5.0
@@ -61,6 +68,22 @@ def trainer_summary(path: str, batch_size: int, max_steps: int | None, out_dir: 
     return run_worker(cfg)
 
 
+@contextmanager
+def s3_copy(dataset: Path, tmp: Path) -> Iterator[str]:
+    """`dataset` uploaded to a bucket on a moto S3 server of this process's own; -> its URI. The
+    server's endpoint and credentials go into os.environ, where the reader's pyarrow S3 file
+    system reads them (as it reads a user's)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from s3_server import s3_server  # the tests' starter: one way to run the server
+
+    with s3_server(tmp / "moto.log") as server:
+        os.environ.update(server.env)
+        server.client().create_bucket(Bucket="bench")
+        uri = "s3://bench/reader"
+        copytree(dataset, location(uri))
+        yield uri
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", nargs="?", help="dataset folder or URI (default: a cached synthetic one)")
@@ -71,26 +94,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="cap each reader pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a few seconds' smoke run on a small dataset")
+    p.add_argument("--s3", action="store_true", help="also read the dataset from a local moto S3 server")
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.batch_size, args.repeats, args.train_steps = 20_000, 512, 1, 10
     path = args.dataset or str(synth_dataset(args.rows, 100_000))
+    if args.s3 and is_uri(path):
+        p.error("--s3 uploads a local dataset to its own server; DATASET is a URI already")
 
     quiet_libraries()
     init_single_process_group()
     with tempfile.TemporaryDirectory(prefix="embshard-reader-bench-") as tmp:
         summary = trainer_summary(path, args.batch_size, args.train_steps, Path(tmp) / "run")
-    rates = median_rates(interleaved_rates(
-        {f"reader_prefetch_{q}": partial(reader_rate, path, args.batch_size, q, args.max_batches)
-         for q in (args.prefetch, 1)},
-        args.repeats,
-    ))
+        passes = {f"reader_prefetch_{q}": partial(reader_rate, path, args.batch_size, q, args.max_batches)
+                  for q in (args.prefetch, 1)}
+        with (s3_copy(Path(path), Path(tmp)) if args.s3 else nullcontext()) as uri:
+            if uri is not None:
+                passes["s3_reader"] = partial(reader_rate, uri, args.batch_size, args.prefetch, args.max_batches)
+            rates = median_rates(interleaved_rates(passes, args.repeats))
     on, off = rates[f"reader_prefetch_{args.prefetch}"], rates["reader_prefetch_1"]
     trainer = summary["samples_per_s"]
     print(f"trainer {trainer:,.0f} samples/s over {summary['steps']} steps, data wait "
           f"{100 * summary['data_wait_share']:.1f}% of the run; reader {on:,.0f} rows/s "
           f"(prefetch {args.prefetch}), {off:,.0f} (prefetch 1): {on / trainer:.1f}x the trainer "
           f"(goal >= {GOAL:g}x)", file=sys.stderr)
+    s3: dict[str, float] = {}
+    if args.s3:
+        s3 = {"s3_reader_rows_per_s": round(rates["s3_reader"]), "s3_ratio": round(rates["s3_reader"] / trainer, 2)}
+        print(f"reader from the S3 server {rates['s3_reader']:,.0f} rows/s (prefetch {args.prefetch}): "
+              f"{rates['s3_reader'] / on:.2f}x local, {s3['s3_ratio']:.1f}x the trainer", file=sys.stderr)
     print(json.dumps({
         "bench": "reader",
         "dataset": path,
@@ -104,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": round(on / trainer, 2),
         "ratio_prefetch_1": round(off / trainer, 2),
         "ratio_goal": GOAL,
+        **s3,
     }))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from embshard.cluster.sweep_plan import SweepSpec
     from embshard.config import JobConfig
     from embshard.datasets.schema import DatasetSpec
+    from embshard.datasets.storage import StoragePath
 
 DEFAULT_BUDGETS = "0.125,0.25,0.5,1"
 
@@ -32,7 +34,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", default=DEFAULT_BUDGETS,
                    help=f"fractions of the base model's serving parameters, in (0, 1] (default {DEFAULT_BUDGETS})")
     p.add_argument("--seeds", default="3", help="seeds per config: 0..N-1 (default 3)")
-    p.add_argument("--out", type=Path, help="the sweep's folder (default: <output_dir>/sweep)")
+    p.add_argument("--out", help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out after an interruption (finished trials are kept)")
     p.add_argument("--parallel", type=int, metavar="N",
@@ -63,10 +65,11 @@ def sweep(args: argparse.Namespace) -> int:
 
     from embshard.cluster.sweep_report import report
     from embshard.cluster.sweep_run import run_sweep
+    from embshard.datasets.storage import location
 
-    out = args.out or Path(cfg.output_dir) / "sweep"
+    out = location(args.out or Path(cfg.output_dir) / "sweep")
     points = run_sweep(cfg, spec, out, args.resume, args.parallel)
-    name = Path(cfg.data.path).resolve().name
+    name = location(cfg.data.path).resolve().name
     rep = report(points, data.planted or None)
     title = f"{name}: test AUC vs serving bytes ({cfg.train.epochs} epoch(s), {spec.seeds} seed(s))"
     paths = write_report({"dataset": name, "sweep": spec.to_json(), "points": points, **rep}, title, out, name)
@@ -89,12 +92,19 @@ def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
             planned_run(cfg, data, trial, scratch)
 
 
-def write_report(rep: dict[str, Any], title: str, out: Path, name: str) -> list[Path]:
-    """sweep-<dataset>.json, .md and .png in `out`, each written whole then renamed into place."""
+def write_report(rep: dict[str, Any], title: str, out: StoragePath, name: str) -> list[StoragePath]:
+    """sweep-<dataset>.json, .md and .png in `out`, each written whole then renamed into place;
+    into a URI they are written to a local folder and uploaded, the JSON last."""
     from embshard.cluster.sweep_report import markdown, plot
+    from embshard.datasets.storage import RemotePath, upload
 
+    if isinstance(out, RemotePath):
+        with tempfile.TemporaryDirectory(prefix="embshard-sweep-report-") as staging:
+            written = write_report(rep, title, Path(staging), name)
+            upload(Path(staging), out, marker=written[0].name)
+        return [out / p.name for p in written]
     base = out / f"sweep-{name}"
-    written = []
+    local: list[StoragePath] = []
     for suffix, write in ((".json", lambda p: p.write_text(json.dumps(rep, indent=1) + "\n")),
                           (".md", lambda p: p.write_text(markdown(rep, title))),
                           (".png", lambda p: plot(rep, title, p))):
@@ -102,5 +112,5 @@ def write_report(rep: dict[str, Any], title: str, out: Path, name: str) -> list[
         tmp = final.with_name(f".{final.stem}.partial{suffix}")
         write(tmp)
         tmp.replace(final)
-        written.append(final)
-    return written
+        local.append(final)
+    return local

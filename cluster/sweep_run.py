@@ -3,6 +3,10 @@ launching its own TorchTrainer worker group (Ray Train v2's documented Tune patt
 by side; Ray's experiment folder is `<out>/tune`, and `Tuner.restore` resumes it after a kill
 (finished trials keep their results, unfinished ones start again and resume their runs from
 their checkpoints).
+
+`out` may be a URI (`s3://bucket/prefix`): Tune keeps its experiment there (its storage goes
+through pyarrow.fs like ours) and the spec file sits beside it, but the runs and the log need a
+local folder (a run's output_dir is local), `work_folder(cfg, out)`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ray import tune
 
@@ -22,6 +26,7 @@ from embshard.cluster.launch import init_ray, worker_error
 from embshard.cluster.sweep_plan import SweepSpec
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig
+from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, location
 from embshard.errors import ConfigError, EmbshardError
 from embshard.typed_config import to_dict
 
@@ -33,14 +38,16 @@ TRIAL_CPU = 0.01
 STATE_EVERY_S = "1"
 
 
-def run_sweep(cfg: JobConfig, spec: SweepSpec, out: Path, resume: bool, parallel: int | None) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep in `out`; -> every trial's points."""
+def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
+              parallel: int | None) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep in `out` (a folder or a URI); -> every trial's points."""
     out = out.resolve()
-    _claim_folder(out, spec, resume)
+    work = work_folder(cfg, out)
+    _claim_folder(out, work, spec, resume)
     per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
-    with console.run_log(out) as log:
+    with console.run_log(work) as log:
         init_ray(cfg, cpus=parallel * (per_trial + TRIAL_CPU) + 1)
         console.route_worker_output()
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
@@ -54,7 +61,7 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: Path, resume: bool, parallel
             trials = [{"method": t.method, "seed": t.seed, "budget": t.budget} for t in spec.trials()]
             tuner = tune.Tuner(
                 trainable,
-                param_space={"trial": tune.grid_search(trials), "job": job, "out": str(out),
+                param_space={"trial": tune.grid_search(trials), "job": job, "out": str(work),
                              "budgets": spec.budgets},
                 tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
@@ -76,8 +83,17 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: Path, resume: bool, parallel
     return [p for r in finished for p in json.loads((r.metrics or {})["points"])]
 
 
-def _claim_folder(out: Path, spec: SweepSpec, resume: bool) -> None:
+def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
+    """Where the runs and the log go: the sweep's folder itself, or for a URI a local folder
+    named after it under output_dir (one per URI, so no sweep resumes another's runs)."""
+    if isinstance(out, RemotePath):
+        return Path(cfg.output_dir).resolve() / "sweeps" / out.uri.replace("://", "/", 1)
+    return cast(Path, out)
+
+
+def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, resume: bool) -> None:
     """A fresh sweep takes an empty (or new) folder; --resume needs this same sweep's folder."""
+    check_reachable(out)  # a missing bucket or refused credentials: one line before Ray starts
     saved = out / SPEC_FILE
     if resume:
         if not saved.is_file() or not tune.Tuner.can_restore(str(out / EXPERIMENT)):
@@ -89,12 +105,17 @@ def _claim_folder(out: Path, spec: SweepSpec, resume: bool) -> None:
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: not empty; resume the sweep there with --resume, or choose another folder")
+    if work != out and work.exists() and any(work.iterdir()):
+        # Its runs' checkpoints would be resumed as this sweep's: a local leftover of an earlier
+        # sweep to the same URI, which the user may still want.
+        raise ConfigError(f"--out {out}: its local run folder {work} holds an earlier sweep's runs; "
+                          f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(spec.to_json()) + "\n")
 
 
 def _absolute(cfg: JobConfig) -> JobConfig:
-    return replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+    return replace(cfg, data=replace(cfg.data, path=str(location(cfg.data.path).resolve())))
 
 
 class _TrialLine(tune.Callback):

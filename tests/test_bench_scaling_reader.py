@@ -1,4 +1,4 @@
-"""bench/scaling.py and bench/reader.py run end to end in their --quick modes and print valid JSON."""
+"""bench/scaling.py and bench/reader.py (with --s3) run end to end in their --quick modes and print valid JSON."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_scaling_refuses_to_replace_results(tmp_path):
 
 @pytest.mark.slow
 def test_reader_quick():
-    done = _bench("reader.py", "--quick")
+    done = _bench("reader.py", "--quick", "--s3")  # --s3: its own moto server, as the tests start it
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = _json_lines(done.stdout)
     assert result["bench"] == "reader"
@@ -62,3 +62,6 @@ def test_reader_quick():
     assert 0 <= result["trainer_data_wait_share"] < 1
     expected = result["reader_rows_per_s"] / result["trainer_samples_per_s"]
     assert result["ratio"] == pytest.approx(expected, rel=0.01, abs=0.01)
+    assert result["s3_reader_rows_per_s"] > 0
+    assert result["s3_ratio"] == pytest.approx(result["s3_reader_rows_per_s"] / result["trainer_samples_per_s"],
+                                               rel=0.01, abs=0.01)
