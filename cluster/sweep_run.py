@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ray import tune
 
@@ -88,7 +88,7 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
     named after it under output_dir (one per URI, so no sweep resumes another's runs)."""
     if isinstance(out, RemotePath):
         return Path(cfg.output_dir).resolve() / "sweeps" / out.uri.replace("://", "/", 1)
-    return cast(Path, out)
+    return out
 
 
 def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, resume: bool) -> None:
