@@ -17,11 +17,16 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from embshard.errors import EmbshardError, first_line
 
 FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
+# A head answers HTTP before its job agent is up; until then Ray refuses with this text and asks
+# to try again. A submit right after `ray start` (or a head pod's restart) waits that out.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_SECONDS = 30.0
 
 
 class JobError(EmbshardError):
@@ -50,14 +55,19 @@ def submit(address: str, config: Path, overrides: list[str], workers: int | None
     if not config.is_file():
         raise JobError(f"{config}: config file not found")
     env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("EMBSHARD_")}
-    try:
-        return client(address).submit_job(
-            entrypoint=train_entrypoint(config, overrides, workers),
-            runtime_env={"env_vars": env},
-            metadata={"embshard_config": str(config)},
-        )
-    except RuntimeError as e:
-        raise JobError(f"{address}: job submission refused ({first_line(e)})") from None
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return jobs.submit_job(
+                entrypoint=train_entrypoint(config, overrides, workers),
+                runtime_env={"env_vars": env},
+                metadata={"embshard_config": str(config)},
+            )
+        except RuntimeError as e:
+            if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
+                raise JobError(f"{address}: job submission refused ({first_line(e)})") from None
+            time.sleep(2)
 
 
 def follow(address: str, job_id: str) -> int:

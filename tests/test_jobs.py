@@ -45,6 +45,9 @@ def head(env, tmp_path_factory) -> str:
     start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
              "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
+             # Its own agent port: the default (52365) belongs to any other Ray on this machine,
+             # and an agent that cannot bind it never accepts jobs.
+             f"--dashboard-agent-listen-port={free_port()}",
              f"--temp-dir={temp}", "--block"]
     # --block in a session of its own: the teardown stops this head's processes and no others
     # (`ray stop --force` would stop every Ray cluster of the user on this machine).
