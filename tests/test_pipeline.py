@@ -218,6 +218,19 @@ def test_checkpoints_save_the_position_of_batches_trained_not_fetched(dataset, t
     assert positions == {s: {"epoch": 0, "batches": s} for s in (2, 4, 5)}
 
 
+def test_the_test_split_after_a_pipelined_run_sees_the_model_not_the_pipeline(dataset, tmp_path):
+    """`train.test` evaluates after the last step, while the pipeline still holds the rewritten
+    collections: it must see the same model the unpipelined loop trained."""
+    summaries = {}
+    for kind in ("none", "sparse_dist"):
+        cfg = job(dataset, tmp_path / kind, EmbeddingsConfig(dim=8))
+        cfg = replace(cfg, train=replace(cfg.train, pipeline=kind, max_steps=4, test=True))
+        plan_for_training(cfg)
+        summaries[kind] = run_worker(cfg)
+    assert summaries["sparse_dist"]["test_auc"] == summaries["none"]["test_auc"]
+    assert summaries["sparse_dist"]["test_examples"] == summaries["none"]["test_examples"] > 0
+
+
 def _train(rank: int, world: int, cfg: JobConfig) -> dict:
     summary = run_worker(cfg)
     return {k: summary[k] for k in ("steps", "samples", "first_loss", "last_loss", "valid_auc", "valid_logloss")}

@@ -174,7 +174,7 @@ def run_worker(
     elapsed = time.perf_counter() - started
     # The test split is read once, after training and outside the timed part: what a sweep ranks
     # plans by must be data that no choice (epochs, evaluation) was made on.
-    tested = sharded.arch.evaluate(sharded.model, make_reader(cfg, bundle, "test", rank, world), device, None) \
+    tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None) \
         if cfg.train.test and not stopped else None
 
     summary = {
@@ -322,10 +322,15 @@ def eval_summary(result: EvalResult | None, split: str = "valid") -> dict[str, A
             **{f"{split}_{k}": v for k, v in result.metrics.items()}}
 
 
-def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:
+def _measure(sharded: ShardedModel, steps: TrainSteps, reader: ParquetBatchReader, device: torch.device,
+             max_batches: int | None) -> EvalResult:
     # Not through the pipeline's rewritten collections: they serve the batches it fetched.
     with steps.paused():
-        result = sharded.arch.evaluate(sharded.model, reader, device, cfg.train.eval_max_batches)
+        return sharded.arch.evaluate(sharded.model, reader, device, max_batches)
+
+
+def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:
+    result = _measure(sharded, steps, reader, device, cfg.train.eval_max_batches)
     for cb in callbacks:
         cb.on_eval(step, result)
     return result
