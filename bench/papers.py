@@ -13,8 +13,8 @@ group), through the same `run_worker` as `embshard search autodim` / `prune pep`
   pep:     the prune run (the non-zero count every pep.count_every steps), the lottery-ticket
            retrain of every target reached and a uniform run at the base dim, with test AUC.
 
-Writes bench/results/papers-autodim-criteo/{autodim.json,alpha.png} and
-bench/results/papers-pep-criteo/{pep.json,nonzeros.png}; run folders go under
+Writes bench/results/papers-autodim-criteo/{autodim.json,alpha.png,alpha_history.jsonl} and
+bench/results/papers-pep-criteo/{pep.json,nonzeros.png,nonzero_history.jsonl}; run folders go under
 bench/results/cache/papers/<time>/ (not committed). Ends with one JSON line per method.
 """
 
@@ -149,9 +149,10 @@ def autodim(overrides: list[str], data: Path, retrain_epochs: int) -> dict[str, 
         "retrain_test_auc": retrained.get("test_auc"),
         "uniform_test_auc": uniform.get("test_auc"),
         "paper_table4": "not compared: Criteo's fields are anonymous (C1-C26); see bench/PAPERS.md",
-        "history": records,
     }
     (out / "autodim.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_lines(out / "alpha_history.jsonl",
+                [{**r, "alpha": {f: [round(x, 4) for x in ps] for f, ps in r["alpha"].items()}} for r in records])
     return result
 
 
@@ -222,10 +223,16 @@ def pep(overrides: list[str], data: Path, retrain_epochs: int) -> dict[str, Any]
         "retrain_epochs": retrain_epochs,
         "lottery_test_auc": aucs,
         "uniform_test_auc": uniform.get("test_auc"),
-        "history": [{k: r[k] for k in ("step", "nonzero", "kept_fraction")} for r in records],
     }
     (out / "pep.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_lines(out / "nonzero_history.jsonl",
+                [{k: r[k] for k in ("step", "nonzero", "kept_fraction")} for r in records])
     return result
+
+
+def write_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    """A run's history beside the report, one compact record per line."""
+    path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
 
 
 def main() -> None:
@@ -243,7 +250,7 @@ def main() -> None:
     for name, bench in (("autodim", autodim), ("pep", pep)):
         if args.only in (None, name):
             result = bench(args.overrides, data, args.retrain_epochs)
-            print(json.dumps({k: v for k, v in result.items() if k not in ("history", "alpha_final")}))
+            print(json.dumps({k: v for k, v in result.items() if k != "alpha_final"}))
 
 
 if __name__ == "__main__":
