@@ -59,6 +59,8 @@ def _autodim(args: argparse.Namespace) -> int:
               "every field's alpha is still uniform and the chosen widths are ties; train longer")
     print("chosen widths: " + ", ".join(f"{f} {d}" for f, d in summary["dims"].items()))
     print(f"decisions -> {decisions}")
+    if "alpha_history" in summary:
+        print(f"softmax(alpha) every {search.history_every} steps -> {summary['alpha_history']}")
     print(f"retrain: embshard train {args.config} --set embeddings.policy=decisions "
           f"--set embeddings.decisions={decisions}")
     return 0

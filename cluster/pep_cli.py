@@ -61,6 +61,7 @@ def prune_pep(args: argparse.Namespace) -> int:
     from embshard.cluster.cli import validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
+    from embshard.trainer.pep import NONZERO_HISTORY_FILE
 
     cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
     plan_for_training(cfg, "pep")
@@ -74,4 +75,5 @@ def prune_pep(args: argparse.Namespace) -> int:
               f"train longer, or raise pep.weight_decay / pep.threshold_lr (what lifts the thresholds)")
     print(f"validation {validation_text(summary)} after {summary.get('steps')} steps; "
           f"run record {cfg.pep_dir / 'pep.json'}")
+    print(f"non-zeros over time -> {cfg.pep_dir / NONZERO_HISTORY_FILE}")
     return 0

@@ -205,6 +205,9 @@ class AutodimConfig:
     alpha_lr: float = 0.01  # its learning rate
     alpha_weight_decay: float = 0.0  # its weight decay
     decisions: str | None = None  # where the decisions file goes; None = <output_dir>/decisions.json
+    # Model steps between records of softmax(alpha) per field in <output_dir>/alpha_history.jsonl
+    # (and one at the end), to see whether alpha settled; 0 = no record.
+    history_every: int = 10
 
     def __post_init__(self) -> None:
         if len(self.candidates) < 2:
@@ -225,6 +228,8 @@ class AutodimConfig:
             raise ConfigError(f"alpha_lr: must be positive, got {self.alpha_lr}")
         if self.alpha_weight_decay < 0:
             raise ConfigError(f"alpha_weight_decay: must be >= 0, got {self.alpha_weight_decay}")
+        if self.history_every < 0:
+            raise ConfigError(f"history_every: must be >= 0, got {self.history_every}")
 
     @property
     def max_dim(self) -> int:

@@ -44,10 +44,12 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
 from embshard.trainer.evaluate import EvalResult
+from embshard.trainer.history import StepHistory
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.method import EmbeddingMethod, Worker, uniform_embeddings
 
 DECISIONS_FILE = "decisions.json"
+ALPHA_HISTORY_FILE = "alpha_history.jsonl"
 # Name of alpha inside the search embeddings (the builder prefixes their path in the model): DDP
 # must leave it alone (see the module doc).
 ALPHA_PARAM = "arch.logits"
@@ -70,6 +72,10 @@ def autodim_section(cfg: JobConfig) -> AutodimConfig:
 def decisions_path(cfg: JobConfig) -> Path:
     search = autodim_section(cfg)
     return Path(search.decisions or Path(cfg.output_dir) / DECISIONS_FILE)
+
+
+def alpha_history_path(cfg: JobConfig) -> Path:
+    return Path(cfg.output_dir) / ALPHA_HISTORY_FILE
 
 
 def base_plan(cfg: JobConfig, spec: DatasetSpec) -> DimensionPlan:
@@ -187,6 +193,10 @@ class AlphaStep(Callback):
         alpha_cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=cfg.data.batch_size))
         self.batches = _endless(make_reader(alpha_cfg, worker.bundle, "valid", worker.rank, worker.world))
         self.result: EvalResult | None = None
+        # alpha is replicated: rank 0's is every rank's.
+        record = self.search.history_every > 0 and dist.get_rank() == 0
+        self.history = StepHistory(alpha_history_path(cfg)) if record else None
+        self.last_recorded: int | None = None
 
     def on_step_start(self, step: int) -> None:
         search = self.search
@@ -197,6 +207,8 @@ class AlphaStep(Callback):
         # rather than dropping them, and Adam would step on a zero gradient: alpha gets none.
         alpha.grad = None
         alpha.requires_grad_(searching and search.single_level)
+        if search.history_every and step % search.history_every == 0:
+            self.record(step)
         if searching and not search.single_level and (step - search.pretrain_steps) % search.alpha_every == 0:
             alpha_step(self.sharded, next(self.batches).to(self.device, non_blocking=True))
 
@@ -207,7 +219,18 @@ class AlphaStep(Callback):
     def on_eval(self, step: int, result: EvalResult) -> None:
         self.result = result
 
+    def record(self, step: int) -> None:
+        """softmax(alpha) per field as it stands after `step` model steps (and the architecture
+        steps among them)."""
+        if self.history is None or step == self.last_recorded:
+            return
+        probs = {feature: [round(p, 6) for p in ps] for feature, (_, ps) in self.embedding.choices().items()}
+        self.history.write({"step": step, "alpha_steps": self.alpha_steps(step), "tau": self.search.temperature(step),
+                            "candidates": self.search.candidates, "alpha": probs})
+        self.last_recorded = step
+
     def on_train_end(self, summary: dict[str, Any]) -> None:
+        self.record(summary["steps"])
         stats = {"steps": summary["steps"], "alpha_steps": self.alpha_steps(summary["steps"]),
                  "pretrain_steps": min(summary["steps"], self.search.pretrain_steps),
                  "tau_final": self.embedding.tau, "world_size": self.world}
@@ -220,6 +243,8 @@ class AlphaStep(Callback):
         summary["dims"] = {feature: t.dim for feature, t in decisions.tables.items()}
         summary["alpha"] = decisions.meta["alpha"]
         summary["decisions"] = str(path)
+        if self.search.history_every:
+            summary["alpha_history"] = str(alpha_history_path(self.cfg))
 
     def alpha_steps(self, steps: int) -> int:
         """Architecture steps taken in `steps` model steps (so also across a resume)."""

@@ -45,11 +45,13 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.pep import LocalShard, PepEmbeddings, initial_values, local_shards
 from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
+from embshard.trainer.history import StepHistory
 from embshard.trainer.method import EmbeddingMethod, Worker, module_path
 from embshard.trainer.metrics import WorkerMetrics
 
 RUN_FILE = "pep.json"  # the prune run's record: seed, granularity, tables, targets reached
 DECISIONS_FILE = "decisions.json"
+NONZERO_HISTORY_FILE = "nonzero_history.jsonl"  # every count of the prune run, by step
 
 
 def mask_file(table: str) -> str:
@@ -253,6 +255,9 @@ class PruneCallback(Callback):
         self.reached: dict[str, dict[str, Any]] = {}
         self.pending = self._agreed_pending(sorted(section.targets, reverse=True))
         self.last_fraction = 1.0
+        # The counts are all-reduced: rank 0's record is the run's.
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.history = StepHistory(self.out / NONZERO_HISTORY_FILE) if rank0 else None
 
     def _agreed_pending(self, targets: list[float]) -> list[float]:
         """The targets still to write, as rank 0 sees the disk: ranks decide together whether to
@@ -300,6 +305,9 @@ class PruneCallback(Callback):
                 self.metrics.set_pep_nonzero(table, n)
         nonzero = sum(counts.values())
         self.last_fraction = nonzero / self.dense
+        if self.history is not None:
+            self.history.write({"step": step, "nonzero": nonzero, "dense": self.dense,
+                                "kept_fraction": self.last_fraction, "tables": counts})
         while self.pending and nonzero <= self.pending[0] * self.dense:
             target = self.pending.pop(0)
             directory = self.out / target_dir_name(target)
