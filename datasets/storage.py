@@ -64,7 +64,7 @@ class _Stat:
 
 # AWS SDK error codes -> what the user can do about them.
 _REASONS = (
-    (re.compile(r"NO_SUCH_BUCKET|NoSuchBucket"), "the bucket does not exist"),
+    (re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|specified bucket does not exist"), "the bucket does not exist"),
     (re.compile(r"ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH|INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|"
                 r"AccessDenied|SignatureDoesNotMatch|Forbidden|\b403\b|Access Key Id you provided does not exist"),
      "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"),
