@@ -27,7 +27,7 @@ from embshard.datasets.storage import copytree, location
 from embshard.datasets.synth import synthesize
 from embshard.errors import ConfigError, StorageError
 from embshard.trainer import export
-from embshard.trainer.checkpoint import complete_checkpoints
+from embshard.trainer.checkpoint import CheckpointManager, complete_checkpoints
 from embshard.trainer.checkpoint_integrity import verify
 from embshard.trainer.loop import run_worker
 from embshard.trainer.method import CheckpointTransforms, EmbeddingMethod
@@ -134,6 +134,22 @@ def local_checkpoint(tmp_path_factory: pytest.TempPathFactory, process_group: No
     cfg = job(profiled_synth(root / "data", rows=3000, max_cardinality=500), root / "run", None, max_steps=2)
     run_worker(cfg)
     return Path(cfg.checkpoint_dir) / "step-000002"
+
+
+@pytest.mark.usefixtures("process_group")
+def test_store_failing_while_a_checkpoint_is_verified_sets_nothing_aside(
+        own_s3: S3Bucket, local_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume's verification meets a refusing store: that is the error, not a damaged checkpoint."""
+    step = location(own_s3.uri("ck/step-000002"))
+    copytree(local_checkpoint, step)
+    keys = own_s3.keys("ck/")
+    own_s3.server.revoke()
+    with pytest.raises(StorageError, match=rf"^{step}/\S+: access denied \(check AWS_ACCESS_KEY_ID / "
+                                           rf"AWS_SECRET_ACCESS_KEY\) while verifying checkpoint {step}$"):
+        CheckpointManager(step.parent).select([step])
+    use(own_s3.server.grant(), monkeypatch)
+    assert own_s3.keys("ck/") == keys  # still step-000002, not set aside as damaged
+    assert CheckpointManager(step.parent).select([step]) == step
 
 
 @pytest.mark.parametrize("when", ["reading the checkpoint", "uploading"])

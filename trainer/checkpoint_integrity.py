@@ -205,11 +205,11 @@ def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:
         check()
     except DamagedCheckpoint as e:
         return str(e)
-    except OSError as e:
+    except (OSError, StorageError) as e:  # pyarrow's streams raise plain OSErrors
         failed = None if isinstance(e, FileNotFoundError) else storage_failure(e, folder)
-        if failed is not None:  # pyarrow's streams raise plain OSErrors
-            raise failed from e
-        return str(e)
+        if failed is None:
+            return str(e)
+        raise StorageError(f"{failed} while verifying checkpoint {folder}") from e
     return None
 
 
