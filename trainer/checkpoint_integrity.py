@@ -217,14 +217,18 @@ def verify_collective(folder: StoragePath) -> str | None:
     """Collective: None when the layout holds on every rank and every file's hash matches (each rank
     hashes its share), else the first reason found on any rank. Every rank gets the same answer;
     a failing store raises StorageError on every rank (see `unusable`)."""
-    why: list[str | None] = [None]
+    why: str | None = None
 
-    def check() -> None:
+    def layout_and_hashes() -> None:
         files = check_layout(folder)
         check_contents(folder, files, _my_share(sorted(files)))
 
-    _raise_agreed(on_every_rank(lambda: why.__setitem__(0, unusable(folder, check)), folder))
-    return next((w for w in _gather(why[0]) if w is not None), None)
+    def check() -> None:
+        nonlocal why
+        why = unusable(folder, layout_and_hashes)
+
+    _raise_agreed(on_every_rank(check, folder))
+    return next((w for w in _gather(why) if w is not None), None)
 
 
 # -- reading DCP metadata without running code ---------------------------------------------------
