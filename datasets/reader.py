@@ -29,9 +29,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
-from embshard.datasets.storage import StoragePath, arrow_source
+from embshard.datasets.storage import StoragePath, arrow_source, retrying, storage_failure
 from embshard.datasets.verify import verify_split
-from embshard.errors import ConfigError, DataError
+from embshard.errors import ConfigError, DataError, StorageError
 
 
 @dataclass
@@ -119,6 +119,7 @@ class ParquetBatchReader:
         self.prefetch = prefetch
         self.validate = validate
         self.columns = [self.spec.label, *self.spec.dense, *self.spec.sparse_names, *self.spec.extra]
+        self.split = split
         self.split_path = split_dir(dataset_dir, split)
         self.groups = self._row_groups(dataset_dir, split)
         self.id_maps = self._check_id_maps(id_maps or {})
@@ -242,12 +243,13 @@ class ParquetBatchReader:
                     pass
             return False
 
+        made = 0
+        reading: StoragePath = self.split_path
         try:
             files: dict[StoragePath, pq.ParquetFile] = {}
             skip_rows = skip_batches * self.batch_size
             pending: list[pa.Table] = []
             pending_rows = 0
-            made = 0
             for piece in pieces:
                 if made == n_batches or stop.is_set():
                     break
@@ -257,10 +259,11 @@ class ParquetBatchReader:
                     skip_rows -= piece.rows
                     continue
                 group = piece.group
+                reading = group.path
                 if group.path not in files:
                     fs, source = arrow_source(group.path)
-                    files[group.path] = pq.ParquetFile(source, filesystem=fs)
-                table = self._load(files[group.path], group, epoch)
+                    files[group.path] = retrying(str(group.path), pq.ParquetFile, source, filesystem=fs)
+                table = retrying(str(group.path), self._load, files[group.path], group, epoch)
                 table = table.slice(piece.start + skip_rows, piece.rows - skip_rows)
                 skip_rows = 0
                 pending.append(table)
@@ -276,6 +279,10 @@ class ParquetBatchReader:
                 # Only reachable with drop_last=False: the final, partial batch.
                 put(self._batch(pa.concat_tables(pending)))
         except BaseException as e:  # noqa: BLE001 - every failure must reach the consumer
+            failed = storage_failure(e, reading)
+            if failed is not None:  # the store, not the data: say which read of the run it ended
+                e = StorageError(f"{failed} while reading batch {skip_batches + made + 1} of split "
+                                 f"{self.split} (epoch {epoch})")
             put(_Failure(e))
 
     def _load(self, parquet: pq.ParquetFile, group: _RowGroup, epoch: int) -> pa.Table:

@@ -10,6 +10,12 @@ AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (an S3
 server such as MinIO). Every failure of the store (missing bucket, refused credentials, an
 unreachable endpoint) is a `StorageError` of one line naming the URI.
 
+Transient or fatal: a store that answered this process before and now cannot be reached is
+retried with backoff (0.5 s, 1 s, 2 s, ... up to 8 s apart) for `retry_seconds()` (default 30 s,
+EMBSHARD_STORAGE_RETRY_SECONDS), on top of the AWS SDK's own few retries: an endpoint that blinks
+during a long run should not end it. One never reached fails at once (a wrong endpoint is not worth
+waiting for), and a refusal (missing bucket, credentials) is never retried: it will not pass.
+
 Object stores have no directories and no rename: a "directory" is a prefix, `mkdir` does nothing,
 and `rename` copies every object it could read and only then deletes the originals. Writers that
 must not leave half a result therefore write a marker object last (dataset.json, a checkpoint's
@@ -24,10 +30,11 @@ import posixpath
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Union, cast
+from typing import IO, Any, TypeVar, Union, cast
 
 import pyarrow.fs as pafs
 
@@ -57,14 +64,72 @@ class _Stat:
 
 # AWS SDK error codes -> what the user can do about them.
 _REASONS = (
-    (re.compile(r"NO_SUCH_BUCKET|NoSuchBucket"), "the bucket does not exist"),
+    (re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|specified bucket does not exist"), "the bucket does not exist"),
     (re.compile(r"ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH|INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|"
-                r"AccessDenied|SignatureDoesNotMatch|Forbidden|\b403\b"),
+                r"AccessDenied|SignatureDoesNotMatch|Forbidden|\b403\b|Access Key Id you provided does not exist"),
      "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"),
     (re.compile(r"NETWORK_CONNECTION|Could not connect|Could not resolve|Connect timeout|"
                 r"Cannot connect|ConnectionRefused|EndpointConnectionError"),
      "cannot reach the storage endpoint (check AWS_ENDPOINT_URL / the network)"),
 )
+
+
+RETRY_ENV = "EMBSHARD_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 30.0
+_UNREACHABLE = _REASONS[2][0]
+T = TypeVar("T")
+# `scheme://bucket` of every store that answered this process: only those are worth a retry.
+_reached: set[str] = set()
+
+
+def retry_seconds() -> float:
+    """How long a connection failure to a store reached before is retried (see the module doc)."""
+    raw = os.environ.get(RETRY_ENV)
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise StorageError(f"{RETRY_ENV}={raw!r}: expected a number of seconds") from None
+
+
+def _store(uri: str) -> str:
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def retrying(uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` against the store of `uri`, retried while a store this process has
+    reached before cannot be reached (see the module doc); `fn` must be safe to repeat. A local
+    path: `fn` once."""
+    if not is_uri(uri):
+        return fn(*args, **kwargs)
+    store, delay, deadline = _store(uri), 0.5, None
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            if store not in _reached or not _UNREACHABLE.search(str(e)):
+                raise
+            now = time.monotonic()
+            deadline = deadline if deadline is not None else now + retry_seconds()
+            if now >= deadline:
+                raise
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 8.0)
+            continue
+        _reached.add(store)
+        return result
+
+
+def storage_failure(error: BaseException, where: "StoragePath") -> StorageError | None:
+    """The StorageError that `error`, raised while working on `where`, amounts to; None when it is
+    no failure of a store (a local file, a bug). Client libraries raise OSError (pyarrow, s3fs)
+    or their own classes (botocore's connection errors)."""
+    if isinstance(error, StorageError):
+        return error
+    library = type(error).__module__.split(".")[0] in ("botocore", "aiobotocore")
+    if isinstance(where, RemotePath) and (isinstance(error, OSError) or library):
+        return StorageError(f"{where}: {reason(error)}")
+    return None
 
 
 def reason(error: BaseException) -> str:
@@ -73,6 +138,8 @@ def reason(error: BaseException) -> str:
     for pattern, why in _REASONS:
         if pattern.search(text):
             return why
+    if isinstance(error, PermissionError):  # s3fs's translation of any 403
+        return _REASONS[1][1]
     lines = text.strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
@@ -264,7 +331,7 @@ class RemotePath:
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return retrying(self.uri, fn, *args, **kwargs)
         except (OSError, ValueError) as e:
             if isinstance(e, FileNotFoundError) and "NO_SUCH_BUCKET" not in str(e):
                 raise FileNotFoundError(f"{self.uri}: not found") from None
@@ -317,15 +384,22 @@ def copytree(source: StoragePath, target: StoragePath) -> None:
 
 
 def copy_file(source: StoragePath, target: StoragePath) -> None:
-    """Stream one file between any two locations."""
+    """Stream one file between any two locations (a connection lost midway: the whole copy again)."""
+    if isinstance(source, Path) and isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return
     if isinstance(target, Path):
         target.parent.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def copy() -> None:
         with source.open("rb") as src, target.open("wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
+
+    remote = target if isinstance(target, RemotePath) else source
+    try:
+        retrying(str(remote), copy)
     except OSError as e:
-        if isinstance(source, Path) and isinstance(target, Path):
-            raise
         # An upload fails when its stream is closed (the multipart upload completes there).
         raise StorageError(f"{target}: {reason(e)}") from None
 
@@ -333,7 +407,7 @@ def copy_file(source: StoragePath, target: StoragePath) -> None:
 def upload(staging: Path, out: RemotePath, marker: str) -> None:
     """Upload the complete local folder `staging` to `out`, the file `marker` last, so `out` holds
     a marker only once everything else is in place. On failure what this upload wrote is removed
-    again (never anything it did not write)."""
+    again (never anything it did not write), as far as the store still answers."""
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != marker)
     written: list[RemotePath] = []
     try:
@@ -342,11 +416,13 @@ def upload(staging: Path, out: RemotePath, marker: str) -> None:
             copy_file(f, target)
             written.append(target)
     except BaseException:
-        for target in reversed(written):
-            try:
-                target.unlink()
-            except Exception:  # noqa: BLE001 - the store that failed may refuse this too
-                print(f"warning: {target}: could not remove a partial upload", file=sys.stderr)
+        for n, target in enumerate(reversed(written)):
+            try:  # once, unretried: the store that just failed is likely to refuse this too
+                target.fs.delete_file(target.path)
+            except Exception:  # noqa: BLE001 - any refusal ends the clean-up alike
+                print(f"warning: {out}: {len(written) - n} objects of an unfinished upload left "
+                      f"(without {marker}, so nothing reads them)", file=sys.stderr)
+                break
         raise
 
 

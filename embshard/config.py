@@ -433,6 +433,11 @@ class JobConfig:
     autodim: AutodimConfig | None = None  # read by the AutoDim method (embshard search autodim)
 
     def __post_init__(self) -> None:
+        if "://" in self.output_dir:
+            # The plan, summary, logs and the workers' restart and stop files are plain local files.
+            raise ConfigError(f"output_dir: {self.output_dir!r} is a URI, but the run folder (plan, summary, "
+                              f"logs) must be a local or shared folder; object storage goes in checkpoint.dir, "
+                              f"data.path and cluster.storage")
         if self.train.pipeline == "semi_sync" and self.sharding.device != "cuda":
             # TorchRec's semi-sync pipeline records CUDA streams on the batch's tensors.
             raise ConfigError(f"train.pipeline: semi_sync needs sharding.device cuda "

@@ -57,10 +57,12 @@ from embshard.datasets.storage import RemotePath, StoragePath, copytree, locatio
 from embshard.errors import EmbshardError, StorageError, first_line
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
-    DamagedCheckpoint,
+    RankFailure,
     SafeLoadPlanner,
     checkpoint_reader,
     checkpoint_writer,
+    on_every_rank,
+    unusable,
     verify,
     verify_collective,
     write_manifest,
@@ -133,36 +135,49 @@ class CheckpointManager:
 
     def save(self, progress: Progress, model: nn.Module, optimizer: KeyedOptimizer,
              config: Mapping[str, Any], plan_dir: Path) -> StoragePath:
-        """Write a checkpoint of step `progress.step` on every rank; returns the final folder."""
+        """Write a checkpoint of step `progress.step` on every rank; returns the final folder. A
+        failure on any rank (the store going away, its credentials revoked) raises on every rank:
+        a StorageError naming the object and the step when the store failed, else CheckpointError;
+        the step's `.tmp` folder holds no manifest then, and earlier checkpoints are untouched."""
         rank = dist.get_rank()
         final = self.directory / step_dir_name(progress.step)
         tmp = final.with_name(final.name + ".tmp")
-        if rank == 0:
-            rmtree(tmp)  # this run's own unfinished write of the same step
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        model_state = model.state_dict()
-        for transform in self.before_save:
-            model_state = transform(model_state)
-        dcp.save({"model": model_state, "optim": optimizer.state_dict()}, storage_writer=checkpoint_writer(tmp))
-        with (tmp / f"rank-{rank:05d}.pt").open("wb") as f:
-            torch.save(_rng_state(), f)
-        dist.barrier()  # every rank's files are in place before they are hashed
-        if rank == 0:
-            _write_json(tmp / PROGRESS, asdict(progress))
-            _write_json(tmp / CONFIG, dict(config))
-            copytree(plan_dir, tmp / PLAN_DIR)
-        dist.barrier()
-        manifest = write_manifest(tmp, progress.step)
-        if rank == 0:
-            _write_json(tmp / MANIFEST, manifest)
-            if final.exists():  # a step reached again (after resuming from an older one): keep it
-                log.warning("checkpoint %s: already exists, kept as %s", final, set_aside(final, ".superseded"))
-            move(tmp, final, marker=MANIFEST)
-            if isinstance(self.directory, Path):
-                _fsync_dir(self.directory)
-            self._prune()
-        dist.barrier()
+
+        def start() -> None:
+            if rank == 0:
+                rmtree(tmp)  # this run's own unfinished write of the same step
+                tmp.mkdir(parents=True)
+
+        def write_state() -> None:
+            model_state = model.state_dict()
+            for transform in self.before_save:
+                model_state = transform(model_state)
+            dcp.save({"model": model_state, "optim": optimizer.state_dict()}, storage_writer=checkpoint_writer(tmp))
+            with (tmp / f"rank-{rank:05d}.pt").open("wb") as f:
+                torch.save(_rng_state(), f)
+
+        def write_run_files() -> None:
+            if rank == 0:
+                _write_json(tmp / PROGRESS, asdict(progress))
+                _write_json(tmp / CONFIG, dict(config))
+                copytree(plan_dir, tmp / PLAN_DIR)
+
+        manifest: dict[str, Any] = {}
+
+        def publish() -> None:
+            if rank == 0:
+                _write_json(tmp / MANIFEST, manifest)
+                if final.exists():  # a step reached again (after resuming from an older one): keep it
+                    log.warning("checkpoint %s: already exists, kept as %s", final, set_aside(final, ".superseded"))
+                move(tmp, final, marker=MANIFEST)
+                if isinstance(self.directory, Path):
+                    _fsync_dir(self.directory)
+                self._prune()
+
+        # Each stage ends with every rank agreeing it succeeded (the barrier between stages).
+        for stage in (start, write_state, write_run_files,
+                      lambda: manifest.update(write_manifest(tmp, progress.step)), publish):
+            _raise_save_failure(on_every_rank(stage, tmp), progress.step, tmp)
         return final
 
     def _prune(self) -> None:
@@ -236,21 +251,30 @@ class CheckpointManager:
         return state["progress"]
 
 
+def _raise_save_failure(failed: tuple[RankFailure, BaseException | None] | None, step: int, tmp: StoragePath) -> None:
+    if failed is None:
+        return
+    failure, own = failed
+    if failure.storage:
+        raise StorageError(f"{failure.message} while saving checkpoint step {step} "
+                           f"(earlier checkpoints are kept)") from own
+    raise CheckpointError(f"{tmp}: saving checkpoint step {step} failed on rank {failure.rank}: "
+                          f"{failure.message}") from own
+
+
 def _agreed(path: StoragePath, what: str, stage: Callable[[], None]) -> None:
-    """Run one stage of a load on every rank; raise CheckpointError on all of them if it failed on any."""
-    error: str | None = None
-    try:
-        stage()
-    except Exception as e:  # noqa: BLE001 - any failure ends the load on every rank alike
-        error = e.args[0] if isinstance(e, CheckpointError) else first_line(e)
-    errors: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if failed:
-        rank, first = failed[0]
-        if first.startswith(str(path)):  # already a full sentence about this checkpoint
-            raise CheckpointError(first)
-        raise CheckpointError(f"checkpoint {path} {what} (rank {rank}: {first}); it was left as it is")
+    """Run one stage of a load on every rank; raise on all of them if it failed on any: a
+    StorageError when the store failed, else CheckpointError."""
+    failed = on_every_rank(stage, path)
+    if failed is None:
+        return
+    failure, own = failed
+    if failure.storage:
+        raise StorageError(f"{failure.message} while loading checkpoint {path}") from own
+    if failure.message.startswith(str(path)):  # already a full sentence about this checkpoint
+        raise CheckpointError(failure.message) from own
+    raise CheckpointError(f"checkpoint {path} {what} (rank {failure.rank}: {failure.message}); "
+                          f"it was left as it is") from own
 
 
 def _check_shapes(path: StoragePath, model_state: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
@@ -308,11 +332,7 @@ def problem(path: StoragePath, every_file: bool = False) -> str | None:
     the hashes of the files the driver reads, or of `every_file` (export reads them all); a
     training run's workers verify every file together (`CheckpointManager.select`)."""
     plan_files = [relative(p, path) for p in (path / PLAN_DIR).rglob("*") if p.is_file()]
-    try:
-        verify(path, None if every_file else [*DRIVER_FILES, *plan_files])
-    except (DamagedCheckpoint, OSError, StorageError) as e:
-        return str(e)
-    return None
+    return unusable(path, lambda: verify(path, None if every_file else [*DRIVER_FILES, *plan_files]))
 
 
 def first_usable(candidates: list[StoragePath],

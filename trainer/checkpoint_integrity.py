@@ -20,7 +20,7 @@ import io
 import json
 import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any
@@ -28,12 +28,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
-from embshard.datasets.storage import StoragePath, relative
+from embshard.datasets.storage import StoragePath, relative, storage_failure
 from embshard.errors import EmbshardError, StorageError, first_line
 
 MANIFEST = "manifest.json"
@@ -75,23 +75,77 @@ def _gather(local: Any) -> list[Any]:
     return out
 
 
+@dataclass(frozen=True)
+class RankFailure:
+    """One rank's failure as every rank can rebuild it (a library's exception may not pickle)."""
+
+    rank: int
+    message: str
+    storage: bool  # the store failed (a StorageError), not the checkpoint or the code
+
+    @staticmethod
+    def of(error: BaseException, where: StoragePath) -> "RankFailure":
+        # DCP raises its ranks' errors wrapped, with their tracebacks in the message.
+        while isinstance(error, CheckpointException) and error.failures:
+            error = error.failures[min(error.failures)][0]
+        failed = storage_failure(error, where)
+        if failed is not None:
+            return RankFailure(_rank(), str(failed), True)
+        text = error.args[0] if isinstance(error, EmbshardError) and error.args else first_line(error)
+        return RankFailure(_rank(), str(text), False)
+
+
+def on_every_rank(stage: Callable[[], Any], where: StoragePath) -> tuple[RankFailure, BaseException | None] | None:
+    """Collective: run `stage` on every rank; None when it succeeded on all of them, else the first
+    failing rank's failure (the same on every rank) and this rank's own exception, if it had one.
+    Every rank returns, so none is left waiting in a collective of a stage another one left."""
+    own: BaseException | None = None
+    local: RankFailure | None = None
+    try:
+        stage()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must reach the gather
+        own, local = e, RankFailure.of(e, where)
+    first = next((f for f in _gather(local) if f is not None), None)
+    return None if first is None else (first, own)
+
+
 def write_manifest(folder: StoragePath, step: int) -> dict[str, Any]:
     """Collective: every rank hashes its share of the folder's files; returns the manifest (rank 0
-    writes it). Called once every file is in place, so the manifest is the last thing written."""
+    writes it). Called once every file is in place, so the manifest is the last thing written.
+    A failure on any rank raises on every rank (StorageError for the store, else DamagedCheckpoint)."""
     # One listing, rank 0's: on shared storage another rank's listing may lag, and shares computed
     # from different lists would leave some file unhashed.
-    listed: list[Any] = [sorted(relative(p, folder) for p in folder.rglob("*")
-                                if p.is_file() and p.name != MANIFEST) if _rank() == 0 else None]
+    listed: list[Any] = [None]
+
+    def listing() -> None:
+        if _rank() == 0:
+            listed[0] = sorted(relative(p, folder) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+    _raise_agreed(on_every_rank(listing, folder))
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(listed, src=0)
     names: list[str] = listed[0]
     # Sizes come with the hashes: after the gather, rank 0 may already be renaming the folder.
-    mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-            for name in _my_share(names)}
+    mine: dict[str, dict[str, Any]] = {}
+
+    def hashing() -> None:
+        mine.update({name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+                     for name in _my_share(names)})
+
+    _raise_agreed(on_every_rank(hashing, folder))
     files: dict[str, dict[str, Any]] = {}
     for part in _gather(mine):
         files.update(part)
     return {"version": MANIFEST_VERSION, "step": step, "written_at": time.time(), "files": dict(sorted(files.items()))}
+
+
+def _raise_agreed(failed: tuple[RankFailure, BaseException | None] | None) -> None:
+    if failed is None:
+        return
+    failure, own = failed
+    error = StorageError(failure.message) if failure.storage else \
+        DamagedCheckpoint(f"rank {failure.rank}: {failure.message}")
+    raise error from own
 
 
 def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
@@ -143,15 +197,37 @@ def verify(folder: StoragePath, names: Iterable[str] | None = None) -> None:
     check_contents(folder, files, files if names is None else names)
 
 
+def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:
+    """Why `check` found the checkpoint `folder` unusable, or None. A store that fails meanwhile
+    raises StorageError instead: that is no reason, the checkpoint may be fine and must not be set
+    aside or skipped for it."""
+    try:
+        check()
+    except DamagedCheckpoint as e:
+        return str(e)
+    except (OSError, StorageError) as e:  # pyarrow's streams raise plain OSErrors
+        failed = None if isinstance(e, FileNotFoundError) else storage_failure(e, folder)
+        if failed is None:
+            return str(e)
+        raise StorageError(f"{failed} while verifying checkpoint {folder}") from e
+    return None
+
+
 def verify_collective(folder: StoragePath) -> str | None:
     """Collective: None when the layout holds on every rank and every file's hash matches (each rank
-    hashes its share), else the first reason found on any rank. Every rank gets the same answer."""
+    hashes its share), else the first reason found on any rank. Every rank gets the same answer;
+    a failing store raises StorageError on every rank (see `unusable`)."""
     why: str | None = None
-    try:
+
+    def layout_and_hashes() -> None:
         files = check_layout(folder)
         check_contents(folder, files, _my_share(sorted(files)))
-    except (DamagedCheckpoint, OSError, StorageError) as e:
-        why = str(e)
+
+    def check() -> None:
+        nonlocal why
+        why = unusable(folder, layout_and_hashes)
+
+    _raise_agreed(on_every_rank(check, folder))
     return next((w for w in _gather(why) if w is not None), None)
 
 

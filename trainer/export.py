@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint import CheckpointException
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.config import ModelConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, copy_file, copytree, location, upload
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, StorageError
 from embshard.planner.remap import load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
@@ -52,7 +54,7 @@ from embshard.trainer.checkpoint import (
     PLAN_DIR,
     newest_verified,
 )
-from embshard.trainer.checkpoint_integrity import SafeLoadPlanner, checkpoint_reader
+from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, checkpoint_reader
 from embshard.trainer.models import TrainModel, get_arch
 
 MANIFEST = "serving.json"
@@ -84,8 +86,24 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
     if isinstance(source, nn.Module):
         if model_config is None or spec is None:
             raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
-        return _export_live(source, out, model_config, spec, Path(plan_dir) if plan_dir else None)
-    return _export_checkpoint(location(source), out)
+        model, config, data, plans = source, model_config, spec, Path(plan_dir) if plan_dir else None
+        return _stored(out, f"exporting a live model to {out}", lambda: _export_live(model, out, config, data, plans))
+    checkpoint = location(source)
+    # A raw error of a client library (DCP's s3fs) comes from reading the checkpoint; the upload's
+    # own are StorageErrors already, naming the object.
+    where = checkpoint if isinstance(checkpoint, RemotePath) else out
+    return _stored(where, f"exporting {checkpoint} to {out}", lambda: _export_checkpoint(checkpoint, out))
+
+
+def _stored(where: StoragePath, doing: str, export: Callable[[], StoragePath | None]) -> StoragePath | None:
+    """`export()`, its failures of a store as one StorageError line saying what was being done."""
+    try:
+        return export()
+    except (Exception, CheckpointException) as e:  # DCP's errors are BaseExceptions
+        failure = RankFailure.of(e, where)
+        if not failure.storage:
+            raise
+        raise StorageError(f"{failure.message} while {doing}") from e
 
 
 def load_serving(directory: str | Path) -> ServingModel:
