@@ -12,15 +12,23 @@ Curves (gloo on CPU, tables sharded table-wise or column-wise as TorchRec's plan
           from the shard metadata that no rank gathers a table it does not hold
   mde     MDE (across tables, popularity 1/rows) at the largest `rows` point
 
-Every point is measured in fresh processes (one per rank), plain TorchRec first, then embshard,
-never both at once: the tables are built on meta and materialised as shards, as the trainer does.
+Every point is measured as --pairs interleaved pairs: plain TorchRec, then embshard, then TorchRec
+again, ..., each pass in fresh processes (one per rank), never both at once: the tables are built
+on meta and materialised as shards, as the trainer does. A point's speed ratio is the median of its
+per-pair ratios (with their min and max), so load that drifts between passes of a shared machine
+hits both sides alike; the 1-minute load average seen around the passes is recorded beside it.
 TorchRec's side is `bench/throughput.py`'s baseline (its DLRM, textbook loop) on the uniform plan
 at --dim; embshard's is `trainer.build` + `trainer.loop.train_step` on the point's plan. Batches
 are random ids (uniform over each table: the worst case for caches), generated per rank in memory,
 so data loading is out of the picture (`bench/reader.py` measures it). For every embshard point
 the planner's per-rank bytes are compared with what DMP holds (`trainer/held_memory.py`).
 
-    .venv/bin/python bench/scaling.py [--curve rows --curve mlet ...] [--max-rows 10M] [--quick]
+Before anything runs, every point's memory is foreseen: planned tables, plus per rank what a
+process starts with and one step's dot interaction (`step_bytes`: O(batch x features^2), which at
+500 tables dwarfs the tables); a point over --max-memory (or 2/3 of the available memory) is
+refused with one line.
+
+    .venv/bin/python bench/scaling.py [--curve rows --curve mlet ...] [--max-rows 10M] [--pairs 3] [--quick]
 
 Prints one JSON line per point, a summary JSON line with the fitted growth exponent per curve
 (slope of log y over log x) and writes the lines and a log-log PNG to --out(.jsonl|.png).
@@ -69,6 +77,11 @@ SHARDING_TYPES = ["table_wise", "column_wise"]
 DMP_TOLERANCE = 0.05  # planner bytes vs DMP's, relative (tests/test_plan_memory_dmp.py's bound)
 # Distinct random batches per rank, cycled: enough that no step reuses the previous one's rows.
 DISTINCT_BATCHES = 8
+DENSE_ARCH, OVER_ARCH = [64], [128, 64]
+FLOAT_BYTES = 4
+# Memory a point may plan for without --max-memory: the rest of what is available stays free for
+# allocator slack and the neighbours of a shared machine.
+AVAILABLE_SHARE = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,7 @@ def job_config(shape: Shape, directory: Path) -> JobConfig:
     return JobConfig(
         output_dir=str(directory.parent / "run"),
         data=DataConfig(path=str(directory / "no-data"), batch_size=shape.batch_size),
-        model=ModelConfig(dense_arch=[64], over_arch=[128, 64]),
+        model=ModelConfig(dense_arch=DENSE_ARCH, over_arch=OVER_ARCH),
         embeddings=shape.embeddings(),
     )
 
@@ -125,6 +138,21 @@ def plan(shape: Shape, directory: Path) -> PlanBundle:
     bundle = PlanBundle(dim_plan, shard, memory_report(dim_plan, shard, OPTIMIZER), directory)
     bundle.save()
     return bundle
+
+
+def step_bytes(shape: Shape) -> int:
+    """What one rank's training step adds above its built model: DLRM's dot interaction (TorchRec's
+    `InteractionArch`, which both sides run) over f = features + 1 (the dense arch's output) and
+    p = f(f-1)/2 pairs. The (B, f, f) matrix of dot products, its upper triangle gathered to
+    (B, p) and that concatenated with the dense output (B, p + d) are alive together at the end
+    of the forward; the backward has the same sizes in reverse. The over-arch's first layer,
+    p + d wide, gets a gradient and Adam's two moments on the first step. Independent of the
+    tables' rows: O(batch x features^2), so it, not the tables, bounds the `tables` curve."""
+    f = len(shape.spec().sparse) + 1
+    pairs = f * (f - 1) // 2
+    activations = shape.batch_size * (f * f + 2 * (pairs + shape.dim))
+    first_layer = 3 * (pairs + shape.dim) * OVER_ARCH[0]
+    return FLOAT_BYTES * (activations + first_layer)
 
 
 def random_batches(spec: DatasetSpec, batch_size: int, seed: int) -> list[Batch]:
@@ -178,6 +206,7 @@ def measure(rank: int, world: int, variant: str, plan_dir: str, shape: Shape, st
         stepper = embshard_steps(sharded, cfg.train.pipeline)
         run = lambda bs: run_embshard(stepper, bs, [], cfg.train.log_every)  # noqa: E731
     build_seconds = time.perf_counter() - started
+    built_rss = rss_bytes("VmRSS")
     batches = random_batches(shape.spec(), shape.batch_size, seed=rank)
     run([batches[i % len(batches)] for i in range(warmup)])
     rates = []
@@ -189,6 +218,7 @@ def measure(rank: int, world: int, variant: str, plan_dir: str, shape: Shape, st
         "samples_per_s": rate,
         "build_seconds": build_seconds,
         "start_rss": start_rss,
+        "built_rss": built_rss,
         "peak_rss": rss_bytes("VmHWM"),
     }
     if variant == "embshard":
@@ -267,33 +297,106 @@ def mem_available() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def measure_point(point: Point, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Plain TorchRec (the uniform plan at the point's dim), then at once embshard, each in its own
-    fresh ranks, so both see the same neighbours on a shared machine; -> the point's JSON record."""
-    shape = point.shape
-    record: dict[str, Any] = {"bench": "scaling", "curve": point.curve, "x": point.x, **asdict(shape)}
-    for variant, s in (("torchrec", replace(shape, policy="uniform")), ("embshard", shape)):
-        record[variant] = _measure_variant(variant, s, args, work)
-    record["ratio"] = round(record["embshard"]["samples_per_s"] / record["torchrec"]["samples_per_s"], 3)
+@dataclass(frozen=True)
+class Planned:
+    """One side of a point, planned: the shape it runs and where its plan is saved."""
+
+    variant: str  # torchrec | embshard
+    shape: Shape
+    bundle: PlanBundle
+
+    @property
+    def directory(self) -> Path:
+        return self.bundle.directory
+
+
+def plan_point(point: Point, work: Path) -> list[Planned]:
+    """Plain TorchRec runs the uniform plan at the point's dim; embshard the point's own."""
+    sides = (("torchrec", replace(point.shape, policy="uniform")), ("embshard", point.shape))
+    return [Planned(v, s, plan(s, work / f"{point.curve}-{point.x}-{v}")) for v, s in sides]
+
+
+def memory_budget(args: argparse.Namespace) -> tuple[int, str]:
+    share = int(mem_available() * AVAILABLE_SHARE)
+    if args.max_memory and args.max_memory < share:
+        return args.max_memory, "--max-memory"
+    return share, f"{AVAILABLE_SHARE:.0%} of MemAvailable"
+
+
+def check_memory(point: Point, sides: list[Planned], budget: tuple[int, str]) -> None:
+    """Refuse a point whose foreseen memory is over the budget, before anything runs. Each rank
+    starts as big as this process (torch and TorchRec imported), then holds its tables and one
+    step's interaction; the two sides never run at once, so the larger one counts."""
+    limit, source = budget
+    process = rss_bytes("VmRSS")
+    for side in sides:
+        tables = sum(r["train_bytes"] for r in side.bundle.memory.per_rank.values())
+        step = step_bytes(side.shape)
+        need = tables + side.shape.world * (process + step)
+        if need > limit:
+            raise SystemExit(
+                f"scaling.py: error: {point.curve} x={point.x} ({side.variant}): foreseen "
+                f"{need / GIB:.1f} GiB (tables {tables / GIB:.2f} + {side.shape.world} ranks x "
+                f"({process / GIB:.2f} at start + {step / GIB:.2f} for one step's dot interaction "
+                f"of {len(side.shape.spec().sparse) + 1} features at batch {side.shape.batch_size})) "
+                f"is over the {limit / GIB:.1f} GiB budget ({source}); lower the batch "
+                f"(--batch-size, --tables-batch-size) or the point, or raise --max-memory")
+
+
+def measure_point(point: Point, sides: list[Planned], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """`args.pairs` interleaved pairs (TorchRec, embshard, TorchRec, ...), each pass in its own
+    fresh ranks; -> the point's JSON record. The ratio is the median of the per-pair ratios:
+    each pair's two passes ran minutes apart at most, so load that drifts over a point cancels."""
+    record: dict[str, Any] = {"bench": "scaling", "curve": point.curve, "x": point.x, **asdict(point.shape)}
+    passes: dict[str, list[dict[str, Any]]] = {side.variant: [] for side in sides}
+    load = [os.getloadavg()[0]]
+    for pair in range(args.pairs):
+        for side in sides:
+            # MLET's collapse and checkpoint are measured once: GiBs written at the largest point.
+            collapse = pair == 0 and side.variant == "embshard" and side.shape.policy == "mlet"
+            ranks = run_ranks(measure, side.shape.world, side.variant, str(side.directory), side.shape,
+                              args.steps, args.warmup, args.passes, collapse)
+            shutil.rmtree(work / "run", ignore_errors=True)  # the checkpoint
+            passes[side.variant].append(_summarise(ranks, side.shape.batch_size))
+            load.append(os.getloadavg()[0])
+    for side in sides:
+        record[side.variant] = _combine(passes[side.variant], side)
+    ratios = [e["samples_per_s"] / t["samples_per_s"]
+              for t, e in zip(passes["torchrec"], passes["embshard"], strict=True)]
+    record.update(
+        ratio=round(statistics.median(ratios), 3),
+        ratio_min=round(min(ratios), 3),
+        ratio_max=round(max(ratios), 3),
+        pair_ratios=[round(r, 3) for r in ratios],
+        load_avg_1m=[round(min(load), 2), round(max(load), 2)],
+        foreseen_step_bytes_per_rank=step_bytes(point.shape),
+    )
     return record
 
 
-def _measure_variant(variant: str, shape: Shape, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    plan_dir = work / "plan"
-    shutil.rmtree(plan_dir, ignore_errors=True)
-    bundle = plan(shape, plan_dir)
-    need = sum(r["train_bytes"] for r in bundle.memory.per_rank.values())
-    # Tables are materialised once; the spare half covers dense parts, batches and torch itself.
-    if need * 1.5 > mem_available():
-        raise SystemExit(f"{shape}: the plan needs {need / GIB:.1f} GiB of tables, only "
-                         f"{mem_available() / GIB:.1f} GiB available; lower --max-rows")
-    collapse = variant == "embshard" and shape.policy == "mlet"
-    ranks = run_ranks(measure, shape.world, variant, str(plan_dir), shape, args.steps, args.warmup,
-                      args.passes, collapse)
-    shutil.rmtree(work / "run", ignore_errors=True)  # the checkpoint: GiBs at the largest point
-    out = _summarise(ranks, shape.batch_size)
-    out["sharding"] = sorted({f"{n}:{ps.sharding_type}" for n, ps in bundle.shard_plan.sharding.items()
-                              if n.startswith("t_big")})
+def _combine(passes: list[dict[str, Any]], side: Planned) -> dict[str, Any]:
+    """A side's passes -> its figures: median speed, the highest memory any pass reached; what
+    does not vary between passes (planned and held bytes, the collapse) from the pass that has it."""
+    def per_rank_max(key: str) -> list[int]:
+        return [max(ranks) for ranks in zip(*(p[key] for p in passes), strict=True)]
+
+    above_built = [[peak - built for peak, built in zip(p["peak_rss_per_rank"], p["built_rss_per_rank"], strict=True)]
+                   for p in passes]
+
+    out = {**passes[0]}
+    out.update(
+        samples_per_s=round(statistics.median(p["samples_per_s"] for p in passes)),
+        samples_per_s_per_pass=[p["samples_per_s"] for p in passes],
+        step_seconds=round(statistics.median(p["step_seconds"] for p in passes), 5),
+        build_seconds=round(statistics.median(p["build_seconds"] for p in passes), 2),
+        peak_rss_per_rank=per_rank_max("peak_rss_per_rank"),
+        start_rss_per_rank=per_rank_max("start_rss_per_rank"),
+        built_rss_per_rank=per_rank_max("built_rss_per_rank"),
+        # What the steps added above the built model: `step_bytes` foresees this.
+        step_peak_above_built_per_rank=[max(ranks) for ranks in zip(*above_built, strict=True)],
+        sharding=sorted({f"{n}:{ps.sharding_type}" for n, ps in side.bundle.shard_plan.sharding.items()
+                         if n.startswith("t_big")}),
+    )
     return out
 
 
@@ -305,6 +408,7 @@ def _summarise(ranks: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
         "build_seconds": round(max(r["build_seconds"] for r in ranks), 2),
         "peak_rss_per_rank": [r["peak_rss"] for r in ranks],
         "start_rss_per_rank": [r["start_rss"] for r in ranks],
+        "built_rss_per_rank": [r["built_rss"] for r in ranks],
     }
     if "held_train_bytes" in ranks[0]:
         held = [r["held_train_bytes"] for r in ranks]
@@ -332,7 +436,8 @@ def points(args: argparse.Namespace) -> list[Point]:
     big = replace(base, big_rows=rows[-1])
     curves = {
         "rows": [Point("rows", r, replace(base, big_rows=r)) for r in rows],
-        "tables": [Point("tables", n, replace(base, big_rows=0, small_tables=n)) for n in args.tables_points],
+        "tables": [Point("tables", n, replace(base, big_rows=0, small_tables=n, batch_size=args.tables_batch_size))
+                   for n in args.tables_points],
         "batch": [Point("batch", b, replace(base, batch_size=b)) for b in args.batch_points],
         "ranks": [Point("ranks", w, replace(base, world=w)) for w in (1, 2)],
         "mlet": [Point("mlet", rows[-1], replace(big, policy="mlet"))],
@@ -413,10 +518,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small-tables", type=int, default=25)
     p.add_argument("--small-rows", type=count, default=count("100k"))
     p.add_argument("--batch-size", type=int, default=2048, help="per rank")
+    p.add_argument("--tables-batch-size", type=int, help="per rank, of the tables curve (default --batch-size): "
+                   "its dot interaction grows with batch x tables^2")
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--passes", type=int, default=3, help="timed passes per point; the median counts")
+    p.add_argument("--passes", type=int, default=3, help="timed passes per process; the median counts")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="interleaved (TorchRec, embshard) pairs of fresh processes per point")
+    p.add_argument("--max-memory", type=count, help="refuse a point foreseen above this many bytes "
+                   "(e.g. 8G; default and cap: 2/3 of MemAvailable)")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "scaling",
                    help="writes OUT.jsonl and OUT.png")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier OUT.jsonl / OUT.png")
@@ -426,8 +537,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.rows_points, args.max_rows = [20_000, 50_000], min(args.max_rows, 50_000)
         args.tables_points, args.batch_points = [3, 6], [64, 128]
         args.small_tables, args.small_rows, args.batch_size = 3, 1000, 64
-        args.steps, args.warmup, args.passes = 3, 1, 1
+        args.steps, args.warmup, args.passes, args.pairs = 3, 1, 1, 2
         args.curve = args.curve or ["rows", "mlet"]
+    args.tables_batch_size = args.tables_batch_size or args.batch_size
+    if args.pairs < 1:
+        p.error(f"--pairs {args.pairs}: must be at least 1")
     if args.dim % 8:
         p.error(f"--dim {args.dim}: must be a multiple of 8 (MLET serves dim / 2, and FBGEMM's CPU "
                 f"kernels need multiples of 4)")
@@ -454,12 +568,22 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     by_shape: dict[Shape, dict[str, Any]] = {}  # curves share points (rows' first is batch's 2048)
     with tempfile.TemporaryDirectory(prefix="embshard-scaling-") as tmp:
-        for point in points(args):
+        work = Path(tmp)
+        todo = points(args)
+        # Every point is planned and its memory foreseen before the first runs: an infeasible one
+        # is refused now, not after an hour of the points before it.
+        budget = memory_budget(args)
+        planned: dict[Shape, list[Planned]] = {}
+        for point in todo:
+            if point.shape not in planned:
+                planned[point.shape] = plan_point(point, work)
+                check_memory(point, planned[point.shape], budget)
+        for point in todo:
             print(f"{point.curve} x={point.x}: {point.shape}", file=sys.stderr, flush=True)
             if point.shape in by_shape:
                 record = {**by_shape[point.shape], "curve": point.curve, "x": point.x}
             else:
-                record = by_shape[point.shape] = measure_point(point, args, Path(tmp))
+                record = by_shape[point.shape] = measure_point(point, planned[point.shape], args, work)
             print(json.dumps(record), flush=True)
             records.append(record)
     exponents = growth_exponents(records)
@@ -467,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
         "bench": "scaling_summary",
         "growth_exponents": exponents,
         "ratios": {f"{r['curve']}@{r['x']}": r["ratio"] for r in records},
+        "ratio_ranges": {f"{r['curve']}@{r['x']}": [r["ratio_min"], r["ratio_max"]] for r in records},
+        "load_avg_1m": [min(r["load_avg_1m"][0] for r in records), max(r["load_avg_1m"][1] for r in records)],
     }
     write_atomic(args.out.with_suffix(".jsonl"),
                  lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in [*records, summary])))
