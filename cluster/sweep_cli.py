@@ -63,7 +63,7 @@ def sweep(args: argparse.Namespace) -> int:
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 
-    from embshard.cluster.sweep_report import report
+    from embshard.cluster.sweep_report import metric_label, report
     from embshard.cluster.sweep_run import run_sweep
     from embshard.datasets.storage import location
 
@@ -71,7 +71,8 @@ def sweep(args: argparse.Namespace) -> int:
     points = run_sweep(cfg, spec, out, args.resume, args.parallel)
     name = location(cfg.data.path).resolve().name
     rep = report(points, data.planted or None)
-    title = f"{name}: test AUC vs serving bytes ({cfg.train.epochs} epoch(s), {spec.seeds} seed(s))"
+    metric = rep["metric"].removeprefix("test_")
+    title = f"{name}: test {metric_label(metric)} vs serving bytes ({cfg.train.epochs} epoch(s), {spec.seeds} seed(s))"
     paths = write_report({"dataset": name, "sweep": spec.to_json(), "points": points, **rep}, title, out, name)
     print(f"claim: {rep['claim']['statement']}")
     print("report: " + ", ".join(str(p) for p in paths))

@@ -123,7 +123,7 @@ class _TrialLine(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         points = json.loads((trial.last_result or {}).get("points", "[]"))
-        shown = ", ".join(f"budget {p['budget']:g}: " + (f"AUC {p['value']:.4f}" if "value" in p else p["error"])
+        shown = ", ".join(f"budget {p['budget']:g}: " + (f"{p['metric']} {p['value']:.4f}" if "value" in p else p["error"])
                           for p in points)
         print(f"trial {trial.config['trial']['method']} seed {trial.config['trial']['seed']}: {shown}",
               file=sys.stderr, flush=True)

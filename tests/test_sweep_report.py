@@ -54,6 +54,50 @@ def test_claim_names_the_smallest_plan_when_uniform_rises():
     assert "mde at budget 0.5" in c.statement and "2.00x" in c.statement
 
 
+def mse_point(method: str, budget: float, seed: int, value: float, nbytes: int):
+    return {**point(method, budget, seed, value, nbytes), "metric": "mse", "lower_is_better": True}
+
+
+def falling_mse() -> list[dict]:
+    # uniform's test MSE falls 0.95 -> 0.90 -> 0.87 with width; mde reaches 0.8705 at 2000 bytes,
+    # mlet stays at 0.89 (worse than best + tolerance) even at 4000.
+    pts = []
+    for seed, jitter in ((0, -0.0002), (1, 0.0002)):
+        pts += [mse_point("uniform", 0.25, seed, 0.95 + jitter, 1000),
+                mse_point("uniform", 0.5, seed, 0.90 + jitter, 2000),
+                mse_point("uniform", 1.0, seed, 0.87 + jitter, 4000),
+                mse_point("mde", 0.25, seed, 0.92 + jitter, 1000), mse_point("mde", 0.5, seed, 0.8705 + jitter, 2000),
+                mse_point("mlet", 1.0, seed, 0.89 + jitter, 4000)]
+    return pts
+
+
+def test_a_lower_is_better_metric_claims_the_plan_not_above_best_plus_tolerance(tmp_path):
+    rep = report(falling_mse(), None)
+    assert rep["metric"] == "test_mse" and rep["lower_is_better"] is True
+    c = rep["claim"]
+    assert c["rises"] is True and c["best_uniform"] == pytest.approx(0.87)
+    assert c["smallest"]["uniform"]["serving_bytes"] == 4000
+    assert c["smallest"]["mde"]["serving_bytes"] == 2000 and c["smallest"]["mde"]["ratio_vs_uniform"] == pytest.approx(2)
+    assert "mlet" not in c["smallest"]  # 0.89 > 0.87 + 0.001
+    assert "test MSE 0.8700" in c["statement"] and "mde at budget 0.5" in c["statement"]
+    assert "| test MSE (mean ± std) |" in markdown(rep, "t")
+    paths = write_report(rep, "mse", tmp_path, "mse")
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rising_mse_is_width_not_helping():
+    # Wider tables overfit: MSE rises with width, so uniform does not improve and no ratio is named.
+    pts = [mse_point("uniform", b, s, 0.85 + 0.05 * b, int(4000 * b)) for b in (0.25, 0.5, 1.0) for s in (0, 1)]
+    c = report(pts, None)["claim"]
+    assert c["rises"] is False and not c["smallest"]
+    assert "improves test MSE by" in c["statement"]
+
+
+def test_points_of_two_metrics_are_refused():
+    with pytest.raises(DataError, match="mixed metrics"):
+        report(rising() + falling_mse(), None)
+
+
 def test_claim_refuses_a_ratio_when_width_does_not_matter():
     pts = [point("uniform", b, s, 0.70 + 0.0003 * b + 0.001 * s, int(4000 * b)) for b in (0.25, 0.5, 1.0)
            for s in (0, 1)]
