@@ -26,7 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "sweep", help="compare methods x budgets x seeds on a dataset (Ray Tune); frontier, table, claim",
         description="Train every method at every budget (a fraction of the serving parameters of the "
                     "uniform model at embeddings.dim) for every seed, as Ray Tune trials running side by "
-                    "side, each its own Ray Train worker group; report test AUC against serving bytes.")
+                    "side, each its own Ray Train worker group; report the arch's test metric (AUC; "
+                    "MSE for mf, lower is better) against serving bytes.")
     config_arguments(p, set_example="train.epochs=1", workers=True)
     p.add_argument("--methods", default="uniform,mde",
                    help="comma-separated: uniform, mde, mlet, pep, autodim, mde+mlet, pep+mlet, autodim+mlet "
