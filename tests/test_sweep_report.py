@@ -4,6 +4,7 @@ planted comparison; and the sweep's bad-input lines."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
 from embshard.cluster.sweep_plan import SweepSpec, parse_budgets, parse_methods, planned_run, uniform_width
 from embshard.cluster.sweep_report import aggregate, claim, markdown, planted_comparison, report
-from embshard.config import EmbeddingsConfig, JobConfig
+from embshard.config import EmbeddingsConfig, JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import ConfigError, DataError
 
@@ -158,6 +159,41 @@ def test_parse_methods_and_budgets():
     with pytest.raises(ConfigError, match="outside"):
         parse_budgets("0.5,1.5")
     assert parse_budgets("1,0.25") == [0.25, 1.0]
+
+
+def test_a_configs_sweep_section_is_validated_naming_the_key(tmp_path):
+    cfg = load_job_config(REPO / "configs" / "papers" / "mde-mf-movielens.yaml")
+    assert cfg.sweep.methods == ["uniform", "mde", "mlet"] and cfg.sweep.seeds == 3
+    assert cfg.sweep.budgets == sorted(cfg.sweep.budgets) and cfg.sweep.budgets[-1] == 1
+    assert cfg.model.arch == "mf" and cfg.embeddings.mde.mode == "within"
+    assert JobConfig().sweep.methods == ["uniform", "mde"]  # a config without the section
+    for override, expected in (("sweep.methods=[uniform,mdx]", "sweep.methods: unknown method 'mdx'"),
+                               ("sweep.budgets=[0.5,2]", "sweep.budgets: 2 is outside (0, 1]"),
+                               ("sweep.budgets=[]", "sweep.budgets: empty"),
+                               ("sweep.seeds=0", "sweep.seeds: must be >= 1"),
+                               ("sweep.seed=2", "sweep.seed: unknown field")):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_job_config(REPO / "configs" / "default.yaml", [override])
+
+
+def test_sweep_flags_default_to_the_config_and_override_it(tmp_path, monkeypatch):
+    from embshard.cluster import sweep_cli
+
+    seen = []
+    monkeypatch.setattr(sweep_cli, "check_trials", lambda cfg, spec, data: seen.append(spec) or _stop())
+    data = tmp_path / "data"
+    from embshard.datasets.synth import synthesize
+
+    synthesize(data, rows=200, seed=0, max_cardinality=50)
+    base = ["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}",
+            "--set", "sweep.methods=[uniform,mlet]", "--set", "sweep.budgets=[0.5,1]", "--set", "sweep.seeds=2"]
+    assert main(base) == 2
+    assert main([*base, "--methods", "mde", "--seeds", "1"]) == 2
+    assert seen == [SweepSpec(["uniform", "mlet"], [0.5, 1.0], 2), SweepSpec(["mde"], [0.5, 1.0], 1)]
+
+
+def _stop():
+    raise ConfigError("stopped before Ray")
 
 
 def test_trials_and_budget_knobs(tmp_path):
