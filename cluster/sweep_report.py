@@ -95,7 +95,8 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
     winner_method, winner = min(smallest.items(), key=lambda kv: kv[1]["serving_bytes"])
     statement = (f"uniform improves with width (best test {label} {best.mean:.4f} at budget {best.budget:g}, "
                  f"{gain:.4f} better than the narrowest); the smallest plan within {tol:.4f} of it is "
-                 f"{winner_method} at budget {winner['budget']:g}: {_mb(winner['serving_bytes'])}, {winner['ratio_vs_uniform']:.2f}x fewer "
+                 f"{winner_method} at budget {winner['budget']:g}: {_mb(winner['serving_bytes'])}, "
+                 f"{winner['ratio_vs_uniform']:.2f}x fewer "
                  f"serving bytes than the smallest uniform within the tolerance")
     return Claim(True, statement, tol, best.mean, smallest)
 
