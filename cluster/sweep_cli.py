@@ -1,6 +1,10 @@
 """`embshard sweep CONFIG --methods ... --budgets ... --seeds N`: which method at which budget on
 this dataset, as a Ray Tune sweep (cluster/sweep_run.py), reported as one JSON, one frontier PNG
-and one Markdown table (cluster/sweep_report.py)."""
+and one Markdown table (cluster/sweep_report.py).
+
+The flags default to the config's `sweep:` section (`SweepConfig`), so a config that is a paper's
+setting (configs/papers/) is also that paper's sweep: its methods, budgets and seeds; a flag
+given on the command line overrides its key."""
 
 from __future__ import annotations
 
@@ -18,22 +22,22 @@ if TYPE_CHECKING:
     from embshard.datasets.schema import DatasetSpec
     from embshard.datasets.storage import StoragePath
 
-DEFAULT_BUDGETS = "0.125,0.25,0.5,1"
-
 
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "sweep", help="compare methods x budgets x seeds on a dataset (Ray Tune); frontier, table, claim",
         description="Train every method at every budget (a fraction of the serving parameters of the "
                     "uniform model at embeddings.dim) for every seed, as Ray Tune trials running side by "
-                    "side, each its own Ray Train worker group; report test AUC against serving bytes.")
+                    "side, each its own Ray Train worker group; report the arch's test metric (AUC; "
+                    "MSE for mf, lower is better) against serving bytes.")
     config_arguments(p, set_example="train.epochs=1", workers=True)
-    p.add_argument("--methods", default="uniform,mde",
+    p.add_argument("--methods",
                    help="comma-separated: uniform, mde, mlet, pep, autodim, mde+mlet, pep+mlet, autodim+mlet "
-                        "(default uniform,mde)")
-    p.add_argument("--budgets", default=DEFAULT_BUDGETS,
-                   help=f"fractions of the base model's serving parameters, in (0, 1] (default {DEFAULT_BUDGETS})")
-    p.add_argument("--seeds", default="3", help="seeds per config: 0..N-1 (default 3)")
+                        "(default: the config's sweep.methods, else uniform,mde)")
+    p.add_argument("--budgets",
+                   help="fractions of the base model's serving parameters, in (0, 1] (default: the config's "
+                        "sweep.budgets, else 0.125,0.25,0.5,1)")
+    p.add_argument("--seeds", help="seeds per config: 0..N-1 (default: the config's sweep.seeds, else 3)")
     p.add_argument("--out", help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out after an interruption (finished trials are kept)")
@@ -55,15 +59,17 @@ def sweep(args: argparse.Namespace) -> int:
     cfg = load_job_config(args.config, args.overrides)
     if args.workers is not None:
         cfg = replace(cfg, cluster=replace(cfg.cluster, workers=args.workers))
-    if not args.seeds.isdigit() or int(args.seeds) < 1:
+    if args.seeds is not None and (not args.seeds.isdigit() or int(args.seeds) < 1):
         raise ConfigError(f"--seeds: expected a whole number >= 1, got {args.seeds!r}")
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
-    spec = SweepSpec(parse_methods(args.methods), parse_budgets(args.budgets), int(args.seeds))
+    spec = SweepSpec(parse_methods(args.methods) if args.methods is not None else cfg.sweep.methods,
+                     parse_budgets(args.budgets) if args.budgets is not None else cfg.sweep.budgets,
+                     int(args.seeds) if args.seeds is not None else cfg.sweep.seeds)
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 
-    from embshard.cluster.sweep_report import report
+    from embshard.cluster.sweep_report import metric_label, report
     from embshard.cluster.sweep_run import run_sweep
     from embshard.datasets.storage import location
 
@@ -71,7 +77,8 @@ def sweep(args: argparse.Namespace) -> int:
     points = run_sweep(cfg, spec, out, args.resume, args.parallel)
     name = location(cfg.data.path).resolve().name
     rep = report(points, data.planted or None)
-    title = f"{name}: test AUC vs serving bytes ({cfg.train.epochs} epoch(s), {spec.seeds} seed(s))"
+    metric = rep["metric"].removeprefix("test_")
+    title = f"{name}: test {metric_label(metric)} vs serving bytes ({cfg.train.epochs} epoch(s), {spec.seeds} seed(s))"
     paths = write_report({"dataset": name, "sweep": spec.to_json(), "points": points, **rep}, title, out, name)
     print(f"claim: {rep['claim']['statement']}")
     print("report: " + ", ".join(str(p) for p in paths))

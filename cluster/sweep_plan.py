@@ -23,13 +23,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from embshard.config import AutodimConfig, EmbeddingsConfig, JobConfig, MletConfig, PepConfig
+from embshard.config import (
+    AutodimConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    MletConfig,
+    PepConfig,
+    check_budgets,
+    check_methods,
+)
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
 
-METHODS = ("uniform", "mde", "mlet", "pep", "autodim", "mde+mlet", "pep+mlet", "autodim+mlet")
 DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
 FP32_BYTES = 4
 
@@ -76,29 +83,16 @@ class SweepSpec:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError("--methods: empty; give some of " + ",".join(METHODS))
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r} (known: {', '.join(METHODS)})")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"--methods: a method is named twice in {text!r}")
+    check_methods(methods, "--methods")
     return methods
 
 
 def parse_budgets(text: str) -> list[float]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise ConfigError("--budgets: empty; give fractions of the base model's serving parameters, e.g. 0.25,0.5,1")
     try:
-        budgets = [float(p) for p in parts]
+        budgets = [float(p.strip()) for p in text.split(",") if p.strip()]
     except ValueError:
         raise ConfigError(f"--budgets: expected comma-separated fractions, got {text!r}") from None
-    for b in budgets:
-        if not 0 < b <= 1:
-            raise ConfigError(f"--budgets: {b:g} is outside (0, 1] (a fraction of the base model's serving parameters)")
-    if len(set(budgets)) != len(budgets):
-        raise ConfigError(f"--budgets: a budget is named twice in {text!r}")
+    check_budgets(budgets, "--budgets")
     return sorted(budgets)
 
 

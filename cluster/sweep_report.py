@@ -2,12 +2,14 @@
 
 Pure functions of the points (`cluster/sweep_trial.py`), so they are tested on hand-made ones.
 
-The claim is stated only when the uniform curve rises with width: its best mean beats the
-narrowest uniform's by more than the tolerance (the larger of `min_tolerance` and the best
-uniform's seed std). Then the smallest plan of each method whose mean comes within the tolerance
-of the best uniform mean is named, with how many times fewer serving bytes it has than the
-smallest uniform that does. Otherwise the report says width does not matter on this data, and
-names no ratio (it would mean nothing).
+The metric is the points' own (the arch's primary test metric: AUC, or MSE for `mf`), and
+"better" follows its direction (`lower_is_better` in each point). The claim is stated only when
+the uniform curve improves with width: its best mean beats the narrowest uniform's by more than
+the tolerance (the larger of `min_tolerance` and the best uniform's seed std). Then the smallest
+plan of each method whose mean comes within the tolerance of the best uniform mean (for a
+lower-is-better metric: not above best + tolerance) is named, with how many times fewer serving
+bytes it has than the smallest uniform that does. Otherwise the report says width does not
+matter on this data, and names no ratio (it would mean nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from embshard.errors import DataError
 
-MIN_TOLERANCE = 0.001  # AUC: below this no difference between plans is claimed
+MIN_TOLERANCE = 0.001  # in the metric's units: below this no difference between plans is claimed
 
 
 @dataclass(frozen=True)
@@ -64,30 +66,37 @@ def aggregate(points: list[dict[str, Any]]) -> tuple[list[Config], list[dict[str
     return sorted(configs, key=lambda c: (c.method, c.serving_bytes)), errors
 
 
-def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE) -> Claim:
+def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: str = "auc",
+          lower_is_better: bool = False) -> Claim:
+    label = metric_label(metric)
+    sign = -1.0 if lower_is_better else 1.0  # sign * mean: larger is better either way
     uniform = sorted((c for c in configs if c.method == "uniform"), key=lambda c: c.serving_bytes)
     if len(uniform) < 2:
         return Claim(None, "no claim: the sweep needs uniform at two or more budgets to tell whether width matters")
-    best = max(uniform, key=lambda c: c.mean)
+    best = max(uniform, key=lambda c: sign * c.mean)
     tol = max(min_tolerance, best.std)
-    rise = best.mean - uniform[0].mean
-    if rise <= tol:
+    gain = sign * (best.mean - uniform[0].mean)  # how much the best width improves on the narrowest
+    if gain <= tol:
         return Claim(False, f"width does not matter on this data: uniform from {_mb(uniform[0].serving_bytes)} to "
-                            f"{_mb(uniform[-1].serving_bytes)} moves test AUC by {rise:+.4f} at most, within the "
-                            f"tolerance {tol:.4f}; no plan is claimed smaller", tol, best.mean)
-    target = best.mean - tol
-    smallest_uniform = min(c.serving_bytes for c in uniform if c.mean >= target)
+                            f"{_mb(uniform[-1].serving_bytes)} improves test {label} by {gain:.4f} at most, within "
+                            f"the tolerance {tol:.4f}; no plan is claimed smaller", tol, best.mean)
+
+    def within(c: Config) -> bool:
+        return sign * (best.mean - c.mean) <= tol
+
+    smallest_uniform = min(c.serving_bytes for c in uniform if within(c))
     smallest: dict[str, dict[str, Any]] = {}
     for method in sorted({c.method for c in configs}):
-        ok = [c for c in configs if c.method == method and c.mean >= target]
+        ok = [c for c in configs if c.method == method and within(c)]
         if ok:
             c = min(ok, key=lambda c: c.serving_bytes)
             smallest[method] = {"budget": c.budget, "serving_bytes": c.serving_bytes, "mean": c.mean,
                                 "ratio_vs_uniform": smallest_uniform / c.serving_bytes}
     winner_method, winner = min(smallest.items(), key=lambda kv: kv[1]["serving_bytes"])
-    statement = (f"uniform rises with width (best {best.mean:.4f} at budget {best.budget:g}, {rise:+.4f} over the "
-                 f"narrowest); the smallest plan within {tol:.4f} of it is {winner_method} at budget "
-                 f"{winner['budget']:g}: {_mb(winner['serving_bytes'])}, {winner['ratio_vs_uniform']:.2f}x fewer "
+    statement = (f"uniform improves with width (best test {label} {best.mean:.4f} at budget {best.budget:g}, "
+                 f"{gain:.4f} better than the narrowest); the smallest plan within {tol:.4f} of it is "
+                 f"{winner_method} at budget {winner['budget']:g}: {_mb(winner['serving_bytes'])}, "
+                 f"{winner['ratio_vs_uniform']:.2f}x fewer "
                  f"serving bytes than the smallest uniform within the tolerance")
     return Claim(True, statement, tol, best.mean, smallest)
 
@@ -107,18 +116,30 @@ def planted_comparison(configs: list[Config], planted: dict[str, Any], split: st
     }
 
 
+def metric_of(points: list[dict[str, Any]]) -> tuple[str, bool]:
+    """(the points' metric, whether lower is better); points written before the direction was
+    recorded are AUC's, higher is better."""
+    found = {(p.get("metric", "auc"), bool(p.get("lower_is_better", False))) for p in points if "error" not in p}
+    if len(found) > 1:
+        raise DataError(f"sweep points: mixed metrics {sorted(found)}; one sweep compares one metric")
+    return found.pop() if found else ("auc", False)
+
+
 def report(points: list[dict[str, Any]], planted: dict[str, Any] | None,
            min_tolerance: float = MIN_TOLERANCE) -> dict[str, Any]:
     configs, errors = aggregate(points)
-    out: dict[str, Any] = {"metric": "test_auc", "configs": [asdict(c) for c in configs], "errors": errors,
-                           "claim": asdict(claim(configs, min_tolerance))}
+    metric, lower = metric_of(points)
+    out: dict[str, Any] = {"metric": f"test_{metric}", "lower_is_better": lower,
+                           "configs": [asdict(c) for c in configs], "errors": errors,
+                           "claim": asdict(claim(configs, min_tolerance, metric, lower))}
     if planted:
         out["planted"] = planted_comparison(configs, planted)
     return out
 
 
 def markdown(rep: dict[str, Any], title: str) -> str:
-    lines = [f"# {title}", "", "| method | budget | serving bytes | test AUC (mean ± std) | seeds |",
+    label = metric_label(rep.get("metric", "test_auc").removeprefix("test_"))
+    lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |",
              "| --- | ---: | ---: | --- | ---: |"]
     for c in rep["configs"]:
         lines.append(f"| {c['method']} | {c['budget']:g} | {c['serving_bytes']:,.0f} | "
@@ -141,7 +162,7 @@ def markdown(rep: dict[str, Any], title: str) -> str:
 
 
 def plot(rep: dict[str, Any], title: str, path: Path) -> None:
-    """Test AUC against serving bytes (log x), error bars over seeds, a line per method."""
+    """The test metric against serving bytes (log x), error bars over seeds, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,20 +174,26 @@ def plot(rep: dict[str, Any], title: str, path: Path) -> None:
         ax.errorbar([c["serving_bytes"] for c in cs], [c["mean"] for c in cs], yerr=[c["std"] for c in cs],
                     marker="o", capsize=3, label=method, linewidth=2 if method == "uniform" else 1)
     claimed = rep["claim"]
+    lower = rep.get("lower_is_better", False)
     if claimed["rises"]:
-        ax.axhline(claimed["best_uniform"] - claimed["tolerance"], color="grey", linestyle=":",
-                   label="best uniform - tolerance")
+        ax.axhline(claimed["best_uniform"] + (1 if lower else -1) * claimed["tolerance"], color="grey",
+                   linestyle=":", label=f"best uniform {'+' if lower else '-'} tolerance")
     if "planted" in rep:
         ax.axhline(rep["planted"]["bayes_auc"], color="black", linestyle="--", label="Bayes AUC")
     ax.set_xscale("log")
     ax.set_xlabel("serving embedding bytes (fp32; PEP lottery: non-zeros)")
-    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_ylabel(f"test {metric_label(rep.get('metric', 'test_auc').removeprefix('test_'))} (mean ± std over seeds)"
+                  + (", lower is better" if lower else ""))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def metric_label(metric: str) -> str:
+    return "AUC" if metric == "auc" else metric.upper() if metric in ("mse", "rmse") else metric
 
 
 def _mb(n: float) -> str:

@@ -24,6 +24,7 @@ from ray import tune
 from embshard.cluster import console
 from embshard.cluster.launch import init_ray, worker_error
 from embshard.cluster.sweep_plan import SweepSpec
+from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, location
@@ -123,7 +124,8 @@ class _TrialLine(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         points = json.loads((trial.last_result or {}).get("points", "[]"))
-        shown = ", ".join(f"budget {p['budget']:g}: " + (f"AUC {p['value']:.4f}" if "value" in p else p["error"])
+        shown = ", ".join(f"budget {p['budget']:g}: "
+                          + (f"{metric_label(p['metric'])} {p['value']:.4f}" if "value" in p else p["error"])
                           for p in points)
         print(f"trial {trial.config['trial']['method']} seed {trial.config['trial']['seed']}: {shown}",
               file=sys.stderr, flush=True)

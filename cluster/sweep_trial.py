@@ -5,7 +5,8 @@ Every run goes through the same driver steps as `embshard train` (`plan_for_trai
 method seam plans. A trial's runs live in `<sweep>/runs/<trial key>/<run>`; a trial that Tune
 restarts after a kill re-enters those folders and resumes each run from its newest checkpoint.
 
-A point: method, budget, seed, test AUC (`value`), serving parameters and bytes (fp32), and per
+A point: method, budget, seed, the arch's primary test metric (`metric`, `value`, and
+`lower_is_better`: MSE is, AUC is not), serving parameters and bytes (fp32), and per
 sparse feature the width the plan gave its most popular rows (`widths`); or an `error` saying
 why there is no point (an MDE budget below its floor, a PEP target the prune run never reached).
 """
@@ -33,6 +34,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import PlanError
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
+from embshard.trainer.evaluate import lower_is_better
 from embshard.trainer.pep import LotteryTicket
 from embshard.typed_config import from_dict
 
@@ -110,11 +112,13 @@ def _decisions_plan(prune: JobConfig, spec: DatasetSpec, decisions: Path) -> Dim
 
 def _point(trial: Trial, budget: float, summary: dict[str, Any] | None = None, params: int | None = None,
            plan: DimensionPlan | None = None, error: str | None = None) -> Point:
-    point: Point = {"method": trial.method, "budget": budget, "seed": trial.seed, "metric": "auc"}
+    point: Point = {"method": trial.method, "budget": budget, "seed": trial.seed}
     if error is not None:
         return {**point, "error": error}
     assert summary is not None and params is not None and plan is not None
-    return {**point, "value": summary["test_auc"], "valid_auc": summary["valid_auc"],
+    metric = summary["test_primary"]
+    return {**point, "metric": metric, "lower_is_better": lower_is_better(metric),
+            "value": summary[f"test_{metric}"], "valid_value": summary[f"valid_{metric}"],
             "serving_params": params, "serving_bytes": params * FP32_BYTES, "widths": widths(plan),
             "steps": summary["steps"]}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from embshard.datasets.convert import DEFAULT_MIN_COUNT, KINDS, SPLIT_KINDS, convert
 from embshard.datasets.planted import DEFAULT_RANK_RANGE, synthesize_planted
 from embshard.datasets.profile import Profile, load_profile, write_profile
+from embshard.datasets.schema import TARGETS
 from embshard.datasets.synth import DEFAULT_MAX_CARDINALITY, MLPERF_MULTI_HOT_SIZES, synthesize
 from embshard.errors import DataError
 
@@ -71,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "leave-last (per user: last rating test, the one before valid; movielens), "
                            "u1..u5, ua, ub (ML-100K's own base/test files; valid = latest tenth of base)")
     conv.add_argument("--seed", type=int, default=0, help="seed of --split random (default %(default)s)")
+    conv.add_argument("--target", choices=TARGETS, default="click",
+                      help="click (default): 0/1 labels; rating (movielens): every rating, 3s included, "
+                           "is the label, and only userId and movieId are kept (matrix factorisation, "
+                           "model.arch mf)")
     conv.add_argument("--dedup-key", metavar="COLUMN",
                       help="criteo/avazu: keep only the first row of each value of COLUMN (e.g. avazu's "
                            "id, when input files overlap)")
@@ -127,7 +132,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     convert(args.kind, args.src, args.out, min_count=args.min_count, split=args.split, seed=args.seed,
-            dedup_key=args.dedup_key, strict=args.strict, overwrite=args.overwrite)
+            dedup_key=args.dedup_key, strict=args.strict, overwrite=args.overwrite, target=args.target)
     _report(load_profile(args.out))
     return 0
 

@@ -46,6 +46,9 @@ def part_name(index: int) -> str:
 
 
 ROLES = ("query", "item", "")
+# What `label` holds: "click", 0 or 1 (a click, or a rating above / below neutral), or "rating",
+# the raw rating itself (a regression target, e.g. for matrix factorisation).
+TARGETS = ("click", "rating")
 ITEMS_DIR = "items"
 
 
@@ -93,6 +96,7 @@ class DatasetSpec:
     planted: dict[str, Any] = field(default_factory=dict)
     # The item catalog, when the dataset has one (MovieLens); None in datasets without items.
     catalog: ItemCatalog | None = None
+    target: str = "click"  # one of TARGETS; datasets written before it was recorded are click data
     version: int = SPEC_VERSION
 
     @property
@@ -143,6 +147,8 @@ class DatasetSpec:
                                   "catalog": ItemCatalog(**catalog) if catalog is not None else None})
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: malformed dataset spec ({e})") from None
+        if spec.target not in TARGETS:
+            raise DataError(f"{where}: target {spec.target!r} (one of {', '.join(TARGETS)})")
         for f in spec.sparse:
             if f.role not in ROLES:
                 raise DataError(f"{where}: sparse feature {f.name!r}: role {f.role!r} (one of query, item, or \"\")")

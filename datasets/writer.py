@@ -245,11 +245,13 @@ class DatasetWriter:
                 w.writer = None
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def summary(self, name: str, skipped: int = 0) -> str:
+    def summary(self, name: str, skipped: int = 0, target: str = "click") -> str:
+        """target "rating": the labels are ratings, so their sum gives the mean rating, not a share."""
         rows = {s: st.rows for s, st in self.stats.items()}
         total = sum(rows.values())
         positives = sum(st.positives for st in self.stats.values())
         share = positives / total if total else 0.0
         parts = ", ".join(f"{s} {n:,}" for s, n in rows.items())
-        line = f"{name}: {total:,} rows ({parts}), positives {share:.1%}"
+        labels = f"mean rating {share:.3f}" if target == "rating" else f"positives {share:.1%}"
+        line = f"{name}: {total:,} rows ({parts}), {labels}"
         return line + (f", skipped {skipped:,} malformed lines" if skipped else "")

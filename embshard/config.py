@@ -5,7 +5,8 @@ YAML files in `configs/` are validated into `JobConfig` by `embshard.typed_confi
 the field (`train.batch_size: expected an integer, got 'abc'`). Each section is read by exactly one
 component: `data` by the reader, `model` by the model builder, `embeddings` by the planner (through
 the run's method, `trainer/methods.py`), `sharding` by the shard planner, `train` by the loop,
-`metrics`/`checkpoint` by their components, `pep`/`autodim` by those methods.
+`metrics`/`checkpoint` by their components, `pep`/`autodim` by those methods, `sweep` by
+`embshard sweep` (its defaults: a paper's setting in configs/papers/ carries its own).
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # A built-in (dlrm, dlrm_dcn, two_tower) or a user's "package.module:attr" that every Ray
+    # A built-in (dlrm, dlrm_dcn, two_tower, mf) or a user's "package.module:attr" that every Ray
     # worker can import (trainer/models/ says what it may name).
     arch: str = "dlrm"
     options: dict[str, Any] = field(default_factory=dict)  # the arch's own keys; each arch checks its own
@@ -416,6 +417,48 @@ class ClusterConfig:
             raise ConfigError(f"max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
 
 
+# What `embshard sweep` compares: each a method, "X+mlet" a method's plan trained with MLET.
+SWEEP_METHODS = ("uniform", "mde", "mlet", "pep", "autodim", "mde+mlet", "pep+mlet", "autodim+mlet")
+
+
+def check_methods(methods: list[str], where: str) -> None:
+    """`where`: how the user named the list (`--methods`, or the config key)."""
+    if not methods:
+        raise ConfigError(f"{where}: empty; give some of " + ",".join(SWEEP_METHODS))
+    for m in methods:
+        if m not in SWEEP_METHODS:
+            raise ConfigError(f"{where}: unknown method {m!r} (known: {', '.join(SWEEP_METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"{where}: a method is named twice in {','.join(methods)}")
+
+
+def check_budgets(budgets: list[float], where: str) -> None:
+    if not budgets:
+        raise ConfigError(f"{where}: empty; give fractions of the base model's serving parameters, e.g. 0.25,0.5,1")
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ConfigError(f"{where}: {b:g} is outside (0, 1] (a fraction of the base model's serving parameters)")
+    if len(set(budgets)) != len(budgets):
+        raise ConfigError(f"{where}: a budget is named twice in {','.join(f'{b:g}' for b in budgets)}")
+
+
+@dataclass
+class SweepConfig:
+    """`embshard sweep`'s defaults; its --methods, --budgets and --seeds flags override them."""
+
+    methods: list[str] = field(default_factory=lambda: ["uniform", "mde"])  # of SWEEP_METHODS
+    # Fractions of the serving parameters of the uniform model at embeddings.dim, in (0, 1].
+    budgets: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    seeds: int = 3  # seeds per method and budget: 0..seeds-1
+
+    def __post_init__(self) -> None:
+        check_methods(self.methods, "methods")
+        check_budgets(self.budgets, "budgets")
+        self.budgets = sorted(self.budgets)
+        if self.seeds < 1:
+            raise ConfigError(f"seeds: must be >= 1, got {self.seeds}")
+
+
 @dataclass
 class JobConfig:
     name: str = "embshard"  # the `job` label on every metric; names the Ray Train run
@@ -431,6 +474,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # DCP checkpoints and resuming
     pep: PepConfig | None = None  # read by the PEP methods (embshard prune pep, lottery retrain)
     autodim: AutodimConfig | None = None  # read by the AutoDim method (embshard search autodim)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `embshard sweep` only
 
     def __post_init__(self) -> None:
         if "://" in self.output_dir:

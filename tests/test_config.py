@@ -12,7 +12,7 @@ from embshard.config import JobConfig, load_job_config
 from embshard.errors import ConfigError
 from embshard.typed_config import from_dict
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))  # papers/ too
 RUNTIME = ("torch", "torchrec", "ray", "prometheus_client", "fbgemm_gpu")
 
 

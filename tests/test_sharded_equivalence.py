@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import profiled_synth
 from distributed import run_ranks
+from movielens_fixture import write_ml1m_like
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec import EmbeddingBagCollection
@@ -28,6 +29,7 @@ from torchrec.distributed.types import ParameterSharding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, ModelConfig, TrainConfig
+from embshard.datasets.convert import convert
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import PlanBundle, make_plan, plan_with
@@ -201,3 +203,22 @@ def test_dcn_with_per_feature_widths_sharded_step_equals_unsharded(dataset: Path
     widths = {plan.output_dim(t) for t in plan.tables}
     assert len(widths) > 1  # features really reach the cross net at different widths
     assert_sharded_equals_unsharded(dataset, tmp_path, embeddings, arch="dlrm_dcn")
+
+
+@pytest.fixture(scope="module")
+def ratings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MovieLens-shaped ratings as matrix factorisation reads them: userId, movieId, the rating."""
+    root = tmp_path_factory.mktemp("equiv-mf")
+    src = write_ml1m_like(root / "ml", users=100, movies=60, per_user=12, seed=4)
+    convert("movielens", src, root / "data", target="rating", split="random", min_count=1)
+    return root / "data"
+
+
+@pytest.mark.slow
+def test_mf_over_mde_within_sharded_step_equals_unsharded(ratings: Path, tmp_path: Path) -> None:
+    """mf (dot product + data-parallel biases) over MDE within tables, the paper's MovieLens setting."""
+    embeddings = EmbeddingsConfig(policy="mde", dim=16, min_dim=4, mde=MdeConfig(mode="within", blocks=2, alpha=0.5))
+    plan = make_plan(embeddings, ratings, TopologySpec(world_size=WORLD), tmp_path / "probe",
+                     batch_size=BATCH, optimizer="sgd").dimension_plan
+    assert any(b.dim < plan.base_dim for t in plan.tables for b in t.blocks)
+    assert_sharded_equals_unsharded(ratings, tmp_path, embeddings, arch="mf")

@@ -4,6 +4,7 @@ planted comparison; and the sweep's bad-input lines."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
 from embshard.cluster.sweep_plan import SweepSpec, parse_budgets, parse_methods, planned_run, uniform_width
 from embshard.cluster.sweep_report import aggregate, claim, markdown, planted_comparison, report
-from embshard.config import EmbeddingsConfig, JobConfig
+from embshard.config import EmbeddingsConfig, JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import ConfigError, DataError
 
@@ -52,6 +53,51 @@ def test_claim_names_the_smallest_plan_when_uniform_rises():
     assert c.smallest["uniform"]["serving_bytes"] == 4000
     assert c.smallest["mde"]["serving_bytes"] == 2000 and c.smallest["mde"]["ratio_vs_uniform"] == pytest.approx(2)
     assert "mde at budget 0.5" in c.statement and "2.00x" in c.statement
+
+
+def mse_point(method: str, budget: float, seed: int, value: float, nbytes: int):
+    return {**point(method, budget, seed, value, nbytes), "metric": "mse", "lower_is_better": True}
+
+
+def falling_mse() -> list[dict]:
+    # uniform's test MSE falls 0.95 -> 0.90 -> 0.87 with width; mde reaches 0.8705 at 2000 bytes,
+    # mlet stays at 0.89 (worse than best + tolerance) even at 4000.
+    pts = []
+    for seed, jitter in ((0, -0.0002), (1, 0.0002)):
+        pts += [mse_point("uniform", 0.25, seed, 0.95 + jitter, 1000),
+                mse_point("uniform", 0.5, seed, 0.90 + jitter, 2000),
+                mse_point("uniform", 1.0, seed, 0.87 + jitter, 4000),
+                mse_point("mde", 0.25, seed, 0.92 + jitter, 1000), mse_point("mde", 0.5, seed, 0.8705 + jitter, 2000),
+                mse_point("mlet", 1.0, seed, 0.89 + jitter, 4000)]
+    return pts
+
+
+def test_a_lower_is_better_metric_claims_the_plan_not_above_best_plus_tolerance(tmp_path):
+    rep = report(falling_mse(), None)
+    assert rep["metric"] == "test_mse" and rep["lower_is_better"] is True
+    c = rep["claim"]
+    assert c["rises"] is True and c["best_uniform"] == pytest.approx(0.87)
+    assert c["smallest"]["uniform"]["serving_bytes"] == 4000
+    mde = c["smallest"]["mde"]
+    assert mde["serving_bytes"] == 2000 and mde["ratio_vs_uniform"] == pytest.approx(2)
+    assert "mlet" not in c["smallest"]  # 0.89 > 0.87 + 0.001
+    assert "test MSE 0.8700" in c["statement"] and "mde at budget 0.5" in c["statement"]
+    assert "| test MSE (mean ± std) |" in markdown(rep, "t")
+    paths = write_report(rep, "mse", tmp_path, "mse")
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rising_mse_is_width_not_helping():
+    # Wider tables overfit: MSE rises with width, so uniform does not improve and no ratio is named.
+    pts = [mse_point("uniform", b, s, 0.85 + 0.05 * b, int(4000 * b)) for b in (0.25, 0.5, 1.0) for s in (0, 1)]
+    c = report(pts, None)["claim"]
+    assert c["rises"] is False and not c["smallest"]
+    assert "improves test MSE by" in c["statement"]
+
+
+def test_points_of_two_metrics_are_refused():
+    with pytest.raises(DataError, match="mixed metrics"):
+        report(rising() + falling_mse(), None)
 
 
 def test_claim_refuses_a_ratio_when_width_does_not_matter():
@@ -114,6 +160,41 @@ def test_parse_methods_and_budgets():
     with pytest.raises(ConfigError, match="outside"):
         parse_budgets("0.5,1.5")
     assert parse_budgets("1,0.25") == [0.25, 1.0]
+
+
+def test_a_configs_sweep_section_is_validated_naming_the_key(tmp_path):
+    cfg = load_job_config(REPO / "configs" / "papers" / "mde-mf-movielens.yaml")
+    assert cfg.sweep.methods == ["uniform", "mde", "mlet"] and cfg.sweep.seeds == 3
+    assert cfg.sweep.budgets == sorted(cfg.sweep.budgets) and cfg.sweep.budgets[-1] == 1
+    assert cfg.model.arch == "mf" and cfg.embeddings.mde.mode == "within"
+    assert JobConfig().sweep.methods == ["uniform", "mde"]  # a config without the section
+    for override, expected in (("sweep.methods=[uniform,mdx]", "sweep.methods: unknown method 'mdx'"),
+                               ("sweep.budgets=[0.5,2]", "sweep.budgets: 2 is outside (0, 1]"),
+                               ("sweep.budgets=[]", "sweep.budgets: empty"),
+                               ("sweep.seeds=0", "sweep.seeds: must be >= 1"),
+                               ("sweep.seed=2", "sweep.seed: unknown field")):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_job_config(REPO / "configs" / "default.yaml", [override])
+
+
+def test_sweep_flags_default_to_the_config_and_override_it(tmp_path, monkeypatch):
+    from embshard.cluster import sweep_cli
+
+    seen = []
+    monkeypatch.setattr(sweep_cli, "check_trials", lambda cfg, spec, data: seen.append(spec) or _stop())
+    data = tmp_path / "data"
+    from embshard.datasets.synth import synthesize
+
+    synthesize(data, rows=200, seed=0, max_cardinality=50)
+    base = ["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}",
+            "--set", "sweep.methods=[uniform,mlet]", "--set", "sweep.budgets=[0.5,1]", "--set", "sweep.seeds=2"]
+    assert main(base) == 2
+    assert main([*base, "--methods", "mde", "--seeds", "1"]) == 2
+    assert seen == [SweepSpec(["uniform", "mlet"], [0.5, 1.0], 2), SweepSpec(["mde"], [0.5, 1.0], 1)]
+
+
+def _stop():
+    raise ConfigError("stopped before Ray")
 
 
 def test_trials_and_budget_knobs(tmp_path):

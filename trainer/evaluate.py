@@ -1,5 +1,5 @@
-"""Validation results, and the pointwise CTR evaluation (AUC and logloss gathered from every rank)
-that `ModelArch.evaluate` defaults to."""
+"""Validation results, the pointwise CTR evaluation (AUC and logloss gathered from every rank)
+that `ModelArch.evaluate` defaults to, and the regression one (MSE, RMSE) of rating models."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from torchmetrics.functional.classification import binary_auroc
 
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.errors import DataError
+
+# Metrics where a smaller value is the better model; every other metric (AUC, recall@K) is better
+# higher. A sweep ranks its plans by its primary metric in this direction.
+LOWER_IS_BETTER = frozenset({"mse", "rmse", "logloss"})
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER
 
 
 @dataclass(frozen=True)
@@ -49,25 +57,45 @@ def evaluate_pointwise(
     max_batches: int | None = None,
 ) -> EvalResult:
     """AUC and logloss of `model` (a `TrainModel`, sharded or not: batch -> (loss, logits [B]))."""
+    all_logits, all_labels = pointwise_outputs(model, reader, device, max_batches)
+    auc = binary_auroc(torch.sigmoid(all_logits), all_labels.long()).item()
+    logloss = F.binary_cross_entropy_with_logits(all_logits, all_labels).item()
+    return EvalResult({"auc": auc, "logloss": logloss}, "auc", len(all_labels))
+
+
+@torch.no_grad()
+def evaluate_regression(
+    model: torch.nn.Module,
+    reader: ParquetBatchReader,
+    device: torch.device,
+    max_batches: int | None = None,
+) -> EvalResult:
+    """MSE (primary) and RMSE of `model`'s predictions [B] against the labels (ratings)."""
+    predictions, labels = pointwise_outputs(model, reader, device, max_batches)
+    mse = F.mse_loss(predictions, labels).item()
+    return EvalResult({"mse": mse, "rmse": mse**0.5}, "mse", len(labels))
+
+
+def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device: torch.device,
+                      max_batches: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [N], labels [N]) of every row of `reader`'s split on every rank, on CPU."""
     was_training = model.training
     model.eval()
-    logits, labels = [], []
+    outputs, labels = [], []
     for i, batch in enumerate(reader):
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(device)
         _, output = model(batch)
-        logits.append(output.float())
+        outputs.append(output.float())
         labels.append(batch.labels)
     model.train(was_training)
-    local_logits = torch.cat(logits) if logits else torch.empty(0, device=device)
+    local_outputs = torch.cat(outputs) if outputs else torch.empty(0, device=device)
     local_labels = torch.cat(labels) if labels else torch.empty(0, device=device)
-    all_logits, all_labels = gather_rows(local_logits), gather_rows(local_labels)
+    all_outputs, all_labels = gather_rows(local_outputs), gather_rows(local_labels)
     if len(all_labels) == 0:
         raise DataError(f"{reader.split_path}: no rows to evaluate on")
-    auc = binary_auroc(torch.sigmoid(all_logits), all_labels.long()).item()
-    logloss = F.binary_cross_entropy_with_logits(all_logits, all_labels).item()
-    return EvalResult({"auc": auc, "logloss": logloss}, "auc", len(all_labels))
+    return all_outputs, all_labels
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from embshard.datasets.convert.movielens import OFFICIAL_SPLITS, convert_moviele
 from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
 from embshard.datasets.outdir import check_output
-from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.schema import TARGETS, DatasetSpec
 from embshard.datasets.storage import location
 from embshard.errors import DataError
 
@@ -48,11 +48,13 @@ DEFAULT_MIN_COUNT = 2
 
 def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | Path, *,
             min_count: int = DEFAULT_MIN_COUNT, split: str = "time", seed: int = 0,
-            dedup_key: str | None = None, strict: bool = False, overwrite: bool = False) -> DatasetSpec:
+            dedup_key: str | None = None, strict: bool = False, overwrite: bool = False,
+            target: str = "click") -> DatasetSpec:
     """`src`: criteo/avazu take files and folders (read in order as one log, see inputs.py), and
     `dedup_key` keeps only the first row of each value of that column; movielens takes one folder.
     strict=True turns the first malformed input line into a DataError instead of skipping it;
-    overwrite=True lets a complete new dataset replace the one in a non-empty `out_dir`. Prints
+    overwrite=True lets a complete new dataset replace the one in a non-empty `out_dir`. target:
+    "click" (0/1 labels) or, for movielens, "rating" (every rating as the label). Prints
     a summary and the share of OOV ids per split and feature (also in dataset.json)."""
     sources = [Path(src)] if isinstance(src, (str, Path)) else [Path(s) for s in src]
     if not sources:
@@ -64,6 +66,10 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
     if kind != "movielens" and split in (*USER_SPLITS, *OFFICIAL_SPLITS):
         what = "needs a user column" if split in USER_SPLITS else "is MovieLens-100K's own split"
         raise DataError(f"split {split!r} {what}: {kind} has none; use --split time or random")
+    if target not in TARGETS:
+        raise DataError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
+    if kind != "movielens" and target != "click":
+        raise DataError(f"target {target!r}: {kind} logs hold clicks, not ratings; only movielens has it")
     if kind == "movielens" and (len(sources) > 1 or dedup_key is not None):
         raise DataError("movielens: give one release folder (several inputs and --dedup-key are for "
                         "criteo and avazu)")
@@ -77,7 +83,7 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
         files = resolve_inputs(sources, kind)
         spec, summary = convert_text(avazu.text_format(files), files, out_dir, dedup_key=dedup_key, **options)
     elif kind == "movielens":
-        spec, summary = convert_movielens(sources[0], out_dir, **options)
+        spec, summary = convert_movielens(sources[0], out_dir, target=target, **options)
     else:
         raise DataError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
     print(summary)

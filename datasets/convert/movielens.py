@@ -1,7 +1,10 @@
 """MovieLens ratings as click-style data, for ml-100k, ml-1m (and ml-10m) and ml-20m/25m layouts.
 
-Label: rating >= 4 -> 1, rating <= 2 -> 0; ratings in between (3, and 2.5/3.5 in half-star
-releases) are dropped as neutral. The raw rating stays in the `rating` extra column. Rows are
+Target `click` (default): label rating >= 4 -> 1, rating <= 2 -> 0; ratings in between (3, and
+2.5/3.5 in half-star releases) are dropped as neutral. Target `rating`: every rating, 3s included,
+is the label itself (a regression target), and the only features are userId and movieId: the
+rating matrix of matrix factorisation (MDE's own MovieLens setting). Either way the raw rating
+stays in the `rating` extra column. Rows are
 sorted by timestamp (stable) and split by `split_plan`. Features, where the release has them: userId,
 movieId, gender, age, occupation, zip, year (from the title or release date) and genres (multi-hot).
 Ids by train frequency, unknown id 0 (see vocab.py); a rating whose movie has no genres gets an
@@ -63,14 +66,14 @@ class Release:
 
 
 def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: str, seed: int,
-                      strict: bool, overwrite: bool) -> tuple[DatasetSpec, str]:
+                      strict: bool, overwrite: bool, target: str = "click") -> tuple[DatasetSpec, str]:
     malformed = Malformed(src, strict)
     release = load_release(src, malformed, official=split if split in OFFICIAL_SPLITS else None)
-    table = _labelled(release)
+    table = _labelled(release, target)
     n = table.num_rows
     if n == 0:
-        raise DataError(f"{src}: no ratings left after dropping neutral ones")
-    features = _features(release, table)
+        raise DataError(f"{src}: no ratings" + ("" if target == "rating" else " left after dropping neutral ones"))
+    features = _features(release, table, target)
     plan = split_plan(table, split, seed)
     train = pa.array(plan.codes(np.arange(n)) == TRAIN)
     sparse, encoded, vocabs = [], {}, {}
@@ -82,6 +85,8 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
         vocab = vocabs[name] = builder.build(min_count)
         sparse.append(SparseFeature(name, vocab.cardinality, multi_hot, ROLES.get(name, "")))
         encoded[name] = _encode(vocab, values)
+    movie_features = [f for f in MOVIE_FEATURES if f in features]
+    labelled = "label = the rating (all ratings)" if target == "rating" else "rating>=4 positive, <=2 negative"
     described = SPLITS_DESCRIBED.get(split, f"split by {split}.base/{split}.test, valid = the latest "
                                             f"1/{VALID_SHARE_OF_BASE} of {split}.base")
     if split == "random":
@@ -91,22 +96,22 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
         dense=[],
         sparse=sparse,
         extra=["rating", ITEM_FREQUENCY],
-        source=f"movielens:{src} ({release.name}, min_count={min_count}, rating>=4 positive, "
-               f"<=2 negative, {described})",
+        source=f"movielens:{src} ({release.name}, min_count={min_count}, {labelled}, {described})",
         split=split,
-        catalog=ItemCatalog(ITEM_ID, MOVIE_FEATURES, vocabs[ITEM_ID].cardinality),
+        catalog=ItemCatalog(ITEM_ID, movie_features, vocabs[ITEM_ID].cardinality),
+        target=target,
     )
     schema = spec.arrow_schema().append(pa.field("rating", pa.float32())).append(
         pa.field(ITEM_FREQUENCY, pa.float32()))
-    positives = (table["label"].to_numpy() == 1) & train.to_numpy(zero_copy_only=False)
+    positives = (table["rating"].to_numpy() >= 4) & train.to_numpy(zero_copy_only=False)
     frequency = _item_frequency(encoded[ITEM_ID].to_numpy(), positives, vocabs[ITEM_ID].cardinality)
     out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"], ITEM_FREQUENCY: frequency})
     with DatasetWriter(out_dir, schema, overwrite=overwrite, total_rows=n,
                        desc=f"{release.name}: writing", oov_features=spec.sparse_names) as writer:
         writer.write_ordered(out, np.arange(n), plan)
-        writer.write_catalog(_catalog(release.movies, vocabs), spec.catalog_arrow_schema())
+        writer.write_catalog(_catalog(release.movies, vocabs, movie_features), spec.catalog_arrow_schema())
         spec = writer.finish(spec, source=str(src), skipped=malformed.count)
-    return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count)
+    return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count, target=target)
 
 
 def _encode(vocab: Vocabulary, values: pa.Array) -> pa.Array:
@@ -123,7 +128,7 @@ def _item_frequency(items: np.ndarray, positives: np.ndarray, cardinality: int) 
     return pa.array(share[items].astype(np.float32))
 
 
-def _catalog(movies: pa.Table, vocabs: dict[str, Vocabulary]) -> pa.Table:
+def _catalog(movies: pa.Table, vocabs: dict[str, Vocabulary], features: list[str]) -> pa.Table:
     """One row per movieId id, in id order. Id 0 stands for every movie too rare or unseen in
     train, so it gets no year or genres of any one of them: unknown year, no genres."""
     cardinality = vocabs[ITEM_ID].cardinality
@@ -137,7 +142,7 @@ def _catalog(movies: pa.Table, vocabs: dict[str, Vocabulary]) -> pa.Table:
     row_of[ids[known]] = known
     picked = movies.take(pa.array(row_of))
     columns = {ITEM_ID: pa.array(np.arange(cardinality, dtype=np.int64))}
-    columns.update({name: _encode(vocabs[name], _array(picked[name])) for name in MOVIE_FEATURES})
+    columns.update({name: _encode(vocabs[name], _array(picked[name])) for name in features})
     return pa.table(columns)
 
 
@@ -271,25 +276,27 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
     return table
 
 
-def _labelled(release: Release) -> pa.Table:
+def _labelled(release: Release, target: str) -> pa.Table:
     r = release.ratings
     rating = pc.cast(r["rating"], pa.float32()).to_numpy()
-    keep = (rating >= 4) | (rating <= 2)
+    keep = np.ones(len(rating), bool) if target == "rating" else (rating >= 4) | (rating <= 2)
     timestamp = pc.cast(r["timestamp"], pa.int64()).to_numpy()[keep]
     order = np.flatnonzero(keep)[np.argsort(timestamp, kind="stable")]
     columns = {
         "userId": r["userId"].take(order),
         "movieId": r["movieId"].take(order),
         "rating": pa.array(rating[order]),
-        "label": pa.array((rating[order] >= 4).astype(np.float32)),
+        "label": pa.array(rating[order] if target == "rating" else (rating[order] >= 4).astype(np.float32)),
     }
     if "official" in r.column_names:
         columns["official"] = r["official"].take(order)
     return pa.table(columns)
 
 
-def _features(release: Release, table: pa.Table) -> dict[str, pa.Array]:
+def _features(release: Release, table: pa.Table, target: str) -> dict[str, pa.Array]:
     features: dict[str, pa.Array] = {"userId": table["userId"], "movieId": table["movieId"]}
+    if target == "rating":
+        return {name: _array(values) for name, values in features.items()}
     if release.users is not None:
         at = pc.index_in(table["userId"], value_set=release.users["userId"])
         features.update({f: release.users[f].take(at) for f in USER_FEATURES})

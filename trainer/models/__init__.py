@@ -15,6 +15,7 @@ _BUILTIN = {
     "dlrm": "embshard.trainer.models.dlrm:DlrmArch",
     "dlrm_dcn": "embshard.trainer.models.dcn:DlrmDcnArch",
     "two_tower": "embshard.trainer.models.two_tower:TwoTowerArch",
+    "mf": "embshard.trainer.models.mf:MfArch",
 }
 
 

@@ -37,6 +37,9 @@ class ModelArch:
     # records it so the memory report counts only the projections that exist.
     uniform_width: bool = True
     options: tuple[str, ...] = ()  # the `model.options` keys this arch takes
+    # What the dataset's labels must be (dataset.json `target`): a BCE model on ratings 1-5, or a
+    # regression on 0/1 clicks, would train without an error and mean nothing.
+    targets: tuple[str, ...] = ("click",)
 
     def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
         """ConfigError for a config this arch cannot train (the driver calls it before planning)."""
@@ -44,6 +47,9 @@ class ModelArch:
         if unknown:
             valid = ", ".join(self.options) or "none"
             raise ConfigError(f"model.options.{unknown[0]}: not an option of model.arch {self.name!r} (valid: {valid})")
+        if spec.target not in self.targets:
+            raise ConfigError(f"model.arch {self.name!r}: dataset {spec.name!r} ({cfg.data.path}) has {spec.target!r} "
+                              f"labels; this arch trains on {' or '.join(map(repr, self.targets))} labels")
 
     def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
               device: torch.device | None) -> nn.Module:
