@@ -34,7 +34,7 @@ def test_scaling_quick(tmp_path):
         # --quick runs 2 interleaved pairs; the ratio is the median of the per-pair ratios.
         tr, es = p["torchrec"]["samples_per_s_per_pass"], p["embshard"]["samples_per_s_per_pass"]
         assert len(tr) == len(es) == len(p["pair_ratios"]) == 2
-        assert p["pair_ratios"] == pytest.approx([e / t for t, e in zip(tr, es)], abs=1e-3)
+        assert p["pair_ratios"] == pytest.approx([e / t for t, e in zip(tr, es, strict=True)], abs=1e-3)
         assert p["ratio"] == pytest.approx(statistics.median(p["pair_ratios"]), abs=1e-3)
         assert p["ratio_min"] == min(p["pair_ratios"]) and p["ratio_max"] == max(p["pair_ratios"])
         low, high = p["load_avg_1m"]
@@ -42,7 +42,7 @@ def test_scaling_quick(tmp_path):
         assert p["foreseen_step_bytes_per_rank"] > 0
         for side in ("torchrec", "embshard"):
             assert len(p[side]["peak_rss_per_rank"]) == len(p[side]["step_peak_above_built_per_rank"]) == 2
-            assert all(b <= k for b, k in zip(p[side]["built_rss_per_rank"], p[side]["peak_rss_per_rank"]))
+            assert all(b <= k for b, k in zip(p[side]["built_rss_per_rank"], p[side]["peak_rss_per_rank"], strict=True))
         assert p["embshard"]["planned_within_5pct"], p["embshard"]
     collapse = points[-1]["embshard"]["collapse"]
     assert collapse["no_foreign_gather"] and collapse["checkpoint_bytes"] > 0
