@@ -2,7 +2,8 @@
 
 The driver plans (it has the dataset profile), writes `plan.json` into the run folder, and every
 worker trains exactly that plan. Ray Train's TorchTrainer starts the workers and their
-torch.distributed process group (gloo on CPU, nccl on GPU); its FailureConfig restarts the group.
+torch.distributed process group (gloo on CPU, nccl on GPU); its FailureConfig restarts the group
+after a worker dies, but not after bad input (see fatal.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from embshard.cluster import console
+from embshard.cluster import console, fatal
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c
 from embshard.cluster.resume_config import reconcile
 from embshard.config import JobConfig
@@ -116,8 +117,15 @@ def _worker_entry(config: dict[str, Any]) -> None:
     # Runs in the Ray worker process: the method's modules are imported there.
     console.mark_console()
     cfg = from_dict(JobConfig, config["job"])
-    run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
-               method=config["method"])
+    output, launch = Path(cfg.output_dir), config["launch"]
+    if fatal.recorded(output, launch) is not None:
+        return  # Ray restarted the group after bad input: training again would fail the same way
+    try:
+        run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
+                   method=config["method"])
+    except EmbshardError as e:
+        fatal.record(output, launch, e)
+        raise
 
 
 def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
@@ -143,9 +151,10 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
 def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
     """Train; returns whether Ctrl-C asked the workers to stop."""
     use_gpu = cfg.sharding.device == "cuda"
+    launch = fatal.new_token()
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"method": method, "job": to_dict(cfg)},
+        train_loop_config={"method": method, "job": to_dict(cfg), "launch": launch},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
             use_gpu=use_gpu,
@@ -163,10 +172,15 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
         _, stop_requested = run_with_graceful_ctrl_c(trainer.fit, output / STOP_REQUEST_FILE, graceful)
     except Exception as e:  # Ray Train's wrapper of the workers' (or its controller's) errors
         failure = worker_error(e)
-        if isinstance(failure.error, EmbshardError):
+        bad_input = fatal.recorded(output, launch)
+        if bad_input is not None or isinstance(failure.error, EmbshardError):
             console.record_error(e)  # the workers' tracebacks, for whoever debugs the reader
-            raise failure.error from None
+            raise (bad_input or failure.error) from None
         raise console.Crashed(failure.summary()) from e  # the cause holds every worker's traceback
+    # The workers of a group restarted after bad input return at once: the fit "succeeded".
+    bad_input = fatal.recorded(output, launch)
+    if bad_input is not None:
+        raise bad_input
     return stop_requested
 
 

@@ -1,0 +1,60 @@
+"""Bad input found inside a worker ends the run at once instead of being retried.
+
+Ray Train's failure policy restarts the worker group after any worker error, up to
+`cluster.max_failures` times (-1: forever), and its public API has no way to mark an error as
+not retryable (`UserCallback.after_exception` only observes). An EmbshardError would fire again
+identically on every restart, so the worker that raises one records it under the run folder,
+keyed by a token the driver makes per launch; a restarted worker that finds the record returns
+without training, and the driver re-raises the recorded error as its one console line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import secrets
+import traceback
+from pathlib import Path
+
+from embshard.errors import EmbshardError
+
+FATAL_DIR = "fatal"  # under the run's output_dir, which every worker shares (the plan is there)
+
+
+def new_token() -> str:
+    """A launch's key: records of earlier launches into the same folder never match it."""
+    return secrets.token_hex(8)
+
+
+def _path(output_dir: Path, token: str) -> Path:
+    return output_dir / FATAL_DIR / f"{token}.json"
+
+
+def record(output_dir: Path, token: str, error: EmbshardError) -> None:
+    """Save `error` for this launch: its class (to re-raise the same one), message and traceback
+    (for whoever debugs it; the driver's re-raised copy has none). The first rank's record stays."""
+    path = _path(output_dir, token)
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cls = type(error)
+    text = json.dumps({"module": cls.__module__, "class": cls.__qualname__, "message": str(error),
+                       "traceback": "".join(traceback.format_exception(error))})
+    # Ranks may record at once: each writes its own temporary file, and the rename is atomic.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def recorded(output_dir: Path, token: str) -> EmbshardError | None:
+    """The error a worker of this launch recorded, rebuilt as the same EmbshardError subclass."""
+    path = _path(output_dir, token)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    cls = getattr(importlib.import_module(saved["module"]), saved["class"], None)
+    # The record is only ever written from an EmbshardError; anything else is not ours to build.
+    if not (isinstance(cls, type) and issubclass(cls, EmbshardError)):
+        cls = EmbshardError
+    return cls(saved["message"])
