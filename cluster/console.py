@@ -198,12 +198,12 @@ def route_worker_output() -> None:
     dispatcher.add_handler(_HANDLER_NAME, _RayOutput(functools.partial(print_to_stdstream, ignore_prefix=False)))
 
 
-def record_error(error: BaseException) -> Path | None:
-    """Appends the error's full traceback to the current run's log; returns the log (None when
-    no run has a log yet)."""
+def record_error(error: BaseException, worker_traceback: str | None = None) -> Path | None:
+    """Appends the error's full traceback (or the worker's, where it was raised in another
+    process) to the current run's log; returns the log (None when no run has a log yet)."""
     if _current_log is None:
         return None
     with open(_current_log, "a", encoding="utf-8") as log:
         log.write(f"embshard: the run failed ({type(error).__name__}):\n")
-        log.write("".join(traceback.format_exception(error)))
+        log.write(worker_traceback or "".join(traceback.format_exception(error)))
     return _current_log

@@ -47,12 +47,22 @@ def record(output_dir: Path, token: str, error: EmbshardError) -> None:
     tmp.replace(path)
 
 
+def _saved(output_dir: Path, token: str) -> dict[str, str] | None:
+    path = _path(output_dir, token)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def worker_traceback(output_dir: Path, token: str) -> str | None:
+    """The recording worker's traceback, for the run's log (the console shows one line)."""
+    saved = _saved(output_dir, token)
+    return saved["traceback"] if saved else None
+
+
 def recorded(output_dir: Path, token: str) -> EmbshardError | None:
     """The error a worker of this launch recorded, rebuilt as the same EmbshardError subclass."""
-    path = _path(output_dir, token)
-    if not path.is_file():
+    saved = _saved(output_dir, token)
+    if saved is None:
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
     cls = getattr(importlib.import_module(saved["module"]), saved["class"], None)
     # The record is only ever written from an EmbshardError; anything else is not ours to build.
     if not (isinstance(cls, type) and issubclass(cls, EmbshardError)):

@@ -180,6 +180,7 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
     # The workers of a group restarted after bad input return at once: the fit "succeeded".
     bad_input = fatal.recorded(output, launch)
     if bad_input is not None:
+        console.record_error(bad_input, fatal.worker_traceback(output, launch))
         raise bad_input
     return stop_requested
 

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import profiled_synth
 
+from embshard.trainer.restarts import STARTS_FILE
+
 pytestmark = pytest.mark.slow
 
 EMBSHARD = [sys.executable, "-m", "embshard.cluster.cli"]
@@ -77,11 +79,14 @@ def test_bad_input_in_a_worker_is_one_line(tmp_path):
     part = _poison(data, "C2", 123, -7)
     cardinality = next(f["cardinality"] for f in json.loads((data / "dataset.json").read_text())["sparse"]
                        if f["name"] == "C2")
+    # Unlimited worker-group restarts: bad input must still end the run at once (cluster/fatal.py),
+    # not be retried forever.
     train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
-                 "--set", f"output_dir={run}", "--set", "data.batch_size=512")
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512", "--set", "cluster.max_failures=-1")
     lines = train.stderr.strip().split("\n")
     assert train.returncode == 2, train.stderr[-3000:]
     assert lines[-1] == f"embshard: error: {part}: column 'C2', row 123: id -7 outside [0, {cardinality})"
+    assert (run / STARTS_FILE).read_text().strip() == "1"  # the restarted group did not train again
     # At most a progress bar before it: no worker tracebacks, nothing from Ray.
     assert len(lines) <= 3, train.stderr
     assert not [n for n in (*NOISE, "Traceback") if n in train.stderr], train.stderr
