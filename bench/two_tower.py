@@ -9,6 +9,9 @@ positive ranked among all movies. Serving bytes: the plan's embedding parameters
     .venv/bin/python bench/two_tower.py                      # uniform d=8, 32; MDE and MLET at d=8's bytes
     .venv/bin/python bench/two_tower.py --seeds 0 1 2 --overwrite
 
+`--rows-from A.json B.json` trains nothing and reports the rows those runs saved (seeds run side
+by side in separate processes: `--seeds 2 --out /tmp/seed2`).
+
 Writes OUT.json (default bench/results/two-tower-movielens-1m): every row, rewritten after each
 run so an interrupted benchmark keeps what finished, and per config the mean ± std over seeds of
 each metric; then OUT.png, recall@10 and recall@50 against embedding serving bytes with error
@@ -178,6 +181,42 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def train_rows(args: argparse.Namespace, out_json: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    init_single_process_group()
+    data = prepare_dataset(args.data_root)
+    rows = []
+    for seed in args.seeds:
+        for name, embeddings in configs(args, data).items():
+            row = run_one(args, data, name, embeddings, seed)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+            write_json(out_json, {**header, "rows": rows})
+    return rows
+
+
+def saved_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of earlier runs' JSON files, in order; a config and seed twice, or rows of
+    different epochs, would make the means mix unlike runs, so they are refused."""
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], Path] = {}
+    for path in paths:
+        try:
+            saved = json.loads(path.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a bench/two_tower.py output ({e})") from None
+        for row in saved:
+            key = (row["config"], row["seed"])
+            if key in seen:
+                raise ValueError(f"{path}: {row['config']} seed {row['seed']} is already in {seen[key]}")
+            seen[key] = path
+            rows.append(row)
+    if len({r["epochs"] for r in rows}) > 1:
+        raise ValueError(f"rows of different epochs {sorted({r['epochs'] for r in rows})}: one report, one setting")
+    if not rows:
+        raise ValueError("no rows in " + ", ".join(map(str, paths)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -190,25 +229,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "two-tower-movielens-1m",
                    help="OUT.json and OUT.png (default bench/results/two-tower-movielens-1m)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier OUT.json / OUT.png")
+    p.add_argument("--rows-from", type=Path, nargs="+", metavar="JSON",
+                   help="train nothing: report the rows of earlier runs' OUT.json files (seeds run side by side)")
     args = p.parse_args(argv)
     out_json, out_png = args.out.with_suffix(".json"), args.out.with_suffix(".png")
     for target in (out_json, out_png):
         if target.exists() and not args.overwrite:
             p.error(f"--out: {target} exists; pass --overwrite to replace it")
-    init_single_process_group()
-    data = prepare_dataset(args.data_root)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     header = {"args": {k: str(v) for k, v in vars(args).items()}}
-    rows = []
-    for seed in args.seeds:
-        for name, embeddings in configs(args, data).items():
-            row = run_one(args, data, name, embeddings, seed)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
-            write_json(out_json, {**header, "rows": rows})
+    if args.rows_from:
+        try:
+            rows = saved_rows(args.rows_from)
+        except ValueError as e:
+            p.error(f"--rows-from: {e}")
+    else:
+        rows = train_rows(args, out_json, header)
     summary = summarise(rows)
     write_json(out_json, {**header, "rows": rows, "configs": summary})
-    plot(summary, f"two-tower on MovieLens-1M: {args.epochs} epoch(s), seeds {args.seeds}", out_png)
+    epochs = sorted({r["epochs"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    plot(summary, f"two-tower on MovieLens-1M: {epochs} epoch(s), seeds {seeds}", out_png)
     print(table(summary))
     print(json.dumps({"rows": rows, "configs": summary, "files": [str(out_json), str(out_png)]}))
 

@@ -3,6 +3,7 @@ has), aggregates seeds per config, draws the recall frontier, and refuses to rep
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -53,3 +54,26 @@ def test_refuses_to_replace_earlier_outputs(two_tower, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "pass --overwrite to replace it" in capsys.readouterr().err
     assert earlier.read_text() == "{}"
+
+
+def test_rows_from_earlier_runs_are_reported_together(two_tower, tmp_path, capsys):
+    first, second = tmp_path / "s0.json", tmp_path / "s1.json"
+    first.write_text(json.dumps({"rows": [{**_row("uniform-8", 0, 1000, 0.01), "epochs": 1}]}))
+    second.write_text(json.dumps({"rows": [{**_row("uniform-8", 1, 1000, 0.03), "epochs": 1}]}))
+    two_tower.main(["--rows-from", str(first), str(second), "--out", str(tmp_path / "all")])
+    report = json.loads((tmp_path / "all.json").read_text())
+    assert [(r["config"], r["seed"]) for r in report["rows"]] == [("uniform-8", 0), ("uniform-8", 1)]
+    assert report["configs"][0]["recall@10"]["mean"] == pytest.approx(0.02)
+    assert (tmp_path / "all.png").is_file()
+    assert "| uniform-8 | 1,000 | 2 | 0.0200 ± 0.0141 |" in capsys.readouterr().out
+
+
+def test_rows_from_refuses_a_seed_twice(two_tower, tmp_path, capsys):
+    first, again = tmp_path / "s0.json", tmp_path / "again.json"
+    for path in (first, again):
+        path.write_text(json.dumps({"rows": [{**_row("uniform-8", 0, 1000, 0.01), "epochs": 1}]}))
+    with pytest.raises(SystemExit) as exit_info:
+        two_tower.main(["--rows-from", str(first), str(again), "--out", str(tmp_path / "all")])
+    assert exit_info.value.code == 2
+    assert f"--rows-from: {again}: uniform-8 seed 0 is already in {first}" in capsys.readouterr().err
+    assert not (tmp_path / "all.json").exists()
