@@ -184,9 +184,15 @@ def write_json(path: Path, data: Any) -> None:
 def train_rows(args: argparse.Namespace, out_json: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     init_single_process_group()
     data = prepare_dataset(args.data_root)
+    chosen = configs(args, data)
+    unknown = sorted(set(args.configs or ()) - set(chosen))
+    if unknown:
+        raise SystemExit(f"two_tower.py: error: --configs: unknown {unknown}; the configs are {sorted(chosen)}")
     rows = []
     for seed in args.seeds:
-        for name, embeddings in configs(args, data).items():
+        for name, embeddings in chosen.items():
+            if args.configs and name not in args.configs:
+                continue
             row = run_one(args, data, name, embeddings, seed)
             print(json.dumps(row), file=sys.stderr, flush=True)
             rows.append(row)
@@ -229,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "two-tower-movielens-1m",
                    help="OUT.json and OUT.png (default bench/results/two-tower-movielens-1m)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier OUT.json / OUT.png")
+    p.add_argument("--configs", nargs="+", metavar="NAME",
+                   help="run only these of the configs (e.g. mde-32@8 mlet-8k32; default: all four)")
     p.add_argument("--rows-from", type=Path, nargs="+", metavar="JSON",
                    help="train nothing: report the rows of earlier runs' OUT.json files (seeds run side by side)")
     args = p.parse_args(argv)
