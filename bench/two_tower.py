@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out_json, {**header, "rows": rows, "configs": summary})
     epochs = sorted({r["epochs"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    plot(summary, f"two-tower on MovieLens-1M: {epochs} epoch(s), seeds {seeds}", out_png)
+    plot(summary, f"two-tower on MovieLens-1M: {', '.join(map(str, epochs))} epoch(s), "
+                  f"seeds {', '.join(map(str, seeds))}", out_png)
     print(table(summary))
     print(json.dumps({"rows": rows, "configs": summary, "files": [str(out_json), str(out_png)]}))
 
