@@ -7,15 +7,23 @@ positive ranked among all movies. Serving bytes: the plan's embedding parameters
 (`DimensionPlan.serve_params()`, tables plus projections; fp32) and, apart, the towers' MLPs.
 
     .venv/bin/python bench/two_tower.py                      # uniform d=8, 32; MDE and MLET at d=8's bytes
-    .venv/bin/python bench/two_tower.py --epochs 2 --seeds 0 1 2
+    .venv/bin/python bench/two_tower.py --seeds 0 1 2 --overwrite
 
-Writes bench/results/two-tower-movielens-1m.json; ends with one JSON line of every row.
+`--rows-from A.json B.json` trains nothing and reports the rows those runs saved (seeds run side
+by side in separate processes: `--seeds 2 --out /tmp/seed2`).
+
+Writes OUT.json (default bench/results/two-tower-movielens-1m): every row, rewritten after each
+run so an interrupted benchmark keeps what finished, and per config the mean ± std over seeds of
+each metric; then OUT.png, recall@10 and recall@50 against embedding serving bytes with error
+bars. Refuses to replace an earlier OUT.json / OUT.png without --overwrite. Prints the per-config
+table and ends with one JSON line of every row and config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +31,6 @@ from typing import Any
 
 import torch
 from common import CACHE, init_single_process_group
-from quality import uniform_params
 
 from embshard.config import (
     DataConfig,
@@ -38,6 +45,7 @@ from embshard.datasets.convert import convert
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec
 from embshard.planner.pipeline import plan_with
+from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded
 from embshard.trainer.loop import make_reader, train_step
@@ -48,6 +56,7 @@ from embshard.trainer.planning import planning_step
 CPU = torch.device("cpu")
 RESULTS = Path(__file__).resolve().parent / "results"
 BYTES_PER_PARAM = 4  # fp32
+METRICS = ("recall@10", "recall@50", "ndcg@10", "ndcg@50")
 
 
 def prepare_dataset(data_root: Path) -> Path:
@@ -60,7 +69,7 @@ def prepare_dataset(data_root: Path) -> Path:
 
 def configs(args: argparse.Namespace, data: Path) -> dict[str, EmbeddingsConfig]:
     small, large = args.dims
-    budget = uniform_params(data, small)
+    budget = uniform_plan(EmbeddingsConfig(policy="uniform", dim=small), DatasetSpec.load(data)).serve_params()
     mde = MdeConfig(alpha=args.alpha, mode="within", blocks=args.blocks, budget_params=budget)
     return {
         f"uniform-{small}": EmbeddingsConfig(policy="uniform", dim=small),
@@ -109,6 +118,111 @@ def run_one(args: argparse.Namespace, data: Path, name: str, embeddings: Embeddi
     }
 
 
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per config (in first-run order): seeds, mean embedding bytes, and mean/std of each test metric."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["config"], []).append(row)
+    out = []
+    for config, rs in groups.items():
+        stats: dict[str, Any] = {"config": config, "seeds": len(rs),
+                                 "embedding_serve_bytes": statistics.fmean(r["embedding_serve_bytes"] for r in rs),
+                                 "tower_bytes": statistics.fmean(r["tower_bytes"] for r in rs)}
+        for m in METRICS:
+            values = [r[f"test_{m}"] for r in rs]
+            stats[m] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        out.append(stats)
+    return out
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    lines = ["| config | embedding serving bytes | seeds | "
+             + " | ".join(f"test {m} (mean ± std)" for m in METRICS) + " |",
+             "| --- | ---: | ---: | " + " | ".join("---" for _ in METRICS) + " |"]
+    for c in summary:
+        lines.append(f"| {c['config']} | {c['embedding_serve_bytes']:,.0f} | {c['seeds']} | "
+                     + " | ".join(f"{c[m]['mean']:.4f} ± {c[m]['std']:.4f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Recall@10 and recall@50 against embedding serving bytes (log x), error bars over seeds; the
+    uniform configs joined by a line (the width frontier), every other config a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    uniform = sorted((c for c in summary if c["config"].startswith("uniform")),
+                     key=lambda c: c["embedding_serve_bytes"])
+    for ax, metric in zip(axes, ("recall@10", "recall@50"), strict=True):
+        ax.errorbar([c["embedding_serve_bytes"] for c in uniform], [c[metric]["mean"] for c in uniform],
+                    yerr=[c[metric]["std"] for c in uniform], marker="o", capsize=3, linewidth=2, label="uniform")
+        for c in summary:
+            if c in uniform:
+                continue
+            ax.errorbar([c["embedding_serve_bytes"]], [c[metric]["mean"]], yerr=[c[metric]["std"]],
+                        marker="s", capsize=3, linestyle="none", label=c["config"])
+        ax.set_xscale("log")
+        ax.set_xlabel("embedding serving bytes (fp32)")
+        ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def train_rows(args: argparse.Namespace, out_json: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    init_single_process_group()
+    data = prepare_dataset(args.data_root)
+    chosen = configs(args, data)
+    unknown = sorted(set(args.configs or ()) - set(chosen))
+    if unknown:
+        raise SystemExit(f"two_tower.py: error: --configs: unknown {unknown}; the configs are {sorted(chosen)}")
+    rows = []
+    for seed in args.seeds:
+        for name, embeddings in chosen.items():
+            if args.configs and name not in args.configs:
+                continue
+            row = run_one(args, data, name, embeddings, seed)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+            write_json(out_json, {**header, "rows": rows})
+    return rows
+
+
+def saved_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of earlier runs' JSON files, in order; a config and seed twice, or rows of
+    different epochs, would make the means mix unlike runs, so they are refused."""
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], Path] = {}
+    for path in paths:
+        try:
+            saved = json.loads(path.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a bench/two_tower.py output ({e})") from None
+        for row in saved:
+            key = (row["config"], row["seed"])
+            if key in seen:
+                raise ValueError(f"{path}: {row['config']} seed {row['seed']} is already in {seen[key]}")
+            seen[key] = path
+            rows.append(row)
+    if len({r["epochs"] for r in rows}) > 1:
+        raise ValueError(f"rows of different epochs {sorted({r['epochs'] for r in rows})}: one report, one setting")
+    if not rows:
+        raise ValueError("no rows in " + ", ".join(map(str, paths)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -118,21 +232,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dims", type=int, nargs=2, default=[8, 32], metavar=("SMALL", "LARGE"))
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--out", type=Path, default=RESULTS / "two-tower-movielens-1m",
+                   help="OUT.json and OUT.png (default bench/results/two-tower-movielens-1m)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier OUT.json / OUT.png")
+    p.add_argument("--configs", nargs="+", metavar="NAME",
+                   help="run only these of the configs (e.g. mde-32@8 mlet-8k32; default: all four)")
+    p.add_argument("--rows-from", type=Path, nargs="+", metavar="JSON",
+                   help="train nothing: report the rows of earlier runs' OUT.json files (seeds run side by side)")
     args = p.parse_args(argv)
-    init_single_process_group()
-    data = prepare_dataset(args.data_root)
-    rows = []
-    for seed in args.seeds:
-        for name, embeddings in configs(args, data).items():
-            row = run_one(args, data, name, embeddings, seed)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "two-tower-movielens-1m.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1) + "\n")
-    tmp.replace(out)
-    print(json.dumps({"rows": rows, "file": str(out)}))
+    out_json, out_png = args.out.with_suffix(".json"), args.out.with_suffix(".png")
+    for target in (out_json, out_png):
+        if target.exists() and not args.overwrite:
+            p.error(f"--out: {target} exists; pass --overwrite to replace it")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    header = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.rows_from:
+        try:
+            rows = saved_rows(args.rows_from)
+        except ValueError as e:
+            p.error(f"--rows-from: {e}")
+    else:
+        rows = train_rows(args, out_json, header)
+    summary = summarise(rows)
+    write_json(out_json, {**header, "rows": rows, "configs": summary})
+    epochs = sorted({r["epochs"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    plot(summary, f"two-tower on MovieLens-1M: {', '.join(map(str, epochs))} epoch(s), "
+                  f"seeds {', '.join(map(str, seeds))}", out_png)
+    print(table(summary))
+    print(json.dumps({"rows": rows, "configs": summary, "files": [str(out_json), str(out_png)]}))
 
 
 if __name__ == "__main__":
