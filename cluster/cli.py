@@ -246,8 +246,10 @@ def _train(args: argparse.Namespace) -> int:
 def validation_text(summary: dict[str, Any]) -> str:
     """"AUC 0.7612, logloss 0.4701": the arch's primary metric first (trainer.loop.eval_summary)."""
     primary = summary.get("valid_primary") or "auc"
+    # eval_summary's keys that describe the evaluation rather than measure the model
+    about = ("primary", "lower_is_better", "examples", primary)
     names = [primary, *(k.removeprefix("valid_") for k in summary
-                        if k.startswith("valid_") and k not in ("valid_primary", "valid_examples", f"valid_{primary}"))]
+                        if k.startswith("valid_") and k.removeprefix("valid_") not in about)]
     return ", ".join(f"{'AUC' if n == 'auc' else n} {_fmt(summary.get(f'valid_{n}'))}" for n in names)
 
 

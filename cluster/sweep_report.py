@@ -138,7 +138,7 @@ def report(points: list[dict[str, Any]], planted: dict[str, Any] | None,
 
 
 def markdown(rep: dict[str, Any], title: str) -> str:
-    label = metric_label(rep.get("metric", "test_auc").removeprefix("test_"))
+    label = _report_label(rep)
     lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |",
              "| --- | ---: | ---: | --- | ---: |"]
     for c in rep["configs"]:
@@ -182,7 +182,7 @@ def plot(rep: dict[str, Any], title: str, path: Path) -> None:
         ax.axhline(rep["planted"]["bayes_auc"], color="black", linestyle="--", label="Bayes AUC")
     ax.set_xscale("log")
     ax.set_xlabel("serving embedding bytes (fp32; PEP lottery: non-zeros)")
-    ax.set_ylabel(f"test {metric_label(rep.get('metric', 'test_auc').removeprefix('test_'))} (mean ± std over seeds)"
+    ax.set_ylabel(f"test {_report_label(rep)} (mean ± std over seeds)"
                   + (", lower is better" if lower else ""))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -194,6 +194,10 @@ def plot(rep: dict[str, Any], title: str, path: Path) -> None:
 
 def metric_label(metric: str) -> str:
     return "AUC" if metric == "auc" else metric.upper() if metric in ("mse", "rmse") else metric
+
+
+def _report_label(rep: dict[str, Any]) -> str:
+    return metric_label(rep.get("metric", "test_auc").removeprefix("test_"))
 
 
 def _mb(n: float) -> str:

@@ -34,7 +34,6 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import PlanError
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
-from embshard.trainer.evaluate import lower_is_better
 from embshard.trainer.pep import LotteryTicket
 from embshard.typed_config import from_dict
 
@@ -117,7 +116,7 @@ def _point(trial: Trial, budget: float, summary: dict[str, Any] | None = None, p
         return {**point, "error": error}
     assert summary is not None and params is not None and plan is not None
     metric = summary["test_primary"]
-    return {**point, "metric": metric, "lower_is_better": lower_is_better(metric),
+    return {**point, "metric": metric, "lower_is_better": summary["test_lower_is_better"],
             "value": summary[f"test_{metric}"], "valid_value": summary[f"valid_{metric}"],
             "serving_params": params, "serving_bytes": params * FP32_BYTES, "widths": widths(plan),
             "steps": summary["steps"]}

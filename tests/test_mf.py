@@ -25,7 +25,7 @@ from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.trainer.build import build_unsharded
-from embshard.trainer.evaluate import lower_is_better
+from embshard.trainer.evaluate import EvalResult
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,8 @@ def test_evaluation_is_mse_and_rmse_over_the_whole_split(ratings: Path, tmp_path
     reader = ParquetBatchReader(ratings, "test", 50, shuffle=False, drop_last=False, id_maps=bundle.id_maps())
     result = model.arch.evaluate(model, reader, torch.device("cpu"), None)
     errors = torch.cat([(model(b)[1] - b.labels) ** 2 for b in reader])
-    assert result.primary == "mse" and lower_is_better("mse") and not lower_is_better("auc")
+    assert result.primary == "mse" and result.lower_is_better
+    assert not EvalResult({"auc": 0.5, "logloss": 0.7}, "auc", 1).lower_is_better  # as evaluate_pointwise makes it
     assert result.examples == DatasetSpec.load(ratings).rows["test"] == len(errors)
     assert result.metrics["mse"] == pytest.approx(errors.mean().item(), rel=1e-5)
     assert result.metrics["rmse"] == pytest.approx(errors.mean().sqrt().item(), rel=1e-5)

@@ -14,14 +14,6 @@ from torchmetrics.functional.classification import binary_auroc
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.errors import DataError
 
-# Metrics where a smaller value is the better model; every other metric (AUC, recall@K) is better
-# higher. A sweep ranks its plans by its primary metric in this direction.
-LOWER_IS_BETTER = frozenset({"mse", "rmse", "logloss"})
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER
-
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -30,6 +22,9 @@ class EvalResult:
     metrics: Mapping[str, float]
     primary: str
     examples: int
+    # The primary metric's direction, said by the evaluator that computed it (MSE: lower; AUC,
+    # recall@K: higher): a sweep ranks plans by it, whatever the arch's metric is called.
+    lower_is_better: bool = False
 
     def __post_init__(self) -> None:
         if self.primary not in self.metrics:
@@ -73,7 +68,7 @@ def evaluate_regression(
     """MSE (primary) and RMSE of `model`'s predictions [B] against the labels (ratings)."""
     predictions, labels = pointwise_outputs(model, reader, device, max_batches)
     mse = F.mse_loss(predictions, labels).item()
-    return EvalResult({"mse": mse, "rmse": mse**0.5}, "mse", len(labels))
+    return EvalResult({"mse": mse, "rmse": mse**0.5}, "mse", len(labels), lower_is_better=True)
 
 
 def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device: torch.device,

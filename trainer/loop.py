@@ -315,10 +315,11 @@ def _train_steps(cfg: JobConfig, sharded: ShardedModel, device: torch.device, ra
 def eval_summary(result: EvalResult | None, split: str = "valid") -> dict[str, Any]:
     """The summary's view of an evaluation of `split`: `<split>_<metric>` for each metric (a CTR
     arch's valid_auc and valid_logloss; None without an evaluation), which one is primary and
-    how many examples it saw."""
+    its direction and how many examples it saw."""
     if result is None:
         return {f"{split}_primary": None, f"{split}_auc": None, f"{split}_logloss": None}
-    return {f"{split}_primary": result.primary, f"{split}_examples": result.examples,
+    return {f"{split}_primary": result.primary, f"{split}_lower_is_better": result.lower_is_better,
+            f"{split}_examples": result.examples,
             **{f"{split}_{k}": v for k, v in result.metrics.items()}}
 
 
