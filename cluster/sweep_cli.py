@@ -78,7 +78,9 @@ def sweep(args: argparse.Namespace) -> int:
     name = location(cfg.data.path).resolve().name
     rep = report(points, data.planted or None)
     metric = rep["metric"].removeprefix("test_")
-    title = f"{name}: test {metric_label(metric)} vs serving bytes ({cfg.train.epochs} epoch(s), {spec.seeds} seed(s))"
+    at = ", at the best validation" if cfg.train.report_at == "best_valid" else ""
+    title = (f"{name}: test {metric_label(metric)} vs serving bytes "
+             f"({cfg.train.epochs} epoch(s){at}, {spec.seeds} seed(s))")
     paths = write_report({"dataset": name, "sweep": spec.to_json(), "points": points, **rep}, title, out, name)
     print(f"claim: {rep['claim']['statement']}")
     print("report: " + ", ".join(str(p) for p in paths))

@@ -119,7 +119,7 @@ def _point(trial: Trial, budget: float, summary: dict[str, Any] | None = None, p
     return {**point, "metric": metric, "lower_is_better": summary["test_lower_is_better"],
             "value": summary[f"test_{metric}"], "valid_value": summary[f"valid_{metric}"],
             "serving_params": params, "serving_bytes": params * FP32_BYTES, "widths": widths(plan),
-            "steps": summary["steps"]}
+            "steps": summary["steps"], "selected_step": summary["selected_step"]}
 
 
 def widths(plan: DimensionPlan) -> dict[str, int]:

@@ -356,6 +356,12 @@ class TrainConfig:
     log_every: int = 50  # steps between loss lines in the log
     progress: bool = True  # tqdm bar on rank 0
     test: bool = False  # also evaluate the test split at the end (summary: test_auc, test_logloss)
+    # Which evaluation the summary's valid_* and test_* figures are of. last: the model after the
+    # last step. best_valid: the evaluation with the best primary validation metric (with
+    # train.test, the test split is measured at each new best, so its figure is of a model chosen
+    # on validation alone: early stopping's choice without stopping). Checkpoints and exports keep
+    # the last step's weights either way; summary.json names the step in `selected_step`.
+    report_at: Literal["last", "best_valid"] = "last"
     # How steps run. sparse_dist: TorchRec's TrainPipelineSparseDist (the next batch's ids travel
     # to their shards while this one trains; same result as none; use it on GPUs). semi_sync:
     # TrainPipelineSemiSync (cuda only; from step 900 on, lookups run one step early: not equal

@@ -30,6 +30,11 @@ class EvalResult:
         if self.primary not in self.metrics:
             raise ValueError(f"EvalResult: primary metric {self.primary!r} is not among {sorted(self.metrics)}")
 
+    def better_than(self, other: EvalResult) -> bool:
+        """Whether this primary metric beats `other`'s (same metric) in its direction."""
+        mine, theirs = self.metrics[self.primary], other.metrics[other.primary]
+        return mine < theirs if self.lower_is_better else mine > theirs
+
     @property
     def auc(self) -> float | None:
         return self.metrics.get("auc")

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
@@ -126,6 +126,27 @@ def run_worker(
 
     last_loss: float | None = None
     result: EvalResult | None = None
+    test_seconds = 0.0  # kept out of the throughput, like the test after the last step
+
+    def test() -> EvalResult:
+        nonlocal test_seconds
+        tick = time.perf_counter()
+        tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None)
+        test_seconds += time.perf_counter() - tick
+        return tested
+
+    def evaluated(result: EvalResult) -> EvalResult:
+        # report_at best_valid: the best evaluation so far lives in the progress, so a restarted
+        # group keeps choosing among every evaluation of the run. The test split is read only at
+        # a new best (chosen on validation alone); every rank gathered the same result, so all
+        # take the same branch, as test() needs.
+        if cfg.train.report_at == "best_valid" and (
+                progress.best is None or result.better_than(EvalResult(**progress.best["valid"]))):
+            tested = test() if cfg.train.test else None
+            progress.best = {"step": progress.step, "valid": asdict(result),
+                             "test": asdict(tested) if tested is not None else None}
+        return result
+
     stopped = False
     resumed_samples = progress.samples  # throughput counts only what this start trained
     started = time.perf_counter()
@@ -161,21 +182,26 @@ def run_worker(
             if stopped:
                 break
             if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
-                result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
+                result = evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
             waited, tick = train_reader.wait_seconds, time.perf_counter()
         run.close()
         batches.close()  # stops the reader's thread, whatever the pipeline fetched ahead
         if stopped:
             break
         if cfg.train.eval_every is None or result is None:
-            result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
+            result = evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
     if result is None and not stopped:  # resumed with nothing left to train
-        result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
-    elapsed = time.perf_counter() - started
-    # The test split is read once, after training and outside the timed part: what a sweep ranks
-    # plans by must be data that no choice (epochs, evaluation) was made on.
-    tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None) \
-        if cfg.train.test and not stopped else None
+        result = evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
+    elapsed = time.perf_counter() - started - test_seconds
+    if progress.best is not None:
+        selected_step = progress.best["step"]
+        result = EvalResult(**progress.best["valid"])
+        tested = EvalResult(**progress.best["test"]) if progress.best["test"] else None
+    else:
+        selected_step = progress.step
+        # The test split is read once, after training and outside the timed part: what a sweep
+        # ranks plans by must be data that no choice (epochs, evaluation) was made on.
+        tested = test() if cfg.train.test and not stopped else None
 
     summary = {
         "steps": progress.step,
@@ -185,6 +211,7 @@ def run_worker(
         "first_loss": progress.first_loss,
         "last_loss": last_loss,
         **eval_summary(result),
+        "selected_step": selected_step,
         "data_wait_seconds": train_reader.wait_seconds,
         # The share of this start's wall time the loop sat waiting for batches: near 0 means the
         # reader keeps up and faster input would not speed training up.

@@ -1,0 +1,90 @@
+"""`train.report_at: best_valid`: the summary reports the evaluation with the best validation
+metric, and the test split as measured on the model at that step, which is what a run stopped at
+that step reports; the choice survives a restart (it is kept in the checkpoint's progress). One
+process (a world-size-1 gloo group)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import profiled_synth
+
+from embshard.cluster.launch import plan_for_training
+from embshard.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from embshard.trainer.checkpoint import complete_checkpoints
+from embshard.trainer.evaluate import EvalResult
+from embshard.trainer.loop import run_worker
+
+pytestmark = pytest.mark.usefixtures("process_group")
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return profiled_synth(tmp_path_factory.mktemp("data"), rows=4000, max_cardinality=2000)
+
+
+def job(dataset: Path, out: Path, report_at: str, max_steps: int, checkpoints: bool = False) -> JobConfig:
+    # A learning rate high enough that validation AUC wanders, so the best is not the last step.
+    return JobConfig(
+        seed=3,
+        output_dir=str(out),
+        data=DataConfig(path=str(dataset), batch_size=64, eval_batch_size=512, prefetch=1),
+        model=ModelConfig(dense_arch=[16], over_arch=[16]),
+        embeddings=EmbeddingsConfig(dim=8),
+        train=TrainConfig(progress=False, max_steps=max_steps, eval_every=1, test=True, report_at=report_at,
+                          sparse_lr=0.5, dense_lr=0.05),
+        checkpoint=CheckpointConfig(enabled=checkpoints, every_steps=STEPS if checkpoints else None),
+        cluster=ClusterConfig(workers=1),
+    )
+
+
+def run(cfg: JobConfig) -> dict:
+    plan_for_training(cfg)
+    return run_worker(cfg)
+
+
+def test_best_valid_reports_the_model_at_the_best_validation(dataset, tmp_path):
+    best = run(job(dataset, tmp_path / "best", "best_valid", STEPS))
+    last = run(job(dataset, tmp_path / "last", "last", STEPS))
+    selected = best["selected_step"]
+    assert last["selected_step"] == STEPS and best["steps"] == STEPS
+    # The case this test is for: validation peaked before the end.
+    assert selected < STEPS and best["valid_auc"] > last["valid_auc"]
+    # The same seed stopped at the selected step is the same model: the same figures, test included.
+    stopped = run(job(dataset, tmp_path / "stopped", "last", selected))
+    for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss", "test_examples"):
+        assert best[key] == stopped[key], key
+
+
+def test_best_valid_is_remembered_across_a_restart(dataset, tmp_path):
+    first = run(job(dataset, tmp_path / "run", "best_valid", STEPS, checkpoints=True))
+    assert first["selected_step"] < STEPS
+    [saved] = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    progress = json.loads((saved / "progress.json").read_text())
+    assert progress["best"]["step"] == first["selected_step"]
+    assert EvalResult(**progress["best"]["test"]).metrics["auc"] == first["test_auc"]
+    # Restarted into the same folder with nothing left to train: it evaluates the last step again,
+    # which is not better, so the choice made before the restart stands.
+    again = run(job(dataset, tmp_path / "run", "best_valid", STEPS, checkpoints=True))
+    assert again["resumed_from"] is not None
+    for key in ("selected_step", "valid_auc", "test_auc", "test_logloss"):
+        assert again[key] == first[key], key
+
+
+def test_last_reports_the_last_step(dataset, tmp_path):
+    cfg = job(dataset, tmp_path, "last", 4)
+    summary = run(replace(cfg, train=replace(cfg.train, eval_every=None)))
+    assert summary["selected_step"] == summary["steps"] == 4
