@@ -71,12 +71,13 @@ def sweep(args: argparse.Namespace) -> int:
 
     from embshard.cluster.sweep_report import metric_label, report
     from embshard.cluster.sweep_run import run_sweep
+    from embshard.config import AutodimConfig
     from embshard.datasets.storage import location
 
     out = location(args.out or Path(cfg.output_dir) / "sweep")
     points = run_sweep(cfg, spec, out, args.resume, args.parallel)
     name = location(cfg.data.path).resolve().name
-    rep = report(points, data.planted or None)
+    rep = report(points, data.planted or None, (cfg.autodim or AutodimConfig()).candidates)
     metric = rep["metric"].removeprefix("test_")
     at = ", at the best validation" if cfg.train.report_at == "best_valid" else ""
     title = (f"{name}: test {metric_label(metric)} vs serving bytes "

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embshard.config import AutodimConfig
 from embshard.errors import DataError
 
 MIN_TOLERANCE = 0.001  # in the metric's units: below this no difference between plans is claimed
@@ -101,19 +102,30 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
     return Claim(True, statement, tol, best.mean, smallest)
 
 
-def planted_comparison(configs: list[Config], planted: dict[str, Any], split: str = "test") -> dict[str, Any]:
-    """Per table the planted rank against each config's chosen width, and each config's distance
-    to the Bayes AUC of `split`."""
+def planted_comparison(configs: list[Config], planted: dict[str, Any], grid: list[int],
+                       split: str = "test") -> dict[str, Any]:
+    """Per table the planted rank against each config's chosen width, the share of tables whose
+    width is within one step of `grid` (AutoDim's candidate widths) of the planted rank, and
+    each config's distance to the Bayes AUC of `split`."""
     bayes = planted.get("bayes_auc", {}).get(split)
     if bayes is None:
         raise DataError(f"dataset.json: planted.bayes_auc.{split} is missing; cannot compare with the Bayes AUC")
     ranks = {f: r["rank"] for f, r in planted["ranks"].items()}
-    return {
-        "bayes_auc": bayes,
-        "ranks": ranks,
-        "configs": [{"method": c.method, "budget": c.budget, "distance_to_bayes": bayes - c.mean,
-                     "widths": {f: c.widths.get(f) for f in ranks}} for c in configs],
-    }
+    grid = sorted(grid)
+
+    def step(width: float) -> int:
+        # The grid width that holds `width`: the smallest not below it.
+        return next((i for i, g in enumerate(grid) if g >= width), len(grid) - 1)
+
+    def within_one_step(widths: dict[str, float | None]) -> float:
+        return sum(abs(step(w) - step(ranks[f])) <= 1 for f, w in widths.items() if w is not None) / len(ranks)
+
+    configs_out = []
+    for c in configs:
+        widths = {f: c.widths.get(f) for f in ranks}
+        configs_out.append({"method": c.method, "budget": c.budget, "distance_to_bayes": bayes - c.mean,
+                            "widths": widths, "within_one_step": within_one_step(widths)})
+    return {"bayes_auc": bayes, "ranks": ranks, "grid": grid, "configs": configs_out}
 
 
 def metric_of(points: list[dict[str, Any]]) -> tuple[str, bool]:
@@ -125,15 +137,16 @@ def metric_of(points: list[dict[str, Any]]) -> tuple[str, bool]:
     return found.pop() if found else ("auc", False)
 
 
-def report(points: list[dict[str, Any]], planted: dict[str, Any] | None,
+def report(points: list[dict[str, Any]], planted: dict[str, Any] | None, grid: list[int] | None = None,
            min_tolerance: float = MIN_TOLERANCE) -> dict[str, Any]:
+    """`grid`: the widths a planted comparison counts steps on (AutoDim's candidates)."""
     configs, errors = aggregate(points)
     metric, lower = metric_of(points)
     out: dict[str, Any] = {"metric": f"test_{metric}", "lower_is_better": lower,
                            "configs": [asdict(c) for c in configs], "errors": errors,
                            "claim": asdict(claim(configs, min_tolerance, metric, lower))}
     if planted:
-        out["planted"] = planted_comparison(configs, planted)
+        out["planted"] = planted_comparison(configs, planted, grid or AutodimConfig().candidates)
     return out
 
 
@@ -150,14 +163,16 @@ def markdown(rep: dict[str, Any], title: str) -> str:
     planted = rep.get("planted")
     if planted:
         features = list(planted["ranks"])
+        grid = ", ".join(str(g) for g in planted["grid"])
         lines += ["", f"Planted data: Bayes test AUC {planted['bayes_auc']:.4f}. Chosen width (widest block, "
-                      "mean over seeds) per table against the planted rank:", "",
-                  "| method | budget | distance to Bayes AUC | " + " | ".join(features) + " |",
-                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in features) + " |",
-                  "| planted rank | | | " + " | ".join(str(planted["ranks"][f]) for f in features) + " |"]
+                      "mean over seeds) per table against the planted rank; 'at rank' is the share of tables "
+                      f"whose width is within one step of the planted rank on the grid {grid}:", "",
+                  "| method | budget | distance to Bayes AUC | at rank | " + " | ".join(features) + " |",
+                  "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in features) + " |",
+                  "| planted rank | | | | " + " | ".join(str(planted["ranks"][f]) for f in features) + " |"]
         for c in planted["configs"]:
             lines.append(f"| {c['method']} | {c['budget']:g} | {c['distance_to_bayes']:.4f} | "
-                         + " | ".join(_width(c["widths"][f]) for f in features) + " |")
+                         f"{c['within_one_step']:.0%} | " + " | ".join(_width(c["widths"][f]) for f in features) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -127,15 +127,21 @@ def test_planted_comparison_widths_and_distance_to_bayes():
             point("mde", 0.5, 1, 0.84, 2000, {"C1": 12, "C2": 4})]
     planted = {"bayes_auc": {"train": 0.9, "valid": 0.88, "test": 0.87},
                "ranks": {"C1": {"rank": 16, "blocks": []}, "C2": {"rank": 3, "blocks": []}}}
-    comparison = planted_comparison(aggregate(pts)[0], planted)
+    comparison = planted_comparison(aggregate(pts)[0], planted, [2, 8, 16, 24, 32])
     assert comparison["ranks"] == {"C1": 16, "C2": 3}
     mde = next(c for c in comparison["configs"] if c["method"] == "mde")
     assert mde["widths"] == {"C1": 14, "C2": 4}  # mean over seeds
+    # On the grid 2, 8, 16, 24, 32 rank 16 sits at 16 and rank 3 at 8: 14 (-> 16) and 4 (-> 8) are
+    # both at their table's step; uniform's 8 is one step below 16 and at 3's step.
+    assert mde["within_one_step"] == 1.0
+    # On 2, 4, 8, 12, 16 uniform's 8 is two steps below 16 (a miss) and one above 3's 4.
+    finer = planted_comparison(aggregate(pts)[0], planted, [2, 4, 8, 12, 16])["configs"]
+    assert next(c for c in finer if c["method"] == "uniform")["within_one_step"] == 0.5
     assert mde["distance_to_bayes"] == pytest.approx(0.03)
     uniform = next(c for c in comparison["configs"] if c["method"] == "uniform")
     assert uniform["distance_to_bayes"] == pytest.approx(0.87 - 0.805)
     with pytest.raises(DataError, match="bayes_auc.test"):
-        planted_comparison(aggregate(pts)[0], {"bayes_auc": {}, "ranks": {}})
+        planted_comparison(aggregate(pts)[0], {"bayes_auc": {}, "ranks": {}}, [2, 8])
 
 
 def test_report_files(tmp_path):
@@ -145,7 +151,7 @@ def test_report_files(tmp_path):
     assert [p.name for p in paths] == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
     assert json.loads(paths[0].read_text())["claim"]["rises"] is True
     text = paths[1].read_text()
-    assert "| mde | 0.5 | 2,000 | 0.7795 ± 0.0003 | 2 |" in text and "planted rank | | | 6 |" in text
+    assert "| mde | 0.5 | 2,000 | 0.7795 ± 0.0003 | 2 |" in text and "planted rank | | | | 6 |" in text
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*partial*"))
     assert markdown(rep, "t").count("\n| uniform |") == 6  # the frontier and the planted table
