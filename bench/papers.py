@@ -2,6 +2,12 @@
 chosen; PEP's non-zeros over time and the test AUC of the lottery retrain at each target.
 
     nice -n 19 .venv/bin/python bench/papers.py [--only autodim|pep] [--set key=value ...]
+        [--data DIR --label NAME]
+
+`--data` runs the same on another converted dataset (the results go to
+bench/results/papers-<method>-<label>/); on planted data (`embshard data synth --planted`)
+AutoDim's report adds each field's planted rank and the share of fields whose chosen width is
+within one candidate step of it.
 
 The settings are configs/papers/autodim-criteo.yaml and pep-criteo.yaml (bench/PAPERS.md compares
 them with the papers and PKU-DAIR/Hetu); `--set` overrides them as on the command line. The sample
@@ -35,7 +41,9 @@ from common import CACHE, init_single_process_group
 from quality import prepare_dataset
 
 from embshard.cluster.launch import plan_for_training
+from embshard.cluster.sweep_report import planted_ranks, within_one_step
 from embshard.config import JobConfig, load_job_config
+from embshard.datasets.schema import DatasetSpec
 from embshard.trainer.history import read_history
 from embshard.trainer.loop import run_worker
 
@@ -83,7 +91,7 @@ def settled_step(records: list[dict[str, Any]], field: str) -> int:
     return step
 
 
-def plot_alpha(records: list[dict[str, Any]], dims: dict[str, int], path: Path) -> None:
+def plot_alpha(records: list[dict[str, Any]], dims: dict[str, int], label: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,14 +113,14 @@ def plot_alpha(records: list[dict[str, Any]], dims: dict[str, int], path: Path) 
     axes.flat[0].legend(fontsize=7)
     fig.supxlabel("model step")
     fig.supylabel("softmax(alpha)")
-    fig.suptitle("AutoDim on the Criteo sample: each field's weight on each candidate width")
+    fig.suptitle(f"AutoDim on {label}: each field's weight on each candidate width")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def autodim(overrides: list[str], data: Path, retrain_epochs: int) -> dict[str, Any]:
-    out = RESULTS / "papers-autodim-criteo"
+def autodim(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> dict[str, Any]:
+    out = RESULTS / f"papers-autodim-{label}"
     runs = RUNS / "autodim"
     search_cfg = job("autodim-criteo", overrides, data, runs / "search")
     searched = planned_run(search_cfg, "autodim")
@@ -126,11 +134,11 @@ def autodim(overrides: list[str], data: Path, retrain_epochs: int) -> dict[str, 
     settled = {f: settled_step(records, f) for f in searched["dims"]}
     steps = searched["steps"]
     out.mkdir(parents=True, exist_ok=True)
-    plot_alpha(records, searched["dims"], out / "alpha.png")
+    plot_alpha(records, searched["dims"], label, out / "alpha.png")
     assert search_cfg.autodim is not None
     result = {
         "bench": "papers-autodim",
-        "dataset": "criteo-sample",
+        "dataset": label,
         "config": "configs/papers/autodim-criteo.yaml",
         "overrides": overrides,
         "candidates": search_cfg.autodim.candidates,
@@ -149,11 +157,23 @@ def autodim(overrides: list[str], data: Path, retrain_epochs: int) -> dict[str, 
         "retrain_test_auc": retrained.get("test_auc"),
         "uniform_test_auc": uniform.get("test_auc"),
         "paper_table4": "not compared: Criteo's fields are anonymous (C1-C26); see bench/PAPERS.md",
+        **planted_fields(data, searched["dims"], search_cfg.autodim.candidates),
     }
     (out / "autodim.json").write_text(json.dumps(result, indent=1) + "\n")
     write_lines(out / "alpha_history.jsonl",
                 [{**r, "alpha": {f: [round(x, 4) for x in ps] for f, ps in r["alpha"].items()}} for r in records])
     return result
+
+
+def planted_fields(data: Path, dims: dict[str, int], candidates: list[int]) -> dict[str, Any]:
+    """On planted data: each field's planted rank and the share of fields AutoDim gave a width
+    within one candidate step of it (the sweep report's measure); else nothing."""
+    planted = DatasetSpec.load(data).planted
+    if not planted:
+        return {}
+    ranks = planted_ranks(planted)
+    return {"planted_rank": ranks, "within_one_step": within_one_step(dims, ranks, candidates),
+            "bayes_test_auc": planted["bayes_auc"]["test"]}
 
 
 def plot_pep(records: list[dict[str, Any]], reached: dict[str, Any], aucs: dict[str, float | None],
@@ -189,10 +209,10 @@ def plot_pep(records: list[dict[str, Any]], reached: dict[str, Any], aucs: dict[
     plt.close(fig)
 
 
-def pep(overrides: list[str], data: Path, retrain_epochs: int) -> dict[str, Any]:
+def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> dict[str, Any]:
     from embshard.trainer.pep import NONZERO_HISTORY_FILE
 
-    out = RESULTS / "papers-pep-criteo"
+    out = RESULTS / f"papers-pep-{label}"
     runs = RUNS / "pep"
     prune_cfg = job("pep-criteo", overrides, data, runs / "prune")
     pruned = planned_run(prune_cfg, "pep")
@@ -212,7 +232,7 @@ def pep(overrides: list[str], data: Path, retrain_epochs: int) -> dict[str, Any]
     assert prune_cfg.pep is not None
     result = {
         "bench": "papers-pep",
-        "dataset": "criteo-sample",
+        "dataset": label,
         "config": "configs/papers/pep-criteo.yaml",
         "overrides": overrides,
         "targets": prune_cfg.pep.targets,
@@ -243,13 +263,17 @@ def main() -> None:
     p.add_argument("--retrain-epochs", type=int, default=2,
                    help="epochs of every retrain and uniform run (bench/QUALITY.md's 2: the sample is small)")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--data", type=Path, help="a converted dataset to run on instead of the Criteo sample")
+    p.add_argument("--label", default="criteo", help="names the results folder (default: criteo)")
     args = p.parse_args()
+    if args.data is not None and args.label == "criteo":
+        p.error("--data needs a --label of its own, so the Criteo results are not overwritten")
     warnings.filterwarnings("ignore")
     init_single_process_group()
-    data = prepare_dataset("criteo-sample", args.data_root)
+    data = args.data or prepare_dataset("criteo-sample", args.data_root)
     for name, bench in (("autodim", autodim), ("pep", pep)):
         if args.only in (None, name):
-            result = bench(args.overrides, data, args.retrain_epochs)
+            result = bench(args.overrides, data, args.label, args.retrain_epochs)
             print(json.dumps({k: v for k, v in result.items() if k != "alpha_final"}))
 
 

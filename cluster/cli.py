@@ -227,8 +227,9 @@ def _train(args: argparse.Namespace) -> int:
           + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
     # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
     metrics = train_on_ray(cfg)
+    best = f" (best, at step {metrics.get('selected_step')})" if cfg.train.report_at == "best_valid" else ""
     print(
-        f"validation {validation_text(metrics)}; "
+        f"validation{best} {validation_text(metrics)}; "
         f"{metrics.get('samples') or 0:,} samples in {metrics.get('steps')} steps, "
         f"{_fmt(metrics.get('samples_per_s'), '.0f')} samples/s"
     )

@@ -15,6 +15,7 @@ matter on this data, and names no ratio (it would mean nothing).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,22 +111,29 @@ def planted_comparison(configs: list[Config], planted: dict[str, Any], grid: lis
     bayes = planted.get("bayes_auc", {}).get(split)
     if bayes is None:
         raise DataError(f"dataset.json: planted.bayes_auc.{split} is missing; cannot compare with the Bayes AUC")
-    ranks = {f: r["rank"] for f, r in planted["ranks"].items()}
-    grid = sorted(grid)
-
-    def step(width: float) -> int:
-        # The grid width that holds `width`: the smallest not below it.
-        return next((i for i, g in enumerate(grid) if g >= width), len(grid) - 1)
-
-    def within_one_step(widths: dict[str, float | None]) -> float:
-        return sum(abs(step(w) - step(ranks[f])) <= 1 for f, w in widths.items() if w is not None) / len(ranks)
-
+    ranks = planted_ranks(planted)
     configs_out = []
     for c in configs:
         widths = {f: c.widths.get(f) for f in ranks}
         configs_out.append({"method": c.method, "budget": c.budget, "distance_to_bayes": bayes - c.mean,
-                            "widths": widths, "within_one_step": within_one_step(widths)})
-    return {"bayes_auc": bayes, "ranks": ranks, "grid": grid, "configs": configs_out}
+                            "widths": widths, "within_one_step": within_one_step(widths, ranks, grid)})
+    return {"bayes_auc": bayes, "ranks": ranks, "grid": sorted(grid), "configs": configs_out}
+
+
+def planted_ranks(planted: dict[str, Any]) -> dict[str, int]:
+    """Per feature its table's planted rank (its most popular rows'), from dataset.json's `planted`."""
+    return {f: r["rank"] for f, r in planted["ranks"].items()}
+
+
+def within_one_step(widths: Mapping[str, float | None], ranks: Mapping[str, int], grid: list[int]) -> float:
+    """The share of tables whose width is within one step of `grid` of the planted rank, each
+    counted at the smallest grid width that holds it."""
+    grid = sorted(grid)
+
+    def step(width: float) -> int:
+        return next((i for i, g in enumerate(grid) if g >= width), len(grid) - 1)
+
+    return sum(abs(step(w) - step(ranks[f])) <= 1 for f, w in widths.items() if w is not None) / len(ranks)
 
 
 def metric_of(points: list[dict[str, Any]]) -> tuple[str, bool]:
