@@ -82,6 +82,9 @@ def test_best_valid_is_remembered_across_a_restart(dataset, tmp_path):
     assert again["resumed_from"] is not None
     for key in ("selected_step", "valid_auc", "test_auc", "test_logloss"):
         assert again[key] == first[key], key
+    # The same checkpoint resumed under `last` reports the last step, not the earlier choice.
+    last = run(job(dataset, tmp_path / "run", "last", STEPS, checkpoints=True))
+    assert last["resumed_from"] is not None and last["selected_step"] == STEPS
 
 
 def test_last_reports_the_last_step(dataset, tmp_path):

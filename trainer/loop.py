@@ -193,7 +193,8 @@ def run_worker(
     if result is None and not stopped:  # resumed with nothing left to train
         result = evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
     elapsed = time.perf_counter() - started - test_seconds
-    if progress.best is not None:
+    # A checkpoint of a best_valid run keeps its choice; a resume under `last` ignores it.
+    if cfg.train.report_at == "best_valid" and progress.best is not None:
         selected_step = progress.best["step"]
         result = EvalResult(**progress.best["valid"])
         tested = EvalResult(**progress.best["test"]) if progress.best["test"] else None
