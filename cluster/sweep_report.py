@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embshard.config import AutodimConfig
 from embshard.errors import DataError
 
 MIN_TOLERANCE = 0.001  # in the metric's units: below this no difference between plans is claimed
@@ -145,16 +144,16 @@ def metric_of(points: list[dict[str, Any]]) -> tuple[str, bool]:
     return found.pop() if found else ("auc", False)
 
 
-def report(points: list[dict[str, Any]], planted: dict[str, Any] | None, grid: list[int] | None = None,
+def report(points: list[dict[str, Any]], planted: dict[str, Any] | None, grid: list[int],
            min_tolerance: float = MIN_TOLERANCE) -> dict[str, Any]:
-    """`grid`: the widths a planted comparison counts steps on (AutoDim's candidates)."""
+    """`grid`: the widths a planted comparison counts steps on (the sweep's AutoDim candidates)."""
     configs, errors = aggregate(points)
     metric, lower = metric_of(points)
     out: dict[str, Any] = {"metric": f"test_{metric}", "lower_is_better": lower,
                            "configs": [asdict(c) for c in configs], "errors": errors,
                            "claim": asdict(claim(configs, min_tolerance, metric, lower))}
     if planted:
-        out["planted"] = planted_comparison(configs, planted, grid or AutodimConfig().candidates)
+        out["planted"] = planted_comparison(configs, planted, grid)
     return out
 
 

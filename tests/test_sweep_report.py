@@ -20,6 +20,9 @@ from embshard.errors import ConfigError, DataError
 REPO = Path(__file__).resolve().parents[1]
 
 
+GRID = [2, 8, 16, 24, 32]  # AutoDim's default candidates: the planted comparison's steps
+
+
 def point(method: str, budget: float, seed: int, value: float, nbytes: int, widths: dict[str, int] | None = None):
     return {"method": method, "budget": budget, "seed": seed, "metric": "auc", "value": value,
             "serving_bytes": nbytes, "serving_params": nbytes // 4, "widths": widths or {"C1": 4}}
@@ -73,7 +76,7 @@ def falling_mse() -> list[dict]:
 
 
 def test_a_lower_is_better_metric_claims_the_plan_not_above_best_plus_tolerance(tmp_path):
-    rep = report(falling_mse(), None)
+    rep = report(falling_mse(), None, GRID)
     assert rep["metric"] == "test_mse" and rep["lower_is_better"] is True
     c = rep["claim"]
     assert c["rises"] is True and c["best_uniform"] == pytest.approx(0.87)
@@ -90,14 +93,14 @@ def test_a_lower_is_better_metric_claims_the_plan_not_above_best_plus_tolerance(
 def test_a_rising_mse_is_width_not_helping():
     # Wider tables overfit: MSE rises with width, so uniform does not improve and no ratio is named.
     pts = [mse_point("uniform", b, s, 0.85 + 0.05 * b, int(4000 * b)) for b in (0.25, 0.5, 1.0) for s in (0, 1)]
-    c = report(pts, None)["claim"]
+    c = report(pts, None, GRID)["claim"]
     assert c["rises"] is False and not c["smallest"]
     assert "improves test MSE by" in c["statement"]
 
 
 def test_points_of_two_metrics_are_refused():
     with pytest.raises(DataError, match="mixed metrics"):
-        report(rising() + falling_mse(), None)
+        report(rising() + falling_mse(), None, GRID)
 
 
 def test_claim_refuses_a_ratio_when_width_does_not_matter():
@@ -146,7 +149,7 @@ def test_planted_comparison_widths_and_distance_to_bayes():
 
 def test_report_files(tmp_path):
     planted = {"bayes_auc": {"test": 0.8}, "ranks": {"C1": {"rank": 6, "blocks": []}}}
-    rep = report(rising(), planted)
+    rep = report(rising(), planted, GRID)
     paths = write_report(rep, "tiny", tmp_path, "tiny")
     assert [p.name for p in paths] == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
     assert json.loads(paths[0].read_text())["claim"]["rises"] is True
