@@ -11,19 +11,22 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
 
+from embshard.cluster.launch import plan_for_training
 from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, ModelConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec
 from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
+from embshard.planner.types import DimensionPlan
+from embshard.trainer.loop import run_worker
 
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
@@ -37,6 +40,13 @@ def init_single_process_group() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def train_here(cfg: JobConfig, method: str) -> tuple[DimensionPlan, dict]:
+    """One run in this process (a one-rank group), through the driver's planning step and the
+    workers' loop: -> its plan and run_worker's summary."""
+    bundle = plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), method)
+    return bundle.dimension_plan, run_worker(cfg, method=method)
 
 
 def synth_dataset(rows: int, max_cardinality: int, seed: int = 0) -> Path:

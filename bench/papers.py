@@ -37,15 +37,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, init_single_process_group
+from common import CACHE, init_single_process_group, train_here
 from quality import prepare_dataset
 
-from embshard.cluster.launch import plan_for_training
 from embshard.cluster.sweep_report import planted_ranks, within_one_step
 from embshard.config import JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec
 from embshard.trainer.history import read_history
-from embshard.trainer.loop import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -64,11 +62,6 @@ def job(name: str, overrides: list[str], data: Path, out: Path, epochs: int | No
     cfg = load_job_config(ROOT / "configs" / "papers" / f"{name}.yaml", overrides)
     train = replace(cfg.train, progress=False, epochs=cfg.train.epochs if epochs is None else epochs)
     return replace(cfg, output_dir=str(out), data=replace(cfg.data, path=str(data)), train=train)
-
-
-def planned_run(cfg: JobConfig, method: str) -> dict[str, Any]:
-    plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), method)
-    return run_worker(cfg, method=method)
 
 
 def moved(probs: list[float]) -> float:
@@ -123,13 +116,13 @@ def autodim(overrides: list[str], data: Path, label: str, retrain_epochs: int) -
     out = RESULTS / f"papers-autodim-{label}"
     runs = RUNS / "autodim"
     search_cfg = job("autodim-criteo", overrides, data, runs / "search")
-    searched = planned_run(search_cfg, "autodim")
+    searched = train_here(search_cfg, "autodim")[1]
     records = read_history(Path(searched["alpha_history"]))
     retrain_cfg = job("autodim-criteo", overrides, data, runs / "retrain", retrain_epochs)
     retrain_cfg = replace(retrain_cfg, embeddings=replace(retrain_cfg.embeddings, policy="decisions",
                                                           decisions=searched["decisions"]))
-    retrained = planned_run(retrain_cfg, "decisions")
-    uniform = planned_run(job("autodim-criteo", overrides, data, runs / "uniform", retrain_epochs), "uniform")
+    retrained = train_here(retrain_cfg, "decisions")[1]
+    uniform = train_here(job("autodim-criteo", overrides, data, runs / "uniform", retrain_epochs), "uniform")[1]
 
     settled = {f: settled_step(records, f) for f in searched["dims"]}
     steps = searched["steps"]
@@ -215,7 +208,7 @@ def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> di
     out = RESULTS / f"papers-pep-{label}"
     runs = RUNS / "pep"
     prune_cfg = job("pep-criteo", overrides, data, runs / "prune")
-    pruned = planned_run(prune_cfg, "pep")
+    pruned = train_here(prune_cfg, "pep")[1]
     records = read_history(prune_cfg.pep_dir / NONZERO_HISTORY_FILE)
     reached = pruned["pep"]["reached"]
     retrains: dict[str, dict[str, Any]] = {}
@@ -223,8 +216,8 @@ def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> di
         cfg = job("pep-criteo", overrides, data, runs / f"lottery-{target}", retrain_epochs)
         assert cfg.pep is not None
         cfg = replace(cfg, pep=replace(cfg.pep, retrain_target=float(target), retrain_from=str(prune_cfg.pep_dir)))
-        retrains[target] = planned_run(cfg, "pep_lottery")
-    uniform = planned_run(job("pep-criteo", overrides, data, runs / "uniform", retrain_epochs), "uniform")
+        retrains[target] = train_here(cfg, "pep_lottery")[1]
+    uniform = train_here(job("pep-criteo", overrides, data, runs / "uniform", retrain_epochs), "uniform")[1]
 
     aucs = {t: r.get("test_auc") for t, r in retrains.items()}
     out.mkdir(parents=True, exist_ok=True)

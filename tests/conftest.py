@@ -3,11 +3,14 @@ that need them skip with the reason when they are absent."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch.distributed as dist
@@ -21,6 +24,16 @@ def shared_file(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is missing (set EMBSHARD_SHARED_DATA)")
     return path
+
+
+def bench_module(name: str) -> ModuleType:
+    """A bench/ script imported as a module; bench/ is on the path only while it loads (the scripts
+    import their siblings, e.g. `common`)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
 
 
 @pytest.fixture

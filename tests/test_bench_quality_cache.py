@@ -4,23 +4,17 @@ same file with new content) is converted again instead of reusing whatever the c
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 from embshard.datasets.schema import DatasetSpec
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def quality(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import quality as module
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    module = bench_module("quality")
     monkeypatch.setattr(module, "CACHE", tmp_path / "cache")
     return module
 

@@ -4,22 +4,14 @@ has), aggregates seeds per config, draws the recall frontier, and refuses to rep
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
 @pytest.fixture
 def two_tower():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import two_tower as module
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return module
+    return bench_module("two_tower")
 
 
 def _row(config: str, seed: int, serve_bytes: int, recall10: float) -> dict:
