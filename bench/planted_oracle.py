@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from embshard.cluster.sweep_plan import base_params, uniform_width
 from embshard.config import JobConfig, load_job_config
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
+from embshard.errors import EmbshardError
 from embshard.planner.decisions import BlockDecision, Decisions, TableDecision
 from embshard.planner.remap import frequency_ranking
 
@@ -117,15 +119,22 @@ def main() -> None:
                    help="override a field of configs/sweep-planted.yaml")
     p.add_argument("--label", default="planted-oracle", help="the results folder under bench/results/")
     args = p.parse_args()
-    spec = DatasetSpec.load(args.data)
+    try:
+        scales = [int(s) for s in args.scales.split(",")]
+    except ValueError:
+        p.error(f"--scales: expected comma-separated whole multiples, got {args.scales!r}")
+    try:
+        spec = DatasetSpec.load(args.data)
+    except EmbshardError as e:
+        p.error(str(e))
     if not spec.planted:
         p.error(f"{args.data}: not a planted dataset (no `planted` in dataset.json); make one with "
                 "`embshard data synth --planted`")
-    scales = [int(s) for s in args.scales.split(",")]
     cfg = load_job_config(CONFIG, args.overrides)
     cfg = replace(cfg, data=replace(cfg.data, path=str(args.data)),
                   train=replace(cfg.train, epochs=args.epochs, test=True, report_at="best_valid", progress=False))
-    runs_dir = CACHE / args.label
+    # A folder per invocation: a run resumes from checkpoints it finds in its output folder.
+    runs_dir = CACHE / args.label / time.strftime("%Y%m%d-%H%M%S")
     warnings.filterwarnings("ignore")
     init_single_process_group()
 
