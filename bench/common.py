@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from embshard.cluster.launch import plan_for_training
 from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, ModelConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec
@@ -26,7 +25,6 @@ from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import DimensionPlan
-from embshard.trainer.loop import run_worker
 
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
@@ -45,6 +43,10 @@ def init_single_process_group() -> None:
 def train_here(cfg: JobConfig, method: str) -> tuple[DimensionPlan, dict]:
     """One run in this process (a one-rank group), through the driver's planning step and the
     workers' loop: -> its plan and run_worker's summary."""
+    # Imported here: the speed benchmarks share this module and need neither Ray nor the loop.
+    from embshard.cluster.launch import plan_for_training
+    from embshard.trainer.loop import run_worker
+
     bundle = plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), method)
     return bundle.dimension_plan, run_worker(cfg, method=method)
 
