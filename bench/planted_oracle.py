@@ -16,7 +16,7 @@ reach the best uniform AUC with a fraction of its parameters, and how close does
 the Bayes AUC on this much data? Only benchmarks read the planted ranks; no method does.
 
 Writes bench/results/planted-oracle/{oracle.json,oracle.md} (`--label` names another folder); the
-runs go under bench/results/cache/planted-oracle/.
+runs go under bench/results/cache/<label>/<time>/.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import EmbshardError
 from embshard.planner.decisions import BlockDecision, Decisions, TableDecision
+from embshard.planner.policies import plan_dimensions
 from embshard.planner.remap import frequency_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,21 +67,22 @@ def planted_decisions(data: Path, base_dim: int, scale: int, out: Path) -> Path:
     return decisions.save(out / "decisions.json")
 
 
-def planted_params(spec: DatasetSpec) -> int:
-    """What the generator itself holds, counted like `DimensionPlan.serve_params`: every block's
-    rows x its rank, plus its rank x latent-dim map into the shared space."""
-    planted = spec.planted
-    return sum((b["end"] - b["start"]) * b["rank"] + b["rank"] * planted["latent_dim"]
-               for table in planted["ranks"].values() for b in table["blocks"])
+def planted_params(cfg: JobConfig, data: Path, out: Path) -> int:
+    """What the generator itself holds: the planted widths unrounded (x1), counted by the planner's
+    own `serve_params` (blocks plus their maps into the base width)."""
+    exact = replace(cfg.embeddings, policy="decisions", rounding="none", min_dim=1,
+                    decisions=str(planted_decisions(data, cfg.embeddings.dim, 1, out / "decisions")))
+    return plan_dimensions(exact, DatasetSpec.load(data), None, out / "plan").serve_params()
 
 
 def run(cfg: JobConfig, name: str, seed: int, runs: Path, method: str, **embeddings: Any) -> dict[str, Any]:
     cfg = replace(cfg, seed=seed, output_dir=str(runs / f"{name}-s{seed}"),
                   embeddings=replace(cfg.embeddings, **embeddings))
     plan, summary = train_here(cfg, method)
+    params = plan.serve_params()
     print(f"{name} seed {seed}: test AUC {summary['test_auc']:.4f} at step {summary['selected_step']}, "
-          f"{plan.serve_params():,} serving params", file=sys.stderr)
-    return {"plan": name, "seed": seed, "serving_params": plan.serve_params(), "test_auc": summary["test_auc"],
+          f"{params:,} serving params", file=sys.stderr)
+    return {"plan": name, "seed": seed, "serving_params": params, "test_auc": summary["test_auc"],
             "valid_auc": summary["valid_auc"], "selected_step": summary["selected_step"], "steps": summary["steps"]}
 
 
@@ -154,7 +156,7 @@ def main() -> None:
     rows = summarise(runs, base, bayes)
     out = RESULTS / args.label
     out.mkdir(parents=True, exist_ok=True)
-    planted = planted_params(spec)
+    planted = planted_params(cfg, args.data, runs_dir / "planted-exact")
     result = {"bench": "planted-oracle", "data": spec.source, "config": str(CONFIG.relative_to(ROOT)),
               "overrides": args.overrides, "epochs": args.epochs, "bayes_test_auc": bayes,
               "planted_params": planted, "base_params": base, "rows": rows, "runs": runs}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import bench_module
 
-from embshard.config import EmbeddingsConfig
+from embshard.config import EmbeddingsConfig, JobConfig
 from embshard.datasets.planted import synthesize_planted
 from embshard.datasets.profile import load_profile
 from embshard.planner.policies import plan_dimensions
@@ -47,3 +47,13 @@ def test_the_plan_has_the_planted_blocks_at_scale(oracle, planted, tmp_path: Pat
         assert c[ranks < blocks[0]["end"]].min() >= c[ranks >= blocks[0]["end"]].max()
         assert table.name == table_name(feature)
     assert len(plan.tables) == len(spec.sparse)
+
+
+def test_planted_params_counts_the_blocks_and_their_maps(oracle, planted, tmp_path: Path) -> None:
+    data, spec = planted
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=BASE))
+    by_hand = sum(
+        (b["end"] - b["start"]) * min(BASE, b["rank"]) + (min(BASE, b["rank"]) * BASE if b["rank"] < BASE else 0)
+        for t in spec.planted["ranks"].values() for b in t["blocks"]
+    )
+    assert oracle.planted_params(cfg, data, tmp_path) == by_hand
