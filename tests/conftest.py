@@ -18,6 +18,12 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMBSHARD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
+# Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s, which
+# leaves every run idle for ~5 s after its last step; the suite makes ~25 Ray Train runs on 2
+# cores. Set before any test builds a subprocess environment or starts Ray, so every run sees it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+
 
 def shared_file(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
