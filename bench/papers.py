@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, init_single_process_group, train_here
 from quality import prepare_dataset
 
-from embshard.cluster.sweep_report import planted_ranks, within_one_step
+from embshard.cluster.sweep_report import PlantedTruth, within_one_step
 from embshard.config import JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec
 from embshard.trainer.history import read_history
@@ -164,7 +164,7 @@ def planted_fields(data: Path, dims: dict[str, int], candidates: list[int]) -> d
     planted = DatasetSpec.load(data).planted
     if not planted:
         return {}
-    ranks = planted_ranks(planted)
+    ranks = PlantedTruth.of_dataset(planted).ranks
     return {"planted_rank": ranks, "within_one_step": within_one_step(dims, ranks, candidates),
             "bayes_test_auc": planted["bayes_auc"]["test"]}
 

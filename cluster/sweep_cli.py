@@ -46,6 +46,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     verbose_argument(p)
     p.set_defaults(func=sweep)
 
+    m = commands.add_parser(
+        "sweep-merge", help="one report (table, frontier, claim) of several sweeps on one dataset",
+        description="Merge the points of sweeps run apart on one dataset (say, a method swept after the "
+                    "others) into one report, its claim made over all of them. The same method, budget and "
+                    "seed in two sweeps is refused.")
+    m.add_argument("reports", nargs="+", metavar="SWEEP",
+                   help="a sweep's folder (its --out) or its sweep-<dataset>.json")
+    m.add_argument("--out", required=True, help="the folder for the merged sweep-<dataset>.json, .md and .png")
+    m.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier merge in --out")
+    m.add_argument("--assume-same-config", action="store_true",
+                   help="merge reports that record no job config (sweeps from before they recorded it) unchecked")
+    m.set_defaults(func=sweep_merge)
+
 
 def sweep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
@@ -69,23 +82,73 @@ def sweep(args: argparse.Namespace) -> int:
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 
-    from embshard.cluster.sweep_report import metric_label, report
+    from embshard.cluster.sweep_report import PlantedTruth, metric_label, report
     from embshard.cluster.sweep_run import run_sweep
     from embshard.config import AutodimConfig
     from embshard.datasets.storage import location
+    from embshard.typed_config import to_dict
 
     out = location(args.out or Path(cfg.output_dir) / "sweep")
     points = run_sweep(cfg, spec, out, args.resume, args.parallel)
     name = location(cfg.data.path).resolve().name
-    rep = report(points, data.planted or None, (cfg.autodim or AutodimConfig()).candidates)
+    truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
+    rep = report(points, truth, (cfg.autodim or AutodimConfig()).candidates)
     metric = rep["metric"].removeprefix("test_")
     at = ", at the best validation" if cfg.train.report_at == "best_valid" else ""
     title = (f"{name}: test {metric_label(metric)} vs serving bytes "
              f"({cfg.train.epochs} epoch(s){at}, {spec.seeds} seed(s))")
-    paths = write_report({"dataset": name, "sweep": spec.to_json(), "points": points, **rep}, title, out, name)
+    # The job config goes with the points, so that `sweep-merge` can check sweeps trained alike.
+    record = {"dataset": name, "sweep": spec.to_json(), "config": to_dict(cfg), "points": points, **rep}
+    paths = write_report(record, title, out, name)
     print(f"claim: {rep['claim']['statement']}")
     print("report: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def sweep_merge(args: argparse.Namespace) -> int:
+    from embshard.cluster.sweep_report import merge_reports, metric_label
+    from embshard.errors import DataError
+
+    sources = {str(path): path for path in map(sweep_json, args.reports)}
+    reports: dict[str, dict[str, Any]] = {}
+    for name, path in sources.items():
+        try:
+            reports[name] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a sweep report ({e})") from e
+        if not {"dataset", "points"} <= set(reports[name]):
+            raise DataError(f"{path}: not a sweep report (it has no dataset or points)")
+    out = Path(args.out)
+    if any(out.resolve() == path.parent.resolve() for path in sources.values()):
+        raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
+    rep = merge_reports(reports, args.assume_same_config)
+    name = rep["dataset"]
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{name}: test {metric_label(rep['metric'].removeprefix('test_'))} vs serving bytes "
+             f"({len(reports)} sweeps merged)")
+    paths = write_report(rep, title, out, name)
+    print(f"claim: {rep['claim']['statement']}")
+    print("report: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def sweep_json(arg: str) -> Path:
+    """A sweep's report: the file named, or the one sweep-*.json in the folder named."""
+    from embshard.cluster.sweep_run import SPEC_FILE
+    from embshard.errors import DataError
+
+    path = Path(arg)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise DataError(f"{arg}: no such sweep folder or report")
+    reports = [p for p in sorted(path.glob("sweep-*.json")) if p.name != SPEC_FILE]
+    if len(reports) != 1:
+        raise DataError(f"{arg}: expected one sweep-<dataset>.json in the folder, found "
+                        f"{', '.join(p.name for p in reports) or 'none'} (a sweep that has not finished has none)")
+    return reports[0]
 
 
 def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:

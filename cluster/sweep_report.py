@@ -102,26 +102,38 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
     return Claim(True, statement, tol, best.mean, smallest)
 
 
-def planted_comparison(configs: list[Config], planted: dict[str, Any], grid: list[int],
-                       split: str = "test") -> dict[str, Any]:
+@dataclass(frozen=True)
+class PlantedTruth:
+    """What a planted dataset's generator knows and no method reads: the Bayes AUC of the test
+    split and each table's planted rank (its most popular rows')."""
+
+    bayes_auc: float
+    ranks: dict[str, int]
+
+    @classmethod
+    def of_dataset(cls, planted: dict[str, Any], split: str = "test") -> PlantedTruth:
+        """From dataset.json's `planted`."""
+        bayes = planted.get("bayes_auc", {}).get(split)
+        if bayes is None:
+            raise DataError(f"dataset.json: planted.bayes_auc.{split} is missing; cannot compare with the Bayes AUC")
+        return cls(bayes, {f: r["rank"] for f, r in planted["ranks"].items()})
+
+    @classmethod
+    def of_report(cls, planted: dict[str, Any]) -> PlantedTruth:
+        """From a report's `planted` section (what planted_comparison wrote)."""
+        return cls(planted["bayes_auc"], dict(planted["ranks"]))
+
+
+def planted_comparison(configs: list[Config], truth: PlantedTruth, grid: list[int]) -> dict[str, Any]:
     """Per table the planted rank against each config's chosen width, the share of tables whose
     width is within one step of `grid` (AutoDim's candidate widths) of the planted rank, and
-    each config's distance to the Bayes AUC of `split`."""
-    bayes = planted.get("bayes_auc", {}).get(split)
-    if bayes is None:
-        raise DataError(f"dataset.json: planted.bayes_auc.{split} is missing; cannot compare with the Bayes AUC")
-    ranks = planted_ranks(planted)
+    each config's distance to the Bayes AUC."""
     configs_out = []
     for c in configs:
-        widths = {f: c.widths.get(f) for f in ranks}
-        configs_out.append({"method": c.method, "budget": c.budget, "distance_to_bayes": bayes - c.mean,
-                            "widths": widths, "within_one_step": within_one_step(widths, ranks, grid)})
-    return {"bayes_auc": bayes, "ranks": ranks, "grid": sorted(grid), "configs": configs_out}
-
-
-def planted_ranks(planted: dict[str, Any]) -> dict[str, int]:
-    """Per feature its table's planted rank (its most popular rows'), from dataset.json's `planted`."""
-    return {f: r["rank"] for f, r in planted["ranks"].items()}
+        widths = {f: c.widths.get(f) for f in truth.ranks}
+        configs_out.append({"method": c.method, "budget": c.budget, "distance_to_bayes": truth.bayes_auc - c.mean,
+                            "widths": widths, "within_one_step": within_one_step(widths, truth.ranks, grid)})
+    return {"bayes_auc": truth.bayes_auc, "ranks": truth.ranks, "grid": sorted(grid), "configs": configs_out}
 
 
 def within_one_step(widths: Mapping[str, float | None], ranks: Mapping[str, int], grid: list[int]) -> float:
@@ -144,7 +156,7 @@ def metric_of(points: list[dict[str, Any]]) -> tuple[str, bool]:
     return found.pop() if found else ("auc", False)
 
 
-def report(points: list[dict[str, Any]], planted: dict[str, Any] | None, grid: list[int],
+def report(points: list[dict[str, Any]], planted: PlantedTruth | None, grid: list[int],
            min_tolerance: float = MIN_TOLERANCE) -> dict[str, Any]:
     """`grid`: the widths a planted comparison counts steps on (the sweep's AutoDim candidates)."""
     configs, errors = aggregate(points)
@@ -154,6 +166,82 @@ def report(points: list[dict[str, Any]], planted: dict[str, Any] | None, grid: l
                            "claim": asdict(claim(configs, min_tolerance, metric, lower))}
     if planted:
         out["planted"] = planted_comparison(configs, planted, grid)
+    return out
+
+
+# Job config keys a sweep's results do not depend on: where things go, how progress is shown, how
+# a run survives failures. Merged sweeps that differ in any other key did not train alike.
+NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "data.validate", "sharding.plan_file",
+                         "train.log_every", "train.progress", "metrics", "cluster.address", "cluster.max_failures",
+                         "cluster.storage", "checkpoint", "sweep"})
+
+
+def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: bool = False) -> dict[str, Any]:
+    """One report of several sweeps' points on one dataset (e.g. a method swept after the
+    others), keyed by where each came from. Refused, since the merged claim would compare unlike
+    runs: two datasets, two planted truths, a (method, budget, seed) in two sweeps, job configs
+    that differ beyond NOT_RESULTS, and, unless `assume_same_config`, a report that records no
+    config (written before sweeps recorded it)."""
+    names = {rep["dataset"] for rep in reports.values()}
+    if len(names) > 1:
+        raise DataError(f"sweep reports of different datasets ({', '.join(sorted(names))}): a merged claim "
+                        "would compare unlike runs")
+    points: list[dict[str, Any]] = []
+    seen: dict[tuple[str, float, int], str] = {}
+    for source, rep in reports.items():
+        for p in rep["points"]:
+            key = (p["method"], p["budget"], p["seed"])
+            if key in seen:
+                raise DataError(f"{source}: {p['method']} at budget {p['budget']:g}, seed {p['seed']} is also in "
+                                f"{seen[key]}; merge sweeps of different methods, budgets or seeds")
+            seen[key] = source
+            points.append(p)
+    config = same_config(reports, assume_same_config)
+    # What must agree for two planted sweeps to be of one dataset: the truth and the grid it is read on.
+    truths = [{k: rep["planted"][k] for k in ("bayes_auc", "ranks", "grid")} for rep in reports.values()
+              if "planted" in rep]
+    if truths and (len(truths) < len(reports) or any(t != truths[0] for t in truths)):
+        raise DataError("sweep reports with different planted truths (Bayes AUC, ranks or grid): not one dataset")
+    rep = report(points, PlantedTruth.of_report(truths[0]) if truths else None, truths[0]["grid"] if truths else [])
+    # Each source's sweep spec, or for a merged report, what it was merged from.
+    sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
+    return {"dataset": names.pop(), "merged_from": sources, "config": config,
+            "configs_checked": all(r.get("config") is not None for r in reports.values()), "points": points, **rep}
+
+
+def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dict[str, Any] | None:
+    """The job config the reports share (the first one's), or a DataError naming the first key
+    where two differ; None when none records one."""
+    recorded = {src: r["config"] for src, r in reports.items() if r.get("config") is not None}
+    missing = [src for src in reports if src not in recorded]
+    if missing and not assume_same:
+        raise DataError(f"{missing[0]}: the report records no job config (a sweep from before sweeps recorded "
+                        "it), so whether the sweeps trained alike cannot be checked; pass --assume-same-config "
+                        "to merge it unchecked")
+    if not recorded:
+        return None
+    (first, config), *others = recorded.items()
+    mine = _result_keys(config)
+    for src, other in others:
+        theirs = _result_keys(other)
+        for key in sorted(mine.keys() | theirs.keys()):
+            if mine.get(key, "(unset)") != theirs.get(key, "(unset)"):
+                raise DataError(f"{src}: {key} is {theirs.get(key, '(unset)')!r}, {first} has "
+                                f"{mine.get(key, '(unset)')!r}: the sweeps did not train alike")
+    return config
+
+
+def _result_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config flattened to dotted keys, without those in NOT_RESULTS."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = prefix + k
+        if key in NOT_RESULTS:
+            continue
+        if isinstance(v, dict):
+            out.update(_result_keys(v, key + "."))
+        else:
+            out[key] = v
     return out
 
 

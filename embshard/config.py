@@ -140,12 +140,12 @@ class PepConfig:
     # L2 on s. It is what raises the thresholds: at s = -15 the loss gradient on s is scaled by
     # sigmoid'(s) ~ 3e-7, so a decay pulling s toward 0 dominates until the threshold starts
     # cutting entries the loss needs. (The reference implementation decays every parameter with
-    # Adam at 1e-5 over hundreds of epochs; 1e-3 reaches the targets within ~2 epochs on
-    # MovieLens-1M, bench/QUALITY.md.) Dense thresholds (global, dimension) decay alone under
-    # their Adam. Row thresholds share their row's fused optimizer, so the decay applies to the
-    # whole [V | s] row, as in the reference, and needs rowwise_adagrad or adam (CUDA only); but
-    # FBGEMM's CPU row-wise Adagrad ignores it (tests/test_pep.py), so on CPU feature-wise
-    # thresholds barely rise.
+    # Adam at 1e-5 over hundreds of epochs; 1e-3 reaches 0.5 and 0.125 of the entries after
+    # ~1.3 and ~1.8 epochs on MovieLens-1M, bench/QUALITY.md.) Dense thresholds (global,
+    # dimension) decay alone under their Adam. Row thresholds share their row's fused optimizer,
+    # so the decay applies to the whole [V | s] row, as in the reference, and needs
+    # rowwise_adagrad or adam (CUDA only); but FBGEMM's CPU row-wise Adagrad ignores it
+    # (tests/test_pep.py), so on CPU feature-wise thresholds barely rise.
     weight_decay: float = 1e-3
     # Fractions of the dense embedding parameters to keep; a mask and a decisions file are written
     # the first time the non-zero count falls to each (one run, several targets).

@@ -1,5 +1,5 @@
 """The sweep's report logic on hand-made points: frontier per method, the honest claim, the
-planted comparison; and the sweep's bad-input lines."""
+planted comparison, merged sweeps; and the sweep's bad-input lines."""
 
 from __future__ import annotations
 
@@ -12,10 +12,19 @@ import pytest
 from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
 from embshard.cluster.sweep_plan import SweepSpec, parse_budgets, parse_methods, planned_run, uniform_width
-from embshard.cluster.sweep_report import aggregate, claim, markdown, planted_comparison, report
+from embshard.cluster.sweep_report import (
+    PlantedTruth,
+    aggregate,
+    claim,
+    markdown,
+    merge_reports,
+    planted_comparison,
+    report,
+)
 from embshard.config import EmbeddingsConfig, JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import ConfigError, DataError
+from embshard.typed_config import to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +139,8 @@ def test_planted_comparison_widths_and_distance_to_bayes():
             point("mde", 0.5, 1, 0.84, 2000, {"C1": 12, "C2": 4})]
     planted = {"bayes_auc": {"train": 0.9, "valid": 0.88, "test": 0.87},
                "ranks": {"C1": {"rank": 16, "blocks": []}, "C2": {"rank": 3, "blocks": []}}}
-    comparison = planted_comparison(aggregate(pts)[0], planted, [2, 8, 16, 24, 32])
+    truth = PlantedTruth.of_dataset(planted)
+    comparison = planted_comparison(aggregate(pts)[0], truth, [2, 8, 16, 24, 32])
     assert comparison["ranks"] == {"C1": 16, "C2": 3}
     mde = next(c for c in comparison["configs"] if c["method"] == "mde")
     assert mde["widths"] == {"C1": 14, "C2": 4}  # mean over seeds
@@ -138,18 +148,18 @@ def test_planted_comparison_widths_and_distance_to_bayes():
     # both at their table's step; uniform's 8 is one step below 16 and at 3's step.
     assert mde["within_one_step"] == 1.0
     # On 2, 4, 8, 12, 16 uniform's 8 is two steps below 16 (a miss) and one above 3's 4.
-    finer = planted_comparison(aggregate(pts)[0], planted, [2, 4, 8, 12, 16])["configs"]
+    finer = planted_comparison(aggregate(pts)[0], truth, [2, 4, 8, 12, 16])["configs"]
     assert next(c for c in finer if c["method"] == "uniform")["within_one_step"] == 0.5
     assert mde["distance_to_bayes"] == pytest.approx(0.03)
     uniform = next(c for c in comparison["configs"] if c["method"] == "uniform")
     assert uniform["distance_to_bayes"] == pytest.approx(0.87 - 0.805)
     with pytest.raises(DataError, match="bayes_auc.test"):
-        planted_comparison(aggregate(pts)[0], {"bayes_auc": {}, "ranks": {}}, [2, 8])
+        PlantedTruth.of_dataset({"bayes_auc": {}, "ranks": {}})
 
 
 def test_report_files(tmp_path):
     planted = {"bayes_auc": {"test": 0.8}, "ranks": {"C1": {"rank": 6, "blocks": []}}}
-    rep = report(rising(), planted, GRID)
+    rep = report(rising(), PlantedTruth.of_dataset(planted), GRID)
     paths = write_report(rep, "tiny", tmp_path, "tiny")
     assert [p.name for p in paths] == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
     assert json.loads(paths[0].read_text())["claim"]["rises"] is True
@@ -245,3 +255,94 @@ def test_sweep_folder_is_never_taken_over(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "holds no sweep to resume" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def sweep_report_of(points: list[dict], methods: list[str], planted: dict | None = None, **overrides: str) -> dict:
+    """A sweep's JSON as `embshard sweep` writes it, for hand-made points; `overrides`: its job
+    config's `--set`s (dots as __)."""
+    rep = report(points, PlantedTruth.of_dataset(planted) if planted else None, GRID)
+    sets = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    cfg = load_job_config(REPO / "configs" / "default.yaml", sets)
+    return {"dataset": "tiny", "sweep": {"methods": methods, "budgets": [0.25, 0.5, 1.0], "seeds": 2},
+            "config": json.loads(json.dumps(to_dict(cfg))), "points": points, **rep}
+
+
+def test_merged_sweeps_claim_over_all_their_points():
+    uniform = [p for p in rising() if p["method"] == "uniform"]
+    mde = [p for p in rising() if p["method"] == "mde"]
+    # Apart, the MDE sweep can claim nothing: it has no uniform curve.
+    assert report(mde, None, GRID)["claim"]["rises"] is None
+    merged = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": sweep_report_of(mde, ["mde"])})
+    assert merged["claim"] == report(rising(), None, GRID)["claim"]
+    assert merged["claim"]["smallest"]["mde"]["ratio_vs_uniform"] == 2.0
+    assert merged["merged_from"] == {"a": {"methods": ["uniform"], "budgets": [0.25, 0.5, 1.0], "seeds": 2},
+                                     "b": {"methods": ["mde"], "budgets": [0.25, 0.5, 1.0], "seeds": 2}}
+    assert len(merged["points"]) == len(rising()) and merged["dataset"] == "tiny"
+    # A merged report merges again.
+    extra = sweep_report_of([point("mlet", 0.25, 0, 0.78, 1000)], ["mlet"])
+    again = merge_reports({"ab": merged, "c": extra})
+    assert again["claim"]["smallest"]["mlet"]["ratio_vs_uniform"] == 4.0
+    assert again["merged_from"]["ab"] == merged["merged_from"]
+
+
+def test_merging_unlike_sweeps_is_refused():
+    uniform = sweep_report_of([p for p in rising() if p["method"] == "uniform"], ["uniform"])
+    with pytest.raises(DataError, match="uniform at budget 0.25, seed 0 is also in a"):
+        merge_reports({"a": uniform, "b": uniform})
+    with pytest.raises(DataError, match=r"different datasets \(other, tiny\)"):
+        merge_reports({"a": uniform, "b": {**sweep_report_of([], ["mde"]), "dataset": "other"}})
+    planted = {"bayes_auc": {"test": 0.8}, "ranks": {"C1": {"rank": 6, "blocks": []}}}
+    other = {"bayes_auc": {"test": 0.8}, "ranks": {"C1": {"rank": 12, "blocks": []}}}
+    mde = [p for p in rising() if p["method"] == "mde"]
+    for a, b in ((planted, other), (planted, None)):
+        with pytest.raises(DataError, match="different planted truths"):
+            merge_reports({"a": sweep_report_of(rising()[:1], ["uniform"], a), "b": sweep_report_of(mde, ["mde"], b)})
+    same = merge_reports({"a": sweep_report_of(rising()[:1], ["uniform"], planted),
+                          "b": sweep_report_of(mde, ["mde"], planted)})
+    assert same["planted"]["ranks"] == {"C1": 6} and len(same["planted"]["configs"]) == 3
+
+
+def test_merged_sweeps_must_have_trained_alike():
+    uniform = [p for p in rising() if p["method"] == "uniform"]
+    mde = [p for p in rising() if p["method"] == "mde"]
+    with pytest.raises(DataError, match=r"b: train.epochs is 3, a has 1: the sweeps did not train alike"):
+        merge_reports({"a": sweep_report_of(uniform, ["uniform"]),
+                       "b": sweep_report_of(mde, ["mde"], train__epochs="3")})
+    # Where runs go, how they log and checkpoint: not a difference in what they trained.
+    elsewhere = sweep_report_of(mde, ["mde"], output_dir="/elsewhere", train__log_every="7",
+                                checkpoint__every_steps="3", data__path="/mnt/copy")
+    merged = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": elsewhere})
+    assert merged["configs_checked"] and merged["config"]["output_dir"] == "outputs/default/run"
+    # A report from before sweeps recorded their config merges only when asked, and says so.
+    old = {k: v for k, v in sweep_report_of(mde, ["mde"]).items() if k != "config"}
+    with pytest.raises(DataError, match="b: the report records no job config.*--assume-same-config"):
+        merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": old})
+    unchecked = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": old}, assume_same_config=True)
+    assert not unchecked["configs_checked"] and unchecked["claim"]["rises"]
+
+
+def test_sweep_merge_writes_one_report_and_takes_over_nothing(tmp_path, capsys):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    for folder, method in ((a, "uniform"), (b, "mde")):
+        folder.mkdir()
+        rep = sweep_report_of([p for p in rising() if p["method"] == method], [method])
+        (folder / "sweep-tiny.json").write_text(json.dumps(rep))
+        (folder / "sweep-spec.json").write_text("{}")  # the spec beside it is not a report
+    assert main(["sweep-merge", str(a), str(b / "sweep-tiny.json"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "claim: uniform improves with width" in printed and "mde at budget 0.5" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
+    assert "(2 sweeps merged)" in (out / "sweep-tiny.md").read_text()
+    before = (out / "sweep-tiny.json").read_bytes()
+    for args, expected in (
+        ([str(a), str(b), "--out", str(out)], f"--out {out}: not empty; pass --overwrite"),
+        ([str(a), str(b), "--out", str(a), "--overwrite"], f"--out {a}: holds one of the reports merged"),
+        ([str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "x")], f"{tmp_path / 'nope'}: no such sweep"),
+        ([str(a), str(tmp_path), "--out", str(tmp_path / "x")],
+         f"{tmp_path}: expected one sweep-<dataset>.json in the folder, found none"),
+    ):
+        assert main(["sweep-merge", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and err.startswith(f"embshard: error: {expected}"), err
+    assert (out / "sweep-tiny.json").read_bytes() == before
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 0
