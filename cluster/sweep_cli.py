@@ -82,7 +82,7 @@ def sweep(args: argparse.Namespace) -> int:
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 
-    from embshard.cluster.sweep_report import PlantedTruth, metric_label, report
+    from embshard.cluster.sweep_report import PlantedTruth, dataset_sha256, metric_label, report
     from embshard.cluster.sweep_run import run_sweep
     from embshard.config import AutodimConfig
     from embshard.datasets.storage import location
@@ -98,7 +98,8 @@ def sweep(args: argparse.Namespace) -> int:
     title = (f"{name}: test {metric_label(metric)} vs serving bytes "
              f"({cfg.train.epochs} epoch(s){at}, {spec.seeds} seed(s))")
     # The job config goes with the points, so that `sweep-merge` can check sweeps trained alike.
-    record = {"dataset": name, "sweep": spec.to_json(), "config": to_dict(cfg), "points": points, **rep}
+    record = {"dataset": name, "dataset_sha256": dataset_sha256(to_dict(data)), "sweep": spec.to_json(),
+              "config": to_dict(cfg), "points": points, **rep}
     paths = write_report(record, title, out, name)
     print(f"claim: {rep['claim']['statement']}")
     print("report: " + ", ".join(str(p) for p in paths))

@@ -197,6 +197,10 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
             seen[key] = source
             points.append(p)
     config = same_config(reports, assume_same_config)
+    shas = {r["dataset_sha256"] for r in reports.values() if r.get("dataset_sha256")}
+    if len(shas) > 1:
+        raise DataError(f"sweep reports of different data: their datasets' dataset.json differ (converted again "
+                        f"with other settings, or another dataset in a folder of the same name {next(iter(names))!r})")
     # What must agree for two planted sweeps to be of one dataset: the truth and the grid it is read on.
     truths = [{k: rep["planted"][k] for k in ("bayes_auc", "ranks", "grid")} for rep in reports.values()
               if "planted" in rep]
@@ -205,8 +209,18 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     rep = report(points, PlantedTruth.of_report(truths[0]) if truths else None, truths[0]["grid"] if truths else [])
     # Each source's sweep spec, or for a merged report, what it was merged from.
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
-    return {"dataset": names.pop(), "merged_from": sources, "config": config,
-            "configs_checked": all(r.get("config") is not None for r in reports.values()), "points": points, **rep}
+    checked = all(r.get("config") is not None and r.get("configs_checked", True) for r in reports.values())
+    return {"dataset": names.pop(), "dataset_sha256": shas.pop() if shas else None, "merged_from": sources,
+            "config": config, "configs_checked": checked, "points": points, **rep}
+
+
+def dataset_sha256(spec: dict[str, Any]) -> str:
+    """A dataset's identity for merging its sweeps: the hash of its dataset.json's content (names,
+    cardinalities, rows per split, source, planted truth), not of where it lies."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dict[str, Any] | None:

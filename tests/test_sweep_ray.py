@@ -85,5 +85,6 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
     rep = json.loads(s3.server.client().get_object(Bucket=s3.name, Key="sweeps/one/sweep-data.json")["Body"].read())
     assert sorted((p["method"], p["budget"]) for p in rep["points"]) == [("autodim", 1.0), ("uniform", 1.0)]
     assert all(0.5 < p["value"] <= 1 for p in rep["points"])
-    assert rep["config"]["data"]["batch_size"] == 256  # recorded for `sweep-merge` to compare
+    # Recorded for `sweep-merge` to compare.
+    assert rep["config"]["data"]["batch_size"] == 256 and len(rep["dataset_sha256"]) == 64
     assert rep["planted"]["bayes_auc"] > 0.5 and len(rep["planted"]["configs"]) == 2

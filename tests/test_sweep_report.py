@@ -16,6 +16,7 @@ from embshard.cluster.sweep_report import (
     PlantedTruth,
     aggregate,
     claim,
+    dataset_sha256,
     markdown,
     merge_reports,
     planted_comparison,
@@ -263,7 +264,8 @@ def sweep_report_of(points: list[dict], methods: list[str], planted: dict | None
     rep = report(points, PlantedTruth.of_dataset(planted) if planted else None, GRID)
     sets = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     cfg = load_job_config(REPO / "configs" / "default.yaml", sets)
-    return {"dataset": "tiny", "sweep": {"methods": methods, "budgets": [0.25, 0.5, 1.0], "seeds": 2},
+    return {"dataset": "tiny", "dataset_sha256": dataset_sha256({"name": "tiny"}),
+            "sweep": {"methods": methods, "budgets": [0.25, 0.5, 1.0], "seeds": 2},
             "config": json.loads(json.dumps(to_dict(cfg))), "points": points, **rep}
 
 
@@ -313,12 +315,19 @@ def test_merged_sweeps_must_have_trained_alike():
                                 checkpoint__every_steps="3", data__path="/mnt/copy")
     merged = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": elsewhere})
     assert merged["configs_checked"] and merged["config"]["output_dir"] == "outputs/default/run"
+    # The same folder name holding other data (converted again, say) is another dataset.
+    other_data = {**sweep_report_of(mde, ["mde"]), "dataset_sha256": dataset_sha256({"name": "tiny", "rows": 9})}
+    with pytest.raises(DataError, match="different data: their datasets' dataset.json differ.*'tiny'"):
+        merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": other_data})
     # A report from before sweeps recorded their config merges only when asked, and says so.
     old = {k: v for k, v in sweep_report_of(mde, ["mde"]).items() if k != "config"}
     with pytest.raises(DataError, match="b: the report records no job config.*--assume-same-config"):
         merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": old})
     unchecked = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": old}, assume_same_config=True)
     assert not unchecked["configs_checked"] and unchecked["claim"]["rises"]
+    # ... and a merge of it stays unchecked.
+    extra = sweep_report_of([point("mlet", 0.25, 0, 0.78, 1000)], ["mlet"])
+    assert not merge_reports({"ab": unchecked, "c": extra})["configs_checked"]
 
 
 def test_sweep_merge_writes_one_report_and_takes_over_nothing(tmp_path, capsys):
