@@ -49,8 +49,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     m = commands.add_parser(
         "sweep-merge", help="one report (table, frontier, claim) of several sweeps on one dataset",
         description="Merge the points of sweeps run apart on one dataset (say, a method swept after the "
-                    "others) into one report, its claim made over all of them. The same method, budget and "
-                    "seed in two sweeps is refused.")
+                    "others) into one report, its claim made over all of them. Refused: sweeps of other data "
+                    "or of job configs that differ beyond outputs, logging and failure handling, and the same "
+                    "method, budget and seed in two sweeps.")
     m.add_argument("reports", nargs="+", metavar="SWEEP",
                    help="a sweep's folder (its --out) or its sweep-<dataset>.json")
     m.add_argument("--out", required=True, help="the folder for the merged sweep-<dataset>.json, .md and .png")
