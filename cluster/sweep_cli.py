@@ -83,7 +83,7 @@ def sweep(args: argparse.Namespace) -> int:
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 
-    from embshard.cluster.sweep_report import PlantedTruth, dataset_sha256, metric_label, report
+    from embshard.cluster.sweep_report import PlantedTruth, dataset_sha256, report
     from embshard.cluster.sweep_run import run_sweep
     from embshard.config import AutodimConfig
     from embshard.datasets.storage import location
@@ -94,21 +94,15 @@ def sweep(args: argparse.Namespace) -> int:
     name = location(cfg.data.path).resolve().name
     truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
     rep = report(points, truth, (cfg.autodim or AutodimConfig()).candidates)
-    metric = rep["metric"].removeprefix("test_")
     at = ", at the best validation" if cfg.train.report_at == "best_valid" else ""
-    title = (f"{name}: test {metric_label(metric)} vs serving bytes "
-             f"({cfg.train.epochs} epoch(s){at}, {spec.seeds} seed(s))")
     # The job config goes with the points, so that `sweep-merge` can check sweeps trained alike.
     record = {"dataset": name, "dataset_sha256": dataset_sha256(to_dict(data)), "sweep": spec.to_json(),
               "config": to_dict(cfg), "points": points, **rep}
-    paths = write_report(record, title, out, name)
-    print(f"claim: {rep['claim']['statement']}")
-    print("report: " + ", ".join(str(p) for p in paths))
-    return 0
+    return publish(record, f"{cfg.train.epochs} epoch(s){at}, {spec.seeds} seed(s)", out)
 
 
 def sweep_merge(args: argparse.Namespace) -> int:
-    from embshard.cluster.sweep_report import merge_reports, metric_label
+    from embshard.cluster.sweep_report import merge_reports
     from embshard.errors import DataError
 
     sources = {str(path): path for path in map(sweep_json, args.reports)}
@@ -124,13 +118,19 @@ def sweep_merge(args: argparse.Namespace) -> int:
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
     rep = merge_reports(reports, args.assume_same_config)
-    name = rep["dataset"]
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
     out.mkdir(parents=True, exist_ok=True)
-    title = (f"{name}: test {metric_label(rep['metric'].removeprefix('test_'))} vs serving bytes "
-             f"({len(reports)} sweeps merged)")
-    paths = write_report(rep, title, out, name)
+    return publish(rep, f"{len(reports)} sweeps merged", out)
+
+
+def publish(rep: dict[str, Any], detail: str, out: StoragePath) -> int:
+    """A report's files in `out`, titled by its dataset, metric and `detail`; its claim and the
+    files' places on the console."""
+    from embshard.cluster.sweep_report import report_label
+
+    name = rep["dataset"]
+    paths = write_report(rep, f"{name}: test {report_label(rep)} vs serving bytes ({detail})", out, name)
     print(f"claim: {rep['claim']['statement']}")
     print("report: " + ", ".join(str(p) for p in paths))
     return 0

@@ -14,6 +14,8 @@ matter on this data, and names no ratio (it would mean nothing).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -217,9 +219,6 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
 def dataset_sha256(spec: dict[str, Any]) -> str:
     """A dataset's identity for merging its sweeps: the hash of its dataset.json's content (names,
     cardinalities, rows per split, source, planted truth), not of where it lies."""
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -260,7 +259,7 @@ def _result_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def markdown(rep: dict[str, Any], title: str) -> str:
-    label = _report_label(rep)
+    label = report_label(rep)
     lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |",
              "| --- | ---: | ---: | --- | ---: |"]
     for c in rep["configs"]:
@@ -306,7 +305,7 @@ def plot(rep: dict[str, Any], title: str, path: Path) -> None:
         ax.axhline(rep["planted"]["bayes_auc"], color="black", linestyle="--", label="Bayes AUC")
     ax.set_xscale("log")
     ax.set_xlabel("serving embedding bytes (fp32; PEP lottery: non-zeros)")
-    ax.set_ylabel(f"test {_report_label(rep)} (mean ± std over seeds)"
+    ax.set_ylabel(f"test {report_label(rep)} (mean ± std over seeds)"
                   + (", lower is better" if lower else ""))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -320,7 +319,7 @@ def metric_label(metric: str) -> str:
     return "AUC" if metric == "auc" else metric.upper() if metric in ("mse", "rmse") else metric
 
 
-def _report_label(rep: dict[str, Any]) -> str:
+def report_label(rep: dict[str, Any]) -> str:
     return metric_label(rep.get("metric", "test_auc").removeprefix("test_"))
 
 
