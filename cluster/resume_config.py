@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from embshard.cluster.cli_args import ADOPT_FLAG
-from embshard.config import JobConfig
+from embshard.config import JobConfig, current_schema
 from embshard.datasets.storage import StoragePath
 from embshard.errors import ConfigError
-from embshard.typed_config import from_dict, to_dict
+from embshard.typed_config import flatten, from_dict, to_dict, under, unflatten
 
 # Dotted prefixes of the keys that decide which tensors a checkpoint holds. Learning rates,
 # epochs, batch sizes, logging and paths may change between a run and its resumption.
@@ -33,14 +33,13 @@ MODEL_DEFINING_KEYS = (
 
 def model_defining(config: dict[str, Any]) -> dict[str, Any]:
     """The model-defining keys of a config dict, flattened to dotted names."""
-    flat = _flatten(config)
-    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in MODEL_DEFINING_KEYS)}
+    return {k: v for k, v in flatten(config).items() if under(k, MODEL_DEFINING_KEYS)}
 
 
 def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this config's value) for every model-defining key that differs.
-    The saved config is read through today's schema where it can be (`_normalised`)."""
-    old, new = model_defining(_normalised(saved)), model_defining(to_dict(cfg))
+    The saved config is read through today's schema where it can be (`current_schema`)."""
+    old, new = model_defining(current_schema(saved)), model_defining(to_dict(cfg))
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
@@ -51,13 +50,13 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, ad
     if not differences:
         return cfg
     if adopt:
-        adopted = model_defining(_normalised(saved))
+        adopted = model_defining(current_schema(saved))
         # Drop this config's model-defining keys, and any key that contains an adopted one or
         # lies inside it (a section this config leaves null that the checkpoint has, or the reverse).
-        merged = {k: v for k, v in _flatten(to_dict(cfg)).items()
+        merged = {k: v for k, v in flatten(to_dict(cfg)).items()
                   if not model_defining({k: v}) and not any(_nested(k, a) for a in adopted)}
         merged.update(adopted)
-        return from_dict(JobConfig, _unflatten(merged))
+        return from_dict(JobConfig, unflatten(merged))
     shown = ", ".join(f"{k} (checkpoint {old!r}, config {new!r})" for k, old, new in differences[:4])
     more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
     raise ConfigError(
@@ -66,34 +65,5 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, ad
     )
 
 
-def _normalised(saved: dict[str, Any]) -> dict[str, Any]:
-    """The saved config read through today's schema where it can be (fields added since it was
-    written take their defaults), else as it is."""
-    try:
-        return to_dict(from_dict(JobConfig, saved))
-    except ConfigError:
-        return saved
-
-
 def _nested(a: str, b: str) -> bool:
     return a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict) or not data:
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from embshard.config import (
     AutodimConfig,
@@ -36,9 +37,17 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
+from embshard.typed_config import flatten, to_dict
 
 DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
 FP32_BYTES = 4
+
+# Where each method's own knobs live in the job config. A sweep reads each only for trials of its
+# method; the fields each trial sets itself (a budget, a target, an output path) or that do not
+# change what trains are not knobs.
+KNOB_SECTIONS = {"mde": "embeddings.mde", "mlet": "embeddings.mlet", "pep": "pep", "autodim": "autodim"}
+NOT_KNOBS = {"mde": {"budget_params", "budget_bytes"}, "pep": {"targets", "out", "retrain_target", "retrain_from"},
+             "autodim": {"decisions", "history_every"}, "mlet": {"exact_resume"}}
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,24 @@ def base_params(cfg: JobConfig, spec: DatasetSpec) -> int:
 
 def mlet_config(cfg: JobConfig) -> MletConfig:
     return cfg.embeddings.mlet or MletConfig(ratio=DEFAULT_MLET_RATIO)
+
+
+def method_knobs(cfg: JobConfig, method: str) -> dict[str, Any]:
+    """The knobs a sweep method's trials read from `cfg` and other methods' do not, at the values
+    they train with (defaults filled in), as dotted keys under KNOB_SECTIONS' names (`mlet.ratio`):
+    what two sweeps of one method must share for their points to be one curve."""
+    trial = Trial(method, 0)
+    sections: dict[str, Any] = {}
+    if trial.base_method == "mde":
+        sections["mde"] = cfg.embeddings.mde
+    elif trial.base_method == "pep":
+        sections["pep"] = cfg.pep or PepConfig()
+    elif trial.base_method == "autodim":
+        sections["autodim"] = cfg.autodim or AutodimConfig()
+    if trial.with_mlet:
+        sections["mlet"] = mlet_config(cfg)
+    return {f"{name}.{key}": value for name, section in sections.items()
+            for key, value in flatten(to_dict(section)).items() if key not in NOT_KNOBS[name]}
 
 
 def run_config(base: JobConfig, trial: Trial, run_dir: Path, name: str) -> JobConfig:

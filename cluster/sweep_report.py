@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embshard.errors import DataError
+from embshard.cluster.sweep_plan import KNOB_SECTIONS, method_knobs
+from embshard.config import JobConfig, current_schema
+from embshard.errors import ConfigError, DataError
+from embshard.typed_config import flatten, from_dict, under
 
 MIN_TOLERANCE = 0.001  # in the metric's units: below this no difference between plans is claimed
 
@@ -31,7 +34,7 @@ MIN_TOLERANCE = 0.001  # in the metric's units: below this no difference between
 class Config:
     """One method at one budget, over its seeds."""
 
-    method: str
+    method: str  # the points' `curve`: with a variant where a merge holds the method at other knobs
     budget: float
     mean: float
     std: float
@@ -49,6 +52,11 @@ class Claim:
     smallest: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: budget, bytes, mean, ratio
 
 
+def curve(point: dict[str, Any]) -> str:
+    """The curve a point belongs to: its method, and its `variant` where it has one."""
+    return f"{point['method']} ({point['variant']})" if point.get("variant") else point["method"]
+
+
 def aggregate(points: list[dict[str, Any]]) -> tuple[list[Config], list[dict[str, Any]]]:
     """Configs with at least one trained seed (by method, then bytes), and the error points."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
@@ -57,7 +65,7 @@ def aggregate(points: list[dict[str, Any]]) -> tuple[list[Config], list[dict[str
         if "error" in p:
             errors.append(p)
         else:
-            groups.setdefault((p["method"], p["budget"]), []).append(p)
+            groups.setdefault((curve(p), p["budget"]), []).append(p)
     configs = []
     for (method, budget), ps in groups.items():
         values = [p["value"] for p in ps]
@@ -172,33 +180,37 @@ def report(points: list[dict[str, Any]], planted: PlantedTruth | None, grid: lis
 
 
 # Job config keys a sweep's results do not depend on: where things go, how progress is shown, how
-# a run survives failures. Merged sweeps that differ in any other key did not train alike.
+# a run survives failures. Merged sweeps that differ in any other key did not train alike, except
+# in a method's own knobs (KNOB_SECTIONS), which only that method's points are compared on.
 NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "data.validate", "sharding.plan_file",
                          "train.log_every", "train.progress", "metrics", "cluster.address", "cluster.max_failures",
                          "cluster.storage", "checkpoint", "sweep"})
+UNRECORDED = "knobs unrecorded"
 
 
 def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: bool = False) -> dict[str, Any]:
     """One report of several sweeps' points on one dataset (e.g. a method swept after the
-    others), keyed by where each came from. Refused, since the merged claim would compare unlike
-    runs: two datasets, two planted truths, a (method, budget, seed) in two sweeps, job configs
-    that differ beyond NOT_RESULTS, and, unless `assume_same_config`, a report that records no
-    config (written before sweeps recorded it)."""
+    others), keyed by where each came from. A method swept at other knobs in two sweeps (MLET at
+    k = 4d and 8d) gives two curves, each point's `variant` naming its knobs where they differ.
+    Refused, since the merged claim would compare unlike runs: two datasets, two planted truths,
+    a point of one curve, budget and seed in two sweeps, job configs that differ beyond
+    NOT_RESULTS and the methods' knobs, and, unless `assume_same_config`, a report that records no
+    config (written before sweeps recorded it); such a report's points have unknown knobs, a
+    curve of their own where the method also has recorded ones."""
     names = {rep["dataset"] for rep in reports.values()}
     if len(names) > 1:
         raise DataError(f"sweep reports of different datasets ({', '.join(sorted(names))}): a merged claim "
                         "would compare unlike runs")
-    points: list[dict[str, Any]] = []
-    seen: dict[tuple[str, float, int], str] = {}
-    for source, rep in reports.items():
-        for p in rep["points"]:
-            key = (p["method"], p["budget"], p["seed"])
-            if key in seen:
-                raise DataError(f"{source}: {p['method']} at budget {p['budget']:g}, seed {p['seed']} is also in "
-                                f"{seen[key]}; merge sweeps of different methods, budgets or seeds")
-            seen[key] = source
-            points.append(p)
     config = same_config(reports, assume_same_config)
+    sourced = [(source, p) for source, rep in reports.items() for p in with_knobs(rep)]
+    points = with_variants([p for _, p in sourced])
+    seen: dict[tuple[str, float, int], str] = {}
+    for (source, _), p in zip(sourced, points, strict=True):
+        key = (curve(p), p["budget"], p["seed"])
+        if key in seen:
+            raise DataError(f"{source}: {key[0]} at budget {p['budget']:g}, seed {p['seed']} is also in "
+                            f"{seen[key]}; merge sweeps of different methods, knobs, budgets or seeds")
+        seen[key] = source
     shas = {r["dataset_sha256"] for r in reports.values() if r.get("dataset_sha256")}
     if len(shas) > 1:
         raise DataError(f"sweep reports of different data: their datasets' dataset.json differ (converted again "
@@ -212,8 +224,55 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     # Each source's sweep spec, or for a merged report, what it was merged from.
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
     checked = all(r.get("config") is not None and r.get("configs_checked", True) for r in reports.values())
+    # `config` is the first sweep's: the shared keys are every sweep's, the methods' knobs are per point.
     return {"dataset": names.pop(), "dataset_sha256": shas.pop() if shas else None, "merged_from": sources,
             "config": config, "configs_checked": checked, "points": points, **rep}
+
+
+def with_knobs(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    """A report's points, each with its method's knobs: as the point records them, else from the
+    report's config (a sweep from before points recorded them), else None: unknown (no config, or
+    an unchecked merge's, which need not be every point's)."""
+    cfg = None
+    if rep.get("config") is not None and rep.get("configs_checked", True):
+        try:
+            cfg = from_dict(JobConfig, current_schema(rep["config"]))
+        except ConfigError:
+            cfg = None
+    return [{**p, "knobs": p["knobs"] if "knobs" in p else method_knobs(cfg, p["method"]) if cfg else None}
+            for p in rep["points"]]
+
+
+def with_variants(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`points`, each with a `variant` where its method comes at several knob settings: the knobs
+    that differ between them (`mlet.ratio=8`), or UNRECORDED for points whose knobs are unknown."""
+    kinds: dict[str, list[dict[str, Any] | None]] = {}
+    for p in points:
+        if p["knobs"] not in kinds.setdefault(p["method"], []):
+            kinds[p["method"]].append(p["knobs"])
+    out = []
+    for p in points:
+        p = {k: v for k, v in p.items() if k != "variant"}
+        recorded = [k for k in kinds[p["method"]] if k is not None]
+        if len(kinds[p["method"]]) > 1:
+            p["variant"] = _variant(p["knobs"], recorded, p["method"])
+        out.append(p)
+    return out
+
+
+def _variant(knobs: dict[str, Any] | None, recorded: list[dict[str, Any]], method: str) -> str:
+    """The knobs of a method's points that set them apart from its other recorded settings, or,
+    beside points of unknown knobs only, from today's defaults."""
+    if knobs is None:
+        return UNRECORDED
+    others = recorded if len(recorded) > 1 else [knobs, method_knobs(JobConfig(), method)]
+    keys = sorted({k for o in others for k in o} - {k for k in knobs if all(o.get(k) == knobs[k] for o in others)})
+    shown = [k for k in keys if knobs.get(k) is not None] or keys  # unset ones only when all are
+    return ", ".join(f"{k}={_knob(knobs.get(k))}" for k in shown) or "default knobs"
+
+
+def _knob(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def dataset_sha256(spec: dict[str, Any]) -> str:
@@ -224,7 +283,7 @@ def dataset_sha256(spec: dict[str, Any]) -> str:
 
 def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dict[str, Any] | None:
     """The job config the reports share (the first one's), or a DataError naming the first key
-    where two differ; None when none records one."""
+    where two differ beyond NOT_RESULTS and the methods' knobs; None when none records one."""
     recorded = {src: r["config"] for src, r in reports.items() if r.get("config") is not None}
     missing = [src for src in reports if src not in recorded]
     if missing and not assume_same:
@@ -234,9 +293,9 @@ def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dic
     if not recorded:
         return None
     (first, config), *others = recorded.items()
-    mine = _result_keys(config)
+    mine = _result_keys(current_schema(config))
     for src, other in others:
-        theirs = _result_keys(other)
+        theirs = _result_keys(current_schema(other))
         for key in sorted(mine.keys() | theirs.keys()):
             if mine.get(key, "(unset)") != theirs.get(key, "(unset)"):
                 raise DataError(f"{src}: {key} is {theirs.get(key, '(unset)')!r}, {first} has "
@@ -244,18 +303,10 @@ def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dic
     return config
 
 
-def _result_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The config flattened to dotted keys, without those in NOT_RESULTS."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        key = prefix + k
-        if key in NOT_RESULTS:
-            continue
-        if isinstance(v, dict):
-            out.update(_result_keys(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as dotted keys, without those in NOT_RESULTS and the methods' knob sections."""
+    skip = NOT_RESULTS | set(KNOB_SECTIONS.values())
+    return {k: v for k, v in flatten(config).items() if not under(k, skip)}
 
 
 def markdown(rep: dict[str, Any], title: str) -> str:
@@ -266,7 +317,7 @@ def markdown(rep: dict[str, Any], title: str) -> str:
         lines.append(f"| {c['method']} | {c['budget']:g} | {c['serving_bytes']:,.0f} | "
                      f"{c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} |")
     for e in rep["errors"]:
-        lines.append(f"| {e['method']} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |")
+        lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |")
     lines += ["", f"**Claim**: {rep['claim']['statement']}."]
     planted = rep.get("planted")
     if planted:

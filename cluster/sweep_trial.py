@@ -5,10 +5,11 @@ Every run goes through the same driver steps as `embshard train` (`plan_for_trai
 method seam plans. A trial's runs live in `<sweep>/runs/<trial key>/<run>`; a trial that Tune
 restarts after a kill re-enters those folders and resumes each run from its newest checkpoint.
 
-A point: method, budget, seed, the arch's primary test metric (`metric`, `value`, and
-`lower_is_better`: MSE is, AUC is not), serving parameters and bytes (fp32), and per
-sparse feature the width the plan gave its most popular rows (`widths`); or an `error` saying
-why there is no point (an MDE budget below its floor, a PEP target the prune run never reached).
+A point: method, budget, seed, the method's knobs (`method_knobs`), the arch's primary test
+metric (`metric`, `value`, and `lower_is_better`: MSE is, AUC is not), serving parameters and
+bytes (fp32), and per sparse feature the width the plan gave its most popular rows (`widths`); or
+an `error` saying why there is no point (an MDE budget below its floor, a PEP target the prune run
+never reached).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from embshard.cluster.sweep_plan import (
     Trial,
     autodim_retrain,
     autodim_search,
+    method_knobs,
     pep_retrain,
     planned_run,
     prune_run,
@@ -54,6 +56,12 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def trial_points(base: JobConfig, trial: Trial, budgets: list[float], run_dir: Path) -> list[Point]:
+    """The trial's points, each with the method's knobs (`sweep-merge` tells variants apart by them)."""
+    knobs = method_knobs(base, trial.method)
+    return [{**p, "knobs": knobs} for p in _method_points(base, trial, budgets, run_dir)]
+
+
+def _method_points(base: JobConfig, trial: Trial, budgets: list[float], run_dir: Path) -> list[Point]:
     spec = DatasetSpec.load(base.data.path)
     if trial.base_method == "pep":
         return _pep_points(base, spec, trial, budgets, run_dir)

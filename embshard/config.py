@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from embshard.errors import ConfigError
 from embshard.planner.rounding import RoundingRule, width_problem
-from embshard.typed_config import load_yaml
+from embshard.typed_config import from_dict, load_yaml, to_dict
 
 if TYPE_CHECKING:
     from embshard.datasets.storage import StoragePath
@@ -512,3 +512,12 @@ class JobConfig:
 
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     return load_yaml(JobConfig, path, overrides)
+
+
+def current_schema(saved: dict[str, Any]) -> dict[str, Any]:
+    """A job config recorded earlier (in a checkpoint, a sweep report) read through today's schema
+    where it can be (fields added since it was written take their defaults), else as it is."""
+    try:
+        return to_dict(from_dict(JobConfig, saved))
+    except ConfigError:
+        return saved

@@ -110,6 +110,33 @@ def apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys (`train.epochs`); an empty section stays one key."""
+    if not isinstance(data, dict) or not data:
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `flatten`."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def under(key: str, prefixes: typing.Iterable[str]) -> bool:
+    """Whether the dotted `key` is one of `prefixes` or lies inside one."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 

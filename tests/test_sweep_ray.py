@@ -87,4 +87,6 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
     assert all(0.5 < p["value"] <= 1 for p in rep["points"])
     # Recorded for `sweep-merge` to compare.
     assert rep["config"]["data"]["batch_size"] == 256 and len(rep["dataset_sha256"]) == 64
+    knobs = {p["method"]: p["knobs"] for p in rep["points"]}
+    assert knobs["uniform"] == {} and knobs["autodim"]["autodim.candidates"] == [2, 8, 16, 24, 32]  # the defaults
     assert rep["planted"]["bayes_auc"] > 0.5 and len(rep["planted"]["configs"]) == 2

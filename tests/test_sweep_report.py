@@ -11,7 +11,14 @@ import pytest
 
 from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
-from embshard.cluster.sweep_plan import SweepSpec, parse_budgets, parse_methods, planned_run, uniform_width
+from embshard.cluster.sweep_plan import (
+    SweepSpec,
+    method_knobs,
+    parse_budgets,
+    parse_methods,
+    planned_run,
+    uniform_width,
+)
 from embshard.cluster.sweep_report import (
     PlantedTruth,
     aggregate,
@@ -328,6 +335,70 @@ def test_merged_sweeps_must_have_trained_alike():
     # ... and a merge of it stays unchecked.
     extra = sweep_report_of([point("mlet", 0.25, 0, 0.78, 1000)], ["mlet"])
     assert not merge_reports({"ab": unchecked, "c": extra})["configs_checked"]
+
+
+def test_a_method_at_other_knobs_is_its_own_curve():
+    uniform = sweep_report_of([p for p in rising() if p["method"] == "uniform"], ["uniform"])
+    k4 = [point("mlet", 0.25, s, 0.76, 1000) for s in (0, 1)]
+    k8 = [point("mlet", 0.25, s, 0.7795, 1000) for s in (0, 1)]
+    merged = merge_reports({"a": uniform, "k4": sweep_report_of(k4, ["mlet"]),
+                            "k8": sweep_report_of(k8, ["mlet"], embeddings__mlet="{ratio: 8}")})
+    # Uniform reads no MLET knob, so a sweep configured for k = 8d is of one config with it.
+    assert merged["configs_checked"]
+    mlet = {c["method"]: c["mean"] for c in merged["configs"] if c["method"] != "uniform"}
+    assert mlet == {"mlet (mlet.ratio=4)": pytest.approx(0.76), "mlet (mlet.ratio=8)": pytest.approx(0.7795)}
+    assert merged["claim"]["smallest"]["mlet (mlet.ratio=8)"]["ratio_vs_uniform"] == 4.0
+    assert "mlet (mlet.ratio=4)" not in merged["claim"]["smallest"]
+    failed = sweep_report_of([{"method": "mlet", "budget": 0.5, "seed": 0, "error": "budget below the floor"}],
+                             ["mlet"], embeddings__mlet="{ratio: 8}")
+    table = markdown(merge_reports({"a": uniform, "k4": sweep_report_of(k4, ["mlet"]), "k8": failed}), "t")
+    assert "| mlet (mlet.ratio=4) | 0.25 | 1,000 | 0.7600" in table
+    assert "| mlet (mlet.ratio=8) | 0.5 | — | budget below the floor | seed 0 |" in table
+    # Points keep their method; the knobs they were trained with travel with them, so a merge of
+    # the merge tells a third setting apart.
+    assert {p["method"] for p in merged["points"]} == {"uniform", "mlet"}
+    k16 = sweep_report_of([point("mlet", 0.25, 0, 0.77, 1000)], ["mlet"], embeddings__mlet="{width: 16}")
+    again = merge_reports({"m": merged, "k16": k16})
+    assert sorted(c["method"] for c in again["configs"] if c["method"] != "uniform") == [
+        "mlet (mlet.ratio=4)", "mlet (mlet.ratio=8)", "mlet (mlet.width=16)"]
+    # A knob of a method a sweep does not run is no difference; a shared key still is.
+    mde = sweep_report_of([p for p in rising() if p["method"] == "mde"], ["mde"])
+    assert merge_reports({"a": sweep_report_of(uniform["points"], ["uniform"], embeddings__mde__alpha="0.9"),
+                          "b": mde})["configs_checked"]
+    with pytest.raises(DataError, match="k8: embeddings.dim is 32, a has 16"):
+        merge_reports({"a": uniform, "k8": sweep_report_of(k8, ["mlet"], embeddings__dim="32")})
+    # The same curve, budget and seed twice is still refused.
+    with pytest.raises(DataError, match=r"mlet \(mlet.ratio=8\) at budget 0.25, seed 0 is also in k8"):
+        merge_reports({"a": uniform, "k4": sweep_report_of(k4, ["mlet"]),
+                       "k8": sweep_report_of(k8, ["mlet"], embeddings__mlet="{ratio: 8}"),
+                       "k8b": sweep_report_of(k8, ["mlet"], embeddings__mlet="{ratio: 8}")})
+
+
+def test_points_of_unknown_knobs_are_not_taken_for_recorded_ones():
+    uniform = sweep_report_of([p for p in rising() if p["method"] == "uniform"], ["uniform"])
+    old = {k: v for k, v in sweep_report_of([point("mlet", 0.25, 0, 0.76, 1000)], ["mlet"]).items() if k != "config"}
+    k8 = sweep_report_of([point("mlet", 0.25, 0, 0.7795, 1000)], ["mlet"], embeddings__mlet="{ratio: 8}")
+    merged = merge_reports({"a": uniform, "old": old, "k8": k8}, assume_same_config=True)
+    assert {c["method"] for c in merged["configs"]} == {"uniform", "mlet (knobs unrecorded)", "mlet (mlet.ratio=8)"}
+    # Alone with its method, a report's unknown knobs name no variant.
+    alone = merge_reports({"a": uniform, "old": old}, assume_same_config=True)
+    assert {c["method"] for c in alone["configs"]} == {"uniform", "mlet"}
+    k4 = sweep_report_of([point("mlet", 0.25, 0, 0.7795, 1000)], ["mlet"])
+    merged = merge_reports({"a": uniform, "old": old, "k4": k4}, assume_same_config=True)
+    assert {c["method"] for c in merged["configs"]} == {"uniform", "mlet (knobs unrecorded)", "mlet (default knobs)"}
+
+
+def test_method_knobs_are_what_the_methods_trials_read(tmp_path):
+    cfg = load_job_config(REPO / "configs" / "default.yaml",
+                          ["embeddings.policy=mde", "embeddings.mde.budget_params=999"])
+    assert method_knobs(cfg, "uniform") == {}
+    # Defaults filled in (a sweep trains MLET at k = 4d when the config has none); what a trial
+    # sets itself (MDE's budget, PEP's targets and paths) is not a knob.
+    assert method_knobs(cfg, "mde+mlet") == {"mde.alpha": cfg.embeddings.mde.alpha, "mde.mode": cfg.embeddings.mde.mode,
+                                            "mde.blocks": cfg.embeddings.mde.blocks, "mlet.ratio": 4.0,
+                                            "mlet.width": None, "mlet.features": None, "mlet.init_std": 0.25}
+    assert not {"pep.targets", "pep.out", "pep.retrain_target"} & set(method_knobs(cfg, "pep"))
+    assert "autodim.candidates" in method_knobs(cfg, "autodim") and "mlet.ratio" in method_knobs(cfg, "autodim+mlet")
 
 
 def test_sweep_merge_writes_one_report_and_takes_over_nothing(tmp_path, capsys):
