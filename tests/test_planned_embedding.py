@@ -154,12 +154,32 @@ def test_uniform_plan_is_bit_identical_to_bare_torchrec() -> None:
     torch.manual_seed(0)
     module = PlannedEmbeddingBags(plan)
     assert len(module.projections) == 0 and len(module.mlet) == 0
-    bare = EmbeddingBagCollection(tables=block_table_configs(plan))
-    bare.load_state_dict(module.ebc.state_dict())
+    # TorchRec's own default draw: a one-block table starts exactly as a bare collection's.
+    torch.manual_seed(0)
+    bare = EmbeddingBagCollection(tables=[replace(c, weight_init_min=None, weight_init_max=None)
+                                          for c in block_table_configs(plan)])
+    assert all(torch.equal(module.ebc.state_dict()[k], v) for k, v in bare.state_dict().items())
     features = kjt({k: BAGS[k] for k in ["a", "b", "c"]})
     got, want = module(features), bare(features)
     assert got.keys() == want.keys()
     assert torch.equal(got.values(), want.values())
+
+
+def test_blocks_start_as_their_rows_would_in_the_whole_table() -> None:
+    """TorchRec draws a table from U(+-sqrt(1/rows)); a block drawn by its own row count would
+    start a popular block of 40 rows of a 10,000-row table 16 times wider than those rows."""
+    plan = DimensionPlan(base_dim=BASE, tables=[
+        TablePlan("t", ["a"], 10_000, [Block(0, 40, 8), Block(40, 10_000, 4)]),
+        TablePlan("u", ["b"], 100, [Block(0, 100, 8)]),
+    ])
+    bound = (1 / 10_000) ** 0.5
+    configs = {c.name: c for c in block_table_configs(plan)}
+    assert {n: (c.get_weight_init_min(), c.get_weight_init_max()) for n, c in configs.items()} == {
+        "t__b0": (-bound, bound), "t__b1": (-bound, bound), "u": (-0.1, 0.1)}
+    torch.manual_seed(0)
+    module = PlannedEmbeddingBags(plan)
+    popular = module.ebc.embedding_bags["t__b0"].weight
+    assert popular.abs().max() <= bound and popular.std() > bound / 4  # drawn over the whole range
 
 
 def _split(bags: dict[str, list[list[int]]], plan: DimensionPlan) -> dict[str, tuple[list[int], list[int]]]:
