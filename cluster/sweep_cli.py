@@ -49,12 +49,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     m = commands.add_parser(
         "sweep-merge", help="one report (table, frontier, claim) of several sweeps on one dataset",
         description="Merge the points of sweeps run apart on one dataset (say, a method swept after the "
-                    "others) into one report, its claim made over all of them. Refused: sweeps of other data "
-                    "or of job configs that differ beyond outputs, logging and failure handling, and the same "
-                    "method, budget and seed in two sweeps.")
+                    "others) into one report, its claim made over all of them; a method swept at other knobs "
+                    "(MLET at another k) is a curve of its own. Refused: sweeps of other data or of job configs "
+                    "that differ beyond outputs, logging, failure handling and the methods' knobs, and the same "
+                    "curve, budget and seed in two sweeps.")
     m.add_argument("reports", nargs="+", metavar="SWEEP",
-                   help="a sweep's folder (its --out) or its sweep-<dataset>.json")
-    m.add_argument("--out", required=True, help="the folder for the merged sweep-<dataset>.json, .md and .png")
+                   help="a sweep's folder (its --out, local or a URI such as s3://bucket/sweep) or its "
+                        "sweep-<dataset>.json")
+    m.add_argument("--out", required=True,
+                   help="the folder (or URI) for the merged sweep-<dataset>.json, .md and .png")
     m.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier merge in --out")
     m.add_argument("--assume-same-config", action="store_true",
                    help="merge reports that record no job config (sweeps from before they recorded it) unchecked")
@@ -103,8 +106,12 @@ def sweep(args: argparse.Namespace) -> int:
 
 def sweep_merge(args: argparse.Namespace) -> int:
     from embshard.cluster.sweep_report import merge_reports
+    from embshard.datasets.storage import RemotePath, location
     from embshard.errors import DataError
 
+    out = location(args.out)
+    if isinstance(out, RemotePath):  # a bucket that is not there is one line before any work
+        out.check_bucket()
     sources = {str(path): path for path in map(sweep_json, args.reports)}
     reports: dict[str, dict[str, Any]] = {}
     for name, path in sources.items():
@@ -114,7 +121,6 @@ def sweep_merge(args: argparse.Namespace) -> int:
             raise DataError(f"{path}: not a sweep report ({e})") from e
         if not {"dataset", "points"} <= set(reports[name]):
             raise DataError(f"{path}: not a sweep report (it has no dataset or points)")
-    out = Path(args.out)
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
     rep = merge_reports(reports, args.assume_same_config)
@@ -136,12 +142,13 @@ def publish(rep: dict[str, Any], detail: str, out: StoragePath) -> int:
     return 0
 
 
-def sweep_json(arg: str) -> Path:
+def sweep_json(arg: str) -> StoragePath:
     """A sweep's report: the file named, or the one sweep-*.json in the folder named."""
     from embshard.cluster.sweep_run import SPEC_FILE
+    from embshard.datasets.storage import location
     from embshard.errors import DataError
 
-    path = Path(arg)
+    path = location(arg)
     if path.is_file():
         return path
     if not path.is_dir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,3 +98,29 @@ def test_unreachable_endpoint_is_one_line_from_the_cli(s3, tmp_path) -> None:
         f"embshard: error: {s3.uri('data/u')}: cannot reach the storage endpoint "
         "(check AWS_ENDPOINT_URL / the network)")
     assert s3.keys() == []
+
+
+def test_sweep_merge_reads_and_writes_buckets(s3, capsys) -> None:
+    from test_sweep_report import rising, sweep_report_of
+
+    from embshard.cluster.cli import main
+
+    client = s3.server.client()
+    for prefix, method in (("a", "uniform"), ("b", "mde")):
+        rep = sweep_report_of([p for p in rising() if p["method"] == method], [method])
+        client.put_object(Bucket=s3.name, Key=f"sweeps/{prefix}/sweep-tiny.json", Body=json.dumps(rep).encode())
+    args = [s3.uri("sweeps/a"), s3.uri("sweeps/b/sweep-tiny.json"), "--out", s3.uri("sweeps/merged")]
+    assert main(["sweep-merge", *args]) == 0
+    assert sorted(s3.keys("sweeps/merged/")) == [f"sweeps/merged/sweep-tiny.{x}" for x in ("json", "md", "png")]
+    merged = json.loads(client.get_object(Bucket=s3.name, Key="sweeps/merged/sweep-tiny.json")["Body"].read())
+    assert merged["claim"]["smallest"]["mde"]["ratio_vs_uniform"] == 2.0
+    capsys.readouterr()
+    for argv, expected in (
+        (args, f"--out {s3.uri('sweeps/merged')}: not empty; pass --overwrite"),
+        ([s3.uri("sweeps/a"), "--out", "s3://no-such-bucket-x/m"],
+         "s3://no-such-bucket-x/m: the bucket does not exist"),
+        ([s3.uri("sweeps/none"), "--out", s3.uri("m")], f"{s3.uri('sweeps/none')}: no such sweep folder or report"),
+    ):
+        assert main(["sweep-merge", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and err.startswith(f"embshard: error: {expected}"), err
