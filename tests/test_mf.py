@@ -96,7 +96,7 @@ def test_evaluation_is_mse_and_rmse_over_the_whole_split(ratings: Path, tmp_path
 
 
 def test_mde_within_tables_projects_both_vectors_to_the_base_dim(ratings: Path, tmp_path: Path) -> None:
-    mde = EmbeddingsConfig(policy="mde", dim=16, min_dim=4, mde=MdeConfig(mode="within", blocks=3, alpha=0.5))
+    mde = EmbeddingsConfig(policy="mde", dim=16, min_dim=4, mde=MdeConfig(mode="within", blocks=3, alpha=1.0))
     bundle, model = _model(mf_config(ratings, tmp_path, mde))
     assert bundle.dimension_plan.uniform_width
     assert any(len({b.dim for b in t.blocks}) > 1 for t in bundle.dimension_plan.tables)

@@ -7,7 +7,7 @@ from embshard.config import EmbeddingsConfig, MdeConfig
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
 from embshard.planner.policies import plan_dimensions
-from embshard.planner.policies.mde import base_lambda, equipartition, mde_dims
+from embshard.planner.policies.mde import base_lambda, block_cost, equipartition, mde_dims, served_dim
 from embshard.planner.remap import frequency_ranking, load_remap
 from embshard.planner.rounding import round_width
 
@@ -18,6 +18,11 @@ def spec_of(**cards: int) -> DatasetSpec:
 
 def dims(plan):
     return {t.name: [b.dim for b in t.blocks] for t in plan.tables}
+
+
+def sized(plan):
+    """Alg. 3's rounded widths, before blocks too small to be worth a projection are served at dim."""
+    return {t.name: [b.source["sized_dim"] for b in t.blocks] for t in plan.tables}
 
 
 # --- Alg. 3: d_i = lambda * p_i^alpha ---------------------------------------------------------
@@ -42,7 +47,11 @@ def test_alg3_through_the_policy(rounding, expected):
     counts = {"a": np.array([5]), "b": np.array([3]), "c": np.array([2])}
     cfg = EmbeddingsConfig(policy="mde", dim=32, rounding=rounding, mde=MdeConfig(alpha=0.5))
     plan = plan_dimensions(cfg, spec, counts)
-    assert dims(plan) == {"t_a": [32], "t_b": [expected[1]], "t_c": [expected[2]]}
+    assert sized(plan) == {"t_a": [32], "t_b": [expected[1]], "t_c": [expected[2]]}
+    # One row at 24 plus a 24 x 32 projection (792 parameters) costs more than the row at 32.
+    assert dims(plan) == {"t_a": [32], "t_b": [32], "t_c": [32]}
+    assert f"t_c block 0: {expected[2]} -> 32 (1 rows at {expected[2]} and a {expected[2]} x 32 projection cost " \
+           "no less than the rows at 32)" in plan.notes
     b = plan.table("t_b").blocks[0]
     assert b.source["policy"] == "mde"
     assert b.source["popularity"] == pytest.approx(0.3)
@@ -121,7 +130,9 @@ def test_within_table_plan(tmp_path):
     assert [(b.start, b.end) for b in t.blocks] == [(0, 1), (1, 2), (2, 6)]
     # block popularity = lookups / rows: 10/1, 6/1, 8/4 (over 24): d = 32*sqrt(p / p_0)
     assert [b.source["raw_dim"] for b in t.blocks] == pytest.approx([32, 32 * 0.6**0.5, 32 * 0.2**0.5])
-    assert [b.dim for b in t.blocks] == [32, 24, 16]  # 32, 24.79, 14.31
+    assert [b.source["sized_dim"] for b in t.blocks] == [32, 24, 16]  # 32, 24.79, 14.31
+    # Served: 1 row at 24 costs 24 + 24 x 32 > 32; 4 rows at 16 cost 64 + 16 x 32 > 4 x 32.
+    assert [b.dim for b in t.blocks] == [32, 32, 32]
     assert t.row_order == "frequency" and t.remap == "t_x.remap.npy"
     assert load_remap(tmp_path / t.remap, 6).tolist() == [4, 0, 3, 1, 5, 2]
 
@@ -175,8 +186,18 @@ def test_budget_lands_within_one_percent(tmp_path, mode, rounding, budget):
     # serve_params counts the d_i x 64 projection of every block narrower than 64
     assert 0.99 * budget <= plan.serve_params() <= budget
     blocks = sorted((b for t in plan.tables for b in t.blocks), key=lambda b: -b.source["popularity"])
-    assert [b.dim for b in blocks] == sorted((b.dim for b in blocks), reverse=True)  # monotone in p
+    widths = [b.source["sized_dim"] for b in blocks]
+    assert widths == sorted(widths, reverse=True)  # monotone in p
     assert plan.notes[0].startswith(f"mde {mode}: lambda = ")
+
+
+def test_a_block_not_worth_a_projection_is_served_at_dim():
+    # Narrowing 3 rows from 64 to 28 saves 108 parameters; the 28 x 64 projection costs 1,792.
+    assert served_dim(3, 28, 64) == 64 and block_cost(3, 28, 64) == 3 * 64
+    assert served_dim(100, 28, 64) == 28 and block_cost(100, 28, 64) == 100 * 28 + 28 * 64
+    # At a tie (32 rows x 16 saved = 16 x 32) the unprojected block: as cheap, and of full rank.
+    assert served_dim(32, 16, 32) == 32 and served_dim(33, 16, 32) == 16
+    assert served_dim(1, 64, 64) == 64
 
 
 def test_budget_counts_projections():
@@ -240,10 +261,12 @@ def monotone_grid_totals(dim):
     grid = widths[np.indices((len(widths),) * len(rows)).reshape(len(rows), -1).T]
     ranked = grid[:, np.argsort(-p, kind="stable")]
     grid = grid[np.all(np.diff(ranked, axis=1) <= 0, axis=1)]
-    return np.unique((grid * rows).sum(axis=1) + np.where(grid < dim, grid * dim, 0).sum(axis=1))
+    # A block is served at dim where its projection costs no less than narrowing its rows saves.
+    projected = (grid < dim) & (rows * (dim - grid) > grid * dim)
+    return np.unique(np.where(projected, grid * rows + grid * dim, dim * rows).sum(axis=1))
 
 
-@pytest.mark.parametrize("budget", [120_000, 145_000, 220_000])
+@pytest.mark.parametrize("budget", [120_000, 145_000, 210_000])
 def test_budget_lands_on_movielens_100k(budget):
     # Growing the bisection's plan one step at a time stopped at 92-98% of these budgets.
     spec, counts = ml100k()
@@ -251,7 +274,8 @@ def test_budget_lands_on_movielens_100k(budget):
     plan = plan_dimensions(cfg, spec, counts)
     assert 0.99 * budget <= plan.serve_params() <= budget
     blocks = sorted((b for t in plan.tables for b in t.blocks), key=lambda b: -b.source["popularity"])
-    assert [b.dim for b in blocks] == sorted((b.dim for b in blocks), reverse=True)
+    widths = [b.source["sized_dim"] for b in blocks]
+    assert widths == sorted(widths, reverse=True)
     assert all(b.dim % 4 == 0 and 4 <= b.dim <= 64 for b in blocks)
     assert "nearest a rounding boundary moved" in plan.notes[0]
     assert any("narrowed to fit the budget" in n for n in plan.notes)

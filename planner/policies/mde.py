@@ -73,9 +73,18 @@ def mde_dims(p: np.ndarray, alpha: float, lam: float) -> np.ndarray:
     return lam * np.power(p, alpha)
 
 
+def served_dim(rows: int, dim: int, base_dim: int) -> int:
+    """d_i, or d-bar where the projection P_i (d_i x d-bar) costs at least what narrowing the rows
+    saves (rows x (d-bar - d_i)): a block of few rows is cheaper served unprojected at d-bar, and
+    of full rank. Small tables' popular rows are the ones MDE makes wide; projected, 3 rows at
+    width 28 cost 28 x 67 parameters instead of 3 x 64."""
+    return base_dim if dim < base_dim and rows * (base_dim - dim) <= dim * base_dim else dim
+
+
 def block_cost(rows: int, dim: int, base_dim: int) -> int:
-    """Serving parameters of a block: rows x d_i, plus projection P_i (d_i x d-bar) if narrower."""
-    return rows * dim + (dim * base_dim if dim < base_dim else 0)
+    """Serving parameters of a block sized d_i: rows x its served width, plus P_i if narrower."""
+    served = served_dim(rows, dim, base_dim)
+    return rows * served + (served * base_dim if served < base_dim else 0)
 
 
 def serve_params(rows: np.ndarray, dims: np.ndarray, base_dim: int) -> int:
@@ -125,11 +134,16 @@ def mde_plan(
                 notes.append(
                     f"{name} block {j}: {rounded[i].value} -> {dims[i]} ({moved} to fit the budget)"
                 )
+            served = served_dim(end - start, int(dims[i]), cfg.dim)
+            if served != dims[i]:
+                notes.append(f"{name} block {j}: {dims[i]} -> {served} ({end - start:,} rows at {dims[i]} and a "
+                             f"{dims[i]} x {cfg.dim} projection cost no less than the rows at {served})")
             source = {
                 "policy": "mde", "mode": cfg.mde.mode, "alpha": cfg.mde.alpha, "lambda": lam,
                 "popularity": float(p[i]), "raw_dim": float(mde_dims(p[i], cfg.mde.alpha, lam)),
+                "sized_dim": int(dims[i]),  # Alg. 3's rounded width, before `served_dim`
             }
-            blocks.append(Block(start, end, int(dims[i]), source=source))
+            blocks.append(Block(start, end, served, source=source))
             i += 1
         remap = None if t.remap is None else save_remap(out_dir, name, t.remap)
         row_order: RowOrder = "identity" if remap is None else "frequency"
