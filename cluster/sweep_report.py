@@ -319,6 +319,11 @@ def markdown(rep: dict[str, Any], title: str) -> str:
     for e in rep["errors"]:
         lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |")
     lines += ["", f"**Claim**: {rep['claim']['statement']}."]
+    knobs = {curve(p): p["knobs"] for p in rep.get("points", []) if p.get("knobs")}
+    if knobs:
+        lines += ["", "**Knobs** (what each method trained with, unset ones left out): " + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={_knob(v)}" for k, v in sorted(ks.items()) if v is not None)
+            for name, ks in sorted(knobs.items())) + "."]
     planted = rep.get("planted")
     if planted:
         features = list(planted["ranks"])

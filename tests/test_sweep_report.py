@@ -354,6 +354,8 @@ def test_a_method_at_other_knobs_is_its_own_curve():
     table = markdown(merge_reports({"a": uniform, "k4": sweep_report_of(k4, ["mlet"]), "k8": failed}), "t")
     assert "| mlet (mlet.ratio=4) | 0.25 | 1,000 | 0.7600" in table
     assert "| mlet (mlet.ratio=8) | 0.5 | — | budget below the floor | seed 0 |" in table
+    assert "mlet (mlet.ratio=4): mlet.init_std=0.25, mlet.ratio=4; mlet (mlet.ratio=8): mlet.init_std=0.25, " \
+           "mlet.ratio=8." in table
     # Points keep their method; the knobs they were trained with travel with them, so a merge of
     # the merge tells a third setting apart.
     assert {p["method"] for p in merged["points"]} == {"uniform", "mlet"}
