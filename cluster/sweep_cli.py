@@ -153,7 +153,8 @@ def sweep_json(arg: str) -> StoragePath:
         return path
     if not path.is_dir():
         raise DataError(f"{arg}: no such sweep folder or report")
-    reports = [p for p in sorted(path.glob("sweep-*.json")) if p.name != SPEC_FILE]
+    found: list[StoragePath] = list(path.glob("sweep-*.json"))
+    reports = sorted((p for p in found if p.name != SPEC_FILE), key=str)
     if len(reports) != 1:
         raise DataError(f"{arg}: expected one sweep-<dataset>.json in the folder, found "
                         f"{', '.join(p.name for p in reports) or 'none'} (a sweep that has not finished has none)")
