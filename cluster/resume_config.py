@@ -54,7 +54,7 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, ad
         # Drop this config's model-defining keys, and any key that contains an adopted one or
         # lies inside it (a section this config leaves null that the checkpoint has, or the reverse).
         merged = {k: v for k, v in flatten(to_dict(cfg)).items()
-                  if not model_defining({k: v}) and not any(_nested(k, a) for a in adopted)}
+                  if not model_defining({k: v}) and not any(under(k, [a]) or under(a, [k]) for a in adopted)}
         merged.update(adopted)
         return from_dict(JobConfig, unflatten(merged))
     shown = ", ".join(f"{k} (checkpoint {old!r}, config {new!r})" for k, old, new in differences[:4])
@@ -63,7 +63,3 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, ad
         f"{checkpoint} was trained with another model config: {shown}{more}; continue it as it was "
         f"with {ADOPT_FLAG}, or train this config into a new output_dir"
     )
-
-
-def _nested(a: str, b: str) -> bool:
-    return a.startswith(b + ".") or b.startswith(a + ".")

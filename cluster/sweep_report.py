@@ -239,8 +239,8 @@ def with_knobs(rep: dict[str, Any]) -> list[dict[str, Any]]:
             cfg = from_dict(JobConfig, current_schema(rep["config"]))
         except ConfigError:
             cfg = None
-    return [{**p, "knobs": p["knobs"] if "knobs" in p else method_knobs(cfg, p["method"]) if cfg else None}
-            for p in rep["points"]]
+    of_config = {m: method_knobs(cfg, m) if cfg else None for m in {p["method"] for p in rep["points"]}}
+    return [{**p, "knobs": p["knobs"] if "knobs" in p else of_config[p["method"]]} for p in rep["points"]]
 
 
 def with_variants(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
