@@ -40,6 +40,7 @@ class Config:
     std: float
     seeds: int
     serving_bytes: float  # mean over seeds (a PEP mask's size differs by seed)
+    serving_params: float  # mean over seeds
     widths: dict[str, float]  # per feature, mean over seeds
 
 
@@ -50,6 +51,9 @@ class Claim:
     tolerance: float | None = None
     best_uniform: float | None = None
     smallest: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: budget, bytes, mean, ratio
+    # Per method its best config and how far its mean falls short of the best uniform's (negative:
+    # ahead of it): where a method has no plan within the tolerance, how close it came.
+    best: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def curve(point: dict[str, Any]) -> str:
@@ -73,6 +77,7 @@ def aggregate(points: list[dict[str, Any]]) -> tuple[list[Config], list[dict[str
         configs.append(Config(
             method, budget, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
             len(values), statistics.fmean(p["serving_bytes"] for p in ps),
+            statistics.fmean(p["serving_params"] for p in ps),
             {f: statistics.fmean(p["widths"][f] for p in ps if f in p["widths"]) for f in features}))
     return sorted(configs, key=lambda c: (c.method, c.serving_bytes)), errors
 
@@ -97,7 +102,11 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
 
     smallest_uniform = min(c.serving_bytes for c in uniform if within(c))
     smallest: dict[str, dict[str, Any]] = {}
+    bests: dict[str, dict[str, Any]] = {}
     for method in sorted({c.method for c in configs}):
+        top = max((c for c in configs if c.method == method), key=lambda c: sign * c.mean)
+        bests[method] = {"budget": top.budget, "serving_bytes": top.serving_bytes, "mean": top.mean,
+                         "behind": sign * (best.mean - top.mean)}
         ok = [c for c in configs if c.method == method and within(c)]
         if ok:
             c = min(ok, key=lambda c: c.serving_bytes)
@@ -109,7 +118,7 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
                  f"{winner_method} at budget {winner['budget']:g}: {_mb(winner['serving_bytes'])}, "
                  f"{winner['ratio_vs_uniform']:.2f}x fewer "
                  f"serving bytes than the smallest uniform within the tolerance")
-    return Claim(True, statement, tol, best.mean, smallest)
+    return Claim(True, statement, tol, best.mean, smallest, bests)
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,9 @@ class PlantedTruth:
 
     bayes_auc: float
     ranks: dict[str, int]
+    # The planted model's embedding parameters: each popularity block's rows times its rank. None
+    # where the blocks are not recorded (reports written before this was).
+    params: int | None = None
 
     @classmethod
     def of_dataset(cls, planted: dict[str, Any], split: str = "test") -> PlantedTruth:
@@ -126,24 +138,38 @@ class PlantedTruth:
         bayes = planted.get("bayes_auc", {}).get(split)
         if bayes is None:
             raise DataError(f"dataset.json: planted.bayes_auc.{split} is missing; cannot compare with the Bayes AUC")
-        return cls(bayes, {f: r["rank"] for f, r in planted["ranks"].items()})
+        tables = planted["ranks"].values()
+        params = (sum((b["end"] - b["start"]) * b["rank"] for r in tables for b in r["blocks"])
+                  if all(r.get("blocks") for r in tables) else None)
+        return cls(bayes, {f: r["rank"] for f, r in planted["ranks"].items()}, params)
 
     @classmethod
     def of_report(cls, planted: dict[str, Any]) -> PlantedTruth:
         """From a report's `planted` section (what planted_comparison wrote)."""
-        return cls(planted["bayes_auc"], dict(planted["ranks"]))
+        return cls(planted["bayes_auc"], dict(planted["ranks"]), planted.get("params"))
 
 
 def planted_comparison(configs: list[Config], truth: PlantedTruth, grid: list[int]) -> dict[str, Any]:
     """Per table the planted rank against each config's chosen width, the share of tables whose
-    width is within one step of `grid` (AutoDim's candidate widths) of the planted rank, and
-    each config's distance to the Bayes AUC."""
+    width is within one step of `grid` (AutoDim's candidate widths) of the planted rank, each
+    config's distance to the Bayes AUC, and per method its best config with at most twice the
+    planted parameters (None: the method has none that small)."""
     configs_out = []
     for c in configs:
         widths = {f: c.widths.get(f) for f in truth.ranks}
         configs_out.append({"method": c.method, "budget": c.budget, "distance_to_bayes": truth.bayes_auc - c.mean,
                             "widths": widths, "within_one_step": within_one_step(widths, truth.ranks, grid)})
-    return {"bayes_auc": truth.bayes_auc, "ranks": truth.ranks, "grid": sorted(grid), "configs": configs_out}
+    out = {"bayes_auc": truth.bayes_auc, "ranks": truth.ranks, "grid": sorted(grid), "configs": configs_out}
+    if truth.params is not None:
+        at_twice: dict[str, dict[str, Any] | None] = {}
+        for method in sorted({c.method for c in configs}):
+            small = [c for c in configs if c.method == method and c.serving_params <= 2 * truth.params]
+            top = max(small, key=lambda c: c.mean) if small else None
+            at_twice[method] = None if top is None else {
+                "budget": top.budget, "serving_params": top.serving_params, "mean": top.mean,
+                "distance_to_bayes": truth.bayes_auc - top.mean}
+        out |= {"params": truth.params, "at_twice_params": at_twice}
+    return out
 
 
 def within_one_step(widths: Mapping[str, float | None], ranks: Mapping[str, int], grid: list[int]) -> float:
@@ -220,7 +246,12 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
               if "planted" in rep]
     if truths and (len(truths) < len(reports) or any(t != truths[0] for t in truths)):
         raise DataError("sweep reports with different planted truths (Bayes AUC, ranks or grid): not one dataset")
-    rep = report(points, PlantedTruth.of_report(truths[0]) if truths else None, truths[0]["grid"] if truths else [])
+    # Planted parameters are recorded only by reports written since; those that record them agree.
+    params = {rep["planted"]["params"] for rep in reports.values() if rep.get("planted", {}).get("params")}
+    if len(params) > 1:
+        raise DataError(f"sweep reports with different planted parameter counts {sorted(params)}: not one dataset")
+    truth = PlantedTruth.of_report({**truths[0], "params": min(params, default=None)}) if truths else None
+    rep = report(points, truth, truths[0]["grid"] if truths else [])
     # Each source's sweep spec, or for a merged report, what it was merged from.
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
     checked = all(r.get("config") is not None and r.get("configs_checked", True) for r in reports.values())
@@ -319,6 +350,12 @@ def markdown(rep: dict[str, Any], title: str) -> str:
     for e in rep["errors"]:
         lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |")
     lines += ["", f"**Claim**: {rep['claim']['statement']}."]
+    claimed = rep["claim"]
+    if claimed["rises"]:
+        lines += ["", f"**Per method**, its smallest plan within {claimed['tolerance']:.4f} of the best uniform, "
+                      "else how far its best plan falls short: " + "; ".join(
+                          _per_method(m, claimed["smallest"].get(m), b) for m, b in sorted(claimed["best"].items()))
+                  + "."]
     knobs = {curve(p): p["knobs"] for p in rep.get("points", []) if p.get("knobs")}
     if knobs:
         lines += ["", "**Knobs** (what each method trained with, unset ones left out): " + "; ".join(
@@ -337,7 +374,33 @@ def markdown(rep: dict[str, Any], title: str) -> str:
         for c in planted["configs"]:
             lines.append(f"| {c['method']} | {c['budget']:g} | {c['distance_to_bayes']:.4f} | "
                          f"{c['within_one_step']:.0%} | " + " | ".join(_width(c["widths"][f]) for f in features) + " |")
+        if planted.get("params") is not None:
+            lines += ["", _at_twice_planted(planted, rep["configs"])]
     return "\n".join(lines) + "\n"
+
+
+def _per_method(method: str, smallest: dict[str, Any] | None, best: dict[str, Any]) -> str:
+    if smallest:
+        return f"{method} at budget {smallest['budget']:g}, {smallest['ratio_vs_uniform']:.2f}x fewer bytes"
+    return f"{method} none, its best (budget {best['budget']:g}, {best['mean']:.4f}) {best['behind']:.4f} short"
+
+
+def _at_twice_planted(planted: dict[str, Any], configs: list[dict[str, Any]]) -> str:
+    """The best plan of each method with at most twice the planted parameters, and for methods
+    without one, the largest budget that would have one (from the base model's size)."""
+    twice = 2 * planted["params"]
+    found = {m: c for m, c in planted["at_twice_params"].items() if c}
+    text = (f"Planted parameters: {planted['params']:,} (each popularity block's rows times its rank). Best plan "
+            f"per method with at most twice that ({twice:,} serving parameters), its distance to the Bayes AUC: "
+            + ("; ".join(f"{m} at budget {c['budget']:g} ({c['serving_params']:,.0f} parameters) "
+                         f"{c['mean']:.4f}, {c['distance_to_bayes']:.4f} below" for m, c in found.items())
+               or "none"))
+    missing = sorted(m for m, c in planted["at_twice_params"].items() if not c)
+    if missing:
+        base = next((c["serving_params"] for c in configs if c["method"] == "uniform" and c["budget"] == 1.0), None)
+        hint = f" (budgets up to {twice / base:.3g} of this base model have one)" if base else ""
+        text += f". No plan that small for {', '.join(missing)}{hint}"
+    return text + "."
 
 
 def plot(rep: dict[str, Any], title: str, path: Path) -> None:

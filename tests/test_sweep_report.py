@@ -75,6 +75,22 @@ def test_claim_names_the_smallest_plan_when_uniform_rises():
     assert "mde at budget 0.5" in c.statement and "2.00x" in c.statement
 
 
+def test_each_method_is_reported_against_the_best_uniform():
+    # mlet never comes within the tolerance: its best (0.775 at budget 0.5) is 0.005 short.
+    pts = rising() + [point("mlet", b, s, v, n) for s in (0, 1) for b, v, n in ((0.25, 0.77, 1000), (0.5, 0.775, 2000))]
+    rep = report(pts, None, GRID)
+    best = rep["claim"]["best"]
+    assert best["mlet"]["budget"] == 0.5 and best["mlet"]["behind"] == pytest.approx(0.005)
+    assert best["mde"]["behind"] == pytest.approx(0.0005) and best["uniform"]["behind"] == 0
+    text = markdown(rep, "t")
+    assert ("**Per method**, its smallest plan within 0.0010 of the best uniform, else how far its best plan "
+            "falls short: mde at budget 0.5, 2.00x fewer bytes; mlet none, its best (budget 0.5, 0.7750) 0.0050 "
+            "short; uniform at budget 1, 1.00x fewer bytes.") in text
+    # Where width does not matter there is nothing to fall short of.
+    flat = [point("uniform", b, s, 0.70, int(4000 * b)) for b in (0.25, 1.0) for s in (0, 1)]
+    assert "Per method" not in markdown(report(flat, None, GRID), "t")
+
+
 def mse_point(method: str, budget: float, seed: int, value: float, nbytes: int):
     return {**point(method, budget, seed, value, nbytes), "metric": "mse", "lower_is_better": True}
 
@@ -163,6 +179,40 @@ def test_planted_comparison_widths_and_distance_to_bayes():
     assert uniform["distance_to_bayes"] == pytest.approx(0.87 - 0.805)
     with pytest.raises(DataError, match="bayes_auc.test"):
         PlantedTruth.of_dataset({"bayes_auc": {}, "ranks": {}})
+
+
+def test_the_best_plan_of_each_method_at_twice_the_planted_parameters():
+    # Planted: 10 rows at rank 8 and 90 at rank 2 (260 parameters); twice that is 520, which holds
+    # the 2000-byte (500-parameter) configs and not the 4000-byte ones.
+    planted = {"bayes_auc": {"test": 0.8},
+               "ranks": {"C1": {"rank": 8, "blocks": [{"start": 0, "end": 10, "rank": 8},
+                                                       {"start": 10, "end": 100, "rank": 2}]}}}
+    truth = PlantedTruth.of_dataset(planted)
+    assert truth.params == 260
+    pts = rising() + [point("mlet", 1.0, s, 0.79, 4000) for s in (0, 1)]
+    rep = report(pts, truth, GRID)
+    at = rep["planted"]["at_twice_params"]
+    assert rep["planted"]["params"] == 260
+    assert at["mde"]["budget"] == 0.5 and at["mde"]["distance_to_bayes"] == pytest.approx(0.8 - 0.7795)
+    assert at["uniform"]["budget"] == 0.5 and at["mlet"] is None
+    text = markdown(rep, "t")
+    assert "Planted parameters: 260 (each popularity block's rows times its rank)" in text
+    assert "mde at budget 0.5 (500 parameters) 0.7795, 0.0205 below" in text
+    # mlet ran only at budget 1 (1000 parameters): budgets up to 520 / 1000 would hold it.
+    assert "No plan that small for mlet (budgets up to 0.52 of this base model have one)." in text
+    # A merge keeps the count, and with an earlier report that does not record it, takes it from the one that does.
+    old = sweep_report_of(rising()[:1], ["uniform"], planted)
+    del old["planted"]["params"], old["planted"]["at_twice_params"]
+    mde = [p for p in rising() if p["method"] == "mde"]
+    merged = merge_reports({"a": old, "b": sweep_report_of(mde, ["mde"], planted)})
+    assert merged["planted"]["params"] == 260
+    other = sweep_report_of(rising()[:1], ["uniform"], planted)
+    other["planted"]["params"] = 300
+    with pytest.raises(DataError, match=r"different planted parameter counts \[260, 300\]"):
+        merge_reports({"a": other, "b": sweep_report_of(mde, ["mde"], planted)})
+    # Blocks not recorded: no count, and no section.
+    bare = {"bayes_auc": {"test": 0.8}, "ranks": {"C1": {"rank": 6, "blocks": []}}}
+    assert "params" not in report(rising(), PlantedTruth.of_dataset(bare), GRID)["planted"]
 
 
 def test_report_files(tmp_path):
