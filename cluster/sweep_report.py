@@ -381,7 +381,9 @@ def markdown(rep: dict[str, Any], title: str) -> str:
 
 def _per_method(method: str, smallest: dict[str, Any] | None, best: dict[str, Any]) -> str:
     if smallest:
-        return f"{method} at budget {smallest['budget']:g}, {smallest['ratio_vs_uniform']:.2f}x fewer bytes"
+        ratio = smallest["ratio_vs_uniform"]
+        saved = f"{ratio:.2f}x fewer bytes" if ratio > 1 else "no fewer bytes than uniform"
+        return f"{method} at budget {smallest['budget']:g}, {saved}"
     return f"{method} none, its best (budget {best['budget']:g}, {best['mean']:.4f}) {best['behind']:.4f} short"
 
 
