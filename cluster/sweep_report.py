@@ -400,7 +400,7 @@ def _at_twice_planted(planted: dict[str, Any], configs: list[dict[str, Any]]) ->
     missing = sorted(m for m, c in planted["at_twice_params"].items() if not c)
     if missing:
         base = next((c["serving_params"] for c in configs if c["method"] == "uniform" and c["budget"] == 1.0), None)
-        hint = f" (budgets up to {twice / base:.3g} of this base model have one)" if base else ""
+        hint = f" (that small is a budget of at most {twice / base:.3g} of this base model)" if base else ""
         text += f". No plan that small for {', '.join(missing)}{hint}"
     return text + "."
 

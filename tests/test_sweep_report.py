@@ -199,7 +199,7 @@ def test_the_best_plan_of_each_method_at_twice_the_planted_parameters():
     assert "Planted parameters: 260 (each popularity block's rows times its rank)" in text
     assert "mde at budget 0.5 (500 parameters) 0.7795, 0.0205 below" in text
     # mlet ran only at budget 1 (1000 parameters): budgets up to 520 / 1000 would hold it.
-    assert "No plan that small for mlet (budgets up to 0.52 of this base model have one)." in text
+    assert "No plan that small for mlet (that small is a budget of at most 0.52 of this base model)." in text
     # A merge keeps the count, and with an earlier report that does not record it, takes it from the one that does.
     old = sweep_report_of(rising()[:1], ["uniform"], planted)
     del old["planted"]["params"], old["planted"]["at_twice_params"]
