@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import plan_spec, predict
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -42,6 +44,7 @@ from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.export import MANIFEST, ExportError, export_serving, load_serving
+from embshard.trainer.loop import quiet_libraries
 from embshard.trainer.models import TrainModel, get_arch
 from embshard.trainer.models.dlrm import DLRM
 from embshard.typed_config import load_yaml, to_dict
@@ -222,6 +225,22 @@ def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path)
     out = export_serving(tmp_path / "ckpt", tmp_path / "serving")
     with torch.no_grad():
         torch.testing.assert_close(load_serving(out)(dense, sparse), want, rtol=1e-5, atol=1e-6)
+
+
+def test_collapsing_sharded_tables_puts_no_library_deprecation_on_the_console(tmp_path: Path) -> None:
+    # The collapse assembles TorchRec's own ShardedTensor, which torch marks deprecated: a worker
+    # warned once per checkpoint, into every sweep's console.
+    plan = mlet_plan()
+    shard = shard_plan(plan, "table_wise", world=1)
+    bundle = PlanBundle(plan, shard, memory_report(plan, shard, "rowwise_adagrad"), tmp_path / "plan")
+    cfg = JobConfig(model=MODEL, data=DataConfig(path=str(tmp_path)))
+    with single_rank_group(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        sharded = build_sharded(cfg, bundle, plan_spec(plan, NUM_DENSE), torch.device("cpu"))
+        collapsed = mlet_before_save(sharded.model, sharded.model.state_dict())
+    assert any(isinstance(v, ShardedTensor) for v in collapsed.values())  # the path that warned
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 @contextmanager

@@ -246,13 +246,15 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
 
 def quiet_libraries() -> None:
     # FBGEMM logs every table-batched kernel's arguments at INFO on the root logger, and TorchRec
-    # warns about choices the planner made on purpose; keep workers' output to what users act on.
+    # warns about choices the planner made on purpose (and torch, about the ShardedTensor TorchRec's
+    # state dicts are made of); keep workers' output to what users act on.
     logging.getLogger().setLevel(logging.WARNING)
     for name in ("torchrec", "fbgemm_gpu"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.nn.parallel")
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 
 def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Progress],
