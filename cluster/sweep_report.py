@@ -247,7 +247,7 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     if truths and (len(truths) < len(reports) or any(t != truths[0] for t in truths)):
         raise DataError("sweep reports with different planted truths (Bayes AUC, ranks or grid): not one dataset")
     # Planted parameters are recorded only by reports written since; those that record them agree.
-    params = {rep["planted"]["params"] for rep in reports.values() if rep.get("planted", {}).get("params")}
+    params = {r["planted"]["params"] for r in reports.values() if r.get("planted", {}).get("params")}
     if len(params) > 1:
         raise DataError(f"sweep reports with different planted parameter counts {sorted(params)}: not one dataset")
     truth = PlantedTruth.of_report({**truths[0], "params": min(params, default=None)}) if truths else None
