@@ -52,7 +52,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "others) into one report, its claim made over all of them; a method swept at other knobs "
                     "(MLET at another k) is a curve of its own. Refused: sweeps of other data or of job configs "
                     "that differ beyond outputs, logging, failure handling and the methods' knobs, and the same "
-                    "curve, budget and seed in two sweeps.")
+                    "curve, budget and seed in two sweeps (unless --replace).")
     m.add_argument("reports", nargs="+", metavar="SWEEP",
                    help="a sweep's folder (its --out, local or a URI such as s3://bucket/sweep) or its "
                         "sweep-<dataset>.json")
@@ -61,6 +61,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier merge in --out")
     m.add_argument("--assume-same-config", action="store_true",
                    help="merge reports that record no job config (sweeps from before they recorded it) unchecked")
+    m.add_argument("--replace", action="store_true",
+                   help="a later SWEEP's points of a curve (method at its knobs) at a budget replace the earlier "
+                        "SWEEPs' points of that curve at that budget, every seed (a method measured again after a "
+                        "fix); the report names what was replaced")
     m.set_defaults(func=sweep_merge)
 
 
@@ -123,7 +127,7 @@ def sweep_merge(args: argparse.Namespace) -> int:
             raise DataError(f"{path}: not a sweep report (it has no dataset or points)")
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
-    rep = merge_reports(reports, args.assume_same_config)
+    rep = merge_reports(reports, args.assume_same_config, args.replace)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
     out.mkdir(parents=True, exist_ok=True)

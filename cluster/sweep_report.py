@@ -128,8 +128,8 @@ class PlantedTruth:
 
     bayes_auc: float
     ranks: dict[str, int]
-    # The planted model's embedding parameters: each popularity block's rows times its rank. None
-    # where the blocks are not recorded (reports written before this was).
+    # The generator's embedding parameters: each popularity block's rows x its rank, and its
+    # rank x latent_dim map into the shared latent space. None where the blocks are not recorded.
     params: int | None = None
 
     @classmethod
@@ -138,9 +138,9 @@ class PlantedTruth:
         bayes = planted.get("bayes_auc", {}).get(split)
         if bayes is None:
             raise DataError(f"dataset.json: planted.bayes_auc.{split} is missing; cannot compare with the Bayes AUC")
-        tables = planted["ranks"].values()
-        params = (sum((b["end"] - b["start"]) * b["rank"] for r in tables for b in r["blocks"])
-                  if all(r.get("blocks") for r in tables) else None)
+        tables, latent = planted["ranks"].values(), planted.get("latent_dim")
+        params = (sum((b["end"] - b["start"] + latent) * b["rank"] for r in tables for b in r["blocks"])
+                  if latent and all(r.get("blocks") for r in tables) else None)
         return cls(bayes, {f: r["rank"] for f, r in planted["ranks"].items()}, params)
 
     @classmethod
@@ -214,7 +214,8 @@ NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "da
 UNRECORDED = "knobs unrecorded"
 
 
-def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: bool = False) -> dict[str, Any]:
+def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: bool = False,
+                  replace: bool = False) -> dict[str, Any]:
     """One report of several sweeps' points on one dataset (e.g. a method swept after the
     others), keyed by where each came from. A method swept at other knobs in two sweeps (MLET at
     k = 4d and 8d) gives two curves, each point's `variant` naming its knobs where they differ.
@@ -222,20 +223,27 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     a point of one curve, budget and seed in two sweeps, job configs that differ beyond
     NOT_RESULTS and the methods' knobs, and, unless `assume_same_config`, a report that records no
     config (written before sweeps recorded it); such a report's points have unknown knobs, a
-    curve of their own where the method also has recorded ones."""
+    curve of their own where the method also has recorded ones. With `replace`, the points of a curve (a method
+    at its knobs) at a budget that a later report also holds are dropped from the earlier ones, all
+    their seeds (a method measured again after a fix), and the merged report names what was dropped
+    under `replaced`."""
     names = {rep["dataset"] for rep in reports.values()}
     if len(names) > 1:
         raise DataError(f"sweep reports of different datasets ({', '.join(sorted(names))}): a merged claim "
                         "would compare unlike runs")
     config = same_config(reports, assume_same_config)
-    sourced = [(source, p) for source, rep in reports.items() for p in with_knobs(rep)]
+    by_source = {source: with_knobs(rep) for source, rep in reports.items()}
+    replaced = _replaced_by_later(by_source) if replace else {}
+    sourced = [(source, p) for source, pts in by_source.items() for p in pts
+               if _at_budget(p) not in replaced.get(source, {})]
     points = with_variants([p for _, p in sourced])
     seen: dict[tuple[str, float, int], str] = {}
     for (source, _), p in zip(sourced, points, strict=True):
         key = (curve(p), p["budget"], p["seed"])
         if key in seen:
             raise DataError(f"{source}: {key[0]} at budget {p['budget']:g}, seed {p['seed']} is also in "
-                            f"{seen[key]}; merge sweeps of different methods, knobs, budgets or seeds")
+                            f"{seen[key]}; merge sweeps of different methods, knobs, budgets or seeds, or pass "
+                            "--replace to let the later sweep's curves replace the earlier's")
         seen[key] = source
     shas = {r["dataset_sha256"] for r in reports.values() if r.get("dataset_sha256")}
     if len(shas) > 1:
@@ -256,21 +264,45 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
     checked = all(r.get("config") is not None and r.get("configs_checked", True) for r in reports.values())
     # `config` is the first sweep's: the shared keys are every sweep's, the methods' knobs are per point.
+    dropped = {src: sorted(set(curves.values())) for src, curves in replaced.items() if curves}
     return {"dataset": names.pop(), "dataset_sha256": shas.pop() if shas else None, "merged_from": sources,
-            "config": config, "configs_checked": checked, "points": points, **rep}
+            "config": config, "configs_checked": checked, "points": points,
+            **({"replaced": dropped} if dropped else {}), **rep}
+
+
+def _at_budget(point: dict[str, Any]) -> tuple[str, str, float]:
+    """A point's curve (its method at its knobs) and budget: what a later sweep's point replaces."""
+    return point["method"], json.dumps(point["knobs"], sort_keys=True), point["budget"]
+
+
+def _replaced_by_later(by_source: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[tuple[str, str, float], str]]:
+    """Per source, its curves at budgets that a later source also holds, each named to report it.
+    A point of unrecorded knobs is replaced by a later one of its method at its budget, whatever
+    that one's knobs: which of them it was is not known, and the later sweep was asked to stand."""
+    sources = list(by_source)
+    out: dict[str, dict[tuple[str, str, float], str]] = {}
+    for i, source in enumerate(sources):
+        later = [p for s in sources[i + 1:] for p in by_source[s]]
+        exact = {_at_budget(p) for p in later}
+        any_knobs = {(p["method"], p["budget"]) for p in later}
+        out[source] = {_at_budget(p): f"{p['method']} at {p['budget']:g}" for p in by_source[source]
+                       if _at_budget(p) in exact or (p["knobs"] is None and (p["method"], p["budget"]) in any_knobs)}
+    return out
 
 
 def with_knobs(rep: dict[str, Any]) -> list[dict[str, Any]]:
     """A report's points, each with its method's knobs: as the point records them, else from the
     report's config (a sweep from before points recorded them), else None: unknown (no config, or
-    an unchecked merge's, which need not be every point's)."""
+    an unchecked merge's, which need not be every point's), except for a method that has none."""
     cfg = None
     if rep.get("config") is not None and rep.get("configs_checked", True):
         try:
             cfg = from_dict(JobConfig, current_schema(rep["config"]))
         except ConfigError:
             cfg = None
-    of_config = {m: method_knobs(cfg, m) if cfg else None for m in {p["method"] for p in rep["points"]}}
+    # A method that reads no knobs (uniform) has none to be unknown, config or not.
+    of_config = {m: method_knobs(cfg, m) if cfg else (None if method_knobs(JobConfig(), m) else {})
+                 for m in {p["method"] for p in rep["points"]}}
     return [{**p, "knobs": p["knobs"] if "knobs" in p else of_config[p["method"]]} for p in rep["points"]]
 
 
@@ -350,6 +382,8 @@ def markdown(rep: dict[str, Any], title: str) -> str:
     for e in rep["errors"]:
         lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |")
     lines += ["", f"**Claim**: {rep['claim']['statement']}."]
+    for src, methods in rep.get("replaced", {}).items():
+        lines += ["", f"Replaced by a later sweep (`--replace`): {', '.join(methods)} of {src}."]
     claimed = rep["claim"]
     if claimed["rises"]:
         lines += ["", f"**Per method**, its smallest plan within {claimed['tolerance']:.4f} of the best uniform, "
@@ -392,7 +426,8 @@ def _at_twice_planted(planted: dict[str, Any], configs: list[dict[str, Any]]) ->
     without one, the largest budget that would have one (from the base model's size)."""
     twice = 2 * planted["params"]
     found = {m: c for m, c in planted["at_twice_params"].items() if c}
-    text = (f"Planted parameters: {planted['params']:,} (each popularity block's rows times its rank). Best plan "
+    text = (f"Planted parameters: {planted['params']:,} (the generator's: each popularity block's rows and its "
+            f"map into the latent space, times its rank). Best plan "
             f"per method with at most twice that ({twice:,} serving parameters), its distance to the Bayes AUC: "
             + ("; ".join(f"{m} at budget {c['budget']:g} ({c['serving_params']:,.0f} parameters) "
                          f"{c['mean']:.4f}, {c['distance_to_bayes']:.4f} below" for m, c in found.items())

@@ -23,6 +23,7 @@ from embshard.cluster.sweep_report import (
     PlantedTruth,
     aggregate,
     claim,
+    curve,
     dataset_sha256,
     markdown,
     merge_reports,
@@ -182,33 +183,34 @@ def test_planted_comparison_widths_and_distance_to_bayes():
 
 
 def test_the_best_plan_of_each_method_at_twice_the_planted_parameters():
-    # Planted: 10 rows at rank 8 and 90 at rank 2 (260 parameters); twice that is 520, which holds
-    # the 2000-byte (500-parameter) configs and not the 4000-byte ones.
-    planted = {"bayes_auc": {"test": 0.8},
+    # Planted: 10 rows at rank 8 and 90 at rank 2, each block with its map into a latent space of 8:
+    # (10 + 8) * 8 + (90 + 8) * 2 = 340 parameters; twice that is 680, which holds the 2000-byte
+    # (500-parameter) configs and not the 4000-byte ones.
+    planted = {"bayes_auc": {"test": 0.8}, "latent_dim": 8,
                "ranks": {"C1": {"rank": 8, "blocks": [{"start": 0, "end": 10, "rank": 8},
                                                        {"start": 10, "end": 100, "rank": 2}]}}}
     truth = PlantedTruth.of_dataset(planted)
-    assert truth.params == 260
+    assert truth.params == 340
     pts = rising() + [point("mlet", 1.0, s, 0.79, 4000) for s in (0, 1)]
     rep = report(pts, truth, GRID)
     at = rep["planted"]["at_twice_params"]
-    assert rep["planted"]["params"] == 260
+    assert rep["planted"]["params"] == 340
     assert at["mde"]["budget"] == 0.5 and at["mde"]["distance_to_bayes"] == pytest.approx(0.8 - 0.7795)
     assert at["uniform"]["budget"] == 0.5 and at["mlet"] is None
     text = markdown(rep, "t")
-    assert "Planted parameters: 260 (each popularity block's rows times its rank)" in text
+    assert "Planted parameters: 340 (the generator's: each popularity block's rows and its map" in text
     assert "mde at budget 0.5 (500 parameters) 0.7795, 0.0205 below" in text
-    # mlet ran only at budget 1 (1000 parameters): budgets up to 520 / 1000 would hold it.
-    assert "No plan that small for mlet (that small is a budget of at most 0.52 of this base model)." in text
+    # mlet ran only at budget 1 (1000 parameters): budgets up to 680 / 1000 would hold it.
+    assert "No plan that small for mlet (that small is a budget of at most 0.68 of this base model)." in text
     # A merge keeps the count, and with an earlier report that does not record it, takes it from the one that does.
     old = sweep_report_of(rising()[:1], ["uniform"], planted)
     del old["planted"]["params"], old["planted"]["at_twice_params"]
     mde = [p for p in rising() if p["method"] == "mde"]
     merged = merge_reports({"a": old, "b": sweep_report_of(mde, ["mde"], planted)})
-    assert merged["planted"]["params"] == 260
+    assert merged["planted"]["params"] == 340
     other = sweep_report_of(rising()[:1], ["uniform"], planted)
     other["planted"]["params"] = 300
-    with pytest.raises(DataError, match=r"different planted parameter counts \[260, 300\]"):
+    with pytest.raises(DataError, match=r"different planted parameter counts \[300, 340\]"):
         merge_reports({"a": other, "b": sweep_report_of(mde, ["mde"], planted)})
     # Blocks not recorded: no count, and no section.
     bare = {"bayes_auc": {"test": 0.8}, "ranks": {"C1": {"rank": 6, "blocks": []}}}
@@ -342,6 +344,44 @@ def test_merged_sweeps_claim_over_all_their_points():
     again = merge_reports({"ab": merged, "c": extra})
     assert again["claim"]["smallest"]["mlet"]["ratio_vs_uniform"] == 4.0
     assert again["merged_from"]["ab"] == merged["merged_from"]
+
+
+def test_a_method_measured_again_replaces_its_earlier_points_with_replace():
+    # The first sweep's MDE was measured before a fix; the second measured MDE again at budget 0.5,
+    # with one seed: with --replace both earlier seeds at 0.5 go, MDE at 0.25 stays.
+    first = sweep_report_of(rising(), ["uniform", "mde"])
+    again = sweep_report_of([point("mde", 0.5, 0, 0.781, 2000)], ["mde"])
+    with pytest.raises(DataError, match="mde at budget 0.5, seed 0 is also in a; .* or pass --replace"):
+        merge_reports({"a": first, "b": again})
+    merged = merge_reports({"a": first, "b": again}, replace=True)
+    mde = sorted((p["budget"], p["value"]) for p in merged["points"] if p["method"] == "mde")
+    assert mde == [(0.25, 0.7598), (0.25, 0.7602), (0.5, 0.781)]
+    assert sum(p["method"] == "uniform" for p in merged["points"]) == 6  # the rest of the first sweep stays
+    assert merged["replaced"] == {"a": ["mde at 0.5"]}
+    assert "Replaced by a later sweep (`--replace`): mde at 0.5 of a." in markdown(merged, "t")
+    # Only the same knobs replace: MLET at another ratio is another curve, kept beside it.
+    k4 = sweep_report_of([point("mlet", 0.5, 0, 0.77, 2000)], ["mlet"])
+    k8 = sweep_report_of([point("mlet", 0.5, 0, 0.78, 2000)], ["mlet"], embeddings__mlet="{ratio: 8}")
+    both = merge_reports({"a": first, "k4": k4, "k8": k8}, replace=True)
+    assert "replaced" not in both and sum(p["method"] == "mlet" for p in both["points"]) == 2
+    # Points of unrecorded knobs (a sweep from before they were recorded) give way to a later
+    # sweep's of their method and budget.
+    unrecorded = {**first, "config": None}
+    again8 = sweep_report_of([point("mde", 0.5, 0, 0.781, 2000)], ["mde"], embeddings__mde__blocks="2")
+    later = merge_reports({"a": unrecorded, "b": again8}, assume_same_config=True, replace=True)
+    assert later["replaced"] == {"a": ["mde at 0.5"]}
+    assert sorted(p.get("variant", "") for p in later["points"] if p["method"] == "mde") == \
+        ["knobs unrecorded", "knobs unrecorded", "mde.blocks=2"]
+
+
+def test_a_method_without_knobs_is_one_curve_whether_or_not_its_report_recorded_them():
+    # uniform reads no knobs, so a report without a config has nothing unknown about its uniform
+    # points: they are one curve with a recorded sweep's, and the claim still finds uniform.
+    unrecorded = {**sweep_report_of([p for p in rising() if p["budget"] != 1.0], ["uniform", "mde"]), "config": None}
+    recorded = sweep_report_of([p for p in rising() if p["budget"] == 1.0], ["uniform"])
+    merged = merge_reports({"a": unrecorded, "b": recorded}, assume_same_config=True)
+    assert {curve(p) for p in merged["points"]} == {"uniform", "mde"}
+    assert merged["claim"]["rises"] is True
 
 
 def test_merging_unlike_sweeps_is_refused():
