@@ -28,7 +28,7 @@ from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, location
-from embshard.errors import ConfigError, EmbshardError
+from embshard.errors import ConfigError, EmbshardError, Interrupted
 from embshard.typed_config import to_dict
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep's folder
@@ -72,8 +72,13 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
         # log with the rest of Ray's output; the console keeps one line per finished trial.
         with log.open("a", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
             results = tuner.fit()
-    finished = [results[i] for i in range(len(results))]  # ResultGrid is indexed, not iterable (typed)
-    failed = [(r.path, r.error) for r in finished if r.error is not None]
+    return trial_points([results[i] for i in range(len(results))], out)  # ResultGrid is indexed, not iterable
+
+
+def trial_points(results: list[tune.Result], out: StoragePath) -> list[dict[str, Any]]:
+    """Every trial's points; a failed trial's error, or, where Tune stopped before every trial
+    reported (Ctrl-C), how to continue: the finished trials are in Tune's state in `out`."""
+    failed = [(r.path, r.error) for r in results if r.error is not None]
     if failed:
         path, error = failed[0]
         found = worker_error(error)
@@ -81,7 +86,11 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
             raise found.error
         raise console.Crashed(f"{len(failed)} trial(s) failed, first in {path}: {found.summary()}; "
                               f"run again with --resume to retry them")
-    return [p for r in finished for p in json.loads((r.metrics or {})["points"])]
+    unfinished = [r for r in results if "points" not in (r.metrics or {})]
+    if unfinished:
+        raise Interrupted(f"the sweep stopped with {len(unfinished)} of {len(results)} trials unfinished; "
+                          f"the finished ones are kept in {out}: run the same command with --resume to continue")
+    return [p for r in results for p in json.loads(r.metrics["points"])]
 
 
 def work_folder(cfg: JobConfig, out: StoragePath) -> Path:

@@ -317,6 +317,22 @@ def test_sweep_folder_is_never_taken_over(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def test_a_sweep_stopped_before_every_trial_reported_says_how_to_continue(tmp_path):
+    # Ctrl-C: Tune returns its results, the unfinished trials without points; this was a KeyError.
+    from ray.tune import Result
+
+    from embshard.cluster.sweep_run import trial_points
+    from embshard.errors import Interrupted
+
+    done = Result(metrics={"points": json.dumps([point("uniform", 1.0, 0, 0.7, 4000)])}, checkpoint=None,
+                  error=None, path=str(tmp_path / "t0"))
+    stopped = Result(metrics={"training_iteration": 0}, checkpoint=None, error=None, path=str(tmp_path / "t1"))
+    assert [p["value"] for p in trial_points([done], tmp_path)] == [0.7]
+    with pytest.raises(Interrupted, match=rf"stopped with 1 of 2 trials unfinished; the finished ones are kept in "
+                                          rf"{tmp_path}: run the same command with --resume to continue"):
+        trial_points([done, stopped], tmp_path)
+
+
 def sweep_report_of(points: list[dict], methods: list[str], planted: dict | None = None, **overrides: str) -> dict:
     """A sweep's JSON as `embshard sweep` writes it, for hand-made points; `overrides`: its job
     config's `--set`s (dots as __)."""
