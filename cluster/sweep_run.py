@@ -90,7 +90,7 @@ def trial_points(results: list[tune.Result], out: StoragePath) -> list[dict[str,
     if unfinished:
         raise Interrupted(f"the sweep stopped with {len(unfinished)} of {len(results)} trials unfinished; "
                           f"the finished ones are kept in {out}: run the same command with --resume to continue")
-    return [p for r in results for p in json.loads(r.metrics["points"])]
+    return [p for r in results for p in json.loads((r.metrics or {})["points"])]
 
 
 def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
