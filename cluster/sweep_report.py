@@ -258,7 +258,7 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     params = {r["planted"]["params"] for r in reports.values() if r.get("planted", {}).get("params")}
     if len(params) > 1:
         raise DataError(f"sweep reports with different planted parameter counts {sorted(params)}: not one dataset")
-    truth = PlantedTruth.of_report({**truths[0], "params": min(params, default=None)}) if truths else None
+    truth = PlantedTruth.of_report({**truths[0], "params": next(iter(params), None)}) if truths else None
     rep = report(points, truth, truths[0]["grid"] if truths else [])
     # Each source's sweep spec, or for a merged report, what it was merged from.
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
@@ -279,15 +279,16 @@ def _replaced_by_later(by_source: Mapping[str, list[dict[str, Any]]]) -> dict[st
     """Per source, its curves at budgets that a later source also holds, each named to report it.
     A point of unrecorded knobs is replaced by a later one of its method at its budget, whatever
     that one's knobs: which of them it was is not known, and the later sweep was asked to stand."""
-    sources = list(by_source)
     out: dict[str, dict[tuple[str, str, float], str]] = {}
-    for i, source in enumerate(sources):
-        later = [p for s in sources[i + 1:] for p in by_source[s]]
-        exact = {_at_budget(p) for p in later}
-        any_knobs = {(p["method"], p["budget"]) for p in later}
-        out[source] = {_at_budget(p): f"{p['method']} at {p['budget']:g}" for p in by_source[source]
-                       if _at_budget(p) in exact or (p["knobs"] is None and (p["method"], p["budget"]) in any_knobs)}
-    return out
+    exact: set[tuple[str, str, float]] = set()  # what the sources after this one hold
+    any_knobs: set[tuple[str, float]] = set()
+    for source in reversed(list(by_source)):
+        keyed = [(_at_budget(p), p) for p in by_source[source]]
+        out[source] = {key: f"{p['method']} at {p['budget']:g}" for key, p in keyed
+                       if key in exact or (p["knobs"] is None and (p["method"], p["budget"]) in any_knobs)}
+        exact |= {key for key, _ in keyed}
+        any_knobs |= {(p["method"], p["budget"]) for _, p in keyed}
+    return {source: out[source] for source in by_source}
 
 
 def with_knobs(rep: dict[str, Any]) -> list[dict[str, Any]]:
@@ -416,7 +417,7 @@ def markdown(rep: dict[str, Any], title: str) -> str:
 def _per_method(method: str, smallest: dict[str, Any] | None, best: dict[str, Any]) -> str:
     if smallest:
         ratio = smallest["ratio_vs_uniform"]
-        saved = f"{ratio:.2f}x fewer bytes" if ratio > 1 else "no fewer bytes than uniform"
+        saved = f"{ratio:.2f}x fewer bytes" if round(ratio, 2) > 1 else "no fewer bytes than uniform"
         return f"{method} at budget {smallest['budget']:g}, {saved}"
     return f"{method} none, its best (budget {best['budget']:g}, {best['mean']:.4f}) {best['behind']:.4f} short"
 
