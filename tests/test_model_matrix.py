@@ -44,6 +44,7 @@ ARCHS = {  # arch -> (its options, the dense parameters that must move)
     "dlrm": ({}, (".over_arch.",)),
     "dlrm_dcn": ({"dcn_low_rank_dim": 8}, (".over_arch.", ".crossnet.")),
     "mf": ({"init_bias": 3.0}, (".user_bias.", ".item_bias.", "global_bias")),
+    "fm": ({}, (".biases.", ".linear.")),
 }
 
 
@@ -87,7 +88,7 @@ def test_every_method_trains_on_every_arch(dataset, ratings, tmp_path, process_g
     name = method if method in ("pep", "autodim") else method_name(cfg)
     bundle = plan_for_training(cfg, name)
     # Per-feature widths where the arch takes them and the method's module can give them.
-    assert bundle.dimension_plan.uniform_width == (arch in ("dlrm", "mf") or method in ("pep", "autodim"))
+    assert bundle.dimension_plan.uniform_width == (arch in ("dlrm", "mf", "fm") or method in ("pep", "autodim"))
     reader = make_reader(cfg, bundle, "train", 0, 1)
     sharded = build_sharded(cfg, bundle, reader.spec, torch.device("cpu"), method=get_method(name))
     before = sharded_state(sharded)

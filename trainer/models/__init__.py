@@ -16,6 +16,7 @@ _BUILTIN = {
     "dlrm_dcn": "embshard.trainer.models.dcn:DlrmDcnArch",
     "two_tower": "embshard.trainer.models.two_tower:TwoTowerArch",
     "mf": "embshard.trainer.models.mf:MfArch",
+    "fm": "embshard.trainer.models.fm:FmArch",
 }
 
 
