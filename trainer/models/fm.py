@@ -44,12 +44,11 @@ class FactorizationMachine(nn.Module):
         self.num_dense = num_dense
         # w0 and w; without dense features it reads a constant 1 (`dense_input`): w0 alone.
         self.linear = nn.Linear(max(num_dense, 1), 1, device=device)
-        self.biases = nn.ModuleDict({
-            name: nn.EmbeddingBag(cardinalities[name], 1, mode="sum", include_last_offset=True, device=device)
-            for name in self.names
-        })
-        for bag in self.biases.values():
+        bags = {name: nn.EmbeddingBag(cardinalities[name], 1, mode="sum", include_last_offset=True, device=device)
+                for name in self.names}
+        for bag in bags.values():
             nn.init.zeros_(bag.weight)
+        self.biases = nn.ModuleDict(bags)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """-> logits [B]"""
