@@ -3,6 +3,8 @@
     nice .venv/bin/python bench/planted_oracle.py --data outputs/sweep-planted/data \
         [--scales 1,2] [--seeds 2] [--epochs 10] [--set key=value ...]
 
+`--set model.arch=fm` trains the factorization machine, the generator's own model shape.
+
 `embshard data synth --planted` records each table's popularity blocks and their latent ranks
 (dataset.json `planted`). This writes them as a decisions file: the blocks' rows in train
 frequency order (the order MDE ranks rows in), each block `scale` x its planted rank wide, rounded
@@ -100,8 +102,9 @@ def summarise(runs: list[dict[str, Any]], base: int, bayes: float) -> list[dict[
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], bayes: float, planted: int, epochs: int) -> str:
-    lines = [f"# Planted widths against uniform ({epochs} epochs, each run at its best validation step)", "",
+def markdown(rows: list[dict[str, Any]], bayes: float, planted: int, epochs: int, arch: str) -> str:
+    lines = [f"# Planted widths against uniform (model.arch {arch}, {epochs} epochs, each run at its best "
+             "validation step)", "",
              "| plan | serving params | share of the base model | test AUC (mean ± std) | distance to Bayes AUC "
              "| selected steps |",
              "| --- | ---: | ---: | --- | ---: | --- |"]
@@ -158,10 +161,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     planted = planted_params(cfg, args.data, runs_dir / "planted-exact")
     result = {"bench": "planted-oracle", "data": spec.source, "config": str(CONFIG.relative_to(ROOT)),
-              "overrides": args.overrides, "epochs": args.epochs, "bayes_test_auc": bayes,
+              "overrides": args.overrides, "arch": cfg.model.arch, "epochs": args.epochs, "bayes_test_auc": bayes,
               "planted_params": planted, "base_params": base, "rows": rows, "runs": runs}
     (out / "oracle.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "oracle.md").write_text(markdown(rows, bayes, planted, args.epochs))
+    (out / "oracle.md").write_text(markdown(rows, bayes, planted, args.epochs, cfg.model.arch))
     print(json.dumps({"rows": rows}))
 
 
