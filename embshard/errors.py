@@ -29,7 +29,17 @@ class Interrupted(Exception):
     Not an EmbshardError: nothing was wrong with the input."""
 
 
+TRACEBACK = "Traceback (most recent call last):"
+
+
 def first_line(e: BaseException) -> str:
-    """`Type: first line of the message`: enough to act on, short enough for a one-line error."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    """`Type: first line of the message`: enough to act on, short enough for a one-line error.
+
+    A message that carries another process's traceback (a Ray job server's HTTP 500 reply) starts
+    with "Traceback (most recent call last):", which says nothing: the traceback's last line, the
+    exception raised over there, takes its place."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    head = lines[0] if lines else ""
+    if TRACEBACK in head and len(lines) > 1:
+        head = f"{head.replace(TRACEBACK, '').strip()} {lines[-1]}".strip()
+    return f"{type(e).__name__}: {head}"

@@ -1,0 +1,24 @@
+"""`first_line`: what a one-line error keeps of an exception."""
+
+from __future__ import annotations
+
+from embshard.errors import first_line
+
+
+def test_the_first_line_of_a_plain_message_with_its_type() -> None:
+    assert first_line(ValueError("bad id 7 in C3\nmore detail")) == "ValueError: bad id 7 in C3"
+    assert first_line(KeyError()) == "KeyError: "
+
+
+def test_a_message_carrying_a_remote_traceback_keeps_the_exception_raised_there() -> None:
+    # What Ray's job SDK raises for a job server's HTTP 500: the server's traceback after a prefix.
+    reply = RuntimeError(
+        "Request failed with status code 500: Traceback (most recent call last):\n"
+        '  File "/ray/dashboard/modules/job/job_head.py", line 360, in submit_job\n'
+        "    resp = await job_agent_client.submit_job_internal(submit_request)\n"
+        "ray.exceptions.RpcError: the agent on node 1a2b went away\n"
+    )
+    assert first_line(reply) == ("RuntimeError: Request failed with status code 500: "
+                                 "ray.exceptions.RpcError: the agent on node 1a2b went away")
+    assert first_line(RuntimeError("Traceback (most recent call last):")) == \
+        "RuntimeError: Traceback (most recent call last):"
