@@ -116,8 +116,7 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
     statement = (f"uniform improves with width (best test {label} {best.mean:.4f} at budget {best.budget:g}, "
                  f"{gain:.4f} better than the narrowest); the smallest plan within {tol:.4f} of it is "
                  f"{winner_method} at budget {winner['budget']:g}: {_mb(winner['serving_bytes'])}, "
-                 f"{winner['ratio_vs_uniform']:.2f}x fewer "
-                 f"serving bytes than the smallest uniform within the tolerance")
+                 f"{_fewer(winner['ratio_vs_uniform'])} serving bytes than the smallest uniform within the tolerance")
     return Claim(True, statement, tol, best.mean, smallest, bests)
 
 
@@ -414,11 +413,14 @@ def markdown(rep: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fewer(ratio: float) -> str:
+    # A ratio that rounds to 1.00 (uniform itself, or a plan as large) saves nothing worth a figure.
+    return f"{ratio:.2f}x fewer" if round(ratio, 2) > 1 else "no fewer"
+
+
 def _per_method(method: str, smallest: dict[str, Any] | None, best: dict[str, Any]) -> str:
     if smallest:
-        ratio = smallest["ratio_vs_uniform"]
-        saved = f"{ratio:.2f}x fewer bytes" if round(ratio, 2) > 1 else "no fewer bytes than uniform"
-        return f"{method} at budget {smallest['budget']:g}, {saved}"
+        return f"{method} at budget {smallest['budget']:g}, {_fewer(smallest['ratio_vs_uniform'])} bytes than uniform"
     return f"{method} none, its best (budget {best['budget']:g}, {best['mean']:.4f}) {best['behind']:.4f} short"
 
 

@@ -73,7 +73,10 @@ def test_claim_names_the_smallest_plan_when_uniform_rises():
     # Within 0.001 of 0.78: uniform only at 4000 bytes, mde at 2000 bytes -> 2x fewer.
     assert c.smallest["uniform"]["serving_bytes"] == 4000
     assert c.smallest["mde"]["serving_bytes"] == 2000 and c.smallest["mde"]["ratio_vs_uniform"] == pytest.approx(2)
-    assert "mde at budget 0.5" in c.statement and "2.00x" in c.statement
+    assert "mde at budget 0.5" in c.statement and "2.00x fewer serving bytes" in c.statement
+    # Uniform alone: its own smallest plan is the claim, with nothing saved.
+    alone = claim([c for c in configs if c.method == "uniform"])
+    assert "is uniform at budget 1" in alone.statement and "no fewer serving bytes" in alone.statement
 
 
 def test_each_method_is_reported_against_the_best_uniform():
@@ -85,8 +88,8 @@ def test_each_method_is_reported_against_the_best_uniform():
     assert best["mde"]["behind"] == pytest.approx(0.0005) and best["uniform"]["behind"] == 0
     text = markdown(rep, "t")
     assert ("**Per method**, its smallest plan within 0.0010 of the best uniform, else how far its best plan "
-            "falls short: mde at budget 0.5, 2.00x fewer bytes; mlet none, its best (budget 0.5, 0.7750) 0.0050 "
-            "short; uniform at budget 1, no fewer bytes than uniform.") in text
+            "falls short: mde at budget 0.5, 2.00x fewer bytes than uniform; mlet none, its best (budget 0.5, "
+            "0.7750) 0.0050 short; uniform at budget 1, no fewer bytes than uniform.") in text
     # Where width does not matter there is nothing to fall short of.
     flat = [point("uniform", b, s, 0.70, int(4000 * b)) for b in (0.25, 1.0) for s in (0, 1)]
     assert "Per method" not in markdown(report(flat, None, GRID), "t")
