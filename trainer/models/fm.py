@@ -64,5 +64,7 @@ class FactorizationMachine(nn.Module):
 def id_biases(biases: nn.ModuleDict, sparse: KeyedJaggedTensor, names: list[str]) -> torch.Tensor:
     # Wrapped: one node in the trace TorchRec's train pipeline makes of the model (it follows the
     # KJT only into the sharded collection).
-    per_feature = [biases[name](sparse[name].values(), sparse[name].offsets()) for name in names]
+    # One split of the KJT for all features: indexing it by key splits it again each time.
+    features = sparse.to_dict()
+    per_feature = [biases[name](features[name].values(), features[name].offsets()) for name in names]
     return torch.cat(per_feature, dim=1).sum(1)
