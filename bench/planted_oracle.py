@@ -1,7 +1,7 @@
 """The planted benchmark's reference point: train the generator's own widths.
 
     nice .venv/bin/python bench/planted_oracle.py --data outputs/sweep-planted/data \
-        [--scales 1,2] [--seeds 2] [--epochs 10] [--set key=value ...]
+        [--scales 1,2] [--seeds 2] [--epochs 10] [--uniform auto|none|8,16] [--set key=value ...]
 
 `--set model.arch=fm` trains the factorization machine, the generator's own model shape.
 
@@ -120,6 +120,9 @@ def main() -> None:
     p.add_argument("--scales", default="1,2", help="widths as multiples of the planted ranks (default 1,2)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--uniform", default="auto",
+                   help="uniform widths trained beside the planted plans: comma-separated widths, `none`, or "
+                        "`auto` (default): the width at the smallest planted plan's bytes and the base width")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of configs/sweep-planted.yaml")
     p.add_argument("--label", default="planted-oracle", help="the results folder under bench/results/")
@@ -128,6 +131,12 @@ def main() -> None:
         scales = [int(s) for s in args.scales.split(",")]
     except ValueError:
         p.error(f"--scales: expected comma-separated whole multiples, got {args.scales!r}")
+    widths: list[int] | None = None if args.uniform == "auto" else []
+    if args.uniform not in ("auto", "none"):
+        try:
+            widths = [int(w) for w in args.uniform.split(",")]
+        except ValueError:
+            p.error(f"--uniform: expected auto, none or comma-separated widths, got {args.uniform!r}")
     try:
         spec = DatasetSpec.load(args.data)
     except EmbshardError as e:
@@ -150,9 +159,10 @@ def main() -> None:
     for seed in range(args.seeds):
         runs += [run(cfg, f"planted x{s}", seed, runs_dir, "decisions", policy="decisions", decisions=str(d))
                  for s, d in decisions.items()]
-        smallest = min(r["serving_params"] for r in runs if r["seed"] == seed)
-        width = uniform_width(cfg.embeddings, smallest / base)
-        for w in sorted({width, base_dim}):
+        if widths is None:
+            smallest = min(r["serving_params"] for r in runs if r["seed"] == seed)
+            widths = sorted({uniform_width(cfg.embeddings, smallest / base), base_dim})
+        for w in widths:
             runs.append(run(cfg, f"uniform {w}", seed, runs_dir, "uniform", policy="uniform", dim=w))
 
     bayes = spec.planted["bayes_auc"]["test"]

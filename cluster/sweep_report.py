@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from embshard.cluster.sweep_plan import KNOB_SECTIONS, method_knobs
 from embshard.config import JobConfig, current_schema
 from embshard.errors import ConfigError, DataError
@@ -157,7 +159,8 @@ def planted_comparison(configs: list[Config], truth: PlantedTruth, grid: list[in
     for c in configs:
         widths = {f: c.widths.get(f) for f in truth.ranks}
         configs_out.append({"method": c.method, "budget": c.budget, "distance_to_bayes": truth.bayes_auc - c.mean,
-                            "widths": widths, "within_one_step": within_one_step(widths, truth.ranks, grid)})
+                            "widths": widths, "within_one_step": within_one_step(widths, truth.ranks, grid),
+                            "rank_correlation": rank_correlation(widths, truth.ranks)})
     out = {"bayes_auc": truth.bayes_auc, "ranks": truth.ranks, "grid": sorted(grid), "configs": configs_out}
     if truth.params is not None:
         at_twice: dict[str, dict[str, Any] | None] = {}
@@ -180,6 +183,25 @@ def within_one_step(widths: Mapping[str, float | None], ranks: Mapping[str, int]
         return next((i for i, g in enumerate(grid) if g >= width), len(grid) - 1)
 
     return sum(abs(step(w) - step(ranks[f])) <= 1 for f, w in widths.items() if w is not None) / len(ranks)
+
+
+def rank_correlation(widths: Mapping[str, float | None], ranks: Mapping[str, int]) -> float | None:
+    """Spearman's rho between the chosen widths and the planted ranks across tables: whether a plan
+    follows the ranks, which `within_one_step` cannot say (one width near the common ranks scores
+    high there). None where either side is constant: a single width follows nothing."""
+    pairs = [(w, ranks[f]) for f, w in widths.items() if w is not None]
+    if len(pairs) < 2:
+        return None
+    a, b = (np.asarray(x, dtype=np.float64) for x in zip(*pairs, strict=True))
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(np.corrcoef(_average_ranks(a), _average_ranks(b))[0, 1])
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    # Tied values share the mean of the positions they hold, as Spearman's rho needs.
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inverse]
 
 
 def metric_of(points: list[dict[str, Any]]) -> tuple[str, bool]:
@@ -401,13 +423,16 @@ def markdown(rep: dict[str, Any], title: str) -> str:
         grid = ", ".join(str(g) for g in planted["grid"])
         lines += ["", f"Planted data: Bayes test AUC {planted['bayes_auc']:.4f}. Chosen width (widest block, "
                       "mean over seeds) per table against the planted rank; 'at rank' is the share of tables "
-                      f"whose width is within one step of the planted rank on the grid {grid}:", "",
-                  "| method | budget | distance to Bayes AUC | at rank | " + " | ".join(features) + " |",
-                  "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in features) + " |",
-                  "| planted rank | | | | " + " | ".join(str(planted["ranks"][f]) for f in features) + " |"]
+                      f"whose width is within one step of the planted rank on the grid {grid}; 'rank ρ' is "
+                      "Spearman's correlation of the widths with the planted ranks across tables (— for one "
+                      "width everywhere, which follows no rank):", "",
+                  "| method | budget | distance to Bayes AUC | at rank | rank ρ | " + " | ".join(features) + " |",
+                  "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in features) + " |",
+                  "| planted rank | | | | | " + " | ".join(str(planted["ranks"][f]) for f in features) + " |"]
         for c in planted["configs"]:
             lines.append(f"| {c['method']} | {c['budget']:g} | {c['distance_to_bayes']:.4f} | "
-                         f"{c['within_one_step']:.0%} | " + " | ".join(_width(c["widths"][f]) for f in features) + " |")
+                         f"{c['within_one_step']:.0%} | {_rho(c)} | "
+                         + " | ".join(_width(c["widths"][f]) for f in features) + " |")
         if planted.get("params") is not None:
             lines += ["", _at_twice_planted(planted, rep["configs"])]
     return "\n".join(lines) + "\n"
@@ -484,6 +509,13 @@ def report_label(rep: dict[str, Any]) -> str:
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+def _rho(config: dict[str, Any]) -> str:
+    if "rank_correlation" not in config:  # a report written before it was measured: blank, not "—"
+        return ""
+    rho = config["rank_correlation"]
+    return "—" if rho is None else f"{rho:+.2f}"
 
 
 def _width(w: float | None) -> str:

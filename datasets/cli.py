@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--rank-range", type=_rank_range, metavar="LO:HI",
                        help=f"with --planted: range of the per-table latent ranks; HI is also the "
                             f"latent dimension (default {DEFAULT_RANK_RANGE[0]}:{DEFAULT_RANK_RANGE[1]})")
+    synth.add_argument("--aligned", action="store_true",
+                       help="with --planted: each table's subspace is its first `rank` latent "
+                            "coordinates, not a random one, so its vectors are sparse in one basis "
+                            "(what PEP's element-wise pruning can find)")
     _overwrite_flag(synth)
     synth.set_defaults(func=_synth)
 
@@ -116,10 +120,12 @@ def _rank_range(text: str) -> tuple[int, int]:
 def _synth(args: argparse.Namespace) -> int:
     common = dict(rows=args.rows, seed=args.seed, max_cardinality=args.max_cardinality,
                   overwrite=args.overwrite)
-    if args.rank_range is not None and not args.planted:
-        raise DataError("synth: --rank-range needs --planted")
+    for given, flag in ((args.rank_range is not None, "--rank-range"), (args.aligned, "--aligned")):
+        if given and not args.planted:
+            raise DataError(f"synth: {flag} needs --planted")
     if args.planted:
-        spec = synthesize_planted(args.out, rank_range=args.rank_range or DEFAULT_RANK_RANGE, **common)
+        spec = synthesize_planted(args.out, rank_range=args.rank_range or DEFAULT_RANK_RANGE,
+                                  aligned=args.aligned, **common)
     else:
         spec = synthesize(args.out, bag_sizes=args.multi_hot, **common)
     print(f"synth -> {args.out}: " + ", ".join(f"{s} {n:,}" for s, n in spec.rows.items()) + " rows")

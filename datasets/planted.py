@@ -8,6 +8,12 @@ a latent space of `rank_range[1]` dimensions shared by all tables, so fields can
 logit is the sum of dot products over all field pairs plus per-id biases and dense terms, and
 labels are Bernoulli(sigmoid(logit)).
 
+Each table's subspace is random by default. With `aligned` it is the table's first `rank` latent
+coordinates (the same draws otherwise): every table's vectors are then zero past their rank in one
+basis, the structure element-wise pruning (PEP) can find. In a random orientation a rank-r
+table's vectors have every coordinate non-zero, and the one freedom the dot products leave a model,
+a rotation of the latent space shared by all tables, cannot align 26 random subspaces at once.
+
 `dataset.json` records what was planted under `planted` (ranks per table and popularity block,
 and the Bayes AUC of every split: the AUC the true probabilities reach on that split's rows, in
 expectation over the labels). It is there for benchmarks only: no planner or training code reads it.
@@ -61,6 +67,7 @@ class PlantedModel:
     blocks: list[list[RankBlock]]  # per table, its popularity blocks in rank order
     coords: list[np.ndarray]  # per table [cardinality, rank]: row coordinates in the table's subspace
     bases: list[np.ndarray]  # per table [rank, latent_dim]: orthonormal rows spanning the subspace
+    aligned: bool  # each subspace is its table's first `rank` latent coordinates
     scale: float  # multiplies the field-pair interactions
     offset: float
 
@@ -106,7 +113,8 @@ def popularity_blocks(cardinality: int, rank: int) -> list[RankBlock]:
 
 
 def planted_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
-                  rank_range: tuple[int, int] = DEFAULT_RANK_RANGE, positive_rate: float = 0.25) -> PlantedModel:
+                  rank_range: tuple[int, int] = DEFAULT_RANK_RANGE, positive_rate: float = 0.25,
+                  aligned: bool = False) -> PlantedModel:
     lo, hi = rank_range
     if not 1 <= lo <= hi:
         raise DataError(f"synth --planted: rank range must be 1 <= LO <= HI, got {lo}:{hi}")
@@ -120,11 +128,11 @@ def planted_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
         for b in table_blocks:
             # Unit expected norm whatever the block's rank, so rare rows differ in span, not size.
             u[b.start : b.end, : b.rank] = rng.standard_normal((b.end - b.start, b.rank)) / np.sqrt(b.rank)
-        q, _ = np.linalg.qr(rng.standard_normal((hi, rank)))
+        q, _ = np.linalg.qr(rng.standard_normal((hi, rank)))  # drawn either way: same draws after it
         blocks.append(table_blocks)
         coords.append(u)
-        bases.append(q.T.copy())
-    model = PlantedModel(base, hi, blocks, coords, bases, scale=1.0, offset=0.0)
+        bases.append(np.eye(hi)[:rank] if aligned else q.T.copy())
+    model = PlantedModel(base, hi, blocks, coords, bases, aligned, scale=1.0, offset=0.0)
     ranks, dense = draw_features(base, PILOT_ROWS, np.random.default_rng([seed, 1]))
     model = replace(model, scale=INTERACTION_STD / float(model.interactions(ranks).std()))
     return replace(model, offset=offset_for_rate(model.logit(ranks, dense), positive_rate))
@@ -144,17 +152,18 @@ def expected_auc(p: np.ndarray) -> float | None:
 def synthesize_planted(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
                        max_cardinality: int = DEFAULT_MAX_CARDINALITY,
                        rank_range: tuple[int, int] = DEFAULT_RANK_RANGE,
-                       positive_rate: float = 0.25, overwrite: bool = False) -> DatasetSpec:
+                       positive_rate: float = 0.25, aligned: bool = False, overwrite: bool = False) -> DatasetSpec:
     """Writes `rows` planted rows (80/10/10) and the profile to `out_dir`, like `synthesize`."""
     if rows < 10:
         raise DataError(f"synth: rows must be >= 10 so every split gets a row, got {rows}")
-    model = planted_model(seed, max_cardinality, rank_range, positive_rate)
+    model = planted_model(seed, max_cardinality, rank_range, positive_rate, aligned)
     spec = DatasetSpec(
         name="synth-planted",
         dense=[f"I{i + 1}" for i in range(NUM_DENSE)],
         sparse=[SparseFeature(f"C{i + 1}", c) for i, c in enumerate(model.base.cardinalities)],
         source=f"synth(rows={rows}, seed={seed}, max_cardinality={max_cardinality}, "
-               f"positive_rate={positive_rate}, planted ranks {rank_range[0]}:{rank_range[1]})",
+               f"positive_rate={positive_rate}, planted ranks {rank_range[0]}:{rank_range[1]}"
+               f"{', aligned' if aligned else ''})",
     )
     plan = SplitPlan(rows)
     probabilities: dict[int, list[np.ndarray]] = {code: [] for code in range(len(SPLITS))}
@@ -177,6 +186,7 @@ def _metadata(model: PlantedModel, spec: DatasetSpec, bayes_auc: dict[str, float
     return {
         "bayes_auc": bayes_auc,
         "latent_dim": model.latent_dim,
+        "basis": "aligned" if model.aligned else "random",
         # Blocks are ranges of frequency rank (0 = most popular in the generator), not of ids: the
         # id permutation hides the order, as in plain synth.
         "ranks": {f: {"rank": model.rank(t),

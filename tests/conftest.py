@@ -82,6 +82,12 @@ def plan_spec(plan, num_dense: int):
                        [SparseFeature(f, t.num_embeddings) for t in plan.tables for f in t.features])
 
 
+def uniform_tables(model) -> dict:
+    """A uniform plan's tables by feature: one plain table per feature, its rows the vectors."""
+    return {k.split(".")[-2].removeprefix("t_"): v
+            for k, v in model.state_dict().items() if ".ebc.embedding_bags." in k}
+
+
 def predict(model, dense, sparse):
     """A TrainModel's output (sharded or not) for raw inputs: the loop's call, labels unused."""
     from embshard.datasets.reader import Batch

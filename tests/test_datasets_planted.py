@@ -77,7 +77,7 @@ def test_ranks_are_recorded_per_table_and_block_and_really_planted(planted_dir: 
     spec = DatasetSpec.load(planted_dir)
     ranks = spec.planted["ranks"]
     assert list(ranks) == spec.sparse_names
-    assert spec.planted["latent_dim"] == RANKS[1]
+    assert spec.planted["latent_dim"] == RANKS[1] and spec.planted["basis"] == "random"
     model = planted_model(0, CAP, RANKS)
     falling = 0
     for t, f in enumerate(spec.sparse):
@@ -97,6 +97,31 @@ def test_ranks_are_recorded_per_table_and_block_and_really_planted(planted_dir: 
         falling += ranks_of_blocks[0] > ranks_of_blocks[-1]
     assert falling >= 10  # popular rows span more dimensions than rare ones in most tables
     assert len({e["rank"] for e in ranks.values()}) >= 5  # ranks spread over the range
+
+
+def test_aligned_tables_are_zero_past_their_rank_and_otherwise_the_same_draws() -> None:
+    random, aligned = planted_model(0, CAP, RANKS), planted_model(0, CAP, RANKS, aligned=True)
+    zero_past_rank = 0
+    for t in range(len(random.coords)):
+        rank = aligned.rank(t)
+        np.testing.assert_array_equal(aligned.coords[t], random.coords[t])
+        np.testing.assert_array_equal(aligned.latent(t)[:, :rank], aligned.coords[t])
+        assert not aligned.latent(t)[:, rank:].any()
+        # A random subspace leaves no coordinate zero, so element-wise pruning cannot see the rank.
+        zero_past_rank += not random.latent(t)[:, rank:].any()
+    assert zero_past_rank == sum(aligned.rank(t) == RANKS[1] for t in range(len(random.coords)))
+
+
+def test_cli_aligned_is_recorded_and_needs_planted(tmp_path: Path) -> None:
+    argv = ["data", "synth", "--aligned", "--out", str(tmp_path / "d"), "--rows", "300", "--max-cardinality", "30"]
+    args = _parser().parse_args(argv)
+    with pytest.raises(DataError, match="--aligned needs --planted"):
+        args.func(args)
+    args = _parser().parse_args([*argv, "--planted"])
+    assert args.func(args) == 0
+    spec = DatasetSpec.load(tmp_path / "d")
+    assert spec.planted["basis"] == "aligned" and "aligned" in spec.source
+    assert spec.planted["bayes_auc"]["train"] > 0.5
 
 
 def test_deterministic_per_seed(planted_dir: Path, tmp_path: Path) -> None:

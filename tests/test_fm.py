@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import uniform_tables
 
 from embshard.cluster.launch import plan_for_training
 from embshard.config import (
@@ -58,8 +59,7 @@ def test_logit_is_biases_plus_linear_dense_plus_every_field_pair_dot_product(dat
     batch = next(iter(ParquetBatchReader(data, "train", 32, shuffle=False, id_maps=bundle.id_maps())))
     loss, logits = model(batch)
 
-    tables = {k.split(".")[-2].removeprefix("t_"): v
-              for k, v in model.state_dict().items() if ".ebc.embedding_bags." in k}
+    tables = uniform_tables(model)
     want = batch.dense @ fm.linear.weight[0] + 0.5
     vectors = {}
     for name, size in zip(spec.sparse_names, BAGS, strict=True):

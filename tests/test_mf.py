@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import uniform_tables
 from movielens_fixture import write_ml1m_like
 
 from embshard.cluster.launch import plan_for_training
@@ -72,9 +73,7 @@ def test_prediction_is_dot_product_plus_three_biases(ratings: Path, tmp_path: Pa
     loss, predicted = model(batch)
 
     users, items = batch.sparse["userId"].values(), batch.sparse["movieId"].values()
-    # A uniform plan has one plain table per feature: the vectors are its rows.
-    tables = {k.split(".")[-2].removeprefix("t_"): v
-              for k, v in model.state_dict().items() if ".ebc.embedding_bags." in k}
+    tables = uniform_tables(model)
     u, i = tables["userId"][users], tables["movieId"][items]
     want = ((u * i).sum(-1) + mf.user_bias.weight[users, 0] + mf.item_bias.weight[items, 0] + 3.0)
     torch.testing.assert_close(predicted, want)

@@ -28,6 +28,7 @@ from embshard.cluster.sweep_report import (
     markdown,
     merge_reports,
     planted_comparison,
+    rank_correlation,
     report,
 )
 from embshard.config import EmbeddingsConfig, JobConfig, load_job_config
@@ -185,6 +186,27 @@ def test_planted_comparison_widths_and_distance_to_bayes():
         PlantedTruth.of_dataset({"bayes_auc": {}, "ranks": {}})
 
 
+def test_rank_correlation_says_whether_widths_follow_the_ranks():
+    ranks = {"C1": 2, "C2": 4, "C3": 4, "C4": 16}
+    assert rank_correlation({"C1": 4, "C2": 8, "C3": 8, "C4": 32}, ranks) == pytest.approx(1.0)
+    assert rank_correlation({"C1": 32, "C2": 8, "C3": 8, "C4": 4}, ranks) == pytest.approx(-1.0)
+    # Tied widths share their mean position: widths 32, 8, 8, 4 rank 4, 2.5, 2.5, 1 against planted
+    # 1, 2, 3, 4; deviations (1.5, 0, 0, -1.5) and (-1.5, -0.5, 0.5, 1.5): rho = -4.5 / sqrt(4.5 * 5).
+    swapped = rank_correlation({"C1": 32, "C2": 8, "C3": 8, "C4": 4}, {"C1": 2, "C2": 4, "C3": 8, "C4": 16})
+    assert swapped == pytest.approx(-0.9486832980505138)
+    # One width everywhere follows nothing, however many tables it lands near.
+    assert rank_correlation({"C1": 8, "C2": 8, "C3": 8, "C4": 8}, ranks) is None
+    assert rank_correlation({"C1": 8, "C2": None, "C3": None, "C4": None}, ranks) is None
+    pts = [point("uniform", 0.5, s, 0.80, 2000, {"C1": 8, "C2": 8}) for s in (0, 1)]
+    pts += [point("mde", 0.5, s, 0.84, 2000, {"C1": 16, "C2": 4}) for s in (0, 1)]
+    truth = PlantedTruth.of_dataset({"bayes_auc": {"test": 0.87},
+                                     "ranks": {"C1": {"rank": 16, "blocks": []}, "C2": {"rank": 3, "blocks": []}}})
+    rep = report(pts, truth, GRID)
+    text = markdown(rep, "t")
+    assert "| mde | 0.5 | 0.0300 | 100% | +1.00 | 16 | 4 |" in text
+    assert "| uniform | 0.5 | 0.0700 | 100% | — | 8 | 8 |" in text
+
+
 def test_the_best_plan_of_each_method_at_twice_the_planted_parameters():
     # Planted: 10 rows at rank 8 and 90 at rank 2, each block with its map into a latent space of 8:
     # (10 + 8) * 8 + (90 + 8) * 2 = 340 parameters; twice that is 680, which holds the 2000-byte
@@ -227,7 +249,7 @@ def test_report_files(tmp_path):
     assert [p.name for p in paths] == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
     assert json.loads(paths[0].read_text())["claim"]["rises"] is True
     text = paths[1].read_text()
-    assert "| mde | 0.5 | 2,000 | 0.7795 ± 0.0003 | 2 |" in text and "planted rank | | | | 6 |" in text
+    assert "| mde | 0.5 | 2,000 | 0.7795 ± 0.0003 | 2 |" in text and "planted rank | | | | | 6 |" in text
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*partial*"))
     assert markdown(rep, "t").count("\n| uniform |") == 6  # the frontier and the planted table
