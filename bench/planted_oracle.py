@@ -103,7 +103,8 @@ def summarise(runs: list[dict[str, Any]], base: int, bayes: float) -> list[dict[
 
 
 def markdown(rows: list[dict[str, Any]], bayes: float, planted: int, epochs: int, arch: str) -> str:
-    lines = [f"# Planted widths against uniform (model.arch {arch}, {epochs} epochs, each run at its best "
+    against = " against uniform" if any(r["plan"].startswith("uniform") for r in rows) else ""
+    lines = [f"# Planted widths{against} (model.arch {arch}, {epochs} epochs, each run at its best "
              "validation step)", "",
              "| plan | serving params | share of the base model | test AUC (mean ± std) | distance to Bayes AUC "
              "| selected steps |",
