@@ -115,13 +115,23 @@ def markdown(rows: list[dict[str, Any]], bayes: float, planted: int, epochs: int
     return "\n".join(lines + ["", f"Bayes test AUC {bayes:.4f}; the generator's own parameters: {planted:,}.", ""])
 
 
+def _uniform_widths(text: str) -> list[int] | None:
+    """--uniform: None for `auto` (chosen per seed from the planted plans), no widths for `none`."""
+    if text in ("auto", "none"):
+        return None if text == "auto" else []
+    try:
+        return [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or comma-separated widths, got {text!r}") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset from `embshard data synth --planted`")
     p.add_argument("--scales", default="1,2", help="widths as multiples of the planted ranks (default 1,2)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--uniform", default="auto",
+    p.add_argument("--uniform", type=_uniform_widths, default="auto",
                    help="uniform widths trained beside the planted plans: comma-separated widths, `none`, or "
                         "`auto` (default): the width at the smallest planted plan's bytes and the base width")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -132,12 +142,6 @@ def main() -> None:
         scales = [int(s) for s in args.scales.split(",")]
     except ValueError:
         p.error(f"--scales: expected comma-separated whole multiples, got {args.scales!r}")
-    widths: list[int] | None = None if args.uniform == "auto" else []
-    if args.uniform not in ("auto", "none"):
-        try:
-            widths = [int(w) for w in args.uniform.split(",")]
-        except ValueError:
-            p.error(f"--uniform: expected auto, none or comma-separated widths, got {args.uniform!r}")
     try:
         spec = DatasetSpec.load(args.data)
     except EmbshardError as e:
@@ -160,6 +164,7 @@ def main() -> None:
     for seed in range(args.seeds):
         runs += [run(cfg, f"planted x{s}", seed, runs_dir, "decisions", policy="decisions", decisions=str(d))
                  for s, d in decisions.items()]
+        widths = args.uniform
         if widths is None:
             smallest = min(r["serving_params"] for r in runs if r["seed"] == seed)
             widths = sorted({uniform_width(cfg.embeddings, smallest / base), base_dim})

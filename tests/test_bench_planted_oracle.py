@@ -3,6 +3,7 @@ the planted blocks' rows in train frequency order, each `scale` x its planted ra
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,11 @@ def test_planted_params_counts_the_blocks_and_their_maps(oracle, planted, tmp_pa
         for t in spec.planted["ranks"].values() for b in t["blocks"]
     )
     assert oracle.planted_params(cfg, data, tmp_path) == by_hand
+
+
+def test_uniform_widths_option(oracle) -> None:
+    assert oracle._uniform_widths("auto") is None  # chosen per seed from the planted plans
+    assert oracle._uniform_widths("none") == []
+    assert oracle._uniform_widths("8,16") == [8, 16]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected auto, none or comma-separated widths"):
+        oracle._uniform_widths("8,a")
