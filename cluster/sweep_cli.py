@@ -38,6 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="fractions of the base model's serving parameters, in (0, 1] (default: the config's "
                         "sweep.budgets, else 0.125,0.25,0.5,1)")
     p.add_argument("--seeds", help="seeds per config: 0..N-1 (default: the config's sweep.seeds, else 3)")
+    p.add_argument("--first-seed", type=int, default=0, metavar="K",
+                   help="run seeds K..K+N-1 instead (a later seed on its own, to merge with `sweep-merge`)")
     p.add_argument("--out", help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out after an interruption (finished trials are kept)")
@@ -82,11 +84,13 @@ def sweep(args: argparse.Namespace) -> int:
         cfg = replace(cfg, cluster=replace(cfg.cluster, workers=args.workers))
     if args.seeds is not None and (not args.seeds.isdigit() or int(args.seeds) < 1):
         raise ConfigError(f"--seeds: expected a whole number >= 1, got {args.seeds!r}")
+    if args.first_seed < 0:
+        raise ConfigError(f"--first-seed: must be >= 0, got {args.first_seed}")
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
     spec = SweepSpec(parse_methods(args.methods) if args.methods is not None else cfg.sweep.methods,
                      parse_budgets(args.budgets) if args.budgets is not None else cfg.sweep.budgets,
-                     int(args.seeds) if args.seeds is not None else cfg.sweep.seeds)
+                     int(args.seeds) if args.seeds is not None else cfg.sweep.seeds, args.first_seed)
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 

@@ -75,11 +75,14 @@ class SweepSpec:
     methods: list[str]
     budgets: list[float]
     seeds: int
+    # Seeds first_seed..first_seed+seeds-1: a later seed of an expensive sweep runs on its own and
+    # merges (`sweep-merge`) with the earlier ones.
+    first_seed: int = 0
 
     def trials(self) -> list[Trial]:
         out = []
         for method in self.methods:
-            for seed in range(self.seeds):
+            for seed in range(self.first_seed, self.first_seed + self.seeds):
                 if Trial(method, seed).base_method == "pep":
                     out.append(Trial(method, seed))
                 else:
@@ -87,7 +90,9 @@ class SweepSpec:
         return out
 
     def to_json(self) -> dict[str, object]:
-        return {"methods": self.methods, "budgets": self.budgets, "seeds": self.seeds}
+        spec: dict[str, object] = {"methods": self.methods, "budgets": self.budgets, "seeds": self.seeds}
+        # Left out at 0, so a sweep folder written before the option resumes as the same sweep.
+        return spec | ({"first_seed": self.first_seed} if self.first_seed else {})
 
 
 def parse_methods(text: str) -> list[str]:

@@ -294,7 +294,9 @@ def test_sweep_flags_default_to_the_config_and_override_it(tmp_path, monkeypatch
             "--set", "sweep.methods=[uniform,mlet]", "--set", "sweep.budgets=[0.5,1]", "--set", "sweep.seeds=2"]
     assert main(base) == 2
     assert main([*base, "--methods", "mde", "--seeds", "1"]) == 2
-    assert seen == [SweepSpec(["uniform", "mlet"], [0.5, 1.0], 2), SweepSpec(["mde"], [0.5, 1.0], 1)]
+    assert main([*base, "--seeds", "1", "--first-seed", "2"]) == 2
+    assert seen == [SweepSpec(["uniform", "mlet"], [0.5, 1.0], 2), SweepSpec(["mde"], [0.5, 1.0], 1),
+                    SweepSpec(["uniform", "mlet"], [0.5, 1.0], 1, first_seed=2)]
 
 
 def _stop():
@@ -305,6 +307,12 @@ def test_trials_and_budget_knobs(tmp_path):
     spec = SweepSpec(["uniform", "pep"], [0.25, 1.0], 2)
     assert [t.key for t in spec.trials()] == ["uniform-b0.25-s0", "uniform-b1-s0", "uniform-b0.25-s1",
                                               "uniform-b1-s1", "pep-s0", "pep-s1"]
+    # A later seed on its own: the same trials as in the full sweep, so the two merge.
+    later = SweepSpec(["uniform", "pep"], [0.25, 1.0], 1, first_seed=1)
+    assert [t.key for t in later.trials()] == ["uniform-b0.25-s1", "uniform-b1-s1", "pep-s1"]
+    # A sweep folder saved before --first-seed existed records no first_seed and still resumes.
+    assert spec.to_json() == {"methods": ["uniform", "pep"], "budgets": [0.25, 1.0], "seeds": 2}
+    assert later.to_json()["first_seed"] == 1
     emb = EmbeddingsConfig(dim=16)
     assert [uniform_width(emb, b) for b in (0.125, 0.25, 0.3, 1.0)] == [4, 4, 4, 16]
     data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
@@ -319,6 +327,7 @@ def test_trials_and_budget_knobs(tmp_path):
     (["--methods", "uniform,bogus"], "--methods: unknown method 'bogus'"),
     (["--budgets", ""], "--budgets: empty"),
     (["--seeds", "0"], "--seeds: expected a whole number >= 1"),
+    (["--first-seed", "-1"], "--first-seed: must be >= 0"),
 ])
 def test_bad_input_is_one_line(args, expected, capsys):
     code = main(["sweep", str(REPO / "configs" / "default.yaml"), *args])
