@@ -39,7 +39,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
 from torchrec.models.dlrm import DLRM_DCN as TorchRecDLRMDCN
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,7 +53,7 @@ from embshard.config import (
 from embshard.datasets.reader import Batch  # noqa: E402
 from embshard.planner.optimizers import torch_optimizer_class  # noqa: E402
 from embshard.planner.shard_plan import block_table_configs  # noqa: E402
-from embshard.trainer.build import DENSE_OPTIMIZERS, ShardedModel, build_sharded  # noqa: E402
+from embshard.trainer.build import ShardedModel, build_sharded, dense_optimizer  # noqa: E402
 from embshard.trainer.callbacks import PrometheusCallback, StepInfo  # noqa: E402
 from embshard.trainer.metrics import WorkerMetrics  # noqa: E402
 from embshard.trainer.models.dcn import dcn_options  # noqa: E402
@@ -94,10 +94,7 @@ def torchrec_baseline(cfg: JobConfig, bundle, num_dense: int) -> tuple[torch.nn.
         plan=bundle.shard_plan.to_torchrec("dlrm.sparse_arch.embedding_bag_collection"),
         sharders=[EmbeddingBagCollectionSharder()],
     )
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](params, lr=cfg.train.dense_lr),
-    )
+    dense = dense_optimizer(cfg, dict(in_backward_optimizer_filter(dmp.named_parameters())))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
 
 

@@ -351,6 +351,10 @@ class TrainConfig:
     sparse_lr: float = 0.05  # learning rate of the fused sparse optimizer (embedding tables)
     dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"  # for the MLPs and MDE/MLET projections
     dense_lr: float = 1e-3  # learning rate of the dense optimizer
+    # L2 weight decay of the dense optimizer (torch's `weight_decay`: added to the gradient). It
+    # reaches every dense parameter, MDE's projections and MLET's W2 among them, not the tables,
+    # which the fused sparse optimizer trains.
+    dense_weight_decay: float = 0.0
     eval_every: int | None = None  # steps; None = at the end of every epoch
     eval_max_batches: int | None = None  # cap evaluation work (None = the whole split)
     log_every: int = 50  # steps between loss lines in the log
@@ -375,6 +379,8 @@ class TrainConfig:
         for name in ("sparse_lr", "dense_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.dense_weight_decay < 0:
+            raise ConfigError(f"dense_weight_decay: must be >= 0, got {self.dense_weight_decay}")
         for name in ("max_steps", "eval_every", "eval_max_batches"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -30,12 +30,20 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name, module_path
 from embshard.trainer.models import ModelArch, TrainModel, get_arch
 
-# Called as (params, lr=...): each takes its own further arguments, so not `type[Optimizer]`.
+# Called as (params, lr=..., weight_decay=...): each takes its own further arguments, so not
+# `type[Optimizer]`.
 DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
+
+
+def dense_optimizer(cfg: JobConfig, params: dict[str, nn.Parameter]) -> KeyedOptimizerWrapper:
+    """The dense parameters' optimizer as `train:` configures it."""
+    train = cfg.train
+    return KeyedOptimizerWrapper(params, lambda ps: DENSE_OPTIMIZERS[train.dense_optimizer](
+        ps, lr=train.dense_lr, weight_decay=train.dense_weight_decay))
 
 
 @dataclass
@@ -101,10 +109,7 @@ def build_sharded(
             )
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     groups = method.param_groups(cfg, params)  # takes the parameters it owns out of `params`
-    dense = KeyedOptimizerWrapper(
-        params, lambda ps: DENSE_OPTIMIZERS[cfg.train.dense_optimizer](ps, lr=cfg.train.dense_lr)
-    )
-    sharded = ShardedModel(dmp, CombinedOptimizer([dmp.fused_optimizer, dense, *groups]), bundle, method, arch,
-                           embeddings)
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(cfg, params), *groups])
+    sharded = ShardedModel(dmp, optimizer, bundle, method, arch, embeddings)
     method.initialise(cfg, sharded)
     return sharded
