@@ -8,6 +8,7 @@ a wrong type or an unknown key is reported as `train.batch_size: expected int, g
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -78,13 +79,26 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a number, as YAML 1.2 does: PyYAML resolves YAML 1.1, whose
+    floats need a dot (`1.0e-3`), and would hand a learning rate written `1e-3` over as a string."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """Read a YAML file into `cls`, after applying `key.sub=value` overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     for item in overrides or []:
@@ -107,7 +121,7 @@ def apply_override(data: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = parse_yaml(raw)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -63,3 +63,16 @@ def test_semi_sync_pipeline_is_refused_off_cuda():
         from_dict(JobConfig, {"train": {"pipeline": "semi_sync"}})
     cfg = from_dict(JobConfig, {"train": {"pipeline": "semi_sync"}, "sharding": {"device": "cuda"}})
     assert cfg.train.pipeline == "semi_sync"
+
+
+def test_exponent_numbers_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; the configs read it as YAML 1.2 does."""
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  dense_lr: 1e-3\n  sparse_lr: 5E-2\n")
+    cfg = load_job_config(path, ["train.dense_weight_decay=1e-4"])
+    assert (cfg.train.dense_lr, cfg.train.sparse_lr, cfg.train.dense_weight_decay) == (1e-3, 5e-2, 1e-4)
+    with pytest.raises(ConfigError, match="tau_decay: must be >= 0, got -2e-05"):
+        load_job_config(path, ["autodim.tau_decay=-2e-5"])
+    # Still strings: what only looks like a number in part.
+    cfg = load_job_config(path, ["name=1e", "output_dir=run1e3"])
+    assert (cfg.name, cfg.output_dir) == ("1e", "run1e3")
