@@ -44,6 +44,9 @@ class Config:
     serving_bytes: float  # mean over seeds (a PEP mask's size differs by seed)
     serving_params: float  # mean over seeds
     widths: dict[str, float]  # per feature, mean over seeds
+    # Seeds reported at their last step; None where a point does not record its steps. With
+    # `train.report_at: best_valid` such a seed was still improving when training stopped.
+    at_last_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,13 @@ def aggregate(points: list[dict[str, Any]]) -> tuple[list[Config], list[dict[str
     for (method, budget), ps in groups.items():
         values = [p["value"] for p in ps]
         features = sorted({f for p in ps for f in p["widths"]})
+        recorded = all("steps" in p and "selected_step" in p for p in ps)
         configs.append(Config(
             method, budget, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
             len(values), statistics.fmean(p["serving_bytes"] for p in ps),
             statistics.fmean(p["serving_params"] for p in ps),
-            {f: statistics.fmean(p["widths"][f] for p in ps if f in p["widths"]) for f in features}))
+            {f: statistics.fmean(p["widths"][f] for p in ps if f in p["widths"]) for f in features},
+            sum(p["selected_step"] == p["steps"] for p in ps) if recorded else None))
     return sorted(configs, key=lambda c: (c.method, c.serving_bytes)), errors
 
 
@@ -396,13 +401,19 @@ def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(rep: dict[str, Any], title: str) -> str:
     label = report_label(rep)
-    lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |",
-             "| --- | ---: | ---: | --- | ---: |"]
+    # Under report_at: last every run is reported at its last step, which says nothing.
+    rising = rep.get("config", {}).get("train", {}).get("report_at") == "best_valid"
+    extra = (" still rising |", " ---: |") if rising else ("", "")
+    lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |{extra[0]}",
+             f"| --- | ---: | ---: | --- | ---: |{extra[1]}"]
     for c in rep["configs"]:
         lines.append(f"| {c['method']} | {c['budget']:g} | {c['serving_bytes']:,.0f} | "
-                     f"{c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} |")
+                     f"{c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} |" + (f" {_rising(c)} |" if rising else ""))
     for e in rep["errors"]:
-        lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |")
+        lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |" + (" |" if rising else ""))
+    if rising:
+        lines += ["", "'still rising': the seeds whose best validation was their last evaluation, so training "
+                      "stopped while they still improved; more epochs may raise them."]
     lines += ["", f"**Claim**: {rep['claim']['statement']}."]
     for src, methods in rep.get("replaced", {}).items():
         lines += ["", f"Replaced by a later sweep (`--replace`): {', '.join(methods)} of {src}."]
@@ -509,6 +520,12 @@ def report_label(rep: dict[str, Any]) -> str:
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+def _rising(config: dict[str, Any]) -> str:
+    """'k of n' seeds reported at their last step; blank where the points do not say."""
+    k = config.get("at_last_step")
+    return "" if k is None else f"{k} of {config['seeds']}"
 
 
 def _rho(config: dict[str, Any]) -> str:

@@ -255,6 +255,23 @@ def test_report_files(tmp_path):
     assert markdown(rep, "t").count("\n| uniform |") == 6  # the frontier and the planted table
 
 
+def test_report_says_which_configs_were_still_rising_when_training_stopped():
+    pts = rising()
+    for p, selected in zip(pts, [100, 100, 60, 100, 100, 100, 100, 100, 100, 100], strict=True):
+        p.update(steps=100, selected_step=selected)  # uniform at 1.0 peaked early for seed 0 only
+    configs, _ = aggregate(pts)
+    assert {(c.method, c.budget): c.at_last_step for c in configs}[("uniform", 1.0)] == 1
+    assert aggregate(rising())[0][0].at_last_step is None  # points that do not record their steps
+    rep = report(pts, None, GRID)
+    best_valid = markdown({**rep, "config": {"train": {"report_at": "best_valid"}}}, "t")
+    assert "| uniform | 1 | 4,000 | 0.7800 ± 0.0003 | 2 | 1 of 2 |" in best_valid
+    assert "| mde | 0.5 | 2,000 | 0.7795 ± 0.0003 | 2 | 2 of 2 |" in best_valid
+    assert "'still rising'" in best_valid
+    # Reported at the last step by config: every run is, so the column would say nothing.
+    last = markdown({**rep, "config": {"train": {"report_at": "last"}}}, "t")
+    assert "still rising" not in last and "| uniform | 1 | 4,000 | 0.7800 ± 0.0003 | 2 |\n" in last
+
+
 def test_parse_methods_and_budgets():
     assert parse_methods("uniform, mde+mlet") == ["uniform", "mde+mlet"]
     with pytest.raises(ConfigError, match="unknown method 'mdx'"):
