@@ -402,7 +402,7 @@ def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
 def markdown(rep: dict[str, Any], title: str) -> str:
     label = report_label(rep)
     # Under report_at: last every run is reported at its last step, which says nothing.
-    rising = rep.get("config", {}).get("train", {}).get("report_at") == "best_valid"
+    rising = (rep.get("config") or {}).get("train", {}).get("report_at") == "best_valid"
     extra = (" still rising |", " ---: |") if rising else ("", "")
     lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |{extra[0]}",
              f"| --- | ---: | ---: | --- | ---: |{extra[1]}"]

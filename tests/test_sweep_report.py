@@ -270,6 +270,7 @@ def test_report_says_which_configs_were_still_rising_when_training_stopped():
     # Reported at the last step by config: every run is, so the column would say nothing.
     last = markdown({**rep, "config": {"train": {"report_at": "last"}}}, "t")
     assert "still rising" not in last and "| uniform | 1 | 4,000 | 0.7800 ± 0.0003 | 2 |\n" in last
+    assert "still rising" not in markdown({**rep, "config": None}, "t")  # merged unchecked: config unknown
 
 
 def test_parse_methods_and_budgets():
