@@ -410,7 +410,8 @@ def markdown(rep: dict[str, Any], title: str) -> str:
         lines.append(f"| {c['method']} | {c['budget']:g} | {c['serving_bytes']:,.0f} | "
                      f"{c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} |" + (f" {_rising(c)} |" if rising else ""))
     for e in rep["errors"]:
-        lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |" + (" |" if rising else ""))
+        lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |"
+                     + (" |" if rising else ""))
     if rising:
         lines += ["", "'still rising': the seeds whose best validation was their last evaluation, so training "
                       "stopped while they still improved; more epochs may raise them."]
