@@ -401,17 +401,19 @@ def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(rep: dict[str, Any], title: str) -> str:
     label = report_label(rep)
-    # Under report_at: last every run is reported at its last step, which says nothing.
-    rising = (rep.get("config") or {}).get("train", {}).get("report_at") == "best_valid"
-    extra = (" still rising |", " ---: |") if rising else ("", "")
-    lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |{extra[0]}",
-             f"| --- | ---: | ---: | --- | ---: |{extra[1]}"]
+    # Under report_at: last every run is reported at its last step, which says nothing; points
+    # that do not record their steps say nothing either.
+    rising = ((rep.get("config") or {}).get("train", {}).get("report_at") == "best_valid"
+              and any(c.get("at_last_step") is not None for c in rep["configs"]))
+    # The column's header, rule and cells, or nothing at all.
+    col = (lambda cell: f" {cell} |") if rising else (lambda cell: "")
+    lines = [f"# {title}", "", f"| method | budget | serving bytes | test {label} (mean ± std) | seeds |"
+             + col("still rising"), "| --- | ---: | ---: | --- | ---: |" + col("---:")]
     for c in rep["configs"]:
         lines.append(f"| {c['method']} | {c['budget']:g} | {c['serving_bytes']:,.0f} | "
-                     f"{c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} |" + (f" {_rising(c)} |" if rising else ""))
+                     f"{c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} |" + col(_rising(c)))
     for e in rep["errors"]:
-        lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |"
-                     + (" |" if rising else ""))
+        lines.append(f"| {curve(e)} | {e['budget']:g} | — | {e['error']} | seed {e['seed']} |" + col(""))
     if rising:
         lines += ["", "'still rising': the seeds whose best validation was their last evaluation, so training "
                       "stopped while they still improved; more epochs may raise them."]

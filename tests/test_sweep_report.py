@@ -271,6 +271,8 @@ def test_report_says_which_configs_were_still_rising_when_training_stopped():
     last = markdown({**rep, "config": {"train": {"report_at": "last"}}}, "t")
     assert "still rising" not in last and "| uniform | 1 | 4,000 | 0.7800 ± 0.0003 | 2 |\n" in last
     assert "still rising" not in markdown({**rep, "config": None}, "t")  # merged unchecked: config unknown
+    old = markdown({**report(rising(), None, GRID), "config": {"train": {"report_at": "best_valid"}}}, "t")
+    assert "still rising" not in old  # points written before they recorded their steps
 
 
 def test_parse_methods_and_budgets():
