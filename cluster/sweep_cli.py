@@ -63,6 +63,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier merge in --out")
     m.add_argument("--assume-same-config", action="store_true",
                    help="merge reports that record no job config (sweeps from before they recorded it) unchecked")
+    m.add_argument("--assume-same-data", action="store_true",
+                   help="merge reports whose dataset hashes differ, unchecked: one dataset generated on two "
+                        "machines by a version that hashed its numbers to the last digit")
     m.add_argument("--replace", action="store_true",
                    help="a later SWEEP's points of a curve (method at its knobs) at a budget replace the earlier "
                         "SWEEPs' points of that curve at that budget, every seed (a method measured again after a "
@@ -131,7 +134,7 @@ def sweep_merge(args: argparse.Namespace) -> int:
             raise DataError(f"{path}: not a sweep report (it has no dataset or points)")
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
-    rep = merge_reports(reports, args.assume_same_config, args.replace)
+    rep = merge_reports(reports, args.assume_same_config, args.replace, args.assume_same_data)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
     out.mkdir(parents=True, exist_ok=True)

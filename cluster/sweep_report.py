@@ -241,14 +241,16 @@ UNRECORDED = "knobs unrecorded"
 
 
 def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: bool = False,
-                  replace: bool = False) -> dict[str, Any]:
+                  replace: bool = False, assume_same_data: bool = False) -> dict[str, Any]:
     """One report of several sweeps' points on one dataset (e.g. a method swept after the
     others), keyed by where each came from. A method swept at other knobs in two sweeps (MLET at
     k = 4d and 8d) gives two curves, each point's `variant` naming its knobs where they differ.
     Refused, since the merged claim would compare unlike runs: two datasets, two planted truths,
     a point of one curve, budget and seed in two sweeps, job configs that differ beyond
     NOT_RESULTS and the methods' knobs, and, unless `assume_same_config`, a report that records no
-    config (written before sweeps recorded it); such a report's points have unknown knobs, a
+    config (written before sweeps recorded it), and, unless `assume_same_data`, reports whose
+    dataset hashes differ (reports written before the hash rounded the dataset's numbers differ
+    for one dataset generated on two machines); such a report's points have unknown knobs, a
     curve of their own where the method also has recorded ones. With `replace`, the points of a curve (a method
     at its knobs) at a budget that a later report also holds are dropped from the earlier ones, all
     their seeds (a method measured again after a fix), and the merged report names what was dropped
@@ -272,11 +274,12 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
                             "--replace to let the later sweep's curves replace the earlier's")
         seen[key] = source
     shas = {r["dataset_sha256"] for r in reports.values() if r.get("dataset_sha256")}
-    if len(shas) > 1:
+    if len(shas) > 1 and not assume_same_data:
         raise DataError(f"sweep reports of different data: their datasets' dataset.json differ (converted again "
-                        f"with other settings, or another dataset in a folder of the same name {next(iter(names))!r})")
+                        f"with other settings, or another dataset in a folder of the same name {next(iter(names))!r}); "
+                        "pass --assume-same-data only if you know they are one dataset")
     # What must agree for two planted sweeps to be of one dataset: the truth and the grid it is read on.
-    truths = [{k: rep["planted"][k] for k in ("bayes_auc", "ranks", "grid")} for rep in reports.values()
+    truths = [rounded({k: rep["planted"][k] for k in ("bayes_auc", "ranks", "grid")}) for rep in reports.values()
               if "planted" in rep]
     if truths and (len(truths) < len(reports) or any(t != truths[0] for t in truths)):
         raise DataError("sweep reports with different planted truths (Bayes AUC, ranks or grid): not one dataset")
@@ -289,10 +292,12 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     # Each source's sweep spec, or for a merged report, what it was merged from.
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
     checked = all(r.get("config") is not None and r.get("configs_checked", True) for r in reports.values())
+    data_checked = len(shas) <= 1 and all(r.get("datasets_checked", True) for r in reports.values())
     # `config` is the first sweep's: the shared keys are every sweep's, the methods' knobs are per point.
     dropped = {src: sorted(set(curves.values())) for src, curves in replaced.items() if curves}
-    return {"dataset": names.pop(), "dataset_sha256": shas.pop() if shas else None, "merged_from": sources,
-            "config": config, "configs_checked": checked, "points": points,
+    return {"dataset": names.pop(), "dataset_sha256": shas.pop() if len(shas) == 1 else None,
+            "merged_from": sources, "config": config, "configs_checked": checked,
+            **({} if data_checked else {"datasets_checked": False}), "points": points,
             **({"replaced": dropped} if dropped else {}), **rep}
 
 
@@ -367,8 +372,21 @@ def _knob(value: Any) -> str:
 
 def dataset_sha256(spec: dict[str, Any]) -> str:
     """A dataset's identity for merging its sweeps: the hash of its dataset.json's content (names,
-    cardinalities, rows per split, source, planted truth), not of where it lies."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    cardinalities, rows per split, source, planted truth), not of where it lies, with its numbers
+    at 12 significant digits: the same data generated on another machine sums its Bayes AUC in
+    another order, which moves the last digits."""
+    return hashlib.sha256(json.dumps(rounded(spec), sort_keys=True).encode()).hexdigest()
+
+
+def rounded(value: Any, digits: int = 12) -> Any:
+    """`value` with every float, however deep in dicts and lists, at `digits` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v, digits) for v in value]
+    return value
 
 
 def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dict[str, Any] | None:
