@@ -70,15 +70,26 @@ def test_prediction_is_dot_product_plus_three_biases(ratings: Path, tmp_path: Pa
         mf.user_bias.weight.normal_()
         mf.item_bias.weight.normal_()
     batch = next(iter(ParquetBatchReader(ratings, "train", 64, shuffle=False, id_maps=bundle.id_maps())))
-    loss, predicted = model(batch)
+    loss, rated = model(batch)
 
     users, items = batch.sparse["userId"].values(), batch.sparse["movieId"].values()
     tables = uniform_tables(model)
     u, i = tables["userId"][users], tables["movieId"][items]
-    want = ((u * i).sum(-1) + mf.user_bias.weight[users, 0] + mf.item_bias.weight[items, 0] + 3.0)
-    torch.testing.assert_close(predicted, want)
+    bu, bi = mf.user_bias.weight[users, 0], mf.item_bias.weight[items, 0]
+    want = (u * i).sum(-1) + bu + bi + 3.0
+    torch.testing.assert_close(rated.prediction, want)
     torch.testing.assert_close(loss, ((want - batch.labels) ** 2).mean())
+    assert rated.penalty.item() == 0.0
     assert batch.labels.min() >= 1 and batch.labels.max() <= 5
+
+    # l2: regularised MF's penalty on the batch's vectors and biases, added to the loss.
+    regularised = mf_config(ratings, tmp_path, init_bias=3.0, l2=0.01)
+    _, reg_model = _model(regularised)
+    reg_model.load_state_dict(model.state_dict())
+    loss, rated = reg_model(batch)
+    penalty = 0.01 * ((u**2).sum(-1) + (i**2).sum(-1) + bu**2 + bi**2).mean()
+    torch.testing.assert_close(rated.penalty, penalty)
+    torch.testing.assert_close(loss, ((want - batch.labels) ** 2).mean() + penalty)
 
 
 def test_evaluation_is_mse_and_rmse_over_the_whole_split(ratings: Path, tmp_path: Path) -> None:
@@ -86,7 +97,7 @@ def test_evaluation_is_mse_and_rmse_over_the_whole_split(ratings: Path, tmp_path
     bundle, model = _model(cfg)
     reader = ParquetBatchReader(ratings, "test", 50, shuffle=False, drop_last=False, id_maps=bundle.id_maps())
     result = model.arch.evaluate(model, reader, torch.device("cpu"), None)
-    errors = torch.cat([(model(b)[1] - b.labels) ** 2 for b in reader])
+    errors = torch.cat([(model(b)[1].prediction - b.labels) ** 2 for b in reader])
     assert result.primary == "mse" and result.lower_is_better
     assert not EvalResult({"auc": 0.5, "logloss": 0.7}, "auc", 1).lower_is_better  # as evaluate_pointwise makes it
     assert result.examples == DatasetSpec.load(ratings).rows["test"] == len(errors)
@@ -100,8 +111,8 @@ def test_mde_within_tables_projects_both_vectors_to_the_base_dim(ratings: Path, 
     assert bundle.dimension_plan.uniform_width
     assert any(len({b.dim for b in t.blocks}) > 1 for t in bundle.dimension_plan.tables)
     batch = next(iter(ParquetBatchReader(ratings, "train", 64, shuffle=False, id_maps=bundle.id_maps())))
-    loss, predicted = model(batch)
-    assert predicted.shape == batch.labels.shape and torch.isfinite(loss)
+    loss, rated = model(batch)
+    assert rated.prediction.shape == batch.labels.shape and torch.isfinite(loss)
 
 
 def test_mf_refuses_click_data_and_extra_features(ml: Path, tmp_path: Path) -> None:
@@ -117,6 +128,8 @@ def test_mf_options_name_the_bad_key(ratings: Path, tmp_path: Path) -> None:
         plan_for_training(mf_config(ratings, tmp_path, user="uid"), None)
     with pytest.raises(ConfigError, match=r"model.options: user and item are both 'userId'"):
         plan_for_training(mf_config(ratings, tmp_path, item="userId"), None)
+    with pytest.raises(ConfigError, match=r"model.options.l2: must be >= 0, got -0.1"):
+        plan_for_training(mf_config(ratings, tmp_path, l2=-0.1), None)
 
 
 def test_click_archs_refuse_rating_labels(ratings: Path, tmp_path: Path) -> None:

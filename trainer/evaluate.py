@@ -3,8 +3,9 @@ that `ModelArch.evaluate` defaults to, and the regression one (MSE, RMSE) of rat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,16 +70,21 @@ def evaluate_regression(
     reader: ParquetBatchReader,
     device: torch.device,
     max_batches: int | None = None,
+    prediction: Callable[[Any], torch.Tensor] = lambda output: output,
 ) -> EvalResult:
-    """MSE (primary) and RMSE of `model`'s predictions [B] against the labels (ratings)."""
-    predictions, labels = pointwise_outputs(model, reader, device, max_batches)
+    """MSE (primary) and RMSE of `model`'s predictions [B] (`prediction` of its output) against
+    the labels (ratings)."""
+    predictions, labels = pointwise_outputs(model, reader, device, max_batches, prediction)
     mse = F.mse_loss(predictions, labels).item()
     return EvalResult({"mse": mse, "rmse": mse**0.5}, "mse", len(labels), lower_is_better=True)
 
 
 def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device: torch.device,
-                      max_batches: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs [N], labels [N]) of every row of `reader`'s split on every rank, on CPU."""
+                      max_batches: int | None,
+                      prediction: Callable[[Any], torch.Tensor] = lambda output: output,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [N], labels [N]) of every row of `reader`'s split on every rank, on CPU; an
+    output is `prediction` of what the model returns for a batch."""
     was_training = model.training
     model.eval()
     outputs, labels = [], []
@@ -87,7 +93,7 @@ def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device
             break
         batch = batch.to(device)
         _, output = model(batch)
-        outputs.append(output.float())
+        outputs.append(prediction(output).float())
         labels.append(batch.labels)
     model.train(was_training)
     local_outputs = torch.cat(outputs) if outputs else torch.empty(0, device=device)
