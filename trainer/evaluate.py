@@ -70,7 +70,7 @@ def evaluate_regression(
     reader: ParquetBatchReader,
     device: torch.device,
     max_batches: int | None = None,
-    prediction: Callable[[Any], torch.Tensor] = lambda output: output,
+    prediction: Callable[[Any], torch.Tensor] | None = None,
 ) -> EvalResult:
     """MSE (primary) and RMSE of `model`'s predictions [B] (`prediction` of its output) against
     the labels (ratings)."""
@@ -81,10 +81,10 @@ def evaluate_regression(
 
 def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device: torch.device,
                       max_batches: int | None,
-                      prediction: Callable[[Any], torch.Tensor] = lambda output: output,
+                      prediction: Callable[[Any], torch.Tensor] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs [N], labels [N]) of every row of `reader`'s split on every rank, on CPU; an
-    output is `prediction` of what the model returns for a batch."""
+    output is what the model returns for a batch, or `prediction` of it."""
     was_training = model.training
     model.eval()
     outputs, labels = [], []
@@ -93,7 +93,7 @@ def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device
             break
         batch = batch.to(device)
         _, output = model(batch)
-        outputs.append(prediction(output).float())
+        outputs.append((prediction(output) if prediction else output).float())
         labels.append(batch.labels)
     model.train(was_training)
     local_outputs = torch.cat(outputs) if outputs else torch.empty(0, device=device)

@@ -113,7 +113,6 @@ class MfArch(ModelArch):
         return evaluate_regression(model, reader, device, max_batches, lambda output: output.prediction)
 
 
-
 class MatrixFactorization(nn.Module):
     def __init__(self, embeddings: EmbeddingModule, user: str, item: str, users: int, items: int,
                  init_bias: float, l2: float = 0.0, device: torch.device | None = None) -> None:
@@ -133,6 +132,8 @@ class MatrixFactorization(nn.Module):
         user_ids, item_ids = ids_of(sparse, self.names[0]), ids_of(sparse, self.names[1])
         user_bias, item_bias = self.user_bias(user_ids).squeeze(-1), self.item_bias(item_ids).squeeze(-1)
         prediction = (pair[:, 0] * pair[:, 1]).sum(-1) + user_bias + item_bias + self.global_bias
+        if not (self.l2 and self.training):  # only a training loss reads it: no work on every other batch
+            return Rated(prediction, prediction.new_zeros(()))
         penalty = self.l2 * (pair.square().sum((1, 2)) + user_bias.square() + item_bias.square()).mean()
         return Rated(prediction, penalty)
 
