@@ -5,7 +5,7 @@
 Every field pair meets in a plain dot product with no MLP behind it, so the embeddings carry the
 whole interaction: a width too small for a field cannot be made up by the layers above it. It is
 the label model of the synthetic benchmark with known ranks (field-pair dot products plus per-id
-biases plus a linear dense term; README "Sweep"), so there the known ranks are its right widths.
+biases plus a linear dense term; bench/PLANTED.md), so there the known ranks are its right widths.
 
 The pair sum is computed as (|sum_f e_f|^2 - sum_f |e_f|^2) / 2, linear in the number of fields.
 The per-id biases are n x 1 dense, data-parallel tables outside the planned collection, as in
