@@ -3,8 +3,8 @@ this dataset, as a Ray Tune sweep (cluster/sweep_run.py), reported as one JSON, 
 and one Markdown table (cluster/sweep_report.py).
 
 The flags default to the config's `sweep:` section (`SweepConfig`), so a config that is a paper's
-setting (configs/papers/) is also that paper's sweep: its methods, budgets and seeds; a flag
-given on the command line overrides its key."""
+setting (configs/papers/) is also that paper's sweep: its methods, budgets, seeds and varied knobs;
+a flag given on the command line overrides its key."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="fractions of the base model's serving parameters, in (0, 1] (default: the config's "
                         "sweep.budgets, else 0.125,0.25,0.5,1)")
     p.add_argument("--seeds", help="seeds per config: 0..N-1 (default: the config's sweep.seeds, else 3)")
+    p.add_argument("--vary", action="append", metavar="KEY=V1,V2",
+                   help="a method knob at several values, each a curve of its own, e.g. embeddings.mde.alpha=0.3,1.0 "
+                        "(repeatable: every combination; only the methods that read the knob run once per value; "
+                        "default: the config's sweep.vary)")
     p.add_argument("--first-seed", type=int, default=0, metavar="K",
                    help="run seeds K..K+N-1 instead (a later seed on its own, to merge with `sweep-merge`)")
     p.add_argument("--out", help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
@@ -77,7 +81,7 @@ def sweep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from dataclasses import replace
 
-    from embshard.cluster.sweep_plan import SweepSpec, parse_budgets, parse_methods
+    from embshard.cluster.sweep_plan import SweepSpec, check_vary, parse_budgets, parse_methods, parse_vary
     from embshard.config import load_job_config
     from embshard.datasets.schema import DatasetSpec
     from embshard.errors import ConfigError
@@ -91,20 +95,23 @@ def sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--first-seed: must be >= 0, got {args.first_seed}")
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
-    spec = SweepSpec(parse_methods(args.methods) if args.methods is not None else cfg.sweep.methods,
-                     parse_budgets(args.budgets) if args.budgets is not None else cfg.sweep.budgets,
-                     int(args.seeds) if args.seeds is not None else cfg.sweep.seeds, args.first_seed)
+    methods = parse_methods(args.methods) if args.methods is not None else cfg.sweep.methods
+    vary = parse_vary(args.vary) if args.vary else cfg.sweep.vary
+    check_vary(vary, methods, "--vary" if args.vary else "sweep.vary")
+    spec = SweepSpec(methods, parse_budgets(args.budgets) if args.budgets is not None else cfg.sweep.budgets,
+                     int(args.seeds) if args.seeds is not None else cfg.sweep.seeds, args.first_seed, vary)
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 
-    from embshard.cluster.sweep_report import PlantedTruth, dataset_sha256, report
+    from embshard.cluster.sweep_report import PlantedTruth, dataset_sha256, report, with_variants
     from embshard.cluster.sweep_run import run_sweep
     from embshard.config import AutodimConfig
     from embshard.datasets.storage import location
     from embshard.typed_config import to_dict
 
     out = location(args.out or Path(cfg.output_dir) / "sweep")
-    points = run_sweep(cfg, spec, out, args.resume, args.parallel)
+    # A knob the sweep varied makes its method's points several curves, as a merge of sweeps would.
+    points = with_variants(run_sweep(cfg, spec, out, args.resume, args.parallel))
     name = location(cfg.data.path).resolve().name
     truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
     rep = report(points, truth, (cfg.autodim or AutodimConfig()).candidates)
@@ -174,16 +181,17 @@ def sweep_json(arg: str) -> StoragePath:
 
 def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
     """Every trial's configs built before Ray starts: a bad combination is one line, not a failed trial."""
-    from embshard.cluster.sweep_plan import autodim_search, planned_run, prune_run
+    from embshard.cluster.sweep_plan import autodim_search, planned_run, prune_run, with_knobs
 
     scratch = Path(cfg.output_dir) / "sweep-check"
     for trial in spec.trials():
+        base = with_knobs(cfg, trial.knobs)
         if trial.base_method == "pep":
-            prune_run(cfg, spec.budgets, trial, scratch)
+            prune_run(base, spec.budgets, trial, scratch)
         elif trial.base_method == "autodim":
-            autodim_search(cfg, trial, scratch)
+            autodim_search(base, trial, scratch)
         else:
-            planned_run(cfg, data, trial, scratch)
+            planned_run(base, data, trial, scratch)
 
 
 def write_report(rep: dict[str, Any], title: str, out: StoragePath, name: str) -> list[StoragePath]:

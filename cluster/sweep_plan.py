@@ -15,16 +15,21 @@ A **budget** b is a fraction of the serving parameters of the uniform model at t
               MLET at the ratio above
 
 A trial is one method at one budget and seed; a PEP trial holds every budget of its seed (one
-prune run gives every target). Torch-free: the driver checks every trial's configs before Ray starts.
+prune run gives every target). `--vary KEY=V1,V2` adds a knob axis: each method that reads the knob
+(`embeddings.mde.alpha`: mde, mde+mlet) runs at every value, and the others once. Torch-free: the
+driver checks every trial's configs before Ray starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import itertools
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from embshard.config import (
+    SWEEP_METHODS,
     AutodimConfig,
     EmbeddingsConfig,
     JobConfig,
@@ -37,7 +42,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
-from embshard.typed_config import flatten, to_dict
+from embshard.typed_config import flatten, from_dict, parse_yaml, set_dotted, to_dict
 
 DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
 FP32_BYTES = 4
@@ -50,16 +55,36 @@ NOT_KNOBS = {"mde": {"budget_params", "budget_bytes"}, "pep": {"targets", "out",
              "autodim": {"decisions", "history_every"}, "mlet": {"exact_resume"}}
 
 
+# (dotted job config key, value) pairs a trial sets over the sweep's config: its --vary values.
+Knobs = tuple[tuple[str, Any], ...]
+
+
 @dataclass(frozen=True)
 class Trial:
     method: str
     seed: int
     budget: float | None = None  # None: a PEP trial, which covers every budget of the sweep
+    knobs: Knobs = ()
 
     @property
     def key(self) -> str:
         at = "" if self.budget is None else f"-b{self.budget:g}"
-        return f"{self.method}{at}-s{self.seed}"
+        return f"{self.method}{at}-s{self.seed}" + "".join(f"-{knob_name(k)}={knob_text(v)}" for k, v in self.knobs)
+
+    @property
+    def label(self) -> str:
+        """The method and its --vary values, named as the report names its curves (`mde (mde.alpha=1)`)."""
+        varied = ", ".join(f"{knob_name(k)}={knob_text(v)}" for k, v in self.knobs)
+        return f"{self.method} ({varied})" if varied else self.method
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "seed": self.seed, "budget": self.budget,
+                "knobs": [[k, v] for k, v in self.knobs]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Trial:
+        # `knobs` absent: a trial of a sweep started before --vary, resumed.
+        return cls(data["method"], data["seed"], data.get("budget"), tuple((k, v) for k, v in data.get("knobs", [])))
 
     @property
     def base_method(self) -> str:
@@ -78,21 +103,28 @@ class SweepSpec:
     # Seeds first_seed..first_seed+seeds-1: a later seed of an expensive sweep runs on its own and
     # merges (`sweep-merge`) with the earlier ones.
     first_seed: int = 0
+    # Method knobs to sweep (`embeddings.mde.alpha` -> [0.3, 1.0]): a method that reads some runs
+    # at every combination of their values, each combination a curve of its own in the report.
+    vary: dict[str, list[Any]] = field(default_factory=dict)
 
     def trials(self) -> list[Trial]:
         out = []
         for method in self.methods:
-            for seed in range(self.first_seed, self.first_seed + self.seeds):
-                if Trial(method, seed).base_method == "pep":
-                    out.append(Trial(method, seed))
-                else:
-                    out.extend(Trial(method, seed, b) for b in self.budgets)
+            read = [(key, values) for key, values in self.vary.items() if reads_knob(method, key)]
+            for combo in itertools.product(*(values for _, values in read)):
+                knobs = tuple(zip((key for key, _ in read), combo, strict=True))
+                for seed in range(self.first_seed, self.first_seed + self.seeds):
+                    if Trial(method, seed).base_method == "pep":
+                        out.append(Trial(method, seed, knobs=knobs))
+                    else:
+                        out.extend(Trial(method, seed, b, knobs) for b in self.budgets)
         return out
 
     def to_json(self) -> dict[str, object]:
         spec: dict[str, object] = {"methods": self.methods, "budgets": self.budgets, "seeds": self.seeds}
-        # Left out at 0, so a sweep folder written before the option resumes as the same sweep.
-        return spec | ({"first_seed": self.first_seed} if self.first_seed else {})
+        # Left out when unused, so a sweep folder written before the option resumes as the same sweep.
+        return spec | ({"first_seed": self.first_seed} if self.first_seed else {}) | (
+            {"vary": self.vary} if self.vary else {})
 
 
 def parse_methods(text: str) -> list[str]:
@@ -108,6 +140,78 @@ def parse_budgets(text: str) -> list[float]:
         raise ConfigError(f"--budgets: expected comma-separated fractions, got {text!r}") from None
     check_budgets(budgets, "--budgets")
     return sorted(budgets)
+
+
+def parse_vary(items: list[str]) -> dict[str, list[Any]]:
+    """`--vary KEY=V1,V2` (repeatable) -> {KEY: [V1, V2]}, each value read as YAML; a YAML list
+    gives values that hold commas themselves (`autodim.candidates=[[2,8,32],[4,16,32]]`)."""
+    vary: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key or not raw:
+            raise ConfigError(f"--vary {item!r}: expected KEY=V1,V2,... (e.g. embeddings.mde.alpha=0.3,1.0)")
+        if key in vary:
+            raise ConfigError(f"--vary {key}: given twice; list every value once, comma-separated")
+        parsed = parse_yaml(raw)
+        vary[key] = parsed if isinstance(parsed, list) else [parse_yaml(v) for v in raw.split(",")]
+    return vary
+
+
+def check_vary(vary: dict[str, list[Any]], methods: list[str], where: str) -> None:
+    """Each varied key a knob of one of `methods`, with distinct values. `where`: `--vary` or
+    `sweep.vary`. Anything else (the epochs, the model) would make two sweeps, not two curves."""
+    for key, values in vary.items():
+        if not any(reads_knob(m, key) for m in methods):
+            readers = [m for m in SWEEP_METHODS if reads_knob(m, key)]
+            raise ConfigError(
+                f"{where} {key}: " + (f"read by {', '.join(readers)}, none of this sweep's methods" if readers else
+                                      "not a method's knob (a key under " + ", ".join(KNOB_SECTIONS.values())
+                                      + " that the sweep does not set per trial); sweep another setting as one "
+                                      "sweep per value, joined by `embshard sweep-merge`"))
+        texts = [json.dumps(v, sort_keys=True) for v in values]
+        if not values or len(set(texts)) != len(texts):
+            raise ConfigError(f"{where} {key}: expected distinct values, got {values}")
+
+
+def with_knobs(cfg: JobConfig, knobs: Knobs) -> JobConfig:
+    """`cfg` with a trial's --vary values set, checked as a config is (the error names the key)."""
+    if not knobs:
+        return cfg
+    if any(reads_knob("mlet", key) for key, _ in knobs):  # varied from the sweep's MLET default, not from nothing
+        cfg = replace(cfg, embeddings=replace(cfg.embeddings, mlet=mlet_config(cfg)))
+    data = to_dict(cfg)
+    for key, value in knobs:
+        set_dotted(data, key, to_dict(value), "--vary")
+    try:
+        return from_dict(JobConfig, data)
+    except ConfigError as e:  # it names the key: `embeddings.mde.alpha: must be in [0, 1], got 2.0`
+        raise ConfigError(f"--vary {e}") from None
+
+
+def knob_name(key: str) -> str:
+    """A knob's job config key as the points record it: `embeddings.mde.alpha` -> `mde.alpha`."""
+    for name, section in KNOB_SECTIONS.items():
+        if key.startswith(f"{section}."):
+            return f"{name}.{key.removeprefix(f'{section}.')}"
+    return key
+
+
+def knob_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value, separators=(",", ":")).strip('"')
+
+
+def knob_sections(method: str) -> list[str]:
+    """The KNOB_SECTIONS a sweep method's trials read: its own, and MLET's for X+mlet."""
+    trial = Trial(method, 0)
+    own = [trial.base_method] if trial.base_method in ("mde", "pep", "autodim") else []
+    return own + (["mlet"] if trial.with_mlet else [])
+
+
+def reads_knob(method: str, key: str) -> bool:
+    """Whether `method`'s trials read the job config key `key` as one of their knobs."""
+    return any(key.startswith(f"{KNOB_SECTIONS[name]}.")
+               and key.removeprefix(f"{KNOB_SECTIONS[name]}.").split(".")[0] not in NOT_KNOBS[name]
+               for name in knob_sections(method))
 
 
 def uniform_width(emb: EmbeddingsConfig, budget: float) -> int:
@@ -128,18 +232,10 @@ def method_knobs(cfg: JobConfig, method: str) -> dict[str, Any]:
     """The knobs a sweep method's trials read from `cfg` and other methods' do not, at the values
     they train with (defaults filled in), as dotted keys under KNOB_SECTIONS' names (`mlet.ratio`):
     what two sweeps of one method must share for their points to be one curve."""
-    trial = Trial(method, 0)
-    sections: dict[str, Any] = {}
-    if trial.base_method == "mde":
-        sections["mde"] = cfg.embeddings.mde
-    elif trial.base_method == "pep":
-        sections["pep"] = cfg.pep or PepConfig()
-    elif trial.base_method == "autodim":
-        sections["autodim"] = cfg.autodim or AutodimConfig()
-    if trial.with_mlet:
-        sections["mlet"] = mlet_config(cfg)
-    return {f"{name}.{key}": value for name, section in sections.items()
-            for key, value in flatten(to_dict(section)).items() if key not in NOT_KNOBS[name]}
+    sections = {"mde": lambda: cfg.embeddings.mde, "pep": lambda: cfg.pep or PepConfig(),
+                "autodim": lambda: cfg.autodim or AutodimConfig(), "mlet": lambda: mlet_config(cfg)}
+    return {f"{name}.{key}": value for name in knob_sections(method)
+            for key, value in flatten(to_dict(sections[name]())).items() if key not in NOT_KNOBS[name]}
 
 
 def run_config(base: JobConfig, trial: Trial, run_dir: Path, name: str) -> JobConfig:

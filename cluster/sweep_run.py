@@ -23,7 +23,7 @@ from ray import tune
 
 from embshard.cluster import console
 from embshard.cluster.launch import init_ray, worker_error
-from embshard.cluster.sweep_plan import SweepSpec
+from embshard.cluster.sweep_plan import SweepSpec, Trial
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig
@@ -59,7 +59,7 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
                                        resume_errored=True)
         else:
             job = to_dict(_absolute(cfg))
-            trials = [{"method": t.method, "seed": t.seed, "budget": t.budget} for t in spec.trials()]
+            trials = [t.to_json() for t in spec.trials()]
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(trials), "job": job, "out": str(work),
@@ -111,7 +111,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, resume: bool) -
                               f"state in {out / EXPERIMENT}); start the sweep afresh with another --out")
         if json.loads(saved.read_text()) != spec.to_json():
             raise ConfigError(f"--resume: {out} is the sweep {saved.read_text().strip()}; resume it with those "
-                              f"--methods, --budgets and --seeds")
+                              f"--methods, --budgets, --seeds, --first-seed and --vary")
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: not empty; resume the sweep there with --resume, or choose another folder")
@@ -136,5 +136,5 @@ class _TrialLine(tune.Callback):
         shown = ", ".join(f"budget {p['budget']:g}: "
                           + (f"{metric_label(p['metric'])} {p['value']:.4f}" if "value" in p else p["error"])
                           for p in points)
-        print(f"trial {trial.config['trial']['method']} seed {trial.config['trial']['seed']}: {shown}",
-              file=sys.stderr, flush=True)
+        of = Trial.from_json(trial.config["trial"])
+        print(f"trial {of.label} seed {of.seed}: {shown}", file=sys.stderr, flush=True)

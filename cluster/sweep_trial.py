@@ -30,6 +30,7 @@ from embshard.cluster.sweep_plan import (
     pep_retrain,
     planned_run,
     prune_run,
+    with_knobs,
 )
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
@@ -47,8 +48,8 @@ def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune's function trainable: `config` holds the job, the trial and the sweep folder."""
     from ray import tune
 
-    base = from_dict(JobConfig, config["job"])
-    trial = Trial(**config["trial"])
+    trial = Trial.from_json(config["trial"])
+    base = with_knobs(from_dict(JobConfig, config["job"]), trial.knobs)
     run_dir = Path(config["out"]) / "runs" / trial.key
     points = trial_points(base, trial, config["budgets"], run_dir)
     _write_json(run_dir / POINTS_FILE, points)

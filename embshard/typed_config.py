@@ -114,14 +114,21 @@ def apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
+    set_dotted(data, key.strip(), parse_yaml(raw), "--set")
+
+
+def set_dotted(data: dict, key: str, value: Any, where: str) -> None:
+    """Set dotted `key` in a nested dict. A section left out or null (`pep: null`, as `to_dict` writes
+    an unset optional section) is created; `where` names the option in an error."""
+    parts = key.split(".")
     node = data
     for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {p} is not a section")
-        node = child
-    node[parts[-1]] = parse_yaml(raw)
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"{where} {key}: {p} is not a section")
+        node = node[p]
+    node[parts[-1]] = value
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -13,11 +13,14 @@ from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
 from embshard.cluster.sweep_plan import (
     SweepSpec,
+    Trial,
     method_knobs,
     parse_budgets,
     parse_methods,
+    parse_vary,
     planned_run,
     uniform_width,
+    with_knobs,
 )
 from embshard.cluster.sweep_report import (
     PlantedTruth,
@@ -30,6 +33,7 @@ from embshard.cluster.sweep_report import (
     planted_comparison,
     rank_correlation,
     report,
+    with_variants,
 )
 from embshard.config import EmbeddingsConfig, JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec, SparseFeature
@@ -315,8 +319,15 @@ def test_sweep_flags_default_to_the_config_and_override_it(tmp_path, monkeypatch
     assert main(base) == 2
     assert main([*base, "--methods", "mde", "--seeds", "1"]) == 2
     assert main([*base, "--seeds", "1", "--first-seed", "2"]) == 2
+    varied = [*base, "--set", "sweep.vary={embeddings.mlet.ratio: [4, 8]}"]
+    assert main(varied) == 2
+    assert main([*varied, "--methods", "mde", "--vary", "embeddings.mde.alpha=0.5,1",
+                 "--vary", "embeddings.mde.blocks=2"]) == 2
     assert seen == [SweepSpec(["uniform", "mlet"], [0.5, 1.0], 2), SweepSpec(["mde"], [0.5, 1.0], 1),
-                    SweepSpec(["uniform", "mlet"], [0.5, 1.0], 1, first_seed=2)]
+                    SweepSpec(["uniform", "mlet"], [0.5, 1.0], 1, first_seed=2),
+                    SweepSpec(["uniform", "mlet"], [0.5, 1.0], 2, vary={"embeddings.mlet.ratio": [4, 8]}),
+                    SweepSpec(["mde"], [0.5, 1.0], 2,
+                              vary={"embeddings.mde.alpha": [0.5, 1], "embeddings.mde.blocks": [2]})]
 
 
 def _stop():
@@ -343,7 +354,47 @@ def test_trials_and_budget_knobs(tmp_path):
     assert cfg.train.test and cfg.output_dir == str(tmp_path / "train")
 
 
+def test_vary_runs_each_method_that_reads_the_knob_at_every_value(tmp_path):
+    spec = SweepSpec(["uniform", "mde", "mde+mlet"], [0.25], 1,
+                     vary=parse_vary(["embeddings.mde.alpha=0.3,1.0", "embeddings.mlet.ratio=[4, 8]"]))
+    assert [t.key for t in spec.trials()] == [
+        "uniform-b0.25-s0", "mde-b0.25-s0-mde.alpha=0.3", "mde-b0.25-s0-mde.alpha=1",
+        "mde+mlet-b0.25-s0-mde.alpha=0.3-mlet.ratio=4", "mde+mlet-b0.25-s0-mde.alpha=0.3-mlet.ratio=8",
+        "mde+mlet-b0.25-s0-mde.alpha=1-mlet.ratio=4", "mde+mlet-b0.25-s0-mde.alpha=1-mlet.ratio=8"]
+    assert spec.to_json()["vary"] == {"embeddings.mde.alpha": [0.3, 1.0], "embeddings.mlet.ratio": [4, 8]}
+    assert "vary" not in SweepSpec(["mde"], [0.25], 1).to_json()  # a sweep folder from before --vary resumes
+    # Values that hold commas come as a YAML list.
+    assert parse_vary(["autodim.candidates=[[2, 8, 32], [4, 16, 32]]"]) == {
+        "autodim.candidates": [[2, 8, 32], [4, 16, 32]]}
+    # What Tune hands a trial and what the trial trains: the knob set over the sweep's config.
+    trials = [Trial.from_json(json.loads(json.dumps(t.to_json()))) for t in spec.trials()]
+    assert trials == spec.trials()
+    assert Trial.from_json({"method": "mde", "seed": 0, "budget": 0.5}) == Trial("mde", 0, 0.5)  # pre-vary trial
+    data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
+    cfg = JobConfig()
+    alphas = [planned_run(with_knobs(cfg, t.knobs), data, t, tmp_path).embeddings.mde.alpha for t in trials[1:3]]
+    assert alphas == [0.3, 1.0]
+    assert with_knobs(cfg, trials[4].knobs).embeddings.mlet.ratio == 8  # from the sweep's MLET default
+    assert with_knobs(cfg, (("pep.s_init", -5.0),)).pep.s_init == -5.0  # an unset section is created
+    with pytest.raises(ConfigError, match=re.escape("--vary embeddings.mde.alpha: must be in [0, 1], got 2.0")):
+        with_knobs(cfg, (("embeddings.mde.alpha", 2.0),))
+    # Each setting a curve of its own in the sweep's report, named by its knob.
+    points = [{**point(t.method, 0.25, 0, value, 1000), "knobs": method_knobs(with_knobs(cfg, t.knobs), t.method)}
+              for t, value in ((trials[0], 0.70), (trials[1], 0.71), (trials[2], 0.72))]
+    configs = report(with_variants(points), None, GRID)["configs"]
+    assert {c["method"]: c["mean"] for c in configs} == {
+        "uniform": 0.70, "mde (mde.alpha=0.3)": 0.71, "mde (mde.alpha=1)": 0.72}
+
+
 @pytest.mark.parametrize("args, expected", [
+    (["--vary", "embeddings.mde.alpha"], "--vary 'embeddings.mde.alpha': expected KEY=V1,V2"),
+    (["--vary", "train.epochs=1,2"], "--vary train.epochs: not a method's knob"),
+    (["--methods", "uniform", "--vary", "embeddings.mde.alpha=0.3,1"],
+     "--vary embeddings.mde.alpha: read by mde, mde+mlet, none of this sweep's methods"),
+    (["--methods", "mde", "--vary", "embeddings.mde.alpha=0.3,0.3"],
+     "--vary embeddings.mde.alpha: expected distinct values, got [0.3, 0.3]"),
+    (["--methods", "mde", "--vary", "embeddings.mde.budget_params=100,200"],
+     "--vary embeddings.mde.budget_params: not a method's knob"),
     (["--methods", "uniform,bogus"], "--methods: unknown method 'bogus'"),
     (["--budgets", ""], "--budgets: empty"),
     (["--seeds", "0"], "--seeds: expected a whole number >= 1"),
