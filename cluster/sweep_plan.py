@@ -69,13 +69,16 @@ class Trial:
     @property
     def key(self) -> str:
         at = "" if self.budget is None else f"-b{self.budget:g}"
-        return f"{self.method}{at}-s{self.seed}" + "".join(f"-{knob_name(k)}={knob_text(v)}" for k, v in self.knobs)
+        return "-".join([f"{self.method}{at}-s{self.seed}", *self._varied])
 
     @property
     def label(self) -> str:
         """The method and its --vary values, named as the report names its curves (`mde (mde.alpha=1)`)."""
-        varied = ", ".join(f"{knob_name(k)}={knob_text(v)}" for k, v in self.knobs)
-        return f"{self.method} ({varied})" if varied else self.method
+        return f"{self.method} ({', '.join(self._varied)})" if self.knobs else self.method
+
+    @property
+    def _varied(self) -> list[str]:
+        return [f"{knob_name(k)}={knob_text(v)}" for k, v in self.knobs]
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "seed": self.seed, "budget": self.budget,
@@ -197,7 +200,8 @@ def knob_name(key: str) -> str:
 
 
 def knob_text(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else json.dumps(value, separators=(",", ":")).strip('"')
+    """A knob's value as trial folders, console lines and the report's curve names show it."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def knob_sections(method: str) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from embshard.cluster.sweep_plan import KNOB_SECTIONS, method_knobs
+from embshard.cluster.sweep_plan import KNOB_SECTIONS, knob_text, method_knobs
 from embshard.config import JobConfig, current_schema
 from embshard.errors import ConfigError, DataError
 from embshard.typed_config import flatten, from_dict, under
@@ -363,11 +363,7 @@ def _variant(knobs: dict[str, Any] | None, recorded: list[dict[str, Any]], metho
     others = recorded if len(recorded) > 1 else [knobs, method_knobs(JobConfig(), method)]
     keys = sorted({k for o in others for k in o} - {k for k in knobs if all(o.get(k) == knobs[k] for o in others)})
     shown = [k for k in keys if knobs.get(k) is not None] or keys  # unset ones only when all are
-    return ", ".join(f"{k}={_knob(knobs.get(k))}" for k in shown) or "default knobs"
-
-
-def _knob(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return ", ".join(f"{k}={knob_text(knobs.get(k))}" for k in shown) or "default knobs"
 
 
 def dataset_sha256(spec: dict[str, Any]) -> str:
@@ -447,7 +443,7 @@ def markdown(rep: dict[str, Any], title: str) -> str:
     knobs = {curve(p): p["knobs"] for p in rep.get("points", []) if p.get("knobs")}
     if knobs:
         lines += ["", "**Knobs** (what each method trained with, unset ones left out): " + "; ".join(
-            f"{name}: " + ", ".join(f"{k}={_knob(v)}" for k, v in sorted(ks.items()) if v is not None)
+            f"{name}: " + ", ".join(f"{k}={knob_text(v)}" for k, v in sorted(ks.items()) if v is not None)
             for name, ks in sorted(knobs.items())) + "."]
     planted = rep.get("planted")
     if planted:
