@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embshard.cluster.cli_args import config_arguments, verbose_argument
+
+SETTINGS_FILE = "settings.md"  # a sweep of several settings: their reports side by side
 
 if TYPE_CHECKING:
     from embshard.cluster.sweep_plan import SweepSpec
@@ -39,9 +42,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "sweep.budgets, else 0.125,0.25,0.5,1)")
     p.add_argument("--seeds", help="seeds per config: 0..N-1 (default: the config's sweep.seeds, else 3)")
     p.add_argument("--vary", action="append", metavar="KEY=V1,V2",
-                   help="a method knob at several values, each a curve of its own, e.g. embeddings.mde.alpha=0.3,1.0 "
-                        "(repeatable: every combination; only the methods that read the knob run once per value; "
-                        "default: the config's sweep.vary)")
+                   help="a config key at several values (repeatable: every combination; default: the config's "
+                        "sweep.vary). A method's knob (embeddings.mde.alpha=0.3,1.0): the methods that read it run "
+                        "once per value, each value a curve of its own. A setting (train.epochs=6,12): every method "
+                        "runs once per value, each value a report of its own in a folder named after it")
     p.add_argument("--first-seed", type=int, default=0, metavar="K",
                    help="run seeds K..K+N-1 instead (a later seed on its own, to merge with `sweep-merge`)")
     p.add_argument("--out", help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
@@ -97,29 +101,52 @@ def sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
     methods = parse_methods(args.methods) if args.methods is not None else cfg.sweep.methods
     vary = parse_vary(args.vary) if args.vary else cfg.sweep.vary
-    check_vary(vary, methods, "--vary" if args.vary else "sweep.vary")
+    check_vary(cfg, vary, methods, "--vary" if args.vary else "sweep.vary")
     spec = SweepSpec(methods, parse_budgets(args.budgets) if args.budgets is not None else cfg.sweep.budgets,
                      int(args.seeds) if args.seeds is not None else cfg.sweep.seeds, args.first_seed, vary)
     data = DatasetSpec.load(cfg.data.path)
     check_trials(cfg, spec, data)
 
-    from embshard.cluster.sweep_report import PlantedTruth, dataset_sha256, report, with_variants
+    from embshard.cluster.sweep_plan import setting_label, with_knobs
+    from embshard.cluster.sweep_report import (
+        PlantedTruth,
+        by_setting,
+        dataset_sha256,
+        report,
+        settings_markdown,
+        with_variants,
+    )
     from embshard.cluster.sweep_run import run_sweep
     from embshard.config import AutodimConfig
     from embshard.datasets.storage import location
     from embshard.typed_config import to_dict
 
     out = location(args.out or Path(cfg.output_dir) / "sweep")
-    # A knob the sweep varied makes its method's points several curves, as a merge of sweeps would.
-    points = with_variants(run_sweep(cfg, spec, out, args.resume, args.parallel))
+    points = run_sweep(cfg, spec, out, args.resume, args.parallel)
     name = location(cfg.data.path).resolve().name
     truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
-    rep = report(points, truth, (cfg.autodim or AutodimConfig()).candidates)
-    at = ", at the best validation" if cfg.train.report_at == "best_valid" else ""
-    # The job config goes with the points, so that `sweep-merge` can check sweeps trained alike.
-    record = {"dataset": name, "dataset_sha256": dataset_sha256(to_dict(data)), "sweep": spec.to_json(),
-              "config": to_dict(cfg), "points": points, **rep}
-    return publish(record, f"{cfg.train.epochs} epoch(s){at}, {spec.seeds} seed(s)", out)
+    published: list[tuple[str, dict[str, Any]]] = []
+    for setting, of_setting in by_setting(points, spec.settings()):
+        job = with_knobs(cfg, setting)
+        # A knob the sweep varied makes its method's points several curves, as a merge of sweeps would.
+        of_setting = with_variants(of_setting)
+        rep = report(of_setting, truth, (job.autodim or AutodimConfig()).candidates)
+        at = ", at the best validation" if job.train.report_at == "best_valid" else ""
+        # The job config goes with the points, so that `sweep-merge` can check sweeps trained alike:
+        # a setting's report records the config with that setting, as a sweep with its --set would.
+        record = {"dataset": name, "dataset_sha256": dataset_sha256(to_dict(data)),
+                  "sweep": spec.to_json() | ({"setting": dict(setting)} if setting else {}),
+                  "config": to_dict(job), "points": of_setting, **rep}
+        label = setting_label(setting)
+        publish(record, f"{job.train.epochs} epoch(s){at}, {spec.seeds} seed(s)" + (f", {label}" if label else ""),
+                out / label if label else out, f"{label}: " if label else "")
+        published.append((label, record))
+    if len(published) > 1 or published[0][0]:
+        title = f"{name}: one report per setting ({spec.seeds} seed(s))"
+        [path] = write_files(out, {SETTINGS_FILE: lambda p: p.write_text(settings_markdown(title, published))},
+                             marker=SETTINGS_FILE)
+        print(f"settings side by side: {path}")
+    return 0
 
 
 def sweep_merge(args: argparse.Namespace) -> int:
@@ -148,20 +175,21 @@ def sweep_merge(args: argparse.Namespace) -> int:
     return publish(rep, f"{len(reports)} sweeps merged", out)
 
 
-def publish(rep: dict[str, Any], detail: str, out: StoragePath) -> int:
+def publish(rep: dict[str, Any], detail: str, out: StoragePath, prefix: str = "") -> int:
     """A report's files in `out`, titled by its dataset, metric and `detail`; its claim and the
-    files' places on the console."""
+    files' places on the console, each line after `prefix` (the setting of one of several reports)."""
     from embshard.cluster.sweep_report import report_label
 
     name = rep["dataset"]
     paths = write_report(rep, f"{name}: test {report_label(rep)} vs serving bytes ({detail})", out, name)
-    print(f"claim: {rep['claim']['statement']}")
-    print("report: " + ", ".join(str(p) for p in paths))
+    print(f"{prefix}claim: {rep['claim']['statement']}")
+    print(f"{prefix}report: " + ", ".join(str(p) for p in paths))
     return 0
 
 
 def sweep_json(arg: str) -> StoragePath:
     """A sweep's report: the file named, or the one sweep-*.json in the folder named."""
+    from embshard.cluster.sweep_plan import is_setting
     from embshard.cluster.sweep_run import SPEC_FILE
     from embshard.datasets.storage import location
     from embshard.errors import DataError
@@ -173,6 +201,11 @@ def sweep_json(arg: str) -> StoragePath:
         raise DataError(f"{arg}: no such sweep folder or report")
     found: list[StoragePath] = list(path.glob("sweep-*.json"))
     reports = sorted((p for p in found if p.name != SPEC_FILE), key=str)
+    spec = path / SPEC_FILE
+    if not reports and spec.is_file() and any(map(is_setting, json.loads(spec.read_text()).get("vary", {}))):
+        settings = sorted(d.name for d in path.iterdir() if d.is_dir() and any(d.glob("sweep-*.json")))
+        raise DataError(f"{arg}: a sweep of several settings has a report per setting, in its folders "
+                        f"{', '.join(settings) or 'of each setting (none yet: it has not finished)'}; name one of them")
     if len(reports) != 1:
         raise DataError(f"{arg}: expected one sweep-<dataset>.json in the folder, found "
                         f"{', '.join(p.name for p in reports) or 'none'} (a sweep that has not finished has none)")
@@ -180,39 +213,43 @@ def sweep_json(arg: str) -> StoragePath:
 
 
 def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
-    """Every trial's configs built before Ray starts: a bad combination is one line, not a failed trial."""
-    from embshard.cluster.sweep_plan import autodim_search, planned_run, prune_run, with_knobs
+    """Every trial's first run built and checked against its method and arch (`planning_step`:
+    what `embshard train` checks before it plans) before Ray starts: a bad combination, or an arch
+    option a varied setting gives an arch without it, is one line, not a failed trial."""
+    from embshard.cluster.sweep_plan import first_run, with_knobs
+    from embshard.trainer.method import get_method, method_name
+    from embshard.trainer.planning import planning_step
 
     scratch = Path(cfg.output_dir) / "sweep-check"
     for trial in spec.trials():
-        base = with_knobs(cfg, trial.knobs)
-        if trial.base_method == "pep":
-            prune_run(base, spec.budgets, trial, scratch)
-        elif trial.base_method == "autodim":
-            autodim_search(base, trial, scratch)
-        else:
-            planned_run(base, data, trial, scratch)
+        run, method = first_run(with_knobs(cfg, trial.knobs), data, trial, spec.budgets, scratch)
+        planning_step(run, get_method(method or method_name(run)))
 
 
 def write_report(rep: dict[str, Any], title: str, out: StoragePath, name: str) -> list[StoragePath]:
-    """sweep-<dataset>.json, .md and .png in `out`, each written whole then renamed into place;
-    into a URI they are written to a local folder and uploaded, the JSON last."""
+    """sweep-<dataset>.json, .md and .png in `out`, the JSON last (`write_files`)."""
     from embshard.cluster.sweep_report import markdown, plot
+
+    return write_files(out, {f"sweep-{name}.json": lambda p: p.write_text(json.dumps(rep, indent=1) + "\n"),
+                             f"sweep-{name}.md": lambda p: p.write_text(markdown(rep, title)),
+                             f"sweep-{name}.png": lambda p: plot(rep, title, p)}, marker=f"sweep-{name}.json")
+
+
+def write_files(out: StoragePath, files: dict[str, Callable[[Path], Any]], marker: str) -> list[StoragePath]:
+    """Each file of `files` (name -> what writes it to a path) in `out`, written whole then renamed
+    into place, `marker` last (a reader that finds it finds the others); into a URI they are
+    written to a local folder and uploaded. -> their paths, in the order of `files`."""
     from embshard.datasets.storage import RemotePath, upload
 
     if isinstance(out, RemotePath):
         with tempfile.TemporaryDirectory(prefix="embshard-sweep-report-") as staging:
-            written = write_report(rep, title, Path(staging), name)
-            upload(Path(staging), out, marker=written[0].name)
-        return [out / p.name for p in written]
-    base = out / f"sweep-{name}"
-    local: list[StoragePath] = []
-    for suffix, write in ((".json", lambda p: p.write_text(json.dumps(rep, indent=1) + "\n")),
-                          (".md", lambda p: p.write_text(markdown(rep, title))),
-                          (".png", lambda p: plot(rep, title, p))):
-        final = base.with_suffix(suffix)
-        tmp = final.with_name(f".{final.stem}.partial{suffix}")
-        write(tmp)
+            write_files(Path(staging), files, marker)
+            upload(Path(staging), out, marker=marker)
+        return [out / name for name in files]
+    out.mkdir(parents=True, exist_ok=True)  # a setting's folder in a sweep of several
+    for name in sorted(files, key=lambda n: n == marker):
+        final = out / name
+        tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
+        files[name](tmp)
         tmp.replace(final)
-        local.append(final)
-    return local
+    return [out / name for name in files]

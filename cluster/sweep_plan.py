@@ -15,9 +15,12 @@ A **budget** b is a fraction of the serving parameters of the uniform model at t
               MLET at the ratio above
 
 A trial is one method at one budget and seed; a PEP trial holds every budget of its seed (one
-prune run gives every target). `--vary KEY=V1,V2` adds a knob axis: each method that reads the knob
-(`embeddings.mde.alpha`: mde, mde+mlet) runs at every value, and the others once. Torch-free: the
-driver checks every trial's configs before Ray starts.
+prune run gives every target). `--vary KEY=V1,V2` adds an axis. A method's **knob** (a key of its own
+section, `embeddings.mde.alpha`: mde, mde+mlet) runs each method that reads it at every value and
+the others once: one report, a curve per value. A **setting** (any other key that changes what
+trains: `train.epochs`, `model.options.l2`) runs every method at every value: a report per value,
+each as a sweep with that `--set` would have written it, since a claim compares methods trained
+alike. Torch-free: the driver checks every trial's configs before Ray starts.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
-from embshard.typed_config import flatten, from_dict, parse_yaml, set_dotted, to_dict
+from embshard.typed_config import flatten, from_dict, parse_yaml, set_dotted, to_dict, under
 
 DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
 FP32_BYTES = 4
@@ -53,6 +56,15 @@ FP32_BYTES = 4
 KNOB_SECTIONS = {"mde": "embeddings.mde", "mlet": "embeddings.mlet", "pep": "pep", "autodim": "autodim"}
 NOT_KNOBS = {"mde": {"budget_params", "budget_bytes"}, "pep": {"targets", "out", "retrain_target", "retrain_from"},
              "autodim": {"decisions", "history_every"}, "mlet": {"exact_resume"}}
+
+# Job config keys a sweep's results do not depend on: where things go, how progress is shown, how
+# a run survives failures. Merged sweeps that differ in any other key did not train alike, except
+# in a method's own knobs (KNOB_SECTIONS), which only that method's points are compared on.
+NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "data.validate", "sharding.plan_file",
+                         "train.log_every", "train.progress", "metrics", "cluster.address", "cluster.max_failures",
+                         "cluster.storage", "checkpoint", "sweep"})
+# What each trial's configs set themselves (run_config, planned_run, ...): not a setting to vary.
+PER_TRIAL = frozenset({"seed", "embeddings.policy", "embeddings.method", "embeddings.decisions", "train.test"})
 
 
 # (dotted job config key, value) pairs a trial sets over the sweep's config: its --vary values.
@@ -80,6 +92,11 @@ class Trial:
     def _varied(self) -> list[str]:
         return [f"{knob_name(k)}={knob_text(v)}" for k, v in self.knobs]
 
+    @property
+    def settings(self) -> Knobs:
+        """The --vary values that are settings, not its method's knobs: what its report is one of."""
+        return tuple((k, v) for k, v in self.knobs if is_setting(k))
+
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "seed": self.seed, "budget": self.budget,
                 "knobs": [[k, v] for k, v in self.knobs]}
@@ -106,14 +123,14 @@ class SweepSpec:
     # Seeds first_seed..first_seed+seeds-1: a later seed of an expensive sweep runs on its own and
     # merges (`sweep-merge`) with the earlier ones.
     first_seed: int = 0
-    # Method knobs to sweep (`embeddings.mde.alpha` -> [0.3, 1.0]): a method that reads some runs
-    # at every combination of their values, each combination a curve of its own in the report.
+    # Knobs and settings to sweep (`embeddings.mde.alpha` -> [0.3, 1.0]): a method runs at every
+    # combination of the values of the knobs it reads and of every setting.
     vary: dict[str, list[Any]] = field(default_factory=dict)
 
     def trials(self) -> list[Trial]:
         out = []
         for method in self.methods:
-            read = [(key, values) for key, values in self.vary.items() if reads_knob(method, key)]
+            read = [(key, values) for key, values in self.vary.items() if is_setting(key) or reads_knob(method, key)]
             for combo in itertools.product(*(values for _, values in read)):
                 knobs = tuple(zip((key for key, _ in read), combo, strict=True))
                 for seed in range(self.first_seed, self.first_seed + self.seeds):
@@ -122,6 +139,12 @@ class SweepSpec:
                     else:
                         out.extend(Trial(method, seed, b, knobs) for b in self.budgets)
         return out
+
+    def settings(self) -> list[Knobs]:
+        """Every combination of the varied settings' values, in the order given: one report each."""
+        varied = [(key, values) for key, values in self.vary.items() if is_setting(key)]
+        return [tuple(zip((key for key, _ in varied), combo, strict=True))
+                for combo in itertools.product(*(values for _, values in varied))]
 
     def to_json(self) -> dict[str, object]:
         spec: dict[str, object] = {"methods": self.methods, "budgets": self.budgets, "seeds": self.seeds}
@@ -160,23 +183,28 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
     return vary
 
 
-def check_vary(vary: dict[str, list[Any]], methods: list[str], where: str) -> None:
-    """Each varied key a knob of one of `methods`, with distinct values. `where`: `--vary` or
-    `sweep.vary`. Anything else (the epochs, the model) would make two sweeps, not two curves."""
+def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], where: str) -> None:
+    """Each varied key a knob of one of `methods` or a setting, with distinct values, each valid
+    in `cfg` on its own (how the values combine, the trials' check). `where`: `--vary` or `sweep.vary`."""
     for key, values in vary.items():
-        if not any(reads_knob(m, key) for m in methods):
-            readers = [m for m in SWEEP_METHODS if reads_knob(m, key)]
-            raise ConfigError(
-                f"{where} {key}: " + (f"read by {', '.join(readers)}, none of this sweep's methods" if readers else
-                                      "not a method's knob (a key under " + ", ".join(KNOB_SECTIONS.values())
-                                      + " that the sweep does not set per trial); sweep another setting as one "
-                                      "sweep per value, joined by `embshard sweep-merge`"))
+        if key == "data.path":
+            raise ConfigError(f"{where} data.path: a sweep is of one dataset; sweep each dataset on its own")
+        if any(under(section, [key]) for section in KNOB_SECTIONS.values()):
+            raise ConfigError(f"{where} {key}: a section; vary its keys one by one (e.g. embeddings.mde.alpha)")
+        readers = [m for m in SWEEP_METHODS if reads_knob(m, key)]
+        if under(key, PER_TRIAL | NOT_RESULTS) or not (is_setting(key) or readers):
+            raise ConfigError(f"{where} {key}: not for a sweep to vary: each trial sets it (its method, budget, "
+                              "seed or output), or it does not change what trains")
+        if not is_setting(key) and not set(readers) & set(methods):
+            raise ConfigError(f"{where} {key}: read by {', '.join(readers)}, none of this sweep's methods")
         texts = [json.dumps(v, sort_keys=True) for v in values]
         if not values or len(set(texts)) != len(texts):
             raise ConfigError(f"{where} {key}: expected distinct values, got {values}")
+        for value in values:
+            with_knobs(cfg, ((key, value),), where)
 
 
-def with_knobs(cfg: JobConfig, knobs: Knobs) -> JobConfig:
+def with_knobs(cfg: JobConfig, knobs: Knobs, where: str = "--vary") -> JobConfig:
     """`cfg` with a trial's --vary values set, checked as a config is (the error names the key)."""
     if not knobs:
         return cfg
@@ -184,11 +212,11 @@ def with_knobs(cfg: JobConfig, knobs: Knobs) -> JobConfig:
         cfg = replace(cfg, embeddings=replace(cfg.embeddings, mlet=mlet_config(cfg)))
     data = to_dict(cfg)
     for key, value in knobs:
-        set_dotted(data, key, to_dict(value), "--vary")
+        set_dotted(data, key, to_dict(value), where)
     try:
         return from_dict(JobConfig, data)
     except ConfigError as e:  # it names the key: `embeddings.mde.alpha: must be in [0, 1], got 2.0`
-        raise ConfigError(f"--vary {e}") from None
+        raise ConfigError(f"{where} {e}") from None
 
 
 def knob_name(key: str) -> str:
@@ -209,6 +237,16 @@ def knob_sections(method: str) -> list[str]:
     trial = Trial(method, 0)
     own = [trial.base_method] if trial.base_method in ("mde", "pep", "autodim") else []
     return own + (["mlet"] if trial.with_mlet else [])
+
+
+def is_setting(key: str) -> bool:
+    """Whether a varied key is a setting (every method reads it) rather than a method's knob."""
+    return not under(key, KNOB_SECTIONS.values())
+
+
+def setting_label(settings: Knobs) -> str:
+    """A report's setting as its folder in the sweep's names it: `train.epochs=12-model.options.l2=0.03`."""
+    return "-".join(f"{k}={knob_text(v)}" for k, v in settings)
 
 
 def reads_knob(method: str, key: str) -> bool:
@@ -265,6 +303,17 @@ def planned_run(base: JobConfig, spec: DatasetSpec, trial: Trial, run_dir: Path)
     if trial.with_mlet:
         emb = replace(emb, mlet=mlet_config(base))
     return replace(run_config(base, trial, run_dir, "train"), embeddings=emb)
+
+
+def first_run(base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
+              run_dir: Path) -> tuple[JobConfig, str | None]:
+    """A trial's first run, and the method it is trained as (None: the one its config names):
+    PEP's prune run, AutoDim's search, else the one run on the method's plan."""
+    if trial.base_method == "pep":
+        return prune_run(base, budgets, trial, run_dir), "pep"
+    if trial.base_method == "autodim":
+        return autodim_search(base, trial, run_dir), "autodim"
+    return planned_run(base, spec, trial, run_dir), None
 
 
 def prune_run(base: JobConfig, budgets: list[float], trial: Trial, run_dir: Path) -> JobConfig:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from embshard.cluster.sweep_plan import KNOB_SECTIONS, knob_text, method_knobs
+from embshard.cluster.sweep_plan import KNOB_SECTIONS, NOT_RESULTS, Knobs, knob_text, method_knobs
 from embshard.config import JobConfig, current_schema
 from embshard.errors import ConfigError, DataError
 from embshard.typed_config import flatten, from_dict, under
@@ -231,12 +231,6 @@ def report(points: list[dict[str, Any]], planted: PlantedTruth | None, grid: lis
     return out
 
 
-# Job config keys a sweep's results do not depend on: where things go, how progress is shown, how
-# a run survives failures. Merged sweeps that differ in any other key did not train alike, except
-# in a method's own knobs (KNOB_SECTIONS), which only that method's points are compared on.
-NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "data.validate", "sharding.plan_file",
-                         "train.log_every", "train.progress", "metrics", "cluster.address", "cluster.max_failures",
-                         "cluster.storage", "checkpoint", "sweep"})
 UNRECORDED = "knobs unrecorded"
 
 
@@ -336,6 +330,19 @@ def with_knobs(rep: dict[str, Any]) -> list[dict[str, Any]]:
     of_config = {m: method_knobs(cfg, m) if cfg else (None if method_knobs(JobConfig(), m) else {})
                  for m in {p["method"] for p in rep["points"]}}
     return [{**p, "knobs": p["knobs"] if "knobs" in p else of_config[p["method"]]} for p in rep["points"]]
+
+
+def by_setting(points: list[dict[str, Any]], order: list[Knobs]) -> list[tuple[Knobs, list[dict[str, Any]]]]:
+    """A sweep's points by the setting each was trained at (`()`: a sweep that varies none), in
+    `order` (the sweep's: a resumed sweep gets its trials back in another); each setting's are
+    one report."""
+    def text(setting: Knobs) -> str:
+        return json.dumps(dict(setting), sort_keys=True)
+
+    groups: dict[str, list[dict[str, Any]]] = {text(setting): [] for setting in order}
+    for p in points:
+        groups[text(tuple(p.get("setting", {}).items()))].append(p)
+    return [(setting, groups[text(setting)]) for setting in order if groups[text(setting)]]
 
 
 def with_variants(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -463,6 +470,29 @@ def markdown(rep: dict[str, Any], title: str) -> str:
                          + " | ".join(_width(c["widths"][f]) for f in features) + " |")
         if planted.get("params") is not None:
             lines += ["", _at_twice_planted(planted, rep["configs"])]
+    return "\n".join(lines) + "\n"
+
+
+def settings_markdown(title: str, reports: list[tuple[str, dict[str, Any]]]) -> str:
+    """A sweep's reports of several settings (label, report) side by side: per setting and method
+    its best plan and its smallest within the tolerance of that setting's best uniform; then each
+    setting's claim. Each setting is compared with its own uniform: the claims are not merged."""
+    label = report_label(reports[0][1])
+    lines = [f"# {title}", "", f"| setting | method | best test {label} (budget) | smallest plan within the "
+                               "tolerance of this setting's best uniform |", "| --- | --- | --- | --- |"]
+    for setting, rep in reports:
+        sign = -1.0 if rep.get("lower_is_better") else 1.0
+        claimed = rep["claim"]
+        link = f"[{setting}]({setting}/sweep-{rep['dataset']}.md)"
+        for method in sorted({c["method"] for c in rep["configs"]}, key=lambda m: (m != "uniform", m)):
+            best = max((c for c in rep["configs"] if c["method"] == method), key=lambda c: sign * c["mean"])
+            smallest = claimed["smallest"].get(method)
+            within = ("—" if not claimed["rises"] else "none" if smallest is None else
+                      f"budget {smallest['budget']:g}, {_fewer(smallest['ratio_vs_uniform'])} bytes than uniform")
+            lines.append(f"| {link} | {method} | {best['mean']:.4f} ± {best['std']:.4f} ({best['budget']:g}) "
+                         f"| {within} |")
+    lines += ["", "**Claims**, each over its own setting's points:", ""]
+    lines += [f"- {setting}: {rep['claim']['statement']}." for setting, rep in reports]
     return "\n".join(lines) + "\n"
 
 

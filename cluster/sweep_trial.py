@@ -5,7 +5,8 @@ Every run goes through the same driver steps as `embshard train` (`plan_for_trai
 method seam plans. A trial's runs live in `<sweep>/runs/<trial key>/<run>`; a trial that Tune
 restarts after a kill re-enters those folders and resumes each run from its newest checkpoint.
 
-A point: method, budget, seed, the method's knobs (`method_knobs`), the arch's primary test
+A point: method, budget, seed, the method's knobs (`method_knobs`), the trial's `setting` where
+the sweep varies one (`{"train.epochs": 12}`), the arch's primary test
 metric (`metric`, `value`, and `lower_is_better`: MSE is, AUC is not), serving parameters and
 bytes (fp32), and per sparse feature the width the plan gave its most popular rows (`widths`); or
 an `error` saying why there is no point (an MDE budget below its floor, a PEP target the prune run
@@ -25,11 +26,9 @@ from embshard.cluster.sweep_plan import (
     FP32_BYTES,
     Trial,
     autodim_retrain,
-    autodim_search,
+    first_run,
     method_knobs,
     pep_retrain,
-    planned_run,
-    prune_run,
     with_knobs,
 )
 from embshard.config import JobConfig
@@ -57,22 +56,23 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def trial_points(base: JobConfig, trial: Trial, budgets: list[float], run_dir: Path) -> list[Point]:
-    """The trial's points, each with the method's knobs (`sweep-merge` tells variants apart by them)."""
-    knobs = method_knobs(base, trial.method)
-    return [{**p, "knobs": knobs} for p in _method_points(base, trial, budgets, run_dir)]
+    """The trial's points, each with the method's knobs (`sweep-merge` tells variants apart by
+    them) and, where the sweep varies settings, the trial's (which report the point is in)."""
+    tags = {"knobs": method_knobs(base, trial.method)} | (
+        {"setting": dict(trial.settings)} if trial.settings else {})
+    return [{**p, **tags} for p in _method_points(base, trial, budgets, run_dir)]
 
 
 def _method_points(base: JobConfig, trial: Trial, budgets: list[float], run_dir: Path) -> list[Point]:
     spec = DatasetSpec.load(base.data.path)
+    first, method = first_run(base, spec, trial, budgets, run_dir)
     if trial.base_method == "pep":
-        return _pep_points(base, spec, trial, budgets, run_dir)
+        return _pep_points(first, base, spec, trial, budgets, run_dir)
     assert trial.budget is not None
+    cfg = first
     if trial.base_method == "autodim":
-        search = autodim_search(base, trial, run_dir)
-        _train(search, "autodim")
-        cfg = autodim_retrain(search, base, trial, run_dir)
-    else:
-        cfg = planned_run(base, spec, trial, run_dir)
+        _train(first, method)
+        cfg = autodim_retrain(first, base, trial, run_dir)
     try:
         plan, summary = _train(cfg)
     except PlanError as e:  # a budget the method cannot meet is a finding, not a failure
@@ -80,9 +80,8 @@ def _method_points(base: JobConfig, trial: Trial, budgets: list[float], run_dir:
     return [_point(trial, trial.budget, summary, plan.serve_params(), plan)]
 
 
-def _pep_points(base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
+def _pep_points(prune: JobConfig, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
                 run_dir: Path) -> list[Point]:
-    prune = prune_run(base, budgets, trial, run_dir)
     _, pruned = _train(prune, "pep")
     reached = pruned["pep"]["reached"]
     points = []

@@ -462,8 +462,9 @@ class SweepConfig:
     # Fractions of the serving parameters of the uniform model at embeddings.dim, in (0, 1].
     budgets: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
     seeds: int = 3  # seeds per method and budget: 0..seeds-1
-    # Method knobs at several values ({embeddings.mde.alpha: [0.3, 1.0]}), each a curve of its own;
-    # checked against the methods by the sweep (cluster/sweep_plan.py: check_vary).
+    # Keys at several values ({embeddings.mde.alpha: [0.3, 1.0]}): a method's knob, each value a curve
+    # of its own, or a setting (train.epochs), each value a report of its own; checked against the
+    # methods by the sweep (cluster/sweep_plan.py: check_vary).
     vary: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -25,11 +25,11 @@ EMBSHARD = [sys.executable, "-m", "embshard.cluster.cli"]
 
 def sweep_args(data: Path, out: str, outputs: Path, *extra: str) -> list[str]:
     # uniform trains once; autodim searches, then retrains: the longer trial, still running when
-    # uniform's is done. Its knob given by --vary (one value, so no extra trial) travels through
-    # Tune to the trial, across the kill.
+    # uniform's is done. Its knob and a setting given by --vary (one value each, so no extra trial)
+    # travel through Tune to the trial, across the kill; the setting's report has a folder of its own.
     return [*EMBSHARD, "sweep", "configs/default.yaml", "--workers", "1", "--parallel", "2",
             "--methods", "uniform,autodim", "--budgets", "1", "--seeds", "1", "--out", out,
-            "--vary", "autodim.alpha_every=5",
+            "--vary", "autodim.alpha_every=5", "--vary", "train.epochs=1",
             "--set", f"data.path={data}", "--set", "data.batch_size=256", "--set", "metrics.enabled=false",
             "--set", f"output_dir={outputs}", *extra]
 
@@ -50,8 +50,8 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
 
     # The runs themselves stay local, in a folder named after the URI.
     runs = outputs / "sweeps" / "s3" / s3.name / "sweeps" / "one" / "runs"
-    uniform_points = runs / "uniform-b1-s0" / "points.json"
-    autodim_points = runs / "autodim-b1-s0-autodim.alpha_every=5" / "points.json"
+    uniform_points = runs / "uniform-b1-s0-train.epochs=1" / "points.json"
+    autodim_points = runs / "autodim-b1-s0-autodim.alpha_every=5-train.epochs=1" / "points.json"
     first = subprocess.Popen(sweep_args(data, out, outputs), cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -60,7 +60,7 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
             time.sleep(0.5)
         assert uniform_points.exists(), first.communicate(timeout=60)[0].decode()[-3000:]
         # Both trials started together: the second one's runs exist already.
-        assert (runs / "autodim-b1-s0-autodim.alpha_every=5" / "search").is_dir()
+        assert (autodim_points.parent / "search").is_dir()
         # Tune records a finished trial within a second or so (sweep_run.STATE_EVERY_S) and
         # uploads that state to the bucket as it saves it.
         time.sleep(4)
@@ -78,13 +78,16 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert uniform_points.stat().st_mtime_ns == finished  # the finished trial was not run again
     assert "trial uniform" not in resumed.stderr.decode()  # finished in the bucket's state
-    assert "trial autodim (autodim.alpha_every=5) seed 0: budget 1: AUC" in resumed.stderr.decode()
-    assert f"{out}/sweep-data.json" in resumed.stdout.decode() and "claim:" in resumed.stdout.decode()
+    assert "trial autodim (autodim.alpha_every=5, train.epochs=1) seed 0: budget 1: AUC" in resumed.stderr.decode()
+    assert f"{out}/train.epochs=1/sweep-data.json" in resumed.stdout.decode()
+    assert "train.epochs=1: claim:" in resumed.stdout.decode()
     keys = s3.keys("sweeps/one/")
-    assert {"sweeps/one/sweep-data.json", "sweeps/one/sweep-data.md", "sweeps/one/sweep-data.png",
-            "sweeps/one/sweep-spec.json"} <= set(keys)
+    assert {"sweeps/one/train.epochs=1/sweep-data.json", "sweeps/one/train.epochs=1/sweep-data.md",
+            "sweeps/one/train.epochs=1/sweep-data.png", "sweeps/one/sweep-spec.json",
+            "sweeps/one/settings.md"} <= set(keys)
     assert any(k.startswith("sweeps/one/tune/experiment_state-") for k in keys)  # Ray Tune's own state
-    rep = json.loads(s3.server.client().get_object(Bucket=s3.name, Key="sweeps/one/sweep-data.json")["Body"].read())
+    rep = json.loads(s3.server.client().get_object(Bucket=s3.name, Key="sweeps/one/train.epochs=1/sweep-data.json")
+                     ["Body"].read())
     assert sorted((p["method"], p["budget"]) for p in rep["points"]) == [("autodim", 1.0), ("uniform", 1.0)]
     assert all(0.5 < p["value"] <= 1 for p in rep["points"])
     # Recorded for `sweep-merge` to compare.
@@ -92,5 +95,7 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
     knobs = {p["method"]: p["knobs"] for p in rep["points"]}
     assert knobs["uniform"] == {} and knobs["autodim"]["autodim.candidates"] == [2, 8, 16, 24, 32]  # the defaults
     assert knobs["autodim"]["autodim.alpha_every"] == 5  # the trial trained with the value --vary gave
-    assert rep["sweep"]["vary"] == {"autodim.alpha_every": [5]}
+    assert rep["sweep"]["vary"] == {"autodim.alpha_every": [5], "train.epochs": [1]}
+    assert rep["sweep"]["setting"] == {"train.epochs": 1}
+    assert [p["setting"] for p in rep["points"]] == [{"train.epochs": 1}] * 2
     assert rep["planted"]["bayes_auc"] > 0.5 and len(rep["planted"]["configs"]) == 2

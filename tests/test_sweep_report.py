@@ -19,12 +19,14 @@ from embshard.cluster.sweep_plan import (
     parse_methods,
     parse_vary,
     planned_run,
+    setting_label,
     uniform_width,
     with_knobs,
 )
 from embshard.cluster.sweep_report import (
     PlantedTruth,
     aggregate,
+    by_setting,
     claim,
     curve,
     dataset_sha256,
@@ -386,15 +388,92 @@ def test_vary_runs_each_method_that_reads_the_knob_at_every_value(tmp_path):
         "uniform": 0.70, "mde (mde.alpha=0.3)": 0.71, "mde (mde.alpha=1)": 0.72}
 
 
+def test_a_varied_setting_runs_every_method_at_each_value_and_reports_each_apart(tmp_path):
+    spec = SweepSpec(["uniform", "mde"], [0.25], 1,
+                     vary=parse_vary(["model.options.l2=0,0.03", "embeddings.mde.alpha=0.3,1.0"]))
+    assert [t.key for t in spec.trials()] == [
+        "uniform-b0.25-s0-model.options.l2=0", "uniform-b0.25-s0-model.options.l2=0.03",
+        "mde-b0.25-s0-model.options.l2=0-mde.alpha=0.3", "mde-b0.25-s0-model.options.l2=0-mde.alpha=1",
+        "mde-b0.25-s0-model.options.l2=0.03-mde.alpha=0.3", "mde-b0.25-s0-model.options.l2=0.03-mde.alpha=1"]
+    trials = spec.trials()
+    assert [t.settings for t in trials[:2]] == [(("model.options.l2", 0),), (("model.options.l2", 0.03),)]
+    assert with_knobs(JobConfig(), trials[5].knobs).model.options["l2"] == 0.03  # what the trial trains
+    # Points as the trials tag them: each setting's are one report, its knobs' curves within it.
+    points = [{**point(t.method, 0.25, 0, 0.70 + i / 100, 1000), "setting": dict(t.settings),
+               "knobs": method_knobs(with_knobs(JobConfig(), t.knobs), t.method)} for i, t in enumerate(trials)]
+    assert spec.settings() == [(("model.options.l2", 0),), (("model.options.l2", 0.03),)]
+    groups = by_setting(points[::-1], spec.settings())  # a resumed sweep's trials come back in another order
+    assert [setting for setting, _ in groups] == spec.settings()
+    assert [setting_label(setting) for setting, _ in groups] == ["model.options.l2=0", "model.options.l2=0.03"]
+    configs = report(with_variants(groups[1][1][::-1]), None, GRID)["configs"]
+    assert {c["method"]: c["mean"] for c in configs} == {
+        "uniform": 0.71, "mde (mde.alpha=0.3)": 0.74, "mde (mde.alpha=1)": 0.75}
+    assert SweepSpec(["mde"], [0.25], 1, vary={"embeddings.mde.alpha": [0.3, 1.0]}).settings() == [()]
+    assert by_setting(rising(), [()]) == [((), rising())]  # a sweep that varies no setting: one report
+
+
+def test_a_sweep_of_settings_writes_a_report_per_setting_each_mergeable(tmp_path, monkeypatch, capsys):
+    """The sweep verb's reporting after its trials (its Ray part is tests/test_sweep_ray.py):
+    the trials' points as `run_sweep` returns them, tagged by `trial_points`."""
+    from embshard.cluster import sweep_run
+    from embshard.datasets.synth import synthesize
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    synthesize(data, rows=200, seed=0, max_cardinality=50)
+    epochs = {1: (0.70, 0.78), 2: (0.72, 0.78)}  # uniform at 0.5, 1: the narrow one catches up at 2 epochs
+
+    def ran(cfg, spec, folder, resume, parallel):
+        folder.mkdir()
+        (folder / "sweep-spec.json").write_text(json.dumps(spec.to_json()))  # as run_sweep claims its folder
+        return [{**point("uniform", b, 0, epochs[t.settings[0][1]][i], 2000 * (i + 1)), "knobs": {},
+                 "setting": dict(t.settings)} for t in spec.trials() for i, b in enumerate([0.5, 1.0]) if t.budget == b]
+
+    monkeypatch.setattr(sweep_run, "run_sweep", ran)
+    args = ["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}", "--methods", "uniform",
+            "--budgets", "0.5,1", "--seeds", "1", "--vary", "train.epochs=1,2", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "train.epochs=1: claim: uniform improves with width" in printed
+    assert "train.epochs=2: claim: uniform improves with width" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["settings.md", "sweep-spec.json", "train.epochs=1",
+                                                     "train.epochs=2"]
+    side_by_side = (out / "settings.md").read_text()
+    assert f"settings side by side: {out / 'settings.md'}" in printed
+    assert ("| [train.epochs=2](train.epochs=2/sweep-data.md) | uniform | 0.7800 ± 0.0000 (1) | budget 1, no fewer "
+            "bytes than uniform |") in side_by_side
+    assert "- train.epochs=1: uniform improves with width (best test AUC 0.7800 at budget 1" in side_by_side
+    reps = {n: json.loads((out / n / "sweep-data.json").read_text()) for n in ("train.epochs=1", "train.epochs=2")}
+    assert reps["train.epochs=2"]["config"]["train"]["epochs"] == 2  # as a sweep with --set train.epochs=2
+    assert reps["train.epochs=2"]["sweep"]["setting"] == {"train.epochs": 2}
+    assert [p["value"] for p in reps["train.epochs=2"]["points"]] == [0.72, 0.78]
+    assert "1 seed(s), train.epochs=2" in (out / "train.epochs=2" / "sweep-data.md").read_text()
+    # Each report merges as any sweep's; two settings are not one sweep, and the folder says where they are.
+    assert main(["sweep-merge", str(out / "train.epochs=1"), "--out", str(tmp_path / "m")]) == 0
+    assert main(["sweep-merge", str(out / "train.epochs=1"), str(out / "train.epochs=2"),
+                 "--out", str(tmp_path / "m2")]) == 2
+    assert "train.epochs is 2, " in capsys.readouterr().err
+    assert main(["sweep-merge", str(out), "--out", str(tmp_path / "m3")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"embshard: error: {out}: a sweep of several settings has a report per setting, in its folders "
+        "train.epochs=1, train.epochs=2; name one of them")
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--vary", "embeddings.mde.alpha"], "--vary 'embeddings.mde.alpha': expected KEY=V1,V2"),
-    (["--vary", "train.epochs=1,2"], "--vary train.epochs: not a method's knob"),
+    (["--vary", "train.log_every=1,2"], "--vary train.log_every: not for a sweep to vary"),
+    (["--vary", "seed=1,2"], "--vary seed: not for a sweep to vary: each trial sets it"),
+    (["--vary", "data.path=a,b"], "--vary data.path: a sweep is of one dataset"),
+    (["--vary", "embeddings.mde={alpha: 1}"], "--vary embeddings.mde: a section; vary its keys one by one"),
+    (["--vary", "train.epochz=1,2"], "--vary train.epochz: unknown field"),
+    (["--vary", "train.epochs=1,-1"], "--vary train.epochs: must be >= 1"),
+    (["--methods", "mde", "--vary", "embeddings.mde.alpha=0.3,2"],
+     "--vary embeddings.mde.alpha: must be in [0, 1], got 2.0"),
     (["--methods", "uniform", "--vary", "embeddings.mde.alpha=0.3,1"],
      "--vary embeddings.mde.alpha: read by mde, mde+mlet, none of this sweep's methods"),
     (["--methods", "mde", "--vary", "embeddings.mde.alpha=0.3,0.3"],
      "--vary embeddings.mde.alpha: expected distinct values, got [0.3, 0.3]"),
     (["--methods", "mde", "--vary", "embeddings.mde.budget_params=100,200"],
-     "--vary embeddings.mde.budget_params: not a method's knob"),
+     "--vary embeddings.mde.budget_params: not for a sweep to vary"),
     (["--methods", "uniform,bogus"], "--methods: unknown method 'bogus'"),
     (["--budgets", ""], "--budgets: empty"),
     (["--seeds", "0"], "--seeds: expected a whole number >= 1"),
@@ -420,6 +499,25 @@ def test_sweep_folder_is_never_taken_over(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "holds no sweep to resume" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_a_trial_its_arch_refuses_is_one_line_before_ray_starts(tmp_path, capsys):
+    from embshard.datasets.synth import synthesize
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    synthesize(data, rows=200, seed=0, max_cardinality=50)
+    capsys.readouterr()
+    base = ["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}", "--budgets", "1",
+            "--out", str(out)]
+    for args, expected in (
+        (["--vary", "model.options.l2=0,0.1"],  # a setting for mf, given to DLRM
+         "model.options.l2: not an option of model.arch 'dlrm' (valid: none)"),
+        (["--vary", "model.arch=dlrm,mf"], "model.arch 'mf': dataset 'synth-criteo'"),  # a regression on clicks
+    ):
+        assert main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and err.startswith(f"embshard: error: {expected}"), err
+    assert not out.exists()  # refused before the sweep claimed its folder
 
 
 def test_a_sweep_stopped_before_every_trial_reported_says_how_to_continue(tmp_path):
