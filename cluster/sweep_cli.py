@@ -125,6 +125,7 @@ def sweep(args: argparse.Namespace) -> int:
     points = run_sweep(cfg, spec, out, args.resume, args.parallel)
     name = location(cfg.data.path).resolve().name
     truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
+    sha = dataset_sha256(to_dict(data))
     published: list[tuple[str, dict[str, Any]]] = []
     for setting, of_setting in by_setting(points, spec.settings()):
         job = with_knobs(cfg, setting)
@@ -134,7 +135,7 @@ def sweep(args: argparse.Namespace) -> int:
         at = ", at the best validation" if job.train.report_at == "best_valid" else ""
         # The job config goes with the points, so that `sweep-merge` can check sweeps trained alike:
         # a setting's report records the config with that setting, as a sweep with its --set would.
-        record = {"dataset": name, "dataset_sha256": dataset_sha256(to_dict(data)),
+        record = {"dataset": name, "dataset_sha256": sha,
                   "sweep": spec.to_json() | ({"setting": dict(setting)} if setting else {}),
                   "config": to_dict(job), "points": of_setting, **rep}
         label = setting_label(setting)
@@ -221,9 +222,15 @@ def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
     from embshard.trainer.planning import planning_step
 
     scratch = Path(cfg.output_dir) / "sweep-check"
+    checked: set[tuple[str, str]] = set()
     for trial in spec.trials():
         run, method = first_run(with_knobs(cfg, trial.knobs), data, trial, spec.budgets, scratch)
-        planning_step(run, get_method(method or method_name(run)))
+        # What planning_step checks (the method's sections, the arch's options and labels) is the
+        # same at every budget and seed: once per method and --vary values.
+        combination = (trial.method, json.dumps(trial.knobs))
+        if combination not in checked:
+            planning_step(run, get_method(method or method_name(run)))
+            checked.add(combination)
 
 
 def write_report(rep: dict[str, Any], title: str, out: StoragePath, name: str) -> list[StoragePath]:

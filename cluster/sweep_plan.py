@@ -26,7 +26,6 @@ alike. Torch-free: the driver checks every trial's configs before Ray starts.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,9 @@ NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "da
                          "cluster.storage", "checkpoint", "sweep"})
 # What each trial's configs set themselves (run_config, planned_run, ...): not a setting to vary.
 PER_TRIAL = frozenset({"seed", "embeddings.policy", "embeddings.method", "embeddings.decisions", "train.test"})
+# What the sweep sizes its Ray cluster and --parallel by: the config's, one for every trial.
+SWEEP_WIDE = frozenset({"cluster.workers", "cluster.cpus_per_worker"})
+UNSET = "(unset)"
 
 
 # (dotted job config key, value) pairs a trial sets over the sweep's config: its --vary values.
@@ -189,17 +191,25 @@ def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], w
     for key, values in vary.items():
         if key == "data.path":
             raise ConfigError(f"{where} data.path: a sweep is of one dataset; sweep each dataset on its own")
-        if any(under(section, [key]) for section in KNOB_SECTIONS.values()):
-            raise ConfigError(f"{where} {key}: a section; vary its keys one by one (e.g. embeddings.mde.alpha)")
+        inner = [k for k in [*flatten(to_dict(cfg)), *KNOB_SECTIONS.values()] if k.startswith(f"{key}.")]
+        if key in KNOB_SECTIONS.values() or inner:
+            raise ConfigError(f"{where} {key}: a section; vary its keys one by one "
+                              f"(e.g. {inner[0] if inner else key + '.<key>'})")
+        if key in SWEEP_WIDE:
+            raise ConfigError(f"{where} {key}: one for the whole sweep, which sizes its Ray cluster and --parallel "
+                              "by it; set it with --set or --workers")
         readers = [m for m in SWEEP_METHODS if reads_knob(m, key)]
         if under(key, PER_TRIAL | NOT_RESULTS) or not (is_setting(key) or readers):
             raise ConfigError(f"{where} {key}: not for a sweep to vary: each trial sets it (its method, budget, "
                               "seed or output), or it does not change what trains")
         if not is_setting(key) and not set(readers) & set(methods):
             raise ConfigError(f"{where} {key}: read by {', '.join(readers)}, none of this sweep's methods")
-        texts = [json.dumps(v, sort_keys=True) for v in values]
+        # Distinct as the trial folders name them: 0 and 0.0 would be two trials in one folder.
+        texts = [knob_text(v) for v in values]
         if not values or len(set(texts)) != len(texts):
             raise ConfigError(f"{where} {key}: expected distinct values, got {values}")
+        if any("/" in t for t in texts):
+            raise ConfigError(f"{where} {key}: a value with '/' would name a folder inside the trial's; got {values}")
         for value in values:
             with_knobs(cfg, ((key, value),), where)
 
@@ -230,6 +240,15 @@ def knob_name(key: str) -> str:
 def knob_text(value: Any) -> str:
     """A knob's value as trial folders, console lines and the report's curve names show it."""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_difference(mine: dict[str, Any], theirs: dict[str, Any],
+                      skip: frozenset[str] | set[str]) -> tuple[str, Any, Any] | None:
+    """The first dotted key where two job configs (as dicts) differ outside `skip`, with each
+    one's value (UNSET where it has none); None where they agree."""
+    a, b = ({k: v for k, v in flatten(c).items() if not under(k, skip)} for c in (mine, theirs))
+    return next(((k, a.get(k, UNSET), b.get(k, UNSET)) for k in sorted(a.keys() | b.keys())
+                 if a.get(k, UNSET) != b.get(k, UNSET)), None)
 
 
 def knob_sections(method: str) -> list[str]:

@@ -24,10 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from embshard.cluster.sweep_plan import KNOB_SECTIONS, NOT_RESULTS, Knobs, knob_text, method_knobs
+from embshard.cluster.sweep_plan import (
+    KNOB_SECTIONS,
+    NOT_RESULTS,
+    Knobs,
+    config_difference,
+    knob_text,
+    method_knobs,
+)
 from embshard.config import JobConfig, current_schema
 from embshard.errors import ConfigError, DataError
-from embshard.typed_config import flatten, from_dict, under
+from embshard.typed_config import from_dict
 
 MIN_TOLERANCE = 0.001  # in the metric's units: below this no difference between plans is claimed
 
@@ -341,8 +348,12 @@ def by_setting(points: list[dict[str, Any]], order: list[Knobs]) -> list[tuple[K
 
     groups: dict[str, list[dict[str, Any]]] = {text(setting): [] for setting in order}
     for p in points:
-        groups[text(tuple(p.get("setting", {}).items()))].append(p)
-    return [(setting, groups[text(setting)]) for setting in order if groups[text(setting)]]
+        setting = text(tuple(p.get("setting", {}).items()))
+        if setting not in groups:
+            raise DataError(f"a point of the setting {setting}, which this sweep does not vary; its settings: "
+                            + ", ".join(groups))
+        groups[setting].append(p)
+    return [(setting, groups[text(setting)]) for setting in order]
 
 
 def with_variants(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -404,20 +415,13 @@ def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dic
     if not recorded:
         return None
     (first, config), *others = recorded.items()
-    mine = _result_keys(current_schema(config))
     for src, other in others:
-        theirs = _result_keys(current_schema(other))
-        for key in sorted(mine.keys() | theirs.keys()):
-            if mine.get(key, "(unset)") != theirs.get(key, "(unset)"):
-                raise DataError(f"{src}: {key} is {theirs.get(key, '(unset)')!r}, {first} has "
-                                f"{mine.get(key, '(unset)')!r}: the sweeps did not train alike")
+        differs = config_difference(current_schema(config), current_schema(other),
+                                    NOT_RESULTS | set(KNOB_SECTIONS.values()))
+        if differs:
+            key, mine, theirs = differs
+            raise DataError(f"{src}: {key} is {theirs!r}, {first} has {mine!r}: the sweeps did not train alike")
     return config
-
-
-def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """The config as dotted keys, without those in NOT_RESULTS and the methods' knob sections."""
-    skip = NOT_RESULTS | set(KNOB_SECTIONS.values())
-    return {k: v for k, v in flatten(config).items() if not under(k, skip)}
 
 
 def markdown(rep: dict[str, Any], title: str) -> str:
@@ -477,19 +481,19 @@ def settings_markdown(title: str, reports: list[tuple[str, dict[str, Any]]]) -> 
     """A sweep's reports of several settings (label, report) side by side: per setting and method
     its best plan and its smallest within the tolerance of that setting's best uniform; then each
     setting's claim. Each setting is compared with its own uniform: the claims are not merged."""
-    label = report_label(reports[0][1])
-    lines = [f"# {title}", "", f"| setting | method | best test {label} (budget) | smallest plan within the "
+    lines = [f"# {title}", "", "| setting | method | best test metric (budget) | smallest plan within the "
                                "tolerance of this setting's best uniform |", "| --- | --- | --- | --- |"]
     for setting, rep in reports:
         sign = -1.0 if rep.get("lower_is_better") else 1.0
         claimed = rep["claim"]
-        link = f"[{setting}]({setting}/sweep-{rep['dataset']}.md)"
+        label = report_label(rep)  # each its own: a setting may be another arch, with another metric
+        link = f"[{setting}](<{setting}/sweep-{rep['dataset']}.md>)"
         for method in sorted({c["method"] for c in rep["configs"]}, key=lambda m: (m != "uniform", m)):
             best = max((c for c in rep["configs"] if c["method"] == method), key=lambda c: sign * c["mean"])
             smallest = claimed["smallest"].get(method)
             within = ("—" if not claimed["rises"] else "none" if smallest is None else
                       f"budget {smallest['budget']:g}, {_fewer(smallest['ratio_vs_uniform'])} bytes than uniform")
-            lines.append(f"| {link} | {method} | {best['mean']:.4f} ± {best['std']:.4f} ({best['budget']:g}) "
+            lines.append(f"| {link} | {method} | {label} {best['mean']:.4f} ± {best['std']:.4f} ({best['budget']:g}) "
                          f"| {within} |")
     lines += ["", "**Claims**, each over its own setting's points:", ""]
     lines += [f"- {setting}: {rep['claim']['statement']}." for setting, rep in reports]

@@ -23,10 +23,10 @@ from ray import tune
 
 from embshard.cluster import console
 from embshard.cluster.launch import init_ray, worker_error
-from embshard.cluster.sweep_plan import SweepSpec, Trial
+from embshard.cluster.sweep_plan import NOT_RESULTS, SweepSpec, Trial, config_difference
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
-from embshard.config import JobConfig
+from embshard.config import JobConfig, current_schema
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, location
 from embshard.errors import ConfigError, EmbshardError, Interrupted
 from embshard.typed_config import to_dict
@@ -44,7 +44,7 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
     """Run (or resume) the sweep in `out` (a folder or a URI); -> every trial's points."""
     out = out.resolve()
     work = work_folder(cfg, out)
-    _claim_folder(out, work, spec, resume)
+    _claim_folder(out, work, spec, cfg, resume)
     per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -101,17 +101,31 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
     return out
 
 
-def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, resume: bool) -> None:
-    """A fresh sweep takes an empty (or new) folder; --resume needs this same sweep's folder."""
+def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool) -> None:
+    """A fresh sweep takes an empty (or new) folder and records its spec and job config there;
+    --resume needs this same sweep's folder, spec and config: Tune restores the trials as they were
+    started, and the report would name this command's config as what they trained."""
     check_reachable(out)  # a missing bucket or refused credentials: one line before Ray starts
     saved = out / SPEC_FILE
     if resume:
-        if not saved.is_file() or not tune.Tuner.can_restore(str(out / EXPERIMENT)):
-            raise ConfigError(f"--resume: {out} holds no sweep to resume (no {SPEC_FILE} or no Ray Tune experiment "
-                              f"state in {out / EXPERIMENT}); start the sweep afresh with another --out")
-        if json.loads(saved.read_text()) != spec.to_json():
-            raise ConfigError(f"--resume: {out} is the sweep {saved.read_text().strip()}; resume it with those "
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {out} holds no sweep to resume (no {SPEC_FILE}); start the sweep afresh "
+                              "with another --out")
+        record = json.loads(saved.read_text())
+        started = {k: v for k, v in record.items() if k != "config"}
+        # As JSON text: 0 and 0.0 are equal values but two settings' folders.
+        if json.dumps(started) != json.dumps(spec.to_json()):
+            raise ConfigError(f"--resume: {out} is the sweep {json.dumps(started)}; resume it with those "
                               f"--methods, --budgets, --seeds, --first-seed and --vary")
+        differs = (config_difference(current_schema(record["config"]), to_dict(cfg), NOT_RESULTS)
+                   if "config" in record else None)
+        if differs:  # a sweep folder from before the config was recorded resumes unchecked
+            key, then, now = differs
+            raise ConfigError(f"--resume: {out} was started with {key} = {then!r}, this command has {now!r}; "
+                              "resume it with the config and --set it was started with")
+        if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
+            raise ConfigError(f"--resume: {out} holds no sweep to resume (no Ray Tune experiment state in "
+                              f"{out / EXPERIMENT}); start the sweep afresh with another --out")
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: not empty; resume the sweep there with --resume, or choose another folder")
@@ -121,7 +135,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, resume: bool) -
         raise ConfigError(f"--out {out}: its local run folder {work} holds an earlier sweep's runs; "
                           f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(spec.to_json()) + "\n")
+    saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg)}) + "\n")
 
 
 def _absolute(cfg: JobConfig) -> JobConfig:

@@ -439,8 +439,8 @@ def test_a_sweep_of_settings_writes_a_report_per_setting_each_mergeable(tmp_path
                                                      "train.epochs=2"]
     side_by_side = (out / "settings.md").read_text()
     assert f"settings side by side: {out / 'settings.md'}" in printed
-    assert ("| [train.epochs=2](train.epochs=2/sweep-data.md) | uniform | 0.7800 ± 0.0000 (1) | budget 1, no fewer "
-            "bytes than uniform |") in side_by_side
+    assert ("| [train.epochs=2](<train.epochs=2/sweep-data.md>) | uniform | AUC 0.7800 ± 0.0000 (1) | budget 1, no "
+            "fewer bytes than uniform |") in side_by_side
     assert "- train.epochs=1: uniform improves with width (best test AUC 0.7800 at budget 1" in side_by_side
     reps = {n: json.loads((out / n / "sweep-data.json").read_text()) for n in ("train.epochs=1", "train.epochs=2")}
     assert reps["train.epochs=2"]["config"]["train"]["epochs"] == 2  # as a sweep with --set train.epochs=2
@@ -464,6 +464,13 @@ def test_a_sweep_of_settings_writes_a_report_per_setting_each_mergeable(tmp_path
     (["--vary", "seed=1,2"], "--vary seed: not for a sweep to vary: each trial sets it"),
     (["--vary", "data.path=a,b"], "--vary data.path: a sweep is of one dataset"),
     (["--vary", "embeddings.mde={alpha: 1}"], "--vary embeddings.mde: a section; vary its keys one by one"),
+    # A whole section would reset its other keys (and `data` would get past the data.path refusal).
+    (["--vary", "train=[{epochs: 2}, {epochs: 3}]"], "--vary train: a section; vary its keys one by one (e.g. train."),
+    (["--vary", "data=[{path: a}]"], "--vary data: a section"),
+    (["--vary", "cluster.workers=1,2"], "--vary cluster.workers: one for the whole sweep"),
+    # Two values one folder name: two trials would share a run folder, two settings a report folder.
+    (["--vary", "model.options.l2=0,0.0"], "--vary model.options.l2: expected distinct values, got [0, 0.0]"),
+    (["--vary", "model.options.l2=a/b,c"], "--vary model.options.l2: a value with '/' would name a folder"),
     (["--vary", "train.epochz=1,2"], "--vary train.epochz: unknown field"),
     (["--vary", "train.epochs=1,-1"], "--vary train.epochs: must be >= 1"),
     (["--methods", "mde", "--vary", "embeddings.mde.alpha=0.3,2"],
@@ -518,6 +525,33 @@ def test_a_trial_its_arch_refuses_is_one_line_before_ray_starts(tmp_path, capsys
         err = capsys.readouterr().err
         assert err.strip().count("\n") == 0 and err.startswith(f"embshard: error: {expected}"), err
     assert not out.exists()  # refused before the sweep claimed its folder
+
+
+def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
+    """Tune restores the trials as they were started; a resume that differs would mislabel them
+    (this compared values: `0.0` resumed a sweep of `0`, then the report could not place its points)."""
+    from embshard.cluster.sweep_run import _claim_folder
+
+    cfg = load_job_config(REPO / "configs" / "default.yaml")
+    spec = SweepSpec(["uniform"], [1.0], 1, vary={"model.options.l2": [0, 0.03]})
+    out = tmp_path / "out"
+    _claim_folder(out, out, spec, cfg, resume=False)
+    assert json.loads((out / "sweep-spec.json").read_text())["config"]["train"]["epochs"] == 1
+    floats = SweepSpec(["uniform"], [1.0], 1, vary={"model.options.l2": [0.0, 0.03]})
+    with pytest.raises(ConfigError, match=re.escape('--resume: ' + str(out) + ' is the sweep {"methods": ["uniform"]')):
+        _claim_folder(out, out, floats, cfg, resume=True)
+    other = load_job_config(REPO / "configs" / "default.yaml", ["train.epochs=3", "train.log_every=7"])
+    with pytest.raises(ConfigError, match=re.escape(f"--resume: {out} was started with train.epochs = 1, this "
+                                                    "command has 3; resume it with the config")):
+        _claim_folder(out, out, spec, other, resume=True)
+    # Keys that change nothing may differ; then only Tune's state is missing here.
+    quiet = load_job_config(REPO / "configs" / "default.yaml", ["train.log_every=7"])
+    with pytest.raises(ConfigError, match="no Ray Tune experiment state"):
+        _claim_folder(out, out, spec, quiet, resume=True)
+    # A point of a setting the sweep does not vary is one line, not a KeyError.
+    with pytest.raises(DataError, match=re.escape('a point of the setting {"model.options.l2": 0.0}, which this '
+                                                  'sweep does not vary')):
+        by_setting([{**point("uniform", 1.0, 0, 0.7, 4000), "setting": {"model.options.l2": 0.0}}], spec.settings())
 
 
 def test_a_sweep_stopped_before_every_trial_reported_says_how_to_continue(tmp_path):
