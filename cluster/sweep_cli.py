@@ -142,7 +142,7 @@ def sweep(args: argparse.Namespace) -> int:
         publish(record, f"{job.train.epochs} epoch(s){at}, {spec.seeds} seed(s)" + (f", {label}" if label else ""),
                 out / label if label else out, f"{label}: " if label else "")
         published.append((label, record))
-    if len(published) > 1 or published[0][0]:
+    if spec.settings() != [()]:
         title = f"{name}: one report per setting ({spec.seeds} seed(s))"
         [path] = write_files(out, {SETTINGS_FILE: lambda p: p.write_text(settings_markdown(title, published))},
                              marker=SETTINGS_FILE)

@@ -132,9 +132,7 @@ class SweepSpec:
     def trials(self) -> list[Trial]:
         out = []
         for method in self.methods:
-            read = [(key, values) for key, values in self.vary.items() if is_setting(key) or reads_knob(method, key)]
-            for combo in itertools.product(*(values for _, values in read)):
-                knobs = tuple(zip((key for key, _ in read), combo, strict=True))
+            for knobs in self._combinations([k for k in self.vary if is_setting(k) or reads_knob(method, k)]):
                 for seed in range(self.first_seed, self.first_seed + self.seeds):
                     if Trial(method, seed).base_method == "pep":
                         out.append(Trial(method, seed, knobs=knobs))
@@ -144,9 +142,11 @@ class SweepSpec:
 
     def settings(self) -> list[Knobs]:
         """Every combination of the varied settings' values, in the order given: one report each."""
-        varied = [(key, values) for key, values in self.vary.items() if is_setting(key)]
-        return [tuple(zip((key for key, _ in varied), combo, strict=True))
-                for combo in itertools.product(*(values for _, values in varied))]
+        return self._combinations([k for k in self.vary if is_setting(k)])
+
+    def _combinations(self, keys: list[str]) -> list[Knobs]:
+        """Every combination of the values of these varied keys (`[()]`: no keys)."""
+        return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.vary[k] for k in keys))]
 
     def to_json(self) -> dict[str, object]:
         spec: dict[str, object] = {"methods": self.methods, "budgets": self.budgets, "seeds": self.seeds}
@@ -188,10 +188,11 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
 def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], where: str) -> None:
     """Each varied key a knob of one of `methods` or a setting, with distinct values, each valid
     in `cfg` on its own (how the values combine, the trials' check). `where`: `--vary` or `sweep.vary`."""
+    keys = [*flatten(to_dict(cfg)), *KNOB_SECTIONS.values()]
     for key, values in vary.items():
         if key == "data.path":
             raise ConfigError(f"{where} data.path: a sweep is of one dataset; sweep each dataset on its own")
-        inner = [k for k in [*flatten(to_dict(cfg)), *KNOB_SECTIONS.values()] if k.startswith(f"{key}.")]
+        inner = [k for k in keys if k.startswith(f"{key}.")]
         if key in KNOB_SECTIONS.values() or inner:
             raise ConfigError(f"{where} {key}: a section; vary its keys one by one "
                               f"(e.g. {inner[0] if inner else key + '.<key>'})")
