@@ -4,6 +4,7 @@ that says what was wrong and where."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from dataclasses import replace
@@ -18,6 +19,9 @@ from embshard.errors import EmbshardError, Interrupted, first_line
 EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+# OSErrors about where files go, which the user fixes on the machine: printed as one line.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.filename is None or e.errno not in ENVIRONMENT_ERRNOS or console.is_verbose():
+            raise
+        # The machine, not the input or the code: a full disk, a read-only mount, a permission.
+        console.record_error(e)
+        print(f"embshard: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Exception as e:
         # A crash, not bad input: one line here, the whole traceback in the run's log. Before a
         # run has a log (or with --verbose) the traceback goes to the console as Python prints it.

@@ -8,6 +8,8 @@ Datasets are written with their profile (the planner needs it) into a staging fo
 from __future__ import annotations
 
 import argparse
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from embshard.datasets.convert import DEFAULT_MIN_COUNT, KINDS, SPLIT_KINDS, convert
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, metavar="DIR",
                        help="output dataset directory, or an object-store URI such as s3://bucket/prefix")
     synth.add_argument("--rows", type=int, default=100_000, help="total rows (default %(default)s)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    synth.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
     synth.add_argument("--max-cardinality", type=int, default=DEFAULT_MAX_CARDINALITY, metavar="C",
                        help="cap on each feature's cardinality (default %(default)s)")
     kind = synth.add_mutually_exclusive_group()
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "coordinates, not a random one, so its vectors are sparse in one basis "
                             "(what PEP's element-wise pruning can find)")
     _overwrite_flag(synth)
-    synth.set_defaults(func=_synth)
+    synth.set_defaults(func=_cleaned_up_on_sigterm(_synth))
 
     conv = commands.add_parser(
         "convert", help="convert a Criteo / Avazu / MovieLens download (and profile it)",
@@ -75,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="time (80/10/10 by time or line order, default), random (seeded 80/10/10), "
                            "leave-last (per user: last rating test, the one before valid; movielens), "
                            "u1..u5, ua, ub (ML-100K's own base/test files; valid = latest tenth of base)")
-    conv.add_argument("--seed", type=int, default=0, help="seed of --split random (default %(default)s)")
+    conv.add_argument("--seed", type=_seed, default=0, help="seed of --split random (default %(default)s)")
     conv.add_argument("--target", choices=TARGETS, default="click",
                       help="click (default): 0/1 labels; rating (movielens): every rating, 3s included, "
                            "is the label, and only userId and movieId are kept (matrix factorisation, "
@@ -86,18 +88,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("--strict", action="store_true",
                       help="fail on the first malformed line instead of skipping it")
     _overwrite_flag(conv)
-    conv.set_defaults(func=_convert)
+    conv.set_defaults(func=_cleaned_up_on_sigterm(_convert))
 
     profile = commands.add_parser(
         "profile", help="(re)compute the id-frequency profile of a dataset",
         description="Count each sparse feature's ids over the train split into DIR/profile/.")
     profile.add_argument("dir", metavar="DIR", help="dataset directory or object-store URI")
-    profile.set_defaults(func=_profile)
+    profile.set_defaults(func=_cleaned_up_on_sigterm(_profile))
 
 
 def _overwrite_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the dataset in a non-empty --out (only once the new one is complete)")
+
+
+def _cleaned_up_on_sigterm(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`verb` with SIGTERM raising KeyboardInterrupt, as Ctrl-C does: a `kill` or a container stop
+    then removes the staging folder too (only SIGKILL can leave one)."""
+    def run(args: argparse.Namespace) -> int:
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            return verb(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return run
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return seed
 
 
 def _bag_sizes(text: str) -> tuple[int, ...]:

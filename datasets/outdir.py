@@ -21,9 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from embshard.datasets.schema import SPEC_FILE
+from embshard.datasets.schema import ITEMS_DIR, PROFILE_DIR, SPEC_FILE, SPLITS, DatasetSpec
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, rmtree, upload
 from embshard.errors import DataError
+
+# What a dataset folder holds; --overwrite replaces a folder only when it holds nothing else.
+LAYOUT = frozenset({SPEC_FILE, *SPLITS, ITEMS_DIR, PROFILE_DIR})
 
 
 def check_output(out: StoragePath, overwrite: bool) -> None:
@@ -31,11 +34,12 @@ def check_output(out: StoragePath, overwrite: bool) -> None:
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite)
         return
-    if not out.exists():
-        return
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise DataError(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
+    if not out.exists():
+        _check_creatable(out)
+        return
     if not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory")
     if Path.cwd().is_relative_to(out.resolve()):
@@ -44,6 +48,29 @@ def check_output(out: StoragePath, overwrite: bool) -> None:
     if not any(out.iterdir()):
         return
     _check_replaceable(out, overwrite)
+
+
+def _check_creatable(out: Path) -> None:
+    """Said before a long conversion, not as an OSError once it is done: the nearest existing
+    folder above `out` must be a folder this process may write in."""
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"{out}: cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"{out}: cannot be created: no permission to write in {parent}")
+
+
+def check_not_inside(out: StoragePath, sources: list[Path]) -> None:
+    """Refuses an input inside the output folder: replacing the folder would delete the input."""
+    if isinstance(out, RemotePath):
+        return
+    target = out.resolve()
+    for src in sources:
+        if src.resolve().is_relative_to(target):
+            raise DataError(f"{src}: an input inside --out {out}; replacing {out} would delete it. "
+                            f"Move the input or choose another --out")
 
 
 def _check_remote_output(out: RemotePath, overwrite: bool) -> None:
@@ -58,10 +85,22 @@ def _check_remote_output(out: RemotePath, overwrite: bool) -> None:
 def _check_replaceable(out: StoragePath, overwrite: bool) -> None:
     if not overwrite:
         raise DataError(f"{out}: not empty; pass --overwrite to replace the dataset there")
-    # --overwrite pointed at the wrong folder (a home directory, a checkout) must not wipe it.
+    # --overwrite pointed at the wrong folder (a home directory, a checkout, another tool's folder
+    # with a dataset.json of its own) must not wipe it: only a folder holding nothing but an
+    # embshard dataset is replaced.
     if not (out / SPEC_FILE).is_file():
         raise DataError(f"{out}: not empty and holds no {SPEC_FILE}, so it is no dataset; "
                         f"refusing to replace it, even with --overwrite")
+    try:
+        DatasetSpec.load(out)
+    except DataError as e:
+        raise DataError(f"{out}: not an embshard dataset ({e}); "
+                        f"refusing to replace it, even with --overwrite") from None
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in LAYOUT)
+    if foreign:
+        raise DataError(f"{out}: holds {foreign[0]!r}, which is no part of a dataset"
+                        + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                        + "; refusing to replace it, even with --overwrite. Move it out or choose another --out")
 
 
 def make_staging(out: StoragePath) -> Path:
@@ -78,8 +117,14 @@ def make_staging(out: StoragePath) -> Path:
 def publish(staging: Path, out: StoragePath, overwrite: bool) -> None:
     """Renames the complete `staging` folder to `out`; an earlier dataset there goes only after that."""
     check_output(out, overwrite)  # again: `out` may have changed during a long conversion
+    replace_folder(staging, out, SPEC_FILE)
+
+
+def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
+    """Puts the complete local folder `staging` at `out`, replacing what is there only once the new
+    folder is in place; `marker` is the file an object-store reader looks for (written last)."""
     if isinstance(out, RemotePath):
-        _upload(staging, out)
+        _upload(staging, out, marker)
         shutil.rmtree(staging, ignore_errors=True)
         return
     out = out.absolute()
@@ -96,20 +141,20 @@ def publish(staging: Path, out: StoragePath, overwrite: bool) -> None:
         raise
     shutil.rmtree(old, ignore_errors=True)
     if old.exists():
-        print(f"warning: {old}: could not remove the replaced dataset; delete it by hand", file=sys.stderr)
+        print(f"warning: {old}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
 
 
-def _upload(staging: Path, out: RemotePath) -> None:
-    """Upload the complete local dataset `staging` and copy it into `out` (see the module doc)."""
+def _upload(staging: Path, out: RemotePath, marker: str) -> None:
+    """Upload the complete local folder `staging` and copy it into `out` (see the module doc)."""
     uploaded = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
-    upload(staging, uploaded, marker=SPEC_FILE)
+    upload(staging, uploaded, marker=marker)
     try:
-        if (out / SPEC_FILE).exists():
-            # check_output found a dataset here and --overwrite: first make it no dataset, so that a
-            # failure below leaves a prefix readers refuse rather than a mix of old and new parts.
-            (out / SPEC_FILE).unlink()
+        if (out / marker).exists():
+            # What is there goes, marker first, so that a failure below leaves a prefix readers
+            # refuse rather than a mix of old and new files.
+            (out / marker).unlink()
             rmtree(out)
-        uploaded.rename(out, marker=SPEC_FILE)
+        uploaded.rename(out, marker=marker)
     except BaseException:
-        print(f"warning: the complete new dataset is at {uploaded}", file=sys.stderr)
+        print(f"warning: the complete new folder is at {uploaded}", file=sys.stderr)
         raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +19,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids
+from embshard.datasets.outdir import make_staging, replace_folder
+from embshard.datasets.schema import PROFILE_DIR, DatasetSpec, check_ids, flat_ids
 from embshard.datasets.storage import StoragePath, arrow_source, location
 from embshard.datasets.verify import verify_split
 from embshard.errors import DataError
 
-PROFILE_DIR = "profile"
 PROFILE_FILE = "profile.json"
 
 
@@ -82,15 +83,21 @@ def write_profile(dataset_dir: str | Path) -> Profile:
                 rows_in_file += table.num_rows
                 bar.update()
     directory = location(dataset_dir) / PROFILE_DIR
-    directory.mkdir(parents=True, exist_ok=True)
     stats = {}
-    for name, c in counts.items():
-        with (directory / f"{name}.npy").open("wb") as out:
-            np.save(out, c)
-        total = int(c.sum())
-        stats[name] = FeatureStats(rows, total, int(np.count_nonzero(c)), total / rows if rows else 0.0)
-    (directory / PROFILE_FILE).write_text(
-        json.dumps({n: dataclasses.asdict(s) for n, s in stats.items()}, indent=2) + "\n")
+    # Staged and swapped in whole: an interrupted profile must not leave a truncated count file
+    # beside an earlier profile.json that vouches for it.
+    staging = make_staging(directory)
+    try:
+        for name, c in counts.items():
+            np.save(staging / f"{name}.npy", c)
+            total = int(c.sum())
+            stats[name] = FeatureStats(rows, total, int(np.count_nonzero(c)), total / rows if rows else 0.0)
+        (staging / PROFILE_FILE).write_text(
+            json.dumps({n: dataclasses.asdict(s) for n, s in stats.items()}, indent=2) + "\n")
+        replace_folder(staging, directory, PROFILE_FILE)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return Profile(directory, stats, counts)
 
 

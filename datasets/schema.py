@@ -50,6 +50,7 @@ ROLES = ("query", "item", "")
 # the raw rating itself (a regression target, e.g. for matrix factorisation).
 TARGETS = ("click", "rating")
 ITEMS_DIR = "items"
+PROFILE_DIR = "profile"  # the train split's id counts (profile.py)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class DatasetSpec:
         return path
 
     @staticmethod
-    def load(directory: str | Path) -> "DatasetSpec":
+    def load(directory: str | StoragePath) -> "DatasetSpec":
         where = location(directory)
         check_reachable(where)
         path = where / SPEC_FILE

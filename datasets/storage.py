@@ -144,6 +144,15 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def _bounded(uri: str) -> str:
+    """`uri` with the store's own retries bounded by retry_seconds(): left alone, pyarrow's GCS
+    client retries an unreachable endpoint for 15 minutes, silently."""
+    scheme = uri.partition("://")[0]
+    if scheme not in ("gs", "gcs") or "retry_limit_seconds=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={max(retry_seconds(), 1.0):g}"
+
+
 class RemotePath:
     """A key prefix in object storage, with the `Path` methods embshard uses (see module doc)."""
 
@@ -155,7 +164,7 @@ class RemotePath:
     def _resolve(self) -> tuple[pafs.FileSystem, str]:
         if self._resolved is None:
             try:
-                fs, path = pafs.FileSystem.from_uri(self.uri)
+                fs, path = pafs.FileSystem.from_uri(_bounded(self.uri))
             except (OSError, ValueError) as e:  # pyarrow.lib.ArrowInvalid is a ValueError
                 raise StorageError(f"{self.uri}: cannot open this storage location ({reason(e)})") from None
             self._resolved = (fs, path.rstrip("/"))

@@ -214,12 +214,15 @@ class DatasetWriter:
     def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0) -> DatasetSpec:
         """Publishes the dataset; `source` (and the `skipped` line count) name the input in errors.
 
-        A dataset without training rows is refused: nothing could be trained or profiled on it.
+        A dataset with an empty split is refused: nothing could be trained, evaluated or tested
+        on it, and a run would find out only once its cluster is up.
         """
         try:
-            if self.stats["train"].rows == 0:
-                note = f" ({skipped:,} malformed lines skipped)" if skipped else ""
-                raise DataError(f"{source}: 0 training rows{note}; nothing written to {self.out_dir}")
+            empty = [s for s, st in self.stats.items() if st.rows == 0]
+            if empty:
+                note = f"; {skipped:,} malformed lines skipped" if skipped else ""
+                rows = ", ".join(f"{s} {st.rows:,}" for s, st in self.stats.items())
+                raise DataError(f"{source}: 0 {empty[0]} rows ({rows}{note}); nothing written to {self.out_dir}")
             for w in self.splits.values():
                 w.close()
             self.progress.close()

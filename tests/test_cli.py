@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from embshard.cluster.cli import build_parser, main
@@ -96,3 +102,45 @@ def test_plan_a_prune_and_a_search_run(tmp_path, capsys):
     assert len(PlanBundle.load(search, "rowwise_adagrad").dimension_plan.tables) == 2 * 26
     assert main(["plan", str(cfg), "--method", "nosuch"]) == 2
     assert "method 'nosuch': not registered" in capsys.readouterr().err
+
+
+def test_the_machine_refusing_a_write_is_one_line(tmp_path, capsys, monkeypatch):
+    import embshard.datasets.writer as writer
+
+    def full_disk(staging, out, overwrite):
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging / "train" / "part-00000.parquet"))
+    monkeypatch.setattr(writer, "publish", full_disk)
+    assert main(["data", "synth", "--rows", "100", "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("embshard: error: ") and last.endswith("part-00000.parquet: No space left on device")
+    assert list(tmp_path.iterdir()) == []  # the staging folder went too
+
+    def bug(staging, out, overwrite):
+        raise OSError(errno.EBADF, "Bad file descriptor", "x")  # not the machine's doing: a crash
+    monkeypatch.setattr(writer, "publish", bug)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        main(["data", "synth", "--rows", "100", "--out", str(tmp_path / "ds")])
+
+
+def test_a_negative_seed_is_refused_by_its_flag(tmp_path, capsys):
+    for argv in (["data", "synth", "--rows", "100"], ["data", "convert", "criteo", str(tmp_path / "x.txt")]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--seed", "-1", "--out", str(tmp_path / "ds")])
+        assert "--seed: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_sigterm_during_a_conversion_removes_its_staging_folder(tmp_path):
+    # SIGKILL aside, a stopped conversion leaves nothing behind: SIGTERM cleans up as Ctrl-C does.
+    command = [sys.executable, "-c", "from embshard.cluster.cli import main; raise SystemExit(main())",
+               "data", "synth", "--rows", "3000000", "--out", str(tmp_path / "ds")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".ds.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".ds.partial-*")), "the synth never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "embshard: interrupted"
+    assert list(tmp_path.iterdir()) == []

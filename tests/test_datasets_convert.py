@@ -18,6 +18,7 @@ from embshard.datasets.convert import convert, text
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import SPLITS, DatasetSpec
 from embshard.errors import DataError
+from tests.movielens_fixture import write_ml1m_like
 
 
 def read_all(root: Path) -> pa.Table:
@@ -92,6 +93,21 @@ def test_criteo_malformed_lines_are_skipped_or_fatal(criteo_sample: Path, tmp_pa
         convert("criteo", path, tmp_path / "strict", strict=True)
 
 
+def test_a_field_that_is_not_utf8_is_a_malformed_line(criteo_sample: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [line.encode() for line in _criteo_lines(criteo_sample)]
+    fields = lines[40].split(b"\t")
+    fields[14] = b"ab\xffcd"  # C1 in Latin-1 or worse: once a traceback that failed the conversion
+    lines[40] = b"\t".join(fields)
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    spec = convert("criteo", path, tmp_path / "out")
+    assert sum(spec.rows.values()) == 99
+    assert "latin1.txt:41: column 'C1': not UTF-8 text; line skipped" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"latin1\.txt:41: column 'C1': not UTF-8 text"):
+        convert("criteo", path, tmp_path / "strict", strict=True)
+
+
 def test_missing_input_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         convert("criteo", tmp_path / "nope.txt", tmp_path / "out")
@@ -132,6 +148,21 @@ def test_avazu_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert pc.sum(table["label"]).as_py() == sum(1 for i in range(40) if i % 4 == 0 and i != 13)
     with pytest.raises(DataError, match=r"train\.csv:15: column 'hour': '14102' is not a YYMMDDHH hour"):
         convert("avazu", src, tmp_path / "strict", strict=True)
+
+
+def test_avazu_header_byte_order_mark_and_clashing_names(tmp_path: Path) -> None:
+    rows = [_avazu_line(i, i % 2, f"141021{i % 24:02d}") for i in range(20)]
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + ("\n".join([AVAZU_HEADER, *rows]) + "\n").encode())
+    spec = convert("avazu", bom, tmp_path / "out", dedup_key="id")
+    assert "id" not in spec.sparse_names and not any("\ufeff" in n for n in spec.sparse_names)
+    for header, message in ((AVAZU_HEADER + ",C1", r"names column 'C1' more than once"),
+                            (AVAZU_HEADER + ",label", r"has a column 'label', a name the converter gives"),
+                            (AVAZU_HEADER + ",hour_of_day", r"has a column 'hour_of_day'")):
+        src = tmp_path / "clash.csv"
+        src.write_text("\n".join([header, *(r + ",x" for r in rows)]) + "\n")
+        with pytest.raises(DataError, match=r"clash\.csv: line 1 \(the header\) " + message):
+            convert("avazu", src, tmp_path / "clash")
 
 
 # -- MovieLens ---------------------------------------------------------------------------------
@@ -192,7 +223,8 @@ def test_ml20m_csv_fixture(tmp_path: Path) -> None:
     (src / "ratings.csv").write_text(
         "userId,movieId,rating,timestamp\n"
         "1,10,4.5,1000\n1,20,3.5,1001\n2,10,2.5,999\n2,30,0.5,1002\n3,20,5.0,998\n"
-        "3,30,4.0,1003\n4,10,1.0,1004\n4,20,3.0,1005\n5,30,4.0,1006\n5,10,2.0,1007\n6,20,5.0,1008\n")
+        "3,30,4.0,1003\n4,10,1.0,1004\n4,20,3.0,1005\n5,30,4.0,1006\n5,10,2.0,1007\n6,20,5.0,1008\n"
+        "6,30,4.0,1009\n6,10,1.0,1010\n")
     (src / "movies.csv").write_text(
         "movieId,title,genres\n"
         '10,"American President, The (1995)",Comedy|Drama|Romance\n'
@@ -201,12 +233,57 @@ def test_ml20m_csv_fixture(tmp_path: Path) -> None:
     spec = convert("movielens", src, tmp_path / "out")
     assert spec.name == "ml-20m"
     assert spec.sparse_names == ["userId", "movieId", "year", "genres"]
-    assert spec.rows == {"train": 6, "valid": 0, "test": 2}  # 2.5, 3.5 and 3.0 are neutral
+    assert spec.rows == {"train": 8, "valid": 1, "test": 1}  # 2.5, 3.5 and 3.0 are neutral
     table = read_all(tmp_path / "out")
-    np.testing.assert_array_equal(table["rating"].to_numpy(), [5.0, 4.5, 0.5, 4.0, 1.0, 4.0, 2.0, 5.0])
-    np.testing.assert_array_equal(pc.list_value_length(table["genres"]).to_numpy(), [3, 3, 1, 1, 3, 1, 3, 3])
+    np.testing.assert_array_equal(table["rating"].to_numpy(), [5.0, 4.5, 0.5, 4.0, 1.0, 4.0, 2.0, 5.0, 4.0, 1.0])
+    np.testing.assert_array_equal(pc.list_value_length(table["genres"]).to_numpy(), [3, 3, 1, 1, 3, 1, 3, 3, 1, 3])
     # "Untitled" has no year -> unknown id 0.
     assert table["year"].to_numpy()[2] == 0
+
+
+def test_movielens_bad_values_are_malformed_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    good = (src / "ratings.dat").read_text().splitlines()
+    # Once: NaN and 99 became labels (99 a positive click), a header or a word a traceback; blank
+    # lines must not shift the line numbers reported.
+    bad = ["UserID::MovieID::Rating::Timestamp", "1::1::nan::978300000", "1::2::99::978300000", "",
+           "1::3::-4::978300000", "bob::1::4::978300000", "1::4::4::", "1::5::4::yesterday", "1::6::inf::978300000"]
+    (src / "ratings.dat").write_text("\n".join(bad + good) + "\n")
+    spec = convert("movielens", src, tmp_path / "out", target="rating")
+    assert sum(spec.rows.values()) == len(good)
+    captured = capsys.readouterr()
+    err = captured.err
+    for line, message in ((1, "column 'userId': 'UserID' is not an integer"),
+                          (2, "column 'rating': 'nan' is not a rating from 0.5 to 5"),
+                          (3, "column 'rating': '99' is not a rating from 0.5 to 5"),
+                          (5, "column 'rating': '-4' is not a rating from 0.5 to 5"),
+                          (6, "column 'userId': 'bob' is not an integer")):
+        assert f"ratings.dat:{line}: {message}; line skipped" in err
+    assert "skipped 8 malformed lines" in captured.out
+    labels = read_all(tmp_path / "out")["label"].to_numpy()
+    assert labels.min() >= 1 and labels.max() <= 5
+    (src / "ratings.dat").write_text("\n".join(good[:3] + ["1::4::4::"] + good[3:]) + "\n")
+    with pytest.raises(DataError, match=r"ratings\.dat:4: column 'timestamp': missing, expected an integer"):
+        convert("movielens", src, tmp_path / "strict", strict=True, target="rating")
+    # A file none of whose lines is well formed, e.g. saved with commas for `::`.
+    (src / "movies.dat").write_text("garbage\n" * 10)
+    with pytest.raises(DataError, match=r"movies\.dat: no well-formed lines \(10 malformed lines skipped\)"):
+        convert("movielens", src, tmp_path / "garbage")
+
+
+def test_movielens_csv_needs_its_columns(tmp_path: Path) -> None:
+    src = tmp_path / "ml-x"
+    src.mkdir()
+    (src / "ratings.csv").write_text("userId,movieId,rating\n1,10,4.0\n")
+    (src / "movies.csv").write_text("movieId,title,genres\n10,Heat (1995),Action\n")
+    with pytest.raises(DataError, match=r"ratings\.csv:1: the header has no column 'timestamp' "
+                                         r"\(it has userId, movieId, rating\)"):
+        convert("movielens", src, tmp_path / "out")
+    (src / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,5\n")
+    (src / "movies.csv").write_text("10,Heat (1995),Action\n")  # no header
+    with pytest.raises(DataError, match=r"movies\.csv:1: the header has no column 'movieId'"):
+        convert("movielens", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_convert_writes_profile(criteo_sample: Path, tmp_path: Path,
@@ -274,6 +351,39 @@ def test_non_empty_out_needs_overwrite(criteo_sample: Path, tmp_path: Path) -> N
     assert (other / "todo.txt").read_text() == "keep me"
 
 
+def test_overwrite_replaces_only_a_dataset_and_never_an_input(criteo_sample: Path, tmp_path: Path) -> None:
+    src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
+    out = tmp_path / "ds"
+    convert("criteo", src, out)
+    # The input inside the dataset folder it would replace: the replacement would delete it.
+    (out / "raw").mkdir()
+    inside = _write_lines(out / "raw" / "train.txt", _criteo_lines(criteo_sample))
+    with pytest.raises(DataError, match=r"raw/train\.txt: an input inside --out .*ds; replacing .* would delete it"):
+        convert("criteo", inside, out, overwrite=True)
+    with pytest.raises(DataError, match=r"ds: holds 'raw', which is no part of a dataset; refusing"):
+        convert("criteo", src, out, overwrite=True)
+    assert inside.is_file()
+    # Another tool's folder with a dataset.json of its own.
+    other = tmp_path / "nnunet"
+    (other / "imagesTr").mkdir(parents=True)
+    (other / "imagesTr" / "case1.nii").write_text("scan")
+    (other / "dataset.json").write_text('{"name": "other tool"}')
+    with pytest.raises(DataError, match=r"nnunet: not an embshard dataset \(.*version None.*\); refusing"):
+        convert("criteo", src, other, overwrite=True)
+    assert (other / "imagesTr" / "case1.nii").read_text() == "scan"
+    # Where the folder cannot be made: said before the input is read.
+    with pytest.raises(DataError, match=r"train\.txt/ds: cannot be created: .*train\.txt is not a directory"):
+        convert("criteo", src, src / "ds")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"dangling: a symbolic link"):
+        convert("criteo", src, tmp_path / "dangling")
+    # A hard link is the same file: it would put every row in twice.
+    (tmp_path / "again.txt").hardlink_to(src)
+    with pytest.raises(DataError, match=r"again\.txt: given more than once \(directly, through its folder or a link\)"):
+        convert("criteo", [src, tmp_path / "again.txt"], tmp_path / "twice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.txt", "dangling", "ds", "nnunet", "train.txt"]
+
+
 def test_gzip_input_detected_by_magic_bytes(criteo_sample: Path, tmp_path: Path) -> None:
     lines = _criteo_lines(criteo_sample)
     plain = _write_lines(tmp_path / "plain.txt", lines)
@@ -305,16 +415,20 @@ def test_tar_archive_must_be_unpacked_first(criteo_sample: Path, tmp_path: Path)
     assert not (tmp_path / "out").exists()
 
 
-def test_zero_training_rows_is_an_error(criteo_sample: Path, tmp_path: Path) -> None:
+def test_a_split_without_rows_is_an_error(criteo_sample: Path, tmp_path: Path) -> None:
     lines = _criteo_lines(criteo_sample, 20)
     bad_labels = _write_lines(tmp_path / "labels.txt", ["7" + line[1:] for line in lines])
-    with pytest.raises(DataError, match=r"labels\.txt: 0 training rows \(20 malformed lines skipped\); "
-                                         r"nothing written"):
+    with pytest.raises(DataError, match=r"labels\.txt: 0 train rows \(train 0, valid 0, test 0; 20 malformed "
+                                         r"lines skipped\); nothing written"):
         convert("criteo", bad_labels, tmp_path / "out")
     one_line = _write_lines(tmp_path / "one.txt", lines[:1])
-    with pytest.raises(DataError, match=r"one\.txt: 0 training rows"):
+    with pytest.raises(DataError, match=r"one\.txt: 0 train rows"):
         convert("criteo", one_line, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt", "one.txt"]
+    # Five lines give valid no row: a dataset a run could only refuse once its cluster is up.
+    five = _write_lines(tmp_path / "five.txt", lines[:5])
+    with pytest.raises(DataError, match=r"five\.txt: 0 valid rows \(train 4, valid 0, test 1\)"):
+        convert("criteo", five, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["five.txt", "labels.txt", "one.txt"]
 
 
 def test_wrong_format_fails_at_once(criteo_sample: Path, tmp_path: Path) -> None:
@@ -419,13 +533,13 @@ def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rows = [_avazu_line(i, i % 2, f"141021{i % 24:02d}") for i in range(20)]
-    a = _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, *rows])
-    b = _write_lines(tmp_path / "b.csv", [AVAZU_HEADER, *rows[:5]])
+    rows = [_avazu_line(i, i % 2, f"141021{i % 24:02d}") for i in range(25)]
+    a = _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, *rows[:20]])
+    b = _write_lines(tmp_path / "b.csv", [AVAZU_HEADER, *rows[:5], *rows[20:]])
     parser = argparse.ArgumentParser(prog="embshard")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["data", "convert", "avazu", str(a), str(b), "--out", str(tmp_path / "o"),
                               "--dedup-key", "id"])
     assert args.func(args) == 0
     assert "dropped 5 rows repeating a 'id'" in capsys.readouterr().out
-    assert sum(DatasetSpec.load(tmp_path / "o").rows.values()) == 20
+    assert sum(DatasetSpec.load(tmp_path / "o").rows.values()) == 25

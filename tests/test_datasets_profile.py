@@ -65,3 +65,25 @@ def test_out_of_range_id_names_file_column_and_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"part-00000\.parquet: column 'a', row 12: id 7 outside \[0, 3\)"):
         writer.finish(spec, source="fixture")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_profile_leaves_the_earlier_one_whole(tmp_path: Path, monkeypatch) -> None:
+    data = tmp_path / "ds"
+    synthesize(data, rows=2_000, seed=1, max_cardinality=100)
+    np.save(data / "profile" / "C1.npy", np.zeros(5, np.int64))  # an earlier profile, other than this one's
+    before = {p.name: p.read_bytes() for p in (data / "profile").iterdir()}
+    saved = []
+
+    def save_then_stop(path, counts):
+        if saved:
+            raise KeyboardInterrupt  # Ctrl-C after the first count file of the new profile
+        saved.append(path)
+        np.save(path, counts)
+    monkeypatch.setattr("embshard.datasets.profile.np.save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        write_profile(data)
+    # Once, the new C1.npy went into the profile folder itself, beside the old profile.json.
+    assert {p.name: p.read_bytes() for p in (data / "profile").iterdir()} == before
+    assert sorted(p.name for p in data.iterdir()) == ["dataset.json", "profile", "test", "train", "valid"]
+    monkeypatch.undo()
+    assert write_profile(data).counts("C1").sum() == 1_600

@@ -224,3 +224,14 @@ def test_server_killed_while_ray_workers_read_is_one_line_on_the_console(own_s3:
         rf"embshard: error: {data}/train/part-00000\.parquet: cannot reach the storage endpoint \(check "
         r"AWS_ENDPOINT_URL / the network\) while reading batch \d+ of split train \(epoch 0\)",
         err.strip().splitlines()[-1]), err
+
+
+def test_a_gcs_store_is_retried_for_the_retry_budget_not_pyarrows_fifteen_minutes(monkeypatch) -> None:
+    # `--out gs://...` without a network once printed nothing for 15 minutes. (Asking a real GCS
+    # endpoint is off limits in tests, so this checks what the file system is built from.)
+    monkeypatch.setenv(storage.RETRY_ENV, "2")
+    assert storage._bounded("gs://b/x") == "gs://b/x?retry_limit_seconds=2"
+    assert storage._bounded("gs://b/x?scheme=http") == "gs://b/x?scheme=http&retry_limit_seconds=2"
+    assert storage._bounded("gs://b/x?retry_limit_seconds=9") == "gs://b/x?retry_limit_seconds=9"
+    assert storage._bounded("s3://b/x") == "s3://b/x"
+    assert storage.RemotePath("gs://b/x").path == "b/x"  # pyarrow takes the bounded URI

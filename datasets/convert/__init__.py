@@ -19,7 +19,7 @@ from embshard.datasets.convert.inputs import resolve_inputs
 from embshard.datasets.convert.movielens import OFFICIAL_SPLITS, convert_movielens
 from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
-from embshard.datasets.outdir import check_output
+from embshard.datasets.outdir import check_not_inside, check_output
 from embshard.datasets.schema import TARGETS, DatasetSpec
 from embshard.datasets.storage import location
 from embshard.errors import DataError
@@ -61,6 +61,8 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
         raise DataError(f"{kind}: no input given")
     if min_count < 1:
         raise DataError(f"min_count must be >= 1, got {min_count}")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}")
     if split not in SPLIT_KINDS:
         raise DataError(f"unknown split {split!r} (one of {', '.join(SPLIT_KINDS)})")
     if kind != "movielens" and split in (*USER_SPLITS, *OFFICIAL_SPLITS):
@@ -74,6 +76,7 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
         raise DataError("movielens: give one release folder (several inputs and --dedup-key are for "
                         "criteo and avazu)")
     # Before reading the input: a full Criteo pass takes minutes, a refusal should not.
+    check_not_inside(location(out_dir), sources)
     check_output(location(out_dir), overwrite)
     options: _Options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
     if kind == "criteo":

@@ -20,11 +20,20 @@ HOUR = "hour"
 TIME_FEATURES = ["hour_of_day", "day_of_week"]
 _DROPPED = {"id", LABEL, HOUR}
 _LABELS = pa.array(["0", "1"])
+# Columns of the converted dataset that no raw column may be called.
+_MADE = {"label", *TIME_FEATURES}
 
 
 def text_format(files: list[Path]) -> TextFormat:
     """The format of `files`, which must all have the same header."""
     columns = _header(files[0])
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"{files[0]}: line 1 (the header) names column {repeated[0]!r} more than once")
+    clash = [c for c in columns if c in _MADE]
+    if clash:
+        raise DataError(f"{files[0]}: line 1 (the header) has a column {clash[0]!r}, a name the converter "
+                        f"gives a column it makes ({', '.join(sorted(_MADE))}); rename it")
     for required in (LABEL, HOUR):
         if required not in columns:
             raise DataError(f"{files[0]}: does not look like {DESCRIPTION}: line 1 (the header) has no column "
@@ -48,7 +57,8 @@ def text_format(files: list[Path]) -> TextFormat:
 
 def _header(path: Path) -> list[str]:
     with open_input(path) as (data, _):
-        return data.readline(1 << 20).decode("utf-8", errors="replace").rstrip("\r\n").split(",")
+        # utf-8-sig: a byte-order mark (spreadsheets save one) is no part of the first column's name.
+        return data.readline(1 << 20).decode("utf-8-sig", errors="replace").rstrip("\r\n").split(",")
 
 
 def parse(chunk: TextChunk, malformed: Malformed, *, raw: list[str]) -> Parsed:

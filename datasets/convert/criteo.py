@@ -11,20 +11,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embshard.datasets.convert.stream import Parsed, TextFormat, drop_invalid
-from embshard.datasets.convert.text import Malformed, TextChunk
+from embshard.datasets.convert.text import INTEGER, Malformed, TextChunk
 
 LABEL = "label"
 DENSE = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
-# At most 18 digits, so the cast to int64 below can never overflow.
-_INTEGER = r"^-?[0-9]{1,18}$"
 _LABELS = pa.array(["0", "1"])
 
 
 def parse(chunk: TextChunk, malformed: Malformed) -> Parsed:
     t = chunk.table
     ok = {LABEL: pc.is_in(t[LABEL], value_set=_LABELS)}
-    ok.update({d: pc.match_substring_regex(t[d], _INTEGER) for d in DENSE})
+    ok.update({d: pc.match_substring_regex(t[d], INTEGER) for d in DENSE})
     # A missing dense value is fine (it becomes 0); a missing label is not.
     ok = {c: pc.fill_null(v, c != LABEL).to_numpy(zero_copy_only=False) for c, v in ok.items()}
     expected = {LABEL: "0 or 1", **{d: "an integer" for d in DENSE}}

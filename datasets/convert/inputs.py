@@ -25,12 +25,14 @@ def resolve_inputs(sources: Sequence[Path], what: str) -> list[Path]:
             files.append(src)
         else:
             raise DataError(f"{src}: {what} input file not found")
-    seen: set[Path] = set()
+    seen: set[tuple[int, int]] = set()
     for path in files:
-        if path.resolve() in seen:
+        # By inode, not name: a symbolic or hard link to a file is the same file.
+        st = path.stat()
+        if (st.st_dev, st.st_ino) in seen:
             # Reading a file twice would put every row of it in the data twice.
-            raise DataError(f"{path}: given more than once (directly or through its folder)")
-        seen.add(path.resolve())
+            raise DataError(f"{path}: given more than once (directly, through its folder or a link)")
+        seen.add((st.st_dev, st.st_ino))
     return files
 
 

@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from embshard.datasets.convert.text import Malformed
+from embshard.datasets.convert.stream import drop_invalid
+from embshard.datasets.convert.text import INTEGER, Malformed, as_text
 from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCatalog, SparseFeature
 from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
@@ -45,6 +46,10 @@ ROLES = {"userId": "query", **{f: "query" for f in USER_FEATURES},
          ITEM_ID: "item", **{f: "item" for f in MOVIE_FEATURES}}
 _YEAR_IN_TITLE = r"\((?P<year>\d{4})\)\s*$"
 _YEAR_AT_END = r"(?P<year>\d{4})$"
+# Every release rates from 0.5 (half-star releases) or 1 to 5 stars.
+MIN_RATING, MAX_RATING = 0.5, 5.0
+_RATING = r"^[0-9]{1,2}(\.[0-9]{1,6})?$"
+RATINGS = {"userId": "integer", "movieId": "integer", "rating": "rating", "timestamp": "integer"}
 # ML-100K ships five 80/20 cross-validation splits (u1..u5) and two with exactly 10 test ratings
 # per user (ua, ub), as <name>.base / <name>.test files beside u.data.
 OFFICIAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
@@ -189,17 +194,20 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
 def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
     columns = ["userId", "movieId", "rating", "timestamp"]
     if official is None:
-        ratings = _read(src / "u.data", columns, "\t", malformed)
+        ratings = _read(src / "u.data", columns, "\t", malformed, kinds=RATINGS)
     else:
-        parts = [_read(src / f"{official}.{part}", columns, "\t", malformed) for part in ("base", "test")]
+        parts = [_read(src / f"{official}.{part}", columns, "\t", malformed, kinds=RATINGS)
+                 for part in ("base", "test")]
         ratings = pa.concat_tables([
             p.append_column("official", pa.array(np.full(p.num_rows, i, dtype=np.int8)))
             for i, p in enumerate(parts)])
-    users = _read(src / "u.user", ["userId", "age", "gender", "occupation", "zip"], "|", malformed)
+    users = _read(src / "u.user", ["userId", "age", "gender", "occupation", "zip"], "|", malformed,
+                  kinds={"userId": "integer"})
     flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
     item_columns = ["movieId", "title", "release", "video_release", "url", *flags]
-    items = _read(src / "u.item", item_columns, "|", malformed, latin1=True)
-    matrix = np.column_stack([pc.cast(items[f], pa.int8()).to_numpy() for f in flags]) > 0
+    items = _read(src / "u.item", item_columns, "|", malformed, latin1=True,
+                  kinds={"movieId": "integer", **{f: "flag" for f in flags}})
+    matrix = np.column_stack([items[f].to_numpy() for f in flags]) > 0
     offsets = np.concatenate([[0], np.cumsum(matrix.sum(axis=1))]).astype(np.int32)
     names = pa.array(ML100K_GENRES).take(np.nonzero(matrix)[1])  # row-major: each movie's genres in order
     year = _year(items["release"], _YEAR_AT_END)
@@ -212,19 +220,21 @@ def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
 
 
 def _ml1m(src: Path, malformed: Malformed) -> Release:
-    ratings = _read(src / "ratings.dat", ["userId", "movieId", "rating", "timestamp"], "::", malformed)
+    ratings = _read(src / "ratings.dat", list(RATINGS), "::", malformed, kinds=RATINGS)
     users_path = src / "users.dat"
     # ml-10m ships the same layout without users.dat.
-    users = (_read(users_path, ["userId", "gender", "age", "occupation", "zip"], "::", malformed)
-             if users_path.is_file() else None)
-    movies = _movies(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed, latin1=True))
+    users = (_read(users_path, ["userId", "gender", "age", "occupation", "zip"], "::", malformed,
+                   kinds={"userId": "integer"}) if users_path.is_file() else None)
+    movies = _movies(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed, latin1=True,
+                           kinds={"movieId": "integer"}))
     name = "ml-1m" if users is not None else "ml-10m"
     return Release(name, ratings, movies, users)
 
 
 def _ml_csv(src: Path, malformed: Malformed) -> Release:
-    ratings = _read(src / "ratings.csv", None, ",", malformed)
-    movies = _movies(_read(src / "movies.csv", None, ",", malformed))
+    ratings = _read(src / "ratings.csv", None, ",", malformed, kinds=RATINGS)
+    movies = _movies(_read(src / "movies.csv", None, ",", malformed,
+                           kinds={"movieId": "integer", "title": "text", "genres": "text"}))
     name = src.name if src.name.startswith("ml-") else "ml-csv"
     return Release(name, ratings.select(["userId", "movieId", "rating", "timestamp"]), movies, None)
 
@@ -244,8 +254,11 @@ def _year(text: pa.ChunkedArray, pattern: str) -> pa.Array:
 
 
 def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malformed, *,
-          latin1: bool = False) -> pa.Table:
-    """A whole MovieLens file; names=None means the file has a header (the csv releases)."""
+          kinds: dict[str, str], latin1: bool = False) -> pa.Table:
+    """A whole MovieLens file; names=None means the file has a header (the csv releases), which must
+    name every column in `kinds`. kinds[column] is what its fields must hold (a kind of _KINDS, or
+    "text": any); a line with a field that does not is malformed: reported with its file and line,
+    and skipped (or fatal with --strict). Columns not in `kinds` stay text."""
     if not path.is_file():
         raise DataError(f"{path}: missing from the MovieLens folder")
     data = path.read_bytes()
@@ -255,25 +268,84 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
         # pyarrow only splits on one byte; a tab never occurs inside the `::` files' fields.
         data = data.replace(delimiter.encode(), b"\t")
         delimiter = "\t"
+    records = _record_lines(data)
+    if not records.size:
+        raise DataError(f"{path}: empty")
+    header = names is None
+    columns = _header(data, int(records[0]), delimiter) if names is None else names
+    missing = [c for c in kinds if c not in columns]
+    if missing:
+        raise DataError(f"{path}:{records[0] + 1}: the header has no column {missing[0]!r} "
+                        f"(it has {', '.join(columns)})")
     file_malformed = Malformed(path, malformed.strict)
+    invalid: list[int] = []
 
     def skip(row: pacsv.InvalidRow) -> str:
-        line = np.array([(row.number or 0) - 1])
-        file_malformed.report(line, lambda _: f"expected {row.expected_columns} fields, found {row.actual_columns}")
+        record = (row.number or 1) - 1  # pyarrow numbers the records (non-blank lines) from 1
+        invalid.append(record)
+        file_malformed.report(records[[record]], lambda _: f"expected {row.expected_columns} fields, "
+                                                          f"found {row.actual_columns}")
         return "skip"
 
-    quoted = names is None  # only the csv releases quote titles
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
+            # Only the csv releases (the files with a header) quote titles.
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if header else False,
                                              invalid_row_handler=skip),
+            # Bytes first, as text.py does: one field that is not UTF-8 is one malformed line.
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in columns},
+                                                 null_values=[""], strings_can_be_null=True),
         )
     except pa.ArrowInvalid as e:
         raise DataError(f"{path}: {str(e).splitlines()[0]}") from None
+    lines = np.delete(records[int(header):], np.array(invalid, dtype=np.int64) - int(header))
+    chunk = as_text(table, lines, file_malformed)
+    checked = {c: _KINDS[k] for c, k in kinds.items() if k in _KINDS}
+    if checked:
+        ok = {c: pc.fill_null(test(chunk.table[c]), False).to_numpy(zero_copy_only=False)
+              for c, (test, _, _) in checked.items()}
+        chunk = drop_invalid(chunk, ok, {c: what for c, (_, what, _) in checked.items()}, file_malformed)
     malformed.count += file_malformed.count
-    return table
+    if not chunk.table.num_rows:
+        skipped = f" ({file_malformed.count:,} malformed lines skipped)" if file_malformed.count else ""
+        raise DataError(f"{path}: no well-formed lines{skipped}")
+    return pa.table({c: pc.cast(values, checked[c][2]) if c in checked else values
+                     for c, values in zip(chunk.table.column_names, chunk.table.columns, strict=True)})
+
+
+def _is_rating(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    number = pc.match_substring_regex(values, _RATING)
+    rating = pc.cast(pc.if_else(number, values, pa.scalar("0")), pa.float32())
+    return pc.and_(number, pc.and_(pc.greater_equal(rating, MIN_RATING), pc.less_equal(rating, MAX_RATING)))
+
+
+# kind -> (test of a field, what it must be, its type once checked)
+_KINDS = {
+    "integer": (lambda v: pc.match_substring_regex(v, INTEGER), "an integer", pa.int64()),
+    "rating": (_is_rating, f"a rating from {MIN_RATING} to {MAX_RATING:g}", pa.float32()),
+    "flag": (lambda v: pc.is_in(v, value_set=pa.array(["0", "1"])), "0 or 1", pa.int8()),
+}
+
+
+def _record_lines(data: bytes) -> np.ndarray:
+    """The 0-based physical line of each record: each line that is not empty (pyarrow skips those)."""
+    if not data:
+        return np.zeros(0, dtype=np.int64)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    if not data.endswith(b"\n"):
+        ends = np.append(ends, len(buf))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    length = ends - starts
+    only_cr = (length == 1) & (buf[np.minimum(starts, len(buf) - 1)] == ord("\r"))
+    return np.flatnonzero((length > 0) & ~only_cr)
+
+
+def _header(data: bytes, line: int, delimiter: str) -> list[str]:
+    text = data.split(b"\n", line + 1)[line].decode("utf-8-sig", errors="replace").rstrip("\r")
+    return [name.strip('"') for name in text.split(delimiter)]
 
 
 def _labelled(release: Release, target: str) -> pa.Table:

@@ -61,6 +61,8 @@ def drop_invalid(chunk: TextChunk, ok: dict[str, np.ndarray], expected: dict[str
     def describe(i: int) -> str:
         column = names[first_bad_column[i]]
         value = chunk.table[column][int(bad[i])].as_py()
+        if value is None:
+            return f"column {column!r}: missing, expected {expected[column]}"
         return f"column {column!r}: {value!r} is not {expected[column]}"
 
     malformed.report(chunk.lines[bad], describe)

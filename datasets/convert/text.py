@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
@@ -33,6 +34,8 @@ SNIFF_LINES = 5
 _SNIFF_LINE_BYTES = 1 << 20  # a binary file may have no newline for a long way
 _GZIP_MAGIC = b"\x1f\x8b"
 _TAR_MAGIC_AT = 257  # "ustar" in the first tar header block
+# An integer field; at most 18 digits, so a cast to int64 can never overflow.
+INTEGER = r"^-?[0-9]{1,18}$"
 
 
 @dataclass
@@ -187,7 +190,37 @@ def _parse_block(data: bytes, first_line: int, names: list[str], delimiter: str,
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=names, block_size=BLOCK_BYTES + (1 << 20)),
         parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+        # Bytes first: text would fail the whole block on one field that is not UTF-8.
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
                                              null_values=[""], strings_can_be_null=True),
     )
-    return TextChunk(table, lines[keep])
+    return as_text(table, lines[keep], malformed)
+
+
+def as_text(table: pa.Table, lines: np.ndarray, malformed: Malformed) -> TextChunk:
+    """The binary columns as strings; rows with a field that is not UTF-8 are malformed lines."""
+    text: dict[str, pa.ChunkedArray] = {}
+    bad = np.zeros(table.num_rows, dtype=bool)
+    culprit = np.full(table.num_rows, "", dtype=object)
+    for name in table.column_names:
+        try:
+            text[name] = pc.cast(table[name], pa.string())
+        except pa.ArrowInvalid:
+            # Rare, so found value by value in Python.
+            for i, value in enumerate(table[name].to_pylist()):
+                if value is not None and not bad[i] and not _is_utf8(value):
+                    bad[i], culprit[i] = True, name
+    if not bad.any():
+        return TextChunk(pa.table(text), lines)
+    malformed.report(lines[bad], lambda i: f"column {culprit[bad][i]!r}: not UTF-8 text")
+    keep = pa.array(~bad)
+    return TextChunk(pa.table({n: pc.cast(table[n].filter(keep), pa.string()) for n in table.column_names}),
+                     lines[~bad])
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
