@@ -15,7 +15,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint folder or directory (or an object-store URI, s3://bucket/prefix)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder to write the serving model to (or an object-store URI)")
+                   help="folder to write the serving model to (or an object-store URI); written beside "
+                        "it and put in place once complete")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (only an export, and only once the new one is complete)")
     p.set_defaults(func=_export)
 
 
@@ -24,6 +27,6 @@ def _export(args: argparse.Namespace) -> int:
         export_serving,  # torch/TorchRec load only for this verb
     )
 
-    out = export_serving(args.checkpoint, args.out)
+    out = export_serving(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"serving model written to {out}")
     return 0

@@ -26,9 +26,10 @@ from embshard.cluster.interrupt import run_with_graceful_ctrl_c
 from embshard.cluster.resume_config import reconcile
 from embshard.config import JobConfig
 from embshard.datasets.profile import load_profile
+from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import StoragePath, check_reachable, copytree, location
 from embshard.datasets.verify import verify_dataset
-from embshard.errors import EmbshardError, Interrupted, first_line
+from embshard.errors import EmbshardError, Interrupted, PlanError, first_line
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, plan_with, shard_dimension_plan
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
@@ -59,12 +60,23 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     if source is not None:
         with_checkpoint_config(cfg, source, adopt=False)
         bundle = plan_from_checkpoint(cfg, source)
+        made_for = f"{source} (resumed)"
     elif cfg.sharding.plan_file:
-        bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer).copy_to(cfg.plan_dir)
+        bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
+        made_for = f"sharding.plan_file {cfg.sharding.plan_file}"
+        if bundle.dimension_plan.base_dim != cfg.embeddings.dim:
+            # Trained as the plan says, but recorded in every checkpoint as the config says.
+            raise PlanError(f"{made_for}: a plan for embeddings.dim {bundle.dimension_plan.base_dim}, "
+                            f"the config has {cfg.embeddings.dim}")
+        bundle = bundle.copy_to(cfg.plan_dir)
     else:
         bundle = plan_with(decide, cfg.data.path, topology, cfg.plan_dir, **sharding_options(cfg))
         bundle.save()
-    bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.cluster.workers)
+        made_for = "the plan"
+    bundle.shard_plan.check_matches(bundle.dimension_plan, topology)
+    spec = DatasetSpec.load(cfg.data.path)
+    bundle.dimension_plan.check_holds({f.name: f.cardinality for f in spec.sparse},
+                                      f"{made_for} on {cfg.data.path}")
     bundle.memory.check_fits()
     return bundle
 

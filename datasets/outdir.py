@@ -19,47 +19,64 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from embshard.datasets.schema import ITEMS_DIR, PROFILE_DIR, SPEC_FILE, SPLITS, DatasetSpec
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, rmtree, upload
-from embshard.errors import DataError
+from embshard.errors import DataError, EmbshardError
 
-# What a dataset folder holds; --overwrite replaces a folder only when it holds nothing else.
+
+@dataclass(frozen=True)
+class Replaceable:
+    """What --overwrite may replace: a folder that holds one of these and nothing else. An
+    --overwrite pointed at the wrong folder (a home directory, a checkout, another tool's folder
+    with a file of the same name) must not wipe it."""
+
+    what: str  # "dataset"
+    marker: str  # the file that makes a folder one, written last
+    holds: Callable[[str], bool]  # whether a name in the folder is part of one
+    read: Callable[[StoragePath], object]  # reads the marker; an EmbshardError if it is none
+    error: type[EmbshardError] = DataError  # what a refusal raises
+
+
+# What a dataset folder holds.
 LAYOUT = frozenset({SPEC_FILE, *SPLITS, ITEMS_DIR, PROFILE_DIR})
+DATASET = Replaceable("dataset", SPEC_FILE, LAYOUT.__contains__, DatasetSpec.load)
 
 
-def check_output(out: StoragePath, overwrite: bool) -> None:
-    """Raises unless `out` is absent, empty, or (with overwrite) an earlier dataset."""
+def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
+    """Raises unless `out` is absent, empty, or (with overwrite) an earlier `kind`."""
     if isinstance(out, RemotePath):
-        _check_remote_output(out, overwrite)
+        _check_remote_output(out, overwrite, kind)
         return
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
-        raise DataError(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
+        raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
     if not out.exists():
-        _check_creatable(out)
+        _check_creatable(out, kind)
         return
     if not out.is_dir():
-        raise DataError(f"{out}: exists and is not a directory")
+        raise kind.error(f"{out}: exists and is not a directory")
     if Path.cwd().is_relative_to(out.resolve()):
         # The folder is renamed away at the end, which would leave this shell in a deleted folder.
-        raise DataError(f"{out}: holds the current directory; run from outside it or name a new folder")
+        raise kind.error(f"{out}: holds the current directory; run from outside it or name a new folder")
     if not any(out.iterdir()):
         return
-    _check_replaceable(out, overwrite)
+    _check_replaceable(out, overwrite, kind)
 
 
-def _check_creatable(out: Path) -> None:
+def _check_creatable(out: Path, kind: Replaceable) -> None:
     """Said before a long conversion, not as an OSError once it is done: the nearest existing
     folder above `out` must be a folder this process may write in."""
     parent = out.absolute().parent
     while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
     if not parent.is_dir():
-        raise DataError(f"{out}: cannot be created: {parent} is not a directory")
+        raise kind.error(f"{out}: cannot be created: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"{out}: cannot be created: no permission to write in {parent}")
+        raise kind.error(f"{out}: cannot be created: no permission to write in {parent}")
 
 
 def check_not_inside(out: StoragePath, sources: list[Path]) -> None:
@@ -73,32 +90,29 @@ def check_not_inside(out: StoragePath, sources: list[Path]) -> None:
                             f"Move the input or choose another --out")
 
 
-def _check_remote_output(out: RemotePath, overwrite: bool) -> None:
+def _check_remote_output(out: RemotePath, overwrite: bool, kind: Replaceable) -> None:
     if "/" not in out.path:
-        # A dataset is staged beside its destination, and a bucket has nothing beside it.
-        raise DataError(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/data")
+        # A folder is staged beside its destination, and a bucket has nothing beside it.
+        raise kind.error(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/{kind.what}")
     check_reachable(out)
     if any(out.iterdir()):
-        _check_replaceable(out, overwrite)
+        _check_replaceable(out, overwrite, kind)
 
 
-def _check_replaceable(out: StoragePath, overwrite: bool) -> None:
+def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> None:
     if not overwrite:
-        raise DataError(f"{out}: not empty; pass --overwrite to replace the dataset there")
-    # --overwrite pointed at the wrong folder (a home directory, a checkout, another tool's folder
-    # with a dataset.json of its own) must not wipe it: only a folder holding nothing but an
-    # embshard dataset is replaced.
-    if not (out / SPEC_FILE).is_file():
-        raise DataError(f"{out}: not empty and holds no {SPEC_FILE}, so it is no dataset; "
+        raise kind.error(f"{out}: not empty; pass --overwrite to replace the {kind.what} there")
+    if not (out / kind.marker).is_file():
+        raise kind.error(f"{out}: not empty and holds no {kind.marker}, so it is no {kind.what}; "
                         f"refusing to replace it, even with --overwrite")
     try:
-        DatasetSpec.load(out)
-    except DataError as e:
-        raise DataError(f"{out}: not an embshard dataset ({e}); "
+        kind.read(out)
+    except EmbshardError as e:
+        raise kind.error(f"{out}: not an embshard {kind.what} ({e}); "
                         f"refusing to replace it, even with --overwrite") from None
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in LAYOUT)
+    foreign = sorted(p.name for p in out.iterdir() if not kind.holds(p.name))
     if foreign:
-        raise DataError(f"{out}: holds {foreign[0]!r}, which is no part of a dataset"
+        raise kind.error(f"{out}: holds {foreign[0]!r}, which no {kind.what} holds"
                         + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
                         + "; refusing to replace it, even with --overwrite. Move it out or choose another --out")
 
@@ -114,10 +128,10 @@ def make_staging(out: StoragePath) -> Path:
     return staging
 
 
-def publish(staging: Path, out: StoragePath, overwrite: bool) -> None:
-    """Renames the complete `staging` folder to `out`; an earlier dataset there goes only after that."""
-    check_output(out, overwrite)  # again: `out` may have changed during a long conversion
-    replace_folder(staging, out, SPEC_FILE)
+def publish(staging: Path, out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
+    """Renames the complete `staging` folder to `out`; an earlier `kind` there goes only after that."""
+    check_output(out, overwrite, kind)  # again: `out` may have changed during a long conversion
+    replace_folder(staging, out, kind.marker)
 
 
 def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:

@@ -14,9 +14,11 @@ import numpy as np
 from embshard.datasets.storage import StoragePath
 from embshard.errors import PlanError
 
+REMAP_SUFFIX = ".remap.npy"
+
 
 def remap_file_name(table: str) -> str:
-    return f"{table}.remap.npy"
+    return f"{table}{REMAP_SUFFIX}"
 
 
 def frequency_ranking(counts: np.ndarray) -> np.ndarray:

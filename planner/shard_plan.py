@@ -134,8 +134,8 @@ class ShardPlan:
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{where}: malformed shard plan ({e})") from None
 
-    def check_matches(self, plan: DimensionPlan, world_size: int) -> None:
-        """A shard plan trains only the dimension plan and world size it was made for."""
+    def check_matches(self, plan: DimensionPlan, topology: TopologySpec) -> None:
+        """A shard plan trains only the dimension plan, world size and device it was made for."""
         expected = {t.block_name(i) for t in plan.tables for i in range(len(t.blocks))}
         if set(self.sharding) != expected:
             missing = sorted(expected - set(self.sharding))[:3]
@@ -144,10 +144,16 @@ class ShardPlan:
                 f"shard plan does not match the dimension plan (missing {missing}, extra {extra}); "
                 f"re-run `embshard plan`"
             )
-        if self.topology.world_size != world_size:
+        if self.topology.world_size != topology.world_size:
             raise PlanError(
-                f"shard plan was made for {self.topology.world_size} ranks, training has {world_size}; "
-                f"re-run `embshard plan --world-size {world_size}` or change the worker count"
+                f"shard plan was made for {self.topology.world_size} ranks, training has {topology.world_size}; "
+                f"re-run `embshard plan --world-size {topology.world_size}` or change the worker count"
+            )
+        if self.topology.device != topology.device:
+            # Its shards would be placed on a device this run does not train on.
+            raise PlanError(
+                f"shard plan was made for {self.topology.device} ranks, training runs on {topology.device}; "
+                f"re-run `embshard plan --device {topology.device}` or change sharding.device"
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import signal
 import subprocess
 import sys
@@ -144,3 +145,30 @@ def test_sigterm_during_a_conversion_removes_its_staging_folder(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "embshard: interrupted"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_file_must_fit_the_data_the_dim_and_the_device(tmp_path, capsys):
+    # Each of these once trained with exit 0 or crashed in the workers: ids past a table's rows read
+    # row 0 (FBGEMM's bounds check, said only in the log), the config's dim was recorded but not
+    # trained, a cuda plan failed inside every worker.
+    from embshard.datasets.synth import synthesize
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    synthesize(small, rows=2000, max_cardinality=300)
+    synthesize(large, rows=2000, max_cardinality=500)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {large}\nembeddings:\n  dim: 8\ncluster:\n  workers: 1\n"
+                   f"output_dir: {tmp_path / 'run'}\n")
+    for name, flags in (("small", ["--set", f"data.path={small}"]), ("cuda", ["--device", "cuda"]),
+                        ("same", [])):
+        assert main(["plan", str(cfg), *flags, "--world-size", "1", "--out", str(tmp_path / f"{name}.json")]) == 0
+    capsys.readouterr()
+    for name, flags, message in (
+            ("small", [], r"sharding\.plan_file .*small\.json on .*large: feature 'C\d+' takes [\d,]+ ids, "
+                          r"table 't_C\d+' has 300 rows: the plan was made for other data"),
+            ("same", ["--set", "embeddings.dim=16"], r"a plan for embeddings\.dim 8, the config has 16"),
+            ("cuda", [], r"shard plan was made for cuda ranks, training runs on cpu")):
+        assert main(["train", str(cfg), "--set", f"sharding.plan_file={tmp_path / f'{name}.json'}", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -360,7 +360,7 @@ def test_overwrite_replaces_only_a_dataset_and_never_an_input(criteo_sample: Pat
     inside = _write_lines(out / "raw" / "train.txt", _criteo_lines(criteo_sample))
     with pytest.raises(DataError, match=r"raw/train\.txt: an input inside --out .*ds; replacing .* would delete it"):
         convert("criteo", inside, out, overwrite=True)
-    with pytest.raises(DataError, match=r"ds: holds 'raw', which is no part of a dataset; refusing"):
+    with pytest.raises(DataError, match=r"ds: holds 'raw', which no dataset holds; refusing"):
         convert("criteo", src, out, overwrite=True)
     assert inside.is_file()
     # Another tool's folder with a dataset.json of its own.

@@ -79,6 +79,22 @@ def test_worker_death_resumes_from_checkpoint(dataset, tmp_path, uninterrupted):
 
 
 
+def test_a_resume_with_another_batch_size_trains_the_rest_of_every_epoch(dataset, tmp_path, uninterrupted):
+    # Steps are numbered in batches of the run that saved them; compared with a total in this
+    # run's batches, a resume with fewer, larger batches per epoch once skipped the rest of the
+    # data (here: 2 steps of the 8 left, the second epoch all but dropped), with exit 0.
+    two, straight = uninterrupted
+    source = Path(straight["checkpoint"]).parent / "step-000012"
+    cfg = replace(job(dataset, tmp_path), data=replace(two.data, batch_size=1024),
+                  train=replace(two.train, epochs=2), checkpoint=replace(two.checkpoint, resume=str(source)))
+    resumed = train(cfg)
+    assert resumed["resumed_from"].endswith("step-000012")
+    # 16,000 train rows: 7 batches of 2 x 1,024 an epoch. The checkpoint stood at 12 batches of
+    # 2 x 512, 6 of these: 1 left in the first epoch, 7 in the second, numbered on from 12.
+    assert resumed["steps"] == 12 + 1 + 7
+    assert resumed["samples"] == 12 * 2 * 512 + 8 * 2 * 1024
+
+
 def test_two_worker_checkpoint_resumes_on_one(dataset, tmp_path, uninterrupted, process_group):
     two, straight = uninterrupted
     source = Path(straight["checkpoint"])

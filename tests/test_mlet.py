@@ -201,6 +201,40 @@ def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) ->
         torch.testing.assert_close(serving(dense, raw), model(dense, ranked_ids), rtol=1e-5, atol=1e-6)
 
 
+def test_an_export_replaces_only_an_earlier_export_and_only_once_complete(tmp_path: Path, monkeypatch) -> None:
+    plan = mlet_plan()
+    model, spec = trained_like(plan), plan_spec(plan, NUM_DENSE)
+
+    def export(out: Path, **flags: bool) -> Path:
+        return export_serving(model, out, model_config=MODEL, spec=spec, **flags)
+
+    out = export(tmp_path / "serving")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ExportError, match=r"serving: not empty; pass --overwrite to replace the export there"):
+        export(out)
+    # Once written in place: an interrupted re-export left a 0-byte weights.pt beside the old manifest.
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(out, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serving"]
+    export(out, overwrite=True)
+    assert load_serving(out) is not None
+    # A folder of the user's is never written into, with a manifest of the same name or not.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=r"notes: not empty and holds no serving\.json, so it is no export"):
+        export(notes, overwrite=True)
+    (notes / MANIFEST).write_bytes(before[MANIFEST])
+    with pytest.raises(ExportError, match=r"notes: holds 'todo\.txt', which no export holds"):
+        export(notes, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+
 def test_export_without_plan_folder_names_the_remap(tmp_path: Path) -> None:
     plan = mlet_plan(remap="t_a.remap.npy")
     with pytest.raises(ExportError, match=r"t_a.*t_a\.remap\.npy"):

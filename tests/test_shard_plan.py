@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -108,12 +109,28 @@ def test_table_no_rank_can_hold_is_explained() -> None:
 
 def test_check_matches_rejects_other_world_size_and_tables(small) -> None:
     plan, shard_plan = small
-    shard_plan.check_matches(plan, 2)
+    two = shard_plan.topology
+    shard_plan.check_matches(plan, two)
     with pytest.raises(PlanError, match="made for 2 ranks, training has 4"):
-        shard_plan.check_matches(plan, 4)
+        shard_plan.check_matches(plan, replace(two, world_size=4))
+    with pytest.raises(PlanError, match=r"made for cpu ranks, training runs on cuda; re-run `embshard plan "):
+        shard_plan.check_matches(plan, replace(two, device="cuda"))
     other = DimensionPlan(base_dim=16, tables=[_table("a", 20_000, 16), _table("z", 100, 16)])
     with pytest.raises(PlanError, match=r"missing \['z'\], extra \['b__b0'"):
-        shard_plan.check_matches(other, 2)
+        shard_plan.check_matches(other, two)
+
+
+def test_a_plan_must_hold_every_id_of_the_data(small) -> None:
+    plan, _ = small
+    rows = {t.name: t.num_embeddings for t in plan.tables}
+    plan.check_holds({f: rows[t.name] for t in plan.tables for f in t.features}, "p")
+    plan.check_holds({f: 1 for t in plan.tables for f in t.features}, "p")  # fewer ids: rows to spare
+    more = {f: rows[t.name] + (t.name == "b") for t in plan.tables for f in t.features}
+    with pytest.raises(PlanError, match=r"p: feature 'b' takes 6,001 ids, table 'b' has 6,000 rows: "
+                                        r"the plan was made for other data"):
+        plan.check_holds(more, "p")
+    with pytest.raises(PlanError, match=r"p: table 'a' reads feature 'a', which the data does not have"):
+        plan.check_holds({"b": 1}, "p")
 
 
 @pytest.mark.slow  # a few seconds: TorchRec's planner over 600 tables

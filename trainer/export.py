@@ -26,6 +26,7 @@ export is loaded: the model is rebuilt by it over the collapsed plan.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -42,10 +43,11 @@ from torch.distributed.checkpoint import CheckpointException
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.config import ModelConfig
+from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, copy_file, copytree, location, upload
+from embshard.datasets.storage import RemotePath, StoragePath, copy_file, copytree, location
 from embshard.errors import EmbshardError, StorageError
-from embshard.planner.remap import load_remap
+from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
@@ -67,7 +69,27 @@ class ExportError(EmbshardError):
     """A model or checkpoint cannot be exported, or an export folder cannot be loaded."""
 
 
-def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
+def read_manifest(directory: StoragePath) -> dict[str, Any]:
+    """The export's serving.json; ExportError unless it is one `embshard export` wrote."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not JSON ({e})") from None
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if version != EXPORT_VERSION:
+        raise ExportError(f"{path}: export version {version!r}, expected {EXPORT_VERSION}")
+    return manifest
+
+
+# What --overwrite may replace: an earlier export, and nothing besides.
+EXPORT = Replaceable("export", MANIFEST, lambda name: name in (MANIFEST, WEIGHTS, PLAN) or name.endswith(REMAP_SUFFIX),
+                     read_manifest, ExportError)
+
+
+def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overwrite: bool = False,
                    model_config: ModelConfig | None = None, spec: DatasetSpec | None = None,
                    plan_dir: str | Path | None = None) -> StoragePath | None:
     """Write the serving model of `source` to `out_dir`; returns `out_dir` (None on ranks > 0).
@@ -78,21 +100,23 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *,
     `model_config` and `spec` (what its arch is rebuilt from) and, when its plan reorders rows,
     `plan_dir` (the folder of plan.json and the remap files).
 
-    Either may be an object-store URI: the export is then written to a local temporary folder and
-    uploaded, serving.json last, into a prefix that is empty or holds an earlier export."""
+    The export is written into a staging folder and put in place whole once complete (an object
+    store: uploaded, serving.json last). `out_dir` must be absent or empty, or with overwrite=True
+    hold an earlier export and nothing else, which is replaced only then. Either may be an
+    object-store URI."""
     out = location(out_dir)
-    if isinstance(out, RemotePath):
-        _check_remote_out(out)  # before minutes of loading, not after
+    check_output(out, overwrite, EXPORT)  # before minutes of loading, not after
     if isinstance(source, nn.Module):
         if model_config is None or spec is None:
             raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
         model, config, data, plans = source, model_config, spec, Path(plan_dir) if plan_dir else None
-        return _stored(out, f"exporting a live model to {out}", lambda: _export_live(model, out, config, data, plans))
+        return _stored(out, f"exporting a live model to {out}",
+                       lambda: _export_live(model, out, config, data, plans, overwrite))
     checkpoint = location(source)
     # A raw error of a client library (DCP's s3fs) comes from reading the checkpoint; the upload's
     # own are StorageErrors already, naming the object.
     where = checkpoint if isinstance(checkpoint, RemotePath) else out
-    return _stored(where, f"exporting {checkpoint} to {out}", lambda: _export_checkpoint(checkpoint, out))
+    return _stored(where, f"exporting {checkpoint} to {out}", lambda: _export_checkpoint(checkpoint, out, overwrite))
 
 
 def _stored(where: StoragePath, doing: str, export: Callable[[], StoragePath | None]) -> StoragePath | None:
@@ -115,11 +139,7 @@ def load_serving(directory: str | Path) -> ServingModel:
             return load_serving(local)
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("version") != EXPORT_VERSION:
-        raise ExportError(f"{path}: export version {manifest.get('version')!r}, expected {EXPORT_VERSION}")
+    manifest = read_manifest(directory)
     plan = DimensionPlan.load(directory / manifest["plan"])
     spec = DatasetSpec.from_json(manifest["spec"], str(path))
     model = arch_model(plan, spec, ModelConfig(**manifest["model"]))
@@ -163,7 +183,7 @@ class ServingModel(nn.Module):
 # -- from a live model ---------------------------------------------------------------------------
 
 def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConfig, spec: DatasetSpec,
-                 plan_dir: Path | None) -> StoragePath | None:
+                 plan_dir: Path | None, overwrite: bool) -> StoragePath | None:
     plan = _find(model, PlannedEmbeddingBags).plan
     state = model.state_dict()
     state.update(collapse_mlet_tables(model, state))
@@ -181,12 +201,12 @@ def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConf
             full[_arch_key(key) if wrapped else key] = value.detach().cpu()
     if rank != 0:
         return None
-    return _write(out_dir, plan, full, spec, model_config, plan_dir, source="live model")
+    return _write(out_dir, plan, full, spec, model_config, plan_dir, source="live model", overwrite=overwrite)
 
 
 # -- from a checkpoint ---------------------------------------------------------------------------
 
-def _export_checkpoint(source: StoragePath, out_dir: StoragePath) -> StoragePath:
+def _export_checkpoint(source: StoragePath, out_dir: StoragePath, overwrite: bool) -> StoragePath:
     path = newest_verified(source)  # every file's hash, before DCP's metadata (a pickle) is read
     config = json.loads((path / CONFIG).read_text())
     plan_dir = path / PLAN_DIR
@@ -208,7 +228,7 @@ def _export_checkpoint(source: StoragePath, out_dir: StoragePath) -> StoragePath
     if not collapsed_on_save:
         state.update(collapse_mlet_tables(model, state))
     weights = {_arch_key(k): v for k, v in state.items()}
-    return _write(out_dir, plan, weights, spec, model_config, plan_dir, source=str(path))
+    return _write(out_dir, plan, weights, spec, model_config, plan_dir, source=str(path), overwrite=overwrite)
 
 
 def _arch_key(key: str) -> str:
@@ -233,17 +253,21 @@ def _run_spec(config: dict[str, Any], path: StoragePath) -> DatasetSpec:
 # -- writing -------------------------------------------------------------------------------------
 
 def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Tensor], spec: DatasetSpec,
-           model_config: ModelConfig, plan_dir: StoragePath | None, source: str) -> StoragePath:
-    if isinstance(out_dir, RemotePath):
-        with tempfile.TemporaryDirectory(prefix="embshard-export-") as staging:
-            _write(Path(staging), plan, state, spec, model_config, plan_dir, source)
-            if (out_dir / MANIFEST).exists():  # an earlier export: no longer one while replaced
-                (out_dir / MANIFEST).unlink()
-            upload(Path(staging), out_dir, marker=MANIFEST)
-        return out_dir
+           model_config: ModelConfig, plan_dir: StoragePath | None, source: str, overwrite: bool) -> StoragePath:
+    staging = make_staging(out_dir)
+    try:
+        _write_files(staging, plan, state, spec, model_config, plan_dir, source)
+        publish(staging, out_dir, overwrite, EXPORT)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], spec: DatasetSpec,
+                 model_config: ModelConfig, plan_dir: StoragePath | None, source: str) -> None:
     serving = without_mlet(plan)
     weights = {k: v for k, v in state.items() if not _is_mlet_w2(k, plan)}
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(weights, out_dir / WEIGHTS)
     serving.save(out_dir / PLAN)
     remaps = {}
@@ -273,15 +297,6 @@ def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Ten
         "serve_params": serving.serve_params(),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return out_dir
-
-
-def _check_remote_out(out_dir: RemotePath) -> None:
-    """An object-store destination must be empty or an earlier export (replaced file by file)."""
-    check_reachable(out_dir)
-    if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise ExportError(f"{out_dir}: not empty and holds no {MANIFEST}, so it is no export; "
-                          f"refusing to write into it")
 
 
 def _is_mlet_w2(key: str, plan: DimensionPlan) -> bool:

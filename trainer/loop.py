@@ -93,7 +93,7 @@ def run_worker(
     rank, world = dist.get_rank(), dist.get_world_size()
     device = worker_device(cfg, local_rank)
     bundle = PlanBundle.load(cfg.sharding.plan_file or cfg.plan_dir, cfg.train.sparse_optimizer)
-    bundle.shard_plan.check_matches(bundle.dimension_plan, world)
+    bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.sharding.topology(world))
     train_reader = make_reader(cfg, bundle, "train", rank, world)
     valid_reader = make_reader(cfg, bundle, "valid", rank, world)
     sharded = build_sharded(cfg, bundle, train_reader.spec, device, method=method)
@@ -118,7 +118,12 @@ def run_worker(
     callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras)
     steps = _train_steps(cfg, sharded, device, rank)
     steps_per_epoch = len(train_reader)
-    total = steps_per_epoch * cfg.train.epochs
+    # Steps are numbered across restarts, but a restart on another world or batch size trains the
+    # rest of the data in batches of its own size: the steps left follow from where the reader
+    # stands, and the numbering keeps the difference.
+    position = train_reader.state_dict()
+    renumbered = progress.step - (position["epoch"] * steps_per_epoch + position["batches"])
+    total = steps_per_epoch * cfg.train.epochs + renumbered
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     for cb in callbacks:
