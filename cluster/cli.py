@@ -89,6 +89,8 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
                    help="ranks per host, e.g. 8 GPUs per node (default: sharding.local_world_size; "
                         "unset = all ranks on one host)")
     p.add_argument("--out", type=Path, help="folder or .json path for the plan (default: <output_dir>/plan)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a plan already at --out (a file there that is no plan is never replaced)")
     p.add_argument("--method", metavar="NAME",
                    help="plan what this method trains: pep (a prune run), autodim (a search), pep_lottery, "
                         "or a registered one (default: embeddings.policy, or pep_lottery for a retrain)")
@@ -176,8 +178,23 @@ def _load(args: argparse.Namespace):
     return load_job_config(args.config, args.overrides)
 
 
+def _check_plan_target(path: Path, overwrite: bool, optimizer: str) -> None:
+    """A plan may replace a plan (with --overwrite), never a file of another kind."""
+    from embshard.errors import PlanError
+    from embshard.planner.pipeline import PlanBundle
+
+    if not path.exists():
+        return
+    try:
+        PlanBundle.load(path, optimizer)  # type: ignore[arg-type]
+    except EmbshardError as e:
+        raise PlanError(f"{path}: exists and is no plan ({e}); refusing to replace it, even with --overwrite") from None
+    if not overwrite:
+        raise PlanError(f"{path}: a plan is there already; pass --overwrite to replace it")
+
+
 def _plan(args: argparse.Namespace) -> int:
-    from embshard.planner.pipeline import plan_with
+    from embshard.planner.pipeline import PLAN_FILE, plan_with
     from embshard.trainer.method import get_method, method_name
     from embshard.trainer.planning import planning_step
 
@@ -192,7 +209,9 @@ def _plan(args: argparse.Namespace) -> int:
     topology = sharding.topology(args.world_size or cfg.cluster.workers)
     decide = planning_step(cfg, get_method(args.method or method_name(cfg)))
     out = args.out or cfg.plan_dir
-    out_dir = out.parent if out.suffix == ".json" else out
+    out_dir, name = (out.parent, out.name) if out.suffix == ".json" else (out, PLAN_FILE)
+    if args.out is not None:
+        _check_plan_target(out_dir / name, args.overwrite, cfg.train.sparse_optimizer)
     bundle = plan_with(
         decide,
         cfg.data.path,
@@ -202,9 +221,7 @@ def _plan(args: argparse.Namespace) -> int:
         optimizer=cfg.train.sparse_optimizer,
         sharding_types=sharding.sharding_types,
     )
-    path = bundle.save()
-    if out.suffix == ".json" and out != path:
-        path = path.replace(out)
+    path = bundle.save(name)
     plan = bundle.dimension_plan
     blocks = sum(len(t.blocks) for t in plan.tables)
     print(f"{len(plan.tables)} tables, {blocks} blocks, base dim {plan.base_dim}, "

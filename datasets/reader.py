@@ -31,7 +31,7 @@ from torchrec.streamable import Pipelineable
 from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
 from embshard.datasets.storage import StoragePath, arrow_source, retrying, storage_failure
 from embshard.datasets.verify import verify_split
-from embshard.errors import ConfigError, DataError, StorageError
+from embshard.errors import ConfigError, DataError, StorageError, first_line
 
 
 @dataclass
@@ -286,7 +286,15 @@ class ParquetBatchReader:
             put(_Failure(e))
 
     def _load(self, parquet: pq.ParquetFile, group: _RowGroup, epoch: int) -> pa.Table:
-        table = parquet.read_row_group(group.index, columns=self.columns)
+        try:
+            table = parquet.read_row_group(group.index, columns=self.columns)
+        except (OSError, pa.ArrowException) as e:
+            if not isinstance(group.path, Path):
+                raise  # the store's failures are said (and retried) as such by the caller
+            # A damaged page behind an intact footer: the data, not the code.
+            raise DataError(f"{group.path}: row group {group.index} (file rows {group.first_row:,} to "
+                            f"{group.first_row + group.rows - 1:,}) cannot be read ({first_line(e)}); "
+                            f"the file is damaged: write the dataset again") from None
         if self.validate:
             self._check_values(table, group)
         if self.shuffle:

@@ -133,10 +133,11 @@ class DatasetSpec:
             raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
         try:
             raw = json.loads(path.read_text())
-            if raw.get("version") != SPEC_VERSION:
-                raise DataError(f"{path}: version {raw.get('version')!r}, expected {SPEC_VERSION}")
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: malformed dataset spec ({e})") from None
+        version = raw.get("version") if isinstance(raw, dict) else None
+        if version != SPEC_VERSION:
+            raise DataError(f"{path}: version {version!r}, expected {SPEC_VERSION}")
         return DatasetSpec.from_json(raw, str(path))
 
     @staticmethod
@@ -151,6 +152,10 @@ class DatasetSpec:
         if spec.target not in TARGETS:
             raise DataError(f"{where}: target {spec.target!r} (one of {', '.join(TARGETS)})")
         for f in spec.sparse:
+            if not isinstance(f.name, str) or isinstance(f.cardinality, bool) or not isinstance(f.cardinality, int) \
+                    or f.cardinality < 1:
+                raise DataError(f"{where}: sparse feature {f.name!r}: cardinality {f.cardinality!r} "
+                                f"(expected an integer >= 1)")
             if f.role not in ROLES:
                 raise DataError(f"{where}: sparse feature {f.name!r}: role {f.role!r} (one of query, item, or \"\")")
         if spec.catalog is not None:

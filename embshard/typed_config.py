@@ -8,6 +8,7 @@ a wrong type or an unknown key is reported as `train.batch_size: expected int, g
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -100,7 +101,9 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
     try:
         data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}{_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for item in overrides or []:
         apply_override(data, item)
     try:
@@ -114,7 +117,19 @@ def apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    set_dotted(data, key.strip(), parse_yaml(raw), "--set")
+    try:
+        value = parse_yaml(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}{_yaml_problem(e)}") from None
+    set_dotted(data, key.strip(), value, "--set")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`:LINE:COLUMN: not valid YAML (what)`, one line, where PyYAML's message takes five."""
+    mark = getattr(e, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{where}: not valid YAML ({problem})"
 
 
 def set_dotted(data: dict, key: str, value: Any, where: str) -> None:
@@ -197,6 +212,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        # YAML's .nan and .inf pass every range check written as a comparison (nan <= 0 is False).
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

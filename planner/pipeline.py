@@ -40,9 +40,10 @@ class PlanBundle:
     memory: MemoryReport
     directory: Path  # plan.json and the remap files live here
 
-    def save(self) -> Path:
+    def save(self, name: str = PLAN_FILE) -> Path:
+        """Writes the plan to `name` in its folder (whole: a temporary file renamed)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / PLAN_FILE
+        path = self.directory / name
         payload = self.to_json()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
@@ -75,8 +76,10 @@ class PlanBundle:
             raise PlanError(f"{path}: plan file not found (write one with `embshard plan`)")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path}: not JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise PlanError(f"{path}: not a plan (a JSON {type(raw).__name__}, not an object)")
         return PlanBundle.from_json(raw, path.parent, optimizer)
 
     def copy_to(self, directory: Path) -> "PlanBundle":

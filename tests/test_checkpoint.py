@@ -27,6 +27,7 @@ from embshard.config import (
     TrainConfig,
 )
 from embshard.datasets.schema import DatasetSpec
+from embshard.errors import DataError
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.shard_plan import plan_sharding
 from embshard.sharding.mlet import without_mlet
@@ -208,3 +209,23 @@ def test_a_checkpoint_without_this_models_keys_is_one_line_not_a_key_error(tmp_p
         _check_shapes(tmp_path, state, old_layout)
     same_layout = {f"model.{k}": SimpleNamespace(size=torch.Size(v.shape)) for k, v in state.items()}
     _check_shapes(tmp_path, state, same_layout)  # nothing missing, nothing resized
+
+
+def test_a_batch_larger_than_a_ranks_rows_is_one_line_not_a_run_of_no_steps(dataset, tmp_path):
+    # It trained 0 steps, wrote a checkpoint of the untrained model and exited 0.
+    cfg = job(dataset, tmp_path)
+    cfg = replace(cfg, data=replace(cfg.data, batch_size=100_000))
+    with pytest.raises(DataError, match=r"the train split holds fewer than data\.batch_size=100000 rows for a rank "
+                                        r"of 1, so not one step would train"):
+        run_worker(cfg)
+    assert not complete_checkpoints(cfg.checkpoint_dir)
+
+
+def test_rerunning_a_finished_run_writes_no_checkpoint_again(dataset, tmp_path):
+    # It rewrote the last checkpoint and kept the old one as step-N.superseded, again at every rerun.
+    cfg = job(dataset, tmp_path, max_steps=6)
+    first = run_worker(cfg)
+    before = sorted(p.name for p in Path(cfg.checkpoint_dir).iterdir())
+    again = run_worker(cfg)
+    assert again["steps"] == first["steps"] == 6 and again["checkpoint"] == first["checkpoint"]
+    assert sorted(p.name for p in Path(cfg.checkpoint_dir).iterdir()) == before == ["step-000004", "step-000006"]

@@ -172,3 +172,24 @@ def test_a_plan_file_must_fit_the_data_the_dim_and_the_device(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plan_out_replaces_only_a_plan_and_only_when_asked(tmp_path, capsys):
+    from embshard.datasets.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=300)
+    spec_before = (data / "dataset.json").read_bytes()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\n")
+    # Once: plan.json written beside it, then renamed over the dataset's own spec.
+    assert main(["plan", str(cfg), "--out", str(data / "dataset.json"), "--overwrite"]) == 2
+    assert re.search(r"dataset\.json: exists and is no plan \(.*missing section 'dimension_plan'\); refusing",
+                     capsys.readouterr().err)
+    assert (data / "dataset.json").read_bytes() == spec_before and not (data / "plan.json").exists()
+    out = tmp_path / "p.json"
+    assert main(["plan", str(cfg), "--out", str(out)]) == 0
+    assert main(["plan", str(cfg), "--out", str(out)]) == 2
+    assert "p.json: a plan is there already; pass --overwrite" in capsys.readouterr().err
+    assert main(["plan", str(cfg), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "data", "p.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,30 @@ def test_exponent_numbers_are_numbers_in_files_and_overrides(tmp_path):
     # Still strings: what only looks like a number in part.
     cfg = load_job_config(path, ["name=1e", "output_dir=run1e3"])
     assert (cfg.name, cfg.output_dir) == ("1e", "run1e3")
+
+
+def test_nan_and_infinity_are_no_numbers_a_config_takes(tmp_path):
+    # `.inf` trained to a NaN loss and wrote NaN checkpoints with exit 0; `.nan` passed `<= 0`.
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  sparse_lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"train\.sparse_lr: expected a finite number, got inf"):
+        load_job_config(path)
+    path.write_text("train:\n  sparse_lr: 0.05\n")
+    for override, shown in (("train.dense_lr=.nan", "nan"), ("embeddings.mde.alpha=-.inf", "-inf")):
+        with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: expected a finite number, got {shown}"):
+            load_job_config(tmp_path / "job.yaml", [override])
+
+
+def test_yaml_that_does_not_parse_is_one_line_with_its_place(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(ConfigError) as e:
+        load_job_config(path)
+    assert "\n" not in str(e.value)
+    assert re.fullmatch(rf"{re.escape(str(path))}:3:1: not valid YAML \(.+\)", str(e.value))
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"^--set 'train\.epochs=\[1,':1:4: not valid YAML \(.+\)$"):
+        load_job_config(path, ["train.epochs=[1,"])
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not UTF-8 text \(invalid continuation byte at byte 9\)"):
+        load_job_config(path)

@@ -90,3 +90,16 @@ def test_the_driver_refuses_to_plan_over_a_missing_part(multi_part: Path, tmp_pa
     with pytest.raises(DataError, match=r"part-00004\.parquet: missing"):
         plan_for_training(cfg)
     assert not (tmp_path / "run" / "plan").exists()  # nothing planned, nothing written
+
+
+def test_a_spec_of_the_wrong_shape_is_one_line(multi_part: Path) -> None:
+    # Once an AttributeError ('list' object has no attribute 'get') and a TypeError in the planner.
+    spec = json.loads((multi_part / SPEC_FILE).read_text())
+    (multi_part / SPEC_FILE).write_text("[]")
+    with pytest.raises(DataError, match=r"dataset\.json: version None, expected 1"):
+        DatasetSpec.load(multi_part)
+    spec["sparse"][0]["cardinality"] = "500"
+    (multi_part / SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=r"dataset\.json: sparse feature 'C1': cardinality '500' \(expected an "
+                                        r"integer >= 1\)"):
+        DatasetSpec.load(multi_part)

@@ -228,3 +228,14 @@ def test_dataset_without_dense_features(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "nd", [table], spec)
     batch = next(iter(ParquetBatchReader(root, "train", 25)))
     assert batch.dense.shape == (25, 0) and batch.extra == {}
+
+
+def test_a_damaged_page_behind_an_intact_footer_names_the_file_and_rows(dataset: Path) -> None:
+    # Once a "crash" of an OSError naming no file (Couldn't deserialize thrift).
+    part = dataset / "train" / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[200:len(data) // 2] = np.random.default_rng(0).integers(0, 256, len(data) // 2 - 200, dtype=np.uint8).tobytes()
+    part.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"part-00000\.parquet: row group 0 \(file rows 0 to 49\) cannot be read "
+                                        r"\(.*\); the file is damaged"):
+        list(ParquetBatchReader(dataset, "train", 16, shuffle=False))

@@ -103,7 +103,9 @@ class CheckpointCallback(Callback):
     def __init__(self, manager: CheckpointManager, model: nn.Module, optimizer: KeyedOptimizer,
                  snapshot: Callable[[], Progress], config: dict[str, Any], plan_dir: Path,
                  every_steps: int | None, guard: StopGuard | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, saved: tuple[StoragePath, int] | None = None) -> None:
+        """`saved`: a checkpoint of this run that holds the model already (the one resumed from) and
+        its step: a run that trains no further step writes it again as nothing new."""
         self.manager = manager
         self.model = model
         self.optimizer = optimizer
@@ -113,8 +115,8 @@ class CheckpointCallback(Callback):
         self.every_steps = every_steps
         self.guard = guard
         self.metrics = metrics
-        self.saved_step: int | None = None
-        self.last_path: StoragePath | None = None
+        self.last_path: StoragePath | None = saved[0] if saved is not None else None
+        self.saved_step: int | None = saved[1] if saved is not None else None
 
     def on_step(self, info: StepInfo) -> None:
         preempted = self.guard is not None and self.guard.any_rank_signalled()

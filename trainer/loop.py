@@ -21,6 +21,7 @@ import torch.distributed as dist
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.storage import StoragePath
+from embshard.errors import DataError
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
@@ -101,9 +102,9 @@ def run_worker(
     restarts = record_start(output_dir)
 
     progress = Progress(world_size=world, batch_size=cfg.data.batch_size)
-    resumed_from = None
+    resumed_from, own = None, None
     if cfg.checkpoint.enabled:
-        resumed_from, progress = _resume(cfg, sharded, train_reader, progress)
+        resumed_from, progress, own = _resume(cfg, sharded, train_reader, progress)
     metrics = _start_metrics(cfg, bundle, rank, local_rank)
     if metrics is not None and restarts:
         metrics.inc_restarts(restarts)
@@ -115,9 +116,14 @@ def run_worker(
         return replace(progress, reader=train_reader.state_after(epoch_batches))
 
     extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics), sharded)
-    callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras)
+    callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras,
+                           (own, progress.step) if own is not None else None)
     steps = _train_steps(cfg, sharded, device, rank)
     steps_per_epoch = len(train_reader)
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.data.path}: the train split holds fewer than data.batch_size={cfg.data.batch_size} "
+                        f"rows for a rank of {world}, so not one step would train; lower data.batch_size "
+                        f"or use fewer workers")
     # Steps are numbered across restarts, but a restart on another world or batch size trains the
     # rest of the data in batches of its own size: the steps left follow from where the reader
     # stands, and the numbering keeps the difference.
@@ -264,7 +270,9 @@ def quiet_libraries() -> None:
 
 def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Progress],
                metrics: WorkerMetrics | None, report: Callable[[dict[str, Any]], None] | None,
-               rank: int, world: int, extras: list[Callback]) -> list[Callback]:
+               rank: int, world: int, extras: list[Callback],
+               saved: tuple[StoragePath, int] | None) -> list[Callback]:
+    """`saved`: this run's checkpoint resumed from and its step (it holds the model until a step trains)."""
     callbacks: list[Callback] = []
     if rank == 0 and cfg.train.progress:
         callbacks.append(ProgressBar(world))
@@ -284,7 +292,7 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
         callbacks.append(CheckpointCallback(
             checkpoint_manager(cfg, sharded, metrics),
             sharded.model, sharded.optimizer, snapshot, to_dict(cfg),
-            sharded.bundle.directory, cfg.checkpoint.every_steps, guard, metrics))
+            sharded.bundle.directory, cfg.checkpoint.every_steps, guard, metrics, saved))
     crash = crash_from_env(rank, Path(cfg.output_dir))  # last: dies after that step's checkpoint
     if crash is not None:
         callbacks.append(crash)
@@ -304,9 +312,10 @@ def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMet
 
 
 def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
-            fresh: Progress) -> tuple[StoragePath | None, Progress]:
+            fresh: Progress) -> tuple[StoragePath | None, Progress, StoragePath | None]:
     """Load the newest good checkpoint of this run, else of `checkpoint.resume`, into the model,
-    optimizer and reader; returns where it came from (None: a fresh start) and the progress."""
+    optimizer and reader; returns where it came from (None: a fresh start), the progress, and
+    the checkpoint again when it is this run's own (None: fresh, or another run's)."""
     candidates = complete_checkpoints(cfg.checkpoint_dir)
     resume = cfg.checkpoint.resume
     explicit = False
@@ -314,7 +323,7 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
         explicit = True
         candidates = resolve_source(resume)
     if not candidates:
-        return None, fresh
+        return None, fresh, None
     manager = checkpoint_manager(cfg, sharded, None)
     # Another run's folder is only read: its damaged checkpoints are named, never renamed.
     loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates, set_damaged_aside=not explicit)
@@ -325,13 +334,13 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
         if dist.get_rank() == 0:
             print(f"no checkpoint in {cfg.checkpoint_dir} verifies (kept aside, see the warnings): "
                   f"starting fresh", flush=True)
-        return None, fresh
+        return None, fresh, None
     path, saved = loaded
     reader.load_state_dict(saved.reader_state(fresh.world_size, fresh.batch_size))
     progress = replace(saved, world_size=fresh.world_size, batch_size=fresh.batch_size)
     if dist.get_rank() == 0:
         print(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})", flush=True)
-    return path, progress
+    return path, progress, None if explicit else path
 
 
 def _train_steps(cfg: JobConfig, sharded: ShardedModel, device: torch.device, rank: int) -> TrainSteps:
