@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
-from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, verbose_argument
+from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, positive, verbose_argument
 from embshard.datasets import cli as data_cli
 from embshard.errors import EmbshardError, Interrupted, first_line
 
@@ -82,7 +82,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
                     "with TorchRec's planner for a topology, and print per-rank memory for training "
                     "and serving. Needs no GPU and no cluster.")
     config_arguments(p)
-    p.add_argument("--world-size", type=int, help="ranks to plan for (default: cluster.workers)")
+    p.add_argument("--world-size", type=positive, help="ranks to plan for (default: cluster.workers)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: sharding.device)")
     p.add_argument("--device-memory-gb", type=float, metavar="G", help="memory per rank in GiB")
     p.add_argument("--local-world-size", type=int, metavar="N",
@@ -105,8 +105,9 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
     config_arguments(p, workers=True)
     p.add_argument("--address", help="attach to an existing Ray cluster (e.g. auto, ray://host:10001)")
     p.add_argument("--resume", metavar="DIR",
-                   help="resume from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
-                        "also works on another worker count (the tables are resharded)")
+                   help="start from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
+                        "also works on another worker count (the tables are resharded). A run whose "
+                        "output_dir holds checkpoints of its own continues from those instead")
     p.add_argument(ADOPT_FLAG, action="store_true", dest="adopt_checkpoint_config",
                    help="when resuming, take the model config (embeddings, model, PEP/AutoDim structure) "
                         "from the checkpoint instead of refusing a config that differs from it")

@@ -15,10 +15,10 @@ def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config 
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help=f"override a config field, e.g. --set {set_example} (repeatable)")
     if workers:
-        p.add_argument("--workers", type=_positive, help="Ray Train workers (default: cluster.workers)")
+        p.add_argument("--workers", type=positive, help="Ray Train workers (default: cluster.workers)")
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     """argparse type: 0 must not fall back to the config's count the way a missing flag does."""
     try:
         value = int(text)

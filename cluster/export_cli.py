@@ -23,10 +23,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from embshard.trainer.export import (
-        export_serving,  # torch/TorchRec load only for this verb
+    from embshard.trainer.export import (  # torch/TorchRec load only for this verb
+        export_serving,
+        read_manifest,
     )
 
     out = export_serving(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"serving model written to {out}")
+    assert out is not None  # a checkpoint exports in this one process
+    # The step, not only the folder: a checkpoint directory exports its newest good step, which
+    # is not the newest one when that is damaged.
+    print(f"serving model of {read_manifest(out)['source']} written to {out}")
     return 0

@@ -193,3 +193,10 @@ def test_plan_out_replaces_only_a_plan_and_only_when_asked(tmp_path, capsys):
     assert "p.json: a plan is there already; pass --overwrite" in capsys.readouterr().err
     assert main(["plan", str(cfg), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "data", "p.json"]
+
+
+def test_plan_for_zero_ranks_is_refused_by_its_flag(tmp_path, capsys):
+    # 0 fell back to cluster.workers, as if the flag were not given.
+    with pytest.raises(SystemExit):
+        main(["plan", str(tmp_path / "c.yaml"), "--world-size", "0"])
+    assert "--world-size: must be >= 1, got 0" in capsys.readouterr().err

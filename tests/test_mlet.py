@@ -174,8 +174,11 @@ def test_k_below_d_is_refused_by_the_config_and_by_the_plan(tmp_path: Path) -> N
     config.write_text("embeddings:\n  dim: 16\n  mlet:\n    ratio: 0.5\n")
     with pytest.raises(ConfigError, match=r"ratio.*k < d.*Theorem 2\.2"):
         load_yaml(JobConfig, config)
+    # Named by its field and as given: it was reported after rounding, as k=4 of table t_a.
+    with pytest.raises(ConfigError, match=r"embeddings\.mlet\.width: 2 < d = 8 \(table 't_a' block 0\).*Theorem 2\.2"):
+        apply_mlet(without_mlet(mlet_plan()), MletConfig(width=2), "multiple4")
     with pytest.raises(PlanError, match=r"k=4 < d=8.*caps the rank"):
-        apply_mlet(without_mlet(mlet_plan()), MletConfig(width=4), "multiple4")
+        DimensionPlan(base_dim=8, tables=[TablePlan("t", ["f"], 8, [Block(0, 8, 8, mlet_width=4)])])
 
 
 def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) -> None:

@@ -319,6 +319,9 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     candidates = complete_checkpoints(cfg.checkpoint_dir)
     resume = cfg.checkpoint.resume
     explicit = False
+    if candidates and resume is not None and dist.get_rank() == 0:
+        print(f"note: checkpoint.resume {resume} not used: {cfg.checkpoint_dir} holds checkpoints of this "
+              f"run, and a run continues from its own (another output_dir starts from {resume})", flush=True)
     if not candidates and resume is not None:
         explicit = True
         candidates = resolve_source(resume)

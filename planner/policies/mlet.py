@@ -36,6 +36,10 @@ def apply_mlet(plan: DimensionPlan, mlet: MletConfig, rule: RoundingRule) -> Dim
             if mlet.ratio is not None:
                 raw, setting = b.dim * mlet.ratio, {"ratio": mlet.ratio}
             elif mlet.width is not None:
+                if mlet.width < b.dim:  # said here, before rounding makes it another number
+                    raise ConfigError(
+                        f"embeddings.mlet.width: {mlet.width} < d = {b.dim} (table {t.name!r} block {i}): "
+                        f"k < d caps the rank of W1.W2 at k (MLET paper, Theorem 2.2); use a width >= {b.dim}")
                 raw, setting = mlet.width, {"width": mlet.width}
             else:  # MletConfig.__post_init__ refuses this already; this narrows the types
                 raise ConfigError("embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width")
