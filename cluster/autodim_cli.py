@@ -26,7 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Needs an `autodim:` section in the config (see configs/autodim-movielens.yaml).")
     config_arguments(p, "job config (YAML) with an autodim: section", "autodim.alpha_every=5", workers=True)
     p.add_argument("--out", type=Path, metavar="FILE",
-                   help="decisions file to write (default: autodim.decisions, else <output_dir>/decisions.json)")
+                   help="decisions file to write (default: autodim.decisions, else <output_dir>/decisions.json, "
+                        "which a rerun of the same run rewrites)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a decisions file already at --out / autodim.decisions (a file there that "
+                        "is no decisions file is never replaced)")
     verbose_argument(p)
     p.set_defaults(func=_autodim)
 
@@ -36,6 +40,9 @@ def _autodim(args: argparse.Namespace) -> int:
     from embshard.cluster.cli import validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
+    from embshard.datasets.outdir import check_file_output
+    from embshard.errors import ConfigError
+    from embshard.planner.decisions import load_decisions
     from embshard.trainer.autodim import autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
@@ -43,6 +50,10 @@ def _autodim(args: argparse.Namespace) -> int:
     workers = cfg.cluster.workers if args.workers is None else args.workers
     # Absolute: workers may run elsewhere (train_on_ray resolves the other paths the same way).
     decisions = Path(args.out or decisions_path(cfg)).resolve()
+    if args.out is not None or search.decisions is not None:
+        # A path the user named may hold anything, their config included: checked before the
+        # search, not found out by its last step.
+        check_file_output(decisions, args.overwrite, "decisions file", load_decisions, ConfigError)
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
     bundle = plan_for_training(cfg, "autodim")

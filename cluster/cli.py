@@ -179,23 +179,10 @@ def _load(args: argparse.Namespace):
     return load_job_config(args.config, args.overrides)
 
 
-def _check_plan_target(path: Path, overwrite: bool, optimizer: str) -> None:
-    """A plan may replace a plan (with --overwrite), never a file of another kind."""
-    from embshard.errors import PlanError
-    from embshard.planner.pipeline import PlanBundle
-
-    if not path.exists():
-        return
-    try:
-        PlanBundle.load(path, optimizer)  # type: ignore[arg-type]
-    except EmbshardError as e:
-        raise PlanError(f"{path}: exists and is no plan ({e}); refusing to replace it, even with --overwrite") from None
-    if not overwrite:
-        raise PlanError(f"{path}: a plan is there already; pass --overwrite to replace it")
-
-
 def _plan(args: argparse.Namespace) -> int:
-    from embshard.planner.pipeline import PLAN_FILE, plan_with
+    from embshard.datasets.outdir import check_file_output
+    from embshard.errors import PlanError
+    from embshard.planner.pipeline import PLAN_FILE, PlanBundle, plan_with
     from embshard.trainer.method import get_method, method_name
     from embshard.trainer.planning import planning_step
 
@@ -212,7 +199,8 @@ def _plan(args: argparse.Namespace) -> int:
     out = args.out or cfg.plan_dir
     out_dir, name = (out.parent, out.name) if out.suffix == ".json" else (out, PLAN_FILE)
     if args.out is not None:
-        _check_plan_target(out_dir / name, args.overwrite, cfg.train.sparse_optimizer)
+        check_file_output(out_dir / name, args.overwrite, "plan",
+                          lambda path: PlanBundle.load(path, cfg.train.sparse_optimizer), PlanError)
     bundle = plan_with(
         decide,
         cfg.data.path,

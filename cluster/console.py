@@ -173,16 +173,39 @@ def run_log(output_dir: Path) -> Iterator[Path]:
     if _verbose:
         echo = logging.StreamHandler(sys.stderr)
         root.addHandler(echo)
+    # Ray's loggers print to the console themselves, past the root logger: a failed Tune trial
+    # was a wall of tracebacks above the one line that says what was wrong. Into the log too.
+    diverted = {} if _verbose else {name: _divert(logging.getLogger(name), handler) for name in _RAY_LOGGERS}
     _current_log = path
     try:
         yield path
     finally:
         _end_progress_line()
+        for name, own in diverted.items():
+            logger = logging.getLogger(name)
+            logger.removeHandler(handler)
+            for ray_handler in own:
+                logger.addHandler(ray_handler)
         for h in (handler, echo):
             if h is not None:
                 root.removeHandler(h)
         handler.close()
         root.setLevel(old_level)
+
+
+# Loggers of Ray that keep their own console handlers and do not propagate to the root logger.
+_RAY_LOGGERS = ("ray", "ray.data")
+
+
+def _divert(logger: logging.Logger, to: logging.Handler) -> list[logging.Handler]:
+    """Swaps `logger`'s console handlers for `to`; returns them, to be put back."""
+    console: list[logging.Handler] = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                                      and not isinstance(h, logging.FileHandler)]
+    for h in console:
+        logger.removeHandler(h)
+    if console:
+        logger.addHandler(to)
+    return console
 
 
 def route_worker_output() -> None:

@@ -61,9 +61,13 @@ def prune_pep(args: argparse.Namespace) -> int:
     from embshard.cluster.cli import validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
+    from embshard.errors import ConfigError
     from embshard.trainer.pep import NONZERO_HISTORY_FILE
 
     cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
+    if cfg.pep_dir.exists() and not cfg.pep_dir.is_dir():
+        # Found out at the first target otherwise, inside a worker, as a crash.
+        raise ConfigError(f"pep.out {cfg.pep_dir}: a file; it names the folder the prune run writes its targets into")
     plan_for_training(cfg, "pep")
     summary = train_on_ray(cfg, "pep")
     pep = summary.get("pep", {})

@@ -88,6 +88,7 @@ def sweep(args: argparse.Namespace) -> int:
     from embshard.cluster.sweep_plan import SweepSpec, check_vary, parse_budgets, parse_methods, parse_vary
     from embshard.config import load_job_config
     from embshard.datasets.schema import DatasetSpec
+    from embshard.datasets.verify import verify_dataset
     from embshard.errors import ConfigError
 
     cfg = load_job_config(args.config, args.overrides)
@@ -105,6 +106,7 @@ def sweep(args: argparse.Namespace) -> int:
     spec = SweepSpec(methods, parse_budgets(args.budgets) if args.budgets is not None else cfg.sweep.budgets,
                      int(args.seeds) if args.seeds is not None else cfg.sweep.seeds, args.first_seed, vary)
     data = DatasetSpec.load(cfg.data.path)
+    verify_dataset(cfg.data.path)  # once here, not as a failure of every trial once Ray is up
     check_trials(cfg, spec, data)
 
     from embshard.cluster.sweep_plan import setting_label, with_knobs
@@ -151,29 +153,54 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def sweep_merge(args: argparse.Namespace) -> int:
-    from embshard.cluster.sweep_report import merge_reports
+    from embshard.cluster.sweep_report import check_report, merge_reports
     from embshard.datasets.storage import RemotePath, location
     from embshard.errors import DataError
 
     out = location(args.out)
     if isinstance(out, RemotePath):  # a bucket that is not there is one line before any work
         out.check_bucket()
-    sources = {str(path): path for path in map(sweep_json, args.reports)}
+    sources: dict[str, StoragePath] = {}
+    given: dict[str, str] = {}  # report -> the argument that named it
+    for arg in args.reports:
+        path = sweep_json(arg)
+        same = [name for name, p in sources.items() if p.resolve() == path.resolve()]
+        if same:
+            raise DataError(f"{given[same[0]]} and {arg}: the same report ({path}); give each sweep once")
+        sources[str(path)], given[str(path)] = path, arg
     reports: dict[str, dict[str, Any]] = {}
     for name, path in sources.items():
         try:
             reports[name] = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a sweep report ({e})") from e
-        if not {"dataset", "points"} <= set(reports[name]):
-            raise DataError(f"{path}: not a sweep report (it has no dataset or points)")
+        check_report(reports[name], str(path))
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
     rep = merge_reports(reports, args.assume_same_config, args.replace, args.assume_same_data)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
+    if out.is_dir() and any(out.iterdir()):
+        _check_earlier_merge(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return publish(rep, f"{len(reports)} sweeps merged", out)
+
+
+def _check_earlier_merge(out: StoragePath, overwrite: bool) -> None:
+    """A merge replaces the report files of an earlier merge, with --overwrite; a sweep's own
+    report (which later merges read as that sweep's points) or anything else, never."""
+    from embshard.cluster.sweep_run import SPEC_FILE
+    from embshard.errors import DataError
+
+    if not overwrite:
+        raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
+    entries: list[StoragePath] = sorted(out.iterdir(), key=str)
+    for entry in entries:
+        name = entry.name
+        if name == SPEC_FILE or not (name.startswith("sweep-") and name.rsplit(".", 1)[-1] in ("json", "md", "png")):
+            raise DataError(f"--out {out}: holds {name}, which no merge writes; refusing to replace it, "
+                            f"even with --overwrite")
+        if name.endswith(".json") and "merged_from" not in json.loads(entry.read_text()):
+            raise DataError(f"--out {out}: {name} is a sweep's own report, not a merge's; refusing to replace "
+                            f"it, even with --overwrite")
 
 
 def publish(rep: dict[str, Any], detail: str, out: StoragePath, prefix: str = "") -> int:

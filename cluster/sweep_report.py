@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -239,6 +240,32 @@ def report(points: list[dict[str, Any]], planted: PlantedTruth | None, grid: lis
 
 
 UNRECORDED = "knobs unrecorded"
+
+
+def check_report(rep: Any, where: str) -> None:
+    """DataError unless `rep` has a sweep report's shape: a merge reads its points as measured,
+    and a negative size or a NaN would go into the claim, or fail as a KeyError in it."""
+    if not isinstance(rep, dict) or not isinstance(rep.get("dataset"), str) or not isinstance(rep.get("points"), list):
+        raise DataError(f"{where}: not a sweep report (it has no dataset or points)")
+    for i, p in enumerate(rep["points"]):
+        if not isinstance(p, dict):
+            raise DataError(f"{where}: not a sweep report (points[{i}] is no object)")
+        checks = {"method": isinstance(p.get("method"), str) and p["method"] != "",
+                  "budget": _finite(p.get("budget")) and p["budget"] > 0,
+                  "seed": _whole(p.get("seed")) and p["seed"] >= 0,
+                  "value": _finite(p.get("value")),
+                  "serving_bytes": _whole(p.get("serving_bytes")) and p["serving_bytes"] > 0}
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: bool = False,

@@ -28,7 +28,7 @@ from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig, current_schema
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, location
-from embshard.errors import ConfigError, EmbshardError, Interrupted
+from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
 from embshard.typed_config import to_dict
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep's folder
@@ -55,8 +55,12 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
         trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
         experiment = out / EXPERIMENT
         if resume:
-            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            try:
+                tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+            except Exception as e:  # noqa: BLE001 - whatever Tune's unpickling of its own files raises
+                raise ConfigError(f"--resume: {experiment}: Ray Tune cannot restore the sweep's state "
+                                  f"({first_line(e)}); start the sweep afresh with another --out") from None
         else:
             job = to_dict(_absolute(cfg))
             trials = [t.to_json() for t in spec.trials()]
@@ -111,7 +115,14 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         if not saved.is_file():
             raise ConfigError(f"--resume: {out} holds no sweep to resume (no {SPEC_FILE}); start the sweep afresh "
                               "with another --out")
-        record = json.loads(saved.read_text())
+        try:
+            record = json.loads(saved.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--resume: {saved}: not a sweep spec ({e}); start the sweep afresh with "
+                              f"another --out") from None
+        if not isinstance(record, dict) or not set(spec.to_json()) <= set(record):
+            raise ConfigError(f"--resume: {saved}: not a sweep spec (expected an object with "
+                              f"{', '.join(spec.to_json())}); start the sweep afresh with another --out")
         started = {k: v for k, v in record.items() if k != "config"}
         # As JSON text: 0 and 0.0 are equal values but two settings' folders.
         if json.dumps(started) != json.dumps(spec.to_json()):
@@ -126,6 +137,14 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
             raise ConfigError(f"--resume: {out} holds no sweep to resume (no Ray Tune experiment state in "
                               f"{out / EXPERIMENT}); start the sweep afresh with another --out")
+        for state in (out / EXPERIMENT).glob("experiment_state-*.json"):
+            # Tune would log the failure, start over with no trials, and fail the same way at every
+            # resume, writing a new state each time.
+            try:
+                json.loads(state.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--resume: {state}: Ray Tune's state of the sweep is damaged ({e}); "
+                                  f"start the sweep afresh with another --out") from None
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: not empty; resume the sweep there with --resume, or choose another folder")

@@ -55,7 +55,7 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET)
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
     if not out.exists():
-        _check_creatable(out, kind)
+        _check_creatable(out, kind.error)
         return
     if not out.is_dir():
         raise kind.error(f"{out}: exists and is not a directory")
@@ -67,16 +67,34 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET)
     _check_replaceable(out, overwrite, kind)
 
 
-def _check_creatable(out: Path, kind: Replaceable) -> None:
+def _check_creatable(out: Path, error: type[EmbshardError]) -> None:
     """Said before a long conversion, not as an OSError once it is done: the nearest existing
     folder above `out` must be a folder this process may write in."""
     parent = out.absolute().parent
     while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
     if not parent.is_dir():
-        raise kind.error(f"{out}: cannot be created: {parent} is not a directory")
+        raise error(f"{out}: cannot be created: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise kind.error(f"{out}: cannot be created: no permission to write in {parent}")
+        raise error(f"{out}: cannot be created: no permission to write in {parent}")
+
+
+def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Path], object],
+                      error: type[EmbshardError] = DataError) -> None:
+    """Before a run that ends by writing the file `path` (a plan, a decisions file): it must be
+    absent, or (with overwrite) a `what` already, which `read` checks. A file of another kind is
+    never replaced."""
+    if path.is_dir():
+        raise error(f"{path}: a directory; give the path of the {what} file to write")
+    if not path.exists():
+        _check_creatable(path, error)
+        return
+    try:
+        read(path)
+    except EmbshardError as e:
+        raise error(f"{path}: exists and is no {what} ({e}); refusing to replace it, even with --overwrite") from None
+    if not overwrite:
+        raise error(f"{path}: a {what} is there already; pass --overwrite to replace it")
 
 
 def check_not_inside(out: StoragePath, sources: list[Path]) -> None:

@@ -69,9 +69,12 @@ class Decisions:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Writes the file whole (a temporary file renamed), never half a file over an earlier one."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(path)
         return path
 
 
@@ -81,7 +84,7 @@ def load_decisions(path: str | Path) -> Decisions:
         raise PlanError(f"{path}: decisions file not found")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{path}: not JSON ({e})") from None
     try:
         return parse_decisions(raw)

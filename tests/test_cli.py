@@ -200,3 +200,26 @@ def test_plan_for_zero_ranks_is_refused_by_its_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plan", str(tmp_path / "c.yaml"), "--world-size", "0"])
     assert "--world-size: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(tmp_path, capsys):
+    # search --out wrote the decisions over any file (the job's own config too); a folder there,
+    # or a file as pep.out, was found out after the whole run, as a crash.
+    from embshard.datasets.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=300)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
+                   f"pep:\n  targets: [0.5]\noutput_dir: {tmp_path / 'run'}\n")
+    config_text = cfg.read_text()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("keep me")
+    for out, message in ((cfg, r"c\.yaml: exists and is no decisions file \(.*not JSON.*\); refusing to replace it"),
+                         (tmp_path / "folder", r"folder: a directory; give the path of the decisions file")):
+        assert main(["search", "autodim", str(cfg), "--out", str(out), "--overwrite"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert main(["prune", "pep", str(cfg), "--set", f"pep.out={tmp_path / 'notes.txt'}"]) == 2
+    assert "notes.txt: a file; it names the folder the prune run writes its targets into" in capsys.readouterr().err
+    assert cfg.read_text() == config_text and (tmp_path / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "run").exists()

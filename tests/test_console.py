@@ -114,3 +114,26 @@ def test_verbs_on_ray_take_verbose(argv):
     from embshard.cluster.cli import build_parser
 
     assert build_parser().parse_args(argv).verbose is True
+
+
+def test_ray_s_own_console_logging_goes_to_the_run_log(tmp_path, capfd):
+    # A failed Tune trial was logged by Ray's logger straight to stderr: ~100 lines of tracebacks
+    # above the one line that said what was wrong.
+    import ray  # noqa: F401 - installs Ray's console handler on the "ray" logger
+
+    from embshard.cluster import console
+
+    tune_logger = logging.getLogger("ray.tune.execution.tune_controller")
+    handlers = list(logging.getLogger("ray").handlers)
+    with console.run_log(tmp_path) as log:
+        tune_logger.error("Trial task failed for trial run_trial_1\nTraceback (most recent call last): ...")
+    assert "Trial task failed" not in capfd.readouterr().err
+    assert "Trial task failed for trial run_trial_1" in log.read_text()
+    assert logging.getLogger("ray").handlers == handlers  # Ray's console again once the run is over
+    console.set_verbose(True)
+    try:
+        with console.run_log(tmp_path / "verbose"):
+            tune_logger.error("shown with --verbose")
+    finally:
+        console.set_verbose(False)
+    assert "shown with --verbose" in capfd.readouterr().err

@@ -548,6 +548,21 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
     quiet = load_job_config(REPO / "configs" / "default.yaml", ["train.log_every=7"])
     with pytest.raises(ConfigError, match="no Ray Tune experiment state"):
         _claim_folder(out, out, spec, quiet, resume=True)
+    # Damaged records: each was a traceback (JSONDecodeError, AttributeError) or a loop of resumes.
+    saved = (out / "sweep-spec.json").read_text()
+    for damaged, why in ((saved[:40], r"not a sweep spec \(Expecting"),
+                         ("[1, 2]", r"not a sweep spec \(expected an object"),
+                         ("{}", r"not a sweep spec \(expected an object with methods")):
+        (out / "sweep-spec.json").write_text(damaged)
+        with pytest.raises(ConfigError, match=rf"--resume: .*sweep-spec\.json: {why}"):
+            _claim_folder(out, out, spec, cfg, resume=True)
+    (out / "sweep-spec.json").write_text(saved)
+    (out / "tune").mkdir()
+    (out / "tune" / "experiment_state-2026-12-04.json").write_text('{"trial_data": [')
+    (out / "tune" / "tuner.pkl").write_bytes(b"")  # what can_restore looks for
+    with pytest.raises(ConfigError, match=r"experiment_state-2026-12-04\.json: Ray Tune's state of the sweep is "
+                                          r"damaged"):
+        _claim_folder(out, out, spec, cfg, resume=True)
     # A point of a setting the sweep does not vary is one line, not a KeyError.
     with pytest.raises(DataError, match=re.escape('a point of the setting {"model.options.l2": 0.0}, which this '
                                                   'sweep does not vary')):
@@ -794,3 +809,56 @@ def test_sweep_merge_writes_one_report_and_takes_over_nothing(tmp_path, capsys):
         assert err.strip().count("\n") == 0 and err.startswith(f"embshard: error: {expected}"), err
     assert (out / "sweep-tiny.json").read_bytes() == before
     assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, method in ((a, "uniform"), (b, "mde")):
+        folder.mkdir()
+        rep = sweep_report_of([p for p in rising() if p["method"] == method], [method])
+        (folder / "sweep-tiny.json").write_text(json.dumps(rep))
+        (folder / "sweep-spec.json").write_text("{}")
+    own = (b / "sweep-tiny.json").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = json.loads(own)
+    cases = [
+        # Each was a traceback (KeyError, TypeError, AttributeError) or a claim of negative bytes.
+        ({**good, "points": [{"foo": 1}]}, r"points\[0\]\.method: None"),
+        ({**good, "points": "abc"}, r"it has no dataset or points"),
+        ({**good, "points": [{**good["points"][0], "value": float("nan")}]}, r"points\[0\]\.value: nan"),
+        ({**good, "points": [{**good["points"][0], "serving_bytes": -5}]}, r"points\[0\]\.serving_bytes: -5"),
+        ({**good, "points": [{**good["points"][0], "budget": -3}]}, r"points\[0\]\.budget: -3"),
+    ]
+    for rep, message in cases:
+        (bad / "sweep-tiny.json").write_text(json.dumps(rep))
+        assert main(["sweep-merge", str(a), str(bad), "--out", str(tmp_path / "m")]) == 2
+        assert re.search(rf"bad/sweep-tiny\.json: not a sweep report \({message}\)", capsys.readouterr().err)
+    # The same report twice, by two names: it was merged as one, or refused as an overlap.
+    assert main(["sweep-merge", str(a), str(a / "sweep-tiny.json"), "--out", str(tmp_path / "m")]) == 2
+    assert f"{a} and {a / 'sweep-tiny.json'}: the same report ({a / 'sweep-tiny.json'})" in capsys.readouterr().err
+    # --overwrite replaced a sweep's own report with a merge, which later merges read as that sweep's.
+    assert main(["sweep-merge", str(a), "--out", str(b), "--overwrite"]) == 2
+    assert f"--out {b}: holds sweep-spec.json, which no merge writes" in capsys.readouterr().err
+    (b / "sweep-spec.json").unlink()
+    assert main(["sweep-merge", str(a), "--out", str(b), "--overwrite"]) == 2
+    assert f"--out {b}: sweep-tiny.json is a sweep's own report, not a merge's" in capsys.readouterr().err
+    assert (b / "sweep-tiny.json").read_bytes() == own
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_damaged_dataset_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    # Found by every trial, once Ray was up: a wall of Tune tracebacks per trial before the line.
+    from embshard.cluster import sweep_run
+    from embshard.datasets.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=200)
+    part = data / "test" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    capsys.readouterr()  # synth's progress bars
+    monkeypatch.setattr(sweep_run, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    assert main(["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}", "--methods", "uniform",
+                 "--budgets", "1", "--seeds", "1", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "test/part-00000.parquet" in err[0], err
