@@ -30,7 +30,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import StoragePath, check_reachable, copytree, location
 from embshard.datasets.verify import verify_dataset
 from embshard.errors import EmbshardError, Interrupted, PlanError, first_line
-from embshard.planner.pipeline import PLAN_FILE, PlanBundle, plan_with, shard_dimension_plan
+from embshard.planner.pipeline import PLAN_FILE, PlanBundle, check_plan_holds, plan_with, shard_dimension_plan
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
 from embshard.trainer.checkpoint import (
@@ -75,8 +75,8 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         made_for = "the plan"
     bundle.shard_plan.check_matches(bundle.dimension_plan, topology)
     spec = DatasetSpec.load(cfg.data.path)
-    bundle.dimension_plan.check_holds({f.name: f.cardinality for f in spec.sparse},
-                                      f"{made_for} on {cfg.data.path}")
+    check_plan_holds(bundle.dimension_plan, {f.name: f.cardinality for f in spec.sparse},
+                     f"{made_for} on {cfg.data.path}")
     bundle.memory.check_fits()
     return bundle
 

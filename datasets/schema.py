@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embshard.datasets.storage import StoragePath, check_reachable, location
+from embshard.datasets.storage import StoragePath, check_reachable, location, read_json
 from embshard.errors import DataError
 
 SPEC_FILE = "dataset.json"
@@ -131,10 +131,7 @@ class DatasetSpec:
             raise DataError(f"{where}: dataset directory not found")
         if not path.is_file():
             raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: malformed dataset spec ({e})") from None
+        raw = read_json(path, DataError)
         version = raw.get("version") if isinstance(raw, dict) else None
         if version != SPEC_VERSION:
             raise DataError(f"{path}: version {version!r}, expected {SPEC_VERSION}")

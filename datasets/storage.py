@@ -25,6 +25,7 @@ manifest.json, serving.json), and readers refuse a prefix without it.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import posixpath
 import re
@@ -38,13 +39,22 @@ from typing import IO, Any, TypeVar, Union, cast
 
 import pyarrow.fs as pafs
 
-from embshard.errors import StorageError
+from embshard.errors import EmbshardError, StorageError
 
 
 def is_uri(value: str | os.PathLike[str]) -> bool:
     """A `scheme://` location other than a plain local path (`file://` counts as local)."""
     text = os.fspath(value)
     return "://" in text and not text.startswith("file://")
+
+
+def read_json(path: "StoragePath", error: type[EmbshardError]) -> Any:
+    """The JSON document in `path`; `error` naming the file when it is no JSON text (a truncated
+    or foreign file is an input to refuse in one line, not a traceback)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not JSON ({e})") from None
 
 
 def location(value: "str | os.PathLike[str] | RemotePath") -> "StoragePath":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embshard.datasets.storage import read_json
 from embshard.errors import PlanError
 from embshard.planner.types import ROW_ORDERS, RowOrder
 
@@ -82,10 +83,7 @@ def load_decisions(path: str | Path) -> Decisions:
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"{path}: decisions file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlanError(f"{path}: not JSON ({e})") from None
+    raw = read_json(path, PlanError)
     try:
         return parse_decisions(raw)
     except PlanError as e:

@@ -20,6 +20,7 @@ import numpy as np
 from embshard.config import EmbeddingsConfig
 from embshard.datasets.profile import Profile, load_profile
 from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.storage import read_json
 from embshard.errors import PlanError
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
@@ -74,10 +75,7 @@ class PlanBundle:
             path = path / PLAN_FILE
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found (write one with `embshard plan`)")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"{path}: not JSON ({e})") from None
+        raw = read_json(path, PlanError)
         if not isinstance(raw, dict):
             raise PlanError(f"{path}: not a plan (a JSON {type(raw).__name__}, not an object)")
         return PlanBundle.from_json(raw, path.parent, optimizer)
@@ -109,6 +107,21 @@ def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:
             remap = load_remap(directory / table.remap, table.num_embeddings)
             maps.update({f: remap for f in table.features})
     return maps
+
+
+def check_plan_holds(plan: DimensionPlan, cardinalities: Mapping[str, int], where: str) -> None:
+    """PlanError unless every table has a row for each id its features take in the data
+    (`cardinalities`, by dataset feature): a plan made for other data, resumed or given as a file,
+    would have FBGEMM's bounds check read an id past a table's rows as row 0, silently. `where`
+    names the plan and the data."""
+    for t in plan.tables:
+        for name in t.features:
+            f = searched_feature(t, name)
+            if f not in cardinalities:
+                raise PlanError(f"{where}: table {t.name!r} reads feature {f!r}, which the data does not have")
+            if cardinalities[f] > t.num_embeddings:
+                raise PlanError(f"{where}: feature {f!r} takes {cardinalities[f]:,} ids, table {t.name!r} "
+                                f"has {t.num_embeddings:,} rows: the plan was made for other data")
 
 
 # A method's planning step: dataset spec + id counts (+ the plan folder for remaps) -> DimensionPlan.

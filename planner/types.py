@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -97,18 +96,6 @@ class DimensionPlan:
             and t.row_order == "identity"
             for t in self.tables
         )
-
-    def check_holds(self, cardinalities: Mapping[str, int], where: str) -> None:
-        """PlanError unless every table has a row for each id its features take in the data
-        (`cardinalities`): an id past a table's rows would be read as row 0 by FBGEMM's bounds
-        check, silently. `where` names the plan and the data."""
-        for t in self.tables:
-            for f in t.features:
-                if f not in cardinalities:
-                    raise PlanError(f"{where}: table {t.name!r} reads feature {f!r}, which the data does not have")
-                if cardinalities[f] > t.num_embeddings:
-                    raise PlanError(f"{where}: feature {f!r} takes {cardinalities[f]:,} ids, table {t.name!r} "
-                                    f"has {t.num_embeddings:,} rows: the plan was made for other data")
 
     def output_dim(self, table: TablePlan) -> int:
         """Width at which the table's features reach the model."""

@@ -8,7 +8,7 @@ import pytest
 
 from embshard.config import EmbeddingsConfig, MdeConfig, MletConfig
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.errors import PlanError
+from embshard.errors import ConfigError, PlanError
 from embshard.planner.decisions import (
     BlockDecision,
     Decisions,
@@ -182,5 +182,5 @@ def test_mlet_width_and_feature_selection():
 
 
 def test_mlet_narrower_than_dim_is_refused_with_the_reason():
-    with pytest.raises(PlanError, match=r"table 't_C1' block 0: MLET width k=8 < d=16.*Theorem 2.2"):
+    with pytest.raises(ConfigError, match=r"embeddings\.mlet\.width: 8 < d = 16 \(table 't_C1' block 0\).*Theorem 2.2"):
         plan_dimensions(EmbeddingsConfig(dim=16, mlet=MletConfig(width=8)), SPEC)

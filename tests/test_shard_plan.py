@@ -11,6 +11,7 @@ import pytest
 
 from embshard.errors import PlanError
 from embshard.planner.memory import memory_report
+from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.shard_plan import ShardPlan, make_constraints, plan_sharding
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -123,14 +124,14 @@ def test_check_matches_rejects_other_world_size_and_tables(small) -> None:
 def test_a_plan_must_hold_every_id_of_the_data(small) -> None:
     plan, _ = small
     rows = {t.name: t.num_embeddings for t in plan.tables}
-    plan.check_holds({f: rows[t.name] for t in plan.tables for f in t.features}, "p")
-    plan.check_holds({f: 1 for t in plan.tables for f in t.features}, "p")  # fewer ids: rows to spare
+    check_plan_holds(plan, {f: rows[t.name] for t in plan.tables for f in t.features}, "p")
+    check_plan_holds(plan, {f: 1 for t in plan.tables for f in t.features}, "p")  # fewer ids: rows to spare
     more = {f: rows[t.name] + (t.name == "b") for t in plan.tables for f in t.features}
     with pytest.raises(PlanError, match=r"p: feature 'b' takes 6,001 ids, table 'b' has 6,000 rows: "
                                         r"the plan was made for other data"):
-        plan.check_holds(more, "p")
+        check_plan_holds(plan, more, "p")
     with pytest.raises(PlanError, match=r"p: table 'a' reads feature 'a', which the data does not have"):
-        plan.check_holds({"b": 1}, "p")
+        check_plan_holds(plan, {"b": 1}, "p")
 
 
 @pytest.mark.slow  # a few seconds: TorchRec's planner over 600 tables

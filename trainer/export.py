@@ -45,7 +45,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embshard.config import ModelConfig
 from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import RemotePath, StoragePath, copy_file, copytree, location
+from embshard.datasets.storage import RemotePath, StoragePath, copy_file, copytree, location, read_json
 from embshard.errors import EmbshardError, StorageError
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
@@ -74,10 +74,7 @@ def read_manifest(directory: StoragePath) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not JSON ({e})") from None
+    manifest = read_json(path, ExportError)
     version = manifest.get("version") if isinstance(manifest, dict) else None
     if version != EXPORT_VERSION:
         raise ExportError(f"{path}: export version {version!r}, expected {EXPORT_VERSION}")
