@@ -41,8 +41,8 @@ def _autodim(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
     from embshard.datasets.outdir import check_file_output
+    from embshard.datasets.storage import read_json_object
     from embshard.errors import ConfigError
-    from embshard.planner.decisions import load_decisions
     from embshard.trainer.autodim import autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
@@ -53,7 +53,9 @@ def _autodim(args: argparse.Namespace) -> int:
     if args.out is not None or search.decisions is not None:
         # A path the user named may hold anything, their config included: checked before the
         # search, not found out by its last step.
-        check_file_output(decisions, args.overwrite, "decisions file", load_decisions, ConfigError)
+        decisions_keys = ("version", "method", "tables")  # of any version: ours to replace
+        check_file_output(decisions, args.overwrite, "decisions file",
+                          lambda path: read_json_object(path, decisions_keys, ConfigError), ConfigError)
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
     bundle = plan_for_training(cfg, "autodim")

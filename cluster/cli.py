@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 # OSErrors about where files go, which the user fixes on the machine: printed as one line.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})
+                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                                errno.EBUSY, errno.EXDEV})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:
-        if e.filename is None or e.errno not in ENVIRONMENT_ERRNOS or console.is_verbose():
-            raise
-        # The machine, not the input or the code: a full disk, a read-only mount, a permission.
-        console.record_error(e)
-        print(f"embshard: error: {e.filename}: {e.strerror}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except Exception as e:
+        if isinstance(e, OSError) and e.filename is not None and e.errno in ENVIRONMENT_ERRNOS \
+                and not console.is_verbose():
+            # The machine, not the input or the code: a full disk, a read-only mount, a permission.
+            console.record_error(e)
+            where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
+            print(f"embshard: error: {where}: {e.strerror}", file=sys.stderr)
+            return EXIT_USER_ERROR
         # A crash, not bad input: one line here, the whole traceback in the run's log. Before a
         # run has a log (or with --verbose) the traceback goes to the console as Python prints it.
         log = console.record_error(e)
@@ -180,9 +182,10 @@ def _load(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from embshard.datasets.outdir import check_file_output
+    from embshard.datasets.outdir import check_file_output, make_staging
+    from embshard.datasets.storage import read_json_object
     from embshard.errors import PlanError
-    from embshard.planner.pipeline import PLAN_FILE, PlanBundle, plan_with
+    from embshard.planner.pipeline import PLAN_FILE, plan_with
     from embshard.trainer.method import get_method, method_name
     from embshard.trainer.planning import planning_step
 
@@ -199,18 +202,25 @@ def _plan(args: argparse.Namespace) -> int:
     out = args.out or cfg.plan_dir
     out_dir, name = (out.parent, out.name) if out.suffix == ".json" else (out, PLAN_FILE)
     if args.out is not None:
+        # Any version of a plan is ours to replace; another file never.
         check_file_output(out_dir / name, args.overwrite, "plan",
-                          lambda path: PlanBundle.load(path, cfg.train.sparse_optimizer), PlanError)
-    bundle = plan_with(
-        decide,
-        cfg.data.path,
-        topology,
-        out_dir,
-        batch_size=cfg.data.batch_size,
-        optimizer=cfg.train.sparse_optimizer,
-        sharding_types=sharding.sharding_types,
-    )
-    path = bundle.save(name)
+                          lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError)
+    # Planned apart, then copied in: the remap files are written while planning, and must not
+    # replace those of a plan already there before this one is known to be complete.
+    staging = make_staging(out_dir / name)
+    try:
+        bundle = plan_with(
+            decide,
+            cfg.data.path,
+            topology,
+            staging,
+            batch_size=cfg.data.batch_size,
+            optimizer=cfg.train.sparse_optimizer,
+            sharding_types=sharding.sharding_types,
+        ).copy_to(out_dir, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    path = bundle.directory / name
     plan = bundle.dimension_plan
     blocks = sum(len(t.blocks) for t in plan.tables)
     print(f"{len(plan.tables)} tables, {blocks} blocks, base dim {plan.base_dim}, "

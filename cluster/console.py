@@ -174,16 +174,18 @@ def run_log(output_dir: Path) -> Iterator[Path]:
         echo = logging.StreamHandler(sys.stderr)
         root.addHandler(echo)
     # Ray's loggers print to the console themselves, past the root logger: a failed Tune trial
-    # was a wall of tracebacks above the one line that says what was wrong. Into the log too.
-    diverted = {} if _verbose else {name: _divert(logging.getLogger(name), handler) for name in _RAY_LOGGERS}
+    # was a wall of tracebacks above the one line that says what was wrong. They propagate to the
+    # root logger for the run instead (its log, and the console with --verbose); ray.init, called
+    # inside the run, clears their handlers, so a handler of ours on them would not stay.
+    diverted = {name: _divert(logging.getLogger(name)) for name in _RAY_LOGGERS}
     _current_log = path
     try:
         yield path
     finally:
         _end_progress_line()
-        for name, own in diverted.items():
+        for name, (own, propagate) in diverted.items():
             logger = logging.getLogger(name)
-            logger.removeHandler(handler)
+            logger.propagate = propagate
             for ray_handler in own:
                 logger.addHandler(ray_handler)
         for h in (handler, echo):
@@ -197,15 +199,14 @@ def run_log(output_dir: Path) -> Iterator[Path]:
 _RAY_LOGGERS = ("ray", "ray.data")
 
 
-def _divert(logger: logging.Logger, to: logging.Handler) -> list[logging.Handler]:
-    """Swaps `logger`'s console handlers for `to`; returns them, to be put back."""
+def _divert(logger: logging.Logger) -> tuple[list[logging.Handler], bool]:
+    """Takes `logger`'s console handlers off and lets it propagate; returns what to put back."""
     console: list[logging.Handler] = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
                                       and not isinstance(h, logging.FileHandler)]
     for h in console:
         logger.removeHandler(h)
-    if console:
-        logger.addHandler(to)
-    return console
+    propagate, logger.propagate = logger.propagate, True
+    return console, propagate
 
 
 def route_worker_output() -> None:

@@ -178,29 +178,41 @@ def sweep_merge(args: argparse.Namespace) -> int:
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
     rep = merge_reports(reports, args.assume_same_config, args.replace, args.assume_same_data)
-    if out.is_dir() and any(out.iterdir()):
-        _check_earlier_merge(out, args.overwrite)
+    earlier = _earlier_merge(out, args.overwrite) if out.is_dir() and any(out.iterdir()) else []
     out.mkdir(parents=True, exist_ok=True)
-    return publish(rep, f"{len(reports)} sweeps merged", out)
+    publish(rep, f"{len(reports)} sweeps merged", out)
+    written = {f"sweep-{rep['dataset']}.{kind}" for kind in ("json", "md", "png")}
+    for stale in earlier:  # the earlier merge's files this one did not rewrite (another dataset's name)
+        if stale.name not in written:
+            stale.unlink()
+    return 0
 
 
-def _check_earlier_merge(out: StoragePath, overwrite: bool) -> None:
-    """A merge replaces the report files of an earlier merge, with --overwrite; a sweep's own
-    report (which later merges read as that sweep's points) or anything else, never."""
+def _earlier_merge(out: StoragePath, overwrite: bool) -> list[StoragePath]:
+    """The report files of an earlier merge in `out`, which --overwrite replaces; a sweep's own
+    report (which later merges read as that sweep's points) or anything else is never replaced."""
     from embshard.cluster.sweep_run import SPEC_FILE
+    from embshard.datasets.storage import read_json
     from embshard.errors import DataError
 
     if not overwrite:
         raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
     entries: list[StoragePath] = sorted(out.iterdir(), key=str)
+    files = []
     for entry in entries:
         name = entry.name
+        if name.startswith(".sweep-") and ".partial" in name:
+            continue  # an interrupted write of ours (write_files)
         if name == SPEC_FILE or not (name.startswith("sweep-") and name.rsplit(".", 1)[-1] in ("json", "md", "png")):
             raise DataError(f"--out {out}: holds {name}, which no merge writes; refusing to replace it, "
                             f"even with --overwrite")
-        if name.endswith(".json") and "merged_from" not in json.loads(entry.read_text()):
-            raise DataError(f"--out {out}: {name} is a sweep's own report, not a merge's; refusing to replace "
-                            f"it, even with --overwrite")
+        if name.endswith(".json"):
+            report = read_json(entry, DataError)
+            if not isinstance(report, dict) or "merged_from" not in report:
+                raise DataError(f"--out {out}: {name} is a sweep's own report, not a merge's; refusing to "
+                                f"replace it, even with --overwrite")
+        files.append(entry)
+    return files
 
 
 def publish(rep: dict[str, Any], detail: str, out: StoragePath, prefix: str = "") -> int:

@@ -252,9 +252,12 @@ def check_report(rep: Any, where: str) -> None:
             raise DataError(f"{where}: not a sweep report (points[{i}] is no object)")
         checks = {"method": isinstance(p.get("method"), str) and p["method"] != "",
                   "budget": _finite(p.get("budget")) and p["budget"] > 0,
-                  "seed": _whole(p.get("seed")) and p["seed"] >= 0,
-                  "value": _finite(p.get("value")),
-                  "serving_bytes": _whole(p.get("serving_bytes")) and p["serving_bytes"] > 0}
+                  "seed": _whole(p.get("seed")) and p["seed"] >= 0}
+        if "error" in p:  # a trial's budget it could not train (PEP at budget 1, a target not reached)
+            checks["error"] = isinstance(p["error"], str)
+        else:
+            checks.update(value=_finite(p.get("value")),
+                          serving_bytes=_whole(p.get("serving_bytes")) and p["serving_bytes"] > 0)
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -58,7 +59,9 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
             try:
                 tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
-            except Exception as e:  # noqa: BLE001 - whatever Tune's unpickling of its own files raises
+            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
+                # Tune's files cannot be read back (a store that cannot be reached is another
+                # matter: resumable, said as such by the caller).
                 raise ConfigError(f"--resume: {experiment}: Ray Tune cannot restore the sweep's state "
                                   f"({first_line(e)}); start the sweep afresh with another --out") from None
         else:

@@ -41,9 +41,11 @@ class Replaceable:
     error: type[EmbshardError] = DataError  # what a refusal raises
 
 
-# What a dataset folder holds.
+# What a dataset folder holds: its files, and what a `data profile` killed mid-swap leaves there.
 LAYOUT = frozenset({SPEC_FILE, *SPLITS, ITEMS_DIR, PROFILE_DIR})
-DATASET = Replaceable("dataset", SPEC_FILE, LAYOUT.__contains__, DatasetSpec.load)
+_PROFILE_LEFTOVERS = (f".{PROFILE_DIR}.partial-", f".{PROFILE_DIR}.old-")
+DATASET = Replaceable("dataset", SPEC_FILE, lambda name: name in LAYOUT or name.startswith(_PROFILE_LEFTOVERS),
+                      DatasetSpec.load)
 
 
 def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
@@ -59,6 +61,10 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET)
         return
     if not out.is_dir():
         raise kind.error(f"{out}: exists and is not a directory")
+    parent = out.absolute().parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        # It is replaced by renaming a staging folder beside it: said now, not after the work.
+        raise kind.error(f"{out}: cannot be replaced: no permission to write in {parent}")
     if Path.cwd().is_relative_to(out.resolve()):
         # The folder is renamed away at the end, which would leave this shell in a deleted folder.
         raise kind.error(f"{out}: holds the current directory; run from outside it or name a new folder")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from embshard.datasets.outdir import make_staging, replace_folder
 from embshard.datasets.schema import PROFILE_DIR, DatasetSpec, check_ids, flat_ids
-from embshard.datasets.storage import StoragePath, arrow_source, location
+from embshard.datasets.storage import StoragePath, arrow_source, location, read_json
 from embshard.datasets.verify import verify_split
 from embshard.errors import DataError
 
@@ -106,10 +106,10 @@ def load_profile(dataset_dir: str | Path) -> Profile:
     path = directory / PROFILE_FILE
     if not path.is_file():
         raise DataError(f"{path}: no id-frequency profile; run `embshard data profile {dataset_dir}`")
+    raw = read_json(path, DataError)
     try:
-        raw = json.loads(path.read_text())
         stats = {name: FeatureStats(**s) for name, s in raw.items()}
-    except (TypeError, json.JSONDecodeError) as e:
+    except (TypeError, AttributeError) as e:
         raise DataError(f"{path}: malformed profile ({e}); rerun `embshard data profile {dataset_dir}`") from None
     return Profile(directory, stats)
 

@@ -29,6 +29,7 @@ import json
 import os
 import posixpath
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -55,6 +56,29 @@ def read_json(path: "StoragePath", error: type[EmbshardError]) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not JSON ({e})") from None
+
+
+def write_whole(path: Path, text: str) -> Path:
+    """Writes `path` whole: a temporary file of a name no one else uses, renamed over it, so a
+    reader never sees half a file and an interrupted write leaves the earlier one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_json_object(path: "StoragePath", keys: tuple[str, ...], error: type[EmbshardError]) -> dict[str, Any]:
+    """The JSON object in `path`, which must have `keys`: enough to tell a file of ours (of any
+    version) from another, before replacing it."""
+    raw = read_json(path, error)
+    missing = [k for k in keys if k not in raw] if isinstance(raw, dict) else list(keys)
+    if missing:
+        raise error(f"{path}: not the JSON object expected (no {missing[0]!r})")
+    return cast(dict[str, Any], raw)
 
 
 def location(value: "str | os.PathLike[str] | RemotePath") -> "StoragePath":

@@ -165,15 +165,19 @@ class DatasetWriter:
         self.overwrite = overwrite
         check_output(self.out_dir, overwrite)
         self.staging = make_staging(self.out_dir)
-        self.splits: dict[str, _SplitWriter] = {}
-        for split in SPLITS:
-            d = self.staging / split
-            d.mkdir()
-            self.splits[split] = _SplitWriter(d, schema)
-        self.stats = {split: SplitStats() for split in SPLITS}
-        # Only converters map values to OOV_ID; synth's id 0 is an ordinary value.
-        self.oov_features = list(oov_features)
-        self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
+        try:  # a Ctrl-C or SIGTERM before `with` takes over must not leave the staging folder either
+            self.splits: dict[str, _SplitWriter] = {}
+            for split in SPLITS:
+                d = self.staging / split
+                d.mkdir()
+                self.splits[split] = _SplitWriter(d, schema)
+            self.stats = {split: SplitStats() for split in SPLITS}
+            # Only converters map values to OOV_ID; synth's id 0 is an ordinary value.
+            self.oov_features = list(oov_features)
+            self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
+        except BaseException:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
 
     def __enter__(self) -> "DatasetWriter":
         return self

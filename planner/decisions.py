@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embshard.datasets.storage import read_json
+from embshard.datasets.storage import read_json, write_whole
 from embshard.errors import PlanError
 from embshard.planner.types import ROW_ORDERS, RowOrder
 
@@ -71,12 +71,7 @@ class Decisions:
 
     def save(self, path: str | Path) -> Path:
         """Writes the file whole (a temporary file renamed), never half a file over an earlier one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return write_whole(Path(path), json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def load_decisions(path: str | Path) -> Decisions:

@@ -20,7 +20,7 @@ import numpy as np
 from embshard.config import EmbeddingsConfig
 from embshard.datasets.profile import Profile, load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import read_json
+from embshard.datasets.storage import read_json, write_whole
 from embshard.errors import PlanError
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
@@ -43,13 +43,7 @@ class PlanBundle:
 
     def save(self, name: str = PLAN_FILE) -> Path:
         """Writes the plan to `name` in its folder (whole: a temporary file renamed)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / name
-        payload = self.to_json()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return write_whole(self.directory / name, json.dumps(self.to_json(), indent=1) + "\n")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,11 +74,14 @@ class PlanBundle:
             raise PlanError(f"{path}: not a plan (a JSON {type(raw).__name__}, not an object)")
         return PlanBundle.from_json(raw, path.parent, optimizer)
 
-    def copy_to(self, directory: Path) -> "PlanBundle":
-        """This plan (plan.json and its remap files) saved in `directory`, e.g. a run's plan folder."""
+    def copy_to(self, directory: Path, name: str = PLAN_FILE) -> "PlanBundle":
+        """This plan (its file, as `name`, and its remap files) saved in `directory`, e.g. a run's
+        plan folder. A remap file there that another plan file of the folder reads, and that
+        differs from this plan's, is refused: that plan would read this one's rows, silently."""
         if directory.resolve() == self.directory.resolve():
             return self
         directory.mkdir(parents=True, exist_ok=True)
+        _check_remaps_free(self, directory, directory / name)
         for table in self.dimension_plan.tables:
             if table.remap is not None:
                 target = directory / table.remap
@@ -92,11 +89,31 @@ class PlanBundle:
                 shutil.copyfile(self.directory / table.remap, tmp)
                 tmp.replace(target)
         copy = replace(self, directory=directory)
-        copy.save()
+        copy.save(name)
         return copy
 
     def id_maps(self) -> dict[str, np.ndarray]:
         return load_id_maps(self.dimension_plan, self.directory)
+
+
+def _check_remaps_free(bundle: PlanBundle, directory: Path, target: Path) -> None:
+    for table in bundle.dimension_plan.tables:
+        if table.remap is None:
+            continue
+        there = directory / table.remap
+        if not there.is_file() or there.read_bytes() == (bundle.directory / table.remap).read_bytes():
+            continue
+        for other in sorted(directory.glob("*.json")):
+            if other.resolve() == target.resolve():
+                continue  # the plan this one replaces
+            try:
+                tables = json.loads(other.read_text())["dimension_plan"]["tables"]
+                readers = any(t.get("remap") == table.remap for t in tables)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # no plan: reads no remap
+            if readers:
+                raise PlanError(f"{there}: {other.name} reads this remap file too, and this plan's differs; "
+                                f"write the plan into a folder of its own")
 
 
 def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:

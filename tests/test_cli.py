@@ -121,8 +121,13 @@ def test_the_machine_refusing_a_write_is_one_line(tmp_path, capsys, monkeypatch)
     def bug(staging, out, overwrite):
         raise OSError(errno.EBADF, "Bad file descriptor", "x")  # not the machine's doing: a crash
     monkeypatch.setattr(writer, "publish", bug)
-    with pytest.raises(OSError, match="Bad file descriptor"):
+    with pytest.raises(OSError, match="Bad file descriptor"):  # no run log yet: Python's traceback
         main(["data", "synth", "--rows", "100", "--out", str(tmp_path / "ds")])
+    # Inside a run (a log to hold the traceback) it is still the crash line, not an escape.
+    from embshard.cluster import console
+    with console.run_log(tmp_path / "run"):
+        assert main(["data", "synth", "--rows", "100", "--out", str(tmp_path / "ds")]) == 1
+    assert "embshard: crashed: OSError: [Errno 9] Bad file descriptor: 'x' (full traceback:" in capsys.readouterr().err
 
 
 def test_a_negative_seed_is_refused_by_its_flag(tmp_path, capsys):
@@ -138,9 +143,9 @@ def test_sigterm_during_a_conversion_removes_its_staging_folder(tmp_path):
                "data", "synth", "--rows", "3000000", "--out", str(tmp_path / "ds")]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".ds.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".ds.partial-*/test")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(tmp_path.glob(".ds.partial-*")), "the synth never started writing"
+    assert list(tmp_path.glob(".ds.partial-*/test")), "the synth never started writing"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "embshard: interrupted"
@@ -184,7 +189,7 @@ def test_plan_out_replaces_only_a_plan_and_only_when_asked(tmp_path, capsys):
     cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\n")
     # Once: plan.json written beside it, then renamed over the dataset's own spec.
     assert main(["plan", str(cfg), "--out", str(data / "dataset.json"), "--overwrite"]) == 2
-    assert re.search(r"dataset\.json: exists and is no plan \(.*missing section 'dimension_plan'\); refusing",
+    assert re.search(r"dataset\.json: exists and is no plan \(.*no 'dimension_plan'\)\); refusing",
                      capsys.readouterr().err)
     assert (data / "dataset.json").read_bytes() == spec_before and not (data / "plan.json").exists()
     out = tmp_path / "p.json"
@@ -223,3 +228,27 @@ def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(t
     assert "notes.txt: a file; it names the folder the prune run writes its targets into" in capsys.readouterr().err
     assert cfg.read_text() == config_text and (tmp_path / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path, capsys):
+    # Remap files were written into --out's folder while planning: a second plan there, of other
+    # data, gave the first plan its row order, and both loaded without a word.
+    from embshard.datasets.synth import synthesize
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("embeddings:\n  policy: mde\n  dim: 16\n  mde:\n    mode: within\n    blocks: 2\n")
+    for seed in (0, 1):
+        synthesize(tmp_path / f"data{seed}", rows=3000, seed=seed, max_cardinality=200)
+    plans = tmp_path / "plans"
+    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--out", str(plans / "a.json")]) == 0
+    remaps = {p.name: p.read_bytes() for p in plans.glob("*.remap.npy")}
+    assert remaps, "an MDE plan within tables reorders rows"
+    capsys.readouterr()
+    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data1'}", "--out", str(plans / "b.json")]) == 2
+    assert re.search(r"\.remap\.npy: a\.json reads this remap file too, and this plan's differs; write the plan "
+                     r"into a folder of its own", capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in plans.glob("*.remap.npy")} == remaps
+    assert sorted(p.name for p in plans.iterdir() if not p.name.endswith(".remap.npy")) == ["a.json"]
+    # Replacing a.json itself, with --overwrite, takes its remaps along.
+    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data1'}", "--out", str(plans / "a.json"),
+                 "--overwrite"]) == 0

@@ -124,16 +124,21 @@ def test_ray_s_own_console_logging_goes_to_the_run_log(tmp_path, capfd):
     from embshard.cluster import console
 
     tune_logger = logging.getLogger("ray.tune.execution.tune_controller")
-    handlers = list(logging.getLogger("ray").handlers)
+    ray_logger = logging.getLogger("ray")
+    handlers = list(ray_logger.handlers)
     assert any(isinstance(h, logging.StreamHandler) for h in handlers)
     with console.run_log(tmp_path) as log:
+        tune_logger.error("before ray.init")
+        ray_logger.handlers.clear()  # what ray.init(configure_logging=False) does, inside every run
         tune_logger.error("Trial task failed for trial run_trial_1\nTraceback (most recent call last): ...")
-    assert "Trial task failed" not in capfd.readouterr().err
-    assert "Trial task failed for trial run_trial_1" in log.read_text()
-    assert logging.getLogger("ray").handlers == handlers  # Ray's console again once the run is over
-    console.set_verbose(True)  # --verbose: Ray's console handlers stay as Ray set them
+    err = capfd.readouterr().err
+    assert "Trial task failed" not in err and "before ray.init" not in err
+    assert "before ray.init" in log.read_text() and "Trial task failed for trial run_trial_1" in log.read_text()
+    assert ray_logger.handlers == handlers and not ray_logger.propagate  # Ray's own again after the run
+    console.set_verbose(True)  # --verbose: on the console too, through the root logger's echo
     try:
         with console.run_log(tmp_path / "verbose"):
-            assert logging.getLogger("ray").handlers == handlers
+            tune_logger.error("shown with --verbose")
     finally:
         console.set_verbose(False)
+    assert "shown with --verbose" in capfd.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -362,7 +363,17 @@ def test_overwrite_replaces_only_a_dataset_and_never_an_input(criteo_sample: Pat
         convert("criteo", inside, out, overwrite=True)
     with pytest.raises(DataError, match=r"ds: holds 'raw', which no dataset holds; refusing"):
         convert("criteo", src, out, overwrite=True)
+    links = tmp_path / "links"  # a folder of links to files inside --out: the same, one step removed
+    links.mkdir()
+    (links / "day0.txt").symlink_to(inside)
+    with pytest.raises(DataError, match=r"links/day0\.txt: an input inside --out"):
+        convert("criteo", links, out, overwrite=True)
+    shutil.rmtree(links)
     assert inside.is_file()
+    shutil.move(out / "raw", tmp_path / "raw")
+    (out / ".profile.partial-123-abcd").mkdir()  # what a `data profile` killed mid-write leaves
+    convert("criteo", src, out, overwrite=True)
+    inside = tmp_path / "raw" / "train.txt"
     # Another tool's folder with a dataset.json of its own.
     other = tmp_path / "nnunet"
     (other / "imagesTr").mkdir(parents=True)
@@ -381,7 +392,7 @@ def test_overwrite_replaces_only_a_dataset_and_never_an_input(criteo_sample: Pat
     (tmp_path / "again.txt").hardlink_to(src)
     with pytest.raises(DataError, match=r"again\.txt: given more than once \(directly, through its folder or a link\)"):
         convert("criteo", [src, tmp_path / "again.txt"], tmp_path / "twice")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.txt", "dangling", "ds", "nnunet", "train.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.txt", "dangling", "ds", "nnunet", "raw", "train.txt"]
 
 
 def test_gzip_input_detected_by_magic_bytes(criteo_sample: Path, tmp_path: Path) -> None:

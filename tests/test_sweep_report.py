@@ -834,6 +834,11 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
         (bad / "sweep-tiny.json").write_text(json.dumps(rep))
         assert main(["sweep-merge", str(a), str(bad), "--out", str(tmp_path / "m")]) == 2
         assert re.search(rf"bad/sweep-tiny\.json: not a sweep report \({message}\)", capsys.readouterr().err)
+    # A budget a trial could not train is a point of its own kind, and merges.
+    pep_at_1 = {"method": "pep", "budget": 1.0, "seed": 0, "error": "PEP prunes below the base model"}
+    (bad / "sweep-tiny.json").write_text(json.dumps({**good, "points": [*good["points"], pep_at_1]}))
+    assert main(["sweep-merge", str(a), str(bad), "--out", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
     # The same report twice, by two names: it was merged as one, or refused as an overlap.
     assert main(["sweep-merge", str(a), str(a / "sweep-tiny.json"), "--out", str(tmp_path / "m")]) == 2
     assert f"{a} and {a / 'sweep-tiny.json'}: the same report ({a / 'sweep-tiny.json'})" in capsys.readouterr().err
@@ -862,3 +867,23 @@ def test_a_damaged_dataset_is_one_line_before_ray_starts(tmp_path, capsys, monke
                  "--budgets", "1", "--seeds", "1", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "test/part-00000.parquet" in err[0], err
+
+
+def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "m"
+    for folder, method in ((a, "uniform"), (b, "mde")):
+        folder.mkdir()
+        rep = sweep_report_of([p for p in rising() if p["method"] == method], [method])
+        (folder / "sweep-tiny.json").write_text(json.dumps(rep))
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out)]) == 0
+    merged = (out / "sweep-tiny.json").read_text()
+    # An earlier merge of another dataset's name (left beside the new one, sweep-merge then found
+    # two reports there) and an interrupted write of ours.
+    (out / "sweep-other.json").write_text(merged)
+    (out / ".sweep-tiny.partial.json").write_text("{")
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
+    (out / "sweep-tiny.json").write_text(merged[:50])  # truncated: was a JSONDecodeError traceback
+    capsys.readouterr()
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 2
+    assert re.search(r"m/sweep-tiny\.json: not JSON \(", capsys.readouterr().err)

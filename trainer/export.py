@@ -45,7 +45,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embshard.config import ModelConfig
 from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import RemotePath, StoragePath, copy_file, copytree, location, read_json
+from embshard.datasets.storage import (
+    RemotePath,
+    StoragePath,
+    copy_file,
+    copytree,
+    location,
+    read_json,
+    read_json_object,
+)
 from embshard.errors import EmbshardError, StorageError
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
@@ -82,8 +90,9 @@ def read_manifest(directory: StoragePath) -> dict[str, Any]:
 
 
 # What --overwrite may replace: an earlier export, and nothing besides.
+# Any version of it: an export written before an upgrade is still ours to replace.
 EXPORT = Replaceable("export", MANIFEST, lambda name: name in (MANIFEST, WEIGHTS, PLAN) or name.endswith(REMAP_SUFFIX),
-                     read_manifest, ExportError)
+                     lambda d: read_json_object(d / MANIFEST, ("version", "weights", "plan"), ExportError), ExportError)
 
 
 def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overwrite: bool = False,

@@ -75,15 +75,15 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
     if kind == "movielens" and (len(sources) > 1 or dedup_key is not None):
         raise DataError("movielens: give one release folder (several inputs and --dedup-key are for "
                         "criteo and avazu)")
-    # Before reading the input: a full Criteo pass takes minutes, a refusal should not.
-    check_not_inside(location(out_dir), sources)
+    files = resolve_inputs(sources, kind) if kind != "movielens" else sources
+    # Before reading the input: a full Criteo pass takes minutes, a refusal should not. The files
+    # themselves, links followed: one inside --out would go with the folder it replaces.
+    check_not_inside(location(out_dir), files)
     check_output(location(out_dir), overwrite)
     options: _Options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
     if kind == "criteo":
-        files = resolve_inputs(sources, kind)
         spec, summary = convert_text(criteo.FORMAT, files, out_dir, dedup_key=dedup_key, **options)
     elif kind == "avazu":
-        files = resolve_inputs(sources, kind)
         spec, summary = convert_text(avazu.text_format(files), files, out_dir, dedup_key=dedup_key, **options)
     elif kind == "movielens":
         spec, summary = convert_movielens(sources[0], out_dir, target=target, **options)
