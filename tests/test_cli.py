@@ -107,6 +107,9 @@ def test_plan_a_prune_and_a_search_run(tmp_path, capsys):
 
 def test_the_machine_refusing_a_write_is_one_line(tmp_path, capsys, monkeypatch):
     import embshard.datasets.writer as writer
+    from embshard.cluster import console
+
+    monkeypatch.setattr(console, "_current_log", None)  # no run's log yet, whatever ran before
 
     def full_disk(staging, out, overwrite):
         raise OSError(errno.ENOSPC, "No space left on device", str(staging / "train" / "part-00000.parquet"))
@@ -124,7 +127,6 @@ def test_the_machine_refusing_a_write_is_one_line(tmp_path, capsys, monkeypatch)
     with pytest.raises(OSError, match="Bad file descriptor"):  # no run log yet: Python's traceback
         main(["data", "synth", "--rows", "100", "--out", str(tmp_path / "ds")])
     # Inside a run (a log to hold the traceback) it is still the crash line, not an escape.
-    from embshard.cluster import console
     with console.run_log(tmp_path / "run"):
         assert main(["data", "synth", "--rows", "100", "--out", str(tmp_path / "ds")]) == 1
     assert "embshard: crashed: OSError: [Errno 9] Bad file descriptor: 'x' (full traceback:" in capsys.readouterr().err
