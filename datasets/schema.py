@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embshard.datasets.storage import StoragePath, check_reachable, location, read_json
+from embshard.datasets.storage import StoragePath, check_reachable, location, read_json_version
 from embshard.errors import DataError
 
 SPEC_FILE = "dataset.json"
@@ -131,11 +131,7 @@ class DatasetSpec:
             raise DataError(f"{where}: dataset directory not found")
         if not path.is_file():
             raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
-        raw = read_json(path, DataError)
-        version = raw.get("version") if isinstance(raw, dict) else None
-        if version != SPEC_VERSION:
-            raise DataError(f"{path}: version {version!r}, expected {SPEC_VERSION}")
-        return DatasetSpec.from_json(raw, str(path))
+        return DatasetSpec.from_json(read_json_version(path, SPEC_VERSION, DataError), str(path))
 
     @staticmethod
     def from_json(raw: dict[str, Any], where: str) -> "DatasetSpec":

@@ -71,6 +71,15 @@ def write_whole(path: Path, text: str) -> Path:
     return path
 
 
+def read_json_version(path: "StoragePath", expected: int, error: type[EmbshardError]) -> dict[str, Any]:
+    """The JSON object in `path`, which must be of format version `expected`."""
+    raw = read_json(path, error)
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if version != expected:
+        raise error(f"{path}: version {version!r}, expected {expected}")
+    return cast(dict[str, Any], raw)
+
+
 def read_json_object(path: "StoragePath", keys: tuple[str, ...], error: type[EmbshardError]) -> dict[str, Any]:
     """The JSON object in `path`, which must have `keys`: enough to tell a file of ours (of any
     version) from another, before replacing it."""

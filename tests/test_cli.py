@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -80,17 +81,23 @@ def test_plan_for_a_cluster_from_a_laptop(tmp_path, capsys):
     assert "64 x cuda ranks" in text and out.is_file()
 
 
+def _config_on_data(tmp_path, config: str, max_cardinality: int) -> Path:
+    """tmp_path/c.yaml: `config` on a small synthetic dataset in tmp_path/data."""
+    from embshard.datasets.synth import synthesize
+
+    synthesize(tmp_path / "data", rows=2000, max_cardinality=max_cardinality)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'data'}\n{config}")
+    return cfg
+
+
 def test_plan_a_prune_and_a_search_run(tmp_path, capsys):
     # `embshard plan` used to plan only embeddings.policy: what a PEP or AutoDim run trains (the
     # prune plan's threshold columns, the search tables) could not be seen before running it.
-    from embshard.datasets.synth import synthesize
     from embshard.planner.pipeline import PlanBundle
 
-    data = tmp_path / "data"
-    synthesize(data, rows=2000, max_cardinality=500)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\n"
-                   f"pep:\n  granularity: feature_dimension\nautodim:\n  candidates: [4, 8]\n  lookup: separate\n")
+    cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\npep:\n  granularity: feature_dimension\n"
+                                    "autodim:\n  candidates: [4, 8]\n  lookup: separate\n", max_cardinality=500)
     plain, pep, search = (tmp_path / f"{name}.json" for name in ("plain", "pep", "search"))
     assert main(["plan", str(cfg), "--out", str(plain)]) == 0
     assert main(["plan", str(cfg), "--method", "pep", "--out", str(pep)]) == 0
@@ -212,13 +219,8 @@ def test_plan_for_zero_ranks_is_refused_by_its_flag(tmp_path, capsys):
 def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(tmp_path, capsys):
     # search --out wrote the decisions over any file (the job's own config too); a folder there,
     # or a file as pep.out, was found out after the whole run, as a crash.
-    from embshard.datasets.synth import synthesize
-
-    data = tmp_path / "data"
-    synthesize(data, rows=2000, max_cardinality=300)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
-                   f"pep:\n  targets: [0.5]\noutput_dir: {tmp_path / 'run'}\n")
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\npep:\n  targets: [0.5]\n"
+                                    f"output_dir: {tmp_path / 'run'}\n", max_cardinality=300)
     config_text = cfg.read_text()
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("keep me")

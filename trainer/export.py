@@ -51,8 +51,8 @@ from embshard.datasets.storage import (
     copy_file,
     copytree,
     location,
-    read_json,
     read_json_object,
+    read_json_version,
 )
 from embshard.errors import EmbshardError, StorageError
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
@@ -82,11 +82,7 @@ def read_manifest(directory: StoragePath) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
-    manifest = read_json(path, ExportError)
-    version = manifest.get("version") if isinstance(manifest, dict) else None
-    if version != EXPORT_VERSION:
-        raise ExportError(f"{path}: export version {version!r}, expected {EXPORT_VERSION}")
-    return manifest
+    return read_json_version(path, EXPORT_VERSION, ExportError)
 
 
 # What --overwrite may replace: an earlier export, and nothing besides.
