@@ -90,12 +90,16 @@ class MdeConfig:
                 raise ConfigError(f"{name}: must be positive, got {value}")
 
 
+Policy = Literal["uniform", "mde", "decisions"]
+POLICIES: tuple[str, ...] = get_args(Policy)
+
+
 @dataclass
 class EmbeddingsConfig:
     # Keys that moved into a subsection: an old config gets told where each one lives now.
     __moved_fields__ = {k: f"mde.{k}" for k in ("alpha", "mode", "blocks", "budget_params", "budget_bytes")}
 
-    policy: Literal["uniform", "mde", "decisions"] = "uniform"  # uniform: dim everywhere; mde: by popularity
+    policy: Policy = "uniform"  # uniform: dim everywhere; mde: by popularity
     # Train with another method than the policy's: a name given to register_method, or
     # "package.module:attr" (an EmbeddingMethod class or instance) that every worker imports. null = policy.
     method: str | None = None
@@ -117,6 +121,10 @@ class EmbeddingsConfig:
         if budget is not None and self.policy != "mde":
             which = "budget_params" if self.mde.budget_params is not None else "budget_bytes"
             raise ConfigError(f"mde.{which}: only policy mde takes a budget (policy is {self.policy})")
+        if self.method in POLICIES and self.method != self.policy:
+            # The built-in methods of these names train whatever the policy plans.
+            raise ConfigError(f"method: {self.method!r} is a dimension policy; set policy: {self.method} "
+                              f"(policy is {self.policy}; method names a method other than the policy's)")
         if self.policy == "decisions" and not self.decisions:
             raise ConfigError("decisions: policy decisions needs the path of a decisions file")
         if self.policy != "decisions" and self.decisions:
@@ -328,6 +336,9 @@ class ShardingConfig:
     local_world_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sharding_types is not None and not self.sharding_types:
+            raise ConfigError("sharding_types: empty; list the types to allow, or leave it out for all the "
+                              "device supports")
         if self.local_world_size is not None and self.local_world_size < 1:
             raise ConfigError(f"local_world_size: must be >= 1, got {self.local_world_size}")
 
@@ -493,6 +504,8 @@ class JobConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `embshard sweep` only
 
     def __post_init__(self) -> None:
+        if self.seed < 0:  # numpy's generators, which the reader seeds, take none
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if "://" in self.output_dir:
             # The plan, summary, logs and the workers' restart and stop files are plain local files.
             raise ConfigError(f"output_dir: {self.output_dir!r} is a URI, but the run folder (plan, summary, "

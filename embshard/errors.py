@@ -24,6 +24,11 @@ class PlanError(EmbshardError):
     """A dimension or shard plan cannot be built (infeasible budget, topology too small, ...)."""
 
 
+class TrainingDiverged(EmbshardError):
+    """The loss became NaN or infinite: the run stops before it checkpoints, evaluates or reports
+    the broken weights (a restart from the last checkpoint would only diverge again)."""
+
+
 class Interrupted(Exception):
     """Ctrl-C stopped a job cleanly (a checkpoint was written): the CLI prints it and exits 130.
     Not an EmbshardError: nothing was wrong with the input."""

@@ -62,7 +62,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         return cls(**kwargs)
     except ConfigError as e:
         # __post_init__ checks name the field relative to their own dataclass.
-        if where and not str(e).startswith(where):
+        if where and not str(e).startswith(f"{where}."):
             raise ConfigError(f"{where}.{e}") from None
         raise
 
@@ -81,12 +81,43 @@ def to_dict(obj: Any) -> Any:
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a number, as YAML 1.2 does: PyYAML resolves YAML 1.1, whose
-    floats need a dot (`1.0e-3`), and would hand a learning rate written `1e-3` over as a string."""
+    """SafeLoader that resolves plain scalars by YAML 1.2's core schema and refuses a key given
+    twice. PyYAML resolves YAML 1.1, where `1e-3` is a string (floats need a dot), `010` is 8,
+    `1:30` is 90, `off` is false and `2026-01-01` a date; and it keeps the last of two `train:` sections, dropping
+    every setting of the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<` merges may override; a complex key fails in SafeLoader's own check
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {first_line[key]})",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+    def construct_core_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node))
+        return int(text, 0) if text[:2] in ("0x", "0o") else int(text, 10)
 
 
-ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_YAML_1_1_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_1_1_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# Tried in this order: "10" is an int before it is a float.
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+):
+    ConfigLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_core_int)
 
 
 def parse_yaml(text: str) -> Any:
@@ -109,6 +140,10 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
     try:
         return from_dict(cls, data)
     except ConfigError as e:
+        # A value from --set is blamed on its flag, not on a file that may not hold the key at all.
+        keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+        if any(str(e).startswith((f"{key}:", f"{key}.")) for key in keys):
+            raise ConfigError(f"{e} (from --set)") from None
         raise ConfigError(f"{path}: {e}") from None
 
 

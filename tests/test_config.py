@@ -79,6 +79,55 @@ def test_exponent_numbers_are_numbers_in_files_and_overrides(tmp_path):
     assert (cfg.name, cfg.output_dir) == ("1e", "run1e3")
 
 
+def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(tmp_path):
+    # YAML 1.1 (PyYAML's) read `epochs: 010` as 8 and `max_steps: 1:30` as 90 with exit 0.
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  epochs: 010\n  max_steps: 0x10\nname: off\n")
+    cfg = load_job_config(path)
+    assert (cfg.train.epochs, cfg.train.max_steps, cfg.name) == (10, 16, "off")
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got '1:30'"):
+        load_job_config(path, ["train.max_steps=1:30"])
+    with pytest.raises(ConfigError, match=r"train\.progress: expected true or false, got 'no'"):
+        load_job_config(path, ["train.progress=no"])
+
+
+def test_a_negative_seed_is_refused_before_a_worker_reads_with_it(tmp_path):
+    # It crashed in every worker (numpy's default_rng) after Ray had started.
+    with pytest.raises(ConfigError, match=r"^seed: must be >= 0, got -1$"):
+        from_dict(JobConfig, {"seed": -1})
+
+
+def test_a_policy_named_as_the_method_must_be_the_policy():
+    # `method: mde` under the default policy planned and trained uniform tables, exit 0.
+    with pytest.raises(ConfigError, match=r"^embeddings\.method: 'mde' is a dimension policy; set policy: mde"):
+        from_dict(JobConfig, {"embeddings": {"method": "mde"}})
+    assert from_dict(JobConfig, {"embeddings": {"method": "mde", "policy": "mde"}}).embeddings.method == "mde"
+
+
+def test_a_bad_value_from_set_is_blamed_on_the_flag(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"^model\.arch: expected a string, got \{'archs': None\} \(from --set\)$"):
+        load_job_config(path, ["model.arch=archs:"])
+    with pytest.raises(ConfigError, match=r"^sharding\.sharding_types: empty; list the types"):
+        load_job_config(path, ["sharding.sharding_types=[]"])
+    path.write_text("train:\n  epochs: two\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train\.epochs: expected an integer"):
+        load_job_config(path, ["train.log_every=5"])
+
+
+def test_a_key_given_twice_is_refused_with_both_places(tmp_path):
+    # The second `embeddings:` replaced the first whole: an MDE job planned uniform, exit 0.
+    path = tmp_path / "job.yaml"
+    path.write_text("embeddings:\n  policy: mde\n  dim: 16\ntrain:\n  epochs: 2\nembeddings:\n  dim: 16\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:6:1: not valid YAML (key 'embeddings' given "
+                                                     "twice (first on line 1))")):
+        load_job_config(path)
+    path.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r":3:3: not valid YAML \(key 'epochs' given twice"):
+        load_job_config(path)
+
+
 def test_nan_and_infinity_are_no_numbers_a_config_takes(tmp_path):
     # `.inf` trained to a NaN loss and wrote NaN checkpoints with exit 0; `.nan` passed `<= 0`.
     path = tmp_path / "job.yaml"

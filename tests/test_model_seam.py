@@ -3,6 +3,7 @@ and loop train it without asking which it is, and a bad model config is one clea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,6 +67,15 @@ class WithOptions(ModelArch):
     options = ("hidden",)
 
 
+class NeedsArguments(ModelArch):
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+
+def builder_of_one_argument(embeddings: EmbeddingModule) -> nn.Module:
+    return nn.Linear(1, 1)
+
+
 NOT_A_BUILDER = 42
 
 
@@ -101,6 +111,35 @@ def test_builtins_are_found_by_name_and_unknown_names_are_one_line() -> None:
         with pytest.raises(ConfigError, match=message) as e:
             get_arch(name)
         assert "\n" not in str(e.value)
+
+
+def test_a_model_the_driver_cannot_make_is_one_line_naming_where(tmp_path, monkeypatch) -> None:
+    # Each was a Python traceback on the console, or a crash in every worker after Ray had started.
+    (tmp_path / "fails_at_import.py").write_text("import os\n\nraise RuntimeError('no GPU here')\n")
+    (tmp_path / "bad_syntax.py").write_text("def build(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = [
+        ("fails_at_import:build", "model.arch: importing module 'fails_at_import' failed: RuntimeError: no GPU here "
+                                  f"at {tmp_path / 'fails_at_import.py'}:3"),
+        ("bad_syntax:build", "model.arch: importing module 'bad_syntax' failed: SyntaxError: "),
+        ("test_model_seam:NeedsArguments", "model.arch 'test_model_seam:NeedsArguments': NeedsArguments() failed "
+                                           "(TypeError: "),
+        ("test_model_seam:builder_of_one_argument",
+         "model.arch 'test_model_seam:builder_of_one_argument': builder_of_one_argument(embeddings: "),
+    ]
+    for name, message in cases:
+        with pytest.raises(ConfigError) as e:
+            get_arch(name)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_builder_trains_click_labels_only(dataset, tmp_path) -> None:
+    # On ratings 1-5 it trained BCE for the whole run and crashed at the first evaluation.
+    spec = DatasetSpec.load(dataset)
+    arch = get_arch("test_model_seam:nested_builder")
+    arch.check(job(dataset, tmp_path, anything=1), spec)  # its options are its own to check
+    with pytest.raises(ConfigError, match=r"model.arch 'test_model_seam:nested_builder': .* has 'rating' labels"):
+        arch.check(job(dataset, tmp_path), dataclasses.replace(spec, target="rating"))
 
 
 def test_a_model_arch_class_is_instantiated_and_checks_its_own_options(dataset, tmp_path) -> None:

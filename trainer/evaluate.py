@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from embshard.datasets.reader import ParquetBatchReader
-from embshard.errors import DataError
+from embshard.errors import DataError, TrainingDiverged
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,11 @@ def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device
     all_outputs, all_labels = gather_rows(local_outputs), gather_rows(local_labels)
     if len(all_labels) == 0:
         raise DataError(f"{reader.split_path}: no rows to evaluate on")
+    broken = int((~torch.isfinite(all_outputs)).sum())
+    if broken:  # every rank gathered the same outputs, so every rank stops here
+        # AUC ranks NaN among the scores and reads as a number: the run would report it.
+        raise TrainingDiverged(f"the model's outputs on the {reader.split} split hold {broken} NaN or infinite "
+                               f"values of {all_outputs.numel()}: no metric is computed on them")
     return all_outputs, all_labels
 
 

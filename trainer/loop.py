@@ -40,6 +40,7 @@ from embshard.trainer.checkpoint import (
     rejected_text,
     resolve_source,
 )
+from embshard.trainer.divergence import LossWatch
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
@@ -111,7 +112,10 @@ def run_worker(
 
     epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
 
+    watch = LossWatch(device, progress.step)
+
     def snapshot() -> Progress:
+        watch.check(progress.step, "a checkpoint")
         # The pipeline fetches ahead: the reader position saved counts only batches trained.
         return replace(progress, reader=train_reader.state_after(epoch_batches))
 
@@ -141,6 +145,7 @@ def run_worker(
 
     def test() -> EvalResult:
         nonlocal test_seconds
+        watch.check(progress.step, "the test")
         tick = time.perf_counter()
         tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None)
         test_seconds += time.perf_counter() - tick
@@ -157,6 +162,9 @@ def run_worker(
             progress.best = {"step": progress.step, "valid": asdict(result),
                              "test": asdict(tested) if tested is not None else None}
         return result
+
+    def validate() -> EvalResult:
+        return evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks, watch))
 
     stopped = False
     resumed_samples = progress.samples  # throughput counts only what this start trained
@@ -181,8 +189,10 @@ def run_worker(
             epoch_batches += 1
             progress.samples += step.rows * world
             log = progress.step % cfg.train.log_every == 0 or progress.step == total
+            watch.observe(step.loss)
             loss_value = step.loss.item() if log or progress.first_loss is None else None
             if loss_value is not None:
+                watch.check(progress.step, "the loss was logged")
                 progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
                 last_loss = loss_value
             now = time.perf_counter()
@@ -193,16 +203,16 @@ def run_worker(
             if stopped:
                 break
             if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
-                result = evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
+                result = validate()
             waited, tick = train_reader.wait_seconds, time.perf_counter()
         run.close()
         batches.close()  # stops the reader's thread, whatever the pipeline fetched ahead
         if stopped:
             break
         if cfg.train.eval_every is None or result is None:
-            result = evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
+            result = validate()
     if result is None and not stopped:  # resumed with nothing left to train
-        result = evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
+        result = validate()
     elapsed = time.perf_counter() - started - test_seconds
     # A checkpoint of a best_valid run keeps its choice; a resume under `last` ignores it.
     if cfg.train.report_at == "best_valid" and progress.best is not None:
@@ -377,7 +387,8 @@ def _measure(sharded: ShardedModel, steps: TrainSteps, reader: ParquetBatchReade
         return sharded.arch.evaluate(sharded.model, reader, device, max_batches)
 
 
-def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:
+def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks, watch: LossWatch) -> EvalResult:
+    watch.check(step, "an evaluation")
     result = _measure(sharded, steps, reader, device, cfg.train.eval_max_batches)
     for cb in callbacks:
         cb.on_eval(step, result)

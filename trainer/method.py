@@ -48,7 +48,7 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import StateTransform
-from embshard.trainer.reference import import_reference
+from embshard.trainer.reference import import_reference, instance_of
 
 if TYPE_CHECKING:
     from embshard.trainer.build import ShardedModel
@@ -192,8 +192,7 @@ def get_method(name: str) -> EmbeddingMethod:
 
 
 def _imported(reference: str, name: str) -> EmbeddingMethod:
-    found = import_reference(reference, f"method {name!r}")
-    method = found() if isinstance(found, type) else found
+    method = instance_of(import_reference(reference, f"method {name!r}"), f"method {name!r}")
     if not isinstance(method, EmbeddingMethod):
         raise ConfigError(f"method {name!r}: {reference} is a {type(method).__name__}, not an EmbeddingMethod")
     return method

@@ -6,6 +6,7 @@ import reference does, as long as the package is on the workers' Python path."""
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Any
 
 from embshard.errors import ConfigError, first_line
@@ -21,8 +22,24 @@ def import_reference(reference: str, key: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{key}: cannot import module {module_name!r} ({first_line(e)})") from None
+    except Exception as e:  # the user's module failed as it ran: say where, as one line
+        frames = traceback.extract_tb(e.__traceback__)
+        where = "" if isinstance(e, SyntaxError) or not frames else f" at {frames[-1].filename}:{frames[-1].lineno}"
+        raise ConfigError(f"{key}: importing module {module_name!r} failed: {first_line(e)}{where}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"{key}: cannot import {attr!r} from module {module_name!r} "
                           "(it has no such attribute)") from None
+
+
+def instance_of(found: Any, key: str) -> Any:
+    """`found`, or an instance of it when it is a class: made with no arguments, since a config
+    names a class but cannot pass it any."""
+    if not isinstance(found, type):
+        return found
+    try:
+        return found()
+    except Exception as e:
+        raise ConfigError(f"{key}: {found.__name__}() failed ({first_line(e)}); a class a config names is made "
+                          "with no arguments (name an instance to configure one)") from None

@@ -4,10 +4,13 @@ Built-ins are imported on first use, so naming one loads only its own modules.""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 from embshard.config import ModelConfig
 from embshard.errors import ConfigError
 from embshard.trainer.models.arch import BuilderArch, ModelArch, TrainModel
-from embshard.trainer.reference import import_reference
+from embshard.trainer.reference import import_reference, instance_of
 
 __all__ = ["ModelArch", "TrainModel", "get_arch"]
 
@@ -35,11 +38,26 @@ def get_arch(name: str | ModelConfig) -> ModelArch:
 
 def _as_arch(found: object, name: str) -> ModelArch:
     if isinstance(found, type) and issubclass(found, ModelArch):
-        found = found()
+        found = instance_of(found, f"model.arch {name!r}")
     if isinstance(found, ModelArch):
         found.name = name
         return found
     if callable(found) and not isinstance(found, type):
+        _check_builder_signature(found, name)
         return BuilderArch(found, name)
     raise ConfigError(f"model.arch {name!r}: a {type(found).__name__}, neither a ModelArch nor a builder "
                       "function build(embeddings, spec, options) -> nn.Module")
+
+
+def _check_builder_signature(builder: Callable[..., object], name: str) -> None:
+    """On the driver: a builder that cannot be called as build(embeddings, spec, options) failed
+    in every worker once Ray had started."""
+    try:
+        signature = inspect.signature(builder)
+    except ValueError:  # a builtin without one: the call will say
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        raise ConfigError(f"model.arch {name!r}: {getattr(builder, '__name__', 'the builder')}{signature} cannot "
+                          "be called as build(embeddings, spec, options)") from None

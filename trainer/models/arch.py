@@ -36,16 +36,17 @@ class ModelArch:
     # blocks; narrower blocks of the same table project to it), no other projections; the plan
     # records it so the memory report counts only the projections that exist.
     uniform_width: bool = True
-    options: tuple[str, ...] = ()  # the `model.options` keys this arch takes
+    # The `model.options` keys this arch takes; None: any (a builder checks its own).
+    options: tuple[str, ...] | None = ()
     # What the dataset's labels must be (dataset.json `target`): a BCE model on ratings 1-5, or a
     # regression on 0/1 clicks, would train without an error and mean nothing.
     targets: tuple[str, ...] = ("click",)
 
     def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
         """ConfigError for a config this arch cannot train (the driver calls it before planning)."""
-        unknown = sorted(set(cfg.model.options) - set(self.options))
+        unknown = sorted(set(cfg.model.options) - set(self.options)) if self.options is not None else []
         if unknown:
-            valid = ", ".join(self.options) or "none"
+            valid = ", ".join(self.options or ()) or "none"
             raise ConfigError(f"model.options.{unknown[0]}: not an option of model.arch {self.name!r} (valid: {valid})")
         if spec.target not in self.targets:
             raise ConfigError(f"model.arch {self.name!r}: dataset {spec.name!r} ({cfg.data.path}) has {spec.target!r} "
@@ -77,14 +78,14 @@ class ModelArch:
 
 class BuilderArch(ModelArch):
     """A user's plain builder function as a pointwise, uniform-width arch; `model.options` go to
-    the builder as they are (it checks its own)."""
+    the builder as they are (it checks its own). Pointwise CTR: BCE on click labels, as the
+    defaults it inherits train and evaluate."""
+
+    options = None
 
     def __init__(self, builder: Builder, name: str) -> None:
         self.builder = builder
         self.name = name
-
-    def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
-        pass
 
     def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
               device: torch.device | None) -> nn.Module:

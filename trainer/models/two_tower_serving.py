@@ -1,4 +1,5 @@
-"""Serving a two-tower export: a query encoder and the item vectors of the whole catalog.
+"""Serving a two-tower export: a query encoder and the item vectors of the whole catalog (but
+its OOV row, which stands for every unknown item).
 
 `embshard export` writes both towers (the arch's state dict, see trainer/export.py). Items are
 encoded once here, in one process, from the dataset's item catalog through the item tower:
@@ -21,7 +22,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embshard.datasets.catalog import read_catalog
 from embshard.datasets.schema import DatasetSpec
 from embshard.trainer.export import ExportError, ServingModel, load_serving
-from embshard.trainer.models.two_tower import catalog_batches
+from embshard.trainer.models.two_tower import FIRST_ITEM, catalog_batches
 from embshard.trainer.models.two_tower_model import TwoTowerModel
 
 ENCODE_BATCH = 4096
@@ -53,7 +54,7 @@ def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
     if towers is None:
         raise ExportError(f"{directory}: not a two_tower export (its model has no towers)")
     spec = DatasetSpec.load(dataset_dir)
-    catalog = read_catalog(dataset_dir, spec)
+    catalog = read_catalog(dataset_dir, spec, start=FIRST_ITEM)
     # Raw ids: the serving model applies the plan's remaps itself.
     vectors = [serving(torch.zeros(kjt.stride(), len(spec.dense)), kjt).item
                for kjt in catalog_batches(catalog, spec, towers.layout, {}, ENCODE_BATCH)]
