@@ -4,7 +4,6 @@ that says what was wrong and where."""
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import sys
@@ -15,15 +14,11 @@ from typing import Any
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, positive, verbose_argument
 from embshard.datasets import cli as data_cli
-from embshard.errors import EmbshardError, Interrupted, first_line
+from embshard.errors import EmbshardError, Interrupted, environment_problem, first_line
 
 EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-# OSErrors about where files go, which the user fixes on the machine: printed as one line.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
-                                errno.EBUSY, errno.EXDEV})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print("embshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
-        if isinstance(e, OSError) and e.filename is not None and e.errno in ENVIRONMENT_ERRNOS \
-                and not console.is_verbose():
+        problem = environment_problem(e)
+        if problem is not None and not console.is_verbose():
             # The machine, not the input or the code: a full disk, a read-only mount, a permission.
             console.record_error(e)
-            where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
-            print(f"embshard: error: {where}: {e.strerror}", file=sys.stderr)
+            print(f"embshard: error: {problem}", file=sys.stderr)
             return EXIT_USER_ERROR
         # A crash, not bad input: one line here, the whole traceback in the run's log. Before a
         # run has a log (or with --verbose) the traceback goes to the console as Python prints it.
@@ -144,13 +138,15 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 def _submit(args: argparse.Namespace) -> int:
     from embshard.cluster import jobs
 
+    if args.config.is_file():
+        _load(args)  # a config that cannot parse is one line here, not a failed job on the cluster
     job_id = jobs.submit(args.address, args.config, args.overrides, args.workers)
     print(f"submitted {job_id} to {args.address}", flush=True)
     if args.no_wait:
         return 0
-    code = jobs.follow(args.address, job_id)
-    print(jobs.status(args.address, job_id))
-    return code
+    final = jobs.follow(args.address, job_id)
+    print(f"{job_id}: {final}")  # the status alone: its message repeats the log just streamed
+    return 0 if final == "SUCCEEDED" else 1
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -119,8 +119,7 @@ class _RayOutput:
         lines = [_unmarked(line) for line in data.get("lines", [])]
         if _current_log is not None:
             who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
-            with open(_current_log, "a", encoding="utf-8") as log:
-                log.write("".join(f"{who} {line}\n" for line in lines))
+            _append(_current_log, "".join(f"{who} {line}\n" for line in lines))
         if _verbose or _current_log is None:
             self.ray_print({**data, "lines": lines})
             return
@@ -156,6 +155,14 @@ def _end_progress_line() -> None:
         _bar_open = None
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run log's handler. A record it cannot write (a full disk) is dropped: logging's
+    default prints a traceback per record on stderr, a wall over the one line that says why."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextmanager
 def run_log(output_dir: Path) -> Iterator[Path]:
     """Driver side, around a Ray run: Python logging (Ray's, Ray Train's, ours) goes to the run's
@@ -163,7 +170,7 @@ def run_log(output_dir: Path) -> Iterator[Path]:
     global _current_log
     path = output_dir / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     old_level = root.level
@@ -178,6 +185,12 @@ def run_log(output_dir: Path) -> Iterator[Path]:
     # root logger for the run instead (its log, and the console with --verbose); ray.init, called
     # inside the run, clears their handlers, so a handler of ours on them would not stay.
     diverted = {name: _divert(logging.getLogger(name)) for name in _RAY_LOGGERS}
+    # A library's import-time `logging.info` (FBGEMM's "Successfully loaded") gives the root logger
+    # a stderr handler of basicConfig's; at the run's INFO level it printed Ray's INFO lines.
+    root_console = [h for h in root.handlers
+                    if h is not echo and getattr(h, "stream", None) in (sys.__stderr__, sys.__stdout__)]
+    for h in root_console:
+        root.removeHandler(h)
     _current_log = path
     try:
         yield path
@@ -191,6 +204,8 @@ def run_log(output_dir: Path) -> Iterator[Path]:
         for h in (handler, echo):
             if h is not None:
                 root.removeHandler(h)
+        for h in root_console:
+            root.addHandler(h)
         handler.close()
         root.setLevel(old_level)
 
@@ -227,7 +242,18 @@ def record_error(error: BaseException, worker_traceback: str | None = None) -> P
     process) to the current run's log; returns the log (None when no run has a log yet)."""
     if _current_log is None:
         return None
-    with open(_current_log, "a", encoding="utf-8") as log:
-        log.write(f"embshard: the run failed ({type(error).__name__}):\n")
-        log.write(worker_traceback or "".join(traceback.format_exception(error)))
+    text = worker_traceback or "".join(traceback.format_exception(error))
+    if not _append(_current_log, f"embshard: the run failed ({type(error).__name__}):\n{text}"):
+        return None  # no log to point at: the caller shows the traceback itself
     return _current_log
+
+
+def _append(log: Path, text: str) -> bool:
+    """Appends to the run's log; False where the machine refused (a full disk, often the very
+    error being logged), which must not raise on top of what is being reported."""
+    try:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError:
+        return False
+    return True

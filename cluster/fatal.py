@@ -10,6 +10,7 @@ without training, and the driver re-raises the recorded error as its one console
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -37,14 +38,20 @@ def record(output_dir: Path, token: str, error: EmbshardError) -> None:
     path = _path(output_dir, token)
     if path.is_file():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     cls = type(error)
     text = json.dumps({"module": cls.__module__, "class": cls.__qualname__, "message": str(error),
                        "traceback": "".join(traceback.format_exception(error))})
     # Ranks may record at once: each writes its own temporary file, and the rename is atomic.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        # The run folder cannot take it (a full disk, the error itself, often): the error still
+        # ends this worker; unrecorded, Ray may restart the group, which fails the same way.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _saved(output_dir: Path, token: str) -> dict[str, str] | None:

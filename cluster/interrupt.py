@@ -18,11 +18,12 @@ from typing import TypeVar
 
 T = TypeVar("T")
 _POLL_SECONDS = 0.2  # how soon the main thread notices the helper thread ended
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: bool = True) -> tuple[T, bool]:
-    """Run `fn` (the blocking fit); while it runs, the first SIGINT creates `stop_request` instead
-    of raising KeyboardInterrupt, a second one raises it. Returns fn's result and whether a stop
+    """Run `fn` (the blocking fit); while it runs, the first SIGINT or SIGTERM creates
+    `stop_request` instead of raising KeyboardInterrupt, a second one raises it. Returns fn's result and whether a stop
     was requested. `graceful=False` (no checkpoint to stop with) runs `fn` as it is. The request
     file is gone on return either way."""
     stop_request.unlink(missing_ok=True)  # an earlier invocation's request must not stop this one
@@ -36,7 +37,8 @@ def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: 
         requested.set()
         stop_request.parent.mkdir(parents=True, exist_ok=True)
         stop_request.touch()
-        print("\nembshard: interrupted: finishing the step and writing a checkpoint "
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        print(f"\nembshard: {what}: finishing the step and writing a checkpoint "
               "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
     outcome: dict[str, object] = {}
@@ -49,13 +51,17 @@ def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: 
 
     # A daemon thread: after a second Ctrl-C the process exits, and Ray ends the workers with it.
     worker = threading.Thread(target=target, name="embshard-fit", daemon=True)
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    # SIGTERM too: what `kill`, a pod's termination and `ray job stop` send the driver. Ray's own
+    # handler for it dumps a C++ stack and aborts, and the workers lost the steps since the
+    # last checkpoint. A handler Python did not install reads as None and cannot be put back.
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in _STOP_SIGNALS}
     try:
         worker.start()
         while worker.is_alive():
             worker.join(_POLL_SECONDS)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         stop_request.unlink(missing_ok=True)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from embshard.errors import EmbshardError, first_line
+from embshard.errors import EmbshardError, Interrupted, first_line
 
 FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
 # A head answers HTTP before its job agent is up; until then Ray refuses with this text and asks
@@ -36,6 +36,10 @@ class JobError(EmbshardError):
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    if "://" not in address:
+        # The job API is HTTP; Ray reads a bare host:port (what `ray start` prints for the
+        # dashboard) as a cluster to join and waits about 35 s for a GCS that is not there.
+        address = f"http://{address}"
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/Ray raise many kinds; all mean "unreachable"
@@ -70,16 +74,20 @@ def submit(address: str, config: Path, overrides: list[str], workers: int | None
             time.sleep(2)
 
 
-def follow(address: str, job_id: str) -> int:
-    """Stream the job's logs until it ends; 0 when it succeeded, 1 otherwise."""
+def follow(address: str, job_id: str) -> str:
+    """Stream the job's logs until it ends; its final status (SUCCEEDED, FAILED, STOPPED)."""
     jobs = client(address)
 
     async def tail() -> None:
         async for lines in jobs.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
-    asyncio.run(tail())
-    return 0 if str(jobs.get_job_status(job_id)) == "SUCCEEDED" else 1
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped following {job_id}; the job goes on on the cluster "
+                          f"(`embshard stop {job_id} --address {address}` stops it)") from None
+    return str(jobs.get_job_status(job_id))
 
 
 def status(address: str, job_id: str) -> str:

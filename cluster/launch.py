@@ -27,9 +27,9 @@ from embshard.cluster.resume_config import reconcile
 from embshard.config import JobConfig
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import StoragePath, check_reachable, copytree, location
+from embshard.datasets.storage import StoragePath, check_writable, copytree, location
 from embshard.datasets.verify import verify_dataset
-from embshard.errors import EmbshardError, Interrupted, PlanError, first_line
+from embshard.errors import ConfigError, EmbshardError, Interrupted, PlanError, environment_problem, first_line
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, check_plan_holds, plan_with, shard_dimension_plan
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
@@ -54,7 +54,8 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     decide = planning_step(cfg, get_method(method or method_name(cfg)))
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     if cfg.checkpoint.enabled:
-        check_reachable(cfg.checkpoint_dir)  # a missing bucket now, not at the first checkpoint
+        # A missing bucket or a read-only folder now, not at the first checkpoint.
+        check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
     if source is not None:
@@ -138,6 +139,12 @@ def _worker_entry(config: dict[str, Any]) -> None:
     except EmbshardError as e:
         fatal.record(output, launch, e)
         raise
+    except OSError as e:
+        problem = environment_problem(e)  # a full disk or read-only folder: one line, not retried
+        if problem is None:
+            raise
+        fatal.record(output, launch, problem)
+        raise problem from e
 
 
 def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
@@ -155,7 +162,7 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
     summary = json.loads((output / SUMMARY_FILE).read_text())
     if stop_requested and summary.get("preempted"):
-        raise Interrupted(f"stopped by Ctrl-C after step {summary['steps']}, checkpoint "
+        raise Interrupted(f"stopped by Ctrl-C or SIGTERM after step {summary['steps']}, checkpoint "
                           f"{summary.get('checkpoint')}; run the same command again to continue")
     return summary
 
@@ -235,7 +242,12 @@ def init_ray(cfg: JobConfig, cpus: float | None = None) -> None:
     if ray.is_initialized():
         return
     if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
+        try:
+            ray.init(address=cfg.cluster.address, log_to_driver=True)
+        except ConnectionError as e:  # nothing there, or a token the cluster does not take
+            raise ConfigError(f"cluster.address {cfg.cluster.address}: cannot join the Ray cluster ({first_line(e)}); "
+                              "give the head's GCS address (host:6379 by default), and RAY_AUTH_MODE / "
+                              "RAY_AUTH_TOKEN as the cluster was started with") from None
         return
     _private_token_auth()
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a

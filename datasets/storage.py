@@ -40,7 +40,7 @@ from typing import IO, Any, TypeVar, Union, cast
 
 import pyarrow.fs as pafs
 
-from embshard.errors import EmbshardError, StorageError
+from embshard.errors import EmbshardError, EnvironmentProblem, StorageError
 
 
 def is_uri(value: str | os.PathLike[str]) -> bool:
@@ -483,3 +483,19 @@ def check_reachable(path: StoragePath) -> None:
     said once, up front, instead of as a "not found" of the first file looked for."""
     if isinstance(path, RemotePath):
         path.check_bucket()
+
+
+def check_writable(path: StoragePath, what: str) -> None:
+    """`check_reachable`, and for a local folder EnvironmentProblem when it cannot be created or
+    written (a read-only mount, no permission): said before a run trains, where the first
+    checkpoint found it after the whole run had trained (the only save when every_steps is unset)."""
+    if isinstance(path, RemotePath):
+        path.check_bucket()
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise EnvironmentProblem(f"{what} {path}: cannot write there ({e.strerror})") from None

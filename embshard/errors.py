@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class EmbshardError(Exception):
     """Base class: the message says what was wrong and where."""
@@ -22,6 +24,25 @@ class StorageError(EmbshardError):
 
 class PlanError(EmbshardError):
     """A dimension or shard plan cannot be built (infeasible budget, topology too small, ...)."""
+
+
+class EnvironmentProblem(EmbshardError):
+    """Where files go failed on the machine (a full disk, a read-only mount, a permission): the
+    user fixes it there; retrying the same run would fail the same way."""
+
+
+# OSErrors about where files go, which the user fixes on the machine: printed as one line.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                                errno.EBUSY, errno.EXDEV})
+
+
+def environment_problem(e: BaseException) -> EnvironmentProblem | None:
+    """`e` as one line naming the file, when it is an OSError of the machine about a file."""
+    if not isinstance(e, OSError) or e.filename is None or e.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
+    return EnvironmentProblem(f"{where}: {e.strerror}")
 
 
 class TrainingDiverged(EmbshardError):

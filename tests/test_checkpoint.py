@@ -27,7 +27,7 @@ from embshard.config import (
     TrainConfig,
 )
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import DataError
+from embshard.errors import DataError, EnvironmentProblem
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.shard_plan import plan_sharding
 from embshard.sharding.mlet import without_mlet
@@ -229,3 +229,30 @@ def test_rerunning_a_finished_run_writes_no_checkpoint_again(dataset, tmp_path):
     again = run_worker(cfg)
     assert again["steps"] == first["steps"] == 6 and again["checkpoint"] == first["checkpoint"]
     assert sorted(p.name for p in Path(cfg.checkpoint_dir).iterdir()) == before == ["step-000004", "step-000006"]
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_said_before_training(dataset, tmp_path):
+    # A read-only checkpoint.dir was found at the first save: with every_steps unset, after the
+    # whole run had trained, and the model was lost.
+    (tmp_path / "a-file").write_text("")
+    cfg = replace(job(dataset, tmp_path / "run"), checkpoint=CheckpointConfig(dir=str(tmp_path / "a-file" / "ck")))
+    with pytest.raises(EnvironmentProblem, match=rf"^checkpoint.dir {tmp_path / 'a-file' / 'ck'}: cannot write "
+                                                 r"there \(Not a directory\)$"):
+        plan_for_training(cfg)
+    cfg = replace(cfg, checkpoint=CheckpointConfig(dir=str(tmp_path / "new" / "ck")))
+    plan_for_training(cfg)
+    assert list((tmp_path / "new" / "ck").iterdir()) == []  # made, and the probe gone
+
+
+def test_an_unfinished_write_of_an_earlier_step_goes_at_the_next_save(dataset, tmp_path):
+    # A run killed mid-save left step-N.tmp, as large as a checkpoint, for good: no later save
+    # was of the same step. One holding a manifest was complete and stays.
+    cfg = job(dataset, tmp_path, max_steps=4)
+    run_worker(cfg)
+    killed, complete = cfg.checkpoint_dir / "step-000002.tmp", cfg.checkpoint_dir / "step-000003.tmp"
+    killed.mkdir()
+    (killed / "__0_0.distcp").write_bytes(b"half a shard")
+    complete.mkdir()
+    (complete / MANIFEST).write_text("{}")
+    run_worker(replace(cfg, train=replace(cfg.train, max_steps=8)))
+    assert not killed.exists() and complete.is_dir()

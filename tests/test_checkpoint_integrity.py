@@ -3,6 +3,7 @@ replaced, a fresh start that is really fresh, and no code run from a planted pic
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pickle
@@ -16,7 +17,7 @@ from distributed import run_ranks
 from embshard.cluster.launch import plan_for_training
 from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, StorageError
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints
@@ -68,7 +69,7 @@ class Planted:
 
 
 @pytest.mark.usefixtures("process_group")
-def test_damaged_checkpoint_is_kept_aside_and_never_overwritten(dataset, tmp_path, caplog):
+def test_damaged_checkpoint_is_kept_aside_and_never_overwritten(dataset, tmp_path, caplog, capsys):
     cfg = job(dataset, tmp_path, max_steps=8)
     run_worker(cfg)
     newest, previous = complete_checkpoints(cfg.checkpoint_dir)
@@ -77,6 +78,9 @@ def test_damaged_checkpoint_is_kept_aside_and_never_overwritten(dataset, tmp_pat
     with caplog.at_level(logging.WARNING):
         resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=9)))
     assert resumed["resumed_from"] == str(previous)
+    # The rollback is said where the run is watched, not only in the log.
+    assert (f"resumed from {previous} at step 4 (epoch 0); newer, not verified, kept aside as step-N.damaged: "
+            f"{newest.name}: {shard.name}: content differs") in capsys.readouterr().out
     kept = newest.with_name(newest.name + ".damaged")
     assert (kept / shard.name).read_bytes() == damaged  # the user's bytes, untouched
     assert any(str(kept) in r.getMessage() and shard.name in r.getMessage() for r in caplog.records)
@@ -199,3 +203,23 @@ def test_an_rng_file_of_the_old_format_does_not_block_a_resume(dataset, tmp_path
         resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=5)))
     assert resumed["resumed_from"] == str(step)
     assert any("RNG state of rank 0 not restored" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_checkpoint_the_machine_refuses_to_read_is_one_line_and_left_as_it_is(dataset, tmp_path, monkeypatch):
+    # A file of the newest checkpoint that could not be read (a permission, a failing disk) set
+    # it aside as damaged and resumed from the one before, with a warning in the log alone.
+    cfg = job(dataset, tmp_path, max_steps=8)
+    run_worker(cfg)
+    newest, _ = complete_checkpoints(cfg.checkpoint_dir)
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+    def refused(path: Path) -> str:
+        if Path(path) == shard:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return sha256_file(path)
+
+    monkeypatch.setattr("embshard.trainer.checkpoint_integrity.sha256_file", refused)
+    with pytest.raises(StorageError, match=rf"^{shard}: Permission denied while verifying checkpoint {newest}$"):
+        run_worker(replace(cfg, train=replace(cfg.train, max_steps=9)))
+    assert [p.name for p in complete_checkpoints(cfg.checkpoint_dir)] == ["step-000008", "step-000004"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 
 import pyarrow as pa
 import pytest
@@ -146,3 +147,22 @@ def test_ray_s_own_console_logging_goes_to_the_run_log(tmp_path, capfd):
     finally:
         console.set_verbose(False)
     assert "shown with --verbose" in capfd.readouterr().err
+
+
+def test_a_library_s_root_console_handler_prints_nothing_during_a_run(tmp_path):
+    # FBGEMM's import calls logging.info, so basicConfig gave the root logger a stderr handler: at
+    # the run's INFO level every local run printed "INFO:ray._private.worker:Started a local Ray
+    # instance." above the progress bar.
+    from embshard.cluster import console
+
+    root = logging.getLogger()
+    library = logging.StreamHandler(sys.__stderr__)
+    root.addHandler(library)
+    try:
+        with console.run_log(tmp_path) as log:
+            assert library not in root.handlers
+            logging.getLogger("ray._private.worker").info("Started a local Ray instance.")
+        assert library in root.handlers
+        assert "Started a local Ray instance." in log.read_text()
+    finally:
+        root.removeHandler(library)

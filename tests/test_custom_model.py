@@ -59,7 +59,8 @@ def test_deepfm_from_outside_the_package_trains_stops_on_ctrl_c_resumes_and_expo
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 130, stderr[-3000:]
-    stopped = [line for line in stderr.splitlines() if line.startswith("embshard: stopped by Ctrl-C after step ")]
+    stopped = [line for line in stderr.splitlines()
+               if line.startswith("embshard: stopped by Ctrl-C or SIGTERM after step ")]
     assert len(stopped) == 1 and "run the same command again" in stopped[0], stderr[-3000:]
     last = stopped[0]
     step = int(last.split("after step ")[1].split(",")[0])

@@ -4,10 +4,12 @@ tests/test_train_e2e.py."""
 
 from __future__ import annotations
 
+import errno
+import logging
 from pathlib import Path
 
 from embshard.cluster import fatal
-from embshard.errors import DataError, EmbshardError
+from embshard.errors import DataError, EmbshardError, environment_problem
 from embshard.trainer.checkpoint import CheckpointError
 
 
@@ -30,3 +32,26 @@ def test_a_record_naming_a_class_that_is_not_an_embshard_error_is_rebuilt_as_the
     path.write_text(path.read_text().replace('"DataError"', '"Path"').replace("embshard.errors", "pathlib"))
     again = fatal.recorded(tmp_path, token)
     assert type(again) is EmbshardError and str(again) == "bad row"
+
+
+def test_a_machine_that_cannot_take_the_record_or_the_log_adds_no_error_of_its_own(tmp_path: Path, capfd) -> None:
+    # On a full disk the record and the run log failed with the same ENOSPC, raised over the
+    # worker's error and inside the CLI's handler: 128 lines on the console and no `embshard:` one.
+    from embshard.cluster import console
+
+    (tmp_path / fatal.FATAL_DIR).write_text("a file where the records' folder goes")
+    fatal.record(tmp_path, fatal.new_token(), DataError("bad row"))  # no OSError
+    log_dir = tmp_path / "run"
+    with console.run_log(log_dir) as log:
+        log.unlink()
+        log.mkdir()  # the log cannot be appended to now
+        assert console.record_error(RuntimeError("boom")) is None
+        logging.getLogger("embshard.test").error("dropped, not a traceback on stderr")
+    assert "Logging error" not in capfd.readouterr().err
+
+
+def test_an_os_error_of_the_machine_is_one_line_naming_the_file() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/run/checkpoints/step-000060.tmp")
+    assert str(environment_problem(full)) == "/data/run/checkpoints/step-000060.tmp: No space left on device"
+    assert environment_problem(OSError(errno.ENOSPC, "No space left on device")) is None  # names no file
+    assert environment_problem(OSError(errno.ECONNRESET, "reset", "x")) is None  # not the machine's files

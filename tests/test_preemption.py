@@ -34,3 +34,36 @@ def test_ctrl_c_and_a_stop_request_stop_like_sigterm(tmp_path):
     while not guard.signalled and time.monotonic() < deadline:
         time.sleep(0.01)
     assert guard.signalled
+
+
+def test_sigterm_to_the_driver_asks_the_workers_to_stop_as_ctrl_c_does(tmp_path, capsys):
+    # `kill`, a pod's termination and `ray job stop` send SIGTERM: Ray's handler dumped a C++ stack
+    # and aborted the driver, and the workers lost every step since their last checkpoint.
+    from embshard.cluster.interrupt import run_with_graceful_ctrl_c
+
+    request = tmp_path / "stop-requested"
+
+    def fit() -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not request.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "fit returned" if request.exists() else "no request"
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_with_graceful_ctrl_c(fit, request) == ("fit returned", True)
+    assert "embshard: terminated: finishing the step and writing a checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before and not request.exists()
+
+
+def test_a_resumed_run_s_progress_bar_ends_at_its_total():
+    # It counted from 0 and ended at 90% (360/400) after a resume at step 360.
+    from embshard.trainer.callbacks import ProgressBar, StepInfo
+
+    bar = ProgressBar(world_size=1)
+    bar.on_train_start(400)
+    for step in range(360, 400):
+        bar.on_step_start(step)
+        bar.on_step(StepInfo(step + 1, 0, 8, 0.01, 0.0, None))
+    assert bar.bar is not None and (bar.bar.n, bar.bar.total) == (400, 400)
+    bar.on_train_end({})

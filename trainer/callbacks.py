@@ -53,6 +53,12 @@ class ProgressBar(Callback):
     def on_train_start(self, total_steps: int) -> None:
         self.bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
+    def on_step_start(self, step: int) -> None:
+        assert self.bar is not None
+        if self.bar.n == 0 and step > 0:  # a resumed run: the bar starts where it stands (it ended at 90%)
+            self.bar.n = self.bar.last_print_n = self.bar.initial = step
+            self.bar.refresh()
+
     def on_step(self, info: StepInfo) -> None:
         assert self.bar is not None
         self.bar.update(1)

@@ -75,6 +75,7 @@ CONFIG = "config.json"
 PLAN_DIR = "plan"
 DAMAGED_SUFFIX = ".damaged"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_TMP_DIR = re.compile(r"^step-(\d{6,})\.tmp$")
 # What the driver reads from a checkpoint before any worker starts (all JSON).
 DRIVER_FILES = (PROGRESS, CONFIG)
 
@@ -184,8 +185,18 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
-        for old in complete_checkpoints(self.directory)[self.keep:]:
+        kept = complete_checkpoints(self.directory)
+        for old in kept[self.keep:]:
             rmtree(old)
+        # Unfinished writes of earlier steps (a run killed mid-save) that no run will finish:
+        # each is as large as a checkpoint. One with a manifest was complete and is left alone.
+        if not kept:
+            return
+        newest = int(_STEP_DIR.fullmatch(kept[0].name).group(1))  # type: ignore[union-attr]
+        for leftover in self.directory.iterdir():
+            m = _TMP_DIR.match(leftover.name)
+            if m and int(m.group(1)) < newest and not (leftover / MANIFEST).is_file():
+                rmtree(leftover)
 
     # -- load (collective) ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ of N bytes costs each rank N / world of reading, on save and on resume alike.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -207,10 +208,17 @@ def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:
         return str(e)
     except (OSError, StorageError) as e:  # pyarrow's streams raise plain OSErrors
         failed = None if isinstance(e, FileNotFoundError) else storage_failure(e, folder)
+        if failed is None and isinstance(e, OSError) and e.errno in _UNREADABLE:
+            # The machine refused the read, the file may be whole: set aside as damaged, the run
+            # rolled back past its newest checkpoint, with a warning in the log alone.
+            failed = StorageError(f"{e.filename or folder}: {e.strerror}")
         if failed is None:
             return str(e)
         raise StorageError(f"{failed} while verifying checkpoint {folder}") from e
     return None
+
+
+_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EIO})
 
 
 def verify_collective(folder: StoragePath) -> str | None:

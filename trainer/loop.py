@@ -33,6 +33,7 @@ from embshard.trainer.callbacks import (
     StepInfo,
 )
 from embshard.trainer.checkpoint import (
+    DAMAGED_SUFFIX,
     CheckpointError,
     CheckpointManager,
     Progress,
@@ -250,6 +251,10 @@ def run_worker(
     if metrics is not None:
         time.sleep(cfg.metrics.linger_seconds)
         metrics.stop_server()
+        if rank == 0 and cfg.metrics.file_sd:
+            # A finished run is no target: listed, its closed ports read as down (an alert) for
+            # good, and a later listener on a reused port would be scraped as this job.
+            Path(cfg.metrics.file_sd).unlink(missing_ok=True)
     return summary
 
 
@@ -345,14 +350,17 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
             raise CheckpointError(f"{cfg.checkpoint.resume}: no checkpoint there verifies "
                                   f"({rejected_text(manager.rejected)})")
         if dist.get_rank() == 0:
-            print(f"no checkpoint in {cfg.checkpoint_dir} verifies (kept aside, see the warnings): "
-                  f"starting fresh", flush=True)
+            print(f"no checkpoint in {cfg.checkpoint_dir} verifies, each kept aside as step-N{DAMAGED_SUFFIX} "
+                  f"({rejected_text(manager.rejected)}): starting fresh", flush=True)
         return None, fresh, None
     path, saved = loaded
     reader.load_state_dict(saved.reader_state(fresh.world_size, fresh.batch_size))
     progress = replace(saved, world_size=fresh.world_size, batch_size=fresh.batch_size)
     if dist.get_rank() == 0:
-        print(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})", flush=True)
+        # A newer checkpoint that failed verification means a rollback: said here, not only in the log.
+        passed = (f"; newer, not verified{f', kept aside as step-N{DAMAGED_SUFFIX}' if not explicit else ''}: "
+                  f"{rejected_text(manager.rejected)}" if manager.rejected else "")
+        print(f"resumed from {path} at step {progress.step} (epoch {progress.epoch}){passed}", flush=True)
     return path, progress, None if explicit else path
 
 

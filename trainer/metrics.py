@@ -51,6 +51,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from embshard.errors import EnvironmentProblem
+
 __all__ = [
     "WorkerMetrics",
     "STEP_BUCKETS",
@@ -271,7 +273,7 @@ class WorkerMetrics:
     def start_server(self, port_base: int, local_rank: int, addr: str = "127.0.0.1") -> int:
         """Serve this registry on http://addr:(port_base + local_rank)/metrics; returns the port.
 
-        port_base 0 binds an ephemeral port. Raises OSError naming the port if it is taken.
+        port_base 0 binds an ephemeral port. Raises EnvironmentProblem naming the port if it is taken.
         """
         if self._server is not None:
             raise RuntimeError(f"metrics server of rank {self.rank} already runs on port {self.port}")
@@ -283,9 +285,9 @@ class WorkerMetrics:
         try:
             server, thread = _start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
-            raise OSError(
-                e.errno, f"cannot serve metrics of rank {self.rank} on {addr}:{port}: {e.strerror or e}"
-            ) from None
+            # The machine's, not the code's: one line naming the knob, and no restart of the group.
+            raise EnvironmentProblem(f"metrics.port_base: cannot serve metrics of rank {self.rank} on {addr}:{port}: "
+                                     f"{e.strerror or e}") from None
         self._server, self._server_thread = server, thread
         self.port = int(server.server_address[1])
         return self.port
