@@ -233,6 +233,9 @@ def test_rayjob_shape(rendered) -> None:
     assert rc["authOptions"] == {"mode": "token"}
     head = rc["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP" and head["enableIngress"] is False
+    # `embshard stop` gives the driver time to have the workers checkpoint (Ray's default is 3 s).
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": "120"} in head_container["env"]
     (group,) = rc["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
     for name, tpl in pod_templates(job).items():

@@ -107,6 +107,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ .Values.job.configPath | quote }}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+- name: RAY_JOB_STOP_WAIT_TIME_S
+  value: {{ .Values.job.stopWaitSeconds | quote }}
 {{- with .Values.objectStorage.endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
