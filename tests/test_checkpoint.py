@@ -256,3 +256,19 @@ def test_an_unfinished_write_of_an_earlier_step_goes_at_the_next_save(dataset, t
     (complete / MANIFEST).write_text("{}")
     run_worker(replace(cfg, train=replace(cfg.train, max_steps=8)))
     assert not killed.exists() and complete.is_dir()
+
+
+def test_a_save_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    # DCP's torch.save onto a full disk fails as "unexpected pos 704 vs 598", naming no disk.
+    import shutil
+
+    from embshard.trainer import checkpoint
+    from embshard.trainer.checkpoint_integrity import RankFailure
+
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    failure = RankFailure(0, "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598",
+                          False)
+    with pytest.raises(CheckpointError, match=r"step-000040\.tmp: saving checkpoint step 40 failed on rank 0: the "
+                                              r"disk is full \(0 bytes free; RuntimeError: .*\) \(earlier checkpoints "
+                                              r"are kept\)$"):
+        checkpoint._raise_save_failure((failure, None), 40, tmp_path / "step-000040.tmp")

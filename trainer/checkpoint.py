@@ -35,6 +35,7 @@ the layout the model has, so a transform that changes the layout needs a matchin
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -42,6 +43,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, cast
@@ -272,8 +274,17 @@ def _raise_save_failure(failed: tuple[RankFailure, BaseException | None] | None,
     if failure.storage:
         raise StorageError(f"{failure.message} while saving checkpoint step {step} "
                            f"(earlier checkpoints are kept)") from own
-    raise CheckpointError(f"{tmp}: saving checkpoint step {step} failed on rank {failure.rank}: "
-                          f"{failure.message}") from own
+    why = failure.message
+    if isinstance(tmp, Path):
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(tmp.parent).free
+            if free < _FULL_BYTES:  # DCP's torch.save says only "unexpected pos 704 vs 598" then
+                why = f"the disk is full ({free:,} bytes free; {why})"
+    raise CheckpointError(f"{tmp}: saving checkpoint step {step} failed on rank {failure.rank}: {why} "
+                          f"(earlier checkpoints are kept)") from own
+
+
+_FULL_BYTES = 1 << 20
 
 
 def _agreed(path: StoragePath, what: str, stage: Callable[[], None]) -> None:
