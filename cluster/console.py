@@ -201,9 +201,9 @@ def run_log(output_dir: Path) -> Iterator[Path]:
             logger.propagate = propagate
             for ray_handler in own:
                 logger.addHandler(ray_handler)
-        for h in (handler, echo):
-            if h is not None:
-                root.removeHandler(h)
+        for ours in (handler, echo):
+            if ours is not None:
+                root.removeHandler(ours)
         for h in root_console:
             root.addHandler(h)
         handler.close()
