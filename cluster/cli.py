@@ -145,7 +145,9 @@ def _submit(args: argparse.Namespace) -> int:
     if args.no_wait:
         return 0
     final = jobs.follow(args.address, job_id)
-    print(f"{job_id}: {final}")  # the status alone: its message repeats the log just streamed
+    # A success's message repeats the log just streamed; a failure's may be the only reason given
+    # (a runtime_env or entrypoint that never started the driver).
+    print(f"{job_id}: {final}" if final == "SUCCEEDED" else jobs.status(args.address, job_id))
     return 0 if final == "SUCCEEDED" else 1
 
 

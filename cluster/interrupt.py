@@ -37,9 +37,9 @@ def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: 
         requested.set()
         stop_request.parent.mkdir(parents=True, exist_ok=True)
         stop_request.touch()
-        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        what, again = ("interrupted", "Ctrl-C") if signum == signal.SIGINT else ("terminated", "a second signal")
         print(f"\nembshard: {what}: finishing the step and writing a checkpoint "
-              "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+              f"({again} aborts without one)", file=sys.stderr, flush=True)
 
     outcome: dict[str, object] = {}
 
@@ -51,7 +51,7 @@ def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: 
 
     # A daemon thread: after a second Ctrl-C the process exits, and Ray ends the workers with it.
     worker = threading.Thread(target=target, name="embshard-fit", daemon=True)
-    # SIGTERM too: what `kill`, a pod's termination and `ray job stop` send the driver. Ray's own
+    # SIGTERM too: what `kill` and `ray job stop` (`embshard stop`) send the driver. Ray's own
     # handler for it dumps a C++ stack and aborts, and the workers lost the steps since the
     # last checkpoint. A handler Python did not install reads as None and cannot be put back.
     previous = {sig: signal.signal(sig, on_interrupt) for sig in _STOP_SIGNALS}

@@ -36,10 +36,6 @@ class JobError(EmbshardError):
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    if "://" not in address:
-        # The job API is HTTP; Ray reads a bare host:port (what `ray start` prints for the
-        # dashboard) as a cluster to join and waits about 35 s for a GCS that is not there.
-        address = f"http://{address}"
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/Ray raise many kinds; all mean "unreachable"

@@ -86,18 +86,21 @@ class ConfigLoader(yaml.SafeLoader):
     `1:30` is 90, `off` is false and `2026-01-01` a date; and it keeps the last of two `train:` sections, dropping
     every setting of the first without a word."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_line: dict[Any, int] = {}
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        # Checked as written, before `<<` merges are flattened into the nodes (which may
+        # override a key, and rewrite an anchored mapping in place).
+        node = super().compose_mapping_node(anchor)
+        first_line: dict[tuple[str, str], int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                continue  # `<<` merges may override; a complex key fails in SafeLoader's own check
-            key = self.construct_object(key_node)
+                continue  # a complex key fails in SafeLoader's own check
+            key = (key_node.tag, key_node.value)
             if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (first on line {first_line[key]})",
+                raise yaml.composer.ComposerError(
+                    None, None, f"key {key_node.value!r} given twice (first on line {first_line[key]})",
                     key_node.start_mark)
             first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+        return node
 
     def construct_core_int(self, node: yaml.ScalarNode) -> int:
         text = str(self.construct_scalar(node))
@@ -118,6 +121,18 @@ for _tag, _pattern, _first in (
 ):
     ConfigLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
 ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_core_int)
+
+
+def _yaml_1_1_hint(value: Any, kind: type) -> str:
+    """What a YAML 1.1 reader made of `value` that this one does not: a config that worked under
+    PyYAML's defaults is told how to write it."""
+    if not isinstance(value, str):
+        return ""
+    if kind is int and re.fullmatch(r"[-+]?[0-9][0-9_]*", value):
+        return f" (configs are YAML 1.2: write {value.replace('_', '')})"
+    if kind is bool and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+        return f" (configs are YAML 1.2: write {str(value.lower() in ('yes', 'on', 'y')).lower()})"
+    return ""
 
 
 def parse_yaml(text: str) -> Any:
@@ -253,11 +268,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}{_yaml_1_1_hint(value, int)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {value!r}{_yaml_1_1_hint(value, bool)}")
         return value
     if hint is str:
         if not isinstance(value, str):

@@ -11,7 +11,7 @@ import pytest
 
 from embshard.config import JobConfig, load_job_config
 from embshard.errors import ConfigError
-from embshard.typed_config import from_dict
+from embshard.typed_config import from_dict, parse_yaml
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))  # papers/ too
 RUNTIME = ("torch", "torchrec", "ray", "prometheus_client", "fbgemm_gpu")
@@ -87,8 +87,12 @@ def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(tmp_path):
     assert (cfg.train.epochs, cfg.train.max_steps, cfg.name) == (10, 16, "off")
     with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got '1:30'"):
         load_job_config(path, ["train.max_steps=1:30"])
-    with pytest.raises(ConfigError, match=r"train\.progress: expected true or false, got 'no'"):
+    with pytest.raises(ConfigError, match=r"train\.progress: expected true or false, got 'no' \(configs are YAML "
+                                          r"1\.2: write false\)"):
         load_job_config(path, ["train.progress=no"])
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got '1_000' \(configs are YAML "
+                                          r"1\.2: write 1000\)"):
+        load_job_config(path, ["train.max_steps=1_000"])
 
 
 def test_a_negative_seed_is_refused_before_a_worker_reads_with_it(tmp_path):
@@ -126,6 +130,10 @@ def test_a_key_given_twice_is_refused_with_both_places(tmp_path):
     path.write_text("train:\n  epochs: 2\n  epochs: 3\n")
     with pytest.raises(ConfigError, match=r":3:3: not valid YAML \(key 'epochs' given twice"):
         load_job_config(path)
+    # Merges may override a key, also when an anchored mapping merges another.
+    path.write_text("x-lr: &lr {dense_lr: 0.01}\nx:\n  train: &t {<<: *lr, dense_lr: 0.02}\n"
+                    "train: {<<: *t, epochs: 4}\n")
+    assert parse_yaml(path.read_text())["x"]["train"] == {"dense_lr": 0.02}
 
 
 def test_nan_and_infinity_are_no_numbers_a_config_takes(tmp_path):

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import profiled_synth
+from distributed import run_ranks
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -36,22 +38,29 @@ class TurnsNan(nn.Module):
     """A linear model over the embeddings whose output turns NaN: in training from its
     `from_step`-th step on, or in evaluation only."""
 
-    def __init__(self, embeddings: EmbeddingModule, num_dense: int, from_step: int | None) -> None:
+    def __init__(self, embeddings: EmbeddingModule, num_dense: int, from_step: int | None,
+                 only_rank: int | None = None) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.head = nn.Linear(sum(embeddings.feature_dims.values()) + num_dense, 1)
-        self.from_step, self.steps = from_step, 0
+        self.from_step, self.steps, self.only_rank = from_step, 0, only_rank
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         out = self.head(torch.cat([dense, self.embeddings(sparse).values()], dim=1)).squeeze(-1)
         if self.training:
             self.steps += 1
         turned = self.steps >= self.from_step if self.from_step is not None else not self.training
+        if self.only_rank is not None and dist.get_rank() != self.only_rank:
+            turned = False
         return out * float("nan") if turned else out
 
 
 def nan_from_step_3(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     return TurnsNan(embeddings, len(spec.dense), from_step=3)
+
+
+def nan_on_rank_1_from_step_3(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return TurnsNan(embeddings, len(spec.dense), from_step=3, only_rank=1)
 
 
 def nan_in_evaluation(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
@@ -97,3 +106,22 @@ def test_nan_outputs_are_no_metric(dataset, tmp_path, process_group) -> None:
     with pytest.raises(TrainingDiverged, match=r"^the model's outputs on the valid split hold 200 NaN or infinite "
                                                r"values of 200: no metric is computed on them$"):
         run_worker(cfg)
+
+
+def _diverged_message(rank: int, world: int, cfg: JobConfig) -> str:
+    try:
+        run_worker(cfg)
+    except TrainingDiverged as e:
+        return str(e)
+    return "trained on"
+
+
+@pytest.mark.slow
+def test_a_loss_turned_nan_on_one_rank_stops_every_rank_at_the_same_step(dataset, tmp_path) -> None:
+    # The flag is all-reduced: rank 0, whose own loss is still finite at step 3, must not go on to
+    # checkpoint the weights rank 1's NaN gradients reach, nor wait for it in a collective.
+    cfg = replace(job(dataset, tmp_path / "run", "nan_on_rank_1_from_step_3"), cluster=ClusterConfig(workers=2))
+    plan_for_training(cfg)
+    messages = run_ranks(_diverged_message, 2, cfg)
+    assert messages[0] == messages[1] and "between step 2 and step 3, found before a checkpoint" in messages[0]
+    assert [p.name for p in complete_checkpoints(cfg.checkpoint_dir)] == ["step-000002", "step-000001"]

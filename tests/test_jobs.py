@@ -107,18 +107,6 @@ def test_submit_streams_logs_and_exit_status(head, env, tmp_path):
     assert failed.returncode == 1 and "FAILED" in failed.stdout
 
 
-def test_an_address_without_a_scheme_is_the_job_api_s(tmp_path, capsys):
-    # `ray start` prints the dashboard as 127.0.0.1:8265; Ray read that as a cluster to join and
-    # waited ~35 s for a GCS before it said anything.
-    from embshard.cluster.cli import main
-
-    port = free_port()  # nothing listens there
-    assert main(["status", "raysubmit_x", "--address", f"127.0.0.1:{port}"]) == 2
-    assert capsys.readouterr().err.strip() == (f"embshard: error: http://127.0.0.1:{port}: cannot reach the Ray "
-                                               f"job API (ConnectionError: Failed to connect to Ray at address: "
-                                               f"http://127.0.0.1:{port}.)")
-
-
 def test_submit_refuses_a_config_that_does_not_load_before_it_reaches_the_cluster(tmp_path, capsys):
     # It was a job that failed on the cluster, exit 1, after a round trip.
     from embshard.cluster.cli import main

@@ -72,6 +72,11 @@ class NeedsArguments(ModelArch):
         self.width = width
 
 
+class RaisesInInit(ModelArch):
+    def __init__(self) -> None:
+        self.hidden = {}["hidden"]
+
+
 def builder_of_one_argument(embeddings: EmbeddingModule) -> nn.Module:
     return nn.Linear(1, 1)
 
@@ -122,10 +127,13 @@ def test_a_model_the_driver_cannot_make_is_one_line_naming_where(tmp_path, monke
         ("fails_at_import:build", "model.arch: importing module 'fails_at_import' failed: RuntimeError: no GPU here "
                                   f"at {tmp_path / 'fails_at_import.py'}:3"),
         ("bad_syntax:build", "model.arch: importing module 'bad_syntax' failed: SyntaxError: "),
-        ("test_model_seam:NeedsArguments", "model.arch 'test_model_seam:NeedsArguments': NeedsArguments() failed "
-                                           "(TypeError: "),
+        ("test_model_seam:NeedsArguments", "model.arch 'test_model_seam:NeedsArguments': NeedsArguments(width) needs "
+                                           "arguments, and a class a config names is made with none"),
+        ("test_model_seam:RaisesInInit", "model.arch 'test_model_seam:RaisesInInit': RaisesInInit() raised KeyError: "
+                                         f"'hidden' at {__file__}:"),
         ("test_model_seam:builder_of_one_argument",
-         "model.arch 'test_model_seam:builder_of_one_argument': builder_of_one_argument(embeddings: "),
+         "model.arch 'test_model_seam:builder_of_one_argument': builder_of_one_argument(embeddings) cannot be "
+         "called as build(embeddings, spec, options)"),
     ]
     for name, message in cases:
         with pytest.raises(ConfigError) as e:

@@ -178,12 +178,16 @@ class CheckpointManager:
                 move(tmp, final, marker=MANIFEST)
                 if isinstance(self.directory, Path):
                     _fsync_dir(self.directory)
-                self._prune()
 
         # Each stage ends with every rank agreeing it succeeded (the barrier between stages).
         for stage in (start, write_state, write_run_files,
                       lambda: manifest.update(write_manifest(tmp, progress.step)), publish):
             _raise_save_failure(on_every_rank(stage, tmp), progress.step, tmp)
+        if rank == 0:
+            try:
+                self._prune()
+            except (OSError, StorageError) as e:  # the checkpoint is saved: a failed clean-up is no failed save
+                log.warning("checkpoint %s saved; removing older ones failed: %s", final, first_line(e))
         return final
 
     def _prune(self) -> None:

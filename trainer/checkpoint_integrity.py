@@ -209,8 +209,9 @@ def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:
     except (OSError, StorageError) as e:  # pyarrow's streams raise plain OSErrors
         failed = None if isinstance(e, FileNotFoundError) else storage_failure(e, folder)
         if failed is None and isinstance(e, OSError) and e.errno in _UNREADABLE:
-            # The machine refused the read, the file may be whole: set aside as damaged, the run
-            # rolled back past its newest checkpoint, with a warning in the log alone.
+            # A permission refused the read, the file may be whole: set aside as damaged, the run
+            # rolled back past its newest checkpoint, with a warning in the log alone. (An I/O
+            # error is the file's own: damaged, as it was.)
             failed = StorageError(f"{e.filename or folder}: {e.strerror}")
         if failed is None:
             return str(e)
@@ -218,7 +219,7 @@ def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:
     return None
 
 
-_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EIO})
+_UNREADABLE = frozenset({errno.EACCES, errno.EPERM})
 
 
 def verify_collective(folder: StoragePath) -> str | None:

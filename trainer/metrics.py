@@ -35,6 +35,7 @@ no string formatting); labelled children keyed by table are bound once, on first
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -285,8 +286,9 @@ class WorkerMetrics:
         try:
             server, thread = _start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
-            # The machine's, not the code's: one line naming the knob, and no restart of the group.
-            raise EnvironmentProblem(f"metrics.port_base: cannot serve metrics of rank {self.rank} on {addr}:{port}: "
+            # The machine's, not the code's: one line naming the knob it is about.
+            knob = "metrics.port_base" if e.errno == errno.EADDRINUSE else "metrics.bind"
+            raise EnvironmentProblem(f"{knob}: cannot serve metrics of rank {self.rank} on {addr}:{port}: "
                                      f"{e.strerror or e}") from None
         self._server, self._server_thread = server, thread
         self.port = int(server.server_address[1])

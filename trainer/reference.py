@@ -6,6 +6,7 @@ import reference does, as long as the package is on the workers' Python path."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import traceback
 from typing import Any
 
@@ -23,8 +24,7 @@ def import_reference(reference: str, key: str) -> Any:
     except ImportError as e:
         raise ConfigError(f"{key}: cannot import module {module_name!r} ({first_line(e)})") from None
     except Exception as e:  # the user's module failed as it ran: say where, as one line
-        frames = traceback.extract_tb(e.__traceback__)
-        where = "" if isinstance(e, SyntaxError) or not frames else f" at {frames[-1].filename}:{frames[-1].lineno}"
+        where = "" if isinstance(e, SyntaxError) else _raised_at(e)
         raise ConfigError(f"{key}: importing module {module_name!r} failed: {first_line(e)}{where}") from None
     try:
         return getattr(module, attr)
@@ -39,7 +39,24 @@ def instance_of(found: Any, key: str) -> Any:
     if not isinstance(found, type):
         return found
     try:
+        inspect.signature(found).bind()
+    except TypeError:
+        raise ConfigError(f"{key}: {call_text(found)} needs arguments, and a class a config names is made with "
+                          "none (name an instance to configure one)") from None
+    except ValueError:  # no signature to read: the call will say
+        pass
+    try:
         return found()
     except Exception as e:
-        raise ConfigError(f"{key}: {found.__name__}() failed ({first_line(e)}); a class a config names is made "
-                          "with no arguments (name an instance to configure one)") from None
+        raise ConfigError(f"{key}: {found.__name__}() raised {first_line(e)}{_raised_at(e)}") from None
+
+
+def _raised_at(e: BaseException) -> str:
+    """` at file:line` of the innermost frame `e` passed through: where in the user's code."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def call_text(fn: Any) -> str:
+    """`name(a, b)`: how `fn` is called, without the annotations a message has no room for."""
+    return f"{getattr(fn, '__name__', type(fn).__name__)}({', '.join(inspect.signature(fn).parameters)})"

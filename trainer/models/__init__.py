@@ -10,7 +10,7 @@ from collections.abc import Callable
 from embshard.config import ModelConfig
 from embshard.errors import ConfigError
 from embshard.trainer.models.arch import BuilderArch, ModelArch, TrainModel
-from embshard.trainer.reference import import_reference, instance_of
+from embshard.trainer.reference import call_text, import_reference, instance_of
 
 __all__ = ["ModelArch", "TrainModel", "get_arch"]
 
@@ -59,5 +59,5 @@ def _check_builder_signature(builder: Callable[..., object], name: str) -> None:
     try:
         signature.bind(None, None, None)
     except TypeError:
-        raise ConfigError(f"model.arch {name!r}: {getattr(builder, '__name__', 'the builder')}{signature} cannot "
-                          "be called as build(embeddings, spec, options)") from None
+        raise ConfigError(f"model.arch {name!r}: {call_text(builder)} cannot be called as "
+                          "build(embeddings, spec, options)") from None
