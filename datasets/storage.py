@@ -492,10 +492,15 @@ def check_writable(path: StoragePath, what: str) -> None:
     if isinstance(path, RemotePath):
         path.check_bucket()
         return
+    # Probed in the nearest folder that exists, so that a run refused later leaves nothing behind.
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EnvironmentProblem(f"{what} {path}: {existing} is a file, not a folder")
+    probe = existing / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise EnvironmentProblem(f"{what} {path}: cannot write there ({e.strerror})") from None
+        raise EnvironmentProblem(f"{what} {path}: cannot write in {existing} ({e.strerror})") from None
