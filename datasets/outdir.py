@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embshard.datasets.schema import ITEMS_DIR, PROFILE_DIR, SPEC_FILE, SPLITS, DatasetSpec
-from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, rmtree, upload
+from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
 from embshard.errors import DataError, EmbshardError
 
 
@@ -76,9 +76,7 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET)
 def _check_creatable(out: Path, error: type[EmbshardError]) -> None:
     """Said before a long conversion, not as an OSError once it is done: the nearest existing
     folder above `out` must be a folder this process may write in."""
-    parent = out.absolute().parent
-    while not parent.exists() and not parent.is_symlink():
-        parent = parent.parent
+    parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
         raise error(f"{out}: cannot be created: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -487,20 +487,22 @@ def check_reachable(path: StoragePath) -> None:
 
 def check_writable(path: StoragePath, what: str) -> None:
     """`check_reachable`, and for a local folder EnvironmentProblem when it cannot be created or
-    written (a read-only mount, no permission): said before a run trains, where the first
+    written in (a read-only mount, no permission): said before a run trains, where the first
     checkpoint found it after the whole run had trained (the only save when every_steps is unset)."""
     if isinstance(path, RemotePath):
         path.check_bucket()
         return
-    # Probed in the nearest folder that exists, so that a run refused later leaves nothing behind.
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(path)  # checked there, not made: a run refused later leaves nothing
     if not existing.is_dir():
         raise EnvironmentProblem(f"{what} {path}: {existing} is a file, not a folder")
-    probe = existing / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise EnvironmentProblem(f"{what} {path}: cannot write in {existing} ({e.strerror})") from None
+    if not os.access(existing, os.W_OK | os.X_OK):  # EROFS too: access(2) reports a read-only mount
+        raise EnvironmentProblem(f"{what} {path}: cannot write in {existing}")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (or is a link): where whether it can be
+    created is decided."""
+    path = path.absolute()
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path

@@ -165,7 +165,8 @@ def run_worker(
         return result
 
     def validate() -> EvalResult:
-        return evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks, watch))
+        watch.check(progress.step, "an evaluation")
+        return evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
 
     stopped = False
     resumed_samples = progress.samples  # throughput counts only what this start trained
@@ -395,8 +396,7 @@ def _measure(sharded: ShardedModel, steps: TrainSteps, reader: ParquetBatchReade
         return sharded.arch.evaluate(sharded.model, reader, device, max_batches)
 
 
-def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks, watch: LossWatch) -> EvalResult:
-    watch.check(step, "an evaluation")
+def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:
     result = _measure(sharded, steps, reader, device, cfg.train.eval_max_batches)
     for cb in callbacks:
         cb.on_eval(step, result)

@@ -38,13 +38,9 @@ def instance_of(found: Any, key: str) -> Any:
     names a class but cannot pass it any."""
     if not isinstance(found, type):
         return found
-    try:
-        inspect.signature(found).bind()
-    except TypeError:
+    if not callable_as(found, 0):
         raise ConfigError(f"{key}: {call_text(found)} needs arguments, and a class a config names is made with "
-                          "none (name an instance to configure one)") from None
-    except ValueError:  # no signature to read: the call will say
-        pass
+                          "none (name an instance to configure one)")
     try:
         return found()
     except Exception as e:
@@ -60,3 +56,16 @@ def _raised_at(e: BaseException) -> str:
 def call_text(fn: Any) -> str:
     """`name(a, b)`: how `fn` is called, without the annotations a message has no room for."""
     return f"{getattr(fn, '__name__', type(fn).__name__)}({', '.join(inspect.signature(fn).parameters)})"
+
+
+def callable_as(fn: Any, positional: int) -> bool:
+    """Whether `fn` takes `positional` arguments: checked on the driver, before a call in every
+    worker would fail once Ray had started. True where there is no signature to read (the call
+    will say)."""
+    try:
+        inspect.signature(fn).bind(*[None] * positional)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True

@@ -4,13 +4,10 @@ Built-ins are imported on first use, so naming one loads only its own modules.""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-
 from embshard.config import ModelConfig
 from embshard.errors import ConfigError
 from embshard.trainer.models.arch import BuilderArch, ModelArch, TrainModel
-from embshard.trainer.reference import call_text, import_reference, instance_of
+from embshard.trainer.reference import call_text, callable_as, import_reference, instance_of
 
 __all__ = ["ModelArch", "TrainModel", "get_arch"]
 
@@ -43,21 +40,9 @@ def _as_arch(found: object, name: str) -> ModelArch:
         found.name = name
         return found
     if callable(found) and not isinstance(found, type):
-        _check_builder_signature(found, name)
+        if not callable_as(found, 3):
+            raise ConfigError(f"model.arch {name!r}: {call_text(found)} cannot be called as "
+                              "build(embeddings, spec, options)")
         return BuilderArch(found, name)
     raise ConfigError(f"model.arch {name!r}: a {type(found).__name__}, neither a ModelArch nor a builder "
                       "function build(embeddings, spec, options) -> nn.Module")
-
-
-def _check_builder_signature(builder: Callable[..., object], name: str) -> None:
-    """On the driver: a builder that cannot be called as build(embeddings, spec, options) failed
-    in every worker once Ray had started."""
-    try:
-        signature = inspect.signature(builder)
-    except ValueError:  # a builtin without one: the call will say
-        return
-    try:
-        signature.bind(None, None, None)
-    except TypeError:
-        raise ConfigError(f"model.arch {name!r}: {call_text(builder)} cannot be called as "
-                          "build(embeddings, spec, options)") from None
