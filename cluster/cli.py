@@ -9,16 +9,23 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, positive, verbose_argument
 from embshard.datasets import cli as data_cli
-from embshard.errors import EmbshardError, Interrupted, environment_problem, first_line
+from embshard.errors import (
+    EXIT_CRASH,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    EmbshardError,
+    Interrupted,
+    environment_problem,
+    first_line,
+)
 
-EXIT_CRASH = 1
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+if TYPE_CHECKING:
+    from embshard.planner.pipeline import PlanBundle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,8 +232,7 @@ def _plan(args: argparse.Namespace) -> int:
           f"{topology.world_size} x {topology.device} ranks on {topology.hosts} host(s) of "
           f"{topology.world_size // topology.hosts}, "
           f"serving parameters {plan.serve_params():,}")
-    for note in [*plan.notes, *bundle.shard_plan.notes]:
-        print(f"note: {note}")
+    print_notes(bundle, bundle.directory / name)
     print(bundle.memory.format())
     bundle.memory.check_fits()
     print(f"plan -> {path}")
@@ -235,6 +241,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, ray_storage, train_on_ray, with_checkpoint_config
+    from embshard.planner.pipeline import PLAN_FILE
 
     cfg = _load(args)
     cluster = replace(
@@ -250,6 +257,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
           f"per-rank training bytes "
           + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
+    print_notes(bundle, bundle.directory / PLAN_FILE)
     # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
     metrics = train_on_ray(cfg)
     best = f" (best, at step {metrics.get('selected_step')})" if cfg.train.report_at == "best_valid" else ""
@@ -267,6 +275,19 @@ def _train(args: argparse.Namespace) -> int:
     print(f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, "
           f"checkpoints {cfg.checkpoint_dir}, Ray run storage {ray_storage(cfg)}")
     return 0
+
+
+SHOWN_NOTES = 10
+
+
+def print_notes(bundle: PlanBundle, plan_file: Path) -> None:
+    """The plan's first notes; the rest are in the plan file (MDE within tables makes one or two
+    per block: hundreds of lines for a few dozen tables)."""
+    notes = [*bundle.dimension_plan.notes, *bundle.shard_plan.notes]
+    for note in notes[:SHOWN_NOTES]:
+        print(f"note: {note}")
+    if len(notes) > SHOWN_NOTES:
+        print(f"note: {len(notes) - SHOWN_NOTES} more in {plan_file} (`notes`)")
 
 
 def validation_text(summary: dict[str, Any]) -> str:

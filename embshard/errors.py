@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import errno
 
+EXIT_CRASH = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
 
 class EmbshardError(Exception):
     """Base class: the message says what was wrong and where."""

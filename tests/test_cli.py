@@ -256,3 +256,23 @@ def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path,
     # Replacing a.json itself, with --overwrite, takes its remaps along.
     assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data1'}", "--out", str(plans / "a.json"),
                  "--overwrite"]) == 0
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
+    """The console script's first second is spent importing the command line; a Ctrl-C there
+    was a traceback through importlib."""
+    import importlib
+    import tomllib
+
+    class CtrlCWhileImporting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "embshard.cluster.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "embshard.cluster.cli")
+    monkeypatch.setattr(sys, "meta_path", [CtrlCWhileImporting(), *sys.meta_path])
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    module, function = declared["project"]["scripts"]["embshard"].split(":")
+    assert getattr(importlib.import_module(module), function)() == 130
+    assert capsys.readouterr().err == "embshard: interrupted\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,29 @@ def test_eval_result_names_its_primary_metric() -> None:
     assert result.auc is None and result.logloss == 0.5
     with pytest.raises(ValueError, match="ndcg"):
         EvalResult({"auc": 0.7}, "ndcg", 1)
+
+
+def test_settings_no_part_of_the_run_reads_are_said_in_the_plan(dataset, tmp_path, capsys) -> None:
+    # An FM's or a builder's config with DLRM's layers, or MDE's knobs under the uniform policy,
+    # planned and trained without a word about them.
+    def notes(arch: str, *sets: str) -> list[str]:
+        out = tmp_path / f"plan-{len(list(tmp_path.iterdir()))}"
+        config = tmp_path / "job.yaml"
+        config.write_text(f"data:\n  path: {dataset}\nmodel:\n  arch: {arch}\n  dense_arch: [8]\n"
+                          "  over_arch: [8, 4]\nembeddings:\n  dim: 8\n")
+        assert main(["plan", str(config), "--world-size", "1", "--out", str(out),
+                     *[a for s in sets for a in ("--set", s)]]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+
+    assert notes("dlrm") == []
+    assert notes("fm") == [
+        "note: model.dense_arch [8] is not read by model.arch 'fm': it changes nothing in this run",
+        "note: model.over_arch [8, 4] is not read by model.arch 'fm': it changes nothing in this run",
+    ]
+    assert len(notes("test_model_seam:nested_builder")) == 2
+    assert notes("dlrm", "embeddings.mde.alpha=0.5") == [
+        "note: embeddings.mde is read by policy mde only (policy is uniform): it changes nothing in this run"]
+    mde = notes("dlrm", "embeddings.mde.alpha=0.5", "embeddings.policy=mde", "embeddings.mde.mode=within")
+    assert not any("embeddings.mde is read" in note for note in mde)
+    # MDE within tables notes one or two roundings per block: the console shows ten (it printed 162).
+    assert len(mde) == 11 and re.fullmatch(r"note: \d+ more in .*plan-\d+/plan.json \(`notes`\)", mde[-1])

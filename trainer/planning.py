@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from embshard.config import JobConfig
+from embshard.config import JobConfig, MdeConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import Decide
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.method import EmbeddingMethod
-from embshard.trainer.models import get_arch
+from embshard.trainer.models import ModelArch, get_arch
 
 
 def planning_step(cfg: JobConfig, method: EmbeddingMethod) -> Decide:
@@ -28,8 +28,26 @@ def planning_step(cfg: JobConfig, method: EmbeddingMethod) -> Decide:
     # Per-feature widths only where both sides have them: PEP's and AutoDim's search modules
     # give every feature the base dim whatever the arch takes.
     uniform = arch.uniform_width or not method.mixed_widths
+    unread = unread_settings(cfg, arch)
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
-        return replace(method.dimension_plan(cfg, spec, counts, out_dir), uniform_width=uniform)
+        plan = method.dimension_plan(cfg, spec, counts, out_dir)
+        return replace(plan, uniform_width=uniform, notes=[*unread, *plan.notes])
 
     return decide
+
+
+def unread_settings(cfg: JobConfig, arch: ModelArch) -> list[str]:
+    """Settings the config changes from their defaults that nothing in this run reads. Said, not
+    refused: presets and sweeps keep them for the trials and archs that do read them."""
+    notes = []
+    if not arch.reads_layers:
+        defaults = ModelConfig()
+        for name in ("dense_arch", "over_arch"):
+            if getattr(cfg.model, name) != getattr(defaults, name):
+                notes.append(f"model.{name} {getattr(cfg.model, name)} is not read by model.arch {arch.name!r}: "
+                             "it changes nothing in this run")
+    if cfg.embeddings.policy != "mde" and cfg.embeddings.mde != MdeConfig():
+        notes.append(f"embeddings.mde is read by policy mde only (policy is {cfg.embeddings.policy}): "
+                     "it changes nothing in this run")
+    return notes

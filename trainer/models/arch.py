@@ -38,6 +38,9 @@ class ModelArch:
     uniform_width: bool = True
     # The `model.options` keys this arch takes; None: any (a builder checks its own).
     options: tuple[str, ...] | None = ()
+    # Whether the arch reads `model.dense_arch` and `model.over_arch`. False: setting them is
+    # said as a plan note (they change nothing), not refused: a preset keeps them for its DLRM.
+    reads_layers: bool = True
     # What the dataset's labels must be (dataset.json `target`): a BCE model on ratings 1-5, or a
     # regression on 0/1 clicks, would train without an error and mean nothing.
     targets: tuple[str, ...] = ("click",)
@@ -82,6 +85,7 @@ class BuilderArch(ModelArch):
     defaults it inherits train and evaluate."""
 
     options = None
+    reads_layers = False  # a builder is given the embeddings, the dataset and `model.options` only
 
     def __init__(self, builder: Builder, name: str) -> None:
         self.builder = builder

@@ -27,7 +27,9 @@ from embshard.trainer.models.dlrm import dense_input, embedded_in_order
 
 
 class FmArch(ModelArch):
-    """No options; `model.dense_arch` and `model.over_arch` are not read (an FM has no MLP)."""
+    """No options, and no MLP."""
+
+    reads_layers = False
 
     def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
               device: torch.device | None) -> nn.Module:

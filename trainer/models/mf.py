@@ -88,6 +88,7 @@ class Rated(NamedTuple):
 
 class MfArch(ModelArch):
     uniform_width = True  # a dot product: both vectors at the base dim
+    reads_layers = False
     options = tuple(f.name for f in fields(MfOptions))
     targets = ("rating",)
 
