@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,7 @@ def init_ray(cfg: JobConfig, cpus: float | None = None) -> None:
     if ray.is_initialized():
         return
     if cfg.cluster.address:
+        _check_something_listens(cfg.cluster.address)
         try:
             ray.init(address=cfg.cluster.address, log_to_driver=True)
         except ConnectionError as e:  # nothing there, or a token the cluster does not take
@@ -261,6 +263,20 @@ def init_ray(cfg: JobConfig, cpus: float | None = None) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+
+
+def _check_something_listens(address: str) -> None:
+    """ConfigError at once when nothing answers at a `host:port` (or `ray://host:port`) address.
+    Ray itself retries for over two minutes, printing its C++ warnings on the console meanwhile."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConfigError(f"cluster.address {address}: nothing answers there ({why}); start the cluster "
+                          "(`ray start --head`) or give its head's GCS address (host:6379 by default)") from None
 
 
 def _private_token_auth() -> None:

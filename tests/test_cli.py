@@ -276,3 +276,24 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
     module, function = declared["project"]["scripts"]["embshard"].split(":")
     assert getattr(importlib.import_module(module), function)() == 130
     assert capsys.readouterr().err == "embshard: interrupted\n"
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(monkeypatch):
+    # Ray retried it for over two minutes, its C++ warnings on the console, before the one line.
+    import socket
+
+    import ray
+
+    from embshard.cluster.launch import init_ray
+    from embshard.config import ClusterConfig, JobConfig
+    from embshard.errors import ConfigError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"  # closed again: nothing listens there
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was asked to join"))
+    for given in (address, f"ray://{address}"):
+        with pytest.raises(ConfigError, match=rf"^cluster.address {given}: nothing answers there \(Connection "
+                                              r"refused\); start the cluster"):
+            init_ray(JobConfig(cluster=ClusterConfig(address=given)))
