@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 OUT     ?= outputs/default
 
-.PHONY: setup run lint test test-fast bench clean
+.PHONY: setup run lint test test-fast bench clean schemas
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ test: lint
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Generated from the config dataclasses: the reference, and the Helm chart's schema of `config`
+# (tests fail while either is stale).
+schemas: setup
+	.venv/bin/embshard config --reference > docs/config.md
+	$(PY) -c "from embshard.config_reference import update_chart_schema; update_chart_schema()"
 
 clean:
 	rm -rf .venv outputs .pytest_cache

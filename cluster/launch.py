@@ -178,7 +178,7 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources},
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -237,9 +237,10 @@ def worker_config(cfg: JobConfig) -> JobConfig:
     )
 
 
-def init_ray(cfg: JobConfig, cpus: float | None = None) -> None:
+def init_ray(cfg: JobConfig, cpus: float | None = None, jobs: int = 1) -> None:
     """Attach to cfg.cluster.address, else start a local in-process cluster with at least `cpus`
-    CPUs (default: one job's workers and its driver); nothing when Ray is already up."""
+    CPUs (default: one job's workers and its driver) and the `worker_resources` of `jobs` jobs at
+    once; nothing when Ray is already up."""
     if ray.is_initialized():
         return
     if cfg.cluster.address:
@@ -257,6 +258,7 @@ def init_ray(cfg: JobConfig, cpus: float | None = None) -> None:
     need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        resources={name: amount * cfg.cluster.workers * jobs for name, amount in cfg.cluster.worker_resources.items()},
         # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook).
         runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBSHARD_")}},
         include_dashboard=False,

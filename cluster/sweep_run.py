@@ -50,7 +50,7 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
     with console.run_log(work) as log:
-        init_ray(cfg, cpus=parallel * (per_trial + TRIAL_CPU) + 1)
+        init_ray(cfg, cpus=parallel * (per_trial + TRIAL_CPU) + 1, jobs=parallel)
         console.route_worker_output()
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
         trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})

@@ -430,8 +430,18 @@ class ClusterConfig:
     address: str | None = None  # None = start a local Ray in-process
     max_failures: int = 0  # worker-group restarts Ray Train may do
     storage: str | None = None  # Ray Train's run storage; None = <output_dir>/ray, or a URI (s3://bucket/ray)
+    # Ray custom resources each worker reserves besides its CPUs (and its GPU on cuda). The Helm
+    # chart sets {embshard_rank: 1} and gives each worker pod one per rank it holds, so no two pods'
+    # ranks share a pod and none lands on the head. A local cluster is started with enough of them.
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU"):
+                raise ConfigError(f"worker_resources.{name}: set cpus_per_worker, or sharding.device: cuda "
+                                  "for one GPU per worker")
+            if not amount > 0:
+                raise ConfigError(f"worker_resources.{name}: must be positive, got {amount}")
         if self.workers < 1:
             raise ConfigError(f"workers: must be >= 1, got {self.workers}")
         if self.cpus_per_worker <= 0:

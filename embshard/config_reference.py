@@ -22,9 +22,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from embshard.typed_config import to_dict
+from embshard.typed_config import json_schema, to_dict
 
 COMMAND = "embshard config --reference > docs/config.md"
+CHART_SCHEMA = "helm/embshard/values.schema.json"
+SCHEMAS_COMMAND = "make schemas"
 
 
 @dataclass
@@ -234,3 +236,19 @@ def _prose(text: str) -> str:
     """Doc text for Markdown: `<output_dir>` outside code spans would be read as an HTML tag."""
     parts = text.split("`")
     return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
+
+
+def chart_values_schema(current: dict[str, Any], root: type) -> dict[str, Any]:
+    """The chart's values schema with its `config` property generated from `root` (its
+    description kept): `helm install` then refuses what the trainer would refuse at start."""
+    config = {"description": current["properties"]["config"].get("description", ""), **json_schema(root)}
+    return {**current, "properties": {**current["properties"], "config": config}}
+
+
+def update_chart_schema(path: str = CHART_SCHEMA) -> None:
+    from embshard.config import JobConfig
+
+    with open(path) as f:
+        current = json.load(f)
+    with open(path, "w") as f:
+        f.write(json.dumps(chart_values_schema(current, JobConfig), indent=2) + "\n")

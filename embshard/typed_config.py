@@ -80,6 +80,32 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def json_schema(hint: Any) -> dict[str, Any]:
+    """The JSON Schema of what `from_dict` / `_coerce` accept for `hint`: types, enums, unknown
+    keys. Range checks (`__post_init__`) stay in Python. The Helm chart's values schema embeds it
+    for `config`, so `helm install` refuses a key the trainer would refuse when it starts."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [json_schema(a) for a in args]}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if origin in (list, tuple):
+        return {"type": "array", **({"items": json_schema(args[0])} if args else {})}
+    if origin is dict:
+        return {"type": "object", **({"additionalProperties": json_schema(args[1])} if args else {})}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        fields = [f for f in dataclasses.fields(hint) if f.init]
+        required = [f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        return {"type": "object", "additionalProperties": False,
+                "properties": {f.name: json_schema(hints[f.name]) for f in fields},
+                **({"required": required} if required else {})}
+    scalar = {type(None): "null", float: "number", int: "integer", bool: "boolean", str: "string", Path: "string"}
+    return {"type": scalar[hint]} if hint in scalar else {}
+
+
 class ConfigLoader(yaml.SafeLoader):
     """SafeLoader that resolves plain scalars by YAML 1.2's core schema and refuses a key given
     twice. PyYAML resolves YAML 1.1, where `1e-3` is a string (floats need a dot), `010` is 8,

@@ -262,6 +262,7 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
     """The console script's first second is spent importing the command line; a Ctrl-C there
     was a traceback through importlib."""
     import importlib
+
     import tomllib
 
     class CtrlCWhileImporting:

@@ -161,3 +161,15 @@ def test_yaml_that_does_not_parse_is_one_line_with_its_place(tmp_path):
     path.write_bytes(b"name: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not UTF-8 text \(invalid continuation byte at byte 9\)"):
         load_job_config(path)
+
+
+def test_worker_resources_are_custom_resources_only() -> None:
+    from embshard.config import ClusterConfig
+
+    assert from_dict(ClusterConfig, {"worker_resources": {"embshard_rank": 1}}, "cluster").worker_resources == {
+        "embshard_rank": 1.0}
+    for resources, message in (({"CPU": 2}, "cluster.worker_resources.CPU: set cpus_per_worker"),
+                               ({"GPU": 1}, "cluster.worker_resources.GPU: set cpus_per_worker, or sharding.device"),
+                               ({"slot": 0}, "cluster.worker_resources.slot: must be positive, got 0")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            from_dict(ClusterConfig, {"worker_resources": resources}, "cluster")

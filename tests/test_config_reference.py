@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -12,8 +13,11 @@ import pytest
 from embshard.cluster.cli import main
 from embshard.config import JobConfig
 from embshard.config_reference import COMMAND, build_reference, field_docs
+from embshard.errors import ConfigError
+from embshard.typed_config import from_dict, parse_yaml
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "config.md"
 
 
 @dataclass
@@ -92,3 +96,20 @@ class _Derived(_Inner):
 def test_inherited_fields_keep_the_docs_of_the_class_that_declares_them() -> None:
     docs = field_docs(_Derived)
     assert docs["trailing"] == "after the field" and docs["bare"] == "redeclared with a doc"
+
+
+def test_the_json_schema_refuses_what_the_loader_refuses(capsys) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    assert main(["config", "--json-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    for config in ("configs/default.yaml", "configs/papers/mde-mf-movielens.yaml", "configs/two-tower-movielens.yaml"):
+        jsonschema.validate(parse_yaml((REPO / config).read_text()), schema)
+    for bad, where in ((({"train": {"batch_size": 8}}), "train"), ({"embeddings": {"policy": "autodim"}}, "policy"),
+                       ({"cluster": {"worker_resources": {"x": "one"}}}, "worker_resources"),
+                       ({"model": {"dense_arch": [64.5]}}, "dense_arch")):
+        with pytest.raises(jsonschema.ValidationError) as e:
+            jsonschema.validate(bad, schema)
+        assert where in "/".join(map(str, e.value.absolute_path)) or where in e.value.message
+        with pytest.raises(ConfigError):
+            from_dict(JobConfig, bad)
+

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -250,8 +252,15 @@ def test_rayjob_shape(rendered) -> None:
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {f"metrics-{r}": 9400 + r for r in range(max(1, gpus))}
-    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert mounts["job-config"] == "/etc/embshard" and mounts["checkpoints"] == "/checkpoints"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    # The file alone: a mount of its folder would hide whatever the image keeps there.
+    assert mounts["job-config"]["mountPath"] == "/etc/embshard/config.yaml"
+    assert mounts["job-config"]["subPath"] == "config.yaml"
+    assert mounts["checkpoints"]["mountPath"] == "/checkpoints"
+    # Ranks go to worker pods only, as many per pod as it has GPUs: a resource only they hold.
+    slots = json.loads(shlex.split(group["rayStartParams"]["resources"])[0])
+    assert slots == {"embshard_rank": max(1, gpus)}
+    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-gpus": "0"}
     if which == "gpu":
         assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
         assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -262,11 +271,13 @@ def test_config_map_carries_job_config(rendered) -> None:
     which, values, docs = rendered
     (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config")]
     cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    gpus = (values.get("workers") or {}).get("gpusPerWorker", 1)
+    chart_set = {"sharding": {"device": "cuda", "local_world_size": gpus}}
     assert cfg["metrics"] == {"enabled": True, "port_base": 9400, "bind": "0.0.0.0"}
     assert cfg["output_dir"] == "/checkpoints/demo"
     expected = values.get("config") or load_values(CHART / "values.yaml")["config"]
     for k, v in expected.items():
-        assert cfg[k] == v
+        assert cfg[k] == {**v, **chart_set.get(k, {})}
     # the metrics section parses as the trainer's MetricsConfig
     from embshard.config import MetricsConfig
     from embshard.typed_config import from_dict
@@ -372,7 +383,9 @@ def test_object_store_holds_data_and_checkpoints() -> None:
     (cm,) = by_kind(docs, "ConfigMap")
     cfg = yaml.safe_load(cm["data"]["config.yaml"])
     assert cfg["checkpoint"]["dir"] == "s3://bucket/embshard" and cfg["data"]["path"] == "s3://bucket/criteo"
-    assert cfg["output_dir"] == "/checkpoints/demo" and cfg["train"]["batch_size"] == 8192
+    assert cfg["output_dir"] == "/checkpoints/demo" and cfg["data"]["batch_size"] == 8192
+    # No GPUs: gloo on CPU, one rank per pod (each pod a host of one)
+    assert cfg["sharding"] == {"device": "cpu", "local_world_size": 1}
     job = the(docs, "RayJob")
     assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "tok"}
     c = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
@@ -394,3 +407,74 @@ def test_no_object_storage_means_no_credentials() -> None:
         for container in tpl["spec"]["containers"]:
             assert "envFrom" not in container
             assert not [e for e in container.get("env", []) if e["name"].startswith("AWS_")]
+
+
+# ----------------------------------------------------------------------------- the training config
+
+
+def test_the_shipped_values_are_configs_the_trainer_takes(rendered) -> None:
+    """values.yaml and ci/gpu-values.yaml set `train.batch_size` and a `plan:` section, neither of
+    them a config key: `helm install` took them, and the job failed when its driver started."""
+    from embshard.config import JobConfig
+    from embshard.typed_config import from_dict, parse_yaml
+
+    which, values, docs = rendered
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config")]
+    cfg = from_dict(JobConfig, parse_yaml(cm["data"]["config.yaml"]))
+    gpus = (values.get("workers") or {}).get("gpusPerWorker", 1)
+    # The chart's world: one rank per GPU, each worker pod a host; the GPUs are used (they sat
+    # idle under gloo on CPU: nothing set sharding.device).
+    assert cfg.sharding.device == "cuda" and cfg.sharding.local_world_size == gpus
+    assert cfg.cluster.worker_resources == {"embshard_rank": 1.0}
+    assert cfg.name == "demo"  # the metrics' job label: one per release, not "embshard" for all
+
+
+def test_config_keys_the_trainer_refuses_are_refused_at_install() -> None:
+    report = helm.lint(str(CHART), {"config": {"train": {"batch_size": 8192}, "plan": {"device": "cuda"}}})
+    errors = "\n".join(report["errors"])
+    assert "/config/train" in errors and "batch_size" in errors and "'plan' not allowed" in errors, errors
+    report = helm.lint(str(CHART), {"config": {"sharding": {"device": "tpu"}, "train": {"epochs": "3"}}})
+    errors = "\n".join(report["errors"])
+    assert "/config/sharding/device" in errors and "/config/train/epochs" in errors, errors
+
+
+def test_the_config_schema_is_generated_from_the_config_dataclasses() -> None:
+    from embshard.config import JobConfig
+    from embshard.config_reference import SCHEMAS_COMMAND, chart_values_schema
+
+    current = json.loads((CHART / "values.schema.json").read_text())
+    assert current == chart_values_schema(current, JobConfig), f"values.schema.json is stale: run `{SCHEMAS_COMMAND}`"
+
+
+@pytest.mark.parametrize(("values", "release", "message"), [
+    ({}, "2024-criteo", "KubeRay refuses"),
+    ({}, "run.v2", "KubeRay refuses"),
+    ({"checkpoints": {"persistence": {"create": False}}}, "demo", "no existingClaim is given"),
+    ({"job": {"extraArgs": ["--workers", "3"]}}, "demo", "job.extraArgs: --workers is the chart's to set"),
+    ({"job": {"extraArgs": ["--address=10.0.0.1:6379"]}}, "demo", "job.extraArgs: --address=10.0.0.1:6379"),
+    ({"workers": {"resources": {"requests": {"cpu": "8", "nvidia.com/gpu": "2"}, "limits": {"cpu": "8"}}}}, "demo",
+     "workers.resources.requests.nvidia.com/gpu: set workers.gpusPerWorker instead"),
+    ({"metrics": {"portBase": 12000}}, "demo", "overlap Ray's worker ports"),
+    ({"metrics": {"portBase": 9995}, "workers": {"gpusPerWorker": 8}}, "demo", "include Ray's 10001"),
+    ({"checkpoints": {"uri": "file:///x"}}, "demo", "/checkpoints/uri"),
+    ({"image": {"repository": "ghcr.io/x/y:1.0"}}, "demo", "/image/repository"),
+    ({"job": {"configPath": "/etc/x y/config.yaml"}}, "demo", "/job/configPath"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_values_kuberay_or_ray_would_refuse_fail_at_install(values, release, message) -> None:
+    # Each installed cleanly and left a RayJob that never ran: pods pending for a claim, a name
+    # the operator refuses, a world size the pods cannot hold, a port Ray takes.
+    with pytest.raises(Exception, match=re.escape(message)):
+        render(values, name=release)
+
+
+def test_integer_quantities_and_user_ray_start_params_render_once() -> None:
+    resources = {"cpu": 8, "memory": "32Gi"}
+    values = {"workers": {"resources": {"requests": resources, "limits": resources}},
+              "head": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "127.0.0.1"}}}
+    with helm.Chart.load(CHART) as chart:
+        text = chart.render(values, name="demo", namespace="ml", is_install=True)["embshard/templates/rayjob.yaml"]
+    assert text.count("dashboard-host:") == 1  # YAML readers differ on which of two they keep
+    rc = the(render(values), "RayJob")["spec"]["rayClusterSpec"]
+    # the user's value wins; each key once (the chart's and the user's were both written)
+    assert rc["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "127.0.0.1", "num-cpus": "0", "num-gpus": "0"}
+

@@ -248,3 +248,23 @@ def test_metrics_config() -> None:
             from_dict(MetricsConfig, bad)
     with pytest.raises(ConfigError, match=r"^metrics\.port_base:"):
         from_dict(MetricsConfig, {"port_base": 1}, where="metrics")
+
+
+def test_training_reads_device_memory_at_every_logging_step() -> None:
+    # The device-memory gauges (two alerts and two dashboard panels read them) were set by tests
+    # alone: no training step ever called the CUDA read.
+    from embshard.trainer.callbacks import PrometheusCallback, StepInfo
+
+    class CountedReads(WorkerMetrics):
+        reads = 0
+
+        def update_device_memory(self, device: object | None = None) -> bool:
+            self.reads += 1
+            return super().update_device_memory(device)
+
+    metrics = CountedReads(job="j", rank=0)
+    callback = PrometheusCallback(metrics)
+    for step in range(1, 7):
+        callback.on_step(StepInfo(step=step, epoch=0, samples=8, seconds=0.1, data_wait=0.0,
+                                  loss=0.5 if step % 3 == 0 else None))
+    assert metrics.reads == 2

@@ -40,6 +40,8 @@ def test_train_through_ray_learns(tmp_path):
         "train", "configs/default.yaml", "--workers", "2",
         "--set", f"data.path={data}", "--set", f"output_dir={run}",
         "--set", "data.batch_size=512", "--set", "train.log_every=5",
+        # As the Helm chart sets it: the local cluster must hold the resource (else it waits forever).
+        "--set", "cluster.worker_resources={embshard_rank: 1}",
     )
     assert train.returncode == 0, train.stderr[-3000:]
     # The summary line shows metrics only (the example count is not one).

@@ -84,6 +84,8 @@ class PrometheusCallback(Callback):
     def on_step(self, info: StepInfo) -> None:
         self.metrics.observe_step(info.seconds, info.samples, info.loss)
         self.metrics.add_data_wait(info.data_wait)
+        if info.loss is not None:  # a logging step; on CPU this exports nothing
+            self.metrics.update_device_memory()
 
     def on_eval(self, step: int, result: EvalResult) -> None:
         self.metrics.set_eval(result.metrics)

@@ -37,6 +37,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "embshard.pvcName" -}}
 {{- if .Values.checkpoints.persistence.existingClaim -}}
 {{- .Values.checkpoints.persistence.existingClaim -}}
+{{- else if not .Values.checkpoints.persistence.create -}}
+{{- fail "checkpoints.persistence: create is false and no existingClaim is given: the pods would wait for a claim nobody makes (the volume holds the run folder even when checkpoints.uri is set)" -}}
 {{- else -}}
 {{- printf "%s-checkpoints" (include "embshard.fullname" .) -}}
 {{- end -}}
@@ -45,6 +47,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Local ranks per worker pod: one per GPU, at least one. */}}
 {{- define "embshard.ranksPerWorker" -}}
 {{- max 1 (int .Values.workers.gpusPerWorker) -}}
+{{- end -}}
+
+{{/* A Ray resource only worker pods have, one per rank they hold: Ray Train places every rank on
+  a worker pod, as many as the pod has GPUs (one without), never on the head or two pods' worth on one. */}}
+{{- define "embshard.rankResource" -}}embshard_rank{{- end -}}
+
+{{- define "embshard.workerRayStartParams" -}}
+{{- $slots := printf "\"{\\\"%s\\\": %d}\"" (include "embshard.rankResource" .) (int (include "embshard.ranksPerWorker" .)) -}}
+{{- toYaml (merge (dict "resources" $slots) (deepCopy (.Values.workers.rayStartParams | default dict))) -}}
+{{- end -}}
+
+{{- define "embshard.headRayStartParams" -}}
+{{- toYaml (merge (deepCopy (.Values.head.rayStartParams | default dict)) (dict "dashboard-host" "0.0.0.0" "num-gpus" "0")) -}}
 {{- end -}}
 
 {{- define "embshard.worldSize" -}}
@@ -67,6 +82,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $metrics "bind" "0.0.0.0" -}}
 {{- $_ := set $cfg "metrics" $metrics -}}
 {{- $_ := set $cfg "output_dir" (include "embshard.outputDir" .) -}}
+{{- /* The metrics' job label and Ray Train's run name: one per release unless the config names it. */ -}}
+{{- if not (hasKey $cfg "name") -}}
+{{- $_ := set $cfg "name" .Release.Name -}}
+{{- end -}}
+{{- /* The world the chart makes: one rank per GPU (or one per pod without GPUs), each pod a host. */ -}}
+{{- $sharding := deepCopy (get $cfg "sharding" | default dict) -}}
+{{- $_ := set $sharding "device" (ternary "cuda" "cpu" (gt (int .Values.workers.gpusPerWorker) 0)) -}}
+{{- $_ := set $sharding "local_world_size" (int (include "embshard.ranksPerWorker" .)) -}}
+{{- $_ := set $cfg "sharding" $sharding -}}
+{{- $cluster := deepCopy (get $cfg "cluster" | default dict) -}}
+{{- $resources := deepCopy (get $cluster "worker_resources" | default dict) -}}
+{{- $_ := set $resources (include "embshard.rankResource" .) 1 -}}
+{{- $_ := set $cluster "worker_resources" $resources -}}
+{{- $_ := set $cfg "cluster" $cluster -}}
 {{- with .Values.checkpoints.uri -}}
 {{- $checkpoint := deepCopy (get $cfg "checkpoint" | default dict) -}}
 {{- $_ := set $checkpoint "dir" . -}}
@@ -94,7 +123,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "embshard.volumeMounts" -}}
 - name: job-config
-  mountPath: {{ dir .Values.job.configPath }}
+  # The one file, not its folder: a folder mount would hide whatever the image has there (/etc).
+  mountPath: {{ .Values.job.configPath }}
+  subPath: {{ base .Values.job.configPath }}
   readOnly: true
 - name: checkpoints
   mountPath: {{ .Values.checkpoints.mountPath }}
