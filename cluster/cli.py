@@ -205,16 +205,16 @@ def _plan(args: argparse.Namespace) -> int:
     topology = sharding.topology(args.world_size or cfg.cluster.workers)
     decide = planning_step(cfg, get_method(args.method or method_name(cfg)))
     out = args.out or cfg.plan_dir
-    out_dir, name = (out.parent, out.name) if out.suffix == ".json" else (out, PLAN_FILE)
-    if args.out is not None:
-        # Any version of a plan is ours to replace; another file never.
-        check_file_output(out_dir / name, args.overwrite, "plan",
-                          lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError)
+    out_dir, name = (out.parent, out.name) if out.suffix.lower() == ".json" else (out, PLAN_FILE)
+    # Any version of a plan is ours to replace (the run's own plan folder without asking, --out
+    # with --overwrite); another file never.
+    check_file_output(out_dir / name, args.overwrite or args.out is None, "plan",
+                      lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError)
     # Planned apart, then copied in: the remap files are written while planning, and must not
-    # replace those of a plan already there before this one is known to be complete.
+    # replace those of a plan already there before this one is known to be complete, or fits.
     staging = make_staging(out_dir / name)
     try:
-        bundle = plan_with(
+        staged = plan_with(
             decide,
             cfg.data.path,
             topology,
@@ -222,19 +222,20 @@ def _plan(args: argparse.Namespace) -> int:
             batch_size=cfg.data.batch_size,
             optimizer=cfg.train.sparse_optimizer,
             sharding_types=sharding.sharding_types,
-        ).copy_to(out_dir, name)
+        )
+        plan = staged.dimension_plan
+        blocks = sum(len(t.blocks) for t in plan.tables)
+        print(f"{len(plan.tables)} tables, {blocks} blocks, base dim {plan.base_dim}, "
+              f"{topology.world_size} x {topology.device} ranks on {topology.hosts} host(s) of "
+              f"{topology.world_size // topology.hosts}, "
+              f"serving parameters {plan.serve_params():,}")
+        print_notes(staged, out_dir / name)
+        print(staged.memory.format())
+        staged.memory.check_fits()  # a plan that does not fit is shown, not written
+        bundle = staged.copy_to(out_dir, name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     path = bundle.directory / name
-    plan = bundle.dimension_plan
-    blocks = sum(len(t.blocks) for t in plan.tables)
-    print(f"{len(plan.tables)} tables, {blocks} blocks, base dim {plan.base_dim}, "
-          f"{topology.world_size} x {topology.device} ranks on {topology.hosts} host(s) of "
-          f"{topology.world_size // topology.hosts}, "
-          f"serving parameters {plan.serve_params():,}")
-    print_notes(bundle, bundle.directory / name)
-    print(bundle.memory.format())
-    bundle.memory.check_fits()
     print(f"plan -> {path}")
     return 0
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,15 @@ class FeatureStats:
     distinct_ids: int
     mean_ids_per_row: float  # the pooling factor
 
+    def __post_init__(self) -> None:
+        for name in ("rows", "total_ids", "distinct_ids"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name} {value!r} is no count")
+        mean = self.mean_ids_per_row
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean) or mean < 0:
+            raise ValueError(f"mean_ids_per_row {mean!r} is no pooling factor")
+
 
 @dataclass
 class Profile:
@@ -51,9 +62,28 @@ class Profile:
         if name not in self.stats:
             raise DataError(f"{self.directory / PROFILE_FILE}: no feature {name!r}")
         if name not in self._counts:
-            # Whole file first: np.load seeks, and an object-store stream reads best in one go.
-            self._counts[name] = np.load(io.BytesIO((self.directory / f"{name}.npy").read_bytes()))
+            path = self.directory / f"{name}.npy"
+            rerun = "rerun `embshard data profile` on the dataset"
+            try:
+                # A local file as it is (no second copy in memory); an object-store stream whole
+                # first: np.load seeks, and such a stream reads best in one go.
+                counts = np.load(path if isinstance(path, Path) else io.BytesIO(path.read_bytes()))
+            except FileNotFoundError:
+                raise DataError(f"{path}: missing from the profile; {rerun}") from None
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{path}: not a count file ({e}); {rerun}") from None
+            # What profile.json vouches for: a stale, cut or foreign file planned silently.
+            if counts.ndim != 1 or counts.dtype.kind not in "iu" or int(counts.sum()) != self.stats[name].total_ids \
+                    or (counts.size and int(counts.min()) < 0):
+                raise DataError(f"{path}: not the counts profile.json describes ({self.stats[name].total_ids:,} ids "
+                                f"of feature {name!r}); {rerun}")
+            self._counts[name] = counts
         return self._counts[name]
+
+    def lazy_counts(self, features: Mapping[str, str]) -> Mapping[str, np.ndarray]:
+        """`counts` by another name (a plan's feature -> the data's), each read when first asked
+        for: a policy that never looks (uniform) reads none."""
+        return _LazyCounts(self, dict(features))
 
     def pooling_factor(self, name: str) -> float:
         if name not in self.stats:
@@ -109,7 +139,21 @@ def load_profile(dataset_dir: str | Path) -> Profile:
     raw = read_json(path, DataError)
     try:
         stats = {name: FeatureStats(**s) for name, s in raw.items()}
-    except (TypeError, AttributeError) as e:
+    except (TypeError, AttributeError, ValueError) as e:
         raise DataError(f"{path}: malformed profile ({e}); rerun `embshard data profile {dataset_dir}`") from None
     return Profile(directory, stats)
 
+
+class _LazyCounts(Mapping[str, np.ndarray]):
+    def __init__(self, profile: Profile, features: dict[str, str]) -> None:
+        self.profile = profile
+        self.features = features
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.profile.counts(self.features[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.features)
+
+    def __len__(self) -> int:
+        return len(self.features)

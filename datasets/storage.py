@@ -53,9 +53,27 @@ def read_json(path: "StoragePath", error: type[EmbshardError]) -> Any:
     """The JSON document in `path`; `error` naming the file when it is no JSON text (a truncated
     or foreign file is an input to refuse in one line, not a traceback)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not JSON ({e})") from None
+    except DuplicateKey as e:
+        raise error(f"{path}: key {e.args[0]!r} given twice in one object (JSON readers differ on which one counts)") \
+            from None
+    except RecursionError:
+        raise error(f"{path}: not a file embshard writes (nested deeper than JSON readers follow)") from None
+
+
+class DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise DuplicateKey(key)
+        found[key] = value
+    return found
 
 
 def write_whole(path: Path, text: str) -> Path:

@@ -42,7 +42,11 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 
 
 def environment_problem(e: BaseException) -> EnvironmentProblem | None:
-    """`e` as one line naming the file, when it is an OSError of the machine about a file."""
+    """`e` as one line naming the file, when it is an OSError of the machine about a file, or
+    the machine running out of memory (numpy's `_ArrayMemoryError` is a MemoryError)."""
+    if isinstance(e, MemoryError):
+        return EnvironmentProblem(f"out of memory ({first_line(e)}): a larger machine, or less at once "
+                                  "(fewer rows or tables, a smaller batch)")
     if not isinstance(e, OSError) or e.filename is None or e.errno not in ENVIRONMENT_ERRNOS:
         return None
     where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename

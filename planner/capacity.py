@@ -14,7 +14,7 @@ from torchrec.distributed.planner.types import Topology
 
 from embshard.errors import PlanError
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, SparseOptimizer, optimizer_state_elements
-from embshard.planner.topology import GIB, TopologySpec
+from embshard.planner.topology import TopologySpec
 
 # Share of each rank's HBM held back from embedding tables for dense parameters, activations and
 # input batches. TorchRec's heuristic reservation uses the same share but adds an estimate of
@@ -46,7 +46,7 @@ class Demand:
         return sum(b for _, b in self.sizes)
 
     def largest(self, n: int = 3) -> str:
-        return ", ".join(f"{name} ({b / GIB:.2f} GiB)" for name, b in self.sizes[:n])
+        return ", ".join(f"{name} ({human_bytes(b)})" for name, b in self.sizes[:n])
 
 
 def usable_bytes_per_rank(topology: TopologySpec) -> int:
@@ -72,23 +72,35 @@ def check_can_fit(demand: Demand, topology: TopologySpec, torchrec_topology: Top
 
 def shortfall_error(demand: Demand, topology: TopologySpec, available: int) -> PlanError:
     where = (
-        f"{topology.world_size} x {topology.device} at {topology.capacity_bytes / GIB:.1f} GiB per rank "
-        f"({usable_bytes_per_rank(topology) / GIB:.1f} GiB usable)"
+        f"{topology.world_size} x {topology.device} at {human_bytes(topology.capacity_bytes)} per rank "
+        f"({human_bytes(usable_bytes_per_rank(topology))} usable)"
     )
-    need = f"weights and {demand.optimizer} state need {demand.total / GIB:.2f} GiB"
+    need = f"weights and {demand.optimizer} state need {human_bytes(demand.total)}"
     if demand.total > available:
-        why = f"{need}, the ranks offer {available / GIB:.2f} GiB: short by {(demand.total - available) / GIB:.2f} GiB"
+        why = (f"{need}, the ranks offer {human_bytes(available)}: "
+               f"short by {human_bytes(demand.total - available)}")
     else:
         # Enough bytes in all, but TorchRec found no placement: some table cannot be split finely
-        # enough for the ranks it may use.
+        # enough for the ranks it may use, or what TorchRec adds per rank (input and output
+        # buffers, batch x width) does not fit beside the tables.
         biggest = demand.sizes[0][1]
         per_rank = usable_bytes_per_rank(topology)
         why = (
-            f"{need} of {available / GIB:.2f} GiB in all, but TorchRec found no placement; the "
-            f"largest table is {biggest / GIB:.2f} GiB against {per_rank / GIB:.2f} GiB per rank "
-            f"(short by {max(biggest - per_rank, 0) / GIB:.2f} GiB on one rank)"
+            f"{need} of {human_bytes(available)} in all, but TorchRec found no placement; the "
+            f"largest table is {human_bytes(biggest)} against {human_bytes(per_rank)} per rank"
+            + (f" (short by {human_bytes(biggest - per_rank)} on one rank)" if biggest > per_rank else
+               ", so what TorchRec reserves beside the tables (buffers of batch x width) is what does not fit")
         )
     return PlanError(
         f"plan does not fit {where}: {why}; largest tables: {demand.largest()}. "
         f"Add ranks or memory, or shrink the dims (MDE budget, PEP)."
     )
+
+
+def human_bytes(n: float) -> str:
+    """1.5 MiB, 80.0 GiB: a size in the unit that keeps its digits (a fixed GiB printed 0.00)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

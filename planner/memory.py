@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embshard.errors import PlanError
+from embshard.planner.capacity import human_bytes
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, SparseOptimizer, optimizer_state_elements
 from embshard.planner.shard_plan import ShardPlan
 from embshard.planner.types import DimensionPlan
@@ -65,11 +66,11 @@ class MemoryReport:
         need = self.per_rank[worst]["train_bytes"]
         if need > self.capacity_bytes:
             tables = sorted(self.table_bytes(worst).items(), key=lambda kv: -kv[1][0])[:3]
-            # _human, not fixed GiB: a shortfall of a few MiB must not print as "0.00 GiB".
-            names = ", ".join(f"{t} ({_human(b[0])})" for t, b in tables)
+            # human_bytes, not fixed GiB: a shortfall of a few MiB must not print as "0.00 GiB".
+            names = ", ".join(f"{t} ({human_bytes(b[0])})" for t, b in tables)
             raise PlanError(
-                f"rank {worst} needs {_human(need)} for training but has "
-                f"{_human(self.capacity_bytes)} (short by {_human(need - self.capacity_bytes)}); "
+                f"rank {worst} needs {human_bytes(need)} for training but has "
+                f"{human_bytes(self.capacity_bytes)} (short by {human_bytes(need - self.capacity_bytes)}); "
                 f"largest tables there: {names}"
             )
 
@@ -90,8 +91,8 @@ class MemoryReport:
         for r, tot in self.per_rank.items():
             tables = self.table_bytes(r)
             lines.append(
-                f"{r:>4}  {_human(tot['train_bytes']):>10}  {_human(tot['serve_bytes']):>10}  "
-                f"{_human(self.capacity_bytes):>10}  {100 * tot['train_bytes'] / self.capacity_bytes:5.1f}%  "
+                f"{r:>4}  {human_bytes(tot['train_bytes']):>10}  {human_bytes(tot['serve_bytes']):>10}  "
+                f"{human_bytes(self.capacity_bytes):>10}  {100 * tot['train_bytes'] / self.capacity_bytes:5.1f}%  "
                 f"{len(tables)}"
             )
         by_table: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -105,7 +106,7 @@ class MemoryReport:
         ranked = sorted(by_table.items(), key=lambda kv: -kv[1][0])
         for name, (train, serve, _) in ranked[:max_tables]:
             where = ", ".join(sorted(placement[name]))
-            lines.append(f"{name:<24}  {_human(train):>10}  {_human(serve):>10}  {where[:60]}")
+            lines.append(f"{name:<24}  {human_bytes(train):>10}  {human_bytes(serve):>10}  {where[:60]}")
         if len(ranked) > max_tables:
             lines.append(f"... and {len(ranked) - max_tables} more tables (see the JSON report)")
         return "\n".join(lines)
@@ -164,11 +165,3 @@ def memory_report(
 def _rank_of(placement: str) -> int:
     # ShardMetadata placements print as "rank:3/cuda:3"
     return int(placement.split("/")[0].split(":")[1])
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -60,6 +60,11 @@ class PlanBundle:
             shard = ShardPlan.from_json(raw["shard_plan"], where)
         except KeyError as e:
             raise PlanError(f"{where}: missing section {e}") from None
+        shard.check_matches(dim_plan, shard.topology)  # its blocks and shards, before anything reads them
+        for table in dim_plan.tables:
+            if table.remap is not None and not (directory / table.remap).is_file():
+                raise PlanError(f"{where}: its remap file {table.remap} is not beside it; copy the plan's "
+                                "whole folder")
         return PlanBundle(dim_plan, shard, memory_report(dim_plan, shard, optimizer), directory)
 
     @staticmethod
@@ -130,7 +135,13 @@ def check_plan_holds(plan: DimensionPlan, cardinalities: Mapping[str, int], wher
     """PlanError unless every table has a row for each id its features take in the data
     (`cardinalities`, by dataset feature): a plan made for other data, resumed or given as a file,
     would have FBGEMM's bounds check read an id past a table's rows as row 0, silently. `where`
-    names the plan and the data."""
+    names the plan and the data. Every feature of the data must have a table: a plan without one
+    trained without the feature, silently."""
+    read = {searched_feature(t, name) for t in plan.tables for name in t.features}
+    unread = [f for f in cardinalities if f not in read]
+    if unread:
+        raise PlanError(f"{where}: the data's feature {unread[0]!r} has no table in the plan: "
+                        "it was made for other data")
     for t in plan.tables:
         for name in t.features:
             f = searched_feature(t, name)
@@ -166,8 +177,7 @@ def plan_with(
     out_dir = Path(out_dir)
     spec = DatasetSpec.load(dataset_dir)
     profile = load_profile(dataset_dir)
-    counts = {f: profile.counts(f) for f in spec.sparse_names}
-    dim_plan = decide(spec, counts, out_dir)
+    dim_plan = decide(spec, profile.lazy_counts({f: f for f in spec.sparse_names}), out_dir)
     return shard_dimension_plan(dim_plan, profile, topology, out_dir, batch_size=batch_size,
                                 optimizer=optimizer, sharding_types=sharding_types)
 
@@ -184,7 +194,7 @@ def shard_dimension_plan(
 ) -> PlanBundle:
     """The shard half of planning: a decided DimensionPlan (its remaps in `out_dir`) placed on a
     topology. Also how a checkpoint's plan is re-sharded for another world size."""
-    counts = {f: profile.counts(searched_feature(t, f)) for t in dim_plan.tables for f in t.features}
+    counts = profile.lazy_counts({f: searched_feature(t, f) for t in dim_plan.tables for f in t.features})
     shard = plan_sharding(
         dim_plan,
         topology,
@@ -199,15 +209,20 @@ def shard_dimension_plan(
 def block_pooling_factors(
     plan: DimensionPlan,
     profile: Profile,
-    counts: dict[str, np.ndarray],
+    counts: Mapping[str, np.ndarray],
     id_maps: dict[str, np.ndarray],
 ) -> dict[str, float]:
     """Measured ids per example for each block table: the feature's pooling factor times the
-    share of its lookups that land in the block (TorchRec's planner sizes comms and compute by it)."""
+    share of its lookups that land in the block (TorchRec's planner sizes comms and compute by it).
+    A table of one block takes them all: its counts are not read (a 1e8-row table's are 800 MB)."""
     factors: dict[str, float] = {}
     for table in plan.tables:
         for feature in table.features:
             pf = profile.pooling_factor(searched_feature(table, feature))
+            if len(table.blocks) == 1:
+                name = table.block_name(0)
+                factors[name] = factors.get(name, 0.0) + pf
+                continue
             c = counts[feature]
             ranked = np.empty_like(c)
             ranked[id_maps[feature] if feature in id_maps else np.arange(len(c))] = c

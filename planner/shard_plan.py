@@ -20,6 +20,7 @@ from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, Shard
 from torch.overrides import TorchFunctionMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
@@ -45,7 +46,7 @@ from embshard.planner.capacity import (
 )
 from embshard.planner.optimizers import SparseOptimizer, torch_optimizer_class
 from embshard.planner.search import SearchPolicy
-from embshard.planner.topology import TopologySpec
+from embshard.planner.topology import UNPOOLED_SHARDING_TYPES, TopologySpec
 from embshard.planner.torchrec_parts import BucketIndexedEnumerator
 from embshard.planner.types import DimensionPlan
 
@@ -126,11 +127,9 @@ class ShardPlan:
     @staticmethod
     def from_json(raw: Mapping[str, Any], where: str = "shard plan") -> "ShardPlan":
         try:
-            return ShardPlan(
-                sharding={n: _sharding_from_json(ps) for n, ps in raw["tables"].items()},
-                topology=TopologySpec(**raw["topology"]),
-                notes=list(raw.get("notes", [])),
-            )
+            topology = TopologySpec(**raw["topology"])
+            sharding = {n: _sharding_from_json(ps, topology, f"{where}: {n}") for n, ps in raw["tables"].items()}
+            return ShardPlan(sharding=sharding, topology=topology, notes=list(raw.get("notes", [])))
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{where}: malformed shard plan ({e})") from None
 
@@ -155,6 +154,28 @@ class ShardPlan:
                 f"shard plan was made for {self.topology.device} ranks, training runs on {topology.device}; "
                 f"re-run `embshard plan --device {topology.device}` or change sharding.device"
             )
+        shapes = {t.block_name(i): (b.num_rows, b.train_dim) for t in plan.tables for i, b in enumerate(t.blocks)}
+        pooled = {t.block_name(i): t.pooled for t in plan.tables for i in range(len(t.blocks))}
+        for name, ps in self.sharding.items():
+            # Data-parallel on CPU trains nothing, and says so only in a torch warning.
+            types = topology.sharding_types if pooled[name] else UNPOOLED_SHARDING_TYPES
+            if ps.sharding_type not in types:
+                raise PlanError(f"shard plan: {name}: sharding type {ps.sharding_type!r} is not one "
+                                f"{topology.device} ranks train {'pooled' if pooled[name] else 'unpooled'} "
+                                f"tables with ({', '.join(types)}); re-run `embshard plan`")
+            if ps.sharding_spec is None:
+                continue
+            rows, dim = shapes[name]
+            area = 0
+            for shard in ps.sharding_spec.shards:
+                (r0, c0), (nr, nc) = shard.shard_offsets, shard.shard_sizes
+                if not (0 <= r0 and 0 <= c0 and r0 + nr <= rows and c0 + nc <= dim):
+                    raise PlanError(f"shard plan: {name}: a shard at {[r0, c0]} of {[nr, nc]} lies outside its "
+                                    f"{rows} x {dim} table; re-run `embshard plan`")
+                area += nr * nc
+            if area != rows * dim:
+                raise PlanError(f"shard plan: {name}: its shards cover {area:,} of its {rows * dim:,} entries "
+                                f"({rows} x {dim}); re-run `embshard plan`")
 
 
 def make_constraints(
@@ -344,15 +365,33 @@ def _sharding_to_json(ps: ParameterSharding) -> dict[str, Any]:
     }
 
 
-def _sharding_from_json(raw: Mapping[str, Any]) -> ParameterSharding:
+# Kernels by name, as a plan file spells them.
+COMPUTE_KERNELS = frozenset(k.value for k in EmbeddingComputeKernel)
+
+
+def _sharding_from_json(raw: Mapping[str, Any], topology: TopologySpec, where: str) -> ParameterSharding:
+    """One table's sharding as a plan file has it, checked against the plan's own topology: an
+    unknown kernel, a rank or a placement outside the world (its type: `check_matches`)."""
+    if raw["compute_kernel"] not in COMPUTE_KERNELS:
+        raise PlanError(f"{where}: unknown compute kernel {raw['compute_kernel']!r}")
+    ranks = list(raw["ranks"] or [])
     spec = None
     if raw["shards"] is not None:
-        spec = EnumerableShardingSpec(
-            [
-                ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=s["placement"])
-                for s in raw["shards"]
-            ]
-        )
+        shards = []
+        for s in raw["shards"]:
+            numbers = [*s["offsets"], *s["sizes"]]
+            if len(s["offsets"]) != 2 or len(s["sizes"]) != 2 or not all(type(v) is int and v >= 0 for v in numbers):
+                raise PlanError(f"{where}: shard offsets and sizes must be two whole numbers each, got "
+                                f"{s['offsets']} and {s['sizes']}")
+            shard = ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=s["placement"])
+            if shard.placement is None or shard.placement.rank() is None:
+                raise PlanError(f"{where}: placement {s['placement']!r} names no rank (rank:N/device)")
+            ranks.append(shard.placement.rank())
+            shards.append(shard)
+        spec = EnumerableShardingSpec(shards)
+    outside = [r for r in ranks if not (type(r) is int and 0 <= r < topology.world_size)]
+    if outside:
+        raise PlanError(f"{where}: placed on rank {outside[0]!r}, outside the plan's {topology.world_size} ranks")
     return ParameterSharding(
         sharding_type=raw["sharding_type"],
         compute_kernel=raw["compute_kernel"],

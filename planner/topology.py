@@ -6,6 +6,7 @@ topology is a description handed to TorchRec's planner, never a probe of local d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,10 @@ SHARDING_TYPES: dict[str, list[str]] = {
 }
 
 
+# EmbeddingCollection (unpooled lookups) shards these on CPU and CUDA alike.
+UNPOOLED_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
+
+
 @dataclass(frozen=True)
 class TopologySpec:
     world_size: int = 2
@@ -52,8 +57,9 @@ class TopologySpec:
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ConfigError(f"world_size: must be >= 1, got {self.world_size}")
-        if self.device_memory_gb is not None and self.device_memory_gb <= 0:
-            raise ConfigError(f"device_memory_gb: must be positive, got {self.device_memory_gb}")
+        gb = self.device_memory_gb
+        if gb is not None and not (math.isfinite(gb) and gb > 0):
+            raise ConfigError(f"device_memory_gb: must be a positive number, got {self.device_memory_gb}")
         if self.local_world_size is not None and not (
             1 <= self.local_world_size <= self.world_size
             and self.world_size % self.local_world_size == 0

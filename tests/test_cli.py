@@ -298,3 +298,107 @@ def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(monkeypatch
         with pytest.raises(ConfigError, match=rf"^cluster.address {given}: nothing answers there \(Connection "
                                               r"refused\); start the cluster"):
             init_ray(JobConfig(cluster=ClusterConfig(address=given)))
+
+
+def test_a_damaged_or_foreign_plan_file_is_one_line(tmp_path, capsys):
+    # A plan file (edited, copied without its folder, made for other data) that trained with exit 0
+    # (a data-parallel table on CPU never updates; a feature without a table was left out) or
+    # stopped with a traceback (a rank outside the world, a remap file not copied).
+    import json
+
+    from embshard.datasets.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=300)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\ncluster:\n  workers: 2\n"
+                   f"output_dir: {tmp_path / 'run'}\n")
+    good = tmp_path / "good" / "plan.json"
+    assert main(["plan", str(cfg), "--out", str(good)]) == 0
+    assert main(["plan", str(cfg), "--out", str(tmp_path / "mde"), "--set", "embeddings.policy=mde",
+                 "--set", "embeddings.mde.mode=within", "--set", "embeddings.mde.blocks=2"]) == 0
+    capsys.readouterr()
+    raw = json.loads(good.read_text())
+    first = next(iter(raw["shard_plan"]["tables"]))
+
+    def edited(name: str, change) -> Path:
+        copy = json.loads(json.dumps(raw))
+        change(copy)
+        path = tmp_path / name / "plan.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(copy))
+        return path
+
+    def drop_first_table(p):
+        p["dimension_plan"]["tables"] = p["dimension_plan"]["tables"][1:]
+        del p["shard_plan"]["tables"][first]
+
+    copied_alone = tmp_path / "alone" / "plan.json"
+    copied_alone.parent.mkdir()
+    copied_alone.write_text((tmp_path / "mde" / "plan.json").read_text())
+    cases = [
+        (edited("dp", lambda p: p["shard_plan"]["tables"][first].update(
+            sharding_type="data_parallel", compute_kernel="dense", ranks=[0, 1], shards=None)),
+         rf"{first}: sharding type 'data_parallel' is not one cpu ranks train pooled tables with"),
+        (edited("kernel", lambda p: p["shard_plan"]["tables"][first].update(compute_kernel="quantum")),
+         r"unknown compute kernel 'quantum'"),
+        (edited("rank", lambda p: p["shard_plan"]["tables"][first]["shards"][0].update(placement="rank:5/cpu")),
+         r"placed on rank 5, outside the plan's 2 ranks"),
+        (edited("shard", lambda p: p["shard_plan"]["tables"][first]["shards"][0]["sizes"].__setitem__(0, 1)),
+         rf"{first}: its shards cover"),
+        (edited("missing", drop_first_table), r"the data's feature 'C1' has no table in the plan"),
+        (copied_alone, r"its remap file t_C\d+\.remap\.npy is not beside it; copy the plan's whole folder"),
+    ]
+    for plan_file, message in cases:
+        assert main(["train", str(cfg), "--set", f"sharding.plan_file={plan_file}"]) == 2, plan_file
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), (plan_file, err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plan_writes_nothing_it_refuses_and_never_over_a_file_not_a_plan(tmp_path, capsys):
+    from embshard.datasets.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=300)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\noutput_dir: {tmp_path / 'run'}\n")
+    # A plan that does not fit was written all the same (and replaced a good one with --overwrite).
+    out = tmp_path / "p.json"
+    assert main(["plan", str(cfg), "--out", str(out)]) == 0
+    before = out.read_bytes()
+    assert main(["plan", str(cfg), "--out", str(out), "--overwrite", "--device-memory-gb", "0.000001"]) == 2
+    err = capsys.readouterr().err
+    assert out.read_bytes() == before
+    # Sizes in units that keep their digits: it said "need 0.00 GiB, ... short by 0.00 GiB".
+    assert "0.00 GiB" not in err and re.search(r"short by [\d.]+ (KiB|MiB)", err), err
+    # Without --out the run's plan folder: a plan there is replaced, another file never.
+    notes = tmp_path / "run" / "plan" / "plan.json"
+    notes.parent.mkdir(parents=True)
+    notes.write_text('{"my": "precious notes"}')
+    assert main(["plan", str(cfg)]) == 2
+    assert "exists and is no plan" in capsys.readouterr().err and "precious" in notes.read_text()
+    notes.unlink()
+    assert main(["plan", str(cfg)]) == 0 and main(["plan", str(cfg)]) == 0
+    for bad in ("nan", "inf"):
+        assert main(["plan", str(cfg), "--device-memory-gb", bad]) == 2
+        assert f"device_memory_gb: must be a positive number, got {bad}" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from embshard.datasets.synth import synthesize
+    from embshard.planner import pipeline
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=300)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\n")
+    # numpy's own error for an array the machine cannot hold (a 1e9-row table's counts on a laptop)
+    monkeypatch.setattr(pipeline, "block_pooling_factors", lambda *a, **k: np.empty(2**47, dtype=np.int8))
+    capsys.readouterr()
+    assert main(["plan", str(cfg), "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("embshard: error: out of memory (MemoryError: Unable to allocate 128. TiB"), err

@@ -87,3 +87,52 @@ def test_an_interrupted_profile_leaves_the_earlier_one_whole(tmp_path: Path, mon
     assert sorted(p.name for p in data.iterdir()) == ["dataset.json", "profile", "test", "train", "valid"]
     monkeypatch.undo()
     assert write_profile(data).counts("C1").sum() == 1_600
+
+
+def test_a_damaged_profile_is_one_line_naming_its_file(tmp_path: Path) -> None:
+    # Each was a traceback from the planner (a missing count file, a NaN or negative pooling
+    # factor, a string for a number) or planned silently (a stale or foreign count file).
+    synthesize(tmp_path / "d", rows=500, max_cardinality=50)
+    profile_dir = tmp_path / "d" / "profile"
+    stats = json.loads((profile_dir / "profile.json").read_text())
+    good_counts = np.load(profile_dir / "C1.npy")
+
+    def damaged(change_stats=None, counts=None):
+        raw = json.loads(json.dumps(stats))
+        if change_stats:
+            change_stats(raw["C1"])
+        (profile_dir / "profile.json").write_text(json.dumps(raw))
+        if counts is None:
+            np.save(profile_dir / "C1.npy", good_counts)
+        elif isinstance(counts, str):  # "missing"
+            (profile_dir / "C1.npy").unlink()
+        else:
+            np.save(profile_dir / "C1.npy", counts)
+        return load_profile(tmp_path / "d")
+
+    for change, message in ((lambda s: s.update(mean_ids_per_row=float("nan")), "mean_ids_per_row nan is no pooling"),
+                            (lambda s: s.update(mean_ids_per_row=-3), "mean_ids_per_row -3 is no pooling"),
+                            (lambda s: s.update(mean_ids_per_row="1.0"), "mean_ids_per_row '1.0' is no pooling"),
+                            (lambda s: s.update(rows=-1), "rows -1 is no count")):
+        with pytest.raises(DataError, match="profile.json: malformed profile .*" + message):
+            damaged(change)
+    for counts, message in (("missing", "C1.npy: missing from the profile; rerun `embshard data profile`"),
+                            (good_counts[:-5], "C1.npy: not the counts profile.json describes"),
+                            (good_counts.astype(np.float64), "C1.npy: not the counts profile.json describes"),
+                            (np.array(["x"], dtype=object), "C1.npy: not a count file")):
+        with pytest.raises(DataError, match=message):
+            damaged(counts=counts).counts("C1")
+    assert damaged().counts("C1").tolist() == good_counts.tolist()
+
+
+def test_json_files_with_a_key_twice_or_nested_past_reading_are_refused(tmp_path: Path) -> None:
+    from embshard.datasets.storage import read_json
+
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"C1": {"dim": 8}, "C1": {"dim": 4}}')  # the last one counted, silently
+    with pytest.raises(DataError, match=r"twice\.json: key 'C1' given twice in one object"):
+        read_json(twice, DataError)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep\.json: not a file embshard writes \(nested deeper"):
+        read_json(deep, DataError)

@@ -103,7 +103,7 @@ def test_table_no_rank_can_hold_is_explained() -> None:
     # Enough bytes across both CPU ranks, but a width-4 table cannot be split below one rank.
     rows = int(1.5 * 2**30 / (4 * 4 + 4))
     plan = DimensionPlan(base_dim=4, tables=[_table("wide", rows, 4)])
-    expected = r"largest table is 1\.50 GiB against 1\.00 GiB per rank \(short by 0\.50 GiB on one rank\).*wide"
+    expected = r"largest table is 1\.5 GiB against 1.0 GiB per rank \(short by 512\.0 MiB on one rank\).*wide"
     with pytest.raises(PlanError, match=expected):
         plan_sharding(plan, TopologySpec(world_size=2, device="cpu", device_memory_gb=1), batch_size=64)
 
