@@ -268,3 +268,22 @@ def test_training_reads_device_memory_at_every_logging_step() -> None:
         callback.on_step(StepInfo(step=step, epoch=0, samples=8, seconds=0.1, data_wait=0.0,
                                   loss=0.5 if step % 3 == 0 else None))
     assert metrics.reads == 2
+
+
+def test_activity_is_one_while_a_rank_checkpoints_or_evaluates() -> None:
+    # The stall alert fired on healthy runs whose checkpoint took over its 15 minutes.
+    metrics = WorkerMetrics(job="j", rank=0)
+    port = metrics.start_server(0, 0)
+    try:
+        def activity() -> dict[str, float]:
+            found = samples_by_name(scrape(port))["embshard_activity"]
+            return {s.labels["activity"]: s.value for s in found}
+
+        assert activity() == {"checkpoint": 0.0, "eval": 0.0}
+        with metrics.doing("checkpoint"):
+            assert activity() == {"checkpoint": 1.0, "eval": 0.0}
+        with pytest.raises(RuntimeError), metrics.doing("eval"):
+            raise RuntimeError("an evaluation that fails")
+        assert activity() == {"checkpoint": 0.0, "eval": 0.0}
+    finally:
+        metrics.stop_server()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -140,7 +141,8 @@ class CheckpointCallback(Callback):
     def save(self) -> None:
         progress = self.snapshot()
         start = time.perf_counter()
-        self.last_path = self.manager.save(progress, self.model, self.optimizer, self.config, self.plan_dir)
+        with self.metrics.doing("checkpoint") if self.metrics is not None else nullcontext():
+            self.last_path = self.manager.save(progress, self.model, self.optimizer, self.config, self.plan_dir)
         if self.metrics is not None:
             self.metrics.observe_checkpoint(time.perf_counter() - start)
         self.saved_step = progress.step

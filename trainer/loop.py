@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from itertools import islice
 from pathlib import Path
@@ -144,11 +145,15 @@ def run_worker(
     result: EvalResult | None = None
     test_seconds = 0.0  # kept out of the throughput, like the test after the last step
 
+    def evaluating() -> AbstractContextManager[None]:
+        return metrics.doing("eval") if metrics is not None else nullcontext()
+
     def test() -> EvalResult:
         nonlocal test_seconds
         watch.check(progress.step, "the test")
         tick = time.perf_counter()
-        tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None)
+        with evaluating():
+            tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None)
         test_seconds += time.perf_counter() - tick
         return tested
 
@@ -166,7 +171,9 @@ def run_worker(
 
     def validate() -> EvalResult:
         watch.check(progress.step, "an evaluation")
-        return evaluated(_evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks))
+        with evaluating():
+            result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
+        return evaluated(result)
 
     stopped = False
     resumed_samples = progress.samples  # throughput counts only what this start trained

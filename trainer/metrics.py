@@ -20,6 +20,7 @@ every name they use against this module):
     embshard_pep_nonzero_params                     gauge      job, rank, table
     embshard_worker_restarts_total                  counter    job, rank
     embshard_data_wait_seconds_total                counter    job, rank
+    embshard_activity                               gauge      job, rank, activity=checkpoint|eval
 
 Conventions the dashboard relies on:
 - `observe_step(seconds, ...)` gets the time of one step *excluding* the wait for its input
@@ -42,6 +43,8 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 from wsgiref.simple_server import WSGIServer
@@ -72,6 +75,8 @@ COLLAPSE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 12
 
 PHASES = ("train", "serve")
 _BASE_LABELS = ("job", "rank")
+# What a rank does between steps that the step loop does not count (embshard_activity).
+ACTIVITIES = ("checkpoint", "eval")
 
 
 class _ConstLabelCollector(Collector):
@@ -160,6 +165,14 @@ class WorkerMetrics:
             "embshard_worker_restarts", "Times this worker was restarted (resumed after a failure).",
             base, registry=r,
         )
+        self.activity = Gauge(
+            "embshard_activity",
+            "1 while this rank checkpoints (activity=checkpoint) or evaluates (activity=eval): work "
+            "between training steps, during which no samples count.",
+            base + ("activity",), registry=r,
+        )
+        for name in ACTIVITIES:
+            self.activity.labels(*lv, name).set(0)
         self.data_wait_seconds = Counter(
             "embshard_data_wait_seconds", "Time the step loop waited for input batches.",
             base, registry=r,
@@ -217,6 +230,16 @@ class WorkerMetrics:
                 raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
             child = self._emb[(table, phase)] = self.embedding_bytes.labels(*self._lv, table, phase)
         child.set(nbytes)  # type: ignore[attr-defined]
+
+    @contextmanager
+    def doing(self, activity: str) -> Iterator[None]:
+        """`embshard_activity{activity}` is 1 for the block (the stall alert leaves such time be)."""
+        gauge = self.activity.labels(*self._lv, activity)
+        gauge.set(1)
+        try:
+            yield
+        finally:
+            gauge.set(0)
 
     def observe_checkpoint(self, seconds: float) -> None:
         self._ckpt.observe(seconds)
