@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
+
+import numpy as np
 
 RoundingRule = Literal["pow2", "multiple4", "none"]
 
@@ -42,16 +44,25 @@ def width_problem(width: int, rule: RoundingRule) -> str | None:
 
 def nearest(raw: float, rule: RoundingRule) -> int:
     """Nearest width on the rule's grid (ties go up: a wider block never costs accuracy)."""
+    return int(nearest_widths(np.array([raw], dtype=np.float64), rule)[0])
+
+
+def nearest_widths(raw: np.ndarray, rule: RoundingRule) -> np.ndarray:
+    """`nearest` of every value at once."""
     if rule == "multiple4":
-        return max(FBGEMM_ALIGN, FBGEMM_ALIGN * math.floor(raw / FBGEMM_ALIGN + 0.5))
+        return np.maximum(FBGEMM_ALIGN, FBGEMM_ALIGN * np.floor(raw / FBGEMM_ALIGN + 0.5)).astype(np.int64)
     if rule == "pow2":
-        lo = 2 ** max(2, math.floor(math.log2(max(raw, 1.0))))
-        return lo if raw - lo < 2 * lo - raw else 2 * lo
-    return max(1, math.floor(raw + 0.5))
+        lo = 2.0 ** np.maximum(2, np.floor(np.log2(np.maximum(raw, 1.0))))
+        return np.where(raw - lo < 2 * lo - raw, lo, 2 * lo).astype(np.int64)
+    return np.maximum(1, np.floor(raw + 0.5)).astype(np.int64)
 
 
-def step_up(width: int, rule: RoundingRule) -> int:
-    """The next width above `width` on the rule's grid (budget filling grows one step at a time)."""
+W = TypeVar("W", int, np.ndarray)
+
+
+def step_up(width: W, rule: RoundingRule) -> W:
+    """The next width above `width` (or each of an array) on the rule's grid (budget filling grows
+    one step at a time)."""
     if rule == "multiple4":
         return width + FBGEMM_ALIGN
     if rule == "pow2":

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
 from embshard.planner.grid_fit import fit_on_grid, grid_widths
 from embshard.planner.remap import frequency_ranking, save_remap
-from embshard.planner.rounding import Rounded, round_width, step_up
+from embshard.planner.rounding import Rounded, nearest_widths, round_width, step_up
 from embshard.planner.types import Block, DimensionPlan, RowOrder, TablePlan, table_name
 from embshard.typed_config import to_dict
 
@@ -73,22 +74,23 @@ def mde_dims(p: np.ndarray, alpha: float, lam: float) -> np.ndarray:
     return lam * np.power(p, alpha)
 
 
-def served_dim(rows: int, dim: int, base_dim: int) -> int:
+def served_dim(rows: Any, dim: Any, base_dim: int) -> Any:
     """d_i, or d-bar where the projection P_i (d_i x d-bar) costs at least what narrowing the rows
     saves (rows x (d-bar - d_i)): a block of few rows is cheaper served unprojected at d-bar, and
     of full rank. Small tables' popular rows are the ones MDE makes wide; projected, 3 rows at
-    width 28 cost 28 x 67 parameters instead of 3 x 64."""
-    return base_dim if dim < base_dim and rows * (base_dim - dim) <= dim * base_dim else dim
+    width 28 cost 28 x 67 parameters instead of 3 x 64. Numbers or numpy arrays of them (a budget
+    is solved over every block at once)."""
+    return np.where((dim < base_dim) & (rows * (base_dim - dim) <= dim * base_dim), base_dim, dim)
 
 
-def block_cost(rows: int, dim: int, base_dim: int) -> int:
+def block_cost(rows: Any, dim: Any, base_dim: int) -> Any:
     """Serving parameters of a block sized d_i: rows x its served width, plus P_i if narrower."""
     served = served_dim(rows, dim, base_dim)
-    return rows * served + (served * base_dim if served < base_dim else 0)
+    return rows * served + np.where(served < base_dim, served * base_dim, 0)
 
 
 def serve_params(rows: np.ndarray, dims: np.ndarray, base_dim: int) -> int:
-    return sum(block_cost(int(r), int(d), base_dim) for r, d in zip(rows, dims, strict=True))
+    return int(block_cost(rows.astype(np.int64), dims.astype(np.int64), base_dim).sum())
 
 
 def mde_plan(
@@ -134,7 +136,7 @@ def mde_plan(
                 notes.append(
                     f"{name} block {j}: {rounded[i].value} -> {dims[i]} ({moved} to fit the budget)"
                 )
-            served = served_dim(end - start, int(dims[i]), cfg.dim)
+            served = int(served_dim(end - start, int(dims[i]), cfg.dim))
             if served != dims[i]:
                 notes.append(f"{name} block {j}: {dims[i]} -> {served} ({end - start:,} rows at {dims[i]} and a "
                              f"{dims[i]} x {cfg.dim} projection cost no less than the rows at {served})")
@@ -200,6 +202,11 @@ def _round(p: np.ndarray, lam: float, cfg: EmbeddingsConfig) -> list[Rounded]:
     return [round_width(x, cfg.rounding, cfg.min_dim, cfg.dim) for x in mde_dims(p, cfg.mde.alpha, lam)]
 
 
+def _widths(p: np.ndarray, lam: float, cfg: EmbeddingsConfig) -> np.ndarray:
+    """`_round`'s values, every block at once (the solver tries a hundred lambdas)."""
+    return np.clip(nearest_widths(mde_dims(p, cfg.mde.alpha, lam), cfg.rounding), cfg.min_dim, cfg.dim)
+
+
 def _fit_budget(
     p: np.ndarray, rows: np.ndarray, budget: int, cfg: EmbeddingsConfig
 ) -> tuple[float, list[Rounded], np.ndarray, list[str]]:
@@ -230,38 +237,41 @@ def _fit_budget(
             f"block at dim {cfg.dim} (the base dim caps every block); raise dim or lower the budget"
         )
 
-    def fitted(lam: float) -> tuple[list[Rounded], int]:
-        rounded = _round(p, lam, cfg)
-        return rounded, serve_params(rows, np.array([r.value for r in rounded]), cfg.dim)
+    def params_at(lam: float) -> int:
+        return serve_params(rows, _widths(p, lam, cfg), cfg.dim)
 
     live = p[p > 0]
     lo = cfg.min_dim / float(live.max()) ** cfg.mde.alpha / 2  # every block at min_dim
     hi = cfg.dim / float(live.min()) ** cfg.mde.alpha * 2  # every popular block at dim
-    if fitted(hi)[1] <= budget:
+    if params_at(hi) <= budget:
         lo = hi
     else:
         for _ in range(100):
             mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if fitted(mid)[1] <= budget else (lo, mid)
-    rounded, params = fitted(lo)
-    dims = np.array([r.value for r in rounded])
+            lo, hi = (mid, hi) if params_at(mid) <= budget else (lo, mid)
+    rounded = _round(p, lo, cfg)
+    dims = np.array([r.value for r in rounded], dtype=np.int64)
+    params = serve_params(rows, dims, cfg.dim)
 
-    # Fill: dims are non-increasing in popularity order; keep it so while growing.
+    # Fill: dims are non-increasing in popularity order; keep it so while growing. Each step
+    # weighs every block at once: the largest step that fits, the most popular of equals.
     order = np.argsort(-p, kind="stable")
-    ranked, ranked_rows = [int(d) for d in dims[order]], [int(r) for r in rows[order]]
+    ranked, ranked_rows = dims[order], rows[order].astype(np.int64)
+
+    def step_costs(at: slice | int) -> tuple[np.ndarray, np.ndarray]:
+        grown = step_up(ranked[at], cfg.rounding)
+        return grown, block_cost(ranked_rows[at], grown, cfg.dim) - block_cost(ranked_rows[at], ranked[at], cfg.dim)
+
+    grown, delta = step_costs(slice(None))
     while params < LANDING * budget:
-        best: tuple[int, int] | None = None  # (position in popularity order, parameter delta)
-        for k, (dim, n) in enumerate(zip(ranked, ranked_rows, strict=True)):
-            grown = step_up(dim, cfg.rounding)
-            if grown > (ranked[k - 1] if k else cfg.dim):
-                continue
-            delta = block_cost(n, grown, cfg.dim) - block_cost(n, dim, cfg.dim)
-            if params + delta <= budget and (best is None or delta > best[1]):
-                best = (k, delta)
-        if best is None:
+        caps = np.concatenate([[cfg.dim], ranked[:-1]])
+        fits = (grown <= caps) & (params + delta <= budget)
+        if not fits.any():
             return lo, rounded, *_search_grid(p, rows, budget, lo, cfg, what)
-        ranked[best[0]] = step_up(ranked[best[0]], cfg.rounding)
-        params += best[1]
+        k = int(np.argmax(np.where(fits, delta, np.iinfo(np.int64).min)))
+        ranked[k] = grown[k]
+        params += int(delta[k])
+        grown[k], delta[k] = step_costs(k)  # only block k's next step changed
     dims[order] = ranked
     notes = [f"mde {cfg.mde.mode}: lambda = {lo:.4g} solved for the {what}: plan has "
              f"{params:,} serving params ({params / budget:.2%} of the budget)"]
