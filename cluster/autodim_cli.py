@@ -37,12 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
-    from embshard.cluster.cli import validation_text
+    from embshard.cluster.cli import print_notes, validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
     from embshard.datasets.outdir import check_file_output
     from embshard.datasets.storage import read_json_object
     from embshard.errors import ConfigError
+    from embshard.planner.pipeline import PLAN_FILE
     from embshard.trainer.autodim import autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
@@ -62,8 +63,7 @@ def _autodim(args: argparse.Namespace) -> int:
     plan = bundle.dimension_plan
     print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"
           f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
-    for note in [*plan.notes, *bundle.shard_plan.notes]:
-        print(f"note: {note}")
+    print_notes(bundle, bundle.directory / PLAN_FILE)
     summary = train_on_ray(cfg, "autodim")
     print(f"search validation {validation_text(summary)} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")

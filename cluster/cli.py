@@ -229,13 +229,13 @@ def _plan(args: argparse.Namespace) -> int:
               f"{topology.world_size} x {topology.device} ranks on {topology.hosts} host(s) of "
               f"{topology.world_size // topology.hosts}, "
               f"serving parameters {plan.serve_params():,}")
-        print_notes(staged, out_dir / name)
         print(staged.memory.format())
         staged.memory.check_fits()  # a plan that does not fit is shown, not written
         bundle = staged.copy_to(out_dir, name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     path = bundle.directory / name
+    print_notes(bundle, path)
     print(f"plan -> {path}")
     return 0
 

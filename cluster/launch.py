@@ -267,16 +267,21 @@ def init_ray(cfg: JobConfig, cpus: float | None = None, jobs: int = 1) -> None:
     )
 
 
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
+
+
 def _check_something_listens(address: str) -> None:
     """ConfigError at once when nothing answers at a `host:port` (or `ray://host:port`) address.
     Ray itself retries for over two minutes, printing its C++ warnings on the console meanwhile."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return  # "auto", or a form Ray resolves itself
+    if address.startswith("ray://") and any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return  # gRPC reaches a Ray client server through the proxy, which a plain dial does not
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as e:
-        why = e.strerror or type(e).__name__
+    except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ConfigError(f"cluster.address {address}: nothing answers there ({why}); start the cluster "
                           "(`ray start --head`) or give its head's GCS address (host:6379 by default)") from None
 

@@ -58,17 +58,19 @@ def prune_job(cfg: JobConfig, workers: int | None, targets: list[float] | None) 
 
 def prune_pep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
-    from embshard.cluster.cli import validation_text
+    from embshard.cluster.cli import print_notes, validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
     from embshard.errors import ConfigError
+    from embshard.planner.pipeline import PLAN_FILE
     from embshard.trainer.pep import NONZERO_HISTORY_FILE
 
     cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
     if cfg.pep_dir.exists() and not cfg.pep_dir.is_dir():
         # Found out at the first target otherwise, inside a worker, as a crash.
         raise ConfigError(f"pep.out {cfg.pep_dir}: a file; it names the folder the prune run writes its targets into")
-    plan_for_training(cfg, "pep")
+    bundle = plan_for_training(cfg, "pep")
+    print_notes(bundle, bundle.directory / PLAN_FILE)
     summary = train_on_ray(cfg, "pep")
     pep = summary.get("pep", {})
     for target, hit in sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0])):

@@ -70,7 +70,7 @@ class Profile:
                 counts = np.load(path if isinstance(path, Path) else io.BytesIO(path.read_bytes()))
             except FileNotFoundError:
                 raise DataError(f"{path}: missing from the profile; {rerun}") from None
-            except (ValueError, OSError, EOFError) as e:
+            except (ValueError, EOFError) as e:
                 raise DataError(f"{path}: not a count file ({e}); {rerun}") from None
             # What profile.json vouches for: a stale, cut or foreign file planned silently.
             if counts.ndim != 1 or counts.dtype.kind not in "iu" or int(counts.sum()) != self.stats[name].total_ids \

@@ -89,7 +89,8 @@ def shortfall_error(demand: Demand, topology: TopologySpec, available: int) -> P
             f"{need} of {human_bytes(available)} in all, but TorchRec found no placement; the "
             f"largest table is {human_bytes(biggest)} against {human_bytes(per_rank)} per rank"
             + (f" (short by {human_bytes(biggest - per_rank)} on one rank)" if biggest > per_rank else
-               ", so what TorchRec reserves beside the tables (buffers of batch x width) is what does not fit")
+               ", so what does not fit is the placement itself: e.g. what TorchRec reserves beside the tables "
+               "(buffers of batch x width), or tables that cannot be split under the allowed sharding types")
         )
     return PlanError(
         f"plan does not fit {where}: {why}; largest tables: {demand.largest()}. "

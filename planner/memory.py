@@ -84,17 +84,21 @@ class MemoryReport:
             "shards": [s.__dict__ for s in self.shards],
         }
 
-    def format(self, max_tables: int = 12) -> str:
+    def format(self, max_tables: int = 12, max_ranks: int = 16) -> str:
         lines = [
             f"{'rank':>4}  {'train':>10}  {'serve':>10}  {'capacity':>10}  {'used':>6}  tables",
         ]
-        for r, tot in self.per_rank.items():
+        # The fullest ranks: on 2,048 ranks every one was a line.
+        ranks = sorted(self.per_rank.items(), key=lambda kv: -kv[1]["train_bytes"])
+        for r, tot in sorted(ranks[:max_ranks]):
             tables = self.table_bytes(r)
             lines.append(
                 f"{r:>4}  {human_bytes(tot['train_bytes']):>10}  {human_bytes(tot['serve_bytes']):>10}  "
                 f"{human_bytes(self.capacity_bytes):>10}  {100 * tot['train_bytes'] / self.capacity_bytes:5.1f}%  "
                 f"{len(tables)}"
             )
+        if len(ranks) > max_ranks:
+            lines.append(f"... and {len(ranks) - max_ranks} less full ranks (see the JSON report)")
         by_table: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         placement: dict[str, set[str]] = defaultdict(set)
         for s in self.shards:

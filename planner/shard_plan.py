@@ -41,6 +41,7 @@ from embshard.planner.capacity import (
     RESERVED_FRACTION,
     Demand,
     check_can_fit,
+    human_bytes,
     shortfall_error,
     usable_bytes,
 )
@@ -154,11 +155,19 @@ class ShardPlan:
                 f"shard plan was made for {self.topology.device} ranks, training runs on {topology.device}; "
                 f"re-run `embshard plan --device {topology.device}` or change sharding.device"
             )
+        if self.topology.capacity_bytes > topology.capacity_bytes:
+            # Its memory check would pass against memory this run's ranks do not have.
+            raise PlanError(
+                f"shard plan was made for {human_bytes(self.topology.capacity_bytes)} per rank, this run's ranks "
+                f"have {human_bytes(topology.capacity_bytes)}; re-run `embshard plan` or set sharding.device_memory_gb"
+            )
         shapes = {t.block_name(i): (b.num_rows, b.train_dim) for t in plan.tables for i, b in enumerate(t.blocks)}
         pooled = {t.block_name(i): t.pooled for t in plan.tables for i in range(len(t.blocks))}
         for name, ps in self.sharding.items():
             # Data-parallel on CPU trains nothing, and says so only in a torch warning.
-            types = topology.sharding_types if pooled[name] else UNPOOLED_SHARDING_TYPES
+            # Widths FBGEMM's fused kernels cannot take go data-parallel on CUDA, pooled or not.
+            types = topology.sharding_types if pooled[name] else UNPOOLED_SHARDING_TYPES + [
+                t for t in topology.sharding_types if t == "data_parallel"]
             if ps.sharding_type not in types:
                 raise PlanError(f"shard plan: {name}: sharding type {ps.sharding_type!r} is not one "
                                 f"{topology.device} ranks train {'pooled' if pooled[name] else 'unpooled'} "

@@ -311,7 +311,8 @@ def test_prometheus_scrapes_a_worker_via_file_sd(tmp_path) -> None:
         m.set_device_memory(allocated=10, reserved=95, capacity=100)
         port = m.start_server(0, 0)
         with PrometheusServer(config) as prom:
-            write_file_sd(prom.dir / "sd" / "e2e-job.json", [m.target()], {"node": "local"})
+            # As the trainer writes it: the file names its run as `job`
+            write_file_sd(prom.dir / "sd" / "e2e-job.json", [m.target()], {"node": "local", "job": "e2e-job"})
             res = prom.wait_for('embshard_train_samples_total{job="e2e-job", rank="1"}', timeout=30)
             (series,) = res
             assert series["metric"]["node"] == "local"
@@ -320,6 +321,10 @@ def test_prometheus_scrapes_a_worker_via_file_sd(tmp_path) -> None:
             ratio = prom.query('max by (job, rank) (embshard_device_memory_bytes{kind="reserved"})'
                                ' / max by (job, rank) (embshard_device_memory_capacity_bytes)')["result"]
             assert [float(r["value"][1]) for r in ratio] == [0.95]
+            # EmbshardMetricsTargetDown's selector finds the target, whose `up` carries the run's
+            # job (it read up{job="embshard"}, which no file-SD target has)
+            (up,) = prom.query('up{discovery="file_sd"}')["result"]
+            assert up["metric"]["job"] == "e2e-job" and float(up["value"][1]) == 1
             rss = prom.query('process_resident_memory_bytes{job="e2e-job"}')["result"]
             assert rss and float(rss[0]["value"][1]) > 0
     finally:

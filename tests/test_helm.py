@@ -452,6 +452,9 @@ def test_the_config_schema_is_generated_from_the_config_dataclasses() -> None:
     ({"checkpoints": {"persistence": {"create": False}}}, "demo", "no existingClaim is given"),
     ({"job": {"extraArgs": ["--workers", "3"]}}, "demo", "job.extraArgs: --workers is the chart's to set"),
     ({"job": {"extraArgs": ["--address=10.0.0.1:6379"]}}, "demo", "job.extraArgs: --address=10.0.0.1:6379"),
+    ({"job": {"extraArgs": ["--work", "3"]}}, "demo", "job.extraArgs: --work is the chart's to set"),  # a prefix
+    ({"workers": {"rayStartParams": {"resources": '"{\\"ssd\\": 1}"'}}}, "demo",
+     "workers.rayStartParams.resources: the chart sets it"),
     ({"workers": {"resources": {"requests": {"cpu": "8", "nvidia.com/gpu": "2"}, "limits": {"cpu": "8"}}}}, "demo",
      "workers.resources.requests.nvidia.com/gpu: set workers.gpusPerWorker instead"),
     ({"metrics": {"portBase": 12000}}, "demo", "overlap Ray's worker ports"),

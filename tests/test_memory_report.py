@@ -111,3 +111,15 @@ def test_planned_shards_conserve_rows() -> None:
         pieces = [s for s in report.shards if s.table == t.name]
         copies = 2 if shard_plan.sharding[t.name].sharding_type == "data_parallel" else 1
         assert sum(s.rows * s.cols for s in pieces) == copies * t.num_embeddings * t.blocks[0].dim
+
+
+def test_the_printed_report_shows_the_fullest_ranks_of_a_large_world() -> None:
+    # One line per rank: 2,048 lines at 2,048 ranks.
+    rows = [100 * (i + 1) for i in range(40)]
+    plan = DimensionPlan(base_dim=16, tables=[TablePlan(f"t{i}", [f"f{i}"], n, [Block(0, n, 16)])
+                                              for i, n in enumerate(rows)])
+    report = memory_report(plan, plan_sharding(plan, TopologySpec(world_size=40), batch_size=64), "rowwise_adagrad")
+    lines = report.format(max_ranks=5).splitlines()
+    shown = [int(line.split()[0]) for line in lines[1:6]]
+    fullest = sorted(report.per_rank, key=lambda r: -report.per_rank[r]["train_bytes"])[:5]
+    assert shown == sorted(fullest) and lines[6] == "... and 35 less full ranks (see the JSON report)"

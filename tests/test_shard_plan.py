@@ -163,3 +163,15 @@ def test_cluster_scale_plan_places_every_table_and_its_memory_report_adds_up() -
     for s in report.shards:
         by_rank[s.rank] += s.weight_bytes + s.optimizer_bytes
     assert all(by_rank[r] + report.projection_bytes == v["train_bytes"] for r, v in report.per_rank.items())
+
+
+def test_a_plan_the_planner_wrote_passes_its_own_checks_unpooled_odd_widths_included() -> None:
+    # On CUDA a width FBGEMM's fused kernels cannot take goes data-parallel, pooled or not; the
+    # plan-file check refused the unpooled (PEP multi-hot) tables the planner had placed so.
+    unpooled = DimensionPlan(base_dim=6, tables=[replace(_table(n, rows, 6), pooled=False)
+                                                 for n, rows in (("a", 20_000), ("b", 6_000))])
+    cuda = TopologySpec(world_size=2, device="cuda")
+    shard_plan = plan_sharding(unpooled, cuda, batch_size=128)
+    assert {ps.sharding_type for ps in shard_plan.sharding.values()} >= {"data_parallel"}
+    shard_plan.check_matches(unpooled, cuda)
+    ShardPlan.from_json(shard_plan.to_json()).check_matches(unpooled, cuda)
