@@ -204,6 +204,8 @@ def _plan(args: argparse.Namespace) -> int:
     cfg = replace(cfg, sharding=sharding)
     topology = sharding.topology(args.world_size or cfg.cluster.workers)
     decide = planning_step(cfg, get_method(args.method or method_name(cfg)))
+    if cfg.sharding.plan_file:
+        print(f"note: sharding.plan_file {cfg.sharding.plan_file} is what `train` trains; `plan` makes a new plan")
     out = args.out or cfg.plan_dir
     out_dir, name = (out.parent, out.name) if out.suffix.lower() == ".json" else (out, PLAN_FILE)
     # Any version of a plan is ours to replace (the run's own plan folder without asking, --out

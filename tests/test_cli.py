@@ -383,6 +383,9 @@ def test_plan_writes_nothing_it_refuses_and_never_over_a_file_not_a_plan(tmp_pat
     assert "exists and is no plan" in capsys.readouterr().err and "precious" in notes.read_text()
     notes.unlink()
     assert main(["plan", str(cfg)]) == 0 and main(["plan", str(cfg)]) == 0
+    # a plan file in the config is not what `plan` reads: said, not silently passed over
+    assert main(["plan", str(cfg), "--set", f"sharding.plan_file={out}", "--out", str(tmp_path / "q.json")]) == 0
+    assert f"note: sharding.plan_file {out} is what `train` trains; `plan` makes a new plan" in capsys.readouterr().out
     for bad in ("nan", "inf"):
         assert main(["plan", str(cfg), "--device-memory-gb", bad]) == 2
         assert f"device_memory_gb: must be a positive number, got {bad}" in capsys.readouterr().err
