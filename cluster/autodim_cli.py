@@ -43,7 +43,6 @@ def _autodim(args: argparse.Namespace) -> int:
     from embshard.datasets.outdir import check_file_output
     from embshard.datasets.storage import read_json_object
     from embshard.errors import ConfigError
-    from embshard.planner.pipeline import PLAN_FILE
     from embshard.trainer.autodim import autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
@@ -63,7 +62,7 @@ def _autodim(args: argparse.Namespace) -> int:
     plan = bundle.dimension_plan
     print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"
           f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
-    print_notes(bundle, bundle.directory / PLAN_FILE)
+    print_notes(bundle)
     summary = train_on_ray(cfg, "autodim")
     print(f"search validation {validation_text(summary)} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")

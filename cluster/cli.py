@@ -237,14 +237,13 @@ def _plan(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     path = bundle.directory / name
-    print_notes(bundle, path)
+    print_notes(bundle, name)
     print(f"plan -> {path}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, ray_storage, train_on_ray, with_checkpoint_config
-    from embshard.planner.pipeline import PLAN_FILE
 
     cfg = _load(args)
     cluster = replace(
@@ -260,7 +259,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
           f"per-rank training bytes "
           + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
-    print_notes(bundle, bundle.directory / PLAN_FILE)
+    print_notes(bundle)
     # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
     metrics = train_on_ray(cfg)
     best = f" (best, at step {metrics.get('selected_step')})" if cfg.train.report_at == "best_valid" else ""
@@ -283,14 +282,16 @@ def _train(args: argparse.Namespace) -> int:
 SHOWN_NOTES = 10
 
 
-def print_notes(bundle: PlanBundle, plan_file: Path) -> None:
-    """The plan's first notes; the rest are in the plan file (MDE within tables makes one or two
-    per block: hundreds of lines for a few dozen tables)."""
+def print_notes(bundle: PlanBundle, name: str | None = None) -> None:
+    """The plan's first notes; the rest are in its file, `name` in its folder (default plan.json;
+    MDE within tables makes one or two per block: hundreds of lines for a few dozen tables)."""
+    from embshard.planner.pipeline import PLAN_FILE
+
     notes = [*bundle.dimension_plan.notes, *bundle.shard_plan.notes]
     for note in notes[:SHOWN_NOTES]:
         print(f"note: {note}")
     if len(notes) > SHOWN_NOTES:
-        print(f"note: {len(notes) - SHOWN_NOTES} more in {plan_file} (`notes`)")
+        print(f"note: {len(notes) - SHOWN_NOTES} more in {bundle.directory / (name or PLAN_FILE)} (`notes`)")
 
 
 def validation_text(summary: dict[str, Any]) -> str:

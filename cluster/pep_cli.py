@@ -62,7 +62,6 @@ def prune_pep(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.config import load_job_config
     from embshard.errors import ConfigError
-    from embshard.planner.pipeline import PLAN_FILE
     from embshard.trainer.pep import NONZERO_HISTORY_FILE
 
     cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
@@ -70,7 +69,7 @@ def prune_pep(args: argparse.Namespace) -> int:
         # Found out at the first target otherwise, inside a worker, as a crash.
         raise ConfigError(f"pep.out {cfg.pep_dir}: a file; it names the folder the prune run writes its targets into")
     bundle = plan_for_training(cfg, "pep")
-    print_notes(bundle, bundle.directory / PLAN_FILE)
+    print_notes(bundle)
     summary = train_on_ray(cfg, "pep")
     pep = summary.get("pep", {})
     for target, hit in sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0])):

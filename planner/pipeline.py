@@ -60,7 +60,8 @@ class PlanBundle:
             shard = ShardPlan.from_json(raw["shard_plan"], where)
         except KeyError as e:
             raise PlanError(f"{where}: missing section {e}") from None
-        shard.check_matches(dim_plan, shard.topology)  # its blocks and shards, before anything reads them
+        shard.check_matches(dim_plan, shard.topology)  # its blocks, then its shards, before anything reads them
+        shard.check_shards(dim_plan)
         for table in dim_plan.tables:
             if table.remap is not None and not (directory / table.remap).is_file():
                 raise PlanError(f"{where}: its remap file {table.remap} is not beside it; copy the plan's "

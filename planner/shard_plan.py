@@ -47,9 +47,9 @@ from embshard.planner.capacity import (
 )
 from embshard.planner.optimizers import SparseOptimizer, torch_optimizer_class
 from embshard.planner.search import SearchPolicy
-from embshard.planner.topology import UNPOOLED_SHARDING_TYPES, TopologySpec
+from embshard.planner.topology import TopologySpec
 from embshard.planner.torchrec_parts import BucketIndexedEnumerator
-from embshard.planner.types import DimensionPlan
+from embshard.planner.types import DimensionPlan, TablePlan
 
 # FBGEMM's fused table-batched kernels need widths divisible by 4; narrower or odd widths are
 # placed data-parallel with the dense kernel, where any width works.
@@ -161,20 +161,23 @@ class ShardPlan:
                 f"shard plan was made for {human_bytes(self.topology.capacity_bytes)} per rank, this run's ranks "
                 f"have {human_bytes(topology.capacity_bytes)}; re-run `embshard plan` or set sharding.device_memory_gb"
             )
-        shapes = {t.block_name(i): (b.num_rows, b.train_dim) for t in plan.tables for i, b in enumerate(t.blocks)}
-        pooled = {t.block_name(i): t.pooled for t in plan.tables for i in range(len(t.blocks))}
+
+    def check_shards(self, plan: DimensionPlan) -> None:
+        """Each table's sharding as planning would have made it on this plan's own topology: a
+        type and kernel the device trains that table with (`block_sharding`), shards inside their
+        table and covering it. Read once, where a plan file is loaded."""
+        blocks = {t.block_name(i): (t, b) for t in plan.tables for i, b in enumerate(t.blocks)}
         for name, ps in self.sharding.items():
-            # Data-parallel on CPU trains nothing, and says so only in a torch warning.
-            # Widths FBGEMM's fused kernels cannot take go data-parallel on CUDA, pooled or not.
-            types = topology.sharding_types if pooled[name] else UNPOOLED_SHARDING_TYPES + [
-                t for t in topology.sharding_types if t == "data_parallel"]
-            if ps.sharding_type not in types:
+            table, block = blocks[name]
+            rows, dim = block.num_rows, block.train_dim
+            types, kernels, _ = block_sharding(name, table, dim, self.topology, self.topology.sharding_types)
+            if ps.sharding_type not in types or (kernels is not None and ps.compute_kernel not in kernels):
+                # Data-parallel on CPU trains nothing, and says so only in a torch warning.
                 raise PlanError(f"shard plan: {name}: sharding type {ps.sharding_type!r} is not one "
-                                f"{topology.device} ranks train {'pooled' if pooled[name] else 'unpooled'} "
+                                f"{self.topology.device} ranks train {'pooled' if table.pooled else 'unpooled'} "
                                 f"tables with ({', '.join(types)}); re-run `embshard plan`")
             if ps.sharding_spec is None:
                 continue
-            rows, dim = shapes[name]
             area = 0
             for shard in ps.sharding_spec.shards:
                 (r0, c0), (nr, nc) = shard.shard_offsets, shard.shard_sizes
@@ -185,6 +188,24 @@ class ShardPlan:
             if area != rows * dim:
                 raise PlanError(f"shard plan: {name}: its shards cover {area:,} of its {rows * dim:,} entries "
                                 f"({rows} x {dim}); re-run `embshard plan`")
+
+
+def block_sharding(name: str, table: TablePlan, width: int, topology: TopologySpec,
+                   allowed: list[str]) -> tuple[list[str], list[str] | None, str | None]:
+    """The sharding types (and kernels, None: any) a block of `table` at training `width` may take:
+    the method's own choice (`TablePlan.sharding_types`) or `allowed`; a width FBGEMM's fused
+    kernels cannot take goes data-parallel on the dense kernel, on CUDA only (with the note that
+    says so). Planning and the check of a loaded plan read it alike."""
+    if width % FUSED_WIDTH_MULTIPLE == 0:
+        return table.sharding_types or allowed, None, None
+    if topology.device == "cpu":
+        raise PlanError(
+            f"{name}: width {width} cannot train on CPU: FBGEMM's fused CPU kernels need widths divisible "
+            f"by {FUSED_WIDTH_MULTIPLE}, and its dense (data-parallel) kernel has no CPU autograd; use "
+            f"embeddings.rounding: multiple4"
+        )
+    return ["data_parallel"], ["dense"], (f"{name}: width {width} is not a multiple of {FUSED_WIDTH_MULTIPLE} "
+                                          "(FBGEMM fused kernels) -> data_parallel, dense kernel")
 
 
 def make_constraints(
@@ -206,20 +227,8 @@ def make_constraints(
     owner = {t.block_name(i): t for t in plan.tables for i in range(len(t.blocks))}
     constraints, notes = {}, []
     for config in [*block_table_configs(plan), *unpooled_table_configs(plan)]:
-        types = owner[config.name].sharding_types or allowed
-        kernels = None
-        if config.embedding_dim % FUSED_WIDTH_MULTIPLE:
-            if topology.device == "cpu":
-                raise PlanError(
-                    f"{config.name}: width {config.embedding_dim} cannot train on CPU: FBGEMM's fused "
-                    f"CPU kernels need widths divisible by {FUSED_WIDTH_MULTIPLE}, and its dense "
-                    f"(data-parallel) kernel has no CPU autograd; use embeddings.rounding: multiple4"
-                )
-            types, kernels = ["data_parallel"], ["dense"]
-            notes.append(
-                f"{config.name}: width {config.embedding_dim} is not a multiple of "
-                f"{FUSED_WIDTH_MULTIPLE} (FBGEMM fused kernels) -> data_parallel, dense kernel"
-            )
+        types, kernels, note = block_sharding(config.name, owner[config.name], config.embedding_dim, topology, allowed)
+        notes.extend([note] if note else [])
         pf = (pooling_factors or {}).get(config.name)
         constraints[config.name] = ParameterConstraints(
             sharding_types=types,

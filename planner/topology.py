@@ -43,10 +43,6 @@ SHARDING_TYPES: dict[str, list[str]] = {
 }
 
 
-# EmbeddingCollection (unpooled lookups) shards these on CPU and CUDA alike.
-UNPOOLED_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
-
-
 @dataclass(frozen=True)
 class TopologySpec:
     world_size: int = 2

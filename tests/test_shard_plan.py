@@ -175,3 +175,5 @@ def test_a_plan_the_planner_wrote_passes_its_own_checks_unpooled_odd_widths_incl
     assert {ps.sharding_type for ps in shard_plan.sharding.values()} >= {"data_parallel"}
     shard_plan.check_matches(unpooled, cuda)
     ShardPlan.from_json(shard_plan.to_json()).check_matches(unpooled, cuda)
+    shard_plan.check_shards(unpooled)
+    ShardPlan.from_json(shard_plan.to_json()).check_shards(unpooled)

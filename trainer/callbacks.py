@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from embshard.datasets.storage import StoragePath
 from embshard.trainer.checkpoint import CheckpointManager, Progress
 from embshard.trainer.evaluate import EvalResult
-from embshard.trainer.metrics import WorkerMetrics
+from embshard.trainer.metrics import WorkerMetrics, doing
 from embshard.trainer.preemption import StopGuard
 
 
@@ -141,7 +140,7 @@ class CheckpointCallback(Callback):
     def save(self) -> None:
         progress = self.snapshot()
         start = time.perf_counter()
-        with self.metrics.doing("checkpoint") if self.metrics is not None else nullcontext():
+        with doing(self.metrics, "checkpoint"):
             self.last_path = self.manager.save(progress, self.model, self.optimizer, self.config, self.plan_dir)
         if self.metrics is not None:
             self.metrics.observe_checkpoint(time.perf_counter() - start)

@@ -10,7 +10,6 @@ import json
 import logging
 import time
 import warnings
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from itertools import islice
 from pathlib import Path
@@ -46,7 +45,7 @@ from embshard.trainer.divergence import LossWatch
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
-from embshard.trainer.metrics import WorkerMetrics, write_file_sd
+from embshard.trainer.metrics import WorkerMetrics, doing, write_file_sd
 from embshard.trainer.pipeline import TrainSteps
 from embshard.trainer.pipeline import train_step as model_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
@@ -145,14 +144,11 @@ def run_worker(
     result: EvalResult | None = None
     test_seconds = 0.0  # kept out of the throughput, like the test after the last step
 
-    def evaluating() -> AbstractContextManager[None]:
-        return metrics.doing("eval") if metrics is not None else nullcontext()
-
     def test() -> EvalResult:
         nonlocal test_seconds
         watch.check(progress.step, "the test")
         tick = time.perf_counter()
-        with evaluating():
+        with doing(metrics, "eval"):
             tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None)
         test_seconds += time.perf_counter() - tick
         return tested
@@ -171,7 +167,7 @@ def run_worker(
 
     def validate() -> EvalResult:
         watch.check(progress.step, "an evaluation")
-        with evaluating():
+        with doing(metrics, "eval"):
             result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
         return evaluated(result)
 

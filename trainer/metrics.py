@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable, Mapping
 from wsgiref.simple_server import WSGIServer
@@ -64,6 +64,7 @@ __all__ = [
     "COLLAPSE_BUCKETS",
     "write_file_sd",
     "exported_names",
+    "doing",
 ]
 
 # 1 ms .. 10 s, roughly 1-2.5-5 per decade: step times of a DLRM step on CPU or GPU.
@@ -350,6 +351,11 @@ _SUFFIXES = {
     "summary": ("", "_sum", "_count", "_created"),
     "gauge": ("",),
 }
+
+
+def doing(metrics: WorkerMetrics | None, activity: str) -> AbstractContextManager[None]:
+    """`metrics.doing(activity)`, or nothing where a run serves no metrics."""
+    return metrics.doing(activity) if metrics is not None else nullcontext()
 
 
 def exported_names(registry: CollectorRegistry) -> set[str]:

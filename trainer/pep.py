@@ -39,7 +39,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, PlanError, first_line
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.pep import ROW_THRESHOLDS, pep_decisions, prune_plan, threshold_columns
-from embshard.planner.topology import SHARDING_TYPES, UNPOOLED_SHARDING_TYPES
+from embshard.planner.topology import SHARDING_TYPES
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.pep import LocalShard, PepEmbeddings, initial_values, local_shards
@@ -61,6 +61,8 @@ def mask_file(table: str) -> str:
 # ----------------------------------------------------------------------------- model assembly
 
 
+# EmbeddingCollection shards these on CPU and CUDA alike.
+UNPOOLED_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
 COLUMN_SPLITS = ("column_wise", "table_column_wise")
 
 
