@@ -49,7 +49,6 @@ from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded
 from embshard.trainer.loop import make_reader, train_step
-from embshard.trainer.method import get_method, method_name
 from embshard.trainer.models.two_tower_model import TwoTowerModel
 from embshard.trainer.planning import planning_step
 
@@ -91,7 +90,7 @@ def run_one(args: argparse.Namespace, data: Path, name: str, embeddings: Embeddi
         train=TrainConfig(epochs=args.epochs, sparse_optimizer="rowwise_adagrad", sparse_lr=0.05,
                           dense_optimizer="adam", dense_lr=0.001, progress=False),
     )
-    bundle = plan_with(planning_step(cfg, get_method(method_name(cfg))), data, TopologySpec(world_size=1),
+    bundle = plan_with(planning_step(cfg), data, TopologySpec(world_size=1),
                        cfg.plan_dir, batch_size=args.batch_size, optimizer=cfg.train.sparse_optimizer)
     bundle.save()
     started = time.perf_counter()

@@ -191,7 +191,6 @@ def _plan(args: argparse.Namespace) -> int:
     from embshard.datasets.storage import read_json_object
     from embshard.errors import PlanError
     from embshard.planner.pipeline import PLAN_FILE, plan_with
-    from embshard.trainer.method import get_method, method_name
     from embshard.trainer.planning import planning_step
 
     cfg = _load(args)
@@ -203,7 +202,7 @@ def _plan(args: argparse.Namespace) -> int:
     )
     cfg = replace(cfg, sharding=sharding)
     topology = sharding.topology(args.world_size or cfg.cluster.workers)
-    decide = planning_step(cfg, get_method(args.method or method_name(cfg)))
+    decide = planning_step(cfg, args.method)
     if cfg.sharding.plan_file:
         print(f"note: sharding.plan_file {cfg.sharding.plan_file} is what `train` trains; `plan` makes a new plan")
     out = args.out or cfg.plan_dir

@@ -24,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from embshard.cluster import console, fatal
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c
-from embshard.cluster.resume_config import reconcile
+from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.config import JobConfig
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
@@ -40,7 +40,7 @@ from embshard.trainer.checkpoint import (
     resolve_source,
 )
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
-from embshard.trainer.method import get_method, method_name
+from embshard.trainer.method import method_name
 from embshard.trainer.planning import planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
@@ -52,7 +52,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     checkpoint the run resumes from (whose model config must agree with cfg's, see
     `with_checkpoint_config`), else a copy of the given plan file, else a fresh one made by the
     run's method (default: the one `cfg` names) for this topology."""
-    decide = planning_step(cfg, get_method(method or method_name(cfg)))
+    decide = planning_step(cfg, method)
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     if cfg.checkpoint.enabled:
         # A missing bucket or a read-only folder now, not at the first checkpoint.
@@ -70,7 +70,9 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
             # Trained as the plan says, but recorded in every checkpoint as the config says.
             raise PlanError(f"{made_for}: a plan for embeddings.dim {bundle.dimension_plan.base_dim}, "
                             f"the config has {cfg.embeddings.dim}")
-        bundle = bundle.copy_to(cfg.plan_dir)
+        notes = check_plan_made_for(bundle.dimension_plan, cfg, method or method_name(cfg), made_for)
+        plan = bundle.dimension_plan
+        bundle = replace(bundle, dimension_plan=replace(plan, notes=[*notes, *plan.notes])).copy_to(cfg.plan_dir)
     else:
         bundle = plan_with(decide, cfg.data.path, topology, cfg.plan_dir, **sharding_options(cfg))
         bundle.save()

@@ -14,7 +14,8 @@ from typing import Any
 from embshard.cluster.cli_args import ADOPT_FLAG
 from embshard.config import JobConfig, current_schema
 from embshard.datasets.storage import StoragePath
-from embshard.errors import ConfigError
+from embshard.errors import ConfigError, PlanError
+from embshard.planner.types import DimensionPlan
 from embshard.typed_config import flatten, from_dict, to_dict, under, unflatten
 
 # Dotted prefixes of the keys that decide which tensors a checkpoint holds. Learning rates,
@@ -57,9 +58,33 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, ad
                   if not model_defining({k: v}) and not any(under(k, [a]) or under(a, [k]) for a in adopted)}
         merged.update(adopted)
         return from_dict(JobConfig, unflatten(merged))
-    shown = ", ".join(f"{k} (checkpoint {old!r}, config {new!r})" for k, old, new in differences[:4])
-    more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
     raise ConfigError(
-        f"{checkpoint} was trained with another model config: {shown}{more}; continue it as it was "
-        f"with {ADOPT_FLAG}, or train this config into a new output_dir"
+        f"{checkpoint} was trained with another model config: {shown(differences, 'checkpoint')}; "
+        f"continue it as it was with {ADOPT_FLAG}, or train this config into a new output_dir"
     )
+
+
+def check_plan_made_for(plan: DimensionPlan, cfg: JobConfig, method: str, where: str) -> list[str]:
+    """PlanError when a plan file was made for another method or model config than the run's: it
+    would train as the plan says and record the config's model in every checkpoint and report.
+    -> notes (a plan written before plans recorded what they were made for is not checked)."""
+    record = plan.made_with
+    if not record:
+        return [f"{where} does not record the config it was made for (written by an earlier embshard, or "
+                "through the planner's API): not checked against this run's"]
+    if not isinstance(record.get("method"), str) or not isinstance(record.get("config"), dict):
+        raise PlanError(f"{where}: malformed made_with (expected a method name and a config)")
+    differences = config_differences(record["config"], cfg)
+    if differences:
+        raise PlanError(f"{where} was made for another model config: {shown(differences, 'plan')}; train it "
+                        "with the config it was made with, or make a plan for this one with `embshard plan`")
+    if record["method"] != method:
+        raise PlanError(f"{where} was made for method {record['method']!r}, this run trains {method!r}; "
+                        "make a plan for this run with `embshard plan`")
+    return []
+
+
+def shown(differences: list[tuple[str, Any, Any]], recorded: str) -> str:
+    """The first four differences, each as key (recorded value, config value), and how many more."""
+    text = ", ".join(f"{k} ({recorded} {old!r}, config {new!r})" for k, old, new in differences[:4])
+    return text + (f" and {len(differences) - 4} more" if len(differences) > 4 else "")

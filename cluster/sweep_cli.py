@@ -257,7 +257,6 @@ def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
     what `embshard train` checks before it plans) before Ray starts: a bad combination, or an arch
     option a varied setting gives an arch without it, is one line, not a failed trial."""
     from embshard.cluster.sweep_plan import first_run, with_knobs
-    from embshard.trainer.method import get_method, method_name
     from embshard.trainer.planning import planning_step
 
     scratch = Path(cfg.output_dir) / "sweep-check"
@@ -268,7 +267,7 @@ def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
         # same at every budget and seed: once per method and --vary values.
         combination = (trial.method, json.dumps(trial.knobs))
         if combination not in checked:
-            planning_step(run, get_method(method or method_name(run)))
+            planning_step(run, method)
             checked.add(combination)
 
 

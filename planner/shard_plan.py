@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
@@ -279,12 +281,30 @@ def plan_sharding(
         timeout_seconds=chosen.timeout_seconds,
     )
     try:
-        with _no_data_parallel_spec_warning():
+        with _no_data_parallel_spec_warning(), _timed(
+                f"placing {len(configs):,} tables on {topology.world_size} {topology.device} ranks with "
+                f"TorchRec's planner (it stops proposing after {chosen.timeout_seconds} s)",
+                shown=chosen.timeout_seconds is not None):
             torchrec_plan = planner.plan(module, sharders)
     except PlannerError as e:
         raise _explain_planner_error(e, demand, topology, torchrec_topology) from None
     sharding = {name: ps for module_plan in torchrec_plan.plan.values() for name, ps in module_plan.items()}
     return ShardPlan(sharding=sharding, topology=topology, notes=notes + chosen.notes)
+
+
+@contextmanager
+def _timed(doing: str, shown: bool) -> Iterator[None]:
+    """`doing` on stderr, then the seconds it took, when `shown`: a large plan spends tens of
+    seconds inside TorchRec's planner, which says nothing meanwhile."""
+    if not shown:
+        yield
+        return
+    print(f"{doing} ...", end="", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        print(f" {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def _collections(pooled: list[EmbeddingBagConfig], unpooled: list[EmbeddingConfig]) -> tuple[nn.Module, list]:

@@ -76,6 +76,9 @@ class DimensionPlan:
     # What the model's arch takes (trainer/models/): True, every feature at base_dim; False, each
     # table's features at its widest block, so only narrower blocks of a table are projected.
     uniform_width: bool = True
+    # The method and job config the plan was made for (`trainer/planning.py`), so a run handed a
+    # plan file can tell it was made for another model; empty in plans written before 2026-12.
+    made_with: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_plan(self)

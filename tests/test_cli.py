@@ -317,6 +317,8 @@ def test_a_damaged_or_foreign_plan_file_is_one_line(tmp_path, capsys):
     assert main(["plan", str(cfg), "--out", str(good)]) == 0
     assert main(["plan", str(cfg), "--out", str(tmp_path / "mde"), "--set", "embeddings.policy=mde",
                  "--set", "embeddings.mde.mode=within", "--set", "embeddings.mde.blocks=2"]) == 0
+    assert main(["plan", str(cfg), "--out", str(tmp_path / "other-method.json"), "--method", "autodim",
+                 "--set", "autodim.candidates=[4,8]"]) == 0
     capsys.readouterr()
     raw = json.loads(good.read_text())
     first = next(iter(raw["shard_plan"]["tables"]))
@@ -351,11 +353,22 @@ def test_a_damaged_or_foreign_plan_file_is_one_line(tmp_path, capsys):
         (edited("memory", lambda p: p["shard_plan"]["topology"].update(device_memory_gb=1e6)),
          r"shard plan was made for [\d.]+ TiB per rank, this run's ranks have 16\.0 GiB"),
         (copied_alone, r"its remap file t_C\d+\.remap\.npy is not beside it; copy the plan's whole folder"),
+        # an MDE plan trained under the uniform config, recorded as uniform in every checkpoint
+        (tmp_path / "mde" / "plan.json",
+         r"mde.plan\.json was made for another model config: embeddings\.mde\.blocks \(plan 2, config 8\), "
+         r"embeddings\.mde\.mode \(plan 'within', config 'across'\), embeddings\.policy \(plan 'mde', config "
+         r"'uniform'\); train it with the config it was made with, or make a plan for this one with `embshard plan`"),
+        (tmp_path / "other-method.json", r"autodim\.candidates \(plan \[4, 8\], config None\)"),
     ]
     for plan_file, message in cases:
         assert main(["train", str(cfg), "--set", f"sharding.plan_file={plan_file}"]) == 2, plan_file
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(message, err[0]), (plan_file, err)
+    # the same config, trained by another method than planned it (AutoDim's search plan)
+    assert main(["train", str(cfg), "--set", f"sharding.plan_file={tmp_path / 'other-method.json'}",
+                 "--set", "autodim.candidates=[4,8]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"was made for method 'autodim', this run trains 'uniform'", err[0]), err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -10,7 +12,7 @@ from torchrec.distributed.planner.proposers import GreedyProposer, UniformPropos
 
 from embshard.planner.capacity import Demand
 from embshard.planner.search import HOST_LOCAL_TYPES, Search, SearchPolicy
-from embshard.planner.shard_plan import block_table_configs, make_constraints
+from embshard.planner.shard_plan import block_table_configs, make_constraints, plan_sharding
 from embshard.planner.topology import TopologySpec
 from embshard.planner.torchrec_parts import BucketIndexedEnumerator, FirstPlacedProposer
 from embshard.planner.types import Block, DimensionPlan, TablePlan
@@ -130,3 +132,15 @@ def test_first_placed_proposer_walks_greedys_sequence_and_stops_once_placed() ->
     assert ours.propose() is None  # placed: nothing more to try
     ours.load(space)
     assert ours.propose() == first  # a new load starts over
+
+
+def test_a_large_plan_says_what_torchrecs_planner_is_doing(capsys) -> None:
+    # 10,000 tables spent a minute in TorchRec's planner with nothing on the console.
+    plan = DimensionPlan(base_dim=8, tables=[TablePlan(f"t{i}", [f"f{i}"], 100, [Block(0, 100, 8)]) for i in range(6)])
+    topology = TopologySpec(world_size=2, device="cpu")
+    plan_sharding(plan, topology, batch_size=64)
+    assert capsys.readouterr().err == ""  # a small plan: done before anyone waits
+    plan_sharding(plan, topology, batch_size=64, search=SearchPolicy(full_search_table_ranks=1))
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"placing 6 tables on 2 cpu ranks with TorchRec's planner \(it stops proposing after "
+                        r"120 s\) \.\.\. \d+ s\n", err), err

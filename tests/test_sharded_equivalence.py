@@ -36,7 +36,6 @@ from embshard.planner.pipeline import PlanBundle, make_plan, plan_with
 from embshard.planner.shard_plan import ShardPlan, block_table_configs
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded, build_unsharded
-from embshard.trainer.method import get_method, method_name
 from embshard.trainer.planning import planning_step
 
 WORLD = 2
@@ -86,7 +85,7 @@ def mixed_shard_plan(bundle: PlanBundle) -> ShardPlan:
 def make_bundle(dataset: Path, tmp: Path, cfg: JobConfig) -> PlanBundle:
     """The driver's plan for cfg's method and arch, with a mixed table-wise / column-wise layout."""
     topology = TopologySpec(world_size=WORLD, device="cpu")
-    bundle = plan_with(planning_step(cfg, get_method(method_name(cfg))), dataset, topology, tmp / "plan",
+    bundle = plan_with(planning_step(cfg), dataset, topology, tmp / "plan",
                        batch_size=BATCH // WORLD, optimizer=cfg.train.sparse_optimizer, sharding_types=["table_wise"])
     bundle = replace(bundle, shard_plan=mixed_shard_plan(bundle))
     types = {ps.sharding_type for ps in bundle.shard_plan.sharding.values()}

@@ -105,7 +105,7 @@ def test_no_item_features_or_catalog(dataset: Path) -> None:
 
 
 def plan(cfg: JobConfig, out: Path, world: int) -> PlanBundle:
-    bundle = plan_with(planning_step(cfg, get_method(method_name(cfg))), cfg.data.path,
+    bundle = plan_with(planning_step(cfg), cfg.data.path,
                      TopologySpec(world_size=world, device="cpu"), out, batch_size=BATCH // world,
                      optimizer=cfg.train.sparse_optimizer, sharding_types=["table_wise"])
     bundle.save()

@@ -15,24 +15,29 @@ from embshard.config import JobConfig, MdeConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import Decide
 from embshard.planner.types import DimensionPlan
-from embshard.trainer.method import EmbeddingMethod
+from embshard.trainer.method import get_method, method_name
 from embshard.trainer.models import ModelArch, get_arch
+from embshard.typed_config import to_dict
 
 
-def planning_step(cfg: JobConfig, method: EmbeddingMethod) -> Decide:
-    """Check the config against the method and the arch (ConfigError before any data is read
-    beyond the dataset spec), and return the planning step `plan_with` runs."""
-    method.check_config(cfg)
+def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
+    """Check the config against the method (default: the one cfg names) and the arch (ConfigError
+    before any data is read beyond the dataset spec), and return the planning step `plan_with`
+    runs. Its plan records the method and config it was made for (`DimensionPlan.made_with`)."""
+    name = method or method_name(cfg)
+    embedding_method = get_method(name)
+    embedding_method.check_config(cfg)
     arch = get_arch(cfg.model)
     arch.check(cfg, DatasetSpec.load(cfg.data.path))
     # Per-feature widths only where both sides have them: PEP's and AutoDim's search modules
     # give every feature the base dim whatever the arch takes.
-    uniform = arch.uniform_width or not method.mixed_widths
+    uniform = arch.uniform_width or not embedding_method.mixed_widths
     unread = unread_settings(cfg, arch)
+    made_with = {"method": name, "config": to_dict(cfg)}
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
-        plan = method.dimension_plan(cfg, spec, counts, out_dir)
-        return replace(plan, uniform_width=uniform, notes=[*unread, *plan.notes])
+        plan = embedding_method.dimension_plan(cfg, spec, counts, out_dir)
+        return replace(plan, uniform_width=uniform, notes=[*unread, *plan.notes], made_with=made_with)
 
     return decide
 
