@@ -165,7 +165,7 @@ def main() -> None:
     plain_model, plain_opt = torchrec_baseline(cfg, bundle, num_dense)
     ours = embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), "sparse_dist")
     ours_plain = embshard_steps(build_sharded(cfg, bundle, data.spec, torch.device("cpu")), "none")
-    metrics = WorkerMetrics(job="bench", rank=0)
+    metrics = WorkerMetrics(job="bench", rank=0, world_size=1)
     with_metrics = [PrometheusCallback(metrics)]
     # Warm-up; the pipelines also trace and rewrite their models on their first batches.
     run_baseline_pipelined(base_pipeline, warm)

@@ -80,7 +80,7 @@ def metric_names_in(expr: str) -> set[str]:
 
 
 def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
-    exported = WorkerMetrics("names", 0).metric_names()
+    exported = WorkerMetrics("names", 0, 1).metric_names()
     used: dict[str, str] = {}
     for where, expr in dashboard_exprs() + template_queries() + alert_exprs():
         for name in metric_names_in(expr):
@@ -305,7 +305,7 @@ def test_prometheus_scrapes_a_worker_via_file_sd(tmp_path) -> None:
     job = {**job, "scrape_interval": "1s", "scrape_timeout": "1s",
            "file_sd_configs": [{"files": ["sd/*.json"], "refresh_interval": "1s"}]}
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}
-    m = WorkerMetrics("e2e-job", 1)
+    m = WorkerMetrics("e2e-job", 1, 2)
     try:
         m.observe_step(0.01, 100, loss=0.5)
         m.set_device_memory(allocated=10, reserved=95, capacity=100)

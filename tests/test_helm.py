@@ -462,6 +462,16 @@ def test_the_config_schema_is_generated_from_the_config_dataclasses() -> None:
     ({"checkpoints": {"uri": "file:///x"}}, "demo", "/checkpoints/uri"),
     ({"image": {"repository": "ghcr.io/x/y:1.0"}}, "demo", "/image/repository"),
     ({"job": {"configPath": "/etc/x y/config.yaml"}}, "demo", "/job/configPath"),
+    ({"head": {"resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}}},
+     "demo", "head.resources: requests.cpu 4 is above limits.cpu 2"),
+    ({"workers": {"resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"cpu": 8, "memory": "32Gi"}}}},
+     "demo", "workers.resources: requests.memory 64Gi is above limits.memory 32Gi"),
+    ({"job": {"submitter": {"resources": {"requests": {"cpu": "1500m"}, "limits": {"cpu": "1"}}}}}, "demo",
+     "job.submitter.resources: requests.cpu 1500m is above limits.cpu 1"),
+    ({"head": {"resources": {"requests": {"cpu": "2", "memory": "1e10"}, "limits": {"cpu": "2", "memory": "8Gi"}}}},
+     "demo", "requests.memory 1e10 is above limits.memory 8Gi"),
+    ({"metrics": {"podMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "1m"}}}, "demo",
+     "metrics.podMonitor.scrapeTimeout 1m is longer than its interval 15s"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_values_kuberay_or_ray_would_refuse_fail_at_install(values, release, message) -> None:
     # Each installed cleanly and left a RayJob that never ran: pods pending for a claim, a name
@@ -481,3 +491,29 @@ def test_integer_quantities_and_user_ray_start_params_render_once() -> None:
     # the user's value wins; each key once (the chart's and the user's were both written)
     assert rc["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "127.0.0.1", "num-cpus": "0", "num-gpus": "0"}
 
+
+
+def test_equal_quantities_in_other_units_are_within_limits() -> None:
+    # The check compares amounts, not strings: 1024Mi is 1Gi, 0.5 CPU is 500m, 2k bytes are 2000.
+    values = {"head": {"resources": {"requests": {"cpu": "500m", "memory": "1024Mi", "ephemeral-storage": "2000"},
+                                     "limits": {"cpu": 0.5, "memory": "1Gi", "ephemeral-storage": "2k"}}},
+              "metrics": {"podMonitor": {"enabled": True, "interval": "1m", "scrapeTimeout": "60s"}}}
+    assert the(render(values), "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]
+
+
+def test_long_release_names_keep_apart() -> None:
+    # Cut to 40 characters, two releases differing after it shared one RayJob, claim and config.
+    base = "criteo-mde-sweep-budget-quarter-seed-zero-run"
+    names = {the(render(name=base + suffix), "RayJob")["metadata"]["name"] for suffix in ("-a", "-b")}
+    assert len(names) == 2 and all(len(n) <= 40 and re.fullmatch(r"[a-z][-a-z0-9]*[a-z0-9]", n) for n in names)
+    assert the(render(name="demo"), "RayJob")["metadata"]["name"] == "demo-embshard"  # short names as before
+
+
+@pytest.mark.parametrize(("mode", "follow"), [("K8sJobMode", "logs -f -l job-name=demo-embshard"),
+                                               ("HTTPMode", "ray job logs -f --address http://127.0.0.1:8265")])
+def test_notes_follow_the_job_where_its_output_is(mode, follow) -> None:
+    # In HTTPMode there is no submitter Job, so `kubectl logs -l job-name=...` matched no pod.
+    with helm.Chart.load(CHART) as chart:
+        notes = chart.render({"job": {"submissionMode": mode}}, name="demo", namespace="ml",
+                             is_install=True)["embshard/templates/NOTES.txt"]
+    assert follow in notes and ("job-name=" in notes) == (mode == "K8sJobMode")

@@ -42,7 +42,7 @@ def one(samples: dict[str, list], name: str, **labels: str) -> float:
 
 @pytest.fixture
 def worker():
-    m = WorkerMetrics("ctr-test", rank=3)
+    m = WorkerMetrics("ctr-test", rank=3, world_size=4)
     yield m
     m.stop_server()
 
@@ -86,6 +86,7 @@ def test_scrape_exact_values(worker: WorkerMetrics) -> None:
     assert buckets["0.5"] == 5
     assert buckets["5.0"] == 6 and buckets["10.0"] == 6 and buckets["+Inf"] == 6
     assert one(s, "embshard_train_loss", **job) == 0.4375
+    assert one(s, "embshard_world_size", **job) == 4
     assert one(s, "embshard_data_wait_seconds_total", **job) == 0.75
     assert one(s, "embshard_eval_auc", **job) == 0.8125
     assert one(s, "embshard_eval_logloss", **job) == 0.4375
@@ -133,7 +134,7 @@ def test_promtool_check_metrics(worker: WorkerMetrics) -> None:
 
 
 def test_private_registries_and_ports() -> None:
-    a, b = WorkerMetrics("j", 0), WorkerMetrics("j", 1)
+    a, b = WorkerMetrics("j", 0, 1), WorkerMetrics("j", 1, 2)
     try:
         a.observe_step(0.01, 7)
         pa, pb = a.start_server(0, 0), b.start_server(0, 1)
@@ -141,7 +142,7 @@ def test_private_registries_and_ports() -> None:
         assert one(samples_by_name(scrape(pb)), "embshard_train_samples_total", rank="1") == 0
         assert one(samples_by_name(scrape(pa)), "embshard_train_samples_total", rank="0") == 7
         # port_base + local_rank; a taken port is one line naming the knob (a crash, exit 1, before)
-        c = WorkerMetrics("j", 2)
+        c = WorkerMetrics("j", 2, 3)
         with pytest.raises(EnvironmentProblem, match=r"^metrics\.port_base: cannot serve metrics of rank 2 on "):
             c.start_server(pa - 1, 1)  # = pa, taken by a
         with pytest.raises(RuntimeError, match="already"):
@@ -155,7 +156,7 @@ def test_port_base_plus_local_rank() -> None:
     from prometheus_server import free_port
 
     base = free_port() - 1
-    m = WorkerMetrics("j", 5)
+    m = WorkerMetrics("j", 5, 6)
     try:
         try:
             port = m.start_server(base, 1)
@@ -168,17 +169,17 @@ def test_port_base_plus_local_rank() -> None:
 
 
 def test_bad_inputs() -> None:
-    m = WorkerMetrics("j", 0)
+    m = WorkerMetrics("j", 0, 1)
     with pytest.raises(ValueError, match="phase"):
         m.set_embedding_bytes("t", "inference", 1)
     with pytest.raises(ValueError):
-        WorkerMetrics("", 0)
+        WorkerMetrics("", 0, 1)
     with pytest.raises(ValueError):
-        WorkerMetrics("j", -1)
+        WorkerMetrics("j", -1, 1)
 
 
 def test_metric_names_cover_design() -> None:
-    names = WorkerMetrics("j", 0).metric_names()
+    names = WorkerMetrics("j", 0, 1).metric_names()
     for n in (
         "embshard_train_samples_total", "embshard_train_step_seconds_bucket", "embshard_train_loss",
         "embshard_eval_auc", "embshard_eval_logloss", "embshard_embedding_bytes",
@@ -262,7 +263,7 @@ def test_training_reads_device_memory_at_every_logging_step() -> None:
             self.reads += 1
             return super().update_device_memory(device)
 
-    metrics = CountedReads(job="j", rank=0)
+    metrics = CountedReads(job="j", rank=0, world_size=1)
     callback = PrometheusCallback(metrics)
     for step in range(1, 7):
         callback.on_step(StepInfo(step=step, epoch=0, samples=8, seconds=0.1, data_wait=0.0,
@@ -272,7 +273,7 @@ def test_training_reads_device_memory_at_every_logging_step() -> None:
 
 def test_activity_is_one_while_a_rank_checkpoints_or_evaluates() -> None:
     # The stall alert fired on healthy runs whose checkpoint took over its 15 minutes.
-    metrics = WorkerMetrics(job="j", rank=0)
+    metrics = WorkerMetrics(job="j", rank=0, world_size=1)
     port = metrics.start_server(0, 0)
     try:
         def activity() -> dict[str, float]:

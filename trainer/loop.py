@@ -409,7 +409,7 @@ def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) 
 def _start_metrics(cfg: JobConfig, bundle: PlanBundle, rank: int, local_rank: int) -> WorkerMetrics | None:
     if not cfg.metrics.enabled:
         return None
-    metrics = WorkerMetrics(job=cfg.name, rank=rank)
+    metrics = WorkerMetrics(job=cfg.name, rank=rank, world_size=dist.get_world_size())
     for table, (train_bytes, serve_bytes) in bundle.memory.table_bytes(rank).items():
         metrics.set_embedding_bytes(table, "train", train_bytes)
         metrics.set_embedding_bytes(table, "serve", serve_bytes)

@@ -21,6 +21,7 @@ every name they use against this module):
     embshard_worker_restarts_total                  counter    job, rank
     embshard_data_wait_seconds_total                counter    job, rank
     embshard_activity                               gauge      job, rank, activity=checkpoint|eval
+    embshard_world_size                             gauge      job, rank (ranks in the run)
 
 Conventions the dashboard relies on:
 - `observe_step(seconds, ...)` gets the time of one step *excluding* the wait for its input
@@ -98,16 +99,18 @@ class _ConstLabelCollector(Collector):
 class WorkerMetrics:
     """All metrics of one worker, on a private registry.
 
-    >>> m = WorkerMetrics("ctr-dlrm", rank=0)
+    >>> m = WorkerMetrics("ctr-dlrm", rank=0, world_size=8)
     >>> m.observe_step(0.012, 2048, loss=0.45)
     >>> port = m.start_server(0, 0)          # ephemeral port on 127.0.0.1
     """
 
-    def __init__(self, job: str, rank: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, job: str, rank: int, world_size: int, registry: CollectorRegistry | None = None) -> None:
         if not job or not isinstance(job, str):
             raise ValueError(f"job: expected a non-empty string, got {job!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank: expected an integer >= 0, got {rank!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= rank:
+            raise ValueError(f"world_size: expected an integer above rank {rank}, got {world_size!r}")
         self.job = job
         self.rank = rank
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -174,6 +177,9 @@ class WorkerMetrics:
         )
         for name in ACTIVITIES:
             self.activity.labels(*lv, name).set(0)
+        # How many ranks should report: the alert on ranks that stop reporting compares with it,
+        # not with how many reported before (a rerun of the job on fewer workers is no loss).
+        Gauge("embshard_world_size", "Ranks in this run.", base, registry=r).labels(*lv).set(world_size)
         self.data_wait_seconds = Counter(
             "embshard_data_wait_seconds", "Time the step loop waited for input batches.",
             base, registry=r,

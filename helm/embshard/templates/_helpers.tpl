@@ -3,12 +3,53 @@
 {{- .Chart.Name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* A name cut to 40 characters ends in a hash of the whole: two releases that differ only
+  after the 40th character would otherwise share the RayJob, the claim and the config. */}}
 {{- define "embshard.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- $name := ternary .Release.Name (printf "%s-%s" .Release.Name .Chart.Name) (contains .Chart.Name .Release.Name) -}}
+{{- if gt (len $name) 40 -}}
+{{- printf "%s-%s" ($name | trunc 33 | trimSuffix "-") (sha256sum $name | trunc 6) -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- $name -}}
 {{- end -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity (8, 0.5, "500m", "32Gi", "1e3") as a plain number, to compare two. */}}
+{{- define "embshard.quantity" -}}
+{{- if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- float64 . -}}
+{{- else -}}
+{{- $q := trimPrefix "+" (toString .) -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $suffix := trimPrefix $number $q -}}
+{{- $scale := 1.0 -}}
+{{- if hasPrefix "e" $suffix -}}
+{{- range until (int (trimPrefix "e" $suffix)) }}{{ $scale = mulf $scale 10 }}{{ end -}}
+{{- else if $suffix -}}
+{{- $scale = get (dict "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0) $suffix -}}
+{{- end -}}
+{{- mulf (float64 $number) $scale -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fails when a request is above its limit: Kubernetes refuses such a pod, and the RayJob
+  would wait for it with nothing said at install. */}}
+{{- define "embshard.checkRequestsWithinLimits" -}}
+{{- $limits := .resources.limits | default dict -}}
+{{- range $key, $request := .resources.requests | default dict -}}
+{{- if hasKey $limits $key -}}
+{{- $limit := get $limits $key -}}
+{{- if gt (float64 (include "embshard.quantity" $request)) (float64 (include "embshard.quantity" $limit)) -}}
+{{- fail (printf "%s.resources: requests.%s %v is above limits.%s %v (Kubernetes refuses the pod; the RayJob would wait for it)" $.where $key $request $key $limit) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A duration as the schema takes it ("500ms", "30s", "1m", "2h") in seconds. */}}
+{{- define "embshard.seconds" -}}
+{{- $unit := regexFind "(ms|s|m|h)$" . -}}
+{{- mulf (float64 (trimSuffix $unit .)) (get (dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0) $unit) -}}
 {{- end -}}
 
 {{- define "embshard.selectorLabels" -}}
