@@ -39,6 +39,7 @@ from embshard.trainer.checkpoint import (
     first_usable,
     resolve_source,
 )
+from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import method_name
 from embshard.trainer.planning import planning_step
@@ -55,7 +56,10 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     decide = planning_step(cfg, method)
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     if cfg.checkpoint.enabled:
-        # A missing bucket or a read-only folder now, not at the first checkpoint.
+        # A missing bucket, client or a read-only folder now, not at the first checkpoint.
+        check_checkpoint_io(cfg.checkpoint_dir, "checkpoint.dir")
+        if cfg.checkpoint.resume:
+            check_checkpoint_io(location(cfg.checkpoint.resume), "checkpoint.resume")
         check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)

@@ -421,3 +421,28 @@ def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("embshard: error: out of memory (MemoryError: Unable to allocate 128. TiB"), err
+
+
+def test_checkpoints_where_fsspec_has_no_client_are_refused_before_training(tmp_path, capsys):
+    # gs:// passed the bucket check (pyarrow serves it) and DCP, through fsspec, found no gcsfs at
+    # the first save: after the run had trained.
+    import importlib.util
+
+    from embshard.datasets.synth import synthesize
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed: fsspec serves gs://")
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, max_cardinality=100)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\ncluster:\n  workers: 1\n"
+                   f"output_dir: {tmp_path / 'run'}\n")
+    capsys.readouterr()
+    for argv, field in ((["train", str(cfg), "--set", "checkpoint.dir=gs://bucket/ck"], "checkpoint.dir"),
+                        (["train", str(cfg), "--set", "checkpoint.resume=gs://bucket/ck"], "checkpoint.resume"),
+                        (["export", "gs://bucket/ck", "--out", str(tmp_path / "serving")], "checkpoint")):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"embshard: error: {field} gs://bucket/ck: checkpoints are read and written there through "
+                       "fsspec, which cannot: ImportError: Please install gcsfs to access Google Storage"], err
+    assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "serving").exists()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.metadata as dcp_metadata
@@ -35,7 +36,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
 from embshard.datasets.storage import StoragePath, relative, storage_failure
-from embshard.errors import EmbshardError, StorageError, first_line
+from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line
 
 MANIFEST = "manifest.json"
 # 1: sizes only (older checkpoints; accepted, verified by size); 2: sizes and SHA-256.
@@ -292,6 +293,21 @@ class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
 
 class SafeFsspecReader(_SafeMetadata, FsspecReader):
     """The same over fsspec (a checkpoint in object storage: s3://, gs://, ...)."""
+
+
+def check_checkpoint_io(path: StoragePath, what: str) -> None:
+    """EnvironmentProblem when DCP cannot reach checkpoints at `path`. An object store goes
+    through fsspec, whose client for some schemes is a package of its own (gs:// needs gcsfs,
+    which embshard does not install); pyarrow, which checks the bucket, serves them all, so
+    otherwise the first save, after the run has trained, would find it missing."""
+    if isinstance(path, Path):
+        return
+    scheme = str(path).split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        raise EnvironmentProblem(f"{what} {path}: checkpoints are read and written there through fsspec, "
+                                 f"which cannot: {first_line(e)}") from None
 
 
 def checkpoint_reader(path: StoragePath) -> FileSystemReader:

@@ -64,7 +64,7 @@ from embshard.trainer.checkpoint import (
     PLAN_DIR,
     newest_verified,
 )
-from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, checkpoint_reader
+from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
 from embshard.trainer.models import TrainModel, get_arch
 
 MANIFEST = "serving.json"
@@ -115,6 +115,7 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
         return _stored(out, f"exporting a live model to {out}",
                        lambda: _export_live(model, out, config, data, plans, overwrite))
     checkpoint = location(source)
+    check_checkpoint_io(checkpoint, "checkpoint")
     # A raw error of a client library (DCP's s3fs) comes from reading the checkpoint; the upload's
     # own are StorageErrors already, naming the object.
     where = checkpoint if isinstance(checkpoint, RemotePath) else out
