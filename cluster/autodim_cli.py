@@ -39,6 +39,7 @@ def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.cli import print_notes, validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
+    from embshard.cluster.run_lock import run_lock
     from embshard.config import load_job_config
     from embshard.datasets.outdir import check_file_output
     from embshard.datasets.storage import read_json_object
@@ -58,12 +59,13 @@ def _autodim(args: argparse.Namespace) -> int:
                           lambda path: read_json_object(path, decisions_keys, ConfigError), ConfigError)
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
-    bundle = plan_for_training(cfg, "autodim")
-    plan = bundle.dimension_plan
-    print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"
-          f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
-    print_notes(bundle)
-    summary = train_on_ray(cfg, "autodim")
+    with run_lock(cfg):
+        bundle = plan_for_training(cfg, "autodim")
+        plan = bundle.dimension_plan
+        print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"
+              f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
+        print_notes(bundle)
+        summary = train_on_ray(cfg, "autodim")
     print(f"search validation {validation_text(summary)} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")
     if summary["alpha_steps"] == 0:

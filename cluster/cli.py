@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, positive, verbose_argument
+from embshard.cluster.interrupt import sigterm_as_ctrl_c
 from embshard.datasets import cli as data_cli
 from embshard.errors import (
     EXIT_CRASH,
@@ -25,13 +27,17 @@ from embshard.errors import (
 )
 
 if TYPE_CHECKING:
-    from embshard.planner.pipeline import PlanBundle
+    from embshard.config import JobConfig
+    from embshard.planner.pipeline import Decide, PlanBundle
+    from embshard.planner.topology import TopologySpec
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console.set_verbose(getattr(args, "verbose", False))
+    previous = signal.getsignal(signal.SIGTERM)
+    sigterm_as_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except EmbshardError as e:
@@ -58,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         line = str(e) if isinstance(e, console.Crashed) else first_line(e)
         print(f"embshard: crashed: {line} (full traceback: {log})", file=sys.stderr)
         return EXIT_CRASH
+    finally:
+        if previous is not None:  # None: a handler Python did not install, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,10 +196,11 @@ def _load(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from embshard.datasets.outdir import check_file_output, make_staging
+    from embshard.cluster.run_lock import folder_lock
+    from embshard.datasets.outdir import check_file_output
     from embshard.datasets.storage import read_json_object
     from embshard.errors import PlanError
-    from embshard.planner.pipeline import PLAN_FILE, plan_with
+    from embshard.planner.pipeline import PLAN_FILE
     from embshard.trainer.planning import planning_step
 
     cfg = _load(args)
@@ -209,8 +219,27 @@ def _plan(args: argparse.Namespace) -> int:
     out_dir, name = (out.parent, out.name) if out.suffix.lower() == ".json" else (out, PLAN_FILE)
     # Any version of a plan is ours to replace (the run's own plan folder without asking, --out
     # with --overwrite); another file never.
-    check_file_output(out_dir / name, args.overwrite or args.out is None, "plan",
-                      lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError)
+    def check_out() -> None:
+        check_file_output(out_dir / name, args.overwrite or args.out is None, "plan",
+                          lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError)
+
+    check_out()
+    # The run's own folder while it trains is the run's (its checkpoints copy the plan), and two
+    # `plan`s into one folder would each replace the other's plan.
+    output = Path(cfg.output_dir).absolute()
+    with folder_lock(output if out_dir.absolute().is_relative_to(output) else out_dir):
+        check_out()  # again: another `plan` may have written there since
+        bundle = _plan_into(cfg, decide, topology, out_dir, name)
+    path = bundle.directory / name
+    print_notes(bundle, name)
+    print(f"plan -> {path}")
+    return 0
+
+
+def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: Path, name: str) -> PlanBundle:
+    from embshard.datasets.outdir import make_staging
+    from embshard.planner.pipeline import plan_with
+
     # Planned apart, then copied in: the remap files are written while planning, and must not
     # replace those of a plan already there before this one is known to be complete, or fits.
     staging = make_staging(out_dir / name)
@@ -222,7 +251,7 @@ def _plan(args: argparse.Namespace) -> int:
             staging,
             batch_size=cfg.data.batch_size,
             optimizer=cfg.train.sparse_optimizer,
-            sharding_types=sharding.sharding_types,
+            sharding_types=cfg.sharding.sharding_types,
         )
         plan = staged.dimension_plan
         blocks = sum(len(t.blocks) for t in plan.tables)
@@ -232,17 +261,14 @@ def _plan(args: argparse.Namespace) -> int:
               f"serving parameters {plan.serve_params():,}")
         print(staged.memory.format())
         staged.memory.check_fits()  # a plan that does not fit is shown, not written
-        bundle = staged.copy_to(out_dir, name)
+        return staged.copy_to(out_dir, name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    path = bundle.directory / name
-    print_notes(bundle, name)
-    print(f"plan -> {path}")
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, ray_storage, train_on_ray, with_checkpoint_config
+    from embshard.cluster.run_lock import run_lock
 
     cfg = _load(args)
     cluster = replace(
@@ -254,13 +280,14 @@ def _train(args: argparse.Namespace) -> int:
     cfg = replace(cfg, cluster=cluster, checkpoint=checkpoint)
     if args.adopt_checkpoint_config:
         cfg = with_checkpoint_config(cfg, adopt=True)
-    bundle = plan_for_training(cfg)
-    print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
-          f"per-rank training bytes "
-          + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
-    print_notes(bundle)
-    # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
-    metrics = train_on_ray(cfg)
+    with run_lock(cfg):
+        bundle = plan_for_training(cfg)
+        print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
+              f"per-rank training bytes "
+              + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
+        print_notes(bundle)
+        # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
+        metrics = train_on_ray(cfg)
     best = f" (best, at step {metrics.get('selected_step')})" if cfg.train.report_at == "best_valid" else ""
     print(
         f"validation{best} {validation_text(metrics)}; "

@@ -21,6 +21,18 @@ _POLL_SECONDS = 0.2  # how soon the main thread notices the helper thread ended
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`kill`, a container's stop) raises KeyboardInterrupt, as Ctrl-C does: every verb
+    then removes what it staged and says one line. Installed by the CLI for the whole command
+    (`init_ray` puts it back after ray.init, which replaces it)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: bool = True) -> tuple[T, bool]:
     """Run `fn` (the blocking fit); while it runs, the first SIGINT or SIGTERM creates
     `stop_request` instead of raising KeyboardInterrupt, a second one raises it. Returns fn's result and whether a stop

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -249,6 +251,17 @@ def init_ray(cfg: JobConfig, cpus: float | None = None, jobs: int = 1) -> None:
     once; nothing when Ray is already up."""
     if ray.is_initialized():
         return
+    # ray.init puts a SIGTERM handler of Ray's in place of the process's (the CLI's, see
+    # `sigterm_as_ctrl_c`): a `kill` before the workers start was a C++ stack dump and an abort.
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        _join_or_start_ray(cfg, cpus, jobs)
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
     if cfg.cluster.address:
         _check_something_listens(cfg.cluster.address)
         try:

@@ -60,6 +60,7 @@ def prune_pep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.cli import print_notes, validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
+    from embshard.cluster.run_lock import run_lock
     from embshard.config import load_job_config
     from embshard.errors import ConfigError
     from embshard.trainer.pep import NONZERO_HISTORY_FILE
@@ -68,9 +69,10 @@ def prune_pep(args: argparse.Namespace) -> int:
     if cfg.pep_dir.exists() and not cfg.pep_dir.is_dir():
         # Found out at the first target otherwise, inside a worker, as a crash.
         raise ConfigError(f"pep.out {cfg.pep_dir}: a file; it names the folder the prune run writes its targets into")
-    bundle = plan_for_training(cfg, "pep")
-    print_notes(bundle)
-    summary = train_on_ray(cfg, "pep")
+    with run_lock(cfg):
+        bundle = plan_for_training(cfg, "pep")
+        print_notes(bundle)
+        summary = train_on_ray(cfg, "pep")
     pep = summary.get("pep", {})
     for target, hit in sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0])):
         print(f"target {target}: reached at step {hit['step']} ({hit['nonzero']:,} non-zero) -> "

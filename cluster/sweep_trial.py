@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from embshard.cluster.launch import plan_for_training, train_on_ray
+from embshard.cluster.run_lock import run_lock
 from embshard.cluster.sweep_plan import (
     FP32_BYTES,
     Trial,
@@ -107,8 +108,9 @@ def _pep_points(prune: JobConfig, base: JobConfig, spec: DatasetSpec, trial: Tri
 
 
 def _train(cfg: JobConfig, method: str | None = None) -> tuple[DimensionPlan, dict[str, Any]]:
-    bundle = plan_for_training(cfg, method)
-    return bundle.dimension_plan, train_on_ray(cfg, method)
+    with run_lock(cfg):
+        bundle = plan_for_training(cfg, method)
+        return bundle.dimension_plan, train_on_ray(cfg, method)
 
 
 def _decisions_plan(prune: JobConfig, spec: DatasetSpec, decisions: Path) -> DimensionPlan:

@@ -8,8 +8,6 @@ Datasets are written with their profile (the planner needs it) into a staging fo
 from __future__ import annotations
 
 import argparse
-import signal
-from collections.abc import Callable
 from pathlib import Path
 
 from embshard.datasets.convert import DEFAULT_MIN_COUNT, KINDS, SPLIT_KINDS, convert
@@ -56,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "coordinates, not a random one, so its vectors are sparse in one basis "
                             "(what PEP's element-wise pruning can find)")
     _overwrite_flag(synth)
-    synth.set_defaults(func=_cleaned_up_on_sigterm(_synth))
+    synth.set_defaults(func=_synth)
 
     conv = commands.add_parser(
         "convert", help="convert a Criteo / Avazu / MovieLens download (and profile it)",
@@ -88,32 +86,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("--strict", action="store_true",
                       help="fail on the first malformed line instead of skipping it")
     _overwrite_flag(conv)
-    conv.set_defaults(func=_cleaned_up_on_sigterm(_convert))
+    conv.set_defaults(func=_convert)
 
     profile = commands.add_parser(
         "profile", help="(re)compute the id-frequency profile of a dataset",
         description="Count each sparse feature's ids over the train split into DIR/profile/.")
     profile.add_argument("dir", metavar="DIR", help="dataset directory or object-store URI")
-    profile.set_defaults(func=_cleaned_up_on_sigterm(_profile))
+    profile.set_defaults(func=_profile)
 
 
 def _overwrite_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the dataset in a non-empty --out (only once the new one is complete)")
-
-
-def _cleaned_up_on_sigterm(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`verb` with SIGTERM raising KeyboardInterrupt, as Ctrl-C does: a `kill` or a container stop
-    then removes the staging folder too (only SIGKILL can leave one)."""
-    def run(args: argparse.Namespace) -> int:
-        def interrupt(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt
-        previous = signal.signal(signal.SIGTERM, interrupt)
-        try:
-            return verb(args)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    return run
 
 
 def _seed(text: str) -> int:

@@ -46,3 +46,31 @@ def test_local_cluster_refuses_clients_without_its_token(tmp_path):
     assert code != "0" and joined == "False", done.stdout
     # The token lives in the process tree only, not in ~/.ray/auth_token (Ray's default).
     assert not (tmp_path / ".ray").exists()
+
+
+SIGTERM_AFTER_INIT = textwrap.dedent("""
+    import os, signal, time
+    import ray
+    from embshard.cluster.interrupt import sigterm_as_ctrl_c
+    from embshard.cluster.launch import init_ray
+    from embshard.config import JobConfig
+
+    sigterm_as_ctrl_c()  # as the CLI does for every verb
+    init_ray(JobConfig())
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    ray.shutdown()
+""")
+
+
+def test_sigterm_after_ray_starts_is_still_ctrl_c(tmp_path):
+    # ray.init replaced the CLI's handler with Ray's: a `kill` between it and the workers' start
+    # was a C++ stack dump and an abort (exit 134), not one line and the staged files removed.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_INIT], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted", (done.returncode, done.stderr[-2000:])
+    assert "SIGTERM received" not in done.stderr

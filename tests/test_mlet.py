@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import warnings
 from collections.abc import Iterator
@@ -244,7 +245,9 @@ def test_export_without_plan_folder_names_the_remap(tmp_path: Path) -> None:
         export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL, spec=plan_spec(plan, NUM_DENSE))
 
 
-def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path) -> None:
+def checkpointed_with_the_collapse_hook(
+        tmp_path: Path) -> tuple[Path, tuple[torch.Tensor, KeyedJaggedTensor], torch.Tensor]:
+    """A one-rank MLET checkpoint in tmp_path/ckpt; -> it, a batch, and what the model predicts for it."""
     plan = mlet_plan()
     shard = shard_plan(plan, "table_wise", world=1)
     bundle = PlanBundle(plan, shard, memory_report(plan, shard, "rowwise_adagrad"), tmp_path / "plan")
@@ -259,9 +262,33 @@ def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path)
         dense, sparse = batch(3)
         with torch.no_grad():
             want = predict(sharded.model, dense, sparse)
-    out = export_serving(tmp_path / "ckpt", tmp_path / "serving")
+    return tmp_path / "ckpt", (dense, sparse), want
+
+
+def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path) -> None:
+    checkpoints, inputs, want = checkpointed_with_the_collapse_hook(tmp_path)
+    out = export_serving(checkpoints, tmp_path / "serving")
     with torch.no_grad():
-        torch.testing.assert_close(load_serving(out)(dense, sparse), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_pruned_while_it_is_exported_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    # A run still saving into the folder keeps its newest steps only: the step export chose went
+    # mid-read, and export was a 60-line traceback ending in DCP's AssertionError.
+    from embshard.trainer import export
+
+    checkpoints, _, _ = checkpointed_with_the_collapse_hook(tmp_path)
+    read = export.checkpoint_reader
+
+    def pruned_then_read(path):
+        shutil.rmtree(path)
+        return read(path)
+
+    monkeypatch.setattr(export, "checkpoint_reader", pruned_then_read)
+    with pytest.raises(ExportError, match=r"step-000001: removed while it was being exported \(a run still saving "
+                                          r"into .*ckpt keeps only its newest steps\); export again"):
+        export_serving(checkpoints, tmp_path / "serving")
+    assert not (tmp_path / "serving").exists()
 
 
 def test_collapsing_sharded_tables_puts_no_library_deprecation_on_the_console(tmp_path: Path) -> None:

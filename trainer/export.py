@@ -64,6 +64,7 @@ from embshard.trainer.checkpoint import (
     PLAN_DIR,
     newest_verified,
 )
+from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
 from embshard.trainer.models import TrainModel, get_arch
 
@@ -211,6 +212,18 @@ def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConf
 
 def _export_checkpoint(source: StoragePath, out_dir: StoragePath, overwrite: bool) -> StoragePath:
     path = newest_verified(source)  # every file's hash, before DCP's metadata (a pickle) is read
+    try:
+        return _export_step(path, out_dir, overwrite)
+    except (Exception, CheckpointException) as e:  # DCP's errors are BaseExceptions
+        if (path / CHECKPOINT_MANIFEST).is_file():
+            raise
+        # A run still saving into `source` prunes its older steps: the files went mid-read (a
+        # FileNotFoundError, or an AssertionError inside DCP), not the checkpoint that was damaged.
+        raise ExportError(f"{path}: removed while it was being exported (a run still saving into {source} "
+                          "keeps only its newest steps); export again to read the newest one then") from e
+
+
+def _export_step(path: StoragePath, out_dir: StoragePath, overwrite: bool) -> StoragePath:
     config = json.loads((path / CONFIG).read_text())
     plan_dir = path / PLAN_DIR
     raw = json.loads((plan_dir / PLAN).read_text())

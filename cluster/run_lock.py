@@ -1,0 +1,112 @@
+"""One embshard run per folder at a time.
+
+Two runs on one output_dir (a command started twice, a rerun while the first still trains)
+resumed from each other's checkpoints, pruned each other's saves in progress, set each other's
+checkpoints aside as superseded, shared the stop-request file (a Ctrl-C of one stopped the
+other) and printed each other's summary. So a run holds an exclusive lock on its output_dir,
+and on its checkpoint folder where that is a folder of its own, from its planning to its end;
+a second run is refused with one line naming the first.
+
+The lock is flock(2) on a file in the folder: the system releases it when its process ends, so
+a killed run leaves no lock behind. An object-store checkpoint folder has no such lock; the
+output_dir, which every run has locally, still keeps two runs of one config apart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from embshard.config import JobConfig
+from embshard.errors import ConfigError
+
+LOCK_FILE = ".embshard-run.lock"
+
+
+class FolderInUse(ConfigError):
+    """Another embshard process holds the folder's lock."""
+
+
+@contextmanager
+def run_lock(cfg: JobConfig) -> Iterator[None]:
+    """The run's folders locked for the whole of the block (see the module docstring)."""
+    output = Path(cfg.output_dir).absolute()
+    folders = [output]
+    checkpoints = cfg.checkpoint_dir
+    if cfg.checkpoint.enabled and isinstance(checkpoints, Path) and not checkpoints.absolute().is_relative_to(output):
+        folders.append(checkpoints.absolute())
+    with ExitStack() as stack:
+        for folder in folders:
+            stack.enter_context(folder_lock(folder))
+        yield
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` (created if missing, and removed again if the block left it
+    empty), or FolderInUse naming the process that holds it."""
+    folder = folder.absolute()
+    created = _make(folder)
+    path = folder / LOCK_FILE
+    fd = _acquire(path)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                 "command": " ".join(sys.argv)}).encode())
+        yield
+    finally:
+        # Removed while still held: a process that opened the old file finds, once it has the
+        # lock, that the path no longer names it, and tries again (`_acquire`).
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        for made in created:
+            try:
+                made.rmdir()  # only where the block wrote nothing
+            except OSError:
+                break
+
+
+def _make(folder: Path) -> list[Path]:
+    """Creates `folder` and any missing parents; -> those it created, deepest first."""
+    missing = []
+    at = folder
+    while not at.exists() and at != at.parent:
+        missing.append(at)
+        at = at.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _acquire(path: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise FolderInUse(f"{path.parent}: another embshard run is using it ({holder}); wait for it to "
+                              "end, or give this one another folder") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed it as it let go: lock the new one
+
+
+def _holder(fd: int) -> str:
+    try:
+        raw = json.loads(os.pread(fd, 65536, 0) or b"{}")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(raw["since"])))
+        return f"pid {raw['pid']} on {raw['host']} since {since}: {raw['command']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "a process that has not said which yet"
