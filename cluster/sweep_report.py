@@ -418,8 +418,9 @@ def dataset_sha256(spec: dict[str, Any]) -> str:
     """A dataset's identity for merging its sweeps: the hash of its dataset.json's content (names,
     cardinalities, rows per split, source, planted truth), not of where it lies, with its numbers
     at 12 significant digits: the same data generated on another machine sums its Bayes AUC in
-    another order, which moves the last digits."""
-    return hashlib.sha256(json.dumps(rounded(spec), sort_keys=True).encode()).hexdigest()
+    another order, which moves the last digits. Not its `id`, which names one writing of it."""
+    content = {k: v for k, v in spec.items() if k != "id"}
+    return hashlib.sha256(json.dumps(rounded(content), sort_keys=True).encode()).hexdigest()
 
 
 def rounded(value: Any, digits: int = 12) -> Any:

@@ -112,6 +112,9 @@ def write_profile(dataset_dir: str | Path) -> Profile:
                 rows += table.num_rows
                 rows_in_file += table.num_rows
                 bar.update()
+    # A dataset written over this one meanwhile (`--overwrite`) gave some of these rows, and would
+    # get their counts as its profile.
+    spec.check_still_at(dataset_dir, "its profile")
     directory = location(dataset_dir) / PROFILE_DIR
     stats = {}
     # Staged and swapped in whole: an interrupted profile must not leave a truncated count file

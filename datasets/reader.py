@@ -110,6 +110,7 @@ class ParquetBatchReader:
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
         self.spec = DatasetSpec.load(dataset_dir)
+        self.dataset_dir = dataset_dir
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -261,6 +262,7 @@ class ParquetBatchReader:
                 group = piece.group
                 reading = group.path
                 if group.path not in files:
+                    self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})")
                     fs, source = arrow_source(group.path)
                     files[group.path] = retrying(str(group.path), pq.ParquetFile, source, filesystem=fs)
                 table = retrying(str(group.path), self._load, files[group.path], group, epoch)

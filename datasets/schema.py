@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embshard.datasets.storage import StoragePath, check_reachable, location, read_json_version
+from embshard.datasets.storage import StoragePath, check_reachable, location, read_json, read_json_version
 from embshard.errors import DataError
 
 SPEC_FILE = "dataset.json"
@@ -98,6 +98,9 @@ class DatasetSpec:
     # The item catalog, when the dataset has one (MovieLens); None in datasets without items.
     catalog: ItemCatalog | None = None
     target: str = "click"  # one of TARGETS; datasets written before it was recorded are click data
+    # A name this dataset alone has, given when it is written: a reader that finds another one at
+    # the same path knows the dataset was replaced under it. Empty in datasets written before.
+    id: str = ""
     version: int = SPEC_VERSION
 
     @property
@@ -132,6 +135,21 @@ class DatasetSpec:
         if not path.is_file():
             raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
         return DatasetSpec.from_json(read_json_version(path, SPEC_VERSION, DataError), str(path))
+
+    def check_still_at(self, directory: str | StoragePath, doing: str) -> None:
+        """DataError when `directory` no longer holds this dataset (another was written over it,
+        `--overwrite`, since this one was read): what is read next would be the other's rows."""
+        if not self.id:
+            return
+        path = location(directory) / SPEC_FILE
+        try:
+            raw = read_json(path, DataError)
+        except DataError:
+            raw = None  # gone, or half-written: not this dataset either way
+        now = raw.get("id") if isinstance(raw, dict) else None
+        if now != self.id:
+            raise DataError(f"{location(directory)}: the dataset was replaced while {doing} read it; stopped "
+                            "before reading any of the new one: run again on the dataset there now")
 
     @staticmethod
     def from_json(raw: dict[str, Any], where: str) -> "DatasetSpec":

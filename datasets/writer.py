@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,7 @@ class DatasetWriter:
                 w.close()
             self.progress.close()
             spec = dataclasses.replace(
-                spec, rows={s: st.rows for s, st in self.stats.items()},
+                spec, id=uuid.uuid4().hex, rows={s: st.rows for s, st in self.stats.items()},
                 parts={s: w.rows_per_part for s, w in self.splits.items()},
                 oov_share={s: {f: st.oov[f] / n for f, n in st.ids.items() if n}
                            for s, st in self.stats.items()} if self.oov_features else {})

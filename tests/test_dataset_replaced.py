@@ -1,0 +1,57 @@
+"""A dataset written over another (`--overwrite`) while a run or a profile reads it: what is read
+next would be the new dataset's rows under the old one's plan and counts, so the reader stops."""
+
+from __future__ import annotations
+
+import pytest
+
+from embshard.cluster.sweep_report import dataset_sha256
+from embshard.datasets import profile
+from embshard.datasets.profile import write_profile
+from embshard.datasets.reader import ParquetBatchReader
+from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.synth import synthesize
+from embshard.errors import DataError
+from embshard.typed_config import to_dict
+
+
+def test_each_written_dataset_has_its_own_id(tmp_path) -> None:
+    first = synthesize(tmp_path / "d", rows=200)
+    second = synthesize(tmp_path / "d", rows=200, overwrite=True)
+    assert first.id and second.id and first.id != second.id
+    assert DatasetSpec.load(tmp_path / "d").id == second.id
+    # The same data written twice is one dataset to the sweep's merge: the id names a writing of it.
+    assert dataset_sha256(to_dict(first)) == dataset_sha256(to_dict(second))
+
+
+def test_a_reader_stops_at_a_dataset_replaced_under_it(tmp_path) -> None:
+    # The reader reopens part files by path every epoch: later epochs of a run read the new rows.
+    data = tmp_path / "d"
+    synthesize(data, rows=2000)
+    reader = ParquetBatchReader(data, "train", 64, prefetch=1)
+    assert sum(1 for _ in reader) > 0
+    synthesize(data, rows=2000, seed=7, overwrite=True)
+    reader.set_epoch(1)
+    with pytest.raises(DataError, match=rf"^{data}: the dataset was replaced while split train \(epoch 1\) read it; "
+                                        r"stopped before reading any of the new one"):
+        next(iter(reader))
+
+
+def test_a_profile_of_a_dataset_replaced_meanwhile_is_not_written(tmp_path, monkeypatch) -> None:
+    # Its counts mixed both datasets' rows, and went into the new one's profile/.
+    data = tmp_path / "d"
+    synthesize(data, rows=2000)
+    verify_split = profile.verify_split
+
+    def replaced_after_listing(*args, **kwargs):
+        parts = verify_split(*args, **kwargs)
+        monkeypatch.undo()  # the synth below profiles its own dataset as usual
+        synthesize(data, rows=2000, seed=7, overwrite=True)
+        return parts
+
+    monkeypatch.setattr(profile, "verify_split", replaced_after_listing)
+    with pytest.raises(DataError, match="the dataset was replaced while its profile read it"):
+        write_profile(data)
+    monkeypatch.undo()
+    written_by_synth = (data / "profile" / "profile.json").read_text()
+    assert write_profile(data) and (data / "profile" / "profile.json").read_text() == written_by_synth
