@@ -299,10 +299,16 @@ def _train(args: argparse.Namespace) -> int:
     if metrics.get("preempted"):
         print(f"preempted (SIGTERM) at step {metrics['steps']}; checkpoint {metrics.get('checkpoint')}; "
               f"run the same command again to continue")
-    out = Path(cfg.output_dir)
-    print(f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, "
-          f"checkpoints {cfg.checkpoint_dir}, Ray run storage {ray_storage(cfg)}")
+    print(outputs_line(cfg, ray_storage(cfg)))
     return 0
+
+
+def outputs_line(cfg: JobConfig, ray_storage: str) -> str:
+    """Where a finished run's files are; no checkpoint folder where none was written."""
+    out = Path(cfg.output_dir)
+    checkpoints = cfg.checkpoint_dir if cfg.checkpoint.enabled else "none (checkpoint.enabled is false)"
+    return (f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, "
+            f"checkpoints {checkpoints}, Ray run storage {ray_storage}")
 
 
 SHOWN_NOTES = 10

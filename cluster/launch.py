@@ -292,6 +292,11 @@ PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTT
 def _check_something_listens(address: str) -> None:
     """ConfigError at once when nothing answers at a `host:port` (or `ray://host:port`) address.
     Ray itself retries for over two minutes, printing its C++ warnings on the console meanwhile."""
+    if address.startswith(("http://", "https://")):
+        # The job API's address (what `embshard submit` takes): read as a host named "http".
+        raise ConfigError(f"cluster.address {address}: the Ray dashboard's HTTP address, which `embshard submit` "
+                          "takes; a run joins the cluster at its head's GCS address (host:6379 by default) or "
+                          "ray://host:10001")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return  # "auto", or a form Ray resolves itself

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from embshard.config import (
     SWEEP_METHODS,
     AutodimConfig,
@@ -44,7 +46,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
-from embshard.typed_config import flatten, from_dict, parse_yaml, set_dotted, to_dict, under
+from embshard.typed_config import flatten, from_dict, parse_yaml, parse_yaml_value, set_dotted, to_dict, under
 
 DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
 FP32_BYTES = 4
@@ -180,8 +182,12 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--vary {item!r}: expected KEY=V1,V2,... (e.g. embeddings.mde.alpha=0.3,1.0)")
         if key in vary:
             raise ConfigError(f"--vary {key}: given twice; list every value once, comma-separated")
-        parsed = parse_yaml(raw)
-        vary[key] = parsed if isinstance(parsed, list) else [parse_yaml(v) for v in raw.split(",")]
+        try:
+            parsed = parse_yaml(raw)
+        except yaml.YAMLError:  # `[32],[16]`: two values, each valid on its own
+            parsed = None
+        vary[key] = parsed if isinstance(parsed, list) else [
+            parse_yaml_value(v, f"--vary {key}={v}") for v in raw.split(",")]
     return vary
 
 
@@ -194,15 +200,16 @@ def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], w
             raise ConfigError(f"{where} data.path: a sweep is of one dataset; sweep each dataset on its own")
         inner = [k for k in keys if k.startswith(f"{key}.")]
         if key in KNOB_SECTIONS.values() or inner:
-            raise ConfigError(f"{where} {key}: a section; vary its keys one by one "
-                              f"(e.g. {inner[0] if inner else key + '.<key>'})")
+            example = next((k for k in inner if _variable(k)), None)
+            raise ConfigError(f"{where} {key}: a section; vary its keys one by one"
+                              + (f" (e.g. {example})" if example else ", of which a sweep varies none"))
         if key in SWEEP_WIDE:
             raise ConfigError(f"{where} {key}: one for the whole sweep, which sizes its Ray cluster and --parallel "
                               "by it; set it with --set or --workers")
-        readers = [m for m in SWEEP_METHODS if reads_knob(m, key)]
-        if under(key, PER_TRIAL | NOT_RESULTS) or not (is_setting(key) or readers):
+        if not _variable(key):
             raise ConfigError(f"{where} {key}: not for a sweep to vary: each trial sets it (its method, budget, "
                               "seed or output), or it does not change what trains")
+        readers = [m for m in SWEEP_METHODS if reads_knob(m, key)]
         if not is_setting(key) and not set(readers) & set(methods):
             raise ConfigError(f"{where} {key}: read by {', '.join(readers)}, none of this sweep's methods")
         # Distinct as the trial folders name them: 0 and 0.0 would be two trials in one folder.
@@ -213,6 +220,13 @@ def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], w
             raise ConfigError(f"{where} {key}: a value with '/' would name a folder inside the trial's; got {values}")
         for value in values:
             with_knobs(cfg, ((key, value),), where)
+
+
+def _variable(key: str) -> bool:
+    """Whether a sweep may vary `key`: a setting, or a knob some method reads, that no trial sets."""
+    if under(key, PER_TRIAL | NOT_RESULTS):
+        return False
+    return is_setting(key) or any(reads_knob(m, key) for m in SWEEP_METHODS)
 
 
 def with_knobs(cfg: JobConfig, knobs: Knobs, where: str = "--vary") -> JobConfig:

@@ -79,12 +79,14 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
         # log with the rest of Ray's output; the console keeps one line per finished trial.
         with log.open("a", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
             results = tuner.fit()
-    return trial_points([results[i] for i in range(len(results))], out)  # ResultGrid is indexed, not iterable
+    # ResultGrid is indexed, not iterable
+    return trial_points([results[i] for i in range(len(results))], out, len(spec.trials()))
 
 
-def trial_points(results: list[tune.Result], out: StoragePath) -> list[dict[str, Any]]:
-    """Every trial's points; a failed trial's error, or, where Tune stopped before every trial
-    reported (Ctrl-C), how to continue: the finished trials are in Tune's state in `out`."""
+def trial_points(results: list[tune.Result], out: StoragePath, trials: int) -> list[dict[str, Any]]:
+    """Every trial's points; a failed trial's error, or, where Tune stopped before every one of
+    the sweep's `trials` reported (Ctrl-C), how to continue: the finished trials are in Tune's
+    state in `out`. Tune's results hold only the trials it had started."""
     failed = [(r.path, r.error) for r in results if r.error is not None]
     if failed:
         path, error = failed[0]
@@ -93,11 +95,11 @@ def trial_points(results: list[tune.Result], out: StoragePath) -> list[dict[str,
             raise found.error
         raise console.Crashed(f"{len(failed)} trial(s) failed, first in {path}: {found.summary()}; "
                               f"run again with --resume to retry them")
-    unfinished = [r for r in results if "points" not in (r.metrics or {})]
-    if unfinished:
-        raise Interrupted(f"the sweep stopped with {len(unfinished)} of {len(results)} trials unfinished; "
+    finished = [r for r in results if "points" in (r.metrics or {})]
+    if len(finished) < trials:
+        raise Interrupted(f"the sweep stopped with {trials - len(finished)} of {trials} trials unfinished; "
                           f"the finished ones are kept in {out}: run the same command with --resume to continue")
-    return [p for r in results for p in json.loads((r.metrics or {})["points"])]
+    return [p for r in finished for p in json.loads((r.metrics or {})["points"])]
 
 
 def work_folder(cfg: JobConfig, out: StoragePath) -> Path:

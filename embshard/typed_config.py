@@ -8,6 +8,7 @@ a wrong type or an unknown key is reported as `train.batch_size: expected int, g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -156,6 +157,11 @@ def _yaml_1_1_hint(value: Any, kind: type) -> str:
         return ""
     if kind is int and re.fullmatch(r"[-+]?[0-9][0-9_]*", value):
         return f" (configs are YAML 1.2: write {value.replace('_', '')})"
+    if kind in (int, float) and re.fullmatch(r"[-+]?[0-9]+(:[0-5]?[0-9])+", value):
+        # YAML 1.1's base 60: 1:30 was 90
+        sign, parts = (-1 if value.startswith("-") else 1), value.lstrip("+-").split(":")
+        number = sign * functools.reduce(lambda total, part: total * 60 + int(part), parts, 0)
+        return f" (configs are YAML 1.2, where {value} is text; YAML 1.1 read it in base 60: write {number})"
     if kind is bool and value.lower() in ("yes", "no", "on", "off", "y", "n"):
         return f" (configs are YAML 1.2: write {str(value.lower() in ('yes', 'on', 'y')).lower()})"
     return ""
@@ -163,6 +169,14 @@ def _yaml_1_1_hint(value: Any, kind: type) -> str:
 
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=ConfigLoader)
+
+
+def parse_yaml_value(raw: str, where: str) -> Any:
+    """A command line's value read as YAML; ConfigError `where:LINE:COLUMN: not valid YAML (...)`."""
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}{_yaml_problem(e)}") from None
 
 
 def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
@@ -193,11 +207,7 @@ def apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    try:
-        value = parse_yaml(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}{_yaml_problem(e)}") from None
-    set_dotted(data, key.strip(), value, "--set")
+    set_dotted(data, key.strip(), parse_yaml_value(raw, f"--set {item!r}"), "--set")
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

@@ -298,6 +298,10 @@ def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(monkeypatch
         with pytest.raises(ConfigError, match=rf"^cluster.address {given}: nothing answers there \(Connection "
                                               r"refused\); start the cluster"):
             init_ray(JobConfig(cluster=ClusterConfig(address=given)))
+    # The dashboard's address, what `submit` takes, was read as a host named "http".
+    with pytest.raises(ConfigError, match=r"^cluster.address http://127.0.0.1:8265: the Ray dashboard's HTTP "
+                                          r"address, which `embshard submit` takes; a run joins the cluster at"):
+        init_ray(JobConfig(cluster=ClusterConfig(address="http://127.0.0.1:8265")))
 
 
 def test_a_damaged_or_foreign_plan_file_is_one_line(tmp_path, capsys):
@@ -446,3 +450,12 @@ def test_checkpoints_where_fsspec_has_no_client_are_refused_before_training(tmp_
         assert err == [f"embshard: error: {field} gs://bucket/ck: checkpoints are read and written there through "
                        "fsspec, which cannot: ImportError: Please install gcsfs to access Google Storage"], err
     assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "serving").exists()
+
+
+def test_the_outputs_line_names_no_checkpoint_folder_a_run_did_not_write():
+    from embshard.cluster.cli import outputs_line
+    from embshard.config import CheckpointConfig, JobConfig
+
+    assert "checkpoints outputs/x/checkpoints," in outputs_line(JobConfig(output_dir="outputs/x"), "r")
+    off = JobConfig(output_dir="outputs/x", checkpoint=CheckpointConfig(enabled=False))
+    assert "checkpoints none (checkpoint.enabled is false)," in outputs_line(off, "r")

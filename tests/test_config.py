@@ -85,7 +85,8 @@ def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(tmp_path):
     path.write_text("train:\n  epochs: 010\n  max_steps: 0x10\nname: off\n")
     cfg = load_job_config(path)
     assert (cfg.train.epochs, cfg.train.max_steps, cfg.name) == (10, 16, "off")
-    with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got '1:30'"):
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer, got '1:30' \(configs are YAML "
+                                          r"1\.2, where 1:30 is text; YAML 1\.1 read it in base 60: write 90\)"):
         load_job_config(path, ["train.max_steps=1:30"])
     with pytest.raises(ConfigError, match=r"train\.progress: expected true or false, got 'no' \(configs are YAML "
                                           r"1\.2: write false\)"):

@@ -396,6 +396,21 @@ def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_a_run_that_ends_between_counts_counts_at_its_end(tmp_path, process_group):
+    # Ending before its first count, it said "kept 1.000 at the end" and pointed at a
+    # nonzero_history.jsonl it had never written.
+    import json
+
+    from embshard.trainer.loop import run_worker
+    from embshard.trainer.pep import NONZERO_HISTORY_FILE
+
+    cfg = small_prune_run(tmp_path, PepConfig(targets=[0.01], count_every=20))
+    summary = run_worker(cfg, method="pep")
+    history = [json.loads(line) for line in (cfg.pep_dir / NONZERO_HISTORY_FILE).read_text().splitlines()]
+    assert [h["step"] for h in history] == [summary["steps"]] == [4]
+    assert summary["pep"]["kept_fraction"] == history[0]["kept_fraction"]
+
+
 def test_a_resumed_prune_run_never_rewrites_a_target(tmp_path, process_group):
     # A resumed prune run used to write every target it had reached again, over the first masks.
     from embshard.errors import ConfigError

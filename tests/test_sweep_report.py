@@ -368,6 +368,10 @@ def test_vary_runs_each_method_that_reads_the_knob_at_every_value(tmp_path):
     # Values that hold commas come as a YAML list.
     assert parse_vary(["autodim.candidates=[[2, 8, 32], [4, 16, 32]]"]) == {
         "autodim.candidates": [[2, 8, 32], [4, 16, 32]]}
+    # Not YAML as a whole, each value is (it was a traceback); a value that is not either, one line.
+    assert parse_vary(["model.dense_arch=[32],[16]"]) == {"model.dense_arch": [[32], [16]]}
+    with pytest.raises(ConfigError, match=r"^--vary train\.epochs=\[1:1:3: not valid YAML \("):
+        parse_vary(["train.epochs=[1"])
     # What Tune hands a trial and what the trial trains: the knob set over the sweep's config.
     trials = [Trial.from_json(json.loads(json.dumps(t.to_json()))) for t in spec.trials()]
     assert trials == spec.trials()
@@ -464,6 +468,8 @@ def test_a_sweep_of_settings_writes_a_report_per_setting_each_mergeable(tmp_path
     (["--vary", "seed=1,2"], "--vary seed: not for a sweep to vary: each trial sets it"),
     (["--vary", "data.path=a,b"], "--vary data.path: a sweep is of one dataset"),
     (["--vary", "embeddings.mde={alpha: 1}"], "--vary embeddings.mde: a section; vary its keys one by one"),
+    # the example is a key a sweep varies (it named embeddings.policy, which each trial sets)
+    (["--vary", "embeddings=1,2"], "--vary embeddings: a section; vary its keys one by one (e.g. embeddings.dim)"),
     # A whole section would reset its other keys (and `data` would get past the data.path refusal).
     (["--vary", "train=[{epochs: 2}, {epochs: 3}]"], "--vary train: a section; vary its keys one by one (e.g. train."),
     (["--vary", "data=[{path: a}]"], "--vary data: a section"),
@@ -579,10 +585,13 @@ def test_a_sweep_stopped_before_every_trial_reported_says_how_to_continue(tmp_pa
     done = Result(metrics={"points": json.dumps([point("uniform", 1.0, 0, 0.7, 4000)])}, checkpoint=None,
                   error=None, path=str(tmp_path / "t0"))
     stopped = Result(metrics={"training_iteration": 0}, checkpoint=None, error=None, path=str(tmp_path / "t1"))
-    assert [p["value"] for p in trial_points([done], tmp_path)] == [0.7]
+    assert [p["value"] for p in trial_points([done], tmp_path, 1)] == [0.7]
     with pytest.raises(Interrupted, match=rf"stopped with 1 of 2 trials unfinished; the finished ones are kept in "
                                           rf"{tmp_path}: run the same command with --resume to continue"):
-        trial_points([done, stopped], tmp_path)
+        trial_points([done, stopped], tmp_path, 2)
+    # Tune's results hold the trials it had started: a third, never started, was not counted.
+    with pytest.raises(Interrupted, match=r"stopped with 2 of 3 trials unfinished"):
+        trial_points([done, stopped], tmp_path, 3)
 
 
 def sweep_report_of(points: list[dict], methods: list[str], planted: dict | None = None, **overrides: str) -> dict:

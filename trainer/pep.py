@@ -255,6 +255,8 @@ class PruneCallback(Callback):
         self.reached: dict[str, dict[str, Any]] = {}
         self.pending = self._agreed_pending(sorted(section.targets, reverse=True))
         self.last_fraction = 1.0
+        self.step: int | None = None  # the last step trained, and the last counted
+        self.counted_at: int | None = None
         # The counts are all-reduced: rank 0's record is the run's.
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.history = StepHistory(self.out / NONZERO_HISTORY_FILE) if rank0 else None
@@ -295,10 +297,12 @@ class PruneCallback(Callback):
         return True
 
     def on_step(self, info: StepInfo) -> None:
+        self.step = info.step
         if info.step % self.every == 0:
             self.check(info.step)
 
     def check(self, step: int) -> None:
+        self.counted_at = step
         counts = nonzero_counts(self.pep)
         if self.metrics is not None:
             for table, n in counts.items():
@@ -319,6 +323,10 @@ class PruneCallback(Callback):
         self.stop_requested = not self.pending
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
+        if self.step is not None and self.step != self.counted_at:
+            # The run ended between counts (or before the first): what it kept at the end is
+            # counted, recorded and said, not the last count's (or 1.0 for none).
+            self.check(self.step)
         summary["pep"] = {"reached": self.reached, "missed": self.pending, "kept_fraction": self.last_fraction}
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_run_record(self.cfg, self.pep, self.reached)
