@@ -14,6 +14,7 @@ first; if the final copy fails, the staging prefix still holds the complete new 
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import shutil
@@ -145,9 +146,27 @@ def make_staging(out: StoragePath) -> Path:
     out = out.absolute()  # `--out .` has no name and its parent is itself
     out.parent.mkdir(parents=True, exist_ok=True)
     # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
+    _say_leftovers(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     return staging
+
+
+def _say_leftovers(out: Path) -> None:
+    """A warning for each staging folder of `out` that a killed writer left (SIGKILL, a power cut:
+    nothing of it could clean up), which would otherwise sit there for good unnoticed. Only those
+    whose process has ended on this host: a live one may be a writer at work."""
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
+        pid = leftover.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            print(f"warning: {leftover}: left by an interrupted write to {out} (its process {pid} has ended); "
+                  "delete it unless a process on another host is writing there", file=sys.stderr)
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or no pid at all
 
 
 def publish(staging: Path, out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
