@@ -267,7 +267,10 @@ def checkpointed_with_the_collapse_hook(
 
 def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path) -> None:
     checkpoints, inputs, want = checkpointed_with_the_collapse_hook(tmp_path)
-    out = export_serving(checkpoints, tmp_path / "serving")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export_serving(checkpoints, tmp_path / "serving")
+    assert [str(w.message) for w in caught] == []  # DCP's "loading in a single process": two lines on every export
     with torch.no_grad():
         torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
 
