@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -36,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console.set_verbose(getattr(args, "verbose", False))
-    previous = signal.getsignal(signal.SIGTERM)
-    sigterm_as_ctrl_c()
+    with sigterm_as_ctrl_c():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The verb, its failures said in one line each, with the exit status that says which kind."""
     try:
         return int(args.func(args) or 0)
     except EmbshardError as e:
@@ -64,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         line = str(e) if isinstance(e, console.Crashed) else first_line(e)
         print(f"embshard: crashed: {line} (full traceback: {log})", file=sys.stderr)
         return EXIT_CRASH
-    finally:
-        if previous is not None:  # None: a handler Python did not install, which cannot be put back
-            signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
@@ -21,12 +22,27 @@ _POLL_SECONDS = 0.2  # how soon the main thread notices the helper thread ended
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def sigterm_as_ctrl_c() -> None:
-    """SIGTERM (`kill`, a container's stop) raises KeyboardInterrupt, as Ctrl-C does: every verb
-    then removes what it staged and says one line. Installed by the CLI for the whole command
-    (`init_ray` puts it back after ray.init, which replaces it)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within the block SIGTERM (`kill`, a container's stop) raises KeyboardInterrupt, as Ctrl-C
+    does: every verb then removes what it staged and says one line. The CLI's whole command runs
+    in it (`init_ray` keeps it past ray.init, which replaces it: `sigterm_kept`)."""
+    with sigterm_kept():
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
+        yield
+
+
+@contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """The SIGTERM handler in place before the block, in place again after it. Signal handlers
+    belong to the main thread; one Python did not install reads as None and cannot be put back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from embshard.cluster import console, fatal
-from embshard.cluster.interrupt import run_with_graceful_ctrl_c
+from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.config import JobConfig
 from embshard.datasets.profile import load_profile
@@ -44,7 +42,7 @@ from embshard.trainer.checkpoint import (
 from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import method_name
-from embshard.trainer.planning import planning_step
+from embshard.trainer.planning import check_same_data, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
 from embshard.typed_config import from_dict, to_dict
@@ -85,6 +83,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         made_for = "the plan"
     bundle.shard_plan.check_matches(bundle.dimension_plan, topology)
     spec = DatasetSpec.load(cfg.data.path)
+    check_same_data(bundle.dimension_plan, spec, cfg.data.path, made_for)
     check_plan_holds(bundle.dimension_plan, {f.name: f.cardinality for f in spec.sparse},
                      f"{made_for} on {cfg.data.path}")
     bundle.memory.check_fits()
@@ -253,12 +252,8 @@ def init_ray(cfg: JobConfig, cpus: float | None = None, jobs: int = 1) -> None:
         return
     # ray.init puts a SIGTERM handler of Ray's in place of the process's (the CLI's, see
     # `sigterm_as_ctrl_c`): a `kill` before the workers start was a C++ stack dump and an abort.
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
+    with sigterm_kept():
         _join_or_start_ray(cfg, cpus, jobs)
-    finally:
-        if previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:

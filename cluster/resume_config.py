@@ -32,6 +32,14 @@ MODEL_DEFINING_KEYS = (
 )
 
 
+# Of those, the keys a DimensionPlan is made from (the rest, dense layers and MLET's init, shape
+# what trains around it). `embeddings.decisions` is a path, written relative or absolute, on a
+# pod or a laptop; what it held is in the plan, and its policy is compared.
+PLAN_DEFINING_KEYS = ("embeddings", "model.arch", "pep.granularity", "pep.pooled_lookup", "autodim.candidates",
+                      "autodim.lookup")
+NOT_PLAN_DEFINING_KEYS = ("embeddings.mlet.init_std", "embeddings.mlet.exact_resume", "embeddings.decisions")
+
+
 def model_defining(config: dict[str, Any]) -> dict[str, Any]:
     """The model-defining keys of a config dict, flattened to dotted names."""
     return {k: v for k, v in flatten(config).items() if under(k, MODEL_DEFINING_KEYS)}
@@ -40,8 +48,7 @@ def model_defining(config: dict[str, Any]) -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this config's value) for every model-defining key that differs.
     The saved config is read through today's schema where it can be (`current_schema`)."""
-    old, new = model_defining(current_schema(saved)), model_defining(to_dict(cfg))
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return _differences(model_defining(current_schema(saved)), model_defining(to_dict(cfg)))
 
 
 def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, adopt: bool) -> JobConfig:
@@ -74,7 +81,7 @@ def check_plan_made_for(plan: DimensionPlan, cfg: JobConfig, method: str, where:
                 "through the planner's API): not checked against this run's"]
     if not isinstance(record.get("method"), str) or not isinstance(record.get("config"), dict):
         raise PlanError(f"{where}: malformed made_with (expected a method name and a config)")
-    differences = config_differences(record["config"], cfg)
+    differences = plan_differences(record["config"], cfg)
     if differences:
         raise PlanError(f"{where} was made for another model config: {shown(differences, 'plan')}; train it "
                         "with the config it was made with, or make a plan for this one with `embshard plan`")
@@ -82,6 +89,23 @@ def check_plan_made_for(plan: DimensionPlan, cfg: JobConfig, method: str, where:
         raise PlanError(f"{where} was made for method {record['method']!r}, this run trains {method!r}; "
                         "make a plan for this run with `embshard plan`")
     return []
+
+
+def plan_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
+    """(key, the plan's config value, this config's) for every key the plan was made from that
+    differs; MDE's knobs only where either side plans with MDE."""
+    old, new = flatten(current_schema(saved)), flatten(to_dict(cfg))
+    mde = "mde" in (old.get("embeddings.policy"), new.get("embeddings.policy"))
+
+    def plan_defining(flat: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in flat.items() if under(k, PLAN_DEFINING_KEYS)
+                and not under(k, NOT_PLAN_DEFINING_KEYS) and (mde or not under(k, ("embeddings.mde",)))}
+
+    return _differences(plan_defining(old), plan_defining(new))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def shown(differences: list[tuple[str, Any, Any]], recorded: str) -> str:

@@ -4,16 +4,19 @@ Two runs on one output_dir (a command started twice, a rerun while the first sti
 resumed from each other's checkpoints, pruned each other's saves in progress, set each other's
 checkpoints aside as superseded, shared the stop-request file (a Ctrl-C of one stopped the
 other) and printed each other's summary. So a run holds an exclusive lock on its output_dir,
-and on its checkpoint folder where that is a folder of its own, from its planning to its end;
-a second run is refused with one line naming the first.
+and on its local checkpoint folder (another run may name it as its own), from its planning to
+its end; a second run is refused with one line naming the first.
 
 The lock is flock(2) on a file in the folder: the system releases it when its process ends, so
-a killed run leaves no lock behind. An object-store checkpoint folder has no such lock; the
-output_dir, which every run has locally, still keeps two runs of one config apart.
+a killed run leaves no lock behind (on NFSv4, once the server's lease on a lost client ends). An
+object-store checkpoint folder has no such lock; the output_dir, which every run has locally,
+still keeps two runs of one config apart. A file system that takes no locks is said, and runs
+as before.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -36,14 +39,13 @@ class FolderInUse(ConfigError):
 
 @contextmanager
 def run_lock(cfg: JobConfig) -> Iterator[None]:
-    """The run's folders locked for the whole of the block (see the module docstring)."""
-    output = Path(cfg.output_dir).absolute()
-    folders = [output]
-    checkpoints = cfg.checkpoint_dir
-    if cfg.checkpoint.enabled and isinstance(checkpoints, Path) and not checkpoints.absolute().is_relative_to(output):
-        folders.append(checkpoints.absolute())
+    """The run's folders locked for the whole of the block (see the module docstring): its
+    output_dir, and its local checkpoint folder, which another run may name as its own."""
+    folders = [Path(cfg.output_dir)]
+    if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, Path):
+        folders.append(cfg.checkpoint_dir)
     with ExitStack() as stack:
-        for folder in folders:
+        for folder in dict.fromkeys(f.resolve() for f in folders):  # one folder by two names, once
             stack.enter_context(folder_lock(folder))
         yield
 
@@ -55,17 +57,20 @@ def folder_lock(folder: Path) -> Iterator[None]:
     folder = folder.absolute()
     created = _make(folder)
     path = folder / LOCK_FILE
-    fd = _acquire(path)
+    fd = None
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                                 "command": " ".join(sys.argv)}).encode())
+        fd = _acquire(path)
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                     "command": " ".join(sys.argv)}).encode())
         yield
     finally:
-        # Removed while still held: a process that opened the old file finds, once it has the
-        # lock, that the path no longer names it, and tries again (`_acquire`).
-        path.unlink(missing_ok=True)
-        os.close(fd)
+        if fd is not None:
+            # Removed while still held: a process that opened the old file finds, once it has
+            # the lock, that the path no longer names it, and tries again (`_acquire`).
+            path.unlink(missing_ok=True)
+            os.close(fd)
         for made in created:
             try:
                 made.rmdir()  # only where the block wrote nothing
@@ -84,7 +89,8 @@ def _make(folder: Path) -> list[Path]:
     return missing
 
 
-def _acquire(path: Path) -> int:
+def _acquire(path: Path) -> int | None:
+    """The locked file's descriptor; None where the file system has no locks to take."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -94,6 +100,15 @@ def _acquire(path: Path) -> int:
             os.close(fd)
             raise FolderInUse(f"{path.parent}: another embshard run is using it ({holder}); wait for it to "
                               "end, or give this one another folder") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # NFSv3 without a lock daemon, some FUSE mounts: runs went on there before the lock.
+            path.unlink(missing_ok=True)
+            print(f"warning: {path.parent}: its file system takes no locks ({e.strerror}); nothing keeps a "
+                  "second run out of it", file=sys.stderr)
+            return None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

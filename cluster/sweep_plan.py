@@ -182,13 +182,21 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--vary {item!r}: expected KEY=V1,V2,... (e.g. embeddings.mde.alpha=0.3,1.0)")
         if key in vary:
             raise ConfigError(f"--vary {key}: given twice; list every value once, comma-separated")
-        try:
-            parsed = parse_yaml(raw)
-        except yaml.YAMLError:  # `[32],[16]`: two values, each valid on its own
-            parsed = None
-        vary[key] = parsed if isinstance(parsed, list) else [
-            parse_yaml_value(v, f"--vary {key}={v}") for v in raw.split(",")]
+        vary[key] = _values(key, raw)
     return vary
+
+
+def _values(key: str, raw: str) -> list[Any]:
+    """`V1,V2`: a YAML list as it is, or the values it lists once bracketed (`[64,32],[32,16]`
+    are two lists), or, failing both, each comma-separated value on its own."""
+    for text in (raw, f"[{raw}]"):
+        try:
+            parsed = parse_yaml(text)
+        except yaml.YAMLError:
+            continue
+        if isinstance(parsed, list):
+            return parsed
+    return [parse_yaml_value(v, f"--vary {key}={v}") for v in raw.split(",")]
 
 
 def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], where: str) -> None:
@@ -315,10 +323,12 @@ def method_knobs(cfg: JobConfig, method: str) -> dict[str, Any]:
 
 
 def run_config(base: JobConfig, trial: Trial, run_dir: Path, name: str) -> JobConfig:
-    """`base` as one run of a trial: its own output folder and seed, the test split evaluated,
-    no progress bar (trials run side by side)."""
+    """`base` as one run of a trial: its own output folder, seed and plan (a config's plan file
+    is one method's at one budget), the test split evaluated, no progress bar (trials run side
+    by side)."""
     out = run_dir / name
     return replace(base, seed=trial.seed, name=f"sweep-{trial.key}-{name}", output_dir=str(out),
+                   sharding=replace(base.sharding, plan_file=None),
                    train=replace(base.train, test=True, progress=False),
                    checkpoint=replace(base.checkpoint, dir=None, resume=None),
                    # Runs side by side must not share one file-SD file.

@@ -163,8 +163,9 @@ def _say_leftovers(out: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            print(f"warning: {leftover}: left by an interrupted write to {out} (its process {pid} has ended); "
-                  "delete it unless a process on another host is writing there", file=sys.stderr)
+            print(f"warning: {leftover}: left by an interrupted write to {out} (its process {pid} is not "
+                  "running on this host); delete it unless a process on another host is writing there",
+                  file=sys.stderr)
         except (PermissionError, OverflowError):
             pass  # alive under another user, or no pid at all
 

@@ -144,8 +144,8 @@ class DatasetSpec:
         path = location(directory) / SPEC_FILE
         try:
             raw = read_json(path, DataError)
-        except DataError:
-            raw = None  # gone, or half-written: not this dataset either way
+        except (DataError, FileNotFoundError):
+            raw = None  # gone (a store's replacement takes it away first), or half-written
         now = raw.get("id") if isinstance(raw, dict) else None
         if now != self.id:
             raise DataError(f"{location(directory)}: the dataset was replaced while {doing} read it; stopped "

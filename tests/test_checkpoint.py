@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import threading
 import time
@@ -126,9 +128,22 @@ def test_damaged_checkpoint_falls_back_with_warning(dataset, tmp_path, caplog):
     assert any(str(newest) in r.getMessage() for r in caplog.records)
 
 
-def test_keep_last_k_and_unfinished_folders_ignored(dataset, tmp_path):
+def test_keep_last_k_and_unfinished_folders_ignored(dataset, tmp_path, monkeypatch):
+    from embshard.trainer import checkpoint
+
     cfg = job(dataset, tmp_path, max_steps=12)
+    pruned = []
+
+    def rmtree(path):
+        # A pruned step loses its manifest before any other file: an export reading it meanwhile
+        # knows it was pruned, not damaged (rmtree took files in directory order, manifest last).
+        if re.fullmatch(r"step-\d+", path.name):
+            pruned.append((path.name, (path / MANIFEST).exists()))
+        shutil.rmtree(path, ignore_errors=True)
+
+    monkeypatch.setattr(checkpoint, "rmtree", rmtree)
     run_worker(cfg)
+    assert pruned == [("step-000004", False)]
     ckpts = complete_checkpoints(cfg.checkpoint_dir)
     assert [p.name for p in ckpts] == ["step-000012", "step-000008"]
     manifest = json.loads((ckpts[0] / MANIFEST).read_text())

@@ -459,3 +459,14 @@ def test_the_outputs_line_names_no_checkpoint_folder_a_run_did_not_write():
     assert "checkpoints outputs/x/checkpoints," in outputs_line(JobConfig(output_dir="outputs/x"), "r")
     off = JobConfig(output_dir="outputs/x", checkpoint=CheckpointConfig(enabled=False))
     assert "checkpoints none (checkpoint.enabled is false)," in outputs_line(off, "r")
+
+
+def test_main_runs_off_the_main_thread(tmp_path, capsys):
+    # Putting SIGTERM's handler back raised ValueError there (signals are the main thread's).
+    import threading
+
+    result = []
+    worker = threading.Thread(target=lambda: result.append(main(["plan", str(tmp_path / "none.yaml")])))
+    worker.start()
+    worker.join()
+    assert result == [2] and "config file not found" in capsys.readouterr().err

@@ -3,6 +3,8 @@ next would be the new dataset's rows under the old one's plan and counts, so the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from embshard.cluster.sweep_report import dataset_sha256
@@ -55,3 +57,23 @@ def test_a_profile_of_a_dataset_replaced_meanwhile_is_not_written(tmp_path, monk
     monkeypatch.undo()
     written_by_synth = (data / "profile" / "profile.json").read_text()
     assert write_profile(data) and (data / "profile" / "profile.json").read_text() == written_by_synth
+
+
+def test_a_plan_of_another_writing_of_the_data_is_refused_before_training(tmp_path, capsys) -> None:
+    # The id check of a reader covers what it read since it started; a dataset written again
+    # between the plan and the workers' start (or a resume) trained under the old plan's counts.
+    from embshard.cluster.cli import main
+
+    data = tmp_path / "d"
+    synthesize(data, rows=2000, max_cardinality=100)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\ncluster:\n  workers: 1\n"
+                   f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["plan", str(cfg), "--out", str(tmp_path / "p" / "plan.json")]) == 0
+    synthesize(data, rows=2000, max_cardinality=100, overwrite=True)  # the same arguments: another writing
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--set", f"sharding.plan_file={tmp_path / 'p' / 'plan.json'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(
+        rf"embshard: error: {data}: the dataset was written again since sharding.plan_file .*plan.json was made "
+        r"from it \(dataset id \w{8}, the plan's \w{8}\); plan and train it into a new output_dir", err[0]), err

@@ -501,14 +501,6 @@ def test_equal_quantities_in_other_units_are_within_limits() -> None:
     assert the(render(values), "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]
 
 
-def test_long_release_names_keep_apart() -> None:
-    # Cut to 40 characters, two releases differing after it shared one RayJob, claim and config.
-    base = "criteo-mde-sweep-budget-quarter-seed-zero-run"
-    names = {the(render(name=base + suffix), "RayJob")["metadata"]["name"] for suffix in ("-a", "-b")}
-    assert len(names) == 2 and all(len(n) <= 40 and re.fullmatch(r"[a-z][-a-z0-9]*[a-z0-9]", n) for n in names)
-    assert the(render(name="demo"), "RayJob")["metadata"]["name"] == "demo-embshard"  # short names as before
-
-
 @pytest.mark.parametrize(("mode", "follow"), [("K8sJobMode", "logs -f -l job-name=demo-embshard"),
                                                ("HTTPMode", "ray job logs -f --address http://127.0.0.1:8265")])
 def test_notes_follow_the_job_where_its_output_is(mode, follow) -> None:

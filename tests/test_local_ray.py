@@ -55,13 +55,13 @@ SIGTERM_AFTER_INIT = textwrap.dedent("""
     from embshard.cluster.launch import init_ray
     from embshard.config import JobConfig
 
-    sigterm_as_ctrl_c()  # as the CLI does for every verb
-    init_ray(JobConfig())
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30)
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
+    with sigterm_as_ctrl_c():  # as the CLI runs every verb
+        init_ray(JobConfig())
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
     ray.shutdown()
 """)
 

@@ -12,13 +12,15 @@ from conftest import profiled_synth
 
 from embshard.cluster.cli import main
 from embshard.cluster.launch import plan_for_training, with_checkpoint_config
-from embshard.cluster.resume_config import config_differences
+from embshard.cluster.resume_config import config_differences, plan_differences
 from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
     EmbeddingsConfig,
     JobConfig,
+    MdeConfig,
+    MletConfig,
     ModelConfig,
     TrainConfig,
 )
@@ -50,6 +52,20 @@ def test_differences_are_the_model_defining_keys_only():
     cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16, policy="mde"), train=TrainConfig(sparse_lr=0.5, epochs=3))
     assert config_differences(saved, cfg) == [("embeddings.dim", 8, 16), ("embeddings.policy", "uniform", "mde")]
     assert config_differences(saved, replace(cfg, embeddings=EmbeddingsConfig(dim=8))) == []
+
+
+def test_a_plan_is_compared_on_the_keys_it_was_made_from_only():
+    # All of the checkpoint's keys were compared: a plan file was refused for another MLP, MLET
+    # init, a decisions path written relative instead of absolute, or MDE knobs under uniform.
+    made = JobConfig(embeddings=EmbeddingsConfig(dim=8, policy="decisions", decisions="outputs/d.json",
+                                                 mlet=MletConfig(width=16)))
+    same_plan = replace(made, model=ModelConfig(dense_arch=[16], over_arch=[8]),
+                        embeddings=replace(made.embeddings, decisions="/abs/outputs/d.json",
+                                           mlet=MletConfig(width=16, init_std=0.5), mde=MdeConfig(alpha=1.0)))
+    assert plan_differences(to_dict(made), same_plan) == []
+    other = replace(same_plan, embeddings=replace(same_plan.embeddings, dim=16, policy="mde", decisions=None))
+    assert plan_differences(to_dict(made), other) == [
+        ("embeddings.dim", 8, 16), ("embeddings.mde.alpha", 0.3, 1.0), ("embeddings.policy", "decisions", "mde")]
 
 
 @pytest.mark.usefixtures("process_group")

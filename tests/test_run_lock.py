@@ -62,3 +62,38 @@ def test_a_second_run_or_plan_on_a_running_runs_folder_is_one_line(tmp_path, cap
         assert main(["plan", str(cfg), "--out", str(tmp_path / "elsewhere" / "plan.json")]) == 0
     with folder_lock(tmp_path / "elsewhere"):  # two `plan --out` into one folder
         assert main(["plan", str(cfg), "--out", str(tmp_path / "elsewhere" / "plan.json"), "--overwrite"]) == 2
+
+
+def test_a_checkpoint_folder_is_locked_by_the_run_that_writes_it(tmp_path) -> None:
+    # A second run naming the first's checkpoints (inside the first's output_dir) as its own went
+    # ahead; one folder reached by two names (a link) refused the run that held it.
+    from embshard.cluster.run_lock import run_lock
+    from embshard.config import CheckpointConfig, JobConfig
+
+    first = JobConfig(output_dir=str(tmp_path / "a"))
+    second = JobConfig(output_dir=str(tmp_path / "b"),
+                       checkpoint=CheckpointConfig(dir=str(tmp_path / "a" / "checkpoints")))
+    with run_lock(first):
+        with pytest.raises(FolderInUse, match=rf"^{tmp_path / 'a' / 'checkpoints'}: another embshard run"):
+            with run_lock(second):
+                pass
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "a").mkdir()
+    through_link = CheckpointConfig(dir=str(tmp_path / "link"))
+    with run_lock(JobConfig(output_dir=str(tmp_path / "a"), checkpoint=through_link)):
+        pass
+
+
+def test_a_file_system_without_locks_is_said_and_runs(tmp_path, monkeypatch, capsys) -> None:
+    # NFSv3 without a lock daemon: ENOLCK was a traceback from every verb that locks.
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with folder_lock(tmp_path / "run"):
+        assert not (tmp_path / "run" / LOCK_FILE).exists()
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'run'}: its file system takes no locks (No locks available)" in err

@@ -37,7 +37,7 @@ from embshard.cluster.sweep_report import (
     report,
     with_variants,
 )
-from embshard.config import EmbeddingsConfig, JobConfig, load_job_config
+from embshard.config import EmbeddingsConfig, JobConfig, ShardingConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import ConfigError, DataError
 from embshard.typed_config import to_dict
@@ -350,7 +350,10 @@ def test_trials_and_budget_knobs(tmp_path):
     assert [uniform_width(emb, b) for b in (0.125, 0.25, 0.3, 1.0)] == [4, 4, 4, 16]
     data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
     trial = SweepSpec(["mde+mlet"], [0.5], 1).trials()[0]
-    cfg = planned_run(JobConfig(), data, trial, tmp_path)
+    # A config's plan file is one method's at one budget: each trial plans its own (every trial
+    # was refused as made for another config, and recorded as a budget its method cannot meet).
+    cfg = planned_run(JobConfig(sharding=ShardingConfig(plan_file="plan/plan.json")), data, trial, tmp_path)
+    assert cfg.sharding.plan_file is None
     assert cfg.embeddings.policy == "mde" and cfg.embeddings.mde.budget_params == 150 * 16 // 2
     assert cfg.embeddings.mlet is not None and cfg.embeddings.mlet.ratio == 4
     assert cfg.train.test and cfg.output_dir == str(tmp_path / "train")
@@ -370,6 +373,7 @@ def test_vary_runs_each_method_that_reads_the_knob_at_every_value(tmp_path):
         "autodim.candidates": [[2, 8, 32], [4, 16, 32]]}
     # Not YAML as a whole, each value is (it was a traceback); a value that is not either, one line.
     assert parse_vary(["model.dense_arch=[32],[16]"]) == {"model.dense_arch": [[32], [16]]}
+    assert parse_vary(["model.dense_arch=[64,32],[32,16]"]) == {"model.dense_arch": [[64, 32], [32, 16]]}
     with pytest.raises(ConfigError, match=r"^--vary train\.epochs=\[1:1:3: not valid YAML \("):
         parse_vary(["train.epochs=[1"])
     # What Tune hands a trial and what the trial trains: the knob set over the sweep's config.

@@ -193,6 +193,9 @@ class CheckpointManager:
     def _prune(self) -> None:
         kept = complete_checkpoints(self.directory)
         for old in kept[self.keep:]:
+            # Its manifest first: a reader of it (`embshard export` while the run saves) then
+            # finds it incomplete the moment any file of it is gone, as `export` checks.
+            (old / MANIFEST).unlink()
             rmtree(old)
         # Unfinished writes of earlier steps (a run killed mid-save) that no run will finish:
         # each is as large as a checkpoint. One with a manifest was complete and is left alone.

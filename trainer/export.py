@@ -60,11 +60,7 @@ from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.trainer.checkpoint import (
-    CONFIG,
-    PLAN_DIR,
-    newest_verified,
-)
+from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, newest_verified
 from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
 from embshard.trainer.models import TrainModel, get_arch
@@ -214,17 +210,20 @@ def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConf
 def _export_checkpoint(source: StoragePath, out_dir: StoragePath, overwrite: bool) -> StoragePath:
     path = newest_verified(source)  # every file's hash, before DCP's metadata (a pickle) is read
     try:
-        return _export_step(path, out_dir, overwrite)
+        plan, spec, model_config, plan_dir, weights = _read_step(path)
     except (Exception, CheckpointException) as e:  # DCP's errors are BaseExceptions
         if (path / CHECKPOINT_MANIFEST).is_file():
             raise
-        # A run still saving into `source` prunes its older steps: the files went mid-read (a
-        # FileNotFoundError, or an AssertionError inside DCP), not the checkpoint that was damaged.
+        # A run still saving into `source` prunes its older steps, the manifest first: the files
+        # went mid-read (a FileNotFoundError, or an AssertionError inside DCP), not damage.
         raise ExportError(f"{path}: removed while it was being exported (a run still saving into {source} "
                           "keeps only its newest steps); export again to read the newest one then") from e
+    return _write(out_dir, plan, weights, spec, model_config, plan_dir, source=str(path), overwrite=overwrite)
 
 
-def _export_step(path: StoragePath, out_dir: StoragePath, overwrite: bool) -> StoragePath:
+def _read_step(path: StoragePath) -> tuple[DimensionPlan, DatasetSpec, ModelConfig, StoragePath,
+                                           dict[str, torch.Tensor]]:
+    """A checkpoint's plan, dataset spec, model config, plan folder and serving weights."""
     config = json.loads((path / CONFIG).read_text())
     plan_dir = path / PLAN_DIR
     raw = json.loads((plan_dir / PLAN).read_text())
@@ -247,8 +246,7 @@ def _export_step(path: StoragePath, out_dir: StoragePath, overwrite: bool) -> St
         dcp.load({"model": state}, storage_reader=checkpoint_reader(path), planner=SafeLoadPlanner(), no_dist=True)
     if not collapsed_on_save:
         state.update(collapse_mlet_tables(model, state))
-    weights = {_arch_key(k): v for k, v in state.items()}
-    return _write(out_dir, plan, weights, spec, model_config, plan_dir, source=str(path), overwrite=overwrite)
+    return plan, spec, model_config, plan_dir, {_arch_key(k): v for k, v in state.items()}
 
 
 def _arch_key(key: str) -> str:

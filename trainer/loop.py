@@ -48,6 +48,7 @@ from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_
 from embshard.trainer.metrics import WorkerMetrics, doing, write_file_sd
 from embshard.trainer.pipeline import TrainSteps
 from embshard.trainer.pipeline import train_step as model_step
+from embshard.trainer.planning import check_same_data
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
 from embshard.typed_config import to_dict
@@ -98,6 +99,7 @@ def run_worker(
     bundle = PlanBundle.load(cfg.sharding.plan_file or cfg.plan_dir, cfg.train.sparse_optimizer)
     bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.sharding.topology(world))
     train_reader = make_reader(cfg, bundle, "train", rank, world)
+    check_same_data(bundle.dimension_plan, train_reader.spec, cfg.data.path, "the run's plan")
     valid_reader = make_reader(cfg, bundle, "valid", rank, world)
     sharded = build_sharded(cfg, bundle, train_reader.spec, device, method=method)
     output_dir = Path(cfg.output_dir)

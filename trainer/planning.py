@@ -13,6 +13,7 @@ import numpy as np
 
 from embshard.config import JobConfig, MdeConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
+from embshard.errors import DataError
 from embshard.planner.pipeline import Decide
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.method import get_method, method_name
@@ -37,9 +38,21 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
         plan = embedding_method.dimension_plan(cfg, spec, counts, out_dir)
-        return replace(plan, uniform_width=uniform, notes=[*unread, *plan.notes], made_with=made_with)
+        return replace(plan, uniform_width=uniform, notes=[*unread, *plan.notes],
+                       made_with={**made_with, "dataset_id": spec.id})
 
     return decide
+
+
+def check_same_data(plan: DimensionPlan, spec: DatasetSpec, data_path: str, where: str) -> None:
+    """DataError when `data_path` holds another writing of the dataset than the one `plan` was
+    made from (written again since, say with --overwrite, between planning and the workers'
+    start, before a worker-group restart or a resume): its rows would train under a plan of the
+    other one's counts and id remaps. Plans and datasets from before ids were recorded pass."""
+    planned = plan.made_with.get("dataset_id")
+    if planned and spec.id and planned != spec.id:
+        raise DataError(f"{data_path}: the dataset was written again since {where} was made from it (dataset id "
+                        f"{spec.id[:8]}, the plan's {str(planned)[:8]}); plan and train it into a new output_dir")
 
 
 def unread_settings(cfg: JobConfig, arch: ModelArch) -> list[str]:

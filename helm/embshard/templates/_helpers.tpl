@@ -3,14 +3,14 @@
 {{- .Chart.Name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* A name cut to 40 characters ends in a hash of the whole: two releases that differ only
-  after the 40th character would otherwise share the RayJob, the claim and the config. */}}
+{{/* Two releases that differ only after the 40th character get the same names: Helm refuses
+  the second (the objects carry the first's ownership). Not hashed, so that an upgrade of a
+  long-named release keeps its claim and its checkpoints. */}}
 {{- define "embshard.fullname" -}}
-{{- $name := ternary .Release.Name (printf "%s-%s" .Release.Name .Chart.Name) (contains .Chart.Name .Release.Name) -}}
-{{- if gt (len $name) 40 -}}
-{{- printf "%s-%s" ($name | trunc 33 | trimSuffix "-") (sha256sum $name | trunc 6) -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
-{{- $name -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
