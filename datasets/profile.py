@@ -91,6 +91,11 @@ class Profile:
         return self.stats[name].mean_ids_per_row
 
 
+# A feature's ids of one row group are counted by sorting them when its cardinality is more
+# than this many times their number, else by a bincount over every id of the feature.
+_SORT_BELOW = 16
+
+
 def write_profile(dataset_dir: str | Path) -> Profile:
     spec = DatasetSpec.load(dataset_dir)
     parts = verify_split(dataset_dir, spec, "train")
@@ -108,7 +113,14 @@ def write_profile(dataset_dir: str | Path) -> Profile:
                 for f in spec.sparse:
                     ids, offsets = flat_ids(table[f.name])
                     check_ids(path, f.name, ids, f.cardinality, offsets=offsets, first_row=rows_in_file)
-                    counts[f.name] += np.bincount(ids, minlength=f.cardinality)
+                    if f.cardinality > _SORT_BELOW * ids.size:
+                        # A full-cardinality bincount per row group made a profile cost (row
+                        # groups x cardinality): 0.5 s a group at 40M ids. Sorting the group's
+                        # ids costs the group alone.
+                        seen, times = np.unique(ids, return_counts=True)
+                        counts[f.name][seen] += times
+                    else:
+                        counts[f.name] += np.bincount(ids, minlength=f.cardinality)
                 rows += table.num_rows
                 rows_in_file += table.num_rows
                 bar.update()

@@ -552,5 +552,8 @@ def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.Capture
     args = parser.parse_args(["data", "convert", "avazu", str(a), str(b), "--out", str(tmp_path / "o"),
                               "--dedup-key", "id"])
     assert args.func(args) == 0
-    assert "dropped 5 rows repeating a 'id'" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "dropped 5 rows repeating a 'id'" in out
+    # each file's progress bar says which of how many it is
+    assert "avazu: encoding [1/2] a.csv" in err and "avazu: encoding [2/2] b.csv" in err
     assert sum(DatasetSpec.load(tmp_path / "o").rows.values()) == 25

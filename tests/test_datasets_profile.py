@@ -32,6 +32,19 @@ def test_single_hot_counts_sum_to_train_rows(tmp_path: Path) -> None:
     assert raw["C1"]["rows"] == 4_000 and raw["C1"]["total_ids"] == 4_000
 
 
+def test_counts_are_exact_whether_a_group_is_sorted_or_bincounted(tmp_path: Path) -> None:
+    # Features far larger than a row group's ids are counted by sorting the group's ids.
+    import pyarrow.parquet as pq
+
+    spec = synthesize(tmp_path, rows=5_000, seed=3, max_cardinality=5_000_000)
+    profile = write_profile(tmp_path)
+    train = pq.read_table(tmp_path / "train")
+    assert max(f.cardinality for f in spec.sparse) > 16 * train.num_rows  # the sorting path is taken
+    for f in spec.sparse:
+        want = np.bincount(train[f.name].to_numpy(), minlength=f.cardinality)
+        np.testing.assert_array_equal(profile.counts(f.name), want)
+
+
 def test_multi_hot_pooling_factor(tmp_path: Path) -> None:
     spec = DatasetSpec(name="mh", dense=[], sparse=[SparseFeature("tags", 6, multi_hot=True)])
     lists = [[1, 2], [], [5], [1, 1, 3], [0], [2, 4], [3], [1, 5, 5, 2], [4], [2]]

@@ -138,12 +138,14 @@ def _parsed(fmt: TextFormat, inputs: list[_Input], desc: str,
             stop: int | None = None) -> Iterator[tuple[_Input, TextChunk, Parsed]]:
     """Parsed rows of all inputs in order, up to global position `stop`; marks the lines read as
     checked, so a later pass does not report a malformed line again."""
-    for inp in inputs:
+    for i, inp in enumerate(inputs, 1):
         if stop is not None and inp.offset >= stop:
             return
         end = fmt.header_lines + (inp.lines if stop is None else min(inp.lines, stop - inp.offset))
+        # Each file's bar says which file of how many: a folder of 24 showed 24 unnamed bars a pass.
+        which = f" [{i}/{len(inputs)}] {inp.path.name}" if len(inputs) > 1 else ""
         for chunk in read_chunks(inp.path, fmt.columns, fmt.delimiter, inp.malformed,
-                                 skip_lines=fmt.header_lines, stop_line=end, desc=desc):
+                                 skip_lines=fmt.header_lines, stop_line=end, desc=desc + which):
             yield inp, chunk, fmt.parse(chunk, inp.malformed)
         inp.malformed.covered = max(inp.malformed.covered, end)
 

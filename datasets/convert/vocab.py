@@ -9,13 +9,18 @@ deterministic for a given input file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 # Merging per-chunk counts every few chunks bounds memory by the number of distinct values.
 _MERGE_EVERY = 16
+# Vocabulary values Arrow hashes in the time pandas' prebuilt table looks one value up, about
+# (bench/vocab_encode.py, 64k-value chunks of Criteo-like strings).
+_HASH_PER_LOOKUP = 5
 
 
 @dataclass(frozen=True)
@@ -28,8 +33,23 @@ class Vocabulary:
         return len(self.values) + 1  # + the unknown id
 
     def encode(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        index = pc.index_in(values, value_set=self.values)
-        return pc.fill_null(index, -1).to_numpy().astype(np.int64) + 1
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        # Each distinct value of the chunk looked up once. Arrow's index_in hashes the whole
+        # vocabulary at every call: alone it made encoding cost (chunks x vocabulary), 1.5 s a
+        # chunk at 4M values. A table built once (pandas) answers in time of the chunk alone but
+        # costs several times more per value than hashing one (bench/vocab_encode.py).
+        if len(self.values) <= _HASH_PER_LOOKUP * len(values):
+            return pc.fill_null(pc.index_in(values, value_set=self.values), -1).to_numpy().astype(np.int64) + 1
+        encoded = pc.dictionary_encode(values)
+        known = self._lookup.get_indexer(encoded.dictionary.to_numpy(zero_copy_only=False))
+        unknown = len(known)  # where a null value's index points: -1 after the append
+        ids = np.append(known, -1)[pc.fill_null(encoded.indices, unknown).to_numpy()]
+        return ids.astype(np.int64) + 1
+
+    @cached_property
+    def _lookup(self) -> pd.Index:
+        return pd.Index(self.values.to_numpy(zero_copy_only=False))
 
 
 class VocabularyBuilder:

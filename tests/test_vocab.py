@@ -1,0 +1,34 @@
+"""Raw categorical values to ids: the same ids whichever lookup a chunk takes (Arrow's index_in
+for a vocabulary small beside the chunk, a table built once for a large one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
+
+
+@pytest.mark.parametrize("values, chunk, want", [
+    (["a", "b", "c"], [None, "zz", "c", "a", "c"], [0, 0, 3, 1, 3]),
+    ([7, 3, 2**60], [2**60, None, 3, 9, 7], [3, 0, 2, 0, 1]),  # past float64's integers: exact
+])
+def test_both_lookups_give_the_same_ids(values, chunk, want) -> None:
+    vocab = Vocabulary(pa.array(values), np.ones(len(values), dtype=np.int64))
+    small = pa.array(chunk)  # 5 values: a vocabulary of 3 is hashed at each call
+    assert vocab.encode(small).tolist() == want
+    one_value = pa.chunked_array([small.slice(i, 1) for i in range(len(small))])
+    assert [vocab.encode(one_value.chunk(i)).tolist()[0] for i in range(len(small))] == want  # the table, built once
+    assert vocab.encode(one_value).tolist() == want
+
+
+def test_a_large_vocabulary_encodes_as_arrow_does() -> None:
+    rng = np.random.default_rng(0)
+    builder = VocabularyBuilder()
+    builder.add(pa.array(np.char.mod("%x", rng.integers(0, 50_000, 200_000))))
+    vocab = builder.build(min_count=2)
+    chunk = pa.array(np.char.mod("%x", rng.integers(0, 60_000, 1_000)))  # vocabulary > 5 x the chunk
+    expected = pc.fill_null(pc.index_in(chunk, value_set=vocab.values), -1).to_numpy() + 1
+    assert np.array_equal(vocab.encode(chunk), expected) and (expected == 0).any()
