@@ -83,9 +83,9 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         made_for = "the plan"
     bundle.shard_plan.check_matches(bundle.dimension_plan, topology)
     spec = DatasetSpec.load(cfg.data.path)
-    check_same_data(bundle.dimension_plan, spec, cfg.data.path, made_for)
     check_plan_holds(bundle.dimension_plan, {f.name: f.cardinality for f in spec.sparse},
                      f"{made_for} on {cfg.data.path}")
+    check_same_data(bundle.dimension_plan, spec, cfg.data.path, made_for)
     bundle.memory.check_fits()
     return bundle
 

@@ -75,5 +75,6 @@ def test_a_plan_of_another_writing_of_the_data_is_refused_before_training(tmp_pa
     assert main(["train", str(cfg), "--set", f"sharding.plan_file={tmp_path / 'p' / 'plan.json'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.fullmatch(
-        rf"embshard: error: {data}: the dataset was written again since sharding.plan_file .*plan.json was made "
-        r"from it \(dataset id \w{8}, the plan's \w{8}\); plan and train it into a new output_dir", err[0]), err
+        rf"embshard: error: {data}: not the dataset sharding.plan_file .*plan.json was made from \(dataset id "
+        r"\w{8}, the plan's \w{8}: another dataset, or this one written again since\); plan and train it into a "
+        r"new output_dir", err[0]), err

@@ -51,8 +51,9 @@ def check_same_data(plan: DimensionPlan, spec: DatasetSpec, data_path: str, wher
     other one's counts and id remaps. Plans and datasets from before ids were recorded pass."""
     planned = plan.made_with.get("dataset_id")
     if planned and spec.id and planned != spec.id:
-        raise DataError(f"{data_path}: the dataset was written again since {where} was made from it (dataset id "
-                        f"{spec.id[:8]}, the plan's {str(planned)[:8]}); plan and train it into a new output_dir")
+        raise DataError(f"{data_path}: not the dataset {where} was made from (dataset id {spec.id[:8]}, the plan's "
+                        f"{str(planned)[:8]}: another dataset, or this one written again since); plan and train it "
+                        "into a new output_dir")
 
 
 def unread_settings(cfg: JobConfig, arch: ModelArch) -> list[str]:

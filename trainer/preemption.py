@@ -65,7 +65,9 @@ def install_process_handler() -> None:
         current = signal.getsignal(signum)
         if current is not _handle:
             _previous[signum] = current
-            signal.signal(signum, _handle)
+        # Set again even where Python says it is ours: a library's C code (Ray's, at ray.init in
+        # this process) may have replaced it underneath, which getsignal cannot see.
+        signal.signal(signum, _handle)
 
 
 def _install_from_actor(_actor: object) -> bool:
