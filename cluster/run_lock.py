@@ -28,6 +28,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from embshard.config import JobConfig
+from embshard.datasets.storage import nearest_existing
 from embshard.errors import ConfigError
 
 LOCK_FILE = ".embshard-run.lock"
@@ -80,11 +81,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 def _make(folder: Path) -> list[Path]:
     """Creates `folder` and any missing parents; -> those it created, deepest first."""
-    missing = []
-    at = folder
-    while not at.exists() and at != at.parent:
-        missing.append(at)
-        at = at.parent
+    existing = nearest_existing(folder)
+    missing = [at for at in [folder, *folder.parents] if at.is_relative_to(existing) and at != existing]
     folder.mkdir(parents=True, exist_ok=True)
     return missing
 
