@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embshard.datasets.cli import register
-from embshard.datasets.convert import convert, text
+from embshard.datasets.convert import convert, movielens, text
+from embshard.datasets.convert.vocab import VocabularyBuilder
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import SPLITS, DatasetSpec
 from embshard.errors import DataError
@@ -557,3 +558,68 @@ def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.Capture
     # each file's progress bar says which of how many it is
     assert "avazu: encoding [1/2] a.csv" in err and "avazu: encoding [2/2] b.csv" in err
     assert sum(DatasetSpec.load(tmp_path / "o").rows.values()) == 25
+
+
+def test_movielens_read_in_small_blocks_gives_identical_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files are read block by block (a 25M release's ratings read whole took 20x their typed size).
+    dat = write_ml1m_like(tmp_path / "ml-1m", users=30, movies=12, per_user=6)
+    ratings = (dat / "ratings.dat").read_text().splitlines()
+    (dat / "ratings.dat").write_text("\n".join(ratings[:50] + ["", "7::x::4::978300000"] + ratings[50:]) + "\n")
+    csv = tmp_path / "ml-20m"
+    csv.mkdir()
+    (csv / "ratings.csv").write_text("\n\nuserId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{10 * (u % 3 + 1)},{(u * 7) % 10 / 2 + 0.5},{1000 + u}\n" for u in range(60)) + "1,10,4\n")
+    (csv / "movies.csv").write_text('movieId,title,genres\n10,"President, The (1995)",Comedy|Drama\n'
+                                    "20,Heat (1995),Action\n30,Untitled,(no genres listed)\n")
+    warnings = []
+    for src in (dat, csv):
+        convert("movielens", src, tmp_path / f"{src.name}-whole")
+        whole = capsys.readouterr().err
+        with monkeypatch.context() as m:
+            m.setattr(movielens, "BLOCK_BYTES", 64)  # a few lines a block
+            convert("movielens", src, tmp_path / f"{src.name}-blocks")
+        assert read_all(tmp_path / f"{src.name}-blocks").equals(read_all(tmp_path / f"{src.name}-whole"))
+        blocks = capsys.readouterr().err
+        reported = [line for line in whole.splitlines() if line.startswith("warning:")]  # each on its own line
+        assert reported == [line for line in blocks.splitlines() if line.startswith("warning:")]
+        warnings += reported
+    assert [w.split("/")[-1] for w in warnings] == [
+        "ratings.dat:52: column 'movieId': 'x' is not an integer; line skipped",
+        "ratings.csv:64: expected 4 fields, found 3; line skipped"]
+
+
+def test_movielens_features_counted_per_user_and_movie_as_per_rating(tmp_path: Path) -> None:
+    src = write_ml1m_like(tmp_path / "ml", users=40, movies=15, per_user=8)
+    (src / "movies.dat").write_text((src / "movies.dat").read_text().replace("::Horror", "::Horror|Drama"))
+    release = movielens.load_release(src, text.Malformed(src, False))
+    table = movielens._labelled(release, "click")
+    train = movielens.split_plan(table, "random", 3).codes(np.arange(table.num_rows)) == 0
+    encoded, vocabs = movielens._encoded_features(release, table, "click", train, min_count=2)
+    for owner, key, names in ((release.users, "userId", movielens.USER_FEATURES),
+                              (release.movies, "movieId", movielens.MOVIE_FEATURES)):
+        at = pc.index_in(table[key], value_set=owner[key])
+        for name in names:
+            per_rating = owner[name].take(at).filter(pa.array(train))
+            builder = VocabularyBuilder()
+            builder.add(pc.list_flatten(per_rating) if name == "genres" else per_rating)
+            want = builder.build(min_count=2)
+            assert vocabs[name].values.equals(want.values), name
+            per_rating_ids = movielens._encode(want, owner[name].take(at).combine_chunks())
+            assert encoded[name].to_pylist() == per_rating_ids.to_pylist()
+
+
+def test_dedup_keeps_the_first_row_of_each_key_and_every_keyless_row(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Keys are held as 128-bit digests (Arrow's group_by on the strings took ~275 bytes a row): the
+    # earliest row of each key must still win, wherever its repeats fall, and keyless rows all stay.
+    lines = [_avazu_line(i, i % 2, "14102100") for i in range(12)]
+    keyless = [",".join(["", *line.split(",")[1:]]) for line in lines[:3]]
+    repeats = [line.replace("14102100", "14102200", 1) for line in (lines[2], lines[7], lines[7])]
+    path = _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, lines[0], *keyless, *lines[1:6], repeats[0],
+                                             *lines[6:], *repeats[1:]])
+    spec = convert("avazu", path, tmp_path / "out", dedup_key="id", split="random")
+    assert "dropped 3 rows repeating a 'id'" in capsys.readouterr().out
+    assert sum(spec.rows.values()) == 15
+    # The repeats (Wednesday rows) are gone: each key kept its first (Tuesday) row.
+    assert set(read_all(tmp_path / "out")["day_of_week"].to_numpy()) == {1}

@@ -32,3 +32,17 @@ def test_a_large_vocabulary_encodes_as_arrow_does() -> None:
     chunk = pa.array(np.char.mod("%x", rng.integers(0, 60_000, 1_000)))  # vocabulary > 5 x the chunk
     expected = pc.fill_null(pc.index_in(chunk, value_set=vocab.values), -1).to_numpy() + 1
     assert np.array_equal(vocab.encode(chunk), expected) and (expected == 0).any()
+
+
+def test_weighted_values_count_as_their_repeats() -> None:
+    # A user's or movie's feature is counted once, weighted by its train ratings: the same
+    # vocabulary, tie-break (first appearance) included, as counting every rating.
+    values = ["b", None, "a", "c", "a", "d", "b"]
+    weights = np.array([2, 5, 1, 0, 1, 2, 1])
+    weighted, repeated = VocabularyBuilder(), VocabularyBuilder()
+    weighted.add(pa.array(values), weights)
+    repeated.add(pa.array([v for v, w in zip(values, weights, strict=True) for _ in range(w)]))
+    for min_count in (1, 3):
+        w, r = weighted.build(min_count), repeated.build(min_count)
+        assert w.values.to_pylist() == r.values.to_pylist() and w.counts.tolist() == r.counts.tolist()
+    assert weighted.build().values.to_pylist() == ["b", "a", "d"]  # "c" has weight 0: never seen

@@ -18,16 +18,19 @@ movie's year and genres, and every row carries `item_frequency` (see schema.ITEM
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from tqdm import tqdm
 
 from embshard.datasets.convert.stream import drop_invalid
-from embshard.datasets.convert.text import INTEGER, Malformed, as_text
+from embshard.datasets.convert.text import BLOCK_BYTES, INTEGER, Malformed, as_text, open_input
 from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCatalog, SparseFeature
 from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
@@ -78,19 +81,12 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
     n = table.num_rows
     if n == 0:
         raise DataError(f"{src}: no ratings" + ("" if target == "rating" else " left after dropping neutral ones"))
-    features = _features(release, table, target)
     plan = split_plan(table, split, seed)
-    train = pa.array(plan.codes(np.arange(n)) == TRAIN)
-    sparse, encoded, vocabs = [], {}, {}
-    for name, values in features.items():
-        multi_hot = pa.types.is_list(values.type)
-        builder = VocabularyBuilder()
-        train_values = values.filter(train)
-        builder.add(pc.list_flatten(train_values) if multi_hot else train_values)
-        vocab = vocabs[name] = builder.build(min_count)
-        sparse.append(SparseFeature(name, vocab.cardinality, multi_hot, ROLES.get(name, "")))
-        encoded[name] = _encode(vocab, values)
-    movie_features = [f for f in MOVIE_FEATURES if f in features]
+    train = plan.codes(np.arange(n)) == TRAIN
+    encoded, vocabs = _encoded_features(release, table, target, train, min_count)
+    sparse = [SparseFeature(name, vocabs[name].cardinality, pa.types.is_list(ids.type), ROLES.get(name, ""))
+              for name, ids in encoded.items()]
+    movie_features = [f for f in MOVIE_FEATURES if f in encoded]
     labelled = "label = the rating (all ratings)" if target == "rating" else "rating>=4 positive, <=2 negative"
     described = SPLITS_DESCRIBED.get(split, f"split by {split}.base/{split}.test, valid = the latest "
                                             f"1/{VALID_SHARE_OF_BASE} of {split}.base")
@@ -108,7 +104,7 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
     )
     schema = spec.arrow_schema().append(pa.field("rating", pa.float32())).append(
         pa.field(ITEM_FREQUENCY, pa.float32()))
-    positives = (table["rating"].to_numpy() >= 4) & train.to_numpy(zero_copy_only=False)
+    positives = (table["rating"].to_numpy() >= 4) & train
     frequency = _item_frequency(encoded[ITEM_ID].to_numpy(), positives, vocabs[ITEM_ID].cardinality)
     out = pa.table({spec.label: table["label"], **encoded, "rating": table["rating"], ITEM_FREQUENCY: frequency})
     with DatasetWriter(out_dir, schema, overwrite=overwrite, total_rows=n,
@@ -138,9 +134,7 @@ def _catalog(movies: pa.Table, vocabs: dict[str, Vocabulary], features: list[str
     train, so it gets no year or genres of any one of them: unknown year, no genres."""
     cardinality = vocabs[ITEM_ID].cardinality
     ids = vocabs[ITEM_ID].encode(movies[ITEM_ID])
-    unknown = pa.table({f.name: pa.array([[] if pa.types.is_list(f.type) else None], f.type)
-                        for f in movies.schema})
-    movies = pa.concat_tables([movies, unknown])
+    movies = _with_unknown_row(movies)
     # Each id > 0 is exactly one movie; one rated but missing from movies.dat gets the unknown row.
     row_of = np.full(cardinality, movies.num_rows - 1, dtype=np.int64)
     known = np.flatnonzero(ids != OOV_ID)
@@ -255,62 +249,106 @@ def _year(text: pa.ChunkedArray, pattern: str) -> pa.Array:
 
 def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malformed, *,
           kinds: dict[str, str], latin1: bool = False) -> pa.Table:
-    """A whole MovieLens file; names=None means the file has a header (the csv releases), which must
-    name every column in `kinds`. kinds[column] is what its fields must hold (a kind of _KINDS, or
-    "text": any); a line with a field that does not is malformed: reported with its file and line,
-    and skipped (or fatal with --strict). Columns not in `kinds` stay text."""
+    """A MovieLens file, read block by block: a ratings file of the 25M release is 650 MB of text,
+    which read whole took 20x its typed size. names=None means the file has a header (the csv
+    releases), which must name every column in `kinds`. kinds[column] is what its fields must hold
+    (a kind of _KINDS, or "text": any); a line with a field that does not is malformed: reported
+    with its file and line, and skipped (or fatal with --strict). Columns not in `kinds` stay text."""
     if not path.is_file():
         raise DataError(f"{path}: missing from the MovieLens folder")
-    data = path.read_bytes()
-    if latin1:
-        data = data.decode("latin-1").encode("utf-8")
-    if len(delimiter) > 1:
-        # pyarrow only splits on one byte; a tab never occurs inside the `::` files' fields.
-        data = data.replace(delimiter.encode(), b"\t")
-        delimiter = "\t"
-    records = _record_lines(data)
-    if not records.size:
+    file_malformed = Malformed(path, malformed.strict)
+    columns, parts, seen_record = names, [], False
+    with open_input(path) as (f, raw), tqdm(total=path.stat().st_size, desc=f"{path.name}: reading", unit="B",
+                                             unit_scale=True, leave=False) as bar:
+        for data, line in _line_blocks(f):
+            bar.update(raw.tell() - bar.n)
+            if latin1:
+                data = data.decode("latin-1").encode("utf-8")
+            if len(delimiter) > 1:
+                # pyarrow only splits on one byte; a tab never occurs inside the `::` files' fields.
+                data = data.replace(delimiter.encode(), b"\t")
+            records = _record_lines(data)
+            seen_record |= bool(records.size)
+            if columns is None and records.size:
+                columns, data, line = _header(path, data, line, int(records[0]), _one_byte(delimiter), kinds)
+            if columns is not None and data:
+                parts.append(_parse_block(data, line, columns, _one_byte(delimiter), quoted=names is None,
+                                          kinds=kinds, malformed=file_malformed))
+    if not seen_record:
         raise DataError(f"{path}: empty")
-    header = names is None
-    columns = _header(data, int(records[0]), delimiter) if names is None else names
+    malformed.count += file_malformed.count
+    if not any(part.num_rows for part in parts):
+        skipped = f" ({file_malformed.count:,} malformed lines skipped)" if file_malformed.count else ""
+        raise DataError(f"{path}: no well-formed lines{skipped}")
+    return pa.concat_tables(parts)
+
+
+def _one_byte(delimiter: str) -> str:
+    return delimiter if len(delimiter) == 1 else "\t"
+
+
+def _line_blocks(f: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """(data, line): whole lines of about BLOCK_BYTES each, and the 0-based line `data` starts at."""
+    line, carry = 0, b""
+    while True:
+        block = f.read(BLOCK_BYTES)
+        data = carry + block
+        if block:
+            cut = data.rfind(b"\n") + 1
+            data, carry = data[:cut], data[cut:]
+        if data:
+            yield data, line
+            line += data.count(b"\n") + (not data.endswith(b"\n"))
+        if not block:
+            return
+
+
+def _header(path: Path, data: bytes, line: int, record: int, delimiter: str,
+            kinds: dict[str, str]) -> tuple[list[str], bytes, int]:
+    """(columns, the rest of `data`, its first line) for the header on `data`'s `record`-th line."""
+    pieces = data.split(b"\n", record + 1)
+    text = pieces[record].decode("utf-8-sig", errors="replace").rstrip("\r")
+    columns = [name.strip('"') for name in text.split(delimiter)]
     missing = [c for c in kinds if c not in columns]
     if missing:
-        raise DataError(f"{path}:{records[0] + 1}: the header has no column {missing[0]!r} "
+        raise DataError(f"{path}:{line + record + 1}: the header has no column {missing[0]!r} "
                         f"(it has {', '.join(columns)})")
-    file_malformed = Malformed(path, malformed.strict)
+    rest = pieces[record + 1] if len(pieces) > record + 1 else b""
+    return columns, rest, line + record + 1
+
+
+def _parse_block(data: bytes, first_line: int, columns: list[str], delimiter: str, *, quoted: bool,
+                 kinds: dict[str, str], malformed: Malformed) -> pa.Table:
+    """The well-formed rows of `data` (whole lines from physical line `first_line`), typed."""
+    records = first_line + _record_lines(data)
     invalid: list[int] = []
 
     def skip(row: pacsv.InvalidRow) -> str:
         record = (row.number or 1) - 1  # pyarrow numbers the records (non-blank lines) from 1
         invalid.append(record)
-        file_malformed.report(records[[record]], lambda _: f"expected {row.expected_columns} fields, "
-                                                          f"found {row.actual_columns}")
+        malformed.report(records[[record]], lambda _: f"expected {row.expected_columns} fields, "
+                                                      f"found {row.actual_columns}")
         return "skip"
 
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False),
             # Only the csv releases (the files with a header) quote titles.
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if header else False,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
                                              invalid_row_handler=skip),
             # Bytes first, as text.py does: one field that is not UTF-8 is one malformed line.
             convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in columns},
                                                  null_values=[""], strings_can_be_null=True),
         )
     except pa.ArrowInvalid as e:
-        raise DataError(f"{path}: {str(e).splitlines()[0]}") from None
-    lines = np.delete(records[int(header):], np.array(invalid, dtype=np.int64) - int(header))
-    chunk = as_text(table, lines, file_malformed)
+        raise DataError(f"{malformed.path}: {str(e).splitlines()[0]}") from None
+    chunk = as_text(table, np.delete(records, np.array(invalid, dtype=np.int64)), malformed)
     checked = {c: _KINDS[k] for c, k in kinds.items() if k in _KINDS}
     if checked:
         ok = {c: pc.fill_null(test(chunk.table[c]), False).to_numpy(zero_copy_only=False)
               for c, (test, _, _) in checked.items()}
-        chunk = drop_invalid(chunk, ok, {c: what for c, (_, what, _) in checked.items()}, file_malformed)
-    malformed.count += file_malformed.count
-    if not chunk.table.num_rows:
-        skipped = f" ({file_malformed.count:,} malformed lines skipped)" if file_malformed.count else ""
-        raise DataError(f"{path}: no well-formed lines{skipped}")
+        chunk = drop_invalid(chunk, ok, {c: what for c, (_, what, _) in checked.items()}, malformed)
     return pa.table({c: pc.cast(values, checked[c][2]) if c in checked else values
                      for c, values in zip(chunk.table.column_names, chunk.table.columns, strict=True)})
 
@@ -343,11 +381,6 @@ def _record_lines(data: bytes) -> np.ndarray:
     return np.flatnonzero((length > 0) & ~only_cr)
 
 
-def _header(data: bytes, line: int, delimiter: str) -> list[str]:
-    text = data.split(b"\n", line + 1)[line].decode("utf-8-sig", errors="replace").rstrip("\r")
-    return [name.strip('"') for name in text.split(delimiter)]
-
-
 def _labelled(release: Release, target: str) -> pa.Table:
     r = release.ratings
     rating = pc.cast(r["rating"], pa.float32()).to_numpy()
@@ -365,17 +398,50 @@ def _labelled(release: Release, target: str) -> pa.Table:
     return pa.table(columns)
 
 
-def _features(release: Release, table: pa.Table, target: str) -> dict[str, pa.Array]:
-    features: dict[str, pa.Array] = {"userId": table["userId"], "movieId": table["movieId"]}
+def _encoded_features(release: Release, table: pa.Table, target: str, train: np.ndarray,
+                      min_count: int) -> tuple[dict[str, pa.Array], dict[str, Vocabulary]]:
+    """Every row's ids of each feature, and the feature's train vocabulary. A user's or movie's own
+    features are counted and encoded once per user or movie, weighted by its train ratings, and only
+    their ids taken for each rating: taking their text for each rating first held a 25M release's
+    genres as 25M lists of strings. The vocabularies are the same as counting rating by rating."""
+    encoded: dict[str, pa.Array] = {}
+    vocabs: dict[str, Vocabulary] = {}
+    for key in ("userId", ITEM_ID):
+        values = _array(table[key])
+        builder = VocabularyBuilder()
+        builder.add(values.filter(pa.array(train)))
+        vocabs[key] = builder.build(min_count)
+        encoded[key] = _encode(vocabs[key], values)
     if target == "rating":
-        return {name: _array(values) for name, values in features.items()}
-    if release.users is not None:
-        at = pc.index_in(table["userId"], value_set=release.users["userId"])
-        features.update({f: release.users[f].take(at) for f in USER_FEATURES})
-    at = pc.index_in(table["movieId"], value_set=release.movies["movieId"])
-    features["year"] = release.movies["year"].take(at)
-    features["genres"] = release.movies["genres"].take(at)
-    return {name: _array(values) for name, values in features.items()}
+        return encoded, vocabs
+    owners = [(release.users, "userId", USER_FEATURES)] if release.users is not None else []
+    for owner, key, names in [*owners, (release.movies, ITEM_ID, MOVIE_FEATURES)]:
+        # Each rating's row of `owner`; a rating of a user or movie it lacks gets the unknown row.
+        at = pc.fill_null(pc.index_in(table[key], value_set=owner[key]), owner.num_rows).to_numpy()
+        weights = np.bincount(at[train], minlength=owner.num_rows + 1)
+        rows, first = np.unique(at[train], return_index=True)
+        # Owners in the order of their first train rating, so that values appear first in the
+        # order the ratings show them: the vocabulary's tie-break.
+        ranked = rows[np.argsort(first, kind="stable")]
+        padded = _with_unknown_row(owner)
+        for name in names:
+            values = _array(padded[name])
+            taken = values.take(pa.array(ranked))
+            builder = VocabularyBuilder()
+            if pa.types.is_list(values.type):
+                lengths = pc.list_value_length(taken).fill_null(0).to_numpy()
+                builder.add(pc.list_flatten(taken), np.repeat(weights[ranked], lengths))
+            else:
+                builder.add(taken, weights[ranked])
+            vocabs[name] = builder.build(min_count)
+            encoded[name] = _encode(vocabs[name], values).take(pa.array(at))
+    return encoded, vocabs
+
+
+def _with_unknown_row(table: pa.Table) -> pa.Table:
+    """`table` and one row of nothing after it: no value, or an empty list."""
+    unknown = pa.table({f.name: pa.array([[] if pa.types.is_list(f.type) else None], f.type) for f in table.schema})
+    return pa.concat_tables([table, unknown])
 
 
 def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:

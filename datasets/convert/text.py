@@ -59,7 +59,7 @@ class Malformed:
         for i in fresh[: max(0, _SHOWN - len(self.shown))]:
             message = f"{self.path}:{int(lines[i]) + 1}: {describe(int(i))}; line skipped"
             self.shown.append(message)
-            print(f"warning: {message}", file=sys.stderr)
+            tqdm.write(f"warning: {message}", file=sys.stderr)  # not in the middle of a progress bar
         self.count += fresh.size
 
 

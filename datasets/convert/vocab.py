@@ -59,10 +59,21 @@ class VocabularyBuilder:
         self._parts: list[tuple[pa.Array, np.ndarray]] = []
         self._type: pa.DataType = pa.string()  # an empty vocabulary must still match the values' type
 
-    def add(self, values: pa.Array | pa.ChunkedArray) -> None:
+    def add(self, values: pa.Array | pa.ChunkedArray, weights: np.ndarray | None = None) -> None:
+        """weights[i]: how many times values[i] counts (default: once). Values with weight 0 are not
+        seen, as if absent: they take no place in the order of first appearance."""
         self._type = values.type
-        counted = pc.value_counts(values.drop_null())
-        self._parts.append((counted.field("values"), counted.field("counts").to_numpy()))
+        if weights is None:
+            counted = pc.value_counts(values.drop_null())
+            self._parts.append((counted.field("values"), counted.field("counts").to_numpy()))
+        else:
+            if isinstance(values, pa.ChunkedArray):
+                values = values.combine_chunks()
+            seen = (weights > 0) & values.is_valid().to_numpy(zero_copy_only=False)
+            encoded = pc.dictionary_encode(values.filter(pa.array(seen)))
+            counts = np.bincount(encoded.indices.to_numpy(), weights=weights[seen],
+                                 minlength=len(encoded.dictionary))
+            self._parts.append((encoded.dictionary, counts.astype(np.int64)))
         if len(self._parts) >= _MERGE_EVERY:
             self._parts = [self._merged()]
 
