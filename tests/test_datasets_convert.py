@@ -562,7 +562,7 @@ def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.Capture
 
 def test_movielens_read_in_small_blocks_gives_identical_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    # Files are read block by block (a 25M release's ratings read whole took 20x their typed size).
+    # Files are read block by block (read whole, ratings peaked at 4x their typed size).
     dat = write_ml1m_like(tmp_path / "ml-1m", users=30, movies=12, per_user=6)
     ratings = (dat / "ratings.dat").read_text().splitlines()
     (dat / "ratings.dat").write_text("\n".join(ratings[:50] + ["", "7::x::4::978300000"] + ratings[50:]) + "\n")

@@ -250,7 +250,7 @@ def _year(text: pa.ChunkedArray, pattern: str) -> pa.Array:
 def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malformed, *,
           kinds: dict[str, str], latin1: bool = False) -> pa.Table:
     """A MovieLens file, read block by block: a ratings file of the 25M release is 650 MB of text,
-    which read whole took 20x its typed size. names=None means the file has a header (the csv
+    read whole it peaked at 4x its typed size. names=None means the file has a header (the csv
     releases), which must name every column in `kinds`. kinds[column] is what its fields must hold
     (a kind of _KINDS, or "text": any); a line with a field that does not is malformed: reported
     with its file and line, and skipped (or fatal with --strict). Columns not in `kinds` stay text."""
