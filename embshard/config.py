@@ -153,7 +153,7 @@ class PepConfig:
     # dimension) decay alone under their Adam. Row thresholds share their row's fused optimizer,
     # so the decay applies to the whole [V | s] row, as in the reference, and needs
     # rowwise_adagrad or adam (CUDA only); but FBGEMM's CPU row-wise Adagrad ignores it
-    # (tests/test_pep.py), so on CPU feature-wise thresholds barely rise.
+    # (tests/test_pep.py), so on CPU a row granularity with a decay is refused before it trains.
     weight_decay: float = 1e-3
     # Fractions of the dense embedding parameters to keep; a mask and a decisions file are written
     # the first time the non-zero count falls to each (one run, several targets).

@@ -96,7 +96,7 @@ def test_plan_a_prune_and_a_search_run(tmp_path, capsys):
     # prune plan's threshold columns, the search tables) could not be seen before running it.
     from embshard.planner.pipeline import PlanBundle
 
-    cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\npep:\n  granularity: feature_dimension\n"
+    cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\npep:\n  granularity: feature_dimension\n  weight_decay: 0\n"
                                     "autodim:\n  candidates: [4, 8]\n  lookup: separate\n", max_cardinality=500)
     plain, pep, search = (tmp_path / f"{name}.json" for name in ("plain", "pep", "search"))
     assert main(["plan", str(cfg), "--out", str(plain)]) == 0

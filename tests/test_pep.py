@@ -433,3 +433,21 @@ def test_a_resumed_prune_run_never_rewrites_a_target(tmp_path, process_group):
     with pytest.raises(ConfigError, match=r"target-0.99: written by another prune run"):
         run_worker(other_seed, method="pep")
     assert (decisions.read_bytes(), decisions.stat().st_mtime_ns) == written
+
+
+@pytest.mark.parametrize("granularity", ["feature", "feature_dimension"])
+def test_row_thresholds_with_a_decay_are_refused_on_cpu(granularity):
+    # A 10-epoch prune run of feature thresholds on CPU ended "target not reached (kept 0.988)":
+    # no CPU fused optimizer decays them, so they never rose. Now one line before anything trains.
+    from embshard.trainer.pep import PepPrune
+
+    def cfg(device, decay=1e-3, granularity=granularity):
+        return JobConfig(sharding=ShardingConfig(device=device),
+                         pep=PepConfig(granularity=granularity, weight_decay=decay))
+
+    with pytest.raises(ConfigError, match=rf"pep.granularity: {granularity} thresholds live in the table rows, "
+                                          r"and on CPU no fused optimizer decays them"):
+        PepPrune().check_config(cfg("cpu"))
+    PepPrune().check_config(cfg("cpu", decay=0.0))
+    PepPrune().check_config(cfg("cuda"))
+    PepPrune().check_config(cfg("cpu", granularity="dimension"))

@@ -108,7 +108,7 @@ def _job(dataset: Path, out: Path) -> JobConfig:
         embeddings=EmbeddingsConfig(dim=8),
         sharding=ShardingConfig(plan_file=str(out / "plan")),
         train=TrainConfig(max_steps=8, progress=False, log_every=4, eval_max_batches=1),
-        pep=PepConfig(granularity="feature_dimension", s_init=math.log(0.02 / 0.98),
+        pep=PepConfig(granularity="feature_dimension", s_init=math.log(0.02 / 0.98), weight_decay=0.0,
                       targets=[0.9, 0.6, 0.001], count_every=2, retrain_target=0.6, out=str(out / "pep"),
                       retrain_from=str(out / "pep")),
     )
@@ -217,7 +217,7 @@ def test_multi_hot_table_is_pruned_unpooled_beside_pooled_ones(tmp_path):
         for m in range(1, 40)))
     data = tmp_path / "data"
     convert("movielens", src, data)
-    cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0))
+    cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0, weight_decay=0.0))
     _plan(cfg, "pep")
     results = run_ranks(_multi_hot_steps, WORLD, cfg)
     pooled, unpooled, losses, counts = results[0]

@@ -91,7 +91,7 @@ def test_pep_prune_plan_bytes_match_dmp(tmp_path, pooled_lookup):
     synthesize(data, rows=4000, seed=1, max_cardinality=3000)
     cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
                     embeddings=EmbeddingsConfig(dim=16), cluster=ClusterConfig(workers=2),
-                    pep=PepConfig(granularity="feature_dimension", pooled_lookup=pooled_lookup))
+                    pep=PepConfig(granularity="feature_dimension", pooled_lookup=pooled_lookup, weight_decay=0.0))
     bundle = plan_for_training(cfg, "pep")
     saved = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     assert {b.train_dim for t in saved.dimension_plan.tables for b in t.blocks} == {32}
