@@ -12,6 +12,10 @@ a killed run leaves no lock behind (on NFSv4, once the server's lease on a lost 
 object-store checkpoint folder has no such lock; the output_dir, which every run has locally,
 still keeps two runs of one config apart. A file system that takes no locks is said, and runs
 as before.
+
+The workers outlive a driver killed with SIGKILL by a few seconds, long enough to publish a
+checkpoint and prune older ones in a folder a rerun has already taken; so each worker checks
+before it publishes that the run it started under still holds the lock (`lock_owner`).
 """
 
 from __future__ import annotations
@@ -23,19 +27,23 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from embshard.config import JobConfig
 from embshard.datasets.storage import nearest_existing
-from embshard.errors import ConfigError
+from embshard.errors import ConfigError, EmbshardError
 
 LOCK_FILE = ".embshard-run.lock"
 
 
 class FolderInUse(ConfigError):
     """Another embshard process holds the folder's lock."""
+
+
+class RunEnded(EmbshardError):
+    """The run a worker started under no longer holds its folder."""
 
 
 @contextmanager
@@ -123,3 +131,36 @@ def _holder(fd: int) -> str:
         return f"pid {raw['pid']} on {raw['host']} since {since}: {raw['command']}"
     except (ValueError, KeyError, TypeError, OSError):
         return "a process that has not said which yet"
+
+
+def lock_owner(folder: Path) -> Callable[[], None] | None:
+    """A check that raises RunEnded once the run holding `folder`'s lock now has let it go or died,
+    for a worker to call before it publishes; None where there is no lock to see (a file system
+    without locks, a host that does not share the folder)."""
+    path = folder / LOCK_FILE
+    try:
+        record = path.read_bytes()
+    except OSError:
+        return None
+
+    def check() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise RunEnded(f"{folder}: the run this worker started under has ended; nothing more is "
+                           "written") from None
+        try:
+            if os.pread(fd, 65536, 0) != record:
+                raise RunEnded(f"{folder}: the run this worker started under has ended, and another holds "
+                               f"it ({_holder(fd)}); nothing more is written")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return  # held, by the process its record names (or there is no telling: go on)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            raise RunEnded(f"{folder}: the run this worker started under was killed (its lock is free); "
+                           "nothing more is written")
+        finally:
+            os.close(fd)
+
+    return check

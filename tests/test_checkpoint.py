@@ -38,6 +38,7 @@ from embshard.trainer.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointManager,
+    Progress,
     complete_checkpoints,
 )
 from embshard.trainer.loop import checkpoint_manager, make_reader, run_worker
@@ -288,3 +289,26 @@ def test_a_save_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monkey
                                               r"disk is full \(0 bytes free; RuntimeError: .*\) \(earlier checkpoints "
                                               r"are kept\)$"):
         checkpoint._raise_save_failure((failure, None), 40, tmp_path / "step-000040.tmp")
+
+
+def test_a_worker_whose_run_has_ended_publishes_nothing(dataset, tmp_path):
+    # The workers of a driver killed with SIGKILL went on for seconds: they published a step and
+    # pruned older ones in an output_dir that a rerun had already taken.
+    from embshard.cluster.run_lock import folder_lock
+
+    cfg = job(dataset, tmp_path / "a", max_steps=8)
+    with folder_lock(Path(cfg.output_dir)):
+        assert run_worker(cfg)["checkpoint"].endswith("step-000008")  # its own run holds it: saves as ever
+        bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+        sharded = build_sharded(cfg, bundle, make_reader(cfg, bundle, "valid", 0, 1).spec, torch.device("cpu"))
+        manager = checkpoint_manager(cfg, sharded, None)  # a worker started under this run
+    saved = complete_checkpoints(cfg.checkpoint_dir)
+    assert [p.name for p in saved] == ["step-000008", "step-000004"]
+    with folder_lock(Path(cfg.output_dir)):  # a rerun holds the folder now
+        with pytest.raises(CheckpointError, match=r"saving checkpoint step 12 failed on rank 0: .*the run this "
+                                                  r"worker started under has ended, and another holds it \(pid"):
+            manager.save(Progress(step=12, batch_size=256), sharded.model, sharded.optimizer, {}, cfg.plan_dir)
+        assert complete_checkpoints(cfg.checkpoint_dir) == saved  # nothing published, nothing pruned
+    with pytest.raises(CheckpointError, match=r"the run this worker started under has ended; nothing more"):
+        manager.save(Progress(step=12, batch_size=256), sharded.model, sharded.optimizer, {}, cfg.plan_dir)
+    assert complete_checkpoints(cfg.checkpoint_dir) == saved

@@ -217,7 +217,8 @@ def test_multi_hot_table_is_pruned_unpooled_beside_pooled_ones(tmp_path):
         for m in range(1, 40)))
     data = tmp_path / "data"
     convert("movielens", src, data)
-    cfg = replace(_job(data, tmp_path / "run"), pep=PepConfig(granularity="feature_dimension", s_init=-4.0, weight_decay=0.0))
+    cfg = replace(_job(data, tmp_path / "run"),
+                  pep=PepConfig(granularity="feature_dimension", s_init=-4.0, weight_decay=0.0))
     _plan(cfg, "pep")
     results = run_ranks(_multi_hot_steps, WORLD, cfg)
     pooled, unpooled, losses, counts = results[0]

@@ -97,3 +97,33 @@ def test_a_file_system_without_locks_is_said_and_runs(tmp_path, monkeypatch, cap
         assert not (tmp_path / "run" / LOCK_FILE).exists()
     err = capsys.readouterr().err
     assert f"warning: {tmp_path / 'run'}: its file system takes no locks (No locks available)" in err
+
+
+def test_a_worker_sees_its_run_end_or_die(tmp_path) -> None:
+    # The workers of a driver killed with SIGKILL published and pruned checkpoints for seconds
+    # after; each now checks, before it publishes, that its run still holds the folder.
+    from embshard.cluster.run_lock import RunEnded, lock_owner
+
+    assert lock_owner(tmp_path) is None  # no lock to see (no run, or a host that does not share it)
+    with folder_lock(tmp_path):
+        check = lock_owner(tmp_path)
+        assert check is not None
+        check()  # held by the run it started under
+    with pytest.raises(RunEnded, match=r"the run this worker started under has ended; nothing more is written"):
+        check()
+    code = ("from embshard.cluster.run_lock import folder_lock, lock_owner\nimport os, pathlib, sys\n"
+            f"with folder_lock(pathlib.Path({str(tmp_path)!r})):\n"
+            "    sys.stdout.write('locked\\n'); sys.stdout.flush(); sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        check = lock_owner(tmp_path)
+        assert check is not None
+        check()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind, unheld
+        holder.wait()
+    with pytest.raises(RunEnded, match=r"the run this worker started under was killed \(its lock is free\)"):
+        check()
+    with folder_lock(tmp_path), pytest.raises(RunEnded, match=rf"another holds it \(pid {os.getpid()} on "):
+        check()

@@ -126,15 +126,19 @@ class CheckpointManager:
     def __init__(self, directory: str | StoragePath, keep: int = 2,
                  before_save: list[StateTransform] | None = None,
                  before_load: list[StateTransform] | None = None,
-                 after_load: list[StateTransform] | None = None) -> None:
+                 after_load: list[StateTransform] | None = None,
+                 before_publish: Callable[[], None] | None = None) -> None:
         """The transforms map a model state dict to another (MLET registers its collapse as
         `before_save`, the matching n x d template as `before_load` and the rebuild of W1 as
-        `after_load`), so a checkpoint holds what serving needs, not the training factorisation."""
+        `after_load`), so a checkpoint holds what serving needs, not the training factorisation.
+        `before_publish` runs on rank 0 before a written step is published (and older ones
+        pruned); what it raises fails the save, with nothing published."""
         self.directory = location(directory)
         self.keep = keep
         self.before_save: list[StateTransform] = list(before_save or [])
         self.before_load: list[StateTransform] = list(before_load or [])
         self.after_load: list[StateTransform] = list(after_load or [])
+        self.before_publish = before_publish
         self.rejected: list[tuple[StoragePath, str]] = []  # what the last `select` passed over, and why
 
     # -- save (collective) ---------------------------------------------------------------------
@@ -172,6 +176,8 @@ class CheckpointManager:
 
         def publish() -> None:
             if rank == 0:
+                if self.before_publish is not None:
+                    self.before_publish()
                 _write_json(tmp / MANIFEST, manifest)
                 if final.exists():  # a step reached again (after resuming from an older one): keep it
                     log.warning("checkpoint %s: already exists, kept as %s", final, set_aside(final, ".superseded"))

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from embshard.cluster.run_lock import lock_owner
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.storage import StoragePath
@@ -329,6 +330,7 @@ def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMet
         before_save=transforms.before_save,
         before_load=transforms.before_load,
         after_load=transforms.after_load,
+        before_publish=lock_owner(Path(cfg.output_dir)),  # a run's driver killed, its workers go on a while
     )
 
 
