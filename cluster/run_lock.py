@@ -140,7 +140,8 @@ def lock_owner(folder: Path) -> Callable[[], None] | None:
     path = folder / LOCK_FILE
     try:
         record = path.read_bytes()
-    except OSError:
+        same_host = json.loads(record or b"{}").get("host") == socket.gethostname()
+    except (OSError, ValueError, AttributeError):
         return None
 
     def check() -> None:
@@ -153,6 +154,10 @@ def lock_owner(folder: Path) -> Callable[[], None] | None:
             if os.pread(fd, 65536, 0) != record:
                 raise RunEnded(f"{folder}: the run this worker started under has ended, and another holds "
                                f"it ({_holder(fd)}); nothing more is written")
+            if not same_host:
+                # Some mounts lock only within a host (NFS with local_lock=flock, Lustre's
+                # localflock): there a free lock says nothing of the holder's other host.
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:

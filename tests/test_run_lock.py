@@ -127,3 +127,20 @@ def test_a_worker_sees_its_run_end_or_die(tmp_path) -> None:
         check()
     with folder_lock(tmp_path), pytest.raises(RunEnded, match=rf"another holds it \(pid {os.getpid()} on "):
         check()
+
+
+def test_a_worker_on_another_host_trusts_the_lock_record_not_a_free_lock(tmp_path) -> None:
+    # Some mounts lock within one host only (NFS local_lock=flock, Lustre localflock): a worker on
+    # another host would find the driver's lock free and stop publishing a live run's checkpoints.
+    from embshard.cluster import run_lock
+
+    (tmp_path / LOCK_FILE).write_text('{"pid": 1, "host": "driver-host", "since": 0, "command": "embshard train"}')
+    check = run_lock.lock_owner(tmp_path)  # unheld here, as it looks from another host
+    assert check is not None
+    check()
+    (tmp_path / LOCK_FILE).write_text('{"pid": 2, "host": "driver-host", "since": 1, "command": "embshard train"}')
+    with pytest.raises(run_lock.RunEnded, match="another holds it"):
+        check()
+    (tmp_path / LOCK_FILE).unlink()
+    with pytest.raises(run_lock.RunEnded, match="has ended"):
+        check()
