@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,9 +258,28 @@ def check_report(rep: Any, where: str) -> None:
         else:
             checks.update(value=_finite(p.get("value")),
                           serving_bytes=_whole(p.get("serving_bytes")) and p["serving_bytes"] > 0)
+        # What a point may have besides: `knobs: 3` was a TypeError in the merge.
+        checks.update({key: test(p[key]) for key, test in _OPTIONAL.items() if key in p})
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")
+
+
+def _named(x: Any, value: Callable[[Any], bool]) -> bool:
+    return isinstance(x, dict) and all(isinstance(k, str) and value(v) for k, v in x.items())
+
+
+_OPTIONAL: dict[str, Callable[[Any], bool]] = {
+    # None: a report written before sweeps recorded the knobs.
+    "knobs": lambda x: x is None or _named(x, lambda v: v is None or isinstance(v, (str, int, float, bool, list))),
+    "setting": lambda x: _named(x, lambda v: v is None or isinstance(v, (str, int, float, bool, list))),
+    "widths": lambda x: _named(x, lambda w: _whole(w) and w >= 0),
+    "serving_params": lambda x: _whole(x) and x > 0,
+    "steps": lambda x: _whole(x) and x >= 0,
+    "selected_step": lambda x: x is None or (_whole(x) and x >= 0),
+    "variant": lambda x: isinstance(x, str),
+    "metric": lambda x: isinstance(x, str),
+}
 
 
 def _finite(x: Any) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from embshard.datasets.schema import ITEMS_DIR, PROFILE_DIR, SPEC_FILE, SPLITS, DatasetSpec
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
-from embshard.errors import DataError, EmbshardError
+from embshard.errors import DataError, EmbshardError, EnvironmentProblem
 
 
 @dataclass(frozen=True)
@@ -144,11 +144,15 @@ def make_staging(out: StoragePath) -> Path:
     if isinstance(out, RemotePath):
         return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
     out = out.absolute()  # `--out .` has no name and its parent is itself
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
-    _say_leftovers(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _say_leftovers(out)
+        # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
+        staging.mkdir()
+    except OSError as e:
+        # Any reason, not only those environment_problem knows: `--out /proc/x` was a traceback.
+        raise EnvironmentProblem(f"{out}: cannot be written ({e.filename or staging}: {e.strerror})") from None
     return staging
 
 

@@ -223,3 +223,56 @@ def test_a_checkpoint_the_machine_refuses_to_read_is_one_line_and_left_as_it_is(
     with pytest.raises(StorageError, match=rf"^{shard}: Permission denied while verifying checkpoint {newest}$"):
         run_worker(replace(cfg, train=replace(cfg.train, max_steps=9)))
     assert [p.name for p in complete_checkpoints(cfg.checkpoint_dir)] == ["step-000008", "step-000004"]
+
+
+@pytest.mark.usefixtures("process_group")
+def test_an_export_never_lands_in_a_checkpoint_folder_and_a_stray_file_condemns_no_step(dataset, tmp_path, capsys):
+    # An export written inside a step (accepted) made the next export skip that step and the next
+    # resume set it aside as damaged and train its steps again: 'sub/weights.pt is not in the manifest'.
+    from embshard.trainer.export import ExportError
+
+    cfg = job(dataset, tmp_path / "run", max_steps=8)
+    run_worker(cfg)
+    newest, older = complete_checkpoints(cfg.checkpoint_dir)
+    for source, out in ((newest, newest / "sub"), (cfg.checkpoint_dir, cfg.checkpoint_dir / "exp"),
+                        (newest, cfg.checkpoint_dir / "exp")):
+        with pytest.raises(ExportError, match=rf"--out {out}: inside the checkpoint folder {cfg.checkpoint_dir}, "
+                                              "which holds the run's steps alone"):
+            export_serving(source, out)
+        assert not out.exists()
+    # A file in a step's subfolder is never read: it leaves the step good (one at its own level
+    # would be unpickled unvouched for, and still condemns it).
+    (newest / "plan" / "notes.pt").write_bytes(b"not a checkpoint file")
+    resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=9)))
+    assert resumed["resumed_from"] == str(newest) and "damaged" not in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_verified_checkpoint_that_cannot_be_read_is_one_export_line(dataset, tmp_path):
+    # Its hashes made over damaged or foreign files: export was a traceback (EOFError, KeyError,
+    # TypeError) where a resume says one line.
+    from embshard.trainer.export import ExportError
+
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    step = Path(run_worker(cfg)["checkpoint"])
+    shard = max(step.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    for name, content, said in ((shard.name, shard.read_bytes()[:1000], r"EOFError|Error"),
+                                ("plan/plan.json", b"{}", r"KeyError: 'dimension_plan'"),
+                                ("config.json", b'{"a": 1}', r"TypeError")):
+        original = (step / name).read_bytes()
+        (step / name).write_bytes(content)
+        rehash(step, name)
+        with pytest.raises(ExportError, match=rf"^checkpoint {step} cannot be exported \(.*({said}).*\); it was left "
+                                              "as it is$"):
+            export_serving(step, tmp_path / "serving")
+        assert (step / name).read_bytes() == content and not (tmp_path / "serving").exists()
+        (step / name).write_bytes(original)
+        rehash(step, name)
+
+
+def test_a_staging_folder_the_machine_refuses_is_one_line(tmp_path):
+    from embshard.datasets.outdir import make_staging
+    from embshard.errors import EnvironmentProblem
+
+    with pytest.raises(EnvironmentProblem, match=r"^/proc/embshard-export: cannot be written \("):
+        make_staging(Path("/proc/embshard-export"))

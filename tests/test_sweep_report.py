@@ -842,6 +842,11 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
         ({**good, "points": [{**good["points"][0], "value": float("nan")}]}, r"points\[0\]\.value: nan"),
         ({**good, "points": [{**good["points"][0], "serving_bytes": -5}]}, r"points\[0\]\.serving_bytes: -5"),
         ({**good, "points": [{**good["points"][0], "budget": -3}]}, r"points\[0\]\.budget: -3"),
+        # Fields besides: a TypeError in the merge, or a size not positive taken as measured.
+        ({**good, "points": [{**good["points"][0], "knobs": 3}]}, r"points\[0\]\.knobs: 3"),
+        ({**good, "points": [{**good["points"][0], "widths": 7}]}, r"points\[0\]\.widths: 7"),
+        ({**good, "points": [{**good["points"][0], "widths": {"C1": "x"}}]}, r"points\[0\]\.widths: \{'C1': 'x'\}"),
+        ({**good, "points": [{**good["points"][0], "serving_params": -3}]}, r"points\[0\]\.serving_params: -3"),
     ]
     for rep, message in cases:
         (bad / "sweep-tiny.json").write_text(json.dumps(rep))

@@ -357,12 +357,17 @@ def resolve_source(path: str | StoragePath) -> list[StoragePath]:
     """A `--resume` argument -> candidate folders, newest first: a step folder itself, or the
     complete checkpoints inside a checkpoint directory."""
     path = location(path)
-    if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
+    if is_step_folder(path):
         return [path]
     found = complete_checkpoints(path)
     if not found:
         raise CheckpointError(f"{path}: no checkpoint found (expected step-NNNNNN folders or one of them)")
     return found
+
+
+def is_step_folder(path: StoragePath) -> bool:
+    """A checkpoint of one step (rather than a checkpoint directory of them)."""
+    return (path / MANIFEST).is_file() or bool(_STEP_DIR.match(path.name))
 
 
 def problem(path: StoragePath, every_file: bool = False) -> str | None:

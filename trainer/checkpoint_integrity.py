@@ -176,8 +176,10 @@ def check_layout(folder: StoragePath) -> dict[str, FileEntry]:
             raise DamagedCheckpoint(f"{name} is missing")
         if f.stat().st_size != entry.size:
             raise DamagedCheckpoint(f"{name} has {f.stat().st_size} bytes, the manifest says {entry.size}")
-    # An unlisted .metadata or .pt would be unpickled without a hash having vouched for it.
-    for f in folder.rglob("*"):
+    # An unlisted .metadata or .pt would be unpickled without a hash having vouched for it. Only
+    # the step's own level is read so: a stray file in a subfolder (an export written there once)
+    # got a whole good step set aside as damaged and its steps trained again.
+    for f in folder.iterdir():
         name = relative(f, folder)
         if f.is_file() and name != MANIFEST and name not in files and f.suffix in (".metadata", ".pt", ".distcp"):
             raise DamagedCheckpoint(f"{name} is not in the manifest")

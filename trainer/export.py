@@ -60,7 +60,7 @@ from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, newest_verified
+from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, newest_verified
 from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
 from embshard.trainer.models import TrainModel, get_arch
@@ -114,10 +114,24 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
                        lambda: _export_live(model, out, config, data, plans, overwrite))
     checkpoint = location(source)
     check_checkpoint_io(checkpoint, "checkpoint")
+    _check_outside(out, checkpoint)
     # A raw error of a client library (DCP's s3fs) comes from reading the checkpoint; the upload's
     # own are StorageErrors already, naming the object.
     where = checkpoint if isinstance(checkpoint, RemotePath) else out
     return _stored(where, f"exporting {checkpoint} to {out}", lambda: _export_checkpoint(checkpoint, out, overwrite))
+
+
+def _check_outside(out: StoragePath, checkpoint: StoragePath) -> None:
+    """An export inside a checkpoint folder, once put beside or inside its steps, got the run's
+    next resume to set the newest step aside as damaged and train its steps again."""
+    folder = checkpoint.parent if is_step_folder(checkpoint) else checkpoint
+
+    def name(at: StoragePath) -> str:
+        return at.uri if isinstance(at, RemotePath) else str(at.resolve())
+
+    if (name(out) + "/").startswith(name(folder) + "/"):
+        raise ExportError(f"--out {out}: inside the checkpoint folder {folder}, which holds the run's steps "
+                          "alone; write the export elsewhere")
 
 
 def _stored(where: StoragePath, doing: str, export: Callable[[], StoragePath | None]) -> StoragePath | None:
@@ -213,7 +227,13 @@ def _export_checkpoint(source: StoragePath, out_dir: StoragePath, overwrite: boo
         plan, spec, model_config, plan_dir, weights = _read_step(path)
     except (Exception, CheckpointException) as e:  # DCP's errors are BaseExceptions
         if (path / CHECKPOINT_MANIFEST).is_file():
-            raise
+            failure = RankFailure.of(e, path)
+            if failure.storage or isinstance(e, EmbshardError):
+                raise  # a store failing (`_stored` says what was being done), or a line of ours
+            # Verified, and still unreadable: damage its hashes were made over, or a model whose
+            # code changed since. Once a traceback; said as a resume says it.
+            raise ExportError(f"checkpoint {path} cannot be exported ({failure.message}); it was left as it "
+                              "is") from e
         # A run still saving into `source` prunes its older steps, the manifest first: the files
         # went mid-read (a FileNotFoundError, or an AssertionError inside DCP), not damage.
         raise ExportError(f"{path}: removed while it was being exported (a run still saving into {source} "
