@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from embshard.planner.topology import TopologySpec
 
 SparseOptimizer = Literal["sgd", "rowwise_adagrad", "adagrad", "adam"]
+# What FBGEMM's CPU table-batched embeddings can step (its CPU mode asserts on the others).
+CPU_SPARSE_OPTIMIZERS: tuple[str, ...] = ("rowwise_adagrad", "adagrad", "sgd")
 # PEP threshold granularity: one s for all, one per column, one per row, one per entry.
 Granularity = Literal["global", "dimension", "feature", "feature_dimension"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
@@ -516,11 +518,17 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.seed < 0:  # numpy's generators, which the reader seeds, take none
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        if self.seed >= 2**63:  # torch's seeds are 64-bit: a larger one was an overflow in every worker
+            raise ConfigError(f"seed: must be below 2**63, got {self.seed}")
         if "://" in self.output_dir:
             # The plan, summary, logs and the workers' restart and stop files are plain local files.
             raise ConfigError(f"output_dir: {self.output_dir!r} is a URI, but the run folder (plan, summary, "
                               f"logs) must be a local or shared folder; object storage goes in checkpoint.dir, "
                               f"data.path and cluster.storage")
+        if self.train.sparse_optimizer not in CPU_SPARSE_OPTIMIZERS and self.sharding.device == "cpu":
+            # Found out otherwise inside every worker, as FBGEMM's AssertionError and a "crash".
+            raise ConfigError(f"train.sparse_optimizer: FBGEMM's fused {self.train.sparse_optimizer} runs on CUDA "
+                              f"only; on CPU use {', '.join(CPU_SPARSE_OPTIMIZERS)}")
         if self.train.pipeline == "semi_sync" and self.sharding.device != "cuda":
             # TorchRec's semi-sync pipeline records CUDA streams on the batch's tensors.
             raise ConfigError(f"train.pipeline: semi_sync needs sharding.device cuda "

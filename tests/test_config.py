@@ -100,6 +100,19 @@ def test_a_negative_seed_is_refused_before_a_worker_reads_with_it(tmp_path):
     # It crashed in every worker (numpy's default_rng) after Ray had started.
     with pytest.raises(ConfigError, match=r"^seed: must be >= 0, got -1$"):
         from_dict(JobConfig, {"seed": -1})
+    # And one past 64 bits: "Overflow when unpacking long long" in every worker.
+    with pytest.raises(ConfigError, match=r"^seed: must be below 2\*\*63, got 99999999999999999999999$"):
+        from_dict(JobConfig, {"seed": 99999999999999999999999})
+    assert from_dict(JobConfig, {"seed": 2**63 - 1}).seed == 2**63 - 1
+
+
+def test_a_fused_optimizer_cpu_tables_cannot_step_is_refused_on_cpu():
+    # FBGEMM's CPU mode asserts on Adam: it was a "crash" in every worker after Ray had started.
+    with pytest.raises(ConfigError, match=r"^train\.sparse_optimizer: FBGEMM's fused adam runs on CUDA only; on "
+                                          r"CPU use rowwise_adagrad, adagrad, sgd$"):
+        from_dict(JobConfig, {"train": {"sparse_optimizer": "adam"}})
+    cfg = from_dict(JobConfig, {"train": {"sparse_optimizer": "adam"}, "sharding": {"device": "cuda"}})
+    assert cfg.train.sparse_optimizer == "adam"
 
 
 def test_a_policy_named_as_the_method_must_be_the_policy():
@@ -119,6 +132,10 @@ def test_a_bad_value_from_set_is_blamed_on_the_flag(tmp_path):
     path.write_text("train:\n  epochs: two\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: train\.epochs: expected an integer"):
         load_job_config(path, ["train.log_every=5"])
+    # A key the flag made up, refused at its first unknown part: it was blamed on the file.
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"^nonexist: unknown field \(valid: .*\) \(from --set\)$"):
+        load_job_config(path, ["nonexist.a.b=3"])
 
 
 def test_a_key_given_twice_is_refused_with_both_places(tmp_path):

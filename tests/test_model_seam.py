@@ -73,6 +73,10 @@ class NeedsArguments(ModelArch):
         self.width = width
 
 
+class BuildsNothing(ModelArch):
+    pass
+
+
 class RaisesInInit(ModelArch):
     def __init__(self) -> None:
         self.hidden = {}["hidden"]
@@ -135,6 +139,9 @@ def test_a_model_the_driver_cannot_make_is_one_line_naming_where(tmp_path, monke
         ("test_model_seam:builder_of_one_argument",
          "model.arch 'test_model_seam:builder_of_one_argument': builder_of_one_argument(embeddings) cannot be "
          "called as build(embeddings, spec, options)"),
+        # Was "crashed: rank 0: NotImplementedError: " (an empty message) in every worker.
+        ("test_model_seam:BuildsNothing", "model.arch 'test_model_seam:BuildsNothing': BuildsNothing does not "
+                                          "implement build(embeddings, spec, cfg, device)"),
     ]
     for name, message in cases:
         with pytest.raises(ConfigError) as e:

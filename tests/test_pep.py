@@ -314,7 +314,7 @@ def test_example_config_loads_from_yaml():
 
 def test_row_threshold_decay_needs_a_decaying_fused_optimizer():
     def cfg(optimizer, granularity="feature_dimension", decay=1e-5):
-        return JobConfig(train=TrainConfig(sparse_optimizer=optimizer),
+        return JobConfig(train=TrainConfig(sparse_optimizer=optimizer), sharding=ShardingConfig(device="cuda"),
                          pep=PepConfig(granularity=granularity, weight_decay=decay))
 
     assert row_threshold_decay(cfg("adam")) == {"weight_decay": 1e-5}

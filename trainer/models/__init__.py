@@ -37,6 +37,9 @@ def _as_arch(found: object, name: str) -> ModelArch:
     if isinstance(found, type) and issubclass(found, ModelArch):
         found = instance_of(found, f"model.arch {name!r}")
     if isinstance(found, ModelArch):
+        if type(found).build is ModelArch.build:  # else a NotImplementedError in every worker, as a "crash"
+            raise ConfigError(f"model.arch {name!r}: {type(found).__name__} does not implement "
+                              "build(embeddings, spec, cfg, device)")
         found.name = name
         return found
     if callable(found) and not isinstance(found, type):
