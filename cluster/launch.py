@@ -25,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from embshard.cluster import console, fatal
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.resume_config import check_plan_made_for, reconcile
+from embshard.cluster.run_lock import owner_check, run_owner
 from embshard.config import JobConfig
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
@@ -143,7 +144,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
         return  # Ray restarted the group after bad input: training again would fail the same way
     try:
         run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
-                   method=config["method"])
+                   method=config["method"], owner_check=owner_check(config.get("owner")))
     except EmbshardError as e:
         fatal.record(output, launch, e)
         raise
@@ -179,9 +180,11 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
     """Train; returns whether Ctrl-C asked the workers to stop."""
     use_gpu = cfg.sharding.device == "cuda"
     launch = fatal.new_token()
+    # The locks this driver holds, for its workers to check before each checkpoint they write.
+    owner = run_owner([output, *([cfg.checkpoint_dir] if isinstance(cfg.checkpoint_dir, Path) else [])])
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"method": method, "job": to_dict(cfg), "launch": launch},
+        train_loop_config={"method": method, "job": to_dict(cfg), "launch": launch, "owner": owner},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
             use_gpu=use_gpu,

@@ -15,7 +15,8 @@ as before.
 
 The workers outlive a driver killed with SIGKILL by a few seconds, long enough to publish a
 checkpoint and prune older ones in a folder a rerun has already taken; so each worker checks
-before it publishes that the run it started under still holds the lock (`lock_owner`).
+before it writes and before it publishes that the run it started under still holds the
+locks (`run_owner` on the driver, `owner_check` on the workers).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from embshard.config import JobConfig
 from embshard.datasets.storage import nearest_existing
@@ -71,8 +73,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
         fd = _acquire(path)
         if fd is not None:
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                                     "command": " ".join(sys.argv)}).encode())
+            os.write(fd, json.dumps({**_identity(), "since": time.time(), "command": " ".join(sys.argv)}).encode())
         yield
     finally:
         if fd is not None:
@@ -133,39 +134,74 @@ def _holder(fd: int) -> str:
         return "a process that has not said which yet"
 
 
-def lock_owner(folder: Path) -> Callable[[], None] | None:
-    """A check that raises RunEnded once the run holding `folder`'s lock now has let it go or died,
-    for a worker to call before it publishes; None where there is no lock to see (a file system
-    without locks, a host that does not share the folder)."""
-    path = folder / LOCK_FILE
-    try:
-        record = path.read_bytes()
-        same_host = json.loads(record or b"{}").get("host") == socket.gethostname()
-    except (OSError, ValueError, AttributeError):
+def run_owner(folders: list[Path]) -> dict[str, Any] | None:
+    """The locks this process holds on `folders`, as their records say (a folder on a file system
+    without locks has none), for its workers' `owner_check`; None for none."""
+    me = _identity()
+    records = {str(f.absolute()): _read_record(f / LOCK_FILE) for f in folders}
+    held = {folder: record for folder, record in records.items() if _same(record, me, ("pid", "host", "boot"))}
+    return {"folders": held} if held else None
+
+
+def owner_check(owner: dict[str, Any] | None) -> Callable[[], None] | None:
+    """For a worker to call before it writes or publishes a checkpoint: raises RunEnded once the
+    run `owner` (its driver's `run_owner`) has let a folder go, died, or given it to a rerun."""
+    if not owner:
         return None
 
     def check() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise RunEnded(f"{folder}: the run this worker started under has ended; nothing more is "
-                           "written") from None
-        try:
-            if os.pread(fd, 65536, 0) != record:
-                raise RunEnded(f"{folder}: the run this worker started under has ended, and another holds "
-                               f"it ({_holder(fd)}); nothing more is written")
-            if not same_host:
-                # Some mounts lock only within a host (NFS with local_lock=flock, Lustre's
-                # localflock): there a free lock says nothing of the holder's other host.
-                return
+        for folder, record in owner["folders"].items():
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return  # held, by the process its record names (or there is no telling: go on)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            raise RunEnded(f"{folder}: the run this worker started under was killed (its lock is free); "
-                           "nothing more is written")
-        finally:
-            os.close(fd)
+                fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+            except FileNotFoundError:
+                raise RunEnded(f"{folder}: the run this worker started under has ended; nothing more is "
+                               "written") from None
+            try:
+                _check_held(Path(folder), fd, record)
+            finally:
+                os.close(fd)
 
     return check
+
+
+def _check_held(folder: Path, fd: int, record: dict[str, Any]) -> None:
+    try:
+        now = json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except ValueError:
+        now = {}
+    # The lock taken anew (a rerun, even by the same process) has another record.
+    if not _same(now if isinstance(now, dict) else {}, record, ("pid", "host", "boot", "since")):
+        raise RunEnded(f"{folder}: the run this worker started under has ended, and another holds it "
+                       f"({_holder(fd)}); nothing more is written")
+    if not _same(record, _identity(), ("host", "boot")):
+        # A worker on another machine: some mounts lock only within one (NFS with
+        # local_lock=flock, Lustre's localflock), where a free lock says nothing of the driver's.
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return  # held, by the process its record names (or there is no telling: go on)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    raise RunEnded(f"{folder}: the run this worker started under was killed (its lock is free); nothing more "
+                   "is written")
+
+
+def _identity() -> dict[str, Any]:
+    """This process, and the boot of its machine: two machines may share one host name."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot}
+
+
+def _same(a: dict[str, Any] | None, b: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    return a is not None and all(a.get(k) == b.get(k) for k in keys)
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

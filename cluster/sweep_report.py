@@ -265,14 +265,18 @@ def check_report(rep: Any, where: str) -> None:
             raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")
 
 
+def _json_value(x: Any) -> bool:
+    return x is None or isinstance(x, (str, int, float, bool, list, dict))
+
+
 def _named(x: Any, value: Callable[[Any], bool]) -> bool:
     return isinstance(x, dict) and all(isinstance(k, str) and value(v) for k, v in x.items())
 
 
 _OPTIONAL: dict[str, Callable[[Any], bool]] = {
     # None: a report written before sweeps recorded the knobs.
-    "knobs": lambda x: x is None or _named(x, lambda v: v is None or isinstance(v, (str, int, float, bool, list))),
-    "setting": lambda x: _named(x, lambda v: v is None or isinstance(v, (str, int, float, bool, list))),
+    "knobs": lambda x: x is None or _named(x, _json_value),
+    "setting": lambda x: _named(x, _json_value),
     "widths": lambda x: _named(x, lambda w: _whole(w) and w >= 0),
     "serving_params": lambda x: _whole(x) and x > 0,
     "steps": lambda x: _whole(x) and x >= 0,

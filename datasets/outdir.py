@@ -152,7 +152,7 @@ def make_staging(out: StoragePath) -> Path:
         staging.mkdir()
     except OSError as e:
         # Any reason, not only those environment_problem knows: `--out /proc/x` was a traceback.
-        raise EnvironmentProblem(f"{out}: cannot be written ({e.filename or staging}: {e.strerror})") from None
+        raise EnvironmentProblem(f"{out}: cannot be written ({e.filename or staging}: {e.strerror or e})") from None
     return staging
 
 

@@ -518,8 +518,8 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.seed < 0:  # numpy's generators, which the reader seeds, take none
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
-        if self.seed >= 2**63:  # torch's seeds are 64-bit: a larger one was an overflow in every worker
-            raise ConfigError(f"seed: must be below 2**63, got {self.seed}")
+        if self.seed >= 2**64:  # torch.manual_seed takes 64 bits: a larger one overflowed in every worker
+            raise ConfigError(f"seed: must be below 2**64, got {self.seed}")
         if "://" in self.output_dir:
             # The plan, summary, logs and the workers' restart and stop files are plain local files.
             raise ConfigError(f"output_dir: {self.output_dir!r} is a URI, but the run folder (plan, summary, "

@@ -294,14 +294,15 @@ def test_a_save_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monkey
 def test_a_worker_whose_run_has_ended_publishes_nothing(dataset, tmp_path):
     # The workers of a driver killed with SIGKILL went on for seconds: they published a step and
     # pruned older ones in an output_dir that a rerun had already taken.
-    from embshard.cluster.run_lock import folder_lock
+    from embshard.cluster.run_lock import folder_lock, owner_check, run_owner
 
     cfg = job(dataset, tmp_path / "a", max_steps=8)
     with folder_lock(Path(cfg.output_dir)):
-        assert run_worker(cfg)["checkpoint"].endswith("step-000008")  # its own run holds it: saves as ever
+        check = owner_check(run_owner([Path(cfg.output_dir)]))  # what the driver gives its workers
+        assert run_worker(cfg, owner_check=check)["checkpoint"].endswith("step-000008")  # saves as ever
         bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
         sharded = build_sharded(cfg, bundle, make_reader(cfg, bundle, "valid", 0, 1).spec, torch.device("cpu"))
-        manager = checkpoint_manager(cfg, sharded, None)  # a worker started under this run
+        manager = checkpoint_manager(cfg, sharded, None, check)  # a worker started under this run
     saved = complete_checkpoints(cfg.checkpoint_dir)
     assert [p.name for p in saved] == ["step-000008", "step-000004"]
     with folder_lock(Path(cfg.output_dir)):  # a rerun holds the folder now
@@ -309,6 +310,7 @@ def test_a_worker_whose_run_has_ended_publishes_nothing(dataset, tmp_path):
                                                   r"worker started under has ended, and another holds it \(pid"):
             manager.save(Progress(step=12, batch_size=256), sharded.model, sharded.optimizer, {}, cfg.plan_dir)
         assert complete_checkpoints(cfg.checkpoint_dir) == saved  # nothing published, nothing pruned
+        assert not (cfg.checkpoint_dir / "step-000012.tmp").exists()  # nor written: the rerun may write it
     with pytest.raises(CheckpointError, match=r"the run this worker started under has ended; nothing more"):
         manager.save(Progress(step=12, batch_size=256), sharded.model, sharded.optimizer, {}, cfg.plan_dir)
     assert complete_checkpoints(cfg.checkpoint_dir) == saved

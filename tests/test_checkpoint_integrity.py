@@ -234,12 +234,14 @@ def test_an_export_never_lands_in_a_checkpoint_folder_and_a_stray_file_condemns_
     cfg = job(dataset, tmp_path / "run", max_steps=8)
     run_worker(cfg)
     newest, older = complete_checkpoints(cfg.checkpoint_dir)
-    for source, out in ((newest, newest / "sub"), (cfg.checkpoint_dir, cfg.checkpoint_dir / "exp"),
-                        (newest, cfg.checkpoint_dir / "exp")):
-        with pytest.raises(ExportError, match=rf"--out {out}: inside the checkpoint folder {cfg.checkpoint_dir}, "
-                                              "which holds the run's steps alone"):
+    for source, out, step in ((newest, newest / "sub", newest), (cfg.checkpoint_dir, older / "sub" / "x", older),
+                              (older, newest / "sub", newest)):
+        with pytest.raises(ExportError, match=rf"^--out {out}: inside the checkpoint step {step}, which holds what "
+                                              "its run wrote alone"):
             export_serving(source, out)
         assert not out.exists()
+    # Beside the steps, or beside a step copied out of its run, is no step's.
+    export_serving(newest, cfg.checkpoint_dir / "serving")
     # A file in a step's subfolder is never read: it leaves the step good (one at its own level
     # would be unpickled unvouched for, and still condemns it).
     (newest / "plan" / "notes.pt").write_bytes(b"not a checkpoint file")

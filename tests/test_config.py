@@ -101,9 +101,9 @@ def test_a_negative_seed_is_refused_before_a_worker_reads_with_it(tmp_path):
     with pytest.raises(ConfigError, match=r"^seed: must be >= 0, got -1$"):
         from_dict(JobConfig, {"seed": -1})
     # And one past 64 bits: "Overflow when unpacking long long" in every worker.
-    with pytest.raises(ConfigError, match=r"^seed: must be below 2\*\*63, got 99999999999999999999999$"):
+    with pytest.raises(ConfigError, match=r"^seed: must be below 2\*\*64, got 99999999999999999999999$"):
         from_dict(JobConfig, {"seed": 99999999999999999999999})
-    assert from_dict(JobConfig, {"seed": 2**63 - 1}).seed == 2**63 - 1
+    assert from_dict(JobConfig, {"seed": 2**64 - 1}).seed == 2**64 - 1
 
 
 def test_a_fused_optimizer_cpu_tables_cannot_step_is_refused_on_cpu():

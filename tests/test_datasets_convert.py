@@ -577,7 +577,7 @@ def test_movielens_read_in_small_blocks_gives_identical_output(tmp_path: Path, c
         convert("movielens", src, tmp_path / f"{src.name}-whole")
         whole = capsys.readouterr().err
         with monkeypatch.context() as m:
-            m.setattr(movielens, "BLOCK_BYTES", 64)  # a few lines a block
+            m.setattr(text, "BLOCK_BYTES", 64)  # a few lines a block
             convert("movielens", src, tmp_path / f"{src.name}-blocks")
         assert read_all(tmp_path / f"{src.name}-blocks").equals(read_all(tmp_path / f"{src.name}-whole"))
         blocks = capsys.readouterr().err
@@ -623,3 +623,9 @@ def test_dedup_keeps_the_first_row_of_each_key_and_every_keyless_row(tmp_path: P
     assert sum(spec.rows.values()) == 15
     # The repeats (Wednesday rows) are gone: each key kept its first (Tuesday) row.
     assert set(read_all(tmp_path / "out")["day_of_week"].to_numpy()) == {1}
+
+
+def test_dedup_on_a_column_no_row_fills_keeps_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [",".join(["", *_avazu_line(i, i % 2, "14102100").split(",")[1:]]) for i in range(10)]
+    spec = convert("avazu", _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, *lines]), tmp_path / "out", dedup_key="id")
+    assert sum(spec.rows.values()) == 10 and "dropped 0 rows" in capsys.readouterr().out

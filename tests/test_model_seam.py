@@ -67,6 +67,10 @@ def detached_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Ma
 class WithOptions(ModelArch):
     options = ("hidden",)
 
+    def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
+              device: torch.device | None) -> nn.Module:
+        return NestedLinear(embeddings, len(spec.dense), squeeze=True)
+
 
 class NeedsArguments(ModelArch):
     def __init__(self, width: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -101,23 +102,26 @@ def test_a_file_system_without_locks_is_said_and_runs(tmp_path, monkeypatch, cap
 
 def test_a_worker_sees_its_run_end_or_die(tmp_path) -> None:
     # The workers of a driver killed with SIGKILL published and pruned checkpoints for seconds
-    # after; each now checks, before it publishes, that its run still holds the folder.
-    from embshard.cluster.run_lock import RunEnded, lock_owner
+    # after; each now checks, before it writes and publishes, that its run still holds the folders.
+    from embshard.cluster.run_lock import RunEnded, owner_check, run_owner
 
-    assert lock_owner(tmp_path) is None  # no lock to see (no run, or a host that does not share it)
+    assert run_owner([tmp_path]) is None and owner_check(None) is None  # no lock held: nothing to check
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "boot": ""}))
+    assert run_owner([tmp_path]) is None  # a stale file (its boot: not this machine's now) is no owner
     with folder_lock(tmp_path):
-        check = lock_owner(tmp_path)
+        check = owner_check(run_owner([tmp_path]))
         assert check is not None
         check()  # held by the run it started under
     with pytest.raises(RunEnded, match=r"the run this worker started under has ended; nothing more is written"):
         check()
-    code = ("from embshard.cluster.run_lock import folder_lock, lock_owner\nimport os, pathlib, sys\n"
-            f"with folder_lock(pathlib.Path({str(tmp_path)!r})):\n"
-            "    sys.stdout.write('locked\\n'); sys.stdout.flush(); sys.stdin.readline()\n")
+    code = ("from embshard.cluster.run_lock import folder_lock, run_owner\nimport json, pathlib, sys\n"
+            f"folder = pathlib.Path({str(tmp_path)!r})\n"
+            "with folder_lock(folder):\n"
+            "    sys.stdout.write(json.dumps(run_owner([folder])) + '\\n'); sys.stdout.flush(); sys.stdin.readline()\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        check = lock_owner(tmp_path)
+        assert holder.stdout is not None
+        check = owner_check(json.loads(holder.stdout.readline()))
         assert check is not None
         check()
     finally:
@@ -129,18 +133,20 @@ def test_a_worker_sees_its_run_end_or_die(tmp_path) -> None:
         check()
 
 
-def test_a_worker_on_another_host_trusts_the_lock_record_not_a_free_lock(tmp_path) -> None:
-    # Some mounts lock within one host only (NFS local_lock=flock, Lustre localflock): a worker on
-    # another host would find the driver's lock free and stop publishing a live run's checkpoints.
-    from embshard.cluster import run_lock
+def test_a_worker_on_another_machine_trusts_the_lock_record_not_a_free_lock(tmp_path) -> None:
+    # Some mounts lock within one machine only (NFS local_lock=flock, Lustre localflock): a worker
+    # on another would find the driver's lock free and stop a live run's checkpoints. Two machines
+    # may share a host name: the boot id tells them apart.
+    from embshard.cluster.run_lock import RunEnded, owner_check
 
-    (tmp_path / LOCK_FILE).write_text('{"pid": 1, "host": "driver-host", "since": 0, "command": "embshard train"}')
-    check = run_lock.lock_owner(tmp_path)  # unheld here, as it looks from another host
+    driver = {"pid": 1, "host": socket.gethostname(), "boot": "another machine's boot", "since": 0}
+    (tmp_path / LOCK_FILE).write_text(json.dumps({**driver, "command": "embshard train"}))
+    check = owner_check({"folders": {str(tmp_path): driver}})  # unheld here, as it looks from elsewhere
     assert check is not None
     check()
-    (tmp_path / LOCK_FILE).write_text('{"pid": 2, "host": "driver-host", "since": 1, "command": "embshard train"}')
-    with pytest.raises(run_lock.RunEnded, match="another holds it"):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({**driver, "pid": 2, "since": 1, "command": "embshard train"}))
+    with pytest.raises(RunEnded, match="another holds it"):
         check()
     (tmp_path / LOCK_FILE).unlink()
-    with pytest.raises(run_lock.RunEnded, match="has ended"):
+    with pytest.raises(RunEnded, match="has ended"):
         check()

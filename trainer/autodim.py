@@ -115,7 +115,7 @@ class AutodimSearch(EmbeddingMethod):
         return [KeyedOptimizerWrapper(alpha, lambda _: optimizer)]
 
     def initialise(self, cfg: JobConfig, sharded: ShardedModel) -> None:
-        search_embedding(sharded).seed_noise((cfg.seed * 1_000_003 + dist.get_rank()) % 2**63)
+        search_embedding(sharded).seed_noise((cfg.seed * 1_000_003 + dist.get_rank()) % 2**64)
 
     def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
         return [AlphaStep(worker, sharded)]

@@ -127,18 +127,18 @@ class CheckpointManager:
                  before_save: list[StateTransform] | None = None,
                  before_load: list[StateTransform] | None = None,
                  after_load: list[StateTransform] | None = None,
-                 before_publish: Callable[[], None] | None = None) -> None:
+                 owner_check: Callable[[], None] | None = None) -> None:
         """The transforms map a model state dict to another (MLET registers its collapse as
         `before_save`, the matching n x d template as `before_load` and the rebuild of W1 as
         `after_load`), so a checkpoint holds what serving needs, not the training factorisation.
-        `before_publish` runs on rank 0 before a written step is published (and older ones
-        pruned); what it raises fails the save, with nothing published."""
+        `owner_check` runs on rank 0 before a step is written and again before it is published
+        (and older ones pruned); what it raises fails the save, with nothing published."""
         self.directory = location(directory)
         self.keep = keep
         self.before_save: list[StateTransform] = list(before_save or [])
         self.before_load: list[StateTransform] = list(before_load or [])
         self.after_load: list[StateTransform] = list(after_load or [])
-        self.before_publish = before_publish
+        self.owner_check = owner_check
         self.rejected: list[tuple[StoragePath, str]] = []  # what the last `select` passed over, and why
 
     # -- save (collective) ---------------------------------------------------------------------
@@ -155,6 +155,8 @@ class CheckpointManager:
 
         def start() -> None:
             if rank == 0:
+                if self.owner_check is not None:
+                    self.owner_check()
                 rmtree(tmp)  # this run's own unfinished write of the same step
                 tmp.mkdir(parents=True)
 
@@ -176,8 +178,8 @@ class CheckpointManager:
 
         def publish() -> None:
             if rank == 0:
-                if self.before_publish is not None:
-                    self.before_publish()
+                if self.owner_check is not None:
+                    self.owner_check()
                 _write_json(tmp / MANIFEST, manifest)
                 if final.exists():  # a step reached again (after resuming from an older one): keep it
                     log.warning("checkpoint %s: already exists, kept as %s", final, set_aside(final, ".superseded"))
@@ -368,6 +370,11 @@ def resolve_source(path: str | StoragePath) -> list[StoragePath]:
 def is_step_folder(path: StoragePath) -> bool:
     """A checkpoint of one step (rather than a checkpoint directory of them)."""
     return (path / MANIFEST).is_file() or bool(_STEP_DIR.match(path.name))
+
+
+def is_step_name(name: str) -> bool:
+    """The name of a step's folder in a checkpoint directory, complete or being written."""
+    return bool(_STEP_DIR.match(name) or _TMP_DIR.match(name))
 
 
 def problem(path: StoragePath, every_file: bool = False) -> str | None:

@@ -60,7 +60,7 @@ from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, newest_verified
+from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, is_step_name, newest_verified
 from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
 from embshard.trainer.models import TrainModel, get_arch
@@ -122,16 +122,17 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
 
 
 def _check_outside(out: StoragePath, checkpoint: StoragePath) -> None:
-    """An export inside a checkpoint folder, once put beside or inside its steps, got the run's
-    next resume to set the newest step aside as damaged and train its steps again."""
+    """An export written inside a step of the checkpoint directory it reads got the next resume to
+    set that step aside as damaged and train its steps again; a step holds what its run wrote."""
     folder = checkpoint.parent if is_step_folder(checkpoint) else checkpoint
 
     def name(at: StoragePath) -> str:
         return at.uri if isinstance(at, RemotePath) else str(at.resolve())
 
-    if (name(out) + "/").startswith(name(folder) + "/"):
-        raise ExportError(f"--out {out}: inside the checkpoint folder {folder}, which holds the run's steps "
-                          "alone; write the export elsewhere")
+    inside = name(out).removeprefix(name(folder) + "/")
+    if inside != name(out) and is_step_name(inside.split("/")[0]):
+        raise ExportError(f"--out {out}: inside the checkpoint step {folder / inside.split('/')[0]}, which holds "
+                          "what its run wrote alone; write the export elsewhere")
 
 
 def _stored(where: StoragePath, doing: str, export: Callable[[], StoragePath | None]) -> StoragePath | None:

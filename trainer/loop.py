@@ -18,7 +18,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from embshard.cluster.run_lock import lock_owner
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.storage import StoragePath
@@ -90,9 +89,12 @@ def run_worker(
     local_rank: int = 0,
     *,
     method: str | EmbeddingMethod | None = None,
+    owner_check: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train `method` (a registered name or a method; default: the one `cfg` names) on the plan
-    in `sharding.plan_file` (else `<output_dir>/plan`); -> the run's summary."""
+    in `sharding.plan_file` (else `<output_dir>/plan`); -> the run's summary. `owner_check`
+    raises once the run that started this worker no longer holds its folders
+    (`run_lock.owner_check`): then no checkpoint is written."""
     method = get_method(method or method_name(cfg)) if not isinstance(method, EmbeddingMethod) else method
     quiet_libraries()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -125,7 +127,7 @@ def run_worker(
 
     extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics), sharded)
     callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras,
-                           (own, progress.step) if own is not None else None)
+                           (own, progress.step) if own is not None else None, owner_check)
     steps = _train_steps(cfg, sharded, device, rank)
     steps_per_epoch = len(train_reader)
     if steps_per_epoch == 0:
@@ -293,7 +295,7 @@ def quiet_libraries() -> None:
 def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Progress],
                metrics: WorkerMetrics | None, report: Callable[[dict[str, Any]], None] | None,
                rank: int, world: int, extras: list[Callback],
-               saved: tuple[StoragePath, int] | None) -> list[Callback]:
+               saved: tuple[StoragePath, int] | None, owner_check: Callable[[], None] | None) -> list[Callback]:
     """`saved`: this run's checkpoint resumed from and its step (it holds the model until a step trains)."""
     callbacks: list[Callback] = []
     if rank == 0 and cfg.train.progress:
@@ -312,7 +314,7 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
             guard = StopGuard(Path(cfg.output_dir) / STOP_REQUEST_FILE)
             guard.install()
         callbacks.append(CheckpointCallback(
-            checkpoint_manager(cfg, sharded, metrics),
+            checkpoint_manager(cfg, sharded, metrics, owner_check),
             sharded.model, sharded.optimizer, snapshot, to_dict(cfg),
             sharded.bundle.directory, cfg.checkpoint.every_steps, guard, metrics, saved))
     crash = crash_from_env(rank, Path(cfg.output_dir))  # last: dies after that step's checkpoint
@@ -321,7 +323,8 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
     return callbacks
 
 
-def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMetrics | None) -> CheckpointManager:
+def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMetrics | None,
+                       owner_check: Callable[[], None] | None = None) -> CheckpointManager:
     """What a checkpoint holds beyond the model's own state is the method's to say."""
     transforms = sharded.method.checkpoint_transforms(cfg, sharded, metrics)
     return CheckpointManager(
@@ -330,7 +333,7 @@ def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMet
         before_save=transforms.before_save,
         before_load=transforms.before_load,
         after_load=transforms.after_load,
-        before_publish=lock_owner(Path(cfg.output_dir)),  # a run's driver killed, its workers go on a while
+        owner_check=owner_check,
     )
 
 

@@ -130,7 +130,7 @@ class PepPrune(EmbeddingMethod):
                 f"pep.granularity: {pep.granularity} thresholds live in the table rows, and on CPU no fused "
                 f"optimizer decays them (FBGEMM's CPU row-wise Adagrad ignores weight decay, its Adam is CUDA "
                 f"only), so pep.weight_decay would never raise them and nothing would be pruned; on CPU use "
-                f"granularity dimension or global, or set pep.weight_decay: 0 to move them on the loss alone")
+                f"granularity dimension or global")
         row_threshold_decay(cfg)
 
     def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:

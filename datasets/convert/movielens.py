@@ -18,10 +18,8 @@ movie's year and genres, and every row carries `item_frequency` (see schema.ITEM
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +28,7 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from embshard.datasets.convert.stream import drop_invalid
-from embshard.datasets.convert.text import BLOCK_BYTES, INTEGER, Malformed, as_text, open_input
+from embshard.datasets.convert.text import INTEGER, Malformed, as_text, line_blocks, open_input
 from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCatalog, SparseFeature
 from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
@@ -260,7 +258,7 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
     columns, parts, seen_record = names, [], False
     with open_input(path) as (f, raw), tqdm(total=path.stat().st_size, desc=f"{path.name}: reading", unit="B",
                                              unit_scale=True, leave=False) as bar:
-        for data, line in _line_blocks(f):
+        for data, line in line_blocks(f):
             bar.update(raw.tell() - bar.n)
             if latin1:
                 data = data.decode("latin-1").encode("utf-8")
@@ -272,7 +270,7 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
             if columns is None and records.size:
                 columns, data, line = _header(path, data, line, int(records[0]), _one_byte(delimiter), kinds)
             if columns is not None and data:
-                parts.append(_parse_block(data, line, columns, _one_byte(delimiter), quoted=names is None,
+                parts.append(_typed_block(data, line, columns, _one_byte(delimiter), quoted=names is None,
                                           kinds=kinds, malformed=file_malformed))
     if not seen_record:
         raise DataError(f"{path}: empty")
@@ -285,22 +283,6 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
 
 def _one_byte(delimiter: str) -> str:
     return delimiter if len(delimiter) == 1 else "\t"
-
-
-def _line_blocks(f: BinaryIO) -> Iterator[tuple[bytes, int]]:
-    """(data, line): whole lines of about BLOCK_BYTES each, and the 0-based line `data` starts at."""
-    line, carry = 0, b""
-    while True:
-        block = f.read(BLOCK_BYTES)
-        data = carry + block
-        if block:
-            cut = data.rfind(b"\n") + 1
-            data, carry = data[:cut], data[cut:]
-        if data:
-            yield data, line
-            line += data.count(b"\n") + (not data.endswith(b"\n"))
-        if not block:
-            return
 
 
 def _header(path: Path, data: bytes, line: int, record: int, delimiter: str,
@@ -317,7 +299,7 @@ def _header(path: Path, data: bytes, line: int, record: int, delimiter: str,
     return columns, rest, line + record + 1
 
 
-def _parse_block(data: bytes, first_line: int, columns: list[str], delimiter: str, *, quoted: bool,
+def _typed_block(data: bytes, first_line: int, columns: list[str], delimiter: str, *, quoted: bool,
                  kinds: dict[str, str], malformed: Malformed) -> pa.Table:
     """The well-formed rows of `data` (whole lines from physical line `first_line`), typed."""
     records = first_line + _record_lines(data)

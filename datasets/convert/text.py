@@ -124,29 +124,37 @@ def read_chunks(path: Path, names: list[str], delimiter: str, malformed: Malform
                 skip_lines: int = 0, stop_line: int | None = None, desc: str = "") -> Iterator[TextChunk]:
     """Rows of lines [skip_lines, stop_line) that have len(names) fields; lines from stop_line on
     are not even parsed, so a later pass is the only one to report them."""
-    line = 0
-    carry = b""
     with open_input(path) as (f, raw), tqdm(total=path.stat().st_size, desc=desc or path.name, unit="B",
                                              unit_scale=True, leave=False) as bar:
         for _ in range(skip_lines):
             f.readline()
-            line += 1
-        while stop_line is None or line < stop_line:
-            block = f.read(BLOCK_BYTES)
+        for data, at in line_blocks(f):
             bar.update(raw.tell() - bar.n)
-            data = carry + block
-            if block:
-                cut = data.rfind(b"\n") + 1
-                data, carry = data[:cut], data[cut:]
+            line = skip_lines + at
             if stop_line is not None:
+                if line >= stop_line:
+                    return
                 data = _first_lines(data, stop_line - line)
-            if data:
-                chunk = _parse_block(data, line, names, delimiter, malformed)
-                line = _next_line(data, line)
-                if chunk.table.num_rows:
-                    yield chunk
-            if not block:
-                break
+            chunk = _parse_block(data, line, names, delimiter, malformed)
+            if chunk.table.num_rows:
+                yield chunk
+
+
+def line_blocks(f: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """(data, line): whole lines of about BLOCK_BYTES each (the last may lack its newline), and
+    the 0-based line of `f` (from where it is read) that `data` starts at."""
+    line, carry = 0, b""
+    while True:
+        block = f.read(BLOCK_BYTES)
+        data = carry + block
+        if block:
+            cut = data.rfind(b"\n") + 1
+            data, carry = data[:cut], data[cut:]
+        if data:
+            yield data, line
+            line = _next_line(data, line)
+        if not block:
+            return
 
 
 def _next_line(data: bytes, first_line: int) -> int:
