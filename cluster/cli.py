@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console.set_verbose(getattr(args, "verbose", False))
+    console.log_to_console()
     with sigterm_as_ctrl_c():
         return _run(args)
 

@@ -50,6 +50,24 @@ def set_verbose(verbose: bool) -> None:
     _verbose = verbose
 
 
+class _LevelFirst(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def log_to_console() -> None:
+    """Outside a run (which logs to its file, `run_log`), the driver's log records as lines like
+    its own: `warning: checkpoint …: skipped, …`. A library's import-time `logging.info`
+    (FBGEMM's) gave the root logger basicConfig's handler, which printed
+    `WARNING:embshard.trainer.checkpoint:…` above the one line that says the same."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+            handler.setFormatter(_LevelFirst())
+
+
 def is_verbose() -> bool:
     return _verbose
 

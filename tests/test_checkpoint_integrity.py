@@ -278,3 +278,28 @@ def test_a_staging_folder_the_machine_refuses_is_one_line(tmp_path):
 
     with pytest.raises(EnvironmentProblem, match=r"^/proc/embshard-export: cannot be written \("):
         make_staging(Path("/proc/embshard-export"))
+
+
+@pytest.mark.usefixtures("process_group")
+def test_export_says_a_skipped_step_in_one_line_of_its_own(dataset, tmp_path):
+    # FBGEMM's import-time logging.info gave the root logger basicConfig's handler: a skipped step
+    # was `WARNING:embshard.trainer.checkpoint:...`, and when none verified, the error said it again.
+    import subprocess
+    import sys
+
+    cfg = job(dataset, tmp_path / "run", max_steps=8)
+    run_worker(cfg)
+    newest, older = complete_checkpoints(cfg.checkpoint_dir)
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+    def export(source: Path, out: Path) -> tuple[int, list[str]]:
+        done = subprocess.run([sys.executable, "-c", "from embshard.cluster.cli import main; raise SystemExit(main())",
+                               "export", str(source), "--out", str(out)], capture_output=True, text=True)
+        return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
+
+    code, err = export(cfg.checkpoint_dir, tmp_path / "a")
+    assert code == 0 and err == [f"warning: checkpoint {newest}: skipped, {shard.name} has 1000 bytes, the manifest "
+                                 f"says {json.loads((newest / MANIFEST).read_text())['files'][shard.name]['bytes']}"]
+    code, err = export(newest, tmp_path / "b")
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"embshard: error: {newest}: no checkpoint there verifies")
