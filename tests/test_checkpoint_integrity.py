@@ -303,3 +303,22 @@ def test_export_says_a_skipped_step_in_one_line_of_its_own(dataset, tmp_path):
                                  f"says {json.loads((newest / MANIFEST).read_text())['files'][shard.name]['bytes']}"]
     code, err = export(newest, tmp_path / "b")
     assert code == 2 and len(err) == 1 and err[0].startswith(f"embshard: error: {newest}: no checkpoint there verifies")
+
+
+@pytest.mark.usefixtures("process_group")
+def test_export_of_a_run_whose_data_was_written_again_with_more_ids_is_one_line(tmp_path):
+    # The arch is rebuilt from the data at data.path: written again with more ids than the
+    # tables hold, the export went through on the new spec.
+    import shutil
+
+    from embshard.errors import PlanError
+
+    data = profiled_synth(tmp_path / "data", rows=3000, max_cardinality=200)
+    cfg = job(data, tmp_path / "run", max_steps=4)
+    step = Path(run_worker(cfg)["checkpoint"])
+    export_serving(step, tmp_path / "serving")
+    shutil.rmtree(data)
+    profiled_synth(data, rows=3000, max_cardinality=2000)
+    with pytest.raises(PlanError, match=rf"^{step}: its plan and the dataset at {data}: feature '.*' takes [\d,]+ ids, "
+                                        r"table '.*' has [\d,]+ rows: the plan was made for other data$"):
+        export_serving(step, tmp_path / "again")

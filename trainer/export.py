@@ -56,6 +56,7 @@ from embshard.datasets.storage import (
     read_json_version,
 )
 from embshard.errors import EmbshardError, StorageError
+from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
@@ -251,6 +252,10 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, DatasetSpec, ModelConf
     plan = DimensionPlan.from_json(raw["dimension_plan"], where=str(plan_dir / PLAN))
     model_config = ModelConfig(**config.get("model", {}))
     spec = _run_spec(config, path)
+    # The arch is rebuilt from the data at data.path now, which may have been written again since:
+    # another feature list, or more ids than the tables hold, is said here as a resume says it.
+    check_plan_holds(plan, {f.name: f.cardinality for f in spec.sparse},
+                     f"{path}: its plan and the dataset at {config.get('data', {}).get('path')}")
     shapes = _saved_shapes(path)
     # With the collapse hook W already sits under W1's key and loads into the plain model; a
     # checkpoint written without it still holds W1 (n x k) and W2, and is collapsed here.
