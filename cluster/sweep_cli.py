@@ -124,10 +124,10 @@ def sweep(args: argparse.Namespace) -> int:
     from embshard.typed_config import to_dict
 
     out = location(args.out or Path(cfg.output_dir) / "sweep")
-    points = run_sweep(cfg, spec, out, args.resume, args.parallel)
+    sha = dataset_sha256(to_dict(data))
+    points = run_sweep(cfg, spec, out, args.resume, args.parallel, sha)
     name = location(cfg.data.path).resolve().name
     truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
-    sha = dataset_sha256(to_dict(data))
     published: list[tuple[str, dict[str, Any]]] = []
     for setting, of_setting in by_setting(points, spec.settings()):
         job = with_knobs(cfg, setting)

@@ -41,11 +41,12 @@ STATE_EVERY_S = "1"
 
 
 def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
-              parallel: int | None) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep in `out` (a folder or a URI); -> every trial's points."""
+              parallel: int | None, data_sha: str) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep in `out` (a folder or a URI) on the data `data_sha` identifies
+    (data.path's `dataset_sha256`); -> every trial's points."""
     out = out.resolve()
     work = work_folder(cfg, out)
-    _claim_folder(out, work, spec, cfg, resume)
+    _claim_folder(out, work, spec, cfg, resume, data_sha)
     per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -110,10 +111,13 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
     return out
 
 
-def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool) -> None:
-    """A fresh sweep takes an empty (or new) folder and records its spec and job config there;
-    --resume needs this same sweep's folder, spec and config: Tune restores the trials as they were
-    started, and the report would name this command's config as what they trained."""
+def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool,
+                  data_sha: str) -> None:
+    """A fresh sweep takes an empty (or new) folder and records its spec, job config and data
+    (`data_sha`: `dataset_sha256` of data.path's) there; --resume needs this same sweep's folder,
+    spec, config and data: Tune restores the trials as they were started, and the report would
+    name this command's config and data as what they trained (a resume on data.path written
+    again filed the finished trials' points under the new data's hash)."""
     check_reachable(out)  # a missing bucket or refused credentials: one line before Ray starts
     saved = out / SPEC_FILE
     if resume:
@@ -128,7 +132,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         if not isinstance(record, dict) or not set(spec.to_json()) <= set(record):
             raise ConfigError(f"--resume: {saved}: not a sweep spec (expected an object with "
                               f"{', '.join(spec.to_json())}); start the sweep afresh with another --out")
-        started = {k: v for k, v in record.items() if k != "config"}
+        started = {k: v for k, v in record.items() if k not in ("config", "dataset_sha256")}
         # As JSON text: 0 and 0.0 are equal values but two settings' folders.
         if json.dumps(started) != json.dumps(spec.to_json()):
             raise ConfigError(f"--resume: {out} is the sweep {json.dumps(started)}; resume it with those "
@@ -139,6 +143,10 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
             key, then, now = differs
             raise ConfigError(f"--resume: {out} was started with {key} = {then!r}, this command has {now!r}; "
                               "resume it with the config and --set it was started with")
+        if record.get("dataset_sha256", data_sha) != data_sha:  # a sweep from before it was recorded: unchecked
+            raise ConfigError(f"--resume: {out} was started on other data than data.path {cfg.data.path} holds now "
+                              f"(dataset hash {record['dataset_sha256'][:12]}, now {data_sha[:12]}): its points "
+                              "would be filed as results on this data; resume it on the data it was started on")
         if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
             raise ConfigError(f"--resume: {out} holds no sweep to resume (no Ray Tune experiment state in "
                               f"{out / EXPERIMENT}); start the sweep afresh with another --out")
@@ -159,7 +167,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         raise ConfigError(f"--out {out}: its local run folder {work} holds an earlier sweep's runs; "
                           f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg)}) + "\n")
+    saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg), "dataset_sha256": data_sha}) + "\n")
 
 
 def _absolute(cfg: JobConfig) -> JobConfig:

@@ -545,19 +545,25 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
     cfg = load_job_config(REPO / "configs" / "default.yaml")
     spec = SweepSpec(["uniform"], [1.0], 1, vary={"model.options.l2": [0, 0.03]})
     out = tmp_path / "out"
-    _claim_folder(out, out, spec, cfg, resume=False)
+    _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
     assert json.loads((out / "sweep-spec.json").read_text())["config"]["train"]["epochs"] == 1
     floats = SweepSpec(["uniform"], [1.0], 1, vary={"model.options.l2": [0.0, 0.03]})
     with pytest.raises(ConfigError, match=re.escape('--resume: ' + str(out) + ' is the sweep {"methods": ["uniform"]')):
-        _claim_folder(out, out, floats, cfg, resume=True)
+        _claim_folder(out, out, floats, cfg, resume=True, data_sha="a" * 64)
     other = load_job_config(REPO / "configs" / "default.yaml", ["train.epochs=3", "train.log_every=7"])
     with pytest.raises(ConfigError, match=re.escape(f"--resume: {out} was started with train.epochs = 1, this "
                                                     "command has 3; resume it with the config")):
-        _claim_folder(out, out, spec, other, resume=True)
+        _claim_folder(out, out, spec, other, resume=True, data_sha="a" * 64)
+    # Other data at data.path (another path, or the path written again): its points were filed as
+    # results on the new data, under its hash.
+    with pytest.raises(ConfigError, match=re.escape(f"--resume: {out} was started on other data than data.path "
+                                                    f"{cfg.data.path} holds now (dataset hash aaaaaaaaaaaa, now "
+                                                    "bbbbbbbbbbbb)")):
+        _claim_folder(out, out, spec, cfg, resume=True, data_sha="b" * 64)
     # Keys that change nothing may differ; then only Tune's state is missing here.
     quiet = load_job_config(REPO / "configs" / "default.yaml", ["train.log_every=7"])
     with pytest.raises(ConfigError, match="no Ray Tune experiment state"):
-        _claim_folder(out, out, spec, quiet, resume=True)
+        _claim_folder(out, out, spec, quiet, resume=True, data_sha="a" * 64)
     # Damaged records: each was a traceback (JSONDecodeError, AttributeError) or a loop of resumes.
     saved = (out / "sweep-spec.json").read_text()
     for damaged, why in ((saved[:40], r"not a sweep spec \(Expecting"),
@@ -565,14 +571,14 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
                          ("{}", r"not a sweep spec \(expected an object with methods")):
         (out / "sweep-spec.json").write_text(damaged)
         with pytest.raises(ConfigError, match=rf"--resume: .*sweep-spec\.json: {why}"):
-            _claim_folder(out, out, spec, cfg, resume=True)
+            _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
     (out / "sweep-spec.json").write_text(saved)
     (out / "tune").mkdir()
     (out / "tune" / "experiment_state-2026-12-04.json").write_text('{"trial_data": [')
     (out / "tune" / "tuner.pkl").write_bytes(b"")  # what can_restore looks for
     with pytest.raises(ConfigError, match=r"experiment_state-2026-12-04\.json: Ray Tune's state of the sweep is "
                                           r"damaged"):
-        _claim_folder(out, out, spec, cfg, resume=True)
+        _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
     # A point of a setting the sweep does not vary is one line, not a KeyError.
     with pytest.raises(DataError, match=re.escape('a point of the setting {"model.options.l2": 0.0}, which this '
                                                   'sweep does not vary')):
