@@ -62,14 +62,13 @@ def prune_pep(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.cluster.run_lock import run_lock
     from embshard.config import load_job_config
-    from embshard.errors import ConfigError
-    from embshard.trainer.pep import NONZERO_HISTORY_FILE
+    from embshard.trainer.pep import NONZERO_HISTORY_FILE, check_pep_out
 
     cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
-    if cfg.pep_dir.exists() and not cfg.pep_dir.is_dir():
-        # Found out at the first target otherwise, inside a worker, as a crash.
-        raise ConfigError(f"pep.out {cfg.pep_dir}: a file; it names the folder the prune run writes its targets into")
-    with run_lock(cfg):
+    check_pep_out(cfg)
+    # pep.out too: two prune runs of different output_dirs into one folder would both pass the check.
+    with run_lock(cfg, also=[cfg.pep_dir]):
+        check_pep_out(cfg)  # again, under the lock
         bundle = plan_for_training(cfg, "pep")
         print_notes(bundle)
         summary = train_on_ray(cfg, "pep")

@@ -49,10 +49,10 @@ class RunEnded(EmbshardError):
 
 
 @contextmanager
-def run_lock(cfg: JobConfig) -> Iterator[None]:
+def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
     """The run's folders locked for the whole of the block (see the module docstring): its
-    output_dir, and its local checkpoint folder, which another run may name as its own."""
-    folders = [Path(cfg.output_dir)]
+    output_dir, its local checkpoint folder, which another run may name as its own, and `also`."""
+    folders = [Path(cfg.output_dir), *(also or [])]
     if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, Path):
         folders.append(cfg.checkpoint_dir)
     with ExitStack() as stack:

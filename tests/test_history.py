@@ -110,3 +110,12 @@ def test_prune_run_records_nonzeros_over_time(dataset, tmp_path, process_group):
         assert r["kept_fraction"] == pytest.approx(r["nonzero"] / dense)
     assert records[0]["nonzero"] < dense  # sigmoid(-4) already cuts small entries
     assert records[-1]["kept_fraction"] == pytest.approx(summary["pep"]["kept_fraction"])
+    # The record names whose run it is: another run into this pep.out replaced it and its history.
+    from embshard.errors import ConfigError
+    from embshard.trainer.pep import check_pep_out
+
+    check_pep_out(cfg)  # this run's own, again (a resume)
+    other = replace(cfg, output_dir=str(tmp_path / "other"), pep=replace(cfg.pep, out=str(cfg.pep_dir)))
+    with pytest.raises(ConfigError, match=rf"^pep.out {cfg.pep_dir}: holds the prune run of output_dir "
+                                          rf"{Path(cfg.output_dir).resolve()} \(its pep.json\); set pep.out"):
+        check_pep_out(other)

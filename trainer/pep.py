@@ -342,10 +342,28 @@ class PruneCallback(Callback):
             dist.barrier()  # masks and record are on disk before any rank retrains from them
 
 
+def check_pep_out(cfg: JobConfig) -> None:
+    """ConfigError unless `pep.out` is free for this prune run: a folder, and not another run's
+    (whose output_dir its `pep.json` names). A second run there replaced the first one's record
+    and non-zero history without a word."""
+    out = cfg.pep_dir
+    if out.exists() and not out.is_dir():
+        # Found out at the first target otherwise, inside a worker, as a crash.
+        raise ConfigError(f"pep.out {out}: a file; it names the folder the prune run writes its targets into")
+    try:
+        owner = json.loads((out / RUN_FILE).read_text()).get("output_dir")
+    except (OSError, ValueError, AttributeError):
+        return  # no record (yet): a record written before runs named their output_dir is taken as ours
+    if owner is not None and Path(owner) != Path(cfg.output_dir).resolve():
+        raise ConfigError(f"pep.out {out}: holds the prune run of output_dir {owner} (its {RUN_FILE}); set "
+                          "pep.out to another folder, or move that one away")
+
+
 def write_run_record(cfg: JobConfig, pep: PepEmbeddings, reached: dict[str, Any]) -> Path:
     """What the lottery retrain needs to regenerate the initial values, and what was written."""
     section = _require_pep(cfg)
     record = {
+        "output_dir": str(Path(cfg.output_dir).resolve()),  # whose run: see `check_pep_out`
         "seed": cfg.seed,
         "granularity": section.granularity,
         "s_init": section.s_init,
