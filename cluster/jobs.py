@@ -14,10 +14,12 @@ cluster's own environment (tests/test_jobs.py starts its head with a fresh one).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from embshard.errors import EmbshardError, Interrupted, first_line
@@ -36,10 +38,18 @@ class JobError(EmbshardError):
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    # A ray:// address connects through Ray Client first, which printed its INFO line and a
+    # timeout warning above the one line below that says the same.
+    # (Ray sets its loggers' levels as it connects: only logging.disable holds them.)
     try:
-        return JobSubmissionClient(address)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.INFO)
+            return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - requests/Ray raise many kinds; all mean "unreachable"
         raise JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def train_entrypoint(config: Path, overrides: list[str], workers: int | None) -> str:

@@ -116,3 +116,31 @@ def test_submit_refuses_a_config_that_does_not_load_before_it_reaches_the_cluste
     assert main(["submit", str(config), "--address", f"127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"embshard: error: {config}: train.epchs: unknown field") and "\n" not in err
+
+
+def test_an_unreachable_ray_client_address_is_one_line(monkeypatch):
+    # A ray:// address goes through Ray Client, which printed its INFO line and a timeout warning
+    # above ours (after 30 s: the fake below stands for that client).
+    import logging
+    import warnings
+
+    import ray.job_submission
+
+    from embshard.cluster import jobs
+
+    seen = {}
+
+    class Client:
+        def __init__(self, address: str) -> None:
+            seen["disabled"] = logging.root.manager.disable
+            logging.getLogger("ray.client_builder").info("Passing the following kwargs to ray.init()")
+            warnings.warn("Ray Client connection timed out", UserWarning, stacklevel=2)
+            raise ConnectionError("ray client connection timeout")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(jobs.JobError, match=r"^ray://h:1: cannot reach the Ray job API \(ConnectionError: ray "
+                                                r"client connection timeout\)$"):
+            jobs.client("ray://h:1")
+    assert not shown and seen["disabled"] == logging.INFO and logging.root.manager.disable == logging.NOTSET
