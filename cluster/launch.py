@@ -27,6 +27,7 @@ from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.cluster.run_lock import owner_check, run_owner
 from embshard.config import JobConfig
+from embshard.datasets.outdir import check_not_in_dataset
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import StoragePath, check_writable, copytree, location
@@ -56,6 +57,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     run's method (default: the one `cfg` names) for this topology."""
     decide = planning_step(cfg, method)
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
+    check_not_in_dataset(Path(cfg.output_dir), "output_dir", ConfigError, itself=True)
     if cfg.checkpoint.enabled:
         # A missing bucket, client or a read-only folder now, not at the first checkpoint.
         check_checkpoint_io(cfg.checkpoint_dir, "checkpoint.dir")

@@ -28,6 +28,7 @@ from embshard.cluster.sweep_plan import NOT_RESULTS, SweepSpec, Trial, config_di
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig, current_schema
+from embshard.datasets.outdir import check_not_in_dataset
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, location
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
 from embshard.typed_config import to_dict
@@ -119,6 +120,8 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
     name this command's config and data as what they trained (a resume on data.path written
     again filed the finished trials' points under the new data's hash)."""
     check_reachable(out)  # a missing bucket or refused credentials: one line before Ray starts
+    if isinstance(out, Path):
+        check_not_in_dataset(out, "--out", ConfigError, itself=True)
     saved = out / SPEC_FILE
     if resume:
         if not saved.is_file():

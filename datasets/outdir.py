@@ -49,11 +49,28 @@ DATASET = Replaceable("dataset", SPEC_FILE, lambda name: name in LAYOUT or name.
                       DatasetSpec.load)
 
 
+def check_not_in_dataset(out: Path, what: str, error: type[EmbshardError] = DataError, itself: bool = False) -> None:
+    """Raises when `out` lies inside an embshard dataset's folder (or, with `itself`, is one): a
+    folder there is no part of the dataset, which `--overwrite` then never replaces ('holds
+    'sub', which no dataset holds'), and inside a split it sits among the part files."""
+    out = out.absolute()
+    for folder in [out, *out.parents] if itself else out.parents:
+        if (folder / SPEC_FILE).is_file():
+            try:
+                DatasetSpec.load(folder)
+            except EmbshardError:
+                continue  # another tool's dataset.json, or a damaged one: not ours to keep whole
+            raise error(f"{what} {out}: inside the dataset {folder}, which holds its own files alone; "
+                        "write it elsewhere")
+
+
 def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
-    """Raises unless `out` is absent, empty, or (with overwrite) an earlier `kind`."""
+    """Raises unless `out` is absent, empty, or (with overwrite) an earlier `kind`, and outside
+    any dataset."""
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite, kind)
         return
+    check_not_in_dataset(out, "--out", kind.error)
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
@@ -91,6 +108,7 @@ def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Pa
     never replaced."""
     if path.is_dir():
         raise error(f"{path}: a directory; give the path of the {what} file to write")
+    check_not_in_dataset(path, what, error)
     if not path.exists():
         _check_creatable(path, error)
         return

@@ -470,3 +470,40 @@ def test_main_runs_off_the_main_thread(tmp_path, capsys):
     worker.start()
     worker.join()
     assert result == [2] and "config file not found" in capsys.readouterr().err
+
+
+def test_nothing_is_written_inside_a_dataset(tmp_path, capsys):
+    # A synth, plan, prune record, sweep or run written inside a dataset folder went through, and
+    # the dataset could then never be replaced ("holds 'sub', which no dataset holds").
+    from embshard.cluster.launch import plan_for_training
+    from embshard.cluster.sweep_plan import SweepSpec
+    from embshard.cluster.sweep_run import _claim_folder
+    from embshard.config import load_job_config
+    from embshard.datasets.synth import synthesize
+    from embshard.errors import ConfigError
+    from embshard.trainer.pep import check_pep_out
+
+    data = tmp_path / "data"
+    synthesize(data, rows=2000, seed=0, max_cardinality=100)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\n")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for argv, message in (
+        (["data", "synth", "--out", str(data / "sub"), "--rows", "100"], f"--out {data / 'sub'}: inside the dataset"),
+        (["data", "synth", "--out", str(data / "train" / "x"), "--rows", "100"], "inside the dataset"),
+        (["plan", str(config), "--out", str(data)], f"plan {data / 'plan.json'}: inside the dataset {data}"),
+    ):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    cfg = load_job_config(config, [f"output_dir={data / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"^output_dir {data / 'run'}: inside the dataset {data}"):
+        plan_for_training(cfg)
+    with pytest.raises(ConfigError, match=rf"^pep.out {data}: inside the dataset {data}"):
+        check_pep_out(load_job_config(config, [f"pep.out={data}"]))
+    with pytest.raises(ConfigError, match=rf"^--out {data / 'sweep'}: inside the dataset {data}"):
+        _claim_folder(data / "sweep", data / "sweep", SweepSpec(["uniform"], [1.0], 1), cfg, False, "a" * 64)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    # Another tool's dataset.json makes no embshard dataset of its folder.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "dataset.json").write_text('{"name": "not ours"}')
+    assert main(["data", "synth", "--out", str(tmp_path / "theirs" / "ours"), "--rows", "100"]) == 0
