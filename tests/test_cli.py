@@ -196,11 +196,18 @@ def test_plan_out_replaces_only_a_plan_and_only_when_asked(tmp_path, capsys):
     spec_before = (data / "dataset.json").read_bytes()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\n")
-    # Once: plan.json written beside it, then renamed over the dataset's own spec.
+    # Once: plan.json written beside it, then renamed over the dataset's own spec. (Now refused
+    # before that, as anything written inside a dataset is; a file that is no plan, elsewhere:)
     assert main(["plan", str(cfg), "--out", str(data / "dataset.json"), "--overwrite"]) == 2
-    assert re.search(r"dataset\.json: exists and is no plan \(.*no 'dimension_plan'\)\); refusing",
-                     capsys.readouterr().err)
+    assert f"plan {data / 'dataset.json'}: inside the dataset {data}" in capsys.readouterr().err
     assert (data / "dataset.json").read_bytes() == spec_before and not (data / "plan.json").exists()
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert main(["plan", str(cfg), "--out", str(notes), "--overwrite"]) == 2
+    assert re.search(r"notes\.json: exists and is no plan \(.*no 'dimension_plan'\)\); refusing",
+                     capsys.readouterr().err)
+    assert notes.read_text() == '{"mine": 1}'
+    notes.unlink()
     out = tmp_path / "p.json"
     assert main(["plan", str(cfg), "--out", str(out)]) == 0
     assert main(["plan", str(cfg), "--out", str(out)]) == 2
