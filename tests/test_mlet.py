@@ -253,8 +253,9 @@ def checkpointed_with_the_collapse_hook(
     bundle = PlanBundle(plan, shard, memory_report(plan, shard, "rowwise_adagrad"), tmp_path / "plan")
     bundle.save()
     spec = plan_spec(plan, NUM_DENSE)
-    spec.save(tmp_path)  # export rebuilds the arch from the run's dataset spec
-    cfg = JobConfig(model=MODEL, data=DataConfig(path=str(tmp_path)))
+    (tmp_path / "data").mkdir()
+    spec.save(tmp_path / "data")  # export rebuilds the arch from the run's dataset spec
+    cfg = JobConfig(model=MODEL, data=DataConfig(path=str(tmp_path / "data")))
     with single_rank_group():
         sharded = build_sharded(cfg, bundle, spec, torch.device("cpu"), init_from=trained_train_model(plan))
         manager = CheckpointManager(tmp_path / "ckpt", before_save=[partial(mlet_before_save, sharded.model)])
