@@ -40,6 +40,7 @@ from embshard.trainer.checkpoint import (
     complete_checkpoints,
     first_usable,
     resolve_source,
+    warn_skipped,
 )
 from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
@@ -118,7 +119,9 @@ def resume_source(cfg: JobConfig) -> StoragePath | None:
     candidates = complete_checkpoints(cfg.checkpoint_dir)
     if not candidates and cfg.checkpoint.resume:
         candidates = resolve_source(cfg.checkpoint.resume)
-    return first_usable(candidates)[0]
+    path, rejected = first_usable(candidates)
+    warn_skipped(rejected)
+    return path
 
 
 def plan_from_checkpoint(cfg: JobConfig, checkpoint: StoragePath) -> PlanBundle:

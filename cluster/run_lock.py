@@ -126,8 +126,8 @@ def _acquire(path: Path) -> int | None:
 
 
 def _holder(fd: int) -> str:
+    raw = _record(os.pread(fd, 65536, 0))
     try:
-        raw = json.loads(os.pread(fd, 65536, 0) or b"{}")
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(raw["since"])))
         return f"pid {raw['pid']} on {raw['host']} since {since}: {raw['command']}"
     except (ValueError, KeyError, TypeError, OSError):
@@ -138,8 +138,14 @@ def run_owner(folders: list[Path]) -> dict[str, Any] | None:
     """The locks this process holds on `folders`, as their records say (a folder on a file system
     without locks has none), for its workers' `owner_check`; None for none."""
     me = _identity()
-    records = {str(f.absolute()): _read_record(f / LOCK_FILE) for f in folders}
-    held = {folder: record for folder, record in records.items() if _same(record, me, ("pid", "host", "boot"))}
+    held = {}
+    for folder in folders:
+        try:
+            record = _record((folder / LOCK_FILE).read_bytes())
+        except OSError:
+            continue
+        if _same(record, me, ("pid", "host", "boot")):
+            held[str(folder.absolute())] = record
     return {"folders": held} if held else None
 
 
@@ -165,12 +171,8 @@ def owner_check(owner: dict[str, Any] | None) -> Callable[[], None] | None:
 
 
 def _check_held(folder: Path, fd: int, record: dict[str, Any]) -> None:
-    try:
-        now = json.loads(os.pread(fd, 65536, 0) or b"{}")
-    except ValueError:
-        now = {}
     # The lock taken anew (a rerun, even by the same process) has another record.
-    if not _same(now if isinstance(now, dict) else {}, record, ("pid", "host", "boot", "since")):
+    if not _same(_record(os.pread(fd, 65536, 0)), record, ("pid", "host", "boot", "since")):
         raise RunEnded(f"{folder}: the run this worker started under has ended, and another holds it "
                        f"({_holder(fd)}); nothing more is written")
     if not _same(record, _identity(), ("host", "boot")):
@@ -195,13 +197,14 @@ def _identity() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot}
 
 
-def _same(a: dict[str, Any] | None, b: dict[str, Any], keys: tuple[str, ...]) -> bool:
-    return a is not None and all(a.get(k) == b.get(k) for k in keys)
+def _same(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def _record(raw: bytes) -> dict[str, Any]:
+    """A lock file's record; {} for one not yet written, or not JSON."""
     try:
-        record = json.loads(path.read_bytes() or b"{}")
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+        record = json.loads(raw or b"{}")
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}

@@ -385,31 +385,31 @@ def problem(path: StoragePath, every_file: bool = False) -> str | None:
     return unusable(path, lambda: verify(path, None if every_file else [*DRIVER_FILES, *plan_files]))
 
 
-def first_usable(candidates: list[StoragePath], every_file: bool = False,
-                 warn: bool = True) -> tuple[StoragePath | None, list[tuple[StoragePath, str]]]:
+def first_usable(candidates: list[StoragePath],
+                 every_file: bool = False) -> tuple[StoragePath | None, list[tuple[StoragePath, str]]]:
     """The newest candidate that passes `problem` (None: none does), and why each newer one did
-    not; with `warn`, a warning names every one skipped. Candidates older than the answer are not
-    read."""
+    not (`warn_skipped` says it). Candidates older than the answer are not read."""
     rejected: list[tuple[StoragePath, str]] = []
     for path in candidates:
         why = problem(path, every_file)
         if why is None:
             return path, rejected
-        if warn:
-            log.warning("checkpoint %s: skipped, %s", path, why)
         rejected.append((path, why))
     return None, rejected
+
+
+def warn_skipped(rejected: list[tuple[StoragePath, str]]) -> None:
+    for path, why in rejected:
+        log.warning("checkpoint %s: skipped, %s", path, why)
 
 
 def newest_verified(source: str | StoragePath) -> StoragePath:
     """One process: the newest checkpoint at `source` whose every file verifies (export reads them
     all); CheckpointError saying why each one failed."""
-    # Warned of only when an older one is read instead: else the error says it, in one line.
-    path, rejected = first_usable(resolve_source(source), every_file=True, warn=False)
+    path, rejected = first_usable(resolve_source(source), every_file=True)
     if path is None:
         raise CheckpointError(f"{source}: no checkpoint there verifies ({rejected_text(rejected)})")
-    for skipped, why in rejected:
-        log.warning("checkpoint %s: skipped, %s", skipped, why)
+    warn_skipped(rejected)  # only when an older one is read instead: else the error says it
     return path
 
 

@@ -126,12 +126,8 @@ def _check_outside(out: StoragePath, checkpoint: StoragePath) -> None:
     """An export written inside a step of the checkpoint directory it reads got the next resume to
     set that step aside as damaged and train its steps again; a step holds what its run wrote."""
     folder = checkpoint.parent if is_step_folder(checkpoint) else checkpoint
-
-    def name(at: StoragePath) -> str:
-        return at.uri if isinstance(at, RemotePath) else str(at.resolve())
-
-    inside = name(out).removeprefix(name(folder) + "/")
-    if inside != name(out) and is_step_name(inside.split("/")[0]):
+    inside = str(out.resolve()).removeprefix(f"{folder.resolve()}/")
+    if inside != str(out.resolve()) and is_step_name(inside.split("/")[0]):
         raise ExportError(f"--out {out}: inside the checkpoint step {folder / inside.split('/')[0]}, which holds "
                           "what its run wrote alone; write the export elsewhere")
 

@@ -255,6 +255,8 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
     if not path.is_file():
         raise DataError(f"{path}: missing from the MovieLens folder")
     file_malformed = Malformed(path, malformed.strict)
+    # pyarrow only splits on one byte; a tab never occurs inside the `::` files' fields.
+    split_on = delimiter if len(delimiter) == 1 else "\t"
     columns, parts, seen_record = names, [], False
     with open_input(path) as (f, raw), tqdm(total=path.stat().st_size, desc=f"{path.name}: reading", unit="B",
                                              unit_scale=True, leave=False) as bar:
@@ -262,15 +264,15 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
             bar.update(raw.tell() - bar.n)
             if latin1:
                 data = data.decode("latin-1").encode("utf-8")
-            if len(delimiter) > 1:
-                # pyarrow only splits on one byte; a tab never occurs inside the `::` files' fields.
-                data = data.replace(delimiter.encode(), b"\t")
-            records = _record_lines(data)
-            seen_record |= bool(records.size)
-            if columns is None and records.size:
-                columns, data, line = _header(path, data, line, int(records[0]), _one_byte(delimiter), kinds)
+            if split_on != delimiter:
+                data = data.replace(delimiter.encode(), split_on.encode())
+            if columns is None or not seen_record:  # until the first record (the header, if any)
+                records = _record_lines(data)
+                seen_record = bool(records.size)
+                if columns is None and seen_record:
+                    columns, data, line = _header(path, data, line, int(records[0]), split_on, kinds)
             if columns is not None and data:
-                parts.append(_typed_block(data, line, columns, _one_byte(delimiter), quoted=names is None,
+                parts.append(_typed_block(data, line, columns, split_on, quoted=names is None,
                                           kinds=kinds, malformed=file_malformed))
     if not seen_record:
         raise DataError(f"{path}: empty")
@@ -279,10 +281,6 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
         skipped = f" ({file_malformed.count:,} malformed lines skipped)" if file_malformed.count else ""
         raise DataError(f"{path}: no well-formed lines{skipped}")
     return pa.concat_tables(parts)
-
-
-def _one_byte(delimiter: str) -> str:
-    return delimiter if len(delimiter) == 1 else "\t"
 
 
 def _header(path: Path, data: bytes, line: int, record: int, delimiter: str,
