@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
-from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, positive, verbose_argument
+from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, verbose_argument, world_size
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
 from embshard.datasets import cli as data_cli
 from embshard.errors import (
@@ -95,7 +95,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
                     "with TorchRec's planner for a topology, and print per-rank memory for training "
                     "and serving. Needs no GPU and no cluster.")
     config_arguments(p)
-    p.add_argument("--world-size", type=positive, help="ranks to plan for (default: cluster.workers)")
+    p.add_argument("--world-size", type=world_size, help="ranks to plan for (default: cluster.workers)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: sharding.device)")
     p.add_argument("--device-memory-gb", type=float, metavar="G", help="memory per rank in GiB")
     p.add_argument("--local-world-size", type=int, metavar="N",

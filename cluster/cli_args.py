@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from embshard.config import MAX_WORLD_SIZE
+
 # `embshard train` flag that resumes a checkpoint with its own model config (cluster/resume_config.py).
 ADOPT_FLAG = "--resume-with-checkpoint-config"
 
@@ -15,7 +17,7 @@ def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config 
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help=f"override a config field, e.g. --set {set_example} (repeatable)")
     if workers:
-        p.add_argument("--workers", type=positive, help="Ray Train workers (default: cluster.workers)")
+        p.add_argument("--workers", type=world_size, help="Ray Train workers (default: cluster.workers)")
 
 
 def positive(text: str) -> int:
@@ -26,6 +28,14 @@ def positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def world_size(text: str) -> int:
+    """argparse type of a rank count: as `cluster.workers` is checked."""
+    value = positive(text)
+    if value > MAX_WORLD_SIZE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_WORLD_SIZE:,} ranks, got {value:,}")
     return value
 
 

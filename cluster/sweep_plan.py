@@ -26,6 +26,7 @@ alike. Torch-free: the driver checks every trial's configs before Ray starts.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ class Trial:
         return self.method.endswith("+mlet") or self.method == "mlet"
 
 
+# More trials than a cluster gets through in months: `--seeds 1000000000` listed its trials until
+# the driver's memory ran out.
+MAX_TRIALS = 10_000
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     methods: list[str]
@@ -131,10 +137,23 @@ class SweepSpec:
     # combination of the values of the knobs it reads and of every setting.
     vary: dict[str, list[Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        count = sum(math.prod(len(self.vary[k]) for k in self._varied(m)) * self.seeds
+                    * (1 if Trial(m, 0).base_method == "pep" else len(self.budgets)) for m in self.methods)
+        if count > MAX_TRIALS:
+            axes = ", ".join(f"{k} {len(v)}" for k, v in self.vary.items())
+            raise ConfigError(
+                f"a sweep of {count:,} trials ({len(self.methods)} method(s), {len(self.budgets)} budget(s), "
+                f"{self.seeds:,} seed(s){', ' + axes if axes else ''}); one sweep runs at most {MAX_TRIALS:,}: "
+                "fewer of them, or seeds in several sweeps (--first-seed) joined by `sweep-merge`")
+
+    def _varied(self, method: str) -> list[str]:
+        return [k for k in self.vary if is_setting(k) or reads_knob(method, k)]
+
     def trials(self) -> list[Trial]:
         out = []
         for method in self.methods:
-            for knobs in self._combinations([k for k in self.vary if is_setting(k) or reads_knob(method, k)]):
+            for knobs in self._combinations(self._varied(method)):
                 for seed in range(self.first_seed, self.first_seed + self.seeds):
                     if Trial(method, seed).base_method == "pep":
                         out.append(Trial(method, seed, knobs=knobs))

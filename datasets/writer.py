@@ -29,7 +29,8 @@ from embshard.datasets.schema import (
     part_name,
 )
 from embshard.datasets.storage import location
-from embshard.errors import DataError
+from embshard.errors import DataError, EnvironmentProblem
+from embshard.units import human_bytes
 
 # Readers split work across ranks by row group, so groups must be small enough to balance ranks
 # yet large enough that Parquet overhead stays negligible.
@@ -175,6 +176,9 @@ class DatasetWriter:
             self.stats = {split: SplitStats() for split in SPLITS}
             # Only converters map values to OOV_ID; synth's id 0 is an ordinary value.
             self.oov_features = list(oov_features)
+            self.total_rows = total_rows
+            self.written = 0
+            self.room_checked = False
             self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
         except BaseException:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -198,6 +202,27 @@ class DatasetWriter:
             stats.ids[name] = stats.ids.get(name, 0) + ids.size
             stats.oov[name] = stats.oov.get(name, 0) + int(np.count_nonzero(ids == OOV_ID))
         self.progress.update(table.num_rows)
+        self.written += table.num_rows
+        if not self.room_checked and self.written >= PART_ROWS:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        """Once a part file's worth is written: EnvironmentProblem when the rest, at the bytes a row
+        so far, cannot fit where it is staged (for object storage too: a local folder holds it until
+        the upload). `synth --rows 100000000000000000000` wrote until the disk was full, and
+        everything else writing there failed with it. `total_rows` may count input lines that turn
+        out malformed or duplicate: a conversion is refused only when even its lines cannot fit."""
+        self.room_checked = True
+        if not self.total_rows or self.total_rows <= self.written:
+            return
+        staged = sum(f.stat().st_size for f in self.staging.rglob("*") if f.is_file())
+        rest = staged / self.written * (self.total_rows - self.written)
+        free = shutil.disk_usage(self.staging).free
+        if rest > free:
+            raise EnvironmentProblem(
+                f"{self.out_dir}: {self.total_rows:,} rows need about {human_bytes(staged + rest)} "
+                f"({staged / self.written:.0f} bytes a row as written so far), and {self.staging.parent} "
+                f"has {human_bytes(free)} free; nothing written")
 
     def write_ordered(self, table: pa.Table, positions: np.ndarray, plan: SplitPlan) -> None:
         """Writes each row to the split `plan` gives its position (row or line index)."""

@@ -425,6 +425,11 @@ class CheckpointConfig:
             raise ConfigError(f"keep: must be >= 1, got {self.keep}")
 
 
+# The most ranks a job plans for and trains on: TorchRec's planner takes time in proportion to the
+# ranks (8 s for 65,536 on one CPU core of the default config), so a typo's 100,000,000 planned for hours.
+MAX_WORLD_SIZE = 65_536
+
+
 @dataclass
 class ClusterConfig:
     workers: int = 2  # Ray Train workers: the world size the job trains on
@@ -444,8 +449,8 @@ class ClusterConfig:
                                   "for one GPU per worker")
             if not amount > 0:
                 raise ConfigError(f"worker_resources.{name}: must be positive, got {amount}")
-        if self.workers < 1:
-            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if not 1 <= self.workers <= MAX_WORLD_SIZE:
+            raise ConfigError(f"workers: must be 1 to {MAX_WORLD_SIZE:,}, got {self.workers:,}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker: must be positive, got {self.cpus_per_worker}")
         if self.max_failures < -1:

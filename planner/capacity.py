@@ -15,6 +15,7 @@ from torchrec.distributed.planner.types import Topology
 from embshard.errors import PlanError
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, SparseOptimizer, optimizer_state_elements
 from embshard.planner.topology import TopologySpec
+from embshard.units import human_bytes
 
 # Share of each rank's HBM held back from embedding tables for dense parameters, activations and
 # input batches. TorchRec's heuristic reservation uses the same share but adds an estimate of
@@ -98,10 +99,3 @@ def shortfall_error(demand: Demand, topology: TopologySpec, available: int) -> P
     )
 
 
-def human_bytes(n: float) -> str:
-    """1.5 MiB, 80.0 GiB: a size in the unit that keeps its digits (a fixed GiB printed 0.00)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

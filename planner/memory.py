@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embshard.errors import PlanError
-from embshard.planner.capacity import human_bytes
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, SparseOptimizer, optimizer_state_elements
 from embshard.planner.shard_plan import ShardPlan
 from embshard.planner.types import DimensionPlan
+from embshard.units import human_bytes
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ from embshard.planner.capacity import (
     RESERVED_FRACTION,
     Demand,
     check_can_fit,
-    human_bytes,
     shortfall_error,
     usable_bytes,
 )
@@ -52,6 +51,7 @@ from embshard.planner.search import SearchPolicy
 from embshard.planner.topology import TopologySpec
 from embshard.planner.torchrec_parts import BucketIndexedEnumerator
 from embshard.planner.types import DimensionPlan, TablePlan
+from embshard.units import human_bytes
 
 # FBGEMM's fused table-batched kernels need widths divisible by 4; narrower or odd widths are
 # placed data-parallel with the dense kernel, where any width works.

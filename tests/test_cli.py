@@ -223,6 +223,20 @@ def test_plan_for_zero_ranks_is_refused_by_its_flag(tmp_path, capsys):
     assert "--world-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "named"), [(["--world-size", "100000000"], "--world-size"),
+                                              (["--set", "cluster.workers=100000000"], "cluster.workers")])
+def test_a_world_size_no_cluster_has_is_refused_before_planning(tmp_path, capsys, flags, named):
+    # TorchRec's planner takes time in proportion to the ranks: 100,000,000 planned for hours.
+    cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\n", max_cardinality=300)
+    try:
+        assert main(["plan", str(cfg), *flags, "--out", str(tmp_path / "p")]) == 2
+    except SystemExit as e:  # argparse's exit for a flag
+        assert e.code == 2
+    err = capsys.readouterr().err
+    assert "65,536" in err and "100,000,000" in err and named in err
+    assert not (tmp_path / "p").exists()
+
+
 def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(tmp_path, capsys):
     # search --out wrote the decisions over any file (the job's own config too); a folder there,
     # or a file as pep.out, was found out after the whole run, as a crash.

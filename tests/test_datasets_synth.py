@@ -179,3 +179,23 @@ def test_a_staging_folder_a_killed_writer_left_is_named(tmp_path: Path, capsys) 
     assert (f"warning: {left}: left by an interrupted write to {tmp_path / 'd'} (its process {dead} is not "
             "running on this host)") in err
     assert left.is_dir()  # said, not deleted: it may be a writer's on another host
+
+
+def test_rows_the_disk_cannot_hold_are_refused_before_it_fills(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`synth --rows 100000000000000000000` wrote until the disk was full. Now the rest is measured
+    against the free space once a part file's worth is written. The free space is the only thing
+    faked: 2 MiB free, where 200,000 rows of about 120 bytes need about 23 MiB."""
+    from embshard.datasets import writer
+    from embshard.errors import EnvironmentProblem
+
+    monkeypatch.setattr(writer, "PART_ROWS", 4 * ROW_GROUP_ROWS)
+    real = writer.shutil.disk_usage
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * 2**20))
+    with pytest.raises(EnvironmentProblem, match=r"200,000 rows need about .*MiB .*has 2\.0 MiB free; nothing written"):
+        synthesize(tmp_path / "out", rows=200_000, seed=0, max_cardinality=CAP)
+    assert not list(tmp_path.iterdir())  # no dataset, no staging folder left
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", real)
+    spec = synthesize(tmp_path / "out", rows=200_000, seed=0, max_cardinality=CAP)
+    assert sum(spec.rows.values()) == 200_000

@@ -336,6 +336,20 @@ def _stop():
     raise ConfigError("stopped before Ray")
 
 
+def test_a_sweep_of_more_trials_than_a_cluster_runs_is_refused_before_they_are_listed(tmp_path, capsys):
+    # --seeds 1000000000 listed its trials until the driver ran out of memory.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'nothing'}\n")
+    assert main(["sweep", str(cfg), "--methods", "uniform,pep", "--budgets", "0.5,1", "--seeds", "1000000000"]) == 2
+    assert ("a sweep of 3,000,000,000 trials (2 method(s), 2 budget(s), 1,000,000,000 seed(s)); one sweep runs "
+            "at most 10,000") in capsys.readouterr().err
+    # A method's knob multiplies only its own trials; pep holds every budget in one trial.
+    at_most = SweepSpec(["uniform", "mde", "pep"], [0.25, 0.5], 1000, vary={"embeddings.mde.alpha": [0.2, 0.4, 0.6]})
+    assert len(at_most.trials()) == 2 * 1000 + 3 * 2 * 1000 + 1000 == 9000
+    with pytest.raises(ConfigError, match="13,200 trials.*embeddings.mde.alpha 4"):
+        SweepSpec(["uniform", "mde", "pep"], [0.25, 0.5], 1200, vary={"embeddings.mde.alpha": [0.2, 0.4, 0.6, 0.8]})
+
+
 def test_trials_and_budget_knobs(tmp_path):
     spec = SweepSpec(["uniform", "pep"], [0.25, 1.0], 2)
     assert [t.key for t in spec.trials()] == ["uniform-b0.25-s0", "uniform-b1-s0", "uniform-b0.25-s1",
