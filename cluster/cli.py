@@ -224,22 +224,39 @@ def _plan(args: argparse.Namespace) -> int:
         check_file_output(out_dir / name, args.overwrite or args.out is None, "plan",
                           lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError)
 
+    if args.out is None and not args.overwrite and (out_dir / name).exists() and _has_trained(cfg):
+        raise PlanError(f"{out_dir / name}: the plan {cfg.output_dir} trained on (it holds the run's summary or "
+                        "checkpoints); pass --overwrite to replace it, or --out to plan elsewhere")
     check_out()
     # The run's own folder while it trains is the run's (its checkpoints copy the plan), and two
     # `plan`s into one folder would each replace the other's plan.
     output = Path(cfg.output_dir).absolute()
     with folder_lock(output if out_dir.absolute().is_relative_to(output) else out_dir):
         check_out()  # again: another `plan` may have written there since
-        bundle = _plan_into(cfg, decide, topology, out_dir, name)
+        bundle = _plan_into(cfg, decide, topology, out_dir, name, args.method)
     path = bundle.directory / name
     print_notes(bundle, name)
     print(f"plan -> {path}")
     return 0
 
 
-def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: Path, name: str) -> PlanBundle:
+def _has_trained(cfg: JobConfig) -> bool:
+    """Whether a run in cfg's output_dir has results: its plan file is then the record of what
+    trained (a resume takes the checkpoint's own copy), not a draft `plan` may replace unasked."""
+    from embshard.trainer.checkpoint import complete_checkpoints
+    from embshard.trainer.loop import SUMMARY_FILE
+
+    checkpoints = cfg.checkpoint_dir
+    return (Path(cfg.output_dir) / SUMMARY_FILE).is_file() or (
+        isinstance(checkpoints, Path) and bool(complete_checkpoints(checkpoints)))
+
+
+def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: Path, name: str,
+               method: str | None) -> PlanBundle:
     from embshard.datasets.outdir import make_staging
+    from embshard.datasets.schema import DatasetSpec
     from embshard.planner.pipeline import plan_with
+    from embshard.trainer.build import dense_layer_bytes
 
     # Planned apart, then copied in: the remap files are written while planning, and must not
     # replace those of a plan already there before this one is known to be complete, or fits.
@@ -255,6 +272,8 @@ def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: 
             sharding_types=cfg.sharding.sharding_types,
         )
         plan = staged.dimension_plan
+        staged.memory = replace(staged.memory, dense_bytes=dense_layer_bytes(
+            cfg, plan, DatasetSpec.load(cfg.data.path), method))
         blocks = sum(len(t.blocks) for t in plan.tables)
         print(f"{len(plan.tables)} tables, {blocks} blocks, base dim {plan.base_dim}, "
               f"{topology.world_size} x {topology.device} ranks on {topology.hosts} host(s) of "

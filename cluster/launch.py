@@ -34,6 +34,7 @@ from embshard.datasets.storage import StoragePath, check_writable, copytree, loc
 from embshard.datasets.verify import verify_dataset
 from embshard.errors import ConfigError, EmbshardError, Interrupted, PlanError, environment_problem, first_line
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, check_plan_holds, plan_with, shard_dimension_plan
+from embshard.trainer.build import dense_layer_bytes
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
 from embshard.trainer.checkpoint import (
@@ -83,10 +84,11 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         bundle = replace(bundle, dimension_plan=replace(plan, notes=[*notes, *plan.notes])).copy_to(cfg.plan_dir)
     else:
         bundle = plan_with(decide, cfg.data.path, topology, cfg.plan_dir, **sharding_options(cfg))
-        bundle.save()
         made_for = "the plan"
-    bundle.shard_plan.check_matches(bundle.dimension_plan, topology)
     spec = DatasetSpec.load(cfg.data.path)
+    bundle.memory = replace(bundle.memory, dense_bytes=dense_layer_bytes(cfg, bundle.dimension_plan, spec, method))
+    bundle.save()
+    bundle.shard_plan.check_matches(bundle.dimension_plan, topology)
     check_plan_holds(bundle.dimension_plan, {f.name: f.cardinality for f in spec.sparse},
                      f"{made_for} on {cfg.data.path}")
     check_same_data(bundle.dimension_plan, spec, cfg.data.path, made_for)

@@ -40,6 +40,10 @@ class MemoryReport:
     world_size: int
     capacity_bytes: int
     optimizer: str
+    # The model's layers outside its embedding module (MLPs, an FM's linear terms) on every rank:
+    # weights, gradients and the dense optimizer's state. Not the planner's to know: the driver
+    # counts them for the model it trains (`trainer.build.dense_layer_bytes`); None: not counted.
+    dense_bytes: int | None = None
     per_rank: dict[int, dict[str, int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,15 +67,18 @@ class MemoryReport:
 
     def check_fits(self) -> None:
         worst = max(self.per_rank, key=lambda r: self.per_rank[r]["train_bytes"])
-        need = self.per_rank[worst]["train_bytes"]
+        dense = self.dense_bytes or 0
+        need = self.per_rank[worst]["train_bytes"] + dense
         if need > self.capacity_bytes:
             tables = sorted(self.table_bytes(worst).items(), key=lambda kv: -kv[1][0])[:3]
             # human_bytes, not fixed GiB: a shortfall of a few MiB must not print as "0.00 GiB".
-            names = ", ".join(f"{t} ({human_bytes(b[0])})" for t, b in tables)
+            held = [f"{t} ({human_bytes(b[0])})" for t, b in tables]
+            if dense:
+                held.insert(0, f"the dense layers ({human_bytes(dense)})")
             raise PlanError(
                 f"rank {worst} needs {human_bytes(need)} for training but has "
                 f"{human_bytes(self.capacity_bytes)} (short by {human_bytes(need - self.capacity_bytes)}); "
-                f"largest tables there: {names}"
+                f"largest there: {', '.join(held)}"
             )
 
     def to_json(self) -> dict[str, Any]:
@@ -80,6 +87,7 @@ class MemoryReport:
             "capacity_bytes": self.capacity_bytes,
             "projection_bytes": self.projection_bytes,
             "serve_projection_bytes": self.serve_projection_bytes,
+            "dense_bytes": self.dense_bytes,
             "per_rank": {str(r): v for r, v in self.per_rank.items()},
             "shards": [s.__dict__ for s in self.shards],
         }
@@ -94,11 +102,15 @@ class MemoryReport:
             tables = self.table_bytes(r)
             lines.append(
                 f"{r:>4}  {human_bytes(tot['train_bytes']):>10}  {human_bytes(tot['serve_bytes']):>10}  "
-                f"{human_bytes(self.capacity_bytes):>10}  {100 * tot['train_bytes'] / self.capacity_bytes:5.1f}%  "
+                f"{human_bytes(self.capacity_bytes):>10}  "
+                f"{100 * (tot['train_bytes'] + (self.dense_bytes or 0)) / self.capacity_bytes:5.1f}%  "
                 f"{len(tables)}"
             )
         if len(ranks) > max_ranks:
             lines.append(f"... and {len(ranks) - max_ranks} less full ranks (see the JSON report)")
+        if self.dense_bytes:
+            lines.append(f"dense layers on every rank, besides train: {human_bytes(self.dense_bytes)} "
+                         "(weights, gradients, optimizer state)")
         by_table: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         placement: dict[str, set[str]] = defaultdict(set)
         for s in self.shards:

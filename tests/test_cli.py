@@ -237,6 +237,33 @@ def test_a_world_size_no_cluster_has_is_refused_before_planning(tmp_path, capsys
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("result", ["summary.json", "checkpoints/step-00000010"])
+def test_plan_without_out_keeps_the_plan_a_run_trained_on(tmp_path, capsys, result):
+    # `plan` into the run's own folder replaced a finished run's plan.json without a word.
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\noutput_dir: {tmp_path / 'run'}\n", max_cardinality=300)
+    assert main(["plan", str(cfg)]) == 0
+    assert main(["plan", str(cfg), "--set", "embeddings.dim=16"]) == 0  # a draft: replaced unasked
+    plan = tmp_path / "run" / "plan" / "plan.json"
+    made = plan.read_bytes()
+    (tmp_path / "run" / result).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / result).mkdir() if "step" in result else (tmp_path / "run" / result).write_text("{}")
+    capsys.readouterr()
+    assert main(["plan", str(cfg)]) == 2
+    assert f"{plan}: the plan {tmp_path / 'run'} trained on" in capsys.readouterr().err
+    assert plan.read_bytes() == made
+    assert main(["plan", str(cfg), "--overwrite"]) == 0
+    assert plan.read_bytes() != made
+
+
+def test_dense_layers_no_rank_holds_are_refused_by_the_plan(tmp_path, capsys):
+    # The memory report counted tables and projections only: a worker's "crashed: can't allocate".
+    cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\n", max_cardinality=300)
+    assert main(["plan", str(cfg), "--set", "model.dense_arch=[999999999999]", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"rank \d needs .* TiB for training .*largest there: the dense layers \(.* TiB\), t_C", err), err
+    assert not (tmp_path / "p").exists()
+
+
 def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(tmp_path, capsys):
     # search --out wrote the decisions over any file (the job's own config too); a folder there,
     # or a file as pep.out, was found out after the whole run, as a crash.

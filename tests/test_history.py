@@ -119,3 +119,35 @@ def test_prune_run_records_nonzeros_over_time(dataset, tmp_path, process_group):
     with pytest.raises(ConfigError, match=rf"^pep.out {cfg.pep_dir}: holds the prune run of output_dir "
                                           rf"{Path(cfg.output_dir).resolve()} \(its pep.json\); set pep.out"):
         check_pep_out(other)
+
+
+def _prune_killed_at_step_2(rank: int, world: int, cfg: JobConfig) -> None:
+    import os
+
+    from embshard.trainer.faults import ENV
+    from embshard.trainer.loop import run_worker
+
+    os.environ[ENV] = "0:2"  # os._exit(1), as a kill -9 would, before any target is reached
+    run_worker(cfg, method="pep")
+
+
+@pytest.mark.slow
+def test_a_prune_run_killed_before_its_first_target_still_claims_pep_out(dataset, tmp_path):
+    # The record was written at the first target or at the end only: another run could then take
+    # the folder and replace the first one's non-zero history.
+    import torch.multiprocessing as mp
+    from distributed import run_ranks
+
+    from embshard.errors import ConfigError
+    from embshard.trainer.pep import NONZERO_HISTORY_FILE, check_pep_out
+
+    cfg = small_job(dataset, tmp_path / "run", 6, pep=PepConfig(targets=[1e-6], count_every=1))
+    plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
+    with pytest.raises(mp.ProcessExitedException):
+        run_ranks(_prune_killed_at_step_2, 1, cfg)
+    assert [r["step"] for r in read_history(cfg.pep_dir / NONZERO_HISTORY_FILE)] == [1, 2]
+    assert json.loads((cfg.pep_dir / "pep.json").read_text())["targets"] == {}
+    check_pep_out(cfg)  # its own resume
+    other = replace(cfg, output_dir=str(tmp_path / "other"), pep=replace(cfg.pep, out=str(cfg.pep_dir)))
+    with pytest.raises(ConfigError, match="holds the prune run of output_dir"):
+        check_pep_out(other)

@@ -91,7 +91,7 @@ def test_check_fits_names_rank_and_shortfall(hand_plan) -> None:
     tight = ShardPlan(shard_plan.sharding, TopologySpec(world_size=2, device="cpu", device_memory_gb=6000 / GIB))
     need = memory_report(plan, tight, "rowwise_adagrad").per_rank[1]["train_bytes"]
     assert need == (1420 + 240) * 4
-    with pytest.raises(PlanError, match=rf"rank 1 needs .*short by {need - 6000} B.*largest tables there: a"):
+    with pytest.raises(PlanError, match=rf"rank 1 needs .*short by {need - 6000} B.*largest there: a"):
         memory_report(plan, tight, "rowwise_adagrad").check_fits()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from distributed import run_ranks
@@ -21,7 +23,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
-from embshard.trainer.build import build_sharded
+from embshard.trainer.build import DENSE_STATE_ELEMENTS, build_sharded
 from embshard.trainer.held_memory import held_bytes
 from embshard.trainer.method import get_method
 
@@ -102,3 +104,21 @@ def test_pep_prune_plan_bytes_match_dmp(tmp_path, pooled_lookup):
         measured = actual["train_bytes"]
         assert measured > 0
         assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)
+
+
+@pytest.mark.parametrize("arch", ["dlrm", "fm"])
+def test_dense_layers_the_plan_counts_are_those_dmp_holds(tmp_path, arch):
+    """A dense_arch no rank could hold was a worker's "crashed: can't allocate"; the plan now
+    counts the model's layers outside its tables (on the meta device). fm's per-id linear terms
+    are such layers: replicated on every rank, as large as a width-1 table per feature."""
+    data = tmp_path / "data"
+    synthesize(data, rows=4000, seed=1, max_cardinality=3000)
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
+                    embeddings=EmbeddingsConfig(dim=16), cluster=ClusterConfig(workers=2),
+                    model=ModelConfig(arch=arch, dense_arch=[64, 16], over_arch=[32, 1]))
+    bundle = plan_for_training(cfg)
+    assert json.loads((cfg.plan_dir / "plan.json").read_text())["memory"]["dense_bytes"] == bundle.memory.dense_bytes
+    for actual in run_ranks(_held_bytes, 2, cfg):
+        assert actual["dense_layer_weights"] > 0
+        assert actual["dense_layer_weights"] * (2 + DENSE_STATE_ELEMENTS[cfg.train.dense_optimizer]) == \
+            bundle.memory.dense_bytes

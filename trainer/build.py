@@ -24,8 +24,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
-from embshard.planner.optimizers import torch_optimizer_class
+from embshard.planner.optimizers import BYTES_PER_ELEMENT, torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
+from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name, module_path
 from embshard.trainer.models import ModelArch, TrainModel, get_arch
@@ -37,6 +38,31 @@ DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
+
+
+# Elements of dense optimizer state per parameter element: Adam's two moments, Adagrad's sum of
+# squares, none for SGD without momentum (how `dense_optimizer` makes it).
+DENSE_STATE_ELEMENTS = {"adam": 2, "adagrad": 1, "sgd": 0}
+
+
+def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, method: str | None = None) -> int | None:
+    """Bytes every rank holds for the model's layers outside its embedding module (MLPs, an FM's
+    per-id linear terms): weights, gradients and the dense optimizer's state, counted on a copy
+    built on the meta device, as `build_sharded` builds it, so nothing is allocated. A
+    `model.dense_arch` no device holds was a worker's "crashed: can't allocate" line. None: the
+    arch's model cannot be built on the meta device (a user's builder that reads values)."""
+    embedding_method = get_method(method or method_name(cfg))
+    arch = get_arch(cfg.model)
+    meta = torch.device("meta")
+    try:
+        with meta:
+            embeddings = embedding_method.embeddings(cfg, plan, meta)
+            model = arch.build(embeddings, spec, cfg.model, meta)
+    except (NotImplementedError, RuntimeError):
+        return None
+    tables = {id(p) for p in embeddings.parameters()}
+    elements = sum(p.numel() for p in model.parameters() if id(p) not in tables)
+    return elements * (2 + DENSE_STATE_ELEMENTS[cfg.train.dense_optimizer]) * BYTES_PER_ELEMENT
 
 
 def dense_optimizer(cfg: JobConfig, params: dict[str, nn.Parameter]) -> KeyedOptimizerWrapper:

@@ -11,7 +11,9 @@ from embshard.trainer.build import ShardedModel
 def held_bytes(sharded: ShardedModel) -> dict[str, int]:
     """Bytes on this rank of its embedding shards (`weights`), the fused sparse optimizer's state
     (`optimizer`) and the replicated MDE / MLET projections (`projections`); `train_bytes` is
-    their sum, comparable with `MemoryReport.per_rank[rank]["train_bytes"]`."""
+    their sum, comparable with `MemoryReport.per_rank[rank]["train_bytes"]`; and the weights of the
+    model's layers outside its embedding module (`dense_layer_weights`), which
+    `MemoryReport.dense_bytes` counts with their gradients and optimizer state."""
     model = sharded.model
     weights = sum(
         shard.tensor.numel() * shard.tensor.element_size()
@@ -31,5 +33,7 @@ def held_bytes(sharded: ShardedModel) -> dict[str, int]:
         for name, p in model.named_parameters()
         if ".mlet." in name or ".projections." in name
     )
+    tables = {id(p) for p in sharded.embeddings.parameters()}
+    layers = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
     return {"weights": weights, "optimizer": state, "projections": dense,
-            "train_bytes": weights + state + dense}
+            "train_bytes": weights + state + dense, "dense_layer_weights": layers}

@@ -268,6 +268,11 @@ class PruneCallback(Callback):
         self.counted_at: int | None = None
         # The counts are all-reduced: rank 0's record is the run's.
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if rank0:
+            # The record names this run before anything else is written, so pep.out is claimed
+            # (`check_pep_out`) from the start: a run stopped before its first target left the
+            # folder to any other prune run, which replaced its non-zero history.
+            write_run_record(cfg, pep, self.reached)
         self.history = StepHistory(self.out / NONZERO_HISTORY_FILE) if rank0 else None
 
     def _agreed_pending(self, targets: list[float]) -> list[float]:
