@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+from embshard.cluster.address import nothing_listens
 from embshard.errors import EmbshardError, Interrupted, first_line
 
 FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
@@ -38,6 +39,9 @@ class JobError(EmbshardError):
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    if address.startswith("ray://") and (why := nothing_listens(address)) is not None:
+        # Ray Client would wait its 30 s for a dial refused at once.
+        raise JobError(f"{address}: cannot reach the Ray job API (nothing answers there: {why})")
     # A ray:// address connects through Ray Client first, which printed its INFO line and a
     # timeout warning above the one line below that says the same.
     # (Ray sets its loggers' levels as it connects: only logging.disable holds them.)

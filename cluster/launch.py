@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from embshard.cluster import console, fatal
+from embshard.cluster.address import nothing_listens
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.cluster.run_lock import owner_check, run_owner
@@ -291,28 +291,17 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
     )
 
 
-PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
-
-
 def _check_something_listens(address: str) -> None:
-    """ConfigError at once when nothing answers at a `host:port` (or `ray://host:port`) address.
-    Ray itself retries for over two minutes, printing its C++ warnings on the console meanwhile."""
+    """ConfigError at once when nothing answers at a `host:port` (or `ray://host:port`) address."""
     if address.startswith(("http://", "https://")):
         # The job API's address (what `embshard submit` takes): read as a host named "http".
         raise ConfigError(f"cluster.address {address}: the Ray dashboard's HTTP address, which `embshard submit` "
                           "takes; a run joins the cluster at its head's GCS address (host:6379 by default) or "
                           "ray://host:10001")
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", or a form Ray resolves itself
-    if address.startswith("ray://") and any(os.environ.get(v) for v in PROXY_VARIABLES):
-        return  # gRPC reaches a Ray client server through the proxy, which a plain dial does not
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    why = nothing_listens(address)
+    if why is not None:
         raise ConfigError(f"cluster.address {address}: nothing answers there ({why}); start the cluster "
-                          "(`ray start --head`) or give its head's GCS address (host:6379 by default)") from None
+                          "(`ray start --head`) or give its head's GCS address (host:6379 by default)")
 
 
 def _private_token_auth() -> None:

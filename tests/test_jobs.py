@@ -6,6 +6,7 @@ listen on every interface, so a token is what keeps other hosts' clients out."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -138,9 +139,28 @@ def test_an_unreachable_ray_client_address_is_one_line(monkeypatch):
             raise ConnectionError("ray client connection timeout")
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
-    with warnings.catch_warnings(record=True) as shown:
+    with socket.socket() as listening, warnings.catch_warnings(record=True) as shown:  # the dial gets an answer
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"ray://127.0.0.1:{listening.getsockname()[1]}"
         warnings.simplefilter("always")
-        with pytest.raises(jobs.JobError, match=r"^ray://h:1: cannot reach the Ray job API \(ConnectionError: ray "
-                                                r"client connection timeout\)$"):
-            jobs.client("ray://h:1")
+        with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API "
+                                                r"\(ConnectionError: ray client connection timeout\)$"):
+            jobs.client(address)
     assert not shown and seen["disabled"] == logging.INFO and logging.root.manager.disable == logging.NOTSET
+
+
+def test_a_ray_client_address_nothing_listens_at_is_said_without_ray_clients_wait(monkeypatch):
+    # Ray Client waited its 30 s for a dial that is refused at once.
+    import ray.job_submission
+
+    from embshard.cluster import jobs
+
+    def never(address: str) -> None:
+        raise AssertionError("Ray Client was asked")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", never)
+    address = f"ray://127.0.0.1:{free_port()}"
+    with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API \(nothing "
+                                            r"answers there: Connection refused\)$"):
+        jobs.client(address)

@@ -153,6 +153,16 @@ def test_decisions_that_do_not_fit_the_dataset(tmp_path, tables, message):
     assert message in str(e.value)
 
 
+def test_a_decided_width_above_the_base_dim_is_kept_and_said(tmp_path):
+    # It was planned silently: a block wider than embeddings.dim costs more than a uniform row.
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({**GOOD, "base_dim": 16, "tables": {"C1": {"dim": 30}, "C2": {"dim": 8}}}))
+    plan = from_decisions(path, EmbeddingsConfig(policy="decisions", dim=16, decisions=str(path)), SPEC, tmp_path)
+    assert [b.dim for b in plan.table("t_C1").blocks] == [32]
+    assert plan.notes == ["t_C1 block 0: 30 -> 32 (multiple4, FBGEMM needs widths divisible by 4); 32 wide, above "
+                          "embeddings.dim 16: projected down to it"]
+
+
 def test_decisions_base_dim_must_match_config(tmp_path):
     path = pep_decisions(tmp_path)
     with pytest.raises(PlanError, match="base_dim 16 differs from embeddings.dim 32; set embeddings.dim: 16"):

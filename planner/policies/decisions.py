@@ -100,6 +100,12 @@ def _blocks(
     for rows, dim in sizes:
         rounded = round_width(dim, cfg.rounding, cfg.min_dim)
         source = {"policy": "decisions", "method": method, "file": str(path), "dim": dim}
-        out.append((Block(start, start + rows, rounded.value, source=source), rounded.note))
+        note = rounded.note
+        if rounded.value > cfg.dim:
+            # Kept (a search may find a width above the base worth its projection), but said: a
+            # block wider than embeddings.dim costs more than the uniform model's row.
+            wider = f"{rounded.value} wide, above embeddings.dim {cfg.dim}: projected down to it"
+            note = f"{note}; {wider}" if note else wider
+        out.append((Block(start, start + rows, rounded.value, source=source), note))
         start += rows
     return out
