@@ -198,6 +198,13 @@ def publish(staging: Path, out: StoragePath, overwrite: bool, kind: Replaceable 
     replace_folder(staging, out, kind.marker)
 
 
+def check_folder_or_absent(out: StoragePath) -> None:
+    """DataError when `out`, which a folder is to replace, is a file: moved aside for a swap, it
+    could not be removed and stayed behind as `.NAME.old-*`; it is not ours to remove either."""
+    if not isinstance(out, RemotePath) and out.exists() and not out.is_dir():
+        raise DataError(f"{out}: a file where a folder goes; refusing to replace it (move it away)")
+
+
 def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
     """Puts the complete local folder `staging` at `out`, replacing what is there only once the new
     folder is in place; `marker` is the file an object-store reader looks for (written last)."""
@@ -206,6 +213,7 @@ def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         return
     out = out.absolute()
+    check_folder_or_absent(out)
     if not out.exists():
         staging.rename(out)
         return

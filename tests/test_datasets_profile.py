@@ -102,6 +102,20 @@ def test_an_interrupted_profile_leaves_the_earlier_one_whole(tmp_path: Path, mon
     assert write_profile(data).counts("C1").sum() == 1_600
 
 
+def test_a_file_where_the_profile_folder_goes_is_refused_and_kept(tmp_path: Path) -> None:
+    # It was renamed aside for the swap, could not be removed, and stayed as `.profile.old-*`.
+    data = tmp_path / "ds"
+    synthesize(data, rows=2_000, seed=1, max_cardinality=100)
+    for p in (data / "profile").iterdir():
+        p.unlink()
+    (data / "profile").rmdir()
+    (data / "profile").write_text("someone's notes")
+    with pytest.raises(DataError, match=r"profile: a file where a folder goes; refusing to replace it"):
+        write_profile(data)
+    assert sorted(p.name for p in data.iterdir()) == ["dataset.json", "profile", "test", "train", "valid"]
+    assert (data / "profile").read_text() == "someone's notes"
+
+
 def test_a_damaged_profile_is_one_line_naming_its_file(tmp_path: Path) -> None:
     # Each was a traceback from the planner (a missing count file, a NaN or negative pooling
     # factor, a string for a number) or planned silently (a stale or foreign count file).
