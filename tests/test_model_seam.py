@@ -56,6 +56,12 @@ def nested_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapp
     return NestedLinear(embeddings, len(spec.dense), squeeze=True)
 
 
+def value_reading_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    model = NestedLinear(embeddings, len(spec.dense), squeeze=True)
+    model.scale = float(torch.ones(1).item())  # a value: a meta tensor has none
+    return model
+
+
 def unsqueezed_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     return NestedLinear(embeddings, len(spec.dense), squeeze=False)  # [B, 1]: the wrong shape
 
@@ -183,6 +189,19 @@ def test_the_driver_refuses_a_bad_model_config_before_planning(dataset, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("embshard: error: model.arch: cannot import module 'no_such_package.models'")
     assert len(err.splitlines()) == 1
+
+
+def test_a_builder_that_cannot_run_on_meta_plans_without_its_dense_count(dataset, tmp_path, caplog) -> None:
+    # The plan counts the dense layers on a copy built on the meta device; a builder that reads a
+    # value there cannot be counted, which is said, and its plan is made all the same.
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        bundle = plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:value_reading_builder"))
+    assert bundle.memory.dense_bytes is None
+    assert "dense layers not counted in the memory report: model.arch 'test_model_seam:value_reading_builder' " \
+           "cannot be built on the meta device" in caplog.text
+    assert plan_for_training(job(dataset, tmp_path / "run2", arch="test_model_seam:nested_builder")).memory.dense_bytes
 
 
 def test_a_builder_keeping_the_embeddings_anywhere_trains_sharded(dataset, tmp_path, process_group) -> None:

@@ -10,6 +10,7 @@ own parameter groups theirs, and all step through one `CombinedOptimizer`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,13 +24,15 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError
+from embshard.errors import ConfigError, first_line
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name, module_path
 from embshard.trainer.models import ModelArch, TrainModel, get_arch
+
+log = logging.getLogger(__name__)
 
 # Called as (params, lr=..., weight_decay=...): each takes its own further arguments, so not
 # `type[Optimizer]`.
@@ -58,7 +61,9 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         with meta:
             embeddings = embedding_method.embeddings(cfg, plan, meta)
             model = arch.build(embeddings, spec, cfg.model, meta)
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError) as e:
+        log.warning("dense layers not counted in the memory report: model.arch %r cannot be built on the meta "
+                    "device (%s)", arch.name, first_line(e))
         return None
     tables = {id(p) for p in embeddings.parameters()}
     elements = sum(p.numel() for p in model.parameters() if id(p) not in tables)
