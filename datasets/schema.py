@@ -41,6 +41,20 @@ OOV_ID = 0
 ITEM_FREQUENCY = "item_frequency"
 
 
+def check_column_names(names: list[str], where: str) -> None:
+    """DataError for a column name a dataset cannot carry, or one given twice. A sparse feature's
+    name is a file name (its profile's `profile/<name>.npy`: `../x` wrote outside the dataset) and
+    a torch module name (its table `t_<name>`: a '.' converted, then failed to train)."""
+    seen = set()
+    for name in names:
+        if not isinstance(name, str) or not name or not name.isprintable() or any(c in name for c in "/\\."):
+            raise DataError(f"{where}: column name {name!r}: a column needs a name without '/', '\\', '.' "
+                            "or control characters; rename it")
+        if name in seen:
+            raise DataError(f"{where}: column name {name!r} given twice")
+        seen.add(name)
+
+
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
@@ -160,6 +174,8 @@ class DatasetSpec:
                                   "catalog": ItemCatalog(**catalog) if catalog is not None else None})
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: malformed dataset spec ({e})") from None
+        _check_types(spec, where)
+        check_column_names([spec.label, *spec.dense, *spec.sparse_names, *spec.extra], where)
         if spec.target not in TARGETS:
             raise DataError(f"{where}: target {spec.target!r} (one of {', '.join(TARGETS)})")
         for f in spec.sparse:
@@ -183,6 +199,32 @@ class DatasetSpec:
             raise DataError(f"{self.name}: no item catalog")
         schema = self.arrow_schema()
         return pa.schema([schema.field(c) for c in [self.catalog.item_id, *self.catalog.features]])
+
+
+def _check_types(spec: DatasetSpec, where: str) -> None:
+    """What readers index and format by: `"rows": {"train": "x"}` was a ValueError in every
+    reader, `"dense": null` a TypeError."""
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for key in ("name", "label", "source", "split", "target", "id"):
+        if not isinstance(getattr(spec, key), str):
+            raise DataError(f"{where}: {key}: expected a string, got {getattr(spec, key)!r}")
+    for key in ("dense", "extra"):
+        if not isinstance(getattr(spec, key), list):
+            raise DataError(f"{where}: {key}: expected a list of column names, got {getattr(spec, key)!r}")
+    for key in ("rows", "parts", "oov_share", "planted"):
+        if not isinstance(getattr(spec, key), dict):
+            raise DataError(f"{where}: {key}: expected an object, got {getattr(spec, key)!r}")
+    for split, n in spec.rows.items():
+        if split not in SPLITS or not whole(n):
+            raise DataError(f"{where}: rows.{split}: expected a row count of a split ({', '.join(SPLITS)}), got {n!r}")
+    for split, sizes in spec.parts.items():
+        if split not in SPLITS or not isinstance(sizes, list) or not all(whole(n) for n in sizes):
+            raise DataError(f"{where}: parts.{split}: expected the row counts of a split's part files, got {sizes!r}")
+    for f in spec.sparse:
+        if not isinstance(f.multi_hot, bool):
+            raise DataError(f"{where}: sparse feature {f.name!r}: multi_hot {f.multi_hot!r} (true or false)")
 
 
 def split_dir(directory: str | Path, split: str) -> StoragePath:

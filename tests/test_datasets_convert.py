@@ -158,12 +158,15 @@ def test_avazu_header_byte_order_mark_and_clashing_names(tmp_path: Path) -> None
     bom.write_bytes(b"\xef\xbb\xbf" + ("\n".join([AVAZU_HEADER, *rows]) + "\n").encode())
     spec = convert("avazu", bom, tmp_path / "out", dedup_key="id")
     assert "id" not in spec.sparse_names and not any("\ufeff" in n for n in spec.sparse_names)
-    for header, message in ((AVAZU_HEADER + ",C1", r"names column 'C1' more than once"),
-                            (AVAZU_HEADER + ",label", r"has a column 'label', a name the converter gives"),
-                            (AVAZU_HEADER + ",hour_of_day", r"has a column 'hour_of_day'")):
+    for header, message in ((AVAZU_HEADER + ",C1", r": column name .C1. given twice"),
+                            (AVAZU_HEADER + ",label", r" has a column 'label', a name the converter gives"),
+                            (AVAZU_HEADER + ",hour_of_day", r" has a column 'hour_of_day'"),
+                            # A feature's name is a file name in its profile and a torch module's.
+                            (AVAZU_HEADER + ",../../escape", r": column name '\.\./\.\./escape': a column needs"),
+                            (AVAZU_HEADER + ",site.id", r": column name 'site\.id'")):
         src = tmp_path / "clash.csv"
         src.write_text("\n".join([header, *(r + ",x" for r in rows)]) + "\n")
-        with pytest.raises(DataError, match=r"clash\.csv: line 1 \(the header\) " + message):
+        with pytest.raises(DataError, match=r"clash\.csv: line 1 \(the header\)" + message):
             convert("avazu", src, tmp_path / "clash")
 
 
@@ -271,6 +274,42 @@ def test_movielens_bad_values_are_malformed_lines(tmp_path: Path, capsys: pytest
     (src / "movies.dat").write_text("garbage\n" * 10)
     with pytest.raises(DataError, match=r"movies\.dat: no well-formed lines \(10 malformed lines skipped\)"):
         convert("movielens", src, tmp_path / "garbage")
+
+
+def test_a_stray_quote_in_a_movielens_csv_loses_its_own_line_only(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # The csv parser read on from it to the next quote: the ratings between became one malformed
+    # record, and "1 malformed line" was said of a thousand.
+    src = tmp_path / "ml-x"
+    src.mkdir()
+    ratings = [f"{u},{m},{(u + m) % 5 + 1}.0,{1000 + 10 * u + m}" for u in range(1, 41) for m in (10, 20, 30)]
+    ratings[50] = '7,"20,4.0,1070'
+    ratings[90] = '9,30,"4.0,1090'
+    (src / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(ratings) + "\n")
+    (src / "movies.csv").write_text('movieId,title,genres\n10,"Heat, The (1995)",Action\n20,Up (2009)",Drama\n'
+                                    "30,Alien (1979),Horror\n")
+    spec = convert("movielens", src, tmp_path / "out", target="rating")
+    assert sum(spec.rows.values()) == len(ratings) - 2
+    err = capsys.readouterr().err
+    for where in ("ratings.csv:52:", "ratings.csv:92:", "movies.csv:3:"):
+        assert f"{where} a quote (\") it does not close; line skipped" in err
+    header = "userId,movieId,rating,timestamp,rating"
+    (src / "ratings.csv").write_text(header + "\n" + "\n".join(r + ",1" for r in ratings) + "\n")
+    with pytest.raises(DataError, match=r"ratings\.csv:1: the header names column 'rating' twice"):
+        convert("movielens", src, tmp_path / "twice")
+
+
+@pytest.mark.parametrize(("name", "line", "message"), [
+    ("movies.dat", "1::Toy Story (1995)::Horror|Western", "movieId 1 is on 2 lines"),
+    ("users.dat", "1::M::25::10::99999", "userId 1 is on 2 lines")])
+def test_a_movie_or_user_on_two_lines_is_refused(tmp_path: Path, name: str, line: str, message: str) -> None:
+    # Ratings took a repeated movie's first genres and the item catalog its last, without a word.
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    with (src / name).open("a") as f:
+        f.write(line + "\n")
+    with pytest.raises(DataError, match=rf"{name}: {message}; each user or movie needs one"):
+        convert("movielens", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_movielens_csv_needs_its_columns(tmp_path: Path) -> None:

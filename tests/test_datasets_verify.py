@@ -103,3 +103,21 @@ def test_a_spec_of_the_wrong_shape_is_one_line(multi_part: Path) -> None:
     with pytest.raises(DataError, match=r"dataset\.json: sparse feature 'C1': cardinality '500' \(expected an "
                                         r"integer >= 1\)"):
         DatasetSpec.load(multi_part)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s["rows"].update(train="x"), r"rows\.train: expected a row count of a split .*, got 'x'"),
+    (lambda s: s.update(dense=None), r"dense: expected a list of column names, got None"),
+    (lambda s: s["parts"].update(valid=[3, -1]), r"parts\.valid: expected the row counts of a split's part files"),
+    (lambda s: s["sparse"][1].update(name="C1"), r"column name 'C1' given twice"),
+    (lambda s: s["sparse"][0].update(name="../x"), r"column name '\.\./x': a column needs a name without"),
+    (lambda s: s["sparse"][0].update(multi_hot="yes"), r"sparse feature 'C1': multi_hot 'yes' \(true or false\)"),
+])
+def test_a_spec_field_of_the_wrong_type_is_one_line_naming_it(multi_part: Path, change, message: str) -> None:
+    # Each was a ValueError, TypeError or IndexError in the profile, the reader or the verifier;
+    # a feature named '../x' was a count file written outside the dataset.
+    spec = json.loads((multi_part / SPEC_FILE).read_text())
+    change(spec)
+    (multi_part / SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=r"dataset\.json: " + message):
+        DatasetSpec.load(multi_part)

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from embshard.datasets.convert.stream import Parsed, TextFormat, drop_invalid
 from embshard.datasets.convert.text import Malformed, TextChunk, open_input
+from embshard.datasets.schema import check_column_names
 from embshard.errors import DataError
 
 DESCRIPTION = "Avazu CSV"
@@ -27,9 +28,6 @@ _MADE = {"label", *TIME_FEATURES}
 def text_format(files: list[Path]) -> TextFormat:
     """The format of `files`, which must all have the same header."""
     columns = _header(files[0])
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:
-        raise DataError(f"{files[0]}: line 1 (the header) names column {repeated[0]!r} more than once")
     clash = [c for c in columns if c in _MADE]
     if clash:
         raise DataError(f"{files[0]}: line 1 (the header) has a column {clash[0]!r}, a name the converter "
@@ -38,6 +36,7 @@ def text_format(files: list[Path]) -> TextFormat:
         if required not in columns:
             raise DataError(f"{files[0]}: does not look like {DESCRIPTION}: line 1 (the header) has no column "
                             f"{required!r}")
+    check_column_names(columns, f"{files[0]}: line 1 (the header)")
     for path in files[1:]:
         if _header(path) != columns:
             raise DataError(f"{path}: line 1 (the header) differs from that of {files[0]}; "

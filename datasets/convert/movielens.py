@@ -193,12 +193,12 @@ def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
         ratings = pa.concat_tables([
             p.append_column("official", pa.array(np.full(p.num_rows, i, dtype=np.int8)))
             for i, p in enumerate(parts)])
-    users = _read(src / "u.user", ["userId", "age", "gender", "occupation", "zip"], "|", malformed,
-                  kinds={"userId": "integer"})
+    users = _one_row_each(_read(src / "u.user", ["userId", "age", "gender", "occupation", "zip"], "|", malformed,
+                                kinds={"userId": "integer"}), "userId", src / "u.user")
     flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
     item_columns = ["movieId", "title", "release", "video_release", "url", *flags]
-    items = _read(src / "u.item", item_columns, "|", malformed, latin1=True,
-                  kinds={"movieId": "integer", **{f: "flag" for f in flags}})
+    items = _one_row_each(_read(src / "u.item", item_columns, "|", malformed, latin1=True,
+                                kinds={"movieId": "integer", **{f: "flag" for f in flags}}), "movieId", src / "u.item")
     matrix = np.column_stack([items[f].to_numpy() for f in flags]) > 0
     offsets = np.concatenate([[0], np.cumsum(matrix.sum(axis=1))]).astype(np.int32)
     names = pa.array(ML100K_GENRES).take(np.nonzero(matrix)[1])  # row-major: each movie's genres in order
@@ -215,20 +215,33 @@ def _ml1m(src: Path, malformed: Malformed) -> Release:
     ratings = _read(src / "ratings.dat", list(RATINGS), "::", malformed, kinds=RATINGS)
     users_path = src / "users.dat"
     # ml-10m ships the same layout without users.dat.
-    users = (_read(users_path, ["userId", "gender", "age", "occupation", "zip"], "::", malformed,
-                   kinds={"userId": "integer"}) if users_path.is_file() else None)
-    movies = _movies(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed, latin1=True,
-                           kinds={"movieId": "integer"}))
+    users = (_one_row_each(_read(users_path, ["userId", "gender", "age", "occupation", "zip"], "::", malformed,
+                                 kinds={"userId": "integer"}), "userId", users_path) if users_path.is_file() else None)
+    movies = _movies(_one_row_each(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed,
+                                         latin1=True, kinds={"movieId": "integer"}), "movieId", src / "movies.dat"))
     name = "ml-1m" if users is not None else "ml-10m"
     return Release(name, ratings, movies, users)
 
 
 def _ml_csv(src: Path, malformed: Malformed) -> Release:
     ratings = _read(src / "ratings.csv", None, ",", malformed, kinds=RATINGS)
-    movies = _movies(_read(src / "movies.csv", None, ",", malformed,
-                           kinds={"movieId": "integer", "title": "text", "genres": "text"}))
+    movies = _movies(_one_row_each(_read(src / "movies.csv", None, ",", malformed,
+                                         kinds={"movieId": "integer", "title": "text", "genres": "text"}),
+                                   "movieId", src / "movies.csv"))
     name = src.name if src.name.startswith("ml-") else "ml-csv"
     return Release(name, ratings.select(["userId", "movieId", "rating", "timestamp"]), movies, None)
+
+
+def _one_row_each(table: pa.Table, key: str, path: Path) -> pa.Table:
+    """`table`, once each of its users or movies is on one line only: ratings took a repeated
+    movie's first genres and the item catalog its last, without a word."""
+    ids = table[key].to_numpy()
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        first = int(np.argmax(counts > 1))
+        raise DataError(f"{path}: {key} {int(unique[first])} is on {int(counts[first])} lines; "
+                        "each user or movie needs one")
+    return table
 
 
 def _movies(raw: pa.Table) -> pa.Table:
@@ -289,6 +302,9 @@ def _header(path: Path, data: bytes, line: int, record: int, delimiter: str,
     pieces = data.split(b"\n", record + 1)
     text = pieces[record].decode("utf-8-sig", errors="replace").rstrip("\r")
     columns = [name.strip('"') for name in text.split(delimiter)]
+    twice = [c for i, c in enumerate(columns) if c in columns[:i]]
+    if twice:
+        raise DataError(f"{path}:{line + record + 1}: the header names column {twice[0]!r} twice")
     missing = [c for c in kinds if c not in columns]
     if missing:
         raise DataError(f"{path}:{line + record + 1}: the header has no column {missing[0]!r} "
@@ -300,6 +316,8 @@ def _header(path: Path, data: bytes, line: int, record: int, delimiter: str,
 def _typed_block(data: bytes, first_line: int, columns: list[str], delimiter: str, *, quoted: bool,
                  kinds: dict[str, str], malformed: Malformed) -> pa.Table:
     """The well-formed rows of `data` (whole lines from physical line `first_line`), typed."""
+    if quoted:
+        data = _without_unclosed_quotes(data, first_line, malformed)
     records = first_line + _record_lines(data)
     invalid: list[int] = []
 
@@ -345,6 +363,28 @@ _KINDS = {
     "rating": (_is_rating, f"a rating from {MIN_RATING} to {MAX_RATING:g}", pa.float32()),
     "flag": (lambda v: pc.is_in(v, value_set=pa.array(["0", "1"])), "0 or 1", pa.int8()),
 }
+
+
+def _without_unclosed_quotes(data: bytes, first_line: int, malformed: Malformed) -> bytes:
+    """`data` with each line that opens a quote it does not close reported and emptied (a blank
+    line is no record, and line numbers stay as they were). No MovieLens field spans lines, and
+    the csv parser read on from a stray quote to the next one, taking the ratings between into
+    one malformed record: a thousand lines lost, one reported."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    line_of_quote = np.searchsorted(ends, np.flatnonzero(buf == ord('"')))
+    odd = np.flatnonzero(np.bincount(line_of_quote, minlength=len(ends) + 1) % 2)
+    if not odd.size:
+        return data
+    malformed.report(first_line + odd, lambda _: "a quote (\") it does not close")
+    starts = np.concatenate([[0], ends + 1])
+    stops = np.append(ends, len(buf))
+    pieces, at = [], 0
+    for line in odd:
+        pieces.append(data[at:starts[line]])
+        at = int(stops[line])
+    pieces.append(data[at:])
+    return b"".join(pieces)
 
 
 def _record_lines(data: bytes) -> np.ndarray:
