@@ -14,6 +14,7 @@ first; if the final copy fails, the staging prefix still holds the complete new 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import secrets
@@ -24,7 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from embshard.datasets.schema import ITEMS_DIR, PROFILE_DIR, SPEC_FILE, SPLITS, DatasetSpec
+from embshard.datasets.schema import (
+    ITEMS_DIR,
+    PART_PATTERN,
+    PROFILE_DIR,
+    PROFILE_FILE,
+    SPEC_FILE,
+    SPLITS,
+    DatasetSpec,
+)
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem
 
@@ -37,30 +46,48 @@ class Replaceable:
 
     what: str  # "dataset"
     marker: str  # the file that makes a folder one, written last
-    holds: Callable[[str], bool]  # whether a name in the folder is part of one
+    # Whether an entry of the folder, as the names of its path within it (("train",
+    # "part-00000.parquet")), is part of one: a user's file anywhere inside is never replaced.
+    holds: Callable[[tuple[str, ...]], bool]
     read: Callable[[StoragePath], object]  # reads the marker; an EmbshardError if it is none
     error: type[EmbshardError] = DataError  # what a refusal raises
 
 
-# What a dataset folder holds: its files, and what a `data profile` killed mid-swap leaves there.
-LAYOUT = frozenset({SPEC_FILE, *SPLITS, ITEMS_DIR, PROFILE_DIR})
+# What a `data profile` killed mid-swap leaves in a dataset folder.
 _PROFILE_LEFTOVERS = (f".{PROFILE_DIR}.partial-", f".{PROFILE_DIR}.old-")
-DATASET = Replaceable("dataset", SPEC_FILE, lambda name: name in LAYOUT or name.startswith(_PROFILE_LEFTOVERS),
-                      DatasetSpec.load)
+
+
+def dataset_holds(parts: tuple[str, ...]) -> bool:
+    """What a dataset folder holds: dataset.json, part files in its splits and item catalog, and
+    count files in its profile (or in what a killed `data profile` left)."""
+    top, rest = parts[0], parts[1:]
+    if top == SPEC_FILE:
+        return not rest
+    if top in (*SPLITS, ITEMS_DIR):
+        return not rest or (len(rest) == 1 and fnmatch.fnmatchcase(rest[0], PART_PATTERN))
+    if top == PROFILE_DIR or top.startswith(_PROFILE_LEFTOVERS):
+        return not rest or (len(rest) == 1 and (rest[0] == PROFILE_FILE or rest[0].endswith(".npy")))
+    return False
+
+
+DATASET = Replaceable("dataset", SPEC_FILE, dataset_holds, DatasetSpec.load)
 
 
 def check_not_in_dataset(out: Path, what: str, error: type[EmbshardError] = DataError, itself: bool = False) -> None:
     """Raises when `out` lies inside an embshard dataset's folder (or, with `itself`, is one): a
     folder there is no part of the dataset, which `--overwrite` then never replaces ('holds
     'sub', which no dataset holds'), and inside a split it sits among the part files."""
-    out = out.absolute()
-    for folder in [out, *out.parents] if itself else out.parents:
+    # Resolved too: through a link into a dataset, a folder landed inside it all the same.
+    folders = []
+    for path in dict.fromkeys([out.absolute(), out.resolve()]):
+        folders += [path, *path.parents] if itself else list(path.parents)
+    for folder in folders:
         if (folder / SPEC_FILE).is_file():
             try:
                 DatasetSpec.load(folder)
             except EmbshardError:
                 continue  # another tool's dataset.json, or a damaged one: not ours to keep whole
-            raise error(f"{what} {out}: inside the dataset {folder}, which holds its own files alone; "
+            raise error(f"{what} {out.absolute()}: inside the dataset {folder}, which holds its own files alone; "
                         "write it elsewhere")
 
 
@@ -151,11 +178,25 @@ def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> 
     except EmbshardError as e:
         raise kind.error(f"{out}: not an embshard {kind.what} ({e}); "
                         f"refusing to replace it, even with --overwrite") from None
-    foreign = sorted(p.name for p in out.iterdir() if not kind.holds(p.name))
+    foreign = _foreign(out, kind.holds)
     if foreign:
         raise kind.error(f"{out}: holds {foreign[0]!r}, which no {kind.what} holds"
                         + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
                         + "; refusing to replace it, even with --overwrite. Move it out or choose another --out")
+
+
+def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool], at: tuple[str, ...] = ()) -> list[str]:
+    """The entries under `folder` that `holds` disowns, as paths within it; a disowned folder is
+    named, not entered. Only the top level was looked at: `--overwrite` deleted a user's notes in
+    `train/` with the dataset."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        parts = (*at, entry.name)
+        if not holds(parts):
+            found.append("/".join(parts))
+        elif entry.is_dir() and not entry.is_symlink():
+            found += _foreign(entry, holds, parts)
+    return found
 
 
 def make_staging(out: StoragePath) -> Path:
@@ -203,6 +244,17 @@ def check_folder_or_absent(out: StoragePath) -> None:
     could not be removed and stayed behind as `.NAME.old-*`; it is not ours to remove either."""
     if not isinstance(out, RemotePath) and out.exists() and not out.is_dir():
         raise DataError(f"{out}: a file where a folder goes; refusing to replace it (move it away)")
+
+
+def check_profile_replaceable(directory: StoragePath) -> None:
+    """DataError unless a dataset's profile folder is absent or holds a profile's files alone:
+    `data profile` replaces it whole, which deleted a user's file there."""
+    check_folder_or_absent(directory)
+    if directory.is_dir():
+        foreign = _foreign(directory, lambda parts: dataset_holds((PROFILE_DIR, *parts)))
+        if foreign:
+            raise DataError(f"{directory}: holds {foreign[0]!r}, which no profile holds; refusing to replace it. "
+                            "Move it out")
 
 
 def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:

@@ -21,13 +21,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embshard.datasets.outdir import check_folder_or_absent, make_staging, replace_folder
-from embshard.datasets.schema import PROFILE_DIR, DatasetSpec, check_ids, flat_ids
+from embshard.datasets.outdir import check_profile_replaceable, make_staging, replace_folder
+from embshard.datasets.schema import PROFILE_DIR, PROFILE_FILE, DatasetSpec, check_ids, flat_ids
 from embshard.datasets.storage import StoragePath, arrow_source, location, read_json
 from embshard.datasets.verify import verify_split
 from embshard.errors import DataError
-
-PROFILE_FILE = "profile.json"
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ _SORT_BELOW = 16
 
 def write_profile(dataset_dir: str | Path) -> Profile:
     spec = DatasetSpec.load(dataset_dir)
-    check_folder_or_absent(location(dataset_dir) / PROFILE_DIR)  # before the counting, not after it
+    check_profile_replaceable(location(dataset_dir) / PROFILE_DIR)  # before the counting, not after it
     parts = verify_split(dataset_dir, spec, "train")
     files = [path for path, _ in parts]
     counts = {f.name: np.zeros(f.cardinality, dtype=np.int64) for f in spec.sparse}

@@ -65,6 +65,7 @@ ROLES = ("query", "item", "")
 TARGETS = ("click", "rating")
 ITEMS_DIR = "items"
 PROFILE_DIR = "profile"  # the train split's id counts (profile.py)
+PROFILE_FILE = "profile.json"  # in PROFILE_DIR, beside one `<feature>.npy` count file per feature
 
 
 @dataclass(frozen=True)

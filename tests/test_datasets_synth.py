@@ -199,3 +199,32 @@ def test_rows_the_disk_cannot_hold_are_refused_before_it_fills(tmp_path: Path,
     monkeypatch.setattr(writer.shutil, "disk_usage", real)
     spec = synthesize(tmp_path / "out", rows=200_000, seed=0, max_cardinality=CAP)
     assert sum(spec.rows.values()) == 200_000
+
+
+def test_a_users_file_anywhere_inside_a_dataset_keeps_it_from_being_replaced(tmp_path: Path) -> None:
+    # Only the folder's top level was looked at: --overwrite and `data profile` deleted these.
+    from embshard.datasets.profile import write_profile
+
+    out = tmp_path / "d"
+    first = synthesize(out, rows=100, seed=0, max_cardinality=20)
+    for mine in (out / "train" / "my_notes.txt", out / "profile" / "mystuff" / "a.csv"):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("precious")
+        inside = "/".join(mine.relative_to(out).parts[:2])
+        with pytest.raises(DataError, match=rf"holds '{inside}', which no dataset holds.*; refusing to replace it"):
+            synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+        assert mine.read_text() == "precious" and DatasetSpec.load(out) == first
+    (out / "train" / "my_notes.txt").unlink()
+    with pytest.raises(DataError, match=r"profile: holds 'mystuff', which no profile holds; refusing to replace it"):
+        write_profile(out)
+    assert (out / "profile" / "mystuff" / "a.csv").read_text() == "precious"
+
+
+def test_a_link_into_a_dataset_does_not_put_another_dataset_inside_it(tmp_path: Path) -> None:
+    # `--out link/x` with link -> d/train wrote a dataset into d/train, which the next
+    # `synth --out d --overwrite` deleted.
+    synthesize(tmp_path / "d", rows=100, seed=0, max_cardinality=20)
+    (tmp_path / "link").symlink_to(tmp_path / "d" / "train")
+    with pytest.raises(DataError, match=r"inside the dataset .*/d, which holds its own files alone"):
+        synthesize(tmp_path / "link" / "x", rows=100, seed=0, max_cardinality=20)
+    assert not (tmp_path / "d" / "train" / "x").exists()

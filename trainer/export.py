@@ -86,7 +86,8 @@ def read_manifest(directory: StoragePath) -> dict[str, Any]:
 
 # What --overwrite may replace: an earlier export, and nothing besides.
 # Any version of it: an export written before an upgrade is still ours to replace.
-EXPORT = Replaceable("export", MANIFEST, lambda name: name in (MANIFEST, WEIGHTS, PLAN) or name.endswith(REMAP_SUFFIX),
+EXPORT = Replaceable("export", MANIFEST, lambda parts: len(parts) == 1 and (parts[0] in (MANIFEST, WEIGHTS, PLAN)
+                                                                       or parts[0].endswith(REMAP_SUFFIX)),
                      lambda d: read_json_object(d / MANIFEST, ("version", "weights", "plan"), ExportError), ExportError)
 
 
