@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
@@ -41,14 +43,24 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
                                 errno.EBUSY, errno.EXDEV})
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def environment_problem(e: BaseException) -> EnvironmentProblem | None:
     """`e` as one line naming the file, when it is an OSError of the machine about a file, or
     the machine running out of memory (numpy's `_ArrayMemoryError` is a MemoryError)."""
     if isinstance(e, MemoryError):
         return EnvironmentProblem(f"out of memory ({first_line(e)}): a larger machine, or less at once "
                                   "(fewer rows or tables, a smaller batch)")
-    if not isinstance(e, OSError) or e.filename is None or e.errno not in ENVIRONMENT_ERRNOS:
+    if not isinstance(e, OSError):
         return None
+    if e.errno is None and _SHORT_WRITE.fullmatch(str(e)):
+        # numpy's file writer says only this when the disk fills under it.
+        return EnvironmentProblem(f"a file was written short ({e}): is the disk full?")
+    if e.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    if e.filename is None:  # pyarrow's writers name no file
+        return EnvironmentProblem(f"{os.strerror(e.errno)} ({first_line(e)})")
     where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
     return EnvironmentProblem(f"{where}: {e.strerror}")
 

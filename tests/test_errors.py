@@ -22,3 +22,18 @@ def test_a_message_carrying_a_remote_traceback_keeps_the_exception_raised_there(
                                  "ray.exceptions.RpcError: the agent on node 1a2b went away")
     assert first_line(RuntimeError("Traceback (most recent call last):")) == \
         "RuntimeError: Traceback (most recent call last):"
+
+
+def test_a_full_disk_under_a_writer_that_names_no_file_is_one_line() -> None:
+    # A full disk under pyarrow's Parquet writer, and numpy's short write, were tracebacks. Each
+    # exception is as that library raised it on a full tmpfs (neither names the file).
+    from embshard.errors import EnvironmentProblem, environment_problem
+
+    pyarrow_full = OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    problem = environment_problem(pyarrow_full)
+    assert isinstance(problem, EnvironmentProblem)
+    assert str(problem) == ("No space left on device (OSError: [Errno 28] Error writing bytes to file. "
+                            "Detail: [errno 28] No space left on device)")
+    assert str(environment_problem(OSError("93145 requested and 7664 written"))) == \
+        "a file was written short (93145 requested and 7664 written): is the disk full?"
+    assert environment_problem(OSError("something else")) is None
