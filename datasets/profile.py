@@ -22,7 +22,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embshard.datasets.outdir import check_profile_replaceable, make_staging, replace_folder
-from embshard.datasets.schema import PROFILE_DIR, PROFILE_FILE, DatasetSpec, check_ids, flat_ids
+from embshard.datasets.schema import (
+    PROFILE_DIR,
+    PROFILE_FILE,
+    DatasetSpec,
+    check_ids,
+    check_no_nulls,
+    check_part_schema,
+    flat_ids,
+)
 from embshard.datasets.storage import StoragePath, arrow_source, location, read_json
 from embshard.datasets.verify import verify_split
 from embshard.errors import DataError
@@ -98,6 +106,8 @@ def write_profile(dataset_dir: str | Path) -> Profile:
     spec = DatasetSpec.load(dataset_dir)
     check_profile_replaceable(location(dataset_dir) / PROFILE_DIR)  # before the counting, not after it
     parts = verify_split(dataset_dir, spec, "train")
+    for path, meta in parts:  # what the reader checks, so a profile fails as one line where training would
+        check_part_schema(path, meta.schema.to_arrow_schema(), spec)
     files = [path for path, _ in parts]
     counts = {f.name: np.zeros(f.cardinality, dtype=np.int64) for f in spec.sparse}
     rows = 0
@@ -109,6 +119,7 @@ def write_profile(dataset_dir: str | Path) -> Profile:
             rows_in_file = 0
             for g in range(parquet.num_row_groups):
                 table = parquet.read_row_group(g, columns=spec.sparse_names)
+                check_no_nulls(path, table, spec.sparse_names, rows_in_file)
                 for f in spec.sparse:
                     ids, offsets = flat_ids(table[f.name])
                     check_ids(path, f.name, ids, f.cardinality, offsets=offsets, first_row=rows_in_file)

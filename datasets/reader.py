@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, split_dir
+from embshard.datasets.schema import DatasetSpec, check_ids, check_no_nulls, check_part_schema, flat_ids, split_dir
 from embshard.datasets.storage import StoragePath, arrow_source, retrying, storage_failure
 from embshard.datasets.verify import verify_split
 from embshard.errors import ConfigError, DataError, StorageError, first_line
@@ -189,12 +188,11 @@ class ParquetBatchReader:
     # -- planning (metadata only) --------------------------------------------------------------
 
     def _row_groups(self, dataset_dir: str | Path, split: str) -> list[_RowGroup]:
-        expected = self.spec.arrow_schema()
         groups: list[_RowGroup] = []
         # verify_split reads each footer once: a missing or truncated part fails here, not mid-epoch.
         for path, meta in verify_split(dataset_dir, self.spec, split):
             if self.validate:
-                _check_schema(path, meta.schema.to_arrow_schema(), expected, self.spec.extra)
+                check_part_schema(path, meta.schema.to_arrow_schema(), self.spec)
             first = 0
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
@@ -308,11 +306,8 @@ class ParquetBatchReader:
         return table
 
     def _check_values(self, table: pa.Table, group: _RowGroup) -> None:
-        for name in [self.spec.label, *self.spec.dense, *self.spec.sparse_names]:
-            column = table[name]
-            if column.null_count:
-                row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
-                raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: null value")
+        check_no_nulls(group.path, table, [self.spec.label, *self.spec.dense, *self.spec.sparse_names],
+                       group.first_row)
         for name in [self.spec.label, *self.spec.dense]:
             values = table[name].to_numpy()
             bad = ~np.isfinite(values)
@@ -347,19 +342,6 @@ class ParquetBatchReader:
             labels=_tensor(table[self.spec.label].to_numpy(), np.float32),
             extra={e: _tensor(table[e].to_numpy(), None) for e in self.spec.extra},
         )
-
-
-def _check_schema(path: StoragePath, actual: pa.Schema, expected: pa.Schema, extra: list[str]) -> None:
-    for field in expected:
-        i = actual.get_field_index(field.name)
-        if i < 0:
-            raise DataError(f"{path}: column {field.name!r} missing (dataset.json declares it)")
-        if not actual.field(i).type.equals(field.type):
-            raise DataError(f"{path}: column {field.name!r} has type {actual.field(i).type}, "
-                            f"dataset.json implies {field.type}")
-    for name in extra:
-        if actual.get_field_index(name) < 0:
-            raise DataError(f"{path}: extra column {name!r} missing (dataset.json declares it)")
 
 
 def _tensor(array: np.ndarray, dtype: type | None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embshard.datasets.storage import StoragePath, check_reachable, location, read_json, read_json_version
 from embshard.errors import DataError
@@ -243,6 +244,35 @@ def flat_ids(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray
     offsets = column.offsets.to_numpy()
     # A sliced list array keeps its parent's offsets; rebase them onto the flattened values.
     return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+def check_part_schema(path: str | StoragePath, actual: pa.Schema, spec: DatasetSpec) -> None:
+    """DataError unless a part file has every column dataset.json declares, of its type."""
+    for column in spec.arrow_schema():
+        i = actual.get_field_index(column.name)
+        if i < 0:
+            raise DataError(f"{path}: column {column.name!r} missing (dataset.json declares it)")
+        if not actual.field(i).type.equals(column.type):
+            raise DataError(f"{path}: column {column.name!r} has type {actual.field(i).type}, "
+                            f"dataset.json implies {column.type}")
+    for name in spec.extra:
+        if actual.get_field_index(name) < 0:
+            raise DataError(f"{path}: extra column {name!r} missing (dataset.json declares it)")
+
+
+def check_no_nulls(path: str | StoragePath, table: pa.Table, names: list[str], first_row: int) -> None:
+    """DataError naming the first null value, or the first null id inside a multi-hot row's list
+    (its list is not null, so the ids came out as NaN floats: an IndexError in whoever indexed)."""
+    for name in names:
+        column = table[name].combine_chunks()
+        if column.null_count:
+            row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: column {name!r}, row {first_row + row}: null value")
+        if pa.types.is_list(column.type) and column.flatten().null_count:
+            _, offsets = flat_ids(column)
+            i = int(np.flatnonzero(pc.is_null(column.flatten()).to_numpy(zero_copy_only=False))[0])
+            row = int(np.searchsorted(offsets, i, side="right")) - 1
+            raise DataError(f"{path}: column {name!r}, row {first_row + row}: a null id in its list")
 
 
 def check_ids(path: str | StoragePath, column: str, ids: np.ndarray, cardinality: int, *,

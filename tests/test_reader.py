@@ -194,6 +194,7 @@ def _corrupt(tmp_path: Path, column: str, row: int, value: object) -> Path:
     ("d1", 101, float("nan"), "nan"),
     ("label", 5, float("inf"), "inf"),
     ("a", 9, None, "null"),
+    ("m", 64, [1, None], "a null id in its list"),  # was an IndexError from NaN ids, in training too
 ])
 def test_bad_values_name_file_column_and_row(tmp_path: Path, column: str, row: int, value: object,
                                              needle: str) -> None:
@@ -203,6 +204,22 @@ def test_bad_values_name_file_column_and_row(tmp_path: Path, column: str, row: i
     message = str(err.value)
     assert "part-00000.parquet" in message and repr(column) in message
     assert f"row {row}" in message and needle in message
+
+
+@pytest.mark.parametrize("column,row,value,needle", [("a", 9, None, "null value"),
+                                                     ("m", 64, [1, None], "a null id in its list")])
+def test_the_profile_checks_values_as_the_reader_does(tmp_path: Path, column: str, row: int, value: object,
+                                                      needle: str) -> None:
+    # Each was a traceback in `data profile` (an IndexError in check_ids).
+    from embshard.datasets.profile import write_profile
+
+    root = _corrupt(tmp_path, column, row, value)
+    with pytest.raises(DataError, match=rf"part-00000\.parquet: column '{column}', row {row}: {needle}"):
+        write_profile(root)
+    table = _table(0, 60, np.random.default_rng(3))
+    text = write_dataset(tmp_path / "text", [table.set_column(3, "a", pc.cast(table["a"], pa.string()))])
+    with pytest.raises(DataError, match=r"part-00000\.parquet: column 'a' has type string"):
+        write_profile(text)
 
 
 def test_schema_mismatch_names_file_and_column(tmp_path: Path) -> None:
