@@ -308,13 +308,22 @@ class ParquetBatchReader:
     def _check_values(self, table: pa.Table, group: _RowGroup) -> None:
         check_no_nulls(group.path, table, [self.spec.label, *self.spec.dense, *self.spec.sparse_names],
                        group.first_row)
-        for name in [self.spec.label, *self.spec.dense]:
+        floats = [e for e in self.spec.extra if pa.types.is_floating(table[e].type)]
+        for name in [self.spec.label, *self.spec.dense, *floats]:
             values = table[name].to_numpy()
             bad = ~np.isfinite(values)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: "
                                 f"non-finite value {values[row]}")
+        if self.spec.target == "click":
+            # A BCE target: a label of 7 trained without a word.
+            labels = table[self.spec.label].to_numpy()
+            bad = (labels < 0) | (labels > 1)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{group.path}: column {self.spec.label!r}, row {group.first_row + row}: "
+                                f"label {labels[row]:g} outside [0, 1] (dataset.json's target is click)")
         for f in self.spec.sparse:
             ids, offsets = flat_ids(table[f.name])
             check_ids(group.path, f.name, ids, f.cardinality, offsets=offsets, first_row=group.first_row)

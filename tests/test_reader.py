@@ -195,6 +195,7 @@ def _corrupt(tmp_path: Path, column: str, row: int, value: object) -> Path:
     ("label", 5, float("inf"), "inf"),
     ("a", 9, None, "null"),
     ("m", 64, [1, None], "a null id in its list"),  # was an IndexError from NaN ids, in training too
+    ("label", 7, 7.0, "label 7 outside [0, 1]"),  # trained as a BCE target without a word
 ])
 def test_bad_values_name_file_column_and_row(tmp_path: Path, column: str, row: int, value: object,
                                              needle: str) -> None:
@@ -256,3 +257,14 @@ def test_a_damaged_page_behind_an_intact_footer_names_the_file_and_rows(dataset:
     with pytest.raises(DataError, match=r"part-00000\.parquet: row group 0 \(file rows 0 to 49\) cannot be read "
                                         r"\(.*\); the file is damaged"):
         list(ParquetBatchReader(dataset, "train", 16, shuffle=False))
+
+
+def test_a_non_finite_extra_column_is_named(tmp_path: Path) -> None:
+    # NaN in MovieLens' item_frequency (two-tower's log-q correction) read without a word.
+    spec = DatasetSpec(name="x", dense=[], sparse=[SparseFeature("a", 10)], extra=["item_frequency"])
+    table = _table(0, 60, np.random.default_rng(5)).select(["label", "a"])
+    freq = np.full(60, 0.1, np.float32)
+    freq[12] = np.nan
+    root = write_dataset(tmp_path / "x", [table.append_column("item_frequency", pa.array(freq))], spec)
+    with pytest.raises(DataError, match=r"column 'item_frequency', row 12: non-finite value nan"):
+        list(ParquetBatchReader(root, "train", 16))
