@@ -112,12 +112,17 @@ def popularity_blocks(cardinality: int, rank: int) -> list[RankBlock]:
     return blocks
 
 
+# The latent space is HI wide (an HI x HI identity per table when aligned): 1:2000 took 3 min and
+# 3 GB before a row was written, 1:100000 asked for 40 GB. Wider than any embedding trained here.
+MAX_PLANTED_RANK = 512
+
+
 def planted_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
                   rank_range: tuple[int, int] = DEFAULT_RANK_RANGE, positive_rate: float = 0.25,
                   aligned: bool = False) -> PlantedModel:
     lo, hi = rank_range
-    if not 1 <= lo <= hi:
-        raise DataError(f"synth --planted: rank range must be 1 <= LO <= HI, got {lo}:{hi}")
+    if not 1 <= lo <= hi <= MAX_PLANTED_RANK:
+        raise DataError(f"synth --planted: rank range must be 1 <= LO <= HI <= {MAX_PLANTED_RANK}, got {lo}:{hi}")
     base = hidden_model(seed, max_cardinality, positive_rate)
     rng = np.random.default_rng([seed, 10])
     blocks, coords, bases = [], [], []

@@ -38,6 +38,11 @@ CHUNK_ROWS = 1 << 17
 # Rank buckets of the one pairwise interaction (C1 x C2): coarse enough that a model can learn it.
 PAIR_BUCKETS = 64
 PILOT_ROWS = 50_000
+# Ids a multi-hot pilot draws at most (MLPerf's bags, 214 ids a row, draw 10.7M): 1,000 ids per
+# bag drew 1.3 billion whatever --rows was, and ran out of memory.
+PILOT_IDS = 16_000_000
+# Ids per row of one feature: MLPerf's largest bag is 100.
+MAX_BAG = 10_000
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,8 @@ def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
         offset=0.0,
         bag_sizes=None if bag_sizes is None else tuple(bag_sizes),
     )
-    ranks, dense = draw_features(model, PILOT_ROWS, np.random.default_rng([seed, 1]))
+    pilot = PILOT_ROWS if bag_sizes is None else max(1_000, min(PILOT_ROWS, PILOT_IDS // sum(bag_sizes)))
+    ranks, dense = draw_features(model, pilot, np.random.default_rng([seed, 1]))
     z = model.logit(ranks, dense)
     return replace(model, offset=offset_for_rate(z, positive_rate))
 
@@ -128,9 +134,10 @@ def synthesize(out_dir: str | Path, rows: int = 100_000, seed: int = 0, *,
     replaced whole."""
     if rows < 10:
         raise DataError(f"synth: rows must be >= 10 so every split gets a row, got {rows}")
-    if bag_sizes is not None and (len(bag_sizes) != len(CRITEO_CARDINALITIES) or min(bag_sizes) < 1):
-        raise DataError(f"synth: --multi-hot needs {len(CRITEO_CARDINALITIES)} bag sizes >= 1 (one per "
-                        f"feature C1..C{len(CRITEO_CARDINALITIES)}), got {','.join(map(str, bag_sizes))}")
+    if bag_sizes is not None and (len(bag_sizes) != len(CRITEO_CARDINALITIES) or min(bag_sizes) < 1
+                                  or max(bag_sizes) > MAX_BAG):
+        raise DataError(f"synth: --multi-hot needs {len(CRITEO_CARDINALITIES)} bag sizes from 1 to {MAX_BAG:,} "
+                        f"(one per feature C1..C{len(CRITEO_CARDINALITIES)}), got {','.join(map(str, bag_sizes))}")
     model = hidden_model(seed, max_cardinality, positive_rate, bag_sizes)
     multi_hot = bag_sizes is not None
     spec = DatasetSpec(

@@ -181,7 +181,9 @@ def test_bad_rank_ranges_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
         _parser().parse_args(["data", "synth", "--planted", "--rank-range", "8", "--out", str(tmp_path)])
     assert "expected LO:HI" in capsys.readouterr().err
     args = _parser().parse_args(["data", "synth", "--planted", "--rank-range", "8:4", "--out", str(tmp_path)])
-    with pytest.raises(DataError, match="rank range must be 1 <= LO <= HI, got 8:4"):
+    with pytest.raises(DataError, match="rank range must be 1 <= LO <= HI <= 512, got 1:100000"):
+        planted_model(rank_range=(1, 100_000))  # asked for 40 GB before a row was written
+    with pytest.raises(DataError, match="rank range must be 1 <= LO <= HI <= 512, got 8:4"):
         args.func(args)
     args = _parser().parse_args(["data", "synth", "--rank-range", "2:4", "--out", str(tmp_path)])
     with pytest.raises(DataError, match="--rank-range needs --planted"):
