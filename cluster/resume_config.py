@@ -29,6 +29,9 @@ MODEL_DEFINING_KEYS = (
     "autodim.lookup",
     "autodim.unify",
     "autodim.batchnorm",
+    # The fused optimizer's state is saved with the tables, in its own shapes: another one was a
+    # worker's "Size mismatch" line once the workers were up.
+    "train.sparse_optimizer",
 )
 
 

@@ -310,6 +310,12 @@ class DataConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
+# The widest MLP layer a config may ask for. Wider, torch's size arithmetic overflows before the
+# plan's memory check can count the layer (a traceback, or a plan made and a worker crashed); this
+# wide, a layer is counted and refused as more than any rank holds.
+MAX_LAYER_WIDTH = 1 << 24
+
+
 @dataclass
 class ModelConfig:
     # A built-in (dlrm, dlrm_dcn, two_tower, mf) or a user's "package.module:attr" that every Ray
@@ -323,8 +329,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("dense_arch", "over_arch"):
-            if any(w < 1 for w in getattr(self, name)):
-                raise ConfigError(f"{name}: layer widths must be >= 1, got {getattr(self, name)}")
+            if any(not 1 <= w <= MAX_LAYER_WIDTH for w in getattr(self, name)):
+                raise ConfigError(f"{name}: layer widths must be 1 to {MAX_LAYER_WIDTH:,}, got {getattr(self, name)}")
 
 
 @dataclass

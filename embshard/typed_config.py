@@ -200,7 +200,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         # `--set nosuch.a=1` is refused at `nosuch`, the first part no field has.
         unknown = [f"{'.'.join(key.split('.')[:n])}: unknown field"
                    for key in keys for n in range(1, key.count(".") + 1)]
-        if any(str(e).startswith((f"{key}:", f"{key}.", *unknown)) for key in keys):
+        if any(str(e).startswith((f"{key}:", f"{key}.", f"{key}[", *unknown)) for key in keys):
             raise ConfigError(f"{e} (from --set)") from None
         raise ConfigError(f"{path}: {e}") from None
 

@@ -136,6 +136,18 @@ def test_a_bad_value_from_set_is_blamed_on_the_flag(tmp_path):
     path.write_text("train:\n  epochs: 2\n")
     with pytest.raises(ConfigError, match=r"^nonexist: unknown field \(valid: .*\) \(from --set\)$"):
         load_job_config(path, ["nonexist.a.b=3"])
+    # A bad element of a list the flag gave.
+    with pytest.raises(ConfigError, match=r"^model\.over_arch\[0\]: expected an integer, got nan \(from --set\)$"):
+        load_job_config(path, ["model.over_arch=[.nan]"])
+
+
+def test_mlp_layers_no_model_can_build_are_refused_by_name():
+    # 99999999999999999999 was a torch overflow traceback; 2**62 passed the plan (its dense layers
+    # could not be counted) and crashed the workers.
+    for width in (99999999999999999999, 2**62):
+        with pytest.raises(ConfigError, match=rf"^model\.over_arch: layer widths must be 1 to 16,777,216, "
+                                              rf"got \[{width}\]"):
+            from_dict(JobConfig, {"model": {"over_arch": [width]}})
 
 
 def test_a_key_given_twice_is_refused_with_both_places(tmp_path):

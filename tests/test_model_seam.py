@@ -62,6 +62,18 @@ def value_reading_builder(embeddings: EmbeddingModule, spec: DatasetSpec, option
     return model
 
 
+def numpy_reading_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    model = NestedLinear(embeddings, len(spec.dense), squeeze=True)
+    model.start = torch.zeros(3).numpy()  # a TypeError on the meta device, where a RuntimeError was caught only
+    return model
+
+
+def buffered_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    model = NestedLinear(embeddings, len(spec.dense), squeeze=True)
+    model.register_buffer("table", torch.zeros(1000, 250))  # 1 MB: no parameter, on every rank all the same
+    return model
+
+
 def unsqueezed_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     return NestedLinear(embeddings, len(spec.dense), squeeze=False)  # [B, 1]: the wrong shape
 
@@ -183,6 +195,12 @@ def test_the_driver_refuses_a_bad_model_config_before_planning(dataset, tmp_path
     with pytest.raises(ConfigError, match="model.options.layers"):
         plan_for_training(job(dataset, tmp_path / "run", layers=2))
     assert not (tmp_path / "run" / "plan").exists()
+    # TorchRec's OverArch takes a hidden layer at least: a ValueError traceback in the driver.
+    for arch in ("dlrm", "dlrm_dcn"):
+        cfg = job(dataset, tmp_path / "run", arch=arch)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, over_arch=[]))
+        with pytest.raises(ConfigError, match=rf"^model\.over_arch: model\.arch '{arch}' needs at least one hidden"):
+            plan_for_training(cfg)
     config = tmp_path / "job.yaml"
     config.write_text(f"data:\n  path: {dataset}\nmodel:\n  arch: no_such_package.models:build\n")
     assert main(["plan", str(config), "--world-size", "1", "--out", str(tmp_path / "p")]) == 2
@@ -191,17 +209,23 @@ def test_the_driver_refuses_a_bad_model_config_before_planning(dataset, tmp_path
     assert len(err.splitlines()) == 1
 
 
-def test_a_builder_that_cannot_run_on_meta_plans_without_its_dense_count(dataset, tmp_path, caplog) -> None:
+@pytest.mark.parametrize("builder", ["value_reading_builder", "numpy_reading_builder"])
+def test_a_builder_that_cannot_run_on_meta_plans_without_its_dense_count(dataset, tmp_path, caplog, builder) -> None:
     # The plan counts the dense layers on a copy built on the meta device; a builder that reads a
     # value there cannot be counted, which is said, and its plan is made all the same.
     import logging
 
     with caplog.at_level(logging.WARNING):
-        bundle = plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:value_reading_builder"))
+        bundle = plan_for_training(job(dataset, tmp_path / "run", arch=f"test_model_seam:{builder}"))
     assert bundle.memory.dense_bytes is None
-    assert "dense layers not counted in the memory report: model.arch 'test_model_seam:value_reading_builder' " \
+    assert f"dense layers not counted in the memory report: model.arch 'test_model_seam:{builder}' " \
            "cannot be built on the meta device" in caplog.text
-    assert plan_for_training(job(dataset, tmp_path / "run2", arch="test_model_seam:nested_builder")).memory.dense_bytes
+
+
+def test_a_models_buffers_are_counted_with_its_dense_layers(dataset, tmp_path) -> None:
+    plain = plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:nested_builder"))
+    buffered = plan_for_training(job(dataset, tmp_path / "run2", arch="test_model_seam:buffered_builder"))
+    assert plain.memory.dense_bytes and buffered.memory.dense_bytes == plain.memory.dense_bytes + 1000 * 250 * 4
 
 
 def test_a_builder_keeping_the_embeddings_anywhere_trains_sharded(dataset, tmp_path, process_group) -> None:

@@ -52,6 +52,8 @@ def test_differences_are_the_model_defining_keys_only():
     cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16, policy="mde"), train=TrainConfig(sparse_lr=0.5, epochs=3))
     assert config_differences(saved, cfg) == [("embeddings.dim", 8, 16), ("embeddings.policy", "uniform", "mde")]
     assert config_differences(saved, replace(cfg, embeddings=EmbeddingsConfig(dim=8))) == []
+    sgd = replace(cfg, embeddings=EmbeddingsConfig(dim=8), train=TrainConfig(sparse_optimizer="sgd"))
+    assert config_differences(saved, sgd) == [("train.sparse_optimizer", "rowwise_adagrad", "sgd")]
 
 
 def test_a_plan_is_compared_on_the_keys_it_was_made_from_only():

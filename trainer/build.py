@@ -24,7 +24,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError, first_line
+from embshard.errors import ConfigError, EmbshardError, first_line
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
@@ -50,10 +50,11 @@ DENSE_STATE_ELEMENTS = {"adam": 2, "adagrad": 1, "sgd": 0}
 
 def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, method: str | None = None) -> int | None:
     """Bytes every rank holds for the model's layers outside its embedding module (MLPs, an FM's
-    per-id linear terms): weights, gradients and the dense optimizer's state, counted on a copy
-    built on the meta device, as `build_sharded` builds it, so nothing is allocated. A
-    `model.dense_arch` no device holds was a worker's "crashed: can't allocate" line. None: the
-    arch's model cannot be built on the meta device (a user's builder that reads values)."""
+    per-id linear terms): weights, gradients and the dense optimizer's state, and the buffers a
+    model registers, counted on a copy built on the meta device, as `build_sharded` builds it, so
+    nothing is allocated. A `model.dense_arch` no device holds was a worker's "crashed: can't
+    allocate" line. None: the arch's model cannot be built on the meta device (a user's builder
+    that reads values, or checks the device it is given)."""
     embedding_method = get_method(method or method_name(cfg))
     arch = get_arch(cfg.model)
     meta = torch.device("meta")
@@ -61,13 +62,16 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         with meta:
             embeddings = embedding_method.embeddings(cfg, plan, meta)
             model = arch.build(embeddings, spec, cfg.model, meta)
-    except (NotImplementedError, RuntimeError) as e:
+    except EmbshardError:
+        raise  # what the workers would find too (a builder that returns no module)
+    except Exception as e:  # noqa: BLE001 - whatever a user's builder raises on meta tensors
         log.warning("dense layers not counted in the memory report: model.arch %r cannot be built on the meta "
                     "device (%s)", arch.name, first_line(e))
         return None
-    tables = {id(p) for p in embeddings.parameters()}
-    elements = sum(p.numel() for p in model.parameters() if id(p) not in tables)
-    return elements * (2 + DENSE_STATE_ELEMENTS[cfg.train.dense_optimizer]) * BYTES_PER_ELEMENT
+    own = {id(t) for t in [*embeddings.parameters(), *embeddings.buffers()]}
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in own)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in own)
+    return weights * (2 + DENSE_STATE_ELEMENTS[cfg.train.dense_optimizer]) * BYTES_PER_ELEMENT + buffers
 
 
 def dense_optimizer(cfg: JobConfig, params: dict[str, nn.Parameter]) -> KeyedOptimizerWrapper:

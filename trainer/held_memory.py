@@ -11,9 +11,10 @@ from embshard.trainer.build import ShardedModel
 def held_bytes(sharded: ShardedModel) -> dict[str, int]:
     """Bytes on this rank of its embedding shards (`weights`), the fused sparse optimizer's state
     (`optimizer`) and the replicated MDE / MLET projections (`projections`); `train_bytes` is
-    their sum, comparable with `MemoryReport.per_rank[rank]["train_bytes"]`; and the weights of the
-    model's layers outside its embedding module (`dense_layer_weights`), which
-    `MemoryReport.dense_bytes` counts with their gradients and optimizer state."""
+    their sum, comparable with `MemoryReport.per_rank[rank]["train_bytes"]`; and the weights and
+    buffers of the model's layers outside its embedding module (`dense_layer_weights`,
+    `dense_layer_buffers`), which `MemoryReport.dense_bytes` counts with the weights' gradients and
+    optimizer state."""
     model = sharded.model
     weights = sum(
         shard.tensor.numel() * shard.tensor.element_size()
@@ -33,7 +34,8 @@ def held_bytes(sharded: ShardedModel) -> dict[str, int]:
         for name, p in model.named_parameters()
         if ".mlet." in name or ".projections." in name
     )
-    tables = {id(p) for p in sharded.embeddings.parameters()}
-    layers = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
+    own = {id(t) for t in [*sharded.embeddings.parameters(), *sharded.embeddings.buffers()]}
+    layers = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in own)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in own)
     return {"weights": weights, "optimizer": state, "projections": dense,
-            "train_bytes": weights + state + dense, "dense_layer_weights": layers}
+            "train_bytes": weights + state + dense, "dense_layer_weights": layers, "dense_layer_buffers": buffers}
