@@ -176,6 +176,9 @@ class PepConfig:
             raise ConfigError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
         if not self.targets or any(not 0 < t < 1 for t in self.targets):
             raise ConfigError(f"targets: expected fractions in (0, 1), got {self.targets}")
+        if len(set(self.targets)) < len(self.targets):
+            # The second would write the first one's target folder again.
+            raise ConfigError(f"targets: each fraction once, got {self.targets}")
         if self.threshold_lr <= 0:
             raise ConfigError(f"threshold_lr: must be positive, got {self.threshold_lr}")
         if self.weight_decay < 0:

@@ -254,6 +254,16 @@ def test_saved_target_loads_as_a_smaller_plan(tmp_path):
 def test_pep_config_checks():
     with pytest.raises(ConfigError, match="targets"):
         PepConfig(targets=[0.5, 1.5])
+    # A target twice wrote its folder twice; an empty entry of the flag was dropped without a word.
+    with pytest.raises(ConfigError, match=r"targets: each fraction once, got \[0.5, 0.5\]"):
+        PepConfig(targets=[0.5, 0.5])
+    import argparse
+
+    from embshard.cluster.pep_cli import parse_targets
+
+    for text, message in (("0.5,0.5", "each fraction once"), ("0.5,,0.2", "expected comma-separated fractions")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse_targets(text)
     with pytest.raises(ConfigError, match="granularity"):
         PepConfig(granularity="rowwise")
     with pytest.raises(ConfigError, match="weight_decay"):
