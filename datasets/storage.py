@@ -115,6 +115,9 @@ def location(value: "str | os.PathLike[str] | RemotePath") -> "StoragePath":
     text = os.fspath(value)
     if text.startswith("file://"):
         return Path(text[len("file://"):])
+    if re.match(r"^[a-z][a-z0-9+.-]+:/[^/]", text):
+        # `s3:/bucket/x` wrote a local folder named `s3:` without a word.
+        raise StorageError(f"{text}: a URI with one '/' after its scheme; write {text.replace(':/', '://', 1)}")
     return RemotePath(text) if is_uri(text) else Path(text)
 
 

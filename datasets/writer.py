@@ -241,8 +241,9 @@ class DatasetWriter:
         pq.write_table(table.select(schema.names).cast(schema), directory / part_name(0),
                        row_group_size=ROW_GROUP_ROWS)
 
-    def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0) -> DatasetSpec:
-        """Publishes the dataset; `source` (and the `skipped` line count) name the input in errors.
+    def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0, dropped: str = "") -> DatasetSpec:
+        """Publishes the dataset; `source` (and the `skipped` line count, and `dropped`: what else
+        was left out, e.g. duplicate rows) name the input in errors.
 
         A dataset with an empty split is refused: nothing could be trained, evaluated or tested
         on it, and a run would find out only once its cluster is up.
@@ -250,7 +251,8 @@ class DatasetWriter:
         try:
             empty = [s for s, st in self.stats.items() if st.rows == 0]
             if empty:
-                note = f"; {skipped:,} malformed lines skipped" if skipped else ""
+                left_out = [f"{skipped:,} malformed lines skipped" if skipped else "", dropped]
+                note = "".join(f"; {what}" for what in left_out if what)
                 rows = ", ".join(f"{s} {st.rows:,}" for s, st in self.stats.items())
                 raise DataError(f"{source}: 0 {empty[0]} rows ({rows}{note}); nothing written to {self.out_dir}")
             for w in self.splits.values():

@@ -581,6 +581,10 @@ def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(DataError, match=r"c\.csv: line 1 \(the header\) differs from that of .*a\.csv"):
         c = _write_lines(tmp_path / "c.csv", [AVAZU_HEADER.replace("C1,", "C0,"), *second])
         convert("avazu", [a, c], tmp_path / "bad")
+    # A file given twice under two names leaves splits empty: the error said 0 rows, not why.
+    twin = _write_lines(tmp_path / "twin.csv", [AVAZU_HEADER, *first])
+    with pytest.raises(DataError, match=r"\(train 30, valid 0, test 0; dropped 30 rows repeating a 'id'\)"):
+        convert("avazu", [a, twin], tmp_path / "twins", dedup_key="id")
 
 
 def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -668,3 +672,15 @@ def test_dedup_on_a_column_no_row_fills_keeps_every_row(tmp_path: Path, capsys: 
     lines = [",".join(["", *_avazu_line(i, i % 2, "14102100").split(",")[1:]]) for i in range(10)]
     spec = convert("avazu", _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, *lines]), tmp_path / "out", dedup_key="id")
     assert sum(spec.rows.values()) == 10 and "dropped 0 rows" in capsys.readouterr().out
+
+
+def test_an_input_that_is_no_regular_file_and_a_uri_with_one_slash_are_named(tmp_path: Path) -> None:
+    # /dev/null was "input file not found"; `s3:/b/x` wrote a local folder named `s3:`.
+    from embshard.datasets.storage import location
+    from embshard.errors import StorageError
+
+    with pytest.raises(DataError, match=r"^/dev/null: not a regular file; give a criteo input file$"):
+        convert("criteo", Path("/dev/null"), tmp_path / "out")
+    with pytest.raises(StorageError, match=r"^s3:/bucket/x: a URI with one '/' after its scheme; write s3://bucket/x$"):
+        location("s3:/bucket/x")
+    assert isinstance(location("data:x/y"), Path) and isinstance(location("c:/x"), Path)

@@ -23,6 +23,8 @@ def resolve_inputs(sources: Sequence[Path], what: str) -> list[Path]:
             files.extend(found)
         elif src.is_file():
             files.append(src)
+        elif src.exists():  # /dev/null, a pipe: read through once to count lines, they cannot be read again
+            raise DataError(f"{src}: not a regular file; give a {what} input file")
         else:
             raise DataError(f"{src}: {what} input file not found")
     seen: set[tuple[int, int]] = set()

@@ -129,9 +129,10 @@ def convert_text(fmt: TextFormat, files: list[Path], out_dir: str | Path, *, min
                 table, positions = table.filter(pa.array(keep)), positions[keep]
             writer.write_ordered(table, positions, plan)
         skipped = sum(inp.malformed.count for inp in inputs)
-        spec = writer.finish(spec, source=describe(files), skipped=skipped)
+        dropped = f"dropped {duplicates:,} rows repeating a {dedup_key!r}" if dedup_key else ""
+        spec = writer.finish(spec, source=describe(files), skipped=skipped, dropped=dropped)
     summary = writer.summary(f"{fmt.name} -> {out_dir}", skipped=skipped)
-    return spec, summary + (f", dropped {duplicates:,} rows repeating a {dedup_key!r}" if dedup_key else "")
+    return spec, summary + (f", {dropped}" if dropped else "")
 
 
 def _parsed(fmt: TextFormat, inputs: list[_Input], desc: str,
