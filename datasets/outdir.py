@@ -190,7 +190,8 @@ def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool], at: 
     named, not entered. Only the top level was looked at: `--overwrite` deleted a user's notes in
     `train/` with the dataset."""
     found = []
-    for entry in sorted(folder.iterdir()):
+    entries: list[StoragePath] = list(folder.iterdir())
+    for entry in sorted(entries, key=lambda e: e.name):
         parts = (*at, entry.name)
         if not holds(parts):
             found.append("/".join(parts))

@@ -269,9 +269,9 @@ def check_no_nulls(path: str | StoragePath, table: pa.Table, names: list[str], f
             row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
             raise DataError(f"{path}: column {name!r}, row {first_row + row}: null value")
         if pa.types.is_list(column.type) and column.flatten().null_count:
-            _, offsets = flat_ids(column)
+            offsets = column.offsets.to_numpy()
             i = int(np.flatnonzero(pc.is_null(column.flatten()).to_numpy(zero_copy_only=False))[0])
-            row = int(np.searchsorted(offsets, i, side="right")) - 1
+            row = int(np.searchsorted(offsets - offsets[0], i, side="right")) - 1
             raise DataError(f"{path}: column {name!r}, row {first_row + row}: a null id in its list")
 
 
