@@ -246,9 +246,7 @@ def _has_trained(cfg: JobConfig) -> bool:
     from embshard.trainer.checkpoint import complete_checkpoints
     from embshard.trainer.loop import SUMMARY_FILE
 
-    checkpoints = cfg.checkpoint_dir
-    return (Path(cfg.output_dir) / SUMMARY_FILE).is_file() or (
-        isinstance(checkpoints, Path) and bool(complete_checkpoints(checkpoints)))
+    return (Path(cfg.output_dir) / SUMMARY_FILE).is_file() or bool(complete_checkpoints(cfg.checkpoint_dir))
 
 
 def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: Path, name: str,

@@ -43,8 +43,6 @@ def parse_targets(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
     if not targets or any(not 0 < t < 1 for t in targets):
         raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1), got {text!r}")
-    if len(set(targets)) < len(targets):
-        raise argparse.ArgumentTypeError(f"each fraction once, got {text!r}")
     return targets
 
 

@@ -185,18 +185,14 @@ def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> 
                         + "; refusing to replace it, even with --overwrite. Move it out or choose another --out")
 
 
-def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool], at: tuple[str, ...] = ()) -> list[str]:
-    """The entries under `folder` that `holds` disowns, as paths within it; a disowned folder is
-    named, not entered. Only the top level was looked at: `--overwrite` deleted a user's notes in
-    `train/` with the dataset."""
-    found = []
-    entries: list[StoragePath] = list(folder.iterdir())
-    for entry in sorted(entries, key=lambda e: e.name):
-        parts = (*at, entry.name)
-        if not holds(parts):
-            found.append("/".join(parts))
-        elif entry.is_dir() and not entry.is_symlink():
-            found += _foreign(entry, holds, parts)
+def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool]) -> list[str]:
+    """The entries under `folder`, at any depth, that `holds` disowns, as paths within it; what is
+    inside a disowned folder is not named again. One listing (on object storage, one request)."""
+    found: list[str] = []
+    prefix = len(str(folder).rstrip("/")) + 1
+    for entry in sorted((tuple(str(e)[prefix:].split("/")) for e in folder.rglob("*")), key="/".join):
+        if not holds(entry) and not any("/".join(entry[:i]) in found for i in range(1, len(entry))):
+            found.append("/".join(entry))
     return found
 
 

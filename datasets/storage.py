@@ -115,9 +115,12 @@ def location(value: "str | os.PathLike[str] | RemotePath") -> "StoragePath":
     text = os.fspath(value)
     if text.startswith("file://"):
         return Path(text[len("file://"):])
-    if re.match(r"^[a-z][a-z0-9+.-]+:/[^/]", text):
+    if text.startswith("file:/"):
+        return Path(text[len("file:"):])  # RFC 8089's form without an authority
+    if re.match(r"^[a-z][a-z0-9+.-]+:/[^/]", text, re.IGNORECASE):
         # `s3:/bucket/x` wrote a local folder named `s3:` without a word.
-        raise StorageError(f"{text}: a URI with one '/' after its scheme; write {text.replace(':/', '://', 1)}")
+        raise StorageError(f"{text}: a URI with one '/' after its scheme; a location is a local path or "
+                           "scheme://authority/path (s3://bucket/prefix)")
     return RemotePath(text) if is_uri(text) else Path(text)
 
 

@@ -38,8 +38,8 @@ CHUNK_ROWS = 1 << 17
 # Rank buckets of the one pairwise interaction (C1 x C2): coarse enough that a model can learn it.
 PAIR_BUCKETS = 64
 PILOT_ROWS = 50_000
-# Ids a multi-hot pilot draws at most (MLPerf's bags, 214 ids a row, draw 10.7M): 1,000 ids per
-# bag drew 1.3 billion whatever --rows was, and ran out of memory.
+# Ids a multi-hot pilot draws at most (MLPerf's bags, 214 ids a row, draw 10.7M), in one row at
+# least: 1,000 ids per bag drew 1.3 billion whatever --rows was, and ran out of memory.
 PILOT_IDS = 16_000_000
 # Ids per row of one feature: MLPerf's largest bag is 100.
 MAX_BAG = 10_000
@@ -118,7 +118,7 @@ def hidden_model(seed: int = 0, max_cardinality: int = DEFAULT_MAX_CARDINALITY,
         offset=0.0,
         bag_sizes=None if bag_sizes is None else tuple(bag_sizes),
     )
-    pilot = PILOT_ROWS if bag_sizes is None else max(1_000, min(PILOT_ROWS, PILOT_IDS // sum(bag_sizes)))
+    pilot = PILOT_ROWS if bag_sizes is None else max(1, min(PILOT_ROWS, PILOT_IDS // sum(bag_sizes)))
     ranks, dense = draw_features(model, pilot, np.random.default_rng([seed, 1]))
     z = model.logit(ranks, dense)
     return replace(model, offset=offset_for_rate(z, positive_rate))

@@ -176,9 +176,9 @@ class PepConfig:
             raise ConfigError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
         if not self.targets or any(not 0 < t < 1 for t in self.targets):
             raise ConfigError(f"targets: expected fractions in (0, 1), got {self.targets}")
-        if len(set(self.targets)) < len(self.targets):
-            # The second would write the first one's target folder again.
-            raise ConfigError(f"targets: each fraction once, got {self.targets}")
+        if len({target_dir_name(t) for t in self.targets}) < len(self.targets):
+            # The second would write the first one's target folder again (0.1 and 0.1000001 too).
+            raise ConfigError(f"targets: each fraction once (to 6 significant digits), got {self.targets}")
         if self.threshold_lr <= 0:
             raise ConfigError(f"threshold_lr: must be positive, got {self.threshold_lr}")
         if self.weight_decay < 0:
@@ -313,9 +313,9 @@ class DataConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-# The widest MLP layer a config may ask for. Wider, torch's size arithmetic overflows before the
-# plan's memory check can count the layer (a traceback, or a plan made and a worker crashed); this
-# wide, a layer is counted and refused as more than any rank holds.
+# The widest MLP layer a config may ask for: a bound of policy, far above any recommendation MLP
+# (MLPerf's DLRM tops out at 1024) and far below where torch's size arithmetic overflows while
+# the plan counts the layers (2**62 did: the count was skipped, and the workers crashed).
 MAX_LAYER_WIDTH = 1 << 24
 
 

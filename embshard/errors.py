@@ -57,10 +57,14 @@ def environment_problem(e: BaseException) -> EnvironmentProblem | None:
     if e.errno is None and _SHORT_WRITE.fullmatch(str(e)):
         # numpy's file writer says only this when the disk fills under it.
         return EnvironmentProblem(f"a file was written short ({e}): is the disk full?")
+    if e.filename is None:
+        # pyarrow's writers name no file; of what they raise, only a full or read-only disk is
+        # surely the machine's (a permission error without a file could be a store's, retried).
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return EnvironmentProblem(f"{os.strerror(e.errno)} ({first_line(e)})")
+        return None
     if e.errno not in ENVIRONMENT_ERRNOS:
         return None
-    if e.filename is None:  # pyarrow's writers name no file
-        return EnvironmentProblem(f"{os.strerror(e.errno)} ({first_line(e)})")
     where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
     return EnvironmentProblem(f"{where}: {e.strerror}")
 

@@ -258,7 +258,7 @@ def test_plan_without_out_keeps_the_plan_a_run_trained_on(tmp_path, capsys, resu
 def test_dense_layers_no_rank_holds_are_refused_by_the_plan(tmp_path, capsys):
     # The memory report counted tables and projections only: a worker's "crashed: can't allocate".
     cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\n", max_cardinality=300)
-    assert main(["plan", str(cfg), "--set", "model.dense_arch=[999999999999]", "--out", str(tmp_path / "p")]) == 2
+    assert main(["plan", str(cfg), "--set", "model.dense_arch=[16000000,16000000]", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(r"rank \d needs .* TiB for training .*largest there: the dense layers \(.* TiB\), t_C", err), err
     assert not (tmp_path / "p").exists()

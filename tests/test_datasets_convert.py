@@ -681,6 +681,8 @@ def test_an_input_that_is_no_regular_file_and_a_uri_with_one_slash_are_named(tmp
 
     with pytest.raises(DataError, match=r"^/dev/null: not a regular file; give a criteo input file$"):
         convert("criteo", Path("/dev/null"), tmp_path / "out")
-    with pytest.raises(StorageError, match=r"^s3:/bucket/x: a URI with one '/' after its scheme; write s3://bucket/x$"):
-        location("s3:/bucket/x")
+    for typo in ("s3:/bucket/x", "S3:/bucket/x", "hdfs:/user/x"):
+        with pytest.raises(StorageError, match=rf"^{typo}: a URI with one '/' after its scheme; a location is"):
+            location(typo)
+    assert location("file:/tmp/x") == Path("/tmp/x") == location("file:///tmp/x")  # RFC 8089 allows both
     assert isinstance(location("data:x/y"), Path) and isinstance(location("c:/x"), Path)

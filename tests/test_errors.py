@@ -37,3 +37,4 @@ def test_a_full_disk_under_a_writer_that_names_no_file_is_one_line() -> None:
     assert str(environment_problem(OSError("93145 requested and 7664 written"))) == \
         "a file was written short (93145 requested and 7664 written): is the disk full?"
     assert environment_problem(OSError("something else")) is None
+    assert environment_problem(OSError(13, "Permission denied")) is None  # no file: maybe a store's, retried

@@ -23,8 +23,8 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import synthesize
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
-from embshard.trainer.build import DENSE_STATE_ELEMENTS, build_sharded
-from embshard.trainer.held_memory import held_bytes
+from embshard.trainer.build import build_sharded
+from embshard.trainer.held_memory import held_bytes, held_dense_bytes
 from embshard.trainer.method import get_method
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,16 @@ def test_dense_layers_the_plan_counts_are_those_dmp_holds(tmp_path, arch):
                     model=ModelConfig(arch=arch, dense_arch=[64, 16], over_arch=[32, 1]))
     bundle = plan_for_training(cfg)
     assert json.loads((cfg.plan_dir / "plan.json").read_text())["memory"]["dense_bytes"] == bundle.memory.dense_bytes
-    for actual in run_ranks(_held_bytes, 2, cfg):
-        assert actual["dense_layer_weights"] > 0
-        assert actual["dense_layer_weights"] * (2 + DENSE_STATE_ELEMENTS[cfg.train.dense_optimizer]) + \
-            actual["dense_layer_buffers"] == bundle.memory.dense_bytes
+    for actual in run_ranks(_dense_bytes_after_a_step, 2, cfg):
+        assert actual["weights"] > 0 and actual["gradients"] == actual["weights"]
+        assert actual["weights"] + actual["gradients"] + actual["optimizer"] + actual["buffers"] == \
+            bundle.memory.dense_bytes, actual
+
+
+def _dense_bytes_after_a_step(rank: int, world: int, cfg: JobConfig) -> dict[str, int]:
+    from embshard.trainer.loop import make_reader, train_step
+
+    bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
+    sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"))
+    train_step(sharded, next(iter(make_reader(cfg, bundle, "train", rank, world))))
+    return held_dense_bytes(sharded)

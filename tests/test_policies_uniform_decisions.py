@@ -160,7 +160,7 @@ def test_a_decided_width_above_the_base_dim_is_kept_and_said(tmp_path):
     plan = from_decisions(path, EmbeddingsConfig(policy="decisions", dim=16, decisions=str(path)), SPEC, tmp_path)
     assert [b.dim for b in plan.table("t_C1").blocks] == [32]
     assert plan.notes == ["t_C1 block 0: 30 -> 32 (multiple4, FBGEMM needs widths divisible by 4); 32 wide, above "
-                          "embeddings.dim 16: projected down to it"]
+                          "embeddings.dim 16: more than a uniform row"]
 
 
 def test_decisions_base_dim_must_match_config(tmp_path):

@@ -34,18 +34,20 @@ from embshard.trainer.models import ModelArch, TrainModel, get_arch
 
 log = logging.getLogger(__name__)
 
-# Called as (params, lr=..., weight_decay=...): each takes its own further arguments, so not
-# `type[Optimizer]`.
-DENSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adagrad": torch.optim.Adagrad,
-    "sgd": torch.optim.SGD,
+@dataclass(frozen=True)
+class DenseOptimizer:
+    # Called as (params, lr=..., weight_decay=...): each takes its own further arguments, so not
+    # `type[Optimizer]`.
+    make: Callable[..., torch.optim.Optimizer]
+    # Elements of state per parameter element, as `make` keeps it: what the plan counts.
+    state_elements: int
+
+
+DENSE_OPTIMIZERS = {
+    "adam": DenseOptimizer(torch.optim.Adam, 2),  # two moments
+    "adagrad": DenseOptimizer(torch.optim.Adagrad, 1),  # a sum of squares
+    "sgd": DenseOptimizer(torch.optim.SGD, 0),  # no momentum
 }
-
-
-# Elements of dense optimizer state per parameter element: Adam's two moments, Adagrad's sum of
-# squares, none for SGD without momentum (how `dense_optimizer` makes it).
-DENSE_STATE_ELEMENTS = {"adam": 2, "adagrad": 1, "sgd": 0}
 
 
 def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, method: str | None = None) -> int | None:
@@ -68,16 +70,24 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         log.warning("dense layers not counted in the memory report: model.arch %r cannot be built on the meta "
                     "device (%s)", arch.name, first_line(e))
         return None
+    params, buffers = dense_layers(model, embeddings)
+    weights = sum(p.numel() for p in params)
+    return (weights * (2 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements) * BYTES_PER_ELEMENT
+            + sum(b.numel() * b.element_size() for b in buffers))
+
+
+def dense_layers(model: nn.Module, embeddings: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The parameters and buffers of `model` outside its embedding module: what every rank holds
+    whole, whatever the shard plan."""
     own = {id(t) for t in [*embeddings.parameters(), *embeddings.buffers()]}
-    weights = sum(p.numel() for p in model.parameters() if id(p) not in own)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in own)
-    return weights * (2 + DENSE_STATE_ELEMENTS[cfg.train.dense_optimizer]) * BYTES_PER_ELEMENT + buffers
+    return ([p for p in model.parameters() if id(p) not in own],
+            [b for b in model.buffers() if id(b) not in own])
 
 
 def dense_optimizer(cfg: JobConfig, params: dict[str, nn.Parameter]) -> KeyedOptimizerWrapper:
     """The dense parameters' optimizer as `train:` configures it."""
     train = cfg.train
-    return KeyedOptimizerWrapper(params, lambda ps: DENSE_OPTIMIZERS[train.dense_optimizer](
+    return KeyedOptimizerWrapper(params, lambda ps: DENSE_OPTIMIZERS[train.dense_optimizer].make(
         ps, lr=train.dense_lr, weight_decay=train.dense_weight_decay))
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from embshard.trainer.build import ShardedModel
+from embshard.trainer.build import ShardedModel, dense_layers
 
 
 def held_bytes(sharded: ShardedModel) -> dict[str, int]:
     """Bytes on this rank of its embedding shards (`weights`), the fused sparse optimizer's state
     (`optimizer`) and the replicated MDE / MLET projections (`projections`); `train_bytes` is
-    their sum, comparable with `MemoryReport.per_rank[rank]["train_bytes"]`; and the weights and
-    buffers of the model's layers outside its embedding module (`dense_layer_weights`,
-    `dense_layer_buffers`), which `MemoryReport.dense_bytes` counts with the weights' gradients and
-    optimizer state."""
+    their sum, comparable with `MemoryReport.per_rank[rank]["train_bytes"]`."""
     model = sharded.model
     weights = sum(
         shard.tensor.numel() * shard.tensor.element_size()
@@ -34,8 +31,18 @@ def held_bytes(sharded: ShardedModel) -> dict[str, int]:
         for name, p in model.named_parameters()
         if ".mlet." in name or ".projections." in name
     )
-    own = {id(t) for t in [*sharded.embeddings.parameters(), *sharded.embeddings.buffers()]}
-    layers = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in own)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in own)
     return {"weights": weights, "optimizer": state, "projections": dense,
-            "train_bytes": weights + state + dense, "dense_layer_weights": layers, "dense_layer_buffers": buffers}
+            "train_bytes": weights + state + dense}
+
+
+def held_dense_bytes(sharded: ShardedModel) -> dict[str, int]:
+    """Bytes on this rank of the model's layers outside its embedding module: weights, gradients,
+    the dense optimizer's state (its scalar step counters left out) and buffers; their sum is what
+    `MemoryReport.dense_bytes` promises once a step has made the gradients and the state."""
+    params, buffers = dense_layers(sharded.model, sharded.embeddings)
+    state = [t for p in params for t in sharded.optimizer.state.get(p, {}).values()
+             if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return {"weights": sum(p.numel() * p.element_size() for p in params),
+            "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+            "optimizer": sum(t.numel() * t.element_size() for t in state),
+            "buffers": sum(b.numel() * b.element_size() for b in buffers)}

@@ -102,9 +102,9 @@ def _blocks(
         source = {"policy": "decisions", "method": method, "file": str(path), "dim": dim}
         note = rounded.note
         if rounded.value > cfg.dim:
-            # Kept (a search may find a width above the base worth its projection), but said: a
-            # block wider than embeddings.dim costs more than the uniform model's row.
-            wider = f"{rounded.value} wide, above embeddings.dim {cfg.dim}: projected down to it"
+            # Kept (a search may find a width above the base worth its cost), but said: a block
+            # wider than embeddings.dim costs more than the uniform model's row.
+            wider = f"{rounded.value} wide, above embeddings.dim {cfg.dim}: more than a uniform row"
             note = f"{note}; {wider}" if note else wider
         out.append((Block(start, start + rows, rounded.value, source=source), note))
         start += rows

@@ -51,9 +51,6 @@ class ModelArch:
         if unknown:
             valid = ", ".join(self.options or ()) or "none"
             raise ConfigError(f"model.options.{unknown[0]}: not an option of model.arch {self.name!r} (valid: {valid})")
-        if self.reads_layers and not cfg.model.over_arch:
-            # TorchRec's OverArch takes no fewer than two layers, the logit one of them: a ValueError.
-            raise ConfigError(f"model.over_arch: model.arch {self.name!r} needs at least one hidden layer, got []")
         if spec.target not in self.targets:
             raise ConfigError(f"model.arch {self.name!r}: dataset {spec.name!r} ({cfg.data.path}) has {spec.target!r} "
                               f"labels; this arch trains on {' or '.join(map(repr, self.targets))} labels")

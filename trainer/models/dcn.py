@@ -23,7 +23,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.models.arch import ModelArch
-from embshard.trainer.models.dlrm import dense_input, embedded_in_order
+from embshard.trainer.models.dlrm import check_over_arch, dense_input, embedded_in_order
 
 # MLPerf's reference uses 3 layers of rank 512 over 27 x 128 inputs (r ~ N/7); 64 keeps that
 # proportion for the CPU-sized widths this project tests with. Set model.options to change them.
@@ -39,6 +39,7 @@ class DlrmDcnArch(ModelArch):
 
     def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
         super().check(cfg, spec)
+        check_over_arch(self, cfg.model)
         dcn_options(cfg.model)
 
     def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,

@@ -9,16 +9,28 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embshard.config import MLET_INIT_STD, ModelConfig
+from embshard.config import MLET_INIT_STD, JobConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.models.arch import ModelArch
 
 
+def check_over_arch(arch: ModelArch, cfg: ModelConfig) -> None:
+    """TorchRec's OverArch takes no fewer than two layers, the logit one of them: `over_arch: []`
+    was its ValueError as a traceback."""
+    if not cfg.over_arch:
+        raise ConfigError(f"model.over_arch: model.arch {arch.name!r} needs at least one hidden layer, got []")
+
+
 class DlrmArch(ModelArch):
     """`model.dense_arch` and `model.over_arch` are its hidden layers; it takes no options."""
+
+    def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
+        super().check(cfg, spec)
+        check_over_arch(self, cfg.model)
 
     def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
               device: torch.device | None) -> nn.Module:
