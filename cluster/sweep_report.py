@@ -247,6 +247,13 @@ def check_report(rep: Any, where: str) -> None:
     and a negative size or a NaN would go into the claim, or fail as a KeyError in it."""
     if not isinstance(rep, dict) or not isinstance(rep.get("dataset"), str) or not isinstance(rep.get("points"), list):
         raise DataError(f"{where}: not a sweep report (it has no dataset or points)")
+    # The dataset's name becomes the merged report's file names (sweep-<dataset>.md).
+    top = {"dataset": rep["dataset"] not in ("", ".", "..") and "/" not in rep["dataset"]
+           and rep["dataset"].isprintable(),
+           **{key: test(rep[key]) for key, test in _OPTIONAL_TOP.items() if key in rep}}
+    bad_top = [key for key, ok in top.items() if not ok]
+    if bad_top:
+        raise DataError(f"{where}: not a sweep report ({bad_top[0]}: {rep[bad_top[0]]!r})")
     for i, p in enumerate(rep["points"]):
         if not isinstance(p, dict):
             raise DataError(f"{where}: not a sweep report (points[{i}] is no object)")
@@ -283,6 +290,17 @@ _OPTIONAL: dict[str, Callable[[Any], bool]] = {
     "selected_step": lambda x: x is None or (_whole(x) and x >= 0),
     "variant": lambda x: isinstance(x, str),
     "metric": lambda x: isinstance(x, str),
+}
+
+
+# What a report may have besides its dataset and points, as the merge reads it.
+_OPTIONAL_TOP: dict[str, Callable[[Any], bool]] = {
+    "dataset_sha256": lambda x: x is None or isinstance(x, str),
+    "config": lambda x: x is None or isinstance(x, dict),
+    "configs_checked": lambda x: isinstance(x, bool),
+    "datasets_checked": lambda x: isinstance(x, bool),
+    "planted": lambda x: isinstance(x, dict) and isinstance(x.get("ranks"), dict) and isinstance(x.get("grid"), list)
+    and _finite(x.get("bayes_auc")),
 }
 
 
@@ -346,7 +364,9 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     # Each source's sweep spec, or for a merged report, what it was merged from.
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
     checked = all(r.get("config") is not None and r.get("configs_checked", True) for r in reports.values())
-    data_checked = len(shas) <= 1 and all(r.get("datasets_checked", True) for r in reports.values())
+    # A report without a hash (written before reports recorded it) may be of other data than one with.
+    data_checked = len(shas) <= 1 and all(r.get("datasets_checked", True) and (r.get("dataset_sha256") or not shas)
+                                          for r in reports.values())
     # `config` is the first sweep's: the shared keys are every sweep's, the methods' knobs are per point.
     dropped = {src: sorted(set(curves.values())) for src, curves in replaced.items() if curves}
     return {"dataset": names.pop(), "dataset_sha256": shas.pop() if len(shas) == 1 else None,

@@ -112,6 +112,11 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
     return out
 
 
+# What a sweep's spec file records besides the spec: the job config, the data's hash and where it
+# was started.
+RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "out": str}
+
+
 def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool,
                   data_sha: str) -> None:
     """A fresh sweep takes an empty (or new) folder and records its spec, job config and data
@@ -120,8 +125,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
     name this command's config and data as what they trained (a resume on data.path written
     again filed the finished trials' points under the new data's hash)."""
     check_reachable(out)  # a missing bucket or refused credentials: one line before Ray starts
-    if isinstance(out, Path):
-        check_not_in_dataset(out, "--out", ConfigError, itself=True)
+    check_not_in_dataset(out, "--out", ConfigError, itself=True)
     saved = out / SPEC_FILE
     if resume:
         if not saved.is_file():
@@ -132,10 +136,16 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"--resume: {saved}: not a sweep spec ({e}); start the sweep afresh with "
                               f"another --out") from None
-        if not isinstance(record, dict) or not set(spec.to_json()) <= set(record):
+        if not isinstance(record, dict) or not set(spec.to_json()) <= set(record) or not all(
+                isinstance(record.get(key, kind()), kind) for key, kind in RECORDED.items()):
             raise ConfigError(f"--resume: {saved}: not a sweep spec (expected an object with "
                               f"{', '.join(spec.to_json())}); start the sweep afresh with another --out")
-        started = {k: v for k, v in record.items() if k not in ("config", "dataset_sha256")}
+        if record.get("out", _where(out)) != _where(out):  # a folder from before it was recorded: unchecked
+            # Tune restores each trial with the folder it was started with: a moved or copied sweep
+            # trained its trials in the original, and could report another sweep's run there.
+            raise ConfigError(f"--resume: {out} is a sweep started at {record['out']} (moved or copied since); its "
+                              f"trials would write there: resume it at {record['out']}, or start afresh")
+        started = {k: v for k, v in record.items() if k not in RECORDED}
         # As JSON text: 0 and 0.0 are equal values but two settings' folders.
         if json.dumps(started) != json.dumps(spec.to_json()):
             raise ConfigError(f"--resume: {out} is the sweep {json.dumps(started)}; resume it with those "
@@ -170,7 +180,12 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         raise ConfigError(f"--out {out}: its local run folder {work} holds an earlier sweep's runs; "
                           f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg), "dataset_sha256": data_sha}) + "\n")
+    saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg), "dataset_sha256": data_sha,
+                                                   "out": _where(out)}) + "\n")
+
+
+def _where(out: StoragePath) -> str:
+    return str(out.absolute()) if isinstance(out, Path) else str(out)
 
 
 def _absolute(cfg: JobConfig) -> JobConfig:

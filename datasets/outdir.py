@@ -73,31 +73,39 @@ def dataset_holds(parts: tuple[str, ...]) -> bool:
 DATASET = Replaceable("dataset", SPEC_FILE, dataset_holds, DatasetSpec.load)
 
 
-def check_not_in_dataset(out: Path, what: str, error: type[EmbshardError] = DataError, itself: bool = False) -> None:
+def check_not_in_dataset(out: StoragePath, what: str, error: type[EmbshardError] = DataError,
+                         itself: bool = False) -> None:
     """Raises when `out` lies inside an embshard dataset's folder (or, with `itself`, is one): a
     folder there is no part of the dataset, which `--overwrite` then never replaces ('holds
     'sub', which no dataset holds'), and inside a split it sits among the part files."""
-    # Resolved too: through a link into a dataset, a folder landed inside it all the same.
-    folders = []
-    for path in dict.fromkeys([out.absolute(), out.resolve()]):
-        folders += [path, *path.parents] if itself else list(path.parents)
+    folders: list[StoragePath] = []
+    if isinstance(out, RemotePath):
+        prefix = out if itself else out.parent
+        while "/" in prefix.path:  # up to the bucket's top level, one request a level
+            folders.append(prefix)
+            prefix = prefix.parent
+    else:
+        # Resolved too: through a link into a dataset, a folder landed inside it all the same.
+        for path in dict.fromkeys([out.absolute(), out.resolve()]):
+            folders += [path, *path.parents] if itself else list(path.parents)
     for folder in folders:
         if (folder / SPEC_FILE).is_file():
             try:
                 DatasetSpec.load(folder)
             except EmbshardError:
                 continue  # another tool's dataset.json, or a damaged one: not ours to keep whole
-            raise error(f"{what} {out.absolute()}: inside the dataset {folder}, which holds its own files alone; "
+            where = out.absolute() if isinstance(out, Path) else out
+            raise error(f"{what} {where}: inside the dataset {folder}, which holds its own files alone; "
                         "write it elsewhere")
 
 
 def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
     """Raises unless `out` is absent, empty, or (with overwrite) an earlier `kind`, and outside
     any dataset."""
+    check_not_in_dataset(out, "--out", kind.error)
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite, kind)
         return
-    check_not_in_dataset(out, "--out", kind.error)
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")

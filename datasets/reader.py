@@ -279,11 +279,25 @@ class ParquetBatchReader:
                 # Only reachable with drop_last=False: the final, partial batch.
                 put(self._batch(pa.concat_tables(pending)))
         except BaseException as e:  # noqa: BLE001 - every failure must reach the consumer
+            replaced = self._replaced(epoch) if isinstance(e, Exception) else None
             failed = storage_failure(e, reading)
-            if failed is not None:  # the store, not the data: say which read of the run it ended
+            if replaced is not None:  # a part file read as garbage, or gone, because another dataset took its place
+                e = replaced
+            elif failed is not None:  # the store, not the data: say which read of the run it ended
                 e = StorageError(f"{failed} while reading batch {skip_batches + made + 1} of split "
                                  f"{self.split} (epoch {epoch})")
             put(_Failure(e))
+
+    def _replaced(self, epoch: int) -> DataError | None:
+        """The error saying the dataset was written again under this read, if it was: in a bucket,
+        a part file replaced mid-epoch failed as a store's error ("Couldn't deserialize thrift")."""
+        try:
+            self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})")
+        except DataError as replaced:
+            return replaced
+        except Exception:  # noqa: BLE001 - the store cannot say now: the read's own failure stands
+            return None
+        return None
 
     def _load(self, parquet: pq.ParquetFile, group: _RowGroup, epoch: int) -> pa.Table:
         try:

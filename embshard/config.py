@@ -487,7 +487,9 @@ def check_budgets(budgets: list[float], where: str) -> None:
     for b in budgets:
         if not 0 < b <= 1:
             raise ConfigError(f"{where}: {b:g} is outside (0, 1] (a fraction of the base model's serving parameters)")
-    if len(set(budgets)) != len(budgets):
+    # As a trial names it (6 significant digits): 0.5 and 0.50000000001 shared a trial folder, the
+    # second resuming the first one's checkpoint.
+    if len({f"{b:g}" for b in budgets}) != len(budgets):
         raise ConfigError(f"{where}: a budget is named twice in {','.join(f'{b:g}' for b in budgets)}")
 
 

@@ -47,6 +47,33 @@ def test_synth_to_bucket_reads_like_a_folder(s3, tmp_path) -> None:
         assert a.labels.equal(b.labels) and a.sparse.values().equal(b.sparse.values())
 
 
+def test_nothing_is_written_inside_a_dataset_in_a_bucket(s3) -> None:
+    # Refused for local folders only: a synth (or sweep, or export) inside a dataset in a bucket
+    # went through, and the dataset could then never be replaced.
+    uri = s3.uri("data/inside")
+    synthesize(uri, rows=ROWS, max_cardinality=100)
+    with pytest.raises(DataError, match=rf"--out {uri}/sub: inside the dataset {uri}, which holds its own files"):
+        synthesize(f"{uri}/sub", rows=ROWS, max_cardinality=100)
+    assert not [k for k in s3.keys("data/") if "sub" in k]
+    synthesize(uri, rows=ROWS, seed=1, max_cardinality=100, overwrite=True)  # still replaceable
+
+
+def test_a_dataset_replaced_in_a_bucket_mid_file_is_said_as_replaced(s3, monkeypatch) -> None:
+    # The replaced part file's next row group read as garbage: a store's error ("Couldn't
+    # deserialize thrift"), which a run would retry, instead of the dataset's replacement.
+    from embshard.datasets import writer
+
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 100)
+    uri = s3.uri("data/moving")
+    synthesize(uri, rows=ROWS, max_cardinality=100)
+    batches = iter(ParquetBatchReader(uri, "train", 50, prefetch=1))
+    next(batches)
+    synthesize(uri, rows=ROWS * 2, seed=7, max_cardinality=50, overwrite=True)
+    with pytest.raises(DataError, match=r"the dataset was replaced while split train \(epoch 0\) read it"):
+        for _ in batches:
+            pass
+
+
 def test_non_empty_prefix_needs_overwrite_and_a_dataset(s3) -> None:
     uri = s3.uri("data/x")
     synthesize(uri, rows=ROWS, max_cardinality=100)

@@ -290,6 +290,9 @@ def test_parse_methods_and_budgets():
     with pytest.raises(ConfigError, match="outside"):
         parse_budgets("0.5,1.5")
     assert parse_budgets("1,0.25") == [0.25, 1.0]
+    # One trial folder for both (runs/uniform-b0.5-s0): the second resumed the first's checkpoint.
+    with pytest.raises(ConfigError, match=r"--budgets: a budget is named twice in 0.5,0.5"):
+        parse_budgets("0.5,0.50000000001")
 
 
 def test_a_configs_sweep_section_is_validated_naming_the_key(tmp_path):
@@ -580,12 +583,25 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
         _claim_folder(out, out, spec, quiet, resume=True, data_sha="a" * 64)
     # Damaged records: each was a traceback (JSONDecodeError, AttributeError) or a loop of resumes.
     saved = (out / "sweep-spec.json").read_text()
+    record = json.loads(saved)
     for damaged, why in ((saved[:40], r"not a sweep spec \(Expecting"),
                          ("[1, 2]", r"not a sweep spec \(expected an object"),
-                         ("{}", r"not a sweep spec \(expected an object with methods")):
+                         ("{}", r"not a sweep spec \(expected an object with methods"),
+                         # Each was a TypeError traceback.
+                         (json.dumps(record | {"dataset_sha256": 5}), r"not a sweep spec \(expected an object"),
+                         (json.dumps(record | {"config": "x"}), r"not a sweep spec \(expected an object")):
         (out / "sweep-spec.json").write_text(damaged)
         with pytest.raises(ConfigError, match=rf"--resume: .*sweep-spec\.json: {why}"):
             _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+    # A moved or copied sweep: Tune restores its trials with the folder they were started in, so
+    # they trained there, and the copy reported another sweep's run.
+    import shutil
+
+    shutil.copytree(out, tmp_path / "copy")
+    (tmp_path / "copy" / "sweep-spec.json").write_text(saved)
+    with pytest.raises(ConfigError, match=re.escape(f"--resume: {tmp_path / 'copy'} is a sweep started at {out} "
+                                                    "(moved or copied since); its trials would write there")):
+        _claim_folder(tmp_path / "copy", tmp_path / "copy", spec, cfg, resume=True, data_sha="a" * 64)
     (out / "sweep-spec.json").write_text(saved)
     (out / "tune").mkdir()
     (out / "tune" / "experiment_state-2026-12-04.json").write_text('{"trial_data": [')
@@ -749,6 +765,9 @@ def test_one_dataset_generated_on_two_machines_merges():
     assert unchecked["datasets_checked"] is False and unchecked["dataset_sha256"] is None
     extra = sweep_report_of([point("mlet", 0.25, 0, 0.78, 1000)], ["mlet"])
     assert merge_reports({"ab": unchecked, "c": extra})["datasets_checked"] is False
+    # A report that records no hash beside one that does: merged, and marked (it was not).
+    hashless = {k: v for k, v in sweep_report_of(mde, ["mde"]).items() if k != "dataset_sha256"}
+    assert merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": hashless})["datasets_checked"] is False
 
 
 def test_a_method_at_other_knobs_is_its_own_curve():
@@ -867,6 +886,10 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
         ({**good, "points": [{**good["points"][0], "widths": 7}]}, r"points\[0\]\.widths: 7"),
         ({**good, "points": [{**good["points"][0], "widths": {"C1": "x"}}]}, r"points\[0\]\.widths: \{'C1': 'x'\}"),
         ({**good, "points": [{**good["points"][0], "serving_params": -3}]}, r"points\[0\]\.serving_params: -3"),
+        # The report's own fields: TypeErrors, and a dataset name that became a path of the output.
+        ({**good, "dataset_sha256": [1]}, r"dataset_sha256: \[1\]"),
+        ({**good, "planted": 5}, r"planted: 5"),
+        ({**good, "dataset": "../../evil"}, r"dataset: '\.\./\.\./evil'"),
     ]
     for rep, message in cases:
         (bad / "sweep-tiny.json").write_text(json.dumps(rep))
@@ -888,6 +911,13 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
     assert f"--out {b}: sweep-tiny.json is a sweep's own report, not a merge's" in capsys.readouterr().err
     assert (b / "sweep-tiny.json").read_bytes() == own
     assert not (tmp_path / "m").exists()
+    # Into a dataset's folder, which then could never be replaced.
+    from embshard.datasets.synth import synthesize
+
+    synthesize(tmp_path / "data", rows=100, max_cardinality=20)
+    capsys.readouterr()
+    assert main(["sweep-merge", str(a), "--out", str(tmp_path / "data" / "rep")]) == 2
+    assert "inside the dataset" in capsys.readouterr().err and not (tmp_path / "data" / "rep").exists()
 
 
 def test_a_damaged_dataset_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
