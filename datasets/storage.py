@@ -400,8 +400,9 @@ class RemotePath:
             self._call(self.fs.copy_file, path, f"{target.path}/{rel}")
         for path in reversed(files):
             self._call(self.fs.delete_file, path)
-        if not any(self.iterdir()):
-            # pyarrow leaves a marker object for a prefix it emptied: it would still list as a step.
+        if not any(i.type == pafs.FileType.File for i in self._listing(recursive=True)):
+            # pyarrow leaves a marker object for each prefix it emptied (a dataset's staging prefix
+            # and its train/, valid/, ... below it): it would still list as a step, or stay in the bucket.
             self._call(self.fs.delete_dir, self.path)
         return target
 

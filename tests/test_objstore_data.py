@@ -83,6 +83,8 @@ def test_non_empty_prefix_needs_overwrite_and_a_dataset(s3) -> None:
     synthesize(uri, rows=ROWS, seed=5, max_cardinality=100, overwrite=True)
     assert DatasetSpec.load(uri).rows["train"] == ROWS * 8 // 10
     assert s3.keys("data/") == before  # the same objects, replaced; no staging prefix left behind
+    # Nor its empty folder markers (train/, profile/, ...), which stayed in the bucket for good.
+    assert not [k for k in s3.server.keys(s3.name, "data/") if ".partial-" in k]
     with pytest.raises(DataError, match="a bucket itself"):
         synthesize(f"s3://{s3.name}", rows=ROWS, max_cardinality=100)
     s3.server.client().put_object(Bucket=s3.name, Key="notes/readme.txt", Body=b"mine")
