@@ -102,10 +102,10 @@ def check_not_in_dataset(out: StoragePath, what: str, error: type[EmbshardError]
 def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
     """Raises unless `out` is absent, empty, or (with overwrite) an earlier `kind`, and outside
     any dataset."""
-    check_not_in_dataset(out, "--out", kind.error)
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite, kind)
         return
+    check_not_in_dataset(out, "--out", kind.error)
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
@@ -171,6 +171,7 @@ def _check_remote_output(out: RemotePath, overwrite: bool, kind: Replaceable) ->
         # A folder is staged beside its destination, and a bucket has nothing beside it.
         raise kind.error(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/{kind.what}")
     check_reachable(out)
+    check_not_in_dataset(out, "--out", kind.error)
     if any(out.iterdir()):
         _check_replaceable(out, overwrite, kind)
 
