@@ -322,3 +322,11 @@ def test_export_of_a_run_whose_data_was_written_again_with_more_ids_is_one_line(
     with pytest.raises(PlanError, match=rf"^{step}: its plan and the dataset at {data}: feature '.*' takes [\d,]+ ids, "
                                         r"table '.*' has [\d,]+ rows: the plan was made for other data$"):
         export_serving(step, tmp_path / "again")
+    # Written again with as few ids: the export carried the other dataset's spec beside these weights.
+    from embshard.trainer.export import ExportError
+
+    shutil.rmtree(data)
+    profiled_synth(data, rows=3000, seed=9, max_cardinality=200)
+    with pytest.raises(ExportError, match=rf"^{step}: trained on another dataset than {data} holds now"):
+        export_serving(step, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -257,6 +257,18 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
         opt.step()
     export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory)
     retrieval = load_retrieval(tmp_path / "serving", dataset)
+    # Another writing of the data (its ids name other movies): item vectors of the wrong movies.
+    import json
+    import shutil
+
+    from embshard.trainer.export import ExportError
+
+    other = tmp_path / "other"
+    shutil.copytree(dataset, other)
+    written = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**written, "id": "f" * 32}))
+    with pytest.raises(ExportError, match=rf"^{other}: not the dataset {tmp_path / 'serving'} was trained on"):
+        load_retrieval(tmp_path / "serving", other)
 
     towers = model.model
     assert isinstance(towers, TwoTowerModel)

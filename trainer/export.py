@@ -251,8 +251,16 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, DatasetSpec, ModelConf
     spec = _run_spec(config, path)
     # The arch is rebuilt from the data at data.path now, which may have been written again since:
     # another feature list, or more ids than the tables hold, is said here as a resume says it.
+    data_path = config.get("data", {}).get("path")
     check_plan_holds(plan, {f.name: f.cardinality for f in spec.sparse},
-                     f"{path}: its plan and the dataset at {config.get('data', {}).get('path')}")
+                     f"{path}: its plan and the dataset at {data_path}")
+    trained_on = plan.made_with.get("dataset_id")
+    if trained_on and spec.id and trained_on != spec.id:
+        # As few or fewer ids pass the check above: the export would carry another dataset's spec
+        # (its catalog, its id meanings) beside these weights.
+        raise ExportError(f"{path}: trained on another dataset than {data_path} holds now (dataset id {spec.id[:8]}, "
+                          f"trained on {str(trained_on)[:8]}: written again since); export needs the dataset it "
+                          "was trained on at data.path")
     shapes = _saved_shapes(path)
     # With the collapse hook W already sits under W1's key and loads into the plain model; a
     # checkpoint written without it still holds W1 (n x k) and W2, and is collapsed here.

@@ -21,7 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embshard.datasets.catalog import read_catalog
 from embshard.datasets.schema import DatasetSpec
-from embshard.trainer.export import ExportError, ServingModel, load_serving
+from embshard.datasets.storage import location
+from embshard.trainer.export import ExportError, ServingModel, load_serving, read_manifest
 from embshard.trainer.models.two_tower import FIRST_ITEM, catalog_batches
 from embshard.trainer.models.two_tower_model import TwoTowerModel
 
@@ -54,6 +55,11 @@ def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
     if towers is None:
         raise ExportError(f"{directory}: not a two_tower export (its model has no towers)")
     spec = DatasetSpec.load(dataset_dir)
+    exported = read_manifest(location(directory))["spec"].get("id")
+    if exported and spec.id and exported != spec.id:
+        # Its ids name other movies, or none: item vectors of the wrong movies, or an index error.
+        raise ExportError(f"{dataset_dir}: not the dataset {directory} was trained on (dataset id {spec.id[:8]}, the "
+                          f"export's {str(exported)[:8]}); give the dataset the model was trained on")
     catalog = read_catalog(dataset_dir, spec, start=FIRST_ITEM)
     # Raw ids: the serving model applies the plan's remaps itself.
     vectors = [serving(torch.zeros(kjt.stride(), len(spec.dense)), kjt).item
