@@ -312,6 +312,23 @@ def test_a_movie_or_user_on_two_lines_is_refused(tmp_path: Path, name: str, line
     assert not (tmp_path / "out").exists()
 
 
+def test_a_rating_given_twice_is_kept_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A ratings file given twice put a rating in train and its copy in test, without a word.
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    once = convert("movielens", src, tmp_path / "once", split="random")
+    ratings = (src / "ratings.dat").read_text()
+    (src / "ratings.dat").write_text(ratings + ratings)
+    capsys.readouterr()
+    twice = convert("movielens", src, tmp_path / "twice", split="random")
+    assert twice.rows == once.rows
+    assert f"{src}: 100 ratings repeat an earlier one (user, movie, rating and time); only the first of each " \
+           "kept" in capsys.readouterr().err
+    for split in ("train", "valid", "test"):
+        assert pq.read_table(tmp_path / "twice" / split).equals(pq.read_table(tmp_path / "once" / split))
+    with pytest.raises(DataError, match="100 ratings repeat an earlier one"):
+        convert("movielens", src, tmp_path / "strict", strict=True)
+
+
 def test_movielens_csv_needs_its_columns(tmp_path: Path) -> None:
     src = tmp_path / "ml-x"
     src.mkdir()

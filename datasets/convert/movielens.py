@@ -18,7 +18,8 @@ movie's year and genres, and every row carries `item_frequency` (see schema.ITEM
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,12 +176,33 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
         raise DataError(f"{src}: split {official!r} needs MovieLens-100K's {official}.base and "
                         f"{official}.test; this folder has no u.data, so it is no ML-100K release")
     if (src / "u.data").is_file():
-        return _ml100k(src, malformed, official)
-    if (src / "ratings.dat").is_file():
-        return _ml1m(src, malformed)
-    if (src / "ratings.csv").is_file():
-        return _ml_csv(src, malformed)
-    raise DataError(f"{src}: no u.data, ratings.dat or ratings.csv: not a MovieLens release folder")
+        release = _ml100k(src, malformed, official)
+    elif (src / "ratings.dat").is_file():
+        release = _ml1m(src, malformed)
+    elif (src / "ratings.csv").is_file():
+        release = _ml_csv(src, malformed)
+    else:
+        raise DataError(f"{src}: no u.data, ratings.dat or ratings.csv: not a MovieLens release folder")
+    return replace(release, ratings=_first_rating_per_pair(release.ratings, src, malformed))
+
+
+def _first_rating_per_pair(ratings: pa.Table, src: Path, malformed: Malformed) -> pa.Table:
+    """`ratings` without rows repeating an earlier one whole (user, movie, rating and time; an
+    official split's base comes before its test): a file given twice put a rating in train and
+    its copy in test. A pair rated again at another time is a rating of its own, and stays."""
+    import pandas as pd
+
+    repeated = pd.DataFrame({c: ratings[c].to_numpy() for c in ("userId", "movieId", "rating", "timestamp")}
+                            ).duplicated(keep="first").to_numpy()
+    repeats = int(repeated.sum())
+    if not repeats:
+        return ratings
+    message = f"{src}: {repeats:,} ratings repeat an earlier one (user, movie, rating and time)"
+    if malformed.strict:
+        raise DataError(message)
+    tqdm.write(f"warning: {message}; only the first of each kept", file=sys.stderr)
+    malformed.count += repeats
+    return ratings.filter(pa.array(~repeated))
 
 
 def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
