@@ -46,6 +46,7 @@ from embshard.trainer.checkpoint import (
 from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import method_name
+from embshard.trainer.metrics import read_file_sd_targets
 from embshard.trainer.planning import check_same_data, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.restarts import reset_starts
@@ -60,6 +61,11 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     decide = planning_step(cfg, method)
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
     check_not_in_dataset(Path(cfg.output_dir), "output_dir", ConfigError, itself=True)
+    file_sd = cfg.metrics.file_sd
+    if cfg.metrics.enabled and file_sd and Path(file_sd).exists() and read_file_sd_targets(file_sd) is None:
+        # Rank 0 replaces it with the run's target list and removes it at the end.
+        raise ConfigError(f"metrics.file_sd: {file_sd} exists and is no file-SD target list; refusing to replace "
+                          "it (a Prometheus config there was overwritten, then deleted)")
     if cfg.checkpoint.enabled:
         # A missing bucket, client or a read-only folder now, not at the first checkpoint.
         check_checkpoint_io(cfg.checkpoint_dir, "checkpoint.dir")

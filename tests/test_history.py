@@ -151,3 +151,50 @@ def test_a_prune_run_killed_before_its_first_target_still_claims_pep_out(dataset
     other = replace(cfg, output_dir=str(tmp_path / "other"), pep=replace(cfg.pep, out=str(cfg.pep_dir)))
     with pytest.raises(ConfigError, match="holds the prune run of output_dir"):
         check_pep_out(other)
+
+
+def test_a_run_removes_only_its_own_file_sd_list_and_never_a_file_of_another_kind(dataset, tmp_path,
+                                                                                   process_group, monkeypatch):
+    # A Prometheus config named as metrics.file_sd was overwritten, then deleted; and of two runs
+    # sharing one path, the first to end deleted the other's list.
+    import socket
+
+    from embshard.cluster.launch import plan_for_training
+    from embshard.config import MetricsConfig
+    from embshard.errors import ConfigError
+    from embshard.trainer import loop
+    from embshard.trainer.loop import run_worker
+    from embshard.trainer.metrics import read_file_sd_targets
+
+    sd = tmp_path / "sd" / "job.json"
+    sd.parent.mkdir()
+    sd.write_text("global:\n  scrape_interval: 15s\n")
+    base = small_job(dataset, tmp_path / "run", 2)
+    cfg = replace(base, cluster=replace(base.cluster, workers=1),
+                  metrics=MetricsConfig(enabled=True, port_base=0, file_sd=str(sd)))
+    with pytest.raises(ConfigError, match=rf"^metrics\.file_sd: {sd} exists and is no file-SD target list"):
+        plan_for_training(cfg)
+    assert sd.read_text() == "global:\n  scrape_interval: 15s\n"
+    sd.unlink()
+    plan_for_training(cfg)
+    write = loop.write_file_sd
+
+    def then_another_run_writes(path, targets, labels):
+        write(path, targets, labels)
+        write(path, ["127.0.0.1:1"], {"job": "other"})  # a second run of the same config, since
+
+    monkeypatch.setattr(loop, "write_file_sd", then_another_run_writes)
+    run_worker(cfg)
+    assert read_file_sd_targets(sd) == ["127.0.0.1:1"]  # the other run's list stays
+    monkeypatch.undo()
+    cfg = replace(cfg, train=replace(cfg.train, max_steps=4),
+                  metrics=replace(cfg.metrics, bind="0.0.0.0"))  # noqa: S104 - no traffic: only the target's name
+    listed = []
+    monkeypatch.setattr(loop, "write_file_sd", lambda path, targets, labels: (listed.extend(targets),
+                                                                              write(path, targets, labels)))
+    sd.unlink()
+    run_worker(cfg)
+    # A wildcard bind is reached at the node's address (it was always 127.0.0.1), and the run's own
+    # list goes with it.
+    assert [t.rsplit(":", 1)[0] for t in listed] == [socket.gethostbyname(socket.gethostname())]
+    assert not sd.exists()

@@ -45,7 +45,7 @@ from embshard.trainer.divergence import LossWatch
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
-from embshard.trainer.metrics import WorkerMetrics, doing, write_file_sd
+from embshard.trainer.metrics import WorkerMetrics, doing, read_file_sd_targets, write_file_sd
 from embshard.trainer.pipeline import TrainSteps
 from embshard.trainer.pipeline import train_step as model_step
 from embshard.trainer.planning import check_same_data
@@ -260,9 +260,10 @@ def run_worker(
     if metrics is not None:
         time.sleep(cfg.metrics.linger_seconds)
         metrics.stop_server()
-        if rank == 0 and cfg.metrics.file_sd:
+        if rank == 0 and cfg.metrics.file_sd and read_file_sd_targets(cfg.metrics.file_sd) == metrics.listed:
             # A finished run is no target: listed, its closed ports read as down (an alert) for
-            # good, and a later listener on a reused port would be scraped as this job.
+            # good, and a later listener on a reused port would be scraped as this job. Only its
+            # own list: another run's, written there since, stays.
             Path(cfg.metrics.file_sd).unlink(missing_ok=True)
     return summary
 
@@ -423,6 +424,7 @@ def _start_metrics(cfg: JobConfig, bundle: PlanBundle, rank: int, local_rank: in
     metrics.start_server(cfg.metrics.port_base, local_rank, cfg.metrics.bind)
     targets: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(targets, metrics.target())
+    metrics.listed = [t for t in targets if t]
     if rank == 0 and cfg.metrics.file_sd:
-        write_file_sd(cfg.metrics.file_sd, [t for t in targets if t], {"job": cfg.name})
+        write_file_sd(cfg.metrics.file_sd, metrics.listed, {"job": cfg.name})
     return metrics

@@ -41,6 +41,7 @@ import errno
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -63,6 +64,7 @@ __all__ = [
     "STEP_BUCKETS",
     "CHECKPOINT_BUCKETS",
     "COLLAPSE_BUCKETS",
+    "read_file_sd_targets",
     "write_file_sd",
     "exported_names",
     "doing",
@@ -117,6 +119,8 @@ class WorkerMetrics:
         self._server: WSGIServer | None = None
         self._server_thread: threading.Thread | None = None
         self.port: int | None = None
+        self.bound = "127.0.0.1"  # the address the server binds
+        self.listed: list[str] = []  # every rank's target, as the run's file-SD list names them
         r = self.registry
         base = _BASE_LABELS
         lv = (job, str(rank))
@@ -322,6 +326,7 @@ class WorkerMetrics:
                                      f"{e.strerror or e}") from None
         self._server, self._server_thread = server, thread
         self.port = int(server.server_address[1])
+        self.bound = addr
         return self.port
 
     def stop_server(self) -> None:
@@ -334,11 +339,14 @@ class WorkerMetrics:
             self._server_thread.join(timeout=5)
             self._server_thread = None
 
-    def target(self, host: str | None = None) -> str:
-        """`host:port` of the running server, for `write_file_sd`."""
+    def target(self) -> str:
+        """`host:port` where Prometheus reaches the running server, for `write_file_sd`: the address
+        it is bound to, or for a wildcard bind (every interface) this node's address. Always
+        127.0.0.1 was a target where nothing listened, under any other bind."""
         if self.port is None:
             raise RuntimeError("metrics server not started")
-        return f"{host or '127.0.0.1'}:{self.port}"
+        host = _node_address() if self.bound in ("0.0.0.0", "::", "") else self.bound
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def metric_names(self) -> set[str]:
         """Every sample name this registry can export (see `exported_names`)."""
@@ -374,7 +382,31 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
     return names
 
 
+def _node_address() -> str:
+    """This node's address as the cluster knows it (Ray's, inside a Ray worker)."""
+    import ray
+
+    if ray.is_initialized():
+        return str(ray.util.get_node_ip_address())
+    return socket.gethostbyname(socket.gethostname())
+
+
 _LABEL_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def read_file_sd_targets(path: str | os.PathLike[str]) -> list[str] | None:
+    """The targets of a file-SD list as `write_file_sd` writes it (one group: targets and
+    labels); None for a file of any other content: not embshard's to replace or remove."""
+    import yaml
+
+    try:
+        groups = yaml.safe_load(Path(path).read_text())  # YAML reads the JSON form too
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and set(groups[0]) == {"targets", "labels"} and isinstance(groups[0]["targets"], list)):
+        return [str(t) for t in groups[0]["targets"]]
+    return None
 
 
 def write_file_sd(path: str | os.PathLike[str], targets: list[str], labels: Mapping[str, object]) -> Path:
