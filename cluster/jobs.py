@@ -19,6 +19,8 @@ import os
 import shlex
 import sys
 import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -30,6 +32,7 @@ FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
 # to try again. A submit right after `ray start` (or a head pod's restart) waits that out.
 AGENT_NOT_READY = "No available agent to submit job"
 AGENT_WAIT_SECONDS = 30.0
+CONNECT_SECONDS = 30.0  # for the job API's first answer
 
 
 class JobError(EmbshardError):
@@ -39,12 +42,14 @@ class JobError(EmbshardError):
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    if address.startswith("ray://") and (why := nothing_listens(address)) is not None:
-        # Ray Client would wait its 30 s for a dial refused at once.
+    if (why := nothing_listens(address)) is not None:
+        # Ray Client waited its 30 s for a dial refused at once, and a GCS address 41 s.
         raise JobError(f"{address}: cannot reach the Ray job API (nothing answers there: {why})")
     # A ray:// address connects through Ray Client first, which printed its INFO line and a
     # timeout warning above the one line below that says the same.
     # (Ray sets its loggers' levels as it connects: only logging.disable holds them.)
+    if address.startswith(("http://", "https://")):
+        _check_answers(address)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -54,6 +59,18 @@ def client(address: str):
         raise JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})") from None
     finally:
         logging.disable(logging.NOTSET)
+
+
+def _check_answers(address: str) -> None:
+    """JobError unless the job API's address gives an HTTP answer (any: a refusal of a missing
+    token is one) within CONNECT_SECONDS: the client's own version check has no timeout, and a
+    server that took the connection and never answered held the command for good."""
+    try:
+        urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=CONNECT_SECONDS).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as e:  # URLError, a timeout, a malformed URL
+        raise JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})") from None
 
 
 def train_entrypoint(config: Path, overrides: list[str], workers: int | None) -> str:
@@ -102,7 +119,10 @@ def follow(address: str, job_id: str) -> str:
 
 def status(address: str, job_id: str) -> str:
     info = _call(address, job_id, "get_job_info")
-    return f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else "")
+    # Ray appends the job's last 20,000 characters of log to a failure's message: printed after
+    # the streamed log, the whole log twice.
+    message = (info.message or "").split(", last available logs", 1)[0]
+    return f"{job_id}: {info.status}" + (f" ({message})" if message else "")
 
 
 def logs(address: str, job_id: str) -> str:

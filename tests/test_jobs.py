@@ -150,6 +150,31 @@ def test_an_unreachable_ray_client_address_is_one_line(monkeypatch):
     assert not shown and seen["disabled"] == logging.INFO and logging.root.manager.disable == logging.NOTSET
 
 
+def test_a_job_api_that_takes_the_connection_and_never_answers_is_one_line(monkeypatch):
+    # The client's version check waited for good.
+    from embshard.cluster import jobs
+
+    monkeypatch.setattr(jobs, "CONNECT_SECONDS", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel takes the connection; nothing ever reads or answers
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API \(.*"
+                                                r"timed out"):
+            jobs.client(address)
+
+
+def test_a_failed_jobs_status_leaves_out_the_log_ray_appends(monkeypatch):
+    # The whole log, already streamed, was printed again in the status line.
+    from types import SimpleNamespace
+
+    from embshard.cluster import jobs
+
+    message = "Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\nx\ny"
+    monkeypatch.setattr(jobs, "_call", lambda *a: SimpleNamespace(status="FAILED", message=message))
+    assert jobs.status("http://h:1", "j") == "j: FAILED (Job entrypoint command failed with exit code 2)"
+
+
 def test_a_ray_client_address_nothing_listens_at_is_said_without_ray_clients_wait(monkeypatch):
     # Ray Client waited its 30 s for a dial that is refused at once.
     import ray.job_submission

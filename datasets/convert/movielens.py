@@ -192,17 +192,32 @@ def _first_rating_per_pair(ratings: pa.Table, src: Path, malformed: Malformed) -
     its copy in test. A pair rated again at another time is a rating of its own, and stays."""
     import pandas as pd
 
-    repeated = pd.DataFrame({c: ratings[c].to_numpy() for c in ("userId", "movieId", "rating", "timestamp")}
-                            ).duplicated(keep="first").to_numpy()
-    repeats = int(repeated.sum())
-    if not repeats:
+    users, movies = (pc.cast(ratings[c], pa.int64()).to_numpy() for c in ("userId", "movieId"))
+    # Releases rate no pair twice: one sort of the pairs as one int64 each says so (at 10M ratings
+    # 0.8 s and 160 MB; hashing them took 7 s and 450 MB), and only the rows of pairs rated again
+    # are compared whole.
+    span = int(movies.max()) - int(movies.min()) + 1
+    if int(users.max()) - int(users.min()) < (1 << 62) // span:
+        pair = (users - users.min()) * span + (movies - movies.min())
+        ordered = np.sort(pair)
+        again = np.flatnonzero(np.isin(pair, ordered[1:][ordered[1:] == ordered[:-1]]))
+    else:  # ids too far apart for one int64 a pair
+        again = np.flatnonzero(pd.MultiIndex.from_arrays([users, movies]).duplicated(keep=False))
+    if not again.size:
         return ratings
-    message = f"{src}: {repeats:,} ratings repeat an earlier one (user, movie, rating and time)"
+    rows = pd.DataFrame({c: ratings[c].take(pa.array(again)).to_numpy()
+                         for c in ("userId", "movieId", "rating", "timestamp")})
+    repeated = again[rows.duplicated(keep="first").to_numpy()]
+    if not repeated.size:
+        return ratings
+    message = f"{src}: {repeated.size:,} ratings repeat an earlier one (user, movie, rating and time)"
     if malformed.strict:
         raise DataError(message)
     tqdm.write(f"warning: {message}; only the first of each kept", file=sys.stderr)
-    malformed.count += repeats
-    return ratings.filter(pa.array(~repeated))
+    malformed.count += int(repeated.size)
+    keep = np.ones(ratings.num_rows, dtype=bool)
+    keep[repeated] = False
+    return ratings.filter(pa.array(keep))
 
 
 def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
