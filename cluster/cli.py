@@ -53,6 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read the output stopped (`| head -c 0`): nothing left to say, and Python's own
+        # flush at exit would raise again into the pipe, as a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         problem = environment_problem(e)
         if problem is not None and not console.is_verbose():

@@ -555,3 +555,17 @@ def test_nothing_is_written_inside_a_dataset(tmp_path, capsys):
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "dataset.json").write_text('{"name": "not ours"}')
     assert main(["data", "synth", "--out", str(tmp_path / "theirs" / "ours"), "--rows", "100"]) == 0
+
+
+def test_output_read_by_a_reader_that_stops_is_no_traceback(tmp_path):
+    # `embshard config --reference | head -c 0`: a BrokenPipeError traceback, exit 1.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    embshard = Path(sys.executable).parent / "embshard"
+    proc = subprocess.Popen([str(embshard), "config", "--reference"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
