@@ -472,6 +472,20 @@ def test_the_config_schema_is_generated_from_the_config_dataclasses() -> None:
      "demo", "requests.memory 1e10 is above limits.memory 8Gi"),
     ({"metrics": {"podMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "1m"}}}, "demo",
      "metrics.podMonitor.scrapeTimeout 1m is longer than its interval 15s"),
+    # Served, kept or reached where nothing scrapes, keeps or reaches it.
+    ({"job": {"extraArgs": ["--set", "metrics.port_base=9500"]}}, "demo",
+     "job.extraArgs: metrics.port_base=9500 is the chart's to set"),
+    ({"job": {"extraArgs": ["--set=output_dir=/tmp/x"]}}, "demo", "job.extraArgs: --set=output_dir=/tmp/x is the"),
+    ({"head": {"rayStartParams": {"dashboard-host": "127.0.0.1"}}}, "demo",
+     "head.rayStartParams.dashboard-host: the chart sets it"),
+    ({"head": {"rayStartParams": {"dashboard-port": "8000"}}}, "demo", "head.rayStartParams.dashboard-port"),
+    # Pods Kubernetes refuses (two volumes at one path, a resource name without its domain), or
+    # whose volume hides the image's code.
+    ({"checkpoints": {"mountPath": "/tmp/ray"}}, "demo", "/checkpoints/mountPath"),
+    ({"checkpoints": {"mountPath": "/dev/shm/x"}}, "demo", "/checkpoints/mountPath"),
+    ({"checkpoints": {"mountPath": "/home/embshard"}}, "demo", "/checkpoints/mountPath"),
+    ({"checkpoints": {"mountPath": "/"}}, "demo", "/checkpoints/mountPath"),
+    ({"workers": {"gpuResourceName": "gpu"}}, "demo", "/workers/gpuResourceName"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_values_kuberay_or_ray_would_refuse_fail_at_install(values, release, message) -> None:
     # Each installed cleanly and left a RayJob that never ran: pods pending for a claim, a name
@@ -483,13 +497,14 @@ def test_values_kuberay_or_ray_would_refuse_fail_at_install(values, release, mes
 def test_integer_quantities_and_user_ray_start_params_render_once() -> None:
     resources = {"cpu": 8, "memory": "32Gi"}
     values = {"workers": {"resources": {"requests": resources, "limits": resources}},
-              "head": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "127.0.0.1"}}}
+              "head": {"rayStartParams": {"num-cpus": "0", "object-store-memory": "1000000000"}}}
     with helm.Chart.load(CHART) as chart:
         text = chart.render(values, name="demo", namespace="ml", is_install=True)["embshard/templates/rayjob.yaml"]
     assert text.count("dashboard-host:") == 1  # YAML readers differ on which of two they keep
     rc = the(render(values), "RayJob")["spec"]["rayClusterSpec"]
-    # the user's value wins; each key once (the chart's and the user's were both written)
-    assert rc["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "127.0.0.1", "num-cpus": "0", "num-gpus": "0"}
+    # each key once, the user's beside the chart's (which a user's may not replace)
+    assert rc["headGroupSpec"]["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0",
+                                                     "object-store-memory": "1000000000"}
 
 
 
