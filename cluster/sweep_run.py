@@ -185,7 +185,8 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
 
 
 def _where(out: StoragePath) -> str:
-    return str(out.absolute()) if isinstance(out, Path) else str(out)
+    """The folder as one name whichever path reached it (a link, a relative --out)."""
+    return str(out.resolve()) if isinstance(out, Path) else str(out)
 
 
 def _absolute(cfg: JobConfig) -> JobConfig:
