@@ -203,6 +203,13 @@ def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) ->
     )
     with torch.no_grad():
         torch.testing.assert_close(serving(dense, raw), model(dense, ranked_ids), rtol=1e-5, atol=1e-6)
+    # An id past its feature: PyTorch's index error, naming neither.
+    from embshard.errors import DataError
+
+    past = KeyedJaggedTensor(keys=keys, lengths=raw.lengths(), stride=raw.stride(),
+                             values=torch.cat([by_key[k].values() + (30 if k == "a" else 0) for k in keys]))
+    with pytest.raises(DataError, match=r"^feature 'a': id 3\d outside \[0, 30\), the ids of the dataset"):
+        serving(dense, past)
 
 
 def test_an_export_replaces_only_an_earlier_export_and_only_once_complete(tmp_path: Path, monkeypatch) -> None:

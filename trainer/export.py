@@ -55,7 +55,7 @@ from embshard.datasets.storage import (
     read_json_object,
     read_json_version,
 )
-from embshard.errors import EmbshardError, StorageError
+from embshard.errors import DataError, EmbshardError, StorageError
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
@@ -159,7 +159,7 @@ def load_serving(directory: str | Path) -> ServingModel:
     model = arch_model(plan, spec, ModelConfig(**manifest["model"]))
     model.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
     remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
-    return ServingModel(model, remaps).eval()
+    return ServingModel(model, remaps, {f.name: f.cardinality for f in spec.sparse}).eval()
 
 
 def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig,
@@ -170,19 +170,30 @@ def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig
 
 class ServingModel(nn.Module):
     """The arch's model over the collapsed plan, fed raw ids: reordered features go through their
-    remap first."""
+    remap first. An id outside its feature's range is a DataError naming both (PyTorch's index
+    error named neither)."""
 
-    def __init__(self, model: nn.Module, remaps: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, remaps: dict[str, torch.Tensor], cardinalities: dict[str, int]) -> None:
         super().__init__()
         self.model = model
         self.remapped = sorted(remaps)
+        self.cardinalities = cardinalities
         for feature, remap in remaps.items():
             self.register_buffer(f"remap_{feature}", remap, persistent=False)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        self._check_ids(sparse)
         if self.remapped:
             sparse = self._remap(sparse)
         return self.model(dense, sparse)
+
+    def _check_ids(self, sparse: KeyedJaggedTensor) -> None:
+        for key, jagged in sparse.to_dict().items():
+            ids, rows = jagged.values(), self.cardinalities.get(key)
+            if rows is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+                bad = int(ids[(ids < 0) | (ids >= rows)][0])
+                raise DataError(f"feature {key!r}: id {bad} outside [0, {rows}), the ids of the dataset it was "
+                                "trained on")
 
     def _remap(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
         by_key, keys = sparse.to_dict(), sparse.keys()
