@@ -168,6 +168,9 @@ class DatasetWriter:
         check_output(self.out_dir, overwrite)
         self.staging = make_staging(self.out_dir)
         try:  # a Ctrl-C or SIGTERM before `with` takes over must not leave the staging folder either
+            # First: a SIGTERM inside tqdm's constructor left a half-made bar whose clean-up printed
+            # "AttributeError: 'tqdm' object has no attribute 'pos'" below the one line.
+            self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
             self.splits: dict[str, _SplitWriter] = {}
             for split in SPLITS:
                 d = self.staging / split
@@ -179,7 +182,6 @@ class DatasetWriter:
             self.total_rows = total_rows
             self.written = 0
             self.room_checked = False
-            self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
         except BaseException:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise
