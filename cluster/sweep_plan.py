@@ -40,6 +40,7 @@ from embshard.config import (
     JobConfig,
     MletConfig,
     PepConfig,
+    budget_name,
     check_budgets,
     check_methods,
 )
@@ -85,7 +86,7 @@ class Trial:
 
     @property
     def key(self) -> str:
-        at = "" if self.budget is None else f"-b{self.budget:g}"
+        at = "" if self.budget is None else f"-b{budget_name(self.budget)}"
         return "-".join([f"{self.method}{at}-s{self.seed}", *self._varied])
 
     @property

@@ -197,12 +197,12 @@ def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> 
 def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool]) -> list[str]:
     """The entries under `folder`, at any depth, that `holds` disowns, as paths within it; what is
     inside a disowned folder is not named again. One listing (on object storage, one request)."""
-    found: list[str] = []
+    found: dict[tuple[str, ...], None] = {}  # in listing order
     prefix = len(str(folder).rstrip("/")) + 1
     for entry in sorted((tuple(str(e)[prefix:].split("/")) for e in folder.rglob("*")), key="/".join):
-        if not holds(entry) and not any("/".join(entry[:i]) in found for i in range(1, len(entry))):
-            found.append("/".join(entry))
-    return found
+        if not holds(entry) and not any(entry[:i] in found for i in range(1, len(entry))):
+            found[entry] = None
+    return ["/".join(entry) for entry in found]
 
 
 def make_staging(out: StoragePath) -> Path:

@@ -323,8 +323,9 @@ class ParquetBatchReader:
         check_no_nulls(group.path, table, [self.spec.label, *self.spec.dense, *self.spec.sparse_names],
                        group.first_row)
         floats = [e for e in self.spec.extra if pa.types.is_floating(table[e].type)]
+        labels = table[self.spec.label].to_numpy()
         for name in [self.spec.label, *self.spec.dense, *floats]:
-            values = table[name].to_numpy()
+            values = labels if name == self.spec.label else table[name].to_numpy()
             bad = ~np.isfinite(values)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
@@ -332,7 +333,6 @@ class ParquetBatchReader:
                                 f"non-finite value {values[row]}")
         if self.spec.target == "click":
             # A BCE target: a label of 7 trained without a word.
-            labels = table[self.spec.label].to_numpy()
             bad = (labels < 0) | (labels > 1)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])

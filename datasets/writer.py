@@ -180,7 +180,6 @@ class DatasetWriter:
             # Only converters map values to OOV_ID; synth's id 0 is an ordinary value.
             self.oov_features = list(oov_features)
             self.total_rows = total_rows
-            self.written = 0
             self.room_checked = False
         except BaseException:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -204,9 +203,12 @@ class DatasetWriter:
             stats.ids[name] = stats.ids.get(name, 0) + ids.size
             stats.oov[name] = stats.oov.get(name, 0) + int(np.count_nonzero(ids == OOV_ID))
         self.progress.update(table.num_rows)
-        self.written += table.num_rows
-        if not self.room_checked and self.written >= PART_ROWS:
+        if not self.room_checked and self.rows_written >= PART_ROWS:
             self._check_room()
+
+    @property
+    def rows_written(self) -> int:
+        return sum(st.rows for st in self.stats.values())
 
     def _check_room(self) -> None:
         """Once a part file's worth is written: EnvironmentProblem when the rest, at the bytes a row
@@ -215,15 +217,16 @@ class DatasetWriter:
         everything else writing there failed with it. `total_rows` may count input lines that turn
         out malformed or duplicate: a conversion is refused only when even its lines cannot fit."""
         self.room_checked = True
-        if not self.total_rows or self.total_rows <= self.written:
+        written = self.rows_written
+        if not self.total_rows or self.total_rows <= written:
             return
         staged = sum(f.stat().st_size for f in self.staging.rglob("*") if f.is_file())
-        rest = staged / self.written * (self.total_rows - self.written)
+        rest = staged / written * (self.total_rows - written)
         free = shutil.disk_usage(self.staging).free
         if rest > free:
             raise EnvironmentProblem(
                 f"{self.out_dir}: {self.total_rows:,} rows need about {human_bytes(staged + rest)} "
-                f"({staged / self.written:.0f} bytes a row as written so far), and {self.staging.parent} "
+                f"({staged / written:.0f} bytes a row as written so far), and {self.staging.parent} "
                 f"has {human_bytes(free)} free; nothing written")
 
     def write_ordered(self, table: pa.Table, positions: np.ndarray, plan: SplitPlan) -> None:

@@ -487,10 +487,16 @@ def check_budgets(budgets: list[float], where: str) -> None:
     for b in budgets:
         if not 0 < b <= 1:
             raise ConfigError(f"{where}: {b:g} is outside (0, 1] (a fraction of the base model's serving parameters)")
-    # As a trial names it (6 significant digits): 0.5 and 0.50000000001 shared a trial folder, the
-    # second resuming the first one's checkpoint.
-    if len({f"{b:g}" for b in budgets}) != len(budgets):
-        raise ConfigError(f"{where}: a budget is named twice in {','.join(f'{b:g}' for b in budgets)}")
+    # As a trial names it: 0.5 and 0.50000000001 shared a trial folder, the second resuming the
+    # first one's checkpoint.
+    names = [budget_name(b) for b in budgets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: a budget is named twice in {','.join(names)}")
+
+
+def budget_name(budget: float) -> str:
+    """A budget as a sweep's trial folders name it (6 significant digits)."""
+    return f"{budget:g}"
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import CheckpointException
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embshard.config import ModelConfig
 from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
@@ -182,21 +182,22 @@ class ServingModel(nn.Module):
             self.register_buffer(f"remap_{feature}", remap, persistent=False)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        self._check_ids(sparse)
+        by_key = sparse.to_dict()
+        self._check_ids(by_key)
         if self.remapped:
-            sparse = self._remap(sparse)
+            sparse = self._remap(sparse, by_key)
         return self.model(dense, sparse)
 
-    def _check_ids(self, sparse: KeyedJaggedTensor) -> None:
-        for key, jagged in sparse.to_dict().items():
+    def _check_ids(self, by_key: dict[str, JaggedTensor]) -> None:
+        for key, jagged in by_key.items():
             ids, rows = jagged.values(), self.cardinalities.get(key)
             if rows is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
                 bad = int(ids[(ids < 0) | (ids >= rows)][0])
                 raise DataError(f"feature {key!r}: id {bad} outside [0, {rows}), the ids of the dataset it was "
                                 "trained on")
 
-    def _remap(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        by_key, keys = sparse.to_dict(), sparse.keys()
+    def _remap(self, sparse: KeyedJaggedTensor, by_key: dict[str, JaggedTensor]) -> KeyedJaggedTensor:
+        keys = sparse.keys()
         values = [
             getattr(self, f"remap_{k}")[by_key[k].values()] if k in self.remapped else by_key[k].values()
             for k in keys
