@@ -10,7 +10,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "export", help="write the serving model of a checkpoint (MLET tables collapsed)",
         description="Load a checkpoint (a step-NNNNNN folder, or a checkpoint directory: its newest "
                     "good step) in one process and write the serving model: collapsed tables, "
-                    "dense weights, id remaps and a manifest. Load it with "
+                    "dense weights, id remaps, the dataset's vocabularies (raw value of each id) and "
+                    "a manifest. Load it with "
                     "embshard.trainer.export.load_serving(DIR).")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint folder or directory (or an object-store URI, s3://bucket/prefix)")
@@ -32,5 +33,10 @@ def _export(args: argparse.Namespace) -> int:
     assert out is not None  # a checkpoint exports in this one process
     # The step, not only the folder: a checkpoint directory exports its newest good step, which
     # is not the newest one when that is damaged.
-    print(f"serving model of {read_manifest(out)['source']} written to {out}")
+    manifest = read_manifest(out)
+    vocabularies = manifest.get("vocabularies", {})
+    # Whether raw values can go in: a synth dataset's export takes ids alone.
+    values = (f"it takes raw values of {len(vocabularies)} features (vocab/)" if vocabularies
+              else "it takes the dataset's ids (the dataset keeps no raw values)")
+    print(f"serving model of {manifest['source']} written to {out}; {values}")
     return 0

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids
-from embshard.datasets.storage import StoragePath, arrow_source, location
+from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, read_parquet_table
+from embshard.datasets.storage import StoragePath, location
 from embshard.errors import DataError
 
 
@@ -19,13 +18,7 @@ def read_catalog(dataset_dir: str | Path | StoragePath, spec: DatasetSpec, start
     if spec.catalog is None:
         raise DataError(f"{dataset_dir}: dataset {spec.name!r} has no item catalog")
     path = location(dataset_dir) / spec.catalog.path
-    if not path.is_file():
-        raise DataError(f"{path}: missing (dataset.json records an item catalog there)")
-    fs, source = arrow_source(path)
-    try:
-        table = pq.read_table(source, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    table = read_parquet_table(path, "dataset.json records an item catalog there")
     if table.num_rows != spec.catalog.rows:
         raise DataError(f"{path}: {table.num_rows:,} rows, dataset.json records {spec.catalog.rows:,}")
     expected = spec.catalog_arrow_schema()

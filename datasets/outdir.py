@@ -32,6 +32,7 @@ from embshard.datasets.schema import (
     PROFILE_FILE,
     SPEC_FILE,
     SPLITS,
+    VOCAB_DIR,
     DatasetSpec,
 )
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
@@ -58,13 +59,16 @@ _PROFILE_LEFTOVERS = (f".{PROFILE_DIR}.partial-", f".{PROFILE_DIR}.old-")
 
 
 def dataset_holds(parts: tuple[str, ...]) -> bool:
-    """What a dataset folder holds: dataset.json, part files in its splits and item catalog, and
-    count files in its profile (or in what a killed `data profile` left)."""
+    """What a dataset folder holds: dataset.json, part files in its splits and item catalog, a
+    converter's vocabularies, and count files in its profile (or in what a killed `data profile`
+    left)."""
     top, rest = parts[0], parts[1:]
     if top == SPEC_FILE:
         return not rest
     if top in (*SPLITS, ITEMS_DIR):
         return not rest or (len(rest) == 1 and fnmatch.fnmatchcase(rest[0], PART_PATTERN))
+    if top == VOCAB_DIR:
+        return not rest or (len(rest) == 1 and rest[0].endswith(".parquet"))
     if top == PROFILE_DIR or top.startswith(_PROFILE_LEFTOVERS):
         return not rest or (len(rest) == 1 and (rest[0] == PROFILE_FILE or rest[0].endswith(".npy")))
     return False

@@ -8,6 +8,7 @@ Layout of a dataset directory::
     DIR/test/part-00000.parquet ...
     DIR/profile/                # written by `embshard data profile` (see profile.py)
     DIR/items/part-00000.parquet # optional item catalog (see ItemCatalog), e.g. MovieLens' movies
+    DIR/vocab/<feature>.parquet  # a converter's raw value of each id (see convert/vocab.py)
 
 Parquet columns: `label` (float32), one float32 column per dense feature, one column per sparse
 feature: int64 for single-hot (exactly one id per row), list<int64> for multi-hot (0..n ids),
@@ -25,8 +26,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from embshard.datasets.storage import StoragePath, check_reachable, location, read_json, read_json_version
+from embshard.datasets.storage import (
+    StoragePath,
+    arrow_source,
+    check_reachable,
+    location,
+    read_json,
+    read_json_version,
+)
 from embshard.errors import DataError
 
 SPEC_FILE = "dataset.json"
@@ -67,6 +76,13 @@ TARGETS = ("click", "rating")
 ITEMS_DIR = "items"
 PROFILE_DIR = "profile"  # the train split's id counts (profile.py)
 PROFILE_FILE = "profile.json"  # in PROFILE_DIR, beside one `<feature>.npy` count file per feature
+# A converter's raw values of each feature, in id order (vocab.py): what a served id stands for.
+VOCAB_DIR = "vocab"
+
+
+def vocabulary_file(feature: str) -> str:
+    """Where a feature's vocabulary lives in a dataset (or an export) folder."""
+    return f"{VOCAB_DIR}/{feature}.parquet"
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,9 @@ class DatasetSpec:
     # A name this dataset alone has, given when it is written: a reader that finds another one at
     # the same path knows the dataset was replaced under it. Empty in datasets written before.
     id: str = ""
+    # Features whose raw values a converter kept (vocabulary_file), so ids can be told from values
+    # and back. Empty for synth's ids (they are the values) and datasets written before.
+    vocabularies: list[str] = field(default_factory=list)
     version: int = SPEC_VERSION
 
     @property
@@ -187,6 +206,9 @@ class DatasetSpec:
                                 f"(expected an integer >= 1)")
             if f.role not in ROLES:
                 raise DataError(f"{where}: sparse feature {f.name!r}: role {f.role!r} (one of query, item, or \"\")")
+        for name in spec.vocabularies:
+            if name not in spec.sparse_names:
+                raise DataError(f"{where}: vocabularies: {name!r} is no sparse feature")
         if spec.catalog is not None:
             for name in [spec.catalog.item_id, *spec.catalog.features]:
                 if name not in spec.sparse_names:
@@ -212,7 +234,7 @@ def _check_types(spec: DatasetSpec, where: str) -> None:
     for key in ("name", "label", "source", "split", "target", "id"):
         if not isinstance(getattr(spec, key), str):
             raise DataError(f"{where}: {key}: expected a string, got {getattr(spec, key)!r}")
-    for key in ("dense", "extra"):
+    for key in ("dense", "extra", "vocabularies"):
         if not isinstance(getattr(spec, key), list):
             raise DataError(f"{where}: {key}: expected a list of column names, got {getattr(spec, key)!r}")
     for key in ("rows", "parts", "oov_share", "planted"):
@@ -227,6 +249,18 @@ def _check_types(spec: DatasetSpec, where: str) -> None:
     for f in spec.sparse:
         if not isinstance(f.multi_hot, bool):
             raise DataError(f"{where}: sparse feature {f.name!r}: multi_hot {f.multi_hot!r} (true or false)")
+
+
+def read_parquet_table(path: StoragePath, what: str) -> pa.Table:
+    """A small Parquet file read whole (an item catalog, a vocabulary); `what` says why it should
+    be there when it is not."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing ({what})")
+    fs, source = arrow_source(path)
+    try:
+        return pq.read_table(source, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
 
 
 def split_dir(directory: str | Path, split: str) -> StoragePath:

@@ -1,6 +1,6 @@
-"""Is a dataset folder (or object-store prefix) whole? Every split's part files are checked against dataset.json from
-Parquet footers alone (no data read), so a missing, stray or truncated part file is an error
-instead of training quietly on fewer rows."""
+"""Is a dataset folder (or object-store prefix) whole? Every split's part files, and every
+vocabulary, are checked against dataset.json from Parquet footers alone (no data read), so a
+missing, stray or truncated file is an error instead of training quietly on fewer rows."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embshard.datasets.schema import PART_PATTERN, SPEC_FILE, SPLITS, DatasetSpec, part_name, split_dir
-from embshard.datasets.storage import StoragePath, arrow_source
+from embshard.datasets.schema import (
+    PART_PATTERN,
+    SPEC_FILE,
+    SPLITS,
+    DatasetSpec,
+    part_name,
+    split_dir,
+    vocabulary_file,
+)
+from embshard.datasets.storage import StoragePath, arrow_source, location
 from embshard.errors import DataError
 
 
@@ -19,6 +27,12 @@ def verify_dataset(dataset_dir: str | Path) -> None:
     spec = DatasetSpec.load(dataset_dir)
     for split in SPLITS:
         verify_split(dataset_dir, spec, split)
+    for name in spec.vocabularies:
+        path = location(dataset_dir) / vocabulary_file(name)
+        rows = _footer(path).num_rows
+        if rows != spec.feature(name).cardinality - 1:
+            raise DataError(f"{path}: {rows:,} values, {SPEC_FILE} records {spec.feature(name).cardinality - 1:,} "
+                            f"known ids for {name!r}")
 
 
 def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
@@ -43,11 +57,7 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
                             f"split {split!r}); left over from another dataset?")
     found = []
     for i, path in enumerate(files):
-        try:
-            fs, source = arrow_source(path)
-            meta = pq.read_metadata(source, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        meta = _footer(path)
         if recorded is not None and meta.num_rows != recorded[i]:
             raise DataError(f"{path}: {meta.num_rows:,} rows, {SPEC_FILE} records {recorded[i]:,}")
         found.append((path, meta))
@@ -56,3 +66,13 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
         raise DataError(f"{directory}: {rows:,} rows in {len(files)} part files, {SPEC_FILE} records "
                         f"{spec.rows[split]:,} (a part file missing or left over?)")
     return found
+
+
+def _footer(path: StoragePath) -> pq.FileMetaData:
+    if not path.is_file():
+        raise DataError(f"{path}: missing")
+    try:
+        fs, source = arrow_source(path)
+        return pq.read_metadata(source, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None

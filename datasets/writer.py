@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -24,13 +25,18 @@ from embshard.datasets.schema import (
     ITEMS_DIR,
     OOV_ID,
     SPLITS,
+    VOCAB_DIR,
     DatasetSpec,
     flat_ids,
     part_name,
+    vocabulary_file,
 )
 from embshard.datasets.storage import location
 from embshard.errors import DataError, EnvironmentProblem
 from embshard.units import human_bytes
+
+if TYPE_CHECKING:  # the converters' package imports this module
+    from embshard.datasets.convert.vocab import Vocabulary
 
 # Readers split work across ranks by row group, so groups must be small enough to balance ranks
 # yet large enough that Parquet overhead stays negligible.
@@ -181,6 +187,7 @@ class DatasetWriter:
             self.oov_features = list(oov_features)
             self.total_rows = total_rows
             self.room_checked = False
+            self.vocabularies: list[str] = []
         except BaseException:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise
@@ -246,6 +253,13 @@ class DatasetWriter:
         pq.write_table(table.select(schema.names).cast(schema), directory / part_name(0),
                        row_group_size=ROW_GROUP_ROWS)
 
+    def write_vocabularies(self, vocabularies: Mapping[str, "Vocabulary"]) -> None:
+        """Each feature's raw values in id order, published with the splits by `finish`."""
+        (self.staging / VOCAB_DIR).mkdir()
+        for name, vocabulary in vocabularies.items():
+            vocabulary.write(self.staging / vocabulary_file(name))
+        self.vocabularies = list(vocabularies)
+
     def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0, dropped: str = "") -> DatasetSpec:
         """Publishes the dataset; `source` (and the `skipped` line count, and `dropped`: what else
         was left out, e.g. duplicate rows) name the input in errors.
@@ -265,7 +279,7 @@ class DatasetWriter:
             self.progress.close()
             spec = dataclasses.replace(
                 spec, id=uuid.uuid4().hex, rows={s: st.rows for s, st in self.stats.items()},
-                parts={s: w.rows_per_part for s, w in self.splits.items()},
+                parts={s: w.rows_per_part for s, w in self.splits.items()}, vocabularies=self.vocabularies,
                 oov_share={s: {f: st.oov[f] / n for f, n in st.ids.items() if n}
                            for s, st in self.stats.items()} if self.oov_features else {})
             spec.save(self.staging)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -16,9 +17,10 @@ import pytest
 
 from embshard.datasets.cli import register
 from embshard.datasets.convert import convert, movielens, text
-from embshard.datasets.convert.vocab import VocabularyBuilder
+from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
 from embshard.datasets.profile import load_profile
-from embshard.datasets.schema import SPLITS, DatasetSpec
+from embshard.datasets.schema import SPLITS, DatasetSpec, vocabulary_file
+from embshard.datasets.verify import verify_dataset
 from embshard.errors import DataError
 from tests.movielens_fixture import write_ml1m_like
 
@@ -50,6 +52,57 @@ def test_criteo_sample(criteo_sample: Path, tmp_path: Path) -> None:
     train = pq.read_table(tmp_path / "c" / "train")
     c1 = np.bincount(train["C1"].to_numpy())
     assert int(np.argmax(c1[1:])) + 1 == 1
+
+
+def test_the_dataset_keeps_the_raw_value_of_every_id(criteo_sample: Path, tmp_path: Path) -> None:
+    spec = convert("criteo", criteo_sample, tmp_path / "c")
+    assert spec.vocabularies == spec.sparse_names
+    train = pq.read_table(tmp_path / "c" / "train")
+    lines = [line.split("\t") for line in criteo_sample.read_text().splitlines()[:8000]]  # the time split's train
+    for i, feature in [(14, "C1"), (16, "C3"), (35, "C22")]:
+        raw = [line[i] or None for line in lines]  # an empty field is a missing value
+        counts = {v: raw.count(v) for v in set(raw)}
+        vocabulary = Vocabulary.read(tmp_path / "c" / vocabulary_file(feature), spec.feature(feature).cardinality)
+        # Below --min-count 2, or missing: the OOV id, which decodes to no value.
+        assert vocabulary.decode(train[feature].to_numpy()).to_pylist() == \
+            [v if v is not None and counts[v] >= 2 else None for v in raw]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "c").iterdir())
+    # Checked from footers like the part files, and replaced with the dataset, but never a user's file.
+    verify_dataset(tmp_path / "c")
+    shutil.copy(tmp_path / "c" / vocabulary_file("C1"), tmp_path / "c" / vocabulary_file("C2"))
+    with pytest.raises(DataError, match=rf"vocab/C2\.parquet: {spec.feature('C1').cardinality - 1:,} values, "
+                                        rf"dataset\.json records {spec.feature('C2').cardinality - 1:,} known ids"):
+        verify_dataset(tmp_path / "c")
+    (tmp_path / "c" / vocabulary_file("C2")).unlink()
+    with pytest.raises(DataError, match=r"vocab/C2\.parquet: missing$"):
+        verify_dataset(tmp_path / "c")
+    (tmp_path / "c" / "vocab" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds 'vocab/notes.txt', which no dataset holds; refusing"):
+        convert("criteo", criteo_sample, tmp_path / "c", overwrite=True)
+    (tmp_path / "c" / "vocab" / "notes.txt").unlink()
+    convert("criteo", criteo_sample, tmp_path / "c", overwrite=True)
+    verify_dataset(tmp_path / "c")
+    raw_spec = json.loads((tmp_path / "c" / "dataset.json").read_text())
+    (tmp_path / "c" / "dataset.json").write_text(json.dumps({**raw_spec, "vocabularies": ["C1", "C99"]}))
+    with pytest.raises(DataError, match=r"dataset\.json: vocabularies: 'C99' is no sparse feature$"):
+        DatasetSpec.load(tmp_path / "c")
+
+
+def test_movielens_keeps_its_movie_and_user_ids(tmp_path: Path) -> None:
+    src = write_ml1m_like(tmp_path / "ml", users=30, movies=20, per_user=8)
+    spec = convert("movielens", src, tmp_path / "data", min_count=1)
+    assert spec.vocabularies == spec.sparse_names
+    vocab = {f: Vocabulary.read(tmp_path / "data" / vocabulary_file(f), spec.feature(f).cardinality)
+             for f in spec.vocabularies}
+    movies = {int(m): (title, genres) for m, title, genres in
+              (line.split("::") for line in (src / "movies.dat").read_text().splitlines())}
+    catalog = pq.read_table(tmp_path / "data" / "items").slice(1)  # row 0: the OOV movie
+    movie_ids = vocab["movieId"].decode(catalog["movieId"].to_numpy()).to_pylist()
+    assert sorted(movie_ids) == sorted(movies)  # min_count 1: every movie rated in train
+    for movie, year, genres in zip(movie_ids, vocab["year"].decode(catalog["year"].to_numpy()).to_pylist(),
+                                   catalog["genres"].to_pylist(), strict=True):
+        title, genre = movies[movie]
+        assert title.endswith(f"({year})") and vocab["genres"].decode(np.array(genres)).to_pylist() == [genre]
 
 
 def test_criteo_min_count_shrinks_vocabularies(criteo_sample: Path, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from embshard.config import (
 from embshard.datasets.convert import convert
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import OOV_ID, DatasetSpec
-from embshard.errors import ConfigError
+from embshard.errors import ConfigError, DataError
 from embshard.planner.pipeline import PlanBundle, plan_with
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.build import build_sharded, build_unsharded
@@ -255,7 +255,8 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
         opt.zero_grad()
         loss.backward()
         opt.step()
-    export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory)
+    export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory,
+                   data_dir=dataset)
     retrieval = load_retrieval(tmp_path / "serving", dataset)
     # Another writing of the data (its ids name other movies): item vectors of the wrong movies.
     import json
@@ -286,6 +287,47 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
             torch.testing.assert_close(out.item[known], retrieval.item_vectors[movie[known] - 1])
             served = retrieval.query_encoder(raw_batch.dense, raw_batch.sparse) @ retrieval.item_vectors.t()
             torch.testing.assert_close(served, out.query @ items.t())
+    # Raw values in (MovieLens' own ids, genre names), as the converter read them: the same scores.
+    serving = retrieval.query_encoder.serving
+    assert retrieval.item_values == serving.decode("movieId", retrieval.item_ids)
+    movies = (dataset.parent / "ml" / "movies.dat").read_text().splitlines()
+    assert sorted(retrieval.item_values) == sorted(int(line.split("::")[0]) for line in movies)
+    raw_batch = next(iter(raw))
+    rows = {f: serving.decode(f, jagged.values()) for f, jagged in raw_batch.sparse.to_dict().items()}
+    genres, lengths = rows["genres"], raw_batch.sparse["genres"].lengths().tolist()
+    rows["genres"] = [genres[sum(lengths[:i]):sum(lengths[:i + 1])] for i in range(len(lengths))]
+    assert all(isinstance(g, str) for row in rows["genres"] for g in row) and 2858 not in rows["movieId"]
+    again = serving.sparse_batch(rows)
+    assert again.keys() == raw_batch.sparse.keys()
+    assert torch.equal(again.values(), raw_batch.sparse.values())
+    assert torch.equal(again.lengths(), raw_batch.sparse.lengths())
+    with torch.no_grad():
+        torch.testing.assert_close(retrieval.query_encoder(raw_batch.dense, again),
+                                   retrieval.query_encoder(raw_batch.dense, raw_batch.sparse))
+    unseen = serving.sparse_batch({**{f: [None] for f in rows}, "movieId": [99_999], "genres": [["Western"]]})
+    assert unseen.values().tolist() == [OOV_ID] * len(rows)  # every value unknown: the OOV id
+    for bad, message in [({"movieId": [1]}, r"sparse_batch: no values for 'userId'"),
+                         ({**rows, "rating": [1]}, r"sparse_batch: unknown feature 'rating'"),
+                         ({**rows, "userId": ["x"] * len(rows["userId"])}, r"feature 'userId': its values are int64"),
+                         ({**rows, "genres": ["Drama"] * len(rows["genres"])}, r"sparse_batch: feature 'genres' is multi-hot: give a list"),
+                         ({**rows, "gender": ["F"]}, r"sparse_batch: features given for different numbers of rows \(\[1, 64\]\)")]:
+        with pytest.raises(DataError, match=rf"^{message}"):
+            serving.sparse_batch(bad)
+    with pytest.raises(DataError, match=r"^feature 'movieId': id 10000 outside \[0, "):
+        serving.decode("movieId", [1, 10_000])
+    # A second export replaces the first, vocabularies and all; a user's file beside them is kept.
+    export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory,
+                   data_dir=dataset, overwrite=True)
+    (tmp_path / "serving" / "vocab" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"holds 'vocab/notes.txt', which no export holds"):
+        export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, overwrite=True)
+    # Without the dataset folder the export cannot carry them, and says so.
+    with pytest.warns(UserWarning, match=r"export without the vocabularies of dataset 'ml-1m'"):
+        export_serving(model, tmp_path / "bare", model_config=cfg.model, spec=spec, plan_dir=bundle.directory)
+    bare = load_retrieval(tmp_path / "bare", dataset)
+    assert bare.item_values is None
+    with pytest.raises(DataError, match=r"^feature 'movieId': the export has no vocabulary for it"):
+        bare.query_encoder.serving.encode("movieId", [1])
 
 
 # -- every method on two_tower ------------------------------------------------------------------

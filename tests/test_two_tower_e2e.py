@@ -36,9 +36,15 @@ def test_train_two_tower_through_ray_and_serve(tmp_path: Path) -> None:
 
     export = _run("export", str(run / "checkpoints"), "--out", str(run / "serving"))
     assert export.returncode == 0, export.stderr[-3000:]
+    assert "; it takes raw values of 8 features (vocab/)" in export.stdout
     retrieval = load_retrieval(run / "serving", data)
     assert retrieval.item_vectors.shape == (items - 1, 32)  # every movie but the OOV row
     torch.testing.assert_close(retrieval.item_vectors.norm(dim=1), torch.ones(items - 1))
+    # The export carries the dataset's vocabularies: each vector is named by MovieLens' own movie id.
+    movies = (tmp_path / "ml" / "movies.dat").read_text().splitlines()
+    assert sorted(retrieval.item_values) == sorted(int(line.split("::")[0]) for line in movies)
+    assert sorted(p.name for p in (run / "serving" / "vocab").iterdir()) == sorted(
+        f"{f}.parquet" for f in DatasetSpec.load(data).sparse_names)
 
 
 def test_bad_two_tower_config_is_one_line(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
+from embshard.errors import DataError
 
 
 @pytest.mark.parametrize("values, chunk, want", [
@@ -46,3 +48,36 @@ def test_weighted_values_count_as_their_repeats() -> None:
         w, r = weighted.build(min_count), repeated.build(min_count)
         assert w.values.to_pylist() == r.values.to_pylist() and w.counts.tolist() == r.counts.tolist()
     assert weighted.build().values.to_pylist() == ["b", "a", "d"]  # "c" has weight 0: never seen
+
+
+# -- the vocabulary file: what a served id stands for --------------------------------------------
+
+
+def test_a_vocabulary_file_reads_back_and_decodes_ids_to_values(tmp_path) -> None:
+    vocab = Vocabulary(pa.array(["a", "b", "c"]), np.array([5, 3, 2]))
+    vocab.write(tmp_path / "f.parquet")
+    read = Vocabulary.read(tmp_path / "f.parquet", cardinality=4)
+    assert read.values.to_pylist() == ["a", "b", "c"] and read.counts.tolist() == [5, 3, 2]
+    assert read.decode(read.encode(pa.array(["c", None, "zz", "a"]))).to_pylist() == ["c", None, None, "a"]
+    with pytest.raises(DataError, match=r"^id 4 outside \[0, 4\)$"):
+        read.decode(np.array([1, 4]))
+
+
+@pytest.mark.parametrize("table, cardinality, message", [
+    ({"value": ["a", "b"], "count": [2, 1]}, 4, r"2 values for 3 known ids \(dataset.json's cardinality less the OOV"),
+    ({"value": ["a", "b", "a"], "count": [2, 1, 1]}, 4, r"a value missing or given twice"),
+    ({"value": ["a", None, "c"], "count": [2, 1, 1]}, 4, r"a value missing or given twice"),
+    ({"id": [1, 2, 3], "count": [2, 1, 1]}, 4, r"expected the columns 'value' \(raw values\) and 'count'"),
+    ({"value": ["a", "b", "c"], "count": ["2", "1", "1"]}, 4, r"expected the columns"),
+])
+def test_a_vocabulary_file_that_names_no_single_value_per_id_is_one_line(tmp_path, table, cardinality,
+                                                                          message) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table(table), path)
+    with pytest.raises(DataError, match=rf"^{path}: {message}"):
+        Vocabulary.read(path, cardinality)
+    path.write_text("not parquet")
+    with pytest.raises(DataError, match=rf"^{path}: not a readable Parquet file"):
+        Vocabulary.read(path, cardinality)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'gone.parquet'}: missing \(dataset.json records a vocabulary"):
+        Vocabulary.read(tmp_path / "gone.parquet", cardinality)

@@ -10,12 +10,15 @@ folder holds it:
     plan.json           the DimensionPlan with MLET removed (every block at its serving width)
     weights.pt          the arch model's state dict, plain tensors (`torch.load(weights_only=True)`)
     <table>.remap.npy   id -> ranked row, for tables whose rows are reordered (MDE, PEP)
+    vocab/<feature>.parquet  the dataset's raw value of each id, for features a converter wrote
+                        (none for synth's ids or a dataset converted before they were kept)
 
 Loading it back (no process group, no TorchRec sharding, CPU):
 
     from embshard.trainer.export import load_serving
     model = load_serving("outputs/run/serving")       # a ServingModel, in eval mode
-    logits = model(dense, sparse)                     # sparse: KeyedJaggedTensor of *raw* ids
+    logits = model(dense, sparse)                     # sparse: KeyedJaggedTensor of the dataset's ids
+    sparse = model.sparse_batch({"userId": [1, 42], "movieId": [2858, 1]})  # raw values -> ids
 
 The arch (`model.arch`, a built-in or a user's package.module:attr) must be importable where the
 export is loaded: the model is rebuilt by it over the collapsed plan.
@@ -29,12 +32,13 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -44,8 +48,9 @@ from torch.distributed.checkpoint import CheckpointException
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embshard.config import ModelConfig
+from embshard.datasets.convert.vocab import Vocabulary
 from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
-from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.schema import VOCAB_DIR, DatasetSpec, SparseFeature, vocabulary_file
 from embshard.datasets.storage import (
     RemotePath,
     StoragePath,
@@ -86,21 +91,27 @@ def read_manifest(directory: StoragePath) -> dict[str, Any]:
 
 # What --overwrite may replace: an earlier export, and nothing besides.
 # Any version of it: an export written before an upgrade is still ours to replace.
-EXPORT = Replaceable("export", MANIFEST, lambda parts: len(parts) == 1 and (parts[0] in (MANIFEST, WEIGHTS, PLAN)
-                                                                       or parts[0].endswith(REMAP_SUFFIX)),
+def _export_holds(parts: tuple[str, ...]) -> bool:
+    if parts[0] == VOCAB_DIR:
+        return len(parts) == 1 or (len(parts) == 2 and parts[1].endswith(".parquet"))
+    return len(parts) == 1 and (parts[0] in (MANIFEST, WEIGHTS, PLAN) or parts[0].endswith(REMAP_SUFFIX))
+
+
+EXPORT = Replaceable("export", MANIFEST, _export_holds,
                      lambda d: read_json_object(d / MANIFEST, ("version", "weights", "plan"), ExportError), ExportError)
 
 
 def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overwrite: bool = False,
                    model_config: ModelConfig | None = None, spec: DatasetSpec | None = None,
-                   plan_dir: str | Path | None = None) -> StoragePath | None:
+                   plan_dir: str | Path | None = None, data_dir: str | Path | None = None) -> StoragePath | None:
     """Write the serving model of `source` to `out_dir`; returns `out_dir` (None on ranks > 0).
 
     `source` is a checkpoint (a step-NNNNNN folder or a checkpoint directory: its newest good
     step; runs in one process) or a live model (a TrainModel, sharded or not, or the arch's
     model itself). A live model is collective on every rank of its process group and needs
-    `model_config` and `spec` (what its arch is rebuilt from) and, when its plan reorders rows,
-    `plan_dir` (the folder of plan.json and the remap files).
+    `model_config` and `spec` (what its arch is rebuilt from), when its plan reorders rows
+    `plan_dir` (the folder of plan.json and the remap files) and, for the export to carry the
+    dataset's vocabularies, `data_dir` (a checkpoint's run names its dataset itself).
 
     The export is written into a staging folder and put in place whole once complete (an object
     store: uploaded, serving.json last). `out_dir` must be absent or empty, or with overwrite=True
@@ -111,9 +122,10 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
     if isinstance(source, nn.Module):
         if model_config is None or spec is None:
             raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
-        model, config, data, plans = source, model_config, spec, Path(plan_dir) if plan_dir else None
-        return _stored(out, f"exporting a live model to {out}",
-                       lambda: _export_live(model, out, config, data, plans, overwrite))
+        model = source
+        sources = _Sources(spec, model_config, location(plan_dir) if plan_dir else None,
+                           location(data_dir) if data_dir else None, "live model")
+        return _stored(out, f"exporting a live model to {out}", lambda: _export_live(model, out, sources, overwrite))
     checkpoint = location(source)
     check_checkpoint_io(checkpoint, "checkpoint")
     _check_outside(out, checkpoint)
@@ -121,6 +133,17 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
     # own are StorageErrors already, naming the object.
     where = checkpoint if isinstance(checkpoint, RemotePath) else out
     return _stored(where, f"exporting {checkpoint} to {out}", lambda: _export_checkpoint(checkpoint, out, overwrite))
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """What an export is written from, besides the plan and the weights."""
+
+    spec: DatasetSpec  # what the arch is rebuilt from
+    model_config: ModelConfig
+    plan_dir: StoragePath | None  # plan.json and the remap files
+    data_dir: StoragePath | None  # the dataset, whose vocabularies the export carries
+    source: str  # what serving.json names as its origin
 
 
 def _check_outside(out: StoragePath, checkpoint: StoragePath) -> None:
@@ -159,7 +182,10 @@ def load_serving(directory: str | Path) -> ServingModel:
     model = arch_model(plan, spec, ModelConfig(**manifest["model"]))
     model.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
     remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
-    return ServingModel(model, remaps, {f.name: f.cardinality for f in spec.sparse}).eval()
+    # Exports written before vocabularies were kept have none.
+    vocabularies = {f: Vocabulary.read(directory / name, spec.feature(f).cardinality)
+                    for f, name in manifest.get("vocabularies", {}).items()}
+    return ServingModel(model, remaps, spec.sparse, vocabularies).eval()
 
 
 def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig,
@@ -169,15 +195,20 @@ def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig
 
 
 class ServingModel(nn.Module):
-    """The arch's model over the collapsed plan, fed raw ids: reordered features go through their
-    remap first. An id outside its feature's range is a DataError naming both (PyTorch's index
-    error named neither)."""
+    """The arch's model over the collapsed plan, fed the dataset's ids: reordered features go
+    through their remap first. An id outside its feature's range is a DataError naming both
+    (PyTorch's index error named neither).
 
-    def __init__(self, model: nn.Module, remaps: dict[str, torch.Tensor], cardinalities: dict[str, int]) -> None:
+    With the dataset's vocabularies (a converted dataset's export), `encode`, `decode` and
+    `sparse_batch` translate between ids and the raw values of the converter's input."""
+
+    def __init__(self, model: nn.Module, remaps: dict[str, torch.Tensor], features: list[SparseFeature],
+                 vocabularies: Mapping[str, Vocabulary] | None = None) -> None:
         super().__init__()
         self.model = model
         self.remapped = sorted(remaps)
-        self.cardinalities = cardinalities
+        self.features = {f.name: f for f in features}
+        self.vocabularies = dict(vocabularies or {})
         for feature, remap in remaps.items():
             self.register_buffer(f"remap_{feature}", remap, persistent=False)
 
@@ -188,10 +219,65 @@ class ServingModel(nn.Module):
             sparse = self._remap(sparse, by_key)
         return self.model(dense, sparse)
 
+    def encode(self, feature: str, values: Sequence[Any]) -> torch.Tensor:
+        """The id of each raw value of `feature` (as in the converter's input: MovieLens' movie id,
+        a Criteo hex string); a value unseen in training, too rare, or None is the OOV id 0."""
+        vocabulary = self._vocabulary(feature)
+        try:
+            raw = pa.array(values, type=vocabulary.values.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+            raise DataError(f"feature {feature!r}: its values are {vocabulary.values.type} "
+                            f"({str(e).splitlines()[0]})") from None
+        return torch.from_numpy(vocabulary.encode(raw))
+
+    def decode(self, feature: str, ids: torch.Tensor | Sequence[int]) -> list[Any]:
+        """The raw value of each id of `feature`; None for the OOV id (every unknown value)."""
+        try:
+            return self._vocabulary(feature).decode(np.asarray(ids, dtype=np.int64)).to_pylist()
+        except DataError as e:
+            raise DataError(f"feature {feature!r}: {e}") from None
+
+    def sparse_batch(self, rows: Mapping[str, Sequence[Any]]) -> KeyedJaggedTensor:
+        """The KeyedJaggedTensor `forward` takes for a batch given as raw values: per feature, one
+        value a row (a list of values a row for a multi-hot feature). Every feature the model was
+        trained on must be given, each with as many rows."""
+        missing = [f for f in self.features if f not in rows]
+        unknown = [f for f in rows if f not in self.features]
+        if missing or unknown:
+            wrong = f"no values for {missing[0]!r}" if missing else f"unknown feature {unknown[0]!r}"
+            raise DataError(f"sparse_batch: {wrong} (the model reads {', '.join(self.features)})")
+        sizes = {len(rows[f]) for f in self.features}
+        if len(sizes) > 1:
+            raise DataError(f"sparse_batch: features given for different numbers of rows ({sorted(sizes)})")
+        values, lengths = [], []
+        for name, feature in self.features.items():
+            column = rows[name]
+            if feature.multi_hot:
+                if any(isinstance(r, (str, bytes)) for r in column):
+                    raise DataError(f"sparse_batch: feature {name!r} is multi-hot: give a list of values a row")
+                lists = [[] if r is None else list(r) for r in column]
+                values.append(self.encode(name, [v for r in lists for v in r]))
+                lengths.append(torch.tensor([len(r) for r in lists], dtype=torch.int64))
+            else:
+                values.append(self.encode(name, column))
+                lengths.append(torch.ones(len(column), dtype=torch.int64))
+        return KeyedJaggedTensor(keys=list(self.features), values=torch.cat(values), lengths=torch.cat(lengths))
+
+    def _vocabulary(self, feature: str) -> Vocabulary:
+        if feature not in self.features:
+            raise DataError(f"no feature {feature!r} (the model reads {', '.join(self.features)})")
+        if feature not in self.vocabularies:
+            raise DataError(f"feature {feature!r}: the export has no vocabulary for it (its dataset was made by "
+                            "`data synth`, whose ids are the values, or converted before vocabularies were kept)")
+        return self.vocabularies[feature]
+
     def _check_ids(self, by_key: dict[str, JaggedTensor]) -> None:
         for key, jagged in by_key.items():
-            ids, rows = jagged.values(), self.cardinalities.get(key)
-            if rows is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            ids, feature = jagged.values(), self.features.get(key)
+            if feature is None or not ids.numel():
+                continue
+            rows = feature.cardinality
+            if int(ids.min()) < 0 or int(ids.max()) >= rows:
                 bad = int(ids[(ids < 0) | (ids >= rows)][0])
                 raise DataError(f"feature {key!r}: id {bad} outside [0, {rows}), the ids of the dataset it was "
                                 "trained on")
@@ -208,8 +294,7 @@ class ServingModel(nn.Module):
 
 # -- from a live model ---------------------------------------------------------------------------
 
-def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConfig, spec: DatasetSpec,
-                 plan_dir: Path | None, overwrite: bool) -> StoragePath | None:
+def _export_live(model: nn.Module, out_dir: StoragePath, sources: _Sources, overwrite: bool) -> StoragePath | None:
     plan = _find(model, PlannedEmbeddingBags).plan
     state = model.state_dict()
     state.update(collapse_mlet_tables(model, state))
@@ -227,7 +312,7 @@ def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConf
             full[_arch_key(key) if wrapped else key] = value.detach().cpu()
     if rank != 0:
         return None
-    return _write(out_dir, plan, full, spec, model_config, plan_dir, source="live model", overwrite=overwrite)
+    return _write(out_dir, plan, full, sources, overwrite)
 
 
 # -- from a checkpoint ---------------------------------------------------------------------------
@@ -235,7 +320,7 @@ def _export_live(model: nn.Module, out_dir: StoragePath, model_config: ModelConf
 def _export_checkpoint(source: StoragePath, out_dir: StoragePath, overwrite: bool) -> StoragePath:
     path = newest_verified(source)  # every file's hash, before DCP's metadata (a pickle) is read
     try:
-        plan, spec, model_config, plan_dir, weights = _read_step(path)
+        plan, weights, sources = _read_step(path)
     except (Exception, CheckpointException) as e:  # DCP's errors are BaseExceptions
         if (path / CHECKPOINT_MANIFEST).is_file():
             failure = RankFailure.of(e, path)
@@ -249,12 +334,11 @@ def _export_checkpoint(source: StoragePath, out_dir: StoragePath, overwrite: boo
         # went mid-read (a FileNotFoundError, or an AssertionError inside DCP), not damage.
         raise ExportError(f"{path}: removed while it was being exported (a run still saving into {source} "
                           "keeps only its newest steps); export again to read the newest one then") from e
-    return _write(out_dir, plan, weights, spec, model_config, plan_dir, source=str(path), overwrite=overwrite)
+    return _write(out_dir, plan, weights, sources, overwrite)
 
 
-def _read_step(path: StoragePath) -> tuple[DimensionPlan, DatasetSpec, ModelConfig, StoragePath,
-                                           dict[str, torch.Tensor]]:
-    """A checkpoint's plan, dataset spec, model config, plan folder and serving weights."""
+def _read_step(path: StoragePath) -> tuple[DimensionPlan, dict[str, torch.Tensor], _Sources]:
+    """A checkpoint's plan, serving weights, and what else its export is written from."""
     config = json.loads((path / CONFIG).read_text())
     plan_dir = path / PLAN_DIR
     raw = json.loads((plan_dir / PLAN).read_text())
@@ -289,7 +373,8 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, DatasetSpec, ModelConf
         dcp.load({"model": state}, storage_reader=checkpoint_reader(path), planner=SafeLoadPlanner(), no_dist=True)
     if not collapsed_on_save:
         state.update(collapse_mlet_tables(model, state))
-    return plan, spec, model_config, plan_dir, {_arch_key(k): v for k, v in state.items()}
+    sources = _Sources(spec, model_config, plan_dir, location(data_path), str(path))
+    return plan, {_arch_key(k): v for k, v in state.items()}, sources
 
 
 def _arch_key(key: str) -> str:
@@ -313,11 +398,11 @@ def _run_spec(config: dict[str, Any], path: StoragePath) -> DatasetSpec:
 
 # -- writing -------------------------------------------------------------------------------------
 
-def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Tensor], spec: DatasetSpec,
-           model_config: ModelConfig, plan_dir: StoragePath | None, source: str, overwrite: bool) -> StoragePath:
+def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Tensor], sources: _Sources,
+           overwrite: bool) -> StoragePath:
     staging = make_staging(out_dir)
     try:
-        _write_files(staging, plan, state, spec, model_config, plan_dir, source)
+        _write_files(staging, plan, state, sources)
         publish(staging, out_dir, overwrite, EXPORT)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -325,8 +410,8 @@ def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Ten
     return out_dir
 
 
-def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], spec: DatasetSpec,
-                 model_config: ModelConfig, plan_dir: StoragePath | None, source: str) -> None:
+def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], sources: _Sources) -> None:
+    plan_dir, spec = sources.plan_dir, sources.spec
     serving = without_mlet(plan)
     weights = {k: v for k, v in state.items() if not _is_mlet_w2(k, plan)}
     torch.save(weights, out_dir / WEIGHTS)
@@ -343,11 +428,12 @@ def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tens
         remaps.update({f: table.remap for f in table.features})
     manifest = {
         "version": EXPORT_VERSION,
-        "source": source,
+        "source": sources.source,
         "plan": PLAN,
         "weights": WEIGHTS,
         "remaps": remaps,
-        "model": asdict(model_config),
+        "vocabularies": _copy_vocabularies(sources, out_dir),
+        "model": asdict(sources.model_config),
         "spec": asdict(spec),
         "base_dim": plan.base_dim,
         "tables": [
@@ -358,6 +444,22 @@ def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tens
         "serve_params": serving.serve_params(),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _copy_vocabularies(sources: _Sources, out_dir: Path) -> dict[str, str]:
+    """The dataset's vocabularies, each checked against its feature's ids before it is copied: a
+    served id must name the value it was trained on."""
+    spec, data_dir = sources.spec, sources.data_dir
+    if not spec.vocabularies:
+        return {}
+    if data_dir is None:
+        warnings.warn(f"export without the vocabularies of dataset {spec.name!r} (pass data_dir= to carry "
+                      "them): the served model takes its ids, not raw values", stacklevel=4)
+        return {}
+    for name in spec.vocabularies:
+        Vocabulary.read(data_dir / vocabulary_file(name), spec.feature(name).cardinality)
+        copy_file(data_dir / vocabulary_file(name), out_dir / vocabulary_file(name))
+    return {name: vocabulary_file(name) for name in spec.vocabularies}
 
 
 def _is_mlet_w2(key: str, plan: DimensionPlan) -> bool:

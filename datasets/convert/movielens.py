@@ -110,6 +110,7 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
                        desc=f"{release.name}: writing", oov_features=spec.sparse_names) as writer:
         writer.write_ordered(out, np.arange(n), plan)
         writer.write_catalog(_catalog(release.movies, vocabs, movie_features), spec.catalog_arrow_schema())
+        writer.write_vocabularies({name: vocabs[name] for name in spec.sparse_names})
         spec = writer.finish(spec, source=str(src), skipped=malformed.count)
     return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count, target=target)
 

@@ -128,6 +128,7 @@ def convert_text(fmt: TextFormat, files: list[Path], out_dir: str | Path, *, min
                 keep = first[positions]
                 table, positions = table.filter(pa.array(keep)), positions[keep]
             writer.write_ordered(table, positions, plan)
+        writer.write_vocabularies(vocabs)
         skipped = sum(inp.malformed.count for inp in inputs)
         dropped = f"dropped {duplicates:,} rows repeating a {dedup_key!r}" if dedup_key else ""
         spec = writer.finish(spec, source=describe(files), skipped=skipped, dropped=dropped)

@@ -4,23 +4,33 @@ Id 0 (schema.OOV_ID) is the shared "unknown" id: values seen fewer than `min_cou
 missing values and values that never occur in the train split all map to it. Known values get
 ids 1..n by descending train count; ties keep the order of first appearance, so ids are
 deterministic for a given input file.
+
+A converter keeps each vocabulary in the dataset (`vocab/<feature>.parquet`: `value`, `count`,
+row i for id i + 1), so a served model can take raw values and name its ids by them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from embshard.datasets.schema import read_parquet_table
+from embshard.datasets.storage import StoragePath
+from embshard.errors import DataError
 
 # Merging per-chunk counts every few chunks bounds memory by the number of distinct values.
 _MERGE_EVERY = 16
 # Vocabulary values Arrow hashes in the time pandas' prebuilt table looks one value up, about
 # (bench/vocab_encode.py, 64k-value chunks of Criteo-like strings).
 _HASH_PER_LOOKUP = 5
+VALUE, COUNT = "value", "count"  # a vocabulary file's columns
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,35 @@ class Vocabulary:
         unknown = len(known)  # where a null value's index points: -1 after the append
         ids = np.append(known, -1)[pc.fill_null(encoded.indices, unknown).to_numpy()]
         return ids.astype(np.int64) + 1
+
+    def decode(self, ids: np.ndarray) -> pa.Array:
+        """The raw value of each id; null for the OOV id, which stands for every unknown value."""
+        ids = np.asarray(ids, dtype=np.int64)
+        bad = np.flatnonzero((ids < 0) | (ids >= self.cardinality))
+        if bad.size:
+            raise DataError(f"id {ids[bad[0]]} outside [0, {self.cardinality})")
+        unknown = ids == 0
+        return self.values.take(pa.array(np.where(unknown, 0, ids - 1), mask=unknown))
+
+    def write(self, path: Path) -> None:
+        pq.write_table(pa.table({VALUE: self.values, COUNT: pa.array(self.counts, pa.int64())}), path)
+
+    @staticmethod
+    def read(path: StoragePath, cardinality: int) -> "Vocabulary":
+        """The vocabulary of a feature with `cardinality` ids; DataError unless the file holds one
+        value per known id, each once (an id must name one value, and a value one id)."""
+        table = read_parquet_table(path, "dataset.json records a vocabulary there")
+        if table.schema.names != [VALUE, COUNT] or not pa.types.is_integer(table.schema.field(COUNT).type) \
+                or pa.types.is_nested(table.schema.field(VALUE).type):
+            raise DataError(f"{path}: expected the columns {VALUE!r} (raw values) and {COUNT!r} (integers), got "
+                            f"{table.schema}".replace("\n", ", "))
+        values = table[VALUE].combine_chunks()
+        if len(values) != cardinality - 1:
+            raise DataError(f"{path}: {len(values):,} values for {cardinality - 1:,} known ids (dataset.json's "
+                            "cardinality less the OOV id); written by another conversion?")
+        if values.null_count or pc.count_distinct(values).as_py() != len(values):
+            raise DataError(f"{path}: a value missing or given twice, so some id names no single value")
+        return Vocabulary(values, table[COUNT].to_numpy())
 
     @cached_property
     def _lookup(self) -> pd.Index:

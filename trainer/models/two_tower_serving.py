@@ -8,12 +8,17 @@ encoded once here, in one process, from the dataset's item catalog through the i
     retrieval = load_retrieval("outputs/run/serving", "outputs/ml-1m/data")
     scores = retrieval.query_encoder(dense, sparse) @ retrieval.item_vectors.t()   # raw ids in
     best = retrieval.item_ids[scores.topk(10).indices]
+    movies = retrieval.query_encoder.serving.decode("movieId", best)  # MovieLens' own movie ids
+
+`retrieval.item_values[i]` is the raw value (MovieLens' movie id) of vector `i` when the export
+carries the dataset's vocabularies (a converted dataset's); None otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +51,7 @@ class Retrieval:
     query_encoder: QueryEncoder
     item_ids: torch.Tensor  # [N]: catalog item ids, as in the data
     item_vectors: torch.Tensor  # [N, out_dim]: unit vectors; score = query . item
+    item_values: list[Any] | None = None  # [N]: each item's raw value, from the export's vocabulary
 
 
 @torch.no_grad()
@@ -65,5 +71,7 @@ def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
     vectors = [serving(torch.zeros(kjt.stride(), len(spec.dense)), kjt).item
                for kjt in catalog_batches(catalog, spec, towers.layout, {}, ENCODE_BATCH)]
     assert spec.catalog is not None  # read_catalog raised otherwise
-    ids = torch.tensor(catalog[spec.catalog.item_id].to_numpy())
-    return Retrieval(QueryEncoder(serving), ids, torch.cat(vectors))
+    item_id = spec.catalog.item_id
+    ids = torch.tensor(catalog[item_id].to_numpy())
+    values = serving.decode(item_id, ids) if item_id in serving.vocabularies else None
+    return Retrieval(QueryEncoder(serving), ids, torch.cat(vectors), values)
