@@ -1,6 +1,8 @@
-"""Whether anything listens at a Ray address, asked with one TCP dial before Ray is: Ray retries a
-GCS address for over two minutes (printing C++ warnings meanwhile), Ray Client a `ray://` one for
-30 s, and the job API's client a GCS port 41 s, where a refused dial answers at once."""
+"""Whether a Ray server answers at an address, asked before Ray is: Ray retries a GCS address for
+over two minutes (printing C++ warnings meanwhile), Ray Client a `ray://` one for 30 s, and the job
+API's client a GCS port 41 s, where a refused dial answers at once. A server that takes the
+connection but is no Ray (a web server on the port) held `ray.init` for good, its warnings
+repeating every 35 s."""
 
 from __future__ import annotations
 
@@ -9,12 +11,17 @@ import socket
 
 PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
 DIAL_SECONDS = 10
+# HTTP/2's client connection preface and an empty SETTINGS frame. Ray's GCS and Ray Client servers
+# are gRPC, which answers with a SETTINGS frame of its own before any call (and any token check).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS_FRAME = 4  # the frame type, the fourth byte of a frame's header
 
 
-def nothing_listens(address: str) -> str | None:
-    """Why a dial to `host:port`, `ray://host:port` or `http(s)://host:port` failed; None when it
-    answered, or when a dial cannot tell ("auto", a form Ray resolves itself, no port given, an
-    address reached through a proxy)."""
+def no_ray_at(address: str) -> str | None:
+    """Why no Ray server answers at `host:port`, `ray://host:port` or `http(s)://host:port`:
+    the dial failed, or (the gRPC forms) what answered is no gRPC server. None when it answered,
+    or when this cannot tell ("auto", a form Ray resolves itself, no port given, an address
+    reached through a proxy, a cluster whose gRPC is TLS)."""
     scheme, _, rest = address.rpartition("://")
     host, _, port = rest.rstrip("/").rpartition(":")
     if not host or not port.isdigit() or scheme not in ("", "ray", "http", "https"):
@@ -22,7 +29,27 @@ def nothing_listens(address: str) -> str | None:
     if scheme and any(os.environ.get(v) for v in PROXY_VARIABLES):
         return None  # the client reaches it through the proxy, which a plain dial does not
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=DIAL_SECONDS).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=DIAL_SECONDS) as dialled:
+            if scheme in ("", "ray") and os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+                return _not_grpc(dialled)
     except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
         return getattr(e, "strerror", None) or str(e) or type(e).__name__
     return None
+
+
+def _not_grpc(dialled: socket.socket) -> str | None:
+    dialled.sendall(_HTTP2_PREFACE)
+    answer = b""
+    try:
+        while len(answer) < 9:  # a frame header (and what else came, to quote)
+            more = dialled.recv(64)
+            if not more:
+                break
+            answer += more
+    except TimeoutError:
+        if not answer:
+            return f"it took the connection and said nothing for {DIAL_SECONDS} s: no Ray there"
+    if len(answer) >= 9 and answer[3] == _SETTINGS_FRAME:
+        return None
+    said = repr(answer.split(b"\n")[0][:40].decode("latin-1")) if answer else "nothing, and closed the connection"
+    return f"it answered {said}, which no Ray (gRPC) server says"

@@ -24,7 +24,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from embshard.cluster.address import nothing_listens
+from embshard.cluster.address import no_ray_at
 from embshard.errors import EmbshardError, Interrupted, first_line
 
 FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
@@ -42,9 +42,9 @@ class JobError(EmbshardError):
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    if (why := nothing_listens(address)) is not None:
+    if (why := no_ray_at(address)) is not None:
         # Ray Client waited its 30 s for a dial refused at once, and a GCS address 41 s.
-        raise JobError(f"{address}: cannot reach the Ray job API (nothing answers there: {why})")
+        raise JobError(f"{address}: cannot reach the Ray job API (no Ray answers there: {why})")
     # A ray:// address connects through Ray Client first, which printed its INFO line and a
     # timeout warning above the one line below that says the same.
     # (Ray sets its loggers' levels as it connects: only logging.disable holds them.)

@@ -22,7 +22,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from embshard.cluster import console, fatal
-from embshard.cluster.address import nothing_listens
+from embshard.cluster.address import no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.cluster.run_lock import owner_check, run_owner
@@ -298,15 +298,15 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
 
 
 def _check_something_listens(address: str) -> None:
-    """ConfigError at once when nothing answers at a `host:port` (or `ray://host:port`) address."""
+    """ConfigError at once when no Ray answers at a `host:port` (or `ray://host:port`) address."""
     if address.startswith(("http://", "https://")):
         # The job API's address (what `embshard submit` takes): read as a host named "http".
         raise ConfigError(f"cluster.address {address}: the Ray dashboard's HTTP address, which `embshard submit` "
                           "takes; a run joins the cluster at its head's GCS address (host:6379 by default) or "
                           "ray://host:10001")
-    why = nothing_listens(address)
+    why = no_ray_at(address)
     if why is not None:
-        raise ConfigError(f"cluster.address {address}: nothing answers there ({why}); start the cluster "
+        raise ConfigError(f"cluster.address {address}: no Ray answers there ({why}); start the cluster "
                           "(`ray start --head`) or give its head's GCS address (host:6379 by default)")
 
 

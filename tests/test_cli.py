@@ -343,7 +343,7 @@ def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(monkeypatch
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was asked to join"))
     for given in (address, f"ray://{address}"):
-        with pytest.raises(ConfigError, match=rf"^cluster.address {given}: nothing answers there \(Connection "
+        with pytest.raises(ConfigError, match=rf"^cluster.address {given}: no Ray answers there \(Connection "
                                               r"refused\); start the cluster"):
             init_ray(JobConfig(cluster=ClusterConfig(address=given)))
     # The dashboard's address, what `submit` takes, was read as a host named "http".

@@ -15,8 +15,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
 from embshard.datasets.synth import synthesize
@@ -39,8 +41,13 @@ def env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def head(env, tmp_path_factory) -> str:
-    port, dashboard = free_port(), free_port()
+def gcs_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def head(env, tmp_path_factory, gcs_port) -> str:
+    port, dashboard = gcs_port, free_port()
     temp = tmp_path_factory.mktemp("ray")
     # `python -m` rather than the `ray` script: a venv that shares another's site-packages has none.
     start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
@@ -92,6 +99,13 @@ def embshard(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def test_a_real_gcs_passes_the_address_probe(head, gcs_port):
+    # The probe sends HTTP/2's opening and expects gRPC's SETTINGS frame, before any token check.
+    from embshard.cluster.address import no_ray_at
+
+    assert no_ray_at(f"127.0.0.1:{gcs_port}") is None
+
+
 def test_submit_streams_logs_and_exit_status(head, env, tmp_path):
     data = tmp_path / "data"
     synthesize(data, rows=6000, max_cardinality=2000)
@@ -139,14 +153,17 @@ def test_an_unreachable_ray_client_address_is_one_line(monkeypatch):
             raise ConnectionError("ray client connection timeout")
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
-    with socket.socket() as listening, warnings.catch_warnings(record=True) as shown:  # the dial gets an answer
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        address = f"ray://127.0.0.1:{listening.getsockname()[1]}"
-        warnings.simplefilter("always")
-        with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API "
-                                                r"\(ConnectionError: ray client connection timeout\)$"):
-            jobs.client(address)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # the probe gets gRPC's answer
+    address = f"ray://127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API "
+                                                    r"\(ConnectionError: ray client connection timeout\)$"):
+                jobs.client(address)
+    finally:
+        server.stop(None)
     assert not shown and seen["disabled"] == logging.INFO and logging.root.manager.disable == logging.NOTSET
 
 
@@ -186,6 +203,6 @@ def test_a_ray_client_address_nothing_listens_at_is_said_without_ray_clients_wai
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", never)
     address = f"ray://127.0.0.1:{free_port()}"
-    with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API \(nothing "
+    with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API \(no Ray "
                                             r"answers there: Connection refused\)$"):
         jobs.client(address)
