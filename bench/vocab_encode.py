@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embshard.datasets.convert.vocab import Vocabulary
+from embshard.datasets.vocabulary import Vocabulary
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -32,11 +31,9 @@ from embshard.datasets.schema import (
     vocabulary_file,
 )
 from embshard.datasets.storage import location
+from embshard.datasets.vocabulary import Vocabulary
 from embshard.errors import DataError, EnvironmentProblem
 from embshard.units import human_bytes
-
-if TYPE_CHECKING:  # the converters' package imports this module
-    from embshard.datasets.convert.vocab import Vocabulary
 
 # Readers split work across ranks by row group, so groups must be small enough to balance ranks
 # yet large enough that Parquet overhead stays negligible.
@@ -188,6 +185,7 @@ class DatasetWriter:
             self.total_rows = total_rows
             self.room_checked = False
             self.vocabularies: list[str] = []
+            self.dataset_id = uuid.uuid4().hex  # dataset.json's id, known to the vocabularies
         except BaseException:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise
@@ -253,11 +251,11 @@ class DatasetWriter:
         pq.write_table(table.select(schema.names).cast(schema), directory / part_name(0),
                        row_group_size=ROW_GROUP_ROWS)
 
-    def write_vocabularies(self, vocabularies: Mapping[str, "Vocabulary"]) -> None:
+    def write_vocabularies(self, vocabularies: Mapping[str, Vocabulary]) -> None:
         """Each feature's raw values in id order, published with the splits by `finish`."""
         (self.staging / VOCAB_DIR).mkdir()
         for name, vocabulary in vocabularies.items():
-            vocabulary.write(self.staging / vocabulary_file(name))
+            vocabulary.write(self.staging / vocabulary_file(name), self.dataset_id, name)
         self.vocabularies = list(vocabularies)
 
     def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0, dropped: str = "") -> DatasetSpec:
@@ -278,7 +276,7 @@ class DatasetWriter:
                 w.close()
             self.progress.close()
             spec = dataclasses.replace(
-                spec, id=uuid.uuid4().hex, rows={s: st.rows for s, st in self.stats.items()},
+                spec, id=self.dataset_id, rows={s: st.rows for s, st in self.stats.items()},
                 parts={s: w.rows_per_part for s, w in self.splits.items()}, vocabularies=self.vocabularies,
                 oov_share={s: {f: st.oov[f] / n for f, n in st.ids.items() if n}
                            for s, st in self.stats.items()} if self.oov_features else {})

@@ -17,10 +17,11 @@ import pytest
 
 from embshard.datasets.cli import register
 from embshard.datasets.convert import convert, movielens, text
-from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
+from embshard.datasets.convert.vocab import VocabularyBuilder
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import SPLITS, DatasetSpec, vocabulary_file
 from embshard.datasets.verify import verify_dataset
+from embshard.datasets.vocabulary import Vocabulary
 from embshard.errors import DataError
 from tests.movielens_fixture import write_ml1m_like
 
@@ -62,7 +63,8 @@ def test_the_dataset_keeps_the_raw_value_of_every_id(criteo_sample: Path, tmp_pa
     for i, feature in [(14, "C1"), (16, "C3"), (35, "C22")]:
         raw = [line[i] or None for line in lines]  # an empty field is a missing value
         counts = {v: raw.count(v) for v in set(raw)}
-        vocabulary = Vocabulary.read(tmp_path / "c" / vocabulary_file(feature), spec.feature(feature).cardinality)
+        vocabulary = Vocabulary.read(tmp_path / "c" / vocabulary_file(feature), spec.feature(feature).cardinality,
+                                     spec.id, feature)
         # Below --min-count 2, or missing: the OOV id, which decodes to no value.
         assert vocabulary.decode(train[feature].to_numpy()).to_pylist() == \
             [v if v is not None and counts[v] >= 2 else None for v in raw]
@@ -70,11 +72,16 @@ def test_the_dataset_keeps_the_raw_value_of_every_id(criteo_sample: Path, tmp_pa
     # Checked from footers like the part files, and replaced with the dataset, but never a user's file.
     verify_dataset(tmp_path / "c")
     shutil.copy(tmp_path / "c" / vocabulary_file("C1"), tmp_path / "c" / vocabulary_file("C2"))
-    with pytest.raises(DataError, match=rf"vocab/C2\.parquet: {spec.feature('C1').cardinality - 1:,} values, "
-                                        rf"dataset\.json records {spec.feature('C2').cardinality - 1:,} known ids"):
+    with pytest.raises(DataError, match=r"vocab/C2\.parquet: written for feature 'C1', not 'C2' \(copied in from"):
+        verify_dataset(tmp_path / "c")
+    # Another writing of the dataset (here of the same input: the check does not compare values).
+    again = convert("criteo", criteo_sample, tmp_path / "again")
+    shutil.copy(tmp_path / "again" / vocabulary_file("C2"), tmp_path / "c" / vocabulary_file("C2"))
+    with pytest.raises(DataError, match=rf"vocab/C2\.parquet: written for dataset id '{again.id}', not '{spec.id}'"):
         verify_dataset(tmp_path / "c")
     (tmp_path / "c" / vocabulary_file("C2")).unlink()
-    with pytest.raises(DataError, match=r"vocab/C2\.parquet: missing$"):
+    with pytest.raises(DataError, match=r"vocab/C2\.parquet: missing \(dataset\.json lists 'C2' under vocabularies: "
+                                        r"convert the dataset again, or take 'C2' off that list to train and serve"):
         verify_dataset(tmp_path / "c")
     (tmp_path / "c" / "vocab" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match=r"holds 'vocab/notes.txt', which no dataset holds; refusing"):
@@ -92,7 +99,7 @@ def test_movielens_keeps_its_movie_and_user_ids(tmp_path: Path) -> None:
     src = write_ml1m_like(tmp_path / "ml", users=30, movies=20, per_user=8)
     spec = convert("movielens", src, tmp_path / "data", min_count=1)
     assert spec.vocabularies == spec.sparse_names
-    vocab = {f: Vocabulary.read(tmp_path / "data" / vocabulary_file(f), spec.feature(f).cardinality)
+    vocab = {f: Vocabulary.read(tmp_path / "data" / vocabulary_file(f), spec.feature(f).cardinality, spec.id, f)
              for f in spec.vocabularies}
     movies = {int(m): (title, genres) for m, title, genres in
               (line.split("::") for line in (src / "movies.dat").read_text().splitlines())}

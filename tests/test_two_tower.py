@@ -309,7 +309,7 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
     n = len(rows["userId"])
     for bad, message in [({"movieId": [1]}, r"sparse_batch: no values for 'userId'"),
                          ({**rows, "rating": [1]}, r"sparse_batch: unknown feature 'rating'"),
-                         ({**rows, "userId": ["x"] * n}, r"feature 'userId': its values are int64"),
+                         ({**rows, "userId": ["x"] * n}, r"feature 'userId': the values are int64; got 'x' \(str\)"),
                          ({**rows, "genres": ["Drama"] * n}, r"sparse_batch: feature 'genres' is multi-hot: give"),
                          ({**rows, "gender": ["F"]}, rf"sparse_batch: features given for different numbers of rows "
                                                      rf"\(\[1, {n}\]\)")]:
@@ -317,15 +317,37 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
             serving.sparse_batch(bad)
     with pytest.raises(DataError, match=r"^feature 'movieId': id 10000 outside \[0, "):
         serving.decode("movieId", [1, 10_000])
+    for ids, message in [([None], r"ids are integers; got object"), ([1.9], r"ids are integers; got float64"),
+                         ([2**70], r"ids are integers; got object")]:
+        with pytest.raises(DataError, match=rf"^feature 'movieId': {message}"):
+            serving.decode("movieId", ids)
+    with pytest.raises(DataError, match=r"^feature 'userId': the values are int64; got 300.5 \(float\)"):
+        serving.encode("userId", [300.5])  # was user 300's id
+    # A top-k's ids, [queries, k], decode as a list a query (the module docstring's example).
+    scores = retrieval.query_encoder(raw_batch.dense, raw_batch.sparse) @ retrieval.item_vectors.t()
+    best = retrieval.item_ids[scores.topk(3).indices]
+    movies_of = serving.decode("movieId", best)
+    assert len(movies_of) == len(best) and movies_of[0] == [retrieval.item_values[int(i) - 1] for i in best[0]]
+    for bad, message in [({**rows, "userId": 42}, r"feature 'userId': give a list of values, one a row"),
+                         ({**rows, "genres": [5] * n}, r"feature 'genres' is multi-hot: give a list of values a row")]:
+        with pytest.raises(DataError, match=rf"^sparse_batch: {message}"):
+            serving.sparse_batch(bad)
     # A second export replaces the first, vocabularies and all; a user's file beside them is kept.
     export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory,
                    data_dir=dataset, overwrite=True)
     (tmp_path / "serving" / "vocab" / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match=r"holds 'vocab/notes.txt', which no export holds"):
         export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, overwrite=True)
-    # Without the dataset folder the export cannot carry them, and says so.
-    with pytest.warns(UserWarning, match=r"export without the vocabularies of dataset 'ml-1m'"):
+    # Without the dataset folder the export cannot carry them, and says so where it was called.
+    with pytest.warns(UserWarning, match=r"export without the vocabularies of dataset 'ml-1m'") as warned:
         export_serving(model, tmp_path / "bare", model_config=cfg.model, spec=spec, plan_dir=bundle.directory)
+    assert warned[0].filename == __file__
+    # Another writing of the data, as many ids each: its vocabularies would name every id wrongly.
+    with pytest.raises(ExportError, match=rf"^{other}: holds another dataset \(id ffffffff\) than the model was "
+                                          r"trained on"):
+        export_serving(model, tmp_path / "wrong", model_config=cfg.model, spec=spec, plan_dir=bundle.directory,
+                       data_dir=other)
+    assert not (tmp_path / "wrong").exists()
     bare = load_retrieval(tmp_path / "bare", dataset)
     assert bare.item_values is None
     with pytest.raises(DataError, match=r"^feature 'movieId': the export has no vocabulary for it"):
@@ -358,3 +380,27 @@ def test_every_method_trains_two_tower(dataset: Path, tmp_path: Path, process_gr
     assert any(".ebc." in k or ".ec." in k for k in moved) and any("_tower." in k for k in moved)
     result = sharded.arch.evaluate(sharded.model, make_reader(cfg, bundle, "valid", 0, 1), torch.device("cpu"), None)
     assert result.primary == "recall@5" and 0 <= result.metrics["recall@5"] <= result.metrics["recall@20"] <= 1
+
+
+def test_an_export_in_a_bucket_is_named_by_its_uri_in_errors(dataset: Path, tmp_path: Path, s3) -> None:
+    # It is read from a local copy: errors named the copy, a folder gone by the time they were read.
+    from embshard.datasets.schema import vocabulary_file
+    from embshard.datasets.storage import copytree, location
+    from embshard.trainer.export import ExportError, load_serving
+
+    cfg = mde_config(dataset)
+    bundle = plan(cfg, tmp_path / "plan", 1)
+    spec = DatasetSpec.load(dataset)
+    model = build_unsharded(cfg, bundle, spec, torch.device("cpu"))
+    export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, plan_dir=bundle.directory,
+                   data_dir=dataset)
+    uri = s3.uri("serving")
+    copytree(tmp_path / "serving", location(uri))
+    assert load_serving(uri).decode("movieId", [1]) == load_serving(tmp_path / "serving").decode("movieId", [1])
+    with pytest.raises(ExportError, match=rf"^{s3.uri('nope')}: no serving.json \(not a folder written by"):
+        load_serving(s3.uri("nope"))
+    client = s3.server.client()
+    client.put_object(Bucket=s3.name, Key=f"serving/{vocabulary_file('userId')}",
+                      Body=(tmp_path / "serving" / vocabulary_file("zip")).read_bytes())
+    with pytest.raises(DataError, match=rf"^{uri}/vocab/userId\.parquet: written for feature 'zip', not 'userId'"):
+        load_serving(uri)

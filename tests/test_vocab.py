@@ -9,7 +9,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
+from embshard.datasets.convert.vocab import VocabularyBuilder
+from embshard.datasets.vocabulary import Vocabulary, raw_values
 from embshard.errors import DataError
 
 
@@ -55,29 +56,61 @@ def test_weighted_values_count_as_their_repeats() -> None:
 
 def test_a_vocabulary_file_reads_back_and_decodes_ids_to_values(tmp_path) -> None:
     vocab = Vocabulary(pa.array(["a", "b", "c"]), np.array([5, 3, 2]))
-    vocab.write(tmp_path / "f.parquet")
-    read = Vocabulary.read(tmp_path / "f.parquet", cardinality=4)
+    vocab.write(tmp_path / "f.parquet", "d" * 32, "f")
+    read = Vocabulary.read(tmp_path / "f.parquet", 4, "d" * 32, "f")
     assert read.values.to_pylist() == ["a", "b", "c"] and read.counts.tolist() == [5, 3, 2]
     assert read.decode(read.encode(pa.array(["c", None, "zz", "a"]))).to_pylist() == ["c", None, None, "a"]
     with pytest.raises(DataError, match=r"^id 4 outside \[0, 4\)$"):
         read.decode(np.array([1, 4]))
+    # Another writing of the dataset, or another feature's file, with as many values: every id would
+    # name another value.
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'f.parquet'}: written for dataset id 'dddd.*', not 'eeee"):
+        Vocabulary.read(tmp_path / "f.parquet", 4, "e" * 32, "f")
+    with pytest.raises(DataError, match=r"f\.parquet: written for feature 'f', not 'g' \(copied in from another"):
+        Vocabulary.read(tmp_path / "f.parquet", 4, "d" * 32, "g")
 
 
-@pytest.mark.parametrize("table, cardinality, message", [
-    ({"value": ["a", "b"], "count": [2, 1]}, 4, r"2 values for 3 known ids \(dataset.json's cardinality less the OOV"),
-    ({"value": ["a", "b", "a"], "count": [2, 1, 1]}, 4, r"a value missing or given twice"),
-    ({"value": ["a", None, "c"], "count": [2, 1, 1]}, 4, r"a value missing or given twice"),
-    ({"id": [1, 2, 3], "count": [2, 1, 1]}, 4, r"expected the columns 'value' \(raw values\) and 'count'"),
-    ({"value": ["a", "b", "c"], "count": ["2", "1", "1"]}, 4, r"expected the columns"),
+@pytest.mark.parametrize("table, message", [
+    ({"value": ["a", "b"], "count": [2, 1]}, r"2 values for 3 known ids \(dataset.json's cardinality less the OOV"),
+    ({"value": ["a", "b", "a"], "count": [2, 1, 1]}, r"a value missing or given twice"),
+    ({"value": ["a", None, "c"], "count": [2, 1, 1]}, r"a value missing or given twice"),
+    ({"id": [1, 2, 3], "count": [2, 1, 1]}, r"expected the columns 'value' \(raw values\) and 'count' \(integers\), "
+                                            r"got id: int64, count: int64$"),
+    ({"value": ["a", "b", "c"], "count": ["2", "1", "1"]}, r"expected the columns"),
 ])
-def test_a_vocabulary_file_that_names_no_single_value_per_id_is_one_line(tmp_path, table, cardinality,
-                                                                          message) -> None:
+def test_a_vocabulary_file_that_names_no_single_value_per_id_is_one_line(tmp_path, table, message) -> None:
     path = tmp_path / "f.parquet"
-    pq.write_table(pa.table(table), path)
+    pq.write_table(pa.table(table), path)  # made by hand: no dataset or feature recorded, so taken
     with pytest.raises(DataError, match=rf"^{path}: {message}"):
-        Vocabulary.read(path, cardinality)
+        Vocabulary.read(path, 4, "d" * 32, "f")
     path.write_text("not parquet")
     with pytest.raises(DataError, match=rf"^{path}: not a readable Parquet file"):
-        Vocabulary.read(path, cardinality)
+        Vocabulary.read(path, 4, "d" * 32, "f")
     with pytest.raises(DataError, match=rf"^{tmp_path / 'gone.parquet'}: missing \(dataset.json records a vocabulary"):
-        Vocabulary.read(tmp_path / "gone.parquet", cardinality)
+        Vocabulary.read(tmp_path / "gone.parquet", 4, "d" * 32, "f")
+
+
+@pytest.mark.parametrize("values, value_type, message", [
+    ([300.5], pa.int64(), r"the values are int64; got 300.5 \(float\)"),  # was read as 300
+    ([300.0], pa.int64(), r"the values are int64; got 300.0 \(float\)"),
+    ([np.bool_(True)], pa.int64(), r"the values are int64; got np.True_ \(bool\)"),  # was read as 1
+    ([True], pa.int64(), r"the values are int64; got True \(bool\)"),
+    (["1"], pa.int64(), r"the values are int64; got '1' \(str\)"),
+    ([2**70], pa.int64(), r"the values are int64 \(.*"),
+    (np.array([1.5]), pa.int64(), r"the values are int64; got an array of float64"),
+    (np.array([[1, 2]]), pa.int64(), r"expected one value a row \(a 1-D array\); got an array of shape \(1, 2\)"),
+    ("10011", pa.string(), r"expected a list of values, one a row; got str '10011'"),  # was 5 characters
+    (42, pa.int64(), r"expected a list of values, one a row; got int 42"),
+    ([1995], pa.string(), r"the values are string; got 1995 \(int\)"),
+    ({"a": 1}, pa.string(), r"expected a list of values, one a row; got dict"),
+])
+def test_raw_values_of_another_type_are_refused_not_converted(values, value_type, message) -> None:
+    with pytest.raises(DataError, match=rf"^{message}"):
+        raw_values(values, value_type)
+
+
+def test_raw_values_of_the_vocabularys_type_pass() -> None:
+    assert raw_values([1, None, np.int64(7)], pa.int64()).to_pylist() == [1, None, 7]
+    assert raw_values(np.array([3, 4], dtype=np.int32), pa.int64()).to_pylist() == [3, 4]
+    assert raw_values(("a", None), pa.string()).to_pylist() == ["a", None]
+    assert raw_values(np.array(["a", "b"]), pa.string()).to_pylist() == ["a", "b"]

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -48,7 +47,6 @@ from torch.distributed.checkpoint import CheckpointException
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embshard.config import ModelConfig
-from embshard.datasets.convert.vocab import Vocabulary
 from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
 from embshard.datasets.schema import VOCAB_DIR, DatasetSpec, SparseFeature, vocabulary_file
 from embshard.datasets.storage import (
@@ -60,6 +58,7 @@ from embshard.datasets.storage import (
     read_json_object,
     read_json_version,
 )
+from embshard.datasets.vocabulary import Vocabulary, raw_values
 from embshard.errors import DataError, EmbshardError, StorageError
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
@@ -122,6 +121,9 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
     if isinstance(source, nn.Module):
         if model_config is None or spec is None:
             raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
+        if spec.vocabularies and data_dir is None:
+            warnings.warn(f"export without the vocabularies of dataset {spec.name!r} (pass data_dir= to carry "
+                          "them): the served model takes its ids, not raw values", stacklevel=2)
         model = source
         sources = _Sources(spec, model_config, location(plan_dir) if plan_dir else None,
                            location(data_dir) if data_dir else None, "live model")
@@ -171,9 +173,13 @@ def load_serving(directory: str | Path) -> ServingModel:
     """The exported model as a plain single-process module in eval mode (see the module docstring)."""
     where = location(directory)
     if isinstance(where, RemotePath):  # a few small files: read them from a local copy
+        read_manifest(where)  # not an export: said of the URI, before anything is copied
         with tempfile.TemporaryDirectory(prefix="embshard-serving-") as local:
             copytree(where, Path(local))
-            return load_serving(local)
+            try:
+                return load_serving(local)
+            except EmbshardError as e:  # said of the URI, not of a copy that is gone by then
+                raise type(e)(str(e).replace(local, str(where).rstrip("/"))) from None
     directory = Path(directory)
     path = directory / MANIFEST
     manifest = read_manifest(directory)
@@ -182,8 +188,9 @@ def load_serving(directory: str | Path) -> ServingModel:
     model = arch_model(plan, spec, ModelConfig(**manifest["model"]))
     model.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
     remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
-    # Exports written before vocabularies were kept have none.
-    vocabularies = {f: Vocabulary.read(directory / name, spec.feature(f).cardinality)
+    # Exports written before vocabularies were kept have none. Their values were checked distinct
+    # at export (1.2 s a million); here only that each file is the one exported.
+    vocabularies = {f: Vocabulary.read(directory / name, spec.feature(f).cardinality, spec.id, f, check_values=False)
                     for f, name in manifest.get("vocabularies", {}).items()}
     return ServingModel(model, remaps, spec.sparse, vocabularies).eval()
 
@@ -219,23 +226,33 @@ class ServingModel(nn.Module):
             sparse = self._remap(sparse, by_key)
         return self.model(dense, sparse)
 
-    def encode(self, feature: str, values: Sequence[Any]) -> torch.Tensor:
-        """The id of each raw value of `feature` (as in the converter's input: MovieLens' movie id,
-        a Criteo hex string); a value unseen in training, too rare, or None is the OOV id 0."""
+    def encode(self, feature: str, values: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The id of each raw value of `feature` (a list or 1-D array, a value a row, as the
+        converter read it: MovieLens' movie id, a Criteo hex string); a value unseen in training,
+        too rare, or None is the OOV id 0. A value of another type is refused, not converted."""
         vocabulary = self._vocabulary(feature)
+        if isinstance(values, torch.Tensor):
+            values = values.numpy()
         try:
-            raw = pa.array(values, type=vocabulary.values.type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-            raise DataError(f"feature {feature!r}: its values are {vocabulary.values.type} "
-                            f"({str(e).splitlines()[0]})") from None
-        return torch.from_numpy(vocabulary.encode(raw))
-
-    def decode(self, feature: str, ids: torch.Tensor | Sequence[int]) -> list[Any]:
-        """The raw value of each id of `feature`; None for the OOV id (every unknown value)."""
-        try:
-            return self._vocabulary(feature).decode(np.asarray(ids, dtype=np.int64)).to_pylist()
+            return torch.from_numpy(vocabulary.encode(raw_values(values, vocabulary.values.type)))
         except DataError as e:
             raise DataError(f"feature {feature!r}: {e}") from None
+
+    def decode(self, feature: str, ids: torch.Tensor | np.ndarray | Sequence[Any]) -> Any:
+        """The raw value of each id of `feature`, as nested lists of the ids' shape (a top-k's
+        [queries, k] ids give a list a query); None for the OOV id (every unknown value)."""
+        vocabulary = self._vocabulary(feature)
+        try:
+            flat = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        except (ValueError, OverflowError) as e:  # ragged lists
+            raise DataError(f"feature {feature!r}: expected an array of ids ({e})") from None
+        if flat.dtype.kind not in "iu":
+            raise DataError(f"feature {feature!r}: ids are integers; got {flat.dtype} ({flat.reshape(-1)[:1]!r:.40})")
+        try:
+            values = vocabulary.decode(flat.reshape(-1).astype(np.int64, casting="same_kind")).to_pylist()
+        except DataError as e:
+            raise DataError(f"feature {feature!r}: {e}") from None
+        return np.array(values + [None], dtype=object)[:-1].reshape(flat.shape).tolist()
 
     def sparse_batch(self, rows: Mapping[str, Sequence[Any]]) -> KeyedJaggedTensor:
         """The KeyedJaggedTensor `forward` takes for a batch given as raw values: per feature, one
@@ -246,6 +263,9 @@ class ServingModel(nn.Module):
         if missing or unknown:
             wrong = f"no values for {missing[0]!r}" if missing else f"unknown feature {unknown[0]!r}"
             raise DataError(f"sparse_batch: {wrong} (the model reads {', '.join(self.features)})")
+        scalar = next((f for f in self.features if not _one_a_row(rows[f])), None)
+        if scalar is not None:
+            raise DataError(f"sparse_batch: feature {scalar!r}: give a list of values, one a row")
         sizes = {len(rows[f]) for f in self.features}
         if len(sizes) > 1:
             raise DataError(f"sparse_batch: features given for different numbers of rows ({sorted(sizes)})")
@@ -253,7 +273,7 @@ class ServingModel(nn.Module):
         for name, feature in self.features.items():
             column = rows[name]
             if feature.multi_hot:
-                if any(isinstance(r, (str, bytes)) for r in column):
+                if not all(r is None or isinstance(r, (list, tuple, np.ndarray)) for r in column):
                     raise DataError(f"sparse_batch: feature {name!r} is multi-hot: give a list of values a row")
                 lists = [[] if r is None else list(r) for r in column]
                 values.append(self.encode(name, [v for r in lists for v in r]))
@@ -290,6 +310,12 @@ class ServingModel(nn.Module):
         ]
         return KeyedJaggedTensor(keys=keys, values=torch.cat(values),
                                  lengths=sparse.lengths(), stride=sparse.stride())
+
+
+def _one_a_row(column: object) -> bool:
+    if isinstance(column, (np.ndarray, torch.Tensor)):
+        return column.ndim == 1
+    return isinstance(column, (list, tuple))
 
 
 # -- from a live model ---------------------------------------------------------------------------
@@ -450,14 +476,15 @@ def _copy_vocabularies(sources: _Sources, out_dir: Path) -> dict[str, str]:
     """The dataset's vocabularies, each checked against its feature's ids before it is copied: a
     served id must name the value it was trained on."""
     spec, data_dir = sources.spec, sources.data_dir
-    if not spec.vocabularies:
+    if not spec.vocabularies or data_dir is None:  # export_serving warned of the second
         return {}
-    if data_dir is None:
-        warnings.warn(f"export without the vocabularies of dataset {spec.name!r} (pass data_dir= to carry "
-                      "them): the served model takes its ids, not raw values", stacklevel=4)
-        return {}
+    there = DatasetSpec.load(data_dir).id
+    if spec.id and there != spec.id:
+        # Another writing of the data, with as many ids: every served id would name another value.
+        raise ExportError(f"{data_dir}: holds another dataset (id {there[:8]}) than the model was trained on "
+                          f"({spec.id[:8]}); give the dataset the model was trained on")
     for name in spec.vocabularies:
-        Vocabulary.read(data_dir / vocabulary_file(name), spec.feature(name).cardinality)
+        Vocabulary.read(data_dir / vocabulary_file(name), spec.feature(name).cardinality, spec.id, name)
         copy_file(data_dir / vocabulary_file(name), out_dir / vocabulary_file(name))
     return {name: vocabulary_file(name) for name in spec.vocabularies}
 

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from embshard.datasets.convert.stream import drop_invalid
 from embshard.datasets.convert.text import INTEGER, Malformed, as_text, line_blocks, open_input
-from embshard.datasets.convert.vocab import Vocabulary, VocabularyBuilder
+from embshard.datasets.convert.vocab import VocabularyBuilder
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCatalog, SparseFeature
+from embshard.datasets.vocabulary import Vocabulary
 from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
 from embshard.errors import DataError
 
