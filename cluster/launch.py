@@ -194,7 +194,7 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
     use_gpu = cfg.sharding.device == "cuda"
     launch = fatal.new_token()
     # The locks this driver holds, for its workers to check before each checkpoint they write.
-    owner = run_owner([output, *([cfg.checkpoint_dir] if isinstance(cfg.checkpoint_dir, Path) else [])])
+    owner = run_owner([output, *([cfg.checkpoint_dir] if cfg.checkpoint.enabled else [])])
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"method": method, "job": to_dict(cfg), "launch": launch, "owner": owner},

@@ -5,18 +5,17 @@ resumed from each other's checkpoints, pruned each other's saves in progress, se
 checkpoints aside as superseded, shared the stop-request file (a Ctrl-C of one stopped the
 other) and printed each other's summary. So a run holds an exclusive lock on its output_dir,
 and on its local checkpoint folder (another run may name it as its own), from its planning to
-its end; a second run is refused with one line naming the first.
+its end; a second run is refused with one line naming the first. A checkpoint folder in a bucket,
+which has no lock, has a lease instead (run_lease.py).
 
 The lock is flock(2) on a file in the folder: the system releases it when its process ends, so
-a killed run leaves no lock behind (on NFSv4, once the server's lease on a lost client ends). An
-object-store checkpoint folder has no such lock; the output_dir, which every run has locally,
-still keeps two runs of one config apart. A file system that takes no locks is said, and runs
-as before.
+a killed run leaves no lock behind (on NFSv4, once the server's lease on a lost client ends). A
+file system that takes no locks is said, and runs as before.
 
 The workers outlive a driver killed with SIGKILL by a few seconds, long enough to publish a
 checkpoint and prune older ones in a folder a rerun has already taken; so each worker checks
 before it writes and before it publishes that the run it started under still holds the
-locks (`run_owner` on the driver, `owner_check` on the workers).
+locks and leases (`run_owner` on the driver, `owner_check` on the workers).
 """
 
 from __future__ import annotations
@@ -33,8 +32,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from embshard.cluster.run_lease import check_leases, held_leases, run_lease
 from embshard.config import JobConfig
-from embshard.datasets.storage import nearest_existing
+from embshard.datasets.storage import RemotePath, nearest_existing
 from embshard.errors import ConfigError, EmbshardError
 
 LOCK_FILE = ".embshard-run.lock"
@@ -51,13 +51,16 @@ class RunEnded(EmbshardError):
 @contextmanager
 def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
     """The run's folders locked for the whole of the block (see the module docstring): its
-    output_dir, its local checkpoint folder, which another run may name as its own, and `also`."""
+    output_dir, its checkpoint folder, which another run may name as its own (in a bucket: its
+    lease), and `also`."""
     folders = [Path(cfg.output_dir), *(also or [])]
     if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, Path):
         folders.append(cfg.checkpoint_dir)
     with ExitStack() as stack:
         for folder in dict.fromkeys(f.resolve() for f in folders):  # one folder by two names, once
             stack.enter_context(folder_lock(folder))
+        if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, RemotePath):
+            stack.enter_context(run_lease(cfg.checkpoint_dir, _identity()))
         yield
 
 
@@ -134,19 +137,23 @@ def _holder(fd: int) -> str:
         return "a process that has not said which yet"
 
 
-def run_owner(folders: list[Path]) -> dict[str, Any] | None:
-    """The locks this process holds on `folders`, as their records say (a folder on a file system
-    without locks has none), for its workers' `owner_check`; None for none."""
+def run_owner(folders: list[Path | RemotePath]) -> dict[str, Any] | None:
+    """The locks (and, of folders in a bucket, the leases) this process holds on `folders`, as
+    their records say (a folder on a file system without locks has none), for its workers'
+    `owner_check`; None for none."""
     me = _identity()
     held = {}
     for folder in folders:
+        if isinstance(folder, RemotePath):
+            continue
         try:
             record = _record((folder / LOCK_FILE).read_bytes())
         except OSError:
             continue
         if _same(record, me, ("pid", "host", "boot")):
             held[str(folder.absolute())] = record
-    return {"folders": held} if held else None
+    leases = held_leases([f for f in folders if isinstance(f, RemotePath)], me)
+    return {"folders": held, "leases": leases} if held or leases else None
 
 
 def owner_check(owner: dict[str, Any] | None) -> Callable[[], None] | None:
@@ -156,6 +163,7 @@ def owner_check(owner: dict[str, Any] | None) -> Callable[[], None] | None:
         return None
 
     def check() -> None:
+        check_leases(owner.get("leases", {}))
         for folder, record in owner["folders"].items():
             try:
                 fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
