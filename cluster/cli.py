@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
-from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, verbose_argument, world_size
+from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, gibibytes, verbose_argument, world_size
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
 from embshard.datasets import cli as data_cli
 from embshard.errors import (
@@ -102,7 +102,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     config_arguments(p)
     p.add_argument("--world-size", type=world_size, help="ranks to plan for (default: cluster.workers)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: sharding.device)")
-    p.add_argument("--device-memory-gb", type=float, metavar="G", help="memory per rank in GiB")
+    p.add_argument("--device-memory-gb", type=gibibytes, metavar="G", help="memory per rank in GiB")
     p.add_argument("--local-world-size", type=int, metavar="N",
                    help="ranks per host, e.g. 8 GPUs per node (default: sharding.local_world_size; "
                         "unset = all ranks on one host)")

@@ -31,6 +31,17 @@ def positive(text: str) -> int:
     return value
 
 
+def gibibytes(text: str) -> float:
+    """argparse type of a memory size in GiB: a finite positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def world_size(text: str) -> int:
     """argparse type of a rank count: as `cluster.workers` is checked."""
     value = positive(text)

@@ -60,6 +60,10 @@ def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
         for folder in dict.fromkeys(f.resolve() for f in folders):  # one folder by two names, once
             stack.enter_context(folder_lock(folder))
         if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, RemotePath):
+            # torch: only for a run that checkpoints to a bucket.
+            from embshard.trainer.checkpoint_integrity import check_checkpoint_io
+
+            check_checkpoint_io(cfg.checkpoint_dir, "checkpoint.dir")  # a store no client reaches, said as such
             stack.enter_context(run_lease(cfg.checkpoint_dir, _identity()))
         yield
 

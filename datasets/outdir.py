@@ -146,7 +146,7 @@ def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Pa
     absent, or (with overwrite) a `what` already, which `read` checks. A file of another kind is
     never replaced."""
     if path.is_dir():
-        raise error(f"{path}: a directory; give the path of the {what} file to write")
+        raise error(f"{path}: a directory; give the path of a file to write the {what} to")
     check_not_in_dataset(path, what, error)
     if not path.exists():
         _check_creatable(path, error)

@@ -40,7 +40,7 @@ from typing import IO, Any, TypeVar, Union, cast
 
 import pyarrow.fs as pafs
 
-from embshard.errors import EmbshardError, EnvironmentProblem, StorageError
+from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line
 
 
 def is_uri(value: str | os.PathLike[str]) -> bool:
@@ -56,6 +56,8 @@ def read_json(path: "StoragePath", error: type[EmbshardError]) -> Any:
         return json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not JSON ({e})") from None
+    except ValueError as e:  # an integer of more than 4,300 digits: Python's guard on int() of text
+        raise error(f"{path}: not a file embshard writes ({first_line(e)})") from None
     except DuplicateKey as e:
         raise error(f"{path}: key {e.args[0]!r} given twice in one object (JSON readers differ on which one counts)") \
             from None

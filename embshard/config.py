@@ -298,6 +298,11 @@ class MetricsConfig:
                 )
 
 
+# The largest batch a config may ask for (per worker): a bound of policy, far above what one
+# device steps on (a 1e32 batch went on to a TorchRec placement failure that named no field).
+MAX_BATCH_SIZE = 1 << 24
+
+
 @dataclass
 class DataConfig:
     path: str = "outputs/default/data"  # a dataset written by `embshard data synth|convert`
@@ -311,6 +316,9 @@ class DataConfig:
         for name in ("batch_size", "eval_batch_size", "prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) > MAX_BATCH_SIZE:
+                raise ConfigError(f"{name}: at most {MAX_BATCH_SIZE:,} rows a worker, got {getattr(self, name):,}")
 
 
 # The widest MLP layer a config may ask for: a bound of policy, far above any recommendation MLP
@@ -352,6 +360,9 @@ class ShardingConfig:
                               "device supports")
         if self.local_world_size is not None and self.local_world_size < 1:
             raise ConfigError(f"local_world_size: must be >= 1, got {self.local_world_size}")
+        if self.device_memory_gb is not None and self.device_memory_gb <= 0:
+            # Also in TopologySpec; here the message names the section and the flag.
+            raise ConfigError(f"device_memory_gb: must be a positive number, got {self.device_memory_gb}")
 
     def topology(self, world_size: int) -> TopologySpec:
         from embshard.planner.topology import TopologySpec  # torchrec: only when planning

@@ -32,6 +32,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or '<root>'}: expected a mapping, got {type(data).__name__}")
+    _check_keys(data, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -183,13 +184,20 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
     """Read a YAML file into `cls`, after applying `key.sub=value` overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        what = "a directory, not a config file" if path.is_dir() else "config file not found"
+        raise ConfigError(f"{path}: {what}")
     try:
-        data = parse_yaml(path.read_text()) or {}
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}{_yaml_problem(e)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if data is None:
+        # Read as every default, it planned and trained the default job's data without a word.
+        raise ConfigError(f"{path}: empty; a config is a mapping of sections (`embshard config --reference` lists "
+                          "them)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: <root>: expected a mapping of sections, got {type(data).__name__} {data!r:.40}")
     for item in overrides or []:
         apply_override(data, item)
     try:
@@ -262,6 +270,33 @@ def under(key: str, prefixes: typing.Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+def _check_keys(data: Mapping[Any, Any], where: str) -> None:
+    """A YAML key that is no text (`1: a`, `null: 1`) names no field; sorting it with the others
+    was a TypeError."""
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{where or '<root>'}: key {odd[0]!r} ({type(odd[0]).__name__}): keys are names, written "
+                          "as text")
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """A free-form value (a model's options, kept in plan.json and checkpoints as JSON) must be
+    JSON: a YAML set, timestamp or binary was taken, then failed as the plan was saved, and a
+    NaN wrote a plan.json no JSON reader takes."""
+    if isinstance(value, Mapping):
+        _check_keys(value, where)
+        for k, v in value.items():
+            _check_plain(v, _join(where, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{where}: {type(value).__name__} values are not kept (text, numbers, true/false, null, "
+                          "lists and mappings are)")
+
+
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
@@ -292,11 +327,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _check_keys(value, where)
         kt, vt = args if args else (Any, Any)
         return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is Any:
+        _check_plain(value, where)
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

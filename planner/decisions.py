@@ -26,6 +26,9 @@ from embshard.errors import PlanError
 from embshard.planner.types import ROW_ORDERS, RowOrder
 
 DECISIONS_VERSION = 1
+# The widest block a decisions file may give: far above any embedding (a bound of policy, as
+# model.dense_arch has), far below where the rounding to the width grid overflows int64.
+MAX_DIM = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,9 @@ class Decisions:
 def load_decisions(path: str | Path) -> Decisions:
     path = Path(path)
     if not path.is_file():
-        raise PlanError(f"{path}: decisions file not found")
+        what = ("a directory, not a decisions file" if path.is_dir() else "not a regular file" if path.exists()
+                else "decisions file not found")
+        raise PlanError(f"{path}: {what}")
     raw = read_json(path, PlanError)
     try:
         return parse_decisions(raw)
@@ -88,7 +93,7 @@ def load_decisions(path: str | Path) -> Decisions:
 def parse_decisions(raw: Any) -> Decisions:
     """Check a decisions document; errors name the key (`tables.C1.blocks[0].dim: ...`)."""
     _mapping(raw, "<root>", required={"version", "method", "base_dim", "tables"}, optional={"meta"})
-    if raw["version"] != DECISIONS_VERSION:
+    if isinstance(raw["version"], bool) or raw["version"] != DECISIONS_VERSION:  # true == 1 in Python
         raise PlanError(f"version: {raw['version']!r}, expected {DECISIONS_VERSION}")
     if not isinstance(raw["method"], str) or not raw["method"]:
         raise PlanError(f"method: expected a non-empty string, got {raw['method']!r}")
@@ -99,7 +104,7 @@ def parse_decisions(raw: Any) -> Decisions:
         raise PlanError(f"tables: expected a non-empty object, got {tables!r}")
     return Decisions(
         method=raw["method"],
-        base_dim=_positive_int(raw["base_dim"], "base_dim"),
+        base_dim=_width(raw["base_dim"], "base_dim"),
         tables={key: _table(t, f"tables.{key}") for key, t in tables.items()},
         meta=raw.get("meta", {}),
     )
@@ -120,7 +125,7 @@ def _table(raw: Any, where: str) -> TableDecision:
     if row_order != "identity" and "blocks" not in raw:
         raise PlanError(f"{where}.row_order: a reordered table needs blocks (one dim has no cuts)")
     if "dim" in raw:
-        return TableDecision(dim=_positive_int(raw["dim"], f"{where}.dim"))
+        return TableDecision(dim=_width(raw["dim"], f"{where}.dim"))
     blocks = raw["blocks"]
     if not isinstance(blocks, list) or not blocks:
         raise PlanError(f"{where}.blocks: expected a non-empty list, got {blocks!r}")
@@ -128,7 +133,7 @@ def _table(raw: Any, where: str) -> TableDecision:
     for i, b in enumerate(blocks):
         at = f"{where}.blocks[{i}]"
         _mapping(b, at, required={"rows", "dim"}, optional=set())
-        rows, dim = _positive_int(b["rows"], f"{at}.rows"), _positive_int(b["dim"], f"{at}.dim")
+        rows, dim = _positive_int(b["rows"], f"{at}.rows"), _width(b["dim"], f"{at}.dim")
         parsed.append(BlockDecision(rows, dim))
     return TableDecision(blocks=parsed, row_order=row_order, remap=remap)
 
@@ -150,3 +155,12 @@ def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise PlanError(f"{where}: expected a positive integer, got {value!r}")
     return value
+
+
+def _width(value: Any, where: str) -> int:
+    """A positive width no wider than MAX_DIM: 2**63 overflowed int64 in the rounding and was
+    planned 4 wide without a word."""
+    width = _positive_int(value, where)
+    if width > MAX_DIM:
+        raise PlanError(f"{where}: at most {MAX_DIM:,} wide, got {width:,}")
+    return width

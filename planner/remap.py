@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embshard.datasets.storage import StoragePath
-from embshard.errors import PlanError
+from embshard.errors import PlanError, first_line
 
 REMAP_SUFFIX = ".remap.npy"
 
@@ -59,10 +59,12 @@ def save_remap(out_dir: Path | None, table: str, remap: np.ndarray) -> str:
 
 def load_remap(path: StoragePath, num_embeddings: int) -> np.ndarray:
     if not path.is_file():
-        raise PlanError(f"{path}: remap file not found")
+        raise PlanError(f"{path}: " + ("a directory, not a remap file" if path.is_dir() else "remap file not found"))
     try:
         # Bytes first: the plan folder of a checkpoint may be in object storage (a RemotePath).
         remap = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise PlanError(f"{path}: not a .npy array ({e})") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        # numpy's own text for a file of another kind advises allow_pickle=True: not for a remap.
+        why = "a pickle or text file" if "allow_pickle" in str(e) else first_line(e)
+        raise PlanError(f"{path}: not a .npy array ({why})") from None
     return check_remap(remap, num_embeddings, str(path))

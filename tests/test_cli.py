@@ -273,7 +273,8 @@ def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(t
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("keep me")
     for out, message in ((cfg, r"c\.yaml: exists and is no decisions file \(.*not JSON.*\); refusing to replace it"),
-                         (tmp_path / "folder", r"folder: a directory; give the path of the decisions file")):
+                         (tmp_path / "folder", r"folder: a directory; give the path of a file to write the "
+                                               r"decisions file to$")):
         assert main(["search", "autodim", str(cfg), "--out", str(out), "--overwrite"]) == 2
         assert re.search(message, capsys.readouterr().err)
     assert main(["prune", "pep", str(cfg), "--set", f"pep.out={tmp_path / 'notes.txt'}"]) == 2
@@ -451,9 +452,11 @@ def test_plan_writes_nothing_it_refuses_and_never_over_a_file_not_a_plan(tmp_pat
     # a plan file in the config is not what `plan` reads: said, not silently passed over
     assert main(["plan", str(cfg), "--set", f"sharding.plan_file={out}", "--out", str(tmp_path / "q.json")]) == 0
     assert f"note: sharding.plan_file {out} is what `train` trains; `plan` makes a new plan" in capsys.readouterr().out
-    for bad in ("nan", "inf"):
-        assert main(["plan", str(cfg), "--device-memory-gb", bad]) == 2
-        assert f"device_memory_gb: must be a positive number, got {bad}" in capsys.readouterr().err
+    for bad in ("nan", "inf", "-1"):
+        with pytest.raises(SystemExit) as exited:
+            main(["plan", str(cfg), "--device-memory-gb", bad])
+        assert exited.value.code == 2
+        assert f"argument --device-memory-gb: must be a positive number, got {bad}" in capsys.readouterr().err
 
 
 def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):

@@ -203,3 +203,34 @@ def test_worker_resources_are_custom_resources_only() -> None:
                                ({"slot": 0}, "cluster.worker_resources.slot: must be positive, got 0")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             from_dict(ClusterConfig, {"worker_resources": resources}, "cluster")
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    # A TypeError traceback: the keys were sorted with the field names.
+    ("1: a\nfoo: b\n", [], r"c\.yaml: <root>: key 1 \(int\): keys are names, written as text"),
+    ("train: {epochs: 2, null: 1}\n", [], r"c\.yaml: train: key None \(NoneType\): keys are names"),
+    # An AttributeError traceback from --set on a list.
+    ("- a\n- b\n", ["train.epochs=2"], r"c\.yaml: <root>: expected a mapping of sections, got list \['a', 'b'\]"),
+    # Read as every default: it planned and trained the default job's data without a word.
+    ("", [], r"c\.yaml: empty; a config is a mapping of sections"),
+    ("~\n", [], r"c\.yaml: empty"),
+    ("false\n", [], r"c\.yaml: <root>: expected a mapping of sections, got bool False"),
+    # Passed, then failed as plan.json was written (or wrote a NaN no JSON reader takes).
+    ("model: {options: {s: !!set {a, b}}}\n", [], r"model\.options\.s: set values are not kept"),
+    ("model: {options: {when: !!timestamp 2020-01-01}}\n", [], r"model\.options\.when: date values are not kept"),
+    ("model: {options: {s: [1, .nan]}}\n", [], r"model\.options\.s\[1\]: expected a finite number, got nan"),
+    # Named `device_memory_gb` alone, from deep in the planner.
+    ("{}\n", ["sharding.device_memory_gb=-1"], r"^sharding\.device_memory_gb: must be a positive number, got -1\.0 "
+                                               r"\(from --set\)"),
+    ("{}\n", ["data.batch_size=99999999999999999999"], r"^data\.batch_size: at most 16,777,216 rows a worker"),
+])
+def test_a_config_that_is_no_mapping_of_fields_is_one_line(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_job_config(path, overrides)
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: a directory, not a config file$"):
+        load_job_config(tmp_path)

@@ -165,10 +165,44 @@ def test_a_model_the_driver_cannot_make_is_one_line_naming_where(tmp_path, monke
         ("test_model_seam:BuildsNothing", "model.arch 'test_model_seam:BuildsNothing': BuildsNothing does not "
                                           "implement build(embeddings, spec, cfg, device)"),
     ]
+    (tmp_path / "exits_at_import.py").write_text("import sys\n\nsys.exit(3)\n")
+    # Printed nothing and exited 3: SystemExit is no Exception.
+    cases.append(("exits_at_import:build", "model.arch: importing module 'exits_at_import' failed: SystemExit: 3 "
+                                           f"at {tmp_path / 'exits_at_import.py'}:3"))
     for name, message in cases:
         with pytest.raises(ConfigError) as e:
             get_arch(name)
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+class ChecksBadly(DlrmArch):
+    def check(self, cfg: JobConfig, spec: DatasetSpec) -> None:
+        raise KeyError("hidden")
+
+
+class BuildsNone(DlrmArch):
+    def build(self, embeddings, spec, cfg, device):  # type: ignore[no-untyped-def]
+        return None
+
+
+def builder_that_exits(embeddings, spec, options):  # type: ignore[no-untyped-def]
+    raise SystemExit("bye")
+
+
+@pytest.mark.parametrize("arch, message", [
+    # A traceback from the driver's planning step.
+    ("test_model_seam:ChecksBadly", "model.arch 'test_model_seam:ChecksBadly': check() raised KeyError: 'hidden' at "),
+    # An AttributeError traceback where the plan counts the dense layers.
+    ("test_model_seam:BuildsNone", "model.arch 'test_model_seam:BuildsNone': its build returned a NoneType, not a "
+                                   "torch.nn.Module"),
+    # Printed "bye" and exited 1.
+    ("test_model_seam:builder_that_exits", "model.arch 'test_model_seam:builder_that_exits': its build exited "
+                                           "(SystemExit: bye) at "),
+])
+def test_an_arch_failing_in_its_own_code_is_one_line(dataset, tmp_path, arch, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        plan_for_training(job(dataset, tmp_path / "run", arch=arch))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
 def test_a_builder_trains_click_labels_only(dataset, tmp_path) -> None:

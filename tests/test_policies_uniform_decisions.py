@@ -109,6 +109,10 @@ GOOD = {"version": 1, "method": "autodim", "base_dim": 16, "tables": {"C1": {"di
         ),
         ({"tables": {}}, "tables: expected a non-empty object"),
         ({"version": 2}, "version: 2, expected 1"),
+        ({"version": True}, "version: True, expected 1"),  # True == 1 in Python
+        # 2**63 overflowed int64 in the rounding and was planned 4 wide.
+        ({"tables": {"C1": {"dim": 2**63}}}, "tables.C1.dim: at most 16,777,216 wide, got 9,223,372,036,854,775,808"),
+        ({"base_dim": 2**24 + 1}, "base_dim: at most 16,777,216 wide"),
         ({"base_dim": "16"}, "base_dim: expected a positive integer, got '16'"),
         ({"extra": 1}, "extra: unknown key"),
     ],
@@ -194,3 +198,26 @@ def test_mlet_width_and_feature_selection():
 def test_mlet_narrower_than_dim_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"embeddings\.mlet\.width: 8 < d = 16 \(table 't_C1' block 0\).*Theorem 2.2"):
         plan_dimensions(EmbeddingsConfig(dim=16, mlet=MletConfig(width=8)), SPEC)
+
+
+def test_decisions_files_that_are_no_files_or_hold_no_json_are_one_line(tmp_path):
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(PlanError, match=r"dir\.json: a directory, not a decisions file$"):
+        load_decisions(tmp_path / "dir.json")
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"version": 1, "method": "m", "base_dim": ' + "9" * 5000 + ', "tables": {}}')
+    with pytest.raises(PlanError, match=r"huge\.json: not a file embshard writes \(ValueError: Exceeds the limit"):
+        load_decisions(huge)
+
+
+def test_a_remap_beside_a_linked_decisions_file_and_remaps_that_are_no_arrays(tmp_path):
+    from embshard.planner.remap import load_remap
+
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(PlanError, match=r"empty\.npy: not a \.npy array \(EOFError"):
+        load_remap(tmp_path / "empty.npy", 3)
+    (tmp_path / "text.npy").write_text("root:x:0:0\n")
+    with pytest.raises(PlanError, match=r"text\.npy: not a \.npy array \(a pickle or text file\)$"):
+        load_remap(tmp_path / "text.npy", 3)
+    with pytest.raises(PlanError, match=rf"{tmp_path}: a directory, not a remap file$"):
+        load_remap(tmp_path, 3)

@@ -30,7 +30,7 @@ from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name, module_path
-from embshard.trainer.models import ModelArch, TrainModel, get_arch
+from embshard.trainer.models import ModelArch, TrainModel, build_model, get_arch
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     try:
         with meta:
             embeddings = embedding_method.embeddings(cfg, plan, meta)
-            model = arch.build(embeddings, spec, cfg.model, meta)
+            model = build_model(arch, embeddings, spec, cfg.model, meta)
     except EmbshardError:
         raise  # what the workers would find too (a builder that returns no module)
     except Exception as e:  # noqa: BLE001 - whatever a user's builder raises on meta tensors
@@ -107,7 +107,8 @@ def build_unsharded(cfg: JobConfig, bundle: PlanBundle, spec: DatasetSpec, devic
     method = method or get_method(method_name(cfg))
     arch = get_arch(cfg.model)
     torch.manual_seed(cfg.seed)
-    return TrainModel(arch, arch.build(method.embeddings(cfg, bundle.dimension_plan, device), spec, cfg.model, device))
+    return TrainModel(arch, build_model(arch, method.embeddings(cfg, bundle.dimension_plan, device), spec, cfg.model,
+                                        device))
 
 
 def build_sharded(
@@ -127,7 +128,7 @@ def build_sharded(
     if arch.uniform_width and any(d != embeddings.base_dim for d in embeddings.feature_dims.values()):
         raise ConfigError(f"model.arch {arch.name!r} takes every feature at embeddings.dim, but the plan gives "
                           "features their own widths (made for another arch): plan again for this one")
-    model = TrainModel(arch, arch.build(embeddings, spec, cfg.model, device))
+    model = TrainModel(arch, build_model(arch, embeddings, spec, cfg.model, device))
     if not any(m is embeddings for m in model.modules()):
         raise ConfigError(f"model.arch {arch.name!r}: the model does not hold the embedding module it was "
                           "given (DMP shards the tables only where they sit in the model)")

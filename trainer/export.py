@@ -68,7 +68,7 @@ from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, is_step_name, newest_verified
 from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
-from embshard.trainer.models import TrainModel, get_arch
+from embshard.trainer.models import TrainModel, build_model, get_arch
 
 MANIFEST = "serving.json"
 WEIGHTS = "weights.pt"
@@ -198,7 +198,7 @@ def load_serving(directory: str | Path) -> ServingModel:
 def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig,
                device: torch.device | None = None) -> nn.Module:
     """The config's arch over `PlannedEmbeddingBags(plan)`: how a plan's blocks serve."""
-    return get_arch(model_config).build(PlannedEmbeddingBags(plan, device=device), spec, model_config, device)
+    return build_model(get_arch(model_config), PlannedEmbeddingBags(plan, device=device), spec, model_config, device)
 
 
 class ServingModel(nn.Module):

@@ -13,11 +13,12 @@ import numpy as np
 
 from embshard.config import JobConfig, MdeConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import DataError
+from embshard.errors import ConfigError, DataError, EmbshardError, first_line
 from embshard.planner.pipeline import Decide
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.method import get_method, method_name
 from embshard.trainer.models import ModelArch, get_arch
+from embshard.trainer.reference import raised_at
 from embshard.typed_config import to_dict
 
 
@@ -29,7 +30,13 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     embedding_method = get_method(name)
     embedding_method.check_config(cfg)
     arch = get_arch(cfg.model)
-    arch.check(cfg, DatasetSpec.load(cfg.data.path))
+    spec = DatasetSpec.load(cfg.data.path)
+    try:
+        arch.check(cfg, spec)
+    except EmbshardError:
+        raise
+    except (Exception, SystemExit) as e:  # a user's check failing in its own code: where, in one line
+        raise ConfigError(f"model.arch {arch.name!r}: check() raised {first_line(e)}{raised_at(e)}") from None
     # Per-feature widths only where both sides have them: PEP's and AutoDim's search modules
     # give every feature the base dim whatever the arch takes.
     uniform = arch.uniform_width or not embedding_method.mixed_widths

@@ -23,8 +23,8 @@ def import_reference(reference: str, key: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{key}: cannot import module {module_name!r} ({first_line(e)})") from None
-    except Exception as e:  # the user's module failed as it ran: say where, as one line
-        where = "" if isinstance(e, SyntaxError) else _raised_at(e)
+    except (Exception, SystemExit) as e:  # the user's module failed (or exited) as it ran: where, in one line
+        where = "" if isinstance(e, SyntaxError) else raised_at(e)
         raise ConfigError(f"{key}: importing module {module_name!r} failed: {first_line(e)}{where}") from None
     try:
         return getattr(module, attr)
@@ -43,11 +43,11 @@ def instance_of(found: Any, key: str) -> Any:
                           "none (name an instance to configure one)")
     try:
         return found()
-    except Exception as e:
-        raise ConfigError(f"{key}: {found.__name__}() raised {first_line(e)}{_raised_at(e)}") from None
+    except (Exception, SystemExit) as e:
+        raise ConfigError(f"{key}: {found.__name__}() raised {first_line(e)}{raised_at(e)}") from None
 
 
-def _raised_at(e: BaseException) -> str:
+def raised_at(e: BaseException) -> str:
     """` at file:line` of the innermost frame `e` passed through: where in the user's code."""
     frames = traceback.extract_tb(e.__traceback__)
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""

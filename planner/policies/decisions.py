@@ -38,7 +38,8 @@ def from_decisions(
                 notes.append(f"{name} block {i}: {note}")
         remap = None
         if decision.remap is not None:
-            ranks = load_remap(path.parent / decision.remap, feature.cardinality)
+            # Beside the file the decisions are, not beside a link to it.
+            ranks = load_remap(path.resolve().parent / decision.remap, feature.cardinality)
             remap = save_remap(out_dir, name, ranks)
         tables.append(
             TablePlan(name, [feature.name], feature.cardinality, [b for b, _ in blocks],

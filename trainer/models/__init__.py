@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from embshard.config import ModelConfig
 from embshard.errors import ConfigError
-from embshard.trainer.models.arch import BuilderArch, ModelArch, TrainModel
+from embshard.trainer.models.arch import BuilderArch, ModelArch, TrainModel, build_model
 from embshard.trainer.reference import call_text, callable_as, import_reference, instance_of
 
-__all__ = ["ModelArch", "TrainModel", "get_arch"]
+__all__ = ["ModelArch", "TrainModel", "build_model", "get_arch"]
 
 _BUILTIN = {
     "dlrm": "embshard.trainer.models.dlrm:DlrmArch",

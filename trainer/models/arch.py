@@ -19,9 +19,10 @@ from torch import nn
 from embshard.config import JobConfig, ModelConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError
+from embshard.errors import ConfigError, first_line
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.evaluate import EvalResult, evaluate_pointwise
+from embshard.trainer.reference import raised_at
 
 # build(embeddings, spec, options) -> model: a user's plain builder (pointwise, uniform width).
 Builder = Callable[[EmbeddingModule, DatasetSpec, Mapping[str, Any]], nn.Module]
@@ -93,11 +94,22 @@ class BuilderArch(ModelArch):
 
     def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
               device: torch.device | None) -> nn.Module:
-        model = self.builder(embeddings, spec, dict(cfg.options))
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model.arch {self.name!r}: the builder returned a {type(model).__name__}, "
-                              "not a torch.nn.Module")
-        return model  # DMP moves its dense layers to the device (the tables may still be on meta here)
+        # DMP moves its dense layers to the device (the tables may still be on meta here).
+        return self.builder(embeddings, spec, dict(cfg.options))
+
+
+def build_model(arch: ModelArch, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
+                device: torch.device | None) -> nn.Module:
+    """`arch.build`, and ConfigError unless it gave a module: every later step (the plan's count of
+    the dense layers, DMP) failed on anything else with a traceback of its own."""
+    try:
+        model = arch.build(embeddings, spec, cfg, device)
+    except SystemExit as e:  # not an error Python reports: the process just ended, saying nothing of where
+        raise ConfigError(f"model.arch {arch.name!r}: its build exited ({first_line(e)}){raised_at(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.arch {arch.name!r}: its build returned a {type(model).__name__}, not a "
+                          "torch.nn.Module")
+    return model
 
 
 class TrainModel(nn.Module):
