@@ -72,6 +72,13 @@ def test_decisions_round_trip_into_a_plan(tmp_path):
     # the plan (with its remap) survives its own JSON round trip
     plan.save(out / "dimension_plan.json")
     assert plan.load(out / "dimension_plan.json") == plan
+    # Through a link elsewhere: the remap is beside the file, not the link ("C1.pep.npy: not found").
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linked.json").symlink_to(path)
+    linked = EmbeddingsConfig(policy="decisions", dim=16, decisions=str(tmp_path / "elsewhere" / "linked.json"))
+    again = plan_dimensions(linked, SPEC, None, tmp_path / "plan2").table("t_C1")
+    assert [(b.start, b.end, b.dim) for b in again.blocks] == [(0, 10, 16), (10, 50, 8)]
+    assert load_remap(tmp_path / "plan2" / again.remap, 50).tolist() == load_remap(out / c1.remap, 50).tolist()
 
 
 def test_example_file_parses_and_matches_the_schema():
