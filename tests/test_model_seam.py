@@ -189,6 +189,23 @@ def builder_that_exits(embeddings, spec, options):  # type: ignore[no-untyped-de
     raise SystemExit("bye")
 
 
+def builder_that_raises(embeddings, spec, options):  # type: ignore[no-untyped-def]
+    raise ValueError("boom in build")
+
+
+def test_a_builder_raising_as_a_worker_builds_is_one_line_naming_the_arch(dataset, tmp_path) -> None:
+    # The plan counts no dense layers for it (a builder may fail on meta alone), and each worker
+    # then "crashed: rank 0: ValueError: boom in build", naming neither model.arch nor where.
+    from embshard.trainer.build import build_unsharded
+
+    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:builder_that_raises")
+    bundle = plan_for_training(cfg)
+    assert bundle.memory.dense_bytes is None
+    with pytest.raises(ConfigError, match=r"^model\.arch 'test_model_seam:builder_that_raises': its build raised "
+                                          rf"ValueError: boom in build at {re.escape(__file__)}:\d+$"):
+        build_unsharded(cfg, bundle, DatasetSpec.load(dataset), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("arch, message", [
     # A traceback from the driver's planning step.
     ("test_model_seam:ChecksBadly", "model.arch 'test_model_seam:ChecksBadly': check() raised KeyError: 'hidden' at "),

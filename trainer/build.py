@@ -31,6 +31,7 @@ from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name, module_path
 from embshard.trainer.models import ModelArch, TrainModel, build_model, get_arch
+from embshard.trainer.models.arch import ModelBuildFailed
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,13 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         with meta:
             embeddings = embedding_method.embeddings(cfg, plan, meta)
             model = build_model(arch, embeddings, spec, cfg.model, meta)
+    except ModelBuildFailed as e:  # whatever a user's builder raises on meta tensors
+        log.warning("dense layers not counted in the memory report: model.arch %r cannot be built on the meta "
+                    "device (%s)", arch.name, first_line(e.__cause__ or e))
+        return None
     except EmbshardError:
         raise  # what the workers would find too (a builder that returns no module)
-    except Exception as e:  # noqa: BLE001 - whatever a user's builder raises on meta tensors
+    except Exception as e:  # noqa: BLE001 - the embedding module itself on meta tensors
         log.warning("dense layers not counted in the memory report: model.arch %r cannot be built on the meta "
                     "device (%s)", arch.name, first_line(e))
         return None

@@ -19,7 +19,7 @@ from torch import nn
 from embshard.config import JobConfig, ModelConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError, first_line
+from embshard.errors import ConfigError, EmbshardError, first_line
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.evaluate import EvalResult, evaluate_pointwise
 from embshard.trainer.reference import raised_at
@@ -98,14 +98,24 @@ class BuilderArch(ModelArch):
         return self.builder(embeddings, spec, dict(cfg.options))
 
 
+class ModelBuildFailed(ConfigError):
+    """An arch's build raised in its own code (on the meta device, perhaps only there)."""
+
+
 def build_model(arch: ModelArch, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
                 device: torch.device | None) -> nn.Module:
     """`arch.build`, and ConfigError unless it gave a module: every later step (the plan's count of
-    the dense layers, DMP) failed on anything else with a traceback of its own."""
+    the dense layers, DMP) failed on anything else with a traceback of its own. What the build
+    raises itself is ModelBuildFailed naming the arch and where: in a worker it was a "crashed:
+    rank 0: ValueError: ..." line that said neither."""
     try:
         model = arch.build(embeddings, spec, cfg, device)
+    except EmbshardError:
+        raise
     except SystemExit as e:  # not an error Python reports: the process just ended, saying nothing of where
         raise ConfigError(f"model.arch {arch.name!r}: its build exited ({first_line(e)}){raised_at(e)}") from None
+    except Exception as e:
+        raise ModelBuildFailed(f"model.arch {arch.name!r}: its build raised {first_line(e)}{raised_at(e)}") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.arch {arch.name!r}: its build returned a {type(model).__name__}, not a "
                           "torch.nn.Module")
