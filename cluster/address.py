@@ -11,17 +11,17 @@ import socket
 
 PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
 DIAL_SECONDS = 10
-# HTTP/2's client connection preface and an empty SETTINGS frame. Ray's GCS and Ray Client servers
-# are gRPC, which answers with a SETTINGS frame of its own before any call (and any token check).
+# HTTP/2's client connection preface and an empty SETTINGS frame. Ray's GCS is a gRPC server, which
+# answers with a SETTINGS frame of its own before any call (and any token check).
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 _SETTINGS_FRAME = 4  # the frame type, the fourth byte of a frame's header
 
 
 def no_ray_at(address: str) -> str | None:
     """Why no Ray server answers at `host:port`, `ray://host:port` or `http(s)://host:port`:
-    the dial failed, or (the gRPC forms) what answered is no gRPC server. None when it answered,
-    or when this cannot tell ("auto", a form Ray resolves itself, no port given, an address
-    reached through a proxy, a cluster whose gRPC is TLS)."""
+    the dial failed, or (a GCS `host:port`) what answered is no gRPC server. None when it
+    answered, or when this cannot tell ("auto", a form Ray resolves itself, no port given, an
+    address reached through a proxy, a cluster whose gRPC is TLS)."""
     scheme, _, rest = address.rpartition("://")
     host, _, port = rest.rstrip("/").rpartition(":")
     if not host or not port.isdigit() or scheme not in ("", "ray", "http", "https"):
@@ -30,7 +30,8 @@ def no_ray_at(address: str) -> str | None:
         return None  # the client reaches it through the proxy, which a plain dial does not
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=DIAL_SECONDS) as dialled:
-            if scheme in ("", "ray") and os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+            # A GCS address only: a ray:// one may sit behind an ingress that ends TLS, and speak HTTP first.
+            if not scheme and os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
                 return _not_grpc(dialled)
     except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
         return getattr(e, "strerror", None) or str(e) or type(e).__name__
@@ -51,5 +52,7 @@ def _not_grpc(dialled: socket.socket) -> str | None:
             return f"it took the connection and said nothing for {DIAL_SECONDS} s: no Ray there"
     if len(answer) >= 9 and answer[3] == _SETTINGS_FRAME:
         return None
-    said = repr(answer.split(b"\n")[0][:40].decode("latin-1")) if answer else "nothing, and closed the connection"
+    if not answer:
+        return "it closed the connection without a word: no Ray (gRPC) server does"
+    said = repr(answer.split(b"\n")[0].rstrip(b"\r")[:40].decode("latin-1"))
     return f"it answered {said}, which no Ray (gRPC) server says"

@@ -274,7 +274,7 @@ def init_ray(cfg: JobConfig, cpus: float | None = None, jobs: int = 1) -> None:
 
 def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
     if cfg.cluster.address:
-        _check_something_listens(cfg.cluster.address)
+        _check_ray_answers(cfg.cluster.address)
         try:
             ray.init(address=cfg.cluster.address, log_to_driver=True)
         except ConnectionError as e:  # nothing there, or a token the cluster does not take
@@ -297,7 +297,7 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
     )
 
 
-def _check_something_listens(address: str) -> None:
+def _check_ray_answers(address: str) -> None:
     """ConfigError at once when no Ray answers at a `host:port` (or `ray://host:port`) address."""
     if address.startswith(("http://", "https://")):
         # The job API's address (what `embshard submit` takes): read as a host named "http".

@@ -10,9 +10,9 @@ every LEASE_BEAT_SECONDS by a thread of its driver.
 A run that finds another's lease watches it for LAPSE_BEATS beats: renewed meanwhile, it is
 refused with one line naming the holder; not renewed (its driver was killed), the lease has
 lapsed and is taken. No clock is compared: machines' clocks may disagree, a renewal does not. Two
-runs starting within a second of each other may both write a lease; the later write stands, and
-the other run's renewal, and its workers before each checkpoint they write, find it gone: that
-run ends there, writing nothing more (`check_leases`).
+runs starting within a second of each other may both write a lease (a store has no atomic
+read-and-write here); one of them then finds the other's record at a renewal or as its workers
+check before each checkpoint they write, and ends there, writing nothing more (`check_leases`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from embshard.errors import ConfigError, EmbshardError
 
 LEASE_FILE = ".embshard-run.lease"
 LEASE_BEAT_SECONDS = 10.0
-LAPSE_BEATS = 3  # a lease not renewed for this many beats is a killed run's
+# A lease not renewed for this many beats is a killed run's: well past a renewal's own retries of
+# the store (storage.DEFAULT_RETRY_SECONDS, 30 s), so a live run in a network hiccup keeps it.
+LAPSE_BEATS = 6
 SETTLE_SECONDS = 1.0  # between writing a lease and reading it back: another start's write shows by then
 
 
@@ -54,8 +56,8 @@ def run_lease(folder: RemotePath, identity: dict[str, Any]) -> Iterator[dict[str
     path.write_text(json.dumps(record))
     time.sleep(SETTLE_SECONDS)
     if _read(path).get("run") != record["run"]:
-        raise LeaseHeld(f"{folder}: another embshard run took it as this one started ({_holder(_read(path))}); "
-                        "give this one another checkpoint.dir")
+        raise LeaseHeld(f"{folder}: another embshard run took it as this one started "
+                        f"({describe_holder(_read(path))}); give this one another checkpoint.dir")
     stop = threading.Event()
     renewing = threading.Thread(target=_renew, args=(path, dict(record), stop), name="embshard-lease", daemon=True)
     renewing.start()
@@ -87,7 +89,7 @@ def check_leases(held: dict[str, str]) -> None:
     for folder, run in held.items():
         now = _read(location(folder) / LEASE_FILE)
         if now.get("run") != run:
-            taken = f"another holds it ({_holder(now)})" if now else "it was let go"
+            taken = f"another holds it ({describe_holder(now)})" if now else "it was let go"
             raise LeaseLost(f"{folder}: the run this worker started under no longer holds its lease: {taken}; "
                             "nothing more is written")
 
@@ -97,8 +99,8 @@ def _wait_for_lapse(folder: RemotePath, path: RemotePath) -> None:
     if not first:
         return
     wait = LEASE_BEAT_SECONDS * LAPSE_BEATS
-    print(f"note: {folder}: another run's lease is there ({_holder(first)}); watching it for {wait:.0f} s to tell "
-          "a live run from a killed one", file=sys.stderr)
+    print(f"note: {folder}: another run's lease is there ({describe_holder(first)}); watching it for {wait:.0f} s "
+          "to tell a live run from a killed one", file=sys.stderr)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         time.sleep(min(LEASE_BEAT_SECONDS / 2, max(deadline - time.monotonic(), 0)))
@@ -106,20 +108,22 @@ def _wait_for_lapse(folder: RemotePath, path: RemotePath) -> None:
         if not now:
             return  # let go meanwhile
         if (now.get("run"), now.get("beat")) != (first.get("run"), first.get("beat")):
-            raise LeaseHeld(f"{folder}: another embshard run is using it ({_holder(now)}; its lease is renewed every "
-                            f"{LEASE_BEAT_SECONDS:.0f} s); wait for it to end, or give this one another checkpoint.dir")
+            raise LeaseHeld(f"{folder}: another embshard run is using it ({describe_holder(now)}; its lease is renewed "
+                            f"every {LEASE_BEAT_SECONDS:.0f} s); wait for it to end, or give this one another "
+                            "checkpoint.dir")
 
 
 def _renew(path: RemotePath, record: dict[str, Any], stop: threading.Event) -> None:
     while not stop.wait(LEASE_BEAT_SECONDS):
         try:
-            if _read(path).get("run") != record["run"]:
+            now = _read(path)
+            if now and now.get("run") != record["run"]:
                 # Taken by a run that started with this one: its workers stop at their next checkpoint.
                 print(f"warning: {path.parent}: another run took this run's lease; this run ends at its next "
                       "checkpoint", file=sys.stderr)
                 return
             record["beat"] += 1
-            path.write_text(json.dumps(record))
+            path.write_text(json.dumps(record))  # also where it was deleted meanwhile: it is still this run's
         except (OSError, EmbshardError):
             continue  # the store, for a moment: the lease lapses only after LAPSE_BEATS of these
 
@@ -127,15 +131,24 @@ def _renew(path: RemotePath, record: dict[str, Any], stop: threading.Event) -> N
 def _read(path: StoragePath) -> dict[str, Any]:
     """A lease's record; {} for none (or a damaged one, which no live run renews)."""
     try:
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+        return record_of(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+
+
+def record_of(raw: bytes) -> dict[str, Any]:
+    """A lock's or lease's record; {} for one not yet written, or not JSON."""
+    try:
+        record = json.loads(raw or b"{}")
+    except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
 
 
-def _holder(record: dict[str, Any]) -> str:
+def describe_holder(record: dict[str, Any]) -> str:
+    """Who holds a lock or lease, as its record says."""
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record["since"])))
         return f"pid {record['pid']} on {record['host']} since {since}: {record['command']}"
     except (ValueError, KeyError, TypeError, OSError):
-        return "a run that has not said which"
+        return "a process that has not said which yet"

@@ -32,7 +32,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from embshard.cluster.run_lease import check_leases, held_leases, run_lease
+from embshard.cluster.run_lease import check_leases, describe_holder, held_leases, record_of, run_lease
 from embshard.config import JobConfig
 from embshard.datasets.storage import RemotePath, nearest_existing
 from embshard.errors import ConfigError, EmbshardError
@@ -133,12 +133,7 @@ def _acquire(path: Path) -> int | None:
 
 
 def _holder(fd: int) -> str:
-    raw = _record(os.pread(fd, 65536, 0))
-    try:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(raw["since"])))
-        return f"pid {raw['pid']} on {raw['host']} since {since}: {raw['command']}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "a process that has not said which yet"
+    return describe_holder(record_of(os.pread(fd, 65536, 0)))
 
 
 def run_owner(folders: list[Path | RemotePath]) -> dict[str, Any] | None:
@@ -151,7 +146,7 @@ def run_owner(folders: list[Path | RemotePath]) -> dict[str, Any] | None:
         if isinstance(folder, RemotePath):
             continue
         try:
-            record = _record((folder / LOCK_FILE).read_bytes())
+            record = record_of((folder / LOCK_FILE).read_bytes())
         except OSError:
             continue
         if _same(record, me, ("pid", "host", "boot")):
@@ -184,7 +179,7 @@ def owner_check(owner: dict[str, Any] | None) -> Callable[[], None] | None:
 
 def _check_held(folder: Path, fd: int, record: dict[str, Any]) -> None:
     # The lock taken anew (a rerun, even by the same process) has another record.
-    if not _same(_record(os.pread(fd, 65536, 0)), record, ("pid", "host", "boot", "since")):
+    if not _same(record_of(os.pread(fd, 65536, 0)), record, ("pid", "host", "boot", "since")):
         raise RunEnded(f"{folder}: the run this worker started under has ended, and another holds it "
                        f"({_holder(fd)}); nothing more is written")
     if not _same(record, _identity(), ("host", "boot")):
@@ -211,12 +206,3 @@ def _identity() -> dict[str, Any]:
 
 def _same(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
-
-
-def _record(raw: bytes) -> dict[str, Any]:
-    """A lock file's record; {} for one not yet written, or not JSON."""
-    try:
-        record = json.loads(raw or b"{}")
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}

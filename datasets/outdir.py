@@ -34,6 +34,7 @@ from embshard.datasets.schema import (
     SPLITS,
     VOCAB_DIR,
     DatasetSpec,
+    is_vocabulary_entry,
 )
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem
@@ -68,7 +69,7 @@ def dataset_holds(parts: tuple[str, ...]) -> bool:
     if top in (*SPLITS, ITEMS_DIR):
         return not rest or (len(rest) == 1 and fnmatch.fnmatchcase(rest[0], PART_PATTERN))
     if top == VOCAB_DIR:
-        return not rest or (len(rest) == 1 and rest[0].endswith(".parquet"))
+        return is_vocabulary_entry(parts)
     if top == PROFILE_DIR or top.startswith(_PROFILE_LEFTOVERS):
         return not rest or (len(rest) == 1 and (rest[0] == PROFILE_FILE or rest[0].endswith(".npy")))
     return False

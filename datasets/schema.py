@@ -85,6 +85,12 @@ def vocabulary_file(feature: str) -> str:
     return f"{VOCAB_DIR}/{feature}.parquet"
 
 
+def is_vocabulary_entry(parts: tuple[str, ...]) -> bool:
+    """Whether an entry of a dataset or export folder, as the names of its path within it, is
+    the vocabulary folder or one of its files."""
+    return parts[0] == VOCAB_DIR and (len(parts) == 1 or len(parts) == 2 and parts[1].endswith(".parquet"))
+
+
 @dataclass(frozen=True)
 class SparseFeature:
     name: str

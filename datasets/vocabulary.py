@@ -106,10 +106,16 @@ def check_provenance(path: StoragePath, schema: pa.Schema, rows: int, cardinalit
 
 
 def raw_values(values: object, value_type: pa.DataType) -> pa.Array:
-    """`values` (a list, tuple or 1-D numpy array; None for a missing value) as an Arrow array of
+    """`values` (a list, tuple, 1-D numpy or Arrow array; None for a missing value) as an Arrow array of
     a vocabulary's `value_type`. DataError for what a conversion would take silently: a float or a
     bool for integer values (300.5 was read as 300), a number for strings, a bare string (split
     into its characters)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        if not values.type.equals(value_type):
+            raise DataError(f"the values are {value_type}; got an Arrow array of {values.type}")
+        return values
     if not isinstance(values, (list, tuple, np.ndarray)):
         raise DataError(f"expected a list of values, one a row; got {type(values).__name__} {values!r:.40}")
     if isinstance(values, np.ndarray):

@@ -361,7 +361,7 @@ class ShardingConfig:
         if self.local_world_size is not None and self.local_world_size < 1:
             raise ConfigError(f"local_world_size: must be >= 1, got {self.local_world_size}")
         if self.device_memory_gb is not None and self.device_memory_gb <= 0:
-            # Also in TopologySpec; here the message names the section and the flag.
+            # TopologySpec checks it too; here, as the config is read, the error names its section.
             raise ConfigError(f"device_memory_gb: must be a positive number, got {self.device_memory_gb}")
 
     def topology(self, world_size: int) -> TopologySpec:

@@ -193,9 +193,11 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if data is None:
-        # Read as every default, it planned and trained the default job's data without a word.
-        raise ConfigError(f"{path}: empty; a config is a mapping of sections (`embshard config --reference` lists "
-                          "them)")
+        if not overrides:
+            # Read as every default, it planned and trained the default job's data without a word.
+            raise ConfigError(f"{path}: empty; a config is a mapping of sections (`embshard config --reference` "
+                              "lists them), or give them with --set")
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping of sections, got {type(data).__name__} {data!r:.40}")
     for item in overrides or []:

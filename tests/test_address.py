@@ -50,12 +50,12 @@ def test_a_grpc_server_passes_and_anything_else_is_named(web_server: str, silent
     server.start()
     try:
         assert address.no_ray_at(f"127.0.0.1:{port}") is None
-        assert address.no_ray_at(f"ray://127.0.0.1:{port}") is None
     finally:
         server.stop(None)
     assert address.no_ray_at(web_server) == \
         "it answered '<!DOCTYPE HTML>', which no Ray (gRPC) server says"
     assert address.no_ray_at(f"http://{web_server}") is None  # the job API is HTTP: dialled alone
+    assert address.no_ray_at(f"ray://{web_server}") is None  # an ingress ending TLS may answer so
     monkeypatch.setattr(address, "DIAL_SECONDS", 1)
     assert address.no_ray_at(silent_server) == "it took the connection and said nothing for 1 s: no Ray there"
     monkeypatch.setenv("RAY_USE_TLS", "1")  # a TLS server answers the preface with an alert, or not at all

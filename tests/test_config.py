@@ -231,6 +231,11 @@ def test_a_config_that_is_no_mapping_of_fields_is_one_line(tmp_path, text, overr
         load_job_config(path, overrides)
 
 
+def test_an_empty_config_takes_its_settings_from_set(tmp_path):
+    (tmp_path / "c.yaml").write_text("# all from the command line\n")
+    assert load_job_config(tmp_path / "c.yaml", ["data.path=/x"]).data.path == "/x"
+
+
 def test_a_config_path_that_is_a_directory_says_so(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{tmp_path}: a directory, not a config file$"):
         load_job_config(tmp_path)

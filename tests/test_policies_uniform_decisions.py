@@ -81,6 +81,12 @@ def test_decisions_round_trip_into_a_plan(tmp_path):
     assert load_remap(tmp_path / "plan2" / again.remap, 50).tolist() == load_remap(out / c1.remap, 50).tolist()
 
 
+def test_the_schemas_widest_width_is_the_loaders():
+    from embshard.planner.decisions import MAX_DIM
+
+    assert json.loads(SCHEMA.read_text())["definitions"]["width"]["maximum"] == MAX_DIM
+
+
 def test_example_file_parses_and_matches_the_schema():
     decisions = load_decisions(EXAMPLE)
     assert decisions.method == "pep" and decisions.tables["t_C3"].row_order == "pep_nnz"

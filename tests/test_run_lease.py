@@ -57,6 +57,10 @@ def test_a_run_whose_lease_was_taken_writes_no_more(s3, capsys: pytest.CaptureFi
         check_leases(leases)
         time.sleep(0.5)  # renewed meanwhile
         assert json.loads((folder / LEASE_FILE).read_text())["beat"] >= 1
+        # Gone for a moment (deleted by hand, a store's hiccup): still this run's, written again.
+        (folder / LEASE_FILE).unlink()
+        time.sleep(0.5)
+        assert json.loads((folder / LEASE_FILE).read_text())["run"] == held["run"]
         # Another run that started with this one, its lease written last.
         (folder / LEASE_FILE).write_text(json.dumps({**B, "run": "other", "since": 0, "command": "x", "beat": 0}))
         with pytest.raises(LeaseLost, match=rf"^{folder}: the run this worker started under no longer holds its "

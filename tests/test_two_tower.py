@@ -337,7 +337,8 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
                    data_dir=dataset, overwrite=True)
     (tmp_path / "serving" / "vocab" / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match=r"holds 'vocab/notes.txt', which no export holds"):
-        export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, overwrite=True)
+        export_serving(model, tmp_path / "serving", model_config=cfg.model, spec=spec, data_dir=dataset,
+                       overwrite=True)
     # Without the dataset folder the export cannot carry them, and says so where it was called.
     with pytest.warns(UserWarning, match=r"export without the vocabularies of dataset 'ml-1m'") as warned:
         export_serving(model, tmp_path / "bare", model_config=cfg.model, spec=spec, plan_dir=bundle.directory)
@@ -352,6 +353,22 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
     assert bare.item_values is None
     with pytest.raises(DataError, match=r"^feature 'movieId': the export has no vocabulary for it"):
         bare.query_encoder.serving.encode("movieId", [1])
+    # Without vocabularies a batch is given by ids, in the same call.
+    by_ids = {f: jagged.values().tolist() for f, jagged in raw_batch.sparse.to_dict().items()}
+    by_ids["genres"] = [by_ids["genres"][sum(lengths[:i]):sum(lengths[:i + 1])] for i in range(len(lengths))]
+    assert torch.equal(bare.query_encoder.serving.sparse_batch(by_ids).values(), raw_batch.sparse.values())
+    with pytest.raises(DataError, match=r"^feature 'userId' \(no vocabulary: give its ids\): an id is missing"):
+        bare.query_encoder.serving.sparse_batch({**by_ids, "userId": [None] * n})
+    # Any array a user holds values in; an empty one decodes to nothing.
+    import pandas as pd
+    import pyarrow as pa
+
+    some = rows["userId"][:3]
+    want = serving.encode("userId", some)
+    assert torch.equal(serving.encode("userId", pa.array(some)), want)
+    assert torch.equal(serving.encode("userId", pd.Series(some)), want)
+    assert torch.equal(serving.encode("userId", torch.tensor(some)), want)
+    assert serving.decode("userId", []) == [] and serving.decode("userId", torch.tensor([], dtype=torch.int64)) == []
 
 
 # -- every method on two_tower ------------------------------------------------------------------

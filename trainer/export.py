@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -48,7 +49,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embshard.config import ModelConfig
 from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
-from embshard.datasets.schema import VOCAB_DIR, DatasetSpec, SparseFeature, vocabulary_file
+from embshard.datasets.schema import VOCAB_DIR, DatasetSpec, SparseFeature, is_vocabulary_entry, vocabulary_file
 from embshard.datasets.storage import (
     RemotePath,
     StoragePath,
@@ -92,7 +93,7 @@ def read_manifest(directory: StoragePath) -> dict[str, Any]:
 # Any version of it: an export written before an upgrade is still ours to replace.
 def _export_holds(parts: tuple[str, ...]) -> bool:
     if parts[0] == VOCAB_DIR:
-        return len(parts) == 1 or (len(parts) == 2 and parts[1].endswith(".parquet"))
+        return is_vocabulary_entry(parts)
     return len(parts) == 1 and (parts[0] in (MANIFEST, WEIGHTS, PLAN) or parts[0].endswith(REMAP_SUFFIX))
 
 
@@ -226,15 +227,14 @@ class ServingModel(nn.Module):
             sparse = self._remap(sparse, by_key)
         return self.model(dense, sparse)
 
-    def encode(self, feature: str, values: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The id of each raw value of `feature` (a list or 1-D array, a value a row, as the
-        converter read it: MovieLens' movie id, a Criteo hex string); a value unseen in training,
-        too rare, or None is the OOV id 0. A value of another type is refused, not converted."""
+    def encode(self, feature: str, values: Any) -> torch.Tensor:
+        """The id of each raw value of `feature` (a list, 1-D array, tensor, Arrow array or pandas
+        Series, a value a row, as the converter read it: MovieLens' movie id, a Criteo hex string);
+        a value unseen in training, too rare, or None is the OOV id 0. A value of another type is
+        refused, not converted."""
         vocabulary = self._vocabulary(feature)
-        if isinstance(values, torch.Tensor):
-            values = values.numpy()
         try:
-            return torch.from_numpy(vocabulary.encode(raw_values(values, vocabulary.values.type)))
+            return torch.from_numpy(vocabulary.encode(raw_values(_host(values), vocabulary.values.type)))
         except DataError as e:
             raise DataError(f"feature {feature!r}: {e}") from None
 
@@ -243,21 +243,24 @@ class ServingModel(nn.Module):
         [queries, k] ids give a list a query); None for the OOV id (every unknown value)."""
         vocabulary = self._vocabulary(feature)
         try:
-            flat = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+            flat = np.asarray(_host(ids))
         except (ValueError, OverflowError) as e:  # ragged lists
             raise DataError(f"feature {feature!r}: expected an array of ids ({e})") from None
+        if flat.size == 0:
+            return flat.tolist()  # [] reads as floats
         if flat.dtype.kind not in "iu":
             raise DataError(f"feature {feature!r}: ids are integers; got {flat.dtype} ({flat.reshape(-1)[:1]!r:.40})")
         try:
             values = vocabulary.decode(flat.reshape(-1).astype(np.int64, casting="same_kind")).to_pylist()
         except DataError as e:
             raise DataError(f"feature {feature!r}: {e}") from None
-        return np.array(values + [None], dtype=object)[:-1].reshape(flat.shape).tolist()
+        return np.array(values, dtype=object).reshape(flat.shape).tolist()
 
     def sparse_batch(self, rows: Mapping[str, Sequence[Any]]) -> KeyedJaggedTensor:
         """The KeyedJaggedTensor `forward` takes for a batch given as raw values: per feature, one
-        value a row (a list of values a row for a multi-hot feature). Every feature the model was
-        trained on must be given, each with as many rows."""
+        value a row (a list of values a row for a multi-hot feature); a feature the export has no
+        vocabulary for takes the dataset's ids. Every feature the model was trained on must be
+        given, each with as many rows."""
         missing = [f for f in self.features if f not in rows]
         unknown = [f for f in rows if f not in self.features]
         if missing or unknown:
@@ -276,12 +279,23 @@ class ServingModel(nn.Module):
                 if not all(r is None or isinstance(r, (list, tuple, np.ndarray)) for r in column):
                     raise DataError(f"sparse_batch: feature {name!r} is multi-hot: give a list of values a row")
                 lists = [[] if r is None else list(r) for r in column]
-                values.append(self.encode(name, [v for r in lists for v in r]))
+                values.append(self._ids(name, [v for r in lists for v in r]))
                 lengths.append(torch.tensor([len(r) for r in lists], dtype=torch.int64))
             else:
-                values.append(self.encode(name, column))
+                values.append(self._ids(name, column))
                 lengths.append(torch.ones(len(column), dtype=torch.int64))
         return KeyedJaggedTensor(keys=list(self.features), values=torch.cat(values), lengths=torch.cat(lengths))
+
+    def _ids(self, feature: str, values: Any) -> torch.Tensor:
+        if feature in self.vocabularies:
+            return self.encode(feature, values)
+        try:  # its ids as they are; forward checks their range
+            ids = raw_values(_host(values), pa.int64())
+            if ids.null_count:
+                raise DataError("an id is missing (None); id 0 is the unknown value's")
+            return torch.from_numpy(ids.to_numpy())
+        except DataError as e:
+            raise DataError(f"feature {feature!r} (no vocabulary: give its ids): {e}") from None
 
     def _vocabulary(self, feature: str) -> Vocabulary:
         if feature not in self.features:
@@ -310,6 +324,15 @@ class ServingModel(nn.Module):
         ]
         return KeyedJaggedTensor(keys=keys, values=torch.cat(values),
                                  lengths=sparse.lengths(), stride=sparse.stride())
+
+
+def _host(values: Any) -> Any:
+    """A tensor (on any device) or a pandas Series as numpy; anything else as it is."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    if type(values).__module__.startswith("pandas"):
+        return values.to_numpy()
+    return values
 
 
 def _one_a_row(column: object) -> bool:

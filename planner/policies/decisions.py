@@ -38,8 +38,11 @@ def from_decisions(
                 notes.append(f"{name} block {i}: {note}")
         remap = None
         if decision.remap is not None:
-            # Beside the file the decisions are, not beside a link to it.
-            ranks = load_remap(path.resolve().parent / decision.remap, feature.cardinality)
+            # Beside the decisions file as named, else beside the file a link of that name points to.
+            beside = path.parent / decision.remap
+            if not beside.exists():
+                beside = path.resolve().parent / decision.remap
+            ranks = load_remap(beside, feature.cardinality)
             remap = save_remap(out_dir, name, ranks)
         tables.append(
             TablePlan(name, [feature.name], feature.cardinality, [b for b, _ in blocks],

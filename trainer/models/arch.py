@@ -115,6 +115,8 @@ def build_model(arch: ModelArch, embeddings: EmbeddingModule, spec: DatasetSpec,
     except SystemExit as e:  # not an error Python reports: the process just ended, saying nothing of where
         raise ConfigError(f"model.arch {arch.name!r}: its build exited ({first_line(e)}){raised_at(e)}") from None
     except Exception as e:
+        if isinstance(e, (MemoryError, OSError)) or "out of memory" in str(e):
+            raise  # the machine's, said as such (errors.environment_problem), not the arch's
         raise ModelBuildFailed(f"model.arch {arch.name!r}: its build raised {first_line(e)}{raised_at(e)}") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.arch {arch.name!r}: its build returned a {type(model).__name__}, not a "

@@ -6,7 +6,7 @@ encoded once here, in one process, from the dataset's item catalog through the i
 
     from embshard.trainer.models.two_tower_serving import load_retrieval
     retrieval = load_retrieval("outputs/run/serving", "outputs/ml-1m/data")
-    scores = retrieval.query_encoder(dense, sparse) @ retrieval.item_vectors.t()   # raw ids in
+    scores = retrieval.query_encoder(dense, sparse) @ retrieval.item_vectors.t()   # the dataset's ids in
     best = retrieval.item_ids[scores.topk(10).indices]
     movies = retrieval.query_encoder.serving.decode("movieId", best)  # MovieLens' own movie ids
 
@@ -35,7 +35,7 @@ ENCODE_BATCH = 4096
 
 
 class QueryEncoder(nn.Module):
-    """(dense, sparse of raw ids over the dataset's features; item features may be empty) ->
+    """(dense, sparse of the dataset's ids over its features; item features may be empty) ->
     unit query vectors [B, out_dim]."""
 
     def __init__(self, serving: ServingModel) -> None:
