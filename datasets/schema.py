@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,10 @@ class DatasetSpec:
             spec = DatasetSpec(**{**raw, "sparse": [SparseFeature(**s) for s in raw["sparse"]],
                                   "catalog": ItemCatalog(**catalog) if catalog is not None else None})
         except (KeyError, TypeError) as e:
+            unknown = re.search(r"unexpected keyword argument '([^']*)'", str(e))
+            if unknown:  # fields are added without a version change: older specs still load
+                raise DataError(f"{where}: field {unknown.group(1)!r} is unknown to this embshard (written by a newer "
+                                "one?); upgrade embshard where it is read") from None
             raise DataError(f"{where}: malformed dataset spec ({e})") from None
         _check_types(spec, where)
         check_column_names([spec.label, *spec.dense, *spec.sparse_names, *spec.extra], where)

@@ -93,6 +93,11 @@ def test_the_dataset_keeps_the_raw_value_of_every_id(criteo_sample: Path, tmp_pa
     (tmp_path / "c" / "dataset.json").write_text(json.dumps({**raw_spec, "vocabularies": ["C1", "C99"]}))
     with pytest.raises(DataError, match=r"dataset\.json: vocabularies: 'C99' is no sparse feature$"):
         DatasetSpec.load(tmp_path / "c")
+    # Written by a later embshard, with a field this one has not: said as such, not "malformed".
+    (tmp_path / "c" / "dataset.json").write_text(json.dumps({**raw_spec, "hashes": {}}))
+    with pytest.raises(DataError, match=r"dataset\.json: field 'hashes' is unknown to this embshard \(written by a "
+                                        r"newer one\?\); upgrade embshard where it is read$"):
+        DatasetSpec.load(tmp_path / "c")
 
 
 def test_movielens_keeps_its_movie_and_user_ids(tmp_path: Path) -> None:
