@@ -19,6 +19,7 @@ from embshard.errors import (
     EXIT_CRASH,
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
+    ConfigError,
     EmbshardError,
     Interrupted,
     environment_problem,
@@ -299,7 +300,10 @@ def _train(args: argparse.Namespace) -> int:
         workers=cfg.cluster.workers if args.workers is None else args.workers,
         address=args.address or cfg.cluster.address,
     )
-    checkpoint = replace(cfg.checkpoint, resume=args.resume or cfg.checkpoint.resume)
+    if args.resume is not None and not args.resume.strip():
+        # `--resume "$CKPT"` with CKPT unset trained from scratch without a word.
+        raise ConfigError("--resume: an empty path (an unset shell variable?)")
+    checkpoint = replace(cfg.checkpoint, resume=cfg.checkpoint.resume if args.resume is None else args.resume)
     cfg = replace(cfg, cluster=cluster, checkpoint=checkpoint)
     if args.adopt_checkpoint_config:
         cfg = with_checkpoint_config(cfg, adopt=True)

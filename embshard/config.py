@@ -428,7 +428,8 @@ class CheckpointConfig:
 
     A run always resumes from the newest good checkpoint in `dir` when there is one: that is how
     a restarted worker group (Ray Train's FailureConfig) continues, and why re-running a job
-    into the same output_dir continues it. `resume` is used only while `dir` holds none.
+    into the same output_dir continues it. `resume` is used only while `dir` holds none that
+    verifies.
     """
 
     enabled: bool = True  # false: no checkpoints are written or resumed
@@ -443,6 +444,10 @@ class CheckpointConfig:
             raise ConfigError(f"every_steps: must be >= 1, got {self.every_steps}")
         if self.keep < 1:
             raise ConfigError(f"keep: must be >= 1, got {self.keep}")
+        for name in ("dir", "resume"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                # An unset shell variable: `resume: ""` trained from scratch as if none were named.
+                raise ConfigError(f"{name}: an empty path (leave it out for the default)")
 
 
 # The most ranks a job plans for and trains on: TorchRec's planner takes time in proportion to the

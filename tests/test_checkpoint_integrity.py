@@ -106,6 +106,26 @@ def test_no_verifiable_checkpoint_starts_really_fresh(dataset, tmp_path, capsys)
 
 
 @pytest.mark.usefixtures("process_group")
+def test_a_resume_source_is_used_when_none_of_the_runs_own_verifies(dataset, tmp_path, capsys):
+    # It was dropped with a note, and the run started fresh although a source was named.
+    other = job(dataset, tmp_path / "other", max_steps=8)
+    run_worker(other)
+    cfg = job(dataset, tmp_path / "run", max_steps=8)
+    run_worker(cfg)
+    for ckpt in complete_checkpoints(cfg.checkpoint_dir):
+        flip_a_byte(max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size))
+    capsys.readouterr()
+    again = replace(cfg, train=replace(cfg.train, max_steps=9),
+                    checkpoint=replace(cfg.checkpoint, resume=str(other.checkpoint_dir)))
+    resumed = run_worker(again)
+    newest = complete_checkpoints(other.checkpoint_dir)[0]
+    assert resumed["resumed_from"] == str(newest) and resumed["steps"] == 9
+    out = capsys.readouterr().out
+    assert f"no checkpoint in {cfg.checkpoint_dir} verifies" in out
+    assert f"resuming from checkpoint.resume {other.checkpoint_dir}" in out
+
+
+@pytest.mark.usefixtures("process_group")
 def test_planted_metadata_pickle_runs_nothing(dataset, tmp_path, caplog):
     cfg = job(dataset, tmp_path / "run", max_steps=4)
     step = Path(run_worker(cfg)["checkpoint"])

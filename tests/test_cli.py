@@ -572,3 +572,12 @@ def test_output_read_by_a_reader_that_stops_is_no_traceback(tmp_path):
     proc.stdout.close()  # the reader is gone before the first byte
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
+
+
+def test_an_empty_resume_flag_is_one_line(tmp_path, capsys):
+    # `--resume "$CKPT"` with CKPT unset trained from scratch without a word.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(cfg), "--resume", ""]) == 2
+    assert capsys.readouterr().err.strip() == "embshard: error: --resume: an empty path (an unset shell variable?)"
+    assert not (tmp_path / "run").exists()

@@ -223,6 +223,8 @@ def test_worker_resources_are_custom_resources_only() -> None:
     ("{}\n", ["sharding.device_memory_gb=-1"], r"^sharding\.device_memory_gb: must be a positive number, got -1\.0 "
                                                r"\(from --set\)"),
     ("{}\n", ["data.batch_size=99999999999999999999"], r"^data\.batch_size: at most 16,777,216 rows a worker"),
+    # Trained from scratch as if no checkpoint were named.
+    ("checkpoint: {resume: ''}\n", [], r"checkpoint\.resume: an empty path"),
 ])
 def test_a_config_that_is_no_mapping_of_fields_is_one_line(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"

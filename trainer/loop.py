@@ -343,27 +343,30 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     """Load the newest good checkpoint of this run, else of `checkpoint.resume`, into the model,
     optimizer and reader; returns where it came from (None: a fresh start), the progress, and
     the checkpoint again when it is this run's own (None: fresh, or another run's)."""
-    candidates = complete_checkpoints(cfg.checkpoint_dir)
+    own = complete_checkpoints(cfg.checkpoint_dir)
     resume = cfg.checkpoint.resume
-    explicit = False
-    if candidates and resume is not None and dist.get_rank() == 0:
+    if own and resume is not None and dist.get_rank() == 0:
         print(f"note: checkpoint.resume {resume} not used: {cfg.checkpoint_dir} holds checkpoints of this "
               f"run, and a run continues from its own (another output_dir starts from {resume})", flush=True)
-    if not candidates and resume is not None:
-        explicit = True
-        candidates = resolve_source(resume)
-    if not candidates:
-        return None, fresh, None
-    manager = checkpoint_manager(cfg, sharded, None)
-    # Another run's folder is only read: its damaged checkpoints are named, never renamed.
-    loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates, set_damaged_aside=not explicit)
-    if loaded is None:
+    # This run's own checkpoints, then `checkpoint.resume`: it was dropped for a fresh start when
+    # every one of the run's own failed to verify.
+    sources = ([False] if own else []) + ([True] if resume is not None else [])
+    loaded = None
+    for explicit in sources:
+        candidates = resolve_source(resume) if explicit and resume is not None else own
+        manager = checkpoint_manager(cfg, sharded, None)
+        # Another run's folder is only read: its damaged checkpoints are named, never renamed.
+        loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates, set_damaged_aside=not explicit)
+        if loaded is not None:
+            break
         if explicit:
             raise CheckpointError(f"{cfg.checkpoint.resume}: no checkpoint there verifies "
                                   f"({rejected_text(manager.rejected)})")
         if dist.get_rank() == 0:
+            then = f"resuming from checkpoint.resume {resume}" if resume is not None else "starting fresh"
             print(f"no checkpoint in {cfg.checkpoint_dir} verifies, each kept aside as step-N{DAMAGED_SUFFIX} "
-                  f"({rejected_text(manager.rejected)}): starting fresh", flush=True)
+                  f"({rejected_text(manager.rejected)}): {then}", flush=True)
+    if loaded is None:
         return None, fresh, None
     path, saved = loaded
     reader.load_state_dict(saved.reader_state(fresh.world_size, fresh.batch_size))
