@@ -293,7 +293,7 @@ class ServingModel(nn.Module):
             ids = raw_values(_host(values), pa.int64())
             if ids.null_count:
                 raise DataError("an id is missing (None); id 0 is the unknown value's")
-            return torch.from_numpy(ids.to_numpy())
+            return torch.from_numpy(ids.to_numpy().copy())  # Arrow's buffer is read-only
         except DataError as e:
             raise DataError(f"feature {feature!r} (no vocabulary: give its ids): {e}") from None
 
