@@ -54,18 +54,19 @@ def run_lease(folder: RemotePath, identity: dict[str, Any]) -> Iterator[dict[str
     _wait_for_lapse(folder, path)
     record = {**identity, "run": uuid.uuid4().hex, "since": time.time(), "command": " ".join(sys.argv), "beat": 0}
     path.write_text(json.dumps(record))
-    time.sleep(SETTLE_SECONDS)
-    if _read(path).get("run") != record["run"]:
-        raise LeaseHeld(f"{folder}: another embshard run took it as this one started "
-                        f"({describe_holder(_read(path))}); give this one another checkpoint.dir")
     stop = threading.Event()
     renewing = threading.Thread(target=_renew, args=(path, dict(record), stop), name="embshard-lease", daemon=True)
-    renewing.start()
-    try:
+    try:  # from here a Ctrl-C lets the lease go too, rather than leave the next run to wait it out
+        time.sleep(SETTLE_SECONDS)
+        if _read(path).get("run") != record["run"]:
+            raise LeaseHeld(f"{folder}: another embshard run took it as this one started "
+                            f"({describe_holder(_read(path))}); give this one another checkpoint.dir")
+        renewing.start()
         yield record
     finally:
         stop.set()
-        renewing.join()
+        if renewing.is_alive():
+            renewing.join()
         try:
             if _read(path).get("run") == record["run"]:
                 path.unlink()

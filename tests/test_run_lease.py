@@ -91,3 +91,23 @@ def test_a_missing_bucket_is_named_as_the_checkpoint_folder(s3, tmp_path) -> Non
     with pytest.raises(StorageError, match=r"^s3://no-such-bucket-ck/run: the bucket does not exist$"):
         with run_lock(cfg):
             pytest.fail("the run went on")
+
+
+def test_a_ctrl_c_as_the_lease_settles_lets_it_go(s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It stayed, and the next run waited the whole lapse for a run that never trained.
+    folder = location(s3.uri("ck"))
+
+    reads = []
+    real = run_lease._read
+
+    def interrupted_at_the_check(path):  # type: ignore[no-untyped-def]
+        reads.append(path)
+        if len(reads) == 2:  # the first looks for another's lease, the second for this one's, settled
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(run_lease, "_read", interrupted_at_the_check)
+    with pytest.raises(KeyboardInterrupt):
+        with run_lease.run_lease(folder, A):
+            pytest.fail("the lease was held")
+    assert s3.keys("ck/") == []
