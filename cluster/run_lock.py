@@ -142,9 +142,7 @@ def run_owner(folders: list[Path | RemotePath]) -> dict[str, Any] | None:
     `owner_check`; None for none."""
     me = _identity()
     held = {}
-    for folder in folders:
-        if isinstance(folder, RemotePath):
-            continue
+    for folder in (f for f in folders if isinstance(f, Path)):
         try:
             record = record_of((folder / LOCK_FILE).read_bytes())
         except OSError:

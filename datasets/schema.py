@@ -8,7 +8,7 @@ Layout of a dataset directory::
     DIR/test/part-00000.parquet ...
     DIR/profile/                # written by `embshard data profile` (see profile.py)
     DIR/items/part-00000.parquet # optional item catalog (see ItemCatalog), e.g. MovieLens' movies
-    DIR/vocab/<feature>.parquet  # a converter's raw value of each id (see convert/vocab.py)
+    DIR/vocab/<feature>.parquet  # a converter's raw value of each id (see vocabulary.py)
 
 Parquet columns: `label` (float32), one float32 column per dense feature, one column per sparse
 feature: int64 for single-hot (exactly one id per row), list<int64> for multi-hot (0..n ids),
@@ -265,13 +265,29 @@ def _check_types(spec: DatasetSpec, where: str) -> None:
 def read_parquet_table(path: StoragePath, what: str) -> pa.Table:
     """A small Parquet file read whole (an item catalog, a vocabulary); `what` says why it should
     be there when it is not."""
-    if not path.is_file():
-        raise DataError(f"{path}: missing ({what})")
+    if not path.is_file():  # pyarrow reads a folder as a dataset of its files
+        raise _missing(path, what)
+    return _parquet(path, what, pq.read_table)
+
+
+def read_parquet_footer(path: StoragePath, what: str = "") -> pq.FileMetaData:
+    """A Parquet file's footer alone (its rows, schema and metadata); `what` as above. No listing
+    first: a split's part files are found by one, and a bucket would be asked again for each."""
+    return _parquet(path, what, pq.read_metadata)
+
+
+def _parquet(path: StoragePath, what: str, read: Any) -> Any:
     fs, source = arrow_source(path)
     try:
-        return pq.read_table(source, filesystem=fs)
+        return read(source, filesystem=fs)
+    except FileNotFoundError:
+        raise _missing(path, what) from None
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _missing(path: StoragePath, what: str) -> DataError:
+    return DataError(f"{path}: missing" + (f" ({what})" if what else ""))
 
 
 def split_dir(directory: str | Path, split: str) -> StoragePath:

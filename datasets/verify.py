@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embshard.datasets.schema import (
@@ -15,10 +14,11 @@ from embshard.datasets.schema import (
     SPLITS,
     DatasetSpec,
     part_name,
+    read_parquet_footer,
     split_dir,
     vocabulary_file,
 )
-from embshard.datasets.storage import StoragePath, arrow_source, location
+from embshard.datasets.storage import StoragePath, location
 from embshard.datasets.vocabulary import check_provenance
 from embshard.errors import DataError
 
@@ -31,8 +31,8 @@ def verify_dataset(dataset_dir: str | Path) -> None:
     for name in spec.vocabularies:
         # Training reads none, but an export carries them: a damaged one is found before the run.
         path = location(dataset_dir) / vocabulary_file(name)
-        footer = _footer(path, f"{SPEC_FILE} lists {name!r} under vocabularies: convert the dataset again, or "
-                               f"take {name!r} off that list to train and serve by ids")
+        footer = read_parquet_footer(path, f"{SPEC_FILE} lists {name!r} under vocabularies: convert the dataset "
+                                           f"again, or take {name!r} off that list to train and serve by ids")
         check_provenance(path, footer.schema.to_arrow_schema(), footer.num_rows, spec.feature(name).cardinality,
                          spec.id, name)
 
@@ -59,7 +59,7 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
                             f"split {split!r}); left over from another dataset?")
     found = []
     for i, path in enumerate(files):
-        meta = _footer(path)
+        meta = read_parquet_footer(path)
         if recorded is not None and meta.num_rows != recorded[i]:
             raise DataError(f"{path}: {meta.num_rows:,} rows, {SPEC_FILE} records {recorded[i]:,}")
         found.append((path, meta))
@@ -69,12 +69,3 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
                         f"{spec.rows[split]:,} (a part file missing or left over?)")
     return found
 
-
-def _footer(path: StoragePath, missing: str = "") -> pq.FileMetaData:
-    if not path.is_file():
-        raise DataError(f"{path}: missing" + (f" ({missing})" if missing else ""))
-    try:
-        fs, source = arrow_source(path)
-        return pq.read_metadata(source, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None

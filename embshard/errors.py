@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from typing import Protocol
 
 EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
@@ -80,6 +81,19 @@ class Interrupted(Exception):
 
 
 TRACEBACK = "Traceback (most recent call last):"
+
+
+class _Entry(Protocol):
+    def is_dir(self) -> bool: ...
+    def exists(self) -> bool: ...
+
+
+def no_file(path: _Entry, what: str) -> str:
+    """Why `path` (a local path or a bucket's), which is no regular file, is no `what` (a config
+    file, a remap file): a folder or another kind of entry there said "not found"."""
+    if path.is_dir():
+        return f"a directory, not a {what}"
+    return "not a regular file" if path.exists() else f"{what} not found"
 
 
 def first_line(e: BaseException) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import yaml
 
-from embshard.errors import ConfigError
+from embshard.errors import ConfigError, no_file
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -184,8 +184,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
     """Read a YAML file into `cls`, after applying `key.sub=value` overrides."""
     path = Path(path)
     if not path.is_file():
-        what = "a directory, not a config file" if path.is_dir() else "config file not found"
-        raise ConfigError(f"{path}: {what}")
+        raise ConfigError(f"{path}: {no_file(path, 'config file')}")
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:

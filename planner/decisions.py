@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from embshard.datasets.storage import read_json, write_whole
-from embshard.errors import PlanError
+from embshard.errors import PlanError, no_file
 from embshard.planner.types import ROW_ORDERS, RowOrder
 
 DECISIONS_VERSION = 1
@@ -80,9 +80,7 @@ class Decisions:
 def load_decisions(path: str | Path) -> Decisions:
     path = Path(path)
     if not path.is_file():
-        what = ("a directory, not a decisions file" if path.is_dir() else "not a regular file" if path.exists()
-                else "decisions file not found")
-        raise PlanError(f"{path}: {what}")
+        raise PlanError(f"{path}: {no_file(path, 'decisions file')}")
     raw = read_json(path, PlanError)
     try:
         return parse_decisions(raw)

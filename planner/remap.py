@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embshard.datasets.storage import StoragePath
-from embshard.errors import PlanError, first_line
+from embshard.errors import PlanError, first_line, no_file
 
 REMAP_SUFFIX = ".remap.npy"
 
@@ -59,7 +59,7 @@ def save_remap(out_dir: Path | None, table: str, remap: np.ndarray) -> str:
 
 def load_remap(path: StoragePath, num_embeddings: int) -> np.ndarray:
     if not path.is_file():
-        raise PlanError(f"{path}: " + ("a directory, not a remap file" if path.is_dir() else "remap file not found"))
+        raise PlanError(f"{path}: {no_file(path, 'remap file')}")
     try:
         # Bytes first: the plan folder of a checkpoint may be in object storage (a RemotePath).
         remap = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)

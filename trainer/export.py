@@ -125,6 +125,8 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
         if spec.vocabularies and data_dir is None:
             warnings.warn(f"export without the vocabularies of dataset {spec.name!r} (pass data_dir= to carry "
                           "them): the served model takes its ids, not raw values", stacklevel=2)
+        if spec.vocabularies and data_dir is not None:
+            _check_trained_on(spec, data_dir)
         model = source
         sources = _Sources(spec, model_config, location(plan_dir) if plan_dir else None,
                            location(data_dir) if data_dir else None, "live model")
@@ -136,6 +138,16 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
     # own are StorageErrors already, naming the object.
     where = checkpoint if isinstance(checkpoint, RemotePath) else out
     return _stored(where, f"exporting {checkpoint} to {out}", lambda: _export_checkpoint(checkpoint, out, overwrite))
+
+
+def _check_trained_on(spec: DatasetSpec, data_dir: str | Path) -> None:
+    """ExportError when `data_dir` holds another writing of the data than `spec` (with as many
+    ids): its vocabularies would name every served id wrongly. A checkpoint's export reads its
+    spec from the run's data.path, so there both are one dataset."""
+    there = DatasetSpec.load(data_dir).id
+    if spec.id and there != spec.id:
+        raise ExportError(f"{data_dir}: holds another dataset (id {there[:8]}) than the model was trained on "
+                          f"({spec.id[:8]}); give the dataset the model was trained on")
 
 
 @dataclass(frozen=True)
@@ -501,11 +513,6 @@ def _copy_vocabularies(sources: _Sources, out_dir: Path) -> dict[str, str]:
     spec, data_dir = sources.spec, sources.data_dir
     if not spec.vocabularies or data_dir is None:  # export_serving warned of the second
         return {}
-    there = DatasetSpec.load(data_dir).id
-    if spec.id and there != spec.id:
-        # Another writing of the data, with as many ids: every served id would name another value.
-        raise ExportError(f"{data_dir}: holds another dataset (id {there[:8]}) than the model was trained on "
-                          f"({spec.id[:8]}); give the dataset the model was trained on")
     for name in spec.vocabularies:
         Vocabulary.read(data_dir / vocabulary_file(name), spec.feature(name).cardinality, spec.id, name)
         copy_file(data_dir / vocabulary_file(name), out_dir / vocabulary_file(name))
