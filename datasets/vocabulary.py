@@ -72,7 +72,7 @@ class Vocabulary:
              check_values: bool = True) -> "Vocabulary":
         """`feature`'s vocabulary of the dataset `dataset_id` (with `cardinality` ids); DataError
         unless the file is that one (check_provenance) and, with check_values, holds each value once
-        (an id must name one value, and a value one id; 1.2 s a million values)."""
+        (an id must name one value, and a value one id; it reads every value)."""
         table = read_parquet_table(path, "dataset.json records a vocabulary there")
         check_provenance(path, table.schema, table.num_rows, cardinality, dataset_id, feature)
         values = table[VALUE].combine_chunks()

@@ -202,7 +202,7 @@ def load_serving(directory: str | Path) -> ServingModel:
     model.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
     remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
     # Exports written before vocabularies were kept have none. Their values were checked distinct
-    # at export (1.2 s a million); here only that each file is the one exported.
+    # at export, which reads every value; here only that each file is the one exported.
     vocabularies = {f: Vocabulary.read(directory / name, spec.feature(f).cardinality, spec.id, f, check_values=False)
                     for f, name in manifest.get("vocabularies", {}).items()}
     return ServingModel(model, remaps, spec.sparse, vocabularies).eval()
