@@ -335,7 +335,7 @@ def outputs_line(cfg: JobConfig, ray_storage: str) -> str:
     out = Path(cfg.output_dir)
     checkpoints = cfg.checkpoint_dir if cfg.checkpoint.enabled else "none (checkpoint.enabled is false)"
     return (f"outputs: plan {out / 'plan' / 'plan.json'}, summary {out / 'summary.json'}, "
-            f"checkpoints {checkpoints}, Ray run storage {ray_storage}")
+            f"checkpoints {checkpoints}, Ray run storage {ray_storage}, log {out / console.LOG_FILE}")
 
 
 SHOWN_NOTES = 10

@@ -329,7 +329,7 @@ MAX_LAYER_WIDTH = 1 << 24
 
 @dataclass
 class ModelConfig:
-    # A built-in (dlrm, dlrm_dcn, two_tower, mf) or a user's "package.module:attr" that every Ray
+    # A built-in (dlrm, dlrm_dcn, two_tower, mf, fm) or a user's "package.module:attr" that every Ray
     # worker can import (trainer/models/ says what it may name).
     arch: str = "dlrm"
     options: dict[str, Any] = field(default_factory=dict)  # the arch's own keys; each arch checks its own

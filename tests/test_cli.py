@@ -510,6 +510,7 @@ def test_the_outputs_line_names_no_checkpoint_folder_a_run_did_not_write():
     assert "checkpoints outputs/x/checkpoints," in outputs_line(JobConfig(output_dir="outputs/x"), "r")
     off = JobConfig(output_dir="outputs/x", checkpoint=CheckpointConfig(enabled=False))
     assert "checkpoints none (checkpoint.enabled is false)," in outputs_line(off, "r")
+    assert outputs_line(off, "r").endswith(", log outputs/x/logs/embshard.log")  # the README's promise
 
 
 def test_main_runs_off_the_main_thread(tmp_path, capsys):

@@ -30,6 +30,13 @@ def test_loading_every_config_imports_no_runtime():
     assert CONFIGS and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_the_readme_lists_every_shipped_config():
+    root = Path(__file__).parent.parent
+    listed = (root / "README.md").read_text()
+    unlisted = [str(p.relative_to(root)) for p in CONFIGS if f"| `{p.relative_to(root)}` |" not in listed]
+    assert not unlisted, f"configs missing from README's configs table: {unlisted}"
+
+
 @pytest.mark.parametrize("metrics", [None, {}, {"port_base": 0}, {"bind": "0.0.0.0"}])
 def test_metrics_stay_off_unless_enabled(metrics):
     # Setting any other key under `metrics:` used to turn metrics on (two defaults disagreed).

@@ -113,3 +113,11 @@ def test_the_json_schema_refuses_what_the_loader_refuses(capsys) -> None:
         with pytest.raises(ConfigError):
             from_dict(JobConfig, bad)
 
+
+
+def test_model_arch_doc_names_every_built_in() -> None:
+    from embshard.trainer.models import _BUILTIN
+
+    doc = next(e.doc for s in build_reference(JobConfig).sections for e in s.entries if e.key == "model.arch")
+    named = doc.split("(", 1)[1].split(")", 1)[0]
+    assert named.split(", ") == list(_BUILTIN)  # fm was left out

@@ -115,6 +115,12 @@ def test_movielens_keeps_its_movie_and_user_ids(tmp_path: Path) -> None:
                                    catalog["genres"].to_pylist(), strict=True):
         title, genre = movies[movie]
         assert title.endswith(f"({year})") and vocab["genres"].decode(np.array(genres)).to_pylist() == [genre]
+    # Numeric codes stay numbers: a served query gives `"age": [25]`, as users.dat writes it.
+    users = [line.split("::") for line in (src / "users.dat").read_text().splitlines()]
+    for column, feature in ((0, "userId"), (2, "age"), (3, "occupation")):
+        assert pa.types.is_integer(vocab[feature].values.type), feature
+        assert set(vocab[feature].values.to_pylist()) == {int(u[column]) for u in users}, feature
+    assert vocab["zip"].values.type == pa.string()
 
 
 def test_criteo_min_count_shrinks_vocabularies(criteo_sample: Path, tmp_path: Path) -> None:
@@ -157,6 +163,11 @@ def test_criteo_malformed_lines_are_skipped_or_fatal(criteo_sample: Path, tmp_pa
         convert("criteo", path, tmp_path / "strict", strict=True)
     path = _broken_criteo(criteo_sample, tmp_path, {95: not_int})
     with pytest.raises(DataError, match=r"broken\.txt:95: column 'I3': 'x7' is not an integer"):
+        convert("criteo", path, tmp_path / "strict", strict=True)
+    # The first malformed line, whichever check finds it: the field count is checked first, and a
+    # short line 9 was named for a bad value on line 5.
+    path = _broken_criteo(criteo_sample, tmp_path, {5: not_int, 9: short})
+    with pytest.raises(DataError, match=r"broken\.txt:5: column 'I3': 'x7' is not an integer"):
         convert("criteo", path, tmp_path / "strict", strict=True)
 
 
@@ -285,6 +296,8 @@ def test_ml100k_fixture(tmp_path: Path) -> None:
     np.testing.assert_array_equal(table["label"].to_numpy(), [1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1])
     lengths = pc.list_value_length(table["genres"]).to_numpy()
     np.testing.assert_array_equal(lengths[:3], [3, 1, 3])  # Toy Story, Café Society, GoldenEye
+    age = Vocabulary.read(tmp_path / "out" / vocabulary_file("age"), spec.feature("age").cardinality, spec.id, "age")
+    assert sorted(age.values.to_pylist()) == [23, 24, 53]  # ages in years, integers as u.user writes them
 
 
 def test_ml20m_csv_fixture(tmp_path: Path) -> None:
@@ -335,6 +348,9 @@ def test_movielens_bad_values_are_malformed_lines(tmp_path: Path, capsys: pytest
     (src / "ratings.dat").write_text("\n".join(good[:3] + ["1::4::4::"] + good[3:]) + "\n")
     with pytest.raises(DataError, match=r"ratings\.dat:4: column 'timestamp': missing, expected an integer"):
         convert("movielens", src, tmp_path / "strict", strict=True, target="rating")
+    (src / "ratings.dat").write_text("\n".join(good[:3] + ["1::4::4::", "1::5", *good[3:]]) + "\n")
+    with pytest.raises(DataError, match=r"ratings\.dat:4: column 'timestamp': missing, expected an integer"):
+        convert("movielens", src, tmp_path / "strict", strict=True, target="rating")  # not line 5's count
     # A file none of whose lines is well formed, e.g. saved with commas for `::`.
     (src / "movies.dat").write_text("garbage\n" * 10)
     with pytest.raises(DataError, match=r"movies\.dat: no well-formed lines \(10 malformed lines skipped\)"):

@@ -304,6 +304,17 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
     with torch.no_grad():
         torch.testing.assert_close(retrieval.query_encoder(raw_batch.dense, again),
                                    retrieval.query_encoder(raw_batch.dense, raw_batch.sparse))
+    # A query needs the query tower's features alone: the item features' rows were a must.
+    encoder = retrieval.query_encoder
+    query_rows = {f: rows[f] for f in encoder.layout.query}
+    assert "movieId" not in query_rows
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(raw_batch.dense, encoder.sparse_batch(query_rows)),
+                                   encoder(raw_batch.dense, raw_batch.sparse))
+    with pytest.raises(DataError, match=r"^sparse_batch: no values for 'userId'"):
+        encoder.sparse_batch({f: v for f, v in query_rows.items() if f != "userId"})
+    with pytest.raises(DataError, match=r"^sparse_batch: no feature given"):
+        serving.sparse_batch({}, unread=list(serving.features))
     unseen = serving.sparse_batch({**{f: [None] for f in rows}, "movieId": [99_999], "genres": [["Western"]]})
     assert unseen.values().tolist() == [OOV_ID] * len(rows)  # every value unknown: the OOV id
     n = len(rows["userId"])

@@ -32,7 +32,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -268,24 +268,34 @@ class ServingModel(nn.Module):
             raise DataError(f"feature {feature!r}: {e}") from None
         return np.array(values, dtype=object).reshape(flat.shape).tolist()
 
-    def sparse_batch(self, rows: Mapping[str, Sequence[Any]]) -> KeyedJaggedTensor:
+    def sparse_batch(self, rows: Mapping[str, Sequence[Any]], *, unread: Collection[str] = ()) -> KeyedJaggedTensor:
         """The KeyedJaggedTensor `forward` takes for a batch given as raw values: per feature, one
         value a row (a list of values a row for a multi-hot feature); a feature the export has no
         vocabulary for takes the dataset's ids. Every feature the model was trained on must be
-        given, each with as many rows."""
-        missing = [f for f in self.features if f not in rows]
+        given, each with as many rows, but those of `unread` (features the output the caller reads
+        does not depend on, such as a query tower's item features): left out, every row of them is
+        the OOV id (no value, multi-hot)."""
+        missing = [f for f in self.features if f not in rows and f not in unread]
         unknown = [f for f in rows if f not in self.features]
         if missing or unknown:
             wrong = f"no values for {missing[0]!r}" if missing else f"unknown feature {unknown[0]!r}"
             raise DataError(f"sparse_batch: {wrong} (the model reads {', '.join(self.features)})")
-        scalar = next((f for f in self.features if not _one_a_row(rows[f])), None)
+        given = [f for f in self.features if f in rows]
+        scalar = next((f for f in given if not _one_a_row(rows[f])), None)
         if scalar is not None:
             raise DataError(f"sparse_batch: feature {scalar!r}: give a list of values, one a row")
-        sizes = {len(rows[f]) for f in self.features}
+        sizes = {len(rows[f]) for f in given}
         if len(sizes) > 1:
             raise DataError(f"sparse_batch: features given for different numbers of rows ({sorted(sizes)})")
+        if not sizes:
+            raise DataError(f"sparse_batch: no feature given (the model reads {', '.join(self.features)})")
+        (n,) = sizes
         values, lengths = [], []
         for name, feature in self.features.items():
+            if name not in rows:
+                values.append(torch.zeros(0 if feature.multi_hot else n, dtype=torch.int64))
+                lengths.append(torch.full((n,), 0 if feature.multi_hot else 1, dtype=torch.int64))
+                continue
             column = rows[name]
             if feature.multi_hot:
                 if not all(r is None or isinstance(r, (list, tuple, np.ndarray)) for r in column):

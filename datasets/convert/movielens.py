@@ -233,7 +233,7 @@ def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
             p.append_column("official", pa.array(np.full(p.num_rows, i, dtype=np.int8)))
             for i, p in enumerate(parts)])
     users = _one_row_each(_read(src / "u.user", ["userId", "age", "gender", "occupation", "zip"], "|", malformed,
-                                kinds={"userId": "integer"}), "userId", src / "u.user")
+                                kinds={"userId": "integer", "age": "integer"}), "userId", src / "u.user")
     flags = [f"g{i}" for i in range(len(ML100K_GENRES))]
     item_columns = ["movieId", "title", "release", "video_release", "url", *flags]
     items = _one_row_each(_read(src / "u.item", item_columns, "|", malformed, latin1=True,
@@ -254,8 +254,10 @@ def _ml1m(src: Path, malformed: Malformed) -> Release:
     ratings = _read(src / "ratings.dat", list(RATINGS), "::", malformed, kinds=RATINGS)
     users_path = src / "users.dat"
     # ml-10m ships the same layout without users.dat.
+    # age and occupation are numeric codes (the release's README), served as the integers they are.
     users = (_one_row_each(_read(users_path, ["userId", "gender", "age", "occupation", "zip"], "::", malformed,
-                                 kinds={"userId": "integer"}), "userId", users_path) if users_path.is_file() else None)
+                                 kinds={"userId": "integer", "age": "integer", "occupation": "integer"}),
+                           "userId", users_path) if users_path.is_file() else None)
     movies = _movies(_one_row_each(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed,
                                          latin1=True, kinds={"movieId": "integer"}), "movieId", src / "movies.dat"))
     name = "ml-1m" if users is not None else "ml-10m"
@@ -326,6 +328,7 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
             if columns is not None and data:
                 parts.append(_typed_block(data, line, columns, split_on, quoted=names is None,
                                           kinds=kinds, malformed=file_malformed))
+                file_malformed.settle()
     if not seen_record:
         raise DataError(f"{path}: empty")
     malformed.count += file_malformed.count

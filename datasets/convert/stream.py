@@ -148,7 +148,9 @@ def _parsed(fmt: TextFormat, inputs: list[_Input], desc: str,
         which = f" [{i}/{len(inputs)}] {inp.path.name}" if len(inputs) > 1 else ""
         for chunk in read_chunks(inp.path, fmt.columns, fmt.delimiter, inp.malformed,
                                  skip_lines=fmt.header_lines, stop_line=end, desc=desc + which):
-            yield inp, chunk, fmt.parse(chunk, inp.malformed)
+            parsed = fmt.parse(chunk, inp.malformed)
+            inp.malformed.settle()  # every check of the block has run: with --strict, its first bad line
+            yield inp, chunk, parsed
         inp.malformed.covered = max(inp.malformed.covered, end)
 
 

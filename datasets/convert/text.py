@@ -40,27 +40,42 @@ INTEGER = r"^-?[0-9]{1,18}$"
 
 @dataclass
 class Malformed:
-    """Counts skipped lines; with strict=True the first one raises instead."""
+    """Counts skipped lines; with strict=True the first one raises instead, at `settle`.
+
+    A block of lines is checked in stages (field counts, then UTF-8, then each format's values),
+    so with strict=True a report only keeps the earliest line so far: `settle`, once every stage
+    has seen the block, raises for it. Raised at once, a short line 9 was "the first malformed
+    line" of a file whose line 5 held a bad label."""
 
     path: Path
     strict: bool
     count: int = 0
     covered: int = 0  # lines below this (0-based) were already checked by an earlier pass
     shown: list[str] = field(default_factory=list)
+    first: tuple[int, str] | None = None  # strict: the earliest bad line reported, and why
 
     def report(self, lines: np.ndarray, describe: Callable[[int], str]) -> None:
-        """`lines` are 0-based physical line indices; describe(i) explains lines[i]."""
+        """`lines` are 0-based physical line indices, ascending; describe(i) explains lines[i]."""
         fresh = np.flatnonzero(lines >= self.covered)
         if not fresh.size:
             return
         if self.strict:
             i = int(fresh[0])
-            raise DataError(f"{self.path}:{int(lines[i]) + 1}: {describe(i)}")
+            if self.first is None or int(lines[i]) < self.first[0]:
+                self.first = (int(lines[i]), describe(i))
+            return
         for i in fresh[: max(0, _SHOWN - len(self.shown))]:
             message = f"{self.path}:{int(lines[i]) + 1}: {describe(int(i))}; line skipped"
             self.shown.append(message)
             tqdm.write(f"warning: {message}", file=sys.stderr)  # not in the middle of a progress bar
         self.count += fresh.size
+
+    def settle(self) -> None:
+        """With strict=True, DataError for the earliest bad line reported; call once every check
+        of a block has reported, before anything of it is used."""
+        if self.first is not None:
+            line, why = self.first
+            raise DataError(f"{self.path}:{line + 1}: {why}")
 
 
 @dataclass
@@ -137,7 +152,8 @@ def read_chunks(path: Path, names: list[str], delimiter: str, malformed: Malform
                 data = _first_lines(data, stop_line - line)
             chunk = _parse_block(data, line, names, delimiter, malformed)
             if chunk.table.num_rows:
-                yield chunk
+                yield chunk  # the caller checks its values, then settles
+            malformed.settle()
 
 
 def line_blocks(f: BinaryIO) -> Iterator[tuple[bytes, int]]:

@@ -16,6 +16,7 @@ carries the dataset's vocabularies (a converted dataset's); None otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import location
 from embshard.trainer.export import ExportError, ServingModel, load_serving, read_manifest
 from embshard.trainer.models.two_tower import FIRST_ITEM, catalog_batches
-from embshard.trainer.models.two_tower_model import TwoTowerModel
+from embshard.trainer.models.two_tower_model import TowerLayout, TwoTowerModel
 
 ENCODE_BATCH = 4096
 
@@ -38,12 +39,18 @@ class QueryEncoder(nn.Module):
     """(dense, sparse of the dataset's ids over its features; item features may be empty) ->
     unit query vectors [B, out_dim]."""
 
-    def __init__(self, serving: ServingModel) -> None:
+    def __init__(self, serving: ServingModel, layout: TowerLayout) -> None:
         super().__init__()
         self.serving = serving
+        self.layout = layout
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         return self.serving(dense, sparse).query
+
+    def sparse_batch(self, rows: Mapping[str, Sequence[Any]]) -> KeyedJaggedTensor:
+        """`serving.sparse_batch` for queries: the query tower's features are needed, no item
+        feature (the query tower reads none; a row's item features describe its target)."""
+        return self.serving.sparse_batch(rows, unread=[f for f in self.serving.features if f not in self.layout.query])
 
 
 @dataclass
@@ -74,4 +81,4 @@ def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
     item_id = spec.catalog.item_id
     ids = torch.tensor(catalog[item_id].to_numpy())
     values = serving.decode(item_id, ids) if item_id in serving.vocabularies else None
-    return Retrieval(QueryEncoder(serving), ids, torch.cat(vectors), values)
+    return Retrieval(QueryEncoder(serving, towers.layout), ids, torch.cat(vectors), values)
