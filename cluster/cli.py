@@ -316,10 +316,11 @@ def _train(args: argparse.Namespace) -> int:
         # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
         metrics = train_on_ray(cfg)
     best = f" (best, at step {metrics.get('selected_step')})" if cfg.train.report_at == "best_valid" else ""
+    rate = metrics.get("samples_per_s")
     print(
         f"validation{best} {validation_text(metrics)}; "
         f"{metrics.get('samples') or 0:,} samples in {metrics.get('steps')} steps, "
-        f"{_fmt(metrics.get('samples_per_s'), '.0f')} samples/s"
+        + (f"{rate:.0f} samples/s" if rate is not None else "none of them by this start (resumed after the last)")
     )
     if metrics.get("restarts"):
         print(f"recovered from {metrics['restarts']} worker-group restart(s)")

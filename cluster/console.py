@@ -246,13 +246,24 @@ def route_worker_output() -> None:
     """Driver side, after ray.init(log_to_driver=True): Ray's forwarded worker lines go through
     `_RayOutput` instead of straight to the console. Stays for the process' life, so lines that
     arrive after a run ended still reach its log."""
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    from ray._private.worker import print_to_stdstream
 
+    ray_print = getattr(ray_worker.print_to_stdstream, "ray_print", ray_worker.print_to_stdstream)
+    output = _RayOutput(functools.partial(ray_print, ignore_prefix=False))
     # Ray registers its printer under this name; ours wraps it.
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler(_HANDLER_NAME)
-    dispatcher.add_handler(_HANDLER_NAME, _RayOutput(functools.partial(print_to_stdstream, ignore_prefix=False)))
+    dispatcher.add_handler(_HANDLER_NAME, output)
+
+    # The raylet's messages to the driver ("A worker died or was killed while executing a task
+    # ...", 900 characters above the run's one line for it) are printed by Ray's error listener
+    # thread with print_to_stdstream itself, past the dispatcher.
+    def raylet_messages(data: dict[str, Any], ignore_prefix: bool) -> None:
+        output(data)
+
+    raylet_messages.ray_print = ray_print  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = raylet_messages
 
 
 def record_error(error: BaseException, worker_traceback: str | None = None) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -203,7 +204,7 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources},
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.cluster.collective_timeout_s),
         run_config=RunConfig(
             name=f"{cfg.name}-{method}",
             storage_path=ray_storage(cfg),
@@ -337,7 +338,15 @@ class WorkerFailure:
     rank: int | None  # None: not raised by a training worker (Ray Train's controller, the driver)
 
     def summary(self) -> str:
-        return first_line(self.error) if self.rank is None else f"rank {self.rank}: {first_line(self.error)}"
+        said = first_line(self.error)
+        waited = _COLLECTIVE_TIMEOUT.search(said)
+        if waited:  # gloo's words for it name a source file and "recv operation"
+            said = (f"waited {int(waited['ms']) / 1000:g} s in a collective for a rank that did not come (a worker "
+                    f"hung, stopped or far slower; cluster.collective_timeout_s) ({said})")
+        return said if self.rank is None else f"rank {self.rank}: {said}"
+
+
+_COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting (?P<ms>\d+)ms for \w+ operation to complete")
 
 
 def worker_error(e: BaseException) -> WorkerFailure:

@@ -461,6 +461,11 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker
     address: str | None = None  # None = start a local Ray in-process
     max_failures: int = 0  # worker-group restarts Ray Train may do
+    # Seconds a rank waits for the others in one collective (an embedding all-to-all, a gradient
+    # all-reduce, a checkpoint's gather) before it fails: a hung or stopped worker then ends the run
+    # (or restarts the group, under max_failures) instead of holding it for good. Longer than any
+    # one rank's checkpoint write or evaluation, which the others wait out in a collective.
+    collective_timeout_s: int = 1800
     storage: str | None = None  # Ray Train's run storage; None = <output_dir>/ray, or a URI (s3://bucket/ray)
     # Ray custom resources each worker reserves besides its CPUs (and its GPU on cuda). The Helm
     # chart sets {embshard_rank: 1} and gives each worker pod one per rank it holds, so no two pods'
@@ -480,6 +485,8 @@ class ClusterConfig:
             raise ConfigError(f"cpus_per_worker: must be positive, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        if self.collective_timeout_s < 1:
+            raise ConfigError(f"collective_timeout_s: must be at least 1, got {self.collective_timeout_s}")
 
 
 # What `embshard sweep` compares: each a method, "X+mlet" a method's plan trained with MLET.

@@ -166,3 +166,27 @@ def test_a_library_s_root_console_handler_prints_nothing_during_a_run(tmp_path):
         assert "Started a local Ray instance." in log.read_text()
     finally:
         root.removeHandler(library)
+
+
+def test_the_raylet_s_messages_go_to_the_run_log(tmp_path, capsys):
+    # Ray's error listener printed "(raylet) A worker died ..." (900 characters) on the console
+    # above the run's one line for the same failure.
+    import ray._private.worker as ray_worker
+
+    from embshard.cluster import console
+
+    console.route_worker_output()
+    console.route_worker_output()  # again, as a second run in the process does: Ray's printer stays its own
+    message = {"lines": ["A worker died or was killed while executing a task by an unexpected system error."],
+               "pid": "raylet", "is_err": False}
+    with console.run_log(tmp_path) as log:
+        ray_worker.print_to_stdstream(message, ignore_prefix=False)  # as listen_error_messages calls it
+    assert "A worker died" not in capsys.readouterr().out
+    assert "(worker pid=raylet) A worker died or was killed" in log.read_text()
+    console.set_verbose(True)
+    try:
+        with console.run_log(tmp_path / "verbose"):
+            ray_worker.print_to_stdstream(message, ignore_prefix=False)
+    finally:
+        console.set_verbose(False)
+    assert "A worker died or was killed" in capsys.readouterr().out  # Ray's own printer, with --verbose

@@ -80,6 +80,9 @@ def test_best_valid_is_remembered_across_a_restart(dataset, tmp_path):
     # which is not better, so the choice made before the restart stands.
     again = run(job(dataset, tmp_path / "run", "best_valid", STEPS, checkpoints=True))
     assert again["resumed_from"] is not None
+    # This start trained nothing: no rate, and the loss is the checkpoint's (were 0 samples/s, None).
+    assert again["samples_per_s"] is None and again["data_wait_share"] is None
+    assert again["last_loss"] == first["last_loss"] is not None
     for key in ("selected_step", "valid_auc", "test_auc", "test_logloss"):
         assert again[key] == first[key], key
     # The same checkpoint resumed under `last` reports the last step, not the earlier choice.

@@ -109,6 +109,23 @@ def test_a_worker_crash_is_one_line_and_a_log(tmp_path):
     assert lines[-1].endswith(f"(full traceback: {log.resolve()})")
     assert len(lines) <= 3 and "Traceback" not in train.stderr, train.stderr
     assert "Traceback" in log.read_text()
+    # Nor the raylet's 900-character paragraph on stdout ("(raylet) A worker died or was killed ...").
+    assert "A worker died" not in train.stdout, train.stdout
+
+
+def test_a_hung_worker_ends_the_run_in_one_line(tmp_path):
+    # A stopped or stuck worker (SIGSTOP, a deadlock) held the run for good: the other rank waited
+    # in its collective with Ray's 30-minute default and nothing said why.
+    data, run = profiled_synth(tmp_path / "data", rows=6000, max_cardinality=2000), tmp_path / "run"
+    train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512",
+                 "--set", "cluster.collective_timeout_s=5",
+                 env={**ENV, "EMBSHARD_CRASH_AT": "1:2:hang"})  # rank 1 stops after step 2
+    lines = train.stderr.strip().split("\n")
+    assert train.returncode == 1, train.stderr[-3000:]
+    assert lines[-1].startswith("embshard: crashed: rank 0: waited 5 s in a collective for a rank that did not "
+                                "come (a worker hung, stopped or far slower; cluster.collective_timeout_s)"), lines[-1]
+    assert len(lines) <= 3 and "Traceback" not in train.stderr, train.stderr
 
 
 def test_verbose_shows_what_the_log_keeps(tmp_path):

@@ -99,6 +99,8 @@ class Progress:
     world_size: int = 1
     batch_size: int = 0  # per rank; with world_size it converts the reader position
     first_loss: float | None = None
+    # The last logged loss: a start that resumes with nothing left to train reported None.
+    last_loss: float | None = None
     # train.report_at best_valid: {"step", "valid", "test"} of the best validation so far (the
     # EvalResults as dicts), so the choice spans restarts.
     best: dict[str, Any] | None = None

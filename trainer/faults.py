@@ -1,12 +1,15 @@
-"""Fault injection for tests: a real process death (not an exception) at a chosen step.
+"""Fault injection for tests: a real process death or hang (not an exception) at a chosen step.
 
-`EMBSHARD_CRASH_AT=RANK:STEP` makes that rank `os._exit(1)` right after training step STEP, once
-per output folder (a marker file records that it happened, so the restarted worker lives on).
+`EMBSHARD_CRASH_AT=RANK:STEP` makes that rank `os._exit(1)` right after training step STEP, and
+`RANK:STEP:hang` makes it stop there for good (a stuck or SIGSTOPped worker: alive, in no
+collective); once per output folder (a marker file records that it happened, so the restarted
+worker lives on).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from embshard.trainer.callbacks import Callback, StepInfo
@@ -16,13 +19,16 @@ MARKER = "crash-injected"
 
 
 class CrashAtStep(Callback):
-    def __init__(self, step: int, marker: Path) -> None:
+    def __init__(self, step: int, marker: Path, hang: bool = False) -> None:
         self.step = step
         self.marker = marker
+        self.hang = hang
 
     def on_step(self, info: StepInfo) -> None:
         if info.step == self.step and not self.marker.exists():
             self.marker.write_text(f"{os.getpid()}\n")
+            while self.hang:
+                time.sleep(60)
             os._exit(1)
 
 
@@ -30,5 +36,7 @@ def crash_from_env(rank: int, output_dir: Path) -> CrashAtStep | None:
     spec = os.environ.get(ENV)
     if not spec:
         return None
-    crash_rank, step = (int(v) for v in spec.split(":"))
-    return CrashAtStep(step, output_dir / MARKER) if crash_rank == rank else None
+    crash_rank, step, *how = spec.split(":")
+    if int(crash_rank) != rank:
+        return None
+    return CrashAtStep(int(step), output_dir / MARKER, hang=how == ["hang"])

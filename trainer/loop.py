@@ -145,7 +145,6 @@ def run_worker(
     for cb in callbacks:
         cb.on_train_start(total)
 
-    last_loss: float | None = None
     result: EvalResult | None = None
     test_seconds = 0.0  # kept out of the throughput, like the test after the last step
 
@@ -204,7 +203,7 @@ def run_worker(
             if loss_value is not None:
                 watch.check(progress.step, "the loss was logged")
                 progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
-                last_loss = loss_value
+                progress.last_loss = loss_value
             now = time.perf_counter()
             info = StepInfo(progress.step, epoch, step.rows, now - tick - wait, wait, loss_value)
             for cb in callbacks:
@@ -224,6 +223,9 @@ def run_worker(
     if result is None and not stopped:  # resumed with nothing left to train
         result = validate()
     elapsed = time.perf_counter() - started - test_seconds
+    # Rates of this start's training; a start that trained nothing (a restart after the last
+    # step) has none, not 0 samples/s.
+    trained = progress.samples - resumed_samples
     # A checkpoint of a best_valid run keeps its choice; a resume under `last` ignores it.
     if cfg.train.report_at == "best_valid" and progress.best is not None:
         selected_step = progress.best["step"]
@@ -239,15 +241,15 @@ def run_worker(
         "steps": progress.step,
         "samples": progress.samples,
         "seconds": elapsed,
-        "samples_per_s": (progress.samples - resumed_samples) / elapsed if elapsed > 0 else 0.0,
+        "samples_per_s": trained / elapsed if trained and elapsed > 0 else None,
         "first_loss": progress.first_loss,
-        "last_loss": last_loss,
+        "last_loss": progress.last_loss,
         **eval_summary(result),
         "selected_step": selected_step,
         "data_wait_seconds": train_reader.wait_seconds,
         # The share of this start's wall time the loop sat waiting for batches: near 0 means the
         # reader keeps up and faster input would not speed training up.
-        "data_wait_share": train_reader.wait_seconds / elapsed if elapsed > 0 else 0.0,
+        "data_wait_share": train_reader.wait_seconds / elapsed if trained and elapsed > 0 else None,
         "restarts": restarts,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "preempted": stopped,
