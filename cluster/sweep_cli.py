@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embshard.cluster.cli_args import config_arguments, verbose_argument
+from embshard.cluster.cli_args import config_arguments, nonempty, verbose_argument
 
 SETTINGS_FILE = "settings.md"  # a sweep of several settings: their reports side by side
 
@@ -48,7 +48,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "runs once per value, each value a report of its own in a folder named after it")
     p.add_argument("--first-seed", type=int, default=0, metavar="K",
                    help="run seeds K..K+N-1 instead (a later seed on its own, to merge with `sweep-merge`)")
-    p.add_argument("--out", help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
+    p.add_argument("--out", type=nonempty,
+                   help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out after an interruption (finished trials are kept)")
     p.add_argument("--parallel", type=int, metavar="N",
@@ -66,7 +67,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     m.add_argument("reports", nargs="+", metavar="SWEEP",
                    help="a sweep's folder (its --out, local or a URI such as s3://bucket/sweep) or its "
                         "sweep-<dataset>.json")
-    m.add_argument("--out", required=True,
+    m.add_argument("--out", type=nonempty, required=True,
                    help="the folder (or URI) for the merged sweep-<dataset>.json, .md and .png")
     m.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier merge in --out")
     m.add_argument("--assume-same-config", action="store_true",

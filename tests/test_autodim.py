@@ -20,6 +20,7 @@ from embshard.config import (
     DataConfig,
     EmbeddingsConfig,
     JobConfig,
+    MletConfig,
     ModelConfig,
     TrainConfig,
 )
@@ -39,6 +40,7 @@ from embshard.trainer.autodim import (
     AutodimSearch,
     alpha_step,
     base_plan,
+    decisions_path,
     make_decisions,
     model_step,
     search_embedding,
@@ -209,6 +211,12 @@ def test_config_checks_name_the_field():
     cfg.autodim = AutodimConfig(candidates=[2, 8, 32])
     with pytest.raises(ConfigError, match="autodim.candidates: the largest candidate 32 must equal embeddings.dim 16"):
         plan_search(cfg, 1)
+    # MLET was dropped without a word: the search trains tables of its own.
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16, mlet=MletConfig(ratio=2.0)),
+                    autodim=AutodimConfig(candidates=[4, 16]))
+    with pytest.raises(ConfigError, match=r"^embeddings\.mlet: the AutoDim search trains candidate widths .* \(the "
+                                          r"sweep's pep\+mlet and autodim\+mlet do\)$"):
+        plan_search(cfg, 1)
 
 
 # --- on a sharded model (one gloo rank, in process) ---------------------------------------------
@@ -351,6 +359,13 @@ def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, 
     longer = run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)), method="autodim")
     assert longer["steps"] == 6 and longer["alpha_steps"] == 3
     assert load_decisions(longer["decisions"]).meta["steps"] == 6
+    # The search's model is no model to serve: its bare tables were exported without a word.
+    from embshard.trainer.export import ExportError, export_serving
+
+    with pytest.raises(ExportError, match=r"step-000006: holds model parameters a served model has no place for "
+                                          r"\('embeddings\.arch\.logits' and \d+ more\): a run that searches"):
+        export_serving(tmp_path / "run" / "checkpoints", tmp_path / "serving")
+    assert not (tmp_path / "serving").exists()
 
 
 def test_search_checkpoints_and_stops_on_sigterm(dataset, tmp_path, process_group):
@@ -378,5 +393,9 @@ def test_search_checkpoints_and_stops_on_sigterm(dataset, tmp_path, process_grou
     summary = run_worker(cfg, method=PreemptedSearch())
     assert summary["preempted"] and summary["steps"] == 2
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+    # Stopped, it chose nothing: 2 steps' widths were written, read as a finished search's.
+    decisions = decisions_path(cfg)
+    assert summary["decisions"] is None and not decisions.exists()
     resumed = run_worker(cfg, method="autodim")
     assert resumed["resumed_from"].endswith("step-000002") and resumed["steps"] == 6
+    assert resumed["decisions"] == str(decisions) and load_decisions(decisions).meta["steps"] == 6

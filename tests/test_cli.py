@@ -582,3 +582,13 @@ def test_an_empty_resume_flag_is_one_line(tmp_path, capsys):
     assert main(["train", str(cfg), "--resume", ""]) == 2
     assert capsys.readouterr().err.strip() == "embshard: error: --resume: an empty path (an unset shell variable?)"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [["plan", "c.yaml"], ["search", "autodim", "c.yaml"], ["export", "ck"],
+                                  ["sweep", "c.yaml"], ["sweep-merge", "a", "b"]])
+def test_an_empty_out_flag_is_refused_not_read_as_the_current_folder(argv, capsys):
+    # `--out ''` was the current folder: "/home/me: a directory ...", or a sweep written into it.
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", ""])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: argument --out: an empty path (an unset shell variable?)")

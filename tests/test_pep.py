@@ -368,6 +368,18 @@ def test_cpu_fused_rowwise_adagrad_ignores_weight_decay(process_group):
     assert stepped_row({"weight_decay": 0.5, "weight_decay_mode": WeightDecayMode.L2}) == plain
 
 
+def test_pep_runs_refuse_mlet_in_one_line():
+    # The prune run said "plan it with embeddings.policy uniform" of a uniform plan with MLET.
+    from embshard.config import MletConfig
+    from embshard.trainer.pep import PepLottery, PepPrune
+
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=8, mlet=MletConfig(ratio=2.0)),
+                    pep=PepConfig(targets=[0.5], retrain_target=0.5, retrain_from="runs/prune/pep"))
+    for method, does in ((PepPrune(), "a PEP prune run thresholds"), (PepLottery(), "a lottery-ticket retrain keeps")):
+        with pytest.raises(ConfigError, match=rf"^embeddings\.mlet: {does} "):
+            method.check_config(cfg)
+
+
 def test_prune_run_keeps_the_configs_checkpoint_settings():
     # `embshard prune pep` used to switch checkpoints off whatever `checkpoint:` said.
     from embshard.cluster.pep_cli import prune_job
@@ -404,6 +416,12 @@ def test_prune_run_checkpoints_in_the_one_loop(tmp_path, process_group):
     summary = run_worker(cfg, method="pep")
     assert summary["steps"] == 4 and summary["pep"]["missed"] == [0.01]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    # Its tables with their thresholds are no model to serve; exported, they were the bare tables.
+    from embshard.trainer.export import ExportError, export_serving
+
+    with pytest.raises(ExportError, match=r"step-000004: holds model parameters a served model has no place for "
+                                          r"\('embeddings\.\S*threshold"):
+        export_serving(tmp_path / "run" / "checkpoints", tmp_path / "serving")
 
 
 def test_a_run_that_ends_between_counts_counts_at_its_end(tmp_path, process_group):

@@ -46,7 +46,7 @@ from embshard.trainer.callbacks import Callback, StepInfo
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.history import StepHistory
 from embshard.trainer.loop import make_reader, train_step
-from embshard.trainer.method import EmbeddingMethod, Worker, uniform_embeddings
+from embshard.trainer.method import EmbeddingMethod, Worker, refuse_mlet, uniform_embeddings
 
 DECISIONS_FILE = "decisions.json"
 ALPHA_HISTORY_FILE = "alpha_history.jsonl"
@@ -90,6 +90,7 @@ class AutodimSearch(EmbeddingMethod):
 
     def check_config(self, cfg: JobConfig) -> None:
         autodim_section(cfg)
+        refuse_mlet(cfg, "the AutoDim search trains candidate widths over base-dim tables of its own")
 
     def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
                        out_dir: Path) -> DimensionPlan:
@@ -237,12 +238,15 @@ class AlphaStep(Callback):
         result = self.result or EvalResult({"auc": float("nan"), "logloss": float("nan")}, "auc", 0)
         decisions = make_decisions(self.cfg, self.embedding, result, stats)
         path = decisions_path(self.cfg)
-        if dist.get_rank() == 0:
+        # A search stopped on the way (Ctrl-C, SIGTERM) chose nothing yet: its widths, written, read
+        # as a finished search's, replaced one with --overwrite and refused the resume's own --out.
+        stopped = summary.get("preempted", False)
+        if dist.get_rank() == 0 and not stopped:
             decisions.save(path)
         summary.update(stats)
         summary["dims"] = {feature: t.dim for feature, t in decisions.tables.items()}
         summary["alpha"] = decisions.meta["alpha"]
-        summary["decisions"] = str(path)
+        summary["decisions"] = None if stopped else str(path)
         if self.search.history_every:
             summary["alpha_history"] = str(alpha_history_path(self.cfg))
 

@@ -438,6 +438,16 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, dict[str, torch.Tensor
     model = TrainModel(get_arch(model_config),
                        arch_model(without_mlet(plan) if collapsed_on_save else plan, spec, model_config))
     state = model.state_dict()
+    # A search's or prune run's arch holds more than its plan's tables (AutoDim's alpha and unifying
+    # layers, PEP's thresholds): exported, it was the bare tables, served without a word. (Beside
+    # the arch, `model.` also holds training state, e.g. MLET's exact_resume W1.)
+    known = {f"model.{k}" for k in (*state, *probe.state_dict())}
+    unread = sorted(k.removeprefix("model.model.") for k in shapes if k.startswith("model.model.") and k not in known)
+    if unread:
+        more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
+        raise ExportError(f"{path}: holds model parameters a served model has no place for ({unread[0]!r}{more}): a "
+                          "run that searches or prunes (autodim, pep) decides a plan, it is not one to serve; export "
+                          "the run trained on its decisions file")
     with warnings.catch_warnings():
         # DCP says, even with no_dist=True asked for, that it loads in one process: it is meant to.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -157,6 +157,14 @@ def uniform_embeddings(cfg: JobConfig) -> JobConfig:
     return replace(cfg, embeddings=replace(cfg.embeddings, policy="uniform", decisions=None, mlet=None))
 
 
+def refuse_mlet(cfg: JobConfig, trains: str) -> None:
+    """ConfigError for `embeddings.mlet` in a run whose method `trains` tables of its own: MLET
+    would be dropped without a word (or, planned, refused as a plan that is not uniform)."""
+    if cfg.embeddings.mlet is not None:
+        raise ConfigError(f"embeddings.mlet: {trains}, which MLET does not factorise; remove it here, and train "
+                          "the plan this run decides with MLET (the sweep's pep+mlet and autodim+mlet do)")
+
+
 # ----------------------------------------------------------------------------- registry
 
 # Built-in methods, imported on first use so that naming one loads only its own modules.

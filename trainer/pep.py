@@ -47,7 +47,7 @@ from embshard.sharding.pep import LocalShard, PepEmbeddings, initial_values, loc
 from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
 from embshard.trainer.history import StepHistory
-from embshard.trainer.method import EmbeddingMethod, Worker, module_path
+from embshard.trainer.method import EmbeddingMethod, Worker, module_path, refuse_mlet
 from embshard.trainer.metrics import WorkerMetrics
 
 RUN_FILE = "pep.json"  # the prune run's record: seed, granularity, tables, targets reached
@@ -130,6 +130,7 @@ class PepPrune(EmbeddingMethod):
 
     def check_config(self, cfg: JobConfig) -> None:
         _require_pep(cfg)
+        refuse_mlet(cfg, "a PEP prune run thresholds the entries of plain base-dim tables")
         if cfg.embeddings.policy != "uniform":
             raise ConfigError(f"embeddings.policy: PEP prunes dense tables, use uniform (got {cfg.embeddings.policy})")
         row_threshold_decay(cfg)  # its refusals before anything trains, not in every worker
@@ -486,6 +487,7 @@ class PepLottery(EmbeddingMethod):
         return self._ticket
 
     def check_config(self, cfg: JobConfig) -> None:
+        refuse_mlet(cfg, "a lottery-ticket retrain keeps masked entries of plain base-dim tables at zero")
         self.ticket(cfg)
 
     def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
