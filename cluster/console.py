@@ -256,14 +256,37 @@ def route_worker_output() -> None:
     dispatcher.remove_handler(_HANDLER_NAME)
     dispatcher.add_handler(_HANDLER_NAME, output)
 
-    # The raylet's messages to the driver ("A worker died or was killed while executing a task
-    # ...", 900 characters above the run's one line for it) are printed by Ray's error listener
-    # thread with print_to_stdstream itself, past the dispatcher.
-    def raylet_messages(data: dict[str, Any], ignore_prefix: bool) -> None:
-        output(data)
+    # Ray's error listener thread prints the raylet's messages to the driver with
+    # print_to_stdstream itself, past the dispatcher. One of them, "A worker died or was killed
+    # ...", put 900 characters above the run's one line for that death: it goes to the log, and
+    # the console keeps its cause in a line. The others (a node lost, a task no node can take) are
+    # printed as Ray prints them.
+    def raylet_messages(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        lines = data.get("lines", [])
+        try:
+            if not (_verbose or _current_log is None) and any(line.startswith(_WORKER_DIED) for line in lines):
+                _worker_died(lines, _current_log)
+                return
+        except Exception:
+            pass  # an error raised here would end Ray's listener thread: Ray's printer has it instead
+        ray_print(data, *args, **kwargs)
 
     raylet_messages.ray_print = ray_print  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = raylet_messages
+
+
+_WORKER_DIED = "A worker died or was killed"
+_EXIT = re.compile(r"Worker exit type: (?P<type>\S+) Worker exit detail: (?P<detail>.+?\.)(?: |$)")
+
+
+def _worker_died(lines: list[str], log: Path) -> None:
+    _append(log, "".join(f"(raylet) {line}\n" for line in lines))
+    for line in (line for line in lines if line.startswith(_WORKER_DIED)):
+        exit_ = _EXIT.search(line)
+        cause = f" ({exit_['type']}: {exit_['detail']})" if exit_ else ""
+        _end_progress_line()
+        print(f"warning: a Ray worker process died{cause}; Ray's account of it is in {log}", file=sys.stderr,
+              flush=True)
 
 
 def record_error(error: BaseException, worker_traceback: str | None = None) -> Path | None:

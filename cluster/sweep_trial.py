@@ -34,7 +34,7 @@ from embshard.cluster.sweep_plan import (
 )
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import PlanError
+from embshard.errors import Interrupted, PlanError
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.pep import LotteryTicket
@@ -110,7 +110,10 @@ def _pep_points(prune: JobConfig, base: JobConfig, spec: DatasetSpec, trial: Tri
 def _train(cfg: JobConfig, method: str | None = None) -> tuple[DimensionPlan, dict[str, Any]]:
     with run_lock(cfg):
         bundle = plan_for_training(cfg, method)
-        return bundle.dimension_plan, train_on_ray(cfg, method)
+        summary = train_on_ray(cfg, method)
+    if summary["preempted"]:  # its workers were signalled: a part of the run, no result (nor an AutoDim choice)
+        raise Interrupted(f"{cfg.output_dir}: stopped by SIGTERM after step {summary['steps']}, before its end")
+    return bundle.dimension_plan, summary
 
 
 def _decisions_plan(prune: JobConfig, spec: DatasetSpec, decisions: Path) -> DimensionPlan:

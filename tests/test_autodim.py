@@ -336,7 +336,7 @@ def test_search_config_loads_from_yaml():
     assert cfg.autodim.candidates[-1] == cfg.embeddings.dim
 
 
-def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, process_group):
+def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, process_group, monkeypatch):
     """The search runs in the one loop: `checkpoint.every_steps`, `train.eval_every` and metrics
     apply, and alpha (and its optimizer) come back from a checkpoint."""
     from embshard.config import MetricsConfig
@@ -362,8 +362,13 @@ def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, 
     # The search's model is no model to serve: its bare tables were exported without a word.
     from embshard.trainer.export import ExportError, export_serving
 
-    with pytest.raises(ExportError, match=r"step-000006: holds model parameters a served model has no place for "
-                                          r"\('embeddings\.arch\.logits' and \d+ more\): a run that searches"):
+    with pytest.raises(ExportError, match=r"step-000006: a checkpoint of a 'autodim' run, which decides a plan and "
+                                          r"trains no model to serve; export the run trained on its decisions file$"):
+        export_serving(tmp_path / "run" / "checkpoints", tmp_path / "serving")
+    # A method that does not say so is caught by what its model holds beyond the plan's tables.
+    monkeypatch.setattr(AutodimSearch, "serves", True)
+    with pytest.raises(ExportError, match=r"step-000006: holds model parameters the model rebuilt from its config has "
+                                          r"no place for \('embeddings\.arch\.logits' and \d+ more\)"):
         export_serving(tmp_path / "run" / "checkpoints", tmp_path / "serving")
     assert not (tmp_path / "serving").exists()
 

@@ -592,3 +592,19 @@ def test_an_empty_out_flag_is_refused_not_read_as_the_current_folder(argv, capsy
         main([*argv, "--out", ""])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: argument --out: an empty path (an unset shell variable?)")
+
+
+def test_a_search_whose_workers_were_stopped_says_so_and_names_no_decisions(tmp_path, capsys, monkeypatch):
+    # Workers signalled without the driver's asking (a pod's SIGTERM) ended the search at step 3:
+    # it printed "decisions -> FILE" of a file no one wrote.
+    import embshard.cluster.launch as launch
+
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
+                                    f"output_dir: {tmp_path / 'run'}\n", max_cardinality=300)
+    monkeypatch.setattr(launch, "train_on_ray", lambda cfg, method=None: {"steps": 3, "preempted": True,
+                                                                           "decisions": None})
+    assert main(["search", "autodim", str(cfg)]) == 130
+    out, err = capsys.readouterr()
+    assert "decisions ->" not in out
+    assert err.strip().splitlines()[-1] == ("embshard: the search stopped after step 3, before its end: no decisions "
+                                            "written; run the same command again to continue")

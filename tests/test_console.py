@@ -168,21 +168,31 @@ def test_a_library_s_root_console_handler_prints_nothing_during_a_run(tmp_path):
         root.removeHandler(library)
 
 
-def test_the_raylet_s_messages_go_to_the_run_log(tmp_path, capsys):
+def test_the_raylet_s_worker_died_paragraph_goes_to_the_run_log(tmp_path, capsys):
     # Ray's error listener printed "(raylet) A worker died ..." (900 characters) on the console
-    # above the run's one line for the same failure.
+    # above the run's one line for the same failure; its cause stays on the console, in a line.
     import ray._private.worker as ray_worker
 
     from embshard.cluster import console
 
     console.route_worker_output()
     console.route_worker_output()  # again, as a second run in the process does: Ray's printer stays its own
-    message = {"lines": ["A worker died or was killed while executing a task by an unexpected system error."],
-               "pid": "raylet", "is_err": False}
+    died = ("A worker died or was killed while executing a task by an unexpected system error. To troubleshoot "
+            "the problem, check the logs for the dead worker. Worker PID: 24296 Worker exit type: SYSTEM_ERROR "
+            "Worker exit detail: Worker unexpectedly exits with a connection error code 2. End of file. Some "
+            "common causes include: (1) the process was killed by the OOM killer")
+    message = {"lines": [died], "pid": "raylet", "is_err": False}
+    lost = {"lines": ["The node with node id: abc has been marked dead because the detector has missed too many "
+                      "heartbeats from it."], "pid": "raylet", "is_err": False}
     with console.run_log(tmp_path) as log:
         ray_worker.print_to_stdstream(message, ignore_prefix=False)  # as listen_error_messages calls it
-    assert "A worker died" not in capsys.readouterr().out
-    assert "(worker pid=raylet) A worker died or was killed" in log.read_text()
+        ray_worker.print_to_stdstream(lost, ignore_prefix=False)
+    out, err = capsys.readouterr()
+    assert "A worker died" not in out + err
+    assert err == (f"warning: a Ray worker process died (SYSTEM_ERROR: Worker unexpectedly exits with a connection "
+                   f"error code 2.); Ray's account of it is in {log}\n")
+    assert f"(raylet) {died}" in log.read_text()
+    assert "has been marked dead" in out  # another raylet message: printed as Ray prints it
     console.set_verbose(True)
     try:
         with console.run_log(tmp_path / "verbose"):

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import profiled_synth
 
+from embshard.trainer.faults import MARKER
 from embshard.trainer.restarts import STARTS_FILE
 
 pytestmark = pytest.mark.slow
@@ -126,6 +127,7 @@ def test_a_hung_worker_ends_the_run_in_one_line(tmp_path):
     assert lines[-1].startswith("embshard: crashed: rank 0: waited 5 s in a collective for a rank that did not "
                                 "come (a worker hung, stopped or far slower; cluster.collective_timeout_s)"), lines[-1]
     assert len(lines) <= 3 and "Traceback" not in train.stderr, train.stderr
+    assert (run / MARKER).is_file()  # the injected hang, not some earlier wait, timed out
 
 
 def test_verbose_shows_what_the_log_keeps(tmp_path):

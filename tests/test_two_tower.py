@@ -315,6 +315,8 @@ def test_export_reproduces_the_trained_models_scores(dataset: Path, tmp_path: Pa
         encoder.sparse_batch({f: v for f, v in query_rows.items() if f != "userId"})
     with pytest.raises(DataError, match=r"^sparse_batch: no feature given"):
         serving.sparse_batch({}, unread=list(serving.features))
+    with pytest.raises(DataError, match=r"^sparse_batch: unknown feature 'movieID'"):
+        serving.sparse_batch(query_rows, unread=["movieID"])  # a typo left every item feature to be given
     unseen = serving.sparse_batch({**{f: [None] for f in rows}, "movieId": [99_999], "genres": [["Western"]]})
     assert unseen.values().tolist() == [OOV_ID] * len(rows)  # every value unknown: the OOV id
     n = len(rows["userId"])

@@ -87,6 +87,7 @@ class AutodimSearch(EmbeddingMethod):
     """The search's parts: its plan, the search embedding, alpha's optimizer and step."""
 
     mixed_widths = False
+    serves = False
 
     def check_config(self, cfg: JobConfig) -> None:
         autodim_section(cfg)
@@ -240,13 +241,15 @@ class AlphaStep(Callback):
         path = decisions_path(self.cfg)
         # A search stopped on the way (Ctrl-C, SIGTERM) chose nothing yet: its widths, written, read
         # as a finished search's, replaced one with --overwrite and refused the resume's own --out.
-        stopped = summary.get("preempted", False)
-        if dist.get_rank() == 0 and not stopped:
-            decisions.save(path)
         summary.update(stats)
-        summary["dims"] = {feature: t.dim for feature, t in decisions.tables.items()}
-        summary["alpha"] = decisions.meta["alpha"]
-        summary["decisions"] = None if stopped else str(path)
+        if summary["preempted"]:
+            summary["decisions"] = None
+        else:
+            if dist.get_rank() == 0:
+                decisions.save(path)
+            summary["dims"] = {feature: t.dim for feature, t in decisions.tables.items()}
+            summary["alpha"] = decisions.meta["alpha"]
+            summary["decisions"] = str(path)
         if self.search.history_every:
             summary["alpha_history"] = str(alpha_history_path(self.cfg))
 

@@ -35,6 +35,9 @@ class StepInfo:
 
 class Callback:
     stop_requested: bool = False  # set by a callback that wants the loop to end after this step
+    # With stop_requested: the stop is Ctrl-C's or SIGTERM's, so the run is unfinished (a PEP prune
+    # run that reached its last target stops finished).
+    preempted: bool = False
 
     def on_train_start(self, total_steps: int) -> None: ...
     def on_step_start(self, step: int) -> None: ...  # `step` steps done; the batch is loaded
@@ -130,7 +133,7 @@ class CheckpointCallback(Callback):
         preempted = self.guard is not None and self.guard.any_rank_signalled()
         if preempted or (self.every_steps and info.step % self.every_steps == 0):
             self.save()
-        self.stop_requested = preempted
+        self.stop_requested = self.preempted = preempted
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         if self.saved_step != summary["steps"]:

@@ -49,7 +49,14 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embshard.config import ModelConfig
 from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
-from embshard.datasets.schema import VOCAB_DIR, DatasetSpec, SparseFeature, is_vocabulary_entry, vocabulary_file
+from embshard.datasets.schema import (
+    OOV_ID,
+    VOCAB_DIR,
+    DatasetSpec,
+    SparseFeature,
+    is_vocabulary_entry,
+    vocabulary_file,
+)
 from embshard.datasets.storage import (
     RemotePath,
     StoragePath,
@@ -69,6 +76,7 @@ from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, is_step_name, newest_verified
 from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
+from embshard.trainer.method import get_method
 from embshard.trainer.models import TrainModel, build_model, get_arch
 
 MANIFEST = "serving.json"
@@ -276,9 +284,9 @@ class ServingModel(nn.Module):
         does not depend on, such as a query tower's item features): left out, every row of them is
         the OOV id (no value, multi-hot)."""
         missing = [f for f in self.features if f not in rows and f not in unread]
-        unknown = [f for f in rows if f not in self.features]
+        unknown = [f for f in (*rows, *unread) if f not in self.features]
         if missing or unknown:
-            wrong = f"no values for {missing[0]!r}" if missing else f"unknown feature {unknown[0]!r}"
+            wrong = f"unknown feature {unknown[0]!r}" if unknown else f"no values for {missing[0]!r}"
             raise DataError(f"sparse_batch: {wrong} (the model reads {', '.join(self.features)})")
         given = [f for f in self.features if f in rows]
         scalar = next((f for f in given if not _one_a_row(rows[f])), None)
@@ -293,7 +301,7 @@ class ServingModel(nn.Module):
         values, lengths = [], []
         for name, feature in self.features.items():
             if name not in rows:
-                values.append(torch.zeros(0 if feature.multi_hot else n, dtype=torch.int64))
+                values.append(torch.full((0 if feature.multi_hot else n,), OOV_ID, dtype=torch.int64))
                 lengths.append(torch.full((n,), 0 if feature.multi_hot else 1, dtype=torch.int64))
                 continue
             column = rows[name]
@@ -414,6 +422,7 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, dict[str, torch.Tensor
     plan_dir = path / PLAN_DIR
     raw = json.loads((plan_dir / PLAN).read_text())
     plan = DimensionPlan.from_json(raw["dimension_plan"], where=str(plan_dir / PLAN))
+    _check_serves(plan, path)
     model_config = ModelConfig(**config.get("model", {}))
     spec = _run_spec(config, path)
     # The arch is rebuilt from the data at data.path now, which may have been written again since:
@@ -438,16 +447,16 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, dict[str, torch.Tensor
     model = TrainModel(get_arch(model_config),
                        arch_model(without_mlet(plan) if collapsed_on_save else plan, spec, model_config))
     state = model.state_dict()
-    # A search's or prune run's arch holds more than its plan's tables (AutoDim's alpha and unifying
-    # layers, PEP's thresholds): exported, it was the bare tables, served without a word. (Beside
-    # the arch, `model.` also holds training state, e.g. MLET's exact_resume W1.)
+    # Parameters the rebuilt model has no place for would be dropped, and the export serve another
+    # model than the one trained (as a search's was, before `serves`). Beside the arch, `model.`
+    # also holds training state, e.g. MLET's exact_resume W1.
     known = {f"model.{k}" for k in (*state, *probe.state_dict())}
     unread = sorted(k.removeprefix("model.model.") for k in shapes if k.startswith("model.model.") and k not in known)
     if unread:
         more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
-        raise ExportError(f"{path}: holds model parameters a served model has no place for ({unread[0]!r}{more}): a "
-                          "run that searches or prunes (autodim, pep) decides a plan, it is not one to serve; export "
-                          "the run trained on its decisions file")
+        raise ExportError(f"{path}: holds model parameters the model rebuilt from its config has no place for "
+                          f"({unread[0]!r}{more}): its arch or method is not the code that wrote it, or its method "
+                          "keeps state of its own; served without them, it would be another model")
     with warnings.catch_warnings():
         # DCP says, even with no_dist=True asked for, that it loads in one process: it is meant to.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -456,6 +465,18 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, dict[str, torch.Tensor
         state.update(collapse_mlet_tables(model, state))
     sources = _Sources(spec, model_config, plan_dir, location(data_path), str(path))
     return plan, {_arch_key(k): v for k, v in state.items()}, sources
+
+
+def _check_serves(plan: DimensionPlan, path: StoragePath) -> None:
+    method = plan.made_with.get("method")
+    try:
+        serves = get_method(method).serves if isinstance(method, str) else True
+    except EmbshardError:
+        return  # a user's method this process cannot import: the parameters' check still applies
+    if not serves:
+        # AutoDim's alpha and unifying layers, PEP's thresholds: exported, the bare tables were served.
+        raise ExportError(f"{path}: a checkpoint of a {method!r} run, which decides a plan and trains no model to "
+                          "serve; export the run trained on its decisions file")
 
 
 def _arch_key(key: str) -> str:

@@ -37,6 +37,8 @@ def crash_from_env(rank: int, output_dir: Path) -> CrashAtStep | None:
     if not spec:
         return None
     crash_rank, step, *how = spec.split(":")
+    if how not in ([], ["hang"]):
+        raise ValueError(f"{ENV}={spec!r}: RANK:STEP, or RANK:STEP:hang")
     if int(crash_rank) != rank:
         return None
-    return CrashAtStep(int(step), output_dir / MARKER, hang=how == ["hang"])
+    return CrashAtStep(int(step), output_dir / MARKER, hang=bool(how))

@@ -252,7 +252,7 @@ def run_worker(
         "data_wait_share": train_reader.wait_seconds / elapsed if trained and elapsed > 0 else None,
         "restarts": restarts,
         "resumed_from": str(resumed_from) if resumed_from else None,
-        "preempted": stopped,
+        "preempted": stopped and any(cb.preempted for cb in callbacks),
         **(eval_summary(tested, "test") if tested else {}),
     }
     for cb in callbacks:

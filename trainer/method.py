@@ -83,6 +83,9 @@ class EmbeddingMethod:
     # Whether `embeddings` can give each feature its own width when the arch takes that
     # (`ModelArch.uniform_width` false); a module that gives every feature the base dim says no.
     mixed_widths: bool = True
+    # Whether the model it trains is one to serve; a method that decides a plan (a search, a prune
+    # run) says no, and `embshard export` refuses its checkpoints.
+    serves: bool = True
 
     def check_config(self, cfg: JobConfig) -> None:
         """Raise ConfigError for a config this method cannot run (the driver calls it first)."""

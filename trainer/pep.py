@@ -127,6 +127,7 @@ class PepPrune(EmbeddingMethod):
     the `PruneCallback` that writes masks and decisions."""
 
     mixed_widths = False
+    serves = False
 
     def check_config(self, cfg: JobConfig) -> None:
         _require_pep(cfg)
