@@ -146,10 +146,16 @@ def record_of(raw: bytes) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+COMMAND_SHOWN = 160
+
+
 def describe_holder(record: dict[str, Any]) -> str:
     """Who holds a lock or lease, as its record says."""
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record["since"])))
-        return f"pid {record['pid']} on {record['host']} since {since}: {record['command']}"
+        command = str(record["command"])
+        # A Ray worker's command line is a thousand characters of flags.
+        command = command if len(command) <= COMMAND_SHOWN else command[:COMMAND_SHOWN] + " ..."
+        return f"pid {record['pid']} on {record['host']} since {since}: {command}"
     except (ValueError, KeyError, TypeError, OSError):
         return "a process that has not said which yet"

@@ -90,7 +90,7 @@ def sweep(args: argparse.Namespace) -> int:
     from embshard.config import load_job_config
     from embshard.datasets.schema import DatasetSpec
     from embshard.datasets.verify import verify_dataset
-    from embshard.errors import ConfigError
+    from embshard.errors import ConfigError, Interrupted
 
     cfg = load_job_config(args.config, args.overrides)
     if args.workers is not None:
@@ -126,7 +126,12 @@ def sweep(args: argparse.Namespace) -> int:
 
     out = location(args.out or Path(cfg.output_dir) / "sweep")
     sha = dataset_sha256(to_dict(data))
-    points = run_sweep(cfg, spec, out, args.resume, args.parallel, sha)
+    try:
+        points = run_sweep(cfg, spec, out, args.resume, args.parallel, sha)
+    except KeyboardInterrupt:
+        # SIGTERM (Tune handles Ctrl-C itself, and says as much): what Ctrl-C says, the way on included.
+        raise Interrupted(f"the sweep was stopped; its finished trials are kept in {out}: run the same command "
+                          "with --resume to continue") from None
     name = location(cfg.data.path).resolve().name
     truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
     published: list[tuple[str, dict[str, Any]]] = []

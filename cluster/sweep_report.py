@@ -258,18 +258,29 @@ def check_report(rep: Any, where: str) -> None:
         if not isinstance(p, dict):
             raise DataError(f"{where}: not a sweep report (points[{i}] is no object)")
         checks = {"method": isinstance(p.get("method"), str) and p["method"] != "",
-                  "budget": _finite(p.get("budget")) and p["budget"] > 0,
+                  "budget": _finite(p.get("budget")) and 0 < p["budget"] <= 1,
                   "seed": _whole(p.get("seed")) and p["seed"] >= 0}
         if "error" in p:  # a trial's budget it could not train (PEP at budget 1, a target not reached)
             checks["error"] = isinstance(p["error"], str)
         else:
-            checks.update(value=_finite(p.get("value")),
+            # A value its metric cannot take (an AUC of 5, edited in) went into the claim.
+            checks.update(value=_finite(p.get("value")) and _possible(str(p.get("metric", "auc")), p["value"]),
                           serving_bytes=_whole(p.get("serving_bytes")) and p["serving_bytes"] > 0)
         # What a point may have besides: `knobs: 3` was a TypeError in the merge.
         checks.update({key: test(p[key]) for key, test in _OPTIONAL.items() if key in p})
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")
+
+
+def _possible(metric: str, value: float) -> bool:
+    """Whether `metric` can take `value`: AUC, recall and NDCG lie in [0, 1], errors and losses are
+    at least 0; a metric not named here can take any finite value."""
+    if metric == "auc" or metric.startswith(("recall@", "ndcg@")):
+        return 0 <= value <= 1
+    if metric in ("mse", "rmse", "mae", "logloss"):
+        return value >= 0
+    return True
 
 
 def _json_value(x: Any) -> bool:
@@ -629,7 +640,10 @@ def plot(rep: dict[str, Any], title: str, path: Path) -> None:
                   + (", lower is better" if lower else ""))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if rep["configs"] or "planted" in rep:  # nothing measured (no PEP target reached): no legend to warn of
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no plan trained: see the report's errors", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

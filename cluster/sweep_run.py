@@ -24,6 +24,7 @@ from ray import tune
 
 from embshard.cluster import console
 from embshard.cluster.launch import init_ray, worker_error
+from embshard.cluster.run_lock import LOCK_FILE, folder_lock
 from embshard.cluster.sweep_plan import NOT_RESULTS, SweepSpec, Trial, config_difference
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
@@ -47,7 +48,15 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
     (data.path's `dataset_sha256`); -> every trial's points."""
     out = out.resolve()
     work = work_folder(cfg, out)
-    _claim_folder(out, work, spec, cfg, resume, data_sha)
+    # One driver per sweep: a second `--resume` beside the first wrote Tune a state with every trial
+    # failed (refused by a trial's run lock), and the next resume trained the finished ones again.
+    with folder_lock(work):
+        _claim_folder(out, work, spec, cfg, resume, data_sha)
+        return _run(cfg, spec, out, work, resume, parallel)
+
+
+def _run(cfg: JobConfig, spec: SweepSpec, out: StoragePath, work: Path, resume: bool,
+         parallel: int | None) -> list[dict[str, Any]]:
     per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -136,10 +145,13 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"--resume: {saved}: not a sweep spec ({e}); start the sweep afresh with "
                               f"another --out") from None
-        if not isinstance(record, dict) or not set(spec.to_json()) <= set(record) or not all(
+        # The keys every spec has: --first-seed or --vary on a sweep started without them is another
+        # sweep (said below), not a damaged spec file.
+        required = ("methods", "budgets", "seeds")
+        if not isinstance(record, dict) or not set(required) <= set(record) or not all(
                 isinstance(record.get(key, kind()), kind) for key, kind in RECORDED.items()):
             raise ConfigError(f"--resume: {saved}: not a sweep spec (expected an object with "
-                              f"{', '.join(spec.to_json())}); start the sweep afresh with another --out")
+                              f"{', '.join(required)}); start the sweep afresh with another --out")
         if record.get("out", _where(out)) != _where(out):  # a folder from before it was recorded: unchecked
             # Tune restores each trial with the folder it was started with: a moved or copied sweep
             # trained its trials in the original, and could report another sweep's run there.
@@ -172,9 +184,9 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
                 raise ConfigError(f"--resume: {state}: Ray Tune's state of the sweep is damaged ({e}); "
                                   f"start the sweep afresh with another --out") from None
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _holds_anything(out):
         raise ConfigError(f"--out {out}: not empty; resume the sweep there with --resume, or choose another folder")
-    if work != out and work.exists() and any(work.iterdir()):
+    if work != out and work.exists() and _holds_anything(work):
         # Its runs' checkpoints would be resumed as this sweep's: a local leftover of an earlier
         # sweep to the same URI, which the user may still want.
         raise ConfigError(f"--out {out}: its local run folder {work} holds an earlier sweep's runs; "
@@ -182,6 +194,10 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg), "dataset_sha256": data_sha,
                                                    "out": _where(out)}) + "\n")
+
+
+def _holds_anything(folder: StoragePath) -> bool:
+    return any(entry.name != LOCK_FILE for entry in folder.iterdir())  # this sweep's own lock aside
 
 
 def _where(out: StoragePath) -> str:

@@ -30,6 +30,17 @@ def test_a_held_folder_is_refused_naming_its_holder(tmp_path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["kept"]
 
 
+
+def test_a_holder_s_long_command_line_is_cut_short() -> None:
+    # A Ray worker holding a run's lock was named by its whole command line: 1,000 characters of flags.
+    from embshard.cluster.run_lease import COMMAND_SHOWN, describe_holder
+
+    record = {"pid": 7, "host": "h", "since": 0, "command": "default_worker.py " + "--flag=x " * 200}
+    said = describe_holder(record)
+    assert said.endswith(" ...") and len(said) < COMMAND_SHOWN + 60
+    assert describe_holder(record | {"command": "embshard sweep c.yaml"}).endswith(": embshard sweep c.yaml")
+
+
 def test_a_killed_holder_leaves_no_lock(tmp_path) -> None:
     # flock(2) dies with its process: nothing stale to clear by hand after a kill -9.
     code = (f"from embshard.cluster.run_lock import folder_lock\nimport os\n"

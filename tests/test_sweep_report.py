@@ -881,6 +881,10 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
         ({**good, "points": [{**good["points"][0], "value": float("nan")}]}, r"points\[0\]\.value: nan"),
         ({**good, "points": [{**good["points"][0], "serving_bytes": -5}]}, r"points\[0\]\.serving_bytes: -5"),
         ({**good, "points": [{**good["points"][0], "budget": -3}]}, r"points\[0\]\.budget: -3"),
+        # Values no sweep writes, edited in: a budget above the base model, an AUC of 5, a negative MSE.
+        ({**good, "points": [{**good["points"][0], "budget": 7}]}, r"points\[0\]\.budget: 7"),
+        ({**good, "points": [{**good["points"][0], "value": 5.0}]}, r"points\[0\]\.value: 5\.0"),
+        ({**good, "points": [{**good["points"][0], "metric": "mse", "value": -0.1}]}, r"points\[0\]\.value: -0\.1"),
         # Fields besides: a TypeError in the merge, or a size not positive taken as measured.
         ({**good, "points": [{**good["points"][0], "knobs": 3}]}, r"points\[0\]\.knobs: 3"),
         ({**good, "points": [{**good["points"][0], "widths": 7}]}, r"points\[0\]\.widths: 7"),
@@ -955,3 +959,64 @@ def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys)
     capsys.readouterr()
     assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 2
     assert re.search(r"m/sweep-tiny\.json: not JSON \(", capsys.readouterr().err)
+
+
+def test_a_resume_with_first_seed_or_vary_added_is_another_sweep_not_a_damaged_spec(tmp_path):
+    # A spec written without --first-seed had no such key: adding it on --resume said "not a sweep
+    # spec ...; start the sweep afresh", of a good sweep.
+    from embshard.cluster.sweep_run import _claim_folder
+
+    cfg = load_job_config(REPO / "configs" / "default.yaml")
+    out = tmp_path / "out"
+    _claim_folder(out, out, SweepSpec(["uniform"], [1.0], 1), cfg, resume=False, data_sha="a" * 64)
+    for other in (SweepSpec(["uniform"], [1.0], 1, first_seed=1), SweepSpec(["uniform"], [1.0], 1, vary={"seed": [1]})):
+        with pytest.raises(ConfigError, match=re.escape(f'--resume: {out} is the sweep {{"methods": ["uniform"], '
+                                                        '"budgets": [1.0], "seeds": 1}; resume it with those')):
+            _claim_folder(out, out, other, cfg, resume=True, data_sha="a" * 64)
+
+
+def test_one_driver_at_a_time_per_sweep(tmp_path):
+    # Two `--resume`s at once: the second's trials were refused by the first's run locks, and the
+    # failed state it left made the next resume train the finished trials again.
+    from embshard.cluster.run_lock import FolderInUse, folder_lock
+    from embshard.cluster.sweep_run import run_sweep
+
+    cfg = load_job_config(REPO / "configs" / "default.yaml")
+    out = tmp_path / "out"
+    with folder_lock(out):
+        with pytest.raises(FolderInUse, match=rf"^{re.escape(str(out))}: another embshard run is using it \(pid "):
+            run_sweep(cfg, SweepSpec(["uniform"], [1.0], 1), out, resume=False, parallel=1, data_sha="a" * 64)
+        assert [p.name for p in out.iterdir()] == [".embshard-run.lock"]  # no spec written: nothing claimed
+
+
+def test_a_sweep_stopped_by_sigterm_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    # Ctrl-C, which Tune handles, said "run the same command with --resume"; SIGTERM (a
+    # KeyboardInterrupt on the driver) said "embshard: interrupted" and no more.
+    import embshard.cluster.sweep_run as sweep_run
+    from embshard.datasets.synth import synthesize
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_run, "run_sweep", stopped)
+    synthesize(tmp_path / "data", rows=200, seed=0, max_cardinality=50)
+    out = tmp_path / "out"
+    code = main(["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={tmp_path / 'data'}",
+                 "--methods", "uniform", "--budgets", "1", "--seeds", "1", "--out", str(out)])
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"embshard: the sweep was stopped; its finished trials are kept in {out}: run the same command with --resume "
+        "to continue")
+
+
+def test_a_report_with_nothing_measured_plots_without_a_warning(tmp_path):
+    # A PEP sweep that reached no target printed matplotlib's "No artists with labels found".
+    import warnings
+
+    from embshard.cluster.sweep_report import plot
+
+    rep = report([{"method": "pep", "budget": 0.5, "seed": 0, "error": "target 0.5 not reached"}], None, [4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot(rep, "nothing", tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
