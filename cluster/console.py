@@ -210,6 +210,7 @@ def run_log(output_dir: Path) -> Iterator[Path]:
     for h in root_console:
         root.removeHandler(h)
     _current_log = path
+    _deaths.clear()  # an earlier run's in this process are not this one's
     try:
         yield path
     finally:
@@ -259,8 +260,8 @@ def route_worker_output() -> None:
     # Ray's error listener thread prints the raylet's messages to the driver with
     # print_to_stdstream itself, past the dispatcher. One of them, "A worker died or was killed
     # ...", put 900 characters above the run's one line for that death: it goes to the log, and
-    # the console keeps its cause in a line. The others (a node lost, a task no node can take) are
-    # printed as Ray prints them.
+    # its cause into that line (`worker_deaths`). The others (a node lost, a task no node can
+    # take) are printed as Ray prints them.
     def raylet_messages(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         lines = data.get("lines", [])
         try:
@@ -279,14 +280,20 @@ _WORKER_DIED = "A worker died or was killed"
 _EXIT = re.compile(r"Worker exit type: (?P<type>\S+) Worker exit detail: (?P<detail>.+?\.)(?: |$)")
 
 
+_deaths: list[str] = []  # the causes Ray gave of the worker processes that died in the current run
+
+
 def _worker_died(lines: list[str], log: Path) -> None:
     _append(log, "".join(f"(raylet) {line}\n" for line in lines))
     for line in (line for line in lines if line.startswith(_WORKER_DIED)):
         exit_ = _EXIT.search(line)
-        cause = f" ({exit_['type']}: {exit_['detail']})" if exit_ else ""
-        _end_progress_line()
-        print(f"warning: a Ray worker process died{cause}; Ray's account of it is in {log}", file=sys.stderr,
-              flush=True)
+        _deaths.append(f"{exit_['type']}: {exit_['detail']}" if exit_ else "no cause given")
+
+
+def worker_deaths() -> str:
+    """For the run's one line of a crash: ' (Ray: a worker process died: CAUSE)' when Ray has said
+    so by now (its message comes on a thread of its own, often before the failure, not always)."""
+    return f" (Ray: a worker process died: {'; '.join(dict.fromkeys(_deaths))})" if _deaths else ""
 
 
 def record_error(error: BaseException, worker_traceback: str | None = None) -> Path | None:

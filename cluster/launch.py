@@ -220,7 +220,7 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
         if bad_input is not None or isinstance(failure.error, EmbshardError):
             console.record_error(e)  # the workers' tracebacks, for whoever debugs the reader
             raise (bad_input or failure.error) from None
-        raise console.Crashed(failure.summary()) from e  # the cause holds every worker's traceback
+        raise console.Crashed(failure.summary() + console.worker_deaths()) from e  # the cause: every worker's traceback
     # The workers of a group restarted after bad input return at once: the fit "succeeded".
     bad_input = fatal.recorded(output, launch)
     if bad_input is not None:
