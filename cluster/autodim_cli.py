@@ -66,7 +66,7 @@ def _autodim(args: argparse.Namespace) -> int:
               f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
         print_notes(bundle)
         summary = train_on_ray(cfg, "autodim")
-    if summary["decisions"] is None:  # its workers were stopped (SIGTERM) without the driver's asking
+    if summary["preempted"]:  # its workers were signalled without the driver's asking: no decisions written
         raise Interrupted(f"the search stopped after step {summary['steps']}, before its end: no decisions "
                           "written; run the same command again to continue")
     print(f"search validation {validation_text(summary)} after {summary['steps']} steps "

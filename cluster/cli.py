@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import (
     ADOPT_FLAG,
+    EMPTY_PATH,
     config_arguments,
     gibibytes,
     nonempty_path,
@@ -309,7 +310,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     if args.resume is not None and not args.resume.strip():
         # `--resume "$CKPT"` with CKPT unset trained from scratch without a word.
-        raise ConfigError("--resume: an empty path (an unset shell variable?)")
+        raise ConfigError(f"--resume: {EMPTY_PATH}")
     checkpoint = replace(cfg.checkpoint, resume=cfg.checkpoint.resume if args.resume is None else args.resume)
     cfg = replace(cfg, cluster=cluster, checkpoint=checkpoint)
     if args.adopt_checkpoint_config:

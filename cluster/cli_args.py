@@ -20,11 +20,14 @@ def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config 
         p.add_argument("--workers", type=world_size, help="Ray Train workers (default: cluster.workers)")
 
 
+EMPTY_PATH = "an empty path (an unset shell variable?)"
+
+
 def nonempty(text: str) -> str:
     """argparse type of an output path or URI: an empty one (an unset shell variable) is refused,
     not read as the current folder."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
     return text
 
 

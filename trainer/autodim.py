@@ -236,22 +236,22 @@ class AlphaStep(Callback):
         stats = {"steps": summary["steps"], "alpha_steps": self.alpha_steps(summary["steps"]),
                  "pretrain_steps": min(summary["steps"], self.search.pretrain_steps),
                  "tau_final": self.embedding.tau, "world_size": self.world}
+        summary.update(stats)
+        if self.search.history_every:
+            summary["alpha_history"] = str(alpha_history_path(self.cfg))
+        if summary["preempted"]:
+            # Stopped on the way (Ctrl-C, SIGTERM), it chose nothing yet: its widths, written, read
+            # as a finished search's, replaced one with --overwrite and refused the resume's own --out.
+            summary["decisions"] = None
+            return
         result = self.result or EvalResult({"auc": float("nan"), "logloss": float("nan")}, "auc", 0)
         decisions = make_decisions(self.cfg, self.embedding, result, stats)
         path = decisions_path(self.cfg)
-        # A search stopped on the way (Ctrl-C, SIGTERM) chose nothing yet: its widths, written, read
-        # as a finished search's, replaced one with --overwrite and refused the resume's own --out.
-        summary.update(stats)
-        if summary["preempted"]:
-            summary["decisions"] = None
-        else:
-            if dist.get_rank() == 0:
-                decisions.save(path)
-            summary["dims"] = {feature: t.dim for feature, t in decisions.tables.items()}
-            summary["alpha"] = decisions.meta["alpha"]
-            summary["decisions"] = str(path)
-        if self.search.history_every:
-            summary["alpha_history"] = str(alpha_history_path(self.cfg))
+        if dist.get_rank() == 0:
+            decisions.save(path)
+        summary["dims"] = {feature: t.dim for feature, t in decisions.tables.items()}
+        summary["alpha"] = decisions.meta["alpha"]
+        summary["decisions"] = str(path)
 
     def alpha_steps(self, steps: int) -> int:
         """Architecture steps taken in `steps` model steps (so also across a resume)."""
