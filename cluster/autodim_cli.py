@@ -11,7 +11,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.cluster.cli_args import config_arguments, nonempty_path, verbose_argument
+from embshard.arg_types import nonempty_path
+from embshard.cluster.cli_args import config_arguments, verbose_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -11,16 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embshard.arg_types import EMPTY_PATH, nonempty_path
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
-from embshard.cluster.cli_args import (
-    ADOPT_FLAG,
-    EMPTY_PATH,
-    config_arguments,
-    gibibytes,
-    nonempty_path,
-    verbose_argument,
-    world_size,
-)
+from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, gibibytes, verbose_argument, world_size
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
 from embshard.datasets import cli as data_cli
 from embshard.errors import (

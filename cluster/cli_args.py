@@ -20,21 +20,6 @@ def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config 
         p.add_argument("--workers", type=world_size, help="Ray Train workers (default: cluster.workers)")
 
 
-EMPTY_PATH = "an empty path (an unset shell variable?)"
-
-
-def nonempty(text: str) -> str:
-    """argparse type of an output path or URI: an empty one (an unset shell variable) is refused,
-    not read as the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(EMPTY_PATH)
-    return text
-
-
-def nonempty_path(text: str) -> Path:
-    return Path(nonempty(text))
-
-
 def positive(text: str) -> int:
     """argparse type: 0 must not fall back to the config's count the way a missing flag does."""
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from embshard.cluster.cli_args import nonempty
+from embshard.arg_types import nonempty
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embshard.cluster.cli_args import config_arguments, nonempty, verbose_argument
+from embshard.arg_types import nonempty
+from embshard.cluster.cli_args import config_arguments, verbose_argument
 
 SETTINGS_FILE = "settings.md"  # a sweep of several settings: their reports side by side
 

@@ -585,13 +585,25 @@ def test_an_empty_resume_flag_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["plan", "c.yaml"], ["search", "autodim", "c.yaml"], ["export", "ck"],
-                                  ["sweep", "c.yaml"], ["sweep-merge", "a", "b"]])
+                                  ["sweep", "c.yaml"], ["sweep-merge", "a", "b"], ["data", "synth"],
+                                  ["data", "convert", "criteo", "train.txt"]])
 def test_an_empty_out_flag_is_refused_not_read_as_the_current_folder(argv, capsys):
-    # `--out ''` was the current folder: "/home/me: a directory ...", or a sweep written into it.
+    # `--out ''` was the current folder: "/home/me: a directory ...", or a sweep (or, in an empty
+    # folder, a dataset) written into it.
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--out", ""])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: argument --out: an empty path (an unset shell variable?)")
+
+
+@pytest.mark.parametrize("argv, name", [(["data", "convert", "criteo", "", "--out", "d"], "SRC"),
+                                        (["data", "profile", ""], "DIR")])
+def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(argv, name, capsys):
+    # `data profile ''` wrote profile/ into the current folder; `convert criteo ''` read every file there.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: argument {name}: an empty path (an unset shell variable?)")
 
 
 def test_a_search_whose_workers_were_stopped_says_so_and_names_no_decisions(tmp_path, capsys, monkeypatch):
