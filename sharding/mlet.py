@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
@@ -125,14 +126,17 @@ def collapse_mlet_tables(
     *,
     metrics: CollapseObserver | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    timeout: timedelta | None = None,
 ) -> dict[str, torch.Tensor]:
     """W1 key -> collapsed W (n x d): a ShardedTensor for a sharded model (collective: every rank
-    calls it), a plain tensor for an unsharded one. `state_dict` defaults to the model's own."""
+    calls it), a plain tensor for an unsharded one. `state_dict` defaults to the model's own.
+    `timeout` bounds the wait in each process group made for a band split over some of the ranks
+    (None: torch's default for the backend), as the default group's bounds the others."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     start = time.perf_counter()
     collapsed: dict[str, torch.Tensor] = {}
     tables = mlet_tables(model, state_dict)
-    with _column_groups(tables, state_dict) as groups:
+    with _column_groups(tables, state_dict, timeout) as groups:
         for t in tables:
             w1, w2t = state_dict[t.w1_key], state_dict[t.w2_key].detach()
             if isinstance(w1, ShardedTensor):
@@ -144,11 +148,11 @@ def collapse_mlet_tables(
     return collapsed
 
 
-def mlet_before_save(model: nn.Module, state_dict: StateDict,
-                     metrics: CollapseObserver | None = None, *, exact_resume: bool = False) -> StateDict:
+def mlet_before_save(model: nn.Module, state_dict: StateDict, metrics: CollapseObserver | None = None, *,
+                     exact_resume: bool = False, timeout: timedelta | None = None) -> StateDict:
     """Checkpoint hook: each MLET block's W1 (n x k) replaced by W = W1 . W2 (n x d), same key;
     with `exact_resume`, W1 kept as well under its training-state key."""
-    collapsed = collapse_mlet_tables(model, state_dict, metrics=metrics)
+    collapsed = collapse_mlet_tables(model, state_dict, metrics=metrics, timeout=timeout)
     kept = {TRAINING_STATE_PREFIX + key: state_dict[key] for key in collapsed} if exact_resume else {}
     return {**state_dict, **collapsed, **kept}
 
@@ -220,7 +224,7 @@ def mlet_load_template(model: nn.Module, state_dict: StateDict, *, exact_resume:
 
 
 def mlet_after_load(model: nn.Module, state_dict: StateDict, *, exact_resume: bool = False,
-                    chunk_bytes: int = CHUNK_BYTES) -> StateDict:
+                    chunk_bytes: int = CHUNK_BYTES, timeout: timedelta | None = None) -> StateDict:
     """Checkpoint hook after `dcp.load`: put W1 back under its own key for `load_state_dict`,
     the saved one with `exact_resume` (the training-state keys dropped, the model has none),
     else rebuilt in place from the loaded W and W2."""
@@ -230,17 +234,18 @@ def mlet_after_load(model: nn.Module, state_dict: StateDict, *, exact_resume: bo
     if exact_resume and saved:  # W1 itself was checkpointed: restore it bit for bit
         return {**out, **saved}
     # Not kept (or written without exact_resume): rebuild W1 from the collapsed W and W2.
-    return {**out, **rebuild_mlet_tables(model, out, chunk_bytes=chunk_bytes)}
+    return {**out, **rebuild_mlet_tables(model, out, chunk_bytes=chunk_bytes, timeout=timeout)}
 
 
-def rebuild_mlet_tables(model: nn.Module, state_dict: StateDict, *,
-                        chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
+def rebuild_mlet_tables(model: nn.Module, state_dict: StateDict, *, chunk_bytes: int = CHUNK_BYTES,
+                        timeout: timedelta | None = None) -> dict[str, torch.Tensor]:
     """W1 key -> the model's W1, overwritten with W . pinv(W2), where `state_dict` holds the
-    collapsed W under the W1 key and W2 under its own (collective for a sharded model)."""
+    collapsed W under the W1 key and W2 under its own (collective for a sharded model; `timeout`
+    as for `collapse_mlet_tables`)."""
     live = model.state_dict()
     rebuilt = {}
     tables = mlet_tables(model, live)
-    with _column_groups(tables, live) as groups:
+    with _column_groups(tables, live, timeout) as groups:
         for t in tables:
             # pinv in float64: W2 may be ill-conditioned and W1' . W2 must return W to rounding.
             pinv = torch.linalg.pinv(state_dict[t.w2_key].detach().t().double()).to(torch.float32)
@@ -387,17 +392,26 @@ def _sharded(local: list[Shard], meta: list[ShardMetadata], size: tuple[int, int
 
 
 @contextmanager
-def _column_groups(tables: list[MletTable], state_dict: StateDict) -> Iterator[dict[tuple[int, ...], Any]]:
-    """Process groups for the bands split over several ranks. `new_group` is collective over the
-    world, so every rank creates them in the same (sorted) order; they are torn down after use.
-    A band over the whole world uses the default group."""
-    rank_sets = sorted({
+def _column_groups(tables: list[MletTable], state_dict: StateDict,
+                   timeout: timedelta | None) -> Iterator[dict[tuple[int, ...], Any]]:
+    """Process groups for the bands split over several ranks."""
+    with rank_groups({
         band.ranks
         for t in tables if isinstance(state_dict[t.w1_key], ShardedTensor)
         for band in _row_bands(state_dict[t.w1_key]) if len(band.shards) > 1
-    })
+    }, timeout) as groups:
+        yield groups
+
+
+@contextmanager
+def rank_groups(rank_sets: set[tuple[int, ...]], timeout: timedelta | None) -> Iterator[dict[tuple[int, ...], Any]]:
+    """A process group per set of ranks, torn down after use; the whole world's is the default
+    group (None). `new_group` is collective over the world, so every rank creates them in the same
+    (sorted) order. Their waits end after `timeout`: a rank that hung mid-collapse ends the run
+    then, not after torch's default (30 min on gloo) whatever `cluster.collective_timeout_s` says."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    groups = {ranks: None if len(ranks) == world else dist.new_group(list(ranks)) for ranks in rank_sets}
+    groups = {ranks: None if len(ranks) == world else dist.new_group(list(ranks), timeout=timeout)
+              for ranks in sorted(rank_sets)}
     try:
         yield groups
     finally:

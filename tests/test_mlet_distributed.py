@@ -10,6 +10,7 @@ it is freed). Gloo's own transport buffers are not torch tensors and are not cou
 from __future__ import annotations
 
 import weakref
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from embshard.sharding.mlet import (
     mlet_before_save,
     mlet_load_template,
     mlet_tables,
+    rank_groups,
     without_mlet,
 )
 from embshard.trainer.build import ShardedModel, build_sharded
@@ -205,3 +207,25 @@ def test_export_from_two_ranks_predicts_what_the_sharded_model_predicts(tmp_path
     for rank, r in enumerate(results):
         with torch.no_grad():
             torch.testing.assert_close(serving(*batch(rank)), r["logits"], rtol=1e-5, atol=1e-6)
+
+
+# -- a hung rank ---------------------------------------------------------------------------------
+
+def _wait_for_a_rank_that_does_not_come(rank: int, world: int) -> str | None:
+    waited = None
+    with rank_groups({(0, 1)}, timedelta(seconds=2)) as groups:
+        if rank == 0:  # rank 1 holds back, as a hung worker would
+            try:
+                dist.all_reduce(torch.ones(1), group=groups[(0, 1)])
+            except RuntimeError as e:
+                waited = str(e)
+    dist.barrier()  # rank 1 lives on until rank 0 has given up on it
+    return waited
+
+
+def test_a_collapse_group_waits_as_long_as_it_is_told_not_torchs_half_hour() -> None:
+    # The groups of a band split over some of the ranks took torch's default (30 min on gloo),
+    # whatever cluster.collective_timeout_s said.
+    waited = run_ranks(_wait_for_a_rank_that_does_not_come, 3)
+    assert "Timed out waiting 2000ms" in waited[0], waited
+    assert waited[1:] == [None, None]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,10 +144,11 @@ class EmbeddingMethod:
         W1 too as training state when `mlet.exact_resume` is on."""
         model = sharded.model
         exact = cfg.embeddings.mlet is not None and cfg.embeddings.mlet.exact_resume
+        timeout = timedelta(seconds=cfg.cluster.collective_timeout_s)
         return CheckpointTransforms(
-            before_save=[partial(mlet_before_save, model, metrics=metrics, exact_resume=exact)],
+            before_save=[partial(mlet_before_save, model, metrics=metrics, exact_resume=exact, timeout=timeout)],
             before_load=[partial(mlet_load_template, model, exact_resume=exact)],
-            after_load=[partial(mlet_after_load, model, exact_resume=exact)],
+            after_load=[partial(mlet_after_load, model, exact_resume=exact, timeout=timeout)],
         )
 
 
