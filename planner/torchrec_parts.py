@@ -2,7 +2,10 @@
 
 `BucketIndexedEnumerator`: TorchRec's EmbeddingEnumerator, except that it finds a table's
 virtual-table bucket count by name in a dict instead of scanning every table's config for each
-table (quadratic: at 10,000 tables that scan alone took longer than the rest of planning).
+table (quadratic: at 10,000 tables that scan alone took longer than the rest of planning), and
+that it lists a table's sharding types and kernels in the sharder's order: TorchRec's filters
+intersect sets, so their order (and, through ties in the proposers' stable sorts, the plan) changed
+with Python's string hashing from one run to the next.
 
 `FirstPlacedProposer`: a proposer that stops at the first proposal TorchRec's partitioner
 places. At cluster scale (thousands of tables on hundreds of ranks) every proposal is a full partition
@@ -62,3 +65,11 @@ class BucketIndexedEnumerator(EmbeddingEnumerator):
             }
             self._buckets_of = module
         return self._buckets.get(parameter)
+
+    def _filter_sharding_types(self, name: str, allowed_sharding_types: list[str], sharder_key: str = "") -> list[str]:
+        kept = set(super()._filter_sharding_types(name, allowed_sharding_types, sharder_key))
+        return [t for t in allowed_sharding_types if t in kept]
+
+    def _filter_compute_kernels(self, name: str, allowed_compute_kernels: list[str], sharding_type: str) -> list[str]:
+        kept = set(super()._filter_compute_kernels(name, allowed_compute_kernels, sharding_type))
+        return [k for k in allowed_compute_kernels if k in kept]
