@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, Union, cast
@@ -78,16 +79,23 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def write_whole(path: Path, text: str) -> Path:
-    """Writes `path` whole: a temporary file of a name no one else uses, renamed over it, so a
-    reader never sees half a file and an interrupted write leaves the earlier one."""
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary file of a name no one else uses, for the block to write; renamed over `path`
+    when the block ends, removed when it fails. A reader never sees half a file, and an interrupted
+    write leaves the earlier one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        tmp.write_text(text)
+        yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_whole(path: Path, text: str) -> Path:
+    with written_whole(path) as tmp:
+        tmp.write_text(text)
     return path
 
 

@@ -7,6 +7,7 @@ a saved plan rebuilds exactly the planned layout.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import shutil
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ import numpy as np
 from embshard.config import EmbeddingsConfig
 from embshard.datasets.profile import Profile, load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import read_json, write_whole
+from embshard.datasets.storage import read_json, write_whole, written_whole
 from embshard.errors import PlanError
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
@@ -82,44 +83,53 @@ class PlanBundle:
 
     def copy_to(self, directory: Path, name: str = PLAN_FILE) -> "PlanBundle":
         """This plan (its file, as `name`, and its remap files) saved in `directory`, e.g. a run's
-        plan folder. A remap file there that another plan file of the folder reads, and that
-        differs from this plan's, is refused: that plan would read this one's rows, silently."""
+        plan folder. The remap files go first, each whole, and the plan file last: a plan file there
+        before reads its own remaps until it is replaced. Those of them that no plan file of the
+        folder reads afterwards are removed. A remap file that another plan file of the folder
+        reads and that differs from this plan's (a name without a digest, from before remap names
+        had one) is refused: that plan would read this one's rows, silently."""
         if directory.resolve() == self.directory.resolve():
             return self
         directory.mkdir(parents=True, exist_ok=True)
-        _check_remaps_free(self, directory, directory / name)
-        for table in self.dimension_plan.tables:
-            if table.remap is not None:
-                target = directory / table.remap
-                tmp = target.with_name(target.name + ".tmp")
-                shutil.copyfile(self.directory / table.remap, tmp)
-                tmp.replace(target)
+        target = directory / name
+        readers = _remap_readers(directory, besides=target)
+        copies = []
+        for remap in sorted({t.remap for t in self.dimension_plan.tables if t.remap is not None}):
+            source, there = self.directory / remap, directory / remap
+            if there.is_file() and filecmp.cmp(source, there, shallow=False):
+                continue  # this plan's rows already (a digest in the name, or an earlier copy)
+            if there.is_file() and remap in readers:
+                raise PlanError(f"{there}: {readers[remap]} reads this remap file too, and this plan's differs; "
+                                f"write the plan into a folder of its own")
+            copies.append((source, there))
+        replaced = _remaps_read_by(target)
+        for source, there in copies:
+            with written_whole(there) as tmp:
+                shutil.copyfile(source, tmp)
         copy = replace(self, directory=directory)
         copy.save(name)
+        kept = {t.remap for t in self.dimension_plan.tables} | set(readers)
+        for stale in sorted(replaced - kept):
+            (directory / stale).unlink(missing_ok=True)
         return copy
 
     def id_maps(self) -> dict[str, np.ndarray]:
         return load_id_maps(self.dimension_plan, self.directory)
 
 
-def _check_remaps_free(bundle: PlanBundle, directory: Path, target: Path) -> None:
-    for table in bundle.dimension_plan.tables:
-        if table.remap is None:
-            continue
-        there = directory / table.remap
-        if not there.is_file() or there.read_bytes() == (bundle.directory / table.remap).read_bytes():
-            continue
-        for other in sorted(directory.glob("*.json")):
-            if other.resolve() == target.resolve():
-                continue  # the plan this one replaces
-            try:
-                tables = json.loads(other.read_text())["dimension_plan"]["tables"]
-                readers = any(t.get("remap") == table.remap for t in tables)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # no plan: reads no remap
-            if readers:
-                raise PlanError(f"{there}: {other.name} reads this remap file too, and this plan's differs; "
-                                f"write the plan into a folder of its own")
+def _remaps_read_by(plan_file: Path) -> set[str]:
+    """The remap files a plan file reads: none for a file that is no plan (or none at all)."""
+    try:
+        tables = json.loads(plan_file.read_text())["dimension_plan"]["tables"]
+        return {t["remap"] for t in tables if isinstance(t.get("remap"), str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _remap_readers(directory: Path, besides: Path) -> dict[str, str]:
+    """remap file -> the name of a plan file in `directory`, other than `besides`, that reads it."""
+    return {remap: other.name for other in sorted(directory.glob("*.json"))
+            if other.resolve() != besides.resolve() for remap in _remaps_read_by(other)}
 
 
 def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:

@@ -1,24 +1,25 @@
 """Row remaps: the id -> ranked-row permutation a blocked table applies before its lookup.
 
 A remap is a 1-D int64 array `r` of length `num_embeddings` with `r[id]` = the row the id moves to;
-blocks are contiguous ranges of those ranked rows. It is stored as `.npy` next to the plan.
+blocks are contiguous ranges of those ranked rows. It is stored as `.npy` next to the plan, under a
+name that carries a digest of its rows (`t_C1.<digest>.remap.npy`): two plans in one folder, or a
+plan and the one it replaces, then never write one file name with two orders, and a plan can never
+read an order it was not made with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
 import numpy as np
 
-from embshard.datasets.storage import StoragePath
+from embshard.datasets.storage import StoragePath, written_whole
 from embshard.errors import PlanError, first_line, no_file
 
 REMAP_SUFFIX = ".remap.npy"
-
-
-def remap_file_name(table: str) -> str:
-    return f"{table}{REMAP_SUFFIX}"
+DIGEST_CHARS = 16  # of the rows' sha256 in the file name: 64 bits, no collision among a folder's plans
 
 
 def frequency_ranking(counts: np.ndarray) -> np.ndarray:
@@ -51,9 +52,10 @@ def save_remap(out_dir: Path | None, table: str, remap: np.ndarray) -> str:
         raise PlanError(
             f"table {table!r} reorders its rows: planning it needs an output folder for the remap"
         )
-    name = remap_file_name(table)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    np.save(Path(out_dir) / name, np.asarray(remap, dtype=np.int64), allow_pickle=False)
+    ranks = np.ascontiguousarray(remap, dtype=np.int64)
+    name = f"{table}.{hashlib.sha256(ranks.data).hexdigest()[:DIGEST_CHARS]}{REMAP_SUFFIX}"
+    with written_whole(Path(out_dir) / name) as tmp, tmp.open("wb") as f:
+        np.save(f, ranks, allow_pickle=False)
     return name
 
 

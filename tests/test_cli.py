@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embshard.cluster.cli import build_parser, main
+from embshard.errors import EXIT_INTERRUPTED
 
 
 def _verbs(parser) -> list[list[str]]:
@@ -285,26 +287,64 @@ def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(t
 
 def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path, capsys):
     # Remap files were written into --out's folder while planning: a second plan there, of other
-    # data, gave the first plan its row order, and both loaded without a word.
+    # data, gave the first plan its row order, and both loaded without a word. Remaps are named by
+    # their rows now, so both plans keep their own.
     from embshard.datasets.synth import synthesize
+    from embshard.planner.pipeline import PlanBundle
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("embeddings:\n  policy: mde\n  dim: 16\n  mde:\n    mode: within\n    blocks: 2\n")
     for seed in (0, 1):
         synthesize(tmp_path / f"data{seed}", rows=3000, seed=seed, max_cardinality=200)
     plans = tmp_path / "plans"
-    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--out", str(plans / "a.json")]) == 0
-    remaps = {p.name: p.read_bytes() for p in plans.glob("*.remap.npy")}
-    assert remaps, "an MDE plan within tables reorders rows"
+
+    def plan(data: str, out: str, *flags: str) -> dict[str, np.ndarray]:
+        assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / data}", "--out", str(plans / out),
+                     *flags]) == 0
+        return PlanBundle.load(plans / out, "rowwise_adagrad").id_maps()
+
+    def remaps() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in plans.glob("*.remap.npy")}
+
+    a = plan("data0", "a.json")
+    of_a = remaps()
+    assert of_a, "an MDE plan within tables reorders rows"
+    b = plan("data1", "b.json")
+    assert any(not np.array_equal(a[f], b[f]) for f in a), "the two datasets' rows rank differently"
+    assert remaps().items() >= of_a.items()  # a.json's files are as they were, and it reads them
+    assert all(np.array_equal(PlanBundle.load(plans / "a.json", "rowwise_adagrad").id_maps()[f], a[f]) for f in a)
+    # Replacing a.json (with --overwrite) by b.json's plan: its own remaps go with it, b.json's stay.
+    assert plan("data1", "a.json", "--overwrite").keys() == b.keys()
+    assert set(remaps()) == set(of_b := {n for n in remaps() if n not in of_a}) and of_b
+    assert sorted(p.name for p in plans.iterdir() if not p.name.endswith(".remap.npy")) == ["a.json", "b.json"]
     capsys.readouterr()
-    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data1'}", "--out", str(plans / "b.json")]) == 2
-    assert re.search(r"\.remap\.npy: a\.json reads this remap file too, and this plan's differs; write the plan "
-                     r"into a folder of its own", capsys.readouterr().err)
-    assert {p.name: p.read_bytes() for p in plans.glob("*.remap.npy")} == remaps
-    assert sorted(p.name for p in plans.iterdir() if not p.name.endswith(".remap.npy")) == ["a.json"]
-    # Replacing a.json itself, with --overwrite, takes its remaps along.
-    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data1'}", "--out", str(plans / "a.json"),
-                 "--overwrite"]) == 0
+
+
+def test_a_plan_replaced_midway_keeps_reading_its_own_rows(tmp_path, monkeypatch):
+    # `plan --out DIR --overwrite` wrote the new remap files over the old ones, then the plan file:
+    # stopped between the two, the old plan read the new plan's row order, silently.
+    from embshard.datasets.synth import synthesize
+    from embshard.planner.pipeline import PlanBundle
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("embeddings:\n  policy: mde\n  dim: 16\n  mde:\n    mode: within\n    blocks: 2\n")
+    for seed in (0, 1):
+        synthesize(tmp_path / f"data{seed}", rows=3000, seed=seed, max_cardinality=200)
+    out = tmp_path / "plan"
+    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--out", str(out)]) == 0
+    before = PlanBundle.load(out, "rowwise_adagrad").id_maps()
+    (out / "t_C1.remap.npy").write_text("my notes")  # a file of the user's, of the old remap name
+
+    def stopped(self, name="plan.json"):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PlanBundle, "save", stopped)
+    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data1'}", "--out", str(out),
+                 "--overwrite"]) == EXIT_INTERRUPTED
+    after = PlanBundle.load(out, "rowwise_adagrad").id_maps()
+    assert all(np.array_equal(after[f], before[f]) for f in before)
+    assert (out / "t_C1.remap.npy").read_text() == "my notes"
+    assert not [p for p in out.iterdir() if ".partial-" in p.name or p.name.endswith(".tmp")]
 
 
 def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
@@ -405,7 +445,8 @@ def test_a_damaged_or_foreign_plan_file_is_one_line(tmp_path, capsys):
         # its memory check passed against a million GB per rank
         (edited("memory", lambda p: p["shard_plan"]["topology"].update(device_memory_gb=1e6)),
          r"shard plan was made for [\d.]+ TiB per rank, this run's ranks have 16\.0 GiB"),
-        (copied_alone, r"its remap file t_C\d+\.remap\.npy is not beside it; copy the plan's whole folder"),
+        (copied_alone,
+         r"its remap file t_C\d+\.[0-9a-f]{16}\.remap\.npy is not beside it; copy the plan's whole folder"),
         # an MDE plan trained under the uniform config, recorded as uniform in every checkpoint
         (tmp_path / "mde" / "plan.json",
          r"mde.plan\.json was made for another model config: embeddings\.mde\.blocks \(plan 2, config 8\), "

@@ -9,7 +9,7 @@ folder holds it:
                         files below
     plan.json           the DimensionPlan with MLET removed (every block at its serving width)
     weights.pt          the arch model's state dict, plain tensors (`torch.load(weights_only=True)`)
-    <table>.remap.npy   id -> ranked row, for tables whose rows are reordered (MDE, PEP)
+    <table>.<digest>.remap.npy  id -> ranked row, for tables whose rows are reordered (MDE, PEP)
     vocab/<feature>.parquet  the dataset's raw value of each id, for features a converter wrote
                         (none for synth's ids or a dataset converted before they were kept)
 
