@@ -214,6 +214,15 @@ def test_mlet_narrower_than_dim_is_refused_with_the_reason():
         plan_dimensions(EmbeddingsConfig(dim=16, mlet=MletConfig(width=8)), SPEC)
 
 
+@pytest.mark.parametrize("mlet, said", [(MletConfig(ratio=1e18), r"ratio: 1e\+18 gives k = 16,000,000,000,000,000,000"),
+                                        (MletConfig(width=1 << 30), r"width: 1\.07374e\+09 gives k = 1,073,741,824")])
+def test_an_mlet_width_past_any_table_is_refused_not_overflowed(mlet, said):
+    # ratio 1e18 overflowed int64 in the rounding to k = 1: "MLET width k=1 < d=16".
+    with pytest.raises(ConfigError, match=rf"embeddings\.mlet\.{said} for table 't_C1' block 0 \(d = 16\); "
+                                          r"at most 16,777,216$"):
+        plan_dimensions(EmbeddingsConfig(dim=16, mlet=mlet), SPEC)
+
+
 def test_decisions_files_that_are_no_files_or_hold_no_json_are_one_line(tmp_path):
     (tmp_path / "dir.json").mkdir()
     with pytest.raises(PlanError, match=r"dir\.json: a directory, not a decisions file$"):

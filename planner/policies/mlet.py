@@ -10,6 +10,7 @@ import dataclasses
 
 from embshard.config import MletConfig
 from embshard.errors import ConfigError, PlanError
+from embshard.planner.decisions import MAX_DIM
 from embshard.planner.rounding import RoundingRule, round_width
 from embshard.planner.types import DimensionPlan
 
@@ -43,6 +44,10 @@ def apply_mlet(plan: DimensionPlan, mlet: MletConfig, rule: RoundingRule) -> Dim
                 raw, setting = mlet.width, {"width": mlet.width}
             else:  # MletConfig.__post_init__ refuses this already; this narrows the types
                 raise ConfigError("embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width")
+            if raw > MAX_DIM:  # said before rounding: it overflowed to k = 1 there ("k=1 < d")
+                key = next(iter(setting))
+                raise ConfigError(f"embeddings.mlet.{key}: {setting[key]:g} gives k = {raw:,.0f} for table "
+                                  f"{t.name!r} block {i} (d = {b.dim}); at most {MAX_DIM:,}")
             width = round_width(raw, rule, lo=1)
             if width.note:
                 notes.append(f"{t.name} block {i} mlet width: {width.note}")
