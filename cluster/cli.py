@@ -25,6 +25,7 @@ from embshard.errors import (
     Interrupted,
     environment_problem,
     first_line,
+    one_line,
 )
 
 if TYPE_CHECKING:
@@ -47,10 +48,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except EmbshardError as e:
-        print(f"embshard: error: {e}", file=sys.stderr)
+        print(f"embshard: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Interrupted as e:
-        print(f"embshard: {e}", file=sys.stderr)
+        print(f"embshard: {one_line(str(e))}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
@@ -65,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         if problem is not None and not console.is_verbose():
             # The machine, not the input or the code: a full disk, a read-only mount, a permission.
             console.record_error(e)
-            print(f"embshard: error: {problem}", file=sys.stderr)
+            print(f"embshard: error: {one_line(str(problem))}", file=sys.stderr)
             return EXIT_USER_ERROR
         # A crash, not bad input: one line here, the whole traceback in the run's log. Before a
         # run has a log (or with --verbose) the traceback goes to the console as Python prints it.
@@ -73,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         if log is None or console.is_verbose():
             raise
         line = str(e) if isinstance(e, console.Crashed) else first_line(e)
-        print(f"embshard: crashed: {line} (full traceback: {log})", file=sys.stderr)
+        print(f"embshard: crashed: {one_line(line)} (full traceback: {log})", file=sys.stderr)
         return EXIT_CRASH
 
 

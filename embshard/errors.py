@@ -96,6 +96,20 @@ def no_file(path: _Entry, what: str) -> str:
     return "not a regular file" if path.exists() else f"{what} not found"
 
 
+# Characters of an error line past which it is cut: a value echoed whole (a list of 200,000
+# entries from a file) made a line of 600 KB that no one reads.
+LINE_LIMIT = 2_000
+
+
+def one_line(text: str) -> str:
+    """`text` as one console line: a line break shown as \\n (a name read from a file with one in
+    it started a line of its own, which could read like another of embshard's), a long text cut."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    if len(text) > LINE_LIMIT:
+        text = f"{text[:LINE_LIMIT]} ... ({len(text) - LINE_LIMIT:,} more characters)"
+    return text
+
+
 def first_line(e: BaseException) -> str:
     """`Type: first line of the message`: enough to act on, short enough for a one-line error.
 

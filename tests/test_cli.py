@@ -661,3 +661,25 @@ def test_a_search_whose_workers_were_stopped_says_so_and_names_no_decisions(tmp_
     assert "decisions ->" not in out
     assert err.strip().splitlines()[-1] == ("embshard: the search stopped after step 3, before its end: no decisions "
                                             "written; run the same command again to continue")
+
+
+@pytest.mark.parametrize("tables, shown", [
+    ("[" + ", ".join(["1"] * 200_000) + "]", r"\.\.\. \([\d,]+ more characters\)$"),
+    ('{"C1\\nembshard: ok: planned": {"dim": 8}}', r"tables\.C1\\nembshard: ok: planned: dataset"),
+])
+def test_an_error_about_a_files_value_stays_one_readable_line(tmp_path, capsys, tables, shown):
+    # A decisions file's 200,000-entry list was echoed whole (a line of 600 KB), and a table key
+    # with a line break in it started a second line that read like one of embshard's own.
+    from embshard.datasets.synth import synthesize
+
+    synthesize(tmp_path / "data", rows=1000, seed=0, max_cardinality=50)
+    decisions = tmp_path / "d.json"
+    decisions.write_text(f'{{"version": 1, "method": "m", "base_dim": 16, "tables": {tables}}}')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{path: {tmp_path / 'data'}}}\nembeddings: {{policy: decisions, dim: 16, "
+                   f"decisions: {decisions}}}\noutput_dir: {tmp_path / 'run'}\n")
+    capsys.readouterr()
+    assert main(["plan", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("embshard: error: ") and len(err) < 2_200, err[:300]
+    assert re.search(shown, err.strip()), err[:300]
