@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray import cloudpickle
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -46,7 +47,7 @@ from embshard.trainer.checkpoint import (
 )
 from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
-from embshard.trainer.method import method_name
+from embshard.trainer.method import EmbeddingMethod, method_name, register_method, registered_here
 from embshard.trainer.metrics import read_file_sd_targets
 from embshard.trainer.planning import check_same_data, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
@@ -156,6 +157,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     output, launch = Path(cfg.output_dir), config["launch"]
     if fatal.recorded(output, launch) is not None:
         return  # Ray restarted the group after bad input: training again would fail the same way
+    if config.get("registered") is not None:
+        register_method(config["method"], config["registered"])
     try:
         run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
                    method=config["method"], owner_check=owner_check(config.get("owner")))
@@ -175,13 +178,14 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     local in-process cluster unless cfg.cluster.address) on the plan `plan_for_training` saved;
     returns rank 0's summary. Ctrl-C stops it with a checkpoint (`Interrupted`)."""
     method = method or method_name(cfg)
+    registered = _sendable(method)  # before Ray starts
     output = Path(cfg.output_dir).resolve()
     cfg = worker_config(cfg)
     reset_starts(output)
     with console.run_log(output):
         init_ray(cfg)
         console.route_worker_output()
-        stop_requested = _fit(cfg, method, output)
+        stop_requested = _fit(cfg, method, registered, output)
     # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
     summary = json.loads((output / SUMMARY_FILE).read_text())
     if stop_requested and summary.get("preempted"):
@@ -190,7 +194,7 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     return summary
 
 
-def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
+def _fit(cfg: JobConfig, method: str, registered: EmbeddingMethod | None, output: Path) -> bool:
     """Train; returns whether Ctrl-C asked the workers to stop."""
     use_gpu = cfg.sharding.device == "cuda"
     launch = fatal.new_token()
@@ -198,7 +202,8 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
     owner = run_owner([output, *([cfg.checkpoint_dir] if cfg.checkpoint.enabled else [])])
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"method": method, "job": to_dict(cfg), "launch": launch, "owner": owner},
+        train_loop_config={"method": method, "job": to_dict(cfg), "launch": launch, "owner": owner,
+                           "registered": registered},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
             use_gpu=use_gpu,
@@ -227,6 +232,21 @@ def _fit(cfg: JobConfig, method: str, output: Path) -> bool:
         console.record_error(bad_input, fatal.worker_traceback(output, launch))
         raise bad_input
     return stop_requested
+
+
+def _sendable(method: str) -> EmbeddingMethod | None:
+    """The method registered under `method` in this process, for the workers to register too (None
+    for a built-in or a "module:attr" they import themselves). Ray sends it pickled: said here in
+    one line if it cannot be, rather than in Ray's traceback."""
+    registered = registered_here(method)
+    if registered is not None:
+        try:
+            cloudpickle.dumps(registered)
+        except Exception as e:  # whatever its attributes raise when pickled
+            raise ConfigError(f"method {method!r}: registered in this process, but cannot be sent to the Ray "
+                              f"workers ({first_line(e)}); name it as package.module:attr on their Python "
+                              "path") from None
+    return registered
 
 
 def ray_storage(cfg: JobConfig) -> str:

@@ -127,3 +127,53 @@ def test_a_method_by_reference_reaches_workers_that_never_registered_it(dataset,
     for bad, why in (("test_method_seam:Nope", "cannot import"), ("json:dumps", "not an EmbeddingMethod")):
         with pytest.raises(ConfigError, match=why):
             get_method(bad)
+
+
+@pytest.mark.slow
+def test_a_method_registered_in_the_driver_trains_on_ray_workers_that_never_ran_the_registration(
+        dataset, tmp_path, monkeypatch):
+    # README "Adding a method", step 2: `train_on_ray(cfg, name)` after `register_method` in the
+    # driver failed on every worker: "method ...: not registered".
+    import ray
+
+    from embshard.cluster.launch import train_on_ray
+
+    class TwelveWide(EmbeddingMethod):  # local to this test: a worker can receive it, not import it
+        def dimension_plan(self, cfg, spec, counts, out_dir):
+            from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
+
+            tables = [TablePlan(table_name(f.name), [f.name], f.cardinality, [Block(0, f.cardinality, 12)])
+                      for f in spec.sparse]
+            return DimensionPlan(cfg.embeddings.dim, tables, policy={"policy": "twelve_wide"})
+
+    register_method("twelve_wide_here_only", TwelveWide())
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cfg = job(dataset, tmp_path / "run", max_steps=2)
+    cfg.cluster.workers = 2
+    plan_for_training(cfg, "twelve_wide_here_only")
+    try:
+        summary = train_on_ray(cfg, "twelve_wide_here_only")
+    finally:
+        ray.shutdown()
+    assert summary["steps"] == 2
+    trained = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "plan" / "plan.json").read_text())
+    assert {b["dim"] for t in trained["dimension_plan"]["tables"] for b in t["blocks"]} == {12}
+
+
+def test_a_registered_method_ray_cannot_send_is_one_line_before_ray_starts(dataset, tmp_path):
+    import threading
+
+    from embshard.cluster.launch import train_on_ray
+
+    class HoldsALock(FixedWidth):
+        def __init__(self) -> None:
+            super().__init__(8)
+            self.lock = threading.Lock()
+
+    register_method("holds_a_lock", HoldsALock())
+    cfg = job(dataset, tmp_path / "run", max_steps=2)
+    with pytest.raises(ConfigError, match=r"method 'holds_a_lock': registered in this process, but cannot be sent "
+                                          r"to the Ray workers \(TypeError: cannot pickle '_thread.lock' object\); "
+                                          r"name it as package.module:attr"):
+        train_on_ray(cfg, "holds_a_lock")
+    assert not (tmp_path / "run").exists()

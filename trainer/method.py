@@ -191,6 +191,12 @@ def register_method(name: str, method: EmbeddingMethod) -> None:
     _REGISTERED[name] = method
 
 
+def registered_here(name: str) -> EmbeddingMethod | None:
+    """The method `register_method` gave `name` in this process, if any: what a driver sends its
+    Ray workers, which never ran that call."""
+    return _REGISTERED.get(name)
+
+
 def get_method(name: str) -> EmbeddingMethod:
     """A built-in or registered method by name, or a user's as "package.module:attr": a reference
     every Ray worker can import, where a `register_method` in the driver does not reach."""
