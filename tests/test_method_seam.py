@@ -177,3 +177,32 @@ def test_a_registered_method_ray_cannot_send_is_one_line_before_ray_starts(datas
                                           r"name it as package.module:attr"):
         train_on_ray(cfg, "holds_a_lock")
     assert not (tmp_path / "run").exists()
+
+
+class ChecksBadly(FixedWidth):
+    def check_config(self, cfg: JobConfig) -> None:
+        raise RuntimeError("check boom")
+
+
+class PlansBadly(FixedWidth):
+    def dimension_plan(self, cfg, spec, counts, out_dir):
+        raise ValueError("plan boom")
+
+
+class PlansNothing(FixedWidth):
+    def dimension_plan(self, cfg, spec, counts, out_dir):
+        return None
+
+
+@pytest.mark.parametrize("method, said", [
+    (ChecksBadly, r"check_config\(\) raised RuntimeError: check boom at .*test_method_seam\.py:\d+$"),
+    (PlansBadly, r"dimension_plan\(\) raised ValueError: plan boom at .*test_method_seam\.py:\d+$"),
+    (PlansNothing, r"dimension_plan\(\) returned NoneType, not a DimensionPlan$"),
+])
+def test_a_users_method_failing_in_its_own_code_is_one_line_naming_the_hook(dataset, tmp_path, method, said):
+    # They were Python's tracebacks on the driver, the last one inside embshard's planning step
+    # ("'NoneType' object has no attribute 'notes'").
+    register_method(method.__name__, method(8))
+    cfg = job(dataset, tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"^method '{method.__name__}': {said}"):
+        plan_for_training(cfg, method.__name__)

@@ -13,12 +13,12 @@ import numpy as np
 
 from embshard.config import JobConfig, MdeConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError, DataError, EmbshardError, first_line
+from embshard.errors import ConfigError, DataError
 from embshard.planner.pipeline import Decide
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.method import get_method, method_name
 from embshard.trainer.models import ModelArch, get_arch
-from embshard.trainer.reference import raised_at
+from embshard.trainer.reference import users_code
 from embshard.typed_config import to_dict
 
 
@@ -28,15 +28,12 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     runs. Its plan records the method and config it was made for (`DimensionPlan.made_with`)."""
     name = method or method_name(cfg)
     embedding_method = get_method(name)
-    embedding_method.check_config(cfg)
+    with users_code(f"method {name!r}: check_config()"):
+        embedding_method.check_config(cfg)
     arch = get_arch(cfg.model)
     spec = DatasetSpec.load(cfg.data.path)
-    try:
+    with users_code(f"model.arch {arch.name!r}: check()"):
         arch.check(cfg, spec)
-    except EmbshardError:
-        raise
-    except (Exception, SystemExit) as e:  # a user's check failing in its own code: where, in one line
-        raise ConfigError(f"model.arch {arch.name!r}: check() raised {first_line(e)}{raised_at(e)}") from None
     # Per-feature widths only where both sides have them: PEP's and AutoDim's search modules
     # give every feature the base dim whatever the arch takes.
     uniform = arch.uniform_width or not embedding_method.mixed_widths
@@ -44,7 +41,10 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     made_with = {"method": name, "config": to_dict(cfg)}
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
-        plan = embedding_method.dimension_plan(cfg, spec, counts, out_dir)
+        with users_code(f"method {name!r}: dimension_plan()"):
+            plan = embedding_method.dimension_plan(cfg, spec, counts, out_dir)
+        if not isinstance(plan, DimensionPlan):
+            raise ConfigError(f"method {name!r}: dimension_plan() returned {type(plan).__name__}, not a DimensionPlan")
         return replace(plan, uniform_width=uniform, notes=[*unread, *plan.notes],
                        made_with={**made_with, "dataset_id": spec.id})
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from embshard.errors import ConfigError, first_line
+from embshard.errors import ConfigError, EmbshardError, first_line
 
 
 def import_reference(reference: str, key: str) -> Any:
@@ -45,6 +47,18 @@ def instance_of(found: Any, key: str) -> Any:
         return found()
     except (Exception, SystemExit) as e:
         raise ConfigError(f"{key}: {found.__name__}() raised {first_line(e)}{raised_at(e)}") from None
+
+
+@contextmanager
+def users_code(what: str) -> Iterator[None]:
+    """A hook of a method or arch failing in its own code: one ConfigError naming `what` and where
+    (an EmbshardError it raises says its own one line already)."""
+    try:
+        yield
+    except EmbshardError:
+        raise
+    except (Exception, SystemExit) as e:
+        raise ConfigError(f"{what} raised {first_line(e)}{raised_at(e)}") from None
 
 
 def raised_at(e: BaseException) -> str:
