@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +89,15 @@ class MletTable:
     rows: int
     width: int  # k
     dim: int  # d
+
+
+def is_mlet_w2(key: str) -> bool:
+    """Whether a state-dict key is an MLET block's W2 (`mlet_tables`' `w2_key`). A checkpoint's
+    tables are collapsed, so an ordinary d-wide model (`without_mlet`) reads it without them."""
+    return _W2_KEY.search(key) is not None
+
+
+_W2_KEY = re.compile(r"(^|\.)mlet\.[^.]+\.weight$")
 
 
 def without_mlet(plan: DimensionPlan) -> DimensionPlan:

@@ -227,6 +227,25 @@ def test_a_checkpoint_without_this_models_keys_is_one_line_not_a_key_error(tmp_p
     _check_shapes(tmp_path, state, same_layout)  # nothing missing, nothing resized
 
 
+@pytest.mark.parametrize("before, after, said", [
+    ([64], [32, 64], r"the checkpoint lacks 2 of this run's tensors \(e\.g\. model\.dense_arch\.[\w.]+\): "
+                     r"another model \(or the model's code changed since\)"),
+    ([32, 64], [64], r"holds model parameters this run's model has no place for \('dense_arch\.[\w.]+' and 1 more\), "
+                     r"which a resume would drop"),
+])
+def test_a_model_whose_layers_changed_since_its_checkpoint_is_refused_naming_them(dataset, tmp_path, before, after,
+                                                                                   said):
+    # A layer added since: "cannot be loaded (... Missing key in checkpoint state_dict: optim.state...)";
+    # a layer removed since: resumed, its trained weights dropped without a word.
+    cfg = job(dataset, tmp_path, max_steps=4)
+    cfg = replace(cfg, model=replace(cfg.model, dense_arch=before))
+    run_worker(cfg)
+    edited = replace(cfg, model=replace(cfg.model, dense_arch=after), train=replace(cfg.train, max_steps=8))
+    with pytest.raises(CheckpointError, match=said):
+        run_worker(edited)
+    assert (cfg.checkpoint_dir / "step-000004").is_dir()  # left as it is
+
+
 def test_a_batch_larger_than_a_ranks_rows_is_one_line_not_a_run_of_no_steps(dataset, tmp_path):
     # It trained 0 steps, wrote a checkpoint of the untrained model and exited 0.
     cfg = job(dataset, tmp_path)

@@ -57,6 +57,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, relative, rmtree
 from embshard.errors import EmbshardError, StorageError, first_line
+from embshard.sharding.mlet import is_mlet_w2
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
     RankFailure,
@@ -252,13 +253,14 @@ class CheckpointManager:
         def prepare() -> None:
             _init_lazy_state(optimizer)
             state["model"] = model.state_dict()
+            own = set(state["model"])
             state["optim"] = optimizer.state_dict()
             for transform in self.before_load:
                 state["model"] = transform(state["model"])
             saved = reader.read_metadata().state_dict_metadata
             # A hook may ask for optional state an older checkpoint lacks (MLET's exact_resume W1);
-            # a key the model itself needs and the checkpoint lacks still fails in load_state_dict.
-            state["model"] = {k: v for k, v in state["model"].items() if f"model.{k}" in saved}
+            # what the model itself holds must all be there (`_check_shapes`).
+            state["model"] = {k: v for k, v in state["model"].items() if k in own or f"model.{k}" in saved}
             _check_shapes(path, state["model"], saved)
 
         def restore() -> None:
@@ -325,8 +327,20 @@ def _check_shapes(path: StoragePath, model_state: Mapping[str, Any], saved: Mapp
     missing = [key for key in model_state if f"model.{key}" not in saved]
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} of this run's tensors (e.g. {missing[0]}): "
-                              f"another model, or an embshard from before `model.arch` (whose keys lack the "
-                              f"TrainModel's `model.` level); train into a new output_dir")
+                              f"another model (or the model's code changed since), or an embshard from before "
+                              f"`model.arch` (whose keys lack the TrainModel's `model.` level); resume with the "
+                              f"code that wrote it, or train into a new output_dir")
+    # The arch's parameters sit under the TrainModel's `model.`; beside them the checkpoint's
+    # `model.` holds training state a hook may leave unread (MLET's exact_resume W1). Its MLET W2s
+    # are left unread by a d-wide model, which reads the collapsed tables alone.
+    unread = sorted(k.removeprefix("model.model.") for k in saved
+                    if k.startswith("model.model.") and k.removeprefix("model.") not in model_state
+                    and not is_mlet_w2(k))
+    if unread:
+        more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
+        raise CheckpointError(f"{path}: holds model parameters this run's model has no place for ({unread[0]!r}"
+                              f"{more}), which a resume would drop: the model's code is not the code that wrote "
+                              f"it; resume with that code, or train into a new output_dir")
     wrong = [f"{key}: saved {list(saved[f'model.{key}'].size)}, this run {list(value.size())}"
              for key, value in model_state.items()
              if hasattr(value, "size") and hasattr(saved[f"model.{key}"], "size")
@@ -334,7 +348,7 @@ def _check_shapes(path: StoragePath, model_state: Mapping[str, Any], saved: Mapp
     if wrong:
         raise CheckpointError(f"{path}: this run's model differs from the checkpoint's ({len(wrong)} tensors, "
                               f"e.g. {wrong[0]}); "
-                              f"train with the checkpoint's config or into a new output_dir")
+                              f"train with the checkpoint's config and code, or into a new output_dir")
 
 
 def set_aside(path: StoragePath, suffix: str) -> StoragePath:

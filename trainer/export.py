@@ -71,7 +71,7 @@ from embshard.errors import DataError, EmbshardError, StorageError
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
-from embshard.sharding.mlet import collapse_mlet_tables, mlet_tables, without_mlet
+from embshard.sharding.mlet import collapse_mlet_tables, is_mlet_w2, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, is_step_name, newest_verified
 from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
@@ -515,7 +515,7 @@ def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Ten
 def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], sources: _Sources) -> None:
     plan_dir, spec = sources.plan_dir, sources.spec
     serving = without_mlet(plan)
-    weights = {k: v for k, v in state.items() if not _is_mlet_w2(k, plan)}
+    weights = {k: v for k, v in state.items() if not is_mlet_w2(k)}
     torch.save(weights, out_dir / WEIGHTS)
     serving.save(out_dir / PLAN)
     remaps = {}
@@ -558,11 +558,6 @@ def _copy_vocabularies(sources: _Sources, out_dir: Path) -> dict[str, str]:
         Vocabulary.read(data_dir / vocabulary_file(name), spec.feature(name).cardinality, spec.id, name)
         copy_file(data_dir / vocabulary_file(name), out_dir / vocabulary_file(name))
     return {name: vocabulary_file(name) for name in spec.vocabularies}
-
-
-def _is_mlet_w2(key: str, plan: DimensionPlan) -> bool:
-    names = {t.block_name(i) for t in plan.tables for i, b in enumerate(t.blocks) if b.mlet_width}
-    return any(key.endswith(f"mlet.{n}.weight") for n in names)
 
 
 def _find(model: nn.Module, kind: type[nn.Module]) -> Any:
