@@ -367,9 +367,12 @@ def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, 
         export_serving(tmp_path / "run" / "checkpoints", tmp_path / "serving")
     # A method that does not say so is caught by what its model holds beyond the plan's tables.
     monkeypatch.setattr(AutodimSearch, "serves", True)
-    with pytest.raises(ExportError, match=r"step-000006: holds model parameters the model rebuilt from its config has "
+    unsaid = replace(cfg, output_dir=str(tmp_path / "unsaid"), train=replace(cfg.train, max_steps=2))
+    plan_search(unsaid, 1)
+    run_worker(unsaid, method="autodim")
+    with pytest.raises(ExportError, match=r"step-000002: holds model parameters the model rebuilt from its config has "
                                           r"no place for \('embeddings\.arch\.logits' and \d+ more\)"):
-        export_serving(tmp_path / "run" / "checkpoints", tmp_path / "serving")
+        export_serving(tmp_path / "unsaid" / "checkpoints", tmp_path / "serving")
     assert not (tmp_path / "serving").exists()
 
 

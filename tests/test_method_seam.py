@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,34 @@ def test_a_users_method_failing_in_its_own_code_is_one_line_naming_the_hook(data
     cfg = job(dataset, tmp_path / "run")
     with pytest.raises(ConfigError, match=rf"^method '{method.__name__}': {said}"):
         plan_for_training(cfg, method.__name__)
+
+
+class NoServe(FixedWidth):
+    serves = False
+
+
+class ServesNo(FixedWidth):
+    serves = "no"  # type: ignore[assignment]
+
+
+def test_whether_a_method_serves_is_in_its_plan_for_an_export_where_the_method_cannot_be_imported(
+        dataset, tmp_path):
+    # `serves = False` was read from the method at export only: where its module was not on the
+    # Python path, the checkpoint was exported. And `serves = "no"` read as True.
+    from embshard.trainer.export import ExportError, _check_serves
+
+    register_method("no_serve", NoServe(8))
+    plan_for_training(job(dataset, tmp_path / "run"), "no_serve")
+    plan = PlanBundle.load(tmp_path / "run" / "plan", "rowwise_adagrad").dimension_plan
+    assert plan.made_with["serves"] is False
+    gone = replace(plan, made_with={**plan.made_with, "method": "gone_module:NoServe"})
+    with pytest.raises(ExportError, match=r"a checkpoint of a 'gone_module:NoServe' run, which decides a plan"):
+        _check_serves(gone, tmp_path)
+    older = replace(gone, made_with={k: v for k, v in gone.made_with.items() if k != "serves"})
+    with pytest.raises(ExportError, match=r"its plan does not record whether method 'gone_module:NoServe' trains a "
+                                          r"model to serve, and the method cannot be read here \(method "
+                                          r"'gone_module:NoServe': cannot import module 'gone_module'"):
+        _check_serves(older, tmp_path)
+    register_method("serves_no", ServesNo(8))
+    with pytest.raises(ConfigError, match=r"method 'serves_no': serves must be True or False, got 'no'"):
+        plan_for_training(job(dataset, tmp_path / "other"), "serves_no")

@@ -468,11 +468,14 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, dict[str, torch.Tensor
 
 
 def _check_serves(plan: DimensionPlan, path: StoragePath) -> None:
-    method = plan.made_with.get("method")
-    try:
-        serves = get_method(method).serves if isinstance(method, str) else True
-    except EmbshardError:
-        return  # a user's method this process cannot import: the parameters' check still applies
+    method, serves = plan.made_with.get("method"), plan.made_with.get("serves")
+    if not isinstance(serves, bool):  # a plan from before plans recorded it: the method says
+        try:
+            serves = get_method(method).serves if isinstance(method, str) else True
+        except EmbshardError as e:
+            raise ExportError(f"{path}: its plan does not record whether method {method!r} trains a model to "
+                              f"serve, and the method cannot be read here ({e}); export where it can be "
+                              "imported") from None
     if not serves:
         # AutoDim's alpha and unifying layers, PEP's thresholds: exported, the bare tables were served.
         raise ExportError(f"{path}: a checkpoint of a {method!r} run, which decides a plan and trains no model to "

@@ -38,7 +38,10 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     # give every feature the base dim whatever the arch takes.
     uniform = arch.uniform_width or not embedding_method.mixed_widths
     unread = unread_settings(cfg, arch)
-    made_with = {"method": name, "config": to_dict(cfg)}
+    if not isinstance(embedding_method.serves, bool):  # "no" would read as True
+        raise ConfigError(f"method {name!r}: serves must be True or False, got {embedding_method.serves!r}")
+    # `serves` too: an export reads it from the plan where the method cannot be imported.
+    made_with = {"method": name, "config": to_dict(cfg), "serves": embedding_method.serves}
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
         with users_code(f"method {name!r}: dimension_plan()"):
