@@ -68,6 +68,10 @@ def numpy_reading_builder(embeddings: EmbeddingModule, spec: DatasetSpec, option
     return model
 
 
+def missing_feature_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return nn.Linear({f.name: 1 for f in spec.sparse}["C99"], 1)  # a bug of its own, on any device
+
+
 def buffered_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     model = NestedLinear(embeddings, len(spec.dense), squeeze=True)
     model.register_buffer("table", torch.zeros(1000, 250))  # 1 MB: no parameter, on every rank all the same
@@ -193,16 +197,23 @@ def builder_that_raises(embeddings, spec, options):  # type: ignore[no-untyped-d
     raise ValueError("boom in build")
 
 
+def builder_that_raises_off_meta(embeddings, spec, options):  # type: ignore[no-untyped-def]
+    if next(embeddings.parameters()).device.type != "meta":
+        raise ValueError("boom in build")
+    return NestedLinear(embeddings, len(spec.dense), squeeze=True)
+
+
 def test_a_builder_raising_as_a_worker_builds_is_one_line_naming_the_arch(dataset, tmp_path) -> None:
-    # The plan counts no dense layers for it (a builder may fail on meta alone), and each worker
-    # then "crashed: rank 0: ValueError: boom in build", naming neither model.arch nor where.
+    # Each worker "crashed: rank 0: ValueError: boom in build", naming neither model.arch nor where.
+    # The driver says it before Ray starts where the build fails on the meta device as well.
     from embshard.trainer.build import build_unsharded
 
-    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:builder_that_raises")
+    said = r"its build raised ValueError: boom in build at " + re.escape(__file__) + r":\d+$"
+    with pytest.raises(ConfigError, match=r"^model\.arch 'test_model_seam:builder_that_raises': " + said):
+        plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:builder_that_raises"))
+    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:builder_that_raises_off_meta")
     bundle = plan_for_training(cfg)
-    assert bundle.memory.dense_bytes is None
-    with pytest.raises(ConfigError, match=r"^model\.arch 'test_model_seam:builder_that_raises': its build raised "
-                                          rf"ValueError: boom in build at {re.escape(__file__)}:\d+$"):
+    with pytest.raises(ConfigError, match=r"^model\.arch 'test_model_seam:builder_that_raises_off_meta': " + said):
         build_unsharded(cfg, bundle, DatasetSpec.load(dataset), torch.device("cpu"))
 
 
@@ -271,6 +282,29 @@ def test_a_builder_that_cannot_run_on_meta_plans_without_its_dense_count(dataset
     assert bundle.memory.dense_bytes is None
     assert f"dense layers not counted in the memory report: model.arch 'test_model_seam:{builder}' " \
            "cannot be built on the meta device" in caplog.text
+
+
+def test_a_build_that_fails_on_any_device_fails_on_the_driver_naming_the_arch_or_the_method(dataset, tmp_path,
+                                                                                          caplog) -> None:
+    # Planning warned "cannot be built on the meta device" (blaming the arch for the method's
+    # embeddings too), then Ray started and every worker failed the same way ~20 s later.
+    import logging
+
+    from embshard.trainer.method import EmbeddingMethod, register_method
+
+    class EmbeddingsRaise(EmbeddingMethod):
+        def embeddings(self, cfg, plan, device):
+            raise RuntimeError("no module today")
+
+    register_method("embeddings_raise", EmbeddingsRaise())
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(ConfigError, match=r"^model\.arch 'test_model_seam:missing_feature_builder': its build "
+                                              r"raised KeyError: 'C99' at .*test_model_seam\.py:\d+$"):
+            plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:missing_feature_builder"))
+        with pytest.raises(ConfigError, match=r"^method 'embeddings_raise': embeddings\(\) raised RuntimeError: no "
+                                              r"module today at .*test_model_seam\.py:\d+$"):
+            plan_for_training(job(dataset, tmp_path / "run2"), "embeddings_raise")
+    assert "meta device" not in caplog.text
 
 
 def test_a_models_buffers_are_counted_with_its_dense_layers(dataset, tmp_path) -> None:

@@ -32,6 +32,7 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.trainer.method import EmbeddingMethod, get_method, method_name, module_path
 from embshard.trainer.models import ModelArch, TrainModel, build_model, get_arch
 from embshard.trainer.models.arch import ModelBuildFailed
+from embshard.trainer.reference import raised_at
 
 log = logging.getLogger(__name__)
 
@@ -57,28 +58,44 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     model registers, counted on a copy built on the meta device, as `build_sharded` builds it, so
     nothing is allocated. A `model.dense_arch` no device holds was a worker's "crashed: can't
     allocate" line. None: the arch's model cannot be built on the meta device (a user's builder
-    that reads values, or checks the device it is given)."""
-    embedding_method = get_method(method or method_name(cfg))
+    that reads values, or checks the device it is given). A build that fails otherwise fails here,
+    on the driver, as it would on every worker once Ray had started."""
+    name = method or method_name(cfg)
+    embedding_method = get_method(name)
     arch = get_arch(cfg.model)
     meta = torch.device("meta")
     try:
         with meta:
             embeddings = embedding_method.embeddings(cfg, plan, meta)
-            model = build_model(arch, embeddings, spec, cfg.model, meta)
-    except ModelBuildFailed as e:  # whatever a user's builder raises on meta tensors
-        log.warning("dense layers not counted in the memory report: model.arch %r cannot be built on the meta "
-                    "device (%s)", arch.name, first_line(e.__cause__ or e))
-        return None
     except EmbshardError:
-        raise  # what the workers would find too (a builder that returns no module)
-    except Exception as e:  # noqa: BLE001 - the embedding module itself on meta tensors
-        log.warning("dense layers not counted in the memory report: model.arch %r cannot be built on the meta "
-                    "device (%s)", arch.name, first_line(e))
-        return None
+        raise
+    except Exception as e:
+        if _meta_only(e):
+            return _not_counted(f"method {name!r}'s embedding module", e)
+        raise ConfigError(f"method {name!r}: embeddings() raised {first_line(e)}{raised_at(e)}") from None
+    try:
+        with meta:
+            model = build_model(arch, embeddings, spec, cfg.model, meta)
+    except ModelBuildFailed as e:
+        if not _meta_only(e.__cause__):
+            raise
+        return _not_counted(f"model.arch {arch.name!r}", e.__cause__)
     params, buffers = dense_layers(model, embeddings)
     weights = sum(p.numel() for p in params)
     return (weights * (2 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements) * BYTES_PER_ELEMENT
             + sum(b.numel() * b.element_size() for b in buffers))
+
+
+def _meta_only(e: BaseException | None) -> bool:
+    """Whether `e` is the meta device's own (a value read from a tensor that holds none: torch
+    says "meta" then), which a build on the workers' device would not raise."""
+    return e is not None and "meta" in str(e).lower()
+
+
+def _not_counted(what: str, e: BaseException | None) -> None:
+    log.warning("dense layers not counted in the memory report: %s cannot be built on the meta device (%s)",
+                what, first_line(e) if e is not None else "")
+    return None
 
 
 def dense_layers(model: nn.Module, embeddings: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
