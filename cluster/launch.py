@@ -51,6 +51,7 @@ from embshard.trainer.method import EmbeddingMethod, method_name, register_metho
 from embshard.trainer.metrics import read_file_sd_targets
 from embshard.trainer.planning import check_same_data, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
+from embshard.trainer.reference import raised_at_in
 from embshard.trainer.restarts import reset_starts
 from embshard.typed_config import from_dict, to_dict
 
@@ -356,9 +357,12 @@ def _private_token_auth() -> None:
 class WorkerFailure:
     error: BaseException
     rank: int | None  # None: not raised by a training worker (Ray Train's controller, the driver)
+    # ` at file:line` in a user's code (a method's callback, an arch's forward), out of the
+    # worker's traceback, which reaches the driver as text; "" where it passed through none.
+    where: str = ""
 
     def summary(self) -> str:
-        said = first_line(self.error)
+        said = first_line(self.error) + self.where
         waited = _COLLECTIVE_TIMEOUT.search(said)
         if waited:  # gloo's words for it name a source file and "recv operation"
             said = (f"waited {int(waited['ms']) / 1000:g} s in a collective for a rank that did not come (a worker "
@@ -375,12 +379,12 @@ def worker_error(e: BaseException) -> WorkerFailure:
     names the bad input; it may itself be caused by a library error), else a worker process that
     died (the other ranks' errors are its echo: a collective lost its peer), else the lowest
     rank's root cause."""
-    stack: list[tuple[int | None, BaseException]] = [(None, e)]
+    stack: list[tuple[int | None, BaseException, str]] = [(None, e, "")]
     seen: set[int] = set()
     roots: list[WorkerFailure] = []
     died: WorkerFailure | None = None
     while stack:  # depth first, lowest rank first
-        rank, err = stack.pop()
+        rank, err, where = stack.pop()
         if id(err) in seen:
             continue
         seen.add(id(err))
@@ -390,10 +394,12 @@ def worker_error(e: BaseException) -> WorkerFailure:
             return WorkerFailure(err, rank)
         if isinstance(err, RayActorError) and not isinstance(err, RayTaskError) and died is None:
             died = WorkerFailure(err, rank)
+        if isinstance(err, RayTaskError):
+            where = raised_at_in(str(err)) or where  # its message holds the worker's traceback
         inner = _inner_errors(err)
         if not inner:
-            roots.append(WorkerFailure(err, rank))
-        stack.extend((rank if r is None else r, x) for r, x in reversed(inner))
+            roots.append(WorkerFailure(err, rank, where))
+        stack.extend((rank if r is None else r, x, where) for r, x in reversed(inner))
     return died or (roots[0] if roots else WorkerFailure(e, None))
 
 

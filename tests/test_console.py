@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from embshard.cluster.console import END, START, _console_lines, _MarkedStream
-from embshard.errors import DataError
+from embshard.errors import ConfigError, DataError
 
 
 def test_marked_stream_marks_lines_and_progress_redraws():
@@ -203,3 +205,38 @@ def test_the_raylet_s_worker_died_paragraph_goes_to_the_run_log(tmp_path, capsys
     finally:
         console.set_verbose(False)
     assert "A worker died or was killed" in capsys.readouterr().out  # Ray's own printer, with --verbose
+
+
+def test_a_workers_crash_says_where_in_the_users_code_it_was_raised():
+    # "crashed: rank 0: RuntimeError: callback on_step boom", naming neither the hook nor the file:
+    # the worker's traceback reaches the driver as text, with the user's frame in it.
+    import torch
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from embshard.cluster.launch import worker_error
+
+    frames = (f'  File "{__file__}", line 12, in on_step\n'
+              f'  File "{Path(torch.__file__).parent / "nn" / "modules" / "module.py"}", line 1751, in _call_impl\n')
+    boom = RuntimeError("callback on_step boom")
+    wrapped = RayTaskError("train_fn", "Traceback (most recent call last):\n" + frames, boom).as_instanceof_cause()
+    found = worker_error(WorkerGroupError("Training failed due to worker errors", {0: wrapped}))
+    assert found.summary() == f"rank 0: RuntimeError: callback on_step boom at {__file__}:12"
+    # Frames of embshard's own, Python's and the installed packages' are nobody's to fix: not named.
+    from embshard.trainer import loop
+
+    ours = RayTaskError("train_fn", f'  File "{loop.__file__}", line 3, in run_worker\n', boom).as_instanceof_cause()
+    said = worker_error(WorkerGroupError("failed", {0: ours})).summary()
+    assert said == "rank 0: RuntimeError: callback on_step boom"
+
+
+def test_a_users_module_failing_as_it_imports_is_named_at_its_own_line(tmp_path, monkeypatch):
+    # Its register_method("uniform", ...) raised inside embshard, and the line named
+    # trainer/method.py instead of the user's file.
+    from embshard.trainer.reference import import_reference
+
+    (tmp_path / "mine.py").write_text("from embshard.trainer.method import EmbeddingMethod, register_method\n\n"
+                                      "register_method('uniform', EmbeddingMethod())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"has that name at {re.escape(str(tmp_path))}/mine\.py:3$"):
+        import_reference("mine:thing", "embeddings.method")

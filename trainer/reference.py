@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+import sys
+import sysconfig
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from embshard.errors import ConfigError, EmbshardError, first_line
@@ -62,9 +66,40 @@ def users_code(what: str) -> Iterator[None]:
 
 
 def raised_at(e: BaseException) -> str:
-    """` at file:line` of the innermost frame `e` passed through: where in the user's code."""
-    frames = traceback.extract_tb(e.__traceback__)
-    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    """` at file:line` of the innermost frame `e` passed through in a user's code (else its
+    innermost frame): where to look."""
+    frames = [(f.filename, f.lineno or 0) for f in traceback.extract_tb(e.__traceback__)]
+    return users_frame(frames) or (f" at {frames[-1][0]}:{frames[-1][1]}" if frames else "")
+
+
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)', re.MULTILINE)
+
+
+def raised_at_in(traceback_text: str) -> str:
+    """`raised_at` of a traceback as text (a Ray worker's, which reaches the driver as text), or
+    "" where no frame of it is a user's."""
+    return users_frame([(m["file"], int(m["line"])) for m in _FRAME.finditer(traceback_text)])
+
+
+def users_frame(frames: list[tuple[str, int]]) -> str:
+    """` at file:line` of the innermost of `frames` (outermost first) in a user's code: not
+    Python's own library, an installed package's or embshard's; "" where there is none."""
+    ours = _ours()
+    for file, line in reversed(frames):
+        path = Path(file)
+        if not file.startswith("<") and not any(path.is_relative_to(r) for r in _LIBRARIES) and path.parent not in ours:
+            return f" at {file}:{line}"
+    return ""
+
+
+# Python's own library and installed packages (torch, TorchRec, Ray): frames there are nobody's to fix.
+_LIBRARIES = {Path(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+
+
+def _ours() -> set[Path]:
+    """The folders embshard's own modules live in (its layers are folders of their own)."""
+    return {Path(m.__file__).parent for name, m in list(sys.modules.items())
+            if (name == "embshard" or name.startswith("embshard.")) and getattr(m, "__file__", None)}
 
 
 def call_text(fn: Any) -> str:
