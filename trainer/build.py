@@ -71,7 +71,8 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         raise
     except Exception as e:
         if _meta_only(e):
-            return _not_counted(f"method {name!r}'s embedding module", e)
+            _not_counted(f"method {name!r}'s embedding module", e)
+            return None
         raise ConfigError(f"method {name!r}: embeddings() raised {first_line(e)}{raised_at(e)}") from None
     try:
         with meta:
@@ -79,7 +80,8 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     except ModelBuildFailed as e:
         if not _meta_only(e.__cause__):
             raise
-        return _not_counted(f"model.arch {arch.name!r}", e.__cause__)
+        _not_counted(f"model.arch {arch.name!r}", e.__cause__)
+        return None
     params, buffers = dense_layers(model, embeddings)
     weights = sum(p.numel() for p in params)
     return (weights * (2 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements) * BYTES_PER_ELEMENT
@@ -95,7 +97,6 @@ def _meta_only(e: BaseException | None) -> bool:
 def _not_counted(what: str, e: BaseException | None) -> None:
     log.warning("dense layers not counted in the memory report: %s cannot be built on the meta device (%s)",
                 what, first_line(e) if e is not None else "")
-    return None
 
 
 def dense_layers(model: nn.Module, embeddings: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:

@@ -98,8 +98,9 @@ _LIBRARIES = {Path(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "
 
 def _ours() -> set[Path]:
     """The folders embshard's own modules live in (its layers are folders of their own)."""
-    return {Path(m.__file__).parent for name, m in list(sys.modules.items())
-            if (name == "embshard" or name.startswith("embshard.")) and getattr(m, "__file__", None)}
+    files = (getattr(m, "__file__", None) for name, m in list(sys.modules.items())
+             if name == "embshard" or name.startswith("embshard."))
+    return {Path(f).parent for f in files if f}
 
 
 def call_text(fn: Any) -> str:
