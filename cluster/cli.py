@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embshard.arg_types import EMPTY_PATH, nonempty_path
+from embshard.arg_types import EMPTY_PATH, nonempty_name, nonempty_path
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, gibibytes, verbose_argument, world_size
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
@@ -112,7 +112,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=nonempty_path, help="folder or .json path for the plan (default: <output_dir>/plan)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a plan already at --out (a file there that is no plan is never replaced)")
-    p.add_argument("--method", metavar="NAME",
+    p.add_argument("--method", type=nonempty_name, metavar="NAME",
                    help="plan what this method trains: pep (a prune run), autodim (a search), pep_lottery, "
                         "or a registered one (default: embeddings.policy, or pep_lottery for a retrain)")
     p.set_defaults(func=_plan)

@@ -9,12 +9,17 @@ from pathlib import Path
 EMPTY_PATH = "an empty path (an unset shell variable?)"
 
 
-def nonempty(text: str) -> str:
+def nonempty(text: str, empty: str = EMPTY_PATH) -> str:
     """argparse type of an output path or URI: an empty one (an unset shell variable) is refused,
     not read as the current folder."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(EMPTY_PATH)
+        raise argparse.ArgumentTypeError(empty)
     return text
+
+
+def nonempty_name(text: str) -> str:
+    """argparse type of a name: an empty one is refused, not read as the default."""
+    return nonempty(text, "an empty name (an unset shell variable?)")
 
 
 def nonempty_path(text: str) -> Path:

@@ -65,6 +65,9 @@ class MletConfig:
             )
         if self.width is not None and self.width < 1:
             raise ConfigError(f"width: must be positive, got {self.width}")
+        if self.features is not None and not self.features:  # planned with no MLET, silently
+            raise ConfigError("features: an empty list trains no table with MLET; leave it out for all of them, "
+                              "or leave out embeddings.mlet")
         if self.init_std <= 0:
             raise ConfigError(f"init_std: must be positive, got {self.init_std}")
 

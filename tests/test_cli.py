@@ -637,6 +637,14 @@ def test_an_empty_out_flag_is_refused_not_read_as_the_current_folder(argv, capsy
     assert capsys.readouterr().err.strip().endswith("error: argument --out: an empty path (an unset shell variable?)")
 
 
+def test_an_empty_method_is_refused_not_read_as_the_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "c.yaml", "--method", ""])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("error: argument --method: an empty name (an unset shell variable?)")
+
+
 @pytest.mark.parametrize("argv, name", [(["data", "convert", "criteo", "", "--out", "d"], "SRC"),
                                         (["data", "profile", ""], "DIR")])
 def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(argv, name, capsys):

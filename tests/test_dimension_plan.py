@@ -113,6 +113,7 @@ def test_flat_mde_keys_say_where_they_moved(key):
         ({"policy": "decisions"}, "embeddings.decisions: policy decisions needs the path"),
         ({"mlet": {}}, "embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width"),
         ({"mlet": {"ratio": 0.5}}, "embeddings.mlet.ratio: 0.5 < 1 gives k < d"),
+        ({"mlet": {"ratio": 2, "features": []}}, "embeddings.mlet.features: an empty list trains no table with MLET"),
         ({"mlet": {"width": 0}}, "embeddings.mlet.width: must be positive"),
         ({"mde": {"mode": "inside"}}, "embeddings.mde.mode: 'inside' is not one of 'within', 'across'"),
         ({"alhpa": 0.3}, "embeddings.alhpa: unknown field"),
