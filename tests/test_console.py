@@ -240,3 +240,18 @@ def test_a_users_module_failing_as_it_imports_is_named_at_its_own_line(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=rf"has that name at {re.escape(str(tmp_path))}/mine\.py:3$"):
         import_reference("mine:thing", "embeddings.method")
+
+
+def test_a_users_module_missing_a_dependency_is_not_said_to_be_missing_itself(tmp_path, monkeypatch):
+    # "cannot import module 'mine' (ModuleNotFoundError: No module named 'not_installed')" read as
+    # if the user's own module were not on the path.
+    from embshard.trainer.reference import import_reference
+
+    (tmp_path / "mine.py").write_text("import json\nimport not_installed_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^model\.arch: importing module 'mine' failed: ModuleNotFoundError: No "
+                                          r"module named 'not_installed_anywhere' at "
+                                          rf"{re.escape(str(tmp_path))}/mine\.py:2$"):
+        import_reference("mine:build", "model.arch")
+    with pytest.raises(ConfigError, match=r"^model\.arch: cannot import module 'nowhere\.mine' \(ModuleNotFound"):
+        import_reference("nowhere.mine:build", "model.arch")

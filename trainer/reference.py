@@ -28,6 +28,11 @@ def import_reference(reference: str, key: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        missing = e.name or ""
+        if missing and not (module_name == missing or module_name.startswith(missing + ".")):
+            # The module was found and failed as it ran: something it imports is missing.
+            raise ConfigError(f"{key}: importing module {module_name!r} failed: {first_line(e)}"
+                              f"{raised_at(e)}") from None
         raise ConfigError(f"{key}: cannot import module {module_name!r} ({first_line(e)})") from None
     except (Exception, SystemExit) as e:  # the user's module failed (or exited) as it ran: where, in one line
         where = "" if isinstance(e, SyntaxError) else raised_at(e)
