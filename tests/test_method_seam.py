@@ -81,6 +81,8 @@ def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path):
 def test_unknown_and_clashing_names_are_config_errors():
     with pytest.raises(ConfigError, match=r"method 'nope': not registered \(known: .*fixed_width"):
         get_method("nope")
+    with pytest.raises(ConfigError, match=r"package\.module:attr\); did you mean 'test_method_seam:EightWide'\?$"):
+        get_method("test_method_seam.EightWide")
     with pytest.raises(ConfigError, match="a built-in method has that name"):
         register_method("mde", FixedWidth(4))
     assert isinstance(get_method("fixed_width"), FixedWidth)

@@ -142,6 +142,9 @@ def test_builtins_are_found_by_name_and_unknown_names_are_one_line() -> None:
          "model.arch: cannot import 'missing_builder' from module 'test_model_seam'"),
         ("test_model_seam:NOT_A_BUILDER", "neither a ModelArch nor a builder function"),
         ("test_model_seam", "unknown architecture"),
+        # a dot where the colon goes: said which reference was meant
+        ("test_model_seam.value_reading_builder", r"package\.module:attr\); did you mean "
+                                                  r"'test_model_seam:value_reading_builder'\?$"),
     ]
     for name, message in cases:
         with pytest.raises(ConfigError, match=message) as e:

@@ -49,7 +49,7 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import StateTransform
-from embshard.trainer.reference import import_reference, instance_of
+from embshard.trainer.reference import colon_hint, import_reference, instance_of
 
 if TYPE_CHECKING:
     from embshard.trainer.build import ShardedModel
@@ -207,7 +207,8 @@ def get_method(name: str) -> EmbeddingMethod:
     if ":" in name:
         return _imported(name, name)
     known = ", ".join(sorted([*_BUILTIN, *_REGISTERED]))
-    raise ConfigError(f"method {name!r}: not registered (known: {known}; or give package.module:attr)")
+    raise ConfigError(f"method {name!r}: not registered (known: {known}; or give package.module:attr)"
+                      f"{colon_hint(name)}")
 
 
 def _imported(reference: str, name: str) -> EmbeddingMethod:

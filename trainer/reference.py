@@ -58,6 +58,12 @@ def instance_of(found: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {found.__name__}() raised {first_line(e)}{raised_at(e)}") from None
 
 
+def colon_hint(name: str) -> str:
+    """`; did you mean 'a.b:c'?` for a reference written with a dot where its colon goes."""
+    module, dot, attr = name.rpartition(".")
+    return f"; did you mean {module + ':' + attr!r}?" if dot and module and attr and ":" not in name else ""
+
+
 @contextmanager
 def users_code(what: str) -> Iterator[None]:
     """A hook of a method or arch failing in its own code: one ConfigError naming `what` and where

@@ -7,7 +7,7 @@ from __future__ import annotations
 from embshard.config import ModelConfig
 from embshard.errors import ConfigError
 from embshard.trainer.models.arch import BuilderArch, ModelArch, TrainModel, build_model
-from embshard.trainer.reference import call_text, callable_as, import_reference, instance_of
+from embshard.trainer.reference import call_text, callable_as, colon_hint, import_reference, instance_of
 
 __all__ = ["ModelArch", "TrainModel", "build_model", "get_arch"]
 
@@ -29,7 +29,7 @@ def get_arch(name: str | ModelConfig) -> ModelArch:
         return _as_arch(import_reference(_BUILTIN[name], f"model.arch {name!r}"), name)
     if ":" not in name:
         raise ConfigError(f"model.arch: unknown architecture {name!r} (built-in: {', '.join(_BUILTIN)}; "
-                          "or a builder or ModelArch as package.module:attr)")
+                          f"or a builder or ModelArch as package.module:attr){colon_hint(name)}")
     return _as_arch(import_reference(name, "model.arch"), name)
 
 
