@@ -63,6 +63,10 @@ def nan_on_rank_1_from_step_3(embeddings: EmbeddingModule, spec: DatasetSpec, op
     return TurnsNan(embeddings, len(spec.dense), from_step=3, only_rank=1)
 
 
+def nan_from_step_1(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return TurnsNan(embeddings, len(spec.dense), from_step=1)
+
+
 def nan_in_evaluation(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     return TurnsNan(embeddings, len(spec.dense), from_step=None)
 
@@ -98,6 +102,16 @@ def test_a_loss_turned_nan_stops_before_its_checkpoint(dataset, tmp_path, proces
     plan_for_training(cfg)
     with pytest.raises(TrainingDiverged, match=r"between step 1 and step 4, found before the loss was logged"):
         run_worker(cfg)
+
+
+def test_a_loss_nan_from_the_first_step_is_not_blamed_on_a_learning_rate(dataset, tmp_path, process_group) -> None:
+    # "between step 0 and step 1 ... (lower train.dense_lr or train.sparse_lr)": no update had run.
+    cfg = job(dataset, tmp_path / "run", "nan_from_step_1")
+    plan_for_training(cfg)
+    with pytest.raises(TrainingDiverged, match=r"^the loss of the first step is NaN or infinite, on the initial "
+                                               r"weights: before any update, so no learning rate's doing"):
+        run_worker(cfg)
+    assert not complete_checkpoints(cfg.checkpoint_dir)
 
 
 def test_nan_outputs_are_no_metric(dataset, tmp_path, process_group) -> None:

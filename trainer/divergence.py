@@ -33,6 +33,11 @@ class LossWatch:
         if dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
+            if self.checked_step == 0 and step == 1:  # a fresh run's first loss is always read
+                raise TrainingDiverged(
+                    "the loss of the first step is NaN or infinite, on the initial weights: before any update, so "
+                    "no learning rate's doing; look at what the model computes (a log of 0, a division by 0), "
+                    "NaN features being refused as they are read")
             raise TrainingDiverged(
                 f"training diverged: the loss became NaN or infinite between step {self.checked_step} and "
                 f"step {step}, found before {what}; nothing of it was checkpointed ({ADVICE})")
