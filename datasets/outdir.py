@@ -182,21 +182,22 @@ def _check_remote_output(out: RemotePath, overwrite: bool, kind: Replaceable) ->
 
 
 def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> None:
-    if not overwrite:
-        raise kind.error(f"{out}: not empty; pass --overwrite to replace the {kind.what} there")
+    # What --overwrite could not replace either is said as such: advised to pass it, the user
+    # was then refused again.
+    refusing = "refusing to replace it" + (", even with --overwrite" if overwrite else "")
     if not (out / kind.marker).is_file():
-        raise kind.error(f"{out}: not empty and holds no {kind.marker}, so it is no {kind.what}; "
-                        f"refusing to replace it, even with --overwrite")
+        raise kind.error(f"{out}: not empty and holds no {kind.marker}, so it is no {kind.what}; {refusing}")
     try:
         kind.read(out)
     except EmbshardError as e:
-        raise kind.error(f"{out}: not an embshard {kind.what} ({e}); "
-                        f"refusing to replace it, even with --overwrite") from None
+        raise kind.error(f"{out}: not an embshard {kind.what} ({e}); {refusing}") from None
     foreign = _foreign(out, kind.holds)
     if foreign:
         raise kind.error(f"{out}: holds {foreign[0]!r}, which no {kind.what} holds"
                         + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
-                        + "; refusing to replace it, even with --overwrite. Move it out or choose another --out")
+                        + f"; {refusing}. Move it out or choose another --out")
+    if not overwrite:
+        raise kind.error(f"{out}: not empty; pass --overwrite to replace the {kind.what} there")
 
 
 def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool]) -> list[str]:

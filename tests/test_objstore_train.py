@@ -121,9 +121,11 @@ def test_export_with_bad_access_is_one_line_and_writes_nothing(s3, monkeypatch, 
 
 def test_export_into_a_prefix_that_is_no_export_is_refused_first(s3) -> None:
     s3.server.client().put_object(Bucket=s3.name, Key="models/notes.txt", Body=b"mine")
-    # Refused before the (here missing) checkpoint is even looked at.
-    with pytest.raises(ExportError, match=r"models: not empty; pass --overwrite to replace the export there"):
+    # Refused before the (here missing) checkpoint is even looked at, and not advised --overwrite,
+    # which would be refused too.
+    with pytest.raises(ExportError, match=r"models: not empty and holds no serving\.json, so it is no export; "
+                                          r"refusing to replace it$"):
         export_serving(s3.uri("no-checkpoint-here"), s3.uri("models"))
-    with pytest.raises(ExportError, match=r"models: not empty and holds no serving\.json"):
+    with pytest.raises(ExportError, match=r"models: not empty and holds no serving\.json.*, even with --overwrite$"):
         export_serving(s3.uri("no-checkpoint-here"), s3.uri("models"), overwrite=True)
     assert s3.keys() == ["models/notes.txt"]
