@@ -70,15 +70,15 @@ class MemoryReport:
         dense = self.dense_bytes or 0
         need = self.per_rank[worst]["train_bytes"] + dense
         if need > self.capacity_bytes:
-            tables = sorted(self.table_bytes(worst).items(), key=lambda kv: -kv[1][0])[:3]
-            # human_bytes, not fixed GiB: a shortfall of a few MiB must not print as "0.00 GiB".
-            held = [f"{t} ({human_bytes(b[0])})" for t, b in tables]
-            if dense:
-                held.insert(0, f"the dense layers ({human_bytes(dense)})")
+            held = [(t, b[0]) for t, b in self.table_bytes(worst).items()]
+            held += [("the dense layers", dense)] if dense else []
+            # Largest first (the dense layers among them), human_bytes, not fixed GiB: a shortfall
+            # of a few MiB must not print as "0.00 GiB".
+            largest = [f"{what} ({human_bytes(n)})" for what, n in sorted(held, key=lambda h: -h[1])[:3]]
             raise PlanError(
                 f"rank {worst} needs {human_bytes(need)} for training but has "
                 f"{human_bytes(self.capacity_bytes)} (short by {human_bytes(need - self.capacity_bytes)}); "
-                f"largest there: {', '.join(held)}"
+                f"largest there: {', '.join(largest)}"
             )
 
     def to_json(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
@@ -93,6 +95,12 @@ def test_check_fits_names_rank_and_shortfall(hand_plan) -> None:
     assert need == (1420 + 240) * 4
     with pytest.raises(PlanError, match=rf"rank 1 needs .*short by {need - 6000} B.*largest there: a"):
         memory_report(plan, tight, "rowwise_adagrad").check_fits()
+    # The dense layers take their place by size: they were named first whatever theirs
+    # ("the dense layers (769.3 KiB), t_C1 (63.3 GiB)").
+    for dense, largest in ((8, r"a \(3\.5 KiB\), b \(1\.8 KiB\), c \(280 B\)$"),
+                           (1 << 20, r"the dense layers \(1\.0 MiB\), a \(3\.5 KiB\), b \(1\.8 KiB\)$")):
+        with pytest.raises(PlanError, match=r"largest there: " + largest):
+            replace(memory_report(plan, tight, "rowwise_adagrad"), dense_bytes=dense).check_fits()
 
 
 def test_planned_shards_conserve_rows() -> None:
