@@ -35,7 +35,7 @@ from typing import Any
 from embshard.cluster.run_lease import check_leases, describe_holder, held_leases, record_of, run_lease
 from embshard.config import JobConfig
 from embshard.datasets.storage import RemotePath, nearest_existing
-from embshard.errors import ConfigError, EmbshardError
+from embshard.errors import ConfigError, EmbshardError, EnvironmentProblem
 
 LOCK_FILE = ".embshard-run.lock"
 
@@ -99,7 +99,10 @@ def _make(folder: Path) -> list[Path]:
     """Creates `folder` and any missing parents; -> those it created, deepest first."""
     existing = nearest_existing(folder)
     missing = [at for at in [folder, *folder.parents] if at.is_relative_to(existing) and at != existing]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as e:  # its parents are there: the file system takes no folder here (/proc)
+        raise EnvironmentProblem(f"{folder}: no folder can be created there ({e.strerror})") from None
     return missing
 
 

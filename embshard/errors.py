@@ -41,10 +41,11 @@ class EnvironmentProblem(EmbshardError):
 # OSErrors about where files go, which the user fixes on the machine: printed as one line.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
                                 errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
-                                errno.EBUSY, errno.EXDEV})
+                                errno.EBUSY, errno.EXDEV, errno.ELOOP})
 
 
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+_SYMLINK_LOOP = re.compile(r"Symlink loop from '(?P<path>.*)'")
 
 
 def environment_problem(e: BaseException) -> EnvironmentProblem | None:
@@ -53,6 +54,9 @@ def environment_problem(e: BaseException) -> EnvironmentProblem | None:
     if isinstance(e, MemoryError):
         return EnvironmentProblem(f"out of memory ({first_line(e)}): a larger machine, or less at once "
                                   "(fewer rows or tables, a smaller batch)")
+    loop = _SYMLINK_LOOP.fullmatch(str(e)) if isinstance(e, RuntimeError) else None
+    if loop:  # pathlib's resolve() in Python 3.11 (an OSError, ELOOP, from 3.13)
+        return EnvironmentProblem(f"{loop['path']}: a loop of symbolic links")
     if not isinstance(e, OSError):
         return None
     if e.errno is None and _SHORT_WRITE.fullmatch(str(e)):

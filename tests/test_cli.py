@@ -691,3 +691,21 @@ def test_an_error_about_a_files_value_stays_one_readable_line(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("embshard: error: ") and len(err) < 2_200, err[:300]
     assert re.search(shown, err.strip()), err[:300]
+
+
+def test_an_out_no_folder_can_be_made_in_or_a_loop_of_links_is_one_line(tmp_path, capsys):
+    # Both were tracebacks: FileNotFoundError from the folder lock's mkdir (/proc takes no folder),
+    # and pathlib's "RuntimeError: Symlink loop from ..." where --out was resolved.
+    from embshard.datasets.synth import synthesize
+
+    synthesize(tmp_path / "data", rows=1000, seed=0, max_cardinality=50)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{path: {tmp_path / 'data'}}}\noutput_dir: {tmp_path / 'run'}\n")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    capsys.readouterr()
+    for out, said in (("/proc/embshard-test", r"/proc/embshard-test: no folder can be created there"),
+                      (str(tmp_path / "loop1"), r"loop1/plan\.json: a loop of symbolic links")):
+        assert main(["plan", str(cfg), "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(r"^embshard: error: .*" + said, err), err
