@@ -301,3 +301,20 @@ def test_unreachable_budget_names_the_reachable_neighbours():
     for reachable in (int(below), int(above / 0.99)):
         cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(budget_params=reachable))
         assert 0.99 * reachable <= plan_dimensions(cfg, spec, counts).serve_params() <= reachable
+
+
+def test_across_tables_weighs_each_table_by_its_total_without_reading_its_counts(tmp_path):
+    # Each table's counts were read (and kept) to be summed: 8 bytes an id, ~208 GB for 26 tables
+    # of 1e9 rows, where the profile already holds each total.
+    from embshard.config import MdeConfig
+    from embshard.datasets.profile import load_profile
+    from embshard.datasets.schema import DatasetSpec
+    from embshard.datasets.synth import synthesize
+
+    synthesize(tmp_path / "d", rows=2000, seed=0, max_cardinality=300)
+    spec, profile = DatasetSpec.load(tmp_path / "d"), load_profile(tmp_path / "d")
+    cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(mode="across", alpha=0.3))
+    planned = plan_dimensions(cfg, spec, profile.lazy_counts({f: f for f in spec.sparse_names}))
+    assert profile._counts == {}  # not one count file read
+    read = plan_dimensions(cfg, spec, {f: profile.counts(f) for f in spec.sparse_names})
+    assert planned.tables == read.tables and len({b.dim for t in planned.tables for b in t.blocks}) > 1

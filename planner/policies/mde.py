@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from embshard.config import EmbeddingsConfig
+from embshard.datasets.profile import IdCounts
 from embshard.datasets.schema import DatasetSpec, SparseFeature
 from embshard.errors import PlanError
 from embshard.planner.grid_fit import fit_on_grid, grid_widths
@@ -99,7 +100,8 @@ def mde_plan(
     counts: Mapping[str, np.ndarray] | None,
     out_dir: Path | None,
 ) -> DimensionPlan:
-    tables = [_block_table(f, cfg, counts) for f in spec.sparse]
+    ids = None if counts is None else IdCounts.of(counts)
+    tables = [_block_table(f, cfg, ids) for f in spec.sparse]
     total = sum(float(t.lookups.sum()) for t in tables)
     if total <= 0:
         raise PlanError(f"{spec.name}: the id counts hold no lookups at all; no popularity to rank")
@@ -155,13 +157,11 @@ def mde_plan(
     return DimensionPlan(cfg.dim, plans, policy=to_dict(cfg), notes=notes)
 
 
-def _block_table(
-    feature: SparseFeature, cfg: EmbeddingsConfig, counts: Mapping[str, np.ndarray] | None
-) -> BlockedTable:
+def _block_table(feature: SparseFeature, cfg: EmbeddingsConfig, counts: IdCounts | None) -> BlockedTable:
     n = feature.cardinality
     if cfg.mde.mode == "across":
         # Without counts, assume one lookup per table per example: p_i proportional to 1/n_i.
-        total = 1.0 if counts is None else float(_counts(counts, feature).sum())
+        total = 1.0 if counts is None else float(counts.total(_known(counts, feature)))
         return BlockedTable(feature, [0, n], np.array([total]), None)
     if counts is None:
         raise PlanError(
@@ -178,10 +178,14 @@ def _block_table(
     return BlockedTable(feature, bounds, lookups, ranks if len(bounds) > 2 else None)
 
 
-def _counts(counts: Mapping[str, np.ndarray], feature: SparseFeature) -> np.ndarray:
+def _known(counts: Mapping[str, np.ndarray], feature: SparseFeature) -> str:
     if feature.name not in counts:
         raise PlanError(f"id counts: no entry for feature {feature.name!r}")
-    c = np.asarray(counts[feature.name])
+    return feature.name
+
+
+def _counts(counts: Mapping[str, np.ndarray], feature: SparseFeature) -> np.ndarray:
+    c = np.asarray(counts[_known(counts, feature)])
     if c.shape != (feature.cardinality,) or not np.issubdtype(c.dtype, np.integer):
         raise PlanError(
             f"id counts for {feature.name!r}: expected {feature.cardinality} integers, "
