@@ -20,7 +20,7 @@ from embshard.units import human_bytes
 # Share of each rank's HBM held back from embedding tables for dense parameters, activations and
 # input batches. TorchRec's heuristic reservation uses the same share but adds an estimate of
 # dense tensors that over-counts on meta-device modules (its own FutureWarning says so). TorchRec
-# reserves HBM only: host DDR (CPU ranks, UVM tables) is offered whole.
+# reserves HBM only: host DDR (CPU ranks) is offered whole.
 RESERVED_FRACTION = 0.15
 
 
@@ -58,7 +58,7 @@ def usable_bytes_per_rank(topology: TopologySpec) -> int:
 
 
 def usable_bytes(torchrec_topology: Topology) -> int:
-    """All memory TorchRec may place tables in: reserved HBM plus host DDR (UVM kernels, CPU ranks)."""
+    """All memory TorchRec may place tables in: reserved HBM (CUDA ranks) plus host DDR (CPU ranks)."""
     return sum(
         int(d.storage.hbm * (1 - RESERVED_FRACTION)) + d.storage.ddr for d in torchrec_topology.devices
     )

@@ -9,8 +9,8 @@ Small plans keep the full search. Large ones (more tables x ranks than a full se
 get a narrower search that is still TorchRec's enumerator, estimators, partitioner and
 proposers:
 - TorchRec's GreedyProposer with early stopping, then its UniformProposer, under a time limit;
-- the fused kernel only, when every table fits in HBM: UVM kernels trade speed for capacity
-  that is not needed then;
+- the fused kernel only on CUDA: tables are planned into HBM (the topology offers TorchRec no
+  host memory, `TopologySpec.to_torchrec`), so UVM options would only be estimated to be refused;
 - with at least as many tables as ranks, only sharding types whose shards stay inside one host:
   placing whole tables already balances the ranks then, and an option spread over every rank
   costs `world_size` shard estimates. A table larger than a whole host keeps every type.
@@ -94,8 +94,7 @@ class SearchPolicy:
             return Search(constraints, proposers=None, timeout_seconds=None, notes=[])
         per_rank = usable_bytes_per_rank(topology)
         host_bytes = per_rank * (topology.local_world_size or topology.world_size)
-        in_hbm = topology.device == "cuda" and demand.total <= per_rank * topology.world_size
-        kernels = ["fused"] if in_hbm else None
+        kernels = ["fused"] if topology.device == "cuda" else None
         host_local = len(configs) >= topology.world_size
         cluster = self.is_cluster_scale(len(configs), topology.world_size)
         packed = cluster and len(configs) >= self.whole_tables_per_rank * topology.world_size

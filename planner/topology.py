@@ -82,8 +82,11 @@ class TopologySpec:
     def to_torchrec(self) -> Topology:
         cap = self.capacity_bytes
         # TorchRec keeps CPU tables in "ddr" and CUDA tables in "hbm"; give the capacity to the
-        # tier the tables will live in.
-        hardware = HardwareConfig(hbm_cap_bytes=cap) if self.device == "cuda" else HardwareConfig(
+        # tier the tables will live in, and none to the other. On CUDA its default of 128 GiB of
+        # host memory per rank let it choose UVM kernels, tables in host memory that the memory
+        # report (and the check of a plan against its ranks) counted in HBM; and the refusal of
+        # a plan counted host memory no one had declared.
+        hardware = HardwareConfig(hbm_cap_bytes=cap, ddr_cap_bytes=0) if self.device == "cuda" else HardwareConfig(
             hbm_cap_bytes=0, ddr_cap_bytes=cap
         )
         return TopologyFactory.create_topology(

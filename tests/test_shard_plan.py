@@ -202,3 +202,12 @@ def test_the_same_plan_comes_out_whatever_pythons_string_hashing() -> None:
         for seed in ("0", "2")
     }
     assert len(plans) == 1 and json.loads(plans.pop())["tables"]
+
+
+def test_a_cuda_table_larger_than_hbm_is_refused_not_put_in_host_memory_uncounted() -> None:
+    # TorchRec's default of 128 GiB of host memory per rank let it choose a UVM kernel for this
+    # table (in host memory, cached in HBM), which the memory report counted as 87% of HBM.
+    plan = DimensionPlan(base_dim=16, tables=[_table("t1", 1_100_000_000, 16)])
+    with pytest.raises(PlanError, match=r"1 x cuda at 80\.0 GiB per rank \(68\.0 GiB usable\): weights and "
+                                        r"rowwise_adagrad state need 69\.7 GiB, the ranks offer 68\.0 GiB"):
+        plan_sharding(plan, TopologySpec(world_size=1, device="cuda"), batch_size=512)
