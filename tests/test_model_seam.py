@@ -72,6 +72,16 @@ def missing_feature_builder(embeddings: EmbeddingModule, spec: DatasetSpec, opti
     return nn.Linear({f.name: 1 for f in spec.sparse}["C99"], 1)  # a bug of its own, on any device
 
 
+def own_collection_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    model = NestedLinear(embeddings, len(spec.dense), squeeze=True)
+    # TorchRec's idiom, outside the module embshard gave it: replicated untrained, exported on meta.
+    model.extra = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="x", embedding_dim=4, num_embeddings=10,
+                                                                    feature_names=["x"])], device="meta")
+    return model
+
+
 def buffered_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     model = NestedLinear(embeddings, len(spec.dense), squeeze=True)
     model.register_buffer("table", torch.zeros(1000, 250))  # 1 MB: no parameter, on every rank all the same
@@ -310,6 +320,15 @@ def test_a_build_that_fails_on_any_device_fails_on_the_driver_naming_the_arch_or
     assert "meta device" not in caplog.text
 
 
+def test_a_model_with_a_torchrec_collection_of_its_own_is_refused_on_the_driver(dataset, tmp_path) -> None:
+    # It trained, exit 0, its tables replicated as data-parallel (never updated on CPU), and its
+    # export failed: "Default process group has not been initialized".
+    with pytest.raises(ConfigError, match=r"^model\.arch 'test_model_seam:own_collection_builder': the model holds "
+                                          r"a TorchRec collection of its own \('extra'\), outside the embedding "
+                                          r"module it was given"):
+        plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:own_collection_builder"))
+
+
 def test_a_models_buffers_are_counted_with_its_dense_layers(dataset, tmp_path) -> None:
     plain = plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:nested_builder"))
     buffered = plan_for_training(job(dataset, tmp_path / "run2", arch="test_model_seam:buffered_builder"))
@@ -329,7 +348,6 @@ def test_a_builder_keeping_the_embeddings_anywhere_trains_sharded(dataset, tmp_p
 @pytest.mark.parametrize(("builder", "message"), [
     ("unsqueezed_builder", r"model.arch 'test_model_seam:unsqueezed_builder': the model returned \(128, 1\) "
                            r"for a batch of 128; a pointwise model returns one logit per example \(\(128,\)\)"),
-    ("detached_builder", "the model does not hold the embedding module it was given"),
 ])
 def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_group, builder, message) -> None:
     cfg = job(dataset, tmp_path / builder, arch=f"test_model_seam:{builder}")
@@ -337,6 +355,12 @@ def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_gro
     with pytest.raises(ConfigError, match=message) as e:
         run_worker(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_a_model_without_the_embeddings_it_was_given_is_refused_on_the_driver(dataset, tmp_path) -> None:
+    # Said by every worker once Ray had started.
+    with pytest.raises(ConfigError, match="the model does not hold the embedding module it was given"):
+        plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:detached_builder"))
 
 
 def test_eval_result_names_its_primary_metric() -> None:

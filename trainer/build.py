@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -82,10 +83,28 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
             raise
         _not_counted(f"model.arch {arch.name!r}", e.__cause__)
         return None
+    check_model_holds(arch, model, embeddings)
     params, buffers = dense_layers(model, embeddings)
     weights = sum(p.numel() for p in params)
     return (weights * (2 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements) * BYTES_PER_ELEMENT
             + sum(b.numel() * b.element_size() for b in buffers))
+
+
+def check_model_holds(arch: ModelArch, model: nn.Module, embeddings: nn.Module) -> None:
+    """ConfigError unless `model` holds the embedding module it was given, and no TorchRec
+    collection besides: the driver checks its build on meta, each worker its own."""
+    if not any(m is embeddings for m in model.modules()):
+        raise ConfigError(f"model.arch {arch.name!r}: the model does not hold the embedding module it was "
+                          "given (DMP shards the tables only where they sit in the model)")
+    planned = {id(m) for m in embeddings.modules()}
+    stray = [name for name, m in model.named_modules()
+             if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) and id(m) not in planned]
+    if stray:
+        # Trained, its tables were replicated on every rank as data-parallel (on CPU they never
+        # update), and an export left them on the meta device they were built on.
+        raise ConfigError(f"model.arch {arch.name!r}: the model holds a TorchRec collection of its own "
+                          f"({stray[0]!r}), outside the embedding module it was given, which embshard neither "
+                          "plans nor shards; make its features the dataset's, so their tables are planned")
 
 
 def _meta_only(e: BaseException | None) -> bool:
@@ -152,9 +171,7 @@ def build_sharded(
         raise ConfigError(f"model.arch {arch.name!r} takes every feature at embeddings.dim, but the plan gives "
                           "features their own widths (made for another arch): plan again for this one")
     model = TrainModel(arch, build_model(arch, embeddings, spec, cfg.model, device))
-    if not any(m is embeddings for m in model.modules()):
-        raise ConfigError(f"model.arch {arch.name!r}: the model does not hold the embedding module it was "
-                          "given (DMP shards the tables only where they sit in the model)")
+    check_model_holds(arch, model, embeddings)
     sparse = torch_optimizer_class(cfg.train.sparse_optimizer)
     for collection in method.collections(embeddings):
         apply_optimizer_in_backward(sparse, collection.parameters(), method.sparse_optimizer_args(cfg))
