@@ -108,7 +108,10 @@ def plan_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, A
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    # An empty section flattens to itself, a full one to its keys: `model.options` {} against
+    # {hidden: 32} is model.options.hidden (None, 32), not also model.options ({}, None).
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and {repr(old.get(k)), repr(new.get(k))} != {"{}", "None"}]
 
 
 def shown(differences: list[tuple[str, Any, Any]], recorded: str) -> str:

@@ -54,6 +54,9 @@ def test_differences_are_the_model_defining_keys_only():
     assert config_differences(saved, replace(cfg, embeddings=EmbeddingsConfig(dim=8))) == []
     sgd = replace(cfg, embeddings=EmbeddingsConfig(dim=8), train=TrainConfig(sparse_optimizer="sgd"))
     assert config_differences(saved, sgd) == [("train.sparse_optimizer", "rowwise_adagrad", "sgd")]
+    # A section that was empty: its new keys, not also "model.options (checkpoint {}, config None)".
+    hidden = replace(cfg, embeddings=EmbeddingsConfig(dim=8), model=ModelConfig(options={"hidden": 32}))
+    assert config_differences(saved, hidden) == [("model.options.hidden", None, 32)]
 
 
 def test_a_plan_is_compared_on_the_keys_it_was_made_from_only():
