@@ -27,6 +27,7 @@ from embshard.errors import (
     first_line,
     one_line,
 )
+from embshard.units import human_bytes
 
 if TYPE_CHECKING:
     from embshard.config import JobConfig
@@ -311,9 +312,11 @@ def _train(args: argparse.Namespace) -> int:
         cfg = with_checkpoint_config(cfg, adopt=True)
     with run_lock(cfg):
         bundle = plan_for_training(cfg)
+        dense = bundle.memory.dense_bytes
         print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "
-              f"per-rank training bytes "
-              + ", ".join(f"{r}: {v['train_bytes'] / 2**20:.1f} MiB" for r, v in bundle.memory.per_rank.items()))
+              f"per-rank training bytes of the tables "
+              + ", ".join(f"{r}: {human_bytes(v['train_bytes'])}" for r, v in bundle.memory.per_rank.items())
+              + (f", and {human_bytes(dense)} of dense layers on every rank" if dense else ""))
         print_notes(bundle)
         # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
         metrics = train_on_ray(cfg)

@@ -53,6 +53,9 @@ def test_train_through_ray_learns(tmp_path):
     assert not [n for n in NOISE if n in console], console
     assert len(console.strip().split("\n")) <= 8, console
     assert "step 46: valid AUC" in train.stderr or "step 46: valid AUC" in train.stdout, console
+    # The plan line's bytes: the tables', and DLRM's MLPs beside them (they were left out).
+    assert re.search(r"per-rank training bytes of the tables 0: [\d.]+ MiB, 1: [\d.]+ MiB, and [\d.]+ [KM]iB of "
+                     r"dense layers on every rank", train.stdout), train.stdout[:500]
     log = (run / "logs" / "embshard.log").read_text()
     assert "Successfully loaded" in log and "RayTrainWorker" in log
     summary = json.loads((run / "summary.json").read_text())
