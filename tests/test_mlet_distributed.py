@@ -204,6 +204,8 @@ def test_export_from_two_ranks_predicts_what_the_sharded_model_predicts(tmp_path
     results = run_ranks(_export, WORLD, tmp_path)
     assert results[0]["out"] == tmp_path / "serving" and results[1]["out"] is None
     serving = load_serving(tmp_path / "serving")
+    # Served outputs carried an autograd graph (each call kept its activations alive).
+    assert not serving(*batch(0)).requires_grad
     for rank, r in enumerate(results):
         with torch.no_grad():
             torch.testing.assert_close(serving(*batch(rank)), r["logits"], rtol=1e-5, atol=1e-6)

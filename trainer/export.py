@@ -191,7 +191,9 @@ def _stored(where: StoragePath, doing: str, export: Callable[[], StoragePath | N
 
 
 def load_serving(directory: str | Path) -> ServingModel:
-    """The exported model as a plain single-process module in eval mode (see the module docstring)."""
+    """The exported model as a plain single-process module in eval mode, its parameters frozen
+    (`requires_grad_(True)` to fine-tune it): served outputs carry no autograd graph (see the
+    module docstring)."""
     where = location(directory)
     if isinstance(where, RemotePath):  # a few small files: read them from a local copy
         read_manifest(where)  # not an export: said of the URI, before anything is copied
@@ -213,7 +215,7 @@ def load_serving(directory: str | Path) -> ServingModel:
     # at export, which reads every value; here only that each file is the one exported.
     vocabularies = {f: Vocabulary.read(directory / name, spec.feature(f).cardinality, spec.id, f, check_values=False)
                     for f, name in manifest.get("vocabularies", {}).items()}
-    return ServingModel(model, remaps, spec.sparse, vocabularies).eval()
+    return ServingModel(model, remaps, spec.sparse, vocabularies).eval().requires_grad_(False)
 
 
 def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig,
