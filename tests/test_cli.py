@@ -285,17 +285,24 @@ def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(t
     assert not (tmp_path / "run").exists()
 
 
-def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path, capsys):
-    # Remap files were written into --out's folder while planning: a second plan there, of other
-    # data, gave the first plan its row order, and both loaded without a word. Remaps are named by
-    # their rows now, so both plans keep their own.
+def _mde_within_on_two_datasets(tmp_path: Path) -> Path:
+    """A config of plans that reorder rows, and two datasets (data0, data1) whose rows rank apart."""
     from embshard.datasets.synth import synthesize
-    from embshard.planner.pipeline import PlanBundle
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("embeddings:\n  policy: mde\n  dim: 16\n  mde:\n    mode: within\n    blocks: 2\n")
     for seed in (0, 1):
         synthesize(tmp_path / f"data{seed}", rows=3000, seed=seed, max_cardinality=200)
+    return cfg
+
+
+def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path, capsys):
+    # Remap files were written into --out's folder while planning: a second plan there, of other
+    # data, gave the first plan its row order, and both loaded without a word. Remaps are named by
+    # their rows now, so both plans keep their own.
+    from embshard.planner.pipeline import PlanBundle
+
+    cfg = _mde_within_on_two_datasets(tmp_path)
     plans = tmp_path / "plans"
 
     def plan(data: str, out: str, *flags: str) -> dict[str, np.ndarray]:
@@ -323,13 +330,9 @@ def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path,
 def test_a_plan_replaced_midway_keeps_reading_its_own_rows(tmp_path, monkeypatch):
     # `plan --out DIR --overwrite` wrote the new remap files over the old ones, then the plan file:
     # stopped between the two, the old plan read the new plan's row order, silently.
-    from embshard.datasets.synth import synthesize
     from embshard.planner.pipeline import PlanBundle
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("embeddings:\n  policy: mde\n  dim: 16\n  mde:\n    mode: within\n    blocks: 2\n")
-    for seed in (0, 1):
-        synthesize(tmp_path / f"data{seed}", rows=3000, seed=seed, max_cardinality=200)
+    cfg = _mde_within_on_two_datasets(tmp_path)
     out = tmp_path / "plan"
     assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--out", str(out)]) == 0
     before = PlanBundle.load(out, "rowwise_adagrad").id_maps()
