@@ -204,7 +204,10 @@ def test_server_killed_while_ray_workers_read_is_one_line_on_the_console(own_s3:
     """`embshard train` on a Ray worker reading from the bucket; the server dies once step 2 is
     checkpointed (locally), while the worker still has row groups to read."""
     data = own_s3.uri("data")
-    synthesize(data, rows=35000, max_cardinality=500)  # 28,000 train rows: 4 row groups, 32 batches each
+    # 112,000 train rows: 14 row groups of 32 batches, so the worker has reading left to do when the
+    # server dies even where this process sees the checkpoint late (with 4, a loaded machine's
+    # run read them all first and ended 0).
+    synthesize(data, rows=140000, max_cardinality=500)
     checkpoints = tmp_path / "checkpoints"
     config = tmp_path / "job.yaml"
     config.write_text(f"output_dir: {tmp_path / 'run'}\n"
