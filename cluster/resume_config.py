@@ -108,10 +108,14 @@ def plan_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, A
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    # An empty section flattens to itself, a full one to its keys: `model.options` {} against
-    # {hidden: 32} is model.options.hidden (None, 32), not also model.options ({}, None).
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and {repr(old.get(k)), repr(new.get(k))} != {"{}", "None"}]
+            if old.get(k) != new.get(k) and not _emptied(old.get(k), new.get(k))]
+
+
+def _emptied(a: Any, b: Any) -> bool:
+    """An empty section against none: an empty one flattens to itself, a full one to its keys, so
+    `model.options` {} against {hidden: 32} differs in model.options.hidden (None, 32) alone."""
+    return (a == {} and b is None) or (a is None and b == {})
 
 
 def shown(differences: list[tuple[str, Any, Any]], recorded: str) -> str:

@@ -465,10 +465,11 @@ class ClusterConfig:
     address: str | None = None  # None = start a local Ray in-process
     max_failures: int = 0  # worker-group restarts Ray Train may do
     # Seconds a rank waits for the others in one collective (an embedding all-to-all, a gradient
-    # all-reduce, a checkpoint's gather, MLET's collapse) before it fails: a hung or stopped worker then ends the run
-    # (or restarts the group, under max_failures) instead of holding it for good. Longer than
-    # anything one rank does while the others wait: its checkpoint write or verification, its part
-    # of an evaluation, PEP's mask writes, a reader's retries of object storage, a slow start.
+    # all-reduce, a checkpoint's gather, MLET's collapse) before it fails: a hung or stopped worker
+    # then ends the run (or restarts the group, under max_failures) instead of holding it for good.
+    # Longer than anything one rank does while the others wait: its checkpoint write or
+    # verification, its part of an evaluation, PEP's mask writes, a reader's retries of object
+    # storage, a slow start.
     collective_timeout_s: int = 1800
     storage: str | None = None  # Ray Train's run storage; None = <output_dir>/ray, or a URI (s3://bucket/ray)
     # Ray custom resources each worker reserves besides its CPUs (and its GPU on cuda). The Helm
