@@ -61,11 +61,13 @@ def test_few_tables_on_many_ranks_keep_every_type() -> None:
     assert all("row_wise" in c.sharding_types for c in search.constraints.values())
 
 
-def test_uvm_kernels_stay_when_tables_outgrow_hbm() -> None:
-    # 100 tables of 1e9 x 64 (~24 TiB with state) exceed 64 x 68 GiB of HBM.
+def test_cuda_tables_are_searched_fused_in_hbm_whatever_their_size() -> None:
+    # 100 tables of 1e9 x 64 (~24 TiB with state) exceed 64 x 68 GiB of HBM. They kept UVM kernels
+    # (tables in host memory the memory report counted in HBM); TorchRec is offered no host memory
+    # on CUDA now, and plan_sharding refuses such a plan (test_shard_plan).
     search = _search([(1_000_000_000, 64)] * 100, CLUSTER)
-    assert all(c.compute_kernels is None for c in search.constraints.values())
-    assert "fused kernel only" not in search.notes[0]
+    assert all(c.compute_kernels == ["fused"] for c in search.constraints.values())
+    assert "fused kernel only" in search.notes[0]
 
 
 # --- cluster scale: thousands of tables on hundreds of ranks ------------------------------------
