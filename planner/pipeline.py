@@ -108,7 +108,7 @@ class PlanBundle:
                 shutil.copyfile(source, tmp)
         copy = replace(self, directory=directory)
         copy.save(name)
-        kept = {t.remap for t in self.dimension_plan.tables} | set(readers)
+        kept = {t.remap for t in self.dimension_plan.tables if t.remap is not None} | set(readers)
         for stale in sorted(replaced - kept):
             (directory / stale).unlink(missing_ok=True)
         return copy
@@ -118,16 +118,18 @@ class PlanBundle:
 
 
 def _remaps_read_by(plan_file: Path) -> set[str]:
-    """The remap files a plan file reads: none for a file that is no plan (or none at all)."""
+    """The remap files a plan file, or a decisions file, reads: none for a file that is neither."""
     try:
-        tables = json.loads(plan_file.read_text())["dimension_plan"]["tables"]
+        raw = json.loads(plan_file.read_text())
+        tables = raw["dimension_plan"]["tables"] if "dimension_plan" in raw else list(raw["tables"].values())
         return {t["remap"] for t in tables if isinstance(t.get("remap"), str)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
 
 
 def _remap_readers(directory: Path, besides: Path) -> dict[str, str]:
-    """remap file -> the name of a plan file in `directory`, other than `besides`, that reads it."""
+    """remap file -> the name of a plan or decisions file in `directory`, other than `besides`,
+    that reads it."""
     return {remap: other.name for other in sorted(directory.glob("*.json"))
             if other.resolve() != besides.resolve() for remap in _remaps_read_by(other)}
 

@@ -43,7 +43,7 @@ import dataclasses
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -91,13 +91,16 @@ class MletTable:
     dim: int  # d
 
 
-def is_mlet_w2(key: str) -> bool:
-    """Whether a state-dict key is an MLET block's W2 (`mlet_tables`' `w2_key`). A checkpoint's
-    tables are collapsed, so an ordinary d-wide model (`without_mlet`) reads it without them."""
-    return _W2_KEY.search(key) is not None
+def is_mlet_w2(key: str, keys: Collection[str]) -> bool:
+    """Whether `key` of a state dict holding `keys` is an MLET block's W2 (`mlet_tables`' `w2_key`):
+    `<module>.mlet.<block>.weight` beside that block's table `<module>.ebc.embedding_bags.<block>.weight`
+    (an arch's own `mlet` submodule has no such table beside it). A checkpoint's tables are
+    collapsed, so an ordinary d-wide model (`without_mlet`) reads it without them."""
+    found = _W2_KEY.fullmatch(key)
+    return found is not None and f"{found['module']}ebc.embedding_bags.{found['block']}.weight" in keys
 
 
-_W2_KEY = re.compile(r"(^|\.)mlet\.[^.]+\.weight$")
+_W2_KEY = re.compile(r"(?P<module>(?:.*\.)?)mlet\.(?P<block>[^.]+)\.weight")
 
 
 def without_mlet(plan: DimensionPlan) -> DimensionPlan:

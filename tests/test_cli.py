@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import re
 import signal
 import subprocess
@@ -320,10 +321,15 @@ def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path,
     assert any(not np.array_equal(a[f], b[f]) for f in a), "the two datasets' rows rank differently"
     assert remaps().items() >= of_a.items()  # a.json's files are as they were, and it reads them
     assert all(np.array_equal(PlanBundle.load(plans / "a.json", "rowwise_adagrad").id_maps()[f], a[f]) for f in a)
-    # Replacing a.json (with --overwrite) by b.json's plan: its own remaps go with it, b.json's stay.
+    # Replacing a.json (with --overwrite) by b.json's plan: its own remaps go with it, b.json's stay,
+    # and so does one a decisions file there reads.
+    kept = sorted(of_a)[0]
+    (plans / "decisions.json").write_text(json.dumps({"version": 1, "method": "m", "base_dim": 16,
+                                                      "tables": {"C1": {"dim": 16, "remap": kept}}}))
     assert plan("data1", "a.json", "--overwrite").keys() == b.keys()
-    assert set(remaps()) == set(of_b := {n for n in remaps() if n not in of_a}) and of_b
-    assert sorted(p.name for p in plans.iterdir() if not p.name.endswith(".remap.npy")) == ["a.json", "b.json"]
+    assert set(remaps()) == set(of_b := {n for n in remaps() if n not in of_a}) | {kept} and of_b
+    assert sorted(p.name for p in plans.iterdir() if not p.name.endswith(".remap.npy")) == \
+        ["a.json", "b.json", "decisions.json"]
     capsys.readouterr()
 
 

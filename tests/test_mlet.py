@@ -341,3 +341,14 @@ def test_export_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
 def test_load_serving_names_a_folder_that_is_not_an_export(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=str(tmp_path)):
         load_serving(tmp_path)
+
+
+def test_an_mlet_w2_is_told_from_an_arch_s_own_mlet_submodule() -> None:
+    # Any key ending "mlet.<x>.weight" was taken for a W2: an arch's own `self.mlet` layers were left
+    # out of the export's weights and dropped on resume.
+    from embshard.sharding.mlet import is_mlet_w2
+
+    keys = {"model.emb.ebc.embedding_bags.t_C1.weight", "model.emb.mlet.t_C1.weight", "model.mlet.proj.weight"}
+    assert is_mlet_w2("model.emb.mlet.t_C1.weight", keys)
+    assert not is_mlet_w2("model.mlet.proj.weight", keys)
+    assert is_mlet_w2("mlet.t_C1.weight", {"ebc.embedding_bags.t_C1.weight"})

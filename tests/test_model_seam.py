@@ -284,6 +284,18 @@ def test_the_driver_refuses_a_bad_model_config_before_planning(dataset, tmp_path
     assert len(err.splitlines()) == 1
 
 
+def gpu_asking_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    assert torch.cuda.is_available(), "Torch not compiled with CUDA enabled"  # as torch.cuda's calls say it
+    return NestedLinear(embeddings, len(spec.dense), squeeze=True)
+
+
+def test_a_builder_that_needs_a_gpu_the_driver_lacks_plans_without_its_dense_count(dataset, tmp_path) -> None:
+    # A build that asks for the GPU it will run on was refused on a driver without one, before
+    # workers that have one could build it.
+    assert plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:gpu_asking_builder")) \
+        .memory.dense_bytes is None
+
+
 @pytest.mark.parametrize("builder", ["value_reading_builder", "numpy_reading_builder"])
 def test_a_builder_that_cannot_run_on_meta_plans_without_its_dense_count(dataset, tmp_path, caplog, builder) -> None:
     # The plan counts the dense layers on a copy built on the meta device; a builder that reads a
@@ -307,14 +319,14 @@ def test_a_build_that_fails_on_any_device_fails_on_the_driver_naming_the_arch_or
 
     class EmbeddingsRaise(EmbeddingMethod):
         def embeddings(self, cfg, plan, device):
-            raise RuntimeError("no module today")
+            raise ValueError("no module today")
 
     register_method("embeddings_raise", EmbeddingsRaise())
     with caplog.at_level(logging.WARNING):
         with pytest.raises(ConfigError, match=r"^model\.arch 'test_model_seam:missing_feature_builder': its build "
                                               r"raised KeyError: 'C99' at .*test_model_seam\.py:\d+$"):
             plan_for_training(job(dataset, tmp_path / "run", arch="test_model_seam:missing_feature_builder"))
-        with pytest.raises(ConfigError, match=r"^method 'embeddings_raise': embeddings\(\) raised RuntimeError: no "
+        with pytest.raises(ConfigError, match=r"^method 'embeddings_raise': embeddings\(\) raised ValueError: no "
                                               r"module today at .*test_model_seam\.py:\d+$"):
             plan_for_training(job(dataset, tmp_path / "run2"), "embeddings_raise")
     assert "meta device" not in caplog.text

@@ -11,6 +11,7 @@ own parameter groups theirs, and all step through one `CombinedOptimizer`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,8 +59,9 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     per-id linear terms): weights, gradients and the dense optimizer's state, and the buffers a
     model registers, counted on a copy built on the meta device, as `build_sharded` builds it, so
     nothing is allocated. A `model.dense_arch` no device holds was a worker's "crashed: can't
-    allocate" line. None: the arch's model cannot be built on the meta device (a user's builder
-    that reads values, or checks the device it is given). A build that fails otherwise fails here,
+    allocate" line. None: the arch's model cannot be built here on the meta device (a user's
+    builder that reads values, checks the device it is given, or asks for a GPU this driver may
+    lack). A build that fails on a bug of its own (a KeyError, an AttributeError, ...) fails here,
     on the driver, as it would on every worker once Ray had started."""
     name = method or method_name(cfg)
     embedding_method = get_method(name)
@@ -71,7 +73,7 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     except EmbshardError:
         raise
     except Exception as e:
-        if _meta_only(e):
+        if not _a_bug_anywhere(e):
             _not_counted(f"method {name!r}'s embedding module", e)
             return None
         raise ConfigError(f"method {name!r}: embeddings() raised {first_line(e)}{raised_at(e)}") from None
@@ -79,9 +81,9 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         with meta:
             model = build_model(arch, embeddings, spec, cfg.model, meta)
     except ModelBuildFailed as e:
-        if not _meta_only(e.__cause__):
+        if e.__cause__ is not None and _a_bug_anywhere(e.__cause__):
             raise
-        _not_counted(f"model.arch {arch.name!r}", e.__cause__)
+        _not_counted(f"model.arch {arch.name!r}", e.__cause__ or e)
         return None
     check_model_holds(arch, model, embeddings)
     params, buffers = dense_layers(model, embeddings)
@@ -107,15 +109,21 @@ def check_model_holds(arch: ModelArch, model: nn.Module, embeddings: nn.Module) 
                           "plans nor shards; make its features the dataset's, so their tables are planned")
 
 
-def _meta_only(e: BaseException | None) -> bool:
-    """Whether `e` is the meta device's own (a value read from a tensor that holds none: torch
-    says "meta" then), which a build on the workers' device would not raise."""
-    return e is not None and "meta" in str(e).lower()
+# What a build raises on a bug of its own, wherever it runs. Anything else (an AssertionError or
+# RuntimeError of torch's: no CUDA on this driver, a device check) may pass on the workers.
+_BUGS = (KeyError, IndexError, AttributeError, NameError, TypeError, ValueError, ZeroDivisionError)
+_META = re.compile(r"\bmeta\b", re.IGNORECASE)
 
 
-def _not_counted(what: str, e: BaseException | None) -> None:
-    log.warning("dense layers not counted in the memory report: %s cannot be built on the meta device (%s)",
-                what, first_line(e) if e is not None else "")
+def _a_bug_anywhere(e: BaseException) -> bool:
+    """Whether `e` would end the build on every worker too: a bug's type, and not the meta
+    device's own error (a value read from a tensor that holds none, which torch says of "meta")."""
+    return isinstance(e, _BUGS) and not _META.search(str(e))
+
+
+def _not_counted(what: str, e: BaseException) -> None:
+    log.warning("dense layers not counted in the memory report: %s cannot be built on the meta device here (%s)",
+                what, first_line(e))
 
 
 def dense_layers(model: nn.Module, embeddings: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:

@@ -335,12 +335,12 @@ def _check_shapes(path: StoragePath, model_state: Mapping[str, Any], saved: Mapp
     # are left unread by a d-wide model, which reads the collapsed tables alone.
     unread = sorted(k.removeprefix("model.model.") for k in saved
                     if k.startswith("model.model.") and k.removeprefix("model.") not in model_state
-                    and not is_mlet_w2(k))
+                    and not is_mlet_w2(k, saved))
     if unread:
         more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
         raise CheckpointError(f"{path}: holds model parameters this run's model has no place for ({unread[0]!r}"
-                              f"{more}), which a resume would drop: the model's code is not the code that wrote "
-                              f"it; resume with that code, or train into a new output_dir")
+                              f"{more}), which a resume would drop: this run's model differs from the one that "
+                              f"wrote it; resume with that model's code and config, or train into a new output_dir")
     wrong = [f"{key}: saved {list(saved[f'model.{key}'].size)}, this run {list(value.size())}"
              for key, value in model_state.items()
              if hasattr(value, "size") and hasattr(saved[f"model.{key}"], "size")

@@ -520,7 +520,7 @@ def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Ten
 def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tensor], sources: _Sources) -> None:
     plan_dir, spec = sources.plan_dir, sources.spec
     serving = without_mlet(plan)
-    weights = {k: v for k, v in state.items() if not is_mlet_w2(k)}
+    weights = {k: v for k, v in state.items() if not is_mlet_w2(k, state)}
     torch.save(weights, out_dir / WEIGHTS)
     serving.save(out_dir / PLAN)
     remaps = {}

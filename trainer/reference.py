@@ -93,8 +93,10 @@ def raised_at_in(traceback_text: str) -> str:
 
 
 def users_frame(frames: list[tuple[str, int]]) -> str:
-    """` at file:line` of the innermost of `frames` (outermost first) in a user's code: not
-    Python's own library, an installed package's or embshard's; "" where there is none."""
+    """` at file:line` of the innermost of `frames` (outermost first) that is not Python's own
+    library, an installed package's or in a folder of embshard's modules as this process loaded
+    them; "" where there is none. A user's code installed as a package is not named, nor where a
+    worker's embshard lives at another path than the driver's."""
     ours = _ours()
     for file, line in reversed(frames):
         path = Path(file)
