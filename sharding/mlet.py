@@ -97,7 +97,16 @@ def is_mlet_w2(key: str, keys: Collection[str]) -> bool:
     (an arch's own `mlet` submodule has no such table beside it). A checkpoint's tables are
     collapsed, so an ordinary d-wide model (`without_mlet`) reads it without them."""
     found = _W2_KEY.fullmatch(key)
-    return found is not None and f"{found['module']}ebc.embedding_bags.{found['block']}.weight" in keys
+    return found is not None and found["module"] + _w1_suffix(found["block"]) in keys
+
+
+def _w1_suffix(block: str) -> str:
+    """A block's table (W1, or W once collapsed) within its embedding module's state dict."""
+    return f"ebc.embedding_bags.{block}.weight"
+
+
+def _w2_suffix(block: str) -> str:
+    return f"mlet.{block}.weight"
 
 
 _W2_KEY = re.compile(r"(?P<module>(?:.*\.)?)mlet\.(?P<block>[^.]+)\.weight")
@@ -123,10 +132,10 @@ def mlet_tables(model: nn.Module, state_dict: StateDict) -> list[MletTable]:
             if block.mlet_width is None:
                 continue
             name = table.block_name(i)
-            suffix = f"ebc.embedding_bags.{name}.weight"
+            suffix = _w1_suffix(name)
             w1_key = next(k for k in state_dict if k == suffix or k.endswith("." + suffix))
             prefix = w1_key[: -len(suffix)]
-            found.append(MletTable(name, w1_key, f"{prefix}mlet.{name}.weight",
+            found.append(MletTable(name, w1_key, prefix + _w2_suffix(name),
                                    block.num_rows, block.mlet_width, block.dim))
     return found
 
