@@ -11,7 +11,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from embshard.arg_types import nonempty_path
+from embshard.arg_types import file_path
 from embshard.cluster.cli_args import config_arguments, verbose_argument
 
 
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(alpha, learnt on validation batches), then keep each field's argmax width. "
                     "Needs an `autodim:` section in the config (see configs/autodim-movielens.yaml).")
     config_arguments(p, "job config (YAML) with an autodim: section", "autodim.alpha_every=5", workers=True)
-    p.add_argument("--out", type=nonempty_path, metavar="FILE",
+    p.add_argument("--out", type=file_path, metavar="FILE",
                    help="decisions file to write (default: autodim.decisions, else <output_dir>/decisions.json, "
                         "which a rerun of the same run rewrites)")
     p.add_argument("--overwrite", action="store_true",
@@ -44,7 +44,7 @@ def _autodim(args: argparse.Namespace) -> int:
     from embshard.config import load_job_config
     from embshard.datasets.outdir import check_file_output
     from embshard.datasets.storage import read_json_object
-    from embshard.errors import ConfigError, Interrupted
+    from embshard.errors import ConfigError
     from embshard.trainer.autodim import autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
@@ -67,9 +67,6 @@ def _autodim(args: argparse.Namespace) -> int:
               f"{', AutoDim-s' if search.single_level else ''}; {len(plan.tables)} tables on {workers} workers")
         print_notes(bundle)
         summary = train_on_ray(cfg, "autodim")
-    if summary["preempted"]:  # its workers were signalled without the driver's asking: no decisions written
-        raise Interrupted(f"the search stopped after step {summary['steps']}, before its end: no decisions "
-                          "written; run the same command again to continue")
     print(f"search validation {validation_text(summary)} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")
     if summary["alpha_steps"] == 0:

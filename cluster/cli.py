@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embshard.arg_types import EMPTY_PATH, nonempty_name, nonempty_path
+from embshard.arg_types import EMPTY_PATH, names_folder, nonempty, nonempty_name
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, gibibytes, verbose_argument, world_size
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
@@ -110,7 +110,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--local-world-size", type=int, metavar="N",
                    help="ranks per host, e.g. 8 GPUs per node (default: sharding.local_world_size; "
                         "unset = all ranks on one host)")
-    p.add_argument("--out", type=nonempty_path, help="folder or .json path for the plan (default: <output_dir>/plan)")
+    p.add_argument("--out", type=nonempty, help="folder or .json path for the plan (default: <output_dir>/plan)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a plan already at --out (a file there that is no plan is never replaced)")
     p.add_argument("--method", type=nonempty_name, metavar="NAME",
@@ -225,8 +225,9 @@ def _plan(args: argparse.Namespace) -> int:
     decide = planning_step(cfg, args.method)
     if cfg.sharding.plan_file:
         print(f"note: sharding.plan_file {cfg.sharding.plan_file} is what `train` trains; `plan` makes a new plan")
-    out = args.out or cfg.plan_dir
-    out_dir, name = (out.parent, out.name) if out.suffix.lower() == ".json" else (out, PLAN_FILE)
+    out = Path(args.out) if args.out else cfg.plan_dir
+    names_file = out.suffix.lower() == ".json" and not (args.out and names_folder(args.out))
+    out_dir, name = (out.parent, out.name) if names_file else (out, PLAN_FILE)
     # Any version of a plan is ours to replace (the run's own plan folder without asking, --out
     # with --overwrite); another file never.
     def check_out() -> None:
@@ -329,9 +330,6 @@ def _train(args: argparse.Namespace) -> int:
     )
     if metrics.get("restarts"):
         print(f"recovered from {metrics['restarts']} worker-group restart(s)")
-    if metrics.get("preempted"):
-        print(f"preempted (SIGTERM) at step {metrics['steps']}; checkpoint {metrics.get('checkpoint')}; "
-              f"run the same command again to continue")
     print(outputs_line(cfg, ray_storage(cfg)))
     return 0
 

@@ -189,8 +189,11 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
         stop_requested = _fit(cfg, method, registered, output)
     # Rank 0 writes the summary itself: Ray Train v2 keeps only metrics reported with a checkpoint.
     summary = json.loads((output / SUMMARY_FILE).read_text())
-    if stop_requested and summary.get("preempted"):
-        raise Interrupted(f"stopped by Ctrl-C or SIGTERM after step {summary['steps']}, checkpoint "
+    if summary.get("preempted"):
+        # Whoever stopped it, the run has not finished: a worker's SIGTERM (a preempted pod) ended
+        # with exit 0 and a result, so a job system took a part of a run for the whole.
+        by = "Ctrl-C or SIGTERM" if stop_requested else "SIGTERM to its workers (a preempted pod?)"
+        raise Interrupted(f"stopped by {by} after step {summary['steps']}, before its end; checkpoint "
                           f"{summary.get('checkpoint')}; run the same command again to continue")
     return summary
 

@@ -34,7 +34,7 @@ from embshard.cluster.sweep_plan import (
 )
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import Interrupted, PlanError
+from embshard.errors import PlanError
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.pep import LotteryTicket
@@ -111,8 +111,6 @@ def _train(cfg: JobConfig, method: str | None = None) -> tuple[DimensionPlan, di
     with run_lock(cfg):
         bundle = plan_for_training(cfg, method)
         summary = train_on_ray(cfg, method)
-    if summary["preempted"]:  # its workers were signalled: a part of the run, no result (nor an AutoDim choice)
-        raise Interrupted(f"{cfg.output_dir}: stopped by SIGTERM after step {summary['steps']}, before its end")
     return bundle.dimension_plan, summary
 
 

@@ -4,6 +4,7 @@ verbs), so an argument reads and is refused alike wherever it appears."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 EMPTY_PATH = "an empty path (an unset shell variable?)"
@@ -24,3 +25,16 @@ def nonempty_name(text: str) -> str:
 
 def nonempty_path(text: str) -> Path:
     return Path(nonempty(text))
+
+
+def names_folder(text: str) -> bool:
+    """Whether a path as typed names a folder by its trailing separator (`x.json/`), which Path
+    drops: read as a file's name, it wrote the file `x.json`."""
+    return text.endswith(("/", os.sep))
+
+
+def file_path(text: str) -> Path:
+    """argparse type of a file to write: one that names a folder is refused."""
+    if names_folder(nonempty(text)):
+        raise argparse.ArgumentTypeError(f"{text}: ends with '/', so it names a folder; name the file to write")
+    return Path(text)

@@ -664,20 +664,47 @@ def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(argv, name
     assert capsys.readouterr().err.strip().endswith(f"error: argument {name}: an empty path (an unset shell variable?)")
 
 
-def test_a_search_whose_workers_were_stopped_says_so_and_names_no_decisions(tmp_path, capsys, monkeypatch):
-    # Workers signalled without the driver's asking (a pod's SIGTERM) ended the search at step 3:
-    # it printed "decisions -> FILE" of a file no one wrote.
+def test_an_out_that_ends_with_a_slash_names_a_folder(tmp_path, capsys):
+    # `plan --out x.json/` wrote the file x.json (Path drops the slash), and `search autodim
+    # --out d/` would have written its decisions as the file d.
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
+                                    f"output_dir: {tmp_path / 'run'}\n", max_cardinality=50)
+    assert main(["plan", str(cfg), "--out", f"{tmp_path / 'x.json'}/"]) == 0
+    assert (tmp_path / "x.json" / "plan.json").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "autodim", str(cfg), "--out", f"{tmp_path / 'd'}/"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"argument --out: {tmp_path / 'd'}/: ends with '/', so it names a folder; name the file to write")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("verb", [["train"], ["search", "autodim"], ["prune", "pep"]])
+def test_a_run_whose_workers_were_stopped_ends_interrupted_not_done(verb, tmp_path, capsys, monkeypatch):
+    # Workers signalled without the driver's asking (a pod's SIGTERM) stopped the run at step 3:
+    # `train` and `prune pep` printed its result and ended 0, so a job system took a part of a run
+    # for the whole (and `search autodim` said so only through a check of its own).
+    # Only Ray's part is left out: the workers' summary is what a stopped run's rank 0 writes.
     import embshard.cluster.launch as launch
 
     cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
                                     f"output_dir: {tmp_path / 'run'}\n", max_cardinality=300)
-    monkeypatch.setattr(launch, "train_on_ray", lambda cfg, method=None: {"steps": 3, "preempted": True,
-                                                                           "decisions": None})
-    assert main(["search", "autodim", str(cfg)]) == 130
+
+    def stopped_workers(cfg, method, registered, output) -> bool:
+        summary = {"steps": 3, "preempted": True, "checkpoint": str(output / "ckpt" / "step-000003"),
+                   "decisions": None, "pep": {}}
+        (output / launch.SUMMARY_FILE).write_text(json.dumps(summary))
+        return False  # the driver asked for no stop
+
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(launch.console, "route_worker_output", lambda: None)
+    monkeypatch.setattr(launch, "_fit", stopped_workers)
+    assert main([*verb, str(cfg)]) == 130
     out, err = capsys.readouterr()
-    assert "decisions ->" not in out
-    assert err.strip().splitlines()[-1] == ("embshard: the search stopped after step 3, before its end: no decisions "
-                                            "written; run the same command again to continue")
+    assert "validation" not in out and "decisions ->" not in out
+    assert err.strip().splitlines()[-1] == (
+        f"embshard: stopped by SIGTERM to its workers (a preempted pod?) after step 3, before its end; "
+        f"checkpoint {tmp_path / 'run' / 'ckpt' / 'step-000003'}; run the same command again to continue")
 
 
 @pytest.mark.parametrize("tables, shown", [

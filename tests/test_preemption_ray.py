@@ -4,6 +4,7 @@ job run again resumes from it and finishes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -22,7 +23,9 @@ from embshard.config import (
     JobConfig,
     TrainConfig,
 )
+from embshard.errors import Interrupted
 from embshard.trainer.checkpoint import MANIFEST
+from embshard.trainer.loop import SUMMARY_FILE
 
 pytestmark = pytest.mark.slow
 SIGNAL_AFTER = 20  # SIGTERM once this periodic checkpoint exists: the run is mid-epoch by then
@@ -95,9 +98,14 @@ def test_sigterm_to_a_worker_checkpoints_every_rank_and_resumes(dataset, tmp_pat
         target=sigterm_one_worker_after,
         args=(cfg.checkpoint_dir / f"step-{SIGNAL_AFTER:06d}", killed), daemon=True)
     killer.start()
-    preempted = train_on_ray(cfg)
+    # Stopped before its end, the run is no result: it returned one, and `train` ended 0, so a job
+    # system took the part of a run for the whole.
+    with pytest.raises(Interrupted, match=r"^stopped by SIGTERM to its workers \(a preempted pod\?\) after step \d+, "
+                                          r"before its end; checkpoint .*; run the same command again to continue$"):
+        train_on_ray(cfg)
     killer.join(timeout=5)
     assert killed, "no Ray Train worker was signalled"
+    preempted = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert preempted["preempted"] and preempted["restarts"] == 0  # stopped, did not die
     assert SIGNAL_AFTER <= preempted["steps"]
     stopped_at = cfg.checkpoint_dir / f"step-{preempted['steps']:06d}"
