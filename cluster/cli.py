@@ -107,7 +107,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--world-size", type=world_size, help="ranks to plan for (default: cluster.workers)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device kind (default: sharding.device)")
     p.add_argument("--device-memory-gb", type=gibibytes, metavar="G", help="memory per rank in GiB")
-    p.add_argument("--local-world-size", type=int, metavar="N",
+    p.add_argument("--local-world-size", type=world_size, metavar="N",
                    help="ranks per host, e.g. 8 GPUs per node (default: sharding.local_world_size; "
                         "unset = all ranks on one host)")
     p.add_argument("--out", type=nonempty, help="folder or .json path for the plan (default: <output_dir>/plan)")
@@ -221,7 +221,8 @@ def _plan(args: argparse.Namespace) -> int:
         local_world_size=args.local_world_size if args.local_world_size is not None else cfg.sharding.local_world_size,
     )
     cfg = replace(cfg, sharding=sharding)
-    topology = sharding.topology(args.world_size or cfg.cluster.workers)
+    local_from = "sharding.local_world_size" if args.local_world_size is None else "--local-world-size"
+    topology = sharding.topology(args.world_size or cfg.cluster.workers, local_from)
     decide = planning_step(cfg, args.method)
     if cfg.sharding.plan_file:
         print(f"note: sharding.plan_file {cfg.sharding.plan_file} is what `train` trains; `plan` makes a new plan")

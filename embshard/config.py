@@ -367,14 +367,13 @@ class ShardingConfig:
             # TopologySpec checks it too; here, as the config is read, the error names its section.
             raise ConfigError(f"device_memory_gb: must be a positive number, got {self.device_memory_gb}")
 
-    def topology(self, world_size: int) -> TopologySpec:
+    def topology(self, world_size: int, local_from: str = "sharding.local_world_size") -> TopologySpec:
+        """`local_from`: where local_world_size was set, for the error (a flag, on the command line)."""
         from embshard.planner.topology import TopologySpec  # torchrec: only when planning
 
         lws = self.local_world_size
         if lws is not None and (lws > world_size or world_size % lws):
-            raise ConfigError(
-                f"sharding.local_world_size: {lws} ranks per host must divide the world size {world_size}"
-            )
+            raise ConfigError(f"{local_from}: {lws} ranks per host must divide the world size {world_size}")
         return TopologySpec(world_size=world_size, device=self.device, device_memory_gb=self.device_memory_gb,
                             local_world_size=lws)
 

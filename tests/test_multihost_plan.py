@@ -68,6 +68,14 @@ def test_cli_flag_and_config_key_round_trip_through_plan_json(tmp_path, capsys) 
         assert json.loads(path.read_text())["shard_plan"]["topology"]["local_world_size"] == 2
     capsys.readouterr()
 
+    # A wrong flag's error named the config key the user had not written (`must be >= 1` too).
     assert main(["plan", str(cfg), "--world-size", "4", "--local-world-size", "3"]) == 2
     err = capsys.readouterr().err.strip()
+    assert err == "embshard: error: --local-world-size: 3 ranks per host must divide the world size 4"
+    assert main(["plan", str(cfg), "--world-size", "4", "--set", "sharding.local_world_size=3"]) == 2
+    err = capsys.readouterr().err.strip()
     assert err == "embshard: error: sharding.local_world_size: 3 ranks per host must divide the world size 4"
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", str(cfg), "--local-world-size", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: argument --local-world-size: must be >= 1, got 0")
