@@ -6,11 +6,16 @@ not retryable (`UserCallback.after_exception` only observes). An EmbshardError w
 identically on every restart, so the worker that raises one records it under the run folder,
 keyed by a token the driver makes per launch; a restarted worker that finds the record returns
 without training, and the driver re-raises the recorded error as its one console line.
+
+Any other error may be a lost worker's (a collective whose peer died), which a restart mends, or a
+bug, which a restart repeats. So the first is retried, and a crash that comes back after a restart
+with the same error raised at the same place is recorded as final, the same way (`crashed`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -18,7 +23,8 @@ import secrets
 import traceback
 from pathlib import Path
 
-from embshard.errors import EmbshardError
+from embshard.errors import EmbshardError, RepeatedCrash, first_line
+from embshard.trainer.reference import raised_at
 
 FATAL_DIR = "fatal"  # under the run's output_dir, which every worker shares (the plan is there)
 
@@ -41,6 +47,10 @@ def record(output_dir: Path, token: str, error: EmbshardError) -> None:
     cls = type(error)
     text = json.dumps({"module": cls.__module__, "class": cls.__qualname__, "message": str(error),
                        "traceback": "".join(traceback.format_exception(error))})
+    _write(path, text)
+
+
+def _write(path: Path, text: str) -> None:
     # Ranks may record at once: each writes its own temporary file, and the rename is atomic.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -52,6 +62,23 @@ def record(output_dir: Path, token: str, error: EmbshardError) -> None:
         # ends this worker; unrecorded, Ray may restart the group, which fails the same way.
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def crashed(output_dir: Path, token: str, rank: int, error: BaseException) -> None:
+    """A crash that is not bad input, on `rank`: if this rank's previous worker group of this
+    launch crashed with the same error raised at the same place, it is recorded as final (a
+    `RepeatedCrash`); else it is kept for the next group to compare with. A lost peer's echo
+    (a collective's error) names addresses and ports that differ between groups."""
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+    signature = hashlib.sha256(repr((type(error).__qualname__, str(error), frames)).encode()).hexdigest()
+    path = output_dir / FATAL_DIR / f"{token}.rank{rank}.crash"
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8") == signature:
+            record(output_dir, token, RepeatedCrash(
+                f"rank {rank}: {first_line(error)}{raised_at(error)}; raised again the same way after Ray "
+                "restarted the worker group, so it is not retried (a bug, not a lost worker)"))
+            return
+    _write(path, signature)
 
 
 def _saved(output_dir: Path, token: str) -> dict[str, str] | None:

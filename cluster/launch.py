@@ -172,6 +172,12 @@ def _worker_entry(config: dict[str, Any]) -> None:
             raise
         fatal.record(output, launch, problem)
         raise problem from e
+    except Exception as e:
+        # A bug in a forward or a callback: with max_failures Ray restarted the group, which
+        # failed the same way at the same step, again and again (forever, under -1).
+        if cfg.cluster.max_failures:
+            fatal.crashed(output, launch, ray.train.get_context().get_world_rank(), e)
+        raise
 
 
 def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:

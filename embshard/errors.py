@@ -79,6 +79,12 @@ class TrainingDiverged(EmbshardError):
     the broken weights (a restart from the last checkpoint would only diverge again)."""
 
 
+class RepeatedCrash(EmbshardError):
+    """A worker's crash that came back unchanged after Ray restarted the worker group: a bug (in a
+    model's code, a method's, the data's), not a lost worker, so restarting again would only repeat
+    it (forever, under `max_failures: -1`)."""
+
+
 class Interrupted(Exception):
     """Ctrl-C stopped a job cleanly (a checkpoint was written): the CLI prints it and exits 130.
     Not an EmbshardError: nothing was wrong with the input."""

@@ -58,3 +58,29 @@ def test_an_os_error_of_the_machine_is_one_line_naming_the_file() -> None:
         "No space left on device (OSError: [Errno 28] No space left on device)"
     assert environment_problem(OSError(errno.EACCES, "Permission denied")) is None  # no file: maybe a store's
     assert environment_problem(OSError(errno.ECONNRESET, "reset", "x")) is None  # not the machine's files
+
+
+def _raised(message: str) -> BaseException:
+    try:
+        raise TypeError(message)
+    except TypeError as e:
+        return e
+
+
+def test_a_crash_that_comes_back_after_a_restart_is_recorded_as_final(tmp_path: Path) -> None:
+    # A bug in a forward was retried like a lost worker: under max_failures -1, for ever.
+    from embshard.errors import RepeatedCrash
+
+    token = fatal.new_token()
+    fatal.crashed(tmp_path, token, 1, _raised("bad operand"))  # the first group: kept, not final
+    assert fatal.recorded(tmp_path, token) is None
+    fatal.crashed(tmp_path, token, 0, _raised("bad operand"))  # another rank's first
+    fatal.crashed(tmp_path, token, 1, _raised("lost peer [127.0.0.1]:4242"))  # rank 1, another error
+    assert fatal.recorded(tmp_path, token) is None
+    fatal.crashed(tmp_path, token, 1, _raised("lost peer [127.0.0.1]:4242"))  # the same, at the same line
+    again = fatal.recorded(tmp_path, token)
+    assert type(again) is RepeatedCrash
+    assert str(again) == (f"rank 1: TypeError: lost peer [127.0.0.1]:4242 at {__file__}:{_raised.__code__.co_firstlineno + 2}; "
+                          "raised again the same way after Ray restarted the worker group, so it is not retried "
+                          "(a bug, not a lost worker)")
+    assert fatal.recorded(tmp_path, fatal.new_token()) is None  # another launch's groups start afresh

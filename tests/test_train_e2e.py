@@ -117,6 +117,48 @@ def test_a_worker_crash_is_one_line_and_a_log(tmp_path):
     assert "A worker died" not in train.stdout, train.stdout
 
 
+BUGGY_MODEL = """
+from torch import nn
+
+
+class Buggy(nn.Module):
+    def __init__(self, embeddings):
+        super().__init__()
+        self.embeddings = embeddings
+        self.out = nn.Linear(1, 1)
+        self.calls = 0
+
+    def forward(self, dense, sparse):
+        self.calls += 1
+        if self.calls == 3:
+            raise TypeError("a bug on the third batch")
+        return self.out(self.embeddings(sparse).values().sum(dim=1, keepdim=True)).squeeze(-1)
+
+
+def build(embeddings, spec, options):
+    return Buggy(embeddings)
+"""
+
+
+def test_a_bug_in_a_forward_is_retried_once_not_for_ever(tmp_path):
+    # Under `max_failures: -1` a model that raises on its third batch restarted the worker group
+    # for ever: every restart resumed and raised again at the same step.
+    data, run = profiled_synth(tmp_path / "data", rows=6000, max_cardinality=2000), tmp_path / "run"
+    (tmp_path / "buggy.py").write_text(BUGGY_MODEL)
+    train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
+                 "--set", f"output_dir={run}", "--set", "data.batch_size=512", "--set", "model.arch=buggy:build",
+                 "--set", "cluster.max_failures=-1", "--set", "checkpoint.every_steps=100",
+                 env={**ENV, "PYTHONPATH": str(tmp_path)})
+    lines = train.stderr.strip().split("\n")
+    assert train.returncode == 2, train.stderr[-3000:]
+    where = re.escape(f"{tmp_path / 'buggy.py'}:15")
+    assert re.fullmatch(rf"embshard: error: rank [01]: TypeError: a bug on the third batch at {where}; "
+                        r"raised again the same way after Ray restarted the worker group, so it is not retried "
+                        r"\(a bug, not a lost worker\)", lines[-1]), lines[-1]
+    assert (run / STARTS_FILE).read_text().strip() == "2"  # the first group and one restart
+    assert len(lines) <= 3 and "Traceback" not in train.stderr, train.stderr
+
+
 def test_a_hung_worker_ends_the_run_in_one_line(tmp_path):
     # A stopped or stuck worker (SIGSTOP, a deadlock) held the run for good: the other rank waited
     # in its collective with Ray's 30-minute default and nothing said why.
