@@ -142,7 +142,8 @@ def _register_jobs(commands: argparse._SubParsersAction) -> None:
         "submit", help="run `embshard train CONFIG` as a Ray job on a cluster and stream its logs",
         description="Submit `embshard train` as a Ray job (same Python and working directory: the "
                     "cluster must share this machine's filesystem), stream its logs and exit with "
-                    "its status: 0 when it succeeded, 1 when it failed.")
+                    "the job's exit status: 0 when it succeeded, 2 bad input, 130 stopped before its "
+                    "end (submit it again to continue), 1 otherwise.")
     config_arguments(p, workers=True)
     _address_arg(p)
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
@@ -174,7 +175,7 @@ def _submit(args: argparse.Namespace) -> int:
     # A success's message repeats the log just streamed; a failure's may be the only reason given
     # (a runtime_env or entrypoint that never started the driver).
     print(f"{job_id}: {final}" if final == "SUCCEEDED" else jobs.status(args.address, job_id))
-    return 0 if final == "SUCCEEDED" else 1
+    return jobs.exit_status(args.address, job_id, final)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -125,6 +125,16 @@ def status(address: str, job_id: str) -> str:
     return f"{job_id}: {info.status}" + (f" ({message})" if message else "")
 
 
+def exit_status(address: str, job_id: str, final: str) -> int:
+    """What `embshard submit` exits with: the job's own exit status where Ray has it (2 bad
+    input, 130 stopped before its end: a preempted pod's run to start again), else 0 for a
+    success and 1 for any other end (a driver that never started, `embshard stop`)."""
+    if final == "SUCCEEDED":
+        return 0
+    code = _call(address, job_id, "get_job_info").driver_exit_code
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
 def logs(address: str, job_id: str) -> str:
     return _call(address, job_id, "get_job_logs")
 

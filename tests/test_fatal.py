@@ -80,7 +80,8 @@ def test_a_crash_that_comes_back_after_a_restart_is_recorded_as_final(tmp_path: 
     fatal.crashed(tmp_path, token, 1, _raised("lost peer [127.0.0.1]:4242"))  # the same, at the same line
     again = fatal.recorded(tmp_path, token)
     assert type(again) is RepeatedCrash
-    assert str(again) == (f"rank 1: TypeError: lost peer [127.0.0.1]:4242 at {__file__}:{_raised.__code__.co_firstlineno + 2}; "
+    line = _raised.__code__.co_firstlineno + 2
+    assert str(again) == (f"rank 1: TypeError: lost peer [127.0.0.1]:4242 at {__file__}:{line}; "
                           "raised again the same way after Ray restarted the worker group, so it is not retried "
                           "(a bug, not a lost worker)")
     assert fatal.recorded(tmp_path, fatal.new_token()) is None  # another launch's groups start afresh

@@ -119,7 +119,9 @@ def test_submit_streams_logs_and_exit_status(head, env, tmp_path):
     assert "validation AUC" in embshard(env, "logs", job_id, "--address", head).stdout
     failed = embshard(env, "submit", "configs/default.yaml", "--address", head,
                       "--set", f"data.path={tmp_path / 'missing'}", "--set", f"output_dir={tmp_path / 'bad'}")
-    assert failed.returncode == 1 and "FAILED" in failed.stdout
+    # The job's own exit status (2: bad input) was 1, so a script could not tell bad input, a
+    # crash and a preempted run (130) apart.
+    assert failed.returncode == 2 and "FAILED" in failed.stdout
 
 
 def test_submit_refuses_a_config_that_does_not_load_before_it_reaches_the_cluster(tmp_path, capsys):
