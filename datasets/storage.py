@@ -103,6 +103,10 @@ def read_json_version(path: "StoragePath", expected: int, error: type[EmbshardEr
     """The JSON object in `path`, which must be of format version `expected`."""
     raw = read_json(path, error)
     version = raw.get("version") if isinstance(raw, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > expected:
+        # A newer embshard's file (a dataset converted, a plan made by an upgraded cluster image).
+        raise error(f"{path}: version {version}, newer than this embshard reads ({expected}): written by a newer "
+                    "embshard; upgrade embshard where it is read")
     if version != expected:
         raise error(f"{path}: version {version!r}, expected {expected}")
     return cast(dict[str, Any], raw)

@@ -98,6 +98,11 @@ def test_a_spec_of_the_wrong_shape_is_one_line(multi_part: Path) -> None:
     (multi_part / SPEC_FILE).write_text("[]")
     with pytest.raises(DataError, match=r"dataset\.json: version None, expected 1"):
         DatasetSpec.load(multi_part)
+    # A newer embshard's dataset read as a malformed one: "version 2, expected 1".
+    (multi_part / SPEC_FILE).write_text(json.dumps({**spec, "version": 2}))
+    with pytest.raises(DataError, match=r"dataset\.json: version 2, newer than this embshard reads \(1\): written by "
+                                        r"a newer embshard; upgrade embshard where it is read$"):
+        DatasetSpec.load(multi_part)
     spec["sparse"][0]["cardinality"] = "500"
     (multi_part / SPEC_FILE).write_text(json.dumps(spec))
     with pytest.raises(DataError, match=r"dataset\.json: sparse feature 'C1': cardinality '500' \(expected an "
