@@ -41,7 +41,7 @@ from typing import IO, Any, TypeVar, Union, cast
 
 import pyarrow.fs as pafs
 
-from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line
+from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line, version_mismatch
 
 
 def is_uri(value: str | os.PathLike[str]) -> bool:
@@ -103,12 +103,9 @@ def read_json_version(path: "StoragePath", expected: int, error: type[EmbshardEr
     """The JSON object in `path`, which must be of format version `expected`."""
     raw = read_json(path, error)
     version = raw.get("version") if isinstance(raw, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > expected:
-        # A newer embshard's file (a dataset converted, a plan made by an upgraded cluster image).
-        raise error(f"{path}: version {version}, newer than this embshard reads ({expected}): written by a newer "
-                    "embshard; upgrade embshard where it is read")
-    if version != expected:
-        raise error(f"{path}: version {version!r}, expected {expected}")
+    mismatch = version_mismatch(version, expected)
+    if mismatch:
+        raise error(f"{path}: {mismatch}")
     return cast(dict[str, Any], raw)
 
 

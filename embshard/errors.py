@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Protocol
+from typing import Any, Protocol
 
 EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
@@ -118,6 +118,18 @@ def one_line(text: str) -> str:
     if len(text) > LINE_LIMIT:
         text = f"{text[:LINE_LIMIT]} ... ({len(text) - LINE_LIMIT:,} more characters)"
     return text
+
+
+def version_mismatch(version: Any, expected: int) -> str | None:
+    """Why a file of format `version` is not one of format `expected` (None when it is): a newer
+    embshard's (a dataset converted, a plan made, by an upgraded image) said as such."""
+    if isinstance(version, int) and not isinstance(version, bool):  # True == 1 in Python
+        if version == expected:
+            return None
+        if version > expected:
+            return (f"version {version}, newer than this embshard reads ({expected}): written by a newer embshard; "
+                    "upgrade embshard where it is read")
+    return f"version {version!r}, expected {expected}"
 
 
 def first_line(e: BaseException) -> str:

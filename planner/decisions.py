@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from embshard.datasets.storage import read_json, write_whole
-from embshard.errors import PlanError, no_file
+from embshard.errors import PlanError, no_file, version_mismatch
 from embshard.planner.types import ROW_ORDERS, RowOrder
 
 DECISIONS_VERSION = 1
@@ -91,8 +91,9 @@ def load_decisions(path: str | Path) -> Decisions:
 def parse_decisions(raw: Any) -> Decisions:
     """Check a decisions document; errors name the key (`tables.C1.blocks[0].dim: ...`)."""
     _mapping(raw, "<root>", required={"version", "method", "base_dim", "tables"}, optional={"meta"})
-    if isinstance(raw["version"], bool) or raw["version"] != DECISIONS_VERSION:  # true == 1 in Python
-        raise PlanError(f"version: {raw['version']!r}, expected {DECISIONS_VERSION}")
+    mismatch = version_mismatch(raw["version"], DECISIONS_VERSION)
+    if mismatch:
+        raise PlanError(f"version: {mismatch.removeprefix('version ')}")
     if not isinstance(raw["method"], str) or not raw["method"]:
         raise PlanError(f"method: expected a non-empty string, got {raw['method']!r}")
     if not isinstance(raw.get("meta", {}), dict):

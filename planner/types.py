@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from embshard.errors import PlanError
+from embshard.errors import PlanError, version_mismatch
 
 PLAN_VERSION = 1
 RowOrder = Literal["identity", "frequency", "pep_nnz"]
@@ -126,8 +126,9 @@ class DimensionPlan:
     @staticmethod
     def from_json(raw: dict[str, Any], where: str = "plan") -> "DimensionPlan":
         try:
-            if raw.get("version") != PLAN_VERSION:
-                raise PlanError(f"{where}: version {raw.get('version')!r}, expected {PLAN_VERSION}")
+            mismatch = version_mismatch(raw.get("version"), PLAN_VERSION)
+            if mismatch:
+                raise PlanError(f"{where}: {mismatch}")
             tables = [
                 TablePlan(**{**t, "blocks": [Block(**b) for b in t["blocks"]]}) for t in raw["tables"]
             ]

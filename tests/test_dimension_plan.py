@@ -77,6 +77,10 @@ def test_malformed_plan_file(tmp_path):
     path.write_text(json.dumps({"version": 1, "base_dim": 8, "tables": [{"name": "t"}]}))
     with pytest.raises(PlanError, match=f"{path}: malformed dimension plan"):
         DimensionPlan.load(path)
+    # A newer embshard's plan, once "version 2, expected 1".
+    path.write_text(json.dumps({**blocked_plan().to_json(), "version": 2}))
+    with pytest.raises(PlanError, match=r": version 2, newer than this embshard reads \(1\): written by a newer"):
+        DimensionPlan.load(path)
 
 
 # --- config -----------------------------------------------------------------------------------

@@ -122,7 +122,9 @@ GOOD = {"version": 1, "method": "autodim", "base_dim": 16, "tables": {"C1": {"di
             "tables.C1.row_order: 'random' is not one of",
         ),
         ({"tables": {}}, "tables: expected a non-empty object"),
-        ({"version": 2}, "version: 2, expected 1"),
+        ({"version": 0}, "version: 0, expected 1"),
+        # A newer embshard's decisions file, once read as a malformed one ("version: 2, expected 1").
+        ({"version": 2}, "version: 2, newer than this embshard reads (1): written by a newer embshard; upgrade"),
         ({"version": True}, "version: True, expected 1"),  # True == 1 in Python
         # 2**63 overflowed int64 in the rounding and was planned 4 wide.
         ({"tables": {"C1": {"dim": 2**63}}}, "tables.C1.dim: at most 16,777,216 wide, got 9,223,372,036,854,775,808"),
