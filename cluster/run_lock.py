@@ -20,6 +20,7 @@ locks and leases (`run_owner` on the driver, `owner_check` on the workers).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -85,8 +86,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
     finally:
         if fd is not None:
             # Removed while still held: a process that opened the old file finds, once it has
-            # the lock, that the path no longer names it, and tries again (`_acquire`).
-            path.unlink(missing_ok=True)
+            # the lock, that the path no longer names it, and tries again (`_acquire`). A folder
+            # made read-only under the run keeps it: an unlocked file locks nothing, and the
+            # unlink's error took the place of the run's own (a checkpoint's "Permission denied").
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             os.close(fd)
         for made in created:
             try:

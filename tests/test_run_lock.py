@@ -31,6 +31,23 @@ def test_a_held_folder_is_refused_naming_its_holder(tmp_path) -> None:
 
 
 
+def test_a_lock_file_that_cannot_be_removed_leaves_the_runs_own_error_in_place(tmp_path) -> None:
+    # A checkpoint folder made read-only under a run: its "Permission denied" on the checkpoint
+    # was replaced by the lock file's own, naming `.embshard-run.lock`. (Root ignores permission
+    # bits: the lock path made a folder fails its unlink the same way.)
+    def unremovable_lock() -> None:
+        (tmp_path / LOCK_FILE).unlink()
+        (tmp_path / LOCK_FILE).mkdir()
+
+    with pytest.raises(PermissionError, match="step-000005.tmp"):
+        with folder_lock(tmp_path):
+            unremovable_lock()
+            raise PermissionError(13, "Permission denied", str(tmp_path / "step-000005.tmp"))
+    (tmp_path / LOCK_FILE).rmdir()
+    with folder_lock(tmp_path):  # and a run that ended well ends well
+        unremovable_lock()
+
+
 def test_a_holder_s_long_command_line_is_cut_short() -> None:
     # A Ray worker holding a run's lock was named by its whole command line: 1,000 characters of flags.
     from embshard.cluster.run_lease import COMMAND_SHOWN, describe_holder
