@@ -152,6 +152,9 @@ def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Pa
     if not path.exists():
         _check_creatable(path, error)
         return
+    if not path.is_file():  # a FIFO held the check's read open for good; a socket's read was a traceback
+        raise error(f"{path}: exists and is no {what} (not a regular file); refusing to replace it, even with "
+                    "--overwrite")
     try:
         read(path)
     except EmbshardError as e:

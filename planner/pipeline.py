@@ -130,8 +130,9 @@ def _remaps_read_by(plan_file: Path) -> set[str]:
 def _remap_readers(directory: Path, besides: Path) -> dict[str, str]:
     """remap file -> the name of a plan or decisions file in `directory`, other than `besides`,
     that reads it."""
+    # Regular files only: a FIFO named *.json held the read open for good.
     return {remap: other.name for other in sorted(directory.glob("*.json"))
-            if other.resolve() != besides.resolve() for remap in _remaps_read_by(other)}
+            if other.is_file() and other.resolve() != besides.resolve() for remap in _remaps_read_by(other)}
 
 
 def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -499,6 +501,16 @@ def test_plan_writes_nothing_it_refuses_and_never_over_a_file_not_a_plan(tmp_pat
     assert "exists and is no plan" in capsys.readouterr().err and "precious" in notes.read_text()
     notes.unlink()
     assert main(["plan", str(cfg)]) == 0 and main(["plan", str(cfg)]) == 0
+    # A FIFO held the check's read open for good, and a socket's read was a traceback.
+    fifo, sock = tmp_path / "f.json", tmp_path / "s.json"
+    os.mkfifo(fifo)
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(sock))
+        for path in (fifo, sock):
+            assert main(["plan", str(cfg), "--out", str(path), "--overwrite"]) == 2
+            assert capsys.readouterr().err.strip() == (
+                f"embshard: error: {path}: exists and is no plan (not a regular file); refusing to replace it, even "
+                "with --overwrite")
     # a plan file in the config is not what `plan` reads: said, not silently passed over
     assert main(["plan", str(cfg), "--set", f"sharding.plan_file={out}", "--out", str(tmp_path / "q.json")]) == 0
     assert f"note: sharding.plan_file {out} is what `train` trains; `plan` makes a new plan" in capsys.readouterr().out
