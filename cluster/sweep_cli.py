@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from embshard.arg_types import nonempty
 from embshard.cluster.cli_args import config_arguments, verbose_argument
+from embshard.stops import stops_held
 
 SETTINGS_FILE = "settings.md"  # a sweep of several settings: their reports side by side
 
@@ -301,9 +302,17 @@ def write_files(out: StoragePath, files: dict[str, Callable[[Path], Any]], marke
             upload(Path(staging), out, marker=marker)
         return [out / name for name in files]
     out.mkdir(parents=True, exist_ok=True)  # a setting's folder in a sweep of several
-    for name in sorted(files, key=lambda n: n == marker):
-        final = out / name
-        tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
-        files[name](tmp)
-        tmp.replace(final)
+    order = sorted(files, key=lambda n: n == marker)
+    staged = {name: out / f".{Path(name).stem}.partial{Path(name).suffix}" for name in order}
+    try:
+        for name in order:
+            files[name](staged[name])
+        # Every file written before any is renamed, and the renames not stopped halfway: a stop
+        # during `sweep-merge --overwrite` left the new .md beside the old .json.
+        with stops_held():
+            for name in order:
+                staged[name].replace(out / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return [out / name for name in files]

@@ -14,6 +14,8 @@ first; if the final copy fails, the staging prefix still holds the complete new 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fnmatch
 import glob
 import os
@@ -21,7 +23,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from embshard.datasets.schema import (
 )
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem
+from embshard.stops import stops_held
 
 
 @dataclass(frozen=True)
@@ -231,19 +234,32 @@ def make_staging(out: StoragePath) -> Path:
 
 
 def _say_leftovers(out: Path) -> None:
-    """A warning for each staging folder of `out` that a killed writer left (SIGKILL, a power cut:
-    nothing of it could clean up), which would otherwise sit there for good unnoticed. Only those
-    whose process has ended on this host: a live one may be a writer at work."""
-    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
-        pid = leftover.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+    """A warning for each staging folder of `out`, and each old one it replaced, that a killed
+    writer left (SIGKILL, a power cut: nothing of it could clean up), which would otherwise sit
+    there for good unnoticed. Only those whose process has ended on this host: a live one may be
+    a writer at work."""
+    for leftover, pid in _left_by_the_dead(out, "partial"):
+        print(f"warning: {leftover}: left by an interrupted write to {out} (its process {pid} is not "
+              "running on this host); delete it unless a process on another host is writing there", file=sys.stderr)
+    for leftover, pid in _left_by_the_dead(out, "old"):
+        if out.exists():
+            print(f"warning: {leftover}: what {out} held before it was replaced (the removal by process {pid} was "
+                  f"interrupted); delete it once {out} is checked", file=sys.stderr)
+        else:
+            print(f"warning: {leftover}: what {out} held before an interrupted replace, and {out} is missing; "
+                  f"move it back (mv {leftover} {out})", file=sys.stderr)
+
+
+def _left_by_the_dead(out: Path, kind: str) -> Iterator[tuple[Path, str]]:
+    """`.NAME.<kind>-<pid>-<hex>` entries beside `out` whose process is not running on this host."""
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+        pid = leftover.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
         if not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            print(f"warning: {leftover}: left by an interrupted write to {out} (its process {pid} is not "
-                  "running on this host); delete it unless a process on another host is writing there",
-                  file=sys.stderr)
+            yield leftover, pid
         except (PermissionError, OverflowError):
             pass  # alive under another user, or no pid at all
 
@@ -285,16 +301,41 @@ def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         staging.rename(out)
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        out.rename(old)
-        staging.rename(out)
-    except BaseException:  # an interrupt between the renames must not leave `out` missing
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    # A stop during the swap or the removal waits for them: one in the removal left half of the
+    # old folder behind and said "interrupted" of a dataset already in place.
+    with stops_held():
+        if _exchange(staging, out):
+            old = staging  # killed during its removal, the next writer says it is to be deleted
+        else:
+            try:
+                out.rename(old)
+                staging.rename(out)
+            except BaseException:  # a failure between the renames must not leave `out` missing
+                if old.exists() and not out.exists():
+                    old.rename(out)
+                raise
+        shutil.rmtree(old, ignore_errors=True)
     if old.exists():
         print(f"warning: {old}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps the entries `a` and `b` in one step (Linux's renameat2): a process killed between
+    two renames left the destination missing, its old folder and its new one both hidden under
+    dot names. False where the system or the file system has no such swap."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd = -100  # AT_FDCWD: the paths are absolute
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def _upload(staging: Path, out: RemotePath, marker: str) -> None:

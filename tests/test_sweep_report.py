@@ -961,6 +961,38 @@ def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys)
     assert re.search(r"m/sweep-tiny\.json: not JSON \(", capsys.readouterr().err)
 
 
+def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    # A stop during `sweep-merge --overwrite` left the new sweep-X.md beside the old sweep-X.json
+    # (each file was written and renamed in turn), and a .partial file behind.
+    import os
+    import signal
+
+    from embshard.cluster.sweep_cli import write_files
+
+    def report(text: str) -> dict:
+        return {name: (lambda p, t=text: p.write_text(t)) for name in ("r.json", "r.md")}
+
+    write_files(tmp_path, report("old"), marker="r.json")
+
+    def stopped(path: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_files(tmp_path, {**report("new"), "r.json": stopped}, marker="r.json")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"r.json": "old", "r.md": "old"}
+
+    replace = Path.replace
+
+    def stop_at_the_first_rename(self: Path, target: Path) -> Path:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once, unless held back
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", stop_at_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_files(tmp_path, report("new"), marker="r.json")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"r.json": "new", "r.md": "new"}
+
+
 def test_a_resume_with_first_seed_or_vary_added_is_another_sweep_not_a_damaged_spec(tmp_path):
     # A spec written without --first-seed had no such key: adding it on --resume said "not a sweep
     # spec ...; start the sweep afresh", of a good sweep.
