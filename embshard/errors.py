@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import shutil
+from pathlib import Path
 from typing import Any, Protocol
 
 EXIT_CRASH = 1
@@ -72,6 +75,19 @@ def environment_problem(e: BaseException) -> EnvironmentProblem | None:
         return None
     where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
     return EnvironmentProblem(f"{where}: {e.strerror}")
+
+
+FULL_BYTES = 1 << 20  # less free than this, and a write that failed ran out of room
+
+
+def disk_full(path: Path) -> str | None:
+    """"the disk is full (N bytes free)" where the file system holding `path` has next to no room
+    left: what a writer that says only "unexpected pos 704 vs 598" (torch.save) ran into."""
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path).free
+        if free < FULL_BYTES:
+            return f"the disk is full ({free:,} bytes free)"
+    return None
 
 
 class TrainingDiverged(EmbshardError):

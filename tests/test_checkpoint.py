@@ -298,10 +298,11 @@ def test_a_save_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monkey
     # DCP's torch.save onto a full disk fails as "unexpected pos 704 vs 598", naming no disk.
     import shutil
 
+    from embshard import errors
     from embshard.trainer import checkpoint
     from embshard.trainer.checkpoint_integrity import RankFailure
 
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
     failure = RankFailure(0, "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598",
                           False)
     with pytest.raises(CheckpointError, match=r"step-000040\.tmp: saving checkpoint step 40 failed on rank 0: the "

@@ -246,6 +246,32 @@ def test_an_export_replaces_only_an_earlier_export_and_only_once_complete(tmp_pa
     assert (notes / "todo.txt").read_text() == "keep me"
 
 
+def test_an_export_onto_a_full_disk_is_one_line_and_keeps_the_earlier_one(tmp_path: Path, monkeypatch) -> None:
+    # torch.save onto a full disk: "RuntimeError: [enforce fail at inline_container.cc:672] .
+    # unexpected pos 965632 vs 965520", a traceback of 46 lines, exit 1. Only the disk is faked.
+    import shutil
+
+    from embshard import errors
+    from embshard.errors import EnvironmentProblem
+
+    plan = mlet_plan()
+    model, spec = trained_like(plan), plan_spec(plan, NUM_DENSE)
+    out = export_serving(model, tmp_path / "serving", model_config=MODEL, spec=spec)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def short_write(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 965632 vs 965520")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096))
+    with pytest.raises(EnvironmentProblem, match=rf"^{out}: cannot be written: the disk is full \(4,096 bytes free\) "
+                                                 r"\(RuntimeError: \[enforce fail"):
+        export_serving(model, out, model_config=MODEL, spec=spec, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serving"]
+
+
 def test_export_without_plan_folder_names_the_remap(tmp_path: Path) -> None:
     plan = mlet_plan(remap="t_a.remap.npy")
     with pytest.raises(ExportError, match=r"t_a.*t_a\.remap\.npy"):

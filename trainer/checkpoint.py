@@ -35,7 +35,6 @@ the layout the model has, so a transform that changes the layout needs a matchin
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -43,7 +42,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, cast
@@ -56,7 +54,7 @@ from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, relative, rmtree
-from embshard.errors import EmbshardError, StorageError, first_line
+from embshard.errors import EmbshardError, StorageError, disk_full, first_line
 from embshard.sharding.mlet import is_mlet_w2
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
@@ -294,16 +292,12 @@ def _raise_save_failure(failed: tuple[RankFailure, BaseException | None] | None,
         raise StorageError(f"{failure.message} while saving checkpoint step {step} "
                            f"(earlier checkpoints are kept)") from own
     why = failure.message
-    if isinstance(tmp, Path):
-        with contextlib.suppress(OSError):
-            free = shutil.disk_usage(tmp.parent).free
-            if free < _FULL_BYTES:  # DCP's torch.save says only "unexpected pos 704 vs 598" then
-                why = f"the disk is full ({free:,} bytes free; {why})"
+    full = disk_full(tmp.parent) if isinstance(tmp, Path) else None
+    if full:
+        why = f"{full.removesuffix(')')}; {why})"
     raise CheckpointError(f"{tmp}: saving checkpoint step {step} failed on rank {failure.rank}: {why} "
                           f"(earlier checkpoints are kept)") from own
 
-
-_FULL_BYTES = 1 << 20
 
 
 def _agreed(path: StoragePath, what: str, stage: Callable[[], None]) -> None:

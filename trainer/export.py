@@ -67,7 +67,7 @@ from embshard.datasets.storage import (
     read_json_version,
 )
 from embshard.datasets.vocabulary import Vocabulary, raw_values
-from embshard.errors import DataError, EmbshardError, StorageError
+from embshard.errors import DataError, EmbshardError, EnvironmentProblem, StorageError, disk_full, first_line
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
@@ -511,6 +511,12 @@ def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Ten
     try:
         _write_files(staging, plan, state, sources)
         publish(staging, out_dir, overwrite, EXPORT)
+    except RuntimeError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full(staging.parent)
+        if full:  # torch.save's words for it: "unexpected pos 965632 vs 965520", a traceback
+            raise EnvironmentProblem(f"{out_dir}: cannot be written: {full} ({first_line(e)})") from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
