@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ray import tune
+from ray import cloudpickle, tune
 
 from embshard.cluster import console
 from embshard.cluster.launch import init_ray, worker_error
@@ -51,11 +51,11 @@ def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
     # One driver per sweep: a second `--resume` beside the first wrote Tune a state with every trial
     # failed (refused by a trial's run lock), and the next resume trained the finished ones again.
     with folder_lock(work):
-        _claim_folder(out, work, spec, cfg, resume, data_sha)
-        return _run(cfg, spec, out, work, resume, parallel)
+        restore = _claim_folder(out, work, spec, cfg, resume, data_sha)
+        return _run(cfg, spec, out, work, restore, parallel)
 
 
-def _run(cfg: JobConfig, spec: SweepSpec, out: StoragePath, work: Path, resume: bool,
+def _run(cfg: JobConfig, spec: SweepSpec, out: StoragePath, work: Path, restore: bool,
          parallel: int | None) -> list[dict[str, Any]]:
     per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
@@ -66,7 +66,7 @@ def _run(cfg: JobConfig, spec: SweepSpec, out: StoragePath, work: Path, resume: 
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
         trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
         experiment = out / EXPERIMENT
-        if resume:
+        if restore:
             try:
                 tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
@@ -127,12 +127,13 @@ RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "out": str}
 
 
 def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool,
-                  data_sha: str) -> None:
+                  data_sha: str) -> bool:
     """A fresh sweep takes an empty (or new) folder and records its spec, job config and data
     (`data_sha`: `dataset_sha256` of data.path's) there; --resume needs this same sweep's folder,
     spec, config and data: Tune restores the trials as they were started, and the report would
     name this command's config and data as what they trained (a resume on data.path written
-    again filed the finished trials' points under the new data's hash)."""
+    again filed the finished trials' points under the new data's hash). -> whether Tune has a
+    state to restore (a sweep stopped before Tune started has none: it starts afresh)."""
     check_reachable(out)  # a missing bucket or refused credentials: one line before Ray starts
     check_not_in_dataset(out, "--out", ConfigError, itself=True)
     saved = out / SPEC_FILE
@@ -173,17 +174,13 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
                               f"(dataset hash {record['dataset_sha256'][:12]}, now {data_sha[:12]}): its points "
                               "would be filed as results on this data; resume it on the data it was started on")
         if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
-            raise ConfigError(f"--resume: {out} holds no sweep to resume (no Ray Tune experiment state in "
-                              f"{out / EXPERIMENT}); start the sweep afresh with another --out")
-        for state in (out / EXPERIMENT).glob("experiment_state-*.json"):
-            # Tune would log the failure, start over with no trials, and fail the same way at every
-            # resume, writing a new state each time.
-            try:
-                json.loads(state.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"--resume: {state}: Ray Tune's state of the sweep is damaged ({e}); "
-                                  f"start the sweep afresh with another --out") from None
-        return
+            # Stopped while Ray started, before Tune wrote anything: no trial ran. It was refused
+            # as "no sweep to resume", and without --resume as "not empty": a folder for good.
+            print(f"note: {out} holds no trial yet (stopped before Ray Tune started); starting it afresh",
+                  file=sys.stderr)
+            return False
+        _check_tune_state(out / EXPERIMENT)
+        return True
     if out.exists() and _holds_anything(out):
         raise ConfigError(f"--out {out}: not empty; resume the sweep there with --resume, or choose another folder")
     if work != out and work.exists() and _holds_anything(work):
@@ -194,6 +191,32 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg), "dataset_sha256": data_sha,
                                                    "out": _where(out)}) + "\n")
+    return False
+
+
+def _check_tune_state(experiment: StoragePath) -> None:
+    """ConfigError unless the state files Tune restores from read back whole. Its experiment state
+    damaged, Tune started over with no trials and failed the same way at every resume; its
+    variant generator's (a pickle), cut short by a full disk, restored every trial with no config,
+    and each resume failed them all again ("KeyError: 'trial'")."""
+    def damaged(state: StoragePath, e: Exception) -> ConfigError:
+        return ConfigError(f"--resume: {state}: Ray Tune's state of the sweep is damaged ({first_line(e)}); start "
+                           "the sweep afresh with another --out")
+
+    for state in experiment.glob("experiment_state-*.json"):
+        try:
+            json.loads(state.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise damaged(state, e) from None
+    # Tune reads the newest only, as it was saved: its own pickle, in the sweep's own folder.
+    variants: list[StoragePath] = sorted(experiment.glob("basic-variant-state-*.json"), key=lambda p: p.name)
+    if variants:
+        try:
+            state = cloudpickle.loads(variants[-1].read_bytes())
+            if not isinstance(state, dict):
+                raise ValueError(f"a {type(state).__name__}, not Tune's state")
+        except Exception as e:  # whatever a cut-short pickle raises
+            raise damaged(variants[-1], e) from None
 
 
 def _holds_anything(folder: StoragePath) -> bool:

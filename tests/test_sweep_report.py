@@ -577,10 +577,9 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
                                                     f"{cfg.data.path} holds now (dataset hash aaaaaaaaaaaa, now "
                                                     "bbbbbbbbbbbb)")):
         _claim_folder(out, out, spec, cfg, resume=True, data_sha="b" * 64)
-    # Keys that change nothing may differ; then only Tune's state is missing here.
+    # Keys that change nothing may differ; then, with no Tune state here, it starts afresh.
     quiet = load_job_config(REPO / "configs" / "default.yaml", ["train.log_every=7"])
-    with pytest.raises(ConfigError, match="no Ray Tune experiment state"):
-        _claim_folder(out, out, spec, quiet, resume=True, data_sha="a" * 64)
+    assert not _claim_folder(out, out, spec, quiet, resume=True, data_sha="a" * 64)
     # Damaged records: each was a traceback (JSONDecodeError, AttributeError) or a loop of resumes.
     saved = (out / "sweep-spec.json").read_text()
     record = json.loads(saved)
@@ -609,10 +608,36 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
     with pytest.raises(ConfigError, match=r"experiment_state-2026-12-04\.json: Ray Tune's state of the sweep is "
                                           r"damaged"):
         _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+    # The variant generator's state (a pickle) cut short by a full disk: Tune restored every trial
+    # with no config, each failed with "KeyError: 'trial'", and so did every resume after.
+    from ray import cloudpickle
+
+    (out / "tune" / "experiment_state-2026-12-04.json").write_text('{"trial_data": []}')
+    whole = cloudpickle.dumps({"_total_samples": 2, "_iterators": ["the trials' configs"]})
+    (out / "tune" / "basic-variant-state-2026-12-04.json").write_bytes(whole[:-20])
+    with pytest.raises(ConfigError, match=r"basic-variant-state-2026-12-04\.json: Ray Tune's state of the sweep is "
+                                          r"damaged \(UnpicklingError: pickle data was truncated\); start the sweep"):
+        _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+    (out / "tune" / "basic-variant-state-2026-12-04.json").write_bytes(whole)
+    assert _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)  # Tune's state to restore
     # A point of a setting the sweep does not vary is one line, not a KeyError.
     with pytest.raises(DataError, match=re.escape('a point of the setting {"model.options.l2": 0.0}, which this '
                                                   'sweep does not vary')):
         by_setting([{**point("uniform", 1.0, 0, 0.7, 4000), "setting": {"model.options.l2": 0.0}}], spec.settings())
+
+
+def test_a_sweep_stopped_before_tune_started_resumes_afresh(tmp_path, capsys):
+    # Ctrl-C while Ray started left the spec (and a log) and no Tune state: --resume said "holds
+    # no sweep to resume", and a rerun without it "not empty": the folder was lost for good.
+    from embshard.cluster.sweep_run import _claim_folder
+
+    cfg = load_job_config(REPO / "configs" / "default.yaml")
+    out, spec = tmp_path / "out", SweepSpec(["uniform"], [1.0], 1)
+    assert not _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
+    (out / "logs").mkdir()
+    assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)  # no state: start afresh
+    assert capsys.readouterr().err.strip() == (f"note: {out} holds no trial yet (stopped before Ray Tune started); "
+                                               "starting it afresh")
 
 
 def test_a_sweep_stopped_before_every_trial_reported_says_how_to_continue(tmp_path):
