@@ -8,10 +8,12 @@ after a worker dies, but not after bad input (see fatal.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -300,7 +302,16 @@ def init_ray(cfg: JobConfig, cpus: float | None = None, jobs: int = 1) -> None:
     # ray.init puts a SIGTERM handler of Ray's in place of the process's (the CLI's, see
     # `sigterm_as_ctrl_c`): a `kill` before the workers start was a C++ stack dump and an abort.
     with sigterm_kept():
-        _join_or_start_ray(cfg, cpus, jobs)
+        try:
+            _join_or_start_ray(cfg, cpus, jobs)
+        except SystemExit as e:
+            # Ray's handler while ray.init runs (2-5 s) is `sys.exit(15)`: a SIGTERM then ended the
+            # command with exit 15, no word, and the local cluster's processes left running.
+            if e.code != signal.SIGTERM:
+                raise
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            raise KeyboardInterrupt from None
 
 
 def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
