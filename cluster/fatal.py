@@ -3,13 +3,17 @@
 Ray Train's failure policy restarts the worker group after any worker error, up to
 `cluster.max_failures` times (-1: forever), and its public API has no way to mark an error as
 not retryable (`UserCallback.after_exception` only observes). An EmbshardError would fire again
-identically on every restart, so the worker that raises one records it under the run folder,
-keyed by a token the driver makes per launch; a restarted worker that finds the record returns
-without training, and the driver re-raises the recorded error as its one console line.
+identically on every restart, so the worker that raises one records it on the launch's board; a
+restarted worker that finds the record returns without training, and the driver re-raises the
+recorded error as its one console line.
 
 Any other error may be a lost worker's (a collective whose peer died), which a restart mends, or a
 bug, which a restart repeats. So the first is retried, and a crash that comes back after a restart
 with the same error raised at the same place is recorded as final, the same way (`crashed`).
+
+The board is a small actor the driver starts for each launch (`launch_board`), not a file: the
+records were files in the run folder, and on a full disk (the error itself, often) none could be
+written, so under `max_failures: -1` Ray restarted the group for ever, without a word.
 """
 
 from __future__ import annotations
@@ -18,83 +22,95 @@ import contextlib
 import hashlib
 import importlib
 import json
-import os
 import secrets
 import traceback
-from pathlib import Path
+from collections.abc import Iterator
+
+import ray
+from ray.exceptions import RayError
 
 from embshard.errors import EmbshardError, RepeatedCrash, first_line
 from embshard.trainer.reference import raised_at
 
-FATAL_DIR = "fatal"  # under the run's output_dir, which every worker shares (the plan is there)
+_RECORD = "record"
 
 
-def new_token() -> str:
-    """A launch's key: records of earlier launches into the same folder never match it."""
-    return secrets.token_hex(8)
+@ray.remote(num_cpus=0)
+class _Board:
+    """A launch's records: what its workers report, for its restarted workers and its driver."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, str] = {}
+
+    def put(self, key: str, text: str, keep_first: bool) -> str | None:
+        """`text` under `key` (not over an earlier one, with `keep_first`); -> the earlier one."""
+        before = self.entries.get(key)
+        if before is None or not keep_first:
+            self.entries[key] = text
+        return before
+
+    def get(self, key: str) -> str | None:
+        return self.entries.get(key)
 
 
-def _path(output_dir: Path, token: str) -> Path:
-    return output_dir / FATAL_DIR / f"{token}.json"
+@contextlib.contextmanager
+def launch_board() -> Iterator[str]:
+    """The board of one launch, alive for the block: -> its name, which the workers are given (a
+    launch's name is new, so records of earlier launches are never read)."""
+    name = f"embshard-fatal-{secrets.token_hex(8)}"
+    board = _Board.options(name=name).remote()  # type: ignore[attr-defined]
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(RayError):
+            ray.kill(board)
 
 
-def record(output_dir: Path, token: str, error: EmbshardError) -> None:
+def _call(board: str, method: str, *args: object) -> str | None:
+    """A call to the board; None where it cannot be reached (its driver gone): the error being
+    recorded still ends its worker, and unrecorded, Ray may restart the group once more."""
+    try:
+        return ray.get(getattr(ray.get_actor(board), method).remote(*args))
+    except (RayError, ValueError):  # ValueError: no actor of that name
+        return None
+
+
+def record(board: str, error: EmbshardError) -> None:
     """Save `error` for this launch: its class (to re-raise the same one), message and traceback
     (for whoever debugs it; the driver's re-raised copy has none). The first rank's record stays."""
-    path = _path(output_dir, token)
-    if path.is_file():
-        return
     cls = type(error)
     text = json.dumps({"module": cls.__module__, "class": cls.__qualname__, "message": str(error),
                        "traceback": "".join(traceback.format_exception(error))})
-    _write(path, text)
+    _call(board, "put", _RECORD, text, True)
 
 
-def _write(path: Path, text: str) -> None:
-    # Ranks may record at once: each writes its own temporary file, and the rename is atomic.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError:
-        # The run folder cannot take it (a full disk, the error itself, often): the error still
-        # ends this worker; unrecorded, Ray may restart the group, which fails the same way.
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-
-
-def crashed(output_dir: Path, token: str, rank: int, error: BaseException) -> None:
+def crashed(board: str, rank: int, error: BaseException) -> None:
     """A crash that is not bad input, on `rank`: if this rank's previous worker group of this
     launch crashed with the same error raised at the same place, it is recorded as final (a
     `RepeatedCrash`); else it is kept for the next group to compare with. A lost peer's echo
     (a collective's error) names addresses and ports that differ between groups."""
     frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
     signature = hashlib.sha256(repr((type(error).__qualname__, str(error), frames)).encode()).hexdigest()
-    path = output_dir / FATAL_DIR / f"{token}.rank{rank}.crash"
-    with contextlib.suppress(OSError):
-        if path.read_text(encoding="utf-8") == signature:
-            record(output_dir, token, RepeatedCrash(
-                f"rank {rank}: {first_line(error)}{raised_at(error)}; raised again the same way after Ray "
-                "restarted the worker group, so it is not retried (a bug, not a lost worker)"))
-            return
-    _write(path, signature)
+    if _call(board, "put", f"crash-{rank}", signature, False) == signature:
+        record(board, RepeatedCrash(f"rank {rank}: {first_line(error)}{raised_at(error)}; raised again the same way "
+                                    "after Ray restarted the worker group, so it is not retried (a bug, not a lost "
+                                    "worker)"))
 
 
-def _saved(output_dir: Path, token: str) -> dict[str, str] | None:
-    path = _path(output_dir, token)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def _saved(board: str) -> dict[str, str] | None:
+    text = _call(board, "get", _RECORD)
+    return json.loads(text) if text else None
 
 
-def worker_traceback(output_dir: Path, token: str) -> str | None:
+def worker_traceback(board: str) -> str | None:
     """The recording worker's traceback, for the run's log (the console shows one line)."""
-    saved = _saved(output_dir, token)
+    saved = _saved(board)
     return saved["traceback"] if saved else None
 
 
-def recorded(output_dir: Path, token: str) -> EmbshardError | None:
+def recorded(board: str) -> EmbshardError | None:
     """The error a worker of this launch recorded, rebuilt as the same EmbshardError subclass."""
-    saved = _saved(output_dir, token)
+    saved = _saved(board)
     if saved is None:
         return None
     cls = getattr(importlib.import_module(saved["module"]), saved["class"], None)

@@ -157,8 +157,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     # Runs in the Ray worker process: the method's modules are imported there.
     console.mark_console()
     cfg = from_dict(JobConfig, config["job"])
-    output, launch = Path(cfg.output_dir), config["launch"]
-    if fatal.recorded(output, launch) is not None:
+    board = config["board"]
+    if fatal.recorded(board) is not None:
         return  # Ray restarted the group after bad input: training again would fail the same way
     if config.get("registered") is not None:
         register_method(config["method"], config["registered"])
@@ -166,19 +166,19 @@ def _worker_entry(config: dict[str, Any]) -> None:
         run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
                    method=config["method"], owner_check=owner_check(config.get("owner")))
     except EmbshardError as e:
-        fatal.record(output, launch, e)
+        fatal.record(board, e)
         raise
     except OSError as e:
         problem = environment_problem(e)  # a full disk or read-only folder: one line, not retried
         if problem is None:
             raise
-        fatal.record(output, launch, problem)
+        fatal.record(board, problem)
         raise problem from e
     except Exception as e:
         # A bug in a forward or a callback: with max_failures Ray restarted the group, which
         # failed the same way at the same step, again and again (forever, under -1).
         if cfg.cluster.max_failures:
-            fatal.crashed(output, launch, ray.train.get_context().get_world_rank(), e)
+            fatal.crashed(board, ray.train.get_context().get_world_rank(), e)
         raise
 
 
@@ -208,13 +208,19 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
 
 def _fit(cfg: JobConfig, method: str, registered: EmbeddingMethod | None, output: Path) -> bool:
     """Train; returns whether Ctrl-C asked the workers to stop."""
+    with fatal.launch_board() as board:
+        return _fit_reporting(cfg, method, registered, output, board)
+
+
+def _fit_reporting(cfg: JobConfig, method: str, registered: EmbeddingMethod | None, output: Path,
+                   board: str) -> bool:
+    """`_fit` with the launch's board of records (`fatal`): its bad input raised as that."""
     use_gpu = cfg.sharding.device == "cuda"
-    launch = fatal.new_token()
     # The locks this driver holds, for its workers to check before each checkpoint they write.
     owner = run_owner([output, *([cfg.checkpoint_dir] if cfg.checkpoint.enabled else [])])
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"method": method, "job": to_dict(cfg), "launch": launch, "owner": owner,
+        train_loop_config={"method": method, "job": to_dict(cfg), "board": board, "owner": owner,
                            "registered": registered},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
@@ -233,15 +239,15 @@ def _fit(cfg: JobConfig, method: str, registered: EmbeddingMethod | None, output
         _, stop_requested = run_with_graceful_ctrl_c(trainer.fit, output / STOP_REQUEST_FILE, graceful)
     except Exception as e:  # Ray Train's wrapper of the workers' (or its controller's) errors
         failure = worker_error(e)
-        bad_input = fatal.recorded(output, launch)
+        bad_input = fatal.recorded(board)
         if bad_input is not None or isinstance(failure.error, EmbshardError):
             console.record_error(e)  # the workers' tracebacks, for whoever debugs the reader
             raise (bad_input or failure.error) from None
         raise console.Crashed(failure.summary() + console.worker_deaths()) from e  # the cause: every worker's traceback
     # The workers of a group restarted after bad input return at once: the fit "succeeded".
-    bad_input = fatal.recorded(output, launch)
+    bad_input = fatal.recorded(board)
     if bad_input is not None:
-        console.record_error(bad_input, fatal.worker_traceback(output, launch))
+        console.record_error(bad_input, fatal.worker_traceback(board))
         raise bad_input
     return stop_requested
 

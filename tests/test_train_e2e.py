@@ -86,7 +86,10 @@ def test_bad_input_in_a_worker_is_one_line(tmp_path):
     cardinality = next(f["cardinality"] for f in json.loads((data / "dataset.json").read_text())["sparse"]
                        if f["name"] == "C2")
     # Unlimited worker-group restarts: bad input must still end the run at once (cluster/fatal.py),
-    # not be retried forever.
+    # not be retried forever, even where the run folder takes no record (a full disk; here a file
+    # where the records' folder was): the record was a file there, and Ray restarted for ever.
+    run.mkdir()
+    (run / "fatal").write_text("not a folder")
     train = _run("train", "configs/default.yaml", "--workers", "2", "--set", f"data.path={data}",
                  "--set", f"output_dir={run}", "--set", "data.batch_size=512", "--set", "cluster.max_failures=-1")
     lines = train.stderr.strip().split("\n")
