@@ -10,17 +10,20 @@ from pathlib import Path
 EMPTY_PATH = "an empty path (an unset shell variable?)"
 
 
-def nonempty(text: str, empty: str = EMPTY_PATH) -> str:
-    """argparse type of an output path or URI: an empty one (an unset shell variable) is refused,
-    not read as the current folder."""
+def nonempty(text: str) -> str:
+    """argparse type of a path or URI: an empty one (an unset shell variable) is refused, not read
+    as the current folder."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(empty)
-    return text
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    # `--out '~/x'` (quoted, or after `=`, where the shell leaves it) was a folder named "~" here.
+    return os.path.expanduser(text) if text.startswith("~") else text
 
 
 def nonempty_name(text: str) -> str:
     """argparse type of a name: an empty one is refused, not read as the default."""
-    return nonempty(text, "an empty name (an unset shell variable?)")
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name (an unset shell variable?)")
+    return text
 
 
 def nonempty_path(text: str) -> Path:

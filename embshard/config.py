@@ -11,7 +11,8 @@ the run's method, `trainer/methods.py`), `sharding` by the shard planner, `train
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -600,8 +601,28 @@ class JobConfig:
         return Path(out or Path(self.output_dir) / "pep")
 
 
+# Values that name a file or folder: `~` there is the home folder, as in a shell (`output_dir:
+# ~/runs/x` was a folder named "~" in the working directory).
+PATH_FIELDS = ("data.path", "output_dir", "checkpoint.dir", "checkpoint.resume", "sharding.plan_file",
+               "embeddings.decisions", "autodim.decisions", "pep.out", "pep.retrain_from", "metrics.file_sd",
+               "cluster.storage")
+
+
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    return load_yaml(JobConfig, path, overrides)
+    return with_home_expanded(load_yaml(JobConfig, path, overrides))
+
+
+def with_home_expanded(cfg: JobConfig) -> JobConfig:
+    """`cfg` with `~` in its PATH_FIELDS expanded."""
+    for dotted in PATH_FIELDS:
+        section, _, name = dotted.rpartition(".")
+        holder = getattr(cfg, section) if section else cfg
+        value = getattr(holder, name) if holder is not None else None
+        if not (isinstance(value, str) and value.startswith("~")):
+            continue
+        expanded = {name: os.path.expanduser(value)}
+        cfg = replace(cfg, **({section: replace(holder, **expanded)} if section else expanded))
+    return cfg
 
 
 def current_schema(saved: dict[str, Any]) -> dict[str, Any]:

@@ -248,3 +248,25 @@ def test_an_empty_config_takes_its_settings_from_set(tmp_path):
 def test_a_config_path_that_is_a_directory_says_so(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{tmp_path}: a directory, not a config file$"):
         load_job_config(tmp_path)
+
+
+def test_a_path_that_starts_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    # `output_dir: ~/runs/x` and `--out '~/d'` were folders named "~" in the working directory.
+    from embshard.cluster.cli import main
+    from embshard.config import PATH_FIELDS, load_job_config
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: ~/runs/x\ndata:\n  path: ~/data\npep: {}\nautodim: {}\n")
+    loaded = load_job_config(cfg, ["checkpoint.resume=~/ckpt", "sharding.plan_file=s3://b/~p"])
+    assert (loaded.output_dir, loaded.data.path, loaded.checkpoint.resume) == (
+        f"{home}/runs/x", f"{home}/data", f"{home}/ckpt")
+    assert loaded.sharding.plan_file == "s3://b/~p"  # only a leading ~ is the home folder
+    for dotted in PATH_FIELDS:  # every field named is a field of the config
+        section, _, name = dotted.rpartition(".")
+        assert hasattr(getattr(loaded, section) if section else loaded, name), dotted
+    assert main(["data", "synth", "--out", "~/d", "--rows", "200"]) == 0
+    assert (home / "d" / "dataset.json").is_file() and list(work.iterdir()) == []
