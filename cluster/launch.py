@@ -21,6 +21,7 @@ from typing import Any
 import ray
 import ray.train
 from ray import cloudpickle
+from ray._common.utils import get_default_ray_temp_dir
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -34,9 +35,18 @@ from embshard.config import JobConfig
 from embshard.datasets.outdir import check_not_in_dataset
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import StoragePath, check_writable, copytree, location
+from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing
 from embshard.datasets.verify import verify_dataset
-from embshard.errors import ConfigError, EmbshardError, Interrupted, PlanError, environment_problem, first_line
+from embshard.errors import (
+    ConfigError,
+    EmbshardError,
+    EnvironmentProblem,
+    Interrupted,
+    PlanError,
+    disk_full,
+    environment_problem,
+    first_line,
+)
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, check_plan_holds, plan_with, shard_dimension_plan
 from embshard.trainer.build import dense_layer_bytes
 from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
@@ -334,15 +344,26 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-        resources={name: amount * cfg.cluster.workers * jobs for name, amount in cfg.cluster.worker_resources.items()},
-        # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook).
-        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBSHARD_")}},
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=False,
-    )
+    try:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+            resources={name: amount * cfg.cluster.workers * jobs
+                       for name, amount in cfg.cluster.worker_resources.items()},
+            # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook).
+            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBSHARD_")}},
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    except Exception as e:
+        # Ray's session folder on a full disk: "crashed: RuntimeError: Timed out waiting for file
+        # .../gcs_server_port_...", exit 1, naming neither the disk nor the folder.
+        temp = Path(get_default_ray_temp_dir())
+        full = disk_full(nearest_existing(temp))
+        if full is None:
+            raise
+        raise EnvironmentProblem(f"{temp}: Ray cannot start its local cluster there: {full} ({first_line(e)}); "
+                                 "free some space, or set RAY_TMPDIR to a folder on another disk") from None
 
 
 def _check_ray_answers(address: str) -> None:

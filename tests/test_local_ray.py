@@ -105,3 +105,25 @@ def test_sigterm_while_ray_starts_is_ctrl_c_and_stops_the_cluster(tmp_path):
     done = subprocess.run([sys.executable, "-c", SIGTERM_DURING_INIT], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "interrupted False", (done.returncode, done.stderr[-2000:])
+
+
+def test_ray_that_cannot_start_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    # Ray's session folder on a full disk: "crashed: RuntimeError: Timed out waiting for file
+    # .../gcs_server_port_...", exit 1. Here Ray fails for real (its folder under a file), and
+    # only the disk's free space is faked.
+    import shutil
+
+    import ray
+
+    from embshard import errors
+    from embshard.cluster.launch import init_ray
+    from embshard.config import JobConfig
+    from embshard.errors import EnvironmentProblem
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "file" / "tmp"))
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    with pytest.raises(EnvironmentProblem, match=rf"^{tmp_path / 'file' / 'tmp' / 'ray'}: Ray cannot start its local "
+                                                 r"cluster there: the disk is full \(0 bytes free\) \(NotADirectory"):
+        init_ray(JobConfig())
+    assert not ray.is_initialized()
