@@ -309,7 +309,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None and not args.resume.strip():
         # `--resume "$CKPT"` with CKPT unset trained from scratch without a word.
         raise ConfigError(f"--resume: {EMPTY_PATH}")
-    checkpoint = replace(cfg.checkpoint, resume=cfg.checkpoint.resume if args.resume is None else args.resume)
+    checkpoint = replace(cfg.checkpoint, resume=cfg.checkpoint.resume if args.resume is None
+                         else os.path.expanduser(args.resume))
     cfg = replace(cfg, cluster=cluster, checkpoint=checkpoint)
     if args.adopt_checkpoint_config:
         cfg = with_checkpoint_config(cfg, adopt=True)

@@ -22,15 +22,20 @@ import contextlib
 import hashlib
 import importlib
 import json
+import logging
 import secrets
 import traceback
 from collections.abc import Iterator
 
 import ray
 from ray.exceptions import RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from embshard.errors import EmbshardError, RepeatedCrash, first_line
-from embshard.trainer.reference import raised_at
+from embshard.trainer.reference import raised_at, users_frame
+
+log = logging.getLogger(__name__)
+BOARD_TIMEOUT_S = 60  # a board that does not answer is no board: the worker's own error goes on
 
 _RECORD = "record"
 
@@ -58,7 +63,9 @@ def launch_board() -> Iterator[str]:
     """The board of one launch, alive for the block: -> its name, which the workers are given (a
     launch's name is new, so records of earlier launches are never read)."""
     name = f"embshard-fatal-{secrets.token_hex(8)}"
-    board = _Board.options(name=name).remote()  # type: ignore[attr-defined]
+    # On the driver's node: on a worker's, it would go with the node whose loss the restarts mend.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = _Board.options(name=name, scheduling_strategy=here).remote()  # type: ignore[attr-defined]
     try:
         yield name
     finally:
@@ -67,11 +74,12 @@ def launch_board() -> Iterator[str]:
 
 
 def _call(board: str, method: str, *args: object) -> str | None:
-    """A call to the board; None where it cannot be reached (its driver gone): the error being
-    recorded still ends its worker, and unrecorded, Ray may restart the group once more."""
+    """A call to the board; None where it cannot be reached (its driver gone), said in the log:
+    the error being recorded still ends its worker, and unrecorded, Ray may restart the group."""
     try:
-        return ray.get(getattr(ray.get_actor(board), method).remote(*args))
-    except (RayError, ValueError):  # ValueError: no actor of that name
+        return ray.get(getattr(ray.get_actor(board), method).remote(*args), timeout=BOARD_TIMEOUT_S)
+    except (RayError, ValueError) as e:  # ValueError: no actor of that name
+        log.warning("the launch's board %s cannot be reached (%s)", board, first_line(e))
         return None
 
 
@@ -87,9 +95,14 @@ def record(board: str, error: EmbshardError) -> None:
 def crashed(board: str, rank: int, error: BaseException) -> None:
     """A crash that is not bad input, on `rank`: if this rank's previous worker group of this
     launch crashed with the same error raised at the same place, it is recorded as final (a
-    `RepeatedCrash`); else it is kept for the next group to compare with. A lost peer's echo
-    (a collective's error) names addresses and ports that differ between groups."""
-    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+    `RepeatedCrash`); else it is kept for the next group to compare with. Only an error raised
+    in a user's code (a model's forward, a method's callback) and outside torch.distributed and
+    Ray is compared: a lost peer's echo in a collective ("Timed out waiting 1800000ms for recv")
+    reads the same after every loss of a node, and a restart mends it."""
+    frames = [(f.filename, f.lineno or 0) for f in traceback.extract_tb(error.__traceback__)]
+    if isinstance(error, RayError) or not users_frame(frames) or any(
+            "/torch/distributed/" in file for file, _ in frames):
+        return
     signature = hashlib.sha256(repr((type(error).__qualname__, str(error), frames)).encode()).hexdigest()
     if _call(board, "put", f"crash-{rank}", signature, False) == signature:
         record(board, RepeatedCrash(f"rank {rank}: {first_line(error)}{raised_at(error)}; raised again the same way "

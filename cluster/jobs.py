@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 from embshard.cluster.address import no_ray_at
-from embshard.errors import EmbshardError, Interrupted, first_line
+from embshard.errors import EXIT_INTERRUPTED, EmbshardError, Interrupted, first_line
 
 FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
 # A head answers HTTP before its job agent is up; until then Ray refuses with this text and asks
@@ -128,9 +128,11 @@ def status(address: str, job_id: str) -> str:
 def exit_status(address: str, job_id: str, final: str) -> int:
     """What `embshard submit` exits with: the job's own exit status where Ray has it (2 bad
     input, 130 stopped before its end: a preempted pod's run to start again), else 0 for a
-    success and 1 for any other end (a driver that never started, `embshard stop`)."""
+    success, 130 for `embshard stop`, and 1 for any other end (a driver that never started)."""
     if final == "SUCCEEDED":
         return 0
+    if final == "STOPPED":  # `embshard stop`: the run checkpointed and stopped; Ray keeps no exit status
+        return EXIT_INTERRUPTED
     code = _call(address, job_id, "get_job_info").driver_exit_code
     return code if isinstance(code, int) and 0 < code < 256 else 1
 

@@ -359,11 +359,12 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
         # Ray's session folder on a full disk: "crashed: RuntimeError: Timed out waiting for file
         # .../gcs_server_port_...", exit 1, naming neither the disk nor the folder.
         temp = Path(get_default_ray_temp_dir())
-        full = disk_full(nearest_existing(temp))
-        if full is None:
+        free = disk_full(nearest_existing(temp))
+        if free is None:
             raise
-        raise EnvironmentProblem(f"{temp}: Ray cannot start its local cluster there: {full} ({first_line(e)}); "
-                                 "free some space, or set RAY_TMPDIR to a folder on another disk") from None
+        raise EnvironmentProblem(f"{temp}: Ray cannot start its local cluster there: the disk is full ({free:,} bytes "
+                                 f"free) ({first_line(e)}); free some space, or set RAY_TMPDIR to a folder on another "
+                                 "disk") from None
 
 
 def _check_ray_answers(address: str) -> None:

@@ -39,7 +39,7 @@ from embshard.datasets.schema import (
     is_vocabulary_entry,
 )
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
-from embshard.errors import DataError, EmbshardError, EnvironmentProblem
+from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Interrupted
 from embshard.stops import stops_held
 
 
@@ -301,20 +301,23 @@ def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         staging.rename(out)
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    # A stop during the swap or the removal waits for them: one in the removal left half of the
-    # old folder behind and said "interrupted" of a dataset already in place.
-    with stops_held():
-        if _exchange(staging, out):
-            old = staging  # killed during its removal, the next writer says it is to be deleted
-        else:
-            try:
-                out.rename(old)
-                staging.rename(out)
-            except BaseException:  # a failure between the renames must not leave `out` missing
-                if old.exists() and not out.exists():
-                    old.rename(out)
-                raise
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        # A stop during the swap or the removal waits for them: one in the removal left half of
+        # the old folder behind, unsaid (a removal takes seconds, even of a large dataset).
+        with stops_held():
+            if _exchange(staging, out):
+                old = staging  # killed during its removal, the next writer says it is to be deleted
+            else:
+                try:
+                    out.rename(old)
+                    staging.rename(out)
+                except BaseException:  # a failure between the renames must not leave `out` missing
+                    if old.exists() and not out.exists():
+                        old.rename(out)
+                    raise
+            shutil.rmtree(old, ignore_errors=True)
+    except KeyboardInterrupt:  # the held stop: it said "interrupted" of a dataset written whole
+        raise Interrupted(f"stopped once {out} was written whole") from None
     if old.exists():
         print(f"warning: {old}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
 

@@ -41,7 +41,7 @@ from typing import IO, Any, TypeVar, Union, cast
 
 import pyarrow.fs as pafs
 
-from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line, version_mismatch
+from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line, no_file, version_mismatch
 
 
 def is_uri(value: str | os.PathLike[str]) -> bool:
@@ -53,6 +53,9 @@ def is_uri(value: str | os.PathLike[str]) -> bool:
 def read_json(path: "StoragePath", error: type[EmbshardError]) -> Any:
     """The JSON document in `path`; `error` naming the file when it is no JSON text (a truncated
     or foreign file is an input to refuse in one line, not a traceback)."""
+    if isinstance(path, Path) and path.exists() and not path.is_file():
+        # A FIFO's read blocks for good, a socket's is a traceback.
+        raise error(f"{path}: {no_file(path, 'JSON file')}")
     try:
         return json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

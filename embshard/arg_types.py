@@ -38,6 +38,7 @@ def names_folder(text: str) -> bool:
 
 def file_path(text: str) -> Path:
     """argparse type of a file to write: one that names a folder is refused."""
-    if names_folder(nonempty(text)):
+    path = nonempty(text)
+    if names_folder(path):
         raise argparse.ArgumentTypeError(f"{text}: ends with '/', so it names a folder; name the file to write")
-    return Path(text)
+    return Path(path)

@@ -80,13 +80,13 @@ def environment_problem(e: BaseException) -> EnvironmentProblem | None:
 FULL_BYTES = 1 << 20  # less free than this, and a write that failed ran out of room
 
 
-def disk_full(path: Path) -> str | None:
-    """"the disk is full (N bytes free)" where the file system holding `path` has next to no room
-    left: what a writer that says only "unexpected pos 704 vs 598" (torch.save) ran into."""
+def disk_full(path: Path) -> int | None:
+    """The bytes free where the file system holding `path` has next to no room left (else None):
+    what a writer that says only "unexpected pos 704 vs 598" (torch.save) ran into."""
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(path).free
         if free < FULL_BYTES:
-            return f"the disk is full ({free:,} bytes free)"
+            return free
     return None
 
 

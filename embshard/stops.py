@@ -30,5 +30,7 @@ def stops_held() -> Iterator[None]:
     finally:
         for s in held:
             signal.signal(s, previous[s])
-        for signum in dict.fromkeys(pending):
+        # One stop is enough, and the first raised ends the loop (its handler raises): SIGTERM
+        # first, whose default ends the process where Python's SIGINT handler would not.
+        for signum in sorted(set(pending), key=lambda s: s != signal.SIGTERM):
             signal.raise_signal(signum)

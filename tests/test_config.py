@@ -270,3 +270,9 @@ def test_a_path_that_starts_with_a_tilde_is_in_the_home_folder(tmp_path, monkeyp
         assert hasattr(getattr(loaded, section) if section else loaded, name), dotted
     assert main(["data", "synth", "--out", "~/d", "--rows", "200"]) == 0
     assert (home / "d" / "dataset.json").is_file() and list(work.iterdir()) == []
+    from embshard.arg_types import file_path
+    from embshard.cluster.cli import build_parser
+
+    assert file_path("~/d.json") == home / "d.json"  # `search autodim --out '~/d.json'`
+    args = build_parser().parse_args(["train", "~/c.yaml", "--resume", "~/ckpt"])
+    assert args.config == home / "c.yaml"

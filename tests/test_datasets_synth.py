@@ -188,19 +188,34 @@ def test_a_stop_during_a_replace_waits_for_it_to_finish(tmp_path: Path, monkeypa
     import signal
 
     from embshard.datasets import outdir
+    from embshard.errors import Interrupted
 
     out = tmp_path / "d"
     synthesize(out, rows=100, seed=0, max_cardinality=20)
     rmtree = outdir.shutil.rmtree
 
-    def stopped_removal(path, ignore_errors=False):
-        os.kill(os.getpid(), signal.SIGINT)  # what the CLI makes of a SIGTERM too
-        return rmtree(path, ignore_errors=ignore_errors)
+    def stopped_removal(path, *args, **kwargs):
+        if Path(path).name.startswith(".d.") and Path(path).exists():  # the old dataset's removal
+            os.kill(os.getpid(), signal.SIGINT)  # what the CLI makes of a SIGTERM too
+        return rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(outdir.shutil, "rmtree", stopped_removal)
-    with pytest.raises(KeyboardInterrupt):  # the stop, once the replace is done
+    with pytest.raises(Interrupted, match=rf"^stopped once {out} was written whole$"):
         synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
     assert sum(DatasetSpec.load(out).rows.values()) == 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    # A stop during the swap itself waits for it too.
+    monkeypatch.setattr(outdir.shutil, "rmtree", rmtree)
+    exchange = outdir._exchange
+
+    def stopped_swap(a, b):
+        os.kill(os.getpid(), signal.SIGINT)
+        return exchange(a, b)
+
+    monkeypatch.setattr(outdir, "_exchange", stopped_swap)
+    with pytest.raises(Interrupted, match=rf"^stopped once {out} was written whole$"):
+        synthesize(out, rows=300, seed=1, max_cardinality=20, overwrite=True)
+    assert sum(DatasetSpec.load(out).rows.values()) == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 

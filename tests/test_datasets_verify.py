@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,13 @@ def test_a_spec_of_the_wrong_shape_is_one_line(multi_part: Path) -> None:
     (multi_part / SPEC_FILE).write_text("[]")
     with pytest.raises(DataError, match=r"dataset\.json: version None, expected 1"):
         DatasetSpec.load(multi_part)
+    # A FIFO where a JSON file is read (a sweep report, an export's manifest): the read blocked for good.
+    from embshard.datasets.storage import read_json
+
+    os.mkfifo(multi_part / "fifo.json")
+    with pytest.raises(DataError, match=r"fifo\.json: not a regular file$"):
+        read_json(multi_part / "fifo.json", DataError)
+    (multi_part / "fifo.json").unlink()
     # A newer embshard's dataset read as a malformed one: "version 2, expected 1".
     (multi_part / SPEC_FILE).write_text(json.dumps({**spec, "version": 2}))
     with pytest.raises(DataError, match=r"dataset\.json: version 2, newer than this embshard reads \(1\): written by "

@@ -194,6 +194,18 @@ def test_a_failed_jobs_status_leaves_out_the_log_ray_appends(monkeypatch):
     assert jobs.status("http://h:1", "j") == "j: FAILED (Job entrypoint command failed with exit code 2)"
 
 
+def test_submit_exits_with_what_ended_the_job(monkeypatch):
+    # Every failure was exit 1: a preempted or stopped run (130) read like a crash.
+    from types import SimpleNamespace
+
+    from embshard.cluster import jobs
+
+    for code, final, want in ((None, "SUCCEEDED", 0), (2, "FAILED", 2), (130, "FAILED", 130), (None, "FAILED", 1),
+                              (None, "STOPPED", 130), (-9, "FAILED", 1)):
+        monkeypatch.setattr(jobs, "_call", lambda *a, c=code: SimpleNamespace(driver_exit_code=c))
+        assert jobs.exit_status("http://h:1", "j", final) == want, (code, final)
+
+
 def test_a_ray_client_address_nothing_listens_at_is_said_without_ray_clients_wait(monkeypatch):
     # Ray Client waited its 30 s for a dial that is refused at once.
     import ray.job_submission

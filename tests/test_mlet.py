@@ -263,7 +263,11 @@ def test_an_export_onto_a_full_disk_is_one_line_and_keeps_the_earlier_one(tmp_pa
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 965632 vs 965520")
 
     monkeypatch.setattr(torch, "save", short_write)
-    monkeypatch.setattr(errors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096))
+    def usage(path: object) -> object:  # full while the partial export is there, as a real disk would be
+        staged = any(tmp_path.glob(".serving.partial-*"))
+        return shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096 if staged else 1 << 30)
+
+    monkeypatch.setattr(errors.shutil, "disk_usage", usage)
     with pytest.raises(EnvironmentProblem, match=rf"^{out}: cannot be written: the disk is full \(4,096 bytes free\) "
                                                  r"\(RuntimeError: \[enforce fail"):
         export_serving(model, out, model_config=MODEL, spec=spec, overwrite=True)

@@ -638,6 +638,10 @@ def test_a_sweep_stopped_before_tune_started_resumes_afresh(tmp_path, capsys):
     assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)  # no state: start afresh
     assert capsys.readouterr().err.strip() == (f"note: {out} holds no trial yet (stopped before Ray Tune started); "
                                                "starting it afresh")
+    # Runs there, but no Tune state (a bucket's, synced now and then): trials ran, not to be redone.
+    (out / "runs").mkdir()
+    with pytest.raises(ConfigError, match="holds no sweep to resume"):
+        _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
 
 
 def test_a_sweep_stopped_before_every_trial_reported_says_how_to_continue(tmp_path):

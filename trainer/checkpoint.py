@@ -292,9 +292,9 @@ def _raise_save_failure(failed: tuple[RankFailure, BaseException | None] | None,
         raise StorageError(f"{failure.message} while saving checkpoint step {step} "
                            f"(earlier checkpoints are kept)") from own
     why = failure.message
-    full = disk_full(tmp.parent) if isinstance(tmp, Path) else None
-    if full:
-        why = f"{full.removesuffix(')')}; {why})"
+    free = disk_full(tmp.parent) if isinstance(tmp, Path) else None
+    if free is not None:
+        why = f"the disk is full ({free:,} bytes free; {why})"
     raise CheckpointError(f"{tmp}: saving checkpoint step {step} failed on rank {failure.rank}: {why} "
                           f"(earlier checkpoints are kept)") from own
 

@@ -512,10 +512,11 @@ def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Ten
         _write_files(staging, plan, state, sources)
         publish(staging, out_dir, overwrite, EXPORT)
     except RuntimeError as e:
+        free = disk_full(staging.parent)  # before the partial export is removed, which frees room
         shutil.rmtree(staging, ignore_errors=True)
-        full = disk_full(staging.parent)
-        if full:  # torch.save's words for it: "unexpected pos 965632 vs 965520", a traceback
-            raise EnvironmentProblem(f"{out_dir}: cannot be written: {full} ({first_line(e)})") from None
+        if free is not None:  # torch.save's words for it: "unexpected pos 965632 vs 965520", a traceback
+            raise EnvironmentProblem(f"{out_dir}: cannot be written: the disk is full ({free:,} bytes free) "
+                                     f"({first_line(e)})") from None
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
