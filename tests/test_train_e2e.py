@@ -158,7 +158,9 @@ def test_a_bug_in_a_forward_is_retried_once_not_for_ever(tmp_path):
     assert re.fullmatch(rf"embshard: error: rank [01]: TypeError: a bug on the third batch at {where}; "
                         r"raised again the same way after Ray restarted the worker group, so it is not retried "
                         r"\(a bug, not a lost worker\)", lines[-1]), lines[-1]
-    assert (run / STARTS_FILE).read_text().strip() == "2"  # the first group and one restart
+    # The first group and one restart; one more where Ray ended a rank before it could say its
+    # crash (each rank compares only its own).
+    assert int((run / STARTS_FILE).read_text()) in (2, 3)
     assert len(lines) <= 3 and "Traceback" not in train.stderr, train.stderr
 
 
