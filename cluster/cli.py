@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         if problem is not None and not console.is_verbose():
             # The machine, not the input or the code: a full disk, a read-only mount, a permission.
             console.record_error(e)
-            print(f"embshard: error: {one_line(str(problem))}", file=sys.stderr)
+            print(f"embshard: error: {one_line(_written_at(args, e) + str(problem))}", file=sys.stderr)
             return EXIT_USER_ERROR
         # A crash, not bad input: one line here, the whole traceback in the run's log. Before a
         # run has a log (or with --verbose) the traceback goes to the console as Python prints it.
@@ -77,6 +77,13 @@ def _run(args: argparse.Namespace) -> int:
         line = str(e) if isinstance(e, console.Crashed) else first_line(e)
         print(f"embshard: crashed: {one_line(line)} (full traceback: {log})", file=sys.stderr)
         return EXIT_CRASH
+
+
+def _written_at(args: argparse.Namespace, e: BaseException) -> str:
+    """"writing OUT: " before a machine's error that names no file (pyarrow's and numpy's writers
+    name none: "No space left on device" alone), where the verb names what it writes."""
+    out = getattr(args, "out", None) or getattr(args, "dir", None)
+    return f"writing {out}: " if isinstance(e, OSError) and e.filename is None and out else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

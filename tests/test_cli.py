@@ -133,6 +133,15 @@ def test_the_machine_refusing_a_write_is_one_line(tmp_path, capsys, monkeypatch)
     assert last.startswith("embshard: error: ") and last.endswith("part-00000.parquet: No space left on device")
     assert list(tmp_path.iterdir()) == []  # the staging folder went too
 
+    # pyarrow's and numpy's writers name no file: the line named neither file nor folder.
+    def full_disk_unnamed(staging, out, overwrite):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer, "publish", full_disk_unnamed)
+    assert main(["data", "synth", "--rows", "100", "--out", str(tmp_path / "ds")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"embshard: error: writing {tmp_path / 'ds'}: No space left on device (OSError: [Errno 28] No space left on "
+        "device)")
+
     def bug(staging, out, overwrite):
         raise OSError(errno.EBADF, "Bad file descriptor", "x")  # not the machine's doing: a crash
     monkeypatch.setattr(writer, "publish", bug)
