@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -133,3 +134,12 @@ def ray_with_crash(rank: int, step: int) -> Iterator[None]:
     finally:
         ray.shutdown()
         del os.environ[ENV]
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever an earlier test in
+    this process left in its place (ray.init installs handlers of its own)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -181,7 +181,8 @@ def test_a_staging_folder_a_killed_writer_left_is_named(tmp_path: Path, capsys) 
     assert left.is_dir()  # said, not deleted: it may be a writer's on another host
 
 
-def test_a_stop_during_a_replace_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stop_during_a_replace_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        python_ctrl_c: None) -> None:
     # SIGTERM while `synth --overwrite` removed the old dataset said "interrupted" of a dataset
     # already in place, and left half of the old one behind, unsaid.
     import os

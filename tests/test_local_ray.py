@@ -83,13 +83,15 @@ SIGTERM_DURING_INIT = textwrap.dedent("""
     from embshard.cluster.launch import init_ray
     from embshard.config import JobConfig
 
-    real_init = ray.init
+    import ray._private.utils as ray_utils
 
-    def init_then_a_sigterm(**kwargs):
-        real_init(**kwargs)  # its own handler is in place until init_ray's block ends
+    real_set = ray_utils.set_sigterm_handler
+
+    def set_then_a_sigterm(handler):  # the kill arrives once ray.init has put its handler in place
+        real_set(handler)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    ray.init = init_then_a_sigterm
+    ray_utils.set_sigterm_handler = set_then_a_sigterm
     with sigterm_as_ctrl_c():
         try:
             init_ray(JobConfig())

@@ -10,7 +10,7 @@ import pytest
 from embshard.stops import stops_held
 
 
-def test_a_stop_in_the_block_comes_after_it_and_sigterm_before_ctrl_c() -> None:
+def test_a_stop_in_the_block_comes_after_it_and_sigterm_before_ctrl_c(python_ctrl_c: None) -> None:
     # Both pending: SIGINT was raised first and its KeyboardInterrupt dropped the SIGTERM, whose
     # handler (by default: the end of the process) then never ran.
     def terminated(signum: int, frame: object) -> None:

@@ -990,7 +990,7 @@ def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys)
     assert re.search(r"m/sweep-tiny\.json: not JSON \(", capsys.readouterr().err)
 
 
-def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, python_ctrl_c):
     # A stop during `sweep-merge --overwrite` left the new sweep-X.md beside the old sweep-X.json
     # (each file was written and renamed in turn), and a .partial file behind.
     import os
