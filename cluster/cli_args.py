@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from embshard.arg_types import nonempty_path
 from embshard.config import MAX_WORLD_SIZE
 
 # `embshard train` flag that resumes a checkpoint with its own model config (cluster/resume_config.py).
@@ -13,7 +13,7 @@ ADOPT_FLAG = "--resume-with-checkpoint-config"
 
 def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config (YAML), e.g. configs/default.yaml",
                      set_example: str = "train.epochs=2", workers: bool = False) -> None:
-    p.add_argument("config", type=lambda text: Path(text).expanduser(), help=config_help)
+    p.add_argument("config", type=nonempty_path, help=config_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help=f"override a config field, e.g. --set {set_example} (repeatable)")
     if workers:
