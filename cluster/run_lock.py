@@ -16,6 +16,11 @@ The workers outlive a driver killed with SIGKILL by a few seconds, long enough t
 checkpoint and prune older ones in a folder a rerun has already taken; so each worker checks
 before it writes and before it publishes that the run it started under still holds the
 locks and leases (`run_owner` on the driver, `owner_check` on the workers).
+
+A run writes its plan, summary, checkpoints, logs and Ray storage into its output_dir under fixed
+names, and replaced whatever held those names: a user's `plan/plan.json` beside their notes, in
+a folder named by mistake, was gone without a word. So a run takes an output_dir that is new,
+empty, or an embshard run's, and marks it (`RUN_MARKER`) as it starts (`claimed_run_folder`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ from embshard.datasets.storage import RemotePath, nearest_existing
 from embshard.errors import ConfigError, EmbshardError, EnvironmentProblem
 
 LOCK_FILE = ".embshard-run.lock"
+RUN_MARKER = ".embshard-run"
+_MARKER_TEXT = "This folder is an embshard run's output_dir: its runs write and replace files here.\n"
+
+# What embshard wrote into an output_dir before runs marked theirs: such a folder is taken as a
+# run's, and marked. Frozen: the marker covers whatever a run writes now.
+_UNMARKED_RUN_ENTRIES = frozenset({
+    LOCK_FILE, "plan", "summary.json", "checkpoints", "logs", "ray", "worker_group_starts", "stop-requested",
+    "crash-injected", "fatal", "pep", "decisions.json", "alpha_history.jsonl", "search", "sweep", "sweep-check",
+    "sweeps", "file_sd.json", "lottery",
+})
 
 
 class FolderInUse(ConfigError):
@@ -58,7 +73,11 @@ def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
     if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, Path):
         folders.append(cfg.checkpoint_dir)
     with ExitStack() as stack:
-        for folder in dict.fromkeys(f.resolve() for f in folders):  # one folder by two names, once
+        output, *others = dict.fromkeys(f.resolve() for f in folders)  # one folder by two names, once
+        stack.enter_context(folder_lock(output))
+        # Let go after the folders inside it (the checkpoints'), so an unused marker can go too.
+        stack.enter_context(claimed_run_folder(output))
+        for folder in others:
             stack.enter_context(folder_lock(folder))
         if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, RemotePath):
             # torch: only for a run that checkpoints to a bucket.
@@ -99,10 +118,35 @@ def folder_lock(folder: Path) -> Iterator[None]:
                 break
 
 
+@contextmanager
+def claimed_run_folder(folder: Path) -> Iterator[None]:
+    """`folder`, locked by this run, marked as a run's for the block; ConfigError when it holds
+    what no run wrote. A block that wrote nothing there leaves it as it found it."""
+    marker = folder / RUN_MARKER
+    if not marker.exists():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _UNMARKED_RUN_ENTRIES)
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise ConfigError(
+                f"output_dir: {folder} holds files that are not an embshard run's ({shown}); a run writes its "
+                "plan, checkpoints and logs there under fixed names: give it a new or empty folder")
+        marker.write_text(_MARKER_TEXT)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if {p.name for p in folder.iterdir()} <= {RUN_MARKER, LOCK_FILE}:
+                marker.unlink()
+
+
 def _make(folder: Path) -> list[Path]:
     """Creates `folder` and any missing parents; -> those it created, deepest first."""
     existing = nearest_existing(folder)
     missing = [at for at in [folder, *folder.parents] if at.is_relative_to(existing) and at != existing]
+    if not existing.is_dir():
+        # mkdir's own word was "File exists" of the very folder named, or "Not a directory".
+        below = f" (so {folder} cannot be made)" if existing != folder else ""
+        raise ConfigError(f"{existing}: a file is there, not a folder{below}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileNotFoundError as e:  # its parents are there: the file system takes no folder here (/proc)

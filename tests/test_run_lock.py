@@ -68,29 +68,35 @@ def test_a_killed_holder_leaves_no_lock(tmp_path) -> None:
         pass
 
 
+def _tiny_config(tmp_path, run) -> str:
+    from embshard.datasets.synth import synthesize
+
+    data = tmp_path / "data"
+    if not data.exists():
+        synthesize(data, rows=2000, max_cardinality=100)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\ncluster:\n  workers: 1\noutput_dir: {run}\n")
+    return str(cfg)
+
+
 def test_a_second_run_or_plan_on_a_running_runs_folder_is_one_line(tmp_path, capsys) -> None:
     # Two runs on one output_dir resumed from, pruned and superseded each other's checkpoints,
     # shared one stop-request file and printed each other's summary; a `plan` replaced the
     # running run's plan, which its checkpoints copy.
-    from embshard.datasets.synth import synthesize
-
-    data = tmp_path / "data"
-    synthesize(data, rows=2000, max_cardinality=100)
     run = tmp_path / "run"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  path: {data}\nembeddings:\n  dim: 8\ncluster:\n  workers: 1\noutput_dir: {run}\n")
+    cfg = _tiny_config(tmp_path, run)
     capsys.readouterr()
     with folder_lock(run):  # what a running `embshard train` holds
-        for argv in (["train", str(cfg)], ["plan", str(cfg)]):
+        for argv in (["train", cfg], ["plan", cfg]):
             assert main(argv) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and re.fullmatch(
                 rf"embshard: error: {run}: another embshard run is using it \(pid {os.getpid()} .*\); wait for "
                 r"it to end, or give this one another folder", err[0]), err
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
-        assert main(["plan", str(cfg), "--out", str(tmp_path / "elsewhere" / "plan.json")]) == 0
+        assert main(["plan", cfg, "--out", str(tmp_path / "elsewhere" / "plan.json")]) == 0
     with folder_lock(tmp_path / "elsewhere"):  # two `plan --out` into one folder
-        assert main(["plan", str(cfg), "--out", str(tmp_path / "elsewhere" / "plan.json"), "--overwrite"]) == 2
+        assert main(["plan", cfg, "--out", str(tmp_path / "elsewhere" / "plan.json"), "--overwrite"]) == 2
 
 
 def test_a_checkpoint_folder_is_locked_by_the_run_that_writes_it(tmp_path) -> None:
@@ -178,3 +184,61 @@ def test_a_worker_on_another_machine_trusts_the_lock_record_not_a_free_lock(tmp_
     (tmp_path / LOCK_FILE).unlink()
     with pytest.raises(RunEnded, match="has ended"):
         check()
+
+
+def test_a_folder_of_the_user_s_own_files_is_refused_as_output_dir(tmp_path, capsys) -> None:
+    # A run wrote its plan, checkpoints and logs into a folder of the user's, replacing their own
+    # `plan/plan.json` without a word.
+    run = tmp_path / "mine"
+    (run / "plan").mkdir(parents=True)
+    (run / "plan" / "plan.json").write_text('{"mine": 1}')
+    (run / "notes.txt").write_text("precious")
+    cfg = _tiny_config(tmp_path, run)
+    capsys.readouterr()
+    search = ["search", "autodim", cfg, "--set", "autodim.candidates=[4,8]"]
+    for argv in (["train", cfg], ["prune", "pep", cfg], search):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"embshard: error: output_dir: {run} holds files that are not an embshard run's (notes.txt); "
+                       "a run writes its plan, checkpoints and logs there under fixed names: give it a new or empty "
+                       "folder"], (argv, err)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["notes.txt", "plan", "plan/plan.json"]
+    assert (run / "plan" / "plan.json").read_text() == '{"mine": 1}'
+
+
+def test_a_run_marks_its_folder_and_takes_an_earlier_embshard_s(tmp_path) -> None:
+    from embshard.cluster.run_lock import RUN_MARKER, run_lock
+    from embshard.config import JobConfig
+
+    # An empty folder a run wrote nothing into is left empty; one it wrote into is marked, and
+    # then takes whatever a run writes.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with run_lock(JobConfig(output_dir=str(empty))):
+        assert (empty / RUN_MARKER).is_file()
+    assert list(empty.iterdir()) == []
+    with run_lock(JobConfig(output_dir=str(empty))):
+        (empty / "anything-a-later-version-writes").write_text("x")
+    with run_lock(JobConfig(output_dir=str(empty))):
+        pass
+    # A run folder of an embshard that did not mark its folders goes on, and is marked.
+    earlier = tmp_path / "earlier"
+    for name in ("plan", "checkpoints", "logs", "ray"):
+        (earlier / name).mkdir(parents=True)
+    (earlier / "summary.json").write_text("{}")
+    with run_lock(JobConfig(output_dir=str(earlier))):
+        pass
+    assert (earlier / RUN_MARKER).is_file()
+
+
+def test_a_file_where_a_run_s_folder_goes_is_said_as_such(tmp_path, capsys) -> None:
+    # mkdir's own word: "<path>: File exists" of the very folder the config names.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for run, said in ((afile, f"{afile}: a file is there, not a folder"),
+                      (afile / "run", f"{afile}: a file is there, not a folder (so {afile / 'run'} cannot be made)")):
+        cfg = _tiny_config(tmp_path, run)
+        capsys.readouterr()
+        assert main(["train", cfg]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"embshard: error: {said}"]
+    assert afile.read_text() == "x"
