@@ -350,3 +350,27 @@ def test_export_of_a_run_whose_data_was_written_again_with_more_ids_is_one_line(
     with pytest.raises(ExportError, match=rf"^{step}: trained on another dataset than {data} holds now"):
         export_serving(step, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_checkpoint_of_a_newer_embshard_is_refused_and_left_in_place(dataset, tmp_path):
+    # Its manifest's version was not read: a newer format was read as this one's, or, failing
+    # that, set aside as damaged, and the run went on from an older step or from scratch.
+    from embshard.cluster.launch import resume_source
+    from embshard.trainer.checkpoint_integrity import MANIFEST_VERSION, NewerCheckpoint
+
+    cfg = job(dataset, tmp_path, max_steps=8)
+    run_worker(cfg)
+    newest, _ = complete_checkpoints(cfg.checkpoint_dir)
+    manifest = json.loads((newest / MANIFEST).read_text())
+    (newest / MANIFEST).write_text(json.dumps(manifest | {"version": MANIFEST_VERSION + 1}))
+    said = (rf"{newest / MANIFEST}: version {MANIFEST_VERSION + 1}, newer than this embshard reads "
+            rf"\({MANIFEST_VERSION}\): written by a newer embshard; upgrade embshard where it is read$")
+    with pytest.raises(NewerCheckpoint, match="^" + said):
+        resume_source(cfg)
+    with pytest.raises(EmbshardError, match=said):
+        run_worker(replace(cfg, train=replace(cfg.train, max_steps=9)))
+    with pytest.raises(NewerCheckpoint, match="^" + said):
+        export_serving(cfg.checkpoint_dir, tmp_path / "export")
+    assert [p.name for p in complete_checkpoints(cfg.checkpoint_dir)] == ["step-000008", "step-000004"]
+    assert not (tmp_path / "export").exists()

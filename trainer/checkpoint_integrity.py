@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
 from embshard.datasets.storage import StoragePath, relative, storage_failure
-from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line
+from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line, version_mismatch
 
 MANIFEST = "manifest.json"
 # 1: sizes only (older checkpoints; accepted, verified by size); 2: sizes and SHA-256.
@@ -156,7 +156,12 @@ def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
     if not path.is_file():
         raise DamagedCheckpoint(f"no {MANIFEST} (the write did not finish)")
     try:
-        files = json.loads(path.read_text())["files"]
+        raw = json.loads(path.read_text())
+        version = raw.get("version", 1)
+        if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
+            # Not damaged: set aside as such, the run went on from an older step, or from scratch.
+            raise NewerCheckpoint(f"{path}: {version_mismatch(version, MANIFEST_VERSION)}")
+        files = raw["files"]
         return {name: FileEntry(entry, None) if isinstance(entry, int) else
                 FileEntry(int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
@@ -165,6 +170,10 @@ def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
 
 class DamagedCheckpoint(EmbshardError):
     """Why a checkpoint folder fails verification (the message names the file)."""
+
+
+class NewerCheckpoint(EmbshardError):
+    """A checkpoint written by a newer embshard: whole, but not this one's to read."""
 
 
 def check_layout(folder: StoragePath) -> dict[str, FileEntry]:
