@@ -31,7 +31,7 @@ from embshard.cluster.address import no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.cluster.run_lock import owner_check, run_owner
-from embshard.config import JobConfig
+from embshard.config import JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_dataset
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
@@ -170,9 +170,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
     board = config["board"]
     if fatal.recorded(board) is not None:
         return  # Ray restarted the group after bad input: training again would fail the same way
-    if config.get("registered") is not None:
-        register_method(config["method"], config["registered"])
     try:
+        if config.get("registered") is not None:
+            register_method(config["method"], _received(config["method"], config["registered"]))
         run_worker(cfg, report=ray.train.report, local_rank=ray.train.get_context().get_local_rank(),
                    method=config["method"], owner_check=owner_check(config.get("owner")))
     except EmbshardError as e:
@@ -216,13 +216,13 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     return summary
 
 
-def _fit(cfg: JobConfig, method: str, registered: EmbeddingMethod | None, output: Path) -> bool:
+def _fit(cfg: JobConfig, method: str, registered: bytes | None, output: Path) -> bool:
     """Train; returns whether Ctrl-C asked the workers to stop."""
     with fatal.launch_board() as board:
         return _fit_reporting(cfg, method, registered, output, board)
 
 
-def _fit_reporting(cfg: JobConfig, method: str, registered: EmbeddingMethod | None, output: Path,
+def _fit_reporting(cfg: JobConfig, method: str, registered: bytes | None, output: Path,
                    board: str) -> bool:
     """`_fit` with the launch's board of records (`fatal`): its bad input raised as that."""
     use_gpu = cfg.sharding.device == "cuda"
@@ -262,19 +262,31 @@ def _fit_reporting(cfg: JobConfig, method: str, registered: EmbeddingMethod | No
     return stop_requested
 
 
-def _sendable(method: str) -> EmbeddingMethod | None:
-    """The method registered under `method` in this process, for the workers to register too (None
-    for a built-in or a "module:attr" they import themselves). Ray sends it pickled: said here in
-    one line if it cannot be, rather than in Ray's traceback."""
+def _sendable(method: str) -> bytes | None:
+    """The method registered under `method` in this process, pickled for the workers to register
+    too (None for a built-in or a "module:attr" they import themselves): said here in one line if
+    it cannot be pickled, rather than in Ray's traceback."""
     registered = registered_here(method)
-    if registered is not None:
-        try:
-            cloudpickle.dumps(registered)
-        except Exception as e:  # whatever its attributes raise when pickled
-            raise ConfigError(f"method {method!r}: registered in this process, but cannot be sent to the Ray "
-                              f"workers ({first_line(e)}); name it as package.module:attr on their Python "
-                              "path") from None
-    return registered
+    if registered is None:
+        return None
+    try:
+        return cloudpickle.dumps(registered)
+    except Exception as e:  # whatever its attributes raise when pickled
+        raise ConfigError(f"method {method!r}: registered in this process, but cannot be sent to the Ray "
+                          f"workers ({first_line(e)}); name it as package.module:attr on their Python "
+                          "path") from None
+
+
+def _received(method: str, pickled: bytes) -> EmbeddingMethod:
+    """On a worker: the driver's registered method. Unpickled here, not by Ray: a class from a
+    module the workers cannot import (one the driver reached through its own sys.path) failed
+    Ray's controller with an ActorDiedError, retried under max_failures."""
+    try:
+        return cloudpickle.loads(pickled)
+    except ImportError as e:
+        raise ConfigError(f"method {method!r}: registered in the driver, but the Ray workers cannot import "
+                          f"{e.name or 'its module'!r} ({first_line(e)}); put that module on their Python path "
+                          "(PYTHONPATH, an installed package), or define the method in the driver's script") from None
 
 
 def ray_storage(cfg: JobConfig) -> str:
@@ -288,24 +300,13 @@ def ray_storage(cfg: JobConfig) -> str:
 def worker_config(cfg: JobConfig) -> JobConfig:
     """`cfg` as the workers get it: every path absolute (workers may run in other directories,
     or on hosts with the same shared storage), and the plan the driver saved."""
-    output = Path(cfg.output_dir).resolve()
+    cfg = with_paths_resolved(cfg)
+    # Where the run's own folders default to, named: a worker's defaults would be its own.
     return replace(
         cfg,
-        output_dir=str(output),
-        data=replace(cfg.data, path=str(location(cfg.data.path).resolve())),
-        sharding=replace(cfg.sharding, plan_file=str(output / "plan" / PLAN_FILE)),
-        checkpoint=replace(
-            cfg.checkpoint,
-            dir=str(cfg.checkpoint_dir.resolve()),
-            resume=str(location(cfg.checkpoint.resume).resolve()) if cfg.checkpoint.resume else None,
-        ),
-        metrics=replace(
-            cfg.metrics,
-            file_sd=str(Path(cfg.metrics.file_sd).resolve()) if cfg.metrics.file_sd else None,
-        ),
-        pep=replace(cfg.pep, out=str(cfg.pep_dir.resolve()),
-                    retrain_from=str(Path(cfg.pep.retrain_from).resolve()) if cfg.pep.retrain_from else None)
-        if cfg.pep else None,
+        sharding=replace(cfg.sharding, plan_file=str(Path(cfg.output_dir) / "plan" / PLAN_FILE)),
+        checkpoint=replace(cfg.checkpoint, dir=str(cfg.checkpoint_dir)),
+        pep=replace(cfg.pep, out=str(cfg.pep_dir)) if cfg.pep else None,
     )
 
 

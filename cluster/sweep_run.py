@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,9 @@ from embshard.cluster.run_lock import LOCK_FILE, folder_lock
 from embshard.cluster.sweep_plan import NOT_RESULTS, SweepSpec, Trial, config_difference
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
-from embshard.config import JobConfig, current_schema
+from embshard.config import JobConfig, current_schema, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_dataset
-from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, location
+from embshard.datasets.storage import RemotePath, StoragePath, check_reachable
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
 from embshard.typed_config import to_dict
 
@@ -76,7 +75,7 @@ def _run(cfg: JobConfig, spec: SweepSpec, out: StoragePath, work: Path, restore:
                 raise ConfigError(f"--resume: {experiment}: Ray Tune cannot restore the sweep's state "
                                   f"({first_line(e)}); start the sweep afresh with another --out") from None
         else:
-            job = to_dict(_absolute(cfg))
+            job = to_dict(with_paths_resolved(cfg))  # a Tune trial runs in a folder of its own
             trials = [t.to_json() for t in spec.trials()]
             tuner = tune.Tuner(
                 trainable,
@@ -230,10 +229,6 @@ def _holds_anything(folder: StoragePath) -> bool:
 def _where(out: StoragePath) -> str:
     """The folder as one name whichever path reached it (a link, a relative --out)."""
     return str(out.resolve()) if isinstance(out, Path) else str(out)
-
-
-def _absolute(cfg: JobConfig) -> JobConfig:
-    return replace(cfg, data=replace(cfg.data, path=str(location(cfg.data.path).resolve())))
 
 
 class _TrialLine(tune.Callback):

@@ -4,7 +4,7 @@
 YAML files in `configs/` are validated into `JobConfig` by `embshard.typed_config`; an error names
 the field (`train.batch_size: expected an integer, got 'abc'`). Each section is read by exactly one
 component: `data` by the reader, `model` by the model builder, `embeddings` by the planner (through
-the run's method, `trainer/methods.py`), `sharding` by the shard planner, `train` by the loop,
+the run's method, `trainer/method.py`), `sharding` by the shard planner, `train` by the loop,
 `metrics`/`checkpoint` by their components, `pep`/`autodim` by those methods, `sweep` by
 `embshard sweep` (its defaults: a paper's setting in configs/papers/ carries its own).
 """
@@ -12,6 +12,7 @@ the run's method, `trainer/methods.py`), `sharding` by the shard planner, `train
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -602,7 +603,8 @@ class JobConfig:
 
 
 # Values that name a file or folder: `~` there is the home folder, as in a shell (`output_dir:
-# ~/runs/x` was a folder named "~" in the working directory).
+# ~/runs/x` was a folder named "~" in the working directory), and a relative one is relative to
+# where the command ran, not to where a worker or a Tune trial runs (`with_paths_resolved`).
 PATH_FIELDS = ("data.path", "output_dir", "checkpoint.dir", "checkpoint.resume", "sharding.plan_file",
                "embeddings.decisions", "autodim.decisions", "pep.out", "pep.retrain_from", "metrics.file_sd",
                "cluster.storage")
@@ -614,14 +616,27 @@ def load_job_config(path: str | Path, overrides: list[str] | None = None) -> Job
 
 def with_home_expanded(cfg: JobConfig) -> JobConfig:
     """`cfg` with `~` in its PATH_FIELDS expanded."""
+    return _with_paths(cfg, os.path.expanduser)
+
+
+def with_paths_resolved(cfg: JobConfig) -> JobConfig:
+    """`cfg` with every local path of its PATH_FIELDS absolute (URIs as they are): for processes
+    that run elsewhere (Ray's workers, Tune's trials in their own folders, other hosts on shared
+    storage)."""
+    from embshard.datasets.storage import location  # pyarrow.fs only where a run is near
+
+    return _with_paths(cfg, lambda value: str(location(value).resolve()))
+
+
+def _with_paths(cfg: JobConfig, change: Callable[[str], str]) -> JobConfig:
     for dotted in PATH_FIELDS:
         section, _, name = dotted.rpartition(".")
         holder = getattr(cfg, section) if section else cfg
         value = getattr(holder, name) if holder is not None else None
-        if not (isinstance(value, str) and value.startswith("~")):
+        if not isinstance(value, str) or not value:
             continue
-        expanded = {name: os.path.expanduser(value)}
-        cfg = replace(cfg, **({section: replace(holder, **expanded)} if section else expanded))
+        changed = {name: change(value)}
+        cfg = replace(cfg, **({section: replace(holder, **changed)} if section else changed))
     return cfg
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -276,3 +277,25 @@ def test_a_path_that_starts_with_a_tilde_is_in_the_home_folder(tmp_path, monkeyp
     assert file_path("~/d.json") == home / "d.json"  # `search autodim --out '~/d.json'`
     args = build_parser().parse_args(["train", "~/c.yaml", "--resume", "~/ckpt"])
     assert args.config == home / "c.yaml"
+
+
+def test_every_path_a_worker_or_a_trial_reads_is_absolute(tmp_path, monkeypatch):
+    # Workers got a few paths made absolute, one by one: a relative `autodim.decisions`,
+    # `embeddings.decisions` or `cluster.storage` was read from where a Ray worker or a Tune
+    # trial runs (a folder of its own), not from where the command ran.
+    from embshard.cluster.launch import worker_config
+    from embshard.config import PATH_FIELDS, load_job_config, with_paths_resolved
+    from embshard.typed_config import flatten, to_dict
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("embeddings:\n  policy: decisions\npep:\n  retrain_target: 0.5\nautodim: {}\n")
+    relative = [f"{dotted}=rel/{dotted}.json" for dotted in PATH_FIELDS]
+    loaded = load_job_config(cfg, relative)
+    for resolved in (with_paths_resolved(loaded), worker_config(loaded)):
+        paths = {k: v for k, v in flatten(to_dict(resolved)).items() if k in PATH_FIELDS}
+        assert sorted(paths) == sorted(PATH_FIELDS)
+        assert all(os.path.isabs(v) for v in paths.values()), paths
+    assert with_paths_resolved(loaded).embeddings.decisions == str(tmp_path / "rel" / "embeddings.decisions.json")
+    remote = load_job_config(cfg, [*relative, "checkpoint.dir=s3://b/ck", "data.path=file:///d"])
+    assert (with_paths_resolved(remote).checkpoint.dir, with_paths_resolved(remote).data.path) == ("s3://b/ck", "/d")

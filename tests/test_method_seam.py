@@ -163,6 +163,35 @@ def test_a_method_registered_in_the_driver_trains_on_ray_workers_that_never_ran_
     assert {b["dim"] for t in trained["dimension_plan"]["tables"] for b in t["blocks"]} == {12}
 
 
+@pytest.mark.slow
+def test_a_registered_method_from_a_module_the_workers_cannot_import_is_one_line(dataset, tmp_path, monkeypatch):
+    # A class from a module the driver reached through its own sys.path is pickled by reference:
+    # Ray's controller failed to unpickle it, and the run ended as "crashed: ActorDiedError: The
+    # actor died because of an error raised in its creation task ..." over Ray's traceback.
+    import importlib
+
+    import ray
+
+    from embshard.cluster.launch import train_on_ray
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "driver_only_method.py").write_text(
+        "from embshard.trainer.method import EmbeddingMethod\n\nclass DriverOnly(EmbeddingMethod):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    register_method("driver_only", importlib.import_module("driver_only_method").DriverOnly())
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cfg = job(dataset, tmp_path / "run", max_steps=2)
+    cfg.cluster.max_failures = 2  # bad input: not retried
+    plan_for_training(cfg, "driver_only")
+    try:
+        with pytest.raises(ConfigError, match=r"^method 'driver_only': registered in the driver, but the Ray workers "
+                                              r"cannot import 'driver_only_method' \(ModuleNotFoundError: No module "
+                                              r"named 'driver_only_method'\); put that module on their Python path"):
+            train_on_ray(cfg, "driver_only")
+    finally:
+        ray.shutdown()
+
+
 def test_a_registered_method_ray_cannot_send_is_one_line_before_ray_starts(dataset, tmp_path):
     import threading
 
