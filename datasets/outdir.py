@@ -19,7 +19,6 @@ import errno
 import fnmatch
 import glob
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -38,7 +37,16 @@ from embshard.datasets.schema import (
     DatasetSpec,
     is_vocabulary_entry,
 )
-from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, nearest_existing, rmtree, upload
+from embshard.datasets.storage import (
+    RemotePath,
+    StoragePath,
+    check_reachable,
+    nearest_existing,
+    rmtree,
+    sibling,
+    sibling_prefix,
+    upload,
+)
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Interrupted
 from embshard.stops import stops_held
 
@@ -221,7 +229,7 @@ def make_staging(out: StoragePath) -> Path:
     if isinstance(out, RemotePath):
         return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
     out = out.absolute()  # `--out .` has no name and its parent is itself
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = sibling(out, "partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _say_leftovers(out)
@@ -252,8 +260,9 @@ def _say_leftovers(out: Path) -> None:
 
 def _left_by_the_dead(out: Path, kind: str) -> Iterator[tuple[Path, str]]:
     """`.NAME.<kind>-<pid>-<hex>` entries beside `out` whose process is not running on this host."""
-    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
-        pid = leftover.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
+    prefix = sibling_prefix(out, kind)
+    for leftover in sorted(out.parent.glob(f"{glob.escape(prefix)}*")):
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -300,7 +309,7 @@ def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    old = sibling(out, "old")
     try:
         # A stop during the swap or the removal waits for them: one in the removal left half of
         # the old folder behind, unsaid (a removal takes seconds, even of a large dataset).
@@ -343,7 +352,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _upload(staging: Path, out: RemotePath, marker: str) -> None:
     """Upload the complete local folder `staging` and copy it into `out` (see the module doc)."""
-    uploaded = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    uploaded = sibling(out, "partial")
     upload(staging, uploaded, marker=marker)
     try:
         if (out / marker).exists():

@@ -25,6 +25,7 @@ manifest.json, serving.json), and readers refuse a prefix without it.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import posixpath
@@ -82,13 +83,36 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+# A file name's most bytes on Linux file systems (NAME_MAX), and the most of it a hidden sibling's
+# name keeps: its `.`, `.<kind>-<pid>-<hex>` and a hash of a name cut short take the rest.
+_NAME_MAX = 255
+_KEPT_NAME_BYTES = 190
+P = TypeVar("P", Path, "RemotePath")
+
+
+def sibling_prefix(path: P, kind: str) -> str:
+    """`.NAME.<kind>-`, the start of every `sibling` name of `path` of that kind. A name too long to
+    take the additions (a 250-byte `--out` was refused as "File name too long") keeps its first
+    bytes and a hash of the whole."""
+    name = path.name
+    raw = name.encode()
+    if len(raw) + len(kind) + 30 > _NAME_MAX:
+        name = raw[:_KEPT_NAME_BYTES].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
+    return f".{name}.{kind}-"
+
+
+def sibling(path: P, kind: str) -> P:
+    """A hidden name beside `path` that no other process uses: `.NAME.<kind>-<pid>-<hex>`."""
+    return path.with_name(f"{sibling_prefix(path, kind)}{os.getpid()}-{secrets.token_hex(4)}")
+
+
 @contextmanager
 def written_whole(path: Path) -> Iterator[Path]:
     """A temporary file of a name no one else uses, for the block to write; renamed over `path`
     when the block ends, removed when it fails. A reader never sees half a file, and an interrupted
     write leaves the earlier one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = sibling(path, "partial")
     try:
         yield tmp
         tmp.replace(path)

@@ -165,20 +165,34 @@ def test_failed_swap_puts_the_old_dataset_back(tmp_path: Path, monkeypatch: pyte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
-def test_a_staging_folder_a_killed_writer_left_is_named(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("name", ["d", "d" * 250])
+def test_a_staging_folder_a_killed_writer_left_is_named(tmp_path: Path, capsys, name: str) -> None:
     # kill -9 during a synth left .NAME.partial-PID-* (214 MB in the audit) there for good, unsaid.
     import subprocess
     import sys
 
+    from embshard.datasets.storage import sibling_prefix
+
+    out = tmp_path / name
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    left = tmp_path / f".d.partial-{dead}-0badc0de"
+    left = tmp_path / f"{sibling_prefix(out, 'partial')}{dead}-0badc0de"
     left.mkdir()
-    synthesize(tmp_path / "d", rows=200)
+    synthesize(out, rows=200)
     err = capsys.readouterr().err
-    assert (f"warning: {left}: left by an interrupted write to {tmp_path / 'd'} (its process {dead} is not "
+    assert (f"warning: {left}: left by an interrupted write to {out} (its process {dead} is not "
             "running on this host)") in err
     assert left.is_dir()  # said, not deleted: it may be a writer's on another host
+
+
+def test_a_name_as_long_as_the_file_system_takes_is_written_and_replaced(tmp_path: Path) -> None:
+    # A 250-byte --out was refused: "File name too long", of the hidden staging name beside it.
+    for name in ("d" * 255, "é" * 127):
+        out = tmp_path / name
+        synthesize(out, rows=100, seed=0, max_cardinality=20)
+        replaced = synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+        assert DatasetSpec.load(out) == replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d" * 255, "é" * 127])
 
 
 def test_a_stop_during_a_replace_waits_for_it_to_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
