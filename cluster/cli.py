@@ -329,7 +329,6 @@ def _train(args: argparse.Namespace) -> int:
               + ", ".join(f"{r}: {human_bytes(v['train_bytes'])}" for r, v in bundle.memory.per_rank.items())
               + (f", and {human_bytes(dense)} of dense layers on every rank" if dense else ""))
         print_notes(bundle)
-        # The run's method: its policy, or PEP's lottery retrain when `pep.retrain_target` is set.
         metrics = train_on_ray(cfg)
     best = f" (best, at step {metrics.get('selected_step')})" if cfg.train.report_at == "best_valid" else ""
     rate = metrics.get("samples_per_s")

@@ -34,6 +34,7 @@ from embshard.cluster.sweep_plan import (
 )
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.storage import write_whole
 from embshard.errors import PlanError
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.types import DimensionPlan
@@ -139,7 +140,4 @@ def widths(plan: DimensionPlan) -> dict[str, int]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_whole(path, json.dumps(data, indent=1) + "\n")

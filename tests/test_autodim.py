@@ -320,6 +320,11 @@ def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
     loaded = load_decisions(path)
     assert loaded.method == "autodim" and loaded.base_dim == 16
     assert loaded.meta["valid_auc"] == 0.71
+    # A rating model's search keeps its own metric (it was recorded as AUC and logloss, both None).
+    rated = make_decisions(cfg, embedding, EvalResult({"mse": 0.8}, "mse", 10, lower_is_better=True), {})
+    assert (rated.meta["valid_primary"], rated.meta["valid_mse"], rated.meta["valid_lower_is_better"]) == \
+        ("mse", 0.8, True)
+    assert make_decisions(cfg, embedding, None, {}).meta["valid_primary"] is None  # stopped before evaluating
     assert loaded.meta["alpha"]["C1"] == pytest.approx(torch.softmax(embedding.arch.logits[0], 0).tolist())
 
     plan = plan_dimensions(EmbeddingsConfig(policy="decisions", dim=16, decisions=str(path)), spec)

@@ -45,7 +45,7 @@ from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.history import StepHistory
-from embshard.trainer.loop import make_reader, train_step
+from embshard.trainer.loop import eval_summary, make_reader, train_step
 from embshard.trainer.method import EmbeddingMethod, Worker, refuse_mlet, uniform_embeddings
 
 DECISIONS_FILE = "decisions.json"
@@ -244,8 +244,7 @@ class AlphaStep(Callback):
             # as a finished search's, replaced one with --overwrite and refused the resume's own --out.
             summary["decisions"] = None
             return
-        result = self.result or EvalResult({"auc": float("nan"), "logloss": float("nan")}, "auc", 0)
-        decisions = make_decisions(self.cfg, self.embedding, result, stats)
+        decisions = make_decisions(self.cfg, self.embedding, self.result, stats)
         path = decisions_path(self.cfg)
         if dist.get_rank() == 0:
             decisions.save(path)
@@ -259,8 +258,10 @@ class AlphaStep(Callback):
         return searching if self.search.single_level else -(-searching // self.search.alpha_every)
 
 
-def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: EvalResult,
+def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: EvalResult | None,
                    stats: dict[str, Any]) -> Decisions:
+    """The search's widths, with its last validation in the arch's own metrics (an MSE model's
+    was recorded as a CTR model's AUC and logloss, both None)."""
     search = autodim_section(cfg)
     choices = embedding.choices()
     return Decisions(
@@ -273,8 +274,7 @@ def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: Eval
             "unify": search.unify,
             "single_level": search.single_level,
             "alpha": {feature: probs for feature, (_, probs) in choices.items()},
-            "valid_auc": result.auc,
-            "valid_logloss": result.logloss,
+            **eval_summary(result),
             **stats,
         },
     )

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from embshard.datasets.storage import write_whole
 from embshard.errors import DataError
 
 
@@ -40,9 +41,7 @@ class StepHistory:
         if not self.path.exists():
             return
         kept = [r for r in read_history(self.path) if r["step"] < step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
-        tmp.replace(self.path)
+        write_whole(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
-from embshard.datasets.storage import StoragePath
+from embshard.datasets.storage import StoragePath, write_whole
 from embshard.errors import DataError
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import ShardedModel, build_sharded
@@ -274,12 +274,7 @@ SUMMARY_FILE = "summary.json"
 
 
 def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / SUMMARY_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_whole(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
 
 
 def quiet_libraries() -> None:

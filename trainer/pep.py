@@ -37,6 +37,7 @@ from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from embshard.config import JobConfig, PepConfig, target_dir_name
 from embshard.datasets.outdir import check_not_in_dataset
 from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.storage import write_whole
 from embshard.errors import ConfigError, PlanError, first_line
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.pep import ROW_THRESHOLDS, pep_decisions, prune_plan, threshold_columns
@@ -381,12 +382,7 @@ def write_run_record(cfg: JobConfig, pep: PepEmbeddings, reached: dict[str, Any]
         "init": "sharding.pep.initial_values(seed, table, rows, base_dim, ...)",
         "targets": reached,
     }
-    cfg.pep_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.pep_dir / RUN_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)  # a reader never sees half a record
-    return path
+    return write_whole(cfg.pep_dir / RUN_FILE, json.dumps(record, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- lottery retrain

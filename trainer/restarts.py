@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from embshard.datasets.storage import write_whole
+
 STARTS_FILE = "worker_group_starts"
 
 
@@ -23,10 +25,7 @@ def record_start(output_dir: Path) -> int:
     if dist.get_rank() == 0:
         path = output_dir / STARTS_FILE
         starts = int(path.read_text()) if path.is_file() else 0
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{starts + 1}\n")
-        tmp.replace(path)
+        write_whole(path, f"{starts + 1}\n")
         restarts = [starts]
     dist.broadcast_object_list(restarts, src=0)
     return int(restarts[0])

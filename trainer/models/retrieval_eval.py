@@ -18,10 +18,6 @@ import torch.distributed as dist
 NO_ITEM = -1  # id of a padding candidate (a slice holding fewer than K items)
 
 
-def metric_names(ks: Sequence[int]) -> list[str]:
-    return [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
-
-
 class RetrievalMetrics:
     """How many of this rank's queries found their target at each position of the top K; `result`
     reduces over ranks. Integer counts, so the result does not depend on how queries were split
