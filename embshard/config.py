@@ -29,7 +29,7 @@ SparseOptimizer = Literal["sgd", "rowwise_adagrad", "adagrad", "adam"]
 # What FBGEMM's CPU table-batched embeddings can step (its CPU mode asserts on the others).
 CPU_SPARSE_OPTIMIZERS: tuple[str, ...] = ("rowwise_adagrad", "adagrad", "sgd")
 # PEP threshold granularity: one s for all, one per column, one per row, one per entry.
-Granularity = Literal["global", "dimension", "feature", "feature_dimension"]
+Granularity = Literal["global", "dimension", "field", "field_dimension", "feature", "feature_dimension"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 # AutoDim: one table per field read at every candidate width, or one table per candidate.
 Lookup = Literal["weight_sharing", "separate"]
@@ -142,11 +142,13 @@ class EmbeddingsConfig:
 class PepConfig:
     # dimension: the granularity whose thresholds rise under their own Adam on any device (the
     # paper's best, feature_dimension, needs a fused optimizer with weight decay: see weight_decay).
+    # field / field_dimension (the authors' code's field and field_dim): one s per table, or per
+    # table and column, dense like dimension's, so each table prunes to a level of its own.
     granularity: Granularity = "dimension"
     # sigmoid(s_init) is the starting threshold: the paper uses -15 (MovieLens), -150 (Criteo,
     # Avazu), i.e. nothing is pruned at first.
     s_init: float = -15.0
-    # Learning rate of the dense thresholds (global / dimension granularity), trained with their
+    # Learning rate of the dense thresholds (global, dimension, field, field_dimension), trained with their
     # own Adam: s rises about this much per step while the decay dominates, so from -15 the
     # first entries fall after ~200 steps. (The reference: 1e-3 over hundreds of epochs.) Row
     # thresholds (feature / feature_dimension) share their row's fused optimizer and
@@ -157,7 +159,7 @@ class PepConfig:
     # cutting entries the loss needs. (The reference implementation decays every parameter with
     # Adam at 1e-5 over hundreds of epochs; 1e-3 reaches 0.5 and 0.125 of the entries after
     # ~1.3 and ~1.8 epochs on MovieLens-1M, bench/QUALITY.md.) Dense thresholds (global,
-    # dimension) decay alone under their Adam. Row thresholds share their row's fused optimizer,
+    # dimension, field, field_dimension) decay alone under their Adam. Row thresholds share their row's fused optimizer,
     # so the decay applies to the whole [V | s] row, as in the reference, and needs
     # rowwise_adagrad or adam (CUDA only); but FBGEMM's CPU row-wise Adagrad ignores it
     # (tests/test_pep.py), so on CPU a row granularity with a decay is refused before it trains.

@@ -26,7 +26,6 @@ from embshard.errors import PlanError
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
 from embshard.planner.policies import plan_dimensions
-from embshard.planner.policies.autodim import searched_feature
 from embshard.planner.remap import load_remap
 from embshard.planner.shard_plan import ShardPlan, plan_sharding
 from embshard.planner.topology import TopologySpec
@@ -151,14 +150,14 @@ def check_plan_holds(plan: DimensionPlan, cardinalities: Mapping[str, int], wher
     would have FBGEMM's bounds check read an id past a table's rows as row 0, silently. `where`
     names the plan and the data. Every feature of the data must have a table: a plan without one
     trained without the feature, silently."""
-    read = {searched_feature(t, name) for t in plan.tables for name in t.features}
+    read = {t.data_feature(name) for t in plan.tables for name in t.features}
     unread = [f for f in cardinalities if f not in read]
     if unread:
         raise PlanError(f"{where}: the data's feature {unread[0]!r} has no table in the plan: "
                         "it was made for other data")
     for t in plan.tables:
         for name in t.features:
-            f = searched_feature(t, name)
+            f = t.data_feature(name)
             if f not in cardinalities:
                 raise PlanError(f"{where}: table {t.name!r} reads feature {f!r}, which the data does not have")
             if cardinalities[f] > t.num_embeddings:
@@ -208,7 +207,7 @@ def shard_dimension_plan(
 ) -> PlanBundle:
     """The shard half of planning: a decided DimensionPlan (its remaps in `out_dir`) placed on a
     topology. Also how a checkpoint's plan is re-sharded for another world size."""
-    counts = profile.lazy_counts({f: searched_feature(t, f) for t in dim_plan.tables for f in t.features})
+    counts = profile.lazy_counts({f: t.data_feature(f) for t in dim_plan.tables for f in t.features})
     shard = plan_sharding(
         dim_plan,
         topology,
@@ -232,7 +231,7 @@ def block_pooling_factors(
     factors: dict[str, float] = {}
     for table in plan.tables:
         for feature in table.features:
-            pf = profile.pooling_factor(searched_feature(table, feature))
+            pf = profile.pooling_factor(table.data_feature(feature))
             if len(table.blocks) == 1:
                 name = table.block_name(0)
                 factors[name] = factors.get(name, 0.0) + pf

@@ -65,6 +65,12 @@ class TablePlan:
         """TorchRec table name of block i; a single-block table keeps the table's own name."""
         return self.name if len(self.blocks) == 1 else f"{self.name}__b{i}"
 
+    def data_feature(self, feature: str) -> str:
+        """The dataset feature whose ids this table's `feature` looks up: the feature itself, or
+        the one its blocks' source names (AutoDim's separate candidates are tables of their own,
+        each under a name of its own, over one feature's ids)."""
+        return self.blocks[0].source.get("feature", feature) if self.blocks else feature
+
 
 @dataclass(frozen=True)
 class DimensionPlan:

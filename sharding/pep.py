@@ -12,8 +12,11 @@ path (bench/throughput_pep.py). `pooled_lookup=False` sends every table through 
 `EmbeddingCollection`, which also shards row-wise on CPU.
 
 Granularities (the shape of s):
-- `global`: one s for every entry of every table; `dimension`: one s per embedding dimension.
-  Both are small dense parameters, replicated by DMP and trained by the dense optimizer.
+- `global`: one s for every entry of every table; `dimension`: one s per embedding dimension;
+  `field`: one s per table; `field_dimension`: one per table and dimension (the authors' code's
+  `field` and `field_dim`: with one threshold per column shared by every table, a table whose
+  entries are smaller, as those of a higher-rank table of the same row norm are, is cut first).
+  All are small dense parameters, replicated by DMP and trained by their own Adam.
 - `feature`: one s per row (per id); `feature_dimension`: one s per entry. These are stored in
   the same table row as V, to its right (row = [V | s]): one lookup and one fused optimizer update
   serve both, and s is sharded exactly like its row. The price: s trains with the table's fused
@@ -159,10 +162,12 @@ class PepEmbeddings(EmbeddingModule):
         self.ebc = EmbeddingBagCollection(tables=configs(EmbeddingBagConfig, pooled), device=device) if pooled else None
         self.ec = EmbeddingCollection(tables=configs(EmbeddingConfig, unpooled), device=device) if unpooled else None
         dense_device = device if device is not None and device.type != "meta" else None
-        shape = {"global": 1, "dimension": self.base_dim}.get(granularity)
-        self.threshold = (
-            nn.Parameter(torch.full((shape,), float(s_init), device=dense_device)) if shape else None
-        )
+        shape = _DENSE_SHAPES[granularity](len(plan.tables), self.base_dim) if granularity in _DENSE_SHAPES else None
+        self.threshold = nn.Parameter(torch.full(shape, float(s_init), device=dense_device)) if shape else None
+        # Per table, its row of a per-table granularity's thresholds, looked up for each row's table.
+        self.per_table = granularity in ("field", "field_dimension")
+        self.table_index = {t.name: i for i, t in enumerate(plan.tables)}
+        self.feature_table = {f: self.table_index[t.name] for t in plan.tables for f in t.features}
 
     @property
     def collections(self) -> list[nn.Module]:
@@ -180,11 +185,14 @@ class PepEmbeddings(EmbeddingModule):
         parts: list[torch.Tensor] = []  # [batch, features, d] each
         if rows is not None:
             keys += rows.keys()
-            parts.append(self.prune(rows.values().reshape(batch, -1, self.width)))
+            tables = self._tables_of(rows.keys(), [1] * len(rows.keys()))
+            parts.append(self.prune(rows.values().reshape(batch, -1, self.width), tables=tables))
         if jagged is not None:
             by_feature = [jagged[f] for f in self.unpooled_features]
             # All features at once: one threshold op and one scatter-add instead of one per feature.
-            kept = self.prune(torch.cat([jt.values() for jt in by_feature]))
+            values = [jt.values() for jt in by_feature]
+            tables = self._tables_of(self.unpooled_features, [len(v) for v in values])
+            kept = self.prune(torch.cat(values), tables=tables)
             lengths = torch.cat([jt.lengths() for jt in by_feature])
             bag_of_row = torch.repeat_interleave(torch.arange(len(lengths), device=kept.device), lengths.long())
             pooled = kept.new_zeros(len(lengths), d).index_add_(0, bag_of_row, kept)
@@ -193,16 +201,29 @@ class PepEmbeddings(EmbeddingModule):
         values = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).reshape(batch, -1)
         return KeyedTensor(keys=keys, length_per_key=[d] * len(keys), values=values)
 
-    def prune(self, rows: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
+    def _tables_of(self, features: list[str], rows: list[int]) -> torch.Tensor | int:
+        """Per row, the `table_index` of its feature's table, `rows[i]` rows of `features[i]` in
+        turn (by the outputs' own keys: a sharded collection's order is TorchRec's); 0 where one
+        threshold serves every table."""
+        if not self.per_table:
+            return 0
+        assert self.threshold is not None
+        device = self.threshold.device
+        index = torch.tensor([self.feature_table[f] for f in features], device=device)
+        return torch.repeat_interleave(index, torch.tensor(rows, device=device))
+
+    def prune(self, rows: torch.Tensor, col_offset: int = 0, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """V_hat of stored rows [..., width] (their V columns only). `col_offset`: where a column
-        shard of a dense-threshold table starts, so each column meets its own s."""
+        shard of a dense-threshold table starts, so each column meets its own s. `tables`: the
+        `table_index` of the rows' tables, one for all or one a row (broadcast as rows' leading
+        dimensions)."""
         d = self.base_dim
         if self.threshold is None:
             s = rows[..., d : d + (1 if self.granularity == "feature" else d)]
             return soft_threshold(rows[..., :d], s)
-        s = self.threshold
-        if self.granularity == "dimension":
-            s = s[col_offset : col_offset + min(rows.shape[-1], d - col_offset)]
+        s = self.threshold[tables] if self.per_table else self.threshold
+        if s.shape[-1] > 1:
+            s = s[..., col_offset : col_offset + min(rows.shape[-1], d - col_offset)]
         return soft_threshold(rows[..., : d - col_offset], s)
 
     def local_shards(self) -> list[LocalShard]:
@@ -219,7 +240,7 @@ class PepEmbeddings(EmbeddingModule):
                     "its table cannot be sharded column-wise (use table_wise or row_wise)"
                 )
             if shard.col_offset < self.base_dim:
-                out.append((shard, self.prune(shard.tensor, shard.col_offset) != 0))
+                out.append((shard, self.prune(shard.tensor, shard.col_offset, self.table_index[shard.table]) != 0))
         return out
 
     @torch.no_grad()
@@ -233,6 +254,15 @@ class PepEmbeddings(EmbeddingModule):
             v_cols = range(cols.start, min(cols.stop, d))
             t[:, : len(v_cols)] = initial_values(seed, shard.table, n, d, rows, v_cols)
             t[:, len(v_cols) :] = self.s_init
+
+
+# The dense thresholds' shapes by granularity, from (tables, base dim).
+_DENSE_SHAPES = {
+    "global": lambda tables, d: (1,),
+    "dimension": lambda tables, d: (d,),
+    "field": lambda tables, d: (tables, 1),
+    "field_dimension": lambda tables, d: (tables, d),
+}
 
 
 @torch.fx.wrap

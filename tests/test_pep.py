@@ -107,6 +107,38 @@ def test_prune_each_granularity_by_hand(granularity, s_columns):
             assert rows.grad[:, D:].numpy() == pytest.approx(ds.numpy(), abs=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["field", "field_dimension"])
+def test_a_per_table_granularity_thresholds_each_table_by_its_own_s(granularity):
+    # One s per column shared by every table cut the tables of smaller entries first (a higher
+    # rank at the same row norm); per table (the authors' code's field and field_dim), each
+    # table's rows meet its own s, pooled or not, in the forward, the masks and the gradient.
+    m = pep(granularity)
+    s = (torch.tensor([[0.0], [-1.0]]) if granularity == "field"
+         else torch.tensor([[0.0, 1.0, -1.0, 2.0], [-2.0, -1.0, 0.5, 0.0]]))
+    assert m.threshold.shape == s.shape and m.pooled_tables == ["t_a"] and m.unpooled_features == ["b"]
+    with torch.no_grad():
+        m.threshold.copy_(s)
+        weight(m, "t_a").copy_(torch.linspace(-0.95, 0.95, 6 * D).reshape(6, D))
+        weight(m, "t_b").copy_(torch.linspace(0.9, -0.9, 5 * D).reshape(5, D))
+    g = torch.sigmoid(s).expand(2, D)
+    wa, wb = weight(m, "t_a").detach(), weight(m, "t_b").detach()
+
+    def pruned(w: torch.Tensor, table: int) -> torch.Tensor:
+        return torch.sign(w) * torch.relu(w.abs() - g[table])
+
+    kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([1, 4, 0, 2, 3]),
+                            lengths=torch.tensor([1, 1, 2, 1]))  # a: [1], [4]; b: [0, 2], [3]
+    out = m(kjt).to_dict()
+    assert out["a"].detach().numpy() == pytest.approx(torch.stack([pruned(wa[1], 0), pruned(wa[4], 0)]).numpy())
+    assert out["b"].detach().numpy() == pytest.approx(
+        torch.stack([pruned(wb[0], 1) + pruned(wb[2], 1), pruned(wb[3], 1)]).numpy())
+    masks = {shard.table: mask for shard, mask in m.local_masks()}
+    assert torch.equal(masks["t_a"], wa.abs() > g[0]) and torch.equal(masks["t_b"], wb.abs() > g[1])
+    assert not torch.equal(masks["t_a"], wa.abs() > g[1])  # the other table's s would cut otherwise
+    out["b"].sum().backward()  # only table b's rows were read: only its row of s moves
+    assert m.threshold.grad[0].abs().sum() == 0 and m.threshold.grad[1].abs().sum() > 0
+
+
 def test_multi_hot_bag_sums_pruned_rows():
     """Each looked-up row is thresholded, then the bag sums them."""
     m = pep("global", s_init=math.log(0.5 / 0.5))  # g = 0.5
@@ -126,7 +158,8 @@ def test_multi_hot_bag_sums_pruned_rows():
     assert not torch.allclose(out["b"][0], soft_threshold(w[0] + w[2] + w[4], torch.tensor(0.0)))
 
 
-@pytest.mark.parametrize("granularity", ["global", "dimension", "feature", "feature_dimension"])
+@pytest.mark.parametrize("granularity", ["global", "dimension", "field", "field_dimension", "feature",
+                                         "feature_dimension"])
 def test_pooled_lookup_of_single_hot_rows_equals_unpooled(granularity):
     """Thresholding a single-hot feature after pooling is exact: same output, same gradients."""
     fast, slow = pep(granularity, s_init=-2.0), pep(granularity, s_init=-2.0, pooled_lookup=False)
@@ -292,7 +325,8 @@ def test_pep_sharding_types_refuse_what_cannot_shard():
         pep_sharding_types(cfg, pooled=True)
 
 
-def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
+@pytest.mark.parametrize("granularity", ["dimension", "field_dimension"])
+def test_weight_decay_raises_dense_thresholds(tmp_path, process_group, granularity):
     """The decay pulls s from s_init toward 0: Adam moves each s by about threshold_lr per step."""
     data = profiled_synth(tmp_path / "data", rows=600, max_cardinality=50)
     cfg = JobConfig(
@@ -300,7 +334,7 @@ def test_weight_decay_raises_dense_thresholds(tmp_path, process_group):
         data=DataConfig(path=str(data), batch_size=64),
         model=ModelConfig(dense_arch=[8], over_arch=[8]),
         embeddings=EmbeddingsConfig(dim=8),
-        pep=PepConfig(granularity="dimension", s_init=-15.0, threshold_lr=0.1, weight_decay=1e-2),
+        pep=PepConfig(granularity=granularity, s_init=-15.0, threshold_lr=0.1, weight_decay=1e-2),
     )
     bundle = plan_for_training(replace(cfg, cluster=replace(cfg.cluster, workers=1)), "pep")
     reader = make_reader(cfg, bundle, "train", 0, 1)

@@ -78,12 +78,21 @@ def _sharded_count(rank: int, world: int, data: str, granularity: str, s_init: f
                                    plan=planner.collective_plan(module, sharders), sharders=sharders)
     pep = dmp.module
     pep.initialise(seed=4)
+    spread_table_thresholds(pep)
     split = sum(s.tensor.shape != (plan.table(s.table).num_embeddings, pep.width) for s in pep.local_shards())
     return nonzero_counts(pep), gather_masks(pep), split
 
 
+def spread_table_thresholds(pep: PepEmbeddings) -> None:
+    """Each table's own s, so that a shard meeting another table's (or column's) would count apart."""
+    if pep.per_table:
+        with torch.no_grad():
+            pep.threshold.copy_(pep.threshold + torch.linspace(-1.0, 1.0, pep.threshold.numel()).view_as(pep.threshold))
+
+
 @pytest.mark.parametrize(
-    "granularity, pooled", [("feature_dimension", False), ("dimension", False), ("dimension", True)]
+    "granularity, pooled", [("feature_dimension", False), ("dimension", False), ("dimension", True),
+                            ("field", False), ("field_dimension", True)]
 )
 def test_sharded_count_and_masks_equal_single_process(dataset, granularity, pooled):
     s_init = math.log(0.03 / 0.97)  # g = 0.03, about half of uniform(+-1/sqrt(300)) survives
@@ -91,6 +100,7 @@ def test_sharded_count_and_masks_equal_single_process(dataset, granularity, pool
     plan = plan_dimensions(EmbeddingsConfig(dim=8), DatasetSpec.load(dataset))
     single = PepEmbeddings(plan, granularity, s_init, multi_hot=())
     single.initialise(seed=4)
+    spread_table_thresholds(single)
     counts = nonzero_counts(single)
     assert results[0][0] == results[1][0] == counts
     assert 0.2 < sum(counts.values()) / (sum(t.num_embeddings for t in plan.tables) * 8) < 0.8

@@ -53,9 +53,3 @@ def search_plan(base: DimensionPlan, candidates: list[int], lookup: Lookup) -> D
             tables.append(TablePlan(name, [candidate_feature_name(feature, d)], t.num_embeddings, [block]))
     policy = {**base.policy, "autodim_lookup": lookup, "autodim_candidates": list(candidates)}
     return DimensionPlan(base.base_dim, tables, policy=policy, notes=[*base.notes, *notes])
-
-
-def searched_feature(table: TablePlan, feature: str) -> str:
-    """The dataset feature a search table looks up (a separate candidate's own name is not one)."""
-    source = table.blocks[0].source
-    return source["feature"] if source.get("policy") == SEARCH_POLICY else feature
