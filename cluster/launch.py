@@ -287,6 +287,9 @@ def _received(method: str, pickled: bytes) -> EmbeddingMethod:
         raise ConfigError(f"method {method!r}: registered in the driver, but the Ray workers cannot import "
                           f"{e.name or 'its module'!r} ({first_line(e)}); put that module on their Python path "
                           "(PYTHONPATH, an installed package), or define the method in the driver's script") from None
+    except AttributeError as e:  # the workers' copy of its module has no such class (another version)
+        raise ConfigError(f"method {method!r}: registered in the driver, but its class is not in the module the "
+                          f"Ray workers import ({first_line(e)}); give them the driver's version of it") from None
 
 
 def ray_storage(cfg: JobConfig) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from embshard.cluster.cli_args import ADOPT_FLAG
-from embshard.config import JobConfig, current_schema
+from embshard.config import PATH_FIELDS, JobConfig, current_schema
 from embshard.datasets.storage import StoragePath
 from embshard.errors import ConfigError, PlanError
 from embshard.planner.types import DimensionPlan
@@ -50,8 +50,11 @@ def model_defining(config: dict[str, Any]) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this config's value) for every model-defining key that differs.
-    The saved config is read through today's schema where it can be (`current_schema`)."""
-    return _differences(model_defining(current_schema(saved)), model_defining(to_dict(cfg)))
+    The saved config is read through today's schema where it can be (`current_schema`). Paths
+    are not compared: the workers record them absolute, and a file may move between runs (what
+    a decisions file held is in the plan, compared on its own)."""
+    differences = _differences(model_defining(current_schema(saved)), model_defining(to_dict(cfg)))
+    return [d for d in differences if d[0] not in PATH_FIELDS]
 
 
 def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, adopt: bool) -> JobConfig:

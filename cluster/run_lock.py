@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from embshard.cluster.run_lease import check_leases, describe_holder, held_leases, record_of, run_lease
-from embshard.config import JobConfig
-from embshard.datasets.storage import RemotePath, nearest_existing
+from embshard.config import PATH_FIELDS, JobConfig
+from embshard.datasets.storage import RemotePath, location, nearest_existing
 from embshard.errors import ConfigError, EmbshardError, EnvironmentProblem
+from embshard.typed_config import flatten, to_dict
 
 LOCK_FILE = ".embshard-run.lock"
 RUN_MARKER = ".embshard-run"
@@ -76,7 +77,7 @@ def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
         output, *others = dict.fromkeys(f.resolve() for f in folders)  # one folder by two names, once
         stack.enter_context(folder_lock(output))
         # Let go after the folders inside it (the checkpoints'), so an unused marker can go too.
-        stack.enter_context(claimed_run_folder(output))
+        stack.enter_context(claimed_run_folder(cfg, output))
         for folder in others:
             stack.enter_context(folder_lock(folder))
         if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, RemotePath):
@@ -119,17 +120,18 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 @contextmanager
-def claimed_run_folder(folder: Path) -> Iterator[None]:
-    """`folder`, locked by this run, marked as a run's for the block; ConfigError when it holds
-    what no run wrote. A block that wrote nothing there leaves it as it found it."""
+def claimed_run_folder(cfg: JobConfig, folder: Path) -> Iterator[None]:
+    """`folder` (cfg's output_dir, locked by this run) marked as a run's for the block; ConfigError
+    when it holds what no run wrote. A block that wrote nothing there leaves it as it found it."""
     marker = folder / RUN_MARKER
     if not marker.exists():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _UNMARKED_RUN_ENTRIES)
+        foreign = _not_a_runs(cfg, folder)
         if foreign:
             shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
             raise ConfigError(
                 f"output_dir: {folder} holds files that are not an embshard run's ({shown}); a run writes its "
-                "plan, checkpoints and logs there under fixed names: give it a new or empty folder")
+                "plan, checkpoints and logs there under fixed names: give it a new or empty folder (or, if an "
+                f"embshard run wrote them, create {marker} to say so)")
         marker.write_text(_MARKER_TEXT)
     try:
         yield
@@ -137,6 +139,23 @@ def claimed_run_folder(folder: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             if {p.name for p in folder.iterdir()} <= {RUN_MARKER, LOCK_FILE}:
                 marker.unlink()
+
+
+def _not_a_runs(cfg: JobConfig, folder: Path) -> list[str]:
+    """The entries of an unmarked `folder` that no run wrote, sorted; none for a run folder of an
+    embshard from before the marker (its plan beside its log or summary: other runs' folders it
+    held, as a PEP retrain's, were the user's choice). Hidden entries (an interrupted write's
+    staging file, NFS's .nfs*, rsync's) and what cfg's own paths name there (a plan file, a
+    checkpoint folder) are not counted."""
+    names = {p.name for p in folder.iterdir()}
+    if (folder / "plan" / "plan.json").is_file() and ({"logs", "summary.json"} & names):
+        return []
+    inputs = set()
+    for key, value in flatten(to_dict(cfg)).items():
+        path = location(value) if key in PATH_FIELDS and isinstance(value, str) and value else None
+        if isinstance(path, Path) and path.resolve().is_relative_to(folder) and path.resolve() != folder:
+            inputs.add(path.resolve().relative_to(folder).parts[0])
+    return sorted(n for n in names if not n.startswith(".") and n not in _UNMARKED_RUN_ENTRIES and n not in inputs)
 
 
 def _make(folder: Path) -> list[Path]:

@@ -43,7 +43,6 @@ from embshard.config import (
     budget_name,
     check_budgets,
     check_methods,
-    with_home_expanded,
 )
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
@@ -268,7 +267,7 @@ def with_knobs(cfg: JobConfig, knobs: Knobs, where: str = "--vary") -> JobConfig
     for key, value in knobs:
         set_dotted(data, key, to_dict(value), where)
     try:
-        return with_home_expanded(from_dict(JobConfig, data))  # `--vary embeddings.decisions=~/a.json,…`
+        return from_dict(JobConfig, data)
     except ConfigError as e:  # it names the key: `embeddings.mde.alpha: must be in [0, 1], got 2.0`
         raise ConfigError(f"{where} {e}") from None
 

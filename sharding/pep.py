@@ -190,9 +190,9 @@ class PepEmbeddings(EmbeddingModule):
         if jagged is not None:
             by_feature = [jagged[f] for f in self.unpooled_features]
             # All features at once: one threshold op and one scatter-add instead of one per feature.
-            values = [jt.values() for jt in by_feature]
-            tables = self._tables_of(self.unpooled_features, [len(v) for v in values])
-            kept = self.prune(torch.cat(values), tables=tables)
+            looked_up = [jt.values() for jt in by_feature]
+            tables = self._tables_of(self.unpooled_features, [len(v) for v in looked_up])
+            kept = self.prune(torch.cat(looked_up), tables=tables)
             lengths = torch.cat([jt.lengths() for jt in by_feature])
             bag_of_row = torch.repeat_interleave(torch.arange(len(lengths), device=kept.device), lengths.long())
             pooled = kept.new_zeros(len(lengths), d).index_add_(0, bag_of_row, kept)
@@ -210,7 +210,8 @@ class PepEmbeddings(EmbeddingModule):
         assert self.threshold is not None
         device = self.threshold.device
         index = torch.tensor([self.feature_table[f] for f in features], device=device)
-        return torch.repeat_interleave(index, torch.tensor(rows, device=device))
+        # output_size: the counts are known here, so a GPU need not be waited on for them.
+        return torch.repeat_interleave(index, torch.tensor(rows, device=device), output_size=sum(rows))
 
     def prune(self, rows: torch.Tensor, col_offset: int = 0, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """V_hat of stored rows [..., width] (their V columns only). `col_offset`: where a column

@@ -192,6 +192,32 @@ def test_a_registered_method_from_a_module_the_workers_cannot_import_is_one_line
         ray.shutdown()
 
 
+def test_a_registered_method_a_worker_cannot_rebuild_is_one_line(tmp_path, monkeypatch):
+    # What a worker does with the driver's pickled method (`_received`), for a module it lacks and
+    # for a module of another version without the class: Ray's ActorDiedError or a crash before.
+    import importlib
+    import sys
+
+    from embshard.cluster.launch import _received, _sendable
+
+    (tmp_path / "versioned_method.py").write_text(
+        "from embshard.trainer.method import EmbeddingMethod\n\nclass Versioned(EmbeddingMethod):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("versioned_method")
+    register_method("versioned", module.Versioned())
+    pickled = _sendable("versioned")
+    assert isinstance(_received("versioned", pickled), module.Versioned)
+    monkeypatch.delattr(module, "Versioned")
+    with pytest.raises(ConfigError, match=r"^method 'versioned': registered in the driver, but its class is not in "
+                                          r"the module the Ray workers import \(AttributeError: "):
+        _received("versioned", pickled)
+    monkeypatch.delitem(sys.modules, "versioned_method")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"^method 'versioned': registered in the driver, but the Ray workers "
+                                          r"cannot import 'versioned_method'"):
+        _received("versioned", pickled)
+
+
 def test_a_registered_method_ray_cannot_send_is_one_line_before_ray_starts(dataset, tmp_path):
     import threading
 

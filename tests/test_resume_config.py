@@ -59,6 +59,21 @@ def test_differences_are_the_model_defining_keys_only():
     assert config_differences(saved, hidden) == [("model.options.hidden", None, 32)]
 
 
+def test_a_relative_decisions_path_the_workers_recorded_absolute_resumes(tmp_path, monkeypatch):
+    # The workers record every path absolute (`worker_config`), and the rerun of the same command
+    # was refused: "trained with another model config: embeddings.decisions (checkpoint
+    # /…/d.json, config d.json)". A file moved between runs is not another model either.
+    from embshard.cluster.launch import worker_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = JobConfig(output_dir="run", embeddings=EmbeddingsConfig(policy="decisions", decisions="d.json"))
+    assert config_differences(to_dict(worker_config(cfg)), cfg) == []
+    moved = replace(cfg, embeddings=replace(cfg.embeddings, decisions="elsewhere/d.json"))
+    assert config_differences(to_dict(worker_config(cfg)), moved) == []
+    assert config_differences(to_dict(worker_config(cfg)), replace(cfg, embeddings=EmbeddingsConfig())) == [
+        ("embeddings.policy", "decisions", "uniform")]
+
+
 def test_a_plan_is_compared_on_the_keys_it_was_made_from_only():
     # All of the checkpoint's keys were compared: a plan file was refused for another MLP, MLET
     # init, a decisions path written relative instead of absolute, or MDE knobs under uniform.

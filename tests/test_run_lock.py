@@ -201,14 +201,16 @@ def test_a_folder_of_the_user_s_own_files_is_refused_as_output_dir(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"embshard: error: output_dir: {run} holds files that are not an embshard run's (notes.txt); "
                        "a run writes its plan, checkpoints and logs there under fixed names: give it a new or empty "
-                       "folder"], (argv, err)
+                       f"folder (or, if an embshard run wrote them, create {run / '.embshard-run'} to say so)"], \
+            (argv, err)
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["notes.txt", "plan", "plan/plan.json"]
     assert (run / "plan" / "plan.json").read_text() == '{"mine": 1}'
 
 
 def test_a_run_marks_its_folder_and_takes_an_earlier_embshard_s(tmp_path) -> None:
     from embshard.cluster.run_lock import RUN_MARKER, run_lock
-    from embshard.config import JobConfig
+    from embshard.config import JobConfig, ShardingConfig
+    from embshard.errors import ConfigError
 
     # An empty folder a run wrote nothing into is left empty; one it wrote into is marked, and
     # then takes whatever a run writes.
@@ -221,14 +223,31 @@ def test_a_run_marks_its_folder_and_takes_an_earlier_embshard_s(tmp_path) -> Non
         (empty / "anything-a-later-version-writes").write_text("x")
     with run_lock(JobConfig(output_dir=str(empty))):
         pass
-    # A run folder of an embshard that did not mark its folders goes on, and is marked.
-    earlier = tmp_path / "earlier"
-    for name in ("plan", "checkpoints", "logs", "ray"):
+    # A run folder of an embshard that did not mark its folders goes on, and is marked: by its
+    # entries, or by its plan beside its log (with the folders of runs it was given to hold, as
+    # configs/pep-movielens.yaml's retrain in `mixed`).
+    earlier, older = tmp_path / "earlier", tmp_path / "older"
+    for name in ("checkpoints", "logs", "ray"):
         (earlier / name).mkdir(parents=True)
     (earlier / "summary.json").write_text("{}")
-    with run_lock(JobConfig(output_dir=str(earlier))):
+    for name in ("plan", "logs", "mixed"):
+        (older / name).mkdir(parents=True)
+    (older / "plan" / "plan.json").write_text("{}")
+    for folder in (earlier, older):
+        with run_lock(JobConfig(output_dir=str(folder))):
+            pass
+        assert (folder / RUN_MARKER).is_file()
+    # Nor are hidden entries (NFS's, an interrupted write's) or what the config itself names there.
+    for name in ("mine", "theirs"):
+        (tmp_path / name / "plans").mkdir(parents=True)
+        (tmp_path / name / ".nfs000000001").write_text("x")
+        (tmp_path / name / "plans" / "a.json").write_text("{}")
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    with run_lock(JobConfig(output_dir=str(mine), sharding=ShardingConfig(plan_file=str(mine / "plans" / "a.json")))):
         pass
-    assert (earlier / RUN_MARKER).is_file()
+    with pytest.raises(ConfigError, match=r"holds files that are not an embshard run's \(plans\)"):
+        with run_lock(JobConfig(output_dir=str(theirs))):
+            pass
 
 
 def test_a_file_where_a_run_s_folder_goes_is_said_as_such(tmp_path, capsys) -> None:
