@@ -129,19 +129,7 @@ def run_worker(
     callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras,
                            (own, progress.step) if own is not None else None, owner_check)
     steps = _train_steps(cfg, sharded, device, rank)
-    steps_per_epoch = len(train_reader)
-    if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data.path}: the train split holds fewer than data.batch_size={cfg.data.batch_size} "
-                        f"rows for a rank of {world}, so not one step would train; lower data.batch_size "
-                        f"or use fewer workers")
-    # Steps are numbered across restarts, but a restart on another world or batch size trains the
-    # rest of the data in batches of its own size: the steps left follow from where the reader
-    # stands, and the numbering keeps the difference.
-    position = train_reader.state_dict()
-    renumbered = progress.step - (position["epoch"] * steps_per_epoch + position["batches"])
-    total = steps_per_epoch * cfg.train.epochs + renumbered
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
+    total = _total_steps(cfg, progress, train_reader, world)
     for cb in callbacks:
         cb.on_train_start(total)
 
@@ -226,16 +214,7 @@ def run_worker(
     # Rates of this start's training; a start that trained nothing (a restart after the last
     # step) has none, not 0 samples/s.
     trained = progress.samples - resumed_samples
-    # A checkpoint of a best_valid run keeps its choice; a resume under `last` ignores it.
-    if cfg.train.report_at == "best_valid" and progress.best is not None:
-        selected_step = progress.best["step"]
-        result = EvalResult(**progress.best["valid"])
-        tested = EvalResult(**progress.best["test"]) if progress.best["test"] else None
-    else:
-        selected_step = progress.step
-        # The test split is read once, after training and outside the timed part: what a sweep
-        # ranks plans by must be data that no choice (epochs, evaluation) was made on.
-        tested = test() if cfg.train.test and not stopped else None
+    selected_step, result, tested = _reported(cfg, progress, result, test if cfg.train.test and not stopped else None)
 
     summary = {
         "steps": progress.step,
@@ -260,14 +239,47 @@ def run_worker(
     if rank == 0:
         write_summary(output_dir, summary)
     if metrics is not None:
-        time.sleep(cfg.metrics.linger_seconds)
-        metrics.stop_server()
-        if rank == 0 and cfg.metrics.file_sd and read_file_sd_targets(cfg.metrics.file_sd) == metrics.listed:
-            # A finished run is no target: listed, its closed ports read as down (an alert) for
-            # good, and a later listener on a reused port would be scraped as this job. Only its
-            # own list: another run's, written there since, stays.
-            Path(cfg.metrics.file_sd).unlink(missing_ok=True)
+        _stop_metrics(cfg, metrics, rank)
     return summary
+
+
+def _total_steps(cfg: JobConfig, progress: Progress, train_reader: ParquetBatchReader, world: int) -> int:
+    """The step number the run ends at."""
+    steps_per_epoch = len(train_reader)
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.data.path}: the train split holds fewer than data.batch_size={cfg.data.batch_size} "
+                        f"rows for a rank of {world}, so not one step would train; lower data.batch_size "
+                        f"or use fewer workers")
+    # Steps are numbered across restarts, but a restart on another world or batch size trains the
+    # rest of the data in batches of its own size: the steps left follow from where the reader
+    # stands, and the numbering keeps the difference.
+    position = train_reader.state_dict()
+    renumbered = progress.step - (position["epoch"] * steps_per_epoch + position["batches"])
+    total = steps_per_epoch * cfg.train.epochs + renumbered
+    return total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
+
+
+def _reported(cfg: JobConfig, progress: Progress, last: EvalResult | None,
+              test: Callable[[], EvalResult] | None) -> tuple[int, EvalResult | None, EvalResult | None]:
+    """The step the run reports, its validation and its test (`test`: reads the test split, None
+    when the run has none to read)."""
+    # A checkpoint of a best_valid run keeps its choice; a resume under `last` ignores it.
+    if cfg.train.report_at == "best_valid" and progress.best is not None:
+        tested = EvalResult(**progress.best["test"]) if progress.best["test"] else None
+        return progress.best["step"], EvalResult(**progress.best["valid"]), tested
+    # The test split is read once, after training and outside the timed part: what a sweep ranks
+    # plans by must be data that no choice (epochs, evaluation) was made on.
+    return progress.step, last, test() if test is not None else None
+
+
+def _stop_metrics(cfg: JobConfig, metrics: WorkerMetrics, rank: int) -> None:
+    time.sleep(cfg.metrics.linger_seconds)  # for a last scrape
+    metrics.stop_server()
+    if rank == 0 and cfg.metrics.file_sd and read_file_sd_targets(cfg.metrics.file_sd) == metrics.listed:
+        # A finished run is no target: listed, its closed ports read as down (an alert) for
+        # good, and a later listener on a reused port would be scraped as this job. Only its
+        # own list: another run's, written there since, stays.
+        Path(cfg.metrics.file_sd).unlink(missing_ok=True)
 
 
 SUMMARY_FILE = "summary.json"
