@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from embshard.cluster.run_lease import check_leases, describe_holder, held_leases, record_of, run_lease
-from embshard.config import PATH_FIELDS, JobConfig
+from embshard.config import JobConfig, path_values
 from embshard.datasets.storage import RemotePath, location, nearest_existing
 from embshard.errors import ConfigError, EmbshardError, EnvironmentProblem
-from embshard.typed_config import flatten, to_dict
 
 LOCK_FILE = ".embshard-run.lock"
 RUN_MARKER = ".embshard-run"
@@ -151,8 +150,8 @@ def _not_a_runs(cfg: JobConfig, folder: Path) -> list[str]:
     if (folder / "plan" / "plan.json").is_file() and ({"logs", "summary.json"} & names):
         return []
     inputs = set()
-    for key, value in flatten(to_dict(cfg)).items():
-        path = location(value) if key in PATH_FIELDS and isinstance(value, str) and value else None
+    for value in path_values(cfg):
+        path = location(value)
         if isinstance(path, Path) and path.resolve().is_relative_to(folder) and path.resolve() != folder:
             inputs.add(path.resolve().relative_to(folder).parts[0])
     return sorted(n for n in names if not n.startswith(".") and n not in _UNMARKED_RUN_ENTRIES and n not in inputs)

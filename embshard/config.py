@@ -630,16 +630,26 @@ def with_paths_resolved(cfg: JobConfig) -> JobConfig:
     return _with_paths(cfg, lambda value: str(location(value).resolve()))
 
 
+def path_values(cfg: JobConfig) -> list[str]:
+    """The paths cfg names (its PATH_FIELDS that are set), as written."""
+    return [value for dotted in PATH_FIELDS if (value := _path_value(cfg, dotted))]
+
+
 def _with_paths(cfg: JobConfig, change: Callable[[str], str]) -> JobConfig:
     for dotted in PATH_FIELDS:
-        section, _, name = dotted.rpartition(".")
-        holder = getattr(cfg, section) if section else cfg
-        value = getattr(holder, name) if holder is not None else None
-        if not isinstance(value, str) or not value:
-            continue
-        changed = {name: change(value)}
-        cfg = replace(cfg, **({section: replace(holder, **changed)} if section else changed))
+        value = _path_value(cfg, dotted)
+        if value:
+            section, _, name = dotted.rpartition(".")
+            changed = {name: change(value)}
+            cfg = replace(cfg, **({section: replace(getattr(cfg, section), **changed)} if section else changed))
     return cfg
+
+
+def _path_value(cfg: JobConfig, dotted: str) -> str | None:
+    section, _, name = dotted.rpartition(".")
+    holder = getattr(cfg, section) if section else cfg
+    value = getattr(holder, name) if holder is not None else None
+    return value if isinstance(value, str) and value else None
 
 
 def current_schema(saved: dict[str, Any]) -> dict[str, Any]:

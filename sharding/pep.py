@@ -162,12 +162,14 @@ class PepEmbeddings(EmbeddingModule):
         self.ebc = EmbeddingBagCollection(tables=configs(EmbeddingBagConfig, pooled), device=device) if pooled else None
         self.ec = EmbeddingCollection(tables=configs(EmbeddingConfig, unpooled), device=device) if unpooled else None
         dense_device = device if device is not None and device.type != "meta" else None
-        shape = _DENSE_SHAPES[granularity](len(plan.tables), self.base_dim) if granularity in _DENSE_SHAPES else None
+        n, d = len(plan.tables), self.base_dim
+        shape = {"global": (1,), "dimension": (d,), "field": (n, 1), "field_dimension": (n, d)}.get(granularity)
         self.threshold = nn.Parameter(torch.full(shape, float(s_init), device=dense_device)) if shape else None
-        # Per table, its row of a per-table granularity's thresholds, looked up for each row's table.
-        self.per_table = granularity in ("field", "field_dimension")
+        # A per-table granularity's thresholds have a row a table, looked up for each row's table.
+        self.per_table = shape is not None and len(shape) == 2
         self.table_index = {t.name: i for i, t in enumerate(plan.tables)}
         self.feature_table = {f: self.table_index[t.name] for t in plan.tables for f in t.features}
+        self._feature_tables: dict[tuple[torch.device, tuple[str, ...]], torch.Tensor] = {}
 
     @property
     def collections(self) -> list[nn.Module]:
@@ -185,7 +187,7 @@ class PepEmbeddings(EmbeddingModule):
         parts: list[torch.Tensor] = []  # [batch, features, d] each
         if rows is not None:
             keys += rows.keys()
-            tables = self._tables_of(rows.keys(), [1] * len(rows.keys()))
+            tables = self._tables_of(rows.keys())
             parts.append(self.prune(rows.values().reshape(batch, -1, self.width), tables=tables))
         if jagged is not None:
             by_feature = [jagged[f] for f in self.unpooled_features]
@@ -201,17 +203,21 @@ class PepEmbeddings(EmbeddingModule):
         values = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).reshape(batch, -1)
         return KeyedTensor(keys=keys, length_per_key=[d] * len(keys), values=values)
 
-    def _tables_of(self, features: list[str], rows: list[int]) -> torch.Tensor | int:
-        """Per row, the `table_index` of its feature's table, `rows[i]` rows of `features[i]` in
-        turn (by the outputs' own keys: a sharded collection's order is TorchRec's); 0 where one
-        threshold serves every table."""
+    def _tables_of(self, features: list[str], rows: list[int] | None = None) -> torch.Tensor | int:
+        """Per row, the `table_index` of its feature's table: one row a feature, or `rows[i]` rows
+        of `features[i]` in turn (by the outputs' own keys: a sharded collection's order is
+        TorchRec's); 0 where one threshold serves every table."""
         if not self.per_table:
             return 0
         assert self.threshold is not None
-        device = self.threshold.device
-        index = torch.tensor([self.feature_table[f] for f in features], device=device)
+        key = (self.threshold.device, tuple(features))
+        if key not in self._feature_tables:  # the same keys every step: made once
+            self._feature_tables[key] = torch.tensor([self.feature_table[f] for f in features], device=key[0])
+        index = self._feature_tables[key]
+        if rows is None:
+            return index
         # output_size: the counts are known here, so a GPU need not be waited on for them.
-        return torch.repeat_interleave(index, torch.tensor(rows, device=device), output_size=sum(rows))
+        return torch.repeat_interleave(index, torch.tensor(rows, device=key[0]), output_size=sum(rows))
 
     def prune(self, rows: torch.Tensor, col_offset: int = 0, tables: torch.Tensor | int = 0) -> torch.Tensor:
         """V_hat of stored rows [..., width] (their V columns only). `col_offset`: where a column
@@ -255,15 +261,6 @@ class PepEmbeddings(EmbeddingModule):
             v_cols = range(cols.start, min(cols.stop, d))
             t[:, : len(v_cols)] = initial_values(seed, shard.table, n, d, rows, v_cols)
             t[:, len(v_cols) :] = self.s_init
-
-
-# The dense thresholds' shapes by granularity, from (tables, base dim).
-_DENSE_SHAPES = {
-    "global": lambda tables, d: (1,),
-    "dimension": lambda tables, d: (d,),
-    "field": lambda tables, d: (tables, 1),
-    "field_dimension": lambda tables, d: (tables, d),
-}
 
 
 @torch.fx.wrap
