@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, init_single_process_group, train_here
 
-from embshard.cluster.sweep_plan import base_params, uniform_width
+from embshard.cluster.sweep_methods import base_params, uniform_width
 from embshard.config import JobConfig, load_job_config
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec

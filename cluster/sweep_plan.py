@@ -1,18 +1,7 @@
-"""What `embshard sweep` runs: methods x budgets x seeds as trials, and each trial's job configs.
+"""What `embshard sweep` runs: methods x budgets x seeds as trials, and the knobs they read.
 
-A **budget** b is a fraction of the serving parameters of the uniform model at the config's
-`embeddings.dim` (the base model), in (0, 1]. Each method meets it with its own knob:
-
-    uniform   tables of width w(b) = b x embeddings.dim, rounded by embeddings.rounding
-    mde       embeddings.mde (mode, alpha, blocks) with budget_params = b x the base model's
-    mlet      uniform tables of width w(b), trained factorised at k = embeddings.mlet's ratio or
-              width (default 4 w(b)) and served collapsed at w(b)
-    pep       one prune run per seed at the base dim with targets = the budgets, then the paper's
-              lottery-ticket retrain of every target reached; its size is the mask's non-zeros
-    autodim   a search over autodim.candidates scaled so the largest is w(b), then a retrain on
-              its decisions
-    X+mlet    the plan of X (mde, PEP's decisions file, AutoDim's decisions file) trained with
-              MLET at the ratio above
+How each method meets a budget (a fraction of the base model's serving parameters) and which
+runs a trial of it makes: `cluster/sweep_methods.py`.
 
 A trial is one method at one budget and seed; a PEP trial holds every budget of its seed (one
 prune run gives every target). `--vary KEY=V1,V2` adds an axis. A method's **knob** (a key of its own
@@ -28,45 +17,26 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from embshard.config import (
-    SWEEP_METHODS,
-    AutodimConfig,
-    EmbeddingsConfig,
-    JobConfig,
-    MletConfig,
-    PepConfig,
-    budget_name,
-    check_budgets,
-    check_methods,
-)
-from embshard.datasets.schema import DatasetSpec
+from embshard.cluster.sweep_methods import MLET_KNOBS, SWEEP_BASES, KnobSection, SweepMethod, mlet_config
+from embshard.config import SWEEP_METHODS, JobConfig, budget_name, check_budgets, check_methods
 from embshard.errors import ConfigError
-from embshard.planner.policies.uniform import uniform_plan
-from embshard.planner.rounding import round_width
 from embshard.typed_config import flatten, from_dict, parse_yaml, parse_yaml_value, set_dotted, to_dict, under
 
-DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
-FP32_BYTES = 4
-
-# Where each method's own knobs live in the job config. A sweep reads each only for trials of its
-# method; the fields each trial sets itself (a budget, a target, an output path) or that do not
-# change what trains are not knobs.
-KNOB_SECTIONS = {"mde": "embeddings.mde", "mlet": "embeddings.mlet", "pep": "pep", "autodim": "autodim"}
-NOT_KNOBS = {"mde": {"budget_params", "budget_bytes"}, "pep": {"targets", "out", "retrain_target", "retrain_from"},
-             "autodim": {"decisions", "history_every"}, "mlet": {"exact_resume"}}
+# Every section of knobs a sweep method reads: each base method's own, and MLET's.
+KNOB_SECTIONS: tuple[KnobSection, ...] = (*(m.knobs for m in SWEEP_BASES.values() if m.knobs), MLET_KNOBS)
+KNOB_PATHS = frozenset(s.path for s in KNOB_SECTIONS)
 
 # Job config keys a sweep's results do not depend on: where things go, how progress is shown, how
 # a run survives failures. Merged sweeps that differ in any other key did not train alike, except
-# in a method's own knobs (KNOB_SECTIONS), which only that method's points are compared on.
+# in a method's own knobs (KNOB_PATHS), which only that method's points are compared on.
 NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "data.validate", "sharding.plan_file",
                          "train.log_every", "train.progress", "metrics", "cluster.address", "cluster.max_failures",
                          "cluster.storage", "checkpoint", "sweep"})
-# What each trial's configs set themselves (run_config, planned_run, ...): not a setting to vary.
+# What each trial's configs set themselves (sweep_methods.run_config, each method's first_run): not a setting to vary.
 PER_TRIAL = frozenset({"seed", "embeddings.policy", "embeddings.method", "embeddings.decisions", "train.test"})
 # What the sweep sizes its Ray cluster and --parallel by: the config's, one for every trial.
 SWEEP_WIDE = frozenset({"cluster.workers", "cluster.cpus_per_worker"})
@@ -113,12 +83,19 @@ class Trial:
         return cls(data["method"], data["seed"], data.get("budget"), tuple((k, v) for k, v in data.get("knobs", [])))
 
     @property
-    def base_method(self) -> str:
-        return self.method.removesuffix("+mlet")
+    def sweep_method(self) -> SweepMethod:
+        """The base method that trains it: `mde` for mde+mlet, uniform for mlet."""
+        return SWEEP_BASES["uniform" if self.method == "mlet" else self.method.removesuffix("+mlet")]
 
     @property
     def with_mlet(self) -> bool:
         return self.method.endswith("+mlet") or self.method == "mlet"
+
+    @property
+    def knob_sections(self) -> list[KnobSection]:
+        """The knobs its method reads: its base method's own, and MLET's for X+mlet."""
+        own = self.sweep_method.knobs
+        return ([own] if own else []) + ([MLET_KNOBS] if self.with_mlet else [])
 
 
 # More trials than a cluster gets through in months: `--seeds 1000000000` listed its trials until
@@ -140,7 +117,8 @@ class SweepSpec:
 
     def __post_init__(self) -> None:
         count = sum(math.prod(len(self.vary[k]) for k in self._varied(m)) * self.seeds
-                    * (1 if Trial(m, 0).base_method == "pep" else len(self.budgets)) for m in self.methods)
+                    * (1 if Trial(m, 0).sweep_method.every_budget_at_once else len(self.budgets))
+                    for m in self.methods)
         if count > MAX_TRIALS:
             axes = ", ".join(f"{k} {len(v)}" for k, v in self.vary.items())
             raise ConfigError(
@@ -156,7 +134,7 @@ class SweepSpec:
         for method in self.methods:
             for knobs in self._combinations(self._varied(method)):
                 for seed in range(self.first_seed, self.first_seed + self.seeds):
-                    if Trial(method, seed).base_method == "pep":
+                    if Trial(method, seed).sweep_method.every_budget_at_once:
                         out.append(Trial(method, seed, knobs=knobs))
                     else:
                         out.extend(Trial(method, seed, b, knobs) for b in self.budgets)
@@ -222,12 +200,12 @@ def _values(key: str, raw: str) -> list[Any]:
 def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], where: str) -> None:
     """Each varied key a knob of one of `methods` or a setting, with distinct values, each valid
     in `cfg` on its own (how the values combine, the trials' check). `where`: `--vary` or `sweep.vary`."""
-    keys = [*flatten(to_dict(cfg)), *KNOB_SECTIONS.values()]
+    keys = [*flatten(to_dict(cfg)), *KNOB_PATHS]
     for key, values in vary.items():
         if key == "data.path":
             raise ConfigError(f"{where} data.path: a sweep is of one dataset; sweep each dataset on its own")
         inner = [k for k in keys if k.startswith(f"{key}.")]
-        if key in KNOB_SECTIONS.values() or inner:
+        if key in KNOB_PATHS or inner:
             example = next((k for k in inner if _variable(k)), None)
             raise ConfigError(f"{where} {key}: a section; vary its keys one by one"
                               + (f" (e.g. {example})" if example else ", of which a sweep varies none"))
@@ -261,7 +239,7 @@ def with_knobs(cfg: JobConfig, knobs: Knobs, where: str = "--vary") -> JobConfig
     """`cfg` with a trial's --vary values set, checked as a config is (the error names the key)."""
     if not knobs:
         return cfg
-    if any(reads_knob("mlet", key) for key, _ in knobs):  # varied from the sweep's MLET default, not from nothing
+    if any(MLET_KNOBS.reads(key) for key, _ in knobs):  # varied from the sweep's MLET default, not from nothing
         cfg = replace(cfg, embeddings=replace(cfg.embeddings, mlet=mlet_config(cfg)))
     data = to_dict(cfg)
     for key, value in knobs:
@@ -274,9 +252,9 @@ def with_knobs(cfg: JobConfig, knobs: Knobs, where: str = "--vary") -> JobConfig
 
 def knob_name(key: str) -> str:
     """A knob's job config key as the points record it: `embeddings.mde.alpha` -> `mde.alpha`."""
-    for name, section in KNOB_SECTIONS.items():
-        if key.startswith(f"{section}."):
-            return f"{name}.{key.removeprefix(f'{section}.')}"
+    for section in KNOB_SECTIONS:
+        if key.startswith(f"{section.path}."):
+            return f"{section.name}.{key.removeprefix(f'{section.path}.')}"
     return key
 
 
@@ -294,16 +272,9 @@ def config_difference(mine: dict[str, Any], theirs: dict[str, Any],
                  if a.get(k, UNSET) != b.get(k, UNSET)), None)
 
 
-def knob_sections(method: str) -> list[str]:
-    """The KNOB_SECTIONS a sweep method's trials read: its own, and MLET's for X+mlet."""
-    trial = Trial(method, 0)
-    own = [trial.base_method] if trial.base_method in ("mde", "pep", "autodim") else []
-    return own + (["mlet"] if trial.with_mlet else [])
-
-
 def is_setting(key: str) -> bool:
     """Whether a varied key is a setting (every method reads it) rather than a method's knob."""
-    return not under(key, KNOB_SECTIONS.values())
+    return not under(key, KNOB_PATHS)
 
 
 def setting_label(settings: Knobs) -> str:
@@ -313,116 +284,12 @@ def setting_label(settings: Knobs) -> str:
 
 def reads_knob(method: str, key: str) -> bool:
     """Whether `method`'s trials read the job config key `key` as one of their knobs."""
-    return any(key.startswith(f"{KNOB_SECTIONS[name]}.")
-               and key.removeprefix(f"{KNOB_SECTIONS[name]}.").split(".")[0] not in NOT_KNOBS[name]
-               for name in knob_sections(method))
-
-
-def uniform_width(emb: EmbeddingsConfig, budget: float) -> int:
-    """The uniform width at `budget`: on the rounding grid, within [min_dim, dim]."""
-    return round_width(budget * emb.dim, emb.rounding, emb.min_dim, emb.dim).value
-
-
-def base_params(cfg: JobConfig, spec: DatasetSpec) -> int:
-    """Serving parameters of the uniform base model: what budgets are fractions of."""
-    return uniform_plan(replace(cfg.embeddings, policy="uniform", mlet=None), spec).serve_params()
-
-
-def mlet_config(cfg: JobConfig) -> MletConfig:
-    return cfg.embeddings.mlet or MletConfig(ratio=DEFAULT_MLET_RATIO)
+    return any(section.reads(key) for section in Trial(method, 0).knob_sections)
 
 
 def method_knobs(cfg: JobConfig, method: str) -> dict[str, Any]:
     """The knobs a sweep method's trials read from `cfg` and other methods' do not, at the values
     they train with (defaults filled in), as dotted keys under KNOB_SECTIONS' names (`mlet.ratio`):
     what two sweeps of one method must share for their points to be one curve."""
-    sections = {"mde": lambda: cfg.embeddings.mde, "pep": lambda: cfg.pep or PepConfig(),
-                "autodim": lambda: cfg.autodim or AutodimConfig(), "mlet": lambda: mlet_config(cfg)}
-    return {f"{name}.{key}": value for name in knob_sections(method)
-            for key, value in flatten(to_dict(sections[name]())).items() if key not in NOT_KNOBS[name]}
-
-
-def run_config(base: JobConfig, trial: Trial, run_dir: Path, name: str) -> JobConfig:
-    """`base` as one run of a trial: its own output folder, seed and plan (a config's plan file
-    is one method's at one budget), the test split evaluated, no progress bar (trials run side
-    by side)."""
-    out = run_dir / name
-    return replace(base, seed=trial.seed, name=f"sweep-{trial.key}-{name}", output_dir=str(out),
-                   sharding=replace(base.sharding, plan_file=None),
-                   train=replace(base.train, test=True, progress=False),
-                   checkpoint=replace(base.checkpoint, dir=None, resume=None),
-                   # Runs side by side must not share one file-SD file.
-                   metrics=replace(base.metrics, file_sd=str(out / "file_sd.json") if base.metrics.file_sd else None))
-
-
-def planned_run(base: JobConfig, spec: DatasetSpec, trial: Trial, run_dir: Path) -> JobConfig:
-    """uniform, mde, mlet and mde+mlet: one run on a plan the policy makes at the budget."""
-    assert trial.budget is not None
-    emb = replace(base.embeddings, method=None, decisions=None, mlet=None)
-    if trial.base_method == "mde":
-        budget = round(trial.budget * base_params(base, spec))
-        emb = replace(emb, policy="mde", mde=replace(emb.mde, budget_params=budget, budget_bytes=None))
-    else:
-        emb = replace(emb, policy="uniform", dim=uniform_width(emb, trial.budget))
-    if trial.with_mlet:
-        emb = replace(emb, mlet=mlet_config(base))
-    return replace(run_config(base, trial, run_dir, "train"), embeddings=emb)
-
-
-def first_run(base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
-              run_dir: Path) -> tuple[JobConfig, str | None]:
-    """A trial's first run, and the method it is trained as (None: the one its config names):
-    PEP's prune run, AutoDim's search, else the one run on the method's plan."""
-    if trial.base_method == "pep":
-        return prune_run(base, budgets, trial, run_dir), "pep"
-    if trial.base_method == "autodim":
-        return autodim_search(base, trial, run_dir), "autodim"
-    return planned_run(base, spec, trial, run_dir), None
-
-
-def prune_run(base: JobConfig, budgets: list[float], trial: Trial, run_dir: Path) -> JobConfig:
-    """PEP's prune run: base-dim tables, a target at every budget below 1 (the base model itself
-    needs no pruning)."""
-    targets = sorted((b for b in budgets if b < 1), reverse=True)
-    if not targets:
-        raise ConfigError("--budgets: PEP prunes to budgets below 1; this sweep has none")
-    pep = replace(base.pep or PepConfig(), targets=targets, out=None, retrain_target=None, retrain_from=None)
-    cfg = run_config(base, trial, run_dir, "prune")
-    return replace(cfg, embeddings=replace(base.embeddings, policy="uniform", method=None, decisions=None, mlet=None),
-                   pep=pep)
-
-
-def pep_retrain(prune: JobConfig, base: JobConfig, trial: Trial, target: float, run_dir: Path) -> JobConfig:
-    """pep: the lottery ticket of `target`; pep+mlet: its decisions file as a mixed-width MLET plan."""
-    cfg = run_config(base, trial, run_dir, f"retrain-{target:g}")
-    decisions = prune.pep_dir.resolve() / f"target-{target:g}" / "decisions.json"
-    if trial.with_mlet:
-        emb = replace(base.embeddings, policy="decisions", method=None, decisions=str(decisions),
-                      mlet=mlet_config(base))
-        return replace(cfg, embeddings=emb, pep=None)
-    assert prune.pep is not None
-    pep = replace(prune.pep, out=None, retrain_target=target, retrain_from=str(prune.pep_dir.resolve()))
-    return replace(cfg, embeddings=prune.embeddings, pep=pep)
-
-
-def autodim_search(base: JobConfig, trial: Trial, run_dir: Path) -> JobConfig:
-    """AutoDim's search at the budget: the candidates scaled so the largest is the uniform width."""
-    assert trial.budget is not None
-    search = base.autodim or AutodimConfig()
-    width = uniform_width(base.embeddings, trial.budget)
-    scaled = sorted({max(1, round(c * width / search.max_dim)) for c in search.candidates} | {width})
-    if len(scaled) < 2:
-        raise ConfigError(f"--budgets: at {trial.budget:g} AutoDim's candidates {search.candidates} scale to "
-                          f"{scaled}, one width: nothing to search")
-    cfg = run_config(base, trial, run_dir, "search")
-    decisions = (Path(cfg.output_dir) / "decisions.json").resolve()
-    return replace(cfg, embeddings=replace(base.embeddings, policy="uniform", method=None, decisions=None,
-                                           mlet=None, dim=width),
-                   autodim=replace(search, candidates=scaled, decisions=str(decisions)))
-
-
-def autodim_retrain(search: JobConfig, base: JobConfig, trial: Trial, run_dir: Path) -> JobConfig:
-    assert search.autodim is not None and search.autodim.decisions is not None
-    emb = replace(search.embeddings, policy="decisions", decisions=search.autodim.decisions,
-                  mlet=mlet_config(base) if trial.with_mlet else None)
-    return replace(run_config(base, trial, run_dir, "retrain"), embeddings=emb, autodim=None)
+    return {f"{section.name}.{key}": value for section in Trial(method, 0).knob_sections
+            for key, value in flatten(to_dict(section.of(cfg))).items() if key not in section.not_knobs}

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from embshard.cluster.sweep_plan import (
-    KNOB_SECTIONS,
+    KNOB_PATHS,
     NOT_RESULTS,
     Knobs,
     config_difference,
@@ -502,7 +502,7 @@ def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dic
     (first, config), *others = recorded.items()
     for src, other in others:
         differs = config_difference(current_schema(config), current_schema(other),
-                                    NOT_RESULTS | set(KNOB_SECTIONS.values()))
+                                    NOT_RESULTS | KNOB_PATHS)
         if differs:
             key, mine, theirs = differs
             raise DataError(f"{src}: {key} is {theirs!r}, {first} has {mine!r}: the sweeps did not train alike")

@@ -34,6 +34,7 @@ from embshard.trainer.build import build_sharded
 from embshard.trainer.callbacks import StepInfo
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.pep import (
+    LotteryTicket,
     MaskKeeper,
     PepPrune,
     nonzero_counts,
@@ -512,3 +513,43 @@ def test_row_thresholds_with_a_decay_are_refused_on_cpu(granularity):
     PepPrune().check_config(cfg("cpu", decay=0.0))
     PepPrune().check_config(cfg("cuda"))
     PepPrune().check_config(cfg("cpu", granularity="dimension"))
+
+
+def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
+    """The sweep's PEP recipe, its runs trained on one rank in this process: a prune run, then
+    for each target reached the lottery ticket (sized by its mask) or, for pep+mlet, the target's
+    decisions as an MLET plan; a target never reached and budget 1 are points with their reason."""
+    from embshard.cluster.sweep_methods import base_params
+    from embshard.cluster.sweep_plan import Trial
+    from embshard.config import CheckpointConfig, ClusterConfig
+    from embshard.trainer.loop import run_worker
+
+    base = replace(small_prune_run(tmp_path, PepConfig(count_every=2, s_init=-4.0)),
+                   cluster=ClusterConfig(workers=1), checkpoint=CheckpointConfig())
+    trained = []
+
+    def train(cfg: JobConfig, method: str | None):
+        trained.append(Path(cfg.output_dir).name)
+        bundle = plan_for_training(cfg, method)
+        return bundle.dimension_plan, run_worker(cfg, method=method)
+
+    spec = DatasetSpec.load(base.data.path)
+    budgets = [1e-6, 0.99, 1.0]
+    sizes = {}
+    for method in ("pep", "pep+mlet"):
+        trial = Trial(method, seed=0)
+        points = trial.sweep_method.points(base, spec, trial, budgets, tmp_path / method, train)
+        assert [(p["budget"], "error" in p) for p in points] == [(1e-6, True), (0.99, False), (1.0, True)]
+        assert points[0]["error"].startswith("target 1e-06 not reached in 4 prune steps (kept ")
+        kept = points[1]
+        assert kept["method"] == method and kept["metric"] == "auc" and 0 <= kept["value"] <= 1
+        assert kept["serving_bytes"] == 4 * kept["serving_params"]
+        assert set(kept["widths"]) == {f.name for f in spec.sparse} and max(kept["widths"].values()) <= 8
+        sizes[method] = kept["serving_params"]
+    assert trained == ["prune", "retrain-0.99"] * 2
+    # The lottery ticket is sized by its mask's non-zeros, below 0.99 of the base model's (the
+    # target it reached); pep+mlet by its decisions' plan, a row as wide as its widest survivor.
+    prune, _ = Trial("pep", 0).sweep_method.first_run(base, spec, Trial("pep", 0), budgets, tmp_path / "pep")
+    ticket = LotteryTicket.load(prune.pep_dir, 0.99)
+    assert sizes["pep"] == ticket.nonzero
+    assert sizes["pep"] <= 0.99 * base_params(base, spec) and sizes["pep+mlet"] <= base_params(base, spec)

@@ -11,6 +11,7 @@ import pytest
 
 from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
+from embshard.cluster.sweep_methods import uniform_width
 from embshard.cluster.sweep_plan import (
     SweepSpec,
     Trial,
@@ -18,9 +19,7 @@ from embshard.cluster.sweep_plan import (
     parse_budgets,
     parse_methods,
     parse_vary,
-    planned_run,
     setting_label,
-    uniform_width,
     with_knobs,
 )
 from embshard.cluster.sweep_report import (
@@ -369,7 +368,8 @@ def test_trials_and_budget_knobs(tmp_path):
     trial = SweepSpec(["mde+mlet"], [0.5], 1).trials()[0]
     # A config's plan file is one method's at one budget: each trial plans its own (every trial
     # was refused as made for another config, and recorded as a budget its method cannot meet).
-    cfg = planned_run(JobConfig(sharding=ShardingConfig(plan_file="plan/plan.json")), data, trial, tmp_path)
+    cfg, _ = trial.sweep_method.first_run(JobConfig(sharding=ShardingConfig(plan_file="plan/plan.json")), data,
+                                          trial, [0.5], tmp_path)
     assert cfg.sharding.plan_file is None
     assert cfg.embeddings.policy == "mde" and cfg.embeddings.mde.budget_params == 150 * 16 // 2
     assert cfg.embeddings.mlet is not None and cfg.embeddings.mlet.ratio == 4
@@ -399,7 +399,8 @@ def test_vary_runs_each_method_that_reads_the_knob_at_every_value(tmp_path):
     assert Trial.from_json({"method": "mde", "seed": 0, "budget": 0.5}) == Trial("mde", 0, 0.5)  # pre-vary trial
     data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
     cfg = JobConfig()
-    alphas = [planned_run(with_knobs(cfg, t.knobs), data, t, tmp_path).embeddings.mde.alpha for t in trials[1:3]]
+    alphas = [t.sweep_method.first_run(with_knobs(cfg, t.knobs), data, t, [0.25], tmp_path)[0].embeddings.mde.alpha
+              for t in trials[1:3]]
     assert alphas == [0.3, 1.0]
     assert with_knobs(cfg, trials[4].knobs).embeddings.mlet.ratio == 8  # from the sweep's MLET default
     assert with_knobs(cfg, (("pep.s_init", -5.0),)).pep.s_init == -5.0  # an unset section is created
@@ -1081,3 +1082,17 @@ def test_a_report_with_nothing_measured_plots_without_a_warning(tmp_path):
         warnings.simplefilter("error")
         plot(rep, "nothing", tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_every_sweep_method_is_a_base_method_with_or_without_mlet():
+    """The sweep asks a trial's base method (`SweepMethod`) for its knobs, runs and points; each
+    name `--methods` takes resolves to one, and every base method comes with MLET too."""
+    from embshard.cluster.sweep_methods import SWEEP_BASES
+    from embshard.config import SWEEP_METHODS
+
+    resolved = {m: (Trial(m, 0).sweep_method.name, Trial(m, 0).with_mlet) for m in SWEEP_METHODS}
+    assert set(resolved.values()) == {(base, mlet) for base in SWEEP_BASES for mlet in (False, True)}
+    assert resolved["mlet"] == ("uniform", True) and resolved["pep+mlet"] == ("pep", True)
+    # Only PEP's one prune run covers every budget, so a PEP trial is per seed, not per budget.
+    assert [t.key for t in SweepSpec(["pep", "autodim"], [0.25, 0.5], 1).trials()] == [
+        "pep-s0", "autodim-b0.25-s0", "autodim-b0.5-s0"]

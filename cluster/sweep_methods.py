@@ -1,0 +1,283 @@
+"""How `embshard sweep` trains each method at a budget: one `SweepMethod` per base method.
+
+A budget b is a fraction of the serving parameters of the uniform model at the config's
+`embeddings.dim` (the base model), in (0, 1]. Each method meets it with its own knob:
+
+    uniform   tables of width w(b) = b x embeddings.dim, rounded by embeddings.rounding
+    mde       embeddings.mde (mode, alpha, blocks) with budget_params = b x the base model's
+    pep       one prune run per seed at the base dim with targets = the budgets, then the paper's
+              lottery-ticket retrain of every target reached; its size is the mask's non-zeros
+    autodim   a search over autodim.candidates scaled so the largest is w(b), then a retrain on
+              its decisions
+
+`X+mlet` is X's plan (PEP's and AutoDim's through their decisions files) trained with MLET at
+k = embeddings.mlet's ratio or width (default 4 w(b)) and served collapsed; `mlet` is
+uniform+mlet. MLET changes how a plan trains, not what it decides, so it is a `KnobSection` every
+method can carry (`MLET_KNOBS`), not a method.
+
+Each method says where its knobs live (`knobs`), its first run (what the driver checks before Ray
+starts, `first_run`) and the runs that give its points (`points`, in the trial). The sweep's
+other modules ask the method, never its name. Torch-free but for PEP's masks, read in the trial.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from embshard.config import AutodimConfig, EmbeddingsConfig, JobConfig, MletConfig, PepConfig
+from embshard.datasets.schema import DatasetSpec
+from embshard.errors import ConfigError, PlanError
+from embshard.planner.policies import plan_dimensions
+from embshard.planner.policies.uniform import uniform_plan
+from embshard.planner.rounding import round_width
+from embshard.planner.types import DimensionPlan
+
+if TYPE_CHECKING:
+    from embshard.cluster.sweep_plan import Trial
+
+DEFAULT_MLET_RATIO = 4.0  # k = 4 d unless the config's embeddings.mlet says otherwise
+FP32_BYTES = 4
+
+Point = dict[str, Any]
+# Trains one run (its config, and the method it is trained as; None: the one its config names):
+# -> its dimension plan and summary. The trial's, through the same driver steps as `embshard train`.
+Train = Callable[[JobConfig, str | None], tuple[DimensionPlan, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class KnobSection:
+    """Where a method's own knobs live in a job config. A sweep reads them only for trials of
+    that method; the fields each trial sets itself (a budget, a target, an output path) or that
+    do not change what trains are not knobs."""
+
+    name: str  # as points record its knobs: `mde` in `mde.alpha`
+    path: str  # its section in a job config: `embeddings.mde`
+    not_knobs: frozenset[str]
+    of: Callable[[JobConfig], Any]  # the section at the values trials train with (defaults filled in)
+
+    def reads(self, key: str) -> bool:
+        """Whether the job config key `key` is one of this section's knobs."""
+        return key.startswith(f"{self.path}.") and key.removeprefix(f"{self.path}.").split(".")[0] not in self.not_knobs
+
+
+def mlet_config(cfg: JobConfig) -> MletConfig:
+    return cfg.embeddings.mlet or MletConfig(ratio=DEFAULT_MLET_RATIO)
+
+
+MLET_KNOBS = KnobSection("mlet", "embeddings.mlet", frozenset({"exact_resume"}), mlet_config)
+
+
+class SweepMethod(ABC):
+    """One base method as a sweep trains it: its knobs, its first run and its points."""
+
+    name: ClassVar[str]
+    knobs: ClassVar[KnobSection | None] = None
+    # One trial per seed gives every budget (PEP: one prune run reaches every target).
+    every_budget_at_once: ClassVar[bool] = False
+
+    @abstractmethod
+    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
+                  run_dir: Path) -> tuple[JobConfig, str | None]:
+        """The trial's first run, and the method it is trained as (None: the one its config names)."""
+
+    @abstractmethod
+    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
+               train: Train) -> list[Point]:
+        """The trial's runs, trained by `train`, as one point per budget it covers."""
+
+
+class PlannedMethod(SweepMethod):
+    """One run on the plan a policy makes at the budget."""
+
+    @abstractmethod
+    def embeddings(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
+        """The base model's embeddings as this method's at `budget`, without MLET."""
+
+    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
+                  run_dir: Path) -> tuple[JobConfig, str | None]:
+        assert trial.budget is not None
+        emb = self.embeddings(base, spec, trial.budget)
+        emb = replace(emb, mlet=mlet_config(base) if trial.with_mlet else None)
+        return replace(run_config(base, trial, run_dir, "train"), embeddings=emb), None
+
+    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
+               train: Train) -> list[Point]:
+        cfg, _ = self.first_run(base, spec, trial, budgets, run_dir)
+        return [trained_point(trial, cfg, train)]
+
+
+class Uniform(PlannedMethod):
+    name = "uniform"
+
+    def embeddings(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
+        return replace(_plain(base), policy="uniform", dim=uniform_width(base.embeddings, budget))
+
+
+class Mde(PlannedMethod):
+    name = "mde"
+    knobs = KnobSection("mde", "embeddings.mde", frozenset({"budget_params", "budget_bytes"}),
+                        lambda cfg: cfg.embeddings.mde)
+
+    def embeddings(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
+        emb = _plain(base)
+        return replace(emb, policy="mde", mde=replace(emb.mde, budget_params=round(budget * base_params(base, spec)),
+                                                      budget_bytes=None))
+
+
+class Pep(SweepMethod):
+    """A prune run to every budget below 1, then a retrain of each target reached: the lottery
+    ticket (pep), or its decisions file as a mixed-width plan (pep+mlet)."""
+
+    name = "pep"
+    knobs = KnobSection("pep", "pep", frozenset({"targets", "out", "retrain_target", "retrain_from"}),
+                        lambda cfg: cfg.pep or PepConfig())
+    every_budget_at_once = True
+
+    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
+                  run_dir: Path) -> tuple[JobConfig, str | None]:
+        # The base model itself needs no pruning.
+        targets = sorted((b for b in budgets if b < 1), reverse=True)
+        if not targets:
+            raise ConfigError("--budgets: PEP prunes to budgets below 1; this sweep has none")
+        pep = replace(base.pep or PepConfig(), targets=targets, out=None, retrain_target=None, retrain_from=None)
+        cfg = run_config(base, trial, run_dir, "prune")
+        return replace(cfg, embeddings=_plain(base), pep=pep), "pep"
+
+    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
+               train: Train) -> list[Point]:
+        prune, method = self.first_run(base, spec, trial, budgets, run_dir)
+        _, pruned = train(prune, method)
+        reached = pruned["pep"]["reached"]
+        points = []
+        for budget in budgets:
+            if budget >= 1:
+                points.append(point(trial, budget, error="PEP prunes below the base model; budget 1 is uniform's"))
+            elif f"{budget:g}" not in reached:
+                points.append(point(trial, budget, error=f"target {budget:g} not reached in {pruned['steps']} "
+                                                         f"prune steps (kept {pruned['pep']['kept_fraction']:.3f})"))
+            else:
+                points.append(self._retrained(prune, base, spec, trial, budget, run_dir, train))
+        return points
+
+    def _retrained(self, prune: JobConfig, base: JobConfig, spec: DatasetSpec, trial: Trial, target: float,
+                   run_dir: Path, train: Train) -> Point:
+        cfg = run_config(base, trial, run_dir, f"retrain-{target:g}")
+        decisions = prune.pep_dir.resolve() / f"target-{target:g}" / "decisions.json"
+        if trial.with_mlet:
+            emb = replace(_plain(base), policy="decisions", decisions=str(decisions), mlet=mlet_config(base))
+            plan, summary = train(replace(cfg, embeddings=emb, pep=None), None)
+            return point(trial, target, summary, plan.serve_params(), plan)
+        from embshard.trainer.pep import LotteryTicket  # torch: the trial's, not the driver's
+
+        assert prune.pep is not None
+        pep = replace(prune.pep, out=None, retrain_target=target, retrain_from=str(prune.pep_dir.resolve()))
+        _, summary = train(replace(cfg, embeddings=prune.embeddings, pep=pep), None)
+        # The lottery ticket trains dense base-dim tables; what it keeps is the mask's non-zeros,
+        # and the widths are those of the target's decisions file (survivors per row).
+        ticket = LotteryTicket.load(prune.pep_dir, target)
+        return point(trial, target, summary, ticket.nonzero, _decisions_plan(prune, spec, decisions))
+
+
+class Autodim(SweepMethod):
+    """AutoDim's search at the budget (the candidates scaled so the largest is the uniform
+    width), then a retrain on its decisions."""
+
+    name = "autodim"
+    knobs = KnobSection("autodim", "autodim", frozenset({"decisions", "history_every"}),
+                        lambda cfg: cfg.autodim or AutodimConfig())
+
+    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
+                  run_dir: Path) -> tuple[JobConfig, str | None]:
+        assert trial.budget is not None
+        search = base.autodim or AutodimConfig()
+        width = uniform_width(base.embeddings, trial.budget)
+        scaled = sorted({max(1, round(c * width / search.max_dim)) for c in search.candidates} | {width})
+        if len(scaled) < 2:
+            raise ConfigError(f"--budgets: at {trial.budget:g} AutoDim's candidates {search.candidates} scale to "
+                              f"{scaled}, one width: nothing to search")
+        cfg = run_config(base, trial, run_dir, "search")
+        decisions = (Path(cfg.output_dir) / "decisions.json").resolve()
+        return replace(cfg, embeddings=replace(_plain(base), dim=width),
+                       autodim=replace(search, candidates=scaled, decisions=str(decisions))), "autodim"
+
+    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
+               train: Train) -> list[Point]:
+        search, method = self.first_run(base, spec, trial, budgets, run_dir)
+        train(search, method)
+        assert search.autodim is not None and search.autodim.decisions is not None
+        emb = replace(search.embeddings, policy="decisions", decisions=search.autodim.decisions,
+                      mlet=mlet_config(base) if trial.with_mlet else None)
+        return [trained_point(trial, replace(run_config(base, trial, run_dir, "retrain"), embeddings=emb,
+                                             autodim=None), train)]
+
+
+SWEEP_BASES: dict[str, SweepMethod] = {m.name: m for m in (Uniform(), Mde(), Pep(), Autodim())}
+
+
+def _plain(base: JobConfig) -> EmbeddingsConfig:
+    """The base model's embeddings as a uniform plan of no method: what each method starts from."""
+    return replace(base.embeddings, policy="uniform", method=None, decisions=None, mlet=None)
+
+
+def uniform_width(emb: EmbeddingsConfig, budget: float) -> int:
+    """The uniform width at `budget`: on the rounding grid, within [min_dim, dim]."""
+    return round_width(budget * emb.dim, emb.rounding, emb.min_dim, emb.dim).value
+
+
+def base_params(cfg: JobConfig, spec: DatasetSpec) -> int:
+    """Serving parameters of the uniform base model: what budgets are fractions of."""
+    return uniform_plan(replace(cfg.embeddings, policy="uniform", mlet=None), spec).serve_params()
+
+
+def run_config(base: JobConfig, trial: Trial, run_dir: Path, name: str) -> JobConfig:
+    """`base` as one run of a trial: its own output folder, seed and plan (a config's plan file
+    is one method's at one budget), the test split evaluated, no progress bar (trials run side
+    by side)."""
+    out = run_dir / name
+    return replace(base, seed=trial.seed, name=f"sweep-{trial.key}-{name}", output_dir=str(out),
+                   sharding=replace(base.sharding, plan_file=None),
+                   train=replace(base.train, test=True, progress=False),
+                   checkpoint=replace(base.checkpoint, dir=None, resume=None),
+                   # Runs side by side must not share one file-SD file.
+                   metrics=replace(base.metrics, file_sd=str(out / "file_sd.json") if base.metrics.file_sd else None))
+
+
+def trained_point(trial: Trial, cfg: JobConfig, train: Train) -> Point:
+    """The point of one run at the trial's budget; a budget the method's plan cannot meet (an MDE
+    budget below its floor) is a finding, a point with its error, not a failed trial."""
+    assert trial.budget is not None
+    try:
+        plan, summary = train(cfg, None)
+    except PlanError as e:
+        return point(trial, trial.budget, error=str(e))
+    return point(trial, trial.budget, summary, plan.serve_params(), plan)
+
+
+def _decisions_plan(prune: JobConfig, spec: DatasetSpec, decisions: Path) -> DimensionPlan:
+    emb = replace(prune.embeddings, policy="decisions", decisions=str(decisions))
+    with tempfile.TemporaryDirectory() as remaps:
+        return plan_dimensions(emb, spec, None, Path(remaps))
+
+
+def point(trial: Trial, budget: float, summary: dict[str, Any] | None = None, params: int | None = None,
+          plan: DimensionPlan | None = None, error: str | None = None) -> Point:
+    """A trial's result at one budget (the fields: `cluster/sweep_trial.py`), or why it has none."""
+    out: Point = {"method": trial.method, "budget": budget, "seed": trial.seed}
+    if error is not None:
+        return {**out, "error": error}
+    assert summary is not None and params is not None and plan is not None
+    metric = summary["test_primary"]
+    return {**out, "metric": metric, "lower_is_better": summary["test_lower_is_better"],
+            "value": summary[f"test_{metric}"], "valid_value": summary[f"valid_{metric}"],
+            "serving_params": params, "serving_bytes": params * FP32_BYTES, "widths": widths(plan),
+            "steps": summary["steps"], "selected_step": summary["selected_step"]}
+
+
+def widths(plan: DimensionPlan) -> dict[str, int]:
+    """Per sparse feature, the serving width of its table's most popular rows (its widest block)."""
+    return {f: max(b.dim for b in t.blocks) for t in plan.tables for f in t.features}
