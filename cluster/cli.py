@@ -27,7 +27,7 @@ from embshard.errors import (
     first_line,
     one_line,
 )
-from embshard.units import human_bytes
+from embshard.units import human_bytes, metrics_text
 
 if TYPE_CHECKING:
     from embshard.config import JobConfig
@@ -370,14 +370,10 @@ def validation_text(summary: dict[str, Any]) -> str:
     """"AUC 0.7612, logloss 0.4701": the arch's primary metric first (trainer.loop.eval_summary)."""
     primary = summary.get("valid_primary") or "auc"
     # eval_summary's keys that describe the evaluation rather than measure the model
-    about = ("primary", "lower_is_better", "examples", primary)
-    names = [primary, *(k.removeprefix("valid_") for k in summary
-                        if k.startswith("valid_") and k.removeprefix("valid_") not in about)]
-    return ", ".join(f"{'AUC' if n == 'auc' else n} {_fmt(summary.get(f'valid_{n}'))}" for n in names)
-
-
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    return "n/a" if v is None else format(v, spec)
+    about = ("primary", "lower_is_better", "examples")
+    measured = {k.removeprefix("valid_"): v for k, v in summary.items()
+                if k.startswith("valid_") and k.removeprefix("valid_") not in about}
+    return metrics_text({primary: None} | measured, primary)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Sizes as a person reads them, shared by the planner's memory figures and the dataset writer."""
+"""Figures as a person reads them: sizes (the planner's memory figures, the dataset writer) and
+an evaluation's metrics (progress bars, the console's summary lines)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 def human_bytes(n: float) -> str:
@@ -10,3 +13,10 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def metrics_text(metrics: Mapping[str, float | None], primary: str) -> str:
+    """"AUC 0.7612, logloss 0.4701": the primary metric first, "n/a" for one not measured."""
+    names = [primary, *(k for k in metrics if k != primary)]
+    return ", ".join(f"{'AUC' if k == 'auc' else k} {'n/a' if metrics.get(k) is None else format(metrics[k], '.4f')}"
+                     for k in names)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def inner_module(model: nn.Module, kind: type[M]) -> M | None:
+    """The first module of type `kind` inside `model`, wherever its arch put it and whatever wraps
+    it (DMP, DDP, the training loss): None if it has none."""
+    return next((m for m in model.modules() if isinstance(m, kind)), None)
 
 
 class EmbeddingModule(nn.Module):

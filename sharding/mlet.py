@@ -61,6 +61,7 @@ from torch.distributed._shard.sharded_tensor.metadata import (
 from torch.distributed.remote_device import _remote_device
 
 from embshard.planner.types import DimensionPlan
+from embshard.sharding.embedding_module import inner_module
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 
 # Bytes of one round's communication buffers per rank; bounds the collapse's working memory
@@ -123,7 +124,7 @@ def without_mlet(plan: DimensionPlan) -> DimensionPlan:
 
 def mlet_tables(model: nn.Module, state_dict: StateDict) -> list[MletTable]:
     """The MLET blocks of the (possibly DMP-wrapped) model, in plan order (same on every rank)."""
-    embeddings = next((m for m in model.modules() if isinstance(m, PlannedEmbeddingBags)), None)
+    embeddings = inner_module(model, PlannedEmbeddingBags)
     if embeddings is None:
         return []
     found = []

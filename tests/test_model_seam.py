@@ -318,7 +318,7 @@ def test_a_build_that_fails_on_any_device_fails_on_the_driver_naming_the_arch_or
     from embshard.trainer.method import EmbeddingMethod, register_method
 
     class EmbeddingsRaise(EmbeddingMethod):
-        def embeddings(self, cfg, plan, device):
+        def embeddings(self, cfg, plan, spec, device):
             raise ValueError("no module today")
 
     register_method("embeddings_raise", EmbeddingsRaise())

@@ -175,7 +175,8 @@ class BranchingBags(PlannedEmbeddingBags):
 
 
 class Branching(EmbeddingMethod):
-    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec,
+                   device: torch.device) -> EmbeddingModule:
         return BranchingBags(plan, device=device)
 
 

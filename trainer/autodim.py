@@ -98,9 +98,10 @@ class AutodimSearch(EmbeddingMethod):
         search = autodim_section(cfg)
         return search_plan(base_plan(cfg, spec), search.candidates, search.lookup)
 
-    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec,
+                   device: torch.device) -> EmbeddingModule:
         search = autodim_section(cfg)
-        base = base_plan(cfg, DatasetSpec.load(cfg.data.path))
+        base = base_plan(cfg, spec)
         return AutodimEmbeddingBags(base, search.candidates, search.lookup, search.unify, search.batchnorm,
                                     device=device)
 

@@ -69,7 +69,7 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     meta = torch.device("meta")
     try:
         with meta:
-            embeddings = embedding_method.embeddings(cfg, plan, meta)
+            embeddings = embedding_method.embeddings(cfg, plan, spec, meta)
     except EmbshardError:
         raise
     except Exception as e:
@@ -157,8 +157,8 @@ def build_unsharded(cfg: JobConfig, bundle: PlanBundle, spec: DatasetSpec, devic
     method = method or get_method(method_name(cfg))
     arch = get_arch(cfg.model)
     torch.manual_seed(cfg.seed)
-    return TrainModel(arch, build_model(arch, method.embeddings(cfg, bundle.dimension_plan, device), spec, cfg.model,
-                                        device))
+    embeddings = method.embeddings(cfg, bundle.dimension_plan, spec, device)
+    return TrainModel(arch, build_model(arch, embeddings, spec, cfg.model, device))
 
 
 def build_sharded(
@@ -174,7 +174,7 @@ def build_sharded(
     method = method or get_method(method_name(cfg))
     arch = get_arch(cfg.model)
     torch.manual_seed(cfg.seed)  # dense init is identical on every rank; DDP also syncs it
-    embeddings = method.embeddings(cfg, bundle.dimension_plan, torch.device("meta"))
+    embeddings = method.embeddings(cfg, bundle.dimension_plan, spec, torch.device("meta"))
     if arch.uniform_width and any(d != embeddings.base_dim for d in embeddings.feature_dims.values()):
         raise ConfigError(f"model.arch {arch.name!r} takes every feature at embeddings.dim, but the plan gives "
                           "features their own widths (made for another arch): plan again for this one")

@@ -14,6 +14,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.errors import DataError, TrainingDiverged
+from embshard.units import metrics_text
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,7 @@ class EvalResult:
         return self.metrics.get("logloss")
 
     def text(self) -> str:
-        """"AUC 0.7612, logloss 0.4701": the primary metric first."""
-        names = [self.primary, *(k for k in self.metrics if k != self.primary)]
-        return ", ".join(f"{'AUC' if k == 'auc' else k} {self.metrics[k]:.4f}" for k in names)
+        return metrics_text(self.metrics, self.primary)
 
 
 @torch.no_grad()

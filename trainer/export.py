@@ -71,6 +71,7 @@ from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Storag
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
+from embshard.sharding.embedding_module import inner_module
 from embshard.sharding.mlet import collapse_mlet_tables, is_mlet_w2, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, is_step_name, newest_verified
@@ -380,7 +381,7 @@ def _export_live(model: nn.Module, out_dir: StoragePath, sources: _Sources, over
     state = model.state_dict()
     state.update(collapse_mlet_tables(model, state))
     # A TrainModel's keys are its arch model's under "model."; serving holds the arch model alone.
-    wrapped = any(isinstance(m, TrainModel) for m in model.modules())
+    wrapped = inner_module(model, TrainModel) is not None
     rank = dist.get_rank() if dist.is_initialized() else 0
     full: dict[str, torch.Tensor] = {}
     # Serving is single-process: every table comes to rank 0 (a collective, in key order).
@@ -573,7 +574,7 @@ def _copy_vocabularies(sources: _Sources, out_dir: Path) -> dict[str, str]:
 
 
 def _find(model: nn.Module, kind: type[nn.Module]) -> Any:
-    found = next((m for m in model.modules() if isinstance(m, kind)), None)
+    found = inner_module(model, kind)
     if found is None:
         raise ExportError(f"export_serving: the model has no {kind.__name__}")
     return found

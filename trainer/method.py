@@ -96,7 +96,10 @@ class EmbeddingMethod:
         """The DimensionPlan this run trains: `embeddings.policy`, then MLET when configured."""
         return plan_dimensions(cfg.embeddings, spec, counts, out_dir)
 
-    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec,
+                   device: torch.device) -> EmbeddingModule:
+        """The embedding module over `plan`'s tables, for the dataset `spec` describes, on `device`
+        (meta, where DMP materialises the shards)."""
         mlet = cfg.embeddings.mlet
         kwargs = {"mlet_init_std": mlet.init_std} if mlet is not None else {}
         return PlannedEmbeddingBags(plan, device=device, **kwargs)

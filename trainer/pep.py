@@ -43,7 +43,7 @@ from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.pep import ROW_THRESHOLDS, pep_decisions, prune_plan, threshold_columns
 from embshard.planner.topology import SHARDING_TYPES
 from embshard.planner.types import DimensionPlan
-from embshard.sharding.embedding_module import EmbeddingModule
+from embshard.sharding.embedding_module import EmbeddingModule, inner_module
 from embshard.sharding.pep import LocalShard, PepEmbeddings, initial_values, local_shards
 from embshard.trainer.build import ShardedModel
 from embshard.trainer.callbacks import Callback, StepInfo
@@ -137,13 +137,13 @@ class PepPrune(EmbeddingMethod):
             raise ConfigError(f"embeddings.policy: PEP prunes dense tables, use uniform (got {cfg.embeddings.policy})")
         row_threshold_decay(cfg)  # its refusals before anything trains, not in every worker
 
-    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, device: torch.device) -> EmbeddingModule:
+    def embeddings(self, cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec,
+                   device: torch.device) -> EmbeddingModule:
         pep = _require_pep(cfg)
         state = threshold_columns(pep.granularity, plan.base_dim)
         if any(b.state_cols != state for t in plan.tables for b in t.blocks):
             raise PlanError(f"the plan is not a {pep.granularity} PEP prune plan (its rows need {state} "
                             "threshold columns): plan it with `embshard prune pep`")
-        spec = DatasetSpec.load(cfg.data.path)
         return PepEmbeddings(plan, pep.granularity, pep.s_init, multi_hot=[f.name for f in spec.sparse if f.multi_hot],
                              pooled_lookup=pep.pooled_lookup, device=device)
 
@@ -192,8 +192,10 @@ class PepPrune(EmbeddingMethod):
 
 
 def pep_module(model: nn.Module) -> PepEmbeddings:
-    """The PepEmbeddings inside `model`, wherever its arch put it."""
-    return next(m for m in model.modules() if isinstance(m, PepEmbeddings))
+    """The PepEmbeddings inside `model`: a PEP run's model has one (its method built it)."""
+    found = inner_module(model, PepEmbeddings)
+    assert found is not None, "a PEP run's model without PepEmbeddings"
+    return found
 
 
 # ----------------------------------------------------------------------------- counting and masks

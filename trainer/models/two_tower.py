@@ -27,7 +27,7 @@ from embshard.datasets.catalog import read_catalog
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, flat_ids
 from embshard.errors import ConfigError, DataError
-from embshard.sharding.embedding_module import EmbeddingModule
+from embshard.sharding.embedding_module import EmbeddingModule, inner_module
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.models.arch import ModelArch
 from embshard.trainer.models.retrieval_eval import RetrievalMetrics
@@ -177,7 +177,7 @@ def _find_towers(model: nn.Module) -> TwoTowerModel:
     # Called directly, not through DMP/DDP: evaluation needs the towers apart, and under no_grad
     # the data-parallel wrapper has nothing to do. The sharded embedding collection inside is
     # still the one DMP built, so item lookups stay sharded.
-    found = next((m for m in model.modules() if isinstance(m, TwoTowerModel)), None)
+    found = inner_module(model, TwoTowerModel)
     if found is None:
         raise ConfigError("model.arch 'two_tower': the model has no TwoTowerModel inside")
     return found

@@ -28,6 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embshard.datasets.catalog import read_catalog
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import location
+from embshard.sharding.embedding_module import inner_module
 from embshard.trainer.export import ExportError, ServingModel, load_serving, read_manifest
 from embshard.trainer.models.two_tower import FIRST_ITEM, catalog_batches
 from embshard.trainer.models.two_tower_model import TowerLayout, TwoTowerModel
@@ -64,7 +65,7 @@ class Retrieval:
 @torch.no_grad()
 def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
     serving = load_serving(directory)
-    towers = next((m for m in serving.modules() if isinstance(m, TwoTowerModel)), None)
+    towers = inner_module(serving, TwoTowerModel)
     if towers is None:
         raise ExportError(f"{directory}: not a two_tower export (its model has no towers)")
     spec = DatasetSpec.load(dataset_dir)
