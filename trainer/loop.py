@@ -97,150 +97,177 @@ def run_worker(
     (`run_lock.owner_check`): then no checkpoint is written."""
     method = get_method(method or method_name(cfg)) if not isinstance(method, EmbeddingMethod) else method
     quiet_libraries()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = worker_device(cfg, local_rank)
-    bundle = PlanBundle.load(cfg.sharding.plan_file or cfg.plan_dir, cfg.train.sparse_optimizer)
-    bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.sharding.topology(world))
-    train_reader = make_reader(cfg, bundle, "train", rank, world)
-    check_same_data(bundle.dimension_plan, train_reader.spec, cfg.data.path, "the run's plan")
-    valid_reader = make_reader(cfg, bundle, "valid", rank, world)
-    sharded = build_sharded(cfg, bundle, train_reader.spec, device, method=method)
-    output_dir = Path(cfg.output_dir)
-    restarts = record_start(output_dir)
+    return WorkerRun(cfg, method, report, local_rank, owner_check).train()
 
-    progress = Progress(world_size=world, batch_size=cfg.data.batch_size)
-    resumed_from, own = None, None
-    if cfg.checkpoint.enabled:
-        resumed_from, progress, own = _resume(cfg, sharded, train_reader, progress)
-    metrics = _start_metrics(cfg, bundle, rank, local_rank)
-    if metrics is not None and restarts:
-        metrics.inc_restarts(restarts)
 
-    epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
+class WorkerRun:
+    """One start of a run on this rank: the sharded model, its readers and callbacks, and where
+    the run stands (`progress`, resumed from its newest checkpoint). `train` runs the steps left,
+    the evaluations and the test, and returns the summary."""
 
-    watch = LossWatch(device, progress.step)
+    def __init__(self, cfg: JobConfig, method: EmbeddingMethod, report: Callable[[dict[str, Any]], None] | None,
+                 local_rank: int, owner_check: Callable[[], None] | None) -> None:
+        self.cfg = cfg
+        self.rank, self.world = rank, world = dist.get_rank(), dist.get_world_size()
+        self.device = device = worker_device(cfg, local_rank)
+        self.bundle = bundle = PlanBundle.load(cfg.sharding.plan_file or cfg.plan_dir, cfg.train.sparse_optimizer)
+        bundle.shard_plan.check_matches(bundle.dimension_plan, cfg.sharding.topology(world))
+        self.train_reader = make_reader(cfg, bundle, "train", rank, world)
+        check_same_data(bundle.dimension_plan, self.train_reader.spec, cfg.data.path, "the run's plan")
+        self.valid_reader = make_reader(cfg, bundle, "valid", rank, world)
+        self.sharded = sharded = build_sharded(cfg, bundle, self.train_reader.spec, device, method=method)
+        self.restarts = record_start(Path(cfg.output_dir))
 
-    def snapshot() -> Progress:
-        watch.check(progress.step, "a checkpoint")
+        self.progress = Progress(world_size=world, batch_size=cfg.data.batch_size)
+        self.resumed_from: StoragePath | None = None
+        own = None
+        if cfg.checkpoint.enabled:
+            self.resumed_from, self.progress, own = _resume(cfg, sharded, self.train_reader, self.progress)
+        self.metrics = metrics = _start_metrics(cfg, bundle, rank, local_rank)
+        if metrics is not None and self.restarts:
+            metrics.inc_restarts(self.restarts)
+
+        self.epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
+        self.watch = LossWatch(device, self.progress.step)
+        extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics), sharded)
+        self.callbacks = _callbacks(cfg, sharded, self.snapshot, metrics, report, rank, world, extras,
+                                    (own, self.progress.step) if own is not None else None, owner_check)
+        self.steps = _train_steps(cfg, sharded, device, rank)
+        self.total = _total_steps(cfg, self.progress, self.train_reader, world)
+        self.test_seconds = 0.0  # kept out of the throughput, like the test after the last step
+
+    def snapshot(self) -> Progress:
+        """Where the run stands, as a checkpoint saves it."""
+        self.watch.check(self.progress.step, "a checkpoint")
         # The pipeline fetches ahead: the reader position saved counts only batches trained.
-        return replace(progress, reader=train_reader.state_after(epoch_batches))
+        return replace(self.progress, reader=self.train_reader.state_after(self.epoch_batches))
 
-    extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics), sharded)
-    callbacks = _callbacks(cfg, sharded, snapshot, metrics, report, rank, world, extras,
-                           (own, progress.step) if own is not None else None, owner_check)
-    steps = _train_steps(cfg, sharded, device, rank)
-    total = _total_steps(cfg, progress, train_reader, world)
-    for cb in callbacks:
-        cb.on_train_start(total)
+    def train(self) -> dict[str, Any]:
+        cfg, progress = self.cfg, self.progress
+        for cb in self.callbacks:
+            cb.on_train_start(self.total)
+        result: EvalResult | None = None
+        stopped = False
+        resumed_samples = progress.samples  # throughput counts only what this start trained
+        started = time.perf_counter()
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            if progress.step >= self.total:
+                break
+            stopped, evaluated = self._train_epoch(epoch)
+            if evaluated is not None:
+                result = evaluated
+            if stopped:
+                break
+            if cfg.train.eval_every is None or result is None:
+                result = self.validate()
+        if result is None and not stopped:  # resumed with nothing left to train
+            result = self.validate()
+        elapsed = time.perf_counter() - started - self.test_seconds
+        test = self.test if cfg.train.test and not stopped else None
+        selected_step, result, tested = _reported(cfg, progress, result, test)
+        summary = self._summary(elapsed, progress.samples - resumed_samples, result, selected_step, tested, stopped)
+        for cb in self.callbacks:
+            cb.on_train_end(summary)
+        if self.rank == 0:
+            write_summary(Path(cfg.output_dir), summary)
+        if self.metrics is not None:
+            _stop_metrics(cfg, self.metrics, self.rank)
+        return summary
 
-    result: EvalResult | None = None
-    test_seconds = 0.0  # kept out of the throughput, like the test after the last step
-
-    def test() -> EvalResult:
-        nonlocal test_seconds
-        watch.check(progress.step, "the test")
-        tick = time.perf_counter()
-        with doing(metrics, "eval"):
-            tested = _measure(sharded, steps, make_reader(cfg, bundle, "test", rank, world), device, None)
-        test_seconds += time.perf_counter() - tick
-        return tested
-
-    def evaluated(result: EvalResult) -> EvalResult:
-        # report_at best_valid: the best evaluation so far lives in the progress, so a restarted
-        # group keeps choosing among every evaluation of the run. The test split is read only at
-        # a new best (chosen on validation alone); every rank gathered the same result, so all
-        # take the same branch, as test() needs.
-        if cfg.train.report_at == "best_valid" and (
-                progress.best is None or result.better_than(EvalResult(**progress.best["valid"]))):
-            tested = test() if cfg.train.test else None
-            progress.best = {"step": progress.step, "valid": asdict(result),
-                             "test": asdict(tested) if tested is not None else None}
-        return result
-
-    def validate() -> EvalResult:
-        watch.check(progress.step, "an evaluation")
-        with doing(metrics, "eval"):
-            result = _evaluate(cfg, sharded, steps, valid_reader, device, progress.step, callbacks)
-        return evaluated(result)
-
-    stopped = False
-    resumed_samples = progress.samples  # throughput counts only what this start trained
-    started = time.perf_counter()
-    for epoch in range(progress.epoch, cfg.train.epochs):
-        if progress.step >= total:
-            break
+    def _train_epoch(self, epoch: int) -> tuple[bool, EvalResult | None]:
+        """Epoch `epoch` from where the reader stands to its end or the run's last step; -> whether
+        a callback asked to stop, and the epoch's last evaluation (`train.eval_every`), if any."""
+        cfg, progress, reader, callbacks = self.cfg, self.progress, self.train_reader, self.callbacks
         progress.epoch = epoch
-        train_reader.set_epoch(epoch)
-        epoch_batches = train_reader.state_dict()["batches"]  # a resume skips these
-        n_steps = min(len(train_reader) - epoch_batches, total - progress.step)
+        reader.set_epoch(epoch)
+        self.epoch_batches = reader.state_dict()["batches"]  # a resume skips these
+        n_steps = min(len(reader) - self.epoch_batches, self.total - progress.step)
         # The pipeline fetches only batches this run trains: none beyond max_steps.
-        batches = iter(train_reader)
-        run = steps.run(islice(batches, n_steps))
-        waited, tick = train_reader.wait_seconds, time.perf_counter()
+        batches = iter(reader)
+        run = self.steps.run(islice(batches, n_steps))
+        result, stopped = None, False
+        waited, tick = reader.wait_seconds, time.perf_counter()
         for _ in range(n_steps):
             for cb in callbacks:
                 cb.on_step_start(progress.step)
             step = next(run)
-            wait = train_reader.wait_seconds - waited
+            wait = reader.wait_seconds - waited
             progress.step += 1
-            epoch_batches += 1
-            progress.samples += step.rows * world
-            log = progress.step % cfg.train.log_every == 0 or progress.step == total
-            watch.observe(step.loss)
+            self.epoch_batches += 1
+            progress.samples += step.rows * self.world
+            log = progress.step % cfg.train.log_every == 0 or progress.step == self.total
+            self.watch.observe(step.loss)
             loss_value = step.loss.item() if log or progress.first_loss is None else None
             if loss_value is not None:
-                watch.check(progress.step, "the loss was logged")
+                self.watch.check(progress.step, "the loss was logged")
                 progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
                 progress.last_loss = loss_value
-            now = time.perf_counter()
-            info = StepInfo(progress.step, epoch, step.rows, now - tick - wait, wait, loss_value)
+            info = StepInfo(progress.step, epoch, step.rows, time.perf_counter() - tick - wait, wait, loss_value)
             for cb in callbacks:
                 cb.on_step(info)
             stopped = any(cb.stop_requested for cb in callbacks)
             if stopped:
                 break
             if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
-                result = validate()
-            waited, tick = train_reader.wait_seconds, time.perf_counter()
+                result = self.validate()
+            waited, tick = reader.wait_seconds, time.perf_counter()
         run.close()
         batches.close()  # stops the reader's thread, whatever the pipeline fetched ahead
-        if stopped:
-            break
-        if cfg.train.eval_every is None or result is None:
-            result = validate()
-    if result is None and not stopped:  # resumed with nothing left to train
-        result = validate()
-    elapsed = time.perf_counter() - started - test_seconds
-    # Rates of this start's training; a start that trained nothing (a restart after the last
-    # step) has none, not 0 samples/s.
-    trained = progress.samples - resumed_samples
-    selected_step, result, tested = _reported(cfg, progress, result, test if cfg.train.test and not stopped else None)
+        return stopped, result
 
-    summary = {
-        "steps": progress.step,
-        "samples": progress.samples,
-        "seconds": elapsed,
-        "samples_per_s": trained / elapsed if trained and elapsed > 0 else None,
-        "first_loss": progress.first_loss,
-        "last_loss": progress.last_loss,
-        **eval_summary(result),
-        "selected_step": selected_step,
-        "data_wait_seconds": train_reader.wait_seconds,
-        # The share of this start's wall time the loop sat waiting for batches: near 0 means the
-        # reader keeps up and faster input would not speed training up.
-        "data_wait_share": train_reader.wait_seconds / elapsed if trained and elapsed > 0 else None,
-        "restarts": restarts,
-        "resumed_from": str(resumed_from) if resumed_from else None,
-        "preempted": stopped and any(cb.preempted for cb in callbacks),
-        **(eval_summary(tested, "test") if tested else {}),
-    }
-    for cb in callbacks:
-        cb.on_train_end(summary)
-    if rank == 0:
-        write_summary(output_dir, summary)
-    if metrics is not None:
-        _stop_metrics(cfg, metrics, rank)
-    return summary
+    def validate(self) -> EvalResult:
+        """The validation split's evaluation now; with `train.report_at: best_valid`, kept in the
+        progress (and the test split read) when it is the best so far."""
+        self.watch.check(self.progress.step, "an evaluation")
+        with doing(self.metrics, "eval"):
+            result = _evaluate(self.cfg, self.sharded, self.steps, self.valid_reader, self.device, self.progress.step,
+                               self.callbacks)
+        # The best evaluation so far lives in the progress, so a restarted group keeps choosing
+        # among every evaluation of the run. The test split is read only at a new best (chosen on
+        # validation alone); every rank gathered the same result, so all take the same branch,
+        # as test() needs.
+        progress = self.progress
+        if self.cfg.train.report_at == "best_valid" and (
+                progress.best is None or result.better_than(EvalResult(**progress.best["valid"]))):
+            tested = self.test() if self.cfg.train.test else None
+            progress.best = {"step": progress.step, "valid": asdict(result),
+                             "test": asdict(tested) if tested is not None else None}
+        return result
+
+    def test(self) -> EvalResult:
+        """The test split's evaluation now, its time kept out of the run's throughput."""
+        self.watch.check(self.progress.step, "the test")
+        tick = time.perf_counter()
+        with doing(self.metrics, "eval"):
+            reader = make_reader(self.cfg, self.bundle, "test", self.rank, self.world)
+            tested = _measure(self.sharded, self.steps, reader, self.device, None)
+        self.test_seconds += time.perf_counter() - tick
+        return tested
+
+    def _summary(self, elapsed: float, trained: int, result: EvalResult | None, selected_step: int,
+                 tested: EvalResult | None, stopped: bool) -> dict[str, Any]:
+        """`summary.json`. Rates are of this start's training (`trained` samples in `elapsed`
+        seconds): a start that trained nothing (a restart after the last step) has none, not 0/s."""
+        progress, reader = self.progress, self.train_reader
+        timed = bool(trained) and elapsed > 0
+        return {
+            "steps": progress.step,
+            "samples": progress.samples,
+            "seconds": elapsed,
+            "samples_per_s": trained / elapsed if timed else None,
+            "first_loss": progress.first_loss,
+            "last_loss": progress.last_loss,
+            **eval_summary(result),
+            "selected_step": selected_step,
+            "data_wait_seconds": reader.wait_seconds,
+            # The share of this start's wall time the loop sat waiting for batches: near 0 means
+            # the reader keeps up and faster input would not speed training up.
+            "data_wait_share": reader.wait_seconds / elapsed if timed else None,
+            "restarts": self.restarts,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "preempted": stopped and any(cb.preempted for cb in self.callbacks),
+            **(eval_summary(tested, "test") if tested else {}),
+        }
 
 
 def _total_steps(cfg: JobConfig, progress: Progress, train_reader: ParquetBatchReader, world: int) -> int:
