@@ -766,3 +766,23 @@ def test_an_out_no_folder_can_be_made_in_or_a_loop_of_links_is_one_line(tmp_path
         assert main(["plan", str(cfg), "--out", out]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(r"^embshard: error: .*" + said, err), err
+
+
+def test_sigterm_while_the_command_line_loads_is_said_as_an_interrupt(tmp_path):
+    # Before the command's own handler was in place (its first second), SIGTERM's default ended
+    # the process without a word. The load is held at the CLI's module until the signal comes.
+    hold = ("import sys, time\n"
+            "class Hold:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'embshard.cluster.cli':\n"
+            "            print('loading', flush=True)\n"
+            "            time.sleep(60)\n"
+            "sys.meta_path.insert(0, Hold())\n"
+            "from embshard.cluster.entry import main\n"
+            "raise SystemExit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "loading\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "embshard: interrupted"
