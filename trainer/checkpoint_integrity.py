@@ -84,6 +84,8 @@ class RankFailure:
     rank: int
     message: str
     storage: bool  # the store failed (a StorageError), not the checkpoint or the code
+    # Written by a newer embshard: whole, not damaged (NewerCheckpoint), and so on every rank.
+    newer: bool = False
 
     @staticmethod
     def of(error: BaseException, where: StoragePath) -> "RankFailure":
@@ -94,7 +96,7 @@ class RankFailure:
         if failed is not None:
             return RankFailure(_rank(), str(failed), True)
         text = error.args[0] if isinstance(error, EmbshardError) and error.args else first_line(error)
-        return RankFailure(_rank(), str(text), False)
+        return RankFailure(_rank(), str(text), False, isinstance(error, NewerCheckpoint))
 
 
 def on_every_rank(stage: Callable[[], Any], where: StoragePath) -> tuple[RankFailure, BaseException | None] | None:
@@ -145,6 +147,9 @@ def _raise_agreed(failed: tuple[RankFailure, BaseException | None] | None) -> No
     if failed is None:
         return
     failure, own = failed
+    if failure.newer:
+        # Not "damaged": a run that took it for damaged set it aside and went on from an older step.
+        raise NewerCheckpoint(failure.message) from own
     error = StorageError(failure.message) if failure.storage else \
         DamagedCheckpoint(f"rank {failure.rank}: {failure.message}")
     raise error from own
