@@ -255,3 +255,25 @@ def test_a_users_module_missing_a_dependency_is_not_said_to_be_missing_itself(tm
         import_reference("mine:build", "model.arch")
     with pytest.raises(ConfigError, match=r"^model\.arch: cannot import module 'nowhere\.mine' \(ModuleNotFound"):
         import_reference("nowhere.mine:build", "model.arch")
+
+
+def test_a_users_package_installed_among_the_libraries_is_named_where_it_failed(tmp_path, monkeypatch):
+    # Frames in an installed package are nobody's to fix, so a user's package that pip installed
+    # was never named: the line pointed nowhere. A package a config names is the user's wherever
+    # it lives. (tmp_path stands in for site-packages.)
+    from embshard.trainer import reference
+
+    package = tmp_path / "users_installed_pkg"
+    (package / "models").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "models" / "__init__.py").write_text("")
+    (package / "layers.py").write_text("def width():\n    raise ValueError('no width')\n")
+    (package / "models" / "arch.py").write_text("from users_installed_pkg.layers import width\n\n\n"
+                                                "def build():\n    return width()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(reference, "_LIBRARIES", reference._LIBRARIES | {tmp_path})
+    build = reference.import_reference("users_installed_pkg.models.arch:build", "model.arch")
+    with pytest.raises(ConfigError, match=r"^model\.arch 'x': its build raised ValueError: no width at "
+                                          rf"{re.escape(str(package))}/layers\.py:2$"):
+        with reference.users_code("model.arch 'x': its build"):
+            build()

@@ -6,6 +6,7 @@ import reference does, as long as the package is on the workers' Python path."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import re
 import sys
@@ -25,6 +26,7 @@ def import_reference(reference: str, key: str) -> Any:
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"{key}: {reference!r} is not package.module:attr")
+    _note_users_package(module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -93,20 +95,41 @@ def raised_at_in(traceback_text: str) -> str:
 
 
 def users_frame(frames: list[tuple[str, int]]) -> str:
-    """` at file:line` of the innermost of `frames` (outermost first) that is not Python's own
+    """` at file:line` of the innermost of `frames` (outermost first) that is a user's: in a
+    package a config named (`import_reference`), installed or not, or else not Python's own
     library, an installed package's or in a folder of embshard's modules as this process loaded
-    them; "" where there is none. A user's code installed as a package is not named, nor where a
-    worker's embshard lives at another path than the driver's."""
+    them; "" where there is none. Not named: where a worker's embshard lives at another path than
+    the driver's."""
     ours = _ours()
     for file, line in reversed(frames):
         path = Path(file)
-        if not file.startswith("<") and not any(path.is_relative_to(r) for r in _LIBRARIES) and path.parent not in ours:
+        named = any(path.is_relative_to(p) for p in _USERS_PACKAGES)
+        if named or (not file.startswith("<") and not any(path.is_relative_to(r) for r in _LIBRARIES)
+                     and path.parent not in ours):
             return f" at {file}:{line}"
     return ""
 
 
 # Python's own library and installed packages (torch, TorchRec, Ray): frames there are nobody's to fix.
 _LIBRARIES = {Path(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+
+
+# Where the top-level packages (or modules) of the references this process imported live: a
+# user's code even when pip installed it among the libraries.
+_USERS_PACKAGES: set[Path] = set()
+
+
+def _note_users_package(module_name: str) -> None:
+    top = module_name.split(".")[0]
+    if top == "embshard":  # a built-in named by reference is no user's code
+        return
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level name: finds it without running it
+    except (ImportError, ValueError):
+        return
+    if spec is not None:
+        _USERS_PACKAGES.update(Path(p) for p in spec.submodule_search_locations or
+                               ([spec.origin] if spec.origin and spec.has_location else []))
 
 
 def _ours() -> set[Path]:
