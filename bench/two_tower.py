@@ -47,6 +47,7 @@ from embshard.datasets.schema import SPEC_FILE, DatasetSpec
 from embshard.planner.pipeline import plan_with
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.topology import TopologySpec
+from embshard.sharding.embedding_module import inner_module
 from embshard.trainer.build import build_sharded
 from embshard.trainer.loop import make_reader, train_step
 from embshard.trainer.models.two_tower_model import TwoTowerModel
@@ -102,7 +103,8 @@ def run_one(args: argparse.Namespace, data: Path, name: str, embeddings: Embeddi
             loss = train_step(sharded, batch)
     test = ParquetBatchReader(data, "test", 4096, shuffle=False, drop_last=False, id_maps=bundle.id_maps())
     result = sharded.arch.evaluate(sharded.model, test, CPU, None)
-    towers = next(m for m in sharded.model.modules() if isinstance(m, TwoTowerModel))
+    towers = inner_module(sharded.model, TwoTowerModel)
+    assert towers is not None, "a two_tower model without its towers"
     tower_params = sum(p.numel() for t in (towers.query_tower, towers.item_tower) for p in t.parameters())
     plan = bundle.dimension_plan
     return {

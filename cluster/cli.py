@@ -373,6 +373,7 @@ def validation_text(summary: dict[str, Any]) -> str:
     about = ("primary", "lower_is_better", "examples")
     measured = {k.removeprefix("valid_"): v for k, v in summary.items()
                 if k.startswith("valid_") and k.removeprefix("valid_") not in about}
+    # The primary metric is shown, as "n/a", in a summary that did not measure it.
     return metrics_text({primary: None} | measured, primary)
 
 

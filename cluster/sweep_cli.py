@@ -266,13 +266,14 @@ def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
     """Every trial's first run built and checked against its method and arch (`planning_step`:
     what `embshard train` checks before it plans) before Ray starts: a bad combination, or an arch
     option a varied setting gives an arch without it, is one line, not a failed trial."""
+    from embshard.cluster.sweep_methods import TrialRuns
     from embshard.cluster.sweep_plan import with_knobs
     from embshard.trainer.planning import planning_step
 
     scratch = Path(cfg.output_dir) / "sweep-check"
     checked: set[tuple[str, str]] = set()
     for trial in spec.trials():
-        run, method = trial.sweep_method.first_run(with_knobs(cfg, trial.knobs), data, trial, spec.budgets, scratch)
+        run, method = TrialRuns(with_knobs(cfg, trial.knobs), data, trial, spec.budgets, scratch).first_run()
         # What planning_step checks (the method's sections, the arch's options and labels) is the
         # same at every budget and seed: once per method and --vary values.
         combination = (trial.method, json.dumps(trial.knobs))

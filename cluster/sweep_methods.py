@@ -16,8 +16,9 @@ uniform+mlet. MLET changes how a plan trains, not what it decides, so it is a `K
 method can carry (`MLET_KNOBS`), not a method.
 
 Each method says where its knobs live (`knobs`), its first run (what the driver checks before Ray
-starts, `first_run`) and the runs that give its points (`points`, in the trial). The sweep's
-other modules ask the method, never its name. Torch-free but for PEP's masks, read in the trial.
+starts, `first_run`) and the runs that give its points (`points`, in the trial), both of one
+trial's `TrialRuns`. The trials ask the method, never its name; the report compares every method
+with uniform's curve. Torch-free but for PEP's masks, read in the trial.
 """
 
 from __future__ import annotations
@@ -72,6 +73,48 @@ def mlet_config(cfg: JobConfig) -> MletConfig:
 MLET_KNOBS = KnobSection("mlet", "embeddings.mlet", frozenset({"exact_resume"}), mlet_config)
 
 
+@dataclass(frozen=True)
+class TrialRuns:
+    """One trial's runs: the sweep's config with the trial's --vary values set (`base`), the
+    dataset it describes, the sweep's budgets and the folder the trial's runs live in."""
+
+    base: JobConfig
+    spec: DatasetSpec
+    trial: Trial
+    budgets: list[float]
+    folder: Path
+
+    def first_run(self) -> tuple[JobConfig, str | None]:
+        return self.trial.sweep_method.first_run(self)
+
+    def points(self, train: Train) -> list[Point]:
+        return self.trial.sweep_method.points(self, train)
+
+    @property
+    def budget(self) -> float:
+        """The trial's budget (every method's but PEP's, whose trial covers them all)."""
+        assert self.trial.budget is not None, f"trial {self.trial.key} is of every budget"
+        return self.trial.budget
+
+    @property
+    def mlet(self) -> MletConfig | None:
+        """MLET for an X+mlet trial's plan, else None."""
+        return mlet_config(self.base) if self.trial.with_mlet else None
+
+    def run(self, name: str) -> JobConfig:
+        """`base` as the trial's run `name`: its own output folder, seed and plan (a config's plan
+        file is one method's at one budget), the test split evaluated, no progress bar (trials
+        run side by side)."""
+        base, out = self.base, self.folder / name
+        return replace(base, seed=self.trial.seed, name=f"sweep-{self.trial.key}-{name}", output_dir=str(out),
+                       sharding=replace(base.sharding, plan_file=None),
+                       train=replace(base.train, test=True, progress=False),
+                       checkpoint=replace(base.checkpoint, dir=None, resume=None),
+                       # Runs side by side must not share one file-SD file.
+                       metrics=replace(base.metrics,
+                                       file_sd=str(out / "file_sd.json") if base.metrics.file_sd else None))
+
+
 class SweepMethod(ABC):
     """One base method as a sweep trains it: its knobs, its first run and its points."""
 
@@ -81,13 +124,11 @@ class SweepMethod(ABC):
     every_budget_at_once: ClassVar[bool] = False
 
     @abstractmethod
-    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
-                  run_dir: Path) -> tuple[JobConfig, str | None]:
+    def first_run(self, runs: TrialRuns) -> tuple[JobConfig, str | None]:
         """The trial's first run, and the method it is trained as (None: the one its config names)."""
 
     @abstractmethod
-    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
-               train: Train) -> list[Point]:
+    def points(self, runs: TrialRuns, train: Train) -> list[Point]:
         """The trial's runs, trained by `train`, as one point per budget it covers."""
 
 
@@ -95,26 +136,22 @@ class PlannedMethod(SweepMethod):
     """One run on the plan a policy makes at the budget."""
 
     @abstractmethod
-    def embeddings(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
-        """The base model's embeddings as this method's at `budget`, without MLET."""
+    def embeddings_at(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
+        """The base model's embeddings config as this method's at `budget`, without MLET."""
 
-    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
-                  run_dir: Path) -> tuple[JobConfig, str | None]:
-        assert trial.budget is not None
-        emb = self.embeddings(base, spec, trial.budget)
-        emb = replace(emb, mlet=mlet_config(base) if trial.with_mlet else None)
-        return replace(run_config(base, trial, run_dir, "train"), embeddings=emb), None
+    def first_run(self, runs: TrialRuns) -> tuple[JobConfig, str | None]:
+        emb = replace(self.embeddings_at(runs.base, runs.spec, runs.budget), mlet=runs.mlet)
+        return replace(runs.run("train"), embeddings=emb), None
 
-    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
-               train: Train) -> list[Point]:
-        cfg, _ = self.first_run(base, spec, trial, budgets, run_dir)
-        return [trained_point(trial, cfg, train)]
+    def points(self, runs: TrialRuns, train: Train) -> list[Point]:
+        cfg, _ = self.first_run(runs)
+        return [trained_point(runs.trial, runs.budget, cfg, train)]
 
 
 class Uniform(PlannedMethod):
     name = "uniform"
 
-    def embeddings(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
+    def embeddings_at(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
         return replace(_plain(base), policy="uniform", dim=uniform_width(base.embeddings, budget))
 
 
@@ -123,7 +160,7 @@ class Mde(PlannedMethod):
     knobs = KnobSection("mde", "embeddings.mde", frozenset({"budget_params", "budget_bytes"}),
                         lambda cfg: cfg.embeddings.mde)
 
-    def embeddings(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
+    def embeddings_at(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
         emb = _plain(base)
         return replace(emb, policy="mde", mde=replace(emb.mde, budget_params=round(budget * base_params(base, spec)),
                                                       budget_bytes=None))
@@ -138,40 +175,37 @@ class Pep(SweepMethod):
                         lambda cfg: cfg.pep or PepConfig())
     every_budget_at_once = True
 
-    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
-                  run_dir: Path) -> tuple[JobConfig, str | None]:
+    def first_run(self, runs: TrialRuns) -> tuple[JobConfig, str | None]:
         # The base model itself needs no pruning.
-        targets = sorted((b for b in budgets if b < 1), reverse=True)
+        targets = sorted((b for b in runs.budgets if b < 1), reverse=True)
         if not targets:
             raise ConfigError("--budgets: PEP prunes to budgets below 1; this sweep has none")
-        pep = replace(base.pep or PepConfig(), targets=targets, out=None, retrain_target=None, retrain_from=None)
-        cfg = run_config(base, trial, run_dir, "prune")
-        return replace(cfg, embeddings=_plain(base), pep=pep), "pep"
+        pep = replace(runs.base.pep or PepConfig(), targets=targets, out=None, retrain_target=None,
+                      retrain_from=None)
+        return replace(runs.run("prune"), embeddings=_plain(runs.base), pep=pep), "pep"
 
-    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
-               train: Train) -> list[Point]:
-        prune, method = self.first_run(base, spec, trial, budgets, run_dir)
+    def points(self, runs: TrialRuns, train: Train) -> list[Point]:
+        prune, method = self.first_run(runs)
         _, pruned = train(prune, method)
         reached = pruned["pep"]["reached"]
         points = []
-        for budget in budgets:
+        for budget in runs.budgets:
             if budget >= 1:
-                points.append(point(trial, budget, error="PEP prunes below the base model; budget 1 is uniform's"))
+                points.append(point(runs.trial, budget, error="PEP prunes below the base model; budget 1 is uniform's"))
             elif f"{budget:g}" not in reached:
-                points.append(point(trial, budget, error=f"target {budget:g} not reached in {pruned['steps']} "
-                                                         f"prune steps (kept {pruned['pep']['kept_fraction']:.3f})"))
+                kept = pruned["pep"]["kept_fraction"]
+                points.append(point(runs.trial, budget, error=f"target {budget:g} not reached in {pruned['steps']} "
+                                                              f"prune steps (kept {kept:.3f})"))
             else:
-                points.append(self._retrained(prune, base, spec, trial, budget, run_dir, train))
+                points.append(self._retrained(runs, prune, budget, train))
         return points
 
-    def _retrained(self, prune: JobConfig, base: JobConfig, spec: DatasetSpec, trial: Trial, target: float,
-                   run_dir: Path, train: Train) -> Point:
-        cfg = run_config(base, trial, run_dir, f"retrain-{target:g}")
+    def _retrained(self, runs: TrialRuns, prune: JobConfig, target: float, train: Train) -> Point:
+        cfg = runs.run(f"retrain-{target:g}")
         decisions = prune.pep_dir.resolve() / f"target-{target:g}" / "decisions.json"
-        if trial.with_mlet:
-            emb = replace(_plain(base), policy="decisions", decisions=str(decisions), mlet=mlet_config(base))
-            plan, summary = train(replace(cfg, embeddings=emb, pep=None), None)
-            return point(trial, target, summary, plan.serve_params(), plan)
+        if runs.mlet is not None:
+            emb = replace(_plain(runs.base), policy="decisions", decisions=str(decisions), mlet=runs.mlet)
+            return trained_point(runs.trial, target, replace(cfg, embeddings=emb, pep=None), train)
         from embshard.trainer.pep import LotteryTicket  # torch: the trial's, not the driver's
 
         assert prune.pep is not None
@@ -180,7 +214,7 @@ class Pep(SweepMethod):
         # The lottery ticket trains dense base-dim tables; what it keeps is the mask's non-zeros,
         # and the widths are those of the target's decisions file (survivors per row).
         ticket = LotteryTicket.load(prune.pep_dir, target)
-        return point(trial, target, summary, ticket.nonzero, _decisions_plan(prune, spec, decisions))
+        return point(runs.trial, target, summary, ticket.nonzero, _decisions_plan(prune, runs.spec, decisions))
 
 
 class Autodim(SweepMethod):
@@ -191,29 +225,25 @@ class Autodim(SweepMethod):
     knobs = KnobSection("autodim", "autodim", frozenset({"decisions", "history_every"}),
                         lambda cfg: cfg.autodim or AutodimConfig())
 
-    def first_run(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float],
-                  run_dir: Path) -> tuple[JobConfig, str | None]:
-        assert trial.budget is not None
-        search = base.autodim or AutodimConfig()
-        width = uniform_width(base.embeddings, trial.budget)
+    def first_run(self, runs: TrialRuns) -> tuple[JobConfig, str | None]:
+        search = runs.base.autodim or AutodimConfig()
+        width = uniform_width(runs.base.embeddings, runs.budget)
         scaled = sorted({max(1, round(c * width / search.max_dim)) for c in search.candidates} | {width})
         if len(scaled) < 2:
-            raise ConfigError(f"--budgets: at {trial.budget:g} AutoDim's candidates {search.candidates} scale to "
+            raise ConfigError(f"--budgets: at {runs.budget:g} AutoDim's candidates {search.candidates} scale to "
                               f"{scaled}, one width: nothing to search")
-        cfg = run_config(base, trial, run_dir, "search")
+        cfg = runs.run("search")
         decisions = (Path(cfg.output_dir) / "decisions.json").resolve()
-        return replace(cfg, embeddings=replace(_plain(base), dim=width),
+        return replace(cfg, embeddings=replace(_plain(runs.base), dim=width),
                        autodim=replace(search, candidates=scaled, decisions=str(decisions))), "autodim"
 
-    def points(self, base: JobConfig, spec: DatasetSpec, trial: Trial, budgets: list[float], run_dir: Path,
-               train: Train) -> list[Point]:
-        search, method = self.first_run(base, spec, trial, budgets, run_dir)
+    def points(self, runs: TrialRuns, train: Train) -> list[Point]:
+        search, method = self.first_run(runs)
         train(search, method)
         assert search.autodim is not None and search.autodim.decisions is not None
-        emb = replace(search.embeddings, policy="decisions", decisions=search.autodim.decisions,
-                      mlet=mlet_config(base) if trial.with_mlet else None)
-        return [trained_point(trial, replace(run_config(base, trial, run_dir, "retrain"), embeddings=emb,
-                                             autodim=None), train)]
+        emb = replace(search.embeddings, policy="decisions", decisions=search.autodim.decisions, mlet=runs.mlet)
+        return [trained_point(runs.trial, runs.budget, replace(runs.run("retrain"), embeddings=emb, autodim=None),
+                              train)]
 
 
 SWEEP_BASES: dict[str, SweepMethod] = {m.name: m for m in (Uniform(), Mde(), Pep(), Autodim())}
@@ -234,28 +264,14 @@ def base_params(cfg: JobConfig, spec: DatasetSpec) -> int:
     return uniform_plan(replace(cfg.embeddings, policy="uniform", mlet=None), spec).serve_params()
 
 
-def run_config(base: JobConfig, trial: Trial, run_dir: Path, name: str) -> JobConfig:
-    """`base` as one run of a trial: its own output folder, seed and plan (a config's plan file
-    is one method's at one budget), the test split evaluated, no progress bar (trials run side
-    by side)."""
-    out = run_dir / name
-    return replace(base, seed=trial.seed, name=f"sweep-{trial.key}-{name}", output_dir=str(out),
-                   sharding=replace(base.sharding, plan_file=None),
-                   train=replace(base.train, test=True, progress=False),
-                   checkpoint=replace(base.checkpoint, dir=None, resume=None),
-                   # Runs side by side must not share one file-SD file.
-                   metrics=replace(base.metrics, file_sd=str(out / "file_sd.json") if base.metrics.file_sd else None))
-
-
-def trained_point(trial: Trial, cfg: JobConfig, train: Train) -> Point:
-    """The point of one run at the trial's budget; a budget the method's plan cannot meet (an MDE
-    budget below its floor) is a finding, a point with its error, not a failed trial."""
-    assert trial.budget is not None
+def trained_point(trial: Trial, budget: float, cfg: JobConfig, train: Train) -> Point:
+    """The point of one run at `budget`; a budget the method's plan cannot meet (an MDE budget
+    below its floor) is a finding, a point with its error, not a failed trial."""
     try:
         plan, summary = train(cfg, None)
     except PlanError as e:
-        return point(trial, trial.budget, error=str(e))
-    return point(trial, trial.budget, summary, plan.serve_params(), plan)
+        return point(trial, budget, error=str(e))
+    return point(trial, budget, summary, plan.serve_params(), plan)
 
 
 def _decisions_plan(prune: JobConfig, spec: DatasetSpec, decisions: Path) -> DimensionPlan:
@@ -266,7 +282,12 @@ def _decisions_plan(prune: JobConfig, spec: DatasetSpec, decisions: Path) -> Dim
 
 def point(trial: Trial, budget: float, summary: dict[str, Any] | None = None, params: int | None = None,
           plan: DimensionPlan | None = None, error: str | None = None) -> Point:
-    """A trial's result at one budget (the fields: `cluster/sweep_trial.py`), or why it has none."""
+    """A trial's result at one budget: method, budget, seed, the arch's primary test metric
+    (`metric`, `value`, and `lower_is_better`: MSE is, AUC is not) and its validation value,
+    serving parameters and bytes (fp32), per sparse feature the width the plan gave its most
+    popular rows (`widths`), the steps trained and the one reported (`selected_step`); or an
+    `error` saying why there is none (an MDE budget below its floor, a PEP target the prune run
+    never reached). The trial adds its knobs and setting (`sweep_trial.trial_points`)."""
     out: Point = {"method": trial.method, "budget": budget, "seed": trial.seed}
     if error is not None:
         return {**out, "error": error}

@@ -5,12 +5,8 @@ Every run goes through the same driver steps as `embshard train` (`plan_for_trai
 method seam plans. A trial's runs live in `<sweep>/runs/<trial key>/<run>`; a trial that Tune
 restarts after a kill re-enters those folders and resumes each run from its newest checkpoint.
 
-A point: method, budget, seed, the method's knobs (`method_knobs`), the trial's `setting` where
-the sweep varies one (`{"train.epochs": 12}`), the arch's primary test
-metric (`metric`, `value`, and `lower_is_better`: MSE is, AUC is not), serving parameters and
-bytes (fp32), and per sparse feature the width the plan gave its most popular rows (`widths`); or
-an `error` saying why there is no point (an MDE budget below its floor, a PEP target the prune run
-never reached).
+A point (`sweep_methods.point`) is tagged with the method's knobs (`method_knobs`) and, where
+the sweep varies settings, the trial's `setting` (`{"train.epochs": 12}`).
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from typing import Any
 
 from embshard.cluster.launch import plan_for_training, train_on_ray
 from embshard.cluster.run_lock import run_lock
-from embshard.cluster.sweep_methods import Point
+from embshard.cluster.sweep_methods import Point, TrialRuns
 from embshard.cluster.sweep_plan import Trial, method_knobs, with_knobs
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
@@ -49,8 +45,8 @@ def trial_points(base: JobConfig, trial: Trial, budgets: list[float], run_dir: P
     them) and, where the sweep varies settings, the trial's (which report the point is in)."""
     tags = {"knobs": method_knobs(base, trial.method)} | (
         {"setting": dict(trial.settings)} if trial.settings else {})
-    spec = DatasetSpec.load(base.data.path)
-    return [{**p, **tags} for p in trial.sweep_method.points(base, spec, trial, budgets, run_dir, _train)]
+    runs = TrialRuns(base, DatasetSpec.load(base.data.path), trial, budgets, run_dir)
+    return [{**p, **tags} for p in runs.points(_train)]
 
 
 def _train(cfg: JobConfig, method: str | None) -> tuple[DimensionPlan, dict[str, Any]]:

@@ -88,6 +88,21 @@ def test_unknown_and_clashing_names_are_config_errors():
     assert isinstance(get_method("fixed_width"), FixedWidth)
 
 
+class ThreeArgumentEmbeddings(EmbeddingMethod):
+    def embeddings(self, cfg, plan, device):  # the seam before embeddings took the dataset spec
+        return super().embeddings(cfg, plan, None, device)
+
+
+def test_a_method_written_for_the_earlier_embeddings_seam_is_refused_in_one_line():
+    # It failed in every build as "embeddings() raised TypeError: ... takes 4 positional arguments".
+    said = (r"^method '{}': ThreeArgumentEmbeddings\.embeddings\(cfg, plan, device\) cannot take the seam's "
+            r"\(cfg, plan, spec, device\): embeddings takes the dataset spec now")
+    with pytest.raises(ConfigError, match=said.format("three_arguments")):
+        register_method("three_arguments", ThreeArgumentEmbeddings())
+    with pytest.raises(ConfigError, match=said.format("test_method_seam:ThreeArgumentEmbeddings")):
+        get_method("test_method_seam:ThreeArgumentEmbeddings")
+
+
 def test_plan_file_is_the_plan_workers_train(dataset, tmp_path):
     # `sharding.plan_file` used to point workers at <output_dir>/plan/plan.json, which that path
     # never wrote: the run found no plan (or a stale one of an earlier run).

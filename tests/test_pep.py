@@ -519,7 +519,7 @@ def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
     """The sweep's PEP recipe, its runs trained on one rank in this process: a prune run, then
     for each target reached the lottery ticket (sized by its mask) or, for pep+mlet, the target's
     decisions as an MLET plan; a target never reached and budget 1 are points with their reason."""
-    from embshard.cluster.sweep_methods import base_params
+    from embshard.cluster.sweep_methods import TrialRuns, base_params
     from embshard.cluster.sweep_plan import Trial
     from embshard.config import CheckpointConfig, ClusterConfig
     from embshard.trainer.loop import run_worker
@@ -538,7 +538,7 @@ def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
     sizes = {}
     for method in ("pep", "pep+mlet"):
         trial = Trial(method, seed=0)
-        points = trial.sweep_method.points(base, spec, trial, budgets, tmp_path / method, train)
+        points = TrialRuns(base, spec, trial, budgets, tmp_path / method).points(train)
         assert [(p["budget"], "error" in p) for p in points] == [(1e-6, True), (0.99, False), (1.0, True)]
         assert points[0]["error"].startswith("target 1e-06 not reached in 4 prune steps (kept ")
         kept = points[1]
@@ -549,7 +549,7 @@ def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
     assert trained == ["prune", "retrain-0.99"] * 2
     # The lottery ticket is sized by its mask's non-zeros, below 0.99 of the base model's (the
     # target it reached); pep+mlet by its decisions' plan, a row as wide as its widest survivor.
-    prune, _ = Trial("pep", 0).sweep_method.first_run(base, spec, Trial("pep", 0), budgets, tmp_path / "pep")
+    prune, _ = TrialRuns(base, spec, Trial("pep", 0), budgets, tmp_path / "pep").first_run()
     ticket = LotteryTicket.load(prune.pep_dir, 0.99)
     assert sizes["pep"] == ticket.nonzero
     assert sizes["pep"] <= 0.99 * base_params(base, spec) and sizes["pep+mlet"] <= base_params(base, spec)

@@ -11,7 +11,7 @@ import pytest
 
 from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
-from embshard.cluster.sweep_methods import uniform_width
+from embshard.cluster.sweep_methods import TrialRuns, uniform_width
 from embshard.cluster.sweep_plan import (
     SweepSpec,
     Trial,
@@ -368,8 +368,8 @@ def test_trials_and_budget_knobs(tmp_path):
     trial = SweepSpec(["mde+mlet"], [0.5], 1).trials()[0]
     # A config's plan file is one method's at one budget: each trial plans its own (every trial
     # was refused as made for another config, and recorded as a budget its method cannot meet).
-    cfg, _ = trial.sweep_method.first_run(JobConfig(sharding=ShardingConfig(plan_file="plan/plan.json")), data,
-                                          trial, [0.5], tmp_path)
+    cfg, _ = TrialRuns(JobConfig(sharding=ShardingConfig(plan_file="plan/plan.json")), data, trial, [0.5],
+                       tmp_path).first_run()
     assert cfg.sharding.plan_file is None
     assert cfg.embeddings.policy == "mde" and cfg.embeddings.mde.budget_params == 150 * 16 // 2
     assert cfg.embeddings.mlet is not None and cfg.embeddings.mlet.ratio == 4
@@ -399,7 +399,7 @@ def test_vary_runs_each_method_that_reads_the_knob_at_every_value(tmp_path):
     assert Trial.from_json({"method": "mde", "seed": 0, "budget": 0.5}) == Trial("mde", 0, 0.5)  # pre-vary trial
     data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
     cfg = JobConfig()
-    alphas = [t.sweep_method.first_run(with_knobs(cfg, t.knobs), data, t, [0.25], tmp_path)[0].embeddings.mde.alpha
+    alphas = [TrialRuns(with_knobs(cfg, t.knobs), data, t, [0.25], tmp_path).first_run()[0].embeddings.mde.alpha
               for t in trials[1:3]]
     assert alphas == [0.3, 1.0]
     assert with_knobs(cfg, trials[4].knobs).embeddings.mlet.ratio == 8  # from the sweep's MLET default

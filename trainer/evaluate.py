@@ -46,6 +46,7 @@ class EvalResult:
         return self.metrics.get("logloss")
 
     def text(self) -> str:
+        """"AUC 0.7612, logloss 0.4701": the primary metric first."""
         return metrics_text(self.metrics, self.primary)
 
 

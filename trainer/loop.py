@@ -97,10 +97,10 @@ def run_worker(
     (`run_lock.owner_check`): then no checkpoint is written."""
     method = get_method(method or method_name(cfg)) if not isinstance(method, EmbeddingMethod) else method
     quiet_libraries()
-    return WorkerRun(cfg, method, report, local_rank, owner_check).train()
+    return _WorkerRun(cfg, method, report, local_rank, owner_check).train()
 
 
-class WorkerRun:
+class _WorkerRun:
     """One start of a run on this rank: the sharded model, its readers and callbacks, and where
     the run stands (`progress`, resumed from its newest checkpoint). `train` runs the steps left,
     the evaluations and the test, and returns the summary."""

@@ -49,7 +49,7 @@ from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import StateTransform
-from embshard.trainer.reference import colon_hint, import_reference, instance_of
+from embshard.trainer.reference import call_text, callable_as, colon_hint, import_reference, instance_of
 
 if TYPE_CHECKING:
     from embshard.trainer.build import ShardedModel
@@ -191,7 +191,7 @@ def register_method(name: str, method: EmbeddingMethod) -> None:
     """Make `method` available as `name` to `embshard` runs in this process."""
     if name in _BUILTIN:
         raise ConfigError(f"method {name!r}: a built-in method has that name")
-    _REGISTERED[name] = method
+    _REGISTERED[name] = _fits_the_seam(method, name)
 
 
 def registered_here(name: str) -> EmbeddingMethod | None:
@@ -218,6 +218,17 @@ def _imported(reference: str, name: str) -> EmbeddingMethod:
     method = instance_of(import_reference(reference, f"method {name!r}"), f"method {name!r}")
     if not isinstance(method, EmbeddingMethod):
         raise ConfigError(f"method {name!r}: {reference} is a {type(method).__name__}, not an EmbeddingMethod")
+    return _fits_the_seam(method, name)
+
+
+def _fits_the_seam(method: EmbeddingMethod, name: str) -> EmbeddingMethod:
+    """`method`, refused in one line when its `embeddings` cannot take the seam's arguments: one
+    written for the seam before `embeddings` took the dataset spec failed in every build as a
+    TypeError."""
+    if not callable_as(method.embeddings, 4):
+        raise ConfigError(f"method {name!r}: {type(method).__name__}.{call_text(method.embeddings)} cannot take "
+                          "the seam's (cfg, plan, spec, device): embeddings takes the dataset spec now (it "
+                          "took (cfg, plan, device) before); add spec before device")
     return method
 
 

@@ -192,9 +192,12 @@ class PepPrune(EmbeddingMethod):
 
 
 def pep_module(model: nn.Module) -> PepEmbeddings:
-    """The PepEmbeddings inside `model`: a PEP run's model has one (its method built it)."""
+    """The PepEmbeddings inside `model`: a PEP run's model has one (its method built it, and the
+    builder refuses an arch that drops the module it was given)."""
     found = inner_module(model, PepEmbeddings)
-    assert found is not None, "a PEP run's model without PepEmbeddings"
+    if found is None:
+        raise ConfigError("a PEP run's model holds no PepEmbeddings: its arch replaced the embedding module it "
+                          "was given")
     return found
 
 
