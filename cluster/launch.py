@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,11 @@ def _worker_entry(config: dict[str, Any]) -> None:
         fatal.record(board, problem)
         raise problem from e
     except Exception as e:
+        if lost_a_peer(e):
+            # The echo of a peer that died, held back until Ray has seen the death: Ray Train's
+            # error holds what its poll found when the first rank failed, and a death it had not
+            # seen yet was missing, so the run's line blamed this rank.
+            time.sleep(PEER_DEATH_WAIT_S)
         # A bug in a forward or a callback: with max_failures Ray restarted the group, which
         # failed the same way at the same step, again and again (forever, under -1).
         if cfg.cluster.max_failures:
@@ -425,12 +431,24 @@ class WorkerFailure:
 _COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting (?P<ms>\d+)ms for \w+ operation to complete")
 
 
+# What a rank raises when a peer it was exchanging with went away (gloo's words, then NCCL's): the
+# echo of another rank's failure, never its cause.
+_LOST_PEER = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|remote process exited")
+# Ray Train polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): two polls and the
+# time Ray takes to learn of a process's death.
+PEER_DEATH_WAIT_S = 6.0
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    return bool(_LOST_PEER.search(str(error)))
+
+
 def worker_error(e: BaseException) -> WorkerFailure:
     """What a worker really raised, out of Ray Train's wrappers (a worker-group error holding
     per-rank failures, task errors holding causes): the first EmbshardError found (its message
     names the bad input; it may itself be caused by a library error), else a worker process that
     died (the other ranks' errors are its echo: a collective lost its peer), else the lowest
-    rank's root cause."""
+    rank's root cause that is not such an echo, else the lowest rank's."""
     stack: list[tuple[int | None, BaseException, str]] = [(None, e, "")]
     seen: set[int] = set()
     roots: list[WorkerFailure] = []
@@ -452,7 +470,8 @@ def worker_error(e: BaseException) -> WorkerFailure:
         if not inner:
             roots.append(WorkerFailure(err, rank, where))
         stack.extend((rank if r is None else r, x, where) for r, x in reversed(inner))
-    return died or (roots[0] if roots else WorkerFailure(e, None))
+    cause = next((r for r in roots if not lost_a_peer(r.error)), roots[0] if roots else None)
+    return died or cause or WorkerFailure(e, None)
 
 
 def _inner_errors(err: BaseException) -> list[tuple[int | None, BaseException]]:

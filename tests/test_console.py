@@ -277,3 +277,23 @@ def test_a_users_package_installed_among_the_libraries_is_named_where_it_failed(
                                           rf"{re.escape(str(package))}/layers\.py:2$"):
         with reference.users_code("model.arch 'x': its build"):
             build()
+
+
+def test_a_rank_that_lost_its_peer_is_not_named_as_the_cause():
+    # Rank 0's collective read "Connection reset by peer" when rank 1 failed: the line named rank
+    # 0's echo, the lowest rank, over rank 1's own error.
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from embshard.cluster.launch import lost_a_peer, worker_error
+
+    echo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:42726: Connection reset by peer")
+    bug = ValueError("a bug on rank 1")
+    failures = {rank: RayTaskError("train_fn", "Traceback (most recent call last):\n", err).as_instanceof_cause()
+                for rank, err in ((0, echo), (1, bug))}
+    found = worker_error(WorkerGroupError("Training failed", failures))
+    assert found.summary() == "rank 1: ValueError: a bug on rank 1"
+    # Alone, the echo is all there is to say.
+    alone = worker_error(WorkerGroupError("Training failed", {0: failures[0]})).summary()
+    assert alone.startswith("rank 0: RuntimeError: ") and alone.endswith("Connection reset by peer")
+    assert lost_a_peer(echo) and not lost_a_peer(bug)
