@@ -13,8 +13,9 @@ from embshard.errors import EXIT_INTERRUPTED
 
 def main() -> int:
     # Until the command installs its own (`sigterm_as_ctrl_c`): SIGTERM's default ended the
-    # process without a word.
-    signal.signal(signal.SIGTERM, raise_ctrl_c)
+    # process without a word. Put back after it, so that the interpreter's exit (Ray's shutdown)
+    # is not interrupted by a traceback that exits 0.
+    previous = signal.signal(signal.SIGTERM, raise_ctrl_c)
     try:
         from embshard.cluster.cli import main as run
 
@@ -22,3 +23,5 @@ def main() -> int:
     except KeyboardInterrupt:
         print("embshard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)

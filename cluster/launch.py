@@ -190,7 +190,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
             # The echo of a peer that died, held back until Ray has seen the death: Ray Train's
             # error holds what its poll found when the first rank failed, and a death it had not
             # seen yet was missing, so the run's line blamed this rank.
-            time.sleep(PEER_DEATH_WAIT_S)
+            time.sleep(peer_death_wait_s())
         # A bug in a forward or a callback: with max_failures Ray restarted the group, which
         # failed the same way at the same step, again and again (forever, under -1).
         if cfg.cluster.max_failures:
@@ -431,16 +431,21 @@ class WorkerFailure:
 _COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting (?P<ms>\d+)ms for \w+ operation to complete")
 
 
-# What a rank raises when a peer it was exchanging with went away (gloo's words, then NCCL's): the
-# echo of another rank's failure, never its cause.
+# What a collective raises when a peer it was exchanging with went away, in gloo's words and
+# NCCL's: the echo of another rank's failure, never its cause. Only a backend's error: a data
+# source's "Connection reset by peer" is a cause of its own.
+_BACKEND = re.compile(r"gloo|NCCL")
 _LOST_PEER = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|remote process exited")
-# Ray Train polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): two polls and the
-# time Ray takes to learn of a process's death.
-PEER_DEATH_WAIT_S = 6.0
 
 
 def lost_a_peer(error: BaseException) -> bool:
-    return bool(_LOST_PEER.search(str(error)))
+    text = str(error)
+    return isinstance(error, RuntimeError) and bool(_BACKEND.search(text) and _LOST_PEER.search(text))
+
+
+def peer_death_wait_s() -> float:
+    """Two of Ray Train's worker polls and the time Ray takes to learn of a process's death."""
+    return 2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 2
 
 
 def worker_error(e: BaseException) -> WorkerFailure:

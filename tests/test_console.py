@@ -277,6 +277,12 @@ def test_a_users_package_installed_among_the_libraries_is_named_where_it_failed(
                                           rf"{re.escape(str(package))}/layers\.py:2$"):
         with reference.users_code("model.arch 'x': its build"):
             build()
+    # A reference into a library the process had loaded does not make the library the user's:
+    # `torch.nn:Linear` named torch's own frames as the place to look.
+    import torch
+
+    reference.import_reference("torch.nn:Linear", "model.arch")
+    assert not any(Path(torch.__file__).parent.is_relative_to(p) for p in reference._USERS_PACKAGES)
 
 
 def test_a_rank_that_lost_its_peer_is_not_named_as_the_cause():
@@ -297,3 +303,6 @@ def test_a_rank_that_lost_its_peer_is_not_named_as_the_cause():
     alone = worker_error(WorkerGroupError("Training failed", {0: failures[0]})).summary()
     assert alone.startswith("rank 0: RuntimeError: ") and alone.endswith("Connection reset by peer")
     assert lost_a_peer(echo) and not lost_a_peer(bug)
+    # A data source's own reset is a cause, not a collective's echo.
+    assert not lost_a_peer(ConnectionResetError(104, "Connection reset by peer"))
+    assert not lost_a_peer(RuntimeError("reading s3://bucket/part-0.parquet: Connection reset by peer"))

@@ -120,16 +120,24 @@ _USERS_PACKAGES: set[Path] = set()
 
 
 def _note_users_package(module_name: str) -> None:
-    top = module_name.split(".")[0]
-    if top == "embshard":  # a built-in named by reference is no user's code
+    top, *inner = module_name.split(".")
+    # A built-in named by reference is no user's code, nor a library the process had loaded
+    # before any config was read (torch, numpy, ray): `torch.nn:Linear` does not make torch yours.
+    if top == "embshard" or top in sys.modules:
         return
     try:
         spec = importlib.util.find_spec(top)  # a top-level name: finds it without running it
     except (ImportError, ValueError):
         return
-    if spec is not None:
-        _USERS_PACKAGES.update(Path(p) for p in spec.submodule_search_locations or
-                               ([spec.origin] if spec.origin and spec.has_location else []))
+    if spec is None:
+        return
+    if spec.submodule_search_locations is None:
+        _USERS_PACKAGES.update([Path(spec.origin)] if spec.origin and spec.has_location else [])
+        return
+    # A namespace package spans several distributions: only the one that holds the module.
+    folders = [Path(p) for p in spec.submodule_search_locations]
+    holding = [f for f in folders if inner and ((f / inner[0]).is_dir() or (f / f"{inner[0]}.py").is_file())]
+    _USERS_PACKAGES.update(holding or folders)
 
 
 def _ours() -> set[Path]:
