@@ -56,6 +56,15 @@ def nested_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapp
     return NestedLinear(embeddings, len(spec.dense), squeeze=True)
 
 
+class SigmoidLinear(NestedLinear):
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return torch.sigmoid(super().forward(dense, sparse))
+
+
+def sigmoid_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return SigmoidLinear(embeddings, len(spec.dense), squeeze=True)
+
+
 def value_reading_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     model = NestedLinear(embeddings, len(spec.dense), squeeze=True)
     model.scale = float(torch.ones(1).item())  # a value: a meta tensor has none
@@ -355,6 +364,17 @@ def test_a_builder_keeping_the_embeddings_anywhere_trains_sharded(dataset, tmp_p
     assert summary["steps"] == 4
     assert math.isfinite(summary["last_loss"]) and summary["valid_primary"] == "auc"
     assert 0.0 <= summary["valid_auc"] <= 1.0 and summary["valid_logloss"] > 0
+
+
+def test_a_builder_returning_probabilities_trains_with_a_note(dataset, tmp_path, process_group, capsys) -> None:
+    # BCE with logits on a sigmoid's output trains without an error and means little: it was silent.
+    for builder, notes in (("sigmoid_builder", 1), ("nested_builder", 0)):
+        cfg = job(dataset, tmp_path / builder, arch=f"test_model_seam:{builder}")
+        plan_for_training(cfg)
+        assert run_worker(cfg)["steps"] == 4
+        out = capsys.readouterr().out
+        said = f"note: model.arch 'test_model_seam:{builder}': every output of the first batch lies in [0, 1]"
+        assert out.count(said) == notes, out
 
 
 @pytest.mark.parametrize(("builder", "message"), [

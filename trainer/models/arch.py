@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -91,11 +92,29 @@ class BuilderArch(ModelArch):
     def __init__(self, builder: Builder, name: str) -> None:
         self.builder = builder
         self.name = name
+        self._outputs_seen = False
+
+    def loss(self, output: Any, batch: Batch) -> torch.Tensor:
+        loss = super().loss(output, batch)
+        if not self._outputs_seen:
+            self._outputs_seen = True
+            _note_probabilities(output, self.name)
+        return loss
 
     def build(self, embeddings: EmbeddingModule, spec: DatasetSpec, cfg: ModelConfig,
               device: torch.device | None) -> nn.Module:
         # DMP moves its dense layers to the device (the tables may still be on meta here).
         return self.builder(embeddings, spec, dict(cfg.options))
+
+
+def _note_probabilities(output: torch.Tensor, arch: str) -> None:
+    """A note, on rank 0, when every output of a model's first batch lies in [0, 1]: a model that
+    ends in a sigmoid trains under BCE with logits without an error, on sigmoid(p), and its
+    logloss never falls far. A logit model's first batch holds values on both sides of 0."""
+    probabilities = output.numel() >= 32 and bool(((output >= 0) & (output <= 1)).all())
+    if probabilities and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"note: model.arch {arch!r}: every output of the first batch lies in [0, 1], as probabilities "
+              "do; the loss takes logits (BCE with logits): return the logit, not its sigmoid", flush=True)
 
 
 class ModelBuildFailed(ConfigError):
