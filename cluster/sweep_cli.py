@@ -37,8 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "MSE for mf, lower is better) against serving bytes.")
     config_arguments(p, set_example="train.epochs=1", workers=True)
     p.add_argument("--methods",
-                   help="comma-separated: uniform, mde, mlet, pep, autodim, mde+mlet, pep+mlet, autodim+mlet "
-                        "(default: the config's sweep.methods, else uniform,mde)")
+                   help="comma-separated: uniform, mde, mlet, pep, autodim, mde+mlet, pep+mlet, autodim+mlet, "
+                        "or a SweepMethod of yours as package.module:attr (+mlet too) (default: the config's "
+                        "sweep.methods, else uniform,mde)")
     p.add_argument("--budgets",
                    help="fractions of the base model's serving parameters, in (0, 1] (default: the config's "
                         "sweep.budgets, else 0.125,0.25,0.5,1)")

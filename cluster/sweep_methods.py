@@ -27,6 +27,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,6 +38,7 @@ from embshard.planner.policies import plan_dimensions
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
 from embshard.planner.types import DimensionPlan
+from embshard.trainer.reference import import_reference, instance_of
 
 if TYPE_CHECKING:
     from embshard.cluster.sweep_plan import Trial
@@ -247,6 +249,25 @@ class Autodim(SweepMethod):
 
 
 SWEEP_BASES: dict[str, SweepMethod] = {m.name: m for m in (Uniform(), Mde(), Pep(), Autodim())}
+
+
+@cache
+def sweep_method_named(name: str) -> SweepMethod:
+    """A built-in base method, or a user's SweepMethod (class or instance) named as
+    "package.module:attr": imported on the driver and again in every Tune trial, so it must be on
+    their Python path, as a method named in a config is."""
+    if name in SWEEP_BASES:
+        return SWEEP_BASES[name]
+    key = f"--methods {name}"
+    found = instance_of(import_reference(name, key), key)
+    if not isinstance(found, SweepMethod):
+        raise ConfigError(f"{key}: a {type(found).__name__}, not a SweepMethod (embshard.cluster.sweep_methods: "
+                          "PlannedMethod for one run on a plan at the budget)")
+    if found.knobs is not None:
+        # Its section would be read as a setting every method trains at (`is_setting`).
+        raise ConfigError(f"{key}: a method of yours has no knob section of its own (knobs = None); vary what it "
+                          "reads with --vary as a setting")
+    return found
 
 
 def _plain(base: JobConfig) -> EmbeddingsConfig:

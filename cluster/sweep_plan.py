@@ -21,7 +21,14 @@ from typing import Any
 
 import yaml
 
-from embshard.cluster.sweep_methods import MLET_KNOBS, SWEEP_BASES, KnobSection, SweepMethod, mlet_config
+from embshard.cluster.sweep_methods import (
+    MLET_KNOBS,
+    SWEEP_BASES,
+    KnobSection,
+    SweepMethod,
+    mlet_config,
+    sweep_method_named,
+)
 from embshard.config import SWEEP_METHODS, JobConfig, budget_name, check_budgets, check_methods
 from embshard.errors import ConfigError
 from embshard.typed_config import flatten, from_dict, parse_yaml, parse_yaml_value, set_dotted, to_dict, under
@@ -84,8 +91,9 @@ class Trial:
 
     @property
     def sweep_method(self) -> SweepMethod:
-        """The base method that trains it: `mde` for mde+mlet, uniform for mlet."""
-        return SWEEP_BASES["uniform" if self.method == "mlet" else self.method.removesuffix("+mlet")]
+        """The base method that trains it: `mde` for mde+mlet, uniform for mlet, a user's for
+        `package.module:attr`."""
+        return sweep_method_named("uniform" if self.method == "mlet" else self.method.removesuffix("+mlet"))
 
     @property
     def with_mlet(self) -> bool:

@@ -497,17 +497,20 @@ class ClusterConfig:
             raise ConfigError(f"collective_timeout_s: must be at least 1, got {self.collective_timeout_s}")
 
 
-# What `embshard sweep` compares: each a method, "X+mlet" a method's plan trained with MLET.
+# What `embshard sweep` compares: each a method, "X+mlet" a method's plan trained with MLET; or a
+# user's method as "package.module:attr" (a SweepMethod, cluster/sweep_methods.py), with MLET too.
 SWEEP_METHODS = ("uniform", "mde", "mlet", "pep", "autodim", "mde+mlet", "pep+mlet", "autodim+mlet")
 
 
 def check_methods(methods: list[str], where: str) -> None:
-    """`where`: how the user named the list (`--methods`, or the config key)."""
+    """`where`: how the user named the list (`--methods`, or the config key). A reference is
+    imported, and checked to be a SweepMethod, by the sweep (`sweep_method_named`)."""
     if not methods:
         raise ConfigError(f"{where}: empty; give some of " + ",".join(SWEEP_METHODS))
     for m in methods:
-        if m not in SWEEP_METHODS:
-            raise ConfigError(f"{where}: unknown method {m!r} (known: {', '.join(SWEEP_METHODS)})")
+        if m not in SWEEP_METHODS and ":" not in m.removesuffix("+mlet"):
+            raise ConfigError(f"{where}: unknown method {m!r} (known: {', '.join(SWEEP_METHODS)}; or a SweepMethod "
+                              "of yours as package.module:attr)")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"{where}: a method is named twice in {','.join(methods)}")
 
@@ -534,7 +537,7 @@ def budget_name(budget: float) -> str:
 class SweepConfig:
     """`embshard sweep`'s defaults; its --methods, --budgets, --seeds and --vary flags override them."""
 
-    methods: list[str] = field(default_factory=lambda: ["uniform", "mde"])  # of SWEEP_METHODS
+    methods: list[str] = field(default_factory=lambda: ["uniform", "mde"])  # of SWEEP_METHODS, or package.module:attr
     # Fractions of the serving parameters of the uniform model at embeddings.dim, in (0, 1].
     budgets: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
     seeds: int = 3  # seeds per method and budget: 0..seeds-1

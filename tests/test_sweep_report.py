@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
-from embshard.cluster.sweep_methods import TrialRuns, uniform_width
+from embshard.cluster.sweep_methods import MLET_KNOBS, PlannedMethod, TrialRuns, uniform_width
 from embshard.cluster.sweep_plan import (
     SweepSpec,
     Trial,
@@ -1096,3 +1097,39 @@ def test_every_sweep_method_is_a_base_method_with_or_without_mlet():
     # Only PEP's one prune run covers every budget, so a PEP trial is per seed, not per budget.
     assert [t.key for t in SweepSpec(["pep", "autodim"], [0.25, 0.5], 1).trials()] == [
         "pep-s0", "autodim-b0.25-s0", "autodim-b0.5-s0"]
+
+
+class HalfWidth(PlannedMethod):
+    """A user's sweep method: every table at half the uniform width of the budget."""
+
+    name = "half_width"
+
+    def embeddings_at(self, base, spec, budget):
+        emb = base.embeddings
+        return replace(emb, policy="uniform", method=None, decisions=None, mlet=None,
+                       dim=max(emb.min_dim, uniform_width(emb, budget) // 2))
+
+
+class WithKnobs(HalfWidth):
+    knobs = MLET_KNOBS
+
+
+def test_a_users_sweep_method_by_reference_plans_its_runs(tmp_path):
+    """`--methods uniform,module:Class`: a SweepMethod of the user's trains beside the built-ins,
+    with MLET too; what is not one is refused in one line naming it."""
+    methods = parse_methods("uniform,test_sweep_report:HalfWidth,test_sweep_report:HalfWidth+mlet")
+    trials = SweepSpec(methods, [0.5], 1).trials()
+    assert [t.key for t in trials] == ["uniform-b0.5-s0", "test_sweep_report:HalfWidth-b0.5-s0",
+                                       "test_sweep_report:HalfWidth+mlet-b0.5-s0"]
+    data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16))
+    planned = [TrialRuns(cfg, data, t, [0.5], tmp_path / t.key).first_run()[0].embeddings for t in trials]
+    assert [(e.dim, e.mlet is not None) for e in planned] == [(8, False), (4, False), (4, True)]
+    assert method_knobs(cfg, methods[1]) == {} and "mlet.ratio" in method_knobs(cfg, methods[2])
+    for name, said in (("test_sweep_report:uniform_width", "a function, not a SweepMethod"),
+                       ("test_sweep_report:WithKnobs", "a method of yours has no knob section of its own"),
+                       ("nowhere_module:Thing", "cannot import module 'nowhere_module'")):
+        with pytest.raises(ConfigError, match=rf"^--methods {re.escape(name)}: .*{said}"):
+            _ = SweepSpec([name], [0.5], 1).trials()[0].sweep_method
+    with pytest.raises(ConfigError, match=r"^--methods: unknown method 'half_width' \(known: uniform, "):
+        parse_methods("uniform,half_width")
