@@ -26,6 +26,7 @@ from __future__ import annotations
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -38,7 +39,7 @@ from embshard.planner.policies import plan_dimensions
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
 from embshard.planner.types import DimensionPlan
-from embshard.trainer.reference import import_reference, instance_of
+from embshard.trainer.reference import import_reference, instance_of, users_code
 
 if TYPE_CHECKING:
     from embshard.cluster.sweep_plan import Trial
@@ -87,10 +88,17 @@ class TrialRuns:
     folder: Path
 
     def first_run(self) -> tuple[JobConfig, str | None]:
-        return self.trial.sweep_method.first_run(self)
+        with self._users_code("first_run"):
+            return self.trial.sweep_method.first_run(self)
 
     def points(self, train: Train) -> list[Point]:
-        return self.trial.sweep_method.points(self, train)
+        with self._users_code("points"):
+            return self.trial.sweep_method.points(self, train)
+
+    def _users_code(self, hook: str) -> AbstractContextManager[None]:
+        """A user's method failing in its own code: one line naming it and where (an error of
+        embshard's, training included, says its own); a built-in's bug stays a crash."""
+        return users_code(f"method {self.trial.method!r}: its {hook}") if self.trial.users else nullcontext()
 
     @property
     def budget(self) -> float:
@@ -258,15 +266,15 @@ def sweep_method_named(name: str) -> SweepMethod:
     their Python path, as a method named in a config is."""
     if name in SWEEP_BASES:
         return SWEEP_BASES[name]
-    key = f"--methods {name}"
+    key = f"method {name!r}"
     found = instance_of(import_reference(name, key), key)
     if not isinstance(found, SweepMethod):
         raise ConfigError(f"{key}: a {type(found).__name__}, not a SweepMethod (embshard.cluster.sweep_methods: "
                           "PlannedMethod for one run on a plan at the budget)")
     if found.knobs is not None:
         # Its section would be read as a setting every method trains at (`is_setting`).
-        raise ConfigError(f"{key}: a method of yours has no knob section of its own (knobs = None); vary what it "
-                          "reads with --vary as a setting")
+        raise ConfigError(f"{key}: a method of yours has no knob section of its own (set knobs = None; a subclass "
+                          "of a built-in inherits the built-in's)")
     return found
 
 

@@ -25,6 +25,7 @@ from embshard.cluster.sweep_methods import (
     MLET_KNOBS,
     SWEEP_BASES,
     KnobSection,
+    PlannedMethod,
     SweepMethod,
     mlet_config,
     sweep_method_named,
@@ -93,7 +94,21 @@ class Trial:
     def sweep_method(self) -> SweepMethod:
         """The base method that trains it: `mde` for mde+mlet, uniform for mlet, a user's for
         `package.module:attr`."""
-        return sweep_method_named("uniform" if self.method == "mlet" else self.method.removesuffix("+mlet"))
+        method = sweep_method_named(self.base_name)
+        if self.with_mlet and self.users and not isinstance(method, PlannedMethod):
+            # Its own runs would have to carry `runs.mlet`; unchecked, they trained plain tables.
+            raise ConfigError(f"method {self.method!r}: +mlet is for a PlannedMethod of yours (whose one run "
+                              "carries MLET); a method of more runs trains MLET in its own runs")
+        return method
+
+    @property
+    def base_name(self) -> str:
+        return "uniform" if self.method == "mlet" else self.method.removesuffix("+mlet")
+
+    @property
+    def users(self) -> bool:
+        """Whether its method is a user's, named as package.module:attr."""
+        return ":" in self.base_name
 
     @property
     def with_mlet(self) -> bool:
@@ -101,8 +116,10 @@ class Trial:
 
     @property
     def knob_sections(self) -> list[KnobSection]:
-        """The knobs its method reads: its base method's own, and MLET's for X+mlet."""
-        own = self.sweep_method.knobs
+        """The knobs its method reads: its base method's own, and MLET's for X+mlet. A user's
+        method has none of its own (`sweep_method_named`): not imported here, where a merged
+        report names it on a machine that may lack its code."""
+        own = None if self.users else self.sweep_method.knobs
         return ([own] if own else []) + ([MLET_KNOBS] if self.with_mlet else [])
 
 
@@ -224,7 +241,7 @@ def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], w
             raise ConfigError(f"{where} {key}: not for a sweep to vary: each trial sets it (its method, budget, "
                               "seed or output), or it does not change what trains")
         readers = [m for m in SWEEP_METHODS if reads_knob(m, key)]
-        if not is_setting(key) and not set(readers) & set(methods):
+        if not is_setting(key) and not any(reads_knob(m, key) for m in methods):
             raise ConfigError(f"{where} {key}: read by {', '.join(readers)}, none of this sweep's methods")
         # Distinct as the trial folders name them: 0 and 0.0 would be two trials in one folder.
         texts = [knob_text(v) for v in values]

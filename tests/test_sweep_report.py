@@ -12,10 +12,11 @@ import pytest
 
 from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
-from embshard.cluster.sweep_methods import MLET_KNOBS, PlannedMethod, TrialRuns, uniform_width
+from embshard.cluster.sweep_methods import MLET_KNOBS, Pep, PlannedMethod, TrialRuns, uniform_width
 from embshard.cluster.sweep_plan import (
     SweepSpec,
     Trial,
+    check_vary,
     method_knobs,
     parse_budgets,
     parse_methods,
@@ -1105,13 +1106,21 @@ class HalfWidth(PlannedMethod):
     name = "half_width"
 
     def embeddings_at(self, base, spec, budget):
-        emb = base.embeddings
-        return replace(emb, policy="uniform", method=None, decisions=None, mlet=None,
-                       dim=max(emb.min_dim, uniform_width(emb, budget) // 2))
+        return replace(base.embeddings, policy="uniform", method=None, decisions=None, mlet=None,
+                       dim=uniform_width(base.embeddings, budget / 2))
 
 
 class WithKnobs(HalfWidth):
     knobs = MLET_KNOBS
+
+
+class Failing(HalfWidth):
+    def embeddings_at(self, base, spec, budget):
+        return base.embeddings.no_such_field
+
+
+class TwoRuns(Pep):
+    knobs = None
 
 
 def test_a_users_sweep_method_by_reference_plans_its_runs(tmp_path):
@@ -1126,10 +1135,21 @@ def test_a_users_sweep_method_by_reference_plans_its_runs(tmp_path):
     planned = [TrialRuns(cfg, data, t, [0.5], tmp_path / t.key).first_run()[0].embeddings for t in trials]
     assert [(e.dim, e.mlet is not None) for e in planned] == [(8, False), (4, False), (4, True)]
     assert method_knobs(cfg, methods[1]) == {} and "mlet.ratio" in method_knobs(cfg, methods[2])
+    # MLET's knobs vary for the user's X+mlet alone (they were refused as read by no method here).
+    check_vary(cfg, {"embeddings.mlet.ratio": [2, 4]}, methods[2:], "--vary")
+    # A merged report names the method: its knobs are known without importing it (a machine
+    # without the user's code merged nothing).
+    assert method_knobs(cfg, "nowhere_module:Thing+mlet") == {k: v for k, v in method_knobs(cfg, "mlet").items()}
     for name, said in (("test_sweep_report:uniform_width", "a function, not a SweepMethod"),
                        ("test_sweep_report:WithKnobs", "a method of yours has no knob section of its own"),
+                       ("test_sweep_report:TwoRuns+mlet", r"\+mlet is for a PlannedMethod of yours"),
                        ("nowhere_module:Thing", "cannot import module 'nowhere_module'")):
-        with pytest.raises(ConfigError, match=rf"^--methods {re.escape(name)}: .*{said}"):
+        with pytest.raises(ConfigError, match=rf"^method '{re.escape(name)}': .*{said}"):
             _ = SweepSpec([name], [0.5], 1).trials()[0].sweep_method
+    # Its own code failing is one line naming it and where, not a traceback.
+    failing = SweepSpec(["test_sweep_report:Failing"], [0.5], 1).trials()[0]
+    with pytest.raises(ConfigError, match=r"^method 'test_sweep_report:Failing': its first_run raised "
+                                          r"AttributeError: .*no_such_field.* at .*test_sweep_report\.py:\d+$"):
+        TrialRuns(cfg, data, failing, [0.5], tmp_path / "failing").first_run()
     with pytest.raises(ConfigError, match=r"^--methods: unknown method 'half_width' \(known: uniform, "):
         parse_methods("uniform,half_width")
