@@ -29,7 +29,7 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     in it (`init_ray` keeps it past ray.init, which replaces it: `sigterm_kept`)."""
     with sigterm_kept():
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, raise_ctrl_c)
+            signal.signal(signal.SIGTERM, _interrupt)
         yield
 
 
@@ -45,7 +45,7 @@ def sigterm_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def raise_ctrl_c(signum: int, frame: FrameType | None) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 

@@ -44,7 +44,7 @@ KNOB_PATHS = frozenset(s.path for s in KNOB_SECTIONS)
 NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "data.validate", "sharding.plan_file",
                          "train.log_every", "train.progress", "metrics", "cluster.address", "cluster.max_failures",
                          "cluster.storage", "checkpoint", "sweep"})
-# What each trial's configs set themselves (sweep_methods.run_config, each method's first_run): not a setting to vary.
+# What each trial's configs set themselves (TrialRuns.run, each method's first_run): not a setting to vary.
 PER_TRIAL = frozenset({"seed", "embeddings.policy", "embeddings.method", "embeddings.decisions", "train.test"})
 # What the sweep sizes its Ray cluster and --parallel by: the config's, one for every trial.
 SWEEP_WIDE = frozenset({"cluster.workers", "cluster.cpus_per_worker"})
