@@ -271,6 +271,10 @@ def sweep_method_named(name: str) -> SweepMethod:
     if not isinstance(found, SweepMethod):
         raise ConfigError(f"{key}: a {type(found).__name__}, not a SweepMethod (embshard.cluster.sweep_methods: "
                           "PlannedMethod for one run on a plan at the budget)")
+    built_in = next((m.name for m in SWEEP_BASES.values() if type(m) is type(found)), None)
+    if built_in:
+        # Under a second name it trained as a second curve of the same method.
+        raise ConfigError(f"{key}: the built-in {built_in!r}; name it so")
     if found.knobs is not None:
         # Its section would be read as a setting every method trains at (`is_setting`).
         raise ConfigError(f"{key}: a method of yours has no knob section of its own (set knobs = None; a subclass "

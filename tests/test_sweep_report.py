@@ -1143,6 +1143,9 @@ def test_a_users_sweep_method_by_reference_plans_its_runs(tmp_path):
     for name, said in (("test_sweep_report:uniform_width", "a function, not a SweepMethod"),
                        ("test_sweep_report:WithKnobs", "a method of yours has no knob section of its own"),
                        ("test_sweep_report:TwoRuns+mlet", r"\+mlet is for a PlannedMethod of yours"),
+                       # A built-in named as a reference was a second curve of the same method.
+                       ("embshard.cluster.sweep_methods:Uniform", "the built-in 'uniform'; name it so"),
+                       ("embshard.cluster.sweep_methods:Mde", "the built-in 'mde'; name it so"),
                        ("nowhere_module:Thing", "cannot import module 'nowhere_module'")):
         with pytest.raises(ConfigError, match=rf"^method '{re.escape(name)}': .*{said}"):
             _ = SweepSpec([name], [0.5], 1).trials()[0].sweep_method
