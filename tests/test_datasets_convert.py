@@ -186,6 +186,39 @@ def test_a_field_that_is_not_utf8_is_a_malformed_line(criteo_sample: Path, tmp_p
         convert("criteo", path, tmp_path / "strict", strict=True)
 
 
+def test_a_carriage_return_inside_a_line_is_that_line_malformed(criteo_sample: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # pyarrow ends a record at a lone \r: the line reached it as two short rows, a traceback for
+    # Criteo, and for MovieLens the skipped lines after it were named wrongly (or an IndexError).
+    lines = _criteo_lines(criteo_sample)
+    fields = lines[10].split("\t")
+    fields[20] = "ab\rcd"
+    lines[10] = "\t".join(fields)
+    path = tmp_path / "cr.txt"
+    # CRLF endings, with an empty CRLF line: neither is malformed.
+    path.write_bytes(("\r\n".join([*lines[:50], "", *lines[50:]]) + "\r\n").encode())
+    spec = convert("criteo", path, tmp_path / "out")
+    assert sum(spec.rows.values()) == 99
+    err = capsys.readouterr().err
+    assert "cr.txt:11: a carriage return (\\r) inside the line; line skipped" in err
+    assert err.count("line skipped") == 1
+    with pytest.raises(DataError, match=r"cr\.txt:11: a carriage return \(\\r\) inside the line$"):
+        convert("criteo", path, tmp_path / "strict", strict=True)
+
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    good = (src / "ratings.dat").read_text().splitlines()
+    user, movie, _, when = good[4].split("::")
+    good[4] = f"{user}::\r{movie}::\r4::{when}"
+    good[8] = good[8].rsplit("::", 2)[0] + "::9::978300000"
+    (src / "ratings.dat").write_text("\n".join(good) + "\n")
+    spec = convert("movielens", src, tmp_path / "ml-out", target="rating")
+    assert sum(spec.rows.values()) == len(good) - 2
+    err = capsys.readouterr().err
+    assert "ratings.dat:5: a carriage return (\\r) inside the line; line skipped" in err
+    assert "ratings.dat:9: column 'rating': '9' is not a rating" in err
+    assert err.count("line skipped") == 2
+
+
 def test_missing_input_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         convert("criteo", tmp_path / "nope.txt", tmp_path / "out")

@@ -29,7 +29,17 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from embshard.datasets.convert.stream import drop_invalid
-from embshard.datasets.convert.text import INTEGER, Malformed, as_text, line_blocks, open_input
+from embshard.datasets.convert.text import (
+    INTEGER,
+    Malformed,
+    as_text,
+    blank_lines,
+    emptied,
+    line_blocks,
+    line_bounds,
+    open_input,
+    without_stray_returns,
+)
 from embshard.datasets.convert.vocab import VocabularyBuilder
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCatalog, SparseFeature
 from embshard.datasets.vocabulary import Vocabulary
@@ -358,6 +368,7 @@ def _header(path: Path, data: bytes, line: int, record: int, delimiter: str,
 def _typed_block(data: bytes, first_line: int, columns: list[str], delimiter: str, *, quoted: bool,
                  kinds: dict[str, str], malformed: Malformed) -> pa.Table:
     """The well-formed rows of `data` (whole lines from physical line `first_line`), typed."""
+    data = without_stray_returns(data, first_line, malformed)
     if quoted:
         data = _without_unclosed_quotes(data, first_line, malformed)
     records = first_line + _record_lines(data)
@@ -413,34 +424,20 @@ def _without_unclosed_quotes(data: bytes, first_line: int, malformed: Malformed)
     the csv parser read on from a stray quote to the next one, taking the ratings between into
     one malformed record: a thousand lines lost, one reported."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(buf == ord("\n"))
+    starts, ends = line_bounds(buf)
     line_of_quote = np.searchsorted(ends, np.flatnonzero(buf == ord('"')))
-    odd = np.flatnonzero(np.bincount(line_of_quote, minlength=len(ends) + 1) % 2)
+    odd = np.flatnonzero(np.bincount(line_of_quote, minlength=len(ends)) % 2)
     if not odd.size:
         return data
     malformed.report(first_line + odd, lambda _: "a quote (\") it does not close")
-    starts = np.concatenate([[0], ends + 1])
-    stops = np.append(ends, len(buf))
-    pieces, at = [], 0
-    for line in odd:
-        pieces.append(data[at:starts[line]])
-        at = int(stops[line])
-    pieces.append(data[at:])
-    return b"".join(pieces)
+    return emptied(data, starts, ends, odd)
 
 
 def _record_lines(data: bytes) -> np.ndarray:
     """The 0-based physical line of each record: each line that is not empty (pyarrow skips those)."""
-    if not data:
-        return np.zeros(0, dtype=np.int64)
     buf = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(buf == ord("\n"))
-    if not data.endswith(b"\n"):
-        ends = np.append(ends, len(buf))
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    length = ends - starts
-    only_cr = (length == 1) & (buf[np.minimum(starts, len(buf) - 1)] == ord("\r"))
-    return np.flatnonzero((length > 0) & ~only_cr)
+    starts, ends = line_bounds(buf)
+    return np.flatnonzero(~blank_lines(buf, starts, ends))
 
 
 def _labelled(release: Release, target: str) -> pa.Table:

@@ -184,16 +184,55 @@ def _first_lines(data: bytes, n: int) -> bytes:
     return data if len(ends) < n else data[: int(ends[n - 1]) + 1]
 
 
+def line_bounds(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of each line of `buf`: ends at its newline, or at the end of a last line
+    without one."""
+    ends = np.flatnonzero(buf == ord("\n"))
+    if len(buf) and buf[-1] != ord("\n"):
+        ends = np.append(ends, len(buf))
+    return np.concatenate([[0], ends[:-1] + 1])[: len(ends)].astype(np.int64), ends
+
+
+def blank_lines(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Whether each line is empty, a CRLF file's empty line included."""
+    length = ends - starts
+    return (length == 0) | ((length == 1) & (buf[np.minimum(starts, len(buf) - 1)] == ord("\r")))
+
+
+def emptied(data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray) -> bytes:
+    """`data` with these lines' text cut out and their newlines kept: no record, and every later
+    line keeps its number."""
+    pieces, at = [], 0
+    for line in lines:
+        pieces.append(data[at:starts[line]])
+        at = int(ends[line])
+    pieces.append(data[at:])
+    return b"".join(pieces)
+
+
+def without_stray_returns(data: bytes, first_line: int, malformed: Malformed) -> bytes:
+    """`data` with each line that holds a carriage return other than its CRLF ending reported and
+    emptied. pyarrow ends a record at a lone \\r too, so such a line reached it as two short rows,
+    counted here as one line: a traceback, or the skipped lines after it named wrongly."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    returns = np.flatnonzero(buf[:-1] == ord("\r"))  # a last byte \r ends the last line
+    stray = returns[buf[returns + 1] != ord("\n")]
+    if not stray.size:
+        return data
+    starts, ends = line_bounds(buf)
+    lines = np.unique(np.searchsorted(ends, stray))
+    malformed.report(first_line + lines, lambda _: "a carriage return (\\r) inside the line")
+    return emptied(data, starts, ends, lines)
+
+
 def _parse_block(data: bytes, first_line: int, names: list[str], delimiter: str,
                  malformed: Malformed) -> TextChunk:
+    data = without_stray_returns(data, first_line, malformed)
     buf = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(buf == ord("\n"))
-    if not data.endswith(b"\n"):
-        ends = np.append(ends, len(buf))
-    starts = np.concatenate([[0], ends[:-1] + 1])
+    starts, ends = line_bounds(buf)
     seps = np.flatnonzero(buf == ord(delimiter))
     fields = np.searchsorted(seps, ends) - np.searchsorted(seps, starts) + 1
-    blank = ends == starts
+    blank = blank_lines(buf, starts, ends)
     bad = (fields != len(names)) & ~blank
     lines = first_line + np.arange(len(ends))
     if bad.any():
