@@ -192,7 +192,21 @@ def _check_remote_output(out: RemotePath, overwrite: bool, kind: Replaceable) ->
     check_reachable(out)
     check_not_in_dataset(out, "--out", kind.error)
     if any(out.iterdir()):
+        if not (out / kind.marker).is_file():
+            _say_a_whole_copy(out, kind)
         _check_replaceable(out, overwrite, kind)
+
+
+def _say_a_whole_copy(out: RemotePath, kind: Replaceable) -> None:
+    """Refuses `out`, which has no marker, naming the complete `kind` beside it that a replace cut
+    short left (killed, or the store failing, while it was copied into place): refused alone, the
+    folder could be neither read nor replaced, and nothing said where the new one was."""
+    prefix = sibling_prefix(out, "partial")
+    for staged in out.parent.iterdir():
+        if staged.name.startswith(prefix) and (staged / kind.marker).is_file():
+            raise kind.error(f"{out}: holds no {kind.marker}, and {staged} holds the complete {kind.what} a replace "
+                             "was copying there (cut short, or still running); once no replace runs, copy that "
+                             "into place, or delete both")
 
 
 def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> None:
@@ -355,12 +369,27 @@ def _upload(staging: Path, out: RemotePath, marker: str) -> None:
     uploaded = sibling(out, "partial")
     upload(staging, uploaded, marker=marker)
     try:
-        if (out / marker).exists():
-            # What is there goes, marker first, so that a failure below leaves a prefix readers
-            # refuse rather than a mix of old and new files.
-            (out / marker).unlink()
-            rmtree(out)
-        uploaded.rename(out, marker=marker)
+        # A store has no rename that swaps two prefixes in one step: a stop between the old
+        # folder's removal and the end of the new one's copy left neither readable at `out`.
+        with stops_held():
+            if (out / marker).exists():
+                # What is there goes, marker first, so that a failure below leaves a prefix readers
+                # refuse rather than a mix of old and new files.
+                (out / marker).unlink()
+                rmtree(out)
+            uploaded.rename(out, marker=marker)
+    except KeyboardInterrupt:  # the held stop
+        raise Interrupted(f"stopped once {out} was written whole") from None
     except BaseException:
-        print(f"warning: the complete new folder is at {uploaded}", file=sys.stderr)
+        # The copy moves the marker last and deletes the source's first: one of them holds it.
+        if _answers_has(uploaded / marker):
+            print(f"warning: the complete new folder is at {uploaded}", file=sys.stderr)
         raise
+
+
+def _answers_has(path: RemotePath) -> bool:
+    """Whether the store says `path` is there; False when it does not answer."""
+    try:
+        return path.is_file()
+    except EmbshardError:
+        return False

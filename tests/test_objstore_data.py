@@ -93,6 +93,50 @@ def test_non_empty_prefix_needs_overwrite_and_a_dataset(s3) -> None:
     assert s3.keys("notes/") == ["notes/readme.txt"]
 
 
+def test_a_stop_during_a_replace_in_a_bucket_waits_for_it(s3, monkeypatch, python_ctrl_c) -> None:
+    # A stop after the old dataset's dataset.json was deleted left the prefix empty or half copied,
+    # and said the new one was complete at a staging prefix that had lost its dataset.json.
+    import os
+    import signal
+
+    from embshard.datasets import outdir
+    from embshard.errors import Interrupted
+
+    uri = s3.uri("data/swap")
+    synthesize(uri, rows=ROWS, max_cardinality=100)
+    rmtree = outdir.rmtree
+
+    def stopped_removal(path):
+        if str(path) == uri:  # the old dataset's removal
+            os.kill(os.getpid(), signal.SIGINT)
+        return rmtree(path)
+
+    monkeypatch.setattr(outdir, "rmtree", stopped_removal)
+    with pytest.raises(Interrupted, match=rf"^stopped once {uri} was written whole$"):
+        synthesize(uri, rows=ROWS * 2, seed=1, max_cardinality=100, overwrite=True)
+    assert DatasetSpec.load(uri).rows["train"] == ROWS * 2 * 8 // 10
+    verify_dataset(uri)
+    assert not [k for k in s3.server.keys(s3.name, "data/") if ".partial-" in k]
+
+
+def test_a_replace_cut_short_in_a_bucket_names_the_complete_copy(s3) -> None:
+    # Killed while the new dataset was copied into place: the prefix has no dataset.json, the
+    # staging prefix beside it has the whole dataset, and every later run was refused, even with
+    # --overwrite, without a word of where the new dataset was.
+    uri = s3.uri("data/cut")
+    synthesize(uri, rows=ROWS, max_cardinality=100)
+    client = s3.server.client()
+    staged = "data/.cut.partial-999999-0badc0de"
+    for key in s3.keys("data/cut/"):
+        client.copy_object(Bucket=s3.name, Key=staged + key[len("data/cut"):],
+                           CopySource={"Bucket": s3.name, "Key": key})
+    client.delete_object(Bucket=s3.name, Key=f"data/cut/{SPEC_FILE}")
+    with pytest.raises(DataError, match=rf"^{uri}: holds no {SPEC_FILE}, and s3://{s3.name}/{staged} holds the "
+                                        r"complete dataset a replace was copying there"):
+        synthesize(uri, rows=ROWS, max_cardinality=100, overwrite=True)
+    assert DatasetSpec.load(f"s3://{s3.name}/{staged}").rows["train"] == ROWS * 8 // 10
+
+
 def test_prefix_without_dataset_json_is_refused(s3) -> None:
     uri = s3.uri("data/half")
     synthesize(uri, rows=ROWS, max_cardinality=100)
