@@ -390,6 +390,29 @@ def test_movielens_bad_values_are_malformed_lines(tmp_path: Path, capsys: pytest
         convert("movielens", src, tmp_path / "garbage")
 
 
+def test_users_or_movies_missing_from_their_files_are_said(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Without users.dat an ML-1M folder was read as ML-10M, its users' features gone; ratings of a
+    # user or movie the release's files do not list got unknown features; neither said a word.
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    with (src / "ratings.dat").open("a") as f:
+        f.write("".join(f"99999::{m}::5::978300000\n" for m in (1, 2, 3)) + "5::88888::1::978300001\n")
+    convert("movielens", src, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert (f"warning: {src}: 1 ratings (1.0%) are of 1 movie(s) that movies.dat does not list (e.g. movieId "
+            "88888), whose year, genres are unknown") in err
+    assert f"{src}: 3 ratings (2.9%) are of 1 user(s) that users.dat does not list (e.g. userId 99999)" in err
+    with pytest.raises(DataError, match=r"1 ratings \(1\.0%\) are of 1 movie\(s\) that movies\.dat does not list"):
+        convert("movielens", src, tmp_path / "strict", strict=True)
+    convert("movielens", src, tmp_path / "rating", target="rating")  # a rating model reads the ids alone
+    assert "does not list" not in capsys.readouterr().err
+    (src / "users.dat").unlink()
+    with pytest.raises(DataError, match=rf"^{src}: no users\.dat, which ML-1M ships .* nor ML-10M's tags\.dat"):
+        convert("movielens", src, tmp_path / "no-users")
+    (src / "tags.dat").write_text("")
+    assert convert("movielens", src, tmp_path / "ml-10m").name == "ml-10m"
+
+
 def test_a_stray_quote_in_a_movielens_csv_loses_its_own_line_only(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     # The csv parser read on from it to the next quote: the ratings between became one malformed

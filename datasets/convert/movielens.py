@@ -81,12 +81,16 @@ class Release:
     ratings: pa.Table  # userId, movieId, rating, timestamp (+ `official`: 1 for a test-file row)
     movies: pa.Table  # movieId, year, genres (list<string>)
     users: pa.Table | None  # userId, gender, age, occupation, zip
+    movies_file: str  # what the two tables were read from, for messages
+    users_file: str | None = None
 
 
 def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: str, seed: int,
                       strict: bool, overwrite: bool, target: str = "click") -> tuple[DatasetSpec, str]:
     malformed = Malformed(src, strict)
     release = load_release(src, malformed, official=split if split in OFFICIAL_SPLITS else None)
+    if target != "rating":  # a rating model reads the ids alone
+        _say_unlisted(release, src, strict)
     table = _labelled(release, target)
     n = table.num_rows
     if n == 0:
@@ -198,6 +202,27 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
     return replace(release, ratings=_first_rating_per_pair(release.ratings, src, malformed))
 
 
+def _say_unlisted(release: Release, src: Path, strict: bool) -> None:
+    """A warning (with strict, DataError) for ratings of users or movies the release's own file
+    does not list, a movie whose line was malformed among them: their features are unknown, which
+    was said of none of them."""
+    owners = [(release.movies, ITEM_ID, "movie", release.movies_file, MOVIE_FEATURES)]
+    if release.users is not None:
+        owners.append((release.users, "userId", "user", release.users_file, USER_FEATURES))
+    for owner, key, what, file, features in owners:
+        unlisted = pc.invert(pc.is_in(release.ratings[key], value_set=owner[key]))
+        count = pc.sum(unlisted).as_py()
+        if not count:
+            continue
+        ids = pc.unique(release.ratings[key].filter(unlisted))
+        message = (f"{src}: {count:,} ratings ({count / release.ratings.num_rows:.1%}) are of {len(ids):,} "
+                   f"{what}(s) that {file} does not list (e.g. {key} {ids[0]}), whose {', '.join(features)} "
+                   "are unknown")
+        if strict:
+            raise DataError(message)
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def _first_rating_per_pair(ratings: pa.Table, src: Path, malformed: Malformed) -> pa.Table:
     """`ratings` without rows repeating an earlier one whole (user, movie, rating and time; an
     official split's base comes before its test): a file given twice put a rating in train and
@@ -257,13 +282,17 @@ def _ml100k(src: Path, malformed: Malformed, official: str | None) -> Release:
         "year": pc.coalesce(year, _year(items["title"], _YEAR_IN_TITLE)),
         "genres": pa.ListArray.from_arrays(pa.array(offsets), names),
     })
-    return Release("ml-100k", ratings, movies, users)
+    return Release("ml-100k", ratings, movies, users, "u.item", "u.user")
 
 
 def _ml1m(src: Path, malformed: Malformed) -> Release:
     ratings = _read(src / "ratings.dat", list(RATINGS), "::", malformed, kinds=RATINGS)
     users_path = src / "users.dat"
-    # ml-10m ships the same layout without users.dat.
+    # ml-10m ships the same layout without users.dat, and with tags.dat.
+    if not users_path.is_file() and not (src / "tags.dat").is_file():
+        # Read as ml-10m, an ml-1m folder lost its users' features without a word.
+        raise DataError(f"{src}: no users.dat, which ML-1M ships (its users' gender, age, occupation and zip), "
+                        "nor ML-10M's tags.dat; put back the file of the release this is")
     # age and occupation are numeric codes (the release's README), served as the integers they are.
     users = (_one_row_each(_read(users_path, ["userId", "gender", "age", "occupation", "zip"], "::", malformed,
                                  kinds={"userId": "integer", "age": "integer", "occupation": "integer"}),
@@ -271,7 +300,7 @@ def _ml1m(src: Path, malformed: Malformed) -> Release:
     movies = _movies(_one_row_each(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed,
                                          latin1=True, kinds={"movieId": "integer"}), "movieId", src / "movies.dat"))
     name = "ml-1m" if users is not None else "ml-10m"
-    return Release(name, ratings, movies, users)
+    return Release(name, ratings, movies, users, "movies.dat", "users.dat" if users is not None else None)
 
 
 def _ml_csv(src: Path, malformed: Malformed) -> Release:
@@ -280,7 +309,7 @@ def _ml_csv(src: Path, malformed: Malformed) -> Release:
                                          kinds={"movieId": "integer", "title": "text", "genres": "text"}),
                                    "movieId", src / "movies.csv"))
     name = src.name if src.name.startswith("ml-") else "ml-csv"
-    return Release(name, ratings.select(["userId", "movieId", "rating", "timestamp"]), movies, None)
+    return Release(name, ratings.select(["userId", "movieId", "rating", "timestamp"]), movies, None, "movies.csv")
 
 
 def _one_row_each(table: pa.Table, key: str, path: Path) -> pa.Table:
