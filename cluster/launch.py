@@ -33,7 +33,7 @@ from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.cluster.run_lock import owner_check, run_owner
 from embshard.config import JobConfig, with_paths_resolved
-from embshard.datasets.outdir import check_not_in_dataset
+from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing
@@ -76,7 +76,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     run's method (default: the one `cfg` names) for this topology."""
     decide = planning_step(cfg, method)
     verify_dataset(cfg.data.path)  # a missing or truncated part file, before any worker starts
-    check_not_in_dataset(Path(cfg.output_dir), "output_dir", ConfigError, itself=True)
+    check_not_in_sealed(Path(cfg.output_dir), "output_dir", ConfigError, itself=True)
     file_sd = cfg.metrics.file_sd
     if cfg.metrics.enabled and file_sd and Path(file_sd).exists() and read_file_sd_targets(file_sd) is None:
         # Rank 0 replaces it with the run's target list and removes it at the end.

@@ -163,7 +163,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 def sweep_merge(args: argparse.Namespace) -> int:
     from embshard.cluster.sweep_report import check_report, merge_reports
-    from embshard.datasets.outdir import check_not_in_dataset
+    from embshard.datasets.outdir import check_not_in_sealed
     from embshard.datasets.storage import RemotePath, location
     from embshard.errors import DataError
 
@@ -187,7 +187,7 @@ def sweep_merge(args: argparse.Namespace) -> int:
         check_report(reports[name], str(path))
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
-    check_not_in_dataset(out, "--out", DataError, itself=True)
+    check_not_in_sealed(out, "--out", DataError, itself=True)
     rep = merge_reports(reports, args.assume_same_config, args.replace, args.assume_same_data)
     earlier = _earlier_merge(out, args.overwrite) if out.is_dir() and any(out.iterdir()) else []
     out.mkdir(parents=True, exist_ok=True)

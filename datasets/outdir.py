@@ -42,12 +42,14 @@ from embshard.datasets.storage import (
     StoragePath,
     check_reachable,
     nearest_existing,
+    read_json_object,
     rmtree,
     sibling,
     sibling_prefix,
     upload,
 )
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Interrupted
+from embshard.sealed_folders import SERVING_MANIFEST, is_step_name
 from embshard.stops import stops_held
 
 
@@ -89,15 +91,17 @@ def dataset_holds(parts: tuple[str, ...]) -> bool:
 DATASET = Replaceable("dataset", SPEC_FILE, dataset_holds, DatasetSpec.load)
 
 
-def check_not_in_dataset(out: StoragePath, what: str, error: type[EmbshardError] = DataError,
-                         itself: bool = False) -> None:
-    """Raises when `out` lies inside an embshard dataset's folder (or, with `itself`, is one): a
-    folder there is no part of the dataset, which `--overwrite` then never replaces ('holds
-    'sub', which no dataset holds'), and inside a split it sits among the part files."""
+def check_not_in_sealed(out: StoragePath, what: str, error: type[EmbshardError] = DataError,
+                        itself: bool = False) -> None:
+    """Raises when `out` lies inside a folder that holds its writer's files alone (or, with
+    `itself`, is one): a dataset, a checkpoint's step, an export. In a dataset a folder is no part
+    of it, which `--overwrite` then never replaces ('holds 'sub', which no dataset holds'), and
+    inside a split it sits among the part files; a plan written into a checkpoint's step replaced
+    its plan.json, and the step never verified again."""
     folders: list[StoragePath] = []
     if isinstance(out, RemotePath):
         prefix = out if itself else out.parent
-        while "/" in prefix.path:  # up to the bucket's top level, one request a level
+        while "/" in prefix.path:  # up to the bucket's top level
             folders.append(prefix)
             prefix = prefix.parent
     else:
@@ -105,14 +109,28 @@ def check_not_in_dataset(out: StoragePath, what: str, error: type[EmbshardError]
         for path in dict.fromkeys([out.absolute(), out.resolve()]):
             folders += [path, *path.parents] if itself else list(path.parents)
     for folder in folders:
-        if (folder / SPEC_FILE).is_file():
-            try:
-                DatasetSpec.load(folder)
-            except EmbshardError:
-                continue  # another tool's dataset.json, or a damaged one: not ours to keep whole
+        sealed = _sealed_as(folder)
+        if sealed:
             where = out.absolute() if isinstance(out, Path) else out
-            raise error(f"{what} {where}: inside the dataset {folder}, which holds its own files alone; "
+            raise error(f"{what} {where}: inside the {sealed} {folder}, which holds its own files alone; "
                         "write it elsewhere")
+
+
+def _sealed_as(folder: StoragePath) -> str | None:
+    """What `folder` is, if it holds its writer's files alone. Another tool's dataset.json or
+    serving.json, or a damaged one, is not ours to keep whole."""
+    if is_step_name(folder.name):
+        return "checkpoint step"
+    for marker, what, read in ((SPEC_FILE, "dataset", DatasetSpec.load),
+                               (SERVING_MANIFEST, "export", lambda f: read_json_object(
+                                   f / SERVING_MANIFEST, ("version", "weights", "plan"), DataError))):
+        if (folder / marker).is_file():
+            try:
+                read(folder)
+            except EmbshardError:
+                continue
+            return what
+    return None
 
 
 def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
@@ -121,7 +139,7 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET)
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite, kind)
         return
-    check_not_in_dataset(out, "--out", kind.error)
+    check_not_in_sealed(out, "--out", kind.error)
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
@@ -159,7 +177,7 @@ def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Pa
     never replaced."""
     if path.is_dir():
         raise error(f"{path}: a directory; give the path of a file to write the {what} to")
-    check_not_in_dataset(path, what, error)
+    check_not_in_sealed(path, what, error)
     if not path.exists():
         _check_creatable(path, error)
         return
@@ -190,7 +208,7 @@ def _check_remote_output(out: RemotePath, overwrite: bool, kind: Replaceable) ->
         # A folder is staged beside its destination, and a bucket has nothing beside it.
         raise kind.error(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/{kind.what}")
     check_reachable(out)
-    check_not_in_dataset(out, "--out", kind.error)
+    check_not_in_sealed(out, "--out", kind.error)
     if any(out.iterdir()):
         if not (out / kind.marker).is_file():
             _say_a_whole_copy(out, kind)

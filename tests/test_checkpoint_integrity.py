@@ -256,8 +256,8 @@ def test_an_export_never_lands_in_a_checkpoint_folder_and_a_stray_file_condemns_
     newest, older = complete_checkpoints(cfg.checkpoint_dir)
     for source, out, step in ((newest, newest / "sub", newest), (cfg.checkpoint_dir, older / "sub" / "x", older),
                               (older, newest / "sub", newest)):
-        with pytest.raises(ExportError, match=rf"^--out {out}: inside the checkpoint step {step}, which holds what "
-                                              "its run wrote alone"):
+        with pytest.raises(ExportError, match=rf"^--out {out}: inside the checkpoint step {step}, which holds its "
+                                              "own files alone"):
             export_serving(source, out)
         assert not out.exists()
     # Beside the steps, or beside a step copied out of its run, is no step's.

@@ -230,6 +230,27 @@ def test_plan_out_replaces_only_a_plan_and_only_when_asked(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "data", "p.json"]
 
 
+def test_plan_never_writes_into_a_checkpoint_step_or_an_export(tmp_path, capsys):
+    # A plan written into a checkpoint's step replaced its plan.json unasked (its output_dir there),
+    # or with --overwrite: the step never verified again. Into an export, the same.
+    cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\n", max_cardinality=300)
+    step = tmp_path / "run" / "checkpoints" / "step-000008"
+    (step / "plan").mkdir(parents=True)
+    (step / "plan" / "plan.json").write_text('{"dimension_plan": {}, "shard_plan": {}}')
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "serving.json").write_text('{"version": 2, "weights": "weights.pt", "plan": "plan.json"}')
+    (export / "plan.json").write_text('{"dimension_plan": {}, "shard_plan": {}}')
+    for flags, folder in ((["--set", f"output_dir={step}"], f"checkpoint step {step}"),
+                          (["--out", str(step / "plan" / "plan.json"), "--overwrite"], f"checkpoint step {step}"),
+                          (["--out", str(step / "plan" / "mine.json")], f"checkpoint step {step}"),
+                          (["--out", str(export / "plan.json"), "--overwrite"], f"export {export}")):
+        assert main(["plan", str(cfg), *flags]) == 2
+        assert f": inside the {folder}, which holds its own files alone" in capsys.readouterr().err
+    assert sorted(p.name for p in step.rglob("*")) == ["plan", "plan.json"]
+    assert (step / "plan" / "plan.json").read_text() == (export / "plan.json").read_text()
+
+
 def test_plan_for_zero_ranks_is_refused_by_its_flag(tmp_path, capsys):
     # 0 fell back to cluster.workers, as if the flag were not given.
     with pytest.raises(SystemExit):

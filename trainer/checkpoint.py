@@ -41,7 +41,6 @@ import logging
 import os
 import pickle
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, cast
@@ -55,6 +54,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, relative, rmtree
 from embshard.errors import EmbshardError, StorageError, disk_full, first_line
+from embshard.sealed_folders import STEP_FOLDER, STEP_FOLDER_BEING_WRITTEN
 from embshard.sharding.mlet import is_mlet_w2
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
@@ -75,8 +75,6 @@ PROGRESS = "progress.json"
 CONFIG = "config.json"
 PLAN_DIR = "plan"
 DAMAGED_SUFFIX = ".damaged"
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-_TMP_DIR = re.compile(r"^step-(\d{6,})\.tmp$")
 # What the driver reads from a checkpoint before any worker starts (all JSON).
 DRIVER_FILES = (PROGRESS, CONFIG)
 
@@ -210,9 +208,9 @@ class CheckpointManager:
         # each is as large as a checkpoint. One with a manifest was complete and is left alone.
         if not kept:
             return
-        newest = int(_STEP_DIR.fullmatch(kept[0].name).group(1))  # type: ignore[union-attr]
+        newest = int(STEP_FOLDER.fullmatch(kept[0].name).group(1))  # type: ignore[union-attr]
         for leftover in self.directory.iterdir():
-            m = _TMP_DIR.match(leftover.name)
+            m = STEP_FOLDER_BEING_WRITTEN.match(leftover.name)
             if m and int(m.group(1)) < newest and not (leftover / MANIFEST).is_file():
                 rmtree(leftover)
 
@@ -361,7 +359,7 @@ def complete_checkpoints(directory: StoragePath) -> list[StoragePath]:
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+             if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -379,12 +377,7 @@ def resolve_source(path: str | StoragePath) -> list[StoragePath]:
 
 def is_step_folder(path: StoragePath) -> bool:
     """A checkpoint of one step (rather than a checkpoint directory of them)."""
-    return (path / MANIFEST).is_file() or bool(_STEP_DIR.match(path.name))
-
-
-def is_step_name(name: str) -> bool:
-    """The name of a step's folder in a checkpoint directory, complete or being written."""
-    return bool(_STEP_DIR.match(name) or _TMP_DIR.match(name))
+    return (path / MANIFEST).is_file() or bool(STEP_FOLDER.match(path.name))
 
 
 def problem(path: StoragePath, every_file: bool = False) -> str | None:

@@ -37,8 +37,9 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from embshard.datasets.storage import StoragePath, relative, storage_failure
 from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line, version_mismatch
+from embshard.sealed_folders import CHECKPOINT_MANIFEST
 
-MANIFEST = "manifest.json"
+MANIFEST = CHECKPOINT_MANIFEST
 # 1: sizes only (older checkpoints; accepted, verified by size); 2: sizes and SHA-256.
 MANIFEST_VERSION = 2
 _CHUNK = 1 << 20  # bytes read per hashing call: large enough to be I/O bound, small in memory

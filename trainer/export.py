@@ -71,16 +71,17 @@ from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Storag
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
+from embshard.sealed_folders import SERVING_MANIFEST
 from embshard.sharding.embedding_module import inner_module
 from embshard.sharding.mlet import collapse_mlet_tables, is_mlet_w2, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
-from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, is_step_folder, is_step_name, newest_verified
+from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, newest_verified
 from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
 from embshard.trainer.method import get_method
 from embshard.trainer.models import TrainModel, build_model, get_arch
 
-MANIFEST = "serving.json"
+MANIFEST = SERVING_MANIFEST
 WEIGHTS = "weights.pt"
 PLAN = "plan.json"
 EXPORT_VERSION = 2  # 2: any arch; the manifest keeps the model config and the dataset spec
@@ -142,7 +143,6 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
         return _stored(out, f"exporting a live model to {out}", lambda: _export_live(model, out, sources, overwrite))
     checkpoint = location(source)
     check_checkpoint_io(checkpoint, "checkpoint")
-    _check_outside(out, checkpoint)
     # A raw error of a client library (DCP's s3fs) comes from reading the checkpoint; the upload's
     # own are StorageErrors already, naming the object.
     where = checkpoint if isinstance(checkpoint, RemotePath) else out
@@ -168,16 +168,6 @@ class _Sources:
     plan_dir: StoragePath | None  # plan.json and the remap files
     data_dir: StoragePath | None  # the dataset, whose vocabularies the export carries
     source: str  # what serving.json names as its origin
-
-
-def _check_outside(out: StoragePath, checkpoint: StoragePath) -> None:
-    """An export written inside a step of the checkpoint directory it reads got the next resume to
-    set that step aside as damaged and train its steps again; a step holds what its run wrote."""
-    folder = checkpoint.parent if is_step_folder(checkpoint) else checkpoint
-    inside = str(out.resolve()).removeprefix(f"{folder.resolve()}/")
-    if inside != str(out.resolve()) and is_step_name(inside.split("/")[0]):
-        raise ExportError(f"--out {out}: inside the checkpoint step {folder / inside.split('/')[0]}, which holds "
-                          "what its run wrote alone; write the export elsewhere")
 
 
 def _stored(where: StoragePath, doing: str, export: Callable[[], StoragePath | None]) -> StoragePath | None:

@@ -35,7 +35,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 
 from embshard.config import JobConfig, PepConfig, target_dir_name
-from embshard.datasets.outdir import check_not_in_dataset
+from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import write_whole
 from embshard.errors import ConfigError, PlanError, first_line
@@ -361,7 +361,7 @@ def check_pep_out(cfg: JobConfig) -> None:
     (whose output_dir its `pep.json` names). A second run there replaced the first one's record
     and non-zero history without a word."""
     out = cfg.pep_dir
-    check_not_in_dataset(out, "pep.out", ConfigError, itself=True)
+    check_not_in_sealed(out, "pep.out", ConfigError, itself=True)
     if out.exists() and not out.is_dir():
         # Found out at the first target otherwise, inside a worker, as a crash.
         raise ConfigError(f"pep.out {out}: a file; it names the folder the prune run writes its targets into")

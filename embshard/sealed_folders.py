@@ -1,0 +1,17 @@
+"""The names that make a folder one that holds what its writer put there alone: a checkpoint's
+step (checked file by file against its manifest) and an export. Torch-free, so that every
+command's output check (`datasets/outdir.py`) knows them without loading the trainer."""
+
+from __future__ import annotations
+
+import re
+
+CHECKPOINT_MANIFEST = "manifest.json"
+SERVING_MANIFEST = "serving.json"
+STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
+STEP_FOLDER_BEING_WRITTEN = re.compile(r"^step-(\d{6,})\.tmp$")
+
+
+def is_step_name(name: str) -> bool:
+    """The name of a step's folder in a checkpoint directory, complete or being written."""
+    return bool(STEP_FOLDER.match(name) or STEP_FOLDER_BEING_WRITTEN.match(name))
