@@ -22,7 +22,7 @@ from embshard.config import EmbeddingsConfig
 from embshard.datasets.profile import Profile, load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import read_json, write_whole, written_whole
-from embshard.errors import PlanError
+from embshard.errors import ConfigError, PlanError
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
 from embshard.planner.policies import plan_dimensions
@@ -53,15 +53,21 @@ class PlanBundle:
         }
 
     @staticmethod
-    def from_json(raw: dict[str, Any], directory: Path, optimizer: SparseOptimizer) -> "PlanBundle":
-        where = str(directory / PLAN_FILE)
+    def from_json(raw: dict[str, Any], path: Path, optimizer: SparseOptimizer) -> "PlanBundle":
+        """The plan read from the file `path` (any name: errors name it)."""
+        where, directory = str(path), path.parent
         try:
             dim_plan = DimensionPlan.from_json(raw["dimension_plan"], where)
             shard = ShardPlan.from_json(raw["shard_plan"], where)
+            shard.check_matches(dim_plan, shard.topology)  # its blocks, then its shards, before anything reads them
+            shard.check_shards(dim_plan)
         except KeyError as e:
             raise PlanError(f"{where}: missing section {e}") from None
-        shard.check_matches(dim_plan, shard.topology)  # its blocks, then its shards, before anything reads them
-        shard.check_shards(dim_plan)
+        except (PlanError, ConfigError) as e:
+            # A hand-edited file's topology or shards were refused without a word of which file.
+            if str(e).startswith(where):
+                raise
+            raise PlanError(f"{where}: {e}") from None
         for table in dim_plan.tables:
             if table.remap is not None and not (directory / table.remap).is_file():
                 raise PlanError(f"{where}: its remap file {table.remap} is not beside it; copy the plan's "
@@ -78,7 +84,7 @@ class PlanBundle:
         raw = read_json(path, PlanError)
         if not isinstance(raw, dict):
             raise PlanError(f"{path}: not a plan (a JSON {type(raw).__name__}, not an object)")
-        return PlanBundle.from_json(raw, path.parent, optimizer)
+        return PlanBundle.from_json(raw, path, optimizer)
 
     def copy_to(self, directory: Path, name: str = PLAN_FILE) -> "PlanBundle":
         """This plan (its file, as `name`, and its remap files) saved in `directory`, e.g. a run's
@@ -130,8 +136,10 @@ def _remap_readers(directory: Path, besides: Path) -> dict[str, str]:
     """remap file -> the name of a plan or decisions file in `directory`, other than `besides`,
     that reads it."""
     # Regular files only: a FIFO named *.json held the read open for good.
-    return {remap: other.name for other in sorted(directory.glob("*.json"))
-            if other.is_file() and other.resolve() != besides.resolve() for remap in _remaps_read_by(other)}
+    # Any case of the suffix, as `plan --out` takes it: a plan named X.JSON lost its remap files
+    # when another plan of the folder was replaced.
+    return {remap: other.name for other in sorted(directory.iterdir()) if other.suffix.lower() == ".json"
+            and other.is_file() and other.resolve() != besides.resolve() for remap in _remaps_read_by(other)}
 
 
 def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:

@@ -365,6 +365,33 @@ def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path,
     capsys.readouterr()
 
 
+def test_a_plan_of_any_suffix_case_keeps_its_remaps_and_its_errors_name_it(tmp_path, capsys):
+    # `plan --out X.JSON` is a plan file, but the folder's readers of remaps were *.json alone:
+    # replacing another plan there deleted X.JSON's remap files. And a hand-edited plan's errors
+    # named plan.json, or no file at all.
+    from embshard.errors import PlanError
+    from embshard.planner.pipeline import PlanBundle
+
+    cfg = _mde_within_on_two_datasets(tmp_path)
+    plans = tmp_path / "plans"
+    for name in ("X.JSON", "y.json"):
+        assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--out", str(plans / name)]) == 0
+    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--set", "embeddings.policy=uniform",
+                 "--out", str(plans / "y.json"), "--overwrite"]) == 0
+    assert PlanBundle.load(plans / "X.JSON", "rowwise_adagrad").id_maps()
+    raw = json.loads((plans / "X.JSON").read_text())
+    raw["shard_plan"]["topology"]["world_size"] = 0
+    (plans / "Z.JSON").write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match=rf"^{plans / 'Z.JSON'}: world_size: must be >= 1, got 0$"):
+        PlanBundle.load(plans / "Z.JSON", "rowwise_adagrad")
+    (plans / "X.JSON").rename(plans / "x.json")
+    for remap in plans.glob("*.remap.npy"):
+        remap.unlink()
+    with pytest.raises(PlanError, match=rf"^{plans / 'x.json'}: its remap file .* is not beside it"):
+        PlanBundle.load(plans / "x.json", "rowwise_adagrad")
+    capsys.readouterr()
+
+
 def test_a_plan_replaced_midway_keeps_reading_its_own_rows(tmp_path, monkeypatch):
     # `plan --out DIR --overwrite` wrote the new remap files over the old ones, then the plan file:
     # stopped between the two, the old plan read the new plan's row order, silently.
