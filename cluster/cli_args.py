@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from embshard.arg_types import nonempty_path
-from embshard.config import MAX_WORLD_SIZE
+from embshard.config import MAX_WORLD_SIZE, device_memory_problem
 
 # `embshard train` flag that resumes a checkpoint with its own model config (cluster/resume_config.py).
 ADOPT_FLAG = "--resume-with-checkpoint-config"
@@ -37,8 +37,9 @@ def gibibytes(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    problem = device_memory_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

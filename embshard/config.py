@@ -11,6 +11,7 @@ the run's method, `trainer/method.py`), `sharding` by the shard planner, `train`
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from embshard.errors import ConfigError
-from embshard.planner.rounding import RoundingRule, width_problem
+from embshard.planner.rounding import MAX_DIM, RoundingRule, width_problem
 from embshard.typed_config import from_dict, load_yaml, to_dict
 
 if TYPE_CHECKING:
@@ -65,8 +66,8 @@ class MletConfig:
                 f"ratio: {self.ratio} < 1 gives k < d, which shrinks the space of tables the "
                 "factorisation can represent (MLET paper, Theorem 2.2); use ratio >= 1"
             )
-        if self.width is not None and self.width < 1:
-            raise ConfigError(f"width: must be positive, got {self.width}")
+        if self.width is not None and not 1 <= self.width <= MAX_DIM:
+            raise ConfigError(f"width: must be 1 to {MAX_DIM:,}, got {self.width:,}")
         if self.features is not None and not self.features:  # planned with no MLET, silently
             raise ConfigError("features: an empty list trains no table with MLET; leave it out for all of them, "
                               "or leave out embeddings.mlet")
@@ -351,6 +352,18 @@ class ModelConfig:
                 raise ConfigError(f"{name}: layer widths must be 1 to {MAX_LAYER_WIDTH:,}, got {getattr(self, name)}")
 
 
+# The most memory a rank may be given: far above any device (a bound of policy), far below where
+# the planner's byte counts overflow (1e300 GiB was an OverflowError traceback).
+MAX_DEVICE_MEMORY_GB = 1 << 20
+
+
+def device_memory_problem(gb: float | None) -> str | None:
+    """Why `gb` is no rank's memory in GiB (None if it is, or is left to the device's default)."""
+    if gb is not None and not (math.isfinite(gb) and 0 < gb <= MAX_DEVICE_MEMORY_GB):
+        return f"must be a positive number of GiB up to {MAX_DEVICE_MEMORY_GB:,}, got {gb}"
+    return None
+
+
 @dataclass
 class ShardingConfig:
     device: Literal["cpu", "cuda"] = "cpu"  # what the plan is for; decides the sharding types TorchRec may use
@@ -367,9 +380,10 @@ class ShardingConfig:
                               "device supports")
         if self.local_world_size is not None and self.local_world_size < 1:
             raise ConfigError(f"local_world_size: must be >= 1, got {self.local_world_size}")
-        if self.device_memory_gb is not None and self.device_memory_gb <= 0:
+        problem = device_memory_problem(self.device_memory_gb)
+        if problem:
             # TopologySpec checks it too; here, as the config is read, the error names its section.
-            raise ConfigError(f"device_memory_gb: must be a positive number, got {self.device_memory_gb}")
+            raise ConfigError(f"device_memory_gb: {problem}")
 
     def topology(self, world_size: int, local_from: str = "sharding.local_world_size") -> TopologySpec:
         """`local_from`: where local_world_size was set, for the error (a flag, on the command line)."""

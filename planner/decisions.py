@@ -23,12 +23,10 @@ from typing import Any
 
 from embshard.datasets.storage import read_json, write_whole
 from embshard.errors import PlanError, no_file, version_mismatch
+from embshard.planner.rounding import MAX_DIM
 from embshard.planner.types import ROW_ORDERS, RowOrder
 
 DECISIONS_VERSION = 1
-# The widest block a decisions file may give: far above any embedding (a bound of policy, as
-# model.dense_arch has), far below where the rounding to the width grid overflows int64.
-MAX_DIM = 1 << 24
 
 
 @dataclass(frozen=True)

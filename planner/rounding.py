@@ -31,10 +31,17 @@ class Rounded:
     note: str | None  # None when there is nothing a user needs to know
 
 
+# The widest block a config or decisions file may give: far above any embedding (a bound of
+# policy, as model.dense_arch has), far below where the rounding to the width grid overflows int64.
+MAX_DIM = 1 << 24
+
+
 def width_problem(width: int, rule: RoundingRule) -> str | None:
     """Why `width` is not on `rule`'s grid (None if it is); config checks use this for dims."""
     if width < 1:
         return f"must be positive, got {width}"
+    if width > MAX_DIM:  # embeddings.dim 2**63 was a table's "dim must be positive" in MDE's rounding
+        return f"at most {MAX_DIM:,}, got {width:,}"
     if rule == "multiple4" and width % FBGEMM_ALIGN:
         return f"{width} is not a multiple of {FBGEMM_ALIGN} (rounding: multiple4; FBGEMM needs it)"
     if rule == "pow2" and (width < FBGEMM_ALIGN or width & (width - 1)):

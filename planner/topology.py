@@ -6,7 +6,6 @@ topology is a description handed to TorchRec's planner, never a probe of local d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +17,7 @@ from torchrec.distributed.planner.types import (
     TrainerConfig,
 )
 
+from embshard.config import device_memory_problem
 from embshard.errors import ConfigError
 
 GIB = 1024**3
@@ -53,9 +53,9 @@ class TopologySpec:
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ConfigError(f"world_size: must be >= 1, got {self.world_size}")
-        gb = self.device_memory_gb
-        if gb is not None and not (math.isfinite(gb) and gb > 0):
-            raise ConfigError(f"device_memory_gb: must be a positive number, got {self.device_memory_gb}")
+        problem = device_memory_problem(self.device_memory_gb)
+        if problem:
+            raise ConfigError(f"device_memory_gb: {problem}")
         if self.local_world_size is not None and not (
             1 <= self.local_world_size <= self.world_size
             and self.world_size % self.local_world_size == 0

@@ -571,11 +571,12 @@ def test_plan_writes_nothing_it_refuses_and_never_over_a_file_not_a_plan(tmp_pat
     # a plan file in the config is not what `plan` reads: said, not silently passed over
     assert main(["plan", str(cfg), "--set", f"sharding.plan_file={out}", "--out", str(tmp_path / "q.json")]) == 0
     assert f"note: sharding.plan_file {out} is what `train` trains; `plan` makes a new plan" in capsys.readouterr().out
-    for bad in ("nan", "inf", "-1"):
+    for bad, said in (("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"), ("1e300", "1e+300")):  # 1e300: a traceback
         with pytest.raises(SystemExit) as exited:
             main(["plan", str(cfg), "--device-memory-gb", bad])
         assert exited.value.code == 2
-        assert f"argument --device-memory-gb: must be a positive number, got {bad}" in capsys.readouterr().err
+        assert (f"argument --device-memory-gb: must be a positive number of GiB up to 1,048,576, got {said}"
+                in capsys.readouterr().err)
 
 
 def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):

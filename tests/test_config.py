@@ -228,8 +228,13 @@ def test_worker_resources_are_custom_resources_only() -> None:
     ("model: {options: {when: !!timestamp 2020-01-01}}\n", [], r"model\.options\.when: date values are not kept"),
     ("model: {options: {s: [1, .nan]}}\n", [], r"model\.options\.s\[1\]: expected a finite number, got nan"),
     # Named `device_memory_gb` alone, from deep in the planner.
-    ("{}\n", ["sharding.device_memory_gb=-1"], r"^sharding\.device_memory_gb: must be a positive number, got -1\.0 "
-                                               r"\(from --set\)"),
+    ("{}\n", ["sharding.device_memory_gb=-1"], r"^sharding\.device_memory_gb: must be a positive number of GiB up "
+                                               r"to 1,048,576, got -1\.0 \(from --set\)"),
+    # An OverflowError traceback from the planner's byte counts.
+    ("{}\n", ["sharding.device_memory_gb=1e300"], r"^sharding\.device_memory_gb: must be .* got 1e\+300"),
+    # 2**63 overflowed int64 in MDE's rounding: three lines, blaming a table.
+    ("{}\n", ["embeddings.dim=9223372036854775808"], r"^embeddings\.dim: at most 16,777,216, got "
+                                                     r"9,223,372,036,854,775,808"),
     ("{}\n", ["data.batch_size=99999999999999999999"], r"^data\.batch_size: at most 16,777,216 rows a worker"),
     # Trained from scratch as if no checkpoint were named.
     ("checkpoint: {resume: ''}\n", [], r"checkpoint\.resume: an empty path"),

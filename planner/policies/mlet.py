@@ -10,8 +10,7 @@ import dataclasses
 
 from embshard.config import MletConfig
 from embshard.errors import ConfigError, PlanError
-from embshard.planner.decisions import MAX_DIM
-from embshard.planner.rounding import RoundingRule, round_width
+from embshard.planner.rounding import MAX_DIM, RoundingRule, round_width
 from embshard.planner.types import DimensionPlan
 
 
