@@ -333,6 +333,18 @@ class DataConfig:
 # (MLPerf's DLRM tops out at 1024) and far below where torch's size arithmetic overflows while
 # the plan counts the layers (2**62 did: the count was skipped, and the workers crashed).
 MAX_LAYER_WIDTH = 1 << 24
+# The deepest network a config may ask for, for the same reason: a cross net of 1,000,000 layers
+# planned until it was killed, its memory growing.
+MAX_LAYERS = 1024
+
+
+def layers_problem(widths: list[int]) -> str | None:
+    """Why `widths` are no MLP's hidden layers (None if they are)."""
+    if len(widths) > MAX_LAYERS:
+        return f"at most {MAX_LAYERS:,} layers, got {len(widths):,}"
+    if any(not 1 <= w <= MAX_LAYER_WIDTH for w in widths):
+        return f"layer widths must be 1 to {MAX_LAYER_WIDTH:,}, got {widths}"
+    return None
 
 
 @dataclass
@@ -348,8 +360,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("dense_arch", "over_arch"):
-            if any(not 1 <= w <= MAX_LAYER_WIDTH for w in getattr(self, name)):
-                raise ConfigError(f"{name}: layer widths must be 1 to {MAX_LAYER_WIDTH:,}, got {getattr(self, name)}")
+            problem = layers_problem(getattr(self, name))
+            if problem:
+                raise ConfigError(f"{name}: {problem}")
 
 
 # The most memory a rank may be given: far above any device (a bound of policy), far below where

@@ -156,6 +156,22 @@ def test_mlp_layers_no_model_can_build_are_refused_by_name():
         with pytest.raises(ConfigError, match=rf"^model\.over_arch: layer widths must be 1 to 16,777,216, "
                                               rf"got \[{width}\]"):
             from_dict(JobConfig, {"model": {"over_arch": [width]}})
+    with pytest.raises(ConfigError, match=r"^model\.dense_arch: at most 1,024 layers, got 100,000"):
+        from_dict(JobConfig, {"model": {"dense_arch": [8] * 100_000}})
+    # An arch's own options too: the plan was written with the dense layers uncounted, or planned
+    # until it was killed (a cross net of 1,000,000 layers).
+    from embshard.config import ModelConfig
+    from embshard.trainer.models.dcn import dcn_options
+    from embshard.trainer.models.two_tower import parse_options
+
+    for options, said in (({"dcn_low_rank_dim": 2**62}, r"dcn_low_rank_dim: must be an integer from 1 to 16,777,216"),
+                          ({"dcn_num_layers": 1_000_000}, r"dcn_num_layers: must be an integer from 1 to 1,024")):
+        with pytest.raises(ConfigError, match=rf"^model\.options\.{said}, got"):
+            dcn_options(ModelConfig(arch="dlrm_dcn", options=options))
+    for options, said in (({"out_dim": 2**62}, r"out_dim: must be 1 to 16,777,216"),
+                          ({"hidden": [2**62]}, r"hidden: layer widths must be 1 to 16,777,216")):
+        with pytest.raises(ConfigError, match=rf"^model\.options\.{said}, got"):
+            parse_options(options)
 
 
 def test_a_key_given_twice_is_refused_with_both_places(tmp_path):

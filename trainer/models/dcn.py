@@ -18,7 +18,7 @@ from torchrec.models.dlrm import DenseArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embshard.config import JobConfig, ModelConfig
+from embshard.config import MAX_LAYER_WIDTH, MAX_LAYERS, JobConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.sharding.embedding_module import EmbeddingModule
@@ -50,10 +50,10 @@ class DlrmDcnArch(ModelArch):
 def dcn_options(cfg: ModelConfig) -> dict[str, int]:
     """The cross net's options, defaults filled in; ConfigError naming a bad one."""
     options: dict[str, Any] = {**DEFAULT_OPTIONS, **cfg.options}
-    for key in DEFAULT_OPTIONS:
+    for key, most in (("dcn_num_layers", MAX_LAYERS), ("dcn_low_rank_dim", MAX_LAYER_WIDTH)):
         value = options[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"model.options.{key}: must be an integer >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise ConfigError(f"model.options.{key}: must be an integer from 1 to {most:,}, got {value!r}")
     return {k: options[k] for k in DEFAULT_OPTIONS}
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embshard.config import JobConfig, ModelConfig
+from embshard.config import MAX_LAYER_WIDTH, JobConfig, ModelConfig, layers_problem
 from embshard.datasets.catalog import read_catalog
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, flat_ids
@@ -51,10 +51,11 @@ class TwoTowerOptions:
     k: list[int] = field(default_factory=lambda: [10, 50])  # recall@K and NDCG@K cut-offs
 
     def __post_init__(self) -> None:
-        if any(w < 1 for w in self.hidden):
-            raise ConfigError(f"{WHERE}.hidden: layer widths must be >= 1, got {self.hidden}")
-        if self.out_dim < 1:
-            raise ConfigError(f"{WHERE}.out_dim: must be >= 1, got {self.out_dim}")
+        problem = layers_problem(self.hidden)
+        if problem:
+            raise ConfigError(f"{WHERE}.hidden: {problem}")
+        if not 1 <= self.out_dim <= MAX_LAYER_WIDTH:
+            raise ConfigError(f"{WHERE}.out_dim: must be 1 to {MAX_LAYER_WIDTH:,}, got {self.out_dim}")
         if not self.temperature > 0:
             raise ConfigError(f"{WHERE}.temperature: must be > 0, got {self.temperature}")
         if not self.k or any(k < 1 for k in self.k):
