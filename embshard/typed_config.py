@@ -108,11 +108,44 @@ def json_schema(hint: Any) -> dict[str, Any]:
     return {"type": scalar[hint]} if hint in scalar else {}
 
 
+# More values than any config holds, far fewer than aliases of aliases can make of a few lines.
+MAX_YAML_VALUES = 1_000_000
+
+
 class ConfigLoader(yaml.SafeLoader):
     """SafeLoader that resolves plain scalars by YAML 1.2's core schema and refuses a key given
     twice. PyYAML resolves YAML 1.1, where `1e-3` is a string (floats need a dot), `010` is 8,
     `1:30` is 90, `off` is false and `2026-01-01` a date; and it keeps the last of two `train:` sections, dropping
     every setting of the first without a word."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._open_anchors: list[str] = []
+        self._values: dict[int, int] = {}  # id(node) -> the values it holds once its aliases are expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # Aliases are shared, not copied: `&a {x: *a}` built a mapping that holds itself (a
+        # RecursionError traceback), and nine lines of lists of aliases a billion values (a hang).
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} inside the value it names",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        anchor = getattr(event, "anchor", None)
+        self._open_anchors.append(anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open_anchors.pop()
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        values = 1 + sum(self._values.get(id(child), 1) for child in children)
+        if values > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"over {MAX_YAML_VALUES:,} values once its aliases are "
+                                              "expanded", node.start_mark)
+        self._values[id(node)] = values
+        return node
 
     def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
         # Checked as written, before `<<` merges are flattened into the nodes (which may

@@ -254,6 +254,13 @@ def test_worker_resources_are_custom_resources_only() -> None:
     ("{}\n", ["data.batch_size=99999999999999999999"], r"^data\.batch_size: at most 16,777,216 rows a worker"),
     # Trained from scratch as if no checkpoint were named.
     ("checkpoint: {resume: ''}\n", [], r"checkpoint\.resume: an empty path"),
+    # A RecursionError traceback, and a hang: aliases are shared, so a value could hold itself, and
+    # a few lines of aliases of aliases a billion values.
+    ("model: {options: &a {x: *a}}\n", [], r"c\.yaml:1:25: not valid YAML \(alias \*a inside the value it names\)"),
+    ("model:\n  options:\n    x0: &x0 [a, b, c, d, e, f, g, h, i, j]\n" + "".join(
+        f"    x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 8)), [],
+     r"c\.yaml:8:9: not valid YAML \(over 1,000,000 values once its aliases are expanded\)"),
+    ("{}\n", ["model.options={x: &a [*a]}"], r"--set 'model\.options=.*':1:9: not valid YAML \(alias \*a inside"),
 ])
 def test_a_config_that_is_no_mapping_of_fields_is_one_line(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"
