@@ -835,14 +835,15 @@ def test_sigterm_while_the_command_line_loads_is_said_as_an_interrupt(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "embshard: interrupted"
-    # Once the command is done, SIGTERM is Python's default again: a stop during the interpreter's
-    # exit (Ray's shutdown) printed a KeyboardInterrupt traceback and exited 0.
+    # Once the command is done, SIGTERM and SIGINT are the system's defaults: a stop during the
+    # interpreter's exit (Ray's shutdown, atexit callbacks) printed a KeyboardInterrupt traceback
+    # and exited 0.
     after = ("import signal\n"
              "from embshard.cluster.entry import main\n"
              "try:\n"
              "    main()\n"
              "except SystemExit:\n"
              "    pass\n"
-             "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+             "print(signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT) is signal.SIG_DFL)\n")
     done = subprocess.run([sys.executable, "-c", after, "--help"], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr
