@@ -175,7 +175,10 @@ def _make(folder: Path) -> list[Path]:
 def _acquire(path: Path) -> int | None:
     """The locked file's descriptor; None where the file system has no locks to take."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a file system that takes no files (/proc): a traceback
+            raise EnvironmentProblem(f"{path.parent}: no file can be created there ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,8 +48,9 @@ class FeatureStats:
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} {value!r} is no count")
         mean = self.mean_ids_per_row
-        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean) or mean < 0:
-            raise ValueError(f"mean_ids_per_row {mean!r} is no pooling factor")
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not 0 <= mean <= self.total_ids:
+            # Above total_ids, no row count gives it (1e308 was an OverflowError in TorchRec's planner).
+            raise ValueError(f"mean_ids_per_row {mean!r} is no pooling factor of {self.total_ids:,} ids")
 
 
 @dataclass

@@ -96,6 +96,10 @@ def parse_decisions(raw: Any) -> Decisions:
         raise PlanError(f"method: expected a non-empty string, got {raw['method']!r}")
     if not isinstance(raw.get("meta", {}), dict):
         raise PlanError(f"meta: expected an object, got {raw['meta']!r}")
+    try:  # it is copied into plan.json, which then held a bare NaN no JSON reader takes
+        json.dumps(raw.get("meta", {}), allow_nan=False)
+    except ValueError:
+        raise PlanError("meta: holds NaN or an infinity, which JSON has no number for") from None
     tables = raw["tables"]
     if not isinstance(tables, dict) or not tables:
         raise PlanError(f"tables: expected a non-empty object, got {tables!r}")

@@ -223,7 +223,7 @@ def make_constraints(
     # the pooled collection's list.
     if unsupported and any(t.sharding_types is None for t in plan.tables):
         raise PlanError(
-            f"sharding types {unsupported} are not supported for EmbeddingBagCollection on "
+            f"sharding.sharding_types: {unsupported} not supported for EmbeddingBagCollection on "
             f"{topology.device} (supported: {', '.join(topology.sharding_types)})"
         )
     owner = {t.block_name(i): t for t in plan.tables for i in range(len(t.blocks))}

@@ -811,6 +811,7 @@ def test_an_out_no_folder_can_be_made_in_or_a_loop_of_links_is_one_line(tmp_path
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     capsys.readouterr()
     for out, said in (("/proc/embshard-test", r"/proc/embshard-test: no folder can be created there"),
+                      ("/proc/embshard-test.json", r"/proc: no file can be created there"),
                       (str(tmp_path / "loop1"), r"loop1/plan\.json: a loop of symbolic links")):
         assert main(["plan", str(cfg), "--out", out]) == 2
         err = capsys.readouterr().err.strip()

@@ -140,6 +140,8 @@ def test_a_damaged_profile_is_one_line_naming_its_file(tmp_path: Path) -> None:
     for change, message in ((lambda s: s.update(mean_ids_per_row=float("nan")), "mean_ids_per_row nan is no pooling"),
                             (lambda s: s.update(mean_ids_per_row=-3), "mean_ids_per_row -3 is no pooling"),
                             (lambda s: s.update(mean_ids_per_row="1.0"), "mean_ids_per_row '1.0' is no pooling"),
+                            # An OverflowError traceback from TorchRec's planner.
+                            (lambda s: s.update(mean_ids_per_row=1e308), r"mean_ids_per_row 1e\+308 is no pooling"),
                             (lambda s: s.update(rows=-1), "rows -1 is no count")):
         with pytest.raises(DataError, match="profile.json: malformed profile .*" + message):
             damaged(change)

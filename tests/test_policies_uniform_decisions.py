@@ -99,6 +99,15 @@ def test_example_file_parses_and_matches_the_schema():
 GOOD = {"version": 1, "method": "autodim", "base_dim": 16, "tables": {"C1": {"dim": 8}}}
 
 
+def test_a_nan_in_decisions_meta_is_refused(tmp_path):
+    # Copied into plan.json as a bare NaN, which no JSON reader takes. (Python's json reads and
+    # writes NaN; JSON, and so the schema, has no such number.)
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps({**GOOD, "meta": {"x": float("nan")}}))
+    with pytest.raises(PlanError, match=rf"^{path}: meta: holds NaN or an infinity"):
+        load_decisions(path)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

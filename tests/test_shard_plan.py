@@ -87,7 +87,7 @@ def test_cpu_topology_never_gets_row_wise(small) -> None:
     _, shard_plan = small
     assert not {"row_wise", "table_row_wise"} & {ps.sharding_type for ps in shard_plan.sharding.values()}
     plan, _ = small
-    with pytest.raises(PlanError, match=r"\['row_wise'\] are not supported .* on cpu"):
+    with pytest.raises(PlanError, match=r"^sharding\.sharding_types: \['row_wise'\] not supported .* on cpu"):
         make_constraints(plan, TopologySpec(world_size=2), sharding_types=["row_wise"])
 
 
