@@ -120,7 +120,7 @@ class ConfigLoader(yaml.SafeLoader):
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
-        self._open_anchors: list[str] = []
+        self._open_anchors: list[str | None] = []
         self._values: dict[int, int] = {}  # id(node) -> the values it holds once its aliases are expanded
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:

@@ -82,7 +82,7 @@ class Release:
     movies: pa.Table  # movieId, year, genres (list<string>)
     users: pa.Table | None  # userId, gender, age, occupation, zip
     movies_file: str  # what the two tables were read from, for messages
-    users_file: str | None = None
+    users_file: str = "users.dat"
 
 
 def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: str, seed: int,
@@ -300,7 +300,7 @@ def _ml1m(src: Path, malformed: Malformed) -> Release:
     movies = _movies(_one_row_each(_read(src / "movies.dat", ["movieId", "title", "genres"], "::", malformed,
                                          latin1=True, kinds={"movieId": "integer"}), "movieId", src / "movies.dat"))
     name = "ml-1m" if users is not None else "ml-10m"
-    return Release(name, ratings, movies, users, "movies.dat", "users.dat" if users is not None else None)
+    return Release(name, ratings, movies, users, "movies.dat")
 
 
 def _ml_csv(src: Path, malformed: Malformed) -> Release:
