@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from embshard.datasets.schema import (
     ITEMS_DIR,
     PART_PATTERN,
@@ -400,14 +402,15 @@ def _upload(staging: Path, out: RemotePath, marker: str) -> None:
         raise Interrupted(f"stopped once {out} was written whole") from None
     except BaseException:
         # The copy moves the marker last and deletes the source's first: one of them holds it.
-        if _answers_has(uploaded / marker):
+        if _store_has(uploaded / marker):
             print(f"warning: the complete new folder is at {uploaded}", file=sys.stderr)
         raise
 
 
-def _answers_has(path: RemotePath) -> bool:
-    """Whether the store says `path` is there; False when it does not answer."""
+def _store_has(path: RemotePath) -> bool:
+    """Whether the store says `path` is there, asked once: it has just failed, and retried, the
+    warning would wait for as long as the store stays away. False when it does not answer."""
     try:
-        return path.is_file()
-    except EmbshardError:
+        return bool(path.fs.get_file_info(path.path).type == pafs.FileType.File)
+    except Exception:  # noqa: BLE001 - any failure to answer is a no
         return False
