@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from embshard.config import AutodimConfig, EmbeddingsConfig, JobConfig, MletConfig, PepConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError, PlanError
+from embshard.errors import ConfigError, PlanError, TrainingDiverged
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.rounding import round_width
@@ -92,8 +92,15 @@ class TrialRuns:
             return self.trial.sweep_method.first_run(self)
 
     def points(self, train: Train) -> list[Point]:
-        with self._users_code("points"):
-            return self.trial.sweep_method.points(self, train)
+        """The method's points; a finding of a run that every point rests on (a prune or search
+        that diverged) is each of them with its error: as a failed trial, it failed again on every
+        resume, and no report was ever written."""
+        try:
+            with self._users_code("points"):
+                return self.trial.sweep_method.points(self, train)
+        except FINDINGS as e:
+            budgets = self.budgets if self.trial.sweep_method.every_budget_at_once else [self.budget]
+            return [point(self.trial, b, error=str(e)) for b in budgets]
 
     def _users_code(self, hook: str) -> AbstractContextManager[None]:
         """A user's method failing in its own code: one line naming it and where (an error of
@@ -297,12 +304,18 @@ def base_params(cfg: JobConfig, spec: DatasetSpec) -> int:
     return uniform_plan(replace(cfg.embeddings, policy="uniform", mlet=None), spec).serve_params()
 
 
+# What a run's setting, not its environment, brings about: a budget the method's plan cannot meet
+# (an MDE budget below its floor), learning rates that diverge. Each is a result at that point;
+# a failed trial failed the same way on every resume.
+FINDINGS = (PlanError, TrainingDiverged)
+
+
 def trained_point(trial: Trial, budget: float, cfg: JobConfig, train: Train) -> Point:
-    """The point of one run at `budget`; a budget the method's plan cannot meet (an MDE budget
-    below its floor) is a finding, a point with its error, not a failed trial."""
+    """The point of one run at `budget`; a finding of its run is a point with its error, not a
+    failed trial."""
     try:
         plan, summary = train(cfg, None)
-    except PlanError as e:
+    except FINDINGS as e:
         return point(trial, budget, error=str(e))
     return point(trial, budget, summary, plan.serve_params(), plan)
 

@@ -97,13 +97,16 @@ def trial_points(results: list[tune.Result], out: StoragePath, trials: int) -> l
     """Every trial's points; a failed trial's error, or, where Tune stopped before every one of
     the sweep's `trials` reported (Ctrl-C), how to continue: the finished trials are in Tune's
     state in `out`. Tune's results hold only the trials it had started."""
-    failed = [(r.path, r.error) for r in results if r.error is not None]
+    failed = [r for r in results if r.error is not None]
     if failed:
-        path, error = failed[0]
-        found = worker_error(error)
+        first = failed[0]
+        found = worker_error(first.error)
         if isinstance(found.error, EmbshardError):
-            raise found.error
-        raise console.Crashed(f"{len(failed)} trial(s) failed, first in {path}: {found.summary()}; "
+            # Which trial, and what --resume does: the line said neither.
+            trial = Trial.from_json(first.config["trial"]).key if first.config else first.path
+            raise type(found.error)(f"trial {trial}: {found.error} ({len(failed)} trial(s) failed; --resume retries "
+                                    "them once it is mended)") from None
+        raise console.Crashed(f"{len(failed)} trial(s) failed, first in {first.path}: {found.summary()}; "
                               f"run again with --resume to retry them")
     finished = [r for r in results if "points" in (r.metrics or {})]
     if len(finished) < trials:
@@ -122,7 +125,7 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
 
 # What a sweep's spec file records besides the spec: the job config, the data's hash and where it
 # was started.
-RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "out": str}
+RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "data": str, "out": str}
 
 
 def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool,
@@ -168,6 +171,12 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
             key, then, now = differs
             raise ConfigError(f"--resume: {out} was started with {key} = {then!r}, this command has {now!r}; "
                               "resume it with the config and --set it was started with")
+        data = _data_path(cfg)
+        if record.get("data", data) != data:  # a sweep from before it was recorded: unchecked
+            # Tune restores each trial with the job it was started with: its trials trained on the
+            # recorded data whatever this command names, and the report filed them under this one's.
+            raise ConfigError(f"--resume: {out} was started on data.path {record['data']}, which its trials train on "
+                              f"whatever this command names; resume it with data.path {record['data']}")
         if record.get("dataset_sha256", data_sha) != data_sha:  # a sweep from before it was recorded: unchecked
             raise ConfigError(f"--resume: {out} was started on other data than data.path {cfg.data.path} holds now "
                               f"(dataset hash {record['dataset_sha256'][:12]}, now {data_sha[:12]}): its points "
@@ -193,8 +202,13 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
                           f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg), "dataset_sha256": data_sha,
-                                                   "out": _where(out)}) + "\n")
+                                                   "data": _data_path(cfg), "out": _where(out)}) + "\n")
     return False
+
+
+def _data_path(cfg: JobConfig) -> str:
+    """data.path as the trials read it: a relative path from where the sweep was started."""
+    return with_paths_resolved(cfg).data.path
 
 
 def _check_tune_state(experiment: StoragePath) -> None:

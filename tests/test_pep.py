@@ -553,3 +553,9 @@ def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
     ticket = LotteryTicket.load(prune.pep_dir, 0.99)
     assert sizes["pep"] == ticket.nonzero
     assert sizes["pep"] <= 0.99 * base_params(base, spec) and sizes["pep+mlet"] <= base_params(base, spec)
+    # A prune that diverges is each budget's point with its error: as a failed trial it failed
+    # again on every resume, and the sweep never wrote a report.
+    diverging = replace(base, train=replace(base.train, sparse_lr=1e30, dense_lr=1e30))
+    points = TrialRuns(diverging, spec, Trial("pep", 1), budgets, tmp_path / "diverged").points(train)
+    assert [p["budget"] for p in points] == budgets
+    assert all(p["error"].startswith("training diverged") for p in points), points

@@ -580,6 +580,12 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
                                                     f"{cfg.data.path} holds now (dataset hash aaaaaaaaaaaa, now "
                                                     "bbbbbbbbbbbb)")):
         _claim_folder(out, out, spec, cfg, resume=True, data_sha="b" * 64)
+    # Another data.path that holds the same data: the trials would read the recorded path all the
+    # same (a resume put them under the other data, which was then written again, unsaid).
+    moved = load_job_config(REPO / "configs" / "default.yaml", [f"data.path={tmp_path / 'elsewhere'}"])
+    with pytest.raises(ConfigError, match=re.escape(f"--resume: {out} was started on data.path "
+                                                    f"{Path(cfg.data.path).resolve()}, which its trials train on")):
+        _claim_folder(out, out, spec, moved, resume=True, data_sha="a" * 64)
     # Keys that change nothing may differ; then, with no Tune state here, it starts afresh.
     quiet = load_job_config(REPO / "configs" / "default.yaml", ["train.log_every=7"])
     assert not _claim_folder(out, out, spec, quiet, resume=True, data_sha="a" * 64)
@@ -664,6 +670,14 @@ def test_a_sweep_stopped_before_every_trial_reported_says_how_to_continue(tmp_pa
     # Tune's results hold the trials it had started: a third, never started, was not counted.
     with pytest.raises(Interrupted, match=r"stopped with 2 of 3 trials unfinished"):
         trial_points([done, stopped], tmp_path, 3)
+    # A trial's error of embshard's names the trial and what --resume does (it said neither).
+    from embshard.errors import DataError
+
+    failed = Result(metrics={"config": {"trial": {"method": "mde", "seed": 2, "budget": 0.5}}}, checkpoint=None,
+                    error=DataError("data/train: part-00001.parquet is damaged"), path=str(tmp_path / "t2"))
+    with pytest.raises(DataError, match=r"^trial mde-b0\.5-s2: data/train: part-00001\.parquet is damaged \(1 "
+                                        r"trial\(s\) failed; --resume retries them once it is mended\)$"):
+        trial_points([done, failed], tmp_path, 2)
 
 
 def sweep_report_of(points: list[dict], methods: list[str], planted: dict | None = None, **overrides: str) -> dict:
