@@ -223,6 +223,12 @@ def _earlier_merge(out: StoragePath, overwrite: bool) -> list[StoragePath]:
                 raise DataError(f"--out {out}: {name} is a sweep's own report, not a merge's; refusing to "
                                 f"replace it, even with --overwrite")
         files.append(entry)
+    # A table or figure is a merge's only beside its report: a user's sweep-notes.md went with it.
+    reports = {f.name.removesuffix(".json") for f in files if f.name.endswith(".json")}
+    for f in files:
+        if f.name.rsplit(".", 1)[0] not in reports:
+            raise DataError(f"--out {out}: holds {f.name}, which is no merge's (no {f.name.rsplit('.', 1)[0]}.json "
+                            "beside it); refusing to replace it, even with --overwrite")
     return files
 
 

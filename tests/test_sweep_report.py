@@ -1001,6 +1001,14 @@ def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys)
     (out / ".sweep-tiny.partial.json").write_text("{")
     assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["sweep-tiny.json", "sweep-tiny.md", "sweep-tiny.png"]
+    # A user's notes or figure named like a merge's, with no merge report of theirs: deleted.
+    (out / "sweep-notes.md").write_text("mine")
+    capsys.readouterr()
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 2
+    assert (f"--out {out}: holds sweep-notes.md, which is no merge's (no sweep-notes.json beside it)"
+            in capsys.readouterr().err)
+    assert (out / "sweep-notes.md").read_text() == "mine"
+    (out / "sweep-notes.md").unlink()
     (out / "sweep-tiny.json").write_text(merged[:50])  # truncated: was a JSONDecodeError traceback
     capsys.readouterr()
     assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 2
