@@ -14,10 +14,12 @@ matter on this data, and names no ratio (it would mean nothing).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import statistics
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from embshard.cluster.sweep_plan import (
 )
 from embshard.config import JobConfig, current_schema
 from embshard.errors import ConfigError, DataError
+from embshard.planner.rounding import MAX_DIM
 from embshard.typed_config import from_dict
 
 MIN_TOLERANCE = 0.001  # in the metric's units: below this no difference between plans is claimed
@@ -267,8 +270,11 @@ def check_report(rep: Any, where: str) -> None:
             checks["error"] = isinstance(p["error"], str)
         else:
             # A value its metric cannot take (an AUC of 5, edited in) went into the claim.
+            # Sizes and widths the claim reads: missing, each was a KeyError traceback; 10**400 an
+            # OverflowError.
             checks.update(value=_finite(p.get("value")) and _possible(str(p.get("metric", "auc")), p["value"]),
-                          serving_bytes=_whole(p.get("serving_bytes")) and p["serving_bytes"] > 0)
+                          serving_bytes=_size(p.get("serving_bytes")), serving_params=_size(p.get("serving_params")),
+                          widths=_OPTIONAL["widths"](p.get("widths")))
         # What a point may have besides: `knobs: 3` was a TypeError in the merge.
         checks.update({key: test(p[key]) for key, test in _OPTIONAL.items() if key in p})
         bad = [key for key, ok in checks.items() if not ok]
@@ -298,8 +304,8 @@ _OPTIONAL: dict[str, Callable[[Any], bool]] = {
     # None: a report written before sweeps recorded the knobs.
     "knobs": lambda x: x is None or _named(x, _json_value),
     "setting": lambda x: _named(x, _json_value),
-    "widths": lambda x: _named(x, lambda w: _whole(w) and w >= 0),
-    "serving_params": lambda x: _whole(x) and x > 0,
+    "widths": lambda x: _named(x, lambda w: _whole(w) and 0 <= w <= MAX_DIM),
+    "serving_params": lambda x: _size(x),
     "steps": lambda x: _whole(x) and x >= 0,
     "selected_step": lambda x: x is None or (_whole(x) and x >= 0),
     "variant": lambda x: isinstance(x, str),
@@ -307,15 +313,27 @@ _OPTIONAL: dict[str, Callable[[Any], bool]] = {
 }
 
 
+# A job config's sections (the keys whose values are mappings), as a report records it.
+_SECTIONS = frozenset(name for name, hint in typing.get_type_hints(JobConfig).items()
+                      if any(dataclasses.is_dataclass(a) for a in (hint, *typing.get_args(hint))))
+
 # What a report may have besides its dataset and points, as the merge reads it.
 _OPTIONAL_TOP: dict[str, Callable[[Any], bool]] = {
     "dataset_sha256": lambda x: x is None or isinstance(x, str),
-    "config": lambda x: x is None or isinstance(x, dict),
+    # A job config: sections are mappings (`train: 5` was an AttributeError in the merge).
+    "config": lambda x: x is None or (isinstance(x, dict) and all(
+        v is None or isinstance(v, dict) for k, v in x.items() if k in _SECTIONS)),
     "configs_checked": lambda x: isinstance(x, bool),
     "datasets_checked": lambda x: isinstance(x, bool),
-    "planted": lambda x: isinstance(x, dict) and isinstance(x.get("ranks"), dict) and isinstance(x.get("grid"), list)
-    and _finite(x.get("bayes_auc")),
+    "planted": lambda x: isinstance(x, dict) and _named(x.get("ranks"), lambda r: _whole(r) and r > 0)
+    and isinstance(x.get("grid"), list) and all(_whole(w) and w > 0 for w in x["grid"])
+    and _finite(x.get("bayes_auc")) and (x.get("params") is None or _size(x["params"])),
 }
+
+
+def _size(x: Any) -> bool:
+    """A count of bytes or parameters: positive, and within what any plan has."""
+    return _whole(x) and 0 < x < 1 << 62
 
 
 def _finite(x: Any) -> bool:

@@ -97,10 +97,10 @@ def trial_points(results: list[tune.Result], out: StoragePath, trials: int) -> l
     """Every trial's points; a failed trial's error, or, where Tune stopped before every one of
     the sweep's `trials` reported (Ctrl-C), how to continue: the finished trials are in Tune's
     state in `out`. Tune's results hold only the trials it had started."""
-    failed = [r for r in results if r.error is not None]
+    failed = [(r, r.error) for r in results if r.error is not None]
     if failed:
-        first = failed[0]
-        found = worker_error(first.error)
+        first, error = failed[0]
+        found = worker_error(error)
         if isinstance(found.error, EmbshardError):
             # Which trial, and what --resume does: the line said neither.
             trial = Trial.from_json(first.config["trial"]).key if first.config else first.path

@@ -943,6 +943,15 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
         ({**good, "points": [{**good["points"][0], "widths": 7}]}, r"points\[0\]\.widths: 7"),
         ({**good, "points": [{**good["points"][0], "widths": {"C1": "x"}}]}, r"points\[0\]\.widths: \{'C1': 'x'\}"),
         ({**good, "points": [{**good["points"][0], "serving_params": -3}]}, r"points\[0\]\.serving_params: -3"),
+        # Missing, or too large for a number: KeyError and OverflowError tracebacks.
+        ({**good, "points": [{k: v for k, v in good["points"][0].items() if k != "serving_params"}]},
+         r"points\[0\]\.serving_params: None"),
+        ({**good, "points": [{k: v for k, v in good["points"][0].items() if k != "widths"}]},
+         r"points\[0\]\.widths: None"),
+        ({**good, "points": [{**good["points"][0], "serving_bytes": 10**400}]}, r"points\[0\]\.serving_bytes: 10+"),
+        ({**good, "config": {**good["config"], "train": 5}}, r"config: \{.*'train': 5.*\}"),
+        ({**good, "planted": {"ranks": {"C1": 4}, "grid": ["a"], "bayes_auc": 0.8}}, r"planted: \{.*\}"),
+        ({**good, "planted": {"ranks": {"C1": 4}, "grid": [4], "bayes_auc": 0.8, "params": [1]}}, r"planted: \{.*\}"),
         # The report's own fields: TypeErrors, and a dataset name that became a path of the output.
         ({**good, "dataset_sha256": [1]}, r"dataset_sha256: \[1\]"),
         ({**good, "planted": 5}, r"planted: 5"),
