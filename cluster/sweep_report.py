@@ -378,6 +378,12 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
                             "--replace to let the later sweep's curves replace the earlier's")
         seen[key] = source
     shas = {r["dataset_sha256"] for r in reports.values() if r.get("dataset_sha256")}
+    unhashed = [src for src, r in reports.items() if not r.get("dataset_sha256")]
+    if unhashed and len(reports) > 1 and not assume_same_data:
+        # Its points were merged as of this data, unsaid, whatever data they were of.
+        raise DataError(f"{unhashed[0]}: the report records no dataset hash (a sweep from before reports recorded "
+                        "it, or an edited one), so whether the sweeps are of one dataset cannot be checked; pass "
+                        "--assume-same-data to merge it unchecked")
     if len(shas) > 1 and not assume_same_data:
         raise DataError(f"sweep reports of different data: their datasets' dataset.json differ (converted again "
                         f"with other settings, or another dataset in a folder of the same name {next(iter(names))!r}); "
@@ -549,6 +555,11 @@ def markdown(rep: dict[str, Any], title: str) -> str:
         lines += ["", "'still rising': the seeds whose best validation was their last evaluation, so training "
                       "stopped while they still improved; more epochs may raise them."]
     lines += ["", f"**Claim**: {rep['claim']['statement']}."]
+    unchecked = [what for what, key in (("job configs", "configs_checked"), ("datasets", "datasets_checked"))
+                 if rep.get(key) is False]
+    if unchecked:  # said in the JSON alone, a reader of the table took the merge as checked
+        lines += ["", f"**Merged unchecked** (`--assume-same-*`): the sweeps' {' and '.join(unchecked)} were not "
+                      "compared."]
     for src, methods in rep.get("replaced", {}).items():
         lines += ["", f"Replaced by a later sweep (`--replace`): {', '.join(methods)} of {src}."]
     claimed = rep["claim"]

@@ -817,10 +817,15 @@ def test_one_dataset_generated_on_two_machines_merges():
     unchecked = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": old}, assume_same_data=True)
     assert unchecked["datasets_checked"] is False and unchecked["dataset_sha256"] is None
     extra = sweep_report_of([point("mlet", 0.25, 0, 0.78, 1000)], ["mlet"])
-    assert merge_reports({"ab": unchecked, "c": extra})["datasets_checked"] is False
-    # A report that records no hash beside one that does: merged, and marked (it was not).
+    assert merge_reports({"ab": unchecked, "c": extra}, assume_same_data=True)["datasets_checked"] is False
+    # A report that records no hash (an unchecked merge's, an old or edited one): merged only when
+    # asked, and marked. It was merged unasked, the mark in the JSON alone.
     hashless = {k: v for k, v in sweep_report_of(mde, ["mde"]).items() if k != "dataset_sha256"}
-    assert merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": hashless})["datasets_checked"] is False
+    with pytest.raises(DataError, match=r"^b: the report records no dataset hash .* pass --assume-same-data"):
+        merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": hashless})
+    merged = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": hashless}, assume_same_data=True)
+    assert merged["datasets_checked"] is False
+    assert "**Merged unchecked** (`--assume-same-*`): the sweeps' datasets were not compared." in markdown(merged, "t")
 
 
 def test_a_method_at_other_knobs_is_its_own_curve():
