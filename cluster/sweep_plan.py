@@ -46,6 +46,10 @@ NOT_RESULTS = frozenset({"name", "output_dir", "data.path", "data.prefetch", "da
                          "cluster.storage", "checkpoint", "sweep"})
 # What each trial's configs set themselves (TrialRuns.run, each method's first_run): not a setting to vary.
 PER_TRIAL = frozenset({"seed", "embeddings.policy", "embeddings.method", "embeddings.decisions", "train.test"})
+# Keys two sweeps (or a sweep and its resume) may differ in and still have trained alike: the
+# per-trial ones are set by each trial over whatever the config says (a sweep run with seed 5
+# was refused as one "that did not train alike").
+UNCOMPARED = NOT_RESULTS | PER_TRIAL
 # What the sweep sizes its Ray cluster and --parallel by: the config's, one for every trial.
 SWEEP_WIDE = frozenset({"cluster.workers", "cluster.cpus_per_worker"})
 UNSET = "(unset)"
@@ -255,7 +259,7 @@ def check_vary(cfg: JobConfig, vary: dict[str, list[Any]], methods: list[str], w
 
 def _variable(key: str) -> bool:
     """Whether a sweep may vary `key`: a setting, or a knob some method reads, that no trial sets."""
-    if under(key, PER_TRIAL | NOT_RESULTS):
+    if under(key, UNCOMPARED):
         return False
     return is_setting(key) or any(reads_knob(m, key) for m in SWEEP_METHODS)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from embshard.cluster.sweep_plan import (
     KNOB_PATHS,
-    NOT_RESULTS,
+    UNCOMPARED,
     Knobs,
     config_difference,
     knob_text,
@@ -351,7 +351,7 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     k = 4d and 8d) gives two curves, each point's `variant` naming its knobs where they differ.
     Refused, since the merged claim would compare unlike runs: two datasets, two planted truths,
     a point of one curve, budget and seed in two sweeps, job configs that differ beyond
-    NOT_RESULTS and the methods' knobs, and, unless `assume_same_config`, a report that records no
+    UNCOMPARED and the methods' knobs, and, unless `assume_same_config`, a report that records no
     config (written before sweeps recorded it), and, unless `assume_same_data`, reports whose
     dataset hashes differ (reports written before the hash rounded the dataset's numbers differ
     for one dataset generated on two machines); such a report's points have unknown knobs, a
@@ -517,7 +517,7 @@ def rounded(value: Any, digits: int = 12) -> Any:
 
 def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dict[str, Any] | None:
     """The job config the reports share (the first one's), or a DataError naming the first key
-    where two differ beyond NOT_RESULTS and the methods' knobs; None when none records one."""
+    where two differ beyond UNCOMPARED and the methods' knobs; None when none records one."""
     recorded = {src: r["config"] for src, r in reports.items() if r.get("config") is not None}
     missing = [src for src in reports if src not in recorded]
     if missing and not assume_same:
@@ -529,7 +529,7 @@ def same_config(reports: Mapping[str, dict[str, Any]], assume_same: bool) -> dic
     (first, config), *others = recorded.items()
     for src, other in others:
         differs = config_difference(current_schema(config), current_schema(other),
-                                    NOT_RESULTS | KNOB_PATHS)
+                                    UNCOMPARED | KNOB_PATHS)
         if differs:
             key, mine, theirs = differs
             raise DataError(f"{src}: {key} is {theirs!r}, {first} has {mine!r}: the sweeps did not train alike")

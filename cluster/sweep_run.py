@@ -24,7 +24,7 @@ from ray import cloudpickle, tune
 from embshard.cluster import console
 from embshard.cluster.launch import init_ray, worker_error
 from embshard.cluster.run_lock import LOCK_FILE, folder_lock
-from embshard.cluster.sweep_plan import NOT_RESULTS, SweepSpec, Trial, config_difference
+from embshard.cluster.sweep_plan import UNCOMPARED, SweepSpec, Trial, config_difference
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig, current_schema, with_paths_resolved
@@ -165,7 +165,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         if json.dumps(started) != json.dumps(spec.to_json()):
             raise ConfigError(f"--resume: {out} is the sweep {json.dumps(started)}; resume it with those "
                               f"--methods, --budgets, --seeds, --first-seed and --vary")
-        differs = (config_difference(current_schema(record["config"]), to_dict(cfg), NOT_RESULTS)
+        differs = (config_difference(current_schema(record["config"]), to_dict(cfg), UNCOMPARED)
                    if "config" in record else None)
         if differs:  # a sweep folder from before the config was recorded resumes unchecked
             key, then, now = differs

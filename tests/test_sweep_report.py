@@ -779,7 +779,9 @@ def test_merged_sweeps_must_have_trained_alike():
                        "b": sweep_report_of(mde, ["mde"], train__epochs="3")})
     # Where runs go, how they log and checkpoint: not a difference in what they trained.
     elsewhere = sweep_report_of(mde, ["mde"], output_dir="/elsewhere", train__log_every="7",
-                                checkpoint__every_steps="3", data__path="/mnt/copy")
+                                checkpoint__every_steps="3", data__path="/mnt/copy",
+                                # What each trial sets over the config: it was "did not train alike".
+                                seed="5", embeddings__policy="mde")
     merged = merge_reports({"a": sweep_report_of(uniform, ["uniform"]), "b": elsewhere})
     assert merged["configs_checked"] and merged["config"]["output_dir"] == "outputs/default/run"
     # The same folder name holding other data (converted again, say) is another dataset.
