@@ -165,7 +165,7 @@ def sweep_merge(args: argparse.Namespace) -> int:
     from embshard.cluster.sweep_report import check_report, merge_reports
     from embshard.datasets.outdir import check_not_in_sealed
     from embshard.datasets.storage import RemotePath, location
-    from embshard.errors import DataError
+    from embshard.errors import DataError, EnvironmentProblem
 
     out = location(args.out)
     if isinstance(out, RemotePath):  # a bucket that is not there is one line before any work
@@ -189,8 +189,13 @@ def sweep_merge(args: argparse.Namespace) -> int:
         raise DataError(f"--out {out}: holds one of the reports merged; merge into another folder")
     check_not_in_sealed(out, "--out", DataError, itself=True)
     rep = merge_reports(reports, args.assume_same_config, args.replace, args.assume_same_data)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder; name a folder for the merged report")
     earlier = _earlier_merge(out, args.overwrite) if out.is_dir() and any(out.iterdir()) else []
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # /proc/x: a FileNotFoundError traceback
+        raise EnvironmentProblem(f"--out {out}: cannot be made ({e.strerror or e})") from None
     publish(rep, f"{len(reports)} sweeps merged", out)
     written = {f"sweep-{rep['dataset']}.{kind}" for kind in ("json", "md", "png")}
     for stale in earlier:  # the earlier merge's files this one did not rewrite (another dataset's name)
@@ -259,7 +264,7 @@ def sweep_json(arg: str) -> StoragePath:
     found: list[StoragePath] = list(path.glob("sweep-*.json"))
     reports = sorted((p for p in found if p.name != SPEC_FILE), key=str)
     spec = path / SPEC_FILE
-    if not reports and spec.is_file() and any(map(is_setting, json.loads(spec.read_text()).get("vary", {}))):
+    if not reports and spec.is_file() and any(map(is_setting, _varied(spec))):
         settings = sorted(d.name for d in path.iterdir() if d.is_dir() and any(d.glob("sweep-*.json")))
         raise DataError(f"{arg}: a sweep of several settings has a report per setting, in its folders "
                         f"{', '.join(settings) or 'of each setting (none yet: it has not finished)'}; name one of them")
@@ -267,6 +272,18 @@ def sweep_json(arg: str) -> StoragePath:
         raise DataError(f"{arg}: expected one sweep-<dataset>.json in the folder, found "
                         f"{', '.join(p.name for p in reports) or 'none'} (a sweep that has not finished has none)")
     return reports[0]
+
+
+def _varied(spec: StoragePath) -> dict[str, Any]:
+    """The `vary` of a sweep's spec file; DataError for a damaged one (it was a traceback)."""
+    from embshard.datasets.storage import read_json
+    from embshard.errors import DataError
+
+    record = read_json(spec, DataError)
+    vary = record.get("vary", {}) if isinstance(record, dict) else None
+    if not isinstance(vary, dict):
+        raise DataError(f"{spec}: not a sweep spec (expected an object with a mapping `vary`)")
+    return vary
 
 
 def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:

@@ -968,6 +968,17 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
         (bad / "sweep-tiny.json").write_text(json.dumps(rep))
         assert main(["sweep-merge", str(a), str(bad), "--out", str(tmp_path / "m")]) == 2
         assert re.search(rf"bad/sweep-tiny\.json: not a sweep report \({message}\)", capsys.readouterr().err)
+    # A folder whose spec is damaged, and an --out no report can go to: each was a traceback, or a
+    # bare "File exists".
+    (bad / "sweep-tiny.json").unlink()
+    for damaged in ("{", "[1, 2]"):
+        (bad / "sweep-spec.json").write_text(damaged)
+        assert main(["sweep-merge", str(a), str(bad), "--out", str(tmp_path / "m")]) == 2
+        assert re.search(r"bad/sweep-spec\.json: not (JSON|a sweep spec)", capsys.readouterr().err)
+    (tmp_path / "file").write_text("mine")
+    for out, said in ((tmp_path / "file", "a file, not a folder"), (Path("/proc/embshard-m"), "cannot be made")):
+        assert main(["sweep-merge", str(a), str(b), "--out", str(out)]) == 2
+        assert f"--out {out}: {said}" in capsys.readouterr().err
     # A budget a trial could not train is a point of its own kind, and merges.
     pep_at_1 = {"method": "pep", "budget": 1.0, "seed": 0, "error": "PEP prunes below the base model"}
     (bad / "sweep-tiny.json").write_text(json.dumps({**good, "points": [*good["points"], pep_at_1]}))
