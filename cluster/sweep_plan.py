@@ -31,6 +31,7 @@ from embshard.cluster.sweep_methods import (
     sweep_method_named,
 )
 from embshard.config import SWEEP_METHODS, JobConfig, budget_name, check_budgets, check_methods
+from embshard.datasets.storage import NAME_MAX, fitted_name
 from embshard.errors import ConfigError
 from embshard.typed_config import flatten, from_dict, parse_yaml, parse_yaml_value, set_dotted, to_dict, under
 
@@ -69,7 +70,8 @@ class Trial:
     @property
     def key(self) -> str:
         at = "" if self.budget is None else f"-b{budget_name(self.budget)}"
-        return "-".join([f"{self.method}{at}-s{self.seed}", *self._varied])
+        # The name of its run folder, and of Ray Tune's; a long --vary value's failed the trial.
+        return fitted_name("-".join([f"{self.method}{at}-s{self.seed}", *self._varied]), NAME_MAX // 2)
 
     @property
     def label(self) -> str:
@@ -308,7 +310,7 @@ def is_setting(key: str) -> bool:
 
 def setting_label(settings: Knobs) -> str:
     """A report's setting as its folder in the sweep's names it: `train.epochs=12-model.options.l2=0.03`."""
-    return "-".join(f"{k}={knob_text(v)}" for k, v in settings)
+    return fitted_name("-".join(f"{k}={knob_text(v)}" for k, v in settings))
 
 
 def reads_knob(method: str, key: str) -> bool:

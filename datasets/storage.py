@@ -83,22 +83,25 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-# A file name's most bytes on Linux file systems (NAME_MAX), and the most of it a hidden sibling's
-# name keeps: its `.`, `.<kind>-<pid>-<hex>` and a hash of a name cut short take the rest.
-_NAME_MAX = 255
-_KEPT_NAME_BYTES = 190
+# A file name's most bytes on Linux file systems (NAME_MAX).
+NAME_MAX = 255
 P = TypeVar("P", Path, "RemotePath")
 
 
-def sibling_prefix(path: P, kind: str) -> str:
-    """`.NAME.<kind>-`, the start of every `sibling` name of `path` of that kind. A name too long to
-    take the additions (a 250-byte `--out` was refused as "File name too long") keeps its first
-    bytes and a hash of the whole."""
-    name = path.name
+def fitted_name(name: str, most: int = NAME_MAX) -> str:
+    """`name` if it is at most `most` bytes, else its first bytes and a hash of the whole in that
+    many: a name made of a user's values (a long `--out`, a --vary value) that the file system
+    refused as "File name too long"."""
     raw = name.encode()
-    if len(raw) + len(kind) + 30 > _NAME_MAX:
-        name = raw[:_KEPT_NAME_BYTES].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
-    return f".{name}.{kind}-"
+    if len(raw) <= most:
+        return name
+    return raw[:most - 9].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
+
+
+def sibling_prefix(path: P, kind: str) -> str:
+    """`.NAME.<kind>-`, the start of every `sibling` name of `path` of that kind; its `.`,
+    `.<kind>-<pid>-<hex>` take 30 bytes besides `kind`."""
+    return f".{fitted_name(path.name, NAME_MAX - len(kind) - 30)}.{kind}-"
 
 
 def sibling(path: P, kind: str) -> P:

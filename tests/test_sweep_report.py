@@ -1212,3 +1212,17 @@ def test_a_users_sweep_method_by_reference_plans_its_runs(tmp_path):
         TrialRuns(cfg, data, failing, [0.5], tmp_path / "failing").first_run()
     with pytest.raises(ConfigError, match=r"^--methods: unknown method 'half_width' \(known: uniform, "):
         parse_methods("uniform,half_width")
+
+
+def test_a_long_vary_value_names_its_folders_within_what_a_file_system_takes(tmp_path):
+    # 90 layers in --vary model.over_arch named the trial's run folder: "File name too long" after
+    # the first trial had trained.
+    from embshard.cluster.sweep_plan import setting_label
+
+    longs = [Trial("uniform", 0, 0.5, (("model.over_arch", [2] + [1] * n),)) for n in (90, 91)]
+    assert all(len(t.key.encode()) <= 127 for t in longs) and longs[0].key != longs[1].key
+    for t in longs:
+        (tmp_path / t.key).mkdir()  # the file system takes it
+    label = setting_label((("model.over_arch", [1] * 200),))
+    assert len(label.encode()) <= 255 and label.startswith("model.over_arch=[1, 1")
+    assert Trial("uniform", 0, 0.5, (("model.over_arch", [2]),)).key == "uniform-b0.5-s0-model.over_arch=[2]"
