@@ -140,11 +140,14 @@ def resume_source(cfg: JobConfig) -> StoragePath | None:
     """The checkpoint workers will resume from (the same choice they make; manifests only)."""
     if not cfg.checkpoint.enabled:
         return None
-    candidates = complete_checkpoints(cfg.checkpoint_dir)
-    if not candidates and cfg.checkpoint.resume:
-        candidates = resolve_source(cfg.checkpoint.resume)
-    path, rejected = first_usable(candidates)
+    # As the workers (loop.py): the run's own, then checkpoint.resume when none of those verifies.
+    # Only while there were none did it look at checkpoint.resume, which the workers then resumed
+    # with no check of its config and data.
+    path, rejected = first_usable(complete_checkpoints(cfg.checkpoint_dir))
     warn_skipped(rejected)
+    if path is None and cfg.checkpoint.resume:
+        path, rejected = first_usable(resolve_source(cfg.checkpoint.resume))
+        warn_skipped(rejected)
     return path
 
 

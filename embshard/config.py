@@ -481,6 +481,10 @@ class CheckpointConfig:
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 # An unset shell variable: `resume: ""` trained from scratch as if none were named.
                 raise ConfigError(f"{name}: an empty path (leave it out for the default)")
+        if self.resume is not None and not self.enabled:
+            # It trained from scratch as if none were named.
+            raise ConfigError(f"resume: {self.resume} is not resumed while checkpoint.enabled is false; "
+                              "enable checkpoints, or leave resume out")
 
 
 # The most ranks a job plans for and trains on: TorchRec's planner takes time in proportion to the

@@ -265,6 +265,11 @@ def test_an_export_never_lands_in_a_checkpoint_folder_and_a_stray_file_condemns_
     # A file in a step's subfolder is never read: it leaves the step good (one at its own level
     # would be unpickled unvouched for, and still condemns it).
     (newest / "plan" / "notes.pt").write_bytes(b"not a checkpoint file")
+    # The driver, which checks the run's config and data against the step it resumes, chooses it
+    # too: it skipped it ("not in the manifest"), and the workers resumed it unchecked.
+    from embshard.trainer.checkpoint import first_usable
+
+    assert first_usable([newest]) == (newest, [])
     resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=9)))
     assert resumed["resumed_from"] == str(newest) and "damaged" not in capsys.readouterr().out
 
@@ -376,3 +381,21 @@ def test_a_checkpoint_of_a_newer_embshard_is_refused_and_left_in_place(dataset, 
         export_serving(cfg.checkpoint_dir, tmp_path / "export")
     assert [p.name for p in complete_checkpoints(cfg.checkpoint_dir)] == ["step-000008", "step-000004"]
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.usefixtures("process_group")
+def test_the_driver_checks_the_checkpoint_the_workers_fall_back_to(dataset, tmp_path):
+    # Every checkpoint of the run's own damaged, and checkpoint.resume naming another run's: the
+    # workers resumed that one, the driver looked at it only while the run had none, and so never
+    # compared its config and data with this run's.
+    from embshard.cluster.launch import resume_source
+
+    other = job(dataset, tmp_path / "other", max_steps=4)
+    run_worker(other)
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    run_worker(cfg)
+    for step in complete_checkpoints(cfg.checkpoint_dir):
+        flip_a_byte(step / "config.json")
+    resumed = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(other.checkpoint_dir)))
+    assert resume_source(resumed) == complete_checkpoints(other.checkpoint_dir)[0]
+    assert resume_source(cfg) is None

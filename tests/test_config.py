@@ -254,6 +254,8 @@ def test_worker_resources_are_custom_resources_only() -> None:
     ("{}\n", ["data.batch_size=99999999999999999999"], r"^data\.batch_size: at most 16,777,216 rows a worker"),
     # Trained from scratch as if no checkpoint were named.
     ("checkpoint: {resume: ''}\n", [], r"checkpoint\.resume: an empty path"),
+    ("checkpoint: {resume: /x, enabled: false}\n", [], r"checkpoint\.resume: /x is not resumed while "
+                                                       r"checkpoint\.enabled is false"),
     # A RecursionError traceback, and a hang: aliases are shared, so a value could hold itself, and
     # a few lines of aliases of aliases a billion values.
     ("model: {options: &a {x: *a}}\n", [], r"c\.yaml:1:25: not valid YAML \(alias \*a inside the value it names\)"),

@@ -52,7 +52,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, relative, rmtree
+from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, rmtree
 from embshard.errors import EmbshardError, StorageError, disk_full, first_line
 from embshard.sealed_folders import STEP_FOLDER, STEP_FOLDER_BEING_WRITTEN
 from embshard.sharding.mlet import is_mlet_w2
@@ -384,8 +384,12 @@ def problem(path: StoragePath, every_file: bool = False) -> str | None:
     """Why a checkpoint folder cannot be used in this one process, or None. Checks the layout and
     the hashes of the files the driver reads, or of `every_file` (export reads them all); a
     training run's workers verify every file together (`CheckpointManager.select`)."""
-    plan_files = [relative(p, path) for p in (path / PLAN_DIR).rglob("*") if p.is_file()]
-    return unusable(path, lambda: verify(path, None if every_file else [*DRIVER_FILES, *plan_files]))
+    # The manifest's plan files, not those on disk: a stray file there (plan.json~) is read by no
+    # one, and the workers, who leave it be, resumed a step the driver had skipped unchecked.
+    def read(name: str) -> bool:
+        return name in DRIVER_FILES or name.startswith(f"{PLAN_DIR}/")
+
+    return unusable(path, lambda: verify(path, None if every_file else read))
 
 
 def first_usable(candidates: list[StoragePath],

@@ -210,10 +210,11 @@ def check_contents(folder: StoragePath, files: dict[str, FileEntry], names: Iter
             raise DamagedCheckpoint(f"{name}: content differs from the manifest's SHA-256")
 
 
-def verify(folder: StoragePath, names: Iterable[str] | None = None) -> None:
-    """One process: the layout, and the hashes of `names` (None: every file)."""
+def verify(folder: StoragePath, read: Callable[[str], bool] | None = None) -> None:
+    """One process: the layout, and the hashes of the manifest's files that `read` names (None:
+    every file)."""
     files = check_layout(folder)
-    check_contents(folder, files, files if names is None else names)
+    check_contents(folder, files, [name for name in files if read is None or read(name)])
 
 
 def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:

@@ -382,8 +382,8 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     own = complete_checkpoints(cfg.checkpoint_dir)
     resume = cfg.checkpoint.resume
     if own and resume is not None and dist.get_rank() == 0:
-        print(f"note: checkpoint.resume {resume} not used: {cfg.checkpoint_dir} holds checkpoints of this "
-              f"run, and a run continues from its own (another output_dir starts from {resume})", flush=True)
+        print(f"note: {cfg.checkpoint_dir} holds checkpoints of this run, which it continues from; checkpoint.resume "
+              f"{resume} only if none of them verifies (another output_dir starts from {resume})", flush=True)
     # This run's own checkpoints, then `checkpoint.resume`: it was dropped for a fresh start when
     # every one of the run's own failed to verify.
     sources = ([False] if own else []) + ([True] if resume is not None else [])
