@@ -62,7 +62,7 @@ from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import EmbeddingMethod, method_name, register_method, registered_here
 from embshard.trainer.metrics import read_file_sd_targets
-from embshard.trainer.planning import check_same_data, planning_step
+from embshard.trainer.planning import check_same_data, check_same_decisions, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.reference import raised_at_in
 from embshard.trainer.restarts import reset_starts
@@ -114,6 +114,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     check_plan_holds(bundle.dimension_plan, {f.name: f.cardinality for f in spec.sparse},
                      f"{made_for} on {cfg.data.path}")
     check_same_data(bundle.dimension_plan, spec, cfg.data.path, made_for)
+    check_same_decisions(bundle.dimension_plan, cfg, made_for)
     bundle.memory.check_fits()
     return bundle
 

@@ -52,7 +52,7 @@ def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str,
     """(key, checkpoint's value, this config's value) for every model-defining key that differs.
     The saved config is read through today's schema where it can be (`current_schema`). Paths
     are not compared: the workers record them absolute, and a file may move between runs (what
-    a decisions file held is in the plan, compared on its own)."""
+    a decisions file held is in the plan, which records its hash: `check_same_decisions`)."""
     differences = _differences(model_defining(current_schema(saved)), model_defining(to_dict(cfg)))
     return [d for d in differences if d[0] not in PATH_FIELDS]
 

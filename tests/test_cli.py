@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from embshard.cluster.cli import build_parser, main
-from embshard.errors import EXIT_INTERRUPTED
+from embshard.errors import EXIT_INTERRUPTED, ConfigError
 
 
 def _verbs(parser) -> list[list[str]]:
@@ -848,3 +848,31 @@ def test_sigterm_while_the_command_line_loads_is_said_as_an_interrupt(tmp_path):
              "print(signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT) is signal.SIG_DFL)\n")
     done = subprocess.run([sys.executable, "-c", after, "--help"], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr
+
+
+def test_a_plan_of_other_decisions_than_the_file_names_now_is_refused(tmp_path, capsys):
+    # A resume (or a plan file) of decisions d1 with embeddings.decisions now holding d2 trained
+    # d1's widths, exit 0, while every checkpoint recorded the config that names d2.
+    from embshard.cluster.launch import plan_for_training
+    from embshard.config import load_job_config
+    from embshard.datasets.synth import synthesize
+
+    synthesize(tmp_path / "data", rows=1000, seed=0, max_cardinality=50)
+    decisions = tmp_path / "d.json"
+
+    def write(c2: int) -> None:
+        tables = {f"C{i}": {"dim": c2 if i == 2 else 16} for i in range(1, 27)}
+        decisions.write_text(json.dumps({"version": 1, "method": "m", "base_dim": 16, "tables": tables}))
+
+    write(8)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{path: {tmp_path / 'data'}}}\nembeddings: {{policy: decisions, dim: 16, "
+                   f"decisions: {decisions}}}\noutput_dir: {tmp_path / 'run'}\n")
+    assert main(["plan", str(cfg), "--out", str(tmp_path / "p.json")]) == 0
+    run = load_job_config(cfg, [f"sharding.plan_file={tmp_path / 'p.json'}"])
+    plan_for_training(run)  # the same decisions: trains
+    write(4)
+    with pytest.raises(ConfigError, match=rf"^embeddings\.decisions {decisions}: not the decisions "
+                                          rf"sharding\.plan_file {tmp_path / 'p.json'} was made from"):
+        plan_for_training(run)
+    capsys.readouterr()

@@ -5,6 +5,7 @@ records the same `uniform_width` and workers rebuild the same embedding module f
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +42,8 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     if not isinstance(embedding_method.serves, bool):  # "no" would read as True
         raise ConfigError(f"method {name!r}: serves must be True or False, got {embedding_method.serves!r}")
     # `serves` too: an export reads it from the plan where the method cannot be imported.
-    made_with = {"method": name, "config": to_dict(cfg), "serves": embedding_method.serves}
+    made_with = {"method": name, "config": to_dict(cfg), "serves": embedding_method.serves,
+                 **({"decisions_sha256": decisions_sha256(cfg)} if cfg.embeddings.policy == "decisions" else {})}
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
         with users_code(f"method {name!r}: dimension_plan()"):
@@ -64,6 +66,22 @@ def check_same_data(plan: DimensionPlan, spec: DatasetSpec, data_path: str, wher
         raise DataError(f"{data_path}: not the dataset {where} was made from (dataset id {spec.id[:8]}, the plan's "
                         f"{str(planned)[:8]}: another dataset, or this one written again since); plan and train it "
                         "into a new output_dir")
+
+
+def decisions_sha256(cfg: JobConfig) -> str | None:
+    """The hash of the decisions file a plan of policy decisions is made from (None: no file)."""
+    path = Path(cfg.embeddings.decisions or "")
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def check_same_decisions(plan: DimensionPlan, cfg: JobConfig, where: str) -> None:
+    """ConfigError when embeddings.decisions holds other decisions than `plan` was made from: the
+    run trains the plan's widths (a resume's, a plan file's), and the config that names the file
+    is what every checkpoint records. Plans from before the hash was recorded pass."""
+    planned = plan.made_with.get("decisions_sha256")
+    if planned and cfg.embeddings.policy == "decisions" and decisions_sha256(cfg) != planned:
+        raise ConfigError(f"embeddings.decisions {cfg.embeddings.decisions}: not the decisions {where} was made "
+                          "from (another file, or this one written again since); train them into a new output_dir")
 
 
 def unread_settings(cfg: JobConfig, arch: ModelArch) -> list[str]:
