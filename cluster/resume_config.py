@@ -30,8 +30,9 @@ MODEL_DEFINING_KEYS = (
     "autodim.unify",
     "autodim.batchnorm",
     # The fused optimizer's state is saved with the tables, in its own shapes: another one was a
-    # worker's "Size mismatch" line once the workers were up.
+    # worker's "Size mismatch" line once the workers were up; the dense one's, "Missing key".
     "train.sparse_optimizer",
+    "train.dense_optimizer",
 )
 
 

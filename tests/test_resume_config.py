@@ -54,6 +54,9 @@ def test_differences_are_the_model_defining_keys_only():
     assert config_differences(saved, replace(cfg, embeddings=EmbeddingsConfig(dim=8))) == []
     sgd = replace(cfg, embeddings=EmbeddingsConfig(dim=8), train=TrainConfig(sparse_optimizer="sgd"))
     assert config_differences(saved, sgd) == [("train.sparse_optimizer", "rowwise_adagrad", "sgd")]
+    # The dense one's state is saved too: another was a worker's "Missing key in checkpoint state_dict".
+    adagrad = replace(cfg, embeddings=EmbeddingsConfig(dim=8), train=TrainConfig(dense_optimizer="adagrad"))
+    assert config_differences(saved, adagrad) == [("train.dense_optimizer", "adam", "adagrad")]
     # A section that was empty: its new keys, not also "model.options (checkpoint {}, config None)".
     hidden = replace(cfg, embeddings=EmbeddingsConfig(dim=8), model=ModelConfig(options={"hidden": 32}))
     assert config_differences(saved, hidden) == [("model.options.hidden", None, 32)]
