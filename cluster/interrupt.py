@@ -52,15 +52,17 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: bool = True) -> tuple[T, bool]:
     """Run `fn` (the blocking fit); while it runs, the first SIGINT or SIGTERM creates
     `stop_request` instead of raising KeyboardInterrupt, a second one raises it. Returns fn's result and whether a stop
-    was requested. `graceful=False` (no checkpoint to stop with) runs `fn` as it is. The request
-    file is gone on return either way."""
+    was requested. `graceful=False` (no checkpoint to stop with): the first one raises it. Either
+    way `fn` runs off the main thread, where Ray Train's controller installs no handler of its
+    own: on the main thread its SIGINT handler exited 1 without a word. The request file is gone
+    on return either way."""
     stop_request.unlink(missing_ok=True)  # an earlier invocation's request must not stop this one
-    if not graceful or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return fn(), False
     requested = threading.Event()
 
     def on_interrupt(signum: int, frame: FrameType | None) -> None:
-        if requested.is_set():
+        if requested.is_set() or not graceful:
             raise KeyboardInterrupt
         requested.set()
         stop_request.parent.mkdir(parents=True, exist_ok=True)

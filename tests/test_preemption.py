@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from embshard.trainer.preemption import StopGuard
 
 
@@ -54,6 +56,27 @@ def test_sigterm_to_the_driver_asks_the_workers_to_stop_as_ctrl_c_does(tmp_path,
     assert run_with_graceful_ctrl_c(fit, request) == ("fit returned", True)
     assert "embshard: terminated: finishing the step and writing a checkpoint" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before and not request.exists()
+
+
+def test_a_stop_without_checkpoints_is_an_interrupt_not_ray_s_exit(tmp_path, python_ctrl_c):
+    # checkpoint.enabled false (or on_sigterm false): the fit ran on the main thread, where Ray
+    # Train's controller puts in a SIGINT handler of its own that exits 1, without a word.
+    import sys
+    import threading
+
+    from embshard.cluster.interrupt import run_with_graceful_ctrl_c
+
+    def fit() -> str:
+        if threading.current_thread() is threading.main_thread():  # as Ray Train's controller does
+            signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(1))
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+        return "fit returned"
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run_with_graceful_ctrl_c(fit, tmp_path / "stop-requested", graceful=False)
+    assert signal.getsignal(signal.SIGINT) == before and not (tmp_path / "stop-requested").exists()
 
 
 def test_a_resumed_run_s_progress_bar_ends_at_its_total():
