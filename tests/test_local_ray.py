@@ -76,7 +76,7 @@ def test_sigterm_after_ray_starts_is_still_ctrl_c(tmp_path):
     assert "SIGTERM received" not in done.stderr
 
 
-SIGTERM_DURING_INIT = textwrap.dedent("""
+STOP_DURING_INIT = textwrap.dedent("""
     import os, signal
     import ray
     from embshard.cluster.interrupt import sigterm_as_ctrl_c
@@ -87,26 +87,31 @@ SIGTERM_DURING_INIT = textwrap.dedent("""
 
     real_set = ray_utils.set_sigterm_handler
 
-    def set_then_a_sigterm(handler):  # the kill arrives once ray.init has put its handler in place
+    def set_then_a_stop(handler):  # the stop arrives once ray.init has put its handler in place
         real_set(handler)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGNAL)
 
-    ray_utils.set_sigterm_handler = set_then_a_sigterm
+    ray_utils.set_sigterm_handler = set_then_a_stop
     with sigterm_as_ctrl_c():
         try:
             init_ray(JobConfig())
         except KeyboardInterrupt:
-            print("interrupted", ray.is_initialized(), flush=True)
+            # The local cluster stopped: its node (raylet, agents) is not left running.
+            print("interrupted", ray.is_initialized(), ray._private.worker._global_node is None, flush=True)
 """)
 
 
-def test_sigterm_while_ray_starts_is_ctrl_c_and_stops_the_cluster(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_ray_starts_is_ctrl_c_and_stops_the_cluster(tmp_path, stop):
     # Ray's handler while ray.init ran is sys.exit(15): `embshard train` killed 0.3-2.5 s after its
-    # plan was written ended with exit 15, no line, and Ray's agents left running.
+    # plan was written ended with exit 15, no line, and Ray's agents left running. A Ctrl-C there
+    # must stop the local cluster too.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", SIGTERM_DURING_INIT], env=env, cwd=tmp_path, capture_output=True,
+    script = STOP_DURING_INIT.replace("signal.SIGNAL", f"signal.{stop}")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "interrupted False", (done.returncode, done.stderr[-2000:])
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted False True", (done.returncode,
+                                                                                     done.stderr[-2000:])
 
 
 def test_ray_that_cannot_start_on_a_full_disk_says_so(tmp_path, monkeypatch):
