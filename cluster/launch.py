@@ -134,7 +134,10 @@ def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, ad
     source = source or resume_source(cfg)
     if source is None:
         return cfg
-    return reconcile(cfg, json.loads((source / CHECKPOINT_CONFIG).read_text()), source, adopt)
+    saved = json.loads((source / CHECKPOINT_CONFIG).read_text())
+    if not isinstance(saved, dict):  # `[]` was a ConfigError that advised the flag already given
+        raise ConfigError(f"{source / CHECKPOINT_CONFIG}: not a job config (a JSON {type(saved).__name__})")
+    return reconcile(cfg, saved, source, adopt)
 
 
 def resume_source(cfg: JobConfig) -> StoragePath | None:

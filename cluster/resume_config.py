@@ -71,7 +71,10 @@ def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, ad
         merged = {k: v for k, v in flatten(to_dict(cfg)).items()
                   if not model_defining({k: v}) and not any(under(k, [a]) or under(a, [k]) for a in adopted)}
         merged.update(adopted)
-        return from_dict(JobConfig, unflatten(merged))
+        try:
+            return from_dict(JobConfig, unflatten(merged))
+        except ConfigError as e:  # the checkpoint's values: said without naming where they came from
+            raise ConfigError(f"{checkpoint}: the config it records: {e}") from None
     raise ConfigError(
         f"{checkpoint} was trained with another model config: {shown(differences, 'checkpoint')}; "
         f"continue it as it was with {ADOPT_FLAG}, or train this config into a new output_dir"

@@ -151,3 +151,20 @@ def test_adopting_a_section_this_config_leaves_out():
     saved = to_dict(JobConfig(pep=PepConfig(granularity="feature")))
     adopted = reconcile(JobConfig(), saved, Path("step-000004"), adopt=True)
     assert adopted.pep is not None and adopted.pep.granularity == "feature"
+    # A recorded value this schema refuses, adopted: the line named no checkpoint.
+    from embshard.errors import ConfigError
+
+    bad = {**to_dict(JobConfig()), "embeddings": "wide"}
+    with pytest.raises(ConfigError, match=r"^step-000004: the config it records: embeddings: expected a mapping"):
+        reconcile(JobConfig(), bad, Path("step-000004"), adopt=True)
+
+
+def test_a_checkpoint_config_that_is_no_mapping_is_named(tmp_path):
+    # `[]` advised --resume-with-checkpoint-config, even when it was given.
+    from embshard.errors import ConfigError
+
+    step = tmp_path / "step-000004"
+    step.mkdir()
+    (step / "config.json").write_text("[]")
+    with pytest.raises(ConfigError, match=rf"^{step / 'config.json'}: not a job config \(a JSON list\)$"):
+        with_checkpoint_config(JobConfig(), step, adopt=True)
