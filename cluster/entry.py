@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
 from embshard.errors import EXIT_INTERRUPTED
@@ -28,4 +29,5 @@ def main() -> int:
     finally:
         # Ctrl-C too, once the command has said its last line: during the interpreter's exit it
         # printed "Exception ignored in atexit callback ... KeyboardInterrupt" and exited 0.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -214,7 +214,10 @@ class Pep(SweepMethod):
                 points.append(point(runs.trial, budget, error=f"target {budget:g} not reached in {pruned['steps']} "
                                                               f"prune steps (kept {kept:.3f})"))
             else:
-                points.append(self._retrained(runs, prune, budget, train))
+                try:
+                    points.append(self._retrained(runs, prune, budget, train))
+                except FINDINGS as e:  # one target's retrain: the others' points stand
+                    points.append(point(runs.trial, budget, error=str(e)))
         return points
 
     def _retrained(self, runs: TrialRuns, prune: JobConfig, target: float, train: Train) -> Point:

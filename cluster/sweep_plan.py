@@ -70,8 +70,9 @@ class Trial:
     @property
     def key(self) -> str:
         at = "" if self.budget is None else f"-b{budget_name(self.budget)}"
-        # The name of its run folder, and of Ray Tune's; a long --vary value's failed the trial.
-        return fitted_name("-".join([f"{self.method}{at}-s{self.seed}", *self._varied]), NAME_MAX // 2)
+        # The name of its run folder, and within Ray's of its runs (`sweep-KEY-retrain-0.5-pep`):
+        # a long --vary value's failed the trial.
+        return fitted_name("-".join([f"{self.method}{at}-s{self.seed}", *self._varied]), NAME_MAX - 64)
 
     @property
     def label(self) -> str:

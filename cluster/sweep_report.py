@@ -5,7 +5,8 @@ Pure functions of the points (`cluster/sweep_trial.py`), so they are tested on h
 The metric is the points' own (the arch's primary test metric: AUC, or MSE for `mf`), and
 "better" follows its direction (`lower_is_better` in each point). The claim is stated only when
 the uniform curve improves with width: its best mean beats the narrowest uniform's by more than
-the tolerance (the larger of `min_tolerance` and the best uniform's seed std). Then the smallest
+the tolerance (the larger of `min_tolerance` and the best uniform's seed std) and by more than the
+narrowest's own seed std. Then the smallest
 plan of each method whose mean comes within the tolerance of the best uniform mean (for a
 lower-is-better metric: not above best + tolerance) is named, with how many times fewer serving
 bytes it has than the smallest uniform that does. Otherwise the report says width does not

@@ -104,8 +104,9 @@ def trial_points(results: list[tune.Result], out: StoragePath, trials: int) -> l
         if isinstance(found.error, EmbshardError):
             # Which trial, and what --resume does: the line said neither.
             trial = Trial.from_json(first.config["trial"]).key if first.config else first.path
-            raise type(found.error)(f"trial {trial}: {found.error} ({len(failed)} trial(s) failed; --resume retries "
-                                    "them once it is mended)") from None
+            found.error.args = (f"trial {trial}: {found.error} ({len(failed)} trial(s) failed; --resume retries them "
+                                "once it is mended)",)
+            raise found.error from None
         raise console.Crashed(f"{len(failed)} trial(s) failed, first in {first.path}: {found.summary()}; "
                               f"run again with --resume to retry them")
     finished = [r for r in results if "points" in (r.metrics or {})]

@@ -51,7 +51,7 @@ from embshard.datasets.storage import (
     upload,
 )
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Interrupted
-from embshard.sealed_folders import SERVING_MANIFEST, is_step_name
+from embshard.sealed_folders import CHECKPOINT_KEYS, CHECKPOINT_MANIFEST, SERVING_KEYS, SERVING_MANIFEST, is_step_name
 from embshard.stops import stops_held
 
 
@@ -119,13 +119,16 @@ def check_not_in_sealed(out: StoragePath, what: str, error: type[EmbshardError] 
 
 
 def _sealed_as(folder: StoragePath) -> str | None:
-    """What `folder` is, if it holds its writer's files alone. Another tool's dataset.json or
+    """What `folder` is, if it holds its writer's files alone: a step by its name, or by its
+    manifest where it was copied out of its run. Another tool's dataset.json, manifest.json or
     serving.json, or a damaged one, is not ours to keep whole."""
     if is_step_name(folder.name):
         return "checkpoint step"
     for marker, what, read in ((SPEC_FILE, "dataset", DatasetSpec.load),
+                               (CHECKPOINT_MANIFEST, "checkpoint step", lambda f: read_json_object(
+                                   f / CHECKPOINT_MANIFEST, CHECKPOINT_KEYS, DataError)),
                                (SERVING_MANIFEST, "export", lambda f: read_json_object(
-                                   f / SERVING_MANIFEST, ("version", "weights", "plan"), DataError))):
+                                   f / SERVING_MANIFEST, SERVING_KEYS, DataError))):
         if (folder / marker).is_file():
             try:
                 read(folder)
@@ -137,7 +140,7 @@ def _sealed_as(folder: StoragePath) -> str | None:
 
 def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
     """Raises unless `out` is absent, empty, or (with overwrite) an earlier `kind`, and outside
-    any dataset."""
+    any dataset, checkpoint step or export (`check_not_in_sealed`)."""
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite, kind)
         return
@@ -388,6 +391,7 @@ def _upload(staging: Path, out: RemotePath, marker: str) -> None:
     """Upload the complete local folder `staging` and copy it into `out` (see the module doc)."""
     uploaded = sibling(out, "partial")
     upload(staging, uploaded, marker=marker)
+    done = False
     try:
         # A store has no rename that swaps two prefixes in one step: a stop between the old
         # folder's removal and the end of the new one's copy left neither readable at `out`.
@@ -398,8 +402,13 @@ def _upload(staging: Path, out: RemotePath, marker: str) -> None:
                 (out / marker).unlink()
                 rmtree(out)
             uploaded.rename(out, marker=marker)
-    except KeyboardInterrupt:  # the held stop
-        raise Interrupted(f"stopped once {out} was written whole") from None
+            done = True
+    except KeyboardInterrupt:  # the held stop; with a failure of the copy, that failure's warning
+        if done:
+            raise Interrupted(f"stopped once {out} was written whole") from None
+        if _store_has(uploaded / marker):
+            print(f"warning: the complete new folder is at {uploaded}", file=sys.stderr)
+        raise
     except BaseException:
         # The copy moves the marker last and deletes the source's first: one of them holds it.
         if _store_has(uploaded / marker):

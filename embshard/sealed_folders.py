@@ -7,7 +7,9 @@ from __future__ import annotations
 import re
 
 CHECKPOINT_MANIFEST = "manifest.json"
+CHECKPOINT_KEYS = ("files",)  # what every checkpoint manifest holds
 SERVING_MANIFEST = "serving.json"
+SERVING_KEYS = ("version", "weights", "plan")  # what every export's serving.json holds
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STEP_FOLDER_BEING_WRITTEN = re.compile(r"^step-(\d{6,})\.tmp$")
 

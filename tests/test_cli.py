@@ -241,7 +241,12 @@ def test_plan_never_writes_into_a_checkpoint_step_or_an_export(tmp_path, capsys)
     export.mkdir()
     (export / "serving.json").write_text('{"version": 2, "weights": "weights.pt", "plan": "plan.json"}')
     (export / "plan.json").write_text('{"dimension_plan": {}, "shard_plan": {}}')
+    # A step copied out of its run is one by its manifest.
+    best = tmp_path / "best"
+    (best / "plan").mkdir(parents=True)
+    (best / "manifest.json").write_text('{"version": 2, "files": {}}')
     for flags, folder in ((["--set", f"output_dir={step}"], f"checkpoint step {step}"),
+                          (["--out", str(best / "plan" / "plan.json")], f"checkpoint step {best}"),
                           (["--out", str(step / "plan" / "plan.json"), "--overwrite"], f"checkpoint step {step}"),
                           (["--out", str(step / "plan" / "mine.json")], f"checkpoint step {step}"),
                           (["--out", str(export / "plan.json"), "--overwrite"], f"export {export}")):
@@ -871,8 +876,14 @@ def test_a_plan_of_other_decisions_than_the_file_names_now_is_refused(tmp_path, 
     assert main(["plan", str(cfg), "--out", str(tmp_path / "p.json")]) == 0
     run = load_job_config(cfg, [f"sharding.plan_file={tmp_path / 'p.json'}"])
     plan_for_training(run)  # the same decisions: trains
+    write(8)  # the same decisions written out again: the same, whatever their layout
+    decisions.write_text(json.dumps(json.loads(decisions.read_text()), indent=4))
+    plan_for_training(run)
     write(4)
     with pytest.raises(ConfigError, match=rf"^embeddings\.decisions {decisions}: not the decisions "
                                           rf"sharding\.plan_file {tmp_path / 'p.json'} was made from"):
         plan_for_training(run)
+    # A plan made where the file was, trained where it is not, reads no file: not refused.
+    decisions.unlink()
+    plan_for_training(run)
     capsys.readouterr()

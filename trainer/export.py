@@ -71,7 +71,7 @@ from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Storag
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
-from embshard.sealed_folders import SERVING_MANIFEST
+from embshard.sealed_folders import SERVING_KEYS, SERVING_MANIFEST
 from embshard.sharding.embedding_module import inner_module
 from embshard.sharding.mlet import collapse_mlet_tables, is_mlet_w2, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
@@ -108,7 +108,7 @@ def _export_holds(parts: tuple[str, ...]) -> bool:
 
 
 EXPORT = Replaceable("export", MANIFEST, _export_holds,
-                     lambda d: read_json_object(d / MANIFEST, ("version", "weights", "plan"), ExportError), ExportError)
+                     lambda d: read_json_object(d / MANIFEST, SERVING_KEYS, ExportError), ExportError)
 
 
 def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overwrite: bool = False,

@@ -6,6 +6,7 @@ records the same `uniform_width` and workers rebuild the same embedding module f
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 from embshard.config import JobConfig, MdeConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, DataError
+from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import Decide
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.method import get_method, method_name
@@ -69,17 +71,23 @@ def check_same_data(plan: DimensionPlan, spec: DatasetSpec, data_path: str, wher
 
 
 def decisions_sha256(cfg: JobConfig) -> str | None:
-    """The hash of the decisions file a plan of policy decisions is made from (None: no file)."""
+    """The hash of the decisions a plan of policy decisions is made from, as read (the file
+    written out again, another layout, is the same decisions); None where there is no file."""
     path = Path(cfg.embeddings.decisions or "")
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    if not path.is_file():
+        return None
+    decisions = json.dumps(load_decisions(path).to_json(), sort_keys=True)
+    return hashlib.sha256(decisions.encode()).hexdigest()
 
 
 def check_same_decisions(plan: DimensionPlan, cfg: JobConfig, where: str) -> None:
     """ConfigError when embeddings.decisions holds other decisions than `plan` was made from: the
     run trains the plan's widths (a resume's, a plan file's), and the config that names the file
-    is what every checkpoint records. Plans from before the hash was recorded pass."""
+    is what every checkpoint records. A file that is not here (a plan made on another machine)
+    is not read, and plans from before the hash was recorded pass."""
     planned = plan.made_with.get("decisions_sha256")
-    if planned and cfg.embeddings.policy == "decisions" and decisions_sha256(cfg) != planned:
+    now = decisions_sha256(cfg) if planned and cfg.embeddings.policy == "decisions" else None
+    if now is not None and now != planned:
         raise ConfigError(f"embeddings.decisions {cfg.embeddings.decisions}: not the decisions {where} was made "
                           "from (another file, or this one written again since); train them into a new output_dir")
 
