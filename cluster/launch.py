@@ -36,7 +36,7 @@ from embshard.config import JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing
+from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing, read_json
 from embshard.datasets.verify import verify_dataset
 from embshard.errors import (
     ConfigError,
@@ -134,7 +134,7 @@ def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, ad
     source = source or resume_source(cfg)
     if source is None:
         return cfg
-    saved = json.loads((source / CHECKPOINT_CONFIG).read_text())
+    saved = read_json(source / CHECKPOINT_CONFIG, ConfigError)
     if not isinstance(saved, dict):  # `[]` was a ConfigError that advised the flag already given
         raise ConfigError(f"{source / CHECKPOINT_CONFIG}: not a job config (a JSON {type(saved).__name__})")
     return reconcile(cfg, saved, source, adopt)

@@ -403,13 +403,9 @@ def _upload(staging: Path, out: RemotePath, marker: str) -> None:
                 rmtree(out)
             uploaded.rename(out, marker=marker)
             done = True
-    except KeyboardInterrupt:  # the held stop; with a failure of the copy, that failure's warning
-        if done:
+    except BaseException as e:
+        if done and isinstance(e, KeyboardInterrupt):  # the held stop, once the copy is whole
             raise Interrupted(f"stopped once {out} was written whole") from None
-        if _store_has(uploaded / marker):
-            print(f"warning: the complete new folder is at {uploaded}", file=sys.stderr)
-        raise
-    except BaseException:
         # The copy moves the marker last and deletes the source's first: one of them holds it.
         if _store_has(uploaded / marker):
             print(f"warning: the complete new folder is at {uploaded}", file=sys.stderr)

@@ -71,12 +71,11 @@ from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Storag
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.types import DimensionPlan
-from embshard.sealed_folders import SERVING_KEYS, SERVING_MANIFEST
+from embshard.sealed_folders import CHECKPOINT_MANIFEST, SERVING_KEYS, SERVING_MANIFEST
 from embshard.sharding.embedding_module import inner_module
 from embshard.sharding.mlet import collapse_mlet_tables, is_mlet_w2, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, newest_verified
-from embshard.trainer.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
 from embshard.trainer.method import get_method
 from embshard.trainer.models import TrainModel, build_model, get_arch

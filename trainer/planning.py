@@ -44,8 +44,9 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     if not isinstance(embedding_method.serves, bool):  # "no" would read as True
         raise ConfigError(f"method {name!r}: serves must be True or False, got {embedding_method.serves!r}")
     # `serves` too: an export reads it from the plan where the method cannot be imported.
+    decisions = decisions_sha256(cfg)
     made_with = {"method": name, "config": to_dict(cfg), "serves": embedding_method.serves,
-                 **({"decisions_sha256": decisions_sha256(cfg)} if cfg.embeddings.policy == "decisions" else {})}
+                 **({"decisions_sha256": decisions} if decisions else {})}
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
         with users_code(f"method {name!r}: dimension_plan()"):
@@ -72,9 +73,10 @@ def check_same_data(plan: DimensionPlan, spec: DatasetSpec, data_path: str, wher
 
 def decisions_sha256(cfg: JobConfig) -> str | None:
     """The hash of the decisions a plan of policy decisions is made from, as read (the file
-    written out again, another layout, is the same decisions); None where there is no file."""
+    written out again, another layout, is the same decisions); None for another policy, or where
+    there is no file."""
     path = Path(cfg.embeddings.decisions or "")
-    if not path.is_file():
+    if cfg.embeddings.policy != "decisions" or not path.is_file():
         return None
     decisions = json.dumps(load_decisions(path).to_json(), sort_keys=True)
     return hashlib.sha256(decisions.encode()).hexdigest()
@@ -85,9 +87,8 @@ def check_same_decisions(plan: DimensionPlan, cfg: JobConfig, where: str) -> Non
     run trains the plan's widths (a resume's, a plan file's), and the config that names the file
     is what every checkpoint records. A file that is not here (a plan made on another machine)
     is not read, and plans from before the hash was recorded pass."""
-    planned = plan.made_with.get("decisions_sha256")
-    now = decisions_sha256(cfg) if planned and cfg.embeddings.policy == "decisions" else None
-    if now is not None and now != planned:
+    planned, now = plan.made_with.get("decisions_sha256"), decisions_sha256(cfg)
+    if planned and now and now != planned:
         raise ConfigError(f"embeddings.decisions {cfg.embeddings.decisions}: not the decisions {where} was made "
                           "from (another file, or this one written again since); train them into a new output_dir")
 
