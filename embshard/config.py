@@ -421,7 +421,7 @@ class TrainConfig:
     # reaches every dense parameter, MDE's projections and MLET's W2 among them, not the tables,
     # which the fused sparse optimizer trains.
     dense_weight_decay: float = 0.0
-    eval_every: int | None = None  # steps; None = at the end of every epoch
+    eval_every: int | None = None  # steps (and the last step); None = at the end of every epoch
     eval_max_batches: int | None = None  # cap evaluation work (None = the whole split)
     log_every: int = 50  # steps between loss lines in the log
     progress: bool = True  # tqdm bar on rank 0
@@ -467,7 +467,7 @@ class CheckpointConfig:
 
     enabled: bool = True  # false: no checkpoints are written or resumed
     dir: str | None = None  # None = <output_dir>/checkpoints; or an object-store URI (s3://bucket/prefix)
-    every_steps: int | None = None  # None = only at the end (and on SIGTERM)
+    every_steps: int | None = None  # None = only after the last step (and on SIGTERM)
     keep: int = 2  # the newest K complete checkpoints are kept
     on_sigterm: bool = True  # on SIGTERM or Ctrl-C: finish the step, checkpoint, stop cleanly
     resume: str | None = None  # a checkpoint dir or one step-NNNNNN folder of another run

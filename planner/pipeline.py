@@ -152,17 +152,17 @@ def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:
     return maps
 
 
-def check_plan_holds(plan: DimensionPlan, cardinalities: Mapping[str, int], where: str) -> None:
+def check_plan_holds(plan: DimensionPlan, cardinalities: Mapping[str, int], where: str,
+                     why: str = "the plan was made for other data") -> None:
     """PlanError unless every table has a row for each id its features take in the data
     (`cardinalities`, by dataset feature): a plan made for other data, resumed or given as a file,
     would have FBGEMM's bounds check read an id past a table's rows as row 0, silently. `where`
-    names the plan and the data. Every feature of the data must have a table: a plan without one
-    trained without the feature, silently."""
+    names the plan and the data, `why` what went wrong. Every feature of the data must have a
+    table: a plan without one trained without the feature, silently."""
     read = {t.data_feature(name) for t in plan.tables for name in t.features}
     unread = [f for f in cardinalities if f not in read]
     if unread:
-        raise PlanError(f"{where}: the data's feature {unread[0]!r} has no table in the plan: "
-                        "it was made for other data")
+        raise PlanError(f"{where}: the data's feature {unread[0]!r} has no table in the plan: {why}")
     for t in plan.tables:
         for name in t.features:
             f = t.data_feature(name)
@@ -170,7 +170,7 @@ def check_plan_holds(plan: DimensionPlan, cardinalities: Mapping[str, int], wher
                 raise PlanError(f"{where}: table {t.name!r} reads feature {f!r}, which the data does not have")
             if cardinalities[f] > t.num_embeddings:
                 raise PlanError(f"{where}: feature {f!r} takes {cardinalities[f]:,} ids, table {t.name!r} "
-                                f"has {t.num_embeddings:,} rows: the plan was made for other data")
+                                f"has {t.num_embeddings:,} rows: {why}")
 
 
 # A method's planning step: dataset spec + id counts (+ the plan folder for remaps) -> DimensionPlan.

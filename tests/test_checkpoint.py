@@ -158,6 +158,16 @@ def test_keep_last_k_and_unfinished_folders_ignored(dataset, tmp_path, monkeypat
     assert resumed["resumed_from"] is None and resumed["steps"] == 13
 
 
+def test_a_step_a_killed_prune_left_without_its_manifest_is_pruned(dataset, tmp_path):
+    # Killed between the manifest's delete and the folder's, a prune left a step that every later
+    # prune failed on ("removing older ones failed: FileNotFoundError"), a checkpoint's disk for good.
+    cfg = job(dataset, tmp_path, max_steps=8)
+    run_worker(cfg)
+    (cfg.checkpoint_dir / "step-000004" / MANIFEST).unlink()
+    run_worker(replace(cfg, train=replace(cfg.train, max_steps=12)))
+    assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == ["step-000008", "step-000012"]
+
+
 def test_sigterm_finishes_the_step_checkpoints_and_stops(dataset, tmp_path):
     cfg = job(dataset, tmp_path, epochs=3)
     first = cfg.checkpoint_dir / "step-000004"

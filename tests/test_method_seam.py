@@ -14,14 +14,24 @@ from conftest import profiled_synth
 from distributed import run_ranks
 
 from embshard.cluster.launch import plan_for_training, worker_config
-from embshard.config import CheckpointConfig, DataConfig, EmbeddingsConfig, JobConfig, ModelConfig, TrainConfig
+from embshard.config import (
+    CheckpointConfig,
+    DataConfig,
+    EmbeddingsConfig,
+    JobConfig,
+    MdeConfig,
+    MletConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError
-from embshard.planner.pipeline import PlanBundle, make_plan
+from embshard.errors import ConfigError, PlanError
+from embshard.planner.pipeline import PlanBundle, make_plan, plan_with
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
 from embshard.trainer.loop import run_worker
 from embshard.trainer.method import EmbeddingMethod, get_method, register_method
+from embshard.trainer.planning import planning_step
 
 
 class FixedWidth(EmbeddingMethod):
@@ -39,8 +49,18 @@ class FixedWidth(EmbeddingMethod):
         return DimensionPlan(cfg.embeddings.dim, tables, policy=source)
 
 
+class DropsAFeature(FixedWidth):
+    """A method's plan without a table for the data's last feature."""
+
+    def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
+                       out_dir: Path) -> DimensionPlan:
+        plan = super().dimension_plan(cfg, spec, counts, out_dir)
+        return replace(plan, tables=plan.tables[:-1])
+
+
 # Module level: the spawned ranks import this module, and so register it too.
 register_method("fixed_width", FixedWidth(8))
+register_method("drops_a_feature", DropsAFeature(8))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +96,33 @@ def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["step-000002", "step-000004"]
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "plan" / "plan.json").read_text()) == saved
+
+
+def test_embeddings_mlet_factorises_the_plan_of_any_method(dataset, tmp_path):
+    # A method of its own planned without MLET, and every checkpoint recorded an MLET run.
+    cfg = job(dataset, tmp_path / "run")
+    cfg.embeddings = replace(cfg.embeddings, mlet=MletConfig(ratio=2.0))
+    bundle = plan_for_training(cfg, "fixed_width")
+    assert {(b.dim, b.mlet_width) for t in bundle.dimension_plan.tables for b in t.blocks} == {(8, 16)}
+
+
+def test_a_policy_the_method_does_not_plan_by_is_said(dataset, tmp_path):
+    # MDE's budget under a method of its own: a plan of 8-wide tables, read as the budget's.
+    cfg = job(dataset, tmp_path / "run")
+    cfg.embeddings = replace(cfg.embeddings, policy="mde", mde=MdeConfig(budget_params=1000))
+    notes = plan_for_training(cfg, "fixed_width").dimension_plan.notes
+    assert ("embeddings.policy mde is not what method 'fixed_width' plans by (its plan's policy is fixed_width): "
+            "embeddings.policy and its settings change nothing in this run") in notes
+    assert not any("plans by" in n for n in plan_for_training(job(dataset, tmp_path / "plain")).dimension_plan.notes)
+
+
+def test_a_method_s_plan_without_a_feature_is_refused_by_plan_as_by_train(dataset, tmp_path):
+    # `embshard plan` saved it, and only `train` refused it.
+    cfg = job(dataset, tmp_path / "run")
+    with pytest.raises(PlanError, match=r"^method 'drops_a_feature': dimension_plan\(\): the data's feature '\w+' "
+                                        r"has no table in the plan: every feature of the data needs a table"):
+        plan_with(planning_step(cfg, "drops_a_feature"), dataset, TopologySpec(1, "cpu"), tmp_path / "plan",
+                  batch_size=64, optimizer="rowwise_adagrad")
 
 
 def test_unknown_and_clashing_names_are_config_errors():

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import profiled_synth
@@ -30,6 +31,7 @@ from embshard.config import (
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.sharding.embedding_module import EmbeddingModule
+from embshard.trainer.checkpoint import complete_checkpoints
 from embshard.trainer.evaluate import EvalResult
 from embshard.trainer.loop import run_worker
 from embshard.trainer.models import ModelArch, get_arch
@@ -103,6 +105,33 @@ def unsqueezed_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: 
 
 def detached_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     return nn.Linear(len(spec.dense), 1)  # never looks the ids up
+
+
+class FailingEvaluation(DlrmArch):
+    """A user's arch whose evaluation fails: the run's steps were trained all the same."""
+
+    def evaluate(self, model, reader, device, max_batches) -> EvalResult:
+        raise RuntimeError("a bug in my evaluate")
+
+
+class LooseMetrics(DlrmArch):
+    """Metrics as a tensor of one element and a numpy float: `.item()` forgotten."""
+
+    def evaluate(self, model, reader, device, max_batches) -> EvalResult:
+        result = super().evaluate(model, reader, device, max_batches)
+        return dataclasses.replace(result, metrics={"auc": torch.tensor([result.metrics["auc"]]),
+                                                    "logloss": np.float32(result.metrics["logloss"])})
+
+
+class TextMetric(DlrmArch):
+    def evaluate(self, model, reader, device, max_batches) -> EvalResult:
+        result = super().evaluate(model, reader, device, max_batches)
+        return dataclasses.replace(result, metrics={**result.metrics, "note": "fine"})
+
+
+class PerExampleLoss(DlrmArch):
+    def loss(self, output, batch) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(output, batch.labels, reduction="none")
 
 
 class WithOptions(ModelArch):
@@ -387,6 +416,41 @@ def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_gro
     with pytest.raises(ConfigError, match=message) as e:
         run_worker(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_steps(dataset, tmp_path, process_group) -> None:
+    # The only checkpoint of a run without checkpoint.every_steps was written after the final
+    # evaluation, the test and Ray's report: a failure in any of them lost the whole run.
+    cfg = dataclasses.replace(job(dataset, tmp_path / "run", arch="test_model_seam:FailingEvaluation"),
+                              checkpoint=CheckpointConfig(enabled=True))
+    plan_for_training(cfg)
+    with pytest.raises(RuntimeError, match="a bug in my evaluate"):
+        run_worker(cfg)
+    [saved] = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert saved.name == "step-000004"
+
+
+def test_an_arch_s_metrics_are_numbers_in_the_summary(dataset, tmp_path, process_group) -> None:
+    # A tensor failed in Ray's report, a numpy float in summary.json: after the run had trained.
+    cfg = job(dataset, tmp_path / "loose", arch="test_model_seam:LooseMetrics")
+    plan_for_training(cfg)
+    summary = run_worker(cfg)
+    assert type(summary["valid_auc"]) is float and type(summary["valid_logloss"]) is float
+    assert (tmp_path / "loose" / "summary.json").is_file()
+    cfg = job(dataset, tmp_path / "text", arch="test_model_seam:TextMetric")
+    plan_for_training(cfg)
+    with pytest.raises(ConfigError, match=r"model.arch 'test_model_seam:TextMetric': evaluate\(\) returned metric "
+                                          r"'note' = 'fine'; metrics are named by strings and are numbers"):
+        run_worker(cfg)
+
+
+def test_a_loss_per_example_is_one_line_naming_the_arch(dataset, tmp_path, process_group) -> None:
+    # It was autograd's "grad can be implicitly created only for scalar outputs", as a crash.
+    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:PerExampleLoss")
+    plan_for_training(cfg)
+    with pytest.raises(ConfigError, match=r"model.arch 'test_model_seam:PerExampleLoss': loss\(\) returned a tensor "
+                                          r"of shape \(128,\); it must be the batch's loss as one number"):
+        run_worker(cfg)
 
 
 def test_a_model_without_the_embeddings_it_was_given_is_refused_on_the_driver(dataset, tmp_path) -> None:

@@ -36,7 +36,8 @@ def dataset(tmp_path_factory) -> Path:
     return profiled_synth(tmp_path_factory.mktemp("data"), rows=4000, max_cardinality=2000)
 
 
-def job(dataset: Path, out: Path, report_at: str, max_steps: int, checkpoints: bool = False) -> JobConfig:
+def job(dataset: Path, out: Path, report_at: str, max_steps: int, checkpoints: bool = False,
+        eval_every: int = 1) -> JobConfig:
     # A learning rate high enough that validation AUC wanders, so the best is not the last step.
     return JobConfig(
         seed=3,
@@ -44,7 +45,7 @@ def job(dataset: Path, out: Path, report_at: str, max_steps: int, checkpoints: b
         data=DataConfig(path=str(dataset), batch_size=64, eval_batch_size=512, prefetch=1),
         model=ModelConfig(dense_arch=[16], over_arch=[16]),
         embeddings=EmbeddingsConfig(dim=8),
-        train=TrainConfig(progress=False, max_steps=max_steps, eval_every=1, test=True, report_at=report_at,
+        train=TrainConfig(progress=False, max_steps=max_steps, eval_every=eval_every, test=True, report_at=report_at,
                           sparse_lr=0.5, dense_lr=0.05),
         checkpoint=CheckpointConfig(enabled=checkpoints, every_steps=STEPS if checkpoints else None),
         cluster=ClusterConfig(workers=1),
@@ -67,6 +68,29 @@ def test_best_valid_reports_the_model_at_the_best_validation(dataset, tmp_path):
     stopped = run(job(dataset, tmp_path / "stopped", "last", selected))
     for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss", "test_examples"):
         assert best[key] == stopped[key], key
+
+
+def test_the_last_step_is_evaluated_when_eval_every_does_not_divide_the_run(dataset, tmp_path):
+    # Evaluated at step 10 of 12, the run reported step 10's validation as step 12's, beside
+    # step 12's test figures.
+    every = run(job(dataset, tmp_path / "every", "last", STEPS))
+    sparse = run(job(dataset, tmp_path / "sparse", "last", STEPS, eval_every=5))
+    assert sparse["selected_step"] == every["selected_step"] == STEPS
+    for key in ("valid_auc", "valid_logloss", "test_auc"):
+        assert sparse[key] == every[key], key
+
+
+def test_a_finished_run_extended_still_chooses_among_every_evaluation(dataset, tmp_path):
+    # Its end checkpoint comes before its final evaluation (so that a failure there keeps the
+    # steps): extended, the run lost that evaluation from its choice.
+    straight = run(job(dataset, tmp_path / "straight", "best_valid", 2 * STEPS))
+    best = straight["selected_step"]
+    run(job(dataset, tmp_path / "run", "best_valid", best, checkpoints=True))
+    extended = run(job(dataset, tmp_path / "run", "best_valid", 2 * STEPS, checkpoints=True))
+    assert extended["resumed_from"].endswith(f"step-{best:06d}")
+    assert extended["selected_step"] == best
+    for key in ("valid_auc", "test_auc"):
+        assert extended[key] == straight[key], key
 
 
 def test_best_valid_is_remembered_across_a_restart(dataset, tmp_path):

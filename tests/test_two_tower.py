@@ -97,8 +97,20 @@ def test_no_item_features_or_catalog(dataset: Path) -> None:
     with pytest.raises(ConfigError, match=r"dataset 'ml-1m' has no item catalog"):
         TwoTowerArch().check(job_config(dataset), replace(spec, catalog=None))
     # Roles come from options where the dataset has none.
-    TwoTowerArch().check(job_config(dataset, query_features=["userId", "age"], item_features=["movieId", "genres"]),
-                         replace(no_roles, catalog=spec.catalog))
+    towers = {"query_features": ["userId", "gender", "age", "occupation", "zip"],
+              "item_features": ["movieId", "year", "genres"]}
+    TwoTowerArch().check(job_config(dataset, **towers), replace(no_roles, catalog=spec.catalog))
+
+
+@pytest.mark.parametrize("options", [
+    {"query_features": ["userId", "age"]},
+    {"item_features": ["movieId", "genres"]},
+])
+def test_a_feature_in_neither_tower_is_refused(dataset: Path, options: dict) -> None:
+    # Its table was planned, counted in the serving size, exported and never trained.
+    said = r"model.options: dataset 'ml-1m' has features in neither tower \(.*; name each"
+    with pytest.raises(ConfigError, match=said):
+        TwoTowerArch().check(job_config(dataset, **options), DatasetSpec.load(dataset))
 
 
 # -- 2 ranks sharded == 1 process ---------------------------------------------------------------

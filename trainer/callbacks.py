@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,8 +108,10 @@ class ReportCallback(Callback):
 
 
 class CheckpointCallback(Callback):
-    """Checkpoints every N steps, at the end, and after the step in which a stop signal or request
-    arrived (then it asks the loop to stop). `snapshot` returns the loop's progress at the call."""
+    """Checkpoints every N steps, after the last step (before the final evaluation, the test and
+    the report: a failure there, say in a user's `evaluate`, keeps what trained), at the end of a
+    run stopped on the way, and after the step in which a stop signal or request arrived (then it
+    asks the loop to stop). `snapshot` returns the loop's progress at the call."""
 
     def __init__(self, manager: CheckpointManager, model: nn.Module, optimizer: KeyedOptimizer,
                  snapshot: Callable[[], Progress], config: dict[str, Any], plan_dir: Path,
@@ -128,11 +130,16 @@ class CheckpointCallback(Callback):
         self.metrics = metrics
         self.last_path: StoragePath | None = saved[0] if saved is not None else None
         self.saved_step: int | None = saved[1] if saved is not None else None
+        self.total_steps: int | None = None
+
+    def on_train_start(self, total_steps: int) -> None:
+        self.total_steps = total_steps
 
     def on_step(self, info: StepInfo) -> None:
         preempted = self.guard is not None and self.guard.any_rank_signalled()
-        if preempted or (self.every_steps and info.step % self.every_steps == 0):
-            self.save()
+        last = info.step == self.total_steps and not preempted  # the final evaluation follows
+        if preempted or last or (self.every_steps and info.step % self.every_steps == 0):
+            self.save(evaluation_due=last)
         self.stop_requested = self.preempted = preempted
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
@@ -140,8 +147,8 @@ class CheckpointCallback(Callback):
             self.save()
         summary["checkpoint"] = str(self.last_path) if self.last_path else None
 
-    def save(self) -> None:
-        progress = self.snapshot()
+    def save(self, evaluation_due: bool = False) -> None:
+        progress = replace(self.snapshot(), evaluation_due=evaluation_due)
         start = time.perf_counter()
         with doing(self.metrics, "checkpoint"):
             self.last_path = self.manager.save(progress, self.model, self.optimizer, self.config, self.plan_dir)

@@ -101,6 +101,10 @@ class Progress:
     # train.report_at best_valid: {"step", "valid", "test"} of the best validation so far (the
     # EvalResults as dicts), so the choice spans restarts.
     best: dict[str, Any] | None = None
+    # Saved after the run's last step, before its final evaluation (which a failure there must not
+    # lose the steps to): a resume evaluates this step first, so best_valid still chooses among
+    # every evaluation of the run.
+    evaluation_due: bool = False
 
     @staticmethod
     def from_json(raw: Mapping[str, Any]) -> "Progress":
@@ -202,7 +206,9 @@ class CheckpointManager:
         for old in kept[self.keep:]:
             # Its manifest first: a reader of it (`embshard export` while the run saves) then
             # finds it incomplete the moment any file of it is gone, as `export` checks.
-            (old / MANIFEST).unlink()
+            manifest = old / MANIFEST
+            if manifest.is_file():  # else a prune killed between the two deletes: the folder goes now
+                manifest.unlink()
             rmtree(old)
         # Unfinished writes of earlier steps (a run killed mid-save) that no run will finish:
         # each is as large as a checkpoint. One with a manifest was complete and is left alone.

@@ -3,8 +3,9 @@ that `ModelArch.evaluate` defaults to, and the regression one (MSE, RMSE) of rat
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from embshard.datasets.reader import ParquetBatchReader
-from embshard.errors import DataError, TrainingDiverged
+from embshard.errors import ConfigError, DataError, TrainingDiverged
 from embshard.units import metrics_text
 
 
@@ -48,6 +49,23 @@ class EvalResult:
     def text(self) -> str:
         """"AUC 0.7612, logloss 0.4701": the primary metric first."""
         return metrics_text(self.metrics, self.primary)
+
+
+def reportable(result: Any, arch: str) -> EvalResult:
+    """An arch's evaluation with its metrics as floats (a one-element tensor, a numpy scalar);
+    ConfigError naming the arch for anything else. Said at the evaluation: as it was, a tensor
+    failed in Ray's report and a numpy float in summary.json, after the run had trained."""
+    if not isinstance(result, EvalResult):
+        raise ConfigError(f"model.arch {arch!r}: evaluate() returned {type(result).__name__}, not an EvalResult")
+    metrics: dict[str, float] = {}
+    for name, value in result.metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"model.arch {arch!r}: evaluate() returned metric {name!r} = {value!r}; metrics are "
+                              "named by strings and are numbers (a tensor of one element: .item())")
+        metrics[name] = float(value)
+    return replace(result, metrics=metrics)
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from embshard.trainer.checkpoint import (
     resolve_source,
 )
 from embshard.trainer.divergence import LossWatch
-from embshard.trainer.evaluate import EvalResult
+from embshard.trainer.evaluate import EvalResult, reportable
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
 from embshard.trainer.metrics import WorkerMetrics, doing, read_file_sd_targets, write_file_sd
@@ -129,12 +129,13 @@ class _WorkerRun:
 
         self.epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
         self.watch = LossWatch(device, self.progress.step)
-        extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics), sharded)
+        extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics, self.progress.step), sharded)
         self.callbacks = _callbacks(cfg, sharded, self.snapshot, metrics, report, rank, world, extras,
                                     (own, self.progress.step) if own is not None else None, owner_check)
         self.steps = _train_steps(cfg, sharded, device, rank)
         self.total = _total_steps(cfg, self.progress, self.train_reader, world)
         self.test_seconds = 0.0  # kept out of the throughput, like the test after the last step
+        self.evaluated_at: int | None = None  # the step of this start's last evaluation
 
     def snapshot(self) -> Progress:
         """Where the run stands, as a checkpoint saves it."""
@@ -149,6 +150,10 @@ class _WorkerRun:
         result: EvalResult | None = None
         stopped = False
         resumed_samples = progress.samples  # throughput counts only what this start trained
+        if progress.evaluation_due and cfg.train.report_at == "best_valid":
+            # Resumed from a run's last step, saved before its final evaluation: one of the choices.
+            result = self.validate()
+        progress.evaluation_due = False
         started = time.perf_counter()
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.step >= self.total:
@@ -160,11 +165,13 @@ class _WorkerRun:
                 break
             if cfg.train.eval_every is None or result is None:
                 result = self.validate()
-        if result is None and not stopped:  # resumed with nothing left to train
+        if not stopped and self.evaluated_at != progress.step:
+            # Resumed with nothing left to train, or the last evaluation (`train.eval_every`) came
+            # steps before the end: its figures were reported as the last step's.
             result = self.validate()
         elapsed = time.perf_counter() - started - self.test_seconds
         test = self.test if cfg.train.test and not stopped else None
-        selected_step, result, tested = _reported(cfg, progress, result, test)
+        selected_step, result, tested = _reported(cfg, progress, self.evaluated_at, result, test)
         summary = self._summary(elapsed, progress.samples - resumed_samples, result, selected_step, tested, stopped)
         for cb in self.callbacks:
             cb.on_train_end(summary)
@@ -222,6 +229,7 @@ class _WorkerRun:
         with doing(self.metrics, "eval"):
             result = _evaluate(self.cfg, self.sharded, self.steps, self.valid_reader, self.device, self.progress.step,
                                self.callbacks)
+        self.evaluated_at = self.progress.step
         # The best evaluation so far lives in the progress, so a restarted group keeps choosing
         # among every evaluation of the run. The test split is read only at a new best (chosen on
         # validation alone); every rank gathered the same result, so all take the same branch,
@@ -286,17 +294,19 @@ def _total_steps(cfg: JobConfig, progress: Progress, train_reader: ParquetBatchR
     return total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
 
 
-def _reported(cfg: JobConfig, progress: Progress, last: EvalResult | None,
+def _reported(cfg: JobConfig, progress: Progress, evaluated_at: int | None, last: EvalResult | None,
               test: Callable[[], EvalResult] | None) -> tuple[int, EvalResult | None, EvalResult | None]:
     """The step the run reports, its validation and its test (`test`: reads the test split, None
-    when the run has none to read)."""
+    when the run has none to read). `last`: the evaluation at step `evaluated_at`, the last step
+    but in a run stopped on the way, whose last evaluation may be older."""
     # A checkpoint of a best_valid run keeps its choice; a resume under `last` ignores it.
     if cfg.train.report_at == "best_valid" and progress.best is not None:
         tested = EvalResult(**progress.best["test"]) if progress.best["test"] else None
         return progress.best["step"], EvalResult(**progress.best["valid"]), tested
     # The test split is read once, after training and outside the timed part: what a sweep ranks
     # plans by must be data that no choice (epochs, evaluation) was made on.
-    return progress.step, last, test() if test is not None else None
+    step = evaluated_at if last is not None and evaluated_at is not None else progress.step
+    return step, last, test() if test is not None else None
 
 
 def _stop_metrics(cfg: JobConfig, metrics: WorkerMetrics, rank: int) -> None:
@@ -340,8 +350,6 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
     callbacks.extend(extras)  # before checkpoints: a checkpoint sees what they did to the step
     if metrics is not None:
         callbacks.append(PrometheusCallback(metrics))
-    if report is not None:
-        callbacks.append(ReportCallback(report))
     if cfg.checkpoint.enabled:
         guard = None
         if cfg.checkpoint.on_sigterm:
@@ -354,6 +362,8 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
             checkpoint_manager(cfg, sharded, metrics, owner_check),
             sharded.model, sharded.optimizer, snapshot, to_dict(cfg),
             sharded.bundle.directory, cfg.checkpoint.every_steps, guard, metrics, saved))
+    if report is not None:  # after the checkpoint: the summary it reports names the run's last one
+        callbacks.append(ReportCallback(report))
     crash = crash_from_env(rank, Path(cfg.output_dir))  # last: dies after that step's checkpoint
     if crash is not None:
         callbacks.append(crash)
@@ -443,7 +453,7 @@ def _measure(sharded: ShardedModel, steps: TrainSteps, reader: ParquetBatchReade
              max_batches: int | None) -> EvalResult:
     # Not through the pipeline's rewritten collections: they serve the batches it fetched.
     with steps.paused():
-        return sharded.arch.evaluate(sharded.model, reader, device, max_batches)
+        return reportable(sharded.arch.evaluate(sharded.model, reader, device, max_batches), sharded.arch.name)
 
 
 def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:

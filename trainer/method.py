@@ -43,7 +43,7 @@ from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError
 from embshard.planner.pipeline import PlanBundle
-from embshard.planner.policies import plan_dimensions
+from embshard.planner.policies import plan_widths
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.embedding_module import EmbeddingModule
 from embshard.sharding.mlet import mlet_after_load, mlet_before_save, mlet_load_template
@@ -67,6 +67,7 @@ class Worker:
     world: int
     device: torch.device
     metrics: WorkerMetrics | None
+    resumed_at: int = 0  # the step this start resumed from (0: a start from scratch)
 
 
 @dataclass
@@ -93,8 +94,9 @@ class EmbeddingMethod:
 
     def dimension_plan(self, cfg: JobConfig, spec: DatasetSpec, counts: Mapping[str, np.ndarray],
                        out_dir: Path) -> DimensionPlan:
-        """The DimensionPlan this run trains: `embeddings.policy`, then MLET when configured."""
-        return plan_dimensions(cfg.embeddings, spec, counts, out_dir)
+        """The widths this run trains: `embeddings.policy`'s. The planning step puts `embeddings.mlet`
+        on every block the plan leaves unfactorised, whatever the method."""
+        return plan_widths(cfg.embeddings, spec, counts, out_dir)
 
     def embeddings(self, cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec,
                    device: torch.device) -> EmbeddingModule:

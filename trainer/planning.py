@@ -17,7 +17,8 @@ from embshard.config import JobConfig, MdeConfig, ModelConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, DataError
 from embshard.planner.decisions import load_decisions
-from embshard.planner.pipeline import Decide
+from embshard.planner.pipeline import Decide, check_plan_holds
+from embshard.planner.policies import with_mlet
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.method import get_method, method_name
 from embshard.trainer.models import ModelArch, get_arch
@@ -53,7 +54,11 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
             plan = embedding_method.dimension_plan(cfg, spec, counts, out_dir)
         if not isinstance(plan, DimensionPlan):
             raise ConfigError(f"method {name!r}: dimension_plan() returned {type(plan).__name__}, not a DimensionPlan")
-        return replace(plan, uniform_width=uniform, notes=[*unread, *plan.notes],
+        # What `train` refuses in a plan, `plan` refuses too: it was saved as good before.
+        check_plan_holds(plan, {f.name: f.cardinality for f in spec.sparse}, f"method {name!r}: dimension_plan()",
+                         "every feature of the data needs a table with a row for each of its ids")
+        plan = with_mlet(plan, cfg.embeddings)
+        return replace(plan, uniform_width=uniform, notes=[*unread, *policy_unread(cfg, plan, name), *plan.notes],
                        made_with={**made_with, "dataset_id": spec.id})
 
     return decide
@@ -91,6 +96,16 @@ def check_same_decisions(plan: DimensionPlan, cfg: JobConfig, where: str) -> Non
     if planned and now and now != planned:
         raise ConfigError(f"embeddings.decisions {cfg.embeddings.decisions}: not the decisions {where} was made "
                           "from (another file, or this one written again since); train them into a new output_dir")
+
+
+def policy_unread(cfg: JobConfig, plan: DimensionPlan, method: str) -> list[str]:
+    """A note where the config sets `embeddings.policy` and the method's plan follows another
+    (a method of its own, AutoDim's search): MDE's budget, say, would be read as met."""
+    configured, planned = cfg.embeddings.policy, plan.policy.get("policy")
+    if configured == "uniform" or planned == configured:
+        return []
+    return [f"embeddings.policy {configured} is not what method {method!r} plans by (its plan's policy is "
+            f"{planned or 'not recorded'}): embeddings.policy and its settings change nothing in this run"]
 
 
 def unread_settings(cfg: JobConfig, arch: ModelArch) -> list[str]:

@@ -21,23 +21,39 @@ from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.types import DimensionPlan
 
 
+def plan_widths(
+    cfg: EmbeddingsConfig,
+    spec: DatasetSpec,
+    counts: Mapping[str, np.ndarray] | None = None,
+    out_dir: Path | None = None,
+) -> DimensionPlan:
+    """The widths `cfg.policy` gives. counts[feature]: int64 id frequencies over the train split
+    (length = cardinality); MDE needs them for within-table blocking. out_dir: the plan's folder,
+    where remaps are written."""
+    if cfg.policy == "uniform":
+        return uniform_plan(cfg, spec)
+    if cfg.policy == "mde":
+        return mde_plan(cfg, spec, counts, out_dir)
+    if cfg.decisions:
+        return from_decisions(cfg.decisions, cfg, spec, out_dir)
+    # EmbeddingsConfig.__post_init__ refuses this already; this narrows the type
+    raise ConfigError("embeddings.decisions: policy decisions needs the path of a decisions file")
+
+
+def with_mlet(plan: DimensionPlan, cfg: EmbeddingsConfig) -> DimensionPlan:
+    """`plan` with `cfg.mlet` on its blocks: MLET is orthogonal to how widths were chosen, so
+    every method's plan gets it (one that cannot train it refuses `embeddings.mlet` first)."""
+    return plan if cfg.mlet is None else apply_mlet(plan, cfg.mlet, cfg.rounding)
+
+
 def plan_dimensions(
     cfg: EmbeddingsConfig,
     spec: DatasetSpec,
     counts: Mapping[str, np.ndarray] | None = None,
     out_dir: Path | None = None,
 ) -> DimensionPlan:
-    """counts[feature]: int64 id frequencies over the train split (length = cardinality); MDE
-    needs them for within-table blocking. out_dir: the plan's folder, where remaps are written."""
-    if cfg.policy == "uniform":
-        plan = uniform_plan(cfg, spec)
-    elif cfg.policy == "mde":
-        plan = mde_plan(cfg, spec, counts, out_dir)
-    elif cfg.decisions:
-        plan = from_decisions(cfg.decisions, cfg, spec, out_dir)
-    else:  # EmbeddingsConfig.__post_init__ refuses this already; this narrows the type
-        raise ConfigError("embeddings.decisions: policy decisions needs the path of a decisions file")
-    return plan if cfg.mlet is None else apply_mlet(plan, cfg.mlet, cfg.rounding)
+    """The policy's widths, then MLET when configured (`plan_widths`, `with_mlet`)."""
+    return with_mlet(plan_widths(cfg, spec, counts, out_dir), cfg)
 
 
-__all__ = ["plan_dimensions", "from_decisions"]
+__all__ = ["plan_dimensions", "plan_widths", "with_mlet", "from_decisions"]

@@ -1,7 +1,7 @@
 """MLET on top of any plan: blocks trained factorised, W1 (n x k) . W2 (k x d), served as n x d.
 
-Orthogonal to how `dim` was chosen, so it runs after every policy. A width k < d is refused by
-the plan's own validation (MLET paper, Theorem 2.2).
+Orthogonal to how `dim` was chosen, so it runs after every policy and method. A width k < d is
+refused by the plan's own validation (MLET paper, Theorem 2.2).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ def apply_mlet(plan: DimensionPlan, mlet: MletConfig, rule: RoundingRule) -> Dim
             continue
         blocks = []
         for i, b in enumerate(t.blocks):
+            if b.mlet_width is not None:  # a method that factorised the block itself keeps its k
+                blocks.append(b)
+                continue
             raw: float
             setting: dict[str, float]
             if mlet.ratio is not None:

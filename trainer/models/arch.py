@@ -160,4 +160,10 @@ class TrainModel(nn.Module):
 def _arch_loss(train: TrainModel, output: Any, batch: Batch) -> torch.Tensor:
     # One opaque node when TorchRec's train pipeline traces the model to find its collections'
     # input: an arch's loss may check its output's type and shape, which a trace cannot follow.
-    return train.arch.loss(output, batch)
+    loss = train.arch.loss(output, batch)
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss.reshape(())  # (1,), say: autograd took it
+    # Else autograd's "grad can be implicitly created only for scalar outputs", naming nobody.
+    got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+    raise ConfigError(f"model.arch {train.arch.name!r}: loss() returned {got}; it must be the batch's loss as "
+                      "one number, a 0-d tensor (say, the mean over its examples)")

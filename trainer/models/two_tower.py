@@ -97,6 +97,12 @@ def tower_layout(spec: DatasetSpec, options: TwoTowerOptions) -> TowerLayout:
     if off_catalog:
         raise ConfigError(f"{WHERE}.item_features: {off_catalog[0]!r} is not in the item catalog "
                           f"(it has {', '.join([catalog.item_id, *catalog.features])})")
+    unread = [f for f in spec.sparse_names if f not in query and f not in item]
+    if unread:
+        # Their tables would be planned, counted in the serving size and an MDE budget, exported,
+        # and never trained (as mf refuses for its two ids).
+        raise ConfigError(f"{WHERE}: dataset {spec.name!r} has features in neither tower ({', '.join(unread)}); "
+                          "name each in query_features or item_features, or convert the data without them")
     items = catalog.rows - FIRST_ITEM
     if max(options.k) >= items:
         raise ConfigError(f"{WHERE}.k: {max(options.k)} is not below the catalog's {items} items (recall@"
