@@ -8,6 +8,7 @@ rank 0 writes the decisions file that `embeddings: {policy: decisions}` turns in
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,13 +70,17 @@ def _autodim(args: argparse.Namespace) -> int:
         summary = train_on_ray(cfg, "autodim")
     print(f"search validation {validation_text(summary)} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")
-    if summary["alpha_steps"] == 0:
-        print("warning: no architecture step ran (the run ended within autodim.pretrain_steps), so "
-              "every field's alpha is still uniform and the chosen widths are ties; train longer")
+    if summary["decisions"] is None:
+        raise ConfigError(f"autodim.pretrain_steps: the search ended within its {search.pretrain_steps} steps of "
+                          "equal alpha: no architecture step ran, so it chose nothing and wrote no decisions file; "
+                          "train longer (train.epochs, train.max_steps) or lower autodim.pretrain_steps")
     print("chosen widths: " + ", ".join(f"{f} {d}" for f, d in summary["dims"].items()))
     print(f"decisions -> {decisions}")
     if "alpha_history" in summary:
         print(f"softmax(alpha) every {search.history_every} steps -> {summary['alpha_history']}")
-    print(f"retrain: embshard train {args.config} --set embeddings.policy=decisions "
-          f"--set embeddings.decisions={decisions}")
+    # Into a run folder of its own: in the search's, its summary and plan replaced the search's.
+    retrain = [*args.overrides, "embeddings.policy=decisions", f"embeddings.decisions={decisions}",
+               f"output_dir={cfg.output_dir.rstrip('/')}/retrain"]
+    print(f"retrain: embshard train {shlex.quote(str(args.config))} "
+          + " ".join(f"--set {shlex.quote(s)}" for s in retrain))
     return 0

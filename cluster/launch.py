@@ -481,9 +481,27 @@ def worker_error(e: BaseException) -> WorkerFailure:
         inner = _inner_errors(err)
         if not inner:
             roots.append(WorkerFailure(err, rank, where))
-        stack.extend((rank if r is None else r, x, where) for r, x in reversed(inner))
+        snippets = rank_snippets(str(err)) if getattr(err, "worker_failures", None) else {}
+        stack.extend((rank if r is None else r, x, (raised_at_in(snippets[r]) if r in snippets else "") or where)
+                     for r, x in reversed(inner))
     cause = next((r for r in roots if not lost_a_peer(r.error)), roots[0] if roots else None)
     return died or cause or WorkerFailure(e, None)
+
+
+_SNIPPET_HEAD = re.compile(r"^\[Rank (?P<ranks>\d+(?:,\d+)*) Error Snippet\]:$", re.MULTILINE)
+
+
+def rank_snippets(message: str) -> dict[int, str]:
+    """A Ray Train worker-group error's message, by rank. Ray hands the driver each rank's bare
+    exception, without its traceback, which lives on only as text in this message: a head
+    `[Rank 0,1 Error Snippet]:` per group of alike errors, then the first one's traceback."""
+    heads = list(_SNIPPET_HEAD.finditer(message))
+    if not heads:
+        return {}
+    ends = [h.start() for h in heads[1:]] + [len(message)]
+    # Ray shows the first rank's text for a group of errors alike but for their digits (line
+    # numbers among them): the others' lines may differ, so only the first is given one.
+    return {int(h["ranks"].split(",")[0]): message[h.end():end] for h, end in zip(heads, ends, strict=True)}
 
 
 def _inner_errors(err: BaseException) -> list[tuple[int | None, BaseException]]:

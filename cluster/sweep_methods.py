@@ -23,6 +23,7 @@ with uniform's curve. Torch-free but for PEP's masks, read in the trial.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from embshard.config import AutodimConfig, EmbeddingsConfig, JobConfig, MletConfig, PepConfig
 from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.storage import NAME_MAX, fitted_name
 from embshard.errors import ConfigError, PlanError, TrainingDiverged
 from embshard.planner.policies import plan_dimensions
 from embshard.planner.policies.uniform import uniform_plan
@@ -123,13 +125,20 @@ class TrialRuns:
         file is one method's at one budget), the test split evaluated, no progress bar (trials
         run side by side)."""
         base, out = self.base, self.folder / name
-        return replace(base, seed=self.trial.seed, name=f"sweep-{self.trial.key}-{name}", output_dir=str(out),
+        job = f"sweep-{self.trial.key}-{name}"
+        # Runs side by side must not share one file-SD file; each has its own beside the one the
+        # config names, in the folder Prometheus reads (in the run's folder, none was scraped).
+        listed = base.metrics.file_sd
+        file_sd = None
+        if listed:  # named for its sweep too: two sweeps of one config list the same jobs
+            suffix = Path(listed).suffix or ".json"
+            sweep = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:8]
+            file_sd = str(Path(listed).parent / (fitted_name(f"{job}-{sweep}", NAME_MAX - len(suffix)) + suffix))
+        return replace(base, seed=self.trial.seed, name=job, output_dir=str(out),
                        sharding=replace(base.sharding, plan_file=None),
                        train=replace(base.train, test=True, progress=False),
                        checkpoint=replace(base.checkpoint, dir=None, resume=None),
-                       # Runs side by side must not share one file-SD file.
-                       metrics=replace(base.metrics,
-                                       file_sd=str(out / "file_sd.json") if base.metrics.file_sd else None))
+                       metrics=replace(base.metrics, file_sd=file_sd))
 
 
 class SweepMethod(ABC):
@@ -259,8 +268,12 @@ class Autodim(SweepMethod):
 
     def points(self, runs: TrialRuns, train: Train) -> list[Point]:
         search, method = self.first_run(runs)
-        train(search, method)
+        _, searched = train(search, method)
         assert search.autodim is not None and search.autodim.decisions is not None
+        if searched.get("decisions") is None:  # a point of its own, not a retrain's "no file"
+            return [point(runs.trial, runs.budget, error=f"the search ended within autodim.pretrain_steps "
+                                                        f"({search.autodim.pretrain_steps}): no architecture step, "
+                                                        "no decisions")]
         emb = replace(search.embeddings, policy="decisions", decisions=search.autodim.decisions, mlet=runs.mlet)
         return [trained_point(runs.trial, runs.budget, replace(runs.run("retrain"), embeddings=emb, autodim=None),
                               train)]

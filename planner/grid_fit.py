@@ -10,7 +10,9 @@ that land it takes the one closest to the unrounded Alg. 3 widths, so the blocks
 rounding boundary are the ones that move.
 
 Totals are kept in buckets (a fixed number per plan, to bound memory), so a bucket's total is
-approximate; every candidate is rebuilt and its exact total checked before it is returned.
+approximate; every candidate is rebuilt and its exact total checked before it is returned. The
+window's ends are bucket edges: a bucket that straddled one kept the assignment of least deviation,
+which could be the one outside, so budgets a plan on the grid meets were refused.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from embshard.planner.rounding import RoundingRule, step_up
 _SPAN = 1.25
 # Bound on the back-pointer tables (blocks x grid widths x buckets; 6 bytes a cell): 48 MB.
 _CELLS = 8_000_000
-_MAX_BUCKETS = 8192
+# A few tables get as many buckets as the cells allow: a bucket merges partial totals, so wide
+# ones lost exact plans ((16, 8, 4) on three equal tables merged with (12, 12) and overshot).
+_MAX_BUCKETS = 1 << 20
 _MIN_BUCKETS = 512
 
 
@@ -63,8 +67,17 @@ def fit_on_grid(
     """
     order = np.argsort(-p, kind="stable")
     n, g = len(order), len(widths)
-    buckets = int(np.clip(_CELLS // max(1, n * g), _MIN_BUCKETS, _MAX_BUCKETS))
-    unit = _SPAN * budget / buckets
+    # Bucket of total t: low + i * window / inside for integer i, in integers (exact edges).
+    low = int(np.ceil(low))
+    window = budget + 1 - low
+    about = int(np.clip(_CELLS // max(1, n * g), _MIN_BUCKETS, _MAX_BUCKETS))
+    inside = max(1, round(window * about / (_SPAN * budget)))
+    below = -(-low * inside // window)  # buckets under the window, from total 0
+
+    def bucket_of(t: np.ndarray) -> np.ndarray:
+        return (t - low) * inside // window + below
+
+    buckets = int(bucket_of(np.array(int(_SPAN * budget)))) + 1
     exact = np.array([[cost(int(rows[i]), w) for w in widths] for i in order], dtype=np.int64)
     dev = np.abs(np.array(widths, dtype=np.float64)[None, :] - raw[order][:, None])
 
@@ -77,7 +90,7 @@ def fit_on_grid(
     back_bucket = np.zeros((n, g, buckets), dtype=np.int32)
 
     def place(k: int, j: int, devs: np.ndarray, totals: np.ndarray, width_from, bucket_from) -> None:
-        target = (totals // unit).astype(np.int64)
+        target = bucket_of(totals)
         ok = target < buckets
         target, devs, totals = target[ok], devs[ok], totals[ok]
         width_from, bucket_from = width_from[ok], bucket_from[ok]

@@ -361,6 +361,8 @@ def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, 
     again = run_worker(cfg, method="autodim")  # nothing left to train: alpha as checkpointed
     assert again["resumed_from"].endswith("step-000004") and again["steps"] == 4
     assert again["alpha"] == first["alpha"]
+    # It said 1.0, the module's temperature before any step of this start.
+    assert again["tau_final"] == first["tau_final"] == cfg.autodim.temperature(3)
     longer = run_worker(replace(cfg, train=replace(cfg.train, max_steps=6)), method="autodim")
     assert longer["steps"] == 6 and longer["alpha_steps"] == 3
     assert load_decisions(longer["decisions"]).meta["steps"] == 6
@@ -379,6 +381,33 @@ def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, 
                                           r"no place for \('embeddings\.arch\.logits' and \d+ more\)"):
         export_serving(tmp_path / "unsaid" / "checkpoints", tmp_path / "serving")
     assert not (tmp_path / "serving").exists()
+
+
+def test_a_search_that_took_no_architecture_step_writes_no_decisions(dataset, tmp_path, process_group):
+    # Every alpha still equal, its widths were ties broken to the narrowest candidate, written as
+    # a finished search's decisions file under a warning, and retrained without a word.
+    from embshard.trainer.autodim import decisions_path
+    from embshard.trainer.loop import run_worker
+
+    cfg = job(dataset, tmp_path / "run", alpha_every=2, pretrain_steps=10)
+    cfg.train = replace(cfg.train, max_steps=3, eval_max_batches=1)
+    plan_search(cfg, 1)
+    summary = run_worker(cfg, method="autodim")
+    assert summary["alpha_steps"] == 0 and summary["decisions"] is None
+    assert not decisions_path(cfg).exists()
+    # As a sweep's trial: a point saying so, not the retrain's "no decisions file".
+    from embshard.cluster.sweep_methods import TrialRuns
+    from embshard.cluster.sweep_plan import Trial
+
+    def train(run: JobConfig, method: str | None):
+        bundle = plan_for_training(run, method)
+        return bundle.dimension_plan, run_worker(run, method=method)
+
+    trial = replace(cfg, output_dir=str(tmp_path / "sweep"), cluster=replace(cfg.cluster, workers=1))
+    runs = TrialRuns(trial, DatasetSpec.load(cfg.data.path), Trial("autodim", seed=0, budget=1.0), [1.0],
+                     tmp_path / "trial")
+    [point] = runs.points(train)
+    assert point["error"] == "the search ended within autodim.pretrain_steps (10): no architecture step, no decisions"
 
 
 def test_search_checkpoints_and_stops_on_sigterm(dataset, tmp_path, process_group):

@@ -230,6 +230,27 @@ def test_a_workers_crash_says_where_in_the_users_code_it_was_raised():
     assert said == "rank 0: RuntimeError: callback on_step boom"
 
 
+def test_a_crash_as_ray_train_reports_it_names_the_users_line():
+    # Ray 2.60 hands the driver each rank's bare exception; its traceback lives on only in the
+    # worker-group error's message, so the README's "at file:line" was never said in a real run.
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.worker_group.poll import WorkerGroupPollStatus, WorkerStatus
+
+    from embshard.cluster.launch import worker_error
+
+    def raised(line: int, message: str) -> UserExceptionWithTraceback:
+        text = (f'Traceback (most recent call last):\n  File "{__file__}", line {line}, in forward\n'
+                f"ValueError: {message}\n")
+        return UserExceptionWithTraceback(ValueError(message), text)
+
+    statuses = {0: WorkerStatus(running=False, error=raised(11, "boom in my forward")),
+                1: WorkerStatus(running=False, error=raised(40, "another bug"))}
+    error = WorkerGroupPollStatus(statuses).get_worker_group_error()
+    assert worker_error(error).summary() == f"rank 0: ValueError: boom in my forward at {__file__}:11"
+    error = WorkerGroupPollStatus({1: statuses[1]}).get_worker_group_error()
+    assert worker_error(error).summary() == f"rank 1: ValueError: another bug at {__file__}:40"
+
+
 def test_a_users_module_failing_as_it_imports_is_named_at_its_own_line(tmp_path, monkeypatch):
     # Its register_method("uniform", ...) raised inside embshard, and the line named
     # trainer/method.py instead of the user's file.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -288,3 +290,25 @@ def test_activity_is_one_while_a_rank_checkpoints_or_evaluates() -> None:
         assert activity() == {"checkpoint": 0.0, "eval": 0.0}
     finally:
         metrics.stop_server()
+
+
+def test_a_sweep_trial_lists_its_workers_where_prometheus_reads(tmp_path):
+    # Each trial's list went to its own run folder, which deploy/prometheus.yml never reads: no
+    # sweep trial was ever scraped.
+    from embshard.cluster.sweep_methods import TrialRuns
+    from embshard.cluster.sweep_plan import Trial
+    from embshard.config import JobConfig
+    from embshard.datasets.schema import DatasetSpec
+
+    listed = tmp_path / "file_sd" / "sweep.json"
+    base = JobConfig(metrics=MetricsConfig(file_sd=str(listed)))
+    runs = TrialRuns(base, DatasetSpec("d", [], []), Trial("uniform", seed=0, budget=0.5), [0.5], tmp_path / "trial")
+    cfg = runs.run("train")
+    assert cfg.name == "sweep-uniform-b0.5-s0-train"
+    assert re.fullmatch(r"sweep-uniform-b0\.5-s0-train-[0-9a-f]{8}\.json", Path(cfg.metrics.file_sd).name)
+    assert Path(cfg.metrics.file_sd).parent == listed.parent
+    # Another sweep of the same config lists the same jobs: in a file of its own.
+    other = TrialRuns(base, DatasetSpec("d", [], []), Trial("uniform", seed=0, budget=0.5), [0.5], tmp_path / "other")
+    assert other.run("train").metrics.file_sd != cfg.metrics.file_sd
+    unlisted = TrialRuns(JobConfig(), DatasetSpec("d", [], []), Trial("uniform", seed=0), [1.0], tmp_path / "trial")
+    assert unlisted.run("train").metrics.file_sd is None

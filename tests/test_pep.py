@@ -495,6 +495,13 @@ def test_a_resumed_prune_run_never_rewrites_a_target(tmp_path, process_group):
     with pytest.raises(ConfigError, match=r"target-0.99: written by another prune run"):
         run_worker(other_seed, method="pep")
     assert (decisions.read_bytes(), decisions.stat().st_mtime_ns) == written
+    # Started again at another pace (or on other data, or widths), its targets were reported as
+    # reached with the first run's masks, though it pruned nothing.
+    other_pace = replace(cfg, output_dir=str(tmp_path / "pace"),
+                         pep=replace(cfg.pep, out=str(cfg.pep_dir), threshold_lr=1e-4))
+    plan_for_training(replace(other_pace, cluster=replace(cfg.cluster, workers=1)), "pep")
+    with pytest.raises(ConfigError, match=r"target-0.99: written by another prune run \({'threshold_lr': 0.05} there"):
+        run_worker(other_pace, method="pep")
 
 
 @pytest.mark.parametrize("granularity", ["feature", "feature_dimension"])

@@ -303,6 +303,23 @@ def test_unreachable_budget_names_the_reachable_neighbours():
         assert 0.99 * reachable <= plan_dimensions(cfg, spec, counts).serve_params() <= reachable
 
 
+def test_every_total_on_the_grid_is_a_budget_that_lands():
+    # A bucket of totals that straddled the budget kept its assignment of least deviation, over
+    # the budget: plans of exactly the budget were refused, and so were budgets the error named.
+    spec, counts = ml100k()
+    for budget in monotone_grid_totals(16):
+        cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(budget_params=int(budget)))
+        assert 0.99 * budget <= plan_dimensions(cfg, spec, counts).serve_params() <= budget, budget
+    # Three equal tables: (16, 8, 4) is 2,800,192 with its projections; (12, 12, 4), which a bucket
+    # merged it with, 2,800,448.
+    equal = DatasetSpec("three", [], [SparseFeature(f"C{i}", 100_000) for i in range(3)])
+    ones = {f.name: np.ones(100_000, dtype=np.int64) for f in equal.sparse}
+    cfg = EmbeddingsConfig(policy="mde", dim=16, mde=MdeConfig(mode="across", budget_params=2_800_192))
+    plan = plan_dimensions(cfg, equal, ones)
+    assert plan.serve_params() == 2_800_192
+    assert [b.dim for t in plan.tables for b in t.blocks] == [16, 8, 4]
+
+
 def test_across_tables_weighs_each_table_by_its_total_without_reading_its_counts(tmp_path):
     # Each table's counts were read (and kept) to be summed: 8 bytes an id, ~208 GB for 26 tables
     # of 1e9 rows, where the profile already holds each total.

@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,26 @@ def test_a_decided_width_above_the_base_dim_is_kept_and_said(tmp_path):
     assert [b.dim for b in plan.table("t_C1").blocks] == [32]
     assert plan.notes == ["t_C1 block 0: 30 -> 32 (multiple4, FBGEMM needs widths divisible by 4); 32 wide, above "
                           "embeddings.dim 16: more than a uniform row"]
+
+
+def test_decisions_made_on_another_dataset(tmp_path):
+    # A prune run's ranked rows of one dataset were planned on another without a word.
+    here, there = "a" * 64, "b" * 64
+    path = pep_decisions(tmp_path)
+    decisions = load_decisions(path)
+    ranked = replace(decisions, meta={"dataset_id": there}).save(tmp_path / "ranked.json")
+    cfg = EmbeddingsConfig(policy="decisions", dim=16, decisions=str(ranked))
+    with pytest.raises(PlanError, match=r"ranked.json: decided on another dataset \(dataset id bbbbbbbb, the "
+                                        r"data's aaaaaaaa\): its blocks rank that dataset's rows; decide again"):
+        plan_dimensions(cfg, replace(SPEC, id=here), None, tmp_path / "p1")
+    assert plan_dimensions(cfg, replace(SPEC, id=there), None, tmp_path / "p2").notes == [
+        "t_C1 block 1: 6 -> 8 (multiple4, FBGEMM needs widths divisible by 4)"]
+    # Widths per table (a search on a sample, trained on all the data) are taken, and said.
+    widths = replace(decisions, tables={"C1": TableDecision(dim=8), "C2": TableDecision(dim=4)},
+                     meta={"dataset_id": there}).save(tmp_path / "widths.json")
+    plan = plan_dimensions(replace(cfg, decisions=str(widths)), replace(SPEC, id=here), None, tmp_path / "p3")
+    assert plan.notes == [f"{widths}: decided on another dataset (dataset id bbbbbbbb, the data's aaaaaaaa): its "
+                          "widths per table are taken as they are"]
 
 
 def test_decisions_base_dim_must_match_config(tmp_path):

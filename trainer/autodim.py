@@ -236,13 +236,16 @@ class AlphaStep(Callback):
         self.record(summary["steps"])
         stats = {"steps": summary["steps"], "alpha_steps": self.alpha_steps(summary["steps"]),
                  "pretrain_steps": min(summary["steps"], self.search.pretrain_steps),
-                 "tau_final": self.embedding.tau, "world_size": self.world}
+                 # The last step's, from the schedule: a start that trained no step (a finished
+                 # search run again) never set the module's.
+                 "tau_final": self.search.temperature(max(summary["steps"] - 1, 0)), "world_size": self.world}
         summary.update(stats)
         if self.search.history_every:
             summary["alpha_history"] = str(alpha_history_path(self.cfg))
-        if summary["preempted"]:
-            # Stopped on the way (Ctrl-C, SIGTERM), it chose nothing yet: its widths, written, read
-            # as a finished search's, replaced one with --overwrite and refused the resume's own --out.
+        if summary["preempted"] or not stats["alpha_steps"]:
+            # Stopped on the way (Ctrl-C, SIGTERM), or ended within pretrain_steps, it chose nothing
+            # yet: its widths (ties, broken to the narrowest), written, read as a finished search's,
+            # replaced one with --overwrite and refused the resume's own --out.
             summary["decisions"] = None
             return
         decisions = make_decisions(self.cfg, self.embedding, self.result, stats)
@@ -274,6 +277,7 @@ def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: Eval
             "lookup": search.lookup,
             "unify": search.unify,
             "single_level": search.single_level,
+            "dataset_id": DatasetSpec.load(cfg.data.path).id,
             "alpha": {feature: probs for feature, (_, probs) in choices.items()},
             **eval_summary(result),
             **stats,

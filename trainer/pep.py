@@ -188,7 +188,7 @@ class PepPrune(EmbeddingMethod):
         pep_module(sharded.model).initialise(cfg.seed)
 
     def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
-        return [PruneCallback(pep_module(sharded.model), worker.cfg, worker.metrics)]
+        return [PruneCallback(pep_module(sharded.model), worker.cfg, worker.metrics, worker.resumed_at)]
 
 
 def pep_module(model: nn.Module) -> PepEmbeddings:
@@ -260,13 +260,23 @@ class PruneCallback(Callback):
     Targets already on disk (a resumed run, or the same run started again) count as reached and
     are never written again; folders written by another prune run are refused, not replaced."""
 
-    def __init__(self, pep: PepEmbeddings, cfg: JobConfig, metrics: WorkerMetrics | None) -> None:
+    def __init__(self, pep: PepEmbeddings, cfg: JobConfig, metrics: WorkerMetrics | None,
+                 resumed_at: int = 0) -> None:
         self.pep = pep
         self.cfg = cfg
         section = _require_pep(cfg)
         self.every = section.count_every
         self.out = cfg.pep_dir
-        self.meta = {"granularity": section.granularity, "s_init": section.s_init, "seed": cfg.seed}
+        # What the masks are of: a target folder of a run that differs in any is not this run's
+        # (pruned on other data or widths) and is refused, not reported as reached.
+        self.meta = {"granularity": section.granularity, "s_init": section.s_init, "seed": cfg.seed,
+                     "base_dim": pep.base_dim, "dataset_id": pep.plan.made_with.get("dataset_id")}
+        # And how it got there: a resume may change these (cluster/resume_config.py), so they are
+        # compared only for targets this start will train through again (a start from scratch).
+        self.pace = {"threshold_lr": section.threshold_lr, "weight_decay": section.weight_decay,
+                     "count_every": section.count_every, "sparse_lr": cfg.train.sparse_lr,
+                     "batch_size": cfg.data.batch_size}
+        self.resumed_at = resumed_at
         self.metrics = metrics
         self.dense = sum(t.num_embeddings for t in pep.plan.tables) * pep.base_dim
         self.reached: dict[str, dict[str, Any]] = {}
@@ -310,10 +320,12 @@ class PruneCallback(Callback):
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{directory}: holds no readable {DECISIONS_FILE} ({first_line(e)}); "
                               f"set pep.out to a new folder, or move this one away") from None
-        other = {k: meta.get(k) for k in self.meta if meta.get(k) != self.meta[k]}
+        ours = self.meta if meta.get("step", 0) <= self.resumed_at else {**self.meta, **self.pace}
+        # A key the folder lacks was not recorded then (an earlier version): not a difference.
+        other = {k: meta[k] for k in ours if k in meta and meta[k] != ours[k]}
         if other:
             raise ConfigError(f"{directory}: written by another prune run ({other} there, "
-                              f"{ {k: self.meta[k] for k in other} } here); set pep.out to a new folder")
+                              f"{ {k: ours[k] for k in other} } here); set pep.out to a new folder")
         self.reached[f"{target:g}"] = {"step": meta.get("step"), "nonzero": round(meta["kept_fraction"] * self.dense),
                                        "dir": str(directory)}
         return True
@@ -337,7 +349,7 @@ class PruneCallback(Callback):
         while self.pending and nonzero <= self.pending[0] * self.dense:
             target = self.pending.pop(0)
             directory = self.out / target_dir_name(target)
-            meta = {**self.meta, "target": target, "kept_fraction": self.last_fraction, "step": step}
+            meta = {**self.meta, **self.pace, "target": target, "kept_fraction": self.last_fraction, "step": step}
             masks = gather_masks(self.pep)
             if masks is not None:
                 save_target(masks, self.pep.base_dim, directory, meta)

@@ -27,7 +27,7 @@ def from_decisions(
             f"set embeddings.dim: {decisions.base_dim}"
         )
     by_feature = _by_feature(decisions, spec, path)
-    notes: list[str] = []
+    notes: list[str] = _made_on(decisions, spec, path)
     tables = []
     for feature in spec.sparse:
         key, decision = by_feature[feature.name]
@@ -52,6 +52,19 @@ def from_decisions(
         **to_dict(cfg), "decisions_method": decisions.method, "decisions_meta": decisions.meta,
     }
     return DimensionPlan(cfg.dim, tables, policy=policy, notes=notes)
+
+
+def _made_on(decisions: Decisions, spec: DatasetSpec, path: Path) -> list[str]:
+    """Decisions made on another dataset (their meta's `dataset_id`): refused where they rank
+    rows (blocks, remaps: that data's ids), said where they give whole tables a width (a search
+    on a sample, trained on the whole data, is a use)."""
+    made_on = decisions.meta.get("dataset_id")
+    if not made_on or not spec.id or made_on == spec.id:
+        return []
+    said = f"{path}: decided on another dataset (dataset id {str(made_on)[:8]}, the data's {spec.id[:8]})"
+    if any(d.blocks is not None or d.remap is not None for d in decisions.tables.values()):
+        raise PlanError(f"{said}: its blocks rank that dataset's rows; decide again on this data")
+    return [f"{said}: its widths per table are taken as they are"]
 
 
 def _by_feature(
