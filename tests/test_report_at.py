@@ -83,10 +83,12 @@ def test_the_last_step_is_evaluated_when_eval_every_does_not_divide_the_run(data
 def test_a_finished_run_extended_still_chooses_among_every_evaluation(dataset, tmp_path):
     # Its end checkpoint comes before its final evaluation (so that a failure there keeps the
     # steps): extended, the run lost that evaluation from its choice.
-    straight = run(job(dataset, tmp_path / "straight", "best_valid", 2 * STEPS))
+    longer = STEPS + 4
+    straight = run(job(dataset, tmp_path / "straight", "best_valid", longer))
     best = straight["selected_step"]
+    assert best < longer  # else the first run is the straight one
     run(job(dataset, tmp_path / "run", "best_valid", best, checkpoints=True))
-    extended = run(job(dataset, tmp_path / "run", "best_valid", 2 * STEPS, checkpoints=True))
+    extended = run(job(dataset, tmp_path / "run", "best_valid", longer, checkpoints=True))
     assert extended["resumed_from"].endswith(f"step-{best:06d}")
     assert extended["selected_step"] == best
     for key in ("valid_auc", "test_auc"):
