@@ -137,6 +137,9 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
                    help="start from a checkpoint dir (its newest good step) or one step-NNNNNN folder; "
                         "also works on another worker count (the tables are resharded). A run whose "
                         "output_dir holds checkpoints of its own continues from those instead")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from scratch into an output_dir that holds a finished run this one would not "
+                        "resume (checkpoints off, or none), replacing its summary, plan and logs")
     p.add_argument(ADOPT_FLAG, action="store_true", dest="adopt_checkpoint_config",
                    help="when resuming, take the model config (embeddings, model, PEP/AutoDim structure) "
                         "from the checkpoint instead of refusing a config that differs from it")
@@ -304,7 +307,13 @@ def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: 
 
 
 def _train(args: argparse.Namespace) -> int:
-    from embshard.cluster.launch import plan_for_training, ray_storage, train_on_ray, with_checkpoint_config
+    from embshard.cluster.launch import (
+        check_replaces_no_run,
+        plan_for_training,
+        ray_storage,
+        train_on_ray,
+        with_checkpoint_config,
+    )
     from embshard.cluster.run_lock import run_lock
 
     cfg = _load(args)
@@ -322,6 +331,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.adopt_checkpoint_config:
         cfg = with_checkpoint_config(cfg, adopt=True)
     with run_lock(cfg):
+        check_replaces_no_run(cfg, args.overwrite)
         bundle = plan_for_training(cfg)
         dense = bundle.memory.dense_bytes
         print(f"plan: {len(bundle.dimension_plan.tables)} tables on {cluster.workers} workers; "

@@ -155,6 +155,19 @@ def resume_source(cfg: JobConfig) -> StoragePath | None:
     return path
 
 
+def check_replaces_no_run(cfg: JobConfig, overwrite: bool) -> None:
+    """ConfigError where output_dir holds a finished run (its summary.json) that this run would
+    train over from scratch (checkpoints off, or none to resume), unless `overwrite`: a search's
+    folder, say, lost its summary and plan to a retrain given the same output_dir."""
+    summary = location(cfg.output_dir) / SUMMARY_FILE
+    if overwrite or not summary.is_file() or resume_source(cfg) is not None:
+        return
+    why = "checkpoint.enabled is false" if not cfg.checkpoint.enabled else "it holds no checkpoint to resume"
+    raise ConfigError(f"output_dir {cfg.output_dir}: holds a finished run (its {SUMMARY_FILE}) and {why}, so this "
+                      "run would train from scratch over it; set another output_dir, or pass --overwrite to "
+                      "replace it")
+
+
 def plan_from_checkpoint(cfg: JobConfig, checkpoint: StoragePath) -> PlanBundle:
     """The checkpoint's DimensionPlan (dims, remaps), sharded for this run's topology.
 

@@ -887,3 +887,28 @@ def test_a_plan_of_other_decisions_than_the_file_names_now_is_refused(tmp_path, 
     decisions.unlink()
     plan_for_training(run)
     capsys.readouterr()
+
+
+def test_train_refuses_to_start_over_a_finished_run_it_would_not_resume(tmp_path, capsys):
+    # A search's folder (checkpoints off) lost its summary and plan to a retrain given the same
+    # output_dir, without a word.
+    from embshard.cluster.launch import check_replaces_no_run
+    from embshard.config import CheckpointConfig, JobConfig
+
+    run = tmp_path / "run"
+    off = JobConfig(output_dir=str(run), checkpoint=CheckpointConfig(enabled=False))
+    check_replaces_no_run(off, overwrite=False)  # nothing there yet
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^output_dir {run}: holds a finished run \(its summary.json\) and "
+                                          r"checkpoint.enabled is false, so this run would train from scratch over "
+                                          r"it; set another output_dir, or pass --overwrite to replace it$"):
+        check_replaces_no_run(off, overwrite=False)
+    with pytest.raises(ConfigError, match="it holds no checkpoint to resume"):
+        check_replaces_no_run(JobConfig(output_dir=str(run)), overwrite=False)
+    check_replaces_no_run(off, overwrite=True)
+    # From the command line: one line, before Ray starts.
+    config = tmp_path / "job.yaml"
+    config.write_text(f"output_dir: {run}\ncheckpoint:\n  enabled: false\n")
+    assert main(["train", str(config)]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
