@@ -313,6 +313,38 @@ def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path)
         torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_damaged_export_is_refused_in_one_line(tmp_path: Path) -> None:
+    # A bit flipped in weights.pt served AUC 0.5 without a word; a truncated or missing file was a
+    # torch or numpy traceback.
+    checkpoints, inputs, want = checkpointed_with_the_collapse_hook(tmp_path)
+    out = export_serving(checkpoints, tmp_path / "serving")
+    manifest = json.loads((out / "serving.json").read_text())
+    assert set(manifest["files"]) == {"weights.pt", "plan.json"}
+    weights = out / "weights.pt"
+    written = weights.read_bytes()
+    flipped = bytearray(written)
+    flipped[len(written) // 2] ^= 0x40
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ExportError, match=r"weights.pt: its contents are not those written \(sha256\); the export "
+                                          r"is damaged: export the checkpoint again$"):
+        load_serving(out)
+    weights.write_bytes(written[:-100])
+    with pytest.raises(ExportError, match=rf"weights.pt: {len(written) - 100:,} bytes, written {len(written):,}"):
+        load_serving(out)
+    weights.unlink()
+    with pytest.raises(ExportError, match=r"weights.pt: missing; the export is damaged"):
+        load_serving(out)
+    # An export written before the hashes: what cannot be read is still one line.
+    del manifest["files"]
+    (out / "serving.json").write_text(json.dumps(manifest))
+    weights.write_bytes(written[:-100])
+    with pytest.raises(ExportError, match=r"weights.pt: cannot be read \(.*\); export the checkpoint again$"):
+        load_serving(out)
+    weights.write_bytes(written)
+    with torch.no_grad():
+        torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_checkpoint_pruned_while_it_is_exported_is_one_line(tmp_path: Path, monkeypatch) -> None:
     # A run still saving into the folder keeps its newest steps only: the step export chose went
     # mid-read, and export was a 60-line traceback ending in DCP's AssertionError.

@@ -29,6 +29,7 @@ export is loaded: the model is rebuilt by it over the collapsed plan.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -76,7 +77,13 @@ from embshard.sharding.embedding_module import inner_module
 from embshard.sharding.mlet import collapse_mlet_tables, is_mlet_w2, mlet_tables, without_mlet
 from embshard.sharding.planned_embedding import PlannedEmbeddingBags
 from embshard.trainer.checkpoint import CONFIG, PLAN_DIR, newest_verified
-from embshard.trainer.checkpoint_integrity import RankFailure, SafeLoadPlanner, check_checkpoint_io, checkpoint_reader
+from embshard.trainer.checkpoint_integrity import (
+    RankFailure,
+    SafeLoadPlanner,
+    check_checkpoint_io,
+    checkpoint_reader,
+    sha256_file,
+)
 from embshard.trainer.method import get_method
 from embshard.trainer.models import TrainModel, build_model, get_arch
 
@@ -196,16 +203,42 @@ def load_serving(directory: str | Path) -> ServingModel:
     directory = Path(directory)
     path = directory / MANIFEST
     manifest = read_manifest(directory)
+    _verify_files(directory, manifest)
     plan = DimensionPlan.load(directory / manifest["plan"])
     spec = DatasetSpec.from_json(manifest["spec"], str(path))
     model = arch_model(plan, spec, ModelConfig(**manifest["model"]))
-    model.load_state_dict(torch.load(directory / manifest["weights"], weights_only=True))
-    remaps = {f: torch.from_numpy(np.load(directory / name)) for f, name in manifest["remaps"].items()}
+    weights = directory / manifest["weights"]
+    try:
+        state = torch.load(weights, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # exports of before the hashes
+        raise ExportError(f"{weights}: cannot be read ({first_line(e)}); export the checkpoint again") from None
+    model.load_state_dict(state)
+    rows = {f: t.num_embeddings for t in plan.tables for f in t.features}
+    remaps = {f: torch.from_numpy(load_remap(directory / name, rows[f])) for f, name in manifest["remaps"].items()}
     # Exports written before vocabularies were kept have none. Their values were checked distinct
     # at export, which reads every value; here only that each file is the one exported.
     vocabularies = {f: Vocabulary.read(directory / name, spec.feature(f).cardinality, spec.id, f, check_values=False)
                     for f, name in manifest.get("vocabularies", {}).items()}
     return ServingModel(model, remaps, spec.sparse, vocabularies).eval().requires_grad_(False)
+
+
+def _verify_files(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """ExportError naming the first file of the export that is missing or not as written (its
+    size, its sha256 in serving.json); exports written before the hashes list none."""
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ExportError(f"{directory / MANIFEST}: files: expected a mapping, got {type(files).__name__}")
+    for name, entry in files.items():
+        path = directory / name
+        why = None
+        if not path.is_file():
+            why = "missing"
+        elif path.stat().st_size != entry.get("bytes"):
+            why = f"{path.stat().st_size:,} bytes, written {entry.get('bytes'):,}"
+        elif sha256_file(path) != entry.get("sha256"):
+            why = "its contents are not those written (sha256)"
+        if why is not None:
+            raise ExportError(f"{path}: {why}; the export is damaged: export the checkpoint again")
 
 
 def arch_model(plan: DimensionPlan, spec: DatasetSpec, model_config: ModelConfig,
@@ -547,6 +580,11 @@ def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tens
         ],
         "serve_params": serving.serve_params(),
     }
+    # What load_serving verifies before it reads: a damaged weights file or remap served wrong
+    # predictions without a word.
+    written = [WEIGHTS, PLAN, *sorted(set(remaps.values())), *sorted(manifest["vocabularies"].values())]
+    manifest["files"] = {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
+                         for name in written}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
