@@ -364,6 +364,26 @@ def test_a_checkpoint_pruned_while_it_is_exported_is_one_line(tmp_path: Path, mo
     assert not (tmp_path / "serving").exists()
 
 
+def test_a_checkpoint_pruned_as_export_chooses_is_passed_for_the_newer_one(tmp_path: Path, monkeypatch) -> None:
+    # Every step listed was pruned by the run saving there before it was read: export said "no
+    # checkpoint there verifies (step-000001: No such file ...)", blaming a step simply gone.
+    from embshard.trainer import checkpoint
+
+    checkpoints, inputs, want = checkpointed_with_the_collapse_hook(tmp_path)
+    check = checkpoint.problem
+
+    def pruned_meanwhile(path, every_file=False):
+        if path.name == "step-000001":
+            path.rename(path.with_name("step-000002"))  # pruned, and a newer step written
+        return check(path, every_file)
+
+    monkeypatch.setattr(checkpoint, "problem", pruned_meanwhile)
+    out = export_serving(checkpoints, tmp_path / "serving")
+    assert json.loads((out / "serving.json").read_text())["source"].endswith("step-000002")
+    with torch.no_grad():
+        torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
+
+
 def test_collapsing_sharded_tables_puts_no_library_deprecation_on_the_console(tmp_path: Path) -> None:
     # The collapse assembles TorchRec's own ShardedTensor, which torch marks deprecated: a worker
     # warned once per checkpoint, into every sweep's console.

@@ -419,7 +419,12 @@ def warn_skipped(rejected: list[tuple[StoragePath, str]]) -> None:
 def newest_verified(source: str | StoragePath) -> StoragePath:
     """One process: the newest checkpoint at `source` whose every file verifies (export reads them
     all); CheckpointError saying why each one failed."""
-    path, rejected = first_usable(resolve_source(source), every_file=True)
+    for _ in range(3):
+        path, rejected = first_usable(resolve_source(source), every_file=True)
+        # A run still saving there prunes what it lists: a step gone by the time it was read is
+        # no damage, and the newer ones it wrote meanwhile are listed again.
+        if path is not None or all(p.exists() for p, _ in rejected):
+            break
     if path is None:
         raise CheckpointError(f"{source}: no checkpoint there verifies ({rejected_text(rejected)})")
     warn_skipped(rejected)  # only when an older one is read instead: else the error says it
