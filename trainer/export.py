@@ -563,13 +563,14 @@ def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tens
         load_remap(plan_dir / table.remap, table.num_embeddings)  # validates before copying
         copy_file(plan_dir / table.remap, out_dir / table.remap)
         remaps.update({f: table.remap for f in table.features})
-    manifest = {
+    vocabularies = _copy_vocabularies(sources, out_dir)
+    manifest: dict[str, Any] = {
         "version": EXPORT_VERSION,
         "source": sources.source,
         "plan": PLAN,
         "weights": WEIGHTS,
         "remaps": remaps,
-        "vocabularies": _copy_vocabularies(sources, out_dir),
+        "vocabularies": vocabularies,
         "model": asdict(sources.model_config),
         "spec": asdict(spec),
         "base_dim": plan.base_dim,
@@ -582,7 +583,7 @@ def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tens
     }
     # What load_serving verifies before it reads: a damaged weights file or remap served wrong
     # predictions without a word.
-    written = [WEIGHTS, PLAN, *sorted(set(remaps.values())), *sorted(manifest["vocabularies"].values())]
+    written = [WEIGHTS, PLAN, *sorted(set(remaps.values())), *sorted(vocabularies.values())]
     manifest["files"] = {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
                          for name in written}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
