@@ -14,6 +14,7 @@ first; if the final copy fails, the staging prefix still holds the complete new 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fnmatch
@@ -390,7 +391,13 @@ def _exchange(a: Path, b: Path) -> bool:
 def _upload(staging: Path, out: RemotePath, marker: str) -> None:
     """Upload the complete local folder `staging` and copy it into `out` (see the module doc)."""
     uploaded = sibling(out, "partial")
-    upload(staging, uploaded, marker=marker)
+    try:
+        upload(staging, uploaded, marker=marker)
+    except BaseException:
+        # The store keeps a deleted object's "folder" as an empty marker: the prefix is ours alone.
+        with contextlib.suppress(Exception):
+            uploaded.fs.delete_dir(uploaded.path)
+        raise
     done = False
     try:
         # A store has no rename that swaps two prefixes in one step: a stop between the old

@@ -119,6 +119,26 @@ def test_a_stop_during_a_replace_in_a_bucket_waits_for_it(s3, monkeypatch, pytho
     assert not [k for k in s3.server.keys(s3.name, "data/") if ".partial-" in k]
 
 
+def test_an_upload_stopped_midway_leaves_nothing_in_the_bucket(s3, monkeypatch) -> None:
+    # Its objects were deleted, but the store kept their "folder" as an empty marker object:
+    # `.data.partial-<pid>-<hex>/` in the bucket for good, without a word.
+    from embshard.datasets import storage
+
+    copy = storage.copy_file
+    copied = []
+
+    def stopped_at_the_third(*args):
+        if len(copied) == 2:
+            raise KeyboardInterrupt
+        copied.append(args)
+        return copy(*args)
+
+    monkeypatch.setattr(storage, "copy_file", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(s3.uri("data/new"), rows=ROWS, max_cardinality=100)
+    assert not [k for k in s3.server.keys(s3.name, "data/") if ".partial-" in k]
+
+
 def test_a_replace_cut_short_in_a_bucket_names_the_complete_copy(s3) -> None:
     # Killed while the new dataset was copied into place: the prefix has no dataset.json, the
     # staging prefix beside it has the whole dataset, and every later run was refused, even with
