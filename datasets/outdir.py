@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -65,8 +66,9 @@ class Replaceable:
     what: str  # "dataset"
     marker: str  # the file that makes a folder one, written last
     # Whether an entry of the folder, as the names of its path within it (("train",
-    # "part-00000.parquet")), is part of one: a user's file anywhere inside is never replaced.
-    holds: Callable[[tuple[str, ...]], bool]
+    # "part-00000.parquet")), is part of one, given what `read` made of its marker: a user's file
+    # anywhere inside is never replaced.
+    holds: Callable[[tuple[str, ...], Any], bool]
     read: Callable[[StoragePath], object]  # reads the marker; an EmbshardError if it is none
     error: type[EmbshardError] = DataError  # what a refusal raises
 
@@ -75,7 +77,7 @@ class Replaceable:
 _PROFILE_LEFTOVERS = (f".{PROFILE_DIR}.partial-", f".{PROFILE_DIR}.old-")
 
 
-def dataset_holds(parts: tuple[str, ...]) -> bool:
+def dataset_holds(parts: tuple[str, ...], spec: object = None) -> bool:
     """What a dataset folder holds: dataset.json, part files in its splits and item catalog, a
     converter's vocabularies, and count files in its profile (or in what a killed `data profile`
     left)."""
@@ -240,10 +242,10 @@ def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> 
     if not (out / kind.marker).is_file():
         raise kind.error(f"{out}: not empty and holds no {kind.marker}, so it is no {kind.what}; {refusing}")
     try:
-        kind.read(out)
+        marker = kind.read(out)
     except EmbshardError as e:
         raise kind.error(f"{out}: not an embshard {kind.what} ({e}); {refusing}") from None
-    foreign = _foreign(out, kind.holds)
+    foreign = _foreign(out, lambda entry: kind.holds(entry, marker))
     if foreign:
         raise kind.error(f"{out}: holds {foreign[0]!r}, which no {kind.what} holds"
                         + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")

@@ -345,6 +345,19 @@ def test_a_damaged_export_is_refused_in_one_line(tmp_path: Path) -> None:
         torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
 
 
+def test_export_overwrite_replaces_only_what_the_old_export_wrote(tmp_path: Path) -> None:
+    # A user's file named like an export's (`*.remap.npy`) was deleted with the export it sat in.
+    checkpoints, _, _ = checkpointed_with_the_collapse_hook(tmp_path)
+    out = export_serving(checkpoints, tmp_path / "serving")
+    (out / "notes.remap.npy").write_text("precious")
+    with pytest.raises(ExportError, match=r"serving: holds 'notes.remap.npy', which no export holds; refusing to "
+                                          r"replace it, even with --overwrite"):
+        export_serving(checkpoints, out, overwrite=True)
+    assert (out / "notes.remap.npy").read_text() == "precious"
+    (out / "notes.remap.npy").unlink()
+    export_serving(checkpoints, out, overwrite=True)
+
+
 def test_a_checkpoint_pruned_while_it_is_exported_is_one_line(tmp_path: Path, monkeypatch) -> None:
     # A run still saving into the folder keeps its newest steps only: the step export chose went
     # mid-read, and export was a 60-line traceback ending in DCP's AssertionError.

@@ -55,7 +55,6 @@ from embshard.datasets.schema import (
     VOCAB_DIR,
     DatasetSpec,
     SparseFeature,
-    is_vocabulary_entry,
     vocabulary_file,
 )
 from embshard.datasets.storage import (
@@ -70,7 +69,7 @@ from embshard.datasets.storage import (
 from embshard.datasets.vocabulary import Vocabulary, raw_values
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem, StorageError, disk_full, first_line
 from embshard.planner.pipeline import check_plan_holds
-from embshard.planner.remap import REMAP_SUFFIX, load_remap
+from embshard.planner.remap import load_remap
 from embshard.planner.types import DimensionPlan
 from embshard.sealed_folders import CHECKPOINT_MANIFEST, SERVING_KEYS, SERVING_MANIFEST
 from embshard.sharding.embedding_module import inner_module
@@ -105,12 +104,14 @@ def read_manifest(directory: StoragePath) -> dict[str, Any]:
     return read_json_version(path, EXPORT_VERSION, ExportError)
 
 
-# What --overwrite may replace: an earlier export, and nothing besides.
-# Any version of it: an export written before an upgrade is still ours to replace.
-def _export_holds(parts: tuple[str, ...]) -> bool:
-    if parts[0] == VOCAB_DIR:
-        return is_vocabulary_entry(parts)
-    return len(parts) == 1 and (parts[0] in (MANIFEST, WEIGHTS, PLAN) or parts[0].endswith(REMAP_SUFFIX))
+# What --overwrite may replace: an earlier export, and nothing besides: the files its manifest
+# names (a user's `notes.remap.npy` beside them only looked like one). Any version of it: an
+# export written before an upgrade is still ours to replace.
+def _export_holds(parts: tuple[str, ...], manifest: Mapping[str, Any]) -> bool:
+    if parts == (VOCAB_DIR,):
+        return True
+    named = {*manifest.get("remaps", {}).values(), *manifest.get("vocabularies", {}).values()}
+    return "/".join(parts) in named or parts in ((MANIFEST,), (WEIGHTS,), (PLAN,))
 
 
 EXPORT = Replaceable("export", MANIFEST, _export_holds,
