@@ -70,10 +70,10 @@ def _autodim(args: argparse.Namespace) -> int:
         summary = train_on_ray(cfg, "autodim")
     print(f"search validation {validation_text(summary)} after {summary['steps']} steps "
           f"({summary['alpha_steps']} architecture steps)")
-    if summary["decisions"] is None:
-        raise ConfigError(f"autodim.pretrain_steps: the search ended within its {search.pretrain_steps} steps of "
-                          "equal alpha: no architecture step ran, so it chose nothing and wrote no decisions file; "
-                          "train longer (train.epochs, train.max_steps) or lower autodim.pretrain_steps")
+    if "no_decisions" in summary:
+        raise ConfigError(f"{summary['no_decisions']}: every alpha is still equal, so it chose nothing and wrote no "
+                          "decisions file; train longer (train.epochs, train.max_steps) or lower "
+                          "autodim.pretrain_steps")
     print("chosen widths: " + ", ".join(f"{f} {d}" for f, d in summary["dims"].items()))
     print(f"decisions -> {decisions}")
     if "alpha_history" in summary:

@@ -158,9 +158,12 @@ def resume_source(cfg: JobConfig) -> StoragePath | None:
 def check_replaces_no_run(cfg: JobConfig, overwrite: bool) -> None:
     """ConfigError where output_dir holds a finished run (its summary.json) that this run would
     train over from scratch (checkpoints off, or none to resume), unless `overwrite`: a search's
-    folder, say, lost its summary and plan to a retrain given the same output_dir."""
+    folder, say, lost its summary and plan to a retrain given the same output_dir. Whether there
+    is one to resume is read from the listing alone: `resume_source` verifies them, and planning
+    does that next (and warns of those it skips) once."""
     summary = location(cfg.output_dir) / SUMMARY_FILE
-    if overwrite or not summary.is_file() or resume_source(cfg) is not None:
+    resumable = cfg.checkpoint.enabled and (complete_checkpoints(cfg.checkpoint_dir) or cfg.checkpoint.resume)
+    if overwrite or resumable or not summary.is_file():
         return
     why = "checkpoint.enabled is false" if not cfg.checkpoint.enabled else "it holds no checkpoint to resume"
     raise ConfigError(f"output_dir {cfg.output_dir}: holds a finished run (its {SUMMARY_FILE}) and {why}, so this "

@@ -270,10 +270,8 @@ class Autodim(SweepMethod):
         search, method = self.first_run(runs)
         _, searched = train(search, method)
         assert search.autodim is not None and search.autodim.decisions is not None
-        if searched.get("decisions") is None:  # a point of its own, not a retrain's "no file"
-            return [point(runs.trial, runs.budget, error=f"the search ended within autodim.pretrain_steps "
-                                                        f"({search.autodim.pretrain_steps}): no architecture step, "
-                                                        "no decisions")]
+        if "no_decisions" in searched:  # a point of its own, not a retrain's "no decisions file"
+            return [point(runs.trial, runs.budget, error=searched["no_decisions"])]
         emb = replace(search.embeddings, policy="decisions", decisions=search.autodim.decisions, mlet=runs.mlet)
         return [trained_point(runs.trial, runs.budget, replace(runs.run("retrain"), embeddings=emb, autodim=None),
                               train)]

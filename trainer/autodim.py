@@ -191,6 +191,7 @@ class AlphaStep(Callback):
         self.embedding = search_embedding(sharded)
         self.world = worker.world
         self.device = worker.device
+        self.dataset_id = worker.bundle.dimension_plan.made_with.get("dataset_id")
         # Architecture steps take validation batches of the training batch size.
         cfg = worker.cfg
         alpha_cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=cfg.data.batch_size))
@@ -247,8 +248,11 @@ class AlphaStep(Callback):
             # yet: its widths (ties, broken to the narrowest), written, read as a finished search's,
             # replaced one with --overwrite and refused the resume's own --out.
             summary["decisions"] = None
+            if not stats["alpha_steps"]:  # why, as the command and a sweep's point say it
+                summary["no_decisions"] = (f"the search ended within autodim.pretrain_steps "
+                                           f"({self.search.pretrain_steps}): no architecture step, no decisions")
             return
-        decisions = make_decisions(self.cfg, self.embedding, self.result, stats)
+        decisions = make_decisions(self.cfg, self.embedding, self.result, stats, self.dataset_id)
         path = decisions_path(self.cfg)
         if dist.get_rank() == 0:
             decisions.save(path)
@@ -263,7 +267,7 @@ class AlphaStep(Callback):
 
 
 def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: EvalResult | None,
-                   stats: dict[str, Any]) -> Decisions:
+                   stats: dict[str, Any], dataset_id: str | None = None) -> Decisions:
     """The search's widths, with its last validation in the arch's own metrics (an MSE model's
     was recorded as a CTR model's AUC and logloss, both None)."""
     search = autodim_section(cfg)
@@ -277,7 +281,7 @@ def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: Eval
             "lookup": search.lookup,
             "unify": search.unify,
             "single_level": search.single_level,
-            "dataset_id": DatasetSpec.load(cfg.data.path).id,
+            "dataset_id": dataset_id,  # the plan's: from_decisions checks it against the data trained
             "alpha": {feature: probs for feature, (_, probs) in choices.items()},
             **eval_summary(result),
             **stats,

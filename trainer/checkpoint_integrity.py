@@ -59,6 +59,11 @@ def sha256_file(path: StoragePath) -> str:
     return digest.hexdigest()
 
 
+def file_record(path: StoragePath) -> dict[str, Any]:
+    """A file as a manifest lists it (a checkpoint's, an export's serving.json)."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def _my_share(names: list[str]) -> list[str]:
     """This rank's part of a sorted list of files (all of it outside a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -134,8 +139,7 @@ def write_manifest(folder: StoragePath, step: int) -> dict[str, Any]:
     mine: dict[str, dict[str, Any]] = {}
 
     def hashing() -> None:
-        mine.update({name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-                     for name in _my_share(names)})
+        mine.update({name: file_record(folder / name) for name in _my_share(names)})
 
     _raise_agreed(on_every_rank(hashing, folder))
     files: dict[str, dict[str, Any]] = {}

@@ -81,6 +81,7 @@ from embshard.trainer.checkpoint_integrity import (
     SafeLoadPlanner,
     check_checkpoint_io,
     checkpoint_reader,
+    file_record,
     sha256_file,
 )
 from embshard.trainer.method import get_method
@@ -232,6 +233,8 @@ def _verify_files(directory: Path, manifest: Mapping[str, Any]) -> None:
     for name, entry in files.items():
         path = directory / name
         why = None
+        if not isinstance(entry, dict):
+            raise ExportError(f"{directory / MANIFEST}: files.{name}: expected a mapping, got {type(entry).__name__}")
         if not path.is_file():
             why = "missing"
         elif path.stat().st_size != entry.get("bytes"):
@@ -585,8 +588,7 @@ def _write_files(out_dir: Path, plan: DimensionPlan, state: dict[str, torch.Tens
     # What load_serving verifies before it reads: a damaged weights file or remap served wrong
     # predictions without a word.
     written = [WEIGHTS, PLAN, *sorted(set(remaps.values())), *sorted(vocabularies.values())]
-    manifest["files"] = {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
-                         for name in written}
+    manifest["files"] = {name: file_record(out_dir / name) for name in written}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
