@@ -62,6 +62,7 @@ def prune_pep(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.cluster.run_lock import run_lock
     from embshard.config import load_job_config
+    from embshard.errors import ConfigError
     from embshard.trainer.pep import NONZERO_HISTORY_FILE, check_pep_out
 
     cfg = prune_job(load_job_config(args.config, args.overrides), args.workers, args.targets)
@@ -76,10 +77,20 @@ def prune_pep(args: argparse.Namespace) -> int:
     for target, hit in sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0])):
         print(f"target {target}: reached at step {hit['step']} ({hit['nonzero']:,} non-zero) -> "
               f"{Path(hit['dir']) / 'decisions.json'}")
-    for target in pep.get("missed", []):
-        print(f"target {target:g}: not reached (kept {pep.get('kept_fraction', 1):.3f} at the end); "
-              f"train longer, or raise pep.weight_decay / pep.threshold_lr (what lifts the thresholds)")
     print(f"validation {validation_text(summary)} after {summary.get('steps')} steps; "
           f"run record {cfg.pep_dir / 'pep.json'}")
     print(f"non-zeros over time -> {cfg.pep_dir / NONZERO_HISTORY_FILE}")
+    missed = pep.get("missed", [])
+    if missed:
+        # Not exit 0: a script's next step (a retrain on that target's decisions) would fail later,
+        # on a file that was never written, far from the cause.
+        raise ConfigError(
+            f"{_targets_text(missed)} not reached in {summary.get('steps')} steps (kept "
+            f"{pep.get('kept_fraction', 1):.3f} of the entries at the end); train longer (train.epochs), or raise "
+            f"pep.weight_decay / pep.threshold_lr (what lifts the thresholds)"
+            + (f"; the {len(pep['reached'])} reached are written" if pep.get("reached") else ""))
     return 0
+
+
+def _targets_text(targets: list[float]) -> str:
+    return ("target " if len(targets) == 1 else "targets ") + ", ".join(f"{t:g}" for t in targets)

@@ -782,6 +782,38 @@ def test_a_run_whose_workers_were_stopped_ends_interrupted_not_done(verb, tmp_pa
         f"checkpoint {tmp_path / 'run' / 'ckpt' / 'step-000003'}; run the same command again to continue")
 
 
+def test_a_prune_run_that_missed_a_target_ends_with_an_error(tmp_path, capsys, monkeypatch):
+    # `prune pep` said "target 0.05: not reached" among its other lines and ended 0, so a script's
+    # next step (a retrain on target-0.05's decisions) failed later on a file never written.
+    # Only Ray's part is left out: the workers' summary is what rank 0 of such a run writes.
+    import embshard.cluster.launch as launch
+
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\noutput_dir: {tmp_path / 'run'}\n",
+                          max_cardinality=300)
+    reached = {"0.5": {"step": 40, "nonzero": 1200, "dir": str(tmp_path / "run" / "pep" / "target-0.5")}}
+
+    def pruned(missed):
+        def fit(cfg, method, registered, output) -> bool:
+            summary = {"steps": 90, "valid_auc": 0.61, "pep": {"reached": reached, "missed": missed,
+                                                                "kept_fraction": 0.31}}
+            (output / launch.SUMMARY_FILE).write_text(json.dumps(summary))
+            return False
+        return fit
+
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(launch.console, "route_worker_output", lambda: None)
+    monkeypatch.setattr(launch, "_fit", pruned([0.05, 0.01]))
+    assert main(["prune", "pep", str(cfg), "--targets", "0.5,0.05,0.01"]) == 2
+    out, err = capsys.readouterr()
+    assert "target 0.5: reached at step 40 (1,200 non-zero)" in out
+    assert err.strip().splitlines()[-1] == (
+        "embshard: error: targets 0.05, 0.01 not reached in 90 steps (kept 0.310 of the entries at the end); "
+        "train longer (train.epochs), or raise pep.weight_decay / pep.threshold_lr (what lifts the "
+        "thresholds); the 1 reached are written")
+    monkeypatch.setattr(launch, "_fit", pruned([]))
+    assert main(["prune", "pep", str(cfg), "--targets", "0.5"]) == 0
+
+
 @pytest.mark.parametrize("tables, shown", [
     ("[" + ", ".join(["1"] * 200_000) + "]", r"\.\.\. \([\d,]+ more characters\)$"),
     ('{"C1\\nembshard: ok: planned": {"dim": 8}}', r"tables\.C1\\nembshard: ok: planned: dataset"),
