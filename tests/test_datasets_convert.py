@@ -702,6 +702,19 @@ def test_folder_of_criteo_files_equals_their_concatenation(criteo_sample: Path, 
         convert("criteo", sorted(days.glob("day*.txt")), tmp_path / "c", strict=True)
 
 
+def test_a_folder_of_day_files_is_read_in_the_days_order(criteo_sample: Path, tmp_path: Path) -> None:
+    # Criteo's day_0 ... day_23 were read as day_0, day_1, day_10, day_11, day_2, ...: the time
+    # split of days 0-11 tested on days 8 and 9 after training on days 10 and 11.
+    lines = _criteo_lines(criteo_sample, 300)
+    days = tmp_path / "days"
+    days.mkdir()
+    for i in range(12):
+        _write_lines(days / f"day_{i}", lines[25 * i:25 * (i + 1)])
+    expected = convert("criteo", _write_lines(tmp_path / "whole.txt", lines), tmp_path / "a")
+    assert convert("criteo", days, tmp_path / "b").rows == expected.rows
+    assert read_all(tmp_path / "b").equals(read_all(tmp_path / "a"))
+
+
 def test_input_lists_are_checked(criteo_sample: Path, tmp_path: Path) -> None:
     src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
     (tmp_path / "empty").mkdir()

@@ -1,11 +1,13 @@
 """Which files a click-log conversion reads: files and folders given on the command line, in order.
 
-A folder stands for its regular, non-hidden files sorted by name (Criteo's and Avazu's day files
-sort in time order), so a time split over several files stays a split by time.
+A folder stands for its regular, non-hidden files in name order with the numbers in names compared
+as numbers (`day_2` before `day_10`: Criteo's and Avazu's day files in time order), so a time split
+over several files stays a split by time.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +19,7 @@ def resolve_inputs(sources: Sequence[Path], what: str) -> list[Path]:
     files: list[Path] = []
     for src in sources:
         if src.is_dir():
-            found = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+            found = sorted((p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")), key=_name_order)
             if not found:
                 raise DataError(f"{src}: a folder without {what} input files")
             files.extend(found)
@@ -36,6 +38,14 @@ def resolve_inputs(sources: Sequence[Path], what: str) -> list[Path]:
             raise DataError(f"{path}: given more than once (directly, through its folder or a link)")
         seen.add((st.st_dev, st.st_ino))
     return files
+
+
+def _name_order(path: Path) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    """Plain name order put `day_10` between `day_1` and `day_2`: the test split of Criteo's days
+    0-11 was days 8 and 9, earlier than two days of its train split. (`day_01` and `day_1` tie on
+    their numbers, and go in name order.)"""
+    parts = re.split(r"(\d+)", path.name)
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in parts), path.name
 
 
 def describe(files: Sequence[Path]) -> str:
