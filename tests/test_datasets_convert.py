@@ -261,6 +261,22 @@ def test_avazu_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         convert("avazu", src, tmp_path / "strict", strict=True)
 
 
+def test_avazu_hours_that_are_no_real_date_are_malformed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 31 February and 29 February 2014 were read as 3 and 1 March (other weekdays), and a
+    # 7-digit hour as a date, even with --strict.
+    rows = [_avazu_line(i, int(i % 4 == 0), f"141021{i % 24:02d}") for i in range(40)]
+    for at, hour in ((3, "14023123"), (5, "14022900"), (7, "1410210")):
+        rows[at] = _avazu_line(at, 0, hour)
+    src = _write_lines(tmp_path / "train.csv", [AVAZU_HEADER, *rows])
+    spec = convert("avazu", src, tmp_path / "out")
+    out = capsys.readouterr()
+    assert "skipped 3 malformed lines" in out.out
+    assert "train.csv:5: column 'hour': '14023123' is not a YYMMDDHH hour; line skipped" in out.err
+    assert spec.feature("day_of_week").cardinality == 2  # only Tuesdays (+ unknown)
+    with pytest.raises(DataError, match=r"train\.csv:5: column 'hour': '14023123' is not a YYMMDDHH hour"):
+        convert("avazu", src, tmp_path / "strict", strict=True)
+
+
 def test_avazu_header_byte_order_mark_and_clashing_names(tmp_path: Path) -> None:
     rows = [_avazu_line(i, i % 2, f"141021{i % 24:02d}") for i in range(20)]
     bom = tmp_path / "bom.csv"

@@ -21,6 +21,7 @@ HOUR = "hour"
 TIME_FEATURES = ["hour_of_day", "day_of_week"]
 _DROPPED = {"id", LABEL, HOUR}
 _LABELS = pa.array(["0", "1"])
+_HOUR_FORMAT = "%y%m%d%H"
 # Columns of the converted dataset that no raw column may be called.
 _MADE = {"label", *TIME_FEATURES}
 
@@ -60,16 +61,23 @@ def _header(path: Path) -> list[str]:
         return data.readline(1 << 20).decode("utf-8-sig", errors="replace").rstrip("\r\n").split(",")
 
 
+def _hours(text: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The YYMMDDHH hours as timestamps, null where the text is no real hour: Arrow's strptime
+    rolled 31 February over to 3 March and took a one-digit hour, so only a time that prints back
+    as its own text is one."""
+    time = pc.strptime(text, format=_HOUR_FORMAT, unit="s", error_is_null=True)
+    return pc.if_else(pc.equal(pc.strftime(time, format=_HOUR_FORMAT), text), time, pa.scalar(None, time.type))
+
+
 def parse(chunk: TextChunk, malformed: Malformed, *, raw: list[str]) -> Parsed:
     t = chunk.table
-    time = pc.strptime(t[HOUR], format="%y%m%d%H", unit="s", error_is_null=True)
     ok = {
         LABEL: pc.fill_null(pc.is_in(t[LABEL], value_set=_LABELS), False).to_numpy(zero_copy_only=False),
-        HOUR: pc.is_valid(time).to_numpy(zero_copy_only=False),
+        HOUR: pc.is_valid(_hours(t[HOUR])).to_numpy(zero_copy_only=False),
     }
     chunk = drop_invalid(chunk, ok, {LABEL: "0 or 1", HOUR: "a YYMMDDHH hour"}, malformed)
     t = chunk.table
-    time = pc.strptime(t[HOUR], format="%y%m%d%H", unit="s")
+    time = _hours(t[HOUR])
     categorical = {"hour_of_day": pc.hour(time), "day_of_week": pc.day_of_week(time)}
     categorical.update({c: t[c] for c in raw})
     return Parsed(chunk.lines, pc.cast(t[LABEL], pa.float32()).to_numpy(), {}, categorical)
