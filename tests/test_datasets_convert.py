@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import gzip
 import json
 import shutil
@@ -404,6 +405,27 @@ def test_movielens_bad_values_are_malformed_lines(tmp_path: Path, capsys: pytest
     (src / "movies.dat").write_text("garbage\n" * 10)
     with pytest.raises(DataError, match=r"movies\.dat: no well-formed lines \(10 malformed lines skipped\)"):
         convert("movielens", src, tmp_path / "garbage")
+
+
+def test_movielens_byte_order_mark_and_a_line_over_a_mebibyte(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # movies.dat saved again as UTF-8 with a byte-order mark: read as Latin-1, the mark was part
+    # of movie 1's id and the movie was skipped (its year and genres lost; --strict refused the
+    # file). And one line over pyarrow's 1 MiB block failed the whole file ("straddling object").
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    expected = convert("movielens", src, tmp_path / "plain")
+    movies = src / "movies.dat"
+    movies.write_bytes(codecs.BOM_UTF8 + movies.read_bytes())
+    capsys.readouterr()
+    spec = convert("movielens", src, tmp_path / "bom", strict=True)
+    assert "movies.dat:1" not in capsys.readouterr().err
+    assert spec.sparse == expected.sparse and read_all(tmp_path / "bom").equals(read_all(tmp_path / "plain"))
+    ratings = (src / "ratings.dat").read_text().splitlines()
+    ratings.insert(5, "1::" + "9" * (2 << 20) + "::5::978300760")
+    (src / "ratings.dat").write_text("\n".join(ratings) + "\n")
+    spec = convert("movielens", src, tmp_path / "long")
+    assert "ratings.dat:6: column 'movieId': '999" in capsys.readouterr().err
+    assert read_all(tmp_path / "long").equals(read_all(tmp_path / "plain"))
 
 
 def test_users_or_movies_missing_from_their_files_are_said(tmp_path: Path,

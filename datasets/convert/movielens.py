@@ -17,6 +17,7 @@ movie's year and genres, and every row carries `item_frequency` (see schema.ITEM
 
 from __future__ import annotations
 
+import codecs
 import io
 import sys
 from dataclasses import dataclass, replace
@@ -355,6 +356,10 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
                                              unit_scale=True, leave=False) as bar:
         for data, line in line_blocks(f):
             bar.update(raw.tell() - bar.n)
+            if line == 0 and data.startswith(codecs.BOM_UTF8):
+                # Saved again as UTF-8 (a spreadsheet, an editor): read as Latin-1, the mark became
+                # part of the first movie's id, and that movie was skipped as malformed.
+                latin1 = False
             if latin1:
                 data = data.decode("latin-1").encode("utf-8")
             if split_on != delimiter:
@@ -413,7 +418,9 @@ def _typed_block(data: bytes, first_line: int, columns: list[str], delimiter: st
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False),
+            # One block whatever its size: pyarrow's default (1 MiB) failed the whole file on a
+            # longer line ("straddling object straddles two block boundaries").
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=len(data) + 1),
             # Only the csv releases (the files with a header) quote titles.
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
                                              invalid_row_handler=skip),
