@@ -6,6 +6,7 @@ import argparse
 import codecs
 import gzip
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -751,6 +752,37 @@ def test_a_folder_of_day_files_is_read_in_the_days_order(criteo_sample: Path, tm
     expected = convert("criteo", _write_lines(tmp_path / "whole.txt", lines), tmp_path / "a")
     assert convert("criteo", days, tmp_path / "b").rows == expected.rows
     assert read_all(tmp_path / "b").equals(read_all(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("change", ["replaced", "appended", "removed"])
+def test_an_input_changed_between_passes_is_one_line_not_a_wrong_dataset(criteo_sample: Path, tmp_path: Path,
+                                                                          monkeypatch, change: str) -> None:
+    # Each file is read in several passes: one replaced after its lines were counted gave the
+    # vocabulary of one file to the rows of another (every train id OOV, exit 0); one removed
+    # was a FileNotFoundError traceback.
+    from embshard.datasets.convert import stream
+
+    lines = _criteo_lines(criteo_sample, 200)
+    src = _write_lines(tmp_path / "day.txt", lines)
+    counted = stream.count_lines
+
+    def then_changed(path: Path) -> int:
+        n = counted(path)
+        if change == "replaced":
+            _write_lines(tmp_path / "new.txt", [line.replace("\t", "\tx", 3) for line in lines]).replace(src)
+        elif change == "appended":
+            with src.open("a") as f:
+                f.write(lines[0] + "\n")
+        else:
+            src.unlink()
+        return n
+
+    monkeypatch.setattr(stream, "count_lines", then_changed)
+    said = "removed while it was being converted" if change == "removed" else (
+        "changed while it was being converted (replaced, rewritten or appended to); convert it once it is complete")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src))}: {re.escape(said)}$"):
+        convert("criteo", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_input_lists_are_checked(criteo_sample: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from embshard.datasets.convert.inputs import resolve_inputs
 from embshard.datasets.convert.movielens import OFFICIAL_SPLITS, convert_movielens
 from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
+from embshard.datasets.convert.text import inputs_held_still
 from embshard.datasets.outdir import check_not_inside, check_output
 from embshard.datasets.schema import TARGETS, DatasetSpec
 from embshard.datasets.storage import location
@@ -81,14 +82,15 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
     check_not_inside(location(out_dir), files)
     check_output(location(out_dir), overwrite)
     options: _Options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
-    if kind == "criteo":
-        spec, summary = convert_text(criteo.FORMAT, files, out_dir, dedup_key=dedup_key, **options)
-    elif kind == "avazu":
-        spec, summary = convert_text(avazu.text_format(files), files, out_dir, dedup_key=dedup_key, **options)
-    elif kind == "movielens":
-        spec, summary = convert_movielens(sources[0], out_dir, target=target, **options)
-    else:
-        raise DataError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
+    with inputs_held_still():
+        if kind == "criteo":
+            spec, summary = convert_text(criteo.FORMAT, files, out_dir, dedup_key=dedup_key, **options)
+        elif kind == "avazu":
+            spec, summary = convert_text(avazu.text_format(files), files, out_dir, dedup_key=dedup_key, **options)
+        elif kind == "movielens":
+            spec, summary = convert_movielens(sources[0], out_dir, target=target, **options)
+        else:
+            raise DataError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
     print(summary)
     print(oov_report(spec))
     return spec

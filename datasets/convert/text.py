@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import sys
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -84,12 +86,47 @@ class TextChunk:
     lines: np.ndarray  # 0-based physical line index of each row
 
 
+# What each input file was when a conversion first opened it: (device, inode, size, mtime).
+_first_seen: ContextVar[dict[Path, tuple[int, int, int, int]] | None] = ContextVar("first_seen", default=None)
+
+
+@contextmanager
+def inputs_held_still() -> Iterator[None]:
+    """Within it, every input must be the file it was when first opened, unchanged, at every open
+    and close: a conversion reads each file in several passes (count, vocabulary, write), and a
+    file replaced between them gave ids of one file's vocabulary to another's rows, unsaid."""
+    token = _first_seen.set({})
+    try:
+        yield
+    finally:
+        _first_seen.reset(token)
+
+
+def _check_unchanged(path: Path, raw: BinaryIO) -> None:
+    seen = _first_seen.get()
+    if seen is None:
+        return
+    st = os.fstat(raw.fileno())
+    now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if seen.setdefault(path, now) != now:
+        raise DataError(f"{path}: changed while it was being converted (replaced, rewritten or appended to); "
+                        "convert it once it is complete")
+
+
 @contextmanager
 def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
     """(data, raw): `data` yields the decompressed bytes of a gzip file, else the file itself;
     progress is measured on `raw`, whose size is known."""
     try:
-        with open(path, "rb") as raw:
+        opened = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
+    except FileNotFoundError:
+        seen = _first_seen.get()
+        if seen is None or path not in seen:
+            raise
+        raise DataError(f"{path}: removed while it was being converted") from None
+    try:
+        with opened as raw:
+            _check_unchanged(path, raw)
             compressed = raw.read(2) == _GZIP_MAGIC
 
             def rewound() -> BinaryIO:
@@ -99,6 +136,7 @@ def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
             if rewound().read(_TAR_MAGIC_AT + 5)[_TAR_MAGIC_AT:] == b"ustar":
                 raise DataError(f"{path}: a tar archive; unpack it first (tar xf) and give the data file inside")
             yield rewound(), raw
+            _check_unchanged(path, raw)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
 
