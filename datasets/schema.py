@@ -52,6 +52,10 @@ OOV_ID = 0
 ITEM_FREQUENCY = "item_frequency"
 
 
+# A file name's most bytes (NAME_MAX), less the longest suffix a column's files take (".parquet").
+_NAME_BYTES = 255 - len(".parquet")
+
+
 def check_column_names(names: list[str], where: str) -> None:
     """DataError for a column name a dataset cannot carry, or one given twice. A sparse feature's
     name is a file name (its profile's `profile/<name>.npy`: `../x` wrote outside the dataset) and
@@ -61,6 +65,12 @@ def check_column_names(names: list[str], where: str) -> None:
         if not isinstance(name, str) or not name or not name.isprintable() or any(c in name for c in "/\\."):
             raise DataError(f"{where}: column name {name!r}: a column needs a name without '/', '\\', '.' "
                             "or control characters; rename it")
+        if len(name.encode()) > _NAME_BYTES:
+            # Said when the header is read: the file system refused `vocab/<name>.parquet` as
+            # "File name too long" after the whole conversion, as a traceback.
+            raise DataError(f"{where}: column name {name[:40]!r}... is {len(name.encode())} bytes long; a column "
+                            f"name is also a file name in the dataset (vocab/<name>.parquet), at most {_NAME_BYTES} "
+                            "bytes; rename it")
         if name in seen:
             raise DataError(f"{where}: column name {name!r} given twice")
         seen.add(name)
