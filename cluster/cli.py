@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embshard.arg_types import EMPTY_PATH, names_folder, nonempty, nonempty_name
+from embshard.arg_types import EMPTY_PATH, names_folder, nonempty_name, written_path
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
 from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, gibibytes, verbose_argument, world_size
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
@@ -117,7 +117,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--local-world-size", type=world_size, metavar="N",
                    help="ranks per host, e.g. 8 GPUs per node (default: sharding.local_world_size; "
                         "unset = all ranks on one host)")
-    p.add_argument("--out", type=nonempty, help="folder or .json path for the plan (default: <output_dir>/plan)")
+    p.add_argument("--out", type=written_path, help="folder or .json path for the plan (default: <output_dir>/plan)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a plan already at --out (a file there that is no plan is never replaced)")
     p.add_argument("--method", type=nonempty_name, metavar="NAME",

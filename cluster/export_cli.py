@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from embshard.arg_types import nonempty
+from embshard.arg_types import written_path
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "embshard.trainer.export.load_serving(DIR).")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint folder or directory (or an object-store URI, s3://bucket/prefix)")
-    p.add_argument("--out", type=nonempty, required=True, metavar="DIR",
+    p.add_argument("--out", type=written_path, required=True, metavar="DIR",
                    help="folder to write the serving model to (or an object-store URI); written beside "
                         "it and put in place once complete")
     p.add_argument("--overwrite", action="store_true",

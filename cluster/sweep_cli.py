@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embshard.arg_types import nonempty
+from embshard.arg_types import written_path
 from embshard.cluster.cli_args import config_arguments, verbose_argument
 from embshard.stops import stops_held
 
@@ -51,7 +51,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "runs once per value, each value a report of its own in a folder named after it")
     p.add_argument("--first-seed", type=int, default=0, metavar="K",
                    help="run seeds K..K+N-1 instead (a later seed on its own, to merge with `sweep-merge`)")
-    p.add_argument("--out", type=nonempty,
+    p.add_argument("--out", type=written_path,
                    help="the sweep's folder, or a URI such as s3://bucket/sweep (default: <output_dir>/sweep)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out after an interruption (finished trials are kept)")
@@ -70,7 +70,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     m.add_argument("reports", nargs="+", metavar="SWEEP",
                    help="a sweep's folder (its --out, local or a URI such as s3://bucket/sweep) or its "
                         "sweep-<dataset>.json")
-    m.add_argument("--out", type=nonempty, required=True,
+    m.add_argument("--out", type=written_path, required=True,
                    help="the folder (or URI) for the merged sweep-<dataset>.json, .md and .png")
     m.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier merge in --out")
     m.add_argument("--assume-same-config", action="store_true",

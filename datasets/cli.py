@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from embshard.arg_types import nonempty, nonempty_path
+from embshard.arg_types import nonempty_path, written_path
 from embshard.datasets.convert import DEFAULT_MIN_COUNT, KINDS, SPLIT_KINDS, convert
 from embshard.datasets.planted import DEFAULT_RANK_RANGE, synthesize_planted
 from embshard.datasets.profile import Profile, load_profile, write_profile
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a Criteo-shaped dataset whose labels follow a hidden seeded model: "
                     "13 dense + 26 Zipf-skewed sparse features, split 80/10/10; --multi-hot gives every "
                     "row bags of ids, --planted plants known embedding ranks.")
-    synth.add_argument("--out", type=nonempty, required=True, metavar="DIR",
+    synth.add_argument("--out", type=written_path, required=True, metavar="DIR",
                        help="output dataset directory, or an object-store URI such as s3://bucket/prefix")
     synth.add_argument("--rows", type=int, default=100_000, help="total rows (default %(default)s)")
     synth.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="criteo: train.txt; avazu: train csv (either may be gzipped, not a tar "
                            "archive; several files or folders of them are read in order as one log); "
                            "movielens: the unpacked release folder")
-    conv.add_argument("--out", type=nonempty, required=True, metavar="DIR",
+    conv.add_argument("--out", type=written_path, required=True, metavar="DIR",
                       help="output dataset directory, or an object-store URI such as s3://bucket/prefix")
     conv.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT, metavar="N",
                       help="values seen fewer than N times in train map to the OOV id 0, which then "
@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     profile = commands.add_parser(
         "profile", help="(re)compute the id-frequency profile of a dataset",
         description="Count each sparse feature's ids over the train split into DIR/profile/.")
-    profile.add_argument("dir", type=nonempty, metavar="DIR", help="dataset directory or object-store URI")
+    profile.add_argument("dir", type=written_path, metavar="DIR", help="dataset directory or object-store URI")
     profile.set_defaults(func=_profile)
 
 

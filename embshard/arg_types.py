@@ -19,6 +19,20 @@ def nonempty(text: str) -> str:
     return os.path.expanduser(text) if text.startswith("~") else text
 
 
+def written_path(text: str) -> str:
+    """argparse type of a path or URI embshard writes under: `nonempty`, and UTF-8. A name of
+    other bytes (Python holds them as surrogates) was a UnicodeEncodeError traceback from the
+    staging name or pyarrow's file system, after the whole conversion."""
+    path = nonempty(text)
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        shown = path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+        raise argparse.ArgumentTypeError(f"{shown}: not valid UTF-8; embshard writes only under paths in UTF-8 "
+                                         "(Parquet and object stores take no other): rename it") from None
+    return path
+
+
 def nonempty_name(text: str) -> str:
     """argparse type of a name: an empty one is refused, not read as the default."""
     if not text.strip():
@@ -38,7 +52,7 @@ def names_folder(text: str) -> bool:
 
 def file_path(text: str) -> Path:
     """argparse type of a file to write: one that names a folder is refused."""
-    path = nonempty(text)
+    path = written_path(text)
     if names_folder(path):
         raise argparse.ArgumentTypeError(f"{text}: ends with '/', so it names a folder; name the file to write")
     return Path(path)

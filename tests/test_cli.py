@@ -721,6 +721,20 @@ def test_an_empty_out_flag_is_refused_not_read_as_the_current_folder(argv, capsy
     assert capsys.readouterr().err.strip().endswith("error: argument --out: an empty path (an unset shell variable?)")
 
 
+@pytest.mark.parametrize("argv", [["plan", "c.yaml"], ["search", "autodim", "c.yaml"], ["export", "ck"],
+                                  ["sweep", "c.yaml"], ["sweep-merge", "a", "b"], ["data", "synth"],
+                                  ["data", "convert", "criteo", "train.txt"]])
+def test_an_out_that_is_not_utf8_is_refused_before_any_work(argv, capsys):
+    # A name of other bytes was a UnicodeEncodeError traceback, from the staging folder's name or,
+    # in a parent folder's, from pyarrow after the whole conversion.
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", os.fsdecode(b"/tmp/d\xff/c_\xffx")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: argument --out: /tmp/d\\xff/c_\\xffx: not valid UTF-8; embshard writes only under paths in UTF-8 "
+        "(Parquet and object stores take no other): rename it")
+
+
 def test_an_empty_method_is_refused_not_read_as_the_default(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["plan", "c.yaml", "--method", ""])

@@ -292,8 +292,9 @@ def test_avazu_header_byte_order_mark_and_clashing_names(tmp_path: Path) -> None
                             (AVAZU_HEADER + ",../../escape", r": column name '\.\./\.\./escape': a column needs"),
                             (AVAZU_HEADER + ",site.id", r": column name 'site\.id'"),
                             # Refused after the whole conversion, as a traceback: "File name too long".
-                            (AVAZU_HEADER + "," + "y" * 250, r": column name 'y{40}'\.\.\. is 250 bytes long; "
-                                                             r"a column name is also a file name .* at most 247 bytes")):
+                            (AVAZU_HEADER + "," + "y" * 250,
+                             r": column name 'y{40}'\.\.\. is 250 bytes long; a column name is also a file name "
+                             r".* at most 247 bytes")):
         src = tmp_path / "clash.csv"
         src.write_text("\n".join([header, *(r + ",x" for r in rows)]) + "\n")
         with pytest.raises(DataError, match=r"clash\.csv: line 1 \(the header\)" + message):
