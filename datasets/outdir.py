@@ -141,9 +141,10 @@ def _sealed_as(folder: StoragePath) -> str | None:
     return None
 
 
-def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
+def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET, staging: Path | None = None) -> None:
     """Raises unless `out` is absent, empty, or (with overwrite) an earlier `kind`, and outside
-    any dataset, checkpoint step or export (`check_not_in_sealed`)."""
+    any dataset, checkpoint step or export (`check_not_in_sealed`). `staging`: the writer's own
+    staging folder, which `make_staging` may have put inside `out`, and which counts for nothing."""
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite, kind)
         return
@@ -163,9 +164,15 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET)
     if Path.cwd().is_relative_to(out.resolve()):
         # The folder is renamed away at the end, which would leave this shell in a deleted folder.
         raise kind.error(f"{out}: holds the current directory; run from outside it or name a new folder")
-    if not any(out.iterdir()):
+    entries = [e for e in out.iterdir() if e != staging]
+    if not entries:
         return
-    _check_replaceable(out, overwrite, kind)
+    interrupted = sibling_prefix(out, "partial")
+    if all(e.name.startswith(interrupted) for e in entries):
+        # Hidden: the folder looked empty, and was refused as "not empty" with nothing named.
+        raise kind.error(f"{out}: holds only {entries[0].name}, what a write to it left (interrupted, or still "
+                         f"running); once none runs, delete it (rm -r {entries[0]}) and run again")
+    _check_replaceable(out, overwrite, kind, staging)
 
 
 def _check_creatable(out: Path, error: type[EmbshardError]) -> None:
@@ -235,7 +242,7 @@ def _say_a_whole_copy(out: RemotePath, kind: Replaceable) -> None:
                              "into place, or delete both")
 
 
-def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> None:
+def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable, staging: Path | None = None) -> None:
     # What --overwrite could not replace either is said as such: advised to pass it, the user
     # was then refused again.
     refusing = "refusing to replace it" + (", even with --overwrite" if overwrite else "")
@@ -245,7 +252,8 @@ def _check_replaceable(out: StoragePath, overwrite: bool, kind: Replaceable) -> 
         marker = kind.read(out)
     except EmbshardError as e:
         raise kind.error(f"{out}: not an embshard {kind.what} ({e}); {refusing}") from None
-    foreign = _foreign(out, lambda entry: kind.holds(entry, marker))
+    ours = staging.name if staging is not None else None
+    foreign = _foreign(out, lambda entry: kind.holds(entry, marker) or entry[0] == ours)
     if foreign:
         raise kind.error(f"{out}: holds {foreign[0]!r}, which no {kind.what} holds"
                         + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
@@ -266,10 +274,12 @@ def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool]) -> l
 
 
 def make_staging(out: StoragePath) -> Path:
+    """Where to write what `publish` puts at `out`: beside it, so that a rename puts it in place;
+    inside it where `out` is a folder that stays (`_fills_in_place`)."""
     if isinstance(out, RemotePath):
         return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
     out = out.absolute()  # `--out .` has no name and its parent is itself
-    staging = sibling(out, "partial")
+    staging = out / sibling(out, "partial").name if _fills_in_place(out) else sibling(out, "partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _say_leftovers(out)
@@ -315,8 +325,16 @@ def _left_by_the_dead(out: Path, kind: str) -> Iterator[tuple[Path, str]]:
 
 def publish(staging: Path, out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:
     """Renames the complete `staging` folder to `out`; an earlier `kind` there goes only after that."""
-    check_output(out, overwrite, kind)  # again: `out` may have changed during a long conversion
+    check_output(out, overwrite, kind, staging)  # again: `out` may have changed during a long conversion
     replace_folder(staging, out, kind.marker)
+
+
+def _fills_in_place(out: Path) -> bool:
+    """Whether `out` is a folder that stays, its contents replaced: an empty one (a user's, with
+    its own mode, owner and group: renamed over, a private folder came back world-readable) or a
+    mount point (`docker run -v host:/out`: no rename replaces it, and the conversion failed at
+    its end, 'Device or resource busy')."""
+    return out.is_dir() and not out.is_symlink() and (os.path.ismount(out) or not any(out.iterdir()))
 
 
 def check_folder_or_absent(out: StoragePath) -> None:
@@ -346,9 +364,13 @@ def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         return
     out = out.absolute()
     check_folder_or_absent(out)
+    if staging.parent == out:
+        _fill_in_place(staging, out, marker)
+        return
     if not out.exists():
         staging.rename(out)
         return
+    _take_over_mode(out, staging)
     old = sibling(out, "old")
     try:
         # A stop during the swap or the removal waits for them: one in the removal left half of
@@ -369,6 +391,37 @@ def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         raise Interrupted(f"stopped once {out} was written whole") from None
     if old.exists():
         print(f"warning: {old}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
+
+
+def _fill_in_place(staging: Path, out: Path, marker: str) -> None:
+    """Moves what `staging`, inside `out`, holds into `out`, after moving what `out` held aside;
+    each marker goes first out and last in, so a reader in between finds no `marker` and refuses
+    the folder rather than reading a mix of old and new."""
+    earlier = [e for e in out.iterdir() if e != staging]
+    aside = out / sibling(out, "old").name
+    try:
+        with stops_held():
+            if earlier:
+                aside.mkdir()
+                for entry in sorted(earlier, key=lambda e: e.name != marker):
+                    entry.rename(aside / entry.name)
+            for entry in sorted(staging.iterdir(), key=lambda e: e.name == marker):
+                entry.rename(out / entry.name)
+            staging.rmdir()
+            shutil.rmtree(aside, ignore_errors=True)
+    except KeyboardInterrupt:  # the held stop
+        raise Interrupted(f"stopped once {out} was written whole") from None
+    if aside.exists():
+        print(f"warning: {aside}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
+
+
+def _take_over_mode(out: Path, staging: Path) -> None:
+    """The replaced folder's permissions, owner and group for the new one that takes its place."""
+    st = out.stat()
+    with contextlib.suppress(OSError):
+        os.chmod(staging, st.st_mode & 0o7777)
+    with contextlib.suppress(OSError):  # another owner needs privileges; its group may still be ours to give
+        os.chown(staging, st.st_uid, st.st_gid)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

@@ -78,3 +78,59 @@ def test_a_plan_of_another_writing_of_the_data_is_refused_before_training(tmp_pa
         rf"embshard: error: {data}: not the dataset sharding.plan_file .*plan.json was made from \(dataset id "
         r"\w{8}, the plan's \w{8}: another dataset, or this one written again since\); plan and train it into a "
         r"new output_dir", err[0]), err
+
+
+def test_an_empty_folder_of_the_user_s_keeps_its_mode_and_is_filled_not_replaced(tmp_path) -> None:
+    # An empty --out was renamed over: a private folder (0700) came back world-readable (0755),
+    # a group's setgid folder lost its group; the same for the folder --overwrite replaced.
+    out = tmp_path / "private"
+    out.mkdir()
+    out.chmod(0o700)
+    inode = out.stat().st_ino
+    spec = synthesize(out, rows=500)
+    assert out.stat().st_ino == inode and out.stat().st_mode & 0o7777 == 0o700
+    assert DatasetSpec.load(out).id == spec.id and not list(tmp_path.glob(".*"))
+    synthesize(out, rows=500, seed=3, overwrite=True)
+    assert out.stat().st_mode & 0o7777 == 0o700
+    synthesize(tmp_path / "fresh", rows=500)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
+
+
+def test_a_mount_point_is_filled_in_place_its_earlier_dataset_moved_out_first(tmp_path, monkeypatch) -> None:
+    # `docker run -v host:/out ... --out /out`: the conversion ran whole, then failed at the rename
+    # ("Device or resource busy"), with --overwrite too. No rename replaces a mount point.
+    import os
+
+    from embshard.datasets import outdir
+
+    out = tmp_path / "mnt"
+    first = synthesize(out, rows=500)
+    mounted = os.path.ismount
+    monkeypatch.setattr(outdir.os.path, "ismount", lambda p: os.fspath(p) == os.fspath(out) or mounted(p))
+    renamed = []
+    rename = outdir.Path.rename
+
+    def no_rename_of_the_mount(self, target):
+        assert os.fspath(self) != os.fspath(out) and os.fspath(target) != os.fspath(out), "renamed the mount point"
+        renamed.append(self.name)
+        return rename(self, target)
+
+    monkeypatch.setattr(outdir.Path, "rename", no_rename_of_the_mount)
+    second = synthesize(out, rows=500, seed=3, overwrite=True)
+    assert DatasetSpec.load(out).id == second.id != first.id
+    assert renamed.index("dataset.json") < renamed.index("train")  # the old marker went first
+    assert renamed[-1] == "dataset.json"  # and the new one came last
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")] and not list(tmp_path.glob(".*"))
+    assert sum(1 for _ in ParquetBatchReader(out, "train", 50, prefetch=1)) == 8
+
+
+def test_a_folder_holding_only_an_interrupted_write_says_so(tmp_path) -> None:
+    # Filled in place, a killed write leaves its hidden staging folder inside: the folder looked
+    # empty and was refused as "not empty" with nothing named.
+    out = tmp_path / "d"
+    left = out / ".d.partial-999999999-abcd1234"
+    left.mkdir(parents=True)
+    with pytest.raises(DataError, match=rf"^{out}: holds only {left.name}, what a write to it left \(interrupted, "
+                                        rf"or still running\); once none runs, delete it \(rm -r {left}\)"):
+        synthesize(out, rows=500)
+    assert left.is_dir()
