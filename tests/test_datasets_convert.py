@@ -813,7 +813,7 @@ def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFi
     assert sum(both.rows.values()) == 60
     capsys.readouterr()
     spec = convert("avazu", [a, b], tmp_path / "dedup", dedup_key="id")
-    assert "dropped 10 rows repeating a 'id'" in capsys.readouterr().out
+    assert "dropped 10 rows repeating an earlier row's 'id'" in capsys.readouterr().out
     assert sum(spec.rows.values()) == 50 and "first row per 'id'" in spec.source
     # The split is fixed by position before repeats are dropped: train holds positions 0..47, i.e.
     # all 30 (Tuesday) rows of a.csv and b.csv's rows at 40..47 (Wednesday); 30..39 were repeats.
@@ -824,7 +824,7 @@ def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFi
         convert("avazu", [a, c], tmp_path / "bad")
     # A file given twice under two names leaves splits empty: the error said 0 rows, not why.
     twin = _write_lines(tmp_path / "twin.csv", [AVAZU_HEADER, *first])
-    with pytest.raises(DataError, match=r"\(train 30, valid 0, test 0; dropped 30 rows repeating a 'id'\)"):
+    with pytest.raises(DataError, match=r"\(train 30, valid 0, test 0; dropped 30 rows repeating an earlier row's 'id'\)"):
         convert("avazu", [a, twin], tmp_path / "twins", dedup_key="id")
 
 
@@ -838,7 +838,7 @@ def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.Capture
                               "--dedup-key", "id"])
     assert args.func(args) == 0
     out, err = capsys.readouterr()
-    assert "dropped 5 rows repeating a 'id'" in out
+    assert "dropped 5 rows repeating an earlier row's 'id'" in out
     # each file's progress bar says which of how many it is
     assert "avazu: encoding [1/2] a.csv" in err and "avazu: encoding [2/2] b.csv" in err
     assert sum(DatasetSpec.load(tmp_path / "o").rows.values()) == 25
@@ -903,7 +903,7 @@ def test_dedup_keeps_the_first_row_of_each_key_and_every_keyless_row(tmp_path: P
     path = _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, lines[0], *keyless, *lines[1:6], repeats[0],
                                              *lines[6:], *repeats[1:]])
     spec = convert("avazu", path, tmp_path / "out", dedup_key="id", split="random")
-    assert "dropped 3 rows repeating a 'id'" in capsys.readouterr().out
+    assert "dropped 3 rows repeating an earlier row's 'id'" in capsys.readouterr().out
     assert sum(spec.rows.values()) == 15
     # The repeats (Wednesday rows) are gone: each key kept its first (Tuesday) row.
     assert set(read_all(tmp_path / "out")["day_of_week"].to_numpy()) == {1}
