@@ -149,6 +149,12 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
         _check_remote_output(out, overwrite, kind)
         return
     check_not_in_sealed(out, "--out", kind.error)
+    for i, part in enumerate(out.parts):
+        # `new/..`: checked as a folder that does not exist, then, once `new` was made for the
+        # staging folder, replaced as the one above it (refused only after the work).
+        if part == ".." and not Path(*out.parts[:i]).is_dir():
+            raise kind.error(f"{out}: goes up ('..') from {Path(*out.parts[:i])}, which does not exist; name the "
+                             "folder without '..'")
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
@@ -280,6 +286,7 @@ def make_staging(out: StoragePath) -> Path:
         return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
     out = out.absolute()  # `--out .` has no name and its parent is itself
     staging = out / sibling(out, "partial").name if _fills_in_place(out) else sibling(out, "partial")
+    above = nearest_existing(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _say_leftovers(out)
@@ -288,7 +295,27 @@ def make_staging(out: StoragePath) -> Path:
     except OSError as e:
         # Any reason, not only those environment_problem knows: `--out /proc/x` was a traceback.
         raise EnvironmentProblem(f"{out}: cannot be written ({e.filename or staging}: {e.strerror or e})") from None
+    if above != out.parent:
+        _made_above[staging] = above / out.parent.relative_to(above).parts[0]
     return staging
+
+
+# The first folder `make_staging` created above each staging folder: a failed write removes those
+# folders with it (`drop_staging`), where `--out new/a/b` left `new/a` behind for good.
+_made_above: dict[Path, Path] = {}
+
+
+def drop_staging(staging: Path) -> None:
+    """Removes the staging folder of a write that failed, and the empty folders made for it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    top = _made_above.pop(staging, None)
+    folder = staging.parent
+    while top is not None and folder.is_relative_to(top):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another writer's since, or the user's
+            return
+        folder = folder.parent
 
 
 def _say_leftovers(out: Path) -> None:
@@ -358,6 +385,7 @@ def check_profile_replaceable(directory: StoragePath) -> None:
 def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
     """Puts the complete local folder `staging` at `out`, replacing what is there only once the new
     folder is in place; `marker` is the file an object-store reader looks for (written last)."""
+    _made_above.pop(staging, None)
     if isinstance(out, RemotePath):
         _upload(staging, out, marker)
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embshard.datasets.outdir import check_output, make_staging, publish
+from embshard.datasets.outdir import check_output, drop_staging, make_staging, publish
 from embshard.datasets.profile import write_profile
 from embshard.datasets.schema import (
     ITEMS_DIR,
@@ -187,7 +187,7 @@ class DatasetWriter:
             self.vocabularies: list[str] = []
             self.dataset_id = uuid.uuid4().hex  # dataset.json's id, known to the vocabularies
         except BaseException:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            drop_staging(self.staging)
             raise
 
     def __enter__(self) -> "DatasetWriter":
@@ -295,7 +295,7 @@ class DatasetWriter:
             if w.writer is not None:
                 w.writer.close()
                 w.writer = None
-        shutil.rmtree(self.staging, ignore_errors=True)
+        drop_staging(self.staging)
 
     def summary(self, name: str, skipped: int = 0, target: str = "click") -> str:
         """target "rating": the labels are ratings, so their sum gives the mean rating, not a share."""

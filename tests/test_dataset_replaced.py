@@ -134,3 +134,20 @@ def test_a_folder_holding_only_an_interrupted_write_says_so(tmp_path) -> None:
                                         rf"or still running\); once none runs, delete it \(rm -r {left}\)"):
         synthesize(out, rows=500)
     assert left.is_dir()
+
+
+def test_a_failed_write_removes_the_folders_it_made_and_a_dotdot_out_is_refused_first(tmp_path) -> None:
+    # `--out new/a/b/ds` of a conversion that wrote nothing left new/a/b behind; `--out d/new/..`
+    # passed as a folder to create, then was refused as d (not empty) after the whole conversion.
+    from embshard.datasets.convert import convert
+
+    (tmp_path / "keep").mkdir()
+    one = tmp_path / "keep" / "one.txt"
+    one.write_text("\t".join(["1", *["2"] * 13, *["a1b2c3d4"] * 26]) + "\n")
+    with pytest.raises(DataError, match="0 train rows"):
+        convert("criteo", one, tmp_path / "keep" / "new" / "a" / "ds")
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "keep", one]
+    with pytest.raises(DataError, match=rf"^{tmp_path}/keep/new/\.\.: goes up \('\.\.'\) from {tmp_path}/keep/new, "
+                                        r"which does not exist; name the folder without '\.\.'$"):
+        synthesize(tmp_path / "keep" / "new" / "..", rows=500)
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "keep", one]

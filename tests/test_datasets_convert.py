@@ -824,7 +824,8 @@ def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFi
         convert("avazu", [a, c], tmp_path / "bad")
     # A file given twice under two names leaves splits empty: the error said 0 rows, not why.
     twin = _write_lines(tmp_path / "twin.csv", [AVAZU_HEADER, *first])
-    with pytest.raises(DataError, match=r"\(train 30, valid 0, test 0; dropped 30 rows repeating an earlier row's 'id'\)"):
+    with pytest.raises(DataError,
+                       match=r"\(train 30, valid 0, test 0; dropped 30 rows repeating an earlier row's 'id'\)"):
         convert("avazu", [a, twin], tmp_path / "twins", dedup_key="id")
 
 

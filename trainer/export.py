@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -49,7 +48,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embshard.config import ModelConfig
-from embshard.datasets.outdir import Replaceable, check_output, make_staging, publish
+from embshard.datasets.outdir import Replaceable, check_output, drop_staging, make_staging, publish
 from embshard.datasets.schema import (
     OOV_ID,
     VOCAB_DIR,
@@ -540,13 +539,13 @@ def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Ten
         publish(staging, out_dir, overwrite, EXPORT)
     except RuntimeError as e:
         free = disk_full(staging.parent)  # before the partial export is removed, which frees room
-        shutil.rmtree(staging, ignore_errors=True)
+        drop_staging(staging)
         if free is not None:  # torch.save's words for it: "unexpected pos 965632 vs 965520", a traceback
             raise EnvironmentProblem(f"{out_dir}: cannot be written: the disk is full ({free:,} bytes free) "
                                      f"({first_line(e)})") from None
         raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        drop_staging(staging)
         raise
     return out_dir
 
