@@ -182,13 +182,18 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
             raise ConfigError(f"--resume: {out} was started on other data than data.path {cfg.data.path} holds now "
                               f"(dataset hash {record['dataset_sha256'][:12]}, now {data_sha[:12]}): its points "
                               "would be filed as results on this data; resume it on the data it was started on")
-        if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
-            if (work / "runs").exists() or (out / EXPERIMENT).exists():
+        experiment = out / EXPERIMENT
+        state = experiment.exists() and any(experiment.glob("experiment_state-*.json"))
+        # can_restore looks for the tuner.pkl Tune writes first: stopped before the experiment
+        # state followed, Tune restored one trial with no config, which failed ("KeyError:
+        # 'trial'") at every resume after.
+        if not (state and tune.Tuner.can_restore(str(experiment))):
+            if (work / "runs").exists() or state:
                 # Trials ran (Tune syncs its state to a bucket only now and then): not ours to redo.
                 raise ConfigError(f"--resume: {out} holds no sweep to resume (no Ray Tune experiment state in "
-                                  f"{out / EXPERIMENT}); start the sweep afresh with another --out")
-            # Stopped while Ray started, before Tune wrote anything: no trial ran. It was refused
-            # as "no sweep to resume", and without --resume as "not empty": a folder for good.
+                                  f"{experiment}); start the sweep afresh with another --out")
+            # Stopped while Ray or Tune started: no trial ran. It was refused as "no sweep to
+            # resume", and without --resume as "not empty": a folder for good.
             print(f"note: {out} holds no trial yet (stopped before Ray Tune started); starting it afresh",
                   file=sys.stderr)
             return False

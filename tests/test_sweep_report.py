@@ -654,6 +654,12 @@ def test_a_sweep_stopped_before_tune_started_resumes_afresh(tmp_path, capsys):
     assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)  # no state: start afresh
     assert capsys.readouterr().err.strip() == (f"note: {out} holds no trial yet (stopped before Ray Tune started); "
                                                "starting it afresh")
+    # Stopped as Tune started: its tuner.pkl and no experiment state. Restored, its one trial had
+    # no config and failed ("KeyError: 'trial'") at every resume.
+    (out / "tune").mkdir()
+    (out / "tune" / "tuner.pkl").write_bytes(b"Tune's own pickle")
+    assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+    assert "holds no trial yet" in capsys.readouterr().err
     # Runs there, but no Tune state (a bucket's, synced now and then): trials ran, not to be redone.
     (out / "runs").mkdir()
     with pytest.raises(ConfigError, match="holds no sweep to resume"):
