@@ -130,7 +130,7 @@ def sweep(args: argparse.Namespace) -> int:
     out = location(args.out or Path(cfg.output_dir) / "sweep")
     sha = dataset_sha256(to_dict(data))
     try:
-        points = run_sweep(cfg, spec, out, args.resume, args.parallel, sha)
+        points = run_sweep(cfg, spec, out, args.resume, args.parallel, sha, data.id)
     except KeyboardInterrupt:
         # SIGTERM (Tune handles Ctrl-C itself, and says as much): what Ctrl-C says, the way on included.
         raise Interrupted(f"the sweep was stopped; its finished trials are kept in {out}: run the same command "

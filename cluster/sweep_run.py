@@ -42,15 +42,15 @@ STATE_EVERY_S = "1"
 
 
 def run_sweep(cfg: JobConfig, spec: SweepSpec, out: StoragePath, resume: bool,
-              parallel: int | None, data_sha: str) -> list[dict[str, Any]]:
+              parallel: int | None, data_sha: str, data_id: str | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the sweep in `out` (a folder or a URI) on the data `data_sha` identifies
-    (data.path's `dataset_sha256`); -> every trial's points."""
+    (data.path's `dataset_sha256`; `data_id`: the `id` of its writing); -> every trial's points."""
     out = out.resolve()
     work = work_folder(cfg, out)
     # One driver per sweep: a second `--resume` beside the first wrote Tune a state with every trial
     # failed (refused by a trial's run lock), and the next resume trained the finished ones again.
     with folder_lock(work):
-        restore = _claim_folder(out, work, spec, cfg, resume, data_sha)
+        restore = _claim_folder(out, work, spec, cfg, resume, data_sha, data_id)
         return _run(cfg, spec, out, work, restore, parallel)
 
 
@@ -126,11 +126,11 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
 
 # What a sweep's spec file records besides the spec: the job config, the data's hash and where it
 # was started.
-RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "data": str, "out": str}
+RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "dataset_id": str, "data": str, "out": str}
 
 
 def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool,
-                  data_sha: str) -> bool:
+                  data_sha: str, data_id: str | None = None) -> bool:
     """A fresh sweep takes an empty (or new) folder and records its spec, job config and data
     (`data_sha`: `dataset_sha256` of data.path's) there; --resume needs this same sweep's folder,
     spec, config and data: Tune restores the trials as they were started, and the report would
@@ -182,6 +182,12 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
             raise ConfigError(f"--resume: {out} was started on other data than data.path {cfg.data.path} holds now "
                               f"(dataset hash {record['dataset_sha256'][:12]}, now {data_sha[:12]}): its points "
                               "would be filed as results on this data; resume it on the data it was started on")
+        if data_id is not None and record.get("dataset_id", data_id) != data_id:
+            # The same content written again: its trials' checkpoints hold ids of the earlier
+            # writing, and each refused it only once trained again, at every resume.
+            raise ConfigError(f"--resume: {out} was started on data.path {cfg.data.path} as written before (dataset "
+                              f"id {record['dataset_id'][:8]}, now {data_id[:8]}): its trials' checkpoints are of "
+                              "that writing; start the sweep afresh with another --out")
         experiment = out / EXPERIMENT
         state = experiment.exists() and any(experiment.glob("experiment_state-*.json"))
         # can_restore looks for the tuner.pkl Tune writes first: stopped before the experiment
@@ -207,8 +213,8 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         raise ConfigError(f"--out {out}: its local run folder {work} holds an earlier sweep's runs; "
                           f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(spec.to_json() | {"config": to_dict(cfg), "dataset_sha256": data_sha,
-                                                   "data": _data_path(cfg), "out": _where(out)}) + "\n")
+    recorded = {"config": to_dict(cfg), "dataset_sha256": data_sha, "data": _data_path(cfg), "out": _where(out)}
+    saved.write_text(json.dumps(spec.to_json() | recorded | ({"dataset_id": data_id} if data_id else {})) + "\n")
     return False
 
 

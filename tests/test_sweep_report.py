@@ -596,6 +596,15 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
     # Keys that change nothing may differ; then, with no Tune state here, it starts afresh.
     quiet = load_job_config(REPO / "configs" / "default.yaml", ["train.log_every=7"])
     assert not _claim_folder(out, out, spec, quiet, resume=True, data_sha="a" * 64)
+    # The same content written again (same hash, a new id): its trials' checkpoints hold the
+    # earlier writing's ids, and each refused it only once trained again, at every resume.
+    again = tmp_path / "again"
+    _claim_folder(again, again, spec, cfg, resume=False, data_sha="a" * 64, data_id="1234abcd" * 4)
+    with pytest.raises(ConfigError, match=re.escape(f"--resume: {again} was started on data.path {cfg.data.path} as "
+                                                    "written before (dataset id 1234abcd, now 99999999): its trials' "
+                                                    "checkpoints are of that writing; start the sweep afresh")):
+        _claim_folder(again, again, spec, cfg, resume=True, data_sha="a" * 64, data_id="9" * 32)
+    assert not _claim_folder(again, again, spec, cfg, resume=True, data_sha="a" * 64, data_id="1234abcd" * 4)
     # Damaged records: each was a traceback (JSONDecodeError, AttributeError) or a loop of resumes.
     saved = (out / "sweep-spec.json").read_text()
     record = json.loads(saved)
