@@ -389,11 +389,14 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
         raise DataError(f"sweep reports of different data: their datasets' dataset.json differ (converted again "
                         f"with other settings, or another dataset in a folder of the same name {next(iter(names))!r}); "
                         "pass --assume-same-data only if you know they are one dataset")
-    # What must agree for two planted sweeps to be of one dataset: the truth and the grid it is read on.
-    truths = [rounded({k: rep["planted"][k] for k in ("bayes_auc", "ranks", "grid")}) for rep in reports.values()
-              if "planted" in rep]
-    if truths and (len(truths) < len(reports) or any(t != truths[0] for t in truths)):
-        raise DataError("sweep reports with different planted truths (Bayes AUC, ranks or grid): not one dataset")
+    # What must agree for two planted sweeps to be of one dataset. Not the grid the "at rank" share
+    # is read on, AutoDim's candidates: a knob two sweeps may differ in (refused as "not one
+    # dataset", whatever --assume-same-data said); the merge reads every point on the first's.
+    truths = [rounded({k: rep["planted"][k] for k in ("bayes_auc", "ranks")}) | {"grid": rep["planted"]["grid"]}
+              for rep in reports.values() if "planted" in rep]
+    if truths and (len(truths) < len(reports) or any({**t, "grid": None} != {**truths[0], "grid": None}
+                                                     for t in truths)):
+        raise DataError("sweep reports with different planted truths (Bayes AUC or ranks): not one dataset")
     # Planted parameters are recorded only by reports written since; those that record them agree.
     params = {r["planted"]["params"] for r in reports.values() if r.get("planted", {}).get("params")}
     if len(params) > 1:

@@ -784,6 +784,12 @@ def test_merging_unlike_sweeps_is_refused():
     same = merge_reports({"a": sweep_report_of(rising()[:1], ["uniform"], planted),
                           "b": sweep_report_of(mde, ["mde"], planted)})
     assert same["planted"]["ranks"] == {"C1": 6} and len(same["planted"]["configs"]) == 3
+    # Another autodim.candidates (a method's knob): it was "different planted truths ...: not one
+    # dataset", which --assume-same-data did not pass. Every point's share is read on the first grid.
+    coarse = sweep_report_of(mde, ["mde"], planted)
+    coarse["planted"]["grid"] = [2, 4, 8, 16]
+    other_grid = merge_reports({"a": sweep_report_of(rising()[:1], ["uniform"], planted), "b": coarse})
+    assert other_grid["planted"]["grid"] == sorted(GRID) != [2, 4, 8, 16]
 
 
 def test_merged_sweeps_must_have_trained_alike():
