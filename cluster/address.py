@@ -24,7 +24,7 @@ def no_ray_at(address: str) -> str | None:
     address reached through a proxy, a cluster whose gRPC is TLS)."""
     scheme, _, rest = address.rpartition("://")
     host, _, port = rest.rstrip("/").rpartition(":")
-    if not host or not port.isdigit() or scheme not in ("", "ray", "http", "https"):
+    if not host or not port.isdecimal() or scheme not in ("", "ray", "http", "https"):
         return None
     if scheme and any(os.environ.get(v) for v in PROXY_VARIABLES):
         return None  # the client reaches it through the proxy, which a plain dial does not

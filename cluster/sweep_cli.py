@@ -98,7 +98,7 @@ def sweep(args: argparse.Namespace) -> int:
     cfg = load_job_config(args.config, args.overrides)
     if args.workers is not None:
         cfg = replace(cfg, cluster=replace(cfg.cluster, workers=args.workers))
-    if args.seeds is not None and (not args.seeds.isdigit() or int(args.seeds) < 1):
+    if args.seeds is not None and (not args.seeds.isdecimal() or int(args.seeds) < 1):
         raise ConfigError(f"--seeds: expected a whole number >= 1, got {args.seeds!r}")
     if args.first_seed < 0:
         raise ConfigError(f"--first-seed: must be >= 0, got {args.first_seed}")

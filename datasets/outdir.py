@@ -340,7 +340,7 @@ def _left_by_the_dead(out: Path, kind: str) -> Iterator[tuple[Path, str]]:
     prefix = sibling_prefix(out, kind)
     for leftover in sorted(out.parent.glob(f"{glob.escape(prefix)}*")):
         pid = leftover.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit():
+        if not pid.isdecimal():
             continue
         try:
             os.kill(int(pid), 0)

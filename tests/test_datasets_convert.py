@@ -756,6 +756,11 @@ def test_a_folder_of_day_files_is_read_in_the_days_order(criteo_sample: Path, tm
     expected = convert("criteo", _write_lines(tmp_path / "whole.txt", lines), tmp_path / "a")
     assert convert("criteo", days, tmp_path / "b").rows == expected.rows
     assert read_all(tmp_path / "b").equals(read_all(tmp_path / "a"))
+    from embshard.datasets.convert.inputs import _name_order
+
+    # A digit int() does not read ('\u00b2' passes str.isdigit) orders as text, not a traceback.
+    assert sorted(["day_\u00b2", "day_10", "day_2"], key=lambda n: _name_order(Path(n))) == \
+        ["day_2", "day_10", "day_\u00b2"]
 
 
 @pytest.mark.parametrize("change", ["replaced", "appended", "removed"])

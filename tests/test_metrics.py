@@ -208,6 +208,8 @@ def test_file_sd(tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["ctr-test.json"]
     with pytest.raises(ValueError, match="host:port"):
         write_file_sd(path, ["nohost"], {})
+    with pytest.raises(ValueError, match="host:port"):  # isdigit() let it through to int(): another ValueError
+        write_file_sd(path, ["127.0.0.1:\u00b2"], {})
     with pytest.raises(ValueError, match="label"):
         write_file_sd(path, ["127.0.0.1:1"], {"bad-name": "x"})
     yml = write_file_sd(tmp_path / "sd.yml", ["127.0.0.1:9400"], {"a": "b"})

@@ -419,7 +419,7 @@ def write_file_sd(path: str | os.PathLike[str], targets: list[str], labels: Mapp
     path = Path(path)
     for t in targets:
         host, sep, port = str(t).rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not port.isdecimal() or not 0 < int(port) < 65536:
             raise ValueError(f"file_sd target {t!r}: expected host:port")
     clean: dict[str, str] = {}
     for k, v in labels.items():

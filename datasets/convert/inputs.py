@@ -45,7 +45,7 @@ def _name_order(path: Path) -> tuple[tuple[tuple[int, int | str], ...], str]:
     0-11 was days 8 and 9, earlier than two days of its train split. (`day_01` and `day_1` tie on
     their numbers, and go in name order.)"""
     parts = re.split(r"(\d+)", path.name)
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in parts), path.name
+    return tuple((0, int(part)) if part.isdecimal() else (1, part) for part in parts), path.name
 
 
 def describe(files: Sequence[Path]) -> str:
