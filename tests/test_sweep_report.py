@@ -1197,6 +1197,11 @@ class Failing(HalfWidth):
         return base.embeddings.no_such_field
 
 
+class NegativeDim(HalfWidth):
+    def embeddings_at(self, base, spec, budget):
+        return replace(base.embeddings, dim=-3)
+
+
 class TwoRuns(Pep):
     knobs = None
 
@@ -1232,6 +1237,12 @@ def test_a_users_sweep_method_by_reference_plans_its_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"^method 'test_sweep_report:Failing': its first_run raised "
                                           r"AttributeError: .*no_such_field.* at .*test_sweep_report\.py:\d+$"):
         TrialRuns(cfg, data, failing, [0.5], tmp_path / "failing").first_run()
+    # A config it built that embshard refuses: "dim: must be positive, got -3", read as the
+    # config's own embeddings.dim (which was 16), the method unnamed.
+    negative = SweepSpec(["test_sweep_report:NegativeDim"], [0.5], 1).trials()[0]
+    with pytest.raises(ConfigError, match=r"^method 'test_sweep_report:NegativeDim': its first_run: .*dim: must be "
+                                          r"positive, got -3"):
+        TrialRuns(cfg, data, negative, [0.5], tmp_path / "negative").first_run()
     with pytest.raises(ConfigError, match=r"^--methods: unknown method 'half_width' \(known: uniform, "):
         parse_methods("uniform,half_width")
 

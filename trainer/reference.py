@@ -68,12 +68,14 @@ def colon_hint(name: str) -> str:
 
 @contextmanager
 def users_code(what: str) -> Iterator[None]:
-    """A hook of a method or arch failing in its own code: one ConfigError naming `what` and where
-    (an EmbshardError it raises says its own one line already)."""
+    """A hook of a method or arch failing in its own code: one ConfigError naming `what` and where.
+    An EmbshardError it raises (its own, or embshard's on a value it made: `dim: must be positive`
+    of an EmbeddingsConfig it built, read as the config's own `embeddings.dim`) keeps its kind and
+    words, after `what`."""
     try:
         yield
-    except EmbshardError:
-        raise
+    except EmbshardError as e:
+        raise type(e)(f"{what}: {e}") from None
     except (Exception, SystemExit) as e:
         raise ConfigError(f"{what} raised {first_line(e)}{raised_at(e)}") from None
 
