@@ -521,7 +521,8 @@ def test_a_sweep_of_settings_writes_a_report_per_setting_each_mergeable(tmp_path
     (["--methods", "uniform,bogus"], "--methods: unknown method 'bogus'"),
     (["--budgets", ""], "--budgets: empty"),
     (["--seeds", "0"], "--seeds: expected a whole number >= 1"),
-    (["--seeds", "\u00b2"], "--seeds: expected a whole number >= 1, got '\u00b2'"),  # isdigit(), then int(): a traceback
+    # '\u00b2' passed isdigit(), then int() failed on it: a traceback.
+    (["--seeds", "\u00b2"], "--seeds: expected a whole number >= 1, got '\u00b2'"),
     (["--first-seed", "-1"], "--first-seed: must be >= 0"),
 ])
 def test_bad_input_is_one_line(args, expected, capsys):
