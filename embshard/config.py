@@ -607,6 +607,10 @@ class JobConfig:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.seed >= 2**64:  # torch.manual_seed takes 64 bits: a larger one overflowed in every worker
             raise ConfigError(f"seed: must be below 2**64, got {self.seed}")
+        if not self.output_dir.strip():
+            # An unset shell variable: the run's plan, checkpoints, logs and summary went into the
+            # current folder, as checkpoint.dir's empty path is refused for.
+            raise ConfigError("output_dir: an empty path (an unset shell variable?); name the run's folder")
         if "://" in self.output_dir:
             # The plan, summary, logs and the workers' restart and stop files are plain local files.
             raise ConfigError(f"output_dir: {self.output_dir!r} is a URI, but the run folder (plan, summary, "

@@ -167,6 +167,19 @@ class ConfigLoader(yaml.SafeLoader):
         text = str(self.construct_scalar(node))
         return int(text, 0) if text[:2] in ("0x", "0o") else int(text, 10)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A scalar its tag cannot read (`!!int abc`, `!!bool maybe`, 5,000 digits) raised the
+        # constructor's ValueError or KeyError, a traceback where YAML's own errors are one line.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, OverflowError):
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            text = str(node.value)
+            shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text):,} characters)"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown} is no {node.tag.rsplit(':', 1)[-1]}", node.start_mark) from None
+
 
 _YAML_1_1_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
 ConfigLoader.yaml_implicit_resolvers = {
@@ -182,6 +195,10 @@ for _tag, _pattern, _first in (
 ):
     ConfigLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
 ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_core_int)
+
+
+# Past any setting's range, and a float's (whose own limit, near 2**1024, raised OverflowError).
+_BIGGEST = 2**128
 
 
 def _yaml_1_1_hint(value: Any, kind: type) -> str:
@@ -372,6 +389,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int) and abs(value) >= _BIGGEST:
+            raise ConfigError(f"{where}: expected a finite number, got an integer of {value.bit_length()} bits")
         # YAML's .nan and .inf pass every range check written as a comparison (nan <= 0 is False).
         if not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
@@ -379,6 +398,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}{_yaml_1_1_hint(value, int)}")
+        if abs(value) >= _BIGGEST:
+            # Not shown: past 4,300 digits Python refuses to print it, and a range check's own
+            # message ("must be below 2**64, got ...") was that ValueError, a traceback.
+            raise ConfigError(f"{where}: expected an integer, got one of {value.bit_length()} bits")
         return value
     if hint is bool:
         if not isinstance(value, bool):

@@ -263,6 +263,19 @@ def test_worker_resources_are_custom_resources_only() -> None:
         f"    x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 8)), [],
      r"c\.yaml:8:9: not valid YAML \(over 1,000,000 values once its aliases are expanded\)"),
     ("{}\n", ["model.options={x: &a [*a]}"], r"--set 'model\.options=.*':1:9: not valid YAML \(alias \*a inside"),
+    # A tag its scalar does not read, or more digits than Python reads: the constructors' ValueError
+    # and KeyError were tracebacks.
+    ("embeddings:\n  dim: !!int abc\n", [], r"c\.yaml:2:8: not valid YAML \('abc' is no int\)$"),
+    ("train:\n  progress: !!bool maybe\n", [], r"c\.yaml:2:13: not valid YAML \('maybe' is no bool\)$"),
+    (f"seed: {'9' * 5000}\n", [], r"c\.yaml:1:7: not valid YAML \('9{20}'\.\.\. \(5,000 characters\) is no int\)$"),
+    ("{}\n", ["name=!!int x"], r"^--set 'name=!!int x':1:1: not valid YAML \('x' is no int\)$"),
+    # Read, but too large to print ("must be below 2**64, got ..." raised Python's own ValueError)
+    # or to be a float (math.isfinite's OverflowError).
+    ("{}\n", [f"seed=0x{'f' * 4000}"], r"^seed: expected an integer, got one of 16000 bits \(from --set\)$"),
+    ("{}\n", [f"train.sparse_lr={'9' * 400}"], r"^train\.sparse_lr: expected a finite number, got an integer of "
+                                               r"1329 bits \(from --set\)$"),
+    # The run's folder became the current one.
+    ("output_dir: ''\n", [], r"output_dir: an empty path \(an unset shell variable\?\)"),
 ])
 def test_a_config_that_is_no_mapping_of_fields_is_one_line(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"
