@@ -43,6 +43,10 @@ SHARDING_TYPES: dict[str, list[str]] = {
 }
 
 
+# torch.device keeps its index in 8 bits, so cuda:127 is the last a host's ranks can be given.
+_CUDA_DEVICES_PER_HOST = 128
+
+
 @dataclass(frozen=True)
 class TopologySpec:
     world_size: int = 2
@@ -63,6 +67,14 @@ class TopologySpec:
             raise ConfigError(
                 f"local_world_size: {self.local_world_size} must divide world_size {self.world_size}"
             )
+        per_host = self.local_world_size or self.world_size
+        if self.device == "cuda" and per_host > _CUDA_DEVICES_PER_HOST:
+            # TorchRec places shard r on cuda:(r % per_host), and torch keeps a device index in 8
+            # bits: rank 128 of one host became "cuda:-128", a traceback from deep in the planner.
+            what = (f"local_world_size: {per_host} cuda ranks on a host" if self.local_world_size else
+                    f"sharding.local_world_size is unset, so all {per_host} cuda ranks are planned on one host")
+            raise ConfigError(f"{what}: more than the {_CUDA_DEVICES_PER_HOST} devices torch can number on a host; "
+                              "give the GPUs per host (sharding.local_world_size, plan --local-world-size), e.g. 8")
 
     @property
     def capacity_bytes(self) -> int:

@@ -52,6 +52,15 @@ def test_local_world_size_must_divide_the_world_size() -> None:
     with pytest.raises(ConfigError, match=r"^sharding\.local_world_size: must be >= 1, got 0$"):
         from_dict(JobConfig, {"sharding": {"local_world_size": 0}})
     assert ShardingConfig().topology(8).local_world_size is None  # unset: one host of 8
+    # TorchRec places a rank's shards on cuda:(rank % ranks per host), and torch keeps 8 bits of
+    # it: rank 128 of a host was "Invalid device string: 'cuda:-128'", a traceback.
+    with pytest.raises(ConfigError, match=r"^sharding\.local_world_size is unset, so all 256 cuda ranks are "
+                                          r"planned on one host: more than the 128 devices torch can number"):
+        ShardingConfig(device="cuda").topology(256)
+    with pytest.raises(ConfigError, match=r"^local_world_size: 256 cuda ranks on a host: more than the 128"):
+        ShardingConfig(device="cuda", local_world_size=256).topology(512)
+    assert ShardingConfig(device="cuda", local_world_size=8).topology(256).hosts == 32
+    assert ShardingConfig(device="cuda").topology(128).hosts == 1
 
 
 def test_cli_flag_and_config_key_round_trip_through_plan_json(tmp_path, capsys) -> None:
