@@ -102,6 +102,22 @@ def test_schema_rejects_single_mistakes(override: dict) -> None:
             chart.validate_schema(chart.merge_values(override))
 
 
+def test_the_metrics_port_range_is_embshards_own() -> None:
+    # The chart refused portBase 65280, which embshard takes (port_base + local rank up to 65535).
+    from embshard.config import MetricsConfig
+    from embshard.errors import ConfigError
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["metrics"]["properties"]["portBase"]
+    lowest, highest = schema["minimum"], schema["maximum"]
+    for port in (lowest, highest):
+        MetricsConfig(port_base=port)
+        with helm.Chart.load(CHART) as chart:
+            chart.validate_schema(chart.merge_values({"metrics": {"portBase": port}}))
+    for port in (lowest - 1, highest + 1):
+        with pytest.raises(ConfigError, match="out of range"):
+            MetricsConfig(port_base=port)
+
+
 # ----------------------------------------------------------------------------- CRD schemas
 
 
