@@ -71,6 +71,9 @@ class MletConfig:
         if self.features is not None and not self.features:  # planned with no MLET, silently
             raise ConfigError("features: an empty list trains no table with MLET; leave it out for all of them, "
                               "or leave out embeddings.mlet")
+        twice = [f for i, f in enumerate(self.features or []) if f in (self.features or [])[:i]]
+        if twice:  # a typo for another feature, most likely, which then trained without MLET
+            raise ConfigError(f"features: {twice[0]!r} given twice")
         if self.init_std <= 0:
             raise ConfigError(f"init_std: must be positive, got {self.init_std}")
 

@@ -118,6 +118,7 @@ def test_flat_mde_keys_say_where_they_moved(key):
         ({"mlet": {}}, "embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width"),
         ({"mlet": {"ratio": 0.5}}, "embeddings.mlet.ratio: 0.5 < 1 gives k < d"),
         ({"mlet": {"ratio": 2, "features": []}}, "embeddings.mlet.features: an empty list trains no table with MLET"),
+        ({"mlet": {"ratio": 2, "features": ["C1", "C1"]}}, "embeddings.mlet.features: 'C1' given twice"),
         ({"mlet": {"width": 0}}, "embeddings.mlet.width: must be 1 to 16,777,216, got 0"),
         ({"mlet": {"width": 1 << 63}}, "embeddings.mlet.width: must be 1 to 16,777,216"),
         ({"min_dim": 1 << 40, "dim": 1 << 40}, "embeddings.dim: at most 16,777,216"),
