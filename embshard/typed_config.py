@@ -256,10 +256,10 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
     except ConfigError as e:
         # A value from --set is blamed on its flag, not on a file that may not hold the key at all.
         keys = [item.split("=", 1)[0].strip() for item in overrides or []]
-        # `--set nosuch.a=1` is refused at `nosuch`, the first part no field has.
-        unknown = [f"{'.'.join(key.split('.')[:n])}: unknown field"
-                   for key in keys for n in range(1, key.count(".") + 1)]
-        if any(str(e).startswith((f"{key}:", f"{key}.", f"{key}[", *unknown)) for key in keys):
+        # `--set nosuch.a=1` is refused at `nosuch`, the first part no field has, and `--set
+        # train.epochs.x=1` at `train.epochs`, which it made a mapping: at a part above the key.
+        above = [f"{'.'.join(key.split('.')[:n])}:" for key in keys for n in range(1, key.count(".") + 1)]
+        if any(str(e).startswith((f"{key}:", f"{key}.", f"{key}[", *above)) for key in keys):
             raise ConfigError(f"{e} (from --set)") from None
         raise ConfigError(f"{path}: {e}") from None
 
@@ -269,6 +269,9 @@ def apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):
+        # `--set =1` and `--set .train.epochs=1` were ": unknown field", a field with no name.
+        raise ConfigError(f"--set {item!r}: expected key=value with a key such as train.epochs")
     set_dotted(data, key.strip(), parse_yaml_value(raw, f"--set {item!r}"), "--set")
 
 

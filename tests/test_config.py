@@ -263,6 +263,10 @@ def test_worker_resources_are_custom_resources_only() -> None:
         f"    x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 8)), [],
      r"c\.yaml:8:9: not valid YAML \(over 1,000,000 values once its aliases are expanded\)"),
     ("{}\n", ["model.options={x: &a [*a]}"], r"--set 'model\.options=.*':1:9: not valid YAML \(alias \*a inside"),
+    # Blamed on the file, which had no `train` at all; and a field with no name.
+    ("{}\n", ["train.epochs.x=1"], r"^train\.epochs: expected an integer, got \{'x': 1\} \(from --set\)$"),
+    ("{}\n", ["=1"], r"^--set '=1': expected key=value with a key such as train\.epochs$"),
+    ("{}\n", [".train.epochs=1"], r"^--set '\.train\.epochs=1': expected key=value with a key such as"),
     # A tag its scalar does not read, or more digits than Python reads: the constructors' ValueError
     # and KeyError were tracebacks.
     ("embeddings:\n  dim: !!int abc\n", [], r"c\.yaml:2:8: not valid YAML \('abc' is no int\)$"),
