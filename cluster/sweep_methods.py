@@ -107,7 +107,11 @@ class TrialRuns:
     def _users_code(self, hook: str) -> AbstractContextManager[None]:
         """A user's method failing in its own code: one line naming it and where (an error of
         embshard's, training included, says its own); a built-in's bug stays a crash."""
-        return users_code(f"method {self.trial.method!r}: its {hook}") if self.trial.users else nullcontext()
+        if not self.trial.users:
+            return nullcontext()
+        # first_run makes the run's config, which embshard then checks; points trains, whose
+        # errors (a dataset's) say their own.
+        return users_code(f"method {self.trial.method!r}: its {hook}", refusals_too=hook == "first_run")
 
     @property
     def budget(self) -> float:

@@ -457,7 +457,7 @@ def test_a_sweep_of_settings_writes_a_report_per_setting_each_mergeable(tmp_path
     synthesize(data, rows=200, seed=0, max_cardinality=50)
     epochs = {1: (0.70, 0.78), 2: (0.72, 0.78)}  # uniform at 0.5, 1: the narrow one catches up at 2 epochs
 
-    def ran(cfg, spec, folder, resume, parallel, data_sha):
+    def ran(cfg, spec, folder, resume, parallel, data_sha, data_id):
         folder.mkdir()
         (folder / "sweep-spec.json").write_text(json.dumps(spec.to_json()))  # as run_sweep claims its folder
         return [{**point("uniform", b, 0, epochs[t.settings[0][1]][i], 2000 * (i + 1)), "knobs": {},

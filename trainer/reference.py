@@ -67,15 +67,17 @@ def colon_hint(name: str) -> str:
 
 
 @contextmanager
-def users_code(what: str) -> Iterator[None]:
-    """A hook of a method or arch failing in its own code: one ConfigError naming `what` and where.
-    An EmbshardError it raises (its own, or embshard's on a value it made: `dim: must be positive`
-    of an EmbeddingsConfig it built, read as the config's own `embeddings.dim`) keeps its kind and
-    words, after `what`."""
+def users_code(what: str, *, refusals_too: bool = False) -> Iterator[None]:
+    """A hook of a method or arch failing in its own code: one ConfigError naming `what` and where
+    (an EmbshardError it raises says its own one line already; with `refusals_too`, for a hook
+    whose values embshard then checks, it keeps its kind and words after `what`: `dim: must be
+    positive` of a config the hook built read as the config's own `embeddings.dim`)."""
     try:
         yield
     except EmbshardError as e:
-        raise type(e)(f"{what}: {e}") from None
+        if refusals_too:
+            raise type(e)(f"{what}: {e}") from None
+        raise
     except (Exception, SystemExit) as e:
         raise ConfigError(f"{what} raised {first_line(e)}{raised_at(e)}") from None
 
