@@ -95,6 +95,34 @@ def test_a_finished_run_extended_still_chooses_among_every_evaluation(dataset, t
         assert extended[key] == straight[key], key
 
 
+def test_a_restart_still_chooses_among_the_evaluation_at_its_checkpoints_step(dataset, tmp_path, monkeypatch):
+    # A checkpoint at an evaluated step is saved before that evaluation: a group restarted from it
+    # never evaluated that step, and reported a later, worse one as the best.
+    from embshard.trainer import loop
+
+    longer = STEPS + 4
+    straight = run(job(dataset, tmp_path / "straight", "best_valid", longer))
+    best = straight["selected_step"]
+    cfg = job(dataset, tmp_path / "run", "best_valid", longer, checkpoints=True)
+    cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, every_steps=best))
+    evaluate = loop._evaluate
+
+    def dies_evaluating(cfg, sharded, steps, reader, device, step, callbacks):
+        if step == best:
+            raise RuntimeError("the worker died")
+        return evaluate(cfg, sharded, steps, reader, device, step, callbacks)
+
+    monkeypatch.setattr(loop, "_evaluate", dies_evaluating)
+    with pytest.raises(RuntimeError, match="the worker died"):
+        run(cfg)
+    monkeypatch.undo()
+    restarted = run_worker(cfg)
+    assert restarted["resumed_from"].endswith(f"step-{best:06d}")
+    assert restarted["selected_step"] == best
+    for key in ("valid_auc", "test_auc"):
+        assert restarted[key] == straight[key], key
+
+
 def test_best_valid_is_remembered_across_a_restart(dataset, tmp_path):
     first = run(job(dataset, tmp_path / "run", "best_valid", STEPS, checkpoints=True))
     assert first["selected_step"] < STEPS

@@ -31,6 +31,7 @@ class StepInfo:
     seconds: float  # compute time of the step, without the wait for input
     data_wait: float  # time the step waited for its batch
     loss: float | None  # only on logging steps: reading it forces a device sync
+    evaluated: bool = False  # the loop evaluates the validation split after this step, before the next
 
 
 class Callback:
@@ -139,7 +140,7 @@ class CheckpointCallback(Callback):
         preempted = self.guard is not None and self.guard.any_rank_signalled()
         last = info.step == self.total_steps and not preempted  # the final evaluation follows
         if preempted or last or (self.every_steps and info.step % self.every_steps == 0):
-            self.save(evaluation_due=last)
+            self.save(evaluation_due=info.evaluated)
         self.stop_requested = self.preempted = preempted
 
     def on_train_end(self, summary: dict[str, Any]) -> None:

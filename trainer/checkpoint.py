@@ -101,9 +101,10 @@ class Progress:
     # train.report_at best_valid: {"step", "valid", "test"} of the best validation so far (the
     # EvalResults as dicts), so the choice spans restarts.
     best: dict[str, Any] | None = None
-    # Saved after the run's last step, before its final evaluation (which a failure there must not
-    # lose the steps to): a resume evaluates this step first, so best_valid still chooses among
-    # every evaluation of the run.
+    # Saved after a step the loop evaluates after (an eval_every step, an epoch's end, the run's
+    # last step, whose final evaluation a failure must not lose the steps to), so before that
+    # evaluation: a resume evaluates this step first, so best_valid still chooses among every
+    # evaluation of the run (a restart lost the one at its checkpoint's step, which could be the best).
     evaluation_due: bool = False
 
     @staticmethod

@@ -151,7 +151,8 @@ class _WorkerRun:
         stopped = False
         resumed_samples = progress.samples  # throughput counts only what this start trained
         if progress.evaluation_due and cfg.train.report_at == "best_valid":
-            # Resumed from a run's last step, saved before its final evaluation: one of the choices.
+            # Resumed from a step saved before its evaluation (an eval_every step, an epoch's end,
+            # the run's last step): one of the choices.
             result = self.validate()
         progress.evaluation_due = False
         started = time.perf_counter()
@@ -194,7 +195,7 @@ class _WorkerRun:
         run = self.steps.run(islice(batches, n_steps))
         result, stopped = None, False
         waited, tick = reader.wait_seconds, time.perf_counter()
-        for _ in range(n_steps):
+        for i in range(n_steps):
             for cb in callbacks:
                 cb.on_step_start(progress.step)
             step = next(run)
@@ -209,13 +210,18 @@ class _WorkerRun:
                 self.watch.check(progress.step, "the loss was logged")
                 progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
                 progress.last_loss = loss_value
-            info = StepInfo(progress.step, epoch, step.rows, time.perf_counter() - tick - wait, wait, loss_value)
+            eval_step = bool(cfg.train.eval_every) and progress.step % cfg.train.eval_every == 0
+            # As `train` evaluates: these steps, each epoch's end without one, and the last step.
+            evaluated = eval_step or progress.step == self.total or (
+                i == n_steps - 1 and (cfg.train.eval_every is None or result is None))
+            info = StepInfo(progress.step, epoch, step.rows, time.perf_counter() - tick - wait, wait, loss_value,
+                            evaluated)
             for cb in callbacks:
                 cb.on_step(info)
             stopped = any(cb.stop_requested for cb in callbacks)
             if stopped:
                 break
-            if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
+            if eval_step:
                 result = self.validate()
             waited, tick = reader.wait_seconds, time.perf_counter()
         run.close()
