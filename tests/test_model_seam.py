@@ -467,6 +467,45 @@ def test_eval_result_names_its_primary_metric() -> None:
         EvalResult({"auc": 0.7}, "ndcg", 1)
 
 
+def test_a_primary_metric_named_as_a_loss_is_lower_is_better_unless_said() -> None:
+    # A user's arch returning "logloss" as its primary had best_valid pick its worst step.
+    assert EvalResult({"logloss": 0.5}, "logloss", 1).lower_is_better is True
+    assert EvalResult({"val_error": 0.5, "x": 1.0}, "val_error", 1).lower_is_better is True
+    assert EvalResult({"RMSE": 0.5}, "RMSE", 1).lower_is_better is True
+    assert EvalResult({"auc": 0.7}, "auc", 1).lower_is_better is False
+    assert EvalResult({"logloss": 0.5}, "logloss", 1, lower_is_better=False).lower_is_better is False
+    assert EvalResult({"logloss": 0.4}, "logloss", 1).better_than(EvalResult({"logloss": 0.5}, "logloss", 1))
+
+
+def test_an_evaluation_s_nan_metric_is_one_line_naming_the_arch() -> None:
+    # NaN beat nothing and nothing beat it: best_valid kept the first NaN for good, and
+    # summary.json held a bare NaN, which is no JSON.
+    from embshard.trainer.evaluate import reportable
+
+    with pytest.raises(ConfigError, match=r"^model\.arch 'mine': evaluate\(\) returned metric 'auc' = nan; a metric "
+                                          r"is a finite number$"):
+        reportable(EvalResult({"auc": float("nan")}, "auc", 10), "mine")
+
+
+def test_auc_is_of_the_logits_with_ties_counted_half_and_undefined_for_one_class() -> None:
+    from embshard.errors import DataError
+    from embshard.trainer.evaluate import binary_auc
+
+    # Confident logits: sigmoid in float32 is 1.0 for all four, and the AUC was 0.5.
+    assert binary_auc(torch.tensor([20.0, 21, 22, 23]), torch.tensor([0.0, 1, 0, 1]), "x") == 0.75
+    # Positives {1, 2} against negatives {1, 0}: a tie (1/2), then three wins, of 4 pairs.
+    assert binary_auc(torch.tensor([1.0, 1, 2, 0]), torch.tensor([1.0, 0, 1, 0]), "x") == 0.875
+    scores = torch.randn(5000, generator=torch.Generator().manual_seed(0)).round(decimals=1)
+    labels = (torch.rand(5000, generator=torch.Generator().manual_seed(1)) < torch.sigmoid(scores)).float()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+    assert binary_auc(scores, labels, "x") == pytest.approx(float(pairs) / (len(pos) * len(neg)), abs=1e-12)
+    # torchmetrics said 0.0.
+    with pytest.raises(DataError, match=r"^the valid split: every one of the 3 rows evaluated has label 0, so its "
+                                        r"AUC is undefined"):
+        binary_auc(torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3), "the valid split")
+
+
 def test_settings_no_part_of_the_run_reads_are_said_in_the_plan(dataset, tmp_path, capsys) -> None:
     # An FM's or a builder's config with DLRM's layers, or MDE's knobs under the uniform policy,
     # planned and trained without a word about them.

@@ -3,6 +3,7 @@ that `ModelArch.evaluate` defaults to, and the regression one (MSE, RMSE) of rat
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -11,7 +12,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc
 
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.errors import ConfigError, DataError, TrainingDiverged
@@ -26,12 +26,16 @@ class EvalResult:
     primary: str
     examples: int
     # The primary metric's direction, said by the evaluator that computed it (MSE: lower; AUC,
-    # recall@K: higher): a sweep ranks plans by it, whatever the arch's metric is called.
-    lower_is_better: bool = False
+    # recall@K: higher): best_valid and a sweep rank by it, whatever the arch's metric is called.
+    # Not said (None): lower for a name of a loss or an error (`lower_is_better_by_name`), else
+    # higher; a user's arch returning "logloss" had best_valid pick its worst step.
+    lower_is_better: bool | None = None
 
     def __post_init__(self) -> None:
         if self.primary not in self.metrics:
             raise ValueError(f"EvalResult: primary metric {self.primary!r} is not among {sorted(self.metrics)}")
+        if self.lower_is_better is None:
+            object.__setattr__(self, "lower_is_better", lower_is_better_by_name(self.primary))
 
     def better_than(self, other: EvalResult) -> bool:
         """Whether this primary metric beats `other`'s (same metric) in its direction."""
@@ -51,6 +55,12 @@ class EvalResult:
         return metrics_text(self.metrics, self.primary)
 
 
+def lower_is_better_by_name(metric: str) -> bool:
+    """Whether a metric called `metric` is a loss or an error: ...loss, mse, rmse, mae, ...error."""
+    name = metric.lower()
+    return name.endswith(("loss", "error")) or name in ("mse", "rmse", "mae", "perplexity")
+
+
 def reportable(result: Any, arch: str) -> EvalResult:
     """An arch's evaluation with its metrics as floats (a one-element tensor, a numpy scalar);
     ConfigError naming the arch for anything else. Said at the evaluation: as it was, a tensor
@@ -64,6 +74,11 @@ def reportable(result: Any, arch: str) -> EvalResult:
         if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"model.arch {arch!r}: evaluate() returned metric {name!r} = {value!r}; metrics are "
                               "named by strings and are numbers (a tensor of one element: .item())")
+        if not math.isfinite(value):
+            # NaN beat nothing and nothing beat it: it stayed best_valid's choice for good, and
+            # summary.json was no JSON.
+            raise ConfigError(f"model.arch {arch!r}: evaluate() returned metric {name!r} = {value}; a metric is a "
+                              "finite number")
         metrics[name] = float(value)
     return replace(result, metrics=metrics)
 
@@ -77,9 +92,28 @@ def evaluate_pointwise(
 ) -> EvalResult:
     """AUC and logloss of `model` (a `TrainModel`, sharded or not: batch -> (loss, logits [B]))."""
     all_logits, all_labels = pointwise_outputs(model, reader, device, max_batches)
-    auc = binary_auroc(torch.sigmoid(all_logits), all_labels.long()).item()
+    auc = binary_auc(all_logits, all_labels, f"the {reader.split} split ({reader.split_path})")
     logloss = F.binary_cross_entropy_with_logits(all_logits, all_labels).item()
     return EvalResult({"auc": auc, "logloss": logloss}, "auc", len(all_labels))
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor, where: str) -> float:
+    """The probability that a positive scores above a negative, ties counting half (Mann-Whitney),
+    in float64 on the scores themselves. Not on sigmoid(logits) in float32, which is 1.0 for every
+    logit above about 16.6 and rounds nearby ones together above about 8: confident models' AUC
+    fell toward 0.5. DataError when `labels` hold one class (torchmetrics said 0.0)."""
+    positive = labels > 0.5
+    n_pos = int(positive.sum())
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
+        raise DataError(f"{where}: every one of the {len(labels):,} rows evaluated has label {int(n_pos > 0)}, so "
+                        "its AUC is undefined; evaluate a split holding both (or more of it: "
+                        "train.eval_max_batches)")
+    values, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    # Each distinct score's rank among all, 1-based, averaged over its ties.
+    below = torch.cumsum(counts, 0) - counts
+    ranks = (below + (counts + 1) / 2).double()[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 @torch.no_grad()
