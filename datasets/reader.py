@@ -6,8 +6,10 @@ equal contiguous row ranges, so ranks stay balanced even when a split has fewer 
 there are ranks (a small validation split, say). A rank reads only the row groups its range
 touches; the two ranks that share a group shuffle it identically and take disjoint slices. Ranks
 run collective ops every step, so all of them must yield the same number of batches: that number
-is computed from Parquet metadata alone (no data read) as the minimum over ranks. Batches are
-assembled on a background thread into a bounded queue so the training loop rarely waits for I/O.
+is computed from Parquet metadata alone (no data read): the fewest full batches of any rank when
+the last partial batch is dropped (training), else the most batches of any rank, every row read
+(evaluation: see `_batch_sizes`). Batches are assembled on a background thread into a bounded
+queue so the training loop rarely waits for I/O.
 """
 
 from __future__ import annotations
@@ -93,9 +95,10 @@ class _Failure:
 class ParquetBatchReader:
     """One epoch per iteration; `set_epoch(e)` picks the shuffle, `state_dict` allows exact resume.
 
-    With drop_last=False every rank still yields the same number of batches, ceil(rows / B) of the
-    rank with the fewest rows; the last batch is then partial on some ranks and the rows left over
-    on larger ranks are dropped.
+    With drop_last=False every row of the split is read once, and every rank still yields the same
+    number of batches, ceil(rows / B) of the rank with the most rows (`_batch_sizes`). It was that of
+    the rank with the fewest, and the larger ranks' last rows were never evaluated: a metric that
+    changed with the number of workers.
     """
 
     def __init__(self, dataset_dir: str | Path, split: str, batch_size: int, *, rank: int = 0,
@@ -108,6 +111,10 @@ class ParquetBatchReader:
             raise ConfigError(f"rank {rank} outside [0, world_size={world_size})")
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+        if not drop_last and batch_size == 1 and world_size > 1:
+            # A rank one row short of another then has no batch to split in two (`_batch_sizes`).
+            raise ConfigError("an evaluation batch of 1 row cannot cover a split shared by several ranks; use "
+                              "data.eval_batch_size 2 or more")
         self.spec = DatasetSpec.load(dataset_dir)
         self.dataset_dir = dataset_dir
         self.batch_size = batch_size
@@ -135,8 +142,21 @@ class ParquetBatchReader:
 
     def __len__(self) -> int:
         rows = [sum(p.rows for p in pieces) for pieces in self._assignment(self.epoch)]
-        per_rank = [(r // self.batch_size) if self.drop_last else math.ceil(r / self.batch_size) for r in rows]
-        return min(per_rank)
+        if self.drop_last:
+            return min(r // self.batch_size for r in rows)
+        if min(rows) == 0:  # a split of fewer rows than ranks: a rank without rows has no batch to give
+            return 0
+        return max(math.ceil(r / self.batch_size) for r in rows)
+
+    def _batch_sizes(self, rows: int, batches: int) -> list[int]:
+        """The sizes of the `batches` batches a rank of `rows` rows yields: full ones, then, without
+        drop_last, its partial last one. Ranks' rows differ by one at most, so a rank short of a
+        batch holds exactly one fewer batch's worth, and yields its last one as B - 1 rows and 1."""
+        full, rest = divmod(rows, self.batch_size)
+        sizes = [self.batch_size] * full + ([rest] if rest else [])
+        if not self.drop_last and len(sizes) < batches:
+            sizes[-1:] = [self.batch_size - 1, 1]
+        return sizes[:batches]
 
     def state_dict(self) -> dict:
         return self.state_after(self._consumed)
@@ -246,7 +266,8 @@ class ParquetBatchReader:
         reading: StoragePath = self.split_path
         try:
             files: dict[StoragePath, pq.ParquetFile] = {}
-            skip_rows = skip_batches * self.batch_size
+            sizes = self._batch_sizes(sum(p.rows for p in pieces), skip_batches + n_batches)
+            skip_rows, sizes = sum(sizes[:skip_batches]), sizes[skip_batches:]
             pending: list[pa.Table] = []
             pending_rows = 0
             for piece in pieces:
@@ -268,16 +289,13 @@ class ParquetBatchReader:
                 skip_rows = 0
                 pending.append(table)
                 pending_rows += table.num_rows
-                while pending_rows >= self.batch_size and made < n_batches:
+                while made < n_batches and pending_rows >= sizes[made]:
                     merged = pa.concat_tables(pending)
-                    if not put(self._batch(merged.slice(0, self.batch_size))):
+                    if not put(self._batch(merged.slice(0, sizes[made]))):
                         return
+                    rest = merged.slice(sizes[made])
                     made += 1
-                    rest = merged.slice(self.batch_size)
                     pending, pending_rows = [rest], rest.num_rows
-            if made < n_batches and pending_rows:
-                # Only reachable with drop_last=False: the final, partial batch.
-                put(self._batch(pa.concat_tables(pending)))
         except BaseException as e:  # noqa: BLE001 - every failure must reach the consumer
             replaced = self._replaced(epoch) if isinstance(e, Exception) else None
             failed = storage_failure(e, reading)

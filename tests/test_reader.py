@@ -15,7 +15,7 @@ import torch
 
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.schema import DatasetSpec, SparseFeature
-from embshard.errors import DataError
+from embshard.errors import ConfigError, DataError
 
 SPEC = DatasetSpec(
     name="tiny",
@@ -108,6 +108,21 @@ def test_fewer_row_groups_than_ranks_still_feeds_every_rank(tmp_path: Path) -> N
     rids = [np.concatenate(_rids(r)) for r in readers]
     assert [len(x) for x in rids] == [13, 13, 14]  # one 40-row group cut into near-equal slices
     assert sorted(np.concatenate(rids).tolist()) == list(range(40))
+
+
+@pytest.mark.parametrize("rows, batch", [(501, 50), (40, 8), (41, 8), (500, 50), (7, 2)])
+def test_an_evaluation_reads_every_row_once_on_two_ranks_in_as_many_batches(tmp_path: Path, rows: int,
+                                                                             batch: int) -> None:
+    # 501 rows at 50 a batch: rank 0's 250 rows are 5 batches, rank 1's 251 are 6, and both
+    # yielded 5: the last row was never evaluated, and the metrics moved with the worker count.
+    root = write_dataset(tmp_path / "d", tables=[_table(0, rows, np.random.default_rng(3))])
+    readers = [ParquetBatchReader(root, "train", batch, rank=r, world_size=2, drop_last=False) for r in range(2)]
+    batches = [_rids(r) for r in readers]
+    assert len(batches[0]) == len(batches[1]) == len(readers[0]) == len(readers[1])
+    assert all(len(b) for rank in batches for b in rank) and all(len(b) <= batch for rank in batches for b in rank)
+    assert sorted(np.concatenate([np.concatenate(rank) for rank in batches]).tolist()) == list(range(rows))
+    with pytest.raises(ConfigError, match="an evaluation batch of 1 row cannot cover a split shared by several"):
+        ParquetBatchReader(root, "train", 1, rank=0, world_size=2, drop_last=False)
 
 
 def test_order_is_deterministic_per_seed_and_epoch(dataset: Path) -> None:
