@@ -425,7 +425,7 @@ class TrainConfig:
     # which the fused sparse optimizer trains.
     dense_weight_decay: float = 0.0
     eval_every: int | None = None  # steps (and the last step); None = at the end of every epoch
-    eval_max_batches: int | None = None  # cap evaluation work (None = the whole split)
+    eval_max_batches: int | None = None  # cap evaluation work: batches per rank (None = the whole split)
     log_every: int = 50  # steps between loss lines in the log
     progress: bool = True  # tqdm bar on rank 0
     test: bool = False  # also evaluate the test split at the end (summary: test_auc, test_logloss)
