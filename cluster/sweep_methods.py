@@ -170,8 +170,11 @@ class PlannedMethod(SweepMethod):
         """The base model's embeddings config as this method's at `budget`, without MLET."""
 
     def first_run(self, runs: TrialRuns) -> tuple[JobConfig, str | None]:
-        emb = replace(self.embeddings_at(runs.base, runs.spec, runs.budget), mlet=runs.mlet)
-        return replace(runs.run("train"), embeddings=emb), None
+        made = self.embeddings_at(runs.base, runs.spec, runs.budget)
+        if not isinstance(made, EmbeddingsConfig):
+            # Found by dataclasses.replace, whose file was named as where to look.
+            raise ConfigError(f"embeddings_at() returned {type(made).__name__}, not an EmbeddingsConfig")
+        return replace(runs.run("train"), embeddings=replace(made, mlet=runs.mlet)), None
 
     def points(self, runs: TrialRuns, train: Train) -> list[Point]:
         cfg, _ = self.first_run(runs)

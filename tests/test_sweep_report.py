@@ -1203,6 +1203,11 @@ class NegativeDim(HalfWidth):
         return replace(base.embeddings, dim=-3)
 
 
+class DictEmbeddings(HalfWidth):
+    def embeddings_at(self, base, spec, budget):
+        return {"dim": 4}
+
+
 class TwoRuns(Pep):
     knobs = None
 
@@ -1244,6 +1249,11 @@ def test_a_users_sweep_method_by_reference_plans_its_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"^method 'test_sweep_report:NegativeDim': its first_run: .*dim: must be "
                                           r"positive, got -3"):
         TrialRuns(cfg, data, negative, [0.5], tmp_path / "negative").first_run()
+    # Named as raised "at .../dataclasses.py:1472", where replace() found it.
+    wrong = SweepSpec(["test_sweep_report:DictEmbeddings"], [0.5], 1).trials()[0]
+    with pytest.raises(ConfigError, match=r"^method 'test_sweep_report:DictEmbeddings': its first_run: "
+                                          r"embeddings_at\(\) returned dict, not an EmbeddingsConfig$"):
+        TrialRuns(cfg, data, wrong, [0.5], tmp_path / "wrong").first_run()
     with pytest.raises(ConfigError, match=r"^--methods: unknown method 'half_width' \(known: uniform, "):
         parse_methods("uniform,half_width")
 
