@@ -123,6 +123,48 @@ def test_a_restart_still_chooses_among_the_evaluation_at_its_checkpoints_step(da
         assert restarted[key] == straight[key], key
 
 
+def epochs_of_four_steps(dataset: Path, out: Path, eval_every: int | None, **checkpoint) -> JobConfig:
+    cfg = job(dataset, out, "best_valid", 16, checkpoints=True, eval_every=eval_every)
+    return replace(cfg, data=replace(cfg.data, batch_size=800),  # 3,200 train rows: 4 steps an epoch
+                   train=replace(cfg.train, epochs=4, max_steps=None),
+                   checkpoint=replace(cfg.checkpoint, every_steps=4, keep=10, **checkpoint))
+
+
+def evaluated_steps(monkeypatch) -> list[int]:
+    from embshard.trainer import loop
+
+    steps: list[int] = []
+    evaluate = loop._evaluate
+
+    def recorded(cfg, sharded, train_steps, reader, device, step, callbacks):
+        steps.append(step)
+        return evaluate(cfg, sharded, train_steps, reader, device, step, callbacks)
+
+    monkeypatch.setattr(loop, "_evaluate", recorded)
+    return steps
+
+
+def test_a_checkpoint_says_an_evaluation_is_due_exactly_where_the_run_evaluates(dataset, tmp_path, monkeypatch):
+    # At an epoch's end with no eval_every step in it, after an earlier evaluation, the checkpoint
+    # said due, though the run never evaluates there: a restart chose among other evaluations.
+    steps = evaluated_steps(monkeypatch)
+    run(epochs_of_four_steps(dataset, tmp_path / "run", eval_every=9))
+    assert steps == [4, 9, 16]
+    due = {int(p.name[5:]): json.loads((p / "progress.json").read_text())["evaluation_due"]
+           for p in complete_checkpoints(tmp_path / "run" / "checkpoints")}
+    assert due == {4: True, 8: False, 12: False, 16: True}
+
+
+def test_a_restart_at_an_epoch_s_end_evaluates_that_step_once(dataset, tmp_path, monkeypatch):
+    # Evaluated first (due), then again as the end of an epoch it trained no step of.
+    run(epochs_of_four_steps(dataset, tmp_path / "first", eval_every=None))
+    eighth = next(p for p in complete_checkpoints(tmp_path / "first" / "checkpoints") if p.name == "step-000008")
+    steps = evaluated_steps(monkeypatch)
+    restarted = run(epochs_of_four_steps(dataset, tmp_path / "again", eval_every=None, resume=str(eighth)))
+    assert restarted["resumed_from"].endswith("step-000008")
+    assert steps == [8, 12, 16]
+
+
 def test_best_valid_is_remembered_across_a_restart(dataset, tmp_path):
     first = run(job(dataset, tmp_path / "run", "best_valid", STEPS, checkpoints=True))
     assert first["selected_step"] < STEPS

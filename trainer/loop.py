@@ -164,7 +164,8 @@ class _WorkerRun:
                 result = evaluated
             if stopped:
                 break
-            if cfg.train.eval_every is None or result is None:
+            # Not again: resumed from an epoch's end it evaluated first, it trained no step since.
+            if self._evaluates_at_epoch_end() and self.evaluated_at != progress.step:
                 result = self.validate()
         if not stopped and self.evaluated_at != progress.step:
             # Resumed with nothing left to train, or the last evaluation (`train.eval_every`) came
@@ -181,6 +182,12 @@ class _WorkerRun:
         if self.metrics is not None:
             _stop_metrics(cfg, self.metrics, self.rank)
         return summary
+
+    def _evaluates_at_epoch_end(self) -> bool:
+        """Whether `train` evaluates at the end of the epoch under way: every epoch without
+        train.eval_every; with it, only while this start has evaluated nothing yet. Read by
+        `_train_epoch` too, at the epoch's last step, for what its checkpoint says is due."""
+        return self.cfg.train.eval_every is None or self.evaluated_at is None
 
     def _train_epoch(self, epoch: int) -> tuple[bool, EvalResult | None]:
         """Epoch `epoch` from where the reader stands to its end or the run's last step; -> whether
@@ -211,9 +218,9 @@ class _WorkerRun:
                 progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
                 progress.last_loss = loss_value
             eval_step = bool(cfg.train.eval_every) and progress.step % cfg.train.eval_every == 0
-            # As `train` evaluates: these steps, each epoch's end without one, and the last step.
+            # As `train` evaluates: these steps, an epoch's end (`_evaluates_at_epoch_end`), the last step.
             evaluated = eval_step or progress.step == self.total or (
-                i == n_steps - 1 and (cfg.train.eval_every is None or result is None))
+                i == n_steps - 1 and self._evaluates_at_epoch_end())
             info = StepInfo(progress.step, epoch, step.rows, time.perf_counter() - tick - wait, wait, loss_value,
                             evaluated)
             for cb in callbacks:
