@@ -163,22 +163,38 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
         return
     if not out.is_dir():
         raise kind.error(f"{out}: exists and is not a directory")
-    parent = out.absolute().parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        # It is replaced by renaming a staging folder beside it: said now, not after the work.
-        raise kind.error(f"{out}: cannot be replaced: no permission to write in {parent}")
-    if Path.cwd().is_relative_to(out.resolve()):
-        # The folder is renamed away at the end, which would leave this shell in a deleted folder.
-        raise kind.error(f"{out}: holds the current directory; run from outside it or name a new folder")
+    if not (staging is not None and staging.parent == out.absolute() or _fills_in_place(out)):
+        parent = out.absolute().parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            # It is replaced by renaming a staging folder beside it: said now, not after the work.
+            raise kind.error(f"{out}: cannot be replaced: no permission to write in {parent}")
+        if Path.cwd().is_relative_to(out.resolve()):
+            # The folder is renamed away at the end, which would leave this shell in a deleted folder.
+            raise kind.error(f"{out}: holds the current directory; run from outside it or name a new folder")
     entries = [e for e in out.iterdir() if e != staging]
     if not entries:
         return
-    interrupted = sibling_prefix(out, "partial")
-    if all(e.name.startswith(interrupted) for e in entries):
-        # Hidden: the folder looked empty, and was refused as "not empty" with nothing named.
-        raise kind.error(f"{out}: holds only {entries[0].name}, what a write to it left (interrupted, or still "
-                         f"running); once none runs, delete it (rm -r {entries[0]}) and run again")
+    _check_left_inside(out, entries, kind)
     _check_replaceable(out, overwrite, kind, staging)
+
+
+def _check_left_inside(out: Path, entries: list[Path], kind: Replaceable) -> None:
+    """Refuses `out` where a fill in place (`_fill_in_place`) left its hidden folders, naming them
+    and what to do: refused as "not empty" or as holding a file no dataset holds, it looked empty,
+    or lost, with nothing named."""
+    partial, old = sibling_prefix(out, "partial"), sibling_prefix(out, "old")
+    staged = [e for e in entries if e.name.startswith(partial)]
+    before = [e for e in entries if e.name.startswith(old)]
+    if staged and len(staged) == len(entries):
+        raise kind.error(f"{out}: holds only {staged[0].name}, what a write to it left (interrupted, or still "
+                         f"running); once none runs, delete it (rm -r {staged[0]}) and run again")
+    if before and (out / kind.marker).is_file():
+        raise kind.error(f"{out}: holds {before[0].name}, what it held before a replace whose clean-up was cut short; "
+                         f"delete it (rm -r {before[0]}) and run again")
+    if before:
+        raise kind.error(f"{out}: a replace of it was cut short: {before[0].name} holds what it held before, the rest "
+                         f"is the new {kind.what}, incomplete; to put the old one back, delete everything else in "
+                         f"{out} and move the contents of {before[0].name} up; or empty {out} and run again")
 
 
 def _check_creatable(out: Path, error: type[EmbshardError]) -> None:
@@ -279,13 +295,15 @@ def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool]) -> l
     return ["/".join(entry) for entry in found]
 
 
-def make_staging(out: StoragePath) -> Path:
+def make_staging(out: StoragePath, in_place: bool = True) -> Path:
     """Where to write what `publish` puts at `out`: beside it, so that a rename puts it in place;
-    inside it where `out` is a folder that stays (`_fills_in_place`)."""
+    inside it where `out` is a folder that stays (`_fills_in_place`), unless `in_place` is False
+    (a folder of embshard's own inside another, a dataset's profile: what a killed fill leaves
+    inside it, no dataset holds)."""
     if isinstance(out, RemotePath):
         return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
     out = out.absolute()  # `--out .` has no name and its parent is itself
-    staging = out / sibling(out, "partial").name if _fills_in_place(out) else sibling(out, "partial")
+    staging = out / sibling(out, "partial").name if in_place and _fills_in_place(out) else sibling(out, "partial")
     above = nearest_existing(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -360,8 +378,10 @@ def _fills_in_place(out: Path) -> bool:
     """Whether `out` is a folder that stays, its contents replaced: an empty one (a user's, with
     its own mode, owner and group: renamed over, a private folder came back world-readable) or a
     mount point (`docker run -v host:/out`: no rename replaces it, and the conversion failed at
-    its end, 'Device or resource busy')."""
-    return out.is_dir() and not out.is_symlink() and (os.path.ismount(out) or not any(out.iterdir()))
+    its end, 'Device or resource busy'). Only where this process may write in it: one it may not,
+    replaced by a rename beside it as before, was refused."""
+    return (out.is_dir() and not out.is_symlink() and os.access(out, os.W_OK | os.X_OK)
+            and (os.path.ismount(out) or not any(out.iterdir())))
 
 
 def check_folder_or_absent(out: StoragePath) -> None:
@@ -446,10 +466,13 @@ def _fill_in_place(staging: Path, out: Path, marker: str) -> None:
 def _take_over_mode(out: Path, staging: Path) -> None:
     """The replaced folder's permissions, owner and group for the new one that takes its place."""
     st = out.stat()
-    with contextlib.suppress(OSError):
-        os.chmod(staging, st.st_mode & 0o7777)
-    with contextlib.suppress(OSError):  # another owner needs privileges; its group may still be ours to give
+    try:
         os.chown(staging, st.st_uid, st.st_gid)
+    except OSError:  # another owner needs privileges; its group may still be ours to give
+        with contextlib.suppress(OSError):
+            os.chown(staging, -1, st.st_gid)
+    with contextlib.suppress(OSError):  # after chown, which clears the setgid bit
+        os.chmod(staging, st.st_mode & 0o7777)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

@@ -141,7 +141,7 @@ def write_profile(dataset_dir: str | Path) -> Profile:
     stats = {}
     # Staged and swapped in whole: an interrupted profile must not leave a truncated count file
     # beside an earlier profile.json that vouches for it.
-    staging = make_staging(directory)
+    staging = make_staging(directory, in_place=False)
     try:
         for name, c in counts.items():
             np.save(staging / f"{name}.npy", c)

@@ -3,7 +3,9 @@ next would be the new dataset's rows under the old one's plan and counts, so the
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +153,70 @@ def test_a_failed_write_removes_the_folders_it_made_and_a_dotdot_out_is_refused_
                                         r"which does not exist; name the folder without '\.\.'$"):
         synthesize(tmp_path / "keep" / "new" / "..", rows=500)
     assert sorted(tmp_path.rglob("*")) == [tmp_path / "keep", one]
+
+
+def test_an_empty_folder_it_may_not_write_in_is_replaced_beside_and_one_in_a_read_only_parent_filled(
+        tmp_path, monkeypatch) -> None:
+    # Filled in place, an empty --out of another owner was refused (its staging folder could not
+    # be made inside); and the parent's permission was still required where a fill needs none
+    # (`docker run --user ... -v host:/out`, / not writable).
+    from embshard.datasets import outdir
+
+    theirs, mine, parent = tmp_path / "theirs", tmp_path / "ro" / "mine", tmp_path / "ro"
+    theirs.mkdir()
+    mine.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(outdir.os, "access", lambda p, mode: Path(p) not in (theirs, parent) and access(p, mode))
+    assert outdir.make_staging(theirs).parent == tmp_path  # beside it, renamed over as before
+    synthesize(mine, rows=500)
+    assert DatasetSpec.load(mine).rows["train"] > 0
+
+
+def test_a_replace_cut_short_inside_its_folder_is_named_with_the_way_back(tmp_path) -> None:
+    # A fill in place killed midway left the old dataset hidden in `.NAME.old-*`, part of the new,
+    # and no dataset.json: refused, even with --overwrite, as "holds no dataset.json", unnamed.
+    out = tmp_path / "d"
+    synthesize(out, rows=500)
+    old = out / ".d.old-999999999-abcd1234"
+    old.mkdir()
+    for entry in list(out.iterdir()):
+        if entry != old and entry.name != "train":
+            entry.rename(old / entry.name)
+    with pytest.raises(DataError, match=rf"^{out}: a replace of it was cut short: {old.name} holds what it held "
+                                        rf"before, the rest is the new dataset, incomplete; to put the old one back"):
+        synthesize(out, rows=500, overwrite=True)
+    for entry in list(old.iterdir()):  # the way back, as said
+        entry.rename(out / entry.name)
+    with pytest.raises(DataError, match=rf"^{out}: holds {old.name}, what it held before a replace whose clean-up "
+                                        rf"was cut short; delete it"):
+        synthesize(out, rows=500, overwrite=True)
+    old.rmdir()
+    synthesize(out, rows=500, overwrite=True)
+
+
+def test_a_profile_is_staged_beside_its_folder_never_inside(tmp_path) -> None:
+    # Staged inside an empty profile/, a killed profile left a folder no dataset holds there:
+    # `data profile` and `synth --overwrite` were both refused for good.
+    from embshard.datasets.outdir import make_staging
+
+    (tmp_path / "profile").mkdir()
+    assert make_staging(tmp_path / "profile", in_place=False).parent == tmp_path
+
+
+def test_overwrite_gives_the_new_folder_the_old_one_s_group_when_not_its_owner(tmp_path, monkeypatch) -> None:
+    # One chown call for owner and group: refused for the owner, it gave the group nothing either.
+    from embshard.datasets import outdir
+
+    out = tmp_path / "d"
+    synthesize(out, rows=500)
+    calls = []
+
+    def chown(path, uid, gid):
+        calls.append((uid, gid))
+        if uid != -1:
+            raise PermissionError("not the owner")
+
+    monkeypatch.setattr(outdir.os, "chown", chown)
+    synthesize(out, rows=500, overwrite=True)
+    gid = out.stat().st_gid
+    assert calls == [(out.stat().st_uid, gid), (-1, gid)]
