@@ -169,10 +169,12 @@ class ConfigLoader(yaml.SafeLoader):
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         # A scalar its tag cannot read (`!!int abc`, `!!bool maybe`, 5,000 digits) raised the
-        # constructor's ValueError or KeyError, a traceback where YAML's own errors are one line.
+        # constructor's own error, a traceback where YAML's own errors are one line.
         try:
             return super().construct_object(node, deep)
-        except (ValueError, KeyError, OverflowError):
+        except yaml.YAMLError:
+            raise
+        except Exception:  # whatever a constructor raises (`!!timestamp foo`: an AttributeError)
             if not isinstance(node, yaml.ScalarNode):
                 raise
             text = str(node.value)

@@ -273,6 +273,7 @@ def test_worker_resources_are_custom_resources_only() -> None:
     ("train:\n  progress: !!bool maybe\n", [], r"c\.yaml:2:13: not valid YAML \('maybe' is no bool\)$"),
     (f"seed: {'9' * 5000}\n", [], r"c\.yaml:1:7: not valid YAML \('9{20}'\.\.\. \(5,000 characters\) is no int\)$"),
     ("{}\n", ["name=!!int x"], r"^--set 'name=!!int x':1:1: not valid YAML \('x' is no int\)$"),
+    ("seed: !!timestamp foo\n", [], r"c\.yaml:1:7: not valid YAML \('foo' is no timestamp\)$"),
     # Read, but too large to print ("must be below 2**64, got ..." raised Python's own ValueError)
     # or to be a float (math.isfinite's OverflowError).
     ("{}\n", [f"seed=0x{'f' * 4000}"], r"^seed: expected an integer, got one of 16000 bits \(from --set\)$"),

@@ -500,6 +500,13 @@ def test_auc_is_of_the_logits_with_ties_counted_half_and_undefined_for_one_class
     pos, neg = scores[labels == 1], scores[labels == 0]
     pairs = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
     assert binary_auc(scores, labels, "x") == pytest.approx(float(pairs) / (len(pos) * len(neg)), abs=1e-12)
+    # Ratings 1-5 as click labels: thresholded, or said to be all of label 1.
+    with pytest.raises(DataError, match=r"^x: label 3 is no click \(0 or 1\)"):
+        binary_auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 3.0]), "x")
+    # Ranks exact past 2**24 rows (float32 ranks were not): 2**24 + 2 rows, one positive on top.
+    many = torch.zeros(2**24 + 2)
+    many[-1] = 1.0
+    assert binary_auc(torch.arange(2**24 + 2, dtype=torch.float64), many, "x") == 1.0
     # torchmetrics said 0.0.
     with pytest.raises(DataError, match=r"^the valid split: every one of the 3 rows evaluated has label 0, so its "
                                         r"AUC is undefined"):

@@ -102,7 +102,11 @@ def binary_auc(scores: torch.Tensor, labels: torch.Tensor, where: str) -> float:
     in float64 on the scores themselves. Not on sigmoid(logits) in float32, which is 1.0 for every
     logit above about 16.6 and rounds nearby ones together above about 8: confident models' AUC
     fell toward 0.5. DataError when `labels` hold one class (torchmetrics said 0.0)."""
-    positive = labels > 0.5
+    clicks = (labels == 0) | (labels == 1)
+    if not bool(clicks.all()):
+        raise DataError(f"{where}: label {labels[~clicks][0].item():g} is no click (0 or 1); AUC is of click labels "
+                        "(a rating target is evaluated by MSE)")
+    positive = labels == 1
     n_pos = int(positive.sum())
     n_neg = len(labels) - n_pos
     if not n_pos or not n_neg:
@@ -111,8 +115,9 @@ def binary_auc(scores: torch.Tensor, labels: torch.Tensor, where: str) -> float:
                         "train.eval_max_batches)")
     values, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
     # Each distinct score's rank among all, 1-based, averaged over its ties.
+    counts = counts.double()  # exact to 2**53 rows, where float32 ranks stopped at 2**24
     below = torch.cumsum(counts, 0) - counts
-    ranks = (below + (counts + 1) / 2).double()[inverse]
+    ranks = (below + (counts + 1) / 2)[inverse]
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
