@@ -217,7 +217,8 @@ class _WorkerRun:
                 self.watch.check(progress.step, "the loss was logged")
                 progress.first_loss = loss_value if progress.first_loss is None else progress.first_loss
                 progress.last_loss = loss_value
-            eval_step = bool(cfg.train.eval_every) and progress.step % cfg.train.eval_every == 0
+            every = cfg.train.eval_every
+            eval_step = every is not None and progress.step % every == 0
             # As `train` evaluates: these steps, an epoch's end (`_evaluates_at_epoch_end`), the last step.
             evaluated = eval_step or progress.step == self.total or (
                 i == n_steps - 1 and self._evaluates_at_epoch_end())
