@@ -95,8 +95,9 @@ class _Failure:
 class ParquetBatchReader:
     """One epoch per iteration; `set_epoch(e)` picks the shuffle, `state_dict` allows exact resume.
 
-    With drop_last=False every row of the split is read once, and every rank still yields the same
-    number of batches, ceil(rows / B) of the rank with the most rows (`_batch_sizes`). It was that of
+    With drop_last=False every row of the split is read once (but for a split of fewer rows than
+    ranks, which yields no batch), and every rank still yields the same number of batches,
+    ceil(rows / B) of the rank with the most rows (`_batch_sizes`). It was that of
     the rank with the fewest, and the larger ranks' last rows were never evaluated: a metric that
     changed with the number of workers.
     """
@@ -350,12 +351,13 @@ class ParquetBatchReader:
                 raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: "
                                 f"non-finite value {values[row]}")
         if self.spec.target == "click":
-            # A BCE target: a label of 7 trained without a word.
-            bad = (labels < 0) | (labels > 1)
+            # A BCE target: a label of 7 trained without a word, and one of 0.3 trained, then the
+            # run died at its first evaluation (AUC is of clicks).
+            bad = (labels != 0) & (labels != 1)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 raise DataError(f"{group.path}: column {self.spec.label!r}, row {group.first_row + row}: "
-                                f"label {labels[row]:g} outside [0, 1] (dataset.json's target is click)")
+                                f"label {labels[row]:g} is no click, 0 or 1 (dataset.json's target is click)")
         for f in self.spec.sparse:
             ids, offsets = flat_ids(table[f.name])
             check_ids(group.path, f.name, ids, f.cardinality, offsets=offsets, first_row=group.first_row)

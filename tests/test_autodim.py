@@ -298,6 +298,20 @@ def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tm
     assert all(torch.equal(g, grads1[n]) for n, g in _grads(model).items())
 
 
+def test_architecture_steps_take_whole_batches_only(dataset, tmp_path, process_group):
+    # They read the validation split as an evaluation does, whose last batch may be partial (of
+    # one row, on several ranks): it trained BatchNorm on a batch of zero variance.
+    from embshard.trainer.autodim import AlphaStep
+    from embshard.trainer.method import Worker
+
+    cfg = job(dataset, tmp_path / "run")
+    cfg = replace(cfg, data=replace(cfg.data, batch_size=160))  # 300 valid rows: one batch of 160, 140 left
+    bundle = plan_search(cfg, 1)
+    sharded = build_sharded(cfg, bundle, DatasetSpec.load(cfg.data.path), torch.device("cpu"), method=AutodimSearch())
+    step = AlphaStep(Worker(cfg, bundle, 0, 1, torch.device("cpu"), None), sharded)
+    assert [len(next(step.batches).labels) for _ in range(3)] == [160, 160, 160]
+
+
 def test_single_level_steps_alpha_from_the_training_batch(dataset, tmp_path, process_group):
     cfg = job(dataset, tmp_path / "run", single_level=True, lookup="separate")
     model = _build(cfg)

@@ -210,7 +210,8 @@ def _corrupt(tmp_path: Path, column: str, row: int, value: object) -> Path:
     ("label", 5, float("inf"), "inf"),
     ("a", 9, None, "null"),
     ("m", 64, [1, None], "a null id in its list"),  # was an IndexError from NaN ids, in training too
-    ("label", 7, 7.0, "label 7 outside [0, 1]"),  # trained as a BCE target without a word
+    ("label", 7, 7.0, "label 7 is no click, 0 or 1"),  # trained as a BCE target without a word
+    ("label", 7, 0.3, "label 0.3 is no click, 0 or 1"),  # trained, then the first evaluation failed
 ])
 def test_bad_values_name_file_column_and_row(tmp_path: Path, column: str, row: int, value: object,
                                              needle: str) -> None:

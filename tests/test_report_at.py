@@ -153,6 +153,12 @@ def test_a_checkpoint_says_an_evaluation_is_due_exactly_where_the_run_evaluates(
     due = {int(p.name[5:]): json.loads((p / "progress.json").read_text())["evaluation_due"]
            for p in complete_checkpoints(tmp_path / "run" / "checkpoints")}
     assert due == {4: True, 8: False, 12: False, 16: True}
+    # Restarted from step 8 (due: no), it evaluated 8 as the end of an epoch with no evaluation of
+    # this start's own: the run without the restart never did.
+    eighth = next(p for p in complete_checkpoints(tmp_path / "run" / "checkpoints") if p.name == "step-000008")
+    steps.clear()
+    run(epochs_of_four_steps(dataset, tmp_path / "again", eval_every=9, resume=str(eighth)))
+    assert steps == [9, 16]
 
 
 def test_a_restart_at_an_epoch_s_end_evaluates_that_step_once(dataset, tmp_path, monkeypatch):

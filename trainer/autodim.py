@@ -195,7 +195,10 @@ class AlphaStep(Callback):
         # Architecture steps take validation batches of the training batch size.
         cfg = worker.cfg
         alpha_cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=cfg.data.batch_size))
-        self.batches = _endless(make_reader(alpha_cfg, worker.bundle, "valid", worker.rank, worker.world))
+        # Whole batches only: they train (BatchNorm in training mode), and an evaluation's last
+        # batches can be of one row, whose variance is zero.
+        self.batches = _endless(make_reader(alpha_cfg, worker.bundle, "valid", worker.rank, worker.world,
+                                            drop_last=True))
         self.result: EvalResult | None = None
         # alpha is replicated: rank 0's is every rank's.
         record = self.search.history_every > 0 and dist.get_rank() == 0

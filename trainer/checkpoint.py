@@ -106,6 +106,10 @@ class Progress:
     # evaluation: a resume evaluates this step first, so best_valid still chooses among every
     # evaluation of the run (a restart lost the one at its checkpoint's step, which could be the best).
     evaluation_due: bool = False
+    # The run's last evaluated step, restarts included: with train.eval_every, an epoch's end is
+    # evaluated only while the run has none (a restarted start with none of its own evaluated
+    # steps the run without the restart never did).
+    last_evaluated: int | None = None
 
     @staticmethod
     def from_json(raw: Mapping[str, Any]) -> "Progress":

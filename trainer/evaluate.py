@@ -78,7 +78,7 @@ def reportable(result: Any, arch: str) -> EvalResult:
             # NaN beat nothing and nothing beat it: it stayed best_valid's choice for good, and
             # summary.json was no JSON.
             raise ConfigError(f"model.arch {arch!r}: evaluate() returned metric {name!r} = {value}; a metric is a "
-                              "finite number")
+                              "finite number (a model diverged, or a bug in evaluate)")
         metrics[name] = float(value)
     return replace(result, metrics=metrics)
 

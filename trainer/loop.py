@@ -61,7 +61,10 @@ def worker_device(cfg: JobConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def make_reader(cfg: JobConfig, bundle: PlanBundle, split: str, rank: int, world: int) -> ParquetBatchReader:
+def make_reader(cfg: JobConfig, bundle: PlanBundle, split: str, rank: int, world: int,
+                drop_last: bool | None = None) -> ParquetBatchReader:
+    """A split's reader as the loop reads it: training batches (shuffled, the last partial one
+    dropped) or evaluation batches (every row); `drop_last` for another use of a split."""
     train = split == "train"
     return ParquetBatchReader(
         cfg.data.path,
@@ -71,7 +74,7 @@ def make_reader(cfg: JobConfig, bundle: PlanBundle, split: str, rank: int, world
         world_size=world,
         seed=cfg.seed,
         shuffle=cfg.data.shuffle and train,
-        drop_last=train,
+        drop_last=train if drop_last is None else drop_last,
         id_maps=bundle.id_maps(),
         prefetch=cfg.data.prefetch,
         validate=cfg.data.validate,
@@ -185,9 +188,9 @@ class _WorkerRun:
 
     def _evaluates_at_epoch_end(self) -> bool:
         """Whether `train` evaluates at the end of the epoch under way: every epoch without
-        train.eval_every; with it, only while this start has evaluated nothing yet. Read by
+        train.eval_every; with it, only while the run has evaluated nothing yet. Read by
         `_train_epoch` too, at the epoch's last step, for what its checkpoint says is due."""
-        return self.cfg.train.eval_every is None or self.evaluated_at is None
+        return self.cfg.train.eval_every is None or self.progress.last_evaluated is None
 
     def _train_epoch(self, epoch: int) -> tuple[bool, EvalResult | None]:
         """Epoch `epoch` from where the reader stands to its end or the run's last step; -> whether
@@ -243,7 +246,7 @@ class _WorkerRun:
         with doing(self.metrics, "eval"):
             result = _evaluate(self.cfg, self.sharded, self.steps, self.valid_reader, self.device, self.progress.step,
                                self.callbacks)
-        self.evaluated_at = self.progress.step
+        self.evaluated_at = self.progress.last_evaluated = self.progress.step
         # The best evaluation so far lives in the progress, so a restarted group keeps choosing
         # among every evaluation of the run. The test split is read only at a new best (chosen on
         # validation alone); every rank gathered the same result, so all take the same branch,
