@@ -20,6 +20,7 @@ import errno
 import fnmatch
 import glob
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -163,38 +164,47 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
         return
     if not out.is_dir():
         raise kind.error(f"{out}: exists and is not a directory")
-    if not (staging is not None and staging.parent == out.absolute() or _fills_in_place(out)):
-        parent = out.absolute().parent
-        if not os.access(parent, os.W_OK | os.X_OK):
-            # It is replaced by renaming a staging folder beside it: said now, not after the work.
-            raise kind.error(f"{out}: cannot be replaced: no permission to write in {parent}")
-        if Path.cwd().is_relative_to(out.resolve()):
-            # The folder is renamed away at the end, which would leave this shell in a deleted folder.
-            raise kind.error(f"{out}: holds the current directory; run from outside it or name a new folder")
-    entries = [e for e in out.iterdir() if e != staging]
+    # Absolute: a relative --out listed relative entries, and the writer's own staging folder
+    # inside it, absolute, was then a leftover ("holds only .e1.partial-..." after the work).
+    folder = out.absolute()
+    in_place = staging is not None and staging.parent == folder or _fills_in_place(folder)
+    if not in_place and not os.access(folder.parent, os.W_OK | os.X_OK):
+        # It is replaced by renaming a staging folder beside it: said now, not after the work.
+        raise kind.error(f"{out}: cannot be replaced: no permission to write in {folder.parent}")
+    cwd, real = Path.cwd(), out.resolve()
+    if cwd.is_relative_to(real) and not (in_place and cwd == real):
+        # Renamed away, or (filled in place) the folder within it moved aside and deleted: this
+        # shell would be left in a deleted folder.
+        raise kind.error(f"{out}: holds the current directory; run from outside it or name a new folder")
+    entries = [e for e in folder.iterdir() if e != staging]
     if not entries:
         return
-    _check_left_inside(out, entries, kind)
-    _check_replaceable(out, overwrite, kind, staging)
+    _check_left_inside(folder, entries, kind)
+    _check_replaceable(folder, overwrite, kind, staging)  # absolute: `_foreign` of `.` cut names short
 
 
 def _check_left_inside(out: Path, entries: list[Path], kind: Replaceable) -> None:
     """Refuses `out` where a fill in place (`_fill_in_place`) left its hidden folders, naming them
     and what to do: refused as "not empty" or as holding a file no dataset holds, it looked empty,
     or lost, with nothing named."""
-    partial, old = sibling_prefix(out, "partial"), sibling_prefix(out, "old")
-    staged = [e for e in entries if e.name.startswith(partial)]
-    before = [e for e in entries if e.name.startswith(old)]
+    def named(kind_of: str) -> list[Path]:  # exactly as `sibling` names them: `.NAME.<kind>-<pid>-<8 hex>`
+        shape = re.compile(re.escape(sibling_prefix(out, kind_of)) + r"[0-9]+-[0-9a-f]{8}")
+        return [e for e in entries if shape.fullmatch(e.name) and e.is_dir()]
+
+    staged, before = named("partial"), named("old")
     if staged and len(staged) == len(entries):
         raise kind.error(f"{out}: holds only {staged[0].name}, what a write to it left (interrupted, or still "
                          f"running); once none runs, delete it (rm -r {staged[0]}) and run again")
-    if before and (out / kind.marker).is_file():
+    if before and not staged and (out / kind.marker).is_file():
+        # Killed while it deleted what it had moved aside: the new one is whole in place.
         raise kind.error(f"{out}: holds {before[0].name}, what it held before a replace whose clean-up was cut short; "
                          f"delete it (rm -r {before[0]}) and run again")
-    if before:
-        raise kind.error(f"{out}: a replace of it was cut short: {before[0].name} holds what it held before, the rest "
-                         f"is the new {kind.what}, incomplete; to put the old one back, delete everything else in "
-                         f"{out} and move the contents of {before[0].name} up; or empty {out} and run again")
+    if before and staged:
+        # Killed while it moved entries: each is in one of the two, or in place, nothing lost;
+        # which of those in place are whose, only the order of the moves knows.
+        raise kind.error(f"{out}: a replace of it was cut short, nothing deleted: {before[0].name} holds entries of "
+                         f"the {kind.what} it held before, moved aside, {staged[0].name} entries of the new one not "
+                         f"yet moved in; move the entries of the one to keep into {out}, then run again")
 
 
 def _check_creatable(out: Path, error: type[EmbshardError]) -> None:

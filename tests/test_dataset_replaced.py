@@ -172,26 +172,55 @@ def test_an_empty_folder_it_may_not_write_in_is_replaced_beside_and_one_in_a_rea
     assert DatasetSpec.load(mine).rows["train"] > 0
 
 
-def test_a_replace_cut_short_inside_its_folder_is_named_with_the_way_back(tmp_path) -> None:
-    # A fill in place killed midway left the old dataset hidden in `.NAME.old-*`, part of the new,
-    # and no dataset.json: refused, even with --overwrite, as "holds no dataset.json", unnamed.
+def test_a_replace_cut_short_inside_its_folder_is_named_and_nothing_is_advised_away(tmp_path) -> None:
+    # A fill in place killed midway left the old dataset's entries hidden in `.NAME.old-*`, the
+    # new one's in `.NAME.partial-*`, and no dataset.json: refused, even with --overwrite, as
+    # "holds no dataset.json", unnamed.
     out = tmp_path / "d"
     synthesize(out, rows=500)
-    old = out / ".d.old-999999999-abcd1234"
+    old, new = out / ".d.old-999999999-abcd1234", out / ".d.partial-999999999-abcd1234"
     old.mkdir()
-    for entry in list(out.iterdir()):
-        if entry != old and entry.name != "train":
-            entry.rename(old / entry.name)
-    with pytest.raises(DataError, match=rf"^{out}: a replace of it was cut short: {old.name} holds what it held "
-                                        rf"before, the rest is the new dataset, incomplete; to put the old one back"):
+    new.mkdir()
+    for entry in ("dataset.json", "train"):
+        (out / entry).rename(old / entry)
+    (new / "dataset.json").write_text("{}")
+    with pytest.raises(DataError, match=rf"^{out}: a replace of it was cut short, nothing deleted: {old.name} holds "
+                                        rf"entries of the dataset it held before, moved aside, {new.name} entries of "
+                                        rf"the new one not yet moved in; move the entries of the one to keep"):
         synthesize(out, rows=500, overwrite=True)
-    for entry in list(old.iterdir()):  # the way back, as said
+    # Killed as it deleted what it had moved aside: the new one whole in place.
+    new.rename(tmp_path / "elsewhere")
+    for entry in list(old.iterdir()):
         entry.rename(out / entry.name)
     with pytest.raises(DataError, match=rf"^{out}: holds {old.name}, what it held before a replace whose clean-up "
                                         rf"was cut short; delete it"):
         synthesize(out, rows=500, overwrite=True)
     old.rmdir()
-    synthesize(out, rows=500, overwrite=True)
+    # A user's own folder of a name alike is not taken for one: refused as any foreign entry is.
+    (out / ".d.old-photos").mkdir()
+    with pytest.raises(DataError, match=r"holds '\.d\.old-photos', which no dataset holds"):
+        synthesize(out, rows=500, overwrite=True)
+
+
+def test_a_relative_out_is_filled_in_place_and_the_current_folder_inside_one_is_refused(
+        tmp_path, monkeypatch) -> None:
+    # A relative empty --out: its own staging folder, absolute, was taken for a leftover in the
+    # relative listing ("holds only .e1.partial-..."), after the whole write. And filled in place,
+    # a folder holding the shell's current one had that folder moved aside and deleted.
+    from embshard.datasets import outdir
+
+    monkeypatch.chdir(tmp_path)
+    Path("e1").mkdir()
+    synthesize(Path("e1"), rows=500)
+    assert DatasetSpec.load(tmp_path / "e1").rows["train"] > 0
+    mounted = os.path.ismount
+    monkeypatch.setattr(outdir.os.path, "ismount", lambda p: Path(p).absolute() == tmp_path / "e1" or mounted(p))
+    monkeypatch.chdir(tmp_path / "e1" / "train")
+    with pytest.raises(DataError, match=r"e1: holds the current directory"):
+        synthesize(tmp_path / "e1", rows=500, overwrite=True)
+    monkeypatch.chdir(tmp_path / "e1")  # the folder itself stays: filled in place from within
+    synthesize(Path("."), rows=500, overwrite=True)
+    assert DatasetSpec.load(tmp_path / "e1").rows["train"] > 0
 
 
 def test_a_profile_is_staged_beside_its_folder_never_inside(tmp_path) -> None:

@@ -141,11 +141,15 @@ def test_synth_into_a_symlink_or_file_is_refused(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "real"]
 
 
-def test_synth_into_the_current_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synth_into_the_current_directory_fills_it_when_empty_and_never_renames_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty folder is filled in place (it stays); a dataset there would be swapped away by a
+    # rename, leaving this shell in a deleted folder: refused.
     monkeypatch.chdir(tmp_path)
+    synthesize(Path("."), rows=100, max_cardinality=20)
+    assert DatasetSpec.load(tmp_path).rows["train"] > 0 and not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))
     with pytest.raises(DataError, match=r"holds the current directory"):
-        synthesize(Path("."), rows=100, max_cardinality=20)
-    assert list(tmp_path.iterdir()) == []
+        synthesize(Path("."), rows=100, max_cardinality=20, overwrite=True)
 
 
 def test_failed_swap_puts_the_old_dataset_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
