@@ -392,17 +392,16 @@ def merge_reports(reports: Mapping[str, dict[str, Any]], assume_same_config: boo
     # What must agree for two planted sweeps to be of one dataset. Not the grid the "at rank" share
     # is read on, AutoDim's candidates: a knob two sweeps may differ in (refused as "not one
     # dataset", whatever --assume-same-data said); the merge reads every point on the first's.
-    truths = [rounded({k: rep["planted"][k] for k in ("bayes_auc", "ranks")}) | {"grid": rep["planted"]["grid"]}
-              for rep in reports.values() if "planted" in rep]
-    if truths and (len(truths) < len(reports) or any({**t, "grid": None} != {**truths[0], "grid": None}
-                                                     for t in truths)):
+    planted = [rep["planted"] for rep in reports.values() if "planted" in rep]
+    truths = [rounded({k: p[k] for k in ("bayes_auc", "ranks")}) for p in planted]
+    if truths and (len(truths) < len(reports) or any(t != truths[0] for t in truths)):
         raise DataError("sweep reports with different planted truths (Bayes AUC or ranks): not one dataset")
     # Planted parameters are recorded only by reports written since; those that record them agree.
     params = {r["planted"]["params"] for r in reports.values() if r.get("planted", {}).get("params")}
     if len(params) > 1:
         raise DataError(f"sweep reports with different planted parameter counts {sorted(params)}: not one dataset")
     truth = PlantedTruth.of_report({**truths[0], "params": next(iter(params), None)}) if truths else None
-    rep = report(points, truth, truths[0]["grid"] if truths else [])
+    rep = report(points, truth, planted[0]["grid"] if planted else [])
     # Each source's sweep spec, or for a merged report, what it was merged from.
     sources = {src: r.get("merged_from", r.get("sweep")) for src, r in reports.items()}
     checked = all(r.get("config") is not None and r.get("configs_checked", True) for r in reports.values())

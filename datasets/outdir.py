@@ -20,7 +20,6 @@ import errno
 import fnmatch
 import glob
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from embshard.datasets.storage import (
     read_json_object,
     rmtree,
     sibling,
+    sibling_pid,
     sibling_prefix,
     upload,
 )
@@ -187,9 +187,8 @@ def _check_left_inside(out: Path, entries: list[Path], kind: Replaceable) -> Non
     """Refuses `out` where a fill in place (`_fill_in_place`) left its hidden folders, naming them
     and what to do: refused as "not empty" or as holding a file no dataset holds, it looked empty,
     or lost, with nothing named."""
-    def named(kind_of: str) -> list[Path]:  # exactly as `sibling` names them: `.NAME.<kind>-<pid>-<8 hex>`
-        shape = re.compile(re.escape(sibling_prefix(out, kind_of)) + r"[0-9]+-[0-9a-f]{8}")
-        return [e for e in entries if shape.fullmatch(e.name) and e.is_dir()]
+    def named(kind_of: str) -> list[Path]:
+        return [e for e in entries if sibling_pid(e.name, out, kind_of) is not None and e.is_dir()]
 
     staged, before = named("partial"), named("old")
     if staged and len(staged) == len(entries):
@@ -363,15 +362,14 @@ def _say_leftovers(out: Path) -> None:
                   f"move it back (mv {leftover} {out})", file=sys.stderr)
 
 
-def _left_by_the_dead(out: Path, kind: str) -> Iterator[tuple[Path, str]]:
-    """`.NAME.<kind>-<pid>-<hex>` entries beside `out` whose process is not running on this host."""
-    prefix = sibling_prefix(out, kind)
-    for leftover in sorted(out.parent.glob(f"{glob.escape(prefix)}*")):
-        pid = leftover.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdecimal():
+def _left_by_the_dead(out: Path, kind: str) -> Iterator[tuple[Path, int]]:
+    """`sibling` entries of `out` of that kind whose process is not running on this host."""
+    for leftover in sorted(out.parent.glob(f"{glob.escape(sibling_prefix(out, kind))}*")):
+        pid = sibling_pid(leftover.name, out, kind)
+        if pid is None:
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             yield leftover, pid
         except (PermissionError, OverflowError):
@@ -429,21 +427,30 @@ def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         staging.rename(out)
         return
     _take_over_mode(out, staging)
-    old = sibling(out, "old")
+
+    def swap() -> Path:
+        old = sibling(out, "old")
+        if _exchange(staging, out):
+            return staging  # killed during its removal, the next writer says it is to be deleted
+        try:
+            out.rename(old)
+            staging.rename(out)
+        except BaseException:  # a failure between the renames must not leave `out` missing
+            if old.exists() and not out.exists():
+                old.rename(out)
+            raise
+        return old
+
+    _held_replace(out, swap)
+
+
+def _held_replace(out: Path, move: Callable[[], Path]) -> None:
+    """Runs `move`, which puts the new contents at `out` and returns the folder of what `out` held
+    before, then removes that folder. A stop during either waits for them: one in the removal left
+    half of the old folder behind, unsaid (a removal takes seconds, even of a large dataset)."""
     try:
-        # A stop during the swap or the removal waits for them: one in the removal left half of
-        # the old folder behind, unsaid (a removal takes seconds, even of a large dataset).
         with stops_held():
-            if _exchange(staging, out):
-                old = staging  # killed during its removal, the next writer says it is to be deleted
-            else:
-                try:
-                    out.rename(old)
-                    staging.rename(out)
-                except BaseException:  # a failure between the renames must not leave `out` missing
-                    if old.exists() and not out.exists():
-                        old.rename(out)
-                    raise
+            old = move()
             shutil.rmtree(old, ignore_errors=True)
     except KeyboardInterrupt:  # the held stop: it said "interrupted" of a dataset written whole
         raise Interrupted(f"stopped once {out} was written whole") from None
@@ -455,22 +462,19 @@ def _fill_in_place(staging: Path, out: Path, marker: str) -> None:
     """Moves what `staging`, inside `out`, holds into `out`, after moving what `out` held aside;
     each marker goes first out and last in, so a reader in between finds no `marker` and refuses
     the folder rather than reading a mix of old and new."""
-    earlier = [e for e in out.iterdir() if e != staging]
-    aside = out / sibling(out, "old").name
-    try:
-        with stops_held():
-            if earlier:
-                aside.mkdir()
-                for entry in sorted(earlier, key=lambda e: e.name != marker):
-                    entry.rename(aside / entry.name)
-            for entry in sorted(staging.iterdir(), key=lambda e: e.name == marker):
-                entry.rename(out / entry.name)
-            staging.rmdir()
-            shutil.rmtree(aside, ignore_errors=True)
-    except KeyboardInterrupt:  # the held stop
-        raise Interrupted(f"stopped once {out} was written whole") from None
-    if aside.exists():
-        print(f"warning: {aside}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
+    def fill() -> Path:
+        earlier = [e for e in out.iterdir() if e != staging]
+        aside = out / sibling(out, "old").name
+        if earlier:
+            aside.mkdir()
+            for entry in sorted(earlier, key=lambda e: e.name != marker):
+                entry.rename(aside / entry.name)
+        for entry in sorted(staging.iterdir(), key=lambda e: e.name == marker):
+            entry.rename(out / entry.name)
+        staging.rmdir()
+        return aside
+
+    _held_replace(out, fill)
 
 
 def _take_over_mode(out: Path, staging: Path) -> None:

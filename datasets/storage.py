@@ -109,6 +109,15 @@ def sibling(path: P, kind: str) -> P:
     return path.with_name(f"{sibling_prefix(path, kind)}{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def sibling_pid(name: str, path: Path, kind: str) -> int | None:
+    """The process id in `name` where it is a `sibling` name of `path` of that kind (a user's
+    `.d.old-photos` is none), else None."""
+    prefix = sibling_prefix(path, kind)
+    pid, dash, token = name[len(prefix):].partition("-") if name.startswith(prefix) else ("", "", "")
+    hexadecimal = len(token) == 8 and all(c in "0123456789abcdef" for c in token)
+    return int(pid) if pid.isdecimal() and dash and hexadecimal else None
+
+
 @contextmanager
 def written_whole(path: Path) -> Iterator[Path]:
     """A temporary file of a name no one else uses, for the block to write; renamed over `path`
