@@ -56,6 +56,11 @@ def nearest(raw: float, rule: RoundingRule) -> int:
 
 def nearest_widths(raw: np.ndarray, rule: RoundingRule) -> np.ndarray:
     """`nearest` of every value at once."""
+    # lambda * p^alpha lands on a tie (a half or whole number on every grid) only up to float
+    # error, and 5.999999999999999 would round down to 4 where 6 goes up to 8: noise must not
+    # decide a tie.
+    half = np.round(raw * 2) / 2
+    raw = np.where(np.isclose(raw, half, rtol=1e-9, atol=0.0), half, raw)
     if rule == "multiple4":
         return np.maximum(FBGEMM_ALIGN, FBGEMM_ALIGN * np.floor(raw / FBGEMM_ALIGN + 0.5)).astype(np.int64)
     if rule == "pow2":

@@ -9,6 +9,9 @@ from embshard.planner.rounding import nearest, round_width, step_up, width_probl
         (2.7, "multiple4", 4),
         (5.9, "multiple4", 4),
         (6.0, "multiple4", 8),  # ties go up
+        (5.999999999999999, "multiple4", 8),  # float noise does not decide a tie (it printed "6 -> 4")
+        (23.999999999999996, "pow2", 32),
+        (20.499999999999996, "none", 21),
         (20.24, "multiple4", 20),
         (24.79, "multiple4", 24),
         (0.3, "multiple4", 4),  # never below FBGEMM's smallest width

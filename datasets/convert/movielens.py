@@ -84,6 +84,7 @@ class Release:
     users: pa.Table | None  # userId, gender, age, occupation, zip
     movies_file: str  # what the two tables were read from, for messages
     users_file: str = "users.dat"
+    repeated: int = 0  # ratings dropped as exact repeats of an earlier one (not malformed: each line parsed)
 
 
 def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: str, seed: int,
@@ -127,8 +128,10 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
         writer.write_ordered(out, np.arange(n), plan)
         writer.write_catalog(_catalog(release.movies, vocabs, movie_features), spec.catalog_arrow_schema())
         writer.write_vocabularies({name: vocabs[name] for name in spec.sparse_names})
-        spec = writer.finish(spec, source=str(src), skipped=malformed.count)
-    return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count, target=target)
+        dropped = f"dropped {release.repeated:,} ratings repeating an earlier one" if release.repeated else ""
+        spec = writer.finish(spec, source=str(src), skipped=malformed.count, dropped=dropped)
+    summary = writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count, target=target)
+    return spec, summary + (f", {dropped}" if dropped else "")
 
 
 def _encode(vocab: Vocabulary, values: pa.Array) -> pa.Array:
@@ -200,7 +203,8 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
         release = _ml_csv(src, malformed)
     else:
         raise DataError(f"{src}: no u.data, ratings.dat or ratings.csv: not a MovieLens release folder")
-    return replace(release, ratings=_first_rating_per_pair(release.ratings, src, malformed))
+    ratings = _first_rating_per_pair(release.ratings, src, malformed.strict)
+    return replace(release, ratings=ratings, repeated=release.ratings.num_rows - ratings.num_rows)
 
 
 def _say_unlisted(release: Release, src: Path, strict: bool) -> None:
@@ -224,7 +228,7 @@ def _say_unlisted(release: Release, src: Path, strict: bool) -> None:
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def _first_rating_per_pair(ratings: pa.Table, src: Path, malformed: Malformed) -> pa.Table:
+def _first_rating_per_pair(ratings: pa.Table, src: Path, strict: bool) -> pa.Table:
     """`ratings` without rows repeating an earlier one whole (user, movie, rating and time; an
     official split's base comes before its test): a file given twice put a rating in train and
     its copy in test. A pair rated again at another time is a rating of its own, and stays."""
@@ -249,10 +253,9 @@ def _first_rating_per_pair(ratings: pa.Table, src: Path, malformed: Malformed) -
     if not repeated.size:
         return ratings
     message = f"{src}: {repeated.size:,} ratings repeat an earlier one (user, movie, rating and time)"
-    if malformed.strict:
+    if strict:
         raise DataError(message)
     tqdm.write(f"warning: {message}; only the first of each kept", file=sys.stderr)
-    malformed.count += int(repeated.size)
     keep = np.ones(ratings.num_rows, dtype=bool)
     keep[repeated] = False
     return ratings.filter(pa.array(keep))
