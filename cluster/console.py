@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from embshard.progress import RedrawsAsLines, is_terminal
+
 LOG_FILE = Path("logs") / "embshard.log"
 # Around every piece of text a worker means for the console (a line, a progress-bar redraw); the
 # driver shows what is inside and drops the rest of the line: a log handler may write on the same
@@ -145,13 +147,18 @@ class _RayOutput:
             _show(line, sys.stderr if data.get("is_err") else sys.stdout)
 
 
-_bar_open: TextIO | None = None  # the stream a progress bar is being redrawn on
+_bar_open: TextIO | None = None  # the terminal a progress bar is being redrawn on
+_bar_lines: dict[TextIO, RedrawsAsLines] = {}  # where the bar is drawn in a log, not a terminal
 
 
 def _show(line: str, sink: TextIO) -> None:
-    """One forwarded console line. A progress bar's redraws ("\r...") stay on one line: Ray hands
-    each over as a line of its own, so the newline waits until something else is printed."""
+    """One forwarded console line. A progress bar's redraws ("\r...") stay on one line of a
+    terminal: Ray hands each over as a line of its own, so the newline waits until something else
+    is printed. In a log they become a line now and then (`RedrawsAsLines`)."""
     global _bar_open
+    if line.startswith("\r") and not is_terminal(sink):
+        _bar_lines.setdefault(sink, RedrawsAsLines(sink)).show(line)
+        return
     if _bar_open is not None and not line.startswith("\r"):
         _bar_open.write("\n")
         _bar_open.flush()
@@ -165,12 +172,16 @@ def _show(line: str, sink: TextIO) -> None:
 
 
 def _end_progress_line() -> None:
-    """Ends a progress bar's line before the driver prints its own lines."""
+    """Ends a progress bar's line before the driver prints its own lines; in a log, writes the
+    bar's last state."""
     global _bar_open
     if _bar_open is not None:
         _bar_open.write("\n")
         _bar_open.flush()
         _bar_open = None
+    for lines in _bar_lines.values():
+        lines.end()
+    _bar_lines.clear()
 
 
 class _RunLogHandler(logging.FileHandler):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from embshard.datasets.outdir import check_profile_replaceable, make_staging, replace_folder
 from embshard.datasets.schema import (
@@ -33,6 +32,7 @@ from embshard.datasets.schema import (
 from embshard.datasets.storage import StoragePath, arrow_source, location, read_json
 from embshard.datasets.verify import verify_split
 from embshard.errors import DataError
+from embshard.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def write_profile(dataset_dir: str | Path) -> Profile:
     counts = {f.name: np.zeros(f.cardinality, dtype=np.int64) for f in spec.sparse}
     rows = 0
     total_groups = sum(meta.num_row_groups for _, meta in parts)
-    with tqdm(total=total_groups, desc="profile", unit="row groups", leave=False) as bar:
+    with progress_bar(total=total_groups, desc="profile", unit="row groups", leave=False) as bar:
         for path in files:
             fs, source = arrow_source(path)
             parquet = pq.ParquetFile(source, filesystem=fs)

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from embshard.datasets.outdir import check_output, drop_staging, make_staging, publish
 from embshard.datasets.profile import write_profile
@@ -33,6 +32,7 @@ from embshard.datasets.schema import (
 from embshard.datasets.storage import location
 from embshard.datasets.vocabulary import Vocabulary
 from embshard.errors import DataError, EnvironmentProblem
+from embshard.progress import progress_bar
 from embshard.units import human_bytes
 
 # Readers split work across ranks by row group, so groups must be small enough to balance ranks
@@ -173,7 +173,7 @@ class DatasetWriter:
         try:  # a Ctrl-C or SIGTERM before `with` takes over must not leave the staging folder either
             # First: a SIGTERM inside tqdm's constructor left a half-made bar whose clean-up printed
             # "AttributeError: 'tqdm' object has no attribute 'pos'" below the one line.
-            self.progress = tqdm(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
+            self.progress = progress_bar(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
             self.splits: dict[str, _SplitWriter] = {}
             for split in SPLITS:
                 d = self.staging / split

@@ -46,6 +46,7 @@ from embshard.datasets.schema import ITEM_FREQUENCY, OOV_ID, DatasetSpec, ItemCa
 from embshard.datasets.vocabulary import Vocabulary
 from embshard.datasets.writer import TEST, TRAIN, VALID, DatasetWriter, SplitPlan
 from embshard.errors import DataError
+from embshard.progress import progress_bar
 
 # ML-100k's u.item ends with one 0/1 flag per genre, in this order.
 ML100K_GENRES = [
@@ -355,7 +356,7 @@ def _read(path: Path, names: list[str] | None, delimiter: str, malformed: Malfor
     # pyarrow only splits on one byte; a tab never occurs inside the `::` files' fields.
     split_on = delimiter if len(delimiter) == 1 else "\t"
     columns, parts, seen_record = names, [], False
-    with open_input(path) as (f, raw), tqdm(total=path.stat().st_size, desc=f"{path.name}: reading", unit="B",
+    with open_input(path) as (f, raw), progress_bar(total=path.stat().st_size, desc=f"{path.name}: reading", unit="B",
                                              unit_scale=True, leave=False) as bar:
         for data, line in line_blocks(f):
             bar.update(raw.tell() - bar.n)

@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from embshard.errors import DataError
+from embshard.progress import progress_bar
 
 BLOCK_BYTES = 16 << 20
 _SHOWN = 5  # malformed lines printed in full; the rest are only counted
@@ -164,7 +165,7 @@ def sniff(path: Path, names: list[str], delimiter: str, *, skip_lines: int, what
 
 def count_lines(path: Path) -> int:
     total, last = 0, b"\n"
-    with open_input(path) as (data, raw), tqdm(total=path.stat().st_size, desc=f"{path.name}: counting lines",
+    with open_input(path) as (data, raw), progress_bar(total=path.stat().st_size, desc=f"{path.name}: counting lines",
                                                 unit="B", unit_scale=True, leave=False) as bar:
         while block := data.read(BLOCK_BYTES):
             total += block.count(b"\n")
@@ -177,7 +178,7 @@ def read_chunks(path: Path, names: list[str], delimiter: str, malformed: Malform
                 skip_lines: int = 0, stop_line: int | None = None, desc: str = "") -> Iterator[TextChunk]:
     """Rows of lines [skip_lines, stop_line) that have len(names) fields; lines from stop_line on
     are not even parsed, so a later pass is the only one to report them."""
-    with open_input(path) as (f, raw), tqdm(total=path.stat().st_size, desc=desc or path.name, unit="B",
+    with open_input(path) as (f, raw), progress_bar(total=path.stat().st_size, desc=desc or path.name, unit="B",
                                              unit_scale=True, leave=False) as bar:
         for _ in range(skip_lines):
             f.readline()
