@@ -95,8 +95,8 @@ class _Failure:
 class ParquetBatchReader:
     """One epoch per iteration; `set_epoch(e)` picks the shuffle, `state_dict` allows exact resume.
 
-    With drop_last=False every row of the split is read once (but for a split of fewer rows than
-    ranks, which yields no batch), and every rank still yields the same number of batches,
+    With drop_last=False every row of the split is read once (a split of fewer rows than ranks is
+    refused: a rank without rows has no batch to give), and every rank yields as many batches,
     ceil(rows / B) of the rank with the most rows (`_batch_sizes`). It was that of
     the rank with the fewest, and the larger ranks' last rows were never evaluated: a metric that
     changed with the number of workers.
@@ -135,6 +135,13 @@ class ParquetBatchReader:
         self.wait_seconds = 0.0  # cumulative time the consumer blocked on the queue
         self._consumed = 0
         self._resume: tuple[int, int] | None = None
+        if not drop_last and len(self) == 0:
+            # Before training: the test split is read after it, and "no rows to evaluate on" came
+            # then, for a split that has rows.
+            rows = sum(g.rows for g in self.groups)
+            raise DataError(f"{self.split_path}: no rows to evaluate on" if rows == 0 else
+                            f"{self.split_path}: {rows:,} row(s), fewer than the {world_size} ranks that each "
+                            "evaluate a share of the split; use fewer workers or a larger split")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

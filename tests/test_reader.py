@@ -125,6 +125,15 @@ def test_an_evaluation_reads_every_row_once_on_two_ranks_in_as_many_batches(tmp_
         ParquetBatchReader(root, "train", 1, rank=0, world_size=2, drop_last=False)
 
 
+def test_a_split_of_fewer_rows_than_ranks_is_refused_when_its_reader_is_made(tmp_path: Path) -> None:
+    # Its readers yielded no batch, and the run said "no rows to evaluate on" of a split with
+    # rows, for the test split only after the whole training.
+    root = write_dataset(tmp_path / "d", tables=[_table(0, 2, np.random.default_rng(3))])
+    with pytest.raises(DataError, match=r"/train: 2 row\(s\), fewer than the 3 ranks that each evaluate a share"):
+        ParquetBatchReader(root, "train", 4, rank=0, world_size=3, drop_last=False)
+    assert len(ParquetBatchReader(root, "train", 4, rank=1, world_size=2, drop_last=False)) == 1
+
+
 def test_order_is_deterministic_per_seed_and_epoch(dataset: Path) -> None:
     def order(seed: int, epoch: int) -> np.ndarray:
         reader = ParquetBatchReader(dataset, "train", 50, seed=seed)

@@ -118,6 +118,8 @@ class _WorkerRun:
         self.train_reader = make_reader(cfg, bundle, "train", rank, world)
         check_same_data(bundle.dimension_plan, self.train_reader.spec, cfg.data.path, "the run's plan")
         self.valid_reader = make_reader(cfg, bundle, "valid", rank, world)
+        # Made now, read after training: a split its readers cannot share is refused before it.
+        self.test_reader = make_reader(cfg, bundle, "test", rank, world) if cfg.train.test else None
         self.sharded = sharded = build_sharded(cfg, bundle, self.train_reader.spec, device, method=method)
         self.restarts = record_start(Path(cfg.output_dir))
 
@@ -264,8 +266,8 @@ class _WorkerRun:
         self.watch.check(self.progress.step, "the test")
         tick = time.perf_counter()
         with doing(self.metrics, "eval"):
-            reader = make_reader(self.cfg, self.bundle, "test", self.rank, self.world)
-            tested = _measure(self.sharded, self.steps, reader, self.device, None)
+            assert self.test_reader is not None, "test() without train.test"
+            tested = _measure(self.sharded, self.steps, self.test_reader, self.device, None)
         self.test_seconds += time.perf_counter() - tick
         return tested
 
