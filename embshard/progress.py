@@ -53,7 +53,7 @@ class RedrawsAsLines:
         self.written = text
 
 
-class _LogBar(tqdm):  # type: ignore[misc]
+class _LogBar(tqdm):
     """tqdm for a stream that is not a terminal: lines by `RedrawsAsLines`, nothing to clear."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
