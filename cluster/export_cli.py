@@ -36,9 +36,8 @@ def _export(args: argparse.Namespace) -> int:
     # The step, not only the folder: a checkpoint directory exports its newest good step, which
     # is not the newest one when that is damaged.
     manifest = read_manifest(out)
-    vocabularies = manifest.get("vocabularies", {})
     # Whether raw values can go in: a synth dataset's export takes ids alone.
-    values = (f"it takes raw values of {len(vocabularies)} features (vocab/)" if vocabularies
+    values = (f"it takes raw values of {len(manifest.vocabularies)} features (vocab/)" if manifest.vocabularies
               else "it takes the dataset's ids (the dataset keeps no raw values)")
-    print(f"serving model of {manifest['source']} written to {out}; {values}")
+    print(f"serving model of {manifest.source} written to {out}; {values}")
     return 0

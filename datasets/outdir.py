@@ -122,6 +122,18 @@ def check_not_in_sealed(out: StoragePath, what: str, error: type[EmbshardError] 
                         "write it elsewhere")
 
 
+def _check_not_a_step(out: Path, error: type[EmbshardError]) -> None:
+    """Raises when `out` is named as a step among the steps of a checkpoint directory: the run
+    saving there took an export written as `ckpt/step-000099` for one of its steps, and its
+    pruning deleted it."""
+    if not is_step_name(out.name) or not out.parent.is_dir():
+        return
+    steps = sorted(e.name for e in out.parent.iterdir() if is_step_name(e.name) and e.name != out.name)
+    if steps:
+        raise error(f"{out}: named as a checkpoint's step, among the steps of {out.parent} ({steps[0]}): a run "
+                    "saving there would take it for one and delete it; name it otherwise or write it elsewhere")
+
+
 def _sealed_as(folder: StoragePath) -> str | None:
     """What `folder` is, if it holds its writer's files alone: a step by its name, or by its
     manifest where it was copied out of its run. Another tool's dataset.json, manifest.json or
@@ -150,6 +162,7 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
         _check_remote_output(out, overwrite, kind)
         return
     check_not_in_sealed(out, "--out", kind.error)
+    _check_not_a_step(out, kind.error)
     for i, part in enumerate(out.parts):
         # `new/..`: checked as a folder that does not exist, then, once `new` was made for the
         # staging folder, replaced as the one above it (refused only after the work).

@@ -153,9 +153,12 @@ def first_line(e: BaseException) -> str:
 
     A message that carries another process's traceback (a Ray job server's HTTP 500 reply) starts
     with "Traceback (most recent call last):", which says nothing: the traceback's last line, the
-    exception raised over there, takes its place."""
+    exception raised over there, takes its place. One that introduces a list (torch's "Error(s)
+    in loading state_dict for DLRM:") keeps the list's first item."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     head = lines[0] if lines else ""
     if TRACEBACK in head and len(lines) > 1:
         head = f"{head.replace(TRACEBACK, '').strip()} {lines[-1]}".strip()
+    elif head.endswith(":") and len(lines) > 1:
+        head = f"{head} {lines[1]}"
     return f"{type(e).__name__}: {head}"

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -260,6 +261,12 @@ def test_an_export_never_lands_in_a_checkpoint_folder_and_a_stray_file_condemns_
                                               "own files alone"):
             export_serving(source, out)
         assert not out.exists()
+    # Named as a step beside them, it was one to the run, whose pruning deleted it.
+    for name in ("step-000099", "step-000001.tmp"):
+        with pytest.raises(ExportError, match=rf"/{re.escape(name)}: named as a checkpoint's step, among the steps "
+                                              rf"of {cfg.checkpoint_dir} \(step-000004\): a run saving there"):
+            export_serving(newest, cfg.checkpoint_dir / name)
+        assert not (cfg.checkpoint_dir / name).exists()
     # Beside the steps, or beside a step copied out of its run, is no step's.
     export_serving(newest, cfg.checkpoint_dir / "serving")
     # A file in a step's subfolder is never read: it leaves the step good (one at its own level

@@ -10,6 +10,14 @@ def test_the_first_line_of_a_plain_message_with_its_type() -> None:
     assert first_line(KeyError()) == "KeyError: "
 
 
+def test_a_message_that_introduces_a_list_keeps_its_first_item() -> None:
+    # load_state_dict's error said only "Error(s) in loading state_dict for DLRM:".
+    e = RuntimeError("Error(s) in loading state_dict for DLRM:\n\tsize mismatch for w: shape [4] vs [8].\n\tmore")
+    assert first_line(e) == ("RuntimeError: Error(s) in loading state_dict for DLRM: size mismatch for w: shape [4] "
+                             "vs [8].")
+    assert first_line(ValueError("ends with a colon:")) == "ValueError: ends with a colon:"
+
+
 def test_a_message_carrying_a_remote_traceback_keeps_the_exception_raised_there() -> None:
     # What Ray's job SDK raises for a job server's HTTP 500: the server's traceback after a prefix.
     reply = RuntimeError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import warnings
@@ -341,6 +342,39 @@ def test_a_damaged_export_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"weights.pt: cannot be read \(.*\); export the checkpoint again$"):
         load_serving(out)
     weights.write_bytes(written)
+    with torch.no_grad():
+        torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hand_edited_serving_json_is_one_line(tmp_path: Path) -> None:
+    # Each was a traceback from wherever its field was first used ("'list' object has no attribute
+    # 'items'", "ModelConfig.__init__() got an unexpected keyword argument"), in load_serving and in
+    # an export with --overwrite onto it.
+    checkpoints, inputs, want = checkpointed_with_the_collapse_hook(tmp_path)
+    out = export_serving(checkpoints, tmp_path / "serving")
+    written = json.loads((out / "serving.json").read_text())
+    edits = {
+        "remaps: expected a mapping, got []": {"remaps": []},
+        "vocabularies: expected a mapping, got None": {"vocabularies": None},
+        "model.bogus: unknown field": {"model": {**written["model"], "bogus": 1}},
+        "model: expected a mapping, got": {"model": []},
+        "spec: expected a mapping, got None": {"spec": None},
+        "files.weights.pt.bytes: required field is missing": {"files": {**written["files"], "weights.pt": {}}},
+        "remaps.nofeature: plan.json has no feature of that name": {"remaps": {"nofeature": "x.remap.npy"}},
+    }
+    for said, edit in edits.items():
+        (out / "serving.json").write_text(json.dumps({**written, **edit}))
+        with pytest.raises(ExportError, match=re.escape(said)):
+            load_serving(out)
+        if "remaps" in edit or "vocabularies" in edit:  # it names no file besides weights.pt and plan.json
+            export_serving(checkpoints, out, overwrite=True)
+    # Without the hashes (an export of before them), a weights.pt of another model: its first mismatch.
+    (out / "serving.json").write_text(json.dumps({k: v for k, v in written.items() if k != "files"}))
+    torch.save({"bogus": torch.zeros(1)}, out / "weights.pt")
+    with pytest.raises(ExportError, match=r"weights.pt: cannot be read \(RuntimeError: "
+                                          r"Error\(s\) in loading state_dict for \w+: (Missing|Unexpected) key"):
+        load_serving(out)
+    export_serving(checkpoints, out, overwrite=True)
     with torch.no_grad():
         torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
 

@@ -33,7 +33,7 @@ import pickle
 import tempfile
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,15 @@ from embshard.datasets.storage import (
     read_json_version,
 )
 from embshard.datasets.vocabulary import Vocabulary, raw_values
-from embshard.errors import DataError, EmbshardError, EnvironmentProblem, StorageError, disk_full, first_line
+from embshard.errors import (
+    ConfigError,
+    DataError,
+    EmbshardError,
+    EnvironmentProblem,
+    StorageError,
+    disk_full,
+    first_line,
+)
 from embshard.planner.pipeline import check_plan_holds
 from embshard.planner.remap import load_remap
 from embshard.planner.types import DimensionPlan
@@ -85,6 +93,7 @@ from embshard.trainer.checkpoint_integrity import (
 )
 from embshard.trainer.method import get_method
 from embshard.trainer.models import TrainModel, build_model, get_arch
+from embshard.typed_config import from_dict
 
 MANIFEST = SERVING_MANIFEST
 WEIGHTS = "weights.pt"
@@ -96,21 +105,51 @@ class ExportError(EmbshardError):
     """A model or checkpoint cannot be exported, or an export folder cannot be loaded."""
 
 
-def read_manifest(directory: StoragePath) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FileRecord:
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ServingManifest:
+    """serving.json, each field checked as it is read: a hand-edited one was a traceback from
+    wherever a field was first used (`'list' object has no attribute 'items'`)."""
+
+    version: int
+    plan: str
+    weights: str
+    model: ModelConfig
+    spec: dict[str, Any]
+    source: str = ""
+    remaps: dict[str, str] = field(default_factory=dict)  # feature -> file
+    # None of either in exports written before vocabularies or the hashes were kept.
+    vocabularies: dict[str, str] = field(default_factory=dict)  # feature -> file
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    base_dim: int | None = None
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    serve_params: int | None = None
+
+
+def read_manifest(directory: StoragePath) -> ServingManifest:
     """The export's serving.json; ExportError unless it is one `embshard export` wrote."""
     path = directory / MANIFEST
     if not path.is_file():
         raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
-    return read_json_version(path, EXPORT_VERSION, ExportError)
+    try:
+        return from_dict(ServingManifest, read_json_version(path, EXPORT_VERSION, ExportError))
+    except ConfigError as e:
+        raise ExportError(f"{path}: {e}; export the checkpoint again") from None
 
 
 # What --overwrite may replace: an earlier export, and nothing besides: the files its manifest
 # names (a user's `notes.remap.npy` beside them only looked like one). Any version of it: an
-# export written before an upgrade is still ours to replace.
+# export written before an upgrade is still ours to replace, read as loosely as it may differ.
 def _export_holds(parts: tuple[str, ...], manifest: Mapping[str, Any]) -> bool:
     if parts == (VOCAB_DIR,):
         return True
-    named = {*manifest.get("remaps", {}).values(), *manifest.get("vocabularies", {}).values()}
+    named = {name for key in ("remaps", "vocabularies") if isinstance(manifest.get(key), dict)
+             for name in manifest[key].values()}
     return "/".join(parts) in named or parts in ((MANIFEST,), (WEIGHTS,), (PLAN,))
 
 
@@ -204,41 +243,40 @@ def load_serving(directory: str | Path) -> ServingModel:
     directory = Path(directory)
     path = directory / MANIFEST
     manifest = read_manifest(directory)
-    _verify_files(directory, manifest)
-    plan = DimensionPlan.load(directory / manifest["plan"])
-    spec = DatasetSpec.from_json(manifest["spec"], str(path))
-    model = arch_model(plan, spec, ModelConfig(**manifest["model"]))
-    weights = directory / manifest["weights"]
+    _verify_files(directory, manifest.files)
+    plan = DimensionPlan.load(directory / manifest.plan)
+    spec = DatasetSpec.from_json(manifest.spec, str(path))
+    model = arch_model(plan, spec, manifest.model)
+    weights = directory / manifest.weights
+    # Only exports written before the hashes get here with a weights.pt that is not theirs: torch's
+    # unpickling errors, or size mismatches listed one per parameter.
     try:
-        state = torch.load(weights, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # exports of before the hashes
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ExportError(f"{weights}: cannot be read ({first_line(e)}); export the checkpoint again") from None
-    model.load_state_dict(state)
     rows = {f: t.num_embeddings for t in plan.tables for f in t.features}
-    remaps = {f: torch.from_numpy(load_remap(directory / name, rows[f])) for f, name in manifest["remaps"].items()}
+    unplanned = sorted(set(manifest.remaps) - set(rows))
+    if unplanned:
+        raise ExportError(f"{path}: remaps.{unplanned[0]}: {manifest.plan} has no feature of that name")
+    remaps = {f: torch.from_numpy(load_remap(directory / name, rows[f])) for f, name in manifest.remaps.items()}
     # Exports written before vocabularies were kept have none. Their values were checked distinct
     # at export, which reads every value; here only that each file is the one exported.
     vocabularies = {f: Vocabulary.read(directory / name, spec.feature(f).cardinality, spec.id, f, check_values=False)
-                    for f, name in manifest.get("vocabularies", {}).items()}
+                    for f, name in manifest.vocabularies.items()}
     return ServingModel(model, remaps, spec.sparse, vocabularies).eval().requires_grad_(False)
 
 
-def _verify_files(directory: Path, manifest: Mapping[str, Any]) -> None:
+def _verify_files(directory: Path, files: Mapping[str, FileRecord]) -> None:
     """ExportError naming the first file of the export that is missing or not as written (its
     size, its sha256 in serving.json); exports written before the hashes list none."""
-    files = manifest.get("files", {})
-    if not isinstance(files, dict):
-        raise ExportError(f"{directory / MANIFEST}: files: expected a mapping, got {type(files).__name__}")
     for name, entry in files.items():
         path = directory / name
         why = None
-        if not isinstance(entry, dict):
-            raise ExportError(f"{directory / MANIFEST}: files.{name}: expected a mapping, got {type(entry).__name__}")
         if not path.is_file():
             why = "missing"
-        elif path.stat().st_size != entry.get("bytes"):
-            why = f"{path.stat().st_size:,} bytes, written {entry.get('bytes'):,}"
-        elif sha256_file(path) != entry.get("sha256"):
+        elif path.stat().st_size != entry.bytes:
+            why = f"{path.stat().st_size:,} bytes, written {entry.bytes:,}"
+        elif sha256_file(path) != entry.sha256:
             why = "its contents are not those written (sha256)"
         if why is not None:
             raise ExportError(f"{path}: {why}; the export is damaged: export the checkpoint again")

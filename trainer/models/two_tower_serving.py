@@ -69,7 +69,7 @@ def load_retrieval(directory: str | Path, dataset_dir: str | Path) -> Retrieval:
     if towers is None:
         raise ExportError(f"{directory}: not a two_tower export (its model has no towers)")
     spec = DatasetSpec.load(dataset_dir)
-    exported = read_manifest(location(directory))["spec"].get("id")
+    exported = read_manifest(location(directory)).spec.get("id")
     if exported and spec.id and exported != spec.id:
         # Its ids name other movies, or none: item vectors of the wrong movies, or an index error.
         raise ExportError(f"{dataset_dir}: not the dataset {directory} was trained on (dataset id {spec.id[:8]}, the "
