@@ -26,7 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, init_single_process_group
+from common import CACHE, RESULTS, at_least_one, bench_main, init_single_process_group, write_json
+from quality import prepare_dataset
 
 from embshard.cluster.launch import plan_for_training
 from embshard.config import (
@@ -38,27 +39,15 @@ from embshard.config import (
     ModelConfig,
     TrainConfig,
 )
-from embshard.datasets.convert import convert
-from embshard.datasets.schema import SPEC_FILE
 from embshard.planner.pipeline import make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.trainer.loop import run_worker
 
 ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
-RESULTS = Path(__file__).resolve().parent / "results"
 CANDIDATES = [2, 8, 16, 24, 32]
 # The paper's Table 4 (MovieLens-1M, AutoDim): identifier fields get large widths, the small
 # demographic fields small ones.
 PAPER_LARGE, PAPER_SMALL = ["movieId", "userId"], ["gender", "age", "occupation"]
-
-
-def dataset() -> Path:
-    path = CACHE / "ml-1m"
-    if not (path / SPEC_FILE).is_file():
-        if not ML1M.is_dir():
-            raise SystemExit(f"{ML1M}: MovieLens-1M not found")
-        convert("movielens", ML1M, path)
-    return path
 
 
 def job(data: Path, run: Path, seed: int, args: argparse.Namespace) -> JobConfig:
@@ -99,16 +88,20 @@ def search(cfg: JobConfig, steps_per_epoch: int, args: argparse.Namespace) -> tu
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=at_least_one, default=3)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=1, help="epochs of the uniform and retrained models")
     p.add_argument("--pretrain", type=float, default=0.2, help="share of the search epoch with alpha held equal")
     p.add_argument("--alpha-every", type=int, default=10)
     p.add_argument("--alpha-lr", type=float, default=0.05)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier autodim-movielens.json")
     args = p.parse_args()
+    out = RESULTS / "autodim-movielens.json"
+    if out.exists() and not args.overwrite:
+        p.error(f"{out} exists; pass --overwrite to replace it")
     warnings.filterwarnings("ignore")
     init_single_process_group()
-    data = dataset()
+    data = prepare_dataset("movielens-1m", ML1M.parent)
     work = CACHE / "autodim-bench"
 
     runs = []
@@ -172,10 +165,9 @@ def main() -> None:
         "params_ratio": round(mean("autodim_params") / runs[0]["uniform_params"], 3),
         "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "autodim-movielens.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "alpha_mean")}))
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

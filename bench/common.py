@@ -5,6 +5,7 @@ absolute numbers drift between machines."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -14,7 +15,7 @@ import warnings
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -22,11 +23,77 @@ from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, ModelConfig
 from embshard.datasets.reader import Batch, ParquetBatchReader
 from embshard.datasets.schema import SPEC_FILE, DatasetSpec
 from embshard.datasets.synth import synthesize
+from embshard.errors import EXIT_USER_ERROR, EmbshardError, one_line
 from embshard.planner.pipeline import PlanBundle, make_plan
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import DimensionPlan
 
-CACHE = Path(__file__).resolve().parent / "results" / "cache"
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = RESULTS / "cache"
+
+
+def bench_main(main: Callable[[], int | None]) -> None:
+    """A bench script's entry point: embshard's errors (a dataset not found, a bad --set) are one
+    line and exit 2, as `embshard` says them, not a traceback."""
+    try:
+        code = main()
+    except EmbshardError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(code or 0)
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (`--seeds 0` wrote an empty report over a real one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def results_folder(p: argparse.ArgumentParser, folder: str, names: list[str], overwrite: bool) -> Path:
+    """bench/results/FOLDER (named by --label), where a script writes `names`; refused before any
+    work where one of them exists and `overwrite` is not given, or where FOLDER is not one folder's
+    name (an absolute --label or one with '..' wrote anywhere)."""
+    if folder in ("", ".", "..") or Path(folder).name != folder:
+        p.error(f"--label: {folder!r} is not the name of one folder under bench/results/ (no '/')")
+    out = RESULTS / folder
+    refuse_existing(p, [out / name for name in names], overwrite)
+    return out
+
+
+def out_files(p: argparse.ArgumentParser, out: Path, suffixes: list[str], overwrite: bool) -> list[Path]:
+    """The files OUT.<suffix> of an --out OUT, each refused where it exists without --overwrite."""
+    if out.name in ("", ".", ".."):
+        p.error(f"--out {out}: names the files OUT{', OUT'.join(suffixes)}: give it a name, not a folder")
+    files = [out.with_suffix(suffix) for suffix in suffixes]
+    refuse_existing(p, files, overwrite)
+    return files
+
+
+def refuse_existing(p: argparse.ArgumentParser, paths: list[Path], overwrite: bool) -> None:
+    existing = [path for path in paths if path.exists()]
+    if existing and not overwrite:
+        p.error(f"{existing[0]} exists; pass --overwrite to replace it")
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then renamed over it: a failed run leaves
+    the old one, and no file of the user's is taken for the temporary one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def init_single_process_group() -> None:

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--ratings", type=int, default=10_000_000, help="MovieLens ratings to generate")
     parser.add_argument("--avazu-rows", type=int, default=5_000_000, help="Avazu rows to generate")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "embshard-convert-memory",
-                        help="where the inputs are kept and the datasets written")
+                        help="where the inputs are kept (each dataset is written to a temporary folder in it)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     movielens = _movielens(args.work / f"ml-{args.ratings}", args.ratings, rng)
@@ -39,9 +39,10 @@ def main() -> None:
         ("movielens (csv release)", ["movielens", str(movielens)], (movielens / "ratings.csv").stat().st_size),
         ("avazu --dedup-key id", ["avazu", str(avazu), "--dedup-key", "id"], avazu.stat().st_size),
     ):
-        out = args.work / "out"
-        peak, seconds = _measured([sys.executable, "-m", "embshard.cluster.cli", "data", "convert", *command,
-                                   "--out", str(out), "--overwrite"])
+        # A folder of its own: `--out WORK/out --overwrite` replaced a dataset the user kept there.
+        with tempfile.TemporaryDirectory(prefix=".convert-memory-", dir=args.work) as tmp:
+            peak, seconds = _measured([sys.executable, "-m", "embshard.cluster.cli", "data", "convert", *command,
+                                       "--out", str(Path(tmp) / "out")])
         print(f"{name:<32} {size / 1e6:>9.0f} {peak / 1e6:>12.0f} {seconds:>8.1f}")
 
 

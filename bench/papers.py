@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, init_single_process_group, train_here
+from common import CACHE, bench_main, init_single_process_group, results_folder, train_here, write_atomic, write_json
 from quality import prepare_dataset
 
 from embshard.cluster.sweep_report import PlantedTruth, within_one_step
@@ -46,7 +46,6 @@ from embshard.datasets.schema import DatasetSpec
 from embshard.trainer.history import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 # Each invocation trains into folders of its own: a prune run counts targets already on disk as
 # reached, so a folder of an earlier invocation would be taken for this one's.
 RUNS = CACHE / "papers" / time.strftime("%Y%m%d-%H%M%S")
@@ -112,8 +111,7 @@ def plot_alpha(records: list[dict[str, Any]], dims: dict[str, int], label: str, 
     plt.close(fig)
 
 
-def autodim(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> dict[str, Any]:
-    out = RESULTS / f"papers-autodim-{label}"
+def autodim(overrides: list[str], data: Path, label: str, retrain_epochs: int, out: Path) -> dict[str, Any]:
     runs = RUNS / "autodim"
     search_cfg = job("autodim-criteo", overrides, data, runs / "search")
     searched = train_here(search_cfg, "autodim")[1]
@@ -152,7 +150,7 @@ def autodim(overrides: list[str], data: Path, label: str, retrain_epochs: int) -
         "paper_table4": "not compared: Criteo's fields are anonymous (C1-C26); see bench/PAPERS.md",
         **planted_fields(data, searched["dims"], search_cfg.autodim.candidates),
     }
-    (out / "autodim.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "autodim.json", result)
     write_lines(out / "alpha_history.jsonl",
                 [{**r, "alpha": {f: [round(x, 4) for x in ps] for f, ps in r["alpha"].items()}} for r in records])
     return result
@@ -202,10 +200,9 @@ def plot_pep(records: list[dict[str, Any]], reached: dict[str, Any], aucs: dict[
     plt.close(fig)
 
 
-def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> dict[str, Any]:
+def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int, out: Path) -> dict[str, Any]:
     from embshard.trainer.pep import NONZERO_HISTORY_FILE
 
-    out = RESULTS / f"papers-pep-{label}"
     runs = RUNS / "pep"
     prune_cfg = job("pep-criteo", overrides, data, runs / "prune")
     pruned = train_here(prune_cfg, "pep")[1]
@@ -237,7 +234,7 @@ def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> di
         "lottery_test_auc": aucs,
         "uniform_test_auc": uniform.get("test_auc"),
     }
-    (out / "pep.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "pep.json", result)
     write_lines(out / "nonzero_history.jsonl",
                 [{k: r[k] for k in ("step", "nonzero", "kept_fraction")} for r in records])
     return result
@@ -245,7 +242,8 @@ def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int) -> di
 
 def write_lines(path: Path, records: list[dict[str, Any]]) -> None:
     """A run's history beside the report, one compact record per line."""
-    path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n"
+                                                          for r in records)))
 
 
 def main() -> None:
@@ -258,17 +256,21 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
     p.add_argument("--data", type=Path, help="a converted dataset to run on instead of the Criteo sample")
     p.add_argument("--label", default="criteo", help="names the results folder (default: criteo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this label")
     args = p.parse_args()
     if args.data is not None and args.label == "criteo":
         p.error("--data needs a --label of its own, so the Criteo results are not overwritten")
+    files = {"autodim": ["autodim.json", "alpha_history.jsonl"], "pep": ["pep.json", "nonzero_history.jsonl"]}
+    outs = {name: results_folder(p, f"papers-{name}-{args.label}", names, args.overwrite)
+            for name, names in files.items() if args.only in (None, name)}
     warnings.filterwarnings("ignore")
     init_single_process_group()
     data = args.data or prepare_dataset("criteo-sample", args.data_root)
     for name, bench in (("autodim", autodim), ("pep", pep)):
-        if args.only in (None, name):
-            result = bench(args.overrides, data, args.label, args.retrain_epochs)
+        if name in outs:
+            result = bench(args.overrides, data, args.label, args.retrain_epochs, outs[name])
             print(json.dumps({k: v for k, v in result.items() if k != "alpha_final"}))
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

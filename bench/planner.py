@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from collections import Counter
+
+from common import at_least_one, bench_main
 
 from embshard.planner.memory import memory_report
 from embshard.planner.shard_plan import plan_sharding
@@ -85,13 +86,13 @@ def measure(tables: int, world_size: int, local_world_size: int, memory_gb: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tables", type=int, help="plan this one size instead of the standard cases")
-    parser.add_argument("--world-size", type=int, default=64)
+    parser.add_argument("--tables", type=at_least_one, help="plan this one size instead of the standard cases")
+    parser.add_argument("--world-size", type=at_least_one, default=64)
     parser.add_argument("--device-memory-gb", type=float, default=80)
     parser.add_argument("--local-world-size", type=int, default=8, help="ranks per host (capped at the world size)")
     args = parser.parse_args(argv)
 
-    cases = [(args.tables, args.world_size, None)] if args.tables else CASES
+    cases = [(args.tables, args.world_size, None)] if args.tables is not None else CASES
     results = [
         measure(tables, world, args.local_world_size, args.device_memory_gb, goal)
         for tables, world, goal in cases
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

@@ -36,7 +36,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, init_single_process_group, train_here
+from common import (
+    CACHE,
+    at_least_one,
+    bench_main,
+    init_single_process_group,
+    results_folder,
+    train_here,
+    write_atomic,
+    write_json,
+)
 
 from embshard.cluster.sweep_methods import base_params, uniform_width
 from embshard.config import JobConfig, load_job_config
@@ -48,7 +57,6 @@ from embshard.planner.policies import plan_dimensions
 from embshard.planner.remap import frequency_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 CONFIG = ROOT / "configs" / "sweep-planted.yaml"
 
 
@@ -129,19 +137,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset from `embshard data synth --planted`")
     p.add_argument("--scales", default="1,2", help="widths as multiples of the planted ranks (default 1,2)")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seeds", type=at_least_one, default=2)
+    p.add_argument("--epochs", type=at_least_one, default=10)
     p.add_argument("--uniform", type=_uniform_widths, default="auto",
                    help="uniform widths trained beside the planted plans: comma-separated widths, `none`, or "
                         "`auto` (default): the width at the smallest planted plan's bytes and the base width")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of configs/sweep-planted.yaml")
     p.add_argument("--label", default="planted-oracle", help="the results folder under bench/results/")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier oracle.json / oracle.md there")
     args = p.parse_args()
     try:
         scales = [int(s) for s in args.scales.split(",")]
     except ValueError:
         p.error(f"--scales: expected comma-separated whole multiples, got {args.scales!r}")
+    if min(scales) < 1:  # a width of 0 was refused by the planner after the scales before it trained
+        p.error(f"--scales: multiples must be at least 1, got {args.scales!r}")
+    out = results_folder(p, args.label, ["oracle.json", "oracle.md"], args.overwrite)
     try:
         spec = DatasetSpec.load(args.data)
     except EmbshardError as e:
@@ -173,16 +185,15 @@ def main() -> None:
 
     bayes = spec.planted["bayes_auc"]["test"]
     rows = summarise(runs, base, bayes)
-    out = RESULTS / args.label
-    out.mkdir(parents=True, exist_ok=True)
     planted = planted_params(cfg, args.data, runs_dir / "planted-exact")
     result = {"bench": "planted-oracle", "data": spec.source, "config": str(CONFIG.relative_to(ROOT)),
               "overrides": args.overrides, "arch": cfg.model.arch, "epochs": args.epochs, "bayes_test_auc": bayes,
               "planted_params": planted, "base_params": base, "rows": rows, "runs": runs}
-    (out / "oracle.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "oracle.md").write_text(markdown(rows, bayes, planted, args.epochs, cfg.model.arch))
+    write_json(out / "oracle.json", result)
+    write_atomic(out / "oracle.md", lambda tmp: tmp.write_text(markdown(rows, bayes, planted, args.epochs,
+                                                                        cfg.model.arch)))
     print(json.dumps({"rows": rows}))
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

@@ -25,7 +25,7 @@ from typing import Literal
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE
+from common import CACHE, bench_main
 
 from embshard.cluster.cli import main as embshard
 from embshard.config import DataConfig, EmbeddingsConfig, JobConfig, MdeConfig, ModelConfig, TrainConfig
@@ -112,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

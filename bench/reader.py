@@ -32,7 +32,13 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import init_single_process_group, interleaved_rates, median_rates, synth_dataset  # noqa: E402
+from common import (  # noqa: E402
+    bench_main,
+    init_single_process_group,
+    interleaved_rates,
+    median_rates,
+    synth_dataset,
+)
 
 from embshard.cluster.launch import plan_for_training  # noqa: E402
 from embshard.config import CheckpointConfig, ClusterConfig, DataConfig, JobConfig, TrainConfig  # noqa: E402
@@ -141,4 +147,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

@@ -58,6 +58,7 @@ import torch.distributed as dist
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))  # the multi-process helper the tests use
+from common import bench_main, out_files, write_atomic  # noqa: E402
 from distributed import run_ranks  # noqa: E402
 from throughput import embshard_steps, run_baseline, run_embshard, torchrec_baseline  # noqa: E402
 
@@ -500,7 +501,7 @@ def count(text: str) -> int:
     scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
     try:
         return int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # `inf`, `1e400`
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 2500, 10k, 100M)") from None
 
 
@@ -545,22 +546,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.dim % 8:
         p.error(f"--dim {args.dim}: must be a multiple of 8 (MLET serves dim / 2, and FBGEMM's CPU "
                 f"kernels need multiples of 4)")
-    for suffix in (".jsonl", ".png"):
-        target = args.out.with_suffix(suffix)
-        if target.exists() and not args.overwrite:
-            p.error(f"--out: {target} exists; pass --overwrite to replace it")
+    out_files(p, args.out, [".jsonl", ".png"], args.overwrite)
     return args
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file beside `path`, then rename: a failed run leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -602,4 +589,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

@@ -43,7 +43,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
+from common import bench_arguments, bench_job, bench_main, interleaved_rates, median_rates, prepare  # noqa: E402
 
 from embshard.config import (
     EmbeddingsConfig,  # noqa: E402
@@ -207,4 +207,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchData, bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
+from common import BenchData, bench_arguments, bench_job, bench_main, interleaved_rates, median_rates, prepare  # noqa: E402
 from throughput import embshard_steps, run_embshard
 
 from embshard.config import EmbeddingsConfig, JobConfig, MletConfig
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_arguments, bench_job, interleaved_rates, median_rates, prepare  # noqa: E402
+from common import bench_arguments, bench_job, bench_main, interleaved_rates, median_rates, prepare  # noqa: E402
 
 from embshard.config import (
     GRANULARITIES,  # noqa: E402
@@ -96,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

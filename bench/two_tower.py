@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import CACHE, init_single_process_group
+from common import CACHE, RESULTS, bench_main, init_single_process_group, out_files, write_json
+from quality import source_digest
 
 from embshard.config import (
     DataConfig,
@@ -54,16 +55,22 @@ from embshard.trainer.models.two_tower_model import TwoTowerModel
 from embshard.trainer.planning import planning_step
 
 CPU = torch.device("cpu")
-RESULTS = Path(__file__).resolve().parent / "results"
 BYTES_PER_PARAM = 4  # fp32
 METRICS = ("recall@10", "recall@50", "ndcg@10", "ndcg@50")
+# What a report reads of each row of --rows-from.
+ROW_KEYS = ("config", "seed", "epochs", "embedding_serve_bytes", "tower_bytes", *(f"test_{m}" for m in METRICS))
 
 
 def prepare_dataset(data_root: Path) -> Path:
-    """Its own cache folder: the ranking benchmarks' ML-1M cache may predate the item catalog."""
-    out = CACHE / "movielens-1m-retrieval"
+    """Its own cache folder: the ranking benchmarks' ML-1M cache may predate the item catalog. It is
+    named by a hash of the source's files: other data under another --data-root is converted
+    again, not served from whatever the cache held."""
+    src = data_root / "ml-1m"
+    if not src.is_dir():
+        raise SystemExit(f"{src}: not found (--data-root)")
+    out = CACHE / f"movielens-1m-retrieval-{source_digest('movielens', src)}"
     if not (out / SPEC_FILE).is_file():
-        convert("movielens", data_root / "ml-1m", out)
+        convert("movielens", src, out)
     return out
 
 
@@ -176,12 +183,6 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def train_rows(args: argparse.Namespace, out_json: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     init_single_process_group()
     data = prepare_dataset(args.data_root)
@@ -211,7 +212,12 @@ def saved_rows(paths: list[Path]) -> list[dict[str, Any]]:
             saved = json.loads(path.read_text())["rows"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a bench/two_tower.py output ({e})") from None
+        if not isinstance(saved, list):
+            raise ValueError(f"{path}: not a bench/two_tower.py output (its rows are no list)")
         for row in saved:
+            missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else ["config"]
+            if missing:
+                raise ValueError(f"{path}: not a bench/two_tower.py output (a row without {missing[0]!r})")
             key = (row["config"], row["seed"])
             if key in seen:
                 raise ValueError(f"{path}: {row['config']} seed {row['seed']} is already in {seen[key]}")
@@ -241,10 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows-from", type=Path, nargs="+", metavar="JSON",
                    help="train nothing: report the rows of earlier runs' OUT.json files (seeds run side by side)")
     args = p.parse_args(argv)
-    out_json, out_png = args.out.with_suffix(".json"), args.out.with_suffix(".png")
-    for target in (out_json, out_png):
-        if target.exists() and not args.overwrite:
-            p.error(f"--out: {target} exists; pass --overwrite to replace it")
+    out_json, out_png = out_files(p, args.out, [".json", ".png"], args.overwrite)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     header = {"args": {k: str(v) for k, v in vars(args).items()}}
     if args.rows_from:
@@ -265,4 +268,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

@@ -18,19 +18,21 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from common import at_least_one, bench_main
 
 from embshard.datasets.vocabulary import Vocabulary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunk", type=int, default=65536, help="values per chunk")
-    parser.add_argument("--sizes", default="250000,1000000,4000000", help="vocabulary sizes")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk", type=at_least_one, default=65536, help="values per chunk")
+    parser.add_argument("--sizes", type=lambda text: [at_least_one(s) for s in text.split(",")],
+                        default="250000,1000000,4000000", help="vocabulary sizes")
+    parser.add_argument("--repeats", type=at_least_one, default=3)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"{'vocabulary':>12} {'encode ms/chunk':>16} {'index_in ms/chunk':>18} {'ratio':>7}")
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in args.sizes:
         # Criteo's categorical values: 8-digit hex strings; a tenth of the chunk unseen in training.
         values = pa.array(np.char.mod("%08x", rng.choice(2**32, size, replace=False)))
         picks = rng.integers(0, size + size // 10, args.chunk)
@@ -59,4 +61,4 @@ def _best(fn: Callable[..., np.ndarray], args: tuple, repeats: int) -> tuple[flo
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

@@ -69,3 +69,27 @@ def test_rows_from_refuses_a_seed_twice(two_tower, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert f"--rows-from: {again}: uniform-8 seed 0 is already in {first}" in capsys.readouterr().err
     assert not (tmp_path / "all.json").exists()
+
+
+def test_rows_from_names_a_row_it_cannot_read(two_tower, tmp_path, capsys):
+    # A row without a field was a KeyError from the report, rows of another type a TypeError.
+    path = tmp_path / "rows.json"
+    for rows, said in (([{"config": "uniform-8"}], "a row without 'seed'"), (5, "its rows are no list")):
+        path.write_text(json.dumps({"rows": rows}))
+        with pytest.raises(SystemExit) as exit_info:
+            two_tower.main(["--rows-from", str(path), "--out", str(tmp_path / "all")])
+        assert exit_info.value.code == 2
+        assert f"--rows-from: {path}: not a bench/two_tower.py output ({said})" in capsys.readouterr().err
+
+
+def test_the_converted_dataset_is_cached_per_source(two_tower, tmp_path, monkeypatch):
+    # Its one cache folder served the first --data-root's conversion for every other.
+    from embshard.datasets.schema import DatasetSpec
+    from tests.movielens_fixture import write_ml1m_like
+
+    monkeypatch.setattr(two_tower, "CACHE", tmp_path / "cache")
+    for root, users in (("a", 20), ("b", 30)):
+        write_ml1m_like(tmp_path / root / "ml-1m", users=users, movies=10, per_user=5)
+    first, second = (two_tower.prepare_dataset(tmp_path / root) for root in ("a", "b"))
+    assert first != second and str(tmp_path / "b") in DatasetSpec.load(second).source
+    assert two_tower.prepare_dataset(tmp_path / "a") == first
