@@ -237,6 +237,9 @@ def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Pa
     if path.is_dir():
         raise error(f"{path}: a directory; give the path of a file to write the {what} to")
     check_not_in_sealed(path, what, error)
+    if path.is_symlink():
+        # Renamed over, the link became a file of its own (a dangling one without --overwrite).
+        raise error(f"{path}: a symbolic link; give the file it points to ({path.resolve()})")
     if not path.exists():
         _check_creatable(path, error)
         return

@@ -86,6 +86,21 @@ def load_decisions(path: str | Path) -> Decisions:
         raise PlanError(f"{path}: {e}") from None
 
 
+MAX_META_DEPTH = 64  # a plan's deepcopy of a meta 500 deep was a RecursionError after the whole plan
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON `value` nests objects and arrays, counted without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def parse_decisions(raw: Any) -> Decisions:
     """Check a decisions document; errors name the key (`tables.C1.blocks[0].dim: ...`)."""
     _mapping(raw, "<root>", required={"version", "method", "base_dim", "tables"}, optional={"meta"})
@@ -100,6 +115,8 @@ def parse_decisions(raw: Any) -> Decisions:
         json.dumps(raw.get("meta", {}), allow_nan=False)
     except ValueError:
         raise PlanError("meta: holds NaN or an infinity, which JSON has no number for") from None
+    if _depth(raw.get("meta", {})) > MAX_META_DEPTH:  # a plan's save copies it, recursively
+        raise PlanError(f"meta: nested deeper than {MAX_META_DEPTH} levels")
     tables = raw["tables"]
     if not isinstance(tables, dict) or not tables:
         raise PlanError(f"tables: expected a non-empty object, got {tables!r}")

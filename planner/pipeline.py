@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from embshard.errors import ConfigError, PlanError
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
 from embshard.planner.policies import plan_dimensions
-from embshard.planner.remap import load_remap
+from embshard.planner.remap import REMAP_SUFFIX, load_remap
 from embshard.planner.shard_plan import ShardPlan, plan_sharding
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import DimensionPlan
@@ -115,7 +116,10 @@ class PlanBundle:
         copy.save(name)
         kept = {t.remap for t in self.dimension_plan.tables if t.remap is not None} | set(readers)
         for stale in sorted(replaced - kept):
-            (directory / stale).unlink(missing_ok=True)
+            # Only a remap file of this folder, by the name a plan gives one: the names come from
+            # the file replaced, and a hand-edited one's "/home/me/notes" or "../x" was deleted.
+            if Path(stale).name == stale and stale.endswith(REMAP_SUFFIX):
+                (directory / stale).unlink(missing_ok=True)
         return copy
 
     def id_maps(self) -> dict[str, np.ndarray]:
@@ -127,7 +131,8 @@ def _remaps_read_by(plan_file: Path) -> set[str]:
     try:
         raw = json.loads(plan_file.read_text())
         tables = raw["dimension_plan"]["tables"] if "dimension_plan" in raw else list(raw["tables"].values())
-        return {t["remap"] for t in tables if isinstance(t.get("remap"), str)}
+        # As a path in the folder: a reader's "./t_C2.<digest>.remap.npy" did not keep that file.
+        return {os.path.normpath(t["remap"]) for t in tables if isinstance(t.get("remap"), str) and t["remap"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
 

@@ -33,12 +33,7 @@ def frequency_ranking(counts: np.ndarray) -> np.ndarray:
 
 def check_remap(remap: np.ndarray, num_embeddings: int, where: str) -> np.ndarray:
     """Raise PlanError unless `remap` is a permutation of range(num_embeddings)."""
-    if remap.ndim != 1 or not np.issubdtype(remap.dtype, np.integer):
-        raise PlanError(
-            f"{where}: remap must be a 1-D integer array, got {remap.dtype} {remap.shape}"
-        )
-    if len(remap) != num_embeddings:
-        raise PlanError(f"{where}: remap has {len(remap)} entries, table has {num_embeddings} rows")
+    _check_shape(remap.dtype, remap.shape, num_embeddings, where)
     if len(remap) and (remap.min() < 0 or remap.max() >= num_embeddings):
         raise PlanError(f"{where}: remap has rows outside [0, {num_embeddings})")
     if len(remap) and np.bincount(remap, minlength=num_embeddings).max() > 1:
@@ -64,9 +59,35 @@ def load_remap(path: StoragePath, num_embeddings: int) -> np.ndarray:
         raise PlanError(f"{path}: {no_file(path, 'remap file')}")
     try:
         # Bytes first: the plan folder of a checkpoint may be in object storage (a RemotePath).
-        remap = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+        data = path.read_bytes()
+        _check_header(data, num_embeddings, str(path))
+        remap = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
         # numpy's own text for a file of another kind advises allow_pickle=True: not for a remap.
         why = "a pickle or text file" if "allow_pickle" in str(e) else first_line(e)
         raise PlanError(f"{path}: not a .npy array ({why})") from None
+    if not isinstance(remap, np.ndarray):  # np.load reads an .npz archive too
+        raise PlanError(f"{path}: not a .npy array (an .npz archive)")
     return check_remap(remap, num_embeddings, str(path))
+
+
+def _check_shape(dtype: np.dtype, shape: tuple[int, ...], num_embeddings: int, where: str) -> None:
+    # By kind: numpy counts timedelta64 among its integers, and the cast to int64 then failed.
+    if len(shape) != 1 or dtype.kind not in "iu":
+        raise PlanError(f"{where}: remap must be a 1-D integer array, got {dtype} {shape}")
+    if shape[0] != num_embeddings:
+        raise PlanError(f"{where}: remap has {shape[0]} entries, table has {num_embeddings} rows")
+
+
+def _check_header(data: bytes, num_embeddings: int, where: str) -> None:
+    """The array a .npy header claims, checked before it is read: a header claiming 10**12
+    entries in a file of 200 bytes had numpy allocate 7 TiB. A file without a readable header is
+    left to np.load, which says why."""
+    f = io.BytesIO(data)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except ValueError:
+        return
+    _check_shape(dtype, shape, num_embeddings, where)

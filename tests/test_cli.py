@@ -370,6 +370,46 @@ def test_a_plan_never_swaps_the_remap_another_plan_of_its_folder_reads(tmp_path,
     capsys.readouterr()
 
 
+def test_replacing_a_plan_deletes_only_its_own_remap_files(tmp_path, capsys):
+    # The names came from the plan replaced: a hand-edited one's "../notes" or an absolute path was
+    # deleted, and a reader's "./t_C2.<digest>.remap.npy" did not keep that file.
+    cfg = _mde_within_on_two_datasets(tmp_path)
+    plans = tmp_path / "plans"
+
+    def plan(*flags: str) -> None:
+        assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--out", str(plans / "a.json"),
+                     *flags]) == 0
+
+    plan()
+    ours = sorted(p.name for p in plans.glob("*.remap.npy"))
+    raw = json.loads((plans / "a.json").read_text())
+    precious = [tmp_path / "precious_abs.txt", tmp_path / "precious_rel.txt"]
+    for path in precious:
+        path.write_text("keep me")
+    tables = raw["dimension_plan"]["tables"]
+    tables[0]["remap"], tables[1]["remap"] = str(precious[0]), "../precious_rel.txt"
+    (plans / "a.json").write_text(json.dumps(raw))
+    (plans / "reader.json").write_text(json.dumps({"version": 1, "method": "m", "base_dim": 16,
+                                                   "tables": {"C1": {"dim": 16, "remap": f"./{ours[-1]}"}}}))
+    plan("--set", "embeddings.policy=uniform", "--overwrite")
+    assert all(path.read_text() == "keep me" for path in precious)
+    named = {t["remap"] for t in tables if t.get("remap")}
+    assert ours[-1] in named and len(named & set(ours)) > 1
+    # Those a.json named went, but for the one reader.json reads; the two it no longer named stayed.
+    assert sorted(p.name for p in plans.glob("*.remap.npy")) == sorted(set(ours) - named | {ours[-1]})
+    capsys.readouterr()
+
+
+def test_a_link_where_a_plan_goes_is_refused(tmp_path, capsys):
+    # A dangling one became a file of its own, without --overwrite.
+    cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\n", max_cardinality=300)
+    link = tmp_path / "p.json"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    assert main(["plan", str(cfg), "--out", str(link)]) == 2
+    assert f"{link}: a symbolic link; give the file it points to" in capsys.readouterr().err
+    assert link.is_symlink() and not (tmp_path / "elsewhere.json").exists()
+
+
 def test_a_plan_of_any_suffix_case_keeps_its_remaps_and_its_errors_name_it(tmp_path, capsys):
     # `plan --out X.JSON` is a plan file, but the folder's readers of remaps were *.json alone:
     # replacing another plan there deleted X.JSON's remap files. And a hand-edited plan's errors

@@ -275,3 +275,50 @@ def test_a_remap_beside_a_linked_decisions_file_and_remaps_that_are_no_arrays(tm
         load_remap(tmp_path / "text.npy", 3)
     with pytest.raises(PlanError, match=rf"{tmp_path}: a directory, not a remap file$"):
         load_remap(tmp_path, 3)
+
+
+def test_remaps_of_other_kinds_and_claims_are_one_line_naming_the_table(tmp_path):
+    # An .npz, a timedelta64 array (numpy counts it an integer) and a header claiming 10**12
+    # entries (numpy allocated 7 TiB) were an AttributeError, a TypeError and a MemoryError; a
+    # remap's error named the .npy alone, not which table of which file reads it.
+    with open(tmp_path / "npz.npy", "wb") as f:  # by name, np.savez would add .npz
+        np.savez(f, np.arange(50))
+    np.save(tmp_path / "td.npy", np.arange(50).astype("m8[s]"))
+    header = np.lib.format.header_data_from_array_1_0(np.arange(50))
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (10**12,)})
+        f.write(b"\0" * 200)
+    for name, said in (("npz.npy", r"not a \.npy array \(an \.npz archive\)"),
+                       ("td.npy", r"remap must be a 1-D integer array, got timedelta64\[s\] \(50,\)"),
+                       ("huge.npy", "remap has 1000000000000 entries, table has 50 rows")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**GOOD, "tables": {"C1": {"blocks": [{"rows": 50, "dim": 8}], "remap": name,
+                                                              "row_order": "frequency"},
+                                                       "C2": {"dim": 8}}}))
+        with pytest.raises(PlanError, match=rf"^{path}: tables\.C1\.remap: {tmp_path / name}: {said}$"):
+            from_decisions(path, EmbeddingsConfig(dim=16), SPEC, tmp_path / "plan")
+
+
+def test_decisions_keyed_by_feature_where_a_feature_is_named_like_a_table(tmp_path):
+    # AutoDim keys its file by feature; with a feature named t_C1 (C1's table name) it was refused
+    # as deciding C1 twice.
+    spec = DatasetSpec("toy", ["d0"], [SparseFeature("C1", 50), SparseFeature("t_C1", 8)])
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({**GOOD, "tables": {"C1": {"dim": 8}, "t_C1": {"dim": 4}}}))
+    plan = from_decisions(path, EmbeddingsConfig(dim=16), spec, None)
+    assert {t.features[0]: t.blocks[0].dim for t in plan.tables} == {"C1": 8, "t_C1": 4}
+
+
+def test_a_decisions_meta_too_deep_to_copy_is_refused(tmp_path):
+    # A plan's save copies it recursively: 500 levels was a RecursionError after the whole plan.
+    meta: dict = {}
+    inner = meta
+    for _ in range(500):
+        inner["x"] = {}
+        inner = inner["x"]
+    path = tmp_path / "deep.json"
+    path.write_text(json.dumps({**GOOD, "meta": meta}))
+    with pytest.raises(PlanError, match=rf"^{path}: meta: nested deeper than 64 levels$"):
+        load_decisions(path)
+    path.write_text(json.dumps({**GOOD, "meta": {"a": [[{"b": 1}]]}}))
+    assert load_decisions(path).meta == {"a": [[{"b": 1}]]}

@@ -42,7 +42,10 @@ def from_decisions(
             beside = path.parent / decision.remap
             if not beside.exists():
                 beside = path.resolve().parent / decision.remap
-            ranks = load_remap(beside, feature.cardinality)
+            try:
+                ranks = load_remap(beside, feature.cardinality)
+            except PlanError as e:  # it named the .npy alone, not which table of which file reads it
+                raise PlanError(f"{path}: tables.{key}.remap: {e}") from None
             remap = save_remap(out_dir, name, ranks)
         tables.append(
             TablePlan(name, [feature.name], feature.cardinality, [b for b, _ in blocks],
@@ -71,7 +74,9 @@ def _by_feature(
     decisions: Decisions, spec: DatasetSpec, path: Path
 ) -> dict[str, tuple[str, TableDecision]]:
     """feature -> (key in the file, decision); the file may key a table by feature or table name."""
-    owner = {f: f for f in spec.sparse_names} | {table_name(f): f for f in spec.sparse_names}
+    # A feature's own name first: a feature named like another's table (t_C1) is that feature, as
+    # in the files AutoDim writes, keyed by feature; they were refused as deciding C1 twice.
+    owner = {table_name(f): f for f in spec.sparse_names} | {f: f for f in spec.sparse_names}
     found: dict[str, tuple[str, TableDecision]] = {}
     for key, decision in decisions.tables.items():
         if key not in owner:
