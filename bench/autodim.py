@@ -26,9 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, RESULTS, at_least_one, bench_main, init_single_process_group, write_json
+from common import CACHE, RESULTS, bench_main, init_single_process_group, write_json
 from quality import prepare_dataset
 
+from embshard.cluster.cli_args import positive
 from embshard.cluster.launch import plan_for_training
 from embshard.config import (
     AutodimConfig,
@@ -88,7 +89,7 @@ def search(cfg: JobConfig, steps_per_epoch: int, args: argparse.Namespace) -> tu
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=at_least_one, default=3)
+    p.add_argument("--seeds", type=positive, default=3)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=1, help="epochs of the uniform and retrained models")
     p.add_argument("--pretrain", type=float, default=0.2, help="share of the search epoch with alpha held equal")

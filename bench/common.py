@@ -43,17 +43,6 @@ def bench_main(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-def at_least_one(text: str) -> int:
-    """An argparse type: a whole number >= 1 (`--seeds 0` wrote an empty report over a real one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def results_folder(p: argparse.ArgumentParser, folder: str, names: list[str], overwrite: bool) -> Path:
     """bench/results/FOLDER (named by --label), where a script writes `names`; refused before any
     work where one of them exists and `overwrite` is not given, or where FOLDER is not one folder's

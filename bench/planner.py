@@ -16,8 +16,9 @@ import random
 import time
 from collections import Counter
 
-from common import at_least_one, bench_main
+from common import bench_main
 
+from embshard.cluster.cli_args import positive
 from embshard.planner.memory import memory_report
 from embshard.planner.shard_plan import plan_sharding
 from embshard.planner.topology import GIB, TopologySpec
@@ -86,8 +87,8 @@ def measure(tables: int, world_size: int, local_world_size: int, memory_gb: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tables", type=at_least_one, help="plan this one size instead of the standard cases")
-    parser.add_argument("--world-size", type=at_least_one, default=64)
+    parser.add_argument("--tables", type=positive, help="plan this one size instead of the standard cases")
+    parser.add_argument("--world-size", type=positive, default=64)
     parser.add_argument("--device-memory-gb", type=float, default=80)
     parser.add_argument("--local-world-size", type=int, default=8, help="ranks per host (capped at the world size)")
     args = parser.parse_args(argv)

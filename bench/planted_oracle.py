@@ -38,7 +38,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     CACHE,
-    at_least_one,
     bench_main,
     init_single_process_group,
     results_folder,
@@ -47,6 +46,7 @@ from common import (
     write_json,
 )
 
+from embshard.cluster.cli_args import positive
 from embshard.cluster.sweep_methods import base_params, uniform_width
 from embshard.config import JobConfig, load_job_config
 from embshard.datasets.profile import load_profile
@@ -137,8 +137,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset from `embshard data synth --planted`")
     p.add_argument("--scales", default="1,2", help="widths as multiples of the planted ranks (default 1,2)")
-    p.add_argument("--seeds", type=at_least_one, default=2)
-    p.add_argument("--epochs", type=at_least_one, default=10)
+    p.add_argument("--seeds", type=positive, default=2)
+    p.add_argument("--epochs", type=positive, default=10)
     p.add_argument("--uniform", type=_uniform_widths, default="auto",
                    help="uniform widths trained beside the planted plans: comma-separated widths, `none`, or "
                         "`auto` (default): the width at the smallest planted plan's bytes and the base width")

@@ -18,17 +18,18 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from common import at_least_one, bench_main
+from common import bench_main
 
+from embshard.cluster.cli_args import positive
 from embshard.datasets.vocabulary import Vocabulary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunk", type=at_least_one, default=65536, help="values per chunk")
-    parser.add_argument("--sizes", type=lambda text: [at_least_one(s) for s in text.split(",")],
+    parser.add_argument("--chunk", type=positive, default=65536, help="values per chunk")
+    parser.add_argument("--sizes", type=lambda text: [positive(s) for s in text.split(",")],
                         default="250000,1000000,4000000", help="vocabulary sizes")
-    parser.add_argument("--repeats", type=at_least_one, default=3)
+    parser.add_argument("--repeats", type=positive, default=3)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"{'vocabulary':>12} {'encode ms/chunk':>16} {'index_in ms/chunk':>18} {'ratio':>7}")

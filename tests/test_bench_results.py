@@ -36,7 +36,7 @@ def test_planted_oracle_keeps_earlier_results_and_refuses_no_seeds(common, tmp_p
     earlier.parent.mkdir(parents=True)
     earlier.write_text('{"precious": 1}')
     assert _main(oracle, ["--data", str(tmp_path / "planted"), "--seeds", "0"], monkeypatch) == 2
-    assert "argument --seeds: must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --seeds: must be >= 1, got 0" in capsys.readouterr().err
     assert _main(oracle, ["--data", str(tmp_path / "planted")], monkeypatch) == 2
     assert f"{earlier} exists; pass --overwrite to replace it" in capsys.readouterr().err  # before reading data
     assert _main(oracle, ["--data", str(tmp_path / "planted"), "--scales", "1,0"], monkeypatch) == 2
