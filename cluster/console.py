@@ -159,6 +159,8 @@ def _show(line: str, sink: TextIO) -> None:
     if line.startswith("\r") and not is_terminal(sink):
         _bar_lines.setdefault(sink, RedrawsAsLines(sink)).show(line)
         return
+    for lines in _bar_lines.values():
+        lines.flush()
     if _bar_open is not None and not line.startswith("\r"):
         _bar_open.write("\n")
         _bar_open.flush()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embshard.datasets.schema import DatasetSpec, check_ids, flat_ids, read_parquet_table
+from embshard.datasets.schema import DatasetSpec, check_ids, check_no_nulls, flat_ids, read_parquet_table
 from embshard.datasets.storage import StoragePath, location
 from embshard.errors import DataError
 
@@ -28,6 +28,8 @@ def read_catalog(dataset_dir: str | Path | StoragePath, spec: DatasetSpec, start
             raise DataError(f"{path}: column {field.name!r} missing or not of type {field.type}")
     stop = table.num_rows if stop is None else stop
     table = table.slice(start, stop - start).select(expected.names)
+    # A null became a NaN float that every id check let pass: an IndexError at the first evaluation.
+    check_no_nulls(path, table, expected.names, start)
     ids = table[spec.catalog.item_id].to_numpy()
     wrong = np.flatnonzero(ids != np.arange(start, stop))
     if wrong.size:

@@ -122,13 +122,14 @@ def check_not_in_sealed(out: StoragePath, what: str, error: type[EmbshardError] 
                         "write it elsewhere")
 
 
-def _check_not_a_step(out: Path, error: type[EmbshardError]) -> None:
+def _check_not_a_step(out: StoragePath, error: type[EmbshardError]) -> None:
     """Raises when `out` is named as a step among the steps of a checkpoint directory: the run
     saving there took an export written as `ckpt/step-000099` for one of its steps, and its
-    pruning deleted it."""
+    pruning deleted it. Exports named by their steps in a folder of exports are no steps."""
     if not is_step_name(out.name) or not out.parent.is_dir():
         return
-    steps = sorted(e.name for e in out.parent.iterdir() if is_step_name(e.name) and e.name != out.name)
+    steps = sorted(e.name for e in out.parent.iterdir() if is_step_name(e.name) and e.name != out.name
+                   and (e / CHECKPOINT_MANIFEST).is_file())
     if steps:
         raise error(f"{out}: named as a checkpoint's step, among the steps of {out.parent} ({steps[0]}): a run "
                     "saving there would take it for one and delete it; name it otherwise or write it elsewhere")
@@ -271,6 +272,7 @@ def _check_remote_output(out: RemotePath, overwrite: bool, kind: Replaceable) ->
         raise kind.error(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/{kind.what}")
     check_reachable(out)
     check_not_in_sealed(out, "--out", kind.error)
+    _check_not_a_step(out, kind.error)
     if any(out.iterdir()):
         if not (out / kind.marker).is_file():
             _say_a_whole_copy(out, kind)

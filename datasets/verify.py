@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from embshard.datasets.catalog import read_catalog
 from embshard.datasets.schema import (
     PART_PATTERN,
     SPEC_FILE,
@@ -19,7 +20,7 @@ from embshard.datasets.schema import (
     vocabulary_file,
 )
 from embshard.datasets.storage import StoragePath, location
-from embshard.datasets.vocabulary import check_provenance
+from embshard.datasets.vocabulary import DATASET_KEY, check_provenance
 from embshard.errors import DataError
 
 
@@ -35,6 +36,8 @@ def verify_dataset(dataset_dir: str | Path) -> None:
                                            f"again, or take {name!r} off that list to train and serve by ids")
         check_provenance(path, footer.schema.to_arrow_schema(), footer.num_rows, spec.feature(name).cardinality,
                          spec.id, name)
+    if spec.catalog is not None:  # read whole (one row per item): evaluation read it first, after training
+        read_catalog(dataset_dir, spec)
 
 
 def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
@@ -60,6 +63,10 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
     found = []
     for i, path in enumerate(files):
         meta = read_parquet_footer(path)
+        written_for = (meta.metadata or {}).get(DATASET_KEY, b"").decode(errors="replace")
+        if written_for and spec.id and written_for != spec.id:  # files of before the stamp have none
+            raise DataError(f"{path}: written for another dataset (id {written_for[:8]}) than {SPEC_FILE}'s "
+                            f"({spec.id[:8]}): copied in from another dataset? Write the dataset again")
         if recorded is not None and meta.num_rows != recorded[i]:
             raise DataError(f"{path}: {meta.num_rows:,} rows, {SPEC_FILE} records {recorded[i]:,}")
         found.append((path, meta))

@@ -30,7 +30,7 @@ from embshard.datasets.schema import (
     vocabulary_file,
 )
 from embshard.datasets.storage import location
-from embshard.datasets.vocabulary import Vocabulary
+from embshard.datasets.vocabulary import DATASET_KEY, Vocabulary
 from embshard.errors import DataError, EnvironmentProblem
 from embshard.progress import progress_bar
 from embshard.units import human_bytes
@@ -174,18 +174,21 @@ class DatasetWriter:
             # First: a SIGTERM inside tqdm's constructor left a half-made bar whose clean-up printed
             # "AttributeError: 'tqdm' object has no attribute 'pos'" below the one line.
             self.progress = progress_bar(total=total_rows, desc=desc, unit="rows", unit_scale=True, leave=False)
+            self.dataset_id = uuid.uuid4().hex  # dataset.json's id, known to the vocabularies and part files
+            # Each part file names its writing: one copied in from another dataset of as many rows
+            # was read as this one's, and trained on without a word.
+            stamped = schema.with_metadata({**(schema.metadata or {}), DATASET_KEY: self.dataset_id.encode()})
             self.splits: dict[str, _SplitWriter] = {}
             for split in SPLITS:
                 d = self.staging / split
                 d.mkdir()
-                self.splits[split] = _SplitWriter(d, schema)
+                self.splits[split] = _SplitWriter(d, stamped)
             self.stats = {split: SplitStats() for split in SPLITS}
             # Only converters map values to OOV_ID; synth's id 0 is an ordinary value.
             self.oov_features = list(oov_features)
             self.total_rows = total_rows
             self.room_checked = False
             self.vocabularies: list[str] = []
-            self.dataset_id = uuid.uuid4().hex  # dataset.json's id, known to the vocabularies
         except BaseException:
             drop_staging(self.staging)
             raise
@@ -297,8 +300,9 @@ class DatasetWriter:
                 w.writer = None
         drop_staging(self.staging)
 
-    def summary(self, name: str, skipped: int = 0, target: str = "click") -> str:
-        """target "rating": the labels are ratings, so their sum gives the mean rating, not a share."""
+    def summary(self, name: str, skipped: int = 0, target: str = "click", dropped: str = "") -> str:
+        """target "rating": the labels are ratings, so their sum gives the mean rating, not a share.
+        `dropped`: what else was left out, as `finish` says it."""
         rows = {s: st.rows for s, st in self.stats.items()}
         total = sum(rows.values())
         positives = sum(st.positives for st in self.stats.values())
@@ -306,4 +310,5 @@ class DatasetWriter:
         parts = ", ".join(f"{s} {n:,}" for s, n in rows.items())
         labels = f"mean rating {share:.3f}" if target == "rating" else f"positives {share:.1%}"
         line = f"{name}: {total:,} rows ({parts}), {labels}"
-        return line + (f", skipped {skipped:,} malformed lines" if skipped else "")
+        left_out = [f"skipped {skipped:,} malformed lines" if skipped else "", dropped]
+        return line + "".join(f", {what}" for what in left_out if what)

@@ -148,6 +148,9 @@ def version_mismatch(version: Any, expected: int) -> str | None:
     return f"version {version!r}, expected {expected}"
 
 
+_ITEM_CHARS = 200  # torch's "Missing key(s) in state_dict: ..." names every key on one line
+
+
 def first_line(e: BaseException) -> str:
     """`Type: first line of the message`: enough to act on, short enough for a one-line error.
 
@@ -160,5 +163,6 @@ def first_line(e: BaseException) -> str:
     if TRACEBACK in head and len(lines) > 1:
         head = f"{head.replace(TRACEBACK, '').strip()} {lines[-1]}".strip()
     elif head.endswith(":") and len(lines) > 1:
-        head = f"{head} {lines[1]}"
+        item = lines[1] if len(lines[1]) <= _ITEM_CHARS else lines[1][:_ITEM_CHARS] + "…"
+        head = f"{head} {item}"
     return f"{type(e).__name__}: {head}"

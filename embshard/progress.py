@@ -41,10 +41,14 @@ class RedrawsAsLines:
             self._write(text)
             self.since = now
 
-    def end(self) -> None:
-        """The bar is done, or something else is printed: its state where a line said less."""
+    def flush(self) -> None:
+        """Its state now, where a line of it said less: before another line is printed (a test's
+        result came before the bar's 100% line), and when it ends."""
         if self.written is not None and self.last != self.written:
             self._write(self.last)
+
+    def end(self) -> None:
+        self.flush()
         self.since, self.last, self.written = None, "", None
 
     def _write(self, text: str) -> None:

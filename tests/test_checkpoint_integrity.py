@@ -267,6 +267,9 @@ def test_an_export_never_lands_in_a_checkpoint_folder_and_a_stray_file_condemns_
                                               rf"of {cfg.checkpoint_dir} \(step-000004\): a run saving there"):
             export_serving(newest, cfg.checkpoint_dir / name)
         assert not (cfg.checkpoint_dir / name).exists()
+    # Exports named by their steps, in a folder of exports, are no checkpoint's steps.
+    export_serving(newest, tmp_path / "exports" / "step-000004")
+    export_serving(newest, tmp_path / "exports" / "step-000008")
     # Beside the steps, or beside a step copied out of its run, is no step's.
     export_serving(newest, cfg.checkpoint_dir / "serving")
     # A file in a step's subfolder is never read: it leaves the step good (one at its own level

@@ -400,6 +400,23 @@ def test_replacing_a_plan_deletes_only_its_own_remap_files(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_runs_readers_share_one_copy_of_its_remaps(tmp_path, capsys):
+    # Each reader read the remap files again: the test reader, made at the start with the others,
+    # held a third copy for the whole training (800 MB each for a table of 100M rows).
+    from embshard.config import load_job_config
+    from embshard.planner.pipeline import PlanBundle
+    from embshard.trainer.loop import make_reader
+
+    cfg = _mde_within_on_two_datasets(tmp_path)
+    assert main(["plan", str(cfg), "--set", f"data.path={tmp_path / 'data0'}", "--out", str(tmp_path / "p")]) == 0
+    bundle = PlanBundle.load(tmp_path / "p", "rowwise_adagrad")
+    job = load_job_config(cfg, [f"data.path={tmp_path / 'data0'}"])
+    readers = [make_reader(job, bundle, split, 0, 1) for split in ("train", "valid", "test")]
+    assert readers[0].id_maps and all(
+        np.shares_memory(r.id_maps[f], readers[0].id_maps[f]) for r in readers[1:] for f in readers[0].id_maps)
+    capsys.readouterr()
+
+
 def test_a_link_where_a_plan_goes_is_refused(tmp_path, capsys):
     # A dangling one became a file of its own, without --overwrite.
     cfg = _config_on_data(tmp_path, "embeddings:\n  dim: 8\n", max_cardinality=300)

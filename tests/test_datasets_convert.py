@@ -837,7 +837,9 @@ def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFi
         convert("avazu", [a, twin], tmp_path / "twins", dedup_key="id")
 
 
-def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_several_inputs_and_dedup_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("embshard.progress.is_terminal", lambda stream: True)  # bars as a terminal shows them
     rows = [_avazu_line(i, i % 2, f"141021{i % 24:02d}") for i in range(25)]
     a = _write_lines(tmp_path / "a.csv", [AVAZU_HEADER, *rows[:20]])
     b = _write_lines(tmp_path / "b.csv", [AVAZU_HEADER, *rows[:5], *rows[20:]])

@@ -134,3 +134,40 @@ def test_a_spec_field_of_the_wrong_type_is_one_line_naming_it(multi_part: Path, 
     (multi_part / SPEC_FILE).write_text(json.dumps(spec))
     with pytest.raises(DataError, match=r"dataset\.json: " + message):
         DatasetSpec.load(multi_part)
+
+
+def test_a_part_file_of_another_writing_is_refused(tmp_path: Path) -> None:
+    # One of another dataset of as many rows was read as this one's: verified, trained on.
+    for name, seed in (("a", 0), ("b", 1)):
+        synthesize(tmp_path / name, rows=3000, seed=seed, max_cardinality=100)
+    shutil.copy(tmp_path / "b" / "train" / "part-00000.parquet", tmp_path / "a" / "train" / "part-00000.parquet")
+    written_for = DatasetSpec.load(tmp_path / "b").id[:8]
+    with pytest.raises(DataError, match=rf"a/train/part-00000\.parquet: written for another dataset \(id "
+                                        rf"{written_for}\) than dataset.json's"):
+        verify_dataset(tmp_path / "a")
+    with pytest.raises(DataError, match="written for another dataset"):
+        ParquetBatchReader(tmp_path / "a", "train", 64)
+
+
+def test_an_item_catalog_is_checked_with_the_dataset(tmp_path: Path) -> None:
+    # A null in it was a NaN float every id check let pass (an IndexError at the first evaluation,
+    # after training steps); a missing one was found only then too.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embshard.datasets.convert import convert
+    from tests.movielens_fixture import write_ml1m_like
+
+    data = tmp_path / "data"
+    convert("movielens", write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5), data)
+    verify_dataset(data)
+    part = data / DatasetSpec.load(data).catalog.path
+    table = pq.read_table(part)
+    years = table["year"].to_pylist()
+    years[3] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("year"), "year", pa.array(years, pa.int64())), part)
+    with pytest.raises(DataError, match=r"items/part-00000\.parquet: column 'year', row 3: null value"):
+        verify_dataset(data)
+    part.unlink()
+    with pytest.raises(DataError, match=r"items/part-00000\.parquet: missing \(dataset.json records an item catalog"):
+        verify_dataset(data)

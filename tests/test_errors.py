@@ -16,6 +16,8 @@ def test_a_message_that_introduces_a_list_keeps_its_first_item() -> None:
     assert first_line(e) == ("RuntimeError: Error(s) in loading state_dict for DLRM: size mismatch for w: shape [4] "
                              "vs [8].")
     assert first_line(ValueError("ends with a colon:")) == "ValueError: ends with a colon:"
+    many = RuntimeError("Error(s) in loading state_dict for M:\n\tMissing key(s) in state_dict: " + '"k", ' * 300)
+    assert len(first_line(many)) < 300 and first_line(many).endswith("…")  # one line, not every key
 
 
 def test_a_message_carrying_a_remote_traceback_keeps_the_exception_raised_there() -> None:

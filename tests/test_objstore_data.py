@@ -58,6 +58,17 @@ def test_nothing_is_written_inside_a_dataset_in_a_bucket(s3) -> None:
     synthesize(uri, rows=ROWS, seed=1, max_cardinality=100, overwrite=True)  # still replaceable
 
 
+def test_an_output_named_as_a_step_among_a_buckets_checkpoint_steps_is_refused(s3) -> None:
+    # Checked for local folders only: a run saving into the bucket prunes it as one of its steps.
+    from embshard.datasets.outdir import check_output
+    from embshard.datasets.storage import location
+
+    s3.server.client().put_object(Bucket=s3.name, Key="ckpt/step-000004/manifest.json", Body=b'{"files": {}}')
+    with pytest.raises(DataError, match=r"/ckpt/step-000099: named as a checkpoint's step, among the steps of "):
+        check_output(location(s3.uri("ckpt/step-000099")), False)
+    check_output(location(s3.uri("exports/step-000099")), False)
+
+
 def test_a_dataset_replaced_in_a_bucket_mid_file_is_said_as_replaced(s3, monkeypatch) -> None:
     # The replaced part file's next row group read as garbage: a store's error ("Couldn't
     # deserialize thrift"), which a run would retry, instead of the dataset's replacement.

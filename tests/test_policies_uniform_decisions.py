@@ -307,6 +307,10 @@ def test_decisions_keyed_by_feature_where_a_feature_is_named_like_a_table(tmp_pa
     path.write_text(json.dumps({**GOOD, "tables": {"C1": {"dim": 8}, "t_C1": {"dim": 4}}}))
     plan = from_decisions(path, EmbeddingsConfig(dim=16), spec, None)
     assert {t.features[0]: t.blocks[0].dim for t in plan.tables} == {"C1": 8, "t_C1": 4}
+    # PEP keys its file by table: there t_C1 is C1's table, and t_t_C1 the feature t_C1's.
+    path.write_text(json.dumps({**GOOD, "tables": {"t_C1": {"dim": 8}, "t_t_C1": {"dim": 4}}}))
+    plan = from_decisions(path, EmbeddingsConfig(dim=16), spec, None)
+    assert {t.features[0]: t.blocks[0].dim for t in plan.tables} == {"C1": 8, "t_C1": 4}
 
 
 def test_a_decisions_meta_too_deep_to_copy_is_refused(tmp_path):

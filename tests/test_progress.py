@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tqdm import tqdm
@@ -71,6 +72,18 @@ def test_the_drivers_log_gets_a_workers_bar_as_lines(monkeypatch: pytest.MonkeyP
     console._show("\r100%|##########", out)
     console._end_progress_line()
     assert out.getvalue() == "40%|####\n90%|#########\nstep 9: valid AUC 0.52\n100%|##########\n"
+
+    # A bar's state is written before a later line, not after it: the 100% line came after the
+    # test split's result, as if training ended after the test.
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 30.0)
+    clock = iter([0.0, 40.0, 50.0])
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    out = io.StringIO()
+    for redraw in ("\r  0%|", "\r 80%|########", "\r100%|##########"):
+        console._show(redraw, out)
+    console._show("test: AUC 0.80", out)
+    console._end_progress_line()
+    assert out.getvalue() == "80%|########\n100%|##########\ntest: AUC 0.80\n"
 
     terminal = _Terminal()
     console._show("\r 40%|####", terminal)

@@ -131,8 +131,8 @@ def convert_movielens(src: Path, out_dir: str | Path, *, min_count: int, split: 
         writer.write_vocabularies({name: vocabs[name] for name in spec.sparse_names})
         dropped = f"dropped {release.repeated:,} ratings repeating an earlier one" if release.repeated else ""
         spec = writer.finish(spec, source=str(src), skipped=malformed.count, dropped=dropped)
-    summary = writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count, target=target)
-    return spec, summary + (f", {dropped}" if dropped else "")
+    return spec, writer.summary(f"{release.name} -> {out_dir}", skipped=malformed.count, target=target,
+                                dropped=dropped)
 
 
 def _encode(vocab: Vocabulary, values: pa.Array) -> pa.Array:

@@ -132,8 +132,7 @@ def convert_text(fmt: TextFormat, files: list[Path], out_dir: str | Path, *, min
         skipped = sum(inp.malformed.count for inp in inputs)
         dropped = f"dropped {duplicates:,} rows repeating an earlier row's {dedup_key!r}" if dedup_key else ""
         spec = writer.finish(spec, source=describe(files), skipped=skipped, dropped=dropped)
-    summary = writer.summary(f"{fmt.name} -> {out_dir}", skipped=skipped)
-    return spec, summary + (f", {dropped}" if dropped else "")
+    return spec, writer.summary(f"{fmt.name} -> {out_dir}", skipped=skipped, dropped=dropped)
 
 
 def _parsed(fmt: TextFormat, inputs: list[_Input], desc: str,

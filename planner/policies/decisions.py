@@ -74,9 +74,17 @@ def _by_feature(
     decisions: Decisions, spec: DatasetSpec, path: Path
 ) -> dict[str, tuple[str, TableDecision]]:
     """feature -> (key in the file, decision); the file may key a table by feature or table name."""
-    # A feature's own name first: a feature named like another's table (t_C1) is that feature, as
-    # in the files AutoDim writes, keyed by feature; they were refused as deciding C1 twice.
-    owner = {table_name(f): f for f in spec.sparse_names} | {f: f for f in spec.sparse_names}
+    # One reading for the whole file where one fits every key: with a feature named like another's
+    # table (t_C1), a file keyed by feature (AutoDim's) and one keyed by table (PEP's) each read
+    # t_C1 their own way; key by key, one of them was refused as deciding a feature twice.
+    by_feature = {f: f for f in spec.sparse_names}
+    by_table = {table_name(f): f for f in spec.sparse_names}
+    if decisions.tables.keys() <= by_feature.keys():
+        owner = by_feature
+    elif decisions.tables.keys() <= by_table.keys():
+        owner = by_table
+    else:
+        owner = by_table | by_feature
     found: dict[str, tuple[str, TableDecision]] = {}
     for key, decision in decisions.tables.items():
         if key not in owner:
