@@ -346,8 +346,8 @@ class ParquetBatchReader:
         return table
 
     def _check_values(self, table: pa.Table, group: _RowGroup) -> None:
-        check_no_nulls(group.path, table, [self.spec.label, *self.spec.dense, *self.spec.sparse_names],
-                       group.first_row)
+        # Extras too: a null in an integer one made its batch float64 with a NaN, without a word.
+        check_no_nulls(group.path, table, self.columns, group.first_row)
         floats = [e for e in self.spec.extra if pa.types.is_floating(table[e].type)]
         labels = table[self.spec.label].to_numpy()
         for name in [self.spec.label, *self.spec.dense, *floats]:

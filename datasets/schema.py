@@ -327,8 +327,13 @@ def check_part_schema(path: str | StoragePath, actual: pa.Schema, spec: DatasetS
             raise DataError(f"{path}: column {column.name!r} has type {actual.field(i).type}, "
                             f"dataset.json implies {column.type}")
     for name in spec.extra:
-        if actual.get_field_index(name) < 0:
+        i = actual.get_field_index(name)
+        if i < 0:
             raise DataError(f"{path}: extra column {name!r} missing (dataset.json declares it)")
+        # A batch carries extras as tensors: a string column was a TypeError from torch mid-epoch.
+        kind = actual.field(i).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise DataError(f"{path}: extra column {name!r} has type {kind}; an extra column holds numbers")
 
 
 def check_no_nulls(path: str | StoragePath, table: pa.Table, names: list[str], first_row: int) -> None:

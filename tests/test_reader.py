@@ -293,3 +293,18 @@ def test_a_non_finite_extra_column_is_named(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "x", [table.append_column("item_frequency", pa.array(freq))], spec)
     with pytest.raises(DataError, match=r"column 'item_frequency', row 12: non-finite value nan"):
         list(ParquetBatchReader(root, "train", 16))
+
+
+def test_an_extra_column_of_text_or_with_a_null_is_named(tmp_path: Path) -> None:
+    # Text was a TypeError from torch mid-epoch; a null in an integer extra made its batch float64
+    # with a NaN, without a word.
+    spec = DatasetSpec(name="x", dense=[], sparse=[SparseFeature("a", 10)], extra=["cnt"])
+    table = _table(0, 60, np.random.default_rng(5)).select(["label", "a"])
+    texts = write_dataset(tmp_path / "t", [table.append_column("cnt", pa.array(["x"] * 60))], spec)
+    with pytest.raises(DataError, match=r"extra column 'cnt' has type string; an extra column holds numbers"):
+        list(ParquetBatchReader(texts, "train", 16))
+    counts: list[int | None] = list(range(60))
+    counts[7] = None
+    nulls = write_dataset(tmp_path / "n", [table.append_column("cnt", pa.array(counts, pa.int64()))], spec)
+    with pytest.raises(DataError, match=r"column 'cnt', row 7: null value"):
+        list(ParquetBatchReader(nulls, "train", 16, shuffle=False))
