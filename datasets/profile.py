@@ -23,6 +23,7 @@ from embshard.datasets.outdir import check_profile_replaceable, make_staging, re
 from embshard.datasets.schema import (
     PROFILE_DIR,
     PROFILE_FILE,
+    SPEC_FILE,
     DatasetSpec,
     check_ids,
     check_no_nulls,
@@ -166,6 +167,12 @@ def load_profile(dataset_dir: str | Path) -> Profile:
         stats = {name: FeatureStats(**s) for name, s in raw.items()}
     except (TypeError, AttributeError, ValueError) as e:
         raise DataError(f"{path}: malformed profile ({e}); rerun `embshard data profile {dataset_dir}`") from None
+    # A profile of another writing of the data (its train split cut or grown since) was planned on.
+    train_rows = DatasetSpec.load(dataset_dir).rows.get("train")
+    counted = {s.rows for s in stats.values()}
+    if train_rows is not None and counted and counted != {train_rows}:
+        raise DataError(f"{path}: counted {min(counted):,} train rows, {SPEC_FILE} records {train_rows:,}: a profile "
+                        f"of other data; rerun `embshard data profile {dataset_dir}`")
     return Profile(directory, stats)
 
 

@@ -320,9 +320,13 @@ def flat_ids(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray
 def check_part_schema(path: str | StoragePath, actual: pa.Schema, spec: DatasetSpec) -> None:
     """DataError unless a part file has every column dataset.json declares, of its type."""
     for column in spec.arrow_schema():
-        i = actual.get_field_index(column.name)
-        if i < 0:
+        found = actual.get_all_field_indices(column.name)
+        if len(found) > 1:  # get_field_index gives -1 for it too: it was said to be missing
+            raise DataError(f"{path}: column {column.name!r} appears {len(found)} times; a part file holds each "
+                            "column once")
+        if not found:
             raise DataError(f"{path}: column {column.name!r} missing (dataset.json declares it)")
+        i = found[0]
         if not actual.field(i).type.equals(column.type):
             raise DataError(f"{path}: column {column.name!r} has type {actual.field(i).type}, "
                             f"dataset.json implies {column.type}")

@@ -165,3 +165,15 @@ def test_json_files_with_a_key_twice_or_nested_past_reading_are_refused(tmp_path
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match=r"deep\.json: not a file embshard writes \(nested deeper"):
         read_json(deep, DataError)
+
+
+def test_a_profile_of_other_train_rows_is_refused(tmp_path: Path) -> None:
+    # A train split cut by hand, dataset.json edited to match, and the old profile was planned on.
+    data = tmp_path / "d"
+    synthesize(data, rows=2000, max_cardinality=50)
+    spec = json.loads((data / "dataset.json").read_text())
+    spec["rows"]["train"] -= 1
+    (data / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=rf"profile.json: counted {spec['rows']['train'] + 1:,} train rows, "
+                                        rf"dataset.json records {spec['rows']['train']:,}: a profile of other data"):
+        load_profile(data)

@@ -308,3 +308,11 @@ def test_an_extra_column_of_text_or_with_a_null_is_named(tmp_path: Path) -> None
     nulls = write_dataset(tmp_path / "n", [table.append_column("cnt", pa.array(counts, pa.int64()))], spec)
     with pytest.raises(DataError, match=r"column 'cnt', row 7: null value"):
         list(ParquetBatchReader(nulls, "train", 16, shuffle=False))
+
+
+def test_a_column_written_twice_is_named_as_such(tmp_path: Path) -> None:
+    # It was said to be missing.
+    table = _table(0, 60, np.random.default_rng(5))
+    root = write_dataset(tmp_path / "d", [table.append_column("a", table["a"])])
+    with pytest.raises(DataError, match=r"column 'a' appears 2 times; a part file holds each column once"):
+        ParquetBatchReader(root, "train", 16)
