@@ -52,7 +52,7 @@ DATASETS = {
 }
 
 
-def prepare_dataset(name: str, data_root: Path, split: str = "time") -> Path:
+def prepare_dataset(name: str, data_root: Path, split: str = "time", cache: str | None = None) -> Path:
     """Convert the real dataset once per source and split: the cache folder is named by the split
     and a hash of the source's files (names and contents), so other data, the same file rewritten
     or another split is converted again instead of reusing whatever dataset.json is there."""
@@ -60,7 +60,7 @@ def prepare_dataset(name: str, data_root: Path, split: str = "time") -> Path:
     src = data_root.joinpath(*source.parts)
     if not src.exists():
         raise SystemExit(f"{src}: not found (--data-root)")
-    out = CACHE / f"{name}-{split}-{source_digest(source.kind, src)}"
+    out = CACHE / f"{cache or name}-{split}-{source_digest(source.kind, src)}"
     if not (out / SPEC_FILE).is_file():  # convert() renames a complete dataset into place, or nothing
         convert(source.kind, src, out, split=split)
     return out

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import quality
 import torch
 from common import CACHE, RESULTS, bench_main, init_single_process_group, out_files, write_json
-from quality import source_digest
 
 from embshard.config import (
     DataConfig,
@@ -42,9 +42,8 @@ from embshard.config import (
     ModelConfig,
     TrainConfig,
 )
-from embshard.datasets.convert import convert
 from embshard.datasets.reader import ParquetBatchReader
-from embshard.datasets.schema import SPEC_FILE, DatasetSpec
+from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import plan_with
 from embshard.planner.policies.uniform import uniform_plan
 from embshard.planner.topology import TopologySpec
@@ -62,16 +61,8 @@ ROW_KEYS = ("config", "seed", "epochs", "embedding_serve_bytes", "tower_bytes", 
 
 
 def prepare_dataset(data_root: Path) -> Path:
-    """Its own cache folder: the ranking benchmarks' ML-1M cache may predate the item catalog. It is
-    named by a hash of the source's files: other data under another --data-root is converted
-    again, not served from whatever the cache held."""
-    src = data_root / "ml-1m"
-    if not src.is_dir():
-        raise SystemExit(f"{src}: not found (--data-root)")
-    out = CACHE / f"movielens-1m-retrieval-{source_digest('movielens', src)}"
-    if not (out / SPEC_FILE).is_file():
-        convert("movielens", src, out)
-    return out
+    """Its own cache folder: the ranking benchmarks' ML-1M cache may predate the item catalog."""
+    return quality.prepare_dataset("movielens-1m", data_root, cache="movielens-1m-retrieval")
 
 
 def configs(args: argparse.Namespace, data: Path) -> dict[str, EmbeddingsConfig]:

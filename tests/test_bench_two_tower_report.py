@@ -87,7 +87,7 @@ def test_the_converted_dataset_is_cached_per_source(two_tower, tmp_path, monkeyp
     from embshard.datasets.schema import DatasetSpec
     from tests.movielens_fixture import write_ml1m_like
 
-    monkeypatch.setattr(two_tower, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(two_tower.quality, "CACHE", tmp_path / "cache")
     for root, users in (("a", 20), ("b", 30)):
         write_ml1m_like(tmp_path / root / "ml-1m", users=users, movies=10, per_user=5)
     first, second = (two_tower.prepare_dataset(tmp_path / root) for root in ("a", "b"))
