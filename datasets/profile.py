@@ -2,13 +2,14 @@
 
 Layout::
 
-    DIR/profile/profile.json    # {feature: {rows, total_ids, distinct_ids, mean_ids_per_row}}
+    DIR/profile/profile.json    # {feature: {rows, total_ids, distinct_ids, mean_ids_per_row, sha256}}
     DIR/profile/<feature>.npy   # int64 counts[id], length = cardinality
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import shutil
@@ -42,6 +43,9 @@ class FeatureStats:
     total_ids: int
     distinct_ids: int
     mean_ids_per_row: float  # the pooling factor
+    # Of the count file, so that one copied in from other data with the same total is refused
+    # (profiles written before it have none, and are checked by their total alone).
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("rows", "total_ids", "distinct_ids"):
@@ -52,12 +56,20 @@ class FeatureStats:
         if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not 0 <= mean <= self.total_ids:
             # Above total_ids, no row count gives it (1e308 was an OverflowError in TorchRec's planner).
             raise ValueError(f"mean_ids_per_row {mean!r} is no pooling factor of {self.total_ids:,} ids")
+        if self.sha256 is not None and not (isinstance(self.sha256, str) and len(self.sha256) == 64
+                                            and all(c in "0123456789abcdef" for c in self.sha256)):
+            raise ValueError(f"sha256 {self.sha256!r} is no digest")
+
+
+def counts_digest(counts: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(counts, dtype="<i8")).hexdigest()
 
 
 @dataclass
 class Profile:
     directory: StoragePath  # DIR/profile
     stats: dict[str, FeatureStats]
+    cardinalities: dict[str, int]  # dataset.json's, which each count file's length must be
     _counts: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -80,10 +92,17 @@ class Profile:
             except (ValueError, EOFError) as e:
                 raise DataError(f"{path}: not a count file ({e}); {rerun}") from None
             # What profile.json vouches for: a stale, cut or foreign file planned silently.
-            if counts.ndim != 1 or counts.dtype.kind not in "iu" or int(counts.sum()) != self.stats[name].total_ids \
-                    or (counts.size and int(counts.min()) < 0):
-                raise DataError(f"{path}: not the counts profile.json describes ({self.stats[name].total_ids:,} ids "
+            stats = self.stats[name]
+            if counts.ndim != 1 or counts.dtype.kind not in "iu" or int(counts.sum()) != stats.total_ids \
+                    or (counts.size and int(counts.min()) < 0) \
+                    or (stats.sha256 is not None and counts_digest(counts) != stats.sha256):
+                raise DataError(f"{path}: not the counts profile.json describes ({stats.total_ids:,} ids "
                                 f"of feature {name!r}); {rerun}")
+            cardinality = self.cardinalities.get(name)
+            if cardinality is not None and counts.size != cardinality:
+                # dataset.json's cardinality edited (or the data rewritten) since the profile.
+                raise DataError(f"{path}: counts {counts.size:,} ids of feature {name!r}, {SPEC_FILE} gives it "
+                                f"cardinality {cardinality:,}; {rerun}")
             self._counts[name] = counts
         return self._counts[name]
 
@@ -147,14 +166,15 @@ def write_profile(dataset_dir: str | Path) -> Profile:
         for name, c in counts.items():
             np.save(staging / f"{name}.npy", c)
             total = int(c.sum())
-            stats[name] = FeatureStats(rows, total, int(np.count_nonzero(c)), total / rows if rows else 0.0)
+            stats[name] = FeatureStats(rows, total, int(np.count_nonzero(c)), total / rows if rows else 0.0,
+                                       counts_digest(c))
         (staging / PROFILE_FILE).write_text(
             json.dumps({n: dataclasses.asdict(s) for n, s in stats.items()}, indent=2) + "\n")
         replace_folder(staging, directory, PROFILE_FILE)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Profile(directory, stats, counts)
+    return Profile(directory, stats, _cardinalities(spec), counts)
 
 
 def load_profile(dataset_dir: str | Path) -> Profile:
@@ -168,12 +188,17 @@ def load_profile(dataset_dir: str | Path) -> Profile:
     except (TypeError, AttributeError, ValueError) as e:
         raise DataError(f"{path}: malformed profile ({e}); rerun `embshard data profile {dataset_dir}`") from None
     # A profile of another writing of the data (its train split cut or grown since) was planned on.
-    train_rows = DatasetSpec.load(dataset_dir).rows.get("train")
+    spec = DatasetSpec.load(dataset_dir)
+    train_rows = spec.rows.get("train")
     counted = {s.rows for s in stats.values()}
     if train_rows is not None and counted and counted != {train_rows}:
         raise DataError(f"{path}: counted {min(counted):,} train rows, {SPEC_FILE} records {train_rows:,}: a profile "
                         f"of other data; rerun `embshard data profile {dataset_dir}`")
-    return Profile(directory, stats)
+    return Profile(directory, stats, _cardinalities(spec))
+
+
+def _cardinalities(spec: DatasetSpec) -> dict[str, int]:
+    return {f.name: f.cardinality for f in spec.sparse}
 
 
 class IdCounts(Mapping[str, np.ndarray]):

@@ -177,3 +177,34 @@ def test_a_profile_of_other_train_rows_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"profile.json: counted {spec['rows']['train'] + 1:,} train rows, "
                                         rf"dataset.json records {spec['rows']['train']:,}: a profile of other data"):
         load_profile(data)
+
+
+def test_a_count_file_of_other_data_with_the_same_total_is_refused(tmp_path: Path) -> None:
+    # A count file copied in from another dataset: its total matched, so it was planned on.
+    synthesize(tmp_path / "d", rows=500, max_cardinality=50)
+    path = tmp_path / "d" / "profile" / "C1.npy"
+    good = np.load(path)
+    np.save(path, good[::-1].copy())
+    assert (good[::-1] != good).any()
+    with pytest.raises(DataError, match=r"C1\.npy: not the counts profile\.json describes"):
+        load_profile(tmp_path / "d").counts("C1")
+    # A profile written before the digests is checked by its total alone, as it was.
+    np.save(path, good)
+    stats = json.loads((path.parent / "profile.json").read_text())
+    for s in stats.values():
+        del s["sha256"]
+    (path.parent / "profile.json").write_text(json.dumps(stats))
+    assert load_profile(tmp_path / "d").counts("C1").tolist() == good.tolist()
+
+
+def test_a_cardinality_edited_after_the_profile_names_the_count_file_and_the_fix(tmp_path: Path) -> None:
+    # Was "id counts for 'C1': expected 1470 integers, got int64 (1460,)" from deep in the planner.
+    data = tmp_path / "d"
+    synthesize(data, rows=500, max_cardinality=50)
+    spec = json.loads((data / "dataset.json").read_text())
+    cardinality = spec["sparse"][0]["cardinality"]
+    spec["sparse"][0]["cardinality"] += 10
+    (data / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=rf"profile/C1\.npy: counts {cardinality} ids of feature 'C1', dataset\.json "
+                                        rf"gives it cardinality {cardinality + 10}; rerun `embshard data profile`"):
+        load_profile(data).counts("C1")
