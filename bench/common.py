@@ -55,10 +55,12 @@ def results_folder(p: argparse.ArgumentParser, folder: str, names: list[str], ov
 
 
 def out_files(p: argparse.ArgumentParser, out: Path, suffixes: list[str], overwrite: bool) -> list[Path]:
-    """The files OUT.<suffix> of an --out OUT, each refused where it exists without --overwrite."""
+    """The files OUT.<suffix> of an --out OUT, each refused where it exists without --overwrite.
+    OUT may end in one of the suffixes; any other dot in it is part of the name (`res.v2`)."""
     if out.name in ("", ".", ".."):
         p.error(f"--out {out}: names the files OUT{', OUT'.join(suffixes)}: give it a name, not a folder")
-    files = [out.with_suffix(suffix) for suffix in suffixes]
+    stem = out.with_suffix("") if out.suffix in suffixes else out
+    files = [stem.with_name(stem.name + suffix) for suffix in suffixes]
     refuse_existing(p, files, overwrite)
     return files
 

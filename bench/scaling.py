@@ -546,7 +546,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.dim % 8:
         p.error(f"--dim {args.dim}: must be a multiple of 8 (MLET serves dim / 2, and FBGEMM's CPU "
                 f"kernels need multiples of 4)")
-    out_files(p, args.out, [".jsonl", ".png"], args.overwrite)
+    args.out_jsonl, args.out_png = out_files(p, args.out, [".jsonl", ".png"], args.overwrite)
     return args
 
 
@@ -581,10 +581,10 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_ranges": {f"{r['curve']}@{r['x']}": [r["ratio_min"], r["ratio_max"]] for r in records},
         "load_avg_1m": [min(r["load_avg_1m"][0] for r in records), max(r["load_avg_1m"][1] for r in records)],
     }
-    write_atomic(args.out.with_suffix(".jsonl"),
+    write_atomic(args.out_jsonl,
                  lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in [*records, summary])))
     if exponents:
-        write_atomic(args.out.with_suffix(".png"), lambda p: plot(records, exponents, p))
+        write_atomic(args.out_png, lambda p: plot(records, exponents, p))
     print(json.dumps(summary))
 
 

@@ -93,6 +93,15 @@ def test_counts_and_out_names_are_checked_as_arguments(capsys):
         assert stopped.value.code == 2 and said in capsys.readouterr().err
 
 
+def test_a_dot_in_an_out_name_is_kept(tmp_path):
+    # `--out res.v2` wrote res.jsonl and res.png: another run's files, without --overwrite.
+    scaling = bench_module("scaling")
+    args = scaling.parse(["--out", str(tmp_path / "res.v2")])
+    assert (args.out_jsonl, args.out_png) == (tmp_path / "res.v2.jsonl", tmp_path / "res.v2.png")
+    args = scaling.parse(["--out", str(tmp_path / "res.jsonl")])  # named by one of its files
+    assert (args.out_jsonl, args.out_png) == (tmp_path / "res.jsonl", tmp_path / "res.png")
+
+
 @pytest.mark.slow
 def test_convert_memory_leaves_a_dataset_in_its_work_folder_alone(tmp_path):
     # It converted into WORK/out with --overwrite: a dataset the user kept there was replaced.
