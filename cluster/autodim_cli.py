@@ -14,6 +14,7 @@ from pathlib import Path
 
 from embshard.arg_types import file_path
 from embshard.cluster.cli_args import config_arguments, verbose_argument
+from embshard.typed_config import override_key
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,8 +80,10 @@ def _autodim(args: argparse.Namespace) -> int:
     if "alpha_history" in summary:
         print(f"softmax(alpha) every {search.history_every} steps -> {summary['alpha_history']}")
     # Into a run folder of its own: in the search's, its summary and plan replaced the search's.
-    retrain = [*args.overrides, "embeddings.policy=decisions", f"embeddings.decisions={decisions}",
-               f"output_dir={cfg.output_dir.rstrip('/')}/retrain"]
+    retrain_sets = ["embeddings.policy=decisions", f"embeddings.decisions={decisions}",
+                    f"output_dir={cfg.output_dir.rstrip('/')}/retrain"]
+    replaced = {override_key(item) for item in retrain_sets}
+    retrain = [*(item for item in args.overrides if override_key(item) not in replaced), *retrain_sets]
     print(f"retrain: embshard train {shlex.quote(str(args.config))} "
           + " ".join(f"--set {shlex.quote(s)}" for s in retrain))
     return 0

@@ -251,19 +251,29 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping of sections, got {type(data).__name__} {data!r:.40}")
+    given: dict[str, str] = {}
     for item in overrides or []:
         apply_override(data, item)
+        # The last one won, silently: two values for a key are two intentions, one of them lost.
+        earlier = given.setdefault(override_key(item), item)
+        if earlier != item:
+            raise ConfigError(f"--set {override_key(item)} given twice ({earlier!r}, then {item!r}); give it once")
     try:
         return from_dict(cls, data)
     except ConfigError as e:
         # A value from --set is blamed on its flag, not on a file that may not hold the key at all.
-        keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+        keys = list(given)
         # `--set nosuch.a=1` is refused at `nosuch`, the first part no field has, and `--set
         # train.epochs.x=1` at `train.epochs`, which it made a mapping: at a part above the key.
         above = [f"{'.'.join(key.split('.')[:n])}:" for key in keys for n in range(1, key.count(".") + 1)]
         if any(str(e).startswith((f"{key}:", f"{key}.", f"{key}[", *above)) for key in keys):
             raise ConfigError(f"{e} (from --set)") from None
         raise ConfigError(f"{path}: {e}") from None
+
+
+def override_key(item: str) -> str:
+    """The key of a `key=value` override, as it is applied."""
+    return item.split("=", 1)[0].strip()
 
 
 def apply_override(data: dict, item: str) -> None:

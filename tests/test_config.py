@@ -130,6 +130,16 @@ def test_a_policy_named_as_the_method_must_be_the_policy():
     assert from_dict(JobConfig, {"embeddings": {"method": "mde", "policy": "mde"}}).embeddings.method == "mde"
 
 
+def test_a_key_set_twice_to_two_values_is_refused(tmp_path):
+    # The last one was kept without a word.
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.epochs given twice \('train\.epochs=1', then "
+                                          r"' train\.epochs=3'\); give it once$"):
+        load_job_config(path, ["train.epochs=1", "train.log_every=5", " train.epochs=3"])
+    assert load_job_config(path, ["train.epochs=3", "train.epochs=3"]).train.epochs == 3
+
+
 def test_a_bad_value_from_set_is_blamed_on_the_flag(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("train:\n  epochs: 2\n")
@@ -345,5 +355,7 @@ def test_every_path_a_worker_or_a_trial_reads_is_absolute(tmp_path, monkeypatch)
         assert sorted(paths) == sorted(PATH_FIELDS)
         assert all(os.path.isabs(v) for v in paths.values()), paths
     assert with_paths_resolved(loaded).embeddings.decisions == str(tmp_path / "rel" / "embeddings.decisions.json")
-    remote = load_job_config(cfg, [*relative, "checkpoint.dir=s3://b/ck", "data.path=file:///d"])
+    remote_sets = ["checkpoint.dir=s3://b/ck", "data.path=file:///d"]
+    remote = load_job_config(cfg, [*(r for r in relative if r.split("=")[0] not in ("checkpoint.dir", "data.path")),
+                                   *remote_sets])
     assert (with_paths_resolved(remote).checkpoint.dir, with_paths_resolved(remote).data.path) == ("s3://b/ck", "/d")
