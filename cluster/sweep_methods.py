@@ -195,8 +195,11 @@ class Mde(PlannedMethod):
 
     def embeddings_at(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
         emb = _plain(base)
-        return replace(emb, policy="mde", mde=replace(emb.mde, budget_params=round(budget * base_params(base, spec)),
-                                                      budget_bytes=None))
+        params = round(budget * base_params(base, spec))
+        if params < 1:  # was "budget_params: must be positive, got 0", of a field the user never set
+            raise ConfigError(f"--budgets {budget:g}: {budget:g} x the base model's {base_params(base, spec):,} "
+                              f"embedding parameters is no parameter for mde")
+        return replace(emb, policy="mde", mde=replace(emb.mde, budget_params=params, budget_bytes=None))
 
 
 class Pep(SweepMethod):

@@ -1272,3 +1272,13 @@ def test_a_long_vary_value_names_its_folders_within_what_a_file_system_takes(tmp
     label = setting_label((("model.over_arch", [1] * 200),))
     assert len(label.encode()) <= 255 and label.startswith("model.over_arch=[1, 1")
     assert Trial("uniform", 0, 0.5, (("model.over_arch", [2]),)).key == "uniform-b0.5-s0-model.over_arch=[2]"
+
+
+def test_a_budget_of_no_parameter_names_the_budget(tmp_path):
+    # Was "budget_params: must be positive, got 0": a field the user never set.
+    data = DatasetSpec(name="t", dense=[], sparse=[SparseFeature("C1", 100), SparseFeature("C2", 50)])
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16))
+    trial = SweepSpec(["mde"], [1e-300], 1).trials()[0]
+    with pytest.raises(ConfigError, match=r"^--budgets 1e-300: 1e-300 x the base model's 2,400 embedding "
+                                          r"parameters is no parameter for mde$"):
+        TrialRuns(cfg, data, trial, [1e-300], tmp_path / "tiny").first_run()
