@@ -1,4 +1,5 @@
-"""Sharded recall/NDCG over all items equals a one-process brute force, exactly."""
+"""Sharded recall/NDCG over all items equals a one-process brute force, exactly; an item tying
+with the target ranks above it."""
 
 from __future__ import annotations
 
@@ -63,3 +64,21 @@ def test_one_process_metrics() -> None:
     targets = torch.cat([t for _, t in batches[0]])
     assert got == brute_force(items, queries, targets)
     assert math.isnan(RetrievalMetrics(KS, torch.device("cpu")).result()[0]["ndcg@3"])
+
+
+def test_an_item_tying_with_the_target_ranks_above_it() -> None:
+    # Ties were broken by topk's order, the catalog's: a model scoring every item alike (or PEP's
+    # rows pruned to zero) "found" each target early in the catalog, the most popular ones.
+    items = torch.zeros(20, DIM)
+    items[7] = 1.0  # the one item scored apart
+    targets = torch.tensor([*range(20), 99])  # 99: in no slice
+    metrics = RetrievalMetrics([1, 10], torch.device("cpu"))
+    metrics.add(torch.ones(len(targets), DIM), targets, items, torch.arange(20))
+    got, n = metrics.result()
+    assert n == 21
+    # Item 7 is first; each other ties with 18 items below it (place 19); 99 is missed. By topk's
+    # order, 9 of the tied ones were found.
+    assert got["recall@1"] == got["recall@10"] == 1 / 21
+    nan = RetrievalMetrics([1], torch.device("cpu"))
+    nan.add(torch.full((1, DIM), math.nan), torch.tensor([3]), items, torch.arange(20))
+    assert nan.result()[0]["recall@1"] == 0  # a NaN score finds nothing

@@ -1,10 +1,15 @@
 """Recall@K and NDCG@K over every item of a catalog, computed sharded.
 
 Each rank holds the embeddings of its own slice of the catalog. For every batch of queries the
-ranks exchange their queries (small: B x D each), score all of them against their slice, keep a
-local top-K, and exchange only those candidates (B x K per rank, per rank); each rank merges
-its own queries' candidates into the global top-K. No rank ever holds the whole item matrix.
-Scores tie with probability ~0 for float embeddings; ties would break by topk's order.
+ranks exchange their queries and targets (small: B x D each), score all of them against their
+slice, and count, per query, the items of the slice that score above its target and those that
+tie with it; only those two counts (and the target's score, from the rank holding the target)
+are exchanged. No rank ever holds the whole item matrix.
+
+An item tying with the target ranks above it. Ties are common where rows are alike: PEP prunes
+whole rows to zero, and a model that has not learned scores items alike. Broken by the
+catalog's order, as a top-K broke them, they counted a target that comes early in it (the most
+popular items: ids are ordered by count) as found.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-NO_ITEM = -1  # id of a padding candidate (a slice holding fewer than K items)
+NO_ITEM = -1  # target id of a padding query
 
 
 class RetrievalMetrics:
@@ -32,28 +37,24 @@ class RetrievalMetrics:
             item_ids: torch.Tensor) -> None:
         """queries [n, D] with their target item ids [n]; items [m, D] this rank's slice with
         ids [m]. Collective: every rank calls it the same number of times (n may be 0)."""
-        k = self.ks[-1]
         world = _world()
         sizes = _all_gather(torch.tensor([queries.shape[0]], device=queries.device))
         most = int(torch.stack(sizes).max())
         if most == 0:
             return
+        n = queries.shape[0]
         padded = queries.new_zeros(most, queries.shape[1])
-        padded[: queries.shape[0]] = queries
+        padded[:n] = queries
+        padded_targets = targets.new_full((most,), NO_ITEM)
+        padded_targets[:n] = targets
         everyone = torch.cat(_all_gather(padded))  # [world * most, D]
-        scores, ids = local_top_k(everyone, items, item_ids, k)
-        gathered_scores, gathered_ids = _all_gather(scores), _all_gather(ids)
+        positions = target_positions(everyone, torch.cat(_all_gather(padded_targets)), items, item_ids)
         rank = dist.get_rank() if world > 1 else 0
-        mine = slice(rank * most, rank * most + queries.shape[0])
-        merged = merge_top_k(torch.cat([s[mine] for s in gathered_scores], dim=1),
-                             torch.cat([i[mine] for i in gathered_ids], dim=1), k)
-        self.score_ranked(merged, targets)
+        self.add_positions(positions[rank * most: rank * most + n])
 
-    def score_ranked(self, ranked_ids: torch.Tensor, targets: torch.Tensor) -> None:
-        """ranked_ids [n, K]: each query's top K item ids, best first; targets [n]."""
-        found = ranked_ids == targets[:, None]  # at most one True per row
-        position = torch.where(found.any(dim=1), found.int().argmax(dim=1), found.shape[1])
-        self.counts += torch.bincount(position, minlength=len(self.counts))
+    def add_positions(self, positions: torch.Tensor) -> None:
+        """positions [n]: each query's target's place among all items (0 = best)."""
+        self.counts += torch.bincount(positions.clamp_max(self.ks[-1]), minlength=len(self.counts))
 
     def result(self) -> tuple[dict[str, float], int]:
         """Collective: (metric name -> mean over every rank's queries, number of queries)."""
@@ -61,6 +62,27 @@ class RetrievalMetrics:
         if _world() > 1:
             dist.all_reduce(counts)
         return metrics_from_positions(counts.cpu(), self.ks), int(counts.sum())
+
+
+def target_positions(queries: torch.Tensor, targets: torch.Tensor, items: torch.Tensor,
+                     item_ids: torch.Tensor) -> torch.Tensor:
+    """Collective: each query's target's place among every rank's items, counting the items that
+    score above it or tie with it. A target no rank holds, or whose score is NaN, ranks below
+    every item."""
+    scores = queries @ items.t()  # [n, m]
+    is_target = item_ids[None, :] == targets[:, None]
+    target_score = torch.where(is_target, scores, -math.inf).amax(dim=1) if items.shape[0] else \
+        scores.new_full((queries.shape[0],), -math.inf)
+    if _world() > 1:
+        dist.all_reduce(target_score, op=dist.ReduceOp.MAX)
+    above = (scores > target_score[:, None]).sum(dim=1)
+    tied = ((scores == target_score[:, None]) & ~is_target).sum(dim=1)
+    ahead = torch.stack([above, tied, torch.full_like(above, items.shape[0])])
+    if _world() > 1:
+        dist.all_reduce(ahead)
+    above, tied, catalog = ahead
+    missing = (target_score == -math.inf) | torch.isnan(target_score)
+    return torch.where(missing, catalog, above + tied)
 
 
 def metrics_from_positions(counts: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
@@ -73,26 +95,6 @@ def metrics_from_positions(counts: torch.Tensor, ks: Sequence[int]) -> dict[str,
         metrics[f"recall@{k}"] = int(counts[:k].sum()) / n if n else math.nan
         metrics[f"ndcg@{k}"] = float((counts[:k].double() * gain[:k]).sum()) / n if n else math.nan
     return metrics
-
-
-def local_top_k(queries: torch.Tensor, items: torch.Tensor, item_ids: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, k] best scores of `queries` against `items` and their item ids; padded with -inf and
-    NO_ITEM where the slice holds fewer than k items."""
-    scores = queries @ items.t()
-    take = min(k, items.shape[0])
-    values, index = scores.topk(take, dim=1)
-    ids = item_ids[index]
-    if take < k:
-        values = torch.cat([values, values.new_full((values.shape[0], k - take), -math.inf)], dim=1)
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], k - take), NO_ITEM)], dim=1)
-    return values, ids
-
-
-def merge_top_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """The ids of the k best of each row's candidates, best first."""
-    _, index = scores.topk(k, dim=1)
-    return ids.gather(1, index)
 
 
 def _world() -> int:
