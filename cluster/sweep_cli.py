@@ -115,6 +115,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     from embshard.cluster.sweep_plan import setting_label, with_knobs
     from embshard.cluster.sweep_report import (
+        LONGEST_NAME,
         PlantedTruth,
         by_setting,
         dataset_sha256,
@@ -127,6 +128,10 @@ def sweep(args: argparse.Namespace) -> int:
     from embshard.datasets.storage import location
     from embshard.typed_config import to_dict
 
+    name = location(cfg.data.path).resolve().name
+    if len(name.encode()) > LONGEST_NAME:  # it was "File name too long" once every trial had trained
+        raise ConfigError(f"data.path {cfg.data.path}: a folder name of {len(name.encode())} bytes, which names the "
+                          f"sweep's report files; they take one of at most {LONGEST_NAME}: rename the folder")
     out = location(args.out or Path(cfg.output_dir) / "sweep")
     sha = dataset_sha256(to_dict(data))
     try:
@@ -135,7 +140,6 @@ def sweep(args: argparse.Namespace) -> int:
         # SIGTERM (Tune handles Ctrl-C itself, and says as much): what Ctrl-C says, the way on included.
         raise Interrupted(f"the sweep was stopped; its finished trials are kept in {out}: run the same command "
                           "with --resume to continue") from None
-    name = location(cfg.data.path).resolve().name
     truth = PlantedTruth.of_dataset(data.planted) if data.planted else None
     published: list[tuple[str, dict[str, Any]]] = []
     for setting, of_setting in by_setting(points, spec.settings()):
@@ -162,7 +166,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def sweep_merge(args: argparse.Namespace) -> int:
-    from embshard.cluster.sweep_report import check_report, merge_reports
+    from embshard.cluster.sweep_report import REPORT_SUFFIXES, check_report, merge_reports, report_file
     from embshard.datasets.outdir import check_not_in_sealed
     from embshard.datasets.storage import RemotePath, location
     from embshard.errors import DataError, EnvironmentProblem
@@ -193,11 +197,13 @@ def sweep_merge(args: argparse.Namespace) -> int:
         raise DataError(f"--out {out}: a file, not a folder; name a folder for the merged report")
     earlier = _earlier_merge(out, args.overwrite) if out.is_dir() and any(out.iterdir()) else []
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        # A link to a folder not made yet: made, as `embshard sweep --out` makes it (it resolves its
+        # --out); the link itself was "File exists".
+        out.resolve().mkdir(parents=True, exist_ok=True)
     except OSError as e:  # /proc/x: a FileNotFoundError traceback
         raise EnvironmentProblem(f"--out {out}: cannot be made ({e.strerror or e})") from None
     publish(rep, f"{len(reports)} sweeps merged", out)
-    written = {f"sweep-{rep['dataset']}.{kind}" for kind in ("json", "md", "png")}
+    written = {report_file(rep["dataset"], suffix) for suffix in REPORT_SUFFIXES}
     for stale in earlier:  # the earlier merge's files this one did not rewrite (another dataset's name)
         if stale.name not in written:
             stale.unlink()
@@ -207,7 +213,7 @@ def sweep_merge(args: argparse.Namespace) -> int:
 def _earlier_merge(out: StoragePath, overwrite: bool) -> list[StoragePath]:
     """The report files of an earlier merge in `out`, which --overwrite replaces; a sweep's own
     report (which later merges read as that sweep's points) or anything else is never replaced."""
-    from embshard.cluster.sweep_run import SPEC_FILE
+    from embshard.cluster.sweep_plan import SPEC_FILE
     from embshard.datasets.storage import read_json
     from embshard.errors import DataError
 
@@ -251,9 +257,8 @@ def publish(rep: dict[str, Any], detail: str, out: StoragePath, prefix: str = ""
 
 def sweep_json(arg: str) -> StoragePath:
     """A sweep's report: the file named, or the one sweep-*.json in the folder named."""
-    from embshard.cluster.sweep_plan import is_setting
-    from embshard.cluster.sweep_run import SPEC_FILE
-    from embshard.datasets.storage import location
+    from embshard.cluster.sweep_plan import SPEC_FILE, is_setting
+    from embshard.datasets.storage import location, read_json
     from embshard.errors import DataError
 
     path = location(arg)
@@ -264,7 +269,12 @@ def sweep_json(arg: str) -> StoragePath:
     found: list[StoragePath] = list(path.glob("sweep-*.json"))
     reports = sorted((p for p in found if p.name != SPEC_FILE), key=str)
     spec = path / SPEC_FILE
-    if not reports and spec.is_file() and any(map(is_setting, _varied(spec))):
+    record = read_json(spec, DataError) if not reports and spec.is_file() else None
+    if isinstance(record, dict) and "points" in record:
+        # The report of a sweep of a dataset named `spec`, written over its spec before reports
+        # of that name were renamed (report_file): the one copy of its points.
+        return spec
+    if record is not None and any(map(is_setting, _varied(record, spec))):
         settings = sorted(d.name for d in path.iterdir() if d.is_dir() and any(d.glob("sweep-*.json")))
         raise DataError(f"{arg}: a sweep of several settings has a report per setting, in its folders "
                         f"{', '.join(settings) or 'of each setting (none yet: it has not finished)'}; name one of them")
@@ -274,12 +284,11 @@ def sweep_json(arg: str) -> StoragePath:
     return reports[0]
 
 
-def _varied(spec: StoragePath) -> dict[str, Any]:
-    """The `vary` of a sweep's spec file; DataError for a damaged one (it was a traceback)."""
-    from embshard.datasets.storage import read_json
+def _varied(record: Any, spec: StoragePath) -> dict[str, Any]:
+    """The `vary` of a sweep's spec file `spec`, which holds `record`; DataError for a damaged one
+    (it was a traceback)."""
     from embshard.errors import DataError
 
-    record = read_json(spec, DataError)
     vary = record.get("vary", {}) if isinstance(record, dict) else None
     if not isinstance(vary, dict):
         raise DataError(f"{spec}: not a sweep spec (expected an object with a mapping `vary`)")
@@ -307,18 +316,20 @@ def check_trials(cfg: JobConfig, spec: SweepSpec, data: DatasetSpec) -> None:
 
 
 def write_report(rep: dict[str, Any], title: str, out: StoragePath, name: str) -> list[StoragePath]:
-    """sweep-<dataset>.json, .md and .png in `out`, the JSON last (`write_files`)."""
-    from embshard.cluster.sweep_report import markdown, plot
+    """sweep-<dataset>.json, .md and .png in `out` (`report_file`), the JSON last (`write_files`)."""
+    from embshard.cluster.sweep_report import markdown, plot, report_file
 
-    return write_files(out, {f"sweep-{name}.json": lambda p: p.write_text(json.dumps(rep, indent=1) + "\n"),
-                             f"sweep-{name}.md": lambda p: p.write_text(markdown(rep, title)),
-                             f"sweep-{name}.png": lambda p: plot(rep, title, p)}, marker=f"sweep-{name}.json")
+    json_file = report_file(name, "json")
+    return write_files(out, {json_file: lambda p: p.write_text(json.dumps(rep, indent=1) + "\n"),
+                             report_file(name, "md"): lambda p: p.write_text(markdown(rep, title)),
+                             report_file(name, "png"): lambda p: plot(rep, title, p)}, marker=json_file)
 
 
 def write_files(out: StoragePath, files: dict[str, Callable[[Path], Any]], marker: str) -> list[StoragePath]:
     """Each file of `files` (name -> what writes it to a path) in `out`, written whole then renamed
     into place, `marker` last (a reader that finds it finds the others); into a URI they are
     written to a local folder and uploaded. -> their paths, in the order of `files`."""
+    from embshard.cluster.sweep_report import staged_file
     from embshard.datasets.storage import RemotePath, upload
 
     if isinstance(out, RemotePath):
@@ -328,7 +339,7 @@ def write_files(out: StoragePath, files: dict[str, Callable[[Path], Any]], marke
         return [out / name for name in files]
     out.mkdir(parents=True, exist_ok=True)  # a setting's folder in a sweep of several
     order = sorted(files, key=lambda n: n == marker)
-    staged = {name: out / f".{Path(name).stem}.partial{Path(name).suffix}" for name in order}
+    staged = {name: out / staged_file(name) for name in order}
     try:
         for name in order:
             files[name](staged[name])

@@ -54,6 +54,8 @@ UNCOMPARED = NOT_RESULTS | PER_TRIAL
 # What the sweep sizes its Ray cluster and --parallel by: the config's, one for every trial.
 SWEEP_WIDE = frozenset({"cluster.workers", "cluster.cpus_per_worker"})
 UNSET = "(unset)"
+# A sweep's spec, job config and data, recorded in its folder (sweep_run); no report may take its name.
+SPEC_FILE = "sweep-spec.json"
 
 
 # (dotted job config key, value) pairs a trial sets over the sweep's config: its --vary values.

@@ -30,6 +30,7 @@ import numpy as np
 
 from embshard.cluster.sweep_plan import (
     KNOB_PATHS,
+    SPEC_FILE,
     UNCOMPARED,
     Knobs,
     config_difference,
@@ -37,6 +38,7 @@ from embshard.cluster.sweep_plan import (
     method_knobs,
 )
 from embshard.config import JobConfig, current_schema
+from embshard.datasets.storage import NAME_MAX
 from embshard.errors import ConfigError, DataError
 from embshard.planner.rounding import MAX_DIM
 from embshard.typed_config import from_dict
@@ -247,6 +249,29 @@ def report(points: list[dict[str, Any]], planted: PlantedTruth | None, grid: lis
 
 
 UNRECORDED = "knobs unrecorded"
+REPORT_SUFFIXES = ("json", "md", "png")  # a report's files: sweep-<dataset>.json, .md, .png
+
+
+def report_file(dataset: str, suffix: str) -> str:
+    """The name of a report's file of `suffix`: sweep-<dataset>.<suffix>, but sweep-spec-report.<suffix>
+    for a dataset named `spec`, whose report was written over the sweep's own spec (SPEC_FILE):
+    --resume then said "not a sweep spec", and sweep-merge found no report. Compared case-blind,
+    as some file systems compare names."""
+    stem = f"sweep-{dataset}"
+    if f"{stem}.json".casefold() == SPEC_FILE.casefold():
+        stem += "-report"
+    return f"{stem}.{suffix}"
+
+
+def staged_file(name: str) -> str:
+    """The name a file `name` is written under before it is renamed into place (sweep_cli.write_files)."""
+    return f".{Path(name).stem}.partial{Path(name).suffix}"
+
+
+# The most bytes of a dataset's name: its report's files are written under their staged names
+# first, the longest `.sweep-<dataset>.partial.json`, which a file system takes up to NAME_MAX
+# (300 characters were "File name too long" once the report was written, after the work).
+LONGEST_NAME = NAME_MAX - max(len(staged_file(report_file("", suffix))) for suffix in REPORT_SUFFIXES)
 
 
 def check_report(rep: Any, where: str) -> None:
@@ -261,9 +286,13 @@ def check_report(rep: Any, where: str) -> None:
     bad_top = [key for key, ok in top.items() if not ok]
     if bad_top:
         raise DataError(f"{where}: not a sweep report ({bad_top[0]}: {rep[bad_top[0]]!r})")
+    if len(rep["dataset"].encode()) > LONGEST_NAME:
+        raise DataError(f"{where}: not a sweep report (dataset: a name of {len(rep['dataset'].encode())} bytes; its "
+                        f"report's files take one of at most {LONGEST_NAME})")
     for i, p in enumerate(rep["points"]):
         if not isinstance(p, dict):
             raise DataError(f"{where}: not a sweep report (points[{i}] is no object)")
+        metric = str(p.get("metric", "auc"))
         checks = {"method": isinstance(p.get("method"), str) and p["method"] != "",
                   "budget": _finite(p.get("budget")) and 0 < p["budget"] <= 1,
                   "seed": _whole(p.get("seed")) and p["seed"] >= 0}
@@ -273,14 +302,21 @@ def check_report(rep: Any, where: str) -> None:
             # A value its metric cannot take (an AUC of 5, edited in) went into the claim.
             # Sizes and widths the claim reads: missing, each was a KeyError traceback; 10**400 an
             # OverflowError.
-            checks.update(value=_finite(p.get("value")) and _possible(str(p.get("metric", "auc")), p["value"]),
+            checks.update(value=_measured(metric, p.get("value")),
                           serving_bytes=_size(p.get("serving_bytes")), serving_params=_size(p.get("serving_params")),
                           widths=_OPTIONAL["widths"](p.get("widths")))
         # What a point may have besides: `knobs: 3` was a TypeError in the merge.
         checks.update({key: test(p[key]) for key, test in _OPTIONAL.items() if key in p})
+        # None: a run without an evaluation. A NaN went into the merged report, which JSON readers refused.
+        if "valid_value" in p:
+            checks["valid_value"] = p["valid_value"] is None or _measured(metric, p["valid_value"])
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")
+
+
+def _measured(metric: str, value: Any) -> bool:
+    return _finite(value) and _possible(metric, value)
 
 
 def _possible(metric: str, value: float) -> bool:
@@ -311,6 +347,8 @@ _OPTIONAL: dict[str, Callable[[Any], bool]] = {
     "selected_step": lambda x: x is None or (_whole(x) and x >= 0),
     "variant": lambda x: isinstance(x, str),
     "metric": lambda x: isinstance(x, str),
+    # "no" is true: the merge then named mixed metrics, and not the file.
+    "lower_is_better": lambda x: isinstance(x, bool),
 }
 
 
@@ -607,7 +645,7 @@ def settings_markdown(title: str, reports: list[tuple[str, dict[str, Any]]]) -> 
         sign = -1.0 if rep.get("lower_is_better") else 1.0
         claimed = rep["claim"]
         label = report_label(rep)  # each its own: a setting may be another arch, with another metric
-        link = f"[{setting}](<{setting}/sweep-{rep['dataset']}.md>)"
+        link = f"[{setting}](<{setting}/{report_file(rep['dataset'], 'md')}>)"
         for method in sorted({c["method"] for c in rep["configs"]}, key=lambda m: (m != "uniform", m)):
             best = max((c for c in rep["configs"] if c["method"] == method), key=lambda c: sign * c["mean"])
             smallest = claimed["smallest"].get(method)

@@ -24,17 +24,16 @@ from ray import cloudpickle, tune
 from embshard.cluster import console
 from embshard.cluster.launch import init_ray, worker_error
 from embshard.cluster.run_lock import LOCK_FILE, folder_lock
-from embshard.cluster.sweep_plan import UNCOMPARED, SweepSpec, Trial, config_difference
+from embshard.cluster.sweep_plan import SPEC_FILE, UNCOMPARED, SweepSpec, Trial, config_difference
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
-from embshard.config import JobConfig, current_schema, with_paths_resolved
+from embshard.config import JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
-from embshard.datasets.storage import RemotePath, StoragePath, check_reachable
+from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, write_whole
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
-from embshard.typed_config import to_dict
+from embshard.typed_config import from_dict, to_dict
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep's folder
-SPEC_FILE = "sweep-spec.json"
 TRIAL_CPU = 0.01
 # Tune saves its experiment state at most this often (seconds): a kill loses at most this much
 # of "which trials finished". Its default (10 s and up) would rerun trials that had finished.
@@ -127,6 +126,10 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
 # What a sweep's spec file records besides the spec: the job config, the data's hash and where it
 # was started.
 RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "dataset_id": str, "data": str, "out": str}
+# Sections every job config a sweep has recorded holds (to_dict writes each field): one without
+# them was edited, and the defaults filled in read as what the sweep was started with. Sections
+# added since take their defaults.
+CONFIG_KEYS = ("data", "model", "embeddings", "train", "cluster")
 
 
 def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig, resume: bool,
@@ -156,6 +159,13 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
                 isinstance(record.get(key, kind()), kind) for key, kind in RECORDED.items()):
             raise ConfigError(f"--resume: {saved}: not a sweep spec (expected an object with "
                               f"{', '.join(required)}); start the sweep afresh with another --out")
+        try:
+            # Read as a job config: one edited (`train: 5`, `{}`) was said as this command's
+            # difference ("was started with train = 5, this command has '(unset)'").
+            started_with = _recorded_config(record["config"]) if "config" in record else None
+        except ConfigError as e:
+            raise ConfigError(f"--resume: {saved}: not a sweep spec ({e}); start the sweep afresh with "
+                              "another --out") from None
         if record.get("out", _where(out)) != _where(out):  # a folder from before it was recorded: unchecked
             # Tune restores each trial with the folder it was started with: a moved or copied sweep
             # trained its trials in the original, and could report another sweep's run there.
@@ -166,8 +176,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         if json.dumps(started) != json.dumps(spec.to_json()):
             raise ConfigError(f"--resume: {out} is the sweep {json.dumps(started)}; resume it with those "
                               f"--methods, --budgets, --seeds, --first-seed and --vary")
-        differs = (config_difference(current_schema(record["config"]), to_dict(cfg), UNCOMPARED)
-                   if "config" in record else None)
+        differs = config_difference(started_with, to_dict(cfg), UNCOMPARED) if started_with is not None else None
         if differs:  # a sweep folder from before the config was recorded resumes unchecked
             key, then, now = differs
             raise ConfigError(f"--resume: {out} was started with {key} = {then!r}, this command has {now!r}; "
@@ -214,8 +223,23 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
                           f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
     recorded = {"config": to_dict(cfg), "dataset_sha256": data_sha, "data": _data_path(cfg), "out": _where(out)}
-    saved.write_text(json.dumps(spec.to_json() | recorded | ({"dataset_id": data_id} if data_id else {})) + "\n")
+    text = json.dumps(spec.to_json() | recorded | ({"dataset_id": data_id} if data_id else {})) + "\n"
+    # Whole or not at all (an object in a store appears whole): cut short, the folder held a spec
+    # that --resume refused and a new sweep found "not empty".
+    if isinstance(saved, Path):
+        write_whole(saved, text)
+    else:
+        saved.write_text(text)
     return False
+
+
+def _recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A sweep spec's job config read through today's schema; ConfigError naming the key where it is
+    no job config."""
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise ConfigError(f"config.{missing[0]}: missing")
+    return to_dict(from_dict(JobConfig, config, "config"))
 
 
 def _data_path(cfg: JobConfig) -> str:

@@ -1282,3 +1282,164 @@ def test_a_budget_of_no_parameter_names_the_budget(tmp_path):
     with pytest.raises(ConfigError, match=r"^--budgets 1e-300: 1e-300 x the base model's 2,400 embedding "
                                           r"parameters is no parameter for mde$"):
         TrialRuns(cfg, data, trial, [1e-300], tmp_path / "tiny").first_run()
+
+
+def merge_folders(tmp_path: Path, **edits) -> tuple[Path, Path]:
+    """Two sweeps' folders (uniform, mde) as `embshard sweep` leaves them: its spec, then its report
+    (with `edits`)."""
+    folders = tmp_path / "a", tmp_path / "b"
+    for folder, method in zip(folders, ("uniform", "mde"), strict=True):
+        folder.mkdir()
+        rep = {**sweep_report_of([p for p in rising() if p["method"] == method], [method]), **edits}
+        (folder / "sweep-spec.json").write_text(json.dumps(rep["sweep"]))
+        write_report(rep, "t", folder, rep["dataset"])
+    return folders
+
+
+def test_a_report_of_a_dataset_named_spec_leaves_the_sweeps_spec_alone(tmp_path, capsys):
+    # Its sweep-spec.json was written over the sweep's spec: --resume said "not a sweep spec", and
+    # sweep-merge found no report in the folder (nor in a merge's of that dataset).
+    from embshard.cluster.sweep_cli import sweep_json
+    from embshard.cluster.sweep_report import report_file
+
+    a, b = merge_folders(tmp_path, dataset="spec")
+    assert json.loads((a / "sweep-spec.json").read_text())["methods"] == ["uniform"]
+    assert sorted(p.name for p in a.iterdir()) == ["sweep-spec-report.json", "sweep-spec-report.md",
+                                                   "sweep-spec-report.png", "sweep-spec.json"]
+    assert sweep_json(str(a)) == a / "sweep-spec-report.json"
+    out = tmp_path / "m"
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sweep-spec-report.json", "sweep-spec-report.md",
+                                                     "sweep-spec-report.png"]
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out), "--overwrite"]) == 0
+    assert main(["sweep-merge", str(out), "--out", str(tmp_path / "again")]) == 0  # a merge's report is found
+    # A file system blind to case takes sweep-Spec.json for the spec too; other names are as they were.
+    assert report_file("Spec", "json") == "sweep-Spec-report.json" and report_file("specs", "md") == "sweep-specs.md"
+    # A sweep's folder from before: its report over its spec, the one copy of its points.
+    old = tmp_path / "old"
+    old.mkdir()
+    (a / "sweep-spec-report.json").rename(old / "sweep-spec.json")
+    assert sweep_json(str(old)) == old / "sweep-spec.json"
+
+
+def test_a_dataset_name_too_long_for_its_report_files_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # A 300-character name in a report: "File name too long" once the merge wrote, leaving an empty
+    # --out. A dataset folder's name of 240 bytes (a file system takes 255): the same, once every
+    # trial had trained; `.sweep-NAME.partial.json`, the report as it is written, must fit.
+    from embshard.cluster import sweep_run
+    from embshard.datasets.synth import synthesize
+
+    a, _ = merge_folders(tmp_path)
+    good = json.loads((a / "sweep-tiny.json").read_text())
+    for size in (300, 236):
+        bad = tmp_path / f"bad{size}"
+        bad.mkdir()
+        (bad / "sweep-tiny.json").write_text(json.dumps({**good, "dataset": "d" * size}))
+        assert main(["sweep-merge", str(bad), "--out", str(tmp_path / "m")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"embshard: error: {bad / 'sweep-tiny.json'}: not a sweep report (dataset: a name of {size} bytes; its "
+            "report's files take one of at most 235)")
+    assert not (tmp_path / "m").exists()
+    longest = tmp_path / "longest"
+    longest.mkdir()
+    (longest / "sweep-tiny.json").write_text(json.dumps({**good, "dataset": "d" * 235}))
+    assert main(["sweep-merge", str(longest), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / f"sweep-{'d' * 235}.json").is_file()
+
+    data = tmp_path / ("d" * 240)
+    synthesize(tmp_path / "data", rows=200, seed=0, max_cardinality=50)
+    (tmp_path / "data").rename(data)
+    capsys.readouterr()
+    monkeypatch.setattr(sweep_run, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    out = tmp_path / "s"
+    assert main(["sweep", str(REPO / "configs" / "default.yaml"), "--set", f"data.path={data}", "--methods", "uniform",
+                 "--budgets", "1", "--seeds", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"embshard: error: data.path {data}: a folder name of 240 bytes, which names the sweep's report files; they "
+        "take one of at most 235: rename the folder")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("edit, said", [
+    # Written into the merged report as NaN, which JSON readers refuse.
+    ({"valid_value": float("nan")}, r"valid_value: nan"),
+    ({"valid_value": 5.0}, r"valid_value: 5\.0"),  # an AUC cannot be
+    # "sweep points: mixed metrics [('auc', False), ('auc', True)]", naming no file.
+    ({"lower_is_better": "no"}, r"lower_is_better: 'no'"),
+])
+def test_a_points_edited_value_is_refused_naming_the_file_and_field(tmp_path, capsys, edit, said):
+    a, b = merge_folders(tmp_path)
+    rep = json.loads((b / "sweep-tiny.json").read_text())
+    rep["points"][1] |= edit
+    (b / "sweep-tiny.json").write_text(json.dumps(rep))
+    assert main(["sweep-merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(rf"b/sweep-tiny\.json: not a sweep report \(points\[1\]\.{said}\)$",
+                                              err.strip()), err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_point_without_a_validation_value_merges(tmp_path):
+    # A run without an evaluation records None; a point with an error records none at all.
+    a, b = merge_folders(tmp_path)
+    rep = json.loads((b / "sweep-tiny.json").read_text())
+    rep["points"][0]["valid_value"] = None
+    rep["points"].append({"method": "pep", "budget": 1.0, "seed": 0, "error": "PEP prunes below the base model"})
+    (b / "sweep-tiny.json").write_text(json.dumps(rep))
+    assert main(["sweep-merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+
+
+def test_a_resume_refuses_a_hand_edited_config_as_no_sweep_spec(tmp_path):
+    # `config.train: 5` said "was started with train = 5, this command has '(unset)'", and `config: {}`
+    # named a default as what the sweep was started with: differences of this command's.
+    from embshard.cluster.sweep_run import _claim_folder
+
+    cfg = load_job_config(REPO / "configs" / "default.yaml")
+    out, spec = tmp_path / "out", SweepSpec(["uniform"], [1.0], 1)
+    _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
+    saved = json.loads((out / "sweep-spec.json").read_text())
+    for config, why in (({**saved["config"], "train": 5}, "config.train: expected a mapping, got int"),
+                        ({}, "config.data: missing"),
+                        ({**saved["config"], "train": {**saved["config"]["train"], "epochs": "x"}},
+                         "config.train.epochs: expected an integer, got 'x'"),
+                        ({**saved["config"], "bogus": 1}, "config.bogus: unknown field")):
+        (out / "sweep-spec.json").write_text(json.dumps({**saved, "config": config}))
+        with pytest.raises(ConfigError, match=re.escape(f"--resume: {out / 'sweep-spec.json'}: not a sweep spec "
+                                                        f"({why}")):
+            _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+    # A key added to the config since the sweep started takes its default, as before.
+    del saved["config"]["train"]["report_at"]
+    (out / "sweep-spec.json").write_text(json.dumps(saved))
+    assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+
+
+def test_sweep_merge_into_a_dangling_link_makes_the_folder_it_names(tmp_path, capsys):
+    # As `embshard sweep --out` does; it was "--out LINK: cannot be made (File exists)".
+    a, b = merge_folders(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "not-yet")
+    assert main(["sweep-merge", str(a), str(b), "--out", str(link)]) == 0
+    assert sorted(p.name for p in (tmp_path / "not-yet").iterdir()) == ["sweep-tiny.json", "sweep-tiny.md",
+                                                                         "sweep-tiny.png"]
+
+
+def test_a_sweep_spec_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # Cut short, the folder held half a spec: --resume refused it as "not a sweep spec", and a
+    # fresh sweep there as "not empty".
+    from embshard.cluster.sweep_run import _claim_folder
+
+    cfg = load_job_config(REPO / "configs" / "default.yaml")
+    out, spec = tmp_path / "out", SweepSpec(["uniform"], [1.0], 1)
+    write_text = Path.write_text
+
+    def cut_short(self: Path, text: str, *args, **kwargs) -> int:
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
+    monkeypatch.undo()
+    assert list(out.iterdir()) == []
+    assert not _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
+    assert json.loads((out / "sweep-spec.json").read_text())["methods"] == ["uniform"]
