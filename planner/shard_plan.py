@@ -204,7 +204,7 @@ def block_sharding(name: str, table: TablePlan, width: int, topology: TopologySp
         raise PlanError(
             f"{name}: width {width} cannot train on CPU: FBGEMM's fused CPU kernels need widths divisible "
             f"by {FUSED_WIDTH_MULTIPLE}, and its dense (data-parallel) kernel has no CPU autograd; use "
-            f"embeddings.rounding: multiple4"
+            f"embeddings.rounding: multiple4 (a method of your own: give widths divisible by {FUSED_WIDTH_MULTIPLE})"
         )
     return ["data_parallel"], ["dense"], (f"{name}: width {width} is not a multiple of {FUSED_WIDTH_MULTIPLE} "
                                           "(FBGEMM fused kernels) -> data_parallel, dense kernel")

@@ -160,14 +160,31 @@ class DimensionPlan:
         return DimensionPlan.from_json(raw, where=str(path))
 
 
+def _check_int(value: Any, where: str) -> None:
+    # A float or a numpy integer of a method's own arithmetic was a traceback from torch (a tensor
+    # size) or from json (the plan file); True read as 1.
+    if type(value) is not int:
+        raise PlanError(f"{where} must be an int, got {type(value).__name__} {value!r}")
+
+
 def validate_plan(plan: DimensionPlan) -> None:
+    _check_int(plan.base_dim, "base_dim")
     if plan.base_dim <= 0:
         raise PlanError(f"base_dim must be positive, got {plan.base_dim}")
     names = set()
+    read_by: dict[str, str] = {}
     for t in plan.tables:
         if t.name in names:
             raise PlanError(f"table {t.name!r} appears twice")
         names.add(t.name)
+        _check_int(t.num_embeddings, f"table {t.name!r}: num_embeddings")
+        for feature in t.features:
+            # Each feature is one key of the lookups' output: a second table of it was a KeyError
+            # in the model, blamed on the model.
+            if feature in read_by:
+                raise PlanError(f"feature {feature!r} is read by tables {read_by[feature]!r} and {t.name!r}; "
+                                "a feature is one table's")
+            read_by[feature] = t.name
         if not t.blocks:
             raise PlanError(f"table {t.name!r}: no blocks")
         if t.row_order != "identity" and t.remap is None:
@@ -175,6 +192,10 @@ def validate_plan(plan: DimensionPlan) -> None:
         expect = 0
         for i, b in enumerate(t.blocks):
             where = f"table {t.name!r} block {i}"
+            for name in ("start", "end", "dim", "state_cols"):
+                _check_int(getattr(b, name), f"{where}: {name}")
+            if b.mlet_width is not None:
+                _check_int(b.mlet_width, f"{where}: mlet_width")
             if b.start != expect or b.end <= b.start:
                 raise PlanError(f"{where}: rows [{b.start}, {b.end}) do not continue from row {expect}")
             if b.dim <= 0:

@@ -65,6 +65,14 @@ def test_policy_plan_round_trip_keeps_its_remap(tmp_path):
         ([TablePlan("t", ["a"], 10, [Block(0, 4, 8), Block(5, 10, 8)])], r"rows \[5, 10\) do not continue from row 4"),
         ([TablePlan("t", ["a"], 10, [Block(0, 9, 8)])], "blocks cover 9 rows, table has 10"),
         ([TablePlan("t", ["a"], 10, [Block(0, 10, 8)], row_order="frequency")], "needs a remap file"),
+        # A method's own arithmetic: tracebacks from torch (a float size) and json (a numpy int).
+        ([TablePlan("t", ["a"], 10, [Block(0, 10, 8.0)])], r"table 't' block 0: dim must be an int, got float 8\.0"),
+        ([TablePlan("t", ["a"], 10, [Block(0, np.int64(10), 8)])], r"block 0: end must be an int, got int64"),
+        ([TablePlan("t", ["a"], 10, [Block(0, 10, True)])], r"block 0: dim must be an int, got bool True"),
+        ([TablePlan("t", ["a"], 10.0, [Block(0, 10, 8)])], r"table 't': num_embeddings must be an int, got float"),
+        # Two tables of one feature: a KeyError in the model, blamed on the model.
+        ([TablePlan("t", ["a"], 10, [Block(0, 10, 8)]), TablePlan("u", ["a"], 10, [Block(0, 10, 8)])],
+         r"feature 'a' is read by tables 't' and 'u'; a feature is one table's"),
     ],
 )
 def test_invalid_plans_are_refused(tables, message):

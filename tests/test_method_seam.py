@@ -314,8 +314,15 @@ class PlansNothing(FixedWidth):
         return None
 
 
+class PlansNoWidth(FixedWidth):
+    def __init__(self, width: int) -> None:
+        super().__init__(0)
+
+
 @pytest.mark.parametrize("method, said", [
     (ChecksBadly, r"check_config\(\) raised RuntimeError: check boom at .*test_method_seam\.py:\d+$"),
+    # Said without the method: "table 't_C1' block 0: dim must be positive, got 0".
+    (PlansNoWidth, r"dimension_plan\(\): table 't_C1' block 0: dim must be positive, got 0$"),
     (PlansBadly, r"dimension_plan\(\) raised ValueError: plan boom at .*test_method_seam\.py:\d+$"),
     (PlansNothing, r"dimension_plan\(\) returned NoneType, not a DimensionPlan$"),
 ])
@@ -324,7 +331,7 @@ def test_a_users_method_failing_in_its_own_code_is_one_line_naming_the_hook(data
     # ("'NoneType' object has no attribute 'notes'").
     register_method(method.__name__, method(8))
     cfg = job(dataset, tmp_path / "run")
-    with pytest.raises(ConfigError, match=rf"^method '{method.__name__}': {said}"):
+    with pytest.raises((ConfigError, PlanError), match=rf"^method '{method.__name__}': {said}"):
         plan_for_training(cfg, method.__name__)
 
 
@@ -357,3 +364,19 @@ def test_whether_a_method_serves_is_in_its_plan_for_an_export_where_the_method_c
     register_method("serves_no", ServesNo(8))
     with pytest.raises(ConfigError, match=r"method 'serves_no': serves must be True or False, got 'no'"):
         plan_for_training(job(dataset, tmp_path / "other"), "serves_no")
+
+
+class CallbacksNone(FixedWidth):
+    def callbacks(self, worker, sharded):
+        return None
+
+
+def test_a_method_s_callbacks_of_the_wrong_type_are_one_line_naming_it(dataset, tmp_path, process_group):
+    # "crashed: rank 0: TypeError: 'NoneType' object is not iterable", naming neither method nor hook.
+    register_method("callbacks_none", CallbacksNone(8))
+    cfg = job(dataset, tmp_path / "run", max_steps=2)
+    cfg.cluster.workers = 1
+    plan_for_training(cfg, "callbacks_none")
+    with pytest.raises(ConfigError, match=r"^method 'callbacks_none': callbacks\(\) returned NoneType, not a list "
+                                          r"of Callbacks$"):
+        run_worker(cfg, method="callbacks_none")

@@ -107,6 +107,62 @@ def detached_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Ma
     return nn.Linear(len(spec.dense), 1)  # never looks the ids up
 
 
+class EmbeddingsCutOff(NestedLinear):
+    """Its head trains; its tables never would (`detach`): a run that exited 0 with an AUC."""
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        embedded = self.parts["lookup"]["tables"](sparse).values().detach()
+        return self.head(torch.cat([dense, embedded], dim=1)).squeeze(-1)
+
+
+def cut_off_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return EmbeddingsCutOff(embeddings, len(spec.dense), squeeze=True)
+
+
+class EmbeddingsUnread(NestedLinear):
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        self.parts["lookup"]["tables"](sparse)  # looked up, never used
+        return self.head(torch.cat([dense, dense.new_zeros(len(dense), self.head.in_features - dense.shape[1])],
+                                   dim=1)).squeeze(-1)
+
+
+def unread_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return EmbeddingsUnread(embeddings, len(spec.dense), squeeze=True)
+
+
+class IntegerLogits(NestedLinear):
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return super().forward(dense, sparse).long()
+
+
+def integer_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return IntegerLogits(embeddings, len(spec.dense), squeeze=True)
+
+
+class OutputCutOff(NestedLinear):
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return super().forward(dense, sparse).detach()
+
+
+def output_cut_off_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return OutputCutOff(embeddings, len(spec.dense), squeeze=True)
+
+
+class EmbeddingsOnly(nn.Module):
+    """Every parameter an embedding's: the sum of each row's embeddings is its logit."""
+
+    def __init__(self, embeddings: EmbeddingModule) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.embeddings(sparse).values().sum(dim=1)
+
+
+def embeddings_only_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return EmbeddingsOnly(embeddings)
+
+
 class FailingEvaluation(DlrmArch):
     """A user's arch whose evaluation fails: the run's steps were trained all the same."""
 
@@ -409,6 +465,15 @@ def test_a_builder_returning_probabilities_trains_with_a_note(dataset, tmp_path,
 @pytest.mark.parametrize(("builder", "message"), [
     ("unsqueezed_builder", r"model.arch 'test_model_seam:unsqueezed_builder': the model returned \(128, 1\) "
                            r"for a batch of 128; a pointwise model returns one logit per example \(\(128,\)\)"),
+    # Each of these trained its dense layers alone and exited 0, every table as initialised.
+    ("cut_off_builder", r"model.arch 'test_model_seam:cut_off_builder': no gradient reached the embedding "
+                        r"module's output in the first training step \(detached, unused"),
+    ("unread_builder", r"model.arch 'test_model_seam:unread_builder': no gradient reached the embedding module's"),
+    # Torch's "log_sigmoid_cpu not implemented for 'Long'" and "element 0 of tensors does not
+    # require grad", as crashes naming no arch.
+    ("integer_builder", r"model.arch 'test_model_seam:integer_builder': the model returned torch.int64 logits"),
+    ("output_cut_off_builder", r"model.arch 'test_model_seam:output_cut_off_builder': the loss depends on no "
+                               r"parameter \(the model's output was detached"),
 ])
 def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_group, builder, message) -> None:
     cfg = job(dataset, tmp_path / builder, arch=f"test_model_seam:{builder}")
@@ -416,6 +481,13 @@ def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_gro
     with pytest.raises(ConfigError, match=message) as e:
         run_worker(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_a_model_of_embeddings_alone_trains(dataset, tmp_path, process_group) -> None:
+    # "optimizer got an empty parameter list": the dense optimizer was made of no parameter.
+    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:embeddings_only_builder")
+    plan_for_training(cfg)
+    assert run_worker(cfg)["steps"] == 4
 
 
 def test_a_failing_final_evaluation_keeps_the_trained_steps(dataset, tmp_path, process_group) -> None:

@@ -203,7 +203,10 @@ def build_sharded(
             )
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     groups = method.param_groups(cfg, params)  # takes the parameters it owns out of `params`
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(cfg, params), *groups])
+    # A model whose every parameter is an embedding's has none for the dense optimizer, which
+    # torch refuses to make ("optimizer got an empty parameter list").
+    dense = [dense_optimizer(cfg, params)] if params else []
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, *dense, *groups])
     sharded = ShardedModel(dmp, optimizer, bundle, method, arch, embeddings)
     method.initialise(cfg, sharded)
     return sharded

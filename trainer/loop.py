@@ -21,7 +21,7 @@ import torch.distributed as dist
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.storage import StoragePath, write_whole
-from embshard.errors import DataError
+from embshard.errors import ConfigError, DataError
 from embshard.planner.pipeline import PlanBundle
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
@@ -42,6 +42,7 @@ from embshard.trainer.checkpoint import (
     resolve_source,
 )
 from embshard.trainer.divergence import LossWatch
+from embshard.trainer.embedding_gradient import EmbeddingGradientCheck
 from embshard.trainer.evaluate import EvalResult, reportable
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
@@ -98,9 +99,10 @@ def run_worker(
     in `sharding.plan_file` (else `<output_dir>/plan`); -> the run's summary. `owner_check`
     raises once the run that started this worker no longer holds its folders
     (`run_lock.owner_check`): then no checkpoint is written."""
-    method = get_method(method or method_name(cfg)) if not isinstance(method, EmbeddingMethod) else method
+    name = method if isinstance(method, str) else method_name(cfg)
+    method = get_method(name) if not isinstance(method, EmbeddingMethod) else method
     quiet_libraries()
-    return _WorkerRun(cfg, method, report, local_rank, owner_check).train()
+    return _WorkerRun(cfg, name, method, report, local_rank, owner_check).train()
 
 
 class _WorkerRun:
@@ -108,8 +110,9 @@ class _WorkerRun:
     the run stands (`progress`, resumed from its newest checkpoint). `train` runs the steps left,
     the evaluations and the test, and returns the summary."""
 
-    def __init__(self, cfg: JobConfig, method: EmbeddingMethod, report: Callable[[dict[str, Any]], None] | None,
-                 local_rank: int, owner_check: Callable[[], None] | None) -> None:
+    def __init__(self, cfg: JobConfig, name: str, method: EmbeddingMethod,
+                 report: Callable[[dict[str, Any]], None] | None, local_rank: int,
+                 owner_check: Callable[[], None] | None) -> None:
         self.cfg = cfg
         self.rank, self.world = rank, world = dist.get_rank(), dist.get_world_size()
         self.device = device = worker_device(cfg, local_rank)
@@ -135,6 +138,11 @@ class _WorkerRun:
         self.epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
         self.watch = LossWatch(device, self.progress.step)
         extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics, self.progress.step), sharded)
+        if not isinstance(extras, list) or not all(isinstance(c, Callback) for c in extras):
+            # Else a TypeError ("'NoneType' object is not iterable") naming neither method nor hook.
+            got = type(extras).__name__ if not isinstance(extras, list) else \
+                f"a list holding a {next(type(c).__name__ for c in extras if not isinstance(c, Callback))}"
+            raise ConfigError(f"method {name!r}: callbacks() returned {got}, not a list of Callbacks")
         self.callbacks = _callbacks(cfg, sharded, self.snapshot, metrics, report, rank, world, extras,
                                     (own, self.progress.step) if own is not None else None, owner_check)
         self.steps = _train_steps(cfg, sharded, device, rank)
@@ -363,7 +371,8 @@ def _callbacks(cfg: JobConfig, sharded: ShardedModel, snapshot: Callable[[], Pro
                rank: int, world: int, extras: list[Callback],
                saved: tuple[StoragePath, int] | None, owner_check: Callable[[], None] | None) -> list[Callback]:
     """`saved`: this run's checkpoint resumed from and its step (it holds the model until a step trains)."""
-    callbacks: list[Callback] = []
+    # First: a model whose tables get no gradient is refused before its first step is checkpointed.
+    callbacks: list[Callback] = [EmbeddingGradientCheck(sharded.embeddings, sharded.arch.name)]
     if rank == 0 and cfg.train.progress:
         callbacks.append(ProgressBar(world))
     callbacks.extend(extras)  # before checkpoints: a checkpoint sees what they did to the step

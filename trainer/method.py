@@ -196,6 +196,10 @@ def register_method(name: str, method: EmbeddingMethod) -> None:
     _REGISTERED[name] = _fits_the_seam(method, name)
 
 
+def is_builtin(name: str) -> bool:
+    return name in _BUILTIN
+
+
 def registered_here(name: str) -> EmbeddingMethod | None:
     """The method `register_method` gave `name` in this process, if any: what a driver sends its
     Ray workers, which never ran that call."""

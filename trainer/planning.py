@@ -20,7 +20,7 @@ from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import Decide, check_plan_holds
 from embshard.planner.policies import with_mlet
 from embshard.planner.types import DimensionPlan
-from embshard.trainer.method import get_method, method_name
+from embshard.trainer.method import get_method, is_builtin, method_name
 from embshard.trainer.models import ModelArch, get_arch
 from embshard.trainer.reference import users_code
 from embshard.typed_config import to_dict
@@ -50,7 +50,9 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
                  **({"decisions_sha256": decisions} if decisions else {})}
 
     def decide(spec: DatasetSpec, counts: Mapping[str, np.ndarray], out_dir: Path) -> DimensionPlan:
-        with users_code(f"method {name!r}: dimension_plan()"):
+        # A plan of the user's that the plan's own checks refuse names the method: "table 't_C1'
+        # block 0: dim must be positive" said nothing of where the 0 came from.
+        with users_code(f"method {name!r}: dimension_plan()", refusals_too=not is_builtin(name)):
             plan = embedding_method.dimension_plan(cfg, spec, counts, out_dir)
         if not isinstance(plan, DimensionPlan):
             raise ConfigError(f"method {name!r}: dimension_plan() returned {type(plan).__name__}, not a DimensionPlan")

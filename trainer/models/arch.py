@@ -73,6 +73,9 @@ class ModelArch:
             raise ConfigError(f"model.arch {self.name!r}: the model returned {shape} for a batch of "
                               f"{batch.labels.numel()}; a pointwise model returns one logit per example "
                               f"({tuple(batch.labels.shape)})")
+        if not output.is_floating_point():  # else torch's "log_sigmoid_cpu not implemented for 'Long'"
+            raise ConfigError(f"model.arch {self.name!r}: the model returned {output.dtype} logits; a logit is a "
+                              "floating-point number")
         return F.binary_cross_entropy_with_logits(output, batch.labels)
 
     def evaluate(self, model: nn.Module, reader: ParquetBatchReader, device: torch.device,
@@ -162,6 +165,10 @@ def _arch_loss(train: TrainModel, output: Any, batch: Batch) -> torch.Tensor:
     # input: an arch's loss may check its output's type and shape, which a trace cannot follow.
     loss = train.arch.loss(output, batch)
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        if train.training and torch.is_grad_enabled() and not loss.requires_grad:
+            # Else autograd's "element 0 of tensors does not require grad", naming nobody.
+            raise ConfigError(f"model.arch {train.arch.name!r}: the loss depends on no parameter (the model's "
+                              "output was detached, or computed under torch.no_grad)")
         return loss.reshape(())  # (1,), say: autograd took it
     # Else autograd's "grad can be implicitly created only for scalar outputs", naming nobody.
     got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__

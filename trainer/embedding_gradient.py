@@ -1,0 +1,65 @@
+"""A check, on the first step a run trains, that the loss reaches the embedding tables.
+
+A model that detaches its embeddings' output, or never calls its embedding module, trains its
+dense layers alone: the run exits 0 with an AUC, checkpoints and an export, and every table as it
+was initialised (the sparse optimizer's state stays all zeros). Only a gradient arriving at the
+module's output tells the two apart, so a hook watches for one on the first training forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from torchrec.distributed.types import Awaitable
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from embshard.errors import ConfigError
+from embshard.trainer.callbacks import Callback, StepInfo
+
+
+class EmbeddingGradientCheck(Callback):
+    def __init__(self, embeddings: nn.Module, arch: str) -> None:
+        self.arch = arch
+        self.called = False
+        self.unread = False  # a sharded collection's lookups, never waited for
+        self.watched = False  # the output took part in autograd: a method may freeze its tables
+        self.reached = False
+        self._handle: RemovableHandle | None = embeddings.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # an evaluation
+        if isinstance(output, Awaitable):  # a sharded collection's: the model waits for its lookups
+            self.called = self.unread = True
+            output.callbacks.append(self._on_result)
+        elif isinstance(output, (KeyedTensor, torch.Tensor)):  # else TorchRec's trace of the model
+            self.called = True
+            self._on_result(output)
+
+    def _on_result(self, output: Any) -> Any:
+        self.unread = False
+        values = output.values() if isinstance(output, KeyedTensor) else output
+        if isinstance(values, torch.Tensor) and values.requires_grad:
+            self.watched = True
+            values.register_hook(self._on_gradient)
+        return output
+
+    def _on_gradient(self, grad: torch.Tensor) -> None:
+        self.reached = True
+
+    def on_step(self, info: StepInfo) -> None:
+        if self._handle is None:
+            return
+        self._handle.remove()
+        self._handle = None
+        if not self.called:
+            raise ConfigError(f"model.arch {self.arch!r}: the model did not call its embedding module in the first "
+                              "training step, so its tables would never train; call it on the batch's sparse "
+                              "features in forward")
+        if self.unread or (self.watched and not self.reached):
+            raise ConfigError(f"model.arch {self.arch!r}: no gradient reached the embedding module's output in the "
+                              "first training step (detached, unused, or the loss does not depend on it), so its "
+                              "tables would never train")
