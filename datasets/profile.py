@@ -62,7 +62,7 @@ class FeatureStats:
 
 
 def counts_digest(counts: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(counts, dtype="<i8")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(counts, dtype="<i8").data).hexdigest()
 
 
 @dataclass
