@@ -289,6 +289,11 @@ def check_report(rep: Any, where: str) -> None:
     if len(rep["dataset"].encode()) > LONGEST_NAME:
         raise DataError(f"{where}: not a sweep report (dataset: a name of {len(rep['dataset'].encode())} bytes; its "
                         f"report's files take one of at most {LONGEST_NAME})")
+    # Anywhere else (a knob, a setting, the config): copied into the merged report, which JSON
+    # readers other than Python's refused.
+    unwritable = _non_finite(rep, "")
+    if unwritable is not None:
+        raise DataError(f"{where}: not a sweep report ({unwritable})")
     for i, p in enumerate(rep["points"]):
         if not isinstance(p, dict):
             raise DataError(f"{where}: not a sweep report (points[{i}] is no object)")
@@ -373,6 +378,18 @@ _OPTIONAL_TOP: dict[str, Callable[[Any], bool]] = {
 def _size(x: Any) -> bool:
     """A count of bytes or parameters: positive, and within what any plan has."""
     return _whole(x) and 0 < x < 1 << 62
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """`path: value` of the first NaN or infinity in `value`, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path or '<root>'}: {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found is not None:
+            return found
+    return None
 
 
 def _finite(x: Any) -> bool:

@@ -1366,6 +1366,8 @@ def test_a_dataset_name_too_long_for_its_report_files_is_refused_before_any_work
     ({"valid_value": 5.0}, r"valid_value: 5\.0"),  # an AUC cannot be
     # "sweep points: mixed metrics [('auc', False), ('auc', True)]", naming no file.
     ({"lower_is_better": "no"}, r"lower_is_better: 'no'"),
+    # Anywhere in a point: copied into the merged report as NaN too.
+    ({"knobs": {"mlet.ratio": float("inf")}}, r"knobs\.mlet\.ratio: inf"),
 ])
 def test_a_points_edited_value_is_refused_naming_the_file_and_field(tmp_path, capsys, edit, said):
     a, b = merge_folders(tmp_path)
