@@ -79,11 +79,17 @@ def _autodim(args: argparse.Namespace) -> int:
     print(f"decisions -> {decisions}")
     if "alpha_history" in summary:
         print(f"softmax(alpha) every {search.history_every} steps -> {summary['alpha_history']}")
-    # Into a run folder of its own: in the search's, its summary and plan replaced the search's.
-    retrain_sets = ["embeddings.policy=decisions", f"embeddings.decisions={decisions}",
-                    f"output_dir={cfg.output_dir.rstrip('/')}/retrain"]
-    replaced = {override_key(item) for item in retrain_sets}
-    retrain = [*(item for item in args.overrides if override_key(item) not in replaced), *retrain_sets]
+    retrain = retrain_overrides(args.overrides, decisions, cfg.output_dir)
     print(f"retrain: embshard train {shlex.quote(str(args.config))} "
           + " ".join(f"--set {shlex.quote(s)}" for s in retrain))
     return 0
+
+
+def retrain_overrides(overrides: list[str], decisions: Path, output_dir: str) -> list[str]:
+    """The search's `--set`s for the retrain on its decisions, in a run folder of its own (in the
+    search's, its summary and plan replaced the search's); a key the retrain sets is not given
+    twice (refused: `--set output_dir` of the search's own would be)."""
+    sets = ["embeddings.policy=decisions", f"embeddings.decisions={decisions}",
+            f"output_dir={output_dir.rstrip('/')}/retrain"]
+    replaced = {override_key(item) for item in sets}
+    return [*(item for item in overrides if override_key(item) not in replaced), *sets]

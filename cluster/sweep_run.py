@@ -27,11 +27,11 @@ from embshard.cluster.run_lock import LOCK_FILE, folder_lock
 from embshard.cluster.sweep_plan import SPEC_FILE, UNCOMPARED, SweepSpec, Trial, config_difference
 from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
-from embshard.config import JobConfig, with_paths_resolved
+from embshard.config import JobConfig, current_schema, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, write_whole
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
-from embshard.typed_config import from_dict, to_dict
+from embshard.typed_config import to_dict
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep's folder
 TRIAL_CPU = 0.01
@@ -234,12 +234,14 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
 
 
 def _recorded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A sweep spec's job config read through today's schema; ConfigError naming the key where it is
-    no job config."""
-    missing = [key for key in CONFIG_KEYS if key not in config]
-    if missing:
-        raise ConfigError(f"config.{missing[0]}: missing")
-    return to_dict(from_dict(JobConfig, config, "config"))
+    """A sweep spec's job config, read through today's schema where it can be (`current_schema`:
+    a key renamed since must not stop the resume of a sweep's finished trials); ConfigError where
+    it is no job config at all."""
+    for key in CONFIG_KEYS:
+        if not isinstance(config.get(key), dict):
+            raise ConfigError(f"config.{key}: " + ("missing" if key not in config else
+                                                   f"expected a mapping, got {type(config[key]).__name__}"))
+    return current_schema(config)
 
 
 def _data_path(cfg: JobConfig) -> str:

@@ -251,13 +251,18 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping of sections, got {type(data).__name__} {data!r:.40}")
-    given: dict[str, str] = {}
+    given: dict[str, tuple[str, Any]] = {}  # key -> (the item, its value)
     for item in overrides or []:
-        apply_override(data, item)
-        # The last one won, silently: two values for a key are two intentions, one of them lost.
-        earlier = given.setdefault(override_key(item), item)
-        if earlier != item:
-            raise ConfigError(f"--set {override_key(item)} given twice ({earlier!r}, then {item!r}); give it once")
+        key, value = apply_override(data, item)
+        # The last one won, silently: two values for a key are two intentions, one of them lost;
+        # so is a section set after a key inside it, which it replaces.
+        if key in given and given[key][1] != value:
+            raise ConfigError(f"--set {key} given twice ({given[key][0]!r}, then {item!r}); give it once")
+        inner = next((given[k][0] for k in given if k.startswith(f"{key}.")), None)
+        if inner is not None:
+            raise ConfigError(f"--set {key} given after {inner!r}, a key inside it, which it replaces; give that "
+                              "key in it, or after it")
+        given[key] = (item, value)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
@@ -276,15 +281,18 @@ def override_key(item: str) -> str:
     return item.split("=", 1)[0].strip()
 
 
-def apply_override(data: dict, item: str) -> None:
-    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so `3`, `true`, `[1,2]`)."""
+def apply_override(data: dict, item: str) -> tuple[str, Any]:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so `3`, `true`, `[1,2]`).
+    -> (key, value) as applied."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
     if not all(part.strip() for part in key.split(".")):
         # `--set =1` and `--set .train.epochs=1` were ": unknown field", a field with no name.
         raise ConfigError(f"--set {item!r}: expected key=value with a key such as train.epochs")
-    set_dotted(data, key.strip(), parse_yaml_value(raw, f"--set {item!r}"), "--set")
+    value = parse_yaml_value(raw, f"--set {item!r}")
+    set_dotted(data, key.strip(), value, "--set")
+    return key.strip(), value
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

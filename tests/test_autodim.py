@@ -455,3 +455,18 @@ def test_search_checkpoints_and_stops_on_sigterm(dataset, tmp_path, process_grou
     resumed = run_worker(cfg, method="autodim")
     assert resumed["resumed_from"].endswith("step-000002") and resumed["steps"] == 6
     assert resumed["decisions"] == str(decisions) and load_decisions(decisions).meta["steps"] == 6
+
+
+def test_the_retrain_command_sets_each_key_once(tmp_path):
+    # The search's own `--set output_dir=...` came before the retrain's: a command `--set` refuses.
+    from conftest import REPO
+
+    from embshard.cluster.autodim_cli import retrain_overrides
+    from embshard.config import load_job_config
+
+    search = ["train.epochs=2", "output_dir=out/search", "embeddings.policy=uniform"]
+    retrain = retrain_overrides(search, tmp_path / "d.json", "out/search/")
+    assert retrain == ["train.epochs=2", "embeddings.policy=decisions", f"embeddings.decisions={tmp_path / 'd.json'}",
+                       "output_dir=out/search/retrain"]
+    cfg = load_job_config(REPO / "configs" / "autodim-movielens.yaml", retrain)
+    assert (cfg.embeddings.policy, cfg.output_dir, cfg.train.epochs) == ("decisions", "out/search/retrain", 2)

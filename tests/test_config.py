@@ -137,7 +137,13 @@ def test_a_key_set_twice_to_two_values_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set train\.epochs given twice \('train\.epochs=1', then "
                                           r"' train\.epochs=3'\); give it once$"):
         load_job_config(path, ["train.epochs=1", "train.log_every=5", " train.epochs=3"])
-    assert load_job_config(path, ["train.epochs=3", "train.epochs=3"]).train.epochs == 3
+    assert load_job_config(path, ["train.epochs=3", "train.epochs= 3"]).train.epochs == 3  # one value
+    # A section after a key inside it replaced that key, and the file's others, without a word.
+    with pytest.raises(ConfigError, match=r"^--set train given after 'train\.epochs=3', a key inside it, which it "
+                                          r"replaces; give that key in it, or after it$"):
+        load_job_config(path, ["train.epochs=3", "train={log_every: 7}"])
+    both = load_job_config(path, ["train={log_every: 7}", "train.epochs=3"]).train
+    assert (both.log_every, both.epochs) == (7, 3)
 
 
 def test_a_bad_value_from_set_is_blamed_on_the_flag(tmp_path):

@@ -79,6 +79,8 @@ def test_an_item_tying_with_the_target_ranks_above_it() -> None:
     # Item 7 is first; each other ties with 18 items below it (place 19); 99 is missed. By topk's
     # order, 9 of the tied ones were found.
     assert got["recall@1"] == got["recall@10"] == 1 / 21
-    nan = RetrievalMetrics([1], torch.device("cpu"))
-    nan.add(torch.full((1, DIM), math.nan), torch.tensor([3]), items, torch.arange(20))
-    assert nan.result()[0]["recall@1"] == 0  # a NaN score finds nothing
+    # A NaN score finds nothing, nor does a target in no slice: at any K, the catalog's size and more.
+    missed = RetrievalMetrics([1, 50], torch.device("cpu"))
+    missed.add(torch.full((1, DIM), math.nan), torch.tensor([3]), items, torch.arange(20))
+    missed.add(torch.ones(1, DIM), torch.tensor([99]), items, torch.arange(20))
+    assert missed.result() == ({"recall@1": 0.0, "ndcg@1": 0.0, "recall@50": 0.0, "ndcg@50": 0.0}, 2)

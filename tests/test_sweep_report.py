@@ -1401,18 +1401,19 @@ def test_a_resume_refuses_a_hand_edited_config_as_no_sweep_spec(tmp_path):
     _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
     saved = json.loads((out / "sweep-spec.json").read_text())
     for config, why in (({**saved["config"], "train": 5}, "config.train: expected a mapping, got int"),
-                        ({}, "config.data: missing"),
-                        ({**saved["config"], "train": {**saved["config"]["train"], "epochs": "x"}},
-                         "config.train.epochs: expected an integer, got 'x'"),
-                        ({**saved["config"], "bogus": 1}, "config.bogus: unknown field")):
+                        ({}, "config.data: missing")):
         (out / "sweep-spec.json").write_text(json.dumps({**saved, "config": config}))
         with pytest.raises(ConfigError, match=re.escape(f"--resume: {out / 'sweep-spec.json'}: not a sweep spec "
                                                         f"({why}")):
             _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
-    # A key added to the config since the sweep started takes its default, as before.
-    del saved["config"]["train"]["report_at"]
-    (out / "sweep-spec.json").write_text(json.dumps(saved))
-    assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+    # A key added to the config since the sweep started takes its default, as before, and one
+    # today's schema no longer has does not stop the resume of its finished trials.
+    for edit in (lambda config: config["train"].pop("report_at"),
+                 lambda config: config["metrics"].update(retired_knob=1)):
+        config = json.loads(json.dumps(saved["config"]))
+        edit(config)
+        (out / "sweep-spec.json").write_text(json.dumps({**saved, "config": config}))
+        assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
 
 
 def test_sweep_merge_into_a_dangling_link_makes_the_folder_it_names(tmp_path, capsys):

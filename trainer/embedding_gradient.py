@@ -24,19 +24,19 @@ class EmbeddingGradientCheck(Callback):
     def __init__(self, embeddings: nn.Module, arch: str) -> None:
         self.arch = arch
         self.called = False
-        self.unread = False  # a sharded collection's lookups, never waited for
-        self.watched = False  # the output took part in autograd: a method may freeze its tables
+        self.unread = False  # a sharded collection's lookups never waited for
+        self.watched = False  # an output took part in autograd: a method may freeze its tables
         self.reached = False
         self._handle: RemovableHandle | None = embeddings.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not (module.training and torch.is_grad_enabled()):
-            return  # an evaluation
+        if not (module.training and torch.is_grad_enabled()) or isinstance(output, torch.fx.Proxy):
+            return  # an evaluation, or TorchRec's trace of the model
+        self.called = True
         if isinstance(output, Awaitable):  # a sharded collection's: the model waits for its lookups
-            self.called = self.unread = True
+            self.unread = True
             output.callbacks.append(self._on_result)
-        elif isinstance(output, (KeyedTensor, torch.Tensor)):  # else TorchRec's trace of the model
-            self.called = True
+        else:
             self._on_result(output)
 
     def _on_result(self, output: Any) -> Any:
@@ -59,7 +59,7 @@ class EmbeddingGradientCheck(Callback):
             raise ConfigError(f"model.arch {self.arch!r}: the model did not call its embedding module in the first "
                               "training step, so its tables would never train; call it on the batch's sparse "
                               "features in forward")
-        if self.unread or (self.watched and not self.reached):
+        if not self.reached and (self.unread or self.watched):
             raise ConfigError(f"model.arch {self.arch!r}: no gradient reached the embedding module's output in the "
                               "first training step (detached, unused, or the loss does not depend on it), so its "
                               "tables would never train")

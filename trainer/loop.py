@@ -99,7 +99,7 @@ def run_worker(
     in `sharding.plan_file` (else `<output_dir>/plan`); -> the run's summary. `owner_check`
     raises once the run that started this worker no longer holds its folders
     (`run_lock.owner_check`): then no checkpoint is written."""
-    name = method if isinstance(method, str) else method_name(cfg)
+    name = method if isinstance(method, str) else type(method).__name__ if method is not None else method_name(cfg)
     method = get_method(name) if not isinstance(method, EmbeddingMethod) else method
     quiet_libraries()
     return _WorkerRun(cfg, name, method, report, local_rank, owner_check).train()
@@ -138,9 +138,9 @@ class _WorkerRun:
         self.epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
         self.watch = LossWatch(device, self.progress.step)
         extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics, self.progress.step), sharded)
-        if not isinstance(extras, list) or not all(isinstance(c, Callback) for c in extras):
+        if not isinstance(extras, (list, tuple)) or not all(isinstance(c, Callback) for c in extras):
             # Else a TypeError ("'NoneType' object is not iterable") naming neither method nor hook.
-            got = type(extras).__name__ if not isinstance(extras, list) else \
+            got = type(extras).__name__ if not isinstance(extras, (list, tuple)) else \
                 f"a list holding a {next(type(c).__name__ for c in extras if not isinstance(c, Callback))}"
             raise ConfigError(f"method {name!r}: callbacks() returned {got}, not a list of Callbacks")
         self.callbacks = _callbacks(cfg, sharded, self.snapshot, metrics, report, rank, world, extras,

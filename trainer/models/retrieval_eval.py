@@ -1,10 +1,10 @@
 """Recall@K and NDCG@K over every item of a catalog, computed sharded.
 
 Each rank holds the embeddings of its own slice of the catalog. For every batch of queries the
-ranks exchange their queries and targets (small: B x D each), score all of them against their
+ranks gather every rank's queries and targets (B x D and B each), score all of them against their
 slice, and count, per query, the items of the slice that score above its target and those that
-tie with it; only those two counts (and the target's score, from the rank holding the target)
-are exchanged. No rank ever holds the whole item matrix.
+tie with it; the target's score (from the rank holding the target) and those two counts are
+all-reduced (world x B each). No rank ever holds the whole item matrix.
 
 An item tying with the target ranks above it. Ties are common where rows are alike: PEP prunes
 whole rows to zero, and a model that has not learned scores items alike. Broken by the
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 NO_ITEM = -1  # target id of a padding query
+MISSED = torch.iinfo(torch.int64).max  # the place of a target not found: beyond every K
 
 
 class RetrievalMetrics:
@@ -67,22 +68,26 @@ class RetrievalMetrics:
 def target_positions(queries: torch.Tensor, targets: torch.Tensor, items: torch.Tensor,
                      item_ids: torch.Tensor) -> torch.Tensor:
     """Collective: each query's target's place among every rank's items, counting the items that
-    score above it or tie with it. A target no rank holds, or whose score is NaN, ranks below
-    every item."""
+    score above it or tie with it; MISSED for a target no rank holds, or whose score is NaN.
+    Beside the scores, one boolean [n, m] at a time (each comparison), not float copies of them."""
     scores = queries @ items.t()  # [n, m]
-    is_target = item_ids[None, :] == targets[:, None]
-    target_score = torch.where(is_target, scores, -math.inf).amax(dim=1) if items.shape[0] else \
-        scores.new_full((queries.shape[0],), -math.inf)
+    target_score = scores.new_full((len(targets),), -math.inf)
+    held = torch.zeros(len(targets), dtype=torch.bool, device=scores.device)
+    if len(item_ids):
+        sorted_ids, order = item_ids.sort()
+        at = torch.searchsorted(sorted_ids, targets).clamp_max(len(sorted_ids) - 1)
+        held = sorted_ids[at] == targets
+        column = order[at][:, None]
+        target_score = torch.where(held, scores.gather(1, column).squeeze(1), target_score)
     if _world() > 1:
         dist.all_reduce(target_score, op=dist.ReduceOp.MAX)
     above = (scores > target_score[:, None]).sum(dim=1)
-    tied = ((scores == target_score[:, None]) & ~is_target).sum(dim=1)
-    ahead = torch.stack([above, tied, torch.full_like(above, items.shape[0])])
+    tied = (scores == target_score[:, None]).sum(dim=1) - held.long()  # the target is no tie of its own
+    ahead = torch.stack([above, tied])
     if _world() > 1:
         dist.all_reduce(ahead)
-    above, tied, catalog = ahead
-    missing = (target_score == -math.inf) | torch.isnan(target_score)
-    return torch.where(missing, catalog, above + tied)
+    missed = (target_score == -math.inf) | torch.isnan(target_score)
+    return torch.where(missed, MISSED, ahead[0] + ahead[1])
 
 
 def metrics_from_positions(counts: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
