@@ -88,6 +88,9 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         if cfg.checkpoint.resume:
             check_checkpoint_io(location(cfg.checkpoint.resume), "checkpoint.resume")
         check_writable(cfg.checkpoint_dir, "checkpoint.dir")
+        # As output_dir: inside another run's step, its pruning deleted this run's checkpoints.
+        check_not_in_sealed(cfg.checkpoint_dir, "checkpoint.dir", ConfigError, itself=True)
+        check_not_in_plan(cfg)
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
     if source is not None:
@@ -138,6 +141,15 @@ def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, ad
     if not isinstance(saved, dict):  # `[]` was a ConfigError that advised the flag already given
         raise ConfigError(f"{source / CHECKPOINT_CONFIG}: not a job config (a JSON {type(saved).__name__})")
     return reconcile(cfg, saved, source, adopt)
+
+
+def check_not_in_plan(cfg: JobConfig) -> None:
+    """ConfigError when checkpoint.dir lies in the run's plan folder, which every checkpoint
+    copies: it copied itself into itself at the first save, a folder tree that deep, and failed."""
+    ckpt, plan = cfg.checkpoint_dir, cfg.plan_dir
+    if isinstance(ckpt, Path) and (ckpt.resolve() == plan.resolve() or plan.resolve() in ckpt.resolve().parents):
+        raise ConfigError(f"checkpoint.dir {ckpt}: inside the run's plan folder {plan}, which every checkpoint "
+                          "copies; write the checkpoints elsewhere")
 
 
 def resume_source(cfg: JobConfig) -> StoragePath | None:

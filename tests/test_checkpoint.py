@@ -36,6 +36,7 @@ from embshard.sharding.mlet import without_mlet
 from embshard.trainer.build import build_sharded
 from embshard.trainer.checkpoint import (
     MANIFEST,
+    PRUNING_MARK,
     CheckpointError,
     CheckpointManager,
     Progress,
@@ -163,9 +164,27 @@ def test_a_step_a_killed_prune_left_without_its_manifest_is_pruned(dataset, tmp_
     # prune failed on ("removing older ones failed: FileNotFoundError"), a checkpoint's disk for good.
     cfg = job(dataset, tmp_path, max_steps=8)
     run_worker(cfg)
+    (cfg.checkpoint_dir / "step-000004" / PRUNING_MARK).write_text("")  # as a prune begins
     (cfg.checkpoint_dir / "step-000004" / MANIFEST).unlink()
     run_worker(replace(cfg, train=replace(cfg.train, max_steps=12)))
     assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == ["step-000008", "step-000012"]
+
+
+def test_a_prune_deletes_neither_a_users_folder_named_as_a_step_nor_through_a_link(dataset, tmp_path):
+    # A step-named folder without a manifest was taken for a prune's leftover and deleted with a
+    # user's files; a link to another run's step lost that step's manifest.
+    other = job(dataset, tmp_path / "other", max_steps=4)
+    run_worker(other)
+    cfg = job(dataset, tmp_path / "run", max_steps=8)
+    run_worker(cfg)
+    (cfg.checkpoint_dir / "step-000001").mkdir()
+    (cfg.checkpoint_dir / "step-000001" / "notes.txt").write_text("mine")
+    (cfg.checkpoint_dir / "step-000002").symlink_to(other.checkpoint_dir / "step-000004")
+    run_worker(replace(cfg, train=replace(cfg.train, max_steps=12)))
+    assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == [
+        "step-000001", "step-000002", "step-000008", "step-000012"]
+    assert (cfg.checkpoint_dir / "step-000001" / "notes.txt").read_text() == "mine"
+    assert (other.checkpoint_dir / "step-000004" / MANIFEST).is_file()
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_stops(dataset, tmp_path):
@@ -344,3 +363,21 @@ def test_a_worker_whose_run_has_ended_publishes_nothing(dataset, tmp_path):
     with pytest.raises(CheckpointError, match=r"the run this worker started under has ended; nothing more"):
         manager.save(Progress(step=12, batch_size=256), sharded.model, sharded.optimizer, {}, cfg.plan_dir)
     assert complete_checkpoints(cfg.checkpoint_dir) == saved
+
+
+def test_checkpoint_dir_inside_a_step_a_dataset_or_the_plan_is_refused(dataset, tmp_path):
+    # In another run's step, that run's pruning deleted this run's checkpoints; in the dataset, its
+    # folder held steps; in the plan folder, the first save copied the plan into itself, 1,176
+    # folders deep, and failed in a 60 KB line.
+    from embshard.errors import ConfigError
+
+    other = job(dataset, tmp_path / "other", max_steps=4)
+    run_worker(other)
+    step = other.checkpoint_dir / "step-000004"
+    cfg = job(dataset, tmp_path / "run")
+    for where, said in ((step / "sub", f"inside the checkpoint step {step}"),
+                        (dataset, f"inside the dataset {dataset}"),
+                        (Path(cfg.plan_dir) / "ck", f"inside the run's plan folder {cfg.plan_dir}")):
+        with pytest.raises(ConfigError, match=rf"^checkpoint\.dir {re.escape(str(where))}: {re.escape(said)}"):
+            plan_for_training(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(where))))
+    assert not (step / "sub").exists()

@@ -261,3 +261,16 @@ def test_a_file_where_a_run_s_folder_goes_is_said_as_such(tmp_path, capsys) -> N
         assert main(["train", cfg]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"embshard: error: {said}"]
     assert afile.read_text() == "x"
+    # Inside the run's folder, where its plan, log or Ray storage goes: "File exists" after the
+    # plan, or (ray) a crash in Ray's controller; the folder was marked a run's all the same.
+    for name in ("plan", "logs", "ray"):
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        (run / name).write_text("x")
+        cfg = _tiny_config(tmp_path, run)
+        capsys.readouterr()
+        assert main(["train", cfg]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"embshard: error: {run / name}: a file is there, not a folder; a run writes its {name} folder there: "
+            "move the file away, or give the run another output_dir"]
+        assert sorted(p.name for p in run.iterdir()) == [name]

@@ -207,13 +207,19 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
-        kept = complete_checkpoints(self.directory)
+        # Only folders a save wrote, or a prune began on: one named like a step with neither a
+        # manifest nor the prune's mark (a user's) went, files and all, and a link to a step
+        # elsewhere lost its target's manifest, another run's checkpoint.
+        kept = [p for p in complete_checkpoints(self.directory)
+                if not (isinstance(p, Path) and p.is_symlink())
+                and ((p / MANIFEST).is_file() or (p / PRUNING_MARK).is_file())]
         for old in kept[self.keep:]:
-            # Its manifest first: a reader of it (`embshard export` while the run saves) then
-            # finds it incomplete the moment any file of it is gone, as `export` checks.
-            manifest = old / MANIFEST
-            if manifest.is_file():  # else a prune killed between the two deletes: the folder goes now
-                manifest.unlink()
+            # Marked, then its manifest: a reader of it (`embshard export` while the run saves)
+            # finds it incomplete the moment any file of it is gone, as `export` checks, and a
+            # prune killed before the folder went leaves it to the next.
+            (old / PRUNING_MARK).write_text("")
+            if (old / MANIFEST).is_file():
+                (old / MANIFEST).unlink()
             rmtree(old)
         # Unfinished writes of earlier steps (a run killed mid-save) that no run will finish:
         # each is as large as a checkpoint. One with a manifest was complete and is left alone.
@@ -222,7 +228,8 @@ class CheckpointManager:
         newest = int(STEP_FOLDER.fullmatch(kept[0].name).group(1))  # type: ignore[union-attr]
         for leftover in self.directory.iterdir():
             m = STEP_FOLDER_BEING_WRITTEN.match(leftover.name)
-            if m and int(m.group(1)) < newest and not (leftover / MANIFEST).is_file():
+            if m and int(m.group(1)) < newest and not (leftover / MANIFEST).is_file() \
+                    and not (isinstance(leftover, Path) and leftover.is_symlink()):
                 rmtree(leftover)
 
     # -- load (collective) ---------------------------------------------------------------------
@@ -363,6 +370,10 @@ def set_aside(path: StoragePath, suffix: str) -> StoragePath:
         target, n = path.with_name(f"{path.name}{suffix}-{n}"), n + 1
     move(path, target, marker=MANIFEST)
     return target
+
+
+# Written into a step folder as its prune begins: the folder is the prune's to finish.
+PRUNING_MARK = ".pruning"
 
 
 def complete_checkpoints(directory: StoragePath) -> list[StoragePath]:
