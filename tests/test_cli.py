@@ -1015,3 +1015,18 @@ def test_train_refuses_to_start_over_a_finished_run_it_would_not_resume(tmp_path
     config.write_text(f"output_dir: {run}\ncheckpoint:\n  enabled: false\n")
     assert main(["train", str(config)]) == 2
     assert "holds a finished run" in capsys.readouterr().err
+
+
+def test_overwrite_on_a_run_it_resumes_says_it_replaces_nothing(tmp_path, capsys):
+    # It resumed from the checkpoints, trained nothing more and exited 0, without a word.
+    from embshard.cluster.launch import check_replaces_no_run
+    from embshard.config import JobConfig
+
+    run = JobConfig(output_dir=str(tmp_path / "run"))
+    (run.checkpoint_dir / "step-000004").mkdir(parents=True)
+    check_replaces_no_run(run, overwrite=False)
+    assert capsys.readouterr().out == ""
+    check_replaces_no_run(run, overwrite=True)
+    assert capsys.readouterr().out.strip() == (
+        "note: --overwrite replaces a finished run only where this one would train from scratch; this one resumes "
+        f"from its checkpoints (in {run.checkpoint_dir}): for a fresh run, give it another output_dir")
