@@ -174,11 +174,13 @@ def check_replaces_no_run(cfg: JobConfig, overwrite: bool) -> None:
     is one to resume is read from the listing alone: `resume_source` verifies them, and planning
     does that next (and warns of those it skips) once."""
     summary = location(cfg.output_dir) / SUMMARY_FILE
-    resumable = cfg.checkpoint.enabled and (complete_checkpoints(cfg.checkpoint_dir) or cfg.checkpoint.resume)
-    if overwrite and resumable:
+    own = cfg.checkpoint.enabled and complete_checkpoints(cfg.checkpoint_dir)
+    resumable = own or (cfg.checkpoint.enabled and cfg.checkpoint.resume)
+    if overwrite and own:
         # It resumed, trained nothing more and exited 0: a user who asked for a fresh run got none.
         print(f"note: --overwrite replaces a finished run only where this one would train from scratch; this one "
-              f"resumes from its checkpoints (in {cfg.checkpoint_dir}): for a fresh run, give it another output_dir")
+              f"resumes from its checkpoints (in {cfg.checkpoint_dir}): for a fresh run, give it another "
+              f"{'checkpoint.dir' if cfg.checkpoint.dir else 'output_dir'}")
     if overwrite or resumable or not summary.is_file():
         return
     why = "checkpoint.enabled is false" if not cfg.checkpoint.enabled else "it holds no checkpoint to resume"

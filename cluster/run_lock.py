@@ -126,7 +126,7 @@ def claimed_run_folder(cfg: JobConfig, folder: Path) -> Iterator[None]:
     # A file where a run's folder goes was "File exists" (plan, logs) or a crash in Ray's
     # controller (ray), after the plan; checkpoints/ is said so as the lock makes it.
     for name in ("plan", "logs", *(() if cfg.cluster.storage else ("ray",))):
-        if (folder / name).exists() and not (folder / name).is_dir():
+        if ((folder / name).exists() or (folder / name).is_symlink()) and not (folder / name).is_dir():
             raise ConfigError(f"{folder / name}: a file is there, not a folder; a run writes its {name} folder "
                               "there: move the file away, or give the run another output_dir")
     if not marker.exists():

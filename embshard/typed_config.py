@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import re
 import types
@@ -256,7 +257,8 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         key, value = apply_override(data, item)
         # The last one won, silently: two values for a key are two intentions, one of them lost;
         # so is a section set after a key inside it, which it replaces.
-        if key in given and given[key][1] != value:
+        # As JSON: true and 1 are two values (== said one), a NaN given twice is one.
+        if key in given and json.dumps(given[key][1], sort_keys=True) != json.dumps(value, sort_keys=True):
             raise ConfigError(f"--set {key} given twice ({given[key][0]!r}, then {item!r}); give it once")
         inner = next((given[k][0] for k in given if k.startswith(f"{key}.")), None)
         if inner is not None:

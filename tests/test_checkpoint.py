@@ -170,6 +170,32 @@ def test_a_step_a_killed_prune_left_without_its_manifest_is_pruned(dataset, tmp_
     assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == ["step-000008", "step-000012"]
 
 
+def test_a_prune_that_fails_midway_is_finished_by_the_next(dataset, tmp_path, monkeypatch):
+    # The mark went with the first files (rmtree's order): a folder a prune failed on, or was
+    # killed in, had neither manifest nor mark, and no later prune took it.
+    from embshard.trainer import checkpoint
+
+    cfg = job(dataset, tmp_path, max_steps=8)
+    run_worker(cfg)
+    shard = next((cfg.checkpoint_dir / "step-000004").glob("*.distcp"))
+    real_unlink = Path.unlink
+
+    def unlink_failing_once(path, *args, **kwargs):
+        if path == shard and not getattr(unlink_failing_once, "failed", False):
+            unlink_failing_once.failed = True
+            raise PermissionError("held open")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink_failing_once)
+    with pytest.raises(PermissionError):
+        checkpoint.CheckpointManager(cfg.checkpoint_dir, keep=1)._prune()
+    monkeypatch.undo()
+    left = {p.name for p in (cfg.checkpoint_dir / "step-000004").iterdir()}
+    assert {PRUNING_MARK, shard.name} <= left and MANIFEST not in left
+    checkpoint.CheckpointManager(cfg.checkpoint_dir, keep=1)._prune()
+    assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == ["step-000008"]
+
+
 def test_a_prune_deletes_neither_a_users_folder_named_as_a_step_nor_through_a_link(dataset, tmp_path):
     # A step-named folder without a manifest was taken for a prune's leftover and deleted with a
     # user's files; a link to another run's step lost that step's manifest.

@@ -1019,10 +1019,16 @@ def test_train_refuses_to_start_over_a_finished_run_it_would_not_resume(tmp_path
 
 def test_overwrite_on_a_run_it_resumes_says_it_replaces_nothing(tmp_path, capsys):
     # It resumed from the checkpoints, trained nothing more and exited 0, without a word.
+    from dataclasses import replace
+
     from embshard.cluster.launch import check_replaces_no_run
     from embshard.config import JobConfig
 
     run = JobConfig(output_dir=str(tmp_path / "run"))
+    # Resumed from elsewhere, it does replace the finished run: no note.
+    elsewhere = replace(run, checkpoint=replace(run.checkpoint, resume=str(tmp_path / "other")))
+    check_replaces_no_run(elsewhere, overwrite=True)
+    assert capsys.readouterr().out == ""
     (run.checkpoint_dir / "step-000004").mkdir(parents=True)
     check_replaces_no_run(run, overwrite=False)
     assert capsys.readouterr().out == ""

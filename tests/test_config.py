@@ -365,3 +365,12 @@ def test_every_path_a_worker_or_a_trial_reads_is_absolute(tmp_path, monkeypatch)
     remote = load_job_config(cfg, [*(r for r in relative if r.split("=")[0] not in ("checkpoint.dir", "data.path")),
                                    *remote_sets])
     assert (with_paths_resolved(remote).checkpoint.dir, with_paths_resolved(remote).data.path) == ("s3://b/ck", "/d")
+
+
+def test_set_twice_compares_values_as_written(tmp_path):
+    # `==` took true for 1, and a NaN given twice for two values.
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.progress given twice"):
+        load_job_config(path, ["train.progress=1", "train.progress=true"])
+    assert load_job_config(path, ["train.dense_lr=0.5", "train.dense_lr=5e-1"]).train.dense_lr == 0.5

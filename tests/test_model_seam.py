@@ -609,3 +609,26 @@ def test_settings_no_part_of_the_run_reads_are_said_in_the_plan(dataset, tmp_pat
     assert not any("embeddings.mde is read" in note for note in mde)
     # MDE within tables notes one or two roundings per block: the console shows ten (it printed 162).
     assert len(mde) == 11 and re.fullmatch(r"note: \d+ more in .*plan-\d+/plan.json \(`notes`\)", mde[-1])
+
+
+def test_the_gradient_check_takes_a_module_called_in_any_form() -> None:
+    # An output neither tensor, KeyedTensor nor awaitable was "did not call its embedding module".
+    from embshard.trainer.callbacks import StepInfo
+    from embshard.trainer.embedding_gradient import EmbeddingGradientCheck
+
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"x": self.lin(x)}
+
+    module = DictOut()
+    check = EmbeddingGradientCheck(module, "mine")
+    module(torch.ones(1, 2))["x"].sum().backward()
+    check.on_step(StepInfo(1, 0, 1, 0.0, 0.0, None))
+    unused = DictOut()
+    check = EmbeddingGradientCheck(unused, "mine")
+    with pytest.raises(ConfigError, match=r"^model\.arch 'mine': the model did not call its embedding module"):
+        check.on_step(StepInfo(1, 0, 1, 0.0, 0.0, None))

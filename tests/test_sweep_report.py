@@ -1408,8 +1408,11 @@ def test_a_resume_refuses_a_hand_edited_config_as_no_sweep_spec(tmp_path):
             _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
     # A key added to the config since the sweep started takes its default, as before, and one
     # today's schema no longer has does not stop the resume of its finished trials.
-    for edit in (lambda config: config["train"].pop("report_at"),
-                 lambda config: config["metrics"].update(retired_knob=1)):
+    def retired_and_added(config):  # read as it was, a key retired since was a difference no command mends
+        config["train"]["retired_knob"] = 1
+        config["train"].pop("report_at")
+
+    for edit in (lambda config: config["train"].pop("report_at"), retired_and_added):
         config = json.loads(json.dumps(saved["config"]))
         edit(config)
         (out / "sweep-spec.json").write_text(json.dumps({**saved, "config": config}))

@@ -215,12 +215,21 @@ class CheckpointManager:
                 and ((p / MANIFEST).is_file() or (p / PRUNING_MARK).is_file())]
         for old in kept[self.keep:]:
             # Marked, then its manifest: a reader of it (`embshard export` while the run saves)
-            # finds it incomplete the moment any file of it is gone, as `export` checks, and a
-            # prune killed before the folder went leaves it to the next.
+            # finds it incomplete the moment any file of it is gone, as `export` checks. The mark
+            # goes last, so a prune killed or failing on the way (a file NFS keeps while open)
+            # leaves the folder to the next.
             (old / PRUNING_MARK).write_text("")
             if (old / MANIFEST).is_file():
                 (old / MANIFEST).unlink()
-            rmtree(old)
+            for entry in old.iterdir():
+                if entry.name == PRUNING_MARK:
+                    continue
+                if entry.is_dir() and not (isinstance(entry, Path) and entry.is_symlink()):
+                    rmtree(entry)
+                else:
+                    entry.unlink()
+            if all(entry.name == PRUNING_MARK for entry in old.iterdir()):
+                rmtree(old)
         # Unfinished writes of earlier steps (a run killed mid-save) that no run will finish:
         # each is as large as a checkpoint. One with a manifest was complete and is left alone.
         if not kept:

@@ -140,8 +140,9 @@ class _WorkerRun:
         extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics, self.progress.step), sharded)
         if not isinstance(extras, (list, tuple)) or not all(isinstance(c, Callback) for c in extras):
             # Else a TypeError ("'NoneType' object is not iterable") naming neither method nor hook.
-            got = type(extras).__name__ if not isinstance(extras, (list, tuple)) else \
-                f"a list holding a {next(type(c).__name__ for c in extras if not isinstance(c, Callback))}"
+            stray = next((type(c).__name__ for c in extras if not isinstance(c, Callback)), "") \
+                if isinstance(extras, (list, tuple)) else ""
+            got = f"a {type(extras).__name__} holding a {stray}" if stray else type(extras).__name__
             raise ConfigError(f"method {name!r}: callbacks() returned {got}, not a list of Callbacks")
         self.callbacks = _callbacks(cfg, sharded, self.snapshot, metrics, report, rank, world, extras,
                                     (own, self.progress.step) if own is not None else None, owner_check)
