@@ -147,7 +147,7 @@ def check_not_in_plan(cfg: JobConfig) -> None:
     """ConfigError when checkpoint.dir lies in the run's plan folder, which every checkpoint
     copies: it copied itself into itself at the first save, a folder tree that deep, and failed."""
     ckpt, plan = cfg.checkpoint_dir, cfg.plan_dir
-    if isinstance(ckpt, Path) and (ckpt.resolve() == plan.resolve() or plan.resolve() in ckpt.resolve().parents):
+    if isinstance(ckpt, Path) and ckpt.resolve().is_relative_to(plan.resolve()):
         raise ConfigError(f"checkpoint.dir {ckpt}: inside the run's plan folder {plan}, which every checkpoint "
                           "copies; write the checkpoints elsewhere")
 

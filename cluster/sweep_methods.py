@@ -195,9 +195,10 @@ class Mde(PlannedMethod):
 
     def embeddings_at(self, base: JobConfig, spec: DatasetSpec, budget: float) -> EmbeddingsConfig:
         emb = _plain(base)
-        params = round(budget * base_params(base, spec))
+        base_count = base_params(base, spec)
+        params = round(budget * base_count)
         if params < 1:  # was "budget_params: must be positive, got 0", of a field the user never set
-            raise ConfigError(f"--budgets {budget:g}: {budget:g} x the base model's {base_params(base, spec):,} "
+            raise ConfigError(f"--budgets {budget:g}: {budget:g} x the base model's {base_count:,} "
                               f"embedding parameters is no parameter for mde")
         return replace(emb, policy="mde", mde=replace(emb.mde, budget_params=params, budget_bytes=None))
 

@@ -31,7 +31,7 @@ from embshard.config import JobConfig, current_schema, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, write_whole
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
-from embshard.typed_config import flatten, to_dict, unflatten
+from embshard.typed_config import to_dict
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep's folder
 TRIAL_CPU = 0.01
@@ -224,34 +224,20 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
     out.mkdir(parents=True, exist_ok=True)
     recorded = {"config": to_dict(cfg), "dataset_sha256": data_sha, "data": _data_path(cfg), "out": _where(out)}
     text = json.dumps(spec.to_json() | recorded | ({"dataset_id": data_id} if data_id else {})) + "\n"
-    # Whole or not at all (an object in a store appears whole): cut short, the folder held a spec
-    # that --resume refused and a new sweep found "not empty".
-    if isinstance(saved, Path):
-        write_whole(saved, text)
-    else:
-        saved.write_text(text)
+    # Whole or not at all: cut short, the folder held a spec that --resume refused and a new sweep
+    # found "not empty".
+    write_whole(saved, text)
     return False
 
 
 def _recorded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A sweep spec's job config as today's schema reads it, to compare with this command's;
-    ConfigError where it is no job config at all. One today's schema cannot read whole (a key
-    retired or renamed since) is compared on the keys it knows, a key added since at its default:
-    read as it was, the retired key was "a difference" that no command could mend, and the
-    finished trials could not be resumed."""
+    """A sweep spec's job config as today's schema reads it (`current_schema`), to compare with
+    this command's; ConfigError where it is no job config at all."""
     for key in CONFIG_KEYS:
         if not isinstance(config.get(key), dict):
             raise ConfigError(f"config.{key}: " + ("missing" if key not in config else
                                                    f"expected a mapping, got {type(config[key]).__name__}"))
-    read = current_schema(config)
-    if read is not config:
-        return read
-    today = flatten(to_dict(JobConfig()))
-    # Below a free-form mapping (model.options) or an optional section left unset (pep), any key.
-    open_keys = [k for k, v in today.items() if v is None or v == {}]
-    known = {k: v for k, v in flatten(config).items()
-             if k in today or any(k.startswith(f"{o}.") for o in open_keys)}
-    return unflatten({k: v for k, v in today.items() if not any(c.startswith(f"{k}.") for c in known)} | known)
+    return current_schema(config)
 
 
 def _data_path(cfg: JobConfig) -> str:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar, Union, cast
+from typing import IO, Any, TypeVar, Union, cast, overload
 
 import pyarrow.fs as pafs
 
@@ -132,7 +132,14 @@ def written_whole(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_whole(path: Path, text: str) -> Path:
+@overload
+def write_whole(path: Path, text: str) -> Path: ...
+@overload
+def write_whole(path: "RemotePath", text: str) -> "RemotePath": ...
+def write_whole(path: "StoragePath", text: str) -> "StoragePath":
+    if isinstance(path, RemotePath):  # an object appears whole
+        path.write_text(text)
+        return path
     with written_whole(path) as tmp:
         tmp.write_text(text)
     return path

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from embshard.errors import ConfigError
 from embshard.planner.rounding import MAX_DIM, RoundingRule, width_problem
-from embshard.typed_config import from_dict, load_yaml, to_dict
+from embshard.typed_config import flatten, from_dict, load_yaml, to_dict, unflatten
 
 if TYPE_CHECKING:
     from embshard.datasets.storage import StoragePath
@@ -694,9 +694,21 @@ def _path_value(cfg: JobConfig, dotted: str) -> str | None:
 
 
 def current_schema(saved: dict[str, Any]) -> dict[str, Any]:
-    """A job config recorded earlier (in a checkpoint, a sweep report) read through today's schema
-    where it can be (fields added since it was written take their defaults), else as it is."""
+    """A job config recorded earlier (in a checkpoint, a sweep's spec or report) read through
+    today's schema (fields added since it was written take their defaults). One it cannot read
+    whole (a key retired or renamed since) keeps the keys today's schema knows, the rest at their
+    defaults: read as it was, a retired key was "a difference" from every config of today, which
+    no command could mend."""
     try:
         return to_dict(from_dict(JobConfig, saved))
     except ConfigError:
-        return saved
+        pass
+    today = flatten(to_dict(JobConfig()))
+    # Below a free-form mapping (model.options) or an optional section left unset (pep), any key;
+    # a section given as no mapping (`embeddings: wide`) is kept, for its reader to refuse.
+    open_keys = [k for k, v in today.items() if v is None or v == {}]
+    known = {k: v for k, v in flatten(saved).items() if k in today or any(t.startswith(f"{k}.") for t in today)
+             or any(k.startswith(f"{o}.") for o in open_keys)}
+    defaults = {k: v for k, v in today.items()
+                if not any(c.startswith(f"{k}.") or k.startswith(f"{c}.") for c in known)}
+    return unflatten(defaults | known)

@@ -288,13 +288,13 @@ def apply_override(data: dict, item: str) -> tuple[str, Any]:
     -> (key, value) as applied."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
-    key, raw = item.split("=", 1)
+    key, raw = override_key(item), item.split("=", 1)[1]
     if not all(part.strip() for part in key.split(".")):
         # `--set =1` and `--set .train.epochs=1` were ": unknown field", a field with no name.
         raise ConfigError(f"--set {item!r}: expected key=value with a key such as train.epochs")
     value = parse_yaml_value(raw, f"--set {item!r}")
-    set_dotted(data, key.strip(), value, "--set")
-    return key.strip(), value
+    set_dotted(data, key, value, "--set")
+    return key, value
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

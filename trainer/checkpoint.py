@@ -211,25 +211,9 @@ class CheckpointManager:
         # manifest nor the prune's mark (a user's) went, files and all, and a link to a step
         # elsewhere lost its target's manifest, another run's checkpoint.
         kept = [p for p in complete_checkpoints(self.directory)
-                if not (isinstance(p, Path) and p.is_symlink())
-                and ((p / MANIFEST).is_file() or (p / PRUNING_MARK).is_file())]
+                if not p.is_symlink() and ((p / MANIFEST).is_file() or (p / PRUNING_MARK).is_file())]
         for old in kept[self.keep:]:
-            # Marked, then its manifest: a reader of it (`embshard export` while the run saves)
-            # finds it incomplete the moment any file of it is gone, as `export` checks. The mark
-            # goes last, so a prune killed or failing on the way (a file NFS keeps while open)
-            # leaves the folder to the next.
-            (old / PRUNING_MARK).write_text("")
-            if (old / MANIFEST).is_file():
-                (old / MANIFEST).unlink()
-            for entry in old.iterdir():
-                if entry.name == PRUNING_MARK:
-                    continue
-                if entry.is_dir() and not (isinstance(entry, Path) and entry.is_symlink()):
-                    rmtree(entry)
-                else:
-                    entry.unlink()
-            if all(entry.name == PRUNING_MARK for entry in old.iterdir()):
-                rmtree(old)
+            _delete_step(old)
         # Unfinished writes of earlier steps (a run killed mid-save) that no run will finish:
         # each is as large as a checkpoint. One with a manifest was complete and is left alone.
         if not kept:
@@ -237,8 +221,7 @@ class CheckpointManager:
         newest = int(STEP_FOLDER.fullmatch(kept[0].name).group(1))  # type: ignore[union-attr]
         for leftover in self.directory.iterdir():
             m = STEP_FOLDER_BEING_WRITTEN.match(leftover.name)
-            if m and int(m.group(1)) < newest and not (leftover / MANIFEST).is_file() \
-                    and not (isinstance(leftover, Path) and leftover.is_symlink()):
+            if m and int(m.group(1)) < newest and not (leftover / MANIFEST).is_file() and not leftover.is_symlink():
                 rmtree(leftover)
 
     # -- load (collective) ---------------------------------------------------------------------
@@ -383,6 +366,24 @@ def set_aside(path: StoragePath, suffix: str) -> StoragePath:
 
 # Written into a step folder as its prune begins: the folder is the prune's to finish.
 PRUNING_MARK = ".pruning"
+
+
+def _delete_step(step: StoragePath) -> None:
+    """Marked, then its manifest: a reader of it (`embshard export` while the run saves) finds it
+    incomplete the moment any file of it is gone, as `export` checks. The mark goes last, so a
+    prune killed or failing on the way (a file NFS keeps while open) leaves the folder to the next."""
+    (step / PRUNING_MARK).write_text("")
+    if (step / MANIFEST).is_file():
+        (step / MANIFEST).unlink()
+    for entry in step.iterdir():
+        if entry.name == PRUNING_MARK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            rmtree(entry)
+        else:
+            entry.unlink()
+    if all(entry.name == PRUNING_MARK for entry in step.iterdir()):
+        rmtree(step)
 
 
 def complete_checkpoints(directory: StoragePath) -> list[StoragePath]:

@@ -138,11 +138,11 @@ class _WorkerRun:
         self.epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
         self.watch = LossWatch(device, self.progress.step)
         extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics, self.progress.step), sharded)
-        if not isinstance(extras, (list, tuple)) or not all(isinstance(c, Callback) for c in extras):
-            # Else a TypeError ("'NoneType' object is not iterable") naming neither method nor hook.
-            stray = next((type(c).__name__ for c in extras if not isinstance(c, Callback)), "") \
-                if isinstance(extras, (list, tuple)) else ""
-            got = f"a {type(extras).__name__} holding a {stray}" if stray else type(extras).__name__
+        # Else a TypeError ("'NoneType' object is not iterable") naming neither method nor hook.
+        stray = [c for c in extras if not isinstance(c, Callback)] if isinstance(extras, (list, tuple)) else None
+        if stray is None or stray:
+            got = (type(extras).__name__ if stray is None
+                   else f"a {type(extras).__name__} holding a {type(stray[0]).__name__}")
             raise ConfigError(f"method {name!r}: callbacks() returned {got}, not a list of Callbacks")
         self.callbacks = _callbacks(cfg, sharded, self.snapshot, metrics, report, rank, world, extras,
                                     (own, self.progress.step) if own is not None else None, owner_check)
