@@ -55,6 +55,7 @@ from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
 from embshard.trainer.checkpoint import (
     complete_checkpoints,
     first_usable,
+    none_verifies,
     resolve_source,
     warn_skipped,
 )
@@ -163,6 +164,8 @@ def resume_source(cfg: JobConfig) -> StoragePath | None:
     warn_skipped(rejected)
     if path is None and cfg.checkpoint.resume:
         path, rejected = first_usable(resolve_source(cfg.checkpoint.resume))
+        if path is None:  # the workers' refusal, before Ray starts and the run's folders are made
+            raise none_verifies(cfg.checkpoint.resume, rejected)
         warn_skipped(rejected)
     return path
 

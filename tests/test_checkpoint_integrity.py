@@ -409,3 +409,26 @@ def test_the_driver_checks_the_checkpoint_the_workers_fall_back_to(dataset, tmp_
     resumed = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(other.checkpoint_dir)))
     assert resume_source(resumed) == complete_checkpoints(other.checkpoint_dir)[0]
     assert resume_source(cfg) is None
+
+
+@pytest.mark.usefixtures("process_group")
+def test_an_explicit_resume_nothing_verifies_in_is_refused_before_ray_starts(dataset, tmp_path):
+    # The driver warned and went on: Ray started, the run's folders were made, and only the
+    # workers refused. Two such sources: a step pruned since (said as "the write did not finish"),
+    # and a step a run set aside whose damage lies in a file the driver does not read.
+    from embshard.cluster.launch import resume_source
+
+    other = job(dataset, tmp_path / "other", max_steps=8)
+    run_worker(other)
+    newest, previous = complete_checkpoints(other.checkpoint_dir)
+    damaged = newest.rename(newest.with_name(newest.name + ".damaged"))
+    flip_a_byte(max(damaged.glob("*.distcp"), key=lambda p: p.stat().st_size))
+    gone = previous.with_name("step-000002")
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=other.data, train=other.train, cluster=other.cluster,
+                    checkpoint=other.checkpoint)
+    for source, said in ((gone, r"no checkpoint found \(no such folder\)"),
+                         (damaged, rf"no checkpoint there verifies \({damaged.name}: __\d_\d\.distcp: content")):
+        resumed = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(source)))
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(source))}: {said}"):
+            resume_source(resumed)
+    assert resume_source(replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(previous)))) == previous

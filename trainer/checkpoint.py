@@ -399,6 +399,10 @@ def resolve_source(path: str | StoragePath) -> list[StoragePath]:
     """A `--resume` argument -> candidate folders, newest first: a step folder itself, or the
     complete checkpoints inside a checkpoint directory."""
     path = location(path)
+    if not path.is_dir():
+        # A step folder's name alone made it a candidate: "no manifest.json (the write did not
+        # finish)" was said of a folder never there (a step pruned since, a typo).
+        raise CheckpointError(f"{path}: no checkpoint found (no such folder)")
     if is_step_folder(path):
         return [path]
     found = complete_checkpoints(path)
@@ -430,7 +434,9 @@ def first_usable(candidates: list[StoragePath],
     not (`warn_skipped` says it). Candidates older than the answer are not read."""
     rejected: list[tuple[StoragePath, str]] = []
     for path in candidates:
-        why = problem(path, every_file)
+        # A step a run set aside failed the workers' check of every file once, which the driver's
+        # check of its own files may pass: it started Ray for workers that refused it.
+        why = problem(path, every_file or path.name.endswith(DAMAGED_SUFFIX))
         if why is None:
             return path, rejected
         rejected.append((path, why))
@@ -452,13 +458,17 @@ def newest_verified(source: str | StoragePath) -> StoragePath:
         if path is not None or all(p.exists() for p, _ in rejected):
             break
     if path is None:
-        raise CheckpointError(f"{source}: no checkpoint there verifies ({rejected_text(rejected)})")
+        raise none_verifies(source, rejected)
     warn_skipped(rejected)  # only when an older one is read instead: else the error says it
     return path
 
 
 def rejected_text(rejected: list[tuple[StoragePath, str]]) -> str:
     return "; ".join(f"{path.name}: {why}" for path, why in rejected)
+
+
+def none_verifies(source: str | StoragePath, rejected: list[tuple[StoragePath, str]]) -> CheckpointError:
+    return CheckpointError(f"{source}: no checkpoint there verifies ({rejected_text(rejected)})")
 
 
 # -- helpers -------------------------------------------------------------------------------------

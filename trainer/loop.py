@@ -34,10 +34,10 @@ from embshard.trainer.callbacks import (
 )
 from embshard.trainer.checkpoint import (
     DAMAGED_SUFFIX,
-    CheckpointError,
     CheckpointManager,
     Progress,
     complete_checkpoints,
+    none_verifies,
     rejected_text,
     resolve_source,
 )
@@ -435,8 +435,7 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
         if loaded is not None:
             break
         if explicit:
-            raise CheckpointError(f"{cfg.checkpoint.resume}: no checkpoint there verifies "
-                                  f"({rejected_text(manager.rejected)})")
+            raise none_verifies(resume, manager.rejected)
         if dist.get_rank() == 0:
             then = f"resuming from checkpoint.resume {resume}" if resume is not None else "starting fresh"
             print(f"no checkpoint in {cfg.checkpoint_dir} verifies, each kept aside as step-N{DAMAGED_SUFFIX} "
