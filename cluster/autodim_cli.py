@@ -11,10 +11,14 @@ import argparse
 import shlex
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embshard.arg_types import file_path
 from embshard.cluster.cli_args import config_arguments, verbose_argument
 from embshard.typed_config import override_key
+
+if TYPE_CHECKING:
+    from embshard.config import JobConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,17 +83,23 @@ def _autodim(args: argparse.Namespace) -> int:
     print(f"decisions -> {decisions}")
     if "alpha_history" in summary:
         print(f"softmax(alpha) every {search.history_every} steps -> {summary['alpha_history']}")
-    retrain = retrain_overrides(args.overrides, decisions, cfg.output_dir)
+    retrain = retrain_overrides(args.overrides, decisions, cfg)
     print(f"retrain: embshard train {shlex.quote(str(args.config))} "
           + " ".join(f"--set {shlex.quote(s)}" for s in retrain))
     return 0
 
 
-def retrain_overrides(overrides: list[str], decisions: Path, output_dir: str) -> list[str]:
+def retrain_overrides(overrides: list[str], decisions: Path, cfg: JobConfig) -> list[str]:
     """The search's `--set`s for the retrain on its decisions, in a run folder of its own (in the
-    search's, its summary and plan replaced the search's); a key the retrain sets is not given
-    twice (refused: `--set output_dir` of the search's own would be)."""
+    search's, its summary and plan replaced the search's) with checkpoints of its own (in the
+    search's checkpoint.dir it resumed the search's steps, another model; from its
+    checkpoint.resume, the search's source); a key the retrain sets is not given twice (refused:
+    `--set output_dir` of the search's own would be)."""
     sets = ["embeddings.policy=decisions", f"embeddings.decisions={decisions}",
-            f"output_dir={output_dir.rstrip('/')}/retrain"]
+            f"output_dir={cfg.output_dir.rstrip('/')}/retrain"]
+    if cfg.checkpoint.dir is not None:
+        sets.append(f"checkpoint.dir={cfg.checkpoint.dir.rstrip('/')}/retrain")
+    if cfg.checkpoint.resume is not None:
+        sets.append("checkpoint.resume=null")
     replaced = {override_key(item) for item in sets}
     return [*(item for item in overrides if override_key(item) not in replaced), *sets]

@@ -464,9 +464,25 @@ def test_the_retrain_command_sets_each_key_once(tmp_path):
     from embshard.cluster.autodim_cli import retrain_overrides
     from embshard.config import load_job_config
 
-    search = ["train.epochs=2", "output_dir=out/search", "embeddings.policy=uniform"]
-    retrain = retrain_overrides(search, tmp_path / "d.json", "out/search/")
+    search = ["train.epochs=2", "output_dir=out/search/", "embeddings.policy=uniform"]
+    config = REPO / "configs" / "autodim-movielens.yaml"
+    retrain = retrain_overrides(search, tmp_path / "d.json", load_job_config(config, search))
     assert retrain == ["train.epochs=2", "embeddings.policy=decisions", f"embeddings.decisions={tmp_path / 'd.json'}",
                        "output_dir=out/search/retrain"]
-    cfg = load_job_config(REPO / "configs" / "autodim-movielens.yaml", retrain)
+    cfg = load_job_config(config, retrain)
     assert (cfg.embeddings.policy, cfg.output_dir, cfg.train.epochs) == ("decisions", "out/search/retrain", 2)
+
+
+def test_the_retrain_command_checkpoints_apart_from_the_search(tmp_path):
+    # The search's own checkpoint.dir and checkpoint.resume were kept: the retrain resumed the
+    # search's steps (another model), or the search's source.
+    from conftest import REPO
+
+    from embshard.cluster.autodim_cli import retrain_overrides
+    from embshard.config import load_job_config
+
+    config = REPO / "configs" / "autodim-movielens.yaml"
+    search = ["output_dir=out/search", "checkpoint={dir: s3://b/ckpt/, resume: old/checkpoints}"]
+    retrain = load_job_config(config, retrain_overrides(search, tmp_path / "d.json", load_job_config(config, search)))
+    assert (retrain.checkpoint.dir, retrain.checkpoint.resume) == ("s3://b/ckpt/retrain", None)
+    assert retrain.checkpoint_dir != load_job_config(config, search).checkpoint_dir
