@@ -29,6 +29,7 @@ from embshard.errors import ConfigError, PlanError
 from embshard.planner.pipeline import PlanBundle, make_plan, plan_with
 from embshard.planner.topology import TopologySpec
 from embshard.planner.types import Block, DimensionPlan, TablePlan, table_name
+from embshard.trainer.callbacks import Callback
 from embshard.trainer.loop import run_worker
 from embshard.trainer.method import EmbeddingMethod, get_method, register_method
 from embshard.trainer.planning import planning_step
@@ -380,3 +381,31 @@ def test_a_method_s_callbacks_of_the_wrong_type_are_one_line_naming_it(dataset, 
     with pytest.raises(ConfigError, match=r"^method 'callbacks_none': callbacks\(\) returned NoneType, not a list "
                                           r"of Callbacks$"):
         run_worker(cfg, method="callbacks_none")
+
+
+class CountsSteps(Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step(self, info) -> None:
+        self.steps.append(info.step)
+
+
+class CallbacksTuple(FixedWidth):
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.counter = CountsSteps()
+
+    def callbacks(self, worker, sharded):
+        return (self.counter,)
+
+
+def test_a_method_s_callbacks_may_be_a_tuple(dataset, tmp_path, process_group):
+    # The type check that made None one line refused a tuple once (a review's catch).
+    method = CallbacksTuple(8)
+    register_method("callbacks_tuple", method)
+    cfg = job(dataset, tmp_path / "run", max_steps=2)
+    cfg.cluster.workers = 1
+    plan_for_training(cfg, "callbacks_tuple")
+    assert run_worker(cfg, method="callbacks_tuple")["steps"] == 2
+    assert method.counter.steps == [1, 2]
