@@ -93,7 +93,8 @@ def test_a_loss_turned_nan_stops_before_its_checkpoint(dataset, tmp_path, proces
     plan_for_training(cfg)
     with pytest.raises(TrainingDiverged, match=r"^training diverged: the loss became NaN or infinite between "
                                                r"step 2 and step 3, found before a checkpoint; nothing of it was "
-                                               r"checkpointed"):
+                                               r"checkpointed \(lower train.dense_lr or train.sparse_lr; if it recurs "
+                                               r"at lower rates, look in the model for a log, division or exp"):
         run_worker(cfg)
     assert [p.name for p in complete_checkpoints(cfg.checkpoint_dir)] == ["step-000002", "step-000001"]
     # Found at a logging step too, where no checkpoint is due.

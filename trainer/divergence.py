@@ -14,7 +14,10 @@ import torch.distributed as dist
 
 from embshard.errors import TrainingDiverged
 
-ADVICE = "lower train.dense_lr or train.sparse_lr"
+# A later NaN is most often a step too large, but a model's own log or division of a value
+# training drives to 0 reads alike: the advice names both.
+ADVICE = ("lower train.dense_lr or train.sparse_lr; if it recurs at lower rates, look in the model for a log, "
+          "division or exp of a value training can drive to 0 or overflow")
 
 
 class LossWatch:
