@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from embshard.arg_types import EMPTY_PATH, names_folder, nonempty_name, written_path
 from embshard.cluster import autodim_cli, config_cli, console, export_cli, pep_cli, sweep_cli
-from embshard.cluster.cli_args import ADOPT_FLAG, config_arguments, gibibytes, verbose_argument, world_size
+from embshard.cluster.cli_args import config_arguments, gibibytes, verbose_argument, world_size
 from embshard.cluster.interrupt import sigterm_as_ctrl_c
 from embshard.datasets import cli as data_cli
 from embshard.errors import (
@@ -27,6 +27,7 @@ from embshard.errors import (
     first_line,
     one_line,
 )
+from embshard.trainer.resume_config import ADOPT_FLAG
 from embshard.units import human_bytes, metrics_text
 
 if TYPE_CHECKING:

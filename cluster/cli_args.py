@@ -7,9 +7,6 @@ import argparse
 from embshard.arg_types import nonempty_path
 from embshard.config import MAX_WORLD_SIZE, device_memory_problem
 
-# `embshard train` flag that resumes a checkpoint with its own model config (cluster/resume_config.py).
-ADOPT_FLAG = "--resume-with-checkpoint-config"
-
 
 def config_arguments(p: argparse.ArgumentParser, config_help: str = "job config (YAML), e.g. configs/default.yaml",
                      set_example: str = "train.epochs=2", workers: bool = False) -> None:

@@ -30,13 +30,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from embshard.cluster import console, fatal
 from embshard.cluster.address import no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
-from embshard.cluster.resume_config import check_plan_made_for, reconcile
 from embshard.cluster.run_lock import owner_check, run_owner
 from embshard.config import JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing, read_json
+from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing
 from embshard.datasets.verify import verify_dataset
 from embshard.errors import (
     ConfigError,
@@ -50,12 +49,12 @@ from embshard.errors import (
 )
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, check_plan_holds, plan_with, shard_dimension_plan
 from embshard.trainer.build import dense_layer_bytes
-from embshard.trainer.checkpoint import CONFIG as CHECKPOINT_CONFIG
 from embshard.trainer.checkpoint import PLAN_DIR as CHECKPOINT_PLAN_DIR
 from embshard.trainer.checkpoint import (
     complete_checkpoints,
     first_usable,
     none_verifies,
+    recorded_config,
     resolve_source,
     warn_skipped,
 )
@@ -67,6 +66,7 @@ from embshard.trainer.planning import check_same_data, check_same_decisions, pla
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.reference import raised_at_in
 from embshard.trainer.restarts import reset_starts
+from embshard.trainer.resume_config import check_plan_made_for, reconcile
 from embshard.typed_config import from_dict, to_dict
 
 
@@ -138,10 +138,7 @@ def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, ad
     source = source or resume_source(cfg)
     if source is None:
         return cfg
-    saved = read_json(source / CHECKPOINT_CONFIG, ConfigError)
-    if not isinstance(saved, dict):  # `[]` was a ConfigError that advised the flag already given
-        raise ConfigError(f"{source / CHECKPOINT_CONFIG}: not a job config (a JSON {type(saved).__name__})")
-    return reconcile(cfg, saved, source, adopt)
+    return reconcile(cfg, recorded_config(source), source, adopt)
 
 
 def check_not_in_plan(cfg: JobConfig) -> None:

@@ -432,3 +432,31 @@ def test_an_explicit_resume_nothing_verifies_in_is_refused_before_ray_starts(dat
         with pytest.raises(CheckpointError, match=f"^{re.escape(str(source))}: {said}"):
             resume_source(resumed)
     assert resume_source(replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(previous)))) == previous
+
+
+@pytest.mark.usefixtures("process_group")
+def test_the_workers_refuse_a_fallback_of_another_model_than_the_driver_planned_for(dataset, tmp_path):
+    # The driver planned from the run's newest step, whose tensors only the workers read; their
+    # check refused it, and they resumed checkpoint.resume, which the driver never compared: a
+    # size mismatch for another model config, a silently wrong model where only rows moved.
+    from embshard.cluster.launch import resume_source
+    from embshard.config import EmbeddingsConfig
+
+    narrower = replace(job(dataset, tmp_path / "narrower", max_steps=4), embeddings=EmbeddingsConfig(dim=8))
+    plan_for_training(narrower)
+    run_worker(narrower)
+    elsewhere = profiled_synth(tmp_path / "data2", rows=6000, max_cardinality=500)
+    other_data = job(elsewhere, tmp_path / "other-data", max_steps=4)
+    run_worker(other_data)
+    for source, said in ((narrower, r"was trained with another model config: embeddings\.dim \(checkpoint 8, config 16\)"),
+                         (other_data, "holds another embedding plan than the run's")):
+        cfg = job(dataset, tmp_path / f"run-{source.output_dir[-5:]}", max_steps=4)
+        run_worker(cfg)
+        for step in complete_checkpoints(cfg.checkpoint_dir):
+            flip_a_byte(max(step.glob("*.distcp"), key=lambda p: p.stat().st_size))
+        again = replace(cfg, train=replace(cfg.train, max_steps=6),
+                        checkpoint=replace(cfg.checkpoint, resume=str(source.checkpoint_dir)))
+        assert resume_source(again) == complete_checkpoints(cfg.checkpoint_dir)[0]  # its own files verify
+        fallback = complete_checkpoints(source.checkpoint_dir)[0]
+        with pytest.raises(EmbshardError, match=f"^{re.escape(str(fallback))}:? {said}"):
+            run_worker(again)

@@ -12,7 +12,6 @@ from conftest import profiled_synth
 
 from embshard.cluster.cli import main
 from embshard.cluster.launch import plan_for_training, with_checkpoint_config
-from embshard.cluster.resume_config import config_differences, plan_differences
 from embshard.config import (
     CheckpointConfig,
     ClusterConfig,
@@ -28,6 +27,7 @@ from embshard.errors import ConfigError
 from embshard.trainer.checkpoint import CheckpointError
 from embshard.trainer.checkpoint_integrity import MANIFEST, sha256_file
 from embshard.trainer.loop import run_worker
+from embshard.trainer.resume_config import config_differences, plan_differences
 from embshard.typed_config import to_dict
 
 
@@ -145,8 +145,8 @@ def test_zero_workers_is_refused_like_a_negative_count(tmp_path, capsys):
 
 
 def test_adopting_a_section_this_config_leaves_out():
-    from embshard.cluster.resume_config import reconcile
     from embshard.config import PepConfig
+    from embshard.trainer.resume_config import reconcile
 
     saved = to_dict(JobConfig(pep=PepConfig(granularity="feature")))
     adopted = reconcile(JobConfig(), saved, Path("step-000004"), adopt=True)

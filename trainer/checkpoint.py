@@ -52,8 +52,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, rmtree
-from embshard.errors import EmbshardError, StorageError, disk_full, first_line
+from embshard.datasets.storage import RemotePath, StoragePath, copytree, location, move, read_json, rmtree
+from embshard.errors import ConfigError, EmbshardError, StorageError, disk_full, first_line
 from embshard.sealed_folders import STEP_FOLDER, STEP_FOLDER_BEING_WRITTEN
 from embshard.sharding.mlet import is_mlet_w2
 from embshard.trainer.checkpoint_integrity import (
@@ -135,18 +135,22 @@ class CheckpointManager:
                  before_save: list[StateTransform] | None = None,
                  before_load: list[StateTransform] | None = None,
                  after_load: list[StateTransform] | None = None,
-                 owner_check: Callable[[], None] | None = None) -> None:
+                 owner_check: Callable[[], None] | None = None,
+                 fits: Callable[[StoragePath], None] | None = None) -> None:
         """The transforms map a model state dict to another (MLET registers its collapse as
         `before_save`, the matching n x d template as `before_load` and the rebuild of W1 as
         `after_load`), so a checkpoint holds what serving needs, not the training factorisation.
         `owner_check` runs on rank 0 before a step is written and again before it is published
-        (and older ones pruned); what it raises fails the save, with nothing published."""
+        (and older ones pruned); what it raises fails the save, with nothing published. `fits`
+        runs on every rank before a load; what it raises (a checkpoint of another model than the
+        one built) fails the load on every rank."""
         self.directory = location(directory)
         self.keep = keep
         self.before_save: list[StateTransform] = list(before_save or [])
         self.before_load: list[StateTransform] = list(before_load or [])
         self.after_load: list[StateTransform] = list(after_load or [])
         self.owner_check = owner_check
+        self.fits = fits
         self.rejected: list[tuple[StoragePath, str]] = []  # what the last `select` passed over, and why
 
     # -- save (collective) ---------------------------------------------------------------------
@@ -257,6 +261,8 @@ class CheckpointManager:
         state: dict[str, Any] = {}
 
         def prepare() -> None:
+            if self.fits is not None:
+                self.fits(path)
             _init_lazy_state(optimizer)
             state["model"] = model.state_dict()
             own = set(state["model"])
@@ -393,6 +399,14 @@ def complete_checkpoints(directory: StoragePath) -> list[StoragePath]:
     found = [(int(m.group(1)), p) for p in directory.iterdir()
              if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def recorded_config(path: StoragePath) -> dict[str, Any]:
+    """The job config a checkpoint records (ConfigError for a file that holds none)."""
+    saved = read_json(path / CONFIG, ConfigError)
+    if not isinstance(saved, dict):  # `[]` was a ConfigError that advised the flag already given
+        raise ConfigError(f"{path / CONFIG}: not a job config (a JSON {type(saved).__name__})")
+    return saved
 
 
 def resolve_source(path: str | StoragePath) -> list[StoragePath]:

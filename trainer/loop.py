@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
-from embshard.datasets.storage import StoragePath, write_whole
+from embshard.datasets.storage import StoragePath, read_json, write_whole
 from embshard.errors import ConfigError, DataError
-from embshard.planner.pipeline import PlanBundle
+from embshard.planner.pipeline import PLAN_FILE, PlanBundle
+from embshard.planner.types import DimensionPlan
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
     Callback,
@@ -34,10 +35,13 @@ from embshard.trainer.callbacks import (
 )
 from embshard.trainer.checkpoint import (
     DAMAGED_SUFFIX,
+    PLAN_DIR,
+    CheckpointError,
     CheckpointManager,
     Progress,
     complete_checkpoints,
     none_verifies,
+    recorded_config,
     rejected_text,
     resolve_source,
 )
@@ -52,6 +56,7 @@ from embshard.trainer.pipeline import train_step as model_step
 from embshard.trainer.planning import check_same_data
 from embshard.trainer.preemption import STOP_REQUEST_FILE, StopGuard
 from embshard.trainer.restarts import record_start
+from embshard.trainer.resume_config import reconcile
 from embshard.typed_config import to_dict
 
 
@@ -410,7 +415,22 @@ def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMet
         before_load=transforms.before_load,
         after_load=transforms.after_load,
         owner_check=owner_check,
+        fits=lambda path: _check_fits(cfg, sharded.bundle.dimension_plan, path),
     )
+
+
+def _check_fits(cfg: JobConfig, plan: DimensionPlan, checkpoint: StoragePath) -> None:
+    """ConfigError or CheckpointError when a checkpoint is not one the run's model was built for.
+    The driver planned from, and compared the config of, the newest checkpoint whose files it
+    reads verified; where the workers' check of every file refused that one, they fall back to an
+    older one or to checkpoint.resume, another run's, which the driver did not compare: it was
+    a size mismatch, or, where only the order of rows differed, a silently wrong model."""
+    reconcile(cfg, recorded_config(checkpoint), checkpoint, adopt=False)
+    where = checkpoint / PLAN_DIR / PLAN_FILE
+    theirs = DimensionPlan.from_json(read_json(where, CheckpointError)["dimension_plan"], str(where))
+    if (theirs.base_dim, theirs.tables, theirs.uniform_width) != (plan.base_dim, plan.tables, plan.uniform_width):
+        raise CheckpointError(f"{checkpoint}: holds another embedding plan than the run's, which was planned from a "
+                              f"newer checkpoint that failed the workers' check; run again to plan from {checkpoint}")
 
 
 def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
@@ -434,7 +454,7 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
         loaded = manager.load_latest(sharded.model, sharded.optimizer, candidates, set_damaged_aside=not explicit)
         if loaded is not None:
             break
-        if explicit:
+        if explicit and resume is not None:
             raise none_verifies(resume, manager.rejected)
         if dist.get_rank() == 0:
             then = f"resuming from checkpoint.resume {resume}" if resume is not None else "starting fresh"

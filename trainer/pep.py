@@ -271,7 +271,7 @@ class PruneCallback(Callback):
         # (pruned on other data or widths) and is refused, not reported as reached.
         self.meta = {"granularity": section.granularity, "s_init": section.s_init, "seed": cfg.seed,
                      "base_dim": pep.base_dim, "dataset_id": pep.plan.made_with.get("dataset_id")}
-        # And how it got there: a resume may change these (cluster/resume_config.py), so they are
+        # And how it got there: a resume may change these (trainer/resume_config.py), so they are
         # compared only for targets this start will train through again (a start from scratch).
         self.pace = {"threshold_lr": section.threshold_lr, "weight_decay": section.weight_decay,
                      "count_every": section.count_every, "sparse_lr": cfg.train.sparse_lr,

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from embshard.cluster.cli_args import ADOPT_FLAG
 from embshard.config import PATH_FIELDS, JobConfig, current_schema
 from embshard.datasets.storage import StoragePath
 from embshard.errors import ConfigError, PlanError
 from embshard.planner.types import DimensionPlan
 from embshard.typed_config import flatten, from_dict, to_dict, under, unflatten
+
+# The flag of `embshard train` that continues a checkpoint with its own model config.
+ADOPT_FLAG = "--resume-with-checkpoint-config"
 
 # Dotted prefixes of the keys that decide which tensors a checkpoint holds. Learning rates,
 # epochs, batch sizes, logging and paths may change between a run and its resumption.
