@@ -39,6 +39,7 @@ _HANDLER_NAME = "embshard_console"
 
 _verbose = False
 _current_log: Path | None = None
+_workers_muted = False  # their lines to the run's log only
 
 
 class Crashed(Exception):
@@ -140,6 +141,8 @@ class _RayOutput:
         if _current_log is not None:
             who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
             _append(_current_log, "".join(f"{who} {line}\n" for line in lines))
+        if _workers_muted:
+            return
         if _verbose or _current_log is None:
             self.ray_print({**data, "lines": lines})
             return
@@ -198,7 +201,7 @@ class _RunLogHandler(logging.FileHandler):
 def run_log(output_dir: Path) -> Iterator[Path]:
     """Driver side, around a Ray run: Python logging (Ray's, Ray Train's, ours) goes to the run's
     log file, and to the console only with --verbose. Yields the log file's path."""
-    global _current_log
+    global _current_log, _workers_muted
     path = output_dir / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = _RunLogHandler(path, encoding="utf-8")
@@ -224,6 +227,7 @@ def run_log(output_dir: Path) -> Iterator[Path]:
         root.removeHandler(h)
     _current_log = path
     _deaths.clear()  # an earlier run's in this process are not this one's
+    _workers_muted = False
     try:
         yield path
     finally:
@@ -254,6 +258,13 @@ def _divert(logger: logging.Logger) -> tuple[list[logging.Handler], bool]:
         logger.removeHandler(h)
     propagate, logger.propagate = logger.propagate, True
     return console, propagate
+
+
+def mute_workers() -> None:
+    """The workers' lines go to the run's log alone from now on: the run has said its last line
+    (an abort), and those that still arrive (an evaluation after "interrupted") would follow it."""
+    global _workers_muted
+    _workers_muted = True
 
 
 def route_worker_output() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,20 +50,24 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: bool = True) -> tuple[T, bool]:
+def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: bool = True,
+                             started: Callable[[], bool] = lambda: True,
+                             slow_start: tuple[float, Callable[[], None]] | None = None) -> tuple[T, bool]:
     """Run `fn` (the blocking fit); while it runs, the first SIGINT or SIGTERM creates
     `stop_request` instead of raising KeyboardInterrupt, a second one raises it. Returns fn's result and whether a stop
-    was requested. `graceful=False` (no checkpoint to stop with): the first one raises it. Either
-    way `fn` runs off the main thread, where Ray Train's controller installs no handler of its
-    own: on the main thread its SIGINT handler exited 1 without a word. The request file is gone
-    on return either way."""
+    was requested. `graceful=False` (no checkpoint to stop with), or no worker `started()` yet
+    (none to read the request: a group Ray cannot place waits for good), the first one raises it.
+    `slow_start` (seconds, say): called once when no worker has started by then. Either way `fn`
+    runs off the main thread, where Ray Train's controller installs no handler of its own: on the
+    main thread its SIGINT handler exited 1 without a word. The request file is gone on return
+    either way."""
     stop_request.unlink(missing_ok=True)  # an earlier invocation's request must not stop this one
     if threading.current_thread() is not threading.main_thread():
         return fn(), False
     requested = threading.Event()
 
     def on_interrupt(signum: int, frame: FrameType | None) -> None:
-        if requested.is_set() or not graceful:
+        if requested.is_set() or not graceful or not started():
             raise KeyboardInterrupt
         requested.set()
         stop_request.parent.mkdir(parents=True, exist_ok=True)
@@ -85,10 +90,14 @@ def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: 
     # handler for it dumps a C++ stack and aborts, and the workers lost the steps since the
     # last checkpoint. A handler Python did not install reads as None and cannot be put back.
     previous = {sig: signal.signal(sig, on_interrupt) for sig in _STOP_SIGNALS}
+    begun = time.monotonic()
     try:
         worker.start()
         while worker.is_alive():
             worker.join(_POLL_SECONDS)
+            if slow_start is not None and time.monotonic() - begun > slow_start[0] and not started():
+                slow_start[1]()
+                slow_start = None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

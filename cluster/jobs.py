@@ -32,16 +32,44 @@ FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
 # to try again. A submit right after `ray start` (or a head pod's restart) waits that out.
 AGENT_NOT_READY = "No available agent to submit job"
 AGENT_WAIT_SECONDS = 30.0
-CONNECT_SECONDS = 30.0  # for the job API's first answer
+CONNECT_SECONDS = 30.0  # for the job API's first answer, and each answer after it
+TOKEN_ADVICE = "RAY_AUTH_MODE and RAY_AUTH_TOKEN (or its file) must be those the cluster was started with"
 
 
 class JobError(EmbshardError):
     """The Ray job API is unreachable or refused a request."""
 
 
-def client(address: str):
+def _bounded_client(address: str):
+    """Ray's job client, each request bounded by CONNECT_SECONDS: its requests have no timeout, and
+    a dashboard that took a request and never answered (a job agent stuck) held status, logs,
+    stop and submit for good."""
     from ray.job_submission import JobSubmissionClient
 
+    class BoundedJobSubmissionClient(JobSubmissionClient):
+        def _do_request(self, *args, **kwargs):  # Ray's one door to requests (pinned Ray, see requirements/)
+            kwargs.setdefault("timeout", CONNECT_SECONDS)
+            return super()._do_request(*args, **kwargs)
+
+    return BoundedJobSubmissionClient(address)
+
+
+def unanswered(address: str, e: Exception, what: str = "cannot reach the Ray job API") -> JobError | None:
+    """The one line for a job API request that failed on the way (None: the API's own answer, a
+    RuntimeError the caller words): no answer in time, the connection lost, a token refused."""
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(e, AuthenticationError):
+        return JobError(f"{address}: the Ray job API refused this client's token ({first_line(e)}); {TOKEN_ADVICE}")
+    if isinstance(e, requests.Timeout):
+        return JobError(f"{address}: {what}: no answer within {CONNECT_SECONDS:.0f} s ({first_line(e)})")
+    if isinstance(e, requests.RequestException):
+        return JobError(f"{address}: {what} ({first_line(e)})")
+    return None
+
+
+def client(address: str):
     if (why := no_ray_at(address)) is not None:
         # Ray Client waited its 30 s for a dial refused at once, and a GCS address 41 s.
         raise JobError(f"{address}: cannot reach the Ray job API (no Ray answers there: {why})")
@@ -54,9 +82,10 @@ def client(address: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.disable(logging.INFO)
-            return JobSubmissionClient(address)
+            return _bounded_client(address)
     except Exception as e:  # noqa: BLE001 - requests/Ray raise many kinds; all mean "unreachable"
-        raise JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})") from None
+        raise (unanswered(address, e) or JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})")) \
+            from None
     finally:
         logging.disable(logging.NOTSET)
 
@@ -95,8 +124,11 @@ def submit(address: str, config: Path, overrides: list[str], workers: int | None
                 runtime_env={"env_vars": env},
                 metadata={"embshard_config": str(config)},
             )
-        except RuntimeError as e:
-            if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
+        except Exception as e:
+            said = unanswered(address, e, "job submission")
+            if said is not None:
+                raise said from None
+            if not isinstance(e, RuntimeError) or AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
                 raise JobError(f"{address}: job submission refused ({first_line(e)})") from None
             time.sleep(2)
 
@@ -112,9 +144,28 @@ def follow(address: str, job_id: str) -> str:
     try:
         asyncio.run(tail())
     except KeyboardInterrupt:
+        ended = _final_status(jobs, job_id)
+        if ended is not None:  # a stop right after the job's end said that it went on
+            raise Interrupted(f"stopped following {job_id}, which has ended: {ended}") from None
         raise Interrupted(f"stopped following {job_id}; the job goes on on the cluster "
                           f"(`embshard stop {job_id} --address {address}` stops it)") from None
-    return str(jobs.get_job_status(job_id))
+    except BrokenPipeError:
+        raise  # the reader of the output went away, not the cluster (the CLI says nothing)
+    except Exception as e:  # noqa: BLE001 - aiohttp's and Ray's: "closed unexpectedly", a reset
+        # A 32-line traceback through asyncio when the head went away mid-run.
+        raise JobError(f"{address}: lost the log stream of {job_id} ({first_line(e)}): the cluster or its "
+                       f"dashboard went away; `embshard status {job_id} --address {address}` says whether the "
+                       "job goes on") from None
+    return str(_call(address, job_id, "get_job_status", jobs))
+
+
+def _final_status(jobs, job_id: str) -> str | None:
+    """The job's status when it has ended; None when it goes on or cannot be asked."""
+    try:
+        final = jobs.get_job_status(job_id)
+    except Exception:  # noqa: BLE001 - only a hint for the line: whatever failed, say the usual
+        return None
+    return str(final) if final.is_terminal() else None
 
 
 def status(address: str, job_id: str) -> str:
@@ -145,8 +196,13 @@ def stop(address: str, job_id: str) -> bool:
     return _call(address, job_id, "stop_job")
 
 
-def _call(address: str, job_id: str, method: str):
+def _call(address: str, job_id: str, method: str, jobs=None):
     try:
-        return getattr(client(address), method)(job_id)
-    except RuntimeError as e:
+        return getattr(jobs or client(address), method)(job_id)
+    except Exception as e:
+        said = unanswered(address, e, f"job {job_id}")
+        if said is not None:
+            raise said from None
+        if not isinstance(e, RuntimeError):
+            raise
         raise JobError(f"job {job_id} at {address}: {first_line(e)}") from None

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,7 +66,7 @@ from embshard.trainer.metrics import read_file_sd_targets
 from embshard.trainer.planning import check_same_data, check_same_decisions, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.reference import raised_at_in
-from embshard.trainer.restarts import reset_starts
+from embshard.trainer.restarts import STARTS_FILE, reset_starts
 from embshard.trainer.resume_config import check_plan_made_for, reconcile
 from embshard.typed_config import from_dict, to_dict
 
@@ -292,8 +293,15 @@ def _fit_reporting(cfg: JobConfig, method: str, registered: bytes | None, output
         ),
     )
     graceful = cfg.checkpoint.enabled and cfg.checkpoint.on_sigterm
+    started = (output / STARTS_FILE).is_file
     try:
-        _, stop_requested = run_with_graceful_ctrl_c(trainer.fit, output / STOP_REQUEST_FILE, graceful)
+        _, stop_requested = run_with_graceful_ctrl_c(
+            trainer.fit, output / STOP_REQUEST_FILE, graceful, started,
+            (SLOW_START_SECONDS, lambda: print(f"embshard: note: {placement_wait(cfg)}", file=sys.stderr, flush=True)))
+    except KeyboardInterrupt:
+        # The workers' lines went on after the process said it was interrupted (an evaluation).
+        console.mute_workers()
+        raise Interrupted(aborted(cfg, started())) from None
     except Exception as e:  # Ray Train's wrapper of the workers' (or its controller's) errors
         failure = worker_error(e)
         bad_input = fatal.recorded(board)
@@ -307,6 +315,37 @@ def _fit_reporting(cfg: JobConfig, method: str, registered: bytes | None, output
         console.record_error(bad_input, fatal.worker_traceback(board))
         raise bad_input
     return stop_requested
+
+
+SLOW_START_SECONDS = 60.0  # a local group starts in 5-30 s on 2 busy cores
+
+
+def placement_wait(cfg: JobConfig) -> str:
+    """What Ray waits for while no worker has started: the group's resources against the
+    cluster's. Ray Train waits for good (an autoscaler may add nodes); this says so."""
+    each = {"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources,
+            **({"GPU": 1.0} if cfg.sharding.device == "cuda" else {})}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    short = [f"{name} {total.get(name, 0):g} in all" for name, amount in each.items()
+             if total.get(name, 0) < amount * cfg.cluster.workers]
+    workers = f"{cfg.cluster.workers} worker{'s' if cfg.cluster.workers > 1 else ''}"
+    asked = f"{workers} of {', '.join(f'{k} {v:g}' for k, v in each.items())} each"
+    if short:
+        return (f"no worker has started after {SLOW_START_SECONDS:.0f} s: Ray cannot place {asked} on this cluster "
+                f"({', '.join(short)}) and waits for nodes to join; Ctrl-C stops it, or give fewer workers "
+                "(--workers) or smaller ones (cluster.cpus_per_worker, cluster.worker_resources)")
+    return (f"no worker has started after {SLOW_START_SECONDS:.0f} s: Ray is placing {asked} "
+            f"({', '.join(f'{k} {free.get(k, 0):g}' for k in each)} free now: other jobs may hold the rest); "
+            "Ctrl-C stops it")
+
+
+def aborted(cfg: JobConfig, started: bool) -> str:
+    """The line of a run stopped without a checkpoint of its last steps."""
+    if not started:
+        return "interrupted before any worker started: nothing was trained"
+    if not cfg.checkpoint.enabled:
+        return "interrupted; checkpoints are off (checkpoint.enabled: false), so nothing this run trained is kept"
+    return "interrupted without a checkpoint of the last steps; the same command resumes from the last one written"
 
 
 def _sendable(method: str) -> bytes | None:
@@ -392,11 +431,17 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
                               "RAY_AUTH_TOKEN as the cluster was started with") from None
         return
     _private_token_auth()
+    if os.environ.get("RAY_ADDRESS"):
+        # Ray joins it when no address is given: the job API's http address (README's `export
+        # RAY_ADDRESS` for `embshard submit`) was a crash line, exit 1.
+        print(f"note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is not joined: a run joins a cluster given by --address "
+              "(cluster.address), else starts a local one", file=sys.stderr, flush=True)
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
     try:
         ray.init(
+            address="local",
             num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
             resources={name: amount * cfg.cluster.workers * jobs
                        for name, amount in cfg.cluster.worker_resources.items()},

@@ -448,7 +448,8 @@ def test_the_workers_refuse_a_fallback_of_another_model_than_the_driver_planned_
     elsewhere = profiled_synth(tmp_path / "data2", rows=6000, max_cardinality=500)
     other_data = job(elsewhere, tmp_path / "other-data", max_steps=4)
     run_worker(other_data)
-    for source, said in ((narrower, r"was trained with another model config: embeddings\.dim \(checkpoint 8, config 16\)"),
+    another_config = r"was trained with another model config: embeddings\.dim \(checkpoint 8, config 16\)"
+    for source, said in ((narrower, another_config),
                          (other_data, "holds another embedding plan than the run's")):
         cfg = job(dataset, tmp_path / f"run-{source.output_dir[-5:]}", max_steps=4)
         run_worker(cfg)

@@ -207,6 +207,28 @@ def test_the_raylet_s_worker_died_paragraph_goes_to_the_run_log(tmp_path, capsys
     assert "A worker died or was killed" in capsys.readouterr().out  # Ray's own printer, with --verbose
 
 
+def test_workers_lines_after_an_abort_go_to_the_log_alone(tmp_path, capsys):
+    # Ctrl-C with checkpoints off: "embshard: interrupted", then a worker's evaluation line.
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from embshard.cluster import console
+
+    console.route_worker_output()
+
+    def worker_says(line: str) -> None:
+        dispatcher.emit({"lines": [f"{START}{line}{END}"], "pid": 7, "is_err": False})
+
+    with console.run_log(tmp_path / "run") as log:
+        worker_says("step 62: valid AUC 0.7408")
+        console.mute_workers()
+        worker_says("step 93: valid AUC 0.7268")
+    assert capsys.readouterr().out == "step 62: valid AUC 0.7408\n"
+    assert "step 93: valid AUC 0.7268" in log.read_text()
+    with console.run_log(tmp_path / "next"):
+        worker_says("step 1: valid AUC 0.5")  # the next run in this process is heard again
+    assert capsys.readouterr().out == "step 1: valid AUC 0.5\n"
+
+
 def test_a_workers_crash_says_where_in_the_users_code_it_was_raised():
     # "crashed: rank 0: RuntimeError: callback on_step boom", naming neither the hook nor the file:
     # the worker's traceback reaches the driver as text, with the user's frame in it.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,18 @@ def _through_torch_distributed(error: BaseException):
         exec(code, {"error": error})
     except type(error) as e:
         return e.__traceback__
+
+
+@pytest.mark.slow
+def test_the_placement_note_compares_the_group_with_the_cluster(ray_session):
+    # What the note says while no worker starts: the resource the cluster lacks in all, or what
+    # is free now (the rest held by other jobs).
+    from embshard.cluster.launch import placement_wait
+    from embshard.config import ClusterConfig, JobConfig
+
+    cpus = ray.cluster_resources()["CPU"]
+    too_many = JobConfig(cluster=ClusterConfig(workers=int(cpus) + 1))
+    assert re.search(rf"cannot place {int(cpus) + 1} workers of CPU 1 each on this cluster \(CPU {cpus:g} in all\)",
+                     placement_wait(too_many))
+    assert re.search(r"Ray is placing 1 worker of CPU 1 each \(CPU [\d.]+ free now",
+                     placement_wait(JobConfig(cluster=ClusterConfig(workers=1))))

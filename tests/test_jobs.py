@@ -220,3 +220,86 @@ def test_a_ray_client_address_nothing_listens_at_is_said_without_ray_clients_wai
     with pytest.raises(jobs.JobError, match=rf"^{re.escape(address)}: cannot reach the Ray job API \(no Ray "
                                             r"answers there: Connection refused\)$"):
         jobs.client(address)
+
+
+class _Dashboard:
+    """A job API that answers its version, then holds every job request (`hold`) or refuses its
+    token (403, as a head started with another token does)."""
+
+    def __init__(self, hold: bool) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import ray
+
+        release = self.release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/api/version"):
+                    self.answer(200, json.dumps({"version": "4", "ray_version": ray.__version__, "ray_commit": "x"}))
+                elif hold:
+                    release.wait(30)
+                else:
+                    self.answer(403, "Invalid authentication token")
+
+            do_POST = do_GET
+
+            def answer(self, status: int, body: str) -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_job_request_the_api_never_answers_or_whose_token_it_refuses_is_one_line(monkeypatch, tmp_path):
+    # Only the version check had a timeout: status, logs, stop and submit waited for good on a
+    # dashboard whose job agent was stuck. A refused token read "cannot reach the Ray job API".
+    from embshard.cluster import jobs
+
+    monkeypatch.setattr(jobs, "CONNECT_SECONDS", 1.0)
+    config = tmp_path / "job.yaml"
+    config.write_text("name: x\n")
+    held, refusing = _Dashboard(hold=True), _Dashboard(hold=False)
+    try:
+        for call in (lambda a: jobs.status(a, "raysubmit_x"), lambda a: jobs.logs(a, "raysubmit_x"),
+                     lambda a: jobs.stop(a, "raysubmit_x"), lambda a: jobs.submit(a, config, [], None)):
+            with pytest.raises(jobs.JobError, match=rf"^{re.escape(held.address)}: .*no answer within 1 s"):
+                call(held.address)
+            with pytest.raises(jobs.JobError, match=rf"^{re.escape(refusing.address)}: the Ray job API refused this "
+                                                    r"client's token \(.*\); RAY_AUTH_MODE and RAY_AUTH_TOKEN"):
+                call(refusing.address)
+    finally:
+        held.close()
+        refusing.close()
+
+
+def test_a_log_stream_lost_with_the_head_is_one_line(monkeypatch):
+    # The head killed mid-run: a 32-line traceback through asyncio, exit 1, no word of the job.
+    from types import SimpleNamespace
+
+    from embshard.cluster import jobs
+
+    async def tail_job_logs(job_id):
+        yield "step 124\n"
+        raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
+
+    monkeypatch.setattr(jobs, "client", lambda address: SimpleNamespace(tail_job_logs=tail_job_logs))
+    with pytest.raises(jobs.JobError, match=r"^http://h:1: lost the log stream of j \(RuntimeError: WebSocket "
+                                            r"connection closed unexpectedly with close code 1006\): the cluster or "
+                                            r"its dashboard went away; `embshard status j --address http://h:1`"):
+        jobs.follow("http://h:1", "j")

@@ -134,3 +134,25 @@ def test_ray_that_cannot_start_on_a_full_disk_says_so(tmp_path, monkeypatch):
                                                  r"cluster there: the disk is full \(0 bytes free\) \(NotADirectory"):
         init_ray(JobConfig())
     assert not ray.is_initialized()
+
+
+def test_a_run_without_an_address_starts_a_local_cluster_whatever_ray_address_says(tmp_path):
+    # Ray joined RAY_ADDRESS when no address was given: the job API's http address, which the
+    # README has users export for `embshard submit`, ended `embshard train` as a crash (exit 1).
+    script = textwrap.dedent("""
+        import ray
+        from embshard.cluster.launch import init_ray
+        from embshard.config import JobConfig
+
+        init_ray(JobConfig())
+        print("joined", ray.is_initialized(), ray.get_runtime_context().gcs_address, flush=True)
+        ray.shutdown()
+    """)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path), "RAY_ADDRESS": "http://127.0.0.1:1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    joined = next(line for line in done.stdout.splitlines() if line.startswith("joined")).split()
+    assert joined[1] == "True" and not joined[2].endswith(":1"), done.stdout
+    assert ("note: RAY_ADDRESS=http://127.0.0.1:1 is not joined: a run joins a cluster given by --address "
+            "(cluster.address), else starts a local one") in done.stderr

@@ -79,6 +79,28 @@ def test_a_stop_without_checkpoints_is_an_interrupt_not_ray_s_exit(tmp_path, pyt
     assert signal.getsignal(signal.SIGINT) == before and not (tmp_path / "stop-requested").exists()
 
 
+def test_a_stop_before_any_worker_started_ends_at_once_and_a_slow_start_is_said(tmp_path, python_ctrl_c):
+    # A group Ray could not place (more workers than the cluster's CPUs) waited for good without a
+    # word, and the first SIGTERM said "finishing the step and writing a checkpoint" of a step no
+    # worker would ever take: only a second one ended it.
+    from embshard.cluster.interrupt import run_with_graceful_ctrl_c
+
+    said: list[str] = []
+
+    def fit() -> str:
+        deadline = time.monotonic() + 10
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        return "fit returned"
+
+    with pytest.raises(KeyboardInterrupt):
+        run_with_graceful_ctrl_c(fit, tmp_path / "stop-requested", started=lambda: False,
+                                 slow_start=(0.3, lambda: said.append("waiting")))
+    assert said == ["waiting"] and not (tmp_path / "stop-requested").exists()
+
+
 def test_a_resumed_run_s_progress_bar_ends_at_its_total():
     # It counted from 0 and ended at 90% (360/400) after a resume at step 360.
     from embshard.trainer.callbacks import ProgressBar, StepInfo
