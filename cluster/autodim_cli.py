@@ -51,7 +51,7 @@ def _autodim(args: argparse.Namespace) -> int:
     from embshard.datasets.outdir import check_file_output
     from embshard.datasets.storage import read_json_object
     from embshard.errors import ConfigError
-    from embshard.trainer.autodim import autodim_section, decisions_path
+    from embshard.trainer.autodim import autodim_section, decisions_path, written_by_search
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)
@@ -62,8 +62,11 @@ def _autodim(args: argparse.Namespace) -> int:
         # A path the user named may hold anything, their config included: checked before the
         # search, not found out by its last step.
         decisions_keys = ("version", "method", "tables")  # of any version: ours to replace
+        # This search's own, written as it ended (a kill before its last line): the same command
+        # resumes the finished search and writes it again, as it does at the default path.
         check_file_output(decisions, args.overwrite, "decisions file",
-                          lambda path: read_json_object(path, decisions_keys, ConfigError), ConfigError)
+                          lambda path: read_json_object(path, decisions_keys, ConfigError), ConfigError,
+                          ours=lambda record: written_by_search(record, cfg.output_dir))
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
     with run_lock(cfg):

@@ -231,10 +231,10 @@ def _check_creatable(out: Path, error: type[EmbshardError]) -> None:
 
 
 def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Path], object],
-                      error: type[EmbshardError] = DataError) -> None:
+                      error: type[EmbshardError] = DataError, ours: Callable[[object], bool] | None = None) -> None:
     """Before a run that ends by writing the file `path` (a plan, a decisions file): it must be
-    absent, or (with overwrite) a `what` already, which `read` checks. A file of another kind is
-    never replaced."""
+    absent, or (with overwrite, or where `ours` says of what `read` returned that this very run
+    wrote it) a `what` already, which `read` checks. A file of another kind is never replaced."""
     if path.is_dir():
         raise error(f"{path}: a directory; give the path of a file to write the {what} to")
     check_not_in_sealed(path, what, error)
@@ -248,10 +248,10 @@ def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Pa
         raise error(f"{path}: exists and is no {what} (not a regular file); refusing to replace it, even with "
                     "--overwrite")
     try:
-        read(path)
+        record = read(path)
     except EmbshardError as e:
         raise error(f"{path}: exists and is no {what} ({e}); refusing to replace it, even with --overwrite") from None
-    if not overwrite:
+    if not overwrite and not (ours is not None and ours(record)):
         raise error(f"{path}: a {what} is there already; pass --overwrite to replace it")
 
 

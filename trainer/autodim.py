@@ -50,6 +50,7 @@ from embshard.trainer.method import EmbeddingMethod, Worker, refuse_mlet, unifor
 
 DECISIONS_FILE = "decisions.json"
 ALPHA_HISTORY_FILE = "alpha_history.jsonl"
+SEARCH_RUN_KEY = "search_output_dir"  # in a decisions file's meta: the search that wrote it (its run folder)
 # Name of alpha inside the search embeddings (the builder prefixes their path in the model): DDP
 # must leave it alone (see the module doc).
 ALPHA_PARAM = "arch.logits"
@@ -269,6 +270,16 @@ class AlphaStep(Callback):
         return searching if self.search.single_level else -(-searching // self.search.alpha_every)
 
 
+def _run_folder(output_dir: str) -> str:
+    return str(Path(output_dir).resolve())
+
+
+def written_by_search(record: object, output_dir: str) -> bool:
+    """Whether a decisions file's JSON says the search whose run folder is `output_dir` wrote it."""
+    meta = record.get("meta") if isinstance(record, dict) else None
+    return isinstance(meta, dict) and meta.get(SEARCH_RUN_KEY) == _run_folder(output_dir)
+
+
 def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: EvalResult | None,
                    stats: dict[str, Any], dataset_id: str | None = None) -> Decisions:
     """The search's widths, with its last validation in the arch's own metrics (an MSE model's
@@ -285,6 +296,7 @@ def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: Eval
             "unify": search.unify,
             "single_level": search.single_level,
             "dataset_id": dataset_id,  # the plan's: from_decisions checks it against the data trained
+            SEARCH_RUN_KEY: _run_folder(cfg.output_dir),
             "alpha": {feature: probs for feature, (_, probs) in choices.items()},
             **eval_summary(result),
             **stats,
