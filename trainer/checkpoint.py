@@ -152,6 +152,7 @@ class CheckpointManager:
         self.owner_check = owner_check
         self.fits = fits
         self.rejected: list[tuple[StoragePath, str]] = []  # what the last `select` passed over, and why
+        self._not_pruned: set[StoragePath] = set()  # step-named folders pruning leaves, said once
 
     # -- save (collective) ---------------------------------------------------------------------
 
@@ -214,8 +215,15 @@ class CheckpointManager:
         # Only folders a save wrote, or a prune began on: one named like a step with neither a
         # manifest nor the prune's mark (a user's) went, files and all, and a link to a step
         # elsewhere lost its target's manifest, another run's checkpoint.
-        kept = [p for p in complete_checkpoints(self.directory)
-                if not p.is_symlink() and ((p / MANIFEST).is_file() or (p / PRUNING_MARK).is_file())]
+        listed = complete_checkpoints(self.directory)
+        kept = [p for p in listed if not p.is_symlink() and ((p / MANIFEST).is_file() or (p / PRUNING_MARK).is_file())]
+        for other in listed:
+            if other not in kept and not other.is_symlink() and other not in self._not_pruned:
+                # Said once a run: a prune an embshard before the mark left half done looks the same,
+                # and is the user's to delete.
+                self._not_pruned.add(other)
+                print(f"note: {other} holds no manifest: not a checkpoint a save wrote, so pruning leaves it "
+                      "(delete it yourself if it is what an interrupted prune of an earlier embshard left)", flush=True)
         for old in kept[self.keep:]:
             _delete_step(old)
         # Unfinished writes of earlier steps (a run killed mid-save) that no run will finish:
