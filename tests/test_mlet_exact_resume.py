@@ -12,6 +12,7 @@ import torch
 from conftest import profiled_synth
 from test_checkpoint import dcp_metadata, job
 
+from embshard.cluster.launch import plan_for_training
 from embshard.config import EmbeddingsConfig, JobConfig, MletConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.planner.pipeline import PlanBundle
@@ -85,6 +86,9 @@ def test_turning_exact_resume_on_still_loads_a_checkpoint_without_w1(dataset, tm
     assert not any(k.startswith(TRAINING_STATE_PREFIX) for k in dcp_metadata(first))
     exact = replace(plain, embeddings=EmbeddingsConfig(dim=DIM, mlet=MletConfig(width=WIDTH, exact_resume=True)),
                     train=replace(plain.train, max_steps=6))
+    # The driver compares the config too: exact_resume changes no tensor the checkpoint must hold
+    # (it refused this resume as "trained with another model config", and so did the workers).
+    plan_for_training(exact)
     resumed = run_worker(exact)  # W1 rebuilt from W . W2+ rather than restored
     assert resumed["resumed_from"] == str(first) and resumed["steps"] == 6
     # ...and with W1 rebuilt, the model still computes what the collapsed checkpoint holds.

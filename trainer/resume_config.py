@@ -36,6 +36,9 @@ MODEL_DEFINING_KEYS = (
     "train.sparse_optimizer",
     "train.dense_optimizer",
 )
+# Inside those, keys that change no tensor a checkpoint holds: MLET's init, and exact_resume,
+# whose W1 a checkpoint may lack (the load rebuilds it) or hold unread.
+NOT_MODEL_DEFINING_KEYS = ("embeddings.mlet.init_std", "embeddings.mlet.exact_resume")
 
 
 # Of those, the keys a DimensionPlan is made from (the rest, dense layers and MLET's init, shape
@@ -43,12 +46,13 @@ MODEL_DEFINING_KEYS = (
 # pod or a laptop; what it held is in the plan, and its policy is compared.
 PLAN_DEFINING_KEYS = ("embeddings", "model.arch", "pep.granularity", "pep.pooled_lookup", "autodim.candidates",
                       "autodim.lookup")
-NOT_PLAN_DEFINING_KEYS = ("embeddings.mlet.init_std", "embeddings.mlet.exact_resume", "embeddings.decisions")
+NOT_PLAN_DEFINING_KEYS = (*NOT_MODEL_DEFINING_KEYS, "embeddings.decisions")
 
 
 def model_defining(config: dict[str, Any]) -> dict[str, Any]:
     """The model-defining keys of a config dict, flattened to dotted names."""
-    return {k: v for k, v in flatten(config).items() if under(k, MODEL_DEFINING_KEYS)}
+    return {k: v for k, v in flatten(config).items()
+            if under(k, MODEL_DEFINING_KEYS) and not under(k, NOT_MODEL_DEFINING_KEYS)}
 
 
 def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
