@@ -48,10 +48,8 @@ def _autodim(args: argparse.Namespace) -> int:
     from embshard.cluster.launch import plan_for_training, train_on_ray
     from embshard.cluster.run_lock import run_lock
     from embshard.config import load_job_config
-    from embshard.datasets.outdir import check_file_output
-    from embshard.datasets.storage import read_json_object
     from embshard.errors import ConfigError
-    from embshard.trainer.autodim import autodim_section, decisions_path, written_by_search
+    from embshard.trainer.autodim import autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)
@@ -61,12 +59,7 @@ def _autodim(args: argparse.Namespace) -> int:
     if args.out is not None or search.decisions is not None:
         # A path the user named may hold anything, their config included: checked before the
         # search, not found out by its last step.
-        decisions_keys = ("version", "method", "tables")  # of any version: ours to replace
-        # This search's own, written as it ended (a kill before its last line): the same command
-        # resumes the finished search and writes it again, as it does at the default path.
-        check_file_output(decisions, args.overwrite, "decisions file",
-                          lambda path: read_json_object(path, decisions_keys, ConfigError), ConfigError,
-                          ours=lambda record: written_by_search(record, cfg.output_dir))
+        check_decisions_out(decisions, args.overwrite, cfg.output_dir)
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
     with run_lock(cfg):
@@ -90,6 +83,22 @@ def _autodim(args: argparse.Namespace) -> int:
     print(f"retrain: embshard train {shlex.quote(str(args.config))} "
           + " ".join(f"--set {shlex.quote(s)}" for s in retrain))
     return 0
+
+
+def check_decisions_out(decisions: Path, overwrite: bool, output_dir: str) -> None:
+    """ConfigError unless the search in `output_dir` may write its decisions file at `decisions`:
+    nothing there, a decisions file with `overwrite`, or one this very search wrote (a kill
+    between writing it and its last line: the same command resumes the finished search and writes
+    it again, as it does at the default path)."""
+    from embshard.datasets.outdir import check_file_output
+    from embshard.datasets.storage import read_json_object
+    from embshard.errors import ConfigError
+    from embshard.trainer.autodim import written_by_search
+
+    decisions_keys = ("version", "method", "tables")  # of any version: ours to replace
+    check_file_output(decisions, overwrite, "decisions file",
+                      lambda path: read_json_object(path, decisions_keys, ConfigError), ConfigError,
+                      ours=lambda record: written_by_search(record, output_dir))
 
 
 def retrain_overrides(overrides: list[str], decisions: Path, cfg: JobConfig) -> list[str]:

@@ -33,6 +33,7 @@ FORWARDED_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")
 AGENT_NOT_READY = "No available agent to submit job"
 AGENT_WAIT_SECONDS = 30.0
 CONNECT_SECONDS = 30.0  # for the job API's first answer, and each answer after it
+STATUS_HINT_SECONDS = 5.0
 TOKEN_ADVICE = "RAY_AUTH_MODE and RAY_AUTH_TOKEN (or its file) must be those the cluster was started with"
 
 
@@ -47,8 +48,10 @@ def _bounded_client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     class BoundedJobSubmissionClient(JobSubmissionClient):
+        request_seconds = CONNECT_SECONDS
+
         def _do_request(self, *args, **kwargs):  # Ray's one door to requests (pinned Ray, see requirements/)
-            kwargs.setdefault("timeout", CONNECT_SECONDS)
+            kwargs.setdefault("timeout", self.request_seconds)
             return super()._do_request(*args, **kwargs)
 
     return BoundedJobSubmissionClient(address)
@@ -128,7 +131,9 @@ def submit(address: str, config: Path, overrides: list[str], workers: int | None
             said = unanswered(address, e, "job submission")
             if said is not None:
                 raise said from None
-            if not isinstance(e, RuntimeError) or AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
+            if not isinstance(e, RuntimeError):
+                raise  # a bug, said as a crash: not "refused"
+            if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
                 raise JobError(f"{address}: job submission refused ({first_line(e)})") from None
             time.sleep(2)
 
@@ -160,7 +165,9 @@ def follow(address: str, job_id: str) -> str:
 
 
 def _final_status(jobs, job_id: str) -> str | None:
-    """The job's status when it has ended; None when it goes on or cannot be asked."""
+    """The job's status when it has ended; None when it goes on or cannot be asked (within a few
+    seconds: the user who pressed Ctrl-C waits for it)."""
+    jobs.request_seconds = STATUS_HINT_SECONDS
     try:
         final = jobs.get_job_status(job_id)
     except Exception:  # noqa: BLE001 - only a hint for the line: whatever failed, say the usual

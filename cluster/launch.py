@@ -66,7 +66,7 @@ from embshard.trainer.metrics import read_file_sd_targets
 from embshard.trainer.planning import check_same_data, check_same_decisions, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.reference import raised_at_in
-from embshard.trainer.restarts import STARTS_FILE, reset_starts
+from embshard.trainer.restarts import reset_starts
 from embshard.trainer.resume_config import check_plan_made_for, reconcile
 from embshard.typed_config import from_dict, to_dict
 
@@ -210,6 +210,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
     # Runs in the Ray worker process: the method's modules are imported there.
     console.mark_console()
     cfg = from_dict(JobConfig, config["job"])
+    # Ray placed it: from now on the first Ctrl-C asks for a checkpoint (the workers read the
+    # request once their loop begins, after loading the plan, data and model: minutes, at scale).
+    (Path(cfg.output_dir) / WORKERS_PLACED_FILE).touch()
     board = config["board"]
     if fatal.recorded(board) is not None:
         return  # Ray restarted the group after bad input: training again would fail the same way
@@ -249,6 +252,7 @@ def train_on_ray(cfg: JobConfig, method: str | None = None) -> dict[str, Any]:
     output = Path(cfg.output_dir).resolve()
     cfg = worker_config(cfg)
     reset_starts(output)
+    (output / WORKERS_PLACED_FILE).unlink(missing_ok=True)
     with console.run_log(output):
         init_ray(cfg)
         console.route_worker_output()
@@ -293,7 +297,7 @@ def _fit_reporting(cfg: JobConfig, method: str, registered: bytes | None, output
         ),
     )
     graceful = cfg.checkpoint.enabled and cfg.checkpoint.on_sigterm
-    started = (output / STARTS_FILE).is_file
+    started = (output / WORKERS_PLACED_FILE).is_file
     try:
         _, stop_requested = run_with_graceful_ctrl_c(
             trainer.fit, output / STOP_REQUEST_FILE, graceful, started,
@@ -318,6 +322,10 @@ def _fit_reporting(cfg: JobConfig, method: str, registered: bytes | None, output
 
 
 SLOW_START_SECONDS = 60.0  # a local group starts in 5-30 s on 2 busy cores
+# Touched by each worker as it starts (the run folder is shared with the driver, as the plan and
+# the stop request are). A group restarted after a failure finds it there: a group Ray cannot
+# place again is then stopped by a second signal, as before.
+WORKERS_PLACED_FILE = "workers_placed"
 
 
 def placement_wait(cfg: JobConfig) -> str:
@@ -325,7 +333,10 @@ def placement_wait(cfg: JobConfig) -> str:
     cluster's. Ray Train waits for good (an autoscaler may add nodes); this says so."""
     each = {"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources,
             **({"GPU": 1.0} if cfg.sharding.device == "cuda" else {})}
-    total, free = ray.cluster_resources(), ray.available_resources()
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+    except Exception as e:  # noqa: BLE001 - a note: the GCS gone must not end the run here
+        return f"no worker has started after {SLOW_START_SECONDS:.0f} s (the cluster's resources: {first_line(e)})"
     short = [f"{name} {total.get(name, 0):g} in all" for name, amount in each.items()
              if total.get(name, 0) < amount * cfg.cluster.workers]
     workers = f"{cfg.cluster.workers} worker{'s' if cfg.cluster.workers > 1 else ''}"
@@ -345,7 +356,8 @@ def aborted(cfg: JobConfig, started: bool) -> str:
         return "interrupted before any worker started: nothing was trained"
     if not cfg.checkpoint.enabled:
         return "interrupted; checkpoints are off (checkpoint.enabled: false), so nothing this run trained is kept"
-    return "interrupted without a checkpoint of the last steps; the same command resumes from the last one written"
+    return ("interrupted without a checkpoint of the last steps; the same command resumes from the newest "
+            f"checkpoint in {cfg.checkpoint_dir}, or starts afresh where none was written")
 
 
 def _sendable(method: str) -> bytes | None:
@@ -431,11 +443,18 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
                               "RAY_AUTH_TOKEN as the cluster was started with") from None
         return
     _private_token_auth()
-    if os.environ.get("RAY_ADDRESS"):
-        # Ray joins it when no address is given: the job API's http address (README's `export
-        # RAY_ADDRESS` for `embshard submit`) was a crash line, exit 1.
-        print(f"note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is not joined: a run joins a cluster given by --address "
-              "(cluster.address), else starts a local one", file=sys.stderr, flush=True)
+    joined = os.environ.get("RAY_ADDRESS", "")
+    # Ray joins RAY_ADDRESS where no address is given, and then refused the local cluster's sizes
+    # in a crash line, exit 1. The job API's http address (README's `export RAY_ADDRESS` for
+    # `embshard submit`) is no cluster to join: a local one starts. A cluster's own (a job
+    # started with `ray job submit`) is the user's to name: joined silently, or a local cluster
+    # in the head pod started silently, either would surprise someone.
+    if joined.startswith(("http://", "https://")):
+        print(f"note: RAY_ADDRESS={joined} (the job API's, for embshard submit) is not joined: a run joins a "
+              "cluster given by --address, else starts a local one", file=sys.stderr, flush=True)
+    elif joined:
+        raise ConfigError(f"RAY_ADDRESS={joined} names a Ray cluster, and no --address was given: give --address "
+                          "auto to join it, or unset RAY_ADDRESS to train on a local cluster")
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1

@@ -22,7 +22,7 @@ import numpy as np
 from embshard.config import EmbeddingsConfig
 from embshard.datasets.profile import Profile, load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import read_json, write_whole, written_whole
+from embshard.datasets.storage import StoragePath, read_json, write_whole, written_whole
 from embshard.errors import ConfigError, PlanError
 from embshard.planner.memory import MemoryReport, memory_report
 from embshard.planner.optimizers import SparseOptimizer
@@ -83,10 +83,7 @@ class PlanBundle:
             path = path / PLAN_FILE
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found (write one with `embshard plan`)")
-        raw = read_json(path, PlanError)
-        if not isinstance(raw, dict):
-            raise PlanError(f"{path}: not a plan (a JSON {type(raw).__name__}, not an object)")
-        return PlanBundle.from_json(raw, path, optimizer)
+        return PlanBundle.from_json(_read_plan_file(path), path, optimizer)
 
     def copy_to(self, directory: Path, name: str = PLAN_FILE) -> "PlanBundle":
         """This plan (its file, as `name`, and its remap files) saved in `directory`, e.g. a run's
@@ -150,6 +147,22 @@ def _remap_readers(directory: Path, besides: Path) -> dict[str, str]:
     # when another plan of the folder was replaced.
     return {remap: other.name for other in sorted(directory.iterdir()) if other.suffix.lower() == ".json"
             and other.is_file() and other.resolve() != besides.resolve() for remap in _remaps_read_by(other)}
+
+
+def _read_plan_file(path: StoragePath) -> dict[str, Any]:
+    raw = read_json(path, PlanError)
+    if not isinstance(raw, dict):
+        raise PlanError(f"{path}: not a plan (a JSON {type(raw).__name__}, not an object)")
+    return raw
+
+
+def load_dimension_plan(path: StoragePath) -> DimensionPlan:
+    """The DimensionPlan of the plan file `path`, local or in a bucket (a checkpoint's), without
+    its shard plan, which a run on another topology replaces."""
+    raw = _read_plan_file(path)
+    if "dimension_plan" not in raw:
+        raise PlanError(f"{path}: missing section 'dimension_plan'")
+    return DimensionPlan.from_json(raw["dimension_plan"], str(path))
 
 
 def load_id_maps(plan: DimensionPlan, directory: Path) -> dict[str, np.ndarray]:

@@ -4,8 +4,6 @@ decisions file back into a DimensionPlan."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -384,15 +382,11 @@ def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, 
     assert load_decisions(longer["decisions"]).meta["steps"] == 6
     # A search killed between writing its decisions and its last line: the same command's --out
     # check refused the file as someone else's.
-    from embshard.datasets.outdir import check_file_output
-    from embshard.trainer.autodim import written_by_search
+    from embshard.cluster.autodim_cli import check_decisions_out
 
-    record = json.loads(Path(longer["decisions"]).read_text())
-    assert written_by_search(record, cfg.output_dir) and not written_by_search(record, str(tmp_path / "other"))
-    for output_dir, refused in ((cfg.output_dir, False), (str(tmp_path / "other"), True)):
-        with pytest.raises(ConfigError) if refused else contextlib.nullcontext():
-            check_file_output(Path(longer["decisions"]), False, "decisions file", lambda path: record, ConfigError,
-                              ours=lambda r, run=output_dir: written_by_search(r, run))
+    check_decisions_out(Path(longer["decisions"]), False, cfg.output_dir)
+    with pytest.raises(ConfigError, match=r"a decisions file is there already; pass --overwrite to replace it$"):
+        check_decisions_out(Path(longer["decisions"]), False, str(tmp_path / "other"))
     # The search's model is no model to serve: its bare tables were exported without a word.
     from embshard.trainer.export import ExportError, export_serving
 

@@ -6,6 +6,7 @@ even when the environment says RAY_AUTH_MODE=disabled (as the Makefile exports).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -154,5 +155,55 @@ def test_a_run_without_an_address_starts_a_local_cluster_whatever_ray_address_sa
     assert done.returncode == 0, done.stderr[-2000:]
     joined = next(line for line in done.stdout.splitlines() if line.startswith("joined")).split()
     assert joined[1] == "True" and not joined[2].endswith(":1"), done.stdout
-    assert ("note: RAY_ADDRESS=http://127.0.0.1:1 is not joined: a run joins a cluster given by --address "
-            "(cluster.address), else starts a local one") in done.stderr
+    assert ("note: RAY_ADDRESS=http://127.0.0.1:1 (the job API's, for embshard submit) is not joined: a run joins a "
+            "cluster given by --address, else starts a local one") in done.stderr
+    # A cluster's own address: which one was meant is the user's to say (Ray's crash line, exit 1).
+    refused = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_ADDRESS": "10.0.0.1:6379"}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert ("ConfigError: RAY_ADDRESS=10.0.0.1:6379 names a Ray cluster, and no --address was given: give --address "
+            "auto to join it, or unset RAY_ADDRESS to train on a local cluster") in refused.stderr, refused.stderr
+
+
+UNPLACEABLE = textwrap.dedent("""
+    import os, signal, sys, threading
+    from embshard.cluster import launch
+    from embshard.cluster.interrupt import sigterm_as_ctrl_c
+    from embshard.config import ClusterConfig, DataConfig, JobConfig, MetricsConfig
+    from embshard.datasets.synth import synthesize
+    from embshard.errors import Interrupted
+
+    synthesize("data", rows=2000, seed=0, max_cardinality=50)
+    launch.init_ray(JobConfig())  # sized for one job of two workers: 2 CPUs here
+    cfg = JobConfig(output_dir="run", data=DataConfig(path="data", batch_size=64), cluster=ClusterConfig(workers=5),
+                    metrics=MetricsConfig(enabled=False))
+    launch.plan_for_training(cfg)
+    launch.SLOW_START_SECONDS = 1.0
+    said = launch.placement_wait
+
+    def placement_wait(cfg):
+        note = said(cfg)
+        print("note", note, flush=True)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, once said
+        return note
+
+    launch.placement_wait = placement_wait
+    with sigterm_as_ctrl_c():
+        try:
+            launch.train_on_ray(cfg)
+        except Interrupted as e:
+            print("stopped", e, flush=True)
+""")
+
+
+def test_a_group_ray_cannot_place_is_said_and_the_first_ctrl_c_ends_it(tmp_path):
+    # Five workers on a two-CPU cluster: Ray Train waited for good without a word, and the first
+    # Ctrl-C said "finishing the step and writing a checkpoint" of a step no worker would take.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", UNPLACEABLE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("note", "stopped")))
+    assert re.search(r"no worker has started after 1 s: Ray cannot place 5 workers of CPU 1 each on this cluster "
+                     r"\(CPU \d+ in all\) and waits for nodes to join", lines.get("note", "")), done.stderr[-2000:]
+    assert lines.get("stopped") == "interrupted before any worker started: nothing was trained", done.stderr[-2000:]
+    assert "finishing the step" not in done.stderr

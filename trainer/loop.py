@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from embshard.config import JobConfig
 from embshard.datasets.reader import ParquetBatchReader
-from embshard.datasets.storage import StoragePath, read_json, write_whole
+from embshard.datasets.storage import StoragePath, write_whole
 from embshard.errors import ConfigError, DataError
-from embshard.planner.pipeline import PLAN_FILE, PlanBundle
+from embshard.planner.pipeline import PLAN_FILE, PlanBundle, load_dimension_plan
 from embshard.planner.types import DimensionPlan
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
@@ -426,11 +426,11 @@ def _check_fits(cfg: JobConfig, plan: DimensionPlan, checkpoint: StoragePath) ->
     older one or to checkpoint.resume, another run's, which the driver did not compare: it was
     a size mismatch, or, where only the order of rows differed, a silently wrong model."""
     reconcile(cfg, recorded_config(checkpoint), checkpoint, adopt=False)
-    where = checkpoint / PLAN_DIR / PLAN_FILE
-    theirs = DimensionPlan.from_json(read_json(where, CheckpointError)["dimension_plan"], str(where))
+    theirs = load_dimension_plan(checkpoint / PLAN_DIR / PLAN_FILE)
     if (theirs.base_dim, theirs.tables, theirs.uniform_width) != (plan.base_dim, plan.tables, plan.uniform_width):
         raise CheckpointError(f"{checkpoint}: holds another embedding plan than the run's, which was planned from a "
-                              f"newer checkpoint that failed the workers' check; run again to plan from {checkpoint}")
+                              "newer checkpoint that failed the workers' check; run the command again, and the run "
+                              "is planned from the checkpoint that verifies and checked against it")
 
 
 def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
