@@ -297,10 +297,18 @@ def test_a_model_whose_layers_changed_since_its_checkpoint_is_refused_naming_the
                                                                                    said):
     # A layer added since: "cannot be loaded (... Missing key in checkpoint state_dict: optim.state...)";
     # a layer removed since: resumed, its trained weights dropped without a word.
+    from test_checkpoint_integrity import rehash
+
     cfg = job(dataset, tmp_path, max_steps=4)
     cfg = replace(cfg, model=replace(cfg.model, dense_arch=before))
     run_worker(cfg)
     edited = replace(cfg, model=replace(cfg.model, dense_arch=after), train=replace(cfg.train, max_steps=8))
+    # The model's code changed, its config did not: the checkpoint records the config it is resumed
+    # with (a config that differs is refused before any tensor is read, by name).
+    step = cfg.checkpoint_dir / "step-000004"
+    recorded = json.loads((step / "config.json").read_text())
+    (step / "config.json").write_text(json.dumps({**recorded, "model": {**recorded["model"], "dense_arch": after}}))
+    rehash(step, "config.json")
     with pytest.raises(CheckpointError, match=said):
         run_worker(edited)
     assert (cfg.checkpoint_dir / "step-000004").is_dir()  # left as it is
