@@ -56,13 +56,18 @@ def _autodim(args: argparse.Namespace) -> int:
     workers = cfg.cluster.workers if args.workers is None else args.workers
     # Absolute: workers may run elsewhere (train_on_ray resolves the other paths the same way).
     decisions = Path(args.out or decisions_path(cfg)).resolve()
-    if args.out is not None or search.decisions is not None:
+    named = args.out is not None or search.decisions is not None
+    if named:
         # A path the user named may hold anything, their config included: checked before the
         # search, not found out by its last step.
         check_decisions_out(decisions, args.overwrite, cfg.output_dir)
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
-    with run_lock(cfg):
+    # Its folder too, for the search: two searches with one --out both said they wrote it, and
+    # the file held the last one's widths.
+    with run_lock(cfg, also=[decisions.parent]):
+        if named:
+            check_decisions_out(decisions, args.overwrite, cfg.output_dir)  # again: one may have ended since
         bundle = plan_for_training(cfg, "autodim")
         plan = bundle.dimension_plan
         print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"

@@ -218,7 +218,7 @@ def _load(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from embshard.cluster.run_lock import folder_lock
+    from embshard.cluster.run_lock import folder_lock, run_folder_holding
     from embshard.datasets.outdir import check_file_output
     from embshard.datasets.storage import read_json_object
     from embshard.errors import PlanError
@@ -253,8 +253,10 @@ def _plan(args: argparse.Namespace) -> int:
     check_out()
     # The run's own folder while it trains is the run's (its checkpoints copy the plan), and two
     # `plan`s into one folder would each replace the other's plan.
+    # So is any run's folder --out lies in: a plan written into a training run's plan folder
+    # was copied into every checkpoint after it, beside weights of the old widths.
     output = Path(cfg.output_dir).absolute()
-    with folder_lock(output if out_dir.absolute().is_relative_to(output) else out_dir):
+    with folder_lock(run_folder_holding(out_dir) or (output if out_dir.absolute().is_relative_to(output) else out_dir)):
         check_out()  # again: another `plan` may have written there since
         bundle = _plan_into(cfg, decide, topology, out_dir, name, args.method)
     path = bundle.directory / name

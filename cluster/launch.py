@@ -31,7 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from embshard.cluster import console, fatal
 from embshard.cluster.address import no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
-from embshard.cluster.run_lock import owner_check, run_owner
+from embshard.cluster.run_lock import owner_check, run_folder_holding, run_owner
 from embshard.config import JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
@@ -143,12 +143,17 @@ def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, ad
 
 
 def check_not_in_plan(cfg: JobConfig) -> None:
-    """ConfigError when checkpoint.dir lies in the run's plan folder, which every checkpoint
-    copies: it copied itself into itself at the first save, a folder tree that deep, and failed."""
-    ckpt, plan = cfg.checkpoint_dir, cfg.plan_dir
-    if isinstance(ckpt, Path) and ckpt.resolve().is_relative_to(plan.resolve()):
-        raise ConfigError(f"checkpoint.dir {ckpt}: inside the run's plan folder {plan}, which every checkpoint "
-                          "copies; write the checkpoints elsewhere")
+    """ConfigError when checkpoint.dir lies in a run's plan folder, which every checkpoint of
+    that run copies: its own was copied into itself at the first save, a folder tree that deep,
+    and failed; another run's copied this run's lock file and steps into its checkpoints."""
+    ckpt = cfg.checkpoint_dir
+    if not isinstance(ckpt, Path):
+        return
+    owner = run_folder_holding(ckpt.resolve())
+    for plan, whose in ((cfg.plan_dir, "the run's"), *([(owner / "plan", "another run's")] if owner else [])):
+        if ckpt.resolve().is_relative_to(plan.resolve()):
+            raise ConfigError(f"checkpoint.dir {ckpt}: inside {whose} plan folder {plan}, which every checkpoint "
+                              "of that run copies; write the checkpoints elsewhere")
 
 
 def resume_source(cfg: JobConfig) -> StoragePath | None:

@@ -118,6 +118,12 @@ def folder_lock(folder: Path) -> Iterator[None]:
                 break
 
 
+def run_folder_holding(path: Path) -> Path | None:
+    """The nearest folder at or above `path` that a run marked as its output_dir; None if none."""
+    path = path.absolute()
+    return next((folder for folder in (path, *path.parents) if (folder / RUN_MARKER).is_file()), None)
+
+
 @contextmanager
 def claimed_run_folder(cfg: JobConfig, folder: Path) -> Iterator[None]:
     """`folder` (cfg's output_dir, locked by this run) marked as a run's for the block; ConfigError

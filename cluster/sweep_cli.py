@@ -9,6 +9,7 @@ a flag given on the command line overrides its key."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 from collections.abc import Callable
@@ -166,6 +167,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def sweep_merge(args: argparse.Namespace) -> int:
+    from embshard.cluster.run_lock import folder_lock
     from embshard.cluster.sweep_report import REPORT_SUFFIXES, check_report, merge_reports, report_file
     from embshard.datasets.outdir import check_not_in_sealed
     from embshard.datasets.storage import RemotePath, location
@@ -195,19 +197,31 @@ def sweep_merge(args: argparse.Namespace) -> int:
     rep = merge_reports(reports, args.assume_same_config, args.replace, args.assume_same_data)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file, not a folder; name a folder for the merged report")
-    earlier = _earlier_merge(out, args.overwrite) if out.is_dir() and any(out.iterdir()) else []
+    if out.is_dir() and any(_entries(out)):
+        _earlier_merge(out, args.overwrite)  # refused before a folder is made or locked
     try:
         # A link to a folder not made yet: made, as `embshard sweep --out` makes it (it resolves its
         # --out); the link itself was "File exists".
         out.resolve().mkdir(parents=True, exist_ok=True)
     except OSError as e:  # /proc/x: a FileNotFoundError traceback
         raise EnvironmentProblem(f"--out {out}: cannot be made ({e.strerror or e})") from None
-    publish(rep, f"{len(reports)} sweeps merged", out)
-    written = {report_file(rep["dataset"], suffix) for suffix in REPORT_SUFFIXES}
-    for stale in earlier:  # the earlier merge's files this one did not rewrite (another dataset's name)
-        if stale.name not in written:
-            stale.unlink()
+    # Two merges into one folder wrote the same staged files and renamed each other's: a report's
+    # .json of one merge beside the .md of the other, and a traceback. A bucket takes no lock.
+    with folder_lock(out.resolve()) if isinstance(out, Path) else contextlib.nullcontext():
+        earlier = _earlier_merge(out, args.overwrite) if any(_entries(out)) else []
+        publish(rep, f"{len(reports)} sweeps merged", out)
+        written = {report_file(rep["dataset"], suffix) for suffix in REPORT_SUFFIXES}
+        for stale in earlier:  # the earlier merge's files this one did not rewrite (another dataset's name)
+            if stale.name not in written:
+                stale.unlink()
     return 0
+
+
+def _entries(out: StoragePath) -> list[StoragePath]:
+    """What `out` holds besides a merge's lock on it."""
+    from embshard.cluster.run_lock import LOCK_FILE
+
+    return [entry for entry in out.iterdir() if entry.name != LOCK_FILE]
 
 
 def _earlier_merge(out: StoragePath, overwrite: bool) -> list[StoragePath]:
@@ -219,7 +233,7 @@ def _earlier_merge(out: StoragePath, overwrite: bool) -> list[StoragePath]:
 
     if not overwrite:
         raise DataError(f"--out {out}: not empty; pass --overwrite to replace the report of an earlier merge")
-    entries: list[StoragePath] = sorted(out.iterdir(), key=str)
+    entries: list[StoragePath] = sorted(_entries(out), key=str)
     files = []
     for entry in entries:
         name = entry.name

@@ -34,6 +34,11 @@ from embshard.datasets.storage import StoragePath, arrow_source, retrying, stora
 from embshard.datasets.verify import verify_split
 from embshard.errors import ConfigError, DataError, StorageError, first_line
 
+# A run's plan and checkpoints are of the dataset it began on: the same command on the new one
+# was refused ("not the dataset ... the plan was made from").
+REPLACED_ADVICE = ("to train on the dataset there now, train it into a new output_dir (this run's plan and "
+                   "checkpoints are of the one it replaced)")
+
 
 @dataclass
 class Batch(Pipelineable):
@@ -289,7 +294,7 @@ class ParquetBatchReader:
                 group = piece.group
                 reading = group.path
                 if group.path not in files:
-                    self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})")
+                    self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})", REPLACED_ADVICE)
                     fs, source = arrow_source(group.path)
                     files[group.path] = retrying(str(group.path), pq.ParquetFile, source, filesystem=fs)
                 table = retrying(str(group.path), self._load, files[group.path], group, epoch)
@@ -318,7 +323,7 @@ class ParquetBatchReader:
         """The error saying the dataset was written again under this read, if it was: in a bucket,
         a part file replaced mid-epoch failed as a store's error ("Couldn't deserialize thrift")."""
         try:
-            self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})")
+            self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})", REPLACED_ADVICE)
         except DataError as replaced:
             return replaced
         except Exception:  # noqa: BLE001 - the store cannot say now: the read's own failure stands

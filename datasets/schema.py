@@ -188,9 +188,11 @@ class DatasetSpec:
             raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
         return DatasetSpec.from_json(read_json_version(path, SPEC_VERSION, DataError), str(path))
 
-    def check_still_at(self, directory: str | StoragePath, doing: str) -> None:
+    def check_still_at(self, directory: str | StoragePath, doing: str,
+                       then: str = "run again on the dataset there now") -> None:
         """DataError when `directory` no longer holds this dataset (another was written over it,
-        `--overwrite`, since this one was read): what is read next would be the other's rows."""
+        `--overwrite`, since this one was read): what is read next would be the other's rows.
+        `then`: what to do about it."""
         if not self.id:
             return
         path = location(directory) / SPEC_FILE
@@ -201,7 +203,7 @@ class DatasetSpec:
         now = raw.get("id") if isinstance(raw, dict) else None
         if now != self.id:
             raise DataError(f"{location(directory)}: the dataset was replaced while {doing} read it; stopped "
-                            "before reading any of the new one: run again on the dataset there now")
+                            f"before reading any of the new one: {then}")
 
     @staticmethod
     def from_json(raw: dict[str, Any], where: str) -> "DatasetSpec":

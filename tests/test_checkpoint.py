@@ -408,15 +408,19 @@ def test_checkpoint_dir_inside_a_step_a_dataset_or_the_plan_is_refused(dataset, 
     # In another run's step, that run's pruning deleted this run's checkpoints; in the dataset, its
     # folder held steps; in the plan folder, the first save copied the plan into itself, 1,176
     # folders deep, and failed in a 60 KB line.
+    from embshard.cluster.run_lock import run_lock
     from embshard.errors import ConfigError
 
     other = job(dataset, tmp_path / "other", max_steps=4)
-    run_worker(other)
+    with run_lock(other):  # as `embshard train` runs it: its folder marked as a run's
+        run_worker(other)
     step = other.checkpoint_dir / "step-000004"
     cfg = job(dataset, tmp_path / "run")
     for where, said in ((step / "sub", f"inside the checkpoint step {step}"),
                         (dataset, f"inside the dataset {dataset}"),
-                        (Path(cfg.plan_dir) / "ck", f"inside the run's plan folder {cfg.plan_dir}")):
+                        (Path(cfg.plan_dir) / "ck", f"inside the run's plan folder {cfg.plan_dir}"),
+                        # Another run's, while it trained: its checkpoints copied this run's lock and steps.
+                        (Path(other.plan_dir) / "ck", f"inside another run's plan folder {other.plan_dir}")):
         with pytest.raises(ConfigError, match=rf"^checkpoint\.dir {re.escape(str(where))}: {re.escape(said)}"):
             plan_for_training(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(where))))
     assert not (step / "sub").exists()

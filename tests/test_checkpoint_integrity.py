@@ -461,3 +461,28 @@ def test_the_workers_refuse_a_fallback_of_another_model_than_the_driver_planned_
         fallback = complete_checkpoints(source.checkpoint_dir)[0]
         with pytest.raises(EmbshardError, match=f"^{re.escape(str(fallback))}:? {said}"):
             run_worker(again)
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_step_pruned_while_it_is_loaded_is_said_so(dataset, tmp_path):
+    # `--resume` of a run still saving (keep 1): "cannot be loaded (rank 0: FileNotFoundError ...);
+    # it was left as it is", of a step that run's pruning had removed.
+    import torch
+
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    run_worker(cfg)
+    step = complete_checkpoints(cfg.checkpoint_dir)[0]
+
+    def pruned_meanwhile(state):  # as the other run's prune does: the manifest first, then the files
+        (step / MANIFEST).unlink()
+        for shard in step.glob("*.distcp"):
+            shard.unlink()
+        return state
+
+    cfg2 = replace(cfg, output_dir=str(tmp_path / "again"), checkpoint=replace(cfg.checkpoint, dir=None))
+    sharded = build_sharded(cfg2, PlanBundle.load(cfg.plan_dir, "rowwise_adagrad"), DatasetSpec.load(dataset),
+                            torch.device("cpu"))
+    manager = CheckpointManager(tmp_path / "unused", before_load=[pruned_meanwhile])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(step))}: removed while it was being loaded \(a run "
+                                              r"still saving into .* keeps only its newest steps\)"):
+        manager.load_latest(sharded.model, sharded.optimizer, [step])

@@ -323,6 +323,53 @@ def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(t
     assert not (tmp_path / "run").exists()
 
 
+def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys):
+    # `plan --out RUN/plan/plan.json --overwrite` of another config replaced the plan of a run
+    # still training: every checkpoint after it held the new plan beside weights of the old widths,
+    # and neither export nor a resume could read them. `plan` locked --out's folder, not the run's.
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\noutput_dir: {tmp_path / 'run'}\n", max_cardinality=300)
+    assert main(["plan", str(cfg)]) == 0
+    plan = tmp_path / "run" / "plan" / "plan.json"
+    planned = plan.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import time\n"
+                               "from embshard.cluster.run_lock import run_lock\n"
+                               "from embshard.config import load_job_config\n"
+                               f"with run_lock(load_job_config({str(cfg)!r})):\n"
+                               "    print('training', flush=True); time.sleep(60)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "training\n"
+        capsys.readouterr()
+        other = tmp_path / "other.yaml"
+        other.write_text(cfg.read_text().replace("dim: 8", "dim: 16").replace(str(tmp_path / "run"),
+                                                                              str(tmp_path / "elsewhere")))
+        assert main(["plan", str(other), "--out", str(plan), "--overwrite"]) == 2
+        assert f"{tmp_path / 'run'}: another embshard run is using it (pid {holder.pid} " in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert plan.read_bytes() == planned
+
+
+def test_a_search_whose_decisions_folder_another_search_holds_is_refused(tmp_path, capsys):
+    # Two searches with one --out both said they wrote it; the file held the last one's widths.
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
+                                    f"output_dir: {tmp_path / 'run'}\n", max_cardinality=300)
+    out = tmp_path / "decisions"
+    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, time\n"
+                               "from embshard.cluster.run_lock import folder_lock\n"
+                               f"with folder_lock(pathlib.Path({str(out)!r})):\n"
+                               "    print('held', flush=True); time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert main(["search", "autodim", str(cfg), "--out", str(out / "d.json")]) == 2
+        assert f"{out}: another embshard run is using it (pid {holder.pid} " in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "run").exists() and not (out / "d.json").exists()
+
+
 def _mde_within_on_two_datasets(tmp_path: Path) -> Path:
     """A config of plans that reorder rows, and two datasets (data0, data1) whose rows rank apart."""
     from embshard.datasets.synth import synthesize

@@ -37,7 +37,8 @@ def test_a_reader_stops_at_a_dataset_replaced_under_it(tmp_path) -> None:
     synthesize(data, rows=2000, seed=7, overwrite=True)
     reader.set_epoch(1)
     with pytest.raises(DataError, match=rf"^{data}: the dataset was replaced while split train \(epoch 1\) read it; "
-                                        r"stopped before reading any of the new one"):
+                                        r"stopped before reading any of the new one: to train on the dataset "
+                                        r"there now, train it into a new output_dir"):
         next(iter(reader))
 
 

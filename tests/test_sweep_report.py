@@ -1072,6 +1072,35 @@ def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys)
     assert re.search(r"m/sweep-tiny\.json: not JSON \(", capsys.readouterr().err)
 
 
+def test_two_merges_into_one_folder_at_once_are_one_merge_and_a_refusal(tmp_path, capsys):
+    # They wrote the same staged files and renamed each other's: one merge's .json beside the
+    # other's .md, and a FileNotFoundError traceback. The folder is locked for the merge.
+    import subprocess
+    import sys
+
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "m"
+    for folder, method in ((a, "uniform"), (b, "mde")):
+        folder.mkdir()
+        rep = sweep_report_of([p for p in rising() if p["method"] == method], [method])
+        (folder / "sweep-tiny.json").write_text(json.dumps(rep))
+    assert main(["sweep-merge", str(a), str(b), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from embshard.cluster.run_lock import folder_lock\n"
+                               f"with folder_lock(__import__('pathlib').Path({str(out)!r})):\n"
+                               "    print('held', flush=True); time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        capsys.readouterr()
+        assert main(["sweep-merge", str(a), "--out", str(out), "--overwrite"]) == 2
+        said = capsys.readouterr().err
+        assert re.search(rf"{re.escape(str(out))}: another embshard run is using it \(pid {holder.pid} ", said)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".embshard-run.lock"} == before
+
+
 def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, python_ctrl_c):
     # A stop during `sweep-merge --overwrite` left the new sweep-X.md beside the old sweep-X.json
     # (each file was written and renamed in turn), and a .partial file behind.

@@ -331,6 +331,12 @@ def _agreed(path: StoragePath, what: str, stage: Callable[[], None]) -> None:
     failure, own = failed
     if failure.storage:
         raise StorageError(f"{failure.message} while loading checkpoint {path}") from own
+    if not (path / MANIFEST).is_file():
+        # A run still saving into that folder prunes its older steps, the manifest first: the
+        # files went mid-read (`--resume` of a run that trains), not damage "left as it is".
+        raise CheckpointError(f"{path}: removed while it was being loaded (a run still saving into {path.parent} "
+                              "keeps only its newest steps); run the command again to resume from the newest one "
+                              "then") from own
     if failure.message.startswith(str(path)):  # already a full sentence about this checkpoint
         raise CheckpointError(failure.message) from own
     raise CheckpointError(f"checkpoint {path} {what} (rank {failure.rank}: {failure.message}); "
