@@ -4,6 +4,7 @@ that says what was wrong and where."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -254,9 +255,13 @@ def _plan(args: argparse.Namespace) -> int:
     # The run's own folder while it trains is the run's (its checkpoints copy the plan), and two
     # `plan`s into one folder would each replace the other's plan.
     # So is any run's folder --out lies in: a plan written into a training run's plan folder
-    # was copied into every checkpoint after it, beside weights of the old widths.
-    output = Path(cfg.output_dir).absolute()
-    with folder_lock(run_folder_holding(out_dir) or (output if out_dir.absolute().is_relative_to(output) else out_dir)):
+    # was copied into every checkpoint after it, beside weights of the old widths. Both, where
+    # they differ (a retrain's output_dir inside its search's): `train` locks the inner one.
+    output = Path(cfg.output_dir).resolve()
+    own = output if out_dir.resolve().is_relative_to(output) else out_dir.resolve()
+    with contextlib.ExitStack() as held:
+        for folder in dict.fromkeys([own, *filter(None, [run_folder_holding(out_dir)])]):
+            held.enter_context(folder_lock(folder))
         check_out()  # again: another `plan` may have written there since
         bundle = _plan_into(cfg, decide, topology, out_dir, name, args.method)
     path = bundle.directory / name

@@ -32,7 +32,7 @@ from embshard.cluster import console, fatal
 from embshard.cluster.address import no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.run_lock import owner_check, run_folder_holding, run_owner
-from embshard.config import JobConfig, with_paths_resolved
+from embshard.config import RUN_PLAN_DIR, JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
@@ -150,7 +150,7 @@ def check_not_in_plan(cfg: JobConfig) -> None:
     if not isinstance(ckpt, Path):
         return
     owner = run_folder_holding(ckpt.resolve())
-    for plan, whose in ((cfg.plan_dir, "the run's"), *([(owner / "plan", "another run's")] if owner else [])):
+    for plan, whose in ((cfg.plan_dir, "the run's"), *([(owner / RUN_PLAN_DIR, "another run's")] if owner else [])):
         if ckpt.resolve().is_relative_to(plan.resolve()):
             raise ConfigError(f"checkpoint.dir {ckpt}: inside {whose} plan folder {plan}, which every checkpoint "
                               "of that run copies; write the checkpoints elsewhere")
@@ -217,7 +217,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     cfg = from_dict(JobConfig, config["job"])
     # Ray placed it: from now on the first Ctrl-C asks for a checkpoint (the workers read the
     # request once their loop begins, after loading the plan, data and model: minutes, at scale).
-    (Path(cfg.output_dir) / WORKERS_PLACED_FILE).touch()
+    with contextlib.suppress(OSError):  # a hint: a folder that cannot take it is said by the run itself
+        (Path(cfg.output_dir) / WORKERS_PLACED_FILE).touch()
     board = config["board"]
     if fatal.recorded(board) is not None:
         return  # Ray restarted the group after bad input: training again would fail the same way
@@ -457,9 +458,10 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
     if joined.startswith(("http://", "https://")):
         print(f"note: RAY_ADDRESS={joined} (the job API's, for embshard submit) is not joined: a run joins a "
               "cluster given by --address, else starts a local one", file=sys.stderr, flush=True)
-    elif joined:
-        raise ConfigError(f"RAY_ADDRESS={joined} names a Ray cluster, and no --address was given: give --address "
-                          "auto to join it, or unset RAY_ADDRESS to train on a local cluster")
+    elif joined and joined != "local":
+        raise ConfigError(f"RAY_ADDRESS={joined} names a Ray cluster, and cluster.address is not set: to join it, "
+                          "set cluster.address (`--address` of train, `--set cluster.address=...` elsewhere; "
+                          "`auto` inside the cluster), or unset RAY_ADDRESS to train on a local cluster")
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1

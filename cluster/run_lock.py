@@ -120,7 +120,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 def run_folder_holding(path: Path) -> Path | None:
     """The nearest folder at or above `path` that a run marked as its output_dir; None if none."""
-    path = path.absolute()
+    path = path.resolve()  # `..` walked by text named the folder the command ran in
     return next((folder for folder in (path, *path.parents) if (folder / RUN_MARKER).is_file()), None)
 
 

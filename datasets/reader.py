@@ -34,11 +34,6 @@ from embshard.datasets.storage import StoragePath, arrow_source, retrying, stora
 from embshard.datasets.verify import verify_split
 from embshard.errors import ConfigError, DataError, StorageError, first_line
 
-# A run's plan and checkpoints are of the dataset it began on: the same command on the new one
-# was refused ("not the dataset ... the plan was made from").
-REPLACED_ADVICE = ("to train on the dataset there now, train it into a new output_dir (this run's plan and "
-                   "checkpoints are of the one it replaced)")
-
 
 @dataclass
 class Batch(Pipelineable):
@@ -110,7 +105,7 @@ class ParquetBatchReader:
     def __init__(self, dataset_dir: str | Path, split: str, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  id_maps: Mapping[str, np.ndarray] | None = None, prefetch: int = 4,
-                 validate: bool = True) -> None:
+                 validate: bool = True, replaced: str = "run again on the dataset there now") -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -123,6 +118,7 @@ class ParquetBatchReader:
                               "data.eval_batch_size 2 or more")
         self.spec = DatasetSpec.load(dataset_dir)
         self.dataset_dir = dataset_dir
+        self.replaced = replaced  # what to do once the dataset is replaced under this reader
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -294,7 +290,7 @@ class ParquetBatchReader:
                 group = piece.group
                 reading = group.path
                 if group.path not in files:
-                    self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})", REPLACED_ADVICE)
+                    self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})", self.replaced)
                     fs, source = arrow_source(group.path)
                     files[group.path] = retrying(str(group.path), pq.ParquetFile, source, filesystem=fs)
                 table = retrying(str(group.path), self._load, files[group.path], group, epoch)
@@ -323,7 +319,7 @@ class ParquetBatchReader:
         """The error saying the dataset was written again under this read, if it was: in a bucket,
         a part file replaced mid-epoch failed as a store's error ("Couldn't deserialize thrift")."""
         try:
-            self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})", REPLACED_ADVICE)
+            self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})", self.replaced)
         except DataError as replaced:
             return replaced
         except Exception:  # noqa: BLE001 - the store cannot say now: the read's own failure stands

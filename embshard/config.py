@@ -493,6 +493,7 @@ class CheckpointConfig:
 # The most ranks a job plans for and trains on: TorchRec's planner takes time in proportion to the
 # ranks (8 s for 65,536 on one CPU core of the default config), so a typo's 100,000,000 planned for hours.
 MAX_WORLD_SIZE = 65_536
+RUN_PLAN_DIR = "plan"  # a run's plan folder, in its output_dir
 
 
 @dataclass
@@ -630,7 +631,7 @@ class JobConfig:
 
     @property
     def plan_dir(self) -> Path:
-        return Path(self.output_dir) / "plan"
+        return Path(self.output_dir) / RUN_PLAN_DIR
 
     @property
     def checkpoint_dir(self) -> StoragePath:

@@ -484,5 +484,5 @@ def test_a_step_pruned_while_it_is_loaded_is_said_so(dataset, tmp_path):
                             torch.device("cpu"))
     manager = CheckpointManager(tmp_path / "unused", before_load=[pruned_meanwhile])
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(step))}: removed while it was being loaded \(a run "
-                                              r"still saving into .* keeps only its newest steps\)"):
+                                              r"still saving into .* keeps only its newest steps\); resume from "):
         manager.load_latest(sharded.model, sharded.optimizer, [step])

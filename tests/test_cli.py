@@ -323,7 +323,7 @@ def test_a_search_or_prune_refuses_an_output_it_would_destroy_before_it_starts(t
     assert not (tmp_path / "run").exists()
 
 
-def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys):
+def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys, monkeypatch):
     # `plan --out RUN/plan/plan.json --overwrite` of another config replaced the plan of a run
     # still training: every checkpoint after it held the new plan beside weights of the old widths,
     # and neither export nor a resume could read them. `plan` locked --out's folder, not the run's.
@@ -349,6 +349,24 @@ def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert plan.read_bytes() == planned
+    # A run whose output_dir lies inside another's (a search's retrain) locks its own: a `train`
+    # of it that began while `plan` planned into it was let through (`plan` held the outer one).
+    from embshard.cluster import cli as cli_module
+
+    retrain = tmp_path / "retrain.yaml"
+    retrain.write_text(cfg.read_text().replace(str(tmp_path / "run"), str(tmp_path / "run" / "retrain")))
+    planning, seen = cli_module._plan_into, {}
+
+    def train_meanwhile(*args, **kwargs):
+        seen["train"] = subprocess.run([sys.executable, "-c", "from embshard.cluster.run_lock import run_lock\n"
+                                        "from embshard.config import load_job_config\n"
+                                        f"with run_lock(load_job_config({str(retrain)!r})):\n"
+                                        "    print('trained')\n"], capture_output=True, text=True, timeout=120)
+        return planning(*args, **kwargs)
+
+    monkeypatch.setattr(cli_module, "_plan_into", train_meanwhile)
+    assert main(["plan", str(retrain)]) == 0
+    assert f"{tmp_path / 'run' / 'retrain'}: another embshard run is using it" in seen["train"].stderr, seen
 
 
 def test_a_search_whose_decisions_folder_another_search_holds_is_refused(tmp_path, capsys):

@@ -37,8 +37,27 @@ def test_a_reader_stops_at_a_dataset_replaced_under_it(tmp_path) -> None:
     synthesize(data, rows=2000, seed=7, overwrite=True)
     reader.set_epoch(1)
     with pytest.raises(DataError, match=rf"^{data}: the dataset was replaced while split train \(epoch 1\) read it; "
-                                        r"stopped before reading any of the new one: to train on the dataset "
-                                        r"there now, train it into a new output_dir"):
+                                        r"stopped before reading any of the new one"):
+        next(iter(reader))
+
+
+def test_a_run_whose_dataset_is_replaced_is_advised_a_run_of_its_own(tmp_path) -> None:
+    # It advised "run again on the dataset there now", which the run's plan (of the old one) refused.
+    from embshard.cluster.launch import plan_for_training
+    from embshard.config import DataConfig, JobConfig
+    from embshard.planner.pipeline import PlanBundle
+    from embshard.trainer.loop import make_reader
+
+    data = tmp_path / "d"
+    synthesize(data, rows=2000)
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=64))
+    plan_for_training(cfg)
+    reader = make_reader(cfg, PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer), "train", 0, 1)
+    assert sum(1 for _ in reader) > 0
+    synthesize(data, rows=2000, seed=7, overwrite=True)
+    reader.set_epoch(1)
+    with pytest.raises(DataError, match=r"stopped before reading any of the new one: to train on the dataset there "
+                                        r"now, start a run of its own \(another output_dir"):
         next(iter(reader))
 
 

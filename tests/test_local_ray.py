@@ -160,8 +160,8 @@ def test_a_run_without_an_address_starts_a_local_cluster_whatever_ray_address_sa
     # A cluster's own address: which one was meant is the user's to say (Ray's crash line, exit 1).
     refused = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_ADDRESS": "10.0.0.1:6379"}, cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
-    assert ("ConfigError: RAY_ADDRESS=10.0.0.1:6379 names a Ray cluster, and no --address was given: give --address "
-            "auto to join it, or unset RAY_ADDRESS to train on a local cluster") in refused.stderr, refused.stderr
+    assert ("ConfigError: RAY_ADDRESS=10.0.0.1:6379 names a Ray cluster, and cluster.address is not set: to join it, "
+            "set cluster.address") in refused.stderr, refused.stderr
 
 
 UNPLACEABLE = textwrap.dedent("""

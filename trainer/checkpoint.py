@@ -331,16 +331,25 @@ def _agreed(path: StoragePath, what: str, stage: Callable[[], None]) -> None:
     failure, own = failed
     if failure.storage:
         raise StorageError(f"{failure.message} while loading checkpoint {path}") from own
-    if not (path / MANIFEST).is_file():
+    if _gone(path):
         # A run still saving into that folder prunes its older steps, the manifest first: the
         # files went mid-read (`--resume` of a run that trains), not damage "left as it is".
         raise CheckpointError(f"{path}: removed while it was being loaded (a run still saving into {path.parent} "
-                              "keeps only its newest steps); run the command again to resume from the newest one "
-                              "then") from own
+                              f"keeps only its newest steps); resume from {path.parent}, which names its newest "
+                              "step") from own
     if failure.message.startswith(str(path)):  # already a full sentence about this checkpoint
         raise CheckpointError(failure.message) from own
     raise CheckpointError(f"checkpoint {path} {what} (rank {failure.rank}: {failure.message}); "
                           f"it was left as it is") from own
+
+
+def _gone(step: StoragePath) -> bool:
+    """Whether a step's manifest is gone; False where that cannot be asked (a store failing:
+    the load's own failure says more)."""
+    try:
+        return not (step / MANIFEST).is_file()
+    except Exception:  # noqa: BLE001 - only a better wording is at stake
+        return False
 
 
 def _check_shapes(path: StoragePath, model_state: Mapping[str, Any], saved: Mapping[str, Any]) -> None:

@@ -67,6 +67,12 @@ def worker_device(cfg: JobConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# A run's plan and checkpoints are of the dataset it began on: the same command on the new one
+# was refused ("not the dataset ... the plan was made from").
+REPLACED_UNDER_A_RUN = ("to train on the dataset there now, start a run of its own (another output_dir, and "
+                        "checkpoint.dir where set: this run's plan and checkpoints are of the one it replaced)")
+
+
 def make_reader(cfg: JobConfig, bundle: PlanBundle, split: str, rank: int, world: int,
                 drop_last: bool | None = None) -> ParquetBatchReader:
     """A split's reader as the loop reads it: training batches (shuffled, the last partial one
@@ -83,6 +89,7 @@ def make_reader(cfg: JobConfig, bundle: PlanBundle, split: str, rank: int, world
         drop_last=train if drop_last is None else drop_last,
         id_maps=bundle.id_maps(),
         prefetch=cfg.data.prefetch,
+        replaced=REPLACED_UNDER_A_RUN,
         validate=cfg.data.validate,
     )
 
