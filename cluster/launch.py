@@ -448,7 +448,6 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
                               "give the head's GCS address (host:6379 by default), and RAY_AUTH_MODE / "
                               "RAY_AUTH_TOKEN as the cluster was started with") from None
         return
-    _private_token_auth()
     joined = os.environ.get("RAY_ADDRESS", "")
     # Ray joins RAY_ADDRESS where no address is given, and then refused the local cluster's sizes
     # in a crash line, exit 1. The job API's http address (README's `export RAY_ADDRESS` for
@@ -462,6 +461,7 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
         raise ConfigError(f"RAY_ADDRESS={joined} names a Ray cluster, and cluster.address is not set: to join it, "
                           "set cluster.address (`--address` of train, `--set cluster.address=...` elsewhere; "
                           "`auto` inside the cluster), or unset RAY_ADDRESS to train on a local cluster")
+    _private_token_auth()
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
