@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import held_elsewhere
 
 from embshard.cluster.cli import build_parser, main
 from embshard.errors import EXIT_INTERRUPTED, ConfigError
@@ -331,23 +332,13 @@ def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys, mo
     assert main(["plan", str(cfg)]) == 0
     plan = tmp_path / "run" / "plan" / "plan.json"
     planned = plan.read_bytes()
-    holder = subprocess.Popen([sys.executable, "-c", "import time\n"
-                               "from embshard.cluster.run_lock import run_lock\n"
-                               "from embshard.config import load_job_config\n"
-                               f"with run_lock(load_job_config({str(cfg)!r})):\n"
-                               "    print('training', flush=True); time.sleep(60)\n"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "training\n"
+    with held_elsewhere(f"run_lock(load_job_config({str(cfg)!r}))") as training:
         capsys.readouterr()
         other = tmp_path / "other.yaml"
         other.write_text(cfg.read_text().replace("dim: 8", "dim: 16").replace(str(tmp_path / "run"),
                                                                               str(tmp_path / "elsewhere")))
         assert main(["plan", str(other), "--out", str(plan), "--overwrite"]) == 2
-        assert f"{tmp_path / 'run'}: another embshard run is using it (pid {holder.pid} " in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"{tmp_path / 'run'}: another embshard run is using it (pid {training} " in capsys.readouterr().err
     assert plan.read_bytes() == planned
     # A run whose output_dir lies inside another's (a search's retrain) locks its own: a `train`
     # of it that began while `plan` planned into it was let through (`plan` held the outer one).
@@ -374,17 +365,9 @@ def test_a_search_whose_decisions_folder_another_search_holds_is_refused(tmp_pat
     cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
                                     f"output_dir: {tmp_path / 'run'}\n", max_cardinality=300)
     out = tmp_path / "decisions"
-    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, time\n"
-                               "from embshard.cluster.run_lock import folder_lock\n"
-                               f"with folder_lock(pathlib.Path({str(out)!r})):\n"
-                               "    print('held', flush=True); time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with held_elsewhere(f"folder_lock(Path({str(out)!r}))") as searching:
         assert main(["search", "autodim", str(cfg), "--out", str(out / "d.json")]) == 2
-        assert f"{out}: another embshard run is using it (pid {holder.pid} " in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"{out}: another embshard run is using it (pid {searching} " in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (out / "d.json").exists()
 
 

@@ -28,17 +28,21 @@ def test_each_written_dataset_has_its_own_id(tmp_path) -> None:
     assert dataset_sha256(to_dict(first)) == dataset_sha256(to_dict(second))
 
 
+def read_after_replacing(data: Path, reader: ParquetBatchReader) -> None:
+    """Read an epoch, write another dataset over `data`, then read the next epoch."""
+    assert sum(1 for _ in reader) > 0
+    synthesize(data, rows=2000, seed=7, overwrite=True)
+    reader.set_epoch(1)
+    next(iter(reader))
+
+
 def test_a_reader_stops_at_a_dataset_replaced_under_it(tmp_path) -> None:
     # The reader reopens part files by path every epoch: later epochs of a run read the new rows.
     data = tmp_path / "d"
     synthesize(data, rows=2000)
-    reader = ParquetBatchReader(data, "train", 64, prefetch=1)
-    assert sum(1 for _ in reader) > 0
-    synthesize(data, rows=2000, seed=7, overwrite=True)
-    reader.set_epoch(1)
     with pytest.raises(DataError, match=rf"^{data}: the dataset was replaced while split train \(epoch 1\) read it; "
                                         r"stopped before reading any of the new one"):
-        next(iter(reader))
+        read_after_replacing(data, ParquetBatchReader(data, "train", 64, prefetch=1))
 
 
 def test_a_run_whose_dataset_is_replaced_is_advised_a_run_of_its_own(tmp_path) -> None:
@@ -53,12 +57,9 @@ def test_a_run_whose_dataset_is_replaced_is_advised_a_run_of_its_own(tmp_path) -
     cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=64))
     plan_for_training(cfg)
     reader = make_reader(cfg, PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer), "train", 0, 1)
-    assert sum(1 for _ in reader) > 0
-    synthesize(data, rows=2000, seed=7, overwrite=True)
-    reader.set_epoch(1)
     with pytest.raises(DataError, match=r"stopped before reading any of the new one: to train on the dataset there "
                                         r"now, start a run of its own \(another output_dir"):
-        next(iter(reader))
+        read_after_replacing(data, reader)
 
 
 def test_a_profile_of_a_dataset_replaced_meanwhile_is_not_written(tmp_path, monkeypatch) -> None:

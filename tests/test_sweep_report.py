@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import held_elsewhere
 
 from embshard.cluster.cli import main
 from embshard.cluster.sweep_cli import write_report
@@ -1044,12 +1045,18 @@ def test_a_damaged_dataset_is_one_line_before_ray_starts(tmp_path, capsys, monke
     assert len(err) == 1 and "test/part-00000.parquet" in err[0], err
 
 
-def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys):
-    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "m"
+def two_sweeps(tmp_path: Path) -> tuple[Path, Path]:
+    """Folders a and b, each with a sweep's report: uniform's points, MDE's."""
+    a, b = tmp_path / "a", tmp_path / "b"
     for folder, method in ((a, "uniform"), (b, "mde")):
         folder.mkdir()
         rep = sweep_report_of([p for p in rising() if p["method"] == method], [method])
         (folder / "sweep-tiny.json").write_text(json.dumps(rep))
+    return a, b
+
+
+def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys):
+    (a, b), out = two_sweeps(tmp_path), tmp_path / "m"
     assert main(["sweep-merge", str(a), str(b), "--out", str(out)]) == 0
     merged = (out / "sweep-tiny.json").read_text()
     # An earlier merge of another dataset's name (left beside the new one, sweep-merge then found
@@ -1075,29 +1082,13 @@ def test_sweep_merge_overwrite_replaces_an_earlier_merge_whole(tmp_path, capsys)
 def test_two_merges_into_one_folder_at_once_are_one_merge_and_a_refusal(tmp_path, capsys):
     # They wrote the same staged files and renamed each other's: one merge's .json beside the
     # other's .md, and a FileNotFoundError traceback. The folder is locked for the merge.
-    import subprocess
-    import sys
-
-    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "m"
-    for folder, method in ((a, "uniform"), (b, "mde")):
-        folder.mkdir()
-        rep = sweep_report_of([p for p in rising() if p["method"] == method], [method])
-        (folder / "sweep-tiny.json").write_text(json.dumps(rep))
+    (a, b), out = two_sweeps(tmp_path), tmp_path / "m"
     assert main(["sweep-merge", str(a), str(b), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                               "from embshard.cluster.run_lock import folder_lock\n"
-                               f"with folder_lock(__import__('pathlib').Path({str(out)!r})):\n"
-                               "    print('held', flush=True); time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with held_elsewhere(f"folder_lock(Path({str(out)!r}))") as merging:
         capsys.readouterr()
         assert main(["sweep-merge", str(a), "--out", str(out), "--overwrite"]) == 2
-        said = capsys.readouterr().err
-        assert re.search(rf"{re.escape(str(out))}: another embshard run is using it \(pid {holder.pid} ", said)
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"{out}: another embshard run is using it (pid {merging} " in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".embshard-run.lock"} == before
 
 
