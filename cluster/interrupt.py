@@ -95,9 +95,10 @@ def run_with_graceful_ctrl_c(fn: Callable[[], T], stop_request: Path, graceful: 
         worker.start()
         while worker.is_alive():
             worker.join(_POLL_SECONDS)
-            if slow_start is not None and time.monotonic() - begun > slow_start[0] and not started():
-                slow_start[1]()
-                slow_start = None
+            if slow_start is not None and time.monotonic() - begun > slow_start[0]:
+                if not started():
+                    slow_start[1]()
+                slow_start = None  # asked once: not a file's stat every poll of the whole run
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

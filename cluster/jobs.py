@@ -57,9 +57,17 @@ def _bounded_client(address: str):
     return BoundedJobSubmissionClient(address)
 
 
-def unanswered(address: str, e: Exception, what: str = "cannot reach the Ray job API") -> JobError | None:
-    """The one line for a job API request that failed on the way (None: the API's own answer, a
-    RuntimeError the caller words): no answer in time, the connection lost, a token refused."""
+def _request_failures() -> tuple[type[Exception], ...]:
+    """What a job API request raises when it fails on its way (the API's own refusals are
+    RuntimeErrors, which each caller words)."""
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    return requests.RequestException, AuthenticationError
+
+
+def request_error(address: str, e: Exception, what: str) -> JobError:
+    """The one line for a request that failed: a token refused, no answer in time, or `what` failed."""
     import requests
     from ray.exceptions import AuthenticationError
 
@@ -67,9 +75,7 @@ def unanswered(address: str, e: Exception, what: str = "cannot reach the Ray job
         return JobError(f"{address}: the Ray job API refused this client's token ({first_line(e)}); {TOKEN_ADVICE}")
     if isinstance(e, requests.Timeout):
         return JobError(f"{address}: {what}: no answer within {CONNECT_SECONDS:.0f} s ({first_line(e)})")
-    if isinstance(e, requests.RequestException):
-        return JobError(f"{address}: {what} ({first_line(e)})")
-    return None
+    return JobError(f"{address}: {what} ({first_line(e)})")
 
 
 def client(address: str):
@@ -87,8 +93,7 @@ def client(address: str):
             logging.disable(logging.INFO)
             return _bounded_client(address)
     except Exception as e:  # noqa: BLE001 - requests/Ray raise many kinds; all mean "unreachable"
-        raise (unanswered(address, e) or JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})")) \
-            from None
+        raise request_error(address, e, "cannot reach the Ray job API") from None
     finally:
         logging.disable(logging.NOTSET)
 
@@ -127,12 +132,9 @@ def submit(address: str, config: Path, overrides: list[str], workers: int | None
                 runtime_env={"env_vars": env},
                 metadata={"embshard_config": str(config)},
             )
-        except Exception as e:
-            said = unanswered(address, e, "job submission")
-            if said is not None:
-                raise said from None
-            if not isinstance(e, RuntimeError):
-                raise  # a bug, said as a crash: not "refused"
+        except _request_failures() as e:
+            raise request_error(address, e, "job submission") from None
+        except RuntimeError as e:
             if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
                 raise JobError(f"{address}: job submission refused ({first_line(e)})") from None
             time.sleep(2)
@@ -206,10 +208,7 @@ def stop(address: str, job_id: str) -> bool:
 def _call(address: str, job_id: str, method: str, jobs=None):
     try:
         return getattr(jobs or client(address), method)(job_id)
-    except Exception as e:
-        said = unanswered(address, e, f"job {job_id}")
-        if said is not None:
-            raise said from None
-        if not isinstance(e, RuntimeError):
-            raise
+    except _request_failures() as e:
+        raise request_error(address, e, f"job {job_id}") from None
+    except RuntimeError as e:
         raise JobError(f"job {job_id} at {address}: {first_line(e)}") from None

@@ -197,8 +197,6 @@ def sweep_merge(args: argparse.Namespace) -> int:
     rep = merge_reports(reports, args.assume_same_config, args.replace, args.assume_same_data)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file, not a folder; name a folder for the merged report")
-    if out.is_dir() and any(_entries(out)):
-        _earlier_merge(out, args.overwrite)  # refused before a folder is made or locked
     try:
         # A link to a folder not made yet: made, as `embshard sweep --out` makes it (it resolves its
         # --out); the link itself was "File exists".

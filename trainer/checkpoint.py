@@ -473,7 +473,7 @@ def first_usable(candidates: list[StoragePath],
     for path in candidates:
         # A step a run set aside failed the workers' check of every file once, which the driver's
         # check of its own files may pass: it started Ray for workers that refused it.
-        why = problem(path, every_file or path.name.endswith(DAMAGED_SUFFIX))
+        why = problem(path, every_file or DAMAGED_SUFFIX in path.name)  # `.damaged-1` too (set_aside)
         if why is None:
             return path, rejected
         rejected.append((path, why))
