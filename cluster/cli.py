@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -281,7 +280,7 @@ def _has_trained(cfg: JobConfig) -> bool:
 
 def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: Path, name: str,
                method: str | None) -> PlanBundle:
-    from embshard.datasets.outdir import make_staging
+    from embshard.datasets.outdir import drop_staging, make_staging
     from embshard.datasets.schema import DatasetSpec
     from embshard.planner.pipeline import plan_with
     from embshard.trainer.build import dense_layer_bytes
@@ -311,7 +310,7 @@ def _plan_into(cfg: JobConfig, decide: Decide, topology: TopologySpec, out_dir: 
         staged.memory.check_fits()  # a plan that does not fit is shown, not written
         return staged.copy_to(out_dir, name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        drop_staging(staging)
 
 
 def _train(args: argparse.Namespace) -> int:

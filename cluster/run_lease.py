@@ -28,6 +28,7 @@ from typing import Any
 
 from embshard.datasets.storage import RemotePath, StoragePath, location
 from embshard.errors import ConfigError, EmbshardError
+from embshard.process_locks import describe_holder, holder_record, record_of
 
 LEASE_FILE = ".embshard-run.lease"
 LEASE_BEAT_SECONDS = 10.0
@@ -52,7 +53,7 @@ def run_lease(folder: RemotePath, identity: dict[str, Any]) -> Iterator[dict[str
     folder.check_bucket()  # a missing bucket named as the folder, not as the lease in it
     path = folder / LEASE_FILE
     _wait_for_lapse(folder, path)
-    record = {**identity, "run": uuid.uuid4().hex, "since": time.time(), "command": " ".join(sys.argv), "beat": 0}
+    record = {**holder_record(), **identity, "run": uuid.uuid4().hex, "beat": 0}
     path.write_text(json.dumps(record))
     stop = threading.Event()
     renewing = threading.Thread(target=_renew, args=(path, dict(record), stop), name="embshard-lease", daemon=True)
@@ -135,27 +136,3 @@ def _read(path: StoragePath) -> dict[str, Any]:
         return record_of(path.read_bytes())
     except FileNotFoundError:
         return {}
-
-
-def record_of(raw: bytes) -> dict[str, Any]:
-    """A lock's or lease's record; {} for one not yet written, or not JSON."""
-    try:
-        record = json.loads(raw or b"{}")
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-COMMAND_SHOWN = 160
-
-
-def describe_holder(record: dict[str, Any]) -> str:
-    """Who holds a lock or lease, as its record says."""
-    try:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record["since"])))
-        command = str(record["command"])
-        # A Ray worker's command line is a thousand characters of flags.
-        command = command if len(command) <= COMMAND_SHOWN else command[:COMMAND_SHOWN] + " ..."
-        return f"pid {record['pid']} on {record['host']} since {since}: {command}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "a process that has not said which yet"

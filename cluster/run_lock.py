@@ -8,9 +8,8 @@ and on its local checkpoint folder (another run may name it as its own), from it
 its end; a second run is refused with one line naming the first. A checkpoint folder in a bucket,
 which has no lock, has a lease instead (run_lease.py).
 
-The lock is flock(2) on a file in the folder: the system releases it when its process ends, so
-a killed run leaves no lock behind (on NFSv4, once the server's lease on a lost client ends). A
-file system that takes no locks is said, and runs as before.
+The lock is one on a file in the folder (embshard/process_locks.py): a killed run leaves none
+behind.
 
 The workers outlive a driver killed with SIGKILL by a few seconds, long enough to publish a
 checkpoint and prune older ones in a folder a rerun has already taken; so each worker checks
@@ -26,22 +25,18 @@ empty, or an embshard run's, and marks it (`RUN_MARKER`) as it starts (`claimed_
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import json
 import os
-import socket
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from embshard.cluster.run_lease import check_leases, describe_holder, held_leases, record_of, run_lease
+from embshard.cluster.run_lease import check_leases, held_leases, run_lease
 from embshard.config import JobConfig, path_values
 from embshard.datasets.storage import RemotePath, location, nearest_existing
 from embshard.errors import ConfigError, EmbshardError, EnvironmentProblem
+from embshard.process_locks import holder_of, identity, locked, record_of
 
 LOCK_FILE = ".embshard-run.lock"
 RUN_MARKER = ".embshard-run"
@@ -84,7 +79,7 @@ def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
             from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 
             check_checkpoint_io(cfg.checkpoint_dir, "checkpoint.dir")  # a store no client reaches, said as such
-            stack.enter_context(run_lease(cfg.checkpoint_dir, _identity()))
+            stack.enter_context(run_lease(cfg.checkpoint_dir, identity()))
         yield
 
 
@@ -94,28 +89,20 @@ def folder_lock(folder: Path) -> Iterator[None]:
     empty), or FolderInUse naming the process that holds it."""
     folder = folder.absolute()
     created = _make(folder)
-    path = folder / LOCK_FILE
-    fd = None
     try:
-        fd = _acquire(path)
-        if fd is not None:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({**_identity(), "since": time.time(), "command": " ".join(sys.argv)}).encode())
-        yield
+        with locked(folder / LOCK_FILE, _in_use(folder)):
+            yield
     finally:
-        if fd is not None:
-            # Removed while still held: a process that opened the old file finds, once it has
-            # the lock, that the path no longer names it, and tries again (`_acquire`). A folder
-            # made read-only under the run keeps it: an unlocked file locks nothing, and the
-            # unlink's error took the place of the run's own (a checkpoint's "Permission denied").
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-            os.close(fd)
         for made in created:
             try:
                 made.rmdir()  # only where the block wrote nothing
             except OSError:
                 break
+
+
+def _in_use(folder: Path) -> Callable[[str], FolderInUse]:
+    return lambda holder: FolderInUse(f"{folder}: another embshard run is using it ({holder}); wait for it to "
+                                      "end, or give this one another folder")
 
 
 def run_folder_holding(path: Path) -> Path | None:
@@ -184,47 +171,11 @@ def _make(folder: Path) -> list[Path]:
     return missing
 
 
-def _acquire(path: Path) -> int | None:
-    """The locked file's descriptor; None where the file system has no locks to take."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:  # a file system that takes no files (/proc): a traceback
-            raise EnvironmentProblem(f"{path.parent}: no file can be created there ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise FolderInUse(f"{path.parent}: another embshard run is using it ({holder}); wait for it to "
-                              "end, or give this one another folder") from None
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            # NFSv3 without a lock daemon, some FUSE mounts: runs went on there before the lock.
-            path.unlink(missing_ok=True)
-            print(f"warning: {path.parent}: its file system takes no locks ({e.strerror}); nothing keeps a "
-                  "second run out of it", file=sys.stderr)
-            return None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)  # the holder removed it as it let go: lock the new one
-
-
-def _holder(fd: int) -> str:
-    return describe_holder(record_of(os.pread(fd, 65536, 0)))
-
-
 def run_owner(folders: list[Path | RemotePath]) -> dict[str, Any] | None:
     """The locks (and, of folders in a bucket, the leases) this process holds on `folders`, as
     their records say (a folder on a file system without locks has none), for its workers'
     `owner_check`; None for none."""
-    me = _identity()
+    me = identity()
     held = {}
     for folder in (f for f in folders if isinstance(f, Path)):
         try:
@@ -263,8 +214,8 @@ def _check_held(folder: Path, fd: int, record: dict[str, Any]) -> None:
     # The lock taken anew (a rerun, even by the same process) has another record.
     if not _same(record_of(os.pread(fd, 65536, 0)), record, ("pid", "host", "boot", "since")):
         raise RunEnded(f"{folder}: the run this worker started under has ended, and another holds it "
-                       f"({_holder(fd)}); nothing more is written")
-    if not _same(record, _identity(), ("host", "boot")):
+                       f"({holder_of(fd)}); nothing more is written")
+    if not _same(record, identity(), ("host", "boot")):
         # A worker on another machine: some mounts lock only within one (NFS with
         # local_lock=flock, Lustre's localflock), where a free lock says nothing of the driver's.
         return
@@ -275,15 +226,6 @@ def _check_held(folder: Path, fd: int, record: dict[str, Any]) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
     raise RunEnded(f"{folder}: the run this worker started under was killed (its lock is free); nothing more "
                    "is written")
-
-
-def _identity() -> dict[str, Any]:
-    """This process, and the boot of its machine: two machines may share one host name."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = ""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot}
 
 
 def _same(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:

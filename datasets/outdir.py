@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from embshard.datasets.storage import (
     upload,
 )
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Interrupted
+from embshard.process_locks import locked, locked_folder
 from embshard.sealed_folders import CHECKPOINT_KEYS, CHECKPOINT_MANIFEST, SERVING_KEYS, SERVING_MANIFEST, is_step_name
 from embshard.stops import stops_held
 
@@ -74,8 +76,8 @@ class Replaceable:
     error: type[EmbshardError] = DataError  # what a refusal raises
 
 
-# What a `data profile` killed mid-swap leaves in a dataset folder.
-_PROFILE_LEFTOVERS = (f".{PROFILE_DIR}.partial-", f".{PROFILE_DIR}.old-")
+# What a `data profile` killed mid-swap (or mid-write: its lock file) leaves in a dataset folder.
+_PROFILE_LEFTOVERS = (f".{PROFILE_DIR}.partial-", f".{PROFILE_DIR}.old-", f".{PROFILE_DIR}.lock")
 
 
 def dataset_holds(parts: tuple[str, ...], spec: object = None) -> bool:
@@ -173,6 +175,8 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
+    if staging is None:  # else this process holds the lock
+        _check_no_other_writer(out.absolute(), kind)
     if not out.exists():
         _check_creatable(out, kind.error)
         return
@@ -195,6 +199,15 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
         return
     _check_left_inside(folder, entries, kind)
     _check_replaceable(folder, overwrite, kind, staging)  # absolute: `_foreign` of `.` cut names short
+
+
+def _check_no_other_writer(out: Path, kind: Replaceable) -> None:
+    """kind.error when another process writes `out` now: said before the work, not once it is
+    done, and not as "holds no dataset.json" of a folder that holds that writer's staging folder.
+    Where no lock can be taken yet (no folder above), the checks that follow say why."""
+    if out.parent.is_dir():
+        with contextlib.suppress(EnvironmentProblem), writer_lock(out, kind):
+            pass
 
 
 def _check_left_inside(out: Path, entries: list[Path], kind: Replaceable) -> None:
@@ -322,29 +335,63 @@ def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool]) -> l
     return ["/".join(entry) for entry in found]
 
 
-def make_staging(out: StoragePath, in_place: bool = True) -> Path:
+def make_staging(out: StoragePath, in_place: bool = True, kind: Replaceable = DATASET) -> Path:
     """Where to write what `publish` puts at `out`: beside it, so that a rename puts it in place;
     inside it where `out` is a folder that stays (`_fills_in_place`), unless `in_place` is False
     (a folder of embshard's own inside another, a dataset's profile: what a killed fill leaves
-    inside it, no dataset holds)."""
+    inside it, no dataset holds). A local `out` is locked from here until the write is published
+    or dropped (`writer_lock`)."""
     if isinstance(out, RemotePath):
         return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
     out = out.absolute()  # `--out .` has no name and its parent is itself
     staging = out / sibling(out, "partial").name if in_place and _fills_in_place(out) else sibling(out, "partial")
     above = nearest_existing(out.parent)
+    held = ExitStack()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        held.enter_context(writer_lock(out, kind))
         _say_leftovers(out)
         # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
         staging.mkdir()
-    except OSError as e:
+    except BaseException as e:
+        held.close()
         # Any reason, not only those environment_problem knows: `--out /proc/x` was a traceback.
-        raise EnvironmentProblem(f"{out}: cannot be written ({e.filename or staging}: {e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise EnvironmentProblem(f"{out}: cannot be written ({e.filename or staging}: {e.strerror or e})") from None
+        if isinstance(e, EnvironmentProblem):  # of the lock's file
+            raise EnvironmentProblem(f"{out}: cannot be written ({e})") from None
+        raise
+    _held[staging] = held
     if above != out.parent:
         _made_above[staging] = above / out.parent.relative_to(above).parts[0]
     return staging
 
 
+def writer_lock(out: Path, kind: Replaceable) -> AbstractContextManager[None]:
+    """`out` locked against a second writer, on `.NAME.lock` beside it. Two commands writing one
+    --out at once both said they wrote it, and it held the last one's; a fill in place moved the
+    other's staging folder aside with what it replaced, and deleted it under that writer."""
+    def busy(holder: str) -> EmbshardError:
+        return kind.error(f"{out}: another embshard process is writing it ({holder}); wait for it to end, "
+                          "or write elsewhere")
+
+    if out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
+        return locked_folder(out, busy)  # a mount point under a read-only root, filled in place
+    return locked(lock_file(out), busy)
+
+
+def lock_file(out: Path) -> Path:
+    """The file a writer of `out` locks (`.NAME.lock`)."""
+    return out.with_name(sibling_prefix(out, "lock").removesuffix("-"))
+
+
+def _let_go(staging: Path) -> None:
+    """The lock `make_staging` took for `staging`'s write, let go."""
+    _held.pop(staging, ExitStack()).close()
+
+
+# The lock of each staging folder's write (`writer_lock`), let go once it is published or dropped.
+_held: dict[Path, ExitStack] = {}
 # The first folder `make_staging` created above each staging folder: a failed write removes those
 # folders with it (`drop_staging`), where `--out new/a/b` left `new/a` behind for good.
 _made_above: dict[Path, Path] = {}
@@ -353,6 +400,7 @@ _made_above: dict[Path, Path] = {}
 def drop_staging(staging: Path) -> None:
     """Removes the staging folder of a write that failed, and the empty folders made for it."""
     shutil.rmtree(staging, ignore_errors=True)
+    _let_go(staging)
     top = _made_above.pop(staging, None)
     folder = staging.parent
     while top is not None and folder.is_relative_to(top):
@@ -431,6 +479,13 @@ def check_profile_replaceable(directory: StoragePath) -> None:
 def replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
     """Puts the complete local folder `staging` at `out`, replacing what is there only once the new
     folder is in place; `marker` is the file an object-store reader looks for (written last)."""
+    try:
+        _replace_folder(staging, out, marker)
+    finally:
+        _let_go(staging)
+
+
+def _replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
     _made_above.pop(staging, None)
     if isinstance(out, RemotePath):
         _upload(staging, out, marker)

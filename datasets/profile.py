@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from embshard.datasets.outdir import check_profile_replaceable, make_staging, replace_folder
+from embshard.datasets.outdir import check_profile_replaceable, drop_staging, make_staging, replace_folder
 from embshard.datasets.schema import (
     PROFILE_DIR,
     PROFILE_FILE,
@@ -172,7 +171,7 @@ def write_profile(dataset_dir: str | Path) -> Profile:
             json.dumps({n: dataclasses.asdict(s) for n, s in stats.items()}, indent=2) + "\n")
         replace_folder(staging, directory, PROFILE_FILE)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        drop_staging(staging)
         raise
     return Profile(directory, stats, _cardinalities(spec), counts)
 

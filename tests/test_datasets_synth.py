@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import held_elsewhere
 
 from embshard.datasets.cli import register
+from embshard.datasets.outdir import check_output
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.synth import CRITEO_CARDINALITIES, hidden_model, synthesize
@@ -310,3 +316,52 @@ def test_a_link_into_a_dataset_does_not_put_another_dataset_inside_it(tmp_path: 
     with pytest.raises(DataError, match=r"inside the dataset .*/d, which holds its own files alone"):
         synthesize(tmp_path / "link" / "x", rows=100, seed=0, max_cardinality=20)
     assert not (tmp_path / "d" / "train" / "x").exists()
+
+
+@pytest.mark.parametrize("earlier", ["a dataset", "an empty folder"])
+def test_a_second_writer_of_one_out_is_refused_while_the_first_writes(tmp_path: Path, monkeypatch, earlier) -> None:
+    # Two `data synth --overwrite` into one --out at once both said they wrote it, and it held the
+    # last one's. An empty --out is filled in place: the second writer took the first's staging
+    # folder inside it for a user's file ("holds no dataset.json").
+    import embshard.datasets.writer as writer
+
+    out = tmp_path / "d"
+    first = synthesize(out, rows=100, seed=0, max_cardinality=20) if earlier == "a dataset" else out.mkdir()
+    refusals = []
+    profile = writer.write_profile
+
+    def second_writer_meanwhile(staging: Path) -> None:  # the first writer's last step before it publishes
+        with pytest.raises(DataError) as refused:
+            synthesize(out, rows=300, seed=2, max_cardinality=20, overwrite=True)
+        refusals.append(str(refused.value))
+        profile(staging)
+
+    monkeypatch.setattr(writer, "write_profile", second_writer_meanwhile)
+    second = synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert refusals == [f"{out}: another embshard process is writing it (pid {os.getpid()} on {socket.gethostname()} "
+                        f"since {refusals[0].split(' since ')[1].split(': ')[0]}: {' '.join(sys.argv)}); wait for "
+                        "it to end, or write elsewhere"]
+    assert DatasetSpec.load(out) == second != first
+    monkeypatch.undo()
+    synthesize(out, rows=300, seed=2, max_cardinality=20, overwrite=True)  # once the first has ended
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no lock file left beside it
+
+
+def test_another_process_writing_the_out_is_said_before_the_work(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    first = synthesize(out, rows=100, seed=0, max_cardinality=20)
+    with held_elsewhere(f"writer_lock(Path({str(out)!r}), DATASET)") as writing:
+        with pytest.raises(DataError, match=rf"^{re.escape(str(out))}: another embshard process is writing it "
+                                            rf"\(pid {writing} .*\); wait for it to end"):
+            check_output(out, overwrite=True)
+        with pytest.raises(DataError, match=rf"another embshard process is writing it \(pid {writing} "):
+            synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert DatasetSpec.load(out) == first
+
+
+def test_a_profile_lock_a_killed_profile_left_keeps_the_dataset_replaceable(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    synthesize(out, rows=100, seed=0, max_cardinality=20)
+    (out / ".profile.lock").write_text("{}")  # `data profile` killed with SIGKILL
+    replaced = synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert DatasetSpec.load(out) == replaced

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import plan_spec, predict
+from conftest import held_elsewhere, plan_spec, predict
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
@@ -245,6 +245,19 @@ def test_an_export_replaces_only_an_earlier_export_and_only_once_complete(tmp_pa
     with pytest.raises(ExportError, match=r"notes: holds 'todo\.txt', which no export holds"):
         export(notes, overwrite=True)
     assert (notes / "todo.txt").read_text() == "keep me"
+
+
+def test_an_export_into_an_out_another_process_writes_is_refused_before_it_loads(tmp_path: Path) -> None:
+    # Two `export --overwrite` into one --out at once both said they wrote it; it held the last one's.
+    plan = mlet_plan()
+    model, spec = trained_like(plan), plan_spec(plan, NUM_DENSE)
+    out = export_serving(model, tmp_path / "serving", model_config=MODEL, spec=spec)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with held_elsewhere(f"writer_lock(Path({str(out)!r}), DATASET)") as writing:
+        with pytest.raises(ExportError, match=rf"^{re.escape(str(out))}: another embshard process is writing it "
+                                              rf"\(pid {writing} "):
+            export_serving(model, out, model_config=MODEL, spec=spec, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_an_export_onto_a_full_disk_is_one_line_and_keeps_the_earlier_one(tmp_path: Path, monkeypatch) -> None:

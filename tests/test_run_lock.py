@@ -50,7 +50,7 @@ def test_a_lock_file_that_cannot_be_removed_leaves_the_runs_own_error_in_place(t
 
 def test_a_holder_s_long_command_line_is_cut_short() -> None:
     # A Ray worker holding a run's lock was named by its whole command line: 1,000 characters of flags.
-    from embshard.cluster.run_lease import COMMAND_SHOWN, describe_holder
+    from embshard.process_locks import COMMAND_SHOWN, describe_holder
 
     record = {"pid": 7, "host": "h", "since": 0, "command": "default_worker.py " + "--flag=x " * 200}
     said = describe_holder(record)

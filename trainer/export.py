@@ -571,7 +571,7 @@ def _run_spec(config: dict[str, Any], path: StoragePath) -> DatasetSpec:
 
 def _write(out_dir: StoragePath, plan: DimensionPlan, state: dict[str, torch.Tensor], sources: _Sources,
            overwrite: bool) -> StoragePath:
-    staging = make_staging(out_dir)
+    staging = make_staging(out_dir, kind=EXPORT)
     try:
         _write_files(staging, plan, state, sources)
         publish(staging, out_dir, overwrite, EXPORT)
