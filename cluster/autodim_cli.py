@@ -46,7 +46,7 @@ def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.cli import print_notes, validation_text
     from embshard.cluster.launch import plan_for_training, train_on_ray
-    from embshard.cluster.run_lock import run_lock
+    from embshard.cluster.run_lock import file_lock, run_lock
     from embshard.config import load_job_config
     from embshard.errors import ConfigError
     from embshard.trainer.autodim import autodim_section, decisions_path
@@ -63,9 +63,9 @@ def _autodim(args: argparse.Namespace) -> int:
         check_decisions_out(decisions, args.overwrite, cfg.output_dir)
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
-    # Its folder too, for the search: two searches with one --out both said they wrote it, and
-    # the file held the last one's widths.
-    with run_lock(cfg, also=[decisions.parent]):
+    # Its decisions file too: two searches with one --out both said they wrote it, and the file
+    # held the last one's widths.
+    with run_lock(cfg), file_lock(decisions):
         if named:
             check_decisions_out(decisions, args.overwrite, cfg.output_dir)  # again: one may have ended since
         bundle = plan_for_training(cfg, "autodim")

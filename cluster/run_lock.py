@@ -34,6 +34,7 @@ from typing import Any
 
 from embshard.cluster.run_lease import check_leases, held_leases, run_lease
 from embshard.config import JobConfig, path_values
+from embshard.datasets.outdir import writer_lock
 from embshard.datasets.storage import RemotePath, location, nearest_existing
 from embshard.errors import ConfigError, EmbshardError, EnvironmentProblem
 from embshard.process_locks import holder_of, identity, locked, record_of
@@ -88,10 +89,27 @@ def folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on `folder` (created if missing, and removed again if the block left it
     empty), or FolderInUse naming the process that holds it."""
     folder = folder.absolute()
+    with _made(folder), locked(folder / LOCK_FILE, _in_use(folder)):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """`path`, a file a run writes outside its output_dir, locked against a second writer as every
+    command's --out is (`writer_lock`); its folder created if missing, and removed again if the
+    block left it empty. Locking the folder kept out a second run writing another file there."""
+    path = path.absolute()
+    with _made(path.parent), writer_lock(path, FolderInUse):
+        yield
+
+
+@contextmanager
+def _made(folder: Path) -> Iterator[None]:
+    """`folder` created if missing for the block, and removed again (with the parents it made)
+    if the block left it empty."""
     created = _make(folder)
     try:
-        with locked(folder / LOCK_FILE, _in_use(folder)):
-            yield
+        yield
     finally:
         for made in created:
             try:

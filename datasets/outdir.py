@@ -206,7 +206,7 @@ def _check_no_other_writer(out: Path, kind: Replaceable) -> None:
     done, and not as "holds no dataset.json" of a folder that holds that writer's staging folder.
     Where no lock can be taken yet (no folder above), the checks that follow say why."""
     if out.parent.is_dir():
-        with contextlib.suppress(EnvironmentProblem), writer_lock(out, kind):
+        with contextlib.suppress(EnvironmentProblem), writer_lock(out, kind.error):
             pass
 
 
@@ -349,7 +349,7 @@ def make_staging(out: StoragePath, in_place: bool = True, kind: Replaceable = DA
     held = ExitStack()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        held.enter_context(writer_lock(out, kind))
+        held.enter_context(writer_lock(out, kind.error))
         _say_leftovers(out)
         # os.mkdir (not tempfile.mkdtemp) so the published folder gets the usual umask permissions.
         staging.mkdir()
@@ -367,13 +367,14 @@ def make_staging(out: StoragePath, in_place: bool = True, kind: Replaceable = DA
     return staging
 
 
-def writer_lock(out: Path, kind: Replaceable) -> AbstractContextManager[None]:
-    """`out` locked against a second writer, on `.NAME.lock` beside it. Two commands writing one
-    --out at once both said they wrote it, and it held the last one's; a fill in place moved the
-    other's staging folder aside with what it replaced, and deleted it under that writer."""
+def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractContextManager[None]:
+    """`out` locked against a second writer, on `.NAME.lock` beside it, or `error` naming the one
+    that holds it. Two commands writing one --out at once both said they wrote it, and it held the
+    last one's; a fill in place moved the other's staging folder aside with what it replaced, and
+    deleted it under that writer."""
     def busy(holder: str) -> EmbshardError:
-        return kind.error(f"{out}: another embshard process is writing it ({holder}); wait for it to end, "
-                          "or write elsewhere")
+        return error(f"{out}: another embshard process is writing it ({holder}); wait for it to end, "
+                     "or write elsewhere")
 
     if out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
         return locked_folder(out, busy)  # a mount point under a read-only root, filled in place

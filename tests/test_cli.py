@@ -360,15 +360,26 @@ def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys, mo
     assert f"{tmp_path / 'run' / 'retrain'}: another embshard run is using it" in seen["train"].stderr, seen
 
 
-def test_a_search_whose_decisions_folder_another_search_holds_is_refused(tmp_path, capsys):
+def test_a_search_whose_decisions_file_another_search_writes_is_refused(tmp_path, capsys):
     # Two searches with one --out both said they wrote it; the file held the last one's widths.
     cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
                                     f"output_dir: {tmp_path / 'run'}\n", max_cardinality=300)
-    out = tmp_path / "decisions"
-    with held_elsewhere(f"folder_lock(Path({str(out)!r}))") as searching:
-        assert main(["search", "autodim", str(cfg), "--out", str(out / "d.json")]) == 2
-        assert f"{out}: another embshard run is using it (pid {searching} " in capsys.readouterr().err
-    assert not (tmp_path / "run").exists() and not (out / "d.json").exists()
+    out = tmp_path / "decisions" / "d.json"
+    with held_elsewhere(f"file_lock(Path({str(out)!r}))") as searching:
+        assert main(["search", "autodim", str(cfg), "--out", str(out)]) == 2
+        assert f"{out}: another embshard process is writing it (pid {searching} " in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not out.exists()
+
+
+def test_two_searches_write_two_decisions_files_of_one_folder_at_once(tmp_path):
+    # The search locked the whole folder of its decisions file: a second search writing another
+    # file there (a folder of decisions, one per dataset) was refused.
+    from embshard.cluster.run_lock import file_lock
+
+    folder = tmp_path / "decisions"
+    with held_elsewhere(f"file_lock(Path({str(folder / 'criteo.json')!r}))"), file_lock(folder / "avazu.json"):
+        assert folder.is_dir()
+    assert folder.is_dir()  # the other search's lock file is still there
 
 
 def _mde_within_on_two_datasets(tmp_path: Path) -> Path:

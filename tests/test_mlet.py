@@ -253,7 +253,7 @@ def test_an_export_into_an_out_another_process_writes_is_refused_before_it_loads
     model, spec = trained_like(plan), plan_spec(plan, NUM_DENSE)
     out = export_serving(model, tmp_path / "serving", model_config=MODEL, spec=spec)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with held_elsewhere(f"writer_lock(Path({str(out)!r}), DATASET)") as writing:
+    with held_elsewhere(f"writer_lock(Path({str(out)!r}))") as writing:
         with pytest.raises(ExportError, match=rf"^{re.escape(str(out))}: another embshard process is writing it "
                                               rf"\(pid {writing} "):
             export_serving(model, out, model_config=MODEL, spec=spec, overwrite=True)
