@@ -63,7 +63,7 @@ from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
 from embshard.trainer.method import EmbeddingMethod, method_name, register_method, registered_here
 from embshard.trainer.metrics import read_file_sd_targets
-from embshard.trainer.planning import check_same_data, check_same_decisions, planning_step
+from embshard.trainer.planning import check_method_plans_as_then, check_same_data, check_same_decisions, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
 from embshard.trainer.reference import raised_at_in
 from embshard.trainer.restarts import reset_starts
@@ -99,6 +99,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         with_checkpoint_config(cfg, source, adopt=False)
         bundle = plan_from_checkpoint(cfg, source)
         made_for = f"{source} (resumed)"
+        check_method_plans_as_then(decide, cfg, method or method_name(cfg), bundle.dimension_plan, str(source))
     elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
         made_for = f"sharding.plan_file {cfg.sharding.plan_file}"

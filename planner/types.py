@@ -167,16 +167,61 @@ def _check_int(value: Any, where: str) -> None:
         raise PlanError(f"{where} must be an int, got {type(value).__name__} {value!r}")
 
 
+# TorchRec's ShardingType values: one outside them was TorchRec's "No available sharding type and
+# compute kernel combination", a traceback naming no method.
+SHARDING_TYPE_NAMES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
+                       "table_column_wise", "grid_shard")
+
+
+def _check_json(value: Any, where: str) -> None:
+    # Saved as JSON with the plan: a numpy integer or a set of a method's own was json's
+    # traceback, after the memory report.
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{where}: cannot be saved as JSON ({e}); give plain int, float, str, list and dict "
+                        "values (int(x), list(s))") from None
+
+
+def _check_table(t: TablePlan, block_names: dict[str, str]) -> None:
+    # A table's name is a TorchRec table's, a module's name within the model: "t.C1" and "" were
+    # torch's KeyError from inside the collection's constructor.
+    if not isinstance(t.name, str) or not t.name or "." in t.name:
+        raise PlanError(f"table {t.name!r}: a table's name is a non-empty str without '.' (TorchRec's table "
+                        "names are module names)")
+    for i in range(len(t.blocks)):
+        name = t.block_name(i)
+        if name in block_names:  # "t_X"'s block 0 and a table "t_X__b0": TorchRec's "Duplicate table name"
+            raise PlanError(f"table {t.name!r}: block {i} is TorchRec table {name!r}, as {block_names[name]} is; "
+                            "rename one of the tables")
+        block_names[name] = f"table {t.name!r}" if len(t.blocks) == 1 else f"table {t.name!r} block {i}"
+    if t.sharding_types is not None:
+        unknown = [s for s in t.sharding_types if s not in SHARDING_TYPE_NAMES] if isinstance(
+            t.sharding_types, list) else [t.sharding_types]
+        if unknown or not t.sharding_types:
+            raise PlanError(f"table {t.name!r}: sharding_types {t.sharding_types!r}: give a non-empty list of "
+                            f"{', '.join(SHARDING_TYPE_NAMES)} (or None: the device's)")
+
+
 def validate_plan(plan: DimensionPlan) -> None:
     _check_int(plan.base_dim, "base_dim")
     if plan.base_dim <= 0:
         raise PlanError(f"base_dim must be positive, got {plan.base_dim}")
+    for name in ("policy", "made_with"):
+        if not isinstance(getattr(plan, name), dict):  # read as a dict: an AttributeError of "str"
+            raise PlanError(f"{name} must be a dict, got {type(getattr(plan, name)).__name__} "
+                            f"{getattr(plan, name)!r}")
+        _check_json(getattr(plan, name), name)
+    if not isinstance(plan.notes, list) or not all(isinstance(n, str) for n in plan.notes):
+        raise PlanError(f"notes must be a list of str, got {plan.notes!r}")
     names = set()
+    block_names: dict[str, str] = {}
     read_by: dict[str, str] = {}
     for t in plan.tables:
         if t.name in names:
             raise PlanError(f"table {t.name!r} appears twice")
         names.add(t.name)
+        _check_table(t, block_names)
         _check_int(t.num_embeddings, f"table {t.name!r}: num_embeddings")
         for feature in t.features:
             # Each feature is one key of the lookups' output: a second table of it was a KeyError
@@ -194,6 +239,9 @@ def validate_plan(plan: DimensionPlan) -> None:
             where = f"table {t.name!r} block {i}"
             for name in ("start", "end", "dim", "state_cols"):
                 _check_int(getattr(b, name), f"{where}: {name}")
+            if not isinstance(b.source, dict):
+                raise PlanError(f"{where}: source must be a dict, got {type(b.source).__name__} {b.source!r}")
+            _check_json(b.source, f"{where}: source")
             if b.mlet_width is not None:
                 _check_int(b.mlet_width, f"{where}: mlet_width")
             if b.start != expect or b.end <= b.start:

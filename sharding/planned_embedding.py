@@ -17,6 +17,7 @@ from torchrec import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embshard.config import MLET_INIT_STD
+from embshard.errors import PlanError
 from embshard.planner.shard_plan import block_feature_name, block_table_configs
 from embshard.planner.types import DimensionPlan
 from embshard.sharding.block_split import BlockSplit, feature_blocks
@@ -29,6 +30,13 @@ class PlannedEmbeddingBags(EmbeddingModule):
     def __init__(self, plan: DimensionPlan, device: torch.device | None = None,
                  mlet_init_std: float = MLET_INIT_STD) -> None:
         super().__init__()
+        # Left out of the collection, unpooled tables were the first forward's "torch.cat(): expected
+        # a non-empty list of Tensors".
+        unpooled = [t.name for t in plan.tables if not t.pooled]
+        if unpooled:
+            raise PlanError(f"table {unpooled[0]!r} is unpooled (pooled: false), and PlannedEmbeddingBags, the "
+                            "default embeddings(), builds pooled tables only; a method whose plan has unpooled "
+                            "tables builds its own module in embeddings() (as PEP's does)")
         self.plan = plan
         self.base_dim = plan.base_dim
         self.ebc = EmbeddingBagCollection(tables=block_table_configs(plan), device=device)

@@ -97,6 +97,17 @@ def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["step-000002", "step-000004"]
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "plan" / "plan.json").read_text()) == saved
+    # Its code changed since (here: its width): the resume trained the checkpoint's 8 without a word.
+    method = get_method("fixed_width")
+    method.width = 12
+    try:
+        with pytest.raises(ConfigError, match=r"^method 'fixed_width' now plans other widths than .*step-000004 was "
+                                              r"trained with \(table 't_C1': rows 0-\d+ at 8 there, rows 0-\d+ at 12 "
+                                              r"now\): its code has changed since; resume with the method as it was"):
+            plan_for_training(cfg, "fixed_width")
+    finally:
+        method.width = 8
+    assert plan_for_training(cfg, "fixed_width").dimension_plan.tables[0].blocks[0].dim == 8  # as it was: resumed
 
 
 def test_embeddings_mlet_factorises_the_plan_of_any_method(dataset, tmp_path):
@@ -320,8 +331,69 @@ class PlansNoWidth(FixedWidth):
         super().__init__(0)
 
 
+class Relabelled(FixedWidth):
+    """Its plan with `change` applied to the first table (or to the plan: `whole`)."""
+
+    change: dict = {}
+    whole: dict = {}
+
+    def dimension_plan(self, cfg, spec, counts, out_dir):
+        plan = super().dimension_plan(cfg, spec, counts, out_dir)
+        tables = [replace(plan.tables[0], **self.change), *plan.tables[1:]]
+        return replace(plan, tables=tables, **self.whole)
+
+
+class DotName(Relabelled):
+    change = {"name": "t.C1"}
+
+
+class NoName(Relabelled):
+    change = {"name": ""}
+
+
+class ClashingBlocks(Relabelled):
+    def dimension_plan(self, cfg, spec, counts, out_dir):
+        plan = super().dimension_plan(cfg, spec, counts, out_dir)
+        a, b = plan.tables[:2]
+        split = [Block(0, 1, 8), Block(1, a.num_embeddings, 8)]
+        return replace(plan, tables=[replace(a, name="t_X", blocks=split), replace(b, name="t_X__b0"),
+                                     *plan.tables[2:]])
+
+
+class NumpySource(Relabelled):
+    def dimension_plan(self, cfg, spec, counts, out_dir):
+        plan = FixedWidth.dimension_plan(self, cfg, spec, counts, out_dir)
+        t = plan.tables[0]
+        return replace(plan, tables=[replace(t, blocks=[replace(t.blocks[0], source={"w": np.int64(8)})]),
+                                     *plan.tables[1:]])
+
+
+class PolicyNotADict(Relabelled):
+    whole = {"policy": "mine"}
+
+
+class UnknownShardingType(Relabelled):
+    change = {"sharding_types": ["banana"]}
+
+
+class Unpooled(Relabelled):
+    change = {"pooled": False}
+
+
 @pytest.mark.parametrize("method, said", [
     (ChecksBadly, r"check_config\(\) raised RuntimeError: check boom at .*test_method_seam\.py:\d+$"),
+    # Each was a traceback from inside TorchRec, torch or json, naming no method or table.
+    (DotName, r"dimension_plan\(\): table 't\.C1': a table's name is a non-empty str without '\.'"),
+    (NoName, r"dimension_plan\(\): table '': a table's name is a non-empty str without '\.'"),
+    (ClashingBlocks, r"dimension_plan\(\): table 't_X__b0': block 0 is TorchRec table 't_X__b0', as table 't_X' "
+                     r"block 0 is; rename one of the tables$"),
+    (NumpySource, r"dimension_plan\(\): table 't_C1' block 0: source: cannot be saved as JSON \(Object of type "
+                  r"int64 is not JSON serializable\)"),
+    (PolicyNotADict, r"dimension_plan\(\): policy must be a dict, got str 'mine'$"),
+    (UnknownShardingType, r"dimension_plan\(\): table 't_C1': sharding_types \['banana'\]: give a non-empty list "
+                          r"of data_parallel, table_wise"),
+    # Through the planner and the driver: the first forward's "torch.cat(): expected a non-empty list".
+    (Unpooled, r"embeddings\(\): table 't_C1' is unpooled \(pooled: false\), and PlannedEmbeddingBags"),
     # Said without the method: "table 't_C1' block 0: dim must be positive, got 0".
     (PlansNoWidth, r"dimension_plan\(\): table 't_C1' block 0: dim must be positive, got 0$"),
     (PlansBadly, r"dimension_plan\(\) raised ValueError: plan boom at .*test_method_seam\.py:\d+$"),

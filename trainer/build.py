@@ -26,7 +26,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
-from embshard.errors import ConfigError, EmbshardError, first_line
+from embshard.errors import ConfigError, EmbshardError, PlanError, first_line
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
@@ -70,6 +70,8 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     try:
         with meta:
             embeddings = embedding_method.embeddings(cfg, plan, spec, meta)
+    except PlanError as e:  # the plan the method gave is not one its module builds
+        raise PlanError(f"method {name!r}: embeddings(): {e}") from None
     except EmbshardError:
         raise
     except Exception as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from embshard.config import JobConfig, MdeConfig, ModelConfig
+from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, DataError
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import Decide, check_plan_holds
 from embshard.planner.policies import with_mlet
-from embshard.planner.types import DimensionPlan
+from embshard.planner.types import DimensionPlan, TablePlan
 from embshard.trainer.method import get_method, is_builtin, method_name
 from embshard.trainer.models import ModelArch, get_arch
 from embshard.trainer.reference import users_code
@@ -64,6 +66,44 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
                        made_with={**made_with, "dataset_id": spec.id})
 
     return decide
+
+
+def check_method_plans_as_then(decide: Decide, cfg: JobConfig, name: str, plan: DimensionPlan, where: str) -> None:
+    """ConfigError when `name`, a method of the user's own, asked again plans other widths than `plan`
+    (the one `where` trained): a resume trains the checkpoint's plan, and a method whose code had
+    changed since (another width) was silently not what trained. Built-in methods plan the same
+    from the same config and data, which the resume has checked already."""
+    if is_builtin(name):
+        return
+    spec = DatasetSpec.load(cfg.data.path)
+    counts = load_profile(cfg.data.path).lazy_counts({f: f for f in spec.sparse_names})
+    with tempfile.TemporaryDirectory(prefix="embshard-replan-") as scratch:  # its remaps are not kept
+        now = decide(spec, counts, Path(scratch))
+    differs = _first_layout_difference(plan, now)
+    if differs:
+        raise ConfigError(f"method {name!r} now plans other widths than {where} was trained with ({differs}): "
+                          "its code has changed since; resume with the method as it was, or train the new plan "
+                          "into a new output_dir")
+
+
+def _first_layout_difference(then: DimensionPlan, now: DimensionPlan) -> str | None:
+    """Where two plans' tables and blocks differ (rows, widths, MLET widths, row order), as a
+    phrase; None where they agree."""
+    tables_then, tables_now = {t.name: t for t in then.tables}, {t.name: t for t in now.tables}
+    if tables_then.keys() != tables_now.keys():
+        return f"tables {sorted(tables_then)} there, {sorted(tables_now)} now"
+    for name, t in tables_then.items():
+        u = tables_now[name]
+        if t.row_order != u.row_order:
+            return f"table {name!r}: rows ordered by {t.row_order} there, {u.row_order} now"
+        if _layout(t) != _layout(u):
+            return f"table {name!r}: {_layout(t)} there, {_layout(u)} now"
+    return None
+
+
+def _layout(table: TablePlan) -> str:
+    return ", ".join(f"rows {b.start}-{b.end} at {b.dim}" + (f" (MLET {b.mlet_width})" if b.mlet_width else "")
+                     for b in table.blocks)
 
 
 def check_same_data(plan: DimensionPlan, spec: DatasetSpec, data_path: str, where: str) -> None:
