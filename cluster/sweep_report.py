@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from embshard.cluster.sweep_methods import FP32_BYTES, SWEEP_BASES
 from embshard.cluster.sweep_plan import (
     KNOB_PATHS,
     SPEC_FILE,
@@ -112,14 +113,23 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
         return Claim(None, "no claim: the sweep needs uniform at two or more budgets to tell whether width matters")
     best = max(uniform, key=lambda c: sign * c.mean)
     tol = max(min_tolerance, best.std)
-    gain = sign * (best.mean - uniform[0].mean)  # how much the best width improves on the narrowest
+    # The narrowest width's best budget: two budgets of one width (a merge's, rounded alike) are
+    # one width, and the rise between them was claimed as width's.
+    narrowest = max((c for c in uniform if c.serving_bytes == uniform[0].serving_bytes), key=lambda c: sign * c.mean)
+    gain = sign * (best.mean - narrowest.mean) + 0.0  # how much the best width improves on it (+0.0: no "-0.0000")
     # Beyond the narrowest's seed spread too: a rise within it is noise, and the ratio then named
     # rested on it.
-    rise = max(tol, uniform[0].std)
+    rise = max(tol, narrowest.std)
     if gain <= rise:
+        # Said, where "does not matter" alone hid a wider width that did worse beyond the tolerance.
+        wider = [c for c in uniform if c.serving_bytes > best.serving_bytes]
+        worst = min(wider, key=lambda c: sign * c.mean) if wider else best
+        drop = sign * (best.mean - worst.mean)
+        hurts = (f" (wider is worse here: {drop:.4f} below the best at {_mb(worst.serving_bytes)})"
+                 if drop > max(tol, worst.std) else "")
         return Claim(False, f"width does not matter on this data: uniform from {_mb(uniform[0].serving_bytes)} to "
                             f"{_mb(uniform[-1].serving_bytes)} improves test {label} by {gain:.4f} at most, within "
-                            f"the tolerance {rise:.4f}; no plan is claimed smaller", rise, best.mean)
+                            f"the tolerance {rise:.4f}{hurts}; no plan is claimed smaller", rise, best.mean)
 
     def within(c: Config) -> bool:
         return sign * (best.mean - c.mean) <= tol
@@ -301,8 +311,10 @@ def check_report(rep: Any, where: str) -> None:
         checks = {"method": isinstance(p.get("method"), str) and p["method"] != "",
                   "budget": _finite(p.get("budget")) and 0 < p["budget"] <= 1,
                   "seed": _whole(p.get("seed")) and p["seed"] >= 0}
+        checks["method"] = checks["method"] and _sweep_method(p["method"])
         if "error" in p:  # a trial's budget it could not train (PEP at budget 1, a target not reached)
-            checks["error"] = isinstance(p["error"], str)
+            # With a value too, it was read as an error and its value dropped without a word.
+            checks["error"] = isinstance(p["error"], str) and "value" not in p
         else:
             # A value its metric cannot take (an AUC of 5, edited in) went into the claim.
             # Sizes and widths the claim reads: missing, each was a KeyError traceback; 10**400 an
@@ -315,9 +327,33 @@ def check_report(rep: Any, where: str) -> None:
         # None: a run without an evaluation. A NaN went into the merged report, which JSON readers refused.
         if "valid_value" in p:
             checks["valid_value"] = p["valid_value"] is None or _measured(metric, p["valid_value"])
+        # What contradicts the rest of the point, edited in, went into the report as it was: an MSE
+        # ranked higher-better named the worst as the best, a size beside other parameters printed.
+        lower = _LOWER_IS_BETTER.get(metric.split("@")[0] + ("@" if "@" in metric else ""))
+        if lower is not None:
+            checks["lower_is_better"] = checks.get("lower_is_better", True) and p.get("lower_is_better", False) == lower
+        if checks.get("serving_bytes") and checks.get("serving_params"):
+            checks["serving_bytes"] = p["serving_bytes"] == p["serving_params"] * FP32_BYTES
+        if checks.get("steps", True) and checks.get("selected_step", True) and p.get("selected_step") is not None \
+                and "steps" in p:
+            checks["selected_step"] = p["selected_step"] <= p["steps"]
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")
+
+
+# Each known metric's direction; a metric not named here is taken as its points say.
+_LOWER_IS_BETTER = {"auc": False, "recall@": False, "ndcg@": False, "mse": True, "rmse": True, "mae": True,
+                    "logloss": True}
+
+
+def _sweep_method(name: str) -> bool:
+    """Whether `name` is a sweep method's name (a merge looks the built-in ones up: one that is
+    none was "method 'uniform ': 'uniform ' is not package.module:attr", naming no report). A
+    user's is not imported, where a merge may lack its code: its name has the form."""
+    base = "uniform" if name == "mlet" else name.removesuffix("+mlet")
+    module, _, attr = base.partition(":")
+    return base in SWEEP_BASES or all(part.isidentifier() for part in (*module.split("."), *attr.split(".")))
 
 
 def _measured(metric: str, value: Any) -> bool:

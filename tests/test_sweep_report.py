@@ -158,6 +158,25 @@ def test_claim_refuses_a_ratio_when_width_does_not_matter():
     assert c.statement.startswith("width does not matter on this data")
 
 
+def test_two_budgets_of_one_width_are_one_width_to_the_claim():
+    # A merge's budgets 0.125 and 0.25 at one width: the rise between them was claimed as width's
+    # ("uniform improves with width ... 0.1000 better than the narrowest").
+    pts = [point("uniform", 0.125, s, 0.50, 1000) for s in (0, 1)]
+    pts += [point("uniform", 0.25, s, 0.60, 1000) for s in (0, 1)]
+    pts += [point("uniform", 1.0, s, 0.599, 4000) for s in (0, 1)]
+    c = claim(aggregate(pts)[0])
+    assert c.rises is False and "improves test AUC by 0.0000 at most" in c.statement, c.statement
+
+
+def test_a_width_that_does_worse_is_said_beside_width_does_not_matter():
+    pts = [mse_point("uniform", 0.25, s, 0.80, 1000) for s in (0, 1)]
+    pts += [mse_point("uniform", 1.0, s, 0.85, 4000) for s in (0, 1)]
+    c = claim(aggregate(pts)[0], metric="mse", lower_is_better=True)
+    # The narrowest is the best: "improves test MSE by -0.0000 at most" was the negative zero.
+    assert c.rises is False and "improves test MSE by 0.0000 at most" in c.statement, c.statement
+    assert "(wider is worse here: 0.0500 below the best at " in c.statement, c.statement
+
+
 def test_a_noisy_rise_within_the_seed_std_is_no_rise():
     # The widest uniform is 0.004 better, but its seeds spread by 0.007: no claim.
     pts = [point("uniform", 0.25, s, 0.70, 1000) for s in (0, 1)]
@@ -1388,6 +1407,15 @@ def test_a_dataset_name_too_long_for_its_report_files_is_refused_before_any_work
     ({"lower_is_better": "no"}, r"lower_is_better: 'no'"),
     # Anywhere in a point: copied into the merged report as NaN too.
     ({"knobs": {"mlet.ratio": float("inf")}}, r"knobs\.mlet\.ratio: inf"),
+    # Each contradicts the rest of its point and went into the report as it was: an AUC ranked
+    # lower-better named the worst as the best; a size beside other parameters was printed; a
+    # measured point with an error became an error row, its value dropped.
+    ({"lower_is_better": True}, r"lower_is_better: True"),
+    ({"serving_bytes": 5}, r"serving_bytes: 5"),
+    ({"steps": 9, "selected_step": 100}, r"selected_step: 100"),
+    ({"error": "x"}, r"error: 'x'"),
+    # "method 'uniform ': 'uniform ' is not package.module:attr", naming no file.
+    ({"method": "uniform "}, r"method: 'uniform '"),
 ])
 def test_a_points_edited_value_is_refused_naming_the_file_and_field(tmp_path, capsys, edit, said):
     a, b = merge_folders(tmp_path)
