@@ -85,7 +85,7 @@ def _train(rank: int, world: int, cfg: JobConfig, method: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path):
+def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path, monkeypatch):
     cfg = job(dataset, tmp_path / "run", max_steps=4)
     cfg.cluster.workers = 2
     bundle = plan_for_training(cfg, "fixed_width")
@@ -98,15 +98,12 @@ def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path):
     assert checkpoints == ["step-000002", "step-000004"]
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "plan" / "plan.json").read_text()) == saved
     # Its code changed since (here: its width): the resume trained the checkpoint's 8 without a word.
-    method = get_method("fixed_width")
-    method.width = 12
-    try:
+    with monkeypatch.context() as changed:
+        changed.setattr(get_method("fixed_width"), "width", 12)
         with pytest.raises(ConfigError, match=r"^method 'fixed_width' now plans other widths than .*step-000004 was "
                                               r"trained with \(table 't_C1': rows 0-\d+ at 8 there, rows 0-\d+ at 12 "
                                               r"now\): its code has changed since; resume with the method as it was"):
             plan_for_training(cfg, "fixed_width")
-    finally:
-        method.width = 8
     assert plan_for_training(cfg, "fixed_width").dimension_plan.tables[0].blocks[0].dim == 8  # as it was: resumed
 
 
