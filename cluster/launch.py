@@ -99,7 +99,6 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         with_checkpoint_config(cfg, source, adopt=False)
         bundle = plan_from_checkpoint(cfg, source)
         made_for = f"{source} (resumed)"
-        check_method_plans_as_then(decide, cfg, method or method_name(cfg), bundle.dimension_plan, str(source))
     elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
         made_for = f"sharding.plan_file {cfg.sharding.plan_file}"
@@ -121,6 +120,8 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
                      f"{made_for} on {cfg.data.path}")
     check_same_data(bundle.dimension_plan, spec, cfg.data.path, made_for)
     check_same_decisions(bundle.dimension_plan, cfg, made_for)
+    if source is not None:  # after the data's check: a dataset written again was said as the method's change
+        check_method_plans_as_then(decide, cfg, method or method_name(cfg), bundle.dimension_plan, str(source))
     bundle.memory.check_fits()
     return bundle
 

@@ -108,14 +108,18 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
           lower_is_better: bool = False) -> Claim:
     label = metric_label(metric)
     sign = -1.0 if lower_is_better else 1.0  # sign * mean: larger is better either way
-    uniform = sorted((c for c in configs if c.method == "uniform"), key=lambda c: c.serving_bytes)
+    # One config a width, the best of its budgets: two budgets of one width (a merge's, rounded
+    # alike) are one width, and the rise between them was claimed as width's.
+    widths: dict[float, Config] = {}
+    for c in sorted((c for c in configs if c.method == "uniform"), key=lambda c: sign * c.mean):
+        widths[c.serving_bytes] = c
+    uniform = sorted(widths.values(), key=lambda c: c.serving_bytes)
     if len(uniform) < 2:
-        return Claim(None, "no claim: the sweep needs uniform at two or more budgets to tell whether width matters")
+        return Claim(None, "no claim: the sweep needs uniform at two or more widths (budgets of other serving "
+                           "bytes) to tell whether width matters")
     best = max(uniform, key=lambda c: sign * c.mean)
     tol = max(min_tolerance, best.std)
-    # The narrowest width's best budget: two budgets of one width (a merge's, rounded alike) are
-    # one width, and the rise between them was claimed as width's.
-    narrowest = max((c for c in uniform if c.serving_bytes == uniform[0].serving_bytes), key=lambda c: sign * c.mean)
+    narrowest = uniform[0]
     gain = sign * (best.mean - narrowest.mean) + 0.0  # how much the best width improves on it (+0.0: no "-0.0000")
     # Beyond the narrowest's seed spread too: a rise within it is noise, and the ratio then named
     # rested on it.

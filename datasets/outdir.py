@@ -176,7 +176,7 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")
     if staging is None:  # else this process holds the lock
-        _check_no_other_writer(out.absolute(), kind)
+        _check_no_other_writer(out.absolute(), kind.error)
     if not out.exists():
         _check_creatable(out, kind.error)
         return
@@ -201,12 +201,12 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
     _check_replaceable(folder, overwrite, kind, staging)  # absolute: `_foreign` of `.` cut names short
 
 
-def _check_no_other_writer(out: Path, kind: Replaceable) -> None:
-    """kind.error when another process writes `out` now: said before the work, not once it is
+def _check_no_other_writer(out: Path, error: type[EmbshardError]) -> None:
+    """`error` when another process writes `out` now: said before the work, not once it is
     done, and not as "holds no dataset.json" of a folder that holds that writer's staging folder.
     Where no lock can be taken yet (no folder above), the checks that follow say why."""
     if out.parent.is_dir():
-        with contextlib.suppress(EnvironmentProblem), writer_lock(out, kind.error):
+        with contextlib.suppress(EnvironmentProblem, OSError), writer_lock(out, error):
             pass
 
 
@@ -470,6 +470,8 @@ def check_profile_replaceable(directory: StoragePath) -> None:
     """DataError unless a dataset's profile folder is absent or holds a profile's files alone:
     `data profile` replaces it whole, which deleted a user's file there."""
     check_folder_or_absent(directory)
+    if not isinstance(directory, RemotePath):  # before its counting, not once that is done
+        _check_no_other_writer(directory.absolute(), DataError)
     if directory.is_dir():
         foreign = _foreign(directory, lambda parts: dataset_holds((PROFILE_DIR, *parts)))
         if foreign:

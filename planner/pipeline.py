@@ -219,11 +219,17 @@ def plan_with(
 ) -> PlanBundle:
     """The whole pipeline for any method's planning step (`trainer/method.py`)."""
     out_dir = Path(out_dir)
-    spec = DatasetSpec.load(dataset_dir)
     profile = load_profile(dataset_dir)
-    dim_plan = decide(spec, profile.lazy_counts({f: f for f in spec.sparse_names}), out_dir)
-    return shard_dimension_plan(dim_plan, profile, topology, out_dir, batch_size=batch_size,
-                                optimizer=optimizer, sharding_types=sharding_types)
+    return shard_dimension_plan(decided(decide, dataset_dir, out_dir, profile), profile, topology, out_dir,
+                                batch_size=batch_size, optimizer=optimizer, sharding_types=sharding_types)
+
+
+def decided(decide: Decide, dataset_dir: str | Path, out_dir: Path, profile: Profile | None = None) -> DimensionPlan:
+    """The DimensionPlan a method's planning step makes from the dataset's spec and id counts (its
+    remaps written into `out_dir`)."""
+    spec = DatasetSpec.load(dataset_dir)
+    profile = profile or load_profile(dataset_dir)
+    return decide(spec, profile.lazy_counts({f: f for f in spec.sparse_names}), out_dir)
 
 
 def shard_dimension_plan(

@@ -193,11 +193,12 @@ def _check_table(t: TablePlan, block_names: dict[str, str]) -> None:
         name = t.block_name(i)
         if name in block_names:  # "t_X"'s block 0 and a table "t_X__b0": TorchRec's "Duplicate table name"
             raise PlanError(f"table {t.name!r}: block {i} is TorchRec table {name!r}, as {block_names[name]} is; "
-                            "rename one of the tables")
+                            "rename one of the tables (or, where they are named after the data's features, one "
+                            "of those features)")
         block_names[name] = f"table {t.name!r}" if len(t.blocks) == 1 else f"table {t.name!r} block {i}"
     if t.sharding_types is not None:
         unknown = [s for s in t.sharding_types if s not in SHARDING_TYPE_NAMES] if isinstance(
-            t.sharding_types, list) else [t.sharding_types]
+            t.sharding_types, (list, tuple)) else [t.sharding_types]
         if unknown or not t.sharding_types:
             raise PlanError(f"table {t.name!r}: sharding_types {t.sharding_types!r}: give a non-empty list of "
                             f"{', '.join(SHARDING_TYPE_NAMES)} (or None: the device's)")

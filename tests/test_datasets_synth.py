@@ -365,3 +365,15 @@ def test_a_profile_lock_a_killed_profile_left_keeps_the_dataset_replaceable(tmp_
     (out / ".profile.lock").write_text("{}")  # `data profile` killed with SIGKILL
     replaced = synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
     assert DatasetSpec.load(out) == replaced
+
+
+def test_a_profile_another_process_writes_is_refused_before_its_counting(tmp_path: Path, monkeypatch) -> None:
+    # Two `data profile` at once: the second counted every row group, then was refused.
+    import embshard.datasets.profile as profile
+
+    out = tmp_path / "d"
+    synthesize(out, rows=100, seed=0, max_cardinality=20)
+    monkeypatch.setattr(profile, "make_staging", lambda *a, **k: pytest.fail("counted and staged"))
+    with held_elsewhere(f"writer_lock(Path({str(out / 'profile')!r}))") as writing:
+        with pytest.raises(DataError, match=rf"profile: another embshard process is writing it \(pid {writing} "):
+            profile.write_profile(out)

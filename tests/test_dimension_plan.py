@@ -138,3 +138,14 @@ def test_config_errors_name_the_field(data, message):
     with pytest.raises(ConfigError) as e:
         from_dict(EmbeddingsConfig, data, "embeddings")
     assert str(e.value).startswith(message)
+
+
+def test_the_sharding_types_a_plan_may_name_are_torchrecs():
+    from torchrec.distributed.types import ShardingType
+
+    from embshard.planner.types import SHARDING_TYPE_NAMES
+
+    assert sorted(SHARDING_TYPE_NAMES) == sorted(s.value for s in ShardingType)
+    # A tuple of them, saved as a list, was a plan before their names were checked.
+    table = TablePlan("t_a", ["a"], 4, [Block(0, 4, 4)], sharding_types=("table_wise",))
+    assert DimensionPlan(4, [table]).tables[0].sharding_types == ("table_wise",)

@@ -102,8 +102,12 @@ def test_a_registered_method_plans_trains_and_checkpoints(dataset, tmp_path, mon
         changed.setattr(get_method("fixed_width"), "width", 12)
         with pytest.raises(ConfigError, match=r"^method 'fixed_width' now plans other widths than .*step-000004 was "
                                               r"trained with \(table 't_C1': rows 0-\d+ at 8 there, rows 0-\d+ at 12 "
-                                              r"now\): its code has changed since; resume with the method as it was"):
+                                              r"now\): its code, or what else it plans from, has changed since; "
+                                              r"resume with the method as it was"):
             plan_for_training(cfg, "fixed_width")
+        # A method whose plans differ from run to run says so, and resumes its checkpoint's plan.
+        changed.setattr(get_method("fixed_width"), "replans_alike", False, raising=False)
+        assert plan_for_training(cfg, "fixed_width").dimension_plan.tables[0].blocks[0].dim == 8
     assert plan_for_training(cfg, "fixed_width").dimension_plan.tables[0].blocks[0].dim == 8  # as it was: resumed
 
 
@@ -383,7 +387,7 @@ class Unpooled(Relabelled):
     (DotName, r"dimension_plan\(\): table 't\.C1': a table's name is a non-empty str without '\.'"),
     (NoName, r"dimension_plan\(\): table '': a table's name is a non-empty str without '\.'"),
     (ClashingBlocks, r"dimension_plan\(\): table 't_X__b0': block 0 is TorchRec table 't_X__b0', as table 't_X' "
-                     r"block 0 is; rename one of the tables$"),
+                     r"block 0 is; rename one of the tables"),
     (NumpySource, r"dimension_plan\(\): table 't_C1' block 0: source: cannot be saved as JSON \(Object of type "
                   r"int64 is not JSON serializable\)"),
     (PolicyNotADict, r"dimension_plan\(\): policy must be a dict, got str 'mine'$"),

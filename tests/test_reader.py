@@ -189,9 +189,9 @@ def test_wait_seconds_measures_a_slow_producer(dataset: Path, monkeypatch) -> No
     reader = ParquetBatchReader(dataset, "train", 8, prefetch=1)
     for _ in reader:  # the first batch cannot exist before its row group is loaded
         break
-    # Most of the delay: the producer starts before the consumer's clock does, and on a loaded
-    # machine slept 2 ms of it first (0.198 s measured).
-    assert reader.wait_seconds >= delay / 2
+    # All but the first moments: the producer starts before the consumer's clock does, and on a
+    # loaded machine slept 2 ms of the delay first (0.198 s measured).
+    assert reader.wait_seconds >= 0.9 * delay
 
 
 def test_id_maps_are_applied(dataset: Path) -> None:

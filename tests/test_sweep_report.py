@@ -166,6 +166,8 @@ def test_two_budgets_of_one_width_are_one_width_to_the_claim():
     pts += [point("uniform", 1.0, s, 0.599, 4000) for s in (0, 1)]
     c = claim(aggregate(pts)[0])
     assert c.rises is False and "improves test AUC by 0.0000 at most" in c.statement, c.statement
+    # Those two budgets alone are one width: nothing to tell width's effect from.
+    assert claim(aggregate(pts[:4])[0]).rises is None
 
 
 def test_a_width_that_does_worse_is_said_beside_width_does_not_matter():
@@ -193,7 +195,7 @@ def test_a_noisy_rise_within_the_seed_std_is_no_rise():
 
 def test_one_uniform_width_gives_no_claim():
     c = claim(aggregate([point("uniform", 0.5, 0, 0.7, 2000), point("mde", 0.5, 0, 0.8, 2000)])[0])
-    assert c.rises is None and "two or more budgets" in c.statement
+    assert c.rises is None and "two or more widths" in c.statement
 
 
 def test_planted_comparison_widths_and_distance_to_bayes():

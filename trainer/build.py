@@ -71,6 +71,8 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         with meta:
             embeddings = embedding_method.embeddings(cfg, plan, spec, meta)
     except PlanError as e:  # the plan the method gave is not one its module builds
+        if str(e).startswith(f"method {name!r}"):  # a user's module that names itself
+            raise
         raise PlanError(f"method {name!r}: embeddings(): {e}") from None
     except EmbshardError:
         raise

@@ -88,6 +88,10 @@ class EmbeddingMethod:
     # Whether the model it trains is one to serve; a method that decides a plan (a search, a prune
     # run) says no, and `embshard export` refuses its checkpoints.
     serves: bool = True
+    # Whether `dimension_plan` gives the same plan from the same config and data. A resume asks a
+    # method of the user's own again, and refuses one whose plan changed (its code changed since);
+    # a method that samples its widths says no, and resumes its checkpoint's plan unasked.
+    replans_alike: bool = True
 
     def check_config(self, cfg: JobConfig) -> None:
         """Raise ConfigError for a config this method cannot run (the driver calls it first)."""

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from embshard.config import JobConfig, MdeConfig, ModelConfig
-from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, DataError
 from embshard.planner.decisions import load_decisions
-from embshard.planner.pipeline import Decide, check_plan_holds
+from embshard.planner.pipeline import Decide, check_plan_holds, decided
 from embshard.planner.policies import with_mlet
 from embshard.planner.types import DimensionPlan, TablePlan
 from embshard.trainer.method import get_method, is_builtin, method_name
@@ -69,21 +68,21 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
 
 
 def check_method_plans_as_then(decide: Decide, cfg: JobConfig, name: str, plan: DimensionPlan, where: str) -> None:
-    """ConfigError when `name`, a method of the user's own, asked again plans other widths than `plan`
-    (the one `where` trained): a resume trains the checkpoint's plan, and a method whose code had
-    changed since (another width) was silently not what trained. Built-in methods plan the same
-    from the same config and data, which the resume has checked already."""
-    if is_builtin(name):
+    """ConfigError when `name`, a method of the user's own, asked again plans other widths than
+    `plan` (the one `where` trained) on the same config and data: a resume trains the checkpoint's
+    plan, and a method whose code had changed since (another width) was silently not what trained.
+    Not asked: built-in methods, which plan the same from the same config and data, and a method
+    that says its plans differ from run to run (`EmbeddingMethod.replans_alike`)."""
+    if is_builtin(name) or not get_method(name).replans_alike:
         return
-    spec = DatasetSpec.load(cfg.data.path)
-    counts = load_profile(cfg.data.path).lazy_counts({f: f for f in spec.sparse_names})
     with tempfile.TemporaryDirectory(prefix="embshard-replan-") as scratch:  # its remaps are not kept
-        now = decide(spec, counts, Path(scratch))
+        now = decided(decide, cfg.data.path, Path(scratch))
     differs = _first_layout_difference(plan, now)
     if differs:
-        raise ConfigError(f"method {name!r} now plans other widths than {where} was trained with ({differs}): "
-                          "its code has changed since; resume with the method as it was, or train the new plan "
-                          "into a new output_dir")
+        raise ConfigError(f"method {name!r} now plans other widths than {where} was trained with ({differs}): its "
+                          "code, or what else it plans from, has changed since; resume with the method as it was, "
+                          "train the new plan into a new output_dir, or, for a method whose plans differ from run "
+                          "to run, set replans_alike = False on it")
 
 
 def _first_layout_difference(then: DimensionPlan, now: DimensionPlan) -> str | None:
