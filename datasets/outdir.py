@@ -378,10 +378,10 @@ def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractCo
 
     if out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
         return locked_folder(out, busy)  # a mount point under a read-only root, filled in place
-    return locked(lock_file(out), busy)
+    return locked(_lock_file(out), busy)
 
 
-def lock_file(out: Path) -> Path:
+def _lock_file(out: Path) -> Path:
     """The file a writer of `out` locks (`.NAME.lock`)."""
     return out.with_name(sibling_prefix(out, "lock").removesuffix("-"))
 
@@ -393,6 +393,7 @@ def _let_go(staging: Path) -> None:
 
 # The lock of each staging folder's write (`writer_lock`), let go once it is published or dropped.
 _held: dict[Path, ExitStack] = {}
+
 # The first folder `make_staging` created above each staging folder: a failed write removes those
 # folders with it (`drop_staging`), where `--out new/a/b` left `new/a` behind for good.
 _made_above: dict[Path, Path] = {}
