@@ -79,6 +79,9 @@ def test_sigterm_after_ray_starts_is_still_ctrl_c(tmp_path):
 
 STOP_DURING_INIT = textwrap.dedent("""
     import os, signal
+    # As a shell starts a command: a SIGINT ignored by the process that ran this one (the test's,
+    # after some earlier test) is inherited, and the stop was ignored with it (exit 0, no line).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import ray
     from embshard.cluster.interrupt import sigterm_as_ctrl_c
     from embshard.cluster.launch import init_ray
