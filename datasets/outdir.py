@@ -377,8 +377,14 @@ def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractCo
                      "or write elsewhere")
 
     if out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
-        return locked_folder(out, busy)  # a mount point under a read-only root, filled in place
-    return locked(_lock_file(out), busy)
+        return locked_folder(out, busy, PROBE_SECONDS)  # a mount point under a read-only root, filled in place
+    return locked(_lock_file(out), busy, PROBE_SECONDS)
+
+
+# How long a writer waits for the lock before it is refused: another's check of --out
+# (`_check_no_other_writer`) holds it for a moment. Every rank of a live model's export checks
+# --out at once, and all but one were refused "another embshard process is writing it".
+PROBE_SECONDS = 2.0
 
 
 def _lock_file(out: Path) -> Path:

@@ -73,10 +73,10 @@ def holder_of(fd: int) -> str:
 
 
 @contextmanager
-def locked(path: Path, busy: Busy) -> Iterator[None]:
+def locked(path: Path, busy: Busy, grace: float = 0.0) -> Iterator[None]:
     """The lock on the file `path` (created if missing) for the whole of the block, or busy(holder)
-    raised; the file goes when the block ends."""
-    fd = _take(path, busy)
+    raised once it has been held for `grace` seconds more; the file goes when the block ends."""
+    fd = _take(path, busy, time.monotonic() + grace)
     try:
         if fd is not None:
             os.ftruncate(fd, 0)
@@ -94,30 +94,38 @@ def locked(path: Path, busy: Busy) -> Iterator[None]:
 
 
 @contextmanager
-def locked_folder(folder: Path, busy: Busy) -> Iterator[None]:
-    """The lock on the folder itself for the whole of the block, or busy(holder) raised: where no
-    file can be made beside it to hold a record of its holder (a mount point under a read-only
-    root), so the holder goes unnamed."""
+def locked_folder(folder: Path, busy: Busy, grace: float = 0.0) -> Iterator[None]:
+    """The lock on the folder itself for the whole of the block, or busy(holder) raised once it
+    has been held for `grace` seconds more: where no file can be made beside it to hold a record
+    of its holder (a mount point under a read-only root), so the holder goes unnamed."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    deadline = time.monotonic() + grace
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy("a process that a folder's lock cannot name") from None
-        except OSError as e:
-            if e.errno not in _NO_LOCKS:
-                raise
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(_RETRY_SECONDS)
+                    continue
+                raise busy("a process that a folder's lock cannot name") from None
+            except OSError as e:
+                if e.errno not in _NO_LOCKS:
+                    raise
+            break
         yield
     finally:
         os.close(fd)
 
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+_RETRY_SECONDS = 0.02
 _said_no_locks: set[Path] = set()
 
 
-def _take(path: Path, busy: Busy) -> int | None:
-    """The locked file's descriptor; None where the file system has no locks to take."""
+def _take(path: Path, busy: Busy, deadline: float) -> int | None:
+    """The locked file's descriptor (waiting for a holder until `deadline`, by time.monotonic());
+    None where the file system has no locks to take."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -128,6 +136,9 @@ def _take(path: Path, busy: Busy) -> int | None:
         except BlockingIOError:
             holder = holder_of(fd)
             os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(_RETRY_SECONDS)
+                continue
             raise busy(holder) from None
         except OSError as e:
             os.close(fd)

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -377,3 +378,27 @@ def test_a_profile_another_process_writes_is_refused_before_its_counting(tmp_pat
     with held_elsewhere(f"writer_lock(Path({str(out / 'profile')!r}))") as writing:
         with pytest.raises(DataError, match=rf"profile: another embshard process is writing it \(pid {writing} "):
             profile.write_profile(out)
+
+
+def test_a_check_of_out_waits_out_another_check_of_it(tmp_path: Path) -> None:
+    # Every rank of a live model's export checks --out at once; each check holds the writer's
+    # lock for a moment, and a rank that came upon another's was refused ("another embshard
+    # process is writing it"), now and then.
+    import threading
+
+    from embshard.datasets.outdir import writer_lock
+
+    out = tmp_path / "d"
+    held = threading.Event()
+
+    def another_check() -> None:
+        with writer_lock(out):
+            held.set()
+            time.sleep(0.3)
+
+    other = threading.Thread(target=another_check)
+    other.start()
+    held.wait(5)
+    check_output(out, overwrite=False)  # waits for the other, then finds --out free
+    other.join()
+    assert not list(tmp_path.iterdir())  # neither left a lock file
