@@ -110,10 +110,11 @@ def claim(configs: list[Config], min_tolerance: float = MIN_TOLERANCE, metric: s
     sign = -1.0 if lower_is_better else 1.0  # sign * mean: larger is better either way
     # One config a width, the best of its budgets: two budgets of one width (a merge's, rounded
     # alike) are one width, and the rise between them was claimed as width's.
-    widths: dict[float, Config] = {}
-    for c in sorted((c for c in configs if c.method == "uniform"), key=lambda c: sign * c.mean):
-        widths[c.serving_bytes] = c
-    uniform = sorted(widths.values(), key=lambda c: c.serving_bytes)
+    by_width: dict[float, list[Config]] = {}
+    for c in configs:
+        if c.method == "uniform":
+            by_width.setdefault(c.serving_bytes, []).append(c)
+    uniform = sorted((max(cs, key=lambda c: sign * c.mean) for cs in by_width.values()), key=lambda c: c.serving_bytes)
     if len(uniform) < 2:
         return Claim(None, "no claim: the sweep needs uniform at two or more widths (budgets of other serving "
                            "bytes) to tell whether width matters")
@@ -333,22 +334,16 @@ def check_report(rep: Any, where: str) -> None:
             checks["valid_value"] = p["valid_value"] is None or _measured(metric, p["valid_value"])
         # What contradicts the rest of the point, edited in, went into the report as it was: an MSE
         # ranked higher-better named the worst as the best, a size beside other parameters printed.
-        lower = _LOWER_IS_BETTER.get(metric.split("@")[0] + ("@" if "@" in metric else ""))
+        lower = _known_direction(metric)
         if lower is not None:
             checks["lower_is_better"] = checks.get("lower_is_better", True) and p.get("lower_is_better", False) == lower
         if checks.get("serving_bytes") and checks.get("serving_params"):
             checks["serving_bytes"] = p["serving_bytes"] == p["serving_params"] * FP32_BYTES
-        if checks.get("steps", True) and checks.get("selected_step", True) and p.get("selected_step") is not None \
-                and "steps" in p:
+        if "steps" in p and p.get("selected_step") is not None and checks["steps"] and checks["selected_step"]:
             checks["selected_step"] = p["selected_step"] <= p["steps"]
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise DataError(f"{where}: not a sweep report (points[{i}].{bad[0]}: {p.get(bad[0])!r})")
-
-
-# Each known metric's direction; a metric not named here is taken as its points say.
-_LOWER_IS_BETTER = {"auc": False, "recall@": False, "ndcg@": False, "mse": True, "rmse": True, "mae": True,
-                    "logloss": True}
 
 
 def _sweep_method(name: str) -> bool:
@@ -367,11 +362,22 @@ def _measured(metric: str, value: Any) -> bool:
 def _possible(metric: str, value: float) -> bool:
     """Whether `metric` can take `value`: AUC, recall and NDCG lie in [0, 1], errors and losses are
     at least 0; a metric not named here can take any finite value."""
-    if metric == "auc" or metric.startswith(("recall@", "ndcg@")):
+    lower = _known_direction(metric)
+    if lower is False:
         return 0 <= value <= 1
-    if metric in ("mse", "rmse", "mae", "logloss"):
+    if lower is True:
         return value >= 0
     return True
+
+
+def _known_direction(metric: str) -> bool | None:
+    """Whether lower is better for a metric of embshard's own arches (AUC, recall and NDCG: no;
+    errors and losses: yes); None for another, taken as its points say."""
+    if metric == "auc" or metric.startswith(("recall@", "ndcg@")):
+        return False
+    if metric in ("mse", "rmse", "mae", "logloss"):
+        return True
+    return None
 
 
 def _json_value(x: Any) -> bool:

@@ -99,23 +99,30 @@ def locked_folder(folder: Path, busy: Busy, grace: float = 0.0) -> Iterator[None
     has been held for `grace` seconds more: where no file can be made beside it to hold a record
     of its holder (a mount point under a read-only root), so the holder goes unnamed."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    deadline = time.monotonic() + grace
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(_RETRY_SECONDS)
-                    continue
-                raise busy("a process that a folder's lock cannot name") from None
-            except OSError as e:
-                if e.errno not in _NO_LOCKS:
-                    raise
-            break
+        try:
+            _flock(fd, time.monotonic() + grace)
+        except BlockingIOError:
+            raise busy("a process that a folder's lock cannot name") from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
         yield
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, deadline: float) -> None:
+    """An exclusive lock on `fd`, waiting for its holder until `deadline` (time.monotonic());
+    BlockingIOError once that has passed."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_RETRY_SECONDS)
 
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -132,13 +139,10 @@ def _take(path: Path, busy: Busy, deadline: float) -> int | None:
         except OSError as e:  # a file system that takes no files (/proc): a traceback
             raise EnvironmentProblem(f"{path.parent}: no file can be created there ({e.strerror})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, deadline)
         except BlockingIOError:
             holder = holder_of(fd)
             os.close(fd)
-            if time.monotonic() < deadline:
-                time.sleep(_RETRY_SECONDS)
-                continue
             raise busy(holder) from None
         except OSError as e:
             os.close(fd)

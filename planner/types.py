@@ -196,23 +196,21 @@ def _check_table(t: TablePlan, block_names: dict[str, str]) -> None:
                             "rename one of the tables (or, where they are named after the data's features, one "
                             "of those features)")
         block_names[name] = f"table {t.name!r}" if len(t.blocks) == 1 else f"table {t.name!r} block {i}"
-    if t.sharding_types is not None:
-        unknown = [s for s in t.sharding_types if s not in SHARDING_TYPE_NAMES] if isinstance(
-            t.sharding_types, (list, tuple)) else [t.sharding_types]
-        if unknown or not t.sharding_types:
-            raise PlanError(f"table {t.name!r}: sharding_types {t.sharding_types!r}: give a non-empty list of "
-                            f"{', '.join(SHARDING_TYPE_NAMES)} (or None: the device's)")
+    types = t.sharding_types
+    if types is not None and (not isinstance(types, (list, tuple)) or not types
+                              or any(s not in SHARDING_TYPE_NAMES for s in types)):
+        raise PlanError(f"table {t.name!r}: sharding_types {types!r}: give a non-empty list of "
+                        f"{', '.join(SHARDING_TYPE_NAMES)} (or None: the device's)")
 
 
 def validate_plan(plan: DimensionPlan) -> None:
     _check_int(plan.base_dim, "base_dim")
     if plan.base_dim <= 0:
         raise PlanError(f"base_dim must be positive, got {plan.base_dim}")
-    for name in ("policy", "made_with"):
-        if not isinstance(getattr(plan, name), dict):  # read as a dict: an AttributeError of "str"
-            raise PlanError(f"{name} must be a dict, got {type(getattr(plan, name)).__name__} "
-                            f"{getattr(plan, name)!r}")
-        _check_json(getattr(plan, name), name)
+    for name, value in (("policy", plan.policy), ("made_with", plan.made_with)):
+        if not isinstance(value, dict):  # read as a dict: an AttributeError of "str"
+            raise PlanError(f"{name} must be a dict, got {type(value).__name__} {value!r}")
+        _check_json(value, name)
     if not isinstance(plan.notes, list) or not all(isinstance(n, str) for n in plan.notes):
         raise PlanError(f"notes must be a list of str, got {plan.notes!r}")
     names = set()
