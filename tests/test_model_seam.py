@@ -126,6 +126,16 @@ class EmbeddingsUnread(NestedLinear):
                                    dim=1)).squeeze(-1)
 
 
+class FeatureMissingFromData(NestedLinear):
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        embedded = self.parts["lookup"]["tables"](sparse)
+        return self.head(torch.cat([dense, embedded["C99"]], dim=1)).squeeze(-1)  # the data has C1..C26
+
+
+def feature_missing_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return FeatureMissingFromData(embeddings, len(spec.dense), squeeze=True)
+
+
 def unread_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     return EmbeddingsUnread(embeddings, len(spec.dense), squeeze=True)
 
@@ -474,6 +484,10 @@ def test_a_builder_returning_probabilities_trains_with_a_note(dataset, tmp_path,
     ("integer_builder", r"model.arch 'test_model_seam:integer_builder': the model returned torch.int64 logits"),
     ("output_cut_off_builder", r"model.arch 'test_model_seam:output_cut_off_builder': the loss depends on no "
                                r"parameter \(the model's output was detached"),
+    # TorchRec's KeyedTensor raised it in its own frame: "crashed: rank 0: KeyError: 'C99'", retried.
+    ("feature_missing_builder", r"model.arch 'test_model_seam:feature_missing_builder': its forward looked up "
+                                r"feature 'C99', which the dataset lacks \(its 26 sparse features: C1, C2, .*\) "
+                                r"at .*test_model_seam.py:\d+$"),
 ])
 def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_group, builder, message) -> None:
     cfg = job(dataset, tmp_path / builder, arch=f"test_model_seam:{builder}")

@@ -155,8 +155,27 @@ class TrainModel(nn.Module):
         self.model = model
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Any]:
-        output = self.arch.forward(self.model, batch)
+        try:
+            output = self.arch.forward(self.model, batch)
+        except KeyError as e:
+            missing = _feature_not_in_data(self.arch.name, e, batch)
+            if missing is None:
+                raise
+            raise missing from e
         return _arch_loss(self, output, batch), output
+
+
+def _feature_not_in_data(arch: str, e: KeyError, batch: Batch) -> ConfigError | None:
+    """ConfigError for a model that looked up a feature by a name the data has not: TorchRec's
+    KeyedTensor and KeyedJaggedTensor raise the KeyError in their own frame, and every rank said
+    "crashed: rank 0: KeyError: 'C99'", naming neither the arch nor the data, and was retried."""
+    key = e.args[0] if len(e.args) == 1 else None
+    features = batch.sparse.keys()
+    if not isinstance(key, str) or key in features:
+        return None
+    shown = ", ".join(features[:6]) + (f", ..., {features[-1]}" if len(features) > 6 else "")
+    return ConfigError(f"model.arch {arch!r}: its forward looked up feature {key!r}, which the dataset lacks "
+                       f"(its {len(features)} sparse features: {shown}){raised_at(e)}")
 
 
 @torch.fx.wrap
