@@ -802,12 +802,35 @@ def test_input_lists_are_checked(criteo_sample: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: a folder without criteo input files"):
         convert("criteo", [src, tmp_path / "empty"], tmp_path / "out")
+    (tmp_path / "empty").rmdir()  # a folder inside an input folder is refused on its own
     with pytest.raises(DataError, match=r"train\.txt: given more than once"):
         convert("criteo", [src, tmp_path], tmp_path / "out")
     with pytest.raises(DataError, match=r"--dedup-key 'id': criteo input has no such column"):
         convert("criteo", src, tmp_path / "out", dedup_key="id")
     with pytest.raises(DataError, match=r"movielens: give one release folder"):
         convert("movielens", [tmp_path, tmp_path], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["dangling link", "link loop", "folder"])
+def test_a_folder_entry_that_is_no_regular_file_is_one_line_not_rows_left_out(criteo_sample: Path, tmp_path: Path,
+                                                                             entry: str) -> None:
+    # Skipped without a word: a day of a time-ordered log whose link pointed at an unmounted disk
+    # was missing from the data, exit 0.
+    days = tmp_path / "days"
+    days.mkdir()
+    _write_lines(days / "day_0.txt", _criteo_lines(criteo_sample, 100))
+    odd = days / "day_1.txt"
+    if entry == "dangling link":
+        odd.symlink_to("/mnt/unmounted/day_1.txt")
+    elif entry == "link loop":
+        odd.symlink_to(odd.name)
+    else:
+        odd.mkdir()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(odd))}: in the input folder, not a regular file "
+                                        r"\(a broken link, a folder or a pipe\): its rows would be left out; "
+                                        r"remove it, or name the criteo input files to read$"):
+        convert("criteo", days, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

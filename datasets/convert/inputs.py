@@ -1,6 +1,6 @@
 """Which files a click-log conversion reads: files and folders given on the command line, in order.
 
-A folder stands for its regular, non-hidden files in name order with the numbers in names compared
+A folder stands for its non-hidden files (each a regular file) in name order with the numbers in names compared
 as numbers (`day_2` before `day_10`: Criteo's and Avazu's day files in time order), so a time split
 over several files stays a split by time.
 """
@@ -19,7 +19,11 @@ def resolve_inputs(sources: Sequence[Path], what: str) -> list[Path]:
     files: list[Path] = []
     for src in sources:
         if src.is_dir():
-            found = sorted((p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")), key=_name_order)
+            found = sorted((p for p in src.iterdir() if not p.name.startswith(".")), key=_name_order)
+            for odd in (p for p in found if not p.is_file()):
+                # Left out, a day of a time-ordered log went missing from the data without a word.
+                raise DataError(f"{odd}: in the input folder, not a regular file (a broken link, a folder or a "
+                                f"pipe): its rows would be left out; remove it, or name the {what} input files to read")
             if not found:
                 raise DataError(f"{src}: a folder without {what} input files")
             files.extend(found)
