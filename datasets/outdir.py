@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
@@ -367,11 +368,37 @@ def make_staging(out: StoragePath, in_place: bool = True, kind: Replaceable = DA
     return staging
 
 
+@contextlib.contextmanager
+def writing(out: StoragePath, kind: Replaceable = DATASET) -> Iterator[None]:
+    """`out` locked for this process's write (`writer_lock`) from its first check to its end. Locked
+    only from the staging folder on, a second `--overwrite` writer that started during the first
+    one's reading was let through by both checks: both said they wrote `out`, and it held one's.
+    Where no lock can be taken yet (a folder above `out` to be made), from the staging folder on."""
+    path = out.absolute() if isinstance(out, Path) else None
+    if path is None or _claimed.get(path) == threading.get_ident() or not path.parent.is_dir():
+        yield
+        return
+    with ExitStack() as held:
+        with contextlib.suppress(EnvironmentProblem, OSError):  # said by the checks and the staging that follow
+            held.enter_context(writer_lock(path, kind.error))
+            _claimed[path] = threading.get_ident()
+            held.callback(_claimed.pop, path)
+        yield
+
+
+# The outputs locked for a write (`writing`), by the thread that writes each: its own checks and
+# staging take that lock as theirs; another thread's are refused as another process's are.
+_claimed: dict[Path, int] = {}
+
+
 def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractContextManager[None]:
     """`out` locked against a second writer, on `.NAME.lock` beside it, or `error` naming the one
     that holds it. Two commands writing one --out at once both said they wrote it, and it held the
     last one's; a fill in place moved the other's staging folder aside with what it replaced, and
     deleted it under that writer."""
+    if _claimed.get(out) == threading.get_ident():
+        return contextlib.nullcontext()
+
     def busy(holder: str) -> EmbshardError:
         return error(f"{out}: another embshard process is writing it ({holder}); wait for it to end, "
                      "or write elsewhere")

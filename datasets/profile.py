@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from embshard.datasets.outdir import check_profile_replaceable, drop_staging, make_staging, replace_folder
+from embshard.datasets.outdir import check_profile_replaceable, drop_staging, make_staging, replace_folder, writing
 from embshard.datasets.schema import (
     PROFILE_DIR,
     PROFILE_FILE,
@@ -122,6 +122,11 @@ _SORT_BELOW = 16
 
 
 def write_profile(dataset_dir: str | Path) -> Profile:
+    with writing(location(dataset_dir) / PROFILE_DIR):  # from its check, before the counting, to its end
+        return _counted_profile(dataset_dir)
+
+
+def _counted_profile(dataset_dir: str | Path) -> Profile:
     spec = DatasetSpec.load(dataset_dir)
     check_profile_replaceable(location(dataset_dir) / PROFILE_DIR)  # before the counting, not after it
     parts = verify_split(dataset_dir, spec, "train")

@@ -797,6 +797,34 @@ def test_an_input_changed_between_passes_is_one_line_not_a_wrong_dataset(criteo_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_second_writer_while_a_conversion_reads_its_input_is_refused(criteo_sample: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    # --out was locked from the staging folder on: a second `--overwrite` writer that started while
+    # the first read its input passed both checks, both said they wrote --out, and it held one's.
+    import subprocess
+    import sys
+
+    from embshard.datasets.convert import stream
+
+    out = tmp_path / "out"
+    src = _write_lines(tmp_path / "day.txt", _criteo_lines(criteo_sample, 200))
+    counted, seconds = stream.count_lines, []
+
+    def another_writer_meanwhile(path: Path) -> int:
+        seconds.append(subprocess.run([sys.executable, "-m", "embshard.cluster.cli", "data", "synth", "--out",
+                                       str(out), "--rows", "100", "--max-cardinality", "20", "--overwrite"],
+                                      capture_output=True, text=True, timeout=300))
+        return counted(path)
+
+    monkeypatch.setattr(stream, "count_lines", another_writer_meanwhile)
+    spec = convert("criteo", src, out, overwrite=True)
+    [second] = seconds
+    assert second.returncode == 2 and re.search(rf"{re.escape(str(out))}: another embshard process is writing it "
+                                                r"\(pid \d+ .*\); wait for it to end", second.stderr), second.stderr
+    assert DatasetSpec.load(out) == spec and sum(spec.rows.values()) == 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["day.txt", "out"]  # no lock file left beside it
+
+
 def test_input_lists_are_checked(criteo_sample: Path, tmp_path: Path) -> None:
     src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
     (tmp_path / "empty").mkdir()

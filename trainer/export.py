@@ -48,7 +48,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embshard.config import ModelConfig
-from embshard.datasets.outdir import Replaceable, check_output, drop_staging, make_staging, publish
+from embshard.datasets.outdir import Replaceable, check_output, drop_staging, make_staging, publish, writing
 from embshard.datasets.schema import (
     OOV_ID,
     VOCAB_DIR,
@@ -174,20 +174,27 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
     hold an earlier export and nothing else, which is replaced only then. Either may be an
     object-store URI."""
     out = location(out_dir)
-    check_output(out, overwrite, EXPORT)  # before minutes of loading, not after
-    if isinstance(source, nn.Module):
-        if model_config is None or spec is None:
-            raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
-        if spec.vocabularies and data_dir is None:
-            warnings.warn(f"export without the vocabularies of dataset {spec.name!r} (pass data_dir= to carry "
-                          "them): the served model takes its ids, not raw values", stacklevel=2)
-        if spec.vocabularies and data_dir is not None:
-            _check_trained_on(spec, data_dir)
-        model = source
-        sources = _Sources(spec, model_config, location(plan_dir) if plan_dir else None,
-                           location(data_dir) if data_dir else None, "live model")
-        return _stored(out, f"exporting a live model to {out}", lambda: _export_live(model, out, sources, overwrite))
-    checkpoint = location(source)
+    if not isinstance(source, nn.Module):
+        with writing(out, EXPORT):  # one process: `out` is its own from this check on
+            check_output(out, overwrite, EXPORT)  # before minutes of loading, not after
+            return _export_checkpoint_from(location(source), out, overwrite)
+    # Every rank of a live model checks, so that all refuse alike; rank 0 alone writes, and locks
+    # `out` once the tables are gathered.
+    check_output(out, overwrite, EXPORT)
+    if model_config is None or spec is None:
+        raise ExportError("export_serving: a live model needs model_config and spec (what its arch is built from)")
+    if spec.vocabularies and data_dir is None:
+        warnings.warn(f"export without the vocabularies of dataset {spec.name!r} (pass data_dir= to carry "
+                      "them): the served model takes its ids, not raw values", stacklevel=2)
+    if spec.vocabularies and data_dir is not None:
+        _check_trained_on(spec, data_dir)
+    model = source
+    sources = _Sources(spec, model_config, location(plan_dir) if plan_dir else None,
+                       location(data_dir) if data_dir else None, "live model")
+    return _stored(out, f"exporting a live model to {out}", lambda: _export_live(model, out, sources, overwrite))
+
+
+def _export_checkpoint_from(checkpoint: StoragePath, out: StoragePath, overwrite: bool) -> StoragePath:
     check_checkpoint_io(checkpoint, "checkpoint")
     # A raw error of a client library (DCP's s3fs) comes from reading the checkpoint; the upload's
     # own are StorageErrors already, naming the object.

@@ -20,7 +20,7 @@ from embshard.datasets.convert.movielens import OFFICIAL_SPLITS, convert_moviele
 from embshard.datasets.convert.oov import oov_report
 from embshard.datasets.convert.stream import convert_text
 from embshard.datasets.convert.text import inputs_held_still
-from embshard.datasets.outdir import check_not_inside, check_output
+from embshard.datasets.outdir import check_not_inside, check_output, writing
 from embshard.datasets.schema import TARGETS, DatasetSpec
 from embshard.datasets.storage import location
 from embshard.errors import DataError
@@ -80,9 +80,9 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
     # Before reading the input: a full Criteo pass takes minutes, a refusal should not. The files
     # themselves, links followed: one inside --out would go with the folder it replaces.
     check_not_inside(location(out_dir), files)
-    check_output(location(out_dir), overwrite)
     options: _Options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
-    with inputs_held_still():
+    with writing(location(out_dir)), inputs_held_still():
+        check_output(location(out_dir), overwrite)
         if kind == "criteo":
             spec, summary = convert_text(criteo.FORMAT, files, out_dir, dedup_key=dedup_key, **options)
         elif kind == "avazu":
