@@ -366,7 +366,7 @@ def test_ml20m_csv_fixture(tmp_path: Path) -> None:
     (src / "movies.csv").write_text(
         "movieId,title,genres\n"
         '10,"American President, The (1995)",Comedy|Drama|Romance\n'
-        "20,Heat (1995),Action|Crime|Thriller\n"
+        "20,Heat (1995),Action||Crime|Thriller\n"
         "30,Untitled,(no genres listed)\n")
     spec = convert("movielens", src, tmp_path / "out")
     assert spec.name == "ml-20m"
@@ -374,7 +374,12 @@ def test_ml20m_csv_fixture(tmp_path: Path) -> None:
     assert spec.rows == {"train": 8, "valid": 1, "test": 1}  # 2.5, 3.5 and 3.0 are neutral
     table = read_all(tmp_path / "out")
     np.testing.assert_array_equal(table["rating"].to_numpy(), [5.0, 4.5, 0.5, 4.0, 1.0, 4.0, 2.0, 5.0, 4.0, 1.0])
-    np.testing.assert_array_equal(pc.list_value_length(table["genres"]).to_numpy(), [3, 3, 1, 1, 3, 1, 3, 3, 1, 3])
+    # The csv releases' "(no genres listed)" is no genre, nor the empty name of "a||b": each was an id.
+    np.testing.assert_array_equal(pc.list_value_length(table["genres"]).to_numpy(), [3, 3, 0, 0, 3, 0, 3, 3, 0, 3])
+    genres = Vocabulary.read(tmp_path / "out" / vocabulary_file("genres"), spec.feature("genres").cardinality,
+                             spec.id, "genres")
+    assert set(genres.values.to_pylist()) == {
+        "Action", "Comedy", "Crime", "Drama", "Romance", "Thriller"}
     # "Untitled" has no year -> unknown id 0.
     assert table["year"].to_numpy()[2] == 0
 
@@ -860,6 +865,18 @@ def test_a_folder_entry_that_is_no_regular_file_is_one_line_not_rows_left_out(cr
                                         r"remove it, or name the criteo input files to read$"):
         convert("criteo", days, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_avazu_header_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    # Its bytes became U+FFFD: two files whose headers differ there were read as one log, and a
+    # feature was named "site_\ufffdd".
+    rows = [_avazu_line(i, i % 2, f"141021{i % 24:02d}") for i in range(20)]
+    src = tmp_path / "a.csv"
+    src.write_bytes(AVAZU_HEADER.replace("site_id", "site_\xe9d").encode("latin-1") + b"\n"
+                    + "\n".join(rows).encode() + b"\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src))}: line 1 \(the header\) is not UTF-8 text "
+                                        r"\(byte \d+: b'\\xe9'\); save it as UTF-8$"):
+        convert("avazu", src, tmp_path / "out")
 
 
 def test_avazu_files_deduplicated_on_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -57,8 +57,14 @@ def text_format(files: list[Path]) -> TextFormat:
 
 def _header(path: Path) -> list[str]:
     with open_input(path) as (data, _):
+        line = data.readline(1 << 20)
+    try:
         # utf-8-sig: a byte-order mark (spreadsheets save one) is no part of the first column's name.
-        return data.readline(1 << 20).decode("utf-8-sig", errors="replace").rstrip("\r\n").split(",")
+        return line.decode("utf-8-sig").rstrip("\r\n").split(",")
+    except UnicodeDecodeError as e:
+        # Replaced by U+FFFD, two headers that differ in those bytes were taken for one.
+        raise DataError(f"{path}: line 1 (the header) is not UTF-8 text (byte {e.start + 1}: "
+                        f"{line[e.start:e.end]!r}); save it as UTF-8") from None
 
 
 def _hours(text: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -333,8 +333,22 @@ def _movies(raw: pa.Table) -> pa.Table:
     return pa.table({
         "movieId": raw["movieId"],
         "year": _year(raw["title"], _YEAR_IN_TITLE),
-        "genres": pc.split_pattern(raw["genres"], "|"),
+        "genres": _genres(raw["genres"]),
     })
+
+
+# What the csv releases (ML-20M, 25M) write for a movie without genres.
+_NO_GENRES = "(no genres listed)"
+
+
+def _genres(text: pa.ChunkedArray) -> pa.ListArray:
+    """Each movie's genres, "a|b", as a list: without the csv releases' marker of none (which was
+    a genre of its own) or the empty names of "a||b" (an id shared by every such movie)."""
+    lists = pc.split_pattern(text, "|").combine_chunks()
+    names = lists.flatten()
+    keep = pc.and_(pc.not_equal(names, ""), pc.not_equal(names, _NO_GENRES))
+    kept = np.bincount(pc.list_parent_indices(lists).filter(keep).to_numpy(), minlength=len(lists))
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(kept)]), pa.int32()), names.filter(keep))
 
 
 def _year(text: pa.ChunkedArray, pattern: str) -> pa.Array:
