@@ -334,7 +334,7 @@ ML100K_RATINGS = [  # user item rating timestamp; deliberately not in time order
 ]
 
 
-def test_ml100k_fixture(tmp_path: Path) -> None:
+def test_ml100k_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "ml-100k"
     src.mkdir()
     (src / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ML100K_RATINGS))
@@ -343,6 +343,8 @@ def test_ml100k_fixture(tmp_path: Path) -> None:
     spec = convert("movielens", src, tmp_path / "out")
     assert spec.name == "ml-100k"
     assert sum(spec.rows.values()) == 11  # one 3-star rating dropped
+    # Counted as repeats and malformed lines are (a quarter of ML-1M's ratings are 3s): it was not.
+    assert "dropped 1 neutral ratings (above 2 and below 4)" in capsys.readouterr().out
     assert spec.rows == {"train": 8, "valid": 1, "test": 2}
     assert spec.feature("occupation").cardinality == 4 and spec.feature("year").cardinality == 3
     table = read_all(tmp_path / "out")
@@ -830,6 +832,16 @@ def test_a_second_writer_while_a_conversion_reads_its_input_is_refused(criteo_sa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["day.txt", "out"]  # no lock file left beside it
 
 
+def test_a_min_count_no_value_reaches_is_a_warning(criteo_sample: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Said only as 100% OOV in the table, and accepted by `plan` and `train`.
+    src = _write_lines(tmp_path / "day.txt", _criteo_lines(criteo_sample, 200))
+    convert("criteo", src, tmp_path / "out", min_count=1_000_000)
+    assert ("warning: no train value of C1, C2, C3, C4, C5, C6, C7, C8, C9, C10, C11, C12, C13, C14, C15, C16, "
+            "C17, C18, C19, C20, C21, C22, C23, C24, C25, C26 occurs --min-count 1000000 times: each of its ids is "
+            "the OOV id, and it tells the model nothing; lower --min-count") in capsys.readouterr().err
+
+
 def test_input_lists_are_checked(criteo_sample: Path, tmp_path: Path) -> None:
     src = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
     (tmp_path / "empty").mkdir()
@@ -949,7 +961,10 @@ def test_movielens_read_in_small_blocks_gives_identical_output(tmp_path: Path, c
         warnings += reported
     assert [w.split("/")[-1] for w in warnings] == [
         "ratings.dat:52: column 'movieId': 'x' is not an integer; line skipped",
-        "ratings.csv:64: expected 4 fields, found 3; line skipped"]
+        "ratings.csv:64: expected 4 fields, found 3; line skipped",
+        # Each of its 60 users rates once: fewer times than the default --min-count 2.
+        "warning: no train value of userId occurs --min-count 2 times: each of its ids is the OOV id, and it tells "
+        "the model nothing; lower --min-count"]
 
 
 def test_movielens_features_counted_per_user_and_movie_as_per_rating(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ ML-100K's official `u1`..`u5`, `ua`, `ub` files.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, TypedDict
@@ -93,4 +94,8 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
             raise DataError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
     print(summary)
     print(oov_report(spec))
+    only_oov = [f.name for f in spec.sparse if f.cardinality == 1]
+    if only_oov:  # else seen only as 100% in the OOV table, and trained on as if it were a feature
+        print(f"warning: no train value of {', '.join(only_oov)} occurs --min-count {min_count} times: each of its "
+              "ids is the OOV id, and it tells the model nothing; lower --min-count", file=sys.stderr)
     return spec
