@@ -386,6 +386,20 @@ def test_ml20m_csv_fixture(tmp_path: Path) -> None:
     assert table["year"].to_numpy()[2] == 0
 
 
+def test_a_movielens_time_past_2100_or_before_1970_is_a_malformed_line(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Any 18 digits were taken: the rating sorted last (first) in the time split, into test (train).
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    good = (src / "ratings.dat").read_text().splitlines()
+    (src / "ratings.dat").write_text("\n".join(["1::7::4::999999999999999999", "1::8::4::-978300001", *good]) + "\n")
+    spec = convert("movielens", src, tmp_path / "out", target="rating")
+    assert sum(spec.rows.values()) == len(good)
+    err = capsys.readouterr().err
+    for line, value in ((1, "999999999999999999"), (2, "-978300001")):
+        assert (f"ratings.dat:{line}: column 'timestamp': '{value}' is not an integer Unix time from 1970 to 2100; "
+                "line skipped") in err
+
+
 def test_movielens_bad_values_are_malformed_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
     good = (src / "ratings.dat").read_text().splitlines()

@@ -64,7 +64,7 @@ _YEAR_AT_END = r"(?P<year>\d{4})$"
 # Every release rates from 0.5 (half-star releases) or 1 to 5 stars.
 MIN_RATING, MAX_RATING = 0.5, 5.0
 _RATING = r"^[0-9]{1,2}(\.[0-9]{1,6})?$"
-RATINGS = {"userId": "integer", "movieId": "integer", "rating": "rating", "timestamp": "integer"}
+RATINGS = {"userId": "integer", "movieId": "integer", "rating": "rating", "timestamp": "time"}
 # ML-100K ships five 80/20 cross-validation splits (u1..u5) and two with exactly 10 test ratings
 # per user (ua, ub), as <name>.base / <name>.test files beside u.data.
 OFFICIAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
@@ -468,8 +468,20 @@ def _is_rating(values: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.and_(number, pc.and_(pc.greater_equal(rating, MIN_RATING), pc.less_equal(rating, MAX_RATING)))
 
 
+# Seconds to 2100-01-01. A time past it (or before 1970) sorted its rating last (first) in the
+# time split, into test (train), without a word.
+_LAST_TIME = 4_102_444_800
+
+
+def _is_time(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    number = pc.match_substring_regex(values, r"^[0-9]{1,10}$")
+    seconds = pc.cast(pc.if_else(number, values, pa.scalar("0")), pa.int64())
+    return pc.and_(number, pc.less(seconds, _LAST_TIME))
+
+
 # kind -> (test of a field, what it must be, its type once checked)
 _KINDS = {
+    "time": (_is_time, "an integer Unix time from 1970 to 2100", pa.int64()),
     "integer": (lambda v: pc.match_substring_regex(v, INTEGER), "an integer", pa.int64()),
     "rating": (_is_rating, f"a rating from {MIN_RATING} to {MAX_RATING:g}", pa.float32()),
     "flag": (lambda v: pc.is_in(v, value_set=pa.array(["0", "1"])), "0 or 1", pa.int8()),
