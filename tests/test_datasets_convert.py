@@ -386,6 +386,18 @@ def test_ml20m_csv_fixture(tmp_path: Path) -> None:
     assert table["year"].to_numpy()[2] == 0
 
 
+@pytest.mark.parametrize("odd", ["ratings.dat", "users.dat"])
+def test_a_movielens_file_that_is_no_regular_file_is_named(tmp_path: Path, odd: str) -> None:
+    # A folder (or broken link) as ratings.dat was "no u.data, ratings.dat or ratings.csv: not a
+    # MovieLens release folder"; as users.dat, "no users.dat".
+    src = write_ml1m_like(tmp_path / "ml", users=20, movies=10, per_user=5)
+    (src / odd).unlink()
+    (src / odd).mkdir()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src / odd))}: not a regular file \(a folder, a pipe or a "
+                                        r"broken link\); MovieLens reads it as one$"):
+        convert("movielens", src, tmp_path / "out")
+
+
 def test_a_movielens_time_past_2100_or_before_1970_is_a_malformed_line(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     # Any 18 digits were taken: the rating sorted last (first) in the time split, into test (train).

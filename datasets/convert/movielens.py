@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -197,6 +198,12 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
     """official: an OFFICIAL_SPLITS name, whose base/test files then replace u.data."""
     if not src.is_dir():
         raise DataError(f"{src}: not a directory (give the unpacked MovieLens folder)")
+    for name in _RELEASE_FILES:
+        # Else taken for a file the release lacks: "no u.data, ratings.dat or ratings.csv: not a
+        # MovieLens release folder" of a folder whose ratings.dat was a broken link.
+        if os.path.lexists(src / name) and not (src / name).is_file():
+            raise DataError(f"{src / name}: not a regular file (a folder, a pipe or a broken link); MovieLens reads "
+                            "it as one")
     if official is not None and not (src / "u.data").is_file():
         raise DataError(f"{src}: split {official!r} needs MovieLens-100K's {official}.base and "
                         f"{official}.test; this folder has no u.data, so it is no ML-100K release")
@@ -210,6 +217,11 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
         raise DataError(f"{src}: no u.data, ratings.dat or ratings.csv: not a MovieLens release folder")
     ratings = _first_rating_per_pair(release.ratings, src, malformed.strict)
     return replace(release, ratings=ratings, repeated=release.ratings.num_rows - ratings.num_rows)
+
+
+# The files of the releases this converter reads (ML-100K, ML-1M, ML-10M, the csv ones).
+_RELEASE_FILES = ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat", "tags.dat", "ratings.csv",
+                  "movies.csv")
 
 
 def _say_unlisted(release: Release, src: Path, strict: bool) -> None:
