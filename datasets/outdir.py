@@ -373,17 +373,27 @@ def writing(out: StoragePath, kind: Replaceable = DATASET) -> Iterator[None]:
     """`out` locked for this process's write (`writer_lock`) from its first check to its end. Locked
     only from the staging folder on, a second `--overwrite` writer that started during the first
     one's reading was let through by both checks: both said they wrote `out`, and it held one's.
-    Where no lock can be taken yet (a folder above `out` to be made), from the staging folder on."""
+    The folders above `out` that the lock's file needs are made for it, and removed at the end
+    unless the write put something there. Where no lock can be taken, the checks and the staging
+    that follow say why."""
     path = out.absolute() if isinstance(out, Path) else None
-    if path is None or _claimed.get(path) == threading.get_ident() or not path.parent.is_dir():
+    # `new/..` is refused by check_output while `new` does not exist: not made here.
+    if path is None or _claimed.get(path) == threading.get_ident() or ".." in path.parts:
         yield
         return
-    with ExitStack() as held:
-        with contextlib.suppress(EnvironmentProblem, OSError):  # said by the checks and the staging that follow
-            held.enter_context(writer_lock(path, kind.error))
-            _claimed[path] = threading.get_ident()
-            held.callback(_claimed.pop, path)
-        yield
+    above = nearest_existing(path.parent)
+    if above != path.parent:  # no folder is made inside a dataset, checkpoint or export
+        check_not_in_sealed(path, "--out", kind.error)
+    try:
+        with ExitStack() as held:
+            with contextlib.suppress(EnvironmentProblem, OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(writer_lock(path, kind.error))
+                held.callback(_claimed.pop, path, None)
+                _claimed[path] = threading.get_ident()
+            yield
+    finally:
+        _remove_empty(path.parent, above)
 
 
 # The outputs locked for a write (`writing`), by the thread that writes each: its own checks and
@@ -437,11 +447,16 @@ def drop_staging(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     _let_go(staging)
     top = _made_above.pop(staging, None)
-    folder = staging.parent
-    while top is not None and folder.is_relative_to(top):
+    if top is not None:
+        _remove_empty(staging.parent, top.parent)
+
+
+def _remove_empty(folder: Path, above: Path) -> None:
+    """`folder` and the folders over it, up to `above` (kept), removed while they are empty."""
+    while folder != above and folder.is_relative_to(above):
         try:
             folder.rmdir()
-        except OSError:  # not empty: another writer's since, or the user's
+        except OSError:  # not empty: the write's, another writer's since, or the user's
             return
         folder = folder.parent
 

@@ -157,6 +157,18 @@ def held_elsewhere(lock: str) -> Iterator[int]:
         holder.wait()
 
 
+def writer_refused(out: Path) -> bool:
+    """Whether another process that would write `out` now is refused, as writing it already
+    (`writer_lock`, after its wait)."""
+    import subprocess
+
+    tried = subprocess.run([sys.executable, "-c", "from pathlib import Path\n"
+                            "from embshard.datasets.outdir import writer_lock\n"
+                            f"with writer_lock(Path({str(out)!r})):\n    pass\n"],
+                           capture_output=True, text=True, timeout=120)
+    return tried.returncode != 0 and "another embshard process is writing it" in tried.stderr
+
+
 @pytest.fixture
 def python_ctrl_c():
     """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever an earlier test in

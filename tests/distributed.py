@@ -3,14 +3,18 @@
 The ranks' processes are kept from one call to the next, one set per world size: a process
 spawned for a call spent ~5 s of 2 cores importing torch and TorchRec, and some 40 calls in the
 suite paid it. Each call starts as a newly spawned process would: the caller's environment,
-working directory and sys.path, torch's initial seed and a process group of its own. A call in
-which any rank fails ends that set (its other ranks may be waiting in a collective); the next call
-spawns a new one."""
+working directory and sys.path (set before its function is unpickled), torch's initial seed, and
+a process group of its own, TorchRec's cached node groups cleared. What a call leaves in its
+processes' modules (a method registered, a warnings filter) stays for the next: no test here
+asks for their absence. A call in which any rank fails ends that set (its other ranks may be
+waiting in a collective); the next call spawns a new one."""
 
 from __future__ import annotations
 
 import atexit
 import os
+import pickle
+import signal
 import socket
 import sys
 import traceback
@@ -33,29 +37,41 @@ def _serve(rank: int, world: int, conn: Connection) -> None:
     seed = torch.initial_seed()
     while True:
         try:
-            task = conn.recv()
+            environ, cwd, path, port, call = conn.recv()
         except EOFError:
             return
-        except BaseException:  # the function's module failed to import here
-            conn.send(("error", traceback.format_exc()))
-            return
-        fn, args, port, environ, cwd, path = task
         os.environ.clear()
         os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         os.chdir(cwd)
         sys.path[:] = path
         torch.manual_seed(seed)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        failed = False
         try:
-            result = ("ok", fn(rank, world, *args))
+            fn, args = pickle.loads(call)  # imports the function's module, on the caller's sys.path
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+            try:
+                result = pickle.dumps(("ok", fn(rank, world, *args)))
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                _forget_torchrec_groups()
         except BaseException:  # the parent re-raises with the rank's traceback
-            result = ("error", traceback.format_exc())
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        conn.send(result)
-        if result[0] == "error":
+            result, failed = pickle.dumps(("error", traceback.format_exc())), True
+        try:
+            conn.send_bytes(result)
+        except OSError:  # the parent has given up on this set (another rank failed)
             return
+        if failed:
+            return
+
+
+def _forget_torchrec_groups() -> None:
+    """TorchRec caches its intra- and cross-node groups for the process: the next call's would
+    be the destroyed group's."""
+    comm = sys.modules.get("torchrec.distributed.comm")
+    for name in ("_INTRA_PG", "_CROSS_PG", "_INTRA_PG_2D", "_CROSS_PG_2D", "_NODE_GROUP_SIZE_2D"):
+        if comm is not None and hasattr(comm, name):
+            setattr(comm, name, None)
 
 
 class _Ranks:
@@ -73,10 +89,13 @@ class _Ranks:
             self.conns.append(ours)
             self.processes.append(process)
 
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.processes)
+
     def call(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
-        """Each rank's result; AssertionError with the tracebacks of the ranks that failed, and
-        ProcessExitedException for a rank that died (as mp.spawn raised)."""
-        task = (fn, args, free_port(), dict(os.environ), os.getcwd(), list(sys.path))
+        """Each rank's result; ProcessExitedException for a rank that died, and AssertionError with
+        the tracebacks of the ranks that failed (as mp.spawn raised them)."""
+        task = (dict(os.environ), os.getcwd(), list(sys.path), free_port(), pickle.dumps((fn, args)))
         for conn in self.conns:
             conn.send(task)
         results: dict[int, tuple[str, Any]] = {}
@@ -86,18 +105,14 @@ class _Ranks:
             ready = wait([*pending, *sentinels])
             for conn in [c for c in ready if c in pending]:
                 try:
-                    results[pending[conn]] = conn.recv()
+                    results[pending[conn]] = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     pass  # died: its sentinel says so
+            for rank in sorted(sentinels[s] for s in ready if s in sentinels and sentinels[s] not in results):
+                raise _exited(rank, self.processes[rank])
             errors = [value for status, value in results.values() if status == "error"]
             if errors:
                 raise AssertionError("a rank failed:\n" + "\n".join(errors))
-            for rank in [sentinels[s] for s in ready if s in sentinels and sentinels[s] not in results]:
-                process = self.processes[rank]
-                process.join()
-                raise mp.ProcessExitedException(f"process {rank} terminated with exit code {process.exitcode}",
-                                                error_index=rank, error_pid=process.pid,
-                                                exit_code=process.exitcode or 0)
         return [results[r][1] for r in range(len(self.conns))]
 
     def close(self, at_once: bool = False) -> None:
@@ -112,6 +127,17 @@ class _Ranks:
                 process.join()
 
 
+def _exited(rank: int, process: Any) -> mp.ProcessExitedException:
+    process.join()
+    code = process.exitcode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        return mp.ProcessExitedException(f"process {rank} terminated with signal {name}", error_index=rank,
+                                          error_pid=process.pid, exit_code=code, signal_name=name)
+    return mp.ProcessExitedException(f"process {rank} terminated with exit code {code}", error_index=rank,
+                                      error_pid=process.pid, exit_code=code or 0)
+
+
 _KEPT: dict[int, _Ranks] = {}
 
 
@@ -123,7 +149,11 @@ def _close_all() -> None:
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     """fn(rank, world, *args) on every rank; returns each rank's (picklable) result."""
-    ranks = _KEPT.pop(world, None) or _Ranks(world)
+    ranks = _KEPT.pop(world, None)
+    if ranks is None or not ranks.alive():
+        if ranks is not None:
+            ranks.close(at_once=True)
+        ranks = _Ranks(world)
     try:
         results = ranks.call(fn, args)
     except BaseException:

@@ -830,8 +830,9 @@ def test_an_input_changed_between_passes_is_one_line_not_a_wrong_dataset(criteo_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("parent", ["there", "made for it"])
 def test_a_second_writer_while_a_conversion_reads_its_input_is_refused(criteo_sample: Path, tmp_path: Path,
-                                                                      monkeypatch) -> None:
+                                                                      monkeypatch, parent: str) -> None:
     # --out was locked from the staging folder on: a second `--overwrite` writer that started while
     # the first read its input passed both checks, both said they wrote --out, and it held one's.
     import subprocess
@@ -839,7 +840,7 @@ def test_a_second_writer_while_a_conversion_reads_its_input_is_refused(criteo_sa
 
     from embshard.datasets.convert import stream
 
-    out = tmp_path / "out"
+    out = tmp_path / "out" if parent == "there" else tmp_path / "new" / "out"
     src = _write_lines(tmp_path / "day.txt", _criteo_lines(criteo_sample, 200))
     counted, seconds = stream.count_lines, []
 
@@ -855,7 +856,7 @@ def test_a_second_writer_while_a_conversion_reads_its_input_is_refused(criteo_sa
     assert second.returncode == 2 and re.search(rf"{re.escape(str(out))}: another embshard process is writing it "
                                                 r"\(pid \d+ .*\); wait for it to end", second.stderr), second.stderr
     assert DatasetSpec.load(out) == spec and sum(spec.rows.values()) == 200
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["day.txt", "out"]  # no lock file left beside it
+    assert sorted(p.name for p in out.parent.iterdir() if p.name != "day.txt") == ["out"]  # no lock file left
 
 
 def test_a_min_count_no_value_reaches_is_a_warning(criteo_sample: Path, tmp_path: Path,
@@ -866,6 +867,14 @@ def test_a_min_count_no_value_reaches_is_a_warning(criteo_sample: Path, tmp_path
     assert ("warning: no train value of C1, C2, C3, C4, C5, C6, C7, C8, C9, C10, C11, C12, C13, C14, C15, C16, "
             "C17, C18, C19, C20, C21, C22, C23, C24, C25, C26 occurs --min-count 1000000 times: each of its ids is "
             "the OOV id, and it tells the model nothing; lower --min-count") in capsys.readouterr().err
+
+
+def test_a_failed_conversion_leaves_no_folder_it_made_for_its_out(criteo_sample: Path, tmp_path: Path) -> None:
+    # The folders above --out are made for its lock before the input is read.
+    src = _write_lines(tmp_path / "day.txt", ["not\ta\tcriteo\tline"])
+    with pytest.raises(DataError):
+        convert("criteo", src, tmp_path / "new" / "a" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["day.txt"]
 
 
 def test_input_lists_are_checked(criteo_sample: Path, tmp_path: Path) -> None:

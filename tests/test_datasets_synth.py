@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import held_elsewhere
+from conftest import held_elsewhere, writer_refused
 
 from embshard.datasets.cli import register
 from embshard.datasets.outdir import check_output
@@ -378,6 +378,23 @@ def test_a_profile_another_process_writes_is_refused_before_its_counting(tmp_pat
     with held_elsewhere(f"writer_lock(Path({str(out / 'profile')!r}))") as writing:
         with pytest.raises(DataError, match=rf"profile: another embshard process is writing it \(pid {writing} "):
             profile.write_profile(out)
+
+
+def test_a_profile_holds_its_folder_while_it_counts(tmp_path: Path, monkeypatch) -> None:
+    # Locked only once counted: a second `data profile` that started meanwhile passed its check.
+    import embshard.datasets.profile as profile
+
+    out, refused = tmp_path / "d", []
+    synthesize(out, rows=100, seed=0, max_cardinality=20)
+    verified = profile.verify_split
+
+    def another_writer_meanwhile(*args: object, **kwargs: object) -> object:
+        refused.append(writer_refused(out / "profile"))
+        return verified(*args, **kwargs)
+
+    monkeypatch.setattr(profile, "verify_split", another_writer_meanwhile)
+    profile.write_profile(out)
+    assert refused == [True] and not (out / ".profile.lock").exists()
 
 
 def test_a_check_of_out_waits_out_another_check_of_it(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import held_elsewhere, plan_spec, predict
+from conftest import held_elsewhere, plan_spec, predict, writer_refused
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding
@@ -325,6 +325,25 @@ def test_export_from_a_checkpoint_written_with_the_collapse_hook(tmp_path: Path)
     assert [str(w.message) for w in caught] == []  # DCP's "loading in a single process": two lines on every export
     with torch.no_grad():
         torch.testing.assert_close(load_serving(out)(*inputs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_s_export_holds_its_out_while_it_loads(tmp_path: Path, monkeypatch) -> None:
+    # Locked only from its staging folder on: a second export --overwrite that started while the
+    # first loaded the checkpoint passed both checks, and both said they wrote --out.
+    from embshard.trainer import export
+
+    checkpoints, _, _ = checkpointed_with_the_collapse_hook(tmp_path)
+    out, refused = tmp_path / "new" / "serving", []
+    verified = export.newest_verified
+
+    def another_writer_meanwhile(source: Path) -> Path:
+        refused.append(writer_refused(out))
+        return verified(source)
+
+    monkeypatch.setattr(export, "newest_verified", another_writer_meanwhile)
+    export_serving(checkpoints, out)
+    assert refused == [True] and load_serving(out) is not None
+    assert sorted(p.name for p in out.parent.iterdir()) == ["serving"]  # no lock file left beside it
 
 
 def test_a_damaged_export_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -136,6 +136,15 @@ def feature_missing_builder(embeddings: EmbeddingModule, spec: DatasetSpec, opti
     return FeatureMissingFromData(embeddings, len(spec.dense), squeeze=True)
 
 
+class OwnKeyError(NestedLinear):
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return super().forward(dense, sparse) * {"dim": 8}["dropout"]  # a bug of its own, not of the data
+
+
+def own_key_error_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
+    return OwnKeyError(embeddings, len(spec.dense), squeeze=True)
+
+
 def unread_builder(embeddings: EmbeddingModule, spec: DatasetSpec, options: Mapping[str, Any]) -> nn.Module:
     return EmbeddingsUnread(embeddings, len(spec.dense), squeeze=True)
 
@@ -495,6 +504,14 @@ def test_a_builder_of_the_wrong_model_is_one_line(dataset, tmp_path, process_gro
     with pytest.raises(ConfigError, match=message) as e:
         run_worker(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_a_key_error_of_the_model_s_own_is_not_said_as_a_feature_the_data_lacks(dataset, tmp_path,
+                                                                                process_group) -> None:
+    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:own_key_error_builder")
+    plan_for_training(cfg)
+    with pytest.raises(KeyError, match="^'dropout'$"):
+        run_worker(cfg)
 
 
 def test_a_model_of_embeddings_alone_trains(dataset, tmp_path, process_group) -> None:

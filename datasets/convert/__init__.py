@@ -96,6 +96,8 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
     print(oov_report(spec))
     only_oov = [f.name for f in spec.sparse if f.cardinality == 1]
     if only_oov:  # else seen only as 100% in the OOV table, and trained on as if it were a feature
-        print(f"warning: no train value of {', '.join(only_oov)} occurs --min-count {min_count} times: each of its "
-              "ids is the OOV id, and it tells the model nothing; lower --min-count", file=sys.stderr)
+        why = (f"no train value of {', '.join(only_oov)} occurs --min-count {min_count} times" if min_count > 1
+               else f"the train split holds no value of {', '.join(only_oov)}")
+        print(f"warning: {why}: each of its ids is the OOV id, and it tells the model nothing"
+              + ("; lower --min-count" if min_count > 1 else ""), file=sys.stderr)
     return spec

@@ -20,7 +20,8 @@ def resolve_inputs(sources: Sequence[Path], what: str) -> list[Path]:
     for src in sources:
         if src.is_dir():
             found = sorted((p for p in src.iterdir() if not p.name.startswith(".")), key=_name_order)
-            for odd in (p for p in found if not p.is_file()):
+            odd = next((p for p in found if not p.is_file()), None)
+            if odd is not None:
                 # Left out, a day of a time-ordered log went missing from the data without a word.
                 raise DataError(f"{odd}: in the input folder, not a regular file (a broken link, a folder or a "
                                 f"pipe): its rows would be left out; remove it, or name the {what} input files to read")

@@ -9,6 +9,8 @@ BCE with the label, AUC and logloss.
 
 from __future__ import annotations
 
+import re
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -165,13 +167,18 @@ class TrainModel(nn.Module):
         return _arch_loss(self, output, batch), output
 
 
+_TORCHREC_LOOKUP = re.compile(r"torchrec[/\\]sparse[/\\]jagged_tensor\.py$")
+
+
 def _feature_not_in_data(arch: str, e: KeyError, batch: Batch) -> ConfigError | None:
     """ConfigError for a model that looked up a feature by a name the data has not: TorchRec's
     KeyedTensor and KeyedJaggedTensor raise the KeyError in their own frame, and every rank said
     "crashed: rank 0: KeyError: 'C99'", naming neither the arch nor the data, and was retried."""
     key = e.args[0] if len(e.args) == 1 else None
     features = batch.sparse.keys()
-    if not isinstance(key, str) or key in features:
+    frames = traceback.extract_tb(e.__traceback__)
+    # Only TorchRec's lookup by feature name: the model's own dicts raise KeyErrors of other keys.
+    if not isinstance(key, str) or key in features or not frames or not _TORCHREC_LOOKUP.search(frames[-1].filename):
         return None
     shown = ", ".join(features[:6]) + (f", ..., {features[-1]}" if len(features) > 6 else "")
     return ConfigError(f"model.arch {arch!r}: its forward looked up feature {key!r}, which the dataset lacks "
