@@ -194,7 +194,7 @@ def export_serving(source: str | Path | nn.Module, out_dir: str | Path, *, overw
     return _stored(out, f"exporting a live model to {out}", lambda: _export_live(model, out, sources, overwrite))
 
 
-def _export_checkpoint_from(checkpoint: StoragePath, out: StoragePath, overwrite: bool) -> StoragePath:
+def _export_checkpoint_from(checkpoint: StoragePath, out: StoragePath, overwrite: bool) -> StoragePath | None:
     check_checkpoint_io(checkpoint, "checkpoint")
     # A raw error of a client library (DCP's s3fs) comes from reading the checkpoint; the upload's
     # own are StorageErrors already, naming the object.
