@@ -421,6 +421,12 @@ def test_export_overwrite_replaces_only_what_the_old_export_wrote(tmp_path: Path
         export_serving(checkpoints, out, overwrite=True)
     assert (out / "notes.remap.npy").read_text() == "precious"
     (out / "notes.remap.npy").unlink()
+    # Named as the vocabularies' folder, in an export that has none: taken for it, and deleted.
+    (out / "vocab").write_text("precious")
+    with pytest.raises(ExportError, match=r"serving: holds 'vocab', which no export holds; refusing to replace it"):
+        export_serving(checkpoints, out, overwrite=True)
+    assert (out / "vocab").read_text() == "precious"
+    (out / "vocab").unlink()
     export_serving(checkpoints, out, overwrite=True)
 
 

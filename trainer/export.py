@@ -146,10 +146,12 @@ def read_manifest(directory: StoragePath) -> ServingManifest:
 # names (a user's `notes.remap.npy` beside them only looked like one). Any version of it: an
 # export written before an upgrade is still ours to replace, read as loosely as it may differ.
 def _export_holds(parts: tuple[str, ...], manifest: Mapping[str, Any]) -> bool:
-    if parts == (VOCAB_DIR,):
-        return True
     named = {name for key in ("remaps", "vocabularies") if isinstance(manifest.get(key), dict)
-             for name in manifest[key].values()}
+             for name in manifest[key].values() if isinstance(name, str)}
+    if parts == (VOCAB_DIR,):
+        # The folder of the vocabularies the manifest names: a user's file of that name beside an
+        # export without vocabularies was taken for it, and deleted by --overwrite.
+        return any(name.startswith(f"{VOCAB_DIR}/") for name in named)
     return "/".join(parts) in named or parts in ((MANIFEST,), (WEIGHTS,), (PLAN,))
 
 
