@@ -115,7 +115,8 @@ def check_not_in_sealed(out: StoragePath, what: str, error: type[EmbshardError] 
             prefix = prefix.parent
     else:
         # Resolved too: through a link into a dataset, a folder landed inside it all the same.
-        for path in dict.fromkeys([out.absolute(), out.resolve()]):
+        # Normalised: `export/../new` was "inside the export".
+        for path in dict.fromkeys([Path(os.path.normpath(out.absolute())), out.resolve()]):
             folders += [path, *path.parents] if itself else list(path.parents)
     for folder in folders:
         sealed = _sealed_as(folder)

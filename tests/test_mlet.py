@@ -428,6 +428,9 @@ def test_export_overwrite_replaces_only_what_the_old_export_wrote(tmp_path: Path
     assert (out / "vocab").read_text() == "precious"
     (out / "vocab").unlink()
     export_serving(checkpoints, out, overwrite=True)
+    # Beside the export, not in it: was refused as "inside the export".
+    assert export_serving(checkpoints, out / ".." / "beside") == out / ".." / "beside"
+    assert load_serving(tmp_path / "beside") is not None
 
 
 def test_a_checkpoint_pruned_while_it_is_exported_is_one_line(tmp_path: Path, monkeypatch) -> None:
