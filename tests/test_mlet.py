@@ -213,6 +213,22 @@ def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) ->
         serving(dense, past)
 
 
+def test_a_serving_json_whose_remaps_are_not_the_plan_s_is_one_line(tmp_path: Path) -> None:
+    # Dropped, or named for another feature: every id of that feature served from another row.
+    np.save(tmp_path / "t_a.remap.npy", np.random.default_rng(0).permutation(30))
+    plan = mlet_plan(remap="t_a.remap.npy")
+    out = export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL,
+                         spec=plan_spec(plan, NUM_DENSE), plan_dir=tmp_path)
+    written = json.loads((out / MANIFEST).read_text())
+    for remaps, said in (({}, r"remaps\.a: None, where plan\.json reorders its rows by 't_a\.remap\.npy'"),
+                         ({"a": "t_a.remap.npy", "b": "t_a.remap.npy"},
+                          r"remaps\.b: 't_a\.remap\.npy', where plan\.json reorders none of its rows")):
+        (out / MANIFEST).write_text(json.dumps({**written, "remaps": remaps}))
+        with pytest.raises(ExportError, match=rf"serving\.json: {said}; the export is damaged: export the checkpoint "
+                                              "again$"):
+            load_serving(out)
+
+
 def test_an_export_replaces_only_an_earlier_export_and_only_once_complete(tmp_path: Path, monkeypatch) -> None:
     plan = mlet_plan()
     model, spec = trained_like(plan), plan_spec(plan, NUM_DENSE)

@@ -267,6 +267,15 @@ def load_serving(directory: str | Path) -> ServingModel:
     unplanned = sorted(set(manifest.remaps) - set(rows))
     if unplanned:
         raise ExportError(f"{path}: remaps.{unplanned[0]}: {manifest.plan} has no feature of that name")
+    # The plan names each table's remap: one dropped from serving.json, or two swapped, served
+    # every id of those features from another row, without a word.
+    planned = {f: t.remap for t in plan.tables if t.remap is not None for f in t.features}
+    differs = sorted(f for f in {*planned, *manifest.remaps} if manifest.remaps.get(f) != planned.get(f))
+    if differs:
+        f = differs[0]
+        plans = f"reorders its rows by {planned[f]!r}" if f in planned else "reorders none of its rows"
+        raise ExportError(f"{path}: remaps.{f}: {manifest.remaps.get(f)!r}, where {manifest.plan} {plans}; the "
+                          "export is damaged: export the checkpoint again")
     remaps = {f: torch.from_numpy(load_remap(directory / name, rows[f])) for f, name in manifest.remaps.items()}
     # Exports written before vocabularies were kept have none. Their values were checked distinct
     # at export, which reads every value; here only that each file is the one exported.
