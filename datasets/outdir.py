@@ -550,7 +550,7 @@ def _replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         _fill_in_place(staging, out, marker)
         return
     if not out.exists():
-        staging.rename(out)
+        _held_replace(out, lambda: _renamed(staging, out))
         return
     _take_over_mode(out, staging)
 
@@ -570,17 +570,23 @@ def _replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
     _held_replace(out, swap)
 
 
-def _held_replace(out: Path, move: Callable[[], Path]) -> None:
+def _renamed(staging: Path, out: Path) -> None:
+    staging.rename(out)
+
+
+def _held_replace(out: Path, move: Callable[[], Path | None]) -> None:
     """Runs `move`, which puts the new contents at `out` and returns the folder of what `out` held
-    before, then removes that folder. A stop during either waits for them: one in the removal left
-    half of the old folder behind, unsaid (a removal takes seconds, even of a large dataset)."""
+    before (None: nothing), then removes that folder. A stop during either waits for them: one in
+    the removal left half of the old folder behind, unsaid (a removal takes seconds, even of a
+    large dataset), and one as a new folder was renamed into place said "interrupted" of it."""
     try:
         with stops_held():
             old = move()
-            shutil.rmtree(old, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except KeyboardInterrupt:  # the held stop: it said "interrupted" of a dataset written whole
         raise Interrupted(f"stopped once {out} was written whole") from None
-    if old.exists():
+    if old is not None and old.exists():
         print(f"warning: {old}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
 
 
