@@ -285,6 +285,26 @@ def test_an_export_never_lands_in_a_checkpoint_folder_and_a_stray_file_condemns_
 
 
 @pytest.mark.usefixtures("process_group")
+def test_a_file_read_by_name_that_the_manifest_does_not_list_condemns_the_step(dataset, tmp_path):
+    # Dropped from the manifest (or put there after it), config.json, plan.json or a remap was read
+    # with no hash vouching for it: an export served two features' remaps swapped, exit 0.
+    from embshard.trainer.checkpoint import first_usable
+
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    step = Path(run_worker(cfg)["checkpoint"])
+    written = (step / MANIFEST).read_text()
+    for name in ("config.json", "progress.json", "plan/plan.json"):
+        manifest = json.loads(written)
+        del manifest["files"][name]
+        (step / MANIFEST).write_text(json.dumps(manifest))
+        assert first_usable([step]) == (None, [(step, f"{name} is not in the manifest")])
+        assert first_usable([step], every_file=True) == (None, [(step, f"{name} is not in the manifest")])
+    (step / MANIFEST).write_text(written)
+    (step / "plan" / "t_C1.0123.remap.npy").write_bytes(b"put there after the manifest")
+    assert first_usable([step]) == (None, [(step, "plan/t_C1.0123.remap.npy is not in the manifest")])
+
+
+@pytest.mark.usefixtures("process_group")
 def test_a_verified_checkpoint_that_cannot_be_read_is_one_export_line(dataset, tmp_path):
     # Its hashes made over damaged or foreign files: export was a traceback (EOFError, KeyError,
     # TypeError) where a resume says one line.
