@@ -174,6 +174,10 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
         if part == ".." and not Path(*out.parts[:i]).is_dir():
             raise kind.error(f"{out}: goes up ('..') from {Path(*out.parts[:i])}, which does not exist; name the "
                              "folder without '..'")
+    if out.name == "..":
+        # Its staging folder and lock go beside it by name: `d/train/..` put them inside `d/train`,
+        # and the dataset `d` was then refused as holding a '....lock' of no dataset's.
+        raise kind.error(f"{out}: ends in '..'; name the folder itself ({os.path.normpath(out.absolute())})")
     if out.is_symlink():
         # Renaming would move the link, not the dataset it points to.
         raise kind.error(f"{out}: a symbolic link; give the folder it points to ({out.resolve()})")

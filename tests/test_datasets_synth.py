@@ -321,6 +321,16 @@ def test_a_users_file_anywhere_inside_a_dataset_keeps_it_from_being_replaced(tmp
     assert (out / "profile" / "mystuff" / "a.csv").read_text() == "precious"
 
 
+def test_an_out_ending_in_dot_dot_is_refused_naming_the_folder(tmp_path: Path) -> None:
+    # `d/train/..` was refused as "inside the dataset d" (or as holding a lock file of no dataset's).
+    first = synthesize(tmp_path / "d", rows=100, seed=0, max_cardinality=20)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'd' / 'train' / '..'))}: ends in '\.\.'; "
+                                        rf"name the folder itself \({re.escape(str(tmp_path / 'd'))}\)$"):
+        synthesize(tmp_path / "d" / "train" / "..", rows=200, seed=1, max_cardinality=20, overwrite=True)
+    assert DatasetSpec.load(tmp_path / "d") == first
+    assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == ["part-00000.parquet"]
+
+
 def test_a_link_into_a_dataset_does_not_put_another_dataset_inside_it(tmp_path: Path) -> None:
     # `--out link/x` with link -> d/train wrote a dataset into d/train, which the next
     # `synth --out d --overwrite` deleted.
