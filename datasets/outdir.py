@@ -383,7 +383,7 @@ def writing(out: StoragePath, kind: Replaceable = DATASET) -> Iterator[None]:
     that follow say why."""
     path = out.absolute() if isinstance(out, Path) else None
     # `new/..` is refused by check_output while `new` does not exist: not made here.
-    if path is None or _claimed.get(path) == threading.get_ident() or ".." in path.parts:
+    if path is None or _claimed_here(path) or ".." in path.parts:
         yield
         return
     above = nearest_existing(path.parent)
@@ -406,12 +406,16 @@ def writing(out: StoragePath, kind: Replaceable = DATASET) -> Iterator[None]:
 _claimed: dict[Path, int] = {}
 
 
+def _claimed_here(out: Path) -> bool:
+    return _claimed.get(out) == threading.get_ident()
+
+
 def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractContextManager[None]:
     """`out` locked against a second writer, on `.NAME.lock` beside it, or `error` naming the one
     that holds it. Two commands writing one --out at once both said they wrote it, and it held the
     last one's; a fill in place moved the other's staging folder aside with what it replaced, and
     deleted it under that writer."""
-    if _claimed.get(out) == threading.get_ident():
+    if _claimed_here(out):
         return contextlib.nullcontext()
 
     def busy(holder: str) -> EmbshardError:
@@ -554,7 +558,10 @@ def _replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         _fill_in_place(staging, out, marker)
         return
     if not out.exists():
-        _held_replace(out, lambda: _renamed(staging, out))
+        def rename() -> None:
+            staging.rename(out)
+
+        _held_replace(out, rename)
         return
     _take_over_mode(out, staging)
 
@@ -572,10 +579,6 @@ def _replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
         return old
 
     _held_replace(out, swap)
-
-
-def _renamed(staging: Path, out: Path) -> None:
-    staging.rename(out)
 
 
 def _held_replace(out: Path, move: Callable[[], Path | None]) -> None:

@@ -244,14 +244,14 @@ def test_a_stop_during_a_replace_waits_for_it_to_finish(tmp_path: Path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     # And one as a new --out is renamed into place: it said "interrupted" of a dataset in place.
     new = tmp_path / "new"
-    renamed = outdir._renamed
+    rename = Path.rename
 
-    def stopped_rename(staging: Path, target: Path) -> None:
+    def stopped_rename(staging: Path, target: Path) -> Path:
         if target == new:  # not its profile's, inside the staging folder
             os.kill(os.getpid(), signal.SIGINT)
-        renamed(staging, target)
+        return rename(staging, target)
 
-    monkeypatch.setattr(outdir, "_renamed", stopped_rename)
+    monkeypatch.setattr(Path, "rename", stopped_rename)
     with pytest.raises(Interrupted, match=rf"^stopped once {new} was written whole$"):
         synthesize(new, rows=100, seed=1, max_cardinality=20)
     assert sum(DatasetSpec.load(new).rows.values()) == 100

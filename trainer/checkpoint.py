@@ -60,13 +60,11 @@ from embshard.sealed_folders import STEP_FOLDER, STEP_FOLDER_BEING_WRITTEN
 from embshard.sharding.mlet import is_mlet_w2
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
-    DamagedCheckpoint,
     RankFailure,
     SafeLoadPlanner,
     checkpoint_reader,
     checkpoint_writer,
     on_every_rank,
-    read_manifest,
     unusable,
     verify,
     verify_collective,
@@ -466,20 +464,13 @@ def problem(path: StoragePath, every_file: bool = False) -> str | None:
     def read(name: str) -> bool:
         return name in DRIVER_FILES or name.startswith(f"{PLAN_DIR}/")
 
-    def verified() -> None:
-        verify(path, None if every_file else read)
-        listed = read_manifest(path)
-        unlisted = next((name for name in _read_by_name(path) if name not in listed), None)
-        if unlisted is not None:
-            raise DamagedCheckpoint(f"{unlisted} is not in the manifest")
-
-    return unusable(path, verified)
+    return unusable(path, lambda: verify(path, None if every_file else read, _read_by_name(path)))
 
 
 def _read_by_name(path: StoragePath) -> list[str]:
-    """The files of a step that are read for what they say, not unpickled (which `check_layout`
-    refuses unlisted): one put there after its manifest, or dropped from it, was read with no hash
-    vouching for it, and an export served its remaps swapped."""
+    """The files of a step that are there and read for what they say, not unpickled (which
+    `check_layout` refuses unlisted): one put there after its manifest, or dropped from it, was
+    read with no hash vouching for it, and an export served its remaps swapped."""
     plan = path / PLAN_DIR
     remaps = sorted(f"{PLAN_DIR}/{f.name}" for f in plan.iterdir() if f.name.endswith(REMAP_SUFFIX)) \
         if plan.is_dir() else []

@@ -214,11 +214,12 @@ def check_contents(folder: StoragePath, files: dict[str, FileEntry], names: Iter
             raise DamagedCheckpoint(f"{name}: content differs from the manifest's SHA-256")
 
 
-def verify(folder: StoragePath, read: Callable[[str], bool] | None = None) -> None:
+def verify(folder: StoragePath, read: Callable[[str], bool] | None = None, present: Iterable[str] = ()) -> None:
     """One process: the layout, and the hashes of the manifest's files that `read` names (None:
-    every file)."""
+    every file) and of the files `present` names, which the manifest must list."""
     files = check_layout(folder)
-    check_contents(folder, files, [name for name in files if read is None or read(name)])
+    wanted = [name for name in files if read is None or read(name)]
+    check_contents(folder, files, [*wanted, *(name for name in present if name not in wanted)])
 
 
 def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:

@@ -80,10 +80,11 @@ def convert(kind: Kind, src: str | Path | Sequence[str | Path], out_dir: str | P
     files = resolve_inputs(sources, kind) if kind != "movielens" else sources
     # Before reading the input: a full Criteo pass takes minutes, a refusal should not. The files
     # themselves, links followed: one inside --out would go with the folder it replaces.
-    check_not_inside(location(out_dir), files)
+    out = location(out_dir)
+    check_not_inside(out, files)
     options: _Options = {"min_count": min_count, "split": split, "seed": seed, "strict": strict, "overwrite": overwrite}
-    with writing(location(out_dir)), inputs_held_still():
-        check_output(location(out_dir), overwrite)
+    with writing(out), inputs_held_still():
+        check_output(out, overwrite)
         if kind == "criteo":
             spec, summary = convert_text(criteo.FORMAT, files, out_dir, dedup_key=dedup_key, **options)
         elif kind == "avazu":
