@@ -229,6 +229,35 @@ def test_a_serving_json_whose_remaps_are_not_the_plan_s_is_one_line(tmp_path: Pa
             load_serving(out)
 
 
+def test_a_serving_json_whose_spec_takes_more_ids_than_the_plan_has_rows_is_one_line(tmp_path: Path) -> None:
+    # Its ids past the table's rows passed the serving model's range check and reached the lookup,
+    # whose bounds check reads them as row 0, silently.
+    plan = mlet_plan()
+    out = export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL,
+                         spec=plan_spec(plan, NUM_DENSE), plan_dir=tmp_path)
+    written = json.loads((out / MANIFEST).read_text())
+    features = [{**f, "cardinality": 40} if f["name"] == "a" else f for f in written["spec"]["sparse"]]
+    (out / MANIFEST).write_text(json.dumps({**written, "spec": {**written["spec"], "sparse": features}}))
+    with pytest.raises(ExportError, match=r"serving\.json: spec: feature 'a' takes 40 ids, table 't_a' has 30 rows: "
+                                          r"the export is damaged: export the checkpoint again$"):
+        load_serving(out)
+
+
+def test_a_serving_json_listing_some_files_must_list_every_file_it_reads(tmp_path: Path) -> None:
+    # One entry dropped from its list: that file was loaded with no hash vouching for it.
+    np.save(tmp_path / "t_a.remap.npy", np.random.default_rng(0).permutation(30))
+    plan = mlet_plan(remap="t_a.remap.npy")
+    out = export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL,
+                         spec=plan_spec(plan, NUM_DENSE), plan_dir=tmp_path)
+    written = json.loads((out / MANIFEST).read_text())
+    for name in (written["weights"], written["plan"], "t_a.remap.npy"):
+        files = {k: v for k, v in written["files"].items() if k != name}
+        (out / MANIFEST).write_text(json.dumps({**written, "files": files}))
+        with pytest.raises(ExportError, match=rf"serving\.json: files: {re.escape(name)} is not listed; the export is "
+                                              "damaged: export the checkpoint again$"):
+            load_serving(out)
+
+
 def test_an_export_replaces_only_an_earlier_export_and_only_once_complete(tmp_path: Path, monkeypatch) -> None:
     plan = mlet_plan()
     model, spec = trained_like(plan), plan_spec(plan, NUM_DENSE)

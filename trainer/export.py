@@ -71,6 +71,7 @@ from embshard.errors import (
     DataError,
     EmbshardError,
     EnvironmentProblem,
+    PlanError,
     StorageError,
     disk_full,
     first_line,
@@ -252,9 +253,16 @@ def load_serving(directory: str | Path) -> ServingModel:
     directory = Path(directory)
     path = directory / MANIFEST
     manifest = read_manifest(directory)
-    _verify_files(directory, manifest.files)
+    _verify_files(directory, manifest)
     plan = DimensionPlan.load(directory / manifest.plan)
     spec = DatasetSpec.from_json(manifest.spec, str(path))
+    try:
+        # Ids past a table's rows passed the serving range check, which reads the spec, and
+        # FBGEMM's bounds check served them from row 0.
+        check_plan_holds(plan, {f.name: f.cardinality for f in spec.sparse}, f"{path}: spec",
+                         "the export is damaged: export the checkpoint again")
+    except PlanError as e:
+        raise ExportError(str(e)) from None
     model = arch_model(plan, spec, manifest.model)
     weights = directory / manifest.weights
     # Only exports written before the hashes get here with a weights.pt that is not theirs: torch's
@@ -284,10 +292,19 @@ def load_serving(directory: str | Path) -> ServingModel:
     return ServingModel(model, remaps, spec.sparse, vocabularies).eval().requires_grad_(False)
 
 
-def _verify_files(directory: Path, files: Mapping[str, FileRecord]) -> None:
+def _verify_files(directory: Path, manifest: ServingManifest) -> None:
     """ExportError naming the first file of the export that is missing or not as written (its
-    size, its sha256 in serving.json); exports written before the hashes list none."""
-    for name, entry in files.items():
+    size, its sha256 in serving.json), or that it reads but does not list; exports written before
+    the hashes list none."""
+    if manifest.files:
+        read = [manifest.plan, manifest.weights, *manifest.remaps.values(), *manifest.vocabularies.values()]
+        # One that is there is loaded with no hash vouching for it (every export that lists files
+        # lists them all); one that is not is said as missing where it is read.
+        unlisted = [name for name in read if name not in manifest.files and (directory / name).exists()]
+        if unlisted:
+            raise ExportError(f"{directory / MANIFEST}: files: {unlisted[0]} is not listed; the export is damaged: "
+                              "export the checkpoint again")
+    for name, entry in manifest.files.items():
         path = directory / name
         why = None
         if not path.is_file():
