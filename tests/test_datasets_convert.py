@@ -689,6 +689,31 @@ def test_avazu_gzip(tmp_path: Path) -> None:
     assert convert("avazu", src, tmp_path / "out").rows == {"train": 32, "valid": 4, "test": 4}
 
 
+def test_text_in_another_encoding_is_one_line(criteo_sample: Path, tmp_path: Path) -> None:
+    # UTF-16 was 201 malformed lines of 200 ('\x000\x00' is not 0 or 1), said five times over. A
+    # UTF-8 mark (a spreadsheet's save) is read past, as it was already.
+    text = "\n".join(_criteo_lines(criteo_sample)) + "\n"
+    for encoding, said in (("utf-16", "UTF-16 text"), ("utf-16-be", "UTF-16 text"), ("utf-32", "UTF-32 text")):
+        src = tmp_path / f"{encoding}.txt"
+        src.write_bytes(text.encode(encoding))
+        with pytest.raises(DataError, match=rf"{encoding}\.txt: {said}; the converters read UTF-8: convert it first "
+                                             rf"\(iconv -f {said[:6]} -t UTF-8\)$"):
+            convert("criteo", src, tmp_path / "out")
+        src.write_bytes(gzip.compress(text.encode(encoding)))
+        with pytest.raises(DataError, match=rf"{encoding}\.txt: {said}"):
+            convert("criteo", src, tmp_path / "out")
+    plain = convert("criteo", _write_lines(tmp_path / "plain.txt", _criteo_lines(criteo_sample)), tmp_path / "plain")
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(codecs.BOM_UTF8 + text.encode())
+    assert convert("criteo", marked, tmp_path / "marked").rows == plain.rows
+    assert read_all(tmp_path / "marked").equals(read_all(tmp_path / "plain"))
+    rows = [_avazu_line(i, int(i % 4 == 0), f"141021{i % 24:02d}") for i in range(40)]
+    avazu = tmp_path / "avazu.csv"
+    avazu.write_bytes(codecs.BOM_UTF8 + ("\n".join([AVAZU_HEADER, *rows]) + "\n").encode())
+    assert convert("avazu", avazu, tmp_path / "avazu").rows == {"train": 32, "valid": 4, "test": 4}
+    assert not (tmp_path / "out").exists()
+
+
 def test_tar_archive_must_be_unpacked_first(criteo_sample: Path, tmp_path: Path) -> None:
     plain = _write_lines(tmp_path / "train.txt", _criteo_lines(criteo_sample))
     archive = tmp_path / "dac.tar.gz"

@@ -8,6 +8,7 @@ every problem is reported with its physical line number. Gzip input is read as i
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import os
@@ -134,12 +135,32 @@ def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
                 raw.seek(0)
                 return gzip.GzipFile(fileobj=raw) if compressed else raw  # type: ignore[return-value]
 
-            if rewound().read(_TAR_MAGIC_AT + 5)[_TAR_MAGIC_AT:] == b"ustar":
+            head = rewound().read(_TAR_MAGIC_AT + 5)
+            if head[_TAR_MAGIC_AT:] == b"ustar":
                 raise DataError(f"{path}: a tar archive; unpack it first (tar xf) and give the data file inside")
+            encoding = _wide_encoding(head)
+            if encoding is not None:
+                # Its tabs and newlines are where UTF-8's are, so every line passed as one of the
+                # format and failed on its values: all skipped as malformed, said line by line.
+                raise DataError(f"{path}: {encoding} text; the converters read UTF-8: convert it first "
+                                f"(iconv -f {encoding} -t UTF-8)")
             yield rewound(), raw
             _check_unchanged(path, raw)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """'UTF-16' or 'UTF-32' where `head` (a file's first bytes) starts with that encoding's
+    byte-order mark, or is ASCII text in UTF-16 without one (every other byte NUL); else None."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "UTF-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16"
+    first = head[:64]
+    if len(first) >= 8 and any(first) and (not any(first[1::2]) or not any(first[::2])):
+        return "UTF-16"
+    return None
 
 
 def sniff(path: Path, names: list[str], delimiter: str, *, skip_lines: int, what: str) -> None:
