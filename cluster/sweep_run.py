@@ -29,7 +29,7 @@ from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig, current_schema, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
-from embshard.datasets.storage import RemotePath, StoragePath, check_reachable, write_whole
+from embshard.datasets.storage import RemotePath, StoragePath, check_writable, write_whole
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
 from embshard.typed_config import to_dict
 
@@ -140,7 +140,7 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
     name this command's config and data as what they trained (a resume on data.path written
     again filed the finished trials' points under the new data's hash). -> whether Tune has a
     state to restore (a sweep stopped before Tune started has none: it starts afresh)."""
-    check_reachable(out)  # a missing bucket or refused credentials: one line before Ray starts
+    check_writable(out, "--out")  # a missing bucket or refused credentials: one line before Ray starts
     check_not_in_sealed(out, "--out", ConfigError, itself=True)
     saved = out / SPEC_FILE
     if resume:

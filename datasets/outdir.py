@@ -19,6 +19,7 @@ import ctypes
 import errno
 import fnmatch
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -46,7 +47,7 @@ from embshard.datasets.schema import (
 from embshard.datasets.storage import (
     RemotePath,
     StoragePath,
-    check_reachable,
+    check_writable,
     nearest_existing,
     read_json_object,
     rmtree,
@@ -165,6 +166,8 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
     staging folder, which `make_staging` may have put inside `out`, and which counts for nothing."""
     if isinstance(out, RemotePath):
         _check_remote_output(out, overwrite, kind)
+        if staging is None:  # else this process holds the lock
+            _check_no_other_writer(out, kind.error)
         return
     check_not_in_sealed(out, "--out", kind.error)
     _check_not_a_step(out, kind.error)
@@ -207,11 +210,11 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
     _check_replaceable(folder, overwrite, kind, staging)  # absolute: `_foreign` of `.` cut names short
 
 
-def _check_no_other_writer(out: Path, error: type[EmbshardError]) -> None:
+def _check_no_other_writer(out: StoragePath, error: type[EmbshardError]) -> None:
     """`error` when another process writes `out` now: said before the work, not once it is
     done, and not as "holds no dataset.json" of a folder that holds that writer's staging folder.
     Where no lock can be taken yet (no folder above), the checks that follow say why."""
-    if out.parent.is_dir():
+    if isinstance(out, RemotePath) or out.parent.is_dir():
         with contextlib.suppress(EnvironmentProblem, OSError), writer_lock(out, error):
             pass
 
@@ -289,7 +292,7 @@ def _check_remote_output(out: RemotePath, overwrite: bool, kind: Replaceable) ->
     if "/" not in out.path:
         # A folder is staged beside its destination, and a bucket has nothing beside it.
         raise kind.error(f"{out}: a bucket itself; give a prefix in it, e.g. {out}/{kind.what}")
-    check_reachable(out)
+    check_writable(out, "--out")
     check_not_in_sealed(out, "--out", kind.error)
     _check_not_a_step(out, kind.error)
     if any(out.iterdir()):
@@ -348,7 +351,16 @@ def make_staging(out: StoragePath, in_place: bool = True, kind: Replaceable = DA
     inside it, no dataset holds). A local `out` is locked from here until the write is published
     or dropped (`writer_lock`)."""
     if isinstance(out, RemotePath):
-        return Path(tempfile.mkdtemp(prefix="embshard-upload-"))
+        remote = ExitStack()
+        remote.enter_context(writer_lock(out, kind.error))
+        try:
+            _say_leftovers(out)
+            staging = Path(tempfile.mkdtemp(prefix="embshard-upload-"))
+        except BaseException:
+            remote.close()
+            raise
+        _held[staging] = remote
+        return staging
     out = out.absolute()  # `--out .` has no name and its parent is itself
     staging = out / sibling(out, "partial").name if in_place and _fills_in_place(out) else sibling(out, "partial")
     above = nearest_existing(out.parent)
@@ -381,9 +393,13 @@ def writing(out: StoragePath, kind: Replaceable = DATASET) -> Iterator[None]:
     The folders above `out` that the lock's file needs are made for it, and removed at the end
     unless the write put something there. Where no lock can be taken, the checks and the staging
     that follow say why."""
-    path = out.absolute() if isinstance(out, Path) else None
+    if isinstance(out, RemotePath):
+        with _claim(out, kind):
+            yield
+        return
+    path = out.absolute()
     # `new/..` is refused by check_output while `new` does not exist: not made here.
-    if path is None or _claimed_here(path) or ".." in path.parts:
+    if _claimed_here(path) or ".." in path.parts:
         yield
         return
     above = nearest_existing(path.parent)
@@ -393,28 +409,40 @@ def writing(out: StoragePath, kind: Replaceable = DATASET) -> Iterator[None]:
         with ExitStack() as held:
             with contextlib.suppress(EnvironmentProblem, OSError):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                held.enter_context(writer_lock(path, kind.error))
-                held.callback(_claimed.pop, path, None)
-                _claimed[path] = threading.get_ident()
+                held.enter_context(_claim(path, kind))
             yield
     finally:
         _remove_empty(path.parent, above)
 
 
+@contextlib.contextmanager
+def _claim(out: StoragePath, kind: Replaceable) -> Iterator[None]:
+    """`out`'s writer lock, held by this thread for the block (unless it holds it already)."""
+    if _claimed_here(out):
+        yield
+        return
+    with writer_lock(out, kind.error):
+        try:  # the release set up before the claim: a stop between them left a stale one
+            _claimed[out] = threading.get_ident()
+            yield
+        finally:
+            _claimed.pop(out, None)
+
+
 # The outputs locked for a write (`writing`), by the thread that writes each: its own checks and
 # staging take that lock as theirs; another thread's are refused as another process's are.
-_claimed: dict[Path, int] = {}
+_claimed: dict[StoragePath, int] = {}
 
 
-def _claimed_here(out: Path) -> bool:
+def _claimed_here(out: StoragePath) -> bool:
     return _claimed.get(out) == threading.get_ident()
 
 
-def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractContextManager[None]:
-    """`out` locked against a second writer, on `.NAME.lock` beside it, or `error` naming the one
-    that holds it. Two commands writing one --out at once both said they wrote it, and it held the
-    last one's; a fill in place moved the other's staging folder aside with what it replaced, and
-    deleted it under that writer."""
+def writer_lock(out: StoragePath, error: type[EmbshardError] = DataError) -> AbstractContextManager[None]:
+    """`out` locked against a second writer, on `.NAME.lock` beside it (`_lock_file`), or `error`
+    naming the one that holds it. Two commands writing one --out at once both said they wrote it,
+    and it held the last one's; a fill in place moved the other's staging folder aside with what it
+    replaced, and deleted it under that writer."""
     if _claimed_here(out):
         return contextlib.nullcontext()
 
@@ -422,7 +450,7 @@ def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractCo
         return error(f"{out}: another embshard process is writing it ({holder}); wait for it to end, "
                      "or write elsewhere")
 
-    if out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
+    if isinstance(out, Path) and out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
         return locked_folder(out, busy, PROBE_SECONDS)  # a mount point under a read-only root, filled in place
     return locked(_lock_file(out), busy, PROBE_SECONDS)
 
@@ -433,9 +461,15 @@ def writer_lock(out: Path, error: type[EmbshardError] = DataError) -> AbstractCo
 PROBE_SECONDS = 2.0
 
 
-def _lock_file(out: Path) -> Path:
-    """The file a writer of `out` locks (`.NAME.lock`)."""
-    return out.with_name(sibling_prefix(out, "lock").removesuffix("-"))
+def _lock_file(out: StoragePath) -> Path:
+    """The file a writer of `out` locks: `.NAME.lock` beside a folder; for a prefix in object
+    storage, which has no locks, one on this machine named by its URI. Writers on other machines
+    are not kept out by it (see the README)."""
+    if isinstance(out, Path):
+        return out.with_name(sibling_prefix(out, "lock").removesuffix("-"))
+    folder = Path(tempfile.gettempdir()) / f"embshard-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{hashlib.sha256(str(out).encode()).hexdigest()[:32]}.lock"
 
 
 def _let_go(staging: Path) -> None:

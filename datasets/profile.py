@@ -122,11 +122,16 @@ _SORT_BELOW = 16
 
 
 def write_profile(dataset_dir: str | Path) -> Profile:
-    with writing(location(dataset_dir) / PROFILE_DIR):  # from its check, before the counting, to its end
-        return _counted_profile(dataset_dir)
+    """The profile of the dataset `dataset_dir`, written into it. The dataset and its profile are
+    locked from the check, before the counting, to the end: a replace of the dataset meanwhile
+    (`--overwrite`) left a bucket's profile with half of its features, both commands saying they
+    wrote theirs."""
+    with writing(location(dataset_dir)), writing(location(dataset_dir) / PROFILE_DIR):
+        return counted_profile(dataset_dir)
 
 
-def _counted_profile(dataset_dir: str | Path) -> Profile:
+def counted_profile(dataset_dir: str | Path) -> Profile:
+    """`write_profile` without its locks: for a writer's own staging folder, no other's to write."""
     spec = DatasetSpec.load(dataset_dir)
     check_profile_replaceable(location(dataset_dir) / PROFILE_DIR)  # before the counting, not after it
     parts = verify_split(dataset_dir, spec, "train")

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, Union, cast, overload
+from urllib.parse import quote, unquote
 
 import pyarrow.fs as pafs
 
@@ -178,7 +179,24 @@ def location(value: "str | os.PathLike[str] | RemotePath") -> "StoragePath":
         # `s3:/bucket/x` wrote a local folder named `s3:` without a word.
         raise StorageError(f"{text}: a URI with one '/' after its scheme; a location is a local path or "
                            "scheme://authority/path (s3://bucket/prefix)")
-    return RemotePath(text) if is_uri(text) else Path(text)
+    if not is_uri(text):
+        return Path(text)
+    _check_key(text)
+    return RemotePath(text)
+
+
+def _check_key(uri: str) -> None:
+    """StorageError for a URI whose key names no one prefix. pyarrow takes `.` and `..` as names
+    (a write there failed as "access denied" once it had run) and decodes `%2F` into a `/` that
+    the URI's own parent does not have (a message named the bucket as the dataset `ds%2Fsub` was
+    inside)."""
+    for segment in uri.partition("?")[0].split("://", 1)[1].split("/")[1:]:
+        name = unquote(segment)
+        if name in (".", ".."):
+            raise StorageError(f"{uri}: a {name!r} in an object-store key names no prefix (a store has no folders "
+                               "to step into or out of); give the prefix itself")
+        if "/" in name:
+            raise StorageError(f"{uri}: {segment!r} encodes a '/' inside one name; write the '/' itself")
 
 
 @dataclass(frozen=True)
@@ -277,18 +295,24 @@ def _bounded(uri: str) -> str:
     return f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={max(retry_seconds(), 1.0):g}"
 
 
+# What a name may hold in a URI as it is (RFC 3986's path characters): the rest is percent-encoded.
+_URI_SAFE = "/!$&'()*+,;=:@"
+
+
 class RemotePath:
     """A key prefix in object storage, with the `Path` methods embshard uses (see module doc)."""
 
     def __init__(self, uri: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> None:
-        self.uri = uri.rstrip("/")
+        # `?region=...`: options for pyarrow's file system, kept on every path below this one.
+        base, mark, options = uri.partition("?")
+        self.uri, self.options = base.rstrip("/"), mark + options
         # Resolved on first use: pyarrow may ask the network (the bucket's region) to build one.
         self._resolved = (fs, path.rstrip("/")) if fs is not None and path is not None else None
 
     def _resolve(self) -> tuple[pafs.FileSystem, str]:
         if self._resolved is None:
             try:
-                fs, path = pafs.FileSystem.from_uri(_bounded(self.uri))
+                fs, path = pafs.FileSystem.from_uri(_bounded(str(self)))
             except (OSError, ValueError) as e:  # pyarrow.lib.ArrowInvalid is a ValueError
                 raise StorageError(f"{self.uri}: cannot open this storage location ({reason(e)})") from None
             self._resolved = (fs, path.rstrip("/"))
@@ -307,28 +331,44 @@ class RemotePath:
 
     def __truediv__(self, name: str | os.PathLike[str]) -> "RemotePath":
         name = os.fspath(name).strip("/")
-        if self._resolved is None:
-            return RemotePath(f"{self.uri}/{name}")
-        return RemotePath(f"{self.uri}/{name}", self.fs, f"{self.path}/{name}")
+        return self._below(quote(name, safe=_URI_SAFE), name)
+
+    def _below(self, quoted: str, name: str) -> "RemotePath":
+        """The path `name` (`quoted` in the URI) below this one."""
+        uri = f"{self.uri}/{quoted}{self.options}"
+        return RemotePath(uri) if self._resolved is None else RemotePath(uri, self.fs, f"{self.path}/{name}")
 
     def __str__(self) -> str:
-        return self.uri
+        """The URI as given: `location(str(p)) == p` (Ray's workers and configs get it as text)."""
+        return self.uri + self.options
+
+    @property
+    def fsspec_uri(self) -> str:
+        """The URI as fsspec reads it (DCP's checkpoints): s3fs takes a key as it is, where pyarrow
+        decodes it (a checkpoint's manifest went to `sp ace/`, its weights to `sp%20ace/`)."""
+        if self.options:
+            # Saved through fsspec with the environment's settings instead, a checkpoint went to
+            # another endpoint or region than the rest of the run's files, if anywhere.
+            raise StorageError(f"{self}: checkpoints are read and written through fsspec, which does not take "
+                               f"pyarrow's URI options ({self.options!r}); set them in the environment "
+                               "(AWS_REGION, AWS_ENDPOINT_URL) and give the URI without them")
+        return unquote(self.uri)
 
     def __repr__(self) -> str:
-        return f"RemotePath({self.uri!r})"
+        return f"RemotePath({str(self)!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemotePath) and other.uri == self.uri
+        return isinstance(other, RemotePath) and str(other) == str(self)
 
     def __lt__(self, other: "RemotePath") -> bool:
-        return self.uri < other.uri
+        return str(self) < str(other)
 
     def __hash__(self) -> int:
-        return hash(self.uri)
+        return hash(str(self))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Ray ships paths to workers: they rebuild the file system from the URI and their own env.
-        return (RemotePath, (self.uri,))
+        return (RemotePath, (str(self),))
 
     @property
     def name(self) -> str:
@@ -340,9 +380,8 @@ class RemotePath:
 
     @property
     def parent(self) -> "RemotePath":
-        if self._resolved is None:
-            return RemotePath(self.uri.rsplit("/", 1)[0])
-        return RemotePath(self.uri.rsplit("/", 1)[0], self.fs, posixpath.dirname(self.path))
+        uri = self.uri.rsplit("/", 1)[0] + self.options
+        return RemotePath(uri) if self._resolved is None else RemotePath(uri, self.fs, posixpath.dirname(self.path))
 
     @property
     def bucket(self) -> str:
@@ -388,7 +427,7 @@ class RemotePath:
 
     def _child(self, info: pafs.FileInfo) -> "RemotePath":
         rel = posixpath.relpath(info.path, self.path)
-        return RemotePath(f"{self.uri}/{rel}", self.fs, info.path)
+        return self._below(quote(rel, safe=_URI_SAFE), rel)
 
     def iterdir(self) -> Iterator["RemotePath"]:
         return iter([self._child(i) for i in self._listing(recursive=False)])
@@ -568,11 +607,17 @@ def check_reachable(path: StoragePath) -> None:
 
 
 def check_writable(path: StoragePath, what: str) -> None:
-    """`check_reachable`, and for a local folder EnvironmentProblem when it cannot be created or
-    written in (a read-only mount, no permission): said before a run trains, where the first
+    """`check_reachable`, and StorageError when an object holds the prefix's own key; for a local
+    folder EnvironmentProblem when it cannot be created or written in (a read-only mount, no
+    permission): said before a run trains, where the first
     checkpoint found it after the whole run had trained (the only save when every_steps is unset)."""
     if isinstance(path, RemotePath):
         path.check_bucket()
+        if path.is_file():
+            # Written below it, a folder's objects list as no folder: a dataset there could not be
+            # replaced, a run's checkpoints there were never found (its restart trained from step 0).
+            raise StorageError(f"{what} {path}: an object is stored under this very key, so what is written below "
+                               "it would not read as a folder; move that object, or give another prefix")
         return
     existing = nearest_existing(path)  # checked there, not made: a run refused later leaves nothing
     if not existing.is_dir():

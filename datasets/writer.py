@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embshard.datasets.outdir import check_output, drop_staging, make_staging, publish
-from embshard.datasets.profile import write_profile
+from embshard.datasets.profile import counted_profile
 from embshard.datasets.schema import (
     ITEMS_DIR,
     OOV_ID,
@@ -284,7 +284,7 @@ class DatasetWriter:
                 oov_share={s: {f: st.oov[f] / n for f, n in st.ids.items() if n}
                            for s, st in self.stats.items()} if self.oov_features else {})
             spec.save(self.staging)
-            write_profile(self.staging)
+            counted_profile(self.staging)
             publish(self.staging, self.out_dir, self.overwrite)
         except BaseException:
             self.abort()

@@ -139,14 +139,15 @@ def ray_with_crash(rank: int, step: int) -> Iterator[None]:
 @contextmanager
 def held_elsewhere(lock: str) -> Iterator[int]:
     """Another process holding `lock` (a context manager expression over `folder_lock`,
-    `file_lock`, `run_lock`, `writer_lock`, `load_job_config` and `Path`) until the block ends, as
-    a command at work there would; yields its pid."""
+    `file_lock`, `run_lock`, `writer_lock`, `load_job_config`, `location` and `Path`) until the
+    block ends, as a command at work there would; yields its pid."""
     import subprocess
 
     holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom pathlib import Path\n"
                                "from embshard.cluster.run_lock import file_lock, folder_lock, run_lock\n"
                                "from embshard.config import load_job_config\n"
                                "from embshard.datasets.outdir import writer_lock\n"
+                               "from embshard.datasets.storage import location\n"
                                f"with {lock}:\n    print('held', flush=True)\n    time.sleep(120)\n"],
                               stdout=subprocess.PIPE, text=True)
     try:

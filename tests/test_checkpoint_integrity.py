@@ -506,3 +506,23 @@ def test_a_step_pruned_while_it_is_loaded_is_said_so(dataset, tmp_path):
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(step))}: removed while it was being loaded \(a run "
                                               r"still saving into .* keeps only its newest steps\); resume from "):
         manager.load_latest(sharded.model, sharded.optimizer, [step])
+
+
+@pytest.mark.parametrize("name", ["../step-000008/progress.json", "/etc/hostname", "a/./b", "a//b", "a\\b"])
+def test_a_manifest_listing_a_file_outside_its_step_does_not_verify(tmp_path, name):
+    # Read as listed: a step vouched for another step's file (locally), and in a bucket the key
+    # `../` was "access denied", which stopped every resume and export there for good.
+    import hashlib
+
+    from embshard.trainer.checkpoint_integrity import DamagedCheckpoint, verify
+
+    other = tmp_path / "ck" / "step-000008" / "progress.json"
+    other.parent.mkdir(parents=True)
+    other.write_text("{}")
+    step = tmp_path / "ck" / "step-000004"
+    step.mkdir()
+    entry = {"bytes": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}
+    (step / MANIFEST).write_text(json.dumps({"version": 2, "files": {name: entry}}))
+    with pytest.raises(DamagedCheckpoint, match=rf"^{MANIFEST} lists {re.escape(repr(name))}, which names no file "
+                                                "of this step$"):
+        verify(step)

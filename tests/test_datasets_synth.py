@@ -351,7 +351,7 @@ def test_a_second_writer_of_one_out_is_refused_while_the_first_writes(tmp_path: 
     out = tmp_path / "d"
     first = synthesize(out, rows=100, seed=0, max_cardinality=20) if earlier == "a dataset" else out.mkdir()
     refusals = []
-    profile = writer.write_profile
+    profile = writer.counted_profile
 
     def second_writer_meanwhile(staging: Path) -> None:  # the first writer's last step before it publishes
         with pytest.raises(DataError) as refused:
@@ -359,7 +359,7 @@ def test_a_second_writer_of_one_out_is_refused_while_the_first_writes(tmp_path: 
         refusals.append(str(refused.value))
         profile(staging)
 
-    monkeypatch.setattr(writer, "write_profile", second_writer_meanwhile)
+    monkeypatch.setattr(writer, "counted_profile", second_writer_meanwhile)
     second = synthesize(out, rows=200, seed=1, max_cardinality=20, overwrite=True)
     assert len(refusals) == 1 and re.fullmatch(
         rf"{re.escape(str(out))}: another embshard process is writing it \(pid {os.getpid()} on "

@@ -47,6 +47,75 @@ def test_synth_to_bucket_reads_like_a_folder(s3, tmp_path) -> None:
         assert a.labels.equal(b.labels) and a.sparse.values().equal(b.sparse.values())
 
 
+def test_a_uri_with_options_reads_and_writes_below_it(s3, tmp_path) -> None:
+    # The options went after each child's name (`data?region=us-east-1/profile`): pyarrow looked for
+    # a bucket `data?region=...`, and said "A region must be set".
+    uri = s3.uri("data") + "?region=us-east-1"
+    synthesize(uri, rows=ROWS, max_cardinality=500)
+    verify_dataset(uri)
+    assert "data/train/part-00000.parquet" in s3.keys("data/")
+    assert len(list(ParquetBatchReader(uri, "train", 256, seed=3))) > 0
+
+
+def test_a_prefix_whose_own_key_is_an_object_is_refused(s3, tmp_path) -> None:
+    # Its objects went below it and listed as no folder: a dataset written there could not be
+    # replaced (the old one left unreadable), and a run's checkpoints there were never found (its
+    # restart trained from step 0, its `keep` pruned nothing).
+    from embshard.cluster.launch import plan_for_training
+    from embshard.config import CheckpointConfig, DataConfig, JobConfig
+
+    client = s3.server.client()
+    client.put_object(Bucket=s3.name, Key="ds", Body=b"the user's")
+    with pytest.raises(StorageError, match=rf"^--out {s3.uri('ds')}: an object is stored under this very key"):
+        synthesize(s3.uri("ds"), rows=ROWS, max_cardinality=500)
+    synthesize(s3.uri("data"), rows=ROWS, max_cardinality=500)
+    client.put_object(Bucket=s3.name, Key="ck", Body=b"the user's")
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=s3.uri("data")),
+                    checkpoint=CheckpointConfig(dir=s3.uri("ck")))
+    with pytest.raises(StorageError, match=rf"^checkpoint\.dir {s3.uri('ck')}: an object is stored under this very"):
+        plan_for_training(cfg)
+    assert sorted(k for k in s3.keys() if not k.startswith("data/")) == ["ck", "ds"]
+    assert client.get_object(Bucket=s3.name, Key="ds")["Body"].read() == b"the user's"
+
+
+def test_a_second_writer_of_a_bucket_prefix_on_this_machine_is_refused(s3) -> None:
+    # Two `data synth` to one new prefix both said they wrote it, and it held one of them; a
+    # profile during a replace said it wrote a profile that held half of the features.
+    from conftest import held_elsewhere
+
+    from embshard.datasets.outdir import check_output
+    from embshard.datasets.profile import write_profile
+
+    uri = s3.uri("ds")
+    first = synthesize(uri, rows=ROWS, max_cardinality=500)
+    with held_elsewhere(f"writer_lock(location({uri!r}))") as writing:
+        with pytest.raises(DataError, match=rf"^{uri}: another embshard process is writing it \(pid {writing} .*\); "
+                                            "wait for it to end"):
+            check_output(location(uri), overwrite=True)
+        with pytest.raises(DataError, match=rf"another embshard process is writing it \(pid {writing} "):
+            synthesize(uri, rows=ROWS, seed=1, max_cardinality=500, overwrite=True)
+        with pytest.raises(DataError, match=rf"^{uri}: another embshard process is writing it \(pid {writing} "):
+            write_profile(uri)
+    new = s3.uri("new")
+    with held_elsewhere(f"writer_lock(location({new!r}))"):
+        with pytest.raises(DataError, match=rf"^{new}: another embshard process is writing it"):
+            synthesize(new, rows=ROWS, max_cardinality=500)
+    assert DatasetSpec.load(uri) == first and not s3.keys("new")
+    synthesize(uri, rows=ROWS, seed=1, max_cardinality=500, overwrite=True)  # once the other has ended
+
+
+def test_a_staging_prefix_a_killed_writer_left_is_named(s3, capsys) -> None:
+    # SIGKILL during an upload left `.ds.partial-PID-...` in the bucket, and no later write named it.
+    synthesize(s3.uri("ds"), rows=ROWS, max_cardinality=500)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    left = f".ds.partial-{pid}-0123abcd"
+    s3.server.client().put_object(Bucket=s3.name, Key=f"{left}/train/part-00000.parquet", Body=b"half")
+    synthesize(s3.uri("ds"), rows=ROWS, seed=1, max_cardinality=500, overwrite=True)
+    assert (f"warning: {s3.uri(left)}: left by an interrupted write to {s3.uri('ds')} (its process {pid} is not "
+            "running on this host)") in capsys.readouterr().err
+
+
 def test_nothing_is_written_inside_a_dataset_in_a_bucket(s3) -> None:
     # Refused for local folders only: a synth (or sweep, or export) inside a dataset in a bucket
     # went through, and the dataset could then never be replaced.

@@ -24,6 +24,7 @@ from embshard.trainer.checkpoint_integrity import MANIFEST, DamagedCheckpoint, c
 from embshard.trainer.export import MANIFEST as SERVING_MANIFEST
 from embshard.trainer.export import ExportError, export_serving, load_serving
 from embshard.trainer.faults import MARKER
+from embshard.trainer.loop import run_worker
 
 pytestmark = pytest.mark.slow
 ROWS = 12000  # 9,600 train rows: 9 steps of 2 x 512
@@ -129,3 +130,22 @@ def test_export_into_a_prefix_that_is_no_export_is_refused_first(s3) -> None:
     with pytest.raises(ExportError, match=r"models: not empty and holds no serving\.json.*, even with --overwrite$"):
         export_serving(s3.uri("no-checkpoint-here"), s3.uri("models"), overwrite=True)
     assert s3.keys() == ["models/notes.txt"]
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_checkpoint_dir_with_a_percent_escape_saves_resumes_and_exports(s3, tmp_path) -> None:
+    # pyarrow decodes `%20` and DCP's s3fs took it as it was: every step's manifest and config went
+    # to `sp ace/`, its weights to `sp%20ace/`, and the step passed as whole, so the run said it
+    # had saved while no resume or export could ever load it.
+    from conftest import profiled_synth
+    from test_objstore_failures import job
+
+    data = profiled_synth(tmp_path / "data", rows=3000, max_cardinality=500)
+    checkpoints = s3.uri("sp%20ace/ck")
+    run_worker(job(data, tmp_path / "run", checkpoints, max_steps=2))
+    assert {k.split("/")[0] for k in s3.keys()} == {"sp ace"}
+    summary = run_worker(job(data, tmp_path / "run", checkpoints, max_steps=4))
+    assert summary["resumed_from"] == f"{checkpoints}/step-000002"
+    served = export_serving(checkpoints, s3.uri("sp%20ace/serving"))
+    assert load_serving(served) is not None
+    assert {k.split("/")[0] for k in s3.keys()} == {"sp ace"}

@@ -172,10 +172,16 @@ def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
             # Not damaged: set aside as such, the run went on from an older step, or from scratch.
             raise NewerCheckpoint(f"{path}: {version_mismatch(version, MANIFEST_VERSION)}")
         files = raw["files"]
-        return {name: FileEntry(entry, None) if isinstance(entry, int) else
-                FileEntry(int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+        entries = {name: FileEntry(entry, None) if isinstance(entry, int) else
+                   FileEntry(int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise DamagedCheckpoint(f"unreadable {MANIFEST} ({type(e).__name__}: {e})") from None
+    for name in entries:
+        # Read as listed, `../step-8/x` vouched for another step's file, and in a bucket was
+        # "access denied", which stopped every resume and export there for good.
+        if not name or "\\" in name or name.startswith("/") or {"", ".", ".."} & set(name.split("/")):
+            raise DamagedCheckpoint(f"{MANIFEST} lists {name!r}, which names no file of this step")
+    return entries
 
 
 class DamagedCheckpoint(EmbshardError):
@@ -325,7 +331,7 @@ def check_checkpoint_io(path: StoragePath, what: str) -> None:
     otherwise the first save, after the run has trained, would find it missing."""
     if isinstance(path, Path):
         return
-    scheme = str(path).split("://", 1)[0]
+    scheme = path.fsspec_uri.split("://", 1)[0]  # a URI fsspec cannot be given: said before anything trains
     try:
         fsspec.get_filesystem_class(scheme)
     except (ImportError, ValueError) as e:
@@ -335,12 +341,12 @@ def check_checkpoint_io(path: StoragePath, what: str) -> None:
 
 def checkpoint_reader(path: StoragePath) -> FileSystemReader:
     """DCP's reader for a local folder or an object-store prefix, with the safe metadata unpickler."""
-    return SafeFileSystemReader(path) if isinstance(path, Path) else SafeFsspecReader(str(path))
+    return SafeFileSystemReader(path) if isinstance(path, Path) else SafeFsspecReader(path.fsspec_uri)
 
 
 def checkpoint_writer(path: StoragePath) -> FileSystemWriter:
     """DCP's writer for a local folder, or (fsspec) for an object-store prefix."""
-    return FileSystemWriter(path) if isinstance(path, Path) else FsspecWriter(str(path))
+    return FileSystemWriter(path) if isinstance(path, Path) else FsspecWriter(path.fsspec_uri)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
