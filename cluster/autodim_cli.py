@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "which a rerun of the same run rewrites)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a decisions file already at --out / autodim.decisions (a file there that "
-                        "is no decisions file is never replaced)")
+                        "is no decisions file is never replaced), and a finished search in output_dir that "
+                        "this one would search over from scratch")
     verbose_argument(p)
     p.set_defaults(func=_autodim)
 
@@ -45,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _autodim(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.cli import print_notes, validation_text
-    from embshard.cluster.launch import plan_for_training, train_on_ray
-    from embshard.cluster.run_lock import file_lock, run_lock
+    from embshard.cluster.launch import check_replaces_no_run, plan_for_training, train_on_ray
+    from embshard.cluster.run_lock import file_lock, run_lock, written_by_a_run
     from embshard.config import load_job_config
     from embshard.errors import ConfigError
     from embshard.trainer.autodim import autodim_section, decisions_path
@@ -57,6 +58,13 @@ def _autodim(args: argparse.Namespace) -> int:
     # Absolute: workers may run elsewhere (train_on_ray resolves the other paths the same way).
     decisions = Path(args.out or decisions_path(cfg)).resolve()
     named = args.out is not None or search.decisions is not None
+    own = written_by_a_run(cfg, decisions)
+    if named and own is not None and own != Path(decisions_path(cfg)).resolve():
+        # Said "decisions -> X" while the run's own summary, log, plan or history replaced them
+        # (or they replaced it).
+        raise ConfigError(f"{'--out' if args.out else 'autodim.decisions'} {decisions}: a file the search's own run "
+                          f"writes in its output_dir {Path(cfg.output_dir).resolve()}; give the decisions file "
+                          "another name")
     if named:
         # A path the user named may hold anything, their config included: checked before the
         # search, not found out by its last step.
@@ -68,6 +76,8 @@ def _autodim(args: argparse.Namespace) -> int:
     with run_lock(cfg), file_lock(decisions):
         if named:
             check_decisions_out(decisions, args.overwrite, cfg.output_dir)  # again: one may have ended since
+        # A search into a finished one's folder replaced its decisions, summary, plan and history.
+        check_replaces_no_run(cfg, args.overwrite)
         bundle = plan_for_training(cfg, "autodim")
         plan = bundle.dimension_plan
         print(f"search: candidates {search.candidates}, {search.lookup} lookup, {search.unify} unify"

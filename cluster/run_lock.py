@@ -44,12 +44,27 @@ RUN_MARKER = ".embshard-run"
 _MARKER_TEXT = "This folder is an embshard run's output_dir: its runs write and replace files here.\n"
 
 # What embshard wrote into an output_dir before runs marked theirs: such a folder is taken as a
-# run's, and marked. Frozen: the marker covers whatever a run writes now.
+# run's, and marked. Frozen: the marker covers whatever a run writes now (`written_by_a_run`).
 _UNMARKED_RUN_ENTRIES = frozenset({
     LOCK_FILE, "plan", "summary.json", "checkpoints", "logs", "ray", "worker_group_starts", "stop-requested",
     "crash-injected", "fatal", "pep", "decisions.json", "alpha_history.jsonl", "search", "sweep", "sweep-check",
     "sweeps", "file_sd.json", "lottery",
 })
+
+
+def written_by_a_run(cfg: JobConfig, path: Path) -> Path | None:
+    """The file or folder of cfg's run (in its output_dir, or its checkpoint.dir) that holds
+    `path`, or is it; None where the run writes nothing there."""
+    path = path.resolve()
+    folder = Path(cfg.output_dir).resolve()
+    checkpoints = location(cfg.checkpoint_dir)
+    if isinstance(checkpoints, Path) and path.is_relative_to(checkpoints.resolve()):
+        return checkpoints.resolve()
+    if path.is_relative_to(folder) and path != folder:
+        entry = path.relative_to(folder).parts[0]
+        if entry in _UNMARKED_RUN_ENTRIES | {RUN_MARKER}:
+            return folder / entry
+    return None
 
 
 class FolderInUse(ConfigError):

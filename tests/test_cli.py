@@ -360,6 +360,31 @@ def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys, mo
     assert f"{tmp_path / 'run' / 'retrain'}: another embshard run is using it" in seen["train"].stderr, seen
 
 
+def test_a_search_refuses_a_decisions_file_its_own_run_writes_and_a_finished_search(tmp_path, capsys, monkeypatch):
+    # `--out RUN/summary.json` (or its log, plan, alpha history) said "decisions -> ..." while the
+    # run's own file replaced the decisions, or the decisions replaced it; and a search into the
+    # folder of a finished one (checkpoints off) replaced its decisions, summary, plan and history.
+    import embshard.cluster.launch as launch
+
+    run = tmp_path / "run"
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
+                                    f"output_dir: {run}\n", max_cardinality=300)
+    for own in ("summary.json", "logs/embshard.log", "alpha_history.jsonl", "plan/plan.json", "checkpoints/x.json"):
+        assert main(["search", "autodim", str(cfg), "--out", str(run / own), "--overwrite"]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"--out {run / own}: a file the search's own run writes in its output_dir {run}; give the decisions "
+            "file another name")
+    assert not run.exists()
+    run.mkdir()
+    (run / "summary.json").write_text('{"steps": 9}')  # a finished search's, no checkpoint kept
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: pytest.fail("trained over a finished search"))
+    assert main(["search", "autodim", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"output_dir {run}: holds a finished run (its summary.json) and it holds no checkpoint to resume, so this "
+        "run would train from scratch over it; set another output_dir, or pass --overwrite to replace it")
+    assert (run / "summary.json").read_text() == '{"steps": 9}'
+
+
 def test_a_search_whose_decisions_file_another_search_writes_is_refused(tmp_path, capsys):
     # Two searches with one --out both said they wrote it; the file held the last one's widths.
     cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
