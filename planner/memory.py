@@ -40,9 +40,10 @@ class MemoryReport:
     world_size: int
     capacity_bytes: int
     optimizer: str
-    # The model's layers outside its embedding module (MLPs, an FM's linear terms) on every rank:
-    # weights, gradients and the dense optimizer's state. Not the planner's to know: the driver
-    # counts them for the model it trains (`trainer.build.dense_layer_bytes`); None: not counted.
+    # The model's layers outside its tables (MLPs, an FM's linear terms) on every rank: weights,
+    # gradients and the dense optimizer's state; and the projections' gradients and state (their
+    # weights are in `projection_bytes`). Not the planner's to know: the driver counts them for
+    # the model it trains (`trainer.build.dense_layer_bytes`); None: not counted.
     dense_bytes: int | None = None
     per_rank: dict[int, dict[str, int]] = field(init=False)
 
@@ -110,7 +111,7 @@ class MemoryReport:
             lines.append(f"... and {len(ranks) - max_ranks} less full ranks (see the JSON report)")
         if self.dense_bytes:
             lines.append(f"dense layers on every rank, besides train: {human_bytes(self.dense_bytes)} "
-                         "(weights, gradients, optimizer state)")
+                         "(weights, gradients, optimizer state; the projections' gradients and state)")
         by_table: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         placement: dict[str, set[str]] = defaultdict(set)
         for s in self.shards:
@@ -128,20 +129,26 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def memory_report(
-    plan: DimensionPlan, shard_plan: ShardPlan, optimizer: SparseOptimizer
-) -> MemoryReport:
-    blocks = {}  # block table name -> Block
+def projection_elements(plan: DimensionPlan) -> tuple[int, int]:
+    """(training, serving) elements of the plan's dense parts that every rank holds: MLET's W2 and
+    the projections to the base dim (training), and those projections alone (serving)."""
     projection = serve_projection = 0
     for table in plan.tables:
-        for i, b in enumerate(table.blocks):
-            blocks[table.block_name(i)] = b
+        for b in table.blocks:
             if b.mlet_width is not None:
                 projection += b.mlet_width * b.dim
             shape = plan.projection_shape(table, b)
             if shape is not None:
                 projection += shape[0] * shape[1]
                 serve_projection += shape[0] * shape[1]
+    return projection, serve_projection
+
+
+def memory_report(
+    plan: DimensionPlan, shard_plan: ShardPlan, optimizer: SparseOptimizer
+) -> MemoryReport:
+    blocks = {table.block_name(i): b for table in plan.tables for i, b in enumerate(table.blocks)}
+    projection, serve_projection = projection_elements(plan)
     world = shard_plan.topology.world_size
     shards = []
     for name, ps in shard_plan.sharding.items():

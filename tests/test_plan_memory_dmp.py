@@ -106,22 +106,31 @@ def test_pep_prune_plan_bytes_match_dmp(tmp_path, pooled_lookup):
         assert abs(planned - measured) <= 0.05 * measured, (rank, planned, actual)
 
 
-@pytest.mark.parametrize("arch", ["dlrm", "fm"])
-def test_dense_layers_the_plan_counts_are_those_dmp_holds(tmp_path, arch):
+@pytest.mark.parametrize("arch, embeddings", [
+    ("dlrm", EmbeddingsConfig(dim=16)),
+    ("fm", EmbeddingsConfig(dim=16)),
+    ("dlrm", EmbeddingsConfig(policy="mde", dim=16, mlet=MletConfig(ratio=2),
+                              mde=MdeConfig(alpha=0.4, mode="within", blocks=3))),
+], ids=["dlrm", "fm", "dlrm-mde-mlet"])
+def test_dense_layers_the_plan_counts_are_those_dmp_holds(tmp_path, arch, embeddings):
     """A dense_arch no rank could hold was a worker's "crashed: can't allocate"; the plan now
     counts the model's layers outside its tables (on the meta device). fm's per-id linear terms
-    are such layers: replicated on every rank, as large as a width-1 table per feature."""
+    are such layers: replicated on every rank, as large as a width-1 table per feature. MDE's
+    projections and MLET's W2 are too: the plan counted their weights alone, where the dense
+    optimizer gives each a gradient and two moments (a plan at 81% of a rank needed 176%)."""
     data = tmp_path / "data"
     synthesize(data, rows=4000, seed=1, max_cardinality=3000)
     cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
-                    embeddings=EmbeddingsConfig(dim=16), cluster=ClusterConfig(workers=2),
+                    embeddings=embeddings, cluster=ClusterConfig(workers=2),
                     model=ModelConfig(arch=arch, dense_arch=[64, 16], over_arch=[32, 1]))
     bundle = plan_for_training(cfg)
     assert json.loads((cfg.plan_dir / "plan.json").read_text())["memory"]["dense_bytes"] == bundle.memory.dense_bytes
     for actual in run_ranks(_dense_bytes_after_a_step, 2, cfg):
         assert actual["weights"] > 0 and actual["gradients"] == actual["weights"]
+        # The projections' weights are in each rank's train bytes, the rest of them in dense_bytes.
         assert actual["weights"] + actual["gradients"] + actual["optimizer"] + actual["buffers"] == \
-            bundle.memory.dense_bytes, actual
+            bundle.memory.dense_bytes + bundle.memory.projection_bytes, actual
+    assert (bundle.memory.projection_bytes > 0) == (embeddings.policy == "mde")
 
 
 def _dense_bytes_after_a_step(rank: int, world: int, cfg: JobConfig) -> dict[str, int]:

@@ -27,6 +27,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from embshard.config import JobConfig
 from embshard.datasets.schema import DatasetSpec
 from embshard.errors import ConfigError, EmbshardError, PlanError, first_line
+from embshard.planner.memory import projection_elements
 from embshard.planner.optimizers import BYTES_PER_ELEMENT, torch_optimizer_class
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.types import DimensionPlan
@@ -92,8 +93,11 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     check_model_holds(arch, model, embeddings)
     params, buffers = dense_layers(model, embeddings)
     weights = sum(p.numel() for p in params)
-    return (weights * (2 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements) * BYTES_PER_ELEMENT
-            + sum(b.numel() * b.element_size() for b in buffers))
+    trained = sum(p.numel() for p in params if p.requires_grad)  # each with a gradient and the optimizer's state
+    # The plan counts the projections' weights in every rank's train bytes already.
+    projected = projection_elements(plan)[0]
+    return ((weights - projected + trained * (1 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements))
+            * BYTES_PER_ELEMENT + sum(b.numel() * b.element_size() for b in buffers))
 
 
 def check_model_holds(arch: ModelArch, model: nn.Module, embeddings: nn.Module) -> None:
@@ -131,9 +135,11 @@ def _not_counted(what: str, e: BaseException) -> None:
 
 
 def dense_layers(model: nn.Module, embeddings: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
-    """The parameters and buffers of `model` outside its embedding module: what every rank holds
-    whole, whatever the shard plan."""
-    own = {id(t) for t in [*embeddings.parameters(), *embeddings.buffers()]}
+    """The parameters and buffers of `model` outside TorchRec's tables: its dense layers and its
+    embedding module's own (MDE's projections, MLET's W2), which every rank holds whole, whatever
+    the shard plan, and the dense optimizer (or a method's own) trains."""
+    own = {id(t) for m in embeddings.modules() if type(m).__module__.startswith("torchrec.")
+           for t in [*m.parameters(), *m.buffers()]}
     return ([p for p in model.parameters() if id(p) not in own],
             [b for b in model.buffers() if id(b) not in own])
 
