@@ -62,6 +62,19 @@ def test_differences_are_the_model_defining_keys_only():
     assert config_differences(saved, hidden) == [("model.options.hidden", None, 32)]
 
 
+def test_a_search_resumes_only_on_the_schedule_its_architecture_steps_were_counted_by():
+    # Resumed with another pretrain_steps, a search held its alpha still until the new end of the
+    # pre-train, and recorded 300 architecture steps where it had taken 423.
+    from embshard.config import AutodimConfig
+
+    search = JobConfig(embeddings=EmbeddingsConfig(dim=16), autodim=AutodimConfig(candidates=[4, 16]))
+    saved = to_dict(search)
+    for key, value in (("pretrain_steps", 400), ("alpha_every", 3)):
+        changed = replace(search, autodim=replace(search.autodim, **{key: value}))
+        assert config_differences(saved, changed) == [(f"autodim.{key}", getattr(search.autodim, key), value)]
+    assert config_differences(saved, replace(search, autodim=replace(search.autodim, alpha_lr=0.5))) == []
+
+
 def test_a_relative_decisions_path_the_workers_recorded_absolute_resumes(tmp_path, monkeypatch):
     # The workers record every path absolute (`worker_config`), and the rerun of the same command
     # was refused: "trained with another model config: embeddings.decisions (checkpoint

@@ -31,6 +31,10 @@ MODEL_DEFINING_KEYS = (
     "autodim.lookup",
     "autodim.unify",
     "autodim.batchnorm",
+    # No tensor, but a resumed search counts its architecture steps from them: with another
+    # pre-train end, alpha was held still until it, and 300 steps were recorded of 423 taken.
+    "autodim.pretrain_steps",
+    "autodim.alpha_every",
     # The fused optimizer's state is saved with the tables, in its own shapes: another one was a
     # worker's "Size mismatch" line once the workers were up; the dense one's, "Missing key".
     "train.sparse_optimizer",
