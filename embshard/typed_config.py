@@ -421,6 +421,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            value = int(value)  # `1e12`: a whole number, which YAML reads as a float (past 2**53, maybe not it)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}{_yaml_1_1_hint(value, int)}")
         if abs(value) >= _BIGGEST:

@@ -104,6 +104,23 @@ def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(tmp_path):
         load_job_config(path, ["train.max_steps=1_000"])
 
 
+def test_a_whole_number_written_with_an_exponent_is_an_integer(tmp_path):
+    # `embeddings.mde.budget_params=1e12` was "expected an integer, got 1000000000000.0".
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  max_steps: 2e3\n")
+    assert load_job_config(path, ["data.batch_size=1.024e3"]).train.max_steps == 2000
+    assert load_job_config(path, ["data.batch_size=1.024e3"]).data.batch_size == 1024
+    for value, said in (("2.5", "2.5"), ("1e23", "1e+23")):  # a fraction; a float past 2**53 is no exact integer
+        with pytest.raises(ConfigError, match=rf"^data\.batch_size: expected an integer, got {re.escape(said)} \(from"):
+            load_job_config(path, [f"data.batch_size={value}"])
+
+
+def test_an_mlet_ratio_no_k_can_reach_is_one_short_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^embeddings\.mlet\.ratio: must be 1 to [\d,]+ \(k = ratio x d is at most "
+                                          r"[\d,]+\), got 1e\+300$"):
+        from_dict(JobConfig, {"embeddings": {"mlet": {"ratio": 1e300}}})
+
+
 def test_a_negative_seed_is_refused_before_a_worker_reads_with_it(tmp_path):
     # It crashed in every worker (numpy's default_rng) after Ray had started.
     with pytest.raises(ConfigError, match=r"^seed: must be >= 0, got -1$"):
