@@ -229,6 +229,24 @@ def test_lottery_ticket_starts_masked_and_stays_masked():
         assert (w.detach().numpy()[~mask] == 0).all() and (w.detach().numpy()[mask] != 0).all()
 
 
+def test_a_lottery_retrain_holds_one_byte_per_local_entry_of_its_masks(tmp_path):
+    # Every rank read every table's whole mask and kept it for the run (a quarter of the whole
+    # model's fp32 bytes on each rank), and the keeper an fp32 copy of its shards' (as much as the
+    # tables it keeps): a retrain the plan said fitted held up to twice it.
+    from embshard.trainer.pep import load_masks, mask_file
+
+    mask = np.random.default_rng(0).random((6, D)) > 0.5
+    np.save(tmp_path / mask_file("t_a"), mask)
+    masks = load_masks(tmp_path, {"t_a": 6}, D)
+    assert isinstance(masks["t_a"], np.memmap)  # read from the file as each rank's shards need it
+    weight = torch.zeros(6, D)
+    keeper = MaskKeeper([LocalShard("t_a", 2, 1, weight[2:, 1:])], masks)
+    assert sum(kept.numel() * kept.element_size() for _, kept in keeper.kept) == 4 * (D - 1)
+    weight += 1
+    keeper.on_step(StepInfo(1, 0, 2, 0.0, 0.0, None))
+    assert torch.equal(weight[2:, 1:], torch.from_numpy(mask[2:, 1:].astype(np.float32)))
+
+
 def test_pep_blocks_keep_survivors_at_the_fewest_parameters(tmp_path):
     nnz = np.concatenate([np.full(900, 2), np.full(100, 16), np.full(3, 9)])
     nnz[0] = 0

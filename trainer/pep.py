@@ -423,7 +423,8 @@ class MaskKeeper(Callback):
     the next forward sees them). Costs one pass over local shards."""
 
     def __init__(self, shards: list[LocalShard], masks: dict[str, np.ndarray]) -> None:
-        self.kept = [(s.tensor, _shard_mask(s, masks).to(s.tensor.dtype).to(s.tensor.device)) for s in shards]
+        # bool, a byte an entry: in the tables' dtype it held as many bytes as the tables it keeps.
+        self.kept = [(s.tensor, _shard_mask(s, masks).to(s.tensor.device)) for s in shards]
 
     def on_step(self, info: StepInfo) -> None:
         with torch.no_grad():
@@ -432,8 +433,10 @@ class MaskKeeper(Callback):
 
 
 def _shard_mask(s: LocalShard, masks: dict[str, np.ndarray]) -> torch.Tensor:
+    """The shard's part of its table's mask, copied out of the (memory-mapped) file."""
     rows, cols = s.tensor.shape
-    return torch.from_numpy(masks[s.table][s.row_offset : s.row_offset + rows, s.col_offset : s.col_offset + cols])
+    part = masks[s.table][s.row_offset : s.row_offset + rows, s.col_offset : s.col_offset + cols]
+    return torch.from_numpy(np.array(part, dtype=bool))
 
 
 def load_masks(directory: Path, tables: dict[str, int], base_dim: int) -> dict[str, np.ndarray]:
@@ -442,7 +445,9 @@ def load_masks(directory: Path, tables: dict[str, int], base_dim: int) -> dict[s
         path = directory / mask_file(table)
         if not path.is_file():
             raise PlanError(f"{path}: PEP mask not found (was this target reached by the prune run?)")
-        mask = np.load(path, allow_pickle=False)
+        # Mapped, not read: a rank needs its shards' rows alone, and every table's whole mask on
+        # every rank was a quarter of the whole model's fp32 bytes, for the whole run.
+        mask = np.load(path, allow_pickle=False, mmap_mode="r")
         if mask.shape != (rows, base_dim) or mask.dtype != bool:
             raise PlanError(f"{path}: expected a bool mask of shape {(rows, base_dim)}, got {mask.dtype} {mask.shape}")
         masks[table] = mask
