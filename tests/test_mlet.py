@@ -213,13 +213,18 @@ def test_export_loads_as_a_plain_model_that_predicts_the_same(tmp_path: Path) ->
         serving(dense, past)
 
 
-def test_a_serving_json_whose_remaps_are_not_the_plan_s_is_one_line(tmp_path: Path) -> None:
-    # Dropped, or named for another feature: every id of that feature served from another row.
+def exported_with_a_remap(tmp_path: Path) -> tuple[Path, dict]:
+    """An export of `mlet_plan` whose table t_a is reordered by a remap, and its serving.json."""
     np.save(tmp_path / "t_a.remap.npy", np.random.default_rng(0).permutation(30))
     plan = mlet_plan(remap="t_a.remap.npy")
     out = export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL,
                          spec=plan_spec(plan, NUM_DENSE), plan_dir=tmp_path)
-    written = json.loads((out / MANIFEST).read_text())
+    return out, json.loads((out / MANIFEST).read_text())
+
+
+def test_a_serving_json_whose_remaps_are_not_the_plan_s_is_one_line(tmp_path: Path) -> None:
+    # Dropped, or named for another feature: every id of that feature served from another row.
+    out, written = exported_with_a_remap(tmp_path)
     for remaps, said in (({}, r"remaps\.a: None, where plan\.json reorders its rows by 't_a\.remap\.npy'"),
                          ({"a": "t_a.remap.npy", "b": "t_a.remap.npy"},
                           r"remaps\.b: 't_a\.remap\.npy', where plan\.json reorders none of its rows")):
@@ -232,10 +237,7 @@ def test_a_serving_json_whose_remaps_are_not_the_plan_s_is_one_line(tmp_path: Pa
 def test_a_serving_json_whose_spec_takes_more_ids_than_the_plan_has_rows_is_one_line(tmp_path: Path) -> None:
     # Its ids past the table's rows passed the serving model's range check and reached the lookup,
     # whose bounds check reads them as row 0, silently.
-    plan = mlet_plan()
-    out = export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL,
-                         spec=plan_spec(plan, NUM_DENSE), plan_dir=tmp_path)
-    written = json.loads((out / MANIFEST).read_text())
+    out, written = exported_with_a_remap(tmp_path)
     features = [{**f, "cardinality": 40} if f["name"] == "a" else f for f in written["spec"]["sparse"]]
     (out / MANIFEST).write_text(json.dumps({**written, "spec": {**written["spec"], "sparse": features}}))
     with pytest.raises(ExportError, match=r"serving\.json: spec: feature 'a' takes 40 ids, table 't_a' has 30 rows: "
@@ -245,11 +247,7 @@ def test_a_serving_json_whose_spec_takes_more_ids_than_the_plan_has_rows_is_one_
 
 def test_a_serving_json_listing_some_files_must_list_every_file_it_reads(tmp_path: Path) -> None:
     # One entry dropped from its list: that file was loaded with no hash vouching for it.
-    np.save(tmp_path / "t_a.remap.npy", np.random.default_rng(0).permutation(30))
-    plan = mlet_plan(remap="t_a.remap.npy")
-    out = export_serving(trained_like(plan), tmp_path / "serving", model_config=MODEL,
-                         spec=plan_spec(plan, NUM_DENSE), plan_dir=tmp_path)
-    written = json.loads((out / MANIFEST).read_text())
+    out, written = exported_with_a_remap(tmp_path)
     for name in (written["weights"], written["plan"], "t_a.remap.npy"):
         files = {k: v for k, v in written["files"].items() if k != name}
         (out / MANIFEST).write_text(json.dumps({**written, "files": files}))
