@@ -69,6 +69,7 @@ from embshard.trainer.reference import raised_at_in
 from embshard.trainer.restarts import reset_starts
 from embshard.trainer.resume_config import check_plan_made_for, reconcile
 from embshard.typed_config import from_dict, to_dict
+from embshard.units import human_bytes
 
 
 def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
@@ -464,6 +465,7 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
                           "set cluster.address (`--address` of train, `--set cluster.address=...` elsewhere; "
                           "`auto` inside the cluster), or unset RAY_ADDRESS to train on a local cluster")
     _private_token_auth()
+    _check_machine_holds(cfg.cluster.workers, jobs)
     # A local cluster sized for the job even on a 2-core laptop: Ray's CPU count is a
     # scheduling budget, and the workers mostly wait on each other's collectives.
     need = cpus if cpus is not None else cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1
@@ -489,6 +491,28 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
         raise EnvironmentProblem(f"{temp}: Ray cannot start its local cluster there: the disk is full ({free:,} bytes "
                                  f"free) ({first_line(e)}); free some space, or set RAY_TMPDIR to a folder on another "
                                  "disk") from None
+
+
+# A training worker's resident memory once it has imported torch, TorchRec and embshard's loop,
+# before any table (measured on Linux, CPU builds: 438 MiB).
+WORKER_PROCESS_BYTES = 440 << 20
+
+
+def _check_machine_holds(workers: int, jobs: int) -> None:
+    """ConfigError when this machine's memory cannot hold the processes of a local cluster's
+    `workers` x `jobs` workers: `--workers 1000` on a laptop spawned them until it ran out."""
+    processes = workers * jobs
+    try:
+        machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # a system that does not say
+        return
+    if processes * WORKER_PROCESS_BYTES <= machine:
+        return
+    at_once = f" ({jobs} trials of {workers} at once)" if jobs > 1 else ""
+    raise ConfigError(f"cluster.workers: a local cluster of {processes:,} workers{at_once} needs about "
+                      f"{human_bytes(processes * WORKER_PROCESS_BYTES)} for their processes alone (each imports "
+                      f"torch and TorchRec, about {WORKER_PROCESS_BYTES >> 20} MiB), and this machine has "
+                      f"{human_bytes(machine)}; use fewer workers, or join a cluster (--address)")
 
 
 def _check_ray_answers(address: str) -> None:

@@ -607,6 +607,28 @@ def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(monkeypatch
         init_ray(JobConfig(cluster=ClusterConfig(address="http://127.0.0.1:8265")))
 
 
+def test_a_local_cluster_whose_workers_this_machine_cannot_hold_is_refused(monkeypatch):
+    # `--workers 1000` on a laptop started a local cluster sized for them, and spawned workers
+    # (each a process that imports torch and TorchRec) until the machine ran out of memory.
+    import ray
+
+    from embshard.cluster.launch import init_ray
+    from embshard.config import ClusterConfig, JobConfig
+    from embshard.errors import ConfigError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("a local cluster was started"))
+    machine = {"SC_PHYS_PAGES": 4 << 20, "SC_PAGE_SIZE": 4096}  # 16 GiB
+    monkeypatch.setattr(os, "sysconf", lambda name: machine[name])
+    with pytest.raises(ConfigError, match=r"^cluster\.workers: a local cluster of 1,000 workers needs about 429\.7 GiB "
+                                          r"for their processes alone \(each imports torch and TorchRec, about 440 "
+                                          r"MiB\), and this machine has 16\.0 GiB; use fewer workers, or join a "
+                                          r"cluster \(--address\)$"):
+        init_ray(JobConfig(cluster=ClusterConfig(workers=1000)))
+    with pytest.raises(ConfigError, match=r"a local cluster of 40 workers \(4 trials of 10 at once\) needs"):
+        init_ray(JobConfig(cluster=ClusterConfig(workers=10)), jobs=4)
+
+
 def test_a_damaged_or_foreign_plan_file_is_one_line(tmp_path, capsys):
     # A plan file (edited, copied without its folder, made for other data) that trained with exit 0
     # (a data-parallel table on CPU never updates; a feature without a table was left out) or
