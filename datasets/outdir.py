@@ -22,6 +22,7 @@ import glob
 import hashlib
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow.fs as pafs
 
@@ -165,9 +167,9 @@ def check_output(out: StoragePath, overwrite: bool, kind: Replaceable = DATASET,
     any dataset, checkpoint step or export (`check_not_in_sealed`). `staging`: the writer's own
     staging folder, which `make_staging` may have put inside `out`, and which counts for nothing."""
     if isinstance(out, RemotePath):
-        _check_remote_output(out, overwrite, kind)
-        if staging is None:  # else this process holds the lock
+        if staging is None:  # else this process holds the lock; first, as the local check says it
             _check_no_other_writer(out, kind.error)
+        _check_remote_output(out, overwrite, kind)
         return
     check_not_in_sealed(out, "--out", kind.error)
     _check_not_a_step(out, kind.error)
@@ -337,8 +339,8 @@ def _foreign(folder: StoragePath, holds: Callable[[tuple[str, ...]], bool]) -> l
     """The entries under `folder`, at any depth, that `holds` disowns, as paths within it; what is
     inside a disowned folder is not named again. One listing (on object storage, one request)."""
     found: dict[tuple[str, ...], None] = {}  # in listing order
-    prefix = len(str(folder).rstrip("/")) + 1
-    for entry in sorted((tuple(str(e)[prefix:].split("/")) for e in folder.rglob("*")), key="/".join):
+    entries = (e.relative_to(folder).parts for e in folder.rglob("*"))  # type: ignore[arg-type]
+    for entry in sorted(entries, key="/".join):
         if not holds(entry) and not any(entry[:i] in found for i in range(1, len(entry))):
             found[entry] = None
     return ["/".join(entry) for entry in found]
@@ -348,8 +350,8 @@ def make_staging(out: StoragePath, in_place: bool = True, kind: Replaceable = DA
     """Where to write what `publish` puts at `out`: beside it, so that a rename puts it in place;
     inside it where `out` is a folder that stays (`_fills_in_place`), unless `in_place` is False
     (a folder of embshard's own inside another, a dataset's profile: what a killed fill leaves
-    inside it, no dataset holds). A local `out` is locked from here until the write is published
-    or dropped (`writer_lock`)."""
+    inside it, no dataset holds). `out` is locked from here until the write is published or
+    dropped (`writer_lock`)."""
     if isinstance(out, RemotePath):
         remote = ExitStack()
         remote.enter_context(writer_lock(out, kind.error))
@@ -394,7 +396,9 @@ def writing(out: StoragePath, kind: Replaceable = DATASET) -> Iterator[None]:
     unless the write put something there. Where no lock can be taken, the checks and the staging
     that follow say why."""
     if isinstance(out, RemotePath):
-        with _claim(out, kind):
+        with ExitStack() as held:
+            with contextlib.suppress(EnvironmentProblem):  # no lock to take: the staging says why
+                held.enter_context(_claim(out, kind))
             yield
         return
     path = out.absolute()
@@ -468,8 +472,18 @@ def _lock_file(out: StoragePath) -> Path:
     if isinstance(out, Path):
         return out.with_name(sibling_prefix(out, "lock").removesuffix("-"))
     folder = Path(tempfile.gettempdir()) / f"embshard-locks-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder / f"{hashlib.sha256(str(out).encode()).hexdigest()[:32]}.lock"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.lstat()
+    except OSError as e:
+        raise EnvironmentProblem(f"{folder}: no folder for the locks of object-store writes ({e.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        # Another user's, or open to them: a link planted there would have this process truncate
+        # and write the file it points to.
+        raise EnvironmentProblem(f"{folder}: the folder for the locks of object-store writes is not this user's "
+                                 "alone (another owner, or open to others); remove it, or set TMPDIR elsewhere")
+    # One prefix, however its URI is spelt: `%7E` and `~` alike, its pyarrow options aside.
+    return folder / f"{hashlib.sha256(unquote(out.uri).encode()).hexdigest()[:32]}.lock"
 
 
 def _let_go(staging: Path) -> None:
@@ -504,14 +518,16 @@ def _remove_empty(folder: Path, above: Path) -> None:
         folder = folder.parent
 
 
-def _say_leftovers(out: Path) -> None:
+def _say_leftovers(out: StoragePath) -> None:
     """A warning for each staging folder of `out`, and each old one it replaced, that a killed
     writer left (SIGKILL, a power cut: nothing of it could clean up), which would otherwise sit
     there for good unnoticed. Only those whose process has ended on this host: a live one may be
-    a writer at work."""
+    a writer at work. (A write to object storage replaces by copying: it leaves no old folder.)"""
     for leftover, pid in _left_by_the_dead(out, "partial"):
         print(f"warning: {leftover}: left by an interrupted write to {out} (its process {pid} is not "
               "running on this host); delete it unless a process on another host is writing there", file=sys.stderr)
+    if isinstance(out, RemotePath):
+        return
     for leftover, pid in _left_by_the_dead(out, "old"):
         if out.exists():
             print(f"warning: {leftover}: what {out} held before it was replaced (the removal by process {pid} was "
@@ -521,7 +537,7 @@ def _say_leftovers(out: Path) -> None:
                   f"move it back (mv {leftover} {out})", file=sys.stderr)
 
 
-def _left_by_the_dead(out: Path, kind: str) -> Iterator[tuple[Path, int]]:
+def _left_by_the_dead(out: StoragePath, kind: str) -> Iterator[tuple[StoragePath, int]]:
     """`sibling` entries of `out` of that kind whose process is not running on this host."""
     for leftover in sorted(out.parent.glob(f"{glob.escape(sibling_prefix(out, kind))}*")):
         pid = sibling_pid(leftover.name, out, kind)

@@ -190,6 +190,8 @@ def _check_key(uri: str) -> None:
     (a write there failed as "access denied" once it had run) and decodes `%2F` into a `/` that
     the URI's own parent does not have (a message named the bucket as the dataset `ds%2Fsub` was
     inside)."""
+    if "#" in uri:  # pyarrow takes `a#b` as the key `a`
+        raise StorageError(f"{uri}: a '#' in an object-store location ends its key there; write it as %23")
     for segment in uri.partition("?")[0].split("://", 1)[1].split("/")[1:]:
         name = unquote(segment)
         if name in (".", ".."):
@@ -370,9 +372,10 @@ class RemotePath:
         # Ray ships paths to workers: they rebuild the file system from the URI and their own env.
         return (RemotePath, (str(self),))
 
+    # Names and relative paths are decoded, as `/` takes them; only the URI is encoded.
     @property
     def name(self) -> str:
-        return posixpath.basename(self.uri)
+        return unquote(posixpath.basename(self.uri))
 
     @property
     def suffix(self) -> str:
@@ -391,7 +394,7 @@ class RemotePath:
         return self.parent / name
 
     def relative_to(self, other: "RemotePath") -> Path:
-        return Path(posixpath.relpath(self.uri, other.uri))
+        return Path(unquote(posixpath.relpath(self.uri, other.uri)))
 
     def resolve(self) -> "RemotePath":
         return self

@@ -50,11 +50,17 @@ def test_synth_to_bucket_reads_like_a_folder(s3, tmp_path) -> None:
 def test_a_uri_with_options_reads_and_writes_below_it(s3, tmp_path) -> None:
     # The options went after each child's name (`data?region=us-east-1/profile`): pyarrow looked for
     # a bucket `data?region=...`, and said "A region must be set".
-    uri = s3.uri("data") + "?region=us-east-1"
+    from embshard.datasets.profile import write_profile
+
+    uri = s3.uri("my%20data") + "?region=us-east-1"
     synthesize(uri, rows=ROWS, max_cardinality=500)
     verify_dataset(uri)
-    assert "data/train/part-00000.parquet" in s3.keys("data/")
+    assert "my data/train/part-00000.parquet" in s3.keys("my data/")
     assert len(list(ParquetBatchReader(uri, "train", 256, seed=3))) > 0
+    # Its entries were named from the URI's text, options and all: no replace or profile passed.
+    replaced = synthesize(uri, rows=ROWS, seed=1, max_cardinality=500, overwrite=True)
+    write_profile(uri)
+    assert DatasetSpec.load(uri) == replaced
 
 
 def test_a_prefix_whose_own_key_is_an_object_is_refused(s3, tmp_path) -> None:
@@ -106,14 +112,16 @@ def test_a_second_writer_of_a_bucket_prefix_on_this_machine_is_refused(s3) -> No
 
 def test_a_staging_prefix_a_killed_writer_left_is_named(s3, capsys) -> None:
     # SIGKILL during an upload left `.ds.partial-PID-...` in the bucket, and no later write named it.
-    synthesize(s3.uri("ds"), rows=ROWS, max_cardinality=500)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    left = f".ds.partial-{pid}-0123abcd"
-    s3.server.client().put_object(Bucket=s3.name, Key=f"{left}/train/part-00000.parquet", Body=b"half")
-    synthesize(s3.uri("ds"), rows=ROWS, seed=1, max_cardinality=500, overwrite=True)
-    assert (f"warning: {s3.uri(left)}: left by an interrupted write to {s3.uri('ds')} (its process {pid} is not "
-            "running on this host)") in capsys.readouterr().err
+    for name in ("ds", "my%20ds"):  # a name its URI encodes was never matched
+        synthesize(s3.uri(name), rows=ROWS, max_cardinality=500)
+        left = f".{name}.partial-{pid}-0123abcd"
+        s3.server.client().put_object(Bucket=s3.name, Key=f"{left.replace('%20', ' ')}/train/part-00000.parquet",
+                                      Body=b"half")
+        synthesize(s3.uri(name), rows=ROWS, seed=1, max_cardinality=500, overwrite=True)
+        assert (f"warning: {s3.uri(left)}: left by an interrupted write to {s3.uri(name)} (its process {pid} is not "
+                "running on this host)") in capsys.readouterr().err
 
 
 def test_nothing_is_written_inside_a_dataset_in_a_bucket(s3) -> None:

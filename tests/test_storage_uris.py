@@ -44,3 +44,23 @@ def test_names_are_encoded_for_pyarrow_and_decoded_for_fsspec() -> None:
     assert str(spaced / "a b" / "c=1") == "s3://b/sp%20ace/a%20b/c=1"
     assert (spaced / "a b").fsspec_uri == "s3://b/sp ace/a b"
     assert location("s3://b/plain/ck").fsspec_uri == "s3://b/plain/ck"
+
+
+def test_an_object_store_write_is_locked_by_its_prefix_in_a_folder_of_this_user_alone(tmp_path, monkeypatch) -> None:
+    # Keyed by the URI's text, `x?region=...` and `x` were two locks; and a lock folder another
+    # user made (or opened) let a planted link have this process truncate the file it points to.
+    import os
+    import tempfile
+
+    from embshard.datasets.outdir import _lock_file
+    from embshard.errors import EnvironmentProblem
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    assert _lock_file(location("s3://b/a%7Eb")) == _lock_file(location("s3://b/a~b?region=us-east-1"))
+    assert _lock_file(location("s3://b/a~b")) != _lock_file(location("s3://b/a~c"))
+    folder = tmp_path / f"embshard-locks-{os.getuid()}"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    folder.chmod(0o777)
+    with pytest.raises(EnvironmentProblem, match=rf"^{folder}: the folder for the locks of object-store writes is "
+                                                 "not this user's alone"):
+        _lock_file(location("s3://b/x"))
