@@ -91,13 +91,15 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
         _not_counted(f"model.arch {arch.name!r}", e.__cause__ or e)
         return None
     check_model_holds(arch, model, embeddings)
-    params, buffers = dense_layers(model, embeddings)
+    params, buffers = dense_layers(model, embedding_method.collections(embeddings))
     weights = sum(p.numel() for p in params)
     trained = sum(p.numel() for p in params if p.requires_grad)  # each with a gradient and the optimizer's state
-    # The plan counts the projections' weights in every rank's train bytes already.
-    projected = projection_elements(plan)[0]
-    return ((weights - projected + trained * (1 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements))
-            * BYTES_PER_ELEMENT + sum(b.numel() * b.element_size() for b in buffers))
+    held = (weights + trained * (1 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements)) * BYTES_PER_ELEMENT
+    # The plan counts its projections' weights in every rank's train bytes already. A search plan
+    # (AutoDim's candidates) counts some its module does not build: then more than a rank holds,
+    # never less.
+    return max(0, held - projection_elements(plan)[0] * BYTES_PER_ELEMENT) + sum(
+        b.numel() * b.element_size() for b in buffers)
 
 
 def check_model_holds(arch: ModelArch, model: nn.Module, embeddings: nn.Module) -> None:
@@ -134,12 +136,12 @@ def _not_counted(what: str, e: BaseException) -> None:
                 what, first_line(e))
 
 
-def dense_layers(model: nn.Module, embeddings: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
-    """The parameters and buffers of `model` outside TorchRec's tables: its dense layers and its
-    embedding module's own (MDE's projections, MLET's W2), which every rank holds whole, whatever
-    the shard plan, and the dense optimizer (or a method's own) trains."""
-    own = {id(t) for m in embeddings.modules() if type(m).__module__.startswith("torchrec.")
-           for t in [*m.parameters(), *m.buffers()]}
+def dense_layers(model: nn.Module, collections: list[nn.Module]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The parameters and buffers of `model` outside the method's TorchRec `collections` (its
+    tables): its dense layers and its embedding module's own (MDE's projections, MLET's W2), which
+    every rank holds whole, whatever the shard plan, and the dense optimizer (or a method's own)
+    trains."""
+    own = {id(t) for m in collections for t in [*m.parameters(), *m.buffers()]}
     return ([p for p in model.parameters() if id(p) not in own],
             [b for b in model.buffers() if id(b) not in own])
 

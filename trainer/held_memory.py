@@ -39,7 +39,7 @@ def held_dense_bytes(sharded: ShardedModel) -> dict[str, int]:
     """Bytes on this rank of the model's layers outside its embedding module: weights, gradients,
     the dense optimizer's state (its scalar step counters left out) and buffers; their sum is what
     `MemoryReport.dense_bytes` promises once a step has made the gradients and the state."""
-    params, buffers = dense_layers(sharded.model, sharded.embeddings)
+    params, buffers = dense_layers(sharded.model, sharded.method.collections(sharded.embeddings))
     state = [t for p in params for t in sharded.optimizer.state.get(p, {}).values()
              if isinstance(t, torch.Tensor) and t.dim() > 0]
     return {"weights": sum(p.numel() * p.element_size() for p in params),
