@@ -61,7 +61,7 @@ from embshard.trainer.checkpoint import (
 )
 from embshard.trainer.checkpoint_integrity import check_checkpoint_io
 from embshard.trainer.loop import SUMMARY_FILE, run_worker
-from embshard.trainer.method import EmbeddingMethod, method_name, register_method, registered_here
+from embshard.trainer.method import EmbeddingMethod, get_method, method_name, register_method, registered_here
 from embshard.trainer.metrics import read_file_sd_targets
 from embshard.trainer.planning import check_method_plans_as_then, check_same_data, check_same_decisions, planning_step
 from embshard.trainer.preemption import STOP_REQUEST_FILE
@@ -97,7 +97,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
     if source is not None:
-        with_checkpoint_config(cfg, source, adopt=False)
+        with_checkpoint_config(cfg, source, adopt=False, method=method)
         bundle = plan_from_checkpoint(cfg, source)
         made_for = f"{source} (resumed)"
     elif cfg.sharding.plan_file:
@@ -136,13 +136,16 @@ def sharding_options(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
-def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, adopt: bool = False) -> JobConfig:
+def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, adopt: bool = False,
+                           method: str | None = None) -> JobConfig:
     """cfg, checked against the config of the checkpoint it resumes from (ConfigError naming the
-    keys that differ); with `adopt`, cfg with the checkpoint's model-defining values instead."""
+    keys that differ, the `method`'s `resume_keys` among them); with `adopt`, cfg with the
+    checkpoint's values of those keys instead."""
     source = source or resume_source(cfg)
     if source is None:
         return cfg
-    return reconcile(cfg, recorded_config(source), source, adopt)
+    also = get_method(method or method_name(cfg)).resume_keys
+    return reconcile(cfg, recorded_config(source), source, adopt, also)
 
 
 def check_not_in_plan(cfg: JobConfig) -> None:

@@ -66,13 +66,16 @@ def test_a_search_resumes_only_on_the_schedule_its_architecture_steps_were_count
     # Resumed with another pretrain_steps, a search held its alpha still until the new end of the
     # pre-train, and recorded 300 architecture steps where it had taken 423.
     from embshard.config import AutodimConfig
+    from embshard.trainer.method import get_method
 
     search = JobConfig(embeddings=EmbeddingsConfig(dim=16), autodim=AutodimConfig(candidates=[4, 16]))
-    saved = to_dict(search)
+    saved, also = to_dict(search), get_method("autodim").resume_keys
     for key, value in (("pretrain_steps", 400), ("alpha_every", 3)):
         changed = replace(search, autodim=replace(search.autodim, **{key: value}))
-        assert config_differences(saved, changed) == [(f"autodim.{key}", getattr(search.autodim, key), value)]
-    assert config_differences(saved, replace(search, autodim=replace(search.autodim, alpha_lr=0.5))) == []
+        assert config_differences(saved, changed, also) == [(f"autodim.{key}", getattr(search.autodim, key), value)]
+        # The retrain on its decisions, resumed once the section was edited for the next search.
+        assert config_differences(saved, changed, get_method("uniform").resume_keys) == []
+    assert config_differences(saved, replace(search, autodim=replace(search.autodim, alpha_lr=0.5)), also) == []
 
 
 def test_a_relative_decisions_path_the_workers_recorded_absolute_resumes(tmp_path, monkeypatch):

@@ -89,6 +89,9 @@ class AutodimSearch(EmbeddingMethod):
 
     mixed_widths = False
     serves = False
+    # Its architecture steps are counted from them: resumed with another pre-train end, alpha was
+    # held still until it, and 300 steps were recorded of the 423 taken.
+    resume_keys = ("autodim.pretrain_steps", "autodim.alpha_every")
 
     def check_config(self, cfg: JobConfig) -> None:
         autodim_section(cfg)

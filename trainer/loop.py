@@ -23,7 +23,6 @@ from embshard.datasets.reader import ParquetBatchReader
 from embshard.datasets.storage import StoragePath, write_whole
 from embshard.errors import ConfigError, DataError
 from embshard.planner.pipeline import PLAN_FILE, PlanBundle, load_dimension_plan
-from embshard.planner.types import DimensionPlan
 from embshard.trainer.build import ShardedModel, build_sharded
 from embshard.trainer.callbacks import (
     Callback,
@@ -422,17 +421,18 @@ def checkpoint_manager(cfg: JobConfig, sharded: ShardedModel, metrics: WorkerMet
         before_load=transforms.before_load,
         after_load=transforms.after_load,
         owner_check=owner_check,
-        fits=lambda path: _check_fits(cfg, sharded.bundle.dimension_plan, path),
+        fits=lambda path: _check_fits(cfg, sharded, path),
     )
 
 
-def _check_fits(cfg: JobConfig, plan: DimensionPlan, checkpoint: StoragePath) -> None:
+def _check_fits(cfg: JobConfig, sharded: ShardedModel, checkpoint: StoragePath) -> None:
     """ConfigError or CheckpointError when a checkpoint is not one the run's model was built for.
     The driver planned from, and compared the config of, the newest checkpoint whose files it
     reads verified; where the workers' check of every file refused that one, they fall back to an
     older one or to checkpoint.resume, another run's, which the driver did not compare: it was
     a size mismatch, or, where only the order of rows differed, a silently wrong model."""
-    reconcile(cfg, recorded_config(checkpoint), checkpoint, adopt=False)
+    reconcile(cfg, recorded_config(checkpoint), checkpoint, adopt=False, also=sharded.method.resume_keys)
+    plan = sharded.bundle.dimension_plan
     theirs = load_dimension_plan(checkpoint / PLAN_DIR / PLAN_FILE)
     if (theirs.base_dim, theirs.tables, theirs.uniform_width) != (plan.base_dim, plan.tables, plan.uniform_width):
         raise CheckpointError(f"{checkpoint}: holds another embedding plan than the run's, which was planned from a "

@@ -92,6 +92,9 @@ class EmbeddingMethod:
     # method of the user's own again, and refuses one whose plan changed (its code changed since);
     # a method that samples its widths says no, and resumes its checkpoint's plan unasked.
     replans_alike: bool = True
+    # Config keys besides the model-defining ones (`trainer/resume_config.py`) that a resume must
+    # keep: those the method's progress is counted by.
+    resume_keys: tuple[str, ...] = ()
 
     def check_config(self, cfg: JobConfig) -> None:
         """Raise ConfigError for a config this method cannot run (the driver calls it first)."""

@@ -9,6 +9,7 @@ values replace the config's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from embshard.config import PATH_FIELDS, JobConfig, current_schema
@@ -31,10 +32,6 @@ MODEL_DEFINING_KEYS = (
     "autodim.lookup",
     "autodim.unify",
     "autodim.batchnorm",
-    # No tensor, but a resumed search counts its architecture steps from them: with another
-    # pre-train end, alpha was held still until it, and 300 steps were recorded of 423 taken.
-    "autodim.pretrain_steps",
-    "autodim.alpha_every",
     # The fused optimizer's state is saved with the tables, in its own shapes: another one was a
     # worker's "Size mismatch" line once the workers were up; the dense one's, "Missing key".
     "train.sparse_optimizer",
@@ -53,33 +50,37 @@ PLAN_DEFINING_KEYS = ("embeddings", "model.arch", "pep.granularity", "pep.pooled
 NOT_PLAN_DEFINING_KEYS = (*NOT_MODEL_DEFINING_KEYS, "embeddings.decisions")
 
 
-def model_defining(config: dict[str, Any]) -> dict[str, Any]:
-    """The model-defining keys of a config dict, flattened to dotted names."""
+def model_defining(config: dict[str, Any], also: Sequence[str] = ()) -> dict[str, Any]:
+    """The model-defining keys of a config dict, and those under `also` (the method's
+    `resume_keys`), flattened to dotted names."""
     return {k: v for k, v in flatten(config).items()
-            if under(k, MODEL_DEFINING_KEYS) and not under(k, NOT_MODEL_DEFINING_KEYS)}
+            if under(k, MODEL_DEFINING_KEYS) and not under(k, NOT_MODEL_DEFINING_KEYS) or under(k, also)}
 
 
-def config_differences(saved: dict[str, Any], cfg: JobConfig) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint's value, this config's value) for every model-defining key that differs.
-    The saved config is read through today's schema where it can be (`current_schema`). Paths
-    are not compared: the workers record them absolute, and a file may move between runs (what
-    a decisions file held is in the plan, which records its hash: `check_same_decisions`)."""
-    differences = _differences(model_defining(current_schema(saved)), model_defining(to_dict(cfg)))
+def config_differences(saved: dict[str, Any], cfg: JobConfig, also: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this config's value) for every model-defining key (and key under
+    `also`) that differs. The saved config is read through today's schema where it can be
+    (`current_schema`). Paths are not compared: the workers record them absolute, and a file may
+    move between runs (what a decisions file held is in the plan, which records its hash:
+    `check_same_decisions`)."""
+    differences = _differences(model_defining(current_schema(saved), also), model_defining(to_dict(cfg), also))
     return [d for d in differences if d[0] not in PATH_FIELDS]
 
 
-def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, adopt: bool) -> JobConfig:
-    """`cfg` when it agrees with the checkpoint's config; with `adopt`, cfg with the checkpoint's
-    model-defining values; otherwise ConfigError naming the differing keys."""
-    differences = config_differences(saved, cfg)
+def reconcile(cfg: JobConfig, saved: dict[str, Any], checkpoint: StoragePath, adopt: bool,
+              also: Sequence[str] = ()) -> JobConfig:
+    """`cfg` when it agrees with the checkpoint's config (its model-defining keys, and those
+    under `also`); with `adopt`, cfg with the checkpoint's values of them; otherwise ConfigError
+    naming the differing keys."""
+    differences = config_differences(saved, cfg, also)
     if not differences:
         return cfg
     if adopt:
-        adopted = model_defining(current_schema(saved))
+        adopted = model_defining(current_schema(saved), also)
         # Drop this config's model-defining keys, and any key that contains an adopted one or
         # lies inside it (a section this config leaves null that the checkpoint has, or the reverse).
         merged = {k: v for k, v in flatten(to_dict(cfg)).items()
-                  if not model_defining({k: v}) and not any(under(k, [a]) or under(a, [k]) for a in adopted)}
+                  if not model_defining({k: v}, also) and not any(under(k, [a]) or under(a, [k]) for a in adopted)}
         merged.update(adopted)
         try:
             return from_dict(JobConfig, unflatten(merged))
