@@ -50,7 +50,7 @@ def _autodim(args: argparse.Namespace) -> int:
     from embshard.cluster.run_lock import file_lock, run_lock, written_by_a_run
     from embshard.config import load_job_config
     from embshard.errors import ConfigError
-    from embshard.trainer.autodim import autodim_section, decisions_path
+    from embshard.trainer.autodim import DECISIONS_FILE, autodim_section, decisions_path
 
     cfg = load_job_config(args.config, args.overrides)
     search = autodim_section(cfg)
@@ -59,12 +59,11 @@ def _autodim(args: argparse.Namespace) -> int:
     decisions = Path(args.out or decisions_path(cfg)).resolve()
     named = args.out is not None or search.decisions is not None
     own = written_by_a_run(cfg, decisions)
-    if named and own is not None and own != Path(decisions_path(cfg)).resolve():
+    if named and own is not None and own != (Path(cfg.output_dir) / DECISIONS_FILE).resolve():
         # Said "decisions -> X" while the run's own summary, log, plan or history replaced them
         # (or they replaced it).
-        raise ConfigError(f"{'--out' if args.out else 'autodim.decisions'} {decisions}: a file the search's own run "
-                          f"writes in its output_dir {Path(cfg.output_dir).resolve()}; give the decisions file "
-                          "another name")
+        raise ConfigError(f"{'--out' if args.out else 'autodim.decisions'} {decisions}: the search's own run writes "
+                          f"{own}; give the decisions file another name")
     if named:
         # A path the user named may hold anything, their config included: checked before the
         # search, not found out by its last step.

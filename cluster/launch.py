@@ -31,7 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from embshard.cluster import console, fatal
 from embshard.cluster.address import no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
-from embshard.cluster.run_lock import owner_check, run_folder_holding, run_owner
+from embshard.cluster.run_lock import WORKERS_PLACED_FILE, owner_check, run_folder_holding, run_owner
 from embshard.config import RUN_PLAN_DIR, JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
@@ -337,7 +337,6 @@ SLOW_START_SECONDS = 60.0  # a local group starts in 5-30 s on 2 busy cores
 # Touched by each worker as it starts (the run folder is shared with the driver, as the plan and
 # the stop request are). A group restarted after a failure finds it there: a group Ray cannot
 # place again is then stopped by a second signal, as before.
-WORKERS_PLACED_FILE = "workers_placed"
 
 
 def placement_wait(cfg: JobConfig) -> str:

@@ -52,6 +52,10 @@ _UNMARKED_RUN_ENTRIES = frozenset({
 })
 
 
+# Rank 0's word that the worker group is placed (`cluster.launch`).
+WORKERS_PLACED_FILE = "workers_placed"
+
+
 def written_by_a_run(cfg: JobConfig, path: Path) -> Path | None:
     """The file or folder of cfg's run (in its output_dir, or its checkpoint.dir) that holds
     `path`, or is it; None where the run writes nothing there."""
@@ -62,7 +66,7 @@ def written_by_a_run(cfg: JobConfig, path: Path) -> Path | None:
         return checkpoints.resolve()
     if path.is_relative_to(folder) and path != folder:
         entry = path.relative_to(folder).parts[0]
-        if entry in _UNMARKED_RUN_ENTRIES | {RUN_MARKER}:
+        if entry in _UNMARKED_RUN_ENTRIES | {RUN_MARKER, WORKERS_PLACED_FILE}:
             return folder / entry
     return None
 

@@ -372,8 +372,8 @@ def test_a_search_refuses_a_decisions_file_its_own_run_writes_and_a_finished_sea
     for own in ("summary.json", "logs/embshard.log", "alpha_history.jsonl", "plan/plan.json", "checkpoints/x.json"):
         assert main(["search", "autodim", str(cfg), "--out", str(run / own), "--overwrite"]) == 2
         assert capsys.readouterr().err.strip().endswith(
-            f"--out {run / own}: a file the search's own run writes in its output_dir {run}; give the decisions "
-            "file another name")
+            f"--out {run / own}: the search's own run writes {run / own.split('/')[0]}; give the decisions file "
+            "another name")
     assert not run.exists()
     run.mkdir()
     (run / "summary.json").write_text('{"steps": 9}')  # a finished search's, no checkpoint kept
@@ -383,6 +383,10 @@ def test_a_search_refuses_a_decisions_file_its_own_run_writes_and_a_finished_sea
         f"output_dir {run}: holds a finished run (its summary.json) and it holds no checkpoint to resume, so this "
         "run would train from scratch over it; set another output_dir, or pass --overwrite to replace it")
     assert (run / "summary.json").read_text() == '{"steps": 9}'
+    # Its own decisions file is no such file, where the config names another one.
+    cfg.write_text(cfg.read_text().replace("autodim:\n", f"autodim:\n  decisions: {tmp_path / 'd.json'}\n"))
+    assert main(["search", "autodim", str(cfg), "--out", str(run / "decisions.json")]) == 2
+    assert "holds a finished run" in capsys.readouterr().err  # refused for that alone
 
 
 def test_a_search_whose_decisions_file_another_search_writes_is_refused(tmp_path, capsys):
