@@ -693,7 +693,8 @@ def test_text_in_another_encoding_is_one_line(criteo_sample: Path, tmp_path: Pat
     # UTF-16 was 201 malformed lines of 200 ('\x000\x00' is not 0 or 1), said five times over. A
     # UTF-8 mark (a spreadsheet's save) is read past, as it was already.
     text = "\n".join(_criteo_lines(criteo_sample)) + "\n"
-    for encoding, said in (("utf-16", "UTF-16 text"), ("utf-16-be", "UTF-16 text"), ("utf-32", "UTF-32 text")):
+    for encoding, said in (("utf-16", "UTF-16 text"), ("utf-16-be", "UTF-16 text"), ("utf-32", "UTF-32 text"),
+                           ("utf-16-le", "UTF-16 text"), ("utf-32-be", "UTF-32 text")):  # the last two: no mark
         src = tmp_path / f"{encoding}.txt"
         src.write_bytes(text.encode(encoding))
         with pytest.raises(DataError, match=rf"{encoding}\.txt: {said}; the converters read UTF-8: convert it first "
@@ -702,6 +703,10 @@ def test_text_in_another_encoding_is_one_line(criteo_sample: Path, tmp_path: Pat
         src.write_bytes(gzip.compress(text.encode(encoding)))
         with pytest.raises(DataError, match=rf"{encoding}\.txt: {said}"):
             convert("criteo", src, tmp_path / "out")
+    numbers = tmp_path / "numbers.bin"  # int16s: every other byte NUL, but no text between
+    numbers.write_bytes(np.arange(1, 200, dtype="<i2").tobytes())
+    with pytest.raises(DataError, match=r"numbers\.bin: does not look like Criteo TSV"):
+        convert("criteo", numbers, tmp_path / "out")
     plain = convert("criteo", _write_lines(tmp_path / "plain.txt", _criteo_lines(criteo_sample)), tmp_path / "plain")
     marked = tmp_path / "marked.txt"
     marked.write_bytes(codecs.BOM_UTF8 + text.encode())

@@ -152,14 +152,21 @@ def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
 
 def _wide_encoding(head: bytes) -> str | None:
     """'UTF-16' or 'UTF-32' where `head` (a file's first bytes) starts with that encoding's
-    byte-order mark, or is ASCII text in UTF-16 without one (every other byte NUL); else None."""
+    byte-order mark, or is ASCII text in it without one (each character's other bytes NUL, in
+    either byte order); else None. Binary numbers (int16s) have NULs so too, but not text between."""
     if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
         return "UTF-32"
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "UTF-16"
     first = head[:64]
-    if len(first) >= 8 and any(first) and (not any(first[1::2]) or not any(first[::2])):
-        return "UTF-16"
+    for width, name in ((4, "UTF-32"), (2, "UTF-16")):
+        if len(first) < 4 * width:
+            continue
+        for at in (0, width - 1):  # little-endian, big-endian
+            chars = first[at::width]
+            rest = bytes(b for i, b in enumerate(first) if i % width != at)
+            if not any(rest) and all(32 <= c < 127 or c in b"\t\r\n" for c in chars):
+                return name
     return None
 
 
