@@ -207,6 +207,8 @@ _BIGGEST = 2**128
 def _yaml_1_1_hint(value: Any, kind: type) -> str:
     """What a YAML 1.1 reader made of `value` that this one does not: a config that worked under
     PyYAML's defaults is told how to write it."""
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return " (past 2**53 a number written with an exponent may not be the whole number meant: write its digits)"
     if not isinstance(value, str):
         return ""
     if kind is int and re.fullmatch(r"[-+]?[0-9][0-9_]*", value):
