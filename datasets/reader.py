@@ -130,6 +130,7 @@ class ParquetBatchReader:
         self.columns = [self.spec.label, *self.spec.dense, *self.spec.sparse_names, *self.spec.extra]
         self.split = split
         self.split_path = split_dir(dataset_dir, split)
+        self._footers: dict[StoragePath, pq.FileMetaData] = {}  # each part's, as read at the start
         self.groups = self._row_groups(dataset_dir, split)
         self.id_maps = self._check_id_maps(id_maps or {})
         self.epoch = 0
@@ -220,6 +221,7 @@ class ParquetBatchReader:
         groups: list[_RowGroup] = []
         # verify_split reads each footer once: a missing or truncated part fails here, not mid-epoch.
         for path, meta in verify_split(dataset_dir, self.spec, split):
+            self._footers[path] = meta
             if self.validate:
                 check_part_schema(path, meta.schema.to_arrow_schema(), self.spec)
             first = 0
@@ -293,6 +295,12 @@ class ParquetBatchReader:
                     self.spec.check_still_at(self.dataset_dir, f"split {self.split} (epoch {epoch})", self.replaced)
                     fs, source = arrow_source(group.path)
                     files[group.path] = retrying(str(group.path), pq.ParquetFile, source, filesystem=fs)
+                    if not files[group.path].metadata.equals(self._footers[group.path]):
+                        # Written part by part with dataset.json last (or left alone), another
+                        # dataset's part copied over one of these trained without a word.
+                        raise DataError(f"{group.path}: replaced while split {self.split} (epoch {epoch}) read the "
+                                        "dataset (its footer is not the one read when the run started); stopped "
+                                        "before reading it")
                 table = retrying(str(group.path), self._load, files[group.path], group, epoch)
                 table = table.slice(piece.start + skip_rows, piece.rows - skip_rows)
                 skip_rows = 0

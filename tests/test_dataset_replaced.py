@@ -45,6 +45,25 @@ def test_a_reader_stops_at_a_dataset_replaced_under_it(tmp_path) -> None:
         read_after_replacing(data, ParquetBatchReader(data, "train", 64, prefetch=1))
 
 
+def test_a_reader_stops_at_a_part_file_replaced_under_it(tmp_path) -> None:
+    # A tool that writes parts first and dataset.json last (rsync of one part, a copy of another
+    # dataset's part over one of these): the run trained on the other rows without a word.
+    import shutil
+
+    data, other = tmp_path / "d", tmp_path / "other"
+    synthesize(data, rows=2000)
+    synthesize(other, rows=2000, seed=7)
+    reader = ParquetBatchReader(data, "train", 64, prefetch=1)
+    assert sum(1 for _ in reader) > 0
+    part = data / "train" / "part-00000.parquet"
+    shutil.copy(other / "train" / "part-00000.parquet", tmp_path / "part.parquet")
+    os.replace(tmp_path / "part.parquet", part)
+    reader.set_epoch(1)
+    with pytest.raises(DataError, match=rf"^{part}: replaced while split train \(epoch 1\) read the dataset \(its "
+                                        r"footer is not the one read when the run started\); stopped before reading it"):
+        next(iter(reader))
+
+
 def test_a_run_whose_dataset_is_replaced_is_advised_a_run_of_its_own(tmp_path) -> None:
     # It advised "run again on the dataset there now", which the run's plan (of the old one) refused.
     from embshard.cluster.launch import plan_for_training
