@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embshard.datasets.outdir import check_profile_replaceable, drop_staging, make_staging, replace_folder, writing
+from embshard.datasets.reader import read_row_group
 from embshard.datasets.schema import (
     PROFILE_DIR,
     PROFILE_FILE,
@@ -147,7 +148,7 @@ def counted_profile(dataset_dir: str | Path) -> Profile:
             parquet = pq.ParquetFile(source, filesystem=fs)
             rows_in_file = 0
             for g in range(parquet.num_row_groups):
-                table = parquet.read_row_group(g, columns=spec.sparse_names)
+                table = read_row_group(parquet, path, g, rows_in_file, spec.sparse_names)
                 check_no_nulls(path, table, spec.sparse_names, rows_in_file)
                 for f in spec.sparse:
                     ids, offsets = flat_ids(table[f.name])

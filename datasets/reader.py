@@ -92,6 +92,21 @@ class _Failure:
         self.error = error
 
 
+def read_row_group(parquet: pq.ParquetFile, path: StoragePath, index: int, first_row: int,
+                   columns: list[str]) -> pa.Table:
+    """Row group `index` of the part file `path` (whose rows start at `first_row`); DataError
+    naming them where a damaged page behind an intact footer cannot be read. A store's failures
+    are its own, said (and retried) by the caller."""
+    try:
+        return parquet.read_row_group(index, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        if not isinstance(path, Path):
+            raise
+        rows = parquet.metadata.row_group(index).num_rows
+        raise DataError(f"{path}: row group {index} (file rows {first_row:,} to {first_row + rows - 1:,}) cannot be "
+                        f"read ({first_line(e)}); the file is damaged: write the dataset again") from None
+
+
 class ParquetBatchReader:
     """One epoch per iteration; `set_epoch(e)` picks the shuffle, `state_dict` allows exact resume.
 
@@ -335,15 +350,7 @@ class ParquetBatchReader:
         return None
 
     def _load(self, parquet: pq.ParquetFile, group: _RowGroup, epoch: int) -> pa.Table:
-        try:
-            table = parquet.read_row_group(group.index, columns=self.columns)
-        except (OSError, pa.ArrowException) as e:
-            if not isinstance(group.path, Path):
-                raise  # the store's failures are said (and retried) as such by the caller
-            # A damaged page behind an intact footer: the data, not the code.
-            raise DataError(f"{group.path}: row group {group.index} (file rows {group.first_row:,} to "
-                            f"{group.first_row + group.rows - 1:,}) cannot be read ({first_line(e)}); "
-                            f"the file is damaged: write the dataset again") from None
+        table = read_row_group(parquet, group.path, group.index, group.first_row, self.columns)
         if self.validate:
             self._check_values(table, group)
         if self.shuffle:

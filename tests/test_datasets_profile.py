@@ -208,3 +208,21 @@ def test_a_cardinality_edited_after_the_profile_names_the_count_file_and_the_fix
     with pytest.raises(DataError, match=rf"profile/C1\.npy: counts {cardinality} ids of feature 'C1', dataset\.json "
                                         rf"gives it cardinality {cardinality + 10}; rerun `embshard data profile`"):
         load_profile(data).counts("C1")
+
+
+def test_a_damaged_page_is_one_line_naming_the_part_and_its_rows(tmp_path: Path) -> None:
+    # `data profile` printed a 32-line traceback ending in "Couldn't deserialize thrift", naming
+    # no file; a run on the same data said it in one line.
+    import pyarrow.parquet as pq
+
+    synthesize(tmp_path, rows=3_000, seed=2, max_cardinality=200)
+    part = tmp_path / "train" / "part-00000.parquet"
+    group = pq.read_metadata(part).row_group(0)
+    column = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == "C5")
+    data = bytearray(part.read_bytes())
+    for k in range(column.data_page_offset + 20, column.data_page_offset + column.total_compressed_size - 5):
+        data[k] ^= 0x5A
+    part.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"^{part}: row group 0 \(file rows 0 to [\d,]+\) cannot be read \(.*\); the "
+                                        r"file is damaged: write the dataset again$"):
+        write_profile(tmp_path)
