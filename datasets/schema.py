@@ -222,6 +222,10 @@ class DatasetSpec:
         check_column_names([spec.label, *spec.dense, *spec.sparse_names, *spec.extra], where)
         if spec.target not in TARGETS:
             raise DataError(f"{where}: target {spec.target!r} (one of {', '.join(TARGETS)})")
+        if not spec.sparse:
+            # Planned as "0 tables", it crashed in every worker once Ray had started.
+            raise DataError(f"{where}: no sparse features; embshard trains the embedding tables of a dataset's "
+                            "sparse features")
         for f in spec.sparse:
             if not isinstance(f.name, str) or isinstance(f.cardinality, bool) or not isinstance(f.cardinality, int) \
                     or f.cardinality < 1:

@@ -226,3 +226,12 @@ def test_a_damaged_page_is_one_line_naming_the_part_and_its_rows(tmp_path: Path)
     with pytest.raises(DataError, match=rf"^{part}: row group 0 \(file rows 0 to [\d,]+\) cannot be read \(.*\); the "
                                         r"file is damaged: write the dataset again$"):
         write_profile(tmp_path)
+
+
+def test_a_dataset_without_sparse_features_is_one_line(tmp_path: Path) -> None:
+    # Planned as "0 tables on 1 workers", it crashed in the worker (torch.cat of no tensors).
+    synthesize(tmp_path, rows=1_000, seed=2, max_cardinality=50)
+    spec = json.loads((tmp_path / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({**spec, "sparse": []}))
+    with pytest.raises(DataError, match=r"dataset\.json: no sparse features; embshard trains the embedding tables"):
+        DatasetSpec.load(tmp_path)
