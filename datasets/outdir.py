@@ -577,6 +577,11 @@ def check_folder_or_absent(out: StoragePath) -> None:
 def check_profile_replaceable(directory: StoragePath) -> None:
     """DataError unless a dataset's profile folder is absent or holds a profile's files alone:
     `data profile` replaces it whole, which deleted a user's file there."""
+    if isinstance(directory, Path) and directory.is_symlink():
+        # Swapped out, the link was left beside the dataset as a staging folder to delete, which
+        # a `rm -rf` of it would have done inside the folder it points to.
+        raise DataError(f"{directory}: a symbolic link ({directory.resolve()}); refusing to replace it: move that "
+                        "folder into the dataset, or remove the link")
     check_folder_or_absent(directory)
     if not isinstance(directory, RemotePath):  # before its counting, not once that is done
         _check_no_other_writer(directory.absolute(), DataError)

@@ -60,7 +60,8 @@ def test_a_reader_stops_at_a_part_file_replaced_under_it(tmp_path) -> None:
     os.replace(tmp_path / "part.parquet", part)
     reader.set_epoch(1)
     with pytest.raises(DataError, match=rf"^{part}: replaced while split train \(epoch 1\) read the dataset \(its "
-                                        r"footer is not the one read when the run started\); stopped before reading it"):
+                                        r"footer is not the one read when the run started\); stopped before "
+                                        r"reading it"):
         next(iter(reader))
 
 

@@ -235,3 +235,18 @@ def test_a_dataset_without_sparse_features_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps({**spec, "sparse": []}))
     with pytest.raises(DataError, match=r"dataset\.json: no sparse features; embshard trains the embedding tables"):
         DatasetSpec.load(tmp_path)
+
+
+def test_a_profile_folder_that_is_a_link_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    # Swapped out for a real folder, the link stayed beside the dataset as a staging folder that
+    # a warning said to delete: `rm -rf` of it emptied the user's folder it points to.
+    data = tmp_path / "d"
+    synthesize(data, rows=1_000, seed=2, max_cardinality=50)
+    (data / "profile").rename(tmp_path / "mine")
+    (data / "profile").symlink_to(tmp_path / "mine")
+    before = sorted(p.name for p in (tmp_path / "mine").iterdir())
+    with pytest.raises(DataError, match=rf"^{data / 'profile'}: a symbolic link \({tmp_path / 'mine'}\); refusing "
+                                        "to replace it"):
+        write_profile(data)
+    assert (data / "profile").is_symlink() and sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith(".")) == []
