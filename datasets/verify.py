@@ -4,6 +4,7 @@ missing, stray or truncated file is an error instead of training quietly on fewe
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -40,6 +41,10 @@ def verify_dataset(dataset_dir: str | Path) -> None:
         read_catalog(dataset_dir, spec)
 
 
+# The unstamped part files this process has warned of (a run's reader verifies them each epoch).
+_said_unstamped: set[StoragePath] = set()
+
+
 def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
                  split: str) -> list[tuple[StoragePath, pq.FileMetaData]]:
     """The split's part files with their footers, in part order, after checking them against `spec`."""
@@ -67,6 +72,12 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
         if written_for and spec.id and written_for != spec.id:  # files of before the stamp have none
             raise DataError(f"{path}: written for another dataset (id {written_for[:8]}) than {SPEC_FILE}'s "
                             f"({spec.id[:8]}): copied in from another dataset? Write the dataset again")
+        if not written_for and spec.id and path not in _said_unstamped:
+            # pandas, DuckDB and Spark drop the stamp: another dataset's part, so rewritten, trained
+            # as this one's without a word. The same rows so rewritten are fine: a warning, once.
+            _said_unstamped.add(path)
+            print(f"warning: {path}: carries no dataset stamp though {SPEC_FILE} has an id (rewritten by another "
+                  "tool?), so its rows cannot be checked to be this dataset's", file=sys.stderr)
         if recorded is not None and meta.num_rows != recorded[i]:
             raise DataError(f"{path}: {meta.num_rows:,} rows, {SPEC_FILE} records {recorded[i]:,}")
         found.append((path, meta))

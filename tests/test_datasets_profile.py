@@ -250,3 +250,18 @@ def test_a_profile_folder_that_is_a_link_is_refused_and_left_as_it_is(tmp_path: 
         write_profile(data)
     assert (data / "profile").is_symlink() and sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
     assert sorted(p.name for p in data.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_part_without_the_dataset_stamp_is_warned_of(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # pandas, DuckDB and Spark drop it: another dataset's part so rewritten passed as this one's.
+    import pyarrow.parquet as pq
+
+    from embshard.datasets.verify import verify_dataset
+
+    synthesize(tmp_path, rows=1_000, seed=2, max_cardinality=50)
+    part = tmp_path / "train" / "part-00000.parquet"
+    pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
+    verify_dataset(tmp_path)
+    verify_dataset(tmp_path)
+    assert capsys.readouterr().err.count(f"warning: {part}: carries no dataset stamp though dataset.json has an "
+                                         "id (rewritten by another tool?)") == 1
