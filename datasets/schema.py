@@ -18,6 +18,7 @@ plus any `extra` columns (e.g. MovieLens' raw `rating`). Ids are contiguous in [
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -158,6 +159,14 @@ class DatasetSpec:
     @property
     def sparse_names(self) -> list[str]:
         return [f.name for f in self.sparse]
+
+    def inputs_sha256(self) -> str:
+        """The hash of what a model trained on this data is built from and reads: its label and
+        target, the dense features in order, and each sparse feature's name, cardinality, kind and
+        role. A dataset.json edited in place keeps its id, not this."""
+        inputs = [self.label, self.target, self.dense,
+                  [[f.name, f.cardinality, f.multi_hot, f.role] for f in self.sparse]]
+        return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
     def feature(self, name: str) -> SparseFeature:
         for f in self.sparse:

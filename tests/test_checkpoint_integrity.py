@@ -388,6 +388,26 @@ def test_export_of_a_run_whose_data_was_written_again_with_more_ids_is_one_line(
 
 
 @pytest.mark.usefixtures("process_group")
+def test_a_dataset_json_edited_in_place_since_the_run_trained_is_refused_by_resume_and_export(tmp_path):
+    # Its id kept, the dense features reversed: a resume fed them to the dense layers in the other
+    # order, and an export's serving.json told its clients that order, both with exit 0.
+    from embshard.errors import DataError
+    from embshard.trainer.export import ExportError
+
+    data = profiled_synth(tmp_path / "data", rows=3000, max_cardinality=200)
+    cfg = job(data, tmp_path / "run", max_steps=4)
+    step = Path(run_worker(cfg)["checkpoint"])
+    spec = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**spec, "dense": spec["dense"][::-1]}))
+    with pytest.raises(ExportError, match=rf"^{step}: the dataset.json at {data} was edited since the run trained "
+                                          r"\(its label, dense features, their order"):
+        export_serving(step, tmp_path / "serving")
+    with pytest.raises(DataError, match=rf"^{data}: its dataset.json was edited since {step} \(resumed\) was made"):
+        plan_for_training(cfg)
+    assert not (tmp_path / "serving").exists()
+
+
+@pytest.mark.usefixtures("process_group")
 def test_a_checkpoint_of_a_newer_embshard_is_refused_and_left_in_place(dataset, tmp_path):
     # Its manifest's version was not read: a newer format was read as this one's, or, failing
     # that, set aside as damaged, and the run went on from an older step or from scratch.

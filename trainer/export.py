@@ -94,6 +94,7 @@ from embshard.trainer.checkpoint_integrity import (
 )
 from embshard.trainer.method import get_method
 from embshard.trainer.models import TrainModel, build_model, get_arch
+from embshard.trainer.planning import check_same_inputs
 from embshard.typed_config import from_dict
 
 MANIFEST = SERVING_MANIFEST
@@ -538,6 +539,10 @@ def _read_step(path: StoragePath) -> tuple[DimensionPlan, dict[str, torch.Tensor
         raise ExportError(f"{path}: trained on another dataset than {data_path} holds now (dataset id {spec.id[:8]}, "
                           f"trained on {str(trained_on)[:8]}: written again since); export needs the dataset it "
                           "was trained on at data.path")
+    try:  # its serving.json would tell clients the edited spec: another order of the dense features
+        check_same_inputs(plan, spec, f"{path}: the dataset.json at {data_path}", "since the run trained")
+    except DataError as e:
+        raise ExportError(str(e)) from None
     shapes = _saved_shapes(path)
     # With the collapse hook W already sits under W1's key and loads into the plain model; a
     # checkpoint written without it still holds W1 (n x k) and W2, and is collapsed here.

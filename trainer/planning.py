@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from embshard.config import JobConfig, MdeConfig, ModelConfig
-from embshard.datasets.schema import DatasetSpec
+from embshard.datasets.schema import SPEC_FILE, DatasetSpec
 from embshard.errors import ConfigError, DataError
 from embshard.planner.decisions import load_decisions
 from embshard.planner.pipeline import Decide, check_plan_holds, decided
@@ -62,7 +62,7 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
                          "every feature of the data needs a table with a row for each of its ids")
         plan = with_mlet(plan, cfg.embeddings)
         return replace(plan, uniform_width=uniform, notes=[*unread, *policy_unread(cfg, plan, name), *plan.notes],
-                       made_with={**made_with, "dataset_id": spec.id})
+                       made_with={**made_with, "dataset_id": spec.id, "dataset_inputs": spec.inputs_sha256()})
 
     return decide
 
@@ -115,6 +115,18 @@ def check_same_data(plan: DimensionPlan, spec: DatasetSpec, data_path: str, wher
         raise DataError(f"{data_path}: not the dataset {where} was made from (dataset id {spec.id[:8]}, the plan's "
                         f"{str(planned)[:8]}: another dataset, or this one written again since); plan and train it "
                         "into a new output_dir")
+    check_same_inputs(plan, spec, f"{data_path}: its {SPEC_FILE}", f"since {where} was made")
+
+
+def check_same_inputs(plan: DimensionPlan, spec: DatasetSpec, what: str, since: str) -> None:
+    """DataError when `spec` (its label, dense and sparse features) is not what `plan`'s model was
+    built for, though its id is: a dataset.json edited in place. A resume fed the dense features
+    in another order, and an export told its clients so. Plans from before the hash pass."""
+    planned = plan.made_with.get("dataset_inputs")
+    if planned and planned != spec.inputs_sha256():
+        raise DataError(f"{what} was edited {since} (its label, dense features, their order, or its sparse "
+                        "features' cardinalities or kinds are not those the model was built for); put it back as "
+                        "it was, or write the dataset again and train on it")
 
 
 def decisions_sha256(cfg: JobConfig) -> str | None:
