@@ -539,7 +539,8 @@ def _say_leftovers(out: StoragePath) -> None:
 
 def _left_by_the_dead(out: StoragePath, kind: str) -> Iterator[tuple[StoragePath, int]]:
     """`sibling` entries of `out` of that kind whose process is not running on this host."""
-    for leftover in sorted(out.parent.glob(f"{glob.escape(sibling_prefix(out, kind))}*")):
+    leftovers: list[StoragePath] = sorted(out.parent.glob(f"{glob.escape(sibling_prefix(out, kind))}*"), key=str)
+    for leftover in leftovers:
         pid = sibling_pid(leftover.name, out, kind)
         if pid is None:
             continue

@@ -99,7 +99,7 @@ def fitted_name(name: str, most: int = NAME_MAX) -> str:
     return raw[:most - 9].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
 
 
-def sibling_prefix(path: P, kind: str) -> str:
+def sibling_prefix(path: "StoragePath", kind: str) -> str:
     """`.NAME.<kind>-`, the start of every `sibling` name of `path` of that kind; its `.`,
     `.<kind>-<pid>-<hex>` take 30 bytes besides `kind`."""
     return f".{fitted_name(path.name, NAME_MAX - len(kind) - 30)}.{kind}-"
@@ -110,7 +110,7 @@ def sibling(path: P, kind: str) -> P:
     return path.with_name(f"{sibling_prefix(path, kind)}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def sibling_pid(name: str, path: Path, kind: str) -> int | None:
+def sibling_pid(name: str, path: "StoragePath", kind: str) -> int | None:
     """The process id in `name` where it is a `sibling` name of `path` of that kind (a user's
     `.d.old-photos` is none), else None."""
     prefix = sibling_prefix(path, kind)
