@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embshard.datasets.outdir import check_profile_replaceable, drop_staging, make_staging, replace_folder, writing
-from embshard.datasets.reader import read_row_group
 from embshard.datasets.schema import (
     PROFILE_DIR,
     PROFILE_FILE,
@@ -32,7 +31,7 @@ from embshard.datasets.schema import (
     flat_ids,
 )
 from embshard.datasets.storage import StoragePath, arrow_source, location, read_json
-from embshard.datasets.verify import verify_split
+from embshard.datasets.verify import read_row_group, verify_split
 from embshard.errors import DataError
 from embshard.progress import progress_bar
 

@@ -31,8 +31,8 @@ from torchrec.streamable import Pipelineable
 
 from embshard.datasets.schema import DatasetSpec, check_ids, check_no_nulls, check_part_schema, flat_ids, split_dir
 from embshard.datasets.storage import StoragePath, arrow_source, retrying, storage_failure
-from embshard.datasets.verify import verify_split
-from embshard.errors import ConfigError, DataError, StorageError, first_line
+from embshard.datasets.verify import read_row_group, verify_split
+from embshard.errors import ConfigError, DataError, StorageError
 
 
 @dataclass
@@ -90,21 +90,6 @@ class _Failure:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
-
-
-def read_row_group(parquet: pq.ParquetFile, path: StoragePath, index: int, first_row: int,
-                   columns: list[str]) -> pa.Table:
-    """Row group `index` of the part file `path` (whose rows start at `first_row`); DataError
-    naming them where a damaged page behind an intact footer cannot be read. A store's failures
-    are its own, said (and retried) by the caller."""
-    try:
-        return parquet.read_row_group(index, columns=columns)
-    except (OSError, pa.ArrowException) as e:
-        if not isinstance(path, Path):
-            raise
-        rows = parquet.metadata.row_group(index).num_rows
-        raise DataError(f"{path}: row group {index} (file rows {first_row:,} to {first_row + rows - 1:,}) cannot be "
-                        f"read ({first_line(e)}); the file is damaged: write the dataset again") from None
 
 
 class ParquetBatchReader:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embshard.datasets.catalog import read_catalog
@@ -22,7 +23,7 @@ from embshard.datasets.schema import (
 )
 from embshard.datasets.storage import StoragePath, location
 from embshard.datasets.vocabulary import DATASET_KEY, check_provenance
-from embshard.errors import DataError
+from embshard.errors import DataError, first_line
 
 
 def verify_dataset(dataset_dir: str | Path) -> None:
@@ -87,3 +88,17 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
                         f"{spec.rows[split]:,} (a part file missing or left over?)")
     return found
 
+
+def read_row_group(parquet: pq.ParquetFile, path: StoragePath, index: int, first_row: int,
+                   columns: list[str]) -> pa.Table:
+    """Row group `index` of the part file `path` (whose rows start at `first_row`); DataError
+    naming them where a damaged page behind an intact footer cannot be read. A store's failures
+    are its own, said (and retried) by the caller."""
+    try:
+        return parquet.read_row_group(index, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        if not isinstance(path, Path):
+            raise
+        rows = parquet.metadata.row_group(index).num_rows
+        raise DataError(f"{path}: row group {index} (file rows {first_row:,} to {first_row + rows - 1:,}) cannot be "
+                        f"read ({first_line(e)}); the file is damaged: write the dataset again") from None

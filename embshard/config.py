@@ -66,9 +66,6 @@ class MletConfig:
                 f"ratio: {self.ratio} < 1 gives k < d, which shrinks the space of tables the "
                 "factorisation can represent (MLET paper, Theorem 2.2); use ratio >= 1"
             )
-        if self.ratio is not None and self.ratio > MAX_DIM:  # no table's k: said with a k of 300 digits
-            raise ConfigError(f"ratio: must be 1 to {MAX_DIM:,} (k = ratio x d is at most {MAX_DIM:,}), "
-                              f"got {self.ratio:g}")
         if self.width is not None and not 1 <= self.width <= MAX_DIM:
             raise ConfigError(f"width: must be 1 to {MAX_DIM:,}, got {self.width:,}")
         if self.features is not None and not self.features:  # planned with no MLET, silently

@@ -252,6 +252,9 @@ def test_an_mlet_width_past_any_table_is_refused_not_overflowed():
     with pytest.raises(ConfigError, match=r"embeddings\.mlet\.ratio: 1e\+18 gives k = 16,000,000,000,000,000,000 "
                                           r"for table 't_C1' block 0 \(d = 16\); at most 16,777,216$"):
         plan_dimensions(EmbeddingsConfig(dim=16, mlet=MletConfig(ratio=1e18)), SPEC)
+    # Its k of 300 digits: the line was longer than a screen.
+    with pytest.raises(ConfigError, match=r"embeddings\.mlet\.ratio: 1e\+300 gives k = 1\.6e\+301 for table 't_C1' "):
+        plan_dimensions(EmbeddingsConfig(dim=16, mlet=MletConfig(ratio=1e300)), SPEC)
 
 
 def test_decisions_files_that_are_no_files_or_hold_no_json_are_one_line(tmp_path):

@@ -48,7 +48,9 @@ def apply_mlet(plan: DimensionPlan, mlet: MletConfig, rule: RoundingRule) -> Dim
                 raise ConfigError("embeddings.mlet.ratio: set exactly one of mlet.ratio or mlet.width")
             if raw > MAX_DIM:  # said before rounding: it overflowed to k = 1 there ("k=1 < d")
                 key = next(iter(setting))
-                raise ConfigError(f"embeddings.mlet.{key}: {setting[key]:g} gives k = {raw:,.0f} for table "
+                # Past 24 digits as a power of ten: ratio 1e300 printed a k of 300 digits.
+                shown = f"{raw:,.0f}" if raw < 1e24 else f"{raw:.3g}"
+                raise ConfigError(f"embeddings.mlet.{key}: {setting[key]:g} gives k = {shown} for table "
                                   f"{t.name!r} block {i} (d = {b.dim}); at most {MAX_DIM:,}")
             width = round_width(raw, rule, lo=1)
             if width.note:
