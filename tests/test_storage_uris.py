@@ -18,6 +18,7 @@ from embshard.trainer.checkpoint_integrity import check_checkpoint_io
     ("s3://b/xx/.", r"a '\.' in an object-store key names no prefix"),
     ("s3://b/x/%2E%2E", r"a '\.\.' in an object-store key names no prefix"),
     ("s3://b/ds%2Fsub", r"'ds%2Fsub' encodes a '/' inside one name; write the '/' itself"),
+    ("s3://b/a#b", r"a '#' in an object-store location ends its key there; write it as %23"),
 ])
 def test_a_key_that_names_no_one_prefix_is_refused(uri: str, said: str) -> None:
     # pyarrow took `..` as a name: a write ran whole, then failed as "access denied"; `%2F` made a
