@@ -353,15 +353,11 @@ def make_staging(out: StoragePath, in_place: bool = True, kind: Replaceable = DA
     inside it, no dataset holds). `out` is locked from here until the write is published or
     dropped (`writer_lock`)."""
     if isinstance(out, RemotePath):
-        remote = ExitStack()
-        remote.enter_context(writer_lock(out, kind.error))
-        try:
+        with ExitStack() as remote:  # let go here only if the staging fails
+            remote.enter_context(writer_lock(out, kind.error))
             _say_leftovers(out)
             staging = Path(tempfile.mkdtemp(prefix="embshard-upload-"))
-        except BaseException:
-            remote.close()
-            raise
-        _held[staging] = remote
+            _held[staging] = remote.pop_all()
         return staging
     out = out.absolute()  # `--out .` has no name and its parent is itself
     staging = out / sibling(out, "partial").name if in_place and _fills_in_place(out) else sibling(out, "partial")
@@ -584,8 +580,6 @@ def check_profile_replaceable(directory: StoragePath) -> None:
         raise DataError(f"{directory}: a symbolic link ({directory.resolve()}); refusing to replace it: move that "
                         "folder into the dataset, or remove the link")
     check_folder_or_absent(directory)
-    if not isinstance(directory, RemotePath):  # before its counting, not once that is done
-        _check_no_other_writer(directory.absolute(), DataError)
     if directory.is_dir():
         foreign = _foreign(directory, lambda parts: dataset_holds((PROFILE_DIR, *parts)))
         if foreign:
