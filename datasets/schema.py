@@ -342,7 +342,7 @@ def check_part_schema(path: str | StoragePath, actual: pa.Schema, spec: DatasetS
         if not found:
             raise DataError(f"{path}: column {column.name!r} missing (dataset.json declares it)")
         i = found[0]
-        if not actual.field(i).type.equals(column.type):
+        if not _holds(actual.field(i).type, column.type):
             raise DataError(f"{path}: column {column.name!r} has type {actual.field(i).type}, "
                             f"dataset.json implies {column.type}")
     for name in spec.extra:
@@ -353,6 +353,14 @@ def check_part_schema(path: str | StoragePath, actual: pa.Schema, spec: DatasetS
         kind = actual.field(i).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             raise DataError(f"{path}: extra column {name!r} has type {kind}; an extra column holds numbers")
+
+
+def _holds(actual: pa.DataType, declared: pa.DataType) -> bool:
+    """Whether a part's column type reads as the declared one. A list whose items may not be null
+    is one: Spark writes multi-hot lists so (`element: int64 not null`), and they were refused."""
+    if pa.types.is_list(actual) and pa.types.is_list(declared):
+        return actual.value_type.equals(declared.value_type)
+    return actual.equals(declared)
 
 
 def check_no_nulls(path: str | StoragePath, table: pa.Table, names: list[str], first_row: int) -> None:

@@ -260,6 +260,14 @@ def test_schema_mismatch_names_file_and_column(tmp_path: Path) -> None:
         ParquetBatchReader(missing, "train", 16)
 
 
+def test_a_multi_hot_list_whose_items_may_not_be_null_is_read(tmp_path: Path) -> None:
+    # Spark writes list columns so (`list<element: int64 not null>`); they were refused as a type mismatch.
+    table = _table(0, 60, np.random.default_rng(3))
+    strict = pa.list_(pa.field("element", pa.int64(), nullable=False))
+    root = write_dataset(tmp_path / "spark", [table.set_column(4, "m", table["m"].cast(strict))])
+    assert sum(b.labels.numel() for b in ParquetBatchReader(root, "train", 20)) == 60
+
+
 def test_missing_dataset_or_split_is_a_data_error(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         ParquetBatchReader(tmp_path / "nope", "train", 16)
