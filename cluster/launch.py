@@ -504,17 +504,54 @@ def _check_machine_holds(workers: int, jobs: int) -> None:
     """ConfigError when this machine's memory cannot hold the processes of a local cluster's
     `workers` x `jobs` workers: `--workers 1000` on a laptop spawned them until it ran out."""
     processes = workers * jobs
-    try:
-        machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # a system that does not say
-        return
-    if processes * WORKER_PROCESS_BYTES <= machine:
+    memory = machine_memory()
+    if memory is None or processes * WORKER_PROCESS_BYTES <= memory[0]:
         return
     at_once = f" ({jobs} trials of {workers} at once)" if jobs > 1 else ""
     raise ConfigError(f"cluster.workers: a local cluster of {processes:,} workers{at_once} needs about "
                       f"{human_bytes(processes * WORKER_PROCESS_BYTES)} for their processes alone (each imports "
-                      f"torch and TorchRec, about {WORKER_PROCESS_BYTES >> 20} MiB), and this machine has "
-                      f"{human_bytes(machine)}; use fewer workers, or join a cluster (--address)")
+                      f"torch and TorchRec, about {WORKER_PROCESS_BYTES >> 20} MiB), and {memory[1]} has "
+                      f"{human_bytes(memory[0])}; use fewer workers, or join a cluster (--address)")
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def machine_memory() -> tuple[int, str] | None:
+    """The memory this process may use, and what sets it: the machine's, or less where a control
+    group (a container's, a pod's) limits it. Physical memory alone let a container's workers
+    be started past its limit, and the kernel killed them. None where the system does not say."""
+    try:
+        found = [(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine")]
+    except (ValueError, OSError):
+        return None
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        # v2's one hierarchy (controllers empty) limits in memory.max; v1's memory one in memory.limit_in_bytes.
+        if controllers == "":
+            root, name = CGROUP_ROOT, "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = CGROUP_ROOT / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        # A limit on any group above this one's holds too; inside a container the path may name
+        # the host's groups, so its own root is read as well.
+        folder = root / path.lstrip("/")
+        for limits in [folder, *folder.parents]:
+            if not limits.is_relative_to(root):
+                break
+            try:
+                text = (limits / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 1 << 62:  # v2 says "max", v1 a huge number, for none
+                found.append((int(text), f"this process's control group ({limits})"))
+    return min(found, key=lambda f: f[0])
 
 
 def _check_ray_answers(address: str) -> None:

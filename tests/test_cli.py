@@ -633,6 +633,41 @@ def test_a_local_cluster_whose_workers_this_machine_cannot_hold_is_refused(monke
         init_ray(JobConfig(cluster=ClusterConfig(workers=10)), jobs=4)
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_control_group_s_memory_limit_is_the_machine_s_memory(tmp_path, monkeypatch, version):
+    # In a container or pod the check read the host's physical memory, so a local cluster past the
+    # container's limit started, and the kernel killed its workers.
+    from embshard.cluster import launch
+    from embshard.config import ClusterConfig, JobConfig
+    from embshard.errors import ConfigError
+
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": 4 << 20, "SC_PAGE_SIZE": 4096}[name])  # 16 GiB
+    proc = tmp_path / "cgroup"
+    if version == "v2":
+        proc.write_text("0::/pods/job/worker\n")
+        root = tmp_path / "fs"
+        (root / "pods/job/worker").mkdir(parents=True)
+        (root / "pods/job/worker/memory.max").write_text("max\n")
+        (root / "pods/job/memory.max").write_text(f"{2 << 30}\n")  # the pod's 2 GiB holds its groups below
+        limited = root / "pods/job"
+    else:
+        proc.write_text("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n")
+        root = tmp_path / "fs"
+        (root / "memory/docker/abc").mkdir(parents=True)
+        (root / "memory/docker/abc/memory.limit_in_bytes").write_text(f"{2 << 30}\n")
+        (root / "memory/memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+        limited = root / "memory/docker/abc"
+    monkeypatch.setattr(launch, "PROC_CGROUP", proc)
+    monkeypatch.setattr(launch, "CGROUP_ROOT", root)
+    assert launch.machine_memory() == (2 << 30, f"this process's control group ({limited})")
+    monkeypatch.setattr(launch.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch.ray, "init", lambda *a, **k: pytest.fail("a local cluster was started"))
+    with pytest.raises(ConfigError, match=rf"a local cluster of 5 workers needs about 2\.1 GiB .*, and this process's "
+                                          rf"control group \({re.escape(str(limited))}\) has 2\.0 GiB; use fewer"):
+        launch.init_ray(JobConfig(cluster=ClusterConfig(workers=5)))
+    launch._check_machine_holds(4, 1)  # 1.7 GiB fits
+
+
 def test_a_damaged_or_foreign_plan_file_is_one_line(tmp_path, capsys):
     # A plan file (edited, copied without its folder, made for other data) that trained with exit 0
     # (a data-parallel table on CPU never updates; a feature without a table was left out) or
