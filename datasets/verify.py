@@ -22,7 +22,7 @@ from embshard.datasets.schema import (
     vocabulary_file,
 )
 from embshard.datasets.storage import StoragePath, location
-from embshard.datasets.vocabulary import DATASET_KEY, check_provenance
+from embshard.datasets.vocabulary import DATASET_KEY, PART_KEY, check_provenance
 from embshard.errors import DataError, first_line
 
 
@@ -60,7 +60,7 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
         expected = [directory / part_name(i) for i in range(len(recorded))]
         for path in expected:
             if not path.is_file():
-                raise DataError(f"{path}: missing; {SPEC_FILE} records {len(recorded)} part files "
+                raise DataError(f"{path}: {_not_a_file(path)}; {SPEC_FILE} records {len(recorded)} part files "
                                 f"for split {split!r}")
         stray = sorted(set(files) - set(expected), key=str)
         if stray:
@@ -69,8 +69,12 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
     found = []
     for i, path in enumerate(files):
         meta = read_parquet_footer(path)
-        written_for = (meta.metadata or {}).get(DATASET_KEY, b"").decode(errors="replace")
-        if written_for and spec.id and written_for != spec.id:  # files of before the stamp have none
+        stamps = meta.metadata or {}
+        written_for = stamps.get(DATASET_KEY, b"").decode(errors="replace")
+        if written_for and written_for != spec.id:  # files of before the stamp have none
+            if not spec.id:  # a dataset.json of before the id has no stamped parts
+                raise DataError(f"{path}: written for the dataset with id {written_for[:8]}, and {SPEC_FILE} has no "
+                                f"id (taken out by hand?): write the dataset again")
             raise DataError(f"{path}: written for another dataset (id {written_for[:8]}) than {SPEC_FILE}'s "
                             f"({spec.id[:8]}): copied in from another dataset? Write the dataset again")
         if not written_for and spec.id and path not in _said_unstamped:
@@ -81,12 +85,27 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
                   "tool?), so its rows cannot be checked to be this dataset's", file=sys.stderr)
         if recorded is not None and meta.num_rows != recorded[i]:
             raise DataError(f"{path}: {meta.num_rows:,} rows, {SPEC_FILE} records {recorded[i]:,}")
+        written_as = stamps.get(PART_KEY, b"").decode(errors="replace")
+        if written_as and written_as != f"{split}/{path.name}":  # files of before this stamp have none
+            raise DataError(f"{path}: a copy of this dataset's {written_as} (it was written under that name), so "
+                            "its rows would be read twice: restore the part file, or write the dataset again")
         found.append((path, meta))
     rows = sum(meta.num_rows for _, meta in found)
     if split in spec.rows and rows != spec.rows[split]:
         raise DataError(f"{directory}: {rows:,} rows in {len(files)} part files, {SPEC_FILE} records "
                         f"{spec.rows[split]:,} (a part file missing or left over?)")
     return found
+
+
+def _not_a_file(path: StoragePath) -> str:
+    """What stands where a part file should: a folder or a broken link was said to be "missing"."""
+    if isinstance(path, Path) and path.is_symlink() and not path.exists():
+        return "a symbolic link to nothing (or a loop of links), not a part file"
+    if path.is_dir():
+        return "a folder, not a part file"
+    if path.exists():
+        return "not a regular file"
+    return "missing"
 
 
 def read_row_group(parquet: pq.ParquetFile, path: StoragePath, index: int, first_row: int,

@@ -25,7 +25,8 @@ from embshard.errors import DataError
 _HASH_PER_LOOKUP = 5
 VALUE, COUNT = "value", "count"  # a vocabulary file's columns
 # Its Parquet key-value metadata: which writing of a dataset (dataset.json's id), which feature.
-DATASET_KEY, FEATURE_KEY = b"embshard.dataset_id", b"embshard.feature"
+# A part file carries the first, and PART_KEY: the split and file name it was written as.
+DATASET_KEY, FEATURE_KEY, PART_KEY = b"embshard.dataset_id", b"embshard.feature", b"embshard.part"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from embshard.datasets.schema import (
     vocabulary_file,
 )
 from embshard.datasets.storage import location
-from embshard.datasets.vocabulary import DATASET_KEY, Vocabulary
+from embshard.datasets.vocabulary import DATASET_KEY, PART_KEY, Vocabulary
 from embshard.errors import DataError, EnvironmentProblem
 from embshard.progress import progress_bar
 from embshard.units import human_bytes
@@ -121,11 +121,18 @@ class _SplitWriter:
         self._flush(whole_groups_only=False)
         if self.writer is None and self.part == 0 and self.part_rows == 0:
             # An empty split (tiny inputs) still gets a file, so every split has a readable schema.
-            self.writer = pq.ParquetWriter(self.directory / part_name(0), self.schema)
+            self._open()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
             self.rows_per_part.append(self.part_rows)
+
+    def _open(self) -> None:
+        name = part_name(self.part)
+        # A part copied over another of as many rows (train's first over its second) carried the
+        # same dataset stamp, and its rows were read twice without a word.
+        stamps = {**(self.schema.metadata or {}), PART_KEY: f"{self.directory.name}/{name}".encode()}
+        self.writer = pq.ParquetWriter(self.directory / name, self.schema.with_metadata(stamps))
 
     def _flush(self, whole_groups_only: bool) -> None:
         table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
@@ -135,7 +142,7 @@ class _SplitWriter:
         start = 0
         while start < n:
             if self.writer is None:
-                self.writer = pq.ParquetWriter(self.directory / part_name(self.part), self.schema)
+                self._open()
             take = min(n - start, PART_ROWS - self.part_rows)
             self.writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
             start += take

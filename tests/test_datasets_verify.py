@@ -63,6 +63,44 @@ def test_stray_or_swapped_part_is_named(multi_part: Path) -> None:
         verify_dataset(multi_part)
 
 
+def test_a_part_copied_over_another_of_as_many_rows_is_named(multi_part: Path) -> None:
+    # Both carry the dataset's stamp and as many rows: the copy's rows were read twice without a word.
+    train, kept = multi_part / "train", multi_part.parent / "kept.parquet"
+    shutil.copy(train / "part-00001.parquet", kept)
+    shutil.copy(train / "part-00000.parquet", train / "part-00001.parquet")
+    with pytest.raises(DataError, match=r"train/part-00001\.parquet: a copy of this dataset's "
+                                        r"train/part-00000\.parquet \(it was written under that name\), "
+                                        r"so its rows would be read twice"):
+        ParquetBatchReader(multi_part, "train", 8)
+    shutil.copy(kept, train / "part-00001.parquet")
+    shutil.copy(multi_part / "valid" / "part-00000.parquet", multi_part / "test" / "part-00000.parquet")
+    with pytest.raises(DataError, match=r"test/part-00000\.parquet: a copy of this dataset's "
+                                        r"valid/part-00000\.parquet"):
+        verify_dataset(multi_part)
+
+
+def test_a_folder_or_a_broken_link_where_a_part_belongs_is_named(multi_part: Path) -> None:
+    # Both were said to be "missing", while `ls` showed the part there.
+    part = multi_part / "train" / "part-00002.parquet"
+    part.unlink()
+    part.mkdir()
+    with pytest.raises(DataError, match=r"part-00002\.parquet: a folder, not a part file; dataset\.json records 6"):
+        verify_dataset(multi_part)
+    part.rmdir()
+    part.symlink_to(part.name)
+    with pytest.raises(DataError, match=r"part-00002\.parquet: a symbolic link to nothing \(or a loop of links\)"):
+        verify_dataset(multi_part)
+
+
+def test_a_dataset_json_whose_id_was_taken_out_is_refused(multi_part: Path) -> None:
+    # A blank id is a dataset.json of before ids, which checks nothing: its stamped parts passed as anyone's.
+    raw = json.loads((multi_part / SPEC_FILE).read_text())
+    (multi_part / SPEC_FILE).write_text(json.dumps({**raw, "id": ""}))
+    with pytest.raises(DataError, match=rf"train/part-00000\.parquet: written for the dataset with id {raw['id'][:8]}, "
+                                        r"and dataset\.json has no id \(taken out by hand\?\)"):
+        verify_dataset(multi_part)
+
+
 def test_older_spec_without_part_counts_checks_split_rows(multi_part: Path) -> None:
     raw = json.loads((multi_part / SPEC_FILE).read_text())
     del raw["parts"]
