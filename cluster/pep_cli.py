@@ -9,6 +9,7 @@ the `pep` method (`trainer.pep.PepPrune`) in `run_worker`. Output, under `pep.ou
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,6 +81,7 @@ def prune_pep(args: argparse.Namespace) -> int:
     print(f"validation {validation_text(summary)} after {summary.get('steps')} steps; "
           f"run record {cfg.pep_dir / 'pep.json'}")
     print(f"non-zeros over time -> {cfg.pep_dir / NONZERO_HISTORY_FILE}")
+    _warn_of_shared_counts(pep.get("reached", {}), cfg.pep.count_every if cfg.pep else None)
     missed = pep.get("missed", [])
     if missed:
         # Not exit 0: a script's next step (a retrain on that target's decisions) would fail later,
@@ -90,6 +92,20 @@ def prune_pep(args: argparse.Namespace) -> int:
             f"pep.weight_decay / pep.threshold_lr (what lifts the thresholds)"
             + (f"; the {len(pep['reached'])} reached are written" if pep.get("reached") else ""))
     return 0
+
+
+def _warn_of_shared_counts(reached: dict[str, dict], count_every: int | None) -> None:
+    """Targets one count passed together share its mask and decisions: a sweep of them trained
+    one plan several times, under several names, without a word."""
+    by_step: dict[object, list[str]] = {}
+    for target, hit in sorted(reached.items(), key=lambda kv: -float(kv[0])):
+        by_step.setdefault(hit.get("step"), []).append(target)
+    for step, targets in by_step.items():
+        if len(targets) > 1:
+            print(f"warning: {_targets_text([float(t) for t in targets])} were passed by one count (step {step}, "
+                  f"{reached[targets[0]]['nonzero']:,} non-zero), so their masks and decisions are the same; count "
+                  f"more often (pep.count_every, now {count_every}) or prune more slowly (pep.threshold_lr, "
+                  f"pep.weight_decay) to tell them apart", file=sys.stderr)
 
 
 def _targets_text(targets: list[float]) -> str:

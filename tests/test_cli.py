@@ -1030,6 +1030,31 @@ def test_a_prune_run_that_missed_a_target_ends_with_an_error(tmp_path, capsys, m
     assert main(["prune", "pep", str(cfg), "--targets", "0.5"]) == 0
 
 
+def test_targets_one_count_passed_together_are_warned_of(tmp_path, capsys, monkeypatch):
+    # A prune run whose thresholds rose fast passed 0.5, 0.2 and 0.1 between two counts: the three
+    # decisions files were one plan under three names, and a sweep over them trained it three times.
+    import embshard.cluster.launch as launch
+
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\noutput_dir: {tmp_path / 'run'}\n",
+                          max_cardinality=300)
+    at = {"0.5": 20, "0.2": 20, "0.1": 20, "0.05": 40}
+    reached = {t: {"step": step, "nonzero": 100 * step, "dir": str(tmp_path / f"target-{t}")} for t, step in at.items()}
+
+    def fit(cfg, method, registered, output) -> bool:
+        summary = {"steps": 90, "valid_auc": 0.61, "pep": {"reached": reached, "missed": [], "kept_fraction": 0.04}}
+        (output / launch.SUMMARY_FILE).write_text(json.dumps(summary))
+        return False
+
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(launch.console, "route_worker_output", lambda: None)
+    monkeypatch.setattr(launch, "_fit", fit)
+    assert main(["prune", "pep", str(cfg), "--targets", "0.5,0.2,0.1,0.05"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: targets 0.5, 0.2, 0.1 were passed by one count (step 20, 2,000 non-zero), so "
+                        "their masks and decisions are the same; count more often (pep.count_every, now 20) or prune "
+                        "more slowly (pep.threshold_lr, pep.weight_decay) to tell them apart"]
+
+
 @pytest.mark.parametrize("tables, shown", [
     ("[" + ", ".join(["1"] * 200_000) + "]", r"\.\.\. \([\d,]+ more characters\)$"),
     ('{"C1\\nembshard: ok: planned": {"dim": 8}}', r"tables\.C1\\nembshard: ok: planned: dataset"),
