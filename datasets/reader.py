@@ -34,6 +34,9 @@ from embshard.datasets.storage import StoragePath, arrow_source, retrying, stora
 from embshard.datasets.verify import read_row_group, verify_split
 from embshard.errors import ConfigError, DataError, StorageError
 
+# The largest magnitude whose square float32 holds (1.8e19).
+SQUARE_OVERFLOW = math.sqrt(float(np.finfo(np.float32).max))
+
 
 @dataclass
 class Batch(Pipelineable):
@@ -358,6 +361,15 @@ class ParquetBatchReader:
                 row = int(np.flatnonzero(bad)[0])
                 raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: "
                                 f"non-finite value {values[row]}")
+            # One train row of 3e38 trained to exit 0 and AUC 0.50; in valid it was "evaluate()
+            # returned logloss = inf", blamed on the model.
+            bad = np.abs(values) > SQUARE_OVERFLOW
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: value "
+                                f"{values[row]:g} is beyond ±{SQUARE_OVERFLOW:.2g}, where its square overflows float32 "
+                                "(a squared error of it, or the optimizer's state of a weight it feeds, is infinite); "
+                                "rescale the column (log1p of a count)")
         if self.spec.target == "click":
             # A BCE target: a label of 7 trained without a word, and one of 0.3 trained, then the
             # run died at its first evaluation (AUC is of clicks).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -296,7 +297,20 @@ class DatasetWriter:
         except BaseException:
             self.abort()
             raise
+        if spec.target == "click":
+            self._warn_of_one_class()
         return spec
+
+    def _warn_of_one_class(self) -> None:
+        """A split of clicks whose every row has one label: its AUC is undefined, and a run found
+        out at its first evaluation, once it had trained (a file of one day's clicks alone, sorted
+        by label, or with the valid part cut from a run of positives)."""
+        for split, st in self.stats.items():
+            if st.positives in (0, st.rows):
+                print(f"warning: {self.out_dir}: every one of the {st.rows:,} {split} rows has label "
+                      f"{int(st.positives > 0)}, so a model's AUC there is undefined (a run evaluating it stops at "
+                      "its first evaluation); is the input sorted by label? Split it otherwise (--split random)",
+                      file=sys.stderr)
 
     def abort(self) -> None:
         """Drops everything written so far; `out_dir` is untouched."""

@@ -171,6 +171,10 @@ def test_criteo_malformed_lines_are_skipped_or_fatal(criteo_sample: Path, tmp_pa
     path = _broken_criteo(criteo_sample, tmp_path, {5: not_int, 9: short})
     with pytest.raises(DataError, match=r"broken\.txt:5: column 'I3': 'x7' is not an integer"):
         convert("criteo", path, tmp_path / "strict", strict=True)
+    # 23 digits are an integer, but more than int64 holds: it was said to be "not an integer".
+    path = _broken_criteo(criteo_sample, tmp_path, {7: "\t".join(good[:3] + ["9" * 23] + good[4:])})
+    with pytest.raises(DataError, match=r"broken\.txt:7: column 'I3': '9{23}' is not an integer of at most 18 digits"):
+        convert("criteo", path, tmp_path / "strict", strict=True)
 
 
 def test_a_field_that_is_not_utf8_is_a_malformed_line(criteo_sample: Path, tmp_path: Path,
@@ -424,11 +428,11 @@ def test_movielens_bad_values_are_malformed_lines(tmp_path: Path, capsys: pytest
     assert sum(spec.rows.values()) == len(good)
     captured = capsys.readouterr()
     err = captured.err
-    for line, message in ((1, "column 'userId': 'UserID' is not an integer"),
+    for line, message in ((1, "column 'userId': 'UserID' is not an integer of at most 18 digits"),
                           (2, "column 'rating': 'nan' is not a rating from 0.5 to 5"),
                           (3, "column 'rating': '99' is not a rating from 0.5 to 5"),
                           (5, "column 'rating': '-4' is not a rating from 0.5 to 5"),
-                          (6, "column 'userId': 'bob' is not an integer")):
+                          (6, "column 'userId': 'bob' is not an integer of at most 18 digits")):
         assert f"ratings.dat:{line}: {message}; line skipped" in err
     assert "skipped 8 malformed lines" in captured.out
     labels = read_all(tmp_path / "out")["label"].to_numpy()
@@ -745,6 +749,21 @@ def test_a_split_without_rows_is_an_error(criteo_sample: Path, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["five.txt", "labels.txt", "one.txt"]
 
 
+def test_a_split_of_one_label_is_warned_of(criteo_sample: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Written with exit 0, and a run trained every step, then stopped at its first evaluation:
+    # "every one of the 200 rows evaluated has label 1".
+    lines = _criteo_lines(criteo_sample, 100)
+    clicks = _write_lines(tmp_path / "clicks.txt", [line if i < 80 else "1" + line[1:] for i, line in enumerate(lines)])
+    convert("criteo", clicks, tmp_path / "out")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 'out'}: every one of the 10 {split} rows has label 1, so a model's AUC "
+                        "there is undefined (a run evaluating it stops at its first evaluation); is the input sorted "
+                        "by label? Split it otherwise (--split random)" for split in ("valid", "test")]
+    convert("criteo", _write_lines(tmp_path / "mixed.txt", lines), tmp_path / "mixed")
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_wrong_format_fails_at_once(criteo_sample: Path, tmp_path: Path) -> None:
     criteo = _write_lines(tmp_path / "criteo.txt", _criteo_lines(criteo_sample))
     with pytest.raises(DataError, match=r"criteo\.txt: does not look like Avazu CSV: line 1 \(the header\) "
@@ -1025,7 +1044,7 @@ def test_movielens_read_in_small_blocks_gives_identical_output(tmp_path: Path, c
         assert reported == [line for line in blocks.splitlines() if line.startswith("warning:")]
         warnings += reported
     assert [w.split("/")[-1] for w in warnings] == [
-        "ratings.dat:52: column 'movieId': 'x' is not an integer; line skipped",
+        "ratings.dat:52: column 'movieId': 'x' is not an integer of at most 18 digits; line skipped",
         "ratings.csv:64: expected 4 fields, found 3; line skipped",
         # Each of its 60 users rates once: fewer times than the default --min-count 2.
         "warning: no train value of userId occurs --min-count 2 times: each of its ids is the OOV id, and it tells "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import threading
 import time
 from pathlib import Path
@@ -303,6 +305,27 @@ def test_a_non_finite_extra_column_is_named(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "x", [table.append_column("item_frequency", pa.array(freq))], spec)
     with pytest.raises(DataError, match=r"column 'item_frequency', row 12: non-finite value nan"):
         list(ParquetBatchReader(root, "train", 16))
+
+
+@pytest.mark.parametrize("column,value,target", [("d1", 3e38, "click"), ("label", -1e20, "rating")])
+def test_a_value_whose_square_overflows_float32_is_named(tmp_path: Path, column: str, value: float,
+                                                         target: str) -> None:
+    # One train row of 3e38 dense values trained to exit 0 with AUC 0.50 (its loss 5.9e32 is
+    # finite); in valid, or as a rating, it was "evaluate() returned mse = inf", blamed on the model.
+    table = _table(0, 60, np.random.default_rng(5))
+    values = table[column].to_numpy().copy()
+    values[23] = value
+    spec = dataclasses.replace(SPEC, target=target)
+    root = write_dataset(tmp_path / "x", [table.set_column(table.schema.get_field_index(column), column,
+                                                           pa.array(values))], spec)
+    shown = re.escape(f"{value:g}")
+    with pytest.raises(DataError, match=rf"part-00000\.parquet: column '{column}', row 23: value {shown} is beyond "
+                                        r"±1\.8e\+19, where its square overflows float32 \(.*\); rescale the column"):
+        list(ParquetBatchReader(root, "train", 20))
+    values[23] = 1.8e19  # as large as still squares
+    fine = write_dataset(tmp_path / "y", [table.set_column(table.schema.get_field_index(column), column,
+                                                           pa.array(values))], spec)
+    assert sum(b.labels.numel() for b in ParquetBatchReader(fine, "train", 20)) == 60
 
 
 def test_an_extra_column_of_text_or_with_a_null_is_named(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embshard.datasets.convert.stream import Parsed, TextFormat, drop_invalid
-from embshard.datasets.convert.text import INTEGER, Malformed, TextChunk
+from embshard.datasets.convert.text import AN_INTEGER, INTEGER, Malformed, TextChunk
 
 LABEL = "label"
 DENSE = [f"I{i}" for i in range(1, 14)]
@@ -25,7 +25,7 @@ def parse(chunk: TextChunk, malformed: Malformed) -> Parsed:
     ok.update({d: pc.match_substring_regex(t[d], INTEGER) for d in DENSE})
     # A missing dense value is fine (it becomes 0); a missing label is not.
     ok = {c: pc.fill_null(v, c != LABEL).to_numpy(zero_copy_only=False) for c, v in ok.items()}
-    expected = {LABEL: "0 or 1", **{d: "an integer" for d in DENSE}}
+    expected = {LABEL: "0 or 1", **{d: AN_INTEGER for d in DENSE}}
     chunk = drop_invalid(chunk, ok, expected, malformed)
     t = chunk.table
     dense = {}

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from embshard.datasets.convert.stream import drop_invalid
 from embshard.datasets.convert.text import (
+    AN_INTEGER,
     INTEGER,
     Malformed,
     as_text,
@@ -494,7 +495,7 @@ def _is_time(values: pa.ChunkedArray) -> pa.ChunkedArray:
 # kind -> (test of a field, what it must be, its type once checked)
 _KINDS = {
     "time": (_is_time, "an integer Unix time from 1970 to 2100", pa.int64()),
-    "integer": (lambda v: pc.match_substring_regex(v, INTEGER), "an integer", pa.int64()),
+    "integer": (lambda v: pc.match_substring_regex(v, INTEGER), AN_INTEGER, pa.int64()),
     "rating": (_is_rating, f"a rating from {MIN_RATING} to {MAX_RATING:g}", pa.float32()),
     "flag": (lambda v: pc.is_in(v, value_set=pa.array(["0", "1"])), "0 or 1", pa.int8()),
 }

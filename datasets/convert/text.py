@@ -38,8 +38,9 @@ SNIFF_LINES = 5
 _SNIFF_LINE_BYTES = 1 << 20  # a binary file may have no newline for a long way
 _GZIP_MAGIC = b"\x1f\x8b"
 _TAR_MAGIC_AT = 257  # "ustar" in the first tar header block
-# An integer field; at most 18 digits, so a cast to int64 can never overflow.
-INTEGER = r"^-?[0-9]{1,18}$"
+# An integer field; at most 18 digits, so a cast to int64 can never overflow. Said so: 23 digits
+# were "not an integer".
+INTEGER, AN_INTEGER = r"^-?[0-9]{1,18}$", "an integer of at most 18 digits"
 
 
 @dataclass
