@@ -32,8 +32,9 @@ from embshard.datasets.schema import (
 )
 from embshard.datasets.storage import StoragePath, arrow_source, location, read_json
 from embshard.datasets.verify import read_row_group, verify_split
-from embshard.errors import DataError
+from embshard.errors import DataError, EnvironmentProblem
 from embshard.progress import progress_bar
+from embshard.units import human_bytes
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,18 @@ def write_profile(dataset_dir: str | Path) -> Profile:
         return counted_profile(dataset_dir)
 
 
+def _zero_counts(spec: DatasetSpec, where: StoragePath) -> dict[str, np.ndarray]:
+    counts = {}
+    for f in spec.sparse:
+        try:
+            counts[f.name] = np.zeros(f.cardinality, dtype=np.int64)
+        except MemoryError:  # was "out of memory (... 8.00 PiB ...)", naming no feature
+            raise EnvironmentProblem(f"{where}: sparse feature {f.name!r}: the counts of its {f.cardinality:,} ids "
+                                     f"need {human_bytes(8 * f.cardinality)}, more than this machine can give (is "
+                                     f"{SPEC_FILE}'s cardinality right?)") from None
+    return counts
+
+
 def counted_profile(dataset_dir: str | Path) -> Profile:
     """`write_profile` without its locks: for a writer's own staging folder, no other's to write."""
     spec = DatasetSpec.load(dataset_dir)
@@ -138,7 +151,7 @@ def counted_profile(dataset_dir: str | Path) -> Profile:
     for path, meta in parts:  # what the reader checks, so a profile fails as one line where training would
         check_part_schema(path, meta.schema.to_arrow_schema(), spec)
     files = [path for path, _ in parts]
-    counts = {f.name: np.zeros(f.cardinality, dtype=np.int64) for f in spec.sparse}
+    counts = _zero_counts(spec, location(dataset_dir))
     rows = 0
     total_groups = sum(meta.num_row_groups for _, meta in parts)
     with progress_bar(total=total_groups, desc="profile", unit="row groups", leave=False) as bar:

@@ -265,3 +265,19 @@ def test_a_part_without_the_dataset_stamp_is_warned_of(tmp_path: Path, capsys: p
     verify_dataset(tmp_path)
     assert capsys.readouterr().err.count(f"warning: {part}: carries no dataset stamp though dataset.json has an "
                                          "id (rewritten by another tool?)") == 1
+
+
+def test_a_cardinality_no_machine_can_count_names_its_feature(tmp_path: Path) -> None:
+    # A dataset.json whose C1 was edited to 2**50 ids: "out of memory (... 8.00 PiB ...)", naming no feature.
+    from embshard.errors import EnvironmentProblem
+
+    out = tmp_path / "d"
+    synthesize(out, rows=200, max_cardinality=20)
+    raw = json.loads((out / "dataset.json").read_text())
+    raw["sparse"][1]["cardinality"] = 2**50
+    (out / "dataset.json").write_text(json.dumps(raw))
+    name = raw["sparse"][1]["name"]
+    with pytest.raises(EnvironmentProblem, match=rf"^{out}: sparse feature '{name}': the counts of its "
+                                                 r"1,125,899,906,842,624 ids need 8192\.0 TiB, more than this "
+                                                 r"machine can give \(is dataset\.json's cardinality right\?\)$"):
+        write_profile(out)
