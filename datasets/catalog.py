@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from embshard.datasets.schema import DatasetSpec, check_ids, check_no_nulls, flat_ids, read_parquet_table
+from embshard.datasets.schema import DatasetSpec, check_ids, check_no_nulls, flat_ids, read_parquet_table, reads_as
 from embshard.datasets.storage import StoragePath, location
 from embshard.errors import DataError
 
@@ -24,7 +24,7 @@ def read_catalog(dataset_dir: str | Path | StoragePath, spec: DatasetSpec, start
     expected = spec.catalog_arrow_schema()
     for field in expected:
         i = table.schema.get_field_index(field.name)
-        if i < 0 or not table.schema.field(i).type.equals(field.type):
+        if i < 0 or not reads_as(table.schema.field(i).type, field.type):
             raise DataError(f"{path}: column {field.name!r} missing or not of type {field.type}")
     stop = table.num_rows if stop is None else stop
     table = table.slice(start, stop - start).select(expected.names)

@@ -310,7 +310,8 @@ class ParquetBatchReader:
                 pending.append(table)
                 pending_rows += table.num_rows
                 while made < n_batches and pending_rows >= sizes[made]:
-                    merged = pa.concat_tables(pending)
+                    # Permissive: parts rewritten by Spark (list items not null) beside embshard's.
+                    merged = pa.concat_tables(pending, promote_options="permissive")
                     if not put(self._batch(merged.slice(0, sizes[made]))):
                         return
                     rest = merged.slice(sizes[made])
@@ -354,22 +355,22 @@ class ParquetBatchReader:
         check_no_nulls(group.path, table, self.columns, group.first_row)
         floats = [e for e in self.spec.extra if pa.types.is_floating(table[e].type)]
         labels = table[self.spec.label].to_numpy()
+        # Squared where they train: a loss of a rating's error, the optimizer's state of a weight a
+        # dense value feeds. One train row of 3e38 trained to exit 0 and AUC 0.50; in valid it was
+        # "evaluate() returned logloss = inf", blamed on the model.
+        squared = {*self.spec.dense, *([self.spec.label] if self.spec.target != "click" else [])}
         for name in [self.spec.label, *self.spec.dense, *floats]:
             values = labels if name == self.spec.label else table[name].to_numpy()
-            bad = ~np.isfinite(values)
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: "
-                                f"non-finite value {values[row]}")
-            # One train row of 3e38 trained to exit 0 and AUC 0.50; in valid it was "evaluate()
-            # returned logloss = inf", blamed on the model.
-            bad = np.abs(values) > SQUARE_OVERFLOW
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise DataError(f"{group.path}: column {name!r}, row {group.first_row + row}: value "
-                                f"{values[row]:g} is beyond ±{SQUARE_OVERFLOW:.2g}, where its square overflows float32 "
-                                "(a squared error of it, or the optimizer's state of a weight it feeds, is infinite); "
-                                "rescale the column (log1p of a count)")
+            bad = ~(np.abs(values) <= SQUARE_OVERFLOW) if name in squared else ~np.isfinite(values)
+            if not bad.any():
+                continue
+            row = int(np.flatnonzero(bad)[0])
+            where = f"{group.path}: column {name!r}, row {group.first_row + row}"
+            if not np.isfinite(values[row]):
+                raise DataError(f"{where}: non-finite value {values[row]}")
+            raise DataError(f"{where}: value {values[row]:g} is beyond ±{SQUARE_OVERFLOW:.2g}, where its square "
+                            "overflows float32 (a squared error of it, or the optimizer's state of a weight it feeds, "
+                            "is infinite); rescale the column (log1p of a count)")
         if self.spec.target == "click":
             # A BCE target: a label of 7 trained without a word, and one of 0.3 trained, then the
             # run died at its first evaluation (AUC is of clicks).

@@ -342,7 +342,7 @@ def check_part_schema(path: str | StoragePath, actual: pa.Schema, spec: DatasetS
         if not found:
             raise DataError(f"{path}: column {column.name!r} missing (dataset.json declares it)")
         i = found[0]
-        if not _holds(actual.field(i).type, column.type):
+        if not reads_as(actual.field(i).type, column.type):
             raise DataError(f"{path}: column {column.name!r} has type {actual.field(i).type}, "
                             f"dataset.json implies {column.type}")
     for name in spec.extra:
@@ -355,7 +355,7 @@ def check_part_schema(path: str | StoragePath, actual: pa.Schema, spec: DatasetS
             raise DataError(f"{path}: extra column {name!r} has type {kind}; an extra column holds numbers")
 
 
-def _holds(actual: pa.DataType, declared: pa.DataType) -> bool:
+def reads_as(actual: pa.DataType, declared: pa.DataType) -> bool:
     """Whether a part's column type reads as the declared one. A list whose items may not be null
     is one: Spark writes multi-hot lists so (`element: int64 not null`), and they were refused."""
     if pa.types.is_list(actual) and pa.types.is_list(declared):

@@ -22,7 +22,7 @@ from embshard.datasets.schema import (
     vocabulary_file,
 )
 from embshard.datasets.storage import StoragePath, location
-from embshard.datasets.vocabulary import DATASET_KEY, PART_KEY, check_provenance
+from embshard.datasets.vocabulary import DATASET_KEY, PART_KEY, check_provenance, part_stamp
 from embshard.errors import DataError, first_line
 
 
@@ -86,9 +86,9 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
         if recorded is not None and meta.num_rows != recorded[i]:
             raise DataError(f"{path}: {meta.num_rows:,} rows, {SPEC_FILE} records {recorded[i]:,}")
         written_as = stamps.get(PART_KEY, b"").decode(errors="replace")
-        if written_as and written_as != f"{split}/{path.name}":  # files of before this stamp have none
-            raise DataError(f"{path}: a copy of this dataset's {written_as} (it was written under that name), so "
-                            "its rows would be read twice: restore the part file, or write the dataset again")
+        if written_as and written_as != part_stamp(split, path.name):  # files of before this stamp have none
+            raise DataError(f"{path}: written as this dataset's {written_as} (copied or renamed here?), so its rows "
+                            "are not this part's: restore the part file, or write the dataset again")
         found.append((path, meta))
     rows = sum(meta.num_rows for _, meta in found)
     if split in spec.rows and rows != spec.rows[split]:
@@ -99,7 +99,7 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
 
 def _not_a_file(path: StoragePath) -> str:
     """What stands where a part file should: a folder or a broken link was said to be "missing"."""
-    if isinstance(path, Path) and path.is_symlink() and not path.exists():
+    if path.is_symlink() and not path.exists():
         return "a symbolic link to nothing (or a loop of links), not a part file"
     if path.is_dir():
         return "a folder, not a part file"

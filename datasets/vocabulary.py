@@ -29,6 +29,11 @@ VALUE, COUNT = "value", "count"  # a vocabulary file's columns
 DATASET_KEY, FEATURE_KEY, PART_KEY = b"embshard.dataset_id", b"embshard.feature", b"embshard.part"
 
 
+def part_stamp(split: str, name: str) -> str:
+    """A part file's PART_KEY: the split and file name it was written as."""
+    return f"{split}/{name}"
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     values: pa.Array  # known values, ids 1..len(values) in this order

@@ -31,7 +31,7 @@ from embshard.datasets.schema import (
     vocabulary_file,
 )
 from embshard.datasets.storage import location
-from embshard.datasets.vocabulary import DATASET_KEY, PART_KEY, Vocabulary
+from embshard.datasets.vocabulary import DATASET_KEY, PART_KEY, Vocabulary, part_stamp
 from embshard.errors import DataError, EnvironmentProblem
 from embshard.progress import progress_bar
 from embshard.units import human_bytes
@@ -132,7 +132,7 @@ class _SplitWriter:
         name = part_name(self.part)
         # A part copied over another of as many rows (train's first over its second) carried the
         # same dataset stamp, and its rows were read twice without a word.
-        stamps = {**(self.schema.metadata or {}), PART_KEY: f"{self.directory.name}/{name}".encode()}
+        stamps = {**(self.schema.metadata or {}), PART_KEY: part_stamp(self.directory.name, name).encode()}
         self.writer = pq.ParquetWriter(self.directory / name, self.schema.with_metadata(stamps))
 
     def _flush(self, whole_groups_only: bool) -> None:

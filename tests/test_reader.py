@@ -268,6 +268,11 @@ def test_a_multi_hot_list_whose_items_may_not_be_null_is_read(tmp_path: Path) ->
     strict = pa.list_(pa.field("element", pa.int64(), nullable=False))
     root = write_dataset(tmp_path / "spark", [table.set_column(4, "m", table["m"].cast(strict))])
     assert sum(b.labels.numel() for b in ParquetBatchReader(root, "train", 20)) == 60
+    # Beside a part of embshard's own, read across the two in one batch: a merge of the two
+    # schemas was refused mid-epoch.
+    mixed = write_dataset(tmp_path / "mixed", [table.set_column(4, "m", table["m"].cast(strict)),
+                                               _table(60, 60, np.random.default_rng(4))])
+    assert sum(b.labels.numel() for b in ParquetBatchReader(mixed, "train", 50, shuffle=False)) == 100
 
 
 def test_missing_dataset_or_split_is_a_data_error(dataset: Path, tmp_path: Path) -> None:
@@ -326,6 +331,16 @@ def test_a_value_whose_square_overflows_float32_is_named(tmp_path: Path, column:
     fine = write_dataset(tmp_path / "y", [table.set_column(table.schema.get_field_index(column), column,
                                                            pa.array(values))], spec)
     assert sum(b.labels.numel() for b in ParquetBatchReader(fine, "train", 20)) == 60
+
+
+def test_a_huge_click_label_is_said_to_be_no_click(tmp_path: Path) -> None:
+    # The square's bound is for what trains by a square: a click label of 1e20 is no click, as one of 7 is.
+    table = _table(0, 60, np.random.default_rng(5))
+    labels = table["label"].to_numpy().copy()
+    labels[9] = 1e20
+    root = write_dataset(tmp_path / "x", [table.set_column(0, "label", pa.array(labels))])
+    with pytest.raises(DataError, match=r"column 'label', row 9: label 1e\+20 is no click, 0 or 1"):
+        list(ParquetBatchReader(root, "train", 20))
 
 
 def test_an_extra_column_of_text_or_with_a_null_is_named(tmp_path: Path) -> None:
