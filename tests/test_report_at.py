@@ -196,3 +196,18 @@ def test_last_reports_the_last_step(dataset, tmp_path):
     cfg = job(dataset, tmp_path, "last", 4)
     summary = run(replace(cfg, train=replace(cfg.train, eval_every=None)))
     assert summary["selected_step"] == summary["steps"] == 4
+
+
+def test_a_resume_with_nothing_left_to_train_saves_where_the_reader_stood(dataset, tmp_path):
+    # A `--resume` of another run's last step trained no step, then saved that step with its reader
+    # at the epoch's start: continued for another epoch, it trained the first epoch again (54
+    # steps where 36 belong, its weights 0.23 off the uninterrupted run's).
+    first = job(dataset, tmp_path / "first", "last", STEPS, checkpoints=True)
+    run(first)
+    source = complete_checkpoints(first.checkpoint_dir)[-1]
+    again = job(dataset, tmp_path / "again", "last", STEPS, checkpoints=True)
+    run(replace(again, checkpoint=replace(again.checkpoint, resume=str(source))))
+    saved = complete_checkpoints(again.checkpoint_dir)[-1]
+    assert saved.name == source.name
+    assert json.loads((saved / "progress.json").read_text())["reader"] == \
+        json.loads((source / "progress.json").read_text())["reader"] == {"epoch": 0, "batches": STEPS}

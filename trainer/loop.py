@@ -146,7 +146,10 @@ class _WorkerRun:
         if metrics is not None and self.restarts:
             metrics.inc_restarts(self.restarts)
 
-        self.epoch_batches = 0  # batches of the current epoch trained so far (resumed ones included)
+        # Batches of the current epoch trained so far, resumed ones included: a resume that trained
+        # no step saved its step with the reader at the epoch's start, and its continuation
+        # trained the epoch again.
+        self.epoch_batches = self.train_reader.state_dict()["batches"]
         self.watch = LossWatch(device, self.progress.step)
         extras = method.callbacks(Worker(cfg, bundle, rank, world, device, metrics, self.progress.step), sharded)
         # Else a TypeError ("'NoneType' object is not iterable") naming neither method nor hook.
