@@ -62,6 +62,15 @@ def test_differences_are_the_model_defining_keys_only():
     assert config_differences(saved, hidden) == [("model.options.hidden", None, 32)]
 
 
+def test_a_resume_keeps_the_order_its_reader_position_counts_batches_of():
+    # Resumed mid-epoch with another seed, the reader's batch offset was carried into the new
+    # seed's shuffle: 561 of the 1,024 rows trained after the resume had been trained already.
+    saved = to_dict(JobConfig())
+    assert config_differences(saved, JobConfig(seed=1)) == [("seed", 0, 1)]
+    assert config_differences(saved, JobConfig(data=DataConfig(shuffle=False))) == [("data.shuffle", True, False)]
+    assert config_differences(saved, JobConfig(data=DataConfig(batch_size=64))) == []  # counted in rows
+
+
 def test_a_search_resumes_only_on_the_schedule_its_architecture_steps_were_counted_by():
     # Resumed with another pretrain_steps, a search held its alpha still until the new end of the
     # pre-train, and recorded 300 architecture steps where it had taken 423.

@@ -37,6 +37,10 @@ MODEL_DEFINING_KEYS = (
     "train.sparse_optimizer",
     "train.dense_optimizer",
 )
+# Keys that decide the order its reader trains an epoch's rows in: a checkpoint's reader position
+# counts batches of that order. Resumed mid-epoch with another seed, a run trained 561 of 1,024
+# rows a second time and never trained as many.
+ORDER_DEFINING_KEYS = ("seed", "data.shuffle")
 # Inside those, keys that change no tensor a checkpoint holds: MLET's init, and exact_resume,
 # whose W1 a checkpoint may lack (the load rebuilds it) or hold unread.
 NOT_MODEL_DEFINING_KEYS = ("embeddings.mlet.init_std", "embeddings.mlet.exact_resume")
@@ -51,10 +55,11 @@ NOT_PLAN_DEFINING_KEYS = (*NOT_MODEL_DEFINING_KEYS, "embeddings.decisions")
 
 
 def model_defining(config: dict[str, Any], also: Sequence[str] = ()) -> dict[str, Any]:
-    """The model-defining keys of a config dict, and those under `also` (the method's
-    `resume_keys`), flattened to dotted names."""
+    """The model-defining keys of a config dict, the order-defining ones, and those under `also`
+    (the method's `resume_keys`), flattened to dotted names."""
     return {k: v for k, v in flatten(config).items()
-            if under(k, MODEL_DEFINING_KEYS) and not under(k, NOT_MODEL_DEFINING_KEYS) or under(k, also)}
+            if under(k, MODEL_DEFINING_KEYS) and not under(k, NOT_MODEL_DEFINING_KEYS)
+            or under(k, (*ORDER_DEFINING_KEYS, *also))}
 
 
 def config_differences(saved: dict[str, Any], cfg: JobConfig, also: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
