@@ -204,12 +204,17 @@ def check_replaces_no_run(cfg: JobConfig, overwrite: bool) -> None:
 def plan_from_checkpoint(cfg: JobConfig, checkpoint: StoragePath) -> PlanBundle:
     """The checkpoint's DimensionPlan (dims, remaps), sharded for this run's topology.
 
-    The same world size keeps the checkpoint's shard plan; another one re-runs TorchRec's planner
-    over the unchanged DimensionPlan, and DCP reshards the saved tables into the new layout."""
+    The same world size keeps the checkpoint's shard plan while it has only sharding types the
+    config allows; else TorchRec's planner runs again over the unchanged DimensionPlan, and DCP
+    reshards the saved tables into the new layout."""
     copytree(checkpoint / CHECKPOINT_PLAN_DIR, cfg.plan_dir)
     bundle = PlanBundle.load(cfg.plan_dir, cfg.train.sparse_optimizer)
     topology = cfg.sharding.topology(cfg.cluster.workers)
-    if bundle.shard_plan.topology != topology:
+    # A config that allows other sharding types than the checkpoint's plan has was trained on the
+    # checkpoint's types without a word (row_wise on a CPU, which `plan` refuses, included).
+    allowed = cfg.sharding.sharding_types
+    obeys = allowed is None or all(ps.sharding_type in allowed for ps in bundle.shard_plan.sharding.values())
+    if bundle.shard_plan.topology != topology or not obeys:
         bundle = shard_dimension_plan(
             bundle.dimension_plan, load_profile(cfg.data.path), topology, cfg.plan_dir, **sharding_options(cfg)
         )

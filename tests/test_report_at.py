@@ -211,3 +211,16 @@ def test_a_resume_with_nothing_left_to_train_saves_where_the_reader_stood(datase
     assert saved.name == source.name
     assert json.loads((saved / "progress.json").read_text())["reader"] == \
         json.loads((source / "progress.json").read_text())["reader"] == {"epoch": 0, "batches": STEPS}
+
+
+def test_a_resume_shards_as_the_config_allows(dataset, tmp_path):
+    # The checkpoint's table-wise plan was kept on a resume whose config allowed column-wise alone.
+    first = job(dataset, tmp_path / "first", "last", 4, checkpoints=True)
+    run(first)
+    source = complete_checkpoints(first.checkpoint_dir)[-1]
+    again = job(dataset, tmp_path / "again", "last", 8, checkpoints=True)
+    again = replace(again, checkpoint=replace(again.checkpoint, resume=str(source)),
+                    sharding=replace(again.sharding, sharding_types=["column_wise"]))
+    bundle = plan_for_training(again)
+    assert {ps.sharding_type for ps in bundle.shard_plan.sharding.values()} == {"column_wise"}
+    assert run_worker(again)["resumed_from"] == str(source)
