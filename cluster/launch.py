@@ -16,6 +16,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -509,7 +510,7 @@ def _check_machine_holds(workers: int, jobs: int) -> None:
     """ConfigError when this machine's memory cannot hold the processes of a local cluster's
     `workers` x `jobs` workers: `--workers 1000` on a laptop spawned them until it ran out."""
     processes = workers * jobs
-    memory = machine_memory()
+    memory = memory_limit()
     if memory is None or processes * WORKER_PROCESS_BYTES <= memory[0]:
         return
     at_once = f" ({jobs} trials of {workers} at once)" if jobs > 1 else ""
@@ -523,20 +524,28 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def machine_memory() -> tuple[int, str] | None:
+def memory_limit() -> tuple[int, str] | None:
     """The memory this process may use, and what sets it: the machine's, or less where a control
     group (a container's, a pod's) limits it. Physical memory alone let a container's workers
     be started past its limit, and the kernel killed them. None where the system does not say."""
     try:
-        found = [(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine")]
+        machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
+    return min([(machine, "this machine"), *_cgroup_limits()], key=lambda found: found[0])
+
+
+def _cgroup_limits() -> Iterator[tuple[int, str]]:
+    """Each memory limit set on this process's control group or a group above it."""
     try:
         lines = PROC_CGROUP.read_text().splitlines()
     except OSError:
-        lines = []
+        return
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # not a line of this file's format: the check is a courtesy, not a gate
+            continue
+        _, controllers, path = fields
         # v2's one hierarchy (controllers empty) limits in memory.max; v1's memory one in memory.limit_in_bytes.
         if controllers == "":
             root, name = CGROUP_ROOT, "memory.max"
@@ -545,8 +554,8 @@ def machine_memory() -> tuple[int, str] | None:
         else:
             continue
         # A limit on any group above this one's holds too; inside a container the path may name
-        # the host's groups, so its own root is read as well.
-        folder = root / path.lstrip("/")
+        # the host's groups (absent there), so its own root is read as well.
+        folder = root / os.path.normpath("/" + path).lstrip("/")
         for limits in [folder, *folder.parents]:
             if not limits.is_relative_to(root):
                 break
@@ -555,8 +564,7 @@ def machine_memory() -> tuple[int, str] | None:
             except OSError:
                 continue
             if text.isdigit() and int(text) < 1 << 62:  # v2 says "max", v1 a huge number, for none
-                found.append((int(text), f"this process's control group ({limits})"))
-    return min(found, key=lambda f: f[0])
+                yield int(text), f"this process's control group ({limits})"
 
 
 def _check_ray_answers(address: str) -> None:

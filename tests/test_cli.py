@@ -611,17 +611,19 @@ def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(monkeypatch
         init_ray(JobConfig(cluster=ClusterConfig(address="http://127.0.0.1:8265")))
 
 
-def test_a_local_cluster_whose_workers_this_machine_cannot_hold_is_refused(monkeypatch):
+def test_a_local_cluster_whose_workers_this_machine_cannot_hold_is_refused(monkeypatch, tmp_path):
     # `--workers 1000` on a laptop started a local cluster sized for them, and spawned workers
     # (each a process that imports torch and TorchRec) until the machine ran out of memory.
     import ray
 
+    from embshard.cluster import launch
     from embshard.cluster.launch import init_ray
     from embshard.config import ClusterConfig, JobConfig
     from embshard.errors import ConfigError
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("a local cluster was started"))
+    monkeypatch.setattr(launch, "PROC_CGROUP", tmp_path / "none")  # this machine's own limits, if any, left out
     machine = {"SC_PHYS_PAGES": 4 << 20, "SC_PAGE_SIZE": 4096}  # 16 GiB
     monkeypatch.setattr(os, "sysconf", lambda name: machine[name])
     with pytest.raises(ConfigError, match=r"^cluster\.workers: a local cluster of 1,000 workers needs about 429\.7 GiB "
@@ -633,7 +635,7 @@ def test_a_local_cluster_whose_workers_this_machine_cannot_hold_is_refused(monke
         init_ray(JobConfig(cluster=ClusterConfig(workers=10)), jobs=4)
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "container"])
 def test_a_control_group_s_memory_limit_is_the_machine_s_memory(tmp_path, monkeypatch, version):
     # In a container or pod the check read the host's physical memory, so a local cluster past the
     # container's limit started, and the kernel killed its workers.
@@ -650,6 +652,13 @@ def test_a_control_group_s_memory_limit_is_the_machine_s_memory(tmp_path, monkey
         (root / "pods/job/worker/memory.max").write_text("max\n")
         (root / "pods/job/memory.max").write_text(f"{2 << 30}\n")  # the pod's 2 GiB holds its groups below
         limited = root / "pods/job"
+    elif version == "container":
+        # Its own cgroup namespace names the host's path, absent below its root, which holds the limit.
+        proc.write_text("a line of another format\n0::/../system.slice/docker-abc.scope\n")
+        root = tmp_path / "fs"
+        root.mkdir()
+        (root / "memory.max").write_text(f"{2 << 30}\n")
+        limited = root
     else:
         proc.write_text("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n")
         root = tmp_path / "fs"
@@ -659,7 +668,7 @@ def test_a_control_group_s_memory_limit_is_the_machine_s_memory(tmp_path, monkey
         limited = root / "memory/docker/abc"
     monkeypatch.setattr(launch, "PROC_CGROUP", proc)
     monkeypatch.setattr(launch, "CGROUP_ROOT", root)
-    assert launch.machine_memory() == (2 << 30, f"this process's control group ({limited})")
+    assert launch.memory_limit() == (2 << 30, f"this process's control group ({limited})")
     monkeypatch.setattr(launch.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(launch.ray, "init", lambda *a, **k: pytest.fail("a local cluster was started"))
     with pytest.raises(ConfigError, match=rf"a local cluster of 5 workers needs about 2\.1 GiB .*, and this process's "
