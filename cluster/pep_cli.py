@@ -75,13 +75,14 @@ def prune_pep(args: argparse.Namespace) -> int:
         print_notes(bundle)
         summary = train_on_ray(cfg, "pep")
     pep = summary.get("pep", {})
-    for target, hit in sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0])):
+    reached = sorted(pep.get("reached", {}).items(), key=lambda kv: -float(kv[0]))  # widest first
+    for target, hit in reached:
         print(f"target {target}: reached at step {hit['step']} ({hit['nonzero']:,} non-zero) -> "
               f"{Path(hit['dir']) / 'decisions.json'}")
     print(f"validation {validation_text(summary)} after {summary.get('steps')} steps; "
           f"run record {cfg.pep_dir / 'pep.json'}")
     print(f"non-zeros over time -> {cfg.pep_dir / NONZERO_HISTORY_FILE}")
-    _warn_of_shared_counts(pep.get("reached", {}), cfg.pep.count_every if cfg.pep else None)
+    _warn_of_shared_counts(reached, cfg.pep.count_every if cfg.pep else None)
     missed = pep.get("missed", [])
     if missed:
         # Not exit 0: a script's next step (a retrain on that target's decisions) would fail later,
@@ -94,17 +95,19 @@ def prune_pep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_of_shared_counts(reached: dict[str, dict], count_every: int | None) -> None:
+def _warn_of_shared_counts(reached: list[tuple[str, dict]], count_every: int | None) -> None:
     """Targets one count passed together share its mask and decisions: a sweep of them trained
-    one plan several times, under several names, without a word."""
-    by_step: dict[object, list[str]] = {}
-    for target, hit in sorted(reached.items(), key=lambda kv: -float(kv[0])):
-        by_step.setdefault(hit.get("step"), []).append(target)
-    for step, targets in by_step.items():
-        if len(targets) > 1:
-            print(f"warning: {_targets_text([float(t) for t in targets])} were passed by one count (step {step}, "
-                  f"{reached[targets[0]]['nonzero']:,} non-zero), so their masks and decisions are the same; count "
-                  f"more often (pep.count_every, now {count_every}) or prune more slowly (pep.threshold_lr, "
+    one plan several times, under several names, without a word. Those a run of an earlier
+    embshard wrote (no step recorded) are not compared."""
+    by_step: dict[int, list[tuple[str, dict]]] = {}
+    for target, hit in reached:
+        if isinstance(hit.get("step"), int):
+            by_step.setdefault(hit["step"], []).append((target, hit))
+    for step, together in by_step.items():
+        if len(together) > 1:
+            print(f"warning: {_targets_text([float(t) for t, _ in together])} were passed by one count (step {step}, "
+                  f"{together[0][1]['nonzero']:,} non-zero), so their masks and decisions are the same; count more "
+                  f"often (pep.count_every, now {count_every}) or prune more slowly (pep.threshold_lr, "
                   f"pep.weight_decay) to tell them apart", file=sys.stderr)
 
 

@@ -269,9 +269,11 @@ class DatasetWriter:
             vocabulary.write(self.staging / vocabulary_file(name), self.dataset_id, name)
         self.vocabularies = list(vocabularies)
 
-    def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0, dropped: str = "") -> DatasetSpec:
+    def finish(self, spec: DatasetSpec, *, source: str, skipped: int = 0, dropped: str = "",
+               one_label_hint: str = "write more rows") -> DatasetSpec:
         """Publishes the dataset; `source` (and the `skipped` line count, and `dropped`: what else
-        was left out, e.g. duplicate rows) name the input in errors.
+        was left out, e.g. duplicate rows) name the input in errors. `one_label_hint`: what to do
+        about a split whose click labels are all one (a converter's input sorted by label, say).
 
         A dataset with an empty split is refused: nothing could be trained, evaluated or tested
         on it, and a run would find out only once its cluster is up.
@@ -297,20 +299,19 @@ class DatasetWriter:
         except BaseException:
             self.abort()
             raise
-        if spec.target == "click":
-            self._warn_of_one_class()
+        # Not for retrieval (an item catalog): it evaluates recall over positive rows alone.
+        if spec.target == "click" and spec.catalog is None:
+            self._warn_of_one_label(one_label_hint)
         return spec
 
-    def _warn_of_one_class(self) -> None:
+    def _warn_of_one_label(self, hint: str) -> None:
         """A split of clicks whose every row has one label: its AUC is undefined, and a run found
-        out at its first evaluation, once it had trained (a file of one day's clicks alone, sorted
-        by label, or with the valid part cut from a run of positives)."""
+        out at its first evaluation, once it had trained."""
         for split, st in self.stats.items():
             if st.positives in (0, st.rows):
                 print(f"warning: {self.out_dir}: every one of the {st.rows:,} {split} rows has label "
-                      f"{int(st.positives > 0)}, so a model's AUC there is undefined (a run evaluating it stops at "
-                      "its first evaluation); is the input sorted by label? Split it otherwise (--split random)",
-                      file=sys.stderr)
+                      f"{int(st.positives > 0)}, so a pointwise model's AUC there is undefined (a run evaluating it "
+                      f"stops at its first evaluation); {hint}", file=sys.stderr)
 
     def abort(self) -> None:
         """Drops everything written so far; `out_dir` is untouched."""

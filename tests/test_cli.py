@@ -1046,8 +1046,9 @@ def test_targets_one_count_passed_together_are_warned_of(tmp_path, capsys, monke
 
     cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\noutput_dir: {tmp_path / 'run'}\n",
                           max_cardinality=300)
-    at = {"0.5": 20, "0.2": 20, "0.1": 20, "0.05": 40}
-    reached = {t: {"step": step, "nonzero": 100 * step, "dir": str(tmp_path / f"target-{t}")} for t, step in at.items()}
+    at = {"0.5": 20, "0.2": 20, "0.1": 20, "0.05": 40, "0.03": None, "0.02": None}  # None: recorded before steps were
+    reached = {t: {"step": step, "nonzero": 100 * (step or 1), "dir": str(tmp_path / f"target-{t}")}
+               for t, step in at.items()}
 
     def fit(cfg, method, registered, output) -> bool:
         summary = {"steps": 90, "valid_auc": 0.61, "pep": {"reached": reached, "missed": [], "kept_fraction": 0.04}}
@@ -1057,7 +1058,7 @@ def test_targets_one_count_passed_together_are_warned_of(tmp_path, capsys, monke
     monkeypatch.setattr(launch, "init_ray", lambda cfg: None)
     monkeypatch.setattr(launch.console, "route_worker_output", lambda: None)
     monkeypatch.setattr(launch, "_fit", fit)
-    assert main(["prune", "pep", str(cfg), "--targets", "0.5,0.2,0.1,0.05"]) == 0
+    assert main(["prune", "pep", str(cfg), "--targets", "0.5,0.2,0.1,0.05,0.03,0.02"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: targets 0.5, 0.2, 0.1 were passed by one count (step 20, 2,000 non-zero), so "
                         "their masks and decisions are the same; count more often (pep.count_every, now 20) or prune "

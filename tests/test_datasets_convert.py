@@ -757,9 +757,9 @@ def test_a_split_of_one_label_is_warned_of(criteo_sample: Path, tmp_path: Path,
     clicks = _write_lines(tmp_path / "clicks.txt", [line if i < 80 else "1" + line[1:] for i, line in enumerate(lines)])
     convert("criteo", clicks, tmp_path / "out")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: {tmp_path / 'out'}: every one of the 10 {split} rows has label 1, so a model's AUC "
-                        "there is undefined (a run evaluating it stops at its first evaluation); is the input sorted "
-                        "by label? Split it otherwise (--split random)" for split in ("valid", "test")]
+    assert warnings == [f"warning: {tmp_path / 'out'}: every one of the 10 {split} rows has label 1, so a pointwise "
+                        "model's AUC there is undefined (a run evaluating it stops at its first evaluation); is the "
+                        "input sorted by label? Split it otherwise (--split random)" for split in ("valid", "test")]
     convert("criteo", _write_lines(tmp_path / "mixed.txt", lines), tmp_path / "mixed")
     assert "warning" not in capsys.readouterr().err
 

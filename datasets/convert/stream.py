@@ -131,7 +131,8 @@ def convert_text(fmt: TextFormat, files: list[Path], out_dir: str | Path, *, min
         writer.write_vocabularies(vocabs)
         skipped = sum(inp.malformed.count for inp in inputs)
         dropped = f"dropped {duplicates:,} rows repeating an earlier row's {dedup_key!r}" if dedup_key else ""
-        spec = writer.finish(spec, source=describe(files), skipped=skipped, dropped=dropped)
+        spec = writer.finish(spec, source=describe(files), skipped=skipped, dropped=dropped,
+                              one_label_hint="is the input sorted by label? Split it otherwise (--split random)")
     return spec, writer.summary(f"{fmt.name} -> {out_dir}", skipped=skipped, dropped=dropped)
 
 
