@@ -26,7 +26,7 @@ from embshard.config import (
 from embshard.trainer.build import build_sharded, build_unsharded
 from embshard.trainer.checkpoint import CheckpointManager
 from embshard.trainer.faults import MARKER
-from embshard.trainer.loop import make_reader
+from embshard.trainer.loop import make_reader, run_worker
 
 pytestmark = pytest.mark.slow
 CRASH_STEP = 10  # rank 1 dies after step 10; the last checkpoint before it is step 8
@@ -93,6 +93,20 @@ def test_a_resume_with_another_batch_size_trains_the_rest_of_every_epoch(dataset
     # 2 x 512, 6 of these: 1 left in the first epoch, 7 in the second, numbered on from 12.
     assert resumed["steps"] == 12 + 1 + 7
     assert resumed["samples"] == 12 * 2 * 512 + 8 * 2 * 1024
+
+
+def test_a_resume_on_another_world_in_the_middle_of_an_epoch_says_it_is_not_the_rest(dataset, tmp_path, uninterrupted,
+                                                                                    process_group, capsys):
+    # Each rank reads a contiguous share of the epoch: resumed on 1 rank from 2 ranks' step 12 of
+    # 15, half the rows trained after it had been trained already, and the README said "the rest".
+    two, straight = uninterrupted
+    source = Path(straight["checkpoint"]).parent / "step-000012"
+    one = replace(job(dataset, tmp_path, workers=1), train=replace(two.train, max_steps=13),
+                  checkpoint=replace(two.checkpoint, resume=str(source)))
+    plan_for_training(one)
+    run_worker(one)
+    assert ("note: the checkpoint was saved in the middle of epoch 0 by a world of 2 ranks, and this one has 1: the "
+            "rest of the epoch trains as many rows as were left, not the same ones") in capsys.readouterr().out
 
 
 def test_two_worker_checkpoint_resumes_on_one(dataset, tmp_path, uninterrupted, process_group):

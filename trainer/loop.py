@@ -480,6 +480,13 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
         passed = (f"; newer, not verified{f', kept aside as step-N{DAMAGED_SUFFIX}' if not explicit else ''}: "
                   f"{rejected_text(manager.rejected)}" if manager.rejected else "")
         print(f"resumed from {path} at step {progress.step} (epoch {progress.epoch}){passed}", flush=True)
+        if saved.world_size != fresh.world_size and (saved.reader or {}).get("batches"):
+            # Each rank reads a contiguous share of the epoch's rows: shares of another world are
+            # other rows, so no position in the new ones is the rows trained so far.
+            print(f"note: the checkpoint was saved in the middle of epoch {progress.epoch} by a world of "
+                  f"{saved.world_size} ranks, and this one has {fresh.world_size}: the rest of the epoch trains as "
+                  "many rows as were left, not the same ones (some were trained already, as many are not this "
+                  "epoch); a resume at an epoch's end, or on as many ranks, trains exactly the rest", flush=True)
     return path, progress, None if explicit else path
 
 
