@@ -355,6 +355,26 @@ def test_search_config_loads_from_yaml():
     assert cfg.autodim.candidates[-1] == cfg.embeddings.dim
 
 
+def test_a_resumed_search_takes_the_architecture_steps_the_uninterrupted_one_takes(dataset, tmp_path, process_group):
+    # Its Gumbel noise started again from the seed, and its validation batches from the first:
+    # resumed mid-search, softmax(alpha) drifted 0.15 from the uninterrupted search's, and 3 of 26
+    # fields chose other widths.
+    from embshard.trainer.loop import run_worker
+
+    def search(out: Path, steps: int) -> dict:
+        cfg = job(dataset, out, alpha_every=2, pretrain_steps=1)
+        cfg.train = replace(cfg.train, max_steps=steps, eval_every=100, eval_max_batches=1)
+        cfg.checkpoint = CheckpointConfig(every_steps=3)
+        plan_search(cfg, 1)
+        return run_worker(cfg, method="autodim")
+
+    whole = search(tmp_path / "whole", 9)
+    search(tmp_path / "stopped", 4)
+    resumed = search(tmp_path / "stopped", 9)
+    assert resumed["resumed_from"].endswith("step-000004") and resumed["alpha_steps"] == whole["alpha_steps"] == 4
+    assert resumed["alpha"] == whole["alpha"]
+
+
 def test_search_checkpoints_evaluates_and_resumes_like_train(dataset, tmp_path, process_group, monkeypatch):
     """The search runs in the one loop: `checkpoint.every_steps`, `train.eval_every` and metrics
     apply, and alpha (and its optimizer) come back from a checkpoint."""

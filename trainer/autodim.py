@@ -122,7 +122,7 @@ class AutodimSearch(EmbeddingMethod):
         return [KeyedOptimizerWrapper(alpha, lambda _: optimizer)]
 
     def initialise(self, cfg: JobConfig, sharded: ShardedModel) -> None:
-        search_embedding(sharded).seed_noise((cfg.seed * 1_000_003 + dist.get_rank()) % 2**64)
+        search_embedding(sharded).seed_noise(noise_seed(cfg.seed, dist.get_rank(), 0))
 
     def callbacks(self, worker: Worker, sharded: ShardedModel) -> list[Callback]:
         return [AlphaStep(worker, sharded)]
@@ -132,6 +132,12 @@ class AutodimSearch(EmbeddingMethod):
             return None
         return ("AutoDim's architecture steps run the model on validation batches between "
                 "training steps, which the pipeline's prefetched input dist cannot serve")
+
+
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of `rank`'s Gumbel noise in model step `step`: one stream per rank and step, so a
+    resumed search draws what the uninterrupted one drew (one stream per start drifted)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
 
 
 def search_embedding(sharded: ShardedModel) -> AutodimEmbeddingBags:
@@ -201,8 +207,13 @@ class AlphaStep(Callback):
         alpha_cfg = replace(cfg, data=replace(cfg.data, eval_batch_size=cfg.data.batch_size))
         # Whole batches only: they train (BatchNorm in training mode), and an evaluation's last
         # batches can be of one row, whose variance is zero.
-        self.batches = _endless(make_reader(alpha_cfg, worker.bundle, "valid", worker.rank, worker.world,
-                                            drop_last=True))
+        reader = make_reader(alpha_cfg, worker.bundle, "valid", worker.rank, worker.world, drop_last=True)
+        # A resumed search goes on where the architecture steps before it left the batches; from
+        # the first, it drifted from the uninterrupted search.
+        if len(reader):
+            reader.load_state_dict({"epoch": 0, "batches": self.alpha_steps(worker.resumed_at) % len(reader)})
+        self.batches = _endless(reader)
+        self.rank = worker.rank
         self.result: EvalResult | None = None
         # alpha is replicated: rank 0's is every rank's.
         record = self.search.history_every > 0 and dist.get_rank() == 0
@@ -218,6 +229,7 @@ class AlphaStep(Callback):
         # rather than dropping them, and Adam would step on a zero gradient: alpha gets none.
         alpha.grad = None
         alpha.requires_grad_(searching and search.single_level)
+        self.embedding.seed_noise(noise_seed(self.cfg.seed, self.rank, step))
         if search.history_every and step % search.history_every == 0:
             self.record(step)
         if searching and not search.single_level and (step - search.pretrain_steps) % search.alpha_every == 0:
