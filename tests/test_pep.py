@@ -522,6 +522,30 @@ def test_a_resumed_prune_run_never_rewrites_a_target(tmp_path, process_group):
         run_worker(other_pace, method="pep")
 
 
+def test_a_prune_run_stopped_between_counts_writes_its_targets_where_an_uninterrupted_one_does(tmp_path,
+                                                                                               process_group):
+    # Stopped (Ctrl-C, a preempted pod) between counts, it wrote a reached target's masks at the
+    # stop's step: resumed, it never wrote them again, and they were 2,747 entries off the masks
+    # the uninterrupted run wrote at its count.
+    from embshard.trainer.loop import run_worker
+    from embshard.trainer.preemption import STOP_REQUEST_FILE
+
+    pep = PepConfig(targets=[0.99], count_every=4, s_init=-4.0)
+    whole = run_worker(small_prune_run(tmp_path / "whole", pep), method="pep")
+    assert whole["pep"]["reached"]["0.99"]["step"] == 4
+    cfg = small_prune_run(tmp_path / "stopped", pep)
+    request = Path(cfg.output_dir) / STOP_REQUEST_FILE
+    request.write_text("")
+    stopped = run_worker(cfg, method="pep")
+    assert stopped["preempted"] and stopped["steps"] < 4 and stopped["pep"]["reached"] == {}
+    request.unlink()
+    resumed = run_worker(cfg, method="pep")
+    assert resumed["pep"]["reached"]["0.99"]["step"] == 4
+    masks = [np.load(run / "pep" / "target-0.99" / "t_C1.mask.npy") for run in (tmp_path / "whole" / "run",
+                                                                                 tmp_path / "stopped" / "run")]
+    np.testing.assert_array_equal(*masks)
+
+
 @pytest.mark.parametrize("granularity", ["feature", "feature_dimension"])
 def test_row_thresholds_with_a_decay_are_refused_on_cpu(granularity):
     # A 10-epoch prune run of feature thresholds on CPU ended "target not reached (kept 0.988)":

@@ -335,7 +335,7 @@ class PruneCallback(Callback):
         if info.step % self.every == 0:
             self.check(info.step)
 
-    def check(self, step: int) -> None:
+    def check(self, step: int, write_targets: bool = True) -> None:
         self.counted_at = step
         counts = nonzero_counts(self.pep)
         if self.metrics is not None:
@@ -346,7 +346,7 @@ class PruneCallback(Callback):
         if self.history is not None:
             self.history.write({"step": step, "nonzero": nonzero, "dense": self.dense,
                                 "kept_fraction": self.last_fraction, "tables": counts})
-        while self.pending and nonzero <= self.pending[0] * self.dense:
+        while write_targets and self.pending and nonzero <= self.pending[0] * self.dense:
             target = self.pending.pop(0)
             directory = self.out / target_dir_name(target)
             meta = {**self.meta, **self.pace, "target": target, "kept_fraction": self.last_fraction, "step": step}
@@ -359,8 +359,10 @@ class PruneCallback(Callback):
     def on_train_end(self, summary: dict[str, Any]) -> None:
         if self.step is not None and self.step != self.counted_at:
             # The run ended between counts (or before the first): what it kept at the end is
-            # counted, recorded and said, not the last count's (or 1.0 for none).
-            self.check(self.step)
+            # counted, recorded and said, not the last count's (or 1.0 for none). A stop (Ctrl-C,
+            # a preempted pod) is no end: its resume writes each target at the count the
+            # uninterrupted run writes it at, not at the stop's step (2,747 mask entries apart).
+            self.check(self.step, write_targets=not summary.get("preempted"))
         summary["pep"] = {"reached": self.reached, "missed": self.pending, "kept_fraction": self.last_fraction}
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_run_record(self.cfg, self.pep, self.reached)
