@@ -128,12 +128,13 @@ class _SplitWriter:
             self.writer = None
             self.rows_per_part.append(self.part_rows)
 
-    def _open(self) -> None:
+    def _open(self) -> pq.ParquetWriter:
         name = part_name(self.part)
         # A part copied over another of as many rows (train's first over its second) carried the
         # same dataset stamp, and its rows were read twice without a word.
         stamps = {**(self.schema.metadata or {}), PART_KEY: part_stamp(self.directory.name, name).encode()}
         self.writer = pq.ParquetWriter(self.directory / name, self.schema.with_metadata(stamps))
+        return self.writer
 
     def _flush(self, whole_groups_only: bool) -> None:
         table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
@@ -142,14 +143,13 @@ class _SplitWriter:
             n -= n % ROW_GROUP_ROWS
         start = 0
         while start < n:
-            if self.writer is None:
-                self._open()
+            writer = self.writer if self.writer is not None else self._open()
             take = min(n - start, PART_ROWS - self.part_rows)
-            self.writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
+            writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
             start += take
             self.part_rows += take
             if self.part_rows == PART_ROWS:
-                self.writer.close()
+                writer.close()
                 self.writer = None
                 self.rows_per_part.append(self.part_rows)
                 self.part += 1
