@@ -483,8 +483,11 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
             num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
             resources={name: amount * cfg.cluster.workers * jobs
                        for name, amount in cfg.cluster.worker_resources.items()},
-            # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook).
-            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("EMBSHARD_")}},
+            # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook). Ray Train's
+            # controller looks at a local group every LOCAL_HEALTH_CHECK_S, not Ray's 2 s: a run's
+            # start and end each waited for its next look (3 to 5 s of a short run here).
+            runtime_env={"env_vars": {HEALTH_CHECK_INTERVAL_S_ENV_VAR: LOCAL_HEALTH_CHECK_S,
+                                      **{k: v for k, v in os.environ.items() if k.startswith("EMBSHARD_")}}},
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
@@ -499,6 +502,11 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
         raise EnvironmentProblem(f"{temp}: Ray cannot start its local cluster there: the disk is full ({free:,} bytes "
                                  f"free) ({first_line(e)}); free some space, or set RAY_TMPDIR to a folder on another "
                                  "disk") from None
+
+
+# How often Ray Train's controller looks at a local cluster's few workers (seconds, as text).
+LOCAL_HEALTH_CHECK_S = "0.2"
+HEALTH_CHECK_INTERVAL_S_ENV_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's own name for it
 
 
 # A training worker's resident memory once it has imported torch, TorchRec and embshard's loop,
