@@ -473,14 +473,15 @@ def _resume(cfg: JobConfig, sharded: ShardedModel, reader: ParquetBatchReader,
     if loaded is None:
         return None, fresh, None
     path, saved = loaded
-    reader.load_state_dict(saved.reader_state(fresh.world_size, fresh.batch_size))
+    position = saved.reader_state(fresh.world_size, fresh.batch_size)
+    reader.load_state_dict(position)
     progress = replace(saved, world_size=fresh.world_size, batch_size=fresh.batch_size)
     if dist.get_rank() == 0:
         # A newer checkpoint that failed verification means a rollback: said here, not only in the log.
         passed = (f"; newer, not verified{f', kept aside as step-N{DAMAGED_SUFFIX}' if not explicit else ''}: "
                   f"{rejected_text(manager.rejected)}" if manager.rejected else "")
         print(f"resumed from {path} at step {progress.step} (epoch {progress.epoch}){passed}", flush=True)
-        if saved.world_size != fresh.world_size and (saved.reader or {}).get("batches"):
+        if saved.world_size != fresh.world_size and 0 < position["batches"] < len(reader):
             # Each rank reads a contiguous share of the epoch's rows: shares of another world are
             # other rows, so no position in the new ones is the rows trained so far.
             print(f"note: the checkpoint was saved in the middle of epoch {progress.epoch} by a world of "
