@@ -131,6 +131,8 @@ class ParquetBatchReader:
         self.prefetch = prefetch
         self.validate = validate
         self.columns = [self.spec.label, *self.spec.dense, *self.spec.sparse_names, *self.spec.extra]
+        # The columns whose values train through a square (see _check_values), known once, not per row group.
+        self.squared = {*self.spec.dense, *([self.spec.label] if self.spec.target != "click" else [])}
         self.split = split
         self.split_path = split_dir(dataset_dir, split)
         self._footers: dict[StoragePath, pq.FileMetaData] = {}  # each part's, as read at the start
@@ -358,10 +360,9 @@ class ParquetBatchReader:
         # Squared where they train: a loss of a rating's error, the optimizer's state of a weight a
         # dense value feeds. One train row of 3e38 trained to exit 0 and AUC 0.50; in valid it was
         # "evaluate() returned logloss = inf", blamed on the model.
-        squared = {*self.spec.dense, *([self.spec.label] if self.spec.target != "click" else [])}
         for name in [self.spec.label, *self.spec.dense, *floats]:
             values = labels if name == self.spec.label else table[name].to_numpy()
-            bad = ~(np.abs(values) <= SQUARE_OVERFLOW) if name in squared else ~np.isfinite(values)
+            bad = ~(np.abs(values) <= SQUARE_OVERFLOW) if name in self.squared else ~np.isfinite(values)
             if not bad.any():
                 continue
             row = int(np.flatnonzero(bad)[0])
