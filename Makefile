@@ -47,10 +47,11 @@ lint: setup
 test: lint
 	bash deploy/install-prometheus.sh || true
 	# The slowest tests are listed so the suite's ~20 min budget on 2 cores can be watched in CI's log.
-	$(PY) -m pytest -q --durations=15
+	# Two pytest processes: tests that start Ray run one at a time in one of them (tests/conftest.py).
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 # Generated from the config dataclasses: the reference, and the Helm chart's schema of `config`
 # (tests fail while either is stale).

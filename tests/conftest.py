@@ -26,6 +26,17 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `make test` runs two pytest workers (pytest-xdist, --dist loadgroup): half the suite's time
+    # on 2 cores was idle, waiting on Ray's and the workers' starts. Two Ray runs at once on 2
+    # cores starved each other (a head's client server gave up on its GCS after 60 s), so the
+    # tests that start Ray run one after another, in one worker, beside the rest.
+    for item in items:
+        if item.get_closest_marker("ray") is not None or "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def shared_file(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
@@ -105,6 +116,12 @@ def s3_server_session(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
+def bucket_name(request: pytest.FixtureRequest) -> str:
+    """A bucket named after the test: object-store writes lock their URI on this machine, whatever
+    the server, so tests in two pytest-xdist workers, each with its own server, must not share one."""
+    return "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+
+
 @pytest.fixture
 def s3(s3_server_session, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     """The S3 server's variables in this process's environment and a fresh bucket named after the test."""
@@ -112,7 +129,7 @@ def s3(s3_server_session, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtu
 
     for name, value in s3_server_session.env.items():
         monkeypatch.setenv(name, value)
-    bucket = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    bucket = bucket_name(request)
     s3_server_session.client().create_bucket(Bucket=bucket)
     return S3Bucket(s3_server_session, bucket)
 

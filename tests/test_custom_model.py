@@ -23,7 +23,7 @@ import torch
 from embshard.datasets.reader import ParquetBatchReader
 from embshard.trainer.export import load_serving
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "custom_model"

@@ -23,7 +23,7 @@ import pytest
 
 from embshard.datasets.synth import synthesize
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,20 +59,21 @@ def head(env, tmp_path_factory, gcs_port) -> str:
              f"--temp-dir={temp}", "--block"]
     # --block in a session of its own: the teardown stops this head's processes and no others
     # (`ray stop --force` would stop every Ray cluster of the user on this machine).
-    proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    said = temp / "ray-start.log"
+    with said.open("wb") as out:
+        proc = subprocess.Popen(start, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        _wait_for_http(url, proc, timeout=120)
+        _wait_for_http(url, proc, said, timeout=120)
         yield url
     finally:
         _stop_session(proc)
 
 
-def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for_http(url: str, proc: subprocess.Popen, said: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}: {said.read_text()[-3000:]}"
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=5)
             return

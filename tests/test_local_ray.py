@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 # Started the way `embshard train` starts it; then one client without the token, one with it.
 DRIVER = textwrap.dedent("""

@@ -208,6 +208,7 @@ def test_a_method_by_reference_reaches_workers_that_never_registered_it(dataset,
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_method_registered_in_the_driver_trains_on_ray_workers_that_never_ran_the_registration(
         dataset, tmp_path, monkeypatch):
     # README "Adding a method", step 2: `train_on_ray(cfg, name)` after `register_method` in the
@@ -239,6 +240,7 @@ def test_a_method_registered_in_the_driver_trains_on_ray_workers_that_never_ran_
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_registered_method_from_a_module_the_workers_cannot_import_is_one_line(dataset, tmp_path, monkeypatch):
     # A class from a module the driver reached through its own sys.path is pickled by reference:
     # Ray's controller failed to unpickle it, and the run ended as "crashed: ActorDiedError: The

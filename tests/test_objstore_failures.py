@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import s3fs
-from conftest import profiled_synth
+from conftest import bucket_name, profiled_synth
 from s3_server import S3Bucket, S3Server, s3_server
 
 from embshard.cluster.launch import plan_for_training
@@ -37,7 +37,7 @@ RETRY_SECONDS = 1  # the retry window of a reached store that goes away: short, 
 
 
 @pytest.fixture
-def own_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucket]:
+def own_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[S3Bucket]:
     """A server of this test's own (it will be killed or have its key revoked), its variables in
     the environment, and a bucket."""
     # s3fs (DCP's checkpoint I/O) keeps one client per process, built from the environment of its
@@ -46,8 +46,9 @@ def own_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucket
     with s3_server(tmp_path / "moto.log") as server:
         use(server, monkeypatch)
         monkeypatch.setenv("EMBSHARD_STORAGE_RETRY_SECONDS", str(RETRY_SECONDS))
-        server.client().create_bucket(Bucket="failures")
-        yield S3Bucket(server, "failures")
+        bucket = bucket_name(request)
+        server.client().create_bucket(Bucket=bucket)
+        yield S3Bucket(server, bucket)
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -200,6 +201,7 @@ def test_output_dir_as_a_uri_is_one_line_naming_the_field(tmp_path: Path) -> Non
         load_job_config(config)
 
 
+@pytest.mark.ray
 def test_server_killed_while_ray_workers_read_is_one_line_on_the_console(own_s3: S3Bucket, tmp_path: Path) -> None:
     """`embshard train` on a Ray worker reading from the bucket; the server dies once step 2 is
     checkpointed (locally), while the worker still has row groups to read."""

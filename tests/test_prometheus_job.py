@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_server import PrometheusServer, require_prometheus
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = "embshard-prom-test"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 EMBSHARD = [sys.executable, "-m", "embshard.cluster.cli"]
@@ -32,6 +32,16 @@ def sweep_args(data: Path, out: str, outputs: Path, *extra: str) -> list[str]:
             "--vary", "autodim.alpha_every=5", "--vary", "train.epochs=1",
             "--set", f"data.path={data}", "--set", "data.batch_size=256", "--set", "metrics.enabled=false",
             "--set", f"output_dir={outputs}", *extra]
+
+
+def _finished_in_bucket(s3, prefix: str) -> int:
+    """How many trials Ray Tune's newest experiment state in the bucket records as finished."""
+    states = [k for k in s3.keys(prefix) if k.startswith(f"{prefix}experiment_state-")]
+    if not states:
+        return 0
+    body = s3.server.client().get_object(Bucket=s3.name, Key=max(states))["Body"].read()
+    trials = [json.loads(trial) for trial, _ in json.loads(body)["trial_data"]]
+    return sum(trial["status"] == "TERMINATED" for trial in trials)
 
 
 def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_path, s3):
@@ -62,8 +72,10 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
         # Both trials started together: the second one's runs exist already.
         assert (autodim_points.parent / "search").is_dir()
         # Tune records a finished trial within a second or so (sweep_run.STATE_EVERY_S) and
-        # uploads that state to the bucket as it saves it.
-        time.sleep(4)
+        # uploads that state to the bucket as it saves it; a busy machine takes longer (a fixed
+        # 4 s wait was once too short, and the resume trained the finished trial again).
+        while _finished_in_bucket(s3, "sweeps/one/tune/") < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert not autodim_points.exists(), "the longer trial finished before the kill; nothing was tested"
     finally:
         os.killpg(first.pid, signal.SIGKILL)

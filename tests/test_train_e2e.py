@@ -17,7 +17,7 @@ from conftest import profiled_synth
 from embshard.trainer.faults import MARKER
 from embshard.trainer.restarts import STARTS_FILE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 EMBSHARD = [sys.executable, "-m", "embshard.cluster.cli"]
 ENV = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}

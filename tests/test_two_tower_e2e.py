@@ -15,7 +15,7 @@ from embshard.datasets.convert import convert
 from embshard.datasets.schema import DatasetSpec
 from embshard.trainer.models.two_tower_serving import load_retrieval
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_train_two_tower_through_ray_and_serve(tmp_path: Path) -> None:
