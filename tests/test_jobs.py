@@ -56,24 +56,26 @@ def head(env, tmp_path_factory, gcs_port) -> str:
              # Its own agent port: the default (52365) belongs to any other Ray on this machine,
              # and an agent that cannot bind it never accepts jobs.
              f"--dashboard-agent-listen-port={free_port()}",
-             f"--temp-dir={temp}", "--block"]
-    # --block in a session of its own: the teardown stops this head's processes and no others
-    # (`ray stop --force` would stop every Ray cluster of the user on this machine).
+             f"--temp-dir={temp}"]
+    # In a session of its own: the teardown stops this head's processes and no others (`ray stop
+    # --force` would stop every Ray cluster of the user on this machine). Not --block, which ends
+    # the whole head when any of its processes ends: Ray Client's server (unused here) gives up
+    # after 30 s when the raylet starts late, as it did beside another test's load.
     said = temp / "ray-start.log"
     with said.open("wb") as out:
         proc = subprocess.Popen(start, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        _wait_for_http(url, proc, said, timeout=120)
+        assert proc.wait(timeout=300) == 0, f"ray start exited with {proc.returncode}: {said.read_text()[-3000:]}"
+        _wait_for_http(url, timeout=120)
         yield url
     finally:
-        _stop_session(proc)
+        _stop_session(proc)  # its process group outlives it: the head's processes are in it
 
 
-def _wait_for_http(url: str, proc: subprocess.Popen, said: Path, timeout: float) -> None:
+def _wait_for_http(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"ray start exited with {proc.returncode}: {said.read_text()[-3000:]}"
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=5)
             return
@@ -86,12 +88,12 @@ def _wait_for_http(url: str, proc: subprocess.Popen, said: Path, timeout: float)
 
 def _stop_session(proc: subprocess.Popen) -> None:
     """The head's whole session is killed: its GCS, raylet, dashboard and workers share it (the
-    jobs' entrypoints have ended by then). SIGTERM would have `ray start --block` stop them one
-    by one with grace periods, about 30 s on 2 cores, for a cluster whose state nothing reads."""
+    jobs' entrypoints have ended by then). `ray stop` would stop them one by one with grace
+    periods, about 30 s on 2 cores, for a cluster whose state nothing reads."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:  # the whole session is gone
-        return
+        pass
     proc.wait(timeout=30)
 
 
