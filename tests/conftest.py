@@ -29,9 +29,9 @@ os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # `make test` runs two pytest workers (pytest-xdist, --dist loadgroup): half the suite's time
-    # on 2 cores was idle, waiting on Ray's and the workers' starts. Two Ray runs at once on 2
-    # cores starved each other (a head's client server gave up on its GCS after 60 s), so the
-    # tests that start Ray run one after another, in one worker, beside the rest.
+    # on 2 cores was idle, waiting on Ray's and the workers' starts. Two Ray tests at once on 2
+    # cores (load average 26) starved each other's timing, so the tests that start Ray run one
+    # after another, in one worker, beside the rest.
     for item in items:
         if item.get_closest_marker("ray") is not None or "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))

@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -46,9 +49,12 @@ def gcs_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def head(env, tmp_path_factory, gcs_port) -> str:
+def head(env, gcs_port) -> Iterator[str]:
     port, dashboard = gcs_port, free_port()
-    temp = tmp_path_factory.mktemp("ray")
+    # A short folder of its own, not pytest's: Ray's sockets live in it, and under pytest-xdist
+    # (/tmp/pytest-of-USER/pytest-N/popen-gwN/...) the dashboard's passed the 107 bytes AF_UNIX
+    # allows; its module died, and the head never answered.
+    temp = Path(tempfile.mkdtemp(prefix="embshard-ray-"))
     # `python -m` rather than the `ray` script: a venv that shares another's site-packages has none.
     start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
              "--dashboard-host=127.0.0.1",
@@ -56,26 +62,25 @@ def head(env, tmp_path_factory, gcs_port) -> str:
              # Its own agent port: the default (52365) belongs to any other Ray on this machine,
              # and an agent that cannot bind it never accepts jobs.
              f"--dashboard-agent-listen-port={free_port()}",
-             f"--temp-dir={temp}"]
-    # In a session of its own: the teardown stops this head's processes and no others (`ray stop
-    # --force` would stop every Ray cluster of the user on this machine). Not --block, which ends
-    # the whole head when any of its processes ends: Ray Client's server (unused here) gives up
-    # after 30 s when the raylet starts late, as it did beside another test's load.
+             f"--temp-dir={temp}", "--block"]
+    # --block in a session of its own: the teardown stops this head's processes and no others
+    # (`ray stop --force` would stop every Ray cluster of the user on this machine).
     said = temp / "ray-start.log"
     with said.open("wb") as out:
         proc = subprocess.Popen(start, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        assert proc.wait(timeout=300) == 0, f"ray start exited with {proc.returncode}: {said.read_text()[-3000:]}"
-        _wait_for_http(url, timeout=120)
+        _wait_for_http(url, proc, said, timeout=120)
         yield url
     finally:
-        _stop_session(proc)  # its process group outlives it: the head's processes are in it
+        _stop_session(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_http(url: str, timeout: float) -> None:
+def _wait_for_http(url: str, proc: subprocess.Popen, said: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}: {said.read_text()[-3000:]}"
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=5)
             return
@@ -88,12 +93,12 @@ def _wait_for_http(url: str, timeout: float) -> None:
 
 def _stop_session(proc: subprocess.Popen) -> None:
     """The head's whole session is killed: its GCS, raylet, dashboard and workers share it (the
-    jobs' entrypoints have ended by then). `ray stop` would stop them one by one with grace
-    periods, about 30 s on 2 cores, for a cluster whose state nothing reads."""
+    jobs' entrypoints have ended by then). SIGTERM would have `ray start --block` stop them one
+    by one with grace periods, about 30 s on 2 cores, for a cluster whose state nothing reads."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:  # the whole session is gone
-        pass
+        return
     proc.wait(timeout=30)
 
 

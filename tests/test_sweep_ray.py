@@ -76,6 +76,7 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
         # 4 s wait was once too short, and the resume trained the finished trial again).
         while _finished_in_bucket(s3, "sweeps/one/tune/") < 1 and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert _finished_in_bucket(s3, "sweeps/one/tune/") >= 1, "Tune recorded no finished trial in the bucket"
         assert not autodim_points.exists(), "the longer trial finished before the kill; nothing was tested"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
