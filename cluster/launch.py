@@ -16,7 +16,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -483,11 +483,7 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
             num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
             resources={name: amount * cfg.cluster.workers * jobs
                        for name, amount in cfg.cluster.worker_resources.items()},
-            # Workers see the driver's EMBSHARD_* settings (e.g. the test fault hook). Ray Train's
-            # controller looks at a local group every LOCAL_HEALTH_CHECK_S, not Ray's 2 s: a run's
-            # start and end each waited for its next look (3 to 5 s of a short run here).
-            runtime_env={"env_vars": {HEALTH_CHECK_INTERVAL_S_ENV_VAR: LOCAL_HEALTH_CHECK_S,
-                                      **{k: v for k, v in os.environ.items() if k.startswith("EMBSHARD_")}}},
+            runtime_env={"env_vars": local_cluster_env(os.environ)},
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
@@ -507,6 +503,15 @@ def _join_or_start_ray(cfg: JobConfig, cpus: float | None, jobs: int) -> None:
 # How often Ray Train's controller looks at a local cluster's few workers (seconds, as text).
 LOCAL_HEALTH_CHECK_S = "0.2"
 HEALTH_CHECK_INTERVAL_S_ENV_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's own name for it
+
+
+def local_cluster_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a local cluster's processes get beyond Ray's: the driver's EMBSHARD_* settings
+    (e.g. the test fault hook), and Ray Train's controller looking at the group every
+    LOCAL_HEALTH_CHECK_S, not Ray's 2 s (a run's start and end each waited for its next look, 3 to
+    5 s of a short run here), unless the driver's environment sets that itself."""
+    return {HEALTH_CHECK_INTERVAL_S_ENV_VAR: environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, LOCAL_HEALTH_CHECK_S),
+            **{k: v for k, v in environ.items() if k.startswith("EMBSHARD_")}}
 
 
 # A training worker's resident memory once it has imported torch, TorchRec and embshard's loop,

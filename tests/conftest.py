@@ -21,7 +21,9 @@ SHARED_DATA = Path(os.environ.get("EMBSHARD_SHARED_DATA", REPO.parent / "shared"
 
 # Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s, which
 # leaves every run idle for ~5 s after its last step; the suite makes ~25 Ray Train runs on 2
-# cores. Set before any test builds a subprocess environment or starts Ray, so every run sees it.
+# cores. A local cluster looks more often by itself (launch.local_cluster_env), a `ray start` head
+# (tests/test_jobs.py) does not. Set before any test builds a subprocess environment or starts
+# Ray, so every run sees it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
 

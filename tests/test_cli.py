@@ -1218,3 +1218,13 @@ def test_overwrite_on_a_run_it_resumes_says_it_replaces_nothing(tmp_path, capsys
     assert capsys.readouterr().out.strip() == (
         "note: --overwrite replaces a finished run only where this one would train from scratch; this one resumes "
         f"from its checkpoints (in {run.checkpoint_dir}): for a fresh run, give it another output_dir")
+
+
+def test_a_local_cluster_keeps_the_drivers_own_health_check_interval():
+    # The local cluster's faster look at its workers replaced a RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+    # the user had set: the runtime environment's variables win over the processes' own.
+    from embshard.cluster.launch import HEALTH_CHECK_INTERVAL_S_ENV_VAR, LOCAL_HEALTH_CHECK_S, local_cluster_env
+
+    assert local_cluster_env({"EMBSHARD_CRASH_AT": "1:2", "HOME": "/h"}) == {
+        HEALTH_CHECK_INTERVAL_S_ENV_VAR: LOCAL_HEALTH_CHECK_S, "EMBSHARD_CRASH_AT": "1:2"}
+    assert local_cluster_env({HEALTH_CHECK_INTERVAL_S_ENV_VAR: "5"})[HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "5"
