@@ -229,6 +229,10 @@ class AutodimConfig:
     alpha_optimizer: Literal["adam", "sgd"] = "adam"  # optimizer of the architecture weights alpha
     alpha_lr: float = 0.01  # its learning rate
     alpha_weight_decay: float = 0.0  # its weight decay
+    # Not in the paper: the architecture loss adds width_cost x sum over fields of the expected
+    # width E_softmax(alpha)[d_n] / d_N. Where every candidate from a field's rank up fits as well,
+    # the validation loss cannot tell them apart; this term prefers the narrowest of them.
+    width_cost: float = 0.0
     decisions: str | None = None  # where the decisions file goes; None = <output_dir>/decisions.json
     # Model steps between records of softmax(alpha) per field in <output_dir>/alpha_history.jsonl
     # (and one at the end), to see whether alpha settled; 0 = no record.
@@ -253,6 +257,8 @@ class AutodimConfig:
             raise ConfigError(f"alpha_lr: must be positive, got {self.alpha_lr}")
         if self.alpha_weight_decay < 0:
             raise ConfigError(f"alpha_weight_decay: must be >= 0, got {self.alpha_weight_decay}")
+        if self.width_cost < 0:
+            raise ConfigError(f"width_cost: must be >= 0, got {self.width_cost}")
         if self.history_every < 0:
             raise ConfigError(f"history_every: must be >= 0, got {self.history_every}")
 

@@ -38,6 +38,7 @@ from embshard.sharding.autodim import (
 )
 from embshard.trainer.autodim import (
     AutodimSearch,
+    WidthCost,
     alpha_step,
     base_plan,
     decisions_path,
@@ -207,6 +208,8 @@ def test_config_checks_name_the_field():
         AutodimConfig(candidates=[8, 2])
     with pytest.raises(ConfigError, match="alpha_every"):
         AutodimConfig(alpha_every=0)
+    with pytest.raises(ConfigError, match=r"^width_cost: must be >= 0, got -0.1$"):
+        AutodimConfig(width_cost=-0.1)
     cfg = JobConfig(embeddings=EmbeddingsConfig(dim=16))
     cfg.autodim = AutodimConfig(candidates=[2, 8, 32])
     with pytest.raises(ConfigError, match="autodim.candidates: the largest candidate 32 must equal embeddings.dim 16"):
@@ -217,6 +220,18 @@ def test_config_checks_name_the_field():
     with pytest.raises(ConfigError, match=r"^embeddings\.mlet: the AutoDim search trains candidate widths .* \(the "
                                           r"sweep's pep\+mlet and autodim\+mlet do\)$"):
         plan_search(cfg, 1)
+
+
+def test_width_cost_gradient_is_that_of_the_expected_width():
+    cost = WidthCost(CANDIDATES, 1.0)
+    # Equal weights: each candidate's p is 1/3 and E[d / d_N] = (2 + 8 + 16) / 3 / 16 = 13/24, so
+    # d/d logit_n = (d_n / 16 - 13/24) / 3.
+    hand = torch.tensor([(2 / 16 - 13 / 24) / 3, (8 / 16 - 13 / 24) / 3, (16 / 16 - 13 / 24) / 3])
+    assert torch.allclose(cost.gradient(torch.zeros(2, 3)), hand.expand(2, 3))
+    logits = torch.tensor([[0.5, -1.0, 2.0], [3.0, 0.0, -2.0]], requires_grad=True)
+    expected = (torch.softmax(logits, -1) * torch.tensor(CANDIDATES) / 16).sum()
+    (autograd,) = torch.autograd.grad(expected, [logits])
+    assert torch.allclose(cost.gradient(logits.detach()), autograd)
 
 
 # --- on a sharded model (one gloo rank, in process) ---------------------------------------------
@@ -298,6 +313,22 @@ def test_bilevel_alpha_learns_from_validation_only_and_tables_do_not(dataset, tm
     assert all(torch.equal(g, grads1[n]) for n, g in _grads(model).items())
 
 
+def test_an_architecture_step_descends_the_validation_loss_plus_the_width_cost(dataset, tmp_path, process_group):
+    # SGD, so a step is -lr x the gradient: the cost's part is the difference of two steps on the
+    # same batch from the same start.
+    valid = _batches(job(dataset, tmp_path / "run"), "valid", 1)[0]
+    steps = {}
+    for width_cost in (0.0, 0.5):
+        model = _build(job(dataset, tmp_path / f"run-{width_cost}", alpha_optimizer="sgd", alpha_lr=0.1,
+                           width_cost=width_cost))
+        alpha_step(model, valid)
+        steps[width_cost] = _alpha(model).detach().clone()
+    cost_part = steps[0.5] - steps[0.0]
+    assert torch.allclose(cost_part, -0.1 * 0.5 * WidthCost(CANDIDATES, 1.0).gradient(torch.zeros_like(cost_part)),
+                          atol=1e-6)
+    assert (cost_part[:, 0] > 0).all() and (cost_part[:, -1] < 0).all()  # towards the narrowest
+
+
 def test_architecture_steps_take_whole_batches_only(dataset, tmp_path, process_group):
     # They read the validation split as an evaluation does, whose last batch may be partial (of
     # one row, on several ranks): it trained BatchNorm on a batch of zero variance.
@@ -321,6 +352,20 @@ def test_single_level_steps_alpha_from_the_training_batch(dataset, tmp_path, pro
     assert _alpha(model).grad is None and not _alpha(model).requires_grad
 
 
+def test_single_level_steps_take_the_width_cost_and_model_steps_of_bilevel_do_not(dataset, tmp_path, process_group):
+    train = _batches(job(dataset, tmp_path / "run"), "train", 1)[0]
+    moved = {}
+    for single_level in (True, False):
+        cfg = job(dataset, tmp_path / f"run-{single_level}", single_level=single_level, alpha_optimizer="sgd",
+                  alpha_lr=0.1, width_cost=100.0)
+        model = _build(cfg)
+        model_step(model, train, train_alpha=single_level)
+        moved[single_level] = _alpha(model).detach().clone()
+    # A cost this large outweighs the training loss's gradient: every field moves to its narrowest.
+    assert (moved[True].argmax(dim=-1) == 0).all()
+    assert torch.equal(moved[False], torch.zeros_like(moved[False]))  # alpha has no step there
+
+
 def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
     cfg = job(dataset, tmp_path / "run")
     spec = DatasetSpec.load(dataset)
@@ -334,6 +379,7 @@ def test_decisions_round_trip_into_a_dimension_plan(dataset, tmp_path):
     loaded = load_decisions(path)
     assert loaded.method == "autodim" and loaded.base_dim == 16
     assert loaded.meta["valid_auc"] == 0.71
+    assert loaded.meta["width_cost"] == 0.0  # what the search priced width at: the paper's none
     # A rating model's search keeps its own metric (it was recorded as AUC and logloss, both None).
     rated = make_decisions(cfg, embedding, EvalResult({"mse": 0.8}, "mse", 10, lower_is_better=True), {})
     assert (rated.meta["valid_primary"], rated.meta["valid_mse"], rated.meta["valid_lower_is_better"]) == \

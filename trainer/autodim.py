@@ -119,6 +119,8 @@ class AutodimSearch(EmbeddingMethod):
         optimizer = ALPHA_OPTIMIZERS[search.alpha_optimizer](
             list(alpha.values()), lr=search.alpha_lr, weight_decay=search.alpha_weight_decay)
         optimizer.register_step_pre_hook(_average_alpha_grad)
+        if search.width_cost:
+            optimizer.register_step_pre_hook(WidthCost(search.candidates, search.width_cost))
         return [KeyedOptimizerWrapper(alpha, lambda _: optimizer)]
 
     def initialise(self, cfg: JobConfig, sharded: ShardedModel) -> None:
@@ -159,6 +161,29 @@ def _average_alpha_grad(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
+
+
+class WidthCost:
+    """`autodim.width_cost` as a step pre-hook of alpha's optimizer: it adds the gradient of
+    cost x sum over fields of E_softmax(alpha)[d_n / d_N] to alpha's, so both AutoDim (the
+    validation loss's gradient) and AutoDim-s (the training loss's) step on loss plus cost. The
+    term is the same on every rank, so it is added after their gradients are averaged."""
+
+    def __init__(self, candidates: list[int], cost: float) -> None:
+        self.shares = torch.tensor(candidates, dtype=torch.float32) / candidates[-1]
+        self.cost = cost
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:  # no step of alpha in this model step
+                    p.grad += self.cost * self.gradient(p.detach())
+
+    def gradient(self, logits: torch.Tensor) -> torch.Tensor:
+        """d/d logits of sum_f E_softmax(logits_f)[share]: p_n (share_n - E[share]) per field."""
+        probs = torch.softmax(logits, dim=-1)
+        shares = self.shares.to(logits.device)
+        return probs * (shares - (probs * shares).sum(dim=-1, keepdim=True))
 
 
 def model_step(sharded: ShardedModel, batch: Batch, train_alpha: bool) -> torch.Tensor:
@@ -310,6 +335,7 @@ def make_decisions(cfg: JobConfig, embedding: AutodimEmbeddingBags, result: Eval
             "lookup": search.lookup,
             "unify": search.unify,
             "single_level": search.single_level,
+            "width_cost": search.width_cost,
             "dataset_id": dataset_id,  # the plan's: from_decisions checks it against the data trained
             SEARCH_RUN_KEY: _run_folder(cfg.output_dir),
             "alpha": {feature: probs for feature, (_, probs) in choices.items()},
