@@ -245,8 +245,9 @@ def test_a_serving_json_whose_spec_takes_more_ids_than_the_plan_has_rows_is_one_
         load_serving(out)
 
 
-def test_a_serving_json_listing_some_files_must_list_every_file_it_reads(tmp_path: Path) -> None:
-    # One entry dropped from its list: that file was loaded with no hash vouching for it.
+def test_a_serving_json_with_files_must_list_every_file_it_reads(tmp_path: Path) -> None:
+    # One entry dropped from its list: that file was loaded with no hash vouching for it. Every
+    # entry dropped (`"files": {}`) read as an export from before the hashes: none was checked.
     out, written = exported_with_a_remap(tmp_path)
     for name in (written["weights"], written["plan"], "t_a.remap.npy"):
         files = {k: v for k, v in written["files"].items() if k != name}
@@ -254,6 +255,12 @@ def test_a_serving_json_listing_some_files_must_list_every_file_it_reads(tmp_pat
         with pytest.raises(ExportError, match=rf"serving\.json: files: {re.escape(name)} is not listed; the export is "
                                               "damaged: export the checkpoint again$"):
             load_serving(out)
+    (out / MANIFEST).write_text(json.dumps({**written, "files": {}}))
+    with pytest.raises(ExportError, match=rf"serving\.json: files: {re.escape(written['plan'])} is not listed"):
+        load_serving(out)
+    # An export from before the hashes has no `files` at all: it loads.
+    (out / MANIFEST).write_text(json.dumps({k: v for k, v in written.items() if k != "files"}))
+    load_serving(out)
 
 
 def test_an_export_replaces_only_an_earlier_export_and_only_once_complete(tmp_path: Path, monkeypatch) -> None:

@@ -125,9 +125,10 @@ class ServingManifest:
     spec: dict[str, Any]
     source: str = ""
     remaps: dict[str, str] = field(default_factory=dict)  # feature -> file
-    # None of either in exports written before vocabularies or the hashes were kept.
+    # None of them in exports written before vocabularies were kept.
     vocabularies: dict[str, str] = field(default_factory=dict)  # feature -> file
-    files: dict[str, FileRecord] = field(default_factory=dict)
+    # None in exports written before the hashes were kept; every later one lists the files it reads.
+    files: dict[str, FileRecord] | None = None
     base_dim: int | None = None
     tables: list[dict[str, Any]] = field(default_factory=list)
     serve_params: int | None = None
@@ -296,15 +297,17 @@ def load_serving(directory: str | Path) -> ServingModel:
 def _verify_files(directory: Path, manifest: ServingManifest) -> None:
     """ExportError naming the first file of the export that is missing or not as written (its
     size, its sha256 in serving.json), or that it reads but does not list; exports written before
-    the hashes list none."""
-    if manifest.files:
-        read = [manifest.plan, manifest.weights, *manifest.remaps.values(), *manifest.vocabularies.values()]
-        # One that is there is loaded with no hash vouching for it (every export that lists files
-        # lists them all); one that is not is said as missing where it is read.
-        unlisted = [name for name in read if name not in manifest.files and (directory / name).exists()]
-        if unlisted:
-            raise ExportError(f"{directory / MANIFEST}: files: {unlisted[0]} is not listed; the export is damaged: "
-                              "export the checkpoint again")
+    the hashes have no `files`."""
+    if manifest.files is None:
+        return
+    read = [manifest.plan, manifest.weights, *manifest.remaps.values(), *manifest.vocabularies.values()]
+    # One that is there is loaded with no hash vouching for it (every export that lists files
+    # lists them all: `"files": {}` was taken for an export from before the hashes, and served
+    # whatever weights.pt held); one that is not is said as missing where it is read.
+    unlisted = [name for name in read if name not in manifest.files and (directory / name).exists()]
+    if unlisted:
+        raise ExportError(f"{directory / MANIFEST}: files: {unlisted[0]} is not listed; the export is damaged: "
+                          "export the checkpoint again")
     for name, entry in manifest.files.items():
         path = directory / name
         why = None
