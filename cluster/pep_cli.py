@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,20 +96,29 @@ def prune_pep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_of_shared_counts(reached: list[tuple[str, dict]], count_every: int | None) -> None:
-    """Targets one count passed together share its mask and decisions: a sweep of them trained
+def passed_together(reached: Iterable[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
+    """The targets (as a prune run's summary records them) that one count passed together, a list
+    per count, widest first. They share that count's mask and decisions: a sweep of them trained
     one plan several times, under several names, without a word. Those a run of an earlier
     embshard wrote (no step recorded) are not compared."""
     by_step: dict[int, list[tuple[str, dict]]] = {}
     for target, hit in reached:
         if isinstance(hit.get("step"), int):
             by_step.setdefault(hit["step"], []).append((target, hit))
-    for step, together in by_step.items():
-        if len(together) > 1:
-            print(f"warning: {_targets_text([float(t) for t, _ in together])} were passed by one count (step {step}, "
-                  f"{together[0][1]['nonzero']:,} non-zero), so their masks and decisions are the same; count more "
-                  f"often (pep.count_every, now {count_every}) or prune more slowly (pep.threshold_lr, "
-                  f"pep.weight_decay) to tell them apart", file=sys.stderr)
+    return [sorted(together, key=lambda th: -float(th[0])) for together in by_step.values() if len(together) > 1]
+
+
+def tell_apart(count_every: int | None) -> str:
+    return (f"count more often (pep.count_every, now {count_every}) or prune more slowly (pep.threshold_lr, "
+            "pep.weight_decay) to tell them apart")
+
+
+def _warn_of_shared_counts(reached: list[tuple[str, dict]], count_every: int | None) -> None:
+    for together in passed_together(reached):
+        _, hit = together[0]
+        print(f"warning: {_targets_text([float(t) for t, _ in together])} were passed by one count (step "
+              f"{hit['step']}, {hit['nonzero']:,} non-zero), so their masks and decisions are the same; "
+              f"{tell_apart(count_every)}", file=sys.stderr)
 
 
 def _targets_text(targets: list[float]) -> str:

@@ -222,9 +222,15 @@ class Pep(SweepMethod):
         return replace(runs.run("prune"), embeddings=_plain(runs.base), pep=pep), "pep"
 
     def points(self, runs: TrialRuns, train: Train) -> list[Point]:
+        from embshard.cluster.pep_cli import passed_together, tell_apart
+
         prune, method = self.first_run(runs)
         _, pruned = train(prune, method)
         reached = pruned["pep"]["reached"]
+        # Targets one count passed share its mask: each but the widest was the same plan retrained
+        # under another budget's name, a point of its own on the curve.
+        same_as = {target: together[0] for together in passed_together(reached.items())
+                   for target, _ in together[1:]}
         points = []
         for budget in runs.budgets:
             if budget >= 1:
@@ -233,6 +239,12 @@ class Pep(SweepMethod):
                 kept = pruned["pep"]["kept_fraction"]
                 points.append(point(runs.trial, budget, error=f"target {budget:g} not reached in {pruned['steps']} "
                                                               f"prune steps (kept {kept:.3f})"))
+            elif f"{budget:g}" in same_as:
+                wider, hit = same_as[f"{budget:g}"]
+                points.append(point(runs.trial, budget, error=(
+                    f"target {budget:g} was passed by the count that passed {wider} (step {hit['step']}, "
+                    f"{hit['nonzero']:,} non-zero): the same mask, trained as {wider}'s point; "
+                    f"{tell_apart(prune.pep.count_every if prune.pep else None)}")))
             else:
                 try:
                     points.append(self._retrained(runs, prune, budget, train))

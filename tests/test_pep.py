@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -608,3 +609,29 @@ def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
     points = TrialRuns(diverging, spec, Trial("pep", 1), budgets, tmp_path / "diverged").points(train)
     assert [p["budget"] for p in points] == budgets
     assert all(p["error"].startswith("training diverged") for p in points), points
+
+
+def test_a_pep_sweep_trains_once_the_targets_one_count_passed(tmp_path, process_group):
+    # Both targets fall at the one count of the run (step 4): the same mask, retrained for each and
+    # drawn as two points of the curve at one size, under two budgets' names.
+    from embshard.cluster.sweep_methods import TrialRuns
+    from embshard.cluster.sweep_plan import Trial
+    from embshard.config import CheckpointConfig, ClusterConfig
+    from embshard.trainer.loop import run_worker
+
+    base = replace(small_prune_run(tmp_path, PepConfig(count_every=4, s_init=-4.0)),
+                   cluster=ClusterConfig(workers=1), checkpoint=CheckpointConfig())
+    trained = []
+
+    def train(cfg: JobConfig, method: str | None):
+        trained.append(Path(cfg.output_dir).name)
+        bundle = plan_for_training(cfg, method)
+        return bundle.dimension_plan, run_worker(cfg, method=method)
+
+    spec = DatasetSpec.load(base.data.path)
+    points = TrialRuns(base, spec, Trial("pep", 0), [0.999, 0.99], tmp_path / "pep").points(train)
+    assert trained == ["prune", "retrain-0.999"]
+    assert "error" not in points[0] and points[0]["budget"] == 0.999
+    assert re.fullmatch(r"target 0\.99 was passed by the count that passed 0\.999 \(step 4, [\d,]+ non-zero\): the "
+                        r"same mask, trained as 0\.999's point; count more often \(pep\.count_every, now 4\) or prune "
+                        r"more slowly \(pep\.threshold_lr, pep\.weight_decay\) to tell them apart", points[1]["error"])
