@@ -273,13 +273,14 @@ class CheckpointManager:
         def prepare() -> None:
             if self.fits is not None:
                 self.fits(path)
-            _init_lazy_state(optimizer)
+            fresh = _init_lazy_state(optimizer)
+            saved = reader.read_metadata().state_dict_metadata
+            _forget_unsaved_state(fresh, saved)
             state["model"] = model.state_dict()
             own = set(state["model"])
             state["optim"] = optimizer.state_dict()
             for transform in self.before_load:
                 state["model"] = transform(state["model"])
-            saved = reader.read_metadata().state_dict_metadata
             # A hook may ask for optional state an older checkpoint lacks (MLET's exact_resume W1);
             # what the model itself holds must all be there (`_check_shapes`).
             state["model"] = {k: v for k, v in state["model"].items() if k in own or f"model.{k}" in saved}
@@ -522,14 +523,30 @@ def none_verifies(source: str | StoragePath, rejected: list[tuple[StoragePath, s
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def _init_lazy_state(optimizer: KeyedOptimizer) -> None:
+def _init_lazy_state(optimizer: KeyedOptimizer) -> list[tuple[list[str], KeyedOptimizer]]:
+    """-> the parts of `optimizer` it gave state, each with its parameters' keys in the whole's
+    state_dict."""
     # torch optimizers (Adam: exp_avg, step) create their state on the first step, and
     # KeyedOptimizer.load_state_dict copies into existing state only. A zero-gradient step
     # creates it without moving any parameter; the load then overwrites it.
-    parts = [o for _, o in optimizer._optims] if isinstance(optimizer, CombinedOptimizer) else [optimizer]
-    for part in parts:
+    parts = optimizer._optims if isinstance(optimizer, CombinedOptimizer) else [("", optimizer)]
+    fresh = []
+    for key, part in parts:
         if not part.state and any(p.requires_grad for p in part.params.values()):
             part.init_state()
+            fresh.append(([CombinedOptimizer.prepend_opt_key(name, key) for name in part.params], part))
+    return fresh
+
+
+def _forget_unsaved_state(fresh: list[tuple[list[str], KeyedOptimizer]], saved: Mapping[str, Any]) -> None:
+    """Drops the state `_init_lazy_state` gave a part that had none when the checkpoint was saved:
+    AutoDim's alpha before its first architecture step. DCP refused the load for its missing keys
+    ("Missing key in checkpoint state_dict: optim.state....arch.logits.step"), so a search stopped
+    in its warm-up never resumed; it resumes with no state there, as it was saved."""
+    for names, part in fresh:
+        prefixes = tuple(f"optim.state.{name}." for name in names)
+        if not any(key.startswith(prefixes) for key in saved):
+            part.state.clear()
 
 
 def _write_json(path: StoragePath, payload: Any) -> None:
