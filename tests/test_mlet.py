@@ -258,6 +258,10 @@ def test_a_serving_json_with_files_must_list_every_file_it_reads(tmp_path: Path)
     (out / MANIFEST).write_text(json.dumps({**written, "files": {}}))
     with pytest.raises(ExportError, match=rf"serving\.json: files: {re.escape(written['plan'])} is not listed"):
         load_serving(out)
+    (out / MANIFEST).write_text(json.dumps({**written, "files": None}))
+    with pytest.raises(ExportError, match=r"serving\.json: files: null, where an export lists its files' hashes; the "
+                                          "export is damaged: export the checkpoint again$"):
+        load_serving(out)
     # An export from before the hashes has no `files` at all: it loads.
     (out / MANIFEST).write_text(json.dumps({k: v for k, v in written.items() if k != "files"}))
     load_serving(out)

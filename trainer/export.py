@@ -139,8 +139,14 @@ def read_manifest(directory: StoragePath) -> ServingManifest:
     path = directory / MANIFEST
     if not path.is_file():
         raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
+    raw = read_json_version(path, EXPORT_VERSION, ExportError)
+    # Only an export from before the hashes has no `files`; `"files": null` read as one, and its
+    # files were loaded unchecked.
+    if "files" in raw and raw["files"] is None:
+        raise ExportError(f"{path}: files: null, where an export lists its files' hashes; the export is damaged: "
+                          "export the checkpoint again")
     try:
-        return from_dict(ServingManifest, read_json_version(path, EXPORT_VERSION, ExportError))
+        return from_dict(ServingManifest, raw)
     except ConfigError as e:
         raise ExportError(f"{path}: {e}; export the checkpoint again") from None
 
