@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, bench_main, init_single_process_group, results_folder, train_here, write_atomic, write_json
 from quality import prepare_dataset
 
+from embshard.cluster.pep_cli import passed_together
 from embshard.cluster.sweep_report import PlantedTruth, within_one_step
 from embshard.config import JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec
@@ -208,15 +209,17 @@ def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int, out: 
     pruned = train_here(prune_cfg, "pep")[1]
     records = read_history(prune_cfg.pep_dir / NONZERO_HISTORY_FILE)
     reached = pruned["pep"]["reached"]
+    # Targets one count passed share its mask: the widest is retrained for all of them.
+    same_as = {t: together[0][0] for together in passed_together(reached.items()) for t, _ in together[1:]}
     retrains: dict[str, dict[str, Any]] = {}
-    for target in sorted(reached, key=float, reverse=True):
+    for target in sorted(set(reached) - set(same_as), key=float, reverse=True):
         cfg = job("pep-criteo", overrides, data, runs / f"lottery-{target}", retrain_epochs)
         assert cfg.pep is not None
         cfg = replace(cfg, pep=replace(cfg.pep, retrain_target=float(target), retrain_from=str(prune_cfg.pep_dir)))
         retrains[target] = train_here(cfg, "pep_lottery")[1]
     uniform = train_here(job("pep-criteo", overrides, data, runs / "uniform", retrain_epochs), "uniform")[1]
 
-    aucs = {t: r.get("test_auc") for t, r in retrains.items()}
+    aucs = {t: retrains[same_as.get(t, t)].get("test_auc") for t in reached}
     out.mkdir(parents=True, exist_ok=True)
     plot_pep(records, reached, aucs, uniform.get("test_auc"), out / "nonzeros.png")
     assert prune_cfg.pep is not None
@@ -232,6 +235,7 @@ def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int, out: 
         "prune_valid_auc": pruned["valid_auc"],
         "retrain_epochs": retrain_epochs,
         "lottery_test_auc": aucs,
+        "same_mask_as": same_as,  # target -> the wider target whose retrain it shares
         "uniform_test_auc": uniform.get("test_auc"),
     }
     write_json(out / "pep.json", result)
