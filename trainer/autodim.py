@@ -176,7 +176,9 @@ class WidthCost:
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None:  # no step of alpha in this model step
+                # None: no step of alpha in this model step. All zeros: the step a checkpoint's
+                # load takes to create the optimizer's state, which must move nothing.
+                if p.grad is not None and p.grad.any():
                     p.grad += self.cost * self.gradient(p.detach())
 
     def gradient(self, logits: torch.Tensor) -> torch.Tensor:
