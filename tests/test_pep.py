@@ -565,24 +565,31 @@ def test_row_thresholds_with_a_decay_are_refused_on_cpu(granularity):
     PepPrune().check_config(cfg("cpu", granularity="dimension"))
 
 
-def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
-    """The sweep's PEP recipe, its runs trained on one rank in this process: a prune run, then
-    for each target reached the lottery ticket (sized by its mask) or, for pep+mlet, the target's
-    decisions as an MLET plan; a target never reached and budget 1 are points with their reason."""
-    from embshard.cluster.sweep_methods import TrialRuns, base_params
-    from embshard.cluster.sweep_plan import Trial
+def sweep_trial_runs(tmp_path: Path, pep: PepConfig):
+    """-> a sweep trial's base config over `small_prune_run`, the trial's `train` (its runs on one
+    rank in this process), and the list of the run folders it trained, in order."""
     from embshard.config import CheckpointConfig, ClusterConfig
     from embshard.trainer.loop import run_worker
 
-    base = replace(small_prune_run(tmp_path, PepConfig(count_every=2, s_init=-4.0)),
-                   cluster=ClusterConfig(workers=1), checkpoint=CheckpointConfig())
-    trained = []
+    base = replace(small_prune_run(tmp_path, pep), cluster=ClusterConfig(workers=1), checkpoint=CheckpointConfig())
+    trained: list[str] = []
 
     def train(cfg: JobConfig, method: str | None):
         trained.append(Path(cfg.output_dir).name)
         bundle = plan_for_training(cfg, method)
         return bundle.dimension_plan, run_worker(cfg, method=method)
 
+    return base, train, trained
+
+
+def test_a_pep_sweep_trial_gives_a_point_per_budget(tmp_path, process_group):
+    """The sweep's PEP recipe, its runs trained on one rank in this process: a prune run, then
+    for each target reached the lottery ticket (sized by its mask) or, for pep+mlet, the target's
+    decisions as an MLET plan; a target never reached and budget 1 are points with their reason."""
+    from embshard.cluster.sweep_methods import TrialRuns, base_params
+    from embshard.cluster.sweep_plan import Trial
+
+    base, train, trained = sweep_trial_runs(tmp_path, PepConfig(count_every=2, s_init=-4.0))
     spec = DatasetSpec.load(base.data.path)
     budgets = [1e-6, 0.99, 1.0]
     sizes = {}
@@ -616,18 +623,8 @@ def test_a_pep_sweep_trains_once_the_targets_one_count_passed(tmp_path, process_
     # drawn as two points of the curve at one size, under two budgets' names.
     from embshard.cluster.sweep_methods import TrialRuns
     from embshard.cluster.sweep_plan import Trial
-    from embshard.config import CheckpointConfig, ClusterConfig
-    from embshard.trainer.loop import run_worker
 
-    base = replace(small_prune_run(tmp_path, PepConfig(count_every=4, s_init=-4.0)),
-                   cluster=ClusterConfig(workers=1), checkpoint=CheckpointConfig())
-    trained = []
-
-    def train(cfg: JobConfig, method: str | None):
-        trained.append(Path(cfg.output_dir).name)
-        bundle = plan_for_training(cfg, method)
-        return bundle.dimension_plan, run_worker(cfg, method=method)
-
+    base, train, trained = sweep_trial_runs(tmp_path, PepConfig(count_every=4, s_init=-4.0))
     spec = DatasetSpec.load(base.data.path)
     points = TrialRuns(base, spec, Trial("pep", 0), [0.999, 0.99], tmp_path / "pep").points(train)
     assert trained == ["prune", "retrain-0.999"]
