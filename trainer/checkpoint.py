@@ -539,14 +539,14 @@ def _init_lazy_state(optimizer: KeyedOptimizer) -> list[tuple[list[str], KeyedOp
 
 
 def _forget_unsaved_state(fresh: list[tuple[list[str], KeyedOptimizer]], saved: Mapping[str, Any]) -> None:
-    """Drops the state `_init_lazy_state` gave a part that had none when the checkpoint was saved:
-    AutoDim's alpha before its first architecture step. DCP refused the load for its missing keys
-    ("Missing key in checkpoint state_dict: optim.state....arch.logits.step"), so a search stopped
-    in its warm-up never resumed; it resumes with no state there, as it was saved."""
+    """Drops the state `_init_lazy_state` gave a parameter that had none when the checkpoint was
+    saved: AutoDim's alpha before its first architecture step. DCP refused the load for its
+    missing keys ("Missing key in checkpoint state_dict: optim.state....arch.logits.step"), so a
+    search stopped in its warm-up never resumed; it resumes with no state there, as it was saved."""
     for names, part in fresh:
-        prefixes = tuple(f"optim.state.{name}." for name in names)
-        if not any(key.startswith(prefixes) for key in saved):
-            part.state.clear()
+        for name, param in zip(names, part.params.values(), strict=True):
+            if not any(key.startswith(f"optim.state.{name}.") for key in saved):
+                part.state.pop(param, None)
 
 
 def _write_json(path: StoragePath, payload: Any) -> None:
