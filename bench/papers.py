@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, bench_main, init_single_process_group, results_folder, train_here, write_atomic, write_json
 from quality import prepare_dataset
 
-from embshard.cluster.pep_cli import passed_together
+from embshard.cluster.pep_cli import same_mask_as
 from embshard.cluster.sweep_report import PlantedTruth, within_one_step
 from embshard.config import JobConfig, load_job_config
 from embshard.datasets.schema import DatasetSpec
@@ -210,7 +210,7 @@ def pep(overrides: list[str], data: Path, label: str, retrain_epochs: int, out: 
     records = read_history(prune_cfg.pep_dir / NONZERO_HISTORY_FILE)
     reached = pruned["pep"]["reached"]
     # Targets one count passed share its mask: the widest is retrained for all of them.
-    same_as = {t: together[0][0] for together in passed_together(reached.items()) for t, _ in together[1:]}
+    same_as = {t: wider for t, (wider, _) in same_mask_as(reached).items()}
     retrains: dict[str, dict[str, Any]] = {}
     for target in sorted(set(reached) - set(same_as), key=float, reverse=True):
         cfg = job("pep-criteo", overrides, data, runs / f"lottery-{target}", retrain_epochs)

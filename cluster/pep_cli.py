@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,6 +106,12 @@ def passed_together(reached: Iterable[tuple[str, dict]]) -> list[list[tuple[str,
         if isinstance(hit.get("step"), int):
             by_step.setdefault(hit["step"], []).append((target, hit))
     return [sorted(together, key=lambda th: -float(th[0])) for together in by_step.values() if len(together) > 1]
+
+
+def same_mask_as(reached: Mapping[str, dict]) -> dict[str, tuple[str, dict]]:
+    """target -> (the widest target passed by the same count, its record), for every target but
+    the widest of each such count: the one retrain all of them share."""
+    return {target: together[0] for together in passed_together(reached.items()) for target, _ in together[1:]}
 
 
 def tell_apart(count_every: int | None) -> str:

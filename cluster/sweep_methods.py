@@ -222,15 +222,14 @@ class Pep(SweepMethod):
         return replace(runs.run("prune"), embeddings=_plain(runs.base), pep=pep), "pep"
 
     def points(self, runs: TrialRuns, train: Train) -> list[Point]:
-        from embshard.cluster.pep_cli import passed_together, tell_apart
+        from embshard.cluster.pep_cli import same_mask_as, tell_apart
 
         prune, method = self.first_run(runs)
         _, pruned = train(prune, method)
         reached = pruned["pep"]["reached"]
         # Targets one count passed share its mask: each but the widest was the same plan retrained
         # under another budget's name, a point of its own on the curve.
-        same_as = {target: together[0] for together in passed_together(reached.items())
-                   for target, _ in together[1:]}
+        same_as = same_mask_as(reached)
         points = []
         for budget in runs.budgets:
             if budget >= 1:

@@ -545,7 +545,7 @@ def _forget_unsaved_state(fresh: list[tuple[list[str], KeyedOptimizer]], saved: 
     search stopped in its warm-up never resumed; it resumes with no state there, as it was saved."""
     for names, part in fresh:
         for name, param in zip(names, part.params.values(), strict=True):
-            if not any(key.startswith(f"optim.state.{name}.") for key in saved):
+            if not any(f"optim.state.{name}.{key}" in saved for key in part.state.get(param, {})):
                 part.state.pop(param, None)
 
 
