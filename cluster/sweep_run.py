@@ -12,6 +12,7 @@ local folder (a run's output_dir is local), `work_folder(cfg, out)`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -125,7 +126,8 @@ def work_folder(cfg: JobConfig, out: StoragePath) -> Path:
 
 # What a sweep's spec file records besides the spec: the job config, the data's hash and where it
 # was started.
-RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "dataset_id": str, "data": str, "out": str}
+RECORDED: dict[str, type] = {"config": dict, "dataset_sha256": str, "dataset_id": str, "data": str, "out": str,
+                              "record_sha256": str}
 # Sections every job config a sweep has recorded holds (to_dict writes each field): one without
 # them was edited, and the defaults filled in read as what the sweep was started with. Sections
 # added since take their defaults.
@@ -166,6 +168,12 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
         except ConfigError as e:
             raise ConfigError(f"--resume: {saved}: not a sweep spec ({e}); start the sweep afresh with "
                               "another --out") from None
+        if record.get("record_sha256", _record_sha256(record)) != _record_sha256(record):  # older sweeps: unchecked
+            # Tune restores the trials, their job and data as they were started, whatever the file
+            # says: a method added by hand (and to the command) finished the recorded trials, fell
+            # short of the spec's count, and said "--resume to continue" at every resume.
+            raise ConfigError(f"--resume: {saved}: changed since the sweep started (Ray Tune resumes the trials as "
+                              "they were started); put it back as it was, or start the sweep afresh with another --out")
         if record.get("out", _where(out)) != _where(out):  # a folder from before it was recorded: unchecked
             # Tune restores each trial with the folder it was started with: a moved or copied sweep
             # trained its trials in the original, and could report another sweep's run there.
@@ -223,11 +231,19 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
                           f"resume with --resume, or move that folder away")
     out.mkdir(parents=True, exist_ok=True)
     recorded = {"config": to_dict(cfg), "dataset_sha256": data_sha, "data": _data_path(cfg), "out": _where(out)}
-    text = json.dumps(spec.to_json() | recorded | ({"dataset_id": data_id} if data_id else {})) + "\n"
+    record = spec.to_json() | recorded | ({"dataset_id": data_id} if data_id else {})
+    text = json.dumps(record | {"record_sha256": _record_sha256(record)}) + "\n"
     # Whole or not at all: cut short, the folder held a spec that --resume refused and a new sweep
     # found "not empty".
     write_whole(saved, text)
     return False
+
+
+def _record_sha256(record: dict[str, Any]) -> str:
+    """The digest of a spec file's record, its own digest left out: of the values, not the text,
+    so a file read back and written again whole (another indent) is the same record."""
+    content = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _recorded_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -1444,7 +1444,7 @@ def test_a_point_without_a_validation_value_merges(tmp_path):
 def test_a_resume_refuses_a_hand_edited_config_as_no_sweep_spec(tmp_path):
     # `config.train: 5` said "was started with train = 5, this command has '(unset)'", and `config: {}`
     # named a default as what the sweep was started with: differences of this command's.
-    from embshard.cluster.sweep_run import _claim_folder
+    from embshard.cluster.sweep_run import _claim_folder, _record_sha256
 
     cfg = load_job_config(REPO / "configs" / "default.yaml")
     out, spec = tmp_path / "out", SweepSpec(["uniform"], [1.0], 1)
@@ -1465,7 +1465,8 @@ def test_a_resume_refuses_a_hand_edited_config_as_no_sweep_spec(tmp_path):
     for edit in (lambda config: config["train"].pop("report_at"), retired_and_added):
         config = json.loads(json.dumps(saved["config"]))
         edit(config)
-        (out / "sweep-spec.json").write_text(json.dumps({**saved, "config": config}))
+        written = {**saved, "config": config}  # as that version wrote it: sealed with its digest
+        (out / "sweep-spec.json").write_text(json.dumps(written | {"record_sha256": _record_sha256(written)}))
         assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
 
 
@@ -1499,3 +1500,25 @@ def test_a_sweep_spec_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
     assert not _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
     assert json.loads((out / "sweep-spec.json").read_text())["methods"] == ["uniform"]
+
+
+def test_a_resume_refuses_a_sweep_spec_edited_since_the_sweep_started(tmp_path):
+    # Tune restores the trials it was started with: with a method added to the spec by hand (and to
+    # the command), the resume finished the recorded trials, counted fewer than the spec lists, and
+    # said "run the same command with --resume to continue", at every resume.
+    from embshard.cluster.sweep_run import _claim_folder
+
+    cfg = load_job_config(REPO / "configs" / "default.yaml")
+    out, spec = tmp_path / "out", SweepSpec(["uniform"], [1.0], 1)
+    _claim_folder(out, out, spec, cfg, resume=False, data_sha="a" * 64)
+    saved = json.loads((out / "sweep-spec.json").read_text())
+    more = SweepSpec(["uniform", "mde"], [1.0], 1)
+    for edited, now in (({**saved, "methods": ["uniform", "mde"]}, more),
+                        ({**saved, "config": {**saved["config"], "seed": 5}}, spec)):
+        (out / "sweep-spec.json").write_text(json.dumps(edited))
+        with pytest.raises(ConfigError, match=re.escape(f"--resume: {out / 'sweep-spec.json'}: changed since the sweep "
+                                                        "started (Ray Tune resumes the trials as they were started)")):
+            _claim_folder(out, out, now, cfg, resume=True, data_sha="a" * 64)
+    # Read back as written, it resumes.
+    (out / "sweep-spec.json").write_text(json.dumps(saved, indent=2))
+    assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
