@@ -1,7 +1,8 @@
 """Memory per rank and per table, from the shard plan itself: what each rank will hold.
 
 Training bytes are the block weights at their training width (MLET's k), the sparse optimizer's
-state and the projections every rank replicates; serving bytes are the collapsed blocks at their
+state, what a method holds beside the shards (a lottery retrain's mask) and the projections every
+rank replicates; serving bytes are the collapsed blocks at their
 serving width plus the projections the plan has (to the base dim, or with `uniform_width` off only
 within a table, to its widest block). Figures are exact counts of fp32 elements in the
 planned shards, so a test can compare them with what `DistributedModelParallel` really allocates.
@@ -30,6 +31,11 @@ class ShardMemory:
     optimizer_bytes: int
     serve_bytes: int
     sharding_type: str
+    side_bytes: int = 0  # what the method holds beside the shard (`Block.side_bytes_per_entry`)
+
+    @property
+    def train_bytes(self) -> int:
+        return self.weight_bytes + self.optimizer_bytes + self.side_bytes
 
 
 @dataclass
@@ -53,7 +59,7 @@ class MemoryReport:
             for r in range(self.world_size)
         }
         for s in self.shards:
-            totals[s.rank]["train_bytes"] += s.weight_bytes + s.optimizer_bytes
+            totals[s.rank]["train_bytes"] += s.train_bytes
             totals[s.rank]["serve_bytes"] += s.serve_bytes
         self.per_rank = totals
 
@@ -62,7 +68,7 @@ class MemoryReport:
         out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for s in self.shards:
             if s.rank == rank:
-                out[s.table][0] += s.weight_bytes + s.optimizer_bytes
+                out[s.table][0] += s.train_bytes
                 out[s.table][1] += s.serve_bytes
         return {k: (v[0], v[1]) for k, v in out.items()}
 
@@ -115,7 +121,7 @@ class MemoryReport:
         by_table: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         placement: dict[str, set[str]] = defaultdict(set)
         for s in self.shards:
-            by_table[s.table][0] += s.weight_bytes + s.optimizer_bytes
+            by_table[s.table][0] += s.train_bytes
             by_table[s.table][1] += s.serve_bytes
             placement[s.table].add(f"{s.sharding_type}@{s.rank}")
         lines.append("")
@@ -173,6 +179,7 @@ def memory_report(
                     # Collapse keeps each shard's rows and scales its width from k to d.
                     serve_bytes=rows_ * cols * dim // train_dim * BYTES_PER_ELEMENT,
                     sharding_type=ps.sharding_type,
+                    side_bytes=rows_ * cols * block.side_bytes_per_entry,
                 )
             )
     return MemoryReport(

@@ -38,6 +38,9 @@ class Block:
     # Columns each row carries beside its weights while training, never served (PEP's per-row
     # thresholds): the shard planner and the memory report count them.
     state_cols: int = 0
+    # Bytes a method holds per weight entry beside the table while training, outside TorchRec's
+    # tensors (a lottery retrain's mask of the kept entries: one); the memory report counts them.
+    side_bytes_per_entry: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -80,7 +83,8 @@ class DimensionPlan:
     notes: list[str] = field(default_factory=list)  # decisions a user should see (rounding, ...)
     version: int = PLAN_VERSION
     # What the model's arch takes (trainer/models/): True, every feature at base_dim; False, each
-    # table's features at its widest block, so only narrower blocks of a table are projected.
+    # table's features at its widest block, so only narrower blocks of a table are projected (or,
+    # in AutoDim's search plan, none: its module unifies the candidate tables' widths itself).
     uniform_width: bool = True
     # The method and job config the plan was made for (`trainer/planning.py`), so a run handed a
     # plan file can tell it was made for another model; empty in plans written before 2026-12.
@@ -236,7 +240,7 @@ def validate_plan(plan: DimensionPlan) -> None:
         expect = 0
         for i, b in enumerate(t.blocks):
             where = f"table {t.name!r} block {i}"
-            for name in ("start", "end", "dim", "state_cols"):
+            for name in ("start", "end", "dim", "state_cols", "side_bytes_per_entry"):
                 _check_int(getattr(b, name), f"{where}: {name}")
             if not isinstance(b.source, dict):
                 raise PlanError(f"{where}: source must be a dict, got {type(b.source).__name__} {b.source!r}")
@@ -247,8 +251,9 @@ def validate_plan(plan: DimensionPlan) -> None:
                 raise PlanError(f"{where}: rows [{b.start}, {b.end}) do not continue from row {expect}")
             if b.dim <= 0:
                 raise PlanError(f"{where}: dim must be positive, got {b.dim}")
-            if b.state_cols < 0:
-                raise PlanError(f"{where}: state_cols must be >= 0, got {b.state_cols}")
+            for name in ("state_cols", "side_bytes_per_entry"):
+                if getattr(b, name) < 0:
+                    raise PlanError(f"{where}: {name} must be >= 0, got {getattr(b, name)}")
             if b.mlet_width is not None and b.mlet_width < b.dim:
                 raise PlanError(
                     f"{where}: MLET width k={b.mlet_width} < d={b.dim}; a factorisation W1(n x k)."

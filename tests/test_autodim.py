@@ -572,13 +572,15 @@ def test_the_retrain_command_checkpoints_apart_from_the_search(tmp_path):
     assert retrain.checkpoint_dir != load_job_config(config, search).checkpoint_dir
 
 
-def test_a_search_plans_dense_bytes_are_never_negative(dataset, tmp_path) -> None:
-    # The plan counts projections for the narrower candidate tables of a separate lookup that the
-    # search's module does not build; taken off its dense layers' bytes, -4,960 bytes was printed.
+def test_a_search_plan_counts_no_projections_its_module_does_not_build(dataset, tmp_path) -> None:
+    # The plan counted projections for the narrower candidate tables of a separate lookup, which
+    # the search's module does not build: taken off its dense layers' bytes, -4,960 bytes was
+    # printed; held at zero, the rank's bytes were overstated by them.
     cfg = job(dataset, tmp_path / "run", lookup="separate", unify="zero_pad", batchnorm=False)
     cfg.model = ModelConfig(dense_arch=[32], over_arch=[4, 1])
     cfg.embeddings = EmbeddingsConfig(dim=32)
     cfg.autodim = replace(cfg.autodim, candidates=[4, 8, 16, 32])
     bundle = plan_search(cfg, 1)
-    assert bundle.memory.projection_bytes > 0 and bundle.memory.dense_bytes is not None
-    assert bundle.memory.dense_bytes >= 0
+    assert bundle.dimension_plan.uniform_width is False
+    assert bundle.memory.projection_bytes == bundle.memory.serve_projection_bytes == 0
+    assert bundle.memory.dense_bytes is not None and bundle.memory.dense_bytes > 0

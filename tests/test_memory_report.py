@@ -131,3 +131,21 @@ def test_the_printed_report_shows_the_fullest_ranks_of_a_large_world() -> None:
     shown = [int(line.split()[0]) for line in lines[1:6]]
     fullest = sorted(report.per_rank, key=lambda r: -report.per_rank[r]["train_bytes"])[:5]
     assert shown == sorted(fullest) and lines[6] == "... and 35 less full ranks (see the JSON report)"
+
+
+def test_what_a_method_holds_beside_its_shards_is_counted_per_entry(hand_plan) -> None:
+    # A lottery retrain keeps a bool mask of each local shard all run long (a byte an entry); the
+    # report left it out, and a plan it said fitted held a quarter more than the tables' fp32 bytes.
+    plan, shard_plan = hand_plan
+    masked = replace(plan, tables=[replace(t, blocks=[replace(b, side_bytes_per_entry=1) for b in t.blocks])
+                                   for t in plan.tables])
+    before, after = memory_report(plan, shard_plan, "rowwise_adagrad"), memory_report(masked, shard_plan,
+                                                                                       "rowwise_adagrad")
+    # Rank 1 holds a (100 x 8), half of b (50 x 8) and a replica of c (10 x 6); serving holds none.
+    assert after.per_rank[1]["train_bytes"] - before.per_rank[1]["train_bytes"] == 100 * 8 + 50 * 8 + 10 * 6
+    assert after.per_rank[0]["train_bytes"] - before.per_rank[0]["train_bytes"] == 50 * 8 + 10 * 6 + 20 * 8
+    assert after.per_rank[1]["serve_bytes"] == before.per_rank[1]["serve_bytes"]
+    assert after.table_bytes(1)["a"][0] == before.table_bytes(1)["a"][0] + 100 * 8
+    with pytest.raises(PlanError, match=r"table 'a' block 0: side_bytes_per_entry must be >= 0, got -1"):
+        replace(plan, tables=[replace(plan.tables[0], blocks=[replace(plan.tables[0].blocks[0],
+                                                                      side_bytes_per_entry=-1)])])

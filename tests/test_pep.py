@@ -632,3 +632,27 @@ def test_a_pep_sweep_trains_once_the_targets_one_count_passed(tmp_path, process_
     assert re.fullmatch(r"target 0\.99 was passed by the count that passed 0\.999 \(step 4, [\d,]+ non-zero\): the "
                         r"same mask, trained as 0\.999's point; count more often \(pep\.count_every, now 4\) or prune "
                         r"more slowly \(pep\.threshold_lr, pep\.weight_decay\) to tell them apart", points[1]["error"])
+
+
+def test_a_lottery_retrains_plan_counts_the_bytes_its_mask_keeper_holds(tmp_path):
+    # MaskKeeper holds a bool mask of every local entry beside the tables for the whole run; the
+    # memory report counted the tables and their optimizer state alone.
+    from embshard.planner.memory import memory_report
+    from embshard.planner.shard_plan import plan_sharding
+    from embshard.planner.topology import TopologySpec
+    from embshard.trainer.pep import PepLottery
+
+    spec = DatasetSpec("toy", [], [SparseFeature("a", 6), SparseFeature("c", 5)])
+    rng = np.random.default_rng(0)
+    masks = {"t_a": rng.random((6, D)) > 0.5, "t_c": rng.random((5, D)) > 0.5}
+    ticket = LotteryTicket(seed=0, base_dim=D, tables={"t_a": 6, "t_c": 5}, masks=masks, where=tmp_path)
+    cfg = JobConfig(embeddings=EmbeddingsConfig(dim=D),
+                    pep=PepConfig(targets=[0.5], retrain_target=0.5, retrain_from=str(tmp_path)))
+    plan = PepLottery(ticket).dimension_plan(cfg, spec, {}, tmp_path)
+    report = memory_report(plan, plan_sharding(plan, TopologySpec(2, "cpu"), batch_size=8), "rowwise_adagrad")
+    keeper = MaskKeeper([LocalShard(t, 0, 0, torch.zeros(m.shape)) for t, m in masks.items()], masks)
+    held = sum(kept.numel() * kept.element_size() for _, kept in keeper.kept)
+    assert held == (6 + 5) * D
+    assert sum(s.side_bytes for s in report.shards) == held
+    assert sum(r["train_bytes"] for r in report.per_rank.values()) == held + sum(
+        s.weight_bytes + s.optimizer_bytes for s in report.shards)

@@ -10,6 +10,7 @@ from distributed import run_ranks
 
 from embshard.cluster.launch import plan_for_training
 from embshard.config import (
+    AutodimConfig,
     ClusterConfig,
     DataConfig,
     EmbeddingsConfig,
@@ -111,17 +112,21 @@ def test_pep_prune_plan_bytes_match_dmp(tmp_path, pooled_lookup):
     ("fm", EmbeddingsConfig(dim=16)),
     ("dlrm", EmbeddingsConfig(policy="mde", dim=16, mlet=MletConfig(ratio=2),
                               mde=MdeConfig(alpha=0.4, mode="within", blocks=3))),
-], ids=["dlrm", "fm", "dlrm-mde-mlet"])
+    ("dlrm", EmbeddingsConfig(dim=32, method="autodim")),
+], ids=["dlrm", "fm", "dlrm-mde-mlet", "autodim-search-separate-zero-pad"])
 def test_dense_layers_the_plan_counts_are_those_dmp_holds(tmp_path, arch, embeddings):
     """A dense_arch no rank could hold was a worker's "crashed: can't allocate"; the plan now
     counts the model's layers outside its tables (on the meta device). fm's per-id linear terms
     are such layers: replicated on every rank, as large as a width-1 table per feature. MDE's
     projections and MLET's W2 are too: the plan counted their weights alone, where the dense
-    optimizer gives each a gradient and two moments (a plan at 81% of a rank needed 176%)."""
+    optimizer gives each a gradient and two moments (a plan at 81% of a rank needed 176%).
+    AutoDim's search unifies its candidates' widths itself (zero padding here: no transforms at
+    all); the report counted a projection per narrower candidate table, which no rank holds."""
     data = tmp_path / "data"
     synthesize(data, rows=4000, seed=1, max_cardinality=3000)
+    search = AutodimConfig(lookup="separate", unify="zero_pad") if embeddings.method == "autodim" else None
     cfg = JobConfig(output_dir=str(tmp_path / "run"), data=DataConfig(path=str(data), batch_size=256),
-                    embeddings=embeddings, cluster=ClusterConfig(workers=2),
+                    embeddings=embeddings, cluster=ClusterConfig(workers=2), autodim=search,
                     model=ModelConfig(arch=arch, dense_arch=[64, 16], over_arch=[32, 1]))
     bundle = plan_for_training(cfg)
     assert json.loads((cfg.plan_dir / "plan.json").read_text())["memory"]["dense_bytes"] == bundle.memory.dense_bytes

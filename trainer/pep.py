@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +419,9 @@ def start_from_ticket(shards: list[LocalShard], masks: dict[str, np.ndarray], se
             s.tensor.copy_(init * mask)
 
 
+MASK_BYTES = 1  # per entry: MaskKeeper's masks are bool
+
+
 class MaskKeeper(Callback):
     """Holds pruned entries of a plain (sharded) table at exactly zero: they are multiplied by the
     mask after every step (the fused optimizer updates rows in the backward, so this runs before
@@ -516,7 +519,10 @@ class PepLottery(EmbeddingMethod):
         plan = super().dimension_plan(cfg, spec, counts, out_dir)
         _require_uniform(plan)
         self.ticket(cfg).check_matches(plan)
-        return plan
+        # MaskKeeper's bool mask of every local entry: a byte each, beside the tables all run long.
+        tables = [replace(t, blocks=[replace(b, side_bytes_per_entry=MASK_BYTES) for b in t.blocks])
+                  for t in plan.tables]
+        return replace(plan, tables=tables)
 
     def initialise(self, cfg: JobConfig, sharded: ShardedModel) -> None:
         _require_uniform(sharded.bundle.dimension_plan)

@@ -61,7 +61,9 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
         check_plan_holds(plan, {f.name: f.cardinality for f in spec.sparse}, f"method {name!r}: dimension_plan()",
                          "every feature of the data needs a table with a row for each of its ids")
         plan = with_mlet(plan, cfg.embeddings)
-        return replace(plan, uniform_width=uniform, notes=[*unread, *policy_unread(cfg, plan, name), *plan.notes],
+        # A plan of the method's own at per-table widths stays so: its module unifies them itself.
+        uniform_width = uniform and plan.uniform_width
+        return replace(plan, uniform_width=uniform_width, notes=[*unread, *policy_unread(cfg, plan, name), *plan.notes],
                        made_with={**made_with, "dataset_id": spec.id, "dataset_inputs": spec.inputs_sha256()})
 
     return decide

@@ -52,4 +52,7 @@ def search_plan(base: DimensionPlan, candidates: list[int], lookup: Lookup) -> D
             block = Block(0, t.num_embeddings, width, source=source)
             tables.append(TablePlan(name, [candidate_feature_name(feature, d)], t.num_embeddings, [block]))
     policy = {**base.policy, "autodim_lookup": lookup, "autodim_candidates": list(candidates)}
-    return DimensionPlan(base.base_dim, tables, policy=policy, notes=[*base.notes, *notes])
+    # Each candidate table reaches the search module at its own width, and the module unifies
+    # them (its transforms are dense layers of the model): the plan projects nothing, and the
+    # memory report counted a projection per narrower candidate that no rank holds.
+    return DimensionPlan(base.base_dim, tables, policy=policy, notes=[*base.notes, *notes], uniform_width=False)
