@@ -284,13 +284,17 @@ def route_worker_output() -> None:
     # Ray's error listener thread prints the raylet's messages to the driver with
     # print_to_stdstream itself, past the dispatcher. One of them, "A worker died or was killed
     # ...", put 900 characters above the run's one line for that death: it goes to the log, and
-    # its cause into that line (`worker_deaths`). The others (a node lost, a task no node can
-    # take) are printed as Ray prints them.
+    # its cause into that line (`worker_deaths`). Its note that more worker processes started
+    # than it expects goes to the log alone. The others (a node lost, a task no node can take)
+    # are printed as Ray prints them.
     def raylet_messages(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         lines = data.get("lines", [])
         try:
             if not (_verbose or _current_log is None) and any(line.startswith(_WORKER_DIED) for line in lines):
                 _worker_died(lines, _current_log)
+                return
+            if not (_verbose or _current_log is None) and any(_MANY_WORKERS in line for line in lines):
+                _append(_current_log, "".join(f"(raylet) {line}\n" for line in lines))
                 return
         except Exception:
             pass  # an error raised here would end Ray's listener thread: Ray's printer has it instead
@@ -301,6 +305,10 @@ def route_worker_output() -> None:
 
 
 _WORKER_DIED = "A worker died or was killed"
+# "WARNING: 10 PYTHON worker processes have been started on node ... This could be a result of
+# ... fractional CPU requests": a sweep's, whose trials ask for a hundredth of a CPU each
+# (sweep_run.TRIAL_CPU) and start a worker group each, as planned; a warning of nothing to mend.
+_MANY_WORKERS = "worker processes have been started on node"
 _EXIT = re.compile(r"Worker exit type: (?P<type>\S+) Worker exit detail: (?P<detail>.+?\.)(?: |$)")
 
 

@@ -186,15 +186,22 @@ def test_the_raylet_s_worker_died_paragraph_goes_to_the_run_log(tmp_path, capsys
     message = {"lines": [died], "pid": "raylet", "is_err": False}
     lost = {"lines": ["The node with node id: abc has been marked dead because the detector has missed too many "
                       "heartbeats from it."], "pid": "raylet", "is_err": False}
+    # A two-trial sweep's console ended in this (its trials ask for 0.01 CPU each, as planned).
+    many = {"lines": ["WARNING: 10 PYTHON worker processes have been started on node: 7786 with address: 192.0.2.2, "
+                      "which is 5x the maximum expected startup concurrency (2). This could be a result of using a "
+                      "large number of actors, tasks blocked in ray.get() calls, or tasks with fractional CPU "
+                      "requests (e.g., num_cpus=0.1) allowing high concurrency."], "pid": "raylet", "is_err": False}
     with console.run_log(tmp_path) as log:
         ray_worker.print_to_stdstream(message, ignore_prefix=False)  # as listen_error_messages calls it
         ray_worker.print_to_stdstream(lost, ignore_prefix=False)
+        ray_worker.print_to_stdstream(many, ignore_prefix=False)
         # Its cause goes into the run's one line for the crash (a line of its own split the progress bar).
         assert console.worker_deaths() == (" (Ray: a worker process died: SYSTEM_ERROR: Worker unexpectedly exits "
                                            "with a connection error code 2.)")
     out, err = capsys.readouterr()
     assert "A worker died" not in out + err and err == ""
     assert f"(raylet) {died}" in log.read_text()
+    assert "worker processes have been started" not in out + err and f"(raylet) {many['lines'][0]}" in log.read_text()
     assert "has been marked dead" in out  # another raylet message: printed as Ray prints it
     with console.run_log(tmp_path / "next"):
         assert console.worker_deaths() == ""  # the next run's line does not carry this one's
