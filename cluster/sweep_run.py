@@ -33,6 +33,7 @@ from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.storage import RemotePath, StoragePath, check_writable, write_whole
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
 from embshard.typed_config import to_dict
+from embshard.units import duration_text
 
 EXPERIMENT = "tune"  # Ray Tune's experiment folder inside the sweep's folder
 TRIAL_CPU = 0.01
@@ -59,7 +60,12 @@ def _run(cfg: JobConfig, spec: SweepSpec, out: StoragePath, work: Path, restore:
     per_trial = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     parallel = parallel or max(1, int((os.cpu_count() or 1) // per_trial))
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
+    total = len(spec.trials())
     with console.run_log(work) as log:
+        # Said first: Ray starts for seconds, and a trial takes minutes before its line.
+        print(f"{'resuming the sweep' if restore else 'sweep'} of {total} trials"
+              f"{'' if restore else f', {parallel} at a time'}: a line as each finishes (log: {log})",
+              file=sys.stderr, flush=True)
         init_ray(cfg, cpus=parallel * (per_trial + TRIAL_CPU) + 1, jobs=parallel)
         console.route_worker_output()
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs (Tune refuses 0).
@@ -83,14 +89,14 @@ def _run(cfg: JobConfig, spec: SweepSpec, out: StoragePath, work: Path, restore:
                              "budgets": spec.budgets},
                 tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
-                                          callbacks=[_TrialLine()]),
+                                          callbacks=[_TrialLine(total)]),
             )
         # Tune prints its experiment banner and paths on stdout whatever its verbosity: into the
         # log with the rest of Ray's output; the console keeps one line per finished trial.
         with log.open("a", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
             results = tuner.fit()
     # ResultGrid is indexed, not iterable
-    return trial_points([results[i] for i in range(len(results))], out, len(spec.trials()))
+    return trial_points([results[i] for i in range(len(results))], out, total)
 
 
 def trial_points(results: list[tune.Result], out: StoragePath, trials: int) -> list[dict[str, Any]]:
@@ -296,12 +302,26 @@ def _where(out: StoragePath) -> str:
 
 
 class _TrialLine(tune.Callback):
-    """One console line per finished trial (Tune's own tables are off: verbose=0)."""
+    """One console line per finished trial, counted among the sweep's `total` (Tune's own tables
+    are off: verbose=0)."""
+
+    # Class defaults: Tune restores a sweep's callbacks from its own pickle, and one pickled before
+    # these were kept has neither.
+    total: int | None = None
+    finished: frozenset[str] = frozenset()  # trials this callback saw finish (Tune marks them later)
+
+    def __init__(self, total: int) -> None:
+        self.total = total
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        points = json.loads((trial.last_result or {}).get("points", "[]"))
+        result = trial.last_result or {}
+        points = json.loads(result.get("points", "[]"))
         shown = ", ".join(f"budget {p['budget']:g}: "
                           + (f"{metric_label(p['metric'])} {p['value']:.4f}" if "value" in p else p["error"])
                           for p in points)
         of = Trial.from_json(trial.config["trial"])
-        print(f"trial {of.label} seed {of.seed}: {shown}", file=sys.stderr, flush=True)
+        # Those a resume restored as finished are Tune's TERMINATED ones.
+        self.finished = self.finished | {trial.trial_id} | {t.trial_id for t in trials if t.status == "TERMINATED"}
+        count = f"[{len(self.finished)}{f'/{self.total}' if self.total else ''}]"
+        took = f" ({duration_text(result['time_total_s'])})" if "time_total_s" in result else ""
+        print(f"{count} trial {of.label} seed {of.seed}: {shown}{took}", file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
-"""Figures as a person reads them: sizes (the planner's memory figures, the dataset writer) and
-an evaluation's metrics (progress bars, the console's summary lines)."""
+"""Figures as a person reads them: sizes (the planner's memory figures, the dataset writer),
+durations (a sweep's trials) and an evaluation's metrics (progress bars, the console's summary
+lines)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def duration_text(seconds: float) -> str:
+    """"48 s", "5 min 2 s", "1 h 7 min": whole seconds, in the two largest units it has."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def metrics_text(metrics: Mapping[str, float | None], primary: str) -> str:

@@ -81,6 +81,9 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    said = first.stdout.read().decode()
+    assert "sweep of 2 trials, 2 at a time: a line as each finishes (log: " in said, said[-3000:]
+    assert "[1/2] trial uniform (train.epochs=1) seed 0: budget 1: AUC" in said, said[-3000:]
     finished = uniform_points.stat().st_mtime_ns
 
     again = subprocess.run(sweep_args(data, out, outputs), cwd=REPO, env=env, capture_output=True, timeout=300)
@@ -91,7 +94,10 @@ def test_sweep_in_a_bucket_runs_trials_in_parallel_and_resumes_after_a_kill(tmp_
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert uniform_points.stat().st_mtime_ns == finished  # the finished trial was not run again
     assert "trial uniform" not in resumed.stderr.decode()  # finished in the bucket's state
-    assert "trial autodim (autodim.alpha_every=5, train.epochs=1) seed 0: budget 1: AUC" in resumed.stderr.decode()
+    assert "resuming the sweep of 2 trials: a line as each finishes" in resumed.stderr.decode()
+    # Counted with the finished trial Tune restored.
+    assert "[2/2] trial autodim (autodim.alpha_every=5, train.epochs=1) seed 0: budget 1: AUC" in \
+        resumed.stderr.decode()
     assert f"{out}/train.epochs=1/sweep-data.json" in resumed.stdout.decode()
     assert "train.epochs=1: claim:" in resumed.stdout.decode()
     keys = s3.keys("sweeps/one/")

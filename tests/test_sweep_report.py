@@ -1522,3 +1522,29 @@ def test_a_resume_refuses_a_sweep_spec_edited_since_the_sweep_started(tmp_path):
     # Read back as written, it resumes.
     (out / "sweep-spec.json").write_text(json.dumps(saved, indent=2))
     assert not _claim_folder(out, out, spec, cfg, resume=True, data_sha="a" * 64)
+
+
+def test_each_finished_trial_is_a_line_counted_among_the_sweeps(capsys):
+    # A sweep of 36 trials said nothing for minutes, then a line per trial with no count.
+    from types import SimpleNamespace
+
+    from embshard.cluster.sweep_run import _TrialLine
+    from embshard.units import duration_text
+
+    def trial(tid: str, status: str, seconds: float | None = None) -> SimpleNamespace:
+        result = {"points": json.dumps([point("uniform", 1.0, 0, 0.7, 4000)])}
+        return SimpleNamespace(trial_id=tid, status=status, config={"trial": {"method": "uniform", "seed": 0}},
+                               last_result=result | ({"time_total_s": seconds} if seconds is not None else {}))
+
+    line = _TrialLine(4)
+    # A resume: one trial restored as finished (TERMINATED); Tune calls back while a trial still runs.
+    restored, a, b = trial("r", "TERMINATED"), trial("a", "RUNNING", 302.4), trial("b", "RUNNING", 48)
+    line.on_trial_complete(0, [restored, a, b], a)
+    line.on_trial_complete(0, [restored, a, b], b)  # `a` not yet marked TERMINATED: still counted once
+    assert capsys.readouterr().err.splitlines() == ["[2/4] trial uniform seed 0: budget 1: AUC 0.7000 (5 min 2 s)",
+                                                    "[3/4] trial uniform seed 0: budget 1: AUC 0.7000 (48 s)"]
+    # Tune restores a sweep's callbacks from its pickle: one from before the count had no total.
+    old = _TrialLine.__new__(_TrialLine)
+    old.on_trial_complete(0, [a], a)
+    assert capsys.readouterr().err == "[1] trial uniform seed 0: budget 1: AUC 0.7000 (5 min 2 s)\n"
+    assert [duration_text(s) for s in (0.4, 59.6, 3600 * 2 + 61)] == ["0 s", "1 min 0 s", "2 h 1 min"]
