@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
-import glob
 import hashlib
 import os
 import shutil
@@ -50,6 +49,7 @@ from embshard.datasets.storage import (
     RemotePath,
     StoragePath,
     check_writable,
+    left_by_the_dead,
     nearest_existing,
     read_json_object,
     rmtree,
@@ -519,33 +519,18 @@ def _say_leftovers(out: StoragePath) -> None:
     writer left (SIGKILL, a power cut: nothing of it could clean up), which would otherwise sit
     there for good unnoticed. Only those whose process has ended on this host: a live one may be
     a writer at work. (A write to object storage replaces by copying: it leaves no old folder.)"""
-    for leftover, pid in _left_by_the_dead(out, "partial"):
+    for leftover, pid in left_by_the_dead(out, "partial"):
         print(f"warning: {leftover}: left by an interrupted write to {out} (its process {pid} is not "
               "running on this host); delete it unless a process on another host is writing there", file=sys.stderr)
     if isinstance(out, RemotePath):
         return
-    for leftover, pid in _left_by_the_dead(out, "old"):
+    for leftover, pid in left_by_the_dead(out, "old"):
         if out.exists():
             print(f"warning: {leftover}: what {out} held before it was replaced (the removal by process {pid} was "
                   f"interrupted); delete it once {out} is checked", file=sys.stderr)
         else:
             print(f"warning: {leftover}: what {out} held before an interrupted replace, and {out} is missing; "
                   f"move it back (mv {leftover} {out})", file=sys.stderr)
-
-
-def _left_by_the_dead(out: StoragePath, kind: str) -> Iterator[tuple[StoragePath, int]]:
-    """`sibling` entries of `out` of that kind whose process is not running on this host."""
-    leftovers: list[StoragePath] = sorted(out.parent.glob(f"{glob.escape(sibling_prefix(out, kind))}*"), key=str)
-    for leftover in leftovers:
-        pid = sibling_pid(leftover.name, out, kind)
-        if pid is None:
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            yield leftover, pid
-        except (PermissionError, OverflowError):
-            pass  # alive under another user, or no pid at all
 
 
 def publish(staging: Path, out: StoragePath, overwrite: bool, kind: Replaceable = DATASET) -> None:

@@ -35,6 +35,7 @@ from embshard.datasets.storage import (
     arrow_source,
     check_reachable,
     location,
+    moved_aside,
     read_json,
     read_json_version,
 )
@@ -192,7 +193,7 @@ class DatasetSpec:
         check_reachable(where)
         path = where / SPEC_FILE
         if not where.exists():
-            raise DataError(f"{where}: dataset directory not found")
+            raise DataError(f"{where}: dataset directory not found{moved_aside(where)}")
         if not path.is_file():
             raise DataError(f"{path}: missing (is {where} a dataset written by `embshard data`?)")
         return DatasetSpec.from_json(read_json_version(path, SPEC_VERSION, DataError), str(path))

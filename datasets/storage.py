@@ -25,6 +25,7 @@ manifest.json, serving.json), and readers refuse a prefix without it.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import json
 import os
@@ -117,6 +118,36 @@ def sibling_pid(name: str, path: "StoragePath", kind: str) -> int | None:
     pid, dash, token = name[len(prefix):].partition("-") if name.startswith(prefix) else ("", "", "")
     hexadecimal = len(token) == 8 and all(c in "0123456789abcdef" for c in token)
     return int(pid) if pid.isdecimal() and dash and hexadecimal else None
+
+
+def left_by_the_dead(out: "StoragePath", kind: str) -> Iterator[tuple["StoragePath", int]]:
+    """`sibling` entries of `out` of that kind whose process is not running on this host."""
+    leftovers: list[StoragePath] = sorted(out.parent.glob(f"{glob.escape(sibling_prefix(out, kind))}*"), key=str)
+    for leftover in leftovers:
+        pid = sibling_pid(leftover.name, out, kind)
+        if pid is None:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            yield leftover, pid
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or no pid at all
+
+
+def moved_aside(path: "StoragePath") -> str:
+    """Where the local folder `path` is missing because a replace of it was killed halfway: "; X
+    beside it holds ..." naming the folder that holds what it held, else "". Where the file system
+    has no swap in one step, a replace renames the old folder away, then the new one in
+    (`outdir.replace_folder`): killed between the two, `path` was "not found" to every reader, its
+    data hidden beside it under a dot name (a writer warns of it, `outdir._say_leftovers`)."""
+    if not isinstance(path, Path) or path.exists() or not path.parent.is_dir():
+        return ""
+    aside = [leftover for leftover, _ in left_by_the_dead(path, "old") if leftover.is_dir()]
+    if not aside:
+        return ""
+    return (f"; {aside[-1].name} beside it holds what it held before a replace of it was killed halfway: move it "
+            f"back (mv {aside[-1]} {path})")
 
 
 @contextmanager

@@ -282,6 +282,27 @@ def test_what_a_killed_replace_left_of_the_old_folder_is_named(tmp_path: Path, c
     assert old.is_dir()
 
 
+def test_a_reader_of_a_folder_a_killed_replace_left_missing_names_where_it_went(tmp_path: Path) -> None:
+    # A writer warned of it; a reader (`train`, `export`'s loader) said "dataset directory not
+    # found" of a dataset hidden beside the path it was given.
+    import subprocess
+    import sys
+
+    from embshard.trainer.export import ExportError, read_manifest
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    for name, read, error, missing in (("d", DatasetSpec.load, DataError, "dataset directory not found"),
+                                       ("e", read_manifest, ExportError, "not found")):
+        out, old = tmp_path / name, tmp_path / f".{name}.old-{dead}-0badc0de"
+        with pytest.raises(error, match=rf"^{re.escape(str(out))}: {missing}$"):
+            read(out)  # nothing beside it
+        old.mkdir()
+        with pytest.raises(error, match=re.escape(f"{out}: {missing}; {old.name} beside it holds what it held before "
+                                                  f"a replace of it was killed halfway: move it back (mv {old} {out})")):
+            read(out)
+
+
 def test_rows_the_disk_cannot_hold_are_refused_before_it_fills(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`synth --rows 100000000000000000000` wrote until the disk was full. Now the rest is measured

@@ -62,6 +62,7 @@ from embshard.datasets.storage import (
     copy_file,
     copytree,
     location,
+    moved_aside,
     read_json_object,
     read_json_version,
 )
@@ -138,6 +139,8 @@ def read_manifest(directory: StoragePath) -> ServingManifest:
     """The export's serving.json; ExportError unless it is one `embshard export` wrote."""
     path = directory / MANIFEST
     if not path.is_file():
+        if not directory.exists():
+            raise ExportError(f"{directory}: not found{moved_aside(directory)}")
         raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
     raw = read_json_version(path, EXPORT_VERSION, ExportError)
     # Only an export from before the hashes has no `files`; `"files": null` read as one, and its
