@@ -424,3 +424,34 @@ def test_checkpoint_dir_inside_a_step_a_dataset_or_the_plan_is_refused(dataset, 
         with pytest.raises(ConfigError, match=rf"^checkpoint\.dir {re.escape(str(where))}: {re.escape(said)}"):
             plan_for_training(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(where))))
     assert not (step / "sub").exists()
+
+
+def test_a_parameter_without_optimizer_state_at_the_save_resumes_with_none_beside_one_with_state(tmp_path):
+    # A part of the optimizer where one parameter had stepped at the save and another had not (it
+    # got no gradient yet): the load gives the whole part state first, which DCP then looked for
+    # in the checkpoint ("Missing key in checkpoint state_dict: optim.state.b.exp_avg").
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+    from embshard.trainer.checkpoint import CheckpointManager, Progress
+
+    def model_and_optimizer() -> tuple[torch.nn.Module, CombinedOptimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.randn(3)),
+                                        "b": torch.nn.Parameter(torch.randn(2))})
+        params = dict(model.named_parameters())
+        adam = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=0.1))
+        return model, CombinedOptimizer([("dense", adam)])
+
+    model, optimizer = model_and_optimizer()
+    model["a"].grad = torch.ones(3)  # `b` has no gradient: Adam gives it no state
+    optimizer.step()
+    assert [p.shape for p in optimizer.state] == [torch.Size([3])]
+    manager = CheckpointManager(tmp_path / "ckpt")
+    (tmp_path / "plan").mkdir()
+    saved = manager.save(Progress(step=1), model, optimizer, {}, tmp_path / "plan")
+    resumed, fresh = model_and_optimizer()
+    manager.load(saved, resumed, fresh)
+    assert torch.equal(resumed["a"], model["a"]) and torch.equal(resumed["b"], model["b"])
+    state = {tuple(p.shape): s for p, s in fresh.state.items()}
+    assert set(state) == {(3,)}  # as saved: `b` resumes with no state, `a` with its own
+    assert torch.equal(state[(3,)]["exp_avg"], optimizer.state[model["a"]]["exp_avg"])

@@ -298,8 +298,8 @@ def test_a_reader_of_a_folder_a_killed_replace_left_missing_names_where_it_went(
         with pytest.raises(error, match=rf"^{re.escape(str(out))}: {missing}$"):
             read(out)  # nothing beside it
         old.mkdir()
-        with pytest.raises(error, match=re.escape(f"{out}: {missing}; {old.name} beside it holds what it held before "
-                                                  f"a replace of it was killed halfway: move it back (mv {old} {out})")):
+        said = f"{out}: {missing}; {old.name} beside it holds what it held before a replace of it was killed halfway"
+        with pytest.raises(error, match=re.escape(f"{said}: move it back (mv {old} {out})")):
             read(out)
 
 
