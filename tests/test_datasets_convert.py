@@ -510,6 +510,13 @@ def test_a_stray_quote_in_a_movielens_csv_loses_its_own_line_only(tmp_path: Path
     err = capsys.readouterr().err
     for where in ("ratings.csv:52:", "ratings.csv:92:", "movies.csv:3:"):
         assert f"{where} a quote (\") it does not close; line skipped" in err
+    # Two quotes on the line, one within a field (a character) and one opening the next: the
+    # opened field ran on to the file's end, and 39 ratings went with it, said as 1 line.
+    ratings[50], ratings[90] = '7,2"x,"4.0,1070', '9,30,"4.0",1090'
+    (src / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(ratings) + "\n")
+    spec = convert("movielens", src, tmp_path / "even", target="rating")
+    assert sum(spec.rows.values()) == len(ratings) - 1  # a quoted field closed on its own line is no error
+    assert 'ratings.csv:52: a quote (") that opens a field it does not close; line skipped' in capsys.readouterr().err
     header = "userId,movieId,rating,timestamp,rating"
     (src / "ratings.csv").write_text(header + "\n" + "\n".join(r + ",1" for r in ratings) + "\n")
     with pytest.raises(DataError, match=r"ratings\.csv:1: the header names column 'rating' twice"):

@@ -18,6 +18,7 @@ movie's year and genres, and every row carries `item_frequency` (see schema.ITEM
 from __future__ import annotations
 
 import codecs
+import csv
 import io
 import os
 import sys
@@ -508,12 +509,29 @@ def _without_unclosed_quotes(data: bytes, first_line: int, malformed: Malformed)
     one malformed record: a thousand lines lost, one reported."""
     buf = np.frombuffer(data, dtype=np.uint8)
     starts, ends = line_bounds(buf)
-    line_of_quote = np.searchsorted(ends, np.flatnonzero(buf == ord('"')))
+    quotes = np.flatnonzero(buf == ord('"'))
+    line_of_quote = np.searchsorted(ends, quotes)
     odd = np.flatnonzero(np.bincount(line_of_quote, minlength=len(ends)) % 2)
-    if not odd.size:
+    # A quote opens a quoted field only at a field's start (elsewhere it is a character): a line
+    # with an even count, `2"x,"4.0`, still left one open, which ran on to the file's end.
+    opens = (quotes == starts[line_of_quote]) | (buf[np.maximum(quotes - 1, 0)] == ord(","))
+    opening = np.setdiff1d(np.unique(line_of_quote[opens]), odd)
+    unclosed = np.array([i for i in opening if not _closes_its_quotes(data[starts[i]:ends[i]])], dtype=np.int64)
+    bad = np.union1d(odd, unclosed).astype(np.int64)
+    if not bad.size:
         return data
-    malformed.report(first_line + odd, lambda _: "a quote (\") it does not close")
-    return emptied(data, starts, ends, odd)
+    malformed.report(first_line + bad, lambda k: "a quote (\") it does not close" if bad[k] in odd else
+                     "a quote (\") that opens a field it does not close")
+    return emptied(data, starts, ends, bad)
+
+
+def _closes_its_quotes(line: bytes) -> bool:
+    """Whether every quoted field of the csv `line` closes on it, as the csv parser reads quotes."""
+    try:
+        next(csv.reader([line.decode("utf-8", "replace").rstrip("\r")], strict=True))
+    except csv.Error:
+        return False
+    return True
 
 
 def _record_lines(data: bytes) -> np.ndarray:
