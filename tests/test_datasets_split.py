@@ -193,6 +193,20 @@ def test_official_split_needs_ml100k_and_its_files(ml1m_dir: Path, tmp_path: Pat
     src = _ml100k(tmp_path / "ml-100k")
     with pytest.raises(DataError, match=r"u2\.base: missing from the MovieLens folder"):
         convert("movielens", src, tmp_path / "b", split="u2")
+    # A folder or a pipe where a split's file goes was "missing" too, as a release file's is not.
+    (src / "u2.base").mkdir()
+    with pytest.raises(DataError, match=r"u2\.base: not a regular file \(a folder, a pipe or a broken link\)"):
+        convert("movielens", src, tmp_path / "c", split="u2")
+
+
+def test_a_folder_of_two_releases_is_refused(ml1m_dir: Path, tmp_path: Path) -> None:
+    # ML-100K's u.data beside ML-1M's ratings.dat: the first found was converted, the other left out unsaid.
+    src = _ml100k(tmp_path / "mix")
+    for name in ("ratings.dat", "users.dat", "movies.dat"):
+        (src / name).write_bytes((ml1m_dir / name).read_bytes())
+    with pytest.raises(DataError, match=rf"^{src}: holds the ratings of 2 MovieLens releases "
+                                        r"\(u\.data, ratings\.dat\); give a folder of one release$"):
+        convert("movielens", src, tmp_path / "out")
 
 
 def test_cli_split_and_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -200,12 +200,18 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
     """official: an OFFICIAL_SPLITS name, whose base/test files then replace u.data."""
     if not src.is_dir():
         raise DataError(f"{src}: not a directory (give the unpacked MovieLens folder)")
-    for name in _RELEASE_FILES:
+    split_files = [f"{official}.{part}" for part in ("base", "test")] if official is not None else []
+    for name in (*_RELEASE_FILES, *split_files):
         # Else taken for a file the release lacks: "no u.data, ratings.dat or ratings.csv: not a
         # MovieLens release folder" of a folder whose ratings.dat was a broken link.
         if os.path.lexists(src / name) and not (src / name).is_file():
             raise DataError(f"{src / name}: not a regular file (a folder, a pipe or a broken link); MovieLens reads "
                             "it as one")
+    ratings = [name for name in _RATINGS_FILES if (src / name).is_file()]
+    if len(ratings) > 1:
+        # Each marks a release of its own: one was converted, the other left out unsaid.
+        raise DataError(f"{src}: holds the ratings of {len(ratings)} MovieLens releases ({', '.join(ratings)}); "
+                        "give a folder of one release")
     if official is not None and not (src / "u.data").is_file():
         raise DataError(f"{src}: split {official!r} needs MovieLens-100K's {official}.base and "
                         f"{official}.test; this folder has no u.data, so it is no ML-100K release")
@@ -224,6 +230,7 @@ def load_release(src: Path, malformed: Malformed, official: str | None = None) -
 # The files of the releases this converter reads (ML-100K, ML-1M, ML-10M, the csv ones).
 _RELEASE_FILES = ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat", "tags.dat", "ratings.csv",
                   "movies.csv")
+_RATINGS_FILES = ("u.data", "ratings.dat", "ratings.csv")  # one per release: ML-100K's, ML-1M/10M's, the csv ones
 
 
 def _say_unlisted(release: Release, src: Path, strict: bool) -> None:
