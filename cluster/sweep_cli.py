@@ -170,7 +170,7 @@ def sweep_merge(args: argparse.Namespace) -> int:
     from embshard.cluster.run_lock import folder_lock
     from embshard.cluster.sweep_report import REPORT_SUFFIXES, check_report, merge_reports, report_file
     from embshard.datasets.outdir import check_not_in_sealed
-    from embshard.datasets.storage import RemotePath, location
+    from embshard.datasets.storage import RemotePath, location, read_json
     from embshard.errors import DataError, EnvironmentProblem
 
     out = location(args.out)
@@ -187,8 +187,10 @@ def sweep_merge(args: argparse.Namespace) -> int:
     reports: dict[str, dict[str, Any]] = {}
     for name, path in sources.items():
         try:
-            reports[name] = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            # Duplicate keys (one value read, another edited in) and nesting deeper than the
+            # parser follows are refused there: the first merged the value JSON readers differ on.
+            reports[name] = read_json(path, DataError)
+        except OSError as e:
             raise DataError(f"{path}: not a sweep report ({e})") from e
         check_report(reports[name], str(path))
     if any(out.resolve() == path.parent.resolve() for path in sources.values()):

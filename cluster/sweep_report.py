@@ -415,8 +415,11 @@ _OPTIONAL_TOP: dict[str, Callable[[Any], bool]] = {
         v is None or isinstance(v, dict) for k, v in x.items() if k in _SECTIONS)),
     "configs_checked": lambda x: isinstance(x, bool),
     "datasets_checked": lambda x: isinstance(x, bool),
-    "planted": lambda x: isinstance(x, dict) and _named(x.get("ranks"), lambda r: _whole(r) and r > 0)
-    and isinstance(x.get("grid"), list) and all(_whole(w) and w > 0 for w in x["grid"])
+    # Ranks and a grid to compare them on: none of either was a ZeroDivisionError, or every width
+    # "within one step" of its rank.
+    "planted": lambda x: isinstance(x, dict) and bool(x.get("ranks")) and _named(x["ranks"], lambda r: _whole(r)
+                                                                                 and r > 0)
+    and isinstance(x.get("grid"), list) and bool(x["grid"]) and all(_whole(w) and w > 0 for w in x["grid"])
     and _finite(x.get("bayes_auc")) and (x.get("params") is None or _size(x["params"])),
 }
 

@@ -30,7 +30,7 @@ from embshard.cluster.sweep_report import metric_label
 from embshard.cluster.sweep_trial import run_trial
 from embshard.config import JobConfig, current_schema, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
-from embshard.datasets.storage import RemotePath, StoragePath, check_writable, write_whole
+from embshard.datasets.storage import RemotePath, StoragePath, check_writable, read_json, write_whole
 from embshard.errors import ConfigError, EmbshardError, Interrupted, first_line
 from embshard.typed_config import to_dict
 from embshard.units import duration_text
@@ -156,10 +156,9 @@ def _claim_folder(out: StoragePath, work: Path, spec: SweepSpec, cfg: JobConfig,
             raise ConfigError(f"--resume: {out} holds no sweep to resume (no {SPEC_FILE}); start the sweep afresh "
                               "with another --out")
         try:
-            record = json.loads(saved.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--resume: {saved}: not a sweep spec ({e}); start the sweep afresh with "
-                              f"another --out") from None
+            record = read_json(saved, ConfigError)  # an integer of 5,000 digits, nesting: one line each
+        except ConfigError as e:
+            raise ConfigError(f"--resume: {e}; start the sweep afresh with another --out") from None
         # The keys every spec has: --first-seed or --vary on a sweep started without them is another
         # sweep (said below), not a damaged spec file.
         required = ("methods", "budgets", "seeds")
@@ -272,15 +271,15 @@ def _check_tune_state(experiment: StoragePath) -> None:
     damaged, Tune started over with no trials and failed the same way at every resume; its
     variant generator's (a pickle), cut short by a full disk, restored every trial with no config,
     and each resume failed them all again ("KeyError: 'trial'")."""
-    def damaged(state: StoragePath, e: Exception) -> ConfigError:
-        return ConfigError(f"--resume: {state}: Ray Tune's state of the sweep is damaged ({first_line(e)}); start "
+    def damaged(state: StoragePath, why: str) -> ConfigError:
+        return ConfigError(f"--resume: {state}: Ray Tune's state of the sweep is damaged ({why}); start "
                            "the sweep afresh with another --out")
 
     for state in experiment.glob("experiment_state-*.json"):
         try:
-            json.loads(state.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise damaged(state, e) from None
+            read_json(state, ConfigError)
+        except ConfigError as e:
+            raise damaged(state, str(e).removeprefix(f"{state}: ")) from None
     # Tune reads the newest only, as it was saved: its own pickle, in the sweep's own folder.
     variants: list[StoragePath] = sorted(experiment.glob("basic-variant-state-*.json"), key=lambda p: p.name)
     if variants:
@@ -289,7 +288,7 @@ def _check_tune_state(experiment: StoragePath) -> None:
             if not isinstance(state, dict):
                 raise ValueError(f"a {type(state).__name__}, not Tune's state")
         except Exception as e:  # whatever a cut-short pickle raises
-            raise damaged(variants[-1], e) from None
+            raise damaged(variants[-1], first_line(e)) from None
 
 
 def _holds_anything(folder: StoragePath) -> bool:

@@ -632,7 +632,13 @@ def test_a_resume_must_be_the_sweep_it_resumes(tmp_path):
     # Damaged records: each was a traceback (JSONDecodeError, AttributeError) or a loop of resumes.
     saved = (out / "sweep-spec.json").read_text()
     record = json.loads(saved)
-    for damaged, why in ((saved[:40], r"not a sweep spec \(Expecting"),
+    for damaged, why in ((saved[:40], r"not JSON \(Expecting"),
+                         # Each was a traceback (ValueError, RecursionError).
+                         (saved.replace('"seeds": 1', '"seeds": 1' + "0" * 5000), r"not a file embshard writes "
+                                                                                   r"\(ValueError: Exceeds the limit"),
+                         ("[" * 100_000 + "]" * 100_000, r"not a file embshard writes \(nested deeper"),
+                         # Read as the last of the two, where other JSON readers take the first.
+                         (saved.replace('{"methods"', '{"seeds": 3, "methods"'), r"key 'seeds' given twice"),
                          ("[1, 2]", r"not a sweep spec \(expected an object"),
                          ("{}", r"not a sweep spec \(expected an object with methods"),
                          # Each was a TypeError traceback.
@@ -1007,12 +1013,23 @@ def test_sweep_merge_refuses_what_is_no_report_of_points_or_no_merge_of_its_own(
         # The report's own fields: TypeErrors, and a dataset name that became a path of the output.
         ({**good, "dataset_sha256": [1]}, r"dataset_sha256: \[1\]"),
         ({**good, "planted": 5}, r"planted: 5"),
+        # None to compare: a ZeroDivisionError, and an empty grid put every width "at rank".
+        ({**good, "planted": {"ranks": {}, "grid": [4], "bayes_auc": 0.8}}, r"planted: \{.*\}"),
+        ({**good, "planted": {"ranks": {"C1": 4}, "grid": [], "bayes_auc": 0.8}}, r"planted: \{.*\}"),
         ({**good, "dataset": "../../evil"}, r"dataset: '\.\./\.\./evil'"),
     ]
     for rep, message in cases:
         (bad / "sweep-tiny.json").write_text(json.dumps(rep))
         assert main(["sweep-merge", str(a), str(bad), "--out", str(tmp_path / "m")]) == 2
         assert re.search(rf"bad/sweep-tiny\.json: not a sweep report \({message}\)", capsys.readouterr().err)
+    # A value given twice was merged as Python reads it (the last); nesting deeper than the parser
+    # follows was a RecursionError traceback.
+    first = json.dumps(good).replace('"points": [{', '"points": [{"value": 0.99, ', 1)
+    for text, said in ((first, r"key 'value' given twice in one object"),
+                       ("[" * 100_000 + "]" * 100_000, r"not a file embshard writes \(nested deeper")):
+        (bad / "sweep-tiny.json").write_text(text)
+        assert main(["sweep-merge", str(a), str(bad), "--out", str(tmp_path / "m")]) == 2
+        assert re.search(rf"bad/sweep-tiny\.json: {said}", capsys.readouterr().err)
     # A folder whose spec is damaged, and an --out no report can go to: each was a traceback, or a
     # bare "File exists".
     (bad / "sweep-tiny.json").unlink()
