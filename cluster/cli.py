@@ -245,7 +245,8 @@ def _plan(args: argparse.Namespace) -> int:
     # with --overwrite); another file never.
     def check_out() -> None:
         check_file_output(out_dir / name, args.overwrite or args.out is None, "plan",
-                          lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError)
+                          lambda path: read_json_object(path, ("dimension_plan", "shard_plan"), PlanError), PlanError,
+                          plan_file=True)
 
     if args.out is None and not args.overwrite and (out_dir / name).exists() and _has_trained(cfg):
         raise PlanError(f"{out_dir / name}: the plan {cfg.output_dir} trained on (it holds the run's summary or "

@@ -32,8 +32,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from embshard.cluster import console, fatal
 from embshard.cluster.address import no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
-from embshard.cluster.run_lock import WORKERS_PLACED_FILE, owner_check, run_folder_holding, run_owner
-from embshard.config import RUN_PLAN_DIR, JobConfig, with_paths_resolved
+from embshard.cluster.run_lock import WORKERS_PLACED_FILE, owner_check, run_owner
+from embshard.config import JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
@@ -150,17 +150,13 @@ def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, ad
 
 
 def check_not_in_plan(cfg: JobConfig) -> None:
-    """ConfigError when checkpoint.dir lies in a run's plan folder, which every checkpoint of
-    that run copies: its own was copied into itself at the first save, a folder tree that deep,
-    and failed; another run's copied this run's lock file and steps into its checkpoints."""
+    """ConfigError when checkpoint.dir lies in the run's own plan folder, which every checkpoint
+    copies: it was copied into itself at the first save, a folder tree that deep, and failed.
+    (Another run's, marked as a run's, is sealed: `check_not_in_sealed`.)"""
     ckpt = cfg.checkpoint_dir
-    if not isinstance(ckpt, Path):
-        return
-    owner = run_folder_holding(ckpt.resolve())
-    for plan, whose in ((cfg.plan_dir, "the run's"), *([(owner / RUN_PLAN_DIR, "another run's")] if owner else [])):
-        if ckpt.resolve().is_relative_to(plan.resolve()):
-            raise ConfigError(f"checkpoint.dir {ckpt}: inside {whose} plan folder {plan}, which every checkpoint "
-                              "of that run copies; write the checkpoints elsewhere")
+    if isinstance(ckpt, Path) and ckpt.resolve().is_relative_to(cfg.plan_dir.resolve()):
+        raise ConfigError(f"checkpoint.dir {ckpt}: inside the run's plan folder {cfg.plan_dir}, which every checkpoint "
+                          "copies; write the checkpoints elsewhere")
 
 
 def resume_source(cfg: JobConfig) -> StoragePath | None:

@@ -38,9 +38,9 @@ from embshard.datasets.outdir import writer_lock
 from embshard.datasets.storage import RemotePath, location, nearest_existing
 from embshard.errors import ConfigError, EmbshardError, EnvironmentProblem
 from embshard.process_locks import holder_of, identity, locked, record_of
+from embshard.sealed_folders import RUN_MARKER
 
 LOCK_FILE = ".embshard-run.lock"
-RUN_MARKER = ".embshard-run"
 _MARKER_TEXT = "This folder is an embshard run's output_dir: its runs write and replace files here.\n"
 
 # What embshard wrote into an output_dir before runs marked theirs: such a folder is taken as a

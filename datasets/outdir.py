@@ -60,7 +60,15 @@ from embshard.datasets.storage import (
 )
 from embshard.errors import DataError, EmbshardError, EnvironmentProblem, Interrupted
 from embshard.process_locks import locked, locked_folder
-from embshard.sealed_folders import CHECKPOINT_KEYS, CHECKPOINT_MANIFEST, SERVING_KEYS, SERVING_MANIFEST, is_step_name
+from embshard.sealed_folders import (
+    CHECKPOINT_KEYS,
+    CHECKPOINT_MANIFEST,
+    RUN_MARKER,
+    RUN_PLAN_DIR,
+    SERVING_KEYS,
+    SERVING_MANIFEST,
+    is_step_name,
+)
 from embshard.stops import stops_held
 
 
@@ -104,12 +112,14 @@ DATASET = Replaceable("dataset", SPEC_FILE, dataset_holds, DatasetSpec.load)
 
 
 def check_not_in_sealed(out: StoragePath, what: str, error: type[EmbshardError] = DataError,
-                        itself: bool = False) -> None:
+                        itself: bool = False, plan_file: bool = False) -> None:
     """Raises when `out` lies inside a folder that holds its writer's files alone (or, with
-    `itself`, is one): a dataset, a checkpoint's step, an export. In a dataset a folder is no part
+    `itself`, is one): a dataset, a checkpoint's step, an export, a run's plan folder (unless `out`
+    is a `plan_file`, which is the plan folder's own). In a dataset a folder is no part
     of it, which `--overwrite` then never replaces ('holds 'sub', which no dataset holds'), and
     inside a split it sits among the part files; a plan written into a checkpoint's step replaced
-    its plan.json, and the step never verified again."""
+    its plan.json, and the step never verified again; an export in a run's plan folder was copied
+    into each of its checkpoints."""
     folders: list[StoragePath] = []
     if isinstance(out, RemotePath):
         prefix = out if itself else out.parent
@@ -122,7 +132,7 @@ def check_not_in_sealed(out: StoragePath, what: str, error: type[EmbshardError] 
         for path in dict.fromkeys([Path(os.path.normpath(out.absolute())), out.resolve()]):
             folders += [path, *path.parents] if itself else list(path.parents)
     for folder in folders:
-        sealed = _sealed_as(folder)
+        sealed = _sealed_as(folder, plan_file)
         if sealed:
             where = out.absolute() if isinstance(out, Path) else out
             raise error(f"{what} {where}: inside the {sealed} {folder}, which holds its own files alone; "
@@ -142,12 +152,15 @@ def _check_not_a_step(out: StoragePath, error: type[EmbshardError]) -> None:
                     "saving there would take it for one and delete it; name it otherwise or write it elsewhere")
 
 
-def _sealed_as(folder: StoragePath) -> str | None:
+def _sealed_as(folder: StoragePath, plan_file: bool = False) -> str | None:
     """What `folder` is, if it holds its writer's files alone: a step by its name, or by its
-    manifest where it was copied out of its run. Another tool's dataset.json, manifest.json or
-    serving.json, or a damaged one, is not ours to keep whole."""
+    manifest where it was copied out of its run; a run's plan folder, except to a `plan_file`.
+    Another tool's dataset.json, manifest.json or serving.json, or a damaged one, is not ours to
+    keep whole."""
     if is_step_name(folder.name):
         return "checkpoint step"
+    if not plan_file and folder.name == RUN_PLAN_DIR and (folder.parent / RUN_MARKER).is_file():
+        return "plan folder of a run (every checkpoint of that run copies it)"
     for marker, what, read in ((SPEC_FILE, "dataset", DatasetSpec.load),
                                (CHECKPOINT_MANIFEST, "checkpoint step", lambda f: read_json_object(
                                    f / CHECKPOINT_MANIFEST, CHECKPOINT_KEYS, DataError)),
@@ -255,13 +268,15 @@ def _check_creatable(out: Path, error: type[EmbshardError]) -> None:
 
 
 def check_file_output(path: Path, overwrite: bool, what: str, read: Callable[[Path], object],
-                      error: type[EmbshardError] = DataError, ours: Callable[[object], bool] | None = None) -> None:
+                      error: type[EmbshardError] = DataError, ours: Callable[[object], bool] | None = None,
+                      plan_file: bool = False) -> None:
     """Before a run that ends by writing the file `path` (a plan, a decisions file): it must be
     absent, or (with overwrite, or where `ours` says of what `read` returned that this very run
-    wrote it) a `what` already, which `read` checks. A file of another kind is never replaced."""
+    wrote it) a `what` already, which `read` checks. A file of another kind is never replaced.
+    `plan_file`: a plan's, which a run's plan folder takes."""
     if path.is_dir():
         raise error(f"{path}: a directory; give the path of a file to write the {what} to")
-    check_not_in_sealed(path, what, error)
+    check_not_in_sealed(path, what, error, plan_file=plan_file)
     if path.is_symlink():
         # Renamed over, the link became a file of its own (a dangling one without --overwrite).
         raise error(f"{path}: a symbolic link; give the file it points to ({path.resolve()})")

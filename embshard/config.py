@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from embshard.errors import ConfigError
 from embshard.planner.rounding import MAX_DIM, RoundingRule, width_problem
+from embshard.sealed_folders import RUN_PLAN_DIR
 from embshard.typed_config import flatten, from_dict, load_yaml, to_dict, unflatten
 
 if TYPE_CHECKING:
@@ -499,7 +500,6 @@ class CheckpointConfig:
 # The most ranks a job plans for and trains on: TorchRec's planner takes time in proportion to the
 # ranks (8 s for 65,536 on one CPU core of the default config), so a typo's 100,000,000 planned for hours.
 MAX_WORLD_SIZE = 65_536
-RUN_PLAN_DIR = "plan"  # a run's plan folder, in its output_dir
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The names that make a folder one that holds what its writer put there alone: a checkpoint's
-step (checked file by file against its manifest) and an export. Torch-free, so that every
-command's output check (`datasets/outdir.py`) knows them without loading the trainer."""
+step (checked file by file against its manifest), an export, and a run's plan folder (which each
+of its checkpoints copies). Torch-free, so that every command's output check
+(`datasets/outdir.py`) knows them without loading the trainer."""
 
 from __future__ import annotations
 
@@ -17,3 +18,5 @@ STEP_FOLDER_BEING_WRITTEN = re.compile(r"^step-(\d{6,})\.tmp$")
 def is_step_name(name: str) -> bool:
     """The name of a step's folder in a checkpoint directory, complete or being written."""
     return bool(STEP_FOLDER.match(name) or STEP_FOLDER_BEING_WRITTEN.match(name))
+RUN_MARKER = ".embshard-run"  # in a folder a run took as its output_dir (cluster/run_lock.py)
+RUN_PLAN_DIR = "plan"  # a run's plan folder, in its output_dir

@@ -420,7 +420,8 @@ def test_checkpoint_dir_inside_a_step_a_dataset_or_the_plan_is_refused(dataset, 
                         (dataset, f"inside the dataset {dataset}"),
                         (Path(cfg.plan_dir) / "ck", f"inside the run's plan folder {cfg.plan_dir}"),
                         # Another run's, while it trained: its checkpoints copied this run's lock and steps.
-                        (Path(other.plan_dir) / "ck", f"inside another run's plan folder {other.plan_dir}")):
+                        (Path(other.plan_dir) / "ck", f"inside the plan folder of a run (every checkpoint of that "
+                                                      f"run copies it) {other.plan_dir}")):
         with pytest.raises(ConfigError, match=rf"^checkpoint\.dir {re.escape(str(where))}: {re.escape(said)}"):
             plan_for_training(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(where))))
     assert not (step / "sub").exists()

@@ -274,3 +274,27 @@ def test_a_file_where_a_run_s_folder_goes_is_said_as_such(tmp_path, capsys) -> N
             f"embshard: error: {run / name}: a file is there, not a folder; a run writes its {name} folder there: "
             "move the file away, or give the run another output_dir"]
         assert sorted(p.name for p in run.iterdir()) == [name]
+
+
+def test_nothing_but_a_plan_goes_into_a_runs_plan_folder(tmp_path) -> None:
+    # An export there was copied into each of the run's checkpoints (its whole weights, every step).
+    from embshard.cluster.run_lock import run_lock
+    from embshard.config import JobConfig
+    from embshard.datasets.outdir import check_file_output, check_output
+    from embshard.datasets.synth import synthesize
+    from embshard.errors import DataError
+    from embshard.trainer.export import EXPORT, ExportError
+
+    run = tmp_path / "run"
+    with run_lock(JobConfig(output_dir=str(run))):
+        (run / "plan").mkdir()  # a run's folder, marked as it wrote there
+    said = re.escape(f"{run / 'plan'}, which holds its own files alone; write it elsewhere")
+    with pytest.raises(ExportError, match=rf"--out {re.escape(str(run / 'plan' / 'x'))}: inside the plan folder "
+                                          rf"of a run \(every checkpoint of that run copies it\) {said}"):
+        check_output(run / "plan" / "x", False, EXPORT)
+    with pytest.raises(DataError, match=said):
+        synthesize(run / "plan" / "data", rows=100, max_cardinality=10)
+    with pytest.raises(DataError, match=said):  # a decisions file would ride along too
+        check_file_output(run / "plan" / "decisions.json", False, "decisions file", lambda p: None)
+    check_file_output(run / "plan" / "plan.json", False, "plan", lambda p: None, plan_file=True)  # its own
+    check_output(run / "elsewhere", False, EXPORT)
