@@ -26,6 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from embshard.datasets.outdir import written_whole_by_its_end
     from embshard.trainer.export import (  # torch/TorchRec load only for this verb
         export_serving,
         read_manifest,
@@ -33,11 +34,13 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_serving(args.checkpoint, args.out, overwrite=args.overwrite)
     assert out is not None  # a checkpoint exports in this one process
-    # The step, not only the folder: a checkpoint directory exports its newest good step, which
-    # is not the newest one when that is damaged.
-    manifest = read_manifest(out)
-    # Whether raw values can go in: a synth dataset's export takes ids alone.
-    values = (f"it takes raw values of {len(manifest.vocabularies)} features (vocab/)" if manifest.vocabularies
-              else "it takes the dataset's ids (the dataset keeps no raw values)")
-    print(f"serving model of {manifest.source} written to {out}; {values}")
+    # The export is in place: a stop as its line is made was "interrupted", exit 130, of it.
+    with written_whole_by_its_end(out):
+        # The step, not only the folder: a checkpoint directory exports its newest good step, which
+        # is not the newest one when that is damaged.
+        manifest = read_manifest(out)
+        # Whether raw values can go in: a synth dataset's export takes ids alone.
+        values = (f"it takes raw values of {len(manifest.vocabularies)} features (vocab/)" if manifest.vocabularies
+                  else "it takes the dataset's ids (the dataset keeps no raw values)")
+        print(f"serving model of {manifest.source} written to {out}; {values}")
     return 0

@@ -631,18 +631,27 @@ def _replace_folder(staging: Path, out: StoragePath, marker: str) -> None:
     _held_replace(out, swap)
 
 
+@contextlib.contextmanager
+def written_whole_by_its_end(out: StoragePath) -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM) during the block is held until it ends, which leaves `out` written
+    whole, and is then said as that (Interrupted, exit 130): "interrupted" alone was said of a
+    dataset or export in place, and a user took it for lost."""
+    try:
+        with stops_held():
+            yield
+    except KeyboardInterrupt:  # the held stop
+        raise Interrupted(f"stopped once {out} was written whole") from None
+
+
 def _held_replace(out: Path, move: Callable[[], Path | None]) -> None:
     """Runs `move`, which puts the new contents at `out` and returns the folder of what `out` held
     before (None: nothing), then removes that folder. A stop during either waits for them: one in
     the removal left half of the old folder behind, unsaid (a removal takes seconds, even of a
     large dataset), and one as a new folder was renamed into place said "interrupted" of it."""
-    try:
-        with stops_held():
-            old = move()
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    except KeyboardInterrupt:  # the held stop: it said "interrupted" of a dataset written whole
-        raise Interrupted(f"stopped once {out} was written whole") from None
+    with written_whole_by_its_end(out):
+        old = move()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     if old is not None and old.exists():
         print(f"warning: {old}: could not remove what {out} held before; delete it by hand", file=sys.stderr)
 

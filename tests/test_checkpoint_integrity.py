@@ -546,3 +546,31 @@ def test_a_manifest_listing_a_file_outside_its_step_does_not_verify(tmp_path, na
     with pytest.raises(DamagedCheckpoint, match=rf"^{MANIFEST} lists {re.escape(repr(name))}, which names no file "
                                                 "of this step$"):
         verify(step)
+
+
+@pytest.mark.usefixtures("process_group", "python_ctrl_c")
+def test_a_stop_once_the_export_is_in_place_says_so(dataset, tmp_path, monkeypatch, capsys):
+    # Ctrl-C as the export's line was made: "embshard: interrupted", exit 130, of an export written whole.
+    import os
+    import signal
+
+    from embshard.cluster.cli import main
+    from embshard.trainer import export
+
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    run_worker(cfg)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the loop's stays, as in a worker process
+    read_manifest = export.read_manifest
+
+    def stopped_as_it_is_read(directory):
+        os.kill(os.getpid(), signal.SIGINT)
+        return read_manifest(directory)
+
+    monkeypatch.setattr(export, "read_manifest", stopped_as_it_is_read)
+    out = tmp_path / "serving"
+    assert main(["export", str(cfg.checkpoint_dir), "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == f"embshard: stopped once {out} was written whole"
+    assert f"written to {out}" in captured.out
+    monkeypatch.undo()
+    assert read_manifest(out).weights == "weights.pt"
