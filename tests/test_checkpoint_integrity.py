@@ -574,3 +574,36 @@ def test_a_stop_once_the_export_is_in_place_says_so(dataset, tmp_path, monkeypat
     assert f"written to {out}" in captured.out
     monkeypatch.undo()
     assert read_manifest(out).weights == "weights.pt"
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_step_whose_manifest_or_progress_holds_no_counts_is_damaged(dataset, tmp_path, capsys):
+    # A manifest size of 1e999 was an OverflowError traceback out of every resume and export. A
+    # progress.json of step -5 (its hash made again) resumed at -5, and its folder's name kept it
+    # the newest: each later run resumed it again and pruned the steps it had trained since.
+    from embshard.trainer.checkpoint import problem
+
+    cfg = job(dataset, tmp_path / "run", max_steps=8)
+    run_worker(cfg)
+    newest, older = complete_checkpoints(cfg.checkpoint_dir)
+    manifest = (newest / MANIFEST).read_text()
+    progress = json.loads((newest / "progress.json").read_text())
+    assert progress["step"] == 8
+    for edit, why in (
+        (lambda: (newest / MANIFEST).write_text(re.sub(r'"bytes": \d+', '"bytes": 1e999', manifest, count=1)),
+         r"unreadable manifest\.json \(ValueError: a file's entry \{'bytes': inf"),
+        (lambda: (newest / "progress.json").write_text(json.dumps({**progress, "step": -5})),
+         r"progress\.json: step -5 is no count of at least 0"),
+        (lambda: (newest / "progress.json").write_text(json.dumps({**progress, "step": 4})),
+         r"progress\.json is of step 4, manifest\.json of step 8"),
+        (lambda: (newest / "progress.json").write_text(json.dumps({**progress, "world_size": 0})),
+         r"progress\.json: world_size 0 is no count of at least 1")):
+        (newest / MANIFEST).write_text(manifest)
+        edit()
+        if not (newest / MANIFEST).read_text().count("1e999"):
+            rehash(newest, "progress.json")  # as one who rewrote the step would
+        assert re.match(why, problem(newest) or "")
+    # Resumed, the run sets it aside and goes on from the older step.
+    resumed = run_worker(replace(cfg, train=replace(cfg.train, max_steps=12)))
+    assert resumed["resumed_from"] == str(older)
+    assert "progress.json: world_size 0 is no count" in capsys.readouterr().out

@@ -60,6 +60,7 @@ from embshard.sealed_folders import STEP_FOLDER, STEP_FOLDER_BEING_WRITTEN
 from embshard.sharding.mlet import is_mlet_w2
 from embshard.trainer.checkpoint_integrity import (
     MANIFEST,
+    PROGRESS,
     RankFailure,
     SafeLoadPlanner,
     checkpoint_reader,
@@ -73,7 +74,6 @@ from embshard.trainer.checkpoint_integrity import (
 
 log = logging.getLogger(__name__)
 
-PROGRESS = "progress.json"
 CONFIG = "config.json"
 PLAN_DIR = "plan"
 DAMAGED_SUFFIX = ".damaged"

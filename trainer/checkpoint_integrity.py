@@ -37,9 +37,10 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from embshard.datasets.storage import StoragePath, relative, storage_failure
 from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line, version_mismatch
-from embshard.sealed_folders import CHECKPOINT_MANIFEST
+from embshard.sealed_folders import CHECKPOINT_MANIFEST, STEP_FOLDER
 
 MANIFEST = CHECKPOINT_MANIFEST
+PROGRESS = "progress.json"  # the step's Progress (trainer/checkpoint.py)
 # 1: sizes only (older checkpoints; accepted, verified by size); 2: sizes and SHA-256.
 MANIFEST_VERSION = 2
 _CHUNK = 1 << 20  # bytes read per hashing call: large enough to be I/O bound, small in memory
@@ -171,10 +172,8 @@ def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
         if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
             # Not damaged: set aside as such, the run went on from an older step, or from scratch.
             raise NewerCheckpoint(f"{path}: {version_mismatch(version, MANIFEST_VERSION)}")
-        files = raw["files"]
-        entries = {name: FileEntry(entry, None) if isinstance(entry, int) else
-                   FileEntry(int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        entries = {name: _file_entry(entry) for name, entry in raw["files"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise DamagedCheckpoint(f"unreadable {MANIFEST} ({type(e).__name__}: {e})") from None
     for name in entries:
         # Read as listed, `../step-8/x` vouched for another step's file, and in a bucket was
@@ -182,6 +181,45 @@ def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
         if not name or "\\" in name or name.startswith("/") or {"", ".", ".."} & set(name.split("/")):
             raise DamagedCheckpoint(f"{MANIFEST} lists {name!r}, which names no file of this step")
     return entries
+
+
+def _file_entry(entry: Any) -> FileEntry:
+    """A manifest's record of one file: its size (a version-1 manifest's whole record) and hash.
+    Counts only: `1e999` was an OverflowError traceback out of every resume and export."""
+    if _count(entry):
+        return FileEntry(entry, None)
+    if isinstance(entry, dict) and _count(entry.get("bytes")) and isinstance(entry.get("sha256"), str):
+        return FileEntry(entry["bytes"], entry["sha256"])
+    raise ValueError(f"a file's entry {entry!r:.80} is no size and sha256")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_progress(folder: StoragePath) -> None:
+    """DamagedCheckpoint unless the step's progress.json holds counts, and the step its folder's
+    name and its manifest give: read as it was, a step of -5 in step-000018 resumed at -5, and
+    its folder's name kept it the newest, so each later run resumed it and pruned the newer
+    steps."""
+    try:
+        progress = json.loads((folder / PROGRESS).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DamagedCheckpoint(f"unreadable {PROGRESS} ({type(e).__name__}: {e})") from None
+    if not isinstance(progress, dict):
+        raise DamagedCheckpoint(f"{PROGRESS} holds no object")
+    least = {"step": 0, "epoch": 0, "samples": 0, "batch_size": 0, "world_size": 1}
+    bad = [key for key, low in least.items() if key in progress
+           and not (_count(progress[key]) and progress[key] >= low)]
+    if bad:
+        raise DamagedCheckpoint(f"{PROGRESS}: {bad[0]} {progress[bad[0]]!r:.40} is no count of at least "
+                                f"{least[bad[0]]}")
+    named = STEP_FOLDER.match(folder.name)
+    for step, where in ((manifest.get("step") if isinstance(manifest, dict) else None, MANIFEST),
+                        (int(named[1]) if named else None, "its folder's name")):
+        if step is not None and step != progress.get("step", 0):
+            raise DamagedCheckpoint(f"{PROGRESS} is of step {progress.get('step', 0)}, {where} of step {step}")
 
 
 class DamagedCheckpoint(EmbshardError):
@@ -226,6 +264,7 @@ def verify(folder: StoragePath, read: Callable[[str], bool] | None = None, prese
     files = check_layout(folder)
     wanted = [name for name in files if read is None or read(name)]
     check_contents(folder, files, [*wanted, *(name for name in present if name not in wanted)])
+    check_progress(folder)
 
 
 def unusable(folder: StoragePath, check: Callable[[], None]) -> str | None:
@@ -261,6 +300,7 @@ def verify_collective(folder: StoragePath) -> str | None:
     def layout_and_hashes() -> None:
         files = check_layout(folder)
         check_contents(folder, files, _my_share(sorted(files)))
+        check_progress(folder)
 
     def check() -> None:
         nonlocal why
