@@ -101,9 +101,16 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         with_checkpoint_config(cfg, source, adopt=False, method=method)
         bundle = plan_from_checkpoint(cfg, source)
         made_for = f"{source} (resumed)"
+        if cfg.sharding.plan_file:
+            check_plan_file_resumed(cfg, bundle, source)
     elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
         made_for = f"sharding.plan_file {cfg.sharding.plan_file}"
+        refused = disallowed_sharding(bundle, cfg.sharding.sharding_types)
+        if refused:
+            # Trained as the plan file says, the types the config forbids, without a word.
+            raise PlanError(f"{made_for}: {refused[0]} is sharded {refused[1]}, which sharding.sharding_types "
+                            f"{cfg.sharding.sharding_types} does not allow; plan it again with them (`embshard plan`)")
         if bundle.dimension_plan.base_dim != cfg.embeddings.dim:
             # Trained as the plan says, but recorded in every checkpoint as the config says.
             raise PlanError(f"{made_for}: a plan for embeddings.dim {bundle.dimension_plan.base_dim}, "
@@ -198,6 +205,30 @@ def check_replaces_no_run(cfg: JobConfig, overwrite: bool) -> None:
                       "replace it")
 
 
+def disallowed_sharding(bundle: PlanBundle, allowed: list[str] | None) -> tuple[str, str] | None:
+    """(table, sharding type) of the first table `bundle` shards in a way `allowed` (the config's
+    sharding.sharding_types; None: any) does not take, else None."""
+    return next(((name, ps.sharding_type) for name, ps in bundle.shard_plan.sharding.items()
+                 if allowed is not None and ps.sharding_type not in allowed), None)
+
+
+def check_plan_file_resumed(cfg: JobConfig, resumed: PlanBundle, checkpoint: StoragePath) -> None:
+    """A resume trains its checkpoint's plan (`resumed`): PlanError where sharding.plan_file holds
+    other widths or rows (it was not trained, without a word), a note where only its shard layout
+    differs on the same topology (a resume keeps the checkpoint's)."""
+    given = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
+    plan, theirs = given.dimension_plan, resumed.dimension_plan
+    if (plan.base_dim, plan.tables, plan.uniform_width) != (theirs.base_dim, theirs.tables, theirs.uniform_width):
+        raise PlanError(f"sharding.plan_file {cfg.sharding.plan_file}: another plan than the one {checkpoint} trained, "
+                        "which its resume trains; drop sharding.plan_file to resume, or give a new output_dir to "
+                        "train that plan")
+    if given.shard_plan.topology == resumed.shard_plan.topology and given.shard_plan.sharding != \
+            resumed.shard_plan.sharding:
+        print(f"note: sharding.plan_file {cfg.sharding.plan_file}: its shard layout is not the one {checkpoint} "
+              "trained, which the resume keeps (a resume lays the tables out again only for another topology "
+              "or sharding.sharding_types)", file=sys.stderr)
+
+
 def plan_from_checkpoint(cfg: JobConfig, checkpoint: StoragePath) -> PlanBundle:
     """The checkpoint's DimensionPlan (dims, remaps), sharded for this run's topology.
 
@@ -209,9 +240,7 @@ def plan_from_checkpoint(cfg: JobConfig, checkpoint: StoragePath) -> PlanBundle:
     topology = cfg.sharding.topology(cfg.cluster.workers)
     # A config that allows other sharding types than the checkpoint's plan has was trained on the
     # checkpoint's types without a word (row_wise on a CPU, which `plan` refuses, included).
-    allowed = cfg.sharding.sharding_types
-    obeys = allowed is None or all(ps.sharding_type in allowed for ps in bundle.shard_plan.sharding.values())
-    if bundle.shard_plan.topology != topology or not obeys:
+    if bundle.shard_plan.topology != topology or disallowed_sharding(bundle, cfg.sharding.sharding_types):
         bundle = shard_dimension_plan(
             bundle.dimension_plan, load_profile(cfg.data.path), topology, cfg.plan_dir, **sharding_options(cfg)
         )

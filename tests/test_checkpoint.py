@@ -25,6 +25,7 @@ from embshard.config import (
     DataConfig,
     EmbeddingsConfig,
     JobConfig,
+    MdeConfig,
     MletConfig,
     TrainConfig,
 )
@@ -456,3 +457,31 @@ def test_a_parameter_without_optimizer_state_at_the_save_resumes_with_none_besid
     state = {tuple(p.shape): s for p, s in fresh.state.items()}
     assert set(state) == {(3,)}  # as saved: `b` resumes with no state, `a` with its own
     assert torch.equal(state[(3,)]["exp_avg"], optimizer.state[model["a"]]["exp_avg"])
+
+
+def test_a_resume_refuses_a_plan_file_it_would_not_train(dataset, tmp_path, capsys):
+    # A resume trains its checkpoint's plan: sharding.plan_file was passed over without a word.
+    from embshard.errors import PlanError
+    from embshard.planner.pipeline import make_plan
+    from embshard.planner.topology import TopologySpec
+
+    cfg = job(dataset, tmp_path / "run", max_steps=4)
+    run_worker(cfg)
+    options = {"batch_size": cfg.data.batch_size, "optimizer": cfg.train.sparse_optimizer}
+
+    def resumed_with(plan: Path) -> None:
+        plan_for_training(replace(cfg, sharding=replace(cfg.sharding, plan_file=str(plan))))
+
+    shutil.copytree(cfg.plan_dir, tmp_path / "same")
+    resumed_with(tmp_path / "same" / "plan.json")  # the plan it started with: resumed as ever
+    assert "note: sharding.plan_file" not in capsys.readouterr().err
+    mde = EmbeddingsConfig(policy="mde", dim=cfg.embeddings.dim, mde=MdeConfig(alpha=0.4, mode="within", blocks=3))
+    make_plan(mde, dataset, TopologySpec(1, "cpu"), tmp_path / "mde", **options).save()
+    with pytest.raises(PlanError, match=rf"^sharding\.plan_file {tmp_path / 'mde' / 'plan.json'}: another plan than "
+                                        rf"the one .*step-000004 trained, which its resume trains"):
+        resumed_with(tmp_path / "mde" / "plan.json")
+    # The same widths laid out otherwise on the same ranks: the resume keeps its own layout, and says so.
+    make_plan(cfg.embeddings, dataset, TopologySpec(1, "cpu"), tmp_path / "cw", sharding_types=["column_wise"],
+              **options).save()
+    resumed_with(tmp_path / "cw" / "plan.json")
+    assert "its shard layout is not the one" in capsys.readouterr().err

@@ -189,10 +189,14 @@ def test_a_plan_file_must_fit_the_data_the_dim_and_the_device(tmp_path, capsys):
     cfg.write_text(f"data:\n  path: {large}\nembeddings:\n  dim: 8\ncluster:\n  workers: 1\n"
                    f"output_dir: {tmp_path / 'run'}\n")
     for name, flags in (("small", ["--set", f"data.path={small}"]), ("cuda", ["--device", "cuda"]),
-                        ("same", [])):
+                        ("same", []), ("cw", ["--set", "sharding.sharding_types=[column_wise]"])):
         assert main(["plan", str(cfg), *flags, "--world-size", "1", "--out", str(tmp_path / f"{name}.json")]) == 0
     capsys.readouterr()
     for name, flags, message in (
+            # Trained column-wise where the config allows table-wise alone, without a word.
+            ("cw", ["--set", "sharding.sharding_types=[table_wise]"],
+             r"sharding\.plan_file .*cw\.json: t_C\d+ is sharded column_wise, which sharding\.sharding_types "
+             r"\['table_wise'\] does not allow; plan it again with them"),
             ("small", [], r"sharding\.plan_file .*small\.json on .*large: feature 'C\d+' takes [\d,]+ ids, "
                           r"table 't_C\d+' has 300 rows: the plan was made for other data"),
             ("same", ["--set", "embeddings.dim=16"], r"a plan for embeddings\.dim 8, the config has 16"),
