@@ -102,7 +102,7 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         bundle = plan_from_checkpoint(cfg, source)
         made_for = f"{source} (resumed)"
         if cfg.sharding.plan_file:
-            check_plan_file_resumed(cfg, bundle, source)
+            check_plan_file_resumed(cfg.sharding.plan_file, cfg, bundle, source)
     elif cfg.sharding.plan_file:
         bundle = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
         made_for = f"sharding.plan_file {cfg.sharding.plan_file}"
@@ -212,19 +212,19 @@ def disallowed_sharding(bundle: PlanBundle, allowed: list[str] | None) -> tuple[
                  if allowed is not None and ps.sharding_type not in allowed), None)
 
 
-def check_plan_file_resumed(cfg: JobConfig, resumed: PlanBundle, checkpoint: StoragePath) -> None:
-    """A resume trains its checkpoint's plan (`resumed`): PlanError where sharding.plan_file holds
-    other widths or rows (it was not trained, without a word), a note where only its shard layout
-    differs on the same topology (a resume keeps the checkpoint's)."""
-    given = PlanBundle.load(cfg.sharding.plan_file, cfg.train.sparse_optimizer)
+def check_plan_file_resumed(plan_file: str, cfg: JobConfig, resumed: PlanBundle, checkpoint: StoragePath) -> None:
+    """A resume trains its checkpoint's plan (`resumed`): PlanError where `plan_file` (the config's
+    sharding.plan_file) holds other widths or rows (it was not trained, without a word), a note
+    where only its shard layout differs on the same topology (a resume keeps the checkpoint's)."""
+    given = PlanBundle.load(plan_file, cfg.train.sparse_optimizer)
     plan, theirs = given.dimension_plan, resumed.dimension_plan
     if (plan.base_dim, plan.tables, plan.uniform_width) != (theirs.base_dim, theirs.tables, theirs.uniform_width):
-        raise PlanError(f"sharding.plan_file {cfg.sharding.plan_file}: another plan than the one {checkpoint} trained, "
+        raise PlanError(f"sharding.plan_file {plan_file}: another plan than the one {checkpoint} trained, "
                         "which its resume trains; drop sharding.plan_file to resume, or give a new output_dir to "
                         "train that plan")
     if given.shard_plan.topology == resumed.shard_plan.topology and given.shard_plan.sharding != \
             resumed.shard_plan.sharding:
-        print(f"note: sharding.plan_file {cfg.sharding.plan_file}: its shard layout is not the one {checkpoint} "
+        print(f"note: sharding.plan_file {plan_file}: its shard layout is not the one {checkpoint} "
               "trained, which the resume keeps (a resume lays the tables out again only for another topology "
               "or sharding.sharding_types)", file=sys.stderr)
 
