@@ -640,6 +640,10 @@ def test_settings_no_part_of_the_run_reads_are_said_in_the_plan(dataset, tmp_pat
     assert not any("embeddings.mde is read" in note for note in mde)
     # MDE within tables notes one or two roundings per block: the console shows ten (it printed 162).
     assert len(mde) == 11 and re.fullmatch(r"note: \d+ more in .*plan-\d+/plan.json \(`notes`\)", mde[-1])
+    # Blocks per table under one block per table, planned without a word.
+    across = notes("dlrm", "embeddings.policy=mde", "embeddings.mde.blocks=5")
+    assert ("note: embeddings.mde.blocks 5 is read in mode within only (mode is across: one block per table): it "
+            "changes nothing in this run") in across
 
 
 def test_the_gradient_check_takes_a_module_called_in_any_form() -> None:

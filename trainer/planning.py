@@ -173,7 +173,11 @@ def unread_settings(cfg: JobConfig, arch: ModelArch) -> list[str]:
             if getattr(cfg.model, name) != getattr(defaults, name):
                 notes.append(f"model.{name} {getattr(cfg.model, name)} is not read by model.arch {arch.name!r}: "
                              "it changes nothing in this run")
-    if cfg.embeddings.policy != "mde" and cfg.embeddings.mde != MdeConfig():
+    mde = cfg.embeddings.mde
+    if cfg.embeddings.policy != "mde" and mde != MdeConfig():
         notes.append(f"embeddings.mde is read by policy mde only (policy is {cfg.embeddings.policy}): "
                      "it changes nothing in this run")
+    elif mde.mode == "across" and mde.blocks != MdeConfig().blocks:
+        notes.append(f"embeddings.mde.blocks {mde.blocks} is read in mode within only (mode is across: one block per "
+                     "table): it changes nothing in this run")
     return notes
