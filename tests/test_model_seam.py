@@ -667,3 +667,33 @@ def test_the_gradient_check_takes_a_module_called_in_any_form() -> None:
     check = EmbeddingGradientCheck(unused, "mine")
     with pytest.raises(ConfigError, match=r"^model\.arch 'mine': the model did not call its embedding module"):
         check.on_step(StepInfo(1, 0, 1, 0.0, 0.0, None))
+
+
+def test_the_gradient_check_names_the_features_a_model_does_not_read() -> None:
+    # A user's model that read C1 and C2 of 26 features trained without the other 24, exit 0.
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from embshard.trainer.callbacks import StepInfo
+    from embshard.trainer.embedding_gradient import EmbeddingGradientCheck
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x: torch.Tensor) -> KeyedTensor:
+            return KeyedTensor(keys=["a", "b", "c"], length_per_key=[2, 2, 2], values=x @ self.table)
+
+    def first_step(loss_of) -> EmbeddingGradientCheck:
+        module = Pooled()
+        check = EmbeddingGradientCheck(module, "mine")
+        loss_of(module(torch.ones(3, 4)).to_dict()).backward()
+        return check
+
+    with pytest.raises(ConfigError, match=r"^model\.arch 'mine': the loss of the first training step does not depend "
+                                          r"on 2 of the 3 features the embedding module gave it \(b, c\), so their "
+                                          r"tables would be planned"):
+        first_step(lambda kt: kt["a"].sum()).on_step(StepInfo(1, 0, 1, 0.0, 0.0, None))
+    first_step(lambda kt: sum(v.sum() for v in kt.values())).on_step(StepInfo(1, 0, 1, 0.0, 0.0, None))
+    # Zero everywhere (a zero-initialised last layer): no feature is told apart, nothing is said.
+    first_step(lambda kt: 0 * sum(v.sum() for v in kt.values())).on_step(StepInfo(1, 0, 1, 0.0, 0.0, None))

@@ -139,7 +139,7 @@ def read_manifest(directory: StoragePath) -> ServingManifest:
     """The export's serving.json; ExportError unless it is one `embshard export` wrote."""
     path = directory / MANIFEST
     if not path.is_file():
-        if not directory.exists():
+        if isinstance(directory, Path) and not directory.exists():  # a bucket's prefix is there or not alike
             raise ExportError(f"{directory}: not found{moved_aside(directory)}")
         raise ExportError(f"{directory}: no {MANIFEST} (not a folder written by `embshard export`)")
     raw = read_json_version(path, EXPORT_VERSION, ExportError)
