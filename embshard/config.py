@@ -272,6 +272,9 @@ class AutodimConfig:
         return max(self.tau_min, self.tau_start - self.tau_decay * step)
 
 
+MAX_LINGER_S = 86_400  # metrics.linger_seconds: a scrape interval is seconds, a day is ample
+
+
 @dataclass
 class MetricsConfig:
     """The `metrics:` section of an embshard config.
@@ -304,8 +307,9 @@ class MetricsConfig:
             )
         if not isinstance(self.bind, str) or not self.bind.strip() or any(c.isspace() for c in self.bind):
             raise ConfigError(f"bind: expected a host address such as 127.0.0.1, got {self.bind!r}")
-        if self.linger_seconds < 0:
-            raise ConfigError(f"linger_seconds: must be >= 0, got {self.linger_seconds}")
+        if not 0 <= self.linger_seconds <= MAX_LINGER_S:
+            # 1e10 passed, and crashed the run once it had trained ("timestamp out of range").
+            raise ConfigError(f"linger_seconds: must be from 0 to {MAX_LINGER_S:,} (a day), got {self.linger_seconds}")
         if self.file_sd is not None:
             if not isinstance(self.file_sd, str) or not self.file_sd.strip():
                 raise ConfigError(f"file_sd: expected a file path or null, got {self.file_sd!r}")

@@ -46,6 +46,15 @@ def test_metrics_stay_off_unless_enabled(metrics):
     assert from_dict(JobConfig, {"metrics": {**(metrics or {}), "enabled": True}}).metrics.enabled is True
 
 
+def test_a_linger_no_clock_holds_is_refused_at_load():
+    # 1e10 passed, trained the whole run, then crashed at its end ("timestamp out of range").
+    from embshard.config import MetricsConfig
+
+    with pytest.raises(ConfigError, match=r"^linger_seconds: must be from 0 to 86,400 \(a day\), got 10000000000.0$"):
+        MetricsConfig(linger_seconds=1e10)
+    assert MetricsConfig(linger_seconds=86_400).linger_seconds == 86_400
+
+
 def test_lottery_retrain_names_the_prune_run_explicitly():
     with pytest.raises(ConfigError, match=r"^pep\.retrain_from: a lottery retrain sets both"):
         from_dict(JobConfig, {"pep": {"retrain_target": 0.5}})
