@@ -14,6 +14,7 @@ cluster's own environment (tests/test_jobs.py starts its head with a fresh one).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import os
 import shlex
@@ -106,7 +107,8 @@ def _check_answers(address: str) -> None:
         urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=CONNECT_SECONDS).close()
     except urllib.error.HTTPError:
         return
-    except (OSError, ValueError) as e:  # URLError, a timeout, a malformed URL
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, a timeout, a malformed URL
+        # (http.client's InvalidURL, of a port that is no number or a space in the path, is neither.)
         raise JobError(f"{address}: cannot reach the Ray job API ({first_line(e)})") from None
 
 

@@ -612,6 +612,11 @@ def _check_ray_answers(address: str) -> None:
         raise ConfigError(f"cluster.address {address}: the Ray dashboard's HTTP address, which `embshard submit` "
                           "takes; a run joins the cluster at its head's GCS address (host:6379 by default) or "
                           "ray://host:10001")
+    host, _, port = address.rpartition("://")[2].rstrip("/").rpartition(":")
+    if address not in ("auto", "local") and (not host or not port.isdecimal() or not 0 < int(port) < 65536):
+        # Handed to Ray: "crashed: ValueError: Unable to parse port number", or "Invalid address format".
+        raise ConfigError(f"cluster.address {address}: not a Ray address (host:port, ray://host:port, or auto for "
+                          "the cluster this machine has joined)")
     why = no_ray_at(address)
     if why is not None:
         raise ConfigError(f"cluster.address {address}: no Ray answers there ({why}); start the cluster "

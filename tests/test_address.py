@@ -70,3 +70,21 @@ def test_train_at_a_web_servers_port_is_one_line_at_once(web_server: str, monkey
                                           r"'<!DOCTYPE HTML>', which no Ray \(gRPC\) server says\); start the"):
         init_ray(JobConfig(cluster=ClusterConfig(address=web_server)))
     assert time.monotonic() - started < address.DIAL_SECONDS
+
+
+@pytest.mark.parametrize("given", ["127.0.0.1:abc", "127.0.0.1", "ray://head:99999"])
+def test_train_at_no_ray_address_at_all_is_one_line_naming_it(given: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Handed to Ray: "crashed: ValueError: Unable to parse port number from abc", of a rewritten host.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was asked to join"))
+    with pytest.raises(ConfigError, match=rf"^cluster.address {given}: not a Ray address \(host:port, ray://host:port"):
+        init_ray(JobConfig(cluster=ClusterConfig(address=given)))
+
+
+@pytest.mark.parametrize("given", ["http://127.0.0.1:abc", "http://127.0.0.1:8265/some path"])
+def test_a_job_api_address_no_url_takes_is_one_line(given: str) -> None:
+    # http.client's InvalidURL escaped as a 40-line traceback.
+    from embshard.cluster.jobs import JobError, _check_answers
+
+    with pytest.raises(JobError, match=rf"^{given}: cannot reach the Ray job API \("):
+        _check_answers(given)
