@@ -53,6 +53,11 @@ def verify_split(dataset_dir: str | Path, spec: DatasetSpec,
     if not directory.is_dir():
         raise DataError(f"{directory}: split directory not found")
     files: list[StoragePath] = sorted(directory.glob(PART_PATTERN), key=str)
+    unread = sorted((f for f in directory.glob("*.parquet") if not f.name.startswith(".") and f not in files), key=str)
+    if unread:
+        # Not read: a user's `extra.parquet` beside the parts left its rows out of training, unsaid.
+        raise DataError(f"{unread[0]}: a Parquet file whose name is no part file's ({PART_PATTERN}), so its rows would "
+                        "not be read; name it as a part, or move it out of the split")
     if not files:
         raise DataError(f"{directory}: no {PART_PATTERN} files")
     recorded = spec.parts.get(split)

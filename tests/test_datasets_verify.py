@@ -63,6 +63,17 @@ def test_stray_or_swapped_part_is_named(multi_part: Path) -> None:
         verify_dataset(multi_part)
 
 
+def test_a_parquet_file_that_is_no_part_is_named(multi_part: Path) -> None:
+    # Beside the parts, a user's `extra.parquet` was never read: its rows left out of training, unsaid.
+    train = multi_part / "train"
+    shutil.copy(train / "part-00000.parquet", train / "extra.parquet")
+    with pytest.raises(DataError, match=r"train/extra\.parquet: a Parquet file whose name is no part file's "
+                                        r"\(part-\*\.parquet\), so its rows would not be read"):
+        verify_dataset(multi_part)
+    (train / "extra.parquet").rename(train / ".extra.parquet")  # hidden: an editor's, a tool's
+    verify_dataset(multi_part)
+
+
 def test_a_part_copied_over_another_of_as_many_rows_is_named(multi_part: Path) -> None:
     # Both carry the dataset's stamp and as many rows: the copy's rows were read twice without a word.
     train, kept = multi_part / "train", multi_part.parent / "kept.parquet"
