@@ -204,6 +204,17 @@ class TextMetric(DlrmArch):
         return dataclasses.replace(result, metrics={**result.metrics, "note": "fine"})
 
 
+class OutputsByName(DlrmArch):
+    """A forward of named outputs, its loss taken from one of them, its evaluation left as DLRM's."""
+
+    def forward(self, model, batch):
+        logits = super().forward(model, batch)
+        return {"logits": logits, "aux": logits.detach()}
+
+    def loss(self, output, batch) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(output["logits"], batch.labels)
+
+
 class PerExampleLoss(DlrmArch):
     def loss(self, output, batch) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(output, batch.labels, reduction="none")
@@ -544,6 +555,17 @@ def test_an_arch_s_metrics_are_numbers_in_the_summary(dataset, tmp_path, process
     plan_for_training(cfg)
     with pytest.raises(ConfigError, match=r"model.arch 'test_model_seam:TextMetric': evaluate\(\) returned metric "
                                           r"'note' = 'fine'; metrics are named by strings and are numbers"):
+        run_worker(cfg)
+
+
+def test_an_output_the_default_evaluation_cannot_score_is_one_line_naming_the_arch(dataset, tmp_path,
+                                                                                     process_group) -> None:
+    # It trained, then was "crashed: AttributeError: 'dict' object has no attribute 'float'".
+    cfg = job(dataset, tmp_path / "run", arch="test_model_seam:OutputsByName")
+    plan_for_training(cfg)
+    with pytest.raises(ConfigError, match=r"^model.arch 'test_model_seam:OutputsByName': evaluate\(\): the model's "
+                                          r"output for a batch of \d+ rows is a dict, where the default evaluate\(\) "
+                                          r"takes one score per row"):
         run_worker(cfg)
 
 

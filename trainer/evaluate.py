@@ -55,6 +55,11 @@ class EvalResult:
         return metrics_text(self.metrics, self.primary)
 
 
+class UnscoredOutput(ConfigError):
+    """The model's output is no score per row, which the default evaluation takes (the loop names
+    the arch)."""
+
+
 def lower_is_better_by_name(metric: str) -> bool:
     """Whether a metric called `metric` is a loss or an error: ...loss, mse, rmse, mae, ...error."""
     name = metric.lower()
@@ -150,7 +155,16 @@ def pointwise_outputs(model: torch.nn.Module, reader: ParquetBatchReader, device
             break
         batch = batch.to(device)
         _, output = model(batch)
-        outputs.append((prediction(output) if prediction else output).float())
+        scores = prediction(output) if prediction else output
+        if not isinstance(scores, torch.Tensor) or scores.shape != batch.labels.shape:
+            # A dict of outputs trained for an epoch, then was "AttributeError: 'dict' object has no
+            # attribute 'float'" at the first evaluation, naming neither the arch nor the cause.
+            what = f"a tensor of shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else \
+                f"a {type(scores).__name__}"
+            raise UnscoredOutput(f"the model's output for a batch of {len(batch.labels)} rows is {what}, where the "
+                              "default evaluate() takes one score per row (a tensor of that many); an arch whose "
+                              "forward returns other outputs overrides evaluate()")
+        outputs.append(scores.float())
         labels.append(batch.labels)
     model.train(was_training)
     local_outputs = torch.cat(outputs) if outputs else torch.empty(0, device=device)

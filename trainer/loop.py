@@ -46,7 +46,7 @@ from embshard.trainer.checkpoint import (
 )
 from embshard.trainer.divergence import LossWatch
 from embshard.trainer.embedding_gradient import EmbeddingGradientCheck
-from embshard.trainer.evaluate import EvalResult, reportable
+from embshard.trainer.evaluate import EvalResult, UnscoredOutput, reportable
 from embshard.trainer.faults import crash_from_env
 from embshard.trainer.method import EmbeddingMethod, Worker, get_method, method_name
 from embshard.trainer.metrics import WorkerMetrics, doing, read_file_sd_targets, write_file_sd
@@ -519,7 +519,11 @@ def _measure(sharded: ShardedModel, steps: TrainSteps, reader: ParquetBatchReade
              max_batches: int | None) -> EvalResult:
     # Not through the pipeline's rewritten collections: they serve the batches it fetched.
     with steps.paused():
-        return reportable(sharded.arch.evaluate(sharded.model, reader, device, max_batches), sharded.arch.name)
+        try:
+            result = sharded.arch.evaluate(sharded.model, reader, device, max_batches)
+        except UnscoredOutput as e:
+            raise ConfigError(f"model.arch {sharded.arch.name!r}: evaluate(): {e}") from None
+        return reportable(result, sharded.arch.name)
 
 
 def _evaluate(cfg, sharded, steps: TrainSteps, reader, device, step, callbacks) -> EvalResult:
