@@ -137,3 +137,21 @@ def test_click_archs_refuse_rating_labels(ratings: Path, tmp_path: Path) -> None
     cfg.model = ModelConfig(arch="dlrm", dense_arch=[8], over_arch=[8])
     with pytest.raises(ConfigError, match=r"model.arch 'dlrm': .* has 'rating' labels; this arch trains on 'click'"):
         plan_for_training(cfg, None)
+
+
+def test_dense_features_mf_never_reads_are_said_in_the_plan(ratings: Path) -> None:
+    # Thirteen dense columns beside the ratings were read and checked every batch, and never a
+    # part of the model, without a word.
+    import dataclasses
+
+    from embshard.trainer.models import get_arch
+    from embshard.trainer.planning import unread_settings
+
+    cfg = mf_config(ratings, Path("unused"))
+    spec = DatasetSpec.load(ratings)
+    assert unread_settings(cfg, get_arch(cfg.model), spec) == []
+    with_dense = dataclasses.replace(spec, dense=["I1", "I2", "I3", "I4"])
+    assert unread_settings(cfg, get_arch(cfg.model), with_dense) == [
+        "the dataset's 4 dense feature(s) (I1, I2, I3, ...) are not read by model.arch 'mf': they change nothing "
+        "in this run"]
+    assert unread_settings(dataclasses.replace(cfg, model=ModelConfig()), get_arch(ModelConfig()), with_dense) == []

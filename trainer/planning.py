@@ -43,7 +43,7 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     # itself whatever the arch takes (PEP's, AutoDim's search) keeps its plan's word on what the
     # plan projects: AutoDim's candidate tables reach its module at their own widths, unprojected.
     uniform = arch.uniform_width if embedding_method.mixed_widths else None
-    unread = unread_settings(cfg, arch)
+    unread = unread_settings(cfg, arch, spec)
     if not isinstance(embedding_method.serves, bool):  # "no" would read as True
         raise ConfigError(f"method {name!r}: serves must be True or False, got {embedding_method.serves!r}")
     # `serves` too: an export reads it from the plan where the method cannot be imported.
@@ -163,10 +163,16 @@ def policy_unread(cfg: JobConfig, plan: DimensionPlan, method: str) -> list[str]
             f"{planned or 'not recorded'}): embeddings.policy and its settings change nothing in this run"]
 
 
-def unread_settings(cfg: JobConfig, arch: ModelArch) -> list[str]:
-    """Settings the config changes from their defaults that nothing in this run reads. Said, not
-    refused: presets and sweeps keep them for the trials and archs that do read them."""
+def unread_settings(cfg: JobConfig, arch: ModelArch, spec: DatasetSpec) -> list[str]:
+    """Settings the config changes from their defaults, and columns of the dataset `spec`
+    describes, that nothing in this run reads. Said, not refused: presets and sweeps keep them for
+    the trials and archs that do read them."""
     notes = []
+    if spec.dense and not arch.reads_dense:
+        # Read and checked every batch, and never a part of the model, without a word.
+        notes.append(f"the dataset's {len(spec.dense)} dense feature(s) ({', '.join(spec.dense[:3])}"
+                     f"{', ...' if len(spec.dense) > 3 else ''}) are not read by model.arch {arch.name!r}: they "
+                     "change nothing in this run")
     if not arch.reads_layers:
         defaults = ModelConfig()
         for name in ("dense_arch", "over_arch"):

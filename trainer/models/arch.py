@@ -45,6 +45,9 @@ class ModelArch:
     # Whether the arch reads `model.dense_arch` and `model.over_arch`. False: setting them is
     # said as a plan note (they change nothing), not refused: a preset keeps them for its DLRM.
     reads_layers: bool = True
+    # Whether its model reads the dataset's dense features. False: a dataset that has some is said
+    # as a plan note (they change nothing), as the layers are.
+    reads_dense: bool = True
     # What the dataset's labels must be (dataset.json `target`): a BCE model on ratings 1-5, or a
     # regression on 0/1 clicks, would train without an error and mean nothing.
     targets: tuple[str, ...] = ("click",)

@@ -89,6 +89,7 @@ class Rated(NamedTuple):
 class MfArch(ModelArch):
     uniform_width = True  # a dot product: both vectors at the base dim
     reads_layers = False
+    reads_dense = False  # ids alone
     options = tuple(f.name for f in fields(MfOptions))
     targets = ("rating",)
 

@@ -129,6 +129,7 @@ def _features(spec: DatasetSpec, named: list[str] | None, role: str, option: str
 class TwoTowerArch(ModelArch):
     uniform_width = False  # the towers concatenate: each feature at its own width
     reads_layers = False  # its towers' widths are `model.options.hidden`
+    reads_dense = False  # ids alone
     options = tuple(f.name for f in fields(TwoTowerOptions))
     settings: TwoTowerOptions | None = None
 
