@@ -239,6 +239,12 @@ def test_kube_validate_catches_mistakes() -> None:
 # ----------------------------------------------------------------------------- chart behaviour
 
 
+def test_extra_args_reach_the_job_as_given() -> None:
+    # Double-quoted for the job's shell, `$HOME` and `id` in backquotes were expanded there.
+    job = the(render({"job": {"extraArgs": ["--set", "name=run$HOME`id`", "--verbose"]}}), "RayJob")
+    assert job["spec"]["entrypoint"].endswith(" '--set' 'name=run$HOME`id`' '--verbose'")
+
+
 def test_rayjob_shape(rendered) -> None:
     which, values, docs = rendered
     job = the(docs, "RayJob")
@@ -492,6 +498,19 @@ def test_the_config_schema_is_generated_from_the_config_dataclasses() -> None:
     ({"job": {"extraArgs": ["--set", "metrics.port_base=9500"]}}, "demo",
      "job.extraArgs: metrics.port_base=9500 is the chart's to set"),
     ({"job": {"extraArgs": ["--set=output_dir=/tmp/x"]}}, "demo", "job.extraArgs: --set=output_dir=/tmp/x is the"),
+    # Each read by embshard as those keys, and rendered: served on 9500 where the PodMonitor scrapes 9400.
+    ({"job": {"extraArgs": ["--set", "metrics={enabled: true, port_base: 9500}"]}}, "demo",
+     "job.extraArgs: metrics={enabled: true, port_base: 9500} is the chart's to set"),
+    ({"job": {"extraArgs": ["--set", " output_dir=/tmp/x"]}}, "demo", "job.extraArgs:  output_dir=/tmp/x is the"),
+    ({"job": {"extraArgs": ["--set", "metrics.port_base =9500"]}}, "demo", "job.extraArgs: metrics.port_base =9500"),
+    ({"job": {"extraArgs": ["--s=output_dir=/tmp/x"]}}, "demo", "job.extraArgs: --s=output_dir=/tmp/x is the"),
+    ({"job": {"extraArgs": ["--set", "name=it's"]}}, "demo", "job.extraArgs: name=it's holds a single quote"),
+    # Two volumes at one path: Kubernetes refused every pod, and the RayJob waited for good.
+    ({"checkpoints": {"mountPath": "/etc/embshard/config.yaml"}, "job": {"configPath": "/etc/embshard/config.yaml"}},
+     "demo", "/checkpoints/mountPath"),
+    ({"checkpoints": {"mountPath": "/srv/ckpt"}, "job": {"configPath": "/srv/ckpt/config.yaml"}}, "demo",
+     "checkpoints.mountPath /srv/ckpt: holds job.configPath /srv/ckpt/config.yaml"),
+    ({"checkpoints": {"mountPath": "/usr/local"}}, "demo", "/checkpoints/mountPath"),  # hides the interpreter's
     ({"head": {"rayStartParams": {"dashboard-host": "127.0.0.1"}}}, "demo",
      "head.rayStartParams.dashboard-host: the chart sets it"),
     ({"head": {"rayStartParams": {"dashboard-port": "8000"}}}, "demo", "head.rayStartParams.dashboard-port"),
