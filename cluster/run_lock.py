@@ -83,7 +83,7 @@ class RunEnded(EmbshardError):
 def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
     """The run's folders locked for the whole of the block (see the module docstring): its
     output_dir, its checkpoint folder, which another run may name as its own (in a bucket: its
-    lease), and `also`."""
+    lease), `also`, and the Prometheus target list it writes (metrics.file_sd)."""
     folders = [Path(cfg.output_dir), *(also or [])]
     if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, Path):
         folders.append(cfg.checkpoint_dir)
@@ -94,6 +94,13 @@ def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
         stack.enter_context(claimed_run_folder(cfg, output))
         for folder in others:
             stack.enter_context(folder_lock(folder))
+        if cfg.metrics.enabled and cfg.metrics.file_sd:
+            # One run's list: a second run there replaced the first's targets, then removed the file
+            # as it ended while the first still served, unscraped for the rest of its run.
+            try:
+                stack.enter_context(file_lock(Path(cfg.metrics.file_sd)))
+            except FolderInUse as e:
+                raise FolderInUse(f"metrics.file_sd {e} (a Prometheus target list is one run's)") from None
         if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, RemotePath):
             # torch: only for a run that checkpoints to a bucket.
             from embshard.trainer.checkpoint_integrity import check_checkpoint_io

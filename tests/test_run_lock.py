@@ -298,3 +298,30 @@ def test_nothing_but_a_plan_goes_into_a_runs_plan_folder(tmp_path) -> None:
         check_file_output(run / "plan" / "decisions.json", False, "decisions file", lambda p: None)
     check_file_output(run / "plan" / "plan.json", False, "plan", lambda p: None, plan_file=True)  # its own
     check_output(run / "elsewhere", False, EXPORT)
+
+
+def test_a_prometheus_target_list_is_one_runs(tmp_path) -> None:
+    # A second run with the same metrics.file_sd replaced the first's targets, and removed the
+    # file as it ended while the first still served: unscraped for the rest of its run, exit 0.
+    from conftest import held_elsewhere
+
+    from embshard.cluster.run_lock import run_lock
+    from embshard.config import JobConfig, MetricsConfig
+
+    listed = tmp_path / "file_sd" / "default.json"
+
+    def run(name: str, enabled: bool = True) -> JobConfig:
+        return JobConfig(output_dir=str(tmp_path / name), metrics=MetricsConfig(enabled=enabled, file_sd=str(listed)))
+
+    config = tmp_path / "a.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'a'}\nmetrics:\n  enabled: true\n  file_sd: {listed}\n")
+    with held_elsewhere(f"run_lock(load_job_config({str(config)!r}))"):
+        with pytest.raises(FolderInUse, match=rf"^metrics\.file_sd {re.escape(str(listed))}: another embshard "
+                                              r"process is writing it \(.*\); wait for it to end, or write elsewhere "
+                                              r"\(a Prometheus target list is one run's\)$"):
+            with run_lock(run("b")):
+                pass
+        with run_lock(run("c", enabled=False)):  # no metrics: no list of its own
+            pass
+    with run_lock(run("b")):
+        pass
