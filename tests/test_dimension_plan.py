@@ -36,7 +36,7 @@ def test_json_round_trip(tmp_path):
     raw = json.loads(path.read_text())
     assert raw["tables"][0]["blocks"][0] == {
         "start": 0, "end": 2, "dim": 16, "mlet_width": 64, "source": {"policy": "mde", "popularity": 0.4},
-        "state_cols": 0,
+        "state_cols": 0, "side_bytes_per_entry": 0,
     }
     loaded = DimensionPlan.load(path)
     assert loaded == plan
