@@ -92,9 +92,9 @@ def plan_for_training(cfg: JobConfig, method: str | None = None) -> PlanBundle:
         if cfg.checkpoint.resume:
             check_checkpoint_io(location(cfg.checkpoint.resume), "checkpoint.resume")
         check_writable(cfg.checkpoint_dir, "checkpoint.dir")
+        check_not_in_plan(cfg)  # first: the run's own plan folder is sealed too once the run marked its folder
         # As output_dir: inside another run's step, its pruning deleted this run's checkpoints.
         check_not_in_sealed(cfg.checkpoint_dir, "checkpoint.dir", ConfigError, itself=True)
-        check_not_in_plan(cfg)
     topology = cfg.sharding.topology(cfg.cluster.workers)
     source = resume_source(cfg)
     if source is not None:
@@ -159,7 +159,7 @@ def with_checkpoint_config(cfg: JobConfig, source: StoragePath | None = None, ad
 def check_not_in_plan(cfg: JobConfig) -> None:
     """ConfigError when checkpoint.dir lies in the run's own plan folder, which every checkpoint
     copies: it was copied into itself at the first save, a folder tree that deep, and failed.
-    (Another run's, marked as a run's, is sealed: `check_not_in_sealed`.)"""
+    Said so before `check_not_in_sealed`, which refuses any run's plan folder in general terms."""
     ckpt = cfg.checkpoint_dir
     if isinstance(ckpt, Path) and ckpt.resolve().is_relative_to(cfg.plan_dir.resolve()):
         raise ConfigError(f"checkpoint.dir {ckpt}: inside the run's plan folder {cfg.plan_dir}, which every checkpoint "

@@ -506,6 +506,17 @@ def test_a_checkpoint_pruned_while_it_is_exported_is_one_line(tmp_path: Path, mo
     assert not (tmp_path / "serving").exists()
 
 
+def _restep(step: Path, number: int) -> None:
+    """`step` made a checkpoint of step `number`: its progress, its manifest and the hash between."""
+    from embshard.trainer.checkpoint_integrity import file_record
+
+    progress = json.loads((step / "progress.json").read_text())
+    (step / "progress.json").write_text(json.dumps({**progress, "step": number}))
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"]["progress.json"] = file_record(step / "progress.json")
+    (step / "manifest.json").write_text(json.dumps({**manifest, "step": number}))
+
+
 def test_a_checkpoint_pruned_as_export_chooses_is_passed_for_the_newer_one(tmp_path: Path, monkeypatch) -> None:
     # Every step listed was pruned by the run saving there before it was read: export said "no
     # checkpoint there verifies (step-000001: No such file ...)", blaming a step simply gone.
@@ -516,7 +527,8 @@ def test_a_checkpoint_pruned_as_export_chooses_is_passed_for_the_newer_one(tmp_p
 
     def pruned_meanwhile(path, every_file=False):
         if path.name == "step-000001":
-            path.rename(path.with_name("step-000002"))  # pruned, and a newer step written
+            newer = path.rename(path.with_name("step-000002"))  # pruned, and a newer step written
+            _restep(newer, 2)
         return check(path, every_file)
 
     monkeypatch.setattr(checkpoint, "problem", pruned_meanwhile)

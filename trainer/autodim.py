@@ -88,6 +88,7 @@ class AutodimSearch(EmbeddingMethod):
     """The search's parts: its plan, the search embedding, alpha's optimizer and step."""
 
     mixed_widths = False
+    unifies_widths = True  # the candidates' tables, each at its own width (`search_plan`)
     serves = False
     # Its architecture steps are counted from them: resumed with another pre-train end, alpha was
     # held still until it, and 300 steps were recorded of the 423 taken.

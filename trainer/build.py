@@ -95,9 +95,9 @@ def dense_layer_bytes(cfg: JobConfig, plan: DimensionPlan, spec: DatasetSpec, me
     weights = sum(p.numel() for p in params)
     trained = sum(p.numel() for p in params if p.requires_grad)  # each with a gradient and the optimizer's state
     held = (weights + trained * (1 + DENSE_OPTIMIZERS[cfg.train.dense_optimizer].state_elements)) * BYTES_PER_ELEMENT
-    # The plan counts its projections' weights in every rank's train bytes already. A user's
-    # module that unifies widths without them (as AutoDim's search does, whose plan says so) would
-    # take them off twice: never below zero.
+    # The plan counts its projections' weights in every rank's train bytes already: taken off here.
+    # A user's module that builds fewer than its plan counts would have bytes taken off that `held`
+    # never had: never below zero.
     return max(0, held - projection_elements(plan)[0] * BYTES_PER_ELEMENT) + sum(
         b.numel() * b.element_size() for b in buffers)
 

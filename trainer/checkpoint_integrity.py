@@ -202,11 +202,14 @@ def check_progress(folder: StoragePath) -> None:
     name and its manifest give: read as it was, a step of -5 in step-000018 resumed at -5, and
     its folder's name kept it the newest, so each later run resumed it and pruned the newer
     steps."""
-    try:
-        progress = json.loads((folder / PROGRESS).read_text())
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise DamagedCheckpoint(f"unreadable {PROGRESS} ({type(e).__name__}: {e})") from None
+    def read(name: str) -> Any:
+        # The manifest once more, for its step: a few hundred bytes beside the hashing of every file.
+        try:
+            return json.loads((folder / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise DamagedCheckpoint(f"unreadable {name} ({type(e).__name__}: {e})") from None
+
+    progress, manifest = read(PROGRESS), read(MANIFEST)
     if not isinstance(progress, dict):
         raise DamagedCheckpoint(f"{PROGRESS} holds no object")
     least = {"step": 0, "epoch": 0, "samples": 0, "batch_size": 0, "world_size": 1}

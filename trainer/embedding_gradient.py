@@ -5,10 +5,12 @@ dense layers alone: the run exits 0 with an AUC, checkpoints and an export, and 
 was initialised (the sparse optimizer's state stays all zeros). Only a gradient arriving at the
 module's output tells the two apart, so a hook watches for one on the first training forward.
 
-Per feature too: a model that reads some of the features trains the others' tables never, yet
-they are planned and counted in the serving size. Where the gradient reaches some features' columns
-and is exactly zero on others', those others were not read (a model whose gradient is zero
-everywhere at its first step, a zero-initialised last layer, says nothing of any feature).
+Per feature too, as a warning: a model that reads some of the features never trains the others'
+tables, yet they are planned and counted in the serving size. A feature whose columns got an
+exactly zero gradient in each of the first `WATCH_STEPS` steps, while some other feature's did
+not, is named. A warning, not a refusal: a feature that is read can see a zero gradient too, where
+what multiplies it is zero (FM's other features when their bags are all empty, a table a lottery
+ticket pruned whole); a gradient zero everywhere (a zero-initialised last layer) says nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchrec.distributed.types import Awaitable
@@ -23,6 +26,8 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from embshard.errors import ConfigError
 from embshard.trainer.callbacks import Callback, StepInfo
+
+WATCH_STEPS = 8  # steps a feature's columns may see a zero gradient before it is named
 
 
 class EmbeddingGradientCheck(Callback):
@@ -32,8 +37,9 @@ class EmbeddingGradientCheck(Callback):
         self.unread = False  # a sharded collection's lookups never waited for
         self.watched = False  # an output took part in autograd: a method may freeze its tables
         self.reached = False
-        self.unreached: list[str] = []  # features whose columns got an all-zero gradient while others' did not
+        self.read: set[str] = set()  # features whose columns have had a non-zero gradient
         self._columns: dict[str, tuple[int, int]] = {}  # a KeyedTensor output's: feature -> its columns
+        self._steps = 0
         self._handle: RemovableHandle | None = embeddings.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
@@ -60,15 +66,26 @@ class EmbeddingGradientCheck(Callback):
     def _on_gradient(self, grad: torch.Tensor) -> None:
         self.reached = True
         if self._columns and grad.dim() == 2:
-            read = {key: bool(grad[:, a:b].any()) for key, (a, b) in self._columns.items()}
-            if any(read.values()):
-                self.unreached = [key for key, got in read.items() if not got]
+            self.read |= {key for key, (a, b) in self._columns.items() if key not in self.read and grad[:, a:b].any()}
 
     def on_step(self, info: StepInfo) -> None:
         if self._handle is None:
             return
-        self._handle.remove()
-        self._handle = None
+        self._steps += 1
+        if self._steps == 1:
+            self._first_step()
+        unread = [key for key in self._columns if key not in self.read]
+        if not unread or not self.read or self._steps >= WATCH_STEPS:
+            self._handle.remove()
+            self._handle = None
+        if unread and self.read and self._steps >= WATCH_STEPS and _rank() == 0:
+            shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+            print(f"warning: model.arch {self.arch!r}: the loss of its first {WATCH_STEPS} training steps did not "
+                  f"depend on {len(unread)} of the {len(self._columns)} features the embedding module gave it "
+                  f"({shown}): if the model does not read them, their tables are planned, counted in the serving "
+                  "size and never trained; read them in forward, or leave them out of the dataset", flush=True)
+
+    def _first_step(self) -> None:
         if not self.called:
             raise ConfigError(f"model.arch {self.arch!r}: the model did not call its embedding module in the first "
                               "training step, so its tables would never train; call it on the batch's sparse "
@@ -77,10 +94,7 @@ class EmbeddingGradientCheck(Callback):
             raise ConfigError(f"model.arch {self.arch!r}: no gradient reached the embedding module's output in the "
                               "first training step (detached, unused, or the loss does not depend on it), so its "
                               "tables would never train")
-        if self.unreached:
-            shown = ", ".join(self.unreached[:5]) + (f" and {len(self.unreached) - 5} more" if len(self.unreached) > 5
-                                                     else "")
-            raise ConfigError(f"model.arch {self.arch!r}: the loss of the first training step does not depend on "
-                              f"{len(self.unreached)} of the {len(self._columns)} features the embedding module gave "
-                              f"it ({shown}), so their tables would be planned, counted in the serving size and "
-                              "never trained; read them in forward, or leave them out of the dataset")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

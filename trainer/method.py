@@ -85,6 +85,10 @@ class EmbeddingMethod:
     # Whether `embeddings` can give each feature its own width when the arch takes that
     # (`ModelArch.uniform_width` false); a module that gives every feature the base dim says no.
     mixed_widths: bool = True
+    # Whether `embeddings` takes each of its plan's tables at the table's own width and unifies them
+    # itself (AutoDim's search: its transforms are dense layers of the model): the plan says which of
+    # its tables it projects (`DimensionPlan.uniform_width`), not the arch.
+    unifies_widths: bool = False
     # Whether the model it trains is one to serve; a method that decides a plan (a search, a prune
     # run) says no, and `embshard export` refuses its checkpoints.
     serves: bool = True

@@ -39,10 +39,10 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
     spec = DatasetSpec.load(cfg.data.path)
     with users_code(f"model.arch {arch.name!r}: check()"):
         arch.check(cfg, spec)
-    # Per-feature widths where the arch takes them. A module that gives every feature the base dim
-    # itself whatever the arch takes (PEP's, AutoDim's search) keeps its plan's word on what the
-    # plan projects: AutoDim's candidate tables reach its module at their own widths, unprojected.
-    uniform = arch.uniform_width if embedding_method.mixed_widths else None
+    # Per-feature widths only where both sides have them: PEP's and AutoDim's search modules
+    # give every feature the base dim whatever the arch takes. A module that unifies the widths of
+    # its plan's tables itself (AutoDim's search) keeps its plan's word: its tables unprojected.
+    uniform = arch.uniform_width or not embedding_method.mixed_widths
     unread = unread_settings(cfg, arch, spec)
     if not isinstance(embedding_method.serves, bool):  # "no" would read as True
         raise ConfigError(f"method {name!r}: serves must be True or False, got {embedding_method.serves!r}")
@@ -62,7 +62,7 @@ def planning_step(cfg: JobConfig, method: str | None = None) -> Decide:
         check_plan_holds(plan, {f.name: f.cardinality for f in spec.sparse}, f"method {name!r}: dimension_plan()",
                          "every feature of the data needs a table with a row for each of its ids")
         plan = with_mlet(plan, cfg.embeddings)
-        uniform_width = plan.uniform_width if uniform is None else uniform
+        uniform_width = plan.uniform_width if embedding_method.unifies_widths else uniform
         return replace(plan, uniform_width=uniform_width, notes=[*unread, *policy_unread(cfg, plan, name), *plan.notes],
                        made_with={**made_with, "dataset_id": spec.id, "dataset_inputs": spec.inputs_sha256()})
 
