@@ -17,6 +17,21 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 
 _SETTINGS_FRAME = 4  # the frame type, the fourth byte of a frame's header
 
 
+def malformed(address: str) -> str | None:
+    """Why `address` is no Ray address at all, or None: a port given that is no number from 1 to
+    65535, or a bare host (Ray's "Invalid address format"). `auto`, `local` and a scheme Ray
+    resolves itself (`ray://host`, whose port Ray Client defaults) pass."""
+    scheme, _, rest = address.rpartition("://")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if address in ("auto", "local") or (scheme and not colon):
+        return None
+    if not colon or not host:
+        return "no port: host:port, ray://host:port, or auto for the cluster this machine has joined"
+    if not port.isdecimal() or not 0 < int(port) < 65536:
+        return f"port {port!r} is no number from 1 to 65535"
+    return None
+
+
 def no_ray_at(address: str) -> str | None:
     """Why no Ray server answers at `host:port`, `ray://host:port` or `http(s)://host:port`:
     the dial failed, or (a GCS `host:port`) what answered is no gRPC server. None when it

@@ -30,7 +30,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from embshard.cluster import console, fatal
-from embshard.cluster.address import no_ray_at
+from embshard.cluster.address import malformed, no_ray_at
 from embshard.cluster.interrupt import run_with_graceful_ctrl_c, sigterm_kept
 from embshard.cluster.run_lock import WORKERS_PLACED_FILE, owner_check, run_owner
 from embshard.config import JobConfig, with_paths_resolved
@@ -612,11 +612,10 @@ def _check_ray_answers(address: str) -> None:
         raise ConfigError(f"cluster.address {address}: the Ray dashboard's HTTP address, which `embshard submit` "
                           "takes; a run joins the cluster at its head's GCS address (host:6379 by default) or "
                           "ray://host:10001")
-    host, _, port = address.rpartition("://")[2].rstrip("/").rpartition(":")
-    if address not in ("auto", "local") and (not host or not port.isdecimal() or not 0 < int(port) < 65536):
+    problem = malformed(address)
+    if problem is not None:
         # Handed to Ray: "crashed: ValueError: Unable to parse port number", or "Invalid address format".
-        raise ConfigError(f"cluster.address {address}: not a Ray address (host:port, ray://host:port, or auto for "
-                          "the cluster this machine has joined)")
+        raise ConfigError(f"cluster.address {address}: not a Ray address ({problem})")
     why = no_ray_at(address)
     if why is not None:
         raise ConfigError(f"cluster.address {address}: no Ray answers there ({why}); start the cluster "

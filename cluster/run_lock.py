@@ -101,6 +101,8 @@ def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
                 stack.enter_context(file_lock(Path(cfg.metrics.file_sd)))
             except FolderInUse as e:
                 raise FolderInUse(f"metrics.file_sd {e} (a Prometheus target list is one run's)") from None
+            except (OSError, EnvironmentProblem):
+                pass  # a path on the cluster's machines alone (a Ray Client driver): rank 0 writes it there
         if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, RemotePath):
             # torch: only for a run that checkpoints to a bucket.
             from embshard.trainer.checkpoint_integrity import check_checkpoint_io

@@ -4,6 +4,7 @@ held `ray.init` for good; a gRPC server (what Ray's GCS and Ray Client are) pass
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import threading
 import time
@@ -72,13 +73,19 @@ def test_train_at_a_web_servers_port_is_one_line_at_once(web_server: str, monkey
     assert time.monotonic() - started < address.DIAL_SECONDS
 
 
-@pytest.mark.parametrize("given", ["127.0.0.1:abc", "127.0.0.1", "ray://head:99999"])
-def test_train_at_no_ray_address_at_all_is_one_line_naming_it(given: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("given, why", [("127.0.0.1:abc", "port 'abc' is no number from 1 to 65535"),
+                                        ("127.0.0.1", "no port: host:port, ray://host:port, or auto"),
+                                        ("ray://head:99999", "port '99999' is no number from 1 to 65535")])
+def test_train_at_no_ray_address_at_all_is_one_line_naming_it(given: str, why: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # Handed to Ray: "crashed: ValueError: Unable to parse port number from abc", of a rewritten host.
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was asked to join"))
-    with pytest.raises(ConfigError, match=rf"^cluster.address {given}: not a Ray address \(host:port, ray://host:port"):
+    with pytest.raises(ConfigError, match=rf"^cluster.address {given}: not a Ray address \({re.escape(why)}"):
         init_ray(JobConfig(cluster=ClusterConfig(address=given)))
+    # Forms Ray resolves itself pass: a scheme without a port (Ray Client's default), IPv6.
+    for fine in ("auto", "local", "ray://head", "anyscale://cluster", "[::1]:6379", "ray://[::1]:10001"):
+        assert address.malformed(fine) is None, fine
 
 
 @pytest.mark.parametrize("given", ["http://127.0.0.1:abc", "http://127.0.0.1:8265/some path"])
