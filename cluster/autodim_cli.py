@@ -64,17 +64,17 @@ def _autodim(args: argparse.Namespace) -> int:
         # (or they replaced it).
         raise ConfigError(f"{'--out' if args.out else 'autodim.decisions'} {decisions}: the search's own run writes "
                           f"{own}; give the decisions file another name")
-    if named:
-        # A path the user named may hold anything, their config included: checked before the
-        # search, not found out by its last step.
-        check_decisions_out(decisions, args.overwrite, cfg.output_dir)
+    # A path the user named may hold anything, their config included, and so may the default one (a
+    # hand-written decisions.json there was replaced, and a folder there found only after the whole
+    # search): checked before the search. A decisions file at the default path is the run's own.
+    replaceable = args.overwrite or not named
+    check_decisions_out(decisions, replaceable, cfg.output_dir)
     cfg = replace(cfg, cluster=replace(cfg.cluster, workers=workers),
                   autodim=replace(search, decisions=str(decisions)))
     # Its decisions file too: two searches with one --out both said they wrote it, and the file
     # held the last one's widths.
     with run_lock(cfg), file_lock(decisions):
-        if named:
-            check_decisions_out(decisions, args.overwrite, cfg.output_dir)  # again: one may have ended since
+        check_decisions_out(decisions, replaceable, cfg.output_dir)  # again: one may have ended since
         # A search into a finished one's folder replaced its decisions, summary, plan and history.
         check_replaces_no_run(cfg, args.overwrite)
         bundle = plan_for_training(cfg, "autodim")

@@ -393,6 +393,26 @@ def test_a_search_refuses_a_decisions_file_its_own_run_writes_and_a_finished_sea
     assert "holds a finished run" in capsys.readouterr().err  # refused for that alone
 
 
+def test_a_search_checks_its_default_decisions_path_before_it_searches(tmp_path, capsys, monkeypatch):
+    # Unnamed, <output_dir>/decisions.json was not checked: a user's file there was replaced, exit
+    # 0, and a folder there was found only after the whole search ("Is a directory", of a temp file).
+    import embshard.cluster.launch as launch
+
+    run = tmp_path / "run"
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
+                                    f"output_dir: {run}\n", max_cardinality=300)
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: pytest.fail("searched before its decisions path was checked"))
+    run.mkdir()
+    (run / "decisions.json").write_text('{"my": "hand-tuned widths"}')
+    assert main(["search", "autodim", str(cfg)]) == 2
+    assert f"{run / 'decisions.json'}: " in capsys.readouterr().err
+    assert (run / "decisions.json").read_text() == '{"my": "hand-tuned widths"}'
+    (run / "decisions.json").unlink()
+    (run / "decisions.json").mkdir()
+    assert main(["search", "autodim", str(cfg)]) == 2
+    assert f"{run / 'decisions.json'}: a directory" in capsys.readouterr().err
+
+
 def test_a_search_whose_decisions_file_another_search_writes_is_refused(tmp_path, capsys):
     # Two searches with one --out both said they wrote it; the file held the last one's widths.
     cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\nautodim:\n  candidates: [4, 8]\n"
