@@ -72,6 +72,11 @@ def read_json(path: "StoragePath", error: type[EmbshardError]) -> Any:
         raise error(f"{path}: not a file embshard writes (nested deeper than JSON readers follow)") from None
 
 
+def is_count(value: Any) -> bool:
+    """Whether a JSON value read from a file of ours is a whole number >= 0 (not a bool, not 1e999)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class DuplicateKey(Exception):
     pass
 

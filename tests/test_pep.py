@@ -4,6 +4,7 @@ initial values, masks kept at zero, and PEP masks -> decisions -> DimensionPlan.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from dataclasses import replace
@@ -656,3 +657,34 @@ def test_a_lottery_retrains_plan_counts_the_bytes_its_mask_keeper_holds(tmp_path
     assert sum(s.side_bytes for s in report.shards) == held
     assert sum(r["train_bytes"] for r in report.per_rank.values()) == held + sum(
         s.weight_bytes + s.optimizer_bytes for s in report.shards)
+
+
+def test_a_lottery_ticket_is_one_prune_runs_on_its_own_data(tmp_path):
+    # A second prune run (seed 1) in the same folders rewrote pep.json: a retrain of the first run's
+    # target drew seed 1's initial values under seed 0's mask; on other data of as many rows, the
+    # masks kept other ids' entries; a record without its tables was a KeyError. Each exit 0, or a crash.
+    from embshard.trainer.pep import RUN_FILE, check_pep_out, mask_file
+
+    pep_dir = tmp_path / "run" / "pep"
+    target = pep_dir / "target-0.5"
+    target.mkdir(parents=True)
+    np.save(target / mask_file("t_a"), np.random.default_rng(0).random((6, D)) > 0.5)
+    record = {"output_dir": str((tmp_path / "run").resolve()), "seed": 0, "base_dim": D, "tables": {"t_a": 6}}
+    (pep_dir / RUN_FILE).write_text(json.dumps(record))
+    (target / "decisions.json").write_text(json.dumps({"meta": {"seed": 0, "dataset_id": "a" * 32}}))
+    ticket = LotteryTicket.load(pep_dir, 0.5)
+    plan = plan_dimensions(EmbeddingsConfig(dim=D), DatasetSpec("toy", [], [SparseFeature("a", 6)]))
+    ticket.check_matches(plan, DatasetSpec("toy", [], [SparseFeature("a", 6)], id="a" * 32))
+    with pytest.raises(PlanError, match=r"its masks are of the dataset with id aaaaaaaa, this run's data is bbbbbbbb"):
+        ticket.check_matches(plan, DatasetSpec("toy", [], [SparseFeature("a", 6)], id="b" * 32))
+    cfg = JobConfig(output_dir=str(tmp_path / "run"), seed=1, pep=PepConfig(out=str(pep_dir)))
+    with pytest.raises(ConfigError, match=r"pep\.out .*: holds the prune run of seed 0 \(its pep\.json\), this one "
+                                          r"has seed 1"):
+        check_pep_out(cfg)
+    (pep_dir / RUN_FILE).write_text(json.dumps({**record, "seed": 1}))  # as the second run rewrote it
+    with pytest.raises(PlanError, match=r"target-0\.5: the mask of the prune run of seed 0, and .*pep\.json is of "
+                                        r"seed 1 \(another prune run wrote it since\)"):
+        LotteryTicket.load(pep_dir, 0.5)
+    (pep_dir / RUN_FILE).write_text(json.dumps({"seed": 0}))
+    with pytest.raises(PlanError, match=r"pep\.json: not the JSON object expected \(no 'base_dim'\)"):
+        LotteryTicket.load(pep_dir, 0.5)

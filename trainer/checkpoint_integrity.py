@@ -35,7 +35,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
-from embshard.datasets.storage import StoragePath, relative, storage_failure
+from embshard.datasets.storage import StoragePath, is_count, relative, storage_failure
 from embshard.errors import EmbshardError, EnvironmentProblem, StorageError, first_line, version_mismatch
 from embshard.sealed_folders import CHECKPOINT_MANIFEST, STEP_FOLDER
 
@@ -186,15 +186,11 @@ def read_manifest(folder: StoragePath) -> dict[str, FileEntry]:
 def _file_entry(entry: Any) -> FileEntry:
     """A manifest's record of one file: its size (a version-1 manifest's whole record) and hash.
     Counts only: `1e999` was an OverflowError traceback out of every resume and export."""
-    if _count(entry):
+    if is_count(entry):
         return FileEntry(entry, None)
-    if isinstance(entry, dict) and _count(entry.get("bytes")) and isinstance(entry.get("sha256"), str):
+    if isinstance(entry, dict) and is_count(entry.get("bytes")) and isinstance(entry.get("sha256"), str):
         return FileEntry(entry["bytes"], entry["sha256"])
     raise ValueError(f"a file's entry {entry!r:.80} is no size and sha256")
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_progress(folder: StoragePath) -> None:
@@ -214,7 +210,7 @@ def check_progress(folder: StoragePath) -> None:
         raise DamagedCheckpoint(f"{PROGRESS} holds no object")
     least = {"step": 0, "epoch": 0, "samples": 0, "batch_size": 0, "world_size": 1}
     bad = [key for key, low in least.items() if key in progress
-           and not (_count(progress[key]) and progress[key] >= low)]
+           and not (is_count(progress[key]) and progress[key] >= low)]
     if bad:
         raise DamagedCheckpoint(f"{PROGRESS}: {bad[0]} {progress[bad[0]]!r:.40} is no count of at least "
                                 f"{least[bad[0]]}")

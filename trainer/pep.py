@@ -37,7 +37,7 @@ from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from embshard.config import JobConfig, PepConfig, target_dir_name
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import write_whole
+from embshard.datasets.storage import is_count, read_json_object, write_whole
 from embshard.errors import ConfigError, PlanError, first_line
 from embshard.planner.pipeline import PlanBundle
 from embshard.planner.policies.pep import ROW_THRESHOLDS, pep_decisions, prune_plan, threshold_columns
@@ -380,12 +380,18 @@ def check_pep_out(cfg: JobConfig) -> None:
         # Found out at the first target otherwise, inside a worker, as a crash.
         raise ConfigError(f"pep.out {out}: a file; it names the folder the prune run writes its targets into")
     try:
-        owner = json.loads((out / RUN_FILE).read_text()).get("output_dir")
+        record = json.loads((out / RUN_FILE).read_text())
+        owner, seed = record.get("output_dir"), record.get("seed")
     except (OSError, ValueError, AttributeError):
         return  # no record (yet): a record written before runs named their output_dir is taken as ours
     if owner is not None and Path(owner) != Path(cfg.output_dir).resolve():
         raise ConfigError(f"pep.out {out}: holds the prune run of output_dir {owner} (its {RUN_FILE}); set "
                           "pep.out to another folder, or move that one away")
+    if seed is not None and seed != cfg.seed:
+        # Another prune run in the same folders: it rewrote the record under its seed, and a retrain
+        # of the first run's targets drew this one's initial values.
+        raise ConfigError(f"pep.out {out}: holds the prune run of seed {seed} (its {RUN_FILE}), this one has seed "
+                          f"{cfg.seed}; give it another output_dir (or pep.out)")
 
 
 def write_run_record(cfg: JobConfig, pep: PepEmbeddings, reached: dict[str, Any]) -> Path:
@@ -463,7 +469,12 @@ def load_run_record(pep_dir: Path) -> dict[str, Any]:
     path = pep_dir / RUN_FILE
     if not path.is_file():
         raise PlanError(f"{path}: PEP run record not found (run `embshard prune pep` first)")
-    return json.loads(path.read_text())
+    record = read_json_object(path, ("seed", "base_dim", "tables"), PlanError)
+    # Read as it was, a record without them was "check_config() raised KeyError: 'tables'".
+    if not (is_count(record["seed"]) and is_count(record["base_dim"]) and isinstance(record["tables"], dict)
+            and all(isinstance(k, str) and is_count(v) for k, v in record["tables"].items())):
+        raise PlanError(f"{path}: not a PEP run record (seed, base_dim and tables' rows must be counts)")
+    return record
 
 
 @dataclass(frozen=True)
@@ -476,21 +487,45 @@ class LotteryTicket:
     tables: dict[str, int]  # name -> rows
     masks: dict[str, np.ndarray]
     where: Path  # the prune run's directory, for errors
+    dataset_id: str | None = None  # of the data the masks' rows are ids of (None: not recorded)
 
     @staticmethod
     def load(pep_dir: Path, target: float) -> "LotteryTicket":
         record = load_run_record(pep_dir)
         tables, base_dim = record["tables"], record["base_dim"]
-        masks = load_masks(pep_dir / target_dir_name(target), tables, base_dim)
-        return LotteryTicket(record["seed"], base_dim, tables, masks, pep_dir)
+        directory = pep_dir / target_dir_name(target)
+        masks = load_masks(directory, tables, base_dim)
+        meta = _target_meta(directory)
+        if meta.get("seed", record["seed"]) != record["seed"]:
+            # A second prune run there (another seed) rewrote pep.json: the retrain drew the
+            # initial values of one run and masked them by the other's mask, without a word.
+            raise PlanError(f"{directory}: the mask of the prune run of seed {meta['seed']}, and {pep_dir / RUN_FILE} "
+                            f"is of seed {record['seed']} (another prune run wrote it since): no lottery ticket; "
+                            "prune again into a folder of its own")
+        dataset = meta.get("dataset_id")
+        return LotteryTicket(record["seed"], base_dim, tables, masks, pep_dir, dataset if isinstance(dataset, str)
+                             else None)
 
     @property
     def nonzero(self) -> int:
         return int(sum(int(m.sum()) for m in self.masks.values()))
 
-    def check_matches(self, plan: DimensionPlan) -> None:
+    def check_matches(self, plan: DimensionPlan, spec: DatasetSpec | None = None) -> None:
         if {t.name: t.num_embeddings for t in plan.tables} != self.tables or plan.base_dim != self.base_dim:
             raise PlanError(f"{self.where / RUN_FILE}: the prune run's tables differ from this plan's")
+        if spec is not None and spec.id and self.dataset_id and spec.id != self.dataset_id:
+            # A mask is per row: on another dataset of as many rows it kept other ids' entries.
+            raise PlanError(f"{self.where}: its masks are of the dataset with id {self.dataset_id[:8]}, this run's "
+                            f"data is {spec.id[:8]}: retrain on the data it was pruned on, or prune this one")
+
+
+def _target_meta(directory: Path) -> dict[str, Any]:
+    """The meta of a target's decisions file ({} where it has none): the seed and data it was pruned with."""
+    path = directory / DECISIONS_FILE
+    if not path.is_file():
+        return {}
+    meta = read_json_object(path, ("meta",), PlanError)["meta"]
+    return meta if isinstance(meta, dict) else {}
 
 
 class PepLottery(EmbeddingMethod):
@@ -518,7 +553,7 @@ class PepLottery(EmbeddingMethod):
                        out_dir: Path) -> DimensionPlan:
         plan = super().dimension_plan(cfg, spec, counts, out_dir)
         _require_uniform(plan)
-        self.ticket(cfg).check_matches(plan)
+        self.ticket(cfg).check_matches(plan, spec)
         # MaskKeeper's bool mask of every local entry: a byte each, beside the tables all run long.
         tables = [replace(t, blocks=[replace(b, side_bytes_per_entry=MASK_BYTES) for b in t.blocks])
                   for t in plan.tables]
