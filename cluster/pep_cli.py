@@ -34,6 +34,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                      workers=True)
     p.add_argument("--targets", type=parse_targets, metavar="F,F,...",
                    help="fractions of the dense embedding parameters to keep, e.g. 0.5,0.2,0.1,0.03")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in output_dir that this one would train over from scratch")
     verbose_argument(p)
     p.set_defaults(func=prune_pep)
 
@@ -61,7 +63,7 @@ def prune_job(cfg: JobConfig, workers: int | None, targets: list[float] | None) 
 def prune_pep(args: argparse.Namespace) -> int:
     # Imported here so that `embshard --help` does not load torch and Ray.
     from embshard.cluster.cli import print_notes, validation_text
-    from embshard.cluster.launch import plan_for_training, train_on_ray
+    from embshard.cluster.launch import check_replaces_no_run, plan_for_training, train_on_ray
     from embshard.cluster.run_lock import run_lock
     from embshard.config import load_job_config
     from embshard.errors import ConfigError
@@ -72,6 +74,8 @@ def prune_pep(args: argparse.Namespace) -> int:
     # pep.out too: two prune runs of different output_dirs into one folder would both pass the check.
     with run_lock(cfg, also=[cfg.pep_dir]):
         check_pep_out(cfg)  # again, under the lock
+        # As `train` and `search`: a prune run into a finished run's folder replaced its summary and plan.
+        check_replaces_no_run(cfg, args.overwrite)
         bundle = plan_for_training(cfg, "pep")
         print_notes(bundle)
         summary = train_on_ray(cfg, "pep")

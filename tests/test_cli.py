@@ -1031,6 +1031,22 @@ def test_a_run_whose_workers_were_stopped_ends_interrupted_not_done(verb, tmp_pa
         f"checkpoint {tmp_path / 'run' / 'ckpt' / 'step-000003'}; run the same command again to continue")
 
 
+def test_a_prune_run_refuses_to_train_over_a_finished_run(tmp_path, capsys, monkeypatch):
+    # Into a finished `train` run's folder it replaced the run's summary and plan, exit 0.
+    import embshard.cluster.launch as launch
+
+    run = tmp_path / "run"
+    cfg = _config_on_data(tmp_path, f"embeddings:\n  dim: 8\noutput_dir: {run}\n", max_cardinality=300)
+    run.mkdir()
+    (run / "summary.json").write_text('{"steps": 9}')
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: pytest.fail("pruned over a finished run"))
+    assert main(["prune", "pep", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"output_dir {run}: holds a finished run (its summary.json) and it holds no checkpoint to resume, so this "
+        "run would train from scratch over it; set another output_dir, or pass --overwrite to replace it")
+    assert (run / "summary.json").read_text() == '{"steps": 9}'
+
+
 def test_a_prune_run_that_missed_a_target_ends_with_an_error(tmp_path, capsys, monkeypatch):
     # `prune pep` said "target 0.05: not reached" among its other lines and ended 0, so a script's
     # next step (a retrain on target-0.05's decisions) failed later on a file never written.
@@ -1060,7 +1076,8 @@ def test_a_prune_run_that_missed_a_target_ends_with_an_error(tmp_path, capsys, m
         "train longer (train.epochs), or raise pep.weight_decay / pep.threshold_lr (what lifts the "
         "thresholds); the 1 reached are written")
     monkeypatch.setattr(launch, "_fit", pruned([]))
-    assert main(["prune", "pep", str(cfg), "--targets", "0.5"]) == 0
+    # Over the finished run above (no checkpoint to resume): replaced only when asked.
+    assert main(["prune", "pep", str(cfg), "--targets", "0.5", "--overwrite"]) == 0
 
 
 def test_targets_one_count_passed_together_are_warned_of(tmp_path, capsys, monkeypatch):
