@@ -17,15 +17,25 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 
 _SETTINGS_FRAME = 4  # the frame type, the fourth byte of a frame's header
 
 
+def _split(address: str) -> tuple[str, str, str | None]:
+    """(scheme, host, port) of `[scheme://]host[:port][/]`; port None where none is given (an
+    IPv6 host's colons inside its brackets are no port's)."""
+    scheme, _, rest = address.rpartition("://")
+    rest = rest.rstrip("/")
+    host, colon, port = rest.rpartition(":")
+    if not colon or "]" in port:
+        return scheme, rest, None
+    return scheme, host, port
+
+
 def malformed(address: str) -> str | None:
     """Why `address` is no Ray address at all, or None: a port given that is no number from 1 to
-    65535, or a bare host (Ray's "Invalid address format"). `auto`, `local` and a scheme Ray
-    resolves itself (`ray://host`, whose port Ray Client defaults) pass."""
-    scheme, _, rest = address.rpartition("://")
-    host, colon, port = rest.rstrip("/").rpartition(":")
-    if address in ("auto", "local") or (scheme and not colon):
+    65535, or a bare host (Ray's "Invalid address format"). `auto`, `local` and a scheme without a
+    port pass: Ray Client hands `ray://host` to gRPC, which dials 443 (an ingress)."""
+    scheme, host, port = _split(address)
+    if address in ("auto", "local") or (scheme and port is None):
         return None
-    if not colon or not host:
+    if port is None or not host:
         return "no port: host:port, ray://host:port, or auto for the cluster this machine has joined"
     if not port.isdecimal() or not 0 < int(port) < 65536:
         return f"port {port!r} is no number from 1 to 65535"
@@ -37,9 +47,8 @@ def no_ray_at(address: str) -> str | None:
     the dial failed, or (a GCS `host:port`) what answered is no gRPC server. None when it
     answered, or when this cannot tell ("auto", a form Ray resolves itself, no port given, an
     address reached through a proxy, a cluster whose gRPC is TLS)."""
-    scheme, _, rest = address.rpartition("://")
-    host, _, port = rest.rstrip("/").rpartition(":")
-    if not host or not port.isdecimal() or scheme not in ("", "ray", "http", "https"):
+    scheme, host, port = _split(address)
+    if not host or port is None or not port.isdecimal() or scheme not in ("", "ray", "http", "https"):
         return None
     if scheme and any(os.environ.get(v) for v in PROXY_VARIABLES):
         return None  # the client reaches it through the proxy, which a plain dial does not

@@ -190,6 +190,8 @@ def check_replaces_no_run(cfg: JobConfig, overwrite: bool) -> None:
     is one to resume is read from the listing alone: `resume_source` verifies them, and planning
     does that next (and warns of those it skips) once."""
     summary = location(cfg.output_dir) / SUMMARY_FILE
+    if summary.is_file() and not _finished(summary):
+        return  # stopped, or short of a PEP target: its own line said to run the same command again
     own = cfg.checkpoint.enabled and complete_checkpoints(cfg.checkpoint_dir)
     resumable = own or (cfg.checkpoint.enabled and cfg.checkpoint.resume)
     if overwrite and own:
@@ -203,6 +205,20 @@ def check_replaces_no_run(cfg: JobConfig, overwrite: bool) -> None:
     raise ConfigError(f"output_dir {cfg.output_dir}: holds a finished run (its {SUMMARY_FILE}) and {why}, so this "
                       "run would train from scratch over it; set another output_dir, or pass --overwrite to "
                       "replace it")
+
+
+def _finished(summary: StoragePath) -> bool:
+    """Whether the run whose summary.json this is ended as asked: not stopped before its end (a
+    SIGTERM, Ctrl-C) nor short of a PEP target, whose lines say to run the same command again (a
+    rerun was refused as over a finished run). A summary that does not read is one (kept)."""
+    try:
+        record = json.loads(summary.read_text())
+    except (OSError, ValueError, RecursionError):
+        return True
+    if not isinstance(record, dict):
+        return True
+    pep = record.get("pep")
+    return not (record.get("preempted") or (isinstance(pep, dict) and pep.get("missed")))
 
 
 def disallowed_sharding(bundle: PlanBundle, allowed: list[str] | None) -> tuple[str, str] | None:

@@ -102,7 +102,10 @@ def run_lock(cfg: JobConfig, also: list[Path] | None = None) -> Iterator[None]:
             except FolderInUse as e:
                 raise FolderInUse(f"metrics.file_sd {e} (a Prometheus target list is one run's)") from None
             except (OSError, EnvironmentProblem):
-                pass  # a path on the cluster's machines alone (a Ray Client driver): rank 0 writes it there
+                # A Ray Client driver's list is a path on the cluster's machines, where rank 0 writes
+                # it: not this machine's to lock. Any other run's is refused here, before Ray starts.
+                if not (cfg.cluster.address or "").startswith("ray://"):
+                    raise
         if cfg.checkpoint.enabled and isinstance(cfg.checkpoint_dir, RemotePath):
             # torch: only for a run that checkpoints to a bucket.
             from embshard.trainer.checkpoint_integrity import check_checkpoint_io

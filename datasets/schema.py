@@ -34,6 +34,7 @@ from embshard.datasets.storage import (
     StoragePath,
     arrow_source,
     check_reachable,
+    is_count,
     location,
     moved_aside,
     read_json,
@@ -265,9 +266,6 @@ class DatasetSpec:
 def _check_types(spec: DatasetSpec, where: str) -> None:
     """DataError naming the first field of dataset.json whose type is not what readers index and
     format by (row counts, part sizes, column lists)."""
-    def whole(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
     for key in ("name", "label", "source", "split", "target", "id"):
         if not isinstance(getattr(spec, key), str):
             raise DataError(f"{where}: {key}: expected a string, got {getattr(spec, key)!r}")
@@ -278,10 +276,10 @@ def _check_types(spec: DatasetSpec, where: str) -> None:
         if not isinstance(getattr(spec, key), dict):
             raise DataError(f"{where}: {key}: expected an object, got {getattr(spec, key)!r}")
     for split, n in spec.rows.items():
-        if split not in SPLITS or not whole(n):
+        if split not in SPLITS or not is_count(n):
             raise DataError(f"{where}: rows.{split}: expected a row count of a split ({', '.join(SPLITS)}), got {n!r}")
     for split, sizes in spec.parts.items():
-        if split not in SPLITS or not isinstance(sizes, list) or not all(whole(n) for n in sizes):
+        if split not in SPLITS or not isinstance(sizes, list) or not all(is_count(n) for n in sizes):
             raise DataError(f"{where}: parts.{split}: expected the row counts of a split's part files, got {sizes!r}")
     for f in spec.sparse:
         if not isinstance(f.multi_hot, bool):

@@ -83,8 +83,8 @@ def test_train_at_no_ray_address_at_all_is_one_line_naming_it(given: str, why: s
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was asked to join"))
     with pytest.raises(ConfigError, match=rf"^cluster.address {given}: not a Ray address \({re.escape(why)}"):
         init_ray(JobConfig(cluster=ClusterConfig(address=given)))
-    # Forms Ray resolves itself pass: a scheme without a port (Ray Client's default), IPv6.
-    for fine in ("auto", "local", "ray://head", "anyscale://cluster", "[::1]:6379", "ray://[::1]:10001"):
+    # Forms Ray takes pass: a scheme without a port (gRPC dials 443), IPv6 with a port or without.
+    for fine in ("auto", "local", "ray://head", "ray://[::1]", "anyscale://cluster", "[::1]:6379", "ray://[::1]:10001"):
         assert address.malformed(fine) is None, fine
 
 

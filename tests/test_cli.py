@@ -1029,6 +1029,8 @@ def test_a_run_whose_workers_were_stopped_ends_interrupted_not_done(verb, tmp_pa
     assert err.strip().splitlines()[-1] == (
         f"embshard: stopped by SIGTERM to its workers (a preempted pod?) after step 3, before its end; "
         f"checkpoint {tmp_path / 'run' / 'ckpt' / 'step-000003'}; run the same command again to continue")
+    # Run again as it says: its summary is of a stopped run, no finished one to keep (it was refused).
+    assert main([*verb, str(cfg)]) == 130
 
 
 def test_a_prune_run_refuses_to_train_over_a_finished_run(tmp_path, capsys, monkeypatch):
@@ -1076,8 +1078,8 @@ def test_a_prune_run_that_missed_a_target_ends_with_an_error(tmp_path, capsys, m
         "train longer (train.epochs), or raise pep.weight_decay / pep.threshold_lr (what lifts the "
         "thresholds); the 1 reached are written")
     monkeypatch.setattr(launch, "_fit", pruned([]))
-    # Over the finished run above (no checkpoint to resume): replaced only when asked.
-    assert main(["prune", "pep", str(cfg), "--targets", "0.5", "--overwrite"]) == 0
+    # Run again as it said (train longer): a run short of a target is no finished one to keep.
+    assert main(["prune", "pep", str(cfg), "--targets", "0.5"]) == 0
 
 
 def test_targets_one_count_passed_together_are_warned_of(tmp_path, capsys, monkeypatch):

@@ -671,7 +671,8 @@ def test_a_lottery_ticket_is_one_prune_runs_on_its_own_data(tmp_path):
     np.save(target / mask_file("t_a"), np.random.default_rng(0).random((6, D)) > 0.5)
     record = {"output_dir": str((tmp_path / "run").resolve()), "seed": 0, "base_dim": D, "tables": {"t_a": 6}}
     (pep_dir / RUN_FILE).write_text(json.dumps(record))
-    (target / "decisions.json").write_text(json.dumps({"meta": {"seed": 0, "dataset_id": "a" * 32}}))
+    (target / "decisions.json").write_text(json.dumps({"version": 1, "method": "pep", "tables": {},
+                                                       "meta": {"seed": 0, "dataset_id": "a" * 32}}))
     ticket = LotteryTicket.load(pep_dir, 0.5)
     plan = plan_dimensions(EmbeddingsConfig(dim=D), DatasetSpec("toy", [], [SparseFeature("a", 6)]))
     ticket.check_matches(plan, DatasetSpec("toy", [], [SparseFeature("a", 6)], id="a" * 32))

@@ -303,10 +303,13 @@ def test_nothing_but_a_plan_goes_into_a_runs_plan_folder(tmp_path) -> None:
 def test_a_prometheus_target_list_is_one_runs(tmp_path) -> None:
     # A second run with the same metrics.file_sd replaced the first's targets, and removed the
     # file as it ended while the first still served: unscraped for the rest of its run, exit 0.
+    from dataclasses import replace
+
     from conftest import held_elsewhere
 
     from embshard.cluster.run_lock import run_lock
-    from embshard.config import JobConfig, MetricsConfig
+    from embshard.config import ClusterConfig, JobConfig, MetricsConfig
+    from embshard.errors import EnvironmentProblem
 
     listed = tmp_path / "file_sd" / "default.json"
 
@@ -324,4 +327,12 @@ def test_a_prometheus_target_list_is_one_runs(tmp_path) -> None:
         with run_lock(run("c", enabled=False)):  # no metrics: no list of its own
             pass
     with run_lock(run("b")):
+        pass
+    # A list no folder can be made for is refused before Ray starts, but a Ray Client driver's, a
+    # path on the cluster's machines where rank 0 writes it.
+    nowhere = JobConfig(output_dir=str(tmp_path / "d"), metrics=MetricsConfig(enabled=True, file_sd="/proc/e/x.json"))
+    with pytest.raises(EnvironmentProblem, match=r"/proc/e"):
+        with run_lock(nowhere):
+            pass
+    with run_lock(replace(nowhere, cluster=ClusterConfig(address="ray://head:10001"))):
         pass

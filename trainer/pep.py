@@ -391,7 +391,7 @@ def check_pep_out(cfg: JobConfig) -> None:
         # Another prune run in the same folders: it rewrote the record under its seed, and a retrain
         # of the first run's targets drew this one's initial values.
         raise ConfigError(f"pep.out {out}: holds the prune run of seed {seed} (its {RUN_FILE}), this one has seed "
-                          f"{cfg.seed}; give it another output_dir (or pep.out)")
+                          f"{cfg.seed}; give it another output_dir (or pep.out), or move {out} away")
 
 
 def write_run_record(cfg: JobConfig, pep: PepEmbeddings, reached: dict[str, Any]) -> Path:
@@ -524,7 +524,7 @@ def _target_meta(directory: Path) -> dict[str, Any]:
     path = directory / DECISIONS_FILE
     if not path.is_file():
         return {}
-    meta = read_json_object(path, ("meta",), PlanError)["meta"]
+    meta = read_json_object(path, ("version", "tables"), PlanError).get("meta")  # optional in the format
     return meta if isinstance(meta, dict) else {}
 
 
