@@ -364,6 +364,12 @@ def test_a_plan_into_a_training_runs_plan_folder_is_refused(tmp_path, capsys, mo
     assert f"{tmp_path / 'run' / 'retrain'}: another embshard run is using it" in seen["train"].stderr, seen
 
 
+def over_a_finished_run(run: Path) -> str:
+    """What `train`, `search` and `prune` say of an output_dir that holds a finished run."""
+    return (f"output_dir {run}: holds a finished run (its summary.json) and it holds no checkpoint to resume, so this "
+            "run would train from scratch over it; set another output_dir, or pass --overwrite to replace it")
+
+
 def test_a_search_refuses_a_decisions_file_its_own_run_writes_and_a_finished_search(tmp_path, capsys, monkeypatch):
     # `--out RUN/summary.json` (or its log, plan, alpha history) said "decisions -> ..." while the
     # run's own file replaced the decisions, or the decisions replaced it; and a search into the
@@ -383,9 +389,7 @@ def test_a_search_refuses_a_decisions_file_its_own_run_writes_and_a_finished_sea
     (run / "summary.json").write_text('{"steps": 9}')  # a finished search's, no checkpoint kept
     monkeypatch.setattr(launch, "init_ray", lambda cfg: pytest.fail("trained over a finished search"))
     assert main(["search", "autodim", str(cfg)]) == 2
-    assert capsys.readouterr().err.strip().endswith(
-        f"output_dir {run}: holds a finished run (its summary.json) and it holds no checkpoint to resume, so this "
-        "run would train from scratch over it; set another output_dir, or pass --overwrite to replace it")
+    assert capsys.readouterr().err.strip().endswith(over_a_finished_run(run))
     assert (run / "summary.json").read_text() == '{"steps": 9}'
     # Its own decisions file is no such file, where the config names another one.
     cfg.write_text(cfg.read_text().replace("autodim:\n", f"autodim:\n  decisions: {tmp_path / 'd.json'}\n"))
@@ -1043,9 +1047,7 @@ def test_a_prune_run_refuses_to_train_over_a_finished_run(tmp_path, capsys, monk
     (run / "summary.json").write_text('{"steps": 9}')
     monkeypatch.setattr(launch, "init_ray", lambda cfg: pytest.fail("pruned over a finished run"))
     assert main(["prune", "pep", str(cfg)]) == 2
-    assert capsys.readouterr().err.strip().endswith(
-        f"output_dir {run}: holds a finished run (its summary.json) and it holds no checkpoint to resume, so this "
-        "run would train from scratch over it; set another output_dir, or pass --overwrite to replace it")
+    assert capsys.readouterr().err.strip().endswith(over_a_finished_run(run))
     assert (run / "summary.json").read_text() == '{"steps": 9}'
 
 
