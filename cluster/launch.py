@@ -37,10 +37,11 @@ from embshard.config import JobConfig, with_paths_resolved
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.profile import load_profile
 from embshard.datasets.schema import DatasetSpec
-from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing
+from embshard.datasets.storage import StoragePath, check_writable, copytree, location, nearest_existing, read_json
 from embshard.datasets.verify import verify_dataset
 from embshard.errors import (
     ConfigError,
+    DataError,
     EmbshardError,
     EnvironmentProblem,
     Interrupted,
@@ -212,8 +213,8 @@ def _finished(summary: StoragePath) -> bool:
     SIGTERM, Ctrl-C) nor short of a PEP target, whose lines say to run the same command again (a
     rerun was refused as over a finished run). A summary that does not read is one (kept)."""
     try:
-        record = json.loads(summary.read_text())
-    except (OSError, ValueError, RecursionError):
+        record = read_json(summary, DataError)
+    except (OSError, DataError):
         return True
     if not isinstance(record, dict):
         return True

@@ -38,8 +38,9 @@ from embshard.config import JobConfig, PepConfig, target_dir_name
 from embshard.datasets.outdir import check_not_in_sealed
 from embshard.datasets.schema import DatasetSpec
 from embshard.datasets.storage import is_count, read_json_object, write_whole
-from embshard.errors import ConfigError, PlanError, first_line
+from embshard.errors import ConfigError, PlanError
 from embshard.planner.pipeline import PlanBundle
+from embshard.planner.policies.decisions import other_data
 from embshard.planner.policies.pep import ROW_THRESHOLDS, pep_decisions, prune_plan, threshold_columns
 from embshard.planner.topology import SHARDING_TYPES
 from embshard.planner.types import DimensionPlan
@@ -316,10 +317,9 @@ class PruneCallback(Callback):
         if not directory.exists():
             return False
         try:
-            meta = json.loads((directory / DECISIONS_FILE).read_text())["meta"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"{directory}: holds no readable {DECISIONS_FILE} ({first_line(e)}); "
-                              f"set pep.out to a new folder, or move this one away") from None
+            meta = _target_meta(directory)
+        except PlanError as e:
+            raise ConfigError(f"{e}; set pep.out to a new folder, or move this one away") from None
         ours = self.meta if meta.get("step", 0) <= self.resumed_at else {**self.meta, **self.pace}
         # A key the folder lacks was not recorded then (an earlier version): not a difference.
         other = {k: meta[k] for k in ours if k in meta and meta[k] != ours[k]}
@@ -513,17 +513,18 @@ class LotteryTicket:
     def check_matches(self, plan: DimensionPlan, spec: DatasetSpec | None = None) -> None:
         if {t.name: t.num_embeddings for t in plan.tables} != self.tables or plan.base_dim != self.base_dim:
             raise PlanError(f"{self.where / RUN_FILE}: the prune run's tables differ from this plan's")
-        if spec is not None and spec.id and self.dataset_id and spec.id != self.dataset_id:
+        if spec is not None and self.dataset_id and other_data(self.dataset_id, spec) is not None:
             # A mask is per row: on another dataset of as many rows it kept other ids' entries.
             raise PlanError(f"{self.where}: its masks are of the dataset with id {self.dataset_id[:8]}, this run's "
                             f"data is {spec.id[:8]}: retrain on the data it was pruned on, or prune this one")
 
 
 def _target_meta(directory: Path) -> dict[str, Any]:
-    """The meta of a target's decisions file ({} where it has none): the seed and data it was pruned with."""
+    """The meta of a target's decisions file (written with its masks; {} where it has none): the
+    seed, data and step it was pruned with."""
     path = directory / DECISIONS_FILE
     if not path.is_file():
-        return {}
+        raise PlanError(f"{directory}: holds no readable {DECISIONS_FILE} (missing)")
     meta = read_json_object(path, ("version", "tables"), PlanError).get("meta")  # optional in the format
     return meta if isinstance(meta, dict) else {}
 

@@ -57,14 +57,22 @@ def from_decisions(
     return DimensionPlan(cfg.dim, tables, policy=policy, notes=notes)
 
 
+def other_data(made_on: object, spec: DatasetSpec) -> str | None:
+    """"another dataset (dataset id X, the data's Y)" where `made_on`, the dataset id a file of
+    decisions or masks records, is not `spec`'s; None where they agree or either is unrecorded."""
+    if not made_on or not spec.id or made_on == spec.id:
+        return None
+    return f"another dataset (dataset id {str(made_on)[:8]}, the data's {spec.id[:8]})"
+
+
 def _made_on(decisions: Decisions, spec: DatasetSpec, path: Path) -> list[str]:
     """Decisions made on another dataset (their meta's `dataset_id`): refused where they rank
     rows (blocks, remaps: that data's ids), said where they give whole tables a width (a search
     on a sample, trained on the whole data, is a use)."""
-    made_on = decisions.meta.get("dataset_id")
-    if not made_on or not spec.id or made_on == spec.id:
+    other = other_data(decisions.meta.get("dataset_id"), spec)
+    if other is None:
         return []
-    said = f"{path}: decided on another dataset (dataset id {str(made_on)[:8]}, the data's {spec.id[:8]})"
+    said = f"{path}: decided on {other}"
     if any(d.blocks is not None or d.remap is not None for d in decisions.tables.values()):
         raise PlanError(f"{said}: its blocks rank that dataset's rows; decide again on this data")
     return [f"{said}: its widths per table are taken as they are"]
